@@ -166,12 +166,15 @@ def _hf_tokenizer(folder: Path, config: LlamaConfig) -> Tokenizer:
         chat_template = jinja.read_text()
     if tj.is_file():
         text = tj.read_text()
+    elif not any((folder / f).is_file() for f in ("tokenizer_config.json", "tokenizer.model")):
+        raise LlmcError(f"{folder} has no tokenizer (tokenizer.json); copy the model's "
+                        "tokenizer files into the folder")
     else:
         try:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(folder)
         except Exception as e:  # transformers' own message says what is missing
-            raise LlmcError(f"{folder}: no usable tokenizer ({e})") from None
+            raise LlmcError(f"{folder}: transformers cannot load its tokenizer: {e}") from None
         text = tok.backend_tokenizer.to_str()
     return Tokenizer(text, chat_template, config.bos_token_id, config.eos_token_ids)

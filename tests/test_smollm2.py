@@ -1,0 +1,62 @@
+"""SmolLM2-135M-Instruct (real weights from its GGUF file): greedy generation equals HF's."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmc.build import BuildOptions, build
+from llmc.lowering import BuildLimits
+from llmc.runtime.runner import Runner
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was"]
+NEW_TOKENS = 40
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-fp32.engine"
+    build(BuildOptions(model=smollm2_path, output=out, backend="reference", dtype="fp32",
+                       limits=BuildLimits(4, 256, 512, 16)), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=smollm2_path.name)
+    tok = AutoTokenizer.from_pretrained(smollm2_path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, dtype=torch.float32,
+                                                 **kw).eval()
+    return tok, model
+
+
+@pytest.mark.slow
+def test_greedy_tokens_equal_hf(smollm2_engine, hf_smollm2):
+    import torch
+    from transformers import GenerationConfig
+
+    tok, model = hf_smollm2
+    # Neither side stops at EOS, so the comparison always covers NEW_TOKENS tokens.
+    greedy = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    model.generation_config.eos_token_id = None
+    runner = Runner(smollm2_engine)
+    ids = [runner.encode(p) for p in PROMPTS]
+    assert ids == [tok(p)["input_ids"] for p in PROMPTS]   # same tokenizer
+    from llmc.runtime.generator import generate
+    from llmc.runtime.sampler import SamplingParams
+
+    seqs = generate(runner.session, runner.limits, ids, NEW_TOKENS, SamplingParams())
+    for prompt_ids, seq in zip(ids, seqs):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt_ids]), generation_config=greedy)
+        ref = ref[0, len(prompt_ids):].tolist()
+        assert seq.generated == ref, (tok.decode(seq.generated), tok.decode(ref))
+    assert all(len(s.generated) == NEW_TOKENS for s in seqs)
+
+
+@pytest.mark.slow
+def test_runner_text(smollm2_engine):
+    out = Runner(smollm2_engine).generate("The capital of France is", max_new_tokens=8)
+    assert out[0].strip().startswith("Paris")
