@@ -53,14 +53,11 @@ def pick_backend(requested: str, log: Callable[[str], None]) -> str:
         return requested
     from llmc.runtime.trt_backend import available
 
-    reasons = []
     for backend in ("tensorrt", "tensorrt-rtx"):
-        ok, why = available(backend)
-        if ok:
+        if available(backend)[0]:
             log(f"backend auto -> {backend}")
             return backend
-        reasons.append(why)
-    log(f"backend auto -> reference ({reasons[0]})")
+    log("backend auto -> reference (no TensorRT with a GPU it supports on this machine)")
     return "reference"
 
 

@@ -1,0 +1,240 @@
+"""Each kernel against a PyTorch reference on the GPU (marked `gpu`; skipped without CUDA).
+
+Inputs are fresh random data each run, outputs are poisoned (NaN) before each launch, and the
+comparison is max |out - ref| against the tolerance table below, per dtype."""
+import math
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and torch.cuda"),
+]
+
+from llmc.plugins import specs  # noqa: E402
+
+DTYPES = [torch.float16, torch.bfloat16]
+# (atol, rtol) on the output; references follow HF's rounding so only a few ulps remain.
+TOL = {
+    ("norm", torch.float16): (2e-3, 2e-3), ("norm", torch.bfloat16): (1.6e-2, 1.6e-2),
+    ("act", torch.float16): (2e-3, 2e-3), ("act", torch.bfloat16): (1.6e-2, 1.6e-2),
+    ("rope", torch.float16): (2e-3, 2e-3), ("rope", torch.bfloat16): (1.6e-2, 1.6e-2),
+    ("attn", torch.float16): (2e-3, 2e-3), ("attn", torch.bfloat16): (1e-2, 1e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def K():
+    from llmc.plugins.launch import Kernels
+
+    return Kernels()
+
+
+def close(out, ref, kind):
+    atol, rtol = TOL[(kind, out.dtype)]
+    assert not out.isnan().any(), "unwritten (poisoned) or NaN output"
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+def rnd(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    # Every output allocation starts as NaN, so an element the kernel skips fails the check.
+    real = torch.empty_like
+
+    def nan_like(t, *a, **k):
+        return real(t, *a, **k).fill_(float("nan"))
+    monkeypatch.setattr(torch, "empty_like", nan_like)
+    real_empty = torch.empty
+
+    def nan_empty(*a, **k):
+        out = real_empty(*a, **k)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def ref_rms(x, w, eps):
+    xf = x.float()
+    xn = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xn.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(1, 64), (7, 4096), (33, 5120), (5, 4095), (3, 1000),
+                                    (2, 13), (4, 32768), (3, 8200)])
+def test_rmsnorm(K, dtype, rows, n):
+    x, r = rnd(rows, n, dtype=dtype), rnd(rows, n, dtype=dtype)
+    w = rnd(n, dtype=dtype, scale=0.5) + 1
+    close(K.rms_norm(x, w, 1e-5), ref_rms(x, w, 1e-5), "norm")
+    out, s = K.rms_norm(x, w, 1e-6, residual=r)
+    assert torch.equal(s, x + r)  # the sum is computed and rounded exactly like torch
+    close(out, ref_rms(x + r, w, 1e-6), "norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(3, 768), (5, 1023), (2, 4096)])
+def test_layernorm(K, dtype, rows, n):
+    x, r = rnd(rows, n, dtype=dtype, scale=3) + 1, rnd(rows, n, dtype=dtype)
+    w, b = rnd(n, dtype=dtype), rnd(n, dtype=dtype)
+    ln = torch.nn.functional.layer_norm
+    close(K.layer_norm(x, w, b, 1e-5), ln(x, (n,), w, b, 1e-5), "norm")
+    out, s = K.layer_norm(x, w, b, 1e-5, residual=r)
+    assert torch.equal(s, x + r)
+    close(out, ln(x + r, (n,), w, b, 1e-5), "norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inter", [(1, 8), (9, 11008), (4, 13), (17, 1000)])
+def test_gated(K, dtype, rows, inter):
+    gu = rnd(rows, 2 * inter, dtype=dtype, scale=2)
+    g, u = gu[:, :inter], gu[:, inter:]
+    F = torch.nn.functional
+    close(K.gated(gu, "swiglu"), F.silu(g) * u, "act")
+    close(K.gated(gu, "geglu"), F.gelu(g, approximate="tanh") * u, "act")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [8, 4096 * 3, 1001])
+def test_gelu(K, dtype, n):
+    x = rnd(n, dtype=dtype, scale=3)
+    F = torch.nn.functional
+    close(K.gelu(x, "tanh"), F.gelu(x, approximate="tanh"), "act")
+    close(K.gelu(x, "none"), F.gelu(x), "act")
+
+
+def ref_rope(x, pos, inv_freq, rot, interleaved):
+    # x [T, H, D] in fp32; HF rotate_half or GPT-J interleaved on the first rot dims
+    ang = pos.float()[:, None] * inv_freq[None, :]  # [T, rot/2]
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    xr, xp = x[..., :rot], x[..., rot:]
+    if interleaved:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack([a * cos - b * sin, b * cos + a * sin], -1).flatten(-2)
+    else:
+        a, b = xr[..., : rot // 2], xr[..., rot // 2:]
+        out = torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+    return torch.cat([out, xp], -1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("t,hq,hkv,d,rot,bias", [
+    (5, 4, 2, 64, 64, False), (37, 32, 8, 128, 128, True), (3, 6, 6, 80, 32, True),
+    (9, 2, 1, 64, 16, False)])
+def test_rope(K, dtype, interleaved, t, hq, hkv, d, rot, bias):
+    qkv = rnd(t, (hq + 2 * hkv) * d, dtype=dtype)
+    b = rnd((hq + 2 * hkv) * d, dtype=dtype) if bias else None
+    pos = torch.randint(0, 100000, (t,), device="cuda", dtype=torch.int32)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    inv = torch.tensor(specs.llama3_inv_freq(d, 500000.0, rot, scaling), device="cuda")
+    q, k, v = K.rope(qkv, pos, inv, hq, hkv, d, rot, interleaved, b)
+    x = (qkv + b if bias else qkv).view(t, hq + 2 * hkv, d).float()
+    close(q, ref_rope(x[:, :hq], pos, inv, rot, interleaved), "rope")
+    close(k, ref_rope(x[:, hq:hq + hkv], pos, inv, rot, interleaved), "rope")
+    close(v, x[:, hq + hkv:], "rope")
+
+
+def make_batch(lens_new, ctx, hq, hkv, d, bs, dtype, extra_blocks=7):
+    """Ragged batch: sequence s has ctx[s] tokens after the step, lens_new[s] of them new.
+    Physical blocks are shuffled; unused pool rows hold random garbage."""
+    b = len(lens_new)
+    mb = max(math.ceil(c / bs) for c in ctx) + 1
+    nblocks = sum(math.ceil(c / bs) for c in ctx) + extra_blocks
+    perm = torch.randperm(nblocks).tolist()
+    tables = torch.zeros(b, mb, dtype=torch.int32)
+    for s in range(b):
+        for j in range(math.ceil(ctx[s] / bs)):
+            tables[s, j] = perm.pop()
+    cache = rnd(2, nblocks, hkv, bs, d, dtype=dtype)
+    starts = torch.tensor([0] + list(torch.tensor(lens_new).cumsum(0)), dtype=torch.int32)
+    t = int(starts[-1])
+    q, k, v = (rnd(t, h, d, dtype=dtype) for h in (hq, hkv, hkv))
+    ctx_t = torch.tensor(ctx, dtype=torch.int32)
+    return (q, k, v, starts.cuda(), ctx_t.cuda(), tables.cuda(), cache)
+
+
+def ref_attention(q, k, v, starts, ctx, tables, cache, scale):
+    """SDPA on the gathered cache, the new rows written first (so this also states where
+    they must land)."""
+    cache = cache.clone()
+    bs = cache.shape[3]
+    out = torch.empty_like(q)
+    hq, hkv = q.shape[1], k.shape[1]
+    for s in range(len(ctx)):
+        a, e = int(starts[s]), int(starts[s + 1])
+        n, c = e - a, int(ctx[s])
+        for i in range(n):
+            p = c - n + i
+            blk = int(tables[s, p // bs])
+            cache[0, blk, :, p % bs] = k[a + i]
+            cache[1, blk, :, p % bs] = v[a + i]
+        blocks = tables[s, : math.ceil(c / bs)].long()
+        kk = cache[0, blocks].permute(1, 0, 2, 3).reshape(hkv, -1, q.shape[2])[:, :c]
+        vv = cache[1, blocks].permute(1, 0, 2, 3).reshape(hkv, -1, q.shape[2])[:, :c]
+        g = hq // hkv
+        kk, vv = kk.repeat_interleave(g, 0), vv.repeat_interleave(g, 0)
+        qs = q[a:e].transpose(0, 1)  # [Hq, n, D]
+        keys, rows = torch.arange(c, device=q.device), torch.arange(n, device=q.device)
+        mask = keys[None, :] <= (c - n + rows)[:, None]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qs.float(), kk.float(), vv.float(), attn_mask=mask, scale=scale)
+        out[a:e] = o.transpose(0, 1).to(q.dtype)
+    return out, cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_cache_write(K, dtype):
+    lens, ctx, hq, hkv, d, bs = [5, 1, 70], [5, 40, 100], 8, 2, 64, 16
+    q0, _, _, starts, cl, tables, cache = make_batch(lens, ctx, hq, hkv, d, bs, dtype)
+    qkv = rnd(q0.shape[0], (hq + 2 * hkv) * d, dtype=dtype)
+    pos = torch.cat([torch.arange(c - n, c) for n, c in zip(lens, ctx)]).int().cuda()
+    inv = torch.tensor(specs.llama3_inv_freq(d, 10000.0), device="cuda")
+    before = cache.clone()
+    q, k, v = K.rope(qkv, pos, inv, hq, hkv, d, d, cache=cache, seq_starts=starts,
+                     block_tables=tables)
+    for a, b in zip((q, k, v), K.rope(qkv, pos, inv, hq, hkv, d, d)):
+        assert torch.equal(a, b)
+    _, expect = ref_attention(q, k, v, starts, cl, tables, before, 1.0)
+    assert torch.equal(cache, expect), "rope cache write missing or misplaced"
+
+
+CASES = [  # (new tokens per sequence, context after the step)
+    ([1, 1, 1, 1], [1, 17, 100, 333]),             # pure decode
+    ([5, 1, 70, 1, 130], [5, 40, 70, 1000, 200]),  # prefill chunks + decode, mixed
+    ([1, 1], [3000, 4500]),                        # long decode: split over the context
+    ([64, 1], [64, 65]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("bs", [16, 32, 64])
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4), (32, 8)])
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("force", ["decode", "prefill"])
+def test_paged_attention(K, dtype, d, bs, hq, hkv, case, force):
+    lens, ctx = CASES[case]
+    key = f"{dtype}{d}{bs}{hq}{case}{force}"
+    if (bs, hq) != (16, 32) and random.Random(key).random() < 0.5:
+        pytest.skip("sampled grid: half of the secondary combinations, to bound run time")
+    q, k, v, starts, cl, tables, cache = make_batch(lens, ctx, hq, hkv, d, bs, dtype)
+    scale = 1 / math.sqrt(d)
+    ref, ref_cache = ref_attention(q, k, v, starts, cl, tables, cache, scale)
+    out = K.paged_attention(q, k, v, starts, cl, tables, cache, scale, force=force)
+    torch.cuda.synchronize()
+    assert torch.equal(cache, ref_cache), "in-place K/V write missing or misplaced"
+    close(out, ref, "attn")
+
+
+def test_paged_attention_default_dispatch(K):
+    dtype, d = torch.bfloat16, 128
+    for lens, ctx in CASES:
+        q, k, v, starts, cl, tables, cache = make_batch(lens, ctx, 32, 8, d, 16, dtype)
+        ref, _ = ref_attention(q, k, v, starts, cl, tables, cache, 0.1)
+        close(K.paged_attention(q, k, v, starts, cl, tables, cache, 0.1), ref, "attn")

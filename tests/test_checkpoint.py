@@ -1,0 +1,190 @@
+"""Checkpoint readers: safetensors (single, sharded, fp16/bf16), GGUF, and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from llmc.checkpoint import open_checkpoint
+from llmc.errors import LlmcError
+from llmc.gguf_reader import NAME_TABLE
+
+
+def _state(model):
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+def test_single_file_reads_every_tensor_exactly(tiny_models):
+    folder, model = tiny_models["llama-gqa"]
+    ckpt = open_checkpoint(folder)
+    ckpt.check_tensors()
+    for name, ref in _state(model).items():
+        np.testing.assert_array_equal(ckpt.tensor(name), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sharded_half_precision(tiny_models, tmp_path, dtype):
+    src, model = tiny_models["qwen2-bias"]
+    state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()
+             if k != "lm_head.weight"}
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, part in shards.items():
+        save_file({k: state[k] for k in part}, tmp_path / file)
+    index = {"weight_map": {k: f for f, part in shards.items() for k in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    for f in ("config.json", "tokenizer.json"):
+        (tmp_path / f).write_text((src / f).read_text())
+    ckpt = open_checkpoint(tmp_path)
+    ckpt.check_tensors()
+    for name in names:
+        np.testing.assert_array_equal(ckpt.tensor(name).astype(np.float32),
+                                      state[name].float().numpy())
+
+
+def _copy_with(src, dst, drop=(), add=None):
+    from safetensors.torch import load_file
+
+    state = {k: v for k, v in load_file(src / "model.safetensors").items() if k not in drop}
+    state.update(add or {})
+    dst.mkdir()
+    save_file(state, dst / "model.safetensors")
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    return dst
+
+
+def test_missing_and_unexpected_tensors_are_named(tiny_models, tmp_path):
+    src, _ = tiny_models["llama-gqa"]
+    gone = "model.layers.1.mlp.up_proj.weight"
+    ckpt = open_checkpoint(_copy_with(src, tmp_path / "a", drop=[gone]))
+    with pytest.raises(LlmcError, match=f"missing tensors: {gone}"):
+        ckpt.check_tensors()
+    extra = "model.layers.0.self_attn.q_norm.weight"
+    ckpt = open_checkpoint(_copy_with(src, tmp_path / "b", add={extra: torch.ones(4)}))
+    with pytest.raises(LlmcError, match=f"unexpected tensors: {extra}"):
+        ckpt.check_tensors()
+    with pytest.raises(LlmcError, match="has no tensor 'nope'"):
+        ckpt.tensor("nope")
+
+
+def test_folder_errors(tiny_models, tmp_path):
+    with pytest.raises(LlmcError, match="does not exist"):
+        open_checkpoint(tmp_path / "absent")
+    (tmp_path / "config.json").write_text((tiny_models["llama-gqa"][0] / "config.json")
+                                          .read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(LlmcError, match="no \\*.safetensors weights .*re-save them"):
+        open_checkpoint(tmp_path)
+    with pytest.raises(LlmcError, match="not a .gguf file"):
+        open_checkpoint(tmp_path / "config.json")
+
+
+def test_truncated_safetensors(tiny_models, tmp_path):
+    src, _ = tiny_models["llama-gqa"]
+    folder = _copy_with(src, tmp_path / "t")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    ckpt = open_checkpoint(folder)
+    with pytest.raises(LlmcError, match="truncated"):
+        for name in ckpt.names():
+            ckpt.tensor(name)
+
+
+# --- GGUF -----------------------------------------------------------------------------------
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's Q/K row permutation."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+             .swapaxes(1, 2).reshape(w.shape))
+
+
+def _write_gguf(path, model, arch="llama"):
+    cfg = model.config
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(cfg.vocab_size)
+    hf_to_gguf = {v: k for k, v in NAME_TABLE.items()}
+    for name, t in _state(model).items():
+        parts = name.split(".")
+        key = ".".join(parts[:2] + ["{i}"] + parts[3:]) if parts[1] == "layers" else name
+        g = hf_to_gguf[key].replace("{i}", parts[2]) if parts[1] == "layers" else hf_to_gguf[key]
+        if name.endswith("q_proj.weight"):
+            t = _permute(t, cfg.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            t = _permute(t, cfg.num_key_value_heads)
+        w.add_tensor(g, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_unpermutes_qk_and_reads_config(tiny_models, tmp_path):
+    _, model = tiny_models["llama-gqa"]
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, model)
+    ckpt = open_checkpoint(path)
+    c = ckpt.config
+    assert (c.architecture, c.num_hidden_layers, c.num_key_value_heads, c.head_dim) == (
+        "LlamaForCausalLM", 2, 2, 16)
+    assert not c.tie_word_embeddings
+    ckpt.check_tensors()
+    for name, ref in _state(model).items():
+        np.testing.assert_array_equal(ckpt.tensor(name), ref)
+
+
+def test_gguf_errors(tiny_models, tmp_path):
+    _, model = tiny_models["llama-gqa"]
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(path, "gpt2")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    with pytest.raises(LlmcError, match="GGUF architecture 'gpt2' is not supported"):
+        open_checkpoint(path)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(LlmcError, match="not a readable GGUF file"):
+        open_checkpoint(bad)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers(smollm2_path):
+    """Our dequantized, un-permuted weights and tokenizer equal transformers' GGUF loader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = open_checkpoint(smollm2_path)
+    ckpt.check_tensors()
+    c = ckpt.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+            c.head_dim, c.vocab_size, c.rope_theta, c.tie_word_embeddings) == (
+        30, 576, 9, 3, 64, 49152, 1e5, True)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
+                                              dtype=torch.float32)
+    state = hf.state_dict()
+    for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
+                 "model.layers.29.mlp.down_proj.weight", "model.embed_tokens.weight"]:
+        np.testing.assert_array_equal(ckpt.tensor(name), state[name].numpy())
+    tok = ckpt.tokenizer()
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    assert tok.eos_token_ids == (2,)
+    from tokenizers import Tokenizer
+
+    ours = Tokenizer.from_str(tok.json)
+    ref = AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+    for text in ["The capital of France is", "naïve café 東京 12345\n\n  x", "<|im_start|>user"]:
+        assert ours.encode(text).ids == ref(text)["input_ids"]

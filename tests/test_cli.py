@@ -1,0 +1,82 @@
+"""The `llmc` command end to end, as a user runs it: output, exit codes, clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+LIMITS = ["--max-batch-size", "2", "--max-num-tokens", "16", "--max-seq-len", "32",
+          "--kv-block-size", "8"]
+
+
+def llmc(*args, ok=True):
+    r = subprocess.run([sys.executable, "-m", "llmc", *map(str, args)], capture_output=True,
+                       text=True, timeout=300)
+    assert (r.returncode == 0) == ok, r.stderr
+    assert "Traceback" not in r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tiny.engine"
+    r = llmc("build", "--model", tiny_models["qwen2-bias"][0], "-o", out, "--backend",
+             "reference", "--dtype", "fp32", *LIMITS)
+    assert "wrote" in r.stderr and "Qwen2ForCausalLM" in r.stderr
+    return out
+
+
+def test_build_inspect_run(engine):
+    r = llmc("inspect", engine)
+    assert "backend: reference" in r.stdout and "max_seq_len=32" in r.stdout
+    r = llmc("run", engine, "-p", "w3 w4", "-p", "w9", "--max-new-tokens", "4")
+    lines = [x for x in r.stdout.splitlines() if x.startswith("w")]
+    assert len(lines) == 2 and all(len(x.split()) >= 4 for x in lines)
+    assert "backend: reference" in r.stderr
+    r = llmc("run", engine, "-p", "w3 w4", "--temperature", "0.8", "--top-k", "5", "--seed", "1")
+    assert r.stdout == llmc("run", engine, "-p", "w3 w4", "--temperature", "0.8", "--top-k",
+                            "5", "--seed", "1").stdout
+
+
+def test_auto_backend_says_what_it_picked(tiny_models, tmp_path):
+    r = llmc("build", "--model", tiny_models["llama-gqa"][0], "-o", tmp_path / "a.engine",
+             *LIMITS)
+    assert "backend auto -> reference" in r.stderr
+
+
+def test_tensorrt_rtx_engine(tiny_models, tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    out = tmp_path / "rtx.engine"
+    llmc("build", "--model", tiny_models["llama-gqa"][0], "-o", out, "--backend",
+         "tensorrt-rtx", "--dtype", "fp16", *LIMITS)
+    assert "backend: tensorrt-rtx" in llmc("inspect", out).stdout
+    r = llmc("run", out, "-p", "w3", ok=False)
+    if r.returncode == 2:
+        assert "cannot run" in r.stderr and "compute capability" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["build", "--model", "/no/such/model", "-o", "x.engine"], "model path /no/such/model "
+                                                                "does not exist"),
+    (["build", "--dtype", "int3", "-o", "x.engine"], "unsupported dtype 'int3'"),
+    (["build", "--kv-block-size", "12", "-o", "x.engine"], "kv_block_size must be a power of"),
+    (["run", "/no/such.engine", "-p", "hi"], "engine file /no/such.engine does not exist"),
+])
+def test_clear_errors(args, message, tmp_path, tiny_models):
+    args = [a.replace("x.engine", str(tmp_path / "x.engine")) for a in args]
+    if args[0] == "build" and "--model" not in args:
+        args += ["--model", str(tiny_models["llama-gqa"][0])]
+    r = llmc(*args, ok=False)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error: ") and message in last
+    assert not (tmp_path / "x.engine").exists()
+
+
+def test_prompt_too_long_and_corrupt_engine(engine, tmp_path):
+    r = llmc("run", engine, "-p", " ".join(["w5"] * 40), ok=False)
+    assert "the prompt has 40 tokens; this engine allows at most 31" in r.stderr
+    bad = tmp_path / "bad.engine"
+    bad.write_bytes(engine.read_bytes()[:-1000])
+    assert "truncated" in llmc("run", bad, "-p", "w3", ok=False).stderr

@@ -1,0 +1,98 @@
+"""The engine file: round trip, and clear refusals of damaged or foreign files."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from llmc.build import BuildOptions, build
+from llmc.engine_file import FORMAT_VERSION, EngineFile, write_engine
+from llmc.errors import LlmcError
+from llmc.lowering import BuildLimits
+
+
+@pytest.fixture
+def engine(tmp_path):
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(np.arange(100_000, dtype=np.float32).tobytes())
+    path = tmp_path / "e.engine"
+    write_engine(path, {"backend": "reference", "note": "x"},
+                 {"model.onnx": b"graph", "weights.bin": weights})
+    return path
+
+
+def test_round_trip_and_alignment(engine):
+    e = EngineFile(engine)
+    assert e.header["format_version"] == FORMAT_VERSION and e.header["note"] == "x"
+    assert e.section("model.onnx").tobytes() == b"graph"
+    np.testing.assert_array_equal(e.section("weights.bin").view(np.float32),
+                                  np.arange(100_000, dtype=np.float32))
+    assert all(off % (1 << 16) == 0 for off, _ in e.header["sections"].values())
+    with pytest.raises(LlmcError, match="has no 'plan' section"):
+        e.section("plan")
+
+
+def _damage(path, offset, data):
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def test_truncated(engine):
+    raw = engine.read_bytes()
+    engine.write_bytes(raw[:-100])
+    with pytest.raises(LlmcError, match="truncated"):
+        EngineFile(engine)
+    engine.write_bytes(raw[:30])
+    with pytest.raises(LlmcError, match="truncated"):
+        EngineFile(engine)
+
+
+def test_corrupted_payload_and_header(engine):
+    e = EngineFile(engine)
+    off, _ = e.header["sections"]["weights.bin"]
+    del e
+    _damage(engine, off + 1000, b"\xff\xff")
+    with pytest.raises(LlmcError, match="corrupted \\(payload checksum"):
+        EngineFile(engine)
+    _damage(engine, 70, b"#")
+    with pytest.raises(LlmcError, match="corrupted \\(header checksum"):
+        EngineFile(engine)
+
+
+def test_foreign_and_other_versions(engine, tmp_path):
+    _damage(engine, 8, struct.pack("<I", FORMAT_VERSION + 1))
+    with pytest.raises(LlmcError, match=f"engine format {FORMAT_VERSION + 1}; this llmc reads"):
+        EngineFile(engine)
+    other = tmp_path / "x.engine"
+    other.write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(LlmcError, match="not an llmc engine file"):
+        EngineFile(other)
+    with pytest.raises(LlmcError, match="does not exist"):
+        EngineFile(tmp_path / "absent.engine")
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    (tmp_path / "a_folder").mkdir()       # stat works, reading fails half-way through the write
+    with pytest.raises(IsADirectoryError):
+        write_engine(tmp_path / "out.engine", {}, {"a": b"x" * 1000, "b": tmp_path / "a_folder"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder"]
+
+
+def test_failed_build_leaves_no_file(tiny_models, tmp_path):
+    """A checkpoint that breaks while its weights stream: clear error, nothing left behind."""
+    src, _ = tiny_models["llama-gqa"]
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in ("config.json", "tokenizer.json"):
+        (folder / f).write_text((src / f).read_text())
+    data = (src / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) * 3 // 4])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(LlmcError, match="truncated"):
+        build(BuildOptions(folder, out_dir / "m.engine", limits=BuildLimits(2, 16, 64, 8)),
+              log=lambda _: None)
+    assert list(out_dir.iterdir()) == []
