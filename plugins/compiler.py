@@ -1,0 +1,91 @@
+"""Run-time compilation of plugins/kernels/*.cu with NVRTC from the nvidia-cuda-nvrtc wheel.
+
+No nvcc, no CUDA toolkit headers and no GPU are needed: the kernels include only
+``common.cuh`` (handed to NVRTC as an in-memory header). ``compile_all`` gives the cubins the
+build stores in the engine, keyed by (module, arch).
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).parent / "kernels"
+MODULES = ("norm", "activation", "rope", "paged_attention")
+DEFAULT_ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
+
+
+class NvrtcError(RuntimeError):
+    pass
+
+
+def _check(result, what: str, prog=None):
+    err = result[0] if isinstance(result, tuple) else result
+    from cuda.bindings import nvrtc
+
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        log = _log(prog) if prog is not None else ""
+        raise NvrtcError(f"{what} failed: {err.name}\n{log}")
+    if isinstance(result, tuple) and len(result) == 2:
+        return result[1]
+    return None
+
+
+def _log(prog) -> str:
+    from cuda.bindings import nvrtc
+
+    _, n = nvrtc.nvrtcGetProgramLogSize(prog)
+    buf = b" " * n
+    nvrtc.nvrtcGetProgramLog(prog, buf)
+    return buf.decode(errors="replace").rstrip("\x00")
+
+
+def arch_for_capability(major: int, minor: int) -> str:
+    """The NVRTC target for a GPU: the arch-specific 'a' variant where it unlocks features."""
+    base = f"sm_{major}{minor}"
+    return base + "a" if (major, minor) in ((9, 0), (10, 0)) else base
+
+
+def source(module: str) -> str:
+    return (KERNEL_DIR / f"{module}.cu").read_text()
+
+
+def compile_module(module: str, arch: str, ptx: bool = False) -> bytes:
+    """Compile one kernels/<module>.cu for `arch` (e.g. 'sm_90a'); cubin bytes, or PTX text
+    bytes when ptx=True (TensorRT's ahead-of-time plugin API accepts either)."""
+    return _compile_cached(module, arch, ptx, source(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_cached(module: str, arch: str, ptx: bool, src: str) -> bytes:
+    from cuda.bindings import nvrtc
+
+    header = (KERNEL_DIR / "common.cuh").read_bytes()
+    prog = _check(nvrtc.nvrtcCreateProgram(src.encode(), f"{module}.cu".encode(), 1,
+                                           [header], [b"common.cuh"]), "nvrtcCreateProgram")
+    target = arch.replace("sm_", "compute_") if ptx else arch
+    opts = [f"--gpu-architecture={target}".encode(), b"-std=c++17", b"-lineinfo"]
+    try:
+        _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), f"compile {module} {arch}", prog)
+        if ptx:
+            n = _check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
+            buf = b" " * n
+            _check(nvrtc.nvrtcGetPTX(prog, buf), "nvrtcGetPTX")
+        else:
+            n = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+            buf = b" " * n
+            _check(nvrtc.nvrtcGetCUBIN(prog, buf), "nvrtcGetCUBIN")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    return bytes(buf)
+
+
+def compile_all(archs=DEFAULT_ARCHS, modules=MODULES) -> dict[tuple[str, str], bytes]:
+    """Cubins for every kernel module and arch, keyed by (module, arch)."""
+    return {(m, a): compile_module(m, a) for a in archs for m in modules}
+
+
+def nvrtc_version() -> tuple[int, int]:
+    from cuda.bindings import nvrtc
+
+    _, major, minor = nvrtc.nvrtcVersion()
+    return major, minor

@@ -1,0 +1,82 @@
+// Gated activations on the fused gate-up GEMM output gu [T, 2I] (gate = columns [0, I),
+// up = [I, 2I)) -> out [T, I], and plain GELU on a flat tensor. Pure streaming:
+// bytes = T * I * 2 * 3 (gated) or n * 2 * 2 (GELU). VEC=8 moves 16 bytes per access.
+#include "common.cuh"
+
+template <typename T, int VEC>
+__device__ __forceinline__ void ld(const u16* p, float* f) {
+  if constexpr (VEC == 8) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const u16* h = reinterpret_cast<const u16*>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = T::to_f(h[i]);
+  } else {
+    f[0] = T::to_f(*p);
+  }
+}
+template <typename T, int VEC>
+__device__ __forceinline__ void st(u16* p, const float* f) {
+  if constexpr (VEC == 8) {
+    uint4 v;
+    u16* h = reinterpret_cast<u16*>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) h[i] = T::from_f(f[i]);
+    *reinterpret_cast<uint4*>(p) = v;
+  } else {
+    *p = T::from_f(f[0]);
+  }
+}
+
+// ACT: 0 = silu (SwiGLU), 1 = gelu tanh (GeGLU). HF rounds act(gate) to the dtype before *up.
+// Grid (rows, column blocks): no integer division per element.
+template <typename T, int VEC, int ACT>
+__device__ __forceinline__ void gated(const u16* __restrict__ gu, int rows, int inter,
+                                      u16* __restrict__ out) {
+  const int r = blockIdx.x;
+  const int col = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+  if (r >= rows || col >= inter) return;
+  const u16* g = gu + (size_t)r * 2 * inter + col;
+  float gf[VEC], uf[VEC], o[VEC];
+  ld<T, VEC>(g, gf);
+  ld<T, VEC>(g + inter, uf);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const float a = ACT == 0 ? silu_f(gf[i]) : gelu_tanh_f(gf[i]);
+    o[i] = rnd<T>(a) * uf[i];
+  }
+  st<T, VEC>(out + (size_t)r * inter + col, o);
+}
+
+// ACT: 1 = gelu tanh, 2 = gelu erf.
+template <typename T, int VEC, int ACT>
+__device__ __forceinline__ void plain(const u16* __restrict__ x, int n, u16* __restrict__ out) {
+  const int nc = n / VEC;
+  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < nc; c += gridDim.x * blockDim.x) {
+    float f[VEC];
+    ld<T, VEC>(x + (size_t)c * VEC, f);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) f[i] = ACT == 1 ? gelu_tanh_f(f[i]) : gelu_erf_f(f[i]);
+    st<T, VEC>(out + (size_t)c * VEC, f);
+  }
+}
+
+#define ACT_ENTRIES(DT, TY, VEC)                                                               \
+  extern "C" __global__ void swiglu_##DT##_v##VEC(const u16* gu, int rows, int inter,          \
+                                                  u16* out) {                                  \
+    gated<TY, VEC, 0>(gu, rows, inter, out);                                                   \
+  }                                                                                            \
+  extern "C" __global__ void geglu_##DT##_v##VEC(const u16* gu, int rows, int inter,           \
+                                                 u16* out) {                                   \
+    gated<TY, VEC, 1>(gu, rows, inter, out);                                                   \
+  }                                                                                            \
+  extern "C" __global__ void gelu_tanh_##DT##_v##VEC(const u16* x, int n, u16* out) {          \
+    plain<TY, VEC, 1>(x, n, out);                                                              \
+  }                                                                                            \
+  extern "C" __global__ void gelu_erf_##DT##_v##VEC(const u16* x, int n, u16* out) {           \
+    plain<TY, VEC, 2>(x, n, out);                                                              \
+  }
+
+ACT_ENTRIES(f16, F16, 8)
+ACT_ENTRIES(f16, F16, 1)
+ACT_ENTRIES(bf16, BF16, 8)
+ACT_ENTRIES(bf16, BF16, 1)

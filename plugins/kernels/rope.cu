@@ -1,0 +1,112 @@
+// Fused QKV bias + rotary embedding (+ optional write of K/V into the paged cache).
+// Input qkv [T, (Hq + 2*Hkv) * D] from the fused QKV GEMM; outputs q [T,Hq,D], k, v [T,Hkv,D].
+// Rotary on the first rot_dim dims of each q/k head: FORM 0 = rotate-half (HF llama),
+// FORM 1 = interleaved pairs (GPT-J). Angles are pos * inv_freq[i] in fp32 (llama3 scaling
+// is folded into inv_freq on the host). Streaming: bytes = T*(Hq+2Hkv)*D*2*2 (+ K/V again
+// for the cache write). One block per token; cos/sin computed once per token in smem.
+#include "common.cuh"
+
+#define MAX_HALF_ROT 256
+
+template <typename T, int FORM, bool BIAS, bool CACHE>
+__device__ __forceinline__ void rope_token(
+    const u16* __restrict__ qkv, const u16* __restrict__ bias, const int* __restrict__ pos_ids,
+    const float* __restrict__ inv_freq, const int* __restrict__ seq_starts,
+    const int* __restrict__ block_tables, int T_, int hq, int hkv, int d, int rot, int B,
+    int max_blocks, int bs, u16* __restrict__ q_out, u16* __restrict__ k_out,
+    u16* __restrict__ v_out, u16* __restrict__ cache, int num_blocks) {
+  __shared__ float cs[MAX_HALF_ROT][2];
+  const int t = blockIdx.x;
+  if (t >= T_) return;
+  const int half = rot >> 1;
+  const float pos = (float)pos_ids[t];
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    float s, c;
+    sincosf(pos * inv_freq[i], &s, &c);  // precise: angles reach 1e5 rad at long context
+    cs[i][0] = c;
+    cs[i][1] = s;
+  }
+  __syncthreads();
+  int phys = 0, row = 0;
+  if constexpr (CACHE) {
+    const int s = find_seq(seq_starts, B, t);
+    const int p = pos_ids[t];
+    phys = block_tables[(size_t)s * max_blocks + p / bs];
+    row = p % bs;
+  }
+  const int htot = hq + 2 * hkv, hd = d >> 1;
+  const u16* src = qkv + (size_t)t * htot * d;
+  for (int idx = threadIdx.x; idx < htot * hd; idx += blockDim.x) {
+    const int h = idx / hd, j = idx - h * hd;
+    int e0, e1;  // the two elements this thread owns
+    if (j < half) {
+      e0 = FORM == 0 ? j : 2 * j;
+      e1 = FORM == 0 ? j + half : 2 * j + 1;
+    } else {  // pass-through dims [rot, d)
+      e0 = rot + 2 * (j - half);
+      e1 = e0 + 1;
+    }
+    float a = T::to_f(src[h * d + e0]), b = T::to_f(src[h * d + e1]);
+    if constexpr (BIAS) {
+      // The GEMM output plus bias is materialised in the dtype in the unfused graph.
+      a = rnd<T>(a + T::to_f(bias[h * d + e0]));
+      b = rnd<T>(b + T::to_f(bias[h * d + e1]));
+    }
+    if (h < hq + hkv && j < half) {
+      const float c = cs[j][0], s = cs[j][1];
+      const float ra = a * c - b * s, rb = b * c + a * s;
+      a = ra;
+      b = rb;
+    }
+    const u16 ha = T::from_f(a), hb = T::from_f(b);
+    u16* dst;
+    int hh;
+    if (h < hq) { dst = q_out + ((size_t)t * hq + h) * d; }
+    else if (h < hq + hkv) { hh = h - hq; dst = k_out + ((size_t)t * hkv + hh) * d; }
+    else { hh = h - hq - hkv; dst = v_out + ((size_t)t * hkv + hh) * d; }
+    dst[e0] = ha;
+    dst[e1] = hb;
+    if constexpr (CACHE) {
+      if (h >= hq) {
+        const int which = h < hq + hkv ? 0 : 1;
+        u16* c = cache + ((((size_t)which * num_blocks + phys) * hkv + hh) * bs + row) * d;
+        c[e0] = ha;
+        c[e1] = hb;
+      }
+    }
+  }
+}
+
+#define ROPE_ARGS int T_, int hq, int hkv, int d, int rot
+#define ROPE_OUT u16 *q, u16 *k, u16 *v
+#define CACHE_IN const int *ss, const int *bt
+#define CACHE_SC int B, int mb, int bs, int nb
+#define ROPE_ENTRIES(DT, TY, FN, FORM)                                                        \
+  extern "C" __global__ void rope_##FN##_##DT(const u16* x, const int* p, const float* f,     \
+                                              ROPE_ARGS, ROPE_OUT) {                          \
+    rope_token<TY, FORM, false, false>(x, nullptr, p, f, nullptr, nullptr, T_, hq, hkv, d,    \
+                                       rot, 0, 0, 1, q, k, v, nullptr, 0);                    \
+  }                                                                                           \
+  extern "C" __global__ void rope_bias_##FN##_##DT(const u16* x, const u16* b, const int* p,  \
+                                                   const float* f, ROPE_ARGS, ROPE_OUT) {     \
+    rope_token<TY, FORM, true, false>(x, b, p, f, nullptr, nullptr, T_, hq, hkv, d, rot, 0,   \
+                                      0, 1, q, k, v, nullptr, 0);                             \
+  }                                                                                           \
+  extern "C" __global__ void rope_cache_##FN##_##DT(const u16* x, const int* p,               \
+                                                    const float* f, CACHE_IN, ROPE_ARGS,      \
+                                                    CACHE_SC, ROPE_OUT, u16* kv) {            \
+    rope_token<TY, FORM, false, true>(x, nullptr, p, f, ss, bt, T_, hq, hkv, d, rot, B, mb,   \
+                                      bs, q, k, v, kv, nb);                                   \
+  }                                                                                           \
+  extern "C" __global__ void rope_bias_cache_##FN##_##DT(const u16* x, const u16* b,          \
+                                                         const int* p, const float* f,        \
+                                                         CACHE_IN, ROPE_ARGS, CACHE_SC,       \
+                                                         ROPE_OUT, u16* kv) {                 \
+    rope_token<TY, FORM, true, true>(x, b, p, f, ss, bt, T_, hq, hkv, d, rot, B, mb, bs, q,   \
+                                     k, v, kv, nb);                                           \
+  }
+
+ROPE_ENTRIES(f16, F16, half, 0)
+ROPE_ENTRIES(f16, F16, interleaved, 1)
+ROPE_ENTRIES(bf16, BF16, half, 0)
+ROPE_ENTRIES(bf16, BF16, interleaved, 1)

@@ -1,0 +1,294 @@
+"""Plain-Python rules of the llmc plugins: output shapes, launch parameters, serialized fields.
+
+Everything here is shape arithmetic, so it runs (and is tested) without a GPU or TensorRT; the
+TensorRT glue (trt_plugin.py) and the GPU launcher (launch.py) only call these functions.
+Kernel entry points are named <op>_<dtype>[_v<vec>|_d<head_dim>] inside a kernels/<module>.cu.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+DTYPES = {"float16": "f16", "bfloat16": "bf16"}
+HEAD_DIMS = (64, 128)
+BLOCK_SIZES = (16, 32, 64)
+MAX_NORM_WIDTH = 32 * 1024  # 1024 threads x 32 register-resident elements
+ATTN_BM = ATTN_BN = 64      # query-tile rows / key-tile columns, as in paged_attention.cu
+ATTN_THREADS = 128
+DECODE_STAGES = 3
+MIN_SPLIT_KEYS = 256        # below this a split costs more in the reduce than it saves
+
+
+@dataclass(frozen=True)
+class Launch:
+    module: str
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    smem: int = 0
+
+
+def _dt(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; plugins take {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+# ---- (residual +) RMSNorm / LayerNorm -----------------------------------------------------
+
+def norm_output_shapes(x_shape, residual: bool):
+    """Outputs: normalized x, and (with a residual input) the sum x + residual."""
+    shape = tuple(x_shape)
+    return [shape, shape] if residual else [shape]
+
+
+def norm_launch(rows: int, n: int, dtype: str, kind: str = "rmsnorm",
+                residual: bool = False) -> Launch:
+    if kind not in ("rmsnorm", "layernorm"):
+        raise ValueError(f"norm kind {kind!r}")
+    if not 0 < n <= MAX_NORM_WIDTH:
+        raise ValueError(f"hidden size {n} outside 1..{MAX_NORM_WIDTH}")
+    vec = 8 if n % 8 == 0 else 1
+    chunks = n // vec
+    per_thread = 32 // vec
+    # Two chunks a thread keeps enough loads in flight; never exceed 1024 threads.
+    threads = min(1024, max(32, _round_up(math.ceil(chunks / 2), 32)))
+    threads = max(threads, _round_up(math.ceil(chunks / per_thread), 32))
+    name = ("add_" if residual else "") + f"{kind}_{_dt(dtype)}_v{vec}"
+    return Launch("norm", name, (rows, 1, 1), (threads, 1, 1))
+
+
+# ---- gated activations and GELU ----------------------------------------------------------
+
+def gated_output_shape(gu_shape):
+    *lead, two_i = gu_shape
+    if two_i % 2:
+        raise ValueError(f"gate-up width {two_i} is odd")
+    return (*lead, two_i // 2)
+
+
+def _stream_grid(chunks: int, sm_count: int, threads: int = 256) -> int:
+    # Enough blocks for ~8 resident per SM; the grid-stride loop covers the rest.
+    return max(1, min(math.ceil(chunks / threads), sm_count * 8))
+
+
+def gated_launch(rows: int, inter: int, dtype: str, act: str, sm_count: int) -> Launch:
+    if act not in ("swiglu", "geglu"):
+        raise ValueError(f"gated activation {act!r}")
+    vec = 8 if inter % 8 == 0 else 1
+    threads = min(256, _round_up(inter // vec, 32))
+    grid = (rows, math.ceil(inter // vec / threads), 1)
+    return Launch("activation", f"{act}_{_dt(dtype)}_v{vec}", grid, (threads, 1, 1))
+
+
+def gelu_launch(n: int, dtype: str, approximate: str, sm_count: int) -> Launch:
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"gelu approximate {approximate!r}")
+    vec = 8 if n % 8 == 0 else 1
+    form = "tanh" if approximate == "tanh" else "erf"
+    grid = _stream_grid(n // vec, sm_count)
+    return Launch("activation", f"gelu_{form}_{_dt(dtype)}_v{vec}", (grid, 1, 1), (256, 1, 1))
+
+
+# ---- RoPE (+ QKV bias, + paged cache write) ----------------------------------------------
+
+def rope_output_shapes(qkv_shape, num_q_heads: int, num_kv_heads: int, head_dim: int):
+    t, width = qkv_shape
+    if width != (num_q_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"qkv width {width} != (Hq + 2*Hkv) * D")
+    return [(t, num_q_heads, head_dim), (t, num_kv_heads, head_dim),
+            (t, num_kv_heads, head_dim)]
+
+
+def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                rotary_dim: int, dtype: str, interleaved: bool = False, bias: bool = False,
+                write_cache: bool = False) -> Launch:
+    if head_dim % 2 or rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"rotary_dim {rotary_dim} / head_dim {head_dim}")
+    if rotary_dim // 2 > 256:
+        raise ValueError("rotary_dim > 512")
+    pairs = (num_q_heads + 2 * num_kv_heads) * head_dim // 2
+    threads = min(512, _round_up(pairs, 32))
+    name = ("rope" + ("_bias" if bias else "") + ("_cache" if write_cache else "")
+            + ("_interleaved_" if interleaved else "_half_") + _dt(dtype))
+    return Launch("rope", name, (tokens, 1, 1), (threads, 1, 1))
+
+
+def llama3_inv_freq(head_dim: int, rope_theta: float, rotary_dim: int | None = None,
+                    rope_scaling: dict | None = None) -> list[float]:
+    """inv_freq [rotary_dim/2], with llama3 scaling folded in when rope_scaling asks for it.
+
+    Same arithmetic as transformers' _compute_llama3_parameters (there in torch fp32; here in
+    float64, then rounded to fp32 by the caller's array)."""
+    dim = rotary_dim or head_dim
+    inv = [1.0 / rope_theta ** (i / dim) for i in range(0, dim, 2)]
+    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
+    if kind != "llama3":
+        return inv
+    factor = rope_scaling["factor"]
+    low, high = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+    old_len = rope_scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen > low_wavelen:
+            out.append(f / factor)
+        elif wavelen < high_wavelen:
+            out.append(f)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return out
+
+
+# ---- paged attention ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    kv_write: Launch | None
+    main: Launch
+    reduce: Launch | None
+    n_split: int
+    chunk: int             # keys per split (decode path)
+    workspace_bytes: int   # fp32 partial O + lse per (token, q head, split)
+
+    @property
+    def decode(self) -> bool:
+        return self.main.kernel.startswith("attn_decode")
+
+
+def attention_output_shape(q_shape):
+    return tuple(q_shape)
+
+
+def decode_smem(head_dim: int) -> int:
+    kv = DECODE_STAGES * 2 * ATTN_BN * head_dim * 2
+    combine = 4 * 16 * head_dim * 4 + 2 * 4 * 16 * 4  # per-warp O, m, l reuse the K/V stages
+    return 16 * head_dim * 2 + max(kv, combine)
+
+
+def prefill_smem(head_dim: int) -> int:
+    return (ATTN_BM + 2 * ATTN_BN) * head_dim * 2
+
+
+def _check_attention(num_q_heads, num_kv_heads, head_dim, block_size):
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} not in {HEAD_DIMS}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} not in {BLOCK_SIZES}")
+    if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads > 16:
+        raise ValueError("Hq must be a multiple of Hkv with at most 16 q heads per kv head")
+
+
+def _kv_write(tokens, dtype, write_kv):
+    return (Launch("paged_attention", f"kv_write_{_dt(dtype)}", (tokens, 1, 1), (128, 1, 1))
+            if write_kv else None)
+
+
+def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                max_blocks: int, block_size: int, dtype: str, sm_count: int,
+                write_kv: bool = True) -> AttentionPlan:
+    """One CTA per (token, kv head, split); splits chosen so the grid fills two waves."""
+    _check_attention(num_q_heads, num_kv_heads, head_dim, block_size)
+    max_ctx = max_blocks * block_size
+    want = math.ceil(2 * sm_count / (tokens * num_kv_heads))
+    n_split = max(1, min(want, max_ctx // MIN_SPLIT_KEYS))
+    chunk = _round_up(math.ceil(max_ctx / n_split), ATTN_BN)
+    n_split = math.ceil(max_ctx / chunk)
+    main = Launch("paged_attention", f"attn_decode_{_dt(dtype)}_d{head_dim}",
+                  (tokens, num_kv_heads, n_split), (ATTN_THREADS, 1, 1), decode_smem(head_dim))
+    red, ws = None, 0
+    if n_split > 1:
+        red = Launch("paged_attention", f"attn_reduce_{_dt(dtype)}",
+                     (tokens * num_q_heads, 1, 1), (head_dim, 1, 1))
+        ws = tokens * num_q_heads * n_split * (head_dim + 1) * 4
+    return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, red, n_split, chunk, ws)
+
+
+def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 block_size: int, dtype: str, write_kv: bool = True) -> AttentionPlan:
+    """One CTA per (64-token tile of one sequence, q head); tiles found on the device."""
+    _check_attention(num_q_heads, num_kv_heads, head_dim, block_size)
+    tiles = math.ceil(tokens / ATTN_BM) + batch  # each sequence adds at most one partial tile
+    main = Launch("paged_attention", f"attn_prefill_{_dt(dtype)}_d{head_dim}",
+                  (tiles, num_q_heads, 1), (ATTN_THREADS, 1, 1), prefill_smem(head_dim))
+    return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, None, 1, 0, 0)
+
+
+def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
+                   head_dim: int, max_blocks: int, block_size: int, dtype: str,
+                   sm_count: int, write_kv: bool = True) -> AttentionPlan:
+    """Kernels of one PagedAttention step, from shapes alone (what TensorRT knows at enqueue).
+
+    tokens == batch means every sequence brings one new token (a pure decode step): the
+    decode kernel reads each K/V byte once per kv head and splits long contexts over CTAs.
+    Otherwise one prefill-tile launch covers prefill chunks and decode tokens together.
+    Both kernels are correct for any ragged batch; the choice is only about speed."""
+    if tokens == batch:
+        return decode_plan(tokens, num_q_heads, num_kv_heads, head_dim, max_blocks,
+                           block_size, dtype, sm_count, write_kv)
+    return prefill_plan(tokens, batch, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
+                        write_kv)
+
+
+# ---- serialized fields ---------------------------------------------------------------------
+# Each plugin's attributes as a fixed little-endian record behind a magic and a version, so an
+# engine written by one llmc can be checked (and refused by name) by another.
+
+MAGIC = b"LLMP"
+VERSION = 1
+FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "RmsNorm": (("eps", "f"), ("residual", "B")),
+    "LayerNorm": (("eps", "f"), ("residual", "B")),
+    "GatedActivation": (("activation", "B"),),  # 0 swiglu, 1 geglu
+    "Gelu": (("approximate", "B"),),            # 0 erf, 1 tanh
+    "Rope": (("num_q_heads", "i"), ("num_kv_heads", "i"), ("head_dim", "i"),
+             ("rotary_dim", "i"), ("interleaved", "B"), ("bias", "B"), ("write_cache", "B"),
+             ("block_size", "i")),
+    "PagedAttention": (("num_q_heads", "i"), ("num_kv_heads", "i"), ("head_dim", "i"),
+                       ("block_size", "i"), ("scale", "f"), ("write_kv", "B")),
+}
+PLUGIN_IDS = {name: i for i, name in enumerate(FIELDS)}
+
+
+def _fmt(plugin: str) -> str:
+    return "<" + "".join(f for _, f in FIELDS[plugin])
+
+
+def serialize(plugin: str, attrs: dict) -> bytes:
+    if plugin not in FIELDS:
+        raise KeyError(f"unknown plugin {plugin!r}")
+    names = [n for n, _ in FIELDS[plugin]]
+    missing = set(names) - set(attrs)
+    extra = set(attrs) - set(names)
+    if missing or extra:
+        raise ValueError(f"{plugin}: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    head = MAGIC + struct.pack("<HH", VERSION, PLUGIN_IDS[plugin])
+    return head + struct.pack(_fmt(plugin), *(attrs[n] for n in names))
+
+
+def deserialize(plugin: str, data: bytes) -> dict:
+    if data[:4] != MAGIC:
+        raise ValueError("not an llmc plugin record")
+    version, pid = struct.unpack_from("<HH", data, 4)
+    if version != VERSION:
+        raise ValueError(f"plugin record version {version}, this llmc reads {VERSION}")
+    if pid != PLUGIN_IDS.get(plugin):
+        raise ValueError(f"record is for plugin id {pid}, not {plugin}")
+    body = data[8:]
+    if len(body) != struct.calcsize(_fmt(plugin)):
+        raise ValueError(f"{plugin} record is {len(body)} bytes")
+    values = struct.unpack(_fmt(plugin), body)
+    return dict(zip((n for n, _ in FIELDS[plugin]), values))
+
+
+def float_bits(x: float) -> int:
+    """fp32 attributes (eps, scale) travel to kernels as int32 bit patterns: TensorRT's
+    ahead-of-time plugins pass only integer scalars."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]

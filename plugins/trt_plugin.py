@@ -1,0 +1,128 @@
+"""TensorRT glue for the llmc plugins, written against TensorRT's Python plugin API
+(`tensorrt.plugin`, ahead-of-time implementations: TensorRT stores the compiled kernel and its
+launch expressions in the engine, so the engine runs without Python).
+
+Kept deliberately thin: every decision (kernel name, grid, block, argument order) comes from
+specs.py, and the code comes from compiler.py; both are tested on the CPU and the GPU. This
+module itself cannot be exercised without a full TensorRT install and has not been run.
+
+Covered here: RmsNorm / LayerNorm (with or without residual), GatedActivation, Gelu, Rope.
+PagedAttention needs two or three launches, a workspace and an output aliased to the cache,
+which the ahead-of-time API (one kernel per plugin) does not express: it needs a class-based
+IPluginV3 (not written yet; see docs/kernels.md).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+from . import compiler, specs
+
+NAMESPACE = "llmc"
+
+
+def register(arch: str, sm_count: int) -> None:
+    """Register the ahead-of-time plugins for one target GPU (call before parsing the ONNX
+    graph). `arch` like 'sm_90a'; kernels are embedded as cubins for that arch."""
+    import numpy as np  # noqa: F401  (tensorrt.plugin attribute typing)
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    dtypes = {trt.float16: "float16", trt.bfloat16: "bfloat16"}
+
+    def kernel(launch: specs.Launch):
+        return launch.kernel, compiler.compile_module(launch.module, arch)
+
+    def params(launch: specs.Launch, grid_x=None):
+        p = trtp.KernelLaunchParams()
+        p.grid_x = grid_x if grid_x is not None else launch.grid[0]
+        p.grid_y, p.grid_z = launch.grid[1], launch.grid[2]
+        p.block_x = launch.block[0]
+        p.shared_mem = launch.smem
+        return p
+
+    def ints(*values):
+        out = trtp.SymIntExprs(len(values))
+        for i, v in enumerate(values):
+            out[i] = trtp.SymInt32(v)
+        return out
+
+    # The token count is dynamic: grids over tokens use its symbolic expression, everything
+    # else (hidden size, heads) is fixed at build time and read as a constant.
+    def norm(kind: str, residual: bool):
+        name = ("Add" if residual else "") + ("RmsNorm" if kind == "rmsnorm" else "LayerNorm")
+        pid = f"{NAMESPACE}::{name}"
+        n_in = 2 + residual + (kind == "layernorm")
+
+        def desc(*args):
+            return tuple(args[0].like() for _ in range(1 + residual))
+
+        def aot(*args, outputs, tactic=None):
+            x, eps = args[0], args[n_in]
+            n = x.shape_expr[-1].constant_value()
+            ln = specs.norm_launch(1, n, dtypes[x.dtype], kind, residual)
+            rows = x.shape_expr[0]
+            return (*kernel(ln), params(ln, rows), ints(rows, n, specs.float_bits(eps)))
+        _define(trtp, pid, n_in, {"eps": float}, desc, aot)
+
+    for kind in ("rmsnorm", "layernorm"):
+        for residual in (False, True):
+            norm(kind, residual)
+
+    def gated_desc(gu, activation):
+        out = gu.like()
+        out.shape_expr[-1] = gu.shape_expr[-1] // 2
+        return out
+
+    def gated_aot(gu, activation, outputs, tactic=None):
+        inter = gu.shape_expr[-1].constant_value() // 2
+        act = ("swiglu", "geglu")[activation]
+        ln = specs.gated_launch(1, inter, dtypes[gu.dtype], act, sm_count)
+        rows = gu.shape_expr[0]
+        return (*kernel(ln), params(ln, rows), ints(rows, inter))
+    _define(trtp, f"{NAMESPACE}::GatedActivation", 1, {"activation": int}, gated_desc,
+            gated_aot)
+
+    def rope_desc(qkv, pos, inv_freq, num_q_heads, num_kv_heads, head_dim, rotary_dim,
+                  interleaved):
+        outs = []
+        for heads in (num_q_heads, num_kv_heads, num_kv_heads):
+            o = trtp.from_shape_expr((qkv.shape_expr[0], heads, head_dim), qkv.dtype)
+            outs.append(o)
+        return tuple(outs)
+
+    def rope_aot(qkv, pos, inv_freq, num_q_heads, num_kv_heads, head_dim, rotary_dim,
+                 interleaved, outputs, tactic=None):
+        ln = specs.rope_launch(1, num_q_heads, num_kv_heads, head_dim, rotary_dim,
+                               dtypes[qkv.dtype], bool(interleaved))
+        t = qkv.shape_expr[0]
+        return (*kernel(ln), params(ln, t),
+                ints(t, num_q_heads, num_kv_heads, head_dim, rotary_dim))
+    _define(trtp, f"{NAMESPACE}::Rope", 3,
+            {"num_q_heads": int, "num_kv_heads": int, "head_dim": int, "rotary_dim": int,
+             "interleaved": int}, rope_desc, rope_aot)
+
+
+def _define(trtp, pid: str, n_inputs: int, attrs: dict, desc, aot) -> None:
+    """tensorrt.plugin reads the callables' inspect.signature, so give the generic callables
+    one with named, typed tensor inputs followed by the attributes."""
+    import inspect
+
+    P = inspect.Parameter
+    params = [P(f"in{i}", P.POSITIONAL_OR_KEYWORD, annotation=trtp.TensorDesc)
+              for i in range(n_inputs)]
+    params += [P(k, P.POSITIONAL_OR_KEYWORD, annotation=t) for k, t in attrs.items()]
+    outs = P("outputs", P.KEYWORD_ONLY, annotation=Tuple[trtp.TensorDesc])
+    tactic = P("tactic", P.KEYWORD_ONLY, annotation=int, default=None)
+
+    def desc_fn(*args):
+        return desc(*args)
+
+    def aot_fn(*args, outputs, tactic=None):
+        return aot(*args, outputs=outputs, tactic=tactic)
+
+    desc_fn.__signature__ = inspect.Signature(params, return_annotation=Tuple[trtp.TensorDesc])
+    aot_fn.__signature__ = inspect.Signature(
+        params + [outs, tactic],
+        return_annotation=Tuple[bytes, bytes, trtp.KernelLaunchParams, trtp.SymExprs])
+    trtp.register(pid)(desc_fn)
+    trtp.aot_impl(pid)(aot_fn)
