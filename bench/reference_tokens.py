@@ -14,12 +14,12 @@ import platform
 import time
 
 import numpy as np
-
-from llmc.engine_file import EngineFile
-from llmc.runtime.generator import Sequence, _schedule, _step_inputs
+from llmc.runtime.generator import Sequence, schedule, step_inputs
 from llmc.runtime.kv_cache import BlockPool, blocks_needed
 from llmc.runtime.runner import open_session
-from llmc.lowering import BuildLimits
+
+from llmc.engine_file import EngineFile
+from llmc.limits import BuildLimits
 
 
 def run(session, limits, batch, prompt_len, new):
@@ -33,8 +33,8 @@ def run(session, limits, batch, prompt_len, new):
     t0 = time.perf_counter()
     while any(s.num_computed < len(s.tokens) for s in seqs):   # prefill, chunked by limits
         todo = [s for s in seqs if s.num_computed < len(s.tokens)]
-        step = _schedule(todo, limits)
-        session.step(_step_inputs(step, limits))
+        step = schedule(todo, limits)
+        session.step(step_inputs(step, limits))
         for s, n in step:
             s.num_computed += n
     t1 = time.perf_counter()
@@ -42,7 +42,7 @@ def run(session, limits, batch, prompt_len, new):
         step = [(s, 1) for s in seqs]
         for s in seqs:
             s.tokens.append(int(rng.integers(100, 10000)))
-        session.step(_step_inputs(step, limits))
+        session.step(step_inputs(step, limits))
         for s, n in step:
             s.num_computed += n
     t2 = time.perf_counter()

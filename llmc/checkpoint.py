@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from llmc.config import LlamaConfig, config_from_hf, load_config
+from llmc.config import LlamaConfig, load_config
 from llmc.errors import LlmcError
 
 

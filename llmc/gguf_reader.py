@@ -217,7 +217,9 @@ def _tokenizer_json(path: Path, reader: GGUFFile) -> str:
     """
     try:
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-            GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
     except ImportError:
         convert_gguf_tokenizer = None
     try:

@@ -7,13 +7,13 @@ Nothing is imported when llmc itself is imported: TensorRT is loaded on first us
 
 from __future__ import annotations
 
-from llmc.errors import LlmcError
-
 import importlib
 import re
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, Callable, Iterator
+
+from llmc.errors import LlmcError
 
 # backend name -> (module name, pip extra that installs it)
 _BACKENDS: dict[str, tuple[str, str]] = {

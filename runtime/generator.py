@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
-
-from llmc.errors import LlmcError
-from llmc.lowering import BuildLimits as Limits
 from llmc.runtime.kv_cache import BlockPool, blocks_needed
 from llmc.runtime.sampler import SamplingParams, sample
+
+from llmc.errors import LlmcError
+from llmc.limits import BuildLimits as Limits
 
 
 class Session(Protocol):
@@ -77,8 +77,8 @@ def generate(session: Session, limits: Limits, prompts: list[list[int]], max_new
             seq = waiting.pop(0)[0]
             seq.blocks = blocks
             running.append(seq)
-        batch = _schedule(running, limits)
-        logits = session.step(_step_inputs(batch, limits))
+        batch = schedule(running, limits)
+        logits = session.step(step_inputs(batch, limits))
         for row, (seq, n) in enumerate(batch):
             seq.num_computed += n
             if seq.num_computed < len(seq.tokens):
@@ -97,7 +97,7 @@ def generate(session: Session, limits: Limits, prompts: list[list[int]], max_new
     return seqs
 
 
-def _schedule(running: list[Sequence], limits: Limits) -> list[tuple[Sequence, int]]:
+def schedule(running: list[Sequence], limits: Limits) -> list[tuple[Sequence, int]]:
     budget, batch = limits.max_num_tokens, []
     for seq in running:
         n = min(len(seq.tokens) - seq.num_computed, budget)
@@ -108,7 +108,7 @@ def _schedule(running: list[Sequence], limits: Limits) -> list[tuple[Sequence, i
     return batch
 
 
-def _step_inputs(batch: list[tuple[Sequence, int]], limits: Limits) -> dict[str, np.ndarray]:
+def step_inputs(batch: list[tuple[Sequence, int]], limits: Limits) -> dict[str, np.ndarray]:
     ids, positions, starts, ctx, rows = [], [], [0], [], []
     for seq, n in batch:
         ids += seq.tokens[seq.num_computed:seq.num_computed + n]

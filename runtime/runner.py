@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from llmc.engine_file import EngineFile
-from llmc.errors import LlmcError
-from llmc.lowering import BuildLimits
 from llmc.runtime.generator import generate
 from llmc.runtime.sampler import SamplingParams
+
+from llmc.engine_file import EngineFile
+from llmc.errors import LlmcError
+from llmc.limits import BuildLimits
 
 
 def open_session(engine: EngineFile, backend: str = "auto",

@@ -16,14 +16,13 @@ session does not depend on how the engine header spells the build limits.
 
 from __future__ import annotations
 
-from llmc.errors import LlmcError
-
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from llmc import trt_shim
+from llmc.errors import LlmcError
 
 # Compute capabilities (major, minor) whose engines each backend runs.
 # TensorRT-RTX: Ampere 8.0/8.6, Ada 8.9 and Blackwell 12.x; not Hopper 9.0 or Blackwell 10.x.

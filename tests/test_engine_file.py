@@ -10,7 +10,7 @@ import pytest
 from llmc.build import BuildOptions, build
 from llmc.engine_file import FORMAT_VERSION, EngineFile, write_engine
 from llmc.errors import LlmcError
-from llmc.lowering import BuildLimits
+from llmc.limits import BuildLimits
 
 
 @pytest.fixture
