@@ -31,6 +31,7 @@ def open_session(engine: EngineFile, backend: str = "auto",
     else:
         from llmc.runtime.trt_backend import TensorRTSession, available
 
+        check_library_version(engine, built)
         ok, why = available(built)
         if not ok:
             raise LlmcError(f"cannot run {engine.path} here: {why}. Run it on such a machine, "
@@ -39,6 +40,20 @@ def open_session(engine: EngineFile, backend: str = "auto",
     if log:
         log(f"backend: {built}")
     return session
+
+
+def check_library_version(engine: EngineFile, backend: str) -> None:
+    """A TensorRT plan loads only in the library version that built it: say so up front."""
+    from llmc import trt_shim
+
+    if not trt_shim.is_importable(backend)[0]:
+        return  # `available` explains what is missing
+    built_with = engine.header["versions"].get("library_version")
+    here = trt_shim.versions(backend)["library_version"]
+    if built_with != here:
+        raise LlmcError(f"{engine.path} was built with {backend} {built_with}, but this machine "
+                        f"has {backend} {here}; TensorRT plans load only in the version that "
+                        "built them. Rebuild the engine here with `llmc build`")
 
 
 class Runner:

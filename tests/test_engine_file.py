@@ -96,3 +96,15 @@ def test_failed_build_leaves_no_file(tiny_models, tmp_path):
         build(BuildOptions(folder, out_dir / "m.engine", limits=BuildLimits(2, 16, 64, 8)),
               log=lambda _: None)
     assert list(out_dir.iterdir()) == []
+
+
+def test_tensorrt_plan_of_another_library_version(tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    from llmc.runtime.runner import Runner
+
+    path = tmp_path / "old.engine"
+    write_engine(path, {"backend": "tensorrt-rtx", "versions": {"library_version": "1.0.0.1"}},
+                 {"plan": b"plan bytes"})
+    with pytest.raises(LlmcError, match="built with tensorrt-rtx 1.0.0.1, but this machine has "
+                                        "tensorrt-rtx 1.7"):
+        Runner(path)
