@@ -38,15 +38,20 @@ def cli() -> None:
 @click.option("--max-seq-len", default=2048, show_default=True,
               help="longest sequence (prompt + generated)")
 @click.option("--kv-block-size", default=16, show_default=True, help="tokens per KV block")
+@click.option("--disable-pass", "disable_passes", multiple=True, metavar="NAME",
+              help="skip a fusion pass (repeatable; names in docs/passes.md)")
+@click.option("--dump-graphs", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="write the graph after every pass stage as DIR/NN-name.onnx")
 def build(model, output, backend, dtype, max_batch_size, max_num_tokens, max_seq_len,
-          kv_block_size) -> None:
+          kv_block_size, disable_passes, dump_graphs) -> None:
     """Build an engine file from a checkpoint."""
     from llmc.build import BuildOptions, build as run_build, default_model, pick_backend
     from llmc.lowering import BuildLimits
 
     limits = BuildLimits(max_batch_size, max_num_tokens, max_seq_len, kv_block_size)
     run_build(BuildOptions(model=model or default_model(), output=output,
-                           backend=pick_backend(backend, _log), dtype=dtype, limits=limits),
+                           backend=pick_backend(backend, _log), dtype=dtype, limits=limits,
+                           disable_passes=tuple(disable_passes), dump_graphs=dump_graphs),
               log=_log)
 
 

@@ -35,6 +35,9 @@ class BuildOptions:
     backend: str = "reference"
     dtype: str = "float16"
     limits: BuildLimits = BuildLimits()
+    # --- passes (passes/, docs/passes.md) ---
+    disable_passes: tuple[str, ...] = ()    # stage names to skip
+    dump_graphs: Path | None = None         # write every stage as NN-name.onnx here
 
 
 def normalize_dtype(dtype: str) -> str:
@@ -91,6 +94,16 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> dict:
     model, weights = build_graph(cfg, ckpt, compute, limits.kv_block_size,
                                  weights_rounded_to=dtype if compute != dtype else None)
     log(f"graph: {len(model.graph.node)} nodes, {len(weights)} weights, dtype {compute}")
+    # --- passes: fuse the graph while the weights are still lazy ---
+    from llmc.passes import run_passes
+
+    try:
+        model, weights, pass_report = run_passes(model, weights, disable=opts.disable_passes,
+                                                 dump_dir=opts.dump_graphs, log=log)
+    except ValueError as e:   # an unknown --disable-pass name
+        raise LlmcError(str(e)) from None
+    log(f"fused graph: {len(model.graph.node)} nodes, {len(weights)} weights")
+    # --- end passes ---
 
     with tempfile.TemporaryDirectory(prefix="llmc-build-", dir=opts.output.parent) as tmp:
         every = max(1, len(weights) // 10)
@@ -110,6 +123,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> dict:
             "model": {"source": str(opts.model), "config": cfg.to_dict()},
             "build": {"dtype": dtype, "compute_dtype": compute, "limits": limits.to_dict()},
             "io": io_contract(cfg, compute, limits.kv_block_size),
+            "passes": pass_report,
             "network": summary,
             "tokenizer": vars(tokenizer),
             "versions": library_versions(opts.backend),

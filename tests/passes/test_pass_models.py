@@ -1,0 +1,185 @@
+"""Whole models through the whole pipeline: nothing unfused is left, logits still match HF,
+greedy generation is unchanged, and TensorRT-RTX builds every fused graph on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import numpy as np
+import pytest
+import torch
+from llmc.passes import pass_names, run_passes
+from llmc.runtime.generator import generate
+from llmc.runtime.sampler import SamplingParams
+from passes_helpers import (
+    BLOCK,
+    OrtStepSession,
+    assert_same,
+    ragged_feeds,
+    rel_err,
+    run_ort,
+    tiny_graph,
+)
+
+from llmc.graph import save_onnx
+from llmc.lowering import BuildLimits, build_plan
+
+KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias"]
+# Ops that only the unfused chains use: none may survive the pipeline.
+UNFUSED_OPS = {"ReduceMean", "Sqrt", "Reciprocal", "Sigmoid", "Neg", "ScatterND", "Softmax",
+               "Erf", "Tanh"}
+HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
+
+
+def expected_firings(layers: int) -> dict[str, int]:
+    return {"rms_norm": 2 * layers + 1, "add_rms_norm": 2 * layers - 1, "gelu": 0,
+            "swiglu": layers, "geglu": 0, "rope": 2 * layers, "qkv_gemm": layers,
+            "gate_up_gemm": layers, "paged_attention": layers}
+
+
+def check_fully_fused(model, report, layers: int, tied: bool) -> None:
+    assert report["fired"] == expected_firings(layers)
+    ops = [n.op_type for n in model.graph.node]
+    assert not UNFUSED_OPS & set(ops), sorted(UNFUSED_OPS & set(ops))
+    # q/k/v and gate/up are one GEMM each: o_proj, gate_up, down, qkv per layer (+ lm_head).
+    assert ops.count("MatMul") == 4 * layers + (0 if tied else 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pipeline_fuses_everything_and_matches_hf(tiny_models, kind):
+    folder, hf = tiny_models[kind]
+    model, weights, cfg = tiny_graph(folder)
+    fused, fused_weights, report = run_passes(model, weights)
+    check_fully_fused(fused, report, cfg.num_hidden_layers, cfg.tie_word_embeddings)
+
+    # A ragged step over a cache full of other data equals the unfused graph ...
+    feeds = ragged_feeds(cfg, "float32")
+    assert_same(run_ort(model, weights, feeds), run_ort(fused, fused_weights, feeds), "float32")
+    # ... and three fresh prompts in one step equal HF's forward.
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 19, 13)]
+    feeds = _prefill(prompts, cfg)
+    logits = run_ort(fused, fused_weights, feeds)["logits"]
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
+        assert rel_err(ref, logits[row]) < 1e-4
+
+
+def _prefill(prompts, cfg) -> dict:
+    n = [len(p) for p in prompts]
+    starts = np.cumsum([0] + n).astype(np.int32)
+    blocks = -(-max(n) // BLOCK)
+    feeds = ragged_feeds(cfg, "float32", num_blocks=blocks * len(prompts))
+    feeds.update({
+        "input_ids": np.concatenate(prompts).astype(np.int32),
+        "position_ids": np.concatenate([np.arange(k) for k in n]).astype(np.int32),
+        "seq_starts": starts, "context_lens": np.array(n, np.int32),
+        "block_tables": np.arange(blocks * len(prompts), dtype=np.int32).reshape(-1, blocks),
+        "last_token_rows": starts[1:] - 1})
+    return feeds
+
+
+def _greedy(model, weights, cfg, folder, prompts, new_tokens, limits):
+    session = OrtStepSession(model, weights, folder, cfg)
+    return [s.generated for s in generate(session, limits, prompts, new_tokens,
+                                          SamplingParams())]
+
+
+def test_greedy_generation_unchanged(tiny_models, tmp_path):
+    folder, hf = tiny_models["llama-gqa"]
+    model, weights, cfg = tiny_graph(folder)
+    fused, fused_weights, _ = run_passes(model, weights)
+    prompts = [[1, 2, 3], list(range(10, 30)), [5] * 9]
+    limits = BuildLimits(2, 16, 64, BLOCK)      # two sequences a step, chunked prefill of 16
+    before = _greedy(model, weights, cfg, tmp_path / "a", prompts, 12, limits)
+    after = _greedy(fused, fused_weights, cfg, tmp_path / "b", prompts, 12, limits)
+    assert after == before
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompts[1]]), max_new_tokens=12, do_sample=False,
+                          pad_token_id=0)[0, len(prompts[1]):].tolist()
+    assert after[1] == ref
+
+
+def test_disable_and_dump_graphs(tiny_folders, tmp_path):
+    model, weights, _ = tiny_graph(tiny_folders["llama-gqa"])
+    _, _, report = run_passes(model, weights, disable=["rope"], dump_dir=tmp_path)
+    assert report["fired"]["rope"] == 0 and report["fired"]["rms_norm"] == 5
+    names = sorted(p.name for p in tmp_path.glob("*.onnx"))
+    assert names[0] == "00-input.onnx" and len(names) == len(pass_names()) + 1
+    assert "07-qkv_gemm.onnx" in names
+    with pytest.raises(ValueError, match="unknown pass"):
+        run_passes(model, weights, disable=["ropee"])
+    assert len(model.graph.node) == report["nodes_before"]  # the input is not modified
+
+
+# --- SmolLM2 ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_pipeline_counts_and_greedy_tokens(smollm2_path, tmp_path):
+    from llmc.model_zoo.llama import build_graph
+
+    from llmc.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(smollm2_path)
+    cfg = ckpt.config
+    model, weights = build_graph(cfg, ckpt, "float32", BLOCK)
+    t0 = time.perf_counter()
+    fused, fused_weights, report = run_passes(model, weights)
+    assert time.perf_counter() - t0 < 10
+    check_fully_fused(fused, report, cfg.num_hidden_layers, cfg.tie_word_embeddings)
+    prompt = [[504, 3575, 282, 4649, 314]]   # "The capital of France is"
+    limits = BuildLimits(1, 64, 64, BLOCK)
+    before = _greedy(model, weights, cfg, tmp_path / "a", prompt, 6, limits)
+    after = _greedy(fused, fused_weights, cfg, tmp_path / "b", prompt, 6, limits)
+    assert after == before
+
+
+# --- TensorRT-RTX -------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAVE_RTX, reason="tensorrt_rtx is not installed (llmc[rtx])")
+@pytest.mark.parametrize("kind,dtype", [("llama-gqa", "float16"), ("mistral-window", "float16"),
+                                        ("qwen2-bias", "bfloat16"),
+                                        ("llama-tied-rope3", "float32")])
+def test_rtx_builds_the_fused_graph(tiny_folders, tmp_path, kind, dtype):
+    from llmc.model_zoo.llama import build_graph
+
+    from llmc.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(tiny_folders[kind])
+    layers = ckpt.config.num_hidden_layers
+    limits = BuildLimits(4, 64, 256, BLOCK)
+    model, weights = build_graph(ckpt.config, ckpt, dtype, BLOCK)
+    fused, fused_weights, _ = run_passes(model, weights)
+    assert any(n.domain == "llmc" for n in fused.graph.node)
+    types = {}
+    for name, (m, w) in {"unfused": (model, weights), "fused": (fused, fused_weights)}.items():
+        path = save_onnx(m, w, tmp_path / name)
+        _, summary = build_plan(path, limits, "tensorrt-rtx", log=lambda _: None)
+        types[name] = summary["layer_types"]
+    print(kind, dtype, "fused network layers:", types["fused"])
+    assert types["fused"]["ROTARY_EMBEDDING"] == 2 * layers
+    assert "ROTARY_EMBEDDING" not in types["unfused"]
+    # 3 fewer GEMMs a layer (q+k+v -> 1, gate+up -> 1); attention's 2 stay (inlined body).
+    assert types["fused"]["MATRIX_MULTIPLY"] == types["unfused"]["MATRIX_MULTIPLY"] - 3 * layers
+    # With no plugin registered the PagedAttention body is inlined: its ScatterND still
+    # writes a new pool each step, so the KV cache is still copied (docs/passes.md).
+    assert types["fused"]["SCATTER"] == layers
+
+
+def test_cli_build_reports_passes(tiny_folders, tmp_path):
+    from click.testing import CliRunner
+    from llmc.cli.main import cli
+
+    from llmc.engine_file import EngineFile
+
+    out = tmp_path / "t.engine"
+    args = ["build", "--model", str(tiny_folders["llama-gqa"]), "-o", str(out), "--backend",
+            "reference", "--dtype", "fp32", "--kv-block-size", "16", "--max-seq-len", "64",
+            "--disable-pass", "rope", "--dump-graphs", str(tmp_path / "dump")]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    fired = EngineFile(out).header["passes"]["fired"]
+    assert fired["rope"] == 0 and fired["paged_attention"] == 2
+    assert (tmp_path / "dump" / "09-paged_attention.onnx").is_file()

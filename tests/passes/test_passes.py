@@ -1,0 +1,194 @@
+"""Each pass alone: it fires (counter), the fused node is there, onnxruntime numerics equal the
+unrewritten graph within the tolerance table, and a negative case declines."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from llmc.passes import activations, attention, gemm, norms, rope, run_passes
+from onnx import TensorProto, helper, numpy_helper
+from passes_helpers import assert_same, ragged_feeds, rel_err, run_ort, tiny_graph  # noqa: F401
+
+from llmc.graph import GraphBuilder
+
+LAYERS = 2  # the tiny models have two layers
+
+# pass stages -> (counter name, expected firings on a 2-layer tiny model, fused op type)
+CASES = {
+    "rms_norm": ([norms.RMS_NORM], 2 * LAYERS + 1, "RMSNormalization"),
+    "add_rms_norm": ([norms.RMS_NORM, norms.ADD_RMS_NORM], 2 * LAYERS - 1, "AddRMSNorm"),
+    "swiglu": ([activations.SWIGLU], LAYERS, "SwiGLU"),
+    "rope": ([rope.ROPE], 2 * LAYERS, "RotaryEmbedding"),
+    "qkv_gemm": ([gemm.QKV_GEMM], LAYERS, "Split"),
+    "gate_up_gemm": ([gemm.GATE_UP_GEMM], LAYERS, "Split"),
+    "paged_attention": ([attention.PAGED_ATTENTION], LAYERS, "PagedAttention"),
+}
+
+
+def _ops(model) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_pass_fires_and_keeps_numerics(tiny_folders, name, dtype):
+    stages, count, op = CASES[name]
+    kind = "qwen2-bias" if name == "qkv_gemm" else "mistral-window"  # biases; sliding window
+    model, weights, cfg = tiny_graph(tiny_folders[kind], dtype)
+    fused, fused_weights, report = run_passes(model, weights, passes=stages)
+    assert report["fired"][name] == count
+    assert _ops(fused).count(op) >= count
+    feeds = ragged_feeds(cfg, "float32" if dtype == "bfloat16" else dtype)
+    assert_same(run_ort(model, weights, feeds), run_ort(fused, fused_weights, feeds), dtype)
+
+
+def _expose(model: onnx.ModelProto, value: str) -> None:
+    """Make an intermediate a graph output: it then has a consumer outside any chain."""
+    model.graph.output.append(helper.make_tensor_value_info(value, TensorProto.UNDEFINED, None))
+
+
+def _first(model, op_type: str, scope: str = "layers.0"):
+    return next(n for n in model.graph.node if n.op_type == op_type and n.name.startswith(scope))
+
+
+def _set_const(model, name: str, value) -> None:
+    init = next(t for t in model.graph.initializer if t.name == name)
+    init.CopyFrom(numpy_helper.from_array(np.asarray(value, np.int64), name))
+
+
+def test_rms_norm_declines_shared_intermediate_and_wrong_axis(tiny_folders):
+    model, weights, _ = tiny_graph(tiny_folders["llama-gqa"])
+    _expose(model, _first(model, "ReduceMean").output[0])
+    _set_const(model, _first(model, "ReduceMean", "layers.1").input[1], [0])
+    assert run_passes(model, weights, passes=[norms.RMS_NORM])[2]["fired"]["rms_norm"] == 3
+
+
+def test_add_rms_norm_declines_a_bias_add():
+    g = GraphBuilder("t")
+    x = g.input("x", TensorProto.FLOAT, ["n", 8])
+    y = g.op("RMSNormalization", g.Add(x, g.const(np.ones(8), np.float32)),
+             g.const(np.ones(8), np.float32), axis=-1, epsilon=1e-5)
+    g.output(y, "y", TensorProto.FLOAT, ["n", 8])
+    report = run_passes(g.model(), [], passes=[norms.ADD_RMS_NORM])[2]
+    assert report["fired"]["add_rms_norm"] == 0
+
+
+def test_swiglu_declines_when_sigmoid_is_shared(tiny_folders):
+    model, weights, _ = tiny_graph(tiny_folders["llama-gqa"])
+    _expose(model, _first(model, "Sigmoid").output[0])
+    assert run_passes(model, weights, passes=[activations.SWIGLU])[2]["fired"]["swiglu"] == 1
+
+
+def test_rope_declines_a_wrong_slice(tiny_folders):
+    model, weights, _ = tiny_graph(tiny_folders["llama-gqa"])
+    _set_const(model, _first(model, "Slice", "layers.0.attn").input[2], [3])  # x1 = x[:3]
+    assert run_passes(model, weights, passes=[rope.ROPE])[2]["fired"]["rope"] == 3
+
+
+def test_qkv_declines_a_constant_projection(tiny_folders):
+    """A projection whose weight is a plain constant (not a lazy Weight) is left alone."""
+    model, weights, _ = tiny_graph(tiny_folders["llama-gqa"])
+    k_name = "model.layers.0.self_attn.k_proj.weight"
+    w = next(w for w in weights if w.name == k_name)
+    init = next(t for t in model.graph.initializer if t.name == k_name)
+    init.CopyFrom(numpy_helper.from_array(w.load(), k_name))
+    weights = [x for x in weights if x.name != k_name]
+    assert run_passes(model, weights, passes=[gemm.QKV_GEMM])[2]["fired"]["qkv_gemm"] == 1
+
+
+def test_fused_weight_streams_the_concatenated_parts(tiny_folders):
+    model, weights, _ = tiny_graph(tiny_folders["qwen2-bias"])
+    _, fused, _ = run_passes(model, weights, passes=[gemm.QKV_GEMM])
+    by_name = {w.name: w for w in weights}
+    qkv = next(w for w in fused if w.name.endswith("q_proj+k_proj+v_proj.weight"))
+    assert qkv.name == "model.layers.0.self_attn.q_proj+k_proj+v_proj.weight"
+    parts = [by_name[f"model.layers.0.self_attn.{p}_proj.weight"].load() for p in "qkv"]
+    np.testing.assert_array_equal(qkv.load(), np.concatenate(parts, axis=1))
+    assert not any(w.name.endswith("q_proj.weight") for w in fused)
+
+
+def test_paged_attention_declines_shared_probs_and_reads_attributes(tiny_folders):
+    model, weights, cfg = tiny_graph(tiny_folders["mistral-window"])
+    _expose(model, _first(model, "Softmax").output[0])
+    fused, _, report = run_passes(model, weights, passes=[attention.PAGED_ATTENTION])
+    assert report["fired"]["paged_attention"] == 1
+    node = next(n for n in fused.graph.node if n.op_type == "PagedAttention")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs == {"num_heads": 4, "num_kv_heads": 1, "head_dim": cfg.head_dim,
+                     "block_size": 16, "scale": pytest.approx(cfg.head_dim ** -0.5),
+                     "sliding_window": 12}
+    assert list(node.input[3:]) == ["kv_cache_1", "block_tables", "seq_starts",
+                                    "context_lens", "position_ids"]
+
+
+# --- synthetic activation graphs: the forms the llama family does not emit -----------------
+
+def _gelu_chain(g: GraphBuilder, x: str, form: str, dtype=np.float32) -> str:
+    c = lambda v: g.const(v, dtype)
+    if form == "erf":     # torch.onnx export order: x * (erf(x / sqrt2) + 1) * 0.5
+        return g.Mul(g.Mul(x, g.Add(g.Erf(g.Div(x, c(math.sqrt(2)))), c(1.0))), c(0.5))
+    if form == "erf2":    # (0.5 * x) * (1 + erf(x * 1/sqrt2))
+        return g.Mul(g.Mul(c(0.5), x), g.Add(c(1.0), g.Erf(g.Mul(x, c(1 / math.sqrt(2))))))
+    cube = g.Pow(x, c(3.0)) if form == "tanh" else g.Mul(g.Mul(x, x), x)
+    inner = g.Mul(c(math.sqrt(2 / math.pi)), g.Add(x, g.Mul(c(0.044715), cube)))
+    return g.Mul(g.Mul(c(0.5), x), g.Add(c(1.0), g.Tanh(inner)))
+
+
+def _activation_graph(form: str, gated: bool, elem=TensorProto.FLOAT):
+    g = GraphBuilder("act")
+    x = g.input("x", elem, ["n", 24])
+    up = g.input("up", elem, ["n", 24]) if gated else None
+    if form == "swiglu":
+        y = g.Mul(g.Mul(x, g.Sigmoid(x)), up)
+    else:
+        y = _gelu_chain(g, x, form, np.float16 if elem == TensorProto.FLOAT16 else np.float32)
+        y = g.Mul(y, up) if gated else y
+    g.output(y, "y", elem, ["n", 24])
+    return g.model()
+
+
+@pytest.mark.parametrize("form,gated,fired,op", [
+    ("erf", False, {"gelu": 1}, "Gelu"),
+    ("erf2", False, {"gelu": 1}, "Gelu"),
+    ("tanh", False, {"gelu": 1}, "Gelu"),
+    ("tanh_mul", False, {"gelu": 1}, "Gelu"),
+    ("erf", True, {"gelu": 1, "geglu": 1}, "GeGLU"),
+    ("tanh", True, {"gelu": 1, "geglu": 1}, "GeGLU"),
+    ("swiglu", True, {"swiglu": 1}, "SwiGLU"),
+])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_activation_forms(form, gated, fired, op, dtype):
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[dtype]
+    model = _activation_graph(form, gated, elem)
+    stages = [activations.GELU, activations.SWIGLU, activations.GEGLU]
+    fused, _, report = run_passes(model, [], passes=stages)
+    assert {k: v for k, v in report["fired"].items() if v} == fired
+    assert _ops(fused) == [op, "Identity"]
+    rng = np.random.default_rng(0)
+    feeds = {"x": (rng.standard_normal((5, 24)) * 3).astype(dtype)}
+    if gated:
+        feeds["up"] = rng.standard_normal((5, 24)).astype(dtype)
+    assert_same(run_ort(model, [], feeds), run_ort(fused, [], feeds), dtype)
+
+
+def test_gelu_declines_a_wrong_constant_and_a_shared_intermediate():
+    g = GraphBuilder("act")
+    x = g.input("x", TensorProto.FLOAT, ["n", 4])
+    c = lambda v: g.const(v, np.float32)
+    wrong = g.Mul(g.Mul(x, g.Add(g.Erf(g.Div(x, c(1.5))), c(1.0))), c(0.5))   # not sqrt(2)
+    erf = g.Erf(g.Div(x, c(math.sqrt(2))))
+    shared = g.Mul(g.Mul(x, g.Add(erf, c(1.0))), c(0.5))
+    g.output(wrong, "a", TensorProto.FLOAT, ["n", 4])
+    g.output(shared, "b", TensorProto.FLOAT, ["n", 4])
+    g.output(erf, "erf", TensorProto.FLOAT, ["n", 4])                         # erf escapes
+    report = run_passes(g.model(), [], passes=[activations.GELU])[2]
+    assert report["fired"]["gelu"] == 0
+
+
+def test_geglu_needs_gelu_first():
+    model = _activation_graph("erf", True)
+    report = run_passes(model, [], passes=[activations.GEGLU])[2]
+    assert report["fired"]["geglu"] == 0
