@@ -22,20 +22,19 @@ def _ck(res):
     return res[1] if isinstance(res, tuple) and len(res) == 2 else None
 
 
-class Kernels:
-    """Modules loaded for the current device; functions looked up and configured once."""
+class DevPtr(int):
+    """A raw device address (TensorRT's enqueue pointers): passed as a pointer, not int32."""
 
-    def __init__(self, torch_device=None):
-        import torch
+
+class Functions:
+    """Cubins loaded into the current CUDA context; functions looked up and configured once.
+    Needs no torch: the TensorRT glue uses it with its own pointers and stream."""
+
+    def __init__(self, arch: str):
         from cuda.bindings import driver
 
-        self.torch = torch
-        dev = torch.device(torch_device or "cuda")
-        torch.zeros(1, device=dev)  # makes torch's primary context current on this thread
-        major, minor = torch.cuda.get_device_capability(dev)
-        self.arch = compiler.arch_for_capability(major, minor)
-        self.sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
         _ck(driver.cuInit(0))
+        self.arch = arch
         self._modules = {}
         self._funcs = {}
 
@@ -56,23 +55,44 @@ class Kernels:
             _ck(driver.cuFuncSetAttribute(f, attr, launch.smem))
         return f
 
-    def launch(self, launch: specs.Launch, args: list):
-        """args: torch tensors (passed as pointers) and python ints (int32)."""
+    def launch(self, launch: specs.Launch, args: list, stream: int):
+        """args: ints (int32), DevPtr, or objects with data_ptr() (torch tensors)."""
         from cuda.bindings import driver
 
         vals, types = [], []
         for a in args:
             if isinstance(a, bool) or a is None:
-                raise TypeError("kernel arguments are tensors or ints")
-            if isinstance(a, int):
+                raise TypeError("kernel arguments are pointers or ints")
+            if isinstance(a, DevPtr):
+                vals.append(int(a))
+                types.append(_P)
+            elif isinstance(a, int):
                 vals.append(a)
                 types.append(_I)
             else:
                 vals.append(a.data_ptr())
                 types.append(_P)
-        stream = driver.CUstream(self.torch.cuda.current_stream().cuda_stream)
         _ck(driver.cuLaunchKernel(self.func(launch), *launch.grid, *launch.block, launch.smem,
-                                  stream, (tuple(vals), tuple(types)), 0))
+                                  driver.CUstream(stream), (tuple(vals), tuple(types)), 0))
+
+
+class Kernels:
+    """The plugin ops on torch CUDA tensors, on torch's current stream."""
+
+    def __init__(self, torch_device=None):
+        import torch
+
+        self.torch = torch
+        dev = torch.device(torch_device or "cuda")
+        torch.zeros(1, device=dev)  # makes torch's primary context current on this thread
+        major, minor = torch.cuda.get_device_capability(dev)
+        self.arch = compiler.arch_for_capability(major, minor)
+        self.sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
+        self.functions = Functions(self.arch)
+
+    def launch(self, launch: specs.Launch, args: list):
+        """args: torch tensors (passed as pointers) and python ints (int32)."""
+        self.functions.launch(launch, args, self.torch.cuda.current_stream().cuda_stream)
 
     # -- ops on torch tensors (output allocation mirrors the shape rules in specs) --
 
@@ -129,9 +149,10 @@ class Kernels:
         return q, k, v
 
     def paged_attention(self, q, k, v, seq_starts, context_lens, block_tables, kv_cache,
-                        scale=None, write_kv=True, force=None):
+                        scale=None, write_kv=True, force=None, **prefill):
         """force: None, 'decode' or 'prefill' picks the kernel regardless of the plan (tests
-        run both kernels on the same mixed batch)."""
+        run both kernels on the same mixed batch); `prefill` (variant=, pack=) goes to
+        specs.prefill_plan."""
         t, hq, d = q.shape
         hkv = k.shape[1]
         b, mb = block_tables.shape
@@ -140,28 +161,20 @@ class Kernels:
         if force == "decode":
             plan = specs.decode_plan(t, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv)
         elif force == "prefill":
-            plan = specs.prefill_plan(t, b, hq, hkv, d, bs, dt, write_kv)
+            plan = specs.prefill_plan(t, b, hq, hkv, d, bs, dt, write_kv, **prefill)
         else:
             plan = specs.attention_plan(t, b, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv)
         scale = d ** -0.5 if scale is None else scale
-        sc = [t, b, hq, hkv, mb, bs, nb, specs.float_bits(scale)]
-        meta = [seq_starts, context_lens, block_tables, kv_cache]
-        if plan.kv_write:
-            self.launch(plan.kv_write, [k, v, seq_starts, context_lens, block_tables,
-                                        t, b, hkv, d, mb, bs, nb, kv_cache])
         out = self.torch.empty_like(q)
-        if not plan.decode:
-            self.launch(plan.main, [q] + meta + sc + [out])
-            return out
         ws = self.torch.empty(max(plan.workspace_bytes // 4, 1), dtype=self.torch.float32,
                               device=q.device)
-        rows = t * hq
-        ws_o, ws_lse = ws[: rows * plan.n_split * d], ws[rows * plan.n_split * d:]
-        if plan.n_split == 1:
-            ws_lse = ws_o = ws
-        self.launch(plan.main, [q] + meta + sc + [plan.n_split, plan.chunk, out, ws_o, ws_lse])
-        if plan.reduce:
-            self.launch(plan.reduce, [ws_o, ws_lse, rows, d, plan.n_split, out])
+        lse = specs.workspace_lse_offset(plan, t, hq, d) // 4
+        ptr = dict(q=q, k=k, v=v, seq_starts=seq_starts, context_lens=context_lens,
+                   block_tables=block_tables, kv_cache=kv_cache, out=out, ws_o=ws,
+                   ws_lse=ws[lse:] if plan.n_split > 1 else ws)
+        dims = specs.paged_attention_dims(q.shape, kv_cache.shape, block_tables.shape)
+        for ln, args in specs.attention_launches(plan, dims, scale, ptr):
+            self.launch(ln, args)
         return out
 
 

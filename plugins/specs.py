@@ -14,8 +14,12 @@ DTYPES = {"float16": "f16", "bfloat16": "bf16"}
 HEAD_DIMS = (64, 128)
 BLOCK_SIZES = (16, 32, 64)
 MAX_NORM_WIDTH = 32 * 1024  # 1024 threads x 32 register-resident elements
-ATTN_BM = ATTN_BN = 64      # query-tile rows / key-tile columns, as in paged_attention.cu
-ATTN_THREADS = 128
+ATTN_BN = 64                # key-tile columns, as in paged_attention.cu
+ATTN_THREADS = 128          # decode kernel
+# Prefill kernel variants: entry suffix -> warps (16 query rows each). See paged_attention.cu.
+PREFILL_WARPS = {"w4": 4, "w8s": 8}
+PREFILL_VARIANT = "w8s"  # 1.19x SDPA flash at 2k tokens on H100, against 1.42x for w4
+MAX_GRID_Y = 65535
 DECODE_STAGES = 3
 MIN_SPLIT_KEYS = 256        # below this a split costs more in the reduce than it saves
 
@@ -95,6 +99,13 @@ def gelu_launch(n: int, dtype: str, approximate: str, sm_count: int) -> Launch:
     return Launch("activation", f"gelu_{form}_{_dt(dtype)}_v{vec}", (grid, 1, 1), (256, 1, 1))
 
 
+def gelu_launch_any_size(last_dim: int, dtype: str, approximate: str, sm_count: int) -> Launch:
+    """For a build where the element count is symbolic: the grid-stride cap (8 CTAs per SM)
+    covers any size; the 8-wide entry needs every row, so the whole size, a multiple of 8."""
+    ln = gelu_launch(8 if last_dim % 8 == 0 else 1, dtype, approximate, sm_count)
+    return Launch(ln.module, ln.kernel, (sm_count * 8, 1, 1), ln.block)
+
+
 # ---- RoPE (+ QKV bias, + paged cache write) ----------------------------------------------
 
 def rope_output_shapes(qkv_shape, num_q_heads: int, num_kv_heads: int, head_dim: int):
@@ -157,6 +168,7 @@ class AttentionPlan:
     n_split: int
     chunk: int             # keys per split (decode path)
     workspace_bytes: int   # fp32 partial O + lse per (token, q head, split)
+    pack: int = 1          # q heads per prefill tile (prefill path)
 
     @property
     def decode(self) -> bool:
@@ -173,8 +185,8 @@ def decode_smem(head_dim: int) -> int:
     return 16 * head_dim * 2 + max(kv, combine)
 
 
-def prefill_smem(head_dim: int) -> int:
-    return (ATTN_BM + 2 * ATTN_BN) * head_dim * 2
+def prefill_smem(head_dim: int, variant: str = PREFILL_VARIANT) -> int:
+    return (16 * PREFILL_WARPS[variant] + 2 * ATTN_BN) * head_dim * 2
 
 
 def _check_attention(num_q_heads, num_kv_heads, head_dim, block_size):
@@ -212,13 +224,27 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
 
 
 def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 block_size: int, dtype: str, write_kv: bool = True) -> AttentionPlan:
-    """One CTA per (64-token tile of one sequence, q head); tiles found on the device."""
+                 block_size: int, dtype: str, write_kv: bool = True,
+                 variant: str = PREFILL_VARIANT, pack: int | None = None) -> AttentionPlan:
+    """One CTA per (tile of one sequence's tokens, group of `pack` q heads of one kv head).
+
+    A tile has 16 * warps rows: tokens x the pack heads (pack defaults to the whole GQA
+    group, so each K/V tile feeds every q head that reads it). Tiles are found on the device
+    from seq_starts; the grid's y extent bounds their count for any ragged split."""
     _check_attention(num_q_heads, num_kv_heads, head_dim, block_size)
-    tiles = math.ceil(tokens / ATTN_BM) + batch  # each sequence adds at most one partial tile
-    main = Launch("paged_attention", f"attn_prefill_{_dt(dtype)}_d{head_dim}",
-                  (tiles, num_q_heads, 1), (ATTN_THREADS, 1, 1), prefill_smem(head_dim))
-    return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, None, 1, 0, 0)
+    group = num_q_heads // num_kv_heads
+    pack = group if pack is None else pack
+    if group % pack:
+        raise ValueError(f"pack {pack} must divide the GQA group {group}")
+    rows = 16 * PREFILL_WARPS[variant]
+    tpt = rows // pack  # tokens per tile
+    tiles = math.ceil(tokens / tpt) + batch  # each sequence adds at most one partial tile
+    if tiles > MAX_GRID_Y:
+        raise ValueError(f"{tokens} tokens need {tiles} query tiles, over {MAX_GRID_Y}")
+    main = Launch("paged_attention", f"attn_prefill_{_dt(dtype)}_d{head_dim}_{variant}",
+                  (num_q_heads // pack, tiles, 1), (32 * PREFILL_WARPS[variant], 1, 1),
+                  prefill_smem(head_dim, variant))
+    return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, None, 1, 0, 0, pack)
 
 
 def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
@@ -292,3 +318,93 @@ def float_bits(x: float) -> int:
     """fp32 attributes (eps, scale) travel to kernels as int32 bit patterns: TensorRT's
     ahead-of-time plugins pass only integer scalars."""
     return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+# ---- PagedAttention plugin: the logic its TensorRT IPluginV3 glue calls -------------------
+# I/O of the llmc PagedAttention ONNX node (passes/attention.py, docs/passes.md); output 1 is
+# the cache, updated in place, so TensorRT aliases it to input 3.
+PA_INPUTS = ("q", "k", "v", "kv_cache", "block_tables", "seq_starts", "context_lens",
+             "position_ids")
+PA_OUTPUTS = ("out", "kv_cache_out")
+PA_ALIASES = {1: 3}  # output index -> input index
+
+
+def paged_attention_attrs(fields: dict) -> dict:
+    """PagedAttention record from TensorRT plugin fields: either our serialized record (field
+    'record', the runtime path) or the ONNX node's attributes (the build path; names as
+    passes/attention.py writes them, values scalars or 1-element arrays)."""
+    if "record" in fields:
+        return deserialize("PagedAttention", bytes(fields["record"]))
+
+    def one(name, default=None):
+        if name not in fields:
+            if default is None:
+                raise ValueError(f"PagedAttention: attribute {name!r} missing")
+            return default
+        v = fields[name]
+        return v[0] if hasattr(v, "__len__") else v
+    if int(one("sliding_window", 0)):
+        raise ValueError("PagedAttention: sliding_window is not supported by the kernels")
+    attrs = dict(num_q_heads=int(one("num_heads")), num_kv_heads=int(one("num_kv_heads")),
+                 head_dim=int(one("head_dim")), block_size=int(one("block_size")))
+    attrs["scale"] = float(one("scale", attrs["head_dim"] ** -0.5))
+    attrs["write_kv"] = int(one("write_kv", 1))
+    _check_attention(attrs["num_q_heads"], attrs["num_kv_heads"], attrs["head_dim"],
+                     attrs["block_size"])
+    return attrs
+
+
+def paged_attention_dims(q_dims, cache_dims, table_dims) -> dict:
+    """Run-time sizes from the input shapes (TensorRT's input descs at enqueue)."""
+    t, hq, d = q_dims
+    two, nb, hkv, bs, d2 = cache_dims
+    b, mb = table_dims
+    if two != 2 or d2 != d:
+        raise ValueError(f"kv_cache {tuple(cache_dims)} does not match q {tuple(q_dims)}")
+    return dict(tokens=t, batch=b, hq=hq, hkv=hkv, d=d, max_blocks=mb, block_size=bs,
+                num_blocks=nb)
+
+
+def attention_workspace_bound(max_tokens: int, max_batch: int, num_q_heads: int,
+                              num_kv_heads: int, head_dim: int, max_blocks: int,
+                              block_size: int, sm_count: int) -> int:
+    """Workspace bytes that cover every step up to these limits (TensorRT asks once, for the
+    profile's max shapes). Only decode steps (tokens == batch) use a workspace, and its size
+    is not monotonic in tokens (fewer tokens -> more splits), so take the max over them."""
+    best = 0
+    for t in range(1, min(max_tokens, max_batch) + 1):
+        plan = decode_plan(t, num_q_heads, num_kv_heads, head_dim, max_blocks, block_size,
+                           "float16", sm_count, write_kv=False)
+        best = max(best, plan.workspace_bytes)
+    return best
+
+
+def workspace_lse_offset(plan: AttentionPlan, tokens: int, num_q_heads: int,
+                         head_dim: int) -> int:
+    """Byte offset of the lse part of the workspace (partial O first, fp32)."""
+    return tokens * num_q_heads * plan.n_split * head_dim * 4
+
+
+def attention_launches(plan: AttentionPlan, dims: dict, scale: float, ptr: dict) -> list:
+    """(Launch, args) of one step, in order. `ptr` maps q, k, v, seq_starts, context_lens,
+    block_tables, kv_cache, out, ws_o, ws_lse to device pointers of the caller's kind; ints
+    in args are int32 scalars. The torch launcher (launch.py) and the TensorRT glue both
+    build their launches here, so the GPU tests check the argument order TensorRT uses."""
+    t, b, hq, hkv, d = (dims[k] for k in ("tokens", "batch", "hq", "hkv", "d"))
+    mb, bs, nb = dims["max_blocks"], dims["block_size"], dims["num_blocks"]
+    meta = [ptr["seq_starts"], ptr["context_lens"], ptr["block_tables"]]
+    out = []
+    if plan.kv_write:
+        out.append((plan.kv_write, [ptr["k"], ptr["v"], *meta, t, b, hkv, d, mb, bs, nb,
+                                    ptr["kv_cache"]]))
+    sc = [t, b, hq, hkv, mb, bs, nb, float_bits(scale)]
+    head = [ptr["q"], *meta, ptr["kv_cache"], *sc]
+    if not plan.decode:
+        out.append((plan.main, head + [plan.pack, ptr["out"]]))
+        return out
+    out.append((plan.main, head + [plan.n_split, plan.chunk, ptr["out"], ptr["ws_o"],
+                                   ptr["ws_lse"]]))
+    if plan.reduce:
+        out.append((plan.reduce, [ptr["ws_o"], ptr["ws_lse"], t * hq, d, plan.n_split,
+                                  ptr["out"]]))
+    return out

@@ -6,10 +6,10 @@ Kept deliberately thin: every decision (kernel name, grid, block, argument order
 specs.py, and the code comes from compiler.py; both are tested on the CPU and the GPU. This
 module itself cannot be exercised without a full TensorRT install and has not been run.
 
-Covered here: RmsNorm / LayerNorm (with or without residual), GatedActivation, Gelu, Rope.
-PagedAttention needs two or three launches, a workspace and an output aliased to the cache,
-which the ahead-of-time API (one kernel per plugin) does not express: it needs a class-based
-IPluginV3 (not written yet; see docs/kernels.md).
+Ahead-of-time plugins: RmsNorm / LayerNorm (with or without residual), GatedActivation,
+Gelu, Rope, RopeBias. PagedAttention needs two or three launches, a workspace and an output
+aliased to the cache, which the ahead-of-time API (one kernel per plugin) does not express:
+it is a class-based IPluginV3 (trt_paged_attention.py), whose enqueue runs in Python.
 """
 from __future__ import annotations
 
@@ -82,24 +82,30 @@ def register(arch: str, sm_count: int) -> None:
     _define(trtp, f"{NAMESPACE}::GatedActivation", 1, {"activation": int}, gated_desc,
             gated_aot)
 
-    def rope_desc(qkv, pos, inv_freq, num_q_heads, num_kv_heads, head_dim, rotary_dim,
-                  interleaved):
-        outs = []
-        for heads in (num_q_heads, num_kv_heads, num_kv_heads):
-            o = trtp.from_shape_expr((qkv.shape_expr[0], heads, head_dim), qkv.dtype)
-            outs.append(o)
-        return tuple(outs)
+    # Rope, and RopeBias with the fused QKV bias as the second input. The variant that also
+    # writes K/V into the paged cache needs an output aliased to the cache; not registered.
+    def rope(bias: bool):
+        names = ("num_q_heads", "num_kv_heads", "head_dim", "rotary_dim", "interleaved")
 
-    def rope_aot(qkv, pos, inv_freq, num_q_heads, num_kv_heads, head_dim, rotary_dim,
-                 interleaved, outputs, tactic=None):
-        ln = specs.rope_launch(1, num_q_heads, num_kv_heads, head_dim, rotary_dim,
-                               dtypes[qkv.dtype], bool(interleaved))
-        t = qkv.shape_expr[0]
-        return (*kernel(ln), params(ln, t),
-                ints(t, num_q_heads, num_kv_heads, head_dim, rotary_dim))
-    _define(trtp, f"{NAMESPACE}::Rope", 3,
-            {"num_q_heads": int, "num_kv_heads": int, "head_dim": int, "rotary_dim": int,
-             "interleaved": int}, rope_desc, rope_aot)
+        def desc(*args):
+            qkv, (hq, hkv, d) = args[0], args[3 + bias:6 + bias]
+            return tuple(trtp.from_shape_expr((qkv.shape_expr[0], h, d), qkv.dtype)
+                         for h in (hq, hkv, hkv))
+
+        def aot(*args, outputs, tactic=None):
+            qkv = args[0]
+            hq, hkv, d, rot, il = args[3 + bias:8 + bias]
+            ln = specs.rope_launch(1, hq, hkv, d, rot, dtypes[qkv.dtype], bool(il), bias)
+            t = qkv.shape_expr[0]
+            return (*kernel(ln), params(ln, t), ints(t, hq, hkv, d, rot))
+        _define(trtp, f"{NAMESPACE}::Rope" + ("Bias" if bias else ""), 3 + bias,
+                {n: int for n in names}, desc, aot)
+
+    rope(False)
+    rope(True)
+
+    from .trt_paged_attention import register_paged_attention
+    register_paged_attention(arch, sm_count)
 
 
 def _define(trtp, pid: str, n_inputs: int, attrs: dict, desc, aot) -> None:

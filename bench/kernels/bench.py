@@ -1,6 +1,6 @@
 """Benchmark every plugin kernel against PyTorch eager, torch.compile and the HBM roofline.
 
-    python bench/kernels/bench.py [--out results.md]
+    python bench/kernels/bench.py [--out results.md] [--only prefill]
 
 Each variant is captured in a CUDA graph (5 calls) and replayed; the median replay time over
 `REPS` replays is reported, so host launch overhead is excluded for every variant alike.
@@ -12,15 +12,14 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "plugins"))
-from llmc.plugins import specs  # noqa: E402
-from llmc.plugins.launch import Kernels  # noqa: E402
+from llmc.plugins import specs
+from llmc.plugins.attention_ref import make_batch
+from llmc.plugins.launch import Kernels
 
 CALLS, REPS = 5, 30
 DATASHEET_BW = 3.35e12  # H100 SXM HBM3
@@ -55,6 +54,7 @@ def compiled(fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--only", help="run only the rows whose name contains this text")
     args = ap.parse_args()
     K = Kernels()
     dev = torch.cuda.get_device_properties(0)
@@ -69,6 +69,8 @@ def main():
     del buf, dst
 
     def add(name, ours, eager, comp, nbytes, note=""):
+        if args.only and args.only not in name:
+            return
         to = bench(ours)
         te = bench(eager) if eager else None
         tc = bench(comp) if comp else None
@@ -123,7 +125,6 @@ def main():
     del qkv
 
     # decode paged attention: batch 64, context 2048, 32 q / 8 kv heads, D=128, bf16
-    from test_gpu_kernels import make_batch
     for bs in (16, 64):
         B, ctx = 64, 2048
         q, k, v, starts, cl, tables, cache = make_batch([1] * B, [ctx] * B, hq, hkv, d, bs, bf,
@@ -155,10 +156,20 @@ def main():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
     flops = 4 * n_tok * n_tok * d * hq / 2
-    ours = bench(lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False))
     tf = bench(flash)
-    rows.append((f"prefill 2048 tok 32/8x128 bf16 (TFLOP/s)", ours, tf, None, flops / ours,
-                 f"SDPA flash {flops / tf / 1e12:.0f} TFLOP/s; ours/flash = {ours / tf:.2f}x"))
+    for variant in sorted(specs.PREFILL_WARPS):
+        for pack in (1, None):
+            name = f"prefill {n_tok} tok 32/8x128 bf16 {variant} pack={pack or hq // hkv}"
+            if variant != specs.PREFILL_VARIANT or pack is not None:
+                if not args.only:  # the non-default variants are for tuning runs
+                    continue
+                name += " (tuning)"
+            ours = bench(lambda: K.paged_attention(q, k, v, starts, cl, tables, cache,
+                                                   write_kv=False, force="prefill",
+                                                   variant=variant, pack=pack))
+            rows.append((name + " (TFLOP/s)", ours, tf, None, flops / ours,
+                         f"SDPA flash {flops / tf / 1e12:.0f} TFLOP/s; "
+                         f"ours/flash = {ours / tf:.2f}x"))
 
     lines = [f"GPU: {dev.name}, {dev.multi_processor_count} SMs; torch {torch.__version__}, "
              f"CUDA {torch.version.cuda}; measured copy bandwidth {copy_bw / 1e12:.2f} TB/s",

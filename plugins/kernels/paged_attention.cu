@@ -67,11 +67,11 @@ __device__ __forceinline__ size_t kv_row(const int* bt, int s, int mb, int p, in
 
 // Loads keys [k0, k0+BN) of one kv head (K or V) into a swizzled smem tile; rows at or past
 // kv_end are zero-filled (and masked by the caller) so no stale NaN reaches P·V.
-template <int D>
+template <int D, int NT = NWARPS * 32>
 __device__ __forceinline__ void load_kv_tile(u16* dst, const u16* cache, const int* bt, int s,
                                              int mb, int bs, int which, int nb, int hkv, int kvh,
                                              int k0, int kv_end) {
-  constexpr int CH = D / 8, RP = NWARPS * 32 / CH;  // each thread keeps one 16-byte column
+  constexpr int CH = D / 8, RP = NT / CH;  // each thread keeps one 16-byte column
   const int c = threadIdx.x % CH;
 #pragma unroll
   for (int r = threadIdx.x / CH; r < BN; r += RP) {
@@ -87,7 +87,8 @@ __device__ __forceinline__ void load_kv_tile(u16* dst, const u16* cache, const i
 // past each row's limit, rescales O, and leaves exp2'd probabilities in s.
 template <int NB, int D>
 __device__ __forceinline__ void softmax_step(float (*s)[4], float (*o)[4], float* m, float* l,
-                                             float scale_log2, int kbase, int lim0, int lim1) {
+                                             float scale_log2, int kbase, int lim0, int lim1,
+                                             bool mask = true) {
   const int lane = threadIdx.x & 31;
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -95,7 +96,8 @@ __device__ __forceinline__ void softmax_step(float (*s)[4], float (*o)[4], float
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int kc = kbase + nb * 8 + (lane & 3) * 2 + (e & 1);
-      const float v = kc <= (e < 2 ? lim0 : lim1) ? s[nb][e] * scale_log2 : -INFINITY;
+      const float v = !mask || kc <= (e < 2 ? lim0 : lim1) ? s[nb][e] * scale_log2
+                                                                 : -INFINITY;
       s[nb][e] = v;
       mx[e >> 1] = fmaxf(mx[e >> 1], v);
     }
@@ -130,91 +132,121 @@ __device__ __forceinline__ void p_frag(u32* a, const float* s0, const float* s1)
   a[3] = T::pack2(s1[2], s1[3]);
 }
 
-template <typename T, int D>
+// One CTA per (tile of BMR = 16*NW query rows of one sequence, group of P query heads sharing a
+// kv head). Row r of the tile is token r / P, query head r % P of the group: with P = G the G
+// heads of a kv group share each K/V tile read, and a decode token in a mixed batch fills G
+// rows instead of one. Variants (bench/results/kernels.md has the numbers on H100):
+//  _w4:  4 warps, 64-row tiles, Q fragments held in registers (168 regs, 3 CTAs/SM).
+//  _w8s: 8 warps, 128-row tiles, so each K/V tile in SMEM feeds twice the rows; Q fragments
+//        re-read from SMEM each key tile to fit 128 regs and 2 CTAs (16 warps) per SM (Q in
+//        registers needs 220 regs, so only one CTA of 8 warps fits, and was no faster than _w4).
+template <typename T, int D, int NW, bool QREG>
 __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ ss,
                              const int* __restrict__ cl, const int* __restrict__ bt,
                              const u16* __restrict__ cache, int T_, int B, int hq, int hkv,
-                             int mb, int bs, int nb, int scale_bits, u16* __restrict__ out) {
+                             int mb, int bs, int nb, int scale_bits, int P,
+                             u16* __restrict__ out) {
+  constexpr int BMR = 16 * NW, NT = 32 * NW, CH = D / 8;
   extern __shared__ __align__(16) u16 smem[];
   u16* sQ = smem;
-  u16* sK = sQ + BM * D;
+  u16* sK = sQ + BMR * D;
   u16* sV = sK + BN * D;
-  const int h = blockIdx.y, kvh = h / (hq / hkv);
-  int tile = blockIdx.x, s = -1;
+  const int tpt = BMR / P;  // tokens per tile
+  const int hbase = blockIdx.x * P, kvh = hbase / (hq / hkv);
+  // Tiles run in reverse: within a sequence later tiles see more keys (causal), and starting
+  // the heaviest first keeps them out of the last wave.
+  int tile = gridDim.y - 1 - blockIdx.y, s = -1;
   for (int i = 0; i < B; ++i) {
-    const int nt = (ss[i + 1] - ss[i] + BM - 1) / BM;
+    const int nt = (ss[i + 1] - ss[i] + tpt - 1) / tpt;
     if (tile < nt) { s = i; break; }
     tile -= nt;
   }
   if (s < 0) return;
-  const int n_new = ss[s + 1] - ss[s], r0 = tile * BM;
-  const int rows = min(BM, n_new - r0), tok0 = ss[s] + r0;
-  const int p_first = cl[s] - n_new + r0, kv_len = p_first + rows;
+  const int n_new = ss[s + 1] - ss[s], t0 = tile * tpt;
+  const int ntok = min(tpt, n_new - t0), tok0 = ss[s] + t0, nrows = ntok * P;
+  const int p_first = cl[s] - n_new + t0, kv_len = p_first + ntok;
   const int n_tiles = (kv_len + BN - 1) / BN;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  constexpr int CH = D / 8;
-  for (int i = threadIdx.x; i < BM * CH; i += NWARPS * 32) {
+  for (int i = threadIdx.x; i < BMR * CH; i += NT) {
     const int r = i / CH, c = i % CH;
-    const bool ok = r < rows;
-    const u16* src = ok ? q + ((size_t)(tok0 + r) * hq + h) * D + c * 8 : q;
+    const bool ok = r < nrows;
+    const u16* src = ok ? q + ((size_t)(tok0 + r / P) * hq + hbase + r % P) * D + c * 8 : q;
     cp_async16(smem_u32(sQ + swz<D>(r, c)), src, ok ? 16 : 0);
   }
-  load_kv_tile<D>(sK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, 0, kv_len);
+  load_kv_tile<D, NT>(sK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, 0, kv_len);
   cp_commit();
-  load_kv_tile<D>(sV, cache, bt, s, mb, bs, 1, nb, hkv, kvh, 0, kv_len);
+  load_kv_tile<D, NT>(sV, cache, bt, s, mb, bs, 1, nb, hkv, kvh, 0, kv_len);
   cp_commit();
   const float scale_log2 = __int_as_float(scale_bits) * 1.4426950408889634f;
   const int ra = warp * 16 + (lane >> 2);
-  const int lim0 = p_first + min(ra, rows - 1), lim1 = p_first + min(ra + 8, rows - 1);
-  u32 qf[D / 16][4];
+  // Padding rows (r >= nrows) take the last token's limit so no row is fully masked.
+  const int lim0 = p_first + min(ra / P, ntok - 1), lim1 = p_first + min((ra + 8) / P, ntok - 1);
+  // Rows are sorted by token, so the warp's first and last rows bound its causal limits: key
+  // tiles wholly below lim_lo need no mask, tiles wholly above lim_hi no work at all.
+  const int lim_lo = p_first + min(warp * 16 / P, ntok - 1);
+  const int lim_hi = p_first + min((warp * 16 + 15) / P, ntok - 1);
+  u32 qf[QREG ? D / 16 : 1][4];
   float o[D / 8][4];
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   for (int j = 0; j < n_tiles; ++j) {
+    const int k0 = j * BN;
+    const bool live = k0 <= lim_hi;
     cp_wait<1>();
     __syncthreads();
-    if (j == 0) {
+    if (QREG && j == 0) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
+      for (int kk = 0; kk < (QREG ? D / 16 : 0); ++kk)
         ldsm_x4(qf[kk], smem_u32(sQ + swz<D>(warp * 16 + (lane & 15), 2 * kk + (lane >> 4))));
     }
     float sc[BN / 8][4];
+    if (live) {
 #pragma unroll
-    for (int i = 0; i < BN / 8; ++i) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
+      for (int i = 0; i < BN / 8; ++i) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
+      for (int kk = 0; kk < D / 16; ++kk) {
+        u32 qa[4];
+        if constexpr (!QREG)
+          ldsm_x4(qa, smem_u32(sQ + swz<D>(warp * 16 + (lane & 15), 2 * kk + (lane >> 4))));
+        const u32* a = QREG ? qf[QREG ? kk : 0] : qa;
 #pragma unroll
-      for (int n2 = 0; n2 < BN / 16; ++n2) {
-        u32 b[4];
-        const int kr = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
-        ldsm_x4(b, smem_u32(sK + swz<D>(kr, 2 * kk + ((lane >> 3) & 1))));
-        mma16816<T>(sc[2 * n2], qf[kk], b[0], b[1]);
-        mma16816<T>(sc[2 * n2 + 1], qf[kk], b[2], b[3]);
-      }
-    __syncthreads();
-    if (j + 1 < n_tiles)
-      load_kv_tile<D>(sK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, (j + 1) * BN, kv_len);
-    cp_commit();
-    softmax_step<BN / 8, D>(sc, o, m, l, scale_log2, j * BN, lim0, lim1);
-    cp_wait<1>();
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      u32 pa[4];
-      p_frag<T>(pa, sc[2 * kk], sc[2 * kk + 1]);
-#pragma unroll
-      for (int jj = 0; jj < D / 16; ++jj) {
-        u32 b[4];
-        const int kr = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-        ldsm_x4_t(b, smem_u32(sV + swz<D>(kr, 2 * jj + (lane >> 4))));
-        mma16816<T>(o[2 * jj], pa, b[0], b[1]);
-        mma16816<T>(o[2 * jj + 1], pa, b[2], b[3]);
+        for (int n2 = 0; n2 < BN / 16; ++n2) {
+          u32 b[4];
+          const int kr = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
+          ldsm_x4(b, smem_u32(sK + swz<D>(kr, 2 * kk + ((lane >> 3) & 1))));
+          mma16816<T>(sc[2 * n2], a, b[0], b[1]);
+          mma16816<T>(sc[2 * n2 + 1], a, b[2], b[3]);
+        }
       }
     }
     __syncthreads();
     if (j + 1 < n_tiles)
-      load_kv_tile<D>(sV, cache, bt, s, mb, bs, 1, nb, hkv, kvh, (j + 1) * BN, kv_len);
+      load_kv_tile<D, NT>(sK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, k0 + BN, kv_len);
+    cp_commit();
+    if (live) {
+      softmax_step<BN / 8, D>(sc, o, m, l, scale_log2, k0, lim0, lim1, k0 + BN - 1 > lim_lo);
+    }
+    cp_wait<1>();
+    __syncthreads();
+    if (live) {
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        u32 pa[4];
+        p_frag<T>(pa, sc[2 * kk], sc[2 * kk + 1]);
+#pragma unroll
+        for (int jj = 0; jj < D / 16; ++jj) {
+          u32 b[4];
+          const int kr = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+          ldsm_x4_t(b, smem_u32(sV + swz<D>(kr, 2 * jj + (lane >> 4))));
+          mma16816<T>(o[2 * jj], pa, b[0], b[1]);
+          mma16816<T>(o[2 * jj + 1], pa, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();
+    if (j + 1 < n_tiles)
+      load_kv_tile<D, NT>(sV, cache, bt, s, mb, bs, 1, nb, hkv, kvh, k0 + BN, kv_len);
     cp_commit();
   }
   cp_wait<0>();
@@ -223,9 +255,10 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     const int row = ra + 8 * r;
-    if (row < rows) {
+    if (row < nrows) {
       const float inv = 1.f / l[r];
-      u16* dst = out + ((size_t)(tok0 + row) * hq + h) * D + (lane & 3) * 2;
+      const size_t head = (size_t)(tok0 + row / P) * hq + hbase + row % P;
+      u16* dst = out + head * D + (lane & 3) * 2;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
         *reinterpret_cast<u32*>(dst + j * 8) = T::pack2(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
@@ -402,11 +435,15 @@ __device__ void kv_write(const u16* __restrict__ k, const u16* __restrict__ v,
 
 #define ATTN_IN const u16 *q, const int *ss, const int *cl, const int *bt, const u16 *kv
 #define ATTN_SC int T_, int B, int hq, int hkv, int mb, int bs, int nb, int sc
+#define PREFILL_ENTRY(DT, TY, D, SUF, NW, MINB, QREG)                                         \
+  extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                 \
+      attn_prefill_##DT##_d##D##SUF(ATTN_IN, ATTN_SC, int pack, u16* out) {                   \
+    attn_prefill<TY, D, NW, QREG>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs, nb, sc, pack,    \
+                                  out);                                                       \
+  }
 #define ATTN_ENTRIES(DT, TY, D)                                                               \
-  extern "C" __global__ void __launch_bounds__(128)                                           \
-      attn_prefill_##DT##_d##D(ATTN_IN, ATTN_SC, u16* out) {                                  \
-    attn_prefill<TY, D>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs, nb, sc, out);              \
-  }                                                                                           \
+  PREFILL_ENTRY(DT, TY, D, _w4, 4, 3, true)                                                   \
+  PREFILL_ENTRY(DT, TY, D, _w8s, 8, 2, false)                                                 \
   extern "C" __global__ void __launch_bounds__(128)                                           \
       attn_decode_##DT##_d##D(ATTN_IN, ATTN_SC, int ns, int chunk, u16* out, float* wo,       \
                               float* wl) {                                                    \

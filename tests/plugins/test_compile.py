@@ -26,6 +26,8 @@ def _entry_names():
             dec = specs.attention_plan(4, 4, 8, 2, d, 4096, 16, dt, 132)
             pre = specs.attention_plan(9, 4, 8, 2, d, 64, 16, dt, 132)
             names.update({dec.main, dec.reduce, dec.kv_write, pre.main})
+            names.update(specs.prefill_plan(9, 4, 8, 2, d, 16, dt, variant=v).main
+                         for v in specs.PREFILL_WARPS)
     return {(ln.module, ln.kernel) for ln in names}
 
 

@@ -83,16 +83,27 @@ def test_decode_plan_fills_the_gpu_and_splits_long_contexts():
 
 
 def test_prefill_plan_tiles_cover_any_ragged_split():
-    # tiles = ceil(T/64) + B bounds sum_s ceil(n_s/64) for every split of T into B parts
+    # tiles = ceil(T/tpt) + B bounds sum_s ceil(n_s/tpt) for every split of T into B parts
     for lens in ([1, 1, 1], [2, 1, 1], [65, 1, 130], [64] * 4, [63, 2, 1000, 5]):
         t, b = sum(lens), len(lens)
         plan = specs.attention_plan(t, b, 12, 4, 64, 64, 32, "float16", 132)
         assert plan.decode == (t == b)
         if plan.decode:
             continue
-        assert plan.main.grid[0] >= sum(math.ceil(n / 64) for n in lens)
-        assert plan.main.grid[1] == 12
+        for variant, warps in specs.PREFILL_WARPS.items():
+            for pack in (1, 3):
+                p = specs.prefill_plan(t, b, 12, 4, 64, 32, "float16", variant=variant,
+                                       pack=pack)
+                tpt = 16 * warps // pack
+                assert p.main.grid[1] >= sum(math.ceil(n / tpt) for n in lens)
+                assert p.main.grid[0] == 12 // pack and p.pack == pack
+                assert p.main.block == (32 * warps, 1, 1)
+        assert plan.pack == 3 and plan.main.kernel.endswith("_" + specs.PREFILL_VARIANT)
         assert plan.kv_write.grid == (t, 1, 1)
+    with pytest.raises(ValueError, match="divide"):
+        specs.prefill_plan(9, 2, 12, 4, 64, 32, "float16", pack=2)
+    with pytest.raises(ValueError, match="query tiles"):
+        specs.prefill_plan(10**7, 2, 32, 8, 128, 16, "float16")
     assert specs.attention_plan(5, 2, 8, 8, 64, 4, 16, "float16", 1, write_kv=False).kv_write \
         is None
 
@@ -109,7 +120,8 @@ def test_attention_plan_rejects(bad):
 
 def test_smem_fits_hopper_and_ampere():
     for d in specs.HEAD_DIMS:
-        assert specs.prefill_smem(d) <= 48 * 1024
+        for variant in specs.PREFILL_WARPS:  # 99 KB: sm_86/89/120 opt-in limit per block
+            assert specs.prefill_smem(d, variant) <= 99 * 1024
         assert specs.decode_smem(d) <= 163 * 1024  # sm_80 opt-in limit per block
         assert 4 * 16 * d * 4 + 512 <= specs.decode_smem(d) - 16 * d * 2
 
@@ -136,3 +148,67 @@ def test_float_bits():
     assert specs.float_bits(1.0) == 0x3F800000
     assert struct.unpack("<f", struct.pack("<i", specs.float_bits(1e-5)))[0] == \
         pytest.approx(1e-5)
+
+
+def test_paged_attention_attrs_from_onnx_fields_and_record():
+    import numpy as np
+
+    onnx = {"num_heads": np.array([32], np.int32), "num_kv_heads": np.array([8], np.int32),
+            "head_dim": np.array([128], np.int32), "block_size": np.array([16], np.int32),
+            "sliding_window": np.array([0], np.int32)}
+    attrs = specs.paged_attention_attrs(onnx)
+    assert attrs == dict(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                         scale=pytest.approx(128 ** -0.5), write_kv=1)
+    rec = np.frombuffer(specs.serialize("PagedAttention", attrs), np.uint8)
+    assert specs.paged_attention_attrs({"record": rec}) == {**attrs, "scale": pytest.approx(
+        attrs["scale"])}  # the record holds scale as fp32
+    with pytest.raises(ValueError, match="sliding_window"):
+        specs.paged_attention_attrs({**onnx, "sliding_window": np.array([4096])})
+    with pytest.raises(ValueError, match="num_heads"):
+        specs.paged_attention_attrs({k: v for k, v in onnx.items() if k != "num_heads"})
+    with pytest.raises(ValueError):
+        specs.paged_attention_attrs({**onnx, "head_dim": np.array([96])})
+    assert specs.PA_INPUTS[specs.PA_ALIASES[1]] == "kv_cache"
+
+
+def test_workspace_bound_covers_every_decode_step():
+    hq, hkv, d, mb, bs, sm = 32, 8, 128, 2048, 16, 132
+    bound = specs.attention_workspace_bound(512, 64, hq, hkv, d, mb, bs, sm)
+    for t in range(1, 65):
+        assert specs.decode_plan(t, hq, hkv, d, mb, bs, "bfloat16", sm).workspace_bytes <= bound
+    assert bound == max(specs.decode_plan(t, hq, hkv, d, mb, bs, "bfloat16", sm)
+                        .workspace_bytes for t in range(1, 65))
+    assert specs.attention_workspace_bound(512, 64, hq, hkv, d, 8, bs, sm) == 0  # no splits
+
+
+def test_attention_launches_argument_order():
+    ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
+                          "kv_cache", "out", "ws_o", "ws_lse")}
+    dims = specs.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 128), (2, 300))
+    assert dims == dict(tokens=2, batch=2, hq=32, hkv=8, d=128, max_blocks=300,
+                        block_size=16, num_blocks=100)
+    dec = specs.attention_plan(2, 2, 32, 8, 128, 300, 16, "bfloat16", 132)
+    (kw, kwa), (main, ma), (red, ra) = specs.attention_launches(dec, dims, 0.5, ptr)
+    meta = ["seq_starts", "context_lens", "block_tables"]
+    assert kwa == ["k", "v", *meta, 2, 2, 8, 128, 300, 16, 100, "kv_cache"]
+    sc = [2, 2, 32, 8, 300, 16, 100, specs.float_bits(0.5)]
+    assert ma == ["q", *meta, "kv_cache", *sc, dec.n_split, dec.chunk, "out", "ws_o", "ws_lse"]
+    assert ra == ["ws_o", "ws_lse", 64, 128, dec.n_split, "out"]
+    assert specs.workspace_lse_offset(dec, 2, 32, 128) == 2 * 32 * dec.n_split * 128 * 4
+    pre = specs.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, write_kv=False)
+    [(ln, args)] = specs.attention_launches(pre, {**dims, "tokens": 9}, 0.5, ptr)
+    assert ln == pre.main and args[-2:] == [4, "out"]
+    with pytest.raises(ValueError, match="does not match"):
+        specs.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 64), (2, 300))
+
+
+def test_gelu_launch_any_size():
+    ln = specs.gelu_launch_any_size(4096, "bfloat16", "tanh", 132)
+    assert ln.kernel == "gelu_tanh_bf16_v8" and ln.grid == (132 * 8, 1, 1)
+    assert specs.gelu_launch_any_size(1001, "float16", "none", 132).kernel == "gelu_erf_f16_v1"
+
+
+def test_trt_glue_imports_without_tensorrt():
+    from llmc.plugins import trt_paged_attention, trt_plugin
+
+    assert trt_paged_attention.NAME == "PagedAttention" and trt_plugin.NAMESPACE == "llmc"
