@@ -239,6 +239,9 @@ def make_config(trt, builder, workspace_bytes: int, rtx_targets: Sequence[str] =
     """
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if hasattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03"):
+        # PagedAttention's cache output aliases its cache input (the in-place KV update)
+        config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
     if rtx_targets:
         capabilities = [rtx_capability(trt, target) for target in rtx_targets]
         config.num_compute_capabilities = len(capabilities)
@@ -259,8 +262,29 @@ def rtx_capability(trt, target: str):
     return members[key]
 
 
+def register_plugins(backend: str, log: Callable[[str], None]) -> None:
+    """Full TensorRT: register llmc's plugins, kernels compiled for the build machine's GPU.
+
+    TensorRT-RTX gets none: its ONNX parser aborts on Python plugins, and with no plugin
+    registered it inlines the llmc nodes' ONNX function bodies instead.
+    """
+    if backend != "tensorrt":
+        return
+    from llmc.plugins.compiler import arch_for_capability
+    from llmc.plugins.trt_plugin import register
+    from llmc.runtime.trt_backend import pick_gpu
+
+    gpu, why = pick_gpu(backend)
+    if gpu is None:
+        raise LoweringError(f"a tensorrt build compiles llmc's kernels for its GPU: {why}")
+    arch = arch_for_capability(*gpu.capability)
+    register(arch, gpu.sm_count)
+    log(f"registered llmc plugins for {gpu.name} ({arch}, {gpu.sm_count} SMs)")
+
+
 def _parse_and_build(trt, logger, errors, onnx_path, shapes, backend, options, log):
     """Parser -> network -> config + profile -> plan; returns (plan, network info, timings)."""
+    register_plugins(backend, log)
     builder = trt.Builder(logger)
     network = create_network(trt, builder)
     t0 = time.perf_counter()

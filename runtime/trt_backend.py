@@ -59,6 +59,7 @@ class Gpu:
     index: int
     name: str
     capability: tuple[int, int]
+    sm_count: int = 0
 
 
 def list_gpus() -> tuple[list[Gpu], str]:
@@ -85,8 +86,9 @@ def list_gpus() -> tuple[list[Gpu], str]:
                                                dev)
         _, minor = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
                                                dev)
+        _, sms = driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev)
         name = raw.split(b"\0", 1)[0].decode(errors="replace")
-        gpus.append(Gpu(index, name, (major, minor)))
+        gpus.append(Gpu(index, name, (major, minor), sms))
     return gpus, ""
 
 
