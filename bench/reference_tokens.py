@@ -14,12 +14,12 @@ import platform
 import time
 
 import numpy as np
-from llmc.runtime.generator import Sequence, schedule, step_inputs
-from llmc.runtime.kv_cache import BlockPool, blocks_needed
-from llmc.runtime.runner import open_session
 
 from llmc.engine_file import EngineFile
 from llmc.limits import BuildLimits
+from llmc.runtime.generator import Sequence, schedule, step_inputs
+from llmc.runtime.kv_cache import BlockPool, blocks_needed
+from llmc.runtime.runner import open_session
 
 
 def run(session, limits, batch, prompt_len, new):

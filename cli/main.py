@@ -45,7 +45,8 @@ def cli() -> None:
 def build(model, output, backend, dtype, max_batch_size, max_num_tokens, max_seq_len,
           kv_block_size, disable_passes, dump_graphs) -> None:
     """Build an engine file from a checkpoint."""
-    from llmc.build import BuildOptions, build as run_build, default_model, pick_backend
+    from llmc.build import BuildOptions, default_model, pick_backend
+    from llmc.build import build as run_build
     from llmc.lowering import BuildLimits
 
     limits = BuildLimits(max_batch_size, max_num_tokens, max_seq_len, kv_block_size)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from onnx import AttributeProto, NodeProto, helper
+
 from llmc.passes.ir import (
     LLMC_DOMAIN,
     Graph,
@@ -25,7 +27,6 @@ from llmc.passes.ir import (
     ref,
 )
 from llmc.passes.manager import Pass
-from onnx import AttributeProto, NodeProto, helper
 
 
 def _factors(g: Graph, value: str, nodes: list[NodeProto], top: bool = True) -> list[str]:

@@ -19,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import AttributeProto, NodeProto, TensorProto, helper, numpy_helper
+
 from llmc.passes.ir import LLMC_DOMAIN, Graph, attr, make_function, ref
 from llmc.passes.manager import Pass
-from onnx import AttributeProto, NodeProto, TensorProto, helper, numpy_helper
 
 CONTRACT = ("block_tables", "seq_starts", "context_lens", "position_ids")
 MASKED = float(np.finfo(np.float32).min)

@@ -12,11 +12,11 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from llmc.passes.ir import Graph
-from llmc.passes.manager import Pass
 from onnx import NodeProto
 
 from llmc.graph import Weight
+from llmc.passes.ir import Graph
+from llmc.passes.manager import Pass
 
 
 @dataclass

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from llmc.passes.ir import FUSED_OPSET, Graph, remove_dead_nodes
 from onnx import NodeProto
 
 from llmc.graph import Weight
+from llmc.passes.ir import FUSED_OPSET, Graph, remove_dead_nodes
 
 
 @dataclass(frozen=True)

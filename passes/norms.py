@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onnx import AttributeProto, NodeProto, TensorProto, helper
+
 from llmc.passes.ir import (
     LLMC_DOMAIN,
     Graph,
@@ -23,7 +25,6 @@ from llmc.passes.ir import (
     ref,
 )
 from llmc.passes.manager import Pass
-from onnx import AttributeProto, NodeProto, TensorProto, helper
 
 
 @dataclass

@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import NodeProto
+
 from llmc.passes.ir import Graph, attr
 from llmc.passes.manager import Pass
-from onnx import NodeProto
 
 INT_MAX = 2**31 - 1
 

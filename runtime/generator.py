@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
-from llmc.runtime.kv_cache import BlockPool, blocks_needed
-from llmc.runtime.sampler import SamplingParams, sample
 
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits as Limits
+from llmc.runtime.kv_cache import BlockPool, blocks_needed
+from llmc.runtime.sampler import SamplingParams, sample
 
 
 class Session(Protocol):

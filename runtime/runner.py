@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from llmc.runtime.generator import generate
-from llmc.runtime.sampler import SamplingParams
-
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
+from llmc.runtime.generator import generate
+from llmc.runtime.sampler import SamplingParams
 
 
 def open_session(engine: EngineFile, backend: str = "auto",

@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from llmc.runtime.reference_backend import ReferenceSession
 
 from llmc.build import BuildOptions, build
 from llmc.engine_file import EngineFile
 from llmc.limits import BuildLimits
+from llmc.runtime.reference_backend import ReferenceSession
 
 BLOCK = 8
 # Max |engine - HF| over max |HF| of the logits, per engine dtype. bf16 engines compute in

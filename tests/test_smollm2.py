@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from llmc.runtime.runner import Runner
 
 from llmc.build import BuildOptions, build
 from llmc.limits import BuildLimits
+from llmc.runtime.runner import Runner
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was"]
 NEW_TOKENS = 40

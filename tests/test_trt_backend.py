@@ -15,6 +15,7 @@ import importlib.util  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
 from llmc.runtime import trt_backend  # noqa: E402
 from llmc.runtime.trt_backend import (  # noqa: E402
     BackendUnavailableError,

@@ -24,11 +24,11 @@ def main() -> None:
 
     import onnx
     import onnxruntime
-    from llmc.model_zoo.llama import build_graph
-    from llmc.passes import run_passes
 
     from llmc.build import default_model
     from llmc.checkpoint import open_checkpoint
+    from llmc.model_zoo.llama import build_graph
+    from llmc.passes import run_passes
 
     path = args.model or default_model()
     ckpt = open_checkpoint(path)

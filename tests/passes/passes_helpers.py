@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from llmc.model_zoo.llama import build_graph
 from onnx import numpy_helper
 
 from llmc.checkpoint import open_checkpoint
 from llmc.graph import np_dtype, save_onnx
+from llmc.model_zoo.llama import build_graph
 
 BLOCK = 16
 # The one tolerance table: max |rewritten - unrewritten| / max |unrewritten| per compute

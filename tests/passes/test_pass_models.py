@@ -9,9 +9,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from llmc.passes import pass_names, run_passes
-from llmc.runtime.generator import generate
-from llmc.runtime.sampler import SamplingParams
 from passes_helpers import (
     BLOCK,
     OrtStepSession,
@@ -24,6 +21,9 @@ from passes_helpers import (
 
 from llmc.graph import save_onnx
 from llmc.lowering import BuildLimits, build_plan
+from llmc.passes import pass_names, run_passes
+from llmc.runtime.generator import generate
+from llmc.runtime.sampler import SamplingParams
 
 KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias"]
 # Ops that only the unfused chains use: none may survive the pipeline.
@@ -118,9 +118,8 @@ def test_disable_and_dump_graphs(tiny_folders, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_pipeline_counts_and_greedy_tokens(smollm2_path, tmp_path):
-    from llmc.model_zoo.llama import build_graph
-
     from llmc.checkpoint import open_checkpoint
+    from llmc.model_zoo.llama import build_graph
 
     ckpt = open_checkpoint(smollm2_path)
     cfg = ckpt.config
@@ -143,9 +142,8 @@ def test_smollm2_pipeline_counts_and_greedy_tokens(smollm2_path, tmp_path):
                                         ("qwen2-bias", "bfloat16"),
                                         ("llama-tied-rope3", "float32")])
 def test_rtx_builds_the_fused_graph(tiny_folders, tmp_path, kind, dtype):
-    from llmc.model_zoo.llama import build_graph
-
     from llmc.checkpoint import open_checkpoint
+    from llmc.model_zoo.llama import build_graph
 
     ckpt = open_checkpoint(tiny_folders[kind])
     layers = ckpt.config.num_hidden_layers
@@ -170,8 +168,8 @@ def test_rtx_builds_the_fused_graph(tiny_folders, tmp_path, kind, dtype):
 
 def test_cli_build_reports_passes(tiny_folders, tmp_path):
     from click.testing import CliRunner
-    from llmc.cli.main import cli
 
+    from llmc.cli.main import cli
     from llmc.engine_file import EngineFile
 
     out = tmp_path / "t.engine"

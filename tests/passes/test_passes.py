@@ -8,11 +8,11 @@ import math
 import numpy as np
 import onnx
 import pytest
-from llmc.passes import activations, attention, gemm, norms, rope, run_passes
 from onnx import TensorProto, helper, numpy_helper
 from passes_helpers import assert_same, ragged_feeds, rel_err, run_ort, tiny_graph  # noqa: F401
 
 from llmc.graph import GraphBuilder
+from llmc.passes import activations, attention, gemm, norms, rope, run_passes
 
 LAYERS = 2  # the tiny models have two layers
 
@@ -127,7 +127,8 @@ def test_paged_attention_declines_shared_probs_and_reads_attributes(tiny_folders
 # --- synthetic activation graphs: the forms the llama family does not emit -----------------
 
 def _gelu_chain(g: GraphBuilder, x: str, form: str, dtype=np.float32) -> str:
-    c = lambda v: g.const(v, dtype)
+    def c(v):
+        return g.const(v, dtype)
     if form == "erf":     # torch.onnx export order: x * (erf(x / sqrt2) + 1) * 0.5
         return g.Mul(g.Mul(x, g.Add(g.Erf(g.Div(x, c(math.sqrt(2)))), c(1.0))), c(0.5))
     if form == "erf2":    # (0.5 * x) * (1 + erf(x * 1/sqrt2))
@@ -177,7 +178,8 @@ def test_activation_forms(form, gated, fired, op, dtype):
 def test_gelu_declines_a_wrong_constant_and_a_shared_intermediate():
     g = GraphBuilder("act")
     x = g.input("x", TensorProto.FLOAT, ["n", 4])
-    c = lambda v: g.const(v, np.float32)
+    def c(v):
+        return g.const(v, np.float32)
     wrong = g.Mul(g.Mul(x, g.Add(g.Erf(g.Div(x, c(1.5))), c(1.0))), c(0.5))   # not sqrt(2)
     erf = g.Erf(g.Div(x, c(math.sqrt(2))))
     shared = g.Mul(g.Mul(x, g.Add(erf, c(1.0))), c(0.5))
