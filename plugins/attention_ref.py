@@ -30,9 +30,9 @@ def make_batch(lens_new, ctx, hq, hkv, d, bs, dtype, extra_blocks=7):
     return (q, k, v, starts.cuda(), ctx_t.cuda(), tables.cuda(), cache)
 
 
-def ref_attention(q, k, v, starts, ctx, tables, cache, scale):
+def ref_attention(q, k, v, starts, ctx, tables, cache, scale, window=0):
     """SDPA on the gathered cache, the new rows written first (so this also states where
-    they must land)."""
+    they must land). window > 0: position p sees keys p - window < j <= p (HF Mistral)."""
     cache = cache.clone()
     bs = cache.shape[3]
     out = torch.empty_like(q)
@@ -52,7 +52,10 @@ def ref_attention(q, k, v, starts, ctx, tables, cache, scale):
         kk, vv = kk.repeat_interleave(g, 0), vv.repeat_interleave(g, 0)
         qs = q[a:e].transpose(0, 1)  # [Hq, n, D]
         keys, rows = torch.arange(c, device=q.device), torch.arange(n, device=q.device)
-        mask = keys[None, :] <= (c - n + rows)[:, None]
+        pos = (c - n + rows)[:, None]
+        mask = keys[None, :] <= pos
+        if window:
+            mask &= keys[None, :] > pos - window
         o = torch.nn.functional.scaled_dot_product_attention(
             qs.float(), kk.float(), vv.float(), attn_mask=mask, scale=scale)
         out[a:e] = o.transpose(0, 1).to(q.dtype)

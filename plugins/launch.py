@@ -22,6 +22,22 @@ def _ck(res):
     return res[1] if isinstance(res, tuple) and len(res) == 2 else None
 
 
+def device_max_smem(ordinal: int | None = None) -> int:
+    """Shared memory one block may opt into on a device (plans respect it: specs.attention_plan's
+    max_smem). ordinal None: the device of the current CUDA context, else device 0."""
+    from cuda.bindings import driver
+
+    _ck(driver.cuInit(0))
+    if ordinal is None:
+        err, dev = driver.cuCtxGetDevice()
+        if err != driver.CUresult.CUDA_SUCCESS:
+            dev = _ck(driver.cuDeviceGet(0))
+    else:
+        dev = _ck(driver.cuDeviceGet(ordinal))
+    attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    return _ck(driver.cuDeviceGetAttribute(attr, dev))
+
+
 class DevPtr(int):
     """A raw device address (TensorRT's enqueue pointers): passed as a pointer, not int32."""
 
@@ -88,6 +104,8 @@ class Kernels:
         major, minor = torch.cuda.get_device_capability(dev)
         self.arch = compiler.arch_for_capability(major, minor)
         self.sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
+        self.max_smem = device_max_smem(torch.cuda.current_device() if dev.index is None
+                                        else dev.index)
         self.functions = Functions(self.arch)
 
     def launch(self, launch: specs.Launch, args: list):
@@ -149,21 +167,27 @@ class Kernels:
         return q, k, v
 
     def paged_attention(self, q, k, v, seq_starts, context_lens, block_tables, kv_cache,
-                        scale=None, write_kv=True, force=None, **prefill):
+                        scale=None, write_kv=True, force=None, window=0, max_smem=None,
+                        **prefill):
         """force: None, 'decode' or 'prefill' picks the kernel regardless of the plan (tests
         run both kernels on the same mixed batch); `prefill` (variant=, pack=) goes to
-        specs.prefill_plan."""
+        specs.prefill_plan. window: sliding window, 0 = none. max_smem: the shared-memory
+        limit the plan must respect, default the device's (tests pass less to force the
+        fallbacks that smaller GPUs take)."""
         t, hq, d = q.shape
         hkv = k.shape[1]
         b, mb = block_tables.shape
         _, nb, _, bs, _ = kv_cache.shape
         dt = self._dtype(q)
+        lim = dict(max_smem=self.max_smem if max_smem is None else max_smem, window=window)
         if force == "decode":
-            plan = specs.decode_plan(t, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv)
+            plan = specs.decode_plan(t, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv, **lim)
         elif force == "prefill":
-            plan = specs.prefill_plan(t, b, hq, hkv, d, bs, dt, write_kv, **prefill)
+            plan = specs.prefill_plan(t, b, hq, hkv, d, bs, dt, write_kv, **prefill, **lim)
         else:
-            plan = specs.attention_plan(t, b, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv)
+            plan = specs.attention_plan(t, b, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv,
+                                        **lim)
+        self.last_plan = plan  # for tests: which kernels a call took
         scale = d ** -0.5 if scale is None else scale
         out = self.torch.empty_like(q)
         ws = self.torch.empty(max(plan.workspace_bytes // 4, 1), dtype=self.torch.float32,

@@ -20,8 +20,16 @@ ATTN_THREADS = 128          # decode kernel
 PREFILL_WARPS = {"w4": 4, "w8s": 8}
 PREFILL_VARIANT = "w8s"  # 1.19x SDPA flash at 2k tokens on H100, against 1.42x for w4
 MAX_GRID_Y = 65535
-DECODE_STAGES = 3
+# Decode K/V pipeline depths with an entry each, deepest (fastest) first; the plan takes the
+# deepest that fits the device's shared memory per block. Entry suffix: 3 -> "", 2 -> "_s2".
+DECODE_STAGES = (3, 2)
 MIN_SPLIT_KEYS = 256        # below this a split costs more in the reduce than it saves
+# Shared memory one block may opt into (cuFuncSetAttribute), by compute capability: CUDA C++
+# Programming Guide, "Memory Information per Compute Capability", row "Maximum amount of
+# shared memory per thread block". For planning without a device; with one, read its
+# CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN (launch.device_max_smem).
+MAX_SMEM_OPTIN = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 9): 99 * 1024,
+                  (9, 0): 227 * 1024, (10, 0): 227 * 1024, (12, 0): 99 * 1024}
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,15 @@ def _dt(dtype: str) -> str:
 
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
+
+
+def max_smem_for_capability(major: int, minor: int) -> int:
+    """Per-block opt-in shared memory of a compute capability (MAX_SMEM_OPTIN)."""
+    if (major, minor) not in MAX_SMEM_OPTIN:
+        known = ", ".join(f"{a}.{b}" for a, b in MAX_SMEM_OPTIN)
+        raise ValueError(f"no shared-memory limit known for compute capability "
+                         f"{major}.{minor} (known: {known}); read it from the device")
+    return MAX_SMEM_OPTIN[(major, minor)]
 
 
 # ---- (residual +) RMSNorm / LayerNorm -----------------------------------------------------
@@ -169,6 +186,7 @@ class AttentionPlan:
     chunk: int             # keys per split (decode path)
     workspace_bytes: int   # fp32 partial O + lse per (token, q head, split)
     pack: int = 1          # q heads per prefill tile (prefill path)
+    window: int = 0        # sliding window (keys p - window < j <= p), 0 = none
 
     @property
     def decode(self) -> bool:
@@ -179,17 +197,24 @@ def attention_output_shape(q_shape):
     return tuple(q_shape)
 
 
-def decode_smem(head_dim: int) -> int:
-    kv = DECODE_STAGES * 2 * ATTN_BN * head_dim * 2
+def decode_smem(head_dim: int, stages: int = DECODE_STAGES[0]) -> int:
+    kv = stages * 2 * ATTN_BN * head_dim * 2
     combine = 4 * 16 * head_dim * 4 + 2 * 4 * 16 * 4  # per-warp O, m, l reuse the K/V stages
     return 16 * head_dim * 2 + max(kv, combine)
+
+
+def decode_stages(head_dim: int, max_smem: int) -> int | None:
+    """Deepest decode pipeline whose shared memory fits max_smem; None if none does."""
+    return next((st for st in DECODE_STAGES if decode_smem(head_dim, st) <= max_smem), None)
 
 
 def prefill_smem(head_dim: int, variant: str = PREFILL_VARIANT) -> int:
     return (16 * PREFILL_WARPS[variant] + 2 * ATTN_BN) * head_dim * 2
 
 
-def _check_attention(num_q_heads, num_kv_heads, head_dim, block_size):
+def _check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window=0):
+    if window < 0:
+        raise ValueError(f"sliding window {window} < 0 (0 means none)")
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim {head_dim} not in {HEAD_DIMS}")
     if block_size not in BLOCK_SIZES:
@@ -205,33 +230,57 @@ def _kv_write(tokens, dtype, write_kv):
 
 def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                 max_blocks: int, block_size: int, dtype: str, sm_count: int,
-                write_kv: bool = True) -> AttentionPlan:
-    """One CTA per (token, kv head, split); splits chosen so the grid fills two waves."""
-    _check_attention(num_q_heads, num_kv_heads, head_dim, block_size)
+                write_kv: bool = True, *, max_smem: int, window: int = 0) -> AttentionPlan:
+    """One CTA per (token, kv head, split); splits chosen so the grid fills two waves.
+
+    max_smem: the device's per-block opt-in shared memory; the deepest K/V pipeline that fits
+    is taken (ValueError if none: attention_plan then falls back to the prefill kernel).
+    With a window, a token's keys start at the key tile holding its window's first key, so
+    they span at most window + ATTN_BN - 1 positions: splits are sized from that."""
+    _check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window)
+    stages = decode_stages(head_dim, max_smem)
+    if stages is None:
+        raise ValueError(f"decode at head_dim {head_dim} needs {decode_smem(head_dim, 2)} "
+                         f"bytes of shared memory, over max_smem {max_smem}")
     max_ctx = max_blocks * block_size
+    span = min(max_ctx, window + ATTN_BN - 1) if window else max_ctx
     want = math.ceil(2 * sm_count / (tokens * num_kv_heads))
-    n_split = max(1, min(want, max_ctx // MIN_SPLIT_KEYS))
-    chunk = _round_up(math.ceil(max_ctx / n_split), ATTN_BN)
-    n_split = math.ceil(max_ctx / chunk)
-    main = Launch("paged_attention", f"attn_decode_{_dt(dtype)}_d{head_dim}",
-                  (tokens, num_kv_heads, n_split), (ATTN_THREADS, 1, 1), decode_smem(head_dim))
+    n_split = max(1, min(want, span // MIN_SPLIT_KEYS))
+    chunk = _round_up(math.ceil(span / n_split), ATTN_BN)
+    n_split = math.ceil(span / chunk)
+    suffix = "" if stages == DECODE_STAGES[0] else f"_s{stages}"
+    main = Launch("paged_attention", f"attn_decode_{_dt(dtype)}_d{head_dim}{suffix}",
+                  (tokens, num_kv_heads, n_split), (ATTN_THREADS, 1, 1),
+                  decode_smem(head_dim, stages))
     red, ws = None, 0
     if n_split > 1:
         red = Launch("paged_attention", f"attn_reduce_{_dt(dtype)}",
                      (tokens * num_q_heads, 1, 1), (head_dim, 1, 1))
         ws = tokens * num_q_heads * n_split * (head_dim + 1) * 4
-    return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, red, n_split, chunk, ws)
+    return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, red, n_split, chunk, ws,
+                         window=window)
 
 
 def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  block_size: int, dtype: str, write_kv: bool = True,
-                 variant: str = PREFILL_VARIANT, pack: int | None = None) -> AttentionPlan:
+                 variant: str | None = None, pack: int | None = None, *, max_smem: int,
+                 window: int = 0) -> AttentionPlan:
     """One CTA per (tile of one sequence's tokens, group of `pack` q heads of one kv head).
 
     A tile has 16 * warps rows: tokens x the pack heads (pack defaults to the whole GQA
     group, so each K/V tile feeds every q head that reads it). Tiles are found on the device
-    from seq_starts; the grid's y extent bounds their count for any ragged split."""
-    _check_attention(num_q_heads, num_kv_heads, head_dim, block_size)
+    from seq_starts; the grid's y extent bounds their count for any ragged split. variant
+    None: PREFILL_VARIANT, or the first of PREFILL_WARPS whose shared memory fits max_smem."""
+    _check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window)
+    if variant is None:
+        order = [PREFILL_VARIANT] + [v for v in PREFILL_WARPS if v != PREFILL_VARIANT]
+        variant = next((v for v in order if prefill_smem(head_dim, v) <= max_smem), None)
+        if variant is None:
+            raise ValueError(f"no attention kernel at head_dim {head_dim} fits max_smem "
+                             f"{max_smem} bytes of shared memory per block")
+    elif prefill_smem(head_dim, variant) > max_smem:
+        raise ValueError(f"prefill {variant} needs {prefill_smem(head_dim, variant)} bytes of "
+                         f"shared memory, over max_smem {max_smem}")
     group = num_q_heads // num_kv_heads
     pack = group if pack is None else pack
     if group % pack:
@@ -244,23 +293,29 @@ def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, h
     main = Launch("paged_attention", f"attn_prefill_{_dt(dtype)}_d{head_dim}_{variant}",
                   (num_q_heads // pack, tiles, 1), (32 * PREFILL_WARPS[variant], 1, 1),
                   prefill_smem(head_dim, variant))
-    return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, None, 1, 0, 0, pack)
+    return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, None, 1, 0, 0, pack,
+                         window=window)
 
 
 def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
                    head_dim: int, max_blocks: int, block_size: int, dtype: str,
-                   sm_count: int, write_kv: bool = True) -> AttentionPlan:
+                   sm_count: int, write_kv: bool = True, *, max_smem: int,
+                   window: int = 0) -> AttentionPlan:
     """Kernels of one PagedAttention step, from shapes alone (what TensorRT knows at enqueue).
 
     tokens == batch means every sequence brings one new token (a pure decode step): the
     decode kernel reads each K/V byte once per kv head and splits long contexts over CTAs.
     Otherwise one prefill-tile launch covers prefill chunks and decode tokens together.
-    Both kernels are correct for any ragged batch; the choice is only about speed."""
-    if tokens == batch:
+    Both kernels are correct for any ragged batch; the choice is only about speed, and about
+    max_smem (the device's per-block opt-in shared memory; MAX_SMEM_OPTIN without a device):
+    decode drops to 2 K/V stages where 3 do not fit, and to the prefill kernel where 2 do not.
+    window: sliding window (HF Mistral `sliding_window`), 0 = none."""
+    if tokens == batch and decode_stages(head_dim, max_smem) is not None:
         return decode_plan(tokens, num_q_heads, num_kv_heads, head_dim, max_blocks,
-                           block_size, dtype, sm_count, write_kv)
+                           block_size, dtype, sm_count, write_kv, max_smem=max_smem,
+                           window=window)
     return prefill_plan(tokens, batch, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
-                        write_kv)
+                        write_kv, max_smem=max_smem, window=window)
 
 
 # ---- serialized fields ---------------------------------------------------------------------
@@ -268,7 +323,7 @@ def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
 # engine written by one llmc can be checked (and refused by name) by another.
 
 MAGIC = b"LLMP"
-VERSION = 1
+VERSION = 2  # 2: PagedAttention gained sliding_window
 FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "RmsNorm": (("eps", "f"), ("residual", "B")),
     "LayerNorm": (("eps", "f"), ("residual", "B")),
@@ -278,7 +333,8 @@ FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
              ("rotary_dim", "i"), ("interleaved", "B"), ("bias", "B"), ("write_cache", "B"),
              ("block_size", "i")),
     "PagedAttention": (("num_q_heads", "i"), ("num_kv_heads", "i"), ("head_dim", "i"),
-                       ("block_size", "i"), ("scale", "f"), ("write_kv", "B")),
+                       ("block_size", "i"), ("scale", "f"), ("write_kv", "B"),
+                       ("sliding_window", "i")),
 }
 PLUGIN_IDS = {name: i for i, name in enumerate(FIELDS)}
 
@@ -343,14 +399,13 @@ def paged_attention_attrs(fields: dict) -> dict:
             return default
         v = fields[name]
         return v[0] if hasattr(v, "__len__") else v
-    if int(one("sliding_window", 0)):
-        raise ValueError("PagedAttention: sliding_window is not supported by the kernels")
     attrs = dict(num_q_heads=int(one("num_heads")), num_kv_heads=int(one("num_kv_heads")),
                  head_dim=int(one("head_dim")), block_size=int(one("block_size")))
     attrs["scale"] = float(one("scale", attrs["head_dim"] ** -0.5))
     attrs["write_kv"] = int(one("write_kv", 1))
+    attrs["sliding_window"] = int(one("sliding_window", 0))
     _check_attention(attrs["num_q_heads"], attrs["num_kv_heads"], attrs["head_dim"],
-                     attrs["block_size"])
+                     attrs["block_size"], attrs["sliding_window"])
     return attrs
 
 
@@ -367,14 +422,16 @@ def paged_attention_dims(q_dims, cache_dims, table_dims) -> dict:
 
 def attention_workspace_bound(max_tokens: int, max_batch: int, num_q_heads: int,
                               num_kv_heads: int, head_dim: int, max_blocks: int,
-                              block_size: int, sm_count: int) -> int:
+                              block_size: int, sm_count: int, *, max_smem: int,
+                              window: int = 0) -> int:
     """Workspace bytes that cover every step up to these limits (TensorRT asks once, for the
     profile's max shapes). Only decode steps (tokens == batch) use a workspace, and its size
     is not monotonic in tokens (fewer tokens -> more splits), so take the max over them."""
     best = 0
     for t in range(1, min(max_tokens, max_batch) + 1):
-        plan = decode_plan(t, num_q_heads, num_kv_heads, head_dim, max_blocks, block_size,
-                           "float16", sm_count, write_kv=False)
+        plan = attention_plan(t, t, num_q_heads, num_kv_heads, head_dim, max_blocks,
+                              block_size, "float16", sm_count, write_kv=False,
+                              max_smem=max_smem, window=window)
         best = max(best, plan.workspace_bytes)
     return best
 
@@ -397,7 +454,7 @@ def attention_launches(plan: AttentionPlan, dims: dict, scale: float, ptr: dict)
     if plan.kv_write:
         out.append((plan.kv_write, [ptr["k"], ptr["v"], *meta, t, b, hkv, d, mb, bs, nb,
                                     ptr["kv_cache"]]))
-    sc = [t, b, hq, hkv, mb, bs, nb, float_bits(scale)]
+    sc = [t, b, hq, hkv, mb, bs, nb, float_bits(scale), plan.window]
     head = [ptr["q"], *meta, ptr["kv_cache"], *sc]
     if not plan.decode:
         out.append((plan.main, head + [plan.pack, ptr["out"]]))

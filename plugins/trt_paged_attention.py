@@ -15,15 +15,19 @@ TensorRT-RTX (installable) does not run on Hopper and has no add_plugin.
 from __future__ import annotations
 
 from . import specs
-from .launch import DevPtr, Functions
+from .launch import DevPtr, Functions, device_max_smem
 
 NAME, VERSION, NAMESPACE = "PagedAttention", "1", "llmc"
 
 
-def register_paged_attention(arch: str, sm_count: int) -> None:
-    """Register the PagedAttention creator (call before parsing the ONNX graph)."""
+def register_paged_attention(arch: str, sm_count: int, max_smem: int | None = None) -> None:
+    """Register the PagedAttention creator (call before parsing the ONNX graph). max_smem: the
+    target's per-block opt-in shared memory; None reads it from the current CUDA device."""
     import numpy as np
     import tensorrt as trt
+
+    if max_smem is None:
+        max_smem = device_max_smem()
 
     dtypes = {trt.float16: "float16", trt.bfloat16: "bfloat16"}
 
@@ -71,7 +75,8 @@ def register_paged_attention(arch: str, sm_count: int) -> None:
             d = specs.paged_attention_dims(q, cache, tables)
             return specs.attention_workspace_bound(
                 d["tokens"], d["batch"], d["hq"], d["hkv"], d["d"], d["max_blocks"],
-                d["block_size"], sm_count)
+                d["block_size"], sm_count, max_smem=max_smem,
+                window=self.attrs["sliding_window"])
 
         def get_fields_to_serialize(self):
             rec = np.frombuffer(specs.serialize(NAME, self.attrs), dtype=np.uint8)
@@ -100,7 +105,8 @@ def register_paged_attention(arch: str, sm_count: int) -> None:
             plan = specs.attention_plan(
                 dims["tokens"], dims["batch"], dims["hq"], dims["hkv"], dims["d"],
                 dims["max_blocks"], dims["block_size"], dtypes[input_desc[0].type],
-                sm_count, bool(a["write_kv"]))
+                sm_count, bool(a["write_kv"]), max_smem=max_smem,
+                window=a["sliding_window"])
             ptr = {n: DevPtr(inputs[i]) for i, n in enumerate(specs.PA_INPUTS)}
             ptr["out"] = DevPtr(outputs[0])  # outputs[1] is inputs[3], the same memory
             lse = specs.workspace_lse_offset(plan, dims["tokens"], dims["hq"], dims["d"])

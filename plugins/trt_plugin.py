@@ -20,9 +20,10 @@ from . import compiler, specs
 NAMESPACE = "llmc"
 
 
-def register(arch: str, sm_count: int) -> None:
+def register(arch: str, sm_count: int, max_smem: int | None = None) -> None:
     """Register the ahead-of-time plugins for one target GPU (call before parsing the ONNX
-    graph). `arch` like 'sm_90a'; kernels are embedded as cubins for that arch."""
+    graph). `arch` like 'sm_90a'; kernels are embedded as cubins for that arch. max_smem: its
+    per-block opt-in shared memory (PagedAttention's plan); None reads the current device's."""
     import numpy as np  # noqa: F401  (tensorrt.plugin attribute typing)
     import tensorrt as trt
     import tensorrt.plugin as trtp
@@ -105,7 +106,7 @@ def register(arch: str, sm_count: int) -> None:
     rope(True)
 
     from .trt_paged_attention import register_paged_attention
-    register_paged_attention(arch, sm_count)
+    register_paged_attention(arch, sm_count, max_smem)
 
 
 def _define(trtp, pid: str, n_inputs: int, attrs: dict, desc, aot) -> None:

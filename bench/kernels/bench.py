@@ -1,6 +1,6 @@
 """Benchmark every plugin kernel against PyTorch eager, torch.compile and the HBM roofline.
 
-    python bench/kernels/bench.py [--out results.md] [--only prefill]
+    python bench/kernels/bench.py [--out results.md] [--only decode prefill]
 
 Each variant is captured in a CUDA graph (5 calls) and replayed; the median replay time over
 `REPS` replays is reported, so host launch overhead is excluded for every variant alike.
@@ -54,7 +54,8 @@ def compiled(fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
-    ap.add_argument("--only", help="run only the rows whose name contains this text")
+    ap.add_argument("--only", nargs="+",
+                    help="run only the rows whose name contains one of these texts")
     args = ap.parse_args()
     K = Kernels()
     dev = torch.cuda.get_device_properties(0)
@@ -68,8 +69,11 @@ def main():
     rows.append(("device copy 1 GiB", t, None, None, copy_bw, ""))
     del buf, dst
 
+    def wanted(name):
+        return not args.only or any(o in name for o in args.only)
+
     def add(name, ours, eager, comp, nbytes, note=""):
-        if args.only and args.only not in name:
+        if not wanted(name):
             return
         to = bench(ours)
         te = bench(eager) if eager else None
@@ -141,7 +145,14 @@ def main():
         add(f"paged decode bf16 B=64 ctx=2048 bs={bs}",
             lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False),
             lambda: ref_decode(q, tables, cache), lambda: cdec(q, tables, cache), nbytes,
-            f"splits={specs.decode_plan(B, hq, hkv, d, mb, bs, 'bfloat16', K.sm_count).n_split}")
+            f"splits={specs.decode_plan(B, hq, hkv, d, mb, bs, 'bfloat16', K.sm_count,
+                                        max_smem=K.max_smem).n_split}")
+        if bs == 16:  # Mistral-style window: only the last W keys are read
+            W = 512
+            add(f"paged decode bf16 B=64 ctx=2048 bs={bs} window={W}",
+                lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False,
+                                          window=W),
+                None, None, B * 2 * W * hkv * d * 2, "ours only")
         del cache
 
     # prefill: one 2048-token sequence (causal), vs SDPA flash on contiguous q/k/v
@@ -170,6 +181,13 @@ def main():
             rows.append((name + " (TFLOP/s)", ours, tf, None, flops / ours,
                          f"SDPA flash {flops / tf / 1e12:.0f} TFLOP/s; "
                          f"ours/flash = {ours / tf:.2f}x"))
+    W = 512
+    name = f"prefill {n_tok} tok 32/8x128 bf16 window={W} (TFLOP/s)"
+    if wanted(name):  # FLOPs inside the window only: row p sees min(p + 1, W) keys
+        wflops = 4 * d * hq * sum(min(p + 1, W) for p in range(n_tok))
+        ours = bench(lambda: K.paged_attention(q, k, v, starts, cl, tables, cache,
+                                               write_kv=False, window=W))
+        rows.append((name, ours, None, None, wflops / ours, "ours only"))
 
     lines = [f"GPU: {dev.name}, {dev.multi_processor_count} SMs; torch {torch.__version__}, "
              f"CUDA {torch.version.cuda}; measured copy bandwidth {copy_bw / 1e12:.2f} TB/s",
@@ -181,7 +199,8 @@ def main():
         f = lambda x: f"{x * 1e6:.1f}" if x else "-"  # noqa: E731
         ratio = lambda x: f"{x / to:.2f}x" if x else "-"  # noqa: E731
         if "TFLOP" in name:
-            lines.append(f"| {name} | {f(to)} | {f(te)} (flash) | - | {ratio(te)} | - | "
+            flash = f"{f(te)} (flash)" if te else "-"
+            lines.append(f"| {name} | {f(to)} | {flash} | - | {ratio(te)} | - | "
                          f"{rate / 1e12:.0f} TFLOP/s | - | - | {note} |")
             continue
         lines.append(f"| {name} | {f(to)} | {f(te)} | {f(tc)} | {ratio(te)} | {ratio(tc)} | "

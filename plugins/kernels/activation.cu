@@ -3,30 +3,6 @@
 // bytes = T * I * 2 * 3 (gated) or n * 2 * 2 (GELU). VEC=8 moves 16 bytes per access.
 #include "common.cuh"
 
-template <typename T, int VEC>
-__device__ __forceinline__ void ld(const u16* p, float* f) {
-  if constexpr (VEC == 8) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    const u16* h = reinterpret_cast<const u16*>(&v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) f[i] = T::to_f(h[i]);
-  } else {
-    f[0] = T::to_f(*p);
-  }
-}
-template <typename T, int VEC>
-__device__ __forceinline__ void st(u16* p, const float* f) {
-  if constexpr (VEC == 8) {
-    uint4 v;
-    u16* h = reinterpret_cast<u16*>(&v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) h[i] = T::from_f(f[i]);
-    *reinterpret_cast<uint4*>(p) = v;
-  } else {
-    *p = T::from_f(f[0]);
-  }
-}
-
 // ACT: 0 = silu (SwiGLU), 1 = gelu tanh (GeGLU). HF rounds act(gate) to the dtype before *up.
 // Grid (rows, column blocks): no integer division per element.
 template <typename T, int VEC, int ACT>
@@ -37,14 +13,14 @@ __device__ __forceinline__ void gated(const u16* __restrict__ gu, int rows, int 
   if (r >= rows || col >= inter) return;
   const u16* g = gu + (size_t)r * 2 * inter + col;
   float gf[VEC], uf[VEC], o[VEC];
-  ld<T, VEC>(g, gf);
-  ld<T, VEC>(g + inter, uf);
+  load_vec<T, VEC>(g, gf);
+  load_vec<T, VEC>(g + inter, uf);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     const float a = ACT == 0 ? silu_f(gf[i]) : gelu_tanh_f(gf[i]);
     o[i] = rnd<T>(a) * uf[i];
   }
-  st<T, VEC>(out + (size_t)r * inter + col, o);
+  store_vec<T, VEC>(out + (size_t)r * inter + col, o);
 }
 
 // ACT: 1 = gelu tanh, 2 = gelu erf.
@@ -53,10 +29,10 @@ __device__ __forceinline__ void plain(const u16* __restrict__ x, int n, u16* __r
   const int nc = n / VEC;
   for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < nc; c += gridDim.x * blockDim.x) {
     float f[VEC];
-    ld<T, VEC>(x + (size_t)c * VEC, f);
+    load_vec<T, VEC>(x + (size_t)c * VEC, f);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) f[i] = ACT == 1 ? gelu_tanh_f(f[i]) : gelu_erf_f(f[i]);
-    st<T, VEC>(out + (size_t)c * VEC, f);
+    store_vec<T, VEC>(out + (size_t)c * VEC, f);
   }
 }
 

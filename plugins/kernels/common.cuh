@@ -36,6 +36,32 @@ template <typename T> __device__ __forceinline__ float rnd(float x) {
   return T::to_f(T::from_f(x));
 }
 
+// VEC consecutive 16-bit values <-> fp32; VEC=8 is one 16-byte access (p 16-byte aligned).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const u16* p, float* f) {
+  if constexpr (VEC == 8) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const u16* h = reinterpret_cast<const u16*>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = T::to_f(h[i]);
+  } else {
+    f[0] = T::to_f(*p);
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(u16* p, const float* f) {
+  if constexpr (VEC == 8) {
+    uint4 v;
+    u16* h = reinterpret_cast<u16*>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) h[i] = T::from_f(f[i]);
+    *reinterpret_cast<uint4*>(p) = v;
+  } else {
+    *p = T::from_f(f[0]);
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

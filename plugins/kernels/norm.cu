@@ -10,31 +10,6 @@ template <int VEC> struct Vec;
 template <> struct Vec<8> { typedef uint4 type; };
 template <> struct Vec<1> { typedef u16 type; };
 
-template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const u16* p, float* f) {
-  if constexpr (VEC == 8) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    const u16* h = reinterpret_cast<const u16*>(&v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) f[i] = T::to_f(h[i]);
-  } else {
-    f[0] = T::to_f(*p);
-  }
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_vec(u16* p, const float* f) {
-  if constexpr (VEC == 8) {
-    uint4 v;
-    u16* h = reinterpret_cast<u16*>(&v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) h[i] = T::from_f(f[i]);
-    *reinterpret_cast<uint4*>(p) = v;
-  } else {
-    *p = T::from_f(f[0]);
-  }
-}
-
 template <typename T, int VEC, bool RES, bool LN>
 __device__ __forceinline__ void norm_row(const u16* __restrict__ x, const u16* __restrict__ res,
                                          const u16* __restrict__ w, const u16* __restrict__ b,

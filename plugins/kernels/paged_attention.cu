@@ -1,20 +1,23 @@
 // Paged attention over a ragged batch (see docs/kernels.md for the I/O contract).
 //  kv_write:        new K/V rows -> their cache slots (run first; separate launch so no block
 //                   reads a row another block of the same launch is still writing).
-//  attn_prefill:    one CTA per (64-query tile of one sequence, q head), FA2-style with
-//                   mma.sync m16n8k16 tensor-core tiles, online softmax, causal mask. Handles
-//                   any mix of prefill chunks and decode tokens in one launch.
+//  attn_prefill:    one CTA per (query tile of one sequence, q heads of one kv head), FA2-style
+//                   with mma.sync m16n8k16 tensor-core tiles, online softmax, causal mask.
+//                   Handles any mix of prefill chunks and decode tokens in one launch.
 //  attn_decode:     one CTA per (token, kv head, context split): the G = Hq/Hkv query heads
 //                   of a kv group are the rows of one 16-row mma tile, so every K/V byte is
-//                   read from HBM once; 4 warps split each 64-key tile; 3-stage cp.async
-//                   pipeline. Roofline: bytes = sum over tokens of 2*ctx*Hkv*D*2.
+//                   read from HBM once; 4 warps split each 64-key tile; NST-stage cp.async
+//                   pipeline (3, or 2 where 3 exceed the device's shared memory per block).
+//                   Roofline: bytes = sum over tokens of 2*ctx*Hkv*D*2.
+//  Sliding window (`win` > 0, HF Mistral): the token at position p sees keys p - win < j <= p.
+//  Both attention kernels start at the first key tile holding a visible key, so a window
+//  bounds the work and the bytes read, not only the result.
 //  attn_reduce:     flash-decoding combine of the per-split partial results.
 #include "common.cuh"
 
 #define BM 64
 #define BN 64
 #define NWARPS 4
-#define NST 3
 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
   return (u32)__cvta_generic_to_shared(p);
@@ -83,12 +86,14 @@ __device__ __forceinline__ void load_kv_tile(u16* dst, const u16* cache, const i
   }
 }
 
-// Online-softmax update of one 16-row tile's S fragments (NB n-blocks of 8 keys): masks keys
-// past each row's limit, rescales O, and leaves exp2'd probabilities in s.
+// Online-softmax update of one 16-row tile's S fragments (NB n-blocks of 8 keys): keeps keys
+// with 0 <= lim - key < wv (lim: the row's position; wv: the window, INT_MAX for none: one
+// unsigned compare does both bounds, so the window adds no compare per element),
+// rescales O, and leaves exp2'd probabilities in s.
 template <int NB, int D>
 __device__ __forceinline__ void softmax_step(float (*s)[4], float (*o)[4], float* m, float* l,
                                              float scale_log2, int kbase, int lim0, int lim1,
-                                             bool mask = true) {
+                                             int wv, bool mask = true) {
   const int lane = threadIdx.x & 31;
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -96,8 +101,8 @@ __device__ __forceinline__ void softmax_step(float (*s)[4], float (*o)[4], float
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int kc = kbase + nb * 8 + (lane & 3) * 2 + (e & 1);
-      const float v = !mask || kc <= (e < 2 ? lim0 : lim1) ? s[nb][e] * scale_log2
-                                                                 : -INFINITY;
+      const bool ok = (unsigned)((e < 2 ? lim0 : lim1) - kc) < (unsigned)wv;
+      const float v = !mask || ok ? s[nb][e] * scale_log2 : -INFINITY;
       s[nb][e] = v;
       mx[e >> 1] = fmaxf(mx[e >> 1], v);
     }
@@ -144,7 +149,7 @@ template <typename T, int D, int NW, bool QREG>
 __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ ss,
                              const int* __restrict__ cl, const int* __restrict__ bt,
                              const u16* __restrict__ cache, int T_, int B, int hq, int hkv,
-                             int mb, int bs, int nb, int scale_bits, int P,
+                             int mb, int bs, int nb, int scale_bits, int win, int P,
                              u16* __restrict__ out) {
   constexpr int BMR = 16 * NW, NT = 32 * NW, CH = D / 8;
   extern __shared__ __align__(16) u16 smem[];
@@ -166,6 +171,8 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
   const int ntok = min(tpt, n_new - t0), tok0 = ss[s] + t0, nrows = ntok * P;
   const int p_first = cl[s] - n_new + t0, kv_len = p_first + ntok;
   const int n_tiles = (kv_len + BN - 1) / BN;
+  // Key tiles wholly below the first row's window are seen by no row: start past them.
+  const int j0 = win > 0 ? max(0, p_first - win + 1) / BN : 0;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int i = threadIdx.x; i < BMR * CH; i += NT) {
     const int r = i / CH, c = i % CH;
@@ -173,9 +180,9 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
     const u16* src = ok ? q + ((size_t)(tok0 + r / P) * hq + hbase + r % P) * D + c * 8 : q;
     cp_async16(smem_u32(sQ + swz<D>(r, c)), src, ok ? 16 : 0);
   }
-  load_kv_tile<D, NT>(sK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, 0, kv_len);
+  load_kv_tile<D, NT>(sK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, j0 * BN, kv_len);
   cp_commit();
-  load_kv_tile<D, NT>(sV, cache, bt, s, mb, bs, 1, nb, hkv, kvh, 0, kv_len);
+  load_kv_tile<D, NT>(sV, cache, bt, s, mb, bs, 1, nb, hkv, kvh, j0 * BN, kv_len);
   cp_commit();
   const float scale_log2 = __int_as_float(scale_bits) * 1.4426950408889634f;
   const int ra = warp * 16 + (lane >> 2);
@@ -185,17 +192,20 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
   // tiles wholly below lim_lo need no mask, tiles wholly above lim_hi no work at all.
   const int lim_lo = p_first + min(warp * 16 / P, ntok - 1);
   const int lim_hi = p_first + min((warp * 16 + 15) / P, ntok - 1);
+  // Row p sees keys p - wv < j <= p: a key tile ending below the window of the warp's first
+  // row is dead, one starting below that of its last row needs the mask.
+  const int wv = win > 0 ? win : 0x7fffffff;
   u32 qf[QREG ? D / 16 : 1][4];
   float o[D / 8][4];
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  for (int j = 0; j < n_tiles; ++j) {
+  for (int j = j0; j < n_tiles; ++j) {
     const int k0 = j * BN;
-    const bool live = k0 <= lim_hi;
+    const bool live = k0 <= lim_hi && lim_lo - (k0 + BN - 1) < wv;
     cp_wait<1>();
     __syncthreads();
-    if (QREG && j == 0) {
+    if (QREG && j == j0) {
 #pragma unroll
       for (int kk = 0; kk < (QREG ? D / 16 : 0); ++kk)
         ldsm_x4(qf[kk], smem_u32(sQ + swz<D>(warp * 16 + (lane & 15), 2 * kk + (lane >> 4))));
@@ -225,7 +235,8 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
       load_kv_tile<D, NT>(sK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, k0 + BN, kv_len);
     cp_commit();
     if (live) {
-      softmax_step<BN / 8, D>(sc, o, m, l, scale_log2, k0, lim0, lim1, k0 + BN - 1 > lim_lo);
+      softmax_step<BN / 8, D>(sc, o, m, l, scale_log2, k0, lim0, lim1, wv,
+                              k0 + BN - 1 > lim_lo || lim_hi - k0 >= wv);
     }
     cp_wait<1>();
     __syncthreads();
@@ -266,11 +277,12 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int NST>
 __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ ss,
                             const int* __restrict__ cl, const int* __restrict__ bt,
                             const u16* __restrict__ cache, int T_, int B, int hq, int hkv,
-                            int mb, int bs, int nb, int scale_bits, int n_split, int chunk,
+                            int mb, int bs, int nb, int scale_bits, int win, int n_split,
+                            int chunk,
                             u16* __restrict__ out, float* __restrict__ ws_o,
                             float* __restrict__ ws_lse) {
   extern __shared__ __align__(16) u16 smem[];
@@ -279,7 +291,10 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
   const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, G = hq / hkv;
   const int s = find_seq(ss, B, t);
   const int pos = cl[s] - (ss[s + 1] - ss[s]) + (t - ss[s]);
-  const int k_begin = split * chunk, k_end = min(pos + 1, k_begin + chunk);
+  // Splits count from the key tile holding the window's first key (0 without a window), so
+  // the plan sizes them by the window, not the whole context.
+  const int lo = win > 0 ? max(0, pos - win + 1) : 0;
+  const int k_begin = lo / BN * BN + split * chunk, k_end = min(pos + 1, k_begin + chunk);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const size_t head0 = (size_t)t * hq + kvh * G;
   if (k_begin >= k_end) {  // past this token's context: an empty partial
@@ -329,7 +344,8 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
       mma16816<T>(sc[1], qf[kk], b[2], b[3]);
     }
     const int kbase = k_begin + j * BN + warp * 16;
-    softmax_step<2, D>(sc, o, m, l, scale_log2, kbase, k_end - 1, k_end - 1);
+    // Tiles never cross a split's end (chunk is a multiple of BN), so pos bounds them above.
+    softmax_step<2, D>(sc, o, m, l, scale_log2, kbase, pos, pos, win > 0 ? win : 0x7fffffff);
     u32 pa[4];
     p_frag<T>(pa, sc[0], sc[1]);
 #pragma unroll
@@ -434,22 +450,27 @@ __device__ void kv_write(const u16* __restrict__ k, const u16* __restrict__ v,
 }
 
 #define ATTN_IN const u16 *q, const int *ss, const int *cl, const int *bt, const u16 *kv
-#define ATTN_SC int T_, int B, int hq, int hkv, int mb, int bs, int nb, int sc
+#define ATTN_SC int T_, int B, int hq, int hkv, int mb, int bs, int nb, int sc, int win
 #define PREFILL_ENTRY(DT, TY, D, SUF, NW, MINB, QREG)                                         \
   extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                 \
       attn_prefill_##DT##_d##D##SUF(ATTN_IN, ATTN_SC, int pack, u16* out) {                   \
-    attn_prefill<TY, D, NW, QREG>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs, nb, sc, pack,    \
-                                  out);                                                       \
+    attn_prefill<TY, D, NW, QREG>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs, nb, sc, win,     \
+                                  pack, out);                                                 \
+  }
+// _s2: 2 K/V stages, for devices whose per-block shared memory cannot hold 3 (99 KB on
+// sm_86/89/120 < 100 KB for 3 stages at D=128).
+#define DECODE_ENTRY(DT, TY, D, SUF, NST)                                                     \
+  extern "C" __global__ void __launch_bounds__(128)                                           \
+      attn_decode_##DT##_d##D##SUF(ATTN_IN, ATTN_SC, int ns, int chunk, u16* out, float* wo,  \
+                                   float* wl) {                                               \
+    attn_decode<TY, D, NST>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs, nb, sc, win, ns,       \
+                            chunk, out, wo, wl);                                              \
   }
 #define ATTN_ENTRIES(DT, TY, D)                                                               \
   PREFILL_ENTRY(DT, TY, D, _w4, 4, 3, true)                                                   \
   PREFILL_ENTRY(DT, TY, D, _w8s, 8, 2, false)                                                 \
-  extern "C" __global__ void __launch_bounds__(128)                                           \
-      attn_decode_##DT##_d##D(ATTN_IN, ATTN_SC, int ns, int chunk, u16* out, float* wo,       \
-                              float* wl) {                                                    \
-    attn_decode<TY, D>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs, nb, sc, ns, chunk, out, wo, \
-                       wl);                                                                   \
-  }
+  DECODE_ENTRY(DT, TY, D, , 3)                                                                \
+  DECODE_ENTRY(DT, TY, D, _s2, 2)
 
 #define DT_ENTRIES(DT, TY)                                                                    \
   ATTN_ENTRIES(DT, TY, 64)                                                                    \

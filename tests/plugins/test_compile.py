@@ -23,11 +23,16 @@ def _entry_names():
                 for cache in (False, True):
                     names.add(specs.rope_launch(1, 2, 1, 64, 32, dt, il, bias, cache))
         for d in specs.HEAD_DIMS:
-            dec = specs.attention_plan(4, 4, 8, 2, d, 4096, 16, dt, 132)
-            pre = specs.attention_plan(9, 4, 8, 2, d, 64, 16, dt, 132)
-            names.update({dec.main, dec.reduce, dec.kv_write, pre.main})
-            names.update(specs.prefill_plan(9, 4, 8, 2, d, 16, dt, variant=v).main
+            for smem in set(specs.MAX_SMEM_OPTIN.values()):
+                dec = specs.attention_plan(4, 4, 8, 2, d, 4096, 16, dt, 132, max_smem=smem)
+                pre = specs.attention_plan(9, 4, 8, 2, d, 64, 16, dt, 132, max_smem=smem)
+                names.update({dec.main, dec.reduce, dec.kv_write, pre.main})
+            names.update(specs.prefill_plan(9, 4, 8, 2, d, 16, dt, variant=v,
+                                            max_smem=specs.prefill_smem(d, v)).main
                          for v in specs.PREFILL_WARPS)
+            names.update(specs.decode_plan(4, 8, 2, d, 64, 16, dt, 132,
+                                           max_smem=specs.decode_smem(d, st)).main
+                         for st in specs.DECODE_STAGES)
     return {(ln.module, ln.kernel) for ln in names}
 
 

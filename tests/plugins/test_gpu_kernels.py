@@ -171,15 +171,19 @@ CASES = [  # (new tokens per sequence, context after the step)
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4), (32, 8)])
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("force", ["decode", "prefill"])
-def test_paged_attention(K, dtype, d, bs, hq, hkv, case, force):
+# Windows: none; inside one 64-key tile; several tiles and, on the long decode, split too.
+@pytest.mark.parametrize("window", [0, 37, 1000])
+def test_paged_attention(K, dtype, d, bs, hq, hkv, case, force, window):
     lens, ctx = CASES[case]
-    key = f"{dtype}{d}{bs}{hq}{case}{force}"
-    if (bs, hq) != (16, 32) and random.Random(key).random() < 0.5:
-        pytest.skip("sampled grid: half of the secondary combinations, to bound run time")
+    key = f"{dtype}{d}{bs}{hq}{case}{force}{window}"
+    keep = 0.5 if window == 0 else 0.25
+    if (bs, hq) != (16, 32) and random.Random(key).random() >= keep:
+        pytest.skip("sampled grid: part of the secondary combinations, to bound run time")
     q, k, v, starts, cl, tables, cache = make_batch(lens, ctx, hq, hkv, d, bs, dtype)
     scale = 1 / math.sqrt(d)
-    ref, ref_cache = ref_attention(q, k, v, starts, cl, tables, cache, scale)
-    out = K.paged_attention(q, k, v, starts, cl, tables, cache, scale, force=force)
+    ref, ref_cache = ref_attention(q, k, v, starts, cl, tables, cache, scale, window)
+    out = K.paged_attention(q, k, v, starts, cl, tables, cache, scale, force=force,
+                            window=window)
     torch.cuda.synchronize()
     assert torch.equal(cache, ref_cache), "in-place K/V write missing or misplaced"
     close(out, ref, "attn")
@@ -189,13 +193,14 @@ def test_paged_attention(K, dtype, d, bs, hq, hkv, case, force):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("variant", sorted(specs.PREFILL_WARPS))
 @pytest.mark.parametrize("hq,hkv,pack", [(32, 8, 1), (32, 8, 4), (8, 2, 2), (12, 4, 3)])
-def test_prefill_variants(K, dtype, d, variant, hq, hkv, pack):
+@pytest.mark.parametrize("window", [0, 100])
+def test_prefill_variants(K, dtype, d, variant, hq, hkv, pack, window):
     """Every prefill kernel variant and head packing on every batch shape (block size 16)."""
     for case, (lens, ctx) in enumerate(CASES + [([300, 7, 1], [300, 900, 2])]):
         q, k, v, starts, cl, tables, cache = make_batch(lens, ctx, hq, hkv, d, 16, dtype)
-        ref, ref_cache = ref_attention(q, k, v, starts, cl, tables, cache, 0.1)
+        ref, ref_cache = ref_attention(q, k, v, starts, cl, tables, cache, 0.1, window)
         out = K.paged_attention(q, k, v, starts, cl, tables, cache, 0.1, force="prefill",
-                                variant=variant, pack=pack)
+                                variant=variant, pack=pack, window=window)
         torch.cuda.synchronize()
         assert torch.equal(cache, ref_cache), case
         close(out, ref, "attn")
@@ -207,3 +212,29 @@ def test_paged_attention_default_dispatch(K):
         q, k, v, starts, cl, tables, cache = make_batch(lens, ctx, 32, 8, d, 16, dtype)
         ref, _ = ref_attention(q, k, v, starts, cl, tables, cache, 0.1)
         close(K.paged_attention(q, k, v, starts, cl, tables, cache, 0.1), ref, "attn")
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("window", [0, 300])
+def test_shared_memory_fallbacks(K, d, window):
+    """The plans a GPU with less shared memory per block gets, run here by passing a smaller
+    max_smem: 2-stage decode (what sm_86/89/120 take at D=128), then the prefill kernel for a
+    pure decode step, then its 4-warp variant."""
+    dtype = torch.bfloat16
+    limits = {"decode_s2": specs.decode_smem(d, 2), "prefill_w8s": specs.prefill_smem(d, "w8s"),
+              "prefill_w4": specs.prefill_smem(d, "w4")}
+    for want, lim in limits.items():
+        for lens, ctx in CASES:
+            q, k, v, starts, cl, tables, cache = make_batch(lens, ctx, 32, 8, d, 16, dtype)
+            ref, ref_cache = ref_attention(q, k, v, starts, cl, tables, cache, 0.1, window)
+            out = K.paged_attention(q, k, v, starts, cl, tables, cache, 0.1, window=window,
+                                    max_smem=lim)
+            torch.cuda.synchronize()
+            plan = K.last_plan
+            if len(lens) == sum(lens):  # pure decode: the fallback under test
+                kind = ("decode_" if plan.decode else "prefill_") + plan.main.kernel.rsplit(
+                    "_", 1)[1]
+                assert kind == want, plan
+            assert plan.main.smem <= lim
+            assert torch.equal(cache, ref_cache)
+            close(out, ref, "attn")
