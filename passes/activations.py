@@ -193,3 +193,69 @@ def geglu_function():
 
 
 GEGLU = Pass("geglu", "Mul", match_geglu, replace_geglu)
+
+
+# --- the gated activation on the fused gate-up GEMM output --------------------------------
+# After gate_up_gemm, SwiGLU/GeGLU read the two halves of one Split. Reading the GEMM output
+# [T, 2I] directly (gate = first half, up = second) is the form the kernels and their
+# TensorRT plugins take (docs/kernels.md): no Split, one read of the GEMM output.
+
+@dataclass
+class SplitGatedMatch:
+    split: NodeProto
+    gated: NodeProto
+
+
+def match_gated_split(g: Graph, split: NodeProto) -> SplitGatedMatch | None:
+    """Anchor: a Split into two equal halves of the last axis whose outputs are exactly the
+    (gate, up) inputs of one SwiGLU or GeGLU."""
+    if len(split.output) != 2 or attr(split, "axis") != -1 or len(split.input) != 2:
+        return None
+    sizes = g.ints(split.input[1])
+    users = [g.consumers(v) for v in split.output]
+    if sizes is None or sizes[0] != sizes[1] or any(len(u) != 1 for u in users):
+        return None
+    gated = users[0][0]
+    if (gated is not users[1][0] or gated.domain != LLMC_DOMAIN
+            or gated.op_type not in ("SwiGLU", "GeGLU")
+            or list(gated.input) != list(split.output)):
+        return None
+    return SplitGatedMatch(split, gated)
+
+
+def replace_gated_split(g: Graph, m: SplitGatedMatch) -> None:
+    g.remove([m.split, m.gated])
+    if m.gated.op_type == "SwiGLU":
+        g.use_function(fused_swiglu_function)
+        g.add("FusedSwiGLU", [m.split.input[0]], [m.gated.output[0]], name="FusedSwiGLU",
+              domain=LLMC_DOMAIN)
+    else:
+        g.use_function(fused_geglu_function)
+        g.add("FusedGeGLU", [m.split.input[0]], [m.gated.output[0]], name="FusedGeGLU",
+              domain=LLMC_DOMAIN, approximate=attr(m.gated, "approximate", b"none").decode())
+
+
+def _halves() -> NodeProto:
+    return helper.make_node("Split", ["gate_up"], ["gate", "up"], axis=-1, num_outputs=2)
+
+
+def fused_swiglu_function():
+    return make_function("FusedSwiGLU", ["gate_up"], ["out"], [
+        _halves(),
+        helper.make_node("Sigmoid", ["gate"], ["sig"]),
+        helper.make_node("Mul", ["gate", "sig"], ["silu"]),
+        helper.make_node("Mul", ["silu", "up"], ["out"]),
+    ], doc="gate, up = halves of gate_up's last axis; out = gate * Sigmoid(gate) * up")
+
+
+def fused_geglu_function():
+    return make_function("FusedGeGLU", ["gate_up"], ["out"], [
+        _halves(),
+        ref(helper.make_node("Gelu", ["gate"], ["gelu"]), "approximate",
+            AttributeProto.STRING),
+        helper.make_node("Mul", ["gelu", "up"], ["out"]),
+    ], attributes=["approximate"],
+        doc="gate, up = halves of gate_up's last axis; out = Gelu(gate, approximate) * up")
+
+
+GATED_SPLIT = Pass("gated_split", "Split", match_gated_split, replace_gated_split)

@@ -55,6 +55,7 @@ def pipeline() -> list[Pass]:
         rope.ROPE,
         gemm.QKV_GEMM,
         gemm.GATE_UP_GEMM,
+        activations.GATED_SPLIT,
         attention.PAGED_ATTENTION,
     ]
 

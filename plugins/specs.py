@@ -116,13 +116,6 @@ def gelu_launch(n: int, dtype: str, approximate: str, sm_count: int) -> Launch:
     return Launch("activation", f"gelu_{form}_{_dt(dtype)}_v{vec}", (grid, 1, 1), (256, 1, 1))
 
 
-def gelu_launch_any_size(last_dim: int, dtype: str, approximate: str, sm_count: int) -> Launch:
-    """For a build where the element count is symbolic: the grid-stride cap (8 CTAs per SM)
-    covers any size; the 8-wide entry needs every row, so the whole size, a multiple of 8."""
-    ln = gelu_launch(8 if last_dim % 8 == 0 else 1, dtype, approximate, sm_count)
-    return Launch(ln.module, ln.kernel, (sm_count * 8, 1, 1), ln.block)
-
-
 # ---- RoPE (+ QKV bias, + paged cache write) ----------------------------------------------
 
 def rope_output_shapes(qkv_shape, num_q_heads: int, num_kv_heads: int, head_dim: int):
@@ -316,6 +309,29 @@ def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
                            window=window)
     return prefill_plan(tokens, batch, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
                         write_kv, max_smem=max_smem, window=window)
+
+
+# ---- the graph nodes the TensorRT plugins stand in for ---------------------------------------
+# TensorRT's ONNX parser hands an `llmc`-domain node to the plugin registered under its op
+# type, with the node's attributes as plugin fields; so the names, input/output counts and
+# attribute names here are the contract between passes/ and trt_plugin.py (tested on the CPU
+# against what the pass pipeline emits). Standard ONNX ops (RMSNormalization,
+# RotaryEmbedding, Gelu) are left to TensorRT's own layers.
+
+@dataclass(frozen=True)
+class NodePlugin:
+    inputs: int
+    outputs: int
+    attrs: tuple[str, ...]
+
+
+GRAPH_PLUGINS = {
+    "AddRMSNorm": NodePlugin(3, 2, ("epsilon",)),        # (x, residual, weight) -> (y, sum)
+    "FusedSwiGLU": NodePlugin(1, 1, ()),                 # gate_up [T, 2I] -> [T, I]
+    "FusedGeGLU": NodePlugin(1, 1, ("approximate",)),    # the kernel has the tanh form only
+    "PagedAttention": NodePlugin(8, 2, ("num_heads", "num_kv_heads", "head_dim", "block_size",
+                                        "scale", "sliding_window")),
+}
 
 
 # ---- serialized fields ---------------------------------------------------------------------

@@ -6,10 +6,11 @@ Kept deliberately thin: every decision (kernel name, grid, block, argument order
 specs.py, and the code comes from compiler.py; both are tested on the CPU and the GPU. This
 module itself cannot be exercised without a full TensorRT install and has not been run.
 
-Ahead-of-time plugins: RmsNorm / LayerNorm (with or without residual), GatedActivation,
-Gelu, Rope, RopeBias. PagedAttention needs two or three launches, a workspace and an output
-aliased to the cache, which the ahead-of-time API (one kernel per plugin) does not express:
-it is a class-based IPluginV3 (trt_paged_attention.py), whose enqueue runs in Python.
+Ahead-of-time plugins: the llmc nodes the passes emit (specs.GRAPH_PLUGINS: AddRMSNorm,
+FusedSwiGLU, FusedGeGLU), and Rope / RopeBias on a fused QKV output. PagedAttention needs two
+or three launches, a workspace and an output aliased to the cache, which the ahead-of-time
+API (one kernel per plugin) does not express: it is a class-based IPluginV3
+(trt_paged_attention.py), whose enqueue runs in Python.
 """
 from __future__ import annotations
 
@@ -49,39 +50,38 @@ def register(arch: str, sm_count: int, max_smem: int | None = None) -> None:
 
     # The token count is dynamic: grids over tokens use its symbolic expression, everything
     # else (hidden size, heads) is fixed at build time and read as a constant.
-    def norm(kind: str, residual: bool):
-        name = ("Add" if residual else "") + ("RmsNorm" if kind == "rmsnorm" else "LayerNorm")
-        pid = f"{NAMESPACE}::{name}"
-        n_in = 2 + residual + (kind == "layernorm")
+    # AddRMSNorm(x, residual, weight; epsilon) -> (normed, sum), as passes/norms.py emits it
+    # (specs.GRAPH_PLUGINS). Plain RMSNormalization is a standard op: TensorRT's own layers.
+    def add_rms_norm_desc(x, residual, weight, epsilon):
+        return x.like(), x.like()
 
-        def desc(*args):
-            return tuple(args[0].like() for _ in range(1 + residual))
+    def add_rms_norm_aot(x, residual, weight, epsilon, outputs, tactic=None):
+        n = x.shape_expr[-1].constant_value()
+        ln = specs.norm_launch(1, n, dtypes[x.dtype], "rmsnorm", residual=True)
+        rows = x.shape_expr[0]
+        return (*kernel(ln), params(ln, rows), ints(rows, n, specs.float_bits(epsilon)))
+    _define(trtp, f"{NAMESPACE}::AddRMSNorm", 3, {"epsilon": float}, add_rms_norm_desc,
+            add_rms_norm_aot)
 
-        def aot(*args, outputs, tactic=None):
-            x, eps = args[0], args[n_in]
-            n = x.shape_expr[-1].constant_value()
-            ln = specs.norm_launch(1, n, dtypes[x.dtype], kind, residual)
-            rows = x.shape_expr[0]
-            return (*kernel(ln), params(ln, rows), ints(rows, n, specs.float_bits(eps)))
-        _define(trtp, pid, n_in, {"eps": float}, desc, aot)
-
-    for kind in ("rmsnorm", "layernorm"):
-        for residual in (False, True):
-            norm(kind, residual)
-
-    def gated_desc(gu, activation):
+    # FusedSwiGLU / FusedGeGLU on the fused gate-up GEMM output [T, 2I] (passes/activations).
+    def gated_desc(gu, *attrs):
         out = gu.like()
         out.shape_expr[-1] = gu.shape_expr[-1] // 2
         return out
 
-    def gated_aot(gu, activation, outputs, tactic=None):
-        inter = gu.shape_expr[-1].constant_value() // 2
-        act = ("swiglu", "geglu")[activation]
-        ln = specs.gated_launch(1, inter, dtypes[gu.dtype], act, sm_count)
-        rows = gu.shape_expr[0]
-        return (*kernel(ln), params(ln, rows), ints(rows, inter))
-    _define(trtp, f"{NAMESPACE}::GatedActivation", 1, {"activation": int}, gated_desc,
-            gated_aot)
+    def gated_aot(activation):
+        def aot(gu, *attrs, outputs, tactic=None):
+            if attrs and attrs[0] != "tanh":
+                raise ValueError(f"FusedGeGLU: the kernel computes the tanh form of GELU, the "
+                                 f"node asks for approximate={attrs[0]!r}")
+            inter = gu.shape_expr[-1].constant_value() // 2
+            ln = specs.gated_launch(1, inter, dtypes[gu.dtype], activation, sm_count)
+            rows = gu.shape_expr[0]
+            return (*kernel(ln), params(ln, rows), ints(rows, inter))
+        return aot
+    _define(trtp, f"{NAMESPACE}::FusedSwiGLU", 1, {}, gated_desc, gated_aot("swiglu"))
+    _define(trtp, f"{NAMESPACE}::FusedGeGLU", 1, {"approximate": str}, gated_desc,
+            gated_aot("geglu"))
 
     # Rope, and RopeBias with the fused QKV bias as the second input. The variant that also
     # writes K/V into the paged cache needs an output aliased to the cache; not registered.

@@ -10,7 +10,6 @@ once). The copy row measures the achievable device-to-device bandwidth on this G
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def main():
     t = bench(lambda: dst.copy_(buf))
     copy_bw = 2 * buf.numel() * 2 / t
     rows.append(("device copy 1 GiB", t, None, None, copy_bw, ""))
-    del buf, dst
+    buf = dst = None  # free 2 GiB before the kernel rows
 
     def wanted(name):
         return not args.only or any(o in name for o in args.only)
@@ -92,7 +91,7 @@ def main():
     crms = compiled(ref_add_rms)
     add(f"add+RMSNorm bf16 [{T},{n}]", lambda: K.rms_norm(x, w, 1e-5, residual=r),
         lambda: ref_add_rms(x, r, w), lambda: crms(x, r, w), 4 * T * n * 2 + n * 2)
-    del x, r
+    x = r = None
 
     # SwiGLU on gate-up [T, 2I], llama-3-8B intermediate size
     T, inter = 4096, 14336
@@ -103,7 +102,7 @@ def main():
     csw = compiled(ref_swiglu)
     add(f"SwiGLU bf16 [{T},{2 * inter}]", lambda: K.gated(gu, "swiglu"), lambda: ref_swiglu(gu),
         lambda: csw(gu), 3 * T * inter * 2)
-    del gu
+    gu = None
 
     # RoPE + bias on fused qkv, llama-3-8B heads
     T, hq, hkv, d = 8192, 32, 8, 128
@@ -126,7 +125,7 @@ def main():
                                                           bias),
         lambda: ref_rope(qkv, bias, pos), lambda: crope(qkv, bias, pos),
         2 * T * (hq + 2 * hkv) * d * 2)
-    del qkv
+    qkv = None
 
     # decode paged attention: batch 64, context 2048, 32 q / 8 kv heads, D=128, bf16
     for bs in (16, 64):
@@ -145,8 +144,8 @@ def main():
         add(f"paged decode bf16 B=64 ctx=2048 bs={bs}",
             lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False),
             lambda: ref_decode(q, tables, cache), lambda: cdec(q, tables, cache), nbytes,
-            f"splits={specs.decode_plan(B, hq, hkv, d, mb, bs, 'bfloat16', K.sm_count,
-                                        max_smem=K.max_smem).n_split}")
+            "splits=%d" % specs.decode_plan(B, hq, hkv, d, mb, bs, "bfloat16", K.sm_count,
+                                            max_smem=K.max_smem).n_split)
         if bs == 16:  # Mistral-style window: only the last W keys are read
             W = 512
             add(f"paged decode bf16 B=64 ctx=2048 bs={bs} window={W}",

@@ -28,14 +28,14 @@ from llmc.runtime.sampler import SamplingParams
 KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias"]
 # Ops that only the unfused chains use: none may survive the pipeline.
 UNFUSED_OPS = {"ReduceMean", "Sqrt", "Reciprocal", "Sigmoid", "Neg", "ScatterND", "Softmax",
-               "Erf", "Tanh"}
+               "Erf", "Tanh", "SwiGLU"}
 HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 
 
 def expected_firings(layers: int) -> dict[str, int]:
     return {"rms_norm": 2 * layers + 1, "add_rms_norm": 2 * layers - 1, "gelu": 0,
             "swiglu": layers, "geglu": 0, "rope": 2 * layers, "qkv_gemm": layers,
-            "gate_up_gemm": layers, "paged_attention": layers}
+            "gate_up_gemm": layers, "gated_split": layers, "paged_attention": layers}
 
 
 def check_fully_fused(model, report, layers: int, tied: bool) -> None:
@@ -180,4 +180,4 @@ def test_cli_build_reports_passes(tiny_folders, tmp_path):
     assert result.exit_code == 0, result.output
     fired = EngineFile(out).header["passes"]["fired"]
     assert fired["rope"] == 0 and fired["paged_attention"] == 2
-    assert (tmp_path / "dump" / "09-paged_attention.onnx").is_file()
+    assert (tmp_path / "dump" / "10-paged_attention.onnx").is_file()

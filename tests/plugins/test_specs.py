@@ -277,12 +277,6 @@ def test_attention_launches_argument_order():
         specs.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 64), (2, 300))
 
 
-def test_gelu_launch_any_size():
-    ln = specs.gelu_launch_any_size(4096, "bfloat16", "tanh", 132)
-    assert ln.kernel == "gelu_tanh_bf16_v8" and ln.grid == (132 * 8, 1, 1)
-    assert specs.gelu_launch_any_size(1001, "float16", "none", 132).kernel == "gelu_erf_f16_v1"
-
-
 def test_trt_glue_imports_without_tensorrt():
     from llmc.plugins import trt_paged_attention, trt_plugin
 
