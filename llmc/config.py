@@ -60,24 +60,7 @@ class LlamaConfig:
 
     def inv_freq(self):
         """RoPE inverse frequencies [head_dim/2], with llama3 scaling folded in (float64)."""
-        import numpy as np
-
-        inv = 1.0 / (self.rope_theta ** (np.arange(0, self.head_dim, 2) / self.head_dim))
-        s = self.rope_scaling
-        if s is None:
-            return inv
-        # transformers' _compute_llama3_parameters: long wavelengths are divided by the
-        # factor, short ones kept, the band between them interpolated smoothly.
-        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-        wavelen = 2 * math.pi / inv
-        scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
-        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-            s.high_freq_factor - s.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return np.where(medium, smoothed, scaled)
+        return rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
 
     def weight_names(self) -> list[str]:
         """Checkpoint tensors this config needs, in HF naming."""
@@ -128,7 +111,30 @@ _MLP_BIASES = (
 )
 
 
-def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None):
+    """Inverse frequencies [dim/2] (float64) of the rotated dims; the graph's RoPE and the
+    RoPE kernels' host-side table both come from here."""
+    import numpy as np
+
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2) / dim))
+    s = scaling
+    if s is None:
+        return inv
+    # transformers' _compute_llama3_parameters: long wavelengths are divided by the
+    # factor, short ones kept, the band between them interpolated smoothly.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled)
+
+
+def rope_settings(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """Read rope theta and scaling from transformers 4.x or 5.x (``rope_parameters``) keys."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or params
@@ -158,7 +164,7 @@ def _eos_ids(hf: dict[str, Any]) -> tuple[int, ...]:
 def _llama_family(hf: dict[str, Any], *, attention_bias: bool, sliding_window) -> LlamaConfig:
     try:
         heads = hf["num_attention_heads"]
-        theta, scaling = _rope(hf)
+        theta, scaling = rope_settings(hf)
         return LlamaConfig(
             architecture=hf["architectures"][0],
             vocab_size=hf["vocab_size"],

@@ -142,30 +142,12 @@ def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
 
 def llama3_inv_freq(head_dim: int, rope_theta: float, rotary_dim: int | None = None,
                     rope_scaling: dict | None = None) -> list[float]:
-    """inv_freq [rotary_dim/2], with llama3 scaling folded in when rope_scaling asks for it.
+    """inv_freq [rotary_dim/2] for the RoPE kernels, from an HF-style rope_scaling dict: the
+    same table the graph uses (llmc.config.rope_inv_freq), llama3 scaling folded in."""
+    from llmc.config import rope_inv_freq, rope_settings
 
-    Same arithmetic as transformers' _compute_llama3_parameters (there in torch fp32; here in
-    float64, then rounded to fp32 by the caller's array)."""
-    dim = rotary_dim or head_dim
-    inv = [1.0 / rope_theta ** (i / dim) for i in range(0, dim, 2)]
-    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
-    if kind != "llama3":
-        return inv
-    factor = rope_scaling["factor"]
-    low, high = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
-    old_len = rope_scaling["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    out = []
-    for f in inv:
-        wavelen = 2 * math.pi / f
-        if wavelen > low_wavelen:
-            out.append(f / factor)
-        elif wavelen < high_wavelen:
-            out.append(f)
-        else:
-            smooth = (old_len / wavelen - low) / (high - low)
-            out.append((1 - smooth) * f / factor + smooth * f)
-    return out
+    _, scaling = rope_settings({"rope_theta": rope_theta, "rope_scaling": rope_scaling})
+    return rope_inv_freq(rotary_dim or head_dim, rope_theta, scaling).tolist()
 
 
 # ---- paged attention ----------------------------------------------------------------------
