@@ -137,6 +137,20 @@ __device__ __forceinline__ void p_frag(u32* a, const float* s0, const float* s1)
   a[3] = T::pack2(s1[2], s1[3]);
 }
 
+// o += P (one 16-key A fragment) x V rows [row0, row0 + 16) of the swizzled V tile in SMEM.
+template <typename T, int D>
+__device__ __forceinline__ void pv_mma(float (*o)[4], const u32* pa, const u16* sV, int row0,
+                                       int lane) {
+  const int kr = row0 + (lane & 7) + (((lane >> 3) & 1) << 3);
+#pragma unroll
+  for (int jj = 0; jj < D / 16; ++jj) {
+    u32 b[4];
+    ldsm_x4_t(b, smem_u32(sV + swz<D>(kr, 2 * jj + (lane >> 4))));
+    mma16816<T>(o[2 * jj], pa, b[0], b[1]);
+    mma16816<T>(o[2 * jj + 1], pa, b[2], b[3]);
+  }
+}
+
 // One CTA per (tile of BMR = 16*NW query rows of one sequence, group of P query heads sharing a
 // kv head). Row r of the tile is token r / P, query head r % P of the group: with P = G the G
 // heads of a kv group share each K/V tile read, and a decode token in a mixed batch fills G
@@ -245,14 +259,7 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
       for (int kk = 0; kk < BN / 16; ++kk) {
         u32 pa[4];
         p_frag<T>(pa, sc[2 * kk], sc[2 * kk + 1]);
-#pragma unroll
-        for (int jj = 0; jj < D / 16; ++jj) {
-          u32 b[4];
-          const int kr = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-          ldsm_x4_t(b, smem_u32(sV + swz<D>(kr, 2 * jj + (lane >> 4))));
-          mma16816<T>(o[2 * jj], pa, b[0], b[1]);
-          mma16816<T>(o[2 * jj + 1], pa, b[2], b[3]);
-        }
+        pv_mma<T, D>(o, pa, sV, kk * 16, lane);
       }
     }
     __syncthreads();
@@ -348,14 +355,7 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
     softmax_step<2, D>(sc, o, m, l, scale_log2, kbase, pos, pos, win > 0 ? win : 0x7fffffff);
     u32 pa[4];
     p_frag<T>(pa, sc[0], sc[1]);
-#pragma unroll
-    for (int jj = 0; jj < D / 16; ++jj) {
-      u32 b[4];
-      const int kr = warp * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-      ldsm_x4_t(b, smem_u32(sV + swz<D>(kr, 2 * jj + (lane >> 4))));
-      mma16816<T>(o[2 * jj], pa, b[0], b[1]);
-      mma16816<T>(o[2 * jj + 1], pa, b[2], b[3]);
-    }
+    pv_mma<T, D>(o, pa, sV, warp * 16, lane);
     __syncthreads();
     if (j + NST < n_tiles) {
       u16* buf = sKV + (j % NST) * 2 * BN * D;
