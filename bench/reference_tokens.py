@@ -16,7 +16,6 @@ import time
 import numpy as np
 
 from llmc.engine_file import EngineFile
-from llmc.limits import BuildLimits
 from llmc.runtime.generator import Sequence, schedule, step_inputs
 from llmc.runtime.kv_cache import BlockPool, blocks_needed
 from llmc.runtime.runner import open_session
@@ -57,9 +56,9 @@ def main():
     ap.add_argument("--new", type=int, default=32)
     a = ap.parse_args()
     engine = EngineFile(a.engine)
-    limits = BuildLimits.from_dict(engine.header["build"]["limits"])
+    limits = engine.header.build.limits
     session = open_session(engine)
-    print(f"# {a.engine}: {engine.header['build']['compute_dtype']}, "
+    print(f"# {a.engine}: {engine.header.build.compute_dtype}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print("| batch | prompt | new | prefill tok/s | decode tok/s |")
     print("|---|---|---|---|---|")

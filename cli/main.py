@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from llmc.backends import NAMES as BACKEND_NAMES
 from llmc.errors import LlmcError
 
 
@@ -28,7 +29,7 @@ def cli() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="engine file to write")
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "reference", "tensorrt", "tensorrt-rtx"]),
+              type=click.Choice(["auto", *BACKEND_NAMES]),
               help="auto: TensorRT where TensorRT and a GPU it supports are here, else "
                    "reference (onnxruntime on the CPU)")
 @click.option("--dtype", default="fp16", show_default=True,
@@ -45,13 +46,14 @@ def cli() -> None:
 def build(model, output, backend, dtype, max_batch_size, max_num_tokens, max_seq_len,
           kv_block_size, disable_passes, dump_graphs) -> None:
     """Build an engine file from a checkpoint."""
-    from llmc.build import BuildOptions, default_model, pick_backend
+    from llmc import backends
+    from llmc.build import BuildOptions, default_model
     from llmc.build import build as run_build
-    from llmc.lowering import BuildLimits
+    from llmc.limits import BuildLimits
 
     limits = BuildLimits(max_batch_size, max_num_tokens, max_seq_len, kv_block_size)
     run_build(BuildOptions(model=model or default_model(), output=output,
-                           backend=pick_backend(backend, _log), dtype=dtype, limits=limits,
+                           backend=backends.pick(backend, _log), dtype=dtype, limits=limits,
                            disable_passes=tuple(disable_passes), dump_graphs=dump_graphs),
               log=_log)
 
@@ -68,7 +70,7 @@ def build(model, output, backend, dtype, max_batch_size, max_num_tokens, max_seq
 @click.option("--chat", is_flag=True, help="wrap each prompt in the model's chat template")
 @click.option("--stream", is_flag=True, help="print tokens as they come (one prompt)")
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "reference", "tensorrt", "tensorrt-rtx"]))
+              type=click.Choice(["auto", *BACKEND_NAMES]))
 def run(engine, prompts, max_new_tokens, temperature, top_k, top_p, seed, chat, stream,
         backend) -> None:
     """Generate text for one or more prompts."""
@@ -96,27 +98,26 @@ def inspect(engine, as_json) -> None:
     """Print an engine file's header."""
     from llmc.engine_file import EngineFile
 
-    header = EngineFile(engine).header
+    file = EngineFile(engine)
+    header = file.header
     if as_json:
-        header = dict(header, tokenizer={k: v for k, v in header["tokenizer"].items()
-                                         if k != "json"})
-        click.echo(json.dumps(header, indent=2))
+        raw = dict(file.raw, tokenizer={k: v for k, v in file.raw["tokenizer"].items()
+                                        if k != "json"})
+        click.echo(json.dumps(raw, indent=2))
         return
-    cfg, build_ = header["model"]["config"], header["build"]
     rows = [
         ("engine", str(engine)),
-        ("format", str(header["format_version"])),
-        ("backend", header["backend"]),
-        ("model", f"{cfg['architecture']} from {header['model']['source']}"),
-        ("shape", f"{cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, heads "
-                  f"{cfg['num_attention_heads']}/{cfg['num_key_value_heads']}, head_dim "
-                  f"{cfg['head_dim']}, vocab {cfg['vocab_size']}"),
-        ("dtype", f"{build_['dtype']} (computed in {build_['compute_dtype']})"),
-        ("limits", ", ".join(f"{k}={v}" for k, v in build_["limits"].items())),
+        ("format", str(file.raw["format_version"])),
+        ("backend", header.backend),
+        ("model", f"{header.model.architecture} ({header.model.family} family) from "
+                  f"{header.model.source}"),
+        ("shape", header.model.describe()),
+        ("dtype", f"{header.build.dtype} (computed in {header.build.compute_dtype})"),
+        ("limits", ", ".join(f"{k}={v}" for k, v in header.build.limits.to_dict().items())),
         ("sections", ", ".join(f"{k} {n / 2**20:.1f} MiB"
-                               for k, (_, n) in header["sections"].items())),
-        ("versions", ", ".join(f"{k} {v}" for k, v in header["versions"].items())),
-        ("created", header["created"]),
+                               for k, (_, n) in file.raw["sections"].items())),
+        ("versions", ", ".join(f"{k} {v}" for k, v in header.versions.items())),
+        ("created", header.created),
     ]
     for k, v in rows:
         click.echo(f"{k:>9}: {v}")

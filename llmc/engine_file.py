@@ -15,6 +15,7 @@ so a failed build never leaves a partial engine behind.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from llmc.errors import LlmcError
+from llmc.header import EngineHeader
 
 MAGIC, END_MAGIC = b"LLMCENG1", b"LLMCEND1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: typed header (llmc/header.py), io as contract.EngineIO
 ALIGN = 1 << 16
 _PREFIX = struct.Struct("<8sIIQ32s")
 _TRAILER = 32 + len(END_MAGIC)
@@ -38,10 +40,12 @@ def _pad(n: int) -> int:
     return -n % ALIGN
 
 
-def write_engine(path: str | os.PathLike, header: dict[str, Any],
+def write_engine(path: str | os.PathLike, header: EngineHeader | dict[str, Any],
                  sections: dict[str, Path | bytes]) -> None:
     """Write header + sections (files are streamed, not read whole) atomically to ``path``."""
     path = Path(path)
+    if isinstance(header, EngineHeader):
+        header = header.to_dict()
     sizes = {k: len(v) if isinstance(v, bytes) else Path(v).stat().st_size
              for k, v in sections.items()}
     header = dict(header, format_version=FORMAT_VERSION)
@@ -80,13 +84,19 @@ def write_engine(path: str | os.PathLike, header: dict[str, Any],
 
 
 class EngineFile:
-    """A read-only view of an engine file; sections are memory-mapped."""
+    """A read-only view of an engine file; sections are memory-mapped.
+
+    `raw` is the header's JSON as stored (with `sections` and `format_version`); `header` is
+    the same, typed (EngineHeader)."""
 
     def __init__(self, path: str | os.PathLike, verify: bool = True):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise LlmcError(f"{self.path} is a folder, not an engine file; give the .engine "
+                            "file that `llmc build -o` wrote")
         if not self.path.is_file():
             raise LlmcError(f"engine file {self.path} does not exist")
-        self.header = self._read_header()
+        self.raw = self._read_header()
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         self._check_size()
         if verify:
@@ -111,7 +121,7 @@ class EngineFile:
         return json.loads(blob)
 
     def _check_size(self) -> None:
-        ends = [off + n for off, n in self.header["sections"].values()]
+        ends = [off + n for off, n in self.raw["sections"].values()]
         expected = max(ends, default=_PREFIX.size) + _TRAILER
         if self._map.size != expected or bytes(self._map[-len(END_MAGIC):]) != END_MAGIC:
             raise LlmcError(
@@ -121,18 +131,22 @@ class EngineFile:
 
     def verify_payload(self) -> None:
         digest = hashlib.sha256()
-        for off, n in self.header["sections"].values():
+        for off, n in self.raw["sections"].values():
             for start in range(off, off + n, 1 << 24):
                 digest.update(self._map[start:min(start + (1 << 24), off + n)])
         if digest.digest() != bytes(self._map[-_TRAILER:-len(END_MAGIC)]):
             raise LlmcError(f"{self.path} is corrupted (payload checksum mismatch); rebuild it")
 
+    @functools.cached_property
+    def header(self) -> EngineHeader:
+        return EngineHeader.from_dict(self.raw)
+
     def section_range(self, name: str) -> tuple[int, int]:
         try:
-            off, n = self.header["sections"][name]
+            off, n = self.raw["sections"][name]
         except KeyError:
             raise LlmcError(f"{self.path} has no {name!r} section; is it a "
-                            f"{self.header.get('backend')} engine?") from None
+                            f"{self.raw.get('backend')} engine?") from None
         return off, n
 
     def section(self, name: str) -> np.ndarray:

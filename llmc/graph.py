@@ -18,22 +18,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from llmc.dtypes import np_dtype, onnx_type
+
 OPSET = 21
 WEIGHT_ALIGN = 1 << 16  # page-aligned tensors let onnxruntime map them instead of copying
-
-DTYPES = {
-    "float32": (TensorProto.FLOAT, np.dtype(np.float32)),
-    "float16": (TensorProto.FLOAT16, np.dtype(np.float16)),
-    "bfloat16": (TensorProto.BFLOAT16, None),  # numpy dtype from ml_dtypes, resolved lazily
-}
-
-
-def np_dtype(dtype: str) -> np.dtype:
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return DTYPES[dtype][1]
 
 
 @dataclass
@@ -105,7 +93,7 @@ class GraphBuilder:
         """The graph with weights as declared-but-empty initializers (see ``save_onnx``)."""
         placeholders = []
         for w in self.weights:
-            t = TensorProto(name=w.name, data_type=DTYPES[w.dtype][0], dims=list(w.shape))
+            t = TensorProto(name=w.name, data_type=onnx_type(w.dtype), dims=list(w.shape))
             t.data_location = TensorProto.EXTERNAL
             placeholders.append(t)
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
@@ -144,12 +132,3 @@ def save_onnx(model: onnx.ModelProto, weights: list[Weight], folder: Path,
     path = folder / "model.onnx"
     onnx.save_model(model, path)
     return path
-
-
-def relocate_weights(model: onnx.ModelProto, location: str, shift: int) -> None:
-    """Point external initializers at another file, their offsets moved by ``shift``."""
-    for t in model.graph.initializer:
-        if t.data_location != TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        _set_external(t, location, int(info["offset"]) + shift, int(info["length"]))

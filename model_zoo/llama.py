@@ -1,220 +1,257 @@
-"""The llama family (Llama, Mistral, Qwen2) as a graph of primitive ONNX ops.
+"""The llama family: Llama, Mistral and Qwen2 share one block and differ only in config.
 
-One engine step takes a ragged batch: the new tokens of B sequences packed into T rows, the
-per-layer paged KV pools and each sequence's block table (docs/architecture.md, "Engine I/O
-contract"). The graph reads top to bottom like the model:
+    block(h) = h + attention(rms_norm(h));  block(h) = h + swiglu_mlp(rms_norm(h))
 
-    h = embed(input_ids)
-    for each layer:  h = h + attention(rms_norm(h));  h = h + mlp(rms_norm(h))
-    logits = lm_head(rms_norm(h)[last_token_rows])
-
-Nothing here is fused: passes/ rewrites the chains (RMSNorm, RoPE, SwiGLU, attention) later.
-Attention writes the new K/V into the pool with ScatterND, then every token gathers its own
-sequence's blocks and attends to positions 0..p (causal, within the sliding window if any).
+Attention: q/k/v projections (Qwen2: with biases), rotate-half RoPE on q and k, GQA over the
+paged KV cache (Mistral, Qwen2: optionally a sliding window), o projection.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from onnx import TensorProto
 
-from llmc.checkpoint import Checkpoint
-from llmc.config import LlamaConfig
-from llmc.graph import DTYPES, GraphBuilder, np_dtype
+from llmc.config import RopeScaling, architecture, eos_ids, field, rope_inv_freq, rope_settings
+from llmc.errors import LlmcError
+from llmc.model_zoo.layers import DecoderGraph, Step
+from llmc.model_zoo.registry import Family, GGUFArch
 
-I32, I64, F32 = TensorProto.INT32, TensorProto.INT64, TensorProto.FLOAT
-MASKED = float(np.finfo(np.float32).min)
+# ---- config --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Step:
-    """Values computed once per step and shared by every layer."""
+class LlamaConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
 
-    positions: str      # int32 [T]
-    cos: str            # dtype [T, 1, head_dim]
-    sin: str            # dtype [T, 1, head_dim]
-    write_index: str    # int64 [2, T, Hkv, 4]: (k|v, block, head, row) of each new K/V row
-    token_blocks: str   # int64 [T, max_blocks]: the block table of each token's sequence
-    mask: str           # float32 [T, 1, 1, max_blocks * block_size]: 0 or MASKED
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies [head_dim/2], with llama3 scaling folded in (float64)."""
+        return rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+        d = dict(d)
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        return cls(**d)
 
 
-class LlamaGraph:
-    def __init__(self, config: LlamaConfig, ckpt: Checkpoint | None, dtype: str,
-                 kv_block_size: int, weights_rounded_to: str | None = None):
-        self.c = config
-        self.rounding = np_dtype(weights_rounded_to) if weights_rounded_to else None
-        self.ckpt = ckpt
-        self.dtype = dtype
-        self.elem = DTYPES[dtype][0]
-        self.bs = kv_block_size
-        self.g = GraphBuilder(f"{config.architecture}")
+def _parse(hf: dict[str, Any], *, attention_bias: bool, sliding_window) -> LlamaConfig:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":   # the block is SwiGLU; another activation is another model
+        raise LlmcError(f"hidden_act {act!r} is not supported for {architecture(hf)} "
+                        "(the llama family uses silu)")
+    heads = field(hf, "num_attention_heads")
+    hidden = field(hf, "hidden_size")
+    theta, scaling = rope_settings(hf)
+    cfg = LlamaConfig(
+        architecture=architecture(hf),
+        vocab_size=field(hf, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=field(hf, "intermediate_size"),
+        num_hidden_layers=field(hf, "num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=field(hf, "num_key_value_heads", int, heads),
+        head_dim=field(hf, "head_dim", int, hidden // heads if heads else 0),
+        rms_norm_eps=field(hf, "rms_norm_eps", float, 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=field(hf, "max_position_embeddings", int, 2048),
+        tie_word_embeddings=field(hf, "tie_word_embeddings", bool, False),
+        attention_bias=attention_bias,
+        mlp_bias=field(hf, "mlp_bias", bool, False),
+        sliding_window=sliding_window,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids(hf),
+    )
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim"):
+        if getattr(cfg, name) < 1:
+            raise LlmcError(f"config.json: {name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise LlmcError(f"num_attention_heads ({cfg.num_attention_heads}) is not a multiple of "
+                        f"num_key_value_heads ({cfg.num_key_value_heads})")
+    return cfg
 
-    # --- weights ---------------------------------------------------------------------------
 
-    def _w(self, name: str, shape: tuple[int, ...], transpose: bool = False) -> str:
-        """A checkpoint tensor; linear weights are stored [in, out] so MatMul needs no transpose."""
-        ckpt, dt, rounding = self.ckpt, np_dtype(self.dtype), self.rounding
+def parse_llama(hf):
+    return _parse(hf, attention_bias=field(hf, "attention_bias", bool, False),
+                  sliding_window=None)
 
-        def load():
-            w = ckpt.tensor(name)
-            if rounding is not None:  # e.g. bf16 weights computed in fp32 on onnxruntime
-                w = w.astype(rounding)
-            return (w.T if transpose else w).astype(dt)
 
-        out_shape = tuple(reversed(shape)) if transpose else shape
-        return self.g.weight(name, self.dtype, out_shape, load)
+def parse_mistral(hf):
+    return _parse(hf, attention_bias=False,
+                  sliding_window=field(hf, "sliding_window", int, None) or None)
 
-    def linear(self, x: str, name: str, n_out: int, n_in: int, bias: bool = False) -> str:
-        y = self.g.MatMul(x, self._w(f"{name}.weight", (n_out, n_in), transpose=True))
-        return self.g.Add(y, self._w(f"{name}.bias", (n_out,))) if bias else y
 
-    # --- the model -------------------------------------------------------------------------
+def parse_qwen2(hf):
+    window = field(hf, "sliding_window", int, None) if hf.get("use_sliding_window") else None
+    if window and hf.get("max_window_layers", 0) < field(hf, "num_hidden_layers"):
+        # Qwen2 applies the window only to layers >= max_window_layers; one window for all
+        # layers is what the graph supports.
+        raise LlmcError("Qwen2 with per-layer sliding windows is not supported")
+    return _parse(hf, attention_bias=True, sliding_window=window or None)
 
-    def build(self):
-        c, g = self.c, self.g
-        ids = g.input("input_ids", I32, ["num_tokens"])
-        step = self.step_inputs()
-        kv_shape = [2, "num_blocks", c.num_key_value_heads, self.bs, c.head_dim]
-        embed = self._w("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
-        h = g.Gather(embed, ids)                                          # [T, hidden]
-        for i in range(c.num_hidden_layers):
-            with g.scope(f"layers.{i}"):
-                cache = g.input(f"kv_cache_{i}", self.elem, kv_shape)
-                p = f"model.layers.{i}"
-                with g.scope("attn"):
-                    a, cache = self.attention(self.rms_norm(h, f"{p}.input_layernorm"),
-                                              step, cache, f"{p}.self_attn")
-                h = g.Add(h, a)
-                with g.scope("mlp"):
-                    h = g.Add(h, self.mlp(self.rms_norm(h, f"{p}.post_attention_layernorm"),
-                                          f"{p}.mlp"))
-                g.output(cache, f"kv_cache_out_{i}", self.elem, kv_shape)
-        with g.scope("head"):
-            last = g.input("last_token_rows", I32, ["batch"])
-            h = self.rms_norm(g.Gather(h, last), "model.norm")           # [B, hidden]
-            if c.tie_word_embeddings:   # the embedding table, read as [vocab, hidden]
-                logits = g.Gemm(h, embed, transB=1)
-            else:
-                logits = self.linear(h, "lm_head", c.vocab_size, c.hidden_size)
-            g.output(g.Cast(logits, to=F32), "logits", F32, ["batch", c.vocab_size])
-        return g
 
-    def rms_norm(self, x: str, name: str) -> str:
-        """HF semantics: normalise in float32, cast back, then scale by the weight."""
-        g = self.g
-        x32 = g.Cast(x, to=F32)
-        var = g.ReduceMean(g.Mul(x32, x32), g.const([-1]), keepdims=1)
-        inv = g.Reciprocal(g.Sqrt(g.Add(var, g.const(self.c.rms_norm_eps, np.float32))))
-        y = g.Cast(g.Mul(x32, inv), to=self.elem)
-        return g.Mul(y, self._w(f"{name}.weight", (self.c.hidden_size,)))
+# ---- checkpoint names -------------------------------------------------------------------------
 
-    def mlp(self, x: str, p: str) -> str:
-        c, g = self.c, self.g
-        gate = self.linear(x, f"{p}.gate_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
-        up = self.linear(x, f"{p}.up_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
-        act = g.Mul(g.Mul(gate, g.Sigmoid(gate)), up)                     # silu(gate) * up
-        return self.linear(act, f"{p}.down_proj", c.hidden_size, c.intermediate_size, c.mlp_bias)
+# HF names of one decoder layer, and the llama.cpp names they are stored under in GGUF files.
+LAYER = "model.layers.{i}"
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": f"{LAYER}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": f"{LAYER}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": f"{LAYER}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": f"{LAYER}.self_attn.v_proj.weight",
+    "blk.{i}.attn_q.bias": f"{LAYER}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": f"{LAYER}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": f"{LAYER}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.weight": f"{LAYER}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": f"{LAYER}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": f"{LAYER}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": f"{LAYER}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": f"{LAYER}.mlp.down_proj.weight",
+}
+
+
+def weight_names(c: LlamaConfig) -> list[str]:
+    """Checkpoint tensors this config needs, in HF naming."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not c.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(c.num_hidden_layers):
+        p = LAYER.format(i=i)
+        names += [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"]
+        names += [f"{p}.self_attn.{x}_proj.weight" for x in "qkvo"]
+        names += [f"{p}.mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        if c.attention_bias:
+            names += [f"{p}.self_attn.{x}_proj.bias" for x in "qkv"]
+        if c.mlp_bias:
+            names += [f"{p}.mlp.{x}_proj.bias" for x in ("gate", "up", "down")]
+    return names
+
+
+def _gguf_config(hf_architecture: str):
+    def config(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
+        arch = meta["general.architecture"]
+
+        def key(k, default=None):
+            return meta.get(f"{arch}.{k}", default)
+
+        try:
+            heads = int(key("attention.head_count"))
+            hidden = int(key("embedding_length"))
+            return {
+                "architectures": [hf_architecture],
+                "vocab_size": int(key("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))),
+                "hidden_size": hidden,
+                "intermediate_size": int(key("feed_forward_length")),
+                "num_hidden_layers": int(key("block_count")),
+                "num_attention_heads": heads,
+                "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+                "head_dim": int(key("attention.key_length", hidden // heads)),
+                "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+                "rope_theta": float(key("rope.freq_base", 10000.0)),
+                "max_position_embeddings": int(key("context_length", 2048)),
+                "tie_word_embeddings": "lm_head.weight" not in names,
+                "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+                "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+            }
+        except (TypeError, ValueError) as e:   # a key llama.cpp always writes is missing
+            raise LlmcError(f"GGUF metadata of architecture {arch!r} is incomplete ({e})") from None
+    return config
+
+
+def unpermute_qk(name: str, w: np.ndarray, c: LlamaConfig) -> np.ndarray:
+    """Undo llama.cpp's convert-time row permutation of Q/K (interleaved rope -> rotate-half)."""
+    if name.endswith("q_proj.weight"):
+        n_head = c.num_attention_heads
+    elif name.endswith("k_proj.weight"):
+        n_head = c.num_key_value_heads
+    else:
+        return w
+    rows = w.shape[0]
+    return (w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
+             .swapaxes(1, 2).reshape(w.shape))
+
+
+# ---- the graph ------------------------------------------------------------------------------
+
+
+class LlamaGraph(DecoderGraph):
+    def block(self, i: int, h: str, step: Step, cache: str) -> tuple[str, str]:
+        g, p = self.g, LAYER.format(i=i)
+        with g.scope("attn"):
+            a, cache = self.attention(self.rms_norm(h, f"{p}.input_layernorm"), step, cache,
+                                      f"{p}.self_attn")
+        h = g.Add(h, a)
+        with g.scope("mlp"):
+            x = self.rms_norm(h, f"{p}.post_attention_layernorm")
+            h = g.Add(h, self.swiglu_mlp(x, f"{p}.mlp", self.c.mlp_bias))
+        return h, cache
 
     def attention(self, x: str, s: Step, cache: str, p: str) -> tuple[str, str]:
-        c, g = self.c, self.g
-        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        b = c.attention_bias
-        q = g.Reshape(self.linear(x, f"{p}.q_proj", c.q_size, c.hidden_size, b),
-                      g.const([0, hq, d]))                                # [T, Hq, D]
-        k = g.Reshape(self.linear(x, f"{p}.k_proj", c.kv_size, c.hidden_size, b),
-                      g.const([0, hkv, d]))                               # [T, Hkv, D]
-        v = g.Reshape(self.linear(x, f"{p}.v_proj", c.kv_size, c.hidden_size, b),
-                      g.const([0, hkv, d]))
-        q, k = self.rope(q, s), self.rope(k, s)
-
-        # Write this step's K/V rows into their blocks, then read every token's context back.
-        new_kv = g.Concat(g.Unsqueeze(k, g.const([0])), g.Unsqueeze(v, g.const([0])), axis=0)
-        cache = g.ScatterND(cache, s.write_index, new_kv)                 # [2, NB, Hkv, BS, D]
-        ctx = g.Gather(cache, s.token_blocks, axis=1)                   # [2, T, MB, Hkv, BS, D]
-        ctx = g.Reshape(g.Transpose(ctx, perm=[0, 1, 3, 2, 4, 5]),
-                        g.const([2, 0, hkv, -1, d]))                      # [2, T, Hkv, C, D]
-        keys = g.Gather(ctx, g.const(0), axis=0)                          # [T, Hkv, C, D]
-        values = g.Gather(ctx, g.const(1), axis=0)
-
-        qg = g.Reshape(q, g.const([0, hkv, hq // hkv, d]))                # [T, Hkv, G, D]
-        scores = g.MatMul(qg, g.Transpose(keys, perm=[0, 1, 3, 2]))       # [T, Hkv, G, C]
-        scores = g.Mul(g.Cast(scores, to=F32), g.const(d ** -0.5, np.float32))
-        probs = g.Cast(g.Softmax(g.Add(scores, s.mask), axis=-1), to=self.elem)
-        out = g.Reshape(g.MatMul(probs, values), g.const([0, hq * d]))    # [T, Hq*D]
+        c, b = self.c, self.c.attention_bias
+        q = self.heads(self.linear(x, f"{p}.q_proj", c.q_size, c.hidden_size, b),
+                       c.num_attention_heads)                             # [T, Hq, D]
+        k = self.heads(self.linear(x, f"{p}.k_proj", c.kv_size, c.hidden_size, b),
+                       c.num_key_value_heads)                             # [T, Hkv, D]
+        v = self.heads(self.linear(x, f"{p}.v_proj", c.kv_size, c.hidden_size, b),
+                       c.num_key_value_heads)
+        out, cache = self.paged_attention(self.rope(q, s), self.rope(k, s), v, s, cache)
         return self.linear(out, f"{p}.o_proj", c.hidden_size, c.q_size), cache
 
-    def rope(self, x: str, s: Step) -> str:
-        """Rotate-half RoPE: x * cos + rotate_half(x) * sin."""
-        g, half = self.g, self.c.head_dim // 2
-        x1 = g.Slice(x, g.const([0]), g.const([half]), g.const([-1]))
-        x2 = g.Slice(x, g.const([half]), g.const([2 * half]), g.const([-1]))
-        rotated = g.Concat(g.Neg(x2), x1, axis=-1)
-        return g.Add(g.Mul(x, s.cos), g.Mul(rotated, s.sin))
 
-    # --- per-step values ---------------------------------------------------------------------
-
-    def step_inputs(self) -> Step:
-        c, g, bs = self.c, self.g, self.bs
-        with g.scope("step"):
-            pos = g.input("position_ids", I32, ["num_tokens"])
-            starts = g.input("seq_starts", I32, ["batch_plus_one"])
-            ctx_lens = g.input("context_lens", I32, ["batch"])
-            tables = g.input("block_tables", I32, ["batch", "max_blocks"])
-
-            # Which sequence each token belongs to: how many sequence ends lie at or before it.
-            n_tok = g.Shape(pos)
-            rows = g.Unsqueeze(g.Range(g.const(0), g.Squeeze(n_tok, g.const([0])),
-                                       g.const(1)), g.const([1]))        # [T, 1] int64
-            ends = g.Unsqueeze(g.Cast(g.Slice(starts, g.const([1]), g.const([2**31 - 1])),
-                                      to=I64), g.const([0]))             # [1, B]
-            seq = g.ReduceSum(g.Cast(g.GreaterOrEqual(rows, ends), to=I64), g.const([1]),
-                              keepdims=0)                                 # [T]
-            token_blocks = g.Cast(g.Gather(tables, seq), to=I64)          # [T, MB]
-
-            pos64 = g.Cast(pos, to=I64)
-            block = g.GatherElements(token_blocks,
-                                     g.Unsqueeze(g.Div(pos64, g.const(bs)), g.const([1])),
-                                     axis=1)                              # [T, 1]
-            row = g.Unsqueeze(g.Mod(pos64, g.const(bs)), g.const([1]))  # [T, 1]
-            write_index = self._write_index(block, row, n_tok)
-
-            # Key j is visible to a token at position p iff j <= p (and within the window).
-            n_keys = g.Mul(g.Shape(tables, start=1, end=2), g.const([bs]))
-            keys = g.Range(g.const(0), g.Squeeze(n_keys, g.const([0])), g.const(1))  # [C]
-            pos_col = g.Unsqueeze(pos64, g.const([1]))                    # [T, 1]
-            visible = g.LessOrEqual(keys, pos_col)                        # [T, C]
-            seq_len = g.Unsqueeze(g.Cast(g.Gather(ctx_lens, seq), to=I64), g.const([1]))
-            visible = g.And(visible, g.Less(keys, seq_len))
-            if c.sliding_window:
-                visible = g.And(visible, g.Greater(keys, g.Sub(pos_col,
-                                                               g.const(c.sliding_window))))
-            mask = g.Where(visible, g.const(0.0, np.float32), g.const(MASKED, np.float32))
-            mask = g.Unsqueeze(mask, g.const([1, 2]))                     # [T, 1, 1, C]
-
-            inv_freq = g.const(c.inv_freq().astype(np.float32)[None, :], np.float32)
-            freqs = g.Mul(g.Cast(pos_col, to=F32), inv_freq)             # [T, D/2]
-            emb = g.Unsqueeze(g.Concat(freqs, freqs, axis=-1), g.const([1]))  # [T, 1, D]
-            cos = g.Cast(g.Cos(emb), to=self.elem)
-            sin = g.Cast(g.Sin(emb), to=self.elem)
-        return Step(pos, cos, sin, write_index, token_blocks, mask)
-
-    def _write_index(self, block: str, row: str, n_tok: str) -> str:
-        """ScatterND indices [2, T, Hkv, 4] = (k or v, block, kv head, row in block)."""
-        g, hkv = self.g, self.c.num_key_value_heads
-        shape = g.Concat(g.const([2]), n_tok, g.const([hkv, 1]), axis=0)
-        parts = [
-            g.const(np.arange(2).reshape(2, 1, 1, 1)),
-            g.Unsqueeze(block, g.const([0, 3])),                          # [1, T, 1, 1]
-            g.const(np.arange(hkv).reshape(1, 1, hkv, 1)),
-            g.Unsqueeze(row, g.const([0, 3])),
-        ]
-        return g.Concat(*[g.Expand(part, shape) for part in parts], axis=-1)
-
-
-def build_graph(config: LlamaConfig, ckpt: Checkpoint | None, dtype: str, kv_block_size: int,
+def build_graph(config: LlamaConfig, tensor, dtype: str, kv_block_size: int,
                 weights_rounded_to: str | None = None):
     """The unfused graph of one engine step; returns (onnx.ModelProto, weights)."""
-    g = LlamaGraph(config, ckpt, dtype, kv_block_size, weights_rounded_to).build()
+    g = LlamaGraph(config, tensor, dtype, kv_block_size, weights_rounded_to).build()
     return g.model(), g.weights
+
+
+FAMILY = Family(
+    name="llama",
+    configs={"LlamaForCausalLM": parse_llama, "MistralForCausalLM": parse_mistral,
+             "Qwen2ForCausalLM": parse_qwen2},
+    weight_names=weight_names,
+    build_graph=build_graph,
+    gguf={
+        # llama.cpp permutes Q/K rows of llama and mistral for its interleaved rope; not qwen2.
+        "llama": GGUFArch(_gguf_config("LlamaForCausalLM"), GGUF_NAMES, unpermute_qk),
+        "mistral": GGUFArch(_gguf_config("MistralForCausalLM"), GGUF_NAMES, unpermute_qk),
+        "qwen2": GGUFArch(_gguf_config("Qwen2ForCausalLM"), GGUF_NAMES),
+    },
+)

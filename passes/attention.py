@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import AttributeProto, NodeProto, TensorProto, helper, numpy_helper
 
+from llmc import contract
 from llmc.passes.ir import LLMC_DOMAIN, Graph, attr, make_function, ref
 from llmc.passes.manager import Pass
 
-CONTRACT = ("block_tables", "seq_starts", "context_lens", "position_ids")
-MASKED = float(np.finfo(np.float32).min)
+CONTRACT = contract.ATTENTION_INPUTS
 
 
 @dataclass
@@ -167,27 +167,15 @@ def paged_attention_function():
     i64, f32 = TensorProto.INT64, TensorProto.FLOAT
     bs, scale, window = b.attr("block_size", "int"), b.attr("scale", "float"), \
         b.attr("sliding_window", "int")
-    # Which sequence each token belongs to, its block table, and where its K/V row goes.
-    n_tok = b.Shape("position_ids")                                          # [1] = T
-    rows = b.Unsqueeze(b.Range(b.const(0), b.Squeeze(n_tok, b.const([0])), b.const(1)),
-                       b.const([1]))                                         # [T, 1]
-    ends = b.Unsqueeze(b.Cast(b.Slice("seq_starts", b.const([1]), b.const([2**31 - 1])),
-                              to=i64), b.const([0]))                         # [1, B]
-    seq = b.ReduceSum(b.Cast(b.GreaterOrEqual(rows, ends), to=i64), b.const([1]),
-                      keepdims=0)                                            # [T]
-    blocks = b.Cast(b.Gather("block_tables", seq), to=i64)                   # [T, MB]
-    pos = b.Cast("position_ids", to=i64)
-    block = b.GatherElements(blocks, b.Unsqueeze(b.Div(pos, bs), b.const([1])), axis=1)
-    row = b.Unsqueeze(b.Mod(pos, bs), b.const([1]))                          # [T, 1]
+    # The same index math as the model's step values (llmc/contract.py), from the node's own
+    # inputs: each token's sequence and block table, and where its K/V row goes.
+    seq, n_tok = contract.token_sequences(b, contract.POSITION_IDS, contract.SEQ_STARTS)
+    blocks = contract.token_block_tables(b, contract.BLOCK_TABLES, seq)      # [T, MB]
+    pos = b.Cast(contract.POSITION_IDS, to=i64)
     k_shape = b.Shape("k")                                                   # [T, Hkv, D]
     hkv, d = b.Slice(k_shape, b.const([1]), b.const([2])), b.Slice(k_shape, b.const([2]),
                                                                   b.const([3]))
-    shape = b.Concat(b.const([2]), n_tok, hkv, b.const([1]), axis=0)
-    heads = b.Reshape(b.Range(b.const(0), b.Squeeze(hkv, b.const([0])), b.const(1)),
-                      b.const([1, 1, -1, 1]))
-    parts = [b.const(np.arange(2).reshape(2, 1, 1, 1)), b.Unsqueeze(block, b.const([0, 3])),
-             heads, b.Unsqueeze(row, b.const([0, 3]))]
-    index = b.Concat(*[b.Expand(p, shape) for p in parts], axis=-1)         # [2, T, Hkv, 4]
+    index = contract.kv_write_index(b, blocks, pos, n_tok, hkv, bs)         # [2, T, Hkv, 4]
     new_kv = b.Concat(b.Unsqueeze("k", b.const([0])), b.Unsqueeze("v", b.const([0])), axis=0)
     cache = b.ScatterND("kv_cache", index, new_kv, out="kv_cache_out")
     # Every token reads its sequence's blocks back: [2, T, Hkv, C, D].
@@ -196,22 +184,16 @@ def paged_attention_function():
     keys, values = b.Gather(ctx, b.const(0), axis=0), b.Gather(ctx, b.const(1), axis=0)
     qg = b.Reshape("q", b.Concat(n_tok, hkv, b.const([-1]), d, axis=0))     # [T, Hkv, G, D]
     scores = b.Mul(b.Cast(b.MatMul(qg, b.Transpose(keys, perm=[0, 1, 3, 2])), to=f32), scale)
-    # Key j is visible to a token at position p iff j <= p, j < its context length, and
-    # (with a window W > 0) j > p - W.
-    n_keys = b.Mul(b.Shape("block_tables", start=1, end=2), bs)
-    key_pos = b.Range(b.const(0), b.Squeeze(n_keys, b.const([0])), b.const(1))  # [C]
-    pos_col = b.Unsqueeze(pos, b.const([1]))
-    ctx_len = b.Unsqueeze(b.Cast(b.Gather("context_lens", seq), to=i64), b.const([1]))
-    lowest = b.Where(b.Greater(window, b.const(0)), b.Sub(pos_col, window), b.const(-1))
-    visible = b.And(b.And(b.LessOrEqual(key_pos, pos_col), b.Less(key_pos, ctx_len)),
-                    b.Greater(key_pos, lowest))
-    mask = b.Unsqueeze(b.Where(visible, b.const(0.0, np.float32),
-                               b.const(MASKED, np.float32)), b.const([1, 2]))
+    # A window W > 0 hides keys j <= p - W; without one the lowest hidden key is -1.
+    lowest = b.Where(b.Greater(window, b.const(0)),
+                     b.Sub(b.Unsqueeze(pos, b.const([1])), window), b.const(-1))
+    mask = contract.key_mask(b, contract.BLOCK_TABLES, contract.CONTEXT_LENS, seq, pos, bs,
+                             lowest)
     probs = b.CastLike(b.Softmax(b.Add(scores, mask), axis=-1), "q")
     b.Reshape(b.MatMul(probs, values), b.Shape("q"), out="out")             # [T, Hq, D]
     return make_function(
         "PagedAttention",
-        ["q", "k", "v", "kv_cache", "block_tables", "seq_starts", "context_lens", "position_ids"],
+        ["q", "k", "v", "kv_cache", *contract.ATTENTION_INPUTS],
         ["out", "kv_cache_out"], b.nodes,
         attributes=["num_heads", "num_kv_heads", "head_dim", "block_size", "scale",
                     "sliding_window"],

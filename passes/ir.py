@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from llmc.graph import DTYPES, Weight
+from llmc.dtypes import onnx_type
+from llmc.graph import Weight
 
 LLMC_DOMAIN = "llmc"
 FUSED_OPSET = 23  # RotaryEmbedding and RMSNormalization are opset-23 ops
@@ -157,7 +158,7 @@ class Graph:
 
     def add_weight(self, weight: Weight, before: str | None = None) -> str:
         """Register a lazy weight (placed before ``before`` in the streaming order)."""
-        t = TensorProto(name=weight.name, data_type=DTYPES[weight.dtype][0],
+        t = TensorProto(name=weight.name, data_type=onnx_type(weight.dtype),
                         dims=list(weight.shape))
         t.data_location = TensorProto.EXTERNAL
         self.inits[weight.name] = t

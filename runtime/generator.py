@@ -9,19 +9,16 @@ can reserve every block it may need, so no step ever runs out of blocks mid-sequ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
+from llmc import contract
+from llmc.backends import Session
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits as Limits
 from llmc.runtime.kv_cache import BlockPool, blocks_needed
 from llmc.runtime.sampler import SamplingParams, sample
-
-
-class Session(Protocol):
-    def allocate_kv(self, num_blocks: int) -> None: ...
-    def step(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
 @dataclass
@@ -109,18 +106,6 @@ def schedule(running: list[Sequence], limits: Limits) -> list[tuple[Sequence, in
 
 
 def step_inputs(batch: list[tuple[Sequence, int]], limits: Limits) -> dict[str, np.ndarray]:
-    ids, positions, starts, ctx, rows = [], [], [0], [], []
-    for seq, n in batch:
-        ids += seq.tokens[seq.num_computed:seq.num_computed + n]
-        positions += range(seq.num_computed, seq.num_computed + n)
-        starts.append(starts[-1] + n)
-        ctx.append(seq.num_computed + n)
-        rows.append(starts[-1] - 1)
-    width = max(blocks_needed(c, limits.kv_block_size) for c in ctx)
-    tables = np.zeros((len(batch), width), np.int32)
-    for b, (seq, _) in enumerate(batch):
-        used = seq.blocks[:width]
-        tables[b, :len(used)] = used
-    i32 = lambda x: np.asarray(x, np.int32)  # noqa: E731
-    return {"input_ids": i32(ids), "position_ids": i32(positions), "seq_starts": i32(starts),
-            "context_lens": i32(ctx), "block_tables": tables, "last_token_rows": i32(rows)}
+    return contract.pack_step([contract.Chunk(seq.tokens[seq.num_computed:seq.num_computed + n],
+                                              seq.num_computed, seq.blocks)
+                               for seq, n in batch], limits.kv_block_size)

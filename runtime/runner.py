@@ -9,50 +9,25 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from llmc import backends
+from llmc.backends import Session
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
-from llmc.limits import BuildLimits
 from llmc.runtime.generator import generate
 from llmc.runtime.sampler import SamplingParams
 
 
 def open_session(engine: EngineFile, backend: str = "auto",
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None) -> Session:
     """The session that runs this engine: its own backend, if this machine can run it."""
-    built = engine.header["backend"]
+    built = engine.header.backend
     if backend not in ("auto", built):
         raise LlmcError(f"{engine.path} was built for the {built} backend and cannot run on "
                         f"{backend}; rebuild it with `llmc build --backend {backend}`")
-    if built == "reference":
-        from llmc.runtime.reference_backend import ReferenceSession
-
-        session = ReferenceSession(engine)
-    else:
-        from llmc.runtime.trt_backend import TensorRTSession, available
-
-        check_library_version(engine, built)
-        ok, why = available(built)
-        if not ok:
-            raise LlmcError(f"cannot run {engine.path} here: {why}. Run it on such a machine, "
-                            "or build a CPU engine with `llmc build --backend reference`")
-        session = TensorRTSession(engine.section("plan").tobytes(), built, engine.header)
+    session = backends.get(built).open(engine, log)
     if log:
         log(f"backend: {built}")
     return session
-
-
-def check_library_version(engine: EngineFile, backend: str) -> None:
-    """A TensorRT plan loads only in the library version that built it: say so up front."""
-    from llmc import trt_shim
-
-    if not trt_shim.is_importable(backend)[0]:
-        return  # `available` explains what is missing
-    built_with = engine.header["versions"].get("library_version")
-    here = trt_shim.versions(backend)["library_version"]
-    if built_with != here:
-        raise LlmcError(f"{engine.path} was built with {backend} {built_with}, but this machine "
-                        f"has {backend} {here}; TensorRT plans load only in the version that "
-                        "built them. Rebuild the engine here with `llmc build`")
 
 
 class Runner:
@@ -61,13 +36,12 @@ class Runner:
         self.engine = EngineFile(engine_path)
         header = self.engine.header
         self.session = open_session(self.engine, backend, log)
-        self.limits = BuildLimits.from_dict(header["build"]["limits"])
+        self.limits = header.build.limits
         from tokenizers import Tokenizer
 
-        tok = header["tokenizer"]
-        self.tokenizer = Tokenizer.from_str(tok["json"])
-        self.chat_template = tok["chat_template"]
-        self.eos_ids = tuple(tok["eos_token_ids"])
+        self.tokenizer = Tokenizer.from_str(header.tokenizer.json)
+        self.chat_template = header.tokenizer.chat_template
+        self.eos_ids = header.tokenizer.eos_token_ids
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if not chat:

@@ -26,14 +26,13 @@ def main() -> None:
     import onnxruntime
 
     from llmc.build import default_model
-    from llmc.checkpoint import open_checkpoint
-    from llmc.model_zoo.llama import build_graph
+    from llmc.model_zoo import load_model
     from llmc.passes import run_passes
 
     path = args.model or default_model()
-    ckpt = open_checkpoint(path)
+    m = load_model(path)
     t0 = time.perf_counter()
-    model, weights = build_graph(ckpt.config, ckpt, args.dtype, 16)
+    model, weights = m.build_graph(args.dtype, 16)
     graph_s = time.perf_counter() - t0
     runs = []
     for _ in range(args.repeat):
@@ -42,7 +41,7 @@ def main() -> None:
         runs.append((time.perf_counter() - t0, report, len(new_weights)))
     runs.sort(key=lambda r: r[0])
     seconds, report, n_weights = runs[len(runs) // 2]
-    print(f"model: {path.name} ({ckpt.config.num_hidden_layers} layers), dtype {args.dtype}")
+    print(f"model: {path.name} ({m.config.num_hidden_layers} layers), dtype {args.dtype}")
     print(f"machine: {platform.processor() or platform.machine()}, python "
           f"{platform.python_version()}, onnx {onnx.__version__}, onnxruntime "
           f"{onnxruntime.__version__}")

@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from llmc.checkpoint import open_checkpoint
-from llmc.graph import np_dtype, save_onnx
-from llmc.model_zoo.llama import build_graph
+from llmc.dtypes import np_dtype
+from llmc.graph import save_onnx
+from llmc.model_zoo import load_model
 
 BLOCK = 16
 # The one tolerance table: max |rewritten - unrewritten| / max |unrewritten| per compute
@@ -55,11 +55,11 @@ def assert_same(before: dict, after: dict, dtype: str) -> None:
 def tiny_graph(folder, dtype: str = "float32"):
     """(model, weights, config) of a tiny HF folder; bf16 computes in fp32 on rounded
     weights, as the reference backend does."""
-    ckpt = open_checkpoint(folder)
+    m = load_model(folder)
     compute = "float32" if dtype == "bfloat16" else dtype
-    model, weights = build_graph(ckpt.config, ckpt, compute, BLOCK,
-                                 weights_rounded_to=dtype if compute != dtype else None)
-    return model, weights, ckpt.config
+    model, weights = m.build_graph(compute, BLOCK,
+                                   weights_rounded_to=dtype if compute != dtype else None)
+    return model, weights, m.config
 
 
 def ragged_feeds(cfg, dtype: str, seed: int = 0, num_blocks: int = 16) -> dict:

@@ -19,8 +19,9 @@ from passes_helpers import (
     tiny_graph,
 )
 
+from llmc.backends.tensorrt.lower import build_plan
 from llmc.graph import save_onnx
-from llmc.lowering import BuildLimits, build_plan
+from llmc.limits import BuildLimits
 from llmc.passes import pass_names, run_passes
 from llmc.runtime.generator import generate
 from llmc.runtime.sampler import SamplingParams
@@ -118,12 +119,11 @@ def test_disable_and_dump_graphs(tiny_folders, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_pipeline_counts_and_greedy_tokens(smollm2_path, tmp_path):
-    from llmc.checkpoint import open_checkpoint
-    from llmc.model_zoo.llama import build_graph
+    from llmc.model_zoo import load_model
 
-    ckpt = open_checkpoint(smollm2_path)
-    cfg = ckpt.config
-    model, weights = build_graph(cfg, ckpt, "float32", BLOCK)
+    m = load_model(smollm2_path)
+    cfg = m.config
+    model, weights = m.build_graph("float32", BLOCK)
     t0 = time.perf_counter()
     fused, fused_weights, report = run_passes(model, weights)
     assert time.perf_counter() - t0 < 10
@@ -142,13 +142,12 @@ def test_smollm2_pipeline_counts_and_greedy_tokens(smollm2_path, tmp_path):
                                         ("qwen2-bias", "bfloat16"),
                                         ("llama-tied-rope3", "float32")])
 def test_rtx_builds_the_fused_graph(tiny_folders, tmp_path, kind, dtype):
-    from llmc.checkpoint import open_checkpoint
-    from llmc.model_zoo.llama import build_graph
+    from llmc.model_zoo import load_model
 
-    ckpt = open_checkpoint(tiny_folders[kind])
-    layers = ckpt.config.num_hidden_layers
+    m = load_model(tiny_folders[kind])
+    layers = m.config.num_hidden_layers
     limits = BuildLimits(4, 64, 256, BLOCK)
-    model, weights = build_graph(ckpt.config, ckpt, dtype, BLOCK)
+    model, weights = m.build_graph(dtype, BLOCK)
     fused, fused_weights, _ = run_passes(model, weights)
     assert any(n.domain == "llmc" for n in fused.graph.node)
     types = {}
@@ -178,6 +177,6 @@ def test_cli_build_reports_passes(tiny_folders, tmp_path):
             "--disable-pass", "rope", "--dump-graphs", str(tmp_path / "dump")]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    fired = EngineFile(out).header["passes"]["fired"]
+    fired = EngineFile(out).header.passes["fired"]
     assert fired["rope"] == 0 and fired["paged_attention"] == 2
     assert (tmp_path / "dump" / "10-paged_attention.onnx").is_file()

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from llmc.config import config_from_hf
 from llmc.graph import GraphBuilder
+from llmc.model_zoo import parse_config as config_from_hf
 from llmc.model_zoo.llama import build_graph
 from llmc.passes import run_passes
 from llmc.plugins import specs, trt_paged_attention, trt_plugin

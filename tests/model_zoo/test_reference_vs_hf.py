@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from llmc import contract
+from llmc.backends.reference import ReferenceSession
 from llmc.build import BuildOptions, build
 from llmc.engine_file import EngineFile
 from llmc.limits import BuildLimits
-from llmc.runtime.reference_backend import ReferenceSession
 
 BLOCK = 8
 # Max |engine - HF| over max |HF| of the logits, per engine dtype. bf16 engines compute in
@@ -53,21 +54,11 @@ class Ragged:
         self.tokens = [[] for _ in blocks]
 
     def step(self, new: dict[int, list[int]]) -> np.ndarray:
-        ids, pos, starts, ctx = [], [], [0], []
+        chunks = []
         for s, toks in new.items():
-            done = len(self.tokens[s])
-            ids += toks
-            pos += range(done, done + len(toks))
-            starts.append(starts[-1] + len(toks))
-            ctx.append(done + len(toks))
+            chunks.append(contract.Chunk(toks, len(self.tokens[s]), self.blocks[s]))
             self.tokens[s] += toks
-        width = max(-(-c // BLOCK) for c in ctx)
-        tables = np.array([(self.blocks[s] + [0] * width)[:width] for s in new], np.int32)
-        i32 = lambda x: np.asarray(x, np.int32)  # noqa: E731
-        return self.session.step({
-            "input_ids": i32(ids), "position_ids": i32(pos), "seq_starts": i32(starts),
-            "context_lens": i32(ctx), "block_tables": tables,
-            "last_token_rows": i32(starts[1:]) - 1})
+        return self.session.step(contract.pack_step(chunks, BLOCK))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])

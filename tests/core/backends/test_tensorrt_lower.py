@@ -1,227 +1,38 @@
-"""Lowering tests: build limits, profile shapes, and real TensorRT-RTX builds on the CPU.
+"""TensorRT lowering: build limits, profile shapes, and real TensorRT-RTX builds on the CPU.
 
-The graph lowered here is a toy that honours the whole engine I/O contract (ragged tokens,
-paged KV pool per layer written with ScatterND, attention that reads the pool through the
-block tables, logits of the last token rows), so the real builder sees every input, output,
-dtype and dynamic dimension a model_zoo graph has.
+The graph lowered here is model_zoo's llama block on random weights (toy_graph.py): small,
+and it has every input, output, dtype and dynamic dimension of the engine I/O contract.
 """
 
 from __future__ import annotations
 
-import os
+import importlib.util
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import onnx
+import pytest
+from toy_graph import HEAD_DIM, KV_HEADS, LIMITS, VOCAB, contract_inputs, ragged_step, toy_model
 
-import importlib.util  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import pytest  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-from llmc import trt_shim  # noqa: E402
-from llmc.lowering import (  # noqa: E402
-    DIM_NAMES,
-    BuildLimits,
+from llmc import contract
+from llmc.backends.tensorrt import shim as trt_shim
+from llmc.backends.tensorrt.lower import (
     LoweringError,
     build_plan,
-    dim_ranges,
     onnx_graph_inputs,
     profile_shapes,
 )
+from llmc.devices import list_gpus
+from llmc.limits import BuildLimits
 
 HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 needs_rtx = pytest.mark.skipif(not HAVE_RTX, reason="tensorrt_rtx is not installed (llmc[rtx])")
-
-# Small limits keep the CPU build short while every dimension stays dynamic.
-LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=256, kv_block_size=16)
-
-ONNX_DTYPES = {
-    "float32": TensorProto.FLOAT,
-    "float16": TensorProto.FLOAT16,
-    "bfloat16": TensorProto.BFLOAT16,
-}
 TRT_DTYPES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16"}
-
-# ------------------------------------------------------------------ the toy contract graph
-
-VOCAB, KV_HEADS, HEAD_DIM = 64, 2, 16
-HIDDEN = KV_HEADS * HEAD_DIM
-
-
-def _weight(name: str, array: np.ndarray, dtype: str) -> onnx.TensorProto:
-    if dtype == "bfloat16":  # bf16 = the high half of each float32
-        bits = (array.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-        return helper.make_tensor(name, TensorProto.BFLOAT16, array.shape, bits.tobytes(), True)
-    return numpy_helper.from_array(array.astype(dtype), name)
-
-
-def _ints(name: str, values, dtype=np.int64) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(values, dtype=dtype), name)
-
-
-class _Graph:
-    """A tiny node builder: `g.op("MatMul", a, b)` returns the new output's name."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.count = 0
-
-    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
-        self.count += 1
-        out = out or f"{op_type.lower()}_{self.count}"
-        name = f"n{self.count}_{op_type}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=name, **attrs))
-        return out
-
-    def const(self, tensor: onnx.TensorProto) -> str:
-        self.inits.append(tensor)
-        return tensor.name
-
-
-def _control_indices(g: _Graph, block_size: int) -> dict[str, str]:
-    """Per-token sequence index, the ScatterND indices into the pool, and the attention mask."""
-    tok = g.op("Range", g.const(_ints("zero", 0, np.int32)),
-               g.op("Squeeze", g.op("Cast", g.op("Shape", "input_ids"), to=TensorProto.INT32)),
-               g.const(_ints("one", 1, np.int32)))
-    ends = g.op("Slice", "seq_starts", g.const(_ints("s1", [1])), g.const(_ints("big", [2**31])))
-    ge = g.op("GreaterOrEqual", g.op("Unsqueeze", tok, g.const(_ints("ax1", [1]))),
-              g.op("Unsqueeze", ends, g.const(_ints("ax0", [0]))))
-    seq = g.op("ReduceSum", g.op("Cast", ge, to=TensorProto.INT32), "ax1", keepdims=0)
-    bs = g.const(_ints("block_size", block_size, np.int32))
-    lblk = g.op("Div", "position_ids", bs)
-    off = g.op("Sub", "position_ids", g.op("Mul", lblk, bs))
-    width = g.op("Cast", g.op("Gather", g.op("Shape", "block_tables"),
-                              g.const(_ints("i1", 1)), axis=0), to=TensorProto.INT32)
-    flat = g.op("Reshape", "block_tables", g.const(_ints("flat", [-1])))
-    pblk = g.op("Gather", flat, g.op("Add", g.op("Mul", seq, width), lblk), axis=0)
-    # ScatterND indices [2, T, kv_heads, 4] = (k/v, physical block, head, offset)
-    ax02 = g.const(_ints("ax02", [0, 2]))
-    parts = [
-        g.const(_ints("kv_sel", [[[0]], [[1]]])),
-        g.op("Unsqueeze", g.op("Cast", pblk, to=TensorProto.INT64), ax02),
-        g.const(_ints("heads", [[list(range(KV_HEADS))]])),
-        g.op("Unsqueeze", g.op("Cast", off, to=TensorProto.INT64), ax02),
-    ]
-    target = g.op("Concat", g.const(_ints("two", [2])), g.op("Shape", "input_ids"),
-                  g.const(_ints("kvh", [KV_HEADS])), axis=0)
-    last = g.const(_ints("axm1", [-1]))
-    parts = [g.op("Unsqueeze", g.op("Expand", p, target), last) for p in parts]
-    scatter_idx = g.op("Concat", *parts, axis=-1)
-    # mask [T, 1, 1, S]: key j is visible to a token at position p when j <= p < context_len
-    span = g.op("Mul", width, bs)
-    j = g.op("Unsqueeze", g.op("Range", "zero", span, "one"), "ax0")
-    pos = g.op("Unsqueeze", "position_ids", "ax1")
-    ctx = g.op("Unsqueeze", g.op("Gather", "context_lens", seq, axis=0), "ax1")
-    valid = g.op("And", g.op("LessOrEqual", j, pos), g.op("Less", j, ctx))
-    mask = g.op("Unsqueeze", valid, g.const(_ints("ax12", [1, 2])))
-    return {"seq": seq, "scatter_idx": scatter_idx, "mask": mask}
-
-
-def _layer(g: _Graph, layer: int, h: str, ctl: dict, dtype: str, rng) -> str:
-    """Write this layer's K/V into its pool, attend over the pool through the block tables."""
-    def w(name, shape):
-        return g.const(_weight(f"l{layer}.{name}", rng.standard_normal(shape) * 0.2, dtype))
-
-    heads3 = g.const(_ints(f"l{layer}.shape3", [-1, KV_HEADS, HEAD_DIM]))
-    k = g.op("Reshape", g.op("MatMul", h, w("wk", (HIDDEN, HIDDEN))), heads3)
-    v = g.op("Reshape", g.op("MatMul", h, w("wv", (HIDDEN, HIDDEN))), heads3)
-    kv = g.op("Concat", g.op("Unsqueeze", k, "ax0"), g.op("Unsqueeze", v, "ax0"), axis=0)
-    pool = g.op("ScatterND", f"kv_cache_{layer}", ctl["scatter_idx"], kv,
-                out=f"kv_cache_out_{layer}")
-    per_seq = g.const(_ints(f"l{layer}.per_seq", [0, 0, -1, HEAD_DIM]))
-
-    def gather_side(index: int) -> str:  # pool[index] -> [T, kv_heads, S, head_dim]
-        side = g.op("Gather", pool, g.const(_ints(f"l{layer}.side{index}", index)), axis=0)
-        blocks = g.op("Gather", side, "block_tables", axis=0)  # [B, MB, KH, BS, D]
-        seq_kv = g.op("Reshape", g.op("Transpose", blocks, perm=[0, 2, 1, 3, 4]), per_seq)
-        return g.op("Gather", seq_kv, ctl["seq"], axis=0)
-
-    keys, values = gather_side(0), gather_side(1)
-    q = g.op("Reshape", g.op("MatMul", h, w("wq", (HIDDEN, HIDDEN))),
-             g.const(_ints(f"l{layer}.q4", [-1, KV_HEADS, 1, HEAD_DIM])))
-    scale = g.const(_weight(f"l{layer}.scale", np.array(HEAD_DIM**-0.5), dtype))
-    scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", keys, perm=[0, 1, 3, 2])), scale)
-    neg = g.const(_weight(f"l{layer}.neg", np.array(-1e4), dtype))
-    probs = g.op("Softmax", g.op("Where", ctl["mask"], scores, neg), axis=-1)
-    attn = g.op("Reshape", g.op("MatMul", probs, values),
-                g.const(_ints(f"l{layer}.flat", [-1, HIDDEN])))
-    return g.op("Add", h, g.op("MatMul", attn, w("wo", (HIDDEN, HIDDEN))))
-
-
-def toy_model(path: Path, dtype: str = "float32", num_layers: int = 2,
-              limits: BuildLimits = LIMITS, seed: int = 0) -> Path:
-    """Write a contract-following toy model to `path`, its weights as external data."""
-    rng = np.random.default_rng(seed)
-    g = _Graph()
-    ctl = _control_indices(g, limits.kv_block_size)
-    emb = g.const(_weight("embed", rng.standard_normal((VOCAB, HIDDEN)), dtype))
-    pos = g.const(_weight("pos_embed", rng.standard_normal((limits.max_seq_len, HIDDEN)), dtype))
-    h = g.op("Add", g.op("Gather", emb, "input_ids", axis=0),
-             g.op("Gather", pos, "position_ids", axis=0))
-    for layer in range(num_layers):
-        h = _layer(g, layer, h, ctl, dtype, rng)
-    rows = g.op("Gather", h, "last_token_rows", axis=0)
-    lm_head = g.const(_weight("lm_head", rng.standard_normal((HIDDEN, VOCAB)) * 0.2, dtype))
-    g.op("Cast", g.op("MatMul", rows, lm_head), to=TensorProto.FLOAT, out="logits")
-
-    i32, kv_t = TensorProto.INT32, ONNX_DTYPES[dtype]
-    pool_shape = [2, "num_blocks", KV_HEADS, limits.kv_block_size, HEAD_DIM]
-    inputs = [
-        helper.make_tensor_value_info("input_ids", i32, ["num_tokens"]),
-        helper.make_tensor_value_info("position_ids", i32, ["num_tokens"]),
-        helper.make_tensor_value_info("seq_starts", i32, ["batch_plus_one"]),
-        helper.make_tensor_value_info("context_lens", i32, ["batch"]),
-        helper.make_tensor_value_info("block_tables", i32, ["batch", "max_blocks"]),
-        helper.make_tensor_value_info("last_token_rows", i32, ["batch"]),
-    ] + [helper.make_tensor_value_info(f"kv_cache_{i}", kv_t, pool_shape)
-         for i in range(num_layers)]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", VOCAB])] + [
-        helper.make_tensor_value_info(f"kv_cache_out_{i}", kv_t, pool_shape)
-        for i in range(num_layers)
-    ]
-    graph = helper.make_graph(g.nodes, "toy_contract", inputs, outputs, g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    onnx.checker.check_model(model)
-    onnx.save_model(model, str(path), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=path.name + ".data",
-                    size_threshold=256)  # shape constants stay inline
-    return path
-
-
-def contract_inputs(num_layers: int = 2, block_size: int = 16):
-    """The graph inputs as (name, shape) pairs, as onnx_graph_inputs reports them."""
-    pool = (2, "num_blocks", KV_HEADS, block_size, HEAD_DIM)
-    return [
-        ("input_ids", ("num_tokens",)),
-        ("position_ids", ("num_tokens",)),
-        ("seq_starts", ("batch_plus_one",)),
-        ("context_lens", ("batch",)),
-        ("block_tables", ("batch", "max_blocks")),
-        ("last_token_rows", ("batch",)),
-    ] + [(f"kv_cache_{i}", pool) for i in range(num_layers)]
-
-
-def ragged_step(num_blocks: int = 8, dtype: str = "float32", num_layers: int = 2) -> dict:
-    """Sequence 0 prefills 3 tokens (positions 0-2); sequence 1 decodes position 5."""
-    feeds = {
-        "input_ids": np.array([1, 2, 3, 4], np.int32),
-        "position_ids": np.array([0, 1, 2, 5], np.int32),
-        "seq_starts": np.array([0, 3, 4], np.int32),
-        "context_lens": np.array([3, 6], np.int32),
-        "block_tables": np.array([[2, 0], [5, 1]], np.int32),
-        "last_token_rows": np.array([2, 3], np.int32),
-    }
-    for i in range(num_layers):
-        feeds[f"kv_cache_{i}"] = np.zeros((2, num_blocks, KV_HEADS, 16, HEAD_DIM), dtype)
-    return feeds
 
 
 @pytest.fixture(scope="module")
 def toy_fp32(tmp_path_factory) -> Path:
-    return toy_model(tmp_path_factory.mktemp("toy") / "toy.onnx")
+    return toy_model(tmp_path_factory.mktemp("toy"))
 
 
 # ------------------------------------------------------------------ build limits
@@ -277,7 +88,7 @@ def test_build_limits_header_round_trip():
 
 
 def test_dim_ranges_cover_decode_and_full_limits():
-    ranges = dim_ranges(LIMITS)
+    ranges = contract.dim_ranges(LIMITS)
     assert ranges == {
         "num_tokens": (1, 4, 64),  # opt: one decode token per sequence of a full batch
         "batch": (1, 4, 4),
@@ -285,7 +96,7 @@ def test_dim_ranges_cover_decode_and_full_limits():
         "max_blocks": (1, 16, 16),  # 256 / 16
         "num_blocks": (1, 64, 64),  # 4 sequences x 16 blocks
     }
-    assert set(ranges) == set(DIM_NAMES)
+    assert set(ranges) == set(contract.DIMS)
     for lo, opt, hi in ranges.values():
         assert lo <= opt <= hi
 
@@ -355,8 +166,8 @@ def expected_io(dtype: str, num_layers: int = 2):
 def test_rtx_builds_the_contract_graph_on_the_cpu(tmp_path, dtype):
     import tensorrt_rtx
 
-    model = toy_model(tmp_path / f"toy_{dtype}.onnx", dtype=dtype)
-    assert (tmp_path / f"toy_{dtype}.onnx.data").stat().st_size > 0  # weights are external
+    model = toy_model(tmp_path, dtype=dtype)
+    assert (tmp_path / "weights.bin").stat().st_size > 0  # weights are external
     lines: list[str] = []
     plan, summary = build_plan(model, LIMITS, "tensorrt-rtx", log=lines.append)
 
@@ -383,7 +194,7 @@ def test_rtx_builds_the_contract_graph_on_the_cpu(tmp_path, dtype):
 def test_rtx_build_with_default_limits(tmp_path):
     """The default limits (2048 tokens of context, 1024 KV blocks) build as well."""
     limits = BuildLimits()
-    model = toy_model(tmp_path / "toy.onnx", dtype="float16", num_layers=1, limits=limits)
+    model = toy_model(tmp_path, dtype="float16", num_layers=1, limits=limits)
     plan, summary = build_plan(model, limits, "tensorrt-rtx", log=lambda _: None)
     assert plan
     assert summary["profile"]["kv_cache_0"][2] == [2, 1024, KV_HEADS, 16, HEAD_DIM]
@@ -397,8 +208,8 @@ def test_unsupported_node_is_a_clear_error(tmp_path, toy_fp32):
     softmax.op_type = "NoSuchOp"
     broken = tmp_path / "broken.onnx"
     onnx.save(model, str(broken))
-    data = toy_fp32.name + ".data"  # the broken copy refers to the same weights file
-    (tmp_path / data).symlink_to(toy_fp32.parent / data)
+    # the broken copy refers to the same weights file
+    (tmp_path / "weights.bin").symlink_to(toy_fp32.parent / "weights.bin")
     lines: list[str] = []
     with pytest.raises(LoweringError) as info:
         build_plan(broken, LIMITS, "tensorrt-rtx", log=lines.append)
@@ -416,9 +227,9 @@ def test_block_size_mismatch_between_graph_and_limits(toy_fp32):
 
 
 def test_missing_external_weights_name_the_tensor(tmp_path):
-    model = toy_model(tmp_path / "toy.onnx")
-    (tmp_path / "toy.onnx.data").unlink()
-    with pytest.raises(FileNotFoundError, match="weights file 'toy.onnx.data' of initializer"):
+    model = toy_model(tmp_path)
+    (tmp_path / "weights.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="weights file 'weights.bin' of initializer"):
         build_plan(model, LIMITS, "tensorrt-rtx", log=lambda _: None)
 
 
@@ -432,7 +243,7 @@ def test_unknown_symbolic_dim_fails_before_tensorrt(tmp_path, toy_fp32):
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "seq_len"
     path = tmp_path / "renamed.onnx"
     onnx.save(model, str(path))
-    (tmp_path / "toy.onnx.data").symlink_to(toy_fp32.parent / "toy.onnx.data")
+    (tmp_path / "weights.bin").symlink_to(toy_fp32.parent / "weights.bin")
     with pytest.raises(ValueError, match="'input_ids' axis 0 has dimension 'seq_len'"):
         build_plan(path, LIMITS, "tensorrt-rtx")
 
@@ -483,8 +294,6 @@ def test_rtx_has_no_hopper_target(toy_fp32):
 @needs_rtx
 def test_rtx_current_target_needs_a_gpu_and_fails_clearly(toy_fp32):
     """A real build failure: "current" asks the CUDA driver for the GPU; none is here."""
-    from llmc.runtime.trt_backend import list_gpus
-
     if list_gpus()[0]:
         pytest.skip("this machine has an NVIDIA GPU, so a 'current' build can succeed")
     with pytest.raises(LoweringError, match=r"TensorRT could not build .*\n.*CUDA"):

@@ -3,20 +3,19 @@
 ONNX file -> OnnxParser (`parse_from_file`, so external data next to the model resolves)
 -> strongly typed network -> one optimization profile from the build limits -> builder
 config -> `build_serialized_network` -> plan bytes. `tensorrt` and `tensorrt_rtx` share this
-API; `llmc.trt_shim` picks the module.
+API; `backends/tensorrt/shim.py` picks the module.
 
 Seen with TensorRT-RTX 1.7.1 (tensorrt-rtx-cu13) on a CPU-only Linux machine:
 - No flag is needed for a CPU-only build: CPU-only ahead-of-time building is the default.
   The default targets (no compute capability set on the config) are 8.0, 8.6, 8.9 and
   12.x; setting ComputeCapability.CURRENT needs a GPU. Kernels are compiled just in time
-  on the target GPU when the engine is first run, so a build is quick: the 2-layer toy
-  contract graph of tests/test_lowering.py builds in about 0.2-0.3 s (fp32, fp16, bf16),
-  and its plan is about 1.6 MiB.
+  on the target GPU when the engine is first run, so a build is quick: a 2-layer toy graph
+  builds in well under a second (fp32, fp16, bf16).
 - With no GPU the workspace pool limit defaults to 64 GiB; we cap it (DEFAULT_WORKSPACE_BYTES).
 - `IBuilderConfig.hardware_compatibility_level` is unsupported (it logs a warning), and
   NetworkDefinitionCreationFlag has only STRONGLY_TYPED (no EXPLICIT_BATCH).
 - TensorRT keeps the first ILogger a process gives it and ignores later ones, so llmc uses
-  one logger per library and redirects it per call (`trt_shim.get_logger/capture_log`).
+  one logger per library and redirects it per call (`shim.get_logger/capture_log`).
 - `Runtime.get_engine_validity(plan)` exists but needs a CUDA driver: without one it
   reports every plan INVALID, so it is no CPU-side check of a plan.
 """
@@ -28,45 +27,25 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from llmc import trt_shim
+from llmc import contract
+from llmc.backends.tensorrt import shim
+from llmc.devices import pick_trt_gpu
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
 
 Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # (min, opt, max)
 
-# The symbolic dimension names of the engine I/O contract (see DESIGN.md).
-DIM_NAMES = ("num_tokens", "batch", "batch_plus_one", "max_blocks", "num_blocks")
-
 # Builder workspace cap. The toy and small models need far less; large GEMMs with big
 # tactics want a few GiB. TensorRT only uses what the chosen tactics need.
 DEFAULT_WORKSPACE_BYTES = 4 << 30
-
-
-def dim_ranges(limits: BuildLimits) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) for each symbolic dimension of the I/O contract.
-
-    The opt point is a full decode step: every sequence of a full batch adds one token. That
-    is the shape a serving loop runs most; prefill chunks are rarer and larger. Block tables
-    are tuned at full width (the runtime may always pass max_blocks columns), and the KV
-    pool at its largest size, since the runtime allocates it once and keeps it.
-    """
-    limits.validate()
-    b = limits.max_batch_size
-    return {
-        "num_tokens": (1, b, limits.max_num_tokens),
-        "batch": (1, b, b),
-        "batch_plus_one": (2, b + 1, b + 1),
-        "max_blocks": (1, limits.max_blocks_per_seq, limits.max_blocks_per_seq),
-        "num_blocks": (1, limits.max_num_blocks, limits.max_num_blocks),
-    }
 
 
 def profile_shapes(
     onnx_inputs: Iterable[tuple[str, Sequence[int | str]]], limits: BuildLimits
 ) -> dict[str, ShapeRange]:
     """Map each graph input (name, shape of ints and dim names) to its (min, opt, max) shapes."""
-    ranges = dim_ranges(limits)
+    ranges = contract.dim_ranges(limits)
     out: dict[str, ShapeRange] = {}
     for name, shape in onnx_inputs:
         per_dim = [_dim_range(name, axis, dim, ranges) for axis, dim in enumerate(shape)]
@@ -78,7 +57,8 @@ def check_kv_block_size(onnx_inputs, limits: BuildLimits) -> None:
     """The graph's KV pools [2, num_blocks, kv_heads, block_size, head_dim] must use the
     block size the runtime will page with (the limits' kv_block_size)."""
     for name, shape in onnx_inputs:
-        if name.startswith("kv_cache_") and len(shape) == 5 and shape[3] != limits.kv_block_size:
+        if contract.kv_layer(name) is not None and len(shape) == 5 \
+                and shape[3] != limits.kv_block_size:
             raise ValueError(
                 f"graph input {name!r} has KV block size {shape[3]!r} (axis 3), but the build "
                 f"limits say kv_block_size={limits.kv_block_size}; build the graph with that "
@@ -174,7 +154,7 @@ def create_network(trt, builder):
 
 def parse_onnx(trt, network, onnx_path: Path, logged_errors: Sequence[str] = ()):
     """Parse the file into `network`; a failure lists every parser error by node."""
-    parser = trt.OnnxParser(network, trt_shim.get_logger(trt))
+    parser = trt.OnnxParser(network, shim.get_logger(trt))
     # parse_from_file (not parse(bytes)) so that external data next to the model resolves.
     if parser.parse_from_file(str(onnx_path)):
         return parser
@@ -270,16 +250,13 @@ def register_plugins(backend: str, log: Callable[[str], None]) -> None:
     """
     if backend != "tensorrt":
         return
-    from llmc.plugins.compiler import arch_for_capability
     from llmc.plugins.trt_plugin import register
-    from llmc.runtime.trt_backend import pick_gpu
 
-    gpu, why = pick_gpu(backend)
+    gpu, why = pick_trt_gpu(backend)
     if gpu is None:
         raise LoweringError(f"a tensorrt build compiles llmc's kernels for its GPU: {why}")
-    arch = arch_for_capability(*gpu.capability)
-    register(arch, gpu.sm_count)
-    log(f"registered llmc plugins for {gpu.name} ({arch}, {gpu.sm_count} SMs)")
+    register(gpu.arch, gpu.sm_count)
+    log(f"registered llmc plugins for {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs)")
 
 
 def _parse_and_build(trt, logger, errors, onnx_path, shapes, backend, options, log):
@@ -298,7 +275,7 @@ def _parse_and_build(trt, logger, errors, onnx_path, shapes, backend, options, l
     config = make_config(trt, builder, **options)
     profile = add_profile(builder, config, network, shapes)
     info["profile"] = read_profile(profile, network)
-    log(f"building a {backend} {trt_shim.library_version(trt)} plan ...")
+    log(f"building a {backend} {shim.library_version(trt)} plan ...")
     t1 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     build_s = time.perf_counter() - t1
@@ -340,9 +317,9 @@ def build_plan(
     check_kv_block_size(graph_inputs, limits)
     shapes = profile_shapes(graph_inputs, limits)
     del graph_only
-    trt = trt_shim.import_trt(backend)
-    logger = trt_shim.get_logger(trt)
-    with trt_shim.capture_log(logger, log) as errors:
+    trt = shim.import_trt(backend)
+    logger = shim.get_logger(trt)
+    with shim.capture_log(logger, log) as errors:
         plan, network_info, timings = _parse_and_build(
             trt, logger, errors, onnx_path, shapes, backend,
             {"workspace_bytes": workspace_bytes, "rtx_targets": tuple(rtx_targets)}, log,
@@ -351,7 +328,7 @@ def build_plan(
         **network_info,
         "limits": limits.to_dict(),
         "rtx_targets": list(rtx_targets) or None,  # None: the library's default targets
-        **trt_shim.versions(backend),
+        **shim.versions(backend),
         **timings,
         "plan_bytes": len(plan),
     }

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from llmc.config import config_from_hf, load_config
 from llmc.errors import LlmcError
+from llmc.model_zoo import load_model
+from llmc.model_zoo import parse_config as config_from_hf
+from llmc.model_zoo.llama import LlamaConfig, weight_names
 
 BASE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -56,13 +58,11 @@ def test_family_specifics():
     tied = config_from_hf({**BASE, "tie_word_embeddings": True, "head_dim": 32,
                            "eos_token_id": [1, 2]})
     assert tied.tie_word_embeddings and tied.head_dim == 32 and tied.eos_token_ids == (1, 2)
-    assert "lm_head.weight" not in tied.weight_names()
-    assert "model.layers.1.self_attn.q_proj.bias" in qwen.weight_names()
+    assert "lm_head.weight" not in weight_names(tied)
+    assert "model.layers.1.self_attn.q_proj.bias" in weight_names(qwen)
 
 
 def test_round_trip_through_the_engine_header():
-    from llmc.config import LlamaConfig
-
     c = config_from_hf({**BASE, "rope_scaling": LLAMA3, "eos_token_id": 2})
     assert LlamaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
@@ -75,6 +75,12 @@ def test_round_trip_through_the_engine_header():
     ({k: v for k, v in BASE.items() if k != "hidden_size"}, "lacks the key 'hidden_size'"),
     ({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
     ({**BASE, "num_key_value_heads": 3}, "not a multiple of num_key_value_heads (3)"),
+    # fields that change the math are honoured or refused, never ignored
+    ({**BASE, "hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({**BASE, "hidden_size": "64"}, "hidden_size should be an integer, got '64'"),
+    ({**BASE, "architectures": "LlamaForCausalLM"}, "architectures should be a list"),
+    ({**BASE, "num_hidden_layers": 0}, "num_hidden_layers must be at least 1"),
+    ({**BASE, "tie_word_embeddings": "yes"}, "tie_word_embeddings should be true or false"),
 ])
 def test_clear_errors(hf, message):
     with pytest.raises(LlmcError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -83,7 +89,7 @@ def test_clear_errors(hf, message):
 
 def test_folder_errors(tmp_path):
     with pytest.raises(LlmcError, match="has no config.json"):
-        load_config(tmp_path)
+        load_model(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(LlmcError, match="is not valid JSON"):
-        load_config(tmp_path)
+        load_model(tmp_path)

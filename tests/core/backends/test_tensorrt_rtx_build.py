@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 
 from llmc.build import BuildOptions, build
+from llmc.contract import dim_ranges
 from llmc.engine_file import EngineFile
-from llmc.lowering import BuildLimits, dim_ranges
+from llmc.limits import BuildLimits
 
 pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
 
@@ -20,7 +21,7 @@ TRT_DTYPE = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16"}
 
 
 def _check_network(header, cfg_layers, kv_heads, head_dim, vocab, dtype):
-    net = header["network"]
+    net = header.lowering
     inputs = {t["name"]: t for t in net["inputs"]}
     outputs = {t["name"]: t for t in net["outputs"]}
     control = ["input_ids", "position_ids", "seq_starts", "context_lens", "block_tables",
@@ -53,7 +54,7 @@ def test_tiny_models_build(tiny_models, tmp_path, kind, dtype):
     _check_network(header, c.num_hidden_layers, c.num_key_value_heads, head_dim,
                    c.vocab_size, dtype)
     e = EngineFile(out)
-    assert e.header["backend"] == "tensorrt-rtx" and len(e.section("plan")) > 0
+    assert e.header.backend == "tensorrt-rtx" and len(e.section("plan")) > 0
 
 
 @pytest.mark.slow
@@ -63,4 +64,4 @@ def test_smollm2_builds(smollm2_path, tmp_path):
                                 limits=LIMITS), log=lambda _: None)
     _check_network(header, 30, 3, 64, 49152, "float16")
     # the fp16 weights (134.5M parameters) are in the plan
-    assert header["network"]["plan_bytes"] > 2 * 134_000_000
+    assert header.lowering["plan_bytes"] > 2 * 134_000_000

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from llmc.backends.reference import ReferenceSession
 from llmc.build import BuildOptions, build
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
 from llmc.runtime.generator import generate
 from llmc.runtime.kv_cache import BlockPool, blocks_needed
-from llmc.runtime.reference_backend import ReferenceSession
 from llmc.runtime.runner import Runner, render_chat
 from llmc.runtime.sampler import SamplingParams, sample
 

@@ -1,4 +1,5 @@
-"""Checkpoint readers: safetensors (single, sharded, fp16/bf16), GGUF, and their errors."""
+"""Checkpoints read through the model registry: safetensors (single, sharded, fp16/bf16),
+GGUF (names, Q/K un-permutation, config from metadata), and their errors."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llmc.checkpoint import open_checkpoint
 from llmc.errors import LlmcError
-from llmc.gguf_reader import NAME_TABLE
+from llmc.model_zoo import load_model
+from llmc.model_zoo.llama import GGUF_NAMES
 
 
 def _state(model):
@@ -21,7 +22,7 @@ def _state(model):
 
 def test_single_file_reads_every_tensor_exactly(tiny_models):
     folder, model = tiny_models["llama-gqa"]
-    ckpt = open_checkpoint(folder)
+    ckpt = load_model(folder)
     ckpt.check_tensors()
     for name, ref in _state(model).items():
         np.testing.assert_array_equal(ckpt.tensor(name), ref)
@@ -41,7 +42,7 @@ def test_sharded_half_precision(tiny_models, tmp_path, dtype):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     for f in ("config.json", "tokenizer.json"):
         (tmp_path / f).write_text((src / f).read_text())
-    ckpt = open_checkpoint(tmp_path)
+    ckpt = load_model(tmp_path)
     ckpt.check_tensors()
     for name in names:
         np.testing.assert_array_equal(ckpt.tensor(name).astype(np.float32),
@@ -62,11 +63,11 @@ def _copy_with(src, dst, drop=(), add=None):
 def test_missing_and_unexpected_tensors_are_named(tiny_models, tmp_path):
     src, _ = tiny_models["llama-gqa"]
     gone = "model.layers.1.mlp.up_proj.weight"
-    ckpt = open_checkpoint(_copy_with(src, tmp_path / "a", drop=[gone]))
+    ckpt = load_model(_copy_with(src, tmp_path / "a", drop=[gone]))
     with pytest.raises(LlmcError, match=f"missing tensors: {gone}"):
         ckpt.check_tensors()
     extra = "model.layers.0.self_attn.q_norm.weight"
-    ckpt = open_checkpoint(_copy_with(src, tmp_path / "b", add={extra: torch.ones(4)}))
+    ckpt = load_model(_copy_with(src, tmp_path / "b", add={extra: torch.ones(4)}))
     with pytest.raises(LlmcError, match=f"unexpected tensors: {extra}"):
         ckpt.check_tensors()
     with pytest.raises(LlmcError, match="has no tensor 'nope'"):
@@ -75,14 +76,14 @@ def test_missing_and_unexpected_tensors_are_named(tiny_models, tmp_path):
 
 def test_folder_errors(tiny_models, tmp_path):
     with pytest.raises(LlmcError, match="does not exist"):
-        open_checkpoint(tmp_path / "absent")
+        load_model(tmp_path / "absent")
     (tmp_path / "config.json").write_text((tiny_models["llama-gqa"][0] / "config.json")
                                           .read_text())
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(LlmcError, match="no \\*.safetensors weights .*re-save them"):
-        open_checkpoint(tmp_path)
+        load_model(tmp_path)
     with pytest.raises(LlmcError, match="not a .gguf file"):
-        open_checkpoint(tmp_path / "config.json")
+        load_model(tmp_path / "config.json")
 
 
 def test_truncated_safetensors(tiny_models, tmp_path):
@@ -90,7 +91,7 @@ def test_truncated_safetensors(tiny_models, tmp_path):
     folder = _copy_with(src, tmp_path / "t")
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    ckpt = open_checkpoint(folder)
+    ckpt = load_model(folder)
     with pytest.raises(LlmcError, match="truncated"):
         for name in ckpt.names():
             ckpt.tensor(name)
@@ -116,7 +117,7 @@ def _write_gguf(path, model, arch="llama"):
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(cfg.vocab_size)
-    hf_to_gguf = {v: k for k, v in NAME_TABLE.items()}
+    hf_to_gguf = {v: k for k, v in GGUF_NAMES.items()}
     for name, t in _state(model).items():
         parts = name.split(".")
         key = ".".join(parts[:2] + ["{i}"] + parts[3:]) if parts[1] == "layers" else name
@@ -136,7 +137,7 @@ def test_gguf_unpermutes_qk_and_reads_config(tiny_models, tmp_path):
     _, model = tiny_models["llama-gqa"]
     path = tmp_path / "tiny.gguf"
     _write_gguf(path, model)
-    ckpt = open_checkpoint(path)
+    ckpt = load_model(path)
     c = ckpt.config
     assert (c.architecture, c.num_hidden_layers, c.num_key_value_heads, c.head_dim) == (
         "LlamaForCausalLM", 2, 2, 16)
@@ -155,11 +156,11 @@ def test_gguf_errors(tiny_models, tmp_path):
     w.write_kv_data_to_file()
     w.close()
     with pytest.raises(LlmcError, match="GGUF architecture 'gpt2' is not supported"):
-        open_checkpoint(path)
+        load_model(path)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(LlmcError, match="not a readable GGUF file"):
-        open_checkpoint(bad)
+        load_model(bad)
 
 
 @pytest.mark.slow
@@ -167,7 +168,7 @@ def test_smollm2_gguf_matches_transformers(smollm2_path):
     """Our dequantized, un-permuted weights and tokenizer equal transformers' GGUF loader."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ckpt = open_checkpoint(smollm2_path)
+    ckpt = load_model(smollm2_path)
     ckpt.check_tensors()
     c = ckpt.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,

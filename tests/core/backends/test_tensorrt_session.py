@@ -7,23 +7,14 @@ backend supports is present (TensorRT-RTX: 8.0/8.6/8.9/12.x, not Hopper).
 
 from __future__ import annotations
 
-import os
+import importlib.util
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import pytest
 
-import importlib.util  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from llmc.runtime import trt_backend  # noqa: E402
-from llmc.runtime.trt_backend import (  # noqa: E402
-    BackendUnavailableError,
-    TensorRTSession,
-    available,
-    list_gpus,
-    supports_capability,
-)
+from llmc import devices
+from llmc.backends.tensorrt.session import BackendUnavailableError, TensorRTSession, available
+from llmc.devices import list_gpus, trt_supports
 
 HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 GPUS, NO_GPU_REASON = list_gpus()
@@ -46,13 +37,15 @@ RTX_OK, RTX_REASON = available("tensorrt-rtx")
     ],
 )
 def test_supported_compute_capabilities(cc, rtx, trt):
-    assert supports_capability("tensorrt-rtx", cc) is rtx
-    assert supports_capability("tensorrt", cc) is trt
+    assert trt_supports("tensorrt-rtx", cc) is rtx
+    assert trt_supports("tensorrt", cc) is trt
 
 
 def test_unknown_backend_is_an_error():
     with pytest.raises(ValueError, match="unknown TensorRT backend 'onnxruntime'"):
         available("onnxruntime")
+    with pytest.raises(ValueError, match="unknown TensorRT backend 'onnxruntime'"):
+        trt_supports("onnxruntime", (9, 0))
 
 
 @pytest.mark.skipif(bool(GPUS), reason="this machine has an NVIDIA GPU")
@@ -80,22 +73,22 @@ def test_session_refuses_with_the_reason_where_it_cannot_run():
     if RTX_OK:
         pytest.skip("this machine can run tensorrt-rtx engines")
     with pytest.raises(BackendUnavailableError) as info:
-        TensorRTSession(b"not a plan", "tensorrt-rtx", header={})
+        TensorRTSession(b"not a plan", "tensorrt-rtx")
     assert str(info.value) == RTX_REASON
 
 
 def test_rtx_reason_names_an_unsupported_gpu(monkeypatch):
     """With a Hopper GPU present, the sentence names it and its compute capability."""
-    h100 = trt_backend.Gpu(0, "NVIDIA H100 80GB HBM3", (9, 0))
-    monkeypatch.setattr(trt_backend, "list_gpus", lambda: ([h100], ""))
-    gpu, reason = trt_backend.pick_gpu("tensorrt-rtx")
+    h100 = devices.Gpu(0, "NVIDIA H100 80GB HBM3", (9, 0))
+    monkeypatch.setattr(devices, "list_gpus", lambda: ([h100], ""))
+    gpu, reason = devices.pick_trt_gpu("tensorrt-rtx")
     assert gpu is None
     assert reason == (
         "this engine was built for tensorrt-rtx and needs an NVIDIA GPU of compute capability "
         "8.0/8.6/8.9/12.x; this machine has NVIDIA H100 80GB HBM3 (9.0), which it does not "
         "support"
     )
-    gpu, reason = trt_backend.pick_gpu("tensorrt")
+    gpu, reason = devices.pick_trt_gpu("tensorrt")
     assert gpu is not None and gpu.capability == (9, 0) and reason == ""
 
 
@@ -108,11 +101,11 @@ def test_rtx_engine_step_matches_onnxruntime(tmp_path):
     pools stay on the GPU and that the input/output pool swap is right.
     """
     import onnxruntime as ort
-    from test_lowering import LIMITS, ragged_step, toy_model
+    from toy_graph import LIMITS, ragged_step, toy_model
 
-    from llmc.lowering import build_plan
+    from llmc.backends.tensorrt.lower import build_plan
 
-    model = toy_model(tmp_path / "toy.onnx")
+    model = toy_model(tmp_path)
     plan, summary = build_plan(model, LIMITS, "tensorrt-rtx", log=lambda _: None)
     ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     out_names = [o.name for o in ref.get_outputs()]
@@ -125,7 +118,7 @@ def test_rtx_engine_step_matches_onnxruntime(tmp_path):
         "block_tables": prefill["block_tables"],
         "last_token_rows": np.array([0, 1], np.int32),
     }
-    with TensorRTSession(plan, "tensorrt-rtx", header={"summary": summary}) as session:
+    with TensorRTSession(plan, "tensorrt-rtx") as session:
         session.allocate_kv(8)
         logits = []
         ref_feeds = prefill

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -25,11 +26,11 @@ def engine(tmp_path):
 
 def test_round_trip_and_alignment(engine):
     e = EngineFile(engine)
-    assert e.header["format_version"] == FORMAT_VERSION and e.header["note"] == "x"
+    assert e.raw["format_version"] == FORMAT_VERSION and e.raw["note"] == "x"
     assert e.section("model.onnx").tobytes() == b"graph"
     np.testing.assert_array_equal(e.section("weights.bin").view(np.float32),
                                   np.arange(100_000, dtype=np.float32))
-    assert all(off % (1 << 16) == 0 for off, _ in e.header["sections"].values())
+    assert all(off % (1 << 16) == 0 for off, _ in e.raw["sections"].values())
     with pytest.raises(LlmcError, match="has no 'plan' section"):
         e.section("plan")
 
@@ -52,8 +53,7 @@ def test_truncated(engine):
 
 def test_corrupted_payload_and_header(engine):
     e = EngineFile(engine)
-    off, _ = e.header["sections"]["weights.bin"]
-    del e
+    off, _ = e.raw["sections"]["weights.bin"]
     _damage(engine, off + 1000, b"\xff\xff")
     with pytest.raises(LlmcError, match="corrupted \\(payload checksum"):
         EngineFile(engine)
@@ -98,13 +98,40 @@ def test_failed_build_leaves_no_file(tiny_models, tmp_path):
     assert list(out_dir.iterdir()) == []
 
 
-def test_tensorrt_plan_of_another_library_version(tmp_path):
+def _header_of_a_real_build(tiny_models, tmp_path) -> dict:
+    out = tmp_path / "real.engine"
+    build(BuildOptions(tiny_models["llama-gqa"][0], out, limits=BuildLimits(2, 16, 64, 8)),
+          log=lambda _: None)
+    raw = dict(EngineFile(out).raw)
+    del raw["sections"], raw["format_version"]
+    return raw
+
+
+def test_typed_header_round_trip(tiny_models, tmp_path):
+    from llmc.header import EngineHeader
+
+    raw = _header_of_a_real_build(tiny_models, tmp_path)
+    header = EngineHeader.from_dict(raw)
+    assert json.loads(json.dumps(header.to_dict())) == raw   # what the file stores
+    assert header.build.limits == BuildLimits(2, 16, 64, 8)
+    assert header.io.kv_block_shape == (2, 8, 16) and header.model.family == "llama"
+
+
+def test_header_this_llmc_did_not_write_says_rebuild(tmp_path):
+    path = tmp_path / "odd.engine"
+    write_engine(path, {"backend": "reference"}, {"model.onnx": b"graph"})
+    with pytest.raises(LlmcError, match="not one this llmc wrote .*rebuild"):
+        EngineFile(path).header
+
+
+def test_tensorrt_plan_of_another_library_version(tiny_models, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     from llmc.runtime.runner import Runner
 
     path = tmp_path / "old.engine"
-    write_engine(path, {"backend": "tensorrt-rtx", "versions": {"library_version": "1.0.0.1"}},
-                 {"plan": b"plan bytes"})
+    raw = _header_of_a_real_build(tiny_models, tmp_path)
+    raw.update(backend="tensorrt-rtx", versions={"library_version": "1.0.0.1"})
+    write_engine(path, raw, {"plan": b"plan bytes"})
     with pytest.raises(LlmcError, match="built with tensorrt-rtx 1.0.0.1, but this machine has "
                                         "tensorrt-rtx 1.7"):
         Runner(path)

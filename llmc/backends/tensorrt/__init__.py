@@ -1,0 +1,62 @@
+"""The TensorRT backends, `tensorrt` and `tensorrt-rtx`: one package, both halves.
+
+    lower.py    fused ONNX graph -> OnnxParser -> strongly typed network -> profile -> plan
+    session.py  plan -> execution context; one step per call, KV pools on the GPU
+    shim.py     the one door to the `tensorrt` / `tensorrt_rtx` module and its logger
+
+The two libraries share their API; the backend name picks the module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmc.backends.base import Log, Lowered
+from llmc.engine_file import EngineFile
+from llmc.errors import LlmcError
+from llmc.limits import BuildLimits
+
+PLAN = "plan"
+
+
+class TensorRTBackend:
+    def __init__(self, name: str):
+        self.name = name
+
+    def available(self) -> tuple[bool, str]:
+        from llmc.backends.tensorrt.session import available
+
+        return available(self.name)
+
+    def compute_dtype(self, dtype: str) -> str:
+        return dtype
+
+    def lower(self, onnx_path: Path, limits: BuildLimits, log: Log) -> Lowered:
+        from llmc.backends.tensorrt import shim
+        from llmc.backends.tensorrt.lower import build_plan
+
+        plan, summary = build_plan(onnx_path, limits, self.name, log=log)
+        return Lowered({PLAN: plan}, summary, shim.versions(self.name))
+
+    def open(self, engine: EngineFile, log: Log | None = None):
+        from llmc.backends.tensorrt import shim
+        from llmc.backends.tensorrt.session import TensorRTSession, available
+
+        if shim.is_importable(self.name)[0]:
+            # A plan loads only in the library version that built it: say so up front.
+            built_with = engine.header.versions.get("library_version")
+            here = shim.versions(self.name)["library_version"]
+            if built_with != here:
+                raise LlmcError(
+                    f"{engine.path} was built with {self.name} {built_with}, but this machine "
+                    f"has {self.name} {here}; TensorRT plans load only in the version that "
+                    "built them. Rebuild the engine here with `llmc build`")
+        ok, why = available(self.name)
+        if not ok:
+            raise LlmcError(f"cannot run {engine.path} here: {why}. Run it on such a machine, "
+                            "or build a CPU engine with `llmc build --backend reference`")
+        return TensorRTSession(engine.section(PLAN).tobytes(), self.name)
+
+
+def backend(name: str) -> TensorRTBackend:
+    return TensorRTBackend(name)

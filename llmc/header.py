@@ -1,0 +1,73 @@
+"""The engine header, typed: written by `llmc build`, read by the Runner, the backends and
+`llmc inspect`. It is stored as JSON in the engine file (llmc/engine_file.py); these
+dataclasses are the only code that knows its keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from llmc.checkpoint import Tokenizer
+from llmc.contract import EngineIO
+from llmc.errors import LlmcError
+from llmc.limits import BuildLimits
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    source: str                 # the checkpoint it was built from
+    family: str                 # model_zoo family, e.g. "llama"
+    architecture: str           # HF architectures[0]
+    config: dict[str, Any]      # the family's parsed config, as a dict
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"{c['num_hidden_layers']} layers, hidden {c['hidden_size']}, heads "
+                f"{c['num_attention_heads']}/{c['num_key_value_heads']}, head_dim "
+                f"{c['head_dim']}, vocab {c['vocab_size']}")
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    dtype: str                  # what the user asked for
+    compute_dtype: str          # what the graph computes in (reference bf16: float32)
+    limits: BuildLimits
+
+
+@dataclass(frozen=True)
+class EngineHeader:
+    llmc_version: str
+    backend: str
+    model: ModelInfo
+    build: BuildInfo
+    io: EngineIO
+    tokenizer: Tokenizer
+    versions: dict[str, str]    # libraries that built it (a TensorRT plan needs the same)
+    created: str
+    passes: dict[str, Any] = field(default_factory=dict)     # the pass report
+    lowering: dict[str, Any] = field(default_factory=dict)   # what the backend reported
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["build"]["limits"] = self.build.limits.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EngineHeader":
+        try:
+            b = d["build"]
+            tok = dict(d["tokenizer"])
+            tok["eos_token_ids"] = tuple(tok["eos_token_ids"])
+            return cls(
+                llmc_version=d["llmc_version"], backend=d["backend"],
+                model=ModelInfo(**d["model"]),
+                build=BuildInfo(b["dtype"], b["compute_dtype"],
+                                BuildLimits.from_dict(b["limits"])),
+                io=EngineIO.from_dict(d["io"]), tokenizer=Tokenizer(**tok),
+                versions=dict(d["versions"]), created=d["created"],
+                passes=d.get("passes", {}), lowering=d.get("lowering", {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise LlmcError(f"the engine header is not one this llmc wrote ({e!r}); rebuild "
+                            "the engine with `llmc build`") from None

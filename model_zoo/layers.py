@@ -1,0 +1,190 @@
+"""Shared layers of a decoder-only transformer, as a graph of primitive ONNX ops over the
+paged KV cache (llmc/contract.py). A family file subclasses `DecoderGraph` and writes only its
+block; everything paged (step values, the cache write, the masked gather-attention) is here.
+
+One engine step takes a ragged batch; the skeleton reads top to bottom like the model:
+
+    h = embed(input_ids)
+    for each layer:  h = block(layer, h)        # the family's
+    logits = lm_head(final_norm(h[last_token_rows]))
+
+Nothing here is fused: passes/ rewrites the chains (RMSNorm, RoPE, SwiGLU, attention) later,
+so each layer emits the canonical unfused form the passes match. Precision follows HF:
+norms and softmax in float32, everything else in the build dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from onnx import TensorProto
+
+from llmc import contract
+from llmc.dtypes import np_dtype, onnx_type
+from llmc.graph import GraphBuilder
+
+I32, I64, F32 = TensorProto.INT32, TensorProto.INT64, TensorProto.FLOAT
+
+
+@dataclass(frozen=True)
+class Step:
+    """Values computed once per step from the contract's inputs and shared by every layer."""
+
+    positions: str      # int32 [T]
+    cos: str            # dtype [T, 1, head_dim]
+    sin: str            # dtype [T, 1, head_dim]
+    write_index: str    # int64 [2, T, Hkv, 4]: (k|v, block, head, row) of each new K/V row
+    token_blocks: str   # int64 [T, max_blocks]: the block table of each token's sequence
+    mask: str           # float32 [T, 1, 1, max_blocks * block_size]: 0 or contract.MASKED
+
+
+class DecoderGraph:
+    """The skeleton and shared layers; subclasses define `block` and the names below."""
+
+    EMBED = "model.embed_tokens.weight"
+    FINAL_NORM = "model.norm"
+    LM_HEAD = "lm_head"
+
+    def __init__(self, config: Any, tensor: Callable[[str], np.ndarray], dtype: str,
+                 kv_block_size: int, weights_rounded_to: str | None = None):
+        self.c = config
+        self.tensor = tensor
+        self.rounding = np_dtype(weights_rounded_to) if weights_rounded_to else None
+        self.dtype = dtype
+        self.elem = onnx_type(dtype)
+        self.bs = kv_block_size
+        self.g = GraphBuilder(config.architecture)
+
+    def block(self, layer: int, h: str, step: Step, cache: str) -> tuple[str, str]:
+        """One decoder layer: returns (h, the layer's updated KV pool)."""
+        raise NotImplementedError
+
+    # --- the skeleton --------------------------------------------------------------------------
+
+    def build(self) -> GraphBuilder:
+        c, g = self.c, self.g
+        ids = g.input(contract.INPUT_IDS, I32, ["num_tokens"])
+        step = self.step_values()
+        last = g.input(contract.LAST_TOKEN_ROWS, I32, ["batch"])
+        kv_shape = [2, "num_blocks", c.num_key_value_heads, self.bs, c.head_dim]
+        caches = [g.input(contract.kv_cache_input(i), self.elem, kv_shape)
+                  for i in range(c.num_hidden_layers)]
+        embed = self.weight(self.EMBED, (c.vocab_size, c.hidden_size))
+        h = g.Gather(embed, ids)                                          # [T, hidden]
+        for i in range(c.num_hidden_layers):
+            with g.scope(f"layers.{i}"):
+                h, caches[i] = self.block(i, h, step, caches[i])
+        with g.scope("head"):
+            h = self.rms_norm(g.Gather(h, last), self.FINAL_NORM)        # [B, hidden]
+            if c.tie_word_embeddings:   # the embedding table, read as [vocab, hidden]
+                logits = g.Gemm(h, embed, transB=1)
+            else:
+                logits = self.linear(h, self.LM_HEAD, c.vocab_size, c.hidden_size)
+            g.output(g.Cast(logits, to=F32), contract.LOGITS, F32, ["batch", c.vocab_size])
+        for i, cache in enumerate(caches):
+            g.output(cache, contract.kv_cache_output(i), self.elem, kv_shape)
+        return g
+
+    # --- weights -------------------------------------------------------------------------------
+
+    def weight(self, name: str, shape: tuple[int, ...], transpose: bool = False) -> str:
+        """A checkpoint tensor (HF name); linear weights are stored [in, out] so MatMul needs
+        no transpose (the passes match MatMul)."""
+        tensor, dt, rounding = self.tensor, np_dtype(self.dtype), self.rounding
+
+        def load():
+            w = tensor(name)
+            if rounding is not None:  # e.g. bf16 weights computed in fp32 on onnxruntime
+                w = w.astype(rounding)
+            return (w.T if transpose else w).astype(dt)
+
+        out_shape = tuple(reversed(shape)) if transpose else shape
+        return self.g.weight(name, self.dtype, out_shape, load)
+
+    def linear(self, x: str, name: str, n_out: int, n_in: int, bias: bool = False) -> str:
+        y = self.g.MatMul(x, self.weight(f"{name}.weight", (n_out, n_in), transpose=True))
+        return self.g.Add(y, self.weight(f"{name}.bias", (n_out,))) if bias else y
+
+    # --- layers --------------------------------------------------------------------------------
+
+    def rms_norm(self, x: str, name: str) -> str:
+        """HF semantics: normalise in float32, cast back, then scale by the weight."""
+        g = self.g
+        x32 = g.Cast(x, to=F32)
+        var = g.ReduceMean(g.Mul(x32, x32), g.const([-1]), keepdims=1)
+        inv = g.Reciprocal(g.Sqrt(g.Add(var, g.const(self.c.rms_norm_eps, np.float32))))
+        y = g.Cast(g.Mul(x32, inv), to=self.elem)
+        return g.Mul(y, self.weight(f"{name}.weight", (self.c.hidden_size,)))
+
+    def swiglu_mlp(self, x: str, p: str, bias: bool = False) -> str:
+        """down(silu(gate(x)) * up(x)), HF's gate_proj / up_proj / down_proj."""
+        c, g = self.c, self.g
+        gate = self.linear(x, f"{p}.gate_proj", c.intermediate_size, c.hidden_size, bias)
+        up = self.linear(x, f"{p}.up_proj", c.intermediate_size, c.hidden_size, bias)
+        act = g.Mul(g.Mul(gate, g.Sigmoid(gate)), up)                     # silu(gate) * up
+        return self.linear(act, f"{p}.down_proj", c.hidden_size, c.intermediate_size, bias)
+
+    def heads(self, x: str, n_heads: int) -> str:
+        """[T, H*D] -> [T, H, D]."""
+        return self.g.Reshape(x, self.g.const([0, n_heads, self.c.head_dim]))
+
+    def rope(self, x: str, s: Step) -> str:
+        """Rotate-half RoPE on [T, H, D]: x * cos + rotate_half(x) * sin."""
+        g, half = self.g, self.c.head_dim // 2
+        x1 = g.Slice(x, g.const([0]), g.const([half]), g.const([-1]))
+        x2 = g.Slice(x, g.const([half]), g.const([2 * half]), g.const([-1]))
+        rotated = g.Concat(g.Neg(x2), x1, axis=-1)
+        return g.Add(g.Mul(x, s.cos), g.Mul(rotated, s.sin))
+
+    def paged_attention(self, q: str, k: str, v: str, s: Step, cache: str,
+                        scale: float | None = None) -> tuple[str, str]:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> ([T, Hq*D], the updated pool).
+
+        Write this step's K/V rows into their blocks, then every token gathers its own
+        sequence's blocks back and attends (GQA) to the keys the step's mask lets it see."""
+        c, g = self.c, self.g
+        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        new_kv = g.Concat(g.Unsqueeze(k, g.const([0])), g.Unsqueeze(v, g.const([0])), axis=0)
+        cache = g.ScatterND(cache, s.write_index, new_kv)                 # [2, NB, Hkv, BS, D]
+        ctx = g.Gather(cache, s.token_blocks, axis=1)                   # [2, T, MB, Hkv, BS, D]
+        ctx = g.Reshape(g.Transpose(ctx, perm=[0, 1, 3, 2, 4, 5]),
+                        g.const([2, 0, hkv, -1, d]))                      # [2, T, Hkv, C, D]
+        keys = g.Gather(ctx, g.const(0), axis=0)                          # [T, Hkv, C, D]
+        values = g.Gather(ctx, g.const(1), axis=0)
+
+        qg = g.Reshape(q, g.const([0, hkv, hq // hkv, d]))                # [T, Hkv, G, D]
+        scores = g.MatMul(qg, g.Transpose(keys, perm=[0, 1, 3, 2]))       # [T, Hkv, G, C]
+        scale = d ** -0.5 if scale is None else scale
+        scores = g.Mul(g.Cast(scores, to=F32), g.const(scale, np.float32))
+        probs = g.Cast(g.Softmax(g.Add(scores, s.mask), axis=-1), to=self.elem)
+        return g.Reshape(g.MatMul(probs, values), g.const([0, hq * d])), cache  # [T, Hq*D]
+
+    # --- per-step values -----------------------------------------------------------------------
+
+    def step_values(self) -> Step:
+        c, g = self.c, self.g
+        with g.scope("step"):
+            pos = g.input(contract.POSITION_IDS, I32, ["num_tokens"])
+            starts = g.input(contract.SEQ_STARTS, I32, ["batch_plus_one"])
+            ctx_lens = g.input(contract.CONTEXT_LENS, I32, ["batch"])
+            tables = g.input(contract.BLOCK_TABLES, I32, ["batch", "max_blocks"])
+
+            seq, n_tok = contract.token_sequences(g, pos, starts)
+            token_blocks = contract.token_block_tables(g, tables, seq)
+            pos64 = g.Cast(pos, to=I64)
+            bs = g.const(self.bs)
+            write_index = contract.kv_write_index(g, token_blocks, pos64, n_tok,
+                                                  g.const([c.num_key_value_heads]), bs)
+            lowest = None
+            if c.sliding_window:   # passes/attention.py reads W back from this Sub
+                lowest = g.Sub(g.Unsqueeze(pos64, g.const([1])), g.const(c.sliding_window))
+            mask = contract.key_mask(g, tables, ctx_lens, seq, pos64, bs, lowest)
+
+            inv_freq = g.const(c.inv_freq().astype(np.float32)[None, :], np.float32)
+            freqs = g.Mul(g.Cast(g.Unsqueeze(pos64, g.const([1])), to=F32), inv_freq)  # [T, D/2]
+            emb = g.Unsqueeze(g.Concat(freqs, freqs, axis=-1), g.const([1]))  # [T, 1, D]
+            cos = g.Cast(g.Cos(emb), to=self.elem)
+            sin = g.Cast(g.Sin(emb), to=self.elem)
+        return Step(pos, cos, sin, write_index, token_blocks, mask)

@@ -1,0 +1,158 @@
+"""The model registry: which family reads a checkpoint, and the model it makes of it.
+
+A `Family` bundles what llmc knows of one architecture family: a config parser per HF
+`architectures[0]`, how to read llama.cpp's GGUF files of it (`general.architecture`: its
+name table and metadata keys), the HF tensor names a config needs, and the graph builder.
+`load_model` opens a checkpoint, asks the registry for its family and returns a `Model`:
+the parsed config, tensors under HF names, the tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from llmc.checkpoint import Checkpoint, Tokenizer, open_checkpoint
+from llmc.config import architecture
+from llmc.errors import LlmcError
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How llama.cpp stores one architecture: `config(metadata, tensor_names)` returns a
+    config.json-like dict; `names` maps llama.cpp tensor names ({i} = layer) to HF names;
+    `fix(hf_name, array, config)` undoes a convert-time change to a tensor (or returns it)."""
+
+    config: Callable[[dict[str, Any], set[str]], dict[str, Any]]
+    names: dict[str, str]
+    fix: Callable[[str, np.ndarray, Any], np.ndarray] = lambda name, w, config: w
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    configs: dict[str, Callable[[dict[str, Any]], Any]]   # HF architectures[0] -> parser
+    weight_names: Callable[[Any], list[str]]              # config -> HF tensor names
+    build_graph: Callable[..., Any]                       # (config, tensor, dtype, bs, ...)
+    gguf: dict[str, GGUFArch] = field(default_factory=dict)  # general.architecture -> reading
+
+
+def _families() -> tuple[Family, ...]:
+    from llmc.model_zoo import FAMILIES
+
+    return FAMILIES
+
+
+def family_for(hf_architecture: str) -> Family:
+    for fam in _families():
+        if hf_architecture in fam.configs:
+            return fam
+    raise LlmcError(f"unsupported architecture {hf_architecture!r}; supported: "
+                    f"{', '.join(supported_architectures())}")
+
+
+def gguf_family(gguf_architecture: Any) -> tuple[Family, GGUFArch]:
+    for fam in _families():
+        if gguf_architecture in fam.gguf:
+            return fam, fam.gguf[gguf_architecture]
+    known = sorted(a for fam in _families() for a in fam.gguf)
+    raise LlmcError(f"GGUF architecture {gguf_architecture!r} is not supported "
+                    f"(supported: {', '.join(known)})")
+
+
+def supported_architectures() -> list[str]:
+    return sorted(a for fam in _families() for a in fam.configs)
+
+
+def parse_config(hf: dict[str, Any]):
+    """The family's frozen config for a config.json dict."""
+    return family_for(architecture(hf)).configs[architecture(hf)](hf)
+
+
+@dataclass
+class Model:
+    """A checkpoint read through its family: config, tensors under HF names, tokenizer."""
+
+    source: Path
+    family: Family
+    config: Any
+    readers: dict[str, Callable[[], np.ndarray]]
+    checkpoint: Checkpoint
+
+    def names(self) -> list[str]:
+        return list(self.readers)
+
+    def tensor(self, name: str) -> np.ndarray:
+        try:
+            read = self.readers[name]
+        except KeyError:
+            raise LlmcError(f"{self.source}: the checkpoint has no tensor {name!r}") from None
+        return read()
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer(self.checkpoint.tokenizer_json(), self.checkpoint.chat_template,
+                         self.config.bos_token_id, self.config.eos_token_ids)
+
+    def check_tensors(self, ignore=("rotary_emb.inv_freq",)) -> None:
+        """Every tensor the config needs is there and nothing else is (name them if not)."""
+        want = set(self.family.weight_names(self.config))
+        have = {n for n in self.readers if not any(i in n for i in ignore)}
+        if getattr(self.config, "tie_word_embeddings", False):
+            have.discard("lm_head.weight")  # some tied checkpoints still store the copy
+        missing, unexpected = sorted(want - have), sorted(have - want)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing tensors: {_list(missing)}")
+            if unexpected:
+                parts.append(f"unexpected tensors: {_list(unexpected)}")
+            raise LlmcError(
+                f"{self.source} does not match {self.config.architecture} with "
+                f"{self.config.num_hidden_layers} layers: " + "; ".join(parts)
+            )
+
+    def build_graph(self, dtype: str, kv_block_size: int, weights_rounded_to: str | None = None):
+        """The unfused graph of one engine step: (onnx.ModelProto, lazy weights)."""
+        return self.family.build_graph(self.config, self.tensor, dtype, kv_block_size,
+                                       weights_rounded_to)
+
+
+def _list(names: list[str], most: int = 8) -> str:
+    more = f" (+{len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def load_model(path: str | os.PathLike) -> Model:
+    """Open an HF model folder or a .gguf file as a model of a registered family."""
+    ckpt = open_checkpoint(path)
+    if ckpt.format == "hf":
+        config = parse_config(ckpt.config)
+        return Model(ckpt.source, family_for(config.architecture), config, ckpt.readers, ckpt)
+    family, arch = gguf_family(ckpt.metadata.get("general.architecture"))
+    hf_names = {}
+    for gguf_name in ckpt.readers:
+        name = hf_name(arch.names, gguf_name)
+        if name is None:
+            raise LlmcError(f"{ckpt.source}: unexpected GGUF tensor {gguf_name!r}")
+        hf_names[name] = gguf_name
+    hf = arch.config(ckpt.metadata, set(hf_names))
+    config = parse_config(hf)
+
+    def reader(name: str, gguf_name: str):
+        return lambda: arch.fix(name, ckpt.tensor(gguf_name), config)
+
+    readers = {n: reader(n, g) for n, g in hf_names.items()}
+    return Model(ckpt.source, family, config, readers, ckpt)
+
+
+def hf_name(table: dict[str, str], gguf_name: str) -> str | None:
+    """llama.cpp's name -> HF's through a family table whose keys use {i} for the layer."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) > 2:
+        template = table.get("blk.{i}." + ".".join(parts[2:]))
+        return template.format(i=parts[1]) if template else None
+    return table.get(gguf_name)
