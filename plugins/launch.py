@@ -8,34 +8,14 @@ from __future__ import annotations
 import ctypes
 import functools
 
-from . import compiler, specs
+from llmc.devices import arch_for_capability, check, device_max_smem
+
+from . import attention_plan as ap
+from . import compiler
+from . import launch_rules as lr
+from .launch_rules import Launch
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
-
-
-def _ck(res):
-    from cuda.bindings import driver
-
-    err = res[0] if isinstance(res, tuple) else res
-    if err != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"CUDA driver error {err.name}")
-    return res[1] if isinstance(res, tuple) and len(res) == 2 else None
-
-
-def device_max_smem(ordinal: int | None = None) -> int:
-    """Shared memory one block may opt into on a device (plans respect it: specs.attention_plan's
-    max_smem). ordinal None: the device of the current CUDA context, else device 0."""
-    from cuda.bindings import driver
-
-    _ck(driver.cuInit(0))
-    if ordinal is None:
-        err, dev = driver.cuCtxGetDevice()
-        if err != driver.CUresult.CUDA_SUCCESS:
-            dev = _ck(driver.cuDeviceGet(0))
-    else:
-        dev = _ck(driver.cuDeviceGet(ordinal))
-    attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
-    return _ck(driver.cuDeviceGetAttribute(attr, dev))
 
 
 class DevPtr(int):
@@ -49,29 +29,29 @@ class Functions:
     def __init__(self, arch: str):
         from cuda.bindings import driver
 
-        _ck(driver.cuInit(0))
+        check(driver.cuInit(0))
         self.arch = arch
         self._modules = {}
         self._funcs = {}
 
-    def func(self, launch: specs.Launch):
+    def func(self, launch: Launch):
         from cuda.bindings import driver
 
         key = (launch.module, launch.kernel)
         if key not in self._funcs:
             if launch.module not in self._modules:
                 cubin = compiler.compile_module(launch.module, self.arch)
-                self._modules[launch.module] = _ck(driver.cuModuleLoadData(cubin))
-            f = _ck(driver.cuModuleGetFunction(self._modules[launch.module],
+                self._modules[launch.module] = check(driver.cuModuleLoadData(cubin))
+            f = check(driver.cuModuleGetFunction(self._modules[launch.module],
                                                launch.kernel.encode()))
             self._funcs[key] = f
         f = self._funcs[key]
         if launch.smem > 48 * 1024:
             attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            _ck(driver.cuFuncSetAttribute(f, attr, launch.smem))
+            check(driver.cuFuncSetAttribute(f, attr, launch.smem))
         return f
 
-    def launch(self, launch: specs.Launch, args: list, stream: int):
+    def launch(self, launch: Launch, args: list, stream: int):
         """args: ints (int32), DevPtr, or objects with data_ptr() (torch tensors)."""
         from cuda.bindings import driver
 
@@ -88,7 +68,7 @@ class Functions:
             else:
                 vals.append(a.data_ptr())
                 types.append(_P)
-        _ck(driver.cuLaunchKernel(self.func(launch), *launch.grid, *launch.block, launch.smem,
+        check(driver.cuLaunchKernel(self.func(launch), *launch.grid, *launch.block, launch.smem,
                                   driver.CUstream(stream), (tuple(vals), tuple(types)), 0))
 
 
@@ -102,17 +82,17 @@ class Kernels:
         dev = torch.device(torch_device or "cuda")
         torch.zeros(1, device=dev)  # makes torch's primary context current on this thread
         major, minor = torch.cuda.get_device_capability(dev)
-        self.arch = compiler.arch_for_capability(major, minor)
+        self.arch = arch_for_capability(major, minor)
         self.sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
         self.max_smem = device_max_smem(torch.cuda.current_device() if dev.index is None
                                         else dev.index)
         self.functions = Functions(self.arch)
 
-    def launch(self, launch: specs.Launch, args: list):
+    def launch(self, launch: Launch, args: list):
         """args: torch tensors (passed as pointers) and python ints (int32)."""
         self.functions.launch(launch, args, self.torch.cuda.current_stream().cuda_stream)
 
-    # -- ops on torch tensors (output allocation mirrors the shape rules in specs) --
+    # -- ops on torch tensors (output allocation mirrors the shape rules in launch_rules) --
 
     def _dtype(self, t) -> str:
         return str(t.dtype).removeprefix("torch.")
@@ -120,9 +100,9 @@ class Kernels:
     def rms_norm(self, x, weight, eps, residual=None, bias=None, kind="rmsnorm"):
         n = x.shape[-1]
         rows = x.numel() // n
-        ln = specs.norm_launch(rows, n, self._dtype(x), kind, residual is not None)
+        ln = lr.norm_launch(rows, n, self._dtype(x), kind, residual is not None)
         out = self.torch.empty_like(x)
-        e = specs.float_bits(eps)
+        e = lr.float_bits(eps)
         ins = [x] + ([residual] if residual is not None else []) + [weight]
         ins += [bias] if kind == "layernorm" else []
         if residual is None:
@@ -137,15 +117,15 @@ class Kernels:
 
     def gated(self, gu, act="swiglu"):
         rows, two_i = gu.shape
-        out = self.torch.empty(specs.gated_output_shape(gu.shape), dtype=gu.dtype,
+        out = self.torch.empty(lr.gated_output_shape(gu.shape), dtype=gu.dtype,
                                device=gu.device)
-        ln = specs.gated_launch(rows, two_i // 2, self._dtype(gu), act, self.sm_count)
+        ln = lr.gated_launch(rows, two_i // 2, self._dtype(gu), act, self.sm_count)
         self.launch(ln, [gu, rows, two_i // 2, out])
         return out
 
     def gelu(self, x, approximate="tanh"):
         out = self.torch.empty_like(x)
-        ln = specs.gelu_launch(x.numel(), self._dtype(x), approximate, self.sm_count)
+        ln = lr.gelu_launch(x.numel(), self._dtype(x), approximate, self.sm_count)
         self.launch(ln, [x, x.numel(), out])
         return out
 
@@ -153,8 +133,8 @@ class Kernels:
              cache=None, seq_starts=None, block_tables=None):
         t = qkv.shape[0]
         q, k, v = (self.torch.empty(s, dtype=qkv.dtype, device=qkv.device)
-                   for s in specs.rope_output_shapes(qkv.shape, hq, hkv, d))
-        ln = specs.rope_launch(t, hq, hkv, d, rot, self._dtype(qkv), interleaved,
+                   for s in lr.rope_output_shapes(qkv.shape, hq, hkv, d))
+        ln = lr.rope_launch(t, hq, hkv, d, rot, self._dtype(qkv), interleaved,
                                bias is not None, cache is not None)
         ins = [qkv] + ([bias] if bias is not None else []) + [positions, inv_freq]
         if cache is None:
@@ -171,7 +151,7 @@ class Kernels:
                         **prefill):
         """force: None, 'decode' or 'prefill' picks the kernel regardless of the plan (tests
         run both kernels on the same mixed batch); `prefill` (variant=, pack=) goes to
-        specs.prefill_plan. window: sliding window, 0 = none. max_smem: the shared-memory
+        attention_plan.prefill_plan. window: sliding window, 0 = none. max_smem: the shared-memory
         limit the plan must respect, default the device's (tests pass less to force the
         fallbacks that smaller GPUs take)."""
         t, hq, d = q.shape
@@ -181,23 +161,23 @@ class Kernels:
         dt = self._dtype(q)
         lim = dict(max_smem=self.max_smem if max_smem is None else max_smem, window=window)
         if force == "decode":
-            plan = specs.decode_plan(t, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv, **lim)
+            plan = ap.decode_plan(t, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv, **lim)
         elif force == "prefill":
-            plan = specs.prefill_plan(t, b, hq, hkv, d, bs, dt, write_kv, **prefill, **lim)
+            plan = ap.prefill_plan(t, b, hq, hkv, d, bs, dt, write_kv, **prefill, **lim)
         else:
-            plan = specs.attention_plan(t, b, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv,
+            plan = ap.attention_plan(t, b, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv,
                                         **lim)
         self.last_plan = plan  # for tests: which kernels a call took
         scale = d ** -0.5 if scale is None else scale
         out = self.torch.empty_like(q)
         ws = self.torch.empty(max(plan.workspace_bytes // 4, 1), dtype=self.torch.float32,
                               device=q.device)
-        lse = specs.workspace_lse_offset(plan, t, hq, d) // 4
+        lse = ap.workspace_lse_offset(plan, t, hq, d) // 4
         ptr = dict(q=q, k=k, v=v, seq_starts=seq_starts, context_lens=context_lens,
                    block_tables=block_tables, kv_cache=kv_cache, out=out, ws_o=ws,
                    ws_lse=ws[lse:] if plan.n_split > 1 else ws)
-        dims = specs.paged_attention_dims(q.shape, kv_cache.shape, block_tables.shape)
-        for ln, args in specs.attention_launches(plan, dims, scale, ptr):
+        dims = ap.paged_attention_dims(q.shape, kv_cache.shape, block_tables.shape)
+        for ln, args in ap.attention_launches(plan, dims, scale, ptr):
             self.launch(ln, args)
         return out
 

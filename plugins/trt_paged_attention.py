@@ -7,15 +7,20 @@ the builder needs PreviewFeature.ALIASED_PLUGIN_IO_10_03). The engine then calls
 Python at enqueue, so it runs only where Python and this package are installed.
 
 Thin on purpose: attributes, shapes, plans, workspace bounds and kernel arguments all come
-from specs.py (CPU-tested), the launches go through launch.Functions (GPU-tested by the
-kernel tests through the same specs.attention_launches). This file itself has never been
+from attention_plan.py (CPU-tested), the I/O names from nodes.py, the launches go through
+launch.Functions (GPU-tested by the kernel tests through the same
+attention_plan.attention_launches). This file itself has never been
 executed: the full tensorrt package cannot be installed in our development setup, and
 TensorRT-RTX (installable) does not run on Hopper and has no add_plugin.
 """
 from __future__ import annotations
 
-from . import specs
-from .launch import DevPtr, Functions, device_max_smem
+from llmc.devices import device_max_smem
+
+from . import attention_plan as ap
+from .launch import DevPtr, Functions
+from .nodes import PA_ALIASES, PA_INPUTS, PA_OUTPUTS
+from .records import serialize
 
 NAME, VERSION, NAMESPACE = "PagedAttention", "1", "llmc"
 
@@ -40,7 +45,7 @@ def register_paged_attention(arch: str, sm_count: int, max_smem: int | None = No
             trt.IPluginV3OneRuntime.__init__(self)
             self.plugin_name, self.plugin_version, self.plugin_namespace = \
                 NAME, VERSION, NAMESPACE
-            self.num_outputs = len(specs.PA_OUTPUTS)
+            self.num_outputs = len(PA_OUTPUTS)
             self.attrs = attrs
             self.functions = None  # loaded in the execution context's CUDA context
 
@@ -55,13 +60,13 @@ def register_paged_attention(arch: str, sm_count: int, max_smem: int | None = No
             return [trt.DimsExprs(inputs[0]), trt.DimsExprs(inputs[3])]
 
         def get_aliased_input(self, output_index):
-            return specs.PA_ALIASES.get(output_index, -1)
+            return PA_ALIASES.get(output_index, -1)
 
         def supports_format_combination(self, pos, in_out, num_inputs):
             desc = in_out[pos].desc
             if desc.format != trt.TensorFormat.LINEAR:
                 return False
-            name = (specs.PA_INPUTS + specs.PA_OUTPUTS)[pos]
+            name = (PA_INPUTS + PA_OUTPUTS)[pos]
             if name in ("block_tables", "seq_starts", "context_lens", "position_ids"):
                 return desc.type == trt.int32
             # q, k, v, the cache and both outputs share q's dtype (fp16 or bf16)
@@ -72,14 +77,14 @@ def register_paged_attention(arch: str, sm_count: int, max_smem: int | None = No
 
         def get_workspace_size(self, inputs, outputs):
             q, cache, tables = (inputs[i].max for i in (0, 3, 4))
-            d = specs.paged_attention_dims(q, cache, tables)
-            return specs.attention_workspace_bound(
+            d = ap.paged_attention_dims(q, cache, tables)
+            return ap.attention_workspace_bound(
                 d["tokens"], d["batch"], d["hq"], d["hkv"], d["d"], d["max_blocks"],
                 d["block_size"], sm_count, max_smem=max_smem,
                 window=self.attrs["sliding_window"])
 
         def get_fields_to_serialize(self):
-            rec = np.frombuffer(specs.serialize(NAME, self.attrs), dtype=np.uint8)
+            rec = np.frombuffer(serialize(NAME, self.attrs), dtype=np.uint8)
             return trt.PluginFieldCollection(
                 [trt.PluginField("record", rec, trt.PluginFieldType.UNKNOWN)])
 
@@ -100,18 +105,18 @@ def register_paged_attention(arch: str, sm_count: int, max_smem: int | None = No
             if self.functions is None:
                 self.functions = Functions(arch)
             a = self.attrs
-            dims = specs.paged_attention_dims(input_desc[0].dims, input_desc[3].dims,
+            dims = ap.paged_attention_dims(input_desc[0].dims, input_desc[3].dims,
                                               input_desc[4].dims)
-            plan = specs.attention_plan(
+            plan = ap.attention_plan(
                 dims["tokens"], dims["batch"], dims["hq"], dims["hkv"], dims["d"],
                 dims["max_blocks"], dims["block_size"], dtypes[input_desc[0].type],
                 sm_count, bool(a["write_kv"]), max_smem=max_smem,
                 window=a["sliding_window"])
-            ptr = {n: DevPtr(inputs[i]) for i, n in enumerate(specs.PA_INPUTS)}
+            ptr = {n: DevPtr(inputs[i]) for i, n in enumerate(PA_INPUTS)}
             ptr["out"] = DevPtr(outputs[0])  # outputs[1] is inputs[3], the same memory
-            lse = specs.workspace_lse_offset(plan, dims["tokens"], dims["hq"], dims["d"])
+            lse = ap.workspace_lse_offset(plan, dims["tokens"], dims["hq"], dims["d"])
             ptr["ws_o"], ptr["ws_lse"] = DevPtr(workspace), DevPtr(workspace + lse)
-            for ln, args in specs.attention_launches(plan, dims, a["scale"], ptr):
+            for ln, args in ap.attention_launches(plan, dims, a["scale"], ptr):
                 self.functions.launch(ln, args, stream)
 
     class PagedAttentionCreator(trt.IPluginCreatorV3One):
@@ -129,6 +134,6 @@ def register_paged_attention(arch: str, sm_count: int, max_smem: int | None = No
             self.field_names = trt.PluginFieldCollection(fields)
 
         def create_plugin(self, name, fc, phase):
-            return PagedAttention(specs.paged_attention_attrs({f.name: f.data for f in fc}))
+            return PagedAttention(ap.paged_attention_attrs({f.name: f.data for f in fc}))
 
     trt.get_plugin_registry().register_creator(PagedAttentionCreator(), NAMESPACE)

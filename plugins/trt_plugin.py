@@ -3,20 +3,22 @@
 launch expressions in the engine, so the engine runs without Python).
 
 Kept deliberately thin: every decision (kernel name, grid, block, argument order) comes from
-specs.py, and the code comes from compiler.py; both are tested on the CPU and the GPU. This
-module itself cannot be exercised without a full TensorRT install and has not been run.
+launch_rules.py, and the code comes from compiler.py; both are tested on the CPU and the GPU.
+This module itself has never run under a real TensorRT (the CPU tests register it against a
+stand-in of the API).
 
-Ahead-of-time plugins: the llmc nodes the passes emit (specs.GRAPH_PLUGINS: AddRMSNorm,
-FusedSwiGLU, FusedGeGLU), and Rope / RopeBias on a fused QKV output. PagedAttention needs two
-or three launches, a workspace and an output aliased to the cache, which the ahead-of-time
-API (one kernel per plugin) does not express: it is a class-based IPluginV3
-(trt_paged_attention.py), whose enqueue runs in Python.
+Ahead-of-time plugins: the llmc nodes the passes emit (nodes.GRAPH_PLUGINS: AddRMSNorm,
+FusedSwiGLU, FusedGeGLU). RoPE needs none: the graph's RotaryEmbedding (opset 23) is a
+TensorRT layer. PagedAttention needs two or three launches, a workspace and an output aliased
+to the cache, which the ahead-of-time API (one kernel per plugin) does not express: it is a
+class-based IPluginV3 (trt_paged_attention.py), whose enqueue runs in Python.
 """
 from __future__ import annotations
 
 from typing import Tuple
 
-from . import compiler, specs
+from . import compiler
+from . import launch_rules as lr
 
 NAMESPACE = "llmc"
 
@@ -31,10 +33,10 @@ def register(arch: str, sm_count: int, max_smem: int | None = None) -> None:
 
     dtypes = {trt.float16: "float16", trt.bfloat16: "bfloat16"}
 
-    def kernel(launch: specs.Launch):
+    def kernel(launch: lr.Launch):
         return launch.kernel, compiler.compile_module(launch.module, arch)
 
-    def params(launch: specs.Launch, grid_x=None):
+    def params(launch: lr.Launch, grid_x=None):
         p = trtp.KernelLaunchParams()
         p.grid_x = grid_x if grid_x is not None else launch.grid[0]
         p.grid_y, p.grid_z = launch.grid[1], launch.grid[2]
@@ -51,15 +53,15 @@ def register(arch: str, sm_count: int, max_smem: int | None = None) -> None:
     # The token count is dynamic: grids over tokens use its symbolic expression, everything
     # else (hidden size, heads) is fixed at build time and read as a constant.
     # AddRMSNorm(x, residual, weight; epsilon) -> (normed, sum), as passes/norms.py emits it
-    # (specs.GRAPH_PLUGINS). Plain RMSNormalization is a standard op: TensorRT's own layers.
+    # (nodes.GRAPH_PLUGINS). Plain RMSNormalization is a standard op: TensorRT's own layers.
     def add_rms_norm_desc(x, residual, weight, epsilon):
         return x.like(), x.like()
 
     def add_rms_norm_aot(x, residual, weight, epsilon, outputs, tactic=None):
         n = x.shape_expr[-1].constant_value()
-        ln = specs.norm_launch(1, n, dtypes[x.dtype], "rmsnorm", residual=True)
+        ln = lr.norm_launch(1, n, dtypes[x.dtype], "rmsnorm", residual=True)
         rows = x.shape_expr[0]
-        return (*kernel(ln), params(ln, rows), ints(rows, n, specs.float_bits(epsilon)))
+        return (*kernel(ln), params(ln, rows), ints(rows, n, lr.float_bits(epsilon)))
     _define(trtp, f"{NAMESPACE}::AddRMSNorm", 3, {"epsilon": float}, add_rms_norm_desc,
             add_rms_norm_aot)
 
@@ -75,35 +77,13 @@ def register(arch: str, sm_count: int, max_smem: int | None = None) -> None:
                 raise ValueError(f"FusedGeGLU: the kernel computes the tanh form of GELU, the "
                                  f"node asks for approximate={attrs[0]!r}")
             inter = gu.shape_expr[-1].constant_value() // 2
-            ln = specs.gated_launch(1, inter, dtypes[gu.dtype], activation, sm_count)
+            ln = lr.gated_launch(1, inter, dtypes[gu.dtype], activation, sm_count)
             rows = gu.shape_expr[0]
             return (*kernel(ln), params(ln, rows), ints(rows, inter))
         return aot
     _define(trtp, f"{NAMESPACE}::FusedSwiGLU", 1, {}, gated_desc, gated_aot("swiglu"))
     _define(trtp, f"{NAMESPACE}::FusedGeGLU", 1, {"approximate": str}, gated_desc,
             gated_aot("geglu"))
-
-    # Rope, and RopeBias with the fused QKV bias as the second input. The variant that also
-    # writes K/V into the paged cache needs an output aliased to the cache; not registered.
-    def rope(bias: bool):
-        names = ("num_q_heads", "num_kv_heads", "head_dim", "rotary_dim", "interleaved")
-
-        def desc(*args):
-            qkv, (hq, hkv, d) = args[0], args[3 + bias:6 + bias]
-            return tuple(trtp.from_shape_expr((qkv.shape_expr[0], h, d), qkv.dtype)
-                         for h in (hq, hkv, hkv))
-
-        def aot(*args, outputs, tactic=None):
-            qkv = args[0]
-            hq, hkv, d, rot, il = args[3 + bias:8 + bias]
-            ln = specs.rope_launch(1, hq, hkv, d, rot, dtypes[qkv.dtype], bool(il), bias)
-            t = qkv.shape_expr[0]
-            return (*kernel(ln), params(ln, t), ints(t, hq, hkv, d, rot))
-        _define(trtp, f"{NAMESPACE}::Rope" + ("Bias" if bias else ""), 3 + bias,
-                {n: int for n in names}, desc, aot)
-
-    rope(False)
-    rope(True)
 
     from .trt_paged_attention import register_paged_attention
     register_paged_attention(arch, sm_count, max_smem)

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from llmc.plugins import specs
-from llmc.plugins.attention_ref import make_batch
+from llmc.plugins.attention_plan import PREFILL_VARIANT, PREFILL_WARPS, decode_plan
 from llmc.plugins.launch import Kernels
+from llmc.plugins.launch_rules import llama3_inv_freq
+
+# the GPU tests' batch maker, so the benchmark times the batches the tests check
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "plugins"))
+from attention_ref import make_batch  # noqa: E402
 
 CALLS, REPS = 5, 30
 DATASHEET_BW = 3.35e12  # H100 SXM HBM3
@@ -109,7 +114,7 @@ def main():
     qkv = torch.randn(T, (hq + 2 * hkv) * d, device="cuda", dtype=bf)
     bias = torch.randn((hq + 2 * hkv) * d, device="cuda", dtype=bf)
     pos = torch.randint(0, 8192, (T,), device="cuda", dtype=torch.int32)
-    inv = torch.tensor(specs.llama3_inv_freq(d, 500000.0), device="cuda")
+    inv = torch.tensor(llama3_inv_freq(d, 500000.0), device="cuda")
 
     def ref_rope(qkv, bias, pos):
         x = (qkv + bias).view(T, hq + 2 * hkv, d)
@@ -144,8 +149,8 @@ def main():
         add(f"paged decode bf16 B=64 ctx=2048 bs={bs}",
             lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False),
             lambda: ref_decode(q, tables, cache), lambda: cdec(q, tables, cache), nbytes,
-            "splits=%d" % specs.decode_plan(B, hq, hkv, d, mb, bs, "bfloat16", K.sm_count,
-                                            max_smem=K.max_smem).n_split)
+            "splits=%d" % decode_plan(B, hq, hkv, d, mb, bs, "bfloat16", K.sm_count,
+                                      max_smem=K.max_smem).n_split)
         if bs == 16:  # Mistral-style window: only the last W keys are read
             W = 512
             add(f"paged decode bf16 B=64 ctx=2048 bs={bs} window={W}",
@@ -167,10 +172,10 @@ def main():
             return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
     flops = 4 * n_tok * n_tok * d * hq / 2
     tf = bench(flash)
-    for variant in sorted(specs.PREFILL_WARPS):
+    for variant in sorted(PREFILL_WARPS):
         for pack in (1, None):
             name = f"prefill {n_tok} tok 32/8x128 bf16 {variant} pack={pack or hq // hkv}"
-            if variant != specs.PREFILL_VARIANT or pack is not None:
+            if variant != PREFILL_VARIANT or pack is not None:
                 if not args.only:  # the non-default variants are for tuning runs
                     continue
                 name += " (tuning)"

@@ -13,8 +13,10 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and torch.cuda"),
 ]
 
-from llmc.plugins import specs  # noqa: E402
-from llmc.plugins.attention_ref import make_batch, ref_attention  # noqa: E402
+from attention_ref import make_batch, ref_attention  # noqa: E402  (tests/plugins, on sys.path)
+
+from llmc.plugins import attention_plan as ap  # noqa: E402
+from llmc.plugins.launch_rules import llama3_inv_freq  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16]
 # (atol, rtol) on the output; references follow HF's rounding so only a few ulps remain.
@@ -133,7 +135,7 @@ def test_rope(K, dtype, interleaved, t, hq, hkv, d, rot, bias):
     pos = torch.randint(0, 100000, (t,), device="cuda", dtype=torch.int32)
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    inv = torch.tensor(specs.llama3_inv_freq(d, 500000.0, rot, scaling), device="cuda")
+    inv = torch.tensor(llama3_inv_freq(d, 500000.0, rot, scaling), device="cuda")
     q, k, v = K.rope(qkv, pos, inv, hq, hkv, d, rot, interleaved, b)
     x = (qkv + b if bias else qkv).view(t, hq + 2 * hkv, d).float()
     close(q, ref_rope(x[:, :hq], pos, inv, rot, interleaved), "rope")
@@ -147,7 +149,7 @@ def test_rope_cache_write(K, dtype):
     q0, _, _, starts, cl, tables, cache = make_batch(lens, ctx, hq, hkv, d, bs, dtype)
     qkv = rnd(q0.shape[0], (hq + 2 * hkv) * d, dtype=dtype)
     pos = torch.cat([torch.arange(c - n, c) for n, c in zip(lens, ctx)]).int().cuda()
-    inv = torch.tensor(specs.llama3_inv_freq(d, 10000.0), device="cuda")
+    inv = torch.tensor(llama3_inv_freq(d, 10000.0), device="cuda")
     before = cache.clone()
     q, k, v = K.rope(qkv, pos, inv, hq, hkv, d, d, cache=cache, seq_starts=starts,
                      block_tables=tables)
@@ -191,7 +193,7 @@ def test_paged_attention(K, dtype, d, bs, hq, hkv, case, force, window):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("variant", sorted(specs.PREFILL_WARPS))
+@pytest.mark.parametrize("variant", sorted(ap.PREFILL_WARPS))
 @pytest.mark.parametrize("hq,hkv,pack", [(32, 8, 1), (32, 8, 4), (8, 2, 2), (12, 4, 3)])
 @pytest.mark.parametrize("window", [0, 100])
 def test_prefill_variants(K, dtype, d, variant, hq, hkv, pack, window):
@@ -221,8 +223,8 @@ def test_shared_memory_fallbacks(K, d, window):
     max_smem: 2-stage decode (what sm_86/89/120 take at D=128), then the prefill kernel for a
     pure decode step, then its 4-warp variant."""
     dtype = torch.bfloat16
-    limits = {"decode_s2": specs.decode_smem(d, 2), "prefill_w8s": specs.prefill_smem(d, "w8s"),
-              "prefill_w4": specs.prefill_smem(d, "w4")}
+    limits = {"decode_s2": ap.decode_smem(d, 2), "prefill_w8s": ap.prefill_smem(d, "w8s"),
+              "prefill_w4": ap.prefill_smem(d, "w4")}
     for want, lim in limits.items():
         for lens, ctx in CASES:
             q, k, v, starts, cl, tables, cache = make_batch(lens, ctx, 32, 8, d, 16, dtype)

@@ -1,7 +1,8 @@
 """Random ragged paged-attention batches and a PyTorch reference for them.
 
-Shared by the GPU tests (tests/plugins) and the benchmarks (bench/kernels); needs torch with
-CUDA, imported only by those callers."""
+Shared by the GPU tests (test_gpu_kernels.py) and the benchmarks (bench/kernels); needs torch
+with CUDA. A helper, not a test module: pytest puts this folder on sys.path for the tests
+beside it (rootdir-based import mode, no __init__.py), and bench.py adds it itself."""
 import math
 
 import torch

@@ -1,19 +1,20 @@
-"""Plain-Python rules of the llmc plugins: output shapes, launch parameters, serialized fields.
+"""Paged attention: which kernels one step launches (decode or prefill, splits, shared
+memory), their workspace and arguments, and the PagedAttention plugin's attributes and sizes.
 
-Everything here is shape arithmetic, so it runs (and is tested) without a GPU or TensorRT; the
-TensorRT glue (trt_plugin.py) and the GPU launcher (launch.py) only call these functions.
-Kernel entry points are named <op>_<dtype>[_v<vec>|_d<head_dim>] inside a kernels/<module>.cu.
+Plain shape arithmetic, so it runs (and is tested) without a GPU or TensorRT: the torch
+launcher (launch.py) and the TensorRT glue (trt_paged_attention.py) both plan and build their
+launches here, so the GPU tests check the argument order TensorRT uses.
 """
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 
-DTYPES = {"float16": "f16", "bfloat16": "bf16"}
+from .launch_rules import Launch, dtype_tag, float_bits, round_up
+from .records import deserialize
+
 HEAD_DIMS = (64, 128)
 BLOCK_SIZES = (16, 32, 64)
-MAX_NORM_WIDTH = 32 * 1024  # 1024 threads x 32 register-resident elements
 ATTN_BN = 64                # key-tile columns, as in paged_attention.cu
 ATTN_THREADS = 128          # decode kernel
 # Prefill kernel variants: entry suffix -> warps (16 query rows each). See paged_attention.cu.
@@ -24,133 +25,7 @@ MAX_GRID_Y = 65535
 # deepest that fits the device's shared memory per block. Entry suffix: 3 -> "", 2 -> "_s2".
 DECODE_STAGES = (3, 2)
 MIN_SPLIT_KEYS = 256        # below this a split costs more in the reduce than it saves
-# Shared memory one block may opt into (cuFuncSetAttribute), by compute capability: CUDA C++
-# Programming Guide, "Memory Information per Compute Capability", row "Maximum amount of
-# shared memory per thread block". For planning without a device; with one, read its
-# CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN (launch.device_max_smem).
-MAX_SMEM_OPTIN = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 9): 99 * 1024,
-                  (9, 0): 227 * 1024, (10, 0): 227 * 1024, (12, 0): 99 * 1024}
 
-
-@dataclass(frozen=True)
-class Launch:
-    module: str
-    kernel: str
-    grid: tuple[int, int, int]
-    block: tuple[int, int, int]
-    smem: int = 0
-
-
-def _dt(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; plugins take {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
-
-
-def max_smem_for_capability(major: int, minor: int) -> int:
-    """Per-block opt-in shared memory of a compute capability (MAX_SMEM_OPTIN)."""
-    if (major, minor) not in MAX_SMEM_OPTIN:
-        known = ", ".join(f"{a}.{b}" for a, b in MAX_SMEM_OPTIN)
-        raise ValueError(f"no shared-memory limit known for compute capability "
-                         f"{major}.{minor} (known: {known}); read it from the device")
-    return MAX_SMEM_OPTIN[(major, minor)]
-
-
-# ---- (residual +) RMSNorm / LayerNorm -----------------------------------------------------
-
-def norm_output_shapes(x_shape, residual: bool):
-    """Outputs: normalized x, and (with a residual input) the sum x + residual."""
-    shape = tuple(x_shape)
-    return [shape, shape] if residual else [shape]
-
-
-def norm_launch(rows: int, n: int, dtype: str, kind: str = "rmsnorm",
-                residual: bool = False) -> Launch:
-    if kind not in ("rmsnorm", "layernorm"):
-        raise ValueError(f"norm kind {kind!r}")
-    if not 0 < n <= MAX_NORM_WIDTH:
-        raise ValueError(f"hidden size {n} outside 1..{MAX_NORM_WIDTH}")
-    vec = 8 if n % 8 == 0 else 1
-    chunks = n // vec
-    per_thread = 32 // vec
-    # Two chunks a thread keeps enough loads in flight; never exceed 1024 threads.
-    threads = min(1024, max(32, _round_up(math.ceil(chunks / 2), 32)))
-    threads = max(threads, _round_up(math.ceil(chunks / per_thread), 32))
-    name = ("add_" if residual else "") + f"{kind}_{_dt(dtype)}_v{vec}"
-    return Launch("norm", name, (rows, 1, 1), (threads, 1, 1))
-
-
-# ---- gated activations and GELU ----------------------------------------------------------
-
-def gated_output_shape(gu_shape):
-    *lead, two_i = gu_shape
-    if two_i % 2:
-        raise ValueError(f"gate-up width {two_i} is odd")
-    return (*lead, two_i // 2)
-
-
-def _stream_grid(chunks: int, sm_count: int, threads: int = 256) -> int:
-    # Enough blocks for ~8 resident per SM; the grid-stride loop covers the rest.
-    return max(1, min(math.ceil(chunks / threads), sm_count * 8))
-
-
-def gated_launch(rows: int, inter: int, dtype: str, act: str, sm_count: int) -> Launch:
-    if act not in ("swiglu", "geglu"):
-        raise ValueError(f"gated activation {act!r}")
-    vec = 8 if inter % 8 == 0 else 1
-    threads = min(256, _round_up(inter // vec, 32))
-    grid = (rows, math.ceil(inter // vec / threads), 1)
-    return Launch("activation", f"{act}_{_dt(dtype)}_v{vec}", grid, (threads, 1, 1))
-
-
-def gelu_launch(n: int, dtype: str, approximate: str, sm_count: int) -> Launch:
-    if approximate not in ("tanh", "none"):
-        raise ValueError(f"gelu approximate {approximate!r}")
-    vec = 8 if n % 8 == 0 else 1
-    form = "tanh" if approximate == "tanh" else "erf"
-    grid = _stream_grid(n // vec, sm_count)
-    return Launch("activation", f"gelu_{form}_{_dt(dtype)}_v{vec}", (grid, 1, 1), (256, 1, 1))
-
-
-# ---- RoPE (+ QKV bias, + paged cache write) ----------------------------------------------
-
-def rope_output_shapes(qkv_shape, num_q_heads: int, num_kv_heads: int, head_dim: int):
-    t, width = qkv_shape
-    if width != (num_q_heads + 2 * num_kv_heads) * head_dim:
-        raise ValueError(f"qkv width {width} != (Hq + 2*Hkv) * D")
-    return [(t, num_q_heads, head_dim), (t, num_kv_heads, head_dim),
-            (t, num_kv_heads, head_dim)]
-
-
-def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                rotary_dim: int, dtype: str, interleaved: bool = False, bias: bool = False,
-                write_cache: bool = False) -> Launch:
-    if head_dim % 2 or rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
-        raise ValueError(f"rotary_dim {rotary_dim} / head_dim {head_dim}")
-    if rotary_dim // 2 > 256:
-        raise ValueError("rotary_dim > 512")
-    pairs = (num_q_heads + 2 * num_kv_heads) * head_dim // 2
-    threads = min(512, _round_up(pairs, 32))
-    name = ("rope" + ("_bias" if bias else "") + ("_cache" if write_cache else "")
-            + ("_interleaved_" if interleaved else "_half_") + _dt(dtype))
-    return Launch("rope", name, (tokens, 1, 1), (threads, 1, 1))
-
-
-def llama3_inv_freq(head_dim: int, rope_theta: float, rotary_dim: int | None = None,
-                    rope_scaling: dict | None = None) -> list[float]:
-    """inv_freq [rotary_dim/2] for the RoPE kernels, from an HF-style rope_scaling dict: the
-    same table the graph uses (llmc.config.rope_inv_freq), llama3 scaling folded in."""
-    from llmc.config import rope_inv_freq, rope_settings
-
-    _, scaling = rope_settings({"rope_theta": rope_theta, "rope_scaling": rope_scaling})
-    return rope_inv_freq(rotary_dim or head_dim, rope_theta, scaling).tolist()
-
-
-# ---- paged attention ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class AttentionPlan:
@@ -168,10 +43,6 @@ class AttentionPlan:
         return self.main.kernel.startswith("attn_decode")
 
 
-def attention_output_shape(q_shape):
-    return tuple(q_shape)
-
-
 def decode_smem(head_dim: int, stages: int = DECODE_STAGES[0]) -> int:
     kv = stages * 2 * ATTN_BN * head_dim * 2
     combine = 4 * 16 * head_dim * 4 + 2 * 4 * 16 * 4  # per-warp O, m, l reuse the K/V stages
@@ -187,7 +58,7 @@ def prefill_smem(head_dim: int, variant: str = PREFILL_VARIANT) -> int:
     return (16 * PREFILL_WARPS[variant] + 2 * ATTN_BN) * head_dim * 2
 
 
-def _check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window=0):
+def check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window=0):
     if window < 0:
         raise ValueError(f"sliding window {window} < 0 (0 means none)")
     if head_dim not in HEAD_DIMS:
@@ -199,7 +70,7 @@ def _check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window=0):
 
 
 def _kv_write(tokens, dtype, write_kv):
-    return (Launch("paged_attention", f"kv_write_{_dt(dtype)}", (tokens, 1, 1), (128, 1, 1))
+    return (Launch("paged_attention", f"kv_write_{dtype_tag(dtype)}", (tokens, 1, 1), (128, 1, 1))
             if write_kv else None)
 
 
@@ -212,7 +83,7 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     is taken (ValueError if none: attention_plan then falls back to the prefill kernel).
     With a window, a token's keys start at the key tile holding its window's first key, so
     they span at most window + ATTN_BN - 1 positions: splits are sized from that."""
-    _check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window)
+    check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window)
     stages = decode_stages(head_dim, max_smem)
     if stages is None:
         raise ValueError(f"decode at head_dim {head_dim} needs {decode_smem(head_dim, 2)} "
@@ -221,15 +92,15 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     span = min(max_ctx, window + ATTN_BN - 1) if window else max_ctx
     want = math.ceil(2 * sm_count / (tokens * num_kv_heads))
     n_split = max(1, min(want, span // MIN_SPLIT_KEYS))
-    chunk = _round_up(math.ceil(span / n_split), ATTN_BN)
+    chunk = round_up(math.ceil(span / n_split), ATTN_BN)
     n_split = math.ceil(span / chunk)
     suffix = "" if stages == DECODE_STAGES[0] else f"_s{stages}"
-    main = Launch("paged_attention", f"attn_decode_{_dt(dtype)}_d{head_dim}{suffix}",
+    main = Launch("paged_attention", f"attn_decode_{dtype_tag(dtype)}_d{head_dim}{suffix}",
                   (tokens, num_kv_heads, n_split), (ATTN_THREADS, 1, 1),
                   decode_smem(head_dim, stages))
     red, ws = None, 0
     if n_split > 1:
-        red = Launch("paged_attention", f"attn_reduce_{_dt(dtype)}",
+        red = Launch("paged_attention", f"attn_reduce_{dtype_tag(dtype)}",
                      (tokens * num_q_heads, 1, 1), (head_dim, 1, 1))
         ws = tokens * num_q_heads * n_split * (head_dim + 1) * 4
     return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, red, n_split, chunk, ws,
@@ -246,7 +117,7 @@ def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, h
     group, so each K/V tile feeds every q head that reads it). Tiles are found on the device
     from seq_starts; the grid's y extent bounds their count for any ragged split. variant
     None: PREFILL_VARIANT, or the first of PREFILL_WARPS whose shared memory fits max_smem."""
-    _check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window)
+    check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window)
     if variant is None:
         order = [PREFILL_VARIANT] + [v for v in PREFILL_WARPS if v != PREFILL_VARIANT]
         variant = next((v for v in order if prefill_smem(head_dim, v) <= max_smem), None)
@@ -265,7 +136,7 @@ def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, h
     tiles = math.ceil(tokens / tpt) + batch  # each sequence adds at most one partial tile
     if tiles > MAX_GRID_Y:
         raise ValueError(f"{tokens} tokens need {tiles} query tiles, over {MAX_GRID_Y}")
-    main = Launch("paged_attention", f"attn_prefill_{_dt(dtype)}_d{head_dim}_{variant}",
+    main = Launch("paged_attention", f"attn_prefill_{dtype_tag(dtype)}_d{head_dim}_{variant}",
                   (num_q_heads // pack, tiles, 1), (32 * PREFILL_WARPS[variant], 1, 1),
                   prefill_smem(head_dim, variant))
     return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, None, 1, 0, 0, pack,
@@ -282,8 +153,9 @@ def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
     decode kernel reads each K/V byte once per kv head and splits long contexts over CTAs.
     Otherwise one prefill-tile launch covers prefill chunks and decode tokens together.
     Both kernels are correct for any ragged batch; the choice is only about speed, and about
-    max_smem (the device's per-block opt-in shared memory; MAX_SMEM_OPTIN without a device):
-    decode drops to 2 K/V stages where 3 do not fit, and to the prefill kernel where 2 do not.
+    max_smem (the device's per-block opt-in shared memory; llmc.devices.MAX_SMEM_OPTIN without
+    a device): decode drops to 2 K/V stages where 3 do not fit, and to the prefill kernel
+    where 2 do not.
     window: sliding window (HF Mistral `sliding_window`), 0 = none."""
     if tokens == batch and decode_stages(head_dim, max_smem) is not None:
         return decode_plan(tokens, num_q_heads, num_kv_heads, head_dim, max_blocks,
@@ -293,95 +165,7 @@ def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
                         write_kv, max_smem=max_smem, window=window)
 
 
-# ---- the graph nodes the TensorRT plugins stand in for ---------------------------------------
-# TensorRT's ONNX parser hands an `llmc`-domain node to the plugin registered under its op
-# type, with the node's attributes as plugin fields; so the names, input/output counts and
-# attribute names here are the contract between passes/ and trt_plugin.py (tested on the CPU
-# against what the pass pipeline emits). Standard ONNX ops (RMSNormalization,
-# RotaryEmbedding, Gelu) are left to TensorRT's own layers.
-
-@dataclass(frozen=True)
-class NodePlugin:
-    inputs: int
-    outputs: int
-    attrs: tuple[str, ...]
-
-
-GRAPH_PLUGINS = {
-    "AddRMSNorm": NodePlugin(3, 2, ("epsilon",)),        # (x, residual, weight) -> (y, sum)
-    "FusedSwiGLU": NodePlugin(1, 1, ()),                 # gate_up [T, 2I] -> [T, I]
-    "FusedGeGLU": NodePlugin(1, 1, ("approximate",)),    # the kernel has the tanh form only
-    "PagedAttention": NodePlugin(8, 2, ("num_heads", "num_kv_heads", "head_dim", "block_size",
-                                        "scale", "sliding_window")),
-}
-
-
-# ---- serialized fields ---------------------------------------------------------------------
-# Each plugin's attributes as a fixed little-endian record behind a magic and a version, so an
-# engine written by one llmc can be checked (and refused by name) by another.
-
-MAGIC = b"LLMP"
-VERSION = 2  # 2: PagedAttention gained sliding_window
-FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
-    "RmsNorm": (("eps", "f"), ("residual", "B")),
-    "LayerNorm": (("eps", "f"), ("residual", "B")),
-    "GatedActivation": (("activation", "B"),),  # 0 swiglu, 1 geglu
-    "Gelu": (("approximate", "B"),),            # 0 erf, 1 tanh
-    "Rope": (("num_q_heads", "i"), ("num_kv_heads", "i"), ("head_dim", "i"),
-             ("rotary_dim", "i"), ("interleaved", "B"), ("bias", "B"), ("write_cache", "B"),
-             ("block_size", "i")),
-    "PagedAttention": (("num_q_heads", "i"), ("num_kv_heads", "i"), ("head_dim", "i"),
-                       ("block_size", "i"), ("scale", "f"), ("write_kv", "B"),
-                       ("sliding_window", "i")),
-}
-PLUGIN_IDS = {name: i for i, name in enumerate(FIELDS)}
-
-
-def _fmt(plugin: str) -> str:
-    return "<" + "".join(f for _, f in FIELDS[plugin])
-
-
-def serialize(plugin: str, attrs: dict) -> bytes:
-    if plugin not in FIELDS:
-        raise KeyError(f"unknown plugin {plugin!r}")
-    names = [n for n, _ in FIELDS[plugin]]
-    missing = set(names) - set(attrs)
-    extra = set(attrs) - set(names)
-    if missing or extra:
-        raise ValueError(f"{plugin}: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    head = MAGIC + struct.pack("<HH", VERSION, PLUGIN_IDS[plugin])
-    return head + struct.pack(_fmt(plugin), *(attrs[n] for n in names))
-
-
-def deserialize(plugin: str, data: bytes) -> dict:
-    if data[:4] != MAGIC:
-        raise ValueError("not an llmc plugin record")
-    version, pid = struct.unpack_from("<HH", data, 4)
-    if version != VERSION:
-        raise ValueError(f"plugin record version {version}, this llmc reads {VERSION}")
-    if pid != PLUGIN_IDS.get(plugin):
-        raise ValueError(f"record is for plugin id {pid}, not {plugin}")
-    body = data[8:]
-    if len(body) != struct.calcsize(_fmt(plugin)):
-        raise ValueError(f"{plugin} record is {len(body)} bytes")
-    values = struct.unpack(_fmt(plugin), body)
-    return dict(zip((n for n, _ in FIELDS[plugin]), values))
-
-
-def float_bits(x: float) -> int:
-    """fp32 attributes (eps, scale) travel to kernels as int32 bit patterns: TensorRT's
-    ahead-of-time plugins pass only integer scalars."""
-    return struct.unpack("<i", struct.pack("<f", x))[0]
-
-
-# ---- PagedAttention plugin: the logic its TensorRT IPluginV3 glue calls -------------------
-# I/O of the llmc PagedAttention ONNX node (passes/attention.py, docs/passes.md); output 1 is
-# the cache, updated in place, so TensorRT aliases it to input 3.
-PA_INPUTS = ("q", "k", "v", "kv_cache", "block_tables", "seq_starts", "context_lens",
-             "position_ids")
-PA_OUTPUTS = ("out", "kv_cache_out")
-PA_ALIASES = {1: 3}  # output index -> input index
-
+# ---- the PagedAttention plugin: attributes, sizes, launches -------------------------------
 
 def paged_attention_attrs(fields: dict) -> dict:
     """PagedAttention record from TensorRT plugin fields: either our serialized record (field
@@ -402,8 +186,8 @@ def paged_attention_attrs(fields: dict) -> dict:
     attrs["scale"] = float(one("scale", attrs["head_dim"] ** -0.5))
     attrs["write_kv"] = int(one("write_kv", 1))
     attrs["sliding_window"] = int(one("sliding_window", 0))
-    _check_attention(attrs["num_q_heads"], attrs["num_kv_heads"], attrs["head_dim"],
-                     attrs["block_size"], attrs["sliding_window"])
+    check_attention(attrs["num_q_heads"], attrs["num_kv_heads"], attrs["head_dim"],
+                    attrs["block_size"], attrs["sliding_window"])
     return attrs
 
 

@@ -1,0 +1,132 @@
+"""Launch rules of the norm, activation and RoPE kernels: entry point, grid, block, output
+shapes, and how float attributes travel as kernel arguments.
+
+Plain shape arithmetic, so it runs (and is tested) without a GPU or TensorRT; the TensorRT
+glue (trt_plugin.py) and the GPU launcher (launch.py) only call these functions. Kernel entry
+points are named <op>_<dtype>[_v<vec>|_d<head_dim>] inside a kernels/<module>.cu.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+DTYPES = {"float16": "f16", "bfloat16": "bf16"}
+MAX_NORM_WIDTH = 32 * 1024  # 1024 threads x 32 register-resident elements
+
+
+@dataclass(frozen=True)
+class Launch:
+    module: str
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    smem: int = 0
+
+
+def dtype_tag(dtype: str) -> str:
+    """The entry-point suffix of a dtype ("bfloat16" -> "bf16")."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; plugins take {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def float_bits(x: float) -> int:
+    """fp32 attributes (eps, scale) travel to kernels as int32 bit patterns: TensorRT's
+    ahead-of-time plugins pass only integer scalars."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+# ---- (residual +) RMSNorm / LayerNorm -----------------------------------------------------
+
+def norm_output_shapes(x_shape, residual: bool):
+    """Outputs: normalized x, and (with a residual input) the sum x + residual."""
+    shape = tuple(x_shape)
+    return [shape, shape] if residual else [shape]
+
+
+def norm_launch(rows: int, n: int, dtype: str, kind: str = "rmsnorm",
+                residual: bool = False) -> Launch:
+    if kind not in ("rmsnorm", "layernorm"):
+        raise ValueError(f"norm kind {kind!r}")
+    if not 0 < n <= MAX_NORM_WIDTH:
+        raise ValueError(f"hidden size {n} outside 1..{MAX_NORM_WIDTH}")
+    vec = 8 if n % 8 == 0 else 1
+    chunks = n // vec
+    per_thread = 32 // vec
+    # Two chunks a thread keeps enough loads in flight; never exceed 1024 threads.
+    threads = min(1024, max(32, round_up(math.ceil(chunks / 2), 32)))
+    threads = max(threads, round_up(math.ceil(chunks / per_thread), 32))
+    name = ("add_" if residual else "") + f"{kind}_{dtype_tag(dtype)}_v{vec}"
+    return Launch("norm", name, (rows, 1, 1), (threads, 1, 1))
+
+
+# ---- gated activations and GELU ----------------------------------------------------------
+
+def gated_output_shape(gu_shape):
+    *lead, two_i = gu_shape
+    if two_i % 2:
+        raise ValueError(f"gate-up width {two_i} is odd")
+    return (*lead, two_i // 2)
+
+
+def _stream_grid(chunks: int, sm_count: int, threads: int = 256) -> int:
+    # Enough blocks for ~8 resident per SM; the grid-stride loop covers the rest.
+    return max(1, min(math.ceil(chunks / threads), sm_count * 8))
+
+
+def gated_launch(rows: int, inter: int, dtype: str, act: str, sm_count: int) -> Launch:
+    if act not in ("swiglu", "geglu"):
+        raise ValueError(f"gated activation {act!r}")
+    vec = 8 if inter % 8 == 0 else 1
+    threads = min(256, round_up(inter // vec, 32))
+    grid = (rows, math.ceil(inter // vec / threads), 1)
+    return Launch("activation", f"{act}_{dtype_tag(dtype)}_v{vec}", grid, (threads, 1, 1))
+
+
+def gelu_launch(n: int, dtype: str, approximate: str, sm_count: int) -> Launch:
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"gelu approximate {approximate!r}")
+    vec = 8 if n % 8 == 0 else 1
+    form = "tanh" if approximate == "tanh" else "erf"
+    grid = _stream_grid(n // vec, sm_count)
+    return Launch("activation", f"gelu_{form}_{dtype_tag(dtype)}_v{vec}", (grid, 1, 1),
+                  (256, 1, 1))
+
+
+# ---- RoPE (+ QKV bias, + paged cache write) ----------------------------------------------
+
+def rope_output_shapes(qkv_shape, num_q_heads: int, num_kv_heads: int, head_dim: int):
+    t, width = qkv_shape
+    if width != (num_q_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"qkv width {width} != (Hq + 2*Hkv) * D")
+    return [(t, num_q_heads, head_dim), (t, num_kv_heads, head_dim),
+            (t, num_kv_heads, head_dim)]
+
+
+def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                rotary_dim: int, dtype: str, interleaved: bool = False, bias: bool = False,
+                write_cache: bool = False) -> Launch:
+    if head_dim % 2 or rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise ValueError(f"rotary_dim {rotary_dim} / head_dim {head_dim}")
+    if rotary_dim // 2 > 256:
+        raise ValueError("rotary_dim > 512")
+    pairs = (num_q_heads + 2 * num_kv_heads) * head_dim // 2
+    threads = min(512, round_up(pairs, 32))
+    name = ("rope" + ("_bias" if bias else "") + ("_cache" if write_cache else "")
+            + ("_interleaved_" if interleaved else "_half_") + dtype_tag(dtype))
+    return Launch("rope", name, (tokens, 1, 1), (threads, 1, 1))
+
+
+def llama3_inv_freq(head_dim: int, rope_theta: float, rotary_dim: int | None = None,
+                    rope_scaling: dict | None = None) -> list[float]:
+    """inv_freq [rotary_dim/2] for the RoPE kernels, from an HF-style rope_scaling dict: the
+    same table the graph uses (llmc.config.rope_inv_freq), llama3 scaling folded in."""
+    from llmc.config import rope_inv_freq, rope_settings
+
+    _, scaling = rope_settings({"rope_theta": rope_theta, "rope_scaling": rope_scaling})
+    return rope_inv_freq(rotary_dim or head_dim, rope_theta, scaling).tolist()

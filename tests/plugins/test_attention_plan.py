@@ -1,0 +1,191 @@
+"""CPU tests of paged attention's plans: kernel choice, splits, tiles, shared memory under each
+compute capability, workspace, kernel arguments and the plugin's attributes."""
+import dataclasses
+import math
+
+import pytest
+
+from llmc.devices import MAX_SMEM_OPTIN, max_smem_for_capability
+from llmc.plugins import attention_plan as ap
+from llmc.plugins.launch_rules import float_bits
+from llmc.plugins.nodes import PA_ALIASES, PA_INPUTS
+from llmc.plugins.records import serialize
+
+H100 = MAX_SMEM_OPTIN[(9, 0)]
+
+
+def test_decode_plan_fills_the_gpu_and_splits_long_contexts():
+    big = ap.attention_plan(64, 64, 32, 8, 128, 2048 // 16, 16, "bfloat16", 132, max_smem=H100)
+    assert big.decode and big.n_split == 1 and big.reduce is None
+    assert big.main.grid == (64, 8, 1) and big.main.smem == ap.decode_smem(128)
+    small = ap.attention_plan(2, 2, 32, 8, 128, 32768 // 16, 16, "bfloat16", 132, max_smem=H100)
+    assert small.n_split > 1 and small.reduce is not None
+    assert small.chunk % ap.ATTN_BN == 0
+    assert small.n_split * small.chunk >= 32768 > (small.n_split - 1) * small.chunk
+    assert small.main.grid[0] * small.main.grid[1] * small.main.grid[2] >= 2 * 132
+    assert small.workspace_bytes == 2 * 32 * small.n_split * 129 * 4
+    assert small.reduce.grid == (64, 1, 1)
+
+
+def test_prefill_plan_tiles_cover_any_ragged_split():
+    # tiles = ceil(T/tpt) + B bounds sum_s ceil(n_s/tpt) for every split of T into B parts
+    for lens in ([1, 1, 1], [2, 1, 1], [65, 1, 130], [64] * 4, [63, 2, 1000, 5]):
+        t, b = sum(lens), len(lens)
+        plan = ap.attention_plan(t, b, 12, 4, 64, 64, 32, "float16", 132, max_smem=H100)
+        assert plan.decode == (t == b)
+        if plan.decode:
+            continue
+        for variant, warps in ap.PREFILL_WARPS.items():
+            for pack in (1, 3):
+                p = ap.prefill_plan(t, b, 12, 4, 64, 32, "float16", variant=variant,
+                                       pack=pack, max_smem=H100)
+                tpt = 16 * warps // pack
+                assert p.main.grid[1] >= sum(math.ceil(n / tpt) for n in lens)
+                assert p.main.grid[0] == 12 // pack and p.pack == pack
+                assert p.main.block == (32 * warps, 1, 1)
+        assert plan.pack == 3 and plan.main.kernel.endswith("_" + ap.PREFILL_VARIANT)
+        assert plan.kv_write.grid == (t, 1, 1)
+    with pytest.raises(ValueError, match="divide"):
+        ap.prefill_plan(9, 2, 12, 4, 64, 32, "float16", pack=2, max_smem=H100)
+    with pytest.raises(ValueError, match="query tiles"):
+        ap.prefill_plan(10**7, 2, 32, 8, 128, 16, "float16", max_smem=H100)
+    assert ap.attention_plan(5, 2, 8, 8, 64, 4, 16, "float16", 1, write_kv=False,
+                                max_smem=H100).kv_write is None
+
+
+@pytest.mark.parametrize("bad", [dict(head_dim=96), dict(block_size=8), dict(num_kv_heads=3),
+                                 dict(num_q_heads=64, num_kv_heads=2)])
+def test_attention_plan_rejects(bad):
+    args = dict(tokens=4, batch=2, num_q_heads=8, num_kv_heads=2, head_dim=64, max_blocks=4,
+                block_size=16, dtype="float16", sm_count=10)
+    args.update(bad)
+    with pytest.raises(ValueError):
+        ap.attention_plan(**args, max_smem=H100)
+
+
+def test_smem_fits_hopper_and_ampere():
+    for d in ap.HEAD_DIMS:
+        for variant in ap.PREFILL_WARPS:  # 99 KB: sm_86/89/120 opt-in limit per block
+            assert ap.prefill_smem(d, variant) <= 99 * 1024
+        assert ap.decode_smem(d) <= 163 * 1024  # sm_80 opt-in limit per block
+        for st in ap.DECODE_STAGES:  # the warps' combine reuses the K/V stages
+            assert 4 * 16 * d * 4 + 512 <= ap.decode_smem(d, st) - 16 * d * 2
+    assert ap.decode_smem(128) == 100 * 1024 > 99 * 1024  # why the 2-stage entries exist
+
+
+# (major, minor) -> decode entry suffix at D=128 and D=64; every arch keeps the decode kernel
+PLAN_BY_ARCH = {(8, 0): ("", ""), (8, 6): ("_s2", ""), (8, 9): ("_s2", ""),
+                (9, 0): ("", ""), (10, 0): ("", ""), (12, 0): ("_s2", "")}
+
+
+@pytest.mark.parametrize("cap", sorted(PLAN_BY_ARCH))
+def test_plan_respects_each_arch_shared_memory(cap):
+    smem = max_smem_for_capability(*cap)
+    for d, suffix in zip((128, 64), PLAN_BY_ARCH[cap]):
+        plan = ap.attention_plan(8, 8, 32, 8, d, 256, 16, "bfloat16", 132, max_smem=smem)
+        assert plan.decode and plan.main.kernel == f"attn_decode_bf16_d{d}{suffix}"
+        assert plan.main.smem <= smem
+        mixed = ap.attention_plan(9, 2, 32, 8, d, 256, 16, "bfloat16", 132, max_smem=smem)
+        assert mixed.main.kernel.endswith("_" + ap.PREFILL_VARIANT)
+        assert mixed.main.smem <= smem
+
+
+def test_smem_fallbacks():
+    args = (4, 4, 32, 8, 128, 256, 16, "float16", 132)
+    # decode until even 2 stages do not fit, then the prefill kernel, w8s then w4, then none
+    expect = [(ap.decode_smem(128, 3), "attn_decode_f16_d128"),
+              (ap.decode_smem(128, 3) - 1, "attn_decode_f16_d128_s2"),
+              (ap.decode_smem(128, 2), "attn_decode_f16_d128_s2"),
+              (ap.decode_smem(128, 2) - 1, "attn_prefill_f16_d128_w8s"),
+              (ap.prefill_smem(128, "w8s") - 1, "attn_prefill_f16_d128_w4")]
+    for smem, kernel in expect:
+        plan = ap.attention_plan(*args, max_smem=smem)
+        assert plan.main.kernel == kernel and plan.main.smem <= smem
+        assert plan.decode == ("decode" in kernel)
+    with pytest.raises(ValueError, match="fits max_smem"):
+        ap.attention_plan(*args, max_smem=ap.prefill_smem(128, "w4") - 1)
+    with pytest.raises(ValueError, match="over max_smem"):
+        ap.decode_plan(4, *args[2:], max_smem=ap.decode_smem(128, 2) - 1)
+    with pytest.raises(ValueError, match="over max_smem"):
+        ap.prefill_plan(9, 2, 32, 8, 128, 16, "float16", variant="w8s", max_smem=60000)
+
+
+def test_window_sizes_decode_splits():
+    """Splits count from a token's first visible key tile: a window bounds them."""
+    args = (2, 32, 8, 128, 32768 // 16, 16, "bfloat16", 132)  # decode_plan: no batch
+    full = ap.decode_plan(*args, max_smem=H100)
+    win = ap.decode_plan(*args, max_smem=H100, window=1000)
+    assert full.window == 0 and win.window == 1000
+    # every token's keys [first tile start, p] span < window + 64: covered by the splits
+    assert win.n_split * win.chunk >= 1000 + ap.ATTN_BN - 1 > (win.n_split - 1) * win.chunk
+    assert 1 < win.n_split < full.n_split and win.chunk % ap.ATTN_BN == 0
+    small = ap.decode_plan(*args, max_smem=H100, window=37)
+    assert small.n_split == 1 and small.reduce is None and small.workspace_bytes == 0
+    # a window past the context changes nothing but the kernel argument
+    assert ap.decode_plan(*args, max_smem=H100, window=10**6) == dataclasses.replace(
+        full, window=10**6)
+    with pytest.raises(ValueError, match="window"):
+        ap.decode_plan(*args, max_smem=H100, window=-1)
+
+
+def test_paged_attention_attrs_from_onnx_fields_and_record():
+    import numpy as np
+
+    onnx = {"num_heads": np.array([32], np.int32), "num_kv_heads": np.array([8], np.int32),
+            "head_dim": np.array([128], np.int32), "block_size": np.array([16], np.int32),
+            "sliding_window": np.array([0], np.int32)}
+    attrs = ap.paged_attention_attrs(onnx)
+    assert attrs == dict(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                         scale=pytest.approx(128 ** -0.5), write_kv=1, sliding_window=0)
+    rec = np.frombuffer(serialize("PagedAttention", attrs), np.uint8)
+    assert ap.paged_attention_attrs({"record": rec}) == {**attrs, "scale": pytest.approx(
+        attrs["scale"])}  # the record holds scale as fp32
+    mistral = ap.paged_attention_attrs({**onnx, "sliding_window": np.array([4096])})
+    assert mistral["sliding_window"] == 4096
+    rec = np.frombuffer(serialize("PagedAttention", mistral), np.uint8)
+    assert ap.paged_attention_attrs({"record": rec})["sliding_window"] == 4096
+    assert ap.paged_attention_attrs({k: v for k, v in onnx.items()
+                                        if k != "sliding_window"})["sliding_window"] == 0
+    with pytest.raises(ValueError, match="window"):
+        ap.paged_attention_attrs({**onnx, "sliding_window": np.array([-1])})
+    with pytest.raises(ValueError, match="num_heads"):
+        ap.paged_attention_attrs({k: v for k, v in onnx.items() if k != "num_heads"})
+    with pytest.raises(ValueError):
+        ap.paged_attention_attrs({**onnx, "head_dim": np.array([96])})
+    assert PA_INPUTS[PA_ALIASES[1]] == "kv_cache"
+
+
+@pytest.mark.parametrize("window", [0, 1000])
+def test_workspace_bound_covers_every_decode_step(window):
+    hq, hkv, d, mb, bs, sm = 32, 8, 128, 2048, 16, 132
+    lim = dict(max_smem=H100, window=window)
+    bound = ap.attention_workspace_bound(512, 64, hq, hkv, d, mb, bs, sm, **lim)
+    ws = [ap.decode_plan(t, hq, hkv, d, mb, bs, "bfloat16", sm, **lim).workspace_bytes
+          for t in range(1, 65)]
+    assert bound == max(ws) > 0
+    assert ap.attention_workspace_bound(512, 64, hq, hkv, d, 8, bs, sm, **lim) == 0
+    # a GPU where no decode kernel fits falls back to the prefill kernel: no workspace
+    assert ap.attention_workspace_bound(512, 64, hq, hkv, d, mb, bs, sm,
+                                           max_smem=64 * 1024, window=window) == 0
+
+
+def test_attention_launches_argument_order():
+    ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
+                          "kv_cache", "out", "ws_o", "ws_lse")}
+    dims = ap.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 128), (2, 300))
+    assert dims == dict(tokens=2, batch=2, hq=32, hkv=8, d=128, max_blocks=300,
+                        block_size=16, num_blocks=100)
+    dec = ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "bfloat16", 132, max_smem=H100)
+    (kw, kwa), (main, ma), (red, ra) = ap.attention_launches(dec, dims, 0.5, ptr)
+    meta = ["seq_starts", "context_lens", "block_tables"]
+    assert kwa == ["k", "v", *meta, 2, 2, 8, 128, 300, 16, 100, "kv_cache"]
+    sc = [2, 2, 32, 8, 300, 16, 100, float_bits(0.5), 0]  # last: sliding window
+    assert ma == ["q", *meta, "kv_cache", *sc, dec.n_split, dec.chunk, "out", "ws_o", "ws_lse"]
+    assert ra == ["ws_o", "ws_lse", 64, 128, dec.n_split, "out"]
+    assert ap.workspace_lse_offset(dec, 2, 32, 128) == 2 * 32 * dec.n_split * 128 * 4
+    pre = ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, write_kv=False,
+                               max_smem=H100, window=4096)
+    [(ln, args)] = ap.attention_launches(pre, {**dims, "tokens": 9}, 0.5, ptr)
+    assert ln == pre.main and args[-3:] == [4096, 4, "out"]
+    with pytest.raises(ValueError, match="does not match"):
+        ap.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 64), (2, 300))

@@ -1,0 +1,74 @@
+"""CPU tests of the norm, activation and RoPE launch rules: entry names, grids, shapes."""
+import struct
+
+import pytest
+
+from llmc.plugins import launch_rules as lr
+
+
+def test_norm_launch_covers_every_element():
+    for n in (1, 7, 8, 1000, 4095, 4096, 5120, 8192, 16384, 32768):
+        ln = lr.norm_launch(3, n, "bfloat16")
+        vec = 8 if n % 8 == 0 else 1
+        assert ln.kernel.endswith(f"_v{vec}")
+        threads = ln.block[0]
+        assert threads % 32 == 0 and threads <= 1024
+        assert threads * (32 // vec) * vec >= n  # register budget holds the whole row
+        assert ln.grid == (3, 1, 1)
+    with pytest.raises(ValueError):
+        lr.norm_launch(1, 32769, "bfloat16")
+    with pytest.raises(ValueError):
+        lr.norm_launch(1, 64, "float32")
+
+
+def test_norm_names_and_shapes():
+    assert lr.norm_launch(1, 64, "float16", "layernorm", True).kernel == "add_layernorm_f16_v8"
+    assert lr.norm_output_shapes((5, 64), True) == [(5, 64), (5, 64)]
+    assert lr.norm_output_shapes((5, 64), False) == [(5, 64)]
+
+
+def test_gated_shapes_and_launch():
+    assert lr.gated_output_shape((7, 22016)) == (7, 11008)
+    with pytest.raises(ValueError):
+        lr.gated_output_shape((7, 11))
+    ln = lr.gated_launch(7, 11008, "bfloat16", "swiglu", sm_count=132)
+    assert ln.kernel == "swiglu_bf16_v8" and ln.grid[0] == 7
+    assert ln.grid[1] * ln.block[0] * 8 >= 11008 > (ln.grid[1] - 1) * ln.block[0] * 8
+    assert lr.gated_launch(3, 13, "float16", "geglu", 132).kernel == "geglu_f16_v1"
+    assert lr.gelu_launch(10, "float16", "none", 132).kernel == "gelu_erf_f16_v1"
+
+
+def test_rope_shapes_and_names():
+    assert lr.rope_output_shapes((9, (32 + 16) * 128), 32, 8, 128) == [
+        (9, 32, 128), (9, 8, 128), (9, 8, 128)]
+    with pytest.raises(ValueError):
+        lr.rope_output_shapes((9, 100), 32, 8, 128)
+    ln = lr.rope_launch(9, 32, 8, 128, 64, "bfloat16", interleaved=True, bias=True,
+                           write_cache=True)
+    assert ln.kernel == "rope_bias_cache_interleaved_bf16" and ln.grid == (9, 1, 1)
+    with pytest.raises(ValueError):
+        lr.rope_launch(9, 32, 8, 128, 130, "bfloat16")
+
+
+def test_llama3_inv_freq_matches_transformers():
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import _compute_llama3_parameters
+
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+               "rope_theta": 500000.0}
+    cfg = LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_parameters=scaling)
+    ref, _ = _compute_llama3_parameters(cfg)
+    ours = torch.tensor(lr.llama3_inv_freq(64, 500000.0, rope_scaling=scaling))
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-6, atol=0)
+    plain = lr.llama3_inv_freq(64, 10000.0)
+    assert plain[1] == pytest.approx(10000.0 ** (-2 / 64))
+    assert plain != ours.tolist()
+
+
+def test_float_bits():
+    assert lr.float_bits(1.0) == 0x3F800000
+    assert struct.unpack("<f", struct.pack("<i", lr.float_bits(1e-5)))[0] == \
+        pytest.approx(1e-5)
