@@ -1,12 +1,13 @@
 """Model families: shared layers (layers.py), one file per family, and the registry.
 
 Adding a family: write model_zoo/<family>.py (its config parser, names and block, ending in
-a `FAMILY`), list it here, and test it (docs/architecture.md, "Adding a model family").
+a `FAMILY`), add it to `registry.FAMILIES`, and test it (docs/architecture.md, "Adding a
+model family").
 """
 
-from llmc.model_zoo import llama
+from llmc.model_zoo.family import Family, GGUFArch
 from llmc.model_zoo.registry import (
-    Family,
+    FAMILIES,
     Model,
     family_for,
     load_model,
@@ -14,7 +15,5 @@ from llmc.model_zoo.registry import (
     supported_architectures,
 )
 
-FAMILIES = (llama.FAMILY,)
-
-__all__ = ["FAMILIES", "Family", "Model", "family_for", "load_model", "parse_config",
-           "supported_architectures"]
+__all__ = ["FAMILIES", "Family", "GGUFArch", "Model", "family_for", "load_model",
+           "parse_config", "supported_architectures"]

@@ -16,8 +16,8 @@ import numpy as np
 
 from llmc.config import RopeScaling, architecture, eos_ids, field, rope_inv_freq, rope_settings
 from llmc.errors import LlmcError
+from llmc.model_zoo.family import Family, GGUFArch
 from llmc.model_zoo.layers import DecoderGraph, Step
-from llmc.model_zoo.registry import Family, GGUFArch
 
 # ---- config --------------------------------------------------------------------------------
 

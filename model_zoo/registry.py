@@ -1,8 +1,6 @@
 """The model registry: which family reads a checkpoint, and the model it makes of it.
 
-A `Family` bundles what llmc knows of one architecture family: a config parser per HF
-`architectures[0]`, how to read llama.cpp's GGUF files of it (`general.architecture`: its
-name table and metadata keys), the HF tensor names a config needs, and the graph builder.
+Families are looked up by HF `architectures[0]` or GGUF `general.architecture`.
 `load_model` opens a checkpoint, asks the registry for its family and returns a `Model`:
 the parsed config, tensors under HF names, the tokenizer.
 """
@@ -10,7 +8,7 @@ the parsed config, tensors under HF names, the tokenizer.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,36 +17,15 @@ import numpy as np
 from llmc.checkpoint import Checkpoint, Tokenizer, open_checkpoint
 from llmc.config import architecture
 from llmc.errors import LlmcError
+from llmc.model_zoo import llama
+from llmc.model_zoo.family import Family, GGUFArch
 
-
-@dataclass(frozen=True)
-class GGUFArch:
-    """How llama.cpp stores one architecture: `config(metadata, tensor_names)` returns a
-    config.json-like dict; `names` maps llama.cpp tensor names ({i} = layer) to HF names;
-    `fix(hf_name, array, config)` undoes a convert-time change to a tensor (or returns it)."""
-
-    config: Callable[[dict[str, Any], set[str]], dict[str, Any]]
-    names: dict[str, str]
-    fix: Callable[[str, np.ndarray, Any], np.ndarray] = lambda name, w, config: w
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    configs: dict[str, Callable[[dict[str, Any]], Any]]   # HF architectures[0] -> parser
-    weight_names: Callable[[Any], list[str]]              # config -> HF tensor names
-    build_graph: Callable[..., Any]                       # (config, tensor, dtype, bs, ...)
-    gguf: dict[str, GGUFArch] = field(default_factory=dict)  # general.architecture -> reading
-
-
-def _families() -> tuple[Family, ...]:
-    from llmc.model_zoo import FAMILIES
-
-    return FAMILIES
+# Every family llmc builds; adding one is a file in model_zoo/ and a line here.
+FAMILIES: tuple[Family, ...] = (llama.FAMILY,)
 
 
 def family_for(hf_architecture: str) -> Family:
-    for fam in _families():
+    for fam in FAMILIES:
         if hf_architecture in fam.configs:
             return fam
     raise LlmcError(f"unsupported architecture {hf_architecture!r}; supported: "
@@ -56,16 +33,16 @@ def family_for(hf_architecture: str) -> Family:
 
 
 def gguf_family(gguf_architecture: Any) -> tuple[Family, GGUFArch]:
-    for fam in _families():
+    for fam in FAMILIES:
         if gguf_architecture in fam.gguf:
             return fam, fam.gguf[gguf_architecture]
-    known = sorted(a for fam in _families() for a in fam.gguf)
+    known = sorted(a for fam in FAMILIES for a in fam.gguf)
     raise LlmcError(f"GGUF architecture {gguf_architecture!r} is not supported "
                     f"(supported: {', '.join(known)})")
 
 
 def supported_architectures() -> list[str]:
-    return sorted(a for fam in _families() for a in fam.configs)
+    return sorted(a for fam in FAMILIES for a in fam.configs)
 
 
 def parse_config(hf: dict[str, Any]):

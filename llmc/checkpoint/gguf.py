@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmc.checkpoint import Checkpoint
+from llmc.checkpoint.base import Checkpoint
 from llmc.errors import LlmcError
 
 

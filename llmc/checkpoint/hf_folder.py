@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from llmc.checkpoint import Checkpoint, read_json
+from llmc.checkpoint.base import Checkpoint, read_json
 from llmc.errors import LlmcError
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
