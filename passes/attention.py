@@ -12,6 +12,10 @@ Matched chain (model_zoo/llama.py ``attention``), per layer:
     keys, values = Gather(Reshape(Transpose(Gather(cache', token_blocks, axis=1))), 0 | 1)
     probs = Cast(Softmax(Cast(Reshape(q) @ keys^T, f32) * scale + mask))
     out = probs @ values                                        # then Reshape to [T, Hq*D]
+
+Gemma 2 soft-caps the logits between the scale and the mask, ``cap * Tanh(scores / cap)``
+with a constant cap (``scores * (1/cap)`` accepted for the divide); the node's ``softcap``
+attribute carries it, 0 when there is none.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 from onnx import AttributeProto, NodeProto, TensorProto, helper, numpy_helper
 
 from llmc import contract
-from llmc.passes.ir import LLMC_DOMAIN, Graph, attr, make_function, ref
+from llmc.passes.ir import LLMC_DOMAIN, Graph, attr, close, make_function, ref
 from llmc.passes.manager import Pass
 
 CONTRACT = contract.ATTENTION_INPUTS
@@ -78,27 +82,51 @@ def match_paged_attention(g: Graph, scatter: NodeProto) -> AttentionMatch | None
     cast1 = _user(g, qk.output[0], "Cast")
     mul = _user(g, cast1.output[0], "Mul") if cast1 is not None else None
     scale = g.scalar(next(v for v in mul.input if v != cast1.output[0])) if mul else None
-    add = _user(g, mul.output[0], "Add") if mul is not None else None
+    scores = mul.output[0] if mul is not None else None
+    cap_nodes, softcap = _softcap(g, scores) if scores else ([], 0.0)     # Gemma 2
+    scores = cap_nodes[-1].output[0] if cap_nodes else scores
+    add = _user(g, scores, "Add") if scores else None
     soft = _user(g, add.output[0], "Softmax") if add is not None else None
     cast2 = _user(g, soft.output[0], "Cast") if soft is not None else None
     pv = _user(g, cast2.output[0], "MatMul") if cast2 is not None else None
     if (pv is None or pv.input[1] != values.output[0] or not dims or len(dims) != 4
             or scale is None or attr(soft, "axis") != -1):
         return None
-    mask = next(v for v in add.input if v != mul.output[0])
+    mask = next(v for v in add.input if v != scores)
     if not all(c.op_type == "Reshape" for c in g.consumers(pv.output[0])):
         return None   # the output changes from [T, Hkv, G, D] to [T, Hq, D]
     _, hkv, group, d = dims
     nodes = [concat, *unsq, scatter, gathers[0], tr, rs, keys, values, tk, qk, qg, cast1, mul,
-             add, soft, cast2, pv]
+             *cap_nodes, add, soft, cast2, pv]
     if not g.private(nodes, keep=[cache, pv.output[0]]):
         return None
     attrs = dict(num_heads=hkv * group, num_kv_heads=hkv, head_dim=d, block_size=pool[3],
-                 scale=scale, sliding_window=_sliding_window(g, mask))
+                 scale=scale, sliding_window=_sliding_window(g, mask), softcap=softcap)
     if pool[2] != hkv or pool[4] != d or not isinstance(pool[3], int):
         return None
     return AttentionMatch(qg.input[0], unsq[0].input[0], unsq[1].input[0], cache_in, cache,
                           pv.output[0], attrs, nodes)
+
+
+def _softcap(g: Graph, scores: str) -> tuple[list[NodeProto], float]:
+    """Mul(Tanh(scores / cap), cap), one constant cap > 0 -> (its three nodes, cap).
+
+    ([], 0.0) for anything else, capped or not: the caller then needs the mask Add right
+    after the scale, so a Tanh without its divide and multiply, or a cap that is not a
+    constant, declines there.
+    """
+    div = _user(g, scores, "Div") or _user(g, scores, "Mul")
+    tanh = _user(g, div.output[0], "Tanh") if div is not None else None
+    mul = _user(g, tanh.output[0], "Mul") if tanh is not None else None
+    if mul is None or (div.op_type == "Div" and div.input[0] != scores):   # not cap / x
+        return [], 0.0
+    inner = g.scalar(next((v for v in div.input if v != scores), scores))
+    cap = g.scalar(next((v for v in mul.input if v != tanh.output[0]), tanh.output[0]))
+    if inner is None or cap is None or cap <= 0 or inner <= 0:
+        return [], 0.0
+    if not close(inner, cap if div.op_type == "Div" else 1 / cap):
+        return [], 0.0
+    return [div, tanh, mul], cap
 
 
 def _sliding_window(g: Graph, mask: str, limit: int = 64) -> int:
@@ -189,6 +217,10 @@ def paged_attention_function():
                      b.Sub(b.Unsqueeze(pos, b.const([1])), window), b.const(-1))
     mask = contract.key_mask(b, contract.BLOCK_TABLES, contract.CONTEXT_LENS, seq, pos, bs,
                              lowest)
+    # Logit soft-cap (Gemma 2), before the mask: cap * tanh(scores / cap); 0 = none.
+    cap = b.attr("softcap", "float")
+    scores = b.Where(b.Greater(cap, b.const(0.0, np.float32)),
+                     b.Mul(b.Tanh(b.Div(scores, cap)), cap), scores)
     probs = b.CastLike(b.Softmax(b.Add(scores, mask), axis=-1), "q")
     b.Reshape(b.MatMul(probs, values), b.Shape("q"), out="out")             # [T, Hq, D]
     return make_function(
@@ -196,6 +228,6 @@ def paged_attention_function():
         ["q", "k", "v", "kv_cache", *contract.ATTENTION_INPUTS],
         ["out", "kv_cache_out"], b.nodes,
         attributes=["num_heads", "num_kv_heads", "head_dim", "block_size", "scale",
-                    "sliding_window"],
+                    "sliding_window", "softcap"],
         doc="Write k/v into their paged blocks, then causal GQA attention per token over its "
             "own sequence's cache (docs/passes.md).")

@@ -1,9 +1,16 @@
 """Rotate-half RoPE -> the ONNX opset-23 RotaryEmbedding op (TensorRT: one ROTARY_EMBEDDING).
 
-The chain model_zoo emits for q and k, x [T, H, D] from a Reshape, cos/sin [T, 1, D]:
+The chain model_zoo emits for q and k, x [T, H, D], cos/sin [T, 1, D]:
 
-    x1 = x[..., :D/2];  x2 = x[..., D/2:]
+    x1 = x[..., :D/2];  x2 = x[..., D/2:D]
     out = x * cos + Concat(-x2, x1) * sin
+
+x comes from the Reshape to [T, H, D], or (Qwen3, Gemma 3) from a per-head q/k RMSNorm
+after it, so D is read from the Slice bounds, not from x's producer: the halves [0, h) and
+[h, 2h), concatenated, must broadcast against x * cos, which a last axis of 2h allows (a
+shorter one would clamp the slices; the fused op then refuses cos of width h != D/2 at run
+time rather than compute something else). An open end (``x[..., h:]``, as torch exports it)
+says nothing about D, so it is taken only where x's producer is a Reshape that names D.
 
 RotaryEmbedding takes cos/sin of half width, so the pass checks that cos and sin are
 Cos/Sin of ``Concat(f, f)`` (each half the same angles; llama3 scaling is already folded
@@ -23,7 +30,7 @@ from onnx import NodeProto
 from llmc.passes.ir import Graph, attr
 from llmc.passes.manager import Pass
 
-INT_MAX = 2**31 - 1
+OPEN_ENDS = (2**31 - 1, 2**63 - 1)  # Slice ends meaning "to the end of the axis"
 
 
 @dataclass
@@ -68,14 +75,13 @@ def _match(g, add, mul_cos, k, mul_sin, j) -> RopeMatch | None:
         return None
     neg = g.producer(concat.input[0], "Neg")
     s1, s2 = _slice(g, concat.input[1]), _slice(g, neg.input[0]) if neg else None
-    shape = g.producer(x, "Reshape")
-    dims = g.ints(shape.input[1]) if shape is not None else None
-    if s1 is None or s2 is None or not dims or len(dims) != 3:
+    if s1 is None or s2 is None or s1[:2] != (x, 0) or s1[2] <= 0:
         return None
-    d = dims[-1]
-    half = d // 2
-    if (s1 != (x, 0, half) or s2[:2] != (x, half) or s2[2] not in (d, INT_MAX)
-            or d % 2 or _angles(g, cos, "Cos") is None
+    half = s1[2]
+    known = _reshaped_last_dim(g, x)
+    if (s2[:2] != (x, half) or known not in (None, 2 * half)
+            or not (s2[2] == 2 * half or (s2[2] in OPEN_ENDS and known is not None))
+            or _angles(g, cos, "Cos") is None
             or _angles(g, cos, "Cos") != _angles(g, sin, "Sin")):
         return None
     nodes = [add, mul_cos, mul_sin, concat, neg, g.producer(concat.input[1]),
@@ -83,6 +89,13 @@ def _match(g, add, mul_cos, k, mul_sin, j) -> RopeMatch | None:
     if not g.private(nodes, keep=[add.output[0]]):
         return None
     return RopeMatch(x, cos, sin, half, nodes, add.output[0])
+
+
+def _reshaped_last_dim(g: Graph, x: str) -> int | None:
+    """D when x is Reshape(.., [0, H, D]) (the form without a per-head norm), else None."""
+    shape = g.producer(x, "Reshape")
+    dims = g.ints(shape.input[1]) if shape is not None else None
+    return dims[-1] if dims and len(dims) == 3 and dims[-1] > 0 else None
 
 
 def _angles(g: Graph, value: str, op_type: str) -> str | None:

@@ -186,6 +186,10 @@ def paged_attention_attrs(fields: dict) -> dict:
     attrs["scale"] = float(one("scale", attrs["head_dim"] ** -0.5))
     attrs["write_kv"] = int(one("write_kv", 1))
     attrs["sliding_window"] = int(one("sliding_window", 0))
+    softcap = float(one("softcap", 0.0))   # the node carries it (Gemma 2); the record has none
+    if softcap != 0.0:
+        raise ValueError(f"the PagedAttention kernels do not implement a logit soft-cap yet "
+                         f"(softcap={softcap})")
     check_attention(attrs["num_q_heads"], attrs["num_kv_heads"], attrs["head_dim"],
                     attrs["block_size"], attrs["sliding_window"])
     return attrs

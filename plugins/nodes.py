@@ -24,7 +24,7 @@ GRAPH_PLUGINS = {
     "FusedSwiGLU": NodePlugin(1, 1, ()),                 # gate_up [T, 2I] -> [T, I]
     "FusedGeGLU": NodePlugin(1, 1, ("approximate",)),    # the kernel has the tanh form only
     "PagedAttention": NodePlugin(8, 2, ("num_heads", "num_kv_heads", "head_dim", "block_size",
-                                        "scale", "sliding_window")),
+                                        "scale", "sliding_window", "softcap")),
 }
 
 # I/O of the PagedAttention node (passes/attention.py, docs/passes.md); output 1 is the

@@ -130,6 +130,7 @@ def register_paged_attention(arch: str, sm_count: int, max_smem: int | None = No
                 ("block_size", trt.PluginFieldType.INT32),
                 ("scale", trt.PluginFieldType.FLOAT32),
                 ("sliding_window", trt.PluginFieldType.INT32),
+                ("softcap", trt.PluginFieldType.FLOAT32),
                 ("record", trt.PluginFieldType.UNKNOWN))]
             self.field_names = trt.PluginFieldCollection(fields)
 
