@@ -1,6 +1,8 @@
 """llmc: an ahead-of-time compiler for LLMs (HF checkpoint or GGUF -> TensorRT engine)."""
 
-__version__ = "0.1.0"
+from llmc.version import __version__
+
+__all__ = ["Runner", "__version__"]
 
 
 def __getattr__(name):

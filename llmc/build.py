@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from llmc import __version__, backends, dtypes
+from llmc import backends, dtypes
 from llmc.contract import EngineIO
 from llmc.engine_file import write_engine
 from llmc.errors import LlmcError
@@ -25,6 +25,7 @@ from llmc.graph import save_onnx
 from llmc.header import BuildInfo, EngineHeader, ModelInfo
 from llmc.limits import BuildLimits
 from llmc.model_zoo import load_model
+from llmc.version import __version__
 
 
 @dataclass(frozen=True)

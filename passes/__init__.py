@@ -5,6 +5,7 @@
 See docs/passes.md for every pass, the fused nodes' contracts and what TensorRT does with them.
 """
 
-from llmc.passes.manager import Pass, pass_names, pipeline, run_passes
+from llmc.passes.manager import pass_names, pipeline, run_passes
+from llmc.passes.pattern import Pass
 
 __all__ = ["Pass", "pass_names", "pipeline", "run_passes"]

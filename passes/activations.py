@@ -26,7 +26,7 @@ from llmc.passes.ir import (
     make_function,
     ref,
 )
-from llmc.passes.manager import Pass
+from llmc.passes.pattern import Pass
 
 
 def _factors(g: Graph, value: str, nodes: list[NodeProto], top: bool = True) -> list[str]:

@@ -27,7 +27,7 @@ from onnx import AttributeProto, NodeProto, TensorProto, helper, numpy_helper
 
 from llmc import contract
 from llmc.passes.ir import LLMC_DOMAIN, Graph, attr, close, make_function, ref
-from llmc.passes.manager import Pass
+from llmc.passes.pattern import Pass
 
 CONTRACT = contract.ATTENTION_INPUTS
 
@@ -205,7 +205,7 @@ def paged_attention_function():
                                                                   b.const([3]))
     index = contract.kv_write_index(b, blocks, pos, n_tok, hkv, bs)         # [2, T, Hkv, 4]
     new_kv = b.Concat(b.Unsqueeze("k", b.const([0])), b.Unsqueeze("v", b.const([0])), axis=0)
-    cache = b.ScatterND("kv_cache", index, new_kv, out="kv_cache_out")
+    cache = b.ScatterND("cache", index, new_kv, out="cache_out")
     # Every token reads its sequence's blocks back: [2, T, Hkv, C, D].
     ctx = b.Transpose(b.Gather(cache, blocks, axis=1), perm=[0, 1, 3, 2, 4, 5])
     ctx = b.Reshape(ctx, b.Concat(b.const([2]), n_tok, hkv, b.const([-1]), d, axis=0))
@@ -225,8 +225,8 @@ def paged_attention_function():
     b.Reshape(b.MatMul(probs, values), b.Shape("q"), out="out")             # [T, Hq, D]
     return make_function(
         "PagedAttention",
-        ["q", "k", "v", "kv_cache", *contract.ATTENTION_INPUTS],
-        ["out", "kv_cache_out"], b.nodes,
+        ["q", "k", "v", "cache", *contract.ATTENTION_INPUTS],
+        ["out", "cache_out"], b.nodes,
         attributes=["num_heads", "num_kv_heads", "head_dim", "block_size", "scale",
                     "sliding_window", "softcap"],
         doc="Write k/v into their paged blocks, then causal GQA attention per token over its "

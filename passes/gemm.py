@@ -16,7 +16,7 @@ from onnx import NodeProto
 
 from llmc.graph import Weight
 from llmc.passes.ir import Graph
-from llmc.passes.manager import Pass
+from llmc.passes.pattern import Pass
 
 
 @dataclass

@@ -1,51 +1,26 @@
 """The pass manager: a flat list of named rewrite stages run over one graph.
 
-A pass is a pattern rooted at one op type, a check (both in ``match``, which returns None to
-decline) and a replacement. Every firing counts; the counts are the pass report that
-``llmc build`` prints and stores in the engine header.
+Each pass (passes/pattern.py) is a pattern, a check and a replacement. Every firing counts;
+the counts are the pass report that ``llmc build`` prints and stores in the engine header.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import onnx
-from onnx import NodeProto
 
 from llmc.graph import Weight
+from llmc.passes import activations, attention, gemm, norms, rope
 from llmc.passes.ir import FUSED_OPSET, Graph, remove_dead_nodes
-
-
-@dataclass(frozen=True)
-class Pass:
-    name: str
-    anchor: str                                         # op type the pattern is rooted at
-    match: Callable[[Graph, NodeProto], Any | None]     # pattern + check; None declines
-    replace: Callable[[Graph, Any], None]
-
-
-def apply(g: Graph, p: Pass) -> int:
-    """Run one pass to a fixed point over the anchors present now; returns its firings."""
-    fired = 0
-    for node in [n for n in g.nodes.values() if n.op_type == p.anchor]:
-        if not g.alive(node):       # consumed by an earlier firing of this pass
-            continue
-        m = p.match(g, node)
-        if m is not None:
-            p.replace(g, m)
-            fired += 1
-    return fired
+from llmc.passes.pattern import Pass, apply
 
 
 def pipeline() -> list[Pass]:
     """The stages in order. Norms and activations first so that the GEMM fusion and the
     attention pattern see the canonical, already-fused neighbours."""
-    from llmc.passes import activations, attention, gemm, norms, rope
-
     return [
         norms.RMS_NORM,
         norms.ADD_RMS_NORM,

@@ -24,7 +24,7 @@ from llmc.passes.ir import (
     make_function,
     ref,
 )
-from llmc.passes.manager import Pass
+from llmc.passes.pattern import Pass
 
 
 @dataclass

@@ -28,7 +28,7 @@ import numpy as np
 from onnx import NodeProto
 
 from llmc.passes.ir import Graph, attr
-from llmc.passes.manager import Pass
+from llmc.passes.pattern import Pass
 
 OPEN_ENDS = (2**31 - 1, 2**63 - 1)  # Slice ends meaning "to the end of the axis"
 

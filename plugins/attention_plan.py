@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from llmc import contract
+
 from .launch_rules import Launch, dtype_tag, float_bits, round_up
 from .records import deserialize
 
@@ -230,18 +232,18 @@ def workspace_lse_offset(plan: AttentionPlan, tokens: int, num_q_heads: int,
 
 def attention_launches(plan: AttentionPlan, dims: dict, scale: float, ptr: dict) -> list:
     """(Launch, args) of one step, in order. `ptr` maps q, k, v, seq_starts, context_lens,
-    block_tables, kv_cache, out, ws_o, ws_lse to device pointers of the caller's kind; ints
-    in args are int32 scalars. The torch launcher (launch.py) and the TensorRT glue both
+    block_tables, cache (the KV pool), out, ws_o, ws_lse to device pointers of the caller's
+    kind; ints in args are int32 scalars. The torch launcher (launch.py) and the TensorRT glue both
     build their launches here, so the GPU tests check the argument order TensorRT uses."""
     t, b, hq, hkv, d = (dims[k] for k in ("tokens", "batch", "hq", "hkv", "d"))
     mb, bs, nb = dims["max_blocks"], dims["block_size"], dims["num_blocks"]
-    meta = [ptr["seq_starts"], ptr["context_lens"], ptr["block_tables"]]
+    meta = [ptr[contract.SEQ_STARTS], ptr[contract.CONTEXT_LENS], ptr[contract.BLOCK_TABLES]]
     out = []
     if plan.kv_write:
         out.append((plan.kv_write, [ptr["k"], ptr["v"], *meta, t, b, hkv, d, mb, bs, nb,
-                                    ptr["kv_cache"]]))
+                                    ptr["cache"]]))
     sc = [t, b, hq, hkv, mb, bs, nb, float_bits(scale), plan.window]
-    head = [ptr["q"], *meta, ptr["kv_cache"], *sc]
+    head = [ptr["q"], *meta, ptr["cache"], *sc]
     if not plan.decode:
         out.append((plan.main, head + [plan.pack, ptr["out"]]))
         return out

@@ -174,7 +174,7 @@ class Kernels:
                               device=q.device)
         lse = ap.workspace_lse_offset(plan, t, hq, d) // 4
         ptr = dict(q=q, k=k, v=v, seq_starts=seq_starts, context_lens=context_lens,
-                   block_tables=block_tables, kv_cache=kv_cache, out=out, ws_o=ws,
+                   block_tables=block_tables, cache=kv_cache, out=out, ws_o=ws,
                    ws_lse=ws[lse:] if plan.n_split > 1 else ws)
         dims = ap.paged_attention_dims(q.shape, kv_cache.shape, block_tables.shape)
         for ln, args in ap.attention_launches(plan, dims, scale, ptr):

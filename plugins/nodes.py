@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmc import contract
+
 
 @dataclass(frozen=True)
 class NodePlugin:
@@ -29,7 +31,6 @@ GRAPH_PLUGINS = {
 
 # I/O of the PagedAttention node (passes/attention.py, docs/passes.md); output 1 is the
 # cache, updated in place, so TensorRT aliases it to input 3.
-PA_INPUTS = ("q", "k", "v", "kv_cache", "block_tables", "seq_starts", "context_lens",
-             "position_ids")
-PA_OUTPUTS = ("out", "kv_cache_out")
+PA_INPUTS = ("q", "k", "v", "cache", *contract.ATTENTION_INPUTS)
+PA_OUTPUTS = ("out", "cache_out")
 PA_ALIASES = {1: 3}  # output index -> input index

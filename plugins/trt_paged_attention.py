@@ -15,6 +15,7 @@ TensorRT-RTX (installable) does not run on Hopper and has no add_plugin.
 """
 from __future__ import annotations
 
+from llmc import contract
 from llmc.devices import device_max_smem
 
 from . import attention_plan as ap
@@ -67,7 +68,7 @@ def register_paged_attention(arch: str, sm_count: int, max_smem: int | None = No
             if desc.format != trt.TensorFormat.LINEAR:
                 return False
             name = (PA_INPUTS + PA_OUTPUTS)[pos]
-            if name in ("block_tables", "seq_starts", "context_lens", "position_ids"):
+            if name in contract.ATTENTION_INPUTS:
                 return desc.type == trt.int32
             # q, k, v, the cache and both outputs share q's dtype (fp16 or bf16)
             return desc.type in dtypes and desc.type == in_out[0].desc.type

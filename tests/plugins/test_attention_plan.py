@@ -152,7 +152,7 @@ def test_paged_attention_attrs_from_onnx_fields_and_record():
         ap.paged_attention_attrs({k: v for k, v in onnx.items() if k != "num_heads"})
     with pytest.raises(ValueError):
         ap.paged_attention_attrs({**onnx, "head_dim": np.array([96])})
-    assert PA_INPUTS[PA_ALIASES[1]] == "kv_cache"
+    assert PA_INPUTS[PA_ALIASES[1]] == "cache"
 
 
 @pytest.mark.parametrize("window", [0, 1000])
@@ -171,16 +171,16 @@ def test_workspace_bound_covers_every_decode_step(window):
 
 def test_attention_launches_argument_order():
     ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
-                          "kv_cache", "out", "ws_o", "ws_lse")}
+                          "cache", "out", "ws_o", "ws_lse")}
     dims = ap.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 128), (2, 300))
     assert dims == dict(tokens=2, batch=2, hq=32, hkv=8, d=128, max_blocks=300,
                         block_size=16, num_blocks=100)
     dec = ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "bfloat16", 132, max_smem=H100)
     (kw, kwa), (main, ma), (red, ra) = ap.attention_launches(dec, dims, 0.5, ptr)
     meta = ["seq_starts", "context_lens", "block_tables"]
-    assert kwa == ["k", "v", *meta, 2, 2, 8, 128, 300, 16, 100, "kv_cache"]
+    assert kwa == ["k", "v", *meta, 2, 2, 8, 128, 300, 16, 100, "cache"]
     sc = [2, 2, 32, 8, 300, 16, 100, float_bits(0.5), 0]  # last: sliding window
-    assert ma == ["q", *meta, "kv_cache", *sc, dec.n_split, dec.chunk, "out", "ws_o", "ws_lse"]
+    assert ma == ["q", *meta, "cache", *sc, dec.n_split, dec.chunk, "out", "ws_o", "ws_lse"]
     assert ra == ["ws_o", "ws_lse", 64, 128, dec.n_split, "out"]
     assert ap.workspace_lse_offset(dec, 2, 32, 128) == 2 * 32 * dec.n_split * 128 * 4
     pre = ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, write_kv=False,

@@ -109,7 +109,7 @@ def test_registered_plugins_take_the_graph_nodes(monkeypatch):
     plugin = creator.create_plugin("pa", fields, None)
     assert (len(PA_INPUTS), plugin.num_outputs) == (node.inputs, node.outputs)
     aliased = {o: plugin.get_aliased_input(o) for o in range(len(PA_OUTPUTS))}
-    assert aliased == {0: -1, **PA_ALIASES} and PA_INPUTS[PA_ALIASES[1]] == "kv_cache"
+    assert aliased == {0: -1, **PA_ALIASES} and PA_INPUTS[PA_ALIASES[1]] == "cache"
 
 
 def test_paged_attention_node_attributes_make_a_plugin_record():
