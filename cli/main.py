@@ -30,10 +30,15 @@ def cli() -> None:
               help="engine file to write")
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", *BACKEND_NAMES]),
-              help="auto: TensorRT where TensorRT and a GPU it supports are here, else "
-                   "reference (onnxruntime on the CPU)")
+              help="auto: TensorRT where TensorRT and a GPU it supports are here, else cuda "
+                   "(llmc's own kernels) where an NVIDIA GPU and llmc[cuda] are, else "
+                   "reference (onnxruntime on the CPU); it says which and why")
 @click.option("--dtype", default="fp16", show_default=True,
-              help="fp32, fp16 or bf16 (the reference backend computes bf16 in fp32)")
+              help="fp32, fp16 or bf16 (the reference backend computes bf16 in fp32; cuda "
+                   "takes fp16 or bf16)")
+@click.option("--gpu-arch", default=None, metavar="SM",
+              help="cuda backend: the GPU architecture to compile for, e.g. sm_90a (H100, "
+                   "H200), sm_80 (A100), sm_89 (L40S) [default: the GPU present]")
 @click.option("--max-batch-size", default=8, show_default=True, help="sequences per step")
 @click.option("--max-num-tokens", default=512, show_default=True, help="tokens per step")
 @click.option("--max-seq-len", default=2048, show_default=True,
@@ -43,8 +48,8 @@ def cli() -> None:
               help="skip a fusion pass (repeatable; names in docs/passes.md)")
 @click.option("--dump-graphs", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="write the graph after every pass stage as DIR/NN-name.onnx")
-def build(model, output, backend, dtype, max_batch_size, max_num_tokens, max_seq_len,
-          kv_block_size, disable_passes, dump_graphs) -> None:
+def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_tokens,
+          max_seq_len, kv_block_size, disable_passes, dump_graphs) -> None:
     """Build an engine file from a checkpoint."""
     from llmc import backends
     from llmc.build import BuildOptions, default_model
@@ -54,7 +59,8 @@ def build(model, output, backend, dtype, max_batch_size, max_num_tokens, max_seq
     limits = BuildLimits(max_batch_size, max_num_tokens, max_seq_len, kv_block_size)
     run_build(BuildOptions(model=model or default_model(), output=output,
                            backend=backends.pick(backend, _log), dtype=dtype, limits=limits,
-                           disable_passes=tuple(disable_passes), dump_graphs=dump_graphs),
+                           disable_passes=tuple(disable_passes), dump_graphs=dump_graphs,
+                           gpu_arch=gpu_arch),
               log=_log)
 
 
@@ -70,15 +76,23 @@ def build(model, output, backend, dtype, max_batch_size, max_num_tokens, max_seq
 @click.option("--chat", is_flag=True, help="wrap each prompt in the model's chat template")
 @click.option("--stream", is_flag=True, help="print tokens as they come (one prompt)")
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", *BACKEND_NAMES]))
+              type=click.Choice(["auto", *BACKEND_NAMES]),
+              help="the engine's own backend; another is a clear error")
+@click.option("--gpu-memory-utilization", default=0.9, show_default=True,
+              help="cuda engines: the share of the GPU's memory this process may fill "
+                   "(weights, activations, the KV cache)")
 def run(engine, prompts, max_new_tokens, temperature, top_k, top_p, seed, chat, stream,
-        backend) -> None:
+        backend, gpu_memory_utilization) -> None:
     """Generate text for one or more prompts."""
     from llmc.runtime.runner import Runner
 
     if stream and len(prompts) > 1:
         raise LlmcError("--stream prints one prompt's tokens as they come; give one --prompt")
-    runner = Runner(engine, backend=backend, log=_log)
+    from llmc.engine_file import EngineFile
+
+    options = ({"gpu_memory_utilization": gpu_memory_utilization}
+               if EngineFile(engine).header.backend == "cuda" else {})
+    runner = Runner(engine, backend=backend, log=_log, **options)
     on_text = (lambda _, text: click.echo(text, nl=False)) if stream else None
     outputs = runner.generate(list(prompts), max_new_tokens, temperature, top_k, top_p, seed,
                               chat, on_text)

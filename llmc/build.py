@@ -38,13 +38,17 @@ class BuildOptions:
     # --- passes (passes/, docs/passes.md) ---
     disable_passes: tuple[str, ...] = ()    # stage names to skip
     dump_graphs: Path | None = None         # write every stage as NN-name.onnx here
+    gpu_arch: str | None = None             # cuda backend: target, e.g. sm_90a (default: here)
 
 
 def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeader:
     """Build an engine file; returns its header."""
     t0 = time.perf_counter()
     dtype = dtypes.normalize(opts.dtype)
-    backend = backends.get(opts.backend)
+    backend = backends.get(opts.backend, **({"gpu_arch": opts.gpu_arch}
+                                            if opts.backend == "cuda" else {}))
+    if opts.gpu_arch and opts.backend != "cuda":
+        raise LlmcError("--gpu-arch applies to --backend cuda only")
     try:
         limits = opts.limits.validate()
     except ValueError as e:

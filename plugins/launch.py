@@ -26,11 +26,14 @@ class Functions:
     """Cubins loaded into the current CUDA context; functions looked up and configured once.
     Needs no torch: the TensorRT glue uses it with its own pointers and stream."""
 
-    def __init__(self, arch: str):
+    def __init__(self, arch: str, cubins: dict[str, bytes] | None = None):
+        """cubins: module -> cubin compiled ahead of time (an engine's); other modules are
+        compiled with NVRTC on first use."""
         from cuda.bindings import driver
 
         check(driver.cuInit(0))
         self.arch = arch
+        self._cubins = dict(cubins or {})
         self._modules = {}
         self._funcs = {}
 
@@ -40,7 +43,8 @@ class Functions:
         key = (launch.module, launch.kernel)
         if key not in self._funcs:
             if launch.module not in self._modules:
-                cubin = compiler.compile_module(launch.module, self.arch)
+                cubin = (self._cubins.get(launch.module)
+                         or compiler.compile_module(launch.module, self.arch))
                 self._modules[launch.module] = check(driver.cuModuleLoadData(cubin))
             f = check(driver.cuModuleGetFunction(self._modules[launch.module],
                                                launch.kernel.encode()))

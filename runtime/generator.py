@@ -62,7 +62,9 @@ def generate(session: Session, limits: Limits, prompts: list[list[int]], max_new
                      np.random.default_rng(s))
             for i, (p, s) in enumerate(zip(prompts, seed.spawn(len(prompts))))]
     need = [blocks_needed(s.max_len, limits.kv_block_size) for s in seqs]
-    pool = BlockPool(min(sum(need), limits.max_num_blocks))
+    # A GPU session sizes its pool from memory and says how many blocks it holds.
+    capacity = getattr(session, "kv_capacity", limits.max_num_blocks)
+    pool = BlockPool(min(sum(need), limits.max_num_blocks, capacity))
     session.allocate_kv(pool.num_blocks)
 
     waiting, running = list(zip(seqs, need)), []

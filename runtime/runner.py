@@ -18,13 +18,14 @@ from llmc.runtime.sampler import SamplingParams
 
 
 def open_session(engine: EngineFile, backend: str = "auto",
-                 log: Callable[[str], None] | None = None) -> Session:
-    """The session that runs this engine: its own backend, if this machine can run it."""
+                 log: Callable[[str], None] | None = None, **options) -> Session:
+    """The session that runs this engine: its own backend, if this machine can run it.
+    options go to the backend's session (cuda: gpu_memory_utilization, max_kv_blocks)."""
     built = engine.header.backend
     if backend not in ("auto", built):
         raise LlmcError(f"{engine.path} was built for the {built} backend and cannot run on "
                         f"{backend}; rebuild it with `llmc build --backend {backend}`")
-    session = backends.get(built).open(engine, log)
+    session = backends.get(built).open(engine, log, **options)
     if log:
         log(f"backend: {built}")
     return session
@@ -32,10 +33,11 @@ def open_session(engine: EngineFile, backend: str = "auto",
 
 class Runner:
     def __init__(self, engine_path: str | os.PathLike, backend: str = "auto",
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, **session_options):
+        """session_options: for GPU backends, e.g. gpu_memory_utilization=0.9 (cuda)."""
         self.engine = EngineFile(engine_path)
         header = self.engine.header
-        self.session = open_session(self.engine, backend, log)
+        self.session = open_session(self.engine, backend, log, **session_options)
         self.limits = header.build.limits
         from tokenizers import Tokenizer
 

@@ -3,6 +3,7 @@
     reference      onnxruntime on the CPU, the numerics oracle      backends/reference.py
     tensorrt       TensorRT plans (data-centre GPUs)                 backends/tensorrt/
     tensorrt-rtx   TensorRT-RTX plans (builds without a GPU)         backends/tensorrt/
+    cuda           llmc's own plan: NVRTC kernels + cuBLASLt         backends/cuda/
 
 `get` imports a backend's module only when asked, so `import llmc.backends` is cheap.
 """
@@ -18,16 +19,18 @@ _MODULES = {
     "reference": "llmc.backends.reference",
     "tensorrt": "llmc.backends.tensorrt",
     "tensorrt-rtx": "llmc.backends.tensorrt",
+    "cuda": "llmc.backends.cuda",
 }
 NAMES = tuple(_MODULES)
 # `auto` tries these in order and takes the first that can run here.
-AUTO_ORDER = ("tensorrt", "tensorrt-rtx", "reference")
+AUTO_ORDER = ("tensorrt", "tensorrt-rtx", "cuda", "reference")
 
 
-def get(name: str) -> Backend:
+def get(name: str, **options) -> Backend:
+    """options: build-time settings of that backend (cuda: gpu_arch)."""
     if name not in _MODULES:
         raise LlmcError(f"unknown backend {name!r}; choose auto or one of {', '.join(NAMES)}")
-    return importlib.import_module(_MODULES[name]).backend(name)
+    return importlib.import_module(_MODULES[name]).backend(name, **options)
 
 
 def pick(requested: str, log: Log) -> str:

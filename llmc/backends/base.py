@@ -59,5 +59,6 @@ class Backend(Protocol):
     def lower(self, onnx_path: Path, limits: BuildLimits, log: Log) -> Lowered:
         """The fused graph on disk -> engine sections."""
 
-    def open(self, engine: "EngineFile", log: Log | None = None) -> Session:
-        """A session for an engine of this backend (a clear error if this machine can't)."""
+    def open(self, engine: "EngineFile", log: Log | None = None, **options) -> Session:
+        """A session for an engine of this backend (a clear error if this machine can't).
+        options: the backend's own session settings; an unknown one is an error."""

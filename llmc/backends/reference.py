@@ -41,8 +41,9 @@ class ReferenceBackend:
         return Lowered({GRAPH: onnx_path, WEIGHTS: onnx_path.parent / WEIGHTS},
                        versions={"onnxruntime": onnxruntime.__version__})
 
-    def open(self, engine: EngineFile, log: Log | None = None) -> "ReferenceSession":
-        return ReferenceSession(engine)
+    def open(self, engine: EngineFile, log: Log | None = None,
+             **options) -> "ReferenceSession":
+        return ReferenceSession(engine, **options)
 
 
 def backend(name: str) -> ReferenceBackend:

@@ -38,7 +38,7 @@ class TensorRTBackend:
         plan, summary = build_plan(onnx_path, limits, self.name, log=log)
         return Lowered({PLAN: plan}, summary, shim.versions(self.name))
 
-    def open(self, engine: EngineFile, log: Log | None = None):
+    def open(self, engine: EngineFile, log: Log | None = None, **options):
         from llmc.backends.tensorrt import shim
         from llmc.backends.tensorrt.session import TensorRTSession, available
 
@@ -55,7 +55,7 @@ class TensorRTBackend:
         if not ok:
             raise LlmcError(f"cannot run {engine.path} here: {why}. Run it on such a machine, "
                             "or build a CPU engine with `llmc build --backend reference`")
-        return TensorRTSession(engine.section(PLAN).tobytes(), self.name)
+        return TensorRTSession(engine.section(PLAN).tobytes(), self.name, **options)
 
 
 def backend(name: str) -> TensorRTBackend:

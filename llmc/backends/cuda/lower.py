@@ -1,0 +1,520 @@
+"""Lowering for the cuda backend: the fused ONNX graph -> an execution plan (plan.py).
+
+Every node of the fused graph maps to a kernel, a view, or nothing at all:
+
+    Gather(embedding table, input_ids)            embedding            glue.cu
+    RMSNormalization / llmc AddRMSNorm            rmsnorm / add_rmsnorm norm.cu
+    MatMul(x, W) / Gemm(x, E, transB=1)           gemm                 cuBLASLt
+    llmc FusedSwiGLU / FusedGeGLU                 swiglu / geglu       activation.cu
+    llmc PagedAttention with its q/k/v chain:     rope_cache           rope.cu (RoPE, QKV bias,
+      MatMul [+ Add bias] -> Split -> Reshape                          K/V written into the
+      -> RotaryEmbedding (q, k)                                        layer's pool in place)
+                                                  attention            paged_attention.cu
+    Gather(h, last_token_rows)                    gather_rows          glue.cu
+    Cast(logits, float32)                         the LM-head GEMM writes fp32 (or cast_f32)
+    Reshape / Squeeze / Unsqueeze / Split         views of one buffer
+    Identity to kv_cache_out_{l}                  nothing: the pool is updated in place
+    the RoPE angle chain (Cos/Sin of positions    nothing: the rope kernel computes angles
+      times inv_freq)                             from positions and the inv_freq table
+
+A node with no mapping is a build error that names it. Memory: every activation gets an
+offset in one arena, reusing space once a value is dead (first fit over live intervals,
+sizes at the build limits); weights keep the offsets `save_onnx` gave them in weights.bin,
+which becomes the engine's weights section unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from llmc import contract
+from llmc.backends.cuda.plan import ALIGN, Op, Plan, Value, align, itemsize, numel
+from llmc.errors import LlmcError
+from llmc.limits import BuildLimits
+
+DTYPES = ("float16", "bfloat16")
+MODULES = ("norm", "activation", "rope", "paged_attention", "glue", "sampling")
+_ONNX_FLOAT = 1
+
+
+class UnsupportedGraph(LlmcError):
+    """The fused graph holds something the cuda backend has no kernel for."""
+
+
+class _Graph:
+    """Producer/consumer maps and initializers of a ModelProto (weights not loaded)."""
+
+    def __init__(self, model):
+        from onnx import numpy_helper
+
+        self.nodes = list(model.graph.node)
+        self.producer = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.outputs = [o.name for o in model.graph.output]
+        self._np = numpy_helper
+
+    def weight(self, name: str):
+        t = self.inits.get(name)
+        return t if t is not None and t.data_location == 1 else None  # EXTERNAL: a weight
+
+    def const(self, name: str) -> np.ndarray | None:
+        t = self.inits.get(name)
+        if t is not None and t.data_location != 1:
+            return self._np.to_array(t)
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            return self._np.to_array(node.attribute[0].t)
+        return None
+
+    def only(self, value: str, op_type: str):
+        node = self.producer.get(value)
+        if node is None or node.op_type != op_type:
+            raise UnsupportedGraph(f"expected {value!r} to come from {op_type}, got "
+                                   f"{node.op_type if node else 'a graph input'}")
+        return node
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return {1: a.f, 2: a.i, 3: a.s.decode(), 7: list(a.ints)}.get(a.type, default)
+    return default
+
+
+class Lowering:
+    def __init__(self, model, limits: BuildLimits, arch: str):
+        self.g = _Graph(model)
+        self.limits = limits
+        self.arch = arch
+        self.values: dict[str, Value] = {}
+        self.ops: list[Op] = []
+        self.done: set[int] = set()   # ids of nodes consumed by a mapping
+        self.dtype = None
+
+    # --- values --------------------------------------------------------------------------
+
+    def _weight(self, name: str) -> str:
+        t = self.g.weight(name)
+        if t is None:
+            raise UnsupportedGraph(f"{name!r} is not a weight of the graph")
+        if name not in self.values:
+            info = {e.key: e.value for e in t.external_data}
+            dtype = {10: "float16", 16: "bfloat16", 1: "float32"}[t.data_type]
+            self.values[name] = Value("weight", dtype, list(t.dims), int(info["offset"]))
+        return name
+
+    def _arena(self, name: str, shape: list, dtype: str | None = None) -> str:
+        self.values[name] = Value("arena", dtype or self.dtype, shape)
+        return name
+
+    def _view(self, name: str, base: str, shape: list) -> str:
+        b = self.values[base]
+        self.values[name] = Value("view", b.dtype, shape, base=base)
+        return name
+
+    # --- the walk ------------------------------------------------------------------------
+
+    def run(self) -> Plan:
+        g = self.g
+        for name, dims in contract.CONTROL_INPUTS.items():
+            self.values[name] = Value("input", "int32", list(dims))
+        attn = [n for n in g.nodes if n.op_type == "PagedAttention"]
+        if not attn:
+            raise UnsupportedGraph("the graph has no fused PagedAttention node; the cuda "
+                                   "backend needs the fused graph (do not disable the "
+                                   "paged_attention pass)")
+        self.dtype = self._dtype_of(attn[0])
+        # The attention blocks' q/k/v chains and the RoPE angle chain become part of the
+        # rope_cache op, emitted where the PagedAttention node stands.
+        for node in attn:
+            self._claim_attention_chain(node)
+        for node in g.nodes:
+            if id(node) not in self.done:
+                self._lower(node)
+        logits = self._logits()
+        arena = self._assign_arena()
+        weights_end = max((v.offset + align(numel(v.shape, 1, 1) * itemsize(v.dtype))
+                           for v in self.values.values() if v.where == "weight"), default=0)
+        return Plan(self.arch, self.dtype, list(MODULES), self.values, self.ops, arena,
+                    weights_end, logits, len(attn))
+
+    def _dtype_of(self, attention) -> str:
+        q = attention.input[0]
+        # the q/k/v GEMM's weight carries the model dtype
+        node = self.g.producer.get(q)
+        while node is not None and node.op_type != "MatMul":
+            node = self.g.producer.get(node.input[0])
+        t = self.g.weight(node.input[1]) if node is not None else None
+        dtype = {10: "float16", 16: "bfloat16", 1: "float32"}.get(t.data_type) if t else None
+        if dtype not in DTYPES:
+            raise UnsupportedGraph(f"the cuda backend computes in fp16 or bf16, not {dtype}; "
+                                   "build with --dtype fp16 or --dtype bf16")
+        return dtype
+
+    def _lower(self, node) -> None:
+        kind = node.op_type
+        handler = getattr(self, f"_op_{kind}", None)
+        if handler is None:
+            raise UnsupportedGraph(f"the cuda backend has no kernel for {kind} (node "
+                                   f"{node.name!r}); supported: {', '.join(self._supported())}")
+        handler(node)
+
+    @classmethod
+    def _supported(cls) -> list[str]:
+        return sorted(k[4:] for k in dir(cls) if k.startswith("_op_"))
+
+    def _emit(self, op: str, node, inputs, outputs, **attrs) -> None:
+        self.ops.append(Op(op, list(inputs), list(outputs), attrs, node.name))
+        self.done.add(id(node))
+
+    # --- one method per op type: a kernel, a view, or nothing --------------------------------
+
+    def _op_Gather(self, node) -> None:
+        data, index = node.input
+        if index == contract.INPUT_IDS and self.g.weight(data) is not None:
+            table = self._weight(data)
+            hidden = self.values[table].shape[1]
+            out = self._arena(node.output[0], ["T", hidden])
+            self._emit("embedding", node, [table, index], [out], hidden=hidden)
+        elif index == contract.LAST_TOKEN_ROWS and _attr(node, "axis", 0) == 0:
+            hidden = self.values[data].shape[-1]
+            out = self._arena(node.output[0], ["B", hidden])
+            self._emit("gather_rows", node, [data, index], [out], hidden=hidden)
+        else:
+            raise UnsupportedGraph(f"Gather node {node.name!r} is neither the embedding "
+                                   "lookup nor the last-token gather")
+
+    def _op_RMSNormalization(self, node) -> None:
+        x, w = node.input[:2]
+        shape = self.values[x].shape
+        out = self._arena(node.output[0], list(shape))
+        self._emit("rmsnorm", node, [x, self._weight(w)], [out],
+                   eps=float(_attr(node, "epsilon", 1e-5)), n=shape[-1])
+
+    def _op_AddRMSNorm(self, node) -> None:
+        x, res, w = node.input
+        shape = self.values[x].shape
+        out = self._arena(node.output[0], list(shape))
+        total = self._arena(node.output[1], list(shape))
+        self._emit("add_rmsnorm", node, [x, res, self._weight(w)], [out, total],
+                   eps=float(_attr(node, "epsilon", 1e-5)), n=shape[-1])
+
+    def _op_MatMul(self, node) -> None:
+        x, w = node.input
+        if self.g.weight(w) is None:
+            raise UnsupportedGraph(f"MatMul node {node.name!r} multiplies two activations; "
+                                   "only activation x weight GEMMs are lowered")
+        k, n = self.values[self._weight(w)].shape
+        self._gemm(node, x, w, n, k, trans_b=False)
+
+    def _op_Gemm(self, node) -> None:
+        x, w = node.input[:2]
+        if (len(node.input) > 2 or _attr(node, "transB", 0) != 1 or _attr(node, "transA", 0)
+                or _attr(node, "alpha", 1.0) != 1.0 or self.g.weight(w) is None):
+            raise UnsupportedGraph(f"Gemm node {node.name!r}: only Y = X @ W^T (the tied LM "
+                                   "head) is lowered")
+        n, k = self.values[self._weight(w)].shape
+        self._gemm(node, x, w, n, k, trans_b=True)
+
+    def _gemm(self, node, x, w, n, k, trans_b: bool) -> None:
+        rows = self.values[x].shape[0]
+        out_name, out_dtype, bias = node.output[0], self.dtype, None
+        users = self.g.consumers.get(out_name, [])
+        if len(users) == 1 and users[0].op_type == "Add" and id(users[0]) not in self.done:
+            other = next(i for i in users[0].input if i != out_name)
+            t = self.g.weight(other)
+            if t is not None and list(t.dims) == [n]:   # a linear's bias: the GEMM epilogue
+                bias = self._weight(other)
+                self.done.add(id(users[0]))
+                out_name = users[0].output[0]
+                users = self.g.consumers.get(out_name, [])
+        # The LM head: the graph casts the logits to float32; cuBLASLt writes them so.
+        if (len(users) == 1 and users[0].op_type == "Cast"
+                and _attr(users[0], "to") == _ONNX_FLOAT):
+            self.done.add(id(users[0]))
+            out_name, out_dtype = users[0].output[0], "float32"
+        out = self._arena(out_name, [rows, n], out_dtype)
+        self._emit("gemm", node, [x, self._weight(w), bias], [out], n=n, k=k,
+                   trans_b=trans_b, out_dtype=out_dtype)
+
+    def _op_Add(self, node) -> None:
+        a, b = node.input
+        va, vb = self.values.get(a), self.values.get(b)
+        if va is None or vb is None or va.where == "weight" or vb.where == "weight" \
+                or va.shape != vb.shape:
+            raise UnsupportedGraph(f"Add node {node.name!r}: only the sum of two activations "
+                                   "of one shape (a residual) is lowered")
+        out = self._arena(node.output[0], list(va.shape))
+        self._emit("add", node, [a, b], [out], n=va.shape[-1])
+
+    def _op_Cast(self, node) -> None:
+        x = node.input[0]
+        if _attr(node, "to") != _ONNX_FLOAT or self.values.get(x) is None:
+            raise UnsupportedGraph(f"Cast node {node.name!r}: only a cast of the logits to "
+                                   "float32 is lowered")
+        out = self._arena(node.output[0], list(self.values[x].shape), "float32")
+        self._emit("cast_f32", node, [x], [out])
+
+    def _op_FusedSwiGLU(self, node) -> None:
+        self._gated(node, "swiglu")
+
+    def _op_FusedGeGLU(self, node) -> None:
+        if _attr(node, "approximate", "tanh") != "tanh":
+            raise UnsupportedGraph(f"FusedGeGLU node {node.name!r}: the kernel has the tanh "
+                                   "form only")
+        self._gated(node, "geglu")
+
+    def _gated(self, node, act: str) -> None:
+        rows, two_i = self.values[node.input[0]].shape
+        out = self._arena(node.output[0], [rows, two_i // 2])
+        self._emit(act, node, [node.input[0]], [out], inter=two_i // 2)
+
+    def _op_Reshape(self, node) -> None:
+        src = self.values[node.input[0]]
+        shape = self.g.const(node.input[1])
+        if shape is None:
+            raise UnsupportedGraph(f"Reshape node {node.name!r} has a computed shape")
+        rows = src.shape[0]
+        tail = [int(d) for d in shape[1:]]
+        if -1 in tail:   # one inferred dim: what the fixed ones leave of a row
+            row = numel(src.shape[1:], 1, 1)
+            known = int(np.prod([d for d in tail if d != -1]))
+            tail[tail.index(-1)] = row // known
+        self._view(node.output[0], node.input[0], [rows, *tail])
+        self.done.add(id(node))
+
+    def _op_Identity(self, node) -> None:
+        if contract.is_kv_output(node.output[0]):
+            self.done.add(id(node))   # the pool was written in place by rope_cache
+            return
+        self._view(node.output[0], node.input[0], list(self.values[node.input[0]].shape))
+        self.done.add(id(node))
+
+    def _claim_attention_chain(self, node) -> None:
+        """Mark the nodes between the QKV GEMM and PagedAttention, and the RoPE angle chain
+        feeding them, as taken by the rope_cache op."""
+        g = self.g
+        q, k, v = node.input[:3]
+        for side in (q, k):
+            reshape, split, rope = self._rope_side(side)
+            self.done.update(id(n) for n in (rope, *rope_neighbours(g, rope)))
+            for angles in rope.input[1:]:
+                self.done.update(id(n) for n in _angle_chain(g, angles))
+        v_reshape = g.only(v, "Reshape")
+        split = g.only(v_reshape.input[0], "Split")
+        self.done.update({id(split), id(v_reshape)})
+        bias_add = g.producer.get(split.input[0])
+        if bias_add is not None and bias_add.op_type == "Add":
+            self.done.add(id(bias_add))
+
+    def _op_PagedAttention(self, node) -> None:
+        """The attention block: from the q/k/v GEMM to the attention output."""
+        g = self.g
+        q, k, v, cache = node.input[:4]
+        layer = contract.kv_layer(cache)
+        if layer is None:
+            raise UnsupportedGraph(f"PagedAttention node {node.name!r} reads {cache!r}, "
+                                   "not a KV pool input")
+        if _attr(node, "softcap", 0.0):
+            raise UnsupportedGraph(f"PagedAttention node {node.name!r} has a logit soft-cap, "
+                                   "which the attention kernels do not implement yet")
+        chain = [self._rope_side(q), self._rope_side(k)]
+        v_reshape = g.only(v, "Reshape")
+        split = g.only(v_reshape.input[0], "Split")
+        if any(c[1] is not split for c in chain) or list(split.output) != [
+                chain[0][0].input[0], chain[1][0].input[0], v_reshape.input[0]]:
+            raise UnsupportedGraph(f"PagedAttention node {node.name!r}: q, k and v do not "
+                                   "come from one fused QKV GEMM")
+        qkv, bias = split.input[0], None
+        producer = g.producer.get(qkv)
+        if producer is not None and producer.op_type == "Add":
+            mm_out = next(i for i in producer.input if g.weight(i) is None)
+            bias = self._weight(next(i for i in producer.input if i != mm_out))
+            qkv = mm_out
+        if qkv not in self.values:
+            raise UnsupportedGraph(f"the QKV GEMM of {node.name!r} was not lowered before it")
+        inv_freq = self._inv_freq(chain[0][2])
+        hq, hkv, d = (int(_attr(node, a)) for a in ("num_heads", "num_kv_heads", "head_dim"))
+        names = [f"{node.name}/{x}" for x in ("q", "k", "v")]
+        q_out = self._arena(names[0], ["T", hq, d])
+        k_out = self._arena(names[1], ["T", hkv, d])
+        v_out = self._arena(names[2], ["T", hkv, d])
+        freq = f"{node.name}/inv_freq"
+        self.values[freq] = Value("const", "float32", [len(inv_freq)],
+                                  data=[float(x) for x in inv_freq])
+        self._emit("rope_cache", node, [qkv, bias, contract.POSITION_IDS, freq,
+                                        contract.SEQ_STARTS, contract.BLOCK_TABLES],
+                   [q_out, k_out, v_out], hq=hq, hkv=hkv, d=d, rot=2 * len(inv_freq),
+                   layer=layer, block_size=int(_attr(node, "block_size")))
+        self.ops[-1].node = f"{node.name} (RoPE, K/V cache write)"
+        out = self._arena(node.output[0], ["T", hq, d])
+        self.ops.append(Op("attention", [q_out, contract.SEQ_STARTS, contract.CONTEXT_LENS,
+                                         contract.BLOCK_TABLES], [out],
+                           dict(hq=hq, hkv=hkv, d=d, layer=layer,
+                                block_size=int(_attr(node, "block_size")),
+                                scale=float(_attr(node, "scale")),
+                                window=int(_attr(node, "sliding_window", 0))), node.name))
+        self.done.add(id(node))
+
+    def _rope_side(self, value: str):
+        """q or k: Squeeze(RotaryEmbedding(Unsqueeze(Reshape(Split[i])), cos, sin))."""
+        g = self.g
+        squeeze = g.only(value, "Squeeze")
+        rope = g.only(squeeze.input[0], "RotaryEmbedding")
+        if _attr(rope, "interleaved", 0):
+            raise UnsupportedGraph(f"{rope.name!r}: interleaved RoPE is not lowered yet")
+        unsqueeze = g.only(rope.input[0], "Unsqueeze")
+        reshape = g.only(unsqueeze.input[0], "Reshape")
+        split = g.only(reshape.input[0], "Split")
+        return reshape, split, rope
+
+    def _inv_freq(self, rope) -> np.ndarray:
+        """The RoPE angles are positions x inv_freq: find that constant under cos."""
+        g, todo, seen = self.g, [rope.input[1]], set()
+        while todo:
+            value = todo.pop()
+            node = g.producer.get(value)
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type == "Mul":
+                for i in node.input:
+                    c = g.const(i)
+                    if c is not None and c.ndim == 2 and c.shape[0] == 1 and _from_positions(
+                            g, next(j for j in node.input if j != i)):
+                        return c.reshape(-1).astype(np.float64)
+            todo.extend(node.input)
+        raise UnsupportedGraph(f"{rope.name!r}: its angles are not position_ids x a constant "
+                               "inverse-frequency table")
+
+    def _logits(self) -> str:
+        if contract.LOGITS not in self.values:
+            raise UnsupportedGraph("the graph's logits output was not lowered")
+        v = self.values[contract.LOGITS]
+        if v.dtype != "float32":
+            raise UnsupportedGraph("the logits are not float32")
+        return contract.LOGITS
+
+    # --- memory ------------------------------------------------------------------------------
+
+    def _assign_arena(self) -> int:
+        """First fit over live intervals, sizes at the build limits (T = max_num_tokens,
+        B = max_batch_size); a view keeps its base alive."""
+        t_max, b_max = self.limits.max_num_tokens, self.limits.max_batch_size
+
+        def root(name):
+            while self.values[name].where == "view":
+                name = self.values[name].base
+            return name
+
+        first, last = {}, {}
+        for i, op in enumerate(self.ops):
+            for name in op.outputs:
+                first.setdefault(root(name), i)
+            for name in [*op.inputs, *op.outputs]:
+                if name is not None:
+                    last[root(name)] = i
+        last[root(contract.LOGITS)] = len(self.ops)   # read after the step
+        live: list[tuple[int, int, int]] = []          # (offset, size, last use)
+        top = 0
+        for name in sorted((n for n in first if self.values[n].where == "arena"),
+                           key=lambda n: first[n]):
+            v = self.values[name]
+            size = align(numel(v.shape, t_max, b_max) * itemsize(v.dtype))
+            live = [x for x in live if x[2] >= first[name]]
+            offset = 0
+            for off, sz, _ in sorted(live):
+                if offset + size <= off:
+                    break
+                offset = max(offset, off + sz)
+            v.offset = offset
+            live.append((offset, size, last[name]))
+            top = max(top, offset + size)
+        return align(top)
+
+
+def rope_neighbours(g: _Graph, rope) -> list:
+    """The views around a RotaryEmbedding that the rope kernel replaces."""
+    unsqueeze = g.producer[rope.input[0]]
+    reshape = g.producer[unsqueeze.input[0]]
+    squeeze = g.consumers[rope.output[0]][0]
+    return [unsqueeze, reshape, squeeze]
+
+
+def _angle_chain(g: _Graph, value: str) -> list:
+    """The nodes computing a RoPE cos/sin table: everything under it must depend on
+    position_ids and constants alone, or the rope kernel would not compute the same."""
+    nodes, todo = {}, [value]
+    while todo:
+        v = todo.pop()
+        node = g.producer.get(v)
+        if node is None:
+            if v != contract.POSITION_IDS and v not in g.inits:
+                raise UnsupportedGraph(f"the RoPE angles depend on {v!r}, not on position_ids "
+                                       "alone")
+            continue
+        if id(node) not in nodes:
+            nodes[id(node)] = node
+            todo.extend(node.input)
+    return list(nodes.values())
+
+
+def _from_positions(g: _Graph, value: str) -> bool:
+    node = g.producer.get(value)
+    while node is not None and node.op_type in ("Cast", "Unsqueeze"):
+        if node.input[0] == contract.POSITION_IDS:
+            return True
+        node = g.producer.get(node.input[0])
+    return False
+
+
+def lower(onnx_path: Path, limits: BuildLimits, arch: str) -> Plan:
+    """The plan of a fused graph saved by `llmc.graph.save_onnx`."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    plan = Lowering(model, limits, arch).run()
+    check_plan(plan)
+    check_launches(plan, limits)
+    return plan
+
+
+def check_launches(plan: Plan, limits: BuildLimits) -> None:
+    """Evaluate every launch rule at the corners of the limits (a decode step of one and of
+    a full batch, a full prefill chunk, narrow and full block tables) with made-up pointers:
+    a shape a kernel cannot take is a build error, not a failure at run time."""
+    from llmc.backends.cuda.program import Step, launches
+    from llmc.devices import max_smem_for_capability
+
+    digits = plan.arch[3:].rstrip("a")
+    major, minor = int(digits[:-1]), int(digits[-1])
+    smem = max_smem_for_capability(major, minor)
+    b_max, t_max, w_max = limits.max_batch_size, limits.max_num_tokens, limits.max_blocks_per_seq
+    for t, b, w in {(1, 1, 1), (b_max, b_max, w_max), (t_max, b_max, w_max), (t_max, 1, 1)}:
+        step = Step(t, b, w, limits.max_num_blocks + 1, sm_count=132, max_smem=smem)
+        try:
+            for _ in launches(plan, step, lambda name: 1 << 20):
+                pass
+        except ValueError as e:
+            raise UnsupportedGraph(f"the cuda kernels cannot run this model: {e}") from None
+
+
+def check_plan(plan: Plan) -> None:
+    """Every value an op reads is produced earlier (or is a weight, an input or a const)."""
+    ready = {n for n, v in plan.values.items() if v.where in ("weight", "input", "const")}
+    for op in plan.ops:
+        for name in op.inputs:
+            base = name
+            while base is not None and plan.values[base].where == "view":
+                base = plan.values[base].base
+            if name is not None and name not in ready and base not in ready:
+                raise UnsupportedGraph(f"op {op.op} ({op.node}) reads {name!r} before it is "
+                                       "computed")
+        ready.update(op.outputs)
+    assert ALIGN % 16 == 0

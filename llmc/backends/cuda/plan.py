@@ -1,0 +1,109 @@
+"""The cuda backend's execution plan: what the engine file stores, as plain JSON.
+
+A plan is a list of ops over named values. Each value lives in one place:
+
+    arena    an offset into the one activation arena, sized at build time from the limits
+    weight   an offset into the weights section (copied to the GPU once, as one blob)
+    input    one of the contract's control inputs (llmc/contract.py)
+    const    a small float32 table stored in the plan (RoPE inverse frequencies)
+    view     another value reinterpreted (Reshape, Squeeze, Unsqueeze, Split's fused input)
+
+Shapes are lists of ints and the symbols "T" (tokens this step) and "B" (sequences this
+step); every launch rule is a function of those two numbers and the ops' attributes, which
+the session evaluates each step (plugins/launch_rules.py, plugins/attention_plan.py). The
+plan holds data only: no pickle, no code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT = 1
+ALIGN = 256          # every arena and weight offset: enough for 16-byte vector loads and TMA
+SYMBOLS = ("T", "B")
+
+# op -> (inputs, outputs) it takes, by role; the session and the tests read this table.
+OPS = {
+    "embedding": (("table", "ids"), ("out",)),
+    "rmsnorm": (("x", "weight"), ("out",)),
+    "add_rmsnorm": (("x", "residual", "weight"), ("out", "sum")),
+    "gemm": (("x", "weight", "bias?"), ("out",)),
+    "add": (("a", "b"), ("out",)),
+    "rope_cache": (("qkv", "bias?", "positions", "inv_freq", "seq_starts", "block_tables"),
+                   ("q", "k", "v")),
+    "attention": (("q", "seq_starts", "context_lens", "block_tables"), ("out",)),
+    "swiglu": (("gate_up",), ("out",)),
+    "geglu": (("gate_up",), ("out",)),
+    "gather_rows": (("x", "rows"), ("out",)),
+    "cast_f32": (("x",), ("out",)),
+}
+
+
+@dataclass
+class Value:
+    where: str                          # arena | weight | input | const | view
+    dtype: str
+    shape: list                         # ints and "T"/"B"
+    offset: int = 0                     # arena / weight byte offset
+    base: str | None = None             # view: the value it reinterprets
+    data: list[float] | None = None     # const
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class Op:
+    op: str
+    inputs: list[str | None]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    node: str = ""                      # the ONNX node it came from (errors, llmc inspect)
+
+
+@dataclass
+class Plan:
+    arch: str
+    dtype: str
+    modules: list[str]
+    values: dict[str, Value]
+    ops: list[Op]
+    arena_bytes: int
+    weights_bytes: int
+    logits: str
+    num_layers: int
+    format: int = FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "arch": self.arch, "dtype": self.dtype,
+                "modules": self.modules, "arena_bytes": self.arena_bytes,
+                "weights_bytes": self.weights_bytes, "logits": self.logits,
+                "num_layers": self.num_layers,
+                "values": {k: v.to_dict() for k, v in self.values.items()},
+                "ops": [asdict(op) for op in self.ops]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"cuda plan format {d.get('format')}, this llmc reads {FORMAT}")
+        return cls(arch=d["arch"], dtype=d["dtype"], modules=list(d["modules"]),
+                   values={k: Value(**v) for k, v in d["values"].items()},
+                   ops=[Op(**o) for o in d["ops"]], arena_bytes=d["arena_bytes"],
+                   weights_bytes=d["weights_bytes"], logits=d["logits"],
+                   num_layers=d["num_layers"])
+
+
+def itemsize(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4}[dtype]
+
+
+def numel(shape: list, tokens: int, batch: int) -> int:
+    n = 1
+    for d in shape:
+        n *= tokens if d == "T" else batch if d == "B" else int(d)
+    return n
+
+
+def align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN

@@ -1,0 +1,101 @@
+"""The launches of one step of a plan, for T tokens in B sequences with block tables W wide.
+
+One function turns the plan's ops into kernel launches (plugins/launch_rules.py,
+plugins/attention_plan.py) and GEMM calls; the session runs them, and the lowering runs the
+same function over every shape the limits allow with made-up pointers, so a plan that builds
+is a plan whose every launch rule accepts its shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from llmc import contract
+from llmc.backends.cuda.plan import Op, Plan, numel
+from llmc.plugins import attention_plan as ap
+from llmc.plugins import launch_rules as lr
+from llmc.plugins.launch import DevPtr
+
+ATTN_WORKSPACE = "attention workspace"
+
+
+@dataclass(frozen=True)
+class Step:
+    tokens: int          # T
+    batch: int           # B
+    width: int           # W: block-table columns
+    num_blocks: int      # the KV pools' blocks (scratch block included)
+    sm_count: int
+    max_smem: int
+
+
+def gemm_key(op: Op) -> tuple:
+    """GEMMs of one shape share a cuBLASLt plan (the weight pointer is a call argument)."""
+    a = op.attrs
+    return (a["n"], a["k"], a["trans_b"], a["out_dtype"], op.inputs[2] is not None)
+
+
+def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
+    """("kernel", Launch, args) and ("gemm", key, (x, w, y, m, bias)) in execution order.
+    ptr(name) gives the device address of a value, of kv_cache_{l} and of ATTN_WORKSPACE."""
+    t, b, width, dt = s.tokens, s.batch, s.width, plan.dtype
+    rows_of = {"T": t, "B": b}
+
+    def P(name):
+        return DevPtr(ptr(name))
+
+    def rows(name):
+        return rows_of[plan.values[name].shape[0]]
+
+    for op in plan.ops:
+        a, ins, outs, kind = op.attrs, op.inputs, op.outputs, op.op
+        if kind == "gemm":
+            yield "gemm", gemm_key(op), (ptr(ins[0]), ptr(ins[1]), ptr(outs[0]), rows(ins[0]),
+                                          ptr(ins[2]) if ins[2] else None)
+        elif kind == "embedding":
+            vocab = plan.values[ins[0]].shape[0]
+            yield "kernel", lr.embedding_launch(t, a["hidden"], dt), [
+                P(ins[1]), P(ins[0]), t, a["hidden"], vocab, P(outs[0])]
+        elif kind in ("rmsnorm", "add_rmsnorm"):
+            n = rows(ins[0])
+            yield "kernel", lr.norm_launch(n, a["n"], dt, "rmsnorm", kind == "add_rmsnorm"), [
+                *map(P, ins), n, a["n"], lr.float_bits(a["eps"]), *map(P, outs)]
+        elif kind in ("swiglu", "geglu"):
+            n = rows(ins[0])
+            yield "kernel", lr.gated_launch(n, a["inter"], dt, kind, s.sm_count), [
+                P(ins[0]), n, a["inter"], P(outs[0])]
+        elif kind == "rope_cache":
+            bias = ins[1] is not None
+            launch = lr.rope_launch(t, a["hq"], a["hkv"], a["d"], a["rot"], dt, False, bias,
+                                    True)
+            yield "kernel", launch, [
+                P(ins[0]), *([P(ins[1])] if bias else []), *map(P, ins[2:]),
+                t, a["hq"], a["hkv"], a["d"], a["rot"], b, width, a["block_size"],
+                s.num_blocks, *map(P, outs), P(contract.kv_cache_input(a["layer"]))]
+        elif kind == "attention":
+            att = ap.attention_plan(t, b, a["hq"], a["hkv"], a["d"], width, a["block_size"],
+                                    dt, s.sm_count, write_kv=False, max_smem=s.max_smem,
+                                    window=a["window"])
+            lse = ap.workspace_lse_offset(att, t, a["hq"], a["d"])
+            dims = dict(tokens=t, batch=b, hq=a["hq"], hkv=a["hkv"], d=a["d"],
+                        max_blocks=width, block_size=a["block_size"], num_blocks=s.num_blocks)
+            ws = ptr(ATTN_WORKSPACE)
+            ptrs = {"q": P(ins[0]), contract.SEQ_STARTS: P(ins[1]),
+                    contract.CONTEXT_LENS: P(ins[2]), contract.BLOCK_TABLES: P(ins[3]),
+                    "cache": P(contract.kv_cache_input(a["layer"])), "out": P(outs[0]),
+                    "ws_o": DevPtr(ws), "ws_lse": DevPtr(ws + lse)}
+            for launch, args in ap.attention_launches(att, dims, a["scale"], ptrs):
+                yield "kernel", launch, args
+        elif kind == "gather_rows":
+            yield "kernel", lr.gather_rows_launch(b, a["hidden"], dt), [
+                P(ins[0]), P(ins[1]), b, a["hidden"], rows(ins[0]), P(outs[0])]
+        elif kind == "add":
+            n = rows(ins[0]) * a["n"]
+            yield "kernel", lr.add_launch(n, dt, s.sm_count), [P(ins[0]), P(ins[1]), n,
+                                                               P(outs[0])]
+        elif kind == "cast_f32":
+            n = numel(plan.values[ins[0]].shape, t, b)
+            yield "kernel", lr.cast_launch(n, dt, s.sm_count), [P(ins[0]), n, P(outs[0])]
+        else:
+            raise ValueError(f"no launcher for op {kind!r}")

@@ -1,0 +1,396 @@
+"""The cuda backend at run time: an engine's plan on one GPU, torch-free.
+
+    load   cubins from the engine -> modules; the weights section -> one device blob in one
+           copy from the mapped file; one activation arena; the KV pool, one buffer per layer,
+           sized from a memory budget (gpu_memory_utilization of the GPU, as vLLM has it)
+    step   copy the control inputs in (one pinned staging buffer, one copy each), run the
+           plan's ops in order, copy the logits (or, with sampling, only the token ids) out
+
+Each op's launch comes from the same rules the kernel tests use (plugins/launch_rules.py,
+plugins/attention_plan.py), evaluated for the step's token count T, sequence count B and
+block-table width W. A pure decode step (T == B) is padded to the next batch-size bucket
+and replayed from a CUDA graph captured the first time that bucket runs: its block tables
+are passed at full width so the graph's launches fit every later step of that bucket, and
+its padding rows decode a dummy token into a scratch block that the runtime never hands
+out. Prefill and mixed steps run uncaptured.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from typing import Callable
+
+import numpy as np
+
+from llmc import contract
+from llmc.backends.cuda import PLAN, WEIGHTS, cubin_section
+from llmc.backends.cuda.plan import Plan, itemsize, numel
+from llmc.backends.cuda.program import ATTN_WORKSPACE, Step, gemm_key, launches
+from llmc.devices import CudaError, check, device_max_smem, list_gpus
+from llmc.engine_file import EngineFile
+from llmc.errors import LlmcError
+
+GEMM_WORKSPACE = 32 << 20
+
+
+def runtime_missing() -> str:
+    """Why this machine cannot run cuda engines for want of a library ('' if it can)."""
+    for module, pip in (("cuda.bindings", "cuda-bindings"), ("nvmath.bindings", "nvmath-python")):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"the cuda backend needs `{pip}`: pip install 'llmc[cuda]'"
+    return ""
+
+
+def decode_buckets(max_batch: int) -> list[int]:
+    """Batch sizes decode graphs are captured for: powers of two, then the limit itself."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+class _DeviceMemory:
+    """cuMemAlloc'd buffers freed together on close."""
+
+    def __init__(self):
+        self.buffers: list[int] = []
+        self.nbytes = 0
+
+    def alloc(self, nbytes: int, what: str) -> int:
+        from cuda.bindings import driver
+
+        nbytes = max(int(nbytes), 256)
+        try:
+            ptr = int(check(driver.cuMemAlloc(nbytes)))
+        except CudaError as e:
+            raise LlmcError(f"out of GPU memory allocating {nbytes / 2**20:.0f} MiB for {what} "
+                            f"({e}); free the GPU or lower --gpu-memory-utilization") from None
+        self.buffers.append(ptr)
+        self.nbytes += nbytes
+        return ptr
+
+    def close(self) -> None:
+        from cuda.bindings import driver
+
+        for ptr in self.buffers:
+            driver.cuMemFree(ptr)
+        self.buffers = []
+
+
+class CudaSession:
+    name = "cuda"
+
+    def __init__(self, engine: EngineFile, log: Callable[[str], None] | None = None,
+                 gpu_memory_utilization: float = 0.9, max_kv_blocks: int | None = None,
+                 cuda_graphs: bool = True):
+        missing = runtime_missing()
+        if missing:
+            raise LlmcError(f"cannot run {engine.path} here: {missing}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise LlmcError(f"gpu_memory_utilization must be in (0, 1], got "
+                            f"{gpu_memory_utilization}")
+        from cuda.bindings import driver
+
+        self.header = engine.header
+        self.plan = Plan.from_dict(json.loads(engine.section(PLAN).tobytes()))
+        self.limits = self.header.build.limits
+        self.io = self.header.io
+        self.log = log or (lambda _: None)
+        gpus, why = list_gpus()
+        if not gpus:
+            raise LlmcError(f"cannot run {engine.path}: no NVIDIA GPU here ({why})")
+        self.gpu = next((g for g in gpus if g.arch == self.plan.arch), None)
+        if self.gpu is None:
+            found = ", ".join(f"{g.name} ({g.arch})" for g in gpus)
+            raise LlmcError(f"{engine.path} holds kernels for {self.plan.arch}, but this "
+                            f"machine has {found}; rebuild it here with `llmc build --backend "
+                            f"cuda` (or --gpu-arch {gpus[0].arch})")
+        dev = check(driver.cuDeviceGet(self.gpu.index))
+        self._ctx = check(driver.cuDevicePrimaryCtxRetain(dev))
+        self._dev = dev
+        check(driver.cuCtxSetCurrent(self._ctx))
+        self.stream = int(check(driver.cuStreamCreate(0)))
+        self.mem = _DeviceMemory()
+        self._graphs: dict[int, object] = {}
+        self.cuda_graphs = cuda_graphs
+        try:
+            self._load(engine, gpu_memory_utilization, max_kv_blocks)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- loading ---------------------------------------------------------------------------
+
+    def _load(self, engine: EngineFile, utilization: float, max_kv_blocks: int | None):
+        from cuda.bindings import driver
+
+        from llmc.backends.cuda.gemm import Blas
+        from llmc.plugins.launch import Functions
+
+        plan = self.plan
+        self.functions = Functions(plan.arch, {m: bytes(engine.section(cubin_section(m)))
+                                               for m in plan.modules})
+        self.sm_count = self.gpu.sm_count
+        self.max_smem = device_max_smem(self.gpu.index)
+        weights = engine.section(WEIGHTS)
+        self.weights = self.mem.alloc(weights.size, "the weights")
+        check(driver.cuMemcpyHtoD(self.weights, weights.ctypes.data, weights.size))
+        self.arena = self.mem.alloc(plan.arena_bytes, "the activation arena")
+        self.consts = {}
+        for name, v in plan.values.items():
+            if v.where == "const":
+                data = np.asarray(v.data, np.float32)
+                self.consts[name] = self.mem.alloc(data.nbytes, name)
+                check(driver.cuMemcpyHtoD(self.consts[name], data.ctypes.data, data.nbytes))
+        # control inputs: device buffers at their largest, filled from one pinned staging area
+        lim = self.limits
+        self.max_width = lim.max_blocks_per_seq
+        sizes = {contract.INPUT_IDS: lim.max_num_tokens, contract.POSITION_IDS: lim.max_num_tokens,
+                 contract.SEQ_STARTS: lim.max_batch_size + 1,
+                 contract.CONTEXT_LENS: lim.max_batch_size,
+                 contract.BLOCK_TABLES: lim.max_batch_size * self.max_width,
+                 contract.LAST_TOKEN_ROWS: lim.max_batch_size}
+        self.inputs = {n: self.mem.alloc(4 * k, n) for n, k in sizes.items()}
+        self._staging_bytes = 4 * sum(sizes.values())
+        self._staging = int(check(driver.cuMemHostAlloc(self._staging_bytes, 0)))
+        self._staging_view = np.ctypeslib.as_array(
+            ctypes.cast(self._staging, ctypes.POINTER(ctypes.c_int32)),
+            (self._staging_bytes // 4,))
+        from llmc.plugins.attention_plan import attention_workspace_bound
+
+        ws = 0
+        for op in plan.ops:
+            if op.op == "attention":
+                a = op.attrs
+                ws = max(ws, attention_workspace_bound(
+                    lim.max_num_tokens, lim.max_batch_size, a["hq"], a["hkv"], a["d"],
+                    self.max_width, a["block_size"], self.sm_count, max_smem=self.max_smem,
+                    window=a["window"]))
+        self.attn_ws = self.mem.alloc(ws, "the attention workspace")
+        gemm_ws = self.mem.alloc(GEMM_WORKSPACE, "the cuBLASLt workspace")
+        self.blas = Blas(gemm_ws, GEMM_WORKSPACE)
+        self.gemms = {}
+        for op in plan.ops:
+            if op.op == "gemm":
+                a = op.attrs
+                key = gemm_key(op)
+                if key not in self.gemms:
+                    self.gemms[key] = self.blas.plan(
+                        a["n"], a["k"], dtype=plan.dtype, out_dtype=a["out_dtype"],
+                        transpose_b=a["trans_b"], bias=key[4], max_m=lim.max_num_tokens)
+        self.logits_bytes = numel(plan.values[plan.logits].shape, 1, lim.max_batch_size) * 4
+        self._logits_host = int(check(driver.cuMemHostAlloc(self.logits_bytes, 0)))
+        self._sampling = None
+        self._allocate_kv_pool(utilization, max_kv_blocks)
+
+    def _allocate_kv_pool(self, utilization: float, max_kv_blocks: int | None) -> None:
+        """One pool per layer, every block zeroed. Capacity: what the memory budget allows,
+        at most what the build limits can address, plus one scratch block for padded rows."""
+        from cuda.bindings import driver
+
+        io = self.io
+        self.block_bytes = 2 * io.kv_heads * io.block_size * io.head_dim * itemsize(io.kv_dtype)
+        per_block = self.block_bytes * io.num_layers
+        free, total = check(driver.cuMemGetInfo())
+        budget = int(total * utilization) - (total - free)
+        wanted = self.limits.max_num_blocks if max_kv_blocks is None else max_kv_blocks
+        least = self.limits.max_blocks_per_seq   # one sequence at the longest length
+        fits = budget // per_block - 1
+        if fits < least:
+            need = (least + 1) * per_block
+            raise LlmcError(
+                f"the KV cache needs at least {need / 2**20:.0f} MiB (one sequence of "
+                f"{self.limits.max_seq_len} tokens) but {max(budget, 0) / 2**20:.0f} MiB of the "
+                f"{total / 2**30:.1f} GiB GPU are left at gpu_memory_utilization "
+                f"{utilization}; raise --gpu-memory-utilization, free the GPU, or rebuild "
+                "with a smaller --max-seq-len")
+        self.kv_capacity = max(1, min(wanted, fits))
+        self.num_blocks = self.kv_capacity + 1          # + the scratch block
+        self.scratch_block = self.kv_capacity
+        self.kv = [self.mem.alloc(self.block_bytes * self.num_blocks, f"layer {i}'s KV pool")
+                   for i in range(io.num_layers)]
+        for ptr in self.kv:
+            check(driver.cuMemsetD8Async(ptr, 0, self.block_bytes * self.num_blocks,
+                                         self.stream))
+        check(driver.cuStreamSynchronize(self.stream))
+        self.log(f"cuda: {self.gpu.name} ({self.gpu.arch}), weights "
+                 f"{self.plan.weights_bytes / 2**20:.0f} MiB, KV pool {self.kv_capacity} blocks "
+                 f"({self.kv_capacity * per_block / 2**20:.0f} MiB)")
+
+    # --- the Session interface ----------------------------------------------------------------
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        """The pool was sized at load; the runtime may use up to kv_capacity blocks."""
+        if num_blocks > self.kv_capacity:
+            raise LlmcError(f"{num_blocks} KV blocks asked for, but this GPU holds "
+                            f"{self.kv_capacity}; lower the batch or the lengths")
+
+    def step(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """One ragged step -> logits float32 [B, vocab]."""
+        b = self._run(inputs)
+        return self._fetch_logits(b)
+
+    def close(self) -> None:
+        from cuda.bindings import driver
+
+        if getattr(self, "blas", None) is not None:
+            self.blas.close()
+            self.blas = None
+        for g in self._graphs.values():
+            driver.cuGraphExecDestroy(g)
+        self._graphs = {}
+        if getattr(self, "mem", None) is not None:
+            check(driver.cuCtxSetCurrent(self._ctx))
+            driver.cuStreamSynchronize(self.stream)
+            self.mem.close()
+        for attr in ("_staging", "_logits_host"):
+            if getattr(self, attr, 0):
+                driver.cuMemFreeHost(getattr(self, attr))
+                setattr(self, attr, 0)
+        if getattr(self, "stream", 0):
+            driver.cuStreamDestroy(self.stream)
+            self.stream = 0
+        if getattr(self, "_ctx", None) is not None:
+            driver.cuDevicePrimaryCtxRelease(self._dev)
+            self._ctx = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> int:
+        """Copy the inputs in and run the step; returns B (rows of logits)."""
+        from cuda.bindings import driver
+
+        check(driver.cuCtxSetCurrent(self._ctx))
+        ids = inputs[contract.INPUT_IDS]
+        t, b = int(ids.shape[0]), int(inputs[contract.CONTEXT_LENS].shape[0])
+        self._check_shape(t, b, inputs)
+        bucket = next((x for x in decode_buckets(self.limits.max_batch_size) if x >= b), None)
+        if self.cuda_graphs and t == b and bucket is not None:
+            self._copy_in(self._pad_decode(inputs, bucket))
+            graph = self._graphs.get(bucket)
+            if graph is None:
+                self._launch_ops(bucket, bucket, self.max_width)   # warm: modules, algos
+                graph = self._capture(bucket)
+            check(driver.cuGraphLaunch(graph, self.stream))
+        else:
+            width = int(inputs[contract.BLOCK_TABLES].shape[1])
+            self._copy_in(inputs)
+            self._launch_ops(t, b, width)
+        return b
+
+    def _check_shape(self, t: int, b: int, inputs) -> None:
+        lim = self.limits
+        if not (1 <= b <= lim.max_batch_size and b <= t <= lim.max_num_tokens):
+            raise LlmcError(f"a step of {t} tokens in {b} sequences is outside this engine's "
+                            f"limits (max_batch_size {lim.max_batch_size}, max_num_tokens "
+                            f"{lim.max_num_tokens})")
+        width = inputs[contract.BLOCK_TABLES].shape[1]
+        if width > self.max_width:
+            raise LlmcError(f"block tables of width {width} exceed the engine's "
+                            f"{self.max_width} blocks a sequence")
+
+    def _pad_decode(self, inputs, bucket: int) -> dict[str, np.ndarray]:
+        """A decode step of B rows as one of `bucket` rows at full table width; the padding
+        rows decode token 0 at position 0 into the scratch block."""
+        b = inputs[contract.CONTEXT_LENS].shape[0]
+        pad = bucket - b
+        tables = np.full((bucket, self.max_width), self.scratch_block, np.int32)
+        given = inputs[contract.BLOCK_TABLES]
+        tables[:b, :given.shape[1]] = given
+        i32 = lambda x: np.asarray(x, np.int32)  # noqa: E731
+        return {
+            contract.INPUT_IDS: i32(np.concatenate([inputs[contract.INPUT_IDS], [0] * pad])),
+            contract.POSITION_IDS: i32(np.concatenate([inputs[contract.POSITION_IDS],
+                                                       [0] * pad])),
+            contract.SEQ_STARTS: np.arange(bucket + 1, dtype=np.int32),
+            contract.CONTEXT_LENS: i32(np.concatenate([inputs[contract.CONTEXT_LENS],
+                                                       [1] * pad])),
+            contract.BLOCK_TABLES: tables,
+            contract.LAST_TOKEN_ROWS: np.arange(bucket, dtype=np.int32),
+        }
+
+    def _copy_in(self, inputs: dict[str, np.ndarray]) -> None:
+        """All control inputs through the pinned staging area, one async copy each."""
+        from cuda.bindings import driver
+
+        # the previous step's copies out of the staging area must be done before reuse
+        check(driver.cuStreamSynchronize(self.stream))
+        offset = 0
+        for name, dev in self.inputs.items():
+            a = np.ascontiguousarray(inputs[name], np.int32).reshape(-1)
+            self._staging_view[offset:offset + a.size] = a
+            if a.size:
+                check(driver.cuMemcpyHtoDAsync(dev, self._staging + 4 * offset, 4 * a.size,
+                                               self.stream))
+            offset += a.size
+
+    def _fetch_logits(self, b: int) -> np.ndarray:
+        from cuda.bindings import driver
+
+        vocab = self.io.vocab_size
+        nbytes = b * vocab * 4
+        check(driver.cuMemcpyDtoHAsync(self._logits_host, self.ptr(self.plan.logits), nbytes,
+                                       self.stream))
+        check(driver.cuStreamSynchronize(self.stream))
+        host = np.ctypeslib.as_array(ctypes.cast(self._logits_host,
+                                                 ctypes.POINTER(ctypes.c_float)), (b, vocab))
+        return host.copy()
+
+    def _capture(self, bucket: int):
+        from cuda.bindings import driver
+
+        mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+        check(driver.cuStreamBeginCapture(self.stream, mode))
+        try:
+            self._launch_ops(bucket, bucket, self.max_width)
+        finally:
+            graph = check(driver.cuStreamEndCapture(self.stream))
+        exe = check(driver.cuGraphInstantiate(graph, 0))
+        check(driver.cuGraphDestroy(graph))
+        self._graphs[bucket] = exe
+        return exe
+
+    # --- the ops ---------------------------------------------------------------------------------
+
+    def ptr(self, name: str) -> int:
+        v = self.plan.values[name]
+        while v.where == "view":
+            name = v.base
+            v = self.plan.values[name]
+        if v.where == "arena":
+            return self.arena + v.offset
+        if v.where == "weight":
+            return self.weights + v.offset
+        if v.where == "input":
+            return self.inputs[name]
+        return self.consts[name]
+
+    def _launch_ops(self, t: int, b: int, width: int) -> None:
+        stream = self.stream
+        kernels = self.functions
+        for item in launches(self.plan, Step(t, b, width, self.num_blocks, self.sm_count,
+                                             self.max_smem), self._pointers):
+            if item[0] == "gemm":
+                _, key, (x, w, y, m, bias) = item
+                self.gemms[key].run(x, w, y, m, stream, bias)
+            else:
+                _, launch, args = item
+                kernels.launch(launch, args, stream)
+
+    def _pointers(self, name: str) -> int:
+        layer = contract.kv_layer(name)
+        if layer is not None:
+            return self.kv[layer]
+        if name == ATTN_WORKSPACE:
+            return self.attn_ws
+        return self.ptr(name)
