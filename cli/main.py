@@ -130,11 +130,24 @@ def inspect(engine, as_json) -> None:
         ("limits", ", ".join(f"{k}={v}" for k, v in header.build.limits.to_dict().items())),
         ("sections", ", ".join(f"{k} {n / 2**20:.1f} MiB"
                                for k, (_, n) in file.raw["sections"].items())),
+        *_plan_rows(header),
         ("versions", ", ".join(f"{k} {v}" for k, v in header.versions.items())),
         ("created", header.created),
     ]
     for k, v in rows:
         click.echo(f"{k:>9}: {v}")
+
+
+def _plan_rows(header) -> list[tuple[str, str]]:
+    """cuda engines: the plan, launches by kernel and memory; others: nothing."""
+    low = header.lowering
+    if header.backend != "cuda":
+        return []
+    per_layer = ", ".join(f"{k} {v}" for k, v in low["ops"].items())
+    return [("plan", f"{low['gpu_arch']}, {low['launches']} launches a step: {per_layer}"),
+            ("memory", f"arena {low['arena_bytes'] / 2**20:.1f} MiB, weights "
+                       f"{low['weights_bytes'] / 2**20:.1f} MiB, KV cache sized at load "
+                       f"({header.io.num_layers} layers x {header.io.kv_block_shape} a block)")]
 
 
 def main() -> None:

@@ -32,8 +32,18 @@ TINY_MODELS = {
 }
 
 
-def make_tiny_model(kind: str, folder: Path, seed: int = 0):
-    """Save a random tiny model of ``kind`` into ``folder``; returns the torch model."""
+# The GPU kernels take head_dim 64 or 128: the same variants, each head 64 wide.
+HEAD_DIM_64 = {
+    "llama-gqa": dict(hidden_size=256),
+    "llama-tied-rope3": dict(hidden_size=128, head_dim=64),   # explicit head_dim != 128/4
+    "mistral-window": dict(hidden_size=256),
+    "qwen2-bias": dict(hidden_size=256),
+}
+
+
+def make_tiny_model(kind: str, folder: Path, seed: int = 0, head_dim_64: bool = False):
+    """Save a random tiny model of ``kind`` into ``folder``; returns the torch model.
+    head_dim_64: the variant with 64-wide heads, as the GPU attention kernels need."""
     import torch
     import transformers
 
@@ -42,6 +52,8 @@ def make_tiny_model(kind: str, folder: Path, seed: int = 0):
                   max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
                   attn_implementation="eager")
     kwargs.update(extra)
+    if head_dim_64:
+        kwargs.update(HEAD_DIM_64[kind], intermediate_size=384)
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -72,6 +84,13 @@ def tiny_models(tmp_path_factory):
     """kind -> (folder, torch model), built once per test session."""
     root = tmp_path_factory.mktemp("tiny")
     return {k: (root / k, make_tiny_model(k, root / k)) for k in TINY_MODELS}
+
+
+@pytest.fixture(scope="session")
+def tiny_models_d64(tmp_path_factory):
+    """kind -> (folder, torch model) with 64-wide heads (what the GPU kernels take)."""
+    root = tmp_path_factory.mktemp("tiny64")
+    return {k: (root / k, make_tiny_model(k, root / k, head_dim_64=True)) for k in TINY_MODELS}
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,10 @@ full-sequence forward at the same positions.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from hf_steps import check_ragged_steps
 
-from llmc import contract
 from llmc.backends.reference import ReferenceSession
 from llmc.build import BuildOptions, build
 from llmc.engine_file import EngineFile
@@ -32,63 +31,13 @@ def _engine(folder, tmp_path, dtype):
     return session
 
 
-def _hf_logits(model, tokens: list[int], dtype: str) -> np.ndarray:
-    """HF logits [len(tokens), vocab] for one sequence, in the precision the engine mirrors."""
-    m = model
-    if dtype == "bf16":
-        m = type(model)(model.config).eval()
-        m.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in
-                           model.state_dict().items()})
-    elif dtype == "fp16":
-        m = type(model)(model.config).eval().half()
-        m.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        return m(torch.tensor([tokens])).logits[0].float().numpy()
-
-
-class Ragged:
-    """Drives a session through ragged steps the way the runtime does, with chosen blocks."""
-
-    def __init__(self, session, blocks: list[list[int]]):
-        self.session, self.blocks = session, blocks
-        self.tokens = [[] for _ in blocks]
-
-    def step(self, new: dict[int, list[int]]) -> np.ndarray:
-        chunks = []
-        for s, toks in new.items():
-            chunks.append(contract.Chunk(toks, len(self.tokens[s]), self.blocks[s]))
-            self.tokens[s] += toks
-        return self.session.step(contract.pack_step(chunks, BLOCK))
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied-rope3", "mistral-window",
                                   "qwen2-bias"])
 def test_ragged_steps_match_hf(tiny_models, tmp_path, kind, dtype):
     folder, model = tiny_models[kind]
-    session = _engine(folder, tmp_path, dtype)
-    rng = np.random.default_rng(1)
-    lengths = [5, 19, 13]                       # none divides the block size of 8
-    physical = rng.permutation(16).tolist()     # shuffled blocks, 5 per sequence
-    run = Ragged(session, [physical[0:5], physical[5:10], physical[10:15]])
-    session.allocate_kv(16)
-    vocab = model.config.vocab_size
-    prompts = [rng.integers(0, vocab, n).tolist() for n in lengths]
-
-    def check(logits, seqs):
-        for row, s in enumerate(seqs):
-            ref = _hf_logits(model, run.tokens[s], dtype)[-1]
-            err = np.abs(logits[row] - ref).max() / np.abs(ref).max()
-            assert err < TOLERANCE[dtype], f"{kind} {dtype} seq {s}: rel err {err:.2e}"
-
-    # 1. prefill all three in one ragged step
-    check(run.step({s: p for s, p in enumerate(prompts)}), [0, 1, 2])
-    # 2. two decode steps for every sequence
-    for _ in range(2):
-        check(run.step({s: [int(rng.integers(vocab))] for s in range(3)}), [0, 1, 2])
-    # 3. decode tokens and a prefill chunk in one step; sequence 1 sits out
-    check(run.step({0: [3], 2: rng.integers(0, vocab, 11).tolist()}), [0, 2])
-    check(run.step({1: [7], 2: [9]}), [1, 2])
+    check_ragged_steps(_engine(folder, tmp_path, dtype), model, BLOCK, dtype,
+                       TOLERANCE[dtype], kind)
 
 
 def test_engine_generation_matches_hf_greedy(tiny_models, tmp_path):

@@ -94,10 +94,8 @@ def plan_summary(plan) -> dict:
     from collections import Counter
 
     kinds = Counter(op.op for op in plan.ops)
-    per_layer = Counter(op.op for op in plan.ops if op.attrs.get("layer") == 0)
     return {"gpu_arch": plan.arch, "launches": len(plan.ops), "ops": dict(sorted(kinds.items())),
-            "layer_0": dict(sorted(per_layer.items())), "arena_bytes": plan.arena_bytes,
-            "weights_bytes": plan.weights_bytes}
+            "arena_bytes": plan.arena_bytes, "weights_bytes": plan.weights_bytes}
 
 
 def backend(name: str, gpu_arch: str | None = None) -> CudaBackend:

@@ -1,0 +1,164 @@
+"""The cuda backend's build half, on the CPU: every family variant and SmolLM2 lower for every
+target architecture (every node mapped, the plan well formed, the cubins compiled), the
+activation arena's arithmetic, and clear errors for what the kernels cannot run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmc.backends.cuda import PLAN, cubin_section
+from llmc.backends.cuda.lower import MODULES, UnsupportedGraph, check_plan, lower
+from llmc.backends.cuda.plan import Plan, align, itemsize, numel
+from llmc.build import BuildOptions, build
+from llmc.engine_file import EngineFile
+from llmc.errors import LlmcError
+from llmc.limits import BuildLimits
+
+pytest.importorskip("cuda.bindings.nvrtc", reason="the kernels extra (NVRTC) is not installed")
+
+ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
+LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_block_size=16)
+KINDS = ("llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias")
+
+
+def _build(folder, out, arch, dtype="bf16", limits=LIMITS, **kw):
+    build(BuildOptions(folder, out, backend="cuda", dtype=dtype, limits=limits, gpu_arch=arch,
+                       **kw), log=lambda _: None)
+    return EngineFile(out)
+
+
+def _plan(engine: EngineFile) -> Plan:
+    return Plan.from_dict(json.loads(engine.section(PLAN).tobytes()))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_variant_lowers(tiny_models_d64, tmp_path, arch):
+    for kind in KINDS:
+        folder, model = tiny_models_d64[kind]
+        engine = _build(folder, tmp_path / f"{kind}.engine", arch)
+        plan = _plan(engine)
+        check_plan(plan)
+        layers = model.config.num_hidden_layers
+        counts = {op: sum(o.op == op for o in plan.ops) for op in ("rope_cache", "attention",
+                                                                   "gemm", "swiglu")}
+        # per layer: q/k/v + o + gate-up + down GEMMs; plus the LM head
+        assert counts == {"rope_cache": layers, "attention": layers, "gemm": 4 * layers + 1,
+                          "swiglu": layers}, kind
+        ropes = [o for o in plan.ops if o.op == "rope_cache"]
+        assert all((o.inputs[1] is not None) == (kind == "qwen2-bias") for o in ropes)
+        window = [o.attrs["window"] for o in plan.ops if o.op == "attention"]
+        assert window == [12 if kind == "mistral-window" else 0] * layers
+        head = plan.ops[-1]
+        assert head.op == "gemm" and head.attrs["out_dtype"] == "float32"
+        assert head.attrs["trans_b"] == model.config.tie_word_embeddings
+        assert plan.arch == arch and engine.header.lowering["gpu_arch"] == arch
+        for module in MODULES:
+            cubin = engine.section(cubin_section(module))
+            assert bytes(cubin[:4]) == b"\x7fELF", f"{module} for {arch} is not a cubin"
+        assert engine.header.io.kv_dtype == "bfloat16"
+
+
+@pytest.fixture(scope="module")
+def smollm2_fused(smollm2_path, tmp_path_factory):
+    from llmc.graph import save_onnx
+    from llmc.model_zoo import load_model
+    from llmc.passes import run_passes
+
+    model = load_model(smollm2_path)
+    graph, weights = model.build_graph("float16", 16)
+    graph, weights, _ = run_passes(graph, weights)
+    return save_onnx(graph, weights, tmp_path_factory.mktemp("smollm2-fused"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_smollm2_lowers(smollm2_fused, arch):
+    from llmc.plugins.compiler import compile_all
+
+    plan = lower(smollm2_fused, BuildLimits(), arch)
+    kinds = {op.op for op in plan.ops}
+    assert kinds == {"embedding", "rmsnorm", "add_rmsnorm", "gemm", "rope_cache", "attention",
+                     "swiglu", "add", "gather_rows"}
+    assert sum(op.op == "attention" for op in plan.ops) == 30
+    assert plan.weights_bytes >= 134_000_000 * 2           # fp16 weights, aligned
+    cubins = compile_all(archs=(arch,), modules=MODULES)
+    assert all(cubins[(m, arch)] for m in MODULES)
+
+
+def _live_ranges(plan: Plan):
+    def root(name):
+        while plan.values[name].where == "view":
+            name = plan.values[name].base
+        return name
+
+    first, last = {}, {}
+    for i, op in enumerate(plan.ops):
+        for name in op.outputs:
+            first.setdefault(root(name), i)
+        for name in [*op.inputs, *op.outputs]:
+            if name is not None:
+                last[root(name)] = i
+    last[root(plan.logits)] = len(plan.ops)
+    return {n: (first[n], last[n]) for n in first if plan.values[n].where == "arena"}
+
+
+@pytest.mark.parametrize("limits", [LIMITS, BuildLimits(8, 512, 2048, 16)])
+def test_arena_holds_every_live_value_without_overlap(tiny_models_d64, tmp_path, limits):
+    plan = _plan(_build(tiny_models_d64["qwen2-bias"][0], tmp_path / "q.engine", "sm_90a",
+                        limits=limits))
+    t, b = limits.max_num_tokens, limits.max_batch_size
+    ranges = _live_ranges(plan)
+    spans = {n: (plan.values[n].offset,
+                 plan.values[n].offset + numel(plan.values[n].shape, t, b)
+                 * itemsize(plan.values[n].dtype)) for n in ranges}
+    for n, (lo, hi) in spans.items():
+        assert lo % 256 == 0 and hi <= plan.arena_bytes, n
+    names = sorted(ranges)
+    for i, a in enumerate(names):
+        for c in names[i + 1:]:
+            live_together = ranges[a][0] <= ranges[c][1] and ranges[c][0] <= ranges[a][1]
+            apart = spans[a][1] <= spans[c][0] or spans[c][1] <= spans[a][0]
+            assert apart or not live_together, f"{a} and {c} share arena bytes while live"
+    largest = max(align(hi - lo) for lo, hi in spans.values())
+    assert largest <= plan.arena_bytes <= sum(align(hi - lo) for lo, hi in spans.values())
+
+
+def test_clear_errors(tiny_models, tiny_models_d64, tmp_path):
+    folder = tiny_models_d64["llama-gqa"][0]
+    with pytest.raises(LlmcError, match="computes in fp16 or bf16, not float32"):
+        _build(folder, tmp_path / "a.engine", "sm_90a", dtype="fp32")
+    with pytest.raises(LlmcError, match="no fused PagedAttention node"):
+        _build(folder, tmp_path / "b.engine", "sm_90a", disable_passes=("paged_attention",))
+    with pytest.raises(LlmcError, match="unknown --gpu-arch 'sm_91'"):
+        _build(folder, tmp_path / "c.engine", "sm_91")
+    # head_dim 16: the attention kernels take 64 or 128
+    with pytest.raises(UnsupportedGraph, match="head_dim 16 not in"):
+        _build(tiny_models["llama-gqa"][0], tmp_path / "d.engine", "sm_90a")
+    with pytest.raises(LlmcError, match="--gpu-arch applies to --backend cuda only"):
+        build(BuildOptions(folder, tmp_path / "e.engine", gpu_arch="sm_90a"), log=print)
+    assert not any(p.suffix == ".engine" for p in tmp_path.iterdir())
+
+
+def test_no_gpu_and_no_arch_asks_for_one(tiny_models_d64, tmp_path):
+    from llmc.devices import list_gpus
+
+    if list_gpus()[0]:
+        pytest.skip("this machine has a GPU, whose architecture is the default")
+    with pytest.raises(LlmcError, match="pass --gpu-arch"):
+        _build(tiny_models_d64["llama-gqa"][0], tmp_path / "a.engine", None)
+
+
+def test_inspect_shows_the_plan(tiny_models_d64, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.engine"
+    _build(tiny_models_d64["mistral-window"][0], out, "sm_89")
+    r = subprocess.run([sys.executable, "-m", "llmc", "inspect", str(out)], capture_output=True,
+                       text=True, check=True)
+    assert "backend: cuda" in r.stdout
+    launches = len(_plan(EngineFile(out)).ops)
+    assert f"plan: sm_89, {launches} launches a step" in r.stdout
+    assert "attention 2" in r.stdout and "memory: arena" in r.stdout

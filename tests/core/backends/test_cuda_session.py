@@ -1,0 +1,184 @@
+"""The cuda backend on a GPU: engines built here run through the torch-free session.
+
+- tiny random models of every variant: logits against HF over ragged prefill, decode and
+  mixed steps on shuffled blocks (CUDA-graphed decode and uncaptured steps alike);
+- SmolLM2 (real weights): greedy tokens equal HF's (fp32) in fp16 and bf16;
+- a batch of mixed lengths generates what each prompt generates alone;
+- memory: what the session allocates is what the plan says, and 1,000 steps leak nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmc.build import BuildOptions, build
+from llmc.devices import list_gpus
+from llmc.engine_file import EngineFile
+from llmc.limits import BuildLimits
+
+GPUS, WHY = list_gpus()
+
+
+def _why_not() -> str:
+    if not GPUS:
+        return f"needs an NVIDIA GPU ({WHY})"
+    from llmc.backends.cuda.session import runtime_missing
+
+    return runtime_missing()
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")]
+
+LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_block_size=16)
+# Max |engine - HF| over max |HF| of a row of logits. The kernels keep activations in the
+# build dtype between ops, where HF's fp32 reference for bf16 does not (hf_steps.hf_logits).
+TOLERANCE = {"fp16": 2e-2, "bf16": 6e-2}
+
+
+def _engine(folder, tmp_path, dtype, limits=LIMITS) -> EngineFile:
+    out = tmp_path / f"{folder.name}-{dtype}.engine"
+    build(BuildOptions(folder, out, backend="cuda", dtype=dtype, limits=limits),
+          log=lambda _: None)
+    return EngineFile(out)
+
+
+def _session(engine, **kw):
+    from llmc.backends.cuda.session import CudaSession
+
+    return CudaSession(engine, max_kv_blocks=64, **kw)
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied-rope3", "mistral-window",
+                                  "qwen2-bias"])
+def test_ragged_steps_match_hf(tiny_models_d64, tmp_path, kind, dtype, graphs):
+    from hf_steps import check_ragged_steps
+
+    folder, model = tiny_models_d64[kind]
+    with _session(_engine(folder, tmp_path, dtype), cuda_graphs=graphs) as session:
+        check_ragged_steps(session, model, LIMITS.kv_block_size, dtype, TOLERANCE[dtype],
+                           f"cuda {kind}")
+
+
+def test_graphed_decode_equals_uncaptured(tiny_models_d64, tmp_path):
+    """Padding a decode step to its bucket and replaying the graph changes nothing."""
+    from llmc import contract
+
+    engine = _engine(tiny_models_d64["llama-gqa"][0], tmp_path, "bf16")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 128, n).tolist() for n in (9, 30, 17)]
+    blocks = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    outs = []
+    for graphs in (True, False):
+        with _session(engine, cuda_graphs=graphs) as s:
+            s.step(contract.pack_step([contract.Chunk(p, 0, b) for p, b in
+                                       zip(prompts, blocks)], 16))
+            steps = []
+            for i in range(5):      # 3 rows: padded to the bucket of 4
+                chunks = [contract.Chunk([5 + i], len(p) + i, b) for p, b in zip(prompts, blocks)]
+                steps.append(s.step(contract.pack_step(chunks, 16)))
+            outs.append(np.stack(steps))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=2e-2 * np.abs(outs[1]).max())
+
+
+@pytest.fixture(scope="module")
+def smollm2_engines(smollm2_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2-cuda")
+    out = {}
+    for dtype in ("fp16", "bf16"):
+        out[dtype] = root / f"smollm2-{dtype}.engine"
+        build(BuildOptions(smollm2_path, out[dtype], backend="cuda", dtype=dtype,
+                           limits=BuildLimits(4, 256, 512, 16)), log=lambda _: None)
+    return out
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was"]
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(smollm2_path):
+    """HF transformers' own greedy tokens (fp32, from the same GGUF file), 32 a prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    kw = dict(gguf_file=smollm2_path.name)
+    tok = AutoTokenizer.from_pretrained(smollm2_path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, dtype=torch.float32,
+                                                 **kw).eval()
+    model.generation_config.eos_token_id = None
+    greedy = GenerationConfig(max_new_tokens=32, do_sample=False, pad_token_id=0)
+    out = []
+    for p in PROMPTS:
+        ids = tok(p)["input_ids"]
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), generation_config=greedy)
+        out.append((ids, ref[0, len(ids):].tolist()))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_smollm2_greedy_equals_hf(smollm2_engines, hf_greedy, dtype):
+    from llmc.runtime.generator import generate
+    from llmc.runtime.runner import Runner
+    from llmc.runtime.sampler import SamplingParams
+
+    runner = Runner(smollm2_engines[dtype], gpu_memory_utilization=0.3)
+    ids = [ids for ids, _ in hf_greedy]
+    seqs = generate(runner.session, runner.limits, ids, 32, SamplingParams())
+    for seq, (_, ref) in zip(seqs, hf_greedy):
+        same = next((i for i, (a, b) in enumerate(zip(seq.generated, ref)) if a != b), 32)
+        assert seq.generated == ref, (
+            f"{dtype}: first difference at token {same}: "
+            f"{runner.tokenizer.decode(seq.generated)!r} vs {runner.tokenizer.decode(ref)!r}")
+    runner.session.close()
+
+
+@pytest.mark.slow
+def test_batch_equals_each_prompt_alone(smollm2_engines):
+    from llmc.runtime.runner import Runner
+
+    runner = Runner(smollm2_engines["bf16"], gpu_memory_utilization=0.3)
+    prompts = PROMPTS + ["Write a haiku about the sea. " * 6, "1, 2, 3,"]
+    together = runner.generate(prompts, max_new_tokens=24)
+    alone = [runner.generate([p], max_new_tokens=24)[0] for p in prompts]
+    assert together == alone
+    runner.session.close()
+
+
+def test_memory_is_what_the_plan_says_and_steps_leak_nothing(tiny_models_d64, tmp_path):
+    from cuda.bindings import driver
+
+    from llmc import contract
+    from llmc.backends.cuda import PLAN
+    from llmc.backends.cuda.plan import Plan
+
+    engine = _engine(tiny_models_d64["qwen2-bias"][0], tmp_path, "fp16")
+    plan = Plan.from_dict(__import__("json").loads(engine.section(PLAN).tobytes()))
+    driver.cuInit(0)
+    with _session(engine) as s:
+        free_loaded, _ = driver.cuMemGetInfo()[1:]
+        predicted = (plan.weights_bytes + plan.arena_bytes
+                     + s.num_blocks * s.block_bytes * plan.num_layers)
+        # what the session holds beyond the plan: workspaces and inputs, all counted in mem
+        assert abs(s.mem.nbytes - predicted) <= 0.02 * s.mem.nbytes + (40 << 20)
+        prompt = contract.pack_step([contract.Chunk(list(range(3, 40)), 0, [0, 1, 2])], 16)
+        s.step(prompt)
+        for i in range(1000):
+            s.step(contract.pack_step([contract.Chunk([7], 37 + i % 80, [0, 1, 2, 3, 4, 5, 6,
+                                                                         7])], 16))
+        free_after, _ = driver.cuMemGetInfo()[1:]
+        assert free_after >= free_loaded - (2 << 20)   # graphs and algos: at most 2 MiB
+
+
+def test_engine_for_another_arch_is_refused(tiny_models_d64, tmp_path):
+    from llmc.errors import LlmcError
+
+    other = "sm_80" if GPUS[0].arch != "sm_80" else "sm_89"
+    out = tmp_path / "other.engine"
+    build(BuildOptions(tiny_models_d64["llama-gqa"][0], out, backend="cuda", dtype="bf16",
+                       limits=LIMITS, gpu_arch=other), log=lambda _: None)
+    with pytest.raises(LlmcError, match=f"holds kernels for {other}, but this machine has"):
+        _session(EngineFile(out))
