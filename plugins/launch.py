@@ -185,6 +185,64 @@ class Kernels:
             self.launch(ln, args)
         return out
 
+    # -- glue and sampling (cuda backend) --
+
+    def embedding(self, ids, table):
+        """table[ids] for int32 ids of any shape; rows of ids outside [0, V) are zeros."""
+        v, h = table.shape
+        self._int32(ids)
+        out = self.torch.empty(*ids.shape, h, dtype=table.dtype, device=table.device)
+        if ids.numel():
+            ln = lr.embedding_launch(ids.numel(), h, self._dtype(table))
+            self.launch(ln, [ids, table, ids.numel(), h, v, out])
+        return out
+
+    def gather_rows(self, x, rows):
+        n, h = x.shape
+        self._int32(rows)
+        out = self.torch.empty(rows.numel(), h, dtype=x.dtype, device=x.device)
+        if rows.numel():
+            self.launch(lr.gather_rows_launch(rows.numel(), h, self._dtype(x)),
+                        [x, rows, rows.numel(), h, n, out])
+        return out
+
+    def cast_f32(self, x):
+        out = self.torch.empty(x.shape, dtype=self.torch.float32, device=x.device)
+        if x.numel():
+            self.launch(lr.cast_launch(x.numel(), self._dtype(x), self.sm_count),
+                        [x, x.numel(), out])
+        return out
+
+    def _int32(self, idx):
+        if idx.dtype != self.torch.int32 or not idx.is_contiguous():
+            raise TypeError(f"indices must be contiguous int32, got {idx.dtype}")
+
+    def _per_row(self, v, b, dtype, device):
+        t = self.torch
+        if isinstance(v, t.Tensor):
+            return v.to(device=device, dtype=dtype).expand(b).contiguous()
+        return t.full((b,), v, dtype=dtype, device=device)
+
+    def sample(self, logits, temperature, top_k, top_p, seed, counter, logprobs=False):
+        """Token ids int32 [B] from fp32 logits [B, V] (and their logprobs with logprobs=True).
+        Each parameter is a per-row tensor or one value for every row; seeds are uint64 bit
+        patterns (python ints are taken modulo 2^64)."""
+        t = self.torch
+        b, v = logits.shape
+        if logits.dtype != t.float32:
+            raise TypeError(f"logits must be float32 (cast_f32 first), got {logits.dtype}")
+        dev = logits.device
+        if not isinstance(seed, t.Tensor):
+            seed = (seed + 2**63) % 2**64 - 2**63  # the int64 with seed's low 64 bits
+        args = [logits.contiguous(), self._per_row(temperature, b, t.float32, dev),
+                self._per_row(top_k, b, t.int32, dev), self._per_row(top_p, b, t.float32, dev),
+                self._per_row(seed, b, t.int64, dev), self._per_row(counter, b, t.int32, dev),
+                b, v]
+        tokens = t.empty(b, dtype=t.int32, device=dev)
+        lp = t.empty(b, dtype=t.float32, device=dev) if logprobs else None
+        self.launch(lr.sample_launch(b, v), args + [tokens, lp if logprobs else DevPtr(0)])
+        return (tokens, lp) if logprobs else tokens
+
 
 @functools.lru_cache(maxsize=None)
 def kernels() -> Kernels:

@@ -1,5 +1,5 @@
-"""Launch rules of the norm, activation and RoPE kernels: entry point, grid, block, output
-shapes, and how float attributes travel as kernel arguments.
+"""Launch rules of the norm, activation, RoPE, glue and sampling kernels: entry point, grid,
+block, output shapes, and how float attributes travel as kernel arguments.
 
 Plain shape arithmetic, so it runs (and is tested) without a GPU or TensorRT; the TensorRT
 glue (trt_plugin.py) and the GPU launcher (launch.py) only call these functions. Kernel entry
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 DTYPES = {"float16": "f16", "bfloat16": "bf16"}
 MAX_NORM_WIDTH = 32 * 1024  # 1024 threads x 32 register-resident elements
+INT32_MAX = 2**31 - 1  # kernels index with int32 scalars; grid.x holds as many blocks
 
 
 @dataclass(frozen=True)
@@ -130,3 +131,49 @@ def llama3_inv_freq(head_dim: int, rope_theta: float, rotary_dim: int | None = N
 
     _, scaling = rope_settings({"rope_theta": rope_theta, "rope_scaling": rope_scaling})
     return rope_inv_freq(rotary_dim or head_dim, rope_theta, scaling).tolist()
+
+
+# ---- glue: embedding, row gather, logits cast -------------------------------------------
+
+def _row_copy_launch(op: str, rows: int, width: int, dtype: str) -> Launch:
+    # One row a block on grid.x (up to 2^31 - 1 rows); the block loops over the row's chunks.
+    if not 0 < rows <= INT32_MAX or not 0 < width <= INT32_MAX:
+        raise ValueError(f"{op}: {rows} rows of width {width}")
+    vec = 8 if width % 8 == 0 else 1
+    threads = min(256, round_up(width // vec, 32))
+    return Launch("glue", f"{op}_{dtype_tag(dtype)}_v{vec}", (rows, 1, 1), (threads, 1, 1))
+
+
+def embedding_launch(tokens: int, hidden: int, dtype: str) -> Launch:
+    """out[t] = table[ids[t]]; args (ids, table, T, H, V, out); ids outside [0, V) give zeros."""
+    return _row_copy_launch("embedding", tokens, hidden, dtype)
+
+
+def gather_rows_launch(rows: int, hidden: int, dtype: str) -> Launch:
+    """out[b] = x[rows[b]]; args (x, rows, B, H, N, out), N = rows of x."""
+    return _row_copy_launch("gather_rows", rows, hidden, dtype)
+
+
+def cast_launch(n: int, dtype: str, sm_count: int) -> Launch:
+    """fp16/bf16 -> fp32 over n elements; args (x, n, out)."""
+    if not 0 < n <= INT32_MAX:
+        raise ValueError(f"cast of {n} elements")
+    vec = 8 if n % 8 == 0 else 1
+    grid = _stream_grid(math.ceil(n / vec), sm_count)
+    return Launch("glue", f"cast_f32_{dtype_tag(dtype)}_v{vec}", (grid, 1, 1), (256, 1, 1))
+
+
+# ---- sampling ----------------------------------------------------------------------------
+
+MAX_SAMPLE_THREADS = 1024  # SAMPLE_MAX_THREADS in kernels/sampling.cu (its shared scan tile)
+
+
+def sample_launch(batch: int, vocab: int) -> Launch:
+    """One CTA a row of fp32 logits [batch, vocab]; args (logits, temperature, top_k, top_p,
+    seed, counter, B, V, token, logprob-or-null), see kernels/sampling.cu."""
+    # Token counts are fp32 sums in the kernel: exact up to 2^24.
+    if not 0 < batch <= INT32_MAX or not 0 < vocab <= 1 << 24:
+        raise ValueError(f"sampling {batch} rows of {vocab} logits")
+    # Every pass re-reads the row; a full block keeps enough loads in flight per SM.
+    threads = min(MAX_SAMPLE_THREADS, round_up(vocab, 32))
+    return Launch("sampling", "sample_f32", (batch, 1, 1), (threads, 1, 1))

@@ -27,10 +27,13 @@ class SamplingParams:
             raise LlmcError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id from one row of logits [vocab]."""
+def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution `sample` draws from (float64 [vocab]); also the reference of the
+    GPU sampler (plugins/kernels/sampling.cu)."""
     if params.temperature == 0:
-        return int(np.argmax(logits))
+        probs = np.zeros(logits.size)
+        probs[int(np.argmax(logits))] = 1.0
+        return probs
     z = logits.astype(np.float64) / params.temperature
     if 0 < params.top_k < z.size:
         kth = np.partition(z, -params.top_k)[-params.top_k]
@@ -46,4 +49,12 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
         keep[order[:cut]] = True
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum()
+    return probs
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One token id from one row of logits [vocab]."""
+    if params.temperature == 0:
+        return int(np.argmax(logits))
+    probs = probabilities(logits, params)
     return int(rng.choice(probs.size, p=probs))

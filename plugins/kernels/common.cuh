@@ -36,6 +36,11 @@ template <typename T> __device__ __forceinline__ float rnd(float x) {
   return T::to_f(T::from_f(x));
 }
 
+// The access type of VEC 16-bit values (for copies that need no conversion).
+template <int VEC> struct Vec;
+template <> struct Vec<8> { typedef uint4 type; };
+template <> struct Vec<1> { typedef u16 type; };
+
 // VEC consecutive 16-bit values <-> fp32; VEC=8 is one 16-byte access (p 16-byte aligned).
 template <typename T, int VEC>
 __device__ __forceinline__ void load_vec(const u16* p, float* f) {

@@ -6,10 +6,6 @@
 
 #define MAX_ELEMS 32  // per thread; with 1024 threads any n <= 32768
 
-template <int VEC> struct Vec;
-template <> struct Vec<8> { typedef uint4 type; };
-template <> struct Vec<1> { typedef u16 type; };
-
 template <typename T, int VEC, bool RES, bool LN>
 __device__ __forceinline__ void norm_row(const u16* __restrict__ x, const u16* __restrict__ res,
                                          const u16* __restrict__ w, const u16* __restrict__ b,

@@ -24,6 +24,9 @@ def _entry_names():
             names.add(lr.gated_launch(1, n, dt, "geglu", 1))
             names.add(lr.gelu_launch(n, dt, "tanh", 1))
             names.add(lr.gelu_launch(n, dt, "none", 1))
+            names.add(lr.embedding_launch(1, n, dt))
+            names.add(lr.gather_rows_launch(1, n, dt))
+            names.add(lr.cast_launch(n, dt, 1))
         for il in (False, True):
             for bias in (False, True):
                 for cache in (False, True):
@@ -39,6 +42,7 @@ def _entry_names():
             names.update(ap.decode_plan(4, 8, 2, d, 64, 16, dt, 132,
                                         max_smem=ap.decode_smem(d, st)).main
                          for st in ap.DECODE_STAGES)
+    names.add(lr.sample_launch(1, 1000))
     return {(ln.module, ln.kernel) for ln in names}
 
 

@@ -1,4 +1,5 @@
-"""CPU tests of the norm, activation and RoPE launch rules: entry names, grids, shapes."""
+"""CPU tests of the norm, activation, RoPE, glue and sampling launch rules: entry names, grids,
+shapes."""
 import struct
 
 import pytest
@@ -72,3 +73,45 @@ def test_float_bits():
     assert lr.float_bits(1.0) == 0x3F800000
     assert struct.unpack("<f", struct.pack("<i", lr.float_bits(1e-5)))[0] == \
         pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("rule,op", [(lr.embedding_launch, "embedding"),
+                                     (lr.gather_rows_launch, "gather_rows")])
+def test_row_copy_launches(rule, op):
+    for rows in (1, 65535, 70000, 2**31 - 1):  # rows on grid.x: past 65535 too
+        for h, vec in ((576, 8), (4096, 8), (100, 1), (64, 8), (1, 1)):
+            ln = rule(rows, h, "bfloat16")
+            assert ln.module == "glue" and ln.kernel == f"{op}_bf16_v{vec}"
+            assert ln.grid == (rows, 1, 1)
+            threads = ln.block[0]
+            assert threads % 32 == 0 and 32 <= threads <= 256
+            assert threads <= max(32, h // vec + 31)  # no block mostly idle on a narrow row
+    assert rule(3, 4096, "float16").kernel == f"{op}_f16_v8"
+    for bad in ((0, 64), (2**31, 64), (4, 0)):
+        with pytest.raises(ValueError):
+            rule(*bad, "float16")
+    with pytest.raises(ValueError):
+        rule(4, 64, "float32")
+
+
+def test_cast_launch():
+    ln = lr.cast_launch(64 * 128256, "bfloat16", sm_count=132)
+    assert ln.module == "glue" and ln.kernel == "cast_f32_bf16_v8" and ln.block == (256, 1, 1)
+    assert ln.grid[0] <= 132 * 8  # grid-stride loop beyond that
+    assert lr.cast_launch(1001, "float16", 132).kernel == "cast_f32_f16_v1"
+    assert lr.cast_launch(8, "float16", 132).grid == (1, 1, 1)
+    with pytest.raises(ValueError):
+        lr.cast_launch(0, "float16", 132)
+    with pytest.raises(ValueError):
+        lr.cast_launch(2**31, "float16", 132)
+
+
+def test_sample_launch():
+    ln = lr.sample_launch(64, 128256)
+    assert (ln.module, ln.kernel) == ("sampling", "sample_f32")
+    assert ln.grid == (64, 1, 1) and ln.block == (lr.MAX_SAMPLE_THREADS, 1, 1)
+    assert lr.sample_launch(1 << 20, 50).block == (64, 1, 1)  # small vocab: a small block
+    assert lr.sample_launch(3, 1).block == (32, 1, 1)
+    for bad in ((0, 50), (1, 0), (1, (1 << 24) + 1)):
+        with pytest.raises(ValueError):
+            lr.sample_launch(*bad)

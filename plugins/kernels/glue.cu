@@ -1,0 +1,66 @@
+// Glue of the cuda backend around the GEMMs: the embedding lookup, the gather of each
+// sequence's last token row before the LM head, and the cast of the logits to fp32.
+// Pure copies: bytes = rows * H * 2 * 2 (gathers), n * (2 + 4) (cast). VEC=8 moves 16 bytes
+// per access (H or n a multiple of 8), VEC=1 handles any width.
+//
+// Entry points and argument order (inputs, int32 scalars, outputs):
+//   embedding_{f16,bf16}_v{8,1}(const int* ids, const u16* table, int T, int H, int V, u16* out)
+//       out[t, :] = table[ids[t], :]; grid (T), one row a block.
+//   gather_rows_{f16,bf16}_v{8,1}(const u16* x, const int* rows, int B, int H, int N, u16* out)
+//       out[b, :] = x[rows[b], :], x has N rows; grid (B).
+//   cast_f32_{f16,bf16}_v{8,1}(const u16* x, int n, float* out)
+//       grid-stride over n elements.
+// An index outside [0, V) / [0, N) writes a row of zeros: a bad token id from a client must
+// not read outside the table (and a zero row is easy to spot downstream).
+#include "common.cuh"
+
+template <int VEC>
+__device__ __forceinline__ void copy_rows(const int* __restrict__ idx, const u16* __restrict__ src,
+                                          int rows, int width, int src_rows,
+                                          u16* __restrict__ out) {
+  typedef typename Vec<VEC>::type V;
+  const int r = blockIdx.x;
+  if (r >= rows) return;
+  const int s = idx[r];
+  const bool ok = s >= 0 && s < src_rows;
+  const V* in = reinterpret_cast<const V*>(src + (size_t)(ok ? s : 0) * width);
+  V* o = reinterpret_cast<V*>(out + (size_t)r * width);
+  const int nc = width / VEC;
+  for (int c = threadIdx.x; c < nc; c += blockDim.x) o[c] = ok ? in[c] : V{};
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void cast_f32(const u16* __restrict__ x, int n, float* __restrict__ out) {
+  const int nc = n / VEC;
+  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < nc; c += gridDim.x * blockDim.x) {
+    float f[VEC];
+    load_vec<T, VEC>(x + (size_t)c * VEC, f);
+    if constexpr (VEC == 8) {
+      float4* o = reinterpret_cast<float4*>(out + (size_t)c * VEC);
+      o[0] = make_float4(f[0], f[1], f[2], f[3]);
+      o[1] = make_float4(f[4], f[5], f[6], f[7]);
+    } else {
+      out[c] = f[0];
+    }
+  }
+}
+
+// The copies move bits, so both dtypes share one body; the dtype suffix keeps every entry
+// named <op>_<dtype>_v<vec> like the other modules.
+#define GLUE_ENTRIES(DT, TY, VEC)                                                              \
+  extern "C" __global__ void embedding_##DT##_v##VEC(const int* ids, const u16* table, int T,  \
+                                                     int H, int V, u16* out) {                 \
+    copy_rows<VEC>(ids, table, T, H, V, out);                                                  \
+  }                                                                                            \
+  extern "C" __global__ void gather_rows_##DT##_v##VEC(const u16* x, const int* rows, int B,   \
+                                                       int H, int N, u16* out) {               \
+    copy_rows<VEC>(rows, x, B, H, N, out);                                                     \
+  }                                                                                            \
+  extern "C" __global__ void cast_f32_##DT##_v##VEC(const u16* x, int n, float* out) {         \
+    cast_f32<TY, VEC>(x, n, out);                                                              \
+  }
+
+GLUE_ENTRIES(f16, F16, 8)
+GLUE_ENTRIES(f16, F16, 1)
+GLUE_ENTRIES(bf16, BF16, 8)
+GLUE_ENTRIES(bf16, BF16, 1)
