@@ -24,7 +24,7 @@ from llmc.runtime.runner import open_session
 def run(session, limits, batch, prompt_len, new):
     rng = np.random.default_rng(0)
     seqs = [Sequence(i, rng.integers(100, 10000, prompt_len).tolist(), prompt_len,
-                     prompt_len + new, rng) for i in range(batch)]
+                     prompt_len + new, rng, i) for i in range(batch)]
     pool = BlockPool(batch * blocks_needed(prompt_len + new, limits.kv_block_size))
     session.allocate_kv(pool.num_blocks)
     for s in seqs:

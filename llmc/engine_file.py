@@ -131,7 +131,9 @@ class EngineFile:
 
     def verify_payload(self) -> None:
         digest = hashlib.sha256()
-        for off, n in self.raw["sections"].values():
+        # in file order: the JSON header lists sections by name, the writer wrote them in
+        # the order it was given
+        for off, n in sorted(self.raw["sections"].values()):
             for start in range(off, off + n, 1 << 24):
                 digest.update(self._map[start:min(start + (1 << 24), off + n)])
         if digest.digest() != bytes(self._map[-_TRAILER:-len(END_MAGIC)]):

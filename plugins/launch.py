@@ -213,6 +213,13 @@ class Kernels:
                         [x, x.numel(), out])
         return out
 
+    def add(self, a, b):
+        out = self.torch.empty_like(a)
+        if a.numel():
+            self.launch(lr.add_launch(a.numel(), self._dtype(a), self.sm_count),
+                        [a, b, a.numel(), out])
+        return out
+
     def _int32(self, idx):
         if idx.dtype != self.torch.int32 or not idx.is_contiguous():
             raise TypeError(f"indices must be contiguous int32, got {idx.dtype}")

@@ -163,6 +163,16 @@ def cast_launch(n: int, dtype: str, sm_count: int) -> Launch:
     return Launch("glue", f"cast_f32_{dtype_tag(dtype)}_v{vec}", (grid, 1, 1), (256, 1, 1))
 
 
+def add_launch(n: int, dtype: str, sm_count: int) -> Launch:
+    """out = a + b over n elements (a residual sum no norm is fused into); args (a, b, n,
+    out)."""
+    if not 0 < n <= INT32_MAX:
+        raise ValueError(f"add of {n} elements")
+    vec = 8 if n % 8 == 0 else 1
+    grid = _stream_grid(math.ceil(n / vec), sm_count)
+    return Launch("glue", f"add_{dtype_tag(dtype)}_v{vec}", (grid, 1, 1), (256, 1, 1))
+
+
 # ---- sampling ----------------------------------------------------------------------------
 
 MAX_SAMPLE_THREADS = 1024  # SAMPLE_MAX_THREADS in kernels/sampling.cu (its shared scan tile)

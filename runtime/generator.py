@@ -27,7 +27,8 @@ class Sequence:
     tokens: list[int]
     prompt_len: int
     max_len: int                # prompt + max_new_tokens, capped by the engine's max_seq_len
-    rng: np.random.Generator
+    rng: np.random.Generator   # host sampling
+    seed: int                  # device sampling: one Philox stream per sequence
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -59,7 +60,7 @@ def generate(session: Session, limits: Limits, prompts: list[list[int]], max_new
         check_prompt(len(p), limits)
     seed = np.random.SeedSequence(params.seed)
     seqs = [Sequence(i, list(p), len(p), min(len(p) + max_new_tokens, limits.max_seq_len),
-                     np.random.default_rng(s))
+                     np.random.default_rng(s), int(s.generate_state(1, np.uint64)[0]))
             for i, (p, s) in enumerate(zip(prompts, seed.spawn(len(prompts))))]
     need = [blocks_needed(s.max_len, limits.kv_block_size) for s in seqs]
     # A GPU session sizes its pool from memory and says how many blocks it holds.
@@ -77,12 +78,19 @@ def generate(session: Session, limits: Limits, prompts: list[list[int]], max_new
             seq.blocks = blocks
             running.append(seq)
         batch = schedule(running, limits)
-        logits = session.step(step_inputs(batch, limits))
+        inputs = step_inputs(batch, limits)
+        if hasattr(session, "step_sample"):   # sampled on the device: only ids come back
+            sampled = session.step_sample(
+                inputs, params.temperature, params.top_k, params.top_p,
+                [s.seed for s, _ in batch], [len(s.generated) for s, _ in batch])
+        else:
+            logits = session.step(inputs)
         for row, (seq, n) in enumerate(batch):
             seq.num_computed += n
             if seq.num_computed < len(seq.tokens):
                 continue  # prefill chunk: more of the prompt to go
-            token = sample(logits[row], params, seq.rng)
+            token = (int(sampled[row]) if hasattr(session, "step_sample")
+                     else sample(logits[row], params, seq.rng))
             seq.tokens.append(token)
             if on_token:
                 on_token(seq.index, token)

@@ -10,6 +10,8 @@
 //       out[b, :] = x[rows[b], :], x has N rows; grid (B).
 //   cast_f32_{f16,bf16}_v{8,1}(const u16* x, int n, float* out)
 //       grid-stride over n elements.
+//   add_{f16,bf16}_v{8,1}(const u16* a, const u16* b, int n, u16* out)
+//       out = a + b (a residual sum no norm follows: the last layer's), fp32 then rounded.
 // An index outside [0, V) / [0, N) writes a row of zeros: a bad token id from a client must
 // not read outside the table (and a zero row is easy to spot downstream).
 #include "common.cuh"
@@ -45,6 +47,20 @@ __device__ __forceinline__ void cast_f32(const u16* __restrict__ x, int n, float
   }
 }
 
+template <typename T, int VEC>
+__device__ __forceinline__ void add(const u16* __restrict__ a, const u16* __restrict__ b, int n,
+                                    u16* __restrict__ out) {
+  const int nc = n / VEC;
+  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < nc; c += gridDim.x * blockDim.x) {
+    float x[VEC], y[VEC];
+    load_vec<T, VEC>(a + (size_t)c * VEC, x);
+    load_vec<T, VEC>(b + (size_t)c * VEC, y);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) x[i] += y[i];
+    store_vec<T, VEC>(out + (size_t)c * VEC, x);
+  }
+}
+
 // The copies move bits, so both dtypes share one body; the dtype suffix keeps every entry
 // named <op>_<dtype>_v<vec> like the other modules.
 #define GLUE_ENTRIES(DT, TY, VEC)                                                              \
@@ -58,6 +74,9 @@ __device__ __forceinline__ void cast_f32(const u16* __restrict__ x, int n, float
   }                                                                                            \
   extern "C" __global__ void cast_f32_##DT##_v##VEC(const u16* x, int n, float* out) {         \
     cast_f32<TY, VEC>(x, n, out);                                                              \
+  }                                                                                            \
+  extern "C" __global__ void add_##DT##_v##VEC(const u16* a, const u16* b, int n, u16* out) {  \
+    add<TY, VEC>(a, b, n, out);                                                                \
   }
 
 GLUE_ENTRIES(f16, F16, 8)

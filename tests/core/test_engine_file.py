@@ -51,6 +51,14 @@ def test_truncated(engine):
         EngineFile(engine)
 
 
+def test_sections_in_any_name_order(tmp_path):
+    """The checksum follows the file's order, whatever order the names sort in."""
+    path = tmp_path / "o.engine"
+    write_engine(path, {"backend": "cuda"}, {"z": b"1" * 70_000, "a": b"2" * 10, "m": b"3"})
+    e = EngineFile(path)
+    assert [bytes(e.section(k)[:1]) for k in "zam"] == [b"1", b"2", b"3"]
+
+
 def test_corrupted_payload_and_header(engine):
     e = EngineFile(engine)
     off, _ = e.raw["sections"]["weights.bin"]

@@ -27,6 +27,7 @@ def _entry_names():
             names.add(lr.embedding_launch(1, n, dt))
             names.add(lr.gather_rows_launch(1, n, dt))
             names.add(lr.cast_launch(n, dt, 1))
+            names.add(lr.add_launch(n, dt, 1))
         for il in (False, True):
             for bias in (False, True):
                 for cache in (False, True):

@@ -80,6 +80,13 @@ def test_cast_f32(K, dtype, shape):
     assert torch.equal(out, x.float())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 576), (1, 100), (64, 4096)])
+def test_add(K, dtype, shape):
+    a, b = (torch.randn(*shape, device="cuda").to(dtype) for _ in range(2))
+    assert torch.equal(K.add(a, b), (a.float() + b.float()).to(dtype))
+
+
 # ---- sampling -----------------------------------------------------------------------------
 
 def philox4x32_10(ctr, key):

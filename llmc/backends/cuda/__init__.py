@@ -19,12 +19,7 @@ from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
 
-PLAN, WEIGHTS = "plan.json", "weights"
 TARGET_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120")
-
-
-def cubin_section(module: str) -> str:
-    return f"cubin.{module}"
 
 
 class CudaBackend:
@@ -67,6 +62,7 @@ class CudaBackend:
 
     def lower(self, onnx_path: Path, limits: BuildLimits, log: Log) -> Lowered:
         from llmc.backends.cuda.lower import MODULES, lower
+        from llmc.backends.cuda.plan import PLAN, WEIGHTS, cubin_section
         from llmc.plugins.compiler import compile_all, nvrtc_version
 
         arch = self.target_arch()

@@ -10,8 +10,11 @@ A plan is a list of ops over named values. Each value lives in one place:
 
 Shapes are lists of ints and the symbols "T" (tokens this step) and "B" (sequences this
 step); every launch rule is a function of those two numbers and the ops' attributes, which
-the session evaluates each step (plugins/launch_rules.py, plugins/attention_plan.py). The
-plan holds data only: no pickle, no code.
+the session evaluates each step (program.py). The plan holds data only: no pickle, no code.
+
+The ops (lower.py says which graph nodes each comes from): embedding, rmsnorm, add_rmsnorm,
+gemm (cuBLASLt; optional bias), rope_cache (RoPE on q and k, QKV bias, K/V written into the
+layer's pool), attention (paged), swiglu, geglu, gather_rows, add, cast_f32.
 """
 
 from __future__ import annotations
@@ -20,25 +23,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FORMAT = 1
+PLAN, WEIGHTS = "plan.json", "weights"     # engine sections; cubins are "cubin.<module>"
 ALIGN = 256          # every arena and weight offset: enough for 16-byte vector loads and TMA
 SYMBOLS = ("T", "B")
-
-# op -> (inputs, outputs) it takes, by role; the session and the tests read this table.
-OPS = {
-    "embedding": (("table", "ids"), ("out",)),
-    "rmsnorm": (("x", "weight"), ("out",)),
-    "add_rmsnorm": (("x", "residual", "weight"), ("out", "sum")),
-    "gemm": (("x", "weight", "bias?"), ("out",)),
-    "add": (("a", "b"), ("out",)),
-    "rope_cache": (("qkv", "bias?", "positions", "inv_freq", "seq_starts", "block_tables"),
-                   ("q", "k", "v")),
-    "attention": (("q", "seq_starts", "context_lens", "block_tables"), ("out",)),
-    "swiglu": (("gate_up",), ("out",)),
-    "geglu": (("gate_up",), ("out",)),
-    "gather_rows": (("x", "rows"), ("out",)),
-    "cast_f32": (("x",), ("out",)),
-}
-
 
 @dataclass
 class Value:
@@ -71,14 +58,14 @@ class Plan:
     ops: list[Op]
     arena_bytes: int
     weights_bytes: int
-    logits: str
+    output: str                         # the value holding the fp32 logits [B, vocab]
     num_layers: int
     format: int = FORMAT
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "arch": self.arch, "dtype": self.dtype,
                 "modules": self.modules, "arena_bytes": self.arena_bytes,
-                "weights_bytes": self.weights_bytes, "logits": self.logits,
+                "weights_bytes": self.weights_bytes, "output": self.output,
                 "num_layers": self.num_layers,
                 "values": {k: v.to_dict() for k, v in self.values.items()},
                 "ops": [asdict(op) for op in self.ops]}
@@ -90,8 +77,12 @@ class Plan:
         return cls(arch=d["arch"], dtype=d["dtype"], modules=list(d["modules"]),
                    values={k: Value(**v) for k, v in d["values"].items()},
                    ops=[Op(**o) for o in d["ops"]], arena_bytes=d["arena_bytes"],
-                   weights_bytes=d["weights_bytes"], logits=d["logits"],
+                   weights_bytes=d["weights_bytes"], output=d["output"],
                    num_layers=d["num_layers"])
+
+
+def cubin_section(module: str) -> str:
+    return f"cubin.{module}"
 
 
 def itemsize(dtype: str) -> int:

