@@ -221,18 +221,22 @@ def pack_step(chunks: Sequence[Chunk], block_size: int) -> dict[str, np.ndarray]
 
     Unused table entries are 0, a valid block id: the kernels and the graph never read past a
     sequence's context length."""
-    ids, positions, starts, ctx = [], [], [0], []
-    for c in chunks:
-        ids += c.tokens
-        positions += range(c.start, c.start + len(c.tokens))
-        starts.append(starts[-1] + len(c.tokens))
-        ctx.append(c.start + len(c.tokens))
-    width = max(-(-n // block_size) for n in ctx)
+    counts = np.fromiter((len(c.tokens) for c in chunks), np.int32, len(chunks))
+    first = np.fromiter((c.start for c in chunks), np.int32, len(chunks))
+    ctx = first + counts
+    starts = np.zeros(len(chunks) + 1, np.int32)
+    np.cumsum(counts, out=starts[1:])
+    if counts.max() == 1:   # a decode step: one token each (the common case, kept cheap)
+        ids = np.fromiter((c.tokens[0] for c in chunks), np.int32, len(chunks))
+        positions = first
+    else:
+        ids = np.concatenate([np.asarray(c.tokens, np.int32) for c in chunks])
+        positions = np.repeat(first - starts[:-1], counts) + np.arange(starts[-1],
+                                                                      dtype=np.int32)
+    width = int(-(-ctx.max() // block_size))
     tables = np.zeros((len(chunks), width), np.int32)
     for row, c in enumerate(chunks):
-        used = list(c.blocks[:width])
-        tables[row, :len(used)] = used
-    i32 = lambda x: np.asarray(x, np.int32)  # noqa: E731
-    return {INPUT_IDS: i32(ids), POSITION_IDS: i32(positions), SEQ_STARTS: i32(starts),
-            CONTEXT_LENS: i32(ctx), BLOCK_TABLES: tables,
-            LAST_TOKEN_ROWS: i32(starts[1:]) - 1}
+        used = np.asarray(c.blocks[:width], np.int32)
+        tables[row, :used.size] = used
+    return {INPUT_IDS: ids, POSITION_IDS: positions.astype(np.int32), SEQ_STARTS: starts,
+            CONTEXT_LENS: ctx, BLOCK_TABLES: tables, LAST_TOKEN_ROWS: starts[1:] - 1}
