@@ -108,7 +108,7 @@ def decode_rate(session, batch: int, context: int, steps: int = 24) -> dict:
         return {}
     blocks = np.arange(batch * per_seq, dtype=np.int32).reshape(batch, per_seq)
     ev0, ev1 = check_events()
-    times, gpu, host = [], [], []
+    times, gpu = [], []
     for k in range(steps + 3):
         pos = context + k
         chunks = [contract.Chunk([7], pos, blocks[b]) for b in range(batch)]
@@ -202,7 +202,7 @@ def hf_rates(model_dir: Path, gguf: Path | None, cases, compile_: bool) -> dict:
         out[(batch, context)] = batch * n / (t_n - t_1)
         print(f"  HF {'static+compile' if compile_ else 'eager'} B={batch} ctx={context}: "
               f"{out[(batch, context)]:.1f} tok/s")
-    del model
+    model.to("cpu")   # give the GPU back to the next measurement
     torch.cuda.empty_cache()
     return out
 
