@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true", help="also time HF transformers")
     ap.add_argument("--hf-compile", action="store_true", help="and HF static cache + compile")
     ap.add_argument("--out", type=Path, default=None, help="append the markdown table here")
+    ap.add_argument("--skip-llmc", action="store_true", help="only the HF baselines")
     args = ap.parse_args()
 
     import torch
@@ -247,7 +248,7 @@ def main() -> None:
              "| batch | context | llmc tok/s | step ms | GPU ms | host ms | roofline tok/s | "
              "% of roofline |", "|---|---|---|---|---|---|---|---|"]
     results = {}
-    for context in args.contexts:
+    for context in ([] if args.skip_llmc else args.contexts):
         for batch in args.batches:
             r = decode_rate(session, batch, context)
             if not r:
@@ -260,9 +261,10 @@ def main() -> None:
                          f"{r['gpu_ms']:.2f} | {r['host_ms']:.3f} | {roof:.1f} | "
                          f"{100 * r['tok_s'] / roof:.0f}% |")
             print(lines[-1], flush=True)
-    lines += ["", f"prefill, 2048 tokens in one step: {prefill_rate(session, 2048):.0f} tok/s",
-              f"time to first token, 512-token prompt: "
-              f"{1e3 * time_to_first_token(session, limits):.1f} ms"]
+    if not args.skip_llmc:
+        lines += ["", f"prefill, 2048 tokens in one step: {prefill_rate(session, 2048):.0f} "
+                  "tok/s", f"time to first token, 512-token prompt: "
+                  f"{1e3 * time_to_first_token(session, limits):.1f} ms"]
     session.close()
     if args.hf or args.hf_compile:
         cases = [(b, 512) for b in (1, 64) if b in args.batches]
