@@ -48,12 +48,24 @@ LLAMA_8B = {
 
 def make_llama_8b(folder: Path) -> Path:
     """Random bf16 weights of Llama-3.1-8B's shapes, made on the GPU, as safetensors."""
+    if not (folder / "config.json").is_file():
+        _random_llama_8b(folder)
+    if not (folder / "model.safetensors.index.json").is_file():
+        index = {"weight_map": {}}   # what HF needs to find the shards (llmc reads it too)
+        for shard in sorted(folder.glob("model-*.safetensors")):
+            from safetensors import safe_open
+
+            with safe_open(shard, "np") as f:
+                index["weight_map"].update({k: shard.name for k in f.keys()})
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _random_llama_8b(folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    if (folder / "config.json").is_file():
-        return folder
     folder.mkdir(parents=True, exist_ok=True)
     c = LLAMA_8B
     h, i, v, d = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["head_dim"]
@@ -76,12 +88,11 @@ def make_llama_8b(folder: Path) -> Path:
                  f"{p}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16,
                                                                     device="cuda")}
         save_file({k: t.cpu() for k, t in shard.items()}, folder / f"model-{layer:02d}.safetensors")
-    (folder / "config.json").write_text(json.dumps(c))
     vocab = {f"t{k}": k for k in range(1000)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(folder / "tokenizer.json"))
-    return folder
+    (folder / "config.json").write_text(json.dumps(c))   # last: marks the folder complete
 
 
 def build_engine(model: Path, out: Path, limits) -> Path:
@@ -235,16 +246,19 @@ def main() -> None:
         from llmc.build import default_model
 
         src = gguf = default_model()
-    engine = EngineFile(build_engine(src, args.work / f"{args.model}.engine", limits))
-    weights_bytes = engine.section("weights").size
-    session = CudaSession(engine, gpu_memory_utilization=0.9)
     lines = [f"# {args.model}, bf16, cuda backend on {torch.cuda.get_device_name()}",
-             f"python {platform.python_version()}, torch {torch.__version__} (HF baseline), "
-             f"llmc {engine.header.llmc_version}, versions {engine.header.versions}",
+             f"python {platform.python_version()}, torch {torch.__version__} (HF baseline)"]
+    if not args.skip_llmc:
+        engine = EngineFile(build_engine(src, args.work / f"{args.model}.engine", limits))
+        weights_bytes = engine.section("weights").size
+        session = CudaSession(engine, gpu_memory_utilization=0.9)
+        lines.append(f"llmc {engine.header.llmc_version}, versions {engine.header.versions}")
+    lines += [
              f"command: python3 bench/e2e.py --model {args.model} "
              f"--batches {' '.join(map(str, args.batches))} "
              f"--contexts {' '.join(map(str, args.contexts))}"
-             + (" --hf" if args.hf else "") + (" --hf-compile" if args.hf_compile else ""), "",
+             + (" --hf" if args.hf else "") + (" --hf-compile" if args.hf_compile else ""),
+             "",
              "| batch | context | llmc tok/s | step ms | GPU ms | host ms | roofline tok/s | "
              "% of roofline |", "|---|---|---|---|---|---|---|---|"]
     results = {}
@@ -265,7 +279,7 @@ def main() -> None:
         lines += ["", f"prefill, 2048 tokens in one step: {prefill_rate(session, 2048):.0f} "
                   "tok/s", f"time to first token, 512-token prompt: "
                   f"{1e3 * time_to_first_token(session, limits):.1f} ms"]
-    session.close()
+        session.close()
     if args.hf or args.hf_compile:
         cases = [(b, 512) for b in (1, 64) if b in args.batches]
         lines += ["", "| baseline | batch | context | tok/s | llmc / baseline |",
