@@ -50,8 +50,11 @@ def make_llama_8b(folder: Path) -> Path:
     """Random bf16 weights of Llama-3.1-8B's shapes, made on the GPU, as safetensors."""
     if not (folder / "config.json").is_file():
         _random_llama_8b(folder)
-    if not (folder / "model.safetensors.index.json").is_file():
-        index = {"weight_map": {}}   # what HF needs to find the shards (llmc reads it too)
+    if "metadata" not in (folder / "model.safetensors.index.json").read_text(errors="ignore") \
+            if (folder / "model.safetensors.index.json").is_file() else True:
+        # what HF needs to find the shards (llmc reads it too)
+        size = sum(p.stat().st_size for p in folder.glob("model-*.safetensors"))
+        index = {"metadata": {"total_size": size}, "weight_map": {}}
         for shard in sorted(folder.glob("model-*.safetensors")):
             from safetensors import safe_open
 
@@ -182,9 +185,20 @@ def roofline(header, weights_bytes: int, batch: int, context: int) -> float:
 
 
 def hf_rates(model_dir: Path, gguf: Path | None, cases, compile_: bool) -> dict:
-    """HF transformers' decode tok/s: (generate N+1 tokens - generate 1) / N."""
+    """HF transformers' decode tok/s: batch over the median time between two generated
+    tokens within one `generate` call (a logits processor stamps each step; generate checks
+    its stopping criteria on the host every step, so the stamps follow the GPU). Timing
+    inside one call keeps the prefill, and any recompilation between calls, out of it."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    class Stamp(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
 
     kw = {"gguf_file": gguf.name} if gguf else {}
     src = gguf.parent if gguf else model_dir
@@ -193,24 +207,17 @@ def hf_rates(model_dir: Path, gguf: Path | None, cases, compile_: bool) -> dict:
     out = {}
     for batch, context in cases:
         ids = torch.full((batch, context), 7, device="cuda")
-
-        def gen(n):
-            args = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            if compile_:   # transformers compiles the forward of a static-cache generate
-                args.update(cache_implementation="static")
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+        args = dict(max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=0)
+        if compile_:   # transformers compiles the forward of a static-cache generate
+            args.update(cache_implementation="static")
+        for _ in range(2 if compile_ else 1):   # warm (and compile) with the same shapes
             with torch.no_grad():
                 model.generate(ids, **args)
-            torch.cuda.synchronize()
-            return time.perf_counter() - t0
-
-        n = 32
-        gen(n)  # warm (and compile)
-        if compile_:
-            gen(n)
-        t_n, t_1 = gen(n + 1), gen(1)
-        out[(batch, context)] = batch * n / (t_n - t_1)
+        stamp = Stamp()
+        with torch.no_grad():
+            model.generate(ids, logits_processor=LogitsProcessorList([stamp]), **args)
+        steps = np.diff(stamp.times[8:])     # past the first steps' warm-up
+        out[(batch, context)] = batch / float(np.median(steps))
         print(f"  HF {'static+compile' if compile_ else 'eager'} B={batch} ctx={context}: "
               f"{out[(batch, context)]:.1f} tok/s")
     model.to("cpu")   # give the GPU back to the next measurement
