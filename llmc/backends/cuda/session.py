@@ -116,6 +116,7 @@ class CudaSession:
         self.mem = _DeviceMemory()
         self._graphs: dict[int, object] = {}
         self.cuda_graphs = cuda_graphs
+        self.broken = ""
         try:
             self._load(engine, gpu_memory_utilization, max_kv_blocks)
         except BaseException:
@@ -231,8 +232,7 @@ class CudaSession:
 
     def step(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """One ragged step -> logits float32 [B, vocab]."""
-        b = self._run(inputs)
-        return self._fetch_logits(b)
+        return self._guarded(lambda: self._fetch_logits(self._run(inputs)))
 
     def step_sample(self, inputs: dict[str, np.ndarray], temperature, top_k, top_p, seed,
                     counter) -> np.ndarray:
@@ -240,6 +240,10 @@ class CudaSession:
         stream per row: the draw depends on (seed, counter) alone): token ids int32 [B].
         Only the ids cross to the host. Per-row arrays (or scalars) of the parameters;
         counter = how many tokens that row's sequence has sampled before."""
+        return self._guarded(lambda: self._step_sample(inputs, temperature, top_k, top_p, seed,
+                                                       counter))
+
+    def _step_sample(self, inputs, temperature, top_k, top_p, seed, counter) -> np.ndarray:
         from cuda.bindings import driver
 
         from llmc.plugins import launch_rules as lr
@@ -315,6 +319,20 @@ class CudaSession:
         self.close()
 
     # --- one step ------------------------------------------------------------------------------
+
+    def _guarded(self, step):
+        """Run a step. A CUDA error inside one (a failed launch, a fault in a kernel) leaves
+        the context unusable, so the session says so and refuses further steps: the caller
+        reloads it. Bad inputs (LlmcError) leave it usable."""
+        if self.broken:
+            raise LlmcError(f"this cuda session hit a CUDA error earlier ({self.broken}) and "
+                            "must be reloaded: open the engine again")
+        try:
+            return step()
+        except CudaError as e:   # cuBLASLt's errors are CudaErrors too
+            self.broken = str(e)
+            raise LlmcError(f"a CUDA error stopped this step ({e}); the session must be "
+                            "reloaded: open the engine again") from None
 
     def _run(self, inputs: dict[str, np.ndarray]) -> int:
         """Copy the inputs in and run the step; returns B (rows of logits)."""

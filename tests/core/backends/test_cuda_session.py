@@ -188,3 +188,28 @@ def test_engine_for_another_arch_is_refused(tiny_models_d64, tmp_path):
                        limits=LIMITS, gpu_arch=other), log=lambda _: None)
     with pytest.raises(LlmcError, match=f"holds kernels for {other}, but this machine has"):
         _session(EngineFile(out))
+
+
+def test_a_cuda_error_fails_the_step_and_asks_for_a_reload(tiny_models_d64, tmp_path,
+                                                            monkeypatch):
+    from llmc import contract
+    from llmc.devices import CudaError
+    from llmc.errors import LlmcError
+
+    with _session(_engine(tiny_models_d64["llama-gqa"][0], tmp_path, "bf16")) as s:
+        prefill = contract.pack_step([contract.Chunk([5, 6, 7], 0, [0])], 16)
+        s.step(prefill)
+        too_long = contract.pack_step([contract.Chunk([5] * 200, 0, list(range(13)))], 16)
+        with pytest.raises(LlmcError, match="outside this engine's limits"):
+            s.step(too_long)            # bad input: the session stays usable
+        s.step(prefill)
+
+        def fail(*args):
+            raise CudaError("CUDA error CUDA_ERROR_LAUNCH_FAILED (injected)")
+
+        monkeypatch.setattr(s.functions, "launch", fail)
+        with pytest.raises(LlmcError, match="a CUDA error stopped this step .* reloaded"):
+            s.step(prefill)
+        monkeypatch.undo()
+        with pytest.raises(LlmcError, match="hit a CUDA error earlier .* must be reloaded"):
+            s.step(prefill)
