@@ -2,18 +2,26 @@
 
     from llmc import Runner
     Runner("smollm2.engine").generate(["The capital of France is"])
+
+A Runner is a thin client of the engine (runtime/engine.py) driven by one background thread
+(runtime/engine_loop.py): its methods are safe to call from many threads at once, and
+requests from all of them share steps.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+from dataclasses import dataclass, field
 from typing import Callable
 
 from llmc import backends
 from llmc.backends import Session
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
-from llmc.runtime.generator import generate
+from llmc.runtime.engine import LLMEngine
+from llmc.runtime.engine_loop import EngineLoop
+from llmc.runtime.request import RequestOutput
 from llmc.runtime.sampler import SamplingParams
 
 
@@ -44,6 +52,8 @@ class Runner:
         self.tokenizer = Tokenizer.from_str(header.tokenizer.json)
         self.chat_template = header.tokenizer.chat_template
         self.eos_ids = header.tokenizer.eos_token_ids
+        self.engine = LLMEngine(self.session, header, tokenizer=self.tokenizer)
+        self.loop = EngineLoop(self.engine)   # one thread steps the engine for all callers
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if not chat:
@@ -57,33 +67,100 @@ class Runner:
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.id_to_token(token_id) or ""
 
+    def complete(self, prompts: list[str] | str, params: SamplingParams | None = None,
+                 chat: bool = False,
+                 on_output: Callable[[int, RequestOutput], None] | None = None
+                 ) -> list[Completion]:
+        """Run every prompt as its own request (they share steps with each other and with
+        other threads' requests); returns one Completion each, in order. A request that
+        fails (a bad prompt, a failing on_output) has finish_reason "error" and its error;
+        the others are unaffected. on_output(index, delta) runs in this thread."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise LlmcError(f"prompts are a string or a list of strings, not "
+                            f"{type(prompts).__name__}")
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        results = [Completion() for _ in prompts]
+        ids = {}
+        for index, prompt in enumerate(prompts):
+            try:
+                tokens = self.encode(prompt, chat) if isinstance(prompt, str) else prompt
+            except LlmcError as e:
+                results[index].fail(str(e))
+                continue
+            rid = self.loop.submit(tokens, params, lambda out, i=index: inbox.put((i, out)))
+            ids[index] = rid
+        pending = set(ids)
+        while pending:
+            index, out = inbox.get()
+            result = results[index]
+            result.add(out)
+            if on_output is not None and index in pending and result.error is None:
+                try:
+                    on_output(index, out)
+                except Exception as e:   # this request fails, the others go on
+                    result.fail(f"the output callback raised {type(e).__name__}: {e}")
+                    self.loop.abort(ids[index])
+                    pending.discard(index)
+            if out.finished:
+                pending.discard(index)
+        return results
+
     def generate(self, prompts: list[str] | str, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, chat: bool = False,
                  on_text: Callable[[int, str], None] | None = None) -> list[str]:
-        """Generate a completion for each prompt (greedy unless temperature > 0)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        ids = [self.encode(p, chat) for p in prompts]
-        params = SamplingParams(temperature, top_k, top_p, seed)
-        on_token = None
+        """The completion text of each prompt (greedy unless temperature > 0). A request
+        that failed raises its error once all have finished; `complete` keeps every
+        result instead."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                max_tokens=max_new_tokens)
+        on_output = None
         if on_text:
-            # Decode the whole tail each time: a token alone can be half a UTF-8 character.
-            sent = {i: "" for i in range(len(prompts))}
-            tails: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+            def on_output(index: int, out: RequestOutput) -> None:
+                if out.text:
+                    on_text(index, out.text)
+        results = self.complete(prompts, params, chat, on_output)
+        failed = next((r for r in results if r.error), None)
+        if failed is not None:
+            raise LlmcError(failed.error)
+        return [r.text for r in results]
 
-            def on_token(index: int, token: int) -> None:
-                if token in self.eos_ids:
-                    return
-                tails[index].append(token)
-                text = self.tokenizer.decode(tails[index])
-                if not text.endswith("\ufffd"):
-                    on_text(index, text[len(sent[index]):])
-                    sent[index] = text
-        seqs = generate(self.session, self.limits, ids, max_new_tokens, params,
-                        self.eos_ids, on_token)
-        return [self.tokenizer.decode([t for t in s.generated if t not in self.eos_ids])
-                for s in seqs]
+    def close(self) -> None:
+        self.loop.close()
+        close = getattr(self.session, "close", None)
+        if close:
+            close()
+
+
+@dataclass
+class Completion:
+    """One request's result: the text, its token ids, why it stopped, usage and timings."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    time_to_first_token: float | None = None
+    logprobs: list = field(default_factory=list)
+
+    def add(self, out: RequestOutput) -> None:
+        if self.error:
+            return
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
+        if out.time_to_first_token is not None:
+            self.time_to_first_token = out.time_to_first_token
+        if out.finished:
+            self.finish_reason, self.error = out.finish_reason, out.error
+
+    def fail(self, error: str) -> None:
+        self.finish_reason, self.error = "error", error
 
 
 def render_chat(template: str, messages: list[dict], eos_token: str = "") -> str:

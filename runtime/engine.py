@@ -1,0 +1,237 @@
+"""The engine core: requests in, steps over the session, outputs out.
+
+    engine = LLMEngine(session, header)                     synchronous, one thread
+    engine.add_request("The capital of France is", SamplingParams(max_tokens=16))
+    while engine.has_unfinished():
+        for out in engine.step(): ...                        RequestOutput per request
+
+A step asks the scheduler which requests run, packs their new tokens into the contract's
+inputs, runs the session, samples (on the device when the session samples and every row's
+settings are ones it supports, else on the host over the logits), then appends tokens,
+checks stops and frees what finished. A request that fails (bad settings, a prompt that can
+never fit, a failing detokenizer) errors alone; the others go on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Callable
+
+import numpy as np
+
+from llmc import contract
+from llmc.errors import LlmcError
+from llmc.runtime.kv_cache import BlockPool, KVCacheManager
+from llmc.runtime.request import Request, RequestOutput, Status
+from llmc.runtime.sampler import SamplingParams, sample_batch
+from llmc.runtime.scheduler import Scheduler
+
+
+class LLMEngine:
+    def __init__(self, session, header, num_kv_blocks: int | None = None,
+                 enable_prefix_caching: bool = True, tokenizer=None):
+        """num_kv_blocks: the pool's size; default what the session holds (a GPU session
+        sizes it from memory) or, on the CPU, what the build limits can address."""
+        from tokenizers import Tokenizer
+
+        self.session = session
+        self.header = header
+        self.limits = header.build.limits
+        self.tokenizer = tokenizer or Tokenizer.from_str(header.tokenizer.json)
+        self.eos_ids = tuple(header.tokenizer.eos_token_ids)
+        blocks = num_kv_blocks or getattr(session, "kv_capacity", self.limits.max_num_blocks)
+        self.block_size = self.limits.kv_block_size
+        session.allocate_kv(blocks)
+        self.kv = KVCacheManager(BlockPool(blocks), self.block_size,
+                                 enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, self.limits)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._pending: list[RequestOutput] = []
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Queue a request; returns its id. A request that is wrong in itself (empty prompt,
+        too long, bad settings) finishes at once with finish_reason "error", alone."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise LlmcError(f"a request with id {request_id!r} is already running")
+        req = Request(request_id, [], params, priority=priority)
+        self.requests[request_id] = req
+        try:
+            params.validate()
+            req.prompt_token_ids = self._tokens(prompt)
+            self._check_fits(req)
+        except LlmcError as e:
+            self._fail(req, str(e))
+            return request_id
+        seed = np.random.SeedSequence(params.seed)   # a request's own stream, any batch row
+        req.seed = int(seed.generate_state(1, np.uint64)[0])
+        req.rng = np.random.default_rng(seed)
+        req.detokenizer = self._detokenizer(req)
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is not None and not req.finished:
+            self._finish(req, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending)
+
+    def _tokens(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt).ids
+        elif isinstance(prompt, (list, tuple)) and all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            ids = [int(t) for t in prompt]
+        else:
+            raise LlmcError(f"a prompt is a string or a list of token ids, not "
+                            f"{type(prompt).__name__}")
+        vocab = self.header.io.vocab_size
+        if not ids:
+            raise LlmcError("the prompt is empty (0 tokens)")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise LlmcError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        return ids
+
+    def _check_fits(self, req: Request) -> None:
+        n, lim = len(req.prompt_token_ids), self.limits
+        if n >= lim.max_seq_len:
+            raise LlmcError(f"the prompt has {n} tokens; this engine allows at most "
+                            f"{lim.max_seq_len - 1} prompt tokens (max_seq_len "
+                            f"{lim.max_seq_len}). Shorten the prompt or rebuild with a larger "
+                            "--max-seq-len.")
+        total = min(n + req.params.max_tokens, lim.max_seq_len)
+        if not self.kv.can_ever_fit(total):
+            raise LlmcError(f"this request needs {self.kv.num_blocks_needed(total)} KV blocks "
+                            f"but the cache holds {self.kv.pool.num_blocks}; lower max_tokens "
+                            "or give the cache more memory")
+
+    def _detokenizer(self, req: Request):
+        from llmc.runtime.detokenizer import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(self.tokenizer, req.params.stop)
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the outputs of the requests that advanced, finished
+        or failed since the last call."""
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            if not plan.preempted and (self.scheduler.waiting or self.scheduler.running):
+                self._unschedulable()
+            return outputs
+        self.stats["steps"] += 1
+        inputs = contract.pack_step(
+            [contract.Chunk(r.all_token_ids[r.num_computed_tokens:r.num_computed_tokens + n],
+                            r.num_computed_tokens, self.kv.block_ids(r))
+             for r, n in plan.scheduled], self.block_size)
+        rows = [r for r, _ in plan.scheduled]
+        sampling = [r for r, n in plan.scheduled if r.num_computed_tokens + n >= r.num_tokens]
+        tokens, logprobs = self._sample(inputs, plan, rows, sampling)
+        now = time.monotonic()
+        for row, (req, n) in enumerate(plan.scheduled):
+            req.num_computed_tokens += n
+            if req.num_computed_tokens < req.num_tokens:
+                self.stats["prompt_tokens"] += n
+                continue   # a prompt chunk: more to compute before it samples
+            self._append(req, int(tokens[row]), logprobs[row] if logprobs else None, now)
+            out = self._output(req)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _sample(self, inputs, plan, rows, sampling):
+        params = [r.params for r in rows]
+        counters = [len(r.output_token_ids) for r in rows]
+        if hasattr(self.session, "step_sample") and all(_device_samples(p) for p in params):
+            tokens = self.session.step_sample(
+                inputs, [p.temperature for p in params], [p.top_k for p in params],
+                [p.top_p for p in params], [r.seed for r in rows], counters)
+            return tokens, None
+        logits = self.session.step(inputs)
+        result = sample_batch(logits, params, [r.rng for r in rows],
+                              [r.output_token_ids for r in rows],
+                              [r.prompt_token_ids for r in rows])
+        logprobs = None
+        if result.logprobs is not None:
+            tops = result.top_logprobs or [None] * len(rows)
+            logprobs = [(float(lp), top) for lp, top in zip(result.logprobs, tops)]
+        return result.tokens, logprobs
+
+    def _append(self, req: Request, token: int, logprob, now: float) -> None:
+        p = req.params
+        req.output_token_ids.append(token)
+        self.stats["generated_tokens"] += 1
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.token_times.append(now)
+        if logprob is not None:
+            req.pending_logprobs.append(logprob)
+        n_out = len(req.output_token_ids)
+        stop_id = n_out >= p.min_tokens and (
+            (token in self.eos_ids and not p.ignore_eos) or token in (p.stop_token_ids or ()))
+        text_stop = req.detokenizer.add(token, hide=stop_id)
+        if stop_id or text_stop:
+            req.finish_reason = "stop"
+        elif n_out >= p.max_tokens or req.num_tokens >= self.limits.max_seq_len:
+            req.finish_reason = "length"
+        if req.finish_reason:
+            req.status = Status.FINISHED
+            self.scheduler.remove(req)
+
+    def _output(self, req: Request) -> RequestOutput | None:
+        text, ids = req.detokenizer.take()
+        logprobs, req.pending_logprobs = req.pending_logprobs, []
+        if not (text or ids or req.finished):
+            return None
+        return RequestOutput(
+            req.request_id, text, ids, req.finished, req.finish_reason, req.error,
+            len(req.prompt_token_ids), len(req.output_token_ids), req.num_cached_prompt_tokens,
+            logprobs or None,
+            req.first_token_time - req.arrival_time if req.first_token_time else None,
+            list(req.token_times) if req.finished else [])
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        req.finish_reason, req.error, req.status = reason, error, Status.FINISHED
+        self.scheduler.remove(req)
+        text, ids = req.detokenizer.take() if req.detokenizer else ("", [])
+        self._pending.append(RequestOutput(
+            req.request_id, text, ids, True, reason, error, len(req.prompt_token_ids),
+            len(req.output_token_ids), req.num_cached_prompt_tokens))
+
+    def _fail(self, req: Request, error: str) -> None:
+        self._finish(req, "error", error)
+
+    def _unschedulable(self) -> None:
+        """Nothing could run although requests wait: fail the first, so none waits forever."""
+        req = (self.scheduler.waiting or self.scheduler.running)[0]
+        self._fail(req, "the KV cache cannot hold this request next to nothing else")
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request (the caller has its output)."""
+        req = self.requests.get(request_id)
+        if req is not None and req.finished:
+            del self.requests[request_id]
+
+
+def _device_samples(p: SamplingParams) -> bool:
+    """What the GPU sampler implements: temperature, top-k, top-p and the seed."""
+    return (p.min_p == 0 and p.repetition_penalty == 1 and p.presence_penalty == 0
+            and p.frequency_penalty == 0 and p.logprobs is None)
+
+
+def run_to_completion(engine: LLMEngine, on_output: Callable[[RequestOutput], None]) -> None:
+    while engine.has_unfinished():
+        for out in engine.step():
+            on_output(out)

@@ -1,0 +1,73 @@
+"""One generation request as the engine tracks it, and what it hands back each step."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"        # not scheduled yet, or preempted (its blocks were freed)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: Any                          # runtime.sampler.SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0                    # lower runs first (vLLM's convention)
+    status: Status = Status.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0         # tokens whose K/V sit in the cache
+    finish_reason: str | None = None     # stop | length | abort | error
+    error: str | None = None
+    num_preemptions: int = 0
+    num_cached_prompt_tokens: int = 0    # prompt tokens a prefix-cache hit skipped
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    seed: int = 0                        # one random stream per request (host and GPU)
+    rng: np.random.Generator | None = None
+    detokenizer: Any = None
+    pending_logprobs: list = field(default_factory=list)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclass
+class RequestOutput:
+    """What one step (or the end) brings for one request."""
+
+    request_id: str
+    text: str                            # the new text since the last output
+    token_ids: list[int]                 # the new token ids since the last output
+    finished: bool = False
+    finish_reason: str | None = None     # stop | length | abort | error
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list | None = None         # per new token: (logprob, {token: logprob} top-n)
+    time_to_first_token: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}

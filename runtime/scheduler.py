@@ -1,0 +1,106 @@
+"""The scheduler: which requests run in the next step, and how many tokens each brings.
+
+One token budget a step (`max_num_tokens`), no separate prefill and decode phases (vLLM v1):
+each request's computed-token count catches up with its token count, a prompt in chunks of
+what the budget leaves, a running request one token a step. Order:
+
+1. running requests, oldest first; when the KV cache has no room for one, the running request
+   that matters least (highest priority value, then latest arrival) is preempted by
+   recompute: its blocks are freed and it goes back to the front of the waiting queue (its
+   generated tokens are kept and recomputed with the prompt);
+2. waiting requests by (priority, arrival), while there are blocks, budget and batch rows:
+   a prompt whose leading full blocks are in the prefix cache skips their prefill.
+
+A request that could never fit the cache is refused when it is added, alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmc.limits import BuildLimits
+from llmc.runtime.request import Request, Status
+
+
+@dataclass
+class StepPlan:
+    """The requests of one step, each with the number of new tokens it computes."""
+
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, kv, limits: BuildLimits):
+        self.kv = kv                      # runtime.kv_cache.KVCacheManager
+        self.limits = limits
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out (finished, aborted, failed) and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+
+    def schedule(self) -> StepPlan:
+        plan, budget = StepPlan(), self.limits.max_num_tokens
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req not in self.running:     # preempted below to make room for an older one
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while self.kv.allocate_slots(req, n) is None:
+                victim = self._victim()
+                self._preempt(victim, plan)
+                if victim is req:
+                    break
+            else:
+                plan.scheduled.append((req, n))
+                budget -= n
+        if plan.preempted:   # no admissions in a step that had to preempt
+            return plan
+        self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
+        while self.waiting and budget and len(self.running) < self.limits.max_batch_size:
+            req = self.waiting[0]
+            computed, num_cached = self.kv.get_computed_blocks(req)
+            n = min(req.num_tokens - num_cached, budget)
+            if self.kv.allocate_slots(req, n, computed) is None:
+                break
+            self.waiting.pop(0)
+            if req.num_computed_tokens == 0 and req.num_preemptions == 0:
+                req.num_cached_prompt_tokens = num_cached
+            req.num_computed_tokens = num_cached
+            req.status = Status.RUNNING
+            self.running.append(req)
+            plan.scheduled.append((req, n))
+            budget -= n
+        return plan
+
+    def _victim(self) -> Request:
+        return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+
+    def _preempt(self, req: Request, plan: StepPlan) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.insert(0, req)
+        plan.preempted.append(req)
+        plan.scheduled = [(r, n) for r, n in plan.scheduled if r is not req]
