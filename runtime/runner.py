@@ -65,7 +65,8 @@ class Runner:
         if isinstance(prompts, str):
             prompts = [prompts]
         ids = [self.encode(p, chat) for p in prompts]
-        params = SamplingParams(temperature, top_k, top_p, seed)
+        params = SamplingParams(temperature, top_k, top_p, seed=seed,
+                                max_tokens=max(max_new_tokens, 1))
         on_token = None
         if on_text:
             # Decode the whole tail each time: a token alone can be half a UTF-8 character.
