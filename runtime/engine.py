@@ -154,7 +154,7 @@ class LLMEngine:
     def _sample(self, inputs, plan, rows, sampling):
         params = [r.params for r in rows]
         counters = [len(r.output_token_ids) for r in rows]
-        if hasattr(self.session, "step_sample") and all(_device_samples(p) for p in params):
+        if hasattr(self.session, "step_sample") and not any(p.needs_host for p in params):
             tokens = self.session.step_sample(
                 inputs, [p.temperature for p in params], [p.top_k for p in params],
                 [p.top_p for p in params], [r.seed for r in rows], counters)
@@ -162,7 +162,7 @@ class LLMEngine:
         logits = self.session.step(inputs)
         result = sample_batch(logits, params, [r.rng for r in rows],
                               [r.output_token_ids for r in rows],
-                              [r.prompt_token_ids for r in rows])
+                              [r.prompt_token_ids for r in rows], self.eos_ids)
         logprobs = None
         if result.logprobs is not None:
             tops = result.top_logprobs or [None] * len(rows)
@@ -179,19 +179,24 @@ class LLMEngine:
         if logprob is not None:
             req.pending_logprobs.append(logprob)
         n_out = len(req.output_token_ids)
-        stop_id = n_out >= p.min_tokens and (
-            (token in self.eos_ids and not p.ignore_eos) or token in (p.stop_token_ids or ()))
-        text_stop = req.detokenizer.add(token, hide=stop_id)
-        if stop_id or text_stop:
+        stop_id = n_out > p.min_tokens and (
+            (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids)
+        if not stop_id:   # a stop token's own text is not part of the completion
+            req.pending_text += req.detokenizer.push(token)
+            req.pending_ids.append(token)
+        if stop_id or req.detokenizer.stopped:
             req.finish_reason = "stop"
         elif n_out >= p.max_tokens or req.num_tokens >= self.limits.max_seq_len:
             req.finish_reason = "length"
         if req.finish_reason:
+            if not req.detokenizer.stopped:
+                req.pending_text += req.detokenizer.flush()
             req.status = Status.FINISHED
             self.scheduler.remove(req)
 
     def _output(self, req: Request) -> RequestOutput | None:
-        text, ids = req.detokenizer.take()
+        text, ids = req.pending_text, req.pending_ids
+        req.pending_text, req.pending_ids = "", []
         logprobs, req.pending_logprobs = req.pending_logprobs, []
         if not (text or ids or req.finished):
             return None
@@ -205,7 +210,8 @@ class LLMEngine:
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         req.finish_reason, req.error, req.status = reason, error, Status.FINISHED
         self.scheduler.remove(req)
-        text, ids = req.detokenizer.take() if req.detokenizer else ("", [])
+        text, ids = req.pending_text, req.pending_ids
+        req.pending_text, req.pending_ids = "", []
         self._pending.append(RequestOutput(
             req.request_id, text, ids, True, reason, error, len(req.prompt_token_ids),
             len(req.output_token_ids), req.num_cached_prompt_tokens))
@@ -223,12 +229,6 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is not None and req.finished:
             del self.requests[request_id]
-
-
-def _device_samples(p: SamplingParams) -> bool:
-    """What the GPU sampler implements: temperature, top-k, top-p and the seed."""
-    return (p.min_p == 0 and p.repetition_penalty == 1 and p.presence_penalty == 0
-            and p.frequency_penalty == 0 and p.logprobs is None)
 
 
 def run_to_completion(engine: LLMEngine, on_output: Callable[[RequestOutput], None]) -> None:

@@ -62,6 +62,8 @@ def generate(session: Session, limits: Limits, prompts: list[list[int]], max_new
     seqs = [Sequence(i, list(p), len(p), min(len(p) + max_new_tokens, limits.max_seq_len),
                      np.random.default_rng(s), int(s.generate_state(1, np.uint64)[0]))
             for i, (p, s) in enumerate(zip(prompts, seed.spawn(len(prompts))))]
+    # The GPU sampler does temperature, top_k and top_p; anything more samples on the host.
+    on_device = hasattr(session, "step_sample") and not params.needs_host
     need = [blocks_needed(s.max_len, limits.kv_block_size) for s in seqs]
     # A GPU session sizes its pool from memory and says how many blocks it holds.
     capacity = getattr(session, "kv_capacity", limits.max_num_blocks)
@@ -79,7 +81,7 @@ def generate(session: Session, limits: Limits, prompts: list[list[int]], max_new
             running.append(seq)
         batch = schedule(running, limits)
         inputs = step_inputs(batch, limits)
-        if hasattr(session, "step_sample"):   # sampled on the device: only ids come back
+        if on_device:   # sampled on the device: only ids come back
             sampled = session.step_sample(
                 inputs, params.temperature, params.top_k, params.top_p,
                 [s.seed for s, _ in batch], [len(s.generated) for s, _ in batch])
@@ -89,13 +91,16 @@ def generate(session: Session, limits: Limits, prompts: list[list[int]], max_new
             seq.num_computed += n
             if seq.num_computed < len(seq.tokens):
                 continue  # prefill chunk: more of the prompt to go
-            token = (int(sampled[row]) if hasattr(session, "step_sample")
-                     else sample(logits[row], params, seq.rng))
+            token = (int(sampled[row]) if on_device
+                     else sample(logits[row], params, seq.rng, seq.generated,
+                                 seq.tokens[:seq.prompt_len], eos_ids))
             seq.tokens.append(token)
             if on_token:
                 on_token(seq.index, token)
-            if token in eos_ids:
+            if token in eos_ids and not params.ignore_eos:
                 seq.finish_reason = "eos"
+            elif token in params.stop_token_ids:
+                seq.finish_reason = "stop"
             elif len(seq.tokens) >= seq.max_len:
                 seq.finish_reason = "length"
             if seq.finish_reason:

@@ -35,6 +35,8 @@ class Request:
     seed: int = 0                        # one random stream per request (host and GPU)
     rng: np.random.Generator | None = None
     detokenizer: Any = None
+    pending_text: str = ""                     # text and ids not handed out yet
+    pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list = field(default_factory=list)
 
     @property
