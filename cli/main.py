@@ -66,43 +66,105 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
 
 @cli.command()
 @click.argument("engine", type=click.Path(path_type=Path))
-@click.option("-p", "--prompt", "prompts", multiple=True, required=True,
+@click.option("-p", "--prompt", "prompts", multiple=True,
               help="a prompt (repeat for a batch)")
+@click.option("--prompts-file", type=click.File("r"), default=None, metavar="FILE",
+              help="prompts one a line, or JSON lines with a \"prompt\" field ('-': stdin)")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 is greedy")
 @click.option("--top-k", default=0, show_default=True, help="0 keeps all tokens")
 @click.option("--top-p", default=1.0, show_default=True)
-@click.option("--seed", default=None, type=int, help="seed for sampling")
+@click.option("--min-p", default=0.0, show_default=True)
+@click.option("--repetition-penalty", default=1.0, show_default=True)
+@click.option("--presence-penalty", default=0.0, show_default=True)
+@click.option("--frequency-penalty", default=0.0, show_default=True)
+@click.option("--stop", multiple=True, help="a stop string (repeatable); not in the output")
+@click.option("--seed", default=None, type=int, help="seed for sampling, per request")
 @click.option("--chat", is_flag=True, help="wrap each prompt in the model's chat template")
 @click.option("--stream", is_flag=True, help="print tokens as they come (one prompt)")
+@click.option("--json", "as_json", is_flag=True,
+              help="one JSON line a request: text, token ids, finish reason, usage, timing")
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", *BACKEND_NAMES]),
               help="the engine's own backend; another is a clear error")
 @click.option("--gpu-memory-utilization", default=0.9, show_default=True,
               help="cuda engines: the share of the GPU's memory this process may fill "
                    "(weights, activations, the KV cache)")
-def run(engine, prompts, max_new_tokens, temperature, top_k, top_p, seed, chat, stream,
-        backend, gpu_memory_utilization) -> None:
-    """Generate text for one or more prompts."""
-    from llmc.runtime.runner import Runner
+def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p, min_p,
+        repetition_penalty, presence_penalty, frequency_penalty, stop, seed, chat, stream,
+        as_json, backend, gpu_memory_utilization) -> None:
+    """Generate text for one or more prompts; a speed summary goes to stderr."""
+    import time
 
+    from llmc.engine_file import EngineFile
+    from llmc.runtime.runner import Runner
+    from llmc.runtime.sampler import SamplingParams
+
+    prompts = list(prompts) + (_read_prompts(prompts_file) if prompts_file else [])
+    if not prompts:
+        raise LlmcError("no prompt given: pass --prompt TEXT or --prompts-file FILE")
     if stream and len(prompts) > 1:
         raise LlmcError("--stream prints one prompt's tokens as they come; give one --prompt")
-    from llmc.engine_file import EngineFile
-
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty,
+                            presence_penalty=presence_penalty,
+                            frequency_penalty=frequency_penalty, stop=stop, seed=seed,
+                            max_tokens=max_new_tokens)
+    params.validate()
     options = ({"gpu_memory_utilization": gpu_memory_utilization}
                if EngineFile(engine).header.backend == "cuda" else {})
     runner = Runner(engine, backend=backend, log=_log, **options)
-    on_text = (lambda _, text: click.echo(text, nl=False)) if stream else None
-    outputs = runner.generate(list(prompts), max_new_tokens, temperature, top_k, top_p, seed,
-                              chat, on_text)
+    on_output = (lambda _, out: click.echo(out.text, nl=False)) if stream else None
+    t0 = time.perf_counter()
+    results = runner.complete(prompts, params, chat, on_output)
+    seconds = time.perf_counter() - t0
+    runner.close()
     if stream:
         click.echo()
-        return
-    for prompt, text in zip(prompts, outputs):
-        click.echo(text if chat else prompt + text)
-        if len(prompts) > 1:
-            click.echo("-" * 40)
+    for prompt, r in zip(prompts, results):
+        if as_json:
+            click.echo(json.dumps({"prompt": prompt, "text": r.text, "token_ids": r.token_ids,
+                                   "finish_reason": r.finish_reason, "error": r.error,
+                                   "usage": {"prompt_tokens": r.prompt_tokens,
+                                             "completion_tokens": len(r.token_ids),
+                                             "cached_tokens": r.cached_tokens},
+                                   "time_to_first_token_s": r.time_to_first_token}))
+        elif r.error and len(prompts) > 1:   # one prompt: its error is the last line
+            click.echo(f"error: {r.error}", err=True)
+        elif not stream:
+            click.echo(r.text if chat else prompt + r.text)
+            if len(prompts) > 1:
+                click.echo("-" * 40)
+    ok = [r for r in results if not r.error]
+    generated = sum(len(r.token_ids) for r in ok)
+    ttft = sorted(r.time_to_first_token for r in ok if r.time_to_first_token is not None)
+    if ok:
+        _log(f"{len(ok)} request(s), {sum(r.prompt_tokens for r in ok)} prompt and "
+             f"{generated} generated tokens in {seconds:.2f} s ({generated / seconds:.1f} "
+             "generated tok/s)" + (f"; time to first token p50 {ttft[len(ttft) // 2] * 1e3:.0f}"
+                                   " ms" if ttft else ""))
+    if len(results) == 1 and results[0].error:
+        raise LlmcError(results[0].error)
+    if len(ok) < len(results):
+        raise LlmcError(f"{len(results) - len(ok)} of {len(results)} requests failed "
+                        f"(first: {next(r.error for r in results if r.error)})")
+
+
+def _read_prompts(file) -> list[str]:
+    """Text lines, or JSON lines whose objects have a "prompt" field."""
+    out = []
+    for n, line in enumerate(file, 1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                line = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise LlmcError(f"{file.name} line {n}: a JSON line needs a \"prompt\" "
+                                "field") from None
+        out.append(line)
+    return out
 
 
 @cli.command()

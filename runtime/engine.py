@@ -22,7 +22,8 @@ import numpy as np
 
 from llmc import contract
 from llmc.errors import LlmcError
-from llmc.runtime.kv_cache import BlockPool, KVCacheManager
+from llmc.runtime.kv_cache import BlockPool
+from llmc.runtime.kv_manager import KVCacheManager
 from llmc.runtime.request import Request, RequestOutput, Status
 from llmc.runtime.sampler import SamplingParams, sample_batch
 from llmc.runtime.scheduler import Scheduler
