@@ -1,34 +1,204 @@
-"""Paged KV cache bookkeeping: a pool of fixed-size blocks and each sequence's block table.
+"""Paged KV cache bookkeeping, the pool layer: blocks, the free queue, the block pool.
 
 The device-side pool lives in the backend; this module only decides which physical block
-holds which tokens. The later in-flight-batching runtime grows this into the vLLM-style
-block -> free queue -> pool -> manager layering; for now one free list is all it takes.
+holds which tokens. The layering follows vLLM v1: `KVBlock` (one physical block's metadata),
+`FreeBlockQueue` (eviction order), `BlockPool` (allocation, ref counts, the prefix-cache hash
+map). Which blocks a request holds, and which of them are cached, is `kv_manager.py`'s job.
+
+A block's identity in the cache is `hash_block(parent, tokens)`: the hash of a FULL block's
+tokens chained with the hash of the block before it, so equal hashes mean equal prefixes.
 """
 
 from __future__ import annotations
 
-from collections import deque
-
-
-class BlockPool:
-    """Hands out physical block ids; ``allocate`` returns None when the pool is too empty."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free = deque(range(num_blocks))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int] | None:
-        if n > len(self._free):
-            return None
-        return [self._free.popleft() for _ in range(n)]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+import hashlib
+import struct
+from collections.abc import Iterable, Iterator, Sequence
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
+
+
+def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
+    """A full block's prefix identity: sha256 over the parent's hash and the token ids,
+    truncated to 64 bits. Python's `hash` is salted per process; this is not, so a hash
+    means the same thing in every process (and in a test's expected values)."""
+    # The marker byte keeps a root block apart from a child whose parent hash happens to be 0.
+    head = b"\x00" if parent_hash is None else b"\x01" + parent_hash.to_bytes(8, "little")
+    body = struct.pack(f"<{len(token_ids)}q", *token_ids)
+    return int.from_bytes(hashlib.sha256(head + body).digest()[:8], "little")
+
+
+class KVBlock:
+    """One physical block's metadata; `block_id` is its index in the device pool."""
+
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "prev_free", "next_free")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_cnt = 0                       # requests holding it; 0 = in the free queue
+        self.block_hash: int | None = None     # set once full and cached, cleared on eviction
+        self.prev_free: KVBlock | None = None
+        self.next_free: KVBlock | None = None
+
+    def __repr__(self) -> str:
+        h = "" if self.block_hash is None else f", hash={self.block_hash:#x}"
+        return f"KVBlock({self.block_id}, ref_cnt={self.ref_cnt}{h})"
+
+
+class FreeBlockQueue:
+    """The free blocks in eviction order: the head is reused first (least recently freed).
+
+    A doubly linked list through the blocks' own `prev_free`/`next_free`, not a deque: a free
+    block may still be cached, and when a new request hits it in the prefix cache it must
+    leave the queue from wherever it sits. A deque removes from the middle in O(n); unlinking
+    a node is O(1), and so is every other operation here.
+    """
+
+    def __init__(self, blocks: Iterable[KVBlock] = ()):
+        # Sentinels at both ends, so no operation has to special-case an empty list.
+        self._head = KVBlock(-1)
+        self._tail = KVBlock(-1)
+        self._head.next_free, self._tail.prev_free = self._tail, self._head
+        self.num_free = 0
+        self.append_n(blocks)
+
+    def __len__(self) -> int:
+        return self.num_free
+
+    def __iter__(self) -> Iterator[KVBlock]:
+        node = self._head.next_free
+        while node is not self._tail:
+            yield node
+            node = node.next_free
+
+    def popleft(self) -> KVBlock:
+        if self.num_free == 0:
+            raise IndexError("no free blocks")
+        block = self._head.next_free
+        self.remove(block)
+        return block
+
+    def remove(self, block: KVBlock) -> None:
+        if block.prev_free is None or block.next_free is None:
+            raise ValueError(f"block {block.block_id} is not in the free queue")
+        block.prev_free.next_free = block.next_free
+        block.next_free.prev_free = block.prev_free
+        block.prev_free = block.next_free = None
+        self.num_free -= 1
+
+    def append(self, block: KVBlock) -> None:
+        if block.prev_free is not None or block.next_free is not None:
+            raise ValueError(f"block {block.block_id} is already in the free queue")
+        last = self._tail.prev_free
+        last.next_free, block.prev_free = block, last
+        block.next_free, self._tail.prev_free = self._tail, block
+        self.num_free += 1
+
+    def append_n(self, blocks: Iterable[KVBlock]) -> None:
+        for block in blocks:
+            self.append(block)
+
+
+class BlockPool:
+    """All physical blocks 0..num_blocks-1: allocation, ref counts and the prefix cache.
+
+    A block whose ref count drops to 0 goes to the free queue but keeps its hash: it stays in
+    the cache, reusable by a prefix hit (`touch`), until `get_new_blocks` pops it for new
+    contents (eviction). One block per hash: a second block that fills with the same prefix
+    (two requests computed it at once) stays uncached and is simply reused when freed.
+    """
+
+    def __init__(self, num_blocks: int, enable_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"a pool needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self.free_queue = FreeBlockQueue(self.blocks)
+        self._cached: dict[int, KVBlock] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.free_queue.num_free
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by requests (cached free blocks count as free)."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def get_new_blocks(self, n: int) -> list[KVBlock]:
+        """n blocks with ref count 1, least recently freed first. Raises ValueError when
+        fewer than n are free: callers check `num_free_blocks` first, as the manager does,
+        so running short here is a bookkeeping bug, not back-pressure."""
+        if n > self.num_free_blocks:
+            raise ValueError(f"{n} blocks requested, {self.num_free_blocks} free")
+        out = []
+        for _ in range(n):
+            block = self.free_queue.popleft()
+            self._evict(block)
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def free_blocks(self, blocks: Iterable[KVBlock]) -> None:
+        """Drop one reference from each block; those no longer held join the free queue's
+        tail in the order given, still cached. Callers pass a request's blocks tail first, so
+        its prefix, the part other requests are likeliest to share, is evicted last."""
+        for block in blocks:
+            if block.ref_cnt <= 0:
+                raise ValueError(f"block {block.block_id} freed more often than held")
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self.free_queue.append(block)
+
+    def touch(self, blocks: Iterable[KVBlock]) -> None:
+        """Take one more reference on each (a prefix hit); a free cached block leaves the
+        free queue, so it can no longer be evicted."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                self.free_queue.remove(block)
+            block.ref_cnt += 1
+
+    def cache_full_blocks(self, blocks: Sequence[KVBlock], block_hashes: Sequence[int]) -> None:
+        """Enter full blocks into the prefix cache under their hashes; a block already cached
+        keeps its entry, a hash already held by another block leaves this one uncached."""
+        if not self.enable_caching:
+            return
+        for block, h in zip(blocks, block_hashes, strict=True):
+            if block.block_hash is not None:
+                if block.block_hash != h:
+                    raise ValueError(f"block {block.block_id} is cached under another hash")
+                continue
+            if h not in self._cached:
+                block.block_hash = h
+                self._cached[h] = block
+
+    def get_cached_block(self, block_hash: int) -> KVBlock | None:
+        return self._cached.get(block_hash) if self.enable_caching else None
+
+    def _evict(self, block: KVBlock) -> None:
+        if block.block_hash is not None:
+            del self._cached[block.block_hash]
+            block.block_hash = None
+
+    # Block ids, not blocks: the simple whole-sequence reservation of runtime/generator.py
+    # and bench/reference_tokens.py, which never cache.
+
+    @property
+    def num_free(self) -> int:
+        return self.num_free_blocks
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n block ids, or None when fewer than n are free."""
+        if n > self.num_free_blocks:
+            return None
+        return [b.block_id for b in self.get_new_blocks(n)]
+
+    def free(self, block_ids: Iterable[int]) -> None:
+        self.free_blocks(self.blocks[i] for i in block_ids)

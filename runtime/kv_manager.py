@@ -1,0 +1,146 @@
+"""Which blocks each request holds, over a `BlockPool`, with prefix caching (vLLM v1's
+KVCacheManager, one attention type, one block size).
+
+Invariant: new K/V rows only ever go to blocks the request holds alone and that were not
+cached before the step that writes them. A prefix hit covers only full blocks below the
+first token still to compute, so the request's writes start in a block of its own; a block
+is cached only once every one of its slots is scheduled, so the last, partial block is never
+a cached one; shared (ref count > 1) and cached blocks are therefore only read.
+
+Blocks are cached when their tokens are scheduled, before the step computes them. That is
+safe because the scheduled step always runs, and within a layer it writes every new K/V row
+before any attention reads the pool (contract: scatter, then gather), so a request that hits
+a block in the same step reads the rows written in that step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Protocol
+
+from llmc.runtime.kv_cache import BlockPool, KVBlock, blocks_needed, hash_block
+
+
+class KVRequest(Protocol):
+    """What the manager reads of a request."""
+
+    request_id: Hashable
+    all_token_ids: Sequence[int]   # prompt + generated so far
+    num_computed_tokens: int       # tokens whose K/V are in the cache
+
+
+class KVCacheManager:
+    """Allocates a request's blocks step by step, reusing cached prefixes across requests.
+
+    Counts prefix-cache lookups in tokens: `prefix_queries` (tokens of requests looked up)
+    and `prefix_hits` (tokens found cached).
+    """
+
+    def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool = True):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.pool = pool
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching and pool.enable_caching
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self._blocks: dict[Hashable, list[KVBlock]] = {}
+        self._hashes: dict[Hashable, list[int]] = {}   # hash chain of its full blocks so far
+        self._num_cached: dict[Hashable, int] = {}     # its leading blocks offered to the cache
+
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        return blocks_needed(num_tokens, self.block_size)
+
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        """False when even the whole, empty pool cannot hold num_tokens: such a request would
+        wait forever, so the scheduler refuses it up front."""
+        return self.num_blocks_needed(num_tokens) <= self.pool.num_blocks
+
+    def block_ids(self, request: KVRequest) -> list[int]:
+        return [b.block_id for b in self._blocks.get(request.request_id, ())]
+
+    def get_computed_blocks(self, request: KVRequest) -> tuple[list[KVBlock], int]:
+        """The longest cached run of the request's leading full blocks and the tokens they
+        hold. Never the whole request: its last token is always computed again, because
+        sampling needs that token's logits. Takes no reference: pass the blocks to
+        `allocate_slots` before anything else allocates from the pool."""
+        if not self.enable_prefix_caching:
+            return [], 0
+        num_tokens = len(request.all_token_ids)
+        hashes = self._hash_chain(request, (num_tokens - 1) // self.block_size)
+        hits = []
+        for h in hashes:
+            block = self.pool.get_cached_block(h)
+            if block is None:
+                break
+            hits.append(block)
+        self.prefix_queries += num_tokens
+        self.prefix_hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(self, request: KVRequest, num_new_tokens: int,
+                       computed_blocks: Sequence[KVBlock] = ()) -> list[KVBlock] | None:
+        """Make the request's blocks cover its computed tokens, the cached prefix
+        `computed_blocks` (from `get_computed_blocks`, for a request holding no blocks yet)
+        and num_new_tokens more. Returns the newly allocated blocks, or None, changing
+        nothing, when the pool cannot supply them. Then caches the blocks this filled."""
+        rid = request.request_id
+        held = self._blocks.get(rid, [])
+        computed = list(computed_blocks)
+        if computed:
+            self._check_hits(request, held, computed)
+        num_tokens = (request.num_computed_tokens + len(computed) * self.block_size
+                      + num_new_tokens)
+        num_new = max(0, self.num_blocks_needed(num_tokens) - len(held) - len(computed))
+        # A hit on a free block takes it out of the free queue, so it costs a free block too.
+        num_revived = sum(1 for b in computed if b.ref_cnt == 0)
+        if num_new + num_revived > self.pool.num_free_blocks:
+            return None
+        self.pool.touch(computed)
+        new = self.pool.get_new_blocks(num_new)
+        blocks = self._blocks.setdefault(rid, held)
+        blocks += computed + new
+        if computed:
+            self._num_cached[rid] = len(computed)
+        self._cache_full(request, blocks, min(num_tokens, len(request.all_token_ids)))
+        return new
+
+    def free(self, request: KVRequest) -> None:
+        """Release the request's blocks, last block first, so its prefix stays cached
+        longest; a request holding nothing (still waiting, or freed) is a no-op."""
+        rid = request.request_id
+        blocks = self._blocks.pop(rid, [])
+        self._hashes.pop(rid, None)
+        self._num_cached.pop(rid, None)
+        self.pool.free_blocks(reversed(blocks))
+
+    def _check_hits(self, request: KVRequest, held: list[KVBlock],
+                    computed: list[KVBlock]) -> None:
+        if held or request.num_computed_tokens:
+            raise ValueError(f"request {request.request_id!r}: a cached prefix is only for a "
+                             "request that holds no blocks yet")
+        # A hit evicted between get_computed_blocks and here would now hold other tokens.
+        hashes = self._hash_chain(request, len(computed))
+        if any(b.block_hash != h for b, h in zip(computed, hashes, strict=True)):
+            raise ValueError(f"request {request.request_id!r}: a computed block was evicted "
+                             "after get_computed_blocks")
+
+    def _cache_full(self, request: KVRequest, blocks: list[KVBlock], num_tokens: int) -> None:
+        if not self.enable_prefix_caching:
+            return
+        rid = request.request_id
+        start, stop = self._num_cached.get(rid, 0), num_tokens // self.block_size
+        if stop <= start:
+            return
+        hashes = self._hash_chain(request, stop)
+        self.pool.cache_full_blocks(blocks[start:stop], hashes[start:stop])
+        self._num_cached[rid] = stop
+
+    def _hash_chain(self, request: KVRequest, num_blocks: int) -> list[int]:
+        """Hashes of the request's first num_blocks full blocks, extended as tokens arrive:
+        tokens are only ever appended, so a prefix's hashes never change."""
+        chain = self._hashes.setdefault(request.request_id, [])
+        tokens, size = request.all_token_ids, self.block_size
+        for i in range(len(chain), num_blocks):
+            chain.append(hash_block(chain[-1] if chain else None, tokens[i * size:(i + 1) * size]))
+        return chain[:num_blocks]
