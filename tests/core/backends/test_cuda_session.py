@@ -213,3 +213,23 @@ def test_a_cuda_error_fails_the_step_and_asks_for_a_reload(tiny_models_d64, tmp_
         monkeypatch.undo()
         with pytest.raises(LlmcError, match="hit a CUDA error earlier .* must be reloaded"):
             s.step(prefill)
+
+
+def test_runner_on_the_engine_batches_like_alone(tiny_models_d64, tmp_path):
+    """The in-flight-batching engine over a cuda session (sampling on the GPU)."""
+    from llmc.runtime.runner import Runner
+    from llmc.runtime.sampler import SamplingParams
+
+    engine = _engine(tiny_models_d64["qwen2-bias"][0], tmp_path, "bf16")
+    runner = Runner(engine.path, max_kv_blocks=64)
+    prompts = [[5, 6, 7], list(range(10, 60)), [9] * 20, [3, 4]]
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    together = [r.token_ids for r in runner.complete(prompts, greedy)]
+    alone = [runner.complete([p], greedy)[0].token_ids for p in prompts]
+    assert together == alone and all(len(t) == 12 for t in together)
+    sampled = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3, max_tokens=12,
+                             ignore_eos=True)
+    a = [r.token_ids for r in runner.complete(prompts, sampled)]
+    b = [r.token_ids for r in runner.complete(prompts[::-1], sampled)][::-1]
+    assert a == b   # a request's draws follow its seed, not its batch row
+    runner.close()
