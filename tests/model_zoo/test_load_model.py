@@ -164,18 +164,15 @@ def test_gguf_errors(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_matches_transformers(smollm2_path):
+def test_smollm2_gguf_matches_transformers(smollm2_path, hf_smollm2):
     """Our dequantized, un-permuted weights and tokenizer equal transformers' GGUF loader."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     ckpt = load_model(smollm2_path)
     ckpt.check_tensors()
     c = ckpt.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
             c.head_dim, c.vocab_size, c.rope_theta, c.tie_word_embeddings) == (
         30, 576, 9, 3, 64, 49152, 1e5, True)
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
-                                              dtype=torch.float32)
+    ref, hf = hf_smollm2
     state = hf.state_dict()
     for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
                  "model.layers.29.mlp.down_proj.weight", "model.embed_tokens.weight"]:
@@ -186,6 +183,5 @@ def test_smollm2_gguf_matches_transformers(smollm2_path):
     from tokenizers import Tokenizer
 
     ours = Tokenizer.from_str(tok.json)
-    ref = AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
     for text in ["The capital of France is", "naïve café 東京 12345\n\n  x", "<|im_start|>user"]:
         assert ours.encode(text).ids == ref(text)["input_ids"]

@@ -20,18 +20,6 @@ def smollm2_engine(smollm2_path, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def hf_smollm2(smollm2_path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw = dict(gguf_file=smollm2_path.name)
-    tok = AutoTokenizer.from_pretrained(smollm2_path.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, dtype=torch.float32,
-                                                 **kw).eval()
-    return tok, model
-
-
 @pytest.mark.slow
 def test_greedy_tokens_equal_hf(smollm2_engine, hf_smollm2):
     import torch
