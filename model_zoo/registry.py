@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from llmc.checkpoint import Checkpoint, Tokenizer, open_checkpoint
+from llmc.checkpoint.base import NamedTensors
 from llmc.config import architecture
 from llmc.errors import LlmcError
 from llmc.model_zoo import llama
@@ -51,7 +52,7 @@ def parse_config(hf: dict[str, Any]):
 
 
 @dataclass
-class Model:
+class Model(NamedTensors):
     """A checkpoint read through its family: config, tensors under HF names, tokenizer."""
 
     source: Path
@@ -59,16 +60,6 @@ class Model:
     config: Any
     readers: dict[str, Callable[[], np.ndarray]]
     checkpoint: Checkpoint
-
-    def names(self) -> list[str]:
-        return list(self.readers)
-
-    def tensor(self, name: str) -> np.ndarray:
-        try:
-            read = self.readers[name]
-        except KeyError:
-            raise LlmcError(f"{self.source}: the checkpoint has no tensor {name!r}") from None
-        return read()
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.checkpoint.tokenizer_json(), self.checkpoint.chat_template,

@@ -22,8 +22,27 @@ class Tokenizer:
     eos_token_ids: tuple[int, ...]
 
 
+class NamedTensors:
+    """Tensors by name, each read (and converted) only when asked for; `source` names the
+    file in errors. A Checkpoint holds the file's names, a model_zoo Model the HF ones."""
+
+    source: Path
+    readers: dict[str, Callable[[], np.ndarray]]
+
+    def names(self) -> list[str]:
+        return list(self.readers)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """One tensor as float32 (or float16 where stored so), read from the mapped file."""
+        try:
+            read = self.readers[name]
+        except KeyError:
+            raise LlmcError(f"{self.source}: the checkpoint has no tensor {name!r}") from None
+        return read()
+
+
 @dataclass
-class Checkpoint:
+class Checkpoint(NamedTensors):
     """A config, tensors read lazily as numpy arrays under the file's names, a tokenizer.
 
     format: "hf" (config is config.json's dict) or "gguf" (metadata holds the GGUF key/value
@@ -38,17 +57,6 @@ class Checkpoint:
     readers: dict[str, Callable[[], np.ndarray]]
     tokenizer_json: Callable[[], str]
     chat_template: str | None
-
-    def names(self) -> list[str]:
-        return list(self.readers)
-
-    def tensor(self, name: str) -> np.ndarray:
-        """One tensor as float32 (or float16 where stored so), read from the mapped file."""
-        try:
-            read = self.readers[name]
-        except KeyError:
-            raise LlmcError(f"{self.source}: the checkpoint has no tensor {name!r}") from None
-        return read()
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
