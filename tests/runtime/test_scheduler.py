@@ -1,0 +1,115 @@
+"""Scheduler invariants, property-tested over random request streams (no model needed: a
+step's result is only the tokens the scheduler asked for, and a made-up sampled token).
+
+After every step: the token budget and the batch limit hold, every scheduled request owns
+blocks covering what it computes, no block leaks (free + held = pool), and a request is
+never both waiting and running. Drained, every request finishes; none is lost.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmc.limits import BuildLimits
+from llmc.runtime.kv_cache import BlockPool
+from llmc.runtime.kv_manager import KVCacheManager
+from llmc.runtime.request import Request, Status
+from llmc.runtime.scheduler import Scheduler
+
+PREEMPTIONS: list[int] = []   # per example, for the check that the streams preempt
+
+
+class _Params:
+    max_tokens = 0
+
+
+def _request(i: int, prompt: list[int], max_tokens: int, priority: int) -> Request:
+    p = _Params()
+    p.max_tokens = max_tokens
+    return Request(f"r{i}", prompt, p, arrival_time=float(i), priority=priority)
+
+
+def _run_step(sched: Scheduler, plan, finished: list[Request]) -> None:
+    """What the engine does after a step: count computed tokens, append a token to those
+    whose prompt is done, finish the ones at max_tokens."""
+    for req, n in plan.scheduled:
+        req.num_computed_tokens += n
+        if req.num_computed_tokens < req.num_tokens:
+            continue
+        req.output_token_ids.append(7)
+        if len(req.output_token_ids) >= req.params.max_tokens:
+            req.status = Status.FINISHED
+            sched.remove(req)
+            finished.append(req)
+
+
+def _check(sched: Scheduler, plan, limits: BuildLimits, pool: BlockPool) -> None:
+    assert plan.num_tokens <= limits.max_num_tokens
+    assert len(sched.running) <= limits.max_batch_size
+    assert not set(map(id, sched.running)) & set(map(id, sched.waiting))
+    held = {}
+    for req in sched.running:
+        ids = sched.kv.block_ids(req)
+        for b in ids:
+            held.setdefault(b, 0)
+            held[b] += 1
+    for req, n in plan.scheduled:
+        assert len(sched.kv.block_ids(req)) * sched.kv.block_size >= req.num_computed_tokens + n
+    free = {b.block_id for b in pool.free_queue}
+    assert not free & set(held)
+    assert len(free) + len(held) == pool.num_blocks
+    for b, count in held.items():
+        assert pool.blocks[b].ref_cnt == count
+
+
+# Requests long enough, and added fast enough, that the pool runs out and preempts.
+requests = st.lists(st.tuples(st.lists(st.integers(1, 3), min_size=4, max_size=30),
+                              st.integers(4, 24), st.integers(0, 2)),
+                    min_size=4, max_size=12)
+ops = st.lists(st.sampled_from(["add", "add", "step", "step", "step", "abort"]),
+               min_size=8, max_size=60)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=requests, ops=ops, num_blocks=st.integers(14, 24), caching=st.booleans())
+def test_scheduler_invariants(reqs, ops, num_blocks, caching):
+    limits = BuildLimits(max_batch_size=4, max_num_tokens=16, max_seq_len=64, kv_block_size=4)
+    pool = BlockPool(num_blocks)
+    sched = Scheduler(KVCacheManager(pool, 4, enable_prefix_caching=caching), limits)
+    todo = [_request(i, *r) for i, r in enumerate(reqs)]
+    added, finished = [], []
+    for op in ops:
+        if op == "add" and todo or not added:
+            req = todo.pop(0)
+            assert sched.kv.can_ever_fit(len(req.prompt_token_ids) + req.params.max_tokens)
+            sched.add(req)
+            added.append(req)
+        elif op == "abort":
+            victim = added[len(added) // 2]
+            if not victim.finished:
+                victim.status = Status.FINISHED
+                sched.remove(victim)
+                finished.append(victim)
+        else:
+            plan = sched.schedule()
+            _check(sched, plan, limits, pool)
+            _run_step(sched, plan, finished)
+    for _ in range(2000):   # drain: everything finishes, nothing is lost
+        if not sched.has_work():
+            break
+        plan = sched.schedule()
+        _check(sched, plan, limits, pool)
+        assert plan.scheduled or plan.preempted, "the scheduler stalled"
+        _run_step(sched, plan, finished)
+    assert not sched.has_work()
+    assert {r.request_id for r in finished} == {r.request_id for r in added}
+    assert pool.num_free_blocks == num_blocks
+    PREEMPTIONS.append(sched.num_preemptions)
+
+
+def test_the_streams_do_preempt():
+    """The property test is only as good as its streams: they must exercise preemption."""
+    PREEMPTIONS.clear()
+    test_scheduler_invariants()
+    assert sum(n > 0 for n in PREEMPTIONS) >= len(PREEMPTIONS) // 10
