@@ -134,8 +134,8 @@ class LLMEngine:
             return outputs
         self.stats["steps"] += 1
         inputs = contract.pack_step(
-            [contract.Chunk(r.all_token_ids[r.num_computed_tokens:r.num_computed_tokens + n],
-                            r.num_computed_tokens, self.kv.block_ids(r))
+            [contract.Chunk(r.tokens(r.num_computed_tokens, n), r.num_computed_tokens,
+                            self.kv.block_ids(r))
              for r, n in plan.scheduled], self.block_size)
         rows = [r for r, _ in plan.scheduled]
         sampling = [r for r, n in plan.scheduled if r.num_computed_tokens + n >= r.num_tokens]

@@ -43,6 +43,15 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def tokens(self, start: int, n: int) -> list[int]:
+        """Tokens start..start+n of prompt + output, without copying the whole sequence (a
+        decode step reads one token of each of hundreds of requests)."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p:start - p + n]
+        return (self.prompt_token_ids[start:start + n]
+                + self.output_token_ids[:max(0, start + n - p)])
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)

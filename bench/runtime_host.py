@@ -1,0 +1,118 @@
+"""Host time of the in-flight-batching engine a step: scheduler, KV manager, input packing,
+token bookkeeping and detokenizing, i.e. everything but the session's own work.
+
+    python3 bench/runtime_host.py [--batch 256] [--context 512] [--steps 50]
+
+A tiny random Llama (hidden 64) runs on the reference backend, so the session's time is
+small but real; it is timed separately and subtracted. Every step decodes one token for each
+of `batch` running requests whose prompts were `context` tokens. Also: time to first token
+of a prompt with and without a 1k-token prefix the cache already holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def _tiny_model(folder: Path) -> Path:
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=512, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(512)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+class Timed:
+    """The session, with the time spent inside it counted."""
+
+    def __init__(self, session):
+        self.session, self.seconds = session, 0.0
+
+    def allocate_kv(self, n):
+        self.session.allocate_kv(n)
+
+    def step(self, inputs):
+        t0 = time.perf_counter()
+        try:
+            return self.session.step(inputs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=50)
+    args = ap.parse_args()
+
+    from llmc.build import BuildOptions, build
+    from llmc.engine_file import EngineFile
+    from llmc.limits import BuildLimits
+    from llmc.runtime.engine import LLMEngine
+    from llmc.runtime.runner import open_session
+    from llmc.runtime.sampler import SamplingParams
+
+    root = Path(tempfile.mkdtemp())
+    limits = BuildLimits(max_batch_size=args.batch, max_num_tokens=max(args.batch, 2048),
+                         max_seq_len=args.context + args.steps + 1100, kv_block_size=16)
+    build(BuildOptions(_tiny_model(root / "m"), root / "m.engine", backend="reference",
+                       dtype="fp32", limits=limits), log=lambda _: None)
+    file = EngineFile(root / "m.engine")
+    session = Timed(open_session(file))
+    engine = LLMEngine(session, file.header)
+    params = SamplingParams(max_tokens=args.steps + 10, ignore_eos=True)
+    for i in range(args.batch):
+        engine.add_request([(7 * i + k) % 500 + 1 for k in range(args.context)], params)
+    while any(r.num_computed_tokens < len(r.prompt_token_ids)
+              for r in engine.requests.values()):
+        engine.step()                                   # the prompts
+    host = []
+    for _ in range(args.steps):
+        session.seconds = 0.0
+        t0 = time.perf_counter()
+        engine.step()
+        host.append(time.perf_counter() - t0 - session.seconds)
+    print(f"# llmc engine host time a step ({platform.processor() or platform.machine()}, "
+          f"Python {platform.python_version()})")
+    print(f"decode step of {args.batch} requests at context {args.context}: host "
+          f"{statistics.median(host) * 1e6:.0f} us median, {min(host) * 1e6:.0f} us min "
+          f"over {args.steps} steps (target <= 200 us)")
+    for r in list(engine.requests):
+        engine.abort(r)
+    while engine.has_unfinished():
+        engine.step()
+
+    prefix = [(3 * k) % 500 + 1 for k in range(1024)]
+    short = SamplingParams(max_tokens=1)
+    for label, warm in (("without a cached prefix", False), ("with a cached 1k prefix", True)):
+        # a pool of 80 blocks: the reference graph copies its pool every step
+        engine = LLMEngine(Timed(open_session(file)), file.header, num_kv_blocks=80,
+                           enable_prefix_caching=warm)
+        if warm:
+            engine.add_request(prefix + [9], short)
+            while engine.has_unfinished():
+                engine.step()
+        t0 = time.perf_counter()
+        engine.add_request(prefix + [11, 12, 13], short)
+        while engine.has_unfinished():
+            engine.step()
+        print(f"time to first token, 1027-token prompt {label}: "
+              f"{(time.perf_counter() - t0) * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
