@@ -83,3 +83,28 @@ def test_prompt_too_long_and_corrupt_engine(engine, tmp_path):
     bad = tmp_path / "bad.engine"
     bad.write_bytes(engine.read_bytes()[:-1000])
     assert "truncated" in llmc("run", bad, "-p", "w3", ok=False).stderr
+
+
+def test_run_json_prompts_file_and_per_request_errors(engine, tmp_path):
+    import json
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w3 w4"}\nw9\n\n')
+    r = llmc("run", engine, "--prompts-file", prompts, "-p", "w5", "--json",
+             "--max-new-tokens", "3")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["prompt"] for x in rows] == ["w5", "w3 w4", "w9"]
+    assert all(x["finish_reason"] in ("length", "stop") and x["error"] is None for x in rows)
+    assert all(x["usage"]["completion_tokens"] == len(x["token_ids"]) for x in rows)
+    assert "generated tok/s" in r.stderr
+    # one bad prompt among good ones: it fails alone, the others print, exit status 2
+    r = llmc("run", engine, "-p", "w3", "-p", " ".join(["w5"] * 40), "--max-new-tokens", "2",
+             ok=False)
+    assert r.returncode == 2 and r.stdout.startswith("w3")
+    assert "1 of 2 requests failed" in r.stderr.splitlines()[-1]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    r = llmc("run", engine, "--prompts-file", bad, ok=False)
+    assert 'bad.jsonl line 1: a JSON line needs a "prompt" field' in r.stderr
+    r = llmc("run", engine, "-p", "w3", "--temperature", "nan", ok=False)
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "temperature" in r.stderr
