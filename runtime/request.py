@@ -16,7 +16,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)   # a request is itself: identity, not field-by-field equality
 class Request:
     request_id: str
     prompt_token_ids: list[int]
