@@ -79,9 +79,14 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
 @click.option("--presence-penalty", default=0.0, show_default=True)
 @click.option("--frequency-penalty", default=0.0, show_default=True)
 @click.option("--stop", multiple=True, help="a stop string (repeatable); not in the output")
+@click.option("--logprobs", type=int, default=None, metavar="N",
+              help="with --json: each token's logprob and the N most likely (0..20)")
+@click.option("--system", default=None, help="with --chat: a system message first")
 @click.option("--seed", default=None, type=int, help="seed for sampling, per request")
 @click.option("--chat", is_flag=True, help="wrap each prompt in the model's chat template")
-@click.option("--stream", is_flag=True, help="print tokens as they come (one prompt)")
+@click.option("--stream", is_flag=True,
+              help="print text as it comes (several prompts: lines prefixed [i]; with "
+                   "--json: one JSON event a delta)")
 @click.option("--json", "as_json", is_flag=True,
               help="one JSON line a request: text, token ids, finish reason, usage, timing")
 @click.option("--backend", default="auto", show_default=True,
@@ -91,9 +96,12 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
               help="cuda engines: the share of the GPU's memory this process may fill "
                    "(weights, activations, the KV cache)")
 def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p, min_p,
-        repetition_penalty, presence_penalty, frequency_penalty, stop, seed, chat, stream,
-        as_json, backend, gpu_memory_utilization) -> None:
-    """Generate text for one or more prompts; a speed summary goes to stderr."""
+        repetition_penalty, presence_penalty, frequency_penalty, stop, logprobs, system, seed,
+        chat, stream, as_json, backend, gpu_memory_utilization) -> None:
+    """Generate text for one or more prompts; a speed summary goes to stderr.
+
+    With --chat and no prompt: an interactive multi-turn chat on stdin (an empty line or
+    end of input ends it)."""
     import time
 
     from llmc.engine_file import EngineFile
@@ -101,26 +109,34 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
     from llmc.runtime.sampler import SamplingParams
 
     prompts = list(prompts) + (_read_prompts(prompts_file) if prompts_file else [])
-    if not prompts:
-        raise LlmcError("no prompt given: pass --prompt TEXT or --prompts-file FILE")
-    if stream and len(prompts) > 1:
-        raise LlmcError("--stream prints one prompt's tokens as they come; give one --prompt")
+    if not prompts and not chat:
+        raise LlmcError("no prompt given: pass --prompt TEXT or --prompts-file FILE (or "
+                        "--chat alone for an interactive chat)")
+    if system and not chat:
+        raise LlmcError("--system applies to --chat; add --chat")
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty,
                             presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, stop=stop, seed=seed,
-                            max_tokens=max_new_tokens)
+                            max_tokens=max_new_tokens, logprobs=logprobs)
     params.validate()
     options = ({"gpu_memory_utilization": gpu_memory_utilization}
                if EngineFile(engine).header.backend == "cuda" else {})
     runner = Runner(engine, backend=backend, log=_log, **options)
-    on_output = (lambda _, out: click.echo(out.text, nl=False)) if stream else None
+    system_turn = [{"role": "system", "content": system}] if system else []
+    if not prompts:
+        return _chat(runner, params, system_turn)
+    inputs = [system_turn + [{"role": "user", "content": p}] for p in prompts] if system \
+        else prompts
+    on_output = _streamer(len(prompts), as_json) if stream else None
     t0 = time.perf_counter()
-    results = runner.complete(prompts, params, chat, on_output)
+    results = runner.complete(inputs, params, chat, on_output)
     seconds = time.perf_counter() - t0
     runner.close()
     if stream:
-        click.echo()
+        if not as_json:
+            click.echo()
+        as_json = False   # the events were the JSON output
     for prompt, r in zip(prompts, results):
         if as_json:
             click.echo(json.dumps({"prompt": prompt, "text": r.text, "token_ids": r.token_ids,
@@ -128,7 +144,9 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
                                    "usage": {"prompt_tokens": r.prompt_tokens,
                                              "completion_tokens": len(r.token_ids),
                                              "cached_tokens": r.cached_tokens},
-                                   "time_to_first_token_s": r.time_to_first_token}))
+                                   "time_to_first_token_s": r.time_to_first_token,
+                                   **({"logprobs": r.logprobs} if logprobs is not None
+                                      else {})}))
         elif r.error and len(prompts) > 1:   # one prompt: its error is the last line
             click.echo(f"error: {r.error}", err=True)
         elif not stream:
@@ -148,6 +166,40 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
     if len(ok) < len(results):
         raise LlmcError(f"{len(results) - len(ok)} of {len(results)} requests failed "
                         f"(first: {next(r.error for r in results if r.error)})")
+
+
+def _streamer(n: int, as_json: bool):
+    """Print deltas as they come: bare text for one prompt, [i]-prefixed lines for several,
+    or one JSON event a delta."""
+    def on_output(index, out):
+        if as_json:
+            click.echo(json.dumps({"index": index, "text": out.text, "token_ids": out.token_ids,
+                                   "finished": out.finished,
+                                   "finish_reason": out.finish_reason}))
+        elif n == 1:
+            click.echo(out.text, nl=False)
+        elif out.text or out.finished:
+            click.echo(f"[{index}] {out.text!r}" + (" (done)" if out.finished else ""))
+    return on_output
+
+
+def _chat(runner, params, history: list[dict]) -> None:
+    """A multi-turn chat on stdin: each reply streams, then joins the history."""
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        result = runner.complete([history], params, chat=True,
+                                 on_output=lambda _, out: click.echo(out.text, nl=False))[0]
+        click.echo()
+        if result.error:
+            raise LlmcError(result.error)
+        history.append({"role": "assistant", "content": result.text})
+    runner.close()
 
 
 def _read_prompts(file) -> list[str]:

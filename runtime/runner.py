@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from llmc import backends
 from llmc.backends import Session
@@ -55,12 +56,15 @@ class Runner:
         self.engine = LLMEngine(self.session, header, tokenizer=self.tokenizer)
         self.loop = EngineLoop(self.engine)   # one thread steps the engine for all callers
 
-    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+    def encode(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
+        """Token ids of a prompt; with chat, of the chat template applied to one user
+        message (a string) or to a list of {"role", "content"} messages."""
         if not chat:
             return self.tokenizer.encode(prompt).ids
         if not self.chat_template:
             raise LlmcError("this model has no chat template; run without --chat")
-        text = render_chat(self.chat_template, [{"role": "user", "content": prompt}],
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = render_chat(self.chat_template, messages,
                            self._token_text(self.eos_ids[0]) if self.eos_ids else "")
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -85,7 +89,9 @@ class Runner:
         ids = {}
         for index, prompt in enumerate(prompts):
             try:
-                tokens = self.encode(prompt, chat) if isinstance(prompt, str) else prompt
+                tokens = (self.encode(prompt, chat)
+                          if isinstance(prompt, str) or chat and isinstance(prompt, list)
+                          and all(isinstance(m, dict) for m in prompt) else prompt)
             except LlmcError as e:
                 results[index].fail(str(e))
                 continue
@@ -106,6 +112,24 @@ class Runner:
             if out.finished:
                 pending.discard(index)
         return results
+
+    def stream(self, prompts: list[str] | str, params: SamplingParams | None = None,
+               chat: bool = False) -> Iterator[tuple[int, RequestOutput]]:
+        """(prompt index, delta) as each request advances, interleaved across requests;
+        a request's last delta has finished=True (and its error, if it failed)."""
+        deltas: queue.SimpleQueue = queue.SimpleQueue()
+        done = object()
+
+        def run():
+            try:
+                self.complete(prompts, params, chat, lambda i, out: deltas.put((i, out)))
+            finally:
+                deltas.put(done)
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        while (item := deltas.get()) is not done:
+            yield item
+        worker.join()
 
     def generate(self, prompts: list[str] | str, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -108,3 +108,32 @@ def test_run_json_prompts_file_and_per_request_errors(engine, tmp_path):
     assert 'bad.jsonl line 1: a JSON line needs a "prompt" field' in r.stderr
     r = llmc("run", engine, "-p", "w3", "--temperature", "nan", ok=False)
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "temperature" in r.stderr
+
+
+def test_stream_many_logprobs_and_an_interactive_chat(engine, tiny_models, tmp_path):
+    import json
+    import shutil
+
+    r = llmc("run", engine, "-p", "w3 w4", "-p", "w9", "--stream", "--json",
+             "--max-new-tokens", "3", "--logprobs", "2")
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert {e["index"] for e in events} == {0, 1}
+    assert sum(e["finished"] for e in events) == 2
+    r = llmc("run", engine, "-p", "w3", "--json", "--max-new-tokens", "2", "--logprobs", "2",
+             "--temperature", "0.5", "--seed", "1")
+    (row,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(row["logprobs"]) == 2 and all(len(top) == 2 for _, top in row["logprobs"])
+
+    folder = tmp_path / "chat-model"     # the tiny model with a chat template
+    shutil.copytree(tiny_models["llama-gqa"][0], folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "chat.engine"
+    llmc("build", "--model", folder, "-o", out, "--backend", "reference", "--dtype", "fp32",
+         *LIMITS)
+    r = subprocess.run([sys.executable, "-m", "llmc", "run", str(out), "--chat", "--system",
+                        "w5", "--max-new-tokens", "2"], input="w3 w4\nw9\n\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") == 3          # two turns, then the empty line ends it

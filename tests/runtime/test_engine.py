@@ -137,7 +137,7 @@ def test_threads_sharing_one_runner_get_their_serial_outputs(engine_file):
     runner = Runner(engine_file)
     prompts = [f"w{3 + i} w{40 + i} w{7 * i % 100 + 3}" for i in range(8)]
     serial = [runner.generate(p, max_new_tokens=6)[0] for p in prompts]
-    for _ in range(5):
+    for _ in range(20):
         got = [None] * 8
 
         def work(i):
@@ -148,6 +148,19 @@ def test_threads_sharing_one_runner_get_their_serial_outputs(engine_file):
         for t in threads:
             t.join()
         assert got == serial
+    runner.close()
+
+
+def test_stream_yields_every_request_s_deltas(engine_file):
+    runner = Runner(engine_file)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    texts, finished = ["", ""], []
+    for index, out in runner.stream(["w3 w4", "w9"], params):
+        texts[index] += out.text
+        if out.finished:
+            finished.append((index, out.finish_reason))
+    assert sorted(finished) == [(0, "length"), (1, "length")]
+    assert texts == [r.text for r in runner.complete(["w3 w4", "w9"], params)]
     runner.close()
 
 
