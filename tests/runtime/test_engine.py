@@ -200,14 +200,14 @@ def test_async_engine_streams_and_cancels(engine_file):
 
 @pytest.mark.slow
 def test_soak_random_requests_against_a_small_pool(engine_file):
-    """Random lengths, shared prefixes, max_tokens and cancellations against a pool small
-    enough to preempt and evict: every finished greedy request equals its solo run, none is
-    lost, no block leaks."""
+    """1,000 requests: random lengths, shared prefixes, max_tokens and cancellations against
+    a pool small enough to preempt and evict: every finished greedy request equals its solo
+    run, none is lost, no block leaks."""
     rng = np.random.default_rng(3)
     engine = _engine(engine_file, num_kv_blocks=14)
     shared = rng.integers(3, 128, 16).tolist()
     wanted, tokens, finished, params_of = {}, {}, {}, {}
-    for i in range(120):
+    for i in range(1000):
         prompt = (shared if rng.random() < 0.5 else []) + rng.integers(
             3, 128, int(rng.integers(1, 20))).tolist()
         params = SamplingParams(max_tokens=int(rng.integers(1, 16)), ignore_eos=True)
