@@ -50,7 +50,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._pending: list[RequestOutput] = []
-        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.stats = {"steps": 0, "generated_tokens": 0}
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -138,37 +138,50 @@ class LLMEngine:
                             self.kv.block_ids(r))
              for r, n in plan.scheduled], self.block_size)
         rows = [r for r, _ in plan.scheduled]
-        sampling = [r for r, n in plan.scheduled if r.num_computed_tokens + n >= r.num_tokens]
-        tokens, logprobs = self._sample(inputs, plan, rows, sampling)
+        # Rows whose prompt is done sample; a prompt chunk with more to come does not (on
+        # the host it must not even draw, or a seeded request's stream would depend on how
+        # its prompt was chunked, i.e. on what else ran).
+        done = [r.num_computed_tokens + n >= r.num_tokens for r, n in plan.scheduled]
+        tokens, logprobs = self._sample(inputs, rows, done)
         now = time.monotonic()
         for row, (req, n) in enumerate(plan.scheduled):
             req.num_computed_tokens += n
-            if req.num_computed_tokens < req.num_tokens:
-                self.stats["prompt_tokens"] += n
-                continue   # a prompt chunk: more to compute before it samples
+            if not done[row]:
+                continue
             self._append(req, int(tokens[row]), logprobs[row] if logprobs else None, now)
             out = self._output(req)
             if out is not None:
                 outputs.append(out)
         return outputs
 
-    def _sample(self, inputs, plan, rows, sampling):
+    def _sample(self, inputs, rows: list[Request], done: list[bool]):
+        """Token ids for every row (meaningful where done), and logprobs if any row asked."""
         params = [r.params for r in rows]
-        counters = [len(r.output_token_ids) for r in rows]
         if hasattr(self.session, "step_sample") and not any(p.needs_host for p in params):
+            # Philox keyed by (seed, tokens sampled so far): a row that does not sample
+            # this step consumes nothing.
             tokens = self.session.step_sample(
                 inputs, [p.temperature for p in params], [p.top_k for p in params],
-                [p.top_p for p in params], [r.seed for r in rows], counters)
+                [p.top_p for p in params], [r.seed for r in rows],
+                [len(r.output_token_ids) for r in rows])
             return tokens, None
         logits = self.session.step(inputs)
-        result = sample_batch(logits, params, [r.rng for r in rows],
-                              [r.output_token_ids for r in rows],
-                              [r.prompt_token_ids for r in rows], self.eos_ids)
-        logprobs = None
-        if result.logprobs is not None:
-            tops = result.top_logprobs or [None] * len(rows)
-            logprobs = [(float(lp), top) for lp, top in zip(result.logprobs, tops)]
-        return result.tokens, logprobs
+        which = [i for i, d in enumerate(done) if d]
+        tokens = np.zeros(len(rows), np.int32)
+        if not which:
+            return tokens, None
+        sub = [rows[i] for i in which]
+        result = sample_batch(logits[which], [r.params for r in sub], [r.rng for r in sub],
+                              [r.output_token_ids for r in sub],
+                              [r.prompt_token_ids for r in sub], self.eos_ids)
+        tokens[which] = result.tokens
+        if result.logprobs is None:
+            return tokens, None
+        logprobs = [None] * len(rows)
+        tops = result.top_logprobs or [None] * len(sub)
+        for i, lp, top in zip(which, result.logprobs, tops):
+            logprobs[i] = (float(lp), top)
+        return tokens, logprobs
 
     def _append(self, req: Request, token: int, logprob, now: float) -> None:
         p = req.params

@@ -127,10 +127,14 @@ def test_abort_frees_the_request(engine_file):
 
 
 def test_seed_is_per_request_not_per_position(engine_file):
+    """Neither the batch row nor how a long prompt was chunked (the budget is shared)
+    changes a seeded request's tokens."""
     params = SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
-    a, _ = _run(_engine(engine_file), [[5, 6], [9, 9, 9]], params)
-    b, _ = _run(_engine(engine_file), [[9, 9, 9], [5, 6]], params)
+    long = list(range(3, 33))                   # 30 tokens: two prefill chunks of <= 24
+    a, _ = _run(_engine(engine_file), [[5, 6], [9, 9, 9], long], params)
+    b, _ = _run(_engine(engine_file), [long, [9, 9, 9], [5, 6]], params)
     assert a == b[::-1]
+    assert a[2] == _solo(engine_file, long, params)
 
 
 def test_threads_sharing_one_runner_get_their_serial_outputs(engine_file):
