@@ -131,8 +131,9 @@ def test_seed_is_per_request_not_per_position(engine_file):
     changes a seeded request's tokens."""
     params = SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
     long = list(range(3, 33))                   # 30 tokens: two prefill chunks of <= 24
-    a, _ = _run(_engine(engine_file), [[5, 6], [9, 9, 9], long], params)
-    b, _ = _run(_engine(engine_file), [long, [9, 9, 9], [5, 6]], params)
+    first = [5] * 20                            # so the long prompt takes three chunks
+    a, _ = _run(_engine(engine_file), [first, [9, 9, 9], long], params)
+    b, _ = _run(_engine(engine_file), [long, [9, 9, 9], first], params)
     assert a == b[::-1]
     assert a[2] == _solo(engine_file, long, params)
 
