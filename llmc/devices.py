@@ -148,7 +148,7 @@ def trt_supports(backend: str, cc: tuple[int, int]) -> bool:
 def pick_trt_gpu(backend: str) -> tuple[Gpu | None, str]:
     """The first GPU that runs `backend` engines, or (None, a sentence saying why none)."""
     need = (
-        f"this engine was built for {backend} and needs an NVIDIA GPU of compute capability "
+        f"{backend} engines need an NVIDIA GPU of compute capability "
         f"{capability_text(backend)}"
     )
     gpus, why = list_gpus()

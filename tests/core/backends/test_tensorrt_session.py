@@ -55,7 +55,7 @@ def test_rtx_not_available_without_a_gpu():
     ok, reason = available("tensorrt-rtx")
     assert not ok
     assert reason.startswith(
-        "this engine was built for tensorrt-rtx and needs an NVIDIA GPU of compute "
+        "tensorrt-rtx engines need an NVIDIA GPU of compute "
         "capability 8.0/8.6/8.9/12.x; none found ("
     )
     assert NO_GPU_REASON in reason
@@ -84,7 +84,7 @@ def test_rtx_reason_names_an_unsupported_gpu(monkeypatch):
     gpu, reason = devices.pick_trt_gpu("tensorrt-rtx")
     assert gpu is None
     assert reason == (
-        "this engine was built for tensorrt-rtx and needs an NVIDIA GPU of compute capability "
+        "tensorrt-rtx engines need an NVIDIA GPU of compute capability "
         "8.0/8.6/8.9/12.x; this machine has NVIDIA H100 80GB HBM3 (9.0), which it does not "
         "support"
     )
