@@ -161,3 +161,22 @@ def test_inspect_shows_the_plan(tiny_models_d64, tmp_path):
     launches = len(_plan(EngineFile(out)).ops)
     assert f"plan: sm_89, {launches} launches a step" in r.stdout
     assert "attention 2" in r.stdout and "memory: arena" in r.stdout
+
+
+def test_running_a_cuda_engine_without_a_gpu_is_one_clear_error(tiny_models_d64, tmp_path):
+    import subprocess
+    import sys
+
+    from llmc.backends.cuda.session import runtime_missing
+    from llmc.devices import list_gpus
+
+    if list_gpus()[0] and not runtime_missing():
+        pytest.skip("this machine can run cuda engines")
+    out = tmp_path / "m.engine"
+    _build(tiny_models_d64["llama-gqa"][0], out, "sm_90a")
+    r = subprocess.run([sys.executable, "-m", "llmc", "run", str(out), "-p", "w3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot run {out}") and (
+        "pip install 'llmc[cuda]'" in last or "no NVIDIA GPU" in last)
