@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import tempfile
 import time
@@ -49,12 +50,19 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
                                             if opts.backend == "cuda" else {}))
     if opts.gpu_arch and opts.backend != "cuda":
         raise LlmcError("--gpu-arch applies to --backend cuda only")
+    ok, why = backend.can_build()
+    if not ok:
+        raise LlmcError(f"cannot build a {backend.name} engine on this machine: {why}")
     try:
         limits = opts.limits.validate()
     except ValueError as e:
         raise LlmcError(str(e)) from None
-    if not opts.output.parent.is_dir():
-        raise LlmcError(f"output folder {opts.output.parent} does not exist")
+    check_output(opts.output, opts.model, log)
+    from llmc.passes import pass_names
+
+    unknown = sorted(set(opts.disable_passes) - set(pass_names()))
+    if unknown:   # before the model loads, not after
+        raise LlmcError(f"unknown pass {unknown}; passes: {pass_names()}")
     model = load_model(opts.model)
     model.check_tensors()
     cfg = model.config
@@ -101,6 +109,32 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
     log(f"wrote {opts.output} ({opts.output.stat().st_size / 2**20:.1f} MiB) in "
         f"{time.perf_counter() - t0:.1f} s")
     return header
+
+
+def check_output(output: Path, model: Path, log: Callable[[str], None]) -> None:
+    """Before any work: the engine may go there, and writing it destroys nothing of the
+    user's but an engine the build replaces (which it says)."""
+    if not output.parent.is_dir():
+        raise LlmcError(f"output folder {output.parent} does not exist")
+    if output.is_dir():
+        raise LlmcError(f"{output} is a folder; give the engine a file name, e.g. "
+                        f"{output / 'model.engine'}")
+    if output.exists() and not output.is_file():
+        raise LlmcError(f"{output} exists and is not a regular file; choose another path")
+    target, source = output.resolve(), Path(model).resolve()
+    if target == source or source.is_dir() and source in target.parents:
+        raise LlmcError(f"{output} would overwrite the model being built (or a file in its "
+                        "folder); write the engine elsewhere")
+    if output.is_file():
+        from llmc.engine_file import MAGIC
+
+        with open(output, "rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                raise LlmcError(f"{output} exists and is not an llmc engine; refusing to "
+                                "overwrite it (remove it or choose another path)")
+        log(f"replacing the existing engine {output}")
+    if not os.access(output.parent, os.W_OK):
+        raise LlmcError(f"cannot write to {output.parent} (permission denied)")
 
 
 def library_versions() -> dict[str, str]:

@@ -77,6 +77,9 @@ def write_engine(path: str | os.PathLike, header: EngineHeader | dict[str, Any],
                             f.write(chunk)
                             digest.update(chunk)
             f.write(digest.digest() + END_MAGIC)
+        umask = os.umask(0)   # mkstemp makes 0600; an engine is an ordinary output file
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -53,6 +53,10 @@ class Backend(Protocol):
     def available(self) -> tuple[bool, str]:
         """Whether this machine can run this backend's engines; if not, why (a sentence)."""
 
+    def can_build(self) -> tuple[bool, str]:
+        """Whether this machine can build this backend's engines; if not, why. Cheap: the
+        build asks before it loads the model."""
+
     def compute_dtype(self, dtype: str) -> str:
         """The dtype the graph computes in for a requested build dtype."""
 

@@ -30,6 +30,9 @@ class ReferenceBackend:
     def available(self) -> tuple[bool, str]:
         return True, ""
 
+    def can_build(self) -> tuple[bool, str]:
+        return True, ""
+
     def compute_dtype(self, dtype: str) -> str:
         # onnxruntime has no bf16 MatMul on the CPU: bf16 models compute in fp32 on weights
         # rounded to bf16.
@@ -55,6 +58,7 @@ class ReferenceSession:
         import onnx
         import onnxruntime as ort
 
+        ort.disable_telemetry_events()   # no reporting home from a long-running session
         model = onnx.load_from_string(engine.section(GRAPH).tobytes())
         _point_weights_into(model, engine.path.name, engine.section_range(WEIGHTS)[0])
         opts = ort.SessionOptions()

@@ -137,3 +137,38 @@ def test_stream_many_logprobs_and_an_interactive_chat(engine, tiny_models, tmp_p
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("> ") == 3          # two turns, then the empty line ends it
+
+
+def test_build_never_destroys_the_users_files(tiny_models, tmp_path, engine):
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["llama-gqa"][0], model)
+    weights = model / "model.safetensors"
+    before = weights.read_bytes()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    cases = [
+        (weights, "would overwrite the model being built"),
+        (model / "new.engine", "would overwrite the model being built (or a file in its"),
+        (notes, "is not an llmc engine; refusing to overwrite it"),
+        (tmp_path, "is a folder; give the engine a file name"),
+    ]
+    for out, message in cases:
+        r = llmc("build", "--model", model, "-o", out, *LIMITS, ok=False)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and last.startswith("error: ") and message in last, last
+    assert weights.read_bytes() == before and notes.read_text() == "mine"
+    assert not (model / "new.engine").exists()
+    r = llmc("build", "--model", model, "-o", tmp_path / "a.engine", "--disable-pass", "bogus",
+             *LIMITS, ok=False)
+    assert "unknown pass ['bogus']" in r.stderr and "graph:" not in r.stderr   # checked first
+    # an engine is an ordinary output file (the umask decides), and replacing one is said
+    out = tmp_path / "b.engine"
+    llmc("build", "--model", model, "-o", out, *LIMITS)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert "replacing the existing engine" in llmc("build", "--model", model, "-o", out,
+                                                   *LIMITS).stderr

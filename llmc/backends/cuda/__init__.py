@@ -38,6 +38,18 @@ class CudaBackend:
         gpus, why = list_gpus()
         return (True, "") if gpus else (False, f"no NVIDIA GPU ({why})")
 
+    def can_build(self) -> tuple[bool, str]:
+        try:
+            from cuda.bindings import nvrtc  # noqa: F401
+        except ImportError:
+            return False, "the cuda backend compiles its kernels with NVRTC: pip install " \
+                          "'llmc[kernels]'"
+        try:
+            self.target_arch()
+        except LlmcError as e:
+            return False, str(e)
+        return True, ""
+
     def compute_dtype(self, dtype: str) -> str:
         if dtype not in ("float16", "bfloat16"):
             raise LlmcError(f"the cuda backend computes in fp16 or bf16, not {dtype}; build "

@@ -28,6 +28,11 @@ class TensorRTBackend:
 
         return available(self.name)
 
+    def can_build(self) -> tuple[bool, str]:
+        from llmc.backends.tensorrt import shim
+
+        return shim.is_importable(self.name)
+
     def compute_dtype(self, dtype: str) -> str:
         return dtype
 
