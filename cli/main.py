@@ -147,8 +147,9 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
                                    "time_to_first_token_s": r.time_to_first_token,
                                    **({"logprobs": r.logprobs} if logprobs is not None
                                       else {})}))
-        elif r.error and len(prompts) > 1:   # one prompt: its error is the last line
-            click.echo(f"error: {r.error}", err=True)
+        elif r.error:
+            if len(prompts) > 1:   # one prompt: its error is the last line, said below
+                click.echo(f"error: {r.error}", err=True)
         elif not stream:
             click.echo(r.text if chat else prompt + r.text)
             if len(prompts) > 1:

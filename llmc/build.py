@@ -73,6 +73,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
         log(f"warning: max_seq_len {limits.max_seq_len} exceeds the model's "
             f"max_position_embeddings {cfg.max_position_embeddings}")
     tokenizer = model.tokenizer()
+    check_tokenizer(tokenizer.json, cfg.vocab_size, opts.model)
     compute = backend.compute_dtype(dtype)
     graph, weights = model.build_graph(compute, limits.kv_block_size,
                                        weights_rounded_to=dtype if compute != dtype else None)
@@ -135,6 +136,22 @@ def check_output(output: Path, model: Path, log: Callable[[str], None]) -> None:
         log(f"replacing the existing engine {output}")
     if not os.access(output.parent, os.W_OK):
         raise LlmcError(f"cannot write to {output.parent} (permission denied)")
+
+
+def check_tokenizer(text: str, vocab_size: int, model: Path) -> None:
+    """The tokenizer loads, and every id it can produce is one the model has: checked at
+    build, not found out at run time."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as e:
+        raise LlmcError(f"{model}: the tokenizer cannot be loaded ({e}); fix or replace "
+                        "tokenizer.json") from None
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise LlmcError(f"{model}: the tokenizer has {n} tokens but the model only {vocab_size}"
+                        "; the tokenizer belongs to another model")
 
 
 def library_versions() -> dict[str, str]:

@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from llmc.dtypes import np_dtype, onnx_type
+from llmc.errors import LlmcError
 
 OPSET = 21
 WEIGHT_ALIGN = 1 << 16  # page-aligned tensors let onnxruntime map them instead of copying
@@ -121,8 +122,10 @@ def save_onnx(model: onnx.ModelProto, weights: list[Weight], folder: Path,
         for k, w in enumerate(weights):
             data = np.ascontiguousarray(w.load())
             if data.shape != w.shape or data.dtype != np_dtype(w.dtype):
-                raise ValueError(f"weight {w.name}: got {data.dtype}{data.shape}, "
-                                 f"declared {w.dtype}{w.shape}")
+                raise LlmcError(f"tensor {w.name} does not fit the model's config: as the "
+                                f"engine stores it, it is {data.dtype}{data.shape}, the config "
+                                f"needs {w.dtype}{w.shape}; is the checkpoint for this "
+                                "config.json?")
             f.seek(-f.tell() % WEIGHT_ALIGN, os.SEEK_CUR)
             _set_external(by_name[w.name], "weights.bin", f.tell(), data.nbytes)
             f.write(data.tobytes())

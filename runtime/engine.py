@@ -88,7 +88,10 @@ class LLMEngine:
 
     def _tokens(self, prompt) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt).ids
+            try:
+                ids = self.tokenizer.encode(prompt).ids
+            except Exception as e:   # e.g. lone surrogates from undecodable bytes
+                raise LlmcError(f"the prompt cannot be tokenized ({e})") from None
         elif isinstance(prompt, (list, tuple)) and all(
                 isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
             ids = [int(t) for t in prompt]

@@ -95,6 +95,9 @@ class Runner:
             except LlmcError as e:
                 results[index].fail(str(e))
                 continue
+            except Exception as e:   # the tokenizer refused it (text that is not Unicode)
+                results[index].fail(f"the prompt cannot be tokenized ({e})")
+                continue
             rid = self.loop.submit(tokens, params, lambda out, i=index: inbox.put((i, out)))
             ids[index] = rid
         pending = set(ids)

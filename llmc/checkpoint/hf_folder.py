@@ -45,21 +45,43 @@ def open_hf_folder(folder: Path) -> Checkpoint:
 
 
 def _safetensors_readers(file: Path) -> dict[str, Callable[[], np.ndarray]]:
-    """Parse a safetensors header and return lazy readers over one memory map of the file."""
+    """Parse a safetensors header and return lazy readers over one memory map of the file.
+    Anything that is not a well-formed header is one clear error, read with no allocation
+    larger than the file."""
+    bad = f"{file} is not a valid safetensors file"
+    size = file.stat().st_size
     with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        if len(head) < 8:
+            raise LlmcError(f"{bad} (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise LlmcError(f"{bad} (its header claims {n} bytes; the file has {size})")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise LlmcError(f"{file} is not a valid safetensors file (bad header)") from None
-    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n)
+            raise LlmcError(f"{bad} (bad header)") from None
+    if not isinstance(header, dict):
+        raise LlmcError(f"{bad} (its header is not a JSON object)")
+    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else \
+        np.zeros(0, np.uint8)
     readers = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise LlmcError(f"{file}: tensor {name} has dtype {info['dtype']}, which llmc "
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= begin <= end
+                  and isinstance(dtype, str))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise LlmcError(f"{bad} (tensor {name!r} has a malformed entry)")
+        if dtype not in _ST_DTYPES:
+            raise LlmcError(f"{file}: tensor {name} has dtype {dtype}, which llmc "
                             f"cannot read (supported: {', '.join(_ST_DTYPES)})")
+        if (end - begin) != int(np.prod(shape)) * np.dtype(_ST_DTYPES[dtype]).itemsize:
+            raise LlmcError(f"{bad} (tensor {name!r}: {end - begin} bytes for shape {shape})")
         readers[name] = _st_reader(data, info, file, name)
     return readers
 

@@ -172,3 +172,45 @@ def test_build_never_destroys_the_users_files(tiny_models, tmp_path, engine):
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
     assert "replacing the existing engine" in llmc("build", "--model", model, "-o", out,
                                                    *LIMITS).stderr
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: (m / "model.safetensors").write_bytes(b""), "only 0 bytes"),
+    (lambda m: (m / "model.safetensors").write_bytes(b"\x05\0\0\0\0"), "only 5 bytes"),
+    (lambda m: (m / "model.safetensors").write_bytes(b"\xff" * 64), "header claims"),
+    (lambda m: (m / "model.safetensors").write_bytes(b"\x02\0\0\0\0\0\0\0[]"),
+     "not a JSON object"),
+    (lambda m: (m / "tokenizer.json").write_text("{not json"), "tokenizer cannot be loaded"),
+    (lambda m: (m / "model.safetensors.index.json").write_text("{"), "is not valid JSON"),
+    (lambda m: (m / "model.safetensors.index.json").write_text("{}"), "has no 'weight_map'"),
+    (lambda m: _edit_config(m, hidden_size="64"), "hidden_size should be an integer"),
+    (lambda m: _edit_config(m, architectures="LlamaForCausalLM"), "should be a list"),
+    (lambda m: _edit_config(m, hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+    (lambda m: _edit_config(m, vocab_size=64), "tokenizer has 128 tokens but the model only 64"),
+])
+def test_bad_checkpoints_are_one_clear_error(tiny_models, tmp_path, damage, message):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["llama-gqa"][0], model)
+    damage(model)
+    r = llmc("build", "--model", model, "-o", tmp_path / "x.engine", *LIMITS, ok=False)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error: ") and message in last, last
+    assert not (tmp_path / "x.engine").exists()
+
+
+def _edit_config(model, **changes):
+    import json
+
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(changes)
+    (model / "config.json").write_text(json.dumps(cfg))
+
+
+def test_a_prompt_that_is_not_unicode_is_one_clear_error(engine):
+    r = subprocess.run([sys.executable, "-m", "llmc", "run", str(engine), "-p", b"w3 \xff"],
+                       capture_output=True, timeout=300)
+    r.stdout, r.stderr = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1].startswith("error: the prompt cannot be tokenized")
