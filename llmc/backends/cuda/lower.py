@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from llmc import contract
-from llmc.backends.cuda.plan import ALIGN, Op, Plan, Value, align, itemsize, numel
+from llmc.backends.cuda.plan import ALIGN, Op, Plan, Value, align, itemsize, numel, storage
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
 
@@ -407,11 +407,10 @@ class Lowering:
         """First fit over live intervals, sizes at the build limits (T = max_num_tokens,
         B = max_batch_size); a view keeps its base alive."""
         t_max, b_max = self.limits.max_num_tokens, self.limits.max_batch_size
+        values = self.values
 
         def root(name):
-            while self.values[name].where == "view":
-                name = self.values[name].base
-            return name
+            return storage(values, name)
 
         first, last = {}, {}
         for i, op in enumerate(self.ops):
@@ -510,10 +509,7 @@ def check_plan(plan: Plan) -> None:
     ready = {n for n, v in plan.values.items() if v.where in ("weight", "input", "const")}
     for op in plan.ops:
         for name in op.inputs:
-            base = name
-            while base is not None and plan.values[base].where == "view":
-                base = plan.values[base].base
-            if name is not None and name not in ready and base not in ready:
+            if name is not None and name not in ready and plan.storage(name) not in ready:
                 raise UnsupportedGraph(f"op {op.op} ({op.node}) reads {name!r} before it is "
                                        "computed")
         ready.update(op.outputs)

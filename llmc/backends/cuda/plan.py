@@ -62,6 +62,9 @@ class Plan:
     num_layers: int
     format: int = FORMAT
 
+    def storage(self, name: str) -> str:
+        return storage(self.values, name)
+
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "arch": self.arch, "dtype": self.dtype,
                 "modules": self.modules, "arena_bytes": self.arena_bytes,
@@ -79,6 +82,13 @@ class Plan:
                    ops=[Op(**o) for o in d["ops"]], arena_bytes=d["arena_bytes"],
                    weights_bytes=d["weights_bytes"], output=d["output"],
                    num_layers=d["num_layers"])
+
+
+def storage(values: dict[str, Value], name: str) -> str:
+    """The value whose memory `name` uses: itself, or the base its views lead to."""
+    while values[name].where == "view":
+        name = values[name].base
+    return name
 
 
 def cubin_section(module: str) -> str:

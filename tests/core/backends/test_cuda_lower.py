@@ -87,11 +87,7 @@ def test_smollm2_lowers(smollm2_fused, arch):
 
 
 def _live_ranges(plan: Plan):
-    def root(name):
-        while plan.values[name].where == "view":
-            name = plan.values[name].base
-        return name
-
+    root = plan.storage
     first, last = {}, {}
     for i, op in enumerate(plan.ops):
         for name in op.outputs:
