@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Callable
 
 import numpy as np
 
@@ -50,7 +49,6 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._pending: list[RequestOutput] = []
-        self.stats = {"steps": 0, "generated_tokens": 0}
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -135,7 +133,6 @@ class LLMEngine:
             if not plan.preempted and (self.scheduler.waiting or self.scheduler.running):
                 self._unschedulable()
             return outputs
-        self.stats["steps"] += 1
         inputs = contract.pack_step(
             [contract.Chunk(r.tokens(r.num_computed_tokens, n), r.num_computed_tokens,
                             self.kv.block_ids(r))
@@ -189,7 +186,6 @@ class LLMEngine:
     def _append(self, req: Request, token: int, logprob, now: float) -> None:
         p = req.params
         req.output_token_ids.append(token)
-        self.stats["generated_tokens"] += 1
         if req.first_token_time is None:
             req.first_token_time = now
         req.token_times.append(now)
@@ -246,9 +242,3 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is not None and req.finished:
             del self.requests[request_id]
-
-
-def run_to_completion(engine: LLMEngine, on_output: Callable[[RequestOutput], None]) -> None:
-    while engine.has_unfinished():
-        for out in engine.step():
-            on_output(out)
