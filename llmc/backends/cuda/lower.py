@@ -30,13 +30,26 @@ from pathlib import Path
 import numpy as np
 
 from llmc import contract
-from llmc.backends.cuda.plan import ALIGN, Op, Plan, Value, align, itemsize, numel, storage
+from llmc.backends.cuda.plan import (
+    ALIGN,
+    Op,
+    Plan,
+    Value,
+    align,
+    itemsize,
+    live_intervals,
+    numel,
+)
+from llmc.dtypes import ONNX_TYPES
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
 
 DTYPES = ("float16", "bfloat16")
 MODULES = ("norm", "activation", "rope", "paged_attention", "glue", "sampling")
 _ONNX_FLOAT = 1
+
+
+_DTYPE_OF = {onnx: name for name, onnx in ONNX_TYPES.items()}
 
 
 class UnsupportedGraph(LlmcError):
@@ -105,7 +118,7 @@ class Lowering:
             raise UnsupportedGraph(f"{name!r} is not a weight of the graph")
         if name not in self.values:
             info = {e.key: e.value for e in t.external_data}
-            dtype = {10: "float16", 16: "bfloat16", 1: "float32"}[t.data_type]
+            dtype = _DTYPE_OF[t.data_type]
             self.values[name] = Value("weight", dtype, list(t.dims), int(info["offset"]))
         return name
 
@@ -151,7 +164,7 @@ class Lowering:
         while node is not None and node.op_type != "MatMul":
             node = self.g.producer.get(node.input[0])
         t = self.g.weight(node.input[1]) if node is not None else None
-        dtype = {10: "float16", 16: "bfloat16", 1: "float32"}.get(t.data_type) if t else None
+        dtype = _DTYPE_OF.get(t.data_type) if t else None
         if dtype not in DTYPES:
             raise UnsupportedGraph(f"the cuda backend computes in fp16 or bf16, not {dtype}; "
                                    "build with --dtype fp16 or --dtype bf16")
@@ -407,33 +420,21 @@ class Lowering:
         """First fit over live intervals, sizes at the build limits (T = max_num_tokens,
         B = max_batch_size); a view keeps its base alive."""
         t_max, b_max = self.limits.max_num_tokens, self.limits.max_batch_size
-        values = self.values
-
-        def root(name):
-            return storage(values, name)
-
-        first, last = {}, {}
-        for i, op in enumerate(self.ops):
-            for name in op.outputs:
-                first.setdefault(root(name), i)
-            for name in [*op.inputs, *op.outputs]:
-                if name is not None:
-                    last[root(name)] = i
-        last[root(contract.LOGITS)] = len(self.ops)   # read after the step
+        intervals = live_intervals(self.values, self.ops, contract.LOGITS)
         live: list[tuple[int, int, int]] = []          # (offset, size, last use)
         top = 0
-        for name in sorted((n for n in first if self.values[n].where == "arena"),
-                           key=lambda n: first[n]):
+        for name in sorted(intervals, key=lambda n: intervals[n][0]):
+            first, last = intervals[name]
             v = self.values[name]
             size = align(numel(v.shape, t_max, b_max) * itemsize(v.dtype))
-            live = [x for x in live if x[2] >= first[name]]
+            live = [x for x in live if x[2] >= first]
             offset = 0
             for off, sz, _ in sorted(live):
                 if offset + size <= off:
                     break
                 offset = max(offset, off + sz)
             v.offset = offset
-            live.append((offset, size, last[name]))
+            live.append((offset, size, last))
             top = max(top, offset + size)
         return align(top)
 

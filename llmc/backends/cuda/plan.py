@@ -91,6 +91,21 @@ def storage(values: dict[str, Value], name: str) -> str:
     return name
 
 
+def live_intervals(values: dict[str, Value], ops: list[Op], output: str
+                   ) -> dict[str, tuple[int, int]]:
+    """(first op writing it, last op touching it) of every arena value; a view keeps its
+    base alive, and the output lives past the last op (it is read after the step)."""
+    first, last = {}, {}
+    for i, op in enumerate(ops):
+        for name in op.outputs:
+            first.setdefault(storage(values, name), i)
+        for name in [*op.inputs, *op.outputs]:
+            if name is not None:
+                last[storage(values, name)] = i
+    last[storage(values, output)] = len(ops)
+    return {n: (first[n], last[n]) for n in first if values[n].where == "arena"}
+
+
 def cubin_section(module: str) -> str:
     return f"cubin.{module}"
 

@@ -9,7 +9,15 @@ import json
 import pytest
 
 from llmc.backends.cuda.lower import MODULES, UnsupportedGraph, check_plan, lower
-from llmc.backends.cuda.plan import PLAN, Plan, align, cubin_section, itemsize, numel
+from llmc.backends.cuda.plan import (
+    PLAN,
+    Plan,
+    align,
+    cubin_section,
+    itemsize,
+    live_intervals,
+    numel,
+)
 from llmc.build import BuildOptions, build
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
@@ -86,25 +94,12 @@ def test_smollm2_lowers(smollm2_fused, arch):
     assert all(cubins[(m, arch)] for m in MODULES)
 
 
-def _live_ranges(plan: Plan):
-    root = plan.storage
-    first, last = {}, {}
-    for i, op in enumerate(plan.ops):
-        for name in op.outputs:
-            first.setdefault(root(name), i)
-        for name in [*op.inputs, *op.outputs]:
-            if name is not None:
-                last[root(name)] = i
-    last[root(plan.output)] = len(plan.ops)
-    return {n: (first[n], last[n]) for n in first if plan.values[n].where == "arena"}
-
-
 @pytest.mark.parametrize("limits", [LIMITS, BuildLimits(8, 512, 2048, 16)])
 def test_arena_holds_every_live_value_without_overlap(tiny_models_d64, tmp_path, limits):
     plan = _plan(_build(tiny_models_d64["qwen2-bias"][0], tmp_path / "q.engine", "sm_90a",
                         limits=limits))
     t, b = limits.max_num_tokens, limits.max_batch_size
-    ranges = _live_ranges(plan)
+    ranges = live_intervals(plan.values, plan.ops, plan.output)
     spans = {n: (plan.values[n].offset,
                  plan.values[n].offset + numel(plan.values[n].shape, t, b)
                  * itemsize(plan.values[n].dtype)) for n in ranges}
