@@ -121,7 +121,7 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
                             max_tokens=max_new_tokens, logprobs=logprobs)
     params.validate()
     options = ({"gpu_memory_utilization": gpu_memory_utilization}
-               if EngineFile(engine).header.backend == "cuda" else {})
+               if EngineFile(engine, verify=False).header.backend == "cuda" else {})
     runner = Runner(engine, backend=backend, log=_log, **options)
     system_turn = [{"role": "system", "content": system}] if system else []
     if not prompts:
