@@ -235,6 +235,8 @@ def main() -> None:
     ap.add_argument("--hf-compile", action="store_true", help="and HF static cache + compile")
     ap.add_argument("--out", type=Path, default=None, help="append the markdown table here")
     ap.add_argument("--skip-llmc", action="store_true", help="only the HF baselines")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch the GEMVs without programmatic dependent launch (A/B)")
     args = ap.parse_args()
 
     import torch
@@ -259,12 +261,14 @@ def main() -> None:
         engine = EngineFile(build_engine(src, args.work / f"{args.model}.engine", limits))
         weights_bytes = engine.section("weights").size
         session = CudaSession(engine, gpu_memory_utilization=0.9)
+        session.functions.pdl &= not args.no_pdl
         lines.append(f"llmc {engine.header.llmc_version}, versions {engine.header.versions}")
     lines += [
              f"command: python3 bench/e2e.py --model {args.model} "
              f"--batches {' '.join(map(str, args.batches))} "
              f"--contexts {' '.join(map(str, args.contexts))}"
-             + (" --hf" if args.hf else "") + (" --hf-compile" if args.hf_compile else ""),
+             + (" --hf" if args.hf else "") + (" --hf-compile" if args.hf_compile else "")
+             + (" --no-pdl" if args.no_pdl else ""),
              "",
              "| batch | context | llmc tok/s | step ms | GPU ms | host ms | roofline tok/s | "
              "% of roofline |", "|---|---|---|---|---|---|---|---|"]

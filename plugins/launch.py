@@ -33,6 +33,9 @@ class Functions:
 
         check(driver.cuInit(0))
         self.arch = arch
+        # Launches marked pdl may overlap the previous kernel (kernels/common.cuh): sm_90+.
+        self.pdl = int(arch[3:].rstrip("a")) >= 90
+        self._pdl_attr = None
         self._cubins = dict(cubins or {})
         self._modules = {}
         self._funcs = {}
@@ -72,8 +75,31 @@ class Functions:
             else:
                 vals.append(a.data_ptr())
                 types.append(_P)
+        params = (tuple(vals), tuple(types))
+        if launch.pdl and self.pdl:
+            check(driver.cuLaunchKernelEx(self._pdl_config(launch, stream), self.func(launch),
+                                          params, 0))
+            return
         check(driver.cuLaunchKernel(self.func(launch), *launch.grid, *launch.block, launch.smem,
-                                  driver.CUstream(stream), (tuple(vals), tuple(types)), 0))
+                                  driver.CUstream(stream), params, 0))
+
+    def _pdl_config(self, launch: Launch, stream: int):
+        from cuda.bindings import driver
+
+        if self._pdl_attr is None:
+            attr = driver.CUlaunchAttribute()
+            ids = driver.CUlaunchAttributeID
+            attr.id = ids.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value.programmaticStreamSerializationAllowed = 1
+            self._pdl_attr = attr
+        config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = launch.grid
+        config.blockDimX, config.blockDimY, config.blockDimZ = launch.block
+        config.sharedMemBytes = launch.smem
+        config.hStream = driver.CUstream(stream)
+        config.attrs = [self._pdl_attr]
+        config.numAttrs = 1
+        return config
 
 
 class Kernels:
@@ -131,6 +157,17 @@ class Kernels:
         out = self.torch.empty_like(x)
         ln = lr.gelu_launch(x.numel(), self._dtype(x), approximate, self.sm_count)
         self.launch(ln, [x, x.numel(), out])
+        return out
+
+    def gemv(self, x, w, bias=None, out_dtype=None, act=None):
+        """x [m, K] @ w [N, K]^T (+ bias) for m <= 2; with act ("swiglu"/"geglu") w is the
+        fused gate-up weight [2I, K] and the result act(gate) * up [m, I]."""
+        m, k = x.shape
+        n = w.shape[0] // (2 if act else 1)
+        od = out_dtype or x.dtype
+        out = self.torch.empty(m, n, dtype=od, device=x.device)
+        ln = lr.gemv_launch(m, n, k, self._dtype(x), self._dtype(out), act)
+        self.launch(ln, [x, w, DevPtr(0) if bias is None else bias, m, n, k, out])
         return out
 
     def rope(self, qkv, positions, inv_freq, hq, hkv, d, rot, interleaved=False, bias=None,

@@ -1,5 +1,5 @@
-"""Launch rules of the norm, activation, RoPE, glue and sampling kernels: entry point, grid,
-block, output shapes, and how float attributes travel as kernel arguments.
+"""Launch rules of the norm, activation, skinny-GEMM, RoPE, glue and sampling kernels: entry
+point, grid, block, output shapes, and how float attributes travel as kernel arguments.
 
 Plain shape arithmetic, so it runs (and is tested) without a GPU or TensorRT; the TensorRT
 glue (trt_plugin.py) and the GPU launcher (launch.py) only call these functions. Kernel entry
@@ -23,6 +23,7 @@ class Launch:
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     smem: int = 0
+    pdl: bool = False   # may start before the previous kernel ends (it waits on its own)
 
 
 def dtype_tag(dtype: str) -> str:
@@ -64,6 +65,37 @@ def norm_launch(rows: int, n: int, dtype: str, kind: str = "rmsnorm",
     threads = max(threads, round_up(math.ceil(chunks / per_thread), 32))
     name = ("add_" if residual else "") + f"{kind}_{dtype_tag(dtype)}_v{vec}"
     return Launch("norm", name, (rows, 1, 1), (threads, 1, 1))
+
+
+# ---- skinny GEMM (decode) ------------------------------------------------------------------
+
+GEMV_MS = (1, 2)                  # the M a kernel is compiled for; m rows take the next one
+GEMV_ROWS = {1: 1, 2: 2}          # weight rows a warp (GEMV_R<M> in kernels/gemv.cu)
+GEMV_WARPS = 4                    # warps a block (__launch_bounds__(128))
+GEMV_ACTS = ("swiglu", "geglu")
+
+
+def gemv_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None,
+                act: str | None = None) -> Launch:
+    """y[m, n] = x[m, k] @ w[n, k]^T (+ bias[n]) for m <= 2, w stored [N, K]; with act, w is
+    the fused [2n, k] gate-up weight and y = act(gate) * up [m, n]. args (x, w, bias-or-null,
+    m, n, k, y); the bias has y's dtype. out_dtype: dtype (default) or float32."""
+    tag = dtype_tag(dtype)
+    out = tag if out_dtype in (None, dtype) else "f32" if out_dtype == "float32" else None
+    if out is None:
+        raise ValueError(f"gemv writes {dtype} or float32, not {out_dtype}")
+    if act is not None and (act not in GEMV_ACTS or out != tag):
+        raise ValueError(f"gemv fuses {' or '.join(GEMV_ACTS)} with a {dtype} output only")
+    if not 0 < m <= GEMV_MS[-1]:
+        raise ValueError(f"gemv takes 1..{GEMV_MS[-1]} rows, not {m}")
+    if k % 8 or not 0 < k <= INT32_MAX or not 0 < n * (2 if act else 1) <= INT32_MAX:
+        raise ValueError(f"gemv needs K a multiple of 8 (16-byte rows): N={n}, K={k}")
+    mb = next(b for b in GEMV_MS if b >= m)
+    per_warp = max(2, GEMV_ROWS[mb]) // 2 if act else GEMV_ROWS[mb]  # gate + up rows
+    warps = math.ceil(n / per_warp)
+    name = f"gemv_{tag}_{out}_m{mb}" + (f"_{act}" if act else "")
+    return Launch("gemv", name, (math.ceil(warps / GEMV_WARPS), 1, 1), (32 * GEMV_WARPS, 1, 1),
+                  pdl=True)
 
 
 # ---- gated activations and GELU ----------------------------------------------------------

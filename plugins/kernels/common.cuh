@@ -67,6 +67,23 @@ __device__ __forceinline__ void store_vec(u16* p, const float* f) {
   }
 }
 
+// Programmatic dependent launch (sm_90+): a kernel launched with the PDL attribute may start
+// while the previous kernel of the stream still runs, and must call pdl_wait() before it
+// reads that kernel's output (it returns once the previous grid has completed and its
+// writes are visible). pdl_trigger() lets the next kernel start early; it is harmless when
+// the next kernel was launched without the attribute, which then waits as usual. Both are
+// no-ops on older GPUs and on launches without the attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -75,16 +75,20 @@ __device__ __forceinline__ void norm_row(const u16* __restrict__ x, const u16* _
   }
 }
 
-// 1024 threads must fit the register file: cap registers at 64 a thread.
+// 1024 threads must fit the register file: cap registers at 64 a thread. The RMSNorms
+// trigger the next kernel at once: it is a GEMV, which streams its weights in while the
+// norm runs (gemv.cu).
 #define NORM_KERNEL extern "C" __global__ void __launch_bounds__(1024)
 #define NORM_ENTRIES(DT, TY, VEC)                                                              \
   NORM_KERNEL rmsnorm_##DT##_v##VEC(const u16* x, const u16* w, int rows, int n, \
                                                    int eps, u16* out) {                          \
+    pdl_trigger();                                                                               \
     norm_row<TY, VEC, false, false>(x, nullptr, w, nullptr, rows, n, eps, out, nullptr);         \
   }                                                                                              \
   NORM_KERNEL add_rmsnorm_##DT##_v##VEC(const u16* x, const u16* r, const u16* w, \
                                                        int rows, int n, int eps, u16* out,       \
                                                        u16* res_out) {                           \
+    pdl_trigger();                                                                               \
     norm_row<TY, VEC, true, false>(x, r, w, nullptr, rows, n, eps, out, res_out);                \
   }                                                                                              \
   NORM_KERNEL layernorm_##DT##_v##VEC(const u16* x, const u16* w, const u16* b,  \

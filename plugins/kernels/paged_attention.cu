@@ -463,6 +463,7 @@ __device__ void kv_write(const u16* __restrict__ k, const u16* __restrict__ v,
   extern "C" __global__ void __launch_bounds__(128)                                           \
       attn_decode_##DT##_d##D##SUF(ATTN_IN, ATTN_SC, int ns, int chunk, u16* out, float* wo,  \
                                    float* wl) {                                               \
+    pdl_trigger(); /* the o-projection GEMV after it may start streaming its weights */     \
     attn_decode<TY, D, NST>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs, nb, sc, win, ns,       \
                             chunk, out, wo, wl);                                              \
   }
@@ -477,6 +478,7 @@ __device__ void kv_write(const u16* __restrict__ k, const u16* __restrict__ v,
   ATTN_ENTRIES(DT, TY, 128)                                                                   \
   extern "C" __global__ void attn_reduce_##DT(const float* wo, const float* wl, int rows,     \
                                               int d, int ns, u16* out) {                      \
+    pdl_trigger();                                                                            \
     attn_reduce<TY>(wo, wl, rows, d, ns, out);                                                \
   }                                                                                           \
   extern "C" __global__ void kv_write_##DT(const u16* k, const u16* v, const int* ss,         \

@@ -28,6 +28,10 @@ def _entry_names():
             names.add(lr.gather_rows_launch(1, n, dt))
             names.add(lr.cast_launch(n, dt, 1))
             names.add(lr.add_launch(n, dt, 1))
+        for m in lr.GEMV_MS:
+            names.add(lr.gemv_launch(m, 64, 64, dt))
+            names.add(lr.gemv_launch(m, 64, 64, dt, "float32"))
+            names.update(lr.gemv_launch(m, 64, 64, dt, act=a) for a in lr.GEMV_ACTS)
         for il in (False, True):
             for bias in (False, True):
                 for cache in (False, True):

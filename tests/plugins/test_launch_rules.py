@@ -115,3 +115,47 @@ def test_sample_launch():
     for bad in ((0, 50), (1, 0), (1, (1 << 24) + 1)):
         with pytest.raises(ValueError):
             lr.sample_launch(*bad)
+
+
+# ---- skinny GEMM ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,mb", [(1, 1), (2, 2)])
+def test_gemv_launch_rounds_m_up_to_a_compiled_kernel(m, mb):
+    ln = lr.gemv_launch(m, 4096, 4096, "bfloat16")
+    assert ln.kernel == f"gemv_bf16_bf16_m{mb}"
+    per_block = lr.GEMV_ROWS[mb] * lr.GEMV_WARPS
+    assert ln.grid[0] == -(-4096 // per_block) and ln.block == (32 * lr.GEMV_WARPS, 1, 1)
+
+
+def test_gemv_launch_names_fp32_out_and_fused_gate():
+    assert lr.gemv_launch(1, 128256, 4096, "float16", "float32").kernel == "gemv_f16_f32_m1"
+    ln = lr.gemv_launch(2, 14336, 4096, "bfloat16", act="swiglu")
+    assert ln.kernel == "gemv_bf16_bf16_m2_swiglu" and ln.pdl
+    # half the rows of a warp are gate rows: twice the blocks for the same output width
+    assert ln.grid[0] == 2 * lr.gemv_launch(2, 14336, 4096, "bfloat16").grid[0]
+    # one row a warp at M = 1: the fused gate still takes a gate and an up row
+    assert lr.gemv_launch(1, 14336, 4096, "bfloat16", act="swiglu").grid[0] == 14336 // 4
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(m=3), "1..2 rows"), (dict(m=0), "1..2 rows"), (dict(k=100), "multiple of 8"),
+    (dict(out_dtype="float16"), "writes bfloat16 or float32"),
+    (dict(act="relu"), "fuses"), (dict(act="swiglu", out_dtype="float32"), "fuses")])
+def test_gemv_launch_refuses(kw, match):
+    args = dict(m=1, n=64, k=64, dtype="bfloat16") | kw
+    with pytest.raises(ValueError, match=match):
+        lr.gemv_launch(**args)
+
+
+def test_gemv_rows_agree_with_the_kernel_source():
+    """The rows a warp the launch rule assumes are the source's GEMV_R<M> (test_compile.py
+    checks that every entry point gemv_launch names is in the cubins)."""
+    import re
+
+    from llmc.plugins import compiler
+
+    src = compiler.source("gemv")
+    for m, r in lr.GEMV_ROWS.items():
+        assert re.search(rf"#define GEMV_R{m} {r}\b", src)
+    for m in lr.GEMV_MS:
+        assert re.search(rf"GEMV_M\(DT, TY, {m}, GEMV_R{m}, GEMV_U{m}\)", src)

@@ -73,7 +73,7 @@ class CudaBackend:
         return gpus[0].arch
 
     def lower(self, onnx_path: Path, limits: BuildLimits, log: Log) -> Lowered:
-        from llmc.backends.cuda.lower import MODULES, lower
+        from llmc.backends.cuda.lower import MODULES, lower, transpose_weights
         from llmc.backends.cuda.plan import PLAN, WEIGHTS, cubin_section
         from llmc.plugins.compiler import compile_all, nvrtc_version
 
@@ -81,6 +81,9 @@ class CudaBackend:
         plan = lower(onnx_path, limits, arch)
         log(f"cuda plan for {arch}: {len(plan.ops)} launches a step, arena "
             f"{plan.arena_bytes / 2**20:.1f} MiB, weights {plan.weights_bytes / 2**20:.1f} MiB")
+        # weights.bin is the build's own temporary copy: rewritten in place, once
+        moved = transpose_weights(onnx_path.parent / "weights.bin", plan)
+        log(f"GEMM weights stored [out, in]: {moved / 2**20:.1f} MiB rewritten")
         cubins = compile_all(archs=(arch,), modules=MODULES)
         sections: dict[str, Path | bytes] = {
             PLAN: json.dumps(plan.to_dict()).encode(),

@@ -4,7 +4,9 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
 
     Gather(embedding table, input_ids)            embedding            glue.cu
     RMSNormalization / llmc AddRMSNorm            rmsnorm / add_rmsnorm norm.cu
-    MatMul(x, W) / Gemm(x, E, transB=1)           gemm                 cuBLASLt
+    MatMul(x, W) / Gemm(x, E, transB=1)           gemm                 gemv.cu (<= 8 rows),
+      [-> FusedSwiGLU / FusedGeGLU]                                    cuBLASLt (more); the
+                                                                       gated activation fused
     llmc FusedSwiGLU / FusedGeGLU                 swiglu / geglu       activation.cu
     llmc PagedAttention with its q/k/v chain:     rope_cache           rope.cu (RoPE, QKV bias,
       MatMul [+ Add bias] -> Split -> Reshape                          K/V written into the
@@ -20,7 +22,8 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
 A node with no mapping is a build error that names it. Memory: every activation gets an
 offset in one arena, reusing space once a value is dead (first fit over live intervals,
 sizes at the build limits); weights keep the offsets `save_onnx` gave them in weights.bin,
-which becomes the engine's weights section unchanged.
+which becomes the engine's weights section, GEMM weights rewritten in place from the graph's
+[in, out] to [out, in] (transpose_weights), the layout a decode GEMV streams row by row.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
 
 DTYPES = ("float16", "bfloat16")
-MODULES = ("norm", "activation", "rope", "paged_attention", "glue", "sampling")
+MODULES = ("norm", "activation", "gemv", "rope", "paged_attention", "glue", "sampling")
 _ONNX_FLOAT = 1
 
 
@@ -220,11 +223,23 @@ class Lowering:
 
     def _op_MatMul(self, node) -> None:
         x, w = node.input
-        if self.g.weight(w) is None:
+        t = self.g.weight(w)
+        if t is None:
             raise UnsupportedGraph(f"MatMul node {node.name!r} multiplies two activations; "
                                    "only activation x weight GEMMs are lowered")
-        k, n = self.values[self._weight(w)].shape
-        self._gemm(node, x, w, n, k, trans_b=False)
+        # The engine stores a linear weight [out, in] (transpose_weights rewrites it so): a
+        # decode GEMV then reads each output's weights as one contiguous row.
+        others = [c.name for c in self.g.consumers[w] if c.op_type != "MatMul"]
+        if others:
+            raise UnsupportedGraph(f"weight {w!r} of MatMul node {node.name!r} is also read "
+                                   f"by {others}; a GEMM weight must serve GEMMs only")
+        k, n = t.dims
+        if w not in self.values:
+            info = {e.key: e.value for e in t.external_data}
+            self.values[w] = Value("weight", _DTYPE_OF[t.data_type], [n, k],
+                                   int(info["offset"]))
+        self._gemm(node, x, w, n, k, trans_b=True)
+        self.ops[-1].attrs["transposed"] = True
 
     def _op_Gemm(self, node) -> None:
         x, w = node.input[:2]
@@ -284,9 +299,21 @@ class Lowering:
         self._gated(node, "geglu")
 
     def _gated(self, node, act: str) -> None:
-        rows, two_i = self.values[node.input[0]].shape
+        gu = node.input[0]
+        rows, two_i = self.values[gu].shape
         out = self._arena(node.output[0], [rows, two_i // 2])
-        self._emit(act, node, [node.input[0]], [out], inter=two_i // 2)
+        gemm = self.ops[-1] if self.ops else None
+        if (gemm is not None and gemm.op == "gemm" and gemm.outputs == [gu]
+                and gemm.attrs["trans_b"] and gemm.inputs[2] is None
+                and len(self.g.consumers.get(gu, [])) == 1):
+            # The gate-up GEMM and its activation are one op: a decode step runs them as one
+            # GEMV with the activation fused; larger steps run cuBLASLt, then the kernel.
+            gemm.outputs.append(out)
+            gemm.attrs.update(act=act, inter=two_i // 2)
+            gemm.node += f" + {node.name}"
+            self.done.add(id(node))
+            return
+        self._emit(act, node, [gu], [out], inter=two_i // 2)
 
     def _op_Reshape(self, node) -> None:
         src = self.values[node.input[0]]
@@ -472,6 +499,28 @@ def _from_positions(g: _Graph, value: str) -> bool:
             return True
         node = g.producer.get(node.input[0])
     return False
+
+
+def transpose_weights(weights: Path, plan: Plan) -> int:
+    """Rewrite, in place in the build's weights file, every GEMM weight the plan reads as
+    [N, K] from the [K, N] the graph holds it in (op attr `transposed`). Same bytes, same
+    offsets. Returns the number of bytes rewritten."""
+    names = {op.inputs[1] for op in plan.ops if op.op == "gemm" and op.attrs.get("transposed")}
+    if not names:
+        return 0
+    data = np.memmap(weights, dtype=np.uint8, mode="r+")
+    done = 0
+    for name in sorted(names):
+        v = plan.values[name]
+        n, k = v.shape
+        size = n * k * itemsize(v.dtype)
+        word = np.dtype(f"u{itemsize(v.dtype)}")
+        block = data[v.offset:v.offset + size].view(word)
+        block[:] = np.ascontiguousarray(block.reshape(k, n).T).reshape(-1)
+        done += size
+    data.flush()
+    del data
+    return done
 
 
 def lower(onnx_path: Path, limits: BuildLimits, arch: str) -> Plan:

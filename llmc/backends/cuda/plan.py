@@ -13,8 +13,10 @@ step); every launch rule is a function of those two numbers and the ops' attribu
 the session evaluates each step (program.py). The plan holds data only: no pickle, no code.
 
 The ops (lower.py says which graph nodes each comes from): embedding, rmsnorm, add_rmsnorm,
-gemm (cuBLASLt; optional bias), rope_cache (RoPE on q and k, QKV bias, K/V written into the
-layer's pool), attention (paged), swiglu, geglu, gather_rows, add, cast_f32.
+gemm (optional bias; the GEMV kernel or cuBLASLt by row count; with attr act, the gated
+activation of its output fused in: outputs [gate-up, activated]), rope_cache (RoPE on q and
+k, QKV bias, K/V written into the layer's pool), attention (paged), swiglu, geglu,
+gather_rows, add, cast_f32.
 """
 
 from __future__ import annotations

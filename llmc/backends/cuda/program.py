@@ -36,6 +36,29 @@ def gemm_key(op: Op) -> tuple:
     return (a["n"], a["k"], a["trans_b"], a["out_dtype"], op.inputs[2] is not None)
 
 
+def uses_gemv(op: Op, m: int) -> bool:
+    """A GEMM of m rows runs as llmc's GEMV (kernels/gemv.cu) rather than cuBLASLt: decode
+    steps of up to GEMV_MS[-1] rows, on a weight stored [N, K] (engines before the
+    transposed layout keep cuBLASLt)."""
+    return (op.attrs["trans_b"] and m <= lr.GEMV_MS[-1] and op.attrs["k"] % 8 == 0)
+
+
+def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
+    a, ins, outs = op.attrs, op.inputs, op.outputs
+    act = a.get("act")
+    bias = P(ins[2]) if ins[2] else DevPtr(0)
+    if uses_gemv(op, m):
+        n, y = (a["inter"], outs[1]) if act else (a["n"], outs[0])
+        yield "kernel", lr.gemv_launch(m, n, a["k"], dt, a["out_dtype"], act), [
+            P(ins[0]), P(ins[1]), bias, m, n, a["k"], P(y)]
+        return
+    yield "gemm", gemm_key(op), (int(P(ins[0])), int(P(ins[1])), int(P(outs[0])), m,
+                                 int(bias) or None)
+    if act:
+        yield "kernel", lr.gated_launch(m, a["inter"], dt, act, s.sm_count), [
+            P(outs[0]), m, a["inter"], P(outs[1])]
+
+
 def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
     """("kernel", Launch, args) and ("gemm", key, (x, w, y, m, bias)) in execution order.
     ptr(name) gives the device address of a value, of kv_cache_{l} and of ATTN_WORKSPACE."""
@@ -51,8 +74,7 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
     for op in plan.ops:
         a, ins, outs, kind = op.attrs, op.inputs, op.outputs, op.op
         if kind == "gemm":
-            yield "gemm", gemm_key(op), (ptr(ins[0]), ptr(ins[1]), ptr(outs[0]), rows(ins[0]),
-                                          ptr(ins[2]) if ins[2] else None)
+            yield from _gemm(op, rows(ins[0]), dt, s, P)
         elif kind == "embedding":
             vocab = plan.values[ins[0]].shape[0]
             yield "kernel", lr.embedding_launch(t, a["hidden"], dt), [

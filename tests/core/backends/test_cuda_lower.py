@@ -50,16 +50,24 @@ def test_every_variant_lowers(tiny_models_d64, tmp_path, arch):
         layers = model.config.num_hidden_layers
         counts = {op: sum(o.op == op for o in plan.ops) for op in ("rope_cache", "attention",
                                                                    "gemm", "swiglu")}
-        # per layer: q/k/v + o + gate-up + down GEMMs; plus the LM head
+        # per layer: q/k/v + o + gate-up (its SwiGLU fused in) + down GEMMs; plus the LM head
         assert counts == {"rope_cache": layers, "attention": layers, "gemm": 4 * layers + 1,
-                          "swiglu": layers}, kind
+                          "swiglu": 0}, kind
+        gemms = [o for o in plan.ops if o.op == "gemm"]
+        assert [o.attrs.get("act") for o in gemms] == [None, None, "swiglu", None] * layers \
+            + [None]
+        gated = gemms[2]
+        assert len(gated.outputs) == 2 and gated.attrs["inter"] * 2 == gated.attrs["n"]
+        assert all(o.attrs["trans_b"] for o in gemms)   # every weight stored [N, K]
+        for o in gemms:
+            assert plan.values[o.inputs[1]].shape == [o.attrs["n"], o.attrs["k"]]
         ropes = [o for o in plan.ops if o.op == "rope_cache"]
         assert all((o.inputs[1] is not None) == (kind == "qwen2-bias") for o in ropes)
         window = [o.attrs["window"] for o in plan.ops if o.op == "attention"]
         assert window == [12 if kind == "mistral-window" else 0] * layers
         head = plan.ops[-1]
         assert head.op == "gemm" and head.attrs["out_dtype"] == "float32"
-        assert head.attrs["trans_b"] == model.config.tie_word_embeddings
+        assert head.attrs.get("transposed", False) != model.config.tie_word_embeddings
         assert plan.arch == arch and engine.header.lowering["gpu_arch"] == arch
         for module in MODULES:
             cubin = engine.section(cubin_section(module))
@@ -87,11 +95,39 @@ def test_smollm2_lowers(smollm2_fused, arch):
     plan = lower(smollm2_fused, BuildLimits(), arch)
     kinds = {op.op for op in plan.ops}
     assert kinds == {"embedding", "rmsnorm", "add_rmsnorm", "gemm", "rope_cache", "attention",
-                     "swiglu", "add", "gather_rows"}
+                     "add", "gather_rows"}
     assert sum(op.op == "attention" for op in plan.ops) == 30
     assert plan.weights_bytes >= 134_000_000 * 2           # fp16 weights, aligned
     cubins = compile_all(archs=(arch,), modules=MODULES)
     assert all(cubins[(m, arch)] for m in MODULES)
+
+
+def test_gemm_weights_are_rewritten_out_by_in(smollm2_fused, tmp_path):
+    """transpose_weights turns every MatMul weight [in, out] of the graph into [out, in] in
+    place (same offsets), and leaves the tied head's table and every other weight alone."""
+    import shutil
+
+    import numpy as np
+
+    from llmc.backends.cuda.lower import transpose_weights
+
+    plan = lower(smollm2_fused, BuildLimits(), "sm_90a")
+    before = np.fromfile(smollm2_fused.parent / "weights.bin", dtype=np.uint16)
+    copy = tmp_path / "weights.bin"
+    shutil.copy(smollm2_fused.parent / "weights.bin", copy)
+    moved = transpose_weights(copy, plan)
+    after = np.fromfile(copy, dtype=np.uint16)
+    rewritten = np.zeros(before.size, bool)
+    for op in plan.ops:
+        if op.op == "gemm" and op.attrs.get("transposed"):
+            v = plan.values[op.inputs[1]]
+            n, k = v.shape
+            lo, hi = v.offset // 2, v.offset // 2 + n * k
+            np.testing.assert_array_equal(after[lo:hi].reshape(n, k),
+                                          before[lo:hi].reshape(k, n).T)
+            rewritten[lo:hi] = True
+    assert moved == 2 * rewritten.sum() > 0
+    np.testing.assert_array_equal(after[~rewritten], before[~rewritten])
 
 
 @pytest.mark.parametrize("limits", [LIMITS, BuildLimits(8, 512, 2048, 16)])
