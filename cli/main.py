@@ -64,6 +64,27 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
               log=_log)
 
 
+def session_options(command):
+    """The options every command that opens an engine takes (run, serve, bench)."""
+    command = click.option(
+        "--gpu-memory-utilization", default=0.9, show_default=True,
+        help="cuda engines: the share of the GPU's memory this process may fill (weights, "
+             "activations, the KV cache)")(command)
+    return click.option("--backend", default="auto", show_default=True,
+                        type=click.Choice(["auto", *BACKEND_NAMES]),
+                        help="the engine's own backend; another is a clear error")(command)
+
+
+def open_runner(engine: Path, backend: str, gpu_memory_utilization: float):
+    """A Runner for the engine with the session options that apply to its backend."""
+    from llmc.engine_file import EngineFile
+    from llmc.runtime.runner import Runner
+
+    options = ({"gpu_memory_utilization": gpu_memory_utilization}
+               if EngineFile(engine, verify=False).header.backend == "cuda" else {})
+    return Runner(engine, backend=backend, log=_log, **options)
+
+
 @cli.command()
 @click.argument("engine", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", "prompts", multiple=True,
@@ -89,12 +110,7 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
                    "--json: one JSON event a delta)")
 @click.option("--json", "as_json", is_flag=True,
               help="one JSON line a request: text, token ids, finish reason, usage, timing")
-@click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", *BACKEND_NAMES]),
-              help="the engine's own backend; another is a clear error")
-@click.option("--gpu-memory-utilization", default=0.9, show_default=True,
-              help="cuda engines: the share of the GPU's memory this process may fill "
-                   "(weights, activations, the KV cache)")
+@session_options
 def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, stop, logprobs, system, seed,
         chat, stream, as_json, backend, gpu_memory_utilization) -> None:
@@ -104,8 +120,6 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
     end of input ends it)."""
     import time
 
-    from llmc.engine_file import EngineFile
-    from llmc.runtime.runner import Runner
     from llmc.runtime.sampler import SamplingParams
 
     prompts = list(prompts) + (_read_prompts(prompts_file) if prompts_file else [])
@@ -120,9 +134,7 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
                             frequency_penalty=frequency_penalty, stop=stop, seed=seed,
                             max_tokens=max_new_tokens, logprobs=logprobs)
     params.validate()
-    options = ({"gpu_memory_utilization": gpu_memory_utilization}
-               if EngineFile(engine, verify=False).header.backend == "cuda" else {})
-    runner = Runner(engine, backend=backend, log=_log, **options)
+    runner = open_runner(engine, backend, gpu_memory_utilization)
     system_turn = [{"role": "system", "content": system}] if system else []
     if not prompts:
         return _chat(runner, params, system_turn)
@@ -218,6 +230,51 @@ def _read_prompts(file) -> list[str]:
                                 "field") from None
         out.append(line)
     return out
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (0.0.0.0: every interface)")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="0: any free port (the address is printed)")
+@click.option("--api-key", default=None, envvar="LLMC_API_KEY", show_envvar=True,
+              help="require 'Authorization: Bearer KEY' on /v1/* (the variable keeps the key "
+                   "out of the process list)")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=0),
+              help="requests that may wait beyond the engine's max_batch_size running ones; "
+                   "more get 429")
+@click.option("--served-model-name", default=None,
+              help="the model name clients send [default: the engine file's name without "
+                   "its suffix]")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]),
+              help="info: one line per request")
+@session_options
+def serve(engine, host, port, api_key, max_queue, served_model_name, log_level, backend,
+          gpu_memory_utilization) -> None:
+    """Serve an engine over the OpenAI API (/v1/completions, /v1/chat/completions,
+    /v1/models, /health, /metrics). SIGTERM drains: requests in flight finish, new ones
+    get 503, then it exits 0."""
+    import logging
+
+    try:
+        from llmc.runtime.server import OpenAIServer
+    except ImportError as e:
+        raise LlmcError(f"llmc serve needs the serve extra: pip install 'llmc[serve]' ({e})") \
+            from None
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runner = open_runner(engine, backend, gpu_memory_utilization)
+    name = served_model_name or Path(engine).stem
+    server = OpenAIServer(runner, name, api_key=api_key, max_queue=max_queue)
+    try:
+        server.run(host, port, log_level, on_ready=lambda url: _log(
+            f"serving {name!r} on {url} (max_batch_size {runner.limits.max_batch_size}, "
+            f"max_seq_len {runner.limits.max_seq_len})"))
+    finally:
+        runner.close()
+    _log("stopped")
 
 
 @cli.command()
