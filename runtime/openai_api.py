@@ -196,6 +196,7 @@ def _request(f: dict, prompt, chat: bool, logprobs: int | None) -> GenerationReq
         raise bad(f"unknown stream_options {sorted(options)}", "stream_options")
     if options and not f.get("stream"):
         raise bad("stream_options needs stream: true", "stream_options")
+    f.setdefault("temperature", 1.0)   # the API's default (llmc run's is greedy)
     names = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k",
              "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids")
     try:   # max_tokens is settled once the prompt's length is known (see sampling)
