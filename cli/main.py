@@ -278,6 +278,88 @@ def serve(engine, host, port, api_key, max_queue, served_model_name, log_level, 
 
 
 @cli.command()
+@click.argument("engine", type=click.Path(path_type=Path), required=False)
+@click.option("--url", default=None, help="bench a running server (its OpenAI API) instead of "
+              "an engine file, e.g. http://127.0.0.1:8000")
+@click.option("--model", default=None, help="with --url: the model name [default: the "
+              "server's first]")
+@click.option("--api-key", default=None, envvar="LLMC_API_KEY", help="with --url: the key")
+@click.option("--num-requests", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--input-len", default=128, show_default=True, help="synthetic prompt tokens")
+@click.option("--output-len", default=128, show_default=True,
+              help="output tokens a request (synthetic, and jsonl rows without output_len)")
+@click.option("--range-ratio", default=0.0, show_default=True,
+              help="synthetic lengths uniform within +-this share of --input-len/--output-len")
+@click.option("--dataset", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=None, help="JSON lines with a \"prompt\" (text or token ids) and an "
+                                 "optional \"output_len\", instead of synthetic requests")
+@click.option("--request-rate", default=float("inf"), show_default=True,
+              help="requests a second, Poisson arrivals (inf: all at once)")
+@click.option("--concurrency", default=None, type=click.IntRange(min=1),
+              help="with --url: at most this many requests at once [default: no limit]")
+@click.option("--seed", default=0, show_default=True, help="for the dataset and arrivals")
+@click.option("--json", "as_json", is_flag=True, help="print the results as one JSON object")
+@session_options
+def bench(engine, url, model, api_key, num_requests, input_len, output_len, range_ratio,
+          dataset, request_rate, concurrency, seed, as_json, backend,
+          gpu_memory_utilization) -> None:
+    """Measure throughput and latency: of ENGINE in this process, or of a server (--url).
+    Reports requests/s, output and total tok/s, TTFT and TPOT (mean, p50, p90, p99)."""
+    import asyncio
+
+    from llmc.runtime import bench as b
+
+    if (engine is None) == (url is None):
+        raise LlmcError("give an engine file or --url URL (not both)")
+    runner = None
+    if engine is not None:
+        runner = open_runner(engine, backend, gpu_memory_utilization)
+        vocab = runner.engine.header.io.vocab_size
+    else:
+        model, vocab = b.server_model(url, model, api_key)
+    if dataset is not None:
+        requests = b.from_jsonl(dataset, output_len, num_requests)
+    else:
+        requests = b.synthetic(num_requests, input_len, output_len, vocab, range_ratio, seed)
+    with _progress(len(requests), as_json) as advance:
+        if runner is not None:
+            try:
+                result = b.run_offline(runner, requests, request_rate, seed, advance)
+            finally:
+                runner.close()
+        else:
+            result = asyncio.run(b.run_online(url, model, requests, request_rate, concurrency,
+                                              api_key, seed, advance))
+    summary = result.summary()
+    click.echo(json.dumps(summary) if as_json else b.format_table(summary))
+    if summary["failed"]:
+        raise LlmcError(f"{summary['failed']} of {summary['requests']} requests failed "
+                        f"(first: {summary['first_error']})")
+
+
+def _progress(total: int, quiet: bool):
+    """A rich progress bar on stderr when it is a terminal (and rich is installed); yields
+    the function that advances it by one request."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def bar():
+        try:
+            from rich.console import Console
+            from rich.progress import Progress
+        except ImportError:
+            yield lambda: None
+            return
+        with Progress(console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("requests", total=total)
+            yield lambda: progress.advance(task)
+
+    if quiet or not sys.stderr.isatty():
+        return contextlib.nullcontext(lambda: None)
+    return bar()
+
+
+@cli.command()
 @click.argument("engine", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print the whole header as JSON")
 def inspect(engine, as_json) -> None:

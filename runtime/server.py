@@ -96,7 +96,8 @@ class OpenAIServer:
             return _error(denied)
         return JSONResponse({"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": int(time.time()),
-            "owned_by": "llmc", "max_model_len": self.max_seq_len}]})
+            "owned_by": "llmc", "max_model_len": self.max_seq_len,
+            "vocab_size": self.vocab_size}]})   # llmc's extra: what `llmc bench --url` draws
 
     async def health(self, request: Request) -> Response:
         if self.runner.loop.error is not None:
