@@ -192,7 +192,7 @@ def _request(f: dict, prompt, chat: bool, logprobs: int | None) -> GenerationReq
     if any(not s or len(s) > MAX_STOP_CHARS for s in stop):
         raise bad(f"a stop string must have 1 to {MAX_STOP_CHARS} characters", "stop")
     options = f.get("stream_options") or {}
-    if set(options) - {"include_usage", "continuous_usage_stats"}:
+    if set(options) - {"include_usage"}:
         raise bad(f"unknown stream_options {sorted(options)}", "stream_options")
     if options and not f.get("stream"):
         raise bad("stream_options needs stream: true", "stream_options")
