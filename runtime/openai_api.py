@@ -214,7 +214,9 @@ def _request(f: dict, prompt, chat: bool, logprobs: int | None) -> GenerationReq
 def _prompt(prompt):
     """One prompt: text or token ids. A batch of several is refused (one choice a request)."""
     if isinstance(prompt, list) and prompt and not _int_list(prompt):
-        if len(prompt) != 1 or not (isinstance(prompt[0], str) or _int_list(prompt[0])):
+        if not all(isinstance(p, str) or _int_list(p) for p in prompt):
+            raise bad(f"'prompt' must be {PROMPT[0]}", "prompt", "invalid_type")
+        if len(prompt) != 1:
             raise bad(f"one prompt a request: got a batch of {len(prompt)}; send each as its "
                       "own request", "prompt")
         prompt = prompt[0]

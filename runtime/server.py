@@ -82,6 +82,9 @@ class OpenAIServer:
             await self.app(scope, receive, send)
         finally:
             self.active -= 1
+            # A stream whose client left before it started never ran its own close
+            if (rec := scope.get("llmc.record")) is not None:
+                rec.close(499)
 
     # --- endpoints ----------------------------------------------------------------------------
 
@@ -120,6 +123,7 @@ class OpenAIServer:
     async def _generate(self, request: Request, parse) -> Response:
         rec = _Record(self, GENERATE[request.url.path], "chatcmpl" if parse is api.parse_chat
                       else "cmpl")
+        request.scope["llmc.record"] = rec
         try:
             req, tokens, params = await self._admit(request, parse)
         except ApiError as e:

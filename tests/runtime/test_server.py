@@ -141,6 +141,14 @@ def test_models_health_and_metrics(served):
                  "_count", "llmc_time_per_output_token_seconds_count"):
         assert after[name] - before.get(name, 0) == 1
     assert after["llmc_kv_blocks_total"] > 0 and after["llmc_kv_blocks_used"] == 0
+    # the same 20-token prompt twice: the second finds two full 8-token blocks cached
+    prompt = " ".join(f"w{i}" for i in range(40, 60))
+    usage = [served.client.completions.create(model="tiny", prompt=prompt, max_tokens=1).usage
+             for _ in range(2)]
+    assert usage[1].prompt_tokens_details.cached_tokens == 16
+    m = wait_idle(served.url)
+    assert m["llmc_prefix_cache_hits_total"] - after["llmc_prefix_cache_hits_total"] == 16
+    assert m["llmc_prefix_cache_hit_rate"] > 0
     for name in ("llmc_prefix_cache_hit_rate", "llmc_num_preemptions_total",
                  "llmc_prefix_cache_queries_total"):
         assert name in after
