@@ -177,9 +177,9 @@ class OpenAIServer:
         if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(),
                                                                self.api_key.encode()):
             return None
-        return ApiError(401, "missing or wrong API key: send the header 'Authorization: "
-                        "Bearer KEY'" if given else "missing API key: send the header "
-                        "'Authorization: Bearer KEY'", code="invalid_api_key")
+        return ApiError(401, f"{'wrong' if given else 'missing'} API key: send the header "
+                        "'Authorization: Bearer KEY' with this server's key",
+                        code="invalid_api_key")
 
     async def _json(self, request: Request) -> Any:
         declared = request.headers.get("content-length", "")
@@ -196,6 +196,8 @@ class OpenAIServer:
             raise api.bad(f"the request body is not UTF-8 ({e})") from None
         except json.JSONDecodeError as e:
             raise api.bad(f"the request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise api.bad("the request body nests too deeply") from None
 
     def _tokens(self, req: api.GenerationRequest) -> list[int]:
         """The prompt's token ids (chat: through the model's chat template, as `llmc run

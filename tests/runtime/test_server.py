@@ -182,6 +182,7 @@ BAD = [   # (name, path, body or raw bytes, headers, status, words in the messag
     ("oversized body", "c", {**OK_BODY, "prompt": "w3 " * 30000}, AUTH, 413, "larger than"),
     ("prompt beyond max_seq_len", "c", {**OK_BODY, "prompt": LONG}, AUTH, 400, "at most 63"),
     ("prompt + max_tokens beyond", "c", {**OK_BODY, "max_tokens": 63}, AUTH, 400, "context"),
+    ("JSON nested too deep", "c", b"[" * 30000 + b"]" * 30000, AUTH, 400, "nests"),
     ("unknown field", "c", {**OK_BODY, "frobnicate": 1}, AUTH, 400, "unrecognized"),
     ("stop list too long", "c", {**OK_BODY, "stop": [f"w{i}" for i in range(17)]}, AUTH, 400,
      "stop"),
