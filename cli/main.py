@@ -258,11 +258,9 @@ def serve(engine, host, port, api_key, max_queue, served_model_name, log_level, 
     get 503, then it exits 0."""
     import logging
 
-    try:
-        from llmc.runtime.server import OpenAIServer
-    except ImportError as e:
-        raise LlmcError(f"llmc serve needs the serve extra: pip install 'llmc[serve]' ({e})") \
-            from None
+    _serve_extra("llmc serve", "llmc.runtime.server")
+    from llmc.runtime.server import OpenAIServer
+
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runner = open_runner(engine, backend, gpu_memory_utilization)
@@ -311,15 +309,15 @@ def bench(engine, url, model, api_key, num_requests, input_len, output_len, rang
 
     if (engine is None) == (url is None):
         raise LlmcError("give an engine file or --url URL (not both)")
+    requests = b.from_jsonl(dataset, output_len, num_requests) if dataset else None
     runner = None
     if engine is not None:
         runner = open_runner(engine, backend, gpu_memory_utilization)
         vocab = runner.engine.header.io.vocab_size
     else:
+        _serve_extra("llmc bench --url", "openai")
         model, vocab = b.server_model(url, model, api_key)
-    if dataset is not None:
-        requests = b.from_jsonl(dataset, output_len, num_requests)
-    else:
+    if requests is None:
         requests = b.synthetic(num_requests, input_len, output_len, vocab, range_ratio, seed)
     with _progress(len(requests), as_json) as advance:
         if runner is not None:
@@ -335,6 +333,17 @@ def bench(engine, url, model, api_key, num_requests, input_len, output_len, rang
     if summary["failed"]:
         raise LlmcError(f"{summary['failed']} of {summary['requests']} requests failed "
                         f"(first: {summary['first_error']})")
+
+
+def _serve_extra(command: str, module: str) -> None:
+    """A clear error where the serve extra's packages are missing."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise LlmcError(f"{command} needs the serve extra: pip install 'llmc[serve]' ({e})") \
+            from None
 
 
 def _progress(total: int, quiet: bool):

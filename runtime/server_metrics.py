@@ -83,7 +83,8 @@ class _EngineCollector:
         yield _gauge("llmc_kv_cache_usage_ratio", "share of KV-cache blocks held by requests",
                      s.kv_blocks_used / s.kv_blocks_total)
         yield _counter("llmc_prefix_cache_queries", "prompt tokens looked up in the prefix "
-                       "cache", s.prefix_cache_queries)
+                       "cache (a request waiting for blocks is looked up, and counted, at each "
+                       "step it waits)", s.prefix_cache_queries)
         yield _counter("llmc_prefix_cache_hits", "prompt tokens found in the prefix cache",
                        s.prefix_cache_hits)
         yield _gauge("llmc_prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries "
