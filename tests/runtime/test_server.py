@@ -11,7 +11,7 @@ import urllib.parse
 from types import SimpleNamespace
 
 import pytest
-from server_client import metrics, request, wait_idle
+from server_client import request, wait_idle
 
 from llmc.runtime.runner import Runner
 from llmc.runtime.sampler import SamplingParams
@@ -129,7 +129,7 @@ def test_models_health_and_metrics(served):
     assert body["data"][0]["max_model_len"] == 64
     assert [m.id for m in served.client.models.list()] == ["tiny"]
     assert request(served.url, "GET", "/health") == (200, {"status": "ok"})
-    before = metrics(served.url)
+    before = wait_idle(served.url)   # the previous tests' streams are closed and counted
     served.client.completions.create(model="tiny", prompt="w3 w4", max_tokens=5,
                                      temperature=0, extra_body={"ignore_eos": True})
     after = wait_idle(served.url)
@@ -233,7 +233,7 @@ def _open(url: str, path: str, body: dict) -> socket.socket:
 
 
 def test_a_client_that_leaves_aborts_its_request(served):
-    before = metrics(served.url)
+    before = wait_idle(served.url)   # the previous tests' streams are closed and counted
     # streaming: read the first event, then hang up
     sock = _open(served.url, "/v1/completions", {**OK_BODY, "max_tokens": 60, "stream": True,
                                                  "ignore_eos": True})
