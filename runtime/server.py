@@ -133,7 +133,9 @@ class OpenAIServer:
         if req.stream:
             return StreamingResponse(self._stream(req, tokens, params, rec),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                                     # nginx would buffer the events otherwise
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
         try:
             outputs = await _unless_disconnected(request, self._collect(tokens, params, rec))
         except ApiError as e:
