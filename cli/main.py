@@ -64,6 +64,27 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
               log=_log)
 
 
+def session_options(command):
+    """The options every command that opens an engine takes (run, serve, bench)."""
+    command = click.option(
+        "--gpu-memory-utilization", default=0.9, show_default=True,
+        help="cuda engines: the share of the GPU's memory this process may fill (weights, "
+             "activations, the KV cache)")(command)
+    return click.option("--backend", default="auto", show_default=True,
+                        type=click.Choice(["auto", *BACKEND_NAMES]),
+                        help="the engine's own backend; another is a clear error")(command)
+
+
+def open_runner(engine: Path, backend: str, gpu_memory_utilization: float):
+    """A Runner for the engine with the session options that apply to its backend."""
+    from llmc.engine_file import EngineFile
+    from llmc.runtime.runner import Runner
+
+    options = ({"gpu_memory_utilization": gpu_memory_utilization}
+               if EngineFile(engine, verify=False).header.backend == "cuda" else {})
+    return Runner(engine, backend=backend, log=_log, **options)
+
+
 @cli.command()
 @click.argument("engine", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", "prompts", multiple=True,
@@ -89,12 +110,7 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
                    "--json: one JSON event a delta)")
 @click.option("--json", "as_json", is_flag=True,
               help="one JSON line a request: text, token ids, finish reason, usage, timing")
-@click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", *BACKEND_NAMES]),
-              help="the engine's own backend; another is a clear error")
-@click.option("--gpu-memory-utilization", default=0.9, show_default=True,
-              help="cuda engines: the share of the GPU's memory this process may fill "
-                   "(weights, activations, the KV cache)")
+@session_options
 def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, stop, logprobs, system, seed,
         chat, stream, as_json, backend, gpu_memory_utilization) -> None:
@@ -104,8 +120,6 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
     end of input ends it)."""
     import time
 
-    from llmc.engine_file import EngineFile
-    from llmc.runtime.runner import Runner
     from llmc.runtime.sampler import SamplingParams
 
     prompts = list(prompts) + (_read_prompts(prompts_file) if prompts_file else [])
@@ -120,9 +134,7 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
                             frequency_penalty=frequency_penalty, stop=stop, seed=seed,
                             max_tokens=max_new_tokens, logprobs=logprobs)
     params.validate()
-    options = ({"gpu_memory_utilization": gpu_memory_utilization}
-               if EngineFile(engine, verify=False).header.backend == "cuda" else {})
-    runner = Runner(engine, backend=backend, log=_log, **options)
+    runner = open_runner(engine, backend, gpu_memory_utilization)
     system_turn = [{"role": "system", "content": system}] if system else []
     if not prompts:
         return _chat(runner, params, system_turn)
@@ -218,6 +230,142 @@ def _read_prompts(file) -> list[str]:
                                 "field") from None
         out.append(line)
     return out
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (0.0.0.0: every interface)")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="0: any free port (the address is printed)")
+@click.option("--api-key", default=None, envvar="LLMC_API_KEY", show_envvar=True,
+              help="require 'Authorization: Bearer KEY' on /v1/* (the variable keeps the key "
+                   "out of the process list)")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=0),
+              help="requests that may wait beyond the engine's max_batch_size running ones; "
+                   "more get 429")
+@click.option("--served-model-name", default=None,
+              help="the model name clients send [default: the engine file's name without "
+                   "its suffix]")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]),
+              help="info: one line per request")
+@session_options
+def serve(engine, host, port, api_key, max_queue, served_model_name, log_level, backend,
+          gpu_memory_utilization) -> None:
+    """Serve an engine over the OpenAI API (/v1/completions, /v1/chat/completions,
+    /v1/models, /health, /metrics). SIGTERM drains: requests in flight finish, new ones
+    get 503, then it exits 0."""
+    import logging
+
+    _serve_extra("llmc serve", "llmc.runtime.server")
+    from llmc.runtime.server import OpenAIServer
+
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runner = open_runner(engine, backend, gpu_memory_utilization)
+    name = served_model_name or Path(engine).stem
+    server = OpenAIServer(runner, name, api_key=api_key, max_queue=max_queue)
+    try:
+        server.run(host, port, log_level, on_ready=lambda url: _log(
+            f"serving {name!r} on {url} (max_batch_size {runner.limits.max_batch_size}, "
+            f"max_seq_len {runner.limits.max_seq_len})"))
+    finally:
+        runner.close()
+    _log("stopped")
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(path_type=Path), required=False)
+@click.option("--url", default=None, help="bench a running server (its OpenAI API) instead of "
+              "an engine file, e.g. http://127.0.0.1:8000")
+@click.option("--model", default=None, help="with --url: the model name [default: the "
+              "server's first]")
+@click.option("--api-key", default=None, envvar="LLMC_API_KEY", help="with --url: the key")
+@click.option("--num-requests", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--input-len", default=128, show_default=True, help="synthetic prompt tokens")
+@click.option("--output-len", default=128, show_default=True,
+              help="output tokens a request (synthetic, and jsonl rows without output_len)")
+@click.option("--range-ratio", default=0.0, show_default=True,
+              help="synthetic lengths uniform within +-this share of --input-len/--output-len")
+@click.option("--dataset", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=None, help="JSON lines with a \"prompt\" (text or token ids) and an "
+                                 "optional \"output_len\", instead of synthetic requests")
+@click.option("--request-rate", default=float("inf"), show_default=True,
+              help="requests a second, Poisson arrivals (inf: all at once)")
+@click.option("--concurrency", default=None, type=click.IntRange(min=1),
+              help="with --url: at most this many requests at once [default: no limit]")
+@click.option("--seed", default=0, show_default=True, help="for the dataset and arrivals")
+@click.option("--json", "as_json", is_flag=True, help="print the results as one JSON object")
+@session_options
+def bench(engine, url, model, api_key, num_requests, input_len, output_len, range_ratio,
+          dataset, request_rate, concurrency, seed, as_json, backend,
+          gpu_memory_utilization) -> None:
+    """Measure throughput and latency: of ENGINE in this process, or of a server (--url).
+    Reports requests/s, output and total tok/s, TTFT and TPOT (mean, p50, p90, p99)."""
+    import asyncio
+
+    from llmc.runtime import bench as b
+
+    if (engine is None) == (url is None):
+        raise LlmcError("give an engine file or --url URL (not both)")
+    requests = b.from_jsonl(dataset, output_len, num_requests) if dataset else None
+    runner = None
+    if engine is not None:
+        runner = open_runner(engine, backend, gpu_memory_utilization)
+        vocab = runner.engine.header.io.vocab_size
+    else:
+        _serve_extra("llmc bench --url", "openai")
+        model, vocab = b.server_model(url, model, api_key)
+    if requests is None:
+        requests = b.synthetic(num_requests, input_len, output_len, vocab, range_ratio, seed)
+    with _progress(len(requests), as_json) as advance:
+        if runner is not None:
+            try:
+                result = b.run_offline(runner, requests, request_rate, seed, advance)
+            finally:
+                runner.close()
+        else:
+            result = asyncio.run(b.run_online(url, model, requests, request_rate, concurrency,
+                                              api_key, seed, advance))
+    summary = result.summary()
+    click.echo(json.dumps(summary) if as_json else b.format_table(summary))
+    if summary["failed"]:
+        raise LlmcError(f"{summary['failed']} of {summary['requests']} requests failed "
+                        f"(first: {summary['first_error']})")
+
+
+def _serve_extra(command: str, module: str) -> None:
+    """A clear error where the serve extra's packages are missing."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise LlmcError(f"{command} needs the serve extra: pip install 'llmc[serve]' ({e})") \
+            from None
+
+
+def _progress(total: int, quiet: bool):
+    """A rich progress bar on stderr when it is a terminal (and rich is installed); yields
+    the function that advances it by one request."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def bar():
+        try:
+            from rich.console import Console
+            from rich.progress import Progress
+        except ImportError:
+            yield lambda: None
+            return
+        with Progress(console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("requests", total=total)
+            yield lambda: progress.advance(task)
+
+    if quiet or not sys.stderr.isatty():
+        return contextlib.nullcontext(lambda: None)
+    return bar()
 
 
 @cli.command()

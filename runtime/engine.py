@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,6 +27,19 @@ from llmc.runtime.kv_manager import KVCacheManager
 from llmc.runtime.request import Request, RequestOutput, Status
 from llmc.runtime.sampler import SamplingParams, sample_batch
 from llmc.runtime.scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of what the engine holds and has counted (for a server's metrics)."""
+
+    waiting: int                  # requests queued or preempted
+    running: int
+    kv_blocks_used: int           # blocks held by requests (cached free blocks are free)
+    kv_blocks_total: int
+    prefix_cache_queries: int     # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int        # ... and found there
+    preemptions: int
 
 
 class LLMEngine:
@@ -83,6 +97,12 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending)
+
+    def stats(self) -> EngineStats:
+        pool, sched = self.kv.pool, self.scheduler
+        return EngineStats(len(sched.waiting), len(sched.running),
+                           pool.num_blocks - pool.num_free_blocks, pool.num_blocks,
+                           self.kv.prefix_queries, self.kv.prefix_hits, sched.num_preemptions)
 
     def _tokens(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -33,6 +33,9 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.error: BaseException | None = None
+        # Refreshed by the loop's thread after every step: other threads read this snapshot,
+        # never the engine's own structures, which only that thread touches.
+        self.stats = engine.stats()
 
     def submit(self, prompt, params=None, on_output: Callable[[RequestOutput], None] = None,
                priority: int = 0) -> str:
@@ -86,6 +89,7 @@ class EngineLoop:
                 self.error = e
                 self._fail_all(str(e))
                 return
+            self.stats = self.engine.stats()
             for out in outputs:
                 self._deliver(out)
 

@@ -94,6 +94,28 @@ def tiny_models_d64(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_engine(tmp_path_factory):
+    """A reference engine of a tiny random model with a chat template, room for 16
+    sequences a step (the server and bench tests share it)."""
+    import json
+
+    from llmc.build import BuildOptions, build
+    from llmc.limits import BuildLimits
+
+    root = tmp_path_factory.mktemp("tiny-chat")
+    make_tiny_model("qwen2-bias", root / "model")
+    config = root / "model" / "tokenizer_config.json"
+    cfg = json.loads(config.read_text())
+    cfg["chat_template"] = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} "
+                            "{% endfor %}")
+    config.write_text(json.dumps(cfg))
+    out = root / "tiny.engine"
+    build(BuildOptions(model=root / "model", output=out, backend="reference", dtype="fp32",
+                       limits=BuildLimits(16, 128, 64, 8)), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2(smollm2_path):
     """(tokenizer, model) of transformers' own GGUF loader, fp32, loaded once a session."""
     import torch
@@ -104,6 +126,19 @@ def hf_smollm2(smollm2_path):
     model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, dtype=torch.float32,
                                                  **kw).eval()
     return tok, model
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_path, tmp_path_factory):
+    """SmolLM2 built once a session for the reference backend (fp32), shared by the tests
+    of the model, the runtime and the server."""
+    from llmc.build import BuildOptions, build
+    from llmc.limits import BuildLimits
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-fp32.engine"
+    build(BuildOptions(model=smollm2_path, output=out, backend="reference", dtype="fp32",
+                       limits=BuildLimits(4, 256, 512, 16)), log=lambda _: None)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from llmc.build import BuildOptions, build
-from llmc.limits import BuildLimits
 from llmc.runtime.runner import Runner
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was"]
 NEW_TOKENS = 40
-
-
-@pytest.fixture(scope="session")
-def smollm2_engine(smollm2_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smollm2") / "smollm2-fp32.engine"
-    build(BuildOptions(model=smollm2_path, output=out, backend="reference", dtype="fp32",
-                       limits=BuildLimits(4, 256, 512, 16)), log=lambda _: None)
-    return out
 
 
 @pytest.mark.slow

@@ -77,6 +77,10 @@ def test_preemption_keeps_every_request_and_its_greedy_output(engine_file):
     assert engine.scheduler.num_preemptions > 0
     assert together == [_solo(engine_file, p, params) for p in prompts]
     assert engine.kv.pool.num_free_blocks == 12          # nothing leaked
+    stats = engine.stats()                                # what a server's /metrics shows
+    assert stats.preemptions == engine.scheduler.num_preemptions
+    assert (stats.waiting, stats.running, stats.kv_blocks_used, stats.kv_blocks_total) == (
+        0, 0, 0, 12)
 
 
 def test_prefix_caching_skips_shared_blocks_and_changes_nothing(engine_file):

@@ -1,0 +1,323 @@
+"""The OpenAI API's request and response shapes, as plain functions: no HTTP here.
+
+    req = parse_completion(body)      # or parse_chat; ApiError (a 4xx) names the bad field
+    params = req.sampling(prompt_tokens, max_seq_len)
+    completion_response(...), completion_chunk(...), chat_response(...), chat_chunk(...)
+
+Requests are checked as OpenAI checks them: an unknown field, a wrong type or a value out
+of range is a 400 naming the field (OpenAI refuses unknown fields too; vLLM's extensions
+top_k, min_p, repetition_penalty, min_tokens, ignore_eos and stop_token_ids are known).
+Fields that change nothing here (user, metadata, ...) are accepted; fields asking for what
+llmc does not do (n > 1, tools, echo, suffix, logit_bias) are a 400 that says so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from llmc.errors import LlmcError
+from llmc.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_STOP = 16            # stop strings a request may give (OpenAI: 4; vLLM: any)
+MAX_STOP_CHARS = 1024    # one stop string's length
+COMPLETION_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the rest
+ROLES = {"system", "developer", "user", "assistant"}
+
+
+class ApiError(Exception):
+    """An error the client gets as OpenAI's JSON: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code = param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+# --- field types ------------------------------------------------------------------------------
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+def _int_list(v) -> bool:
+    return isinstance(v, list) and all(_int(t) for t in v)
+
+
+INT = ("an integer", _int)
+NUM = ("a number", _num)
+BOOL = ("a boolean", lambda v: isinstance(v, bool))
+STR = ("a string", lambda v: isinstance(v, str))
+OBJ = ("an object", lambda v: isinstance(v, dict))
+ANY = ("anything", lambda v: True)
+STOP = ("a string or a list of strings", lambda v: isinstance(v, str) or _str_list(v))
+INTS = ("a list of integers", _int_list)
+PROMPT = ("a string, a list of token ids, or a list of one of those",
+          lambda v: isinstance(v, str) or _int_list(v) or isinstance(v, list))
+MESSAGES = ("a list of messages", lambda v: isinstance(v, list))
+
+# Every field either endpoint takes (None = not given, as OpenAI reads null).
+COMMON = {
+    "model": STR, "stream": BOOL, "stream_options": OBJ, "max_tokens": INT,
+    "temperature": NUM, "top_p": NUM, "presence_penalty": NUM, "frequency_penalty": NUM,
+    "seed": INT, "stop": STOP, "n": INT, "logit_bias": OBJ, "user": STR,
+    # vLLM's extensions
+    "top_k": INT, "min_p": NUM, "repetition_penalty": NUM, "min_tokens": INT,
+    "ignore_eos": BOOL, "stop_token_ids": INTS,
+}
+COMPLETION_FIELDS = {**COMMON, "prompt": PROMPT, "logprobs": INT, "echo": BOOL,
+                     "suffix": STR, "best_of": INT}
+CHAT_FIELDS = {**COMMON, "messages": MESSAGES, "logprobs": BOOL, "top_logprobs": INT,
+               "max_completion_tokens": INT, "response_format": OBJ, "tools": ANY,
+               "tool_choice": ANY, "parallel_tool_calls": BOOL, "metadata": OBJ,
+               "store": BOOL, "service_tier": STR}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One checked request: what to generate from, and how."""
+
+    model: str
+    prompt: str | list[int] | list[dict]   # text, token ids, or chat messages
+    chat: bool
+    params: SamplingParams                  # max_tokens still to settle (see sampling)
+    max_tokens: int | None                  # as given; None: the endpoint's default
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None             # top-n alternatives per token, when asked
+
+    def sampling(self, prompt_tokens: int, max_seq_len: int) -> SamplingParams:
+        """The settings for a prompt of this many tokens; a request that cannot fit the
+        engine's max_seq_len is a 400, as OpenAI's context-length error is."""
+        room = max_seq_len - prompt_tokens
+        if room < 1:
+            raise bad(f"the prompt has {prompt_tokens} tokens; this engine's context is "
+                      f"{max_seq_len} tokens (prompt + completion), so at most "
+                      f"{max_seq_len - 1} prompt tokens", "messages" if self.chat else "prompt",
+                      "context_length_exceeded")
+        if self.max_tokens is None:
+            return replace(self.params, max_tokens=room if self.chat
+                           else min(COMPLETION_MAX_TOKENS, room))
+        if self.max_tokens > room:
+            raise bad(f"this engine's context is {max_seq_len} tokens, but {prompt_tokens} "
+                      f"prompt tokens and max_tokens {self.max_tokens} make "
+                      f"{prompt_tokens + self.max_tokens}; lower max_tokens or the prompt",
+                      "max_tokens", "context_length_exceeded")
+        return replace(self.params, max_tokens=self.max_tokens)
+
+
+def parse_completion(body: Any) -> GenerationRequest:
+    f = _fields(body, COMPLETION_FIELDS, required=("model", "prompt"))
+    if f.get("echo"):
+        raise bad("echo is not supported", "echo")
+    if f.get("suffix"):
+        raise bad("suffix is not supported", "suffix")
+    if f.get("best_of") not in (None, 1):
+        raise bad(f"best_of must be 1 (llmc returns one choice), got {f['best_of']}",
+                  "best_of")
+    logprobs = f.get("logprobs")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise bad(f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {logprobs}",
+                  "logprobs")
+    return _request(f, _prompt(f["prompt"]), False, logprobs)
+
+
+def parse_chat(body: Any) -> GenerationRequest:
+    f = _fields(body, CHAT_FIELDS, required=("model", "messages"))
+    if f.get("tools") or f.get("tool_choice") not in (None, "none", "auto"):
+        raise bad("tools and tool calls are not supported", "tools")
+    if f.get("response_format") not in (None, {"type": "text"}):
+        raise bad("only response_format {\"type\": \"text\"} is supported", "response_format")
+    top = f.get("top_logprobs")
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise bad(f"top_logprobs must be an integer in 0..{MAX_LOGPROBS}, got {top}",
+                  "top_logprobs")
+    if top is not None and not f.get("logprobs"):
+        raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+    if f.get("max_completion_tokens") is not None:   # the newer name wins, as in OpenAI
+        f["max_tokens"] = f["max_completion_tokens"]
+    return _request(f, _messages(f["messages"]), True, (top or 0) if f.get("logprobs") else None)
+
+
+def _fields(body: Any, known: dict, required: tuple[str, ...]) -> dict:
+    if not isinstance(body, dict):
+        raise bad(f"the request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise bad(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
+    for name in required:
+        if body.get(name) is None:
+            raise bad(f"'{name}' is required", name, "missing_required_parameter")
+    for name, value in body.items():
+        what, ok = known[name]
+        if value is not None and not ok(value):
+            raise bad(f"'{name}' must be {what}, got {type(value).__name__} "
+                      f"{_short(value)}", name, "invalid_type")
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _request(f: dict, prompt, chat: bool, logprobs: int | None) -> GenerationRequest:
+    if f.get("n", 1) != 1:
+        raise bad(f"n must be 1: llmc returns one choice a request (got {f['n']}); send n "
+                  "requests instead", "n")
+    if f.get("logit_bias"):
+        raise bad("logit_bias is not supported", "logit_bias")
+    max_tokens = f.get("max_tokens")
+    if max_tokens is not None and max_tokens < 1:
+        raise bad(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    temperature = f.get("temperature")
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise bad(f"temperature must be in [0, 2], got {temperature}", "temperature")
+    stop = [f["stop"]] if isinstance(f.get("stop"), str) else f.get("stop", [])
+    if len(stop) > MAX_STOP:
+        raise bad(f"at most {MAX_STOP} stop strings, got {len(stop)}", "stop")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad(f"a stop string must have 1 to {MAX_STOP_CHARS} characters", "stop")
+    options = f.get("stream_options") or {}
+    if set(options) - {"include_usage"}:
+        raise bad(f"unknown stream_options {sorted(options)}", "stream_options")
+    if options and not f.get("stream"):
+        raise bad("stream_options needs stream: true", "stream_options")
+    f.setdefault("temperature", 1.0)   # the API's default (llmc run's is greedy)
+    names = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k",
+             "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids")
+    try:   # max_tokens is settled once the prompt's length is known (see sampling)
+        params = SamplingParams.from_dict(
+            {**{k: f[k] for k in names if k in f}, "stop": stop, "logprobs": logprobs,
+             "max_tokens": max_tokens if max_tokens is not None
+             else max(f.get("min_tokens", 0), 1)})
+    except LlmcError as e:   # its message starts with the field's name
+        raise bad(str(e), str(e).split()[0]) from None
+    return GenerationRequest(f["model"], prompt, chat, params, max_tokens,
+                             bool(f.get("stream")), bool(options.get("include_usage")),
+                             logprobs)
+
+
+def _prompt(prompt):
+    """One prompt: text or token ids. A batch of several is refused (one choice a request)."""
+    if isinstance(prompt, list) and prompt and not _int_list(prompt):
+        if not all(isinstance(p, str) or _int_list(p) for p in prompt):
+            raise bad(f"'prompt' must be {PROMPT[0]}", "prompt", "invalid_type")
+        if len(prompt) != 1:
+            raise bad(f"one prompt a request: got a batch of {len(prompt)}; send each as its "
+                      "own request", "prompt")
+        prompt = prompt[0]
+    if not prompt:
+        raise bad("the prompt is empty", "prompt")
+    return prompt
+
+
+def _messages(messages: list) -> list[dict]:
+    """{"role", "content"} dicts for the chat template; text content parts are joined."""
+    if not messages:
+        raise bad("messages is empty: give at least one message", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"{where} must be an object with a role and content", where)
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise bad(f"{where}.role must be one of {', '.join(sorted(ROLES))}, got "
+                      f"{_short(role)}", f"{where}.role")
+        if isinstance(content, list):   # content parts: only text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                raise bad(f"{where}.content: only text parts are supported",
+                          f"{where}.content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise bad(f"{where}.content must be a string or a list of text parts, got "
+                      f"{type(content).__name__}", f"{where}.content")
+        # "developer" is OpenAI's newer name for "system", which chat templates know
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --- responses --------------------------------------------------------------------------------
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def _envelope(rid: str, obj: str, model: str, created: int | None = None) -> dict:
+    return {"id": rid, "object": obj, "created": created or int(time.time()), "model": model}
+
+
+def completion_response(rid, model, text, finish_reason, use, logprobs=None) -> dict:
+    return {**_envelope(rid, "text_completion", model),
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs,
+                         "finish_reason": finish_reason}], "usage": use}
+
+
+def completion_chunk(rid, model, created, text, finish_reason=None, logprobs=None) -> dict:
+    return {**_envelope(rid, "text_completion", model, created),
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs,
+                         "finish_reason": finish_reason}]}
+
+
+def chat_response(rid, model, text, finish_reason, use, logprobs=None) -> dict:
+    return {**_envelope(rid, "chat.completion", model),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": logprobs, "finish_reason": finish_reason}],
+            "usage": use}
+
+
+def chat_chunk(rid, model, created, delta: dict, finish_reason=None, logprobs=None) -> dict:
+    return {**_envelope(rid, "chat.completion.chunk", model, created),
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                         "finish_reason": finish_reason}]}
+
+
+def usage_chunk(rid, model, created, chat: bool, use: dict) -> dict:
+    """The last chunk of a stream with stream_options.include_usage: no choices, the usage."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    return {**_envelope(rid, obj, model, created), "choices": [], "usage": use}
+
+
+def completion_logprobs(entries: list, token_text: Callable[[int], str], ids: list[int],
+                        offset: int = 0) -> dict:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    entries = entries[:len(ids)]   # a stop token has a logprob but is not in the output
+    tokens = [token_text(t) for t in ids]
+    offsets = []
+    for tok in tokens:
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
+            "top_logprobs": [{token_text(t): lp for t, lp in top or ()} for _, top in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list, token_text: Callable[[int], str], ids: list[int]) -> dict:
+    """The chat shape: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def one(token_id, lp):
+        text = token_text(token_id)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+    return {"content": [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top or ()]}
+                        for t, (lp, top) in zip(ids, entries)]}

@@ -1,0 +1,436 @@
+"""`llmc serve`: an OpenAI-compatible HTTP server on the in-flight-batching engine.
+
+    server = OpenAIServer(Runner("smollm2.engine"), model_name="smollm2")
+    server.run("127.0.0.1", 8000)            # blocks; SIGTERM drains, then it returns
+    with server.running("127.0.0.1", 0) as url: ...   # a background thread (tests, embedding)
+
+Endpoints: POST /v1/completions and /v1/chat/completions (JSON or SSE streams), GET
+/v1/models, /health and /metrics (Prometheus). Every request shares the engine's steps with
+every other (one EngineLoop thread steps the engine; this event loop only parses, tokenizes
+and writes). Request checking and the JSON shapes are runtime/openai_api.py's; the metrics
+are runtime/server_metrics.py's.
+
+Starlette + uvicorn: a small, well-kept ASGI toolkit and server (FastAPI is Starlette plus
+pydantic models; the request checks here must answer with OpenAI's error shape and llmc's
+own messages, which pydantic's 422s are not, so its layer would be bypassed anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llmc.errors import LlmcError
+from llmc.runtime import openai_api as api
+from llmc.runtime.engine_loop import AsyncEngine
+from llmc.runtime.openai_api import ApiError
+from llmc.runtime.server_metrics import CONTENT_TYPE, ServerMetrics
+
+log = logging.getLogger("llmc.serve")
+GENERATE = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+
+
+class OpenAIServer:
+    def __init__(self, runner, model_name: str, api_key: str | None = None,
+                 max_queue: int = 256, max_body_bytes: int = 16 << 20):
+        """runner: a Runner (its engine loop, tokenizer and chat template). max_queue:
+        requests that may wait beyond the engine's max_batch_size running ones; more get
+        429. max_body_bytes: larger request bodies get 413."""
+        self.runner = runner
+        self.engine = AsyncEngine(runner.loop)
+        self.model_name = model_name
+        self.api_key = api_key
+        self.max_seq_len = runner.limits.max_seq_len
+        self.vocab_size = runner.engine.header.io.vocab_size
+        self.capacity = runner.limits.max_batch_size + max_queue
+        self.max_body_bytes = max_body_bytes
+        self.active = 0          # generation requests inside the server, counted by __call__
+        self.draining = False    # set by SIGTERM: new requests get 503
+        self.metrics = ServerMetrics(runner.loop, lambda: self.active)
+        self.app = Starlette(routes=[
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.scrape, methods=["GET"]),
+        ], exception_handlers={HTTPException: self._http_error})
+
+    async def __call__(self, scope, receive, send) -> None:
+        """The ASGI app. Counts generation requests here, around the whole response, so a
+        stream is counted until its last byte (or its client leaves) and a response that
+        never started is not counted forever."""
+        if scope["type"] != "http" or scope["path"] not in GENERATE:
+            return await self.app(scope, receive, send)
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+            # A stream whose client left before it started never ran its own close
+            if (rec := scope.get("llmc.record")) is not None:
+                rec.close(499)
+
+    # --- endpoints ----------------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, api.parse_completion)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, api.parse_chat)
+
+    async def models(self, request: Request) -> Response:
+        if (denied := self._denied(request)) is not None:
+            return _error(denied)
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": int(time.time()),
+            "owned_by": "llmc", "max_model_len": self.max_seq_len,
+            "vocab_size": self.vocab_size}]})   # llmc's extra: what `llmc bench --url` draws
+
+    async def health(self, request: Request) -> Response:
+        if self.runner.loop.error is not None:
+            return JSONResponse({"status": f"engine failed: {self.runner.loop.error}"}, 503)
+        if self.draining:
+            return JSONResponse({"status": "draining"}, 503)
+        return JSONResponse({"status": "ok"})
+
+    async def scrape(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def _http_error(self, request: Request, exc: HTTPException) -> Response:
+        """Unknown paths and methods answer in OpenAI's JSON too."""
+        return _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: "
+                               f"{exc.detail}", code="not_found" if exc.status_code == 404
+                               else None))
+
+    # --- one generation request ---------------------------------------------------------------
+
+    async def _generate(self, request: Request, parse) -> Response:
+        rec = _Record(self, GENERATE[request.url.path], "chatcmpl" if parse is api.parse_chat
+                      else "cmpl")
+        request.scope["llmc.record"] = rec
+        try:
+            req, tokens, params = await self._admit(request, parse)
+        except ApiError as e:
+            rec.close(e.status, error=e.message)
+            return _error(e)
+        rec.prompt_tokens = len(tokens)
+        if req.stream:
+            return StreamingResponse(self._stream(req, tokens, params, rec),
+                                     media_type="text/event-stream",
+                                     # nginx would buffer the events otherwise
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+        try:
+            outputs = await _unless_disconnected(request, self._collect(tokens, params, rec))
+        except ApiError as e:
+            rec.close(e.status, error=e.message)
+            return _error(e)
+        if outputs is None:   # the client left; its request was aborted, its blocks freed
+            rec.close(499)
+            return Response(status_code=499)
+        text = "".join(o.text for o in outputs)
+        ids = [t for o in outputs for t in o.token_ids]
+        entries = [e for o in outputs for e in o.logprobs or ()]
+        last = outputs[-1]
+        use = api.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+        lp = self._logprobs(req, entries, ids) if req.logprobs is not None else None
+        shape = api.chat_response if req.chat else api.completion_response
+        rec.close(200)
+        return JSONResponse(shape(rec.id, self.model_name, text, last.finish_reason, use, lp))
+
+    async def _admit(self, request: Request, parse):
+        """Everything checked before the engine sees the request: key, drain, body, fields,
+        model, room in the queue, the prompt's tokens and length."""
+        if (denied := self._denied(request)) is not None:
+            raise denied
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", "service_unavailable")
+        req = parse(await self._json(request))
+        if req.model != self.model_name:
+            raise ApiError(404, f"the model {req.model!r} does not exist; this server serves "
+                           f"{self.model_name!r}", param="model", code="model_not_found")
+        if self.active > self.capacity:
+            raise ApiError(429, f"the server's queue is full ({self.capacity} requests); "
+                           "retry later", "rate_limit_exceeded", code="queue_full")
+        tokens = await run_in_threadpool(self._tokens, req)
+        return req, tokens, req.sampling(len(tokens), self.max_seq_len)
+
+    def _denied(self, request: Request) -> ApiError | None:
+        if self.api_key is None:
+            return None
+        given = request.headers.get("authorization", "")
+        scheme, _, key = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(),
+                                                               self.api_key.encode()):
+            return None
+        return ApiError(401, f"{'wrong' if given else 'missing'} API key: send the header "
+                        "'Authorization: Bearer KEY' with this server's key",
+                        code="invalid_api_key")
+
+    async def _json(self, request: Request) -> Any:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _too_large(self.max_body_bytes)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise _too_large(self.max_body_bytes)
+        try:
+            return json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise api.bad(f"the request body is not UTF-8 ({e})") from None
+        except json.JSONDecodeError as e:
+            raise api.bad(f"the request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise api.bad("the request body nests too deeply") from None
+
+    def _tokens(self, req: api.GenerationRequest) -> list[int]:
+        """The prompt's token ids (chat: through the model's chat template, as `llmc run
+        --chat` does). Runs in a worker thread: a long prompt does not stall the others."""
+        if isinstance(req.prompt, list) and not req.chat:
+            bad = next((t for t in req.prompt if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise api.bad(f"token id {bad} is outside the vocabulary "
+                              f"(0..{self.vocab_size - 1})", "prompt")
+            return req.prompt
+        try:
+            tokens = self.runner.encode(req.prompt, chat=req.chat)
+        except LlmcError as e:
+            raise api.bad(str(e), "messages" if req.chat else "prompt") from None
+        except Exception as e:   # the tokenizer refused the text
+            raise api.bad(f"the prompt cannot be tokenized ({e})", "prompt") from None
+        if not tokens:
+            raise api.bad("the prompt is empty (0 tokens)", "prompt")
+        return tokens
+
+    async def _outputs(self, tokens, params, rec: _Record):
+        """The engine's outputs for this request; an error before any token is the request's
+        own fault (a 400), and an engine that stopped is a 503."""
+        try:
+            async for out in self.engine.generate(tokens, params):
+                rec.add(out)
+                if out.finish_reason == "error":
+                    raise self._engine_error(out.error)
+                yield out
+        except LlmcError as e:   # the loop refused the submission: the engine stopped
+            raise ApiError(503, str(e), "service_unavailable") from None
+
+    def _engine_error(self, error: str | None) -> ApiError:
+        if self.runner.loop.error is not None:
+            return ApiError(500, f"the engine failed: {error}", "internal_error")
+        return api.bad(error or "the request failed")
+
+    async def _collect(self, tokens, params, rec: _Record) -> list:
+        return [out async for out in self._outputs(tokens, params, rec)]
+
+    async def _stream(self, req, tokens, params, rec: _Record) -> AsyncIterator[str]:
+        created, model, offset = int(time.time()), self.model_name, 0
+        extra = {"usage": None} if req.include_usage else {}
+        code = 200
+        try:
+            if req.chat:
+                yield _sse({**api.chat_chunk(rec.id, model, created,
+                                             {"role": "assistant", "content": ""}), **extra})
+            async for out in self._outputs(tokens, params, rec):
+                lp = None
+                if req.logprobs is not None and out.token_ids:
+                    lp = self._logprobs(req, out.logprobs or [], out.token_ids, offset)
+                offset += len(out.text)
+                reason = out.finish_reason if out.finished else None
+                if req.chat:
+                    chunk = api.chat_chunk(rec.id, model, created,
+                                           {"content": out.text} if out.text else {}, reason,
+                                           lp)
+                else:
+                    chunk = api.completion_chunk(rec.id, model, created, out.text, reason, lp)
+                yield _sse({**chunk, **extra})
+            if req.include_usage:
+                yield _sse(api.usage_chunk(rec.id, model, created, req.chat,
+                                           api.usage(rec.prompt_tokens, rec.completion_tokens,
+                                                     rec.cached_tokens)))
+            yield "data: [DONE]\n\n"
+        except ApiError as e:   # mid-stream: the status is sent already, so an error event
+            code = e.status
+            rec.error = e.message
+            yield _sse(e.body())
+        finally:   # also when the client left (the stream was cancelled, the request aborted)
+            rec.close(code if rec.finish_reason else 499)
+
+    def _logprobs(self, req, entries, ids, offset: int = 0) -> dict:
+        if req.chat:
+            return api.chat_logprobs(entries, self._token_text, ids)
+        return api.completion_logprobs(entries, self._token_text, ids, offset)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.runner.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # --- running it ---------------------------------------------------------------------------
+
+    def run(self, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+            on_ready=None) -> None:
+        """Serve until SIGTERM or SIGINT; then drain (new requests get 503, those in flight
+        finish) and return. on_ready(url) is called once the socket listens."""
+        sock = bind(host, port)
+        server = _Uvicorn(self, uvicorn.Config(self, log_level=log_level, access_log=False,
+                                               lifespan="off"))
+        if on_ready:
+            on_ready(url_of(sock))
+        server.run(sockets=[sock])
+
+    @contextlib.contextmanager
+    def running(self, host: str = "127.0.0.1", port: int = 0):
+        """Serve from a background thread; yields the base URL (http://host:port). Leaving
+        the block stops the server (the runner stays open)."""
+        sock = bind(host, port)
+        server = _Uvicorn(self, uvicorn.Config(self, log_config=None, access_log=False,
+                                               lifespan="off"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                                  name="llmc-serve", daemon=True)
+        thread.start()
+        while not server.started and thread.is_alive():
+            time.sleep(0.01)
+        try:
+            yield url_of(sock)
+        finally:
+            server.should_exit = True
+            thread.join()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, with SIGTERM and SIGINT draining instead of stopping: new requests get 503
+    while those in flight finish, then it stops (and the process exits 0: the signal is not
+    re-raised). A second signal stops it at once."""
+
+    def __init__(self, app: OpenAIServer, config: uvicorn.Config):
+        super().__init__(config)
+        self.llmc = app
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.llmc.draining:
+            self.should_exit = self.force_exit = True
+            return
+        self.llmc.draining = True
+        log.info("draining: %d request(s) in flight; new ones get 503", self.llmc.active)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.llmc.draining and self.llmc.active == 0:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+class _Record:
+    """One generation request's id, counts and times; at the end, its metrics and its one
+    log line."""
+
+    def __init__(self, server: OpenAIServer, endpoint: str, prefix: str):
+        self.server, self.endpoint = server, endpoint
+        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        self.t0 = time.monotonic()
+        self.first = self.last = None
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
+        self.finish_reason: str | None = None
+        self.submitted = False
+        self.error: str | None = None
+        self.closed = False
+
+    def add(self, out) -> None:
+        now = time.monotonic()
+        self.submitted = True
+        if out.token_ids and self.first is None:
+            self.first = now
+        self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
+        self.completion_tokens = out.completion_tokens
+        if out.finished:
+            self.finish_reason, self.last = out.finish_reason, now
+            self.error = out.error
+
+    def close(self, code: int, error: str | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        end = time.monotonic()
+        e2e = end - self.t0
+        ttft = self.first - self.t0 if self.first is not None else None
+        n = self.completion_tokens
+        tpot = ((self.last or end) - self.first) / (n - 1) if self.first and n > 1 else None
+        m = self.server.metrics
+        m.http.labels(self.endpoint, str(code)).inc()
+        reason = self.finish_reason or ("abort" if code == 499 else "error")
+        if self.submitted or code == 499:
+            m.observe(reason, self.prompt_tokens, n, ttft, tpot, e2e)
+        error = error or self.error
+        log.info("%s %s %d %s prompt=%d completion=%d cached=%d ttft=%s duration=%.3fs%s",
+                 self.id, self.endpoint, code, reason if code < 400 or code == 499 else "-",
+                 self.prompt_tokens, n, self.cached_tokens,
+                 f"{ttft:.3f}s" if ttft is not None else "-", e2e,
+                 f" error={error!r}" if error else "")
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await `work` unless the client disconnects first: then cancel it (which aborts its
+    engine request and frees its blocks) and return None."""
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+    if task.cancelled() or not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), e.status)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes",
+                    code="request_too_large")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0: any free one), bound before uvicorn starts so that
+    the caller knows the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise LlmcError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

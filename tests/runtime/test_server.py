@@ -1,0 +1,309 @@
+"""The OpenAI-compatible server, real: uvicorn on a loopback port (a thread of this process),
+the real `openai` client and raw HTTP. Outputs equal the Runner's for the same request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import urllib.parse
+from types import SimpleNamespace
+
+import pytest
+from server_client import request, wait_idle
+
+from llmc.runtime.runner import Runner
+from llmc.runtime.sampler import SamplingParams
+
+openai = pytest.importorskip("openai")
+from llmc.runtime.server import OpenAIServer  # noqa: E402
+
+KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_chat_engine):
+    runner = Runner(tiny_chat_engine)
+    server = OpenAIServer(runner, "tiny", api_key=KEY, max_body_bytes=1 << 16)
+    with server.running() as url:
+        yield SimpleNamespace(url=url, runner=runner, server=server,
+                              client=openai.OpenAI(base_url=url + "/v1", api_key=KEY))
+    runner.close()
+
+
+def solo(runner, prompt, chat=False, **params):
+    """What the Runner alone makes of the request."""
+    return runner.complete([prompt], SamplingParams(**params), chat=chat)[0]
+
+
+def test_completions_and_chat_equal_the_runner(served):
+    client, runner = served.client, served.runner
+    want = solo(runner, "w3 w4 w5", max_tokens=8)
+    r = client.completions.create(model="tiny", prompt="w3 w4 w5", max_tokens=8, temperature=0)
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == want.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (3, len(want.token_ids))
+    assert r.usage.total_tokens == 3 + len(want.token_ids) and r.id.startswith("cmpl-")
+
+    chunks = list(client.completions.create(model="tiny", prompt="w3 w4 w5", max_tokens=8,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.token_ids)
+    assert [c.choices[0].finish_reason for c in chunks[:-1]][-1] == want.finish_reason
+
+    messages = [{"role": "system", "content": "w7"}, {"role": "user", "content": "w9 w10"}]
+    want = solo(runner, messages, chat=True, max_tokens=6)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6,
+                                       temperature=0)
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(runner.encode(messages, chat=True)) == want.prompt_tokens
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=6,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    assert all(c.usage is None for c in chunks)   # no include_usage: no usage chunk
+
+    # max_tokens left out: chat may use the rest of the context (64 tokens here)
+    r = client.chat.completions.create(model="tiny", messages=messages, temperature=0)
+    assert r.usage.prompt_tokens + r.usage.completion_tokens <= 64
+
+
+def test_stop_seed_penalties_and_logprobs(served):
+    client, runner = served.client, served.runner
+    want = solo(runner, "w3 w4 w5", max_tokens=8)
+    stop = want.text.split()[2]   # a word the greedy output reaches
+    r = client.completions.create(model="tiny", prompt="w3 w4 w5", max_tokens=8, temperature=0,
+                                  stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == want.text[:want.text.index(stop)]
+
+    sampled = dict(max_tokens=8, temperature=0.9, top_p=0.9, seed=7, presence_penalty=0.5,
+                   frequency_penalty=0.3)
+    want = solo(runner, "w3 w4", **sampled)
+    texts = {client.completions.create(model="tiny", prompt="w3 w4", **sampled).choices[0].text
+             for _ in range(2)}
+    assert texts == {want.text}
+
+    want = solo(runner, "w3 w4", max_tokens=4, logprobs=2)
+    r = client.completions.create(model="tiny", prompt="w3 w4", max_tokens=4, temperature=0,
+                                  logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(want.token_ids) and all(len(t) == 2 for t in lp.top_logprobs)
+    assert lp.token_logprobs == pytest.approx([p for p, _ in want.logprobs[:len(lp.tokens)]])
+    assert lp.tokens == r.choices[0].text.split()   # the word-level tokenizer: a token a word
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "w3"}],
+                                       max_tokens=3, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+
+
+def test_async_client_concurrent_requests(served):
+    prompts = [f"w{i} w{i + 1}" for i in range(3, 11)]
+    want = served.runner.complete(prompts, SamplingParams(max_tokens=6))
+
+    async def one(client, prompt, stream):
+        if not stream:
+            r = await client.completions.create(model="tiny", prompt=prompt, max_tokens=6,
+                                                temperature=0)
+            return r.choices[0].text
+        text = ""
+        async for chunk in await client.completions.create(model="tiny", prompt=prompt,
+                                                           max_tokens=6, temperature=0,
+                                                           stream=True):
+            text += chunk.choices[0].text
+        return text
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key=KEY) as client:
+            return await asyncio.gather(*(one(client, p, i % 2 == 1)
+                                          for i, p in enumerate(prompts)))
+    assert asyncio.run(main()) == [w.text for w in want]
+
+
+def test_models_health_and_metrics(served):
+    status, body = request(served.url, "GET", "/v1/models", headers=AUTH)
+    assert status == 200 and body["data"][0]["id"] == "tiny"
+    assert body["data"][0]["max_model_len"] == 64
+    assert [m.id for m in served.client.models.list()] == ["tiny"]
+    assert request(served.url, "GET", "/health") == (200, {"status": "ok"})
+    before = wait_idle(served.url)   # the previous tests' streams are closed and counted
+    served.client.completions.create(model="tiny", prompt="w3 w4", max_tokens=5,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    after = wait_idle(served.url)
+    assert after["llmc_generation_tokens_total"] - before["llmc_generation_tokens_total"] == 5
+    assert after["llmc_prompt_tokens_total"] - before["llmc_prompt_tokens_total"] == 2
+    code = 'llmc_http_requests_total{code="200",endpoint="completions"}'
+    assert after[code] - before.get(code, 0) == 1
+    for name in ("llmc_time_to_first_token_seconds_count", "llmc_e2e_request_latency_seconds"
+                 "_count", "llmc_time_per_output_token_seconds_count"):
+        assert after[name] - before.get(name, 0) == 1
+    assert after["llmc_kv_blocks_total"] > 0 and after["llmc_kv_blocks_used"] == 0
+    # the same 20-token prompt twice: the second finds two full 8-token blocks cached
+    prompt = " ".join(f"w{i}" for i in range(40, 60))
+    usage = [served.client.completions.create(model="tiny", prompt=prompt, max_tokens=1).usage
+             for _ in range(2)]
+    assert usage[1].prompt_tokens_details.cached_tokens == 16
+    m = wait_idle(served.url)
+    assert m["llmc_prefix_cache_hits_total"] - after["llmc_prefix_cache_hits_total"] == 16
+    assert m["llmc_prefix_cache_hit_rate"] > 0
+    for name in ("llmc_prefix_cache_hit_rate", "llmc_num_preemptions_total",
+                 "llmc_prefix_cache_queries_total"):
+        assert name in after
+
+
+LONG = "w3 " * 70            # beyond the engine's max_seq_len of 64
+OK_BODY = {"model": "tiny", "prompt": "w3 w4", "max_tokens": 2}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "w3"}], "max_tokens": 2}
+BAD = [   # (name, path, body or raw bytes, headers, status, words in the message)
+    ("malformed JSON", "c", b'{"model": "tiny", ', AUTH, 400, "not valid JSON"),
+    ("not an object", "c", [1, 2], AUTH, 400, "JSON object"),
+    ("non-UTF-8 bytes", "c", b'{"model": "tiny", "prompt": "w3 \xff"}', AUTH, 400, "UTF-8"),
+    ("wrong type", "c", {**OK_BODY, "max_tokens": "5"}, AUTH, 400, "'max_tokens' must be"),
+    ("negative max_tokens", "c", {**OK_BODY, "max_tokens": -1}, AUTH, 400, "max_tokens"),
+    ("temperature out of range", "c", {**OK_BODY, "temperature": 3}, AUTH, 400, "temperature"),
+    ("top_p out of range", "c", {**OK_BODY, "top_p": 0}, AUTH, 400, "top_p"),
+    ("penalty out of range", "c", {**OK_BODY, "presence_penalty": 5}, AUTH, 400,
+     "presence_penalty"),
+    ("n > 1", "c", {**OK_BODY, "n": 2}, AUTH, 400, "n must be 1"),
+    ("no role", "chat", {**CHAT, "messages": [{"content": "w3"}]}, AUTH, 400, "role"),
+    ("content not text", "chat", {**CHAT, "messages": [{"role": "user", "content": 5}]}, AUTH,
+     400, "content"),
+    ("empty messages", "chat", {**CHAT, "messages": []}, AUTH, 400, "messages is empty"),
+    ("missing prompt", "c", {"model": "tiny"}, AUTH, 400, "'prompt' is required"),
+    ("empty prompt", "c", {**OK_BODY, "prompt": ""}, AUTH, 400, "empty"),
+    ("batch of prompts", "c", {**OK_BODY, "prompt": ["w3", "w4"]}, AUTH, 400, "one prompt"),
+    ("token outside vocab", "c", {**OK_BODY, "prompt": [5, 999]}, AUTH, 400, "vocabulary"),
+    ("unknown model", "c", {**OK_BODY, "model": "gpt-9"}, AUTH, 404, "does not exist"),
+    ("no API key", "c", OK_BODY, {}, 401, "API key"),
+    ("wrong API key", "c", OK_BODY, {"Authorization": "Bearer nope"}, 401, "API key"),
+    ("oversized body", "c", {**OK_BODY, "prompt": "w3 " * 30000}, AUTH, 413, "larger than"),
+    ("prompt beyond max_seq_len", "c", {**OK_BODY, "prompt": LONG}, AUTH, 400, "at most 63"),
+    ("prompt + max_tokens beyond", "c", {**OK_BODY, "max_tokens": 63}, AUTH, 400, "context"),
+    ("JSON nested too deep", "c", b"[" * 30000 + b"]" * 30000, AUTH, 400, "nests"),
+    ("unknown field", "c", {**OK_BODY, "frobnicate": 1}, AUTH, 400, "unrecognized"),
+    ("stop list too long", "c", {**OK_BODY, "stop": [f"w{i}" for i in range(17)]}, AUTH, 400,
+     "stop"),
+    ("logprobs out of range", "c", {**OK_BODY, "logprobs": 21}, AUTH, 400, "logprobs"),
+    ("top_logprobs out of range", "chat", {**CHAT, "logprobs": True, "top_logprobs": 30}, AUTH,
+     400, "top_logprobs"),
+    ("stream_options without stream", "c", {**OK_BODY, "stream_options": {"include_usage": 1}},
+     AUTH, 400, "stream"),
+    ("tools", "chat", {**CHAT, "tools": [{"type": "function"}]}, AUTH, 400, "tools"),
+    ("min_tokens > max_tokens", "c", {**OK_BODY, "min_tokens": 5}, AUTH, 400, "min_tokens"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,headers,status,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_are_4xx_json(served, name, path, body, headers, status, words):
+    path = "/v1/completions" if path == "c" else "/v1/chat/completions"
+    raw = body if isinstance(body, bytes) else None
+    got, answer = request(served.url, "POST", path, body, headers, raw)
+    assert got == status, answer
+    error = answer["error"]
+    assert words in error["message"] and isinstance(error["type"], str)
+
+
+def test_the_server_keeps_serving_after_bad_requests(served):
+    for _, path, body, headers, _, _ in BAD:
+        request(served.url, "POST", "/v1/completions" if path == "c"
+                else "/v1/chat/completions", None if isinstance(body, bytes) else body,
+                headers, body if isinstance(body, bytes) else None)
+    status, body = request(served.url, "GET", "/nowhere")
+    assert status == 404 and "error" in body
+    status, body = request(served.url, "GET", "/v1/completions", headers=AUTH)
+    assert status == 405 and "error" in body
+    assert request(served.url, "GET", "/health")[0] == 200
+    status, body = request(served.url, "POST", "/v1/completions", OK_BODY, AUTH)
+    assert status == 200 and body["usage"]["prompt_tokens"] == 2
+    assert wait_idle(served.url)["llmc_kv_blocks_used"] == 0
+
+
+def _open(url: str, path: str, body: dict) -> socket.socket:
+    """Send a request and return the socket without reading the answer."""
+    u = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port))
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+                 .encode() + data)
+    return sock
+
+
+def test_a_client_that_leaves_aborts_its_request(served):
+    before = wait_idle(served.url)   # the previous tests' streams are closed and counted
+    # streaming: read the first event, then hang up
+    sock = _open(served.url, "/v1/completions", {**OK_BODY, "max_tokens": 60, "stream": True,
+                                                 "ignore_eos": True})
+    received = b""
+    while b"data:" not in received:
+        received += sock.recv(4096)
+    sock.close()
+    # not streaming: hang up while the engine works on it
+    sock = _open(served.url, "/v1/chat/completions", {**CHAT, "max_tokens": 60,
+                                                       "ignore_eos": True})
+    sock.close()
+    after = wait_idle(served.url)
+    abort = 'llmc_requests_finished_total{finish_reason="abort"}'
+    assert after.get(abort, 0) - before.get(abort, 0) >= 1
+    assert after["llmc_kv_blocks_used"] == 0
+    # neither ran to its 60 tokens
+    assert after["llmc_generation_tokens_total"] - before["llmc_generation_tokens_total"] < 120
+
+
+def test_a_full_queue_is_429(served):
+    server = OpenAIServer(served.runner, "tiny", max_queue=0)   # room for 16 requests
+    with server.running() as url:
+        async def main():
+            async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x",
+                                          max_retries=0) as client:
+                async def one(i):
+                    try:
+                        await client.completions.create(model="tiny", prompt=f"w{i + 3}",
+                                                        max_tokens=60, temperature=0,
+                                                        extra_body={"ignore_eos": True})
+                        return 200
+                    except openai.RateLimitError as e:
+                        assert "queue is full" in e.message
+                        return 429
+                return await asyncio.gather(*(one(i) for i in range(48)))
+        codes = asyncio.run(main())
+        assert 429 in codes and codes.count(200) >= 16
+        assert wait_idle(url)["llmc_kv_blocks_used"] == 0
+
+
+def test_load_200_streams_some_leaving(served):
+    """200 concurrent streaming requests of random lengths, 10% of clients leaving midway:
+    every completed stream equals its solo greedy run, no KV block leaks, still healthy.
+    (A few seconds on the tiny model, so not marked slow.)"""
+    rng = random.Random(0)
+    prompts = [" ".join(f"w{rng.randrange(3, 128)}" for _ in range(rng.randrange(1, 12)))
+               for _ in range(20)]
+    jobs = [(rng.choice(prompts), rng.choice([2, 5, 9, 16]), i % 10 == 0) for i in range(200)]
+    want = {(p, n): solo(served.runner, p, max_tokens=n).text for p, n, _ in set(jobs)}
+
+    async def one(client, prompt, n, leave):
+        stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=n,
+                                                 temperature=0, stream=True)
+        text, reason = "", None
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            reason = chunk.choices[0].finish_reason or reason
+            if leave:
+                await stream.close()
+                return None
+        return text, reason
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key=KEY,
+                                      max_retries=0, timeout=120) as client:
+            return await asyncio.gather(*(one(client, *job) for job in jobs))
+    results = asyncio.run(main())
+    for (prompt, n, leave), got in zip(jobs, results):
+        if not leave:
+            assert got[0] == want[prompt, n] and got[1] in ("stop", "length")
+    m = wait_idle(served.url)
+    assert m["llmc_kv_blocks_used"] == 0 and m["llmc_num_requests_in_server"] == 0
+    assert request(served.url, "GET", "/health")[0] == 200
