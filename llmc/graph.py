@@ -113,6 +113,15 @@ def _set_external(t: TensorProto, location: str, offset: int, length: int) -> No
         entry.key, entry.value = k, v
 
 
+def weights_file_size(weights: list[Weight]) -> int:
+    """The size of the weights.bin `save_onnx` writes for `weights` (each tensor aligned)."""
+    end = 0
+    for w in weights:
+        end += -end % WEIGHT_ALIGN
+        end += int(np.prod(w.shape, dtype=np.int64)) * np_dtype(w.dtype).itemsize
+    return end
+
+
 def save_onnx(model: onnx.ModelProto, weights: list[Weight], folder: Path,
               progress: Callable[[int, int], None] | None = None) -> Path:
     """Write folder/model.onnx and folder/weights.bin, streaming one weight at a time."""
