@@ -22,10 +22,13 @@ Seen with TensorRT-RTX 1.7.1 (tensorrt-rtx-cu13) on a CPU-only Linux machine:
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from llmc import contract
 from llmc.backends.tensorrt import shim
@@ -259,10 +262,10 @@ def register_plugins(backend: str, log: Callable[[str], None]) -> None:
     log(f"registered llmc plugins for {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs)")
 
 
-def _parse_and_build(trt, logger, errors, onnx_path, shapes, backend, options, log):
+def parse_and_build(trt, errors, onnx_path, shapes, backend, options, log):
     """Parser -> network -> config + profile -> plan; returns (plan, network info, timings)."""
     register_plugins(backend, log)
-    builder = trt.Builder(logger)
+    builder = trt.Builder(shim.get_logger(trt))
     network = create_network(trt, builder)
     t0 = time.perf_counter()
     parser = parse_onnx(trt, network, onnx_path, errors)
@@ -304,6 +307,7 @@ def build_plan(
 
     `rtx_targets` (tensorrt-rtx only): compute capabilities such as ("8.9",) or ("current",);
     empty keeps the library's default set (8.0, 8.6, 8.9, 12.x).
+    The builder runs in a child process (builder.py), so Ctrl-C stops it.
     """
     limits.validate()
     if rtx_targets and backend != "tensorrt-rtx":
@@ -316,14 +320,14 @@ def build_plan(
     graph_inputs = onnx_graph_inputs(graph_only)
     check_kv_block_size(graph_inputs, limits)
     shapes = profile_shapes(graph_inputs, limits)
-    del graph_only
-    trt = shim.import_trt(backend)
-    logger = shim.get_logger(trt)
-    with shim.capture_log(logger, log) as errors:
-        plan, network_info, timings = _parse_and_build(
-            trt, logger, errors, onnx_path, shapes, backend,
-            {"workspace_bytes": workspace_bytes, "rtx_targets": tuple(rtx_targets)}, log,
-        )
+    shim.import_trt(backend)   # a missing library is said here, not in the child
+    from llmc.backends.tensorrt.builder import run_builder
+
+    with _inlined(graph_only, onnx_path, backend) as parse_path:
+        del graph_only
+        plan, network_info, timings = run_builder(
+            parse_path, shapes, backend,
+            {"workspace_bytes": workspace_bytes, "rtx_targets": tuple(rtx_targets)}, log)
     summary = {
         **network_info,
         "limits": limits.to_dict(),
@@ -333,3 +337,25 @@ def build_plan(
         "plan_bytes": len(plan),
     }
     return plan, summary
+
+
+@contextmanager
+def _inlined(model, onnx_path: Path, backend: str) -> Iterator[Path]:
+    """tensorrt-rtx: the graph with the llmc nodes' function bodies inlined, beside the
+    original (so its external weights resolve). TensorRT-RTX's parser inlines them itself
+    but names every instance's nodes after the body's, so each layer after the first
+    collides ("A node named ... already exists"); onnx's inliner prefixes each call's
+    nodes. Full TensorRT keeps the nodes: its plugins stand in for them."""
+    if backend != "tensorrt-rtx" or not model.functions:
+        yield onnx_path
+        return
+    import onnx.inliner
+
+    fd, name = tempfile.mkstemp(prefix=f".{onnx_path.stem}.", suffix=".inlined.onnx",
+                                dir=onnx_path.parent)
+    os.close(fd)
+    try:
+        onnx.save(onnx.inliner.inline_local_functions(model), name)
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
