@@ -287,7 +287,7 @@ def main(args: list[str] | None = None) -> None:
     refuses), 1 for an unexpected exception (a bug in llmc), 130 when interrupted."""
     state = {"verbose": False}   # set by --verbose on the group or any command
     try:
-        code = cli(args, standalone_mode=False, obj=state)
+        code = cli(args, prog_name="llmc", standalone_mode=False, obj=state)
     except (click.exceptions.Abort, KeyboardInterrupt):
         _fail(state, "interrupted", 130)
     except click.ClickException as e:   # usage errors: click's message, on one line
