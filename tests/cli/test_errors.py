@@ -99,6 +99,10 @@ def gguf_header(version: int = 3, n_tensors: int = 0, n_kv: int = 0) -> bytes:
     return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
 
 
+def gguf_string(s: bytes) -> bytes:
+    return struct.pack("<Q", len(s)) + s
+
+
 BAD_CHECKPOINTS = {   # case -> (damage to a copy of the tiny llama, message)
     "empty safetensors": (write("model.safetensors", b""), "only 0 bytes"),
     "5-byte safetensors": (write("model.safetensors", b"\x05\0\0\0\0"), "only 5 bytes"),
@@ -186,6 +190,10 @@ BAD_BUILDS = {   # case -> (extra args, made from the test's folder; message)
     "gguf truncated": (_gguf(b"GGUF\x03\0"), "is not a readable GGUF file"),
     "gguf version 1": (_gguf(gguf_header(version=1)), "GGUF version 1"),
     "gguf without metadata": (_gguf(gguf_header()), "GGUF"),
+    "gguf alignment 0": (_gguf(gguf_header(n_kv=1) + gguf_string(b"general.alignment")
+                               + struct.pack("<II", 4, 0)), "general.alignment is 0"),
+    "gguf tensor of no dimensions": (_gguf(gguf_header(n_tensors=1) + gguf_string(b"w")
+                                           + struct.pack("<I", 0)), "has 0 dimensions"),
     "dtype unknown": (lambda t: ["--dtype", "int3"], "unsupported dtype 'int3'"),
     "kv block size 12": (lambda t: ["--kv-block-size", "12"], "kv_block_size must be a power"),
     "batch size 0": (lambda t: ["--max-batch-size", "0"], "max_batch_size"),
@@ -313,6 +321,9 @@ BAD_RUNS = {   # case -> (args, given the engine and the test's folder; message)
                                                "w3"], "payload checksum mismatch"),
     "engine header corrupted": (lambda e, t: ["run", _damaged(e, t, _flip(70)), "-p", "w3"],
                                 "header checksum mismatch"),
+    "engine header length huge": (lambda e, t: ["run", _damaged(
+        e, t, lambda r: r.__setitem__(slice(16, 24), struct.pack("<Q", 2**62))), "-p", "w3"],
+        "truncated (header incomplete)"),
     "engine of another format": (lambda e, t: ["run", _damaged(
         e, t, lambda r: r.__setitem__(slice(8, 12), struct.pack("<I", 1))), "-p", "w3"],
         "has engine format 1"),

@@ -307,7 +307,7 @@ def build_plan(
 
     `rtx_targets` (tensorrt-rtx only): compute capabilities such as ("8.9",) or ("current",);
     empty keeps the library's default set (8.0, 8.6, 8.9, 12.x).
-    The builder runs in a child process (builder.py), so Ctrl-C stops it.
+    The parse and build run in a child process (builder.py), so Ctrl-C stops them.
     """
     limits.validate()
     if rtx_targets and backend != "tensorrt-rtx":
@@ -321,13 +321,15 @@ def build_plan(
     check_kv_block_size(graph_inputs, limits)
     shapes = profile_shapes(graph_inputs, limits)
     shim.import_trt(backend)   # a missing library is said here, not in the child
-    from llmc.backends.tensorrt.builder import run_builder
+    from llmc.backends.tensorrt.builder import run_child
 
-    with _inlined(graph_only, onnx_path, backend) as parse_path:
+    with _inlined(graph_only, onnx_path, backend) as parse_path, \
+            _scratch(onnx_path.parent, ".plan") as plan_file:
         del graph_only
-        plan, network_info, timings = run_builder(
-            parse_path, shapes, backend,
-            {"workspace_bytes": workspace_bytes, "rtx_targets": tuple(rtx_targets)}, log)
+        options = {"workspace_bytes": workspace_bytes, "rtx_targets": tuple(rtx_targets)}
+        network_info, timings = run_child(
+            (str(parse_path), shapes, backend, options, str(plan_file)), backend, log)
+        plan = plan_file.read_bytes()
     summary = {
         **network_info,
         "limits": limits.to_dict(),
@@ -337,6 +339,18 @@ def build_plan(
         "plan_bytes": len(plan),
     }
     return plan, summary
+
+
+def build_in_child(request, log: Callable[[str], None]):
+    """The builder child's work (`python -m llmc.backends.tensorrt`, builder.py): parse and
+    build, the plan into `plan_file`; returns (network info, timings)."""
+    onnx_path, shapes, backend, options, plan_file = request
+    trt = shim.import_trt(backend)
+    with shim.capture_log(shim.get_logger(trt), log) as errors:
+        plan, info, timings = parse_and_build(trt, errors, Path(onnx_path), shapes, backend,
+                                              options, log)
+    Path(plan_file).write_bytes(plan)
+    return info, timings
 
 
 @contextmanager
@@ -351,11 +365,17 @@ def _inlined(model, onnx_path: Path, backend: str) -> Iterator[Path]:
         return
     import onnx.inliner
 
-    fd, name = tempfile.mkstemp(prefix=f".{onnx_path.stem}.", suffix=".inlined.onnx",
-                                dir=onnx_path.parent)
+    with _scratch(onnx_path.parent, ".inlined.onnx") as path:
+        onnx.save(onnx.inliner.inline_local_functions(model), path)
+        yield path
+
+
+@contextmanager
+def _scratch(folder: Path, suffix: str) -> Iterator[Path]:
+    """A hidden temporary file in `folder`, removed afterwards whatever happens."""
+    fd, name = tempfile.mkstemp(prefix=".llmc.", suffix=suffix, dir=folder)
     os.close(fd)
     try:
-        onnx.save(onnx.inliner.inline_local_functions(model), name)
         yield Path(name)
     finally:
         Path(name).unlink(missing_ok=True)
