@@ -23,6 +23,9 @@ from hypothesis import strategies as st
 
 from llmc.errors import LlmcError
 
+# random bytes read as floats are NaN and inf now and then: that is data, not a reader's fault
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
 FUZZ = settings(max_examples=200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
