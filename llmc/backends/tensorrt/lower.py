@@ -272,7 +272,7 @@ def parse_and_build(trt, errors, onnx_path, shapes, backend, options, log):
     parse_s = time.perf_counter() - t0
     info = describe_network(network)
     log(
-        f"parsed {onnx_path.name} in {parse_s:.1f}s: {info['num_layers']} layers, "
+        f"parsed the ONNX graph in {parse_s:.1f}s: {info['num_layers']} layers, "
         f"{network.num_inputs} inputs, {network.num_outputs} outputs"
     )
     config = make_config(trt, builder, **options)
@@ -325,7 +325,6 @@ def build_plan(
 
     with _inlined(graph_only, onnx_path, backend) as parse_path, \
             _scratch(onnx_path.parent, ".plan") as plan_file:
-        del graph_only
         options = {"workspace_bytes": workspace_bytes, "rtx_targets": tuple(rtx_targets)}
         network_info, timings = run_child(
             (str(parse_path), shapes, backend, options, str(plan_file)), backend, log)
