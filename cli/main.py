@@ -1,8 +1,9 @@
-"""The `llmc` command: build, run and inspect engines."""
+"""The `llmc` command: build, run, serve, benchmark and inspect engines."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,8 +17,20 @@ def _log(msg: str) -> None:
     click.echo(f"[llmc] {msg}", err=True)
 
 
+def _verbose_option(f):
+    """--verbose, accepted on the group and on every command (`llmc --verbose build ...` or
+    `llmc build ... --verbose`); main() reads it when something fails."""
+    def remember(ctx, _param, value):
+        if value and isinstance(ctx.obj, dict):
+            ctx.obj["verbose"] = True
+    return click.option("--verbose", is_flag=True, expose_value=False, is_eager=True,
+                        callback=remember,
+                        help="on failure, show the traceback (for a bug report)")(f)
+
+
 @click.group()
 @click.version_option(package_name="llmc")
+@_verbose_option
 def cli() -> None:
     """llmc: compile a HuggingFace checkpoint or GGUF file into an engine, and run it."""
 
@@ -48,6 +61,7 @@ def cli() -> None:
               help="skip a fusion pass (repeatable; names in docs/passes.md)")
 @click.option("--dump-graphs", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="write the graph after every pass stage as DIR/NN-name.onnx")
+@_verbose_option
 def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_tokens,
           max_seq_len, kv_block_size, disable_passes, dump_graphs) -> None:
     """Build an engine file from a checkpoint."""
@@ -66,6 +80,7 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
 
 def session_options(command):
     """The options every command that opens an engine takes (run, serve, bench)."""
+    command = _verbose_option(command)
     command = click.option(
         "--gpu-memory-utilization", default=0.9, show_default=True,
         help="cuda engines: the share of the GPU's memory this process may fill (weights, "
@@ -371,6 +386,7 @@ def _progress(total: int, quiet: bool):
 @cli.command()
 @click.argument("engine", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print the whole header as JSON")
+@_verbose_option
 def inspect(engine, as_json) -> None:
     """Print an engine file's header."""
     from llmc.engine_file import EngineFile
@@ -413,16 +429,32 @@ def _plan_rows(header) -> list[tuple[str, str]]:
                        f"({header.io.num_layers} layers x {header.io.kv_block_shape} a block)")]
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
+    """The `llmc` command. A failure is one `error:` line on stderr (with --verbose, the
+    traceback first): exit status 2 for bad input (usage, LlmcError, a file the system
+    refuses), 1 for an unexpected exception (a bug in llmc), 130 when interrupted."""
+    state = {"verbose": False}   # set by --verbose on the group or any command
     try:
-        cli(standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        code = cli(args, prog_name="llmc", standalone_mode=False, obj=state)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _fail(state, "interrupted", 130)
+    except click.ClickException as e:   # usage errors: click's message, on one line
+        where = f"; see `{e.ctx.command_path} --help`" if getattr(e, "ctx", None) else ""
+        _fail(state, e.format_message().rstrip(".") + where, e.exit_code)
     except LlmcError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+        _fail(state, str(e), 2)
+    except OSError as e:   # the system refused a file: the user's to fix, not a bug
+        _fail(state, str(e), 2)
+    except Exception as e:
+        _fail(state, f"internal error ({type(e).__name__}: {e}); this is a bug in llmc: "
+                     "rerun with --verbose and report the traceback", 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(state: dict, message: str, code: int) -> None:
+    if state["verbose"]:
+        import traceback
+
+        traceback.print_exc()
+    click.echo("error: " + re.sub(r"\s*\n\s*", " ", message.strip()), err=True)  # one line
+    sys.exit(code)

@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,7 +25,7 @@ from llmc import backends, dtypes
 from llmc.contract import EngineIO
 from llmc.engine_file import write_engine
 from llmc.errors import LlmcError
-from llmc.graph import save_onnx
+from llmc.graph import save_onnx, weights_file_size
 from llmc.header import BuildInfo, EngineHeader, ModelInfo
 from llmc.limits import BuildLimits
 from llmc.model_zoo import load_model
@@ -86,8 +89,10 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
     except ValueError as e:   # an unknown --disable-pass name
         raise LlmcError(str(e)) from None
     log(f"fused graph: {len(graph.graph.node)} nodes, {len(weights)} weights")
+    check_space(opts.output.parent, weights_file_size(weights))
 
-    with tempfile.TemporaryDirectory(prefix="llmc-build-", dir=opts.output.parent) as tmp:
+    with disk_full_is_an_error(opts.output), \
+            tempfile.TemporaryDirectory(prefix="llmc-build-", dir=opts.output.parent) as tmp:
         every = max(1, len(weights) // 10)
         onnx_path = save_onnx(graph, weights, Path(tmp), progress=lambda k, n: (
             log(f"weights: {k}/{n}") if k % every == 0 or k == n else None))
@@ -136,6 +141,37 @@ def check_output(output: Path, model: Path, log: Callable[[str], None]) -> None:
         log(f"replacing the existing engine {output}")
     if not os.access(output.parent, os.W_OK):
         raise LlmcError(f"cannot write to {output.parent} (permission denied)")
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes this (unprivileged) process may still write in `folder`'s file system."""
+    return shutil.disk_usage(folder).free
+
+
+def check_space(folder: Path, weights_bytes: int) -> None:
+    """Before writing anything: the build writes the weights twice beside the engine (the
+    temporary weights file the backend lowers from, then the engine, which holds them or a
+    plan of about their size), so it needs about twice their size free there."""
+    needed, free = 2 * weights_bytes, free_bytes(folder)
+    if needed > free:
+        raise LlmcError(f"not enough free space in {folder}: the build needs about "
+                        f"{needed:,} bytes ({needed / 2**20:,.1f} MiB: the weights twice, a "
+                        f"temporary copy and the engine) and {free:,} bytes "
+                        f"({free / 2**20:,.1f} MiB) are free; free some space or write the "
+                        "engine elsewhere")
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(output: Path):
+    """A disk that fills up anyway (another writer, a quota) is one clear error; the
+    writers have already removed their temporary files by the time it gets here."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise LlmcError(f"the disk filled up while writing {output} ({e.strerror}); nothing "
+                        "was written: free some space or write the engine elsewhere") from None
 
 
 def check_tokenizer(text: str, vocab_size: int, model: Path) -> None:

@@ -106,6 +106,7 @@ class EngineFile:
             self.verify_payload()
 
     def _read_header(self) -> dict[str, Any]:
+        size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             prefix = f.read(_PREFIX.size)
             if len(prefix) < _PREFIX.size or not prefix.startswith(MAGIC):
@@ -116,12 +117,24 @@ class EngineFile:
                     f"{self.path} has engine format {version}; this llmc reads format "
                     f"{FORMAT_VERSION}. Rebuild it with this llmc's `llmc build`."
                 )
+            if n > size - _PREFIX.size - _TRAILER:   # before reading n bytes, not after
+                raise LlmcError(f"{self.path} is truncated (header incomplete); rebuild it")
             blob = f.read(n)
-        if len(blob) < n:
-            raise LlmcError(f"{self.path} is truncated (header incomplete); rebuild it")
         if hashlib.sha256(blob).digest() != digest:
             raise LlmcError(f"{self.path} is corrupted (header checksum mismatch); rebuild it")
-        return json.loads(blob)
+        try:
+            raw = json.loads(blob)
+            sections = raw["sections"]
+            # each section is [offset, length], after the header (the end: _check_size)
+            ok = isinstance(sections, dict) and all(
+                isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)
+                and _PREFIX.size + n <= v[0] and 0 <= v[1] for v in sections.values())
+        except (ValueError, KeyError, TypeError):   # bad UTF-8 or JSON, not an object
+            ok = False
+        if not ok:
+            raise LlmcError(f"{self.path} has a header this llmc did not write (no JSON "
+                            "object with valid sections); rebuild it")
+        return raw
 
     def _check_size(self) -> None:
         ends = [off + n for off, n in self.raw["sections"].values()]

@@ -34,6 +34,17 @@ class Weight:
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
 
+    def read(self) -> np.ndarray:
+        """The loaded array, checked against the config's shape and dtype (before anything,
+        a fused weight's concatenation included, combines it with others)."""
+        data = np.ascontiguousarray(self.load())
+        if data.shape != self.shape or data.dtype != np_dtype(self.dtype):
+            raise LlmcError(f"tensor {self.name} does not fit the model's config: as the "
+                            f"engine stores it, it is {data.dtype}{data.shape}, the config "
+                            f"needs {self.dtype}{self.shape}; is the checkpoint for this "
+                            "config.json?")
+        return data
+
 
 @dataclass
 class GraphBuilder:
@@ -113,6 +124,15 @@ def _set_external(t: TensorProto, location: str, offset: int, length: int) -> No
         entry.key, entry.value = k, v
 
 
+def weights_file_size(weights: list[Weight]) -> int:
+    """The size of the weights.bin `save_onnx` writes for `weights` (each tensor aligned)."""
+    end = 0
+    for w in weights:
+        end += -end % WEIGHT_ALIGN
+        end += int(np.prod(w.shape, dtype=np.int64)) * np_dtype(w.dtype).itemsize
+    return end
+
+
 def save_onnx(model: onnx.ModelProto, weights: list[Weight], folder: Path,
               progress: Callable[[int, int], None] | None = None) -> Path:
     """Write folder/model.onnx and folder/weights.bin, streaming one weight at a time."""
@@ -120,12 +140,7 @@ def save_onnx(model: onnx.ModelProto, weights: list[Weight], folder: Path,
     by_name = {t.name: t for t in model.graph.initializer}
     with open(folder / "weights.bin", "wb") as f:
         for k, w in enumerate(weights):
-            data = np.ascontiguousarray(w.load())
-            if data.shape != w.shape or data.dtype != np_dtype(w.dtype):
-                raise LlmcError(f"tensor {w.name} does not fit the model's config: as the "
-                                f"engine stores it, it is {data.dtype}{data.shape}, the config "
-                                f"needs {w.dtype}{w.shape}; is the checkpoint for this "
-                                "config.json?")
+            data = w.read()
             f.seek(-f.tell() % WEIGHT_ALIGN, os.SEEK_CUR)
             _set_external(by_name[w.name], "weights.bin", f.tell(), data.nbytes)
             f.write(data.tobytes())

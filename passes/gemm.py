@@ -74,7 +74,7 @@ def fused_name(names: list[str]) -> str:
 
 def concat_weight(g: Graph, names: list[str]) -> str:
     parts = [g.weights[n] for n in names]
-    loads = [w.load for w in parts]
+    loads = [w.read for w in parts]   # each part checked against its shape first
 
     def load() -> np.ndarray:          # one fused tensor at a time, parts freed right after
         return np.concatenate([f() for f in loads], axis=-1)

@@ -7,6 +7,7 @@ The tokenizer JSON comes from transformers' GGUF tokenizer converter.
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class GGUFFile:
     def __init__(self, path: Path):
         import gguf
 
+        self.path = path
         self._map = np.memmap(path, dtype=np.uint8, mode="r")
         self._pos = 0
         if self._take(4) != b"GGUF":
@@ -54,16 +56,26 @@ class GGUFFile:
         infos = []
         for _ in range(n_tensors):
             name = self._string()
-            dims = [self._unpack("<Q") for _ in range(self._unpack("<I"))]
+            n_dims = self._unpack("<I")
+            if not 1 <= n_dims <= 4:   # GGML_MAX_DIMS
+                raise ValueError(f"tensor {name} has {n_dims} dimensions")
+            dims = [self._unpack("<Q") for _ in range(n_dims)]
             infos.append((name, tuple(reversed(dims)), self._unpack("<I"), self._unpack("<Q")))
-        align = int(self.fields.get("general.alignment", 32))
+        align = self.fields.get("general.alignment", 32)
+        if type(align) is not int or align <= 0:
+            raise ValueError(f"general.alignment is {align!r}")
         data_start = self._pos + (-self._pos % align)
         self.tensors = {}
         for name, shape, qtype, offset in infos:
             block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+            if 0 in shape:   # else a zero-byte row would let the other dims claim anything
+                raise ValueError(f"tensor {name} has an empty dimension {shape}")
+            if shape[-1] % block:
+                raise ValueError(f"tensor {name}: rows of {shape[-1]} values are not whole "
+                                 f"blocks of {block}")
             row_bytes = shape[-1] // block * type_size
             start = data_start + offset
-            nbytes = row_bytes * int(np.prod(shape[:-1], dtype=np.int64))
+            nbytes = row_bytes * math.prod(shape[:-1])   # Python ints: no overflow
             if start + nbytes > self._map.size:
                 raise ValueError(f"truncated: tensor {name} lies past the end of the file")
             self.tensors[name] = (shape, gguf.GGMLQuantizationType(qtype), start, row_bytes)
@@ -81,7 +93,7 @@ class GGUFFile:
     def _string(self) -> str:
         return self._take(self._unpack("<Q")).decode("utf-8", errors="replace")
 
-    def _value(self, vtype: int):
+    def _value(self, vtype: int, depth: int = 0):
         if vtype == 8:
             return self._string()
         if vtype == 9:
@@ -89,7 +101,9 @@ class GGUFFile:
             if etype in self._SCALARS:  # one read for the whole numeric array
                 fmt = self._SCALARS[etype]
                 return list(struct.unpack(f"<{n}{fmt[1]}", self._take(n * struct.calcsize(fmt))))
-            return [self._value(etype) for _ in range(n)]
+            if depth >= 4:   # arrays of arrays exist; a deep nest is a damaged file
+                raise ValueError("metadata arrays nested too deep")
+            return [self._value(etype, depth + 1) for _ in range(n)]
         if vtype not in self._SCALARS:
             raise ValueError(f"unknown metadata value type {vtype}")
         return self._unpack(self._SCALARS[vtype])
@@ -102,13 +116,17 @@ class GGUFFile:
         import gguf
 
         shape, qtype, start, row_bytes = self.tensors[name]
-        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        rows = math.prod(shape[:-1])
         raw = self._map[start:start + rows * row_bytes].reshape(rows, row_bytes)
-        if qtype == gguf.GGMLQuantizationType.BF16:
-            w = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        else:
-            w = gguf.quants.dequantize(raw, qtype)
-        return w.reshape(shape).astype(np.float32, copy=False)
+        try:
+            if qtype == gguf.GGMLQuantizationType.BF16:
+                w = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            else:
+                w = gguf.quants.dequantize(raw, qtype)
+            return w.reshape(shape).astype(np.float32, copy=False)
+        except (NotImplementedError, ValueError) as e:   # a type gguf cannot dequantize
+            raise LlmcError(f"{self.path}: tensor {name} of type {qtype.name} cannot be "
+                            f"read ({e})") from None
 
 
 def _tokenizer_json(path: Path, reader: GGUFFile) -> str:

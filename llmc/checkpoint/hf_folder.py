@@ -6,6 +6,7 @@ safetensors are parsed directly (header + np.memmap), so bf16 needs no framework
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Callable
@@ -70,9 +71,12 @@ def _safetensors_readers(file: Path) -> dict[str, Callable[[], np.ndarray]]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = (all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= begin <= end
-                  and isinstance(dtype, str))
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (isinstance(dtype, str) and isinstance(shape, list)
+                  and isinstance(offsets, list) and len(offsets) == 2
+                  and all(type(d) is int and d >= 0 for d in [*shape, *offsets])
+                  and offsets[0] <= offsets[1])
+            begin, end = offsets
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
@@ -80,7 +84,7 @@ def _safetensors_readers(file: Path) -> dict[str, Callable[[], np.ndarray]]:
         if dtype not in _ST_DTYPES:
             raise LlmcError(f"{file}: tensor {name} has dtype {dtype}, which llmc "
                             f"cannot read (supported: {', '.join(_ST_DTYPES)})")
-        if (end - begin) != int(np.prod(shape)) * np.dtype(_ST_DTYPES[dtype]).itemsize:
+        if (end - begin) != math.prod(shape) * np.dtype(_ST_DTYPES[dtype]).itemsize:
             raise LlmcError(f"{bad} (tensor {name!r}: {end - begin} bytes for shape {shape})")
         readers[name] = _st_reader(data, info, file, name)
     return readers

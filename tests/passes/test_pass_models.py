@@ -56,7 +56,16 @@ def test_pipeline_fuses_everything_and_matches_hf(tiny_models, kind):
 
     # A ragged step over a cache full of other data equals the unfused graph ...
     feeds = ragged_feeds(cfg, "float32")
-    assert_same(run_ort(model, weights, feeds), run_ort(fused, fused_weights, feeds), "float32")
+    fused_out = run_ort(fused, fused_weights, feeds)
+    assert_same(run_ort(model, weights, feeds), fused_out, "float32")
+    # ... as does the graph TensorRT-RTX parses: the function bodies inlined by onnx (their
+    # attribute references resolved), as tensorrt/lower.py hands it over ...
+    import onnx.inliner
+
+    inlined = onnx.inliner.inline_local_functions(fused)
+    assert not inlined.functions and len({n.name for n in inlined.graph.node}) == \
+        len(inlined.graph.node)   # every node named once: no TensorRT name collisions
+    assert_same(fused_out, run_ort(inlined, fused_weights, feeds), "float32")
     # ... and three fresh prompts in one step equal HF's forward.
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 19, 13)]

@@ -66,6 +66,20 @@ def test_prompt_longer_than_the_engine_allows(tiny_engine):
         runner.generate("")
 
 
+@pytest.mark.parametrize("prompts, message", [
+    (123, "prompts are a string or a list of strings, not int"),
+    (None, "prompts are a string or a list of strings, not NoneType"),
+    ([None], "a prompt is a string or a list of token ids, not NoneType"),
+    ([b"x"], "a prompt is a string or a list of token ids, not bytes"),
+    ([{"prompt": "w3"}], "a prompt is a string or a list of token ids, not dict"),
+])
+def test_runner_refuses_what_is_not_a_prompt(tiny_engine, prompts, message):
+    runner = Runner(tiny_engine)
+    with pytest.raises(LlmcError, match=message):
+        runner.generate(prompts, max_new_tokens=2)
+    runner.close()
+
+
 def test_runner_text_and_streaming(tiny_engine):
     runner = Runner(tiny_engine)
     texts = runner.generate(["w5 w6 w7", "w9 w9"], max_new_tokens=5)

@@ -2,6 +2,7 @@
 
     lower.py    fused ONNX graph -> OnnxParser -> strongly typed network -> profile -> plan
     session.py  plan -> execution context; one step per call, KV pools on the GPU
+    builder.py  the parse and build in a child process, so that Ctrl-C stops a build
     shim.py     the one door to the `tensorrt` / `tensorrt_rtx` module and its logger
 
 The two libraries share their API; the backend name picks the module.

@@ -22,10 +22,13 @@ Seen with TensorRT-RTX 1.7.1 (tensorrt-rtx-cu13) on a CPU-only Linux machine:
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from llmc import contract
 from llmc.backends.tensorrt import shim
@@ -259,17 +262,17 @@ def register_plugins(backend: str, log: Callable[[str], None]) -> None:
     log(f"registered llmc plugins for {gpu.name} ({gpu.arch}, {gpu.sm_count} SMs)")
 
 
-def _parse_and_build(trt, logger, errors, onnx_path, shapes, backend, options, log):
+def parse_and_build(trt, errors, onnx_path, shapes, backend, options, log):
     """Parser -> network -> config + profile -> plan; returns (plan, network info, timings)."""
     register_plugins(backend, log)
-    builder = trt.Builder(logger)
+    builder = trt.Builder(shim.get_logger(trt))
     network = create_network(trt, builder)
     t0 = time.perf_counter()
     parser = parse_onnx(trt, network, onnx_path, errors)
     parse_s = time.perf_counter() - t0
     info = describe_network(network)
     log(
-        f"parsed {onnx_path.name} in {parse_s:.1f}s: {info['num_layers']} layers, "
+        f"parsed the ONNX graph in {parse_s:.1f}s: {info['num_layers']} layers, "
         f"{network.num_inputs} inputs, {network.num_outputs} outputs"
     )
     config = make_config(trt, builder, **options)
@@ -304,6 +307,7 @@ def build_plan(
 
     `rtx_targets` (tensorrt-rtx only): compute capabilities such as ("8.9",) or ("current",);
     empty keeps the library's default set (8.0, 8.6, 8.9, 12.x).
+    The parse and build run in a child process (builder.py), so Ctrl-C stops them.
     """
     limits.validate()
     if rtx_targets and backend != "tensorrt-rtx":
@@ -316,14 +320,15 @@ def build_plan(
     graph_inputs = onnx_graph_inputs(graph_only)
     check_kv_block_size(graph_inputs, limits)
     shapes = profile_shapes(graph_inputs, limits)
-    del graph_only
-    trt = shim.import_trt(backend)
-    logger = shim.get_logger(trt)
-    with shim.capture_log(logger, log) as errors:
-        plan, network_info, timings = _parse_and_build(
-            trt, logger, errors, onnx_path, shapes, backend,
-            {"workspace_bytes": workspace_bytes, "rtx_targets": tuple(rtx_targets)}, log,
-        )
+    shim.import_trt(backend)   # a missing library is said here, not in the child
+    from llmc.backends.tensorrt.builder import run_child
+
+    with _inlined(graph_only, onnx_path, backend) as parse_path, \
+            _scratch(onnx_path.parent, ".plan") as plan_file:
+        options = {"workspace_bytes": workspace_bytes, "rtx_targets": tuple(rtx_targets)}
+        network_info, timings = run_child(
+            (str(parse_path), shapes, backend, options, str(plan_file)), backend, log)
+        plan = plan_file.read_bytes()
     summary = {
         **network_info,
         "limits": limits.to_dict(),
@@ -333,3 +338,43 @@ def build_plan(
         "plan_bytes": len(plan),
     }
     return plan, summary
+
+
+def build_in_child(request, log: Callable[[str], None]):
+    """The builder child's work (`python -m llmc.backends.tensorrt`, builder.py): parse and
+    build, the plan into `plan_file`; returns (network info, timings)."""
+    onnx_path, shapes, backend, options, plan_file = request
+    trt = shim.import_trt(backend)
+    with shim.capture_log(shim.get_logger(trt), log) as errors:
+        plan, info, timings = parse_and_build(trt, errors, Path(onnx_path), shapes, backend,
+                                              options, log)
+    Path(plan_file).write_bytes(plan)
+    return info, timings
+
+
+@contextmanager
+def _inlined(model, onnx_path: Path, backend: str) -> Iterator[Path]:
+    """tensorrt-rtx: the graph with the llmc nodes' function bodies inlined, beside the
+    original (so its external weights resolve). TensorRT-RTX's parser inlines them itself
+    but names every instance's nodes after the body's, so each layer after the first
+    collides ("A node named ... already exists"); onnx's inliner prefixes each call's
+    nodes. Full TensorRT keeps the nodes: its plugins stand in for them."""
+    if backend != "tensorrt-rtx" or not model.functions:
+        yield onnx_path
+        return
+    import onnx.inliner
+
+    with _scratch(onnx_path.parent, ".inlined.onnx") as path:
+        onnx.save(onnx.inliner.inline_local_functions(model), path)
+        yield path
+
+
+@contextmanager
+def _scratch(folder: Path, suffix: str) -> Iterator[Path]:
+    """A hidden temporary file in `folder`, removed afterwards whatever happens."""
+    fd, name = tempfile.mkstemp(prefix=".llmc.", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)

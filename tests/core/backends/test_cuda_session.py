@@ -233,3 +233,38 @@ def test_runner_on_the_engine_batches_like_alone(tiny_models_d64, tmp_path):
     b = [r.token_ids for r in runner.complete(prompts[::-1], sampled)][::-1]
     assert a == b   # a request's draws follow its seed, not its batch row
     runner.close()
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "llmc", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_auto_picks_cuda_and_generates(tiny_models_d64, tmp_path):
+    """`llmc build` with the default backend (auto) on a GPU machine without TensorRT builds
+    a cuda engine and says so; `llmc run` generates with it (greedy, so twice the same)."""
+    from llmc.backends import tensorrt
+
+    if tensorrt.backend("tensorrt").available()[0]:
+        pytest.skip("TensorRT can run here, so auto picks it")
+    out = tmp_path / "auto.engine"
+    b = _cli("build", "--model", tiny_models_d64["llama-gqa"][0], "--dtype", "bf16", "-o", out)
+    assert b.returncode == 0, b.stderr
+    assert "backend auto -> cuda" in b.stderr, b.stderr
+    assert EngineFile(out).header.backend == "cuda"
+    runs = [_cli("run", out, "-p", "w3 w4 w5", "--max-new-tokens", "6")
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
+
+
+def test_kv_pool_that_cannot_fit_is_one_clear_error(tiny_models_d64, tmp_path):
+    out = _engine(tiny_models_d64["llama-gqa"][0], tmp_path, "bf16").path
+    r = _cli("run", out, "-p", "w3", "--gpu-memory-utilization", "0.0001")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the KV cache needs at least" in errors[0], r.stderr
+    assert "raise --gpu-memory-utilization" in errors[0]

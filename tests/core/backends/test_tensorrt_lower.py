@@ -303,3 +303,14 @@ def test_rtx_current_target_needs_a_gpu_and_fails_clearly(toy_fp32):
 def test_rtx_targets_only_for_rtx(toy_fp32):
     with pytest.raises(ValueError, match="tensorrt-rtx backend only"):
         build_plan(toy_fp32, LIMITS, "tensorrt", rtx_targets=["8.9"])
+
+
+@needs_rtx
+def test_a_quiet_build_says_it_is_still_building(toy_fp32, monkeypatch):
+    """The builder child reports nothing while TensorRT works: the parent says so."""
+    from llmc.backends.tensorrt import builder
+
+    monkeypatch.setattr(builder, "PROGRESS_EVERY", 0.05)
+    lines: list[str] = []
+    build_plan(toy_fp32, LIMITS, "tensorrt-rtx", log=lines.append)
+    assert any(x.startswith("tensorrt-rtx: still building (") for x in lines), lines
