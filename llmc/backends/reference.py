@@ -5,8 +5,14 @@ bodies), so it is the numerics oracle and lets the whole runtime run on a laptop
 
 lower: the engine keeps the ONNX graph and its weights file as two sections.
 session: the graph's initializers are pointed into the engine file itself, so onnxruntime
-maps the weights instead of loading them; KV pools are numpy arrays, replaced each step by
-the graph's `kv_cache_out_{l}` outputs.
+maps the weights instead of loading them. KV pools are numpy arrays, allocated once. The
+graph writes a step's K/V rows with ScatterND, which copies its whole input pool: fed the
+whole pool, a step's cost would grow with the pool (issue #8 measured batch-8 decode at
+82-101 ms with 104 blocks and 249-600 ms with 1024). So a step feeds the graph only the
+blocks its block tables name, renumbered 0..U-1 (the pool's `num_blocks` dim is dynamic in
+the contract), and copies back into the pools, in place, the blocks it wrote. The graph is
+the one the other backends lower, unchanged, and computes exactly what it would on the whole
+pool: it never reads a block outside the tables.
 """
 
 from __future__ import annotations
@@ -69,23 +75,52 @@ class ReferenceSession:
         self._sess = ort.InferenceSession(model.SerializeToString(), opts,
                                           providers=["CPUExecutionProvider"])
         self.io = engine.header.io
+        self._limits = engine.header.build.limits
         self._outputs = [contract.LOGITS] + [contract.kv_cache_output(i)
                                              for i in range(self.io.num_layers)]
         self.kv: list[np.ndarray] = []
 
     def allocate_kv(self, num_blocks: int) -> None:
-        shape = self.io.kv_shape(num_blocks)
-        self.kv = [np.zeros(shape, np_dtype(self.io.kv_dtype)) for _ in range(self.io.num_layers)]
+        """The pools, and beside each a buffer for the blocks one step names (at most every
+        row's whole table plus block 0, which pads the tables): all of it allocated here,
+        none a step."""
+        dtype, layers = np_dtype(self.io.kv_dtype), range(self.io.num_layers)
+        self.kv = [np.zeros(self.io.kv_shape(num_blocks), dtype) for _ in layers]
+        most = min(num_blocks, self._limits.max_batch_size * self._limits.max_blocks_per_seq + 1)
+        self._named = [np.empty(int(np.prod(self.io.kv_shape(most))), dtype) for _ in layers]
 
     def step(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Run one ragged step; the KV pools are replaced by their updated copies."""
-        feeds = dict(inputs)
-        feeds.update({contract.kv_cache_input(i): kv for i, kv in enumerate(self.kv)})
-        logits, *self.kv = self._sess.run(self._outputs, feeds)
+        """Run one ragged step over the blocks it names (see the module doc); the blocks it
+        wrote are copied back into the pools in place."""
+        if not self.kv:
+            raise RuntimeError("call allocate_kv(num_blocks) before the first step")
+        tables = np.asarray(inputs[contract.BLOCK_TABLES])
+        used, local = np.unique(tables, return_inverse=True)     # used[local] == tables
+        local = local.reshape(tables.shape).astype(np.int32)
+        feeds = {**inputs, contract.BLOCK_TABLES: local}
+        shape = self.io.kv_shape(used.size)
+        size = int(np.prod(shape))
+        for i, (kv, buf) in enumerate(zip(self.kv, self._named)):
+            # (a step beyond the build limits, which onnxruntime does not enforce, gets a
+            # fresh array)
+            named = buf[:size].reshape(shape) if size <= buf.size else None
+            feeds[contract.kv_cache_input(i)] = np.take(kv, used, axis=1, out=named)
+        logits, *step_pools = self._sess.run(self._outputs, feeds)
+        written = self._written(inputs, local)
+        for kv, step_pool in zip(self.kv, step_pools):
+            kv[:, used[written]] = step_pool[:, written]
         return logits
 
+    def _written(self, inputs: dict[str, np.ndarray], local: np.ndarray) -> np.ndarray:
+        """The (renumbered) blocks this step's new tokens were written into: token t of
+        sequence s at position p goes to block local[s, p // block_size]."""
+        starts = np.asarray(inputs[contract.SEQ_STARTS])
+        seq = np.repeat(np.arange(len(starts) - 1), np.diff(starts))
+        column = np.asarray(inputs[contract.POSITION_IDS]) // self.io.block_size
+        return np.unique(local[seq, column])
+
     def close(self) -> None:
-        self.kv = []
+        self.kv, self._named = [], []
 
 
 def _point_weights_into(model, location: str, shift: int) -> None:
