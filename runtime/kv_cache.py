@@ -186,19 +186,3 @@ class BlockPool:
         if block.block_hash is not None:
             del self._cached[block.block_hash]
             block.block_hash = None
-
-    # Block ids, not blocks: the simple whole-sequence reservation of runtime/generator.py
-    # and bench/reference_tokens.py, which never cache.
-
-    @property
-    def num_free(self) -> int:
-        return self.num_free_blocks
-
-    def allocate(self, n: int) -> list[int] | None:
-        """n block ids, or None when fewer than n are free."""
-        if n > self.num_free_blocks:
-            return None
-        return [b.block_id for b in self.get_new_blocks(n)]
-
-    def free(self, block_ids: Iterable[int]) -> None:
-        self.free_blocks(self.blocks[i] for i in block_ids)

@@ -41,17 +41,20 @@ def test_ragged_steps_match_hf(tiny_models, tmp_path, kind, dtype):
 
 
 def test_engine_generation_matches_hf_greedy(tiny_models, tmp_path):
-    from llmc.runtime.generator import generate
+    """Through the whole runtime (Runner, engine, scheduler): 2 sequences a step, chunked
+    prefill of 16, greedy tokens equal HF's generate."""
+    from llmc.runtime.runner import Runner
     from llmc.runtime.sampler import SamplingParams
 
     folder, model = tiny_models["llama-gqa"]
-    session = _engine(folder, tmp_path, "fp32")
+    out = tmp_path / "gen.engine"
+    build(BuildOptions(model=folder, output=out, backend="reference", dtype="fp32",
+                       limits=BuildLimits(2, 16, 64, BLOCK)), log=lambda _: None)
     prompts = [[1, 2, 3], list(range(10, 30)), [5] * 9]
-    limits = BuildLimits(2, 16, 64, BLOCK)   # 2 sequences at a time, chunked prefill of 16
-    seqs = generate(session, limits, prompts, 12, SamplingParams())
-    for prompt, seq in zip(prompts, seqs):
+    results = Runner(out).complete(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+    for prompt, result in zip(prompts, results):
         with torch.no_grad():
             ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                  pad_token_id=0)[0, len(prompt):].tolist()
-        assert seq.generated == ref
-        assert seq.finish_reason == "length"
+        assert result.token_ids == ref
+        assert result.finish_reason == "length"

@@ -22,16 +22,16 @@ def test_greedy_tokens_equal_hf(smollm2_engine, hf_smollm2):
     runner = Runner(smollm2_engine)
     ids = [runner.encode(p) for p in PROMPTS]
     assert ids == [tok(p)["input_ids"] for p in PROMPTS]   # same tokenizer
-    from llmc.runtime.generator import generate
     from llmc.runtime.sampler import SamplingParams
 
-    seqs = generate(runner.session, runner.limits, ids, NEW_TOKENS, SamplingParams())
-    for prompt_ids, seq in zip(ids, seqs):
+    results = runner.complete(ids, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    for prompt_ids, result in zip(ids, results):
         with torch.no_grad():
             ref = model.generate(torch.tensor([prompt_ids]), generation_config=greedy)
         ref = ref[0, len(prompt_ids):].tolist()
-        assert seq.generated == ref, (tok.decode(seq.generated), tok.decode(ref))
-    assert all(len(s.generated) == NEW_TOKENS for s in seqs)
+        assert result.token_ids == ref, (tok.decode(result.token_ids), tok.decode(ref))
+    assert all(len(r.token_ids) == NEW_TOKENS for r in results)
+    runner.close()
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import pytest
 import torch
 from passes_helpers import (
     BLOCK,
-    OrtStepSession,
     assert_same,
     ragged_feeds,
     rel_err,
@@ -20,10 +19,11 @@ from passes_helpers import (
 )
 
 from llmc.backends.tensorrt.lower import build_plan
+from llmc.build import BuildOptions, build
 from llmc.graph import save_onnx
 from llmc.limits import BuildLimits
 from llmc.passes import pass_names, run_passes
-from llmc.runtime.generator import generate
+from llmc.runtime.runner import Runner
 from llmc.runtime.sampler import SamplingParams
 
 KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias"]
@@ -91,20 +91,23 @@ def _prefill(prompts, cfg) -> dict:
     return feeds
 
 
-def _greedy(model, weights, cfg, folder, prompts, new_tokens, limits):
-    session = OrtStepSession(model, weights, folder, cfg)
-    return [s.generated for s in generate(session, limits, prompts, new_tokens,
-                                          SamplingParams())]
+def _greedy(folder, engine, prompts, new_tokens, limits, disable=()):
+    """Greedy tokens through the whole runtime on a reference engine built with `disable`d
+    passes."""
+    build(BuildOptions(folder, engine, backend="reference", dtype="fp32", limits=limits,
+                       disable_passes=tuple(disable)), log=lambda _: None)
+    runner = Runner(engine)
+    results = runner.complete(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    runner.close()
+    return [r.token_ids for r in results]
 
 
 def test_greedy_generation_unchanged(tiny_models, tmp_path):
     folder, hf = tiny_models["llama-gqa"]
-    model, weights, cfg = tiny_graph(folder)
-    fused, fused_weights, _ = run_passes(model, weights)
     prompts = [[1, 2, 3], list(range(10, 30)), [5] * 9]
     limits = BuildLimits(2, 16, 64, BLOCK)      # two sequences a step, chunked prefill of 16
-    before = _greedy(model, weights, cfg, tmp_path / "a", prompts, 12, limits)
-    after = _greedy(fused, fused_weights, cfg, tmp_path / "b", prompts, 12, limits)
+    before = _greedy(folder, tmp_path / "a.engine", prompts, 12, limits, pass_names())
+    after = _greedy(folder, tmp_path / "b.engine", prompts, 12, limits)
     assert after == before
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompts[1]]), max_new_tokens=12, do_sample=False,
@@ -139,8 +142,8 @@ def test_smollm2_pipeline_counts_and_greedy_tokens(smollm2_path, tmp_path):
     check_fully_fused(fused, report, cfg.num_hidden_layers, cfg.tie_word_embeddings)
     prompt = [[504, 3575, 282, 4649, 314]]   # "The capital of France is"
     limits = BuildLimits(1, 64, 64, BLOCK)
-    before = _greedy(model, weights, cfg, tmp_path / "a", prompt, 6, limits)
-    after = _greedy(fused, fused_weights, cfg, tmp_path / "b", prompt, 6, limits)
+    before = _greedy(smollm2_path, tmp_path / "a.engine", prompt, 6, limits, pass_names())
+    after = _greedy(smollm2_path, tmp_path / "b.engine", prompt, 6, limits)
     assert after == before
 
 

@@ -128,19 +128,19 @@ AGREE = {"fp16": 32, "bf16": 24}
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_smollm2_greedy_equals_hf(smollm2_engines, hf_greedy, dtype):
-    from llmc.runtime.generator import generate
     from llmc.runtime.runner import Runner
     from llmc.runtime.sampler import SamplingParams
 
     runner = Runner(smollm2_engines[dtype], gpu_memory_utilization=0.3)
     ids = [ids for ids, _ in hf_greedy]
-    seqs = generate(runner.session, runner.limits, ids, 32, SamplingParams())
-    for seq, (_, ref) in zip(seqs, hf_greedy):
-        same = next((i for i, (a, b) in enumerate(zip(seq.generated, ref)) if a != b), 32)
+    results = runner.complete(ids, SamplingParams(max_tokens=32, ignore_eos=True))
+    for result, (_, ref) in zip(results, hf_greedy):
+        out = result.token_ids
+        same = next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), 32)
         assert same >= AGREE[dtype], (
             f"{dtype}: first difference at token {same}: "
-            f"{runner.tokenizer.decode(seq.generated)!r} vs {runner.tokenizer.decode(ref)!r}")
-    runner.session.close()
+            f"{runner.tokenizer.decode(out)!r} vs {runner.tokenizer.decode(ref)!r}")
+    runner.close()
 
 
 @pytest.mark.slow

@@ -1,16 +1,12 @@
-"""Runtime: block pool, sampler, the generation loop and Runner on a real tiny engine."""
+"""Runner on a real tiny engine: batching, stops, refusals, text and streaming."""
 
 from __future__ import annotations
 
 import pytest
 
-from llmc.backends.reference import ReferenceSession
 from llmc.build import BuildOptions, build
-from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
-from llmc.runtime.generator import generate
-from llmc.runtime.kv_cache import BlockPool, blocks_needed
 from llmc.runtime.runner import Runner, render_chat
 from llmc.runtime.sampler import SamplingParams
 
@@ -25,36 +21,35 @@ def tiny_engine(tiny_models, tmp_path_factory):
     return out
 
 
-def test_block_pool_exact_ids():
-    pool = BlockPool(5)
-    assert pool.allocate(2) == [0, 1] and pool.allocate(2) == [2, 3]
-    assert pool.allocate(2) is None and pool.num_free == 1
-    pool.free([1, 0])
-    assert pool.allocate(3) == [4, 1, 0] and pool.num_free == 0
-    assert [blocks_needed(n, 8) for n in (1, 8, 9, 16, 17)] == [1, 1, 2, 2, 3]
-
-
 def test_batching_does_not_change_results(tiny_engine):
-    """5 prompts through 2 slots and 12-token steps (chunked prefill, a waiting queue) give
+    """5 prompts through 2 rows and 12-token steps (chunked prefill, a waiting queue) give
     the same tokens as each prompt alone."""
-    session = ReferenceSession(EngineFile(tiny_engine))
+    runner = Runner(tiny_engine)
     prompts = [[5, 6, 7], list(range(10, 40)), [9] * 17, [3], list(range(60, 80))]
-    together = generate(session, LIMITS, prompts, 6, SamplingParams())
-    for prompt, seq in zip(prompts, together):
-        alone = generate(session, LIMITS, [prompt], 6, SamplingParams())[0]
-        assert seq.generated == alone.generated and len(seq.generated) == 6
-    runs = [[s.generated for s in generate(session, LIMITS, prompts, 6,
-                                           SamplingParams(1.0, seed=3))] for _ in range(2)]
+    greedy = SamplingParams(max_tokens=6, ignore_eos=True)
+    together = runner.complete(prompts, greedy)
+    for prompt, result in zip(prompts, together):
+        assert result.token_ids == runner.complete([prompt], greedy)[0].token_ids
+        assert len(result.token_ids) == 6 and result.finish_reason == "length"
+    seeded = SamplingParams(1.0, seed=3, max_tokens=6, ignore_eos=True)
+    runs = [[r.token_ids for r in runner.complete(prompts, seeded)] for _ in range(2)]
     assert runs[0] == runs[1]   # seeded sampling is reproducible
+    runner.close()
 
 
-def test_stops_at_eos_and_length(tiny_engine):
-    session = ReferenceSession(EngineFile(tiny_engine))
-    greedy = generate(session, LIMITS, [[5, 6, 7]], 6, SamplingParams())[0].generated
-    seq = generate(session, LIMITS, [[5, 6, 7]], 6, SamplingParams(), eos_ids=(greedy[2],))[0]
-    assert seq.generated == greedy[:3] and seq.finish_reason == "eos"
-    long = generate(session, LIMITS, [list(range(3, 45))], 50, SamplingParams())[0]
-    assert len(long.tokens) == LIMITS.max_seq_len and long.finish_reason == "length"
+def test_stops_at_a_stop_token_and_at_max_seq_len(tiny_engine):
+    runner = Runner(tiny_engine)
+    greedy = runner.complete([[5, 6, 7]], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    stop = greedy.token_ids[2]
+    until = greedy.token_ids[:greedy.token_ids.index(stop)]
+    stopped = runner.complete([[5, 6, 7]], SamplingParams(max_tokens=6, ignore_eos=True,
+                                                          stop_token_ids=(stop,)))[0]
+    assert stopped.token_ids == until and stopped.finish_reason == "stop"
+    prompt = list(range(3, 45))
+    long = runner.complete([prompt], SamplingParams(max_tokens=50, ignore_eos=True))[0]
+    assert len(prompt) + len(long.token_ids) == LIMITS.max_seq_len
+    assert long.finish_reason == "length"
+    runner.close()
 
 
 def test_prompt_longer_than_the_engine_allows(tiny_engine):
