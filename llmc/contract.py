@@ -10,7 +10,8 @@ block table. This module holds everything about that interface:
 - the per-step index math (which sequence a token belongs to, where its K/V row goes, which
   keys it sees) over a small builder interface, so the model graph and the PagedAttention
   node's function body emit the same ops from one definition;
-- `pack_step`, the host side: the arrays a runtime feeds for a list of sequence chunks.
+- `pack_step` / `pack_arrays`, the host side: the arrays a runtime feeds for a list of
+  sequence chunks, or for arrays the runtime already holds (its block tables).
 
 No other module spells these names: they import them from here.
 """
@@ -217,26 +218,39 @@ class Chunk:
 
 
 def pack_step(chunks: Sequence[Chunk], block_size: int) -> dict[str, np.ndarray]:
-    """The control inputs of one step; block tables are as wide as the longest context needs.
-
-    Unused table entries are 0, a valid block id: the kernels and the graph never read past a
-    sequence's context length."""
+    """The control inputs of one step from a list of chunks (see `pack_arrays`)."""
     counts = np.fromiter((len(c.tokens) for c in chunks), np.int32, len(chunks))
     first = np.fromiter((c.start for c in chunks), np.int32, len(chunks))
-    ctx = first + counts
-    starts = np.zeros(len(chunks) + 1, np.int32)
-    np.cumsum(counts, out=starts[1:])
     if counts.max() == 1:   # a decode step: one token each (the common case, kept cheap)
         ids = np.fromiter((c.tokens[0] for c in chunks), np.int32, len(chunks))
-        positions = first
     else:
         ids = np.concatenate([np.asarray(c.tokens, np.int32) for c in chunks])
-        positions = np.repeat(first - starts[:-1], counts) + np.arange(starts[-1],
-                                                                      dtype=np.int32)
-    width = int(-(-ctx.max() // block_size))
+    width = int(-(-(first + counts).max() // block_size))
     tables = np.zeros((len(chunks), width), np.int32)
     for row, c in enumerate(chunks):
         used = np.asarray(c.blocks[:width], np.int32)
         tables[row, :used.size] = used
+    return pack_arrays(ids, counts, first, tables, block_size)
+
+
+def pack_arrays(ids: np.ndarray, counts: np.ndarray, first: np.ndarray, tables: np.ndarray,
+                block_size: int) -> dict[str, np.ndarray]:
+    """The control inputs of one step: `ids` int32 [T] the new tokens packed, `counts` and
+    `first` int32 [B] each sequence's number of new tokens and the position of its first,
+    `tables` int [B, >= width] the block tables. They are cut to the width the longest
+    context needs.
+
+    Unused table entries must be valid block ids (0, say): the kernels and the graph never
+    read past a sequence's context length."""
+    ctx = first + counts
+    starts = np.zeros(len(counts) + 1, np.int32)
+    np.cumsum(counts, out=starts[1:])
+    if ids.size == counts.size:   # one token a sequence: the positions are the firsts
+        positions = first
+    else:
+        positions = np.repeat(first - starts[:-1], counts) + np.arange(starts[-1],
+                                                                      dtype=np.int32)
+    width = int(-(-ctx.max() // block_size))
     return {INPUT_IDS: ids, POSITION_IDS: positions.astype(np.int32), SEQ_STARTS: starts,
-            CONTEXT_LENS: ctx, BLOCK_TABLES: tables, LAST_TOKEN_ROWS: starts[1:] - 1}
+            CONTEXT_LENS: ctx, BLOCK_TABLES: np.ascontiguousarray(tables[:, :width], np.int32),
+            LAST_TOKEN_ROWS: starts[1:] - 1}

@@ -26,7 +26,7 @@ from llmc.runtime.kv_cache import BlockPool
 from llmc.runtime.kv_manager import KVCacheManager
 from llmc.runtime.request import Request, RequestOutput, Status
 from llmc.runtime.sampler import SamplingParams, sample_batch
-from llmc.runtime.scheduler import Scheduler
+from llmc.runtime.scheduler import Scheduler, StepPlan
 
 
 @dataclass(frozen=True)
@@ -153,10 +153,7 @@ class LLMEngine:
             if not plan.preempted and (self.scheduler.waiting or self.scheduler.running):
                 self._unschedulable()
             return outputs
-        inputs = contract.pack_step(
-            [contract.Chunk(r.tokens(r.num_computed_tokens, n), r.num_computed_tokens,
-                            self.kv.block_ids(r))
-             for r, n in plan.scheduled], self.block_size)
+        inputs = self._inputs(plan)
         rows = [r for r, _ in plan.scheduled]
         # Rows whose prompt is done sample; a prompt chunk with more to come does not (on
         # the host it must not even draw, or a seeded request's stream would depend on how
@@ -173,6 +170,18 @@ class LLMEngine:
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _inputs(self, plan: StepPlan) -> dict[str, np.ndarray]:
+        """The step's control inputs, from arrays: no Python work per block, one token
+        slice per request."""
+        reqs = [r for r, _ in plan.scheduled]
+        counts = np.fromiter((n for _, n in plan.scheduled), np.int32, len(reqs))
+        first = np.fromiter((r.num_computed_tokens for r in reqs), np.int32, len(reqs))
+        ids = np.fromiter(itertools.chain.from_iterable(
+            r.tokens(r.num_computed_tokens, n) for r, n in plan.scheduled), np.int32,
+            int(counts.sum()))
+        return contract.pack_arrays(ids, counts, first, self.kv.block_tables(reqs),
+                                    self.block_size)
 
     def _sample(self, inputs, rows: list[Request], done: list[bool]):
         """Token ids for every row (meaningful where done), and logprobs if any row asked."""

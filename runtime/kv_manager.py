@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Protocol
 
+import numpy as np
+
 from llmc.runtime.kv_cache import BlockPool, KVBlock, blocks_needed, hash_block
 
 
@@ -27,6 +29,36 @@ class KVRequest(Protocol):
     request_id: Hashable
     all_token_ids: Sequence[int]   # prompt + generated so far
     num_computed_tokens: int       # tokens whose K/V are in the cache
+
+
+class BlockTables:
+    """The block ids of every request holding blocks, one row each of one int32 array that
+    grows as needed and is written only when a request gains blocks: a step's tables are one
+    fancy index of it, not a Python loop over each request's list (~300 us at 256 rows).
+    A released row is zeroed, so unused entries stay valid block ids."""
+
+    def __init__(self, rows: int = 16, cols: int = 16):
+        self.array = np.zeros((rows, cols), np.int32)
+        self._free = list(range(rows - 1, -1, -1))
+
+    def take(self) -> int:
+        if not self._free:
+            rows = len(self.array)
+            self.array = np.concatenate([self.array, np.zeros_like(self.array)])
+            self._free = list(range(2 * rows - 1, rows - 1, -1))
+        return self._free.pop()
+
+    def put(self, row: int, start: int, block_ids: list[int]) -> None:
+        end = start + len(block_ids)
+        if end > self.array.shape[1]:
+            wider = np.zeros((len(self.array), max(end, 2 * self.array.shape[1])), np.int32)
+            wider[:, :self.array.shape[1]] = self.array
+            self.array = wider
+        self.array[row, start:end] = block_ids
+
+    def release(self, row: int) -> None:
+        self.array[row] = 0
+        self._free.append(row)
 
 
 class KVCacheManager:
@@ -47,6 +79,8 @@ class KVCacheManager:
         self._blocks: dict[Hashable, list[KVBlock]] = {}
         self._hashes: dict[Hashable, list[int]] = {}   # hash chain of its full blocks so far
         self._num_cached: dict[Hashable, int] = {}     # its leading blocks offered to the cache
+        self._rows: dict[Hashable, int] = {}           # its row of `tables`
+        self.tables = BlockTables()
 
     def num_blocks_needed(self, num_tokens: int) -> int:
         return blocks_needed(num_tokens, self.block_size)
@@ -58,6 +92,13 @@ class KVCacheManager:
 
     def block_ids(self, request: KVRequest) -> list[int]:
         return [b.block_id for b in self._blocks.get(request.request_id, ())]
+
+    def block_tables(self, requests: Sequence[KVRequest]) -> np.ndarray:
+        """int32 [len(requests), >= their most blocks]: each request's block ids, then 0s.
+        Every request must hold blocks (it was scheduled)."""
+        rows = np.fromiter((self._rows[r.request_id] for r in requests), np.intp,
+                           len(requests))
+        return self.tables.array[rows]
 
     def get_computed_blocks(self, request: KVRequest) -> tuple[list[KVBlock], int]:
         """The longest cached run of the request's leading full blocks and the tokens they
@@ -86,6 +127,12 @@ class KVCacheManager:
         nothing, when the pool cannot supply them. Then caches the blocks this filled."""
         rid = request.request_id
         held = self._blocks.get(rid, [])
+        if held and not computed_blocks:   # the common decode step: often nothing to do
+            num_tokens = request.num_computed_tokens + num_new_tokens
+            if num_tokens <= len(held) * self.block_size and (
+                    not self.enable_prefix_caching
+                    or num_tokens // self.block_size <= self._num_cached.get(rid, 0)):
+                return []
         computed = list(computed_blocks)
         if computed:
             self._check_hits(request, held, computed)
@@ -99,6 +146,11 @@ class KVCacheManager:
         self.pool.touch(computed)
         new = self.pool.get_new_blocks(num_new)
         blocks = self._blocks.setdefault(rid, held)
+        if computed or new:
+            if rid not in self._rows:
+                self._rows[rid] = self.tables.take()
+            self.tables.put(self._rows[rid], len(blocks),
+                            [b.block_id for b in computed] + [b.block_id for b in new])
         blocks += computed + new
         if computed:
             self._num_cached[rid] = len(computed)
@@ -112,6 +164,9 @@ class KVCacheManager:
         blocks = self._blocks.pop(rid, [])
         self._hashes.pop(rid, None)
         self._num_cached.pop(rid, None)
+        row = self._rows.pop(rid, None)
+        if row is not None:
+            self.tables.release(row)
         self.pool.free_blocks(reversed(blocks))
 
     def _check_hits(self, request: KVRequest, held: list[KVBlock],

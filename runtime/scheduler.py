@@ -61,8 +61,8 @@ class Scheduler:
         for req in list(self.running):
             if budget == 0:
                 break
-            if req not in self.running:     # preempted below to make room for an older one
-                continue
+            if req.status is not Status.RUNNING:   # preempted below to make room for an older
+                continue                           # one (a status test: `in` is O(batch))
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while self.kv.allocate_slots(req, n) is None:
                 victim = self._victim()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from llmc.runtime.kv_cache import BlockPool, FreeBlockQueue, KVBlock, hash_block
-from llmc.runtime.kv_manager import KVCacheManager
+from llmc.runtime.kv_manager import BlockTables, KVCacheManager
 
 BS = 4
 
@@ -353,3 +353,16 @@ KVMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40,
                                        deadline=None,
                                        suppress_health_check=[HealthCheck.too_slow])
 TestKVMachine = KVMachine.TestCase
+
+
+def test_block_tables_grow_and_release_rows():
+    tables = BlockTables(rows=2, cols=2)
+    a, b, c = tables.take(), tables.take(), tables.take()    # the third doubles the rows
+    assert (a, b, c) == (0, 1, 2) and tables.array.shape == (4, 2)
+    tables.put(a, 0, [7, 8])
+    tables.put(a, 2, [9])                                     # wider: the columns double
+    tables.put(c, 0, [5])
+    assert tables.array.shape == (4, 4)
+    assert tables.array[[a, c]].tolist() == [[7, 8, 9, 0], [5, 0, 0, 0]]
+    tables.release(a)
+    assert not tables.array[a].any() and tables.take() == a   # zeroed, then reused
