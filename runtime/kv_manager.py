@@ -100,6 +100,21 @@ class KVCacheManager:
                            len(requests))
         return self.tables.array[rows]
 
+    def needs_slots(self, requests: Sequence[KVRequest], num_tokens: np.ndarray) -> np.ndarray:
+        """bool [len(requests)]: False where a request already holds the blocks for its first
+        num_tokens[i] tokens and none of them fills a block not yet cached, i.e. where
+        allocate_slots up to num_tokens[i] would change nothing. One vector test over a
+        decode step's running requests, instead of a call each."""
+        n = len(requests)
+        held = np.fromiter((len(self._blocks.get(r.request_id, ())) for r in requests),
+                           np.int64, n)
+        need = num_tokens > held * self.block_size
+        if self.enable_prefix_caching:
+            cached = np.fromiter((self._num_cached.get(r.request_id, 0) for r in requests),
+                                 np.int64, n)
+            need |= num_tokens // self.block_size > cached
+        return need
+
     def get_computed_blocks(self, request: KVRequest) -> tuple[list[KVBlock], int]:
         """The longest cached run of the request's leading full blocks and the tokens they
         hold. Never the whole request: its last token is always computed again, because

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +41,8 @@ class Request:
     pending_logprobs: list = field(default_factory=list)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def all_token_ids(self) -> "TokenIds":
+        return TokenIds(self)
 
     def tokens(self, start: int, n: int) -> list[int]:
         """Tokens start..start+n of prompt + output, without copying the whole sequence (a
@@ -59,6 +60,32 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+
+class TokenIds(Sequence):
+    """A request's prompt + output as one read-only sequence, without copying either: the KV
+    manager reads a block's worth at a time of sequences thousands of tokens long."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: Request):
+        self._request = request
+
+    def __len__(self) -> int:
+        return self._request.num_tokens
+
+    def __getitem__(self, index):
+        n = len(self)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            if step != 1:
+                return list(self)[index]
+            return self._request.tokens(start, max(0, stop - start))
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError("token index out of range")
+        return self._request.tokens(index, 1)[0]
 
 
 @dataclass

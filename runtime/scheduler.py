@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from llmc.limits import BuildLimits
 from llmc.runtime.request import Request, Status
 
@@ -57,21 +59,10 @@ class Scheduler:
         self.kv.free(request)
 
     def schedule(self) -> StepPlan:
-        plan, budget = StepPlan(), self.limits.max_num_tokens
-        for req in list(self.running):
-            if budget == 0:
-                break
-            if req.status is not Status.RUNNING:   # preempted below to make room for an older
-                continue                           # one (a status test: `in` is O(batch))
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while self.kv.allocate_slots(req, n) is None:
-                victim = self._victim()
-                self._preempt(victim, plan)
-                if victim is req:
-                    break
-            else:
-                plan.scheduled.append((req, n))
-                budget -= n
+        plan = StepPlan()
+        budget = self._running_at_once(plan) if self.running else None
+        if budget is None:
+            budget = self._running_each(plan)
         if plan.preempted:   # no admissions in a step that had to preempt
             return plan
         self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
@@ -90,6 +81,45 @@ class Scheduler:
             plan.scheduled.append((req, n))
             budget -= n
         return plan
+
+    def _running_each(self, plan: StepPlan) -> int:
+        """Step 1, request by request, preempting where the pool runs out; returns the
+        budget left."""
+        budget = self.limits.max_num_tokens
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req.status is not Status.RUNNING:   # preempted below to make room for an older
+                continue                           # one (a status test: `in` is O(batch))
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while self.kv.allocate_slots(req, n) is None:
+                victim = self._victim()
+                self._preempt(victim, plan)
+                if victim is req:
+                    break
+            else:
+                plan.scheduled.append((req, n))
+                budget -= n
+        return budget
+
+    def _running_at_once(self, plan: StepPlan) -> int | None:
+        """Step 1 for the common case, over arrays: the budget covers every running request's
+        remaining tokens, and only those that need a block or fill one call the KV manager
+        (at a decode step, one in block_size). Returns the budget left, or None when the
+        budget is short or the pool runs out; the loop then decides, and the allocations
+        made here are ones it would make first anyway (allocate_slots is idempotent)."""
+        running = self.running
+        computed = np.fromiter((r.num_computed_tokens for r in running), np.int64, len(running))
+        total = np.fromiter((r.num_tokens for r in running), np.int64, len(running))
+        new = total - computed
+        used = int(new.sum())
+        if used > self.limits.max_num_tokens or not new.all():
+            return None
+        for i in np.flatnonzero(self.kv.needs_slots(running, total)):
+            if self.kv.allocate_slots(running[i], int(new[i])) is None:
+                return None
+        plan.scheduled = list(zip(running, new.tolist()))
+        return self.limits.max_num_tokens - used
 
     def _victim(self) -> Request:
         return max(self.running, key=lambda r: (r.priority, r.arrival_time))

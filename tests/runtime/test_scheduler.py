@@ -8,6 +8,7 @@ never both waiting and running. Drained, every request finishes; none is lost.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -118,3 +119,15 @@ def test_the_streams_do_preempt():
     PREEMPTIONS.clear()
     test_scheduler_invariants()
     assert sum(n > 0 for n in PREEMPTIONS) >= len(PREEMPTIONS) // 10
+
+
+def test_all_token_ids_reads_prompt_and_output_without_a_copy():
+    req = Request("r", [1, 2, 3], None, output_token_ids=[4, 5])
+    ids, whole = req.all_token_ids, [1, 2, 3, 4, 5]
+    assert len(ids) == 5 and list(ids) == whole and ids[-1] == 5 and ids[2] == 3
+    assert all(ids[a:b] == whole[a:b] for a in range(-6, 7) for b in range(-6, 7))
+    assert ids[::2] == whole[::2]
+    with pytest.raises(IndexError):
+        ids[5]
+    req.output_token_ids.append(6)   # a view: it sees tokens as they arrive
+    assert ids[5] == 6 and len(ids) == 6
