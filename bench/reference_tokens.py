@@ -3,13 +3,15 @@ decode step's time against the KV pool's size.
 
     python bench/reference_tokens.py ENGINE [--batch 1 8] [--prompt-len 128] [--new 32]
     python bench/reference_tokens.py ENGINE --pool-blocks 104 1024 4096 [--batch 8]
+                                     [--threads 1]
 
 Without --pool-blocks: one row per batch size, prefill tokens/s (all prompts in ragged steps
 of the engine's token budget) and decode tokens/s (every sequence one token a step), from one
 timed run after a warm-up. With it: for each pool size, the median time of a decode step of
 the first --batch size, as the session runs it (only the blocks a step names go through the
 graph) and, for comparison, the same graph fed the whole pool (what the session did before
-issue #8's item 5, when every step's ScatterND copied the pool).
+issue #8's item 5, when every step's ScatterND copied the pool); wall time and the process's
+CPU time (with --threads 1 the CPU time is the step's cost, whatever else the machine runs).
 """
 
 from __future__ import annotations
@@ -101,14 +103,20 @@ def step_times(session, limits, pool: int, batch: int, prompt_len: int, steps: i
     session.allocate_kv(pool)
     b = Batch(session, limits, batch, prompt_len, 2 * steps, first_block=pool - need)
     b.prefill()
-    times = ([], [])
-    for _ in range(steps):   # alternating, so a busy machine slows both alike
-        for step, seconds in zip((session.step, lambda x: whole_pool_step(session, x)), times):
+    out = []
+    # One after the other, not alternating: a whole-pool step writes the whole pool anew,
+    # which would leave the caches cold for the step after it. Wall time and this process's
+    # CPU time (all its threads; what other processes on a shared machine do not inflate).
+    for step in (session.step, lambda inputs: whole_pool_step(session, inputs)):
+        wall, cpu = [], []
+        for _ in range(steps):
             inputs = b.decode_inputs()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(inputs)
-            seconds.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        out += [statistics.median(wall), statistics.median(cpu)]
+    return out
 
 
 def main():
@@ -119,21 +127,25 @@ def main():
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--pool-blocks", type=int, nargs="+", default=[],
                     help="time a decode step of the first --batch at these pool sizes")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="onnxruntime's intra-op threads (default: its own choice)")
     a = ap.parse_args()
     engine = EngineFile(a.engine)
     limits = engine.header.build.limits
-    session = open_session(engine)
+    session = open_session(engine, **({"threads": a.threads} if a.threads else {}))
     print(f"# {a.engine}: {engine.header.build.compute_dtype}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"onnxruntime threads: {a.threads or 'default'}")
     rates(session, limits, 1, 16, 2)  # warm-up
     if a.pool_blocks:
         print(f"decode steps of batch {a.batch[0]}, context {a.prompt_len}+, median of "
               f"{a.new}")
-        print("| pool blocks | session step ms | graph on the whole pool ms |")
-        print("|---|---|---|")
+        print("| pool blocks | session step: wall ms | CPU ms | graph on the whole pool: "
+              "wall ms | CPU ms |")
+        print("|---|---|---|---|---|")
         for pool in a.pool_blocks:
-            ours, whole = step_times(session, limits, pool, a.batch[0], a.prompt_len, a.new)
-            print(f"| {pool} | {ours * 1e3:.1f} | {whole * 1e3:.1f} |")
+            times = step_times(session, limits, pool, a.batch[0], a.prompt_len, a.new)
+            print(f"| {pool} | " + " | ".join(f"{t * 1e3:.1f}" for t in times) + " |")
         return
     print("| batch | prompt | new | prefill tok/s | decode tok/s |")
     print("|---|---|---|---|---|")
