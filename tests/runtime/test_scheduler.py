@@ -80,11 +80,37 @@ ops = st.lists(st.sampled_from(["add", "add", "step", "step", "step", "abort"]),
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(reqs=requests, ops=ops, num_blocks=st.integers(14, 24), caching=st.booleans())
 def test_scheduler_invariants(reqs, ops, num_blocks, caching):
+    _drive(reqs, ops, num_blocks, caching)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=requests, ops=ops, num_blocks=st.integers(14, 24), caching=st.booleans())
+def test_the_array_path_schedules_as_the_loop_does(reqs, ops, num_blocks, caching):
+    """Serving the running requests over arrays is only a shortcut: with it turned off, the
+    same stream gives the same steps, preemptions and block ids."""
+    assert _drive(reqs, ops, num_blocks, caching) == \
+        _drive(reqs, ops, num_blocks, caching, array_path=False)
+
+
+def _drive(reqs, ops, num_blocks, caching, array_path=True) -> list:
+    """Run a stream, checking the invariants after every step; returns what each step did:
+    (request id, new tokens, its block ids) scheduled, and the ids preempted."""
     limits = BuildLimits(max_batch_size=4, max_num_tokens=16, max_seq_len=64, kv_block_size=4)
     pool = BlockPool(num_blocks)
     sched = Scheduler(KVCacheManager(pool, 4, enable_prefix_caching=caching), limits)
+    if not array_path:
+        sched._running_at_once = lambda plan: None
     todo = [_request(i, *r) for i, r in enumerate(reqs)]
-    added, finished = [], []
+    added, finished, trace = [], [], []
+
+    def step():
+        plan = sched.schedule()
+        _check(sched, plan, limits, pool)
+        trace.append(([(r.request_id, n, sched.kv.block_ids(r)) for r, n in plan.scheduled],
+                      [r.request_id for r in plan.preempted]))
+        _run_step(sched, plan, finished)
+        return plan
+
     for op in ops:
         if op == "add" and todo or not added:
             req = todo.pop(0)
@@ -98,20 +124,17 @@ def test_scheduler_invariants(reqs, ops, num_blocks, caching):
                 sched.remove(victim)
                 finished.append(victim)
         else:
-            plan = sched.schedule()
-            _check(sched, plan, limits, pool)
-            _run_step(sched, plan, finished)
+            step()
     for _ in range(2000):   # drain: everything finishes, nothing is lost
         if not sched.has_work():
             break
-        plan = sched.schedule()
-        _check(sched, plan, limits, pool)
+        plan = step()
         assert plan.scheduled or plan.preempted, "the scheduler stalled"
-        _run_step(sched, plan, finished)
     assert not sched.has_work()
     assert {r.request_id for r in finished} == {r.request_id for r in added}
     assert pool.num_free_blocks == num_blocks
     PREEMPTIONS.append(sched.num_preemptions)
+    return trace
 
 
 def test_the_streams_do_preempt():
