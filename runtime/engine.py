@@ -172,15 +172,19 @@ class LLMEngine:
         return outputs
 
     def _inputs(self, plan: StepPlan) -> dict[str, np.ndarray]:
-        """The step's control inputs, from arrays: no Python work per block, one token
-        slice per request."""
-        reqs = [r for r, _ in plan.scheduled]
-        counts = np.fromiter((n for _, n in plan.scheduled), np.int32, len(reqs))
-        first = np.fromiter((r.num_computed_tokens for r in reqs), np.int32, len(reqs))
+        """The step's control inputs, from arrays (the scheduler's, when it has them): no
+        Python work per block, one token slice per request."""
+        if plan.arrays is not None:
+            rows, first, counts = plan.arrays
+        else:
+            reqs = [r for r, _ in plan.scheduled]
+            counts = np.fromiter((n for _, n in plan.scheduled), np.int32, len(reqs))
+            first = np.fromiter((r.num_computed_tokens for r in reqs), np.int32, len(reqs))
+            rows = self.kv.rows_of(reqs)
         ids = np.fromiter(itertools.chain.from_iterable(
             r.tokens(r.num_computed_tokens, n) for r, n in plan.scheduled), np.int32,
             int(counts.sum()))
-        return contract.pack_arrays(ids, counts, first, self.kv.block_tables(reqs),
+        return contract.pack_arrays(ids, counts, first, self.kv.block_tables(rows),
                                     self.block_size)
 
     def _sample(self, inputs, rows: list[Request], done: list[bool]):

@@ -32,32 +32,42 @@ class KVRequest(Protocol):
 
 
 class BlockTables:
-    """The block ids of every request holding blocks, one row each of one int32 array that
-    grows as needed and is written only when a request gains blocks: a step's tables are one
-    fancy index of it, not a Python loop over each request's list (~300 us at 256 rows).
-    A released row is zeroed, so unused entries stay valid block ids."""
+    """Every request holding blocks has a row: its block ids in `array` (int32, then 0s),
+    how many it holds (`held`) and how many of those the prefix cache was offered
+    (`cached`). The arrays grow as needed and are written only when a request gains or
+    caches a block, so a step reads them with one fancy index, not a Python loop over each
+    request's list (~300 us at 256 rows). A released row is zeroed, so unused entries stay
+    valid block ids."""
 
     def __init__(self, rows: int = 16, cols: int = 16):
         self.array = np.zeros((rows, cols), np.int32)
+        self.held = np.zeros(rows, np.int64)
+        self.cached = np.zeros(rows, np.int64)
         self._free = list(range(rows - 1, -1, -1))
 
     def take(self) -> int:
         if not self._free:
             rows = len(self.array)
             self.array = np.concatenate([self.array, np.zeros_like(self.array)])
+            self.held = np.concatenate([self.held, np.zeros_like(self.held)])
+            self.cached = np.concatenate([self.cached, np.zeros_like(self.cached)])
             self._free = list(range(2 * rows - 1, rows - 1, -1))
         return self._free.pop()
 
-    def put(self, row: int, start: int, block_ids: list[int]) -> None:
+    def put(self, row: int, block_ids: list[int]) -> None:
+        """Append block ids to the row."""
+        start = int(self.held[row])
         end = start + len(block_ids)
         if end > self.array.shape[1]:
             wider = np.zeros((len(self.array), max(end, 2 * self.array.shape[1])), np.int32)
             wider[:, :self.array.shape[1]] = self.array
             self.array = wider
         self.array[row, start:end] = block_ids
+        self.held[row] = end
 
     def release(self, row: int) -> None:
         self.array[row] = 0
+        self.held[row] = self.cached[row] = 0
         self._free.append(row)
 
 
@@ -78,7 +88,6 @@ class KVCacheManager:
         self.prefix_hits = 0
         self._blocks: dict[Hashable, list[KVBlock]] = {}
         self._hashes: dict[Hashable, list[int]] = {}   # hash chain of its full blocks so far
-        self._num_cached: dict[Hashable, int] = {}     # its leading blocks offered to the cache
         self._rows: dict[Hashable, int] = {}           # its row of `tables`
         self.tables = BlockTables()
 
@@ -93,26 +102,25 @@ class KVCacheManager:
     def block_ids(self, request: KVRequest) -> list[int]:
         return [b.block_id for b in self._blocks.get(request.request_id, ())]
 
-    def block_tables(self, requests: Sequence[KVRequest]) -> np.ndarray:
-        """int32 [len(requests), >= their most blocks]: each request's block ids, then 0s.
-        Every request must hold blocks (it was scheduled)."""
-        rows = np.fromiter((self._rows[r.request_id] for r in requests), np.intp,
+    def rows_of(self, requests: Sequence[KVRequest]) -> np.ndarray:
+        """Each request's row of `tables` (intp), -1 for one that holds no blocks."""
+        return np.fromiter((self._rows.get(r.request_id, -1) for r in requests), np.intp,
                            len(requests))
+
+    def block_tables(self, rows: np.ndarray) -> np.ndarray:
+        """int32 [len(rows), >= their most blocks]: the block ids of these rows (`rows_of`
+        requests that hold blocks), then 0s."""
         return self.tables.array[rows]
 
-    def needs_slots(self, requests: Sequence[KVRequest], num_tokens: np.ndarray) -> np.ndarray:
-        """bool [len(requests)]: False where a request already holds the blocks for its first
-        num_tokens[i] tokens and none of them fills a block not yet cached, i.e. where
-        allocate_slots up to num_tokens[i] would change nothing. One vector test over a
-        decode step's running requests, instead of a call each."""
-        n = len(requests)
-        held = np.fromiter((len(self._blocks.get(r.request_id, ())) for r in requests),
-                           np.int64, n)
-        need = num_tokens > held * self.block_size
+    def needs_slots(self, rows: np.ndarray, num_tokens: np.ndarray) -> np.ndarray:
+        """bool [len(rows)]: False where a request (its `rows_of` row) already holds the
+        blocks for its first num_tokens[i] tokens and none of them fills a block not yet
+        cached, i.e. where allocate_slots up to num_tokens[i] would change nothing. One
+        vector test over a decode step's running requests, instead of a call each."""
+        known = rows >= 0
+        need = num_tokens > np.where(known, self.tables.held[rows], 0) * self.block_size
         if self.enable_prefix_caching:
-            cached = np.fromiter((self._num_cached.get(r.request_id, 0) for r in requests),
-                                 np.int64, n)
-            need |= num_tokens // self.block_size > cached
+            need |= num_tokens // self.block_size > np.where(known, self.tables.cached[rows], 0)
         return need
 
     def get_computed_blocks(self, request: KVRequest) -> tuple[list[KVBlock], int]:
@@ -146,7 +154,7 @@ class KVCacheManager:
             num_tokens = request.num_computed_tokens + num_new_tokens
             if num_tokens <= len(held) * self.block_size and (
                     not self.enable_prefix_caching
-                    or num_tokens // self.block_size <= self._num_cached.get(rid, 0)):
+                    or num_tokens // self.block_size <= self.tables.cached[self._rows[rid]]):
                 return []
         computed = list(computed_blocks)
         if computed:
@@ -164,11 +172,11 @@ class KVCacheManager:
         if computed or new:
             if rid not in self._rows:
                 self._rows[rid] = self.tables.take()
-            self.tables.put(self._rows[rid], len(blocks),
+            self.tables.put(self._rows[rid],
                             [b.block_id for b in computed] + [b.block_id for b in new])
         blocks += computed + new
         if computed:
-            self._num_cached[rid] = len(computed)
+            self.tables.cached[self._rows[rid]] = len(computed)
         self._cache_full(request, blocks, min(num_tokens, len(request.all_token_ids)))
         return new
 
@@ -178,7 +186,6 @@ class KVCacheManager:
         rid = request.request_id
         blocks = self._blocks.pop(rid, [])
         self._hashes.pop(rid, None)
-        self._num_cached.pop(rid, None)
         row = self._rows.pop(rid, None)
         if row is not None:
             self.tables.release(row)
@@ -198,13 +205,15 @@ class KVCacheManager:
     def _cache_full(self, request: KVRequest, blocks: list[KVBlock], num_tokens: int) -> None:
         if not self.enable_prefix_caching:
             return
-        rid = request.request_id
-        start, stop = self._num_cached.get(rid, 0), num_tokens // self.block_size
+        row = self._rows.get(request.request_id)
+        if row is None:   # holds no blocks
+            return
+        start, stop = int(self.tables.cached[row]), num_tokens // self.block_size
         if stop <= start:
             return
         hashes = self._hash_chain(request, stop)
         self.pool.cache_full_blocks(blocks[start:stop], hashes[start:stop])
-        self._num_cached[rid] = stop
+        self.tables.cached[row] = stop
 
     def _hash_chain(self, request: KVRequest, num_blocks: int) -> list[int]:
         """Hashes of the request's first num_blocks full blocks, extended as tokens arrive:

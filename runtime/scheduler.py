@@ -30,6 +30,10 @@ class StepPlan:
 
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # For the array path: the scheduled requests' rows of the KV manager's tables, their
+    # computed tokens and their new ones (int arrays), so the engine need not gather them
+    # again; None when requests were scheduled one by one.
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +83,7 @@ class Scheduler:
             req.status = Status.RUNNING
             self.running.append(req)
             plan.scheduled.append((req, n))
+            plan.arrays = None
             budget -= n
         return plan
 
@@ -109,16 +114,20 @@ class Scheduler:
         budget is short or the pool runs out; the loop then decides, and the allocations
         made here are ones it would make first anyway (allocate_slots is idempotent)."""
         running = self.running
-        computed = np.fromiter((r.num_computed_tokens for r in running), np.int64, len(running))
-        total = np.fromiter((r.num_tokens for r in running), np.int64, len(running))
+        computed = np.fromiter((r.num_computed_tokens for r in running), np.int32, len(running))
+        total = np.fromiter((r.num_tokens for r in running), np.int32, len(running))
         new = total - computed
         used = int(new.sum())
         if used > self.limits.max_num_tokens or not new.all():
             return None
-        for i in np.flatnonzero(self.kv.needs_slots(running, total)):
+        rows = self.kv.rows_of(running)
+        for i in np.flatnonzero(self.kv.needs_slots(rows, total)):
             if self.kv.allocate_slots(running[i], int(new[i])) is None:
                 return None
+        if (rows < 0).any():   # one got its first block above (a running request has some)
+            rows = self.kv.rows_of(running)
         plan.scheduled = list(zip(running, new.tolist()))
+        plan.arrays = (rows, computed, new)
         return self.limits.max_num_tokens - used
 
     def _victim(self) -> Request:

@@ -359,10 +359,12 @@ def test_block_tables_grow_and_release_rows():
     tables = BlockTables(rows=2, cols=2)
     a, b, c = tables.take(), tables.take(), tables.take()    # the third doubles the rows
     assert (a, b, c) == (0, 1, 2) and tables.array.shape == (4, 2)
-    tables.put(a, 0, [7, 8])
-    tables.put(a, 2, [9])                                     # wider: the columns double
-    tables.put(c, 0, [5])
-    assert tables.array.shape == (4, 4)
+    tables.put(a, [7, 8])
+    tables.put(a, [9])                                        # wider: the columns double
+    tables.put(c, [5])
+    tables.cached[a] = 2
+    assert tables.array.shape == (4, 4) and tables.held[[a, b, c]].tolist() == [3, 0, 1]
     assert tables.array[[a, c]].tolist() == [[7, 8, 9, 0], [5, 0, 0, 0]]
     tables.release(a)
-    assert not tables.array[a].any() and tables.take() == a   # zeroed, then reused
+    assert not tables.array[a].any() and tables.held[a] == tables.cached[a] == 0
+    assert tables.take() == a                                 # zeroed, then reused

@@ -58,7 +58,7 @@ def _check(sched: Scheduler, plan, limits: BuildLimits, pool: BlockPool) -> None
     for req, n in plan.scheduled:
         assert len(sched.kv.block_ids(req)) * sched.kv.block_size >= req.num_computed_tokens + n
     if plan.scheduled:   # the step's block tables: each request's ids, then zeros
-        tables = sched.kv.block_tables([r for r, _ in plan.scheduled])
+        tables = sched.kv.block_tables(sched.kv.rows_of([r for r, _ in plan.scheduled]))
         for row, (req, _) in zip(tables, plan.scheduled):
             ids = sched.kv.block_ids(req)
             assert row[:len(ids)].tolist() == ids and not row[len(ids):].any()
