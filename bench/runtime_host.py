@@ -86,7 +86,9 @@ def main() -> None:
     build(BuildOptions(_tiny_model(root / "m"), root / "m.engine", backend="reference",
                        dtype="fp32", limits=limits), log=lambda _: None)
     file = EngineFile(root / "m.engine")
-    session = Timed(open_session(file))
+    # onnxruntime on one thread: its pool's worker threads spin for a while after each run,
+    # and on a 2-core machine they would take the core the host code runs on.
+    session = Timed(open_session(file, threads=1))
     engine = LLMEngine(session, file.header)
     params = SamplingParams(max_tokens=args.steps + 10, ignore_eos=True)
     for i in range(args.batch):
