@@ -61,20 +61,39 @@ def cli() -> None:
               help="skip a fusion pass (repeatable; names in docs/passes.md)")
 @click.option("--dump-graphs", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="write the graph after every pass stage as DIR/NN-name.onnx")
+@click.option("--quant", default="none", show_default=True,
+              type=click.Choice(["none", "fp8", "int4-awq", "int4-rtn"]),
+              help="fp8: FP8 weights and activations (calibrated); int4-awq / int4-rtn: INT4 "
+                   "weights in blocks, with AWQ's scale search or plain rounding. The LM head "
+                   "stays unquantized; the accuracy is measured and stored (docs/quantization.md)")
+@click.option("--calib-data", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="--quant fp8 / int4-awq: calibration text [default: a bundled "
+                   "public-domain text]")
+@click.option("--calib-size", default=512, show_default=True, help="calibration tokens")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="--quant: the text the accuracy report scores [default: a bundled "
+                   "public-domain text]")
+@click.option("--eval-size", default=1024, show_default=True,
+              help="tokens the accuracy report scores")
+@click.option("--max-ppl-increase", default=5.0, show_default=True, metavar="PCT",
+              help="--quant: warn when perplexity rises more than this many percent")
 @_verbose_option
 def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_tokens,
-          max_seq_len, kv_block_size, disable_passes, dump_graphs) -> None:
+          max_seq_len, kv_block_size, disable_passes, dump_graphs, quant, calib_data,
+          calib_size, eval_data, eval_size, max_ppl_increase) -> None:
     """Build an engine file from a checkpoint."""
     from llmc import backends
     from llmc.build import BuildOptions, default_model
     from llmc.build import build as run_build
     from llmc.limits import BuildLimits
+    from llmc.quantization import QuantOptions
 
     limits = BuildLimits(max_batch_size, max_num_tokens, max_seq_len, kv_block_size)
+    quant = QuantOptions(quant, calib_data, calib_size, eval_data, eval_size, max_ppl_increase)
     run_build(BuildOptions(model=model or default_model(), output=output,
                            backend=backends.pick(backend, _log), dtype=dtype, limits=limits,
                            disable_passes=tuple(disable_passes), dump_graphs=dump_graphs,
-                           gpu_arch=gpu_arch),
+                           gpu_arch=gpu_arch, quant=quant),
               log=_log)
 
 
@@ -410,6 +429,7 @@ def inspect(engine, as_json) -> None:
         ("sections", ", ".join(f"{k} {n / 2**20:.1f} MiB"
                                for k, (_, n) in file.raw["sections"].items())),
         *_plan_rows(header),
+        *_quant_rows(header),
         ("versions", ", ".join(f"{k} {v}" for k, v in header.versions.items())),
         ("created", header.created),
     ]
@@ -427,6 +447,15 @@ def _plan_rows(header) -> list[tuple[str, str]]:
             ("memory", f"arena {low['arena_bytes'] / 2**20:.1f} MiB, weights "
                        f"{low['weights_bytes'] / 2**20:.1f} MiB, KV cache sized at load "
                        f"({header.io.num_layers} layers x {header.io.kv_block_shape} a block)")]
+
+
+def _quant_rows(header) -> list[tuple[str, str]]:
+    """Quantized engines: the format and the accuracy measured at build."""
+    q = header.quant
+    if q is None:
+        return []
+    verdict = "" if q.accuracy.passed else "  WARNING: past the threshold"
+    return [("quant", q.describe()), ("accuracy", q.accuracy.describe() + verdict)]
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,0 +1,103 @@
+"""The quantizers and their numpy references, one short function each.
+
+Weights arrive as the graph stores them, ``[in, out]`` (K rows, N columns), so that every
+projection is ``x @ W``. The formats are the ones ONNX DequantizeLinear (opset 21) and
+TensorRT read with zero points of zero (TensorRT refuses others):
+
+- INT4: symmetric, block-wise along K (``block`` rows share a scale per column),
+  ``W ~ q * scale``, q in [-8, 7], scale ``[K / block, N]`` in the compute dtype.
+- FP8 weights: E4M3, one scale per output column, ``W ~ q * scale``, scale ``[N]``.
+- FP8 activations: E4M3, one calibrated scale per tensor, saturating at +-448.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmc.dtypes import np_dtype
+
+INT4_MAX = 7.0           # symmetric: amax maps to 7, so -8 is never needed (nor produced)
+FP8_MAX = 448.0          # largest finite E4M3FN value
+INT4_BLOCKS = (128, 64, 32)
+
+
+def int4_block(k: int) -> int | None:
+    """The largest INT4 block that divides K: TensorRT builds whole blocks only (SmolLM2's
+    K = 576 takes 64). None: no block fits, the GEMM stays unquantized."""
+    return next((b for b in INT4_BLOCKS if k % b == 0), None)
+
+
+def _scale(amax: np.ndarray, top: float, dtype: str) -> np.ndarray:
+    """amax / top, rounded to the dtype it is stored in (so q is computed with the scale the
+    graph will multiply by), never zero."""
+    s = (amax / top).astype(np_dtype(dtype)).astype(np.float32)
+    tiny = np.finfo(np.float16).tiny   # an all-zero block: any positive scale gives q = 0
+    return np.where(s > 0, s, np.float32(tiny).astype(np_dtype(dtype)).astype(np.float32))
+
+
+def quantize_int4(w: np.ndarray, block: int, scale_dtype: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest INT4: (q int4 [K, N], scale [K / block, N] in ``scale_dtype``)."""
+    k, n = w.shape
+    g = w.astype(np.float32).reshape(k // block, block, n)
+    scale = _scale(np.abs(g).max(axis=1), INT4_MAX, scale_dtype)
+    q = np.clip(np.rint(g / scale[:, None, :]), -8, 7).reshape(k, n)
+    return q.astype(np_dtype("int4")), scale.astype(np_dtype(scale_dtype))
+
+
+def dequantize_int4(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
+    """DequantizeLinear(q, scale, axis=0, block_size=block), in float32."""
+    k, n = q.shape
+    s = scale.astype(np.float32)
+    return (q.astype(np.float32).reshape(k // block, block, n) * s[:, None, :]).reshape(k, n)
+
+
+def quantize_fp8_weight(w: np.ndarray, scale_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """E4M3 with one scale per output column: (q [K, N], scale [N])."""
+    w = w.astype(np.float32)
+    scale = _scale(np.abs(w).max(axis=0), FP8_MAX, scale_dtype)
+    q = np.clip(w / scale, -FP8_MAX, FP8_MAX).astype(np_dtype("float8e4m3fn"))
+    return q, scale.astype(np_dtype(scale_dtype))
+
+
+def dequantize_fp8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """DequantizeLinear(q, scale) with a per-tensor scale or one per last-axis column."""
+    return q.astype(np.float32) * scale.astype(np.float32)
+
+
+def fp8_activation_scale(amax: float, dtype: str) -> np.ndarray:
+    """The per-tensor scale of an activation whose calibrated |max| is ``amax``."""
+    return _scale(np.float32(amax), FP8_MAX, dtype).astype(np_dtype(dtype))
+
+
+def fake_quant_fp8(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """QuantizeLinear (saturating) then DequantizeLinear to float8e4m3fn, in float32."""
+    s = np.float32(scale)
+    q = np.clip(x.astype(np.float32) / s, -FP8_MAX, FP8_MAX).astype(np_dtype("float8e4m3fn"))
+    return q.astype(np.float32) * s
+
+
+# --- AWQ: activation-aware scales for INT4 --------------------------------------------------
+
+AWQ_GRID = 20
+
+
+def awq_scales(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
+               grid: int = AWQ_GRID) -> tuple[np.ndarray, float]:
+    """AWQ's search (Lin et al. 2023, section 3.2): per input channel s = mean|x|^alpha
+    (normalised), alpha on a grid in [0, 1), the one whose INT4 GEMM output is closest to the
+    full-precision one on calibration rows ``x`` [M, K]. W' = diag(s) W is quantized and x / s
+    feeds it. Returns (s [K] float32, the chosen alpha); alpha 0 is plain RTN (s = 1)."""
+    w = w.astype(np.float32)
+    x = x.astype(np.float32)
+    ref = x @ w
+    mean = np.maximum(np.abs(x).mean(axis=0), 1e-8)
+    best = (np.inf, np.ones(w.shape[0], np.float32), 0.0)
+    for alpha in np.arange(grid) / grid:
+        s = mean ** alpha
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)   # AWQ's normalisation
+        q, scale = quantize_int4(w * s[:, None], block, scale_dtype)
+        err = float(np.mean((ref - (x / s) @ dequantize_int4(q, scale, block)) ** 2))
+        if err < best[0]:
+            best = (err, s, float(alpha))
+    return best[1], best[2]
