@@ -86,7 +86,7 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
     from llmc.build import BuildOptions, default_model
     from llmc.build import build as run_build
     from llmc.limits import BuildLimits
-    from llmc.quantization import QuantOptions
+    from llmc.quantization.quantize import QuantOptions
 
     limits = BuildLimits(max_batch_size, max_num_tokens, max_seq_len, kv_block_size)
     quant = QuantOptions(quant, calib_data, calib_size, eval_data, eval_size, max_ppl_increase)

@@ -31,7 +31,7 @@ from llmc.graph import save_onnx, weights_file_size
 from llmc.header import BuildInfo, EngineHeader, ModelInfo
 from llmc.limits import BuildLimits
 from llmc.model_zoo import load_model
-from llmc.quantization import QuantOptions
+from llmc.quantization.quantize import QuantOptions
 from llmc.version import __version__
 
 
@@ -66,6 +66,10 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
         raise LlmcError(str(e)) from None
     check_output(opts.output, opts.model, log)
     quant_opts = opts.quant.validate()
+    if quant_opts.mode != "none":
+        ok, why = backend.can_quantize(quant_opts.mode)
+        if not ok:
+            raise LlmcError(f"--quant {quant_opts.mode}: {why}")
     from llmc.passes import pass_names
 
     unknown = sorted(set(opts.disable_passes) - set(pass_names()))
@@ -104,7 +108,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
             tempfile.TemporaryDirectory(prefix="llmc-build-", dir=opts.output.parent) as tmp:
         quantized = None
         if quant_opts.mode != "none":
-            from llmc.quantization import quantize
+            from llmc.quantization.quantize import quantize
 
             quantized = quantize(graph, weights, quant_opts, io, tokenizer.json, Path(tmp),
                                  log)

@@ -1,92 +1,10 @@
-"""Quantization of the fused graph (docs/quantization.md): FP8 W8A8, INT4 weight-only (RTN or
-AWQ), each measured against the unquantized graph on every build.
+"""Quantization of the fused graph: FP8 W8A8, INT4 weight-only (RTN, AWQ), and the accuracy
+each quantized build measures (docs/quantization.md).
 
-    base    = save_onnx(fused graph)                    the unquantized graph, for onnxruntime
-    calib   = measure.calibrate(base, calibration text)  GEMM input |max| and rows (fp8, awq)
-    graph   = qdq.quantize_graph(graph, pass)            Q/DQ around every weight GEMM
-    ... the build saves and lowers the quantized graph ...
-    report  = measure.measure(base, quantized, eval text) perplexity and top-1 agreement
+    quantize.py  the build's step: options, calibration, the rewrite, the accuracy report
+    qdq.py       the rewrites: Q/DQ around each weight GEMM (passes/pattern.py passes)
+    numerics.py  the quantizers and their numpy references; AWQ's scale search
+    measure.py   onnxruntime over a saved graph: calibration statistics, perplexity
+    ort.py       the onnxruntime options that run a Q/DQ graph as written (the reference
+                 backend's too, so this package imports no build-time code here)
 """
-
-from __future__ import annotations
-
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
-
-import onnx
-
-from llmc.contract import EngineIO
-from llmc.errors import LlmcError
-from llmc.graph import Weight, save_onnx
-from llmc.header import QuantInfo
-
-MODES = ("none", "fp8", "int4-awq", "int4-rtn")
-AWQ_ROWS = 128      # calibration rows a GEMM keeps for AWQ's search (its cost grows with them)
-
-
-@dataclass(frozen=True)
-class QuantOptions:
-    mode: str = "none"
-    calib_data: Path | None = None     # calibration text (default: the bundled calib.txt)
-    calib_size: int = 512              # calibration tokens
-    eval_data: Path | None = None      # accuracy text (default: the bundled eval.txt)
-    eval_size: int = 1024              # tokens scored for the accuracy report
-    max_ppl_increase: float = 5.0      # percent; a build past it warns
-
-    def validate(self) -> "QuantOptions":
-        if self.mode not in MODES:
-            raise LlmcError(f"unknown --quant {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.calib_size < 16 or self.eval_size < 16:
-            raise LlmcError("--calib-size and --eval-size must be at least 16 tokens")
-        if not self.max_ppl_increase >= 0:
-            raise LlmcError("--max-ppl-increase must be a percentage >= 0")
-        return self
-
-
-@dataclass
-class Quantized:
-    """A quantized graph waiting to be saved; ``report`` measures the saved graph."""
-
-    model: onnx.ModelProto
-    weights: list[Weight]
-    report: Callable[[Path], QuantInfo]
-
-
-def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, io: EngineIO,
-             tokenizer_json: str, tmp: Path, log: Callable[[str], None]) -> Quantized:
-    """Calibrate (where the mode needs it) and rewrite the fused graph; the unquantized graph
-    is saved to ``tmp / "reference"`` for calibration and for the accuracy report."""
-    from llmc.quantization import measure, qdq
-
-    calib_text, calib_name = measure.read_text(opts.calib_data, "calib")
-    eval_text, eval_name = measure.read_text(opts.eval_data, "eval")
-    eval_seqs = measure.token_sequences(tokenizer_json, eval_text, opts.eval_size, "evaluation")
-    base = save_onnx(model, weights, tmp / "reference")
-    details: dict = {}
-    if opts.mode == "int4-rtn":
-        p = qdq.int4_pass()
-    else:
-        seqs = measure.token_sequences(tokenizer_json, calib_text, opts.calib_size,
-                                       "calibration")
-        sites = qdq.sites(model, weights)
-        calib = measure.calibrate(base, io, {s.weight: s.x for s in sites}, seqs,
-                                  keep_rows=AWQ_ROWS if opts.mode == "int4-awq" else 0)
-        log(f"calibrated {len(sites)} GEMM inputs on {calib.tokens} tokens of {calib_name}")
-        details["calibration"] = f"{calib.tokens} tokens of {calib_name}"
-        p = qdq.int4_pass(calib.rows) if opts.mode == "int4-awq" else qdq.fp8_pass(calib.amax)
-    qmodel, qweights, report = qdq.quantize_graph(model, weights, p)
-    gemms = report["fired"][p.name]
-    blocks = {a.i for n in qmodel.graph.node if n.op_type == "DequantizeLinear"
-              for a in n.attribute if a.name == "block_size"}
-    if blocks:
-        details["int4_block_sizes"] = sorted(blocks)
-    log(f"quantized {gemms} GEMMs to {opts.mode} (the LM head stays unquantized)")
-
-    def finish(quantized_onnx: Path) -> QuantInfo:
-        acc = measure.measure(base, quantized_onnx, io, eval_seqs, eval_name,
-                              opts.max_ppl_increase)
-        return QuantInfo(opts.mode, "auto", gemms, details, acc)
-
-    return Quantized(qmodel, qweights, finish)
-

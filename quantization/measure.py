@@ -20,21 +20,9 @@ from llmc.contract import Chunk, EngineIO
 from llmc.dtypes import np_dtype
 from llmc.errors import LlmcError
 from llmc.header import Accuracy
+from llmc.quantization.ort import session_options
 
 SEQ_LEN = 256            # tokens a sequence when a text is cut up (short: a CPU build runs it)
-
-
-def session_options(threads: int | None = None):
-    """onnxruntime options under which a Q/DQ graph computes what it says: onnxruntime fuses
-    DequantizeLinear(int4) + MatMul into MatMulNBits, which by default quantizes the
-    activations to int8 as well; accuracy level 0 keeps them in the graph's float type."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-    return opts
 
 
 def bundled_text(name: str) -> str:

@@ -59,6 +59,13 @@ class UnsupportedGraph(LlmcError):
     """The fused graph holds something the cuda backend has no kernel for."""
 
 
+# What a quantized graph (quantization/qdq.py) would need here, and is not written yet.
+QUANT_MISSING = ("the cuda backend has no quantized kernels yet (FP8 GEMMs through cuBLASLt, "
+                 "the INT4 weight-only GEMM/GEMV with fused dequantization, issue #10 item 4); "
+                 "build a quantized engine with --backend reference or tensorrt-rtx, or this "
+                 "one without --quant")
+
+
 class _Graph:
     """Producer/consumer maps and initializers of a ModelProto (weights not loaded)."""
 
@@ -140,6 +147,10 @@ class Lowering:
         g = self.g
         for name, dims in contract.CONTROL_INPUTS.items():
             self.values[name] = Value("input", "int32", list(dims))
+        qdq = [n.name for n in g.nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        if qdq:
+            raise UnsupportedGraph(f"the graph is quantized ({len(qdq)} Q/DQ nodes, e.g. "
+                                   f"{qdq[0]!r}): {QUANT_MISSING}")
         attn = [n for n in g.nodes if n.op_type == "PagedAttention"]
         if not attn:
             raise UnsupportedGraph("the graph has no fused PagedAttention node; the cuda "
