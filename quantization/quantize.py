@@ -41,6 +41,11 @@ class QuantOptions:
             raise LlmcError("--calib-size and --eval-size must be at least 16 tokens")
         if not self.max_ppl_increase >= 0:
             raise LlmcError("--max-ppl-increase must be a percentage >= 0")
+        from llmc.quantization.measure import read_text
+
+        for path in (self.calib_data, self.eval_data):   # before the model loads
+            if path is not None:
+                read_text(path, "")
         return self
 
 
