@@ -35,12 +35,14 @@ def _scale(amax: np.ndarray, top: float, dtype: str) -> np.ndarray:
     return np.where(s > 0, s, np.float32(tiny).astype(np_dtype(dtype)).astype(np.float32))
 
 
-def quantize_int4(w: np.ndarray, block: int, scale_dtype: str
+def quantize_int4(w: np.ndarray, block: int, scale_dtype: str, clip: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Round-to-nearest INT4: (q int4 [K, N], scale [K / block, N] in ``scale_dtype``)."""
+    """Round-to-nearest INT4: (q int4 [K, N], scale [K / block, N] in ``scale_dtype``).
+    ``clip`` [K / block, N]: each block's range as a share of its |max| (AWQ's clipping)."""
     k, n = w.shape
     g = w.astype(np.float32).reshape(k // block, block, n)
-    scale = _scale(np.abs(g).max(axis=1), INT4_MAX, scale_dtype)
+    amax = np.abs(g).max(axis=1)
+    scale = _scale(amax if clip is None else amax * clip, INT4_MAX, scale_dtype)
     q = np.clip(np.rint(g / scale[:, None, :]), -8, 7).reshape(k, n)
     return q.astype(np_dtype("int4")), scale.astype(np_dtype(scale_dtype))
 
@@ -101,3 +103,27 @@ def awq_scales(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
         if err < best[0]:
             best = (err, s, float(alpha))
     return best[1], best[2]
+
+
+AWQ_CLIPS = np.arange(20, 9, -1) / 20     # 1.0, 0.95, ..., 0.5
+
+
+def awq_clip(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str) -> np.ndarray:
+    """AWQ's second step (its `auto_clip`): for each block of each output column, the share
+    of the block's |max| to keep, the one whose INT4 block gives the smallest output error on
+    calibration rows ``x`` [M, K] (clipping a few large weights buys a finer step for the
+    rest). ``w`` is already scaled (diag(s) W), ``x`` divided by s. Returns [K / block, N]."""
+    k, n = w.shape
+    xg = x.astype(np.float32).reshape(len(x), k // block, block)
+    wg = w.astype(np.float32).reshape(k // block, block, n)
+    ref = np.einsum("mgb,gbn->mgn", xg, wg)
+    best_err = np.full((k // block, n), np.inf, np.float32)
+    best = np.ones((k // block, n), np.float32)
+    for r in AWQ_CLIPS:
+        clip = np.full((k // block, n), r, np.float32)
+        q, scale = quantize_int4(w, block, scale_dtype, clip)
+        deq = dequantize_int4(q, scale, block).reshape(k // block, block, n)
+        err = ((np.einsum("mgb,gbn->mgn", xg, deq) - ref) ** 2).mean(axis=0)
+        better = err < best_err
+        best_err, best = np.where(better, err, best_err), np.where(better, r, best)
+    return best

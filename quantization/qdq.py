@@ -114,7 +114,8 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None) -> Pass:
             if rows is None:
                 return numerics.quantize_int4(data, block, w.dtype)
             s, _ = numerics.awq_scales(data, rows, block, w.dtype)
-            q, scale = numerics.quantize_int4(data * s[:, None], block, w.dtype)
+            clip = numerics.awq_clip(data * s[:, None], rows / s, block, w.dtype)
+            q, scale = numerics.quantize_int4(data * s[:, None], block, w.dtype, clip)
             return q, scale, (1 / s).astype(np_dtype(w.dtype))
 
         parts = _Parts(compute, 2 if rows is None else 3)

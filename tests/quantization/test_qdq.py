@@ -82,7 +82,8 @@ def test_int4_awq_numerics(tmp_path, dtype):
     assert report["fired"] == {"int4-awq": 1}
     s, alpha = nq.awq_scales(w, rows, 128, dtype)
     assert alpha > 0
-    q, scale = nq.quantize_int4(w * s[:, None], 128, dtype)
+    clip = nq.awq_clip(w * s[:, None], rows / s, 128, dtype)
+    q, scale = nq.quantize_int4(w * s[:, None], 128, dtype, clip)
     inv = (1 / s).astype(np_dtype(dtype)).astype(np.float32)
     x = activations(dtype, k, outliers=True)
     ref = (x.astype(np.float32) * inv).astype(np_dtype(dtype)).astype(np.float32) \
