@@ -35,6 +35,10 @@ from llmc.quantization.quantize import QuantOptions
 from llmc.version import __version__
 
 
+# what a warning about a quantized build's accuracy suggests, by mode
+BETTER_MODES = {"int4-rtn": "try --quant int4-awq or fp8, or ", "int4-awq": "try --quant fp8, or "}
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     model: Path
@@ -124,8 +128,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
             if not acc.passed:
                 log(f"WARNING: perplexity rose {acc.delta_ppl_pct:.2f}% with --quant "
                     f"{quant.mode}, past the {acc.threshold_pct:g}% threshold: this engine's "
-                    "output may be noticeably worse than the unquantized model's; try "
-                    "int4-awq or fp8, or raise --max-ppl-increase if this is acceptable")
+                    "output may be noticeably worse than the unquantized model's; "
+                    f"{BETTER_MODES.get(quant.mode, '')}raise --max-ppl-increase if this "
+                    "is acceptable")
         header = EngineHeader(
             llmc_version=__version__,
             backend=backend.name,

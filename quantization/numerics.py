@@ -35,16 +35,30 @@ def _scale(amax: np.ndarray, top: float, dtype: str) -> np.ndarray:
     return np.where(s > 0, s, np.float32(tiny).astype(np_dtype(dtype)).astype(np.float32))
 
 
-def quantize_int4(w: np.ndarray, block: int, scale_dtype: str, clip: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Round-to-nearest INT4: (q int4 [K, N], scale [K / block, N] in ``scale_dtype``).
-    ``clip`` [K / block, N]: each block's range as a share of its |max| (AWQ's clipping)."""
+def _int4_grid(w: np.ndarray, block: int, scale_dtype: str, clip: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(q as float32 [K / block, block, N], scale as float32 [K / block, N])."""
     k, n = w.shape
     g = w.astype(np.float32).reshape(k // block, block, n)
     amax = np.abs(g).max(axis=1)
     scale = _scale(amax if clip is None else amax * clip, INT4_MAX, scale_dtype)
-    q = np.clip(np.rint(g / scale[:, None, :]), -8, 7).reshape(k, n)
-    return q.astype(np_dtype("int4")), scale.astype(np_dtype(scale_dtype))
+    return np.clip(np.rint(g / scale[:, None, :]), -8, 7), scale
+
+
+def quantize_int4(w: np.ndarray, block: int, scale_dtype: str, clip: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest INT4: (q int4 [K, N], scale [K / block, N] in ``scale_dtype``).
+    ``clip`` [K / block, N]: each block's range as a share of its |max| (AWQ's clipping)."""
+    q, scale = _int4_grid(w, block, scale_dtype, clip)
+    return q.reshape(w.shape).astype(np_dtype("int4")), scale.astype(np_dtype(scale_dtype))
+
+
+def fake_quant_int4(w: np.ndarray, block: int, scale_dtype: str,
+                    clip: np.ndarray | None = None) -> np.ndarray:
+    """dequantize_int4(quantize_int4(w)) in float32, without the int4 round trip (the
+    searches below call it dozens of times a weight)."""
+    q, scale = _int4_grid(w, block, scale_dtype, clip)
+    return (q * scale[:, None, :]).reshape(w.shape)
 
 
 def dequantize_int4(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
@@ -98,8 +112,8 @@ def awq_scales(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
     for alpha in np.arange(grid) / grid:
         s = mean ** alpha
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)   # AWQ's normalisation
-        q, scale = quantize_int4(w * s[:, None], block, scale_dtype)
-        err = float(np.mean((ref - (x / s) @ dequantize_int4(q, scale, block)) ** 2))
+        err = float(np.mean((ref - (x / s) @ fake_quant_int4(w * s[:, None], block,
+                                                             scale_dtype)) ** 2))
         if err < best[0]:
             best = (err, s, float(alpha))
     return best[1], best[2]
@@ -114,16 +128,15 @@ def awq_clip(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str) -> np.n
     calibration rows ``x`` [M, K] (clipping a few large weights buys a finer step for the
     rest). ``w`` is already scaled (diag(s) W), ``x`` divided by s. Returns [K / block, N]."""
     k, n = w.shape
-    xg = x.astype(np.float32).reshape(len(x), k // block, block)
-    wg = w.astype(np.float32).reshape(k // block, block, n)
-    ref = np.einsum("mgb,gbn->mgn", xg, wg)
+    xg = x.astype(np.float32).reshape(len(x), k // block, block).transpose(1, 0, 2)  # [G,M,B]
+    wg = w.astype(np.float32).reshape(k // block, block, n)                          # [G,B,N]
+    ref = xg @ wg                                                 # each block's share [G,M,N]
     best_err = np.full((k // block, n), np.inf, np.float32)
     best = np.ones((k // block, n), np.float32)
     for r in AWQ_CLIPS:
         clip = np.full((k // block, n), r, np.float32)
-        q, scale = quantize_int4(w, block, scale_dtype, clip)
-        deq = dequantize_int4(q, scale, block).reshape(k // block, block, n)
-        err = ((np.einsum("mgb,gbn->mgn", xg, deq) - ref) ** 2).mean(axis=0)
-        better = err < best_err
+        deq = fake_quant_int4(w, block, scale_dtype, clip).reshape(k // block, block, n)
+        err = ((xg @ deq - ref) ** 2).mean(axis=1)
+        better = err < best_err                                   # [G, N]
         best_err, best = np.where(better, err, best_err), np.where(better, r, best)
     return best
