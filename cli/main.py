@@ -61,11 +61,13 @@ def cli() -> None:
               help="skip a fusion pass (repeatable; names in docs/passes.md)")
 @click.option("--dump-graphs", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="write the graph after every pass stage as DIR/NN-name.onnx")
-@click.option("--quant", default="none", show_default=True,
-              type=click.Choice(["none", "fp8", "int4-awq", "int4-rtn"]),
+@click.option("--quant", default="auto", show_default=True,
+              type=click.Choice(["auto", "none", "fp8", "int4-awq", "int4-rtn"]),
               help="fp8: FP8 weights and activations (calibrated); int4-awq / int4-rtn: INT4 "
-                   "weights in blocks, with AWQ's scale search or plain rounding. The LM head "
-                   "stays unquantized; the accuracy is measured and stored (docs/quantization.md)")
+                   "weights in blocks, with AWQ's scale search or plain rounding; auto: a "
+                   "pre-quantized checkpoint's own format (ModelOpt FP8), else none. The LM "
+                   "head stays unquantized; the accuracy is measured and stored "
+                   "(docs/quantization.md)")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="--quant fp8 / int4-awq: calibration text [default: a bundled "
                    "public-domain text]")

@@ -70,10 +70,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
         raise LlmcError(str(e)) from None
     check_output(opts.output, opts.model, log)
     quant_opts = opts.quant.validate()
-    if quant_opts.mode != "none":
-        ok, why = backend.can_quantize(quant_opts.mode)
-        if not ok:
-            raise LlmcError(f"--quant {quant_opts.mode}: {why}")
+    check_quant(backend, quant_opts.mode)
     from llmc.passes import pass_names
 
     unknown = sorted(set(opts.disable_passes) - set(pass_names()))
@@ -85,6 +82,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
     log(f"model: {cfg.architecture}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size} "
         f"({opts.model})")
+    quant_opts = quant_opts.resolve(model.prequantized, log)
+    check_quant(backend, quant_opts.mode)
     if limits.max_seq_len > cfg.max_position_embeddings:
         log(f"warning: max_seq_len {limits.max_seq_len} exceeds the model's "
             f"max_position_embeddings {cfg.max_position_embeddings}")
@@ -115,7 +114,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
             from llmc.quantization.quantize import quantize
 
             quantized = quantize(graph, weights, quant_opts, io, tokenizer.json, Path(tmp),
-                                 log)
+                                 log, model.prequantized)
             graph, weights = quantized.model, quantized.weights
         every = max(1, len(weights) // 10)
         onnx_path = save_onnx(graph, weights, Path(tmp), progress=lambda k, n: (
@@ -149,6 +148,15 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
     log(f"wrote {opts.output} ({opts.output.stat().st_size / 2**20:.1f} MiB) in "
         f"{time.perf_counter() - t0:.1f} s")
     return header
+
+
+def check_quant(backend, mode: str) -> None:
+    """The backend runs graphs quantized this way (asked before the model loads, and again
+    once --quant auto has become the checkpoint's own format)."""
+    if mode not in ("none", "auto"):
+        ok, why = backend.can_quantize(mode)
+        if not ok:
+            raise LlmcError(f"--quant {mode}: {why}")
 
 
 def check_output(output: Path, model: Path, log: Callable[[str], None]) -> None:

@@ -50,6 +50,9 @@ def token_sequences(tokenizer_json: str, text: str, n_tokens: int, what: str
     ids = ids[:n_tokens]
     if len(ids) < 16:
         raise LlmcError(f"the {what} text has {len(ids)} tokens; it needs at least 16")
+    if len(set(ids)) < 8:   # e.g. all unknown: the text is not in the model's vocabulary
+        raise LlmcError(f"the {what} text is {len(set(ids))} distinct tokens to this model's "
+                        "tokenizer; give a text in its language (--calib-data, --eval-data)")
     return [ids[i:i + SEQ_LEN] for i in range(0, len(ids), SEQ_LEN) if len(ids[i:]) > 1]
 
 

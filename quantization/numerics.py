@@ -68,10 +68,13 @@ def dequantize_int4(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
     return (q.astype(np.float32).reshape(k // block, block, n) * s[:, None, :]).reshape(k, n)
 
 
-def quantize_fp8_weight(w: np.ndarray, scale_dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """E4M3 with one scale per output column: (q [K, N], scale [N])."""
+def quantize_fp8_weight(w: np.ndarray, scale_dtype: str, scale: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """E4M3 with one scale per output column: (q [K, N], scale [N]). ``scale``: use this one
+    (a pre-quantized checkpoint's) instead of |max| / 448."""
     w = w.astype(np.float32)
-    scale = _scale(np.abs(w).max(axis=0), FP8_MAX, scale_dtype)
+    amax = np.abs(w).max(axis=0) if scale is None else np.asarray(scale, np.float32) * FP8_MAX
+    scale = _scale(amax, FP8_MAX, scale_dtype)
     q = np.clip(w / scale, -FP8_MAX, FP8_MAX).astype(np_dtype("float8e4m3fn"))
     return q, scale.astype(np_dtype(scale_dtype))
 

@@ -137,9 +137,12 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None) -> Pass:
 # --- FP8 W8A8 -------------------------------------------------------------------------------
 
 
-def fp8_pass(act_amax: dict[str, float]) -> Pass:
+def fp8_pass(act_amax: dict[str, float],
+             weight_scale: dict[str, np.ndarray] | None = None) -> Pass:
     """FP8 weights and activations; ``act_amax`` maps each weight to its input's calibrated
-    |max| (a GEMM without one is left alone)."""
+    |max| (a GEMM without one is left alone); ``weight_scale``, where given, each weight's
+    scale per output column (a pre-quantized checkpoint's) instead of its |max| / 448."""
+    weight_scale = weight_scale or {}
 
     def match(g: Graph, node: NodeProto) -> Site | None:
         site = match_site(g, node)
@@ -147,7 +150,8 @@ def fp8_pass(act_amax: dict[str, float]) -> Pass:
 
     def replace(g: Graph, site: Site) -> None:
         w = g.weights[site.weight]
-        parts = _Parts(lambda: numerics.quantize_fp8_weight(w.read(), w.dtype), 2)
+        given = weight_scale.get(site.weight)
+        parts = _Parts(lambda: numerics.quantize_fp8_weight(w.read(), w.dtype, given), 2)
         q = g.add_weight(Weight(f"{w.name}.fp8", FP8, w.shape, parts.loader(0)), w.name)
         scale = g.add_weight(Weight(f"{w.name}.fp8_scale", w.dtype, (w.shape[1],),
                                     parts.loader(1)), w.name)

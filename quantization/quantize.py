@@ -10,7 +10,7 @@ measured against the unquantized graph on every build.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,8 +20,10 @@ from llmc.contract import EngineIO
 from llmc.errors import LlmcError
 from llmc.graph import Weight, save_onnx
 from llmc.header import QuantInfo
+from llmc.quantization.prequantized import Prequantized
 
-MODES = ("none", "fp8", "int4-awq", "int4-rtn")
+MODES = ("auto", "none", "fp8", "int4-awq", "int4-rtn")   # auto: a pre-quantized checkpoint's
+                                                          # own format, else none
 AWQ_ROWS = 128      # calibration rows a GEMM keeps for AWQ's search (its cost grows with them)
 
 
@@ -33,6 +35,16 @@ class QuantOptions:
     eval_data: Path | None = None      # accuracy text (default: the bundled eval.txt)
     eval_size: int = 1024              # tokens scored for the accuracy report
     max_ppl_increase: float = 5.0      # percent; a build past it warns
+
+    def resolve(self, prequantized: Prequantized | None,
+                log: Callable[[str], None]) -> "QuantOptions":
+        """``auto`` made concrete for this checkpoint."""
+        if self.mode != "auto":
+            return self
+        if prequantized is not None:
+            log(f"the checkpoint is a {prequantized.describe()}: building --quant "
+                f"{prequantized.mode} with its scales")
+        return replace(self, mode=prequantized.mode if prequantized else "none")
 
     def validate(self) -> "QuantOptions":
         if self.mode not in MODES:
@@ -59,9 +71,12 @@ class Quantized:
 
 
 def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, io: EngineIO,
-             tokenizer_json: str, tmp: Path, log: Callable[[str], None]) -> Quantized:
+             tokenizer_json: str, tmp: Path, log: Callable[[str], None],
+             prequantized: Prequantized | None = None) -> Quantized:
     """Calibrate (where the mode needs it) and rewrite the fused graph; the unquantized graph
-    is saved to ``tmp / "reference"`` for calibration and for the accuracy report."""
+    is saved to ``tmp / "reference"`` for calibration and for the accuracy report. A
+    pre-quantized FP8 checkpoint built as fp8 takes its own scales instead of calibration
+    (its "unquantized" reference is its weights dequantized)."""
     from llmc.quantization import measure, qdq
 
     calib_text, calib_name = measure.read_text(opts.calib_data, "calib")
@@ -71,6 +86,10 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     details: dict = {}
     if opts.mode == "int4-rtn":
         p = qdq.int4_pass()
+    elif opts.mode == "fp8" and prequantized is not None and prequantized.mode == "fp8":
+        amax, scales = _checkpoint_scales(qdq.sites(model, weights), prequantized)
+        details["scales"] = f"from the {prequantized.describe()}"
+        p = qdq.fp8_pass(amax, scales)
     else:
         seqs = measure.token_sequences(tokenizer_json, calib_text, opts.calib_size,
                                        "calibration")
@@ -95,3 +114,20 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
 
     return Quantized(qmodel, qweights, finish)
 
+
+def _checkpoint_scales(sites, pre: Prequantized) -> tuple[dict[str, float], dict]:
+    """A pre-quantized checkpoint's scales under the fused graph's weight names: a fused
+    GEMM's input |max| is its parts' largest, its per-column weight scale the parts' scales
+    side by side (per-tensor scales of q, k and v become one per-column vector). A GEMM whose
+    parts were not all quantized in the checkpoint is left out (and stays unquantized)."""
+    import numpy as np
+
+    from llmc.passes.gemm import fused_parts
+
+    amax, scales = {}, {}
+    for site in sites:
+        parts = fused_parts(site.weight)
+        if all(p in pre.weight_scale and p in pre.input_amax for p in parts):
+            amax[site.weight] = max(pre.input_amax[p] for p in parts)
+            scales[site.weight] = np.concatenate([pre.weight_scale[p] for p in parts])
+    return amax, scales

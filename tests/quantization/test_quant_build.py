@@ -4,8 +4,6 @@ quantized graphs with the weights kept packed; the cuda backend refuses them cle
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from llmc.build import BuildOptions, build
@@ -20,15 +18,6 @@ LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_bl
 # Random tiny models: perplexity ~ the vocabulary, and quantization noise moves it little;
 # top-1 agreement is what tells a broken quantizer (~1/128 by chance) from a working one.
 BUDGET = {"fp8": (0.5, 0.93), "int4-awq": (1.0, 0.85), "int4-rtn": (1.0, 0.85)}
-
-
-@pytest.fixture(scope="module")
-def words(tmp_path_factory):
-    """Text in the tiny tokenizer's words (w3 .. w127): calibration and evaluation."""
-    r = random.Random(0)
-    path = tmp_path_factory.mktemp("text") / "words.txt"
-    path.write_text(" ".join(f"w{r.randrange(3, 128)}" for _ in range(600)))
-    return path
 
 
 def quant(mode, words, **kw) -> QuantOptions:
