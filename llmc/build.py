@@ -34,7 +34,6 @@ from llmc.model_zoo import load_model
 from llmc.quantization.quantize import QuantOptions
 from llmc.version import __version__
 
-
 # what a warning about a quantized build's accuracy suggests, by mode
 BETTER_MODES = {"int4-rtn": "try --quant int4-awq or fp8, or ", "int4-awq": "try --quant fp8, or "}
 

@@ -23,8 +23,9 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def np_dtype(dtype: str) -> np.dtype:
-    if dtype in ("bfloat16", "int4", "float8e4m3fn"):  # numpy has none; ml_dtypes (an onnx
-        import ml_dtypes                                # dependency) does
+    # numpy has none of these; ml_dtypes (an onnx dependency) does
+    if dtype in ("bfloat16", "int4", "float8e4m3fn"):
+        import ml_dtypes
 
         return np.dtype(getattr(ml_dtypes, {"float8e4m3fn": "float8_e4m3fn"}.get(dtype, dtype)))
     return np.dtype(dtype)
