@@ -95,21 +95,40 @@ def _swap(g: Graph, site: Site, x: str, w: str) -> None:
 # --- INT4 weight-only ---------------------------------------------------------------------
 
 
-def int4_pass(awq: dict[str, np.ndarray] | None = None) -> Pass:
-    """RTN, or AWQ when ``awq`` maps each weight to its calibration rows of x [M, K]."""
+@dataclass(frozen=True)
+class GivenInt4:
+    """A weight already in INT4 (a pre-quantized checkpoint's), in the graph's [in, out]."""
+
+    values: Callable[[], np.ndarray]    # int4 [K, N]
+    scale: np.ndarray                   # float32 [K / block, N]
+    pre_scale: np.ndarray | None        # [K]: the GEMM reads x * it (AWQ's 1 / s)
+
+
+def int4_pass(awq: dict[str, np.ndarray] | None = None,
+              given: dict[str, GivenInt4] | None = None) -> Pass:
+    """RTN, or AWQ when ``awq`` maps each weight to its calibration rows of x [M, K]; a
+    weight in ``given`` takes those values and scales as they are."""
+    given = given or {}
 
     def match(g: Graph, node: NodeProto) -> Site | None:
         site = match_site(g, node)
-        if site is None or numerics.int4_block(g.weights[site.weight].shape[0]) is None:
+        if site is None or (site.weight not in given and numerics.int4_block(
+                g.weights[site.weight].shape[0]) is None):
             return None
         return site
 
     def replace(g: Graph, site: Site) -> None:
         w = g.weights[site.weight]
-        (k, n), block = w.shape, numerics.int4_block(w.shape[0])
         rows = awq.get(site.weight) if awq is not None else None
+        have = given.get(site.weight)
+        (k, n) = w.shape
+        block = k // have.scale.shape[0] if have else numerics.int4_block(k)
 
         def compute():
+            if have is not None:
+                scale = have.scale.astype(np_dtype(w.dtype))
+                pre = () if have.pre_scale is None else (have.pre_scale.astype(scale.dtype),)
+                return (have.values(), scale, *pre)
             data = w.read().astype(np.float32)
             if rows is None:
                 return numerics.quantize_int4(data, block, w.dtype)
@@ -118,12 +137,13 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None) -> Pass:
             q, scale = numerics.quantize_int4(data * s[:, None], block, w.dtype, clip)
             return q, scale, (1 / s).astype(np_dtype(w.dtype))
 
-        parts = _Parts(compute, 2 if rows is None else 3)
+        scaled = rows is not None or (have is not None and have.pre_scale is not None)
+        parts = _Parts(compute, 3 if scaled else 2)
         q = g.add_weight(Weight(f"{w.name}.int4", "int4", (k, n), parts.loader(0)), w.name)
         scale = g.add_weight(Weight(f"{w.name}.int4_scale", w.dtype, (k // block, n),
                                     parts.loader(1)), w.name)
         x = site.x
-        if rows is not None:   # x / s: an elementwise Mul that TensorRT fuses before the GEMM
+        if scaled:   # x / s: an elementwise Mul that TensorRT fuses before the GEMM
             inv = g.add_weight(Weight(f"{w.name}.awq_inv_scale", w.dtype, (k,),
                                       parts.loader(2)), w.name)
             x = g.add("Mul", [x, inv], 1, name="AwqScale").output[0]

@@ -86,6 +86,10 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     details: dict = {}
     if opts.mode == "int4-rtn":
         p = qdq.int4_pass()
+    elif opts.mode == "int4-awq" and prequantized is not None and prequantized.mode == opts.mode:
+        given = _checkpoint_int4(qdq.sites(model, weights), prequantized)
+        details["scales"] = f"from the {prequantized.describe()}"
+        p = qdq.int4_pass(given=given)
     elif opts.mode == "fp8" and prequantized is not None and prequantized.mode == "fp8":
         amax, scales = _checkpoint_scales(qdq.sites(model, weights), prequantized)
         details["scales"] = f"from the {prequantized.describe()}"
@@ -131,3 +135,31 @@ def _checkpoint_scales(sites, pre: Prequantized) -> tuple[dict[str, float], dict
             amax[site.weight] = max(pre.input_amax[p] for p in parts)
             scales[site.weight] = np.concatenate([pre.weight_scale[p] for p in parts])
     return amax, scales
+
+
+def _checkpoint_int4(sites, pre: Prequantized) -> dict:
+    """A pre-quantized checkpoint's INT4 weights under the fused graph's names, in its
+    [in, out] layout: a fused GEMM's parts side by side, when they share one block size and
+    none has its own input scale (ModelOpt folds q/k/v's and gate/up's into the norm
+    before). Any other GEMM is left out, and is quantized from its dequantized weight."""
+    import numpy as np
+
+    from llmc.dtypes import np_dtype
+    from llmc.passes.gemm import fused_parts
+    from llmc.quantization.qdq import GivenInt4
+
+    given = {}
+    for site in sites:
+        parts = [pre.int4.get(p) for p in fused_parts(site.weight)]
+        if any(p is None for p in parts) or len({p.block for p in parts}) != 1 or (
+                len(parts) > 1 and any(p.pre_quant_scale is not None for p in parts)):
+            continue
+
+        def values(parts=parts) -> np.ndarray:
+            q = np.concatenate([p.values() for p in parts], axis=0)        # [N, K]
+            return np.ascontiguousarray(q.T).astype(np_dtype("int4"))      # [K, N]
+
+        given[site.weight] = GivenInt4(
+            values, np.ascontiguousarray(np.concatenate([p.scale for p in parts]).T),
+            parts[0].pre_quant_scale)
+    return given
