@@ -118,28 +118,55 @@ def hf_greedy(smollm2_path):
     return out
 
 
-# Greedy tokens that must equal HF's fp32 ones. bf16 keeps 8 bits of mantissa between ops, so
-# a near-tie of two logits can flip: on an H100 the fibonacci prompt's 26th token does
-# ("print(" after "\n\n" instead of "# Test"); every token before it, and all 32 of the
-# other prompts', equal HF's.
-AGREE = {"fp16": 32, "bf16": 24}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_smollm2_greedy_equals_hf(smollm2_engines, hf_greedy, dtype):
+def test_smollm2_fp16_greedy_equals_hf(smollm2_engines, hf_greedy):
+    """fp16 keeps 11 bits of mantissa: all 32 greedy tokens of every prompt equal HF's fp32."""
     from llmc.runtime.generator import generate
     from llmc.runtime.runner import Runner
     from llmc.runtime.sampler import SamplingParams
 
-    runner = Runner(smollm2_engines[dtype], gpu_memory_utilization=0.3)
+    runner = Runner(smollm2_engines["fp16"], gpu_memory_utilization=0.3)
     ids = [ids for ids, _ in hf_greedy]
     seqs = generate(runner.session, runner.limits, ids, 32, SamplingParams())
     for seq, (_, ref) in zip(seqs, hf_greedy):
-        same = next((i for i, (a, b) in enumerate(zip(seq.generated, ref)) if a != b), 32)
-        assert same >= AGREE[dtype], (
-            f"{dtype}: first difference at token {same}: "
+        assert seq.generated == ref, (
             f"{runner.tokenizer.decode(seq.generated)!r} vs {runner.tokenizer.decode(ref)!r}")
+    runner.session.close()
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_greedy_follows_hf_up_to_its_error(smollm2_engines, hf_greedy, hf_smollm2):
+    """bf16 keeps 8 bits of mantissa between ops, and so does HF's own bf16: run freely, HF
+    bf16 leaves HF fp32's greedy path at token 17 of the first prompt and 18 of the third
+    (transformers 5, CPU). So bf16 is held to HF fp32 teacher-forced: along HF's 32 greedy
+    tokens, each of llmc's logit rows is within the bf16 tolerance of HF's, and where llmc's
+    top token differs, HF's own margin between the two is smaller than llmc's error on that
+    row (a near-tie the dtype cannot resolve, not a wrong token)."""
+    import torch
+
+    from llmc import contract
+    from llmc.runtime.runner import Runner
+
+    _, hf = hf_smollm2
+    runner = Runner(smollm2_engines["bf16"], gpu_memory_utilization=0.3)
+    session, bs = runner.session, runner.limits.kv_block_size
+    flips = 0
+    for ids, ref in hf_greedy:
+        with torch.no_grad():
+            want = hf(torch.tensor([ids + ref])).logits[0, len(ids) - 1:-1].double().numpy()
+        blocks = list(range(-(-(len(ids) + len(ref)) // bs)))
+        got = [session.step(contract.pack_step([contract.Chunk(ids, 0, blocks)], bs))[0]]
+        for i, tok in enumerate(ref[:-1]):
+            step = contract.pack_step([contract.Chunk([tok], len(ids) + i, blocks)], bs)
+            got.append(session.step(step)[0])
+        for i, (row, w) in enumerate(zip(got, want)):
+            err = np.abs(row - w).max()
+            assert err <= TOLERANCE["bf16"] * np.abs(w).max(), (i, err)
+            top = int(np.argmax(row))
+            if top != ref[i]:
+                flips += 1
+                assert w[ref[i]] - w[top] <= err, (i, w[ref[i]] - w[top], err)
+    assert flips <= 2, f"{flips} of 96 greedy choices differ from HF's"
     runner.session.close()
 
 
