@@ -109,22 +109,32 @@ class DecoderGraph:
 
     # --- layers --------------------------------------------------------------------------------
 
-    def rms_norm(self, x: str, name: str) -> str:
-        """HF semantics: normalise in float32, cast back, then scale by the weight."""
+    def rms_norm(self, x: str, name: str, width: int | None = None) -> str:
+        """HF semantics: normalise in float32, cast back, then scale by the weight.
+        Over the last axis, `width` wide (default hidden_size; head_dim for a per-head norm)."""
         g = self.g
         x32 = g.Cast(x, to=F32)
         var = g.ReduceMean(g.Mul(x32, x32), g.const([-1]), keepdims=1)
         inv = g.Reciprocal(g.Sqrt(g.Add(var, g.const(self.c.rms_norm_eps, np.float32))))
         y = g.Cast(g.Mul(x32, inv), to=self.elem)
-        return g.Mul(y, self.weight(f"{name}.weight", (self.c.hidden_size,)))
+        return g.Mul(y, self.weight(f"{name}.weight", (width or self.c.hidden_size,)))
 
     def swiglu_mlp(self, x: str, p: str, bias: bool = False) -> str:
         """down(silu(gate(x)) * up(x)), HF's gate_proj / up_proj / down_proj."""
-        c, g = self.c, self.g
+        c = self.c
         gate = self.linear(x, f"{p}.gate_proj", c.intermediate_size, c.hidden_size, bias)
         up = self.linear(x, f"{p}.up_proj", c.intermediate_size, c.hidden_size, bias)
-        act = g.Mul(g.Mul(gate, g.Sigmoid(gate)), up)                     # silu(gate) * up
+        act = self.swiglu(gate, up)
         return self.linear(act, f"{p}.down_proj", c.hidden_size, c.intermediate_size, bias)
+
+    def swiglu(self, gate: str, up: str) -> str:
+        """silu(gate) * up, the form passes/activations.py matches."""
+        g = self.g
+        return g.Mul(g.Mul(gate, g.Sigmoid(gate)), up)
+
+    def split(self, x: str, sizes: list[int]) -> list[str]:
+        """x's last axis cut into parts of `sizes` (a checkpoint's fused projection)."""
+        return self.g.Split(x, self.g.const(sizes), axis=-1, outputs=len(sizes))
 
     def heads(self, x: str, n_heads: int) -> str:
         """[T, H*D] -> [T, H, D]."""
@@ -188,3 +198,13 @@ class DecoderGraph:
             cos = g.Cast(g.Cos(emb), to=self.elem)
             sin = g.Cast(g.Sin(emb), to=self.elem)
         return Step(pos, cos, sin, write_index, token_blocks, mask)
+
+
+def graph_builder(cls: type[DecoderGraph]):
+    """A family's build_graph for its DecoderGraph subclass: returns (onnx.ModelProto,
+    lazy weights) of one engine step."""
+    def build_graph(config, tensor, dtype: str, kv_block_size: int,
+                    weights_rounded_to: str | None = None):
+        g = cls(config, tensor, dtype, kv_block_size, weights_rounded_to).build()
+        return g.model(), g.weights
+    return build_graph

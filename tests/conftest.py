@@ -29,6 +29,9 @@ TINY_MODELS = {
     # q/k/v biases, tied embeddings
     "qwen2-bias": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2,
                                        tie_word_embeddings=True)),
+    # fused qkv_proj / gate_up_proj in the checkpoint, GQA, a window (Phi-3-mini-4k: 2047)
+    "phi3-window": ("Phi3Config", dict(num_attention_heads=4, num_key_value_heads=2,
+                                       sliding_window=12, pad_token_id=0, eos_token_id=2)),
 }
 
 
@@ -38,6 +41,7 @@ HEAD_DIM_64 = {
     "llama-tied-rope3": dict(hidden_size=128, head_dim=64),   # explicit head_dim != 128/4
     "mistral-window": dict(hidden_size=256),
     "qwen2-bias": dict(hidden_size=256),
+    "phi3-window": dict(hidden_size=256),
 }
 
 

@@ -27,7 +27,8 @@ pytest.importorskip("cuda.bindings.nvrtc", reason="the kernels extra (NVRTC) is 
 
 ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
 LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_block_size=16)
-KINDS = ("llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias")
+# Phi-3's checkpoint-fused projections lower exactly like a llama graph after the passes.
+KINDS = ("llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window")
 
 
 def _build(folder, out, arch, dtype="bf16", limits=LIMITS, **kw):
@@ -64,7 +65,7 @@ def test_every_variant_lowers(tiny_models_d64, tmp_path, arch):
         ropes = [o for o in plan.ops if o.op == "rope_cache"]
         assert all((o.inputs[1] is not None) == (kind == "qwen2-bias") for o in ropes)
         window = [o.attrs["window"] for o in plan.ops if o.op == "attention"]
-        assert window == [12 if kind == "mistral-window" else 0] * layers
+        assert window == [12 if kind in ("mistral-window", "phi3-window") else 0] * layers
         head = plan.ops[-1]
         assert head.op == "gemm" and head.attrs["out_dtype"] == "float32"
         assert head.attrs.get("transposed", False) != model.config.tie_word_embeddings
