@@ -32,6 +32,9 @@ TINY_MODELS = {
     # fused qkv_proj / gate_up_proj in the checkpoint, GQA, a window (Phi-3-mini-4k: 2047)
     "phi3-window": ("Phi3Config", dict(num_attention_heads=4, num_key_value_heads=2,
                                        sliding_window=12, pad_token_id=0, eos_token_id=2)),
+    # per-head q/k RMSNorm before RoPE, explicit head_dim != hidden / heads, tied embeddings
+    "qwen3-qknorm": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=32, tie_word_embeddings=True)),
 }
 
 
@@ -42,12 +45,15 @@ HEAD_DIM_64 = {
     "mistral-window": dict(hidden_size=256),
     "qwen2-bias": dict(hidden_size=256),
     "phi3-window": dict(hidden_size=256),
+    "qwen3-qknorm": dict(hidden_size=256, head_dim=64),
 }
 
 
-def make_tiny_model(kind: str, folder: Path, seed: int = 0, head_dim_64: bool = False):
+def make_tiny_model(kind: str, folder: Path, seed: int = 0, head_dim_64: bool = False,
+                    **overrides):
     """Save a random tiny model of ``kind`` into ``folder``; returns the torch model.
-    head_dim_64: the variant with 64-wide heads, as the GPU attention kernels need."""
+    head_dim_64: the variant with 64-wide heads, as the GPU attention kernels need;
+    overrides: config fields changed for one test."""
     import torch
     import transformers
 
@@ -58,6 +64,7 @@ def make_tiny_model(kind: str, folder: Path, seed: int = 0, head_dim_64: bool = 
     kwargs.update(extra)
     if head_dim_64:
         kwargs.update(HEAD_DIM_64[kind], intermediate_size=384)
+    kwargs.update(overrides)
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -88,6 +95,12 @@ def tiny_models(tmp_path_factory):
     """kind -> (folder, torch model), built once per test session."""
     root = tmp_path_factory.mktemp("tiny")
     return {k: (root / k, make_tiny_model(k, root / k)) for k in TINY_MODELS}
+
+
+@pytest.fixture(scope="session")
+def make_tiny():
+    """make_tiny_model, for a test that needs its own variant (a config field changed)."""
+    return make_tiny_model
 
 
 @pytest.fixture(scope="session")

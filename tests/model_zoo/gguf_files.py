@@ -26,6 +26,8 @@ def write_gguf(path, arch: str, model, names: dict[str, str],
     w = gguf.GGUFWriter(path, arch)
     meta(w)
     for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue   # llama.cpp stores no output.weight for a tied head
         parts = name.split(".")
         layer = parts[1] == "layers"
         key = ".".join(parts[:2] + ["{i}"] + parts[3:]) if layer else name

@@ -55,13 +55,11 @@ def _meta(cfg, window: int):
     return meta
 
 
-def test_gguf_matches_transformers_gguf_loader(tmp_path):
+def test_gguf_matches_transformers_gguf_loader(tmp_path, make_tiny):
     """A phi3 file as convert_hf_to_gguf.py writes it: qkv_proj -> attn_qkv, gate_up_proj
     -> ffn_up, nothing permuted. transformers' loader ignores the sliding window, so this
     model has none (the window is read below)."""
-    from conftest import make_tiny_model
-
-    model = make_tiny_model("phi3-window", tmp_path / "hf")
+    model = make_tiny("phi3-window", tmp_path / "hf")
     model.config.sliding_window = None     # what transformers reads from the file
     path = tmp_path / "phi3.gguf"
     write_gguf(path, "phi3", model, GGUF_NAMES, _meta(model.config, 0))

@@ -26,7 +26,8 @@ from llmc.passes import pass_names, run_passes
 from llmc.runtime.generator import generate
 from llmc.runtime.sampler import SamplingParams
 
-KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window"]
+KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window",
+         "qwen3-qknorm"]
 # Ops that only the unfused chains use: none may survive the pipeline.
 UNFUSED_OPS = {"ReduceMean", "Sqrt", "Reciprocal", "Sigmoid", "Neg", "ScatterND", "Softmax",
                "Erf", "Tanh", "SwiGLU"}
@@ -39,6 +40,8 @@ def expected_firings(layers: int, kind: str = "llama-gqa") -> dict[str, int]:
              "gate_up_gemm": layers, "gated_split": layers, "paged_attention": layers}
     if kind.startswith("phi3"):   # q/k/v and gate/up come fused in the checkpoint
         fired.update(qkv_gemm=0, gate_up_gemm=0)
+    if kind.startswith("qwen3"):  # and the per-head q/k norms of each layer
+        fired.update(rms_norm=4 * layers + 1)
     return fired
 
 

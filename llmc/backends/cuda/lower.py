@@ -410,6 +410,12 @@ class Lowering:
         if _attr(rope, "interleaved", 0):
             raise UnsupportedGraph(f"{rope.name!r}: interleaved RoPE is not lowered yet")
         unsqueeze = g.only(rope.input[0], "Unsqueeze")
+        norm = g.producer.get(unsqueeze.input[0])
+        if norm is not None and norm.op_type == "RMSNormalization":
+            # the rope_cache kernel reads q and k straight from the QKV GEMM output
+            raise UnsupportedGraph(f"a per-head q/k RMSNorm before RoPE (Qwen3: weight "
+                                   f"{norm.input[1]!r}) is not lowered by the cuda backend "
+                                   "yet; build with --backend tensorrt-rtx or reference")
         reshape = g.only(unsqueeze.input[0], "Reshape")
         split = g.only(reshape.input[0], "Split")
         return reshape, split, rope
