@@ -67,12 +67,15 @@ class LlamaConfig:
         return cls(**d)
 
 
-def parse_common(hf: dict[str, Any], *, attention_bias: bool, sliding_window) -> LlamaConfig:
-    """The fields every llama-shaped family (Phi-3, Qwen3 too) reads the same way."""
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":   # the block is SwiGLU; another activation is another model
-        raise LlmcError(f"hidden_act {act!r} is not supported for {architecture(hf)} "
-                        "(its block is SwiGLU: silu)")
+def parse_common(hf: dict[str, Any], *, attention_bias: bool, sliding_window,
+                 activation: tuple[str, str] = ("hidden_act", "silu")) -> LlamaConfig:
+    """The fields every llama-shaped family (Phi-3, Qwen3, Gemma 2 too) reads the same way.
+    activation: the config key of the MLP's activation and the one value the block has."""
+    key, want = activation
+    act = hf.get(key, want)
+    if act != want:   # the block's MLP is built for one activation; another is another model
+        raise LlmcError(f"{key} {act!r} is not supported for {architecture(hf)} "
+                        f"(supported: {want})")
     heads = field(hf, "num_attention_heads")
     hidden = field(hf, "hidden_size")
     theta, scaling = rope_settings(hf)

@@ -35,6 +35,15 @@ TINY_MODELS = {
     # per-head q/k RMSNorm before RoPE, explicit head_dim != hidden / heads, tied embeddings
     "qwen3-qknorm": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2,
                                          head_dim=32, tie_word_embeddings=True)),
+    # soft-capped attention (a cap that bites on these scores) and logits, a window on even
+    # layers, pre+post (1 + w) norms, GeGLU tanh, sqrt(hidden)-scaled embeddings, a
+    # query_pre_attn_scalar != head_dim, head_dim != hidden / heads; weights 10x the usual
+    # init so that the scores reach the cap
+    "gemma2-softcap": ("Gemma2Config", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+        sliding_window=12, attn_logit_softcapping=1.0, final_logit_softcapping=1.5,
+        initializer_range=0.2, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
+        bos_token_id=1)),
 }
 
 
@@ -46,6 +55,7 @@ HEAD_DIM_64 = {
     "qwen2-bias": dict(hidden_size=256),
     "phi3-window": dict(hidden_size=256),
     "qwen3-qknorm": dict(hidden_size=256, head_dim=64),
+    "gemma2-softcap": dict(hidden_size=256, head_dim=64),
 }
 
 

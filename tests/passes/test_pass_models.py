@@ -27,7 +27,7 @@ from llmc.runtime.generator import generate
 from llmc.runtime.sampler import SamplingParams
 
 KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window",
-         "qwen3-qknorm"]
+         "qwen3-qknorm", "gemma2-softcap"]
 # Ops that only the unfused chains use: none may survive the pipeline.
 UNFUSED_OPS = {"ReduceMean", "Sqrt", "Reciprocal", "Sigmoid", "Neg", "ScatterND", "Softmax",
                "Erf", "Tanh", "SwiGLU"}
@@ -42,12 +42,16 @@ def expected_firings(layers: int, kind: str = "llama-gqa") -> dict[str, int]:
         fired.update(qkv_gemm=0, gate_up_gemm=0)
     if kind.startswith("qwen3"):  # and the per-head q/k norms of each layer
         fired.update(rms_norm=4 * layers + 1)
+    if kind.startswith("gemma2"):  # four norms a layer, GeGLU (tanh GELU) for SwiGLU
+        fired.update(rms_norm=4 * layers + 1, gelu=layers, geglu=layers, swiglu=0)
     return fired
 
 
 def check_fully_fused(model, report, layers: int, tied: bool, kind: str = "llama-gqa") -> None:
     assert report["fired"] == expected_firings(layers, kind)
     ops = [n.op_type for n in model.graph.node]
+    if kind.startswith("gemma2"):   # the final logits' soft-cap stays as it is
+        ops.remove("Tanh")
     assert not UNFUSED_OPS & set(ops), sorted(UNFUSED_OPS & set(ops))
     # q/k/v and gate/up are one GEMM each: o_proj, gate_up, down, qkv per layer (+ lm_head).
     assert ops.count("MatMul") == 4 * layers + (0 if tied else 1)

@@ -218,3 +218,12 @@ def test_qwen3_qk_norm_is_refused_by_name(tiny_models_d64, tmp_path):
                        "weight 'model.layers.0.self_attn.q_norm.weight'\\) is not lowered"):
         _build(folder, tmp_path / "q.engine", "sm_90a")
     assert not (tmp_path / "q.engine").exists()
+
+
+def test_gemma2_softcap_is_refused_by_name(tiny_models_d64, tmp_path):
+    """The attention kernels have no logit soft-cap: the first error names it (not the
+    embedding scale or the final soft-cap, which have no kernel either)."""
+    with pytest.raises(UnsupportedGraph, match="has a logit soft-cap \\(Gemma 2\\), which "
+                       "the attention kernels do not implement yet"):
+        _build(tiny_models_d64["gemma2-softcap"][0], tmp_path / "g.engine", "sm_90a")
+    assert not (tmp_path / "g.engine").exists()
