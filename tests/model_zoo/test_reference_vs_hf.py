@@ -41,11 +41,12 @@ def test_ragged_steps_match_hf(tiny_models, tmp_path, kind, dtype):
                        TOLERANCE[dtype], kind)
 
 
-def test_engine_generation_matches_hf_greedy(tiny_models, tmp_path):
+@pytest.mark.parametrize("kind", ["llama-gqa", "phi3-window", "qwen3-qknorm", "gemma2-softcap"])
+def test_engine_generation_matches_hf_greedy(tiny_models, tmp_path, kind):
     from llmc.runtime.generator import generate
     from llmc.runtime.sampler import SamplingParams
 
-    folder, model = tiny_models["llama-gqa"]
+    folder, model = tiny_models[kind]
     session = _engine(folder, tmp_path, "fp32")
     prompts = [[1, 2, 3], list(range(10, 30)), [5] * 9]
     limits = BuildLimits(2, 16, 64, BLOCK)   # 2 sequences at a time, chunked prefill of 16
