@@ -120,12 +120,26 @@ def parse_mistral(hf):
 
 
 def parse_qwen2(hf):
+    return parse_common(hf, attention_bias=True, sliding_window=qwen_window(hf))
+
+
+def qwen_window(hf: dict[str, Any]) -> int | None:
+    """Qwen2 / Qwen3: with use_sliding_window, layers i >= max_window_layers slide (or those
+    layer_types names). The window of every layer, or None when no layer slides; a window on
+    some layers only is refused."""
+    n = field(hf, "num_hidden_layers")
     window = field(hf, "sliding_window", int, None) if hf.get("use_sliding_window") else None
-    if window and hf.get("max_window_layers", 0) < field(hf, "num_hidden_layers"):
-        # Qwen2 applies the window only to layers >= max_window_layers; one window for all
-        # layers is what the graph supports.
-        raise LlmcError("Qwen2 with per-layer sliding windows is not supported")
-    return parse_common(hf, attention_bias=True, sliding_window=window or None)
+    if hf.get("layer_types"):   # transformers 5.x writes the outcome
+        sliding = [t == "sliding_attention" for t in hf["layer_types"]]
+    else:
+        first = field(hf, "max_window_layers", int, 28)   # transformers' default
+        sliding = [bool(window) and i >= first for i in range(n)]
+    if not any(sliding):
+        return None
+    if not all(sliding) or not window:
+        raise LlmcError(f"{architecture(hf)} with a sliding window on some layers only is "
+                        "not supported")
+    return window
 
 
 # ---- checkpoint names -------------------------------------------------------------------------

@@ -5,8 +5,8 @@
 
 The q/k norms have weights [head_dim] and normalise each head over its D values. head_dim
 is explicit in every Qwen3 config (128; not hidden / heads) and there are no q/k/v biases
-unless attention_bias says so. Sliding-window layers (use_sliding_window, which no released
-Qwen3 sets) are refused.
+unless attention_bias says so. Sliding windows (use_sliding_window, which no released Qwen3
+sets) are read as for Qwen2: on every layer or none.
 """
 
 from __future__ import annotations
@@ -14,24 +14,26 @@ from __future__ import annotations
 from typing import Any
 
 from llmc.config import field
-from llmc.errors import LlmcError
 from llmc.model_zoo import llama
 from llmc.model_zoo.family import Family, GGUFArch
 from llmc.model_zoo.layers import graph_builder
-from llmc.model_zoo.llama import LAYER, LlamaConfig, LlamaGraph, gguf_config, parse_common
+from llmc.model_zoo.llama import (
+    LAYER,
+    LlamaConfig,
+    LlamaGraph,
+    gguf_config,
+    parse_common,
+    qwen_window,
+)
 
 # ---- config --------------------------------------------------------------------------------
 
 
 def parse_qwen3(hf: dict[str, Any]) -> LlamaConfig:
-    types = hf.get("layer_types") or []
-    if hf.get("use_sliding_window") or "sliding_attention" in types:
-        raise LlmcError("Qwen3 with sliding-window layers (use_sliding_window) is not "
-                        "supported")
     # transformers' Qwen3Config defaults head_dim to 128, not hidden_size / heads
     return parse_common({"head_dim": 128, **hf},
                         attention_bias=field(hf, "attention_bias", bool, False),
-                        sliding_window=None)
+                        sliding_window=qwen_window(hf))
 
 
 # ---- checkpoint names -------------------------------------------------------------------------

@@ -40,8 +40,9 @@ def test_config_in_4x_and_5x_keys():
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"use_sliding_window": True, "sliding_window": 4096}, "sliding-window layers"),
-    ({"layer_types": ["sliding_attention"] * 28}, "sliding-window layers"),
+    ({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 14},
+     "sliding window on some layers only"),
+    ({"layer_types": ["sliding_attention"] * 28}, "sliding window on some layers only"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
 ])
