@@ -63,15 +63,15 @@ def parse_gemma2(hf: dict[str, Any]) -> Gemma2Config:
     window = field(hf, "sliding_window", int, None)
     if SLIDING in types and not window:
         raise LlmcError("config.json: sliding_attention layers need a sliding_window")
-    base = parse_common({"head_dim": 256, **hf},   # transformers' Gemma2Config defaults
+    defaults = {"head_dim": 256, "tie_word_embeddings": True}   # transformers' Gemma2Config
+    base = parse_common({**defaults, **hf},
                         attention_bias=field(hf, "attention_bias", bool, False),
                         sliding_window=window if SLIDING in types else None,
                         activation=("hidden_activation", "gelu_pytorch_tanh"))
-    if not hf.get("tie_word_embeddings", True):
+    if not base.tie_word_embeddings:
         raise LlmcError("Gemma 2 with an untied lm_head is not supported")
     return Gemma2Config(
-        **{**dataclasses.asdict(base), "tie_word_embeddings": True,
-           "rope_scaling": base.rope_scaling},
+        **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
         query_pre_attn_scalar=field(hf, "query_pre_attn_scalar", float, 256.0),
         attn_logit_softcapping=_cap(hf, "attn_logit_softcapping", 50.0),
         final_logit_softcapping=_cap(hf, "final_logit_softcapping", 30.0),

@@ -27,8 +27,10 @@ pytest.importorskip("cuda.bindings.nvrtc", reason="the kernels extra (NVRTC) is 
 
 ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
 LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_block_size=16)
-# Phi-3's checkpoint-fused projections lower exactly like a llama graph after the passes.
-KINDS = ("llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window")
+KINDS = ("llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias")
+# Phi-3's checkpoint-fused projections lower to the plan of a llama graph; one architecture
+# shows it (the kernels compiled do not depend on the family).
+MORE_KINDS = {"sm_90a": ("phi3-window",)}
 
 
 def _build(folder, out, arch, dtype="bf16", limits=LIMITS, **kw):
@@ -43,7 +45,7 @@ def _plan(engine: EngineFile) -> Plan:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_variant_lowers(tiny_models_d64, tmp_path, arch):
-    for kind in KINDS:
+    for kind in KINDS + MORE_KINDS.get(arch, ()):
         folder, model = tiny_models_d64[kind]
         engine = _build(folder, tmp_path / f"{kind}.engine", arch)
         plan = _plan(engine)
