@@ -50,6 +50,10 @@ GGUF_NAMES = {
     "blk.{i}.ffn_norm.weight": f"{LAYER}.post_attention_layernorm.weight",
     "blk.{i}.ffn_up.weight": f"{LAYER}.mlp.gate_up_proj.weight",   # gate rows, then up
     "blk.{i}.ffn_down.weight": f"{LAYER}.mlp.down_proj.weight",
+    # longrope's factor tables (128k variants): named here so that the config refuses the
+    # model by its rope type rather than the reader by an unknown tensor
+    "rope_factors_long.weight": "rope_factors_long",
+    "rope_factors_short.weight": "rope_factors_short",
 }
 
 
@@ -69,9 +73,9 @@ def _gguf_phi3(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
     hf = gguf_config("Phi3ForCausalLM")(meta, names)
     # llama.cpp writes 0 for "no window" (Phi-4) and the model's window otherwise.
     hf["sliding_window"] = int(meta.get("phi3.attention.sliding_window") or 0) or None
-    if meta.get("phi3.rope.scaling.original_context_length") not in (
-            None, hf["max_position_embeddings"]):
-        hf["rope_scaling"] = {"type": "longrope"}   # llama.cpp's sign of a 128k variant
+    if "rope_factors_long" in names or meta.get("phi3.rope.scaling.original_context_length") \
+            not in (None, hf["max_position_embeddings"]):
+        hf["rope_scaling"] = {"type": "longrope"}   # llama.cpp's signs of a 128k variant
     return hf
 
 

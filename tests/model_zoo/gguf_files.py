@@ -18,10 +18,12 @@ BLOCK = 8
 
 def write_gguf(path, arch: str, model, names: dict[str, str],
                meta: Callable[[gguf.GGUFWriter], None],
-               convert: Callable[[str, np.ndarray], np.ndarray] = lambda name, t: t) -> None:
+               convert: Callable[[str, np.ndarray], np.ndarray] = lambda name, t: t,
+               extra: dict[str, np.ndarray] | None = None) -> None:
     """Every tensor of `model` under its llama.cpp name (`names`: a family's GGUF table,
     llama.cpp name -> HF name with {i} for the layer), changed by `convert` the way
-    llama.cpp's convert_hf_to_gguf.py changes it; `meta` writes the metadata."""
+    llama.cpp's convert_hf_to_gguf.py changes it, and `extra` tensors under llama.cpp
+    names; `meta` writes the metadata."""
     hf_to_gguf = {hf: g for g, hf in names.items()}
     w = gguf.GGUFWriter(path, arch)
     meta(w)
@@ -33,6 +35,8 @@ def write_gguf(path, arch: str, model, names: dict[str, str],
         key = ".".join(parts[:2] + ["{i}"] + parts[3:]) if layer else name
         g = hf_to_gguf[key].replace("{i}", parts[2]) if layer else hf_to_gguf[key]
         w.add_tensor(g, convert(name, t.detach().float().numpy()))
+    for g, t in (extra or {}).items():
+        w.add_tensor(g, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -83,3 +83,9 @@ def test_gguf_window_and_128k_files(tmp_path, tiny_models):
     write_gguf(path, "phi3", model, GGUF_NAMES, long_meta)
     with pytest.raises(LlmcError, match="'longrope' \\(the 128k-context variants\\)"):
         load_model(path)
+    # the factor tables llama.cpp stores for longrope say it too
+    factors = {f"rope_factors_{x}.weight": np.ones(8, np.float32) for x in ("long", "short")}
+    path = tmp_path / "factors.gguf"
+    write_gguf(path, "phi3", model, GGUF_NAMES, _meta(model.config, 0), extra=factors)
+    with pytest.raises(LlmcError, match="'longrope' \\(the 128k-context variants\\)"):
+        load_model(path)
