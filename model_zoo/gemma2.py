@@ -119,7 +119,7 @@ def _gguf_gemma2(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
     return hf
 
 
-def _gguf_fix(name: str, w: np.ndarray, c: Gemma2Config) -> np.ndarray:
+def gguf_fix(name: str, w: np.ndarray, c: Gemma2Config) -> np.ndarray:
     """llama.cpp stores Gemma's norm weights as 1 + w; the graph adds the 1 itself."""
     return w - 1 if name.endswith("norm.weight") else w
 
@@ -176,5 +176,5 @@ FAMILY = Family(
     configs={"Gemma2ForCausalLM": parse_gemma2},
     weight_names=weight_names,
     build_graph=graph_builder(Gemma2Graph),
-    gguf={"gemma2": GGUFArch(_gguf_gemma2, GGUF_NAMES, _gguf_fix)},
+    gguf={"gemma2": GGUFArch(_gguf_gemma2, GGUF_NAMES, gguf_fix)},
 )

@@ -39,11 +39,13 @@ class Step:
     write_index: str    # int64 [2, T, Hkv, 4]: (k|v, block, head, row) of each new K/V row
     token_blocks: str   # int64 [T, max_blocks]: the block table of each token's sequence
     mask: str           # float32 [T, 1, 1, max_blocks * block_size]: 0 or contract.MASKED
-    masks: dict[int, str]   # the mask of each sliding window the layers use (0: none)
+    layers: tuple[tuple[str, str, str], ...] = ()   # each layer's (mask, cos, sin)
 
-    def for_window(self, window: int) -> "Step":
-        """The step values one layer sees: the mask of its window (0 for none)."""
-        return dataclasses.replace(self, mask=self.masks[window])
+    def for_layer(self, layer: int) -> "Step":
+        """The step values one layer sees: the mask of its window and the RoPE table of its
+        frequencies (families whose layers differ: Gemma 2, Gemma 3)."""
+        mask, cos, sin = self.layers[layer]
+        return dataclasses.replace(self, mask=mask, cos=cos, sin=sin)
 
 
 class DecoderGraph:
@@ -81,7 +83,7 @@ class DecoderGraph:
         h = self.embed(embed, ids)                                        # [T, hidden]
         for i in range(c.num_hidden_layers):
             with g.scope(f"layers.{i}"):
-                h, caches[i] = self.block(i, h, step.for_window(self.window(i)), caches[i])
+                h, caches[i] = self.block(i, h, step.for_layer(i), caches[i])
         with g.scope("head"):
             h = self.rms_norm(g.Gather(h, last), self.FINAL_NORM)        # [B, hidden]
             if c.tie_word_embeddings:   # the embedding table, read as [vocab, hidden]
@@ -95,7 +97,7 @@ class DecoderGraph:
         return g
 
     # what a family may change around the blocks (Gemma 2: a scaled embedding, per-layer
-    # windows, soft-capped logits)
+    # windows, soft-capped logits; Gemma 3: per-layer RoPE frequencies)
 
     def embed(self, table: str, ids: str) -> str:
         return self.g.Gather(table, ids)
@@ -103,6 +105,10 @@ class DecoderGraph:
     def window(self, layer: int) -> int:
         """The layer's sliding window in tokens, 0 for none."""
         return self.c.sliding_window or 0
+
+    def inv_freq(self, layer: int) -> np.ndarray:
+        """The layer's RoPE inverse frequencies [head_dim / 2]."""
+        return self.c.inv_freq()
 
     def final_logits(self, logits: str) -> str:
         """float32 [B, vocab] -> the logits the engine returns."""
@@ -227,19 +233,29 @@ class DecoderGraph:
             bs = g.const(self.bs)
             write_index = contract.kv_write_index(g, token_blocks, pos64, n_tok,
                                                   g.const([c.num_key_value_heads]), bs)
-            masks = {}
-            for w in sorted({self.window(i) for i in range(c.num_hidden_layers)}):
-                lowest = None
-                if w:   # passes/attention.py reads W back from this Sub
-                    lowest = g.Sub(g.Unsqueeze(pos64, g.const([1])), g.const(w))
-                masks[w] = contract.key_mask(g, tables, ctx_lens, seq, pos64, bs, lowest)
+            # one mask per distinct window and one cos/sin pair per distinct frequency table,
+            # shared by the layers that use them
+            masks, ropes, layers = {}, {}, []
+            for i in range(c.num_hidden_layers):
+                w, freq = self.window(i), self.inv_freq(i).astype(np.float32)
+                if w not in masks:
+                    lowest = None
+                    if w:   # passes/attention.py reads W back from this Sub
+                        lowest = g.Sub(g.Unsqueeze(pos64, g.const([1])), g.const(w))
+                    masks[w] = contract.key_mask(g, tables, ctx_lens, seq, pos64, bs, lowest)
+                if freq.tobytes() not in ropes:
+                    ropes[freq.tobytes()] = self._rope_table(pos64, freq)
+                layers.append((masks[w], *ropes[freq.tobytes()]))
+        mask, cos, sin = layers[0]
+        return Step(pos, cos, sin, write_index, token_blocks, mask, tuple(layers))
 
-            inv_freq = g.const(c.inv_freq().astype(np.float32)[None, :], np.float32)
-            freqs = g.Mul(g.Cast(g.Unsqueeze(pos64, g.const([1])), to=F32), inv_freq)  # [T, D/2]
-            emb = g.Unsqueeze(g.Concat(freqs, freqs, axis=-1), g.const([1]))  # [T, 1, D]
-            cos = g.Cast(g.Cos(emb), to=self.elem)
-            sin = g.Cast(g.Sin(emb), to=self.elem)
-        return Step(pos, cos, sin, write_index, token_blocks, next(iter(masks.values())), masks)
+    def _rope_table(self, pos64: str, inv_freq: np.ndarray) -> tuple[str, str]:
+        """cos and sin [T, 1, D] of each token's position times inv_freq."""
+        g = self.g
+        freqs = g.Mul(g.Cast(g.Unsqueeze(pos64, g.const([1])), to=F32),
+                      g.const(inv_freq[None, :], np.float32))                 # [T, D/2]
+        emb = g.Unsqueeze(g.Concat(freqs, freqs, axis=-1), g.const([1]))      # [T, 1, D]
+        return g.Cast(g.Cos(emb), to=self.elem), g.Cast(g.Sin(emb), to=self.elem)
 
 
 def graph_builder(cls: type[DecoderGraph]):

@@ -44,6 +44,13 @@ TINY_MODELS = {
         sliding_window=12, attn_logit_softcapping=1.0, final_logit_softcapping=1.5,
         initializer_range=0.2, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
         bos_token_id=1)),
+    # Gemma 2's layout with (1 + w) q/k norms, a sliding layer then a full one, each with
+    # its own RoPE theta, no soft-caps
+    "gemma3-local-global": ("Gemma3TextConfig", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+        sliding_window=12, layer_types=["sliding_attention", "full_attention"],
+        rope_theta=1_000_000.0, rope_local_base_freq=100.0, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=2, bos_token_id=1)),
 }
 
 
@@ -56,6 +63,7 @@ HEAD_DIM_64 = {
     "phi3-window": dict(hidden_size=256),
     "qwen3-qknorm": dict(hidden_size=256, head_dim=64),
     "gemma2-softcap": dict(hidden_size=256, head_dim=64),
+    "gemma3-local-global": dict(hidden_size=256, head_dim=64),
 }
 
 

@@ -52,7 +52,9 @@ def common_meta(w: gguf.GGUFWriter, cfg) -> None:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    rope = cfg.rope_parameters
+    rope = rope.get("full_attention", rope)   # Gemma 3: the global layers' theta
+    w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_vocab_size(cfg.vocab_size)   # no tokenizer in these files: the size says it
     # special tokens inside the tiny vocabulary (transformers' defaults may lie outside it)
     w.add_bos_token_id(1)

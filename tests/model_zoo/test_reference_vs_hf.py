@@ -34,14 +34,15 @@ def _engine(folder, tmp_path, dtype):
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied-rope3", "mistral-window",
                                   "qwen2-bias", "phi3-window", "qwen3-qknorm",
-                                  "gemma2-softcap"])
+                                  "gemma2-softcap", "gemma3-local-global"])
 def test_ragged_steps_match_hf(tiny_models, tmp_path, kind, dtype):
     folder, model = tiny_models[kind]
     check_ragged_steps(_engine(folder, tmp_path, dtype), model, BLOCK, dtype,
                        TOLERANCE[dtype], kind)
 
 
-@pytest.mark.parametrize("kind", ["llama-gqa", "phi3-window", "qwen3-qknorm", "gemma2-softcap"])
+@pytest.mark.parametrize("kind", ["llama-gqa", "phi3-window", "qwen3-qknorm", "gemma2-softcap",
+                                  "gemma3-local-global"])
 def test_engine_generation_matches_hf_greedy(tiny_models, tmp_path, kind):
     from llmc.runtime.generator import generate
     from llmc.runtime.sampler import SamplingParams

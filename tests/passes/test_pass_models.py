@@ -27,7 +27,7 @@ from llmc.runtime.generator import generate
 from llmc.runtime.sampler import SamplingParams
 
 KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window",
-         "qwen3-qknorm", "gemma2-softcap"]
+         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global"]
 # Ops that only the unfused chains use: none may survive the pipeline.
 UNFUSED_OPS = {"ReduceMean", "Sqrt", "Reciprocal", "Sigmoid", "Neg", "ScatterND", "Softmax",
                "Erf", "Tanh", "SwiGLU"}
@@ -40,10 +40,10 @@ def expected_firings(layers: int, kind: str = "llama-gqa") -> dict[str, int]:
              "gate_up_gemm": layers, "gated_split": layers, "paged_attention": layers}
     if kind.startswith("phi3"):   # q/k/v and gate/up come fused in the checkpoint
         fired.update(qkv_gemm=0, gate_up_gemm=0)
-    if kind.startswith("qwen3"):  # and the per-head q/k norms of each layer
-        fired.update(rms_norm=4 * layers + 1)
-    if kind.startswith("gemma2"):  # four norms a layer, GeGLU (tanh GELU) for SwiGLU
+    if kind.startswith("gemma"):  # four norms a layer, GeGLU (tanh GELU) for SwiGLU
         fired.update(rms_norm=4 * layers + 1, gelu=layers, geglu=layers, swiglu=0)
+    if kind.startswith(("qwen3", "gemma3")):  # and the per-head q/k norms of each layer
+        fired.update(rms_norm=fired["rms_norm"] + 2 * layers)
     return fired
 
 

@@ -414,9 +414,9 @@ class Lowering:
         norm = g.producer.get(unsqueeze.input[0])
         if norm is not None and norm.op_type == "RMSNormalization":
             # the rope_cache kernel reads q and k straight from the QKV GEMM output
-            raise UnsupportedGraph(f"a per-head q/k RMSNorm before RoPE (Qwen3: weight "
-                                   f"{norm.input[1]!r}) is not lowered by the cuda backend "
-                                   "yet; build with --backend tensorrt-rtx or reference")
+            raise UnsupportedGraph(f"a per-head q/k RMSNorm before RoPE (Qwen3, Gemma 3: "
+                                   f"weight {norm.input[1]!r}) is not lowered by the cuda "
+                                   "backend yet; build with --backend tensorrt-rtx or reference")
         reshape = g.only(unsqueeze.input[0], "Reshape")
         split = g.only(reshape.input[0], "Split")
         return reshape, split, rope

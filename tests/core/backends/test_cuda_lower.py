@@ -212,12 +212,14 @@ def test_running_a_cuda_engine_without_a_gpu_is_one_clear_error(tiny_models_d64,
         "pip install 'llmc[cuda]'" in last or "no NVIDIA GPU" in last)
 
 
-def test_qwen3_qk_norm_is_refused_by_name(tiny_models_d64, tmp_path):
+@pytest.mark.parametrize("kind", ["qwen3-qknorm", "gemma3-local-global"])
+def test_qk_norm_is_refused_by_name(tiny_models_d64, tmp_path, kind):
     """The rope_cache kernel reads q and k straight from the QKV GEMM: a per-head norm in
     between is one clear error naming it, and no engine is written."""
-    folder = tiny_models_d64["qwen3-qknorm"][0]
-    with pytest.raises(UnsupportedGraph, match="per-head q/k RMSNorm before RoPE \\(Qwen3: "
-                       "weight 'model.layers.0.self_attn.q_norm.weight'\\) is not lowered"):
+    folder = tiny_models_d64[kind][0]
+    with pytest.raises(UnsupportedGraph, match="per-head q/k RMSNorm before RoPE \\(Qwen3, "
+                       "Gemma 3: weight 'model.layers.0.self_attn.q_norm.weight'\\) is not "
+                       "lowered"):
         _build(folder, tmp_path / "q.engine", "sm_90a")
     assert not (tmp_path / "q.engine").exists()
 
