@@ -52,7 +52,7 @@ def _session(engine, **kw):
 @pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied-rope3", "mistral-window",
-                                  "qwen2-bias"])
+                                  "qwen2-bias", "phi3-window"])
 def test_ragged_steps_match_hf(tiny_models_d64, tmp_path, kind, dtype, graphs):
     from hf_steps import check_ragged_steps
 
