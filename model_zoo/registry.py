@@ -18,12 +18,13 @@ from llmc.checkpoint import Checkpoint, Tokenizer, open_checkpoint
 from llmc.checkpoint.base import NamedTensors
 from llmc.config import architecture
 from llmc.errors import LlmcError
-from llmc.model_zoo import llama
+from llmc.model_zoo import gemma2, gemma3, llama, phi3, qwen3
 from llmc.model_zoo.family import Family, GGUFArch
 from llmc.quantization.prequantized import Prequantized, read_prequantized
 
 # Every family llmc builds; adding one is a file in model_zoo/ and a line here.
-FAMILIES: tuple[Family, ...] = (llama.FAMILY,)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, phi3.FAMILY, qwen3.FAMILY,
+                                 gemma2.FAMILY, gemma3.FAMILY)
 
 
 def family_for(hf_architecture: str) -> Family:

@@ -45,11 +45,13 @@ class Site:
 
 
 def lm_head(g: Graph) -> NodeProto | None:
-    """The GEMM that makes the logits: the graph output's producer, through Cast/Identity."""
+    """The GEMM that makes the logits: walking back from the graph output through ops with
+    one non-constant input (Cast, Identity, Gemma 2's cap * tanh(x / cap))."""
     if "lm_head" not in g.memo:
         node = g.producer(contract.LOGITS)
-        while node is not None and node.op_type in ("Cast", "Identity"):
-            node = g.producer(node.input[0])
+        while node is not None and node.op_type not in ("MatMul", "Gemm"):
+            live = [v for v in node.input if v and g.const(v) is None and not g.is_weight(v)]
+            node = g.producer(live[0]) if len(live) == 1 else None
         g.memo["lm_head"] = node
     return g.memo["lm_head"]
 

@@ -33,18 +33,21 @@ def _engine(folder, tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied-rope3", "mistral-window",
-                                  "qwen2-bias"])
+                                  "qwen2-bias", "phi3-window", "qwen3-qknorm",
+                                  "gemma2-softcap", "gemma3-local-global"])
 def test_ragged_steps_match_hf(tiny_models, tmp_path, kind, dtype):
     folder, model = tiny_models[kind]
     check_ragged_steps(_engine(folder, tmp_path, dtype), model, BLOCK, dtype,
                        TOLERANCE[dtype], kind)
 
 
-def test_engine_generation_matches_hf_greedy(tiny_models, tmp_path):
+@pytest.mark.parametrize("kind", ["llama-gqa", "phi3-window", "qwen3-qknorm", "gemma2-softcap",
+                                  "gemma3-local-global"])
+def test_engine_generation_matches_hf_greedy(tiny_models, tmp_path, kind):
     from llmc.runtime.generator import generate
     from llmc.runtime.sampler import SamplingParams
 
-    folder, model = tiny_models["llama-gqa"]
+    folder, model = tiny_models[kind]
     session = _engine(folder, tmp_path, "fp32")
     prompts = [[1, 2, 3], list(range(10, 30)), [5] * 9]
     limits = BuildLimits(2, 16, 64, BLOCK)   # 2 sequences at a time, chunked prefill of 16

@@ -8,7 +8,6 @@ import onnx
 from onnx import numpy_helper
 
 from llmc.dtypes import np_dtype
-from llmc.graph import save_onnx
 from llmc.model_zoo import load_model
 
 BLOCK = 16
@@ -79,27 +78,3 @@ def ragged_feeds(cfg, dtype: str, seed: int = 0, num_blocks: int = 16) -> dict:
     for i in range(cfg.num_hidden_layers):
         feeds[f"kv_cache_{i}"] = rng.standard_normal(kv).astype(np_dtype(dtype))
     return feeds
-
-
-class OrtStepSession:
-    """The runtime's Session protocol over a saved graph (what ReferenceSession does for an
-    engine file), so generation can compare unfused and fused graphs directly."""
-
-    def __init__(self, model, weights, folder, cfg, dtype: str = "float32"):
-        import onnxruntime as ort
-
-        path = save_onnx(model, weights, folder)
-        self._sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.cfg, self.dtype = cfg, np_dtype(dtype)
-        self.kv: list[np.ndarray] = []
-
-    def allocate_kv(self, num_blocks: int) -> None:
-        c = self.cfg
-        shape = (2, num_blocks, c.num_key_value_heads, BLOCK, c.head_dim)
-        self.kv = [np.zeros(shape, self.dtype) for _ in range(c.num_hidden_layers)]
-
-    def step(self, inputs: dict) -> np.ndarray:
-        feeds = dict(inputs, **{f"kv_cache_{i}": kv for i, kv in enumerate(self.kv)})
-        outs = ["logits"] + [f"kv_cache_out_{i}" for i in range(len(self.kv))]
-        logits, *self.kv = self._sess.run(outs, feeds)
-        return logits

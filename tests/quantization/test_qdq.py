@@ -20,12 +20,16 @@ TOL = {"float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
 RNG = np.random.default_rng(0)
 
 
-def gemm_graph(dtype: str, k: int, n: int, head: bool = False):
-    """y = x @ W (W [k, n] a weight); head: the GEMM makes the logits, like an LM head."""
+def gemm_graph(dtype: str, k: int, n: int, head: bool = False, softcap: bool = False):
+    """y = x @ W (W [k, n] a weight); head: the GEMM makes the logits, like an LM head
+    (softcap: through Gemma 2's cap * tanh(y / cap))."""
     w = RNG.standard_normal((k, n)).astype(np.float32) / np.sqrt(k)
     g = GraphBuilder("gemm")
     x = g.input("x", onnx_type(dtype), ["T", k])
     y = g.MatMul(x, g.weight("w", dtype, (k, n), lambda: w.astype(np_dtype(dtype))))
+    if softcap:
+        cap = g.const(30.0, np_dtype(dtype))
+        y = g.Mul(cap, g.Tanh(g.Div(y, cap)))
     if head:
         g.output(g.Cast(y, to=TensorProto.FLOAT), contract.LOGITS, TensorProto.FLOAT, ["T", n])
     else:
@@ -122,8 +126,9 @@ def test_declines_where_the_format_does_not_fit():
     assert qdq.quantize_graph(model, weights, qdq.fp8_pass({}))[2]["fired"] == {"fp8": 0}
 
 
-def test_the_lm_head_stays_unquantized():
-    model, weights, _ = gemm_graph("float32", 64, 8, head=True)
+@pytest.mark.parametrize("softcap", [False, True])
+def test_the_lm_head_stays_unquantized(softcap):
+    model, weights, _ = gemm_graph("float32", 64, 8, head=True, softcap=softcap)
     assert qdq.sites(model, weights) == []
     assert qdq.quantize_graph(model, weights, qdq.int4_pass())[2]["fired"] == {"int4-rtn": 0}
     assert qdq.quantize_graph(model, weights, qdq.fp8_pass({"w": 1.0}))[2]["fired"] == \

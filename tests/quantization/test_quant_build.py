@@ -14,10 +14,16 @@ from llmc.header import EngineHeader
 from llmc.limits import BuildLimits
 from llmc.quantization.quantize import QuantOptions
 
+KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window",
+         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global"]   # tests/conftest.py's
 LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_block_size=16)
 # Random tiny models: perplexity ~ the vocabulary, and quantization noise moves it little;
 # top-1 agreement is what tells a broken quantizer (~1/128 by chance) from a working one.
 BUDGET = {"fp8": (0.5, 0.93), "int4-awq": (1.0, 0.85), "int4-rtn": (1.0, 0.85)}
+# The random Gemma models' logits are flatter (top-1 among near ties flips under any noise:
+# Gemma 3 keeps 59-85% with perplexity unchanged) or soft-capped (Gemma 2 int4-awq: +2.1%
+# perplexity at 99.5% agreement); they get a looser budget, still far from broken.
+GEMMA_BUDGET = (3.0, 0.5)
 
 
 def quant(mode, words, **kw) -> QuantOptions:
@@ -30,7 +36,7 @@ def _build(folder, out, mode, words, backend="reference", dtype="fp32", log=None
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int4-awq", "int4-rtn"])
-@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2-bias"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_mode_builds_runs_and_meets_its_budget(tiny_models, tmp_path, words, kind, mode):
     from llmc.runtime.runner import Runner
 
@@ -38,7 +44,7 @@ def test_every_mode_builds_runs_and_meets_its_budget(tiny_models, tmp_path, word
     header = _build(folder, tmp_path / "q.engine", mode, words, dtype="fp16")
     q = header.quant
     assert q.mode == mode and q.gemms == 4 * model.config.num_hidden_layers
-    max_delta, min_top1 = BUDGET[mode]
+    max_delta, min_top1 = GEMMA_BUDGET if kind.startswith("gemma") else BUDGET[mode]
     assert abs(q.accuracy.delta_ppl_pct) <= max_delta and q.accuracy.top1_agreement >= min_top1
     assert q.accuracy.passed and q.accuracy.tokens == 600 - 3 and "words.txt" in q.accuracy.text
     # the header on disk says the same, and the engine generates

@@ -351,6 +351,10 @@ class Lowering:
         """Mark the nodes between the QKV GEMM and PagedAttention, and the RoPE angle chain
         feeding them, as taken by the rope_cache op."""
         g = self.g
+        if _attr(node, "softcap", 0.0):   # checked first: it is the model's defining trait
+            raise UnsupportedGraph(f"PagedAttention node {node.name!r} has a logit soft-cap "
+                                   "(Gemma 2), which the attention kernels do not implement "
+                                   "yet; build with --backend tensorrt-rtx or reference")
         q, k, v = node.input[:3]
         for side in (q, k):
             reshape, split, rope = self._rope_side(side)
@@ -372,9 +376,6 @@ class Lowering:
         if layer is None:
             raise UnsupportedGraph(f"PagedAttention node {node.name!r} reads {cache!r}, "
                                    "not a KV pool input")
-        if _attr(node, "softcap", 0.0):
-            raise UnsupportedGraph(f"PagedAttention node {node.name!r} has a logit soft-cap, "
-                                   "which the attention kernels do not implement yet")
         chain = [self._rope_side(q), self._rope_side(k)]
         v_reshape = g.only(v, "Reshape")
         split = g.only(v_reshape.input[0], "Split")
@@ -421,6 +422,12 @@ class Lowering:
         if _attr(rope, "interleaved", 0):
             raise UnsupportedGraph(f"{rope.name!r}: interleaved RoPE is not lowered yet")
         unsqueeze = g.only(rope.input[0], "Unsqueeze")
+        norm = g.producer.get(unsqueeze.input[0])
+        if norm is not None and norm.op_type == "RMSNormalization":
+            # the rope_cache kernel reads q and k straight from the QKV GEMM output
+            raise UnsupportedGraph(f"a per-head q/k RMSNorm before RoPE (Qwen3, Gemma 3: "
+                                   f"weight {norm.input[1]!r}) is not lowered by the cuda "
+                                   "backend yet; build with --backend tensorrt-rtx or reference")
         reshape = g.only(unsqueeze.input[0], "Reshape")
         split = g.only(reshape.input[0], "Split")
         return reshape, split, rope
