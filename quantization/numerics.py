@@ -112,9 +112,12 @@ def awq_scales(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
     ref = x @ w
     mean = np.maximum(np.abs(x).mean(axis=0), 1e-8)
     best = (np.inf, np.ones(w.shape[0], np.float32), 0.0)
+    top = np.finfo(np_dtype(scale_dtype)).max / 2   # x / s must fit the GEMM's dtype (fp16)
     for alpha in np.arange(grid) / grid:
         s = mean ** alpha
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)   # AWQ's normalisation
+        if alpha and (np.abs(x / s).max() > top or np.abs(w * s[:, None]).max() > top):
+            continue
         err = float(np.mean((ref - (x / s) @ fake_quant_int4(w * s[:, None], block,
                                                              scale_dtype)) ** 2))
         if err < best[0]:

@@ -83,3 +83,13 @@ def test_awq_clip_never_loses_to_the_full_range():
         return np.mean((x @ w - x @ nq.dequantize_int4(q, scale, block)) ** 2)
 
     assert err(clip) < 0.9 * err(None)
+
+
+def test_awq_scales_keep_fp16_activations_finite():
+    """A channel far larger than the others pulls s apart; x / s must still fit fp16."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((64, 64)).astype(np.float32) * 1e-3
+    x[:, 0] = 2e4
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    s, _ = nq.awq_scales(w, x, 32, "float16")
+    assert np.abs(x / s).max() < np.finfo(np.float16).max / 2
