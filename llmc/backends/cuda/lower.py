@@ -63,7 +63,7 @@ class UnsupportedGraph(LlmcError):
 QUANT_MISSING = ("the cuda backend has no quantized kernels yet (FP8 GEMMs through cuBLASLt, "
                  "the INT4 weight-only GEMM/GEMV with fused dequantization, issue #10 item 4); "
                  "build a quantized engine with --backend reference or tensorrt-rtx, or this "
-                 "one without --quant")
+                 "one with --quant none (a pre-quantized checkpoint is then dequantized)")
 
 
 class _Graph:
