@@ -92,11 +92,12 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
 
     limits = BuildLimits(max_batch_size, max_num_tokens, max_seq_len, kv_block_size)
     quant = QuantOptions(quant, calib_data, calib_size, eval_data, eval_size, max_ppl_increase)
-    run_build(BuildOptions(model=model or default_model(), output=output,
+    options = BuildOptions(model=model or default_model(), output=output,
                            backend=backends.pick(backend, _log), dtype=dtype, limits=limits,
                            disable_passes=tuple(disable_passes), dump_graphs=dump_graphs,
-                           gpu_arch=gpu_arch, quant=quant),
-              log=_log)
+                           gpu_arch=gpu_arch, quant=quant)
+    with _progress("weights") as update:   # on a terminal; else the build logs every 10%
+        run_build(options, log=_log, progress=update if sys.stderr.isatty() else None)
 
 
 def session_options(command):
@@ -355,7 +356,11 @@ def bench(engine, url, model, api_key, num_requests, input_len, output_len, rang
         model, vocab = b.server_model(url, model, api_key)
     if requests is None:
         requests = b.synthetic(num_requests, input_len, output_len, vocab, range_ratio, seed)
-    with _progress(len(requests), as_json) as advance:
+    with _progress("requests", as_json) as update:
+        finished = iter(range(1, len(requests) + 1))
+
+        def advance():
+            update(next(finished), len(requests))
         if runner is not None:
             try:
                 result = b.run_offline(runner, requests, request_rate, seed, advance)
@@ -382,9 +387,9 @@ def _serve_extra(command: str, module: str) -> None:
             from None
 
 
-def _progress(total: int, quiet: bool):
+def _progress(what: str, quiet: bool = False):
     """A rich progress bar on stderr when it is a terminal (and rich is installed); yields
-    the function that advances it by one request."""
+    update(done, total), which draws it (a no-op otherwise, or with quiet)."""
     import contextlib
 
     @contextlib.contextmanager
@@ -393,14 +398,14 @@ def _progress(total: int, quiet: bool):
             from rich.console import Console
             from rich.progress import Progress
         except ImportError:
-            yield lambda: None
+            yield lambda done, total: None
             return
         with Progress(console=Console(stderr=True), transient=True) as progress:
-            task = progress.add_task("requests", total=total)
-            yield lambda: progress.advance(task)
+            task = progress.add_task(what, total=None)
+            yield lambda done, total: progress.update(task, completed=done, total=total)
 
     if quiet or not sys.stderr.isatty():
-        return contextlib.nullcontext(lambda: None)
+        return contextlib.nullcontext(lambda done, total: None)
     return bar()
 
 

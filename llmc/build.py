@@ -52,8 +52,10 @@ class BuildOptions:
     quant: QuantOptions = QuantOptions()    # --quant and its calibration and accuracy text
 
 
-def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeader:
-    """Build an engine file; returns its header."""
+def build(opts: BuildOptions, log: Callable[[str], None] = print,
+          progress: Callable[[int, int], None] | None = None) -> EngineHeader:
+    """Build an engine file; returns its header. progress(k, n), if given, is told each of
+    the n weights as it is written (a progress bar); without it, log says every tenth."""
     t0 = time.perf_counter()
     dtype = dtypes.normalize(opts.dtype)
     backend = backends.get(opts.backend, **({"gpu_arch": opts.gpu_arch}
@@ -116,8 +118,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
                                  log, model.prequantized)
             graph, weights = quantized.model, quantized.weights
         every = max(1, len(weights) // 10)
-        onnx_path = save_onnx(graph, weights, Path(tmp), progress=lambda k, n: (
-            log(f"weights: {k}/{n}") if k % every == 0 or k == n else None))
+        onnx_path = save_onnx(graph, weights, Path(tmp), progress=progress or (lambda k, n: (
+            log(f"weights: {k}/{n}") if k % every == 0 or k == n else None)))
         lowered = backend.lower(onnx_path, limits, log)
         quant = quantized.report(onnx_path) if quantized else None
         if quant:
