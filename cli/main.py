@@ -61,21 +61,43 @@ def cli() -> None:
               help="skip a fusion pass (repeatable; names in docs/passes.md)")
 @click.option("--dump-graphs", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="write the graph after every pass stage as DIR/NN-name.onnx")
+@click.option("--quant", default="auto", show_default=True,
+              type=click.Choice(["auto", "none", "fp8", "int4-awq", "int4-rtn"]),
+              help="fp8: FP8 weights and activations (calibrated); int4-awq / int4-rtn: INT4 "
+                   "weights in blocks, with AWQ's scale search or plain rounding; auto: a "
+                   "pre-quantized checkpoint's own format (ModelOpt FP8), else none. The LM "
+                   "head stays unquantized; the accuracy is measured and stored "
+                   "(docs/quantization.md)")
+@click.option("--calib-data", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="--quant fp8 / int4-awq: calibration text [default: a bundled "
+                   "public-domain text]")
+@click.option("--calib-size", default=512, show_default=True, help="calibration tokens")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="--quant: the text the accuracy report scores [default: a bundled "
+                   "public-domain text]")
+@click.option("--eval-size", default=1024, show_default=True,
+              help="tokens the accuracy report scores")
+@click.option("--max-ppl-increase", default=5.0, show_default=True, metavar="PCT",
+              help="--quant: warn when perplexity rises more than this many percent")
 @_verbose_option
 def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_tokens,
-          max_seq_len, kv_block_size, disable_passes, dump_graphs) -> None:
+          max_seq_len, kv_block_size, disable_passes, dump_graphs, quant, calib_data,
+          calib_size, eval_data, eval_size, max_ppl_increase) -> None:
     """Build an engine file from a checkpoint."""
     from llmc import backends
     from llmc.build import BuildOptions, default_model
     from llmc.build import build as run_build
     from llmc.limits import BuildLimits
+    from llmc.quantization.quantize import QuantOptions
 
     limits = BuildLimits(max_batch_size, max_num_tokens, max_seq_len, kv_block_size)
-    run_build(BuildOptions(model=model or default_model(), output=output,
+    quant = QuantOptions(quant, calib_data, calib_size, eval_data, eval_size, max_ppl_increase)
+    options = BuildOptions(model=model or default_model(), output=output,
                            backend=backends.pick(backend, _log), dtype=dtype, limits=limits,
                            disable_passes=tuple(disable_passes), dump_graphs=dump_graphs,
-                           gpu_arch=gpu_arch),
-              log=_log)
+                           gpu_arch=gpu_arch, quant=quant)
+    with _progress("weights") as update:   # on a terminal; else the build logs every 10%
+        run_build(options, log=_log, progress=update if sys.stderr.isatty() else None)
 
 
 def session_options(command):
@@ -334,7 +356,11 @@ def bench(engine, url, model, api_key, num_requests, input_len, output_len, rang
         model, vocab = b.server_model(url, model, api_key)
     if requests is None:
         requests = b.synthetic(num_requests, input_len, output_len, vocab, range_ratio, seed)
-    with _progress(len(requests), as_json) as advance:
+    with _progress("requests", as_json) as update:
+        finished = iter(range(1, len(requests) + 1))
+
+        def advance():
+            update(next(finished), len(requests))
         if runner is not None:
             try:
                 result = b.run_offline(runner, requests, request_rate, seed, advance)
@@ -361,9 +387,9 @@ def _serve_extra(command: str, module: str) -> None:
             from None
 
 
-def _progress(total: int, quiet: bool):
+def _progress(what: str, quiet: bool = False):
     """A rich progress bar on stderr when it is a terminal (and rich is installed); yields
-    the function that advances it by one request."""
+    update(done, total), which draws it (a no-op otherwise, or with quiet)."""
     import contextlib
 
     @contextlib.contextmanager
@@ -372,14 +398,14 @@ def _progress(total: int, quiet: bool):
             from rich.console import Console
             from rich.progress import Progress
         except ImportError:
-            yield lambda: None
+            yield lambda done, total: None
             return
         with Progress(console=Console(stderr=True), transient=True) as progress:
-            task = progress.add_task("requests", total=total)
-            yield lambda: progress.advance(task)
+            task = progress.add_task(what, total=None)
+            yield lambda done, total: progress.update(task, completed=done, total=total)
 
     if quiet or not sys.stderr.isatty():
-        return contextlib.nullcontext(lambda: None)
+        return contextlib.nullcontext(lambda done, total: None)
     return bar()
 
 
@@ -410,6 +436,7 @@ def inspect(engine, as_json) -> None:
         ("sections", ", ".join(f"{k} {n / 2**20:.1f} MiB"
                                for k, (_, n) in file.raw["sections"].items())),
         *_plan_rows(header),
+        *_quant_rows(header),
         ("versions", ", ".join(f"{k} {v}" for k, v in header.versions.items())),
         ("created", header.created),
     ]
@@ -427,6 +454,15 @@ def _plan_rows(header) -> list[tuple[str, str]]:
             ("memory", f"arena {low['arena_bytes'] / 2**20:.1f} MiB, weights "
                        f"{low['weights_bytes'] / 2**20:.1f} MiB, KV cache sized at load "
                        f"({header.io.num_layers} layers x {header.io.kv_block_shape} a block)")]
+
+
+def _quant_rows(header) -> list[tuple[str, str]]:
+    """Quantized engines: the format and the accuracy measured at build."""
+    q = header.quant
+    if q is None:
+        return []
+    verdict = "" if q.accuracy.passed else "  WARNING: past the threshold"
+    return [("quant", q.describe()), ("accuracy", q.accuracy.describe() + verdict)]
 
 
 def main(args: list[str] | None = None) -> None:

@@ -3,8 +3,10 @@
     model   = model_zoo.load_model(path)            the family reads the checkpoint
     graph   = model.build_graph(dtype, block)        unfused, weights still lazy loaders
     graph   = passes.run_passes(graph)               fused, weights still lazy
+    graph   = quantization.quantize(graph)           --quant: Q/DQ, calibrated; still lazy
     files   = save_onnx(graph)                       one weight at a time to a temp folder
     lowered = backends.get(name).lower(files)        engine sections
+    quant   = report(files)                          --quant: accuracy vs unquantized
     write_engine(header, sections)                   atomic: renamed into place when whole
 """
 
@@ -29,7 +31,11 @@ from llmc.graph import save_onnx, weights_file_size
 from llmc.header import BuildInfo, EngineHeader, ModelInfo
 from llmc.limits import BuildLimits
 from llmc.model_zoo import load_model
+from llmc.quantization.quantize import QuantOptions
 from llmc.version import __version__
+
+# what a warning about a quantized build's accuracy suggests, by mode
+BETTER_MODES = {"int4-rtn": "try --quant int4-awq or fp8, or ", "int4-awq": "try --quant fp8, or "}
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,13 @@ class BuildOptions:
     disable_passes: tuple[str, ...] = ()    # stage names to skip
     dump_graphs: Path | None = None         # write every stage as NN-name.onnx here
     gpu_arch: str | None = None             # cuda backend: target, e.g. sm_90a (default: here)
+    quant: QuantOptions = QuantOptions()    # --quant and its calibration and accuracy text
 
 
-def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeader:
-    """Build an engine file; returns its header."""
+def build(opts: BuildOptions, log: Callable[[str], None] = print,
+          progress: Callable[[int, int], None] | None = None) -> EngineHeader:
+    """Build an engine file; returns its header. progress(k, n), if given, is told each of
+    the n weights as it is written (a progress bar); without it, log says every tenth."""
     t0 = time.perf_counter()
     dtype = dtypes.normalize(opts.dtype)
     backend = backends.get(opts.backend, **({"gpu_arch": opts.gpu_arch}
@@ -61,6 +70,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
     except ValueError as e:
         raise LlmcError(str(e)) from None
     check_output(opts.output, opts.model, log)
+    quant_opts = opts.quant.validate()
+    check_quant(backend, quant_opts.mode)
     from llmc.passes import pass_names
 
     unknown = sorted(set(opts.disable_passes) - set(pass_names()))
@@ -72,6 +83,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
     log(f"model: {cfg.architecture}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size} "
         f"({opts.model})")
+    quant_opts = quant_opts.resolve(model.prequantized, log)
+    check_quant(backend, quant_opts.mode)
     if limits.max_seq_len > cfg.max_position_embeddings:
         log(f"warning: max_seq_len {limits.max_seq_len} exceeds the model's "
             f"max_position_embeddings {cfg.max_position_embeddings}")
@@ -89,32 +102,62 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print) -> EngineHeade
     except ValueError as e:   # an unknown --disable-pass name
         raise LlmcError(str(e)) from None
     log(f"fused graph: {len(graph.graph.node)} nodes, {len(weights)} weights")
-    check_space(opts.output.parent, weights_file_size(weights))
+    # a quantized build also keeps the unquantized graph (calibration, the accuracy report)
+    check_space(opts.output.parent, weights_file_size(weights) * (1 if quant_opts.mode == "none"
+                                                                  else 2))
+    io = EngineIO(cfg.num_hidden_layers, cfg.vocab_size, compute, cfg.num_key_value_heads,
+                  limits.kv_block_size, cfg.head_dim)
 
     with disk_full_is_an_error(opts.output), \
             tempfile.TemporaryDirectory(prefix="llmc-build-", dir=opts.output.parent) as tmp:
+        quantized = None
+        if quant_opts.mode != "none":
+            from llmc.quantization.quantize import quantize
+
+            quantized = quantize(graph, weights, quant_opts, io, tokenizer.json, Path(tmp),
+                                 log, model.prequantized)
+            graph, weights = quantized.model, quantized.weights
         every = max(1, len(weights) // 10)
-        onnx_path = save_onnx(graph, weights, Path(tmp), progress=lambda k, n: (
-            log(f"weights: {k}/{n}") if k % every == 0 or k == n else None))
+        onnx_path = save_onnx(graph, weights, Path(tmp), progress=progress or (lambda k, n: (
+            log(f"weights: {k}/{n}") if k % every == 0 or k == n else None)))
         lowered = backend.lower(onnx_path, limits, log)
+        quant = quantized.report(onnx_path) if quantized else None
+        if quant:
+            acc = quant.accuracy
+            log(f"accuracy ({quant.mode}): {acc.describe()}")
+            if not acc.passed:
+                log(f"WARNING: perplexity rose {acc.delta_ppl_pct:.2f}% with --quant "
+                    f"{quant.mode}, past the {acc.threshold_pct:g}% threshold: this engine's "
+                    "output may be noticeably worse than the unquantized model's; "
+                    f"{BETTER_MODES.get(quant.mode, '')}raise --max-ppl-increase if this "
+                    "is acceptable")
         header = EngineHeader(
             llmc_version=__version__,
             backend=backend.name,
             model=ModelInfo(str(opts.model), model.family.name, cfg.architecture,
                             cfg.to_dict()),
             build=BuildInfo(dtype, compute, limits),
-            io=EngineIO(cfg.num_hidden_layers, cfg.vocab_size, compute,
-                        cfg.num_key_value_heads, limits.kv_block_size, cfg.head_dim),
+            io=io,
             tokenizer=tokenizer,
             versions={**library_versions(), **lowered.versions},
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             passes=pass_report,
             lowering=lowered.summary,
+            quant=quant,
         )
         write_engine(opts.output, header, lowered.sections)
     log(f"wrote {opts.output} ({opts.output.stat().st_size / 2**20:.1f} MiB) in "
         f"{time.perf_counter() - t0:.1f} s")
     return header
+
+
+def check_quant(backend, mode: str) -> None:
+    """The backend runs graphs quantized this way (asked before the model loads, and again
+    once --quant auto has become the checkpoint's own format)."""
+    if mode not in ("none", "auto"):
+        ok, why = backend.can_quantize(mode)
+        if not ok:
+            raise LlmcError(f"--quant {mode}: {why}")
 
 
 def check_output(output: Path, model: Path, log: Callable[[str], None]) -> None:

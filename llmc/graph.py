@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from llmc.dtypes import np_dtype, onnx_type
+from llmc.dtypes import np_dtype, onnx_type, storage_bytes, to_storage
 from llmc.errors import LlmcError
 
 OPSET = 21
@@ -129,7 +129,7 @@ def weights_file_size(weights: list[Weight]) -> int:
     end = 0
     for w in weights:
         end += -end % WEIGHT_ALIGN
-        end += int(np.prod(w.shape, dtype=np.int64)) * np_dtype(w.dtype).itemsize
+        end += storage_bytes(w.dtype, w.shape)
     return end
 
 
@@ -142,9 +142,10 @@ def save_onnx(model: onnx.ModelProto, weights: list[Weight], folder: Path,
         for k, w in enumerate(weights):
             data = w.read()
             f.seek(-f.tell() % WEIGHT_ALIGN, os.SEEK_CUR)
-            _set_external(by_name[w.name], "weights.bin", f.tell(), data.nbytes)
-            f.write(data.tobytes())
-            del data
+            raw = to_storage(data)
+            _set_external(by_name[w.name], "weights.bin", f.tell(), len(raw))
+            f.write(raw)
+            del data, raw
             if progress:
                 progress(k + 1, len(weights))
     path = folder / "model.onnx"

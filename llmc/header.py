@@ -36,6 +36,48 @@ class BuildInfo:
 
 
 @dataclass(frozen=True)
+class Accuracy:
+    """A quantized engine's measured accuracy against the same model unquantized."""
+
+    text: str                   # what it was measured on
+    tokens: int                 # tokens scored
+    ppl_reference: float        # perplexity of the unquantized graph
+    ppl: float                  # perplexity of this engine's graph
+    delta_ppl_pct: float        # 100 * (ppl / ppl_reference - 1)
+    top1_agreement: float       # share of positions whose greedy token is the reference's
+    threshold_pct: float        # delta_ppl_pct above this warns
+
+    @property
+    def passed(self) -> bool:
+        return self.delta_ppl_pct <= self.threshold_pct
+
+    def describe(self) -> str:
+        return (f"perplexity {self.ppl:.3f} vs {self.ppl_reference:.3f} unquantized "
+                f"({self.delta_ppl_pct:+.2f}%, threshold {self.threshold_pct:g}%), top-1 "
+                f"agreement {100 * self.top1_agreement:.1f}% over {self.tokens} tokens of "
+                f"{self.text}")
+
+
+@dataclass(frozen=True)
+class QuantInfo:
+    """How an engine is quantized (quantization/, docs/quantization.md) and what it cost."""
+
+    mode: str                   # fp8, int4-awq, int4-rtn
+    kv_cache_dtype: str         # auto (the compute dtype) or fp8
+    gemms: int                  # weight GEMMs quantized (the LM head stays 16-bit)
+    details: dict[str, Any]     # block sizes, calibration text and tokens
+    accuracy: Accuracy
+
+    def describe(self) -> str:
+        extra = ", ".join(f"{k} {v}" for k, v in self.details.items())
+        return f"{self.mode}, {self.gemms} GEMMs, KV cache {self.kv_cache_dtype}; {extra}"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantInfo":
+        return cls(**{**d, "accuracy": Accuracy(**d["accuracy"])})
+
+
+@dataclass(frozen=True)
 class EngineHeader:
     llmc_version: str
     backend: str
@@ -47,6 +89,7 @@ class EngineHeader:
     created: str
     passes: dict[str, Any] = field(default_factory=dict)     # the pass report
     lowering: dict[str, Any] = field(default_factory=dict)   # what the backend reported
+    quant: QuantInfo | None = None                            # None: not quantized
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,6 +110,7 @@ class EngineHeader:
                 io=EngineIO.from_dict(d["io"]), tokenizer=Tokenizer(**tok),
                 versions=dict(d["versions"]), created=d["created"],
                 passes=d.get("passes", {}), lowering=d.get("lowering", {}),
+                quant=QuantInfo.from_dict(d["quant"]) if d.get("quant") else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise LlmcError(f"the engine header is not one this llmc wrote ({e!r}); rebuild "

@@ -15,6 +15,7 @@ norms and softmax in float32, everything else in the build dtype.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -38,6 +39,13 @@ class Step:
     write_index: str    # int64 [2, T, Hkv, 4]: (k|v, block, head, row) of each new K/V row
     token_blocks: str   # int64 [T, max_blocks]: the block table of each token's sequence
     mask: str           # float32 [T, 1, 1, max_blocks * block_size]: 0 or contract.MASKED
+    layers: tuple[tuple[str, str, str], ...] = ()   # each layer's (mask, cos, sin)
+
+    def for_layer(self, layer: int) -> "Step":
+        """The step values one layer sees: the mask of its window and the RoPE table of its
+        frequencies (families whose layers differ: Gemma 2, Gemma 3)."""
+        mask, cos, sin = self.layers[layer]
+        return dataclasses.replace(self, mask=mask, cos=cos, sin=sin)
 
 
 class DecoderGraph:
@@ -72,32 +80,55 @@ class DecoderGraph:
         caches = [g.input(contract.kv_cache_input(i), self.elem, kv_shape)
                   for i in range(c.num_hidden_layers)]
         embed = self.weight(self.EMBED, (c.vocab_size, c.hidden_size))
-        h = g.Gather(embed, ids)                                          # [T, hidden]
+        h = self.embed(embed, ids)                                        # [T, hidden]
         for i in range(c.num_hidden_layers):
             with g.scope(f"layers.{i}"):
-                h, caches[i] = self.block(i, h, step, caches[i])
+                h, caches[i] = self.block(i, h, step.for_layer(i), caches[i])
         with g.scope("head"):
             h = self.rms_norm(g.Gather(h, last), self.FINAL_NORM)        # [B, hidden]
             if c.tie_word_embeddings:   # the embedding table, read as [vocab, hidden]
                 logits = g.Gemm(h, embed, transB=1)
             else:
                 logits = self.linear(h, self.LM_HEAD, c.vocab_size, c.hidden_size)
-            g.output(g.Cast(logits, to=F32), contract.LOGITS, F32, ["batch", c.vocab_size])
+            g.output(self.final_logits(g.Cast(logits, to=F32)), contract.LOGITS, F32,
+                     ["batch", c.vocab_size])
         for i, cache in enumerate(caches):
             g.output(cache, contract.kv_cache_output(i), self.elem, kv_shape)
         return g
 
+    # what a family may change around the blocks (Gemma 2: a scaled embedding, per-layer
+    # windows, soft-capped logits; Gemma 3: per-layer RoPE frequencies)
+
+    def embed(self, table: str, ids: str) -> str:
+        return self.g.Gather(table, ids)
+
+    def window(self, layer: int) -> int:
+        """The layer's sliding window in tokens, 0 for none."""
+        return self.c.sliding_window or 0
+
+    def inv_freq(self, layer: int) -> np.ndarray:
+        """The layer's RoPE inverse frequencies [head_dim / 2]."""
+        return self.c.inv_freq()
+
+    def final_logits(self, logits: str) -> str:
+        """float32 [B, vocab] -> the logits the engine returns."""
+        return logits
+
     # --- weights -------------------------------------------------------------------------------
 
-    def weight(self, name: str, shape: tuple[int, ...], transpose: bool = False) -> str:
+    def weight(self, name: str, shape: tuple[int, ...], transpose: bool = False,
+               convert: Callable[[np.ndarray], np.ndarray] | None = None) -> str:
         """A checkpoint tensor (HF name); linear weights are stored [in, out] so MatMul needs
-        no transpose (the passes match MatMul)."""
+        no transpose (the passes match MatMul). `convert` changes the checkpoint's float32
+        values first (Gemma's 1 + w norm weights), as HF does in float32."""
         tensor, dt, rounding = self.tensor, np_dtype(self.dtype), self.rounding
 
         def load():
             w = tensor(name)
             if rounding is not None:  # e.g. bf16 weights computed in fp32 on onnxruntime
                 w = w.astype(rounding)
+            if convert is not None:
+                w = convert(w.astype(np.float32))
             return (w.T if transpose else w).astype(dt)
 
         out_shape = tuple(reversed(shape)) if transpose else shape
@@ -109,22 +140,42 @@ class DecoderGraph:
 
     # --- layers --------------------------------------------------------------------------------
 
-    def rms_norm(self, x: str, name: str) -> str:
-        """HF semantics: normalise in float32, cast back, then scale by the weight."""
+    def rms_norm(self, x: str, name: str, width: int | None = None) -> str:
+        """HF semantics: normalise in float32, cast back, then scale by the weight.
+        Over the last axis, `width` wide (default hidden_size; head_dim for a per-head norm)."""
         g = self.g
         x32 = g.Cast(x, to=F32)
         var = g.ReduceMean(g.Mul(x32, x32), g.const([-1]), keepdims=1)
         inv = g.Reciprocal(g.Sqrt(g.Add(var, g.const(self.c.rms_norm_eps, np.float32))))
         y = g.Cast(g.Mul(x32, inv), to=self.elem)
-        return g.Mul(y, self.weight(f"{name}.weight", (self.c.hidden_size,)))
+        return g.Mul(y, self.norm_weight(name, width or self.c.hidden_size))
+
+    def norm_weight(self, name: str, width: int) -> str:
+        return self.weight(f"{name}.weight", (width,))
 
     def swiglu_mlp(self, x: str, p: str, bias: bool = False) -> str:
         """down(silu(gate(x)) * up(x)), HF's gate_proj / up_proj / down_proj."""
-        c, g = self.c, self.g
+        c = self.c
         gate = self.linear(x, f"{p}.gate_proj", c.intermediate_size, c.hidden_size, bias)
         up = self.linear(x, f"{p}.up_proj", c.intermediate_size, c.hidden_size, bias)
-        act = g.Mul(g.Mul(gate, g.Sigmoid(gate)), up)                     # silu(gate) * up
+        act = self.swiglu(gate, up)
         return self.linear(act, f"{p}.down_proj", c.hidden_size, c.intermediate_size, bias)
+
+    def swiglu(self, gate: str, up: str) -> str:
+        """silu(gate) * up, the form passes/activations.py matches."""
+        g = self.g
+        return g.Mul(g.Mul(gate, g.Sigmoid(gate)), up)
+
+    def gelu_tanh(self, x: str) -> str:
+        """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), HF's gelu_pytorch_tanh."""
+        g, dt = self.g, np_dtype(self.dtype)
+        inner = g.Add(x, g.Mul(g.const(0.044715, dt), g.Mul(g.Mul(x, x), x)))
+        t = g.Tanh(g.Mul(g.const(np.sqrt(2 / np.pi), dt), inner))
+        return g.Mul(g.Mul(g.const(0.5, dt), x), g.Add(g.const(1.0, dt), t))
+
+    def split(self, x: str, sizes: list[int]) -> list[str]:
+        """x's last axis cut into parts of `sizes` (a checkpoint's fused projection)."""
+        return self.g.Split(x, self.g.const(sizes), axis=-1, outputs=len(sizes))
 
     def heads(self, x: str, n_heads: int) -> str:
         """[T, H*D] -> [T, H, D]."""
@@ -139,11 +190,13 @@ class DecoderGraph:
         return g.Add(g.Mul(x, s.cos), g.Mul(rotated, s.sin))
 
     def paged_attention(self, q: str, k: str, v: str, s: Step, cache: str,
-                        scale: float | None = None) -> tuple[str, str]:
+                        scale: float | None = None, softcap: float | None = None
+                        ) -> tuple[str, str]:
         """q [T, Hq, D], k/v [T, Hkv, D] -> ([T, Hq*D], the updated pool).
 
         Write this step's K/V rows into their blocks, then every token gathers its own
-        sequence's blocks back and attends (GQA) to the keys the step's mask lets it see."""
+        sequence's blocks back and attends (GQA) to the keys the step's mask lets it see.
+        softcap (Gemma 2): the scaled scores become cap * tanh(scores / cap) before the mask."""
         c, g = self.c, self.g
         hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         new_kv = g.Concat(g.Unsqueeze(k, g.const([0])), g.Unsqueeze(v, g.const([0])), axis=0)
@@ -158,6 +211,9 @@ class DecoderGraph:
         scores = g.MatMul(qg, g.Transpose(keys, perm=[0, 1, 3, 2]))       # [T, Hkv, G, C]
         scale = d ** -0.5 if scale is None else scale
         scores = g.Mul(g.Cast(scores, to=F32), g.const(scale, np.float32))
+        if softcap:
+            cap = g.const(softcap, np.float32)
+            scores = g.Mul(g.Tanh(g.Div(scores, cap)), cap)
         probs = g.Cast(g.Softmax(g.Add(scores, s.mask), axis=-1), to=self.elem)
         return g.Reshape(g.MatMul(probs, values), g.const([0, hq * d])), cache  # [T, Hq*D]
 
@@ -177,14 +233,36 @@ class DecoderGraph:
             bs = g.const(self.bs)
             write_index = contract.kv_write_index(g, token_blocks, pos64, n_tok,
                                                   g.const([c.num_key_value_heads]), bs)
-            lowest = None
-            if c.sliding_window:   # passes/attention.py reads W back from this Sub
-                lowest = g.Sub(g.Unsqueeze(pos64, g.const([1])), g.const(c.sliding_window))
-            mask = contract.key_mask(g, tables, ctx_lens, seq, pos64, bs, lowest)
+            # one mask per distinct window and one cos/sin pair per distinct frequency table,
+            # shared by the layers that use them
+            masks, ropes, layers = {}, {}, []
+            for i in range(c.num_hidden_layers):
+                w, freq = self.window(i), self.inv_freq(i).astype(np.float32)
+                if w not in masks:
+                    lowest = None
+                    if w:   # passes/attention.py reads W back from this Sub
+                        lowest = g.Sub(g.Unsqueeze(pos64, g.const([1])), g.const(w))
+                    masks[w] = contract.key_mask(g, tables, ctx_lens, seq, pos64, bs, lowest)
+                if freq.tobytes() not in ropes:
+                    ropes[freq.tobytes()] = self._rope_table(pos64, freq)
+                layers.append((masks[w], *ropes[freq.tobytes()]))
+        mask, cos, sin = layers[0]
+        return Step(pos, cos, sin, write_index, token_blocks, mask, tuple(layers))
 
-            inv_freq = g.const(c.inv_freq().astype(np.float32)[None, :], np.float32)
-            freqs = g.Mul(g.Cast(g.Unsqueeze(pos64, g.const([1])), to=F32), inv_freq)  # [T, D/2]
-            emb = g.Unsqueeze(g.Concat(freqs, freqs, axis=-1), g.const([1]))  # [T, 1, D]
-            cos = g.Cast(g.Cos(emb), to=self.elem)
-            sin = g.Cast(g.Sin(emb), to=self.elem)
-        return Step(pos, cos, sin, write_index, token_blocks, mask)
+    def _rope_table(self, pos64: str, inv_freq: np.ndarray) -> tuple[str, str]:
+        """cos and sin [T, 1, D] of each token's position times inv_freq."""
+        g = self.g
+        freqs = g.Mul(g.Cast(g.Unsqueeze(pos64, g.const([1])), to=F32),
+                      g.const(inv_freq[None, :], np.float32))                 # [T, D/2]
+        emb = g.Unsqueeze(g.Concat(freqs, freqs, axis=-1), g.const([1]))      # [T, 1, D]
+        return g.Cast(g.Cos(emb), to=self.elem), g.Cast(g.Sin(emb), to=self.elem)
+
+
+def graph_builder(cls: type[DecoderGraph]):
+    """A family's build_graph for its DecoderGraph subclass: returns (onnx.ModelProto,
+    lazy weights) of one engine step."""
+    def build_graph(config, tensor, dtype: str, kv_block_size: int,
+                    weights_rounded_to: str | None = None):
+        g = cls(config, tensor, dtype, kv_block_size, weights_rounded_to).build()
+        return g.model(), g.weights
+    return build_graph

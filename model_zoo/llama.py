@@ -17,7 +17,7 @@ import numpy as np
 from llmc.config import RopeScaling, architecture, eos_ids, field, rope_inv_freq, rope_settings
 from llmc.errors import LlmcError
 from llmc.model_zoo.family import Family, GGUFArch
-from llmc.model_zoo.layers import DecoderGraph, Step
+from llmc.model_zoo.layers import DecoderGraph, Step, graph_builder
 
 # ---- config --------------------------------------------------------------------------------
 
@@ -67,11 +67,15 @@ class LlamaConfig:
         return cls(**d)
 
 
-def _parse(hf: dict[str, Any], *, attention_bias: bool, sliding_window) -> LlamaConfig:
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":   # the block is SwiGLU; another activation is another model
-        raise LlmcError(f"hidden_act {act!r} is not supported for {architecture(hf)} "
-                        "(the llama family uses silu)")
+def parse_common(hf: dict[str, Any], *, attention_bias: bool, sliding_window,
+                 activation: tuple[str, str] = ("hidden_act", "silu")) -> LlamaConfig:
+    """The fields every llama-shaped family (Phi-3, Qwen3, Gemma 2 too) reads the same way.
+    activation: the config key of the MLP's activation and the one value the block has."""
+    key, want = activation
+    act = hf.get(key, want)
+    if act != want:   # the block's MLP is built for one activation; another is another model
+        raise LlmcError(f"{key} {act!r} is not supported for {architecture(hf)} "
+                        f"(supported: {want})")
     heads = field(hf, "num_attention_heads")
     hidden = field(hf, "hidden_size")
     theta, scaling = rope_settings(hf)
@@ -106,22 +110,36 @@ def _parse(hf: dict[str, Any], *, attention_bias: bool, sliding_window) -> Llama
 
 
 def parse_llama(hf):
-    return _parse(hf, attention_bias=field(hf, "attention_bias", bool, False),
-                  sliding_window=None)
+    return parse_common(hf, attention_bias=field(hf, "attention_bias", bool, False),
+                        sliding_window=None)
 
 
 def parse_mistral(hf):
-    return _parse(hf, attention_bias=False,
-                  sliding_window=field(hf, "sliding_window", int, None) or None)
+    return parse_common(hf, attention_bias=False,
+                        sliding_window=field(hf, "sliding_window", int, None) or None)
 
 
 def parse_qwen2(hf):
+    return parse_common(hf, attention_bias=True, sliding_window=qwen_window(hf))
+
+
+def qwen_window(hf: dict[str, Any]) -> int | None:
+    """Qwen2 / Qwen3: with use_sliding_window, layers i >= max_window_layers slide (or those
+    layer_types names). The window of every layer, or None when no layer slides; a window on
+    some layers only is refused."""
+    n = field(hf, "num_hidden_layers")
     window = field(hf, "sliding_window", int, None) if hf.get("use_sliding_window") else None
-    if window and hf.get("max_window_layers", 0) < field(hf, "num_hidden_layers"):
-        # Qwen2 applies the window only to layers >= max_window_layers; one window for all
-        # layers is what the graph supports.
-        raise LlmcError("Qwen2 with per-layer sliding windows is not supported")
-    return _parse(hf, attention_bias=True, sliding_window=window or None)
+    if hf.get("layer_types"):   # transformers 5.x writes the outcome
+        sliding = [t == "sliding_attention" for t in hf["layer_types"]]
+    else:
+        first = field(hf, "max_window_layers", int, 28)   # transformers' default
+        sliding = [bool(window) and i >= first for i in range(n)]
+    if not any(sliding):
+        return None
+    if not all(sliding) or not window:
+        raise LlmcError(f"{architecture(hf)} with a sliding window on some layers only is "
+                        "not supported")
+    return window
 
 
 # ---- checkpoint names -------------------------------------------------------------------------
@@ -164,7 +182,8 @@ def weight_names(c: LlamaConfig) -> list[str]:
     return names
 
 
-def _gguf_config(hf_architecture: str):
+def gguf_config(hf_architecture: str):
+    """GGUF metadata -> config.json keys, for the llama-shaped architectures."""
     def config(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
         arch = meta["general.architecture"]
 
@@ -212,6 +231,9 @@ def unpermute_qk(name: str, w: np.ndarray, c: LlamaConfig) -> np.ndarray:
 
 
 class LlamaGraph(DecoderGraph):
+    """The llama block. Families that differ only in how q/k/v or the MLP are computed
+    (Phi-3's fused projections, Qwen3's q/k norms) override `qkv` or `mlp`."""
+
     def block(self, i: int, h: str, step: Step, cache: str) -> tuple[str, str]:
         g, p = self.g, LAYER.format(i=i)
         with g.scope("attn"):
@@ -220,26 +242,30 @@ class LlamaGraph(DecoderGraph):
         h = g.Add(h, a)
         with g.scope("mlp"):
             x = self.rms_norm(h, f"{p}.post_attention_layernorm")
-            h = g.Add(h, self.swiglu_mlp(x, f"{p}.mlp", self.c.mlp_bias))
+            h = g.Add(h, self.mlp(x, f"{p}.mlp"))
         return h, cache
 
     def attention(self, x: str, s: Step, cache: str, p: str) -> tuple[str, str]:
+        q, k, v = self.qkv(x, p)
+        out, cache = self.paged_attention(self.rope(q, s), self.rope(k, s), v, s, cache)
+        return self.linear(out, f"{p}.o_proj", self.c.hidden_size, self.c.q_size), cache
+
+    def qkv(self, x: str, p: str) -> tuple[str, str, str]:
+        """q [T, Hq, D], k and v [T, Hkv, D], before RoPE."""
         c, b = self.c, self.c.attention_bias
         q = self.heads(self.linear(x, f"{p}.q_proj", c.q_size, c.hidden_size, b),
-                       c.num_attention_heads)                             # [T, Hq, D]
+                       c.num_attention_heads)
         k = self.heads(self.linear(x, f"{p}.k_proj", c.kv_size, c.hidden_size, b),
-                       c.num_key_value_heads)                             # [T, Hkv, D]
+                       c.num_key_value_heads)
         v = self.heads(self.linear(x, f"{p}.v_proj", c.kv_size, c.hidden_size, b),
                        c.num_key_value_heads)
-        out, cache = self.paged_attention(self.rope(q, s), self.rope(k, s), v, s, cache)
-        return self.linear(out, f"{p}.o_proj", c.hidden_size, c.q_size), cache
+        return q, k, v
+
+    def mlp(self, x: str, p: str) -> str:
+        return self.swiglu_mlp(x, p, self.c.mlp_bias)
 
 
-def build_graph(config: LlamaConfig, tensor, dtype: str, kv_block_size: int,
-                weights_rounded_to: str | None = None):
-    """The unfused graph of one engine step; returns (onnx.ModelProto, weights)."""
-    g = LlamaGraph(config, tensor, dtype, kv_block_size, weights_rounded_to).build()
-    return g.model(), g.weights
+build_graph = graph_builder(LlamaGraph)
 
 
 FAMILY = Family(
@@ -250,8 +276,8 @@ FAMILY = Family(
     build_graph=build_graph,
     gguf={
         # llama.cpp permutes Q/K rows of llama and mistral for its interleaved rope; not qwen2.
-        "llama": GGUFArch(_gguf_config("LlamaForCausalLM"), GGUF_NAMES, unpermute_qk),
-        "mistral": GGUFArch(_gguf_config("MistralForCausalLM"), GGUF_NAMES, unpermute_qk),
-        "qwen2": GGUFArch(_gguf_config("Qwen2ForCausalLM"), GGUF_NAMES),
+        "llama": GGUFArch(gguf_config("LlamaForCausalLM"), GGUF_NAMES, unpermute_qk),
+        "mistral": GGUFArch(gguf_config("MistralForCausalLM"), GGUF_NAMES, unpermute_qk),
+        "qwen2": GGUFArch(gguf_config("Qwen2ForCausalLM"), GGUF_NAMES),
     },
 )

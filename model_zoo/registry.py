@@ -18,11 +18,13 @@ from llmc.checkpoint import Checkpoint, Tokenizer, open_checkpoint
 from llmc.checkpoint.base import NamedTensors
 from llmc.config import architecture
 from llmc.errors import LlmcError
-from llmc.model_zoo import llama
+from llmc.model_zoo import gemma2, gemma3, llama, phi3, qwen3
 from llmc.model_zoo.family import Family, GGUFArch
+from llmc.quantization.prequantized import Prequantized, read_prequantized
 
 # Every family llmc builds; adding one is a file in model_zoo/ and a line here.
-FAMILIES: tuple[Family, ...] = (llama.FAMILY,)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, phi3.FAMILY, qwen3.FAMILY,
+                                 gemma2.FAMILY, gemma3.FAMILY)
 
 
 def family_for(hf_architecture: str) -> Family:
@@ -60,6 +62,7 @@ class Model(NamedTensors):
     config: Any
     readers: dict[str, Callable[[], np.ndarray]]
     checkpoint: Checkpoint
+    prequantized: Prequantized | None = None   # a pre-quantized checkpoint's scales
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.checkpoint.tokenizer_json(), self.checkpoint.chat_template,
@@ -99,7 +102,9 @@ def load_model(path: str | os.PathLike) -> Model:
     ckpt = open_checkpoint(path)
     if ckpt.format == "hf":
         config = parse_config(ckpt.config)
-        return Model(ckpt.source, family_for(config.architecture), config, ckpt.readers, ckpt)
+        readers, prequantized = read_prequantized(ckpt.config, ckpt.readers, ckpt.source)
+        return Model(ckpt.source, family_for(config.architecture), config, readers, ckpt,
+                     prequantized)
     family, arch = gguf_family(ckpt.metadata.get("general.architecture"))
     hf_names = {}
     for gguf_name in ckpt.readers:

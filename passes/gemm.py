@@ -72,6 +72,19 @@ def fused_name(names: list[str]) -> str:
     return head + "+".join(n[len(head): len(n) - len(tail)] for n in names) + tail
 
 
+def fused_parts(name: str) -> list[str]:
+    """The inverse of fused_name: model.l.0.q_proj+k_proj+v_proj.weight -> the three names
+    (a name that is not fused is its only part)."""
+    if "+" not in name:
+        return [name]
+    head = name[: name.rfind(".", 0, name.find("+")) + 1]
+    middle_and_tail = name[len(head):]
+    last = middle_and_tail.rsplit("+", 1)[1]
+    tail = last[last.find("."):] if "." in last else ""
+    middle = middle_and_tail[: len(middle_and_tail) - len(tail)]
+    return [head + part + tail for part in middle.split("+")]
+
+
 def concat_weight(g: Graph, names: list[str]) -> str:
     parts = [g.weights[n] for n in names]
     loads = [w.read for w in parts]   # each part checked against its shape first

@@ -29,6 +29,28 @@ TINY_MODELS = {
     # q/k/v biases, tied embeddings
     "qwen2-bias": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2,
                                        tie_word_embeddings=True)),
+    # fused qkv_proj / gate_up_proj in the checkpoint, GQA, a window (Phi-3-mini-4k: 2047)
+    "phi3-window": ("Phi3Config", dict(num_attention_heads=4, num_key_value_heads=2,
+                                       sliding_window=12, pad_token_id=0, eos_token_id=2)),
+    # per-head q/k RMSNorm before RoPE, explicit head_dim != hidden / heads, tied embeddings
+    "qwen3-qknorm": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=32, tie_word_embeddings=True)),
+    # soft-capped attention (a cap that bites on these scores) and logits, a window on even
+    # layers, pre+post (1 + w) norms, GeGLU tanh, sqrt(hidden)-scaled embeddings, a
+    # query_pre_attn_scalar != head_dim, head_dim != hidden / heads; weights 10x the usual
+    # init so that the scores reach the cap
+    "gemma2-softcap": ("Gemma2Config", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+        sliding_window=12, attn_logit_softcapping=1.0, final_logit_softcapping=1.5,
+        initializer_range=0.2, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
+        bos_token_id=1)),
+    # Gemma 2's layout with (1 + w) q/k norms, a sliding layer then a full one, each with
+    # its own RoPE theta, no soft-caps
+    "gemma3-local-global": ("Gemma3TextConfig", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+        sliding_window=12, layer_types=["sliding_attention", "full_attention"],
+        rope_theta=1_000_000.0, rope_local_base_freq=100.0, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=2, bos_token_id=1)),
 }
 
 
@@ -38,12 +60,18 @@ HEAD_DIM_64 = {
     "llama-tied-rope3": dict(hidden_size=128, head_dim=64),   # explicit head_dim != 128/4
     "mistral-window": dict(hidden_size=256),
     "qwen2-bias": dict(hidden_size=256),
+    "phi3-window": dict(hidden_size=256),
+    "qwen3-qknorm": dict(hidden_size=256, head_dim=64),
+    "gemma2-softcap": dict(hidden_size=256, head_dim=64),
+    "gemma3-local-global": dict(hidden_size=256, head_dim=64),
 }
 
 
-def make_tiny_model(kind: str, folder: Path, seed: int = 0, head_dim_64: bool = False):
+def make_tiny_model(kind: str, folder: Path, seed: int = 0, head_dim_64: bool = False,
+                    **overrides):
     """Save a random tiny model of ``kind`` into ``folder``; returns the torch model.
-    head_dim_64: the variant with 64-wide heads, as the GPU attention kernels need."""
+    head_dim_64: the variant with 64-wide heads, as the GPU attention kernels need;
+    overrides: config fields changed for one test."""
     import torch
     import transformers
 
@@ -54,6 +82,7 @@ def make_tiny_model(kind: str, folder: Path, seed: int = 0, head_dim_64: bool = 
     kwargs.update(extra)
     if head_dim_64:
         kwargs.update(HEAD_DIM_64[kind], intermediate_size=384)
+    kwargs.update(overrides)
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -84,6 +113,12 @@ def tiny_models(tmp_path_factory):
     """kind -> (folder, torch model), built once per test session."""
     root = tmp_path_factory.mktemp("tiny")
     return {k: (root / k, make_tiny_model(k, root / k)) for k in TINY_MODELS}
+
+
+@pytest.fixture(scope="session")
+def make_tiny():
+    """make_tiny_model, for a test that needs its own variant (a config field changed)."""
+    return make_tiny_model
 
 
 @pytest.fixture(scope="session")

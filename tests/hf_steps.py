@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from llmc import contract
+from llmc.dtypes import np_dtype
+from llmc.graph import save_onnx
 
 
 def hf_logits(model, tokens: list[int], dtype: str) -> np.ndarray:
@@ -73,3 +75,27 @@ def check_ragged_steps(session, model, block_size: int, dtype: str, tolerance: f
     check(run.step({0: [3], 2: rng.integers(0, vocab, 11).tolist()}), [0, 2])
     check(run.step({1: [7], 2: [9]}), [1, 2])
     return worst
+
+
+class OrtStepSession:
+    """The runtime's Session protocol over a saved graph (what ReferenceSession does for an
+    engine file), so generation can compare unfused and fused graphs directly."""
+
+    def __init__(self, model, weights, folder, cfg, block_size: int, dtype: str = "float32"):
+        import onnxruntime as ort
+
+        path = save_onnx(model, weights, folder)
+        self._sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.cfg, self.dtype, self.block_size = cfg, np_dtype(dtype), block_size
+        self.kv: list[np.ndarray] = []
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        c = self.cfg
+        shape = (2, num_blocks, c.num_key_value_heads, self.block_size, c.head_dim)
+        self.kv = [np.zeros(shape, self.dtype) for _ in range(c.num_hidden_layers)]
+
+    def step(self, inputs: dict) -> np.ndarray:
+        feeds = dict(inputs, **{f"kv_cache_{i}": kv for i, kv in enumerate(self.kv)})
+        outs = ["logits"] + [f"kv_cache_out_{i}" for i in range(len(self.kv))]
+        logits, *self.kv = self._sess.run(outs, feeds)
+        return logits

@@ -60,6 +60,10 @@ class Backend(Protocol):
     def compute_dtype(self, dtype: str) -> str:
         """The dtype the graph computes in for a requested build dtype."""
 
+    def can_quantize(self, mode: str) -> tuple[bool, str]:
+        """Whether this backend runs graphs quantized with `--quant mode` (fp8, int4-awq,
+        int4-rtn); if not, why. Asked before the model loads."""
+
     def lower(self, onnx_path: Path, limits: BuildLimits, log: Log) -> Lowered:
         """The fused graph on disk -> engine sections."""
 

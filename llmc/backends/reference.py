@@ -39,6 +39,9 @@ class ReferenceBackend:
     def can_build(self) -> tuple[bool, str]:
         return True, ""
 
+    def can_quantize(self, mode: str) -> tuple[bool, str]:
+        return True, ""   # onnxruntime runs FP8 Q/DQ and block-wise INT4 DequantizeLinear
+
     def compute_dtype(self, dtype: str) -> str:
         # onnxruntime has no bf16 MatMul on the CPU: bf16 models compute in fp32 on weights
         # rounded to bf16.
@@ -64,14 +67,14 @@ class ReferenceSession:
         import onnx
         import onnxruntime as ort
 
+        from llmc.quantization.ort import session_options
+
         ort.disable_telemetry_events()   # no reporting home from a long-running session
         model = onnx.load_from_string(engine.section(GRAPH).tobytes())
         _point_weights_into(model, engine.path.name, engine.section_range(WEIGHTS)[0])
-        opts = ort.SessionOptions()
+        opts = session_options(threads)   # quantized graphs computed as written
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                       str(engine.path.parent.resolve()))
-        if threads:
-            opts.intra_op_num_threads = threads
         self._sess = ort.InferenceSession(model.SerializeToString(), opts,
                                           providers=["CPUExecutionProvider"])
         self.io = engine.header.io

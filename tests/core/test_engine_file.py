@@ -143,3 +143,15 @@ def test_tensorrt_plan_of_another_library_version(tiny_models, tmp_path):
     with pytest.raises(LlmcError, match="built with tensorrt-rtx 1.0.0.1, but this machine has "
                                         "tensorrt-rtx 1.7"):
         Runner(path)
+
+
+def test_build_reports_each_weight_to_a_progress_callback(tiny_models, tmp_path):
+    """What `llmc build` draws its weights bar from on a terminal: every weight, in order,
+    and no "weights: k/n" log lines in its place."""
+    calls, lines = [], []
+    build(BuildOptions(tiny_models["llama-gqa"][0], tmp_path / "m.engine",
+                       limits=BuildLimits(2, 16, 64, 8)),
+          log=lines.append, progress=lambda k, n: calls.append((k, n)))
+    n = calls[-1][1]
+    assert calls == [(k, n) for k in range(1, n + 1)] and n > 5
+    assert not any(line.startswith("weights:") for line in lines)

@@ -130,7 +130,8 @@ def test_the_runtime_loads_no_build_time_code(tiny_models, tmp_path):
           log=lambda _: None)
     code = (f"import sys; from llmc import Runner; Runner({str(engine)!r}).generate('w3', 2); "
             "print(sorted(m for m in sys.modules if m.startswith(('llmc.graph', "
-            "'llmc.model_zoo', 'llmc.passes', 'llmc.build'))))")
+            "'llmc.model_zoo', 'llmc.passes', 'llmc.build', 'llmc.quantization.quantize', "
+            "'llmc.quantization.qdq', 'llmc.quantization.measure'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"

@@ -69,8 +69,9 @@ def test_round_trip_through_the_engine_header():
 
 @pytest.mark.parametrize("hf, message", [
     ({**BASE, "architectures": ["GPT2LMHeadModel"]},
-     "unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM, "
-     "MistralForCausalLM, Qwen2ForCausalLM"),
+     "unsupported architecture 'GPT2LMHeadModel'; supported: Gemma2ForCausalLM, "
+     "Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, "
+     "Qwen2ForCausalLM, Qwen3ForCausalLM"),
     ({k: v for k, v in BASE.items() if k != "architectures"}, "no 'architectures' entry"),
     ({k: v for k, v in BASE.items() if k != "hidden_size"}, "lacks the key 'hidden_size'"),
     ({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
@@ -93,3 +94,26 @@ def test_folder_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(LlmcError, match="is not valid JSON"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("cls", ["Qwen2Config", "Qwen3Config"])
+@pytest.mark.parametrize("use,first", [(True, 0), (True, 2), (True, 1), (True, None),
+                                       (False, 0)])
+def test_qwen_sliding_windows_are_transformers_layer_types(cls, use, first):
+    """Which layers slide is what transformers' own config says (layers >= max_window_layers
+    with use_sliding_window): every layer -> the window, none -> None, some -> refused."""
+    import transformers
+
+    kw = dict(num_hidden_layers=2, use_sliding_window=use, sliding_window=12)
+    if first is not None:
+        kw["max_window_layers"] = first
+    types = getattr(transformers, cls)(**kw).layer_types
+    arch = cls.replace("Config", "ForCausalLM")
+    hf = {**BASE, "architectures": [arch], **kw}
+    for keys in (hf, {**hf, "layer_types": types}):   # 4.x keys, and 5.x's layer_types
+        if len(set(types)) == 2:
+            with pytest.raises(LlmcError, match="sliding window on some layers only"):
+                config_from_hf(keys)
+        else:
+            want = 12 if types[0] == "sliding_attention" else None
+            assert config_from_hf(keys).sliding_window == want, (keys, types)

@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf_files import check_against_transformers, common_meta, write_gguf
 from safetensors.torch import save_file
 
 from llmc.errors import LlmcError
@@ -106,31 +107,16 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _write_gguf(path, model, arch="llama"):
+    """The tiny model as llama.cpp's convert_hf_to_gguf.py writes it: Q/K rows permuted."""
     cfg = model.config
-    w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(cfg.vocab_size)
-    hf_to_gguf = {v: k for k, v in GGUF_NAMES.items()}
-    for name, t in _state(model).items():
-        parts = name.split(".")
-        key = ".".join(parts[:2] + ["{i}"] + parts[3:]) if parts[1] == "layers" else name
-        g = hf_to_gguf[key].replace("{i}", parts[2]) if parts[1] == "layers" else hf_to_gguf[key]
+
+    def convert(name, t):
         if name.endswith("q_proj.weight"):
-            t = _permute(t, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            t = _permute(t, cfg.num_key_value_heads)
-        w.add_tensor(g, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            return _permute(t, cfg.num_attention_heads)
+        if name.endswith("k_proj.weight"):
+            return _permute(t, cfg.num_key_value_heads)
+        return t
+    write_gguf(path, arch, model, GGUF_NAMES, lambda w: common_meta(w, cfg), convert)
 
 
 def test_gguf_unpermutes_qk_and_reads_config(tiny_models, tmp_path):
@@ -145,6 +131,13 @@ def test_gguf_unpermutes_qk_and_reads_config(tiny_models, tmp_path):
     ckpt.check_tensors()
     for name, ref in _state(model).items():
         np.testing.assert_array_equal(ckpt.tensor(name), ref)
+
+
+def test_gguf_matches_transformers_gguf_loader(tiny_models, tmp_path):
+    _, model = tiny_models["llama-gqa"]
+    path = tmp_path / "llama.gguf"
+    _write_gguf(path, model)
+    check_against_transformers(path, tmp_path, "llama gguf")
 
 
 def test_gguf_errors(tiny_models, tmp_path):

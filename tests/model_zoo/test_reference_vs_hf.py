@@ -33,20 +33,23 @@ def _engine(folder, tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied-rope3", "mistral-window",
-                                  "qwen2-bias"])
+                                  "qwen2-bias", "phi3-window", "qwen3-qknorm",
+                                  "gemma2-softcap", "gemma3-local-global"])
 def test_ragged_steps_match_hf(tiny_models, tmp_path, kind, dtype):
     folder, model = tiny_models[kind]
     check_ragged_steps(_engine(folder, tmp_path, dtype), model, BLOCK, dtype,
                        TOLERANCE[dtype], kind)
 
 
-def test_engine_generation_matches_hf_greedy(tiny_models, tmp_path):
+@pytest.mark.parametrize("kind", ["llama-gqa", "phi3-window", "qwen3-qknorm", "gemma2-softcap",
+                                  "gemma3-local-global"])
+def test_engine_generation_matches_hf_greedy(tiny_models, tmp_path, kind):
     """Through the whole runtime (Runner, engine, scheduler): 2 sequences a step, chunked
     prefill of 16, greedy tokens equal HF's generate."""
     from llmc.runtime.runner import Runner
     from llmc.runtime.sampler import SamplingParams
 
-    folder, model = tiny_models["llama-gqa"]
+    folder, model = tiny_models[kind]
     out = tmp_path / "gen.engine"
     build(BuildOptions(model=folder, output=out, backend="reference", dtype="fp32",
                        limits=BuildLimits(2, 16, 64, BLOCK)), log=lambda _: None)

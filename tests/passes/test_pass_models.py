@@ -26,22 +26,32 @@ from llmc.passes import pass_names, run_passes
 from llmc.runtime.runner import Runner
 from llmc.runtime.sampler import SamplingParams
 
-KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias"]
+KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window",
+         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global"]
 # Ops that only the unfused chains use: none may survive the pipeline.
 UNFUSED_OPS = {"ReduceMean", "Sqrt", "Reciprocal", "Sigmoid", "Neg", "ScatterND", "Softmax",
                "Erf", "Tanh", "SwiGLU"}
 HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 
 
-def expected_firings(layers: int) -> dict[str, int]:
-    return {"rms_norm": 2 * layers + 1, "add_rms_norm": 2 * layers - 1, "gelu": 0,
-            "swiglu": layers, "geglu": 0, "rope": 2 * layers, "qkv_gemm": layers,
-            "gate_up_gemm": layers, "gated_split": layers, "paged_attention": layers}
+def expected_firings(layers: int, kind: str = "llama-gqa") -> dict[str, int]:
+    fired = {"rms_norm": 2 * layers + 1, "add_rms_norm": 2 * layers - 1, "gelu": 0,
+             "swiglu": layers, "geglu": 0, "rope": 2 * layers, "qkv_gemm": layers,
+             "gate_up_gemm": layers, "gated_split": layers, "paged_attention": layers}
+    if kind.startswith("phi3"):   # q/k/v and gate/up come fused in the checkpoint
+        fired.update(qkv_gemm=0, gate_up_gemm=0)
+    if kind.startswith("gemma"):  # four norms a layer, GeGLU (tanh GELU) for SwiGLU
+        fired.update(rms_norm=4 * layers + 1, gelu=layers, geglu=layers, swiglu=0)
+    if kind.startswith(("qwen3", "gemma3")):  # and the per-head q/k norms of each layer
+        fired.update(rms_norm=fired["rms_norm"] + 2 * layers)
+    return fired
 
 
-def check_fully_fused(model, report, layers: int, tied: bool) -> None:
-    assert report["fired"] == expected_firings(layers)
+def check_fully_fused(model, report, layers: int, tied: bool, kind: str = "llama-gqa") -> None:
+    assert report["fired"] == expected_firings(layers, kind)
     ops = [n.op_type for n in model.graph.node]
+    if kind.startswith("gemma2"):   # the final logits' soft-cap stays as it is
+        ops.remove("Tanh")
     assert not UNFUSED_OPS & set(ops), sorted(UNFUSED_OPS & set(ops))
     # q/k/v and gate/up are one GEMM each: o_proj, gate_up, down, qkv per layer (+ lm_head).
     assert ops.count("MatMul") == 4 * layers + (0 if tied else 1)
@@ -52,7 +62,7 @@ def test_pipeline_fuses_everything_and_matches_hf(tiny_models, kind):
     folder, hf = tiny_models[kind]
     model, weights, cfg = tiny_graph(folder)
     fused, fused_weights, report = run_passes(model, weights)
-    check_fully_fused(fused, report, cfg.num_hidden_layers, cfg.tie_word_embeddings)
+    check_fully_fused(fused, report, cfg.num_hidden_layers, cfg.tie_word_embeddings, kind)
 
     # A ragged step over a cache full of other data equals the unfused graph ...
     feeds = ragged_feeds(cfg, "float32")

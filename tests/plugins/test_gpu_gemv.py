@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and torch.cuda"),
+    pytest.mark.usefixtures("poison"),
 ]
 
 DTYPES = [torch.float16, torch.bfloat16]
@@ -21,22 +22,6 @@ MS = (1, 2)
 # Llama-3.1-8B's QKV and down, a ragged N, and a K of one 16-byte chunk.
 SHAPES = ((576, 576), (1728, 576), (6144, 4096), (4096, 14336), (1001, 264), (37, 8))
 TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
-
-
-@pytest.fixture(scope="module")
-def K():
-    from llmc.plugins.launch import Kernels
-
-    return Kernels()
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    real_empty = torch.empty
-
-    def poisoned(*a, **k):
-        return real_empty(*a, **k).fill_(float("nan"))
-    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 def make(m, n, k, dtype, seed=0):

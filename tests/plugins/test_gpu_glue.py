@@ -9,28 +9,12 @@ torch = pytest.importorskip("torch")
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and torch.cuda"),
+    pytest.mark.usefixtures("poison"),
 ]
 
 from llmc.runtime.sampler import SamplingParams, probabilities  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(scope="module")
-def K():
-    from llmc.plugins.launch import Kernels
-
-    return Kernels()
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    real_empty = torch.empty
-
-    def poisoned(*a, **k):
-        out = real_empty(*a, **k)
-        return out.fill_(float("nan") if out.is_floating_point() else -7)
-    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 # ---- glue ---------------------------------------------------------------------------------

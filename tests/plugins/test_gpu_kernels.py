@@ -28,13 +28,6 @@ TOL = {
 }
 
 
-@pytest.fixture(scope="module")
-def K():
-    from llmc.plugins.launch import Kernels
-
-    return Kernels()
-
-
 def close(out, ref, kind):
     atol, rtol = TOL[(kind, out.dtype)]
     assert not out.isnan().any(), "unwritten (poisoned) or NaN output"

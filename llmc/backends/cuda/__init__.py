@@ -56,6 +56,11 @@ class CudaBackend:
                             "with --dtype fp16 or --dtype bf16")
         return dtype
 
+    def can_quantize(self, mode: str) -> tuple[bool, str]:
+        from llmc.backends.cuda.lower import QUANT_MISSING
+
+        return False, QUANT_MISSING
+
     def target_arch(self) -> str:
         """--gpu-arch, else the GPU present, else a clear error asking for --gpu-arch."""
         if self.gpu_arch:

@@ -59,6 +59,13 @@ class UnsupportedGraph(LlmcError):
     """The fused graph holds something the cuda backend has no kernel for."""
 
 
+# What a quantized graph (quantization/qdq.py) would need here, and is not written yet.
+QUANT_MISSING = ("the cuda backend has no quantized kernels yet (FP8 GEMMs through cuBLASLt, "
+                 "the INT4 weight-only GEMM/GEMV with fused dequantization, issue #10 item 4); "
+                 "build a quantized engine with --backend reference or tensorrt-rtx, or this "
+                 "one with --quant none (a pre-quantized checkpoint is then dequantized)")
+
+
 class _Graph:
     """Producer/consumer maps and initializers of a ModelProto (weights not loaded)."""
 
@@ -140,6 +147,10 @@ class Lowering:
         g = self.g
         for name, dims in contract.CONTROL_INPUTS.items():
             self.values[name] = Value("input", "int32", list(dims))
+        qdq = [n.name for n in g.nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        if qdq:
+            raise UnsupportedGraph(f"the graph is quantized ({len(qdq)} Q/DQ nodes, e.g. "
+                                   f"{qdq[0]!r}): {QUANT_MISSING}")
         attn = [n for n in g.nodes if n.op_type == "PagedAttention"]
         if not attn:
             raise UnsupportedGraph("the graph has no fused PagedAttention node; the cuda "
@@ -340,6 +351,10 @@ class Lowering:
         """Mark the nodes between the QKV GEMM and PagedAttention, and the RoPE angle chain
         feeding them, as taken by the rope_cache op."""
         g = self.g
+        if _attr(node, "softcap", 0.0):   # checked first: it is the model's defining trait
+            raise UnsupportedGraph(f"PagedAttention node {node.name!r} has a logit soft-cap "
+                                   "(Gemma 2), which the attention kernels do not implement "
+                                   "yet; build with --backend tensorrt-rtx or reference")
         q, k, v = node.input[:3]
         for side in (q, k):
             reshape, split, rope = self._rope_side(side)
@@ -361,9 +376,6 @@ class Lowering:
         if layer is None:
             raise UnsupportedGraph(f"PagedAttention node {node.name!r} reads {cache!r}, "
                                    "not a KV pool input")
-        if _attr(node, "softcap", 0.0):
-            raise UnsupportedGraph(f"PagedAttention node {node.name!r} has a logit soft-cap, "
-                                   "which the attention kernels do not implement yet")
         chain = [self._rope_side(q), self._rope_side(k)]
         v_reshape = g.only(v, "Reshape")
         split = g.only(v_reshape.input[0], "Split")
@@ -410,6 +422,12 @@ class Lowering:
         if _attr(rope, "interleaved", 0):
             raise UnsupportedGraph(f"{rope.name!r}: interleaved RoPE is not lowered yet")
         unsqueeze = g.only(rope.input[0], "Unsqueeze")
+        norm = g.producer.get(unsqueeze.input[0])
+        if norm is not None and norm.op_type == "RMSNormalization":
+            # the rope_cache kernel reads q and k straight from the QKV GEMM output
+            raise UnsupportedGraph(f"a per-head q/k RMSNorm before RoPE (Qwen3, Gemma 3: "
+                                   f"weight {norm.input[1]!r}) is not lowered by the cuda "
+                                   "backend yet; build with --backend tensorrt-rtx or reference")
         reshape = g.only(unsqueeze.input[0], "Reshape")
         split = g.only(reshape.input[0], "Split")
         return reshape, split, rope

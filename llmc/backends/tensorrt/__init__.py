@@ -37,11 +37,19 @@ class TensorRTBackend:
     def compute_dtype(self, dtype: str) -> str:
         return dtype
 
+    def can_quantize(self, mode: str) -> tuple[bool, str]:
+        return True, ""   # TensorRT builds Q/DQ graphs into FP8 and INT4-weight GEMMs
+
     def lower(self, onnx_path: Path, limits: BuildLimits, log: Log) -> Lowered:
         from llmc.backends.tensorrt import shim
         from llmc.backends.tensorrt.lower import build_plan
 
-        plan, summary = build_plan(onnx_path, limits, self.name, log=log)
+        targets = ()
+        if self.name == "tensorrt-rtx" and _has_fp8(onnx_path):
+            # TensorRT-RTX builds FP8 GEMMs only for Ada and Blackwell, not its default 8.0/8.6
+            targets = FP8_RTX_TARGETS
+            log(f"FP8 graph: building for compute capabilities {', '.join(targets)} only")
+        plan, summary = build_plan(onnx_path, limits, self.name, log=log, rtx_targets=targets)
         return Lowered({PLAN: plan}, summary, shim.versions(self.name))
 
     def open(self, engine: EngineFile, log: Log | None = None, **options):
@@ -62,6 +70,18 @@ class TensorRTBackend:
             raise LlmcError(f"cannot run {engine.path} here: {why}. Run it on such a machine, "
                             "or build a CPU engine with `llmc build --backend reference`")
         return TensorRTSession(engine.section(PLAN).tobytes(), self.name, **options)
+
+
+FP8_RTX_TARGETS = ("8.9", "12.0")
+
+
+def _has_fp8(onnx_path: Path) -> bool:
+    """Whether the graph holds FP8 tensors (quantization/qdq.py's weights or zero points)."""
+    import onnx
+
+    fp8 = onnx.TensorProto.FLOAT8E4M3FN
+    model = onnx.load(onnx_path, load_external_data=False)
+    return any(t.data_type == fp8 for t in model.graph.initializer)
 
 
 def backend(name: str) -> TensorRTBackend:

@@ -52,7 +52,7 @@ def _session(engine, **kw):
 @pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied-rope3", "mistral-window",
-                                  "qwen2-bias"])
+                                  "qwen2-bias", "phi3-window"])
 def test_ragged_steps_match_hf(tiny_models_d64, tmp_path, kind, dtype, graphs):
     from hf_steps import check_ragged_steps
 
@@ -118,41 +118,84 @@ def hf_greedy(smollm2_path):
     return out
 
 
-# Greedy tokens that must equal HF's fp32 ones. bf16 keeps 8 bits of mantissa between ops, so
-# a near-tie of two logits can flip: on an H100 the fibonacci prompt's 26th token does
-# ("print(" after "\n\n" instead of "# Test"); every token before it, and all 32 of the
-# other prompts', equal HF's.
-AGREE = {"fp16": 32, "bf16": 24}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_smollm2_greedy_equals_hf(smollm2_engines, hf_greedy, dtype):
+def test_smollm2_fp16_greedy_equals_hf(smollm2_engines, hf_greedy):
+    """fp16 keeps 11 bits of mantissa: all 32 greedy tokens of every prompt equal HF's fp32."""
     from llmc.runtime.runner import Runner
     from llmc.runtime.sampler import SamplingParams
 
-    runner = Runner(smollm2_engines[dtype], gpu_memory_utilization=0.3)
+    runner = Runner(smollm2_engines["fp16"], gpu_memory_utilization=0.3)
     ids = [ids for ids, _ in hf_greedy]
     results = runner.complete(ids, SamplingParams(max_tokens=32, ignore_eos=True))
     for result, (_, ref) in zip(results, hf_greedy):
-        out = result.token_ids
-        same = next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), 32)
-        assert same >= AGREE[dtype], (
-            f"{dtype}: first difference at token {same}: "
-            f"{runner.tokenizer.decode(out)!r} vs {runner.tokenizer.decode(ref)!r}")
+        assert result.token_ids == ref, (
+            f"{runner.tokenizer.decode(result.token_ids)!r} vs {runner.tokenizer.decode(ref)!r}")
     runner.close()
 
 
 @pytest.mark.slow
-def test_batch_equals_each_prompt_alone(smollm2_engines):
+def test_smollm2_bf16_greedy_follows_hf_up_to_its_error(smollm2_engines, hf_greedy, hf_smollm2):
+    """bf16 keeps 8 bits of mantissa between ops, and so does HF's own bf16: run freely, HF
+    bf16 leaves HF fp32's greedy path at token 17 of the first prompt and 18 of the third
+    (transformers 5, CPU). So bf16 is held to HF fp32 teacher-forced: along HF's 32 greedy
+    tokens, each of llmc's logit rows is within the bf16 tolerance of HF's, and where llmc's
+    top token differs, HF's own margin between the two is smaller than llmc's error on that
+    row (a near-tie the dtype cannot resolve, not a wrong token)."""
+    import torch
+
+    from llmc import contract
     from llmc.runtime.runner import Runner
 
+    _, hf = hf_smollm2
     runner = Runner(smollm2_engines["bf16"], gpu_memory_utilization=0.3)
-    prompts = PROMPTS + ["Write a haiku about the sea. " * 6, "1, 2, 3,"]
-    together = runner.generate(prompts, max_new_tokens=24)
-    alone = [runner.generate([p], max_new_tokens=24)[0] for p in prompts]
-    assert together == alone
+    session, bs = runner.session, runner.limits.kv_block_size
+    flips = 0
+    for ids, ref in hf_greedy:
+        with torch.no_grad():
+            want = hf(torch.tensor([ids + ref])).logits[0, len(ids) - 1:-1].double().numpy()
+        blocks = list(range(-(-(len(ids) + len(ref)) // bs)))
+        got = [session.step(contract.pack_step([contract.Chunk(ids, 0, blocks)], bs))[0]]
+        for i, tok in enumerate(ref[:-1]):
+            step = contract.pack_step([contract.Chunk([tok], len(ids) + i, blocks)], bs)
+            got.append(session.step(step)[0])
+        for i, (row, w) in enumerate(zip(got, want)):
+            err = np.abs(row - w).max()
+            assert err <= TOLERANCE["bf16"] * np.abs(w).max(), (i, err)
+            top = int(np.argmax(row))
+            if top != ref[i]:
+                flips += 1
+                assert w[ref[i]] - w[top] <= err, (i, w[ref[i]] - w[top], err)
+    assert flips <= 2, f"{flips} of 96 greedy choices differ from HF's"
     runner.session.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_batch_equals_each_prompt_alone(smollm2_engines, dtype):
+    """A prompt decodes the same in a batch of mixed lengths as alone, up to near-ties: a
+    step of 1-2 rows runs llmc's GEMV and a larger one cuBLASLt, which round differently,
+    so where alone's top two tokens are within half a nat the batch may take the other one
+    (and go its own way after). Any other difference is a bug."""
+    from llmc.runtime.runner import Runner
+    from llmc.runtime.sampler import SamplingParams
+
+    runner = Runner(smollm2_engines[dtype], gpu_memory_utilization=0.3)
+    prompts = PROMPTS + ["Write a haiku about the sea. " * 6, "1, 2, 3,"]
+    params = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=2)
+    together = runner.complete(prompts, params)
+    alone = [runner.complete([p], params)[0] for p in prompts]
+    flips = 0
+    for t, a in zip(together, alone):
+        assert len(t.token_ids) == len(a.token_ids) == 24
+        j = next((i for i, (x, y) in enumerate(zip(t.token_ids, a.token_ids)) if x != y), None)
+        if j is None:
+            continue
+        flips += 1
+        chosen, top = a.logprobs[j][0], dict(a.logprobs[j][1])
+        assert t.token_ids[j] in top, (j, t.token_ids[j], top)   # alone's runner-up
+        assert chosen - top[t.token_ids[j]] < 0.5, (j, chosen, top)
+    assert flips <= 2, f"{flips} of {len(prompts)} prompts left their solo path"
+    runner.close()
 
 
 def test_memory_is_what_the_plan_says_and_steps_leak_nothing(tiny_models_d64, tmp_path):

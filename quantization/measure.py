@@ -1,0 +1,154 @@
+"""Running a saved graph on onnxruntime over a text: calibration statistics of the GEMM inputs,
+and the accuracy of a quantized graph against the unquantized one.
+
+A text is fed as a few prefill sequences in one engine step (the contract's own inputs,
+`contract.pack_step`), asking for the logits of every row, so one run scores every token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from llmc import contract
+from llmc.contract import Chunk, EngineIO
+from llmc.dtypes import np_dtype
+from llmc.errors import LlmcError
+from llmc.header import Accuracy
+from llmc.quantization.ort import session_options
+
+SEQ_LEN = 256            # tokens a sequence when a text is cut up (short: a CPU build runs it)
+
+
+def bundled_text(name: str) -> str:
+    """quantization/data/{calib,eval}.txt: public-domain texts (data/README.md)."""
+    return resources.files("llmc.quantization").joinpath(f"data/{name}.txt").read_text()
+
+
+def read_text(path: Path | None, default: str) -> tuple[str, str]:
+    """(text, its name for the report): the file given, or the bundled text."""
+    if path is None:
+        return bundled_text(default), f"bundled {default}.txt"
+    try:
+        return Path(path).read_text(encoding="utf-8"), str(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmcError(f"cannot read the text file {path} ({e}); give a UTF-8 text file") \
+            from None
+
+
+def token_sequences(tokenizer_json: str, text: str, n_tokens: int, what: str
+                    ) -> list[list[int]]:
+    """The text's first ``n_tokens`` tokens cut into sequences of up to SEQ_LEN."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_str(tokenizer_json).encode(text, add_special_tokens=False).ids
+    ids = ids[:n_tokens]
+    if len(ids) < 16:
+        raise LlmcError(f"the {what} text has {len(ids)} tokens; it needs at least 16")
+    if len(set(ids)) < 8:   # e.g. all unknown: the text is not in the model's vocabulary
+        raise LlmcError(f"the {what} text is {len(set(ids))} distinct tokens to this model's "
+                        "tokenizer; give a text in its language (--calib-data, --eval-data)")
+    return [ids[i:i + SEQ_LEN] for i in range(0, len(ids), SEQ_LEN) if len(ids[i:]) > 1]
+
+
+class GraphRunner:
+    """onnxruntime over a saved graph (model.onnx + weights.bin), optionally returning
+    intermediate values (``observe``) as well as the logits."""
+
+    def __init__(self, onnx_path: Path, io: EngineIO, observe: Sequence[str] = ()):
+        import onnx
+        import onnxruntime as ort
+
+        model = onnx.load(onnx_path, load_external_data=False)
+        for name in observe:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+        opts = session_options()
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      str(Path(onnx_path).parent.resolve()))
+        self.sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                         providers=["CPUExecutionProvider"])
+        self.io, self.observe = io, list(observe)
+
+    def run(self, seqs: list[list[int]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Every row's logits [T, vocab] (float32) and the observed values, for ``seqs``
+        prefilled together from position 0."""
+        bs, chunks, used = self.io.block_size, [], 0
+        for s in seqs:
+            n = -(-len(s) // bs)
+            chunks.append(Chunk(s, 0, list(range(used, used + n))))
+            used += n
+        feeds = contract.pack_step(chunks, bs)
+        # every row's logits: the head gathers the rows it is given, as many as there are
+        feeds[contract.LAST_TOKEN_ROWS] = np.arange(sum(map(len, seqs)), dtype=np.int32)
+        pool = np.zeros(self.io.kv_shape(used), np_dtype(self.io.kv_dtype))
+        feeds.update({contract.kv_cache_input(i): pool for i in range(self.io.num_layers)})
+        out = self.sess.run([contract.LOGITS, *self.observe], feeds)
+        return out[0], dict(zip(self.observe, out[1:]))
+
+
+@dataclass
+class Calibration:
+    """Per GEMM (keyed by its weight): its input's |max| (FP8's activation scale) and up to
+    ``rows`` of its input rows (AWQ's search)."""
+
+    amax: dict[str, float]
+    rows: dict[str, np.ndarray]
+    tokens: int
+
+
+def calibrate(onnx_path: Path, io: EngineIO, inputs: dict[str, str],
+              seqs: list[list[int]], keep_rows: int = 0) -> Calibration:
+    """Run the unquantized graph over ``seqs``; ``inputs`` maps weight -> its GEMM's input."""
+    names = sorted(set(inputs.values()))
+    _, seen = GraphRunner(onnx_path, io, names).run(seqs)
+    rng = np.random.default_rng(0)
+    amax, rows = {}, {}
+    for weight, x in inputs.items():
+        v = seen[x].reshape(-1, seen[x].shape[-1]).astype(np.float32)
+        amax[weight] = float(np.abs(v).max())
+        if keep_rows:
+            pick = rng.choice(len(v), min(keep_rows, len(v)), replace=False)
+            rows[weight] = v[np.sort(pick)]
+    return Calibration(amax, rows, sum(map(len, seqs)))
+
+
+def _targets(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows whose next token is known, that token): all but each sequence's last row."""
+    rows, targets, start = [], [], 0
+    for s in seqs:
+        rows.extend(range(start, start + len(s) - 1))
+        targets.extend(s[1:])
+        start += len(s)
+    return np.asarray(rows), np.asarray(targets)
+
+
+def perplexity(logits: np.ndarray, rows: np.ndarray, targets: np.ndarray) -> float:
+    x = logits[rows].astype(np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    logp = x[np.arange(len(rows)), targets] - np.log(np.exp(x).sum(axis=1))
+    return float(math.exp(-logp.mean()))
+
+
+def compare(reference: np.ndarray, quantized: np.ndarray, seqs: list[list[int]], text: str,
+            threshold_pct: float) -> Accuracy:
+    """Perplexity of both on the text, and how often their top-1 (greedy) tokens agree with
+    the same prefix (teacher-forced over every position)."""
+    rows, targets = _targets(seqs)
+    ppl_ref = perplexity(reference, rows, targets)
+    ppl = perplexity(quantized, rows, targets)
+    agree = float(np.mean(reference.argmax(axis=1) == quantized.argmax(axis=1)))
+    return Accuracy(text=text, tokens=len(targets), ppl_reference=round(ppl_ref, 4),
+                    ppl=round(ppl, 4), delta_ppl_pct=round(100 * (ppl / ppl_ref - 1), 3),
+                    top1_agreement=round(agree, 4), threshold_pct=threshold_pct)
+
+
+def measure(reference_onnx: Path, quantized_onnx: Path, io: EngineIO, seqs: list[list[int]],
+            text: str, threshold_pct: float) -> Accuracy:
+    ref, _ = GraphRunner(reference_onnx, io).run(seqs)
+    quant, _ = GraphRunner(quantized_onnx, io).run(seqs)
+    return compare(ref, quant, seqs, text, threshold_pct)

@@ -1,0 +1,148 @@
+"""The quantizers and their numpy references, one short function each.
+
+Weights arrive as the graph stores them, ``[in, out]`` (K rows, N columns), so that every
+projection is ``x @ W``. The formats are the ones ONNX DequantizeLinear (opset 21) and
+TensorRT read with zero points of zero (TensorRT refuses others):
+
+- INT4: symmetric, block-wise along K (``block`` rows share a scale per column),
+  ``W ~ q * scale``, q in [-8, 7], scale ``[K / block, N]`` in the compute dtype.
+- FP8 weights: E4M3, one scale per output column, ``W ~ q * scale``, scale ``[N]``.
+- FP8 activations: E4M3, one calibrated scale per tensor, saturating at +-448.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmc.dtypes import np_dtype
+
+INT4_MAX = 7.0           # symmetric: amax maps to 7, so -8 is never needed (nor produced)
+FP8_MAX = 448.0          # largest finite E4M3FN value
+INT4_BLOCKS = (128, 64, 32)
+
+
+def int4_block(k: int) -> int | None:
+    """The largest INT4 block that divides K: TensorRT builds whole blocks only (SmolLM2's
+    K = 576 takes 64). None: no block fits, the GEMM stays unquantized."""
+    return next((b for b in INT4_BLOCKS if k % b == 0), None)
+
+
+def _scale(amax: np.ndarray, top: float, dtype: str) -> np.ndarray:
+    """amax / top, rounded to the dtype it is stored in (so q is computed with the scale the
+    graph will multiply by), never zero."""
+    s = (amax / top).astype(np_dtype(dtype)).astype(np.float32)
+    tiny = np.finfo(np.float16).tiny   # an all-zero block: any positive scale gives q = 0
+    return np.where(s > 0, s, np.float32(tiny).astype(np_dtype(dtype)).astype(np.float32))
+
+
+def _int4_grid(w: np.ndarray, block: int, scale_dtype: str, clip: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(q as float32 [K / block, block, N], scale as float32 [K / block, N])."""
+    k, n = w.shape
+    g = w.astype(np.float32).reshape(k // block, block, n)
+    amax = np.abs(g).max(axis=1)
+    scale = _scale(amax if clip is None else amax * clip, INT4_MAX, scale_dtype)
+    return np.clip(np.rint(g / scale[:, None, :]), -8, 7), scale
+
+
+def quantize_int4(w: np.ndarray, block: int, scale_dtype: str, clip: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest INT4: (q int4 [K, N], scale [K / block, N] in ``scale_dtype``).
+    ``clip`` [K / block, N]: each block's range as a share of its |max| (AWQ's clipping)."""
+    q, scale = _int4_grid(w, block, scale_dtype, clip)
+    return q.reshape(w.shape).astype(np_dtype("int4")), scale.astype(np_dtype(scale_dtype))
+
+
+def fake_quant_int4(w: np.ndarray, block: int, scale_dtype: str,
+                    clip: np.ndarray | None = None) -> np.ndarray:
+    """dequantize_int4(quantize_int4(w)) in float32, without the int4 round trip (the
+    searches below call it dozens of times a weight)."""
+    q, scale = _int4_grid(w, block, scale_dtype, clip)
+    return (q * scale[:, None, :]).reshape(w.shape)
+
+
+def dequantize_int4(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
+    """DequantizeLinear(q, scale, axis=0, block_size=block), in float32."""
+    k, n = q.shape
+    s = scale.astype(np.float32)
+    return (q.astype(np.float32).reshape(k // block, block, n) * s[:, None, :]).reshape(k, n)
+
+
+def quantize_fp8_weight(w: np.ndarray, scale_dtype: str, scale: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """E4M3 with one scale per output column: (q [K, N], scale [N]). ``scale``: use this one
+    (a pre-quantized checkpoint's) instead of |max| / 448."""
+    w = w.astype(np.float32)
+    amax = np.abs(w).max(axis=0) if scale is None else np.asarray(scale, np.float32) * FP8_MAX
+    scale = _scale(amax, FP8_MAX, scale_dtype)
+    q = np.clip(w / scale, -FP8_MAX, FP8_MAX).astype(np_dtype("float8e4m3fn"))
+    return q, scale.astype(np_dtype(scale_dtype))
+
+
+def dequantize_fp8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """DequantizeLinear(q, scale) with a per-tensor scale or one per last-axis column."""
+    return q.astype(np.float32) * scale.astype(np.float32)
+
+
+def fp8_activation_scale(amax: float, dtype: str) -> np.ndarray:
+    """The per-tensor scale of an activation whose calibrated |max| is ``amax``."""
+    return _scale(np.float32(amax), FP8_MAX, dtype).astype(np_dtype(dtype))
+
+
+def fake_quant_fp8(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """QuantizeLinear (saturating) then DequantizeLinear to float8e4m3fn, in float32."""
+    s = np.float32(scale)
+    q = np.clip(x.astype(np.float32) / s, -FP8_MAX, FP8_MAX).astype(np_dtype("float8e4m3fn"))
+    return q.astype(np.float32) * s
+
+
+# --- AWQ: activation-aware scales for INT4 --------------------------------------------------
+
+AWQ_GRID = 20
+
+
+def awq_scales(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
+               grid: int = AWQ_GRID) -> tuple[np.ndarray, float]:
+    """AWQ's search (Lin et al. 2023, section 3.2): per input channel s = mean|x|^alpha
+    (normalised), alpha on a grid in [0, 1), the one whose INT4 GEMM output is closest to the
+    full-precision one on calibration rows ``x`` [M, K]. W' = diag(s) W is quantized and x / s
+    feeds it. Returns (s [K] float32, the chosen alpha); alpha 0 is plain RTN (s = 1)."""
+    w = w.astype(np.float32)
+    x = x.astype(np.float32)
+    ref = x @ w
+    mean = np.maximum(np.abs(x).mean(axis=0), 1e-8)
+    best = (np.inf, np.ones(w.shape[0], np.float32), 0.0)
+    top = np.finfo(np_dtype(scale_dtype)).max / 2   # x / s must fit the GEMM's dtype (fp16)
+    for alpha in np.arange(grid) / grid:
+        s = mean ** alpha
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)   # AWQ's normalisation
+        if alpha and (np.abs(x / s).max() > top or np.abs(w * s[:, None]).max() > top):
+            continue
+        err = float(np.mean((ref - (x / s) @ fake_quant_int4(w * s[:, None], block,
+                                                             scale_dtype)) ** 2))
+        if err < best[0]:
+            best = (err, s, float(alpha))
+    return best[1], best[2]
+
+
+AWQ_CLIPS = np.arange(20, 9, -1) / 20     # 1.0, 0.95, ..., 0.5
+
+
+def awq_clip(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str) -> np.ndarray:
+    """AWQ's second step (its `auto_clip`): for each block of each output column, the share
+    of the block's |max| to keep, the one whose INT4 block gives the smallest output error on
+    calibration rows ``x`` [M, K] (clipping a few large weights buys a finer step for the
+    rest). ``w`` is already scaled (diag(s) W), ``x`` divided by s. Returns [K / block, N]."""
+    k, n = w.shape
+    xg = x.astype(np.float32).reshape(len(x), k // block, block).transpose(1, 0, 2)  # [G,M,B]
+    wg = w.astype(np.float32).reshape(k // block, block, n)                          # [G,B,N]
+    ref = xg @ wg                                                 # each block's share [G,M,N]
+    best_err = np.full((k // block, n), np.inf, np.float32)
+    best = np.ones((k // block, n), np.float32)
+    for r in AWQ_CLIPS:
+        clip = np.full((k // block, n), r, np.float32)
+        deq = fake_quant_int4(w, block, scale_dtype, clip).reshape(k // block, block, n)
+        err = ((xg @ deq - ref) ** 2).mean(axis=1)
+        better = err < best_err                                   # [G, N]
+        best_err, best = np.where(better, err, best_err), np.where(better, r, best)
+    return best

@@ -1,0 +1,140 @@
+"""Pre-quantized checkpoints: NVIDIA ModelOpt's exports (config.json's `quantization_config`,
+quant_method "modelopt"; also in hf_quant_config.json), as
+`modelopt.torch.export.export_hf_checkpoint` writes them:
+
+    quant_algo "FP8"
+    X.weight          float8_e4m3fn [out, in]
+    X.weight_scale    float32 [] or [out]       W = weight * weight_scale
+    X.input_scale     float32 []                the input's amax / 448
+
+    quant_algo "W4A16_AWQ"
+    X.weight          uint8 [out / 2, in]       signed INT4, output rows 2i (low nibble) and
+                                                2i + 1 (high nibble) in one byte
+    X.weight_scale    float32 [out, in / B]     W = q * scale, blocks of B along in
+    X.pre_quant_scale float32 [in]              AWQ's 1 / s: the GEMM reads x * it (absent
+                                                where ModelOpt folded it into the norm before)
+
+The model reads each weight dequantized (so every family and every --quant works on it; a
+pre_quant_scale is folded into its weight), and the quantized form is kept: `--quant auto`
+builds the checkpoint's own format from it instead of calibrating, which gives back the
+checkpoint's FP8 or INT4 values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from llmc.errors import LlmcError
+from llmc.quantization.numerics import FP8_MAX
+
+Readers = dict[str, Callable[[], np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """One INT4 weight of a checkpoint, as the HF layout has it ([out, in])."""
+
+    values: Callable[[], np.ndarray]    # int8 [out, in], in [-8, 7]
+    scale: np.ndarray                   # float32 [out, in / block]
+    pre_quant_scale: np.ndarray | None  # float32 [in]: the GEMM reads x * it
+    in_features: int
+
+    @property
+    def block(self) -> int:
+        return self.in_features // self.scale.shape[1]
+
+
+@dataclass(frozen=True)
+class Prequantized:
+    mode: str                           # the --quant mode it corresponds to: fp8, int4-awq
+    producer: str                       # e.g. "modelopt 0.47.0"
+    weight_scale: dict[str, np.ndarray]  # fp8: HF weight name -> its scale per output row
+    input_amax: dict[str, float]        # fp8: HF weight name -> its input's |max|
+    int4: dict[str, Int4Weight] = field(default_factory=dict)   # int4-awq: by HF name
+
+    def describe(self) -> str:
+        n = len(self.int4) or len(self.weight_scale)
+        return f"{self.producer} {self.mode} checkpoint ({n} weights)"
+
+
+def read_prequantized(config: dict[str, Any], readers: Readers, source: Any
+                      ) -> tuple[Readers, Prequantized | None]:
+    """(readers with the weights dequantized and the scales taken out, what they were) for a
+    ModelOpt FP8 checkpoint; the readers unchanged and None for an unquantized one."""
+    qc = config.get("quantization_config")
+    if not qc:
+        return readers, None
+    method, algo = qc.get("quant_method"), qc.get("quant_algo")
+    if method == "modelopt" and algo == "W4A16_AWQ":
+        return _read_int4(readers, qc, source)
+    if method != "modelopt" or algo != "FP8":
+        raise LlmcError(f"{source}: a {method} {algo} checkpoint (config.json "
+                        "quantization_config) cannot be read yet; llmc reads ModelOpt FP8 "
+                        "and W4A16_AWQ exports, and unquantized checkpoints (then --quant "
+                        "fp8 / int4-awq / int4-rtn quantize them)")
+    out = dict(readers)
+    scales, amax = {}, {}
+    for name in [n for n in readers if n.endswith(".weight_scale")]:
+        weight = name.removesuffix("_scale")
+        if weight not in readers:
+            raise LlmcError(f"{source}: {name} has no {weight}")
+        q = readers[weight]()
+        scale = np.broadcast_to(np.asarray(out.pop(name)(), np.float32).reshape(-1),
+                                (q.shape[0],)).copy()
+        scales[weight] = scale
+        out[weight] = _dequantized(readers[weight], scale)
+        inp = weight.removesuffix("weight") + "input_scale"
+        if inp in out:
+            amax[weight] = float(np.asarray(out.pop(inp)()).reshape(-1).max()) * FP8_MAX
+    return out, Prequantized("fp8", _producer(qc), scales, amax)
+
+
+def _producer(qc: dict[str, Any]) -> str:
+    p = qc.get("producer") or {}
+    return f"{p.get('name', qc.get('quant_method'))} {p.get('version', '')}".strip()
+
+
+def unpack_int4_rows(packed: np.ndarray) -> np.ndarray:
+    """uint8 [out / 2, in] -> int8 [out, in]: ModelOpt's `pack_int4_in_uint8` undone (signed
+    nibbles, row 2i in the low one)."""
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).astype(np.int8)   # [out/2,2,in]
+    nibbles = np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)
+    return nibbles.reshape(-1, packed.shape[1])
+
+
+def _read_int4(readers: Readers, qc: dict[str, Any], source: Any
+               ) -> tuple[Readers, Prequantized]:
+    out = dict(readers)
+    weights = {}
+    for name in [n for n in readers if n.endswith(".weight_scale")]:
+        weight = name.removesuffix("_scale")
+        if weight not in readers:
+            raise LlmcError(f"{source}: {name} has no {weight}")
+        scale = np.asarray(out.pop(name)(), np.float32)
+        pre = weight.removesuffix("weight") + "pre_quant_scale"
+        pqs = np.asarray(out.pop(pre)(), np.float32) if pre in out else None
+        packed = readers[weight]()
+        if packed.dtype != np.uint8 or scale.ndim != 2 or 2 * packed.shape[0] != scale.shape[0] \
+                or packed.shape[1] % scale.shape[1]:
+            raise LlmcError(f"{source}: {weight} ({packed.dtype}{list(packed.shape)}) and its "
+                            f"scale {list(scale.shape)} are not a ModelOpt INT4 pair")
+        w = Int4Weight(lambda r=readers[weight]: unpack_int4_rows(r()), scale, pqs,
+                       packed.shape[1])
+        weights[weight] = w
+        out[weight] = _int4_dequantized(w)
+    return out, Prequantized("int4-awq", _producer(qc), {}, {}, weights)
+
+
+def _int4_dequantized(w: Int4Weight):
+    def read() -> np.ndarray:
+        q = w.values().astype(np.float32)
+        deq = q * np.repeat(w.scale, w.block, axis=1)
+        return deq if w.pre_quant_scale is None else deq * w.pre_quant_scale[None, :]
+    return read
+
+
+def _dequantized(read: Callable[[], np.ndarray], scale: np.ndarray):
+    return lambda: read().astype(np.float32) * scale[:, None]

@@ -1,0 +1,197 @@
+"""Quantization as graph rewrites: each weight GEMM ``MatMul(x, W)`` of the fused graph gets
+Q/DQ nodes that onnxruntime runs and TensorRT(-RTX) turns into a packed-weight GEMM.
+
+    int4 (RTN, AWQ)   MatMul([Mul(x, 1/s)], DequantizeLinear(W_int4, scale, axis=0,
+                                                            block_size=B))
+    fp8 (W8A8)        MatMul(DequantizeLinear(QuantizeLinear(x, s_x)),
+                             DequantizeLinear(W_e4m3, scale[N], axis=1))
+
+A rewrite is a Pass (passes/pattern.py): the pattern is a MatMul whose second input is a 2-D
+weight and which is not the LM head (it stays 16-bit: its error lands on every logit, and it
+is the one GEMM the embedding table may share); the check is that the format fits (an INT4
+block divides K; FP8 has a calibrated scale for x); the replacement swaps in the Q/DQ form.
+The quantized weights stay lazy: one loader quantizes a weight once, at save time, and hands
+out its parts (values, scale, AWQ's 1/s), which sit next to each other in the streaming
+order, so memory still holds one weight at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import NodeProto
+
+from llmc import contract
+from llmc.dtypes import np_dtype
+from llmc.graph import Weight
+from llmc.passes.ir import Graph
+from llmc.passes.manager import run_passes
+from llmc.passes.pattern import Pass
+from llmc.quantization import numerics
+
+FP8 = "float8e4m3fn"
+
+
+@dataclass(frozen=True)
+class Site:
+    """A weight GEMM the quantizer may rewrite: ``node`` computes ``x @ weights[weight]``."""
+
+    node: NodeProto
+    x: str
+    weight: str
+
+
+def lm_head(g: Graph) -> NodeProto | None:
+    """The GEMM that makes the logits: walking back from the graph output through ops with
+    one non-constant input (Cast, Identity, Gemma 2's cap * tanh(x / cap))."""
+    if "lm_head" not in g.memo:
+        node = g.producer(contract.LOGITS)
+        while node is not None and node.op_type not in ("MatMul", "Gemm"):
+            live = [v for v in node.input if v and g.const(v) is None and not g.is_weight(v)]
+            node = g.producer(live[0]) if len(live) == 1 else None
+        g.memo["lm_head"] = node
+    return g.memo["lm_head"]
+
+
+def match_site(g: Graph, node: NodeProto) -> Site | None:
+    w = g.weights.get(node.input[1]) if len(node.input) == 2 else None
+    if w is None or len(w.shape) != 2 or node is lm_head(g):
+        return None
+    return Site(node, node.input[0], node.input[1])
+
+
+def sites(model: onnx.ModelProto, weights: list[Weight]) -> list[Site]:
+    """Every GEMM a quantizer may rewrite, in graph order (what calibration observes)."""
+    g = Graph(model, weights)
+    return [s for n in g.nodes.values() if n.op_type == "MatMul"
+            if (s := match_site(g, n)) is not None]
+
+
+class _Parts:
+    """One quantization, computed on the first read of any of its parts and forgotten once
+    every part has been read (the parts are saved one after another)."""
+
+    def __init__(self, compute: Callable[[], tuple[np.ndarray, ...]], n: int):
+        self.compute, self.n, self.parts = compute, n, None
+
+    def loader(self, k: int) -> Callable[[], np.ndarray]:
+        def load() -> np.ndarray:
+            if self.parts is None:
+                self.parts = list(self.compute())
+            part, self.parts[k] = self.parts[k], None
+            if all(p is None for p in self.parts):
+                self.parts = None
+            return part
+        return load
+
+
+def _swap(g: Graph, site: Site, x: str, w: str) -> None:
+    """Replace the site's MatMul by MatMul(x, w), same name and output."""
+    g.remove([site.node])
+    g.add("MatMul", [x, w], list(site.node.output), name=site.node.name)
+
+
+# --- INT4 weight-only ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GivenInt4:
+    """A weight already in INT4 (a pre-quantized checkpoint's), in the graph's [in, out]."""
+
+    values: Callable[[], np.ndarray]    # int4 [K, N]
+    scale: np.ndarray                   # float32 [K / block, N]
+    pre_scale: np.ndarray | None        # [K]: the GEMM reads x * it (AWQ's 1 / s)
+
+
+def int4_pass(awq: dict[str, np.ndarray] | None = None,
+              given: dict[str, GivenInt4] | None = None) -> Pass:
+    """RTN, or AWQ when ``awq`` maps each weight to its calibration rows of x [M, K]; a
+    weight in ``given`` takes those values and scales as they are."""
+    given = given or {}
+
+    def match(g: Graph, node: NodeProto) -> Site | None:
+        site = match_site(g, node)
+        if site is None or (site.weight not in given and numerics.int4_block(
+                g.weights[site.weight].shape[0]) is None):
+            return None
+        return site
+
+    def replace(g: Graph, site: Site) -> None:
+        w = g.weights[site.weight]
+        rows = awq.get(site.weight) if awq is not None else None
+        have = given.get(site.weight)
+        (k, n) = w.shape
+        block = k // have.scale.shape[0] if have else numerics.int4_block(k)
+
+        def compute():
+            if have is not None:
+                scale = have.scale.astype(np_dtype(w.dtype))
+                pre = () if have.pre_scale is None else (have.pre_scale.astype(scale.dtype),)
+                return (have.values(), scale, *pre)
+            data = w.read().astype(np.float32)
+            if rows is None:
+                return numerics.quantize_int4(data, block, w.dtype)
+            s, _ = numerics.awq_scales(data, rows, block, w.dtype)
+            clip = numerics.awq_clip(data * s[:, None], rows / s, block, w.dtype)
+            q, scale = numerics.quantize_int4(data * s[:, None], block, w.dtype, clip)
+            return q, scale, (1 / s).astype(np_dtype(w.dtype))
+
+        scaled = rows is not None or (have is not None and have.pre_scale is not None)
+        parts = _Parts(compute, 3 if scaled else 2)
+        q = g.add_weight(Weight(f"{w.name}.int4", "int4", (k, n), parts.loader(0)), w.name)
+        scale = g.add_weight(Weight(f"{w.name}.int4_scale", w.dtype, (k // block, n),
+                                    parts.loader(1)), w.name)
+        x = site.x
+        if scaled:   # x / s: an elementwise Mul that TensorRT fuses before the GEMM
+            inv = g.add_weight(Weight(f"{w.name}.awq_inv_scale", w.dtype, (k,),
+                                      parts.loader(2)), w.name)
+            x = g.add("Mul", [x, inv], 1, name="AwqScale").output[0]
+        dq = g.add("DequantizeLinear", [q, scale], 1, name="DequantizeInt4", axis=0,
+                   block_size=block).output[0]
+        _swap(g, site, x, dq)
+
+    return Pass("int4-awq" if awq is not None else "int4-rtn", "MatMul", match, replace)
+
+
+# --- FP8 W8A8 -------------------------------------------------------------------------------
+
+
+def fp8_pass(act_amax: dict[str, float],
+             weight_scale: dict[str, np.ndarray] | None = None) -> Pass:
+    """FP8 weights and activations; ``act_amax`` maps each weight to its input's calibrated
+    |max| (a GEMM without one is left alone); ``weight_scale``, where given, each weight's
+    scale per output column (a pre-quantized checkpoint's) instead of its |max| / 448."""
+    weight_scale = weight_scale or {}
+
+    def match(g: Graph, node: NodeProto) -> Site | None:
+        site = match_site(g, node)
+        return site if site is not None and site.weight in act_amax else None
+
+    def replace(g: Graph, site: Site) -> None:
+        w = g.weights[site.weight]
+        given = weight_scale.get(site.weight)
+        parts = _Parts(lambda: numerics.quantize_fp8_weight(w.read(), w.dtype, given), 2)
+        q = g.add_weight(Weight(f"{w.name}.fp8", FP8, w.shape, parts.loader(0)), w.name)
+        scale = g.add_weight(Weight(f"{w.name}.fp8_scale", w.dtype, (w.shape[1],),
+                                    parts.loader(1)), w.name)
+        # the zero point only says the quantized type (TensorRT takes zero zero points only)
+        zero = g.add_const(np.zeros((), np_dtype(FP8)), "fp8_zero")
+        xs = g.add_const(numerics.fp8_activation_scale(act_amax[site.weight], w.dtype),
+                         "fp8_x_scale")
+        xq = g.add("QuantizeLinear", [site.x, xs, zero], 1, name="QuantizeFp8").output[0]
+        x = g.add("DequantizeLinear", [xq, xs, zero], 1, name="DequantizeFp8").output[0]
+        dq = g.add("DequantizeLinear", [q, scale], 1, name="DequantizeFp8Weight",
+                   axis=1).output[0]
+        _swap(g, site, x, dq)
+
+    return Pass("fp8", "MatMul", match, replace)
+
+
+def quantize_graph(model: onnx.ModelProto, weights: list[Weight], p: Pass,
+                   log: Callable[[str], None] | None = None
+                   ) -> tuple[onnx.ModelProto, list[Weight], dict]:
+    """Run one quantization pass through the pass manager (the same report and counters)."""
+    return run_passes(model, weights, passes=[p], log=log)

@@ -1,0 +1,165 @@
+"""The quantized build (docs/quantization.md): FP8 W8A8 or INT4 weight-only (RTN or AWQ),
+measured against the unquantized graph on every build.
+
+    base    = save_onnx(fused graph)                    the unquantized graph, for onnxruntime
+    calib   = measure.calibrate(base, calibration text)  GEMM input |max| and rows (fp8, awq)
+    graph   = qdq.quantize_graph(graph, pass)            Q/DQ around every weight GEMM
+    ... the build saves and lowers the quantized graph ...
+    report  = measure.measure(base, quantized, eval text) perplexity and top-1 agreement
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from llmc.contract import EngineIO
+from llmc.errors import LlmcError
+from llmc.graph import Weight, save_onnx
+from llmc.header import QuantInfo
+from llmc.quantization.prequantized import Prequantized
+
+MODES = ("auto", "none", "fp8", "int4-awq", "int4-rtn")   # auto: a pre-quantized checkpoint's
+                                                          # own format, else none
+AWQ_ROWS = 128      # calibration rows a GEMM keeps for AWQ's search (its cost grows with them)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    mode: str = "none"
+    calib_data: Path | None = None     # calibration text (default: the bundled calib.txt)
+    calib_size: int = 512              # calibration tokens
+    eval_data: Path | None = None      # accuracy text (default: the bundled eval.txt)
+    eval_size: int = 1024              # tokens scored for the accuracy report
+    max_ppl_increase: float = 5.0      # percent; a build past it warns
+
+    def resolve(self, prequantized: Prequantized | None,
+                log: Callable[[str], None]) -> "QuantOptions":
+        """``auto`` made concrete for this checkpoint."""
+        if self.mode != "auto":
+            return self
+        if prequantized is not None:
+            log(f"the checkpoint is a {prequantized.describe()}: building --quant "
+                f"{prequantized.mode} with its scales")
+        return replace(self, mode=prequantized.mode if prequantized else "none")
+
+    def validate(self) -> "QuantOptions":
+        if self.mode not in MODES:
+            raise LlmcError(f"unknown --quant {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.calib_size < 16 or self.eval_size < 16:
+            raise LlmcError("--calib-size and --eval-size must be at least 16 tokens")
+        if not self.max_ppl_increase >= 0:
+            raise LlmcError("--max-ppl-increase must be a percentage >= 0")
+        from llmc.quantization.measure import read_text
+
+        for path in (self.calib_data, self.eval_data):   # before the model loads
+            if path is not None:
+                read_text(path, "")
+        return self
+
+
+@dataclass
+class Quantized:
+    """A quantized graph waiting to be saved; ``report`` measures the saved graph."""
+
+    model: onnx.ModelProto
+    weights: list[Weight]
+    report: Callable[[Path], QuantInfo]
+
+
+def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, io: EngineIO,
+             tokenizer_json: str, tmp: Path, log: Callable[[str], None],
+             prequantized: Prequantized | None = None) -> Quantized:
+    """Calibrate (where the mode needs it) and rewrite the fused graph; the unquantized graph
+    is saved to ``tmp / "reference"`` for calibration and for the accuracy report. A
+    pre-quantized FP8 checkpoint built as fp8 takes its own scales instead of calibration
+    (its "unquantized" reference is its weights dequantized)."""
+    from llmc.quantization import measure, qdq
+
+    calib_text, calib_name = measure.read_text(opts.calib_data, "calib")
+    eval_text, eval_name = measure.read_text(opts.eval_data, "eval")
+    eval_seqs = measure.token_sequences(tokenizer_json, eval_text, opts.eval_size, "evaluation")
+    base = save_onnx(model, weights, tmp / "reference")
+    details: dict = {}
+    if opts.mode == "int4-rtn":
+        p = qdq.int4_pass()
+    elif opts.mode == "int4-awq" and prequantized is not None and prequantized.mode == opts.mode:
+        given = _checkpoint_int4(qdq.sites(model, weights), prequantized)
+        details["scales"] = f"from the {prequantized.describe()}"
+        p = qdq.int4_pass(given=given)
+    elif opts.mode == "fp8" and prequantized is not None and prequantized.mode == "fp8":
+        amax, scales = _checkpoint_scales(qdq.sites(model, weights), prequantized)
+        details["scales"] = f"from the {prequantized.describe()}"
+        p = qdq.fp8_pass(amax, scales)
+    else:
+        seqs = measure.token_sequences(tokenizer_json, calib_text, opts.calib_size,
+                                       "calibration")
+        sites = qdq.sites(model, weights)
+        calib = measure.calibrate(base, io, {s.weight: s.x for s in sites}, seqs,
+                                  keep_rows=AWQ_ROWS if opts.mode == "int4-awq" else 0)
+        log(f"calibrated {len(sites)} GEMM inputs on {calib.tokens} tokens of {calib_name}")
+        details["calibration"] = f"{calib.tokens} tokens of {calib_name}"
+        p = qdq.int4_pass(calib.rows) if opts.mode == "int4-awq" else qdq.fp8_pass(calib.amax)
+    qmodel, qweights, report = qdq.quantize_graph(model, weights, p)
+    gemms = report["fired"][p.name]
+    blocks = {a.i for n in qmodel.graph.node if n.op_type == "DequantizeLinear"
+              for a in n.attribute if a.name == "block_size"}
+    if blocks:
+        details["int4_block_sizes"] = sorted(blocks)
+    log(f"quantized {gemms} GEMMs to {opts.mode} (the LM head stays unquantized)")
+
+    def finish(quantized_onnx: Path) -> QuantInfo:
+        acc = measure.measure(base, quantized_onnx, io, eval_seqs, eval_name,
+                              opts.max_ppl_increase)
+        return QuantInfo(opts.mode, "auto", gemms, details, acc)
+
+    return Quantized(qmodel, qweights, finish)
+
+
+def _checkpoint_scales(sites, pre: Prequantized) -> tuple[dict[str, float], dict]:
+    """A pre-quantized checkpoint's scales under the fused graph's weight names: a fused
+    GEMM's input |max| is its parts' largest, its per-column weight scale the parts' scales
+    side by side (per-tensor scales of q, k and v become one per-column vector). A GEMM whose
+    parts were not all quantized in the checkpoint is left out (and stays unquantized)."""
+    import numpy as np
+
+    from llmc.passes.gemm import fused_parts
+
+    amax, scales = {}, {}
+    for site in sites:
+        parts = fused_parts(site.weight)
+        if all(p in pre.weight_scale and p in pre.input_amax for p in parts):
+            amax[site.weight] = max(pre.input_amax[p] for p in parts)
+            scales[site.weight] = np.concatenate([pre.weight_scale[p] for p in parts])
+    return amax, scales
+
+
+def _checkpoint_int4(sites, pre: Prequantized) -> dict:
+    """A pre-quantized checkpoint's INT4 weights under the fused graph's names, in its
+    [in, out] layout: a fused GEMM's parts side by side, when they share one block size and
+    none has its own input scale (ModelOpt folds q/k/v's and gate/up's into the norm
+    before). Any other GEMM is left out, and is quantized from its dequantized weight."""
+    import numpy as np
+
+    from llmc.dtypes import np_dtype
+    from llmc.passes.gemm import fused_parts
+    from llmc.quantization.qdq import GivenInt4
+
+    given = {}
+    for site in sites:
+        parts = [pre.int4.get(p) for p in fused_parts(site.weight)]
+        if any(p is None for p in parts) or len({p.block for p in parts}) != 1 or (
+                len(parts) > 1 and any(p.pre_quant_scale is not None for p in parts)):
+            continue
+
+        def values(parts=parts) -> np.ndarray:
+            q = np.concatenate([p.values() for p in parts], axis=0)        # [N, K]
+            return np.ascontiguousarray(q.T).astype(np_dtype("int4"))      # [K, N]
+
+        given[site.weight] = GivenInt4(
+            values, np.ascontiguousarray(np.concatenate([p.scale for p in parts]).T),
+            parts[0].pre_quant_scale)
+    return given

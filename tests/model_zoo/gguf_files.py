@@ -1,0 +1,77 @@
+"""GGUF files of the tiny models in llama.cpp's conventions, and the round-trip check: llmc
+reads the file to the logits transformers' own GGUF loader gets from it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gguf
+import numpy as np
+import torch
+from hf_steps import OrtStepSession, check_ragged_steps
+
+from llmc.model_zoo import load_model
+from llmc.passes import run_passes
+
+BLOCK = 8
+
+
+def write_gguf(path, arch: str, model, names: dict[str, str],
+               meta: Callable[[gguf.GGUFWriter], None],
+               convert: Callable[[str, np.ndarray], np.ndarray] = lambda name, t: t,
+               extra: dict[str, np.ndarray] | None = None) -> None:
+    """Every tensor of `model` under its llama.cpp name (`names`: a family's GGUF table,
+    llama.cpp name -> HF name with {i} for the layer), changed by `convert` the way
+    llama.cpp's convert_hf_to_gguf.py changes it, and `extra` tensors under llama.cpp
+    names; `meta` writes the metadata."""
+    hf_to_gguf = {hf: g for g, hf in names.items()}
+    w = gguf.GGUFWriter(path, arch)
+    meta(w)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue   # llama.cpp stores no output.weight for a tied head
+        parts = name.split(".")
+        layer = parts[1] == "layers"
+        key = ".".join(parts[:2] + ["{i}"] + parts[3:]) if layer else name
+        g = hf_to_gguf[key].replace("{i}", parts[2]) if layer else hf_to_gguf[key]
+        w.add_tensor(g, convert(name, t.detach().float().numpy()))
+    for g, t in (extra or {}).items():
+        w.add_tensor(g, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def common_meta(w: gguf.GGUFWriter, cfg) -> None:
+    """The keys llama.cpp writes for every llama-shaped architecture."""
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    rope = cfg.rope_parameters
+    rope = rope.get("full_attention", rope)   # Gemma 3: the global layers' theta
+    w.add_rope_freq_base(float(rope["rope_theta"]))
+    w.add_vocab_size(cfg.vocab_size)   # no tokenizer in these files: the size says it
+    # special tokens inside the tiny vocabulary (transformers' defaults may lie outside it)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+
+
+def check_against_transformers(path, tmp_path, label: str) -> None:
+    """transformers' GGUF loader and llmc (through the passes, on onnxruntime) read `path`
+    to the same logits over the ragged prefill / decode / mixed steps, in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                               dtype=torch.float32).eval()
+    m = load_model(path)
+    m.check_tensors()
+    model, weights = m.build_graph("float32", BLOCK)
+    fused, fused_weights, _ = run_passes(model, weights)
+    session = OrtStepSession(fused, fused_weights, tmp_path / "graph", m.config, BLOCK)
+    check_ragged_steps(session, ref, BLOCK, "fp32", 1e-4, label)

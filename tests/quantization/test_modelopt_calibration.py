@@ -1,0 +1,64 @@
+"""llmc calibrates the graph it ships, on onnxruntime; NVIDIA ModelOpt calibrates the HF
+torch model. On the same tokens their FP8 activation amax of every GEMM input agree, so the
+graph's calibration is ModelOpt's (docs/quantization.md says why the build uses its own)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmc.graph import save_onnx
+from llmc.model_zoo import load_model
+from llmc.passes import run_passes
+from llmc.quantization import measure, qdq
+
+mtq = pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not "
+                                                                 "installed")
+
+# ModelOpt's module (the one whose input is observed) -> llmc's GEMM weight, per layer
+GEMMS = {"self_attn.q_proj": "self_attn.q_proj+k_proj+v_proj.weight",
+         "self_attn.o_proj": "self_attn.o_proj.weight",
+         "mlp.gate_proj": "mlp.gate_proj+up_proj.weight",
+         "mlp.down_proj": "mlp.down_proj.weight"}
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2-bias"])
+def test_fp8_amax_matches_modelopt(tiny_models, tmp_path, kind):
+    import numpy as np
+    import torch
+    import transformers
+
+    folder, _ = tiny_models[kind]
+    seqs = [list(np.random.default_rng(k).integers(3, 128, n)) for k, n in
+            enumerate((40, 23))]
+
+    model = load_model(folder)
+    graph, weights = model.build_graph("float32", 16)
+    graph, weights, _ = run_passes(graph, weights)
+    path = save_onnx(graph, weights, tmp_path)
+    io = _io(model.config)
+    sites = qdq.sites(graph, weights)
+    ours = measure.calibrate(path, io, {s.weight: s.x for s in sites}, seqs).amax
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for s in seqs:
+                m(torch.tensor([s]))
+
+    mtq.quantize(hf, mtq.FP8_DEFAULT_CFG, forward_loop=forward_loop)
+    theirs = {}
+    for name, module in hf.named_modules():
+        for part, weight in GEMMS.items():
+            if name.endswith(part):
+                theirs[name.removesuffix(part) + weight] = float(module.input_quantizer.amax)
+    assert set(ours) == set(theirs) and len(ours) == 4 * model.config.num_hidden_layers
+    for weight, amax in theirs.items():
+        assert ours[weight] == pytest.approx(amax, rel=1e-4), weight
+
+
+def _io(cfg):
+    from llmc.contract import EngineIO
+
+    return EngineIO(cfg.num_hidden_layers, cfg.vocab_size, "float32", cfg.num_key_value_heads,
+                    16, cfg.head_dim)

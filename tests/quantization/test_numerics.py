@@ -1,0 +1,95 @@
+"""The quantizers against their definitions: block choice, rounding bounds, ONNX's int4
+packing, FP8 saturation, and AWQ's search never losing to plain rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+from llmc.dtypes import np_dtype, storage_bytes, to_storage
+from llmc.quantization import numerics as nq
+
+
+@pytest.mark.parametrize("k, block", [(576, 64), (1536, 128), (96, 32), (64, 64), (100, None)])
+def test_int4_block_is_the_largest_that_divides_k(k, block):
+    assert nq.int4_block(k) == block
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_int4_round_to_nearest_is_within_half_a_step(dtype):
+    w = np.random.default_rng(0).standard_normal((128, 24)).astype(np.float32)
+    w[:, 3] = 0   # an all-zero column: scale stays positive, values stay 0
+    q, scale = nq.quantize_int4(w, 32, dtype)
+    assert q.dtype == np_dtype("int4") and scale.dtype == np_dtype(dtype)
+    assert scale.shape == (4, 24) and (scale.astype(np.float32) > 0).all()
+    qi = q.astype(np.int8)
+    assert qi.min() >= -8 and qi.max() <= 7 and (qi[:, 3] == 0).all()
+    step = np.repeat(scale.astype(np.float32), 32, axis=0)
+    err = np.abs(nq.dequantize_int4(q, scale, 32) - w)
+    assert (err <= step / 2 + 1e-6 + 1e-2 * step).all()   # + the scale's own rounding
+
+
+def test_int4_storage_is_onnx_packing():
+    """Two values a byte, first in the low nibble: the bytes onnx itself writes."""
+    q = np.random.default_rng(1).integers(-8, 8, (7, 5)).astype(np_dtype("int4"))
+    assert to_storage(q) == numpy_helper.from_array(q).raw_data
+    assert storage_bytes("int4", q.shape) == len(to_storage(q)) == 18
+
+
+def test_fp8_weight_per_column_and_saturating_activations():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((64, 8)).astype(np.float32) * np.arange(1, 9, dtype=np.float32)
+    q, scale = nq.quantize_fp8_weight(w, "float16")
+    assert q.dtype == np_dtype("float8e4m3fn") and scale.shape == (8,)
+    assert np.abs(q.astype(np.float32)).max() <= nq.FP8_MAX
+    rel = np.abs(nq.dequantize_fp8(q, scale) - w) / np.abs(w).max(axis=0)
+    assert rel.max() < 2 ** -4    # E4M3: 3 mantissa bits
+    s = nq.fp8_activation_scale(10.0, "float32")
+    x = np.array([0.0, 1.0, -10.0, 1e6], np.float32)
+    y = nq.fake_quant_fp8(x, s)
+    assert y[0] == 0 and abs(y[1] - 1) < 1 / 16 and y[2] == pytest.approx(-10, rel=1e-6)
+    assert y[3] == pytest.approx(10, rel=1e-6)   # saturates at the calibrated |max|
+
+
+def test_awq_search_beats_round_to_nearest_on_outlier_channels():
+    """Inputs with a few large channels (what AWQ is for): the searched scales cut the GEMM
+    output error well below RTN's; alpha 0 (s = 1) is RTN itself, so it never loses."""
+    rng = np.random.default_rng(3)
+    k, n, block = 128, 64, 64
+    x = rng.standard_normal((256, k)).astype(np.float32)
+    x[:, :4] *= 30
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    s, alpha = nq.awq_scales(w, x, block, "float32")
+    q, scale = nq.quantize_int4(w * s[:, None], block, "float32")
+    awq = np.mean((x @ w - (x / s) @ nq.dequantize_int4(q, scale, block)) ** 2)
+    q, scale = nq.quantize_int4(w, block, "float32")
+    rtn = np.mean((x @ w - x @ nq.dequantize_int4(q, scale, block)) ** 2)
+    assert alpha > 0 and awq < 0.7 * rtn
+
+
+def test_awq_clip_never_loses_to_the_full_range():
+    """Clipping is chosen per block and column among ratios that include 1 (no clipping), so
+    the GEMM output error of each block can only go down; with heavy-tailed weights it does."""
+    rng = np.random.default_rng(4)
+    k, n, block = 128, 32, 32
+    x = rng.standard_normal((128, k)).astype(np.float32)
+    w = rng.standard_t(2, (k, n)).astype(np.float32)
+    clip = nq.awq_clip(w, x, block, "float32")
+    assert clip.shape == (4, 32) and clip.min() >= 0.5 and clip.max() <= 1 and clip.min() < 1
+
+    def err(c):
+        q, scale = nq.quantize_int4(w, block, "float32", c)
+        return np.mean((x @ w - x @ nq.dequantize_int4(q, scale, block)) ** 2)
+
+    assert err(clip) < 0.9 * err(None)
+
+
+def test_awq_scales_keep_fp16_activations_finite():
+    """A channel far larger than the others pulls s apart; x / s must still fit fp16."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((64, 64)).astype(np.float32) * 1e-3
+    x[:, 0] = 2e4
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    s, _ = nq.awq_scales(w, x, 32, "float16")
+    assert np.abs(x / s).max() < np.finfo(np.float16).max / 2

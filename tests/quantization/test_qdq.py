@@ -1,0 +1,135 @@
+"""Each Q/DQ rewrite: it fires on a weight GEMM, declines where its format does not fit, and
+onnxruntime computes the rewritten graph as the numpy reference of the format says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto
+
+from llmc import contract
+from llmc.dtypes import np_dtype, onnx_type
+from llmc.graph import GraphBuilder, save_onnx
+from llmc.quantization import numerics as nq
+from llmc.quantization import qdq
+from llmc.quantization.ort import session_options
+
+# max |y - y_ref| / max |y_ref|: fp32 is exact up to summation order; fp16 and bf16 round
+# the GEMM's inputs and output
+TOL = {"float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+RNG = np.random.default_rng(0)
+
+
+def gemm_graph(dtype: str, k: int, n: int, head: bool = False, softcap: bool = False):
+    """y = x @ W (W [k, n] a weight); head: the GEMM makes the logits, like an LM head
+    (softcap: through Gemma 2's cap * tanh(y / cap))."""
+    w = RNG.standard_normal((k, n)).astype(np.float32) / np.sqrt(k)
+    g = GraphBuilder("gemm")
+    x = g.input("x", onnx_type(dtype), ["T", k])
+    y = g.MatMul(x, g.weight("w", dtype, (k, n), lambda: w.astype(np_dtype(dtype))))
+    if softcap:
+        cap = g.const(30.0, np_dtype(dtype))
+        y = g.Mul(cap, g.Tanh(g.Div(y, cap)))
+    if head:
+        g.output(g.Cast(y, to=TensorProto.FLOAT), contract.LOGITS, TensorProto.FLOAT, ["T", n])
+    else:
+        g.output(y, "y", onnx_type(dtype), ["T", n])
+    return g.model(), g.weights, w.astype(np_dtype(dtype)).astype(np.float32)
+
+
+def run(model, weights, folder, x, observe: str | None = None):
+    """y (and the value ``observe``) as onnxruntime computes them, in float32."""
+    import onnx
+    import onnxruntime as ort
+
+    if observe:
+        model.graph.output.append(onnx.ValueInfoProto(name=observe))
+    path = save_onnx(model, weights, folder)
+    sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    out = [v.astype(np.float32) for v in sess.run(None, {"x": x})]
+    return out if observe else out[0]
+
+
+def check(y, ref, dtype, tol=None):
+    assert np.abs(y - ref).max() <= (tol or TOL[dtype]) * np.abs(ref).max()
+
+
+def activations(dtype, k, outliers=False):
+    x = RNG.standard_normal((12, k)).astype(np.float32)
+    if outliers:
+        x[:, :3] *= 20
+    return x.astype(np_dtype(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("k", [128, 96])   # blocks of 128 and of 32
+def test_int4_rtn_numerics(tmp_path, dtype, k):
+    model, weights, w = gemm_graph(dtype, k, 40)
+    qmodel, qweights, report = qdq.quantize_graph(model, weights, qdq.int4_pass())
+    assert report["fired"] == {"int4-rtn": 1}
+    dq = [n for n in qmodel.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 1 and next(a.i for a in dq[0].attribute if a.name == "block_size") == \
+        nq.int4_block(k)
+    assert {w.dtype for w in qweights} == {"int4", dtype}   # the fp weight is gone
+    x = activations(dtype, k)
+    q, scale = nq.quantize_int4(w, nq.int4_block(k), dtype)
+    check(run(qmodel, qweights, tmp_path, x),
+          x.astype(np.float32) @ nq.dequantize_int4(q, scale, nq.int4_block(k)), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_int4_awq_numerics(tmp_path, dtype):
+    k = 128
+    model, weights, w = gemm_graph(dtype, k, 40)
+    rows = activations("float32", k, outliers=True)
+    qmodel, qweights, report = qdq.quantize_graph(model, weights, qdq.int4_pass({"w": rows}))
+    assert report["fired"] == {"int4-awq": 1}
+    s, alpha = nq.awq_scales(w, rows, 128, dtype)
+    assert alpha > 0
+    clip = nq.awq_clip(w * s[:, None], rows / s, 128, dtype)
+    q, scale = nq.quantize_int4(w * s[:, None], 128, dtype, clip)
+    inv = (1 / s).astype(np_dtype(dtype)).astype(np.float32)
+    x = activations(dtype, k, outliers=True)
+    ref = (x.astype(np.float32) * inv).astype(np_dtype(dtype)).astype(np.float32) \
+        @ nq.dequantize_int4(q, scale, 128)
+    check(run(qmodel, qweights, tmp_path, x), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fp8_numerics(tmp_path, dtype):
+    k = 64
+    model, weights, w = gemm_graph(dtype, k, 24)
+    x = activations(dtype, k)
+    amax = float(np.abs(x.astype(np.float32)).max()) * 0.8   # the largest values saturate
+    qmodel, qweights, report = qdq.quantize_graph(model, weights, qdq.fp8_pass({"w": amax}))
+    assert report["fired"] == {"fp8": 1}
+    assert sorted(n.op_type for n in qmodel.graph.node if n.op_type != "MatMul") == [
+        "DequantizeLinear", "DequantizeLinear", "Identity", "QuantizeLinear"]
+    assert {w.dtype for w in qweights} == {"float8e4m3fn", dtype}
+    q, scale = nq.quantize_fp8_weight(w, dtype)
+    xs = nq.fp8_activation_scale(amax, dtype)
+    xq = nq.fake_quant_fp8(x, xs).astype(np_dtype(dtype)).astype(np.float32)
+    y, xq_ort = run(qmodel, qweights, tmp_path, x, observe=next(
+        n for n in qmodel.graph.node if n.op_type == "MatMul").input[0])
+    # onnxruntime divides in fp16 for fp16 inputs: an x / s on the edge between two E4M3
+    # values may round to the other one (one step, 1/8 relative), in a few elements
+    off = np.abs(xq_ort - xq) > 1e-6 * np.abs(xq).max()
+    assert off.mean() <= (0 if dtype == "float32" else 0.03)
+    assert (np.abs(xq_ort - xq)[off] <= np.abs(xq)[off] / 8 + 1e-6).all()
+    check(y, xq_ort @ nq.dequantize_fp8(q, scale), dtype)
+
+
+def test_declines_where_the_format_does_not_fit():
+    model, weights, _ = gemm_graph("float32", 100, 8)            # no INT4 block divides 100
+    assert qdq.quantize_graph(model, weights, qdq.int4_pass())[2]["fired"] == {"int4-rtn": 0}
+    model, weights, _ = gemm_graph("float32", 64, 8)              # no calibrated scale for x
+    assert qdq.quantize_graph(model, weights, qdq.fp8_pass({}))[2]["fired"] == {"fp8": 0}
+
+
+@pytest.mark.parametrize("softcap", [False, True])
+def test_the_lm_head_stays_unquantized(softcap):
+    model, weights, _ = gemm_graph("float32", 64, 8, head=True, softcap=softcap)
+    assert qdq.sites(model, weights) == []
+    assert qdq.quantize_graph(model, weights, qdq.int4_pass())[2]["fired"] == {"int4-rtn": 0}
+    assert qdq.quantize_graph(model, weights, qdq.fp8_pass({"w": 1.0}))[2]["fired"] == \
+        {"fp8": 0}

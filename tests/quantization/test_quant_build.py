@@ -1,0 +1,148 @@
+"""`llmc build --quant` end to end on the tiny models: every mode builds, runs, stays within
+its accuracy budget and says so in the header and `llmc inspect`; TensorRT-RTX builds the
+quantized graphs with the weights kept packed; the cuda backend refuses them clearly."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmc.build import BuildOptions, build
+from llmc.cli.main import main
+from llmc.engine_file import EngineFile
+from llmc.errors import LlmcError
+from llmc.header import EngineHeader
+from llmc.limits import BuildLimits
+from llmc.quantization.quantize import QuantOptions
+
+KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window",
+         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global"]   # tests/conftest.py's
+LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_block_size=16)
+# Random tiny models: perplexity ~ the vocabulary, and quantization noise moves it little;
+# top-1 agreement is what tells a broken quantizer (~1/128 by chance) from a working one.
+BUDGET = {"fp8": (0.5, 0.93), "int4-awq": (1.0, 0.85), "int4-rtn": (1.0, 0.85)}
+# The random Gemma models' logits are flatter (top-1 among near ties flips under any noise:
+# Gemma 3 keeps 59-85% with perplexity unchanged) or soft-capped (Gemma 2 int4-awq: +2.1%
+# perplexity at 99.5% agreement); they get a looser budget, still far from broken.
+GEMMA_BUDGET = (3.0, 0.5)
+
+
+def quant(mode, words, **kw) -> QuantOptions:
+    return QuantOptions(mode, calib_data=words, eval_data=words, **kw)
+
+
+def _build(folder, out, mode, words, backend="reference", dtype="fp32", log=None):
+    return build(BuildOptions(folder, out, backend=backend, dtype=dtype, limits=LIMITS,
+                              quant=quant(mode, words)), log=log or (lambda _: None))
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4-awq", "int4-rtn"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_mode_builds_runs_and_meets_its_budget(tiny_models, tmp_path, words, kind, mode):
+    from llmc.runtime.runner import Runner
+
+    folder, model = tiny_models[kind]
+    header = _build(folder, tmp_path / "q.engine", mode, words, dtype="fp16")
+    q = header.quant
+    assert q.mode == mode and q.gemms == 4 * model.config.num_hidden_layers
+    max_delta, min_top1 = GEMMA_BUDGET if kind.startswith("gemma") else BUDGET[mode]
+    assert abs(q.accuracy.delta_ppl_pct) <= max_delta and q.accuracy.top1_agreement >= min_top1
+    assert q.accuracy.passed and q.accuracy.tokens == 600 - 3 and "words.txt" in q.accuracy.text
+    # the header on disk says the same, and the engine generates
+    assert EngineFile(tmp_path / "q.engine").header.quant == q
+    assert EngineHeader.from_dict(header.to_dict()) == header
+    assert len(Runner(tmp_path / "q.engine").generate(["w3 w4 w5"], max_new_tokens=4)[0]) > 0
+
+
+def weight_bytes(engine: EngineFile) -> int:
+    """The stored bytes of every weight (without weights.bin's 64 KiB alignment)."""
+    import onnx
+
+    model = onnx.load_from_string(engine.section("model.onnx").tobytes())
+    return sum(int(e.value) for t in model.graph.initializer for e in t.external_data
+               if e.key == "length")
+
+
+def test_weights_stay_packed(tiny_models, tmp_path, words):
+    """The engine stores INT4 (two a byte) and FP8 (one byte) weights: the weights section
+    shrinks by the GEMMs' share (embedding and LM head stay fp16)."""
+    folder = tiny_models["llama-gqa"][0]
+    sizes = {}
+    for mode in ("none", "fp8", "int4-rtn"):
+        _build(folder, tmp_path / f"{mode}.engine", mode, words, dtype="fp16")
+        sizes[mode] = weight_bytes(EngineFile(tmp_path / f"{mode}.engine"))
+    gemm_fp16 = 2 * 2 * (64 * 128 + 64 * 64 + 64 * 192 + 96 * 64)   # bytes, 2 layers
+    assert sizes["none"] - sizes["fp8"] >= 0.4 * gemm_fp16
+    assert sizes["none"] - sizes["int4-rtn"] >= 0.6 * gemm_fp16
+
+
+def test_inspect_shows_the_accuracy_and_a_bad_build_warns(tiny_models, tmp_path, words,
+                                                          capsys):
+    folder = tiny_models["llama-gqa"][0]
+    out = tmp_path / "q.engine"
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--model", str(folder), "-o", str(out), "--backend", "reference",
+              "--dtype", "fp32", "--quant", "int4-rtn", "--calib-data", str(words),
+              "--eval-data", str(words), "--max-ppl-increase", "0", "--max-seq-len", "128"])
+    assert e.value.code == 0
+    err = capsys.readouterr().err
+    acc = EngineFile(out).header.quant.accuracy
+    assert "accuracy (int4-rtn): perplexity" in err
+    assert ("WARNING: perplexity rose" in err) == (acc.delta_ppl_pct > 0)
+    with pytest.raises(SystemExit):
+        main(["inspect", str(out)])
+    shown = capsys.readouterr().out
+    assert "quant: int4-rtn, 8 GEMMs" in shown and "int4_block_sizes [32, 64]" in shown
+    assert f"accuracy: perplexity {acc.ppl:.3f} vs {acc.ppl_reference:.3f}" in shown
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quant", "int8"], "Invalid value for '--quant'"),
+    (["--quant", "fp8", "--calib-data", "/nonexistent/calib.txt"], "cannot read the text file"),
+    (["--quant", "int4-rtn", "--eval-size", "4"], "at least 16 tokens"),
+])
+def test_bad_quant_options_are_one_error_line(tiny_models, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--model", str(tiny_models["llama-gqa"][0]), "-o",
+              str(tmp_path / "q.engine"), "--backend", "reference", *args])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 2 and len(errors) == 1 and message in errors[0]
+    assert not (tmp_path / "q.engine").exists()
+
+
+# ------------------------------------------------------------------ the other backends
+
+
+def test_cuda_refuses_a_quantized_build_and_graph(tiny_models_d64, tmp_path, words):
+    pytest.importorskip("cuda.bindings.nvrtc", reason="the kernels extra is not installed")
+    from llmc.backends.cuda.lower import UnsupportedGraph, lower
+
+    folder = tiny_models_d64["llama-gqa"][0]
+    with pytest.raises(LlmcError, match=r"--quant int4-rtn: the cuda backend has no "
+                                        r"quantized kernels yet \(FP8 GEMMs"):
+        build(BuildOptions(folder, tmp_path / "c.engine", backend="cuda", dtype="fp16",
+                           limits=LIMITS, gpu_arch="sm_90a", quant=quant("int4-rtn", words)),
+              log=lambda _: None)
+    # and its lowering, handed a quantized graph, names what is missing
+    _build(folder, tmp_path / "q.engine", "int4-rtn", words, dtype="fp16")
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(EngineFile(tmp_path / "q.engine").section("model.onnx").tobytes())
+    with pytest.raises(UnsupportedGraph, match="the graph is quantized .*INT4 weight-only"):
+        lower(graph, LIMITS, "sm_90a")
+
+
+@pytest.mark.parametrize("mode, layers, targets", [
+    ("int4-rtn", {"DEQUANTIZE": 8}, None),
+    ("fp8", {"QUANTIZE": 8, "DEQUANTIZE": 16}, ["8.9", "12.0"]),
+])
+def test_tensorrt_rtx_builds_quantized_graphs(tiny_models, tmp_path, words, mode, layers,
+                                              targets):
+    """The real TensorRT-RTX builder on the CPU: the Q/DQ layers are in the network (weights
+    packed behind DEQUANTIZE), FP8 for Ada and Blackwell targets only."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
+    header = _build(tiny_models["llama-gqa"][0], tmp_path / "r.engine", mode, words,
+                    backend="tensorrt-rtx", dtype="fp16")
+    net = header.lowering
+    assert {k: net["layer_types"].get(k, 0) for k in layers} == layers
+    assert net["rtx_targets"] == targets
+    assert header.quant.accuracy.passed and net["plan_bytes"] > 0
