@@ -137,11 +137,20 @@ def _drive(reqs, ops, num_blocks, caching, array_path=True) -> list:
     return trace
 
 
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=requests, ops=ops, num_blocks=st.integers(14, 24), caching=st.booleans())
+def _same_streams_every_run(reqs, ops, num_blocks, caching):
+    _drive(reqs, ops, num_blocks, caching)
+
+
 def test_the_streams_do_preempt():
-    """The property test is only as good as its streams: they must exercise preemption."""
+    """The property test is only as good as its streams: they must exercise preemption.
+    Counted over a fixed (derandomized) draw of the same strategies, so the count does not
+    vary from run to run; the property tests themselves keep drawing fresh streams."""
     PREEMPTIONS.clear()
-    test_scheduler_invariants()
-    assert sum(n > 0 for n in PREEMPTIONS) >= len(PREEMPTIONS) // 10
+    _same_streams_every_run()
+    assert sum(n > 0 for n in PREEMPTIONS) >= len(PREEMPTIONS) // 10, PREEMPTIONS
 
 
 def test_all_token_ids_reads_prompt_and_output_without_a_copy():
