@@ -26,7 +26,8 @@ from llmc.model_zoo import gemma2
 from llmc.model_zoo.family import Family, GGUFArch
 from llmc.model_zoo.gemma2 import SLIDING, Gemma2Config, Gemma2Graph
 from llmc.model_zoo.layers import graph_builder
-from llmc.model_zoo.llama import LAYER, gguf_config
+from llmc.model_zoo.llama import gguf_config
+from llmc.model_zoo.qwen3 import QK_NORM_GGUF_NAMES, qk_norm_weight_names
 
 # ---- config --------------------------------------------------------------------------------
 
@@ -68,18 +69,11 @@ def parse_gemma3(hf: dict[str, Any]) -> Gemma3Config:
 
 # ---- checkpoint names -------------------------------------------------------------------------
 
-GGUF_NAMES = {
-    **gemma2.GGUF_NAMES,
-    "blk.{i}.attn_q_norm.weight": f"{LAYER}.self_attn.q_norm.weight",
-    "blk.{i}.attn_k_norm.weight": f"{LAYER}.self_attn.k_norm.weight",
-}
+GGUF_NAMES = {**gemma2.GGUF_NAMES, **QK_NORM_GGUF_NAMES}
 
 
 def weight_names(c: Gemma3Config) -> list[str]:
-    names = gemma2.weight_names(c)
-    for i in range(c.num_hidden_layers):
-        names += [f"{LAYER.format(i=i)}.self_attn.{x}_norm.weight" for x in "qk"]
-    return names
+    return gemma2.weight_names(c) + qk_norm_weight_names(c.num_hidden_layers)
 
 
 def _gguf_gemma3(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:

@@ -38,18 +38,21 @@ def parse_qwen3(hf: dict[str, Any]) -> LlamaConfig:
 
 # ---- checkpoint names -------------------------------------------------------------------------
 
-GGUF_NAMES = {
-    **llama.GGUF_NAMES,
+# The per-head q/k norms (Gemma 3 has them too).
+QK_NORM_GGUF_NAMES = {
     "blk.{i}.attn_q_norm.weight": f"{LAYER}.self_attn.q_norm.weight",
     "blk.{i}.attn_k_norm.weight": f"{LAYER}.self_attn.k_norm.weight",
 }
+GGUF_NAMES = {**llama.GGUF_NAMES, **QK_NORM_GGUF_NAMES}
+
+
+def qk_norm_weight_names(num_layers: int) -> list[str]:
+    return [f"{LAYER.format(i=i)}.self_attn.{x}_norm.weight"
+            for i in range(num_layers) for x in "qk"]
 
 
 def weight_names(c: LlamaConfig) -> list[str]:
-    names = llama.weight_names(c)
-    for i in range(c.num_hidden_layers):
-        names += [f"{LAYER.format(i=i)}.self_attn.{x}_norm.weight" for x in "qk"]
-    return names
+    return llama.weight_names(c) + qk_norm_weight_names(c.num_hidden_layers)
 
 
 # ---- the graph ------------------------------------------------------------------------------
