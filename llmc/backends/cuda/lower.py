@@ -4,7 +4,7 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
 
     Gather(embedding table, input_ids)            embedding            glue.cu
     RMSNormalization / llmc AddRMSNorm            rmsnorm / add_rmsnorm norm.cu
-    MatMul(x, W) / Gemm(x, E, transB=1)           gemm                 gemv.cu (<= 8 rows),
+    MatMul(x, W) / Gemm(x, E, transB=1)           gemm                 gemv.cu (1-2 rows),
       [-> FusedSwiGLU / FusedGeGLU]                                    cuBLASLt (more); the
                                                                        gated activation fused
     llmc FusedSwiGLU / FusedGeGLU                 swiglu / geglu       activation.cu
@@ -122,14 +122,16 @@ class Lowering:
 
     # --- values --------------------------------------------------------------------------
 
-    def _weight(self, name: str) -> str:
+    def _weight(self, name: str, shape: list | None = None) -> str:
+        """The weight's value; shape: how the engine stores it, if not as the graph does."""
         t = self.g.weight(name)
         if t is None:
             raise UnsupportedGraph(f"{name!r} is not a weight of the graph")
         if name not in self.values:
             info = {e.key: e.value for e in t.external_data}
             dtype = _DTYPE_OF[t.data_type]
-            self.values[name] = Value("weight", dtype, list(t.dims), int(info["offset"]))
+            self.values[name] = Value("weight", dtype, shape or list(t.dims),
+                                      int(info["offset"]))
         return name
 
     def _arena(self, name: str, shape: list, dtype: str | None = None) -> str:
@@ -245,10 +247,7 @@ class Lowering:
             raise UnsupportedGraph(f"weight {w!r} of MatMul node {node.name!r} is also read "
                                    f"by {others}; a GEMM weight must serve GEMMs only")
         k, n = t.dims
-        if w not in self.values:
-            info = {e.key: e.value for e in t.external_data}
-            self.values[w] = Value("weight", _DTYPE_OF[t.data_type], [n, k],
-                                   int(info["offset"]))
+        self._weight(w, shape=[n, k])
         self._gemm(node, x, w, n, k, trans_b=True)
         self.ops[-1].attrs["transposed"] = True
 
