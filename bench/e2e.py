@@ -46,10 +46,11 @@ LLAMA_8B = {
 }
 
 
-def make_llama_8b(folder: Path) -> Path:
-    """Random bf16 weights of Llama-3.1-8B's shapes, made on the GPU, as safetensors."""
+def make_llama_8b(folder: Path, layers: int = 32) -> Path:
+    """Random bf16 weights of Llama-3.1-8B's shapes, made on the GPU, as safetensors
+    (`layers` < 32: the same shapes with fewer layers, for profiling a layer's kernels)."""
     if not (folder / "config.json").is_file():
-        _random_llama_8b(folder)
+        _random_llama_8b(folder, layers)
     if "metadata" not in (folder / "model.safetensors.index.json").read_text(errors="ignore") \
             if (folder / "model.safetensors.index.json").is_file() else True:
         # what HF needs to find the shards (llmc reads it too)
@@ -64,13 +65,13 @@ def make_llama_8b(folder: Path) -> Path:
     return folder
 
 
-def _random_llama_8b(folder: Path) -> None:
+def _random_llama_8b(folder: Path, layers: int) -> None:
     import torch
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     folder.mkdir(parents=True, exist_ok=True)
-    c = LLAMA_8B
+    c = {**LLAMA_8B, "num_hidden_layers": layers}
     h, i, v, d = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["head_dim"]
     q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from llmc import contract
 
-from .launch_rules import Launch, dtype_tag, float_bits, round_up
+from .launch_rules import Launch, dtype_tag, float_bits
 from .records import deserialize
 
 HEAD_DIMS = (64, 128)
@@ -26,7 +26,8 @@ MAX_GRID_Y = 65535
 # Decode K/V pipeline depths with an entry each, deepest (fastest) first; the plan takes the
 # deepest that fits the device's shared memory per block. Entry suffix: 3 -> "", 2 -> "_s2".
 DECODE_STAGES = (3, 2)
-MIN_SPLIT_KEYS = 256        # below this a split costs more in the reduce than it saves
+MIN_SPLIT_KEYS = ATTN_BN    # a split is at least one key tile
+MAX_DECODE_SPLITS = 512     # the reduce kernel's shared weights (REDUCE_SPLITS)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class AttentionPlan:
     main: Launch
     reduce: Launch | None
     n_split: int
-    chunk: int             # keys per split (decode path)
+    chunk: int             # least keys a split takes (decode path; the kernel spreads each
+                           # token's own context over the splits in whole key tiles)
     workspace_bytes: int   # fp32 partial O + lse per (token, q head, split)
     pack: int = 1          # q heads per prefill tile (prefill path)
     window: int = 0        # sliding window (keys p - window < j <= p), 0 = none
@@ -81,10 +83,16 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                 write_kv: bool = True, *, max_smem: int, window: int = 0) -> AttentionPlan:
     """One CTA per (token, kv head, split); splits chosen so the grid fills two waves.
 
+    The split count is fixed here (a decode graph is captured for the longest context), but
+    each token's keys are divided on the device: its own context over the n_split splits in
+    whole key tiles, at least `chunk` keys each. So a short context in a graph sized for a
+    long one still runs on every split its length allows (at batch 1 a 512-key context takes
+    8 splits a kv head, not the 2 that a fixed 256-key chunk gave).
+
     max_smem: the device's per-block opt-in shared memory; the deepest K/V pipeline that fits
     is taken (ValueError if none: attention_plan then falls back to the prefill kernel).
     With a window, a token's keys start at the key tile holding its window's first key, so
-    they span at most window + ATTN_BN - 1 positions: splits are sized from that."""
+    they span at most window + ATTN_BN - 1 positions: the split count is sized from that."""
     check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window)
     stages = decode_stages(head_dim, max_smem)
     if stages is None:
@@ -93,9 +101,8 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     max_ctx = max_blocks * block_size
     span = min(max_ctx, window + ATTN_BN - 1) if window else max_ctx
     want = math.ceil(2 * sm_count / (tokens * num_kv_heads))
-    n_split = max(1, min(want, span // MIN_SPLIT_KEYS))
-    chunk = round_up(math.ceil(span / n_split), ATTN_BN)
-    n_split = math.ceil(span / chunk)
+    n_split = max(1, min(want, math.ceil(span / MIN_SPLIT_KEYS), MAX_DECODE_SPLITS))
+    chunk = MIN_SPLIT_KEYS
     suffix = "" if stages == DECODE_STAGES[0] else f"_s{stages}"
     main = Launch("paged_attention", f"attn_decode_{dtype_tag(dtype)}_d{head_dim}{suffix}",
                   (tokens, num_kv_heads, n_split), (ATTN_THREADS, 1, 1),

@@ -69,17 +69,21 @@ def norm_launch(rows: int, n: int, dtype: str, kind: str = "rmsnorm",
 
 # ---- skinny GEMM (decode) ------------------------------------------------------------------
 
-GEMV_MS = (1, 2)                  # the M a kernel is compiled for; m rows take the next one
+GEMV_MS = (1, 2, 8)               # the M a kernel is compiled for; m rows take the next one
 GEMV_ROWS = {1: 1, 2: 2}          # weight rows a warp (GEMV_R<M> in kernels/gemv.cu)
 GEMV_WARPS = 4                    # warps a block (__launch_bounds__(128))
+GEMV_TC_MS = (8,)                 # tensor-core kernels (tc_gemv): 16 weight rows a CTA
+GEMV_TC_WARPS = 16                # warps splitting K in a CTA (GEMV_TC_SK)
 GEMV_ACTS = ("swiglu", "geglu")
 
 
 def gemv_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None,
                 act: str | None = None) -> Launch:
-    """y[m, n] = x[m, k] @ w[n, k]^T (+ bias[n]) for m <= 2, w stored [N, K]; with act, w is
+    """y[m, n] = x[m, k] @ w[n, k]^T (+ bias[n]) for m <= 8, w stored [N, K]; with act, w is
     the fused [2n, k] gate-up weight and y = act(gate) * up [m, n]. args (x, w, bias-or-null,
-    m, n, k, y); the bias has y's dtype. out_dtype: dtype (default) or float32."""
+    m, n, k, y); the bias has y's dtype. out_dtype: dtype (default) or float32.
+    1-2 rows: CUDA-core dot products, R weight rows a warp; 3-8 rows: tensor cores, 16
+    weight rows (8 outputs with act) a CTA of GEMV_TC_WARPS warps."""
     tag = dtype_tag(dtype)
     out = tag if out_dtype in (None, dtype) else "f32" if out_dtype == "float32" else None
     if out is None:
@@ -91,9 +95,12 @@ def gemv_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None
     if k % 8 or not 0 < k <= INT32_MAX or not 0 < n * (2 if act else 1) <= INT32_MAX:
         raise ValueError(f"gemv needs K a multiple of 8 (16-byte rows): N={n}, K={k}")
     mb = next(b for b in GEMV_MS if b >= m)
+    name = f"gemv_{tag}_{out}_m{mb}" + (f"_{act}" if act else "")
+    if mb in GEMV_TC_MS:
+        return Launch("gemv", name, (math.ceil(n / (8 if act else 16)), 1, 1),
+                      (32 * GEMV_TC_WARPS, 1, 1), pdl=True)
     per_warp = max(2, GEMV_ROWS[mb]) // 2 if act else GEMV_ROWS[mb]  # gate + up rows
     warps = math.ceil(n / per_warp)
-    name = f"gemv_{tag}_{out}_m{mb}" + (f"_{act}" if act else "")
     return Launch("gemv", name, (math.ceil(warps / GEMV_WARPS), 1, 1), (32 * GEMV_WARPS, 1, 1),
                   pdl=True)
 
@@ -141,6 +148,9 @@ def rope_output_shapes(qkv_shape, num_q_heads: int, num_kv_heads: int, head_dim:
             (t, num_kv_heads, head_dim)]
 
 
+ROPE_PAIRS_PER_CTA = 512
+
+
 def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                 rotary_dim: int, dtype: str, interleaved: bool = False, bias: bool = False,
                 write_cache: bool = False) -> Launch:
@@ -148,11 +158,17 @@ def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
         raise ValueError(f"rotary_dim {rotary_dim} / head_dim {head_dim}")
     if rotary_dim // 2 > 256:
         raise ValueError("rotary_dim > 512")
-    pairs = (num_q_heads + 2 * num_kv_heads) * head_dim // 2
-    threads = min(512, round_up(pairs, 32))
+    heads = num_q_heads + 2 * num_kv_heads
+    # A CTA a token and group of heads, a thread a rotated pair: at batch 1 the 48 heads of
+    # Llama-3-8B run as 6 CTAs of 8 heads (one CTA took 7 us on an H100; the cos/sin table
+    # is recomputed by each CTA, 64 sincos).
+    per_cta = max(1, ROPE_PAIRS_PER_CTA // (head_dim // 2))
+    groups = -(-heads // per_cta)
+    per_cta = -(-heads // groups)   # the kernel's own split: ceil(heads / gridDim.y)
+    threads = min(ROPE_PAIRS_PER_CTA, round_up(per_cta * head_dim // 2, 32))
     name = ("rope" + ("_bias" if bias else "") + ("_cache" if write_cache else "")
             + ("_interleaved_" if interleaved else "_half_") + dtype_tag(dtype))
-    return Launch("rope", name, (tokens, 1, 1), (threads, 1, 1))
+    return Launch("rope", name, (tokens, groups, 1), (threads, 1, 1))
 
 
 def llama3_inv_freq(head_dim: int, rope_theta: float, rotary_dim: int | None = None,

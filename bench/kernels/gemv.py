@@ -13,9 +13,10 @@ Timing as bench/kernels/gemm.py: a CUDA graph of >= CALLS calls cycling through 
 weight copies (each call reads its weight from HBM, not from the 50 MB L2), median of REPS
 replays. Bandwidth = (W + X + Y bytes) / time against 3.35 TB/s.
 
---sweep also times every (rows a warp R, unroll U) pair for M = 1, 2, 4 and 8, compiled from
-the same source and launched the same way (PDL on sm_90+): the figures that chose
-GEMV_R<M> / GEMV_U<M> in gemv.cu, and that 4 and 8 rows stay with cuBLASLt.
+--sweep also times every (rows a warp R, unroll U) pair of the CUDA-core GEMV for M = 1, 2, 4
+and 8, and every (warps splitting K, chunks ahead) pair of the tensor-core kernel for M = 4, 8
+and 16, compiled from the same source and launched the same way (PDL on sm_90+): the figures
+that chose GEMV_R<M> / GEMV_U<M> and GEMV_TC_SK / GEMV_TC_U in gemv.cu.
 """
 from __future__ import annotations
 
@@ -38,9 +39,13 @@ SHAPES = (  # name, K, N (weight rows), out dtype, fused activation
     ("down", 14336, 4096, "bfloat16", None),
     ("lm_head", 4096, 128256, "float32", None),
 )
-MS = (1, 2)       # what the backend runs the GEMV at (--sweep also times 4 and 8 rows)
+MS = (1, 2, 4, 8, 16)   # decode batch sizes; the backend runs the GEMV up to 16 rows
 SWEEP = {1: [(1, 4), (1, 8), (2, 4), (2, 8)], 2: [(1, 8), (2, 4), (2, 8), (4, 4)],
          4: [(1, 8), (2, 4), (4, 2), (4, 4)], 8: [(2, 4), (4, 2), (4, 4)]}
+# tensor-core kernel (tc_gemv): M -> (warps splitting K, chunks loaded ahead) pairs
+TC_SWEEP = {4: [(4, 4), (8, 2), (8, 4), (16, 1), (16, 2)],
+            8: [(4, 4), (8, 1), (8, 2), (8, 4), (16, 1), (16, 2)],
+            16: [(4, 4), (8, 2), (8, 4), (16, 1), (16, 2)]}
 TORCH = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -48,6 +53,9 @@ def sweep_functions(K: Kernels):
     """Every (M, R, U) of SWEEP compiled as kernels gemv_sweep_m<M>_r<R>_u<U> (bf16 out)."""
     entries = "".join(f"GEMV_ENTRY(gemv_sweep_m{m}_r{r}_u{u}, BF16, {m}, {r}, {u}, 0, false)\n"
                       for m, pairs in SWEEP.items() for r, u in pairs)
+    entries += "".join(
+        f"TC_ENTRY(tc_sweep_m{m}_sk{sk}_u{u}, BF16, {-(-m // 8)}, {sk}, {u}, 0, false)\n"
+        for m, pairs in TC_SWEEP.items() for sk, u in pairs)
     src = "#define GEMV_VARIANTS\n" + compiler.source("gemv") + entries
     cubin = compiler._compile_cached("gemv_sweep", K.arch, False, src)
     from llmc.plugins.launch import Functions
@@ -80,7 +88,7 @@ def main() -> None:
             y = torch.full((m, n_out), float("nan"), device="cuda", dtype=od)
             gu = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             yt = torch.empty(m, n_out, device="cuda", dtype=od)
-            shipped = m in lr.GEMV_MS
+            shipped = m <= lr.GEMV_MS[-1]
             ln = lr.gemv_launch(m, n_out, k, "bfloat16", out_name, act) if shipped else None
 
             def ours(w, ln=ln, f=K.functions, x=x, y=y, m=m):
@@ -115,7 +123,7 @@ def main() -> None:
                 rows.append((name, f"{k}->{n}", m, w_bytes, None, None, blas_s,
                              moved / blas_s, None))
             if sweep and not act and out_name == "bfloat16":
-                for r, u in SWEEP[m]:
+                for r, u in SWEEP.get(m, []):
                     per_warp = r
                     sl = lr.Launch("gemv_sweep", f"gemv_sweep_m{m}_r{r}_u{u}",
                                    (math.ceil(math.ceil(n / per_warp) / lr.GEMV_WARPS), 1, 1),
@@ -126,7 +134,17 @@ def main() -> None:
                              DevPtr(y.data_ptr())]
                         return lambda: sweep.launch(sl, a, stream())
                     s = graph_time([variant(weights[i % copies]) for i in range(calls)])
-                    sweep_rows.append((name, m, r, u, moved / s / DATASHEET_BW))
+                    sweep_rows.append((name, m, f"R={r}", u, moved / s / DATASHEET_BW))
+                for sk, u in TC_SWEEP.get(m, []):
+                    sl = lr.Launch("gemv_sweep", f"tc_sweep_m{m}_sk{sk}_u{u}",
+                                   (math.ceil(n / 16), 1, 1), (32 * sk, 1, 1), pdl=True)
+
+                    def variant(w, sl=sl, x=x, y=y, m=m):
+                        a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(0), m, n, k,
+                             DevPtr(y.data_ptr())]
+                        return lambda: sweep.launch(sl, a, stream())
+                    s = graph_time([variant(weights[i % copies]) for i in range(calls)])
+                    sweep_rows.append((name, m, f"TC SK={sk}", u, moved / s / DATASHEET_BW))
         weights.clear()
         torch.cuda.empty_cache()
 
@@ -152,8 +170,9 @@ def main() -> None:
         lines.append(f"| {name} | {kn} | {m} | {w_bytes / 1e6:.1f} | {ours} "
                      f"| {blas_s * 1e6:.1f} | {blas_bw / DATASHEET_BW:.0%} | {ratio} |")
     if sweep_rows:
-        lines += ["", "Sweep, % of peak by (rows a warp R, unroll U):", "",
-                  "| GEMM | M | R | U | % peak |", "|---|---:|---:|---:|---:|"]
+        lines += ["", "Sweep, % of peak by (rows a warp R, unroll U) for the CUDA-core GEMV "
+                  "and (warps splitting K, chunks ahead U) for the tensor-core one:", "",
+                  "| GEMM | M | variant | U | % peak |", "|---|---:|---|---:|---:|"]
         lines += [f"| {nm} | {m} | {r} | {u} | {p:.0%} |" for nm, m, r, u, p in sweep_rows]
     lines += ["", f"Total benchmark time {time.perf_counter() - t0:.1f} s."]
     text = "\n".join(lines)

@@ -136,6 +136,120 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const u16* __res
   }
 }
 
+// ---- 3 to 16 rows: tensor cores -----------------------------------------------------------
+// From 3 rows on, CUDA-core dot products convert each x value R times per weight row and
+// run out of issue slots; mma.sync.m16n8k16 does 16 weight rows x 8 x rows a lane-step.
+// A = 16 weight rows, B = 8 (NT = 1) or 16 (NT = 2) rows of x, fp32 C. The order of a dot
+// product's K terms is free, so a lane's 16-byte load of 8 consecutive k of a weight row is
+// its A fragment for two k16 steps as it stands, and the same 8 k of an x row its B fragment:
+// lane (g = lane/4, t = lane%4) loads k [8t, 8t+8) of a 32-k chunk, whose k 8t+0,1 / 8t+2,3
+// sit in the fragment slots of logical k 2t,2t+1 / 2t+8,2t+9 (step one; 8t+4..7 step two).
+// No shared-memory staging, no ldmatrix: the weights stream from HBM to the tensor cores.
+// A CTA is SK warps over the same 16 rows, warp i taking the 32-k chunks i, i + SK, ...:
+// each row is read by the CTA as contiguous 64 * SK-byte runs; the SK partial tiles are
+// summed through shared memory in warp order (deterministic). U chunks are loaded ahead.
+// ACT: rows g and g + 8 of the tile are the gate and up rows of output o0 + g, so the
+// activation's two inputs end in the same lane, rounded as the GEMV above rounds them.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                          u32 b1) {
+  if constexpr (T::is_bf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+template <typename T, int NT, int SK, int U, int ACT, bool F32>
+__device__ __forceinline__ void tc_gemv(const u16* __restrict__ x, const u16* __restrict__ w,
+                                        const void* __restrict__ bias, int m, int n, int k,
+                                        void* __restrict__ y) {
+  __shared__ float part[SK][NT][4][32];
+  constexpr int OUT = ACT ? 8 : 16;  // outputs a CTA
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int o0 = blockIdx.x * OUT;
+  // Rows past the end re-read the last row (never stored), as in the GEMV.
+  const int ra = min(o0 + g, n - 1);
+  const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
+  const u16* wa = w + (size_t)ra * k + 8 * t;
+  const u16* wb = w + (size_t)rb * k + 8 * t;
+  const int chunks = (k + 31) / 32;
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  // Two register stages: the next U chunks are in flight while the tensor cores take these.
+  uint4 va[U], vb[U], na[U], nb[U];
+  auto load_w = [&](uint4* a, uint4* b, int c) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kk = (c + u * SK) * 32;
+      const bool ok = kk + 8 * t < k;
+      a[u] = ok ? ld_stream(wa + kk) : make_uint4(0, 0, 0, 0);
+      b[u] = ok ? ld_stream(wb + kk) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  load_w(va, vb, warp);
+  load_w(na, nb, warp + SK * U);
+  pdl_trigger();
+  pdl_wait();
+  for (int c = warp; c < chunks; c += SK * U) {
+    if (c != warp) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) { va[u] = na[u]; vb[u] = nb[u]; }
+      load_w(na, nb, c + SK * U);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kk = (c + u * SK) * 32 + 8 * t;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int xr = j * 8 + g;
+        const uint4 xv = xr < m && kk < k
+                             ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)xr * k + kk))
+                             : make_uint4(0, 0, 0, 0);
+        mma_16816<T>(acc[j], va[u].x, vb[u].x, va[u].y, vb[u].y, xv.x, xv.y);
+        mma_16816<T>(acc[j], va[u].z, vb[u].z, va[u].w, vb[u].w, xv.z, xv.w);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[warp][j][e][lane] = acc[j][e];
+  __syncthreads();
+  // C element e of lane L: weight row L/4 (+8 for e >= 2), x row 2 * (L%4) + (e & 1).
+  for (int i = threadIdx.x; i < NT * 4 * 32; i += SK * 32) {
+    const int j = i >> 7, e = (i >> 5) & 3, ln = i & 31;
+    if (ACT && e >= 2) continue;
+    const int row = j * 8 + 2 * (ln & 3) + (e & 1);
+    const int o = o0 + (ln >> 2) + (ACT ? 0 : 8 * (e >> 1));
+    if (row >= m || o >= n) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int s = 0; s < SK; ++s) v += part[s][j][e][ln];
+    if constexpr (ACT) {
+      float up = 0.f;
+#pragma unroll
+      for (int s = 0; s < SK; ++s) up += part[s][j][e + 2][ln];
+      const float gr = rnd<T>(v);
+      v = rnd<T>(ACT == 1 ? silu_f(gr) : gelu_tanh_f(gr)) * rnd<T>(up);
+    } else if (bias) {
+      v += F32 ? reinterpret_cast<const float*>(bias)[o]
+               : T::to_f(reinterpret_cast<const u16*>(bias)[o]);
+    }
+    if constexpr (F32) reinterpret_cast<float*>(y)[(size_t)row * n + o] = v;
+    else reinterpret_cast<u16*>(y)[(size_t)row * n + o] = T::from_f(v);
+  }
+}
+
 // Entry points gemv_<dtype>_<out>_m<M>[_swiglu|_geglu]; R and U per M as benchmarked on the
 // H100 (bench/kernels/gemv.py): more rows a warp as M grows, so x is converted fewer times
 // per weight.
@@ -152,12 +266,27 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const u16* __res
   GEMV_ENTRY(gemv_##DT##_##DT##_m##M##_swiglu, TY, M, (R < 2 ? 2 : R), U, 1, false)             \
   GEMV_ENTRY(gemv_##DT##_##DT##_m##M##_geglu, TY, M, (R < 2 ? 2 : R), U, 2, false)
 
+#define TC_ENTRY(NAME, TY, NT, SK, U, ACT, F32)                                                \
+  extern "C" __global__ void __launch_bounds__(32 * SK)                                        \
+  NAME(const u16* x, const u16* w, const void* bias, int m, int n, int k, void* y) {           \
+    tc_gemv<TY, NT, SK, U, ACT, F32>(x, w, bias, m, n, k, y);                                  \
+  }
+#define TC_M(DT, TY, M, NT, SK, U)                                                             \
+  TC_ENTRY(gemv_##DT##_##DT##_m##M, TY, NT, SK, U, 0, false)                                    \
+  TC_ENTRY(gemv_##DT##_f32_m##M, TY, NT, SK, U, 0, true)                                       \
+  TC_ENTRY(gemv_##DT##_##DT##_m##M##_swiglu, TY, NT, SK, U, 1, false)                           \
+  TC_ENTRY(gemv_##DT##_##DT##_m##M##_geglu, TY, NT, SK, U, 2, false)
+
 #ifndef GEMV_VARIANTS  // benchmarks compile their own grid of (M, R, U)
-// From 4 rows on, cuBLASLt's tensor-core kernels read the decode shapes faster than these
-// CUDA-core dot products (bench/results/gemv.md), so the backend runs it there.
+// 1-2 rows: the CUDA-core GEMV; 3-8 rows: the tensor-core kernel, 16 warps over K, one chunk
+// ahead (the sweep's best: the warps, not the depth, keep the loads in flight); from 9 rows
+// cuBLASLt reads the decode shapes as fast or faster (bench/results/gemv.md).
 #define GEMV_DTYPE(DT, TY)                                                                     \
   GEMV_M(DT, TY, 1, GEMV_R1, GEMV_U1)                                                          \
-  GEMV_M(DT, TY, 2, GEMV_R2, GEMV_U2)
+  GEMV_M(DT, TY, 2, GEMV_R2, GEMV_U2)                                                          \
+  TC_M(DT, TY, 8, 1, GEMV_TC_SK, GEMV_TC_U)
+#define GEMV_TC_SK 16
+#define GEMV_TC_U 1
 #define GEMV_R1 1
 #define GEMV_U1 8
 #define GEMV_R2 2

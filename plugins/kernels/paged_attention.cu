@@ -298,10 +298,13 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
   const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, G = hq / hkv;
   const int s = find_seq(ss, B, t);
   const int pos = cl[s] - (ss[s + 1] - ss[s]) + (t - ss[s]);
-  // Splits count from the key tile holding the window's first key (0 without a window), so
-  // the plan sizes them by the window, not the whole context.
-  const int lo = win > 0 ? max(0, pos - win + 1) : 0;
-  const int k_begin = lo / BN * BN + split * chunk, k_end = min(pos + 1, k_begin + chunk);
+  // Splits cover this token's keys from the tile holding its window's first key (0 without
+  // a window) to pos, in equal whole tiles of at least `chunk` keys: sized from the token's
+  // own context, so a graph captured for the longest context still spreads a short one over
+  // every split.
+  const int first = win > 0 ? max(0, pos - win + 1) / BN * BN : 0;
+  const int per_split = max(chunk, (pos + 1 - first + n_split * BN - 1) / (n_split * BN) * BN);
+  const int k_begin = first + split * per_split, k_end = min(pos + 1, k_begin + per_split);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const size_t head0 = (size_t)t * hq + kvh * G;
   if (k_begin >= k_end) {  // past this token's context: an empty partial
@@ -411,21 +414,38 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
 }
 
 // One block per (token, q head), D threads: out = sum_s w_s o_s with w_s from the splits' lse.
+// A token's splits fill from the first (attn_decode divides its own context), so the empty
+// ones (lse = -inf) are a suffix: the weights of the live prefix go to shared memory once, and
+// each thread's loop is a run of independent loads of the live partials only.
+#define REDUCE_SPLITS 512   // attention_plan.MAX_DECODE_SPLITS
 template <typename T>
 __device__ void attn_reduce(const float* __restrict__ ws_o, const float* __restrict__ ws_lse,
                             int rows, int d, int n_split, u16* __restrict__ out) {
+  __shared__ float wgt[REDUCE_SPLITS];
+  __shared__ int n_live;
   const size_t row = blockIdx.x;
   if (row >= (size_t)rows) return;
   const float* lse = ws_lse + row * n_split;
+  if (threadIdx.x == 0) n_live = n_split;
+  __syncthreads();
+  for (int i = threadIdx.x; i < n_split; i += blockDim.x) {
+    const float v = lse[i];
+    wgt[i] = v;
+    if (v == -INFINITY) atomicMin(&n_live, i);
+  }
+  __syncthreads();
+  const int nl = n_live;
   float mx = -INFINITY;
-  for (int i = 0; i < n_split; ++i) mx = fmaxf(mx, lse[i]);
+  for (int i = 0; i < nl; ++i) mx = fmaxf(mx, wgt[i]);   // smem broadcast, same order in all
+  __syncthreads();
+  for (int i = threadIdx.x; i < nl; i += blockDim.x) wgt[i] = exp2f(wgt[i] - mx);
+  __syncthreads();
   for (int c = threadIdx.x; c < d; c += blockDim.x) {
     float acc = 0.f, den = 0.f;
-    for (int i = 0; i < n_split; ++i) {
-      if (lse[i] == -INFINITY) continue;  // empty split: its o slot was never written
-      const float w = exp2f(lse[i] - mx);
-      acc += w * ws_o[(row * n_split + i) * d + c];
-      den += w;
+#pragma unroll 4
+    for (int i = 0; i < nl; ++i) {
+      acc += wgt[i] * ws_o[(row * n_split + i) * d + c];
+      den += wgt[i];
     }
     out[row * d + c] = T::from_f(acc / den);
   }

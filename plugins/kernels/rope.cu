@@ -3,7 +3,7 @@
 // Rotary on the first rot_dim dims of each q/k head: FORM 0 = rotate-half (HF llama),
 // FORM 1 = interleaved pairs (GPT-J). Angles are pos * inv_freq[i] in fp32 (llama3 scaling
 // is folded into inv_freq on the host). Streaming: bytes = T*(Hq+2Hkv)*D*2*2 (+ K/V again
-// for the cache write). One block per token; cos/sin computed once per token in smem.
+// for the cache write). One block per (token, group of heads); cos/sin computed in smem.
 #include "common.cuh"
 
 #define MAX_HALF_ROT 256
@@ -34,10 +34,14 @@ __device__ __forceinline__ void rope_token(
     phys = block_tables[(size_t)s * max_blocks + p / bs];
     row = p % bs;
   }
+  // gridDim.y CTAs share a token's heads: at decode a token is a few thousand pairs, too
+  // little latency-bound work for one CTA to do alone.
   const int htot = hq + 2 * hkv, hd = d >> 1;
+  const int per = (htot + gridDim.y - 1) / gridDim.y, h0 = blockIdx.y * per;
+  const int n_pairs = min(per, htot - h0) * hd;
   const u16* src = qkv + (size_t)t * htot * d;
-  for (int idx = threadIdx.x; idx < htot * hd; idx += blockDim.x) {
-    const int h = idx / hd, j = idx - h * hd;
+  for (int idx = threadIdx.x; idx < n_pairs; idx += blockDim.x) {
+    const int h = h0 + idx / hd, j = idx % hd;
     int e0, e1;  // the two elements this thread owns
     if (j < half) {
       e0 = FORM == 0 ? j : 2 * j;

@@ -20,11 +20,19 @@ def test_decode_plan_fills_the_gpu_and_splits_long_contexts():
     assert big.main.grid == (64, 8, 1) and big.main.smem == ap.decode_smem(128)
     small = ap.attention_plan(2, 2, 32, 8, 128, 32768 // 16, 16, "bfloat16", 132, max_smem=H100)
     assert small.n_split > 1 and small.reduce is not None
-    assert small.chunk % ap.ATTN_BN == 0
-    assert small.n_split * small.chunk >= 32768 > (small.n_split - 1) * small.chunk
+    assert small.chunk == ap.ATTN_BN   # the least a split takes; the kernel spreads the rest
     assert small.main.grid[0] * small.main.grid[1] * small.main.grid[2] >= 2 * 132
     assert small.workspace_bytes == 2 * 32 * small.n_split * 129 * 4
     assert small.reduce.grid == (64, 1, 1)
+
+
+def test_decode_splits_short_contexts_at_small_batches():
+    """The split count comes from the grid, not from a minimum chunk: batch 1 over a
+    2k-token limit runs 33 splits a kv head (the kernel gives a 512-key context 8 of them)."""
+    one = ap.attention_plan(1, 1, 32, 8, 128, 2112 // 16, 16, "bfloat16", 132, max_smem=H100)
+    assert one.n_split == math.ceil(2 * 132 / 8) and one.chunk == ap.ATTN_BN
+    tiny = ap.attention_plan(1, 1, 32, 8, 128, 4, 16, "bfloat16", 132, max_smem=H100)
+    assert tiny.n_split == 1 and tiny.reduce is None   # 64 keys: one tile, nothing to split
 
 
 def test_prefill_plan_tiles_cover_any_ragged_split():
@@ -112,15 +120,16 @@ def test_smem_fallbacks():
 
 def test_window_sizes_decode_splits():
     """Splits count from a token's first visible key tile: a window bounds them."""
-    args = (2, 32, 8, 128, 32768 // 16, 16, "bfloat16", 132)  # decode_plan: no batch
+    args = (1, 32, 8, 128, 32768 // 16, 16, "bfloat16", 132)  # decode_plan: no batch
     full = ap.decode_plan(*args, max_smem=H100)
     win = ap.decode_plan(*args, max_smem=H100, window=1000)
     assert full.window == 0 and win.window == 1000
-    # every token's keys [first tile start, p] span < window + 64: covered by the splits
-    assert win.n_split * win.chunk >= 1000 + ap.ATTN_BN - 1 > (win.n_split - 1) * win.chunk
-    assert 1 < win.n_split < full.n_split and win.chunk % ap.ATTN_BN == 0
+    # every token's keys [first tile start, p] span < window + 64: no more splits than the
+    # key tiles of that span
+    assert win.n_split == math.ceil((1000 + ap.ATTN_BN - 1) / ap.ATTN_BN) < full.n_split
     small = ap.decode_plan(*args, max_smem=H100, window=37)
-    assert small.n_split == 1 and small.reduce is None and small.workspace_bytes == 0
+    assert small.n_split == 2 and small.reduce is not None   # 37 keys can straddle two tiles
+    assert ap.decode_plan(*args, max_smem=H100, window=1).n_split == 1
     # a window past the context changes nothing but the kernel argument
     assert ap.decode_plan(*args, max_smem=H100, window=10**6) == dataclasses.replace(
         full, window=10**6)
@@ -163,7 +172,7 @@ def test_workspace_bound_covers_every_decode_step(window):
     ws = [ap.decode_plan(t, hq, hkv, d, mb, bs, "bfloat16", sm, **lim).workspace_bytes
           for t in range(1, 65)]
     assert bound == max(ws) > 0
-    assert ap.attention_workspace_bound(512, 64, hq, hkv, d, 8, bs, sm, **lim) == 0
+    assert ap.attention_workspace_bound(512, 64, hq, hkv, d, 4, bs, sm, **lim) == 0
     # a GPU where no decode kernel fits falls back to the prefill kernel: no workspace
     assert ap.attention_workspace_bound(512, 64, hq, hkv, d, mb, bs, sm,
                                            max_smem=64 * 1024, window=window) == 0

@@ -128,7 +128,7 @@ def row_params(b, temperature, top_k=0, top_p=1.0):
 
 
 @pytest.mark.parametrize("b", [1, 7, 64])
-@pytest.mark.parametrize("v", [49152, 128256])
+@pytest.mark.parametrize("v", [49152, 128256, 50257])   # 16-byte loads, and V % 4 != 0
 def test_greedy_is_argmax_lowest_index_on_ties(K, b, v):
     g = torch.Generator(device="cuda").manual_seed(b * v)
     logits = torch.randn(b, v, device="cuda", generator=g) * 4

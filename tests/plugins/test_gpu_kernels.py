@@ -157,6 +157,7 @@ CASES = [  # (new tokens per sequence, context after the step)
     ([5, 1, 70, 1, 130], [5, 40, 70, 1000, 200]),  # prefill chunks + decode, mixed
     ([1, 1], [3000, 4500]),                        # long decode: split over the context
     ([64, 1], [64, 65]),
+    ([1, 1, 1], [1, 513, 65]),                     # decode, short contexts split finely
 ]
 
 

@@ -46,7 +46,12 @@ def test_rope_shapes_and_names():
         lr.rope_output_shapes((9, 100), 32, 8, 128)
     ln = lr.rope_launch(9, 32, 8, 128, 64, "bfloat16", interleaved=True, bias=True,
                            write_cache=True)
-    assert ln.kernel == "rope_bias_cache_interleaved_bf16" and ln.grid == (9, 1, 1)
+    # 48 heads of 64 pairs: 6 CTAs of 8 heads a token, a thread a pair
+    assert ln.kernel == "rope_bias_cache_interleaved_bf16" and ln.grid == (9, 6, 1)
+    assert ln.block == (512, 1, 1)
+    # heads that do not divide evenly: the kernel's ceil split, no idle CTA
+    odd = lr.rope_launch(1, 14, 2, 64, 64, "float16")    # 18 heads of 32 pairs, 16 a CTA
+    assert odd.grid == (1, 2, 1) and odd.block == (288, 1, 1)
     with pytest.raises(ValueError):
         lr.rope_launch(9, 32, 8, 128, 130, "bfloat16")
 
@@ -119,10 +124,15 @@ def test_sample_launch():
 
 # ---- skinny GEMM ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("m,mb", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("m,mb", [(1, 1), (2, 2), (3, 8), (8, 8)])
 def test_gemv_launch_rounds_m_up_to_a_compiled_kernel(m, mb):
     ln = lr.gemv_launch(m, 4096, 4096, "bfloat16")
     assert ln.kernel == f"gemv_bf16_bf16_m{mb}"
+    if mb in lr.GEMV_TC_MS:   # 16 weight rows a CTA
+        assert ln.grid[0] == 4096 // 16 and ln.block == (32 * lr.GEMV_TC_WARPS, 1, 1)
+        # the fused gate: 8 outputs (gate and up rows) a CTA
+        assert lr.gemv_launch(m, 4001, 64, "bfloat16", act="geglu").grid[0] == -(-4001 // 8)
+        return
     per_block = lr.GEMV_ROWS[mb] * lr.GEMV_WARPS
     assert ln.grid[0] == -(-4096 // per_block) and ln.block == (32 * lr.GEMV_WARPS, 1, 1)
 
@@ -138,7 +148,7 @@ def test_gemv_launch_names_fp32_out_and_fused_gate():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(m=3), "1..2 rows"), (dict(m=0), "1..2 rows"), (dict(k=100), "multiple of 8"),
+    (dict(m=9), "1..8 rows"), (dict(m=0), "1..8 rows"), (dict(k=100), "multiple of 8"),
     (dict(out_dtype="float16"), "writes bfloat16 or float32"),
     (dict(act="relu"), "fuses"), (dict(act="swiglu", out_dtype="float32"), "fuses")])
 def test_gemv_launch_refuses(kw, match):
@@ -158,4 +168,8 @@ def test_gemv_rows_agree_with_the_kernel_source():
     for m, r in lr.GEMV_ROWS.items():
         assert re.search(rf"#define GEMV_R{m} {r}\b", src)
     for m in lr.GEMV_MS:
-        assert re.search(rf"GEMV_M\(DT, TY, {m}, GEMV_R{m}, GEMV_U{m}\)", src)
+        if m in lr.GEMV_TC_MS:
+            assert re.search(rf"TC_M\(DT, TY, {m}, {m // 8}, GEMV_TC_SK, GEMV_TC_U\)", src)
+        else:
+            assert re.search(rf"GEMV_M\(DT, TY, {m}, GEMV_R{m}, GEMV_U{m}\)", src)
+    assert re.search(rf"#define GEMV_TC_SK {lr.GEMV_TC_WARPS}\b", src)

@@ -4,7 +4,7 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
 
     Gather(embedding table, input_ids)            embedding            glue.cu
     RMSNormalization / llmc AddRMSNorm            rmsnorm / add_rmsnorm norm.cu
-    MatMul(x, W) / Gemm(x, E, transB=1)           gemm                 gemv.cu (1-2 rows),
+    MatMul(x, W) / Gemm(x, E, transB=1)           gemm                 gemv.cu (1-8 rows),
       [-> FusedSwiGLU / FusedGeGLU]                                    cuBLASLt (more); the
                                                                        gated activation fused
     llmc FusedSwiGLU / FusedGeGLU                 swiglu / geglu       activation.cu
