@@ -123,28 +123,20 @@ def main() -> None:
                 rows.append((name, f"{k}->{n}", m, w_bytes, None, None, blas_s,
                              moved / blas_s, None))
             if sweep and not act and out_name == "bfloat16":
-                for r, u in SWEEP.get(m, []):
-                    per_warp = r
-                    sl = lr.Launch("gemv_sweep", f"gemv_sweep_m{m}_r{r}_u{u}",
-                                   (math.ceil(math.ceil(n / per_warp) / lr.GEMV_WARPS), 1, 1),
-                                   (32 * lr.GEMV_WARPS, 1, 1), pdl=True)
-
+                variants = [(f"R={r}", u, lr.Launch(
+                    "gemv_sweep", f"gemv_sweep_m{m}_r{r}_u{u}",
+                    (math.ceil(math.ceil(n / r) / lr.GEMV_WARPS), 1, 1),
+                    (32 * lr.GEMV_WARPS, 1, 1), pdl=True)) for r, u in SWEEP.get(m, [])]
+                variants += [(f"TC SK={sk}", u, lr.Launch(
+                    "gemv_sweep", f"tc_sweep_m{m}_sk{sk}_u{u}", (math.ceil(n / 16), 1, 1),
+                    (32 * sk, 1, 1), pdl=True)) for sk, u in TC_SWEEP.get(m, [])]
+                for label, u, sl in variants:
                     def variant(w, sl=sl, x=x, y=y, m=m):
                         a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(0), m, n, k,
                              DevPtr(y.data_ptr())]
                         return lambda: sweep.launch(sl, a, stream())
                     s = graph_time([variant(weights[i % copies]) for i in range(calls)])
-                    sweep_rows.append((name, m, f"R={r}", u, moved / s / DATASHEET_BW))
-                for sk, u in TC_SWEEP.get(m, []):
-                    sl = lr.Launch("gemv_sweep", f"tc_sweep_m{m}_sk{sk}_u{u}",
-                                   (math.ceil(n / 16), 1, 1), (32 * sk, 1, 1), pdl=True)
-
-                    def variant(w, sl=sl, x=x, y=y, m=m):
-                        a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(0), m, n, k,
-                             DevPtr(y.data_ptr())]
-                        return lambda: sweep.launch(sl, a, stream())
-                    s = graph_time([variant(weights[i % copies]) for i in range(calls)])
-                    sweep_rows.append((name, m, f"TC SK={sk}", u, moved / s / DATASHEET_BW))
+                    sweep_rows.append((name, m, label, u, moved / s / DATASHEET_BW))
         weights.clear()
         torch.cuda.empty_cache()
 
