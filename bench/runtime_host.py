@@ -90,7 +90,10 @@ def main() -> None:
     # and on a 2-core machine they would take the core the host code runs on.
     session = Timed(open_session(file, threads=1))
     engine = LLMEngine(session, file.header)
-    params = SamplingParams(max_tokens=args.steps + 10, ignore_eos=True)
+    # Enough tokens that none finishes before the timed steps end: the first prompts decode
+    # while the others prefill (a budget of max_num_tokens a step), so their count of
+    # generated tokens runs ahead of the timed steps by the prefill's length.
+    params = SamplingParams(max_tokens=limits.max_seq_len - args.context - 1, ignore_eos=True)
     for i in range(args.batch):
         engine.add_request([(7 * i + k) % 500 + 1 for k in range(args.context)], params)
     while any(r.num_computed_tokens < len(r.prompt_token_ids)
@@ -103,6 +106,9 @@ def main() -> None:
     engine._inputs = timed(engine._inputs, core)
     host, cores, cpu = [], [], []
     for _ in range(args.steps):
+        if len(engine.scheduler.running) != args.batch:
+            raise SystemExit(f"{len(engine.scheduler.running)} requests running, not "
+                             f"{args.batch}: the figures would be for a smaller batch")
         session.seconds, core[:] = 0.0, [0.0, 0.0]
         t0 = time.perf_counter()
         engine.step()
