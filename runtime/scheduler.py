@@ -54,7 +54,7 @@ class Scheduler:
         self.num_preemptions = 0
         # The running requests' KV table rows and prompt lengths, which change only when a
         # request joins or leaves `running`: every such change resets this to None.
-        self._fixed: tuple[np.ndarray, np.ndarray] | None = None
+        self._fixed: tuple[np.ndarray, np.ndarray, bool] | None = None
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -126,9 +126,14 @@ class Scheduler:
         nothing)."""
         running, n = self.running, len(self.running)
         if self._fixed is None:   # the running set changed since the last step
-            self._fixed = (self.kv.rows_of(running), np.fromiter(
-                map(len, map(_PROMPT, running)), np.int32, n))
-        rows, prompt_lens = self._fixed
+            rows = self.kv.rows_of(running)
+            # A running request always holds blocks; were one not to, the loop decides
+            # (allocate_running is for requests that do).
+            self._fixed = (rows, np.fromiter(map(len, map(_PROMPT, running)), np.int32, n),
+                           n > 0 and rows.min() >= 0)
+        rows, prompt_lens, usable = self._fixed
+        if not usable:
+            return None
         # map over attrgetters runs in C: a generator's frame per request costs 4x as much.
         computed = np.fromiter(map(_COMPUTED, running), np.int32, n)
         total = prompt_lens + np.fromiter(map(len, map(_OUTPUT, running)), np.int32, n)
