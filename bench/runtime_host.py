@@ -1,7 +1,7 @@
 """Host time of the in-flight-batching engine a step: scheduler, KV manager, input packing,
 token bookkeeping and detokenizing, i.e. everything but the session's own work.
 
-    python3 bench/runtime_host.py [--batch 256] [--context 512] [--steps 50]
+    python3 bench/runtime_host.py [--batch 256] [--context 512] [--steps 50] [--null-session]
 
 A tiny random Llama (hidden 64) runs on the reference backend, so the session's time is
 small but real; it is timed separately and subtracted. Every step decodes one token for each
@@ -66,11 +66,33 @@ class Timed:
             self.seconds += time.perf_counter() - t0
 
 
+class NullSession:
+    """A session that computes nothing: random logits, so the host code runs with the caches
+    it leaves warm (the real session and the sampler between two host steps leave them
+    cold). It shows how much of the host time is cache misses."""
+
+    def __init__(self, vocab_size: int):
+        import numpy as np
+
+        self.vocab_size, self.rng, self.seconds = vocab_size, np.random.default_rng(0), 0.0
+
+    def allocate_kv(self, n):
+        pass
+
+    def step(self, inputs):
+        import numpy as np
+
+        rows = len(inputs["context_lens"])
+        return self.rng.standard_normal((rows, self.vocab_size)).astype(np.float32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--null-session", action="store_true",
+                    help="time the host code next to a session that computes nothing")
     args = ap.parse_args()
 
     from llmc.build import BuildOptions, build
@@ -88,9 +110,13 @@ def main() -> None:
     file = EngineFile(root / "m.engine")
     # onnxruntime on one thread: its pool's worker threads spin for a while after each run,
     # and on a 2-core machine they would take the core the host code runs on.
-    session = Timed(open_session(file, threads=1))
+    session = (NullSession(file.header.io.vocab_size) if args.null_session
+               else Timed(open_session(file, threads=1)))
     engine = LLMEngine(session, file.header)
-    params = SamplingParams(max_tokens=args.steps + 10, ignore_eos=True)
+    # Enough tokens that none finishes before the timed steps end: the first prompts decode
+    # while the others prefill (a budget of max_num_tokens a step), so their count of
+    # generated tokens runs ahead of the timed steps by the prefill's length.
+    params = SamplingParams(max_tokens=limits.max_seq_len - args.context - 1, ignore_eos=True)
     for i in range(args.batch):
         engine.add_request([(7 * i + k) % 500 + 1 for k in range(args.context)], params)
     while any(r.num_computed_tokens < len(r.prompt_token_ids)
@@ -103,6 +129,9 @@ def main() -> None:
     engine._inputs = timed(engine._inputs, core)
     host, cores, cpu = [], [], []
     for _ in range(args.steps):
+        if len(engine.scheduler.running) != args.batch:
+            raise SystemExit(f"{len(engine.scheduler.running)} requests running, not "
+                             f"{args.batch}: the figures would be for a smaller batch")
         session.seconds, core[:] = 0.0, [0.0, 0.0]
         t0 = time.perf_counter()
         engine.step()
@@ -118,6 +147,8 @@ def main() -> None:
           f"median, {min(cpu) * 1e6:.0f} us min CPU (target <= 200 us)")
     print(f"  whole host step (+ sampling, bookkeeping, detokenizing): "
           f"{statistics.median(host) * 1e6:.0f} us median, {min(host) * 1e6:.0f} us min")
+    if args.null_session:
+        return
     for r in list(engine.requests):
         engine.abort(r)
     while engine.has_unfinished():

@@ -236,21 +236,24 @@ def pack_step(chunks: Sequence[Chunk], block_size: int) -> dict[str, np.ndarray]
 def pack_arrays(ids: np.ndarray, counts: np.ndarray, first: np.ndarray, tables: np.ndarray,
                 block_size: int) -> dict[str, np.ndarray]:
     """The control inputs of one step: `ids` int32 [T] the new tokens packed, `counts` and
-    `first` int32 [B] each sequence's number of new tokens and the position of its first,
-    `tables` int [B, >= width] the block tables. They are cut to the width the longest
-    context needs.
+    `first` int32 [B] each sequence's number of new tokens (at least 1) and the position of
+    its first, `tables` int [B, >= width] the block tables. They are cut to the width the
+    longest context needs.
 
     Unused table entries must be valid block ids (0, say): the kernels and the graph never
     read past a sequence's context length."""
     ctx = first + counts
-    starts = np.zeros(len(counts) + 1, np.int32)
-    np.cumsum(counts, out=starts[1:])
-    if ids.size == counts.size:   # one token a sequence: the positions are the firsts
-        positions = first
+    if ids.size == counts.size:   # one token a sequence (a decode step): fewer numpy calls,
+        starts = np.arange(len(counts) + 1, dtype=np.int32)    # each costs microseconds
+        positions, last_rows = first, starts[:-1]
     else:
+        starts = np.zeros(len(counts) + 1, np.int32)
+        np.cumsum(counts, out=starts[1:])
         positions = np.repeat(first - starts[:-1], counts) + np.arange(starts[-1],
                                                                       dtype=np.int32)
-    width = int(-(-ctx.max() // block_size))
-    return {INPUT_IDS: ids, POSITION_IDS: positions.astype(np.int32), SEQ_STARTS: starts,
-            CONTEXT_LENS: ctx, BLOCK_TABLES: np.ascontiguousarray(tables[:, :width], np.int32),
-            LAST_TOKEN_ROWS: starts[1:] - 1}
+        last_rows = starts[1:] - 1
+    width = -(-int(ctx.max()) // block_size)
+    return {INPUT_IDS: ids, POSITION_IDS: positions.astype(np.int32, copy=False),
+            SEQ_STARTS: starts, CONTEXT_LENS: ctx,
+            BLOCK_TABLES: np.ascontiguousarray(tables[:, :width], np.int32),
+            LAST_TOKEN_ROWS: last_rows}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
@@ -27,6 +28,8 @@ from llmc.runtime.kv_manager import KVCacheManager
 from llmc.runtime.request import Request, RequestOutput, Status
 from llmc.runtime.sampler import SamplingParams, sample_batch
 from llmc.runtime.scheduler import Scheduler, StepPlan
+
+_REQUEST, _OUTPUT, _LAST = itemgetter(0), attrgetter("output_token_ids"), itemgetter(-1)
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,16 @@ class LLMEngine:
 
     def _inputs(self, plan: StepPlan) -> dict[str, np.ndarray]:
         """The step's control inputs, from arrays (the scheduler's, when it has them): no
-        Python work per block, one token slice per request."""
+        Python work per block, one token slice per request, or at a decode step one C-level
+        read of each request's last token."""
         if plan.arrays is not None:
             rows, first, counts = plan.arrays
+            if len(plan.scheduled) == int(counts.sum()):   # one token each: the last one
+                outputs = list(map(_OUTPUT, map(_REQUEST, plan.scheduled)))
+                if all(outputs):
+                    ids = np.fromiter(map(_LAST, outputs), np.int32, len(outputs))
+                    return contract.pack_arrays(ids, counts, first, self.kv.block_tables(rows),
+                                                self.block_size)
         else:
             reqs = [r for r, _ in plan.scheduled]
             counts = np.fromiter((n for _, n in plan.scheduled), np.int32, len(reqs))

@@ -33,24 +33,27 @@ class KVRequest(Protocol):
 
 class BlockTables:
     """Every request holding blocks has a row: its block ids in `array` (int32, then 0s),
-    how many it holds (`held`) and how many of those the prefix cache was offered
-    (`cached`). The arrays grow as needed and are written only when a request gains or
-    caches a block, so a step reads them with one fancy index, not a Python loop over each
-    request's list (~300 us at 256 rows). A released row is zeroed, so unused entries stay
-    valid block ids."""
+    how many it holds (`held`), how many of those the prefix cache was offered (`cached`)
+    and `until`, the most tokens the request can have before allocate_slots has anything to
+    do for it (kept by the manager). The arrays grow as needed and are written only when a
+    request gains or caches a block, so a step reads them with one fancy index, not a
+    Python loop over each request's list (~300 us at 256 rows). A released row is zeroed,
+    so unused entries stay valid block ids."""
 
     def __init__(self, rows: int = 16, cols: int = 16):
         self.array = np.zeros((rows, cols), np.int32)
         self.held = np.zeros(rows, np.int64)
         self.cached = np.zeros(rows, np.int64)
+        self.until = np.zeros(rows, np.int64)
         self._free = list(range(rows - 1, -1, -1))
 
     def take(self) -> int:
         if not self._free:
             rows = len(self.array)
             self.array = np.concatenate([self.array, np.zeros_like(self.array)])
-            self.held = np.concatenate([self.held, np.zeros_like(self.held)])
-            self.cached = np.concatenate([self.cached, np.zeros_like(self.cached)])
+            for name in ("held", "cached", "until"):
+                grown = np.concatenate([getattr(self, name), np.zeros(rows, np.int64)])
+                setattr(self, name, grown)
             self._free = list(range(2 * rows - 1, rows - 1, -1))
         return self._free.pop()
 
@@ -58,17 +61,35 @@ class BlockTables:
         """Append block ids to the row."""
         start = int(self.held[row])
         end = start + len(block_ids)
-        if end > self.array.shape[1]:
-            wider = np.zeros((len(self.array), max(end, 2 * self.array.shape[1])), np.int32)
-            wider[:, :self.array.shape[1]] = self.array
-            self.array = wider
+        self._widen(end)
         self.array[row, start:end] = block_ids
         self.held[row] = end
 
+    def put_many(self, rows: np.ndarray, counts: list[int], block_ids: list[int]) -> None:
+        """Append counts[i] block ids to row rows[i] (distinct rows), taking them from
+        block_ids in order: what put does row by row, in a few numpy calls."""
+        held = self.held[rows]
+        end = held + counts
+        self._widen(int(end.max()))
+        if len(block_ids) == len(rows):   # one block each (a decode step)
+            self.array[rows, held] = block_ids
+        else:
+            each = np.repeat(np.arange(len(rows)), counts)       # the row of each new id
+            first = np.cumsum(counts) - counts                  # its first id's index
+            self.array[rows[each], held[each] + np.arange(len(block_ids)) - first[each]] = \
+                block_ids
+        self.held[rows] = end
+
     def release(self, row: int) -> None:
         self.array[row] = 0
-        self.held[row] = self.cached[row] = 0
+        self.held[row] = self.cached[row] = self.until[row] = 0
         self._free.append(row)
+
+    def _widen(self, cols: int) -> None:
+        if cols > self.array.shape[1]:
+            wider = np.zeros((len(self.array), max(cols, 2 * self.array.shape[1])), np.int32)
+            wider[:, :self.array.shape[1]] = self.array
+            self.array = wider
 
 
 class KVCacheManager:
@@ -117,11 +138,7 @@ class KVCacheManager:
         blocks for its first num_tokens[i] tokens and none of them fills a block not yet
         cached, i.e. where allocate_slots up to num_tokens[i] would change nothing. One
         vector test over a decode step's running requests, instead of a call each."""
-        known = rows >= 0
-        need = num_tokens > np.where(known, self.tables.held[rows], 0) * self.block_size
-        if self.enable_prefix_caching:
-            need |= num_tokens // self.block_size > np.where(known, self.tables.cached[rows], 0)
-        return need
+        return (num_tokens > self.tables.until[rows]) | (rows < 0)
 
     def get_computed_blocks(self, request: KVRequest) -> tuple[list[KVBlock], int]:
         """The longest cached run of the request's leading full blocks and the tokens they
@@ -151,10 +168,8 @@ class KVCacheManager:
         rid = request.request_id
         held = self._blocks.get(rid, [])
         if held and not computed_blocks:   # the common decode step: often nothing to do
-            num_tokens = request.num_computed_tokens + num_new_tokens
-            if num_tokens <= len(held) * self.block_size and (
-                    not self.enable_prefix_caching
-                    or num_tokens // self.block_size <= self.tables.cached[self._rows[rid]]):
+            if (request.num_computed_tokens + num_new_tokens
+                    <= self.tables.until[self._rows[rid]]):
                 return []
         computed = list(computed_blocks)
         if computed:
@@ -178,7 +193,55 @@ class KVCacheManager:
         if computed:
             self.tables.cached[self._rows[rid]] = len(computed)
         self._cache_full(request, blocks, min(num_tokens, len(request.all_token_ids)))
+        row = self._rows.get(rid)
+        if row is not None:
+            tables = self.tables
+            tables.until[row] = self._until(int(tables.held[row]), int(tables.cached[row]))
         return new
+
+    def allocate_running(self, requests: Sequence[KVRequest], rows: np.ndarray,
+                         num_tokens: np.ndarray) -> bool:
+        """allocate_slots(requests[i], num_tokens[i] - requests[i].num_computed_tokens) for
+        each request in order, in one call, for requests that hold blocks (`rows`, their
+        `rows_of` rows) and bring no cached prefix: the same blocks to the same requests, the
+        same blocks cached. All or nothing: False, changing nothing, when the pool cannot
+        supply every block (the calls one by one would have stopped at the first request
+        that does not fit, keeping what those before it got).
+
+        Built for a decode step, where one request in block_size opens a block and as many
+        fill one: the free queue is popped and hashes are offered to the cache request by
+        request, in order, since an eviction (a pop) and a hash offered to the cache decide
+        each other's outcome; the block tables are written as numpy assignments."""
+        bs, tables = self.block_size, self.tables
+        # Python lists from here: a decode step brings ~2/block_size of its requests, and
+        # a numpy call on a few dozen numbers costs more than a list comprehension.
+        held, cached = tables.held[rows].tolist(), tables.cached[rows].tolist()
+        num = num_tokens.tolist()
+        if 0 in held:
+            raise ValueError("allocate_running is for requests that hold blocks")
+        opens = [max(0, -(-n // bs) - h) for n, h in zip(num, held)]
+        if sum(opens) > self.pool.num_free_blocks:
+            return False
+        caching = self.enable_prefix_caching
+        new_ids: list[int] = []
+        for i, req in enumerate(requests):
+            blocks = self._blocks[req.request_id]
+            if opens[i]:
+                new = self.pool.get_new_blocks(opens[i])
+                blocks += new
+                new_ids += [b.block_id for b in new]
+            if caching and num[i] // bs > cached[i]:
+                start, stop = cached[i], min(num[i], len(req.all_token_ids)) // bs
+                hashes = self._hash_chain(req, stop)
+                self.pool.cache_full_blocks(blocks[start:stop], hashes[start:stop])
+                cached[i] = stop
+        if new_ids:
+            opened = [i for i, k in enumerate(opens) if k]
+            tables.put_many(rows[opened], [opens[i] for i in opened], new_ids)
+            held = [h + k for h, k in zip(held, opens)]
+        tables.cached[rows] = cached
+        tables.until[rows] = [self._until(h, c) for h, c in zip(held, cached)]
+        return True
 
     def free(self, request: KVRequest) -> None:
         """Release the request's blocks, last block first, so its prefix stays cached
@@ -190,6 +253,14 @@ class KVCacheManager:
         if row is not None:
             self.tables.release(row)
         self.pool.free_blocks(reversed(blocks))
+
+    def _until(self, held: int, cached: int) -> int:
+        """`tables.until` of a row holding `held` blocks, `cached` of them offered to the
+        prefix cache: up to held * block_size tokens nothing needs a block, and with prefix
+        caching, below the end of the first block not yet offered nothing needs caching."""
+        if self.enable_prefix_caching:
+            return min(held * self.block_size, (cached + 1) * self.block_size - 1)
+        return held * self.block_size
 
     def _check_hits(self, request: KVRequest, held: list[KVBlock],
                     computed: list[KVBlock]) -> None:
@@ -222,4 +293,4 @@ class KVCacheManager:
         tokens, size = request.all_token_ids, self.block_size
         for i in range(len(chain), num_blocks):
             chain.append(hash_block(chain[-1] if chain else None, tokens[i * size:(i + 1) * size]))
-        return chain[:num_blocks]
+        return chain if len(chain) == num_blocks else chain[:num_blocks]

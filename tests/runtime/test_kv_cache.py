@@ -3,12 +3,14 @@ operation sequences checked against a model of what each block holds."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -330,6 +332,19 @@ class KVMachine(RuleBasedStateMachine):
                     assert r.all_token_ids[:(j + 1) * BS] == r0.all_token_ids[:(j + 1) * BS]
 
     @invariant()
+    def tables_say_what_the_requests_hold(self):
+        mgr = self.mgr
+        for req in self.waiting + self.running:
+            ids = mgr.block_ids(req)
+            row = mgr.rows_of([req])[0]
+            if not ids:
+                continue
+            held, cached = len(ids), int(mgr.tables.cached[row])
+            assert mgr.tables.array[row, :held].tolist() == ids
+            assert mgr.tables.held[row] == held
+            assert mgr.tables.until[row] == min(held * BS, (cached + 1) * BS - 1)
+
+    @invariant()
     def held_blocks_hold_the_requests_tokens(self):
         for req in self.waiting + self.running:
             for pos in range(req.num_computed_tokens):
@@ -368,3 +383,116 @@ def test_block_tables_grow_and_release_rows():
     tables.release(a)
     assert not tables.array[a].any() and tables.held[a] == tables.cached[a] == 0
     assert tables.take() == a                                 # zeroed, then reused
+
+
+def test_block_tables_put_many_is_put_row_by_row():
+    one, many = BlockTables(rows=4, cols=2), BlockTables(rows=4, cols=2)
+    for tables in (one, many):
+        rows = [tables.take() for _ in range(4)]
+        tables.put(rows[1], [4])
+        tables.put(rows[3], [5, 6])
+    for row, ids in ((0, [7]), (1, [8, 9, 10]), (3, [11])):
+        one.put(row, ids)
+    many.put_many(np.array([0, 1, 3]), [1, 3, 1], [7, 8, 9, 10, 11])
+    assert many.array.tolist() == one.array.tolist() and many.array.shape == (4, 4)
+    assert many.held.tolist() == one.held.tolist() == [1, 4, 0, 3]
+    many.put_many(np.array([2, 0]), [1, 1], [12, 13])          # one each: a decode step
+    assert many.array[[2, 0], :2].tolist() == [[12, 0], [7, 13]]
+
+
+def running_state(mgr: KVCacheManager, reqs: list[Req]):
+    rows = mgr.rows_of(reqs)
+    t = mgr.tables
+    return (pool_state(mgr.pool), [mgr.block_ids(r) for r in reqs], t.array[rows].tolist(),
+            t.held[rows].tolist(), t.cached[rows].tolist(), t.until[rows].tolist())
+
+
+def allocate_both_ways(mgr: KVCacheManager, reqs: list[Req]):
+    """allocate_running for every request's tokens not yet computed, and allocate_slots
+    request by request on a copy; returns (its result, the loop's, the state before,
+    each state after)."""
+    before = copy.deepcopy((mgr, reqs))
+    loop_mgr, loop_reqs = copy.deepcopy((mgr, reqs))
+    totals = np.array([len(r.all_token_ids) for r in reqs])
+    done = mgr.allocate_running(reqs, mgr.rows_of(reqs), totals)
+    loop_done = all(loop_mgr.allocate_slots(r, len(r.all_token_ids) - r.num_computed_tokens)
+                    is not None for r in loop_reqs)
+    return (done, loop_done, running_state(*before), running_state(mgr, reqs),
+            running_state(loop_mgr, loop_reqs))
+
+
+def test_allocate_running_opens_and_fills_in_request_order():
+    """A hash offered to the cache and an eviction decide each other's outcome: a request
+    filling a block whose hash a free block holds, before a later request pops that block,
+    leaves its own block uncached, as allocate_slots one by one does."""
+    mgr = manager(num_blocks=4)
+    admit(mgr, Req("p", [1, 2, 3, 4]))               # block 0, cached
+    mgr.free(Req("p", []))
+    a, b, d = Req("a", [1, 2, 3]), Req("b", [7, 7, 7, 7]), Req("d", [8])
+    for req in (a, b, d):                            # blocks 1, 2, 3: block 0 is next to go
+        admit(mgr, req)
+    h0 = mgr.pool.blocks[0].block_hash
+    assert free_ids(mgr.pool) == [0] and h0 == hash_block(None, [1, 2, 3, 4])
+    a.all_token_ids.append(4)                        # a fills block 1 with block 0's tokens
+    b.all_token_ids.append(5)                        # b opens a block: it pops block 0
+    done, loop_done, _, after, loop_after = allocate_both_ways(mgr, [a, b])
+    assert done and loop_done and after == loop_after
+    assert mgr.block_ids(a) == [1] and mgr.block_ids(b) == [2, 0]
+    assert mgr.pool.blocks[1].block_hash is None and mgr.pool.get_cached_block(h0) is None
+    # the other way round, b pops block 0 first, and a's block takes the hash
+    mgr = manager(num_blocks=4)
+    admit(mgr, Req("p", [1, 2, 3, 4]))
+    mgr.free(Req("p", []))
+    a, b, d = Req("a", [1, 2, 3]), Req("b", [7, 7, 7, 7]), Req("d", [8])
+    for req in (a, b, d):
+        admit(mgr, req)
+    a.all_token_ids.append(4)
+    b.all_token_ids.append(5)
+    done, loop_done, _, after, loop_after = allocate_both_ways(mgr, [b, a])
+    assert done and loop_done and after == loop_after
+    assert mgr.pool.get_cached_block(h0) is mgr.pool.blocks[1]
+
+
+def test_allocate_running_is_all_or_nothing():
+    mgr = manager(num_blocks=4)
+    a, b = Req("a", [1, 2, 3, 4]), Req("b", [5, 6, 7, 8])
+    admit(mgr, a)
+    admit(mgr, b)
+    a.all_token_ids += [9] * 5                       # 2 blocks more each: 4, 2 are free
+    b.all_token_ids += [9] * 5
+    done, loop_done, before, after, _ = allocate_both_ways(mgr, [a, b])
+    assert not done and not loop_done and after == before
+    with pytest.raises(ValueError, match="hold blocks"):
+        mgr.allocate_running([Req("c", [1])], np.array([-1]), np.array([1]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompts=st.lists(st.lists(st.integers(1, 2), min_size=1, max_size=13), min_size=1,
+                        max_size=7),
+       freed=st.lists(st.booleans(), min_size=7, max_size=7),
+       extra=st.lists(st.lists(st.integers(1, 2), max_size=9), min_size=7, max_size=7),
+       num_blocks=st.integers(3, 16), caching=st.booleans())
+def test_allocate_running_is_allocate_slots_in_order(prompts, freed, extra, num_blocks,
+                                                     caching):
+    """Over random pools (cached free blocks, shared prefixes, two tokens so hashes repeat):
+    the same blocks, hashes, free-queue order and tables as the calls one by one, or, when
+    the pool is short, nothing changed."""
+    mgr = manager(num_blocks, caching)
+    running = []
+    for i, prompt in enumerate(prompts):
+        req = Req(f"r{i}", list(prompt))
+        hits, n = mgr.get_computed_blocks(req)
+        if mgr.allocate_slots(req, len(prompt) - n, hits) is None:
+            continue
+        req.num_computed_tokens = len(prompt)
+        if freed[i]:
+            mgr.free(req)
+        else:
+            running.append(req)
+    for req, tokens in zip(running, extra):
+        req.all_token_ids += tokens
+    if not running:
+        return
+    done, loop_done, before, after, loop_after = allocate_both_ways(mgr, running)
+    assert done == loop_done
+    assert after == (loop_after if done else before)

@@ -62,6 +62,12 @@ def _check(sched: Scheduler, plan, limits: BuildLimits, pool: BlockPool) -> None
         for row, (req, _) in zip(tables, plan.scheduled):
             ids = sched.kv.block_ids(req)
             assert row[:len(ids)].tolist() == ids and not row[len(ids):].any()
+    if plan.arrays is not None:   # what the engine packs instead of reading each request
+        rows, computed, new = plan.arrays
+        reqs = [r for r, _ in plan.scheduled]
+        assert rows.tolist() == sched.kv.rows_of(reqs).tolist()
+        assert computed.tolist() == [r.num_computed_tokens for r in reqs]
+        assert new.tolist() == [n for _, n in plan.scheduled]
     free = {b.block_id for b in pool.free_queue}
     assert not free & set(held)
     assert len(free) + len(held) == pool.num_blocks
