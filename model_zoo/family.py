@@ -1,6 +1,7 @@
 """What llmc knows of one architecture family: a config parser per HF `architectures[0]`,
 how to read llama.cpp's GGUF files of it (`general.architecture`: its name table and
-metadata keys), the HF tensor names a config needs, and the graph builder."""
+metadata keys), the HF tensor names a config needs, and the graph builder; and, where a
+family's HF checkpoints name tensors in more than one way, the one name llmc uses."""
 
 from __future__ import annotations
 
@@ -28,3 +29,6 @@ class Family:
     weight_names: Callable[[Any], list[str]]              # config -> HF tensor names
     build_graph: Callable[..., Any]                       # (config, tensor, dtype, bs, ...)
     gguf: dict[str, GGUFArch] = field(default_factory=dict)  # general.architecture -> reading
+    # an HF checkpoint's tensor name -> the name weight_names uses, None for a stored buffer
+    # that is no weight (GPT-2's original checkpoints: no prefix, causal-mask buffers)
+    checkpoint_name: Callable[[str], str | None] = lambda name: name

@@ -4,11 +4,12 @@ block; everything paged (step values, the cache write, the masked gather-attenti
 
 One engine step takes a ragged batch; the skeleton reads top to bottom like the model:
 
-    h = embed(input_ids)
+    h = embed(input_ids, positions)
     for each layer:  h = block(layer, h)        # the family's
     logits = lm_head(final_norm(h[last_token_rows]))
 
-Nothing here is fused: passes/ rewrites the chains (RMSNorm, RoPE, SwiGLU, attention) later,
+Nothing here is fused: passes/ rewrites the chains (RMSNorm, LayerNorm, RoPE, SwiGLU,
+attention) later,
 so each layer emits the canonical unfused form the passes match. Precision follows HF:
 norms and softmax in float32, everything else in the build dtype.
 """
@@ -34,8 +35,8 @@ class Step:
     """Values computed once per step from the contract's inputs and shared by every layer."""
 
     positions: str      # int32 [T]
-    cos: str            # dtype [T, 1, head_dim]
-    sin: str            # dtype [T, 1, head_dim]
+    cos: str | None     # dtype [T, 1, head_dim]; None in a model without RoPE (GPT-2)
+    sin: str | None
     write_index: str    # int64 [2, T, Hkv, 4]: (k|v, block, head, row) of each new K/V row
     token_blocks: str   # int64 [T, max_blocks]: the block table of each token's sequence
     mask: str           # float32 [T, 1, 1, max_blocks * block_size]: 0 or contract.MASKED
@@ -80,12 +81,12 @@ class DecoderGraph:
         caches = [g.input(contract.kv_cache_input(i), self.elem, kv_shape)
                   for i in range(c.num_hidden_layers)]
         embed = self.weight(self.EMBED, (c.vocab_size, c.hidden_size))
-        h = self.embed(embed, ids)                                        # [T, hidden]
+        h = self.embed(embed, ids, step)                                  # [T, hidden]
         for i in range(c.num_hidden_layers):
             with g.scope(f"layers.{i}"):
                 h, caches[i] = self.block(i, h, step.for_layer(i), caches[i])
         with g.scope("head"):
-            h = self.rms_norm(g.Gather(h, last), self.FINAL_NORM)        # [B, hidden]
+            h = self.final_norm(g.Gather(h, last))                        # [B, hidden]
             if c.tie_word_embeddings:   # the embedding table, read as [vocab, hidden]
                 logits = g.Gemm(h, embed, transB=1)
             else:
@@ -97,17 +98,21 @@ class DecoderGraph:
         return g
 
     # what a family may change around the blocks (Gemma 2: a scaled embedding, per-layer
-    # windows, soft-capped logits; Gemma 3: per-layer RoPE frequencies)
+    # windows, soft-capped logits; Gemma 3: per-layer RoPE frequencies; GPT-2: learned
+    # positions, LayerNorm, no RoPE)
 
-    def embed(self, table: str, ids: str) -> str:
+    def embed(self, table: str, ids: str, step: Step) -> str:
         return self.g.Gather(table, ids)
+
+    def final_norm(self, h: str) -> str:
+        return self.rms_norm(h, self.FINAL_NORM)
 
     def window(self, layer: int) -> int:
         """The layer's sliding window in tokens, 0 for none."""
         return self.c.sliding_window or 0
 
-    def inv_freq(self, layer: int) -> np.ndarray:
-        """The layer's RoPE inverse frequencies [head_dim / 2]."""
+    def inv_freq(self, layer: int) -> np.ndarray | None:
+        """The layer's RoPE inverse frequencies [head_dim / 2]; None: no RoPE."""
         return self.c.inv_freq()
 
     def final_logits(self, logits: str) -> str:
@@ -152,6 +157,18 @@ class DecoderGraph:
 
     def norm_weight(self, name: str, width: int) -> str:
         return self.weight(f"{name}.weight", (width,))
+
+    def layer_norm(self, x: str, name: str, eps: float) -> str:
+        """HF's nn.LayerNorm over hidden_size: normalise in float32, cast back, then scale by
+        the weight and shift by the bias (the form passes/norms.py matches)."""
+        g, n = self.g, self.c.hidden_size
+        x32 = g.Cast(x, to=F32)
+        centred = g.Sub(x32, g.ReduceMean(x32, g.const([-1]), keepdims=1))
+        var = g.ReduceMean(g.Mul(centred, centred), g.const([-1]), keepdims=1)
+        inv = g.Reciprocal(g.Sqrt(g.Add(var, g.const(eps, np.float32))))
+        y = g.Cast(g.Mul(centred, inv), to=self.elem)
+        return g.Add(g.Mul(y, self.weight(f"{name}.weight", (n,))),
+                     self.weight(f"{name}.bias", (n,)))
 
     def swiglu_mlp(self, x: str, p: str, bias: bool = False) -> str:
         """down(silu(gate(x)) * up(x)), HF's gate_proj / up_proj / down_proj."""
@@ -235,17 +252,18 @@ class DecoderGraph:
                                                   g.const([c.num_key_value_heads]), bs)
             # one mask per distinct window and one cos/sin pair per distinct frequency table,
             # shared by the layers that use them
-            masks, ropes, layers = {}, {}, []
+            masks, ropes, layers = {}, {None: (None, None)}, []
             for i in range(c.num_hidden_layers):
-                w, freq = self.window(i), self.inv_freq(i).astype(np.float32)
+                w, freq = self.window(i), self.inv_freq(i)
                 if w not in masks:
                     lowest = None
                     if w:   # passes/attention.py reads W back from this Sub
                         lowest = g.Sub(g.Unsqueeze(pos64, g.const([1])), g.const(w))
                     masks[w] = contract.key_mask(g, tables, ctx_lens, seq, pos64, bs, lowest)
-                if freq.tobytes() not in ropes:
-                    ropes[freq.tobytes()] = self._rope_table(pos64, freq)
-                layers.append((masks[w], *ropes[freq.tobytes()]))
+                key = None if freq is None else freq.astype(np.float32).tobytes()
+                if key not in ropes:
+                    ropes[key] = self._rope_table(pos64, freq.astype(np.float32))
+                layers.append((masks[w], *ropes[key]))
         mask, cos, sin = layers[0]
         return Step(pos, cos, sin, write_index, token_blocks, mask, tuple(layers))
 

@@ -18,13 +18,13 @@ from llmc.checkpoint import Checkpoint, Tokenizer, open_checkpoint
 from llmc.checkpoint.base import NamedTensors
 from llmc.config import architecture
 from llmc.errors import LlmcError
-from llmc.model_zoo import gemma2, gemma3, llama, phi3, qwen3
+from llmc.model_zoo import gemma2, gemma3, gpt2, llama, phi3, qwen3
 from llmc.model_zoo.family import Family, GGUFArch
 from llmc.quantization.prequantized import Prequantized, read_prequantized
 
 # Every family llmc builds; adding one is a file in model_zoo/ and a line here.
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, phi3.FAMILY, qwen3.FAMILY,
-                                 gemma2.FAMILY, gemma3.FAMILY)
+                                 gemma2.FAMILY, gemma3.FAMILY, gpt2.FAMILY)
 
 
 def family_for(hf_architecture: str) -> Family:
@@ -102,9 +102,11 @@ def load_model(path: str | os.PathLike) -> Model:
     ckpt = open_checkpoint(path)
     if ckpt.format == "hf":
         config = parse_config(ckpt.config)
+        family = family_for(config.architecture)
         readers, prequantized = read_prequantized(ckpt.config, ckpt.readers, ckpt.source)
-        return Model(ckpt.source, family_for(config.architecture), config, readers, ckpt,
-                     prequantized)
+        named = {family.checkpoint_name(n): r for n, r in readers.items()}
+        named.pop(None, None)
+        return Model(ckpt.source, family, config, named, ckpt, prequantized)
     family, arch = gguf_family(ckpt.metadata.get("general.architecture"))
     hf_names = {}
     for gguf_name in ckpt.readers:

@@ -51,6 +51,11 @@ TINY_MODELS = {
         sliding_window=12, layer_types=["sliding_attention", "full_attention"],
         rope_theta=1_000_000.0, rope_local_base_freq=100.0, tie_word_embeddings=True,
         pad_token_id=0, eos_token_id=2, bos_token_id=1)),
+    # LayerNorm with biases, learned positions, tanh GELU, Conv1D [in, out] weights with the
+    # q/k/v projection fused (c_attn), tied head
+    "gpt2-learned-pos": ("GPT2Config", dict(
+        n_head=4, n_inner=96, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
+        bos_token_id=1)),
 }
 
 
@@ -64,6 +69,7 @@ HEAD_DIM_64 = {
     "qwen3-qknorm": dict(hidden_size=256, head_dim=64),
     "gemma2-softcap": dict(hidden_size=256, head_dim=64),
     "gemma3-local-global": dict(hidden_size=256, head_dim=64),
+    "gpt2-learned-pos": dict(hidden_size=256, n_inner=384),
 }
 
 
@@ -88,7 +94,7 @@ def make_tiny_model(kind: str, folder: Path, seed: int = 0, head_dim_64: bool = 
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # random biases: zeros would hide a missing bias add
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
+            if name.endswith("bias") or "norm" in name or ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
     _tiny_tokenizer(config.vocab_size).save_pretrained(folder)

@@ -31,9 +31,10 @@ def write_gguf(path, arch: str, model, names: dict[str, str],
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue   # llama.cpp stores no output.weight for a tied head
         parts = name.split(".")
-        layer = parts[1] == "layers"
-        key = ".".join(parts[:2] + ["{i}"] + parts[3:]) if layer else name
-        g = hf_to_gguf[key].replace("{i}", parts[2]) if layer else hf_to_gguf[key]
+        # the layer index is the first number in the name (model.layers.3., transformer.h.3.)
+        at = next((k for k, p in enumerate(parts) if p.isdigit()), None)
+        key = ".".join(parts[:at] + ["{i}"] + parts[at + 1:]) if at is not None else name
+        g = hf_to_gguf[key].replace("{i}", parts[at]) if at is not None else hf_to_gguf[key]
         w.add_tensor(g, convert(name, t.detach().float().numpy()))
     for g, t in (extra or {}).items():
         w.add_tensor(g, t)

@@ -142,14 +142,16 @@ def test_gguf_matches_transformers_gguf_loader(tiny_models, tmp_path):
 
 def test_gguf_errors(tiny_models, tmp_path):
     _, model = tiny_models["llama-gqa"]
-    path = tmp_path / "gpt2.gguf"
-    w = gguf.GGUFWriter(path, "gpt2")
-    w.add_block_count(1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.close()
-    with pytest.raises(LlmcError, match="GGUF architecture 'gpt2' is not supported"):
-        load_model(path)
+    for arch, message in [("mamba", "GGUF architecture 'mamba' is not supported"),
+                          ("gpt2", "GGUF metadata of architecture 'gpt2' is incomplete")]:
+        path = tmp_path / f"{arch}.gguf"
+        w = gguf.GGUFWriter(path, arch)
+        w.add_block_count(1)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        with pytest.raises(LlmcError, match=message):
+            load_model(path)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(LlmcError, match="not a readable GGUF file"):

@@ -27,7 +27,7 @@ from llmc.runtime.runner import Runner
 from llmc.runtime.sampler import SamplingParams
 
 KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window",
-         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global"]
+         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global", "gpt2-learned-pos"]
 # Ops that only the unfused chains use: none may survive the pipeline.
 UNFUSED_OPS = {"ReduceMean", "Sqrt", "Reciprocal", "Sigmoid", "Neg", "ScatterND", "Softmax",
                "Erf", "Tanh", "SwiGLU"}
@@ -35,15 +35,21 @@ HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 
 
 def expected_firings(layers: int, kind: str = "llama-gqa") -> dict[str, int]:
-    fired = {"rms_norm": 2 * layers + 1, "add_rms_norm": 2 * layers - 1, "gelu": 0,
-             "swiglu": layers, "geglu": 0, "rope": 2 * layers, "qkv_gemm": layers,
-             "gate_up_gemm": layers, "gated_split": layers, "paged_attention": layers}
+    fired = {"rms_norm": 2 * layers + 1, "add_rms_norm": 2 * layers - 1, "layer_norm": 0,
+             "add_layer_norm": 0, "gelu": 0, "swiglu": layers, "geglu": 0, "rope": 2 * layers,
+             "qkv_gemm": layers, "gate_up_gemm": layers, "gated_split": layers,
+             "paged_attention": layers}
     if kind.startswith("phi3"):   # q/k/v and gate/up come fused in the checkpoint
         fired.update(qkv_gemm=0, gate_up_gemm=0)
     if kind.startswith("gemma"):  # four norms a layer, GeGLU (tanh GELU) for SwiGLU
         fired.update(rms_norm=4 * layers + 1, gelu=layers, geglu=layers, swiglu=0)
     if kind.startswith(("qwen3", "gemma3")):  # and the per-head q/k norms of each layer
         fired.update(rms_norm=fired["rms_norm"] + 2 * layers)
+    if kind.startswith("gpt2"):   # LayerNorm (each after a residual or the embedding sum),
+        # plain tanh GELU, c_attn fused in the checkpoint, learned positions (no RoPE)
+        fired.update(rms_norm=0, add_rms_norm=0, layer_norm=2 * layers + 1,
+                     add_layer_norm=2 * layers, gelu=layers, swiglu=0, rope=0, qkv_gemm=0,
+                     gate_up_gemm=0, gated_split=0)
     return fired
 
 
@@ -131,7 +137,7 @@ def test_disable_and_dump_graphs(tiny_folders, tmp_path):
     assert report["fired"]["rope"] == 0 and report["fired"]["rms_norm"] == 5
     names = sorted(p.name for p in tmp_path.glob("*.onnx"))
     assert names[0] == "00-input.onnx" and len(names) == len(pass_names()) + 1
-    assert "07-qkv_gemm.onnx" in names
+    assert "09-qkv_gemm.onnx" in names
     with pytest.raises(ValueError, match="unknown pass"):
         run_passes(model, weights, disable=["ropee"])
     assert len(model.graph.node) == report["nodes_before"]  # the input is not modified
@@ -201,4 +207,4 @@ def test_cli_build_reports_passes(tiny_folders, tmp_path):
     assert result.exit_code == 0, result.output
     fired = EngineFile(out).header.passes["fired"]
     assert fired["rope"] == 0 and fired["paged_attention"] == 2
-    assert (tmp_path / "dump" / "10-paged_attention.onnx").is_file()
+    assert (tmp_path / "dump" / "12-paged_attention.onnx").is_file()

@@ -15,7 +15,8 @@ from llmc.limits import BuildLimits
 from llmc.quantization.quantize import QuantOptions
 
 KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window",
-         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global"]   # tests/conftest.py's
+         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global",
+         "gpt2-learned-pos"]   # tests/conftest.py's
 LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_block_size=16)
 # Random tiny models: perplexity ~ the vocabulary, and quantization noise moves it little;
 # top-1 agreement is what tells a broken quantizer (~1/128 by chance) from a working one.

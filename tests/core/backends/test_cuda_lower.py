@@ -231,3 +231,14 @@ def test_gemma2_softcap_is_refused_by_name(tiny_models_d64, tmp_path):
                        "the attention kernels do not implement yet"):
         _build(tiny_models_d64["gemma2-softcap"][0], tmp_path / "g.engine", "sm_90a")
     assert not (tmp_path / "g.engine").exists()
+
+
+def test_gpt2_is_refused_by_name(tiny_models_d64, tmp_path):
+    """GPT-2's q and k carry no RoPE (positions are a learned table added to the
+    embeddings), and the cuda backend writes the KV cache in its RoPE kernel: one clear
+    error naming that, before the LayerNorm nodes it has no kernel for either."""
+    with pytest.raises(UnsupportedGraph, match="q and k reach attention without RoPE \\(a "
+                       "learned position embedding, GPT-2\\).*--backend tensorrt-rtx or "
+                       "reference"):
+        _build(tiny_models_d64["gpt2-learned-pos"][0], tmp_path / "g.engine", "sm_90a")
+    assert not (tmp_path / "g.engine").exists()
