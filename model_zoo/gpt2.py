@@ -22,7 +22,7 @@ import numpy as np
 
 from llmc.config import architecture, eos_ids, field
 from llmc.errors import LlmcError
-from llmc.model_zoo.family import Family, GGUFArch
+from llmc.model_zoo.family import Family, GGUFArch, Readers
 from llmc.model_zoo.layers import DecoderGraph, Step, graph_builder
 
 # ---- config --------------------------------------------------------------------------------
@@ -132,15 +132,13 @@ def weight_names(c: GPT2Config) -> list[str]:
     return names
 
 
-def checkpoint_name(name: str) -> str | None:
+def tensors(readers: Readers, c: GPT2Config) -> Readers:
     """The original GPT-2 checkpoints name tensors without the `transformer.` prefix and
     store each layer's causal-mask buffers (attn.bias, attn.masked_bias), which are no
     weights."""
-    if name.endswith((".attn.bias", ".attn.masked_bias")):
-        return None
-    if name.startswith(("h.", "wte.", "wpe.", "ln_f.")):
-        return "transformer." + name
-    return name
+    return {("transformer." + n if n.startswith(("h.", "wte.", "wpe.", "ln_f.")) else n): r
+            for n, r in readers.items()
+            if not n.endswith((".attn.bias", ".attn.masked_bias"))}
 
 
 def _gguf_gpt2(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
@@ -231,5 +229,5 @@ FAMILY = Family(
     weight_names=weight_names,
     build_graph=graph_builder(GPT2Graph),
     gguf={"gpt2": GGUFArch(_gguf_gpt2, GGUF_NAMES, gguf_fix)},
-    checkpoint_name=checkpoint_name,
+    tensors=tensors,
 )

@@ -126,18 +126,26 @@ class DecoderGraph:
         """A checkpoint tensor (HF name); linear weights are stored [in, out] so MatMul needs
         no transpose (the passes match MatMul). `convert` changes the checkpoint's float32
         values first (Gemma's 1 + w norm weights), as HF does in float32."""
-        tensor, dt, rounding = self.tensor, np_dtype(self.dtype), self.rounding
+        read, dt = self._reader(name), np_dtype(self.dtype)
 
         def load():
-            w = tensor(name)
-            if rounding is not None:  # e.g. bf16 weights computed in fp32 on onnxruntime
-                w = w.astype(rounding)
+            w = read()
             if convert is not None:
                 w = convert(w.astype(np.float32))
             return (w.T if transpose else w).astype(dt)
 
         out_shape = tuple(reversed(shape)) if transpose else shape
         return self.g.weight(name, self.dtype, out_shape, load)
+
+    def _reader(self, name: str) -> Callable[[], np.ndarray]:
+        """A checkpoint tensor as stored, rounded first where the build says so (e.g. bf16
+        weights computed in fp32 on onnxruntime)."""
+        tensor, rounding = self.tensor, self.rounding
+
+        def read():
+            w = tensor(name)
+            return w.astype(rounding) if rounding is not None else w
+        return read
 
     def linear(self, x: str, name: str, n_out: int, n_in: int, bias: bool = False) -> str:
         y = self.g.MatMul(x, self.weight(f"{name}.weight", (n_out, n_in), transpose=True))
@@ -189,6 +197,48 @@ class DecoderGraph:
         inner = g.Add(x, g.Mul(g.const(0.044715, dt), g.Mul(g.Mul(x, x), x)))
         t = g.Tanh(g.Mul(g.const(np.sqrt(2 / np.pi), dt), inner))
         return g.Mul(g.Mul(g.const(0.5, dt), x), g.Add(g.const(1.0, dt), t))
+
+    def routed_experts(self, x: str, router: str, gate_up: str, down: str, num_experts: int,
+                       top_k: int, renormalise: bool) -> str:
+        """A mixture of SwiGLU experts over x [T, hidden]: each token goes to the top_k
+        experts of softmax(router(x)) (float32; renormalise: the k weights divided by their
+        sum) and takes the sum of their outputs times those weights.
+
+        gate_up [E, hidden, 2I] and down [E, I, hidden] are the experts' weights stacked
+        (`expert_weights`). Routing is a gather and a scatter: TopK picks each token's
+        experts and weights, ScatterElements spreads them into [T, E] with 0 for the experts
+        a token was not routed to. Every expert then runs on every token as one batched GEMM
+        and the outputs are weighted by that table, so an unrouted expert adds exactly 0:
+        the same sum as running each expert on its own tokens, at E / top_k times the
+        FLOPs. The routed form (NonZero, rows gathered per expert) is data-dependent in
+        shape, which TensorRT-RTX 1.7 cannot build (its NonZero is a plugin it lacks); a
+        grouped GEMM over routed rows is a backend's kernel, not this reference graph."""
+        g, c = self.g, self.c
+        logits = self.linear(x, router, num_experts, c.hidden_size)             # [T, E]
+        probs = g.Softmax(g.Cast(logits, to=F32), axis=-1)
+        top, chosen = g.TopK(probs, g.const([top_k]), axis=-1, outputs=2)       # [T, k]
+        if renormalise:
+            top = g.Div(top, g.ReduceSum(top, g.const([-1]), keepdims=1))
+        weights = g.ScatterElements(g.ConstantOfShape(g.Shape(probs)), chosen, top,
+                                    axis=1)                                      # [T, E]
+        inter = self.c.intermediate_size
+        gate, up = self.split(g.MatMul(x, gate_up), [inter, inter])             # [E, T, I]
+        y = g.Cast(g.MatMul(self.swiglu(gate, up), down), to=F32)               # [E, T, H]
+        weighted = g.Mul(y, g.Unsqueeze(g.Transpose(weights, perm=[1, 0]), g.const([2])))
+        return g.Cast(g.ReduceSum(weighted, g.const([0]), keepdims=0), to=self.elem)
+
+    def expert_weights(self, name: str, experts: list[list[str]], shape: tuple[int, ...]
+                       ) -> str:
+        """[E, in, out] from each expert's checkpoint tensors ([out_j, in] each, joined
+        along out in the order given: gate then up), as MatMul reads them."""
+        parts = [[self._reader(n) for n in names] for names in experts]
+        dt = np_dtype(self.dtype)
+
+        def load():
+            return np.stack([np.concatenate([r() for r in rs], axis=0).T for rs in parts]
+                            ).astype(dt)
+
+        return self.g.weight(name, self.dtype, shape, load)
 
     def split(self, x: str, sizes: list[int]) -> list[str]:
         """x's last axis cut into parts of `sizes` (a checkpoint's fused projection)."""

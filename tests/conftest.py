@@ -56,6 +56,14 @@ TINY_MODELS = {
     "gpt2-learned-pos": ("GPT2Config", dict(
         n_head=4, n_inner=96, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
         bos_token_id=1)),
+    # top-2 of 4 SwiGLU experts (renormalised), GQA, a window; its routers are scaled up
+    # (make_tiny_model) so that no token's 2nd and 3rd experts nearly tie, where fp16
+    # rounding could route HF and the engine apart. EOS is a word greedy decoding of the
+    # generation tests' prompts never reaches (it repeats token 2 after one of them).
+    "mixtral-top2": ("MixtralConfig", dict(
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=12, pad_token_id=0, eos_token_id=127,
+        bos_token_id=1)),
 }
 
 
@@ -70,6 +78,7 @@ HEAD_DIM_64 = {
     "gemma2-softcap": dict(hidden_size=256, head_dim=64),
     "gemma3-local-global": dict(hidden_size=256, head_dim=64),
     "gpt2-learned-pos": dict(hidden_size=256, n_inner=384),
+    "mixtral-top2": dict(hidden_size=256),
 }
 
 
@@ -96,6 +105,8 @@ def make_tiny_model(kind: str, folder: Path, seed: int = 0, head_dim_64: bool = 
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith("mlp.gate.weight"):    # a Mixtral router
+                p.mul_(30)
     model.save_pretrained(folder)
     _tiny_tokenizer(config.vocab_size).save_pretrained(folder)
     return model

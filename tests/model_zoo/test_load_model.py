@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_files import check_against_transformers, common_meta, write_gguf
+from gguf_files import check_against_transformers, common_meta, permute_qk, write_gguf
 from safetensors.torch import save_file
 
 from llmc.errors import LlmcError
@@ -100,21 +100,15 @@ def test_truncated_safetensors(tiny_models, tmp_path):
 
 # --- GGUF -----------------------------------------------------------------------------------
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py's Q/K row permutation."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-             .swapaxes(1, 2).reshape(w.shape))
-
-
 def _write_gguf(path, model, arch="llama"):
     """The tiny model as llama.cpp's convert_hf_to_gguf.py writes it: Q/K rows permuted."""
     cfg = model.config
 
     def convert(name, t):
         if name.endswith("q_proj.weight"):
-            return _permute(t, cfg.num_attention_heads)
+            return permute_qk(t, cfg.num_attention_heads)
         if name.endswith("k_proj.weight"):
-            return _permute(t, cfg.num_key_value_heads)
+            return permute_qk(t, cfg.num_key_value_heads)
         return t
     write_gguf(path, arch, model, GGUF_NAMES, lambda w: common_meta(w, cfg), convert)
 

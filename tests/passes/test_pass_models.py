@@ -27,7 +27,8 @@ from llmc.runtime.runner import Runner
 from llmc.runtime.sampler import SamplingParams
 
 KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window",
-         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global", "gpt2-learned-pos"]
+         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global", "gpt2-learned-pos",
+         "mixtral-top2"]
 # Ops that only the unfused chains use: none may survive the pipeline.
 UNFUSED_OPS = {"ReduceMean", "Sqrt", "Reciprocal", "Sigmoid", "Neg", "ScatterND", "Softmax",
                "Erf", "Tanh", "SwiGLU"}
@@ -50,6 +51,8 @@ def expected_firings(layers: int, kind: str = "llama-gqa") -> dict[str, int]:
         fired.update(rms_norm=0, add_rms_norm=0, layer_norm=2 * layers + 1,
                      add_layer_norm=2 * layers, gelu=layers, swiglu=0, rope=0, qkv_gemm=0,
                      gate_up_gemm=0, gated_split=0)
+    if kind.startswith("mixtral"):   # one batched gate-up GEMM of the stacked experts a layer
+        fired.update(gate_up_gemm=0)
     return fired
 
 
@@ -58,9 +61,14 @@ def check_fully_fused(model, report, layers: int, tied: bool, kind: str = "llama
     ops = [n.op_type for n in model.graph.node]
     if kind.startswith("gemma2"):   # the final logits' soft-cap stays as it is
         ops.remove("Tanh")
+    moe = kind.startswith("mixtral")
+    if moe:                         # the routers' softmax
+        assert ops.count("Softmax") == layers
+        ops = [op for op in ops if op != "Softmax"]
     assert not UNFUSED_OPS & set(ops), sorted(UNFUSED_OPS & set(ops))
-    # q/k/v and gate/up are one GEMM each: o_proj, gate_up, down, qkv per layer (+ lm_head).
-    assert ops.count("MatMul") == 4 * layers + (0 if tied else 1)
+    # q/k/v and gate/up are one GEMM each: o_proj, gate_up, down, qkv per layer (+ lm_head);
+    # a mixture of experts adds its router
+    assert ops.count("MatMul") == (5 if moe else 4) * layers + (0 if tied else 1)
 
 
 @pytest.mark.parametrize("kind", KINDS)

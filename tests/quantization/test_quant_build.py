@@ -147,3 +147,12 @@ def test_tensorrt_rtx_builds_quantized_graphs(tiny_models, tmp_path, words, mode
     assert {k: net["layer_types"].get(k, 0) for k in layers} == layers
     assert net["rtx_targets"] == targets
     assert header.quant.accuracy.passed and net["plan_bytes"] > 0
+
+
+def test_a_mixture_of_experts_is_refused(tiny_models, tmp_path, words):
+    """Mixtral's experts are stacked [E, in, out] weights the quantizers do not take: one
+    clear error rather than an engine whose bulk stayed 16-bit."""
+    with pytest.raises(LlmcError, match="--quant fp8 does not quantize a mixture of experts "
+                       "yet .*block_sparse_moe.experts.gate_up.weight.*--quant none"):
+        _build(tiny_models["mixtral-top2"][0], tmp_path / "q.engine", "fp8", words)
+    assert not (tmp_path / "q.engine").exists()

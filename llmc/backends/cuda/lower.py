@@ -153,6 +153,12 @@ class Lowering:
         if qdq:
             raise UnsupportedGraph(f"the graph is quantized ({len(qdq)} Q/DQ nodes, e.g. "
                                    f"{qdq[0]!r}): {QUANT_MISSING}")
+        routing = [n.name for n in g.nodes if n.op_type == "TopK"]
+        if routing:   # checked first: the MoE layer, not its ops, is what is missing
+            raise UnsupportedGraph(f"the graph routes tokens to experts (TopK node "
+                                   f"{routing[0]!r}: a mixture of experts, Mixtral); the cuda "
+                                   "backend has no token-routing or grouped-GEMM kernels yet; "
+                                   "build with --backend tensorrt-rtx or reference")
         attn = [n for n in g.nodes if n.op_type == "PagedAttention"]
         if not attn:
             raise UnsupportedGraph("the graph has no fused PagedAttention node; the cuda "

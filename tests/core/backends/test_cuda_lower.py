@@ -242,3 +242,13 @@ def test_gpt2_is_refused_by_name(tiny_models_d64, tmp_path):
                        "reference"):
         _build(tiny_models_d64["gpt2-learned-pos"][0], tmp_path / "g.engine", "sm_90a")
     assert not (tmp_path / "g.engine").exists()
+
+
+def test_mixtral_is_refused_by_name(tiny_models_d64, tmp_path):
+    """The cuda backend has no token routing or grouped GEMM: the first error names the
+    mixture of experts (not its TopK or batched GEMMs one by one)."""
+    with pytest.raises(UnsupportedGraph, match="routes tokens to experts \\(TopK node "
+                       "'layers.0.mlp.TopK_[0-9]+': a mixture of experts, Mixtral\\); the "
+                       "cuda backend has no token-routing or grouped-GEMM kernels yet"):
+        _build(tiny_models_d64["mixtral-top2"][0], tmp_path / "m.engine", "sm_90a")
+    assert not (tmp_path / "m.engine").exists()
