@@ -14,6 +14,21 @@ import numpy as np
 Readers = dict[str, Callable[[], np.ndarray]]   # tensor name -> its lazy reader
 
 
+def unstack_experts(readers: Readers, num_experts: int) -> Readers:
+    """llama.cpp stores a layer's experts stacked, one tensor a projection; its name table
+    reads them as `<...>.experts.<proj>.stacked`. Each becomes `<...>.experts.<j>.<proj>.weight`
+    (the HF per-expert name), read as a slice of the stacked tensor."""
+    out = {}
+    for name, read in readers.items():
+        if not name.endswith(".stacked"):
+            out[name] = read
+            continue
+        for j in range(num_experts):
+            expert = name.replace(".experts.", f".experts.{j}.").replace(".stacked", ".weight")
+            out[expert] = lambda r=read, j=j: r()[j]
+    return out
+
+
 @dataclass(frozen=True)
 class GGUFArch:
     """How llama.cpp stores one architecture: `config(metadata, tensor_names)` returns a

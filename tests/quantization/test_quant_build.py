@@ -149,10 +149,11 @@ def test_tensorrt_rtx_builds_quantized_graphs(tiny_models, tmp_path, words, mode
     assert header.quant.accuracy.passed and net["plan_bytes"] > 0
 
 
-def test_a_mixture_of_experts_is_refused(tiny_models, tmp_path, words):
-    """Mixtral's experts are stacked [E, in, out] weights the quantizers do not take: one
-    clear error rather than an engine whose bulk stayed 16-bit."""
+@pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared"])
+def test_a_mixture_of_experts_is_refused(tiny_models, tmp_path, words, kind):
+    """Mixtral's and Qwen2-MoE's experts are stacked [E, in, out] weights the quantizers do
+    not take: one clear error rather than an engine whose bulk stayed 16-bit."""
     with pytest.raises(LlmcError, match="--quant fp8 does not quantize a mixture of experts "
-                       "yet .*block_sparse_moe.experts.gate_up.weight.*--quant none"):
-        _build(tiny_models["mixtral-top2"][0], tmp_path / "q.engine", "fp8", words)
+                       "yet .*experts.gate_up.weight.*--quant none"):
+        _build(tiny_models[kind][0], tmp_path / "q.engine", "fp8", words)
     assert not (tmp_path / "q.engine").exists()

@@ -156,7 +156,7 @@ class Lowering:
         routing = [n.name for n in g.nodes if n.op_type == "TopK"]
         if routing:   # checked first: the MoE layer, not its ops, is what is missing
             raise UnsupportedGraph(f"the graph routes tokens to experts (TopK node "
-                                   f"{routing[0]!r}: a mixture of experts, Mixtral); the cuda "
+                                   f"{routing[0]!r}: a mixture-of-experts layer); the cuda "
                                    "backend has no token-routing or grouped-GEMM kernels yet; "
                                    "build with --backend tensorrt-rtx or reference")
         attn = [n for n in g.nodes if n.op_type == "PagedAttention"]

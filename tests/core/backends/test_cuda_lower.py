@@ -244,11 +244,12 @@ def test_gpt2_is_refused_by_name(tiny_models_d64, tmp_path):
     assert not (tmp_path / "g.engine").exists()
 
 
-def test_mixtral_is_refused_by_name(tiny_models_d64, tmp_path):
+@pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared"])
+def test_mixture_of_experts_is_refused_by_name(tiny_models_d64, tmp_path, kind):
     """The cuda backend has no token routing or grouped GEMM: the first error names the
     mixture of experts (not its TopK or batched GEMMs one by one)."""
     with pytest.raises(UnsupportedGraph, match="routes tokens to experts \\(TopK node "
-                       "'layers.0.mlp.TopK_[0-9]+': a mixture of experts, Mixtral\\); the "
+                       "'layers.0.mlp.TopK_[0-9]+': a mixture-of-experts layer\\); the "
                        "cuda backend has no token-routing or grouped-GEMM kernels yet"):
-        _build(tiny_models_d64["mixtral-top2"][0], tmp_path / "m.engine", "sm_90a")
+        _build(tiny_models_d64[kind][0], tmp_path / "m.engine", "sm_90a")
     assert not (tmp_path / "m.engine").exists()
