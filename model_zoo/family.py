@@ -51,6 +51,6 @@ class Family:
     build_graph: Callable[..., Any]                       # (config, tensor, dtype, bs, ...)
     gguf: dict[str, GGUFArch] = field(default_factory=dict)  # general.architecture -> reading
     # (a checkpoint's tensors under HF names, config) -> the tensors under the names
-    # weight_names uses: GPT-2's original files (no prefix, causal-mask buffers), Mixtral's
-    # experts stacked in one tensor (GGUF)
+    # weight_names uses: GPT-2's original files (no prefix, causal-mask buffers), the
+    # mixtures of experts' GGUF experts stacked one tensor a projection (unstack_experts)
     tensors: Callable[[Readers, Any], Readers] = lambda readers, config: readers

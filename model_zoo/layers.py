@@ -9,9 +9,8 @@ One engine step takes a ragged batch; the skeleton reads top to bottom like the 
     logits = lm_head(final_norm(h[last_token_rows]))
 
 Nothing here is fused: passes/ rewrites the chains (RMSNorm, LayerNorm, RoPE, SwiGLU,
-attention) later,
-so each layer emits the canonical unfused form the passes match. Precision follows HF:
-norms and softmax in float32, everything else in the build dtype.
+attention) later, so each layer emits the canonical unfused form the passes match.
+Precision follows HF: norms and softmax in float32, everything else in the build dtype.
 """
 
 from __future__ import annotations
