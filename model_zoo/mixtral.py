@@ -1,8 +1,8 @@
 """Mixtral: the Mistral block with its MLP replaced by a sparse mixture of experts.
 
     block(h) = h + attention(rms_norm(h));  h = h + moe(rms_norm(h))
-    moe(x)   = sum over the top-k experts e of softmax(gate(x))  (k of them, renormalised)
-               weight_e * w2_e(silu(w1_e(x)) * w3_e(x))
+    p        = softmax(gate(x));  K = the num_experts_per_tok largest p_e
+    moe(x)   = sum over e in K of  p_e / (sum over K of p)  *  w2_e(silu(w1_e(x)) * w3_e(x))
 
 Attention is Mistral's (GQA, RoPE, optionally a sliding window). Each expert is a SwiGLU MLP
 (w1 = gate, w3 = up, w2 = down); the router (`gate`) picks num_experts_per_tok of
@@ -95,7 +95,8 @@ class MixtralGraph(LlamaGraph):
         c, moe = self.c, p.replace(".mlp", ".block_sparse_moe")
         h, inter, n = c.hidden_size, c.intermediate_size, c.num_local_experts
         experts = [f"{moe}.experts.{j}" for j in range(n)]
-        # stacked as transformers 5 holds them: gate_up [E, H, 2I], down [E, I, H]
+        # stacked as transformers 5 holds them, each expert [in, out]: gate_up [E, H, 2I]
+        # (gate then up), down [E, I, H]
         gate_up = self.expert_weights(f"{moe}.experts.gate_up.weight",
                                       [[f"{e}.w1.weight", f"{e}.w3.weight"] for e in experts],
                                       (n, h, 2 * inter))
