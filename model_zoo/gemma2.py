@@ -153,7 +153,7 @@ class Gemma2Graph(LlamaGraph):
     def norm_weight(self, name: str, width: int) -> str:
         return self.weight(f"{name}.weight", (width,), convert=lambda w: 1 + w)
 
-    def embed(self, table: str, ids: str) -> str:
+    def embed(self, table: str, ids: str, step: Step) -> str:
         # HF multiplies by sqrt(hidden) rounded to the model's dtype
         dt = np_dtype(self.dtype)
         root = np.asarray(np.sqrt(self.c.hidden_size)).astype(self.rounding or dt)

@@ -4,13 +4,13 @@ block; everything paged (step values, the cache write, the masked gather-attenti
 
 One engine step takes a ragged batch; the skeleton reads top to bottom like the model:
 
-    h = embed(input_ids)
+    h = embed(input_ids, positions)
     for each layer:  h = block(layer, h)        # the family's
     logits = lm_head(final_norm(h[last_token_rows]))
 
-Nothing here is fused: passes/ rewrites the chains (RMSNorm, RoPE, SwiGLU, attention) later,
-so each layer emits the canonical unfused form the passes match. Precision follows HF:
-norms and softmax in float32, everything else in the build dtype.
+Nothing here is fused: passes/ rewrites the chains (RMSNorm, LayerNorm, RoPE, SwiGLU,
+attention) later, so each layer emits the canonical unfused form the passes match.
+Precision follows HF: norms and softmax in float32, everything else in the build dtype.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class Step:
     """Values computed once per step from the contract's inputs and shared by every layer."""
 
     positions: str      # int32 [T]
-    cos: str            # dtype [T, 1, head_dim]
-    sin: str            # dtype [T, 1, head_dim]
+    cos: str | None     # dtype [T, 1, head_dim]; None in a model without RoPE (GPT-2)
+    sin: str | None
     write_index: str    # int64 [2, T, Hkv, 4]: (k|v, block, head, row) of each new K/V row
     token_blocks: str   # int64 [T, max_blocks]: the block table of each token's sequence
     mask: str           # float32 [T, 1, 1, max_blocks * block_size]: 0 or contract.MASKED
@@ -80,12 +80,12 @@ class DecoderGraph:
         caches = [g.input(contract.kv_cache_input(i), self.elem, kv_shape)
                   for i in range(c.num_hidden_layers)]
         embed = self.weight(self.EMBED, (c.vocab_size, c.hidden_size))
-        h = self.embed(embed, ids)                                        # [T, hidden]
+        h = self.embed(embed, ids, step)                                  # [T, hidden]
         for i in range(c.num_hidden_layers):
             with g.scope(f"layers.{i}"):
                 h, caches[i] = self.block(i, h, step.for_layer(i), caches[i])
         with g.scope("head"):
-            h = self.rms_norm(g.Gather(h, last), self.FINAL_NORM)        # [B, hidden]
+            h = self.final_norm(g.Gather(h, last))                        # [B, hidden]
             if c.tie_word_embeddings:   # the embedding table, read as [vocab, hidden]
                 logits = g.Gemm(h, embed, transB=1)
             else:
@@ -97,17 +97,21 @@ class DecoderGraph:
         return g
 
     # what a family may change around the blocks (Gemma 2: a scaled embedding, per-layer
-    # windows, soft-capped logits; Gemma 3: per-layer RoPE frequencies)
+    # windows, soft-capped logits; Gemma 3: per-layer RoPE frequencies; GPT-2: learned
+    # positions, LayerNorm, no RoPE)
 
-    def embed(self, table: str, ids: str) -> str:
+    def embed(self, table: str, ids: str, step: Step) -> str:
         return self.g.Gather(table, ids)
+
+    def final_norm(self, h: str) -> str:
+        return self.rms_norm(h, self.FINAL_NORM)
 
     def window(self, layer: int) -> int:
         """The layer's sliding window in tokens, 0 for none."""
         return self.c.sliding_window or 0
 
-    def inv_freq(self, layer: int) -> np.ndarray:
-        """The layer's RoPE inverse frequencies [head_dim / 2]."""
+    def inv_freq(self, layer: int) -> np.ndarray | None:
+        """The layer's RoPE inverse frequencies [head_dim / 2]; None: no RoPE."""
         return self.c.inv_freq()
 
     def final_logits(self, logits: str) -> str:
@@ -121,18 +125,26 @@ class DecoderGraph:
         """A checkpoint tensor (HF name); linear weights are stored [in, out] so MatMul needs
         no transpose (the passes match MatMul). `convert` changes the checkpoint's float32
         values first (Gemma's 1 + w norm weights), as HF does in float32."""
-        tensor, dt, rounding = self.tensor, np_dtype(self.dtype), self.rounding
+        read, dt = self._reader(name), np_dtype(self.dtype)
 
         def load():
-            w = tensor(name)
-            if rounding is not None:  # e.g. bf16 weights computed in fp32 on onnxruntime
-                w = w.astype(rounding)
+            w = read()
             if convert is not None:
                 w = convert(w.astype(np.float32))
             return (w.T if transpose else w).astype(dt)
 
         out_shape = tuple(reversed(shape)) if transpose else shape
         return self.g.weight(name, self.dtype, out_shape, load)
+
+    def _reader(self, name: str) -> Callable[[], np.ndarray]:
+        """A checkpoint tensor as stored, rounded first where the build says so (e.g. bf16
+        weights computed in fp32 on onnxruntime)."""
+        tensor, rounding = self.tensor, self.rounding
+
+        def read():
+            w = tensor(name)
+            return w.astype(rounding) if rounding is not None else w
+        return read
 
     def linear(self, x: str, name: str, n_out: int, n_in: int, bias: bool = False) -> str:
         y = self.g.MatMul(x, self.weight(f"{name}.weight", (n_out, n_in), transpose=True))
@@ -153,6 +165,18 @@ class DecoderGraph:
     def norm_weight(self, name: str, width: int) -> str:
         return self.weight(f"{name}.weight", (width,))
 
+    def layer_norm(self, x: str, name: str, eps: float) -> str:
+        """HF's nn.LayerNorm over hidden_size: normalise in float32, cast back, then scale by
+        the weight and shift by the bias (the form passes/norms.py matches)."""
+        g, n = self.g, self.c.hidden_size
+        x32 = g.Cast(x, to=F32)
+        centred = g.Sub(x32, g.ReduceMean(x32, g.const([-1]), keepdims=1))
+        var = g.ReduceMean(g.Mul(centred, centred), g.const([-1]), keepdims=1)
+        inv = g.Reciprocal(g.Sqrt(g.Add(var, g.const(eps, np.float32))))
+        y = g.Cast(g.Mul(centred, inv), to=self.elem)
+        return g.Add(g.Mul(y, self.weight(f"{name}.weight", (n,))),
+                     self.weight(f"{name}.bias", (n,)))
+
     def swiglu_mlp(self, x: str, p: str, bias: bool = False) -> str:
         """down(silu(gate(x)) * up(x)), HF's gate_proj / up_proj / down_proj."""
         c = self.c
@@ -172,6 +196,47 @@ class DecoderGraph:
         inner = g.Add(x, g.Mul(g.const(0.044715, dt), g.Mul(g.Mul(x, x), x)))
         t = g.Tanh(g.Mul(g.const(np.sqrt(2 / np.pi), dt), inner))
         return g.Mul(g.Mul(g.const(0.5, dt), x), g.Add(g.const(1.0, dt), t))
+
+    def routed_experts(self, x: str, router: str, gate_up: str, down: str, num_experts: int,
+                       inter: int, top_k: int, renormalise: bool) -> str:
+        """A mixture of SwiGLU experts over x [T, hidden]: each token goes to the top_k
+        experts of softmax(router(x)) (float32; renormalise: the k weights divided by their
+        sum) and takes the sum of their outputs times those weights.
+
+        gate_up [E, hidden, 2 inter] and down [E, inter, hidden] are the experts' weights,
+        stacked (`expert_weights`). Routing is a gather and a scatter: TopK picks each token's
+        experts and weights, ScatterElements spreads them into [T, E] with 0 for the experts
+        a token was not routed to. Every expert then runs on every token as one batched GEMM
+        and the outputs are weighted by that table, so an unrouted expert adds exactly 0:
+        the same sum as running each expert on its own tokens, at E / top_k times the
+        FLOPs. The routed form (NonZero, rows gathered per expert) is data-dependent in
+        shape, which TensorRT-RTX 1.7 cannot build (its NonZero is a plugin it lacks); a
+        grouped GEMM over routed rows is a backend's kernel, not this reference graph."""
+        g, c = self.g, self.c
+        logits = self.linear(x, router, num_experts, c.hidden_size)             # [T, E]
+        probs = g.Softmax(g.Cast(logits, to=F32), axis=-1)
+        top, chosen = g.TopK(probs, g.const([top_k]), axis=-1, outputs=2)       # [T, k]
+        if renormalise:
+            top = g.Div(top, g.ReduceSum(top, g.const([-1]), keepdims=1))
+        weights = g.ScatterElements(g.ConstantOfShape(g.Shape(probs)), chosen, top,
+                                    axis=1)                                      # [T, E]
+        gate, up = self.split(g.MatMul(x, gate_up), [inter, inter])             # [E, T, I]
+        y = g.Cast(g.MatMul(self.swiglu(gate, up), down), to=F32)               # [E, T, H]
+        weighted = g.Mul(y, g.Unsqueeze(g.Transpose(weights, perm=[1, 0]), g.const([2])))
+        return g.Cast(g.ReduceSum(weighted, g.const([0]), keepdims=0), to=self.elem)
+
+    def expert_weights(self, name: str, experts: list[list[str]], shape: tuple[int, ...]
+                       ) -> str:
+        """[E, in, out] from each expert's checkpoint tensors ([out_j, in] each, joined
+        along out in the order given: gate then up), as MatMul reads them."""
+        parts = [[self._reader(n) for n in names] for names in experts]
+        dt = np_dtype(self.dtype)
+
+        def load():
+            return np.stack([np.concatenate([r() for r in rs], axis=0).T for rs in parts]
+                            ).astype(dt)
+
+        return self.g.weight(name, self.dtype, shape, load)
 
     def split(self, x: str, sizes: list[int]) -> list[str]:
         """x's last axis cut into parts of `sizes` (a checkpoint's fused projection)."""
@@ -235,17 +300,18 @@ class DecoderGraph:
                                                   g.const([c.num_key_value_heads]), bs)
             # one mask per distinct window and one cos/sin pair per distinct frequency table,
             # shared by the layers that use them
-            masks, ropes, layers = {}, {}, []
+            masks, ropes, layers = {}, {None: (None, None)}, []
             for i in range(c.num_hidden_layers):
-                w, freq = self.window(i), self.inv_freq(i).astype(np.float32)
+                w, freq = self.window(i), self.inv_freq(i)
                 if w not in masks:
                     lowest = None
                     if w:   # passes/attention.py reads W back from this Sub
                         lowest = g.Sub(g.Unsqueeze(pos64, g.const([1])), g.const(w))
                     masks[w] = contract.key_mask(g, tables, ctx_lens, seq, pos64, bs, lowest)
-                if freq.tobytes() not in ropes:
-                    ropes[freq.tobytes()] = self._rope_table(pos64, freq)
-                layers.append((masks[w], *ropes[freq.tobytes()]))
+                key = None if freq is None else freq.astype(np.float32).tobytes()
+                if key not in ropes:
+                    ropes[key] = self._rope_table(pos64, freq.astype(np.float32))
+                layers.append((masks[w], *ropes[key]))
         mask, cos, sin = layers[0]
         return Step(pos, cos, sin, write_index, token_blocks, mask, tuple(layers))
 

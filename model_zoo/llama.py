@@ -276,7 +276,8 @@ FAMILY = Family(
     build_graph=build_graph,
     gguf={
         # llama.cpp permutes Q/K rows of llama and mistral for its interleaved rope; not qwen2.
-        "llama": GGUFArch(gguf_config("LlamaForCausalLM"), GGUF_NAMES, unpermute_qk),
+        "llama": GGUFArch(gguf_config("LlamaForCausalLM"), GGUF_NAMES, unpermute_qk,
+                          accepts=lambda meta: not meta.get("llama.expert_count")),  # Mixtral
         "mistral": GGUFArch(gguf_config("MistralForCausalLM"), GGUF_NAMES, unpermute_qk),
         "qwen2": GGUFArch(gguf_config("Qwen2ForCausalLM"), GGUF_NAMES),
     },

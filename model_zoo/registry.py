@@ -18,13 +18,14 @@ from llmc.checkpoint import Checkpoint, Tokenizer, open_checkpoint
 from llmc.checkpoint.base import NamedTensors
 from llmc.config import architecture
 from llmc.errors import LlmcError
-from llmc.model_zoo import gemma2, gemma3, llama, phi3, qwen3
+from llmc.model_zoo import gemma2, gemma3, gpt2, llama, mixtral, phi3, qwen2_moe, qwen3
 from llmc.model_zoo.family import Family, GGUFArch
 from llmc.quantization.prequantized import Prequantized, read_prequantized
 
 # Every family llmc builds; adding one is a file in model_zoo/ and a line here.
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, phi3.FAMILY, qwen3.FAMILY,
-                                 gemma2.FAMILY, gemma3.FAMILY)
+                                 gemma2.FAMILY, gemma3.FAMILY, gpt2.FAMILY, mixtral.FAMILY,
+                                 qwen2_moe.FAMILY)
 
 
 def family_for(hf_architecture: str) -> Family:
@@ -35,11 +36,15 @@ def family_for(hf_architecture: str) -> Family:
                     f"{', '.join(supported_architectures())}")
 
 
-def gguf_family(gguf_architecture: Any) -> tuple[Family, GGUFArch]:
+def gguf_family(metadata: dict[str, Any]) -> tuple[Family, GGUFArch]:
+    """The family reading a GGUF file: its `general.architecture`, and where two families
+    share one (llama: Llama and Mixtral), the one whose reading accepts the metadata."""
+    gguf_architecture = metadata.get("general.architecture")
     for fam in FAMILIES:
-        if gguf_architecture in fam.gguf:
-            return fam, fam.gguf[gguf_architecture]
-    known = sorted(a for fam in FAMILIES for a in fam.gguf)
+        arch = fam.gguf.get(gguf_architecture)
+        if arch is not None and arch.accepts(metadata):
+            return fam, arch
+    known = sorted({a for fam in FAMILIES for a in fam.gguf})
     raise LlmcError(f"GGUF architecture {gguf_architecture!r} is not supported "
                     f"(supported: {', '.join(known)})")
 
@@ -102,10 +107,11 @@ def load_model(path: str | os.PathLike) -> Model:
     ckpt = open_checkpoint(path)
     if ckpt.format == "hf":
         config = parse_config(ckpt.config)
+        family = family_for(config.architecture)
         readers, prequantized = read_prequantized(ckpt.config, ckpt.readers, ckpt.source)
-        return Model(ckpt.source, family_for(config.architecture), config, readers, ckpt,
+        return Model(ckpt.source, family, config, family.tensors(readers, config), ckpt,
                      prequantized)
-    family, arch = gguf_family(ckpt.metadata.get("general.architecture"))
+    family, arch = gguf_family(ckpt.metadata)
     hf_names = {}
     for gguf_name in ckpt.readers:
         name = hf_name(arch.names, gguf_name)
@@ -119,7 +125,7 @@ def load_model(path: str | os.PathLike) -> Model:
         return lambda: arch.fix(name, ckpt.tensor(gguf_name), config)
 
     readers = {n: reader(n, g) for n, g in hf_names.items()}
-    return Model(ckpt.source, family, config, readers, ckpt)
+    return Model(ckpt.source, family, config, family.tensors(readers, config), ckpt)
 
 
 def hf_name(table: dict[str, str], gguf_name: str) -> str | None:

@@ -24,6 +24,8 @@ def pipeline() -> list[Pass]:
     return [
         norms.RMS_NORM,
         norms.ADD_RMS_NORM,
+        norms.LAYER_NORM,
+        norms.ADD_LAYER_NORM,
         activations.GELU,
         activations.SWIGLU,
         activations.GEGLU,

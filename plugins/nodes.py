@@ -23,6 +23,7 @@ class NodePlugin:
 
 GRAPH_PLUGINS = {
     "AddRMSNorm": NodePlugin(3, 2, ("epsilon",)),        # (x, residual, weight) -> (y, sum)
+    "AddLayerNorm": NodePlugin(4, 2, ("epsilon",)),      # (x, residual, weight, bias) -> ...
     "FusedSwiGLU": NodePlugin(1, 1, ()),                 # gate_up [T, 2I] -> [T, I]
     "FusedGeGLU": NodePlugin(1, 1, ("approximate",)),    # the kernel has the tanh form only
     "PagedAttention": NodePlugin(8, 2, ("num_heads", "num_kv_heads", "head_dim", "block_size",

@@ -8,7 +8,7 @@ This module itself has never run under a real TensorRT (the CPU tests register i
 stand-in of the API).
 
 Ahead-of-time plugins: the llmc nodes the passes emit (nodes.GRAPH_PLUGINS: AddRMSNorm,
-FusedSwiGLU, FusedGeGLU). RoPE needs none: the graph's RotaryEmbedding (opset 23) is a
+AddLayerNorm, FusedSwiGLU, FusedGeGLU). RoPE needs none: the graph's RotaryEmbedding (opset 23) is a
 TensorRT layer. PagedAttention needs two or three launches, a workspace and an output aliased
 to the cache, which the ahead-of-time API (one kernel per plugin) does not express: it is a
 class-based IPluginV3 (trt_paged_attention.py), whose enqueue runs in Python.
@@ -64,6 +64,19 @@ def register(arch: str, sm_count: int, max_smem: int | None = None) -> None:
         return (*kernel(ln), params(ln, rows), ints(rows, n, lr.float_bits(epsilon)))
     _define(trtp, f"{NAMESPACE}::AddRMSNorm", 3, {"epsilon": float}, add_rms_norm_desc,
             add_rms_norm_aot)
+
+    # AddLayerNorm(x, residual, weight, bias; epsilon) -> (normed, sum) (GPT-2); the same
+    # kernel family, the bias after the weight (kernels/norm.cu add_layernorm_*).
+    def add_layer_norm_desc(x, residual, weight, bias, epsilon):
+        return x.like(), x.like()
+
+    def add_layer_norm_aot(x, residual, weight, bias, epsilon, outputs, tactic=None):
+        n = x.shape_expr[-1].constant_value()
+        ln = lr.norm_launch(1, n, dtypes[x.dtype], "layernorm", residual=True)
+        rows = x.shape_expr[0]
+        return (*kernel(ln), params(ln, rows), ints(rows, n, lr.float_bits(epsilon)))
+    _define(trtp, f"{NAMESPACE}::AddLayerNorm", 4, {"epsilon": float}, add_layer_norm_desc,
+            add_layer_norm_aot)
 
     # FusedSwiGLU / FusedGeGLU on the fused gate-up GEMM output [T, 2I] (passes/activations).
     def gated_desc(gu, *attrs):

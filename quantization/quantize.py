@@ -79,6 +79,11 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     (its "unquantized" reference is its weights dequantized)."""
     from llmc.quantization import measure, qdq
 
+    experts = [w.name for w in weights if len(w.shape) == 3]
+    if experts:   # the 2-D GEMMs alone would leave the bulk of the weights 16-bit
+        raise LlmcError(f"--quant {opts.mode} does not quantize a mixture of experts yet (the "
+                        f"experts' stacked weights, e.g. {experts[0]!r}); build with "
+                        "--quant none")
     calib_text, calib_name = measure.read_text(opts.calib_data, "calib")
     eval_text, eval_name = measure.read_text(opts.eval_data, "eval")
     eval_seqs = measure.token_sequences(tokenizer_json, eval_text, opts.eval_size, "evaluation")

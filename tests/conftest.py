@@ -51,6 +51,26 @@ TINY_MODELS = {
         sliding_window=12, layer_types=["sliding_attention", "full_attention"],
         rope_theta=1_000_000.0, rope_local_base_freq=100.0, tie_word_embeddings=True,
         pad_token_id=0, eos_token_id=2, bos_token_id=1)),
+    # LayerNorm with biases, learned positions, tanh GELU, Conv1D [in, out] weights with the
+    # q/k/v projection fused (c_attn), tied head
+    "gpt2-learned-pos": ("GPT2Config", dict(
+        n_head=4, n_inner=96, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
+        bos_token_id=1)),
+    # top-2 of 4 SwiGLU experts (renormalised), GQA, a window; its routers are scaled up
+    # (make_tiny_model) so that no token's 2nd and 3rd experts nearly tie, where fp16
+    # rounding could route HF and the engine apart. EOS is a word greedy decoding of the
+    # generation tests' prompts never reaches (it repeats token 2 after one of them).
+    "mixtral-top2": ("MixtralConfig", dict(
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=12, pad_token_id=0, eos_token_id=127,
+        bos_token_id=1)),
+    # top-2 of 4 experts, not renormalised, beside a sigmoid-gated shared expert of another
+    # width; q/k/v biases; the second layer dense (mlp_only_layers); routers scaled up as
+    # Mixtral's
+    "qwen2moe-shared": ("Qwen2MoeConfig", dict(
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=48, shared_expert_intermediate_size=80, mlp_only_layers=[1],
+        pad_token_id=0, eos_token_id=127, bos_token_id=1)),
 }
 
 
@@ -64,6 +84,9 @@ HEAD_DIM_64 = {
     "qwen3-qknorm": dict(hidden_size=256, head_dim=64),
     "gemma2-softcap": dict(hidden_size=256, head_dim=64),
     "gemma3-local-global": dict(hidden_size=256, head_dim=64),
+    "gpt2-learned-pos": dict(hidden_size=256, n_inner=384),
+    "mixtral-top2": dict(hidden_size=256),
+    "qwen2moe-shared": dict(hidden_size=256),
 }
 
 
@@ -88,8 +111,10 @@ def make_tiny_model(kind: str, folder: Path, seed: int = 0, head_dim_64: bool = 
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # random biases: zeros would hide a missing bias add
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
+            if name.endswith("bias") or "norm" in name or ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith("mlp.gate.weight"):    # a router (Mixtral, Qwen2-MoE)
+                p.mul_(30)
     model.save_pretrained(folder)
     _tiny_tokenizer(config.vocab_size).save_pretrained(folder)
     return model

@@ -146,8 +146,8 @@ BAD_CHECKPOINTS = {   # case -> (damage to a copy of the tiny llama, message)
     "negative layers": (edit_config(num_hidden_layers=-2), "should not be negative"),
     "architectures a string": (edit_config(architectures="LlamaForCausalLM"),
                                "should be a list"),
-    "unsupported architecture": (edit_config(architectures=["GPT2LMHeadModel"]),
-                                 "unsupported architecture 'GPT2LMHeadModel'"),
+    "unsupported architecture": (edit_config(architectures=["BloomForCausalLM"]),
+                                 "unsupported architecture 'BloomForCausalLM'"),
     "hidden_act gelu": (edit_config(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     "heads not a multiple": (edit_config(num_key_value_heads=3), "is not a multiple of"),
 }

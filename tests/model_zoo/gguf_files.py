@@ -16,25 +16,33 @@ from llmc.passes import run_passes
 BLOCK = 8
 
 
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's Q/K row permutation."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+             .swapaxes(1, 2).reshape(w.shape))
+
+
 def write_gguf(path, arch: str, model, names: dict[str, str],
                meta: Callable[[gguf.GGUFWriter], None],
                convert: Callable[[str, np.ndarray], np.ndarray] = lambda name, t: t,
-               extra: dict[str, np.ndarray] | None = None) -> None:
-    """Every tensor of `model` under its llama.cpp name (`names`: a family's GGUF table,
-    llama.cpp name -> HF name with {i} for the layer), changed by `convert` the way
-    llama.cpp's convert_hf_to_gguf.py changes it, and `extra` tensors under llama.cpp
-    names; `meta` writes the metadata."""
+               extra: dict[str, np.ndarray] | None = None, state: dict | None = None) -> None:
+    """Every tensor of `model` (or of `state`, tensors under the names the table uses)
+    under its llama.cpp name (`names`: a family's GGUF table, llama.cpp name -> HF name
+    with {i} for the layer), changed by `convert` the way llama.cpp's convert_hf_to_gguf.py
+    changes it, and `extra` tensors under llama.cpp names; `meta` writes the metadata."""
     hf_to_gguf = {hf: g for g, hf in names.items()}
     w = gguf.GGUFWriter(path, arch)
     meta(w)
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state is None else state).items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue   # llama.cpp stores no output.weight for a tied head
         parts = name.split(".")
-        layer = parts[1] == "layers"
-        key = ".".join(parts[:2] + ["{i}"] + parts[3:]) if layer else name
-        g = hf_to_gguf[key].replace("{i}", parts[2]) if layer else hf_to_gguf[key]
-        w.add_tensor(g, convert(name, t.detach().float().numpy()))
+        # the layer index is the first number in the name (model.layers.3., transformer.h.3.)
+        at = next((k for k, p in enumerate(parts) if p.isdigit()), None)
+        key = ".".join(parts[:at] + ["{i}"] + parts[at + 1:]) if at is not None else name
+        g = hf_to_gguf[key].replace("{i}", parts[at]) if at is not None else hf_to_gguf[key]
+        t = t.detach().float().numpy() if isinstance(t, torch.Tensor) else t
+        w.add_tensor(g, convert(name, t))
     for g, t in (extra or {}).items():
         w.add_tensor(g, t)
     w.write_header_to_file()
@@ -62,13 +70,15 @@ def common_meta(w: gguf.GGUFWriter, cfg) -> None:
     w.add_pad_token_id(0)
 
 
-def check_against_transformers(path, tmp_path, label: str) -> None:
+def check_against_transformers(path, tmp_path, label: str, ref=None) -> None:
     """transformers' GGUF loader and llmc (through the passes, on onnxruntime) read `path`
-    to the same logits over the ragged prefill / decode / mixed steps, in fp32."""
+    to the same logits over the ragged prefill / decode / mixed steps, in fp32. ref: the
+    model to compare with where transformers' loader cannot read the architecture."""
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                               dtype=torch.float32).eval()
+    if ref is None:
+        ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                   dtype=torch.float32).eval()
     m = load_model(path)
     m.check_tensors()
     model, weights = m.build_graph("float32", BLOCK)

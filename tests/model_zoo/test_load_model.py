@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_files import check_against_transformers, common_meta, write_gguf
+from gguf_files import check_against_transformers, common_meta, permute_qk, write_gguf
 from safetensors.torch import save_file
 
 from llmc.errors import LlmcError
@@ -100,21 +100,15 @@ def test_truncated_safetensors(tiny_models, tmp_path):
 
 # --- GGUF -----------------------------------------------------------------------------------
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py's Q/K row permutation."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-             .swapaxes(1, 2).reshape(w.shape))
-
-
 def _write_gguf(path, model, arch="llama"):
     """The tiny model as llama.cpp's convert_hf_to_gguf.py writes it: Q/K rows permuted."""
     cfg = model.config
 
     def convert(name, t):
         if name.endswith("q_proj.weight"):
-            return _permute(t, cfg.num_attention_heads)
+            return permute_qk(t, cfg.num_attention_heads)
         if name.endswith("k_proj.weight"):
-            return _permute(t, cfg.num_key_value_heads)
+            return permute_qk(t, cfg.num_key_value_heads)
         return t
     write_gguf(path, arch, model, GGUF_NAMES, lambda w: common_meta(w, cfg), convert)
 
@@ -142,14 +136,16 @@ def test_gguf_matches_transformers_gguf_loader(tiny_models, tmp_path):
 
 def test_gguf_errors(tiny_models, tmp_path):
     _, model = tiny_models["llama-gqa"]
-    path = tmp_path / "gpt2.gguf"
-    w = gguf.GGUFWriter(path, "gpt2")
-    w.add_block_count(1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.close()
-    with pytest.raises(LlmcError, match="GGUF architecture 'gpt2' is not supported"):
-        load_model(path)
+    for arch, message in [("mamba", "GGUF architecture 'mamba' is not supported"),
+                          ("gpt2", "GGUF metadata of architecture 'gpt2' is incomplete")]:
+        path = tmp_path / f"{arch}.gguf"
+        w = gguf.GGUFWriter(path, arch)
+        w.add_block_count(1)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        with pytest.raises(LlmcError, match=message):
+            load_model(path)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(LlmcError, match="not a readable GGUF file"):

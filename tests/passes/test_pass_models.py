@@ -27,7 +27,8 @@ from llmc.runtime.runner import Runner
 from llmc.runtime.sampler import SamplingParams
 
 KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window",
-         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global"]
+         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global", "gpt2-learned-pos",
+         "mixtral-top2", "qwen2moe-shared"]
 # Ops that only the unfused chains use: none may survive the pipeline.
 UNFUSED_OPS = {"ReduceMean", "Sqrt", "Reciprocal", "Sigmoid", "Neg", "ScatterND", "Softmax",
                "Erf", "Tanh", "SwiGLU"}
@@ -35,15 +36,27 @@ HAVE_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 
 
 def expected_firings(layers: int, kind: str = "llama-gqa") -> dict[str, int]:
-    fired = {"rms_norm": 2 * layers + 1, "add_rms_norm": 2 * layers - 1, "gelu": 0,
-             "swiglu": layers, "geglu": 0, "rope": 2 * layers, "qkv_gemm": layers,
-             "gate_up_gemm": layers, "gated_split": layers, "paged_attention": layers}
+    fired = {"rms_norm": 2 * layers + 1, "add_rms_norm": 2 * layers - 1, "layer_norm": 0,
+             "add_layer_norm": 0, "gelu": 0, "swiglu": layers, "geglu": 0, "rope": 2 * layers,
+             "qkv_gemm": layers, "gate_up_gemm": layers, "gated_split": layers,
+             "paged_attention": layers}
     if kind.startswith("phi3"):   # q/k/v and gate/up come fused in the checkpoint
         fired.update(qkv_gemm=0, gate_up_gemm=0)
     if kind.startswith("gemma"):  # four norms a layer, GeGLU (tanh GELU) for SwiGLU
         fired.update(rms_norm=4 * layers + 1, gelu=layers, geglu=layers, swiglu=0)
     if kind.startswith(("qwen3", "gemma3")):  # and the per-head q/k norms of each layer
         fired.update(rms_norm=fired["rms_norm"] + 2 * layers)
+    if kind.startswith("gpt2"):   # LayerNorm (each after a residual or the embedding sum),
+        # plain tanh GELU, c_attn fused in the checkpoint, learned positions (no RoPE)
+        fired.update(rms_norm=0, add_rms_norm=0, layer_norm=2 * layers + 1,
+                     add_layer_norm=2 * layers, gelu=layers, swiglu=0, rope=0, qkv_gemm=0,
+                     gate_up_gemm=0, gated_split=0)
+    if kind.startswith("mixtral"):   # one batched gate-up GEMM of the stacked experts a layer
+        fired.update(gate_up_gemm=0)
+    if kind.startswith("qwen2moe"):  # layer 0: experts + a shared expert, layer 1 dense; the
+        # shared expert's gate and up read x with the router and the shared gate (four
+        # GEMMs: the sibling pass declines), so they stay two GEMMs and a two-input SwiGLU
+        fired.update(swiglu=3, gate_up_gemm=1, gated_split=2)
     return fired
 
 
@@ -52,9 +65,18 @@ def check_fully_fused(model, report, layers: int, tied: bool, kind: str = "llama
     ops = [n.op_type for n in model.graph.node]
     if kind.startswith("gemma2"):   # the final logits' soft-cap stays as it is
         ops.remove("Tanh")
+    moe = kind.startswith(("mixtral", "qwen2moe"))
+    if moe:                         # the routers' softmax
+        ops = [op for op in ops if op != "Softmax"]
+    if kind.startswith("qwen2moe"):  # layer 0's shared expert: its gate and its SwiGLU
+        for op in ("Sigmoid", "SwiGLU"):
+            ops.remove(op)
     assert not UNFUSED_OPS & set(ops), sorted(UNFUSED_OPS & set(ops))
-    # q/k/v and gate/up are one GEMM each: o_proj, gate_up, down, qkv per layer (+ lm_head).
-    assert ops.count("MatMul") == 4 * layers + (0 if tied else 1)
+    # q/k/v and gate/up are one GEMM each: o_proj, gate_up, down, qkv per layer (+ lm_head);
+    # a mixture of experts adds its router (Qwen2-MoE's first layer: and the shared
+    # expert's gate, up, down and gate GEMMs; its second layer is dense)
+    matmuls = {"mixtral-top2": 5 * layers, "qwen2moe-shared": 5 + 4 + 4}.get(kind, 4 * layers)
+    assert ops.count("MatMul") == matmuls + (0 if tied else 1)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -131,7 +153,7 @@ def test_disable_and_dump_graphs(tiny_folders, tmp_path):
     assert report["fired"]["rope"] == 0 and report["fired"]["rms_norm"] == 5
     names = sorted(p.name for p in tmp_path.glob("*.onnx"))
     assert names[0] == "00-input.onnx" and len(names) == len(pass_names()) + 1
-    assert "07-qkv_gemm.onnx" in names
+    assert "09-qkv_gemm.onnx" in names
     with pytest.raises(ValueError, match="unknown pass"):
         run_passes(model, weights, disable=["ropee"])
     assert len(model.graph.node) == report["nodes_before"]  # the input is not modified
@@ -201,4 +223,4 @@ def test_cli_build_reports_passes(tiny_folders, tmp_path):
     assert result.exit_code == 0, result.output
     fired = EngineFile(out).header.passes["fired"]
     assert fired["rope"] == 0 and fired["paged_attention"] == 2
-    assert (tmp_path / "dump" / "10-paged_attention.onnx").is_file()
+    assert (tmp_path / "dump" / "12-paged_attention.onnx").is_file()

@@ -31,6 +31,9 @@ LAYERS = 2  # the tiny models have two layers
 CASES = {
     "rms_norm": ([norms.RMS_NORM], 2 * LAYERS + 1, "RMSNormalization"),
     "add_rms_norm": ([norms.RMS_NORM, norms.ADD_RMS_NORM], 2 * LAYERS - 1, "AddRMSNorm"),
+    "layer_norm": ([norms.LAYER_NORM], 2 * LAYERS + 1, "LayerNormalization"),
+    # GPT-2: the embedding sum feeds the first layer's norm too
+    "add_layer_norm": ([norms.LAYER_NORM, norms.ADD_LAYER_NORM], 2 * LAYERS, "AddLayerNorm"),
     "swiglu": ([activations.SWIGLU], LAYERS, "SwiGLU"),
     "rope": ([rope.ROPE], 2 * LAYERS, "RotaryEmbedding"),
     "qkv_gemm": ([gemm.QKV_GEMM], LAYERS, "Split"),
@@ -49,7 +52,8 @@ def _ops(model) -> list[str]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_pass_fires_and_keeps_numerics(tiny_folders, name, dtype):
     stages, count, op = CASES[name]
-    kind = "qwen2-bias" if name == "qkv_gemm" else "mistral-window"  # biases; sliding window
+    kind = {"qkv_gemm": "qwen2-bias", "layer_norm": "gpt2-learned-pos",   # biases; LayerNorm
+            "add_layer_norm": "gpt2-learned-pos"}.get(name, "mistral-window")  # or a window
     model, weights, cfg = tiny_graph(tiny_folders[kind], dtype)
     fused, fused_weights, report = run_passes(model, weights, passes=stages)
     assert report["fired"][name] == count
@@ -77,6 +81,20 @@ def test_rms_norm_declines_shared_intermediate_and_wrong_axis(tiny_folders):
     _expose(model, _first(model, "ReduceMean").output[0])
     _set_const(model, _first(model, "ReduceMean", "layers.1").input[1], [0])
     assert run_passes(model, weights, passes=[norms.RMS_NORM])[2]["fired"]["rms_norm"] == 3
+
+
+def test_layer_norm_declines_shared_intermediate_and_wrong_axis(tiny_folders):
+    model, weights, _ = tiny_graph(tiny_folders["gpt2-learned-pos"])
+    _expose(model, _first(model, "Sub").output[0])
+    _set_const(model, _first(model, "ReduceMean", "layers.1").input[1], [0])
+    assert run_passes(model, weights, passes=[norms.LAYER_NORM])[2]["fired"]["layer_norm"] == 3
+
+
+def test_rms_norm_declines_a_layer_norm(tiny_folders):
+    """A LayerNorm's tail is an RMSNorm of the centred input: the rms_norm pattern must not
+    take it (the bias and the centring would be left behind)."""
+    model, weights, _ = tiny_graph(tiny_folders["gpt2-learned-pos"])
+    assert run_passes(model, weights, passes=[norms.RMS_NORM])[2]["fired"]["rms_norm"] == 0
 
 
 def test_add_rms_norm_declines_a_bias_add():

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper
 
 from llmc.devices import MAX_SMEM_OPTIN
 from llmc.graph import GraphBuilder
+from llmc.model_zoo import gpt2
 from llmc.model_zoo import parse_config as config_from_hf
 from llmc.model_zoo.llama import build_graph
 from llmc.passes import run_passes
@@ -28,6 +29,8 @@ from llmc.plugins.records import serialize
 HF = {"architectures": ["MistralForCausalLM"], "vocab_size": 64, "hidden_size": 256,
       "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
       "num_key_value_heads": 2, "sliding_window": 32}
+GPT2 = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 64, "n_embd": 256, "n_layer": 2,
+        "n_head": 4}
 
 
 def _llmc_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -45,7 +48,9 @@ def _geglu_graph() -> onnx.ModelProto:
 def test_every_fused_node_has_its_plugin():
     model, weights = build_graph(config_from_hf(HF), None, "float16", 16)
     fused = run_passes(model, weights)[0]
-    nodes = _llmc_nodes(fused) + _llmc_nodes(run_passes(_geglu_graph(), [])[0])
+    gpt2_graph = gpt2.FAMILY.build_graph(config_from_hf(GPT2), None, "float16", 16)
+    nodes = _llmc_nodes(fused) + _llmc_nodes(run_passes(_geglu_graph(), [])[0]) + \
+        _llmc_nodes(run_passes(*gpt2_graph)[0])                  # AddLayerNorm
     assert {n.op_type for n in nodes} == set(GRAPH_PLUGINS)
     for node in nodes:
         plugin = GRAPH_PLUGINS[node.op_type]

@@ -15,7 +15,8 @@ from llmc.limits import BuildLimits
 from llmc.quantization.quantize import QuantOptions
 
 KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window",
-         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global"]   # tests/conftest.py's
+         "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global",
+         "gpt2-learned-pos"]   # tests/conftest.py's
 LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_block_size=16)
 # Random tiny models: perplexity ~ the vocabulary, and quantization noise moves it little;
 # top-1 agreement is what tells a broken quantizer (~1/128 by chance) from a working one.
@@ -146,3 +147,13 @@ def test_tensorrt_rtx_builds_quantized_graphs(tiny_models, tmp_path, words, mode
     assert {k: net["layer_types"].get(k, 0) for k in layers} == layers
     assert net["rtx_targets"] == targets
     assert header.quant.accuracy.passed and net["plan_bytes"] > 0
+
+
+@pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared"])
+def test_a_mixture_of_experts_is_refused(tiny_models, tmp_path, words, kind):
+    """Mixtral's and Qwen2-MoE's experts are stacked [E, in, out] weights the quantizers do
+    not take: one clear error rather than an engine whose bulk stayed 16-bit."""
+    with pytest.raises(LlmcError, match="--quant fp8 does not quantize a mixture of experts "
+                       "yet .*experts.gate_up.weight.*--quant none"):
+        _build(tiny_models[kind][0], tmp_path / "q.engine", "fp8", words)
+    assert not (tmp_path / "q.engine").exists()

@@ -153,6 +153,12 @@ class Lowering:
         if qdq:
             raise UnsupportedGraph(f"the graph is quantized ({len(qdq)} Q/DQ nodes, e.g. "
                                    f"{qdq[0]!r}): {QUANT_MISSING}")
+        routing = [n.name for n in g.nodes if n.op_type == "TopK"]
+        if routing:   # checked first: the MoE layer, not its ops, is what is missing
+            raise UnsupportedGraph(f"the graph routes tokens to experts (TopK node "
+                                   f"{routing[0]!r}: a mixture-of-experts layer); the cuda "
+                                   "backend has no token-routing or grouped-GEMM kernels yet; "
+                                   "build with --backend tensorrt-rtx or reference")
         attn = [n for n in g.nodes if n.op_type == "PagedAttention"]
         if not attn:
             raise UnsupportedGraph("the graph has no fused PagedAttention node; the cuda "
@@ -355,6 +361,13 @@ class Lowering:
                                    "(Gemma 2), which the attention kernels do not implement "
                                    "yet; build with --backend tensorrt-rtx or reference")
         q, k, v = node.input[:3]
+        if not _after_rope(g, q):   # GPT-2: a learned position table added to the embeddings
+            raise UnsupportedGraph(f"PagedAttention node {node.name!r}: q and k reach "
+                                   "attention without RoPE (a learned position embedding, "
+                                   "GPT-2); the cuda backend writes the KV cache in its RoPE "
+                                   "kernel, and has no kernel for the position-embedding "
+                                   "lookup or LayerNorm either; build with --backend "
+                                   "tensorrt-rtx or reference")
         for side in (q, k):
             reshape, split, rope = self._rope_side(side)
             self.done.update(id(n) for n in (rope, *rope_neighbours(g, rope)))
@@ -481,6 +494,14 @@ class Lowering:
             live.append((offset, size, last))
             top = max(top, offset + size)
         return align(top)
+
+
+def _after_rope(g: _Graph, value: str) -> bool:
+    """value = Squeeze(RotaryEmbedding(...)), as the rope pass leaves q and k."""
+    squeeze = g.producer.get(value)
+    rope = g.producer.get(squeeze.input[0]) if squeeze is not None and \
+        squeeze.op_type == "Squeeze" else None
+    return rope is not None and rope.op_type == "RotaryEmbedding"
 
 
 def rope_neighbours(g: _Graph, rope) -> list:

@@ -231,3 +231,25 @@ def test_gemma2_softcap_is_refused_by_name(tiny_models_d64, tmp_path):
                        "the attention kernels do not implement yet"):
         _build(tiny_models_d64["gemma2-softcap"][0], tmp_path / "g.engine", "sm_90a")
     assert not (tmp_path / "g.engine").exists()
+
+
+def test_gpt2_is_refused_by_name(tiny_models_d64, tmp_path):
+    """GPT-2's q and k carry no RoPE (positions are a learned table added to the
+    embeddings), and the cuda backend writes the KV cache in its RoPE kernel: one clear
+    error naming that, before the LayerNorm nodes it has no kernel for either."""
+    with pytest.raises(UnsupportedGraph, match="q and k reach attention without RoPE \\(a "
+                       "learned position embedding, GPT-2\\).*--backend tensorrt-rtx or "
+                       "reference"):
+        _build(tiny_models_d64["gpt2-learned-pos"][0], tmp_path / "g.engine", "sm_90a")
+    assert not (tmp_path / "g.engine").exists()
+
+
+@pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared"])
+def test_mixture_of_experts_is_refused_by_name(tiny_models_d64, tmp_path, kind):
+    """The cuda backend has no token routing or grouped GEMM: the first error names the
+    mixture of experts (not its TopK or batched GEMMs one by one)."""
+    with pytest.raises(UnsupportedGraph, match="routes tokens to experts \\(TopK node "
+                       "'layers.0.mlp.TopK_[0-9]+': a mixture-of-experts layer\\); the "
+                       "cuda backend has no token-routing or grouped-GEMM kernels yet"):
+        _build(tiny_models_d64[kind][0], tmp_path / "m.engine", "sm_90a")
+    assert not (tmp_path / "m.engine").exists()

@@ -44,7 +44,8 @@ def _check_network(header, cfg_layers, kv_heads, head_dim, vocab, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied-rope3", "mistral-window",
                                   "qwen2-bias", "phi3-window", "qwen3-qknorm",
-                                  "gemma2-softcap", "gemma3-local-global"])
+                                  "gemma2-softcap", "gemma3-local-global",
+                                  "gpt2-learned-pos", "mixtral-top2", "qwen2moe-shared"])
 def test_tiny_models_build(tiny_models, tmp_path, kind, dtype):
     folder, model = tiny_models[kind]
     out = tmp_path / "m.engine"
@@ -55,8 +56,8 @@ def test_tiny_models_build(tiny_models, tmp_path, kind, dtype):
     assert not [x for x in lines if "WARNING" in x], lines
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    _check_network(header, c.num_hidden_layers, c.num_key_value_heads, head_dim,
-                   c.vocab_size, dtype)
+    kv_heads = getattr(c, "num_key_value_heads", c.num_attention_heads)   # GPT-2: MHA
+    _check_network(header, c.num_hidden_layers, kv_heads, head_dim, c.vocab_size, dtype)
     e = EngineFile(out)
     assert e.header.backend == "tensorrt-rtx" and len(e.section("plan")) > 0
 
