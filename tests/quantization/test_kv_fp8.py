@@ -133,8 +133,8 @@ def test_fp8_kv_graph_matches_numpy(tmp_path, dtype):
 
 
 def _kv_build(folder, out, words, mode="none", kv_dtype="fp8", dtype="fp16", backend="reference",
-              log=None):
-    return build(BuildOptions(folder, out, backend=backend, dtype=dtype, limits=LIMITS,
+              log=None, **kw):
+    return build(BuildOptions(folder, out, backend=backend, dtype=dtype, limits=LIMITS, **kw,
                               quant=QuantOptions(mode, calib_data=words, eval_data=words,
                                                  kv_cache_dtype=kv_dtype)),
                  log=log or (lambda _: None))
@@ -142,8 +142,8 @@ def _kv_build(folder, out, words, mode="none", kv_dtype="fp8", dtype="fp16", bac
 
 def test_session_pool_holds_the_graphs_rows(tiny_models, tmp_path, words):
     """The reference session's E4M3 pools after a prefill of two sequences and a decode step
-    hold each token's K/V where its block table puts it, rows equal to the graph's output,
-    and the scales are amax / 448 of the calibration run."""
+    hold each token's K/V where its block table puts it and nothing anywhere else, and the
+    same bytes as a session that ran the sequence one token a step."""
     from llmc.backends import get
 
     folder, _ = tiny_models["llama-gqa"]
@@ -205,6 +205,21 @@ def test_tiny_models_meet_their_budget(tiny_models, tmp_path, words, kind, mode)
     assert len(out) > 0
 
 
+def test_unfused_attention_takes_the_fp8_pool_too(tiny_models, tmp_path, words):
+    """With the paged_attention pass off, the model's own ScatterND writes the dequantized
+    pool: the same scales, the same accuracy as the fused graph's (one computation)."""
+    folder, _ = tiny_models["llama-gqa"]
+    fused = _kv_build(folder, tmp_path / "f.engine", words, dtype="fp32").quant
+    plain = _kv_build(folder, tmp_path / "u.engine", words, dtype="fp32",
+                      disable_passes=("paged_attention",)).quant
+    model = onnx.load_from_string(EngineFile(tmp_path / "u.engine").section(
+        "model.onnx").tobytes())
+    assert sum(n.op_type == "ScatterND" for n in model.graph.node) == 2
+    assert not any(n.op_type == "PagedAttention" for n in model.graph.node)
+    np.testing.assert_allclose(plain.kv_scales, fused.kv_scales, rtol=1e-6)
+    assert abs(plain.accuracy.ppl - fused.accuracy.ppl) < 1e-3 * fused.accuracy.ppl
+
+
 def test_inspect_shows_the_kv_dtype(tiny_models, tmp_path, words, capsys):
     folder, _ = tiny_models["llama-gqa"]
     _kv_build(folder, tmp_path / "kv.engine", words)
@@ -231,3 +246,25 @@ def test_bad_kv_options_are_one_error_line(tiny_models, tmp_path, capsys, args, 
     assert message in err and not (tmp_path / "x.engine").exists()
     if message.startswith("error:"):
         assert len(err.splitlines()) == 1 and "--backend reference" in err
+
+
+def test_tensorrt_rtx_builds_the_fp8_kv_graph(tiny_models, tmp_path, words):
+    """The real TensorRT-RTX builder on the CPU takes the FP8 pools and rows (for compute
+    capability 8.9 and 12.0): a QUANTIZE layer per layer's rows, a DEQUANTIZE for its pool
+    and one for its rows; its session refuses the engine, naming what is missing."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
+    from llmc.backends import get
+    from llmc.errors import LlmcError
+
+    header = _kv_build(tiny_models["llama-gqa"][0], tmp_path / "r.engine", words,
+                       backend="tensorrt-rtx")
+    net = header.lowering
+    assert net["rtx_targets"] == ["8.9", "12.0"]
+    assert {k: net["layer_types"].get(k, 0) for k in ("QUANTIZE", "DEQUANTIZE")} == {
+        "QUANTIZE": 2, "DEQUANTIZE": 4}
+    pools = {t["name"]: t["dtype"] for t in net["inputs"] + net["outputs"]
+             if contract.kv_layer(t["name"]) is not None or t["name"].startswith("kv_rows")}
+    assert pools == {contract.kv_cache_input(0): "FP8", contract.kv_cache_input(1): "FP8",
+                     contract.kv_rows_output(0): "FP8", contract.kv_rows_output(1): "FP8"}
+    with pytest.raises(LlmcError, match="FP8 KV cache .* does not write them yet"):
+        get("tensorrt-rtx").open(EngineFile(tmp_path / "r.engine"))
