@@ -182,7 +182,9 @@ def test_session_pool_holds_the_graphs_rows(tiny_models, tmp_path, words):
         assert np.mean(got == ref) > 0.99   # fp32 GEMM order may flip a rounding tie
 
 
-KV_BUDGET = {"none": (0.5, 0.9), "fp8": (0.8, 0.88)}   # (max |Δppl| %, min top-1)
+# (max |Δppl| %, min top-1): the recorded results (bench/results/quantization.md) with a
+# margin; with fp8 weights, test_quant_build.py's fp8 budget
+KV_BUDGET = {"none": (0.2, 0.95), "fp8": (0.5, 0.93)}
 GEMMA_BUDGET = (3.0, 0.5)   # random Gemma logits are near ties (test_quant_build.py)
 
 
