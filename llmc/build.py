@@ -124,12 +124,14 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
         quant = quantized.report(onnx_path) if quantized else None
         if quant:
             acc = quant.accuracy
-            what = " ".join([f"--quant {quant.mode}"] * (quant.mode != "none") + [
-                f"--kv-cache-dtype {quant.kv_cache_dtype}"] * (quant.kv_cache_dtype != "auto"))
-            log(f"accuracy ({what}): {acc.describe()}")
+            kv = f"{quant.kv_cache_dtype} KV cache" if quant.kv_cache_dtype != "auto" else ""
+            label = " + ".join(x for x in (quant.mode if quant.mode != "none" else "", kv) if x)
+            log(f"accuracy ({label}): {acc.describe()}")
             if not acc.passed:
+                flags = " ".join([f"--quant {quant.mode}"] * (quant.mode != "none") + [
+                    f"--kv-cache-dtype {quant.kv_cache_dtype}"] * bool(kv))
                 log(f"WARNING: perplexity rose {acc.delta_ppl_pct:.2f}% with "
-                    f"{what}, past the {acc.threshold_pct:g}% threshold: this engine's "
+                    f"{flags}, past the {acc.threshold_pct:g}% threshold: this engine's "
                     "output may be noticeably worse than the unquantized model's; "
                     f"{BETTER_MODES.get(quant.mode, '')}raise --max-ppl-increase if this "
                     "is acceptable")
