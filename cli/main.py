@@ -68,9 +68,14 @@ def cli() -> None:
                    "pre-quantized checkpoint's own format (ModelOpt FP8), else none. The LM "
                    "head stays unquantized; the accuracy is measured and stored "
                    "(docs/quantization.md)")
+@click.option("--kv-cache-dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp8"]),
+              help="auto: the KV cache in the compute dtype; fp8: E4M3 with a K and a V scale "
+                   "per layer, calibrated (reference backend); its accuracy is measured and "
+                   "stored like --quant's")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None, metavar="FILE",
-              help="--quant fp8 / int4-awq: calibration text [default: a bundled "
-                   "public-domain text]")
+              help="--quant fp8 / int4-awq, --kv-cache-dtype fp8: calibration text "
+                   "[default: a bundled public-domain text]")
 @click.option("--calib-size", default=512, show_default=True, help="calibration tokens")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="--quant: the text the accuracy report scores [default: a bundled "
@@ -81,8 +86,8 @@ def cli() -> None:
               help="--quant: warn when perplexity rises more than this many percent")
 @_verbose_option
 def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_tokens,
-          max_seq_len, kv_block_size, disable_passes, dump_graphs, quant, calib_data,
-          calib_size, eval_data, eval_size, max_ppl_increase) -> None:
+          max_seq_len, kv_block_size, disable_passes, dump_graphs, quant, kv_cache_dtype,
+          calib_data, calib_size, eval_data, eval_size, max_ppl_increase) -> None:
     """Build an engine file from a checkpoint."""
     from llmc import backends
     from llmc.build import BuildOptions, default_model
@@ -91,7 +96,8 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
     from llmc.quantization.quantize import QuantOptions
 
     limits = BuildLimits(max_batch_size, max_num_tokens, max_seq_len, kv_block_size)
-    quant = QuantOptions(quant, calib_data, calib_size, eval_data, eval_size, max_ppl_increase)
+    quant = QuantOptions(quant, calib_data, calib_size, eval_data, eval_size, max_ppl_increase,
+                         kv_cache_dtype)
     options = BuildOptions(model=model or default_model(), output=output,
                            backend=backends.pick(backend, _log), dtype=dtype, limits=limits,
                            disable_passes=tuple(disable_passes), dump_graphs=dump_graphs,
@@ -431,7 +437,8 @@ def inspect(engine, as_json) -> None:
         ("model", f"{header.model.architecture} ({header.model.family} family) from "
                   f"{header.model.source}"),
         ("shape", header.model.describe()),
-        ("dtype", f"{header.build.dtype} (computed in {header.build.compute_dtype})"),
+        ("dtype", f"{header.build.dtype} (computed in {header.build.compute_dtype}), KV cache "
+                  f"{header.io.kv_dtype}"),
         ("limits", ", ".join(f"{k}={v}" for k, v in header.build.limits.to_dict().items())),
         ("sections", ", ".join(f"{k} {n / 2**20:.1f} MiB"
                                for k, (_, n) in file.raw["sections"].items())),

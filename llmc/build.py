@@ -71,7 +71,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
         raise LlmcError(str(e)) from None
     check_output(opts.output, opts.model, log)
     quant_opts = opts.quant.validate()
-    check_quant(backend, quant_opts.mode)
+    check_quant(backend, quant_opts)
     from llmc.passes import pass_names
 
     unknown = sorted(set(opts.disable_passes) - set(pass_names()))
@@ -84,7 +84,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
         f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size} "
         f"({opts.model})")
     quant_opts = quant_opts.resolve(model.prequantized, log)
-    check_quant(backend, quant_opts.mode)
+    check_quant(backend, quant_opts)
     if limits.max_seq_len > cfg.max_position_embeddings:
         log(f"warning: max_seq_len {limits.max_seq_len} exceeds the model's "
             f"max_position_embeddings {cfg.max_position_embeddings}")
@@ -103,20 +103,20 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
         raise LlmcError(str(e)) from None
     log(f"fused graph: {len(graph.graph.node)} nodes, {len(weights)} weights")
     # a quantized build also keeps the unquantized graph (calibration, the accuracy report)
-    check_space(opts.output.parent, weights_file_size(weights) * (1 if quant_opts.mode == "none"
-                                                                  else 2))
+    check_space(opts.output.parent, weights_file_size(weights) * (2 if quant_opts.quantizes
+                                                                  else 1))
     io = EngineIO(cfg.num_hidden_layers, cfg.vocab_size, compute, cfg.num_key_value_heads,
                   limits.kv_block_size, cfg.head_dim)
 
     with disk_full_is_an_error(opts.output), \
             tempfile.TemporaryDirectory(prefix="llmc-build-", dir=opts.output.parent) as tmp:
         quantized = None
-        if quant_opts.mode != "none":
+        if quant_opts.quantizes:
             from llmc.quantization.quantize import quantize
 
             quantized = quantize(graph, weights, quant_opts, io, tokenizer.json, Path(tmp),
                                  log, model.prequantized)
-            graph, weights = quantized.model, quantized.weights
+            graph, weights, io = quantized.model, quantized.weights, quantized.io
         every = max(1, len(weights) // 10)
         onnx_path = save_onnx(graph, weights, Path(tmp), progress=progress or (lambda k, n: (
             log(f"weights: {k}/{n}") if k % every == 0 or k == n else None)))
@@ -124,10 +124,14 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
         quant = quantized.report(onnx_path) if quantized else None
         if quant:
             acc = quant.accuracy
-            log(f"accuracy ({quant.mode}): {acc.describe()}")
+            kv = f"{quant.kv_cache_dtype} KV cache" if quant.kv_cache_dtype != "auto" else ""
+            label = " + ".join(x for x in (quant.mode if quant.mode != "none" else "", kv) if x)
+            log(f"accuracy ({label}): {acc.describe()}")
             if not acc.passed:
-                log(f"WARNING: perplexity rose {acc.delta_ppl_pct:.2f}% with --quant "
-                    f"{quant.mode}, past the {acc.threshold_pct:g}% threshold: this engine's "
+                flags = " ".join([f"--quant {quant.mode}"] * (quant.mode != "none") + [
+                    f"--kv-cache-dtype {quant.kv_cache_dtype}"] * bool(kv))
+                log(f"WARNING: perplexity rose {acc.delta_ppl_pct:.2f}% with "
+                    f"{flags}, past the {acc.threshold_pct:g}% threshold: this engine's "
                     "output may be noticeably worse than the unquantized model's; "
                     f"{BETTER_MODES.get(quant.mode, '')}raise --max-ppl-increase if this "
                     "is acceptable")
@@ -151,13 +155,17 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
     return header
 
 
-def check_quant(backend, mode: str) -> None:
+def check_quant(backend, quant) -> None:
     """The backend runs graphs quantized this way (asked before the model loads, and again
     once --quant auto has become the checkpoint's own format)."""
-    if mode not in ("none", "auto"):
-        ok, why = backend.can_quantize(mode)
+    if quant.mode not in ("none", "auto"):
+        ok, why = backend.can_quantize(quant.mode)
         if not ok:
-            raise LlmcError(f"--quant {mode}: {why}")
+            raise LlmcError(f"--quant {quant.mode}: {why}")
+    if quant.kv_cache_dtype != "auto":
+        ok, why = backend.can_store_kv(quant.kv_cache_dtype)
+        if not ok:
+            raise LlmcError(f"--kv-cache-dtype {quant.kv_cache_dtype}: {why}")
 
 
 def check_output(output: Path, model: Path, log: Callable[[str], None]) -> None:

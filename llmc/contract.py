@@ -47,7 +47,7 @@ CONTROL_INPUTS: dict[str, tuple[str, ...]] = {
 # What paged attention reads of them (the PagedAttention node's trailing inputs).
 ATTENTION_INPUTS = (BLOCK_TABLES, SEQ_STARTS, CONTEXT_LENS, POSITION_IDS)
 
-_KV_IN, _KV_OUT = "kv_cache_", "kv_cache_out_"
+_KV_IN, _KV_OUT, _KV_ROWS = "kv_cache_", "kv_cache_out_", "kv_rows_out_"
 
 
 def kv_cache_input(layer: int) -> str:
@@ -59,6 +59,13 @@ def kv_cache_output(layer: int) -> str:
     """The pool after this step's writes, where a backend returns it rather than updating in
     place (the reference backend)."""
     return f"{_KV_OUT}{layer}"
+
+
+def kv_rows_output(layer: int) -> str:
+    """This step's new K/V rows [2, T, kv_heads, head_dim] (0 = K, 1 = V) in the pool's
+    dtype, where the graph cannot write its pool and the session writes them (an FP8 pool:
+    ScatterND takes no float8, docs/quantization.md)."""
+    return f"{_KV_ROWS}{layer}"
 
 
 def kv_layer(name: str) -> int | None:
@@ -112,6 +119,7 @@ class EngineIO:
     block_size: int
     head_dim: int
     kv_outputs: bool = True   # the graph returns each updated pool (kv_cache_out_{l})
+    kv_rows: bool = False     # the graph returns the step's new K/V rows (kv_rows_out_{l})
 
     @property
     def kv_block_shape(self) -> tuple[int, int, int]:
@@ -132,6 +140,10 @@ class EngineIO:
         if self.kv_outputs:
             for layer in range(self.num_layers):
                 out[kv_cache_output(layer)] = (self.kv_dtype, self.kv_shape())
+        if self.kv_rows:
+            for layer in range(self.num_layers):
+                out[kv_rows_output(layer)] = (self.kv_dtype, (2, "num_tokens", self.kv_heads,
+                                                              self.head_dim))
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -62,15 +62,23 @@ class Accuracy:
 class QuantInfo:
     """How an engine is quantized (quantization/, docs/quantization.md) and what it cost."""
 
-    mode: str                   # fp8, int4-awq, int4-rtn
+    mode: str                   # none (an FP8 KV cache alone), fp8, int4-awq, int4-rtn
     kv_cache_dtype: str         # auto (the compute dtype) or fp8
     gemms: int                  # weight GEMMs quantized (the LM head stays 16-bit)
     details: dict[str, Any]     # block sizes, calibration text and tokens
     accuracy: Accuracy
+    kv_scales: list[list[float]] = field(default_factory=list)  # fp8 KV: per layer [K, V]
 
     def describe(self) -> str:
         extra = ", ".join(f"{k} {v}" for k, v in self.details.items())
-        return f"{self.mode}, {self.gemms} GEMMs, KV cache {self.kv_cache_dtype}; {extra}"
+        weights = "weights unquantized" if self.mode == "none" else \
+            f"{self.mode}, {self.gemms} GEMMs"
+        kv = f"KV cache {self.kv_cache_dtype}"
+        if self.kv_scales:
+            k, v = [s[0] for s in self.kv_scales], [s[1] for s in self.kv_scales]
+            kv += (f" (E4M3, per-layer scales K {min(k):.3g}..{max(k):.3g}, "
+                   f"V {min(v):.3g}..{max(v):.3g})")
+        return f"{weights}, {kv}; {extra}"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantInfo":

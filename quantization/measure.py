@@ -20,7 +20,7 @@ from llmc.contract import Chunk, EngineIO
 from llmc.dtypes import np_dtype
 from llmc.errors import LlmcError
 from llmc.header import Accuracy
-from llmc.quantization.ort import session_options
+from llmc.quantization.ort import feed, session_options
 
 SEQ_LEN = 256            # tokens a sequence when a text is cut up (short: a CPU build runs it)
 
@@ -85,7 +85,8 @@ class GraphRunner:
         feeds = contract.pack_step(chunks, bs)
         # every row's logits: the head gathers the rows it is given, as many as there are
         feeds[contract.LAST_TOKEN_ROWS] = np.arange(sum(map(len, seqs)), dtype=np.int32)
-        pool = np.zeros(self.io.kv_shape(used), np_dtype(self.io.kv_dtype))
+        pool = feed(np.zeros(self.io.kv_shape(used), np_dtype(self.io.kv_dtype)),
+                    self.io.kv_dtype)
         feeds.update({contract.kv_cache_input(i): pool for i in range(self.io.num_layers)})
         out = self.sess.run([contract.LOGITS, *self.observe], feeds)
         return out[0], dict(zip(self.observe, out[1:]))
@@ -94,17 +95,20 @@ class GraphRunner:
 @dataclass
 class Calibration:
     """Per GEMM (keyed by its weight): its input's |max| (FP8's activation scale) and up to
-    ``rows`` of its input rows (AWQ's search)."""
+    ``rows`` of its input rows (AWQ's search); ``values``: the other values asked for, whole
+    (the new K/V rows of an FP8 KV cache's calibration)."""
 
     amax: dict[str, float]
     rows: dict[str, np.ndarray]
     tokens: int
+    values: dict[str, np.ndarray]
 
 
 def calibrate(onnx_path: Path, io: EngineIO, inputs: dict[str, str],
-              seqs: list[list[int]], keep_rows: int = 0) -> Calibration:
+              seqs: list[list[int]], keep_rows: int = 0,
+              values: Sequence[str] = ()) -> Calibration:
     """Run the unquantized graph over ``seqs``; ``inputs`` maps weight -> its GEMM's input."""
-    names = sorted(set(inputs.values()))
+    names = sorted(set(inputs.values()) | set(values))
     _, seen = GraphRunner(onnx_path, io, names).run(seqs)
     rng = np.random.default_rng(0)
     amax, rows = {}, {}
@@ -114,7 +118,7 @@ def calibrate(onnx_path: Path, io: EngineIO, inputs: dict[str, str],
         if keep_rows:
             pick = rng.choice(len(v), min(keep_rows, len(v)), replace=False)
             rows[weight] = v[np.sort(pick)]
-    return Calibration(amax, rows, sum(map(len, seqs)))
+    return Calibration(amax, rows, sum(map(len, seqs)), {v: seen[v] for v in values})
 
 
 def _targets(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +152,8 @@ def compare(reference: np.ndarray, quantized: np.ndarray, seqs: list[list[int]],
 
 
 def measure(reference_onnx: Path, quantized_onnx: Path, io: EngineIO, seqs: list[list[int]],
-            text: str, threshold_pct: float) -> Accuracy:
+            text: str, threshold_pct: float, quantized_io: EngineIO | None = None) -> Accuracy:
+    """``quantized_io``: the quantized graph's own I/O where it differs (an FP8 KV pool)."""
     ref, _ = GraphRunner(reference_onnx, io).run(seqs)
-    quant, _ = GraphRunner(quantized_onnx, io).run(seqs)
+    quant, _ = GraphRunner(quantized_onnx, quantized_io or io).run(seqs)
     return compare(ref, quant, seqs, text, threshold_pct)

@@ -1,9 +1,11 @@
 """The quantized build (docs/quantization.md): FP8 W8A8 or INT4 weight-only (RTN or AWQ),
-measured against the unquantized graph on every build.
+and/or an FP8 KV cache, measured against the unquantized graph on every build.
 
     base    = save_onnx(fused graph)                    the unquantized graph, for onnxruntime
-    calib   = measure.calibrate(base, calibration text)  GEMM input |max| and rows (fp8, awq)
+    calib   = measure.calibrate(base, calibration text)  GEMM input |max| and rows (fp8, awq),
+                                                         each layer's K and V |max| (fp8 KV)
     graph   = qdq.quantize_graph(graph, pass)            Q/DQ around every weight GEMM
+    graph   = kv.fp8_kv(graph, scales)                   --kv-cache-dtype fp8: E4M3 pools
     ... the build saves and lowers the quantized graph ...
     report  = measure.measure(base, quantized, eval text) perplexity and top-1 agreement
 """
@@ -20,6 +22,7 @@ from llmc.contract import EngineIO
 from llmc.errors import LlmcError
 from llmc.graph import Weight, save_onnx
 from llmc.header import QuantInfo
+from llmc.quantization.kv import KV_DTYPES
 from llmc.quantization.prequantized import Prequantized
 
 MODES = ("auto", "none", "fp8", "int4-awq", "int4-rtn")   # auto: a pre-quantized checkpoint's
@@ -35,6 +38,12 @@ class QuantOptions:
     eval_data: Path | None = None      # accuracy text (default: the bundled eval.txt)
     eval_size: int = 1024              # tokens scored for the accuracy report
     max_ppl_increase: float = 5.0      # percent; a build past it warns
+    kv_cache_dtype: str = "auto"       # auto: the compute dtype; fp8: E4M3, scales per layer
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the build quantizes anything (and so measures its accuracy)."""
+        return self.mode != "none" or self.kv_cache_dtype != "auto"
 
     def resolve(self, prequantized: Prequantized | None,
                 log: Callable[[str], None]) -> "QuantOptions":
@@ -49,6 +58,9 @@ class QuantOptions:
     def validate(self) -> "QuantOptions":
         if self.mode not in MODES:
             raise LlmcError(f"unknown --quant {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.kv_cache_dtype not in KV_DTYPES:
+            raise LlmcError(f"unknown --kv-cache-dtype {self.kv_cache_dtype!r}; choose one of "
+                            f"{', '.join(KV_DTYPES)}")
         if self.calib_size < 16 or self.eval_size < 16:
             raise LlmcError("--calib-size and --eval-size must be at least 16 tokens")
         if not self.max_ppl_increase >= 0:
@@ -68,6 +80,7 @@ class Quantized:
     model: onnx.ModelProto
     weights: list[Weight]
     report: Callable[[Path], QuantInfo]
+    io: EngineIO     # the quantized graph's (an FP8 KV cache changes the pools and outputs)
 
 
 def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, io: EngineIO,
@@ -77,7 +90,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     is saved to ``tmp / "reference"`` for calibration and for the accuracy report. A
     pre-quantized FP8 checkpoint built as fp8 takes its own scales instead of calibration
     (its "unquantized" reference is its weights dequantized)."""
-    from llmc.quantization import measure, qdq
+    from llmc.quantization import kv, measure, qdq
 
     experts = [w.name for w in weights if len(w.shape) == 3]
     if experts:   # the 2-D GEMMs alone would leave the bulk of the weights 16-bit
@@ -89,39 +102,61 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     eval_seqs = measure.token_sequences(tokenizer_json, eval_text, opts.eval_size, "evaluation")
     base = save_onnx(model, weights, tmp / "reference")
     details: dict = {}
+    p = None
+    sites = qdq.sites(model, weights)
+    gemm_inputs = {}
     if opts.mode == "int4-rtn":
         p = qdq.int4_pass()
     elif opts.mode == "int4-awq" and prequantized is not None and prequantized.mode == opts.mode:
-        given = _checkpoint_int4(qdq.sites(model, weights), prequantized)
+        given = _checkpoint_int4(sites, prequantized)
         details["scales"] = f"from the {prequantized.describe()}"
         p = qdq.int4_pass(given=given)
     elif opts.mode == "fp8" and prequantized is not None and prequantized.mode == "fp8":
-        amax, scales = _checkpoint_scales(qdq.sites(model, weights), prequantized)
+        amax, scales = _checkpoint_scales(sites, prequantized)
         details["scales"] = f"from the {prequantized.describe()}"
         p = qdq.fp8_pass(amax, scales)
-    else:
+    elif opts.mode != "none":
+        gemm_inputs = {s.weight: s.x for s in sites}
+    kv_sites = kv.kv_sites(model, weights) if opts.kv_cache_dtype == "fp8" else []
+    calib = None
+    if gemm_inputs or kv_sites:
         seqs = measure.token_sequences(tokenizer_json, calib_text, opts.calib_size,
                                        "calibration")
-        sites = qdq.sites(model, weights)
-        calib = measure.calibrate(base, io, {s.weight: s.x for s in sites}, seqs,
-                                  keep_rows=AWQ_ROWS if opts.mode == "int4-awq" else 0)
-        log(f"calibrated {len(sites)} GEMM inputs on {calib.tokens} tokens of {calib_name}")
+        calib = measure.calibrate(base, io, gemm_inputs, seqs,
+                                  keep_rows=AWQ_ROWS if opts.mode == "int4-awq" else 0,
+                                  values=[v for site in kv_sites for v in site.observed])
+        what = " and ".join(x for x, on in ((f"{len(gemm_inputs)} GEMM inputs", gemm_inputs),
+                                           (f"{len(kv_sites)} layers' K/V", kv_sites)) if on)
+        log(f"calibrated {what} on {calib.tokens} tokens of {calib_name}")
         details["calibration"] = f"{calib.tokens} tokens of {calib_name}"
+    if gemm_inputs:
         p = qdq.int4_pass(calib.rows) if opts.mode == "int4-awq" else qdq.fp8_pass(calib.amax)
-    qmodel, qweights, report = qdq.quantize_graph(model, weights, p)
-    gemms = report["fired"][p.name]
-    blocks = {a.i for n in qmodel.graph.node if n.op_type == "DequantizeLinear"
-              for a in n.attribute if a.name == "block_size"}
-    if blocks:
-        details["int4_block_sizes"] = sorted(blocks)
-    log(f"quantized {gemms} GEMMs to {opts.mode} (the LM head stays unquantized)")
+    qmodel, qweights, gemms = model, weights, 0
+    if p is not None:
+        qmodel, qweights, report = qdq.quantize_graph(model, weights, p)
+        gemms = report["fired"][p.name]
+        blocks = {a.i for n in qmodel.graph.node if n.op_type == "DequantizeLinear"
+                  for a in n.attribute if a.name == "block_size"}
+        if blocks:
+            details["int4_block_sizes"] = sorted(blocks)
+        log(f"quantized {gemms} GEMMs to {opts.mode} (the LM head stays unquantized)")
+    qio, kv_scales = io, []
+    if kv_sites:
+        scales = kv.kv_scales([kv.kv_amax(site, calib.values) for site in kv_sites],
+                              io.kv_dtype)
+        qmodel, qweights = kv.fp8_kv(qmodel, qweights, scales, io.kv_dtype)
+        qio = replace(io, kv_dtype=kv.FP8, kv_outputs=False, kv_rows=True)
+        kv_scales = [[float(k), float(v)] for k, v in scales.astype("float32")]
+        log(f"KV cache: FP8 (E4M3) pools in {len(kv_sites)} layers, K scales "
+            f"{scales[:, 0].min():.3g}..{scales[:, 0].max():.3g}, V scales "
+            f"{scales[:, 1].min():.3g}..{scales[:, 1].max():.3g}")
 
     def finish(quantized_onnx: Path) -> QuantInfo:
         acc = measure.measure(base, quantized_onnx, io, eval_seqs, eval_name,
-                              opts.max_ppl_increase)
-        return QuantInfo(opts.mode, "auto", gemms, details, acc)
+                              opts.max_ppl_increase, qio)
+        return QuantInfo(opts.mode, opts.kv_cache_dtype, gemms, details, acc, kv_scales)
 
-    return Quantized(qmodel, qweights, finish)
+    return Quantized(qmodel, qweights, finish, qio)
 
 
 def _checkpoint_scales(sites, pre: Prequantized) -> tuple[dict[str, float], dict]:

@@ -64,6 +64,10 @@ class Backend(Protocol):
         """Whether this backend runs graphs quantized with `--quant mode` (fp8, int4-awq,
         int4-rtn); if not, why. Asked before the model loads."""
 
+    def can_store_kv(self, dtype: str) -> tuple[bool, str]:
+        """Whether this backend's sessions keep the KV cache in `--kv-cache-dtype dtype`
+        (fp8); if not, why and what to do. Asked before the model loads."""
+
     def lower(self, onnx_path: Path, limits: BuildLimits, log: Log) -> Lowered:
         """The fused graph on disk -> engine sections."""
 

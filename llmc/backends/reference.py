@@ -13,6 +13,11 @@ blocks its block tables name, renumbered 0..U-1 (the pool's `num_blocks` dim is 
 the contract), and copies back into the pools, in place, the blocks it wrote. The graph is
 the one the other backends lower, unchanged, and computes exactly what it would on the whole
 pool: it never reads a block outside the tables.
+
+An FP8 KV cache (`--kv-cache-dtype fp8`, quantization/kv.py) cannot be written by the graph
+(ScatterND takes no float8): the graph returns the step's new rows, already quantized, and
+the session writes them into its E4M3 pools, in place, where the block tables put them.
+onnxruntime takes and returns float8 tensors as OrtValues of raw bytes (quantization/ort.py).
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ class ReferenceBackend:
     def can_quantize(self, mode: str) -> tuple[bool, str]:
         return True, ""   # onnxruntime runs FP8 Q/DQ and block-wise INT4 DequantizeLinear
 
+    def can_store_kv(self, dtype: str) -> tuple[bool, str]:
+        return True, ""   # an FP8 pool: the graph returns the quantized rows, the session
+                          # writes them (quantization/kv.py)
+
     def compute_dtype(self, dtype: str) -> str:
         # onnxruntime has no bf16 MatMul on the CPU: bf16 models compute in fp32 on weights
         # rounded to bf16.
@@ -67,7 +76,7 @@ class ReferenceSession:
         import onnx
         import onnxruntime as ort
 
-        from llmc.quantization.ort import session_options
+        from llmc.quantization.ort import feed, session_options
 
         ort.disable_telemetry_events()   # no reporting home from a long-running session
         model = onnx.load_from_string(engine.section(GRAPH).tobytes())
@@ -79,9 +88,10 @@ class ReferenceSession:
                                           providers=["CPUExecutionProvider"])
         self.io = engine.header.io
         self._limits = engine.header.build.limits
-        self._outputs = [contract.LOGITS] + [contract.kv_cache_output(i)
-                                             for i in range(self.io.num_layers)]
+        write = contract.kv_rows_output if self.io.kv_rows else contract.kv_cache_output
+        self._outputs = [contract.LOGITS] + [write(i) for i in range(self.io.num_layers)]
         self.kv: list[np.ndarray] = []
+        self._feed = feed
 
     def allocate_kv(self, num_blocks: int) -> None:
         """The pools, and beside each a buffer for the blocks one step names (at most every
@@ -107,12 +117,28 @@ class ReferenceSession:
             # (a step beyond the build limits, which onnxruntime does not enforce, gets a
             # fresh array)
             named = buf[:size].reshape(shape) if size <= buf.size else None
-            feeds[contract.kv_cache_input(i)] = np.take(kv, used, axis=1, out=named)
+            feeds[contract.kv_cache_input(i)] = self._feed(np.take(kv, used, axis=1, out=named),
+                                                           self.io.kv_dtype)
         logits, *step_pools = self._sess.run(self._outputs, feeds)
+        if self.io.kv_rows:
+            self._write_rows(inputs, step_pools)
+            return logits
         written = self._written(inputs, local)
         for kv, step_pool in zip(self.kv, step_pools):
             kv[:, used[written]] = step_pool[:, written]
         return logits
+
+    def _write_rows(self, inputs: dict[str, np.ndarray], rows: list[np.ndarray]) -> None:
+        """Each layer's new rows [2, T, Hkv, D] into its pool: token t of sequence s at
+        position p goes to row p % block_size of block tables[s, p // block_size]."""
+        starts = np.asarray(inputs[contract.SEQ_STARTS])
+        seq = np.repeat(np.arange(len(starts) - 1), np.diff(starts))
+        pos = np.asarray(inputs[contract.POSITION_IDS])
+        block = np.asarray(inputs[contract.BLOCK_TABLES])[seq, pos // self.io.block_size]
+        row = pos % self.io.block_size
+        for kv, new in zip(self.kv, rows):
+            # advanced indices around a slice put T first: kv[:, block, :, row] is [T, 2, Hkv, D]
+            kv[:, block, :, row] = new.view(kv.dtype).transpose(1, 0, 2, 3)
 
     def _written(self, inputs: dict[str, np.ndarray], local: np.ndarray) -> np.ndarray:
         """The (renumbered) blocks this step's new tokens were written into: token t of

@@ -1,6 +1,7 @@
 """llmc calibrates the graph it ships, on onnxruntime; NVIDIA ModelOpt calibrates the HF
-torch model. On the same tokens their FP8 activation amax of every GEMM input agree, so the
-graph's calibration is ModelOpt's (docs/quantization.md says why the build uses its own)."""
+torch model. On the same tokens their FP8 activation amax of every GEMM input agree, and so do
+the FP8 KV cache's K and V amax of every layer, so the graph's calibration is ModelOpt's
+(docs/quantization.md says why the build uses its own)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from llmc.graph import save_onnx
 from llmc.model_zoo import load_model
 from llmc.passes import run_passes
-from llmc.quantization import measure, qdq
+from llmc.quantization import kv, measure, qdq
 
 mtq = pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not "
                                                                  "installed")
@@ -55,6 +56,42 @@ def test_fp8_amax_matches_modelopt(tiny_models, tmp_path, kind):
     assert set(ours) == set(theirs) and len(ours) == 4 * model.config.num_hidden_layers
     for weight, amax in theirs.items():
         assert ours[weight] == pytest.approx(amax, rel=1e-4), weight
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen3-qknorm"])
+def test_fp8_kv_amax_matches_modelopt(tiny_models, tmp_path, kind):
+    """ModelOpt's FP8_KV_CFG observes the K (after RoPE and Qwen3's k norm) and V that
+    attention reads (k_bmm_quantizer, v_bmm_quantizer); llmc the rows its pool stores."""
+    import numpy as np
+    import torch
+    import transformers
+
+    folder, _ = tiny_models[kind]
+    seqs = [list(np.random.default_rng(k).integers(3, 128, n)) for k, n in
+            enumerate((40, 23))]
+    model = load_model(folder)
+    graph, weights = model.build_graph("float32", 16)
+    graph, weights, _ = run_passes(graph, weights)
+    path = save_onnx(graph, weights, tmp_path)
+    sites = kv.kv_sites(graph, weights)
+    calib = measure.calibrate(path, _io(model.config), {}, seqs,
+                              values=[v for s in sites for v in s.observed])
+    ours = [kv.kv_amax(s, calib.values) for s in sites]
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for s in seqs:
+                m(torch.tensor([s]))
+
+    only_kv = {"algorithm": "max", "quant_cfg": [{"quantizer_name": "*", "enable": False},
+                                                 *mtq.FP8_KV_CFG["quant_cfg"]]}
+    mtq.quantize(hf, only_kv, forward_loop=forward_loop)
+    attn = [m for n, m in hf.named_modules() if n.endswith("self_attn")]
+    theirs = [(float(a.k_bmm_quantizer.amax), float(a.v_bmm_quantizer.amax)) for a in attn]
+    assert len(ours) == len(theirs) == model.config.num_hidden_layers
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
 
 
 def _io(cfg):

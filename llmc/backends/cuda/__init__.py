@@ -61,6 +61,12 @@ class CudaBackend:
 
         return False, QUANT_MISSING
 
+    def can_store_kv(self, dtype: str) -> tuple[bool, str]:
+        return False, ("the cuda backend's paged attention reads a KV pool in the compute "
+                       "dtype only (attention over an FP8 pool is issue #10 item 4); build "
+                       "with --kv-cache-dtype auto, or an FP8 KV engine with --backend "
+                       "reference")
+
     def target_arch(self) -> str:
         """--gpu-arch, else the GPU present, else a clear error asking for --gpu-arch."""
         if self.gpu_arch:

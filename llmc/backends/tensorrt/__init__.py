@@ -40,6 +40,11 @@ class TensorRTBackend:
     def can_quantize(self, mode: str) -> tuple[bool, str]:
         return True, ""   # TensorRT builds Q/DQ graphs into FP8 and INT4-weight GEMMs
 
+    def can_store_kv(self, dtype: str) -> tuple[bool, str]:
+        # The FP8-KV graph builds (FP8 pools in, quantized rows out, compute capability 8.9
+        # and newer); its session does not write the rows yet and refuses such an engine.
+        return True, ""
+
     def lower(self, onnx_path: Path, limits: BuildLimits, log: Log) -> Lowered:
         from llmc.backends.tensorrt import shim
         from llmc.backends.tensorrt.lower import build_plan
@@ -56,6 +61,12 @@ class TensorRTBackend:
         from llmc.backends.tensorrt import shim
         from llmc.backends.tensorrt.session import TensorRTSession, available
 
+        if engine.header.io.kv_rows:
+            raise LlmcError(
+                f"{engine.path} keeps an FP8 KV cache (--kv-cache-dtype fp8), whose new K/V "
+                f"rows the session must write into its pools; the {self.name} session does "
+                "not write them yet (a kernel that writes them is issue #10 item 4). Rebuild "
+                "with --kv-cache-dtype auto, or with --backend reference to run it on the CPU")
         if shim.is_importable(self.name)[0]:
             # A plan loads only in the library version that built it: say so up front.
             built_with = engine.header.versions.get("library_version")
