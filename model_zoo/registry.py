@@ -18,14 +18,24 @@ from llmc.checkpoint import Checkpoint, Tokenizer, open_checkpoint
 from llmc.checkpoint.base import NamedTensors
 from llmc.config import architecture
 from llmc.errors import LlmcError
-from llmc.model_zoo import gemma2, gemma3, gpt2, llama, mixtral, phi3, qwen2_moe, qwen3
+from llmc.model_zoo import (
+    gemma2,
+    gemma3,
+    gpt2,
+    llama,
+    mixtral,
+    phi3,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+)
 from llmc.model_zoo.family import Family, GGUFArch
 from llmc.quantization.prequantized import Prequantized, read_prequantized
 
 # Every family llmc builds; adding one is a file in model_zoo/ and a line here.
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, phi3.FAMILY, qwen3.FAMILY,
                                  gemma2.FAMILY, gemma3.FAMILY, gpt2.FAMILY, mixtral.FAMILY,
-                                 qwen2_moe.FAMILY)
+                                 qwen2_moe.FAMILY, qwen3_moe.FAMILY)
 
 
 def family_for(hf_architecture: str) -> Family:

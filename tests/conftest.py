@@ -71,6 +71,14 @@ TINY_MODELS = {
         num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=48, shared_expert_intermediate_size=80, mlp_only_layers=[1],
         pad_token_id=0, eos_token_id=127, bos_token_id=1)),
+    # Qwen3's attention (per-head q/k norms, head_dim != hidden / heads, tied embeddings)
+    # over top-2 of 4 experts renormalised (norm_topk_prob, as the released Qwen3-MoE), no
+    # shared expert; the second layer dense (mlp_only_layers); routers scaled up as Mixtral's
+    "qwen3moe-qknorm": ("Qwen3MoeConfig", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+        mlp_only_layers=[1], tie_word_embeddings=True, pad_token_id=0, eos_token_id=127,
+        bos_token_id=1)),
 }
 
 
@@ -87,6 +95,7 @@ HEAD_DIM_64 = {
     "gpt2-learned-pos": dict(hidden_size=256, n_inner=384),
     "mixtral-top2": dict(hidden_size=256),
     "qwen2moe-shared": dict(hidden_size=256),
+    "qwen3moe-qknorm": dict(hidden_size=256, head_dim=64),
 }
 
 
@@ -113,7 +122,7 @@ def make_tiny_model(kind: str, folder: Path, seed: int = 0, head_dim_64: bool = 
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or ".ln_" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-            if name.endswith("mlp.gate.weight"):    # a router (Mixtral, Qwen2-MoE)
+            if name.endswith("mlp.gate.weight"):    # a router (Mixtral, Qwen2/3-MoE)
                 p.mul_(30)
     model.save_pretrained(folder)
     _tiny_tokenizer(config.vocab_size).save_pretrained(folder)

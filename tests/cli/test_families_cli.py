@@ -12,7 +12,7 @@ from test_cli import LIMITS, llmc
 
 @pytest.mark.parametrize("kind", ["phi3-window", "qwen3-qknorm", "gemma2-softcap",
                                   "gemma3-local-global", "gpt2-learned-pos", "mixtral-top2",
-                                  "qwen2moe-shared"])
+                                  "qwen2moe-shared", "qwen3moe-qknorm"])
 def test_build_and_run_give_hf_greedy_tokens(tiny_models, tmp_path, kind):
     from tokenizers import Tokenizer
 

@@ -72,7 +72,7 @@ def test_round_trip_through_the_engine_header():
      "unsupported architecture 'BloomForCausalLM'; supported: GPT2LMHeadModel, "
      "Gemma2ForCausalLM, Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, "
      "MixtralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, "
-     "Qwen3ForCausalLM"),
+     "Qwen3ForCausalLM, Qwen3MoeForCausalLM"),
     ({k: v for k, v in BASE.items() if k != "architectures"}, "no 'architectures' entry"),
     ({k: v for k, v in BASE.items() if k != "hidden_size"}, "lacks the key 'hidden_size'"),
     ({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),

@@ -35,7 +35,8 @@ def _engine(folder, tmp_path, dtype):
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied-rope3", "mistral-window",
                                   "qwen2-bias", "phi3-window", "qwen3-qknorm",
                                   "gemma2-softcap", "gemma3-local-global",
-                                  "gpt2-learned-pos", "mixtral-top2", "qwen2moe-shared"])
+                                  "gpt2-learned-pos", "mixtral-top2", "qwen2moe-shared",
+                                  "qwen3moe-qknorm"])
 def test_ragged_steps_match_hf(tiny_models, tmp_path, kind, dtype):
     folder, model = tiny_models[kind]
     check_ragged_steps(_engine(folder, tmp_path, dtype), model, BLOCK, dtype,
@@ -44,7 +45,7 @@ def test_ragged_steps_match_hf(tiny_models, tmp_path, kind, dtype):
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "phi3-window", "qwen3-qknorm", "gemma2-softcap",
                                   "gemma3-local-global", "gpt2-learned-pos", "mixtral-top2",
-                                  "qwen2moe-shared"])
+                                  "qwen2moe-shared", "qwen3moe-qknorm"])
 def test_engine_generation_matches_hf_greedy(tiny_models, tmp_path, kind):
     """Through the whole runtime (Runner, engine, scheduler): 2 sequences a step, chunked
     prefill of 16, greedy tokens equal HF's generate."""

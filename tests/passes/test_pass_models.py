@@ -28,7 +28,7 @@ from llmc.runtime.sampler import SamplingParams
 
 KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-window",
          "qwen3-qknorm", "gemma2-softcap", "gemma3-local-global", "gpt2-learned-pos",
-         "mixtral-top2", "qwen2moe-shared"]
+         "mixtral-top2", "qwen2moe-shared", "qwen3moe-qknorm"]
 # Ops that only the unfused chains use: none may survive the pipeline.
 UNFUSED_OPS = {"ReduceMean", "Sqrt", "Reciprocal", "Sigmoid", "Neg", "ScatterND", "Softmax",
                "Erf", "Tanh", "SwiGLU"}
@@ -57,6 +57,9 @@ def expected_firings(layers: int, kind: str = "llama-gqa") -> dict[str, int]:
         # shared expert's gate and up read x with the router and the shared gate (four
         # GEMMs: the sibling pass declines), so they stay two GEMMs and a two-input SwiGLU
         fired.update(swiglu=3, gate_up_gemm=1, gated_split=2)
+    if kind.startswith("qwen3moe"):  # layer 0: experts (one batched gate-up GEMM), layer 1
+        # dense; the q/k norms counted with Qwen3's above
+        fired.update(gate_up_gemm=1)
     return fired
 
 
@@ -65,7 +68,7 @@ def check_fully_fused(model, report, layers: int, tied: bool, kind: str = "llama
     ops = [n.op_type for n in model.graph.node]
     if kind.startswith("gemma2"):   # the final logits' soft-cap stays as it is
         ops.remove("Tanh")
-    moe = kind.startswith(("mixtral", "qwen2moe"))
+    moe = kind.startswith(("mixtral", "qwen2moe", "qwen3moe"))
     if moe:                         # the routers' softmax
         ops = [op for op in ops if op != "Softmax"]
     if kind.startswith("qwen2moe"):  # layer 0's shared expert: its gate and its SwiGLU
@@ -74,8 +77,9 @@ def check_fully_fused(model, report, layers: int, tied: bool, kind: str = "llama
     assert not UNFUSED_OPS & set(ops), sorted(UNFUSED_OPS & set(ops))
     # q/k/v and gate/up are one GEMM each: o_proj, gate_up, down, qkv per layer (+ lm_head);
     # a mixture of experts adds its router (Qwen2-MoE's first layer: and the shared
-    # expert's gate, up, down and gate GEMMs; its second layer is dense)
-    matmuls = {"mixtral-top2": 5 * layers, "qwen2moe-shared": 5 + 4 + 4}.get(kind, 4 * layers)
+    # expert's gate, up, down and gate GEMMs; its second layer is dense, as Qwen3-MoE's)
+    matmuls = {"mixtral-top2": 5 * layers, "qwen2moe-shared": 5 + 4 + 4,
+               "qwen3moe-qknorm": 5 + 4}.get(kind, 4 * layers)
     assert ops.count("MatMul") == matmuls + (0 if tied else 1)
 
 

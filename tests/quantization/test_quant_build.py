@@ -149,10 +149,11 @@ def test_tensorrt_rtx_builds_quantized_graphs(tiny_models, tmp_path, words, mode
     assert header.quant.accuracy.passed and net["plan_bytes"] > 0
 
 
-@pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared"])
+@pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared", "qwen3moe-qknorm"])
 def test_a_mixture_of_experts_is_refused(tiny_models, tmp_path, words, kind):
-    """Mixtral's and Qwen2-MoE's experts are stacked [E, in, out] weights the quantizers do
-    not take: one clear error rather than an engine whose bulk stayed 16-bit."""
+    """The mixtures' (Mixtral, Qwen2-MoE, Qwen3-MoE) experts are stacked [E, in, out]
+    weights the quantizers do not take: one clear error rather than an engine whose bulk
+    stayed 16-bit."""
     with pytest.raises(LlmcError, match="--quant fp8 does not quantize a mixture of experts "
                        "yet .*experts.gate_up.weight.*--quant none"):
         _build(tiny_models[kind][0], tmp_path / "q.engine", "fp8", words)

@@ -244,7 +244,7 @@ def test_gpt2_is_refused_by_name(tiny_models_d64, tmp_path):
     assert not (tmp_path / "g.engine").exists()
 
 
-@pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared"])
+@pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared", "qwen3moe-qknorm"])
 def test_mixture_of_experts_is_refused_by_name(tiny_models_d64, tmp_path, kind):
     """The cuda backend has no token routing or grouped GEMM: the first error names the
     mixture of experts (not its TopK or batched GEMMs one by one)."""

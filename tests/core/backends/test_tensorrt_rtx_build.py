@@ -45,7 +45,8 @@ def _check_network(header, cfg_layers, kv_heads, head_dim, vocab, dtype):
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied-rope3", "mistral-window",
                                   "qwen2-bias", "phi3-window", "qwen3-qknorm",
                                   "gemma2-softcap", "gemma3-local-global",
-                                  "gpt2-learned-pos", "mixtral-top2", "qwen2moe-shared"])
+                                  "gpt2-learned-pos", "mixtral-top2", "qwen2moe-shared",
+                                  "qwen3moe-qknorm"])
 def test_tiny_models_build(tiny_models, tmp_path, kind, dtype):
     folder, model = tiny_models[kind]
     out = tmp_path / "m.engine"
