@@ -51,6 +51,24 @@ def write_gguf(path, arch: str, model, names: dict[str, str],
     w.close()
 
 
+def stacked_experts_state(model, moe_intermediate_size: int) -> dict[str, np.ndarray]:
+    """A transformers 5 MoE model's state (experts held as [E, 2I, H] gate_up and [E, H, I]
+    down tensors) under the stacked names the Qwen MoE families' GGUF tables use, as
+    convert_hf_to_gguf.py stacks each layer's experts; every other tensor as it is."""
+    state, inter = {}, moe_intermediate_size
+    for name, t in model.state_dict().items():
+        t = t.detach().float().numpy()
+        layer = ".".join(name.split(".")[:3])
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            state[f"{layer}.mlp.experts.gate_proj.stacked"] = t[:, :inter]
+            state[f"{layer}.mlp.experts.up_proj.stacked"] = t[:, inter:]
+        elif name.endswith(".mlp.experts.down_proj"):
+            state[f"{layer}.mlp.experts.down_proj.stacked"] = t
+        else:
+            state[name] = t
+    return state
+
+
 def common_meta(w: gguf.GGUFWriter, cfg) -> None:
     """The keys llama.cpp writes for every llama-shaped architecture."""
     w.add_block_count(cfg.num_hidden_layers)

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf_files import check_against_transformers, common_meta, write_gguf
+from gguf_files import (
+    check_against_transformers,
+    common_meta,
+    stacked_experts_state,
+    write_gguf,
+)
 
 from llmc.errors import LlmcError
 from llmc.model_zoo import load_model, parse_config
@@ -85,18 +90,7 @@ def test_gguf_matches_transformers_gguf_loader(tmp_path, make_tiny):
     model = make_tiny("qwen3moe-qknorm", tmp_path / "hf", moe_intermediate_size=768,
                       mlp_only_layers=[])
     cfg = model.config
-    inter = cfg.moe_intermediate_size
-    state = {}
-    for name, t in model.state_dict().items():
-        t = t.detach().float().numpy()
-        layer = ".".join(name.split(".")[:3])
-        if name.endswith(".mlp.experts.gate_up_proj"):      # transformers 5 holds [E, 2I, H]
-            state[f"{layer}.mlp.experts.gate_proj.stacked"] = t[:, :inter]
-            state[f"{layer}.mlp.experts.up_proj.stacked"] = t[:, inter:]
-        elif name.endswith(".mlp.experts.down_proj"):
-            state[f"{layer}.mlp.experts.down_proj.stacked"] = t
-        else:
-            state[name] = t
+    state = stacked_experts_state(model, cfg.moe_intermediate_size)
 
     def meta(w):
         common_meta(w, cfg)

@@ -24,30 +24,11 @@ GEMMS = {"self_attn.q_proj": "self_attn.q_proj+k_proj+v_proj.weight",
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "qwen2-bias"])
 def test_fp8_amax_matches_modelopt(tiny_models, tmp_path, kind):
-    import numpy as np
-    import torch
-    import transformers
-
-    folder, _ = tiny_models[kind]
-    seqs = [list(np.random.default_rng(k).integers(3, 128, n)) for k, n in
-            enumerate((40, 23))]
-
-    model = load_model(folder)
-    graph, weights = model.build_graph("float32", 16)
-    graph, weights, _ = run_passes(graph, weights)
-    path = save_onnx(graph, weights, tmp_path)
-    io = _io(model.config)
+    model, graph, weights, path, seqs = _both_sides(tiny_models[kind][0], tmp_path)
     sites = qdq.sites(graph, weights)
-    ours = measure.calibrate(path, io, {s.weight: s.x for s in sites}, seqs).amax
-
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-    def forward_loop(m):
-        with torch.no_grad():
-            for s in seqs:
-                m(torch.tensor([s]))
-
-    mtq.quantize(hf, mtq.FP8_DEFAULT_CFG, forward_loop=forward_loop)
+    ours = measure.calibrate(path, _io(model.config), {s.weight: s.x for s in sites},
+                             seqs).amax
+    hf = _modelopt(tiny_models[kind][0], mtq.FP8_DEFAULT_CFG, seqs)
     theirs = {}
     for name, module in hf.named_modules():
         for part, weight in GEMMS.items():
@@ -63,20 +44,38 @@ def test_fp8_kv_amax_matches_modelopt(tiny_models, tmp_path, kind):
     """ModelOpt's FP8_KV_CFG observes the K (after RoPE and Qwen3's k norm) and V that
     attention reads (k_bmm_quantizer, v_bmm_quantizer); llmc the rows its pool stores."""
     import numpy as np
-    import torch
-    import transformers
 
-    folder, _ = tiny_models[kind]
+    model, graph, weights, path, seqs = _both_sides(tiny_models[kind][0], tmp_path)
+    sites = kv.kv_sites(graph, weights)
+    calib = measure.calibrate(path, _io(model.config), {}, seqs,
+                              values=[v for s in sites for v in s.observed])
+    ours = [kv.kv_amax(s, calib.values) for s in sites]
+
+    only_kv = {"algorithm": "max", "quant_cfg": [{"quantizer_name": "*", "enable": False},
+                                                 *mtq.FP8_KV_CFG["quant_cfg"]]}
+    hf = _modelopt(tiny_models[kind][0], only_kv, seqs)
+    attn = [m for n, m in hf.named_modules() if n.endswith("self_attn")]
+    theirs = [(float(a.k_bmm_quantizer.amax), float(a.v_bmm_quantizer.amax)) for a in attn]
+    assert len(ours) == len(theirs) == model.config.num_hidden_layers
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+
+
+def _both_sides(folder, tmp_path):
+    """The tiny model's fused fp32 graph saved for onnxruntime, and two token sequences."""
+    import numpy as np
+
     seqs = [list(np.random.default_rng(k).integers(3, 128, n)) for k, n in
             enumerate((40, 23))]
     model = load_model(folder)
     graph, weights = model.build_graph("float32", 16)
     graph, weights, _ = run_passes(graph, weights)
-    path = save_onnx(graph, weights, tmp_path)
-    sites = kv.kv_sites(graph, weights)
-    calib = measure.calibrate(path, _io(model.config), {}, seqs,
-                              values=[v for s in sites for v in s.observed])
-    ours = [kv.kv_amax(s, calib.values) for s in sites]
+    return model, graph, weights, save_onnx(graph, weights, tmp_path), seqs
+
+
+def _modelopt(folder, config, seqs):
+    """The HF model (fp32) calibrated by ModelOpt with `config` over the sequences."""
+    import torch
+    import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
@@ -85,13 +84,8 @@ def test_fp8_kv_amax_matches_modelopt(tiny_models, tmp_path, kind):
             for s in seqs:
                 m(torch.tensor([s]))
 
-    only_kv = {"algorithm": "max", "quant_cfg": [{"quantizer_name": "*", "enable": False},
-                                                 *mtq.FP8_KV_CFG["quant_cfg"]]}
-    mtq.quantize(hf, only_kv, forward_loop=forward_loop)
-    attn = [m for n, m in hf.named_modules() if n.endswith("self_attn")]
-    theirs = [(float(a.k_bmm_quantizer.amax), float(a.v_bmm_quantizer.amax)) for a in attn]
-    assert len(ours) == len(theirs) == model.config.num_hidden_layers
-    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+    mtq.quantize(hf, config, forward_loop=forward_loop)
+    return hf
 
 
 def _io(cfg):
