@@ -106,17 +106,22 @@ def weight_names(c: Gemma2Config) -> list[str]:
     return names
 
 
-def _gguf_gemma2(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
-    hf = gguf_config("Gemma2ForCausalLM")(meta, names)
-    hf["hidden_activation"] = "gelu_pytorch_tanh"
-    hf["sliding_window"] = meta.get("gemma2.attention.sliding_window")
-    hf["attn_logit_softcapping"] = meta.get("gemma2.attn_logit_softcapping")
-    hf["final_logit_softcapping"] = meta.get("gemma2.final_logit_softcapping")
-    # llama.cpp keeps no query_pre_attn_scalar: it scales by head_dim, except for the 27B
-    # (46 layers), which scales by hidden / heads
-    hf["query_pre_attn_scalar"] = (hf["hidden_size"] // hf["num_attention_heads"]
-                                   if hf["num_hidden_layers"] == 46 else hf["head_dim"])
-    return hf
+def gemma_gguf_config(arch: str, architecture: str, layers_27b: int):
+    """An HF config from a `gemma2` / `gemma3` GGUF's metadata, in llama.cpp's Gemma
+    conventions (Gemma 3 adds its own keys to this)."""
+    def read(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
+        hf = gguf_config(architecture)(meta, names)
+        hf["hidden_activation"] = "gelu_pytorch_tanh"
+        hf["sliding_window"] = meta.get(f"{arch}.attention.sliding_window")
+        hf["attn_logit_softcapping"] = meta.get(f"{arch}.attn_logit_softcapping")
+        hf["final_logit_softcapping"] = meta.get(f"{arch}.final_logit_softcapping")
+        # llama.cpp keeps no query_pre_attn_scalar: it scales q by head_dim^-0.5, except in
+        # the 27B (layers_27b layers), by (hidden / heads)^-0.5
+        hf["query_pre_attn_scalar"] = (hf["hidden_size"] // hf["num_attention_heads"]
+                                       if hf["num_hidden_layers"] == layers_27b
+                                       else hf["head_dim"])
+        return hf
+    return read
 
 
 def gguf_fix(name: str, w: np.ndarray, c: Gemma2Config) -> np.ndarray:
@@ -176,5 +181,6 @@ FAMILY = Family(
     configs={"Gemma2ForCausalLM": parse_gemma2},
     weight_names=weight_names,
     build_graph=graph_builder(Gemma2Graph),
-    gguf={"gemma2": GGUFArch(_gguf_gemma2, GGUF_NAMES, gguf_fix)},
+    gguf={"gemma2": GGUFArch(gemma_gguf_config("gemma2", "Gemma2ForCausalLM", 46), GGUF_NAMES,
+                             gguf_fix)},
 )

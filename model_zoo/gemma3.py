@@ -26,7 +26,6 @@ from llmc.model_zoo import gemma2
 from llmc.model_zoo.family import Family, GGUFArch
 from llmc.model_zoo.gemma2 import SLIDING, Gemma2Config, Gemma2Graph
 from llmc.model_zoo.layers import graph_builder
-from llmc.model_zoo.llama import gguf_config
 from llmc.model_zoo.qwen3 import QK_NORM_GGUF_NAMES, qk_norm_weight_names
 
 # ---- config --------------------------------------------------------------------------------
@@ -76,17 +75,12 @@ def weight_names(c: Gemma3Config) -> list[str]:
     return gemma2.weight_names(c) + qk_norm_weight_names(c.num_hidden_layers)
 
 
+_gguf_gemma_common = gemma2.gemma_gguf_config("gemma3", "Gemma3ForCausalLM", 62)
+
+
 def _gguf_gemma3(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
-    hf = gguf_config("Gemma3ForCausalLM")(meta, names)
-    hf["hidden_activation"] = "gelu_pytorch_tanh"
-    hf["sliding_window"] = meta.get("gemma3.attention.sliding_window")
-    hf["attn_logit_softcapping"] = meta.get("gemma3.attn_logit_softcapping")
-    hf["final_logit_softcapping"] = meta.get("gemma3.final_logit_softcapping")
-    # llama.cpp: local layers' theta is fixed at 10k; q is scaled by head_dim^-0.5 except in
-    # the 27B (62 layers), by (hidden / heads)^-0.5; no query_pre_attn_scalar is stored
-    hf["rope_local_base_freq"] = 10_000.0
-    hf["query_pre_attn_scalar"] = (hf["hidden_size"] // hf["num_attention_heads"]
-                                   if hf["num_hidden_layers"] == 62 else hf["head_dim"])
+    hf = _gguf_gemma_common(meta, names)
+    hf["rope_local_base_freq"] = 10_000.0   # llama.cpp fixes the local layers' theta
     if meta.get("gemma3.rope.scaling.type") not in (None, "none"):
         hf["rope_scaling"] = {"rope_type": meta["gemma3.rope.scaling.type"]}
     return hf

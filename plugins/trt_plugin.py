@@ -57,11 +57,15 @@ def register(arch: str, sm_count: int, max_smem: int | None = None) -> None:
     def add_rms_norm_desc(x, residual, weight, epsilon):
         return x.like(), x.like()
 
-    def add_rms_norm_aot(x, residual, weight, epsilon, outputs, tactic=None):
+    def add_norm_launch(kind, x, epsilon):
+        """A residual-add norm's kernel, grid over the tokens and scalars (rows, n, eps)."""
         n = x.shape_expr[-1].constant_value()
-        ln = lr.norm_launch(1, n, dtypes[x.dtype], "rmsnorm", residual=True)
+        ln = lr.norm_launch(1, n, dtypes[x.dtype], kind, residual=True)
         rows = x.shape_expr[0]
         return (*kernel(ln), params(ln, rows), ints(rows, n, lr.float_bits(epsilon)))
+
+    def add_rms_norm_aot(x, residual, weight, epsilon, outputs, tactic=None):
+        return add_norm_launch("rmsnorm", x, epsilon)
     _define(trtp, f"{NAMESPACE}::AddRMSNorm", 3, {"epsilon": float}, add_rms_norm_desc,
             add_rms_norm_aot)
 
@@ -71,10 +75,7 @@ def register(arch: str, sm_count: int, max_smem: int | None = None) -> None:
         return x.like(), x.like()
 
     def add_layer_norm_aot(x, residual, weight, bias, epsilon, outputs, tactic=None):
-        n = x.shape_expr[-1].constant_value()
-        ln = lr.norm_launch(1, n, dtypes[x.dtype], "layernorm", residual=True)
-        rows = x.shape_expr[0]
-        return (*kernel(ln), params(ln, rows), ints(rows, n, lr.float_bits(epsilon)))
+        return add_norm_launch("layernorm", x, epsilon)
     _define(trtp, f"{NAMESPACE}::AddLayerNorm", 4, {"epsilon": float}, add_layer_norm_desc,
             add_layer_norm_aot)
 

@@ -22,6 +22,18 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
              .swapaxes(1, 2).reshape(w.shape))
 
 
+def permuted_qk(cfg) -> Callable[[str, np.ndarray], np.ndarray]:
+    """write_gguf's convert for llama-layout files: Q and K rows permuted as
+    convert_hf_to_gguf.py permutes them, every other tensor as it is."""
+    def convert(name: str, t: np.ndarray) -> np.ndarray:
+        if name.endswith("q_proj.weight"):
+            return permute_qk(t, cfg.num_attention_heads)
+        if name.endswith("k_proj.weight"):
+            return permute_qk(t, cfg.num_key_value_heads)
+        return t
+    return convert
+
+
 def write_gguf(path, arch: str, model, names: dict[str, str],
                meta: Callable[[gguf.GGUFWriter], None],
                convert: Callable[[str, np.ndarray], np.ndarray] = lambda name, t: t,

@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_files import check_against_transformers, common_meta, permute_qk, write_gguf
+from gguf_files import check_against_transformers, common_meta, permuted_qk, write_gguf
 from safetensors.torch import save_file
 
 from llmc.errors import LlmcError
@@ -103,14 +103,7 @@ def test_truncated_safetensors(tiny_models, tmp_path):
 def _write_gguf(path, model, arch="llama"):
     """The tiny model as llama.cpp's convert_hf_to_gguf.py writes it: Q/K rows permuted."""
     cfg = model.config
-
-    def convert(name, t):
-        if name.endswith("q_proj.weight"):
-            return permute_qk(t, cfg.num_attention_heads)
-        if name.endswith("k_proj.weight"):
-            return permute_qk(t, cfg.num_key_value_heads)
-        return t
-    write_gguf(path, arch, model, GGUF_NAMES, lambda w: common_meta(w, cfg), convert)
+    write_gguf(path, arch, model, GGUF_NAMES, lambda w: common_meta(w, cfg), permuted_qk(cfg))
 
 
 def test_gguf_unpermutes_qk_and_reads_config(tiny_models, tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf_files import check_against_transformers, common_meta, permute_qk, write_gguf
+from gguf_files import check_against_transformers, common_meta, permuted_qk, write_gguf
 
 from llmc.errors import LlmcError
 from llmc.model_zoo import load_model, parse_config
@@ -79,14 +79,8 @@ def test_gguf_llama_file_with_experts(tmp_path, tiny_models):
         w.add_expert_count(cfg.num_local_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
 
-    def convert(name, t):
-        if name.endswith("q_proj.weight"):
-            return permute_qk(t, cfg.num_attention_heads)
-        if name.endswith("k_proj.weight"):
-            return permute_qk(t, cfg.num_key_value_heads)
-        return t
     path = tmp_path / "mixtral.gguf"
-    write_gguf(path, "llama", model, GGUF_NAMES, meta, convert, state=state)
+    write_gguf(path, "llama", model, GGUF_NAMES, meta, permuted_qk(cfg), state=state)
     # the window is not stored by llama.cpp for llama files: compare with no window
     ref = type(model)(type(cfg)(**{**cfg.to_dict(), "sliding_window": None})).eval()
     ref.load_state_dict(model.state_dict())
