@@ -468,6 +468,8 @@ def _quant_rows(header) -> list[tuple[str, str]]:
     q = header.quant
     if q is None:
         return []
+    if q.accuracy is None:
+        return [("quant", q.describe()), ("accuracy", "not measured (a benchmark build)")]
     verdict = "" if q.accuracy.passed else "  WARNING: past the threshold"
     return [("quant", q.describe()), ("accuracy", q.accuracy.describe() + verdict)]
 

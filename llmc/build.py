@@ -120,9 +120,12 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
         every = max(1, len(weights) // 10)
         onnx_path = save_onnx(graph, weights, Path(tmp), progress=progress or (lambda k, n: (
             log(f"weights: {k}/{n}") if k % every == 0 or k == n else None)))
-        lowered = backend.lower(onnx_path, limits, log)
+        # measured first: a backend may rewrite weights.bin in place as it lowers (cuda)
         quant = quantized.report(onnx_path) if quantized else None
-        if quant:
+        lowered = backend.lower(onnx_path, limits, log)
+        if quant and quant.accuracy is None:
+            log("accuracy: not measured (QuantOptions.measure is off)")
+        elif quant:
             acc = quant.accuracy
             kv = f"{quant.kv_cache_dtype} KV cache" if quant.kv_cache_dtype != "auto" else ""
             label = " + ".join(x for x in (quant.mode if quant.mode != "none" else "", kv) if x)

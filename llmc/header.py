@@ -66,7 +66,7 @@ class QuantInfo:
     kv_cache_dtype: str         # auto (the compute dtype) or fp8
     gemms: int                  # weight GEMMs quantized (the LM head stays 16-bit)
     details: dict[str, Any]     # block sizes, calibration text and tokens
-    accuracy: Accuracy
+    accuracy: Accuracy | None   # None: not measured (QuantOptions.measure off: benchmarks)
     kv_scales: list[list[float]] = field(default_factory=list)  # fp8 KV: per layer [K, V]
 
     def describe(self) -> str:
@@ -82,7 +82,8 @@ class QuantInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantInfo":
-        return cls(**{**d, "accuracy": Accuracy(**d["accuracy"])})
+        acc = d.get("accuracy")
+        return cls(**{**d, "accuracy": Accuracy(**acc) if acc else None})
 
 
 @dataclass(frozen=True)

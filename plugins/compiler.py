@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-MODULES = ("norm", "activation", "gemv", "rope", "paged_attention", "glue", "sampling")
+MODULES = ("norm", "activation", "gemv", "qgemv", "rope", "paged_attention", "glue", "sampling")
 DEFAULT_ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
 
 

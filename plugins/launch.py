@@ -170,6 +170,41 @@ class Kernels:
         self.launch(ln, [x, w, DevPtr(0) if bias is None else bias, m, n, k, out])
         return out
 
+    def w4_gemv(self, x, w, scale, group, pre=None, bias=None, act=None):
+        """x [m, K] @ dequant(w)^T for m <= 16: w the packed INT4 weight [N, K / 2] (uint8, as
+        lower.pack_int4 writes it), scale [N, K / group] in x's dtype, pre AWQ's 1 / s [K]."""
+        m, k = x.shape
+        n = w.shape[0] // (2 if act else 1)
+        out = self.torch.empty(m, n, dtype=x.dtype, device=x.device)
+        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "int4", act=act)
+        self.launch(ln, [x, w, scale, DevPtr(0) if pre is None else pre,
+                         DevPtr(0) if bias is None else bias, m, n, k, group, out])
+        return out
+
+    def w8_gemv(self, x, w, w_scale, x_scale, bias=None, out_dtype=None, act=None):
+        """e4m3(x / x_scale) @ w^T * x_scale * w_scale for m <= 16: w the E4M3 weight [N, K]
+        (uint8 or float8_e4m3fn), w_scale fp32 [N]."""
+        m, k = x.shape
+        n = w.shape[0] // (2 if act else 1)
+        out = self.torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "fp8", self._dtype(out), act)
+        self.launch(ln, [x, w, w_scale, lr.float_bits(x_scale),
+                         DevPtr(0) if bias is None else bias, m, n, k, out])
+        return out
+
+    def dequant_int4(self, w, scale, group, dtype, pre=None):
+        n, k = w.shape[0], 2 * w.shape[1]
+        out = self.torch.empty(n, k, dtype=dtype, device=w.device)
+        self.launch(lr.dequant_int4_launch(n, k, self._dtype(out)),
+                    [w, scale, DevPtr(0) if pre is None else pre, n, k, group, out])
+        return out
+
+    def quantize_fp8(self, x, x_scale):
+        out = self.torch.empty(x.shape, dtype=self.torch.uint8, device=x.device)
+        self.launch(lr.quantize_fp8_launch(x.numel(), self._dtype(x)),
+                    [x, lr.float_bits(x_scale), x.numel(), out])
+        return out
+
     def rope(self, qkv, positions, inv_freq, hq, hkv, d, rot, interleaved=False, bias=None,
              cache=None, seq_starts=None, block_tables=None):
         t = qkv.shape[0]

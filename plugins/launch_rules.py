@@ -105,6 +105,61 @@ def gemv_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None
                   pdl=True)
 
 
+# ---- quantized skinny GEMM (decode) and the prefill helpers -----------------------------------
+
+QGEMV_MS = (8, 16)                # x rows a kernel is compiled for (NT = 1, 2 tiles of 8)
+QGEMV_WARPS = 16                  # warps splitting K in a CTA (QGEMV_SK in kernels/qgemv.cu)
+QUANTS = ("int4", "fp8")
+INT4_K = 32                       # a lane's 16-byte load holds 32 k of an INT4 row
+FP8_ARCHS = ("sm_89", "sm_90a", "sm_100a", "sm_120")   # E4M3 tensor-core MMA
+
+
+def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str | None = None,
+                 act: str | None = None) -> Launch:
+    """y[m, n] = x[m, k] @ dequant(w)^T for m <= 16 on a packed weight (kernels/qgemv.cu);
+    with act, w is the fused [2n, k] gate-up weight and y = act(gate) * up.
+    int4 args: (x, w, scale, pre-or-null, bias-or-null, m, n, k, group, y);
+    fp8 args: (x, w, w_scale f32, float_bits(x_scale), bias-or-null, m, n, k, y).
+    16 weight rows (8 outputs with act) a CTA of QGEMV_WARPS warps."""
+    tag = dtype_tag(dtype)
+    if quant not in QUANTS:
+        raise ValueError(f"quantized gemv takes {' or '.join(QUANTS)}, not {quant!r}")
+    out = tag if out_dtype in (None, dtype) else "f32" if out_dtype == "float32" else None
+    if out is None or (quant == "int4" and out != tag):
+        raise ValueError(f"{quant} gemv writes {dtype}{'' if quant == 'int4' else ' or float32'}"
+                         f", not {out_dtype}")
+    if act is not None and (act not in GEMV_ACTS or out != tag):
+        raise ValueError(f"gemv fuses {' or '.join(GEMV_ACTS)} with a {dtype} output only")
+    if not 0 < m <= QGEMV_MS[-1]:
+        raise ValueError(f"quantized gemv takes 1..{QGEMV_MS[-1]} rows, not {m}")
+    align = INT4_K if quant == "int4" else 16
+    if k % align or not 0 < k <= INT32_MAX or not 0 < n * (2 if act else 1) <= INT32_MAX:
+        raise ValueError(f"{quant} gemv needs K a multiple of {align}: N={n}, K={k}")
+    mb = next(b for b in QGEMV_MS if b >= m)
+    name = (f"w4_{tag}_m{mb}" if quant == "int4" else f"w8_{tag}_{out}_m{mb}") + \
+        (f"_{act}" if act else "")
+    return Launch("qgemv", name, (math.ceil(n / (8 if act else 16)), 1, 1),
+                  (32 * QGEMV_WARPS, 1, 1), pdl=True)
+
+
+def dequant_int4_launch(n: int, k: int, dtype: str) -> Launch:
+    """The packed INT4 weight [n, k] back to dtype, for a prefill GEMM. args (w, scale,
+    pre-or-null, n, k, group, out [n, k])."""
+    if k % INT4_K or n * k >= INT32_MAX:
+        raise ValueError(f"dequant_int4 needs K a multiple of {INT4_K}: N={n}, K={k}")
+    return Launch("qgemv", f"dequant_int4_{dtype_tag(dtype)}",
+                  (math.ceil(n * k // INT4_K / 256), 1, 1), (256, 1, 1))
+
+
+def quantize_fp8_launch(count: int, dtype: str) -> Launch:
+    """x (count values, 16-byte aligned) -> e4m3, for a prefill FP8 GEMM. args (x,
+    float_bits(x_scale), count, out)."""
+    if count % 8 or not 0 < count <= INT32_MAX:
+        raise ValueError(f"quantize_fp8 takes a multiple of 8 values, not {count}")
+    return Launch("qgemv", f"quantize_fp8_{dtype_tag(dtype)}",
+                  (math.ceil(count // 8 / 256), 1, 1), (256, 1, 1))
+
+
 # ---- gated activations and GELU ----------------------------------------------------------
 
 def gated_output_shape(gu_shape):

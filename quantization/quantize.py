@@ -38,6 +38,9 @@ class QuantOptions:
     eval_data: Path | None = None      # accuracy text (default: the bundled eval.txt)
     eval_size: int = 1024              # tokens scored for the accuracy report
     max_ppl_increase: float = 5.0      # percent; a build past it warns
+    # Off only for speed benchmarks on random weights, where perplexity means nothing and
+    # running an 8B graph twice on onnxruntime would dominate the build (no CLI flag).
+    measure: bool = True
     kv_cache_dtype: str = "auto"       # auto: the compute dtype; fp8: E4M3, scales per layer
 
     @property
@@ -97,10 +100,17 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         raise LlmcError(f"--quant {opts.mode} does not quantize a mixture of experts yet (the "
                         f"experts' stacked weights, e.g. {experts[0]!r}); build with "
                         "--quant none")
+    needs_ort = opts.measure or (opts.mode in ("fp8", "int4-awq") and not (
+        prequantized is not None and prequantized.mode == opts.mode)) or \
+        opts.kv_cache_dtype == "fp8"
+    if needs_ort and io.kv_dtype == "bfloat16":
+        raise LlmcError(f"--quant {opts.mode} with --dtype bf16: calibration and the accuracy "
+                        "report run the graph on onnxruntime, which has no bf16 MatMul on the "
+                        "CPU; build with --dtype fp16 (the same speed on the GPU)")
     calib_text, calib_name = measure.read_text(opts.calib_data, "calib")
     eval_text, eval_name = measure.read_text(opts.eval_data, "eval")
     eval_seqs = measure.token_sequences(tokenizer_json, eval_text, opts.eval_size, "evaluation")
-    base = save_onnx(model, weights, tmp / "reference")
+    base = save_onnx(model, weights, tmp / "reference") if needs_ort else None
     details: dict = {}
     p = None
     sites = qdq.sites(model, weights)
@@ -153,7 +163,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
 
     def finish(quantized_onnx: Path) -> QuantInfo:
         acc = measure.measure(base, quantized_onnx, io, eval_seqs, eval_name,
-                              opts.max_ppl_increase, qio)
+                              opts.max_ppl_increase, qio) if opts.measure else None
         return QuantInfo(opts.mode, opts.kv_cache_dtype, gemms, details, acc, kv_scales)
 
     return Quantized(qmodel, qweights, finish, qio)

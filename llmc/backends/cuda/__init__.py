@@ -57,9 +57,18 @@ class CudaBackend:
         return dtype
 
     def can_quantize(self, mode: str) -> tuple[bool, str]:
-        from llmc.backends.cuda.lower import QUANT_MISSING
+        from llmc.plugins.launch_rules import FP8_ARCHS
 
-        return False, QUANT_MISSING
+        if mode != "fp8":
+            return True, ""     # INT4 weight-only: every architecture
+        try:
+            arch = self.target_arch()
+        except LlmcError as e:
+            return False, str(e)
+        if arch not in FP8_ARCHS:
+            return False, (f"FP8 GEMMs need an sm_89 or newer GPU, and the target is {arch}; "
+                           "build with --quant int4-awq, or --gpu-arch for a newer GPU")
+        return True, ""
 
     def can_store_kv(self, dtype: str) -> tuple[bool, str]:
         return False, ("the cuda backend's paged attention reads a KV pool in the compute "
@@ -84,7 +93,7 @@ class CudaBackend:
         return gpus[0].arch
 
     def lower(self, onnx_path: Path, limits: BuildLimits, log: Log) -> Lowered:
-        from llmc.backends.cuda.lower import MODULES, lower, transpose_weights
+        from llmc.backends.cuda.lower import MODULES, lower, rewrite_weights
         from llmc.backends.cuda.plan import PLAN, WEIGHTS, cubin_section
         from llmc.plugins.compiler import compile_all, nvrtc_version
 
@@ -93,7 +102,7 @@ class CudaBackend:
         log(f"cuda plan for {arch}: {len(plan.ops)} launches a step, arena "
             f"{plan.arena_bytes / 2**20:.1f} MiB, weights {plan.weights_bytes / 2**20:.1f} MiB")
         # weights.bin is the build's own temporary copy: rewritten in place, once
-        moved = transpose_weights(onnx_path.parent / "weights.bin", plan)
+        moved = rewrite_weights(onnx_path.parent / "weights.bin", plan)
         log(f"GEMM weights stored [out, in]: {moved / 2**20:.1f} MiB rewritten")
         cubins = compile_all(archs=(arch,), modules=MODULES)
         sections: dict[str, Path | bytes] = {

@@ -23,7 +23,7 @@ A node with no mapping is a build error that names it. Memory: every activation 
 offset in one arena, reusing space once a value is dead (first fit over live intervals,
 sizes at the build limits); weights keep the offsets `save_onnx` gave them in weights.bin,
 which becomes the engine's weights section, GEMM weights rewritten in place from the graph's
-[in, out] to [out, in] (transpose_weights), the layout a decode GEMV streams row by row.
+[in, out] to [out, in] (rewrite_weights), the layout a decode GEMV streams row by row.
 """
 
 from __future__ import annotations
@@ -46,10 +46,12 @@ from llmc.backends.cuda.plan import (
 from llmc.dtypes import ONNX_TYPES
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
+from llmc.plugins import launch_rules as lr
 
 DTYPES = ("float16", "bfloat16")
-MODULES = ("norm", "activation", "gemv", "rope", "paged_attention", "glue", "sampling")
+MODULES = ("norm", "activation", "gemv", "qgemv", "rope", "paged_attention", "glue", "sampling")
 _ONNX_FLOAT = 1
+FP8 = "float8e4m3fn"
 
 
 _DTYPE_OF = {onnx: name for name, onnx in ONNX_TYPES.items()}
@@ -57,13 +59,6 @@ _DTYPE_OF = {onnx: name for name, onnx in ONNX_TYPES.items()}
 
 class UnsupportedGraph(LlmcError):
     """The fused graph holds something the cuda backend has no kernel for."""
-
-
-# What a quantized graph (quantization/qdq.py) would need here, and is not written yet.
-QUANT_MISSING = ("the cuda backend has no quantized kernels yet (FP8 GEMMs through cuBLASLt, "
-                 "the INT4 weight-only GEMM/GEMV with fused dequantization, issue #10 item 4); "
-                 "build a quantized engine with --backend reference or tensorrt-rtx, or this "
-                 "one with --quant none (a pre-quantized checkpoint is then dequantized)")
 
 
 class _Graph:
@@ -119,19 +114,20 @@ class Lowering:
         self.ops: list[Op] = []
         self.done: set[int] = set()   # ids of nodes consumed by a mapping
         self.dtype = None
+        self.quantized: dict[int, dict] = {}   # id(MatMul) -> its quantized form
 
     # --- values --------------------------------------------------------------------------
 
-    def _weight(self, name: str, shape: list | None = None) -> str:
-        """The weight's value; shape: how the engine stores it, if not as the graph does."""
+    def _weight(self, name: str, shape: list | None = None, dtype: str | None = None) -> str:
+        """The weight's value; shape, dtype: how the engine stores it, if not as the graph
+        does."""
         t = self.g.weight(name)
         if t is None:
             raise UnsupportedGraph(f"{name!r} is not a weight of the graph")
         if name not in self.values:
             info = {e.key: e.value for e in t.external_data}
-            dtype = _DTYPE_OF[t.data_type]
-            self.values[name] = Value("weight", dtype, shape or list(t.dims),
-                                      int(info["offset"]))
+            self.values[name] = Value("weight", dtype or _DTYPE_OF[t.data_type],
+                                      shape or list(t.dims), int(info["offset"]))
         return name
 
     def _arena(self, name: str, shape: list, dtype: str | None = None) -> str:
@@ -149,10 +145,15 @@ class Lowering:
         g = self.g
         for name, dims in contract.CONTROL_INPUTS.items():
             self.values[name] = Value("input", "int32", list(dims))
-        qdq = [n.name for n in g.nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        for node in g.nodes:
+            if node.op_type == "MatMul":
+                self._claim_quantized(node)
+        qdq = [n.name for n in g.nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+               and id(n) not in self.done]
         if qdq:
-            raise UnsupportedGraph(f"the graph is quantized ({len(qdq)} Q/DQ nodes, e.g. "
-                                   f"{qdq[0]!r}): {QUANT_MISSING}")
+            raise UnsupportedGraph(f"Q/DQ node {qdq[0]!r} is not in a form the cuda backend "
+                                   "lowers (quantization/qdq.py's INT4 weight-only or FP8 "
+                                   "W8A8 GEMMs)")
         routing = [n.name for n in g.nodes if n.op_type == "TopK"]
         if routing:   # checked first: the MoE layer, not its ops, is what is missing
             raise UnsupportedGraph(f"the graph routes tokens to experts (TopK node "
@@ -174,8 +175,13 @@ class Lowering:
                 self._lower(node)
         logits = self._logits()
         arena = self._assign_arena()
+        weights = [v for v in self.values.values() if v.where == "weight"]
         weights_end = max((v.offset + align(numel(v.shape, 1, 1) * itemsize(v.dtype))
-                           for v in self.values.values() if v.where == "weight"), default=0)
+                           for v in weights if v.offset >= 0), default=0)
+        for v in weights:   # tensors the build derives and appends (offset -1 until here)
+            if v.offset == -1:
+                v.offset = weights_end
+                weights_end += align(numel(v.shape, 1, 1) * itemsize(v.dtype))
         return Plan(self.arch, self.dtype, list(MODULES), self.values, self.ops, arena,
                     weights_end, logits, len(attn))
 
@@ -185,7 +191,11 @@ class Lowering:
         node = self.g.producer.get(q)
         while node is not None and node.op_type != "MatMul":
             node = self.g.producer.get(node.input[0])
-        t = self.g.weight(node.input[1]) if node is not None else None
+        w = node.input[1] if node is not None else ""
+        dq = self.g.producer.get(w)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            w = dq.input[1]    # a quantized weight: its scales carry the dtype
+        t = self.g.weight(w) if w else None
         dtype = _DTYPE_OF.get(t.data_type) if t else None
         if dtype not in DTYPES:
             raise UnsupportedGraph(f"the cuda backend computes in fp16 or bf16, not {dtype}; "
@@ -242,11 +252,14 @@ class Lowering:
 
     def _op_MatMul(self, node) -> None:
         x, w = node.input
+        if id(node) in self.quantized:
+            self._quantized_gemm(node, self.quantized[id(node)])
+            return
         t = self.g.weight(w)
         if t is None:
             raise UnsupportedGraph(f"MatMul node {node.name!r} multiplies two activations; "
                                    "only activation x weight GEMMs are lowered")
-        # The engine stores a linear weight [out, in] (transpose_weights rewrites it so): a
+        # The engine stores a linear weight [out, in] (rewrite_weights rewrites it so): a
         # decode GEMV then reads each output's weights as one contiguous row.
         others = [c.name for c in self.g.consumers[w] if c.op_type != "MatMul"]
         if others:
@@ -266,7 +279,9 @@ class Lowering:
         n, k = self.values[self._weight(w)].shape
         self._gemm(node, x, w, n, k, trans_b=True)
 
-    def _gemm(self, node, x, w, n, k, trans_b: bool) -> None:
+    def _gemm(self, node, x, w, n, k, trans_b: bool, qinputs: tuple = (), **attrs) -> None:
+        """qinputs: the quantized weight's scale and its other input (INT4: AWQ's 1 / s or
+        None; FP8: x's scale), after x, w and the bias."""
         rows = self.values[x].shape[0]
         out_name, out_dtype, bias = node.output[0], self.dtype, None
         users = self.g.consumers.get(out_name, [])
@@ -284,8 +299,90 @@ class Lowering:
             self.done.add(id(users[0]))
             out_name, out_dtype = users[0].output[0], "float32"
         out = self._arena(out_name, [rows, n], out_dtype)
-        self._emit("gemm", node, [x, self._weight(w), bias], [out], n=n, k=k,
-                   trans_b=trans_b, out_dtype=out_dtype)
+        self._emit("gemm", node, [x, w if qinputs else self._weight(w), bias, *qinputs], [out],
+                   n=n, k=k, trans_b=trans_b, out_dtype=out_dtype, **attrs)
+
+    # --- quantized GEMMs (quantization/qdq.py) ----------------------------------------------
+
+    def _claim_quantized(self, node) -> None:
+        """MatMul(x', DequantizeLinear(q, scale)) as the quantizer writes it. INT4: x' is x or
+        AWQ's Mul(x, 1 / s); FP8: x' = DequantizeLinear(QuantizeLinear(x, sx), sx). Its Q/DQ
+        nodes and the Mul become part of the GEMM op, emitted where the MatMul stands."""
+        g = self.g
+        dq = g.producer.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return
+        q, scale = dq.input[:2]
+        t = g.weight(q)
+        if t is None or g.weight(scale) is None:
+            raise UnsupportedGraph(f"DequantizeLinear node {dq.name!r} does not read a stored "
+                                   "weight and its scale")
+        kind = _DTYPE_OF.get(t.data_type)
+        x, claimed, site = node.input[0], [dq], {}
+        if kind == "int4":
+            block, axis = int(_attr(dq, "block_size", 0)), int(_attr(dq, "axis", 1))
+            k, n = t.dims
+            if axis != 0 or block % lr.INT4_K or not block or k % block:
+                raise UnsupportedGraph(
+                    f"{dq.name!r}: the INT4 kernels take scales in blocks of a multiple of "
+                    f"{lr.INT4_K} along K (block_size {block}, axis {axis}, K = {k})")
+            mul = g.producer.get(x)
+            if mul is not None and mul.op_type == "Mul" and \
+                    any(g.weight(i) is not None for i in mul.input):
+                pre = next(i for i in mul.input if g.weight(i) is not None)
+                x = next(i for i in mul.input if i != pre)
+                claimed.append(mul)
+                site["pre"] = pre
+            site.update(kind="int4", group=block)
+        elif kind == FP8:
+            xdq = g.producer.get(x)
+            xq = g.producer.get(xdq.input[0]) if xdq is not None and \
+                xdq.op_type == "DequantizeLinear" else None
+            if xq is None or xq.op_type != "QuantizeLinear":
+                raise UnsupportedGraph(f"the FP8 weight of {node.name!r} multiplies an "
+                                       "activation that is not quantized to FP8 (W8A8 only)")
+            sx, sx2 = g.const(xq.input[1]), g.const(xdq.input[1])
+            if sx is None or sx.size != 1 or sx2 is None or float(sx) != float(sx2):
+                raise UnsupportedGraph(f"{xq.name!r}: the cuda backend takes one constant "
+                                       "per-tensor FP8 activation scale")
+            if _attr(dq, "axis", 1) != 1 or len(g.inits[scale].dims) != 1:
+                raise UnsupportedGraph(f"{dq.name!r}: FP8 weights take one scale per output "
+                                       "channel")
+            if self.arch not in lr.FP8_ARCHS:
+                raise UnsupportedGraph(f"FP8 GEMMs need an sm_89 or newer GPU, not {self.arch}; "
+                                       "build with --quant int4-awq, or --quant none")
+            x = xq.input[0]
+            claimed += [xdq, xq]
+            site.update(kind="fp8", x_scale=float(np.asarray(sx, np.float32)))
+        else:
+            raise UnsupportedGraph(f"{dq.name!r} dequantizes {kind} weights; the cuda backend "
+                                   "takes INT4 and FP8")
+        site.update(x=x, q=q, scale=scale)
+        self.quantized[id(node)] = site
+        self.done.update(id(c) for c in claimed)
+
+    def _quantized_gemm(self, node, site: dict) -> None:
+        k, n = self.g.weight(site["q"]).dims
+        if self.g.weight(site["scale"]).data_type != ONNX_TYPES[self.dtype]:
+            raise UnsupportedGraph(f"the scales of {site['q']!r} are not {self.dtype}")
+        if site["kind"] == "int4":
+            # [out, in] packed for the kernels (pack_int4), the scales [out, in / block]
+            w = self._weight(site["q"], shape=[n, k // 2], dtype="uint8")
+            scale = self._weight(site["scale"], shape=[n, k // site["group"]])
+            pre = self._weight(site["pre"]) if "pre" in site else None
+            self._gemm(node, site["x"], w, n, k, trans_b=True, qinputs=(scale, pre),
+                       quant="int4", group=site["group"])
+        else:
+            w = self._weight(site["q"], shape=[n, k], dtype=FP8)
+            # cuBLASLt and the kernel take fp32 channel scales: a copy the build appends
+            src = self._weight(site["scale"])
+            scale = f"{src}.f32"
+            self.values[scale] = Value("weight", "float32", [n], -1)
+            sx = f"{node.name}/x_scale"
+            self.values[sx] = Value("const", "float32", [1], data=[site["x_scale"]])
+            self._gemm(node, site["x"], w, n, k, trans_b=True, qinputs=(scale, sx), quant="fp8",
+                       x_scale=site["x_scale"], scale_from=src)
+        self.ops[-1].attrs["transposed"] = True
 
     def _op_Add(self, node) -> None:
         a, b = node.input
@@ -539,26 +636,68 @@ def _from_positions(g: _Graph, value: str) -> bool:
     return False
 
 
-def transpose_weights(weights: Path, plan: Plan) -> int:
+def rewrite_weights(weights: Path, plan: Plan) -> int:
     """Rewrite, in place in the build's weights file, every GEMM weight the plan reads as
-    [N, K] from the [K, N] the graph holds it in (op attr `transposed`). Same bytes, same
-    offsets. Returns the number of bytes rewritten."""
-    names = {op.inputs[1] for op in plan.ops if op.op == "gemm" and op.attrs.get("transposed")}
-    if not names:
+    [N, K] from the [K, N] the graph holds it in (op attr `transposed`): 16-bit and FP8
+    weights and INT4 scales transposed, INT4 weights packed for the kernels (pack_int4); and
+    append the fp32 copies of FP8 channel scales. Returns the number of bytes written."""
+    jobs: dict[str, str] = {}
+    appended: dict[str, str] = {}
+    for op in plan.ops:
+        if op.op != "gemm" or not op.attrs.get("transposed"):
+            continue
+        quant = op.attrs.get("quant")
+        jobs[op.inputs[1]] = "int4" if quant == "int4" else "transpose"
+        if quant == "int4":
+            jobs[op.inputs[3]] = "transpose"
+        elif quant == "fp8":
+            appended[op.inputs[3]] = op.attrs["scale_from"]
+    if not jobs:
         return 0
     data = np.memmap(weights, dtype=np.uint8, mode="r+")
     done = 0
-    for name in sorted(names):
+    for name in sorted(jobs):
         v = plan.values[name]
-        n, k = v.shape
-        size = n * k * itemsize(v.dtype)
-        word = np.dtype(f"u{itemsize(v.dtype)}")
-        block = data[v.offset:v.offset + size].view(word)
-        block[:] = np.ascontiguousarray(block.reshape(k, n).T).reshape(-1)
+        rows, cols = v.shape
+        size = rows * cols * itemsize(v.dtype)
+        block = data[v.offset:v.offset + size]
+        if jobs[name] == "int4":
+            block[:] = pack_int4(block, rows, 2 * cols)
+        else:
+            word = block.view(f"u{itemsize(v.dtype)}")
+            word[:] = np.ascontiguousarray(word.reshape(cols, rows).T).reshape(-1)
         done += size
+    tail = {}
+    for name, src in appended.items():
+        s = plan.values[src]
+        raw = data[s.offset:s.offset + 2 * s.shape[0]].view(np.uint16)
+        tail[name] = _float16s(raw, s.dtype).astype(np.float32)
     data.flush()
     del data
+    with open(weights, "r+b") as f:
+        for name, values in tail.items():
+            f.seek(plan.values[name].offset)
+            f.write(values.tobytes())
+            done += values.nbytes
+        f.truncate(max(f.seek(0, 2), plan.weights_bytes))
     return done
+
+
+def _float16s(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.view(np.float16)
+
+
+def pack_int4(packed: np.ndarray, n: int, k: int) -> np.ndarray:
+    """ONNX's INT4 [K, N] (two's complement, element i in byte i / 2, low nibble first) ->
+    the kernels' [N, K / 2]: row-major over [N, K], each 32-bit word 8 consecutive k as
+    unsigned nibbles q + 8, in the order k0 k2 k4 k6 k1 k3 k5 k7 (kernels/qgemv.cu says why)."""
+    nib = np.empty(2 * packed.size, np.uint8)
+    nib[0::2], nib[1::2] = packed & 0xF, packed >> 4
+    u = nib[:n * k].reshape(k, n).T ^ 8                           # [N, K]: q + 8
+    order = u.reshape(n, k // 8, 8)[:, :, [0, 2, 4, 6, 1, 3, 5, 7]]
+    return (order[..., 0::2] | (order[..., 1::2] << 4)).reshape(-1)
 
 
 def lower(onnx_path: Path, limits: BuildLimits, arch: str) -> Plan:

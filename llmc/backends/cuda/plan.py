@@ -113,7 +113,8 @@ def cubin_section(module: str) -> str:
 
 
 def itemsize(dtype: str) -> int:
-    return {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4}[dtype]
+    return {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "uint8": 1,
+            "float8e4m3fn": 1}[dtype]
 
 
 def numel(shape: list, tokens: int, batch: int) -> int:

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from llmc import contract
-from llmc.backends.cuda.plan import Op, Plan, numel
+from llmc.backends.cuda.plan import Op, Plan, itemsize, numel
 from llmc.plugins import attention_plan as ap
 from llmc.plugins import launch_rules as lr
 from llmc.plugins.launch import DevPtr
 
 ATTN_WORKSPACE = "attention workspace"
+QGEMM_WORKSPACE = "quantized GEMM workspace"   # a prefill's dequantized INT4 weight or FP8 x
 
 
 @dataclass(frozen=True)
@@ -31,22 +32,74 @@ class Step:
 
 
 def gemm_key(op: Op) -> tuple:
-    """GEMMs of one shape share a cuBLASLt plan (the weight pointer is a call argument)."""
+    """GEMMs of one shape share a cuBLASLt plan (the weight pointer is a call argument). An
+    INT4 GEMM's prefill runs cuBLASLt on its dequantized weight: a 16-bit plan."""
     a = op.attrs
-    return (a["n"], a["k"], a["trans_b"], a["out_dtype"], op.inputs[2] is not None)
+    fp8 = ("fp8",) if a.get("quant") == "fp8" else ()
+    return (a["n"], a["k"], a["trans_b"], a["out_dtype"], op.inputs[2] is not None, *fp8)
 
 
 def uses_gemv(op: Op, m: int) -> bool:
-    """A GEMM of m rows runs as llmc's GEMV (kernels/gemv.cu) rather than cuBLASLt: decode
-    steps of up to GEMV_MS[-1] rows, on a weight stored [N, K] (engines before the
-    transposed layout keep cuBLASLt)."""
+    """A GEMM of m rows runs as llmc's GEMV (kernels/gemv.cu, qgemv.cu) rather than
+    cuBLASLt: decode steps of up to GEMV_MS[-1] rows (QGEMV_MS[-1] quantized), on a weight
+    stored [N, K] (engines before the transposed layout keep cuBLASLt)."""
+    if op.attrs.get("quant"):
+        return m <= lr.QGEMV_MS[-1]
     return (op.attrs["trans_b"] and m <= lr.GEMV_MS[-1] and op.attrs["k"] % 8 == 0)
+
+
+def qgemm_workspace_bytes(plan: Plan, max_tokens: int) -> int:
+    """The most a quantized GEMM's prefill needs: an INT4 weight dequantized, or x in FP8."""
+    need = 0
+    for op in plan.ops:
+        q, a = op.attrs.get("quant"), op.attrs
+        if q == "int4":
+            need = max(need, a["n"] * a["k"] * itemsize(plan.dtype))
+        elif q == "fp8":
+            need = max(need, max_tokens * a["k"])
+    return need
+
+
+def _qgemm(op: Op, m: int, dt: str, P) -> Iterator[tuple]:
+    """A quantized GEMM's launches up to its output (the caller adds the activation)."""
+    a, ins, outs = op.attrs, op.inputs, op.outputs
+    act, quant, k = a.get("act"), a["quant"], a["k"]
+    bias = P(ins[2]) if ins[2] else DevPtr(0)
+    if uses_gemv(op, m):
+        n, y = (a["inter"], outs[1]) if act else (a["n"], outs[0])
+        launch = lr.qgemv_launch(m, n, k, dt, quant, a["out_dtype"], act)
+        if quant == "int4":
+            pre = P(ins[4]) if ins[4] else DevPtr(0)
+            args = [P(ins[0]), P(ins[1]), P(ins[3]), pre, bias, m, n, k, a["group"], P(y)]
+        else:
+            args = [P(ins[0]), P(ins[1]), P(ins[3]), lr.float_bits(a["x_scale"]), bias, m, n,
+                    k, P(y)]
+        yield "kernel", launch, args
+        return
+    ws = P(QGEMM_WORKSPACE)
+    if quant == "int4":
+        pre = P(ins[4]) if ins[4] else DevPtr(0)
+        yield "kernel", lr.dequant_int4_launch(a["n"], k, dt), [
+            P(ins[1]), P(ins[3]), pre, a["n"], k, a["group"], ws]
+        yield "gemm", gemm_key(op), (int(P(ins[0])), int(ws), int(P(outs[0])), m,
+                                     int(bias) or None)
+    else:
+        yield "kernel", lr.quantize_fp8_launch(m * k, dt), [
+            P(ins[0]), lr.float_bits(a["x_scale"]), m * k, ws]
+        yield "gemm", gemm_key(op), (int(ws), int(P(ins[1])), int(P(outs[0])), m,
+                                     int(bias) or None, int(P(ins[3])), int(P(ins[4])))
 
 
 def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
     a, ins, outs = op.attrs, op.inputs, op.outputs
     act = a.get("act")
     bias = P(ins[2]) if ins[2] else DevPtr(0)
+    if a.get("quant"):
+        yield from _qgemm(op, m, dt, P)
+        if act and not uses_gemv(op, m):
+            yield "kernel", lr.gated_launch(m, a["inter"], dt, act, s.sm_count), [
+                P(outs[0]), m, a["inter"], P(outs[1])]
+        return
     if uses_gemv(op, m):
         n, y = (a["inter"], outs[1]) if act else (a["n"], outs[0])
         yield "kernel", lr.gemv_launch(m, n, a["k"], dt, a["out_dtype"], act), [
@@ -61,7 +114,8 @@ def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
 
 def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
     """("kernel", Launch, args) and ("gemm", key, (x, w, y, m, bias)) in execution order.
-    ptr(name) gives the device address of a value, of kv_cache_{l} and of ATTN_WORKSPACE."""
+    ptr(name) gives the device address of a value, of kv_cache_{l}, of ATTN_WORKSPACE and
+    of QGEMM_WORKSPACE."""
     t, b, width, dt = s.tokens, s.batch, s.width, plan.dtype
     rows_of = {"T": t, "B": b}
 

@@ -25,12 +25,20 @@ import numpy as np
 
 from llmc import contract
 from llmc.backends.cuda.plan import PLAN, WEIGHTS, Plan, cubin_section, itemsize, numel
-from llmc.backends.cuda.program import ATTN_WORKSPACE, Step, gemm_key, launches
+from llmc.backends.cuda.program import (
+    ATTN_WORKSPACE,
+    QGEMM_WORKSPACE,
+    Step,
+    gemm_key,
+    launches,
+    qgemm_workspace_bytes,
+)
 from llmc.devices import CudaError, check, device_max_smem, list_gpus
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
 
 GEMM_WORKSPACE = 32 << 20
+FP8 = "float8e4m3fn"
 
 
 def runtime_missing() -> str:
@@ -179,9 +187,13 @@ class CudaSession:
                 a = op.attrs
                 key = gemm_key(op)
                 if key not in self.gemms:
+                    fp8 = a.get("quant") == "fp8"
                     self.gemms[key] = self.blas.plan(
-                        a["n"], a["k"], dtype=plan.dtype, out_dtype=a["out_dtype"],
-                        transpose_b=a["trans_b"], bias=key[4], max_m=lim.max_num_tokens)
+                        a["n"], a["k"], dtype=FP8 if fp8 else plan.dtype,
+                        out_dtype=a["out_dtype"], transpose_b=a["trans_b"],
+                        bias=key[4], max_m=lim.max_num_tokens)
+        self.qgemm_ws = self.mem.alloc(qgemm_workspace_bytes(plan, lim.max_num_tokens),
+                                       "the quantized GEMMs' workspace")
         self.logits_bytes = numel(plan.values[plan.output].shape, 1, lim.max_batch_size) * 4
         self._logits_host = int(check(driver.cuMemHostAlloc(self.logits_bytes, 0)))
         self._sampling = None
@@ -449,8 +461,12 @@ class CudaSession:
         for item in launches(self.plan, Step(t, b, width, self.num_blocks, self.sm_count,
                                              self.max_smem), self._pointers):
             if item[0] == "gemm":
-                _, key, (x, w, y, m, bias) = item
-                self.gemms[key].run(x, w, y, m, stream, bias)
+                _, key, (x, w, y, m, bias, *scales) = item
+                if scales:      # FP8: the weight's channel scales, x's scale
+                    self.gemms[key].run(x, w, y, m, stream, bias, a_scale_ptr=scales[0],
+                                        b_scale_ptr=scales[1])
+                else:
+                    self.gemms[key].run(x, w, y, m, stream, bias)
             else:
                 _, launch, args = item
                 kernels.launch(launch, args, stream)
@@ -461,4 +477,6 @@ class CudaSession:
             return self.kv[layer]
         if name == ATTN_WORKSPACE:
             return self.attn_ws
+        if name == QGEMM_WORKSPACE:
+            return self.qgemm_ws
         return self.ptr(name)

@@ -106,19 +106,19 @@ def test_smollm2_lowers(smollm2_fused, arch):
 
 
 def test_gemm_weights_are_rewritten_out_by_in(smollm2_fused, tmp_path):
-    """transpose_weights turns every MatMul weight [in, out] of the graph into [out, in] in
+    """rewrite_weights turns every MatMul weight [in, out] of the graph into [out, in] in
     place (same offsets), and leaves the tied head's table and every other weight alone."""
     import shutil
 
     import numpy as np
 
-    from llmc.backends.cuda.lower import transpose_weights
+    from llmc.backends.cuda.lower import rewrite_weights
 
     plan = lower(smollm2_fused, BuildLimits(), "sm_90a")
     before = np.fromfile(smollm2_fused.parent / "weights.bin", dtype=np.uint16)
     copy = tmp_path / "weights.bin"
     shutil.copy(smollm2_fused.parent / "weights.bin", copy)
-    moved = transpose_weights(copy, plan)
+    moved = rewrite_weights(copy, plan)
     after = np.fromfile(copy, dtype=np.uint16)
     rewritten = np.zeros(before.size, bool)
     for op in plan.ops:

@@ -1,0 +1,174 @@
+"""Benchmark llmc's quantized decode GEMMs (plugins/kernels/qgemv.cu) on the decode shapes of
+Llama-3.1-8B against the 16-bit GEMM the same step runs unquantized, and against the HBM
+datasheet bandwidth on the bytes each one reads.
+
+    PYTHONPATH=<llmc checkout paths> python3 bench/kernels/qgemv.py [--out results.md] [--sweep]
+
+For M = 1..16 rows: bf16 = what the cuda backend runs unquantized (llmc's GEMV up to 8 rows,
+cuBLASLt through torch.matmul above); int4 = w4 (group 128, AWQ's 1 / s applied to x, as an
+int4-awq engine runs it); fp8 = w8 (x quantized as it is loaded). The gate-up GEMM has its
+SwiGLU fused in every column (bf16 beyond 8 rows: cuBLASLt, then llmc's SwiGLU kernel).
+
+Timing as bench/kernels/gemm.py: a CUDA graph of >= CALLS calls cycling through >= 256 MiB of
+weight copies, median of REPS replays. % peak = bytes read (packed weights + scales + x) and
+written, over the time, against 3.35 TB/s. --sweep times the (warps splitting K, chunks
+ahead) pairs of both kernels, compiled from the same source: the figures behind QGEMV_SK and
+QGEMV_U.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+from gemm import CALLS, DATASHEET_BW, REPS, ROTATE_BYTES, graph_time  # noqa: F401
+
+from llmc.plugins import compiler
+from llmc.plugins import launch_rules as lr
+from llmc.plugins.launch import DevPtr, Functions, Kernels
+
+SHAPES = (  # name, K, N (weight rows), fused activation
+    ("qkv", 4096, 6144, None),
+    ("o", 4096, 4096, None),
+    ("gate_up+swiglu", 4096, 2 * 14336, "swiglu"),
+    ("down", 14336, 4096, None),
+)
+MS = (1, 2, 4, 8, 16)
+GROUP = 128
+SWEEP = [(4, 2), (8, 1), (8, 2), (16, 1), (16, 2), (32, 1)]   # (SK, U)
+
+
+def sweep_functions(arch: str) -> Functions:
+    entries = "".join(
+        f"W4_ENTRY(w4_sweep_nt{nt}_sk{sk}_u{u}, BF16, {nt}, {sk}, {u}, 0)\n"
+        f"W8_ENTRY(w8_sweep_nt{nt}_sk{sk}_u{u}, BF16, {nt}, {sk}, {u}, 0, false)\n"
+        for nt in (1, 2) for sk, u in SWEEP)
+    src = "#define QGEMV_VARIANTS\n" + compiler.source("qgemv") + entries
+    return Functions(arch, {"qgemv_sweep": compiler._compile_cached("qgemv_sweep", arch,
+                                                                     False, src)})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--sweep", action="store_true", help="time every (SK, U) variant too")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    K = Kernels()
+    f = K.functions
+    sweep = sweep_functions(K.arch) if args.sweep else None
+    fp8 = torch.cuda.get_device_capability() >= (8, 9)
+    stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731  the capture's
+    bf = torch.bfloat16
+
+    rows, sweep_rows = [], []
+    for name, k, n, act in SHAPES:
+        n_out = n // 2 if act else n
+        w16_bytes = n * k * 2
+        copies = max(2, math.ceil(ROTATE_BYTES / (w16_bytes // 4)))
+        calls = copies * math.ceil(CALLS / copies)
+        w16 = [torch.randn(n, k, device="cuda", dtype=bf) * k ** -0.5
+               for _ in range(max(2, math.ceil(ROTATE_BYTES / w16_bytes)))]
+        w4 = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
+              for _ in range(copies)]
+        s4 = torch.rand(n, k // GROUP, device="cuda").to(bf) * 0.01
+        pre = (torch.rand(k, device="cuda") + 0.5).to(bf)
+        w8 = [torch.randint(0, 256, (n, k), device="cuda", dtype=torch.uint8) & 0x77
+              for _ in range(copies // 2 + 1)]   # finite E4M3 codes
+        s8 = torch.rand(n, device="cuda") * 1e-3
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=bf)
+            y = torch.empty(m, n_out, device="cuda", dtype=bf)
+            gu = torch.empty(m, n, device="cuda", dtype=bf)
+            out_bytes = m * n_out * 2 + m * k * 2
+
+            def bf16(w, x=x, y=y, m=m):
+                if m <= lr.GEMV_MS[-1]:
+                    ln = lr.gemv_launch(m, n_out, k, "bfloat16", None, act)
+                    a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(0), m, n_out, k,
+                         DevPtr(y.data_ptr())]
+                    return lambda: f.launch(ln, a, stream())
+                if act:
+                    gl = lr.gated_launch(m, n_out, "bfloat16", act, K.sm_count)
+
+                    def fn():
+                        torch.matmul(x, w.t(), out=gu)
+                        K.launch(gl, [gu, m, n_out, y])
+                    return fn
+                return lambda: torch.matmul(x, w.t(), out=y)
+
+            def int4(w, x=x, y=y, m=m, ln=None, fn=f):
+                ln = ln or lr.qgemv_launch(m, n_out, k, "bfloat16", "int4", None, act)
+                a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s4.data_ptr()),
+                     DevPtr(pre.data_ptr()), DevPtr(0), m, n_out, k, GROUP,
+                     DevPtr(y.data_ptr())]
+                return lambda: fn.launch(ln, a, stream())
+
+            def e4m3(w, x=x, y=y, m=m, ln=None, fn=f):
+                ln = ln or lr.qgemv_launch(m, n_out, k, "bfloat16", "fp8", None, act)
+                a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s8.data_ptr()),
+                     lr.float_bits(0.05), DevPtr(0), m, n_out, k, DevPtr(y.data_ptr())]
+                return lambda: fn.launch(ln, a, stream())
+
+            t16 = graph_time([bf16(w16[i % len(w16)]) for i in range(calls)])
+            t4 = graph_time([int4(w4[i % len(w4)]) for i in range(calls)])
+            b4 = n * k // 2 + s4.numel() * 2 + k * 2 + out_bytes
+            t8 = graph_time([e4m3(w8[i % len(w8)]) for i in range(calls)]) if fp8 else None
+            b8 = n * k + n * 4 + out_bytes
+            rows.append((name, f"{k}->{n}", m, t16, (w16_bytes + out_bytes) / t16, t4, b4 / t4,
+                         t8, b8 / t8 if t8 else None))
+            if sweep and not act and m in (1, 8, 16):
+                nt = 1 if m <= 8 else 2
+                for sk, u in SWEEP:
+                    grid = (math.ceil(n / 16), 1, 1)
+                    l4 = lr.Launch("qgemv_sweep", f"w4_sweep_nt{nt}_sk{sk}_u{u}", grid,
+                                   (32 * sk, 1, 1), pdl=True)
+                    s = graph_time([int4(w4[i % len(w4)], ln=l4, fn=sweep)
+                                    for i in range(calls)])
+                    sweep_rows.append((name, m, "int4", sk, u, b4 / s / DATASHEET_BW))
+                    if fp8:
+                        l8 = lr.Launch("qgemv_sweep", f"w8_sweep_nt{nt}_sk{sk}_u{u}", grid,
+                                       (32 * sk, 1, 1), pdl=True)
+                        s = graph_time([e4m3(w8[i % len(w8)], ln=l8, fn=sweep)
+                                        for i in range(calls)])
+                        sweep_rows.append((name, m, "fp8", sk, u, b8 / s / DATASHEET_BW))
+        del w16, w4, w8
+        torch.cuda.empty_cache()
+
+    lines = [
+        "## llmc quantized decode GEMMs (plugins/kernels/qgemv.cu): Llama-3.1-8B shapes",
+        "",
+        f"{torch.cuda.get_device_name()}; torch {torch.__version__} (CUDA {torch.version.cuda})"
+        f", NVRTC {'.'.join(map(str, compiler.nvrtc_version()))}",
+        "",
+        f"CUDA graph of >= {CALLS} calls, median of {REPS} replays, weights rotated over "
+        f">= {ROTATE_BYTES >> 20} MiB; % peak = bytes moved / time against "
+        f"{DATASHEET_BW / 1e12:.2f} TB/s. bf16: llmc's GEMV (M <= 8) or cuBLASLt; int4: group "
+        f"{GROUP}, AWQ pre-scale on; speedup = bf16 time / quantized time.",
+        "",
+        "| GEMM | K->N | M | bf16 us | bf16 % peak | int4 us | int4 % peak | int4 speedup "
+        "| fp8 us | fp8 % peak | fp8 speedup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, kn, m, t16, bw16, t4, bw4, t8, bw8 in rows:
+        f8 = (f"{t8 * 1e6:.1f} | {bw8 / DATASHEET_BW:.0%} | {t16 / t8:.2f}x" if t8
+              else "- | - | -")
+        lines.append(f"| {name} | {kn} | {m} | {t16 * 1e6:.1f} | {bw16 / DATASHEET_BW:.0%} "
+                     f"| {t4 * 1e6:.1f} | {bw4 / DATASHEET_BW:.0%} | {t16 / t4:.2f}x | {f8} |")
+    if sweep_rows:
+        lines += ["", "Sweep, % of peak by (warps splitting K, chunks ahead U):", "",
+                  "| GEMM | M | kernel | SK | U | % peak |", "|---|---:|---|---:|---:|---:|"]
+        lines += [f"| {nm} | {m} | {q} | {sk} | {u} | {p:.0%} |"
+                  for nm, m, q, sk, u, p in sweep_rows]
+    lines += ["", f"Total benchmark time {time.perf_counter() - t0:.1f} s."]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Quantized engines on the cuda backend (`--quant int4-rtn | int4-awq | fp8`).
+
+CPU (the build half): every mode lowers to quantized GEMM ops; the weights file holds the
+INT4 codes packed as kernels/qgemv.cu reads them, the FP8 weights [out, in] and their fp32
+channel scales; FP8 is refused for GPUs without E4M3 tensor cores and bf16 quantized builds
+say why they cannot be measured.
+GPU (marked `gpu`): each quantized cuda engine against the reference backend's engine of
+the same model, mode and calibration (the same quantized weights) over ragged prefill,
+decode and mixed steps on shuffled blocks, CUDA-graphed decode included.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llmc.backends.cuda.lower import pack_int4
+from llmc.backends.cuda.plan import PLAN, Plan, itemsize
+from llmc.build import BuildOptions, build
+from llmc.devices import list_gpus
+from llmc.engine_file import EngineFile
+from llmc.errors import LlmcError
+from llmc.limits import BuildLimits
+from llmc.quantization.quantize import QuantOptions
+
+pytest.importorskip("cuda.bindings.nvrtc", reason="the kernels extra (NVRTC) is not installed")
+
+LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=128, max_seq_len=128, kv_block_size=16)
+MODES = ("int4-rtn", "int4-awq", "fp8")
+
+
+def _build(folder, out, mode, words, backend="cuda", dtype="fp16", arch="sm_90a", **kw):
+    q = QuantOptions(mode, calib_data=words, eval_data=words, **kw)
+    extra = {"gpu_arch": arch} if backend == "cuda" else {}
+    return build(BuildOptions(folder, out, backend=backend, dtype=dtype, limits=LIMITS,
+                              quant=q, **extra), log=lambda _: None)
+
+
+def _plan(engine: EngineFile) -> Plan:
+    return Plan.from_dict(json.loads(engine.section(PLAN).tobytes()))
+
+
+def unpack_int4(packed: np.ndarray, n: int, k: int) -> np.ndarray:
+    """What kernels/qgemv.cu reads from the packed layout, written out the slow way: word j
+    of row r holds k 8j..8j+7; (word >> 4e) & 0xf is k 8j+2e and (word >> 16+4e) & 0xf is
+    k 8j+2e+1, each q + 8."""
+    words = packed.view("<u4").reshape(n, k // 8)
+    q = np.empty((n, k), np.int16)
+    for e in range(4):
+        q[:, 2 * e::8] = ((words >> (4 * e)) & 0xF).astype(np.int16) - 8
+        q[:, 2 * e + 1::8] = ((words >> (16 + 4 * e)) & 0xF).astype(np.int16) - 8
+    return q
+
+
+def test_pack_int4_is_what_the_kernel_reads():
+    rng = np.random.default_rng(0)
+    n, k = 48, 96
+    q = rng.integers(-8, 8, (n, k)).astype(np.int8)
+    flat = (q.T.reshape(-1) & 0xF).astype(np.uint8)     # ONNX INT4 [K, N], low nibble first
+    packed = pack_int4(flat[0::2] | (flat[1::2] << 4), n, k)
+    assert packed.size == n * k // 2
+    np.testing.assert_array_equal(unpack_int4(packed, n, k), q)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_lowers_to_quantized_gemms(tiny_models_d64, tmp_path, words, mode):
+    import onnx
+
+    folder, model = tiny_models_d64["llama-gqa"]
+    out = tmp_path / f"{mode}.engine"
+    header = _build(folder, out, mode, words)
+    assert header.quant.mode == mode and header.quant.accuracy.passed
+    engine = EngineFile(out)
+    plan = _plan(engine)
+    gemms = [op for op in plan.ops if op.op == "gemm"]
+    layers = model.config.num_hidden_layers
+    kind = "fp8" if mode == "fp8" else "int4"
+    # q/k/v, o, gate-up (SwiGLU fused), down per layer quantized; the LM head stays 16-bit
+    assert [op.attrs.get("quant") for op in gemms] == [kind] * 4 * layers + [None]
+    assert [op.attrs.get("act") for op in gemms[:4]] == [None, None, "swiglu", None]
+    assert all((op.inputs[4] is not None) == (mode != "int4-rtn") for op in gemms[:-1])
+
+    # the stored weights against the reference backend's graph of the same build
+    ref_out = tmp_path / f"{mode}-ref.engine"
+    _build(folder, ref_out, mode, words, backend="reference")
+    ref = EngineFile(ref_out)
+    graph = onnx.load_from_string(ref.section("model.onnx").tobytes())
+    ref_weights = ref.section("weights.bin")
+    weights = engine.section("weights")
+
+    def graph_tensor(name):
+        t = next(i for i in graph.graph.initializer if i.name == name)
+        info = {e.key: e.value for e in t.external_data}
+        lo = int(info["offset"])
+        return np.asarray(ref_weights[lo:lo + int(info["length"])]), list(t.dims), t.data_type
+
+    def stored(name):
+        v = plan.values[name]
+        size = int(np.prod(v.shape)) * itemsize(v.dtype)
+        return np.asarray(weights[v.offset:v.offset + size]), v.shape
+
+    for op in gemms[:-1]:
+        raw, dims, _ = graph_tensor(op.inputs[1])
+        k, n = dims
+        got, shape = stored(op.inputs[1])
+        if kind == "int4":
+            assert shape == [n, k // 2]
+            np.testing.assert_array_equal(got, pack_int4(raw, n, k))
+            sraw, sdims, _ = graph_tensor(op.inputs[3])
+            sgot, _ = stored(op.inputs[3])
+            np.testing.assert_array_equal(sgot.view("<u2").reshape(n, -1),
+                                          sraw.view("<u2").reshape(sdims).T)
+        else:
+            assert shape == [n, k]
+            np.testing.assert_array_equal(got.reshape(n, k), raw.reshape(k, n).T)
+            sraw, _, _ = graph_tensor(op.attrs["scale_from"])
+            sgot, _ = stored(op.inputs[3])
+            np.testing.assert_array_equal(sgot.view("<f4"),
+                                          sraw.view("<f2").astype(np.float32))
+            assert plan.values[op.inputs[4]].data == [op.attrs["x_scale"]]
+            assert op.attrs["x_scale"] > 0
+
+
+def test_fp8_needs_an_sm89_target(tiny_models_d64, tmp_path, words):
+    folder = tiny_models_d64["llama-gqa"][0]
+    with pytest.raises(LlmcError, match="--quant fp8: FP8 GEMMs need an sm_89 or newer GPU, "
+                                        "and the target is sm_80"):
+        _build(folder, tmp_path / "f.engine", "fp8", words, arch="sm_80")
+    assert not (tmp_path / "f.engine").exists()
+    _build(folder, tmp_path / "i.engine", "int4-rtn", words, arch="sm_80")   # INT4: any GPU
+
+
+def test_bf16_quantized_builds_say_why_they_cannot_be_measured(tiny_models_d64, tmp_path,
+                                                               words):
+    folder = tiny_models_d64["llama-gqa"][0]
+    with pytest.raises(LlmcError, match="no bf16 MatMul on the CPU; build with --dtype fp16"):
+        _build(folder, tmp_path / "b.engine", "int4-rtn", words, dtype="bf16")
+    # a benchmark build, unmeasured, needs no onnxruntime: RTN on bf16 builds
+    header = _build(folder, tmp_path / "b.engine", "int4-rtn", words, dtype="bf16",
+                    measure=False)
+    assert header.quant.accuracy is None and header.quant.gemms == 8
+
+
+# --------------------------------------------------------------------------- on the GPU
+
+GPUS, WHY = list_gpus()
+
+
+def _why_not() -> str:
+    if not GPUS:
+        return f"needs an NVIDIA GPU ({WHY})"
+    from llmc.backends.cuda.session import runtime_missing
+
+    return runtime_missing()
+
+
+# Max |cuda - reference| over max |reference| of a row of logits, fp16. Both run the same
+# quantized weights; the cuda kernels multiply exact products (FP8) or fold AWQ's 1 / s into
+# the dequantized weight (INT4 prefill), where onnxruntime rounds each to fp16 first.
+TOLERANCE = 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+@pytest.mark.parametrize("graphs", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2-bias"])
+def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words,
+                                                        kind, mode, graphs):
+    from hf_steps import Ragged
+
+    from llmc.backends.cuda.session import CudaSession
+    from llmc.backends.reference import ReferenceSession
+    from llmc.plugins.launch_rules import FP8_ARCHS
+
+    if mode == "fp8" and GPUS[0].arch not in FP8_ARCHS:
+        pytest.skip("FP8 needs sm_89 or newer")
+    folder, model = tiny_models_d64[kind]
+    _build(folder, tmp_path / "c.engine", mode, words, arch=None)
+    _build(folder, tmp_path / "r.engine", mode, words, backend="reference")
+    rng = np.random.default_rng(1)
+    lengths, bs = [21, 37, 13], LIMITS.kv_block_size
+    per_seq = -(-(max(lengths) + 16) // bs)
+    physical = rng.permutation(3 * per_seq + 1).tolist()
+    blocks = [physical[i * per_seq:(i + 1) * per_seq] for i in range(3)]
+    vocab = model.config.vocab_size
+    prompts = [rng.integers(0, vocab, n).tolist() for n in lengths]
+    steps = [{s: p for s, p in enumerate(prompts)}]
+    steps += [{s: [int(rng.integers(vocab))] for s in range(3)} for _ in range(3)]
+    steps += [{0: [3], 2: rng.integers(0, vocab, 11).tolist()}, {1: [7], 2: [9]}]
+    with CudaSession(EngineFile(tmp_path / "c.engine"), max_kv_blocks=64,
+                     cuda_graphs=graphs) as cuda:
+        ref = ReferenceSession(EngineFile(tmp_path / "r.engine"))
+        runs = [Ragged(s, blocks, bs) for s in (cuda, ref)]
+        for s in (cuda, ref):
+            s.allocate_kv(3 * per_seq + 1)
+        for i, step in enumerate(steps):
+            got, want = (r.step(step) for r in runs)
+            err = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
+            assert err.max() < TOLERANCE, f"{kind} {mode} step {i}: rel err {err.max():.2e}"

@@ -1,0 +1,170 @@
+"""The quantized GEMMs of decode and their prefill helpers (plugins/kernels/qgemv.cu) against
+float64 references on the GPU (marked `gpu`; skipped without CUDA). Outputs are poisoned
+(NaN) before each launch, so an element a kernel skips fails the check.
+
+INT4: the reference dequantizes the same codes and scales in torch (q * s rounded to the
+dtype, as DequantizeLinear does; x * pre rounded to the dtype, as the graph's Mul does) and
+multiplies in float64; tolerance 1e-2 relative max error (the output's rounding), as the
+16-bit GEMV tests hold. FP8: the reference quantizes x with torch's own E4M3 conversion of
+x / sx and multiplies the E4M3 values in float64, scaled by sx * sw; the kernel multiplies by
+1 / sx, which may round a value at a tie the other way, so the tolerance is the same 1e-2
+(2e-3 for fp32 output)."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and torch.cuda"),
+    pytest.mark.usefixtures("poison"),
+]
+
+DTYPES = [torch.float16, torch.bfloat16]
+MS = (1, 3, 8, 9, 16)    # one tile of 8 x rows (1-8), two (9-16)
+# (N, K, group): SmolLM2's projections (K = 576: group 64), Llama-3.1-8B's QKV and down, a
+# ragged N with group 32.
+SHAPES = ((576, 576, 64), (1728, 576, 64), (6144, 4096, 128), (4096, 14336, 128),
+          (1000, 256, 32))
+TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 2e-3}
+
+
+def fp8_capable() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def check(y, ref, dtype):
+    assert not y.isnan().any(), "unwritten (poisoned) or NaN output"
+    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < TOL[dtype], f"relative max error {err:.2e} >= {TOL[dtype]:.0e}"
+
+
+def int4_weight(n, k, group, dtype, seed=0):
+    """Random codes and scales; the packed engine layout and the dequantized reference."""
+    from llmc.backends.cuda.lower import pack_int4
+
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-8, 8, (n, k)).astype(np.int8)
+    # ONNX's INT4 [K, N]: element i = k * N + n in byte i / 2, low nibble first
+    flat = (q.T.reshape(-1) & 0xF).astype(np.uint8)
+    onnx_bytes = flat[0::2] | (flat[1::2] << 4)
+    packed = torch.from_numpy(pack_int4(onnx_bytes, n, k).reshape(n, k // 2)).cuda()
+    scale = (torch.rand(n, k // group, device="cuda") * 0.02 + 0.005).to(dtype)
+    deq = (torch.from_numpy(q).cuda().to(dtype) * scale.repeat_interleave(group, 1)).to(dtype)
+    return packed, scale, deq
+
+
+def x_rows(m, k, dtype, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(m, k, generator=g, device="cuda").to(dtype)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,group", SHAPES)
+def test_w4_gemv(K, n, k, group, dtype, m):
+    w, scale, deq = int4_weight(n, k, group, dtype)
+    x = x_rows(m, k, dtype)
+    y = K.w4_gemv(x, w, scale, group)
+    assert y.dtype == dtype and y.shape == (m, n)
+    check(y, x.double() @ deq.double().T, dtype)
+
+
+@pytest.mark.parametrize("m", (1, 5, 16))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w4_gemv_awq_pre_scale_and_bias(K, dtype, m):
+    n, k, group = 1152, 896, 128   # Qwen2-0.5B's fused QKV, which has a bias
+    w, scale, deq = int4_weight(n, k, group, dtype, seed=2)
+    x = x_rows(m, k, dtype, seed=3)
+    pre = (torch.rand(k, device="cuda") + 0.5).to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    y = K.w4_gemv(x, w, scale, group, pre=pre, bias=bias)
+    check(y, (x * pre).double() @ deq.double().T + bias.double(), dtype)
+
+
+@pytest.mark.parametrize("act", ("swiglu", "geglu"))
+@pytest.mark.parametrize("m", (1, 8, 13))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter,k,group", ((1536, 576, 64), (14336, 4096, 128)))
+def test_w4_gemv_fused_gate(K, inter, k, group, dtype, m, act):
+    w, scale, deq = int4_weight(2 * inter, k, group, dtype, seed=4)
+    x = x_rows(m, k, dtype, seed=5)
+    fused = K.w4_gemv(x, w, scale, group, act=act)
+    gu = (x.double() @ deq.double().T).to(dtype)   # the GEMM's output, rounded
+    check(fused, K.gated(gu, act).double(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,group", ((1728, 576, 64), (512, 4096, 128)))
+def test_dequant_int4_is_exact(K, n, k, group, dtype):
+    w, scale, deq = int4_weight(n, k, group, dtype, seed=6)
+    assert torch.equal(K.dequant_int4(w, scale, group, dtype), deq)
+    pre = (torch.rand(k, device="cuda") + 0.5).to(dtype)
+    assert torch.equal(K.dequant_int4(w, scale, group, dtype, pre=pre), (deq * pre).to(dtype))
+
+
+def fp8_weight(n, k, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = (torch.randn(n, k, generator=g, device="cuda") * 100).clamp(-448, 448).to(
+        torch.float8_e4m3fn)
+    sw = torch.rand(n, generator=g, device="cuda") * 1e-3 + 1e-4
+    return w, sw
+
+
+def fp8_reference(x, w, sw, sx):
+    xq = (x.float() / sx).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return (xq.double() @ w.double().T) * sx * sw.double()
+
+
+@pytest.mark.skipif("not fp8_capable()", reason="E4M3 MMA needs sm_89 or newer")
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", ((576, 576), (6144, 4096), (4096, 14336), (1000, 272)))
+def test_w8_gemv(K, n, k, dtype, m):
+    w, sw = fp8_weight(n, k)
+    x = x_rows(m, k, dtype)
+    sx = float(x.abs().max()) / 448
+    y = K.w8_gemv(x, w.view(torch.uint8), sw, sx)
+    assert y.dtype == dtype and y.shape == (m, n)
+    check(y, fp8_reference(x, w, sw, sx), dtype)
+
+
+@pytest.mark.skipif("not fp8_capable()", reason="E4M3 MMA needs sm_89 or newer")
+@pytest.mark.parametrize("m", (1, 16))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w8_gemv_bias_fp32_out_and_saturation(K, dtype, m):
+    """x beyond sx * 448 saturates to +-448, as QuantizeLinear's saturate=1 does."""
+    n, k = 1152, 896
+    w, sw = fp8_weight(n, k, seed=1)
+    x = x_rows(m, k, dtype, seed=2)
+    sx = float(x.abs().max()) / 448 / 4          # the top quarter of |x| saturates
+    bias = torch.randn(n, device="cuda")
+    y = K.w8_gemv(x, w.view(torch.uint8), sw, sx, bias=bias, out_dtype=torch.float32)
+    check(y, fp8_reference(x, w, sw, sx) + bias.double(), torch.float32)
+
+
+@pytest.mark.skipif("not fp8_capable()", reason="E4M3 MMA needs sm_89 or newer")
+@pytest.mark.parametrize("act", ("swiglu", "geglu"))
+@pytest.mark.parametrize("m", (1, 8, 13))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w8_gemv_fused_gate(K, dtype, m, act):
+    inter, k = 1536, 576
+    w, sw = fp8_weight(2 * inter, k, seed=3)
+    x = x_rows(m, k, dtype, seed=4)
+    sx = float(x.abs().max()) / 448
+    fused = K.w8_gemv(x, w.view(torch.uint8), sw, sx, act=act)
+    gu = fp8_reference(x, w, sw, sx).to(dtype)
+    check(fused, K.gated(gu, act).double(), dtype)
+
+
+@pytest.mark.skipif("not fp8_capable()", reason="E4M3 conversion needs sm_89 or newer")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_fp8(K, dtype):
+    """Each code is torch's E4M3 of x / sx or, at a rounding tie that x * (1 / sx) breaks
+    the other way, its neighbour: at most one step apart, and rarely."""
+    x = x_rows(300, 4096, dtype, seed=7) * 3
+    sx = float(x.abs().max()) / 448 / 2
+    got = K.quantize_fp8(x, sx).view(torch.float8_e4m3fn).float()
+    ref = (x.float() / sx).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    differ = got != ref
+    assert differ.float().mean().item() < 1e-3
+    assert ((got - ref).abs()[differ] <= ref.abs()[differ] / 8 + 2 ** -9).all()
