@@ -111,20 +111,38 @@ def list_gpus() -> tuple[list[Gpu], str]:
     return gpus, ""
 
 
-def device_max_smem(ordinal: int | None = None) -> int:
-    """Shared memory one block may opt into on a device (attention plans respect it).
-    ordinal None: the device of the current CUDA context, else device 0."""
+def _device(ordinal: int | None):
+    """A CUdevice: `ordinal`, or with None the device of the current CUDA context, else 0."""
     from cuda.bindings import driver
 
     check(driver.cuInit(0))
     if ordinal is None:
         err, dev = driver.cuCtxGetDevice()
-        if err != driver.CUresult.CUDA_SUCCESS:
-            dev = check(driver.cuDeviceGet(0))
-    else:
-        dev = check(driver.cuDeviceGet(ordinal))
+        if err == driver.CUresult.CUDA_SUCCESS:
+            return dev
+        ordinal = 0
+    return check(driver.cuDeviceGet(ordinal))
+
+
+def device_max_smem(ordinal: int | None = None) -> int:
+    """Shared memory one block may opt into on a device (attention plans respect it).
+    ordinal None: the device of the current CUDA context, else device 0."""
+    from cuda.bindings import driver
+
     attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
-    return check(driver.cuDeviceGetAttribute(attr, dev))
+    return check(driver.cuDeviceGetAttribute(attr, _device(ordinal)))
+
+
+def device_capability(ordinal: int | None = None) -> tuple[int, int]:
+    """(major, minor) compute capability of a device; ordinal as in device_max_smem."""
+    from cuda.bindings import driver
+
+    dev = _device(ordinal)
+    attr = driver.CUdevice_attribute
+    return (check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                                              dev)),
+            check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                                              dev)))
 
 
 # ---------------------------------------------------------------- which backend runs where

@@ -6,7 +6,7 @@
     session.py  torch-free run time (cuda-bindings): one copy of the weights to the GPU, the
                 KV pool sized from a memory budget, each step a list of launches (decode
                 steps captured in CUDA graphs per batch-size bucket)
-    gemm.py     cuBLASLt GEMMs through nvmath-python's bindings
+    gemm.py     cuBLASLt GEMMs (fp16/bf16, FP8 E4M3) through nvmath-python's bindings
 """
 
 from __future__ import annotations

@@ -6,6 +6,15 @@ Outputs are poisoned (NaN) before each call, so an element the GEMM skips fails 
 reference is the float64 product of the same 16-bit inputs (finer than an fp32 reference,
 and free of TF32), and the check is the relative max error max|y - ref| / max|ref|:
 < 1e-2 for a 16-bit output, < 1e-3 for an fp32 output.
+
+FP8 (E4M3) plans: the reference dequantizes both operands exactly (E4M3 value * fp32 scale,
+in float64), multiplies and adds the bias. cuBLASLt's E4M3 products are exact and its sums
+fp32 (periodically promoted from the tensor cores' partial sums), so what differs is summation
+order and the final rounding: < 1e-2 for a 16-bit output (about 2 bf16 ulps), < 2e-3 for
+fp32, 2e-2 with fast accumulation. Rows of X and W are drawn at sizes 2^-3..2^3 apart and the
+error of each element is divided by its two scales before the relative max is taken, so
+every row and channel weighs the same: a scale applied to the wrong row or channel, or not at
+all, fails however small its row or channel is.
 """
 
 from __future__ import annotations
@@ -52,15 +61,16 @@ def blas():
 
 @pytest.fixture(scope="module")
 def plans(blas):
-    """One plan per (N, K, dtype, out, transpose, bias), shared by the tests that need it."""
+    """One plan per (N, K, dtype, out, transpose, bias[, FP8 options]), shared by the tests
+    that need it."""
     cache = {}
 
-    def get(n, k, dtype, out, *, transpose_b=False, bias=False):
+    def get(n, k, dtype, out, *, transpose_b=False, bias=False, **fp8):
         out_dtype = dtype if out == "same" else out
-        key = (n, k, dtype, out_dtype, transpose_b, bias)
+        key = (n, k, dtype, out_dtype, transpose_b, bias, tuple(sorted(fp8.items())))
         if key not in cache:
             cache[key] = blas.plan(n, k, dtype=dtype, out_dtype=out_dtype,
-                                   transpose_b=transpose_b, bias=bias, max_m=MAX_M)
+                                   transpose_b=transpose_b, bias=bias, max_m=MAX_M, **fp8)
         return cache[key]
     return get
 
@@ -220,3 +230,222 @@ def test_own_workspace_and_close():
     ws.close()
     with pytest.raises(ValueError, match="closed"):
         plan.prepare(3)
+
+
+# ---------------------------------------------------------------- FP8 (E4M3) W8A8
+
+FP8 = "float8e4m3fn"
+E4M3_MAX = 448.0
+FP8_MS = (1, 7, 64, 300)  # 7 and 300 are not buckets
+# (N, K): Llama-3.1-8B's QKV (4096 -> 6144) and down (14336 -> 4096) projections, and an N
+# that is no power of two with SmolLM2's K = 576.
+FP8_SHAPES = ((6144, 4096), (4096, 14336), (1000, 576))
+FP8_OUTS = ("bfloat16", "float16", "float32")
+FP8_TOL = {"float16": 1e-2, "bfloat16": 1e-2, "float32": 2e-3}
+FAST_ACCUM_TOL = 2e-2
+CC = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+needs_fp8 = pytest.mark.skipif(CC < (8, 9),
+                               reason="needs an FP8 GPU (compute capability 8.9 or newer)")
+needs_channel = pytest.mark.skipif(
+    CC != (9, 0), reason="needs a Hopper GPU (compute capability 9.0): where cuBLASLt "
+                         "documents per-channel FP8 scaling")
+
+
+def fp8_plan(plans, n, k, out, *, bias=False, scaling="channel", fast_accum=False):
+    return plans(n, k, FP8, out, transpose_b=True, bias=bias, scaling=scaling,
+                 fast_accum=fast_accum)
+
+
+def spread(rows, g):
+    """Per-row size factors 2^-3..2^3."""
+    return torch.exp2(torch.rand(rows, generator=g, device="cuda") * 6 - 3)
+
+
+def quantize(t, per_row):
+    """E4M3 values and fp32 scales (amax / 448) of t: one scale per row, or one for all."""
+    amax = t.abs().amax(1) if per_row else t.abs().amax().reshape(1)
+    scale = (amax / E4M3_MAX).float()
+    q = (t / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize(q, scale):
+    return q.float().double() * scale.double()[:, None]
+
+
+def make_fp8(plan, m, seed=0):
+    """E4M3 X [m, K] and W [N, K] with their scales (per token and per channel for
+    "channel" scaling, one each for "tensor"), a NaN-poisoned Y and, if the plan has one, a
+    bias in plan.bias_dtype."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    n, k = plan.n, plan.k
+    per_row = plan.scaling == "channel"
+    xq, xs = quantize(torch.randn(m, k, generator=g, device="cuda") * spread(m, g)[:, None],
+                      per_row)
+    wq, ws = quantize(torch.randn(n, k, generator=g, device="cuda") * k ** -0.5
+                      * spread(n, g)[:, None], per_row)
+    y = torch.full((m, n), float("nan"), dtype=TORCH[plan.out_dtype], device="cuda")
+    b = None
+    if plan.bias:
+        # As large as the products of X's smallest row: it neither hides them nor hides in them.
+        typical = (xq.float().double() @ wq.float().double().T).abs().mean()
+        b = (torch.randn(n, generator=g, device="cuda").double() * ws.double() * xs.min()
+             * typical).to(TORCH[plan.bias_dtype])
+    return xq, xs, wq, ws, y, b
+
+
+def reference_fp8(xq, xs, wq, ws, b):
+    ref = dequantize(xq, xs) @ dequantize(wq, ws).T
+    return ref + b.double() if b is not None else ref
+
+
+def run_fp8(plan, xq, xs, wq, ws, y, b, stream=None):
+    stream = torch.cuda.current_stream() if stream is None else stream
+    plan.run(xq.data_ptr(), wq.data_ptr(), y.data_ptr(), xq.shape[0], stream.cuda_stream,
+             bias_ptr=None if b is None else b.data_ptr(), w_scale_ptr=ws.data_ptr(),
+             x_scale_ptr=xs.data_ptr())
+
+
+def check_fp8(y, ref, xs, ws, tol):
+    """Relative max error with each element's error and value divided by its two scales."""
+    assert not y.isnan().any(), "unwritten (poisoned) or NaN output"
+    s = xs.double()[:, None] * ws.double()[None, :]
+    err = (((y.double() - ref) / s).abs().max() / (ref / s).abs().max()).item()
+    assert err < tol, f"scale-normalised relative max error {err:.2e} >= {tol:.0e}"
+
+
+def check_fp8_gemm(plan, m, seed=0, tol=None):
+    xq, xs, wq, ws, y, b = make_fp8(plan, m, seed)
+    run_fp8(plan, xq, xs, wq, ws, y, b)
+    torch.cuda.synchronize()
+    check_fp8(y, reference_fp8(xq, xs, wq, ws, b), xs, ws,
+              FP8_TOL[plan.out_dtype] if tol is None else tol)
+
+
+@needs_channel
+@pytest.mark.parametrize("m", FP8_MS)
+@pytest.mark.parametrize("bias", (False, True))
+@pytest.mark.parametrize("out", FP8_OUTS)
+@pytest.mark.parametrize("n,k", FP8_SHAPES)
+def test_fp8_per_channel(plans, n, k, out, bias, m):
+    """Y = (Xq @ Wq^T) * x_scale[m] * w_scale[N] (+ bias): cuBLASLt's outer-vector scaling."""
+    plan = fp8_plan(plans, n, k, out, bias=bias)
+    assert plan.bias_dtype == ("bfloat16" if out == "float32" else out)
+    check_fp8_gemm(plan, m)
+
+
+@needs_fp8
+@pytest.mark.parametrize("m", (1, 7, 300))
+@pytest.mark.parametrize("out", FP8_OUTS)
+@pytest.mark.parametrize("n,k", ((6144, 4096), (1000, 576)))
+def test_fp8_per_tensor(plans, n, k, out, m):
+    """scaling="tensor": one fp32 scale for W and one for X (any FP8 GPU)."""
+    check_fp8_gemm(fp8_plan(plans, n, k, out, bias=m == 7, scaling="tensor"), m)
+
+
+@needs_channel
+def test_fp8_calibrated_activation_scale(plans):
+    """A per-tensor activation scale on a per-channel plan: the value repeated, in a vector
+    longer than m (one per layer for every m, as an engine stores it)."""
+    plan = fp8_plan(plans, 1000, 576, "bfloat16", bias=True)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(37, plan.k, generator=g, device="cuda")
+    xq, x_scale = quantize(x, per_row=False)
+    xs = x_scale.expand(MAX_M).contiguous()
+    _, _, wq, ws, y, b = make_fp8(plan, 37, seed=6)
+    run_fp8(plan, xq, xs, wq, ws, y, b)
+    torch.cuda.synchronize()
+    check_fp8(y, reference_fp8(xq, xs[:37], wq, ws, b), xs[:37], ws, FP8_TOL["bfloat16"])
+
+
+@needs_channel
+@pytest.mark.parametrize("n,k", ((4096, 14336), (1000, 576)))
+def test_fp8_fast_accum(plans, n, k):
+    """CUBLASLT_MATMUL_DESC_FAST_ACCUM: no promotion of partial sums, a looser tolerance."""
+    check_fp8_gemm(fp8_plan(plans, n, k, "bfloat16", fast_accum=True), 64, tol=FAST_ACCUM_TOL)
+
+
+@needs_channel
+def test_fp8_scale_pointers_change_between_calls(plans):
+    """Weight, scales and bias are per call (one plan serves every layer): each call uses its
+    own, also when a call repeats the pointers of the call before the last."""
+    plan = fp8_plan(plans, 6144, 4096, "bfloat16", bias=True)
+    for seed in (1, 2, 1, 1):
+        check_fp8_gemm(plan, 16, seed=seed)
+
+
+@needs_channel
+def test_fp8_cuda_graph_capture(plans):
+    """Two calls with their own weights, scales and biases captured in one CUDA graph: each
+    keeps its own pointers, and a replay reads the current contents of X and of the scales
+    (cuBLASLt reads the scales on the device when the matmul runs)."""
+    plan = fp8_plan(plans, 1000, 576, "bfloat16", bias=True)
+    m = 16
+    xq1, xs1, wq1, ws1, y1, b1 = make_fp8(plan, m, seed=1)
+    xq2, xs2, wq2, ws2, y2, b2 = make_fp8(plan, m, seed=2)
+    plan.prepare(m)
+    run_fp8(plan, xq1, xs1, wq1, ws1, y1, b1)  # warm-up outside the capture
+    run_fp8(plan, xq2, xs2, wq2, ws2, y2, b2)
+    torch.cuda.synchronize()
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_fp8(plan, xq1, xs1, wq1, ws1, y1, b1)
+        run_fp8(plan, xq2, xs2, wq2, ws2, y2, b2)
+    # An uncaptured call with other pointers in between: the descriptor changes, the graph not.
+    xq3, xs3, wq3, ws3, y3, b3 = make_fp8(plan, m, seed=3)
+    run_fp8(plan, xq3, xs3, wq3, ws3, y3, b3)
+    torch.cuda.synchronize()
+    check_fp8(y3, reference_fp8(xq3, xs3, wq3, ws3, b3), xs3, ws3, FP8_TOL["bfloat16"])
+    for seed in (4, 5):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        for xq, xs in ((xq1, xs1), (xq2, xs2)):  # new X and new per-token scales, in place
+            q, s = quantize(torch.randn(m, plan.k, generator=g, device="cuda")
+                            * spread(m, g)[:, None], per_row=True)
+            xq.copy_(q)
+            xs.copy_(s)
+        ws2.mul_(2.0)  # and a new weight scale
+        y1.fill_(float("nan"))
+        y2.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_fp8(y1, reference_fp8(xq1, xs1, wq1, ws1, b1), xs1, ws1, FP8_TOL["bfloat16"])
+        check_fp8(y2, reference_fp8(xq2, xs2, wq2, ws2, b2), xs2, ws2, FP8_TOL["bfloat16"])
+    del graph
+
+
+def test_capability(blas):
+    """Blas.capability (what FP8 plans check) is the current device's."""
+    assert blas.capability == CC
+
+
+@needs_fp8
+def test_fp8_errors(blas, plans):
+    scaling = "channel" if CC == (9, 0) else "tensor"
+    plan = fp8_plan(plans, 1000, 576, "bfloat16", scaling=scaling)
+    xq, xs, wq, ws, y, _ = make_fp8(plan, 4)
+    stream = torch.cuda.current_stream().cuda_stream
+    with pytest.raises(ValueError, match="needs w_scale_ptr and x_scale_ptr"):
+        plan.run(xq.data_ptr(), wq.data_ptr(), y.data_ptr(), 4, stream)
+    with pytest.raises(ValueError, match="needs w_scale_ptr and x_scale_ptr"):
+        plan.run(xq.data_ptr(), wq.data_ptr(), y.data_ptr(), 4, stream,
+                 w_scale_ptr=ws.data_ptr())
+    with pytest.raises(ValueError, match="scale pointers must be"):
+        plan.run(xq.data_ptr(), wq.data_ptr(), y.data_ptr(), 4, stream,
+                 w_scale_ptr=ws.data_ptr() + 2, x_scale_ptr=xs.data_ptr())
+    with pytest.raises(ValueError, match="256-byte aligned"):
+        plan.run(xq.data_ptr() + 16, wq.data_ptr(), y.data_ptr(), 3, stream,
+                 w_scale_ptr=ws.data_ptr(), x_scale_ptr=xs.data_ptr())
+    with pytest.raises(ValueError, match="without a bias"):
+        plan.run(xq.data_ptr(), wq.data_ptr(), y.data_ptr(), 4, stream, bias_ptr=y.data_ptr(),
+                 w_scale_ptr=ws.data_ptr(), x_scale_ptr=xs.data_ptr())
+    # check_plan's rules hold on the GPU path too (the CPU tests cover each rule).
+    with pytest.raises(ValueError, match="transpose_b=True"):
+        blas.plan(1000, 576, dtype=FP8, out_dtype="bfloat16")
+    with pytest.raises(ValueError, match="K % 16"):
+        blas.plan(1000, 584, dtype=FP8, out_dtype="bfloat16", transpose_b=True)
+    # A 16-bit plan takes no scales: its run() is unchanged.
+    plan16 = plans(576, 576, "bfloat16", "same")
+    with pytest.raises(TypeError, match="w_scale_ptr"):
+        plan16.run(0, 0, 0, 1, stream, w_scale_ptr=ws.data_ptr())
+
