@@ -99,12 +99,24 @@ def _random_llama_8b(folder: Path, layers: int) -> None:
     (folder / "config.json").write_text(json.dumps(c))   # last: marks the folder complete
 
 
-def build_engine(model: Path, out: Path, limits) -> Path:
+def build_engine(model: Path, out: Path, limits, dtype: str = "bf16", quant: str = "none"
+                 ) -> Path:
+    """A cuda engine; quantized ones are calibrated (FP8) on random words of the random
+    model's word-level tokenizer and not measured (perplexity means nothing on random
+    weights, and two onnxruntime passes over an 8B graph would dominate the build)."""
     from llmc.build import BuildOptions, build
+    from llmc.quantization.quantize import QuantOptions
 
     if not out.is_file():
         t0 = time.perf_counter()
-        build(BuildOptions(model, out, backend="cuda", dtype="bf16", limits=limits),
+        q = QuantOptions(quant)
+        if quant != "none":
+            words = model / "words.txt"
+            rng = np.random.default_rng(0)
+            words.write_text(" ".join(f"t{i}" for i in rng.integers(0, 1000, 4096)))
+            q = QuantOptions(quant, calib_data=words, eval_data=words, calib_size=64,
+                             eval_size=64, measure=False)
+        build(BuildOptions(model, out, backend="cuda", dtype=dtype, limits=limits, quant=q),
               log=lambda m: print(f"  [build] {m}") if "wrote" in m or "plan" in m else None)
         print(f"  built {out.name} in {time.perf_counter() - t0:.0f} s")
     return out
@@ -239,6 +251,13 @@ def main() -> None:
     ap.add_argument("--hf-compile", action="store_true", help="and HF static cache + compile")
     ap.add_argument("--out", type=Path, default=None, help="append the markdown table here")
     ap.add_argument("--skip-llmc", action="store_true", help="only the HF baselines")
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16",
+                    help="fp16 for --quant fp8 / int4-awq (their calibration runs onnxruntime, "
+                    "which has no bf16 MatMul on the CPU); the same speed on the GPU")
+    ap.add_argument("--quant", nargs="+", default=["none"],
+                    choices=["none", "int4-rtn", "int4-awq", "fp8"],
+                    help="build and time an engine of each (speedups against the first)")
+    ap.add_argument("--layers", type=int, default=32, help="llama-3.1-8b: decoder layers")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch the GEMVs without programmatic dependent launch (A/B)")
     args = ap.parse_args()
@@ -254,47 +273,57 @@ def main() -> None:
                          max_seq_len=max(args.contexts) + 64, kv_block_size=16)
     gguf = None
     if args.model == "llama-3.1-8b":
-        src = make_llama_8b(args.work / "llama-3.1-8b")
+        src = make_llama_8b(args.work / f"llama-3.1-8b-{args.layers}l", args.layers)
     else:
         from llmc.build import default_model
 
         src = gguf = default_model()
-    lines = [f"# {args.model}, bf16, cuda backend on {torch.cuda.get_device_name()}",
+    lines = [f"# {args.model}" + (f" ({args.layers} layers)" if args.layers != 32 else "")
+             + f", {args.dtype}, cuda backend on {torch.cuda.get_device_name()}",
              f"python {platform.python_version()}, torch {torch.__version__} (HF baseline)"]
-    if not args.skip_llmc:
-        engine = EngineFile(build_engine(src, args.work / f"{args.model}.engine", limits))
-        weights_bytes = engine.section("weights").size
-        session = CudaSession(engine, gpu_memory_utilization=0.9)
-        session.functions.pdl &= not args.no_pdl
-        lines.append(f"llmc {engine.header.llmc_version}, versions {engine.header.versions}")
     lines += [
              f"command: python3 bench/e2e.py --model {args.model} "
              f"--batches {' '.join(map(str, args.batches))} "
              f"--contexts {' '.join(map(str, args.contexts))}"
+             + (f" --dtype {args.dtype}" if args.dtype != "bf16" else "")
+             + (f" --quant {' '.join(args.quant)}" if args.quant != ["none"] else "")
+             + (f" --layers {args.layers}" if args.layers != 32 else "")
              + (" --hf" if args.hf else "") + (" --hf-compile" if args.hf_compile else "")
-             + (" --no-pdl" if args.no_pdl else ""),
-             "",
-             "| batch | context | llmc tok/s | step ms | GPU ms | host ms | roofline tok/s | "
-             "% of roofline |", "|---|---|---|---|---|---|---|---|"]
-    results = {}
-    for context in ([] if args.skip_llmc else args.contexts):
-        for batch in args.batches:
-            r = decode_rate(session, batch, context)
-            if not r:
-                lines.append(f"| {batch} | {context} | KV cache too small on this GPU | | | "
-                             "| | |")
-                continue
-            roof = roofline(engine.header, weights_bytes, batch, context)
-            results[(batch, context)] = r["tok_s"]
-            lines.append(f"| {batch} | {context} | {r['tok_s']:.1f} | {r['step_ms']:.2f} | "
-                         f"{r['gpu_ms']:.2f} | {r['host_ms']:.3f} | {roof:.1f} | "
-                         f"{100 * r['tok_s'] / roof:.0f}% |")
-            print(lines[-1], flush=True)
-    if not args.skip_llmc:
-        lines += ["", f"prefill, 2048 tokens in one step: {prefill_rate(session, 2048):.0f} "
-                  "tok/s", f"time to first token, 512-token prompt: "
-                  f"{1e3 * time_to_first_token(session, engine.header):.1f} ms"]
+             + (" --no-pdl" if args.no_pdl else ""), ""]
+    results, table, extra = {}, [], []
+    for quant in ([] if args.skip_llmc else args.quant):
+        name = f"{args.model}-{args.layers}l-{args.dtype}-{quant}.engine"
+        engine = EngineFile(build_engine(src, args.work / name, limits, args.dtype, quant))
+        weights_bytes = engine.section("weights").size
+        session = CudaSession(engine, gpu_memory_utilization=0.9)
+        session.functions.pdl &= not args.no_pdl
+        if not extra:
+            lines.append(f"llmc {engine.header.llmc_version}, versions {engine.header.versions}")
+        extra.append(f"{quant}: weights {weights_bytes / 2**30:.2f} GiB, prefill of 2048 "
+                     f"tokens in one step {prefill_rate(session, 2048):.0f} tok/s, time to "
+                     f"first token (512-token prompt) "
+                     f"{1e3 * time_to_first_token(session, engine.header):.1f} ms")
+        for context in args.contexts:
+            for batch in args.batches:
+                r = decode_rate(session, batch, context)
+                if not r:
+                    table.append(f"| {quant} | {batch} | {context} | KV cache too small on "
+                                 "this GPU | | | | | | |")
+                    continue
+                roof = roofline(engine.header, weights_bytes, batch, context)
+                results[(quant, batch, context)] = r["tok_s"]
+                base = results.get((args.quant[0], batch, context))
+                table.append(f"| {quant} | {batch} | {context} | {r['tok_s']:.1f} | "
+                             f"{r['step_ms']:.2f} | {r['gpu_ms']:.2f} | {r['host_ms']:.3f} | "
+                             f"{roof:.1f} | {100 * r['tok_s'] / roof:.0f}% | "
+                             f"{r['tok_s'] / base:.2f}x |")
+                print(table[-1], flush=True)
         session.close()
+    if table:
+        lines += [f"| quant | batch | context | llmc tok/s | step ms | GPU ms | host ms | "
+                  f"roofline tok/s | % of roofline | vs {args.quant[0]} |",
+                  "|---|---|---|---|---|---|---|---|---|---|", *table, "", *extra]
+    results = {(b, c): r for (q, b, c), r in results.items() if q == args.quant[0]}
     if args.hf or args.hf_compile:
         cases = [(b, 512) for b in (1, 64) if b in args.batches]
         lines += ["", "| baseline | batch | context | tok/s | llmc / baseline |",

@@ -176,9 +176,10 @@ class Kernels:
         m, k = x.shape
         n = w.shape[0] // (2 if act else 1)
         out = self.torch.empty(m, n, dtype=x.dtype, device=x.device)
-        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "int4", act=act)
+        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "int4", act=act, group=group)
         self.launch(ln, [x, w, scale, DevPtr(0) if pre is None else pre,
-                         DevPtr(0) if bias is None else bias, m, n, k, group, out])
+                         DevPtr(0) if bias is None else bias, m, n, k,
+                         lr.int4_group_shift(group), out])
         return out
 
     def w8_gemv(self, x, w, w_scale, x_scale, bias=None, out_dtype=None, act=None):
@@ -188,7 +189,7 @@ class Kernels:
         n = w.shape[0] // (2 if act else 1)
         out = self.torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
         ln = lr.qgemv_launch(m, n, k, self._dtype(x), "fp8", self._dtype(out), act)
-        self.launch(ln, [x, w, w_scale, lr.float_bits(x_scale),
+        self.launch(ln, [x, w, (w_scale * x_scale).float(), lr.float_bits(x_scale),
                          DevPtr(0) if bias is None else bias, m, n, k, out])
         return out
 
@@ -196,7 +197,8 @@ class Kernels:
         n, k = w.shape[0], 2 * w.shape[1]
         out = self.torch.empty(n, k, dtype=dtype, device=w.device)
         self.launch(lr.dequant_int4_launch(n, k, self._dtype(out)),
-                    [w, scale, DevPtr(0) if pre is None else pre, n, k, group, out])
+                    [w, scale, DevPtr(0) if pre is None else pre, n, k,
+                     lr.int4_group_shift(group), out])
         return out
 
     def quantize_fp8(self, x, x_scale):

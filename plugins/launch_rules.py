@@ -108,19 +108,31 @@ def gemv_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None
 # ---- quantized skinny GEMM (decode) and the prefill helpers -----------------------------------
 
 QGEMV_MS = (8, 16)                # x rows a kernel is compiled for (NT = 1, 2 tiles of 8)
-QGEMV_WARPS = 16                  # warps splitting K in a CTA (QGEMV_SK in kernels/qgemv.cu)
+QGEMV_WARPS = {("int4", 8): 8, ("int4", 16): 16, ("fp8", 8): 16, ("fp8", 16): 16}
+# ^ warps splitting K in a CTA, by kind and compiled M (QGEMV_M in kernels/qgemv.cu)
 QUANTS = ("int4", "fp8")
 INT4_K = 32                       # a lane's 16-byte load holds 32 k of an INT4 row
-FP8_ARCHS = ("sm_89", "sm_90a", "sm_100a", "sm_120")   # E4M3 tensor-core MMA
+# FP8 engines: the decode kernels need E4M3 MMA (sm_89+), the prefill GEMMs cuBLASLt's
+# per-channel (outer-vector) FP8 scaling, which NVIDIA documents for Hopper only.
+FP8_ARCHS = ("sm_90a",)
+
+
+def int4_group_shift(group: int) -> int:
+    """log2 of an INT4 scale group: the kernels take groups of 2^s >= 32 weights."""
+    if group < INT4_K or group & (group - 1):
+        raise ValueError(f"INT4 groups of {group}: the kernels take powers of two >= {INT4_K}")
+    return group.bit_length() - 1
 
 
 def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str | None = None,
-                 act: str | None = None) -> Launch:
+                 act: str | None = None, group: int = 0) -> Launch:
     """y[m, n] = x[m, k] @ dequant(w)^T for m <= 16 on a packed weight (kernels/qgemv.cu);
     with act, w is the fused [2n, k] gate-up weight and y = act(gate) * up.
-    int4 args: (x, w, scale, pre-or-null, bias-or-null, m, n, k, group, y);
-    fp8 args: (x, w, w_scale f32, float_bits(x_scale), bias-or-null, m, n, k, y).
-    16 weight rows (8 outputs with act) a CTA of QGEMV_WARPS warps."""
+    int4 args: (x, w, scale, pre-or-null, bias-or-null, m, n, k, int4_group_shift(group), y),
+    the kernel with chunk scales (_cs) when the group is a multiple of 128;
+    fp8 args: (x, w, x_scale * w_scale f32 [N], float_bits(x_scale), bias-or-null, m, n, k,
+    y).
+    16 weight rows (8 outputs with act) a CTA of QGEMV_WARPS[quant, M] warps."""
     tag = dtype_tag(dtype)
     if quant not in QUANTS:
         raise ValueError(f"quantized gemv takes {' or '.join(QUANTS)}, not {quant!r}")
@@ -136,15 +148,19 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
     if k % align or not 0 < k <= INT32_MAX or not 0 < n * (2 if act else 1) <= INT32_MAX:
         raise ValueError(f"{quant} gemv needs K a multiple of {align}: N={n}, K={k}")
     mb = next(b for b in QGEMV_MS if b >= m)
-    name = (f"w4_{tag}_m{mb}" if quant == "int4" else f"w8_{tag}_{out}_m{mb}") + \
-        (f"_{act}" if act else "")
+    if quant == "int4":
+        int4_group_shift(group)
+        name = f"w4_{tag}_m{mb}" + ("_cs" if group % 128 == 0 else "")
+    else:
+        name = f"w8_{tag}_{out}_m{mb}"
+    name += f"_{act}" if act else ""
     return Launch("qgemv", name, (math.ceil(n / (8 if act else 16)), 1, 1),
-                  (32 * QGEMV_WARPS, 1, 1), pdl=True)
+                  (32 * QGEMV_WARPS[quant, mb], 1, 1), pdl=True)
 
 
 def dequant_int4_launch(n: int, k: int, dtype: str) -> Launch:
     """The packed INT4 weight [n, k] back to dtype, for a prefill GEMM. args (w, scale,
-    pre-or-null, n, k, group, out [n, k])."""
+    pre-or-null, n, k, int4_group_shift(group), out [n, k])."""
     if k % INT4_K or n * k >= INT32_MAX:
         raise ValueError(f"dequant_int4 needs K a multiple of {INT4_K}: N={n}, K={k}")
     return Launch("qgemv", f"dequant_int4_{dtype_tag(dtype)}",

@@ -41,7 +41,7 @@ SWEEP = [(4, 2), (8, 1), (8, 2), (16, 1), (16, 2), (32, 1)]   # (SK, U)
 
 def sweep_functions(arch: str) -> Functions:
     entries = "".join(
-        f"W4_ENTRY(w4_sweep_nt{nt}_sk{sk}_u{u}, BF16, {nt}, {sk}, {u}, 0)\n"
+        f"W4_ENTRY(w4_sweep_nt{nt}_sk{sk}_u{u}, BF16, {nt}, {sk}, {u}, 0, true)\n"
         f"W8_ENTRY(w8_sweep_nt{nt}_sk{sk}_u{u}, BF16, {nt}, {sk}, {u}, 0, false)\n"
         for nt in (1, 2) for sk, u in SWEEP)
     src = "#define QGEMV_VARIANTS\n" + compiler.source("qgemv") + entries
@@ -100,9 +100,9 @@ def main() -> None:
                 return lambda: torch.matmul(x, w.t(), out=y)
 
             def int4(w, x=x, y=y, m=m, ln=None, fn=f):
-                ln = ln or lr.qgemv_launch(m, n_out, k, "bfloat16", "int4", None, act)
+                ln = ln or lr.qgemv_launch(m, n_out, k, "bfloat16", "int4", None, act, GROUP)
                 a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s4.data_ptr()),
-                     DevPtr(pre.data_ptr()), DevPtr(0), m, n_out, k, GROUP,
+                     DevPtr(pre.data_ptr()), DevPtr(0), m, n_out, k, lr.int4_group_shift(GROUP),
                      DevPtr(y.data_ptr())]
                 return lambda: fn.launch(ln, a, stream())
 

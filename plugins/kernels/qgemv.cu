@@ -1,7 +1,7 @@
 // Quantized GEMMs of the cuda backend (quantization/qdq.py says what the graph computes):
 //
 //   int4 weight-only   y = (x [* pre]) @ dequant(w)^T,  dequant(w)[n, k] = q[n, k] * s[n, k / G]
-//   fp8 W8A8           y = (e4m3(x / sx) @ w_e4m3^T) * sx * sw[n]
+//   fp8 W8A8           y = (e4m3(x / sx) @ w_e4m3^T) * sw'[n],  sw' = sx * sw (the build's)
 //
 // Decode steps (1-16 rows of x) run the skinny GEMMs below on tensor cores, straight from the
 // packed weights: the weight bytes are what a decode step streams, so fewer of them is the
@@ -49,6 +49,13 @@ __device__ __forceinline__ void dequant8(u32 w, u32 s2, u32* out) {
   }
 }
 
+// One word -> 4 pairs of 128 + u (1024 + u): the codes as 16-bit floats, offset by 136 (1032).
+template <typename T>
+__device__ __forceinline__ void offset8(u32 w, u32* out) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) out[e] = ((w >> (4 * e)) & 0x000F000Fu) | Int4<T>::MAGIC;
+}
+
 // 16 bytes = 32 k of one row -> 16 pairs, in k order.
 template <typename T>
 __device__ __forceinline__ void dequant32(const uint4& v, u16 s, u32* out) {
@@ -63,19 +70,27 @@ __device__ __forceinline__ void dequant32(const uint4& v, u16 s, u32* out) {
 // and x's same 32 k; its eight k16 steps read pairs 2s, 2s + 1 (k 4s .. 4s + 3) of each. A
 // scale group (G = 32, 64 or 128) holds a lane's 32 k whole, so a load needs one scale a row.
 // pre: AWQ's 1 / s per k (x * pre rounded to T, as the graph's Mul rounds it), or null.
-template <typename T, int NT, int SK, int U, int ACT>
+//
+// CS (chunk scales: the group a multiple of 128, as Llama's K = 4096 / 14336 take): a chunk
+// of a row has one scale, so the MMA takes the codes as they come out of the OR, 128 + u
+// (1024 + u), and the chunk's sums are corrected and scaled once, in fp32:
+//     sum_k q_k s x_k = s (sum_k (q_k + 136) x_k - 136 sum_k x_k)
+// with sum_k x_k from one more MMA against a tile of ones. Two ALU ops a weight pair fewer
+// than scaling each pair, which is what bounds this kernel (it is issue-bound, not HBM-bound,
+// at two weights a byte).
+template <typename T, int NT, int SK, int U, int ACT, bool CS>
 __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
                                         const u16* __restrict__ scale,
                                         const u16* __restrict__ pre,
                                         const void* __restrict__ bias, int m, int n, int k,
-                                        int group, void* __restrict__ y) {
+                                        int gshift, void* __restrict__ y) {
   __shared__ float part[SK][NT][4][32];
   constexpr int OUT = ACT ? 8 : 16;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int o0 = blockIdx.x * OUT;
   const int ra = min(o0 + g, n - 1);  // rows past the end re-read the last (never stored)
   const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
-  const int groups = k / group;
+  const int groups = k >> gshift;
   const u8* wa = w + (size_t)ra * (k / 2) + 16 * t;
   const u8* wb = w + (size_t)rb * (k / 2) + 16 * t;
   const u16* sa = scale + (size_t)ra * groups;
@@ -93,8 +108,8 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
       const bool ok = kk < k;
       a[u] = ok ? ld_stream(wa + (c + u * SK) * 64) : make_uint4(0, 0, 0, 0);
       b[u] = ok ? ld_stream(wb + (c + u * SK) * 64) : make_uint4(0, 0, 0, 0);
-      as[u] = ok ? __ldg(sa + kk / group) : (u16)0;
-      bs[u] = ok ? __ldg(sb + kk / group) : (u16)0;
+      as[u] = ok ? __ldg(sa + (kk >> gshift)) : (u16)0;
+      bs[u] = ok ? __ldg(sb + (kk >> gshift)) : (u16)0;
     }
   };
   load_w(va, vb, ca, cb, warp);
@@ -111,8 +126,15 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
     for (int u = 0; u < U; ++u) {
       const int kk = (c + u * SK) * 128 + 32 * t;
       u32 A[16], B[16];
-      dequant32<T>(va[u], ca[u], A);
-      dequant32<T>(vb[u], cb[u], B);
+      if constexpr (CS) {
+        offset8<T>(va[u].x, A); offset8<T>(va[u].y, A + 4);
+        offset8<T>(va[u].z, A + 8); offset8<T>(va[u].w, A + 12);
+        offset8<T>(vb[u].x, B); offset8<T>(vb[u].y, B + 4);
+        offset8<T>(vb[u].z, B + 8); offset8<T>(vb[u].w, B + 12);
+      } else {
+        dequant32<T>(va[u], ca[u], A);
+        dequant32<T>(vb[u], cb[u], B);
+      }
       u32 P[16];
       if (pre && kk < k) {
         const uint4* pp = reinterpret_cast<const uint4*>(pre + kk);
@@ -137,10 +159,27 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
 #pragma unroll
           for (int i = 0; i < 16; ++i) X[i] = fma2<T>(X[i], P[i], Int4<T>::NEG0);
         }
+        if constexpr (CS) {
+          float sum[4] = {0.f, 0.f, 0.f, 0.f}, xs[4] = {0.f, 0.f, 0.f, 0.f};
+          constexpr u32 ONE = Int4<T>::ONE;
 #pragma unroll
-        for (int s = 0; s < 8; ++s)
-          mma_16816<T>(acc[j], A[2 * s], B[2 * s], A[2 * s + 1], B[2 * s + 1], X[2 * s],
-                       X[2 * s + 1]);
+          for (int s = 0; s < 8; ++s) {
+            mma_16816<T>(sum, A[2 * s], B[2 * s], A[2 * s + 1], B[2 * s + 1], X[2 * s],
+                         X[2 * s + 1]);
+            mma_16816<T>(xs, ONE, ONE, ONE, ONE, X[2 * s], X[2 * s + 1]);
+          }
+          constexpr float OFF = T::is_bf16 ? 136.f : 1032.f;
+          const float fa = T::to_f(ca[u]), fb = T::to_f(cb[u]);
+          acc[j][0] += fa * (sum[0] - OFF * xs[0]);
+          acc[j][1] += fa * (sum[1] - OFF * xs[1]);
+          acc[j][2] += fb * (sum[2] - OFF * xs[2]);
+          acc[j][3] += fb * (sum[3] - OFF * xs[3]);
+        } else {
+#pragma unroll
+          for (int s = 0; s < 8; ++s)
+            mma_16816<T>(acc[j], A[2 * s], B[2 * s], A[2 * s + 1], B[2 * s + 1], X[2 * s],
+                         X[2 * s + 1]);
+        }
       }
     }
   }
@@ -154,14 +193,14 @@ template <typename T>
 __device__ __forceinline__ void dequant_int4(const u8* __restrict__ w,
                                              const u16* __restrict__ scale,
                                              const u16* __restrict__ pre, int n, int k,
-                                             int group, u16* __restrict__ out) {
+                                             int gshift, u16* __restrict__ out) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // 32-k piece
   const int per_row = k / 32;
   if (i >= (long long)n * per_row) return;
   const int row = (int)(i / per_row), k0 = (int)(i % per_row) * 32;
   const uint4 v = ld_stream(w + (size_t)row * (k / 2) + k0 / 2);
   u32 A[16];
-  dequant32<T>(v, scale[(size_t)row * (k / group) + k0 / group], A);
+  dequant32<T>(v, scale[(size_t)row * (k >> gshift) + (k0 >> gshift)], A);
   if (pre) {
     const uint4* pp = reinterpret_cast<const uint4*>(pre + k0);
 #pragma unroll
@@ -179,7 +218,8 @@ __device__ __forceinline__ void dequant_int4(const u8* __restrict__ w,
 }
 
 // ---- FP8 (E4M3) W8A8, sm_89+ -----------------------------------------------------------------
-// Engine layout: w [N, K] e4m3 bytes, sw [N] fp32. mma.m16n8k32 takes 4 bytes a register
+// Engine layout: w [N, K] e4m3 bytes, sw [N] fp32 with x's scale sx multiplied in.
+// mma.m16n8k32 takes 4 bytes a register
 // (a0 = row g, k 4t..4t+3; a2 = k 4t+16..4t+19; b0, b1 the same k of x row g): a lane's
 // 16-byte load of 16 k of a row feeds two k32 steps. A chunk is 64 k. x is quantized as it
 // is loaded (x * (1 / sx), round to nearest, saturating at 448, as QuantizeLinear does): the
@@ -268,7 +308,7 @@ __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __r
       }
     }
   }
-  tc_store<T, NT, SK, ACT, F32>(part, acc, o0, m, n, bias, y, sx, sw);
+  tc_store<T, NT, SK, ACT, F32>(part, acc, o0, m, n, bias, y, 1.f, sw);
 #else
   __trap();  // lower.py builds FP8 engines for sm_89+ only
 #endif
@@ -293,12 +333,13 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 }
 
 // ---- entry points ------------------------------------------------------------------------------
-// w4_<dtype>_m<M>[_swiglu|_geglu] and w8_<dtype>_<out>_m<M>[_...]: M = 8 (NT = 1) or 16 (NT = 2).
-#define W4_ENTRY(NAME, TY, NT, SK, U, ACT)                                                     \
+// w4_<dtype>_m<M>[_cs][_swiglu|_geglu] and w8_<dtype>_<out>_m<M>[_...]: M = 8 (NT = 1) or 16
+// (NT = 2); _cs: chunk scales (the group a multiple of 128).
+#define W4_ENTRY(NAME, TY, NT, SK, U, ACT, CS)                                                 \
   extern "C" __global__ void __launch_bounds__(32 * SK)                                        \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
-       int n, int k, int group, void* y) {                                                     \
-    w4_gemv<TY, NT, SK, U, ACT>(x, w, scale, pre, bias, m, n, k, group, y);                    \
+       int n, int k, int gshift, void* y) {                                                    \
+    w4_gemv<TY, NT, SK, U, ACT, CS>(x, w, scale, pre, bias, m, n, k, gshift, y);               \
   }
 #define W8_ENTRY(NAME, TY, NT, SK, U, ACT, F32)                                                \
   extern "C" __global__ void __launch_bounds__(32 * SK)                                        \
@@ -306,29 +347,33 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
        int k, void* y) {                                                                       \
     w8_gemv<TY, NT, SK, U, ACT, F32>(x, w, sw, __int_as_float(sx), bias, m, n, k, y);          \
   }
-#define QGEMV_M(DT, TY, M, NT, SK, U)                                                          \
-  W4_ENTRY(w4_##DT##_m##M, TY, NT, SK, U, 0)                                                   \
-  W4_ENTRY(w4_##DT##_m##M##_swiglu, TY, NT, SK, U, 1)                                          \
-  W4_ENTRY(w4_##DT##_m##M##_geglu, TY, NT, SK, U, 2)                                           \
-  W8_ENTRY(w8_##DT##_##DT##_m##M, TY, NT, SK, U, 0, false)                                      \
-  W8_ENTRY(w8_##DT##_f32_m##M, TY, NT, SK, U, 0, true)                                         \
-  W8_ENTRY(w8_##DT##_##DT##_m##M##_swiglu, TY, NT, SK, U, 1, false)                             \
-  W8_ENTRY(w8_##DT##_##DT##_m##M##_geglu, TY, NT, SK, U, 2, false)
+#define QGEMV_M(DT, TY, M, NT, SK4, U4, SK8, U8)                                               \
+  W4_ENTRY(w4_##DT##_m##M, TY, NT, SK4, U4, 0, false)                                          \
+  W4_ENTRY(w4_##DT##_m##M##_swiglu, TY, NT, SK4, U4, 1, false)                                 \
+  W4_ENTRY(w4_##DT##_m##M##_geglu, TY, NT, SK4, U4, 2, false)                                  \
+  W4_ENTRY(w4_##DT##_m##M##_cs, TY, NT, SK4, U4, 0, true)                                      \
+  W4_ENTRY(w4_##DT##_m##M##_cs_swiglu, TY, NT, SK4, U4, 1, true)                               \
+  W4_ENTRY(w4_##DT##_m##M##_cs_geglu, TY, NT, SK4, U4, 2, true)                                \
+  W8_ENTRY(w8_##DT##_##DT##_m##M, TY, NT, SK8, U8, 0, false)                                    \
+  W8_ENTRY(w8_##DT##_f32_m##M, TY, NT, SK8, U8, 0, true)                                       \
+  W8_ENTRY(w8_##DT##_##DT##_m##M##_swiglu, TY, NT, SK8, U8, 1, false)                           \
+  W8_ENTRY(w8_##DT##_##DT##_m##M##_geglu, TY, NT, SK8, U8, 2, false)
 
 #define QGEMV_DTYPE(DT, TY)                                                                    \
   extern "C" __global__ void dequant_int4_##DT(const u8* w, const u16* scale, const u16* pre,   \
-                                               int n, int k, int group, u16* out) {            \
-    dequant_int4<TY>(w, scale, pre, n, k, group, out);                                         \
+                                               int n, int k, int gshift, u16* out) {           \
+    dequant_int4<TY>(w, scale, pre, n, k, gshift, out);                                        \
   }                                                                                            \
   extern "C" __global__ void quantize_fp8_##DT(const u16* x, int sx, int count, u8* out) {      \
     quantize_fp8<TY>(x, __int_as_float(sx), count, out);                                       \
   }                                                                                            \
-  QGEMV_M(DT, TY, 8, 1, QGEMV_SK, QGEMV_U)                                                      \
-  QGEMV_M(DT, TY, 16, 2, QGEMV_SK, QGEMV_U)
+  QGEMV_M(DT, TY, 8, 1, 8, 2, 16, 1)                                                           \
+  QGEMV_M(DT, TY, 16, 2, 16, 1, 16, 1)
 
+// (warps splitting K, chunks ahead) from the sweep of bench/kernels/qgemv.py on the H100
+// (bench/results/qgemv.md): INT4 takes 8 warps, 2 chunks ahead, for up to 8 x rows (16 and
+// 1 for 16 rows); FP8 16 and 1. launch_rules.QGEMV_WARPS must agree.
 #ifndef QGEMV_VARIANTS  // benchmarks compile their own (SK, U)
-#define QGEMV_SK 16
-#define QGEMV_U 1
 QGEMV_DTYPE(f16, F16)
 QGEMV_DTYPE(bf16, BF16)
 #endif

@@ -32,6 +32,14 @@ def _entry_names():
             names.add(lr.gemv_launch(m, 64, 64, dt))
             names.add(lr.gemv_launch(m, 64, 64, dt, "float32"))
             names.update(lr.gemv_launch(m, 64, 64, dt, act=a) for a in lr.GEMV_ACTS)
+        for m in lr.QGEMV_MS:
+            for act in (None, *lr.GEMV_ACTS):
+                for group in (64, 128):
+                    names.add(lr.qgemv_launch(m, 64, 128, dt, "int4", act=act, group=group))
+                names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", act=act))
+            names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", "float32"))
+        names.add(lr.dequant_int4_launch(64, 128, dt))
+        names.add(lr.quantize_fp8_launch(64, dt))
         for il in (False, True):
             for bias in (False, True):
                 for cache in (False, True):

@@ -66,8 +66,10 @@ class CudaBackend:
         except LlmcError as e:
             return False, str(e)
         if arch not in FP8_ARCHS:
-            return False, (f"FP8 GEMMs need an sm_89 or newer GPU, and the target is {arch}; "
-                           "build with --quant int4-awq, or --gpu-arch for a newer GPU")
+            return False, (f"FP8 engines are built for Hopper (sm_90a), and the target is "
+                           f"{arch}: the prefill GEMMs use cuBLASLt's per-channel FP8 scaling, "
+                           "which NVIDIA documents for Hopper only; build with --quant "
+                           "int4-awq")
         return True, ""
 
     def can_store_kv(self, dtype: str) -> tuple[bool, str]:

@@ -322,10 +322,10 @@ class Lowering:
         if kind == "int4":
             block, axis = int(_attr(dq, "block_size", 0)), int(_attr(dq, "axis", 1))
             k, n = t.dims
-            if axis != 0 or block % lr.INT4_K or not block or k % block:
+            if axis != 0 or block < lr.INT4_K or block & (block - 1) or k % block:
                 raise UnsupportedGraph(
-                    f"{dq.name!r}: the INT4 kernels take scales in blocks of a multiple of "
-                    f"{lr.INT4_K} along K (block_size {block}, axis {axis}, K = {k})")
+                    f"{dq.name!r}: the INT4 kernels take scales in blocks of a power of two "
+                    f">= {lr.INT4_K} along K (block_size {block}, axis {axis}, K = {k})")
             mul = g.producer.get(x)
             if mul is not None and mul.op_type == "Mul" and \
                     any(g.weight(i) is not None for i in mul.input):
@@ -349,8 +349,8 @@ class Lowering:
                 raise UnsupportedGraph(f"{dq.name!r}: FP8 weights take one scale per output "
                                        "channel")
             if self.arch not in lr.FP8_ARCHS:
-                raise UnsupportedGraph(f"FP8 GEMMs need an sm_89 or newer GPU, not {self.arch}; "
-                                       "build with --quant int4-awq, or --quant none")
+                raise UnsupportedGraph(f"FP8 engines are built for Hopper (sm_90a), not "
+                                       f"{self.arch}; build with --quant int4-awq")
             x = xq.input[0]
             claimed += [xdq, xq]
             site.update(kind="fp8", x_scale=float(np.asarray(sx, np.float32)))
@@ -374,14 +374,13 @@ class Lowering:
                        quant="int4", group=site["group"])
         else:
             w = self._weight(site["q"], shape=[n, k], dtype=FP8)
-            # cuBLASLt and the kernel take fp32 channel scales: a copy the build appends
+            # The kernel and cuBLASLt scale each output channel by x_scale * w_scale[n] in
+            # fp32: a copy the build appends (cuBLASLt's x-side scale is then a vector of ones).
             src = self._weight(site["scale"])
             scale = f"{src}.f32"
             self.values[scale] = Value("weight", "float32", [n], -1)
-            sx = f"{node.name}/x_scale"
-            self.values[sx] = Value("const", "float32", [1], data=[site["x_scale"]])
-            self._gemm(node, site["x"], w, n, k, trans_b=True, qinputs=(scale, sx), quant="fp8",
-                       x_scale=site["x_scale"], scale_from=src)
+            self._gemm(node, site["x"], w, n, k, trans_b=True, qinputs=(scale, None),
+                       quant="fp8", x_scale=site["x_scale"], scale_from=src)
         self.ops[-1].attrs["transposed"] = True
 
     def _op_Add(self, node) -> None:
@@ -640,9 +639,9 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
     """Rewrite, in place in the build's weights file, every GEMM weight the plan reads as
     [N, K] from the [K, N] the graph holds it in (op attr `transposed`): 16-bit and FP8
     weights and INT4 scales transposed, INT4 weights packed for the kernels (pack_int4); and
-    append the fp32 copies of FP8 channel scales. Returns the number of bytes written."""
+    append the fp32 FP8 channel scales (x_scale * w_scale[n]). Returns the bytes written."""
     jobs: dict[str, str] = {}
-    appended: dict[str, str] = {}
+    appended: dict[str, tuple[str, float]] = {}
     for op in plan.ops:
         if op.op != "gemm" or not op.attrs.get("transposed"):
             continue
@@ -651,7 +650,7 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
         if quant == "int4":
             jobs[op.inputs[3]] = "transpose"
         elif quant == "fp8":
-            appended[op.inputs[3]] = op.attrs["scale_from"]
+            appended[op.inputs[3]] = (op.attrs["scale_from"], op.attrs["x_scale"])
     if not jobs:
         return 0
     data = np.memmap(weights, dtype=np.uint8, mode="r+")
@@ -668,10 +667,10 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
             word[:] = np.ascontiguousarray(word.reshape(cols, rows).T).reshape(-1)
         done += size
     tail = {}
-    for name, src in appended.items():
+    for name, (src, x_scale) in appended.items():
         s = plan.values[src]
         raw = data[s.offset:s.offset + 2 * s.shape[0]].view(np.uint16)
-        tail[name] = _float16s(raw, s.dtype).astype(np.float32)
+        tail[name] = _float16s(raw, s.dtype).astype(np.float32) * np.float32(x_scale)
     data.flush()
     del data
     with open(weights, "r+b") as f:

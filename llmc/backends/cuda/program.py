@@ -19,6 +19,7 @@ from llmc.plugins.launch import DevPtr
 
 ATTN_WORKSPACE = "attention workspace"
 QGEMM_WORKSPACE = "quantized GEMM workspace"   # a prefill's dequantized INT4 weight or FP8 x
+FP8_UNIT_SCALES = "fp8 unit scales"   # fp32 1.0 per token: cuBLASLt's x-side channel scales
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,11 @@ def _qgemm(op: Op, m: int, dt: str, P) -> Iterator[tuple]:
     bias = P(ins[2]) if ins[2] else DevPtr(0)
     if uses_gemv(op, m):
         n, y = (a["inter"], outs[1]) if act else (a["n"], outs[0])
-        launch = lr.qgemv_launch(m, n, k, dt, quant, a["out_dtype"], act)
+        launch = lr.qgemv_launch(m, n, k, dt, quant, a["out_dtype"], act, a.get("group", 0))
         if quant == "int4":
             pre = P(ins[4]) if ins[4] else DevPtr(0)
-            args = [P(ins[0]), P(ins[1]), P(ins[3]), pre, bias, m, n, k, a["group"], P(y)]
+            args = [P(ins[0]), P(ins[1]), P(ins[3]), pre, bias, m, n, k,
+                    lr.int4_group_shift(a["group"]), P(y)]
         else:
             args = [P(ins[0]), P(ins[1]), P(ins[3]), lr.float_bits(a["x_scale"]), bias, m, n,
                     k, P(y)]
@@ -80,14 +82,15 @@ def _qgemm(op: Op, m: int, dt: str, P) -> Iterator[tuple]:
     if quant == "int4":
         pre = P(ins[4]) if ins[4] else DevPtr(0)
         yield "kernel", lr.dequant_int4_launch(a["n"], k, dt), [
-            P(ins[1]), P(ins[3]), pre, a["n"], k, a["group"], ws]
+            P(ins[1]), P(ins[3]), pre, a["n"], k, lr.int4_group_shift(a["group"]), ws]
         yield "gemm", gemm_key(op), (int(P(ins[0])), int(ws), int(P(outs[0])), m,
                                      int(bias) or None)
     else:
         yield "kernel", lr.quantize_fp8_launch(m * k, dt), [
             P(ins[0]), lr.float_bits(a["x_scale"]), m * k, ws]
         yield "gemm", gemm_key(op), (int(ws), int(P(ins[1])), int(P(outs[0])), m,
-                                     int(bias) or None, int(P(ins[3])), int(P(ins[4])))
+                                     int(bias) or None, int(P(ins[3])),
+                                     int(P(FP8_UNIT_SCALES)))
 
 
 def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
@@ -114,8 +117,8 @@ def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
 
 def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
     """("kernel", Launch, args) and ("gemm", key, (x, w, y, m, bias)) in execution order.
-    ptr(name) gives the device address of a value, of kv_cache_{l}, of ATTN_WORKSPACE and
-    of QGEMM_WORKSPACE."""
+    ptr(name) gives the device address of a value, of kv_cache_{l}, of ATTN_WORKSPACE, of
+    QGEMM_WORKSPACE and of FP8_UNIT_SCALES."""
     t, b, width, dt = s.tokens, s.batch, s.width, plan.dtype
     rows_of = {"T": t, "B": b}
 

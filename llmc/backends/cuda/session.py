@@ -27,6 +27,7 @@ from llmc import contract
 from llmc.backends.cuda.plan import PLAN, WEIGHTS, Plan, cubin_section, itemsize, numel
 from llmc.backends.cuda.program import (
     ATTN_WORKSPACE,
+    FP8_UNIT_SCALES,
     QGEMM_WORKSPACE,
     Step,
     gemm_key,
@@ -194,6 +195,10 @@ class CudaSession:
                         bias=key[4], max_m=lim.max_num_tokens)
         self.qgemm_ws = self.mem.alloc(qgemm_workspace_bytes(plan, lim.max_num_tokens),
                                        "the quantized GEMMs' workspace")
+        self.fp8_ones = 0
+        if any(op.attrs.get("quant") == "fp8" for op in plan.ops):
+            self.fp8_ones = self.mem.alloc(4 * lim.max_num_tokens, "FP8 unit scales")
+            check(driver.cuMemsetD32(self.fp8_ones, 0x3F800000, lim.max_num_tokens))  # 1.0f
         self.logits_bytes = numel(plan.values[plan.output].shape, 1, lim.max_batch_size) * 4
         self._logits_host = int(check(driver.cuMemHostAlloc(self.logits_bytes, 0)))
         self._sampling = None
@@ -462,9 +467,9 @@ class CudaSession:
                                              self.max_smem), self._pointers):
             if item[0] == "gemm":
                 _, key, (x, w, y, m, bias, *scales) = item
-                if scales:      # FP8: the weight's channel scales, x's scale
-                    self.gemms[key].run(x, w, y, m, stream, bias, a_scale_ptr=scales[0],
-                                        b_scale_ptr=scales[1])
+                if scales:      # FP8: x_scale * w_scale per channel, ones per token
+                    self.gemms[key].run(x, w, y, m, stream, bias, w_scale_ptr=scales[0],
+                                        x_scale_ptr=scales[1])
                 else:
                     self.gemms[key].run(x, w, y, m, stream, bias)
             else:
@@ -479,4 +484,6 @@ class CudaSession:
             return self.attn_ws
         if name == QGEMM_WORKSPACE:
             return self.qgemm_ws
+        if name == FP8_UNIT_SCALES:
+            return self.fp8_ones
         return self.ptr(name)

@@ -2,7 +2,7 @@
 
 CPU (the build half): every mode lowers to quantized GEMM ops; the weights file holds the
 INT4 codes packed as kernels/qgemv.cu reads them, the FP8 weights [out, in] and their fp32
-channel scales; FP8 is refused for GPUs without E4M3 tensor cores and bf16 quantized builds
+channel scales; FP8 is refused for targets other than Hopper and bf16 quantized builds
 say why they cannot be measured.
 GPU (marked `gpu`): each quantized cuda engine against the reference backend's engine of
 the same model, mode and calibration (the same quantized weights) over ragged prefill,
@@ -80,7 +80,7 @@ def test_every_mode_lowers_to_quantized_gemms(tiny_models_d64, tmp_path, words, 
     # q/k/v, o, gate-up (SwiGLU fused), down per layer quantized; the LM head stays 16-bit
     assert [op.attrs.get("quant") for op in gemms] == [kind] * 4 * layers + [None]
     assert [op.attrs.get("act") for op in gemms[:4]] == [None, None, "swiglu", None]
-    assert all((op.inputs[4] is not None) == (mode != "int4-rtn") for op in gemms[:-1])
+    assert all((op.inputs[4] is not None) == (mode == "int4-awq") for op in gemms[:-1])
 
     # the stored weights against the reference backend's graph of the same build
     ref_out = tmp_path / f"{mode}-ref.engine"
@@ -117,17 +117,17 @@ def test_every_mode_lowers_to_quantized_gemms(tiny_models_d64, tmp_path, words, 
             np.testing.assert_array_equal(got.reshape(n, k), raw.reshape(k, n).T)
             sraw, _, _ = graph_tensor(op.attrs["scale_from"])
             sgot, _ = stored(op.inputs[3])
-            np.testing.assert_array_equal(sgot.view("<f4"),
-                                          sraw.view("<f2").astype(np.float32))
-            assert plan.values[op.inputs[4]].data == [op.attrs["x_scale"]]
             assert op.attrs["x_scale"] > 0
+            np.testing.assert_array_equal(
+                sgot.view("<f4"), sraw.view("<f2").astype(np.float32) * np.float32(
+                    op.attrs["x_scale"]))
 
 
-def test_fp8_needs_an_sm89_target(tiny_models_d64, tmp_path, words):
+def test_fp8_needs_a_hopper_target(tiny_models_d64, tmp_path, words):
     folder = tiny_models_d64["llama-gqa"][0]
-    with pytest.raises(LlmcError, match="--quant fp8: FP8 GEMMs need an sm_89 or newer GPU, "
-                                        "and the target is sm_80"):
-        _build(folder, tmp_path / "f.engine", "fp8", words, arch="sm_80")
+    with pytest.raises(LlmcError, match="--quant fp8: FP8 engines are built for Hopper "
+                                        r"\(sm_90a\), and the target is sm_89"):
+        _build(folder, tmp_path / "f.engine", "fp8", words, arch="sm_89")
     assert not (tmp_path / "f.engine").exists()
     _build(folder, tmp_path / "i.engine", "int4-rtn", words, arch="sm_80")   # INT4: any GPU
 
@@ -158,8 +158,11 @@ def _why_not() -> str:
 
 # Max |cuda - reference| over max |reference| of a row of logits, fp16. Both run the same
 # quantized weights; the cuda kernels multiply exact products (FP8) or fold AWQ's 1 / s into
-# the dequantized weight (INT4 prefill), where onnxruntime rounds each to fp16 first.
-TOLERANCE = 3e-2
+# the dequantized weight (INT4 prefill), where onnxruntime rounds each to fp16 first. FP8
+# also quantizes every GEMM's input: an fp16 rounding difference upstream moves a value across
+# an E4M3 rounding boundary now and then, a step of 1/16 of it, so the two backends drift
+# apart faster than with 16-bit activations (measured: 3-4% at the first decode step).
+TOLERANCE = {"int4-rtn": 3e-2, "int4-awq": 3e-2, "fp8": 6e-2}
 
 
 @pytest.mark.gpu
@@ -176,7 +179,7 @@ def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_pat
     from llmc.plugins.launch_rules import FP8_ARCHS
 
     if mode == "fp8" and GPUS[0].arch not in FP8_ARCHS:
-        pytest.skip("FP8 needs sm_89 or newer")
+        pytest.skip("FP8 engines are built for Hopper (sm_90a)")
     folder, model = tiny_models_d64[kind]
     _build(folder, tmp_path / "c.engine", mode, words, arch=None)
     _build(folder, tmp_path / "r.engine", mode, words, backend="reference")
@@ -199,4 +202,5 @@ def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_pat
         for i, step in enumerate(steps):
             got, want = (r.step(step) for r in runs)
             err = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
-            assert err.max() < TOLERANCE, f"{kind} {mode} step {i}: rel err {err.max():.2e}"
+            assert err.max() < TOLERANCE[mode], f"{kind} {mode} step {i}: rel err " \
+                                                f"{err.max():.2e}"
