@@ -114,8 +114,8 @@ def build_engine(model: Path, out: Path, limits, dtype: str = "bf16", quant: str
             words = model / "words.txt"
             rng = np.random.default_rng(0)
             words.write_text(" ".join(f"t{i}" for i in rng.integers(0, 1000, 4096)))
-            q = QuantOptions(quant, calib_data=words, eval_data=words, calib_size=64,
-                             eval_size=64, measure=False)
+            q = QuantOptions(quant, calib_data=words, eval_data=words, calib_size=16,
+                             eval_size=16, measure=False)
         build(BuildOptions(model, out, backend="cuda", dtype=dtype, limits=limits, quant=q),
               log=lambda m: print(f"  [build] {m}") if "wrote" in m or "plan" in m else None)
         print(f"  built {out.name} in {time.perf_counter() - t0:.0f} s")
@@ -270,7 +270,7 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     limits = BuildLimits(max_batch_size=max(args.batches), max_num_tokens=2048,
-                         max_seq_len=max(args.contexts) + 64, kv_block_size=16)
+                         max_seq_len=max(*args.contexts, 2048) + 64, kv_block_size=16)
     gguf = None
     if args.model == "llama-3.1-8b":
         src = make_llama_8b(args.work / f"llama-3.1-8b-{args.layers}l", args.layers)

@@ -110,6 +110,8 @@ def gemv_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None
 QGEMV_MS = (8, 16)                # x rows a kernel is compiled for (NT = 1, 2 tiles of 8)
 QGEMV_WARPS = {("int4", 8): 8, ("int4", 16): 16, ("fp8", 8): 16, ("fp8", 16): 16}
 # ^ warps splitting K in a CTA, by kind and compiled M (QGEMV_M in kernels/qgemv.cu)
+QGEMV_TILES = {("int4", 8): 1, ("int4", 16): 1, ("fp8", 8): 1, ("fp8", 16): 1}
+# ^ 16-row weight tiles a warp (QGEMV4_RT<M>)
 QUANTS = ("int4", "fp8")
 INT4_K = 32                       # a lane's 16-byte load holds 32 k of an INT4 row
 # FP8 engines: the decode kernels need E4M3 MMA (sm_89+), the prefill GEMMs cuBLASLt's
@@ -154,7 +156,8 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
     else:
         name = f"w8_{tag}_{out}_m{mb}"
     name += f"_{act}" if act else ""
-    return Launch("qgemv", name, (math.ceil(n / (8 if act else 16)), 1, 1),
+    rows = (8 if act else 16) * QGEMV_TILES[quant, mb]
+    return Launch("qgemv", name, (math.ceil(n / rows), 1, 1),
                   (32 * QGEMV_WARPS[quant, mb], 1, 1), pdl=True)
 
 

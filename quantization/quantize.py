@@ -44,6 +44,12 @@ class QuantOptions:
     kv_cache_dtype: str = "auto"       # auto: the compute dtype; fp8: E4M3, scales per layer
 
     @property
+    def keeps_reference(self) -> bool:
+        """Whether the build saves the unquantized graph and runs it on onnxruntime
+        (calibration, the accuracy report)."""
+        return self.measure or self.mode in ("fp8", "int4-awq") or self.kv_cache_dtype == "fp8"
+
+    @property
     def quantizes(self) -> bool:
         """Whether the build quantizes anything (and so measures its accuracy)."""
         return self.mode != "none" or self.kv_cache_dtype != "auto"
@@ -100,9 +106,9 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         raise LlmcError(f"--quant {opts.mode} does not quantize a mixture of experts yet (the "
                         f"experts' stacked weights, e.g. {experts[0]!r}); build with "
                         "--quant none")
-    needs_ort = opts.measure or (opts.mode in ("fp8", "int4-awq") and not (
-        prequantized is not None and prequantized.mode == opts.mode)) or \
-        opts.kv_cache_dtype == "fp8"
+    needs_ort = opts.keeps_reference and not (
+        not opts.measure and opts.kv_cache_dtype != "fp8" and prequantized is not None
+        and prequantized.mode == opts.mode)   # a checkpoint's own scales: no calibration
     if needs_ort and io.kv_dtype == "bfloat16":
         raise LlmcError(f"--quant {opts.mode} with --dtype bf16: calibration and the accuracy "
                         "report run the graph on onnxruntime, which has no bf16 MatMul on the "

@@ -36,14 +36,16 @@ SHAPES = (  # name, K, N (weight rows), fused activation
 )
 MS = (1, 2, 4, 8, 16)
 GROUP = 128
-SWEEP = [(4, 2), (8, 1), (8, 2), (16, 1), (16, 2), (32, 1)]   # (SK, U)
+SWEEP = [(4, 2, 1), (8, 1, 1), (8, 2, 1), (16, 1, 1), (16, 2, 1), (32, 1, 1),
+         (4, 2, 2), (8, 1, 2), (8, 2, 2), (16, 1, 2), (8, 1, 4)]   # (SK, U, RT: INT4 only)
 
 
 def sweep_functions(arch: str) -> Functions:
     entries = "".join(
-        f"W4_ENTRY(w4_sweep_nt{nt}_sk{sk}_u{u}, BF16, {nt}, {sk}, {u}, 0, true)\n"
-        f"W8_ENTRY(w8_sweep_nt{nt}_sk{sk}_u{u}, BF16, {nt}, {sk}, {u}, 0, false)\n"
-        for nt in (1, 2) for sk, u in SWEEP)
+        f"W4_ENTRY(w4_sweep_nt{nt}_sk{sk}_u{u}_rt{rt}, BF16, {nt}, {sk}, {u}, 0, true, {rt})\n"
+        + (f"W8_ENTRY(w8_sweep_nt{nt}_sk{sk}_u{u}, BF16, {nt}, {sk}, {u}, 0, false)\n"
+           if rt == 1 else "")
+        for nt in (1, 2) for sk, u, rt in SWEEP)
     src = "#define QGEMV_VARIANTS\n" + compiler.source("qgemv") + entries
     return Functions(arch, {"qgemv_sweep": compiler._compile_cached("qgemv_sweep", arch,
                                                                      False, src)})
@@ -121,14 +123,15 @@ def main() -> None:
                          t8, b8 / t8 if t8 else None))
             if sweep and not act and m in (1, 8, 16):
                 nt = 1 if m <= 8 else 2
-                for sk, u in SWEEP:
-                    grid = (math.ceil(n / 16), 1, 1)
-                    l4 = lr.Launch("qgemv_sweep", f"w4_sweep_nt{nt}_sk{sk}_u{u}", grid,
-                                   (32 * sk, 1, 1), pdl=True)
+                for sk, u, rt in SWEEP:
+                    grid = (math.ceil(n / 16 / rt), 1, 1)
+                    l4 = lr.Launch("qgemv_sweep", f"w4_sweep_nt{nt}_sk{sk}_u{u}_rt{rt}",
+                                   grid, (32 * sk, 1, 1), pdl=True)
                     s = graph_time([int4(w4[i % len(w4)], ln=l4, fn=sweep)
                                     for i in range(calls)])
-                    sweep_rows.append((name, m, "int4", sk, u, b4 / s / DATASHEET_BW))
-                    if fp8:
+                    sweep_rows.append((name, m, f"int4 RT={rt}", sk, u,
+                                       b4 / s / DATASHEET_BW))
+                    if fp8 and rt == 1:
                         l8 = lr.Launch("qgemv_sweep", f"w8_sweep_nt{nt}_sk{sk}_u{u}", grid,
                                        (32 * sk, 1, 1), pdl=True)
                         s = graph_time([e4m3(w8[i % len(w8)], ln=l8, fn=sweep)
@@ -158,7 +161,8 @@ def main() -> None:
         lines.append(f"| {name} | {kn} | {m} | {t16 * 1e6:.1f} | {bw16 / DATASHEET_BW:.0%} "
                      f"| {t4 * 1e6:.1f} | {bw4 / DATASHEET_BW:.0%} | {t16 / t4:.2f}x | {f8} |")
     if sweep_rows:
-        lines += ["", "Sweep, % of peak by (warps splitting K, chunks ahead U):", "",
+        lines += ["", "Sweep, % of peak by (warps splitting K, chunks ahead U; INT4: 16-row "
+                  "tiles a warp RT):", "",
                   "| GEMM | M | kernel | SK | U | % peak |", "|---|---:|---|---:|---:|---:|"]
         lines += [f"| {nm} | {m} | {q} | {sk} | {u} | {p:.0%} |"
                   for nm, m, q, sk, u, p in sweep_rows]

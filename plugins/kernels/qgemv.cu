@@ -78,112 +78,141 @@ __device__ __forceinline__ void dequant32(const uint4& v, u16 s, u32* out) {
 // with sum_k x_k from one more MMA against a tile of ones. Two ALU ops a weight pair fewer
 // than scaling each pair, which is what bounds this kernel (it is issue-bound, not HBM-bound,
 // at two weights a byte).
-template <typename T, int NT, int SK, int U, int ACT, bool CS>
+template <typename T, int NT, int SK, int U, int ACT, bool CS, int RT>
 __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
                                         const u16* __restrict__ scale,
                                         const u16* __restrict__ pre,
                                         const void* __restrict__ bias, int m, int n, int k,
                                         int gshift, void* __restrict__ y) {
   __shared__ float part[SK][NT][4][32];
-  constexpr int OUT = ACT ? 8 : 16;
+  constexpr int TILE = ACT ? 8 : 16;  // outputs a 16-row tile gives
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int o0 = blockIdx.x * OUT;
-  const int ra = min(o0 + g, n - 1);  // rows past the end re-read the last (never stored)
-  const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
+  const int o0 = blockIdx.x * TILE * RT;
   const int groups = k >> gshift;
-  const u8* wa = w + (size_t)ra * (k / 2) + 16 * t;
-  const u8* wb = w + (size_t)rb * (k / 2) + 16 * t;
-  const u16* sa = scale + (size_t)ra * groups;
-  const u16* sb = scale + (size_t)rb * groups;
-  const int chunks = (k + 127) / 128;
-  float acc[NT][4];
+  const u8* wp[RT][2];
+  const u16* sp[RT][2];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  uint4 va[U], vb[U], na[U], nb[U];
-  u16 ca[U], cb[U], da[U], db[U];
-  auto load_w = [&](uint4* a, uint4* b, u16* as, u16* bs, int c) {
+  for (int r = 0; r < RT; ++r) {
+    const int ra = min(o0 + r * TILE + g, n - 1);  // rows past the end re-read the last
+    const int rb = ACT ? n + ra : min(o0 + r * TILE + g + 8, n - 1);
+    wp[r][0] = w + (size_t)ra * (k / 2) + 16 * t;
+    wp[r][1] = w + (size_t)rb * (k / 2) + 16 * t;
+    sp[r][0] = scale + (size_t)ra * groups;
+    sp[r][1] = scale + (size_t)rb * groups;
+  }
+  const int chunks = (k + 127) / 128;
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[r][j][0] = acc[r][j][1] = acc[r][j][2] = acc[r][j][3] = 0.f;
+  uint4 cur[U][RT][2], nxt[U][RT][2];
+  u16 cs[U][RT][2], ns[U][RT][2];
+  auto load_w = [&](uint4 (*v)[RT][2], u16 (*sc)[RT][2], int c) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int kk = (c + u * SK) * 128 + 32 * t;
       const bool ok = kk < k;
-      a[u] = ok ? ld_stream(wa + (c + u * SK) * 64) : make_uint4(0, 0, 0, 0);
-      b[u] = ok ? ld_stream(wb + (c + u * SK) * 64) : make_uint4(0, 0, 0, 0);
-      as[u] = ok ? __ldg(sa + (kk >> gshift)) : (u16)0;
-      bs[u] = ok ? __ldg(sb + (kk >> gshift)) : (u16)0;
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          v[u][r][h] = ok ? ld_stream(wp[r][h] + (c + u * SK) * 64) : make_uint4(0, 0, 0, 0);
+          sc[u][r][h] = ok ? __ldg(sp[r][h] + (kk >> gshift)) : (u16)0;
+        }
     }
   };
-  load_w(va, vb, ca, cb, warp);
-  load_w(na, nb, da, db, warp + SK * U);
+  load_w(cur, cs, warp);
+  load_w(nxt, ns, warp + SK * U);
   pdl_trigger();
   pdl_wait();
   for (int c = warp; c < chunks; c += SK * U) {
     if (c != warp) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) { va[u] = na[u]; vb[u] = nb[u]; ca[u] = da[u]; cb[u] = db[u]; }
-      load_w(na, nb, da, db, c + SK * U);
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) { cur[u][r][h] = nxt[u][r][h]; cs[u][r][h] = ns[u][r][h]; }
+      load_w(nxt, ns, c + SK * U);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int kk = (c + u * SK) * 128 + 32 * t;
-      u32 A[16], B[16];
-      if constexpr (CS) {
-        offset8<T>(va[u].x, A); offset8<T>(va[u].y, A + 4);
-        offset8<T>(va[u].z, A + 8); offset8<T>(va[u].w, A + 12);
-        offset8<T>(vb[u].x, B); offset8<T>(vb[u].y, B + 4);
-        offset8<T>(vb[u].z, B + 8); offset8<T>(vb[u].w, B + 12);
-      } else {
-        dequant32<T>(va[u], ca[u], A);
-        dequant32<T>(vb[u], cb[u], B);
-      }
-      u32 P[16];
-      if (pre && kk < k) {
-        const uint4* pp = reinterpret_cast<const uint4*>(pre + kk);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint4 pv = __ldg(pp + i);
-          P[4 * i] = pv.x; P[4 * i + 1] = pv.y; P[4 * i + 2] = pv.z; P[4 * i + 3] = pv.w;
-        }
-      }
+      // x's 32 k for this lane, one set a tile of 8 x rows, shared by the RT row tiles
+      u32 X[NT][16];
+      float xs[NT][4];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const int xr = j * 8 + g;
-        u32 X[16];
         const bool live = xr < m && kk < k;
         const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)xr * k + kk);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const uint4 xv = live ? __ldg(xp + i) : make_uint4(0, 0, 0, 0);
-          X[4 * i] = xv.x; X[4 * i + 1] = xv.y; X[4 * i + 2] = xv.z; X[4 * i + 3] = xv.w;
+          X[j][4 * i] = xv.x; X[j][4 * i + 1] = xv.y; X[j][4 * i + 2] = xv.z;
+          X[j][4 * i + 3] = xv.w;
         }
         if (pre && kk < k) {
+          const uint4* pp = reinterpret_cast<const uint4*>(pre + kk);
 #pragma unroll
-          for (int i = 0; i < 16; ++i) X[i] = fma2<T>(X[i], P[i], Int4<T>::NEG0);
+          for (int i = 0; i < 4; ++i) {
+            const uint4 pv = __ldg(pp + i);
+            X[j][4 * i] = fma2<T>(X[j][4 * i], pv.x, Int4<T>::NEG0);
+            X[j][4 * i + 1] = fma2<T>(X[j][4 * i + 1], pv.y, Int4<T>::NEG0);
+            X[j][4 * i + 2] = fma2<T>(X[j][4 * i + 2], pv.z, Int4<T>::NEG0);
+            X[j][4 * i + 3] = fma2<T>(X[j][4 * i + 3], pv.w, Int4<T>::NEG0);
+          }
         }
         if constexpr (CS) {
-          float sum[4] = {0.f, 0.f, 0.f, 0.f}, xs[4] = {0.f, 0.f, 0.f, 0.f};
           constexpr u32 ONE = Int4<T>::ONE;
-#pragma unroll
-          for (int s = 0; s < 8; ++s) {
-            mma_16816<T>(sum, A[2 * s], B[2 * s], A[2 * s + 1], B[2 * s + 1], X[2 * s],
-                         X[2 * s + 1]);
-            mma_16816<T>(xs, ONE, ONE, ONE, ONE, X[2 * s], X[2 * s + 1]);
-          }
-          constexpr float OFF = T::is_bf16 ? 136.f : 1032.f;
-          const float fa = T::to_f(ca[u]), fb = T::to_f(cb[u]);
-          acc[j][0] += fa * (sum[0] - OFF * xs[0]);
-          acc[j][1] += fa * (sum[1] - OFF * xs[1]);
-          acc[j][2] += fb * (sum[2] - OFF * xs[2]);
-          acc[j][3] += fb * (sum[3] - OFF * xs[3]);
-        } else {
+          xs[j][0] = xs[j][1] = xs[j][2] = xs[j][3] = 0.f;
 #pragma unroll
           for (int s = 0; s < 8; ++s)
-            mma_16816<T>(acc[j], A[2 * s], B[2 * s], A[2 * s + 1], B[2 * s + 1], X[2 * s],
-                         X[2 * s + 1]);
+            mma_16816<T>(xs[j], ONE, ONE, ONE, ONE, X[j][2 * s], X[j][2 * s + 1]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        u32 A[16], B[16];
+        if constexpr (CS) {
+          offset8<T>(cur[u][r][0].x, A); offset8<T>(cur[u][r][0].y, A + 4);
+          offset8<T>(cur[u][r][0].z, A + 8); offset8<T>(cur[u][r][0].w, A + 12);
+          offset8<T>(cur[u][r][1].x, B); offset8<T>(cur[u][r][1].y, B + 4);
+          offset8<T>(cur[u][r][1].z, B + 8); offset8<T>(cur[u][r][1].w, B + 12);
+        } else {
+          dequant32<T>(cur[u][r][0], cs[u][r][0], A);
+          dequant32<T>(cur[u][r][1], cs[u][r][1], B);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          if constexpr (CS) {
+            float sum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int s = 0; s < 8; ++s)
+              mma_16816<T>(sum, A[2 * s], B[2 * s], A[2 * s + 1], B[2 * s + 1], X[j][2 * s],
+                           X[j][2 * s + 1]);
+            constexpr float OFF = T::is_bf16 ? 136.f : 1032.f;
+            const float fa = T::to_f(cs[u][r][0]), fb = T::to_f(cs[u][r][1]);
+            acc[r][j][0] += fa * (sum[0] - OFF * xs[j][0]);
+            acc[r][j][1] += fa * (sum[1] - OFF * xs[j][1]);
+            acc[r][j][2] += fb * (sum[2] - OFF * xs[j][2]);
+            acc[r][j][3] += fb * (sum[3] - OFF * xs[j][3]);
+          } else {
+#pragma unroll
+            for (int s = 0; s < 8; ++s)
+              mma_16816<T>(acc[r][j], A[2 * s], B[2 * s], A[2 * s + 1], B[2 * s + 1],
+                           X[j][2 * s], X[j][2 * s + 1]);
+          }
         }
       }
     }
   }
-  tc_store<T, NT, SK, ACT, false>(part, acc, o0, m, n, bias, y, 1.f, nullptr);
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    if (r) __syncthreads();  // the previous tile's sums are read out of `part`
+    tc_store<T, NT, SK, ACT, false>(part, acc[r], o0 + r * TILE, m, n, bias, y, 1.f, nullptr);
+  }
 }
 
 // Prefill: the INT4 weight back to T [N, K] for cuBLASLt, with AWQ's pre folded into it
@@ -335,11 +364,11 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 // ---- entry points ------------------------------------------------------------------------------
 // w4_<dtype>_m<M>[_cs][_swiglu|_geglu] and w8_<dtype>_<out>_m<M>[_...]: M = 8 (NT = 1) or 16
 // (NT = 2); _cs: chunk scales (the group a multiple of 128).
-#define W4_ENTRY(NAME, TY, NT, SK, U, ACT, CS)                                                 \
+#define W4_ENTRY(NAME, TY, NT, SK, U, ACT, CS, RT)                                             \
   extern "C" __global__ void __launch_bounds__(32 * SK)                                        \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y) {                                                    \
-    w4_gemv<TY, NT, SK, U, ACT, CS>(x, w, scale, pre, bias, m, n, k, gshift, y);               \
+    w4_gemv<TY, NT, SK, U, ACT, CS, RT>(x, w, scale, pre, bias, m, n, k, gshift, y);           \
   }
 #define W8_ENTRY(NAME, TY, NT, SK, U, ACT, F32)                                                \
   extern "C" __global__ void __launch_bounds__(32 * SK)                                        \
@@ -347,13 +376,13 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
        int k, void* y) {                                                                       \
     w8_gemv<TY, NT, SK, U, ACT, F32>(x, w, sw, __int_as_float(sx), bias, m, n, k, y);          \
   }
-#define QGEMV_M(DT, TY, M, NT, SK4, U4, SK8, U8)                                               \
-  W4_ENTRY(w4_##DT##_m##M, TY, NT, SK4, U4, 0, false)                                          \
-  W4_ENTRY(w4_##DT##_m##M##_swiglu, TY, NT, SK4, U4, 1, false)                                 \
-  W4_ENTRY(w4_##DT##_m##M##_geglu, TY, NT, SK4, U4, 2, false)                                  \
-  W4_ENTRY(w4_##DT##_m##M##_cs, TY, NT, SK4, U4, 0, true)                                      \
-  W4_ENTRY(w4_##DT##_m##M##_cs_swiglu, TY, NT, SK4, U4, 1, true)                               \
-  W4_ENTRY(w4_##DT##_m##M##_cs_geglu, TY, NT, SK4, U4, 2, true)                                \
+#define QGEMV_M(DT, TY, M, NT, SK4, U4, RT, SK8, U8)                                           \
+  W4_ENTRY(w4_##DT##_m##M, TY, NT, SK4, U4, 0, false, RT)                                      \
+  W4_ENTRY(w4_##DT##_m##M##_swiglu, TY, NT, SK4, U4, 1, false, RT)                             \
+  W4_ENTRY(w4_##DT##_m##M##_geglu, TY, NT, SK4, U4, 2, false, RT)                              \
+  W4_ENTRY(w4_##DT##_m##M##_cs, TY, NT, SK4, U4, 0, true, RT)                                  \
+  W4_ENTRY(w4_##DT##_m##M##_cs_swiglu, TY, NT, SK4, U4, 1, true, RT)                           \
+  W4_ENTRY(w4_##DT##_m##M##_cs_geglu, TY, NT, SK4, U4, 2, true, RT)                            \
   W8_ENTRY(w8_##DT##_##DT##_m##M, TY, NT, SK8, U8, 0, false)                                    \
   W8_ENTRY(w8_##DT##_f32_m##M, TY, NT, SK8, U8, 0, true)                                       \
   W8_ENTRY(w8_##DT##_##DT##_m##M##_swiglu, TY, NT, SK8, U8, 1, false)                           \
@@ -367,13 +396,19 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
   extern "C" __global__ void quantize_fp8_##DT(const u16* x, int sx, int count, u8* out) {      \
     quantize_fp8<TY>(x, __int_as_float(sx), count, out);                                       \
   }                                                                                            \
-  QGEMV_M(DT, TY, 8, 1, 8, 2, 16, 1)                                                           \
-  QGEMV_M(DT, TY, 16, 2, 16, 1, 16, 1)
+  QGEMV_M(DT, TY, 8, 1, QGEMV4_SK8, QGEMV4_U8, QGEMV4_RT8, 16, 1)                              \
+  QGEMV_M(DT, TY, 16, 2, QGEMV4_SK16, QGEMV4_U16, QGEMV4_RT16, 16, 1)
 
 // (warps splitting K, chunks ahead) from the sweep of bench/kernels/qgemv.py on the H100
 // (bench/results/qgemv.md): INT4 takes 8 warps, 2 chunks ahead, for up to 8 x rows (16 and
 // 1 for 16 rows); FP8 16 and 1. launch_rules.QGEMV_WARPS must agree.
 #ifndef QGEMV_VARIANTS  // benchmarks compile their own (SK, U)
+#define QGEMV4_SK8 8
+#define QGEMV4_U8 2
+#define QGEMV4_RT8 1
+#define QGEMV4_SK16 16
+#define QGEMV4_U16 1
+#define QGEMV4_RT16 1
 QGEMV_DTYPE(f16, F16)
 QGEMV_DTYPE(bf16, BF16)
 #endif
