@@ -171,19 +171,23 @@ class Kernels:
         return out
 
     def rope(self, qkv, positions, inv_freq, hq, hkv, d, rot, interleaved=False, bias=None,
-             cache=None, seq_starts=None, block_tables=None):
+             cache=None, seq_starts=None, block_tables=None, qk_norm=None, eps=1e-6):
+        """qk_norm: (q weight [D], k weight [D]) of a per-head RMSNorm before the rotation
+        (with a cache only, as the kernel has it)."""
         t = qkv.shape[0]
         q, k, v = (self.torch.empty(s, dtype=qkv.dtype, device=qkv.device)
                    for s in lr.rope_output_shapes(qkv.shape, hq, hkv, d))
         ln = lr.rope_launch(t, hq, hkv, d, rot, self._dtype(qkv), interleaved,
-                               bias is not None, cache is not None)
-        ins = [qkv] + ([bias] if bias is not None else []) + [positions, inv_freq]
+                            bias is not None, cache is not None, qk_norm is not None)
+        ins = [qkv] + ([bias] if bias is not None else []) + list(qk_norm or ())
+        ins += [positions, inv_freq]
         if cache is None:
             self.launch(ln, ins + [t, hq, hkv, d, rot, q, k, v])
         else:
             b, mb = block_tables.shape
             ins += [seq_starts, block_tables]
             sc = [t, hq, hkv, d, rot, b, mb, cache.shape[3], cache.shape[1]]
+            sc += [lr.float_bits(eps)] if qk_norm is not None else []
             self.launch(ln, ins + sc + [q, k, v, cache])
         return q, k, v
 

@@ -153,11 +153,16 @@ ROPE_PAIRS_PER_CTA = 512
 
 def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                 rotary_dim: int, dtype: str, interleaved: bool = False, bias: bool = False,
-                write_cache: bool = False) -> Launch:
+                write_cache: bool = False, qk_norm: bool = False) -> Launch:
+    """qk_norm (Qwen3, Gemma 3): a per-head RMSNorm of q and k before the rotation, in the
+    entries that write the cache; each head is whole warps of one pass (head_dim % 64 == 0)."""
     if head_dim % 2 or rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
         raise ValueError(f"rotary_dim {rotary_dim} / head_dim {head_dim}")
     if rotary_dim // 2 > 256:
         raise ValueError("rotary_dim > 512")
+    if qk_norm and (not write_cache or head_dim % 64 or head_dim // 2 > ROPE_PAIRS_PER_CTA):
+        raise ValueError(f"the q/k-norm RoPE kernel writes the cache and takes head_dim a "
+                         f"multiple of 64 up to {2 * ROPE_PAIRS_PER_CTA}, not {head_dim}")
     heads = num_q_heads + 2 * num_kv_heads
     # A CTA a token and group of heads, a thread a rotated pair: at batch 1 the 48 heads of
     # Llama-3-8B run as 6 CTAs of 8 heads (one CTA took 7 us on an H100; the cos/sin table
@@ -166,7 +171,9 @@ def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     groups = -(-heads // per_cta)
     per_cta = -(-heads // groups)   # the kernel's own split: ceil(heads / gridDim.y)
     threads = min(ROPE_PAIRS_PER_CTA, round_up(per_cta * head_dim // 2, 32))
-    name = ("rope" + ("_bias" if bias else "") + ("_cache" if write_cache else "")
+    # (with qk_norm, per_cta * head_dim / 2 <= ROPE_PAIRS_PER_CTA: a thread for every pair)
+    name = ("rope" + ("_bias" if bias else "") + ("_qknorm" if qk_norm else "")
+            + ("_cache" if write_cache else "")
             + ("_interleaved_" if interleaved else "_half_") + dtype_tag(dtype))
     return Launch("rope", name, (tokens, groups, 1), (threads, 1, 1))
 

@@ -36,6 +36,7 @@ def _entry_names():
             for bias in (False, True):
                 for cache in (False, True):
                     names.add(lr.rope_launch(1, 2, 1, 64, 32, dt, il, bias, cache))
+                names.add(lr.rope_launch(1, 2, 1, 64, 32, dt, il, bias, True, qk_norm=True))
         for d in ap.HEAD_DIMS:
             for smem in set(MAX_SMEM_OPTIN.values()):
                 dec = ap.attention_plan(4, 4, 8, 2, d, 4096, 16, dt, 132, max_smem=smem)

@@ -152,6 +152,36 @@ def test_rope_cache_write(K, dtype):
     assert torch.equal(cache, expect), "rope cache write missing or misplaced"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("hq,hkv,d,rot,bias", [
+    (8, 2, 64, 64, False),      # one CTA, a head a warp
+    (14, 2, 64, 64, True),      # 18 heads over 2 CTAs of 9: a CTA's threads past its pairs
+    (32, 8, 128, 128, True),    # a head two warps, 6 CTAs a token
+    (16, 8, 128, 64, False)])   # partial rotary: the norm spans all D dims, RoPE the first 64
+def test_rope_qk_norm(K, dtype, interleaved, hq, hkv, d, rot, bias):
+    """Qwen3 / Gemma 3: a per-head RMSNorm of q and k (HF's rounding: weight * (x * rstd)
+    in the dtype) before RoPE, v untouched, the normed and rotated K and V in the cache."""
+    lens, ctx, bs, eps = [5, 1, 70], [5, 40, 100], 16, 1e-6
+    _, _, _, starts, cl, tables, cache = make_batch(lens, ctx, hq, hkv, d, bs, dtype)
+    t = sum(lens)
+    qkv = rnd(t, (hq + 2 * hkv) * d, dtype=dtype, scale=3)
+    b = rnd((hq + 2 * hkv) * d, dtype=dtype) if bias else None
+    wq, wk = (rnd(d, dtype=dtype, scale=0.5) + 1 for _ in range(2))
+    pos = torch.cat([torch.arange(c - n, c) for n, c in zip(lens, ctx)]).int().cuda()
+    inv = torch.tensor(llama3_inv_freq(d, 10000.0, rot), device="cuda")
+    before = cache.clone()
+    q, k, v = K.rope(qkv, pos, inv, hq, hkv, d, rot, interleaved, b, cache=cache,
+                     seq_starts=starts, block_tables=tables, qk_norm=(wq, wk), eps=eps)
+    x = (qkv + b if bias else qkv).view(t, hq + 2 * hkv, d)   # the kernel rounds the sum too
+    qn, kn = ref_rms(x[:, :hq], wq, eps).float(), ref_rms(x[:, hq:hq + hkv], wk, eps).float()
+    close(q, ref_rope(qn, pos, inv, rot, interleaved), "rope")
+    close(k, ref_rope(kn, pos, inv, rot, interleaved), "rope")
+    assert torch.equal(v, x[:, hq + hkv:])
+    _, expect = ref_attention(q, k, v, starts, cl, tables, before, 1.0)
+    assert torch.equal(cache, expect), "rope cache write missing or misplaced"
+
+
 CASES = [  # (new tokens per sequence, context after the step)
     ([1, 1, 1, 1], [1, 17, 100, 333]),             # pure decode
     ([5, 1, 70, 1, 130], [5, 40, 70, 1000, 200]),  # prefill chunks + decode, mixed

@@ -56,6 +56,28 @@ def test_rope_shapes_and_names():
         lr.rope_launch(9, 32, 8, 128, 130, "bfloat16")
 
 
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (14, 2, 64), (4, 2, 64), (64, 8, 256)])
+def test_rope_qk_norm_gives_each_pair_a_thread(hq, hkv, d):
+    """The q/k-norm entries run one pass (a head's sum of squares is a block reduction): the
+    CTA's heads times D/2 pairs fit its threads, and a head is whole warps."""
+    ln = lr.rope_launch(5, hq, hkv, d, d, "float16", bias=True, write_cache=True,
+                        qk_norm=True)
+    assert ln.kernel == "rope_bias_qknorm_cache_half_f16"
+    per_cta = -(-(hq + 2 * hkv) // ln.grid[1])
+    assert per_cta * d // 2 <= ln.block[0] <= 512 and (d // 2) % 32 == 0
+    assert lr.rope_launch(1, hq, hkv, d, d // 2, "bfloat16", write_cache=True,
+                          qk_norm=True).kernel == "rope_qknorm_cache_half_bf16"
+
+
+@pytest.mark.parametrize("kw", [dict(head_dim=96), dict(write_cache=False)])
+def test_rope_qk_norm_refuses(kw):
+    args = dict(head_dim=128, write_cache=True) | kw
+    with pytest.raises(ValueError, match="q/k-norm RoPE kernel writes the cache and takes "
+                       "head_dim a multiple of 64"):
+        lr.rope_launch(1, 8, 2, args["head_dim"], 32, "float16",
+                       write_cache=args["write_cache"], qk_norm=True)
+
+
 def test_llama3_inv_freq_matches_transformers():
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig

@@ -9,8 +9,9 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
                                                                        gated activation fused
     llmc FusedSwiGLU / FusedGeGLU                 swiglu / geglu       activation.cu
     llmc PagedAttention with its q/k/v chain:     rope_cache           rope.cu (RoPE, QKV bias,
-      MatMul [+ Add bias] -> Split -> Reshape                          K/V written into the
-      -> RotaryEmbedding (q, k)                                        layer's pool in place)
+      MatMul [+ Add bias] -> Split -> Reshape                          q/k norms, K/V written
+      [-> RMSNormalization per head (q, k)]                            into the layer's pool
+      -> RotaryEmbedding (q, k)                                        in place)
                                                   attention            paged_attention.cu
     Gather(h, last_token_rows)                    gather_rows          glue.cu
     Cast(logits, float32)                         the LM-head GEMM writes fp32 (or cast_f32)
@@ -369,8 +370,9 @@ class Lowering:
                                    "lookup or LayerNorm either; build with --backend "
                                    "tensorrt-rtx or reference")
         for side in (q, k):
-            reshape, split, rope = self._rope_side(side)
-            self.done.update(id(n) for n in (rope, *rope_neighbours(g, rope)))
+            reshape, split, rope, norm = self._rope_side(side)
+            squeeze, unsqueeze = g.consumers[rope.output[0]][0], g.producer[rope.input[0]]
+            self.done.update(id(n) for n in (rope, squeeze, unsqueeze, reshape, norm) if n)
             for angles in rope.input[1:]:
                 self.done.update(id(n) for n in _angle_chain(g, angles))
         v_reshape = g.only(v, "Reshape")
@@ -412,10 +414,12 @@ class Lowering:
         freq = f"{node.name}/inv_freq"
         self.values[freq] = Value("const", "float32", [len(inv_freq)],
                                   data=[float(x) for x in inv_freq])
+        norm_weights, norm_attrs = self._qk_norm(node, chain[0][3], chain[1][3], d)
         self._emit("rope_cache", node, [qkv, bias, contract.POSITION_IDS, freq,
-                                        contract.SEQ_STARTS, contract.BLOCK_TABLES],
+                                        contract.SEQ_STARTS, contract.BLOCK_TABLES,
+                                        *norm_weights],
                    [q_out, k_out, v_out], hq=hq, hkv=hkv, d=d, rot=2 * len(inv_freq),
-                   layer=layer, block_size=int(_attr(node, "block_size")))
+                   layer=layer, block_size=int(_attr(node, "block_size")), **norm_attrs)
         self.ops[-1].node = f"{node.name} (RoPE, K/V cache write)"
         out = self._arena(node.output[0], ["T", hq, d])
         self.ops.append(Op("attention", [q_out, contract.SEQ_STARTS, contract.CONTEXT_LENS,
@@ -427,7 +431,7 @@ class Lowering:
         self.done.add(id(node))
 
     def _rope_side(self, value: str):
-        """q or k: Squeeze(RotaryEmbedding(Unsqueeze(Reshape(Split[i])), cos, sin))."""
+        """q or k: Squeeze(RotaryEmbedding(Unsqueeze([RMSNorm](Reshape(Split[i])))))."""
         g = self.g
         squeeze = g.only(value, "Squeeze")
         rope = g.only(squeeze.input[0], "RotaryEmbedding")
@@ -435,14 +439,30 @@ class Lowering:
             raise UnsupportedGraph(f"{rope.name!r}: interleaved RoPE is not lowered yet")
         unsqueeze = g.only(rope.input[0], "Unsqueeze")
         norm = g.producer.get(unsqueeze.input[0])
-        if norm is not None and norm.op_type == "RMSNormalization":
-            # the rope_cache kernel reads q and k straight from the QKV GEMM output
-            raise UnsupportedGraph(f"a per-head q/k RMSNorm before RoPE (Qwen3, Gemma 3: "
-                                   f"weight {norm.input[1]!r}) is not lowered by the cuda "
-                                   "backend yet; build with --backend tensorrt-rtx or reference")
-        reshape = g.only(unsqueeze.input[0], "Reshape")
+        if norm is None or norm.op_type != "RMSNormalization":
+            norm = None     # a per-head q/k norm (Qwen3, Gemma 3) sits here if anywhere
+        reshape = g.only(norm.input[0] if norm else unsqueeze.input[0], "Reshape")
         split = g.only(reshape.input[0], "Split")
-        return reshape, split, rope
+        return reshape, split, rope, norm
+
+    def _qk_norm(self, node, q_norm, k_norm, d: int) -> tuple[list, dict]:
+        """The per-head RMSNorms of q and k before RoPE, folded into rope_cache: their two
+        weights (inputs) and the epsilon (attribute); nothing when the model has none."""
+        if q_norm is None and k_norm is None:
+            return [], {}
+        if q_norm is None or k_norm is None:
+            raise UnsupportedGraph(f"PagedAttention node {node.name!r}: an RMSNorm before "
+                                   "RoPE on one of q and k only; the rope kernel norms both")
+        eps = {float(_attr(n, "epsilon", 1e-5)) for n in (q_norm, k_norm)}
+        for n in (q_norm, k_norm):
+            t = self.g.weight(n.input[1])
+            if (len(n.input) > 2 and n.input[2]) or t is None or list(t.dims) != [d] \
+                    or _attr(n, "axis", -1) not in (-1, 2) or len(eps) != 1:
+                raise UnsupportedGraph(f"RMSNormalization node {n.name!r} before RoPE is not a "
+                                       f"per-head norm over head_dim {d} with one weight and "
+                                       "the same epsilon for q and k")
+        return [self._weight(q_norm.input[1]), self._weight(k_norm.input[1])], \
+            {"qk_norm_eps": eps.pop()}
 
     def _inv_freq(self, rope) -> np.ndarray:
         """The RoPE angles are positions x inv_freq: find that constant under cos."""
@@ -502,14 +522,6 @@ def _after_rope(g: _Graph, value: str) -> bool:
     rope = g.producer.get(squeeze.input[0]) if squeeze is not None and \
         squeeze.op_type == "Squeeze" else None
     return rope is not None and rope.op_type == "RotaryEmbedding"
-
-
-def rope_neighbours(g: _Graph, rope) -> list:
-    """The views around a RotaryEmbedding that the rope kernel replaces."""
-    unsqueeze = g.producer[rope.input[0]]
-    reshape = g.producer[unsqueeze.input[0]]
-    squeeze = g.consumers[rope.output[0]][0]
-    return [unsqueeze, reshape, squeeze]
 
 
 def _angle_chain(g: _Graph, value: str) -> list:

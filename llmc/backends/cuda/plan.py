@@ -15,7 +15,8 @@ the session evaluates each step (program.py). The plan holds data only: no pickl
 The ops (lower.py says which graph nodes each comes from): embedding, rmsnorm, add_rmsnorm,
 gemm (optional bias; the GEMV kernel or cuBLASLt by row count; with attr act, the gated
 activation of its output fused in: outputs [gate-up, activated]), rope_cache (RoPE on q and
-k, QKV bias, K/V written into the layer's pool), attention (paged), swiglu, geglu,
+k, QKV bias, optional per-head q/k RMSNorm (inputs 6-7, attr qk_norm_eps), K/V written into
+the layer's pool), attention (paged), swiglu, geglu,
 gather_rows, add, cast_f32.
 """
 

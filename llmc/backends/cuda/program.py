@@ -59,6 +59,20 @@ def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
             P(outs[0]), m, a["inter"], P(outs[1])]
 
 
+def _rope_cache(op: Op, s: Step, b: int, width: int, dt: str, P) -> tuple:
+    """RoPE (+ QKV bias, + the per-head q/k norm) and the K/V cache write: (Launch, args)."""
+    a, (qkv, bias, pos, freq, starts, tables, *norms) = op.attrs, op.inputs
+    qk_norm = "qk_norm_eps" in a
+    launch = lr.rope_launch(s.tokens, a["hq"], a["hkv"], a["d"], a["rot"], dt, False,
+                            bias is not None, True, qk_norm)
+    return launch, [
+        P(qkv), *([P(bias)] if bias is not None else []), *map(P, norms if qk_norm else ()),
+        P(pos), P(freq), P(starts), P(tables),
+        s.tokens, a["hq"], a["hkv"], a["d"], a["rot"], b, width, a["block_size"], s.num_blocks,
+        *([lr.float_bits(a["qk_norm_eps"])] if qk_norm else []),
+        *map(P, op.outputs), P(contract.kv_cache_input(a["layer"]))]
+
+
 def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
     """("kernel", Launch, args) and ("gemm", key, (x, w, y, m, bias)) in execution order.
     ptr(name) gives the device address of a value, of kv_cache_{l} and of ATTN_WORKSPACE."""
@@ -88,13 +102,7 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
             yield "kernel", lr.gated_launch(n, a["inter"], dt, kind, s.sm_count), [
                 P(ins[0]), n, a["inter"], P(outs[0])]
         elif kind == "rope_cache":
-            bias = ins[1] is not None
-            launch = lr.rope_launch(t, a["hq"], a["hkv"], a["d"], a["rot"], dt, False, bias,
-                                    True)
-            yield "kernel", launch, [
-                P(ins[0]), *([P(ins[1])] if bias else []), *map(P, ins[2:]),
-                t, a["hq"], a["hkv"], a["d"], a["rot"], b, width, a["block_size"],
-                s.num_blocks, *map(P, outs), P(contract.kv_cache_input(a["layer"]))]
+            yield "kernel", *_rope_cache(op, s, b, width, dt, P)
         elif kind == "attention":
             att = ap.attention_plan(t, b, a["hq"], a["hkv"], a["d"], width, a["block_size"],
                                     dt, s.sm_count, write_kv=False, max_smem=s.max_smem,

@@ -27,7 +27,7 @@ pytest.importorskip("cuda.bindings.nvrtc", reason="the kernels extra (NVRTC) is 
 
 ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
 LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_block_size=16)
-KINDS = ("llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias")
+KINDS = ("llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "qwen3-qknorm")
 # Phi-3's checkpoint-fused projections lower to the plan of a llama graph; one architecture
 # shows it (the kernels compiled do not depend on the family).
 MORE_KINDS = {"sm_90a": ("phi3-window",)}
@@ -66,6 +66,9 @@ def test_every_variant_lowers(tiny_models_d64, tmp_path, arch):
             assert plan.values[o.inputs[1]].shape == [o.attrs["n"], o.attrs["k"]]
         ropes = [o for o in plan.ops if o.op == "rope_cache"]
         assert all((o.inputs[1] is not None) == (kind == "qwen2-bias") for o in ropes)
+        # Qwen3's per-head q/k norms are folded into rope_cache: two weights and an eps
+        assert all(("qk_norm_eps" in o.attrs) == (len(o.inputs) == 8) == (kind == "qwen3-qknorm")
+                   for o in ropes)
         window = [o.attrs["window"] for o in plan.ops if o.op == "attention"]
         assert window == [12 if kind in ("mistral-window", "phi3-window") else 0] * layers
         head = plan.ops[-1]
@@ -212,16 +215,50 @@ def test_running_a_cuda_engine_without_a_gpu_is_one_clear_error(tiny_models_d64,
         "pip install 'llmc[cuda]'" in last or "no NVIDIA GPU" in last)
 
 
-@pytest.mark.parametrize("kind", ["qwen3-qknorm", "gemma3-local-global"])
-def test_qk_norm_is_refused_by_name(tiny_models_d64, tmp_path, kind):
-    """The rope_cache kernel reads q and k straight from the QKV GEMM: a per-head norm in
-    between is one clear error naming it, and no engine is written."""
-    folder = tiny_models_d64[kind][0]
-    with pytest.raises(UnsupportedGraph, match="per-head q/k RMSNorm before RoPE \\(Qwen3, "
-                       "Gemma 3: weight 'model.layers.0.self_attn.q_norm.weight'\\) is not "
-                       "lowered"):
-        _build(folder, tmp_path / "q.engine", "sm_90a")
-    assert not (tmp_path / "q.engine").exists()
+def _fused(folder, out):
+    """The fused graph of a checkpoint, saved as the build saves it (fp16)."""
+    from llmc.graph import save_onnx
+    from llmc.model_zoo import load_model
+    from llmc.passes import run_passes
+
+    graph, weights = load_model(folder).build_graph("float16", 16)
+    graph, weights, _ = run_passes(graph, weights)
+    return save_onnx(graph, weights, out)
+
+
+def test_qk_norm_folds_into_rope_cache(tiny_models_d64, tmp_path):
+    """Qwen3's per-head RMSNorms of q and k (between the QKV split and RoPE) become part of
+    the rope_cache op: no norm op of their own, their weights read as stored, the graph's
+    epsilon; the model's other norms stay norm ops."""
+    folder, model = tiny_models_d64["qwen3-qknorm"]
+    plan = lower(_fused(folder, tmp_path / "fused"), LIMITS, "sm_90a")
+    layers = model.config.num_hidden_layers
+    ropes = [o for o in plan.ops if o.op == "rope_cache"]
+    for i, op in enumerate(ropes):
+        assert op.inputs[6:] == [f"model.layers.{i}.self_attn.{x}_norm.weight" for x in "qk"]
+        assert op.attrs["qk_norm_eps"] == pytest.approx(model.config.rms_norm_eps, rel=1e-6)
+        assert all(plan.values[w].where == "weight" and plan.values[w].shape == [64]
+                   for w in op.inputs[6:])
+    norms = [o for o in plan.ops if o.op in ("rmsnorm", "add_rmsnorm")]
+    assert len(norms) == 2 * layers + 1 and all(o.attrs["n"] == 256 for o in norms)
+
+
+def test_qk_norm_on_one_side_only_is_refused(tiny_models_d64, tmp_path):
+    """The kernel norms q and k together: a graph with k's norm taken out is one clear error
+    (not a kernel that norms k anyway)."""
+    import onnx
+
+    path = _fused(tiny_models_d64["qwen3-qknorm"][0], tmp_path / "fused")
+    model = onnx.load(str(path), load_external_data=False)
+    norm = next(n for n in model.graph.node if n.op_type == "RMSNormalization"
+                and n.input[1].endswith("k_norm.weight"))
+    for n in model.graph.node:
+        n.input[:] = [norm.input[0] if i == norm.output[0] else i for i in n.input]
+    model.graph.node.remove(norm)
+    onnx.save(model, str(path))
+    with pytest.raises(UnsupportedGraph, match="an RMSNorm before RoPE on one of q and k "
+                       "only"):
+        lower(path, LIMITS, "sm_90a")
 
 
 def test_gemma2_softcap_is_refused_by_name(tiny_models_d64, tmp_path):
