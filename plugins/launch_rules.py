@@ -199,9 +199,11 @@ def _row_copy_launch(op: str, rows: int, width: int, dtype: str) -> Launch:
     return Launch("glue", f"{op}_{dtype_tag(dtype)}_v{vec}", (rows, 1, 1), (threads, 1, 1))
 
 
-def embedding_launch(tokens: int, hidden: int, dtype: str) -> Launch:
-    """out[t] = table[ids[t]]; args (ids, table, T, H, V, out); ids outside [0, V) give zeros."""
-    return _row_copy_launch("embedding", tokens, hidden, dtype)
+def embedding_launch(tokens: int, hidden: int, dtype: str, scaled: bool = False) -> Launch:
+    """out[t] = table[ids[t]]; args (ids, table, T, H, V, out); ids outside [0, V) give zeros.
+    scaled (Gemma's sqrt(hidden)): out[t] = table[ids[t]] * scale, rounded to the dtype;
+    args (ids, table, T, H, V, float_bits(scale), out)."""
+    return _row_copy_launch("embedding_scale" if scaled else "embedding", tokens, hidden, dtype)
 
 
 def gather_rows_launch(rows: int, hidden: int, dtype: str) -> Launch:
@@ -216,6 +218,14 @@ def cast_launch(n: int, dtype: str, sm_count: int) -> Launch:
     vec = 8 if n % 8 == 0 else 1
     grid = _stream_grid(math.ceil(n / vec), sm_count)
     return Launch("glue", f"cast_f32_{dtype_tag(dtype)}_v{vec}", (grid, 1, 1), (256, 1, 1))
+
+
+def softcap_launch(n: int, sm_count: int) -> Launch:
+    """out = cap * tanh(x / cap) over n fp32 logits (Gemma 2's final soft-cap); args (x, n,
+    float_bits(cap), out)."""
+    if not 0 < n <= INT32_MAX:
+        raise ValueError(f"soft-cap of {n} logits")
+    return Launch("glue", "softcap_f32", (_stream_grid(n, sm_count), 1, 1), (256, 1, 1))
 
 
 def add_launch(n: int, dtype: str, sm_count: int) -> Launch:

@@ -12,6 +12,8 @@
 //  Sliding window (`win` > 0, HF Mistral): the token at position p sees keys p - win < j <= p.
 //  Both attention kernels start at the first key tile holding a visible key, so a window
 //  bounds the work and the bytes read, not only the result.
+//  Logit soft-cap (the _softcap entries, Gemma 2): the scaled score s becomes
+//  cap * tanh(s / cap) before the mask and the softmax; `cap` is one more argument.
 //  attn_reduce:     flash-decoding combine of the per-split partial results.
 #include "common.cuh"
 
@@ -89,11 +91,13 @@ __device__ __forceinline__ void load_kv_tile(u16* dst, const u16* cache, const i
 // Online-softmax update of one 16-row tile's S fragments (NB n-blocks of 8 keys): keeps keys
 // with 0 <= lim - key < wv (lim: the row's position; wv: the window, INT_MAX for none: one
 // unsigned compare does both bounds, so the window adds no compare per element),
-// rescales O, and leaves exp2'd probabilities in s.
-template <int NB, int D>
+// rescales O, and leaves exp2'd probabilities in s. CAP: the score is soft-capped,
+// cap * tanh(s * scale / cap), in log2 units: cap_out * tanh(s * cap_in).
+template <int NB, int D, bool CAP = false>
 __device__ __forceinline__ void softmax_step(float (*s)[4], float (*o)[4], float* m, float* l,
                                              float scale_log2, int kbase, int lim0, int lim1,
-                                             int wv, bool mask = true) {
+                                             int wv, bool mask = true, float cap_in = 0.f,
+                                             float cap_out = 0.f) {
   const int lane = threadIdx.x & 31;
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -102,7 +106,9 @@ __device__ __forceinline__ void softmax_step(float (*s)[4], float (*o)[4], float
     for (int e = 0; e < 4; ++e) {
       const int kc = kbase + nb * 8 + (lane & 3) * 2 + (e & 1);
       const bool ok = (unsigned)((e < 2 ? lim0 : lim1) - kc) < (unsigned)wv;
-      const float v = !mask || ok ? s[nb][e] * scale_log2 : -INFINITY;
+      float v;
+      if constexpr (CAP) v = !mask || ok ? cap_out * tanhf(s[nb][e] * cap_in) : -INFINITY;
+      else v = !mask || ok ? s[nb][e] * scale_log2 : -INFINITY;
       s[nb][e] = v;
       mx[e >> 1] = fmaxf(mx[e >> 1], v);
     }
@@ -159,12 +165,12 @@ __device__ __forceinline__ void pv_mma(float (*o)[4], const u32* pa, const u16* 
 //  _w8s: 8 warps, 128-row tiles, so each K/V tile in SMEM feeds twice the rows; Q fragments
 //        re-read from SMEM each key tile to fit 128 regs and 2 CTAs (16 warps) per SM (Q in
 //        registers needs 220 regs, so only one CTA of 8 warps fits, and was no faster than _w4).
-template <typename T, int D, int NW, bool QREG>
+template <typename T, int D, int NW, bool QREG, bool CAP = false>
 __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ ss,
                              const int* __restrict__ cl, const int* __restrict__ bt,
                              const u16* __restrict__ cache, int T_, int B, int hq, int hkv,
                              int mb, int bs, int nb, int scale_bits, int win, int P,
-                             u16* __restrict__ out) {
+                             u16* __restrict__ out, int cap_bits = 0) {
   constexpr int BMR = 16 * NW, NT = 32 * NW, CH = D / 8;
   extern __shared__ __align__(16) u16 smem[];
   u16* sQ = smem;
@@ -199,6 +205,8 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
   load_kv_tile<D, NT>(sV, cache, bt, s, mb, bs, 1, nb, hkv, kvh, j0 * BN, kv_len);
   cp_commit();
   const float scale_log2 = __int_as_float(scale_bits) * 1.4426950408889634f;
+  const float cap_in = CAP ? __int_as_float(scale_bits) / __int_as_float(cap_bits) : 0.f;
+  const float cap_out = CAP ? __int_as_float(cap_bits) * 1.4426950408889634f : 0.f;
   const int ra = warp * 16 + (lane >> 2);
   // Padding rows (r >= nrows) take the last token's limit so no row is fully masked.
   const int lim0 = p_first + min(ra / P, ntok - 1), lim1 = p_first + min((ra + 8) / P, ntok - 1);
@@ -249,8 +257,8 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
       load_kv_tile<D, NT>(sK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, k0 + BN, kv_len);
     cp_commit();
     if (live) {
-      softmax_step<BN / 8, D>(sc, o, m, l, scale_log2, k0, lim0, lim1, wv,
-                              k0 + BN - 1 > lim_lo || lim_hi - k0 >= wv);
+      softmax_step<BN / 8, D, CAP>(sc, o, m, l, scale_log2, k0, lim0, lim1, wv,
+                                   k0 + BN - 1 > lim_lo || lim_hi - k0 >= wv, cap_in, cap_out);
     }
     cp_wait<1>();
     __syncthreads();
@@ -284,14 +292,14 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
   }
 }
 
-template <typename T, int D, int NST>
+template <typename T, int D, int NST, bool CAP = false>
 __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ ss,
                             const int* __restrict__ cl, const int* __restrict__ bt,
                             const u16* __restrict__ cache, int T_, int B, int hq, int hkv,
                             int mb, int bs, int nb, int scale_bits, int win, int n_split,
                             int chunk,
                             u16* __restrict__ out, float* __restrict__ ws_o,
-                            float* __restrict__ ws_lse) {
+                            float* __restrict__ ws_lse, int cap_bits = 0) {
   extern __shared__ __align__(16) u16 smem[];
   u16* sQ = smem;
   u16* sKV = sQ + 16 * D;  // NST stages of [K tile, V tile]
@@ -329,6 +337,8 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
     cp_commit();
   }
   const float scale_log2 = __int_as_float(scale_bits) * 1.4426950408889634f;
+  const float cap_in = CAP ? __int_as_float(scale_bits) / __int_as_float(cap_bits) : 0.f;
+  const float cap_out = CAP ? __int_as_float(cap_bits) * 1.4426950408889634f : 0.f;
   u32 qf[D / 16][4];
   float o[D / 8][4];
 #pragma unroll
@@ -355,7 +365,8 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
     }
     const int kbase = k_begin + j * BN + warp * 16;
     // Tiles never cross a split's end (chunk is a multiple of BN), so pos bounds them above.
-    softmax_step<2, D>(sc, o, m, l, scale_log2, kbase, pos, pos, win > 0 ? win : 0x7fffffff);
+    softmax_step<2, D, CAP>(sc, o, m, l, scale_log2, kbase, pos, pos, win > 0 ? win : 0x7fffffff,
+                            true, cap_in, cap_out);
     u32 pa[4];
     p_frag<T>(pa, sc[0], sc[1]);
     pv_mma<T, D>(o, pa, sV, warp * 16, lane);
@@ -471,11 +482,17 @@ __device__ void kv_write(const u16* __restrict__ k, const u16* __restrict__ v,
 
 #define ATTN_IN const u16 *q, const int *ss, const int *cl, const int *bt, const u16 *kv
 #define ATTN_SC int T_, int B, int hq, int hkv, int mb, int bs, int nb, int sc, int win
+// _softcap: the same kernels with the logit soft-cap; its value follows `win`.
 #define PREFILL_ENTRY(DT, TY, D, SUF, NW, MINB, QREG)                                         \
   extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                 \
       attn_prefill_##DT##_d##D##SUF(ATTN_IN, ATTN_SC, int pack, u16* out) {                   \
     attn_prefill<TY, D, NW, QREG>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs, nb, sc, win,     \
                                   pack, out);                                                 \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                 \
+      attn_prefill_##DT##_d##D##SUF##_softcap(ATTN_IN, ATTN_SC, int cap, int pack, u16* out) { \
+    attn_prefill<TY, D, NW, QREG, true>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs, nb, sc,    \
+                                        win, pack, out, cap);                                 \
   }
 // _s2: 2 K/V stages, for devices whose per-block shared memory cannot hold 3 (99 KB on
 // sm_86/89/120 < 100 KB for 3 stages at D=128).
@@ -486,6 +503,13 @@ __device__ void kv_write(const u16* __restrict__ k, const u16* __restrict__ v,
     pdl_trigger(); /* the o-projection GEMV after it may start streaming its weights */     \
     attn_decode<TY, D, NST>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs, nb, sc, win, ns,       \
                             chunk, out, wo, wl);                                              \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(128)                                           \
+      attn_decode_##DT##_d##D##SUF##_softcap(ATTN_IN, ATTN_SC, int cap, int ns, int chunk,    \
+                                             u16* out, float* wo, float* wl) {                \
+    pdl_trigger();                                                                            \
+    attn_decode<TY, D, NST, true>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs, nb, sc, win, ns, \
+                                  chunk, out, wo, wl, cap);                                   \
   }
 #define ATTN_ENTRIES(DT, TY, D)                                                               \
   PREFILL_ENTRY(DT, TY, D, _w4, 4, 3, true)                                                   \

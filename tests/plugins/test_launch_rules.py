@@ -102,9 +102,11 @@ def test_float_bits():
         pytest.approx(1e-5)
 
 
-@pytest.mark.parametrize("rule,op", [(lr.embedding_launch, "embedding"),
-                                     (lr.gather_rows_launch, "gather_rows")])
+@pytest.mark.parametrize("rule,op", [
+    (lr.embedding_launch, "embedding"), (lr.gather_rows_launch, "gather_rows"),
+    (lambda *a: lr.embedding_launch(*a, scaled=True), "embedding_scale")])
 def test_row_copy_launches(rule, op):
+    """One row a block (Gemma's scaled embedding too: the same grid, its own entry)."""
     for rows in (1, 65535, 70000, 2**31 - 1):  # rows on grid.x: past 65535 too
         for h, vec in ((576, 8), (4096, 8), (100, 1), (64, 8), (1, 1)):
             ln = rule(rows, h, "bfloat16")
@@ -119,6 +121,16 @@ def test_row_copy_launches(rule, op):
             rule(*bad, "float16")
     with pytest.raises(ValueError):
         rule(4, 64, "float32")
+
+
+def test_softcap_launch():
+    ln = lr.softcap_launch(4 * 256000, 132)
+    assert (ln.module, ln.kernel, ln.block) == ("glue", "softcap_f32", (256, 1, 1))
+    assert ln.grid[0] == 132 * 8     # grid-stride, ~8 blocks an SM
+    assert lr.softcap_launch(100, 132).grid == (1, 1, 1)
+    for bad in (0, 2**31):
+        with pytest.raises(ValueError):
+            lr.softcap_launch(bad, 132)
 
 
 def test_cast_launch():

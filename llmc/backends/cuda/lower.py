@@ -3,6 +3,7 @@
 Every node of the fused graph maps to a kernel, a view, or nothing at all:
 
     Gather(embedding table, input_ids)            embedding            glue.cu
+      [-> Mul(constant): Gemma's sqrt(hidden)]    (embedding_scale)
     RMSNormalization / llmc AddRMSNorm            rmsnorm / add_rmsnorm norm.cu
     MatMul(x, W) / Gemm(x, E, transB=1)           gemm                 gemv.cu (1-8 rows),
       [-> FusedSwiGLU / FusedGeGLU]                                    cuBLASLt (more); the
@@ -13,8 +14,11 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
       [-> RMSNormalization per head (q, k)]                            into the layer's pool
       -> RotaryEmbedding (q, k)                                        in place)
                                                   attention            paged_attention.cu
+                                                                       (+ logit soft-cap)
     Gather(h, last_token_rows)                    gather_rows          glue.cu
     Cast(logits, float32)                         the LM-head GEMM writes fp32 (or cast_f32)
+    Div(logits, cap) -> Tanh -> Mul(cap)          softcap              glue.cu (Gemma 2's
+                                                                       final-logit soft-cap)
     Reshape / Squeeze / Unsqueeze / Split         views of one buffer
     Identity to kv_cache_out_{l}                  nothing: the pool is updated in place
     the RoPE angle chain (Cos/Sin of positions    nothing: the rope kernel computes angles
@@ -298,6 +302,45 @@ class Lowering:
         out = self._arena(node.output[0], list(va.shape))
         self._emit("add", node, [a, b], [out], n=va.shape[-1])
 
+    def _op_Mul(self, node) -> None:
+        """The embedding times a constant (Gemma's sqrt(hidden), a constant of the dtype):
+        folded into the lookup, which writes the product."""
+        x, c = node.input
+        scale = self.g.const(c)
+        op = next((o for o in self.ops if o.outputs == [x]), None)
+        if (scale is None or scale.size != 1 or op is None or op.op != "embedding"
+                or op.outputs != [x] or "scale" in op.attrs
+                or len(self.g.consumers.get(x, [])) != 1):
+            raise UnsupportedGraph(f"Mul node {node.name!r}: only the embedding times a "
+                                   "constant (Gemma's sqrt(hidden)) is lowered")
+        op.outputs = [self._arena(node.output[0], list(self.values.pop(x).shape))]
+        op.attrs["scale"] = float(scale.reshape(-1)[0].astype(np.float32))
+        op.node += f" * {node.name}"
+        self.done.add(id(node))
+
+    def _op_Div(self, node) -> None:
+        """Gemma 2's final-logit soft-cap, cap * tanh(logits / cap) on the fp32 logits:
+        Div(x, cap) -> Tanh -> Mul(., cap), one kernel."""
+        g = self.g
+        x, c = node.input
+        cap = g.const(c)
+        users = g.consumers.get(node.output[0], [])
+        tanh = users[0] if len(users) == 1 and users[0].op_type == "Tanh" else None
+        after = g.consumers.get(tanh.output[0], []) if tanh is not None else []
+        mul = after[0] if len(after) == 1 and after[0].op_type == "Mul" else None
+        other = [i for i in mul.input if i != tanh.output[0]] if mul is not None else []
+        cap2 = g.const(other[0]) if len(other) == 1 else None
+        v = self.values.get(x)
+        if (cap is None or cap2 is None or cap.size != 1 or cap2.size != 1
+                or float(cap.reshape(-1)[0]) != float(cap2.reshape(-1)[0])
+                or not float(cap.reshape(-1)[0]) > 0 or v is None or v.dtype != "float32"):
+            raise UnsupportedGraph(f"Div node {node.name!r}: only a soft-cap of the fp32 "
+                                   "logits, cap * tanh(x / cap) (Gemma 2), is lowered")
+        out = self._arena(mul.output[0], list(v.shape), "float32")
+        self._emit("softcap", node, [x], [out], cap=float(cap.reshape(-1)[0]))
+        self.ops[-1].node += f" + {tanh.name} + {mul.name}"
+        self.done.update({id(tanh), id(mul)})
+
     def _op_Cast(self, node) -> None:
         x = node.input[0]
         if _attr(node, "to") != _ONNX_FLOAT or self.values.get(x) is None:
@@ -357,10 +400,6 @@ class Lowering:
         """Mark the nodes between the QKV GEMM and PagedAttention, and the RoPE angle chain
         feeding them, as taken by the rope_cache op."""
         g = self.g
-        if _attr(node, "softcap", 0.0):   # checked first: it is the model's defining trait
-            raise UnsupportedGraph(f"PagedAttention node {node.name!r} has a logit soft-cap "
-                                   "(Gemma 2), which the attention kernels do not implement "
-                                   "yet; build with --backend tensorrt-rtx or reference")
         q, k, v = node.input[:3]
         if not _after_rope(g, q):   # GPT-2: a learned position table added to the embeddings
             raise UnsupportedGraph(f"PagedAttention node {node.name!r}: q and k reach "
@@ -427,7 +466,8 @@ class Lowering:
                            dict(hq=hq, hkv=hkv, d=d, layer=layer,
                                 block_size=int(_attr(node, "block_size")),
                                 scale=float(_attr(node, "scale")),
-                                window=int(_attr(node, "sliding_window", 0))), node.name))
+                                window=int(_attr(node, "sliding_window", 0)),
+                                softcap=float(_attr(node, "softcap", 0.0))), node.name))
         self.done.add(id(node))
 
     def _rope_side(self, value: str):

@@ -90,9 +90,10 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
         if kind == "gemm":
             yield from _gemm(op, rows(ins[0]), dt, s, P)
         elif kind == "embedding":
-            vocab = plan.values[ins[0]].shape[0]
-            yield "kernel", lr.embedding_launch(t, a["hidden"], dt), [
-                P(ins[1]), P(ins[0]), t, a["hidden"], vocab, P(outs[0])]
+            vocab, scaled = plan.values[ins[0]].shape[0], "scale" in a
+            yield "kernel", lr.embedding_launch(t, a["hidden"], dt, scaled), [
+                P(ins[1]), P(ins[0]), t, a["hidden"], vocab,
+                *([lr.float_bits(a["scale"])] if scaled else []), P(outs[0])]
         elif kind in ("rmsnorm", "add_rmsnorm"):
             n = rows(ins[0])
             yield "kernel", lr.norm_launch(n, a["n"], dt, "rmsnorm", kind == "add_rmsnorm"), [
@@ -106,7 +107,7 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
         elif kind == "attention":
             att = ap.attention_plan(t, b, a["hq"], a["hkv"], a["d"], width, a["block_size"],
                                     dt, s.sm_count, write_kv=False, max_smem=s.max_smem,
-                                    window=a["window"])
+                                    window=a["window"], softcap=a.get("softcap", 0.0))
             lse = ap.workspace_lse_offset(att, t, a["hq"], a["d"])
             dims = dict(tokens=t, batch=b, hq=a["hq"], hkv=a["hkv"], d=a["d"],
                         max_blocks=width, block_size=a["block_size"], num_blocks=s.num_blocks)
@@ -124,6 +125,10 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
             n = rows(ins[0]) * a["n"]
             yield "kernel", lr.add_launch(n, dt, s.sm_count), [P(ins[0]), P(ins[1]), n,
                                                                P(outs[0])]
+        elif kind == "softcap":
+            n = numel(plan.values[ins[0]].shape, t, b)
+            yield "kernel", lr.softcap_launch(n, s.sm_count), [
+                P(ins[0]), n, lr.float_bits(a["cap"]), P(outs[0])]
         elif kind == "cast_f32":
             n = numel(plan.values[ins[0]].shape, t, b)
             yield "kernel", lr.cast_launch(n, dt, s.sm_count), [P(ins[0]), n, P(outs[0])]

@@ -27,10 +27,17 @@ pytest.importorskip("cuda.bindings.nvrtc", reason="the kernels extra (NVRTC) is 
 
 ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
 LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_block_size=16)
-KINDS = ("llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "qwen3-qknorm")
+KINDS = ("llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "qwen3-qknorm",
+         "gemma2-softcap", "gemma3-local-global")
 # Phi-3's checkpoint-fused projections lower to the plan of a llama graph; one architecture
 # shows it (the kernels compiled do not depend on the family).
 MORE_KINDS = {"sm_90a": ("phi3-window",)}
+# What differs between the kinds' plans: the gated activation fused into the gate-up GEMM,
+# each layer's window (Gemma: sliding layers, then full), q/k norms folded into rope_cache
+GEGLU = ("gemma2-softcap", "gemma3-local-global")
+WINDOWS = {"mistral-window": [12, 12], "phi3-window": [12, 12], "gemma2-softcap": [12, 0],
+           "gemma3-local-global": [12, 0]}
+QK_NORM = ("qwen3-qknorm", "gemma3-local-global")
 
 
 def _build(folder, out, arch, dtype="bf16", limits=LIMITS, **kw):
@@ -53,12 +60,12 @@ def test_every_variant_lowers(tiny_models_d64, tmp_path, arch):
         layers = model.config.num_hidden_layers
         counts = {op: sum(o.op == op for o in plan.ops) for op in ("rope_cache", "attention",
                                                                    "gemm", "swiglu")}
-        # per layer: q/k/v + o + gate-up (its SwiGLU fused in) + down GEMMs; plus the LM head
+        # per layer: q/k/v + o + gate-up (its SwiGLU/GeGLU fused in) + down GEMMs; + LM head
         assert counts == {"rope_cache": layers, "attention": layers, "gemm": 4 * layers + 1,
                           "swiglu": 0}, kind
         gemms = [o for o in plan.ops if o.op == "gemm"]
-        assert [o.attrs.get("act") for o in gemms] == [None, None, "swiglu", None] * layers \
-            + [None]
+        act = "geglu" if kind in GEGLU else "swiglu"
+        assert [o.attrs.get("act") for o in gemms] == [None, None, act, None] * layers + [None]
         gated = gemms[2]
         assert len(gated.outputs) == 2 and gated.attrs["inter"] * 2 == gated.attrs["n"]
         assert all(o.attrs["trans_b"] for o in gemms)   # every weight stored [N, K]
@@ -66,12 +73,13 @@ def test_every_variant_lowers(tiny_models_d64, tmp_path, arch):
             assert plan.values[o.inputs[1]].shape == [o.attrs["n"], o.attrs["k"]]
         ropes = [o for o in plan.ops if o.op == "rope_cache"]
         assert all((o.inputs[1] is not None) == (kind == "qwen2-bias") for o in ropes)
-        # Qwen3's per-head q/k norms are folded into rope_cache: two weights and an eps
-        assert all(("qk_norm_eps" in o.attrs) == (len(o.inputs) == 8) == (kind == "qwen3-qknorm")
+        # Qwen3's and Gemma 3's per-head q/k norms are folded into rope_cache: two weights
+        # and an eps
+        assert all(("qk_norm_eps" in o.attrs) == (len(o.inputs) == 8) == (kind in QK_NORM)
                    for o in ropes)
         window = [o.attrs["window"] for o in plan.ops if o.op == "attention"]
-        assert window == [12 if kind in ("mistral-window", "phi3-window") else 0] * layers
-        head = plan.ops[-1]
+        assert window == WINDOWS.get(kind, [0] * layers)
+        head = [o for o in plan.ops if o.op == "gemm"][-1]   # Gemma 2: the soft-cap after it
         assert head.op == "gemm" and head.attrs["out_dtype"] == "float32"
         assert head.attrs.get("transposed", False) != model.config.tie_word_embeddings
         assert plan.arch == arch and engine.header.lowering["gpu_arch"] == arch
@@ -261,13 +269,56 @@ def test_qk_norm_on_one_side_only_is_refused(tiny_models_d64, tmp_path):
         lower(path, LIMITS, "sm_90a")
 
 
-def test_gemma2_softcap_is_refused_by_name(tiny_models_d64, tmp_path):
-    """The attention kernels have no logit soft-cap: the first error names it (not the
-    embedding scale or the final soft-cap, which have no kernel either)."""
-    with pytest.raises(UnsupportedGraph, match="has a logit soft-cap \\(Gemma 2\\), which "
-                       "the attention kernels do not implement yet"):
-        _build(tiny_models_d64["gemma2-softcap"][0], tmp_path / "g.engine", "sm_90a")
-    assert not (tmp_path / "g.engine").exists()
+def test_gemma_conventions_lower(tiny_models_d64, tmp_path):
+    """Gemma 2 and 3 on the cuda backend: the embedding times sqrt(hidden) (the constant in
+    the dtype, as HF has it) in the lookup kernel; the post-attention and post-MLP norms as
+    norm ops (4 RMSNorms a layer + the final one); the scale query_pre_attn_scalar^-0.5;
+    Gemma 2's attention soft-cap on each attention op and its final-logit soft-cap as the
+    last op on the fp32 logits; Gemma 3's sliding and full layers each with their own RoPE
+    table (local and global theta)."""
+    from llmc.config import rope_inv_freq
+
+    for kind in ("gemma2-softcap", "gemma3-local-global"):
+        folder, model = tiny_models_d64[kind]
+        c = model.config
+        plan = lower(_fused(folder, tmp_path / kind), LIMITS, "sm_90a")
+        first = plan.ops[0]
+        assert first.op == "embedding" and first.attrs["scale"] == 16.0   # sqrt(256) in fp16
+        norms = [o for o in plan.ops if o.op in ("rmsnorm", "add_rmsnorm")]
+        assert len(norms) == 4 * c.num_hidden_layers + 1
+        attn = [o for o in plan.ops if o.op == "attention"]
+        assert all(o.attrs["scale"] == pytest.approx(24 ** -0.5) for o in attn)
+        caps = [o.attrs["softcap"] for o in attn]
+        if kind == "gemma2-softcap":
+            assert caps == [1.0, 1.0]
+            last = plan.ops[-1]
+            assert last.op == "softcap" and last.attrs["cap"] == 1.5
+            assert last.inputs == plan.ops[-2].outputs and plan.storage(plan.output) == \
+                last.outputs[0]
+        else:
+            assert caps == [0.0, 0.0] and plan.ops[-1].op == "gemm"
+            tables = [plan.values[o.inputs[3]].data for o in plan.ops if o.op == "rope_cache"]
+            assert tables[0] == pytest.approx(rope_inv_freq(64, 100.0, None).tolist())
+            assert tables[1] == pytest.approx(rope_inv_freq(64, 1_000_000.0, None).tolist())
+
+
+def test_a_softcap_of_two_caps_is_refused(tiny_models_d64, tmp_path):
+    """cap * tanh(x / cap) is one kernel only when both constants are the cap: a graph whose
+    Mul takes another constant is one clear error, not a silently wrong cap."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    path = _fused(tiny_models_d64["gemma2-softcap"][0], tmp_path / "fused")
+    model = onnx.load(str(path), load_external_data=False)
+    tanh = next(n for n in model.graph.node if n.op_type == "Tanh")
+    mul = next(n for n in model.graph.node if n.op_type == "Mul" and tanh.output[0] in n.input)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(2.0, np.float32), "cap2"))
+    mul.input[:] = [i if i == tanh.output[0] else "cap2" for i in mul.input]
+    onnx.save(model, str(path))
+    with pytest.raises(UnsupportedGraph, match=r"only a soft-cap of the fp32 logits, cap \* "
+                       r"tanh\(x / cap\) \(Gemma 2\), is lowered"):
+        lower(path, LIMITS, "sm_90a")
 
 
 def test_gpt2_is_refused_by_name(tiny_models_d64, tmp_path):
