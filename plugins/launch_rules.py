@@ -154,9 +154,11 @@ ROPE_PAIRS_PER_CTA = 512
 def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                 rotary_dim: int, dtype: str, interleaved: bool = False, bias: bool = False,
                 write_cache: bool = False, qk_norm: bool = False) -> Launch:
-    """qk_norm (Qwen3, Gemma 3): a per-head RMSNorm of q and k before the rotation, in the
+    """rotary_dim 0: no rotation (GPT-2's learned positions), the kernel splits q/k/v (and
+    writes the cache); its inv_freq argument is not read and may be null.
+    qk_norm (Qwen3, Gemma 3): a per-head RMSNorm of q and k before the rotation, in the
     entries that write the cache; each head is whole warps of one pass (head_dim % 64 == 0)."""
-    if head_dim % 2 or rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+    if head_dim % 2 or rotary_dim % 2 or not 0 <= rotary_dim <= head_dim:
         raise ValueError(f"rotary_dim {rotary_dim} / head_dim {head_dim}")
     if rotary_dim // 2 > 256:
         raise ValueError("rotary_dim > 512")

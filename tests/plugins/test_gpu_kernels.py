@@ -121,7 +121,8 @@ def ref_rope(x, pos, inv_freq, rot, interleaved):
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("t,hq,hkv,d,rot,bias", [
     (5, 4, 2, 64, 64, False), (37, 32, 8, 128, 128, True), (3, 6, 6, 80, 32, True),
-    (9, 2, 1, 64, 16, False)])
+    (9, 2, 1, 64, 16, False),
+    (7, 12, 12, 64, 0, True)])  # rot 0, GPT-2: q/k/v split and the bias added, no rotation
 def test_rope(K, dtype, interleaved, t, hq, hkv, d, rot, bias):
     qkv = rnd(t, (hq + 2 * hkv) * d, dtype=dtype)
     b = rnd((hq + 2 * hkv) * d, dtype=dtype) if bias else None
@@ -137,17 +138,20 @@ def test_rope(K, dtype, interleaved, t, hq, hkv, d, rot, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_cache_write(K, dtype):
+@pytest.mark.parametrize("rot", [64, 0])     # 0: GPT-2, K/V cached as they come
+def test_rope_cache_write(K, dtype, rot):
     lens, ctx, hq, hkv, d, bs = [5, 1, 70], [5, 40, 100], 8, 2, 64, 16
     q0, _, _, starts, cl, tables, cache = make_batch(lens, ctx, hq, hkv, d, bs, dtype)
     qkv = rnd(q0.shape[0], (hq + 2 * hkv) * d, dtype=dtype)
     pos = torch.cat([torch.arange(c - n, c) for n, c in zip(lens, ctx)]).int().cuda()
     inv = torch.tensor(llama3_inv_freq(d, 10000.0), device="cuda")
     before = cache.clone()
-    q, k, v = K.rope(qkv, pos, inv, hq, hkv, d, d, cache=cache, seq_starts=starts,
+    q, k, v = K.rope(qkv, pos, inv, hq, hkv, d, rot, cache=cache, seq_starts=starts,
                      block_tables=tables)
-    for a, b in zip((q, k, v), K.rope(qkv, pos, inv, hq, hkv, d, d)):
+    for a, b in zip((q, k, v), K.rope(qkv, pos, inv, hq, hkv, d, rot)):
         assert torch.equal(a, b)
+    if rot == 0:
+        assert torch.equal(torch.cat([q, k, v], 1), qkv.view(q.shape[0], -1, d))
     _, expect = ref_attention(q, k, v, starts, cl, tables, before, 1.0)
     assert torch.equal(cache, expect), "rope cache write missing or misplaced"
 

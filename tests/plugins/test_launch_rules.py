@@ -54,6 +54,11 @@ def test_rope_shapes_and_names():
     assert odd.grid == (1, 2, 1) and odd.block == (288, 1, 1)
     with pytest.raises(ValueError):
         lr.rope_launch(9, 32, 8, 128, 130, "bfloat16")
+    # rotary_dim 0 (GPT-2's learned positions): the same kernel splits q/k/v, rotating nothing
+    none = lr.rope_launch(3, 12, 12, 64, 0, "float16", bias=True, write_cache=True)
+    assert none.kernel == "rope_bias_cache_half_f16" and none.grid == (3, 3, 1)
+    with pytest.raises(ValueError):
+        lr.rope_launch(3, 12, 12, 64, -2, "float16")
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (14, 2, 64), (4, 2, 64), (64, 8, 256)])

@@ -4,7 +4,11 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
 
     Gather(embedding table, input_ids)            embedding            glue.cu
       [-> Mul(constant): Gemma's sqrt(hidden)]    (embedding_scale)
+    Gather(position table, position_ids)          embedding            glue.cu (GPT-2)
     RMSNormalization / llmc AddRMSNorm            rmsnorm / add_rmsnorm norm.cu
+    LayerNormalization / llmc AddLayerNorm        layernorm /          norm.cu (GPT-2)
+                                                  add_layernorm
+    Gelu (not gated)                              gelu                 activation.cu (GPT-2)
     MatMul(x, W) / Gemm(x, E, transB=1)           gemm                 gemv.cu (1-8 rows),
       [-> FusedSwiGLU / FusedGeGLU]                                    cuBLASLt (more); the
                                                                        gated activation fused
@@ -12,7 +16,8 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
     llmc PagedAttention with its q/k/v chain:     rope_cache           rope.cu (RoPE, QKV bias,
       MatMul [+ Add bias] -> Split -> Reshape                          q/k norms, K/V written
       [-> RMSNormalization per head (q, k)]                            into the layer's pool
-      -> RotaryEmbedding (q, k)                                        in place)
+      -> RotaryEmbedding (q, k)                                        in place; no RoPE, as
+                                                                       in GPT-2: rot 0)
                                                   attention            paged_attention.cu
                                                                        (+ logit soft-cap)
     Gather(h, last_token_rows)                    gather_rows          glue.cu
@@ -217,7 +222,9 @@ class Lowering:
 
     def _op_Gather(self, node) -> None:
         data, index = node.input
-        if index == contract.INPUT_IDS and self.g.weight(data) is not None:
+        # the token embedding, or GPT-2's learned positions: a row of the table each token
+        if index in (contract.INPUT_IDS, contract.POSITION_IDS) \
+                and self.g.weight(data) is not None:
             table = self._weight(data)
             hidden = self.values[table].shape[1]
             out = self._arena(node.output[0], ["T", hidden])
@@ -227,8 +234,9 @@ class Lowering:
             out = self._arena(node.output[0], ["B", hidden])
             self._emit("gather_rows", node, [data, index], [out], hidden=hidden)
         else:
-            raise UnsupportedGraph(f"Gather node {node.name!r} is neither the embedding "
-                                   "lookup nor the last-token gather")
+            raise UnsupportedGraph(f"Gather node {node.name!r} is neither an embedding "
+                                   "lookup (of token ids or positions) nor the last-token "
+                                   "gather")
 
     def _op_RMSNormalization(self, node) -> None:
         x, w = node.input[:2]
@@ -244,6 +252,34 @@ class Lowering:
         total = self._arena(node.output[1], list(shape))
         self._emit("add_rmsnorm", node, [x, res, self._weight(w)], [out, total],
                    eps=float(_attr(node, "epsilon", 1e-5)), n=shape[-1])
+
+    def _op_LayerNormalization(self, node) -> None:
+        x, w, b = (list(node.input) + [""])[:3]
+        shape = self.values[x].shape
+        if (_attr(node, "axis", -1) not in (-1, len(shape) - 1) or not b
+                or any(node.output[1:])):
+            raise UnsupportedGraph(f"LayerNormalization node {node.name!r}: only a LayerNorm "
+                                   "over the last axis with a bias and one output is lowered")
+        out = self._arena(node.output[0], list(shape))
+        self._emit("layernorm", node, [x, self._weight(w), self._weight(b)], [out],
+                   eps=float(_attr(node, "epsilon", 1e-5)), n=shape[-1])
+
+    def _op_AddLayerNorm(self, node) -> None:
+        x, res, w, b = node.input
+        shape = self.values[x].shape
+        out = self._arena(node.output[0], list(shape))
+        total = self._arena(node.output[1], list(shape))
+        self._emit("add_layernorm", node, [x, res, self._weight(w), self._weight(b)],
+                   [out, total], eps=float(_attr(node, "epsilon", 1e-5)), n=shape[-1])
+
+    def _op_Gelu(self, node) -> None:
+        """A plain GELU (GPT-2's MLP; a gated one is FusedGeGLU)."""
+        x = node.input[0]
+        approximate = _attr(node, "approximate", "none")
+        if approximate not in ("tanh", "none"):
+            raise UnsupportedGraph(f"Gelu node {node.name!r}: approximate={approximate!r}")
+        out = self._arena(node.output[0], list(self.values[x].shape))
+        self._emit("gelu", node, [x], [out], approximate=approximate)
 
     def _op_MatMul(self, node) -> None:
         x, w = node.input
@@ -401,17 +437,16 @@ class Lowering:
         feeding them, as taken by the rope_cache op."""
         g = self.g
         q, k, v = node.input[:3]
-        if not _after_rope(g, q):   # GPT-2: a learned position table added to the embeddings
-            raise UnsupportedGraph(f"PagedAttention node {node.name!r}: q and k reach "
-                                   "attention without RoPE (a learned position embedding, "
-                                   "GPT-2); the cuda backend writes the KV cache in its RoPE "
-                                   "kernel, and has no kernel for the position-embedding "
-                                   "lookup or LayerNorm either; build with --backend "
-                                   "tensorrt-rtx or reference")
-        for side in (q, k):
-            reshape, split, rope, norm = self._rope_side(side)
+        sides = [self._rope_side(q), self._rope_side(k)]
+        if (sides[0][2] is None) != (sides[1][2] is None):
+            raise UnsupportedGraph(f"PagedAttention node {node.name!r}: RoPE on one of q and "
+                                   "k only; the rope kernel rotates both or neither")
+        for reshape, split, rope, norm in sides:
+            self.done.update(id(n) for n in (reshape, norm) if n)
+            if rope is None:    # learned positions (GPT-2): q/k/v only split and cached
+                continue
             squeeze, unsqueeze = g.consumers[rope.output[0]][0], g.producer[rope.input[0]]
-            self.done.update(id(n) for n in (rope, squeeze, unsqueeze, reshape, norm) if n)
+            self.done.update({id(rope), id(squeeze), id(unsqueeze)})
             for angles in rope.input[1:]:
                 self.done.update(id(n) for n in _angle_chain(g, angles))
         v_reshape = g.only(v, "Reshape")
@@ -444,22 +479,24 @@ class Lowering:
             qkv = mm_out
         if qkv not in self.values:
             raise UnsupportedGraph(f"the QKV GEMM of {node.name!r} was not lowered before it")
-        inv_freq = self._inv_freq(chain[0][2])
+        # no RoPE (learned positions): rot 0, no table; the kernel splits q/k/v, caches K/V
+        inv_freq = self._inv_freq(chain[0][2]) if chain[0][2] is not None else []
         hq, hkv, d = (int(_attr(node, a)) for a in ("num_heads", "num_kv_heads", "head_dim"))
         names = [f"{node.name}/{x}" for x in ("q", "k", "v")]
         q_out = self._arena(names[0], ["T", hq, d])
         k_out = self._arena(names[1], ["T", hkv, d])
         v_out = self._arena(names[2], ["T", hkv, d])
-        freq = f"{node.name}/inv_freq"
-        self.values[freq] = Value("const", "float32", [len(inv_freq)],
-                                  data=[float(x) for x in inv_freq])
+        freq = f"{node.name}/inv_freq" if len(inv_freq) else None
+        if freq is not None:
+            self.values[freq] = Value("const", "float32", [len(inv_freq)],
+                                      data=[float(x) for x in inv_freq])
         norm_weights, norm_attrs = self._qk_norm(node, chain[0][3], chain[1][3], d)
         self._emit("rope_cache", node, [qkv, bias, contract.POSITION_IDS, freq,
                                         contract.SEQ_STARTS, contract.BLOCK_TABLES,
                                         *norm_weights],
                    [q_out, k_out, v_out], hq=hq, hkv=hkv, d=d, rot=2 * len(inv_freq),
                    layer=layer, block_size=int(_attr(node, "block_size")), **norm_attrs)
-        self.ops[-1].node = f"{node.name} (RoPE, K/V cache write)"
+        self.ops[-1].node = f"{node.name} ({'RoPE, ' if freq else ''}K/V cache write)"
         out = self._arena(node.output[0], ["T", hq, d])
         self.ops.append(Op("attention", [q_out, contract.SEQ_STARTS, contract.CONTEXT_LENS,
                                          contract.BLOCK_TABLES], [out],
@@ -471,8 +508,13 @@ class Lowering:
         self.done.add(id(node))
 
     def _rope_side(self, value: str):
-        """q or k: Squeeze(RotaryEmbedding(Unsqueeze([RMSNorm](Reshape(Split[i])))))."""
+        """q or k: Squeeze(RotaryEmbedding(Unsqueeze([RMSNorm](Reshape(Split[i]))))), or
+        Reshape(Split[i]) in a model without RoPE (GPT-2's learned positions): (reshape,
+        split, rope or None, norm or None)."""
         g = self.g
+        reshape = g.producer.get(value)
+        if reshape is not None and reshape.op_type == "Reshape":
+            return reshape, g.only(reshape.input[0], "Split"), None, None
         squeeze = g.only(value, "Squeeze")
         rope = g.only(squeeze.input[0], "RotaryEmbedding")
         if _attr(rope, "interleaved", 0):
@@ -554,14 +596,6 @@ class Lowering:
             live.append((offset, size, last))
             top = max(top, offset + size)
         return align(top)
-
-
-def _after_rope(g: _Graph, value: str) -> bool:
-    """value = Squeeze(RotaryEmbedding(...)), as the rope pass leaves q and k."""
-    squeeze = g.producer.get(value)
-    rope = g.producer.get(squeeze.input[0]) if squeeze is not None and \
-        squeeze.op_type == "Squeeze" else None
-    return rope is not None and rope.op_type == "RotaryEmbedding"
 
 
 def _angle_chain(g: _Graph, value: str) -> list:

@@ -60,14 +60,15 @@ def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
 
 
 def _rope_cache(op: Op, s: Step, b: int, width: int, dt: str, P) -> tuple:
-    """RoPE (+ QKV bias, + the per-head q/k norm) and the K/V cache write: (Launch, args)."""
+    """RoPE (+ QKV bias, + the per-head q/k norm) and the K/V cache write: (Launch, args).
+    rot 0 (learned positions, GPT-2): no rotation and no inv_freq table."""
     a, (qkv, bias, pos, freq, starts, tables, *norms) = op.attrs, op.inputs
     qk_norm = "qk_norm_eps" in a
     launch = lr.rope_launch(s.tokens, a["hq"], a["hkv"], a["d"], a["rot"], dt, False,
                             bias is not None, True, qk_norm)
     return launch, [
         P(qkv), *([P(bias)] if bias is not None else []), *map(P, norms if qk_norm else ()),
-        P(pos), P(freq), P(starts), P(tables),
+        P(pos), P(freq) if freq is not None else DevPtr(0), P(starts), P(tables),
         s.tokens, a["hq"], a["hkv"], a["d"], a["rot"], b, width, a["block_size"], s.num_blocks,
         *([lr.float_bits(a["qk_norm_eps"])] if qk_norm else []),
         *map(P, op.outputs), P(contract.kv_cache_input(a["layer"]))]
@@ -94,10 +95,15 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
             yield "kernel", lr.embedding_launch(t, a["hidden"], dt, scaled), [
                 P(ins[1]), P(ins[0]), t, a["hidden"], vocab,
                 *([lr.float_bits(a["scale"])] if scaled else []), P(outs[0])]
-        elif kind in ("rmsnorm", "add_rmsnorm"):
-            n = rows(ins[0])
-            yield "kernel", lr.norm_launch(n, a["n"], dt, "rmsnorm", kind == "add_rmsnorm"), [
+        elif kind in ("rmsnorm", "add_rmsnorm", "layernorm", "add_layernorm"):
+            # inputs (x, [residual], weight, [bias]): the kernels' own order
+            n, norm = rows(ins[0]), kind.removeprefix("add_")
+            yield "kernel", lr.norm_launch(n, a["n"], dt, norm, kind.startswith("add_")), [
                 *map(P, ins), n, a["n"], lr.float_bits(a["eps"]), *map(P, outs)]
+        elif kind == "gelu":
+            n = numel(plan.values[ins[0]].shape, t, b)
+            yield "kernel", lr.gelu_launch(n, dt, a["approximate"], s.sm_count), [
+                P(ins[0]), n, P(outs[0])]
         elif kind in ("swiglu", "geglu"):
             n = rows(ins[0])
             yield "kernel", lr.gated_launch(n, a["inter"], dt, kind, s.sm_count), [

@@ -28,13 +28,15 @@ pytest.importorskip("cuda.bindings.nvrtc", reason="the kernels extra (NVRTC) is 
 ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
 LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_block_size=16)
 KINDS = ("llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "qwen3-qknorm",
-         "gemma2-softcap", "gemma3-local-global")
+         "gemma2-softcap", "gemma3-local-global", "gpt2-learned-pos")
 # Phi-3's checkpoint-fused projections lower to the plan of a llama graph; one architecture
 # shows it (the kernels compiled do not depend on the family).
 MORE_KINDS = {"sm_90a": ("phi3-window",)}
-# What differs between the kinds' plans: the gated activation fused into the gate-up GEMM,
-# each layer's window (Gemma: sliding layers, then full), q/k norms folded into rope_cache
-GEGLU = ("gemma2-softcap", "gemma3-local-global")
+# What differs between the kinds' plans: the gated activation fused into the gate-up GEMM
+# (GPT-2: none, a plain GELU after its c_fc), the QKV bias added in rope_cache, each layer's
+# window (Gemma: sliding layers, then full), q/k norms folded into rope_cache
+ACT = {"gemma2-softcap": "geglu", "gemma3-local-global": "geglu", "gpt2-learned-pos": None}
+QKV_BIAS = ("qwen2-bias", "gpt2-learned-pos")
 WINDOWS = {"mistral-window": [12, 12], "phi3-window": [12, 12], "gemma2-softcap": [12, 0],
            "gemma3-local-global": [12, 0]}
 QK_NORM = ("qwen3-qknorm", "gemma3-local-global")
@@ -59,20 +61,21 @@ def test_every_variant_lowers(tiny_models_d64, tmp_path, arch):
         check_plan(plan)
         layers = model.config.num_hidden_layers
         counts = {op: sum(o.op == op for o in plan.ops) for op in ("rope_cache", "attention",
-                                                                   "gemm", "swiglu")}
+                                                                   "gemm", "swiglu", "gelu")}
         # per layer: q/k/v + o + gate-up (its SwiGLU/GeGLU fused in) + down GEMMs; + LM head
+        act = ACT.get(kind, "swiglu")
         assert counts == {"rope_cache": layers, "attention": layers, "gemm": 4 * layers + 1,
-                          "swiglu": 0}, kind
+                          "swiglu": 0, "gelu": 0 if act else layers}, kind
         gemms = [o for o in plan.ops if o.op == "gemm"]
-        act = "geglu" if kind in GEGLU else "swiglu"
         assert [o.attrs.get("act") for o in gemms] == [None, None, act, None] * layers + [None]
         gated = gemms[2]
-        assert len(gated.outputs) == 2 and gated.attrs["inter"] * 2 == gated.attrs["n"]
+        if act:
+            assert len(gated.outputs) == 2 and gated.attrs["inter"] * 2 == gated.attrs["n"]
         assert all(o.attrs["trans_b"] for o in gemms)   # every weight stored [N, K]
         for o in gemms:
             assert plan.values[o.inputs[1]].shape == [o.attrs["n"], o.attrs["k"]]
         ropes = [o for o in plan.ops if o.op == "rope_cache"]
-        assert all((o.inputs[1] is not None) == (kind == "qwen2-bias") for o in ropes)
+        assert all((o.inputs[1] is not None) == (kind in QKV_BIAS) for o in ropes)
         # Qwen3's and Gemma 3's per-head q/k norms are folded into rope_cache: two weights
         # and an eps
         assert all(("qk_norm_eps" in o.attrs) == (len(o.inputs) == 8) == (kind in QK_NORM)
@@ -321,15 +324,49 @@ def test_a_softcap_of_two_caps_is_refused(tiny_models_d64, tmp_path):
         lower(path, LIMITS, "sm_90a")
 
 
-def test_gpt2_is_refused_by_name(tiny_models_d64, tmp_path):
-    """GPT-2's q and k carry no RoPE (positions are a learned table added to the
-    embeddings), and the cuda backend writes the KV cache in its RoPE kernel: one clear
-    error naming that, before the LayerNorm nodes it has no kernel for either."""
-    with pytest.raises(UnsupportedGraph, match="q and k reach attention without RoPE \\(a "
-                       "learned position embedding, GPT-2\\).*--backend tensorrt-rtx or "
-                       "reference"):
-        _build(tiny_models_d64["gpt2-learned-pos"][0], tmp_path / "g.engine", "sm_90a")
-    assert not (tmp_path / "g.engine").exists()
+def test_gpt2_lowers(tiny_models_d64, tmp_path):
+    """GPT-2 on the cuda backend: token and position embeddings are two lookups (their sum
+    goes into the first AddLayerNorm), LayerNorms with their biases, c_attn's bias added in
+    rope_cache, which rotates nothing (rot 0, no inv_freq table) and writes K/V into the
+    pool, every other linear's bias as its GEMM's epilogue, a plain tanh GELU after c_fc."""
+    folder, model = tiny_models_d64["gpt2-learned-pos"]
+    layers = model.config.num_hidden_layers
+    plan = lower(_fused(folder, tmp_path / "fused"), LIMITS, "sm_90a")
+    tok, pos = plan.ops[:2]
+    assert (tok.op, tok.inputs) == ("embedding", ["transformer.wte.weight", "input_ids"])
+    assert (pos.op, pos.inputs) == ("embedding", ["transformer.wpe.weight", "position_ids"])
+    first = plan.ops[2]
+    assert first.op == "add_layernorm" and first.inputs[:2] == tok.outputs + pos.outputs
+    assert first.inputs[2:] == ["transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias"]
+    kinds = [o.op for o in plan.ops]
+    assert kinds.count("add_layernorm") == 2 * layers and kinds.count("layernorm") == 1
+    assert kinds.count("gelu") == layers and kinds[-3:] == ["gather_rows", "layernorm", "gemm"]
+    assert all(o.attrs["approximate"] == "tanh" for o in plan.ops if o.op == "gelu")
+    for o in plan.ops:
+        if o.op == "rope_cache":
+            assert o.attrs["rot"] == 0 and o.inputs[3] is None and o.attrs["hq"] == o.attrs["hkv"]
+            assert o.inputs[1] == f"transformer.h.{o.attrs['layer']}.attn.c_attn.bias"
+    gemms = [o for o in plan.ops if o.op == "gemm"]
+    # c_attn (bias in rope_cache), c_proj, c_fc, mlp c_proj (biases in the GEMM); tied head
+    assert [o.inputs[2] is not None for o in gemms] == [False, True, True, True] * layers \
+        + [False]
+    assert all(plan.values[o.inputs[2]].shape == [o.attrs["n"]] for o in gemms if o.inputs[2])
+
+
+def test_rope_on_one_side_only_is_refused(tiny_models_d64, tmp_path):
+    """The rope kernel rotates q and k or neither: a graph whose k skips its RoPE is one
+    clear error."""
+    import onnx
+
+    path = _fused(tiny_models_d64["llama-gqa"][0], tmp_path / "fused")
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = {o: n for n in model.graph.node for o in n.output}
+    attn = next(n for n in model.graph.node if n.op_type == "PagedAttention")
+    rope = nodes[nodes[attn.input[1]].input[0]]            # Squeeze(RotaryEmbedding(...))
+    attn.input[1] = nodes[rope.input[0]].input[0]          # the Reshape under its Unsqueeze
+    onnx.save(model, str(path))
+    with pytest.raises(UnsupportedGraph, match="RoPE on one of q and k only"):
+        lower(path, LIMITS, "sm_90a")
 
 
 @pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared", "qwen3moe-qknorm"])

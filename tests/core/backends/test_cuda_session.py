@@ -54,7 +54,7 @@ def _session(engine, **kw):
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied-rope3", "mistral-window",
                                   "qwen2-bias", "phi3-window", "qwen3-qknorm", "gemma2-softcap",
-                                  "gemma3-local-global"])
+                                  "gemma3-local-global", "gpt2-learned-pos"])
 def test_ragged_steps_match_hf(tiny_models_d64, tmp_path, kind, dtype, graphs):
     from hf_steps import check_ragged_steps
 
@@ -311,7 +311,7 @@ CLI_LIMITS = ["--max-batch-size", "2", "--max-num-tokens", "64", "--max-seq-len"
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "qwen3-qknorm", "gemma2-softcap",
-                                  "gemma3-local-global"])
+                                  "gemma3-local-global", "gpt2-learned-pos"])
 def test_cli_build_and_run_give_hf_greedy_tokens(tiny_models_d64, tmp_path, kind):
     """`llmc build --backend cuda` (fp16) + `llmc run`, as a user types them, against HF's
     greedy tokens (fp32). A prompt longer than the windows, 12 new tokens. Where the two
