@@ -76,6 +76,13 @@ def check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window=0, s
         raise ValueError("Hq must be a multiple of Hkv with at most 16 q heads per kv head")
 
 
+SOFTCAP_MODULE = "paged_attention_softcap"   # the soft-capped entries' own module
+
+
+def _module(softcap: float) -> str:
+    return SOFTCAP_MODULE if softcap else "paged_attention"
+
+
 def _cap(softcap: float) -> str:
     """The entry-point suffix of the soft-capped kernels (their own template instances)."""
     return "_softcap" if softcap else ""
@@ -114,7 +121,7 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     n_split = max(1, min(want, math.ceil(span / MIN_SPLIT_KEYS), MAX_DECODE_SPLITS))
     chunk = MIN_SPLIT_KEYS
     suffix = "" if stages == DECODE_STAGES[0] else f"_s{stages}"
-    main = Launch("paged_attention",
+    main = Launch(_module(softcap),
                   f"attn_decode_{dtype_tag(dtype)}_d{head_dim}{suffix}{_cap(softcap)}",
                   (tokens, num_kv_heads, n_split), (ATTN_THREADS, 1, 1),
                   decode_smem(head_dim, stages))
@@ -156,7 +163,7 @@ def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, h
     tiles = math.ceil(tokens / tpt) + batch  # each sequence adds at most one partial tile
     if tiles > MAX_GRID_Y:
         raise ValueError(f"{tokens} tokens need {tiles} query tiles, over {MAX_GRID_Y}")
-    main = Launch("paged_attention",
+    main = Launch(_module(softcap),
                   f"attn_prefill_{dtype_tag(dtype)}_d{head_dim}_{variant}{_cap(softcap)}",
                   (num_q_heads // pack, tiles, 1), (32 * PREFILL_WARPS[variant], 1, 1),
                   prefill_smem(head_dim, variant))

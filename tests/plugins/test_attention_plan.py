@@ -212,6 +212,10 @@ def test_softcap_takes_its_own_entries_and_one_more_argument():
     plain = ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "float16", 132, max_smem=H100,
                               window=64)
     assert dec.main.kernel == plain.main.kernel + "_softcap" == "attn_decode_f16_d128_softcap"
+    # a module of their own (compiled for the models that have a soft-cap); the reduce and
+    # the K/V write are the uncapped module's
+    assert (dec.main.module, plain.main.module) == ("paged_attention_softcap", "paged_attention")
+    assert dec.reduce == plain.reduce and dec.kv_write == plain.kv_write
     assert (dec.n_split, dec.main.grid, dec.main.smem) == (plain.n_split, plain.main.grid,
                                                            plain.main.smem)
     _, (_, ma), _ = ap.attention_launches(dec, dims, 0.5, ptr)

@@ -56,6 +56,7 @@ from llmc.backends.cuda.plan import (
 from llmc.dtypes import ONNX_TYPES
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
+from llmc.plugins.attention_plan import SOFTCAP_MODULE
 
 DTYPES = ("float16", "bfloat16")
 MODULES = ("norm", "activation", "gemv", "rope", "paged_attention", "glue", "sampling")
@@ -186,7 +187,10 @@ class Lowering:
         arena = self._assign_arena()
         weights_end = max((v.offset + align(numel(v.shape, 1, 1) * itemsize(v.dtype))
                            for v in self.values.values() if v.where == "weight"), default=0)
-        return Plan(self.arch, self.dtype, list(MODULES), self.values, self.ops, arena,
+        # the soft-capped attention kernels are compiled only for the models that have them
+        softcap = any(op.attrs.get("softcap") for op in self.ops if op.op == "attention")
+        modules = list(MODULES) + ([SOFTCAP_MODULE] if softcap else [])
+        return Plan(self.arch, self.dtype, modules, self.values, self.ops, arena,
                     weights_end, logits, len(attn))
 
     def _dtype_of(self, attention) -> str:
@@ -345,8 +349,7 @@ class Lowering:
         scale = self.g.const(c)
         op = next((o for o in self.ops if o.outputs == [x]), None)
         if (scale is None or scale.size != 1 or op is None or op.op != "embedding"
-                or op.outputs != [x] or "scale" in op.attrs
-                or len(self.g.consumers.get(x, [])) != 1):
+                or "scale" in op.attrs or len(self.g.consumers.get(x, [])) != 1):
             raise UnsupportedGraph(f"Mul node {node.name!r}: only the embedding times a "
                                    "constant (Gemma's sqrt(hidden)) is lowered")
         op.outputs = [self._arena(node.output[0], list(self.values.pop(x).shape))]

@@ -86,7 +86,10 @@ def test_every_variant_lowers(tiny_models_d64, tmp_path, arch):
         assert head.op == "gemm" and head.attrs["out_dtype"] == "float32"
         assert head.attrs.get("transposed", False) != model.config.tie_word_embeddings
         assert plan.arch == arch and engine.header.lowering["gpu_arch"] == arch
-        for module in MODULES:
+        # the soft-capped attention kernels: a module of their own, for Gemma 2 only
+        assert plan.modules == list(MODULES) + (["paged_attention_softcap"]
+                                                if kind == "gemma2-softcap" else [])
+        for module in plan.modules:
             cubin = engine.section(cubin_section(module))
             assert bytes(cubin[:4]) == b"\x7fELF", f"{module} for {arch} is not a cubin"
         assert engine.header.io.kv_dtype == "bfloat16"
