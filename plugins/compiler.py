@@ -60,9 +60,11 @@ def _headers() -> tuple[tuple[bytes, bytes], ...]:
 
 @functools.lru_cache(maxsize=None)
 def _compile_cached(module: str, arch: str, ptx: bool, src: str,
-                    headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
+                    headers: tuple[tuple[bytes, bytes], ...] | None = None) -> bytes:
+    """headers: as _headers() gives them (part of the cache key); None reads them now."""
     from cuda.bindings import nvrtc
 
+    headers = _headers() if headers is None else headers
     prog = _check(nvrtc.nvrtcCreateProgram(src.encode(), f"{module}.cu".encode(), len(headers),
                                            [text for _, text in headers],
                                            [name for name, _ in headers]),
