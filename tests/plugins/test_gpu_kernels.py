@@ -129,7 +129,8 @@ def test_rope(K, dtype, interleaved, t, hq, hkv, d, rot, bias):
     pos = torch.randint(0, 100000, (t,), device="cuda", dtype=torch.int32)
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    inv = torch.tensor(llama3_inv_freq(d, 500000.0, rot, scaling), device="cuda")
+    # rot // 2 frequencies (none for rot 0: llama3_inv_freq reads 0 as "all of head_dim")
+    inv = torch.tensor(llama3_inv_freq(d, 500000.0, rot, scaling), device="cuda")[:rot // 2]
     q, k, v = K.rope(qkv, pos, inv, hq, hkv, d, rot, interleaved, b)
     x = (qkv + b if bias else qkv).view(t, hq + 2 * hkv, d).float()
     close(q, ref_rope(x[:, :hq], pos, inv, rot, interleaved), "rope")
