@@ -28,6 +28,10 @@ from llmc.passes.ir import (
 )
 from llmc.passes.pattern import Pass
 
+# The chains' constants are written in the graph's dtype: in bf16 (8 bits of mantissa)
+# 0.044715 and sqrt(2/pi) are 2-3e-3 off, so they match within a bf16 rounding.
+CONST_RTOL = 2.0 ** -8
+
 
 def _factors(g: Graph, value: str, nodes: list[NodeProto], top: bool = True) -> list[str]:
     """The factors of a product rooted at ``value``; the Muls walked are added to ``nodes``."""
@@ -68,7 +72,7 @@ class GeluMatch:
 def match_gelu(g: Graph, top: NodeProto) -> GeluMatch | None:
     nodes: list[NodeProto] = []
     half, rest = _split_consts(g, _factors(g, top.output[0], nodes))
-    if not close(half, 0.5) or len(rest) != 2:
+    if not close(half, 0.5, CONST_RTOL) or len(rest) != 2:
         return None
     for k in (0, 1):
         x, gate = rest[k], rest[1 - k]
@@ -89,10 +93,10 @@ def _erf_arg(g: Graph, erf: NodeProto, x: str) -> list[NodeProto] | None:
     if node is None:
         return None
     if node.op_type == "Div" and node.input[0] == x and close(g.scalar(node.input[1]),
-                                                               math.sqrt(2)):
+                                                               math.sqrt(2), CONST_RTOL):
         return [node]
     c, other = const_and_other(g, node) if node.op_type == "Mul" else (None, None)
-    return [node] if other == x and close(c, 1 / math.sqrt(2)) else None
+    return [node] if other == x and close(c, 1 / math.sqrt(2), CONST_RTOL) else None
 
 
 def _tanh_arg(g: Graph, tanh: NodeProto, x: str) -> list[NodeProto] | None:
@@ -100,7 +104,7 @@ def _tanh_arg(g: Graph, tanh: NodeProto, x: str) -> list[NodeProto] | None:
     nodes: list[NodeProto] = []
     c, rest = _split_consts(g, _factors(g, tanh.input[0], nodes, top=False))
     add = g.producer(rest[0], "Add") if len(rest) == 1 else None
-    if add is None or not close(c, math.sqrt(2 / math.pi)) or x not in add.input:
+    if add is None or not close(c, math.sqrt(2 / math.pi), CONST_RTOL) or x not in add.input:
         return None
     cube_nodes: list[NodeProto] = []
     other = add.input[1] if add.input[0] == x else add.input[0]
@@ -110,7 +114,7 @@ def _tanh_arg(g: Graph, tanh: NodeProto, x: str) -> list[NodeProto] | None:
         cube_nodes.append(pow3)
     elif cube != [x, x, x]:
         return None
-    return nodes + [add] + cube_nodes if close(k, 0.044715) else None
+    return nodes + [add] + cube_nodes if close(k, 0.044715, CONST_RTOL) else None
 
 
 def replace_gelu(g: Graph, m: GeluMatch) -> None:

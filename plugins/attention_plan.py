@@ -41,6 +41,7 @@ class AttentionPlan:
     workspace_bytes: int   # fp32 partial O + lse per (token, q head, split)
     pack: int = 1          # q heads per prefill tile (prefill path)
     window: int = 0        # sliding window (keys p - window < j <= p), 0 = none
+    softcap: float = 0.0   # logit soft-cap cap * tanh(s / cap) (Gemma 2), 0 = none
 
     @property
     def decode(self) -> bool:
@@ -62,15 +63,29 @@ def prefill_smem(head_dim: int, variant: str = PREFILL_VARIANT) -> int:
     return (16 * PREFILL_WARPS[variant] + 2 * ATTN_BN) * head_dim * 2
 
 
-def check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window=0):
+def check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window=0, softcap=0.0):
     if window < 0:
         raise ValueError(f"sliding window {window} < 0 (0 means none)")
+    if not softcap >= 0 or softcap == float("inf"):
+        raise ValueError(f"logit soft-cap {softcap} is not a positive number (0 means none)")
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim {head_dim} not in {HEAD_DIMS}")
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size {block_size} not in {BLOCK_SIZES}")
     if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads > 16:
         raise ValueError("Hq must be a multiple of Hkv with at most 16 q heads per kv head")
+
+
+SOFTCAP_MODULE = "paged_attention_softcap"   # the soft-capped entries' own module
+
+
+def _module(softcap: float) -> str:
+    return SOFTCAP_MODULE if softcap else "paged_attention"
+
+
+def _cap(softcap: float) -> str:
+    """The entry-point suffix of the soft-capped kernels (their own template instances)."""
+    return "_softcap" if softcap else ""
 
 
 def _kv_write(tokens, dtype, write_kv):
@@ -80,7 +95,8 @@ def _kv_write(tokens, dtype, write_kv):
 
 def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                 max_blocks: int, block_size: int, dtype: str, sm_count: int,
-                write_kv: bool = True, *, max_smem: int, window: int = 0) -> AttentionPlan:
+                write_kv: bool = True, *, max_smem: int, window: int = 0,
+                softcap: float = 0.0) -> AttentionPlan:
     """One CTA per (token, kv head, split); splits chosen so the grid fills two waves.
 
     The split count is fixed here (a decode graph is captured for the longest context), but
@@ -92,8 +108,9 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     max_smem: the device's per-block opt-in shared memory; the deepest K/V pipeline that fits
     is taken (ValueError if none: attention_plan then falls back to the prefill kernel).
     With a window, a token's keys start at the key tile holding its window's first key, so
-    they span at most window + ATTN_BN - 1 positions: the split count is sized from that."""
-    check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window)
+    they span at most window + ATTN_BN - 1 positions: the split count is sized from that.
+    softcap > 0: the scores are soft-capped (the _softcap entries; Gemma 2)."""
+    check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window, softcap)
     stages = decode_stages(head_dim, max_smem)
     if stages is None:
         raise ValueError(f"decode at head_dim {head_dim} needs {decode_smem(head_dim, 2)} "
@@ -104,7 +121,8 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     n_split = max(1, min(want, math.ceil(span / MIN_SPLIT_KEYS), MAX_DECODE_SPLITS))
     chunk = MIN_SPLIT_KEYS
     suffix = "" if stages == DECODE_STAGES[0] else f"_s{stages}"
-    main = Launch("paged_attention", f"attn_decode_{dtype_tag(dtype)}_d{head_dim}{suffix}",
+    main = Launch(_module(softcap),
+                  f"attn_decode_{dtype_tag(dtype)}_d{head_dim}{suffix}{_cap(softcap)}",
                   (tokens, num_kv_heads, n_split), (ATTN_THREADS, 1, 1),
                   decode_smem(head_dim, stages))
     red, ws = None, 0
@@ -113,20 +131,20 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                      (tokens * num_q_heads, 1, 1), (head_dim, 1, 1))
         ws = tokens * num_q_heads * n_split * (head_dim + 1) * 4
     return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, red, n_split, chunk, ws,
-                         window=window)
+                         window=window, softcap=softcap)
 
 
 def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  block_size: int, dtype: str, write_kv: bool = True,
                  variant: str | None = None, pack: int | None = None, *, max_smem: int,
-                 window: int = 0) -> AttentionPlan:
+                 window: int = 0, softcap: float = 0.0) -> AttentionPlan:
     """One CTA per (tile of one sequence's tokens, group of `pack` q heads of one kv head).
 
     A tile has 16 * warps rows: tokens x the pack heads (pack defaults to the whole GQA
     group, so each K/V tile feeds every q head that reads it). Tiles are found on the device
     from seq_starts; the grid's y extent bounds their count for any ragged split. variant
     None: PREFILL_VARIANT, or the first of PREFILL_WARPS whose shared memory fits max_smem."""
-    check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window)
+    check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window, softcap)
     if variant is None:
         order = [PREFILL_VARIANT] + [v for v in PREFILL_WARPS if v != PREFILL_VARIANT]
         variant = next((v for v in order if prefill_smem(head_dim, v) <= max_smem), None)
@@ -145,17 +163,18 @@ def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, h
     tiles = math.ceil(tokens / tpt) + batch  # each sequence adds at most one partial tile
     if tiles > MAX_GRID_Y:
         raise ValueError(f"{tokens} tokens need {tiles} query tiles, over {MAX_GRID_Y}")
-    main = Launch("paged_attention", f"attn_prefill_{dtype_tag(dtype)}_d{head_dim}_{variant}",
+    main = Launch(_module(softcap),
+                  f"attn_prefill_{dtype_tag(dtype)}_d{head_dim}_{variant}{_cap(softcap)}",
                   (num_q_heads // pack, tiles, 1), (32 * PREFILL_WARPS[variant], 1, 1),
                   prefill_smem(head_dim, variant))
     return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, None, 1, 0, 0, pack,
-                         window=window)
+                         window=window, softcap=softcap)
 
 
 def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
                    head_dim: int, max_blocks: int, block_size: int, dtype: str,
                    sm_count: int, write_kv: bool = True, *, max_smem: int,
-                   window: int = 0) -> AttentionPlan:
+                   window: int = 0, softcap: float = 0.0) -> AttentionPlan:
     """Kernels of one PagedAttention step, from shapes alone (what TensorRT knows at enqueue).
 
     tokens == batch means every sequence brings one new token (a pure decode step): the
@@ -165,13 +184,14 @@ def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
     max_smem (the device's per-block opt-in shared memory; llmc.devices.MAX_SMEM_OPTIN without
     a device): decode drops to 2 K/V stages where 3 do not fit, and to the prefill kernel
     where 2 do not.
-    window: sliding window (HF Mistral `sliding_window`), 0 = none."""
+    window: sliding window (HF Mistral `sliding_window`), 0 = none.
+    softcap: logit soft-cap (Gemma 2 `attn_logit_softcapping`), 0 = none."""
     if tokens == batch and decode_stages(head_dim, max_smem) is not None:
         return decode_plan(tokens, num_q_heads, num_kv_heads, head_dim, max_blocks,
                            block_size, dtype, sm_count, write_kv, max_smem=max_smem,
-                           window=window)
+                           window=window, softcap=softcap)
     return prefill_plan(tokens, batch, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
-                        write_kv, max_smem=max_smem, window=window)
+                        write_kv, max_smem=max_smem, window=window, softcap=softcap)
 
 
 # ---- the PagedAttention plugin: attributes, sizes, launches -------------------------------
@@ -197,8 +217,9 @@ def paged_attention_attrs(fields: dict) -> dict:
     attrs["sliding_window"] = int(one("sliding_window", 0))
     softcap = float(one("softcap", 0.0))   # the node carries it (Gemma 2); the record has none
     if softcap != 0.0:
-        raise ValueError(f"the PagedAttention kernels do not implement a logit soft-cap yet "
-                         f"(softcap={softcap})")
+        raise ValueError(f"the PagedAttention TensorRT plugin does not carry a logit soft-cap "
+                         f"(softcap={softcap}): its record has no field for it; the cuda "
+                         "backend's kernels have it")
     check_attention(attrs["num_q_heads"], attrs["num_kv_heads"], attrs["head_dim"],
                     attrs["block_size"], attrs["sliding_window"])
     return attrs
@@ -250,6 +271,7 @@ def attention_launches(plan: AttentionPlan, dims: dict, scale: float, ptr: dict)
         out.append((plan.kv_write, [ptr["k"], ptr["v"], *meta, t, b, hkv, d, mb, bs, nb,
                                     ptr["cache"]]))
     sc = [t, b, hq, hkv, mb, bs, nb, float_bits(scale), plan.window]
+    sc += [float_bits(plan.softcap)] if plan.softcap else []   # the _softcap entries
     head = [ptr["q"], *meta, ptr["cache"], *sc]
     if not plan.decode:
         out.append((plan.main, head + [plan.pack, ptr["out"]]))

@@ -1,8 +1,9 @@
 """Run-time compilation of plugins/kernels/*.cu with NVRTC from the nvidia-cuda-nvrtc wheel.
 
-No nvcc, no CUDA toolkit headers and no GPU are needed: the kernels include only
-``common.cuh`` (handed to NVRTC as an in-memory header). ``compile_all`` gives the cubins the
-build stores in the engine, keyed by (module, arch).
+No nvcc, no CUDA toolkit headers and no GPU are needed: the kernels include only the
+``kernels/*.cuh`` beside them (``common.cuh``; ``paged_attention.cuh``, the attention
+kernels two modules instantiate), handed to NVRTC as in-memory headers. ``compile_all``
+gives the cubins the build stores in the engine, keyed by (module, arch).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-MODULES = ("norm", "activation", "gemv", "qgemv", "rope", "paged_attention", "glue", "sampling")
+MODULES = ("norm", "activation", "gemv", "qgemv", "rope", "paged_attention",
+           "paged_attention_softcap", "glue", "sampling")
 DEFAULT_ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
 
 
@@ -48,16 +50,25 @@ def source(module: str) -> str:
 def compile_module(module: str, arch: str, ptx: bool = False) -> bytes:
     """Compile one kernels/<module>.cu for `arch` (e.g. 'sm_90a'); cubin bytes, or PTX text
     bytes when ptx=True (TensorRT's ahead-of-time plugin API accepts either)."""
-    return _compile_cached(module, arch, ptx, source(module))
+    return _compile_cached(module, arch, ptx, source(module), _headers())
+
+
+def _headers() -> tuple[tuple[bytes, bytes], ...]:
+    """(name, text) of every kernels/*.cuh, the headers a module may include."""
+    return tuple((p.name.encode(), p.read_bytes()) for p in sorted(KERNEL_DIR.glob("*.cuh")))
 
 
 @functools.lru_cache(maxsize=None)
-def _compile_cached(module: str, arch: str, ptx: bool, src: str) -> bytes:
+def _compile_cached(module: str, arch: str, ptx: bool, src: str,
+                    headers: tuple[tuple[bytes, bytes], ...] | None = None) -> bytes:
+    """headers: as _headers() gives them (part of the cache key); None reads them now."""
     from cuda.bindings import nvrtc
 
-    header = (KERNEL_DIR / "common.cuh").read_bytes()
-    prog = _check(nvrtc.nvrtcCreateProgram(src.encode(), f"{module}.cu".encode(), 1,
-                                           [header], [b"common.cuh"]), "nvrtcCreateProgram")
+    headers = _headers() if headers is None else headers
+    prog = _check(nvrtc.nvrtcCreateProgram(src.encode(), f"{module}.cu".encode(), len(headers),
+                                           [text for _, text in headers],
+                                           [name for name, _ in headers]),
+                  "nvrtcCreateProgram")
     target = arch.replace("sm_", "compute_") if ptx else arch
     opts = [f"--gpu-architecture={target}".encode(), b"-std=c++17", b"-lineinfo"]
     try:

@@ -208,28 +208,33 @@ class Kernels:
         return out
 
     def rope(self, qkv, positions, inv_freq, hq, hkv, d, rot, interleaved=False, bias=None,
-             cache=None, seq_starts=None, block_tables=None):
+             cache=None, seq_starts=None, block_tables=None, qk_norm=None, eps=1e-6):
+        """qk_norm: (q weight [D], k weight [D]) of a per-head RMSNorm before the rotation
+        (with a cache only, as the kernel has it)."""
         t = qkv.shape[0]
         q, k, v = (self.torch.empty(s, dtype=qkv.dtype, device=qkv.device)
                    for s in lr.rope_output_shapes(qkv.shape, hq, hkv, d))
         ln = lr.rope_launch(t, hq, hkv, d, rot, self._dtype(qkv), interleaved,
-                               bias is not None, cache is not None)
-        ins = [qkv] + ([bias] if bias is not None else []) + [positions, inv_freq]
+                            bias is not None, cache is not None, qk_norm is not None)
+        ins = [qkv] + ([bias] if bias is not None else []) + list(qk_norm or ())
+        ins += [positions, inv_freq]
         if cache is None:
             self.launch(ln, ins + [t, hq, hkv, d, rot, q, k, v])
         else:
             b, mb = block_tables.shape
             ins += [seq_starts, block_tables]
             sc = [t, hq, hkv, d, rot, b, mb, cache.shape[3], cache.shape[1]]
+            sc += [lr.float_bits(eps)] if qk_norm is not None else []
             self.launch(ln, ins + sc + [q, k, v, cache])
         return q, k, v
 
     def paged_attention(self, q, k, v, seq_starts, context_lens, block_tables, kv_cache,
                         scale=None, write_kv=True, force=None, window=0, max_smem=None,
-                        **prefill):
+                        softcap=0.0, **prefill):
         """force: None, 'decode' or 'prefill' picks the kernel regardless of the plan (tests
         run both kernels on the same mixed batch); `prefill` (variant=, pack=) goes to
-        attention_plan.prefill_plan. window: sliding window, 0 = none. max_smem: the shared-memory
+        attention_plan.prefill_plan. window: sliding window, 0 = none. softcap: logit soft-cap
+        cap * tanh(s / cap) of the scaled scores, 0 = none. max_smem: the shared-memory
         limit the plan must respect, default the device's (tests pass less to force the
         fallbacks that smaller GPUs take)."""
         t, hq, d = q.shape
@@ -237,7 +242,8 @@ class Kernels:
         b, mb = block_tables.shape
         _, nb, _, bs, _ = kv_cache.shape
         dt = self._dtype(q)
-        lim = dict(max_smem=self.max_smem if max_smem is None else max_smem, window=window)
+        lim = dict(max_smem=self.max_smem if max_smem is None else max_smem, window=window,
+                   softcap=softcap)
         if force == "decode":
             plan = ap.decode_plan(t, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv, **lim)
         elif force == "prefill":
@@ -261,14 +267,24 @@ class Kernels:
 
     # -- glue and sampling (cuda backend) --
 
-    def embedding(self, ids, table):
-        """table[ids] for int32 ids of any shape; rows of ids outside [0, V) are zeros."""
+    def embedding(self, ids, table, scale=None):
+        """table[ids] (* scale, rounded to the dtype) for int32 ids of any shape; rows of ids
+        outside [0, V) are zeros."""
         v, h = table.shape
         self._int32(ids)
         out = self.torch.empty(*ids.shape, h, dtype=table.dtype, device=table.device)
         if ids.numel():
-            ln = lr.embedding_launch(ids.numel(), h, self._dtype(table))
-            self.launch(ln, [ids, table, ids.numel(), h, v, out])
+            ln = lr.embedding_launch(ids.numel(), h, self._dtype(table), scale is not None)
+            sc = [] if scale is None else [lr.float_bits(scale)]
+            self.launch(ln, [ids, table, ids.numel(), h, v, *sc, out])
+        return out
+
+    def softcap(self, logits, cap):
+        """cap * tanh(logits / cap) of fp32 logits."""
+        out = self.torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        if logits.numel():
+            self.launch(lr.softcap_launch(logits.numel(), self.sm_count),
+                        [logits, logits.numel(), lr.float_bits(cap), out])
         return out
 
     def gather_rows(self, x, rows):

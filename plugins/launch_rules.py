@@ -227,11 +227,18 @@ ROPE_PAIRS_PER_CTA = 512
 
 def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                 rotary_dim: int, dtype: str, interleaved: bool = False, bias: bool = False,
-                write_cache: bool = False) -> Launch:
-    if head_dim % 2 or rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+                write_cache: bool = False, qk_norm: bool = False) -> Launch:
+    """rotary_dim 0: no rotation (GPT-2's learned positions), the kernel splits q/k/v (and
+    writes the cache); its inv_freq argument is not read and may be null.
+    qk_norm (Qwen3, Gemma 3): a per-head RMSNorm of q and k before the rotation, in the
+    entries that write the cache; each head is whole warps of one pass (head_dim % 64 == 0)."""
+    if head_dim % 2 or rotary_dim % 2 or not 0 <= rotary_dim <= head_dim:
         raise ValueError(f"rotary_dim {rotary_dim} / head_dim {head_dim}")
     if rotary_dim // 2 > 256:
         raise ValueError("rotary_dim > 512")
+    if qk_norm and (not write_cache or head_dim % 64 or head_dim // 2 > ROPE_PAIRS_PER_CTA):
+        raise ValueError(f"the q/k-norm RoPE kernel writes the cache and takes head_dim a "
+                         f"multiple of 64 up to {2 * ROPE_PAIRS_PER_CTA}, not {head_dim}")
     heads = num_q_heads + 2 * num_kv_heads
     # A CTA a token and group of heads, a thread a rotated pair: at batch 1 the 48 heads of
     # Llama-3-8B run as 6 CTAs of 8 heads (one CTA took 7 us on an H100; the cos/sin table
@@ -240,7 +247,9 @@ def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     groups = -(-heads // per_cta)
     per_cta = -(-heads // groups)   # the kernel's own split: ceil(heads / gridDim.y)
     threads = min(ROPE_PAIRS_PER_CTA, round_up(per_cta * head_dim // 2, 32))
-    name = ("rope" + ("_bias" if bias else "") + ("_cache" if write_cache else "")
+    # (with qk_norm, per_cta * head_dim / 2 <= ROPE_PAIRS_PER_CTA: a thread for every pair)
+    name = ("rope" + ("_bias" if bias else "") + ("_qknorm" if qk_norm else "")
+            + ("_cache" if write_cache else "")
             + ("_interleaved_" if interleaved else "_half_") + dtype_tag(dtype))
     return Launch("rope", name, (tokens, groups, 1), (threads, 1, 1))
 
@@ -266,9 +275,11 @@ def _row_copy_launch(op: str, rows: int, width: int, dtype: str) -> Launch:
     return Launch("glue", f"{op}_{dtype_tag(dtype)}_v{vec}", (rows, 1, 1), (threads, 1, 1))
 
 
-def embedding_launch(tokens: int, hidden: int, dtype: str) -> Launch:
-    """out[t] = table[ids[t]]; args (ids, table, T, H, V, out); ids outside [0, V) give zeros."""
-    return _row_copy_launch("embedding", tokens, hidden, dtype)
+def embedding_launch(tokens: int, hidden: int, dtype: str, scaled: bool = False) -> Launch:
+    """out[t] = table[ids[t]]; args (ids, table, T, H, V, out); ids outside [0, V) give zeros.
+    scaled (Gemma's sqrt(hidden)): out[t] = table[ids[t]] * scale, rounded to the dtype;
+    args (ids, table, T, H, V, float_bits(scale), out)."""
+    return _row_copy_launch("embedding_scale" if scaled else "embedding", tokens, hidden, dtype)
 
 
 def gather_rows_launch(rows: int, hidden: int, dtype: str) -> Launch:
@@ -283,6 +294,14 @@ def cast_launch(n: int, dtype: str, sm_count: int) -> Launch:
     vec = 8 if n % 8 == 0 else 1
     grid = _stream_grid(math.ceil(n / vec), sm_count)
     return Launch("glue", f"cast_f32_{dtype_tag(dtype)}_v{vec}", (grid, 1, 1), (256, 1, 1))
+
+
+def softcap_launch(n: int, sm_count: int) -> Launch:
+    """out = cap * tanh(x / cap) over n fp32 logits (Gemma 2's final soft-cap); args (x, n,
+    float_bits(cap), out)."""
+    if not 0 < n <= INT32_MAX:
+        raise ValueError(f"soft-cap of {n} logits")
+    return Launch("glue", "softcap_f32", (_stream_grid(n, sm_count), 1, 1), (256, 1, 1))
 
 
 def add_launch(n: int, dtype: str, sm_count: int) -> Launch:

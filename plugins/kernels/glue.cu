@@ -12,6 +12,12 @@
 //       grid-stride over n elements.
 //   add_{f16,bf16}_v{8,1}(const u16* a, const u16* b, int n, u16* out)
 //       out = a + b (a residual sum no norm follows: the last layer's), fp32 then rounded.
+//   embedding_scale_{f16,bf16}_v{8,1}(const int* ids, const u16* table, int T, int H, int V,
+//                                     int scale, u16* out)
+//       out[t, :] = table[ids[t], :] * scale, rounded to the dtype (Gemma: sqrt(hidden));
+//       scale is an fp32 bit pattern.
+//   softcap_f32(const float* x, int n, int cap, float* out)
+//       out = cap * tanh(x / cap) over fp32 logits (Gemma 2's final soft-cap); cap as bits.
 // An index outside [0, V) / [0, N) writes a row of zeros: a bad token id from a client must
 // not read outside the table (and a zero row is easy to spot downstream).
 #include "common.cuh"
@@ -29,6 +35,27 @@ __device__ __forceinline__ void copy_rows(const int* __restrict__ idx, const u16
   V* o = reinterpret_cast<V*>(out + (size_t)r * width);
   const int nc = width / VEC;
   for (int c = threadIdx.x; c < nc; c += blockDim.x) o[c] = ok ? in[c] : V{};
+}
+
+// copy_rows with each value times `scale` (converted, so the dtype matters here).
+template <typename T, int VEC>
+__device__ __forceinline__ void scaled_rows(const int* __restrict__ idx,
+                                            const u16* __restrict__ src, int rows, int width,
+                                            int src_rows, float scale, u16* __restrict__ out) {
+  const int r = blockIdx.x;
+  if (r >= rows) return;
+  const int s = idx[r];
+  const bool ok = s >= 0 && s < src_rows;
+  const u16* in = src + (size_t)(ok ? s : 0) * width;
+  u16* o = out + (size_t)r * width;
+  const int nc = width / VEC;
+  for (int c = threadIdx.x; c < nc; c += blockDim.x) {
+    float f[VEC];
+    load_vec<T, VEC>(in + (size_t)c * VEC, f);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) f[i] = ok ? f[i] * scale : 0.f;
+    store_vec<T, VEC>(o + (size_t)c * VEC, f);
+  }
 }
 
 template <typename T, int VEC>
@@ -77,7 +104,21 @@ __device__ __forceinline__ void add(const u16* __restrict__ a, const u16* __rest
   }                                                                                            \
   extern "C" __global__ void add_##DT##_v##VEC(const u16* a, const u16* b, int n, u16* out) {  \
     add<TY, VEC>(a, b, n, out);                                                                \
+  }                                                                                            \
+  extern "C" __global__ void embedding_scale_##DT##_v##VEC(const int* ids, const u16* table,   \
+                                                           int T, int H, int V, int scale,     \
+                                                           u16* out) {                         \
+    scaled_rows<TY, VEC>(ids, table, T, H, V, __int_as_float(scale), out);                     \
   }
+
+// Gemma 2's final-logit soft-cap, grid-stride over fp32 logits; precise tanhf (the logits are
+// returned, and sampled, as they are).
+extern "C" __global__ void softcap_f32(const float* __restrict__ x, int n, int cap_bits,
+                                       float* __restrict__ out) {
+  const float cap = __int_as_float(cap_bits);
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    out[i] = cap * tanhf(x[i] / cap);
+}
 
 GLUE_ENTRIES(f16, F16, 8)
 GLUE_ENTRIES(f16, F16, 1)

@@ -4,17 +4,59 @@
 // FORM 1 = interleaved pairs (GPT-J). Angles are pos * inv_freq[i] in fp32 (llama3 scaling
 // is folded into inv_freq on the host). Streaming: bytes = T*(Hq+2Hkv)*D*2*2 (+ K/V again
 // for the cache write). One block per (token, group of heads); cos/sin computed in smem.
+// QKN (the _qknorm entries, Qwen3 / Gemma 3): a per-head RMSNorm of q and k over all D dims,
+// with one weight [D] for q heads and one for k heads, before the rotation.
 #include "common.cuh"
 
 #define MAX_HALF_ROT 256
+#define MAX_ROPE_WARPS 16  // launch_rules.ROPE_PAIRS_PER_CTA / 32
 
-template <typename T, int FORM, bool BIAS, bool CACHE>
+// The two elements pair j of a head owns: rotated pairs first, then the pass-through dims
+// [rot, d) two at a time.
+template <int FORM>
+__device__ __forceinline__ void pair_elems(int j, int half, int rot, int& e0, int& e1) {
+  if (j < half) {
+    e0 = FORM == 0 ? j : 2 * j;
+    e1 = FORM == 0 ? j + half : 2 * j + 1;
+  } else {
+    e0 = rot + 2 * (j - half);
+    e1 = e0 + 1;
+  }
+}
+
+// Writes one finished pair of head h to q/k/v (and, for K/V heads, to the cache row).
+template <bool CACHE>
+__device__ __forceinline__ void store_pair(u16 ha, u16 hb, int t, int h, int e0, int e1, int hq,
+                                           int hkv, int d, int bs, int phys, int row,
+                                           int num_blocks, u16* __restrict__ q_out,
+                                           u16* __restrict__ k_out, u16* __restrict__ v_out,
+                                           u16* __restrict__ cache) {
+  u16* dst;
+  int hh;
+  if (h < hq) { dst = q_out + ((size_t)t * hq + h) * d; }
+  else if (h < hq + hkv) { hh = h - hq; dst = k_out + ((size_t)t * hkv + hh) * d; }
+  else { hh = h - hq - hkv; dst = v_out + ((size_t)t * hkv + hh) * d; }
+  dst[e0] = ha;
+  dst[e1] = hb;
+  if constexpr (CACHE) {
+    if (h >= hq) {
+      const int which = h < hq + hkv ? 0 : 1;
+      u16* c = cache + ((((size_t)which * num_blocks + phys) * hkv + hh) * bs + row) * d;
+      c[e0] = ha;
+      c[e1] = hb;
+    }
+  }
+}
+
+template <typename T, int FORM, bool BIAS, bool CACHE, bool QKN = false>
 __device__ __forceinline__ void rope_token(
     const u16* __restrict__ qkv, const u16* __restrict__ bias, const int* __restrict__ pos_ids,
     const float* __restrict__ inv_freq, const int* __restrict__ seq_starts,
     const int* __restrict__ block_tables, int T_, int hq, int hkv, int d, int rot, int B,
     int max_blocks, int bs, u16* __restrict__ q_out, u16* __restrict__ k_out,
-    u16* __restrict__ v_out, u16* __restrict__ cache, int num_blocks) {
+    u16* __restrict__ v_out, u16* __restrict__ cache, int num_blocks,
+    const u16* __restrict__ q_norm = nullptr, const u16* __restrict__ k_norm = nullptr,
+    int eps_bits = 0) {
   __shared__ float cs[MAX_HALF_ROT][2];
   const int t = blockIdx.x;
   if (t >= T_) return;
@@ -40,16 +82,52 @@ __device__ __forceinline__ void rope_token(
   const int per = (htot + gridDim.y - 1) / gridDim.y, h0 = blockIdx.y * per;
   const int n_pairs = min(per, htot - h0) * hd;
   const u16* src = qkv + (size_t)t * htot * d;
+  if constexpr (QKN) {
+    // One pass, a thread a pair: the launch rule gives the CTA a thread for each of its pairs
+    // and D a multiple of 64, so a head is one or more whole warps, and its sum of squares
+    // a warp sum plus, across its warps, shared memory.
+    __shared__ float red[MAX_ROPE_WARPS];
+    const int idx = threadIdx.x, h = h0 + idx / hd, j = idx % hd;
+    const bool live = idx < n_pairs;
+    int e0, e1;
+    pair_elems<FORM>(j, half, rot, e0, e1);
+    float a = 0.f, b = 0.f;
+    if (live) {
+      a = T::to_f(src[h * d + e0]);
+      b = T::to_f(src[h * d + e1]);
+      if constexpr (BIAS) {
+        a = rnd<T>(a + T::to_f(bias[h * d + e0]));
+        b = rnd<T>(b + T::to_f(bias[h * d + e1]));
+      }
+    }
+    const float ss = warp_sum(a * a + b * b);
+    const int warp = idx >> 5, wph = hd >> 5;
+    if ((idx & 31) == 0) red[warp] = ss;
+    __syncthreads();
+    if (!live) return;
+    if (h < hq + hkv) {
+      float sum = 0.f;
+      for (int w = warp - warp % wph; w < warp - warp % wph + wph; ++w) sum += red[w];
+      const float rstd = rsqrtf(sum / d + __int_as_float(eps_bits));
+      const u16* w = h < hq ? q_norm : k_norm;
+      // HF: weight * (x * rstd).to(dtype), the product in the dtype
+      a = rnd<T>(T::to_f(w[e0]) * rnd<T>(a * rstd));
+      b = rnd<T>(T::to_f(w[e1]) * rnd<T>(b * rstd));
+      if (j < half) {
+        const float c = cs[j][0], s = cs[j][1];
+        const float ra = a * c - b * s, rb = b * c + a * s;
+        a = ra;
+        b = rb;
+      }
+    }
+    store_pair<CACHE>(T::from_f(a), T::from_f(b), t, h, e0, e1, hq, hkv, d, bs, phys, row,
+                      num_blocks, q_out, k_out, v_out, cache);
+    return;
+  }
   for (int idx = threadIdx.x; idx < n_pairs; idx += blockDim.x) {
     const int h = h0 + idx / hd, j = idx % hd;
     int e0, e1;  // the two elements this thread owns
-    if (j < half) {
-      e0 = FORM == 0 ? j : 2 * j;
-      e1 = FORM == 0 ? j + half : 2 * j + 1;
-    } else {  // pass-through dims [rot, d)
-      e0 = rot + 2 * (j - half);
-      e1 = e0 + 1;
-    }
+    pair_elems<FORM>(j, half, rot, e0, e1);
     float a = T::to_f(src[h * d + e0]), b = T::to_f(src[h * d + e1]);
     if constexpr (BIAS) {
       // The GEMM output plus bias is materialised in the dtype in the unfused graph.
@@ -62,22 +140,8 @@ __device__ __forceinline__ void rope_token(
       a = ra;
       b = rb;
     }
-    const u16 ha = T::from_f(a), hb = T::from_f(b);
-    u16* dst;
-    int hh;
-    if (h < hq) { dst = q_out + ((size_t)t * hq + h) * d; }
-    else if (h < hq + hkv) { hh = h - hq; dst = k_out + ((size_t)t * hkv + hh) * d; }
-    else { hh = h - hq - hkv; dst = v_out + ((size_t)t * hkv + hh) * d; }
-    dst[e0] = ha;
-    dst[e1] = hb;
-    if constexpr (CACHE) {
-      if (h >= hq) {
-        const int which = h < hq + hkv ? 0 : 1;
-        u16* c = cache + ((((size_t)which * num_blocks + phys) * hkv + hh) * bs + row) * d;
-        c[e0] = ha;
-        c[e1] = hb;
-      }
-    }
+    store_pair<CACHE>(T::from_f(a), T::from_f(b), t, h, e0, e1, hq, hkv, d, bs, phys, row,
+                      num_blocks, q_out, k_out, v_out, cache);
   }
 }
 
@@ -109,8 +173,26 @@ __device__ __forceinline__ void rope_token(
     rope_token<TY, FORM, true, true>(x, b, p, f, ss, bt, T_, hq, hkv, d, rot, B, mb, bs, q,   \
                                      k, v, kv, nb);                                           \
   }
+// With the q/k norm: its weights after the bias, its eps after the cache scalars.
+#define QKNORM_ENTRIES(DT, TY, FN, FORM)                                                      \
+  extern "C" __global__ void rope_qknorm_cache_##FN##_##DT(                                   \
+      const u16* x, const u16* qn, const u16* kn, const int* p, const float* f, CACHE_IN,     \
+      ROPE_ARGS, CACHE_SC, int eps, ROPE_OUT, u16* kv) {                                      \
+    rope_token<TY, FORM, false, true, true>(x, nullptr, p, f, ss, bt, T_, hq, hkv, d, rot, B, \
+                                            mb, bs, q, k, v, kv, nb, qn, kn, eps);            \
+  }                                                                                           \
+  extern "C" __global__ void rope_bias_qknorm_cache_##FN##_##DT(                              \
+      const u16* x, const u16* b, const u16* qn, const u16* kn, const int* p, const float* f, \
+      CACHE_IN, ROPE_ARGS, CACHE_SC, int eps, ROPE_OUT, u16* kv) {                            \
+    rope_token<TY, FORM, true, true, true>(x, b, p, f, ss, bt, T_, hq, hkv, d, rot, B, mb,    \
+                                           bs, q, k, v, kv, nb, qn, kn, eps);                 \
+  }
 
 ROPE_ENTRIES(f16, F16, half, 0)
 ROPE_ENTRIES(f16, F16, interleaved, 1)
 ROPE_ENTRIES(bf16, BF16, half, 0)
 ROPE_ENTRIES(bf16, BF16, interleaved, 1)
+QKNORM_ENTRIES(f16, F16, half, 0)
+QKNORM_ENTRIES(f16, F16, interleaved, 1)
+QKNORM_ENTRIES(bf16, BF16, half, 0)
+QKNORM_ENTRIES(bf16, BF16, interleaved, 1)

@@ -113,6 +113,18 @@ def test_pipeline_fuses_everything_and_matches_hf(tiny_models, kind):
         assert rel_err(ref, logits[row]) < 1e-4
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_graphs_fuse_as_fp32_ones(tiny_models, kind):
+    """A graph built in bf16 (what the cuda and TensorRT backends build for --dtype bf16)
+    fuses as the fp32 one: the GELU chain's constants, written in bf16, still match."""
+    from llmc.model_zoo import load_model
+
+    m = load_model(tiny_models[kind][0])
+    model, weights = m.build_graph("bfloat16", BLOCK)
+    _, _, report = run_passes(model, weights)
+    assert report["fired"] == expected_firings(m.config.num_hidden_layers, kind)
+
+
 def _prefill(prompts, cfg) -> dict:
     n = [len(p) for p in prompts]
     starts = np.cumsum([0] + n).astype(np.int32)

@@ -373,8 +373,8 @@ def test_paged_attention_takes_a_logit_softcap(tiny_folders, form, dtype):
     # The cap bites on these scores, so the body applies it (it is not just carried along).
     plain, plain_weights, _ = tiny_graph(tiny_folders["mistral-window"], dtype)
     assert rel_err(before["logits"], run_ort(plain, plain_weights, feeds)["logits"]) > 1e-2
-    # The kernels have no soft-cap yet: a plugin for this node is refused by name (softcap 0
-    # is accepted: tests/plugins/test_graph_contract.py).
+    # The TensorRT plugin's record has no soft-cap: a plugin for this node is refused by name
+    # (softcap 0 is accepted: tests/plugins/test_graph_contract.py); the cuda backend runs it.
     with pytest.raises(ValueError, match="soft-cap"):
         attention_plan.paged_attention_attrs({k: np.atleast_1d(v) for k, v in attrs.items()})
 

@@ -31,9 +31,11 @@ def make_batch(lens_new, ctx, hq, hkv, d, bs, dtype, extra_blocks=7):
     return (q, k, v, starts.cuda(), ctx_t.cuda(), tables.cuda(), cache)
 
 
-def ref_attention(q, k, v, starts, ctx, tables, cache, scale, window=0):
+def ref_attention(q, k, v, starts, ctx, tables, cache, scale, window=0, softcap=0.0):
     """SDPA on the gathered cache, the new rows written first (so this also states where
-    they must land). window > 0: position p sees keys p - window < j <= p (HF Mistral)."""
+    they must land). window > 0: position p sees keys p - window < j <= p (HF Mistral).
+    softcap > 0 (Gemma 2): the scaled scores become softcap * tanh(s / softcap) before the
+    mask, in fp32 (HF's eager attention; SDPA has no soft-cap)."""
     cache = cache.clone()
     bs = cache.shape[3]
     out = torch.empty_like(q)
@@ -57,7 +59,12 @@ def ref_attention(q, k, v, starts, ctx, tables, cache, scale, window=0):
         mask = keys[None, :] <= pos
         if window:
             mask &= keys[None, :] > pos - window
-        o = torch.nn.functional.scaled_dot_product_attention(
-            qs.float(), kk.float(), vv.float(), attn_mask=mask, scale=scale)
+        if softcap:
+            s_ = qs.float() @ kk.float().transpose(1, 2) * scale
+            s_ = (softcap * torch.tanh(s_ / softcap)).masked_fill(~mask, float("-inf"))
+            o = torch.softmax(s_, -1) @ vv.float()
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qs.float(), kk.float(), vv.float(), attn_mask=mask, scale=scale)
         out[a:e] = o.transpose(0, 1).to(q.dtype)
     return out, cache

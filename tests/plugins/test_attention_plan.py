@@ -198,3 +198,39 @@ def test_attention_launches_argument_order():
     assert ln == pre.main and args[-3:] == [4096, 4, "out"]
     with pytest.raises(ValueError, match="does not match"):
         ap.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 64), (2, 300))
+
+
+def test_softcap_takes_its_own_entries_and_one_more_argument():
+    """Gemma 2: the soft-capped kernels are their own entries (the uncapped ones are
+    unchanged), the cap's bits follow the window in both kernels' arguments, and the split
+    plan does not depend on it."""
+    ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
+                          "cache", "out", "ws_o", "ws_lse")}
+    dims = ap.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 128), (2, 300))
+    dec = ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "float16", 132, max_smem=H100,
+                            window=64, softcap=50.0)
+    plain = ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "float16", 132, max_smem=H100,
+                              window=64)
+    assert dec.main.kernel == plain.main.kernel + "_softcap" == "attn_decode_f16_d128_softcap"
+    # a module of their own (compiled for the models that have a soft-cap); the reduce and
+    # the K/V write are the uncapped module's
+    assert (dec.main.module, plain.main.module) == ("paged_attention_softcap", "paged_attention")
+    assert dec.reduce == plain.reduce and dec.kv_write == plain.kv_write
+    assert (dec.n_split, dec.main.grid, dec.main.smem) == (plain.n_split, plain.main.grid,
+                                                           plain.main.smem)
+    _, (_, ma), _ = ap.attention_launches(dec, dims, 0.5, ptr)
+    sc = [2, 2, 32, 8, 300, 16, 100, float_bits(0.5), 64, float_bits(50.0)]
+    assert ma == ["q", "seq_starts", "context_lens", "block_tables", "cache", *sc,
+                  dec.n_split, dec.chunk, "out", "ws_o", "ws_lse"]
+    pre = ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, write_kv=False,
+                            max_smem=H100, softcap=30.0)
+    assert pre.main.kernel == "attn_prefill_bf16_d128_w8s_softcap"
+    [(_, args)] = ap.attention_launches(pre, {**dims, "tokens": 9}, 0.5, ptr)
+    assert args[-4:] == [0, float_bits(30.0), 4, "out"]
+    small = ap.attention_plan(1, 1, 8, 2, 128, 4, 16, "float16", 132,
+                              max_smem=ap.decode_smem(128, 2), softcap=1.0)
+    assert small.main.kernel == "attn_decode_f16_d128_s2_softcap"
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="soft-cap"):
+            ap.attention_plan(2, 2, 8, 2, 64, 4, 16, "float16", 132, max_smem=H100,
+                              softcap=bad)

@@ -25,6 +25,7 @@ def _entry_names():
             names.add(lr.gelu_launch(n, dt, "tanh", 1))
             names.add(lr.gelu_launch(n, dt, "none", 1))
             names.add(lr.embedding_launch(1, n, dt))
+            names.add(lr.embedding_launch(1, n, dt, scaled=True))
             names.add(lr.gather_rows_launch(1, n, dt))
             names.add(lr.cast_launch(n, dt, 1))
             names.add(lr.add_launch(n, dt, 1))
@@ -44,18 +45,24 @@ def _entry_names():
             for bias in (False, True):
                 for cache in (False, True):
                     names.add(lr.rope_launch(1, 2, 1, 64, 32, dt, il, bias, cache))
+                names.add(lr.rope_launch(1, 2, 1, 64, 32, dt, il, bias, True, qk_norm=True))
         for d in ap.HEAD_DIMS:
             for smem in set(MAX_SMEM_OPTIN.values()):
-                dec = ap.attention_plan(4, 4, 8, 2, d, 4096, 16, dt, 132, max_smem=smem)
-                pre = ap.attention_plan(9, 4, 8, 2, d, 64, 16, dt, 132, max_smem=smem)
-                names.update({dec.main, dec.reduce, dec.kv_write, pre.main})
-            names.update(ap.prefill_plan(9, 4, 8, 2, d, 16, dt, variant=v,
-                                         max_smem=ap.prefill_smem(d, v)).main
-                         for v in ap.PREFILL_WARPS)
-            names.update(ap.decode_plan(4, 8, 2, d, 64, 16, dt, 132,
-                                        max_smem=ap.decode_smem(d, st)).main
-                         for st in ap.DECODE_STAGES)
+                for cap in (0.0, 50.0):
+                    dec = ap.attention_plan(4, 4, 8, 2, d, 4096, 16, dt, 132, max_smem=smem,
+                                            softcap=cap)
+                    pre = ap.attention_plan(9, 4, 8, 2, d, 64, 16, dt, 132, max_smem=smem,
+                                            softcap=cap)
+                    names.update({dec.main, dec.reduce, dec.kv_write, pre.main})
+            for cap in (0.0, 1.0):
+                names.update(ap.prefill_plan(9, 4, 8, 2, d, 16, dt, variant=v,
+                                             max_smem=ap.prefill_smem(d, v), softcap=cap).main
+                             for v in ap.PREFILL_WARPS)
+                names.update(ap.decode_plan(4, 8, 2, d, 64, 16, dt, 132,
+                                            max_smem=ap.decode_smem(d, st), softcap=cap).main
+                             for st in ap.DECODE_STAGES)
     names.add(lr.sample_launch(1, 1000))
+    names.add(lr.softcap_launch(1000, 132))
     return {(ln.module, ln.kernel) for ln in names}
 
 

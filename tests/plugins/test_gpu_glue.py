@@ -46,6 +46,32 @@ def test_embedding_out_of_range_ids_give_zeros(K, dtype, h):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,h", [(1, 2304), (37, 256), (300, 3584), (5, 100)])
+def test_embedding_scaled(K, dtype, t, h):
+    """Gemma: table[ids] * sqrt(hidden), the constant and the product in the dtype as HF has
+    them (bit-exact); an out-of-range id still gives a row of zeros."""
+    v = 3000
+    table = torch.randn(v, h, device="cuda").to(dtype)
+    ids = torch.randint(0, v, (t,), device="cuda", dtype=torch.int32)
+    ids[0] = -1
+    scale = torch.tensor(h ** 0.5, dtype=dtype)
+    out = K.embedding(ids, table, scale=float(scale))
+    ref = table[ids.clamp(0, v - 1).long()] * scale.cuda()
+    ref[0] = 0
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("shape", [(3, 256000), (1, 100), (7, 1001)])
+@pytest.mark.parametrize("cap", [30.0, 1.5])
+def test_softcap(K, shape, cap):
+    """Gemma 2's final-logit soft-cap on fp32 logits against torch (precise tanh)."""
+    x = torch.randn(*shape, device="cuda") * 40
+    out = K.softcap(x, cap)
+    torch.testing.assert_close(out, cap * torch.tanh(x / cap), atol=2e-6 * cap, rtol=1e-6)
+    assert out.abs().max() <= cap
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,h", [(1, 576), (300, 4096), (77, 100)])
 def test_gather_rows(K, dtype, n, h):
     x = torch.randn(n, h, device="cuda").to(dtype)

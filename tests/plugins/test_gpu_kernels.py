@@ -121,14 +121,16 @@ def ref_rope(x, pos, inv_freq, rot, interleaved):
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("t,hq,hkv,d,rot,bias", [
     (5, 4, 2, 64, 64, False), (37, 32, 8, 128, 128, True), (3, 6, 6, 80, 32, True),
-    (9, 2, 1, 64, 16, False)])
+    (9, 2, 1, 64, 16, False),
+    (7, 12, 12, 64, 0, True)])  # rot 0, GPT-2: q/k/v split and the bias added, no rotation
 def test_rope(K, dtype, interleaved, t, hq, hkv, d, rot, bias):
     qkv = rnd(t, (hq + 2 * hkv) * d, dtype=dtype)
     b = rnd((hq + 2 * hkv) * d, dtype=dtype) if bias else None
     pos = torch.randint(0, 100000, (t,), device="cuda", dtype=torch.int32)
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    inv = torch.tensor(llama3_inv_freq(d, 500000.0, rot, scaling), device="cuda")
+    # rot // 2 frequencies (none for rot 0: llama3_inv_freq reads 0 as "all of head_dim")
+    inv = torch.tensor(llama3_inv_freq(d, 500000.0, rot, scaling), device="cuda")[:rot // 2]
     q, k, v = K.rope(qkv, pos, inv, hq, hkv, d, rot, interleaved, b)
     x = (qkv + b if bias else qkv).view(t, hq + 2 * hkv, d).float()
     close(q, ref_rope(x[:, :hq], pos, inv, rot, interleaved), "rope")
@@ -137,17 +139,50 @@ def test_rope(K, dtype, interleaved, t, hq, hkv, d, rot, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_cache_write(K, dtype):
+@pytest.mark.parametrize("rot", [64, 0])     # 0: GPT-2, K/V cached as they come
+def test_rope_cache_write(K, dtype, rot):
     lens, ctx, hq, hkv, d, bs = [5, 1, 70], [5, 40, 100], 8, 2, 64, 16
     q0, _, _, starts, cl, tables, cache = make_batch(lens, ctx, hq, hkv, d, bs, dtype)
     qkv = rnd(q0.shape[0], (hq + 2 * hkv) * d, dtype=dtype)
     pos = torch.cat([torch.arange(c - n, c) for n, c in zip(lens, ctx)]).int().cuda()
     inv = torch.tensor(llama3_inv_freq(d, 10000.0), device="cuda")
     before = cache.clone()
-    q, k, v = K.rope(qkv, pos, inv, hq, hkv, d, d, cache=cache, seq_starts=starts,
+    q, k, v = K.rope(qkv, pos, inv, hq, hkv, d, rot, cache=cache, seq_starts=starts,
                      block_tables=tables)
-    for a, b in zip((q, k, v), K.rope(qkv, pos, inv, hq, hkv, d, d)):
+    for a, b in zip((q, k, v), K.rope(qkv, pos, inv, hq, hkv, d, rot)):
         assert torch.equal(a, b)
+    if rot == 0:
+        assert torch.equal(torch.cat([q, k, v], 1), qkv.view(q.shape[0], -1, d))
+    _, expect = ref_attention(q, k, v, starts, cl, tables, before, 1.0)
+    assert torch.equal(cache, expect), "rope cache write missing or misplaced"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("hq,hkv,d,rot,bias", [
+    (8, 2, 64, 64, False),      # one CTA, a head a warp
+    (14, 2, 64, 64, True),      # 18 heads over 2 CTAs of 9: a CTA's threads past its pairs
+    (32, 8, 128, 128, True),    # a head two warps, 6 CTAs a token
+    (16, 8, 128, 64, False)])   # partial rotary: the norm spans all D dims, RoPE the first 64
+def test_rope_qk_norm(K, dtype, interleaved, hq, hkv, d, rot, bias):
+    """Qwen3 / Gemma 3: a per-head RMSNorm of q and k (HF's rounding: weight * (x * rstd)
+    in the dtype) before RoPE, v untouched, the normed and rotated K and V in the cache."""
+    lens, ctx, bs, eps = [5, 1, 70], [5, 40, 100], 16, 1e-6
+    _, _, _, starts, cl, tables, cache = make_batch(lens, ctx, hq, hkv, d, bs, dtype)
+    t = sum(lens)
+    qkv = rnd(t, (hq + 2 * hkv) * d, dtype=dtype, scale=3)
+    b = rnd((hq + 2 * hkv) * d, dtype=dtype) if bias else None
+    wq, wk = (rnd(d, dtype=dtype, scale=0.5) + 1 for _ in range(2))
+    pos = torch.cat([torch.arange(c - n, c) for n, c in zip(lens, ctx)]).int().cuda()
+    inv = torch.tensor(llama3_inv_freq(d, 10000.0, rot), device="cuda")
+    before = cache.clone()
+    q, k, v = K.rope(qkv, pos, inv, hq, hkv, d, rot, interleaved, b, cache=cache,
+                     seq_starts=starts, block_tables=tables, qk_norm=(wq, wk), eps=eps)
+    x = (qkv + b if bias else qkv).view(t, hq + 2 * hkv, d)   # the kernel rounds the sum too
+    qn, kn = ref_rms(x[:, :hq], wq, eps).float(), ref_rms(x[:, hq:hq + hkv], wk, eps).float()
+    close(q, ref_rope(qn, pos, inv, rot, interleaved), "rope")
+    close(k, ref_rope(kn, pos, inv, rot, interleaved), "rope")
+    assert torch.equal(v, x[:, hq + hkv:])
     _, expect = ref_attention(q, k, v, starts, cl, tables, before, 1.0)
     assert torch.equal(cache, expect), "rope cache write missing or misplaced"
 
@@ -200,6 +235,31 @@ def test_prefill_variants(K, dtype, d, variant, hq, hkv, pack, window):
         torch.cuda.synchronize()
         assert torch.equal(cache, ref_cache), case
         close(out, ref, "attn")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("force", ["decode", "prefill"])
+@pytest.mark.parametrize("window", [0, 37])
+@pytest.mark.parametrize("cap", [50.0, 1.0])
+def test_paged_attention_softcap(K, dtype, d, force, window, cap):
+    """Gemma 2's logit soft-cap in both kernels (the _softcap entries), on every batch shape:
+    against the capped eager reference, and a cap that bites changes the result (so the
+    entries do apply it)."""
+    for lens, ctx in CASES:
+        q, k, v, starts, cl, tables, cache = make_batch(lens, ctx, 8, 2, d, 16, dtype)
+        q = q * 4   # scores of a few units: a cap of 1 bites, 50 barely
+        scale = 1 / math.sqrt(d)
+        ref, ref_cache = ref_attention(q, k, v, starts, cl, tables, cache, scale, window, cap)
+        out = K.paged_attention(q, k, v, starts, cl, tables, cache, scale, force=force,
+                                window=window, softcap=cap)
+        torch.cuda.synchronize()
+        assert K.last_plan.main.kernel.endswith("_softcap")
+        assert torch.equal(cache, ref_cache)
+        close(out, ref, "attn")
+        if cap == 1.0:
+            plain, _ = ref_attention(q, k, v, starts, cl, tables, cache, scale, window)
+            assert (plain.float() - ref.float()).abs().max() > 0.05
 
 
 def test_paged_attention_default_dispatch(K):

@@ -54,6 +54,33 @@ def test_rope_shapes_and_names():
     assert odd.grid == (1, 2, 1) and odd.block == (288, 1, 1)
     with pytest.raises(ValueError):
         lr.rope_launch(9, 32, 8, 128, 130, "bfloat16")
+    # rotary_dim 0 (GPT-2's learned positions): the same kernel splits q/k/v, rotating nothing
+    none = lr.rope_launch(3, 12, 12, 64, 0, "float16", bias=True, write_cache=True)
+    assert none.kernel == "rope_bias_cache_half_f16" and none.grid == (3, 3, 1)
+    with pytest.raises(ValueError):
+        lr.rope_launch(3, 12, 12, 64, -2, "float16")
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (14, 2, 64), (4, 2, 64), (64, 8, 256)])
+def test_rope_qk_norm_gives_each_pair_a_thread(hq, hkv, d):
+    """The q/k-norm entries run one pass (a head's sum of squares is a block reduction): the
+    CTA's heads times D/2 pairs fit its threads, and a head is whole warps."""
+    ln = lr.rope_launch(5, hq, hkv, d, d, "float16", bias=True, write_cache=True,
+                        qk_norm=True)
+    assert ln.kernel == "rope_bias_qknorm_cache_half_f16"
+    per_cta = -(-(hq + 2 * hkv) // ln.grid[1])
+    assert per_cta * d // 2 <= ln.block[0] <= 512 and (d // 2) % 32 == 0
+    assert lr.rope_launch(1, hq, hkv, d, d // 2, "bfloat16", write_cache=True,
+                          qk_norm=True).kernel == "rope_qknorm_cache_half_bf16"
+
+
+@pytest.mark.parametrize("kw", [dict(head_dim=96), dict(write_cache=False)])
+def test_rope_qk_norm_refuses(kw):
+    args = dict(head_dim=128, write_cache=True) | kw
+    with pytest.raises(ValueError, match="q/k-norm RoPE kernel writes the cache and takes "
+                       "head_dim a multiple of 64"):
+        lr.rope_launch(1, 8, 2, args["head_dim"], 32, "float16",
+                       write_cache=args["write_cache"], qk_norm=True)
 
 
 def test_llama3_inv_freq_matches_transformers():
@@ -80,9 +107,11 @@ def test_float_bits():
         pytest.approx(1e-5)
 
 
-@pytest.mark.parametrize("rule,op", [(lr.embedding_launch, "embedding"),
-                                     (lr.gather_rows_launch, "gather_rows")])
+@pytest.mark.parametrize("rule,op", [
+    (lr.embedding_launch, "embedding"), (lr.gather_rows_launch, "gather_rows"),
+    (lambda *a: lr.embedding_launch(*a, scaled=True), "embedding_scale")])
 def test_row_copy_launches(rule, op):
+    """One row a block (Gemma's scaled embedding too: the same grid, its own entry)."""
     for rows in (1, 65535, 70000, 2**31 - 1):  # rows on grid.x: past 65535 too
         for h, vec in ((576, 8), (4096, 8), (100, 1), (64, 8), (1, 1)):
             ln = rule(rows, h, "bfloat16")
@@ -97,6 +126,16 @@ def test_row_copy_launches(rule, op):
             rule(*bad, "float16")
     with pytest.raises(ValueError):
         rule(4, 64, "float32")
+
+
+def test_softcap_launch():
+    ln = lr.softcap_launch(4 * 256000, 132)
+    assert (ln.module, ln.kernel, ln.block) == ("glue", "softcap_f32", (256, 1, 1))
+    assert ln.grid[0] == 132 * 8     # grid-stride, ~8 blocks an SM
+    assert lr.softcap_launch(100, 132).grid == (1, 1, 1)
+    for bad in (0, 2**31):
+        with pytest.raises(ValueError):
+            lr.softcap_launch(bad, 132)
 
 
 def test_cast_launch():

@@ -95,7 +95,7 @@ class CudaBackend:
         return gpus[0].arch
 
     def lower(self, onnx_path: Path, limits: BuildLimits, log: Log) -> Lowered:
-        from llmc.backends.cuda.lower import MODULES, lower, rewrite_weights
+        from llmc.backends.cuda.lower import lower, rewrite_weights
         from llmc.backends.cuda.plan import PLAN, WEIGHTS, cubin_section
         from llmc.plugins.compiler import compile_all, nvrtc_version
 
@@ -106,12 +106,12 @@ class CudaBackend:
         # weights.bin is the build's own temporary copy: rewritten in place, once
         moved = rewrite_weights(onnx_path.parent / "weights.bin", plan)
         log(f"GEMM weights stored [out, in]: {moved / 2**20:.1f} MiB rewritten")
-        cubins = compile_all(archs=(arch,), modules=MODULES)
+        cubins = compile_all(archs=(arch,), modules=plan.modules)
         sections: dict[str, Path | bytes] = {
             PLAN: json.dumps(plan.to_dict()).encode(),
             WEIGHTS: onnx_path.parent / "weights.bin",
         }
-        sections.update({cubin_section(m): cubins[(m, arch)] for m in MODULES})
+        sections.update({cubin_section(m): cubins[(m, arch)] for m in plan.modules})
         major, minor = nvrtc_version()
         return Lowered(sections, summary=plan_summary(plan),
                        versions={"nvrtc": f"{major}.{minor}", "gpu_arch": arch})

@@ -3,17 +3,27 @@
 Every node of the fused graph maps to a kernel, a view, or nothing at all:
 
     Gather(embedding table, input_ids)            embedding            glue.cu
+      [-> Mul(constant): Gemma's sqrt(hidden)]    (embedding_scale)
+    Gather(position table, position_ids)          embedding            glue.cu (GPT-2)
     RMSNormalization / llmc AddRMSNorm            rmsnorm / add_rmsnorm norm.cu
+    LayerNormalization / llmc AddLayerNorm        layernorm /          norm.cu (GPT-2)
+                                                  add_layernorm
+    Gelu (not gated)                              gelu                 activation.cu (GPT-2)
     MatMul(x, W) / Gemm(x, E, transB=1)           gemm                 gemv.cu (1-8 rows),
       [-> FusedSwiGLU / FusedGeGLU]                                    cuBLASLt (more); the
                                                                        gated activation fused
     llmc FusedSwiGLU / FusedGeGLU                 swiglu / geglu       activation.cu
     llmc PagedAttention with its q/k/v chain:     rope_cache           rope.cu (RoPE, QKV bias,
-      MatMul [+ Add bias] -> Split -> Reshape                          K/V written into the
-      -> RotaryEmbedding (q, k)                                        layer's pool in place)
+      MatMul [+ Add bias] -> Split -> Reshape                          q/k norms, K/V written
+      [-> RMSNormalization per head (q, k)]                            into the layer's pool
+      -> RotaryEmbedding (q, k)                                        in place; no RoPE, as
+                                                                       in GPT-2: rot 0)
                                                   attention            paged_attention.cu
+                                                                       (+ logit soft-cap)
     Gather(h, last_token_rows)                    gather_rows          glue.cu
     Cast(logits, float32)                         the LM-head GEMM writes fp32 (or cast_f32)
+    Div(logits, cap) -> Tanh -> Mul(cap)          softcap              glue.cu (Gemma 2's
+                                                                       final-logit soft-cap)
     Reshape / Squeeze / Unsqueeze / Split         views of one buffer
     Identity to kv_cache_out_{l}                  nothing: the pool is updated in place
     the RoPE angle chain (Cos/Sin of positions    nothing: the rope kernel computes angles
@@ -47,9 +57,10 @@ from llmc.dtypes import ONNX_TYPES
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
 from llmc.plugins import launch_rules as lr
+from llmc.plugins.attention_plan import SOFTCAP_MODULE
 
 DTYPES = ("float16", "bfloat16")
-MODULES = ("norm", "activation", "gemv", "qgemv", "rope", "paged_attention", "glue", "sampling")
+MODULES = ("norm", "activation", "gemv", "rope", "paged_attention", "glue", "sampling")
 _ONNX_FLOAT = 1
 FP8 = "float8e4m3fn"
 
@@ -182,7 +193,13 @@ class Lowering:
             if v.offset == -1:
                 v.offset = weights_end
                 weights_end += align(numel(v.shape, 1, 1) * itemsize(v.dtype))
-        return Plan(self.arch, self.dtype, list(MODULES), self.values, self.ops, arena,
+        # the quantized GEMMs' and the soft-capped attention's kernels are compiled only for
+        # the models that have them
+        quant = any(op.attrs.get("quant") for op in self.ops if op.op == "gemm")
+        softcap = any(op.attrs.get("softcap") for op in self.ops if op.op == "attention")
+        modules = list(MODULES) + (["qgemv"] if quant else []) + \
+            ([SOFTCAP_MODULE] if softcap else [])
+        return Plan(self.arch, self.dtype, modules, self.values, self.ops, arena,
                     weights_end, logits, len(attn))
 
     def _dtype_of(self, attention) -> str:
@@ -222,7 +239,9 @@ class Lowering:
 
     def _op_Gather(self, node) -> None:
         data, index = node.input
-        if index == contract.INPUT_IDS and self.g.weight(data) is not None:
+        # the token embedding, or GPT-2's learned positions: a row of the table each token
+        if index in (contract.INPUT_IDS, contract.POSITION_IDS) \
+                and self.g.weight(data) is not None:
             table = self._weight(data)
             hidden = self.values[table].shape[1]
             out = self._arena(node.output[0], ["T", hidden])
@@ -232,8 +251,9 @@ class Lowering:
             out = self._arena(node.output[0], ["B", hidden])
             self._emit("gather_rows", node, [data, index], [out], hidden=hidden)
         else:
-            raise UnsupportedGraph(f"Gather node {node.name!r} is neither the embedding "
-                                   "lookup nor the last-token gather")
+            raise UnsupportedGraph(f"Gather node {node.name!r} is neither an embedding "
+                                   "lookup (of token ids or positions) nor the last-token "
+                                   "gather")
 
     def _op_RMSNormalization(self, node) -> None:
         x, w = node.input[:2]
@@ -249,6 +269,34 @@ class Lowering:
         total = self._arena(node.output[1], list(shape))
         self._emit("add_rmsnorm", node, [x, res, self._weight(w)], [out, total],
                    eps=float(_attr(node, "epsilon", 1e-5)), n=shape[-1])
+
+    def _op_LayerNormalization(self, node) -> None:
+        x, w, b = (list(node.input) + [""])[:3]
+        shape = self.values[x].shape
+        if (_attr(node, "axis", -1) not in (-1, len(shape) - 1) or not b
+                or any(node.output[1:])):
+            raise UnsupportedGraph(f"LayerNormalization node {node.name!r}: only a LayerNorm "
+                                   "over the last axis with a bias and one output is lowered")
+        out = self._arena(node.output[0], list(shape))
+        self._emit("layernorm", node, [x, self._weight(w), self._weight(b)], [out],
+                   eps=float(_attr(node, "epsilon", 1e-5)), n=shape[-1])
+
+    def _op_AddLayerNorm(self, node) -> None:
+        x, res, w, b = node.input
+        shape = self.values[x].shape
+        out = self._arena(node.output[0], list(shape))
+        total = self._arena(node.output[1], list(shape))
+        self._emit("add_layernorm", node, [x, res, self._weight(w), self._weight(b)],
+                   [out, total], eps=float(_attr(node, "epsilon", 1e-5)), n=shape[-1])
+
+    def _op_Gelu(self, node) -> None:
+        """A plain GELU (GPT-2's MLP; a gated one is FusedGeGLU)."""
+        x = node.input[0]
+        approximate = _attr(node, "approximate", "none")
+        if approximate not in ("tanh", "none"):
+            raise UnsupportedGraph(f"Gelu node {node.name!r}: approximate={approximate!r}")
+        out = self._arena(node.output[0], list(self.values[x].shape))
+        self._emit("gelu", node, [x], [out], approximate=approximate)
 
     def _op_MatMul(self, node) -> None:
         x, w = node.input
@@ -393,6 +441,44 @@ class Lowering:
         out = self._arena(node.output[0], list(va.shape))
         self._emit("add", node, [a, b], [out], n=va.shape[-1])
 
+    def _op_Mul(self, node) -> None:
+        """The embedding times a constant (Gemma's sqrt(hidden), a constant of the dtype):
+        folded into the lookup, which writes the product."""
+        x, c = node.input
+        scale = self.g.const(c)
+        op = next((o for o in self.ops if o.outputs == [x]), None)
+        if (scale is None or scale.size != 1 or op is None or op.op != "embedding"
+                or "scale" in op.attrs or len(self.g.consumers.get(x, [])) != 1):
+            raise UnsupportedGraph(f"Mul node {node.name!r}: only the embedding times a "
+                                   "constant (Gemma's sqrt(hidden)) is lowered")
+        op.outputs = [self._arena(node.output[0], list(self.values.pop(x).shape))]
+        op.attrs["scale"] = float(scale.reshape(-1)[0].astype(np.float32))
+        op.node += f" * {node.name}"
+        self.done.add(id(node))
+
+    def _op_Div(self, node) -> None:
+        """Gemma 2's final-logit soft-cap, cap * tanh(logits / cap) on the fp32 logits:
+        Div(x, cap) -> Tanh -> Mul(., cap), one kernel."""
+        g = self.g
+        x, c = node.input
+        cap = g.const(c)
+        users = g.consumers.get(node.output[0], [])
+        tanh = users[0] if len(users) == 1 and users[0].op_type == "Tanh" else None
+        after = g.consumers.get(tanh.output[0], []) if tanh is not None else []
+        mul = after[0] if len(after) == 1 and after[0].op_type == "Mul" else None
+        other = [i for i in mul.input if i != tanh.output[0]] if mul is not None else []
+        cap2 = g.const(other[0]) if len(other) == 1 else None
+        v = self.values.get(x)
+        if (cap is None or cap2 is None or cap.size != 1 or cap2.size != 1
+                or float(cap.reshape(-1)[0]) != float(cap2.reshape(-1)[0])
+                or not float(cap.reshape(-1)[0]) > 0 or v is None or v.dtype != "float32"):
+            raise UnsupportedGraph(f"Div node {node.name!r}: only a soft-cap of the fp32 "
+                                   "logits, cap * tanh(x / cap) (Gemma 2), is lowered")
+        out = self._arena(mul.output[0], list(v.shape), "float32")
+        self._emit("softcap", node, [x], [out], cap=float(cap.reshape(-1)[0]))
+        self.ops[-1].node += f" + {tanh.name} + {mul.name}"
+        self.done.update({id(tanh), id(mul)})
+
     def _op_Cast(self, node) -> None:
         x = node.input[0]
         if _attr(node, "to") != _ONNX_FLOAT or self.values.get(x) is None:
@@ -452,21 +538,17 @@ class Lowering:
         """Mark the nodes between the QKV GEMM and PagedAttention, and the RoPE angle chain
         feeding them, as taken by the rope_cache op."""
         g = self.g
-        if _attr(node, "softcap", 0.0):   # checked first: it is the model's defining trait
-            raise UnsupportedGraph(f"PagedAttention node {node.name!r} has a logit soft-cap "
-                                   "(Gemma 2), which the attention kernels do not implement "
-                                   "yet; build with --backend tensorrt-rtx or reference")
         q, k, v = node.input[:3]
-        if not _after_rope(g, q):   # GPT-2: a learned position table added to the embeddings
-            raise UnsupportedGraph(f"PagedAttention node {node.name!r}: q and k reach "
-                                   "attention without RoPE (a learned position embedding, "
-                                   "GPT-2); the cuda backend writes the KV cache in its RoPE "
-                                   "kernel, and has no kernel for the position-embedding "
-                                   "lookup or LayerNorm either; build with --backend "
-                                   "tensorrt-rtx or reference")
-        for side in (q, k):
-            reshape, split, rope = self._rope_side(side)
-            self.done.update(id(n) for n in (rope, *rope_neighbours(g, rope)))
+        sides = [self._rope_side(q), self._rope_side(k)]
+        if (sides[0][2] is None) != (sides[1][2] is None):
+            raise UnsupportedGraph(f"PagedAttention node {node.name!r}: RoPE on one of q and "
+                                   "k only; the rope kernel rotates both or neither")
+        for reshape, split, rope, norm in sides:
+            self.done.update(id(n) for n in (reshape, norm) if n)
+            if rope is None:    # learned positions (GPT-2): q/k/v only split and cached
+                continue
+            squeeze, unsqueeze = g.consumers[rope.output[0]][0], g.producer[rope.input[0]]
+            self.done.update({id(rope), id(squeeze), id(unsqueeze)})
             for angles in rope.input[1:]:
                 self.done.update(id(n) for n in _angle_chain(g, angles))
         v_reshape = g.only(v, "Reshape")
@@ -499,46 +581,72 @@ class Lowering:
             qkv = mm_out
         if qkv not in self.values:
             raise UnsupportedGraph(f"the QKV GEMM of {node.name!r} was not lowered before it")
-        inv_freq = self._inv_freq(chain[0][2])
+        # no RoPE (learned positions): rot 0, no table; the kernel splits q/k/v, caches K/V
+        inv_freq = self._inv_freq(chain[0][2]) if chain[0][2] is not None else []
         hq, hkv, d = (int(_attr(node, a)) for a in ("num_heads", "num_kv_heads", "head_dim"))
         names = [f"{node.name}/{x}" for x in ("q", "k", "v")]
         q_out = self._arena(names[0], ["T", hq, d])
         k_out = self._arena(names[1], ["T", hkv, d])
         v_out = self._arena(names[2], ["T", hkv, d])
-        freq = f"{node.name}/inv_freq"
-        self.values[freq] = Value("const", "float32", [len(inv_freq)],
-                                  data=[float(x) for x in inv_freq])
+        freq = f"{node.name}/inv_freq" if len(inv_freq) else None
+        if freq is not None:
+            self.values[freq] = Value("const", "float32", [len(inv_freq)],
+                                      data=[float(x) for x in inv_freq])
+        norm_weights, norm_attrs = self._qk_norm(node, chain[0][3], chain[1][3], d)
         self._emit("rope_cache", node, [qkv, bias, contract.POSITION_IDS, freq,
-                                        contract.SEQ_STARTS, contract.BLOCK_TABLES],
+                                        contract.SEQ_STARTS, contract.BLOCK_TABLES,
+                                        *norm_weights],
                    [q_out, k_out, v_out], hq=hq, hkv=hkv, d=d, rot=2 * len(inv_freq),
-                   layer=layer, block_size=int(_attr(node, "block_size")))
-        self.ops[-1].node = f"{node.name} (RoPE, K/V cache write)"
+                   layer=layer, block_size=int(_attr(node, "block_size")), **norm_attrs)
+        self.ops[-1].node = f"{node.name} ({'RoPE, ' if freq else ''}K/V cache write)"
         out = self._arena(node.output[0], ["T", hq, d])
         self.ops.append(Op("attention", [q_out, contract.SEQ_STARTS, contract.CONTEXT_LENS,
                                          contract.BLOCK_TABLES], [out],
                            dict(hq=hq, hkv=hkv, d=d, layer=layer,
                                 block_size=int(_attr(node, "block_size")),
                                 scale=float(_attr(node, "scale")),
-                                window=int(_attr(node, "sliding_window", 0))), node.name))
+                                window=int(_attr(node, "sliding_window", 0)),
+                                softcap=float(_attr(node, "softcap", 0.0))), node.name))
         self.done.add(id(node))
 
     def _rope_side(self, value: str):
-        """q or k: Squeeze(RotaryEmbedding(Unsqueeze(Reshape(Split[i])), cos, sin))."""
+        """q or k: Squeeze(RotaryEmbedding(Unsqueeze([RMSNorm](Reshape(Split[i]))))), or
+        Reshape(Split[i]) in a model without RoPE (GPT-2's learned positions): (reshape,
+        split, rope or None, norm or None)."""
         g = self.g
+        reshape = g.producer.get(value)
+        if reshape is not None and reshape.op_type == "Reshape":
+            return reshape, g.only(reshape.input[0], "Split"), None, None
         squeeze = g.only(value, "Squeeze")
         rope = g.only(squeeze.input[0], "RotaryEmbedding")
         if _attr(rope, "interleaved", 0):
             raise UnsupportedGraph(f"{rope.name!r}: interleaved RoPE is not lowered yet")
         unsqueeze = g.only(rope.input[0], "Unsqueeze")
         norm = g.producer.get(unsqueeze.input[0])
-        if norm is not None and norm.op_type == "RMSNormalization":
-            # the rope_cache kernel reads q and k straight from the QKV GEMM output
-            raise UnsupportedGraph(f"a per-head q/k RMSNorm before RoPE (Qwen3, Gemma 3: "
-                                   f"weight {norm.input[1]!r}) is not lowered by the cuda "
-                                   "backend yet; build with --backend tensorrt-rtx or reference")
-        reshape = g.only(unsqueeze.input[0], "Reshape")
+        if norm is None or norm.op_type != "RMSNormalization":
+            norm = None     # a per-head q/k norm (Qwen3, Gemma 3) sits here if anywhere
+        reshape = g.only(norm.input[0] if norm else unsqueeze.input[0], "Reshape")
         split = g.only(reshape.input[0], "Split")
-        return reshape, split, rope
+        return reshape, split, rope, norm
+
+    def _qk_norm(self, node, q_norm, k_norm, d: int) -> tuple[list, dict]:
+        """The per-head RMSNorms of q and k before RoPE, folded into rope_cache: their two
+        weights (inputs) and the epsilon (attribute); nothing when the model has none."""
+        if q_norm is None and k_norm is None:
+            return [], {}
+        if q_norm is None or k_norm is None:
+            raise UnsupportedGraph(f"PagedAttention node {node.name!r}: an RMSNorm before "
+                                   "RoPE on one of q and k only; the rope kernel norms both")
+        eps = {float(_attr(n, "epsilon", 1e-5)) for n in (q_norm, k_norm)}
+        for n in (q_norm, k_norm):
+            t = self.g.weight(n.input[1])
+            if (len(n.input) > 2 and n.input[2]) or t is None or list(t.dims) != [d] \
+                    or _attr(n, "axis", -1) not in (-1, 2) or len(eps) != 1:
+                raise UnsupportedGraph(f"RMSNormalization node {n.name!r} before RoPE is not a "
+                                       f"per-head norm over head_dim {d} with one weight and "
+                                       "the same epsilon for q and k")
+        return [self._weight(q_norm.input[1]), self._weight(k_norm.input[1])], \
+            {"qk_norm_eps": eps.pop()}
 
     def _inv_freq(self, rope) -> np.ndarray:
         """The RoPE angles are positions x inv_freq: find that constant under cos."""
@@ -590,22 +698,6 @@ class Lowering:
             live.append((offset, size, last))
             top = max(top, offset + size)
         return align(top)
-
-
-def _after_rope(g: _Graph, value: str) -> bool:
-    """value = Squeeze(RotaryEmbedding(...)), as the rope pass leaves q and k."""
-    squeeze = g.producer.get(value)
-    rope = g.producer.get(squeeze.input[0]) if squeeze is not None and \
-        squeeze.op_type == "Squeeze" else None
-    return rope is not None and rope.op_type == "RotaryEmbedding"
-
-
-def rope_neighbours(g: _Graph, rope) -> list:
-    """The views around a RotaryEmbedding that the rope kernel replaces."""
-    unsqueeze = g.producer[rope.input[0]]
-    reshape = g.producer[unsqueeze.input[0]]
-    squeeze = g.consumers[rope.output[0]][0]
-    return [unsqueeze, reshape, squeeze]
 
 
 def _angle_chain(g: _Graph, value: str) -> list:

@@ -12,11 +12,15 @@ Shapes are lists of ints and the symbols "T" (tokens this step) and "B" (sequenc
 step); every launch rule is a function of those two numbers and the ops' attributes, which
 the session evaluates each step (program.py). The plan holds data only: no pickle, no code.
 
-The ops (lower.py says which graph nodes each comes from): embedding, rmsnorm, add_rmsnorm,
+The ops (lower.py says which graph nodes each comes from): embedding (attr scale: times a
+constant, Gemma; of position_ids: GPT-2's learned positions), rmsnorm, add_rmsnorm,
+layernorm, add_layernorm (inputs x, [residual], weight, bias), gelu (attr approximate),
 gemm (optional bias; the GEMV kernel or cuBLASLt by row count; with attr act, the gated
 activation of its output fused in: outputs [gate-up, activated]), rope_cache (RoPE on q and
-k, QKV bias, K/V written into the layer's pool), attention (paged), swiglu, geglu,
-gather_rows, add, cast_f32.
+k, QKV bias, optional per-head q/k RMSNorm (inputs 6-7, attr qk_norm_eps), K/V written into
+the layer's pool; rot 0 and no inv_freq input: no rotation, GPT-2), attention (paged; attr
+softcap, Gemma 2), swiglu, geglu, gather_rows, add, cast_f32, softcap (cap * tanh(x / cap)
+of the fp32 logits, Gemma 2).
 """
 
 from __future__ import annotations

@@ -115,6 +115,21 @@ def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
             P(outs[0]), m, a["inter"], P(outs[1])]
 
 
+def _rope_cache(op: Op, s: Step, b: int, width: int, dt: str, P) -> tuple:
+    """RoPE (+ QKV bias, + the per-head q/k norm) and the K/V cache write: (Launch, args).
+    rot 0 (learned positions, GPT-2): no rotation and no inv_freq table."""
+    a, (qkv, bias, pos, freq, starts, tables, *norms) = op.attrs, op.inputs
+    qk_norm = "qk_norm_eps" in a
+    launch = lr.rope_launch(s.tokens, a["hq"], a["hkv"], a["d"], a["rot"], dt, False,
+                            bias is not None, True, qk_norm)
+    return launch, [
+        P(qkv), *([P(bias)] if bias is not None else []), *map(P, norms if qk_norm else ()),
+        P(pos), P(freq) if freq is not None else DevPtr(0), P(starts), P(tables),
+        s.tokens, a["hq"], a["hkv"], a["d"], a["rot"], b, width, a["block_size"], s.num_blocks,
+        *([lr.float_bits(a["qk_norm_eps"])] if qk_norm else []),
+        *map(P, op.outputs), P(contract.kv_cache_input(a["layer"]))]
+
+
 def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
     """("kernel", Launch, args) and ("gemm", key, (x, w, y, m, bias)) in execution order.
     ptr(name) gives the device address of a value, of kv_cache_{l}, of ATTN_WORKSPACE, of
@@ -133,29 +148,29 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
         if kind == "gemm":
             yield from _gemm(op, rows(ins[0]), dt, s, P)
         elif kind == "embedding":
-            vocab = plan.values[ins[0]].shape[0]
-            yield "kernel", lr.embedding_launch(t, a["hidden"], dt), [
-                P(ins[1]), P(ins[0]), t, a["hidden"], vocab, P(outs[0])]
-        elif kind in ("rmsnorm", "add_rmsnorm"):
-            n = rows(ins[0])
-            yield "kernel", lr.norm_launch(n, a["n"], dt, "rmsnorm", kind == "add_rmsnorm"), [
+            vocab, scaled = plan.values[ins[0]].shape[0], "scale" in a
+            yield "kernel", lr.embedding_launch(t, a["hidden"], dt, scaled), [
+                P(ins[1]), P(ins[0]), t, a["hidden"], vocab,
+                *([lr.float_bits(a["scale"])] if scaled else []), P(outs[0])]
+        elif kind in ("rmsnorm", "add_rmsnorm", "layernorm", "add_layernorm"):
+            # inputs (x, [residual], weight, [bias]): the kernels' own order
+            n, norm = rows(ins[0]), kind.removeprefix("add_")
+            yield "kernel", lr.norm_launch(n, a["n"], dt, norm, kind.startswith("add_")), [
                 *map(P, ins), n, a["n"], lr.float_bits(a["eps"]), *map(P, outs)]
+        elif kind == "gelu":
+            n = numel(plan.values[ins[0]].shape, t, b)
+            yield "kernel", lr.gelu_launch(n, dt, a["approximate"], s.sm_count), [
+                P(ins[0]), n, P(outs[0])]
         elif kind in ("swiglu", "geglu"):
             n = rows(ins[0])
             yield "kernel", lr.gated_launch(n, a["inter"], dt, kind, s.sm_count), [
                 P(ins[0]), n, a["inter"], P(outs[0])]
         elif kind == "rope_cache":
-            bias = ins[1] is not None
-            launch = lr.rope_launch(t, a["hq"], a["hkv"], a["d"], a["rot"], dt, False, bias,
-                                    True)
-            yield "kernel", launch, [
-                P(ins[0]), *([P(ins[1])] if bias else []), *map(P, ins[2:]),
-                t, a["hq"], a["hkv"], a["d"], a["rot"], b, width, a["block_size"],
-                s.num_blocks, *map(P, outs), P(contract.kv_cache_input(a["layer"]))]
+            yield "kernel", *_rope_cache(op, s, b, width, dt, P)
         elif kind == "attention":
             att = ap.attention_plan(t, b, a["hq"], a["hkv"], a["d"], width, a["block_size"],
                                     dt, s.sm_count, write_kv=False, max_smem=s.max_smem,
-                                    window=a["window"])
+                                    window=a["window"], softcap=a.get("softcap", 0.0))
             lse = ap.workspace_lse_offset(att, t, a["hq"], a["d"])
             dims = dict(tokens=t, batch=b, hq=a["hq"], hkv=a["hkv"], d=a["d"],
                         max_blocks=width, block_size=a["block_size"], num_blocks=s.num_blocks)
@@ -173,6 +188,10 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
             n = rows(ins[0]) * a["n"]
             yield "kernel", lr.add_launch(n, dt, s.sm_count), [P(ins[0]), P(ins[1]), n,
                                                                P(outs[0])]
+        elif kind == "softcap":
+            n = numel(plan.values[ins[0]].shape, t, b)
+            yield "kernel", lr.softcap_launch(n, s.sm_count), [
+                P(ins[0]), n, lr.float_bits(a["cap"]), P(outs[0])]
         elif kind == "cast_f32":
             n = numel(plan.values[ins[0]].shape, t, b)
             yield "kernel", lr.cast_launch(n, dt, s.sm_count), [P(ins[0]), n, P(outs[0])]

@@ -27,10 +27,19 @@ pytest.importorskip("cuda.bindings.nvrtc", reason="the kernels extra (NVRTC) is 
 
 ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
 LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_block_size=16)
-KINDS = ("llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias")
+KINDS = ("llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "qwen3-qknorm",
+         "gemma2-softcap", "gemma3-local-global", "gpt2-learned-pos")
 # Phi-3's checkpoint-fused projections lower to the plan of a llama graph; one architecture
 # shows it (the kernels compiled do not depend on the family).
 MORE_KINDS = {"sm_90a": ("phi3-window",)}
+# What differs between the kinds' plans: the gated activation fused into the gate-up GEMM
+# (GPT-2: none, a plain GELU after its c_fc), the QKV bias added in rope_cache, each layer's
+# window (Gemma: sliding layers, then full), q/k norms folded into rope_cache
+ACT = {"gemma2-softcap": "geglu", "gemma3-local-global": "geglu", "gpt2-learned-pos": None}
+QKV_BIAS = ("qwen2-bias", "gpt2-learned-pos")
+WINDOWS = {"mistral-window": [12, 12], "phi3-window": [12, 12], "gemma2-softcap": [12, 0],
+           "gemma3-local-global": [12, 0]}
+QK_NORM = ("qwen3-qknorm", "gemma3-local-global")
 
 
 def _build(folder, out, arch, dtype="bf16", limits=LIMITS, **kw):
@@ -52,27 +61,35 @@ def test_every_variant_lowers(tiny_models_d64, tmp_path, arch):
         check_plan(plan)
         layers = model.config.num_hidden_layers
         counts = {op: sum(o.op == op for o in plan.ops) for op in ("rope_cache", "attention",
-                                                                   "gemm", "swiglu")}
-        # per layer: q/k/v + o + gate-up (its SwiGLU fused in) + down GEMMs; plus the LM head
+                                                                   "gemm", "swiglu", "gelu")}
+        # per layer: q/k/v + o + gate-up (its SwiGLU/GeGLU fused in) + down GEMMs; + LM head
+        act = ACT.get(kind, "swiglu")
         assert counts == {"rope_cache": layers, "attention": layers, "gemm": 4 * layers + 1,
-                          "swiglu": 0}, kind
+                          "swiglu": 0, "gelu": 0 if act else layers}, kind
         gemms = [o for o in plan.ops if o.op == "gemm"]
-        assert [o.attrs.get("act") for o in gemms] == [None, None, "swiglu", None] * layers \
-            + [None]
+        assert [o.attrs.get("act") for o in gemms] == [None, None, act, None] * layers + [None]
         gated = gemms[2]
-        assert len(gated.outputs) == 2 and gated.attrs["inter"] * 2 == gated.attrs["n"]
+        if act:
+            assert len(gated.outputs) == 2 and gated.attrs["inter"] * 2 == gated.attrs["n"]
         assert all(o.attrs["trans_b"] for o in gemms)   # every weight stored [N, K]
         for o in gemms:
             assert plan.values[o.inputs[1]].shape == [o.attrs["n"], o.attrs["k"]]
         ropes = [o for o in plan.ops if o.op == "rope_cache"]
-        assert all((o.inputs[1] is not None) == (kind == "qwen2-bias") for o in ropes)
+        assert all((o.inputs[1] is not None) == (kind in QKV_BIAS) for o in ropes)
+        # Qwen3's and Gemma 3's per-head q/k norms are folded into rope_cache: two weights
+        # and an eps
+        assert all(("qk_norm_eps" in o.attrs) == (len(o.inputs) == 8) == (kind in QK_NORM)
+                   for o in ropes)
         window = [o.attrs["window"] for o in plan.ops if o.op == "attention"]
-        assert window == [12 if kind in ("mistral-window", "phi3-window") else 0] * layers
-        head = plan.ops[-1]
+        assert window == WINDOWS.get(kind, [0] * layers)
+        head = [o for o in plan.ops if o.op == "gemm"][-1]   # Gemma 2: the soft-cap after it
         assert head.op == "gemm" and head.attrs["out_dtype"] == "float32"
         assert head.attrs.get("transposed", False) != model.config.tie_word_embeddings
         assert plan.arch == arch and engine.header.lowering["gpu_arch"] == arch
-        for module in MODULES:
+        # the soft-capped attention kernels: a module of their own, for Gemma 2 only
+        assert plan.modules == list(MODULES) + (["paged_attention_softcap"]
+                                                if kind == "gemma2-softcap" else [])
+        for module in plan.modules:
             cubin = engine.section(cubin_section(module))
             assert bytes(cubin[:4]) == b"\x7fELF", f"{module} for {arch} is not a cubin"
         assert engine.header.io.kv_dtype == "bfloat16"
@@ -212,36 +229,147 @@ def test_running_a_cuda_engine_without_a_gpu_is_one_clear_error(tiny_models_d64,
         "pip install 'llmc[cuda]'" in last or "no NVIDIA GPU" in last)
 
 
-@pytest.mark.parametrize("kind", ["qwen3-qknorm", "gemma3-local-global"])
-def test_qk_norm_is_refused_by_name(tiny_models_d64, tmp_path, kind):
-    """The rope_cache kernel reads q and k straight from the QKV GEMM: a per-head norm in
-    between is one clear error naming it, and no engine is written."""
-    folder = tiny_models_d64[kind][0]
-    with pytest.raises(UnsupportedGraph, match="per-head q/k RMSNorm before RoPE \\(Qwen3, "
-                       "Gemma 3: weight 'model.layers.0.self_attn.q_norm.weight'\\) is not "
-                       "lowered"):
-        _build(folder, tmp_path / "q.engine", "sm_90a")
-    assert not (tmp_path / "q.engine").exists()
+def _fused(folder, out):
+    """The fused graph of a checkpoint, saved as the build saves it (fp16)."""
+    from llmc.graph import save_onnx
+    from llmc.model_zoo import load_model
+    from llmc.passes import run_passes
+
+    graph, weights = load_model(folder).build_graph("float16", 16)
+    graph, weights, _ = run_passes(graph, weights)
+    return save_onnx(graph, weights, out)
 
 
-def test_gemma2_softcap_is_refused_by_name(tiny_models_d64, tmp_path):
-    """The attention kernels have no logit soft-cap: the first error names it (not the
-    embedding scale or the final soft-cap, which have no kernel either)."""
-    with pytest.raises(UnsupportedGraph, match="has a logit soft-cap \\(Gemma 2\\), which "
-                       "the attention kernels do not implement yet"):
-        _build(tiny_models_d64["gemma2-softcap"][0], tmp_path / "g.engine", "sm_90a")
-    assert not (tmp_path / "g.engine").exists()
+def test_qk_norm_folds_into_rope_cache(tiny_models_d64, tmp_path):
+    """Qwen3's per-head RMSNorms of q and k (between the QKV split and RoPE) become part of
+    the rope_cache op: no norm op of their own, their weights read as stored, the graph's
+    epsilon; the model's other norms stay norm ops."""
+    folder, model = tiny_models_d64["qwen3-qknorm"]
+    plan = lower(_fused(folder, tmp_path / "fused"), LIMITS, "sm_90a")
+    layers = model.config.num_hidden_layers
+    ropes = [o for o in plan.ops if o.op == "rope_cache"]
+    for i, op in enumerate(ropes):
+        assert op.inputs[6:] == [f"model.layers.{i}.self_attn.{x}_norm.weight" for x in "qk"]
+        assert op.attrs["qk_norm_eps"] == pytest.approx(model.config.rms_norm_eps, rel=1e-6)
+        assert all(plan.values[w].where == "weight" and plan.values[w].shape == [64]
+                   for w in op.inputs[6:])
+    norms = [o for o in plan.ops if o.op in ("rmsnorm", "add_rmsnorm")]
+    assert len(norms) == 2 * layers + 1 and all(o.attrs["n"] == 256 for o in norms)
 
 
-def test_gpt2_is_refused_by_name(tiny_models_d64, tmp_path):
-    """GPT-2's q and k carry no RoPE (positions are a learned table added to the
-    embeddings), and the cuda backend writes the KV cache in its RoPE kernel: one clear
-    error naming that, before the LayerNorm nodes it has no kernel for either."""
-    with pytest.raises(UnsupportedGraph, match="q and k reach attention without RoPE \\(a "
-                       "learned position embedding, GPT-2\\).*--backend tensorrt-rtx or "
-                       "reference"):
-        _build(tiny_models_d64["gpt2-learned-pos"][0], tmp_path / "g.engine", "sm_90a")
-    assert not (tmp_path / "g.engine").exists()
+def test_qk_norm_on_one_side_only_is_refused(tiny_models_d64, tmp_path):
+    """The kernel norms q and k together: a graph with k's norm taken out is one clear error
+    (not a kernel that norms k anyway)."""
+    import onnx
+
+    path = _fused(tiny_models_d64["qwen3-qknorm"][0], tmp_path / "fused")
+    model = onnx.load(str(path), load_external_data=False)
+    norm = next(n for n in model.graph.node if n.op_type == "RMSNormalization"
+                and n.input[1].endswith("k_norm.weight"))
+    for n in model.graph.node:
+        n.input[:] = [norm.input[0] if i == norm.output[0] else i for i in n.input]
+    model.graph.node.remove(norm)
+    onnx.save(model, str(path))
+    with pytest.raises(UnsupportedGraph, match="an RMSNorm before RoPE on one of q and k "
+                       "only"):
+        lower(path, LIMITS, "sm_90a")
+
+
+def test_gemma_conventions_lower(tiny_models_d64, tmp_path):
+    """Gemma 2 and 3 on the cuda backend: the embedding times sqrt(hidden) (the constant in
+    the dtype, as HF has it) in the lookup kernel; the post-attention and post-MLP norms as
+    norm ops (4 RMSNorms a layer + the final one); the scale query_pre_attn_scalar^-0.5;
+    Gemma 2's attention soft-cap on each attention op and its final-logit soft-cap as the
+    last op on the fp32 logits; Gemma 3's sliding and full layers each with their own RoPE
+    table (local and global theta)."""
+    from llmc.config import rope_inv_freq
+
+    for kind in ("gemma2-softcap", "gemma3-local-global"):
+        folder, model = tiny_models_d64[kind]
+        c = model.config
+        plan = lower(_fused(folder, tmp_path / kind), LIMITS, "sm_90a")
+        first = plan.ops[0]
+        assert first.op == "embedding" and first.attrs["scale"] == 16.0   # sqrt(256) in fp16
+        norms = [o for o in plan.ops if o.op in ("rmsnorm", "add_rmsnorm")]
+        assert len(norms) == 4 * c.num_hidden_layers + 1
+        attn = [o for o in plan.ops if o.op == "attention"]
+        assert all(o.attrs["scale"] == pytest.approx(24 ** -0.5) for o in attn)
+        caps = [o.attrs["softcap"] for o in attn]
+        if kind == "gemma2-softcap":
+            assert caps == [1.0, 1.0]
+            last = plan.ops[-1]
+            assert last.op == "softcap" and last.attrs["cap"] == 1.5
+            assert last.inputs == plan.ops[-2].outputs and plan.storage(plan.output) == \
+                last.outputs[0]
+        else:
+            assert caps == [0.0, 0.0] and plan.ops[-1].op == "gemm"
+            tables = [plan.values[o.inputs[3]].data for o in plan.ops if o.op == "rope_cache"]
+            assert tables[0] == pytest.approx(rope_inv_freq(64, 100.0, None).tolist())
+            assert tables[1] == pytest.approx(rope_inv_freq(64, 1_000_000.0, None).tolist())
+
+
+def test_a_softcap_of_two_caps_is_refused(tiny_models_d64, tmp_path):
+    """cap * tanh(x / cap) is one kernel only when both constants are the cap: a graph whose
+    Mul takes another constant is one clear error, not a silently wrong cap."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    path = _fused(tiny_models_d64["gemma2-softcap"][0], tmp_path / "fused")
+    model = onnx.load(str(path), load_external_data=False)
+    tanh = next(n for n in model.graph.node if n.op_type == "Tanh")
+    mul = next(n for n in model.graph.node if n.op_type == "Mul" and tanh.output[0] in n.input)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(2.0, np.float32), "cap2"))
+    mul.input[:] = [i if i == tanh.output[0] else "cap2" for i in mul.input]
+    onnx.save(model, str(path))
+    with pytest.raises(UnsupportedGraph, match=r"only a soft-cap of the fp32 logits, cap \* "
+                       r"tanh\(x / cap\) \(Gemma 2\), is lowered"):
+        lower(path, LIMITS, "sm_90a")
+
+
+def test_gpt2_lowers(tiny_models_d64, tmp_path):
+    """GPT-2 on the cuda backend: token and position embeddings are two lookups (their sum
+    goes into the first AddLayerNorm), LayerNorms with their biases, c_attn's bias added in
+    rope_cache, which rotates nothing (rot 0, no inv_freq table) and writes K/V into the
+    pool, every other linear's bias as its GEMM's epilogue, a plain tanh GELU after c_fc."""
+    folder, model = tiny_models_d64["gpt2-learned-pos"]
+    layers = model.config.num_hidden_layers
+    plan = lower(_fused(folder, tmp_path / "fused"), LIMITS, "sm_90a")
+    tok, pos = plan.ops[:2]
+    assert (tok.op, tok.inputs) == ("embedding", ["transformer.wte.weight", "input_ids"])
+    assert (pos.op, pos.inputs) == ("embedding", ["transformer.wpe.weight", "position_ids"])
+    first = plan.ops[2]
+    assert first.op == "add_layernorm" and first.inputs[:2] == tok.outputs + pos.outputs
+    assert first.inputs[2:] == ["transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias"]
+    kinds = [o.op for o in plan.ops]
+    assert kinds.count("add_layernorm") == 2 * layers and kinds.count("layernorm") == 1
+    assert kinds.count("gelu") == layers and kinds[-3:] == ["gather_rows", "layernorm", "gemm"]
+    assert all(o.attrs["approximate"] == "tanh" for o in plan.ops if o.op == "gelu")
+    for o in plan.ops:
+        if o.op == "rope_cache":
+            assert o.attrs["rot"] == 0 and o.inputs[3] is None and o.attrs["hq"] == o.attrs["hkv"]
+            assert o.inputs[1] == f"transformer.h.{o.attrs['layer']}.attn.c_attn.bias"
+    gemms = [o for o in plan.ops if o.op == "gemm"]
+    # c_attn (bias in rope_cache), c_proj, c_fc, mlp c_proj (biases in the GEMM); tied head
+    assert [o.inputs[2] is not None for o in gemms] == [False, True, True, True] * layers \
+        + [False]
+    assert all(plan.values[o.inputs[2]].shape == [o.attrs["n"]] for o in gemms if o.inputs[2])
+
+
+def test_rope_on_one_side_only_is_refused(tiny_models_d64, tmp_path):
+    """The rope kernel rotates q and k or neither: a graph whose k skips its RoPE is one
+    clear error."""
+    import onnx
+
+    path = _fused(tiny_models_d64["llama-gqa"][0], tmp_path / "fused")
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = {o: n for n in model.graph.node for o in n.output}
+    attn = next(n for n in model.graph.node if n.op_type == "PagedAttention")
+    rope = nodes[nodes[attn.input[1]].input[0]]            # Squeeze(RotaryEmbedding(...))
+    attn.input[1] = nodes[rope.input[0]].input[0]          # the Reshape under its Unsqueeze
+    onnx.save(model, str(path))
+    with pytest.raises(UnsupportedGraph, match="RoPE on one of q and k only"):
+        lower(path, LIMITS, "sm_90a")
 
 
 @pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared", "qwen3moe-qknorm"])

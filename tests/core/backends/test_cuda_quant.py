@@ -77,6 +77,7 @@ def test_every_mode_lowers_to_quantized_gemms(tiny_models_d64, tmp_path, words, 
     gemms = [op for op in plan.ops if op.op == "gemm"]
     layers = model.config.num_hidden_layers
     kind = "fp8" if mode == "fp8" else "int4"
+    assert "qgemv" in plan.modules        # compiled only for quantized plans
     # q/k/v, o, gate-up (SwiGLU fused), down per layer quantized; the LM head stays 16-bit
     assert [op.attrs.get("quant") for op in gemms] == [kind] * 4 * layers + [None]
     assert [op.attrs.get("act") for op in gemms[:4]] == [None, None, "swiglu", None]

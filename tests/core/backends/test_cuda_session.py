@@ -2,6 +2,7 @@
 
 - tiny random models of every variant: logits against HF over ragged prefill, decode and
   mixed steps on shuffled blocks (CUDA-graphed decode and uncaptured steps alike);
+- `llmc build --backend cuda` + `llmc run` on each family's tiny model: HF's greedy tokens;
 - SmolLM2 (real weights): greedy tokens equal HF's (fp32) in fp16 and bf16;
 - a batch of mixed lengths generates what each prompt generates alone;
 - memory: what the session allocates is what the plan says, and 1,000 steps leak nothing.
@@ -52,7 +53,8 @@ def _session(engine, **kw):
 @pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied-rope3", "mistral-window",
-                                  "qwen2-bias", "phi3-window"])
+                                  "qwen2-bias", "phi3-window", "qwen3-qknorm", "gemma2-softcap",
+                                  "gemma3-local-global", "gpt2-learned-pos"])
 def test_ragged_steps_match_hf(tiny_models_d64, tmp_path, kind, dtype, graphs):
     from hf_steps import check_ragged_steps
 
@@ -302,6 +304,48 @@ def test_cli_auto_picks_cuda_and_generates(tiny_models_d64, tmp_path):
             for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr
     assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
+
+
+CLI_LIMITS = ["--max-batch-size", "2", "--max-num-tokens", "64", "--max-seq-len", "64",
+              "--kv-block-size", "16"]
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen3-qknorm", "gemma2-softcap",
+                                  "gemma3-local-global", "gpt2-learned-pos"])
+def test_cli_build_and_run_give_hf_greedy_tokens(tiny_models_d64, tmp_path, kind):
+    """`llmc build --backend cuda` (fp16) + `llmc run`, as a user types them, against HF's
+    greedy tokens (fp32). A prompt longer than the windows, 12 new tokens. Where the two
+    part, HF's own margin between its token and llmc's must be within the fp16 tolerance of
+    the ragged-step test (a near-tie of random weights, not a wrong token); no other
+    difference passes, and the tokens before it must be equal."""
+    import json
+
+    import torch
+    from hf_steps import hf_logits
+    from tokenizers import Tokenizer
+
+    folder, model = tiny_models_d64[kind]
+    out = tmp_path / "m.engine"
+    b = _cli("build", "--model", folder, "-o", out, "--backend", "cuda", "--dtype", "fp16",
+             *CLI_LIMITS)
+    assert b.returncode == 0 and "Traceback" not in b.stderr, b.stderr
+    prompt = "w3 w17 w5 w60 w9 w21 w33 w40 w11 w7 w50 w29 w8"
+    r = _cli("run", out, "-p", prompt, "--max-new-tokens", "12", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])["token_ids"]
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prompt).ids
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                             pad_token_id=0)[0, len(ids):].tolist()
+    if ref[-1:] == [model.generation_config.eos_token_id]:
+        ref = ref[:-1]      # HF keeps the EOS it stopped at; llmc's token_ids do not
+    j = next((i for i, (x, y) in enumerate(zip(got, ref)) if x != y), None)
+    if j is None:
+        assert got == ref
+        return
+    row = hf_logits(model, ids + ref[:j], "fp32")[-1]
+    margin = row[ref[j]] - row[got[j]]
+    assert margin <= TOLERANCE["fp16"] * np.abs(row).max(), (j, got, ref, margin)
 
 
 def test_kv_pool_that_cannot_fit_is_one_clear_error(tiny_models_d64, tmp_path):

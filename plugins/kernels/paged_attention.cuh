@@ -1,0 +1,488 @@
+// Paged attention over a ragged batch (see docs/kernels.md for the I/O contract).
+//  kv_write:        new K/V rows -> their cache slots (run first; separate launch so no block
+//                   reads a row another block of the same launch is still writing).
+//  attn_prefill:    one CTA per (query tile of one sequence, q heads of one kv head), FA2-style
+//                   with mma.sync m16n8k16 tensor-core tiles, online softmax, causal mask.
+//                   Handles any mix of prefill chunks and decode tokens in one launch.
+//  attn_decode:     one CTA per (token, kv head, context split): the G = Hq/Hkv query heads
+//                   of a kv group are the rows of one 16-row mma tile, so every K/V byte is
+//                   read from HBM once; 4 warps split each 64-key tile; NST-stage cp.async
+//                   pipeline (3, or 2 where 3 exceed the device's shared memory per block).
+//                   Roofline: bytes = sum over tokens of 2*ctx*Hkv*D*2.
+//  Sliding window (`win` > 0, HF Mistral): the token at position p sees keys p - win < j <= p.
+//  Both attention kernels start at the first key tile holding a visible key, so a window
+//  bounds the work and the bytes read, not only the result.
+//  Logit soft-cap (CAP, Gemma 2): the scaled score s becomes cap * tanh(s / cap) before the
+//  mask and the softmax; `cap` is one more argument.
+//  attn_reduce:     flash-decoding combine of the per-split partial results.
+// The kernels' bodies; paged_attention.cu instantiates the entry points without the
+// soft-cap, paged_attention_softcap.cu those with it (a module of its own, compiled only for
+// the models that have one).
+#pragma once
+#include "common.cuh"
+
+#define BM 64
+#define BN 64
+#define NWARPS 4
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+  return (u32)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(bytes));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldsm_x4(u32* r, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32* r, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+template <typename T>
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+  if constexpr (T::is_bf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Tiles of rows x D halfs, 16-byte chunks XOR-swizzled by row so ldmatrix is conflict-free.
+template <int D> __device__ __forceinline__ int swz(int r, int c) {
+  return (r * (D / 8) + (c ^ (r & 7))) * 8;
+}
+
+// Row of key position p of (seq s, kv head) inside the pool [2, nb, Hkv, bs, D].
+__device__ __forceinline__ size_t kv_row(const int* bt, int s, int mb, int p, int bs, int which,
+                                         int nb, int hkv, int kvh, int d) {
+  const int sh = __ffs(bs) - 1;  // block sizes are powers of two (16/32/64)
+  const int blk = bt[(size_t)s * mb + (p >> sh)];
+  return ((((size_t)which * nb + blk) * hkv + kvh) * bs + (p & (bs - 1))) * d;
+}
+
+// Loads keys [k0, k0+BN) of one kv head (K or V) into a swizzled smem tile; rows at or past
+// kv_end are zero-filled (and masked by the caller) so no stale NaN reaches P·V.
+template <int D, int NT = NWARPS * 32>
+__device__ __forceinline__ void load_kv_tile(u16* dst, const u16* cache, const int* bt, int s,
+                                             int mb, int bs, int which, int nb, int hkv, int kvh,
+                                             int k0, int kv_end) {
+  constexpr int CH = D / 8, RP = NT / CH;  // each thread keeps one 16-byte column
+  const int c = threadIdx.x % CH;
+#pragma unroll
+  for (int r = threadIdx.x / CH; r < BN; r += RP) {
+    const int p = k0 + r;
+    const bool ok = p < kv_end;
+    const u16* src = ok ? cache + kv_row(bt, s, mb, p, bs, which, nb, hkv, kvh, D) + c * 8
+                        : cache;
+    cp_async16(smem_u32(dst + swz<D>(r, c)), src, ok ? 16 : 0);
+  }
+}
+
+// Online-softmax update of one 16-row tile's S fragments (NB n-blocks of 8 keys): keeps keys
+// with 0 <= lim - key < wv (lim: the row's position; wv: the window, INT_MAX for none: one
+// unsigned compare does both bounds, so the window adds no compare per element),
+// rescales O, and leaves exp2'd probabilities in s. CAP: the score is soft-capped,
+// cap * tanh(s * scale / cap), in log2 units: cap_out * tanh(s * cap_in).
+template <int NB, int D, bool CAP = false>
+__device__ __forceinline__ void softmax_step(float (*s)[4], float (*o)[4], float* m, float* l,
+                                             float scale_log2, int kbase, int lim0, int lim1,
+                                             int wv, bool mask = true, float cap_in = 0.f,
+                                             float cap_out = 0.f) {
+  const int lane = threadIdx.x & 31;
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int kc = kbase + nb * 8 + (lane & 3) * 2 + (e & 1);
+      const bool ok = (unsigned)((e < 2 ? lim0 : lim1) - kc) < (unsigned)wv;
+      float v;
+      if constexpr (CAP) v = !mask || ok ? cap_out * tanhf(s[nb][e] * cap_in) : -INFINITY;
+      else v = !mask || ok ? s[nb][e] * scale_log2 : -INFINITY;
+      s[nb][e] = v;
+      mx[e >> 1] = fmaxf(mx[e >> 1], v);
+    }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float mn = fmaxf(m[r], mx[r]);
+    const float base = mn == -INFINITY ? 0.f : mn;  // a fully masked row must not make NaN
+    const float alpha = exp2f(m[r] - base);
+    m[r] = mn;
+    mx[r] = base;
+    l[r] *= alpha;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) { o[j][2 * r] *= alpha; o[j][2 * r + 1] *= alpha; }
+  }
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float p = exp2f(s[nb][e] - mx[e >> 1]);
+      s[nb][e] = p;
+      l[e >> 1] += p;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void p_frag(u32* a, const float* s0, const float* s1) {
+  a[0] = T::pack2(s0[0], s0[1]);
+  a[1] = T::pack2(s0[2], s0[3]);
+  a[2] = T::pack2(s1[0], s1[1]);
+  a[3] = T::pack2(s1[2], s1[3]);
+}
+
+// o += P (one 16-key A fragment) x V rows [row0, row0 + 16) of the swizzled V tile in SMEM.
+template <typename T, int D>
+__device__ __forceinline__ void pv_mma(float (*o)[4], const u32* pa, const u16* sV, int row0,
+                                       int lane) {
+  const int kr = row0 + (lane & 7) + (((lane >> 3) & 1) << 3);
+#pragma unroll
+  for (int jj = 0; jj < D / 16; ++jj) {
+    u32 b[4];
+    ldsm_x4_t(b, smem_u32(sV + swz<D>(kr, 2 * jj + (lane >> 4))));
+    mma16816<T>(o[2 * jj], pa, b[0], b[1]);
+    mma16816<T>(o[2 * jj + 1], pa, b[2], b[3]);
+  }
+}
+
+// One CTA per (tile of BMR = 16*NW query rows of one sequence, group of P query heads sharing a
+// kv head). Row r of the tile is token r / P, query head r % P of the group: with P = G the G
+// heads of a kv group share each K/V tile read, and a decode token in a mixed batch fills G
+// rows instead of one. Variants (bench/results/kernels.md has the numbers on H100):
+//  _w4:  4 warps, 64-row tiles, Q fragments held in registers (168 regs, 3 CTAs/SM).
+//  _w8s: 8 warps, 128-row tiles, so each K/V tile in SMEM feeds twice the rows; Q fragments
+//        re-read from SMEM each key tile to fit 128 regs and 2 CTAs (16 warps) per SM (Q in
+//        registers needs 220 regs, so only one CTA of 8 warps fits, and was no faster than _w4).
+template <typename T, int D, int NW, bool QREG, bool CAP = false>
+__device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ ss,
+                             const int* __restrict__ cl, const int* __restrict__ bt,
+                             const u16* __restrict__ cache, int T_, int B, int hq, int hkv,
+                             int mb, int bs, int nb, int scale_bits, int win, int P,
+                             u16* __restrict__ out, int cap_bits = 0) {
+  constexpr int BMR = 16 * NW, NT = 32 * NW, CH = D / 8;
+  extern __shared__ __align__(16) u16 smem[];
+  u16* sQ = smem;
+  u16* sK = sQ + BMR * D;
+  u16* sV = sK + BN * D;
+  const int tpt = BMR / P;  // tokens per tile
+  const int hbase = blockIdx.x * P, kvh = hbase / (hq / hkv);
+  // Tiles run in reverse: within a sequence later tiles see more keys (causal), and starting
+  // the heaviest first keeps them out of the last wave.
+  int tile = gridDim.y - 1 - blockIdx.y, s = -1;
+  for (int i = 0; i < B; ++i) {
+    const int nt = (ss[i + 1] - ss[i] + tpt - 1) / tpt;
+    if (tile < nt) { s = i; break; }
+    tile -= nt;
+  }
+  if (s < 0) return;
+  const int n_new = ss[s + 1] - ss[s], t0 = tile * tpt;
+  const int ntok = min(tpt, n_new - t0), tok0 = ss[s] + t0, nrows = ntok * P;
+  const int p_first = cl[s] - n_new + t0, kv_len = p_first + ntok;
+  const int n_tiles = (kv_len + BN - 1) / BN;
+  // Key tiles wholly below the first row's window are seen by no row: start past them.
+  const int j0 = win > 0 ? max(0, p_first - win + 1) / BN : 0;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int i = threadIdx.x; i < BMR * CH; i += NT) {
+    const int r = i / CH, c = i % CH;
+    const bool ok = r < nrows;
+    const u16* src = ok ? q + ((size_t)(tok0 + r / P) * hq + hbase + r % P) * D + c * 8 : q;
+    cp_async16(smem_u32(sQ + swz<D>(r, c)), src, ok ? 16 : 0);
+  }
+  load_kv_tile<D, NT>(sK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, j0 * BN, kv_len);
+  cp_commit();
+  load_kv_tile<D, NT>(sV, cache, bt, s, mb, bs, 1, nb, hkv, kvh, j0 * BN, kv_len);
+  cp_commit();
+  const float scale_log2 = __int_as_float(scale_bits) * 1.4426950408889634f;
+  const float cap_in = CAP ? __int_as_float(scale_bits) / __int_as_float(cap_bits) : 0.f;
+  const float cap_out = CAP ? __int_as_float(cap_bits) * 1.4426950408889634f : 0.f;
+  const int ra = warp * 16 + (lane >> 2);
+  // Padding rows (r >= nrows) take the last token's limit so no row is fully masked.
+  const int lim0 = p_first + min(ra / P, ntok - 1), lim1 = p_first + min((ra + 8) / P, ntok - 1);
+  // Rows are sorted by token, so the warp's first and last rows bound its causal limits: key
+  // tiles wholly below lim_lo need no mask, tiles wholly above lim_hi no work at all.
+  const int lim_lo = p_first + min(warp * 16 / P, ntok - 1);
+  const int lim_hi = p_first + min((warp * 16 + 15) / P, ntok - 1);
+  // Row p sees keys p - wv < j <= p: a key tile ending below the window of the warp's first
+  // row is dead, one starting below that of its last row needs the mask.
+  const int wv = win > 0 ? win : 0x7fffffff;
+  u32 qf[QREG ? D / 16 : 1][4];
+  float o[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  for (int j = j0; j < n_tiles; ++j) {
+    const int k0 = j * BN;
+    const bool live = k0 <= lim_hi && lim_lo - (k0 + BN - 1) < wv;
+    cp_wait<1>();
+    __syncthreads();
+    if (QREG && j == j0) {
+#pragma unroll
+      for (int kk = 0; kk < (QREG ? D / 16 : 0); ++kk)
+        ldsm_x4(qf[kk], smem_u32(sQ + swz<D>(warp * 16 + (lane & 15), 2 * kk + (lane >> 4))));
+    }
+    float sc[BN / 8][4];
+    if (live) {
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        u32 qa[4];
+        if constexpr (!QREG)
+          ldsm_x4(qa, smem_u32(sQ + swz<D>(warp * 16 + (lane & 15), 2 * kk + (lane >> 4))));
+        const u32* a = QREG ? qf[QREG ? kk : 0] : qa;
+#pragma unroll
+        for (int n2 = 0; n2 < BN / 16; ++n2) {
+          u32 b[4];
+          const int kr = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
+          ldsm_x4(b, smem_u32(sK + swz<D>(kr, 2 * kk + ((lane >> 3) & 1))));
+          mma16816<T>(sc[2 * n2], a, b[0], b[1]);
+          mma16816<T>(sc[2 * n2 + 1], a, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();
+    if (j + 1 < n_tiles)
+      load_kv_tile<D, NT>(sK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, k0 + BN, kv_len);
+    cp_commit();
+    if (live) {
+      softmax_step<BN / 8, D, CAP>(sc, o, m, l, scale_log2, k0, lim0, lim1, wv,
+                                   k0 + BN - 1 > lim_lo || lim_hi - k0 >= wv, cap_in, cap_out);
+    }
+    cp_wait<1>();
+    __syncthreads();
+    if (live) {
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        u32 pa[4];
+        p_frag<T>(pa, sc[2 * kk], sc[2 * kk + 1]);
+        pv_mma<T, D>(o, pa, sV, kk * 16, lane);
+      }
+    }
+    __syncthreads();
+    if (j + 1 < n_tiles)
+      load_kv_tile<D, NT>(sV, cache, bt, s, mb, bs, 1, nb, hkv, kvh, k0 + BN, kv_len);
+    cp_commit();
+  }
+  cp_wait<0>();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const int row = ra + 8 * r;
+    if (row < nrows) {
+      const float inv = 1.f / l[r];
+      const size_t head = (size_t)(tok0 + row / P) * hq + hbase + row % P;
+      u16* dst = out + head * D + (lane & 3) * 2;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+        *reinterpret_cast<u32*>(dst + j * 8) = T::pack2(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+    }
+  }
+}
+
+template <typename T, int D, int NST, bool CAP = false>
+__device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ ss,
+                            const int* __restrict__ cl, const int* __restrict__ bt,
+                            const u16* __restrict__ cache, int T_, int B, int hq, int hkv,
+                            int mb, int bs, int nb, int scale_bits, int win, int n_split,
+                            int chunk,
+                            u16* __restrict__ out, float* __restrict__ ws_o,
+                            float* __restrict__ ws_lse, int cap_bits = 0) {
+  extern __shared__ __align__(16) u16 smem[];
+  u16* sQ = smem;
+  u16* sKV = sQ + 16 * D;  // NST stages of [K tile, V tile]
+  const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, G = hq / hkv;
+  const int s = find_seq(ss, B, t);
+  const int pos = cl[s] - (ss[s + 1] - ss[s]) + (t - ss[s]);
+  // Splits cover this token's keys from the tile holding its window's first key (0 without
+  // a window) to pos, in equal whole tiles of at least `chunk` keys: sized from the token's
+  // own context, so a graph captured for the longest context still spreads a short one over
+  // every split.
+  const int first = win > 0 ? max(0, pos - win + 1) / BN * BN : 0;
+  const int per_split = max(chunk, (pos + 1 - first + n_split * BN - 1) / (n_split * BN) * BN);
+  const int k_begin = first + split * per_split, k_end = min(pos + 1, k_begin + per_split);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const size_t head0 = (size_t)t * hq + kvh * G;
+  if (k_begin >= k_end) {  // past this token's context: an empty partial
+    if (threadIdx.x < G) ws_lse[(head0 + threadIdx.x) * n_split + split] = -INFINITY;
+    return;
+  }
+  const int n_tiles = (k_end - k_begin + BN - 1) / BN;
+  constexpr int CH = D / 8;
+  for (int i = threadIdx.x; i < 16 * CH; i += NWARPS * 32) {
+    const int r = i / CH, c = i % CH;
+    const bool ok = r < G;
+    cp_async16(smem_u32(sQ + swz<D>(r, c)), ok ? q + (head0 + r) * D + c * 8 : q, ok ? 16 : 0);
+  }
+#pragma unroll
+  for (int st = 0; st < NST; ++st) {
+    if (st < n_tiles) {
+      u16* buf = sKV + st * 2 * BN * D;
+      load_kv_tile<D>(buf, cache, bt, s, mb, bs, 0, nb, hkv, kvh, k_begin + st * BN, k_end);
+      load_kv_tile<D>(buf + BN * D, cache, bt, s, mb, bs, 1, nb, hkv, kvh, k_begin + st * BN,
+                      k_end);
+    }
+    cp_commit();
+  }
+  const float scale_log2 = __int_as_float(scale_bits) * 1.4426950408889634f;
+  const float cap_in = CAP ? __int_as_float(scale_bits) / __int_as_float(cap_bits) : 0.f;
+  const float cap_out = CAP ? __int_as_float(cap_bits) * 1.4426950408889634f : 0.f;
+  u32 qf[D / 16][4];
+  float o[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  for (int j = 0; j < n_tiles; ++j) {
+    cp_wait<NST - 1>();
+    __syncthreads();
+    if (j == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        ldsm_x4(qf[kk], smem_u32(sQ + swz<D>(lane & 15, 2 * kk + (lane >> 4))));
+    }
+    const u16* sK = sKV + (j % NST) * 2 * BN * D;
+    const u16* sV = sK + BN * D;
+    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      u32 b[4];
+      const int kr = warp * 16 + (lane & 7) + ((lane >> 4) << 3);
+      ldsm_x4(b, smem_u32(sK + swz<D>(kr, 2 * kk + ((lane >> 3) & 1))));
+      mma16816<T>(sc[0], qf[kk], b[0], b[1]);
+      mma16816<T>(sc[1], qf[kk], b[2], b[3]);
+    }
+    const int kbase = k_begin + j * BN + warp * 16;
+    // Tiles never cross a split's end (chunk is a multiple of BN), so pos bounds them above.
+    softmax_step<2, D, CAP>(sc, o, m, l, scale_log2, kbase, pos, pos, win > 0 ? win : 0x7fffffff,
+                            true, cap_in, cap_out);
+    u32 pa[4];
+    p_frag<T>(pa, sc[0], sc[1]);
+    pv_mma<T, D>(o, pa, sV, warp * 16, lane);
+    __syncthreads();
+    if (j + NST < n_tiles) {
+      u16* buf = sKV + (j % NST) * 2 * BN * D;
+      const int k0 = k_begin + (j + NST) * BN;
+      load_kv_tile<D>(buf, cache, bt, s, mb, bs, 0, nb, hkv, kvh, k0, k_end);
+      load_kv_tile<D>(buf + BN * D, cache, bt, s, mb, bs, 1, nb, hkv, kvh, k0, k_end);
+    }
+    cp_commit();
+  }
+  cp_wait<0>();
+  __syncthreads();
+  // Combine the 4 warps' partial softmax states through smem (reusing the K/V stages).
+  float* sO = reinterpret_cast<float*>(sKV);  // [NWARPS][16][D]
+  float* sM = sO + NWARPS * 16 * D;           // [NWARPS][16]
+  float* sL = sM + NWARPS * 16;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const int row = (lane >> 2) + 8 * r;
+    float* dst = sO + (warp * 16 + row) * D + (lane & 3) * 2;
+#pragma unroll
+    for (int jj = 0; jj < D / 8; ++jj) {
+      dst[jj * 8] = o[jj][2 * r];
+      dst[jj * 8 + 1] = o[jj][2 * r + 1];
+    }
+    if ((lane & 3) == 0) { sM[warp * 16 + row] = m[r]; sL[warp * 16 + row] = l[r]; }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * D; i += NWARPS * 32) {
+    const int r = i / D, c = i % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, sM[w * 16 + r]);
+    float acc = 0.f, den = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) {
+      const float mw = sM[w * 16 + r];
+      if (mw != -INFINITY) {
+        const float f = exp2f(mw - mx);
+        acc += f * sO[(w * 16 + r) * D + c];
+        den += f * sL[w * 16 + r];
+      }
+    }
+    if (n_split == 1) {
+      out[(head0 + r) * D + c] = T::from_f(acc / den);
+    } else {
+      const size_t slot = (head0 + r) * n_split + split;
+      ws_o[slot * D + c] = acc / den;
+      if (c == 0) ws_lse[slot] = mx + log2f(den);
+    }
+  }
+}
+
+// One block per (token, q head), D threads: out = sum_s w_s o_s with w_s from the splits' lse.
+// A token's splits fill from the first (attn_decode divides its own context), so the empty
+// ones (lse = -inf) are a suffix: the weights of the live prefix go to shared memory once, and
+// each thread's loop is a run of independent loads of the live partials only.
+#define REDUCE_SPLITS 512   // attention_plan.MAX_DECODE_SPLITS
+template <typename T>
+__device__ void attn_reduce(const float* __restrict__ ws_o, const float* __restrict__ ws_lse,
+                            int rows, int d, int n_split, u16* __restrict__ out) {
+  __shared__ float wgt[REDUCE_SPLITS];
+  __shared__ int n_live;
+  const size_t row = blockIdx.x;
+  if (row >= (size_t)rows) return;
+  const float* lse = ws_lse + row * n_split;
+  if (threadIdx.x == 0) n_live = n_split;
+  __syncthreads();
+  for (int i = threadIdx.x; i < n_split; i += blockDim.x) {
+    const float v = lse[i];
+    wgt[i] = v;
+    if (v == -INFINITY) atomicMin(&n_live, i);
+  }
+  __syncthreads();
+  const int nl = n_live;
+  float mx = -INFINITY;
+  for (int i = 0; i < nl; ++i) mx = fmaxf(mx, wgt[i]);   // smem broadcast, same order in all
+  __syncthreads();
+  for (int i = threadIdx.x; i < nl; i += blockDim.x) wgt[i] = exp2f(wgt[i] - mx);
+  __syncthreads();
+  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    float acc = 0.f, den = 0.f;
+#pragma unroll 4
+    for (int i = 0; i < nl; ++i) {
+      acc += wgt[i] * ws_o[(row * n_split + i) * d + c];
+      den += wgt[i];
+    }
+    out[row * d + c] = T::from_f(acc / den);
+  }
+}
+
+template <typename T>
+__device__ void kv_write(const u16* __restrict__ k, const u16* __restrict__ v,
+                         const int* __restrict__ ss, const int* __restrict__ cl,
+                         const int* __restrict__ bt, int T_, int B, int hkv, int d, int mb,
+                         int bs, int nb, u16* __restrict__ cache) {
+  const int t = blockIdx.x;
+  if (t >= T_) return;
+  const int s = find_seq(ss, B, t);
+  const int pos = cl[s] - (ss[s + 1] - ss[s]) + (t - ss[s]);
+  const int ch = d / 8;
+  for (int i = threadIdx.x; i < 2 * hkv * ch; i += blockDim.x) {
+    const int which = i / (hkv * ch), rem = i % (hkv * ch), h = rem / ch, c = rem % ch;
+    const u16* src = (which ? v : k) + ((size_t)t * hkv + h) * d + c * 8;
+    u16* dst = cache + kv_row(bt, s, mb, pos, bs, which, nb, hkv, h, d) + c * 8;
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+  }
+}
+
+#define ATTN_IN const u16 *q, const int *ss, const int *cl, const int *bt, const u16 *kv
+#define ATTN_SC int T_, int B, int hq, int hkv, int mb, int bs, int nb, int sc, int win
