@@ -765,12 +765,13 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
         tail[name] = _float16s(raw, s.dtype).astype(np.float32) * np.float32(x_scale)
     data.flush()
     del data
-    with open(weights, "r+b") as f:
-        for name, values in tail.items():
-            f.seek(plan.values[name].offset)
-            f.write(values.tobytes())
-            done += values.nbytes
-        f.truncate(max(f.seek(0, 2), plan.weights_bytes))
+    if tail:
+        with open(weights, "r+b") as f:
+            for name, values in tail.items():
+                f.seek(plan.values[name].offset)
+                f.write(values.tobytes())
+                done += values.nbytes
+            f.truncate(max(f.seek(0, 2), plan.weights_bytes))
     return done
 
 
