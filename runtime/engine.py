@@ -161,8 +161,12 @@ class LLMEngine:
         # Rows whose prompt is done sample; a prompt chunk with more to come does not (on
         # the host it must not even draw, or a seeded request's stream would depend on how
         # its prompt was chunked, i.e. on what else ran).
-        done = [r.num_computed_tokens + n >= r.num_tokens for r, n in plan.scheduled]
+        if plan.arrays is not None:   # every request brings all its remaining tokens
+            done = [True] * len(rows)
+        else:
+            done = [r.num_computed_tokens + n >= r.num_tokens for r, n in plan.scheduled]
         tokens, logprobs = self._sample(inputs, rows, done)
+        self.scheduler.commit(plan, tokens)   # before the loop below may finish requests
         now = time.monotonic()
         for row, (req, n) in enumerate(plan.scheduled):
             req.num_computed_tokens += n
@@ -180,6 +184,10 @@ class LLMEngine:
         read of each request's last token."""
         if plan.arrays is not None:
             rows, first, counts = plan.arrays
+            if plan.last_tokens is not None:   # a decode step the scheduler kept the tokens of
+                tables = self.kv.block_tables(rows, int(first.max()) + 1)
+                return contract.pack_arrays(plan.last_tokens, counts, first, tables,
+                                            self.block_size)
             if len(plan.scheduled) == int(counts.sum()):   # one token each: the last one
                 outputs = list(map(_OUTPUT, map(_REQUEST, plan.scheduled)))
                 if all(outputs):

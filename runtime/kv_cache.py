@@ -11,6 +11,7 @@ tokens chained with the hash of the block before it, so equal hashes mean equal 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,13 +22,35 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 
 def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """A full block's prefix identity: sha256 over the parent's hash and the token ids,
-    truncated to 64 bits. Python's `hash` is salted per process; this is not, so a hash
-    means the same thing in every process (and in a test's expected values)."""
-    # The marker byte keeps a root block apart from a child whose parent hash happens to be 0.
-    head = b"\x00" if parent_hash is None else b"\x01" + parent_hash.to_bytes(8, "little")
-    body = struct.pack(f"<{len(token_ids)}q", *token_ids)
-    return int.from_bytes(hashlib.sha256(head + body).digest()[:8], "little")
+    """A full block's prefix identity: a 128-bit BLAKE2b of the parent's hash and the token
+    ids. Python's `hash` is salted per process over bytes, and easy to collide on purpose
+    over ints and tuples; this is neither, so a hash means the same thing in every process
+    (and in a test's expected values).
+
+    Why this is collision-safe enough: equal hashes are taken as equal prefixes, so a
+    collision would hand one request another's K/V. BLAKE2b is a cryptographic hash: at 128
+    bits an accidental collision among even 2^40 cached blocks has odds of about 2^-49, and
+    a prompt crafted to match an existing block's hash needs a second preimage (~2^128
+    tries). That is the strength of vLLM's default (sha256); BLAKE2b is a little cheaper
+    here (CPython's own code, no OpenSSL call in between), and the tokens go in as int32,
+    half the bytes of the int64 packing before."""
+    # The marker byte keeps a root block apart from a child whose parent hash happens to be
+    # 0; after it the parent is fixed-width, and token ids are below 2^31 (struct refuses
+    # anything else), so the bytes determine the block.
+    return hash_packed(parent_hash, int32s(len(token_ids)).pack(*token_ids))
+
+
+def hash_packed(parent_hash: int | None, body: bytes) -> int:
+    """`hash_block` of tokens already packed by `int32s` (a caller hashing many blocks of one
+    size keeps the packer)."""
+    head = b"\x00" if parent_hash is None else b"\x01" + parent_hash.to_bytes(16, "little")
+    return int.from_bytes(hashlib.blake2b(head + body, digest_size=16).digest(), "little")
+
+
+@functools.cache
+def int32s(n: int) -> struct.Struct:
+    """Packs n token ids as little-endian int32 (the bytes `hash_block` hashes)."""
+    return struct.Struct(f"<{n}i")
 
 
 class KVBlock:
@@ -79,6 +102,21 @@ class FreeBlockQueue:
         block = self._head.next_free
         self.remove(block)
         return block
+
+    def popleft_n(self, n: int) -> list[KVBlock]:
+        """The first n blocks, unlinked in one splice (what n popleft calls return)."""
+        if n > self.num_free:
+            raise IndexError(f"{n} blocks wanted, {self.num_free} free")
+        out = []
+        node = self._head.next_free
+        for _ in range(n):
+            out.append(node)
+            node.prev_free, node = None, node.next_free
+        for block in out:
+            block.next_free = None
+        self._head.next_free, node.prev_free = node, self._head
+        self.num_free -= n
+        return out
 
     def remove(self, block: KVBlock) -> None:
         if block.prev_free is None or block.next_free is None:
@@ -132,18 +170,20 @@ class BlockPool:
         """Fraction of blocks held by requests (cached free blocks count as free)."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def get_new_blocks(self, n: int) -> list[KVBlock]:
+    def get_new_blocks(self, n: int, evicted: dict[int, int] | None = None) -> list[KVBlock]:
         """n blocks with ref count 1, least recently freed first. Raises ValueError when
         fewer than n are free: callers check `num_free_blocks` first, as the manager does,
-        so running short here is a bookkeeping bug, not back-pressure."""
+        so running short here is a bookkeeping bug, not back-pressure. `evicted`, if given,
+        gets {hash: index in the result} of each block that this took out of the cache."""
         if n > self.num_free_blocks:
             raise ValueError(f"{n} blocks requested, {self.num_free_blocks} free")
-        out = []
-        for _ in range(n):
-            block = self.free_queue.popleft()
-            self._evict(block)
+        out = self.free_queue.popleft_n(n)
+        for i, block in enumerate(out):
+            if block.block_hash is not None:
+                if evicted is not None:
+                    evicted[block.block_hash] = i
+                self._evict(block)
             block.ref_cnt = 1
-            out.append(block)
         return out
 
     def free_blocks(self, blocks: Iterable[KVBlock]) -> None:

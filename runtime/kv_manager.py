@@ -20,11 +20,12 @@ from typing import Protocol
 
 import numpy as np
 
-from llmc.runtime.kv_cache import BlockPool, KVBlock, blocks_needed, hash_block
+from llmc.runtime.kv_cache import BlockPool, KVBlock, blocks_needed, hash_packed, int32s
 
 
 class KVRequest(Protocol):
-    """What the manager reads of a request."""
+    """What the manager reads of a request. One that also has `tokens(start, n)` (a list of
+    tokens start..start+n, as `Request` does) is read through it when blocks are hashed."""
 
     request_id: Hashable
     all_token_ids: Sequence[int]   # prompt + generated so far
@@ -38,22 +39,25 @@ class BlockTables:
     do for it (kept by the manager). The arrays grow as needed and are written only when a
     request gains or caches a block, so a step reads them with one fancy index, not a
     Python loop over each request's list (~300 us at 256 rows). A released row is zeroed,
-    so unused entries stay valid block ids."""
+    so unused entries stay valid block ids.
+
+    `held`, `cached` and `until` are the columns of one array, `meta`, so a step reads and
+    writes all three of a few dozen rows in one numpy call each way."""
 
     def __init__(self, rows: int = 16, cols: int = 16):
         self.array = np.zeros((rows, cols), np.int32)
-        self.held = np.zeros(rows, np.int64)
-        self.cached = np.zeros(rows, np.int64)
-        self.until = np.zeros(rows, np.int64)
+        self.meta = np.zeros((rows, 3), np.int64)
         self._free = list(range(rows - 1, -1, -1))
+
+    held = property(lambda self: self.meta[:, 0])
+    cached = property(lambda self: self.meta[:, 1])
+    until = property(lambda self: self.meta[:, 2])
 
     def take(self) -> int:
         if not self._free:
             rows = len(self.array)
             self.array = np.concatenate([self.array, np.zeros_like(self.array)])
-            for name in ("held", "cached", "until"):
-                grown = np.concatenate([getattr(self, name), np.zeros(rows, np.int64)])
-                setattr(self, name, grown)
+            self.meta = np.concatenate([self.meta, np.zeros_like(self.meta)])
             self._free = list(range(2 * rows - 1, rows - 1, -1))
         return self._free.pop()
 
@@ -65,24 +69,9 @@ class BlockTables:
         self.array[row, start:end] = block_ids
         self.held[row] = end
 
-    def put_many(self, rows: np.ndarray, counts: list[int], block_ids: list[int]) -> None:
-        """Append counts[i] block ids to row rows[i] (distinct rows), taking them from
-        block_ids in order: what put does row by row, in a few numpy calls."""
-        held = self.held[rows]
-        end = held + counts
-        self._widen(int(end.max()))
-        if len(block_ids) == len(rows):   # one block each (a decode step)
-            self.array[rows, held] = block_ids
-        else:
-            each = np.repeat(np.arange(len(rows)), counts)       # the row of each new id
-            first = np.cumsum(counts) - counts                  # its first id's index
-            self.array[rows[each], held[each] + np.arange(len(block_ids)) - first[each]] = \
-                block_ids
-        self.held[rows] = end
-
     def release(self, row: int) -> None:
         self.array[row] = 0
-        self.held[row] = self.cached[row] = self.until[row] = 0
+        self.meta[row] = 0
         self._free.append(row)
 
     def _widen(self, cols: int) -> None:
@@ -107,9 +96,10 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching and pool.enable_caching
         self.prefix_queries = 0
         self.prefix_hits = 0
-        self._blocks: dict[Hashable, list[KVBlock]] = {}
         self._hashes: dict[Hashable, list[int]] = {}   # hash chain of its full blocks so far
         self._rows: dict[Hashable, int] = {}           # its row of `tables`
+        # The tables are the one record of which blocks a request holds, in order: a step
+        # that opens blocks writes them there alone, not into a list a request as well.
         self.tables = BlockTables()
 
     def num_blocks_needed(self, num_tokens: int) -> int:
@@ -121,24 +111,39 @@ class KVCacheManager:
         return self.num_blocks_needed(num_tokens) <= self.pool.num_blocks
 
     def block_ids(self, request: KVRequest) -> list[int]:
-        return [b.block_id for b in self._blocks.get(request.request_id, ())]
+        row = self._rows.get(request.request_id)
+        if row is None:
+            return []
+        return self.tables.array[row, :self.tables.held[row]].tolist()
+
+    def _held(self, request_id: Hashable) -> list[KVBlock]:
+        """The request's blocks, in order."""
+        row = self._rows.get(request_id)
+        if row is None:
+            return []
+        blocks = self.pool.blocks
+        return [blocks[i] for i in self.tables.array[row, :self.tables.held[row]].tolist()]
 
     def rows_of(self, requests: Sequence[KVRequest]) -> np.ndarray:
         """Each request's row of `tables` (intp), -1 for one that holds no blocks."""
         return np.fromiter((self._rows.get(r.request_id, -1) for r in requests), np.intp,
                            len(requests))
 
-    def block_tables(self, rows: np.ndarray) -> np.ndarray:
+    def block_tables(self, rows: np.ndarray, num_tokens: int | None = None) -> np.ndarray:
         """int32 [len(rows), >= their most blocks]: the block ids of these rows (`rows_of`
-        requests that hold blocks), then 0s."""
-        return self.tables.array[rows]
+        requests that hold blocks), then 0s; with num_tokens, only the columns that many
+        tokens need (one copy of what a step reads, not of the table's whole width)."""
+        if num_tokens is None:
+            return self.tables.array[rows]
+        return self.tables.array[rows, :self.num_blocks_needed(num_tokens)]
 
     def needs_slots(self, rows: np.ndarray, num_tokens: np.ndarray) -> np.ndarray:
-        """bool [len(rows)]: False where a request (its `rows_of` row) already holds the
-        blocks for its first num_tokens[i] tokens and none of them fills a block not yet
-        cached, i.e. where allocate_slots up to num_tokens[i] would change nothing. One
-        vector test over a decode step's running requests, instead of a call each."""
-        return (num_tokens > self.tables.until[rows]) | (rows < 0)
+        """bool [len(rows)]: False where a request (its `rows_of` row: one that holds
+        blocks) already holds the blocks for its first num_tokens[i] tokens and none of them
+        fills a block not yet cached, i.e. where allocate_slots up to num_tokens[i] would
+        change nothing. One vector test over a decode step's running requests, instead of a
+        call each."""
+        return num_tokens > self.tables.until[rows]
 
     def get_computed_blocks(self, request: KVRequest) -> tuple[list[KVBlock], int]:
         """The longest cached run of the request's leading full blocks and the tokens they
@@ -148,9 +153,9 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         num_tokens = len(request.all_token_ids)
-        hashes = self._hash_chain(request, (num_tokens - 1) // self.block_size)
+        num_full = (num_tokens - 1) // self.block_size
         hits = []
-        for h in hashes:
+        for h in self._hash_chain(request, num_full)[:num_full]:
             block = self.pool.get_cached_block(h)
             if block is None:
                 break
@@ -166,7 +171,7 @@ class KVCacheManager:
         and num_new_tokens more. Returns the newly allocated blocks, or None, changing
         nothing, when the pool cannot supply them. Then caches the blocks this filled."""
         rid = request.request_id
-        held = self._blocks.get(rid, [])
+        held = self._held(rid)
         if held and not computed_blocks:   # the common decode step: often nothing to do
             if (request.num_computed_tokens + num_new_tokens
                     <= self.tables.until[self._rows[rid]]):
@@ -183,16 +188,15 @@ class KVCacheManager:
             return None
         self.pool.touch(computed)
         new = self.pool.get_new_blocks(num_new)
-        blocks = self._blocks.setdefault(rid, held)
         if computed or new:
             if rid not in self._rows:
                 self._rows[rid] = self.tables.take()
             self.tables.put(self._rows[rid],
                             [b.block_id for b in computed] + [b.block_id for b in new])
-        blocks += computed + new
         if computed:
             self.tables.cached[self._rows[rid]] = len(computed)
-        self._cache_full(request, blocks, min(num_tokens, len(request.all_token_ids)))
+        self._cache_full(request, held + computed + new,
+                         min(num_tokens, len(request.all_token_ids)))
         row = self._rows.get(rid)
         if row is not None:
             tables = self.tables
@@ -203,51 +207,91 @@ class KVCacheManager:
                          num_tokens: np.ndarray) -> bool:
         """allocate_slots(requests[i], num_tokens[i] - requests[i].num_computed_tokens) for
         each request in order, in one call, for requests that hold blocks (`rows`, their
-        `rows_of` rows) and bring no cached prefix: the same blocks to the same requests, the
-        same blocks cached. All or nothing: False, changing nothing, when the pool cannot
-        supply every block (the calls one by one would have stopped at the first request
-        that does not fit, keeping what those before it got).
+        `rows_of` rows), bring no cached prefix and have num_tokens[i] tokens (all of them
+        scheduled): the same blocks to the same requests, the same blocks cached. All or
+        nothing: False, changing nothing, when the pool cannot supply every block (the calls
+        one by one would have stopped at the first request that does not fit, keeping what
+        those before it got).
 
         Built for a decode step, where one request in block_size opens a block and as many
-        fill one: the free queue is popped and hashes are offered to the cache request by
-        request, in order, since an eviction (a pop) and a hash offered to the cache decide
-        each other's outcome; the block tables are written as numpy assignments."""
-        bs, tables = self.block_size, self.tables
-        # Python lists from here: a decode step brings ~2/block_size of its requests, and
-        # a numpy call on a few dozen numbers costs more than a list comprehension.
-        held, cached = tables.held[rows].tolist(), tables.cached[rows].tolist()
-        num = num_tokens.tolist()
-        if 0 in held:
+        fill one: the free queue is popped once for all of them, in the requests' order, and
+        the tables are read and written with one numpy call each. An eviction (a pop) and a
+        hash offered to the cache decide each other's outcome, request by request in order:
+        a request that fills a block whose hash a free cached block holds leaves its block
+        uncached unless that free block was popped before it, by itself or an earlier
+        request. The pops record which request evicted which hash, and the offers follow."""
+        bs, tables, pool = self.block_size, self.tables, self.pool
+        # numpy over the few dozen requests, not Python lists: on the development VM a
+        # 32-item list comprehension costs ~10 us, a numpy call on 32 numbers ~1-2 us.
+        meta = tables.meta[rows]           # [held, cached, until] a request (a copy)
+        held, cached = meta[:, 0], meta[:, 1]
+        if not held.all():
             raise ValueError("allocate_running is for requests that hold blocks")
-        opens = [max(0, -(-n // bs) - h) for n, h in zip(num, held)]
-        if sum(opens) > self.pool.num_free_blocks:
+        opens = -(-num_tokens // bs) - held
+        np.maximum(opens, 0, out=opens)
+        num_new = int(opens.sum())
+        if num_new > pool.num_free_blocks:
             return False
-        caching = self.enable_prefix_caching
-        new_ids: list[int] = []
-        for i, req in enumerate(requests):
-            blocks = self._blocks[req.request_id]
-            if opens[i]:
-                new = self.pool.get_new_blocks(opens[i])
-                blocks += new
-                new_ids += [b.block_id for b in new]
-            if caching and num[i] // bs > cached[i]:
-                start, stop = cached[i], min(num[i], len(req.all_token_ids)) // bs
-                hashes = self._hash_chain(req, stop)
-                self.pool.cache_full_blocks(blocks[start:stop], hashes[start:stop])
-                cached[i] = stop
-        if new_ids:
-            opened = [i for i, k in enumerate(opens) if k]
-            tables.put_many(rows[opened], [opens[i] for i in opened], new_ids)
-            held = [h + k for h, k in zip(held, opens)]
-        tables.cached[rows] = cached
-        tables.until[rows] = [self._until(h, c) for h, c in zip(held, cached)]
+        evicted: dict[int, int] = {}   # hash -> the request whose pop took it out
+        if num_new:
+            new = pool.get_new_blocks(num_new, evicted)
+            opened = np.flatnonzero(opens)
+            # The table cells of the new blocks: each opener's next counts[i] columns.
+            if num_new == len(opened):   # one each (a decode step)
+                each, cols = opened, held[opened]
+            else:
+                counts = opens[opened]
+                each = np.repeat(opened, counts)
+                first = np.cumsum(counts) - counts
+                cols = held[each] + np.arange(num_new) - np.repeat(first, counts)
+            tables._widen(int(cols.max()) + 1)
+            tables.array[rows[each], cols] = [b.block_id for b in new]
+            if evicted:
+                owner = each.tolist()
+                evicted = {h: owner[j] for h, j in evicted.items()}
+            held += opens
+        if self.enable_prefix_caching:
+            stops = num_tokens // bs
+            fills = np.flatnonzero(stops > cached)
+            if fills.size:
+                self._offer(requests, rows, fills, cached[fills], stops[fills], evicted)
+                cached[fills] = stops[fills]
+            meta[:, 2] = np.minimum(held * bs, cached * bs + (bs - 1))   # _until
+        else:
+            meta[:, 2] = held * bs
+        tables.meta[rows] = meta
         return True
+
+    def _offer(self, requests: Sequence[KVRequest], rows: np.ndarray, which: np.ndarray,
+               starts: np.ndarray, stops: np.ndarray, evicted: dict[int, int]) -> None:
+        """allocate_running's cache offers: requests[i] (i in `which`, in order; its table row
+        rows[i]) offers its blocks starts[j]..stops[j]-1. Hashes do not depend on the cache,
+        so the step's are computed together; the offers then go to the pool in one call, in
+        order."""
+        which_l, starts_l, stops_l = which.tolist(), starts.tolist(), stops.tolist()
+        chains = self._hash_chains([requests[i] for i in which_l], stops_l)
+        pool_blocks, array = self.pool.blocks, self.tables.array
+        if (stops - starts == 1).all():   # a decode step: one block each, one gather
+            ids = array[rows[which], starts].tolist()
+            spans = [[b] for b in ids]
+        else:
+            spans = [array[rows[i], a:b].tolist() for i, a, b in zip(which_l, starts_l, stops_l)]
+        blocks: list[KVBlock] = []
+        hashes: list[int] = []
+        for i, start, stop, chain, ids in zip(which_l, starts_l, stops_l, chains, spans):
+            offered = chain[start:stop]
+            if evicted:   # a hash a later request evicts is held by a free block now
+                keep = [j for j, h in enumerate(offered) if evicted.get(h, -1) <= i]
+                ids, offered = [ids[j] for j in keep], [offered[j] for j in keep]
+            blocks += [pool_blocks[b] for b in ids]
+            hashes += offered
+        self.pool.cache_full_blocks(blocks, hashes)
 
     def free(self, request: KVRequest) -> None:
         """Release the request's blocks, last block first, so its prefix stays cached
         longest; a request holding nothing (still waiting, or freed) is a no-op."""
         rid = request.request_id
-        blocks = self._blocks.pop(rid, [])
+        blocks = self._held(rid)
         self._hashes.pop(rid, None)
         row = self._rows.pop(rid, None)
         if row is not None:
@@ -268,7 +312,7 @@ class KVCacheManager:
             raise ValueError(f"request {request.request_id!r}: a cached prefix is only for a "
                              "request that holds no blocks yet")
         # A hit evicted between get_computed_blocks and here would now hold other tokens.
-        hashes = self._hash_chain(request, len(computed))
+        hashes = self._hash_chain(request, len(computed))[:len(computed)]
         if any(b.block_hash != h for b, h in zip(computed, hashes, strict=True)):
             raise ValueError(f"request {request.request_id!r}: a computed block was evicted "
                              "after get_computed_blocks")
@@ -287,10 +331,34 @@ class KVCacheManager:
         self.tables.cached[row] = stop
 
     def _hash_chain(self, request: KVRequest, num_blocks: int) -> list[int]:
-        """Hashes of the request's first num_blocks full blocks, extended as tokens arrive:
-        tokens are only ever appended, so a prefix's hashes never change."""
-        chain = self._hashes.setdefault(request.request_id, [])
-        tokens, size = request.all_token_ids, self.block_size
-        for i in range(len(chain), num_blocks):
-            chain.append(hash_block(chain[-1] if chain else None, tokens[i * size:(i + 1) * size]))
-        return chain if len(chain) == num_blocks else chain[:num_blocks]
+        """Hashes of the request's first num_blocks full blocks (`hash_block`), extended as
+        tokens arrive: tokens are only ever appended, so a prefix's hashes never change.
+        Returns the request's whole chain, which may run past num_blocks: slice it."""
+        return self._hash_chains([request], [num_blocks])[0]
+
+    def _hash_chains(self, requests: Sequence[KVRequest], num_blocks: list[int]) -> list:
+        """`_hash_chain` of many requests in one call (a decode step fills a block of
+        ~1/block_size of its requests)."""
+        size, pack, chains = self.block_size, int32s(self.block_size).pack, self._hashes
+        out = []
+        for request, n in zip(requests, num_blocks):
+            chain = chains.get(request.request_id)
+            if chain is None:
+                chain = chains[request.request_id] = []
+            if len(chain) < n:
+                # A Request reads a span without building the whole sequence's view.
+                read = getattr(request, "tokens", None)
+                if read is None:
+                    read = _span_reader(request.all_token_ids)
+                for i in range(len(chain), n):
+                    block = read(i * size, size)
+                    if len(block) != size:   # only full blocks have a hash
+                        raise ValueError(f"request {request.request_id!r} has no block {i} "
+                                         "yet")
+                    chain.append(hash_packed(chain[-1] if chain else None, pack(*block)))
+            out.append(chain)
+        return out
+
+
+def _span_reader(tokens: Sequence[int]):
+    return lambda start, n: tokens[start:start + n]

@@ -39,6 +39,10 @@ class StepPlan:
     # computed tokens and their new ones (int arrays), so the engine need not gather them
     # again; None when requests were scheduled one by one.
     arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # With `arrays`, when the scheduler knows them: each request's last token (int32), the
+    # one a decode step feeds (every request then brings exactly one); else None.
+    last_tokens: np.ndarray | None = None
+    serial: int = -1   # the scheduler's `_serial` when the plan was made (see `commit`)
 
     @property
     def num_tokens(self) -> int:
@@ -53,8 +57,17 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         # The running requests' KV table rows and prompt lengths, which change only when a
-        # request joins or leaves `running`: every such change resets this to None.
+        # request joins or leaves `running` (`_changed`).
         self._fixed: tuple[np.ndarray, np.ndarray, bool] | None = None
+        # The persistent batch (vLLM v1's InputBatch): the running requests' computed tokens
+        # and last token, in `running` order, as `commit` left them after the last step, so
+        # a decode step need not read hundreds of Request objects; None when unknown (then
+        # they are read from the requests, and the next commit sets them again).
+        self._next: tuple[np.ndarray, np.ndarray] | None = None
+        # Counts plans made and changes of `running`: a plan whose serial is not the
+        # current one cannot be committed.
+        self._serial = 0
+        self._decode: tuple[list, np.ndarray] | None = None   # (req, 1) each, and 1s
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -64,14 +77,46 @@ class Scheduler:
 
     def remove(self, request: Request) -> None:
         """Take a request out (finished, aborted, failed) and free its blocks."""
-        if request in self.running:
-            self.running.remove(request)
-            self._fixed = None
+        try:
+            i = self.running.index(request)
+        except ValueError:
+            pass
+        else:
+            del self.running[i]
+            self._serial += 1
+            # The others keep their counters: drop the request's entry from each array,
+            # rather than read every request again at the next step.
+            if self._fixed is not None:
+                rows, prompt_lens, usable = self._fixed
+                self._fixed = (np.delete(rows, i), np.delete(prompt_lens, i), usable)
+            if self._next is not None:
+                self._next = tuple(np.delete(a, i) for a in self._next)
+            self._decode = None
         if request in self.waiting:
             self.waiting.remove(request)
         self.kv.free(request)
 
+    def commit(self, plan: StepPlan, tokens: np.ndarray) -> None:
+        """The caller has run `plan` (the last plan made) and sampled `tokens` (one per
+        scheduled request, in order): it is about to add each request's new tokens to its
+        computed count and append its sampled token, as it does after every step. For a plan
+        of the array path that is every request's whole remainder, so each one's computed
+        count becomes its old token count and its last token the sampled one: the next step
+        reads both from here. Not calling this is always safe: the next step then reads the
+        requests themselves."""
+        if plan.arrays is None or plan.serial != self._serial:
+            self._next = None   # not the last plan, or `running` changed: read the requests
+            return
+        _, computed, new = plan.arrays
+        self._next = (computed + new, np.array(tokens, np.int32))
+
+    def _changed(self) -> None:
+        """`running` gained or lost requests other than through `remove`."""
+        self._fixed = self._next = self._decode = None
+        self._serial += 1
+
     def schedule(self) -> StepPlan:
+        self._serial += 1
         plan = StepPlan()
         budget = self._running_at_once(plan) if self.running else None
         if budget is None:
@@ -91,9 +136,9 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             req.status = Status.RUNNING
             self.running.append(req)
-            self._fixed = None
+            self._changed()
             plan.scheduled.append((req, n))
-            plan.arrays = None
+            plan.arrays = plan.last_tokens = None
             budget -= n
         return plan
 
@@ -123,7 +168,11 @@ class Scheduler:
         block_size opens one and as many fill one) go to the KV manager in one call. Returns
         the budget left, or None when the budget is short or the pool runs out; the loop
         then decides, from the state it would have started from (the call is all or
-        nothing)."""
+        nothing).
+
+        After a committed step of this path every running request has computed all its
+        tokens and has one more, its last sampled one: the counters then come from the
+        commit, and no Request object is read."""
         running, n = self.running, len(self.running)
         if self._fixed is None:   # the running set changed since the last step
             rows = self.kv.rows_of(running)
@@ -132,21 +181,38 @@ class Scheduler:
             self._fixed = (rows, np.fromiter(map(len, map(_PROMPT, running)), np.int32, n),
                            n > 0 and rows.min() >= 0)
         rows, prompt_lens, usable = self._fixed
+        known, self._next = self._next, None   # only a commit of this step sets it again
         if not usable:
             return None
-        # map over attrgetters runs in C: a generator's frame per request costs 4x as much.
-        computed = np.fromiter(map(_COMPUTED, running), np.int32, n)
-        total = prompt_lens + np.fromiter(map(len, map(_OUTPUT, running)), np.int32, n)
-        new = total - computed
-        used = int(new.sum())
-        if used > self.limits.max_num_tokens or not new.all():
+        if known is not None:   # the last step computed every token and sampled one more
+            computed, last = known
+            total = computed + 1
+            if self._decode is None:   # the same from step to step, for the same requests
+                self._decode = (list(zip(running, [1] * n)), np.ones(n, np.int32))
+            scheduled, new = self._decode
+            used = n
+        else:
+            # map over attrgetters runs in C: a generator's frame per request costs 4x as
+            # much.
+            computed = np.fromiter(map(_COMPUTED, running), np.int32, n)
+            total = prompt_lens + np.fromiter(map(len, map(_OUTPUT, running)), np.int32, n)
+            new, last = total - computed, None
+            scheduled = None
+            used = int(new.sum())
+            if not new.all():
+                return None
+        if used > self.limits.max_num_tokens:
             return None
         need = np.flatnonzero(self.kv.needs_slots(rows, total))
         if need.size and not self.kv.allocate_running([running[i] for i in need.tolist()],
                                                       rows[need], total[need]):
             return None
-        plan.scheduled = list(zip(running, new.tolist()))
+        # A copy of the kept list: admissions append to the plan's.
+        plan.scheduled = (list(zip(running, new.tolist())) if scheduled is None
+                          else scheduled.copy())
         plan.arrays = (rows, computed, new)
+        plan.last_tokens = last
+        plan.serial = self._serial
         return self.limits.max_num_tokens - used
 
     def _victim(self) -> Request:
@@ -154,7 +220,7 @@ class Scheduler:
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         self.running.remove(req)
-        self._fixed = None
+        self._changed()
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = Status.WAITING

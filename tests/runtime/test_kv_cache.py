@@ -63,8 +63,13 @@ def test_free_queue_is_a_linked_list():
     assert [b.block_id for b in q] == [1, 3, 4, 2, 0] and len(q) == 5
     with pytest.raises(ValueError, match="already in the free queue"):
         q.append(blocks[3])
-    for _ in range(5):
-        q.popleft()
+    assert q.popleft_n(2) == [blocks[1], blocks[3]] and [b.block_id for b in q] == [4, 2, 0]
+    assert blocks[1].prev_free is blocks[1].next_free is blocks[3].next_free is None
+    q.append(blocks[1])                               # unlinked: it can join again
+    assert [b.block_id for b in q] == [4, 2, 0, 1] and q.popleft_n(0) == []
+    with pytest.raises(IndexError):
+        q.popleft_n(5)
+    assert q.popleft_n(4) == [blocks[4], blocks[2], blocks[0], blocks[1]] and len(q) == 0
     with pytest.raises(IndexError):
         q.popleft()
     with pytest.raises(ValueError, match="not in the free queue"):
@@ -383,21 +388,6 @@ def test_block_tables_grow_and_release_rows():
     tables.release(a)
     assert not tables.array[a].any() and tables.held[a] == tables.cached[a] == 0
     assert tables.take() == a                                 # zeroed, then reused
-
-
-def test_block_tables_put_many_is_put_row_by_row():
-    one, many = BlockTables(rows=4, cols=2), BlockTables(rows=4, cols=2)
-    for tables in (one, many):
-        rows = [tables.take() for _ in range(4)]
-        tables.put(rows[1], [4])
-        tables.put(rows[3], [5, 6])
-    for row, ids in ((0, [7]), (1, [8, 9, 10]), (3, [11])):
-        one.put(row, ids)
-    many.put_many(np.array([0, 1, 3]), [1, 3, 1], [7, 8, 9, 10, 11])
-    assert many.array.tolist() == one.array.tolist() and many.array.shape == (4, 4)
-    assert many.held.tolist() == one.held.tolist() == [1, 4, 0, 3]
-    many.put_many(np.array([2, 0]), [1, 1], [12, 13])          # one each: a decode step
-    assert many.array[[2, 0], :2].tolist() == [[12, 0], [7, 13]]
 
 
 def running_state(mgr: KVCacheManager, reqs: list[Req]):

@@ -31,9 +31,11 @@ def _request(i: int, prompt: list[int], max_tokens: int, priority: int) -> Reque
     return Request(f"r{i}", prompt, p, arrival_time=float(i), priority=priority)
 
 
-def _run_step(sched: Scheduler, plan, finished: list[Request]) -> None:
-    """What the engine does after a step: count computed tokens, append a token to those
-    whose prompt is done, finish the ones at max_tokens."""
+def _run_step(sched: Scheduler, plan, finished: list[Request], commit: bool = True) -> None:
+    """What the engine does after a step: tell the scheduler (commit), count computed
+    tokens, append a token to those whose prompt is done, finish the ones at max_tokens."""
+    if commit:
+        sched.commit(plan, [7] * len(plan.scheduled))
     for req, n in plan.scheduled:
         req.num_computed_tokens += n
         if req.num_computed_tokens < req.num_tokens:
@@ -68,6 +70,9 @@ def _check(sched: Scheduler, plan, limits: BuildLimits, pool: BlockPool) -> None
         assert rows.tolist() == sched.kv.rows_of(reqs).tolist()
         assert computed.tolist() == [r.num_computed_tokens for r in reqs]
         assert new.tolist() == [n for _, n in plan.scheduled]
+        if plan.last_tokens is not None:   # kept by commit: each request's last token
+            assert plan.last_tokens.tolist() == [r.all_token_ids[-1] for r in reqs]
+            assert new.tolist() == [1] * len(reqs)
     free = {b.block_id for b in pool.free_queue}
     assert not free & set(held)
     assert len(free) + len(held) == pool.num_blocks
@@ -93,12 +98,14 @@ def test_scheduler_invariants(reqs, ops, num_blocks, caching):
 @given(reqs=requests, ops=ops, num_blocks=st.integers(14, 24), caching=st.booleans())
 def test_the_array_path_schedules_as_the_loop_does(reqs, ops, num_blocks, caching):
     """Serving the running requests over arrays is only a shortcut: with it turned off, the
-    same stream gives the same steps, preemptions and block ids."""
-    assert _drive(reqs, ops, num_blocks, caching) == \
-        _drive(reqs, ops, num_blocks, caching, array_path=False)
+    same stream gives the same steps, preemptions and block ids. So are the counters that
+    commit keeps from step to step: without commits, the same again."""
+    trace = _drive(reqs, ops, num_blocks, caching)
+    assert trace == _drive(reqs, ops, num_blocks, caching, array_path=False)
+    assert trace == _drive(reqs, ops, num_blocks, caching, commit=False)
 
 
-def _drive(reqs, ops, num_blocks, caching, array_path=True) -> list:
+def _drive(reqs, ops, num_blocks, caching, array_path=True, commit=True) -> list:
     """Run a stream, checking the invariants after every step; returns what each step did:
     (request id, new tokens, its block ids) scheduled, and the ids preempted."""
     limits = BuildLimits(max_batch_size=4, max_num_tokens=16, max_seq_len=64, kv_block_size=4)
@@ -114,7 +121,7 @@ def _drive(reqs, ops, num_blocks, caching, array_path=True) -> list:
         _check(sched, plan, limits, pool)
         trace.append(([(r.request_id, n, sched.kv.block_ids(r)) for r, n in plan.scheduled],
                       [r.request_id for r in plan.preempted]))
-        _run_step(sched, plan, finished)
+        _run_step(sched, plan, finished, commit)
         return plan
 
     for op in ops:
@@ -148,6 +155,35 @@ def _drive(reqs, ops, num_blocks, caching, array_path=True) -> list:
 @given(reqs=requests, ops=ops, num_blocks=st.integers(14, 24), caching=st.booleans())
 def _same_streams_every_run(reqs, ops, num_blocks, caching):
     _drive(reqs, ops, num_blocks, caching)
+
+
+def test_commit_keeps_the_counters_of_the_last_plan_only():
+    """A committed decode step's counters serve the next step without reading the requests;
+    a plan that is not the last one made, or one made before `running` changed, is not
+    taken, and the next step reads the requests again."""
+    limits = BuildLimits(max_batch_size=4, max_num_tokens=16, max_seq_len=64, kv_block_size=4)
+    sched = Scheduler(KVCacheManager(BlockPool(16), 4), limits)
+    reqs = [_request(i, [1, 2, 3], 10, 0) for i in range(3)]
+    for req in reqs:
+        sched.add(req)
+    _run_step(sched, sched.schedule(), [])            # the prompts: admissions
+    plan = sched.schedule()                           # read from the requests
+    assert plan.arrays is not None and plan.last_tokens is None
+    _run_step(sched, plan, [])
+    plan = sched.schedule()                           # from the commit
+    assert plan.last_tokens.tolist() == [7, 7, 7] and plan.arrays[1].tolist() == [4, 4, 4]
+    stale = plan
+    _run_step(sched, sched.schedule(), [], commit=False)   # a plan made after `stale`
+    sched.commit(stale, [7, 7, 7])
+    plan = sched.schedule()
+    assert plan.last_tokens is None                   # stale: not taken
+    _run_step(sched, plan, [])
+    reqs[1].status = Status.FINISHED
+    sched.remove(reqs[1])                             # the others keep their counters
+    plan = sched.schedule()
+    assert [r for r, _ in plan.scheduled] == [reqs[0], reqs[2]]
+    assert plan.last_tokens.tolist() == [7, 7]
+    assert plan.arrays[1].tolist() == [r.num_computed_tokens for r in (reqs[0], reqs[2])]
 
 
 def test_the_streams_do_preempt():
