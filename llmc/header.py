@@ -82,8 +82,9 @@ class QuantInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantInfo":
-        acc = d.get("accuracy")
-        return cls(**{**d, "accuracy": Accuracy(**acc) if acc else None})
+        d = {**d}
+        d["accuracy"] = None if d.get("accuracy") is None else Accuracy(**d["accuracy"])
+        return cls(**d)
 
 
 @dataclass(frozen=True)
