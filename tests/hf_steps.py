@@ -31,6 +31,24 @@ def hf_logits(model, tokens: list[int], dtype: str) -> np.ndarray:
         return m(torch.tensor([tokens])).logits[0].float().numpy()
 
 
+GREEDY_PROMPT = "w3 w17 w5 w60 w9 w21 w33 w40 w11 w7 w50 w29 w8"   # longer than the windows
+
+
+def hf_greedy(model, folder, prompt: str = GREEDY_PROMPT, new: int = 12
+              ) -> tuple[list[int], list[int]]:
+    """(prompt ids, HF's greedy continuation) for a tiny model's word tokenizer; the EOS HF
+    keeps where it stops is dropped, as llmc's token_ids leave it out."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prompt).ids
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False,
+                             pad_token_id=0)[0, len(ids):].tolist()
+    if ref[-1:] == [model.generation_config.eos_token_id]:
+        ref = ref[:-1]
+    return ids, ref
+
+
 class Ragged:
     """Drives a session through ragged steps the way the runtime does, with chosen blocks."""
 

@@ -320,25 +320,17 @@ def test_cli_build_and_run_give_hf_greedy_tokens(tiny_models_d64, tmp_path, kind
     difference passes, and the tokens before it must be equal."""
     import json
 
-    import torch
-    from hf_steps import hf_logits
-    from tokenizers import Tokenizer
+    from hf_steps import GREEDY_PROMPT, hf_greedy, hf_logits
 
     folder, model = tiny_models_d64[kind]
     out = tmp_path / "m.engine"
     b = _cli("build", "--model", folder, "-o", out, "--backend", "cuda", "--dtype", "fp16",
              *CLI_LIMITS)
     assert b.returncode == 0 and "Traceback" not in b.stderr, b.stderr
-    prompt = "w3 w17 w5 w60 w9 w21 w33 w40 w11 w7 w50 w29 w8"
-    r = _cli("run", out, "-p", prompt, "--max-new-tokens", "12", "--json")
+    r = _cli("run", out, "-p", GREEDY_PROMPT, "--max-new-tokens", "12", "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.splitlines()[-1])["token_ids"]
-    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prompt).ids
-    with torch.no_grad():
-        ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                             pad_token_id=0)[0, len(ids):].tolist()
-    if ref[-1:] == [model.generation_config.eos_token_id]:
-        ref = ref[:-1]      # HF keeps the EOS it stopped at; llmc's token_ids do not
+    ids, ref = hf_greedy(model, folder)
     j = next((i for i, (x, y) in enumerate(zip(got, ref)) if x != y), None)
     if j is None:
         assert got == ref
