@@ -96,8 +96,9 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
     from llmc.quantization.quantize import QuantOptions
 
     limits = BuildLimits(max_batch_size, max_num_tokens, max_seq_len, kv_block_size)
-    quant = QuantOptions(quant, calib_data, calib_size, eval_data, eval_size, max_ppl_increase,
-                         kv_cache_dtype)
+    quant = QuantOptions(quant, calib_data=calib_data, calib_size=calib_size,
+                         eval_data=eval_data, eval_size=eval_size,
+                         max_ppl_increase=max_ppl_increase, kv_cache_dtype=kv_cache_dtype)
     options = BuildOptions(model=model or default_model(), output=output,
                            backend=backends.pick(backend, _log), dtype=dtype, limits=limits,
                            disable_passes=tuple(disable_passes), dump_graphs=dump_graphs,

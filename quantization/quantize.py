@@ -38,10 +38,10 @@ class QuantOptions:
     eval_data: Path | None = None      # accuracy text (default: the bundled eval.txt)
     eval_size: int = 1024              # tokens scored for the accuracy report
     max_ppl_increase: float = 5.0      # percent; a build past it warns
+    kv_cache_dtype: str = "auto"       # auto: the compute dtype; fp8: E4M3, scales per layer
     # Off only for speed benchmarks on random weights, where perplexity means nothing and
     # running an 8B graph twice on onnxruntime would dominate the build (no CLI flag).
     measure: bool = True
-    kv_cache_dtype: str = "auto"       # auto: the compute dtype; fp8: E4M3, scales per layer
 
     @property
     def keeps_reference(self) -> bool:
