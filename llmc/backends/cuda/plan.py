@@ -16,7 +16,8 @@ The ops (lower.py says which graph nodes each comes from): embedding (attr scale
 constant, Gemma; of position_ids: GPT-2's learned positions), rmsnorm, add_rmsnorm,
 layernorm, add_layernorm (inputs x, [residual], weight, bias), gelu (attr approximate),
 gemm (optional bias; the GEMV kernel or cuBLASLt by row count; with attr act, the gated
-activation of its output fused in: outputs [gate-up, activated]), rope_cache (RoPE on q and
+activation of its output fused in: outputs [gate-up, activated]; with attr quant int4 or
+fp8, inputs 3-4 are the weight's scales and AWQ's 1/s, kernels/qgemv.cu), rope_cache (RoPE on q and
 k, QKV bias, optional per-head q/k RMSNorm (inputs 6-7, attr qk_norm_eps), K/V written into
 the layer's pool; rot 0 and no inv_freq input: no rotation, GPT-2), attention (paged; attr
 softcap, Gemma 2), swiglu, geglu, gather_rows, add, cast_f32, softcap (cap * tanh(x / cap)

@@ -131,7 +131,8 @@ def _rope_cache(op: Op, s: Step, b: int, width: int, dt: str, P) -> tuple:
 
 
 def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
-    """("kernel", Launch, args) and ("gemm", key, (x, w, y, m, bias)) in execution order.
+    """("kernel", Launch, args) and ("gemm", key, (x, w, y, m, bias[, w_scale, x_scale]))
+    in execution order (the scales: an FP8 GEMM's).
     ptr(name) gives the device address of a value, of kv_cache_{l}, of ATTN_WORKSPACE, of
     QGEMM_WORKSPACE and of FP8_UNIT_SCALES."""
     t, b, width, dt = s.tokens, s.batch, s.width, plan.dtype
