@@ -12,6 +12,10 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
     MatMul(x, W) / Gemm(x, E, transB=1)           gemm                 gemv.cu (1-8 rows),
       [-> FusedSwiGLU / FusedGeGLU]                                    cuBLASLt (more); the
                                                                        gated activation fused
+    MatMul(x', DequantizeLinear(W_q, scale))     gemm, attr quant     qgemv.cu (1-16 rows),
+      x' = x, AWQ's Mul(x, 1/s), or FP8 Q/DQ(x)                        cuBLASLt (more) on a
+      (quantization/qdq.py's forms)                                    dequantized INT4
+                                                                       weight / FP8 x
     llmc FusedSwiGLU / FusedGeGLU                 swiglu / geglu       activation.cu
     llmc PagedAttention with its q/k/v chain:     rope_cache           rope.cu (RoPE, QKV bias,
       MatMul [+ Add bias] -> Split -> Reshape                          q/k norms, K/V written
