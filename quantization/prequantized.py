@@ -14,6 +14,10 @@ quant_method "modelopt"; also in hf_quant_config.json), as
     X.pre_quant_scale float32 [in]              AWQ's 1 / s: the GEMM reads x * it (absent
                                                 where ModelOpt folded it into the norm before)
 
+    kv_cache_quant_algo "FP8" (either quant_algo)
+    model.layers.L.self_attn.k_proj.k_scale  float32 []   layer L's K scale (|max| / 448,
+    model.layers.L.self_attn.v_proj.v_scale  float32 []   or 1.0: ModelOpt clamps them so)
+
 The model reads each weight dequantized (so every family and every --quant works on it; a
 pre_quant_scale is folded into its weight), and the quantized form is kept: `--quant auto`
 builds the checkpoint's own format from it instead of calibrating, which gives back the
@@ -22,7 +26,8 @@ checkpoint's FP8 or INT4 values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -54,10 +59,12 @@ class Prequantized:
     weight_scale: dict[str, np.ndarray]  # fp8: HF weight name -> its scale per output row
     input_amax: dict[str, float]        # fp8: HF weight name -> its input's |max|
     int4: dict[str, Int4Weight] = field(default_factory=dict)   # int4-awq: by HF name
+    kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)  # layer: K, V
 
     def describe(self) -> str:
         n = len(self.int4) or len(self.weight_scale)
-        return f"{self.producer} {self.mode} checkpoint ({n} weights)"
+        kv = f", FP8 KV-cache scales for {len(self.kv_scales)} layers" if self.kv_scales else ""
+        return f"{self.producer} {self.mode} checkpoint ({n} weights{kv})"
 
 
 def read_prequantized(config: dict[str, Any], readers: Readers, source: Any
@@ -68,8 +75,10 @@ def read_prequantized(config: dict[str, Any], readers: Readers, source: Any
     if not qc:
         return readers, None
     method, algo = qc.get("quant_method"), qc.get("quant_algo")
+    readers, kv_scales = _read_kv_scales(readers, source)
     if method == "modelopt" and algo == "W4A16_AWQ":
-        return _read_int4(readers, qc, source)
+        out, pq = _read_int4(readers, qc, source)
+        return out, replace(pq, kv_scales=kv_scales)
     if method != "modelopt" or algo != "FP8":
         raise LlmcError(f"{source}: a {method} {algo} checkpoint (config.json "
                         "quantization_config) cannot be read yet; llmc reads ModelOpt FP8 "
@@ -89,7 +98,29 @@ def read_prequantized(config: dict[str, Any], readers: Readers, source: Any
         inp = weight.removesuffix("weight") + "input_scale"
         if inp in out:
             amax[weight] = float(np.asarray(out.pop(inp)()).reshape(-1).max()) * FP8_MAX
-    return out, Prequantized("fp8", _producer(qc), scales, amax)
+    return out, Prequantized("fp8", _producer(qc), scales, amax, kv_scales=kv_scales)
+
+
+_KV_SCALE = re.compile(r"model\.layers\.(\d+)\.self_attn\.([kv])_proj\.\2_scale$")
+
+
+def _read_kv_scales(readers: Readers, source: Any
+                    ) -> tuple[Readers, dict[int, tuple[float, float]]]:
+    """An FP8-KV export's per-layer K and V scales, taken out of the readers."""
+    found: dict[int, dict[str, float]] = {}
+    out = dict(readers)
+    for name in list(readers):
+        m = _KV_SCALE.match(name)
+        if m:
+            found.setdefault(int(m[1]), {})[m[2]] = float(
+                np.asarray(out.pop(name)(), np.float32).reshape(-1).max())
+    pairs = {}
+    for layer, kv in sorted(found.items()):
+        if set(kv) != {"k", "v"} or not all(np.isfinite(x) and x > 0 for x in kv.values()):
+            raise LlmcError(f"{source}: layer {layer}'s KV-cache scales are not one positive "
+                            f"K and one V scale ({kv})")
+        pairs[layer] = (kv["k"], kv["v"])
+    return out, pairs
 
 
 def _producer(qc: dict[str, Any]) -> str:

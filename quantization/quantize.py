@@ -23,6 +23,7 @@ from llmc.errors import LlmcError
 from llmc.graph import Weight, save_onnx
 from llmc.header import QuantInfo
 from llmc.quantization.kv import KV_DTYPES
+from llmc.quantization.numerics import FP8_MAX
 from llmc.quantization.prequantized import Prequantized
 
 MODES = ("auto", "none", "fp8", "int4-awq", "int4-rtn")   # auto: a pre-quantized checkpoint's
@@ -134,15 +135,17 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     elif opts.mode != "none":
         gemm_inputs = {s.weight: s.x for s in sites}
     kv_sites = kv.kv_sites(model, weights) if opts.kv_cache_dtype == "fp8" else []
+    given_kv = _checkpoint_kv_scales(kv_sites, prequantized)
+    observed = [] if given_kv is not None else kv_sites
     calib = None
-    if gemm_inputs or kv_sites:
+    if gemm_inputs or observed:
         seqs = measure.token_sequences(tokenizer_json, calib_text, opts.calib_size,
                                        "calibration")
         calib = measure.calibrate(base, io, gemm_inputs, seqs,
                                   keep_rows=AWQ_ROWS if opts.mode == "int4-awq" else 0,
-                                  values=[v for site in kv_sites for v in site.observed])
+                                  values=[v for site in observed for v in site.observed])
         what = " and ".join(x for x, on in ((f"{len(gemm_inputs)} GEMM inputs", gemm_inputs),
-                                           (f"{len(kv_sites)} layers' K/V", kv_sites)) if on)
+                                           (f"{len(observed)} layers' K/V", observed)) if on)
         log(f"calibrated {what} on {calib.tokens} tokens of {calib_name}")
         details["calibration"] = f"{calib.tokens} tokens of {calib_name}"
     if gemm_inputs:
@@ -158,14 +161,21 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         log(f"quantized {gemms} GEMMs to {opts.mode} (the LM head stays unquantized)")
     qio, kv_scales = io, []
     if kv_sites:
-        scales = kv.kv_scales([kv.kv_amax(site, calib.values) for site in kv_sites],
-                              io.kv_dtype)
+        amax = given_kv if given_kv is not None else \
+            [kv.kv_amax(site, calib.values) for site in kv_sites]
+        if given_kv is not None:
+            details["kv_scales"] = f"from the {prequantized.describe()}"
+        scales = kv.kv_scales(amax, io.kv_dtype)
         qmodel, qweights = kv.fp8_kv(qmodel, qweights, scales, io.kv_dtype)
         qio = replace(io, kv_dtype=kv.FP8, kv_outputs=False, kv_rows=True)
         kv_scales = [[float(k), float(v)] for k, v in scales.astype("float32")]
         log(f"KV cache: FP8 (E4M3) pools in {len(kv_sites)} layers, K scales "
             f"{scales[:, 0].min():.3g}..{scales[:, 0].max():.3g}, V scales "
             f"{scales[:, 1].min():.3g}..{scales[:, 1].max():.3g}")
+
+    if prequantized is not None and prequantized.kv_scales and not kv_sites:
+        log("the checkpoint carries FP8 KV-cache scales; --kv-cache-dtype fp8 builds an FP8 "
+            "KV cache with them")
 
     def finish(quantized_onnx: Path) -> QuantInfo:
         acc = measure.measure(base, quantized_onnx, io, eval_seqs, eval_name,
@@ -191,6 +201,21 @@ def _checkpoint_scales(sites, pre: Prequantized) -> tuple[dict[str, float], dict
             amax[site.weight] = max(pre.input_amax[p] for p in parts)
             scales[site.weight] = np.concatenate([pre.weight_scale[p] for p in parts])
     return amax, scales
+
+
+def _checkpoint_kv_scales(sites, prequantized: Prequantized | None
+                          ) -> list[tuple[float, float]] | None:
+    """Each layer's (K, V) |max| from an FP8-KV export's scales (scale x 448), or None when
+    the checkpoint has none: calibration finds them. A checkpoint with some layers' scales
+    and not others' is an error, not a silent mix."""
+    if not sites or prequantized is None or not prequantized.kv_scales:
+        return None
+    have = prequantized.kv_scales
+    missing = [s.layer for s in sites if s.layer not in have]
+    if missing:
+        raise LlmcError(f"the checkpoint's FP8 KV-cache scales miss layers {missing}; "
+                        "build with --kv-cache-dtype auto")
+    return [(have[s.layer][0] * FP8_MAX, have[s.layer][1] * FP8_MAX) for s in sites]
 
 
 def _checkpoint_int4(sites, pre: Prequantized) -> dict:

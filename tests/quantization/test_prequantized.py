@@ -34,7 +34,18 @@ def awq_export(tiny_models_d64, tmp_path_factory):
                    "INT4_AWQ_CFG")
 
 
-def _export(src, out, cfg: str):
+@pytest.fixture(scope="module")
+def fp8_kv_export(tiny_models, tmp_path_factory):
+    """tiny llama-gqa, FP8 weights and an FP8 KV cache (FP8_DEFAULT_CFG + FP8_KV_CFG): the
+    export carries each layer's k_proj.k_scale and v_proj.v_scale."""
+    mtq = pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not "
+                                                                     "installed")
+    cfg = {**mtq.FP8_DEFAULT_CFG, "quant_cfg": [*mtq.FP8_DEFAULT_CFG["quant_cfg"],
+                                                *mtq.FP8_KV_CFG["quant_cfg"]]}
+    return _export(tiny_models["llama-gqa"][0], tmp_path_factory.mktemp("kv") / "m", cfg)
+
+
+def _export(src, out, cfg):
     mtq = pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not "
                                                                      "installed")
     import torch
@@ -48,7 +59,8 @@ def _export(src, out, cfg: str):
         with torch.no_grad():
             m(ids)
 
-    mtq.quantize(model, getattr(mtq, cfg), forward_loop=forward_loop)
+    mtq.quantize(model, getattr(mtq, cfg) if isinstance(cfg, str) else cfg,
+                 forward_loop=forward_loop)
     export_hf_checkpoint(model, export_dir=out)
     for f in src.glob("*token*"):
         shutil.copy(f, out)
@@ -87,6 +99,32 @@ def test_modelopt_fp8_export_keeps_its_fp8_weights(fp8_export, tmp_path, words, 
         stored = engine_tensor(engine, (fused_name(names) if len(names) > 1 else names[0])
                                + ".fp8")
         assert stored == np.ascontiguousarray(fp8.T).tobytes()   # the graph's [in, out]
+
+
+def test_modelopt_fp8_kv_export_gives_its_kv_scales(fp8_kv_export, tmp_path, words):
+    """--kv-cache-dtype fp8 takes the export's per-layer K/V scales instead of calibrating;
+    without it the build says the scales are there and builds the 16-bit cache."""
+    from llmc.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(fp8_kv_export)   # the file as it is
+    want = [[float(ckpt.tensor(f"model.layers.{i}.self_attn.{x}_proj.{x}_scale")) for x in "kv"]
+            for i in range(2)]
+    lines: list[str] = []
+    header = build(BuildOptions(fp8_kv_export, tmp_path / "kv.engine", backend="reference",
+                                dtype="fp32", limits=LIMITS,
+                                quant=QuantOptions("auto", kv_cache_dtype="fp8",
+                                                   eval_data=words)), log=lines.append)
+    q = header.quant
+    assert q.kv_cache_dtype == "fp8" and "from the modelopt" in q.details["kv_scales"]
+    np.testing.assert_allclose(q.kv_scales, want, rtol=1e-6)
+    assert "calibration" not in q.details and not any("calibrated" in x for x in lines)
+    assert any("FP8 KV-cache scales for 2 layers" in x for x in lines)
+    lines.clear()
+    header = build(BuildOptions(fp8_kv_export, tmp_path / "w.engine", backend="reference",
+                                dtype="fp32", limits=LIMITS,
+                                quant=QuantOptions("auto", eval_data=words)), log=lines.append)
+    assert header.quant.kv_cache_dtype == "auto" and not header.quant.kv_scales
+    assert any("--kv-cache-dtype fp8 builds an FP8 KV cache with them" in x for x in lines)
 
 
 def test_modelopt_fp8_export_builds_unquantized_when_asked(fp8_export, tmp_path):
