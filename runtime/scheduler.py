@@ -42,6 +42,7 @@ class StepPlan:
     # With `arrays`, when the scheduler knows them: each request's last token (int32), the
     # one a decode step feeds (every request then brings exactly one); else None.
     last_tokens: np.ndarray | None = None
+    context_lens: np.ndarray | None = None   # with last_tokens: computed + 1 (int32)
     serial: int = -1   # the scheduler's `_serial` when the plan was made (see `commit`)
 
     @property
@@ -138,7 +139,7 @@ class Scheduler:
             self.running.append(req)
             self._changed()
             plan.scheduled.append((req, n))
-            plan.arrays = plan.last_tokens = None
+            plan.arrays = plan.last_tokens = plan.context_lens = None
             budget -= n
         return plan
 
@@ -212,6 +213,8 @@ class Scheduler:
                           else scheduled.copy())
         plan.arrays = (rows, computed, new)
         plan.last_tokens = last
+        if last is not None:
+            plan.context_lens = total
         plan.serial = self._serial
         return self.limits.max_num_tokens - used
 
