@@ -229,9 +229,11 @@ class KVCacheManager:
         # goes back in one call).
         meta = tables.meta[rows].ravel().tolist()
         rows_l = rows.tolist()
-        opens: list[tuple[int, int, int]] = []   # (request, first new column, blocks)
+        # The new blocks' owners and table cells, in the order the pops hand them out.
+        owner: list[int] = []
+        cell_rows: list[int] = []
+        cell_cols: list[int] = []
         fills: list[tuple[int, int, int]] = []   # (request, first block, stop) to offer
-        num_new = 0
         for i, total in enumerate(num_tokens.tolist()):
             j = 3 * i
             held, cached = meta[j], meta[j + 1]
@@ -239,8 +241,14 @@ class KVCacheManager:
                 raise ValueError("allocate_running is for requests that hold blocks")
             want = -(-total // bs)
             if want > held:
-                opens.append((i, held, want - held))
-                num_new += want - held
+                if want == held + 1:   # a decode step
+                    owner.append(i)
+                    cell_rows.append(rows_l[i])
+                    cell_cols.append(held)
+                else:
+                    owner += [i] * (want - held)
+                    cell_rows += [rows_l[i]] * (want - held)
+                    cell_cols += range(held, want)
                 meta[j] = held = want
             if caching:
                 stop = total // bs
@@ -250,21 +258,19 @@ class KVCacheManager:
                 meta[j + 2] = min(held * bs, cached * bs + (bs - 1))   # _until
             else:
                 meta[j + 2] = held * bs
+        num_new = len(owner)
         if num_new > pool.num_free_blocks:
             return False   # nothing written yet: `meta` is a copy
         evicted: dict[int, int] = {}   # hash -> the request whose pop took it out
         if num_new:
             new = pool.get_new_blocks(num_new, evicted)
-            # Each opener's next k columns get the new blocks, in order. Cell by cell: a
-            # decode step writes a few dozen, and three lists made into index arrays for one
-            # fancy assignment cost more.
-            tables._widen(max(col + k for _, col, k in opens))
-            array, owner, blocks = tables.array, [], iter(new)
-            for i, col, k in opens:
-                row = rows_l[i]
-                for c in range(col, col + k):
-                    array[row, c] = next(blocks).block_id
-                    owner.append(i)
+            tables._widen(max(cell_cols) + 1)
+            array = tables.array
+            if num_new <= 32:   # cell by cell: cheaper than making three index arrays
+                for row, col, block in zip(cell_rows, cell_cols, new):
+                    array[row, col] = block.block_id
+            else:
+                array[cell_rows, cell_cols] = [b.block_id for b in new]
             if evicted:
                 evicted = {h: owner[j] for h, j in evicted.items()}
         if fills:
