@@ -246,15 +246,19 @@ def pack_step(chunks: Sequence[Chunk], block_size: int) -> dict[str, np.ndarray]
 
 
 def pack_arrays(ids: np.ndarray, counts: np.ndarray, first: np.ndarray, tables: np.ndarray,
-                block_size: int) -> dict[str, np.ndarray]:
+                block_size: int, *, ctx: np.ndarray | None = None,
+                longest: int | None = None) -> dict[str, np.ndarray]:
     """The control inputs of one step: `ids` int32 [T] the new tokens packed, `counts` and
     `first` int32 [B] each sequence's number of new tokens (at least 1) and the position of
     its first, `tables` int [B, >= width] the block tables. They are cut to the width the
     longest context needs.
 
     Unused table entries must be valid block ids (0, say): the kernels and the graph never
-    read past a sequence's context length."""
-    ctx = first + counts
+    read past a sequence's context length. A caller that already has the context lengths
+    (`ctx`, first + counts) and their maximum (`longest`) passes them: a decode step's host
+    time is mostly the fixed cost of such small numpy calls."""
+    if ctx is None:
+        ctx = first + counts
     if ids.size == counts.size:   # one token a sequence (a decode step): fewer numpy calls,
         starts = np.arange(len(counts) + 1, dtype=np.int32)    # each costs microseconds
         positions, last_rows = first, starts[:-1]
@@ -264,8 +268,10 @@ def pack_arrays(ids: np.ndarray, counts: np.ndarray, first: np.ndarray, tables: 
         positions = np.repeat(first - starts[:-1], counts) + np.arange(starts[-1],
                                                                       dtype=np.int32)
         last_rows = starts[1:] - 1
-    width = -(-int(ctx.max()) // block_size)
-    return {INPUT_IDS: ids, POSITION_IDS: positions.astype(np.int32, copy=False),
-            SEQ_STARTS: starts, CONTEXT_LENS: ctx,
-            BLOCK_TABLES: np.ascontiguousarray(tables[:, :width], np.int32),
-            LAST_TOKEN_ROWS: last_rows}
+    width = -(-(int(ctx.max()) if longest is None else longest) // block_size)
+    if tables.shape[1] != width or tables.dtype != np.int32 or not tables.flags.c_contiguous:
+        tables = np.ascontiguousarray(tables[:, :width], np.int32)   # else it is already
+    if positions.dtype != np.int32:
+        positions = positions.astype(np.int32)
+    return {INPUT_IDS: ids, POSITION_IDS: positions, SEQ_STARTS: starts, CONTEXT_LENS: ctx,
+            BLOCK_TABLES: tables, LAST_TOKEN_ROWS: last_rows}

@@ -42,6 +42,8 @@ class StepPlan:
     # With `arrays`, when the scheduler knows them: each request's last token (int32), the
     # one a decode step feeds (every request then brings exactly one); else None.
     last_tokens: np.ndarray | None = None
+    context_lens: np.ndarray | None = None   # with last_tokens: computed + 1 (int32)
+    longest: int | None = None               # with context_lens: their maximum
     serial: int = -1   # the scheduler's `_serial` when the plan was made (see `commit`)
 
     @property
@@ -62,8 +64,10 @@ class Scheduler:
         # The persistent batch (vLLM v1's InputBatch): the running requests' computed tokens
         # and last token, in `running` order, as `commit` left them after the last step, so
         # a decode step need not read hundreds of Request objects; None when unknown (then
-        # they are read from the requests, and the next commit sets them again).
-        self._next: tuple[np.ndarray, np.ndarray] | None = None
+        # they are read from the requests, and the next commit sets them again). Third, the
+        # longest context of that step when known (a decode step's is the last one's + 1),
+        # so a decode step takes no maximum; else None.
+        self._next: tuple[np.ndarray, np.ndarray, int | None] | None = None
         # Counts plans made and changes of `running`: a plan whose serial is not the
         # current one cannot be committed.
         self._serial = 0
@@ -89,8 +93,9 @@ class Scheduler:
             if self._fixed is not None:
                 rows, prompt_lens, usable = self._fixed
                 self._fixed = (np.delete(rows, i), np.delete(prompt_lens, i), usable)
-            if self._next is not None:
-                self._next = tuple(np.delete(a, i) for a in self._next)
+            if self._next is not None:   # the longest context may have left: recount it
+                computed, last, _ = self._next
+                self._next = (np.delete(computed, i), np.delete(last, i), None)
             self._decode = None
         if request in self.waiting:
             self.waiting.remove(request)
@@ -108,7 +113,9 @@ class Scheduler:
             self._next = None   # not the last plan, or `running` changed: read the requests
             return
         _, computed, new = plan.arrays
-        self._next = (computed + new, np.array(tokens, np.int32))
+        # A decode step: every context grows by one, and so does the longest.
+        longest = None if plan.longest is None else plan.longest + 1
+        self._next = (computed + new, np.array(tokens, np.int32), longest)
 
     def _changed(self) -> None:
         """`running` gained or lost requests other than through `remove`."""
@@ -138,7 +145,7 @@ class Scheduler:
             self.running.append(req)
             self._changed()
             plan.scheduled.append((req, n))
-            plan.arrays = plan.last_tokens = None
+            plan.arrays = plan.last_tokens = plan.context_lens = plan.longest = None
             budget -= n
         return plan
 
@@ -185,8 +192,10 @@ class Scheduler:
         if not usable:
             return None
         if known is not None:   # the last step computed every token and sampled one more
-            computed, last = known
+            computed, last, longest = known
             total = computed + 1
+            if longest is None:
+                longest = int(total.max())
             if self._decode is None:   # the same from step to step, for the same requests
                 self._decode = (list(zip(running, [1] * n)), np.ones(n, np.int32))
             scheduled, new = self._decode
@@ -212,6 +221,8 @@ class Scheduler:
                           else scheduled.copy())
         plan.arrays = (rows, computed, new)
         plan.last_tokens = last
+        if last is not None:
+            plan.context_lens, plan.longest = total, longest
         plan.serial = self._serial
         return self.limits.max_num_tokens - used
 

@@ -73,6 +73,8 @@ def _check(sched: Scheduler, plan, limits: BuildLimits, pool: BlockPool) -> None
         if plan.last_tokens is not None:   # kept by commit: each request's last token
             assert plan.last_tokens.tolist() == [r.all_token_ids[-1] for r in reqs]
             assert new.tolist() == [1] * len(reqs)
+            contexts = [r.num_computed_tokens + 1 for r in reqs]
+            assert plan.context_lens.tolist() == contexts and plan.longest == max(contexts)
     free = {b.block_id for b in pool.free_queue}
     assert not free & set(held)
     assert len(free) + len(held) == pool.num_blocks
