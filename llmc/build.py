@@ -104,7 +104,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
     log(f"fused graph: {len(graph.graph.node)} nodes, {len(weights)} weights")
     # a quantized build also keeps the unquantized graph (calibration, the accuracy report)
     check_space(opts.output.parent, weights_file_size(weights) * (
-        2 if quant_opts.quantizes and quant_opts.keeps_reference else 1))
+        2 if quant_opts.quantizes and quant_opts.keeps_reference(model.prequantized) else 1))
     io = EngineIO(cfg.num_hidden_layers, cfg.vocab_size, compute, cfg.num_key_value_heads,
                   limits.kv_block_size, cfg.head_dim)
 

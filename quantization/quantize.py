@@ -44,11 +44,13 @@ class QuantOptions:
     # running an 8B graph twice on onnxruntime would dominate the build (no CLI flag).
     measure: bool = True
 
-    @property
-    def keeps_reference(self) -> bool:
-        """Whether the build saves the unquantized graph and runs it on onnxruntime
-        (calibration, the accuracy report)."""
-        return self.measure or self.mode in ("fp8", "int4-awq") or self.kv_cache_dtype == "fp8"
+    def keeps_reference(self, prequantized: Prequantized | None) -> bool:
+        """Whether the build saves the unquantized graph and runs it on onnxruntime: for the
+        accuracy report, or to calibrate (FP8 and AWQ without a checkpoint's own scales, an
+        FP8 KV cache)."""
+        own = prequantized is not None and prequantized.mode == self.mode
+        return self.measure or self.kv_cache_dtype == "fp8" or (
+            self.mode in ("fp8", "int4-awq") and not own)
 
     @property
     def quantizes(self) -> bool:
@@ -107,9 +109,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         raise LlmcError(f"--quant {opts.mode} does not quantize a mixture of experts yet (the "
                         f"experts' stacked weights, e.g. {experts[0]!r}); build with "
                         "--quant none")
-    needs_ort = opts.keeps_reference and not (
-        not opts.measure and opts.kv_cache_dtype != "fp8" and prequantized is not None
-        and prequantized.mode == opts.mode)   # a checkpoint's own scales: no calibration
+    needs_ort = opts.keeps_reference(prequantized)
     if needs_ort and io.kv_dtype == "bfloat16":
         raise LlmcError(f"--quant {opts.mode} with --dtype bf16: calibration and the accuracy "
                         "report run the graph on onnxruntime, which has no bf16 MatMul on the "

@@ -57,7 +57,7 @@ from llmc.backends.cuda.plan import (
     live_intervals,
     numel,
 )
-from llmc.dtypes import ONNX_TYPES
+from llmc.dtypes import ONNX_TYPES, np_dtype
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
 from llmc.plugins import launch_rules as lr
@@ -765,8 +765,8 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
     tail = {}
     for name, (src, x_scale) in appended.items():
         s = plan.values[src]
-        raw = data[s.offset:s.offset + 2 * s.shape[0]].view(np.uint16)
-        tail[name] = _float16s(raw, s.dtype).astype(np.float32) * np.float32(x_scale)
+        raw = data[s.offset:s.offset + 2 * s.shape[0]].view(np_dtype(s.dtype))
+        tail[name] = raw.astype(np.float32) * np.float32(x_scale)
     data.flush()
     del data
     if tail:
@@ -777,12 +777,6 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
                 done += values.nbytes
             f.truncate(max(f.seek(0, 2), plan.weights_bytes))
     return done
-
-
-def _float16s(raw: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.view(np.float16)
 
 
 def pack_int4(packed: np.ndarray, n: int, k: int) -> np.ndarray:

@@ -66,11 +66,11 @@ def _qgemm(op: Op, m: int, dt: str, P) -> Iterator[tuple]:
     a, ins, outs = op.attrs, op.inputs, op.outputs
     act, quant, k = a.get("act"), a["quant"], a["k"]
     bias = P(ins[2]) if ins[2] else DevPtr(0)
+    pre = P(ins[4]) if ins[4] else DevPtr(0)     # INT4: AWQ's 1 / s
     if uses_gemv(op, m):
         n, y = (a["inter"], outs[1]) if act else (a["n"], outs[0])
         launch = lr.qgemv_launch(m, n, k, dt, quant, a["out_dtype"], act, a.get("group", 0))
         if quant == "int4":
-            pre = P(ins[4]) if ins[4] else DevPtr(0)
             args = [P(ins[0]), P(ins[1]), P(ins[3]), pre, bias, m, n, k,
                     lr.int4_group_shift(a["group"]), P(y)]
         else:
@@ -80,7 +80,6 @@ def _qgemm(op: Op, m: int, dt: str, P) -> Iterator[tuple]:
         return
     ws = P(QGEMM_WORKSPACE)
     if quant == "int4":
-        pre = P(ins[4]) if ins[4] else DevPtr(0)
         yield "kernel", lr.dequant_int4_launch(a["n"], k, dt), [
             P(ins[1]), P(ins[3]), pre, a["n"], k, lr.int4_group_shift(a["group"]), ws]
         yield "gemm", gemm_key(op), (int(P(ins[0])), int(ws), int(P(outs[0])), m,
