@@ -25,6 +25,13 @@ __device__ __forceinline__ void pair_elems(int j, int half, int rot, int& e0, in
 }
 
 // Writes one finished pair of head h to q/k/v (and, for K/V heads, to the cache row).
+// (a, b) turned by the angle whose cosine and sine are c and s.
+__device__ __forceinline__ void rotate(float& a, float& b, float c, float s) {
+  const float ra = a * c - b * s, rb = b * c + a * s;
+  a = ra;
+  b = rb;
+}
+
 template <bool CACHE>
 __device__ __forceinline__ void store_pair(u16 ha, u16 hb, int t, int h, int e0, int e1, int hq,
                                            int hkv, int d, int bs, int phys, int row,
@@ -113,12 +120,7 @@ __device__ __forceinline__ void rope_token(
       // HF: weight * (x * rstd).to(dtype), the product in the dtype
       a = rnd<T>(T::to_f(w[e0]) * rnd<T>(a * rstd));
       b = rnd<T>(T::to_f(w[e1]) * rnd<T>(b * rstd));
-      if (j < half) {
-        const float c = cs[j][0], s = cs[j][1];
-        const float ra = a * c - b * s, rb = b * c + a * s;
-        a = ra;
-        b = rb;
-      }
+      if (j < half) rotate(a, b, cs[j][0], cs[j][1]);
     }
     store_pair<CACHE>(T::from_f(a), T::from_f(b), t, h, e0, e1, hq, hkv, d, bs, phys, row,
                       num_blocks, q_out, k_out, v_out, cache);
@@ -134,12 +136,7 @@ __device__ __forceinline__ void rope_token(
       a = rnd<T>(a + T::to_f(bias[h * d + e0]));
       b = rnd<T>(b + T::to_f(bias[h * d + e1]));
     }
-    if (h < hq + hkv && j < half) {
-      const float c = cs[j][0], s = cs[j][1];
-      const float ra = a * c - b * s, rb = b * c + a * s;
-      a = ra;
-      b = rb;
-    }
+    if (h < hq + hkv && j < half) rotate(a, b, cs[j][0], cs[j][1]);
     store_pair<CACHE>(T::from_f(a), T::from_f(b), t, h, e0, e1, hq, hkv, d, bs, phys, row,
                       num_blocks, q_out, k_out, v_out, cache);
   }
