@@ -39,6 +39,7 @@ class Functions:
         self._cubins = dict(cubins or {})
         self._modules = {}
         self._funcs = {}
+        self._smem_set = {}   # (module, kernel) -> the dynamic shared memory it may take
 
     def func(self, launch: Launch):
         from cuda.bindings import driver
@@ -53,9 +54,10 @@ class Functions:
                                                launch.kernel.encode()))
             self._funcs[key] = f
         f = self._funcs[key]
-        if launch.smem > 48 * 1024:
+        if launch.smem > self._smem_set.get(key, 48 * 1024):
             attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
             check(driver.cuFuncSetAttribute(f, attr, launch.smem))
+            self._smem_set[key] = launch.smem
         return f
 
     def launch(self, launch: Launch, args: list, stream: int):
@@ -166,7 +168,7 @@ class Kernels:
         n = w.shape[0] // (2 if act else 1)
         od = out_dtype or x.dtype
         out = self.torch.empty(m, n, dtype=od, device=x.device)
-        ln = lr.gemv_launch(m, n, k, self._dtype(x), self._dtype(out), act)
+        ln = lr.gemv_launch(m, n, k, self._dtype(x), self._dtype(out), act, self.sm_count)
         self.launch(ln, [x, w, DevPtr(0) if bias is None else bias, m, n, k, out])
         return out
 
@@ -176,7 +178,8 @@ class Kernels:
         m, k = x.shape
         n = w.shape[0] // (2 if act else 1)
         out = self.torch.empty(m, n, dtype=x.dtype, device=x.device)
-        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "int4", act=act, group=group)
+        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "int4", act=act, group=group,
+                             sm_count=self.sm_count)
         self.launch(ln, [x, w, scale, DevPtr(0) if pre is None else pre,
                          DevPtr(0) if bias is None else bias, m, n, k,
                          lr.int4_group_shift(group), out])
@@ -188,7 +191,8 @@ class Kernels:
         m, k = x.shape
         n = w.shape[0] // (2 if act else 1)
         out = self.torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
-        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "fp8", self._dtype(out), act)
+        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "fp8", self._dtype(out), act,
+                             sm_count=self.sm_count)
         self.launch(ln, [x, w, (w_scale * x_scale).float(), lr.float_bits(x_scale),
                          DevPtr(0) if bias is None else bias, m, n, k, out])
         return out
