@@ -225,6 +225,15 @@ def rope_output_shapes(qkv_shape, num_q_heads: int, num_kv_heads: int, head_dim:
 ROPE_PAIRS_PER_CTA = 512
 
 
+def rope_vector_units(head_dim: int, rotary_dim: int, interleaved: bool) -> int:
+    """A thread's share of a head in the RoPE kernels' 16-byte path (kernels/rope.cu:
+    rope_vec, rope_units): the head's 8-element units, 0 where the path does not apply and
+    a thread takes a pair. Rotate-half needs each half in whole units (rotary_dim % 16)."""
+    if head_dim % 8 or rotary_dim % (8 if interleaved else 16):
+        return 0
+    return head_dim // 8 if interleaved else rotary_dim // 16 + (head_dim - rotary_dim) // 8
+
+
 def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                 rotary_dim: int, dtype: str, interleaved: bool = False, bias: bool = False,
                 write_cache: bool = False, qk_norm: bool = False) -> Launch:
@@ -246,8 +255,10 @@ def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     per_cta = max(1, ROPE_PAIRS_PER_CTA // (head_dim // 2))
     groups = -(-heads // per_cta)
     per_cta = -(-heads // groups)   # the kernel's own split: ceil(heads / gridDim.y)
-    threads = min(ROPE_PAIRS_PER_CTA, round_up(per_cta * head_dim // 2, 32))
     # (with qk_norm, per_cta * head_dim / 2 <= ROPE_PAIRS_PER_CTA: a thread for every pair)
+    units = (rope_vector_units(head_dim, rotary_dim, interleaved) if not qk_norm else 0
+             ) or head_dim // 2
+    threads = min(ROPE_PAIRS_PER_CTA, round_up(per_cta * units, 32))
     name = ("rope" + ("_bias" if bias else "") + ("_qknorm" if qk_norm else "")
             + ("_cache" if write_cache else "")
             + ("_interleaved_" if interleaved else "_half_") + dtype_tag(dtype))

@@ -130,7 +130,27 @@ def main():
                                                           bias),
         lambda: ref_rope(qkv, bias, pos), lambda: crope(qkv, bias, pos),
         2 * T * (hq + 2 * hkv) * d * 2)
-    qkv = None
+
+    # the variant the cuda backend runs: RoPE + bias + the K/V write into the paged cache, a
+    # sequence of T tokens in blocks of 16
+    bs = 16
+    cache = torch.empty(2, T // bs, hkv, bs, d, device="cuda", dtype=bf)
+    starts = torch.tensor([0, T], device="cuda", dtype=torch.int32)
+    tables = torch.arange(T // bs, device="cuda", dtype=torch.int32)[None]
+    seq_pos = torch.arange(T, device="cuda", dtype=torch.int32)
+    blk, row = (seq_pos // bs).long(), (seq_pos % bs).long()
+
+    def ref_rope_cache(qkv, bias, pos):
+        q, k, v = ref_rope(qkv, bias, pos)
+        cache[0, blk, :, row] = k
+        cache[1, blk, :, row] = v
+        return q, k, v
+    crope_cache = compiled(ref_rope_cache)
+    add(f"RoPE+bias+cache write bf16 T={T} 32/8x128 bs={bs}",
+        lambda: K.rope(qkv, seq_pos, inv, hq, hkv, d, d, False, bias, cache, starts, tables),
+        lambda: ref_rope_cache(qkv, bias, seq_pos), lambda: crope_cache(qkv, bias, seq_pos),
+        2 * T * (hq + 2 * hkv) * d * 2 + 2 * T * hkv * d * 2)
+    qkv = cache = None
 
     # decode paged attention: batch 64, context 2048, 32 q / 8 kv heads, D=128, bf16
     for bs in (16, 64):

@@ -3,7 +3,9 @@
 // Rotary on the first rot_dim dims of each q/k head: FORM 0 = rotate-half (HF llama),
 // FORM 1 = interleaved pairs (GPT-J). Angles are pos * inv_freq[i] in fp32 (llama3 scaling
 // is folded into inv_freq on the host). Streaming: bytes = T*(Hq+2Hkv)*D*2*2 (+ K/V again
-// for the cache write). One block per (token, group of heads); cos/sin computed in smem.
+// for the cache write). One block per (token, group of heads); cos/sin computed in smem. A
+// thread moves 8 elements in 16-byte accesses where a head's regions split into whole units
+// (rope_vec), else one pair in 2-byte ones.
 // QKN (the _qknorm entries, Qwen3 / Gemma 3): a per-head RMSNorm of q and k over all D dims,
 // with one weight [D] for q heads and one for k heads, before the rotation.
 #include "common.cuh"
@@ -51,6 +53,54 @@ __device__ __forceinline__ void store_pair(u16 ha, u16 hb, int t, int h, int e0,
       u16* c = cache + ((((size_t)which * num_blocks + phys) * hkv + hh) * bs + row) * d;
       c[e0] = ha;
       c[e1] = hb;
+    }
+  }
+}
+
+// The 16-byte path (launch_rules.rope_vector must agree): whole 8-element units in each
+// region of a head (FORM 0: the rotation's two halves; FORM 1: its interleaved pairs; the
+// pass-through dims after rot).
+template <int FORM>
+__device__ __forceinline__ bool rope_vec(int d, int rot) {
+  return d % 8 == 0 && rot % (FORM == 0 ? 16 : 8) == 0;
+}
+// Units a head: FORM 0's rotated units cover both halves (rot / 16 of them), then (d - rot) / 8.
+template <int FORM>
+__device__ __forceinline__ int rope_units(int d, int rot) {
+  return FORM == 0 ? rot / 16 + (d - rot) / 8 : d / 8;
+}
+
+template <typename T, bool BIAS>
+__device__ __forceinline__ void load_unit(const u16* __restrict__ src,
+                                          const u16* __restrict__ bias, int off, float* f) {
+  unpack8<T>(*reinterpret_cast<const uint4*>(src + off), f);
+  if constexpr (BIAS) {
+    // The GEMM output plus bias is materialised in the dtype in the unfused graph.
+    float fb[8];
+    unpack8<T>(*reinterpret_cast<const uint4*>(bias + off), fb);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = rnd<T>(f[i] + fb[i]);
+  }
+}
+
+// Elements [e, e + 8) of head h to q/k/v (and, for K/V heads, to the cache row).
+template <typename T, bool CACHE>
+__device__ __forceinline__ void store_unit(const float* f, int t, int h, int e, int hq, int hkv,
+                                           int d, int bs, int phys, int row, int num_blocks,
+                                           u16* __restrict__ q_out, u16* __restrict__ k_out,
+                                           u16* __restrict__ v_out, u16* __restrict__ cache) {
+  uint4 v;
+  v.x = T::pack2(f[0], f[1]); v.y = T::pack2(f[2], f[3]);
+  v.z = T::pack2(f[4], f[5]); v.w = T::pack2(f[6], f[7]);
+  const bool is_q = h < hq, is_k = !is_q && h < hq + hkv;
+  const int hh = is_q ? h : h - hq - (is_k ? 0 : hkv);
+  u16* dst = (is_q ? q_out + ((size_t)t * hq + h) * d
+                   : (is_k ? k_out : v_out) + ((size_t)t * hkv + hh) * d);
+  *reinterpret_cast<uint4*>(dst + e) = v;
+  if constexpr (CACHE) {
+    if (!is_q) {
+      u16* c = cache + ((((size_t)!is_k * num_blocks + phys) * hkv + hh) * bs + row) * d;
+      *reinterpret_cast<uint4*>(c + e) = v;
     }
   }
 }
@@ -124,6 +174,41 @@ __device__ __forceinline__ void rope_token(
     }
     store_pair<CACHE>(T::from_f(a), T::from_f(b), t, h, e0, e1, hq, hkv, d, bs, phys, row,
                       num_blocks, q_out, k_out, v_out, cache);
+    return;
+  }
+  if (rope_vec<FORM>(d, rot)) {
+    // 16-byte accesses: a thread a unit of 8 elements (FORM 0's rotated units: 8 elements
+    // and their 8 partners half a rotation away), instead of a pair in 2-byte accesses.
+    const int units = rope_units<FORM>(d, rot), n_units = min(per, htot - h0) * units;
+    for (int idx = threadIdx.x; idx < n_units; idx += blockDim.x) {
+      const int h = h0 + idx / units, u = idx % units;
+      const bool rotated = h < hq + hkv;
+      if (FORM == 0 && u < half / 8) {
+        float a[8], b[8];
+        load_unit<T, BIAS>(src, bias, h * d + 8 * u, a);
+        load_unit<T, BIAS>(src, bias, h * d + 8 * u + half, b);
+        if (rotated) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) rotate(a[i], b[i], cs[8 * u + i][0], cs[8 * u + i][1]);
+        }
+        store_unit<T, CACHE>(a, t, h, 8 * u, hq, hkv, d, bs, phys, row, num_blocks, q_out,
+                             k_out, v_out, cache);
+        store_unit<T, CACHE>(b, t, h, 8 * u + half, hq, hkv, d, bs, phys, row, num_blocks,
+                             q_out, k_out, v_out, cache);
+      } else {
+        // FORM 1's rotated units (4 adjacent pairs) and either form's pass-through dims
+        const int e = FORM == 0 ? rot + 8 * (u - half / 8) : 8 * u;
+        float a[8];
+        load_unit<T, BIAS>(src, bias, h * d + e, a);
+        if (rotated && e < rot) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            rotate(a[2 * i], a[2 * i + 1], cs[e / 2 + i][0], cs[e / 2 + i][1]);
+        }
+        store_unit<T, CACHE>(a, t, h, e, hq, hkv, d, bs, phys, row, num_blocks, q_out, k_out,
+                             v_out, cache);
+      }
+    }
     return;
   }
   for (int idx = threadIdx.x; idx < n_pairs; idx += blockDim.x) {

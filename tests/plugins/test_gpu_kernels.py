@@ -122,7 +122,10 @@ def ref_rope(x, pos, inv_freq, rot, interleaved):
 @pytest.mark.parametrize("t,hq,hkv,d,rot,bias", [
     (5, 4, 2, 64, 64, False), (37, 32, 8, 128, 128, True), (3, 6, 6, 80, 32, True),
     (9, 2, 1, 64, 16, False),
-    (7, 12, 12, 64, 0, True)])  # rot 0, GPT-2: q/k/v split and the bias added, no rotation
+    (7, 12, 12, 64, 0, True),   # rot 0, GPT-2: q/k/v split and the bias added, no rotation
+    # a pair a thread in 2-byte accesses (launch_rules.rope_vector_units gives 0): D not a
+    # multiple of 8; rotate-half's halves not whole 8-element units (interleaved: 16-byte)
+    (4, 2, 2, 36, 36, True), (3, 2, 2, 64, 24, False)])
 def test_rope(K, dtype, interleaved, t, hq, hkv, d, rot, bias):
     qkv = rnd(t, (hq + 2 * hkv) * d, dtype=dtype)
     b = rnd((hq + 2 * hkv) * d, dtype=dtype) if bias else None
@@ -139,7 +142,7 @@ def test_rope(K, dtype, interleaved, t, hq, hkv, d, rot, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rot", [64, 0])     # 0: GPT-2, K/V cached as they come
+@pytest.mark.parametrize("rot", [64, 0, 24])  # 0: GPT-2, K/V cached as they come; 24: 2-byte path
 def test_rope_cache_write(K, dtype, rot):
     lens, ctx, hq, hkv, d, bs = [5, 1, 70], [5, 40, 100], 8, 2, 64, 16
     q0, _, _, starts, cl, tables, cache = make_batch(lens, ctx, hq, hkv, d, bs, dtype)

@@ -46,12 +46,16 @@ def test_rope_shapes_and_names():
         lr.rope_output_shapes((9, 100), 32, 8, 128)
     ln = lr.rope_launch(9, 32, 8, 128, 64, "bfloat16", interleaved=True, bias=True,
                            write_cache=True)
-    # 48 heads of 64 pairs: 6 CTAs of 8 heads a token, a thread a pair
+    # 48 heads of 64 pairs: 6 CTAs of 8 heads a token, a thread 8 elements (16 a head)
     assert ln.kernel == "rope_bias_cache_interleaved_bf16" and ln.grid == (9, 6, 1)
-    assert ln.block == (512, 1, 1)
+    assert ln.block == (128, 1, 1)
     # heads that do not divide evenly: the kernel's ceil split, no idle CTA
     odd = lr.rope_launch(1, 14, 2, 64, 64, "float16")    # 18 heads of 32 pairs, 16 a CTA
-    assert odd.grid == (1, 2, 1) and odd.block == (288, 1, 1)
+    assert odd.grid == (1, 2, 1) and odd.block == (64, 1, 1)   # 9 heads x 4 units
+    # without whole 16-byte units, a thread a pair
+    assert lr.rope_launch(1, 14, 2, 64, 24, "float16").block == (288, 1, 1)
+    assert lr.rope_vector_units(64, 24, interleaved=True) == 8
+    assert lr.rope_vector_units(36, 36, interleaved=False) == 0
     with pytest.raises(ValueError):
         lr.rope_launch(9, 32, 8, 128, 130, "bfloat16")
     # rotary_dim 0 (GPT-2's learned positions): the same kernel splits q/k/v, rotating nothing
