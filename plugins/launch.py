@@ -168,7 +168,7 @@ class Kernels:
         n = w.shape[0] // (2 if act else 1)
         od = out_dtype or x.dtype
         out = self.torch.empty(m, n, dtype=od, device=x.device)
-        ln = lr.gemv_launch(m, n, k, self._dtype(x), self._dtype(out), act, self.sm_count)
+        ln = lr.gemv_launch(m, n, k, self._dtype(x), self._dtype(out), act)
         self.launch(ln, [x, w, DevPtr(0) if bias is None else bias, m, n, k, out])
         return out
 
@@ -178,8 +178,7 @@ class Kernels:
         m, k = x.shape
         n = w.shape[0] // (2 if act else 1)
         out = self.torch.empty(m, n, dtype=x.dtype, device=x.device)
-        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "int4", act=act, group=group,
-                             sm_count=self.sm_count)
+        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "int4", act=act, group=group)
         self.launch(ln, [x, w, scale, DevPtr(0) if pre is None else pre,
                          DevPtr(0) if bias is None else bias, m, n, k,
                          lr.int4_group_shift(group), out])
@@ -191,8 +190,7 @@ class Kernels:
         m, k = x.shape
         n = w.shape[0] // (2 if act else 1)
         out = self.torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
-        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "fp8", self._dtype(out), act,
-                             sm_count=self.sm_count)
+        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "fp8", self._dtype(out), act)
         self.launch(ln, [x, w, (w_scale * x_scale).float(), lr.float_bits(x_scale),
                          DevPtr(0) if bias is None else bias, m, n, k, out])
         return out

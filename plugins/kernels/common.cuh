@@ -169,44 +169,6 @@ __device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 
   }
 }
 
-// The weight stream of a split-K tensor-core GEMV (gemv.cu's tc_gemv, qgemv.cu's w8_gemv): a
-// lane reads 16 bytes of each of two rows (row_a, row_b: g and g + 8 of the CTA's tile) from
-// each 64-byte chunk of a row, the CTA's SK warps taking chunks warp, warp + SK, ...; U chunks
-// are in registers while the next U are in flight, the first ones loaded before pdl_wait()
-// (the weights do not depend on the kernel before). body(chunk, a, b) gets the lane's 16
-// bytes of each row of `chunk` (zeros past the row's end).
-template <int SK, int U, typename Body>
-__device__ __forceinline__ void stream_row_pairs(const void* row_a, const void* row_b,
-                                                 int row_bytes, Body body) {
-  const int warp = threadIdx.x >> 5, t = threadIdx.x & 3;
-  const unsigned char* pa = static_cast<const unsigned char*>(row_a) + 16 * t;
-  const unsigned char* pb = static_cast<const unsigned char*>(row_b) + 16 * t;
-  const int chunks = (row_bytes + 63) / 64;
-  uint4 va[U], vb[U], na[U], nb[U];
-  auto load = [&](uint4* a, uint4* b, int c) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int off = (c + u * SK) * 64;
-      const bool ok = off + 16 * t < row_bytes;
-      a[u] = ok ? ld_stream(pa + off) : make_uint4(0, 0, 0, 0);
-      b[u] = ok ? ld_stream(pb + off) : make_uint4(0, 0, 0, 0);
-    }
-  };
-  load(va, vb, warp);
-  load(na, nb, warp + SK * U);
-  pdl_trigger();
-  pdl_wait();
-  for (int c = warp; c < chunks; c += SK * U) {
-    if (c != warp) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) { va[u] = na[u]; vb[u] = nb[u]; }
-      load(na, nb, c + SK * U);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) body(c + u * SK, va[u], vb[u]);
-  }
-}
-
 // The end of a split-K tensor-core GEMV: SK warps each hold NT 16 x 8 tiles of partial sums
 // for the CTA's 16 weight rows (from o0) and x rows j * 8 .. j * 8 + 7; they are summed in
 // warp order (deterministic), scaled (row_scale: x_scale * row_scale[weight row], FP8; null

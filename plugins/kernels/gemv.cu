@@ -133,28 +133,52 @@ __device__ __forceinline__ void tc_gemv(const u16* __restrict__ x, const u16* __
                                         void* __restrict__ y) {
   __shared__ float part[SK][NT][4][32];
   constexpr int OUT = ACT ? 8 : 16;  // outputs a CTA
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int o0 = blockIdx.x * OUT;
   // Rows past the end re-read the last row (never stored), as in the GEMV.
   const int ra = min(o0 + g, n - 1);
   const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
+  const u16* wa = w + (size_t)ra * k + 8 * t;
+  const u16* wb = w + (size_t)rb * k + 8 * t;
+  const int chunks = (k + 31) / 32;
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  // a chunk is 64 bytes = 32 k of a row; lane t's 16 bytes are k 8t .. 8t + 7 of it
-  stream_row_pairs<SK, U>(w + (size_t)ra * k, w + (size_t)rb * k, 2 * k,
-                          [&](int c, const uint4& va, const uint4& vb) {
-    const int kk = c * 32 + 8 * t;
+  // Two register stages: the next U chunks are in flight while the tensor cores take these.
+  uint4 va[U], vb[U], na[U], nb[U];
+  auto load_w = [&](uint4* a, uint4* b, int c) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int xr = j * 8 + g;
-      const uint4 xv = xr < m && kk < k
-                           ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)xr * k + kk))
-                           : make_uint4(0, 0, 0, 0);
-      mma_16816<T>(acc[j], va.x, vb.x, va.y, vb.y, xv.x, xv.y);
-      mma_16816<T>(acc[j], va.z, vb.z, va.w, vb.w, xv.z, xv.w);
+    for (int u = 0; u < U; ++u) {
+      const int kk = (c + u * SK) * 32;
+      const bool ok = kk + 8 * t < k;
+      a[u] = ok ? ld_stream(wa + kk) : make_uint4(0, 0, 0, 0);
+      b[u] = ok ? ld_stream(wb + kk) : make_uint4(0, 0, 0, 0);
     }
-  });
+  };
+  load_w(va, vb, warp);
+  load_w(na, nb, warp + SK * U);
+  pdl_trigger();
+  pdl_wait();
+  for (int c = warp; c < chunks; c += SK * U) {
+    if (c != warp) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) { va[u] = na[u]; vb[u] = nb[u]; }
+      load_w(na, nb, c + SK * U);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kk = (c + u * SK) * 32 + 8 * t;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int xr = j * 8 + g;
+        const uint4 xv = xr < m && kk < k
+                             ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)xr * k + kk))
+                             : make_uint4(0, 0, 0, 0);
+        mma_16816<T>(acc[j], va[u].x, vb[u].x, va[u].y, vb[u].y, xv.x, xv.y);
+        mma_16816<T>(acc[j], va[u].z, vb[u].z, va[u].w, vb[u].w, xv.z, xv.w);
+      }
+    }
+  }
   tc_store<T, NT, SK, ACT, F32>(part, acc, o0, m, n, bias, y, 1.f, nullptr);
 }
 

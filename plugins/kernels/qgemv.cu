@@ -293,27 +293,50 @@ __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __r
 #if __CUDA_ARCH__ >= 890
   __shared__ float part[SK][NT][4][32];
   constexpr int OUT = ACT ? 8 : 16;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int o0 = blockIdx.x * OUT;
   const int ra = min(o0 + g, n - 1);
   const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
+  const u8* wa = w + (size_t)ra * k + 16 * t;
+  const u8* wb = w + (size_t)rb * k + 16 * t;
   const float inv = 1.f / sx;
+  const int chunks = (k + 63) / 64;
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  // a chunk is 64 k of a row; lane t's 16 bytes are k 16t .. 16t + 15 of it
-  stream_row_pairs<SK, U>(w + (size_t)ra * k, w + (size_t)rb * k, k,
-                          [&](int c, const uint4& va, const uint4& vb) {
-    const int kk = c * 64 + 16 * t;
+  uint4 va[U], vb[U], na[U], nb[U];
+  auto load_w = [&](uint4* a, uint4* b, int c) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int xr = j * 8 + g;
-      u32 X[4];
-      quantize16<T>(x + (size_t)xr * k + kk, xr < m && kk < k, inv, X);
-      mma_e4m3(acc[j], va.x, vb.x, va.y, vb.y, X[0], X[1]);
-      mma_e4m3(acc[j], va.z, vb.z, va.w, vb.w, X[2], X[3]);
+    for (int u = 0; u < U; ++u) {
+      const int kk = (c + u * SK) * 64;
+      const bool ok = kk + 16 * t < k;
+      a[u] = ok ? ld_stream(wa + kk) : make_uint4(0, 0, 0, 0);
+      b[u] = ok ? ld_stream(wb + kk) : make_uint4(0, 0, 0, 0);
     }
-  });
+  };
+  load_w(va, vb, warp);
+  load_w(na, nb, warp + SK * U);
+  pdl_trigger();
+  pdl_wait();
+  for (int c = warp; c < chunks; c += SK * U) {
+    if (c != warp) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) { va[u] = na[u]; vb[u] = nb[u]; }
+      load_w(na, nb, c + SK * U);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kk = (c + u * SK) * 64 + 16 * t;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int xr = j * 8 + g;
+        u32 X[4];
+        quantize16<T>(x + (size_t)xr * k + kk, xr < m && kk < k, inv, X);
+        mma_e4m3(acc[j], va[u].x, vb[u].x, va[u].y, vb[u].y, X[0], X[1]);
+        mma_e4m3(acc[j], va[u].z, vb[u].z, va[u].w, vb[u].w, X[2], X[3]);
+      }
+    }
+  }
   tc_store<T, NT, SK, ACT, F32>(part, acc, o0, m, n, bias, y, 1.f, sw);
 #else
   __trap();  // lower.py builds FP8 engines for sm_89+ only
