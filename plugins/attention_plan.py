@@ -42,25 +42,33 @@ class AttentionPlan:
     pack: int = 1          # q heads per prefill tile (prefill path)
     window: int = 0        # sliding window (keys p - window < j <= p), 0 = none
     softcap: float = 0.0   # logit soft-cap cap * tanh(s / cap) (Gemma 2), 0 = none
+    e4m3: bool = False     # the pool holds E4M3 bytes; the launches take its K and V scales
 
     @property
     def decode(self) -> bool:
         return self.main.kernel.startswith("attn_decode")
 
 
-def decode_smem(head_dim: int, stages: int = DECODE_STAGES[0]) -> int:
-    kv = stages * 2 * ATTN_BN * head_dim * 2
-    combine = 4 * 16 * head_dim * 4 + 2 * 4 * 16 * 4  # per-warp O, m, l reuse the K/V stages
+def decode_smem(head_dim: int, stages: int = DECODE_STAGES[0], e4m3: bool = False) -> int:
+    """Q, then the K/V stages; an E4M3 pool stages bytes and dequantizes each stage into one
+    16-bit [K, V] pair of tiles."""
+    tile = ATTN_BN * head_dim
+    kv = 2 * tile * 2 + stages * 2 * tile if e4m3 else stages * 2 * tile * 2
+    combine = 4 * 16 * head_dim * 4 + 2 * 4 * 16 * 4  # per-warp O, m, l reuse the K/V tiles
     return 16 * head_dim * 2 + max(kv, combine)
 
 
-def decode_stages(head_dim: int, max_smem: int) -> int | None:
+def decode_stages(head_dim: int, max_smem: int, e4m3: bool = False) -> int | None:
     """Deepest decode pipeline whose shared memory fits max_smem; None if none does."""
-    return next((st for st in DECODE_STAGES if decode_smem(head_dim, st) <= max_smem), None)
+    return next((st for st in DECODE_STAGES if decode_smem(head_dim, st, e4m3) <= max_smem),
+                None)
 
 
-def prefill_smem(head_dim: int, variant: str = PREFILL_VARIANT) -> int:
-    return (16 * PREFILL_WARPS[variant] + 2 * ATTN_BN) * head_dim * 2
+def prefill_smem(head_dim: int, variant: str = PREFILL_VARIANT, e4m3: bool = False) -> int:
+    """The Q tile and one K and one V tile of 16-bit values; with an E4M3 pool, a K and a V
+    tile of bytes besides, where the pool's tiles land before they are dequantized."""
+    return (16 * PREFILL_WARPS[variant] + 2 * ATTN_BN) * head_dim * 2 + \
+        (2 * ATTN_BN * head_dim if e4m3 else 0)
 
 
 def check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window=0, softcap=0.0):
@@ -77,18 +85,25 @@ def check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window=0, s
 
 
 SOFTCAP_MODULE = "paged_attention_softcap"   # the soft-capped entries' own module
+E4M3_MODULES = ("paged_attention_e4m3", "paged_attention_softcap_e4m3")   # an E4M3 pool's
 
 
-def _module(softcap: float) -> str:
-    return SOFTCAP_MODULE if softcap else "paged_attention"
+def attention_module(softcap: float, e4m3: bool = False) -> str:
+    """The module of the attention entries: soft-capped ones and those reading an E4M3 pool
+    are compiled only for the models that have them."""
+    return "paged_attention" + ("_softcap" if softcap else "") + ("_e4m3" if e4m3 else "")
 
 
-def _cap(softcap: float) -> str:
-    """The entry-point suffix of the soft-capped kernels (their own template instances)."""
-    return "_softcap" if softcap else ""
+def _suffix(softcap: float, e4m3: bool) -> str:
+    """The entry-point suffix of the E4M3-pool and soft-capped kernels (their own template
+    instances)."""
+    return ("_e4m3" if e4m3 else "") + ("_softcap" if softcap else "")
 
 
-def _kv_write(tokens, dtype, write_kv):
+def _kv_write(tokens, dtype, write_kv, e4m3=False):
+    if write_kv and e4m3:
+        raise ValueError("an E4M3 pool is written by the rope kernel (rope_launch's e4m3), "
+                         "not by kv_write: plan its attention with write_kv=False")
     return (Launch("paged_attention", f"kv_write_{dtype_tag(dtype)}", (tokens, 1, 1), (128, 1, 1))
             if write_kv else None)
 
@@ -96,7 +111,7 @@ def _kv_write(tokens, dtype, write_kv):
 def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                 max_blocks: int, block_size: int, dtype: str, sm_count: int,
                 write_kv: bool = True, *, max_smem: int, window: int = 0,
-                softcap: float = 0.0) -> AttentionPlan:
+                softcap: float = 0.0, e4m3: bool = False) -> AttentionPlan:
     """One CTA per (token, kv head, split); splits chosen so the grid fills two waves.
 
     The split count is fixed here (a decode graph is captured for the longest context), but
@@ -109,51 +124,54 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     is taken (ValueError if none: attention_plan then falls back to the prefill kernel).
     With a window, a token's keys start at the key tile holding its window's first key, so
     they span at most window + ATTN_BN - 1 positions: the split count is sized from that.
-    softcap > 0: the scores are soft-capped (the _softcap entries; Gemma 2)."""
+    softcap > 0: the scores are soft-capped (the _softcap entries; Gemma 2).
+    e4m3: the pool holds E4M3 bytes (the _e4m3 entries; attention_launches takes its scales)."""
     check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window, softcap)
-    stages = decode_stages(head_dim, max_smem)
+    stages = decode_stages(head_dim, max_smem, e4m3)
     if stages is None:
-        raise ValueError(f"decode at head_dim {head_dim} needs {decode_smem(head_dim, 2)} "
-                         f"bytes of shared memory, over max_smem {max_smem}")
+        raise ValueError(f"decode at head_dim {head_dim} needs "
+                         f"{decode_smem(head_dim, 2, e4m3)} bytes of shared memory, over "
+                         f"max_smem {max_smem}")
     max_ctx = max_blocks * block_size
     span = min(max_ctx, window + ATTN_BN - 1) if window else max_ctx
     want = math.ceil(2 * sm_count / (tokens * num_kv_heads))
     n_split = max(1, min(want, math.ceil(span / MIN_SPLIT_KEYS), MAX_DECODE_SPLITS))
     chunk = MIN_SPLIT_KEYS
     suffix = "" if stages == DECODE_STAGES[0] else f"_s{stages}"
-    main = Launch(_module(softcap),
-                  f"attn_decode_{dtype_tag(dtype)}_d{head_dim}{suffix}{_cap(softcap)}",
+    main = Launch(attention_module(softcap, e4m3),
+                  f"attn_decode_{dtype_tag(dtype)}_d{head_dim}{suffix}{_suffix(softcap, e4m3)}",
                   (tokens, num_kv_heads, n_split), (ATTN_THREADS, 1, 1),
-                  decode_smem(head_dim, stages))
+                  decode_smem(head_dim, stages, e4m3))
     red, ws = None, 0
     if n_split > 1:
         red = Launch("paged_attention", f"attn_reduce_{dtype_tag(dtype)}",
                      (tokens * num_q_heads, 1, 1), (head_dim, 1, 1))
         ws = tokens * num_q_heads * n_split * (head_dim + 1) * 4
-    return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, red, n_split, chunk, ws,
-                         window=window, softcap=softcap)
+    return AttentionPlan(_kv_write(tokens, dtype, write_kv, e4m3), main, red, n_split, chunk,
+                         ws, window=window, softcap=softcap, e4m3=e4m3)
 
 
 def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  block_size: int, dtype: str, write_kv: bool = True,
                  variant: str | None = None, pack: int | None = None, *, max_smem: int,
-                 window: int = 0, softcap: float = 0.0) -> AttentionPlan:
+                 window: int = 0, softcap: float = 0.0, e4m3: bool = False) -> AttentionPlan:
     """One CTA per (tile of one sequence's tokens, group of `pack` q heads of one kv head).
 
     A tile has 16 * warps rows: tokens x the pack heads (pack defaults to the whole GQA
     group, so each K/V tile feeds every q head that reads it). Tiles are found on the device
     from seq_starts; the grid's y extent bounds their count for any ragged split. variant
-    None: PREFILL_VARIANT, or the first of PREFILL_WARPS whose shared memory fits max_smem."""
+    None: PREFILL_VARIANT, or the first of PREFILL_WARPS whose shared memory fits max_smem.
+    e4m3: the pool holds E4M3 bytes (the _e4m3 entries)."""
     check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window, softcap)
     if variant is None:
         order = [PREFILL_VARIANT] + [v for v in PREFILL_WARPS if v != PREFILL_VARIANT]
-        variant = next((v for v in order if prefill_smem(head_dim, v) <= max_smem), None)
+        variant = next((v for v in order if prefill_smem(head_dim, v, e4m3) <= max_smem), None)
         if variant is None:
             raise ValueError(f"no attention kernel at head_dim {head_dim} fits max_smem "
                              f"{max_smem} bytes of shared memory per block")
-    elif prefill_smem(head_dim, variant) > max_smem:
-        raise ValueError(f"prefill {variant} needs {prefill_smem(head_dim, variant)} bytes of "
-                         f"shared memory, over max_smem {max_smem}")
+    elif prefill_smem(head_dim, variant, e4m3) > max_smem:
+        raise ValueError(f"prefill {variant} needs {prefill_smem(head_dim, variant, e4m3)} "
+                         f"bytes of shared memory, over max_smem {max_smem}")
     group = num_q_heads // num_kv_heads
     pack = group if pack is None else pack
     if group % pack:
@@ -163,18 +181,19 @@ def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, h
     tiles = math.ceil(tokens / tpt) + batch  # each sequence adds at most one partial tile
     if tiles > MAX_GRID_Y:
         raise ValueError(f"{tokens} tokens need {tiles} query tiles, over {MAX_GRID_Y}")
-    main = Launch(_module(softcap),
-                  f"attn_prefill_{dtype_tag(dtype)}_d{head_dim}_{variant}{_cap(softcap)}",
+    main = Launch(attention_module(softcap, e4m3),
+                  f"attn_prefill_{dtype_tag(dtype)}_d{head_dim}_{variant}"
+                  f"{_suffix(softcap, e4m3)}",
                   (num_q_heads // pack, tiles, 1), (32 * PREFILL_WARPS[variant], 1, 1),
-                  prefill_smem(head_dim, variant))
-    return AttentionPlan(_kv_write(tokens, dtype, write_kv), main, None, 1, 0, 0, pack,
-                         window=window, softcap=softcap)
+                  prefill_smem(head_dim, variant, e4m3))
+    return AttentionPlan(_kv_write(tokens, dtype, write_kv, e4m3), main, None, 1, 0, 0, pack,
+                         window=window, softcap=softcap, e4m3=e4m3)
 
 
 def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
                    head_dim: int, max_blocks: int, block_size: int, dtype: str,
                    sm_count: int, write_kv: bool = True, *, max_smem: int,
-                   window: int = 0, softcap: float = 0.0) -> AttentionPlan:
+                   window: int = 0, softcap: float = 0.0, e4m3: bool = False) -> AttentionPlan:
     """Kernels of one PagedAttention step, from shapes alone (what TensorRT knows at enqueue).
 
     tokens == batch means every sequence brings one new token (a pure decode step): the
@@ -185,13 +204,16 @@ def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
     a device): decode drops to 2 K/V stages where 3 do not fit, and to the prefill kernel
     where 2 do not.
     window: sliding window (HF Mistral `sliding_window`), 0 = none.
-    softcap: logit soft-cap (Gemma 2 `attn_logit_softcapping`), 0 = none."""
-    if tokens == batch and decode_stages(head_dim, max_smem) is not None:
+    softcap: logit soft-cap (Gemma 2 `attn_logit_softcapping`), 0 = none.
+    e4m3: the pool holds E4M3 bytes with a K and a V scale (--kv-cache-dtype fp8), written by
+    the rope kernel (write_kv must be False), read by the _e4m3 entries."""
+    if tokens == batch and decode_stages(head_dim, max_smem, e4m3) is not None:
         return decode_plan(tokens, num_q_heads, num_kv_heads, head_dim, max_blocks,
                            block_size, dtype, sm_count, write_kv, max_smem=max_smem,
-                           window=window, softcap=softcap)
+                           window=window, softcap=softcap, e4m3=e4m3)
     return prefill_plan(tokens, batch, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
-                        write_kv, max_smem=max_smem, window=window, softcap=softcap)
+                        write_kv, max_smem=max_smem, window=window, softcap=softcap,
+                        e4m3=e4m3)
 
 
 # ---- the PagedAttention plugin: attributes, sizes, launches -------------------------------
@@ -239,7 +261,7 @@ def paged_attention_dims(q_dims, cache_dims, table_dims) -> dict:
 def attention_workspace_bound(max_tokens: int, max_batch: int, num_q_heads: int,
                               num_kv_heads: int, head_dim: int, max_blocks: int,
                               block_size: int, sm_count: int, *, max_smem: int,
-                              window: int = 0) -> int:
+                              window: int = 0, e4m3: bool = False) -> int:
     """Workspace bytes that cover every step up to these limits (TensorRT asks once, for the
     profile's max shapes). Only decode steps (tokens == batch) use a workspace, and its size
     is not monotonic in tokens (fewer tokens -> more splits), so take the max over them."""
@@ -247,7 +269,7 @@ def attention_workspace_bound(max_tokens: int, max_batch: int, num_q_heads: int,
     for t in range(1, min(max_tokens, max_batch) + 1):
         plan = attention_plan(t, t, num_q_heads, num_kv_heads, head_dim, max_blocks,
                               block_size, "float16", sm_count, write_kv=False,
-                              max_smem=max_smem, window=window)
+                              max_smem=max_smem, window=window, e4m3=e4m3)
         best = max(best, plan.workspace_bytes)
     return best
 
@@ -258,11 +280,15 @@ def workspace_lse_offset(plan: AttentionPlan, tokens: int, num_q_heads: int,
     return tokens * num_q_heads * plan.n_split * head_dim * 4
 
 
-def attention_launches(plan: AttentionPlan, dims: dict, scale: float, ptr: dict) -> list:
+def attention_launches(plan: AttentionPlan, dims: dict, scale: float, ptr: dict,
+                       kv_scales: tuple[float, float] | None = None) -> list:
     """(Launch, args) of one step, in order. `ptr` maps q, k, v, seq_starts, context_lens,
     block_tables, cache (the KV pool), out, ws_o, ws_lse to device pointers of the caller's
     kind; ints in args are int32 scalars. The torch launcher (launch.py) and the TensorRT glue both
-    build their launches here, so the GPU tests check the argument order TensorRT uses."""
+    build their launches here, so the GPU tests check the argument order TensorRT uses.
+    kv_scales: (K, V) scales of an E4M3 pool, given exactly when the plan reads one."""
+    if plan.e4m3 != (kv_scales is not None):
+        raise ValueError("an E4M3 pool's attention takes its (K, V) scales, and only it does")
     t, b, hq, hkv, d = (dims[k] for k in ("tokens", "batch", "hq", "hkv", "d"))
     mb, bs, nb = dims["max_blocks"], dims["block_size"], dims["num_blocks"]
     meta = [ptr[contract.SEQ_STARTS], ptr[contract.CONTEXT_LENS], ptr[contract.BLOCK_TABLES]]
@@ -271,7 +297,8 @@ def attention_launches(plan: AttentionPlan, dims: dict, scale: float, ptr: dict)
         out.append((plan.kv_write, [ptr["k"], ptr["v"], *meta, t, b, hkv, d, mb, bs, nb,
                                     ptr["cache"]]))
     sc = [t, b, hq, hkv, mb, bs, nb, float_bits(scale), plan.window]
-    sc += [float_bits(plan.softcap)] if plan.softcap else []   # the _softcap entries
+    sc += [float_bits(x) for x in kv_scales] if plan.e4m3 else []   # the _e4m3 entries
+    sc += [float_bits(plan.softcap)] if plan.softcap else []         # the _softcap entries
     head = [ptr["q"], *meta, ptr["cache"], *sc]
     if not plan.decode:
         out.append((plan.main, head + [plan.pack, ptr["out"]]))

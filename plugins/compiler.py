@@ -2,7 +2,7 @@
 
 No nvcc, no CUDA toolkit headers and no GPU are needed: the kernels include only the
 ``kernels/*.cuh`` beside them (``common.cuh``; ``paged_attention.cuh``, the attention
-kernels two modules instantiate), handed to NVRTC as in-memory headers. ``compile_all``
+kernels four modules instantiate), handed to NVRTC as in-memory headers. ``compile_all``
 gives the cubins the build stores in the engine, keyed by (module, arch).
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
 MODULES = ("norm", "activation", "gemv", "qgemv", "rope", "paged_attention",
-           "paged_attention_softcap", "glue", "sampling")
+           "paged_attention_softcap", "paged_attention_e4m3", "paged_attention_softcap_e4m3",
+           "glue", "sampling")
 DEFAULT_ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
 
 

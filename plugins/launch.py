@@ -210,14 +210,18 @@ class Kernels:
         return out
 
     def rope(self, qkv, positions, inv_freq, hq, hkv, d, rot, interleaved=False, bias=None,
-             cache=None, seq_starts=None, block_tables=None, qk_norm=None, eps=1e-6):
+             cache=None, seq_starts=None, block_tables=None, qk_norm=None, eps=1e-6,
+             kv_scales=None):
         """qk_norm: (q weight [D], k weight [D]) of a per-head RMSNorm before the rotation
-        (with a cache only, as the kernel has it)."""
+        (with a cache only, as the kernel has it). kv_scales: (K, V) scales of an E4M3 cache
+        (uint8 or float8_e4m3fn), which gets the bytes of x / scale."""
         t = qkv.shape[0]
         q, k, v = (self.torch.empty(s, dtype=qkv.dtype, device=qkv.device)
                    for s in lr.rope_output_shapes(qkv.shape, hq, hkv, d))
+        self._check_pool(cache, kv_scales)
         ln = lr.rope_launch(t, hq, hkv, d, rot, self._dtype(qkv), interleaved,
-                            bias is not None, cache is not None, qk_norm is not None)
+                            bias is not None, cache is not None, qk_norm is not None,
+                            kv_scales is not None)
         ins = [qkv] + ([bias] if bias is not None else []) + list(qk_norm or ())
         ins += [positions, inv_freq]
         if cache is None:
@@ -227,25 +231,35 @@ class Kernels:
             ins += [seq_starts, block_tables]
             sc = [t, hq, hkv, d, rot, b, mb, cache.shape[3], cache.shape[1]]
             sc += [lr.float_bits(eps)] if qk_norm is not None else []
+            sc += [lr.float_bits(x) for x in kv_scales] if kv_scales is not None else []
             self.launch(ln, ins + sc + [q, k, v, cache])
         return q, k, v
 
+    def _check_pool(self, cache, kv_scales):
+        """An E4M3 pool (one byte an element) comes with its (K, V) scales, and only it."""
+        if cache is not None and (cache.element_size() == 1) != (kv_scales is not None):
+            raise TypeError(f"a {cache.dtype} KV pool with kv_scales={kv_scales}: an E4M3 "
+                            "pool (uint8 / float8_e4m3fn) takes its (K, V) scales, a 16-bit "
+                            "one none")
+
     def paged_attention(self, q, k, v, seq_starts, context_lens, block_tables, kv_cache,
                         scale=None, write_kv=True, force=None, window=0, max_smem=None,
-                        softcap=0.0, **prefill):
+                        softcap=0.0, kv_scales=None, **prefill):
         """force: None, 'decode' or 'prefill' picks the kernel regardless of the plan (tests
         run both kernels on the same mixed batch); `prefill` (variant=, pack=) goes to
         attention_plan.prefill_plan. window: sliding window, 0 = none. softcap: logit soft-cap
         cap * tanh(s / cap) of the scaled scores, 0 = none. max_smem: the shared-memory
         limit the plan must respect, default the device's (tests pass less to force the
-        fallbacks that smaller GPUs take)."""
+        fallbacks that smaller GPUs take). kv_scales: (K, V) scales of an E4M3 pool (uint8
+        or float8_e4m3fn), whose new rows the rope kernel wrote: then write_kv must be False
+        and k, v may be None."""
         t, hq, d = q.shape
-        hkv = k.shape[1]
+        _, nb, hkv, bs, _ = kv_cache.shape
         b, mb = block_tables.shape
-        _, nb, _, bs, _ = kv_cache.shape
         dt = self._dtype(q)
+        self._check_pool(kv_cache, kv_scales)
         lim = dict(max_smem=self.max_smem if max_smem is None else max_smem, window=window,
-                   softcap=softcap)
+                   softcap=softcap, e4m3=kv_scales is not None)
         if force == "decode":
             plan = ap.decode_plan(t, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv, **lim)
         elif force == "prefill":
@@ -263,7 +277,7 @@ class Kernels:
                    block_tables=block_tables, cache=kv_cache, out=out, ws_o=ws,
                    ws_lse=ws[lse:] if plan.n_split > 1 else ws)
         dims = ap.paged_attention_dims(q.shape, kv_cache.shape, block_tables.shape)
-        for ln, args in ap.attention_launches(plan, dims, scale, ptr):
+        for ln, args in ap.attention_launches(plan, dims, scale, ptr, kv_scales):
             self.launch(ln, args)
         return out
 

@@ -117,6 +117,9 @@ INT4_K = 32                       # a lane's 16-byte load holds 32 k of an INT4 
 # FP8 engines: the decode kernels need E4M3 MMA (sm_89+), the prefill GEMMs cuBLASLt's
 # per-channel (outer-vector) FP8 scaling, which NVIDIA documents for Hopper only.
 FP8_ARCHS = ("sm_90a",)
+# An E4M3 KV pool (--kv-cache-dtype fp8; rope_launch's and attention_plan's e4m3): the E4M3
+# conversions (cvt ... e4m3x2) exist from sm_89.
+E4M3_ARCHS = ("sm_89", "sm_90a", "sm_100a", "sm_120")
 
 
 def int4_group_shift(group: int) -> int:
@@ -236,11 +239,15 @@ def rope_vector_units(head_dim: int, rotary_dim: int, interleaved: bool) -> int:
 
 def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                 rotary_dim: int, dtype: str, interleaved: bool = False, bias: bool = False,
-                write_cache: bool = False, qk_norm: bool = False) -> Launch:
+                write_cache: bool = False, qk_norm: bool = False, e4m3: bool = False) -> Launch:
     """rotary_dim 0: no rotation (GPT-2's learned positions), the kernel splits q/k/v (and
     writes the cache); its inv_freq argument is not read and may be null.
     qk_norm (Qwen3, Gemma 3): a per-head RMSNorm of q and k before the rotation, in the
-    entries that write the cache; each head is whole warps of one pass (head_dim % 64 == 0)."""
+    entries that write the cache; each head is whole warps of one pass (head_dim % 64 == 0).
+    e4m3: the cache is an E4M3 pool (bytes of x / scale; sm_89+), the K and V scales'
+    float_bits after the cache scalars (and the q/k norm's eps)."""
+    if e4m3 and not write_cache:
+        raise ValueError("the E4M3 rope entries are those that write the cache")
     if head_dim % 2 or rotary_dim % 2 or not 0 <= rotary_dim <= head_dim:
         raise ValueError(f"rotary_dim {rotary_dim} / head_dim {head_dim}")
     if rotary_dim // 2 > 256:
@@ -260,7 +267,7 @@ def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
              ) or head_dim // 2
     threads = min(ROPE_PAIRS_PER_CTA, round_up(per_cta * units, 32))
     name = ("rope" + ("_bias" if bias else "") + ("_qknorm" if qk_norm else "")
-            + ("_cache" if write_cache else "")
+            + ("_cache" if write_cache else "") + ("_e4m3" if e4m3 else "")
             + ("_interleaved_" if interleaved else "_half_") + dtype_tag(dtype))
     return Launch("rope", name, (tokens, groups, 1), (threads, 1, 1))
 

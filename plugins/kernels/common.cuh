@@ -36,6 +36,43 @@ template <typename T> __device__ __forceinline__ float rnd(float x) {
   return T::to_f(T::from_f(x));
 }
 
+// ---- E4M3 (float8; the conversions exist from sm_89) ------------------------------------------
+// FP8 GEMMs (qgemv.cu) and the E4M3 KV pool (--kv-cache-dtype fp8: rope.cu writes it,
+// paged_attention.cuh reads it). Callers run on sm_89+ only: the lowering refuses FP8 for
+// older targets, so there these trap.
+typedef unsigned char u8;
+
+// Two floats -> two E4M3 bytes, lo in the low byte: round to nearest even, saturating at
+// +-448, as ONNX QuantizeLinear casts to float8 (saturate=1).
+__device__ __forceinline__ unsigned short e4m3x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  __trap();
+  return 0;
+#endif
+}
+
+// Four floats -> one word of E4M3 bytes, a in the lowest.
+__device__ __forceinline__ u32 e4m3x4(float a, float b, float c, float d) {
+  return (u32)e4m3x2(a, b) | ((u32)e4m3x2(c, d) << 16);
+}
+
+// Two E4M3 bytes (lo in the low byte) -> two floats, exactly: every E4M3 value is an f16.
+__device__ __forceinline__ void e4m3x2_to_f32(unsigned short v, float& lo, float& hi) {
+#if __CUDA_ARCH__ >= 890
+  u32 h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(v));
+  lo = F16::to_f((u16)(h2 & 0xffffu));
+  hi = F16::to_f((u16)(h2 >> 16));
+#else
+  __trap();
+  lo = hi = 0.f;
+#endif
+}
+
 // The access type of VEC 16-bit values (for copies that need no conversion).
 template <int VEC> struct Vec;
 template <> struct Vec<8> { typedef uint4 type; };

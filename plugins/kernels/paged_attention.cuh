@@ -15,6 +15,11 @@
 //  Logit soft-cap (CAP, Gemma 2): the scaled score s becomes cap * tanh(s / cap) before the
 //  mask and the softmax; `cap` is one more argument.
 //  attn_reduce:     flash-decoding combine of the per-split partial results.
+//  E4M3 pool (C = u8, --kv-cache-dtype fp8; entries in the *_e4m3 modules): the pool holds
+//  E4M3 bytes of x / scale, one K and one V scale a layer. The K/V tiles travel the same
+//  cp.async pipeline at one byte an element and are dequantized in shared memory into the
+//  16-bit tiles the MMAs read (x * scale rounded to T: the graph's DequantizeLinear), so the
+//  attention math is the 16-bit pool's, on half the bytes.
 // The kernels' bodies; paged_attention.cu instantiates the entry points without the
 // soft-cap, paged_attention_softcap.cu those with it (a module of its own, compiled only for
 // the models that have one).
@@ -74,21 +79,48 @@ __device__ __forceinline__ size_t kv_row(const int* bt, int s, int mb, int p, in
   return ((((size_t)which * nb + blk) * hkv + kvh) * bs + (p & (bs - 1))) * d;
 }
 
-// Loads keys [k0, k0+BN) of one kv head (K or V) into a swizzled smem tile; rows at or past
-// kv_end are zero-filled (and masked by the caller) so no stale NaN reaches P·V.
-template <int D, int NT = NWARPS * 32>
-__device__ __forceinline__ void load_kv_tile(u16* dst, const u16* cache, const int* bt, int s,
+// Loads keys [k0, k0+BN) of one kv head (K or V) into a smem tile; rows at or past kv_end are
+// zero-filled (and masked by the caller) so no stale NaN reaches P·V. A 16-bit pool (C = u16)
+// lands in the swizzled tile the MMA reads; an E4M3 pool (C = u8) in a plain [BN][D]-byte
+// tile, which dequant_tile turns into one.
+template <int D, int NT = NWARPS * 32, typename C = u16>
+__device__ __forceinline__ void load_kv_tile(C* dst, const C* cache, const int* bt, int s,
                                              int mb, int bs, int which, int nb, int hkv, int kvh,
                                              int k0, int kv_end) {
-  constexpr int CH = D / 8, RP = NT / CH;  // each thread keeps one 16-byte column
+  constexpr int EPC = 16 / sizeof(C);         // elements a 16-byte copy moves
+  constexpr int CH = D / EPC, RP = NT / CH;  // each thread keeps one 16-byte column
   const int c = threadIdx.x % CH;
 #pragma unroll
   for (int r = threadIdx.x / CH; r < BN; r += RP) {
     const int p = k0 + r;
     const bool ok = p < kv_end;
-    const u16* src = ok ? cache + kv_row(bt, s, mb, p, bs, which, nb, hkv, kvh, D) + c * 8
-                        : cache;
-    cp_async16(smem_u32(dst + swz<D>(r, c)), src, ok ? 16 : 0);
+    const C* src = ok ? cache + kv_row(bt, s, mb, p, bs, which, nb, hkv, kvh, D) + c * EPC
+                      : cache;
+    const int at = sizeof(C) == 2 ? swz<D>(r, c) : r * D + c * EPC;
+    cp_async16(smem_u32(dst + at), src, ok ? 16 : 0);
+  }
+}
+
+// Rows [r0, r0 + rows) of a staged E4M3 tile ([BN][D] bytes) -> the swizzled tile of T the
+// MMA reads, x * scale rounded to T once: what the graph's DequantizeLinear gives (the E4M3
+// value and its product with a 16-bit scale are exact in fp32). Threads tid, tid + nt, ...
+// share the rows; zero bytes (the zero-filled rows past the context) stay zero.
+template <typename T, int D>
+__device__ __forceinline__ void dequant_tile(u16* dst, const u8* src, float scale, int r0,
+                                             int rows, int tid, int nt) {
+  constexpr int CH = D / 8;  // 8 values a step: 8 bytes in, 16 bytes out
+  for (int i = tid; i < rows * CH; i += nt) {
+    const int r = r0 + i / CH, c = i % CH;
+    const uint2 raw = *reinterpret_cast<const uint2*>(src + r * D + c * 8);
+    const u32 w[2] = {raw.x, raw.y};
+    u32 h[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float lo, hi;
+      e4m3x2_to_f32((unsigned short)(w[j >> 1] >> (16 * (j & 1))), lo, hi);
+      h[j] = T::pack2(lo * scale, hi * scale);
+    }
+    *reinterpret_cast<uint4*>(dst + swz<D>(r, c)) = make_uint4(h[0], h[1], h[2], h[3]);
   }
 }
 
@@ -169,17 +201,25 @@ __device__ __forceinline__ void pv_mma(float (*o)[4], const u32* pa, const u16* 
 //  _w8s: 8 warps, 128-row tiles, so each K/V tile in SMEM feeds twice the rows; Q fragments
 //        re-read from SMEM each key tile to fit 128 regs and 2 CTAs (16 warps) per SM (Q in
 //        registers needs 220 regs, so only one CTA of 8 warps fits, and was no faster than _w4).
-template <typename T, int D, int NW, bool QREG, bool CAP = false>
+// C: the pool's element (u16, or u8 for an E4M3 pool with scales k_scale and v_scale).
+template <typename T, int D, int NW, bool QREG, bool CAP = false, typename C = u16>
 __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ ss,
                              const int* __restrict__ cl, const int* __restrict__ bt,
-                             const u16* __restrict__ cache, int T_, int B, int hq, int hkv,
+                             const C* __restrict__ cache, int T_, int B, int hq, int hkv,
                              int mb, int bs, int nb, int scale_bits, int win, int P,
-                             u16* __restrict__ out, int cap_bits = 0) {
+                             u16* __restrict__ out, int cap_bits = 0, float k_scale = 1.f,
+                             float v_scale = 1.f) {
   constexpr int BMR = 16 * NW, NT = 32 * NW, CH = D / 8;
+  constexpr bool E4M3 = sizeof(C) == 1;
   extern __shared__ __align__(16) u16 smem[];
   u16* sQ = smem;
   u16* sK = sQ + BMR * D;
   u16* sV = sK + BN * D;
+  // Where the K/V tiles land: sK / sV themselves, or (E4M3 pool) a byte tile each after sV,
+  // dequantized into them once it has arrived.
+  u8* const raw = reinterpret_cast<u8*>(sV + BN * D);
+  C* const ldK = E4M3 ? reinterpret_cast<C*>(raw) : reinterpret_cast<C*>(sK);
+  C* const ldV = E4M3 ? reinterpret_cast<C*>(raw + BN * D) : reinterpret_cast<C*>(sV);
   const int tpt = BMR / P;  // tokens per tile
   const int hbase = blockIdx.x * P, kvh = hbase / (hq / hkv);
   // Tiles run in reverse: within a sequence later tiles see more keys (causal), and starting
@@ -204,9 +244,9 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
     const u16* src = ok ? q + ((size_t)(tok0 + r / P) * hq + hbase + r % P) * D + c * 8 : q;
     cp_async16(smem_u32(sQ + swz<D>(r, c)), src, ok ? 16 : 0);
   }
-  load_kv_tile<D, NT>(sK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, j0 * BN, kv_len);
+  load_kv_tile<D, NT>(ldK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, j0 * BN, kv_len);
   cp_commit();
-  load_kv_tile<D, NT>(sV, cache, bt, s, mb, bs, 1, nb, hkv, kvh, j0 * BN, kv_len);
+  load_kv_tile<D, NT>(ldV, cache, bt, s, mb, bs, 1, nb, hkv, kvh, j0 * BN, kv_len);
   cp_commit();
   const float scale_log2 = __int_as_float(scale_bits) * 1.4426950408889634f;
   const float cap_in = CAP ? __int_as_float(scale_bits) / __int_as_float(cap_bits) : 0.f;
@@ -231,6 +271,10 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
     const bool live = k0 <= lim_hi && lim_lo - (k0 + BN - 1) < wv;
     cp_wait<1>();
     __syncthreads();
+    if constexpr (E4M3) {
+      dequant_tile<T, D>(sK, raw, k_scale, 0, BN, threadIdx.x, NT);
+      __syncthreads();
+    }
     if (QREG && j == j0) {
 #pragma unroll
       for (int kk = 0; kk < (QREG ? D / 16 : 0); ++kk)
@@ -258,7 +302,7 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
     }
     __syncthreads();
     if (j + 1 < n_tiles)
-      load_kv_tile<D, NT>(sK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, k0 + BN, kv_len);
+      load_kv_tile<D, NT>(ldK, cache, bt, s, mb, bs, 0, nb, hkv, kvh, k0 + BN, kv_len);
     cp_commit();
     if (live) {
       softmax_step<BN / 8, D, CAP>(sc, o, m, l, scale_log2, k0, lim0, lim1, wv,
@@ -266,6 +310,10 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
     }
     cp_wait<1>();
     __syncthreads();
+    if constexpr (E4M3) {
+      dequant_tile<T, D>(sV, raw + BN * D, v_scale, 0, BN, threadIdx.x, NT);
+      __syncthreads();
+    }
     if (live) {
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
@@ -276,7 +324,7 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
     }
     __syncthreads();
     if (j + 1 < n_tiles)
-      load_kv_tile<D, NT>(sV, cache, bt, s, mb, bs, 1, nb, hkv, kvh, k0 + BN, kv_len);
+      load_kv_tile<D, NT>(ldV, cache, bt, s, mb, bs, 1, nb, hkv, kvh, k0 + BN, kv_len);
     cp_commit();
   }
   cp_wait<0>();
@@ -296,17 +344,27 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
   }
 }
 
-template <typename T, int D, int NST, bool CAP = false>
+// C: the pool's element (u16, or u8 for an E4M3 pool with scales k_scale and v_scale).
+template <typename T, int D, int NST, bool CAP = false, typename C = u16>
 __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ ss,
                             const int* __restrict__ cl, const int* __restrict__ bt,
-                            const u16* __restrict__ cache, int T_, int B, int hq, int hkv,
+                            const C* __restrict__ cache, int T_, int B, int hq, int hkv,
                             int mb, int bs, int nb, int scale_bits, int win, int n_split,
                             int chunk,
                             u16* __restrict__ out, float* __restrict__ ws_o,
-                            float* __restrict__ ws_lse, int cap_bits = 0) {
+                            float* __restrict__ ws_lse, int cap_bits = 0, float k_scale = 1.f,
+                            float v_scale = 1.f) {
+  constexpr bool E4M3 = sizeof(C) == 1;
   extern __shared__ __align__(16) u16 smem[];
   u16* sQ = smem;
-  u16* sKV = sQ + 16 * D;  // NST stages of [K tile, V tile]
+  // 16-bit pool: NST stages of [K tile, V tile], read by the MMAs where they land. E4M3 pool:
+  // one [K tile, V tile] of T, then the NST stages in bytes, each dequantized into it in turn.
+  u16* sKV = sQ + 16 * D;
+  u8* const raw = reinterpret_cast<u8*>(sKV + 2 * BN * D);
+  auto stage = [&](int st) {
+    return E4M3 ? reinterpret_cast<C*>(raw + st * 2 * BN * D)
+                : reinterpret_cast<C*>(sKV + st * 2 * BN * D);
+  };
   const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, G = hq / hkv;
   const int s = find_seq(ss, B, t);
   const int pos = cl[s] - (ss[s + 1] - ss[s]) + (t - ss[s]);
@@ -333,7 +391,7 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
 #pragma unroll
   for (int st = 0; st < NST; ++st) {
     if (st < n_tiles) {
-      u16* buf = sKV + st * 2 * BN * D;
+      C* buf = stage(st);
       load_kv_tile<D>(buf, cache, bt, s, mb, bs, 0, nb, hkv, kvh, k_begin + st * BN, k_end);
       load_kv_tile<D>(buf + BN * D, cache, bt, s, mb, bs, 1, nb, hkv, kvh, k_begin + st * BN,
                       k_end);
@@ -356,7 +414,18 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
       for (int kk = 0; kk < D / 16; ++kk)
         ldsm_x4(qf[kk], smem_u32(sQ + swz<D>(lane & 15, 2 * kk + (lane >> 4))));
     }
-    const u16* sK = sKV + (j % NST) * 2 * BN * D;
+    const u16* sK;
+    if constexpr (E4M3) {
+      // A warp reads only its own 16 keys of the tile (S and P·V): it dequantizes just those,
+      // so a warp barrier is enough.
+      const u8* st = raw + (j % NST) * 2 * BN * D;
+      dequant_tile<T, D>(sKV, st, k_scale, warp * 16, 16, lane, 32);
+      dequant_tile<T, D>(sKV + BN * D, st + BN * D, v_scale, warp * 16, 16, lane, 32);
+      __syncwarp();
+      sK = sKV;
+    } else {
+      sK = sKV + (j % NST) * 2 * BN * D;
+    }
     const u16* sV = sK + BN * D;
     float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
@@ -376,7 +445,7 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
     pv_mma<T, D>(o, pa, sV, warp * 16, lane);
     __syncthreads();
     if (j + NST < n_tiles) {
-      u16* buf = sKV + (j % NST) * 2 * BN * D;
+      C* buf = stage(j % NST);
       const int k0 = k_begin + (j + NST) * BN;
       load_kv_tile<D>(buf, cache, bt, s, mb, bs, 0, nb, hkv, kvh, k0, k_end);
       load_kv_tile<D>(buf + BN * D, cache, bt, s, mb, bs, 1, nb, hkv, kvh, k0, k_end);
@@ -385,7 +454,7 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
   }
   cp_wait<0>();
   __syncthreads();
-  // Combine the 4 warps' partial softmax states through smem (reusing the K/V stages).
+  // Combine the 4 warps' partial softmax states through smem (reusing the K/V tiles).
   float* sO = reinterpret_cast<float*>(sKV);  // [NWARPS][16][D]
   float* sM = sO + NWARPS * 16 * D;           // [NWARPS][16]
   float* sL = sM + NWARPS * 16;
@@ -486,3 +555,12 @@ __device__ void kv_write(const u16* __restrict__ k, const u16* __restrict__ v,
 
 #define ATTN_IN const u16 *q, const int *ss, const int *cl, const int *bt, const u16 *kv
 #define ATTN_SC int T_, int B, int hq, int hkv, int mb, int bs, int nb, int sc, int win
+// The E4M3-pool entries (the *_e4m3 modules): one byte an element, the K and V scales' fp32
+// bits after `win`. Their bodies need sm_89+ (the E4M3 conversions); the lowering builds such
+// engines for those targets only, so elsewhere an entry is a trap (and compiles to nothing).
+#define ATTN_IN_E4M3 const u16 *q, const int *ss, const int *cl, const int *bt, const u8 *kv
+#if __CUDA_ARCH__ >= 890
+#define E4M3_ONLY(...) __VA_ARGS__
+#else
+#define E4M3_ONLY(...) __trap()
+#endif

@@ -253,13 +253,6 @@ __device__ __forceinline__ void dequant_int4(const u8* __restrict__ w,
 // 16-byte load of 16 k of a row feeds two k32 steps. A chunk is 64 k. x is quantized as it
 // is loaded (x * (1 / sx), round to nearest, saturating at 448, as QuantizeLinear does): the
 // graph's Q/DQ pair, at no extra launch.
-__device__ __forceinline__ u32 e4m3x4(float a, float b, float c, float d) {
-  unsigned short lo, hi;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(b), "f"(a));
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(d), "f"(c));
-  return (u32)lo | ((u32)hi << 16);
-}
-
 __device__ __forceinline__ void mma_e4m3(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
                                          u32 b1) {
   asm volatile(

@@ -8,6 +8,8 @@
 // (rope_vec), else one pair in 2-byte ones.
 // QKN (the _qknorm entries, Qwen3 / Gemma 3): a per-head RMSNorm of q and k over all D dims,
 // with one weight [D] for q heads and one for k heads, before the rotation.
+// E4M3 (the _cache_e4m3 entries, --kv-cache-dtype fp8): the pool holds E4M3 bytes of x /
+// scale (one K and one V scale a layer), x the K or V value as q/k/v hold it; sm_89+.
 #include "common.cuh"
 
 #define MAX_HALF_ROT 256
@@ -105,7 +107,48 @@ __device__ __forceinline__ void store_unit(const float* f, int t, int h, int e, 
   }
 }
 
-template <typename T, int FORM, bool BIAS, bool CACHE, bool QKN = false>
+// (E4M3 pool) The cache row of K or V head h (h >= hq), and its scale.
+__device__ __forceinline__ u8* e4m3_row(int h, int hq, int hkv, int d, int bs, int phys, int row,
+                                        int num_blocks, u8* cache, float k_scale,
+                                        float v_scale, float& s) {
+  const int which = h < hq + hkv ? 0 : 1, hh = h - hq - which * hkv;
+  s = which ? v_scale : k_scale;
+  return cache + ((((size_t)which * num_blocks + phys) * hkv + hh) * bs + row) * d;
+}
+
+// (E4M3 pool) One finished pair of K or V head h -> its cache row as E4M3 bytes of x / scale:
+// QuantizeLinear of the value the graph holds (rounded to T), nearest even, saturating.
+template <typename T>
+__device__ __forceinline__ void store_pair_e4m3(u16 ha, u16 hb, int h, int e0, int e1, int hq,
+                                                int hkv, int d, int bs, int phys, int row,
+                                                int num_blocks, u8* __restrict__ cache,
+                                                float k_scale, float v_scale) {
+  if (h < hq) return;
+  float s;
+  u8* c = e4m3_row(h, hq, hkv, d, bs, phys, row, num_blocks, cache, k_scale, v_scale, s);
+  const unsigned short b = e4m3x2(__fdiv_rn(T::to_f(ha), s), __fdiv_rn(T::to_f(hb), s));
+  c[e0] = (u8)(b & 0xff);
+  c[e1] = (u8)(b >> 8);
+}
+
+// (E4M3 pool) Elements [e, e + 8) of K or V head h, as store_unit stores them (rounded to T)
+// -> its cache row as E4M3 bytes of x / scale, in one 8-byte store.
+template <typename T>
+__device__ __forceinline__ void store_unit_e4m3(const float* f, int h, int e, int hq, int hkv,
+                                                int d, int bs, int phys, int row,
+                                                int num_blocks, u8* __restrict__ cache,
+                                                float k_scale, float v_scale) {
+  if (h < hq) return;
+  float s, x[8];
+  u8* c = e4m3_row(h, hq, hkv, d, bs, phys, row, num_blocks, cache, k_scale, v_scale, s);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x[i] = __fdiv_rn(rnd<T>(f[i]), s);
+  *reinterpret_cast<uint2*>(c + e) = make_uint2(e4m3x4(x[0], x[1], x[2], x[3]),
+                                                e4m3x4(x[4], x[5], x[6], x[7]));
+}
+
+// CACHE: K/V written into a 16-bit pool `cache`; E4M3: into an E4M3 pool `cache8`.
+template <typename T, int FORM, bool BIAS, bool CACHE, bool QKN = false, bool E4M3 = false>
 __device__ __forceinline__ void rope_token(
     const u16* __restrict__ qkv, const u16* __restrict__ bias, const int* __restrict__ pos_ids,
     const float* __restrict__ inv_freq, const int* __restrict__ seq_starts,
@@ -113,7 +156,8 @@ __device__ __forceinline__ void rope_token(
     int max_blocks, int bs, u16* __restrict__ q_out, u16* __restrict__ k_out,
     u16* __restrict__ v_out, u16* __restrict__ cache, int num_blocks,
     const u16* __restrict__ q_norm = nullptr, const u16* __restrict__ k_norm = nullptr,
-    int eps_bits = 0) {
+    int eps_bits = 0, u8* __restrict__ cache8 = nullptr, float k_scale = 1.f,
+    float v_scale = 1.f) {
   __shared__ float cs[MAX_HALF_ROT][2];
   const int t = blockIdx.x;
   if (t >= T_) return;
@@ -127,7 +171,7 @@ __device__ __forceinline__ void rope_token(
   }
   __syncthreads();
   int phys = 0, row = 0;
-  if constexpr (CACHE) {
+  if constexpr (CACHE || E4M3) {
     const int s = find_seq(seq_starts, B, t);
     const int p = pos_ids[t];
     phys = block_tables[(size_t)s * max_blocks + p / bs];
@@ -174,6 +218,9 @@ __device__ __forceinline__ void rope_token(
     }
     store_pair<CACHE>(T::from_f(a), T::from_f(b), t, h, e0, e1, hq, hkv, d, bs, phys, row,
                       num_blocks, q_out, k_out, v_out, cache);
+    if constexpr (E4M3)
+      store_pair_e4m3<T>(T::from_f(a), T::from_f(b), h, e0, e1, hq, hkv, d, bs, phys, row,
+                         num_blocks, cache8, k_scale, v_scale);
     return;
   }
   if (rope_vec<FORM>(d, rot)) {
@@ -195,6 +242,12 @@ __device__ __forceinline__ void rope_token(
                              k_out, v_out, cache);
         store_unit<T, CACHE>(b, t, h, 8 * u + half, hq, hkv, d, bs, phys, row, num_blocks,
                              q_out, k_out, v_out, cache);
+        if constexpr (E4M3) {
+          store_unit_e4m3<T>(a, h, 8 * u, hq, hkv, d, bs, phys, row, num_blocks, cache8,
+                             k_scale, v_scale);
+          store_unit_e4m3<T>(b, h, 8 * u + half, hq, hkv, d, bs, phys, row, num_blocks, cache8,
+                             k_scale, v_scale);
+        }
       } else {
         // FORM 1's rotated units (4 adjacent pairs) and either form's pass-through dims
         const int e = FORM == 0 ? rot + 8 * (u - half / 8) : 8 * u;
@@ -207,6 +260,9 @@ __device__ __forceinline__ void rope_token(
         }
         store_unit<T, CACHE>(a, t, h, e, hq, hkv, d, bs, phys, row, num_blocks, q_out, k_out,
                              v_out, cache);
+        if constexpr (E4M3)
+          store_unit_e4m3<T>(a, h, e, hq, hkv, d, bs, phys, row, num_blocks, cache8, k_scale,
+                             v_scale);
       }
     }
     return;
@@ -224,6 +280,9 @@ __device__ __forceinline__ void rope_token(
     if (h < hq + hkv && j < half) rotate(a, b, cs[j][0], cs[j][1]);
     store_pair<CACHE>(T::from_f(a), T::from_f(b), t, h, e0, e1, hq, hkv, d, bs, phys, row,
                       num_blocks, q_out, k_out, v_out, cache);
+    if constexpr (E4M3)
+      store_pair_e4m3<T>(T::from_f(a), T::from_f(b), h, e0, e1, hq, hkv, d, bs, phys, row,
+                         num_blocks, cache8, k_scale, v_scale);
   }
 }
 
@@ -270,6 +329,41 @@ __device__ __forceinline__ void rope_token(
                                            bs, q, k, v, kv, nb, qn, kn, eps);                 \
   }
 
+// The E4M3 pool: the entries that write the cache, _e4m3 after _cache; the K and V scales'
+// fp32 bits after the cache scalars (and the q/k norm's eps).
+#define E4M3_SC int ks, int vs
+#define E4M3_ARGS kv, __int_as_float(ks), __int_as_float(vs)
+#define E4M3_ENTRIES(DT, TY, FN, FORM)                                                        \
+  extern "C" __global__ void rope_cache_e4m3_##FN##_##DT(const u16* x, const int* p,          \
+                                                         const float* f, CACHE_IN, ROPE_ARGS, \
+                                                         CACHE_SC, E4M3_SC, ROPE_OUT,         \
+                                                         u8* kv) {                            \
+    rope_token<TY, FORM, false, false, false, true>(x, nullptr, p, f, ss, bt, T_, hq, hkv, d, \
+                                                    rot, B, mb, bs, q, k, v, nullptr, nb,     \
+                                                    nullptr, nullptr, 0, E4M3_ARGS);          \
+  }                                                                                           \
+  extern "C" __global__ void rope_bias_cache_e4m3_##FN##_##DT(                                \
+      const u16* x, const u16* b, const int* p, const float* f, CACHE_IN, ROPE_ARGS,          \
+      CACHE_SC, E4M3_SC, ROPE_OUT, u8* kv) {                                                  \
+    rope_token<TY, FORM, true, false, false, true>(x, b, p, f, ss, bt, T_, hq, hkv, d, rot,   \
+                                                   B, mb, bs, q, k, v, nullptr, nb, nullptr,  \
+                                                   nullptr, 0, E4M3_ARGS);                    \
+  }                                                                                           \
+  extern "C" __global__ void rope_qknorm_cache_e4m3_##FN##_##DT(                              \
+      const u16* x, const u16* qn, const u16* kn, const int* p, const float* f, CACHE_IN,     \
+      ROPE_ARGS, CACHE_SC, int eps, E4M3_SC, ROPE_OUT, u8* kv) {                              \
+    rope_token<TY, FORM, false, false, true, true>(x, nullptr, p, f, ss, bt, T_, hq, hkv, d,  \
+                                                   rot, B, mb, bs, q, k, v, nullptr, nb, qn,  \
+                                                   kn, eps, E4M3_ARGS);                       \
+  }                                                                                           \
+  extern "C" __global__ void rope_bias_qknorm_cache_e4m3_##FN##_##DT(                         \
+      const u16* x, const u16* b, const u16* qn, const u16* kn, const int* p, const float* f, \
+      CACHE_IN, ROPE_ARGS, CACHE_SC, int eps, E4M3_SC, ROPE_OUT, u8* kv) {                    \
+    rope_token<TY, FORM, true, false, true, true>(x, b, p, f, ss, bt, T_, hq, hkv, d, rot, B, \
+                                                  mb, bs, q, k, v, nullptr, nb, qn, kn, eps,  \
+                                                  E4M3_ARGS);                                 \
+  }
+
 ROPE_ENTRIES(f16, F16, half, 0)
 ROPE_ENTRIES(f16, F16, interleaved, 1)
 ROPE_ENTRIES(bf16, BF16, half, 0)
@@ -278,3 +372,7 @@ QKNORM_ENTRIES(f16, F16, half, 0)
 QKNORM_ENTRIES(f16, F16, interleaved, 1)
 QKNORM_ENTRIES(bf16, BF16, half, 0)
 QKNORM_ENTRIES(bf16, BF16, interleaved, 1)
+E4M3_ENTRIES(f16, F16, half, 0)
+E4M3_ENTRIES(f16, F16, interleaved, 1)
+E4M3_ENTRIES(bf16, BF16, half, 0)
+E4M3_ENTRIES(bf16, BF16, interleaved, 1)

@@ -73,10 +73,20 @@ class CudaBackend:
         return True, ""
 
     def can_store_kv(self, dtype: str) -> tuple[bool, str]:
-        return False, ("the cuda backend's paged attention reads a KV pool in the compute "
-                       "dtype only (attention over an FP8 pool is issue #10 item 4); build "
-                       "with --kv-cache-dtype auto, or an FP8 KV engine with --backend "
-                       "reference")
+        """fp8: an E4M3 pool, written and read by kernels that need sm_89+."""
+        from llmc.plugins.launch_rules import E4M3_ARCHS
+
+        try:
+            arch = self.target_arch()
+        except LlmcError as e:
+            return False, str(e)
+        if arch not in E4M3_ARCHS:
+            return False, (f"the cuda backend's FP8 KV cache needs a GPU of compute capability "
+                           f"8.9 or newer (its kernels convert to and from E4M3 with "
+                           f"instructions sm_89 introduced), and the target is {arch}; build "
+                           f"with --kv-cache-dtype auto, or for --gpu-arch "
+                           f"{', '.join(E4M3_ARCHS)}")
+        return True, ""
 
     def target_arch(self) -> str:
         """--gpu-arch, else the GPU present, else a clear error asking for --gpu-arch."""

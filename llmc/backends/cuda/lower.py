@@ -24,12 +24,19 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
                                                                        in GPT-2: rot 0)
                                                   attention            paged_attention.cu
                                                                        (+ logit soft-cap)
+    an FP8 pool's Q/DQ (quantization/kv.py):      attr kv_scale of     rope.cu writes E4M3
+      Unsqueeze(k), Unsqueeze(v) -> Concat ->     rope_cache and       bytes of x / scale,
+      QuantizeLinear -> kv_rows_out_l,            attention            the *_e4m3 attention
+      DequantizeLinear -> Gather(0 | 1) -> k, v;                       modules read them back
+      DequantizeLinear(kv_cache_l)                                     times the scale
     Gather(h, last_token_rows)                    gather_rows          glue.cu
     Cast(logits, float32)                         the LM-head GEMM writes fp32 (or cast_f32)
     Div(logits, cap) -> Tanh -> Mul(cap)          softcap              glue.cu (Gemma 2's
                                                                        final-logit soft-cap)
     Reshape / Squeeze / Unsqueeze / Split         views of one buffer
     Identity to kv_cache_out_{l}                  nothing: the pool is updated in place
+      (an FP8 graph's kv_rows_out_{l} outputs     nothing either: the rope kernel writes the
+      instead)                                    same bytes into the pool itself)
     the RoPE angle chain (Cos/Sin of positions    nothing: the rope kernel computes angles
       times inv_freq)                             from positions and the inv_freq table
 
@@ -61,7 +68,7 @@ from llmc.dtypes import ONNX_TYPES, np_dtype
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
 from llmc.plugins import launch_rules as lr
-from llmc.plugins.attention_plan import SOFTCAP_MODULE
+from llmc.plugins.attention_plan import attention_module
 
 DTYPES = ("float16", "bfloat16")
 MODULES = ("norm", "activation", "gemv", "rope", "paged_attention", "glue", "sampling")
@@ -130,6 +137,7 @@ class Lowering:
         self.done: set[int] = set()   # ids of nodes consumed by a mapping
         self.dtype = None
         self.quantized: dict[int, dict] = {}   # id(MatMul) -> its quantized form
+        self.e4m3: dict[int, dict] = {}        # id(PagedAttention) -> its FP8 pool's k, v, scales
 
     # --- values --------------------------------------------------------------------------
 
@@ -163,12 +171,14 @@ class Lowering:
         for node in g.nodes:
             if node.op_type == "MatMul":
                 self._claim_quantized(node)
+            elif node.op_type == "PagedAttention":
+                self._claim_e4m3_pool(node)
         qdq = [n.name for n in g.nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")
                and id(n) not in self.done]
         if qdq:
             raise UnsupportedGraph(f"Q/DQ node {qdq[0]!r} is not in a form the cuda backend "
                                    "lowers (quantization/qdq.py's INT4 weight-only or FP8 "
-                                   "W8A8 GEMMs)")
+                                   "W8A8 GEMMs, quantization/kv.py's FP8 KV cache)")
         routing = [n.name for n in g.nodes if n.op_type == "TopK"]
         if routing:   # checked first: the MoE layer, not its ops, is what is missing
             raise UnsupportedGraph(f"the graph routes tokens to experts (TopK node "
@@ -197,12 +207,12 @@ class Lowering:
             if v.offset == -1:
                 v.offset = weights_end
                 weights_end += align(numel(v.shape, 1, 1) * itemsize(v.dtype))
-        # the quantized GEMMs' and the soft-capped attention's kernels are compiled only for
-        # the models that have them
+        # the quantized GEMMs' kernels and the soft-capped or E4M3-pool attention's are
+        # compiled only for the models that have them
         quant = any(op.attrs.get("quant") for op in self.ops if op.op == "gemm")
-        softcap = any(op.attrs.get("softcap") for op in self.ops if op.op == "attention")
-        modules = list(MODULES) + (["qgemv"] if quant else []) + \
-            ([SOFTCAP_MODULE] if softcap else [])
+        attention = sorted({attention_module(op.attrs["softcap"], "kv_scale" in op.attrs)
+                            for op in self.ops if op.op == "attention"} - set(MODULES))
+        modules = list(MODULES) + (["qgemv"] if quant else []) + attention
         return Plan(self.arch, self.dtype, modules, self.values, self.ops, arena,
                     weights_end, logits, len(attn))
 
@@ -542,7 +552,7 @@ class Lowering:
         """Mark the nodes between the QKV GEMM and PagedAttention, and the RoPE angle chain
         feeding them, as taken by the rope_cache op."""
         g = self.g
-        q, k, v = node.input[:3]
+        q, k, v, _ = self._attention_inputs(node)
         sides = [self._rope_side(q), self._rope_side(k)]
         if (sides[0][2] is None) != (sides[1][2] is None):
             raise UnsupportedGraph(f"PagedAttention node {node.name!r}: RoPE on one of q and "
@@ -565,7 +575,7 @@ class Lowering:
     def _op_PagedAttention(self, node) -> None:
         """The attention block: from the q/k/v GEMM to the attention output."""
         g = self.g
-        q, k, v, cache = node.input[:4]
+        q, k, v, cache = self._attention_inputs(node)
         layer = contract.kv_layer(cache)
         if layer is None:
             raise UnsupportedGraph(f"PagedAttention node {node.name!r} reads {cache!r}, "
@@ -597,11 +607,14 @@ class Lowering:
             self.values[freq] = Value("const", "float32", [len(inv_freq)],
                                       data=[float(x) for x in inv_freq])
         norm_weights, norm_attrs = self._qk_norm(node, chain[0][3], chain[1][3], d)
+        # an FP8 pool: both kernels take the layer's (K, V) scales
+        pool = {"kv_scale": self.e4m3[id(node)]["scales"]} if id(node) in self.e4m3 else {}
         self._emit("rope_cache", node, [qkv, bias, contract.POSITION_IDS, freq,
                                         contract.SEQ_STARTS, contract.BLOCK_TABLES,
                                         *norm_weights],
                    [q_out, k_out, v_out], hq=hq, hkv=hkv, d=d, rot=2 * len(inv_freq),
-                   layer=layer, block_size=int(_attr(node, "block_size")), **norm_attrs)
+                   layer=layer, block_size=int(_attr(node, "block_size")), **norm_attrs,
+                   **pool)
         self.ops[-1].node = f"{node.name} ({'RoPE, ' if freq else ''}K/V cache write)"
         out = self._arena(node.output[0], ["T", hq, d])
         self.ops.append(Op("attention", [q_out, contract.SEQ_STARTS, contract.CONTEXT_LENS,
@@ -610,8 +623,85 @@ class Lowering:
                                 block_size=int(_attr(node, "block_size")),
                                 scale=float(_attr(node, "scale")),
                                 window=int(_attr(node, "sliding_window", 0)),
-                                softcap=float(_attr(node, "softcap", 0.0))), node.name))
+                                softcap=float(_attr(node, "softcap", 0.0)), **pool), node.name))
         self.done.add(id(node))
+
+    def _attention_inputs(self, node) -> tuple[str, str, str, str]:
+        """q, k, v and the pool input of a PagedAttention node; over an FP8 pool, k and v
+        before the Q/DQ round trip that _claim_e4m3_pool took."""
+        q, k, v, cache = node.input[:4]
+        site = self.e4m3.get(id(node))
+        return (q, site["k"], site["v"], site["pool"]) if site else (q, k, v, cache)
+
+    def _claim_e4m3_pool(self, node) -> None:
+        """A PagedAttention over an FP8 pool, as quantization/kv.py writes it (s = [s_k, s_v]
+        on axis 0, zero points 0):
+
+            rows = Concat(Unsqueeze(k), Unsqueeze(v))
+            kv_rows_out_l = QuantizeLinear(rows, s)
+            k', v' = Gather(DequantizeLinear(kv_rows_out_l, s), 0 | 1)
+            PagedAttention(q, k', v', DequantizeLinear(kv_cache_l, s), ...)
+
+        Its Q/DQ nodes become attributes: the rope kernel writes the E4M3 bytes of k / s_k and
+        v / s_v into the pool, and attention reads every key, this step's too, back from it
+        times the scales. That is the graph's one rounding, so the rows output (which the
+        reference session writes into its pool) is not needed here."""
+        g = self.g
+        pool_dq = g.producer.get(node.input[3])
+        if pool_dq is None or pool_dq.op_type != "DequantizeLinear":
+            return
+        pool = pool_dq.input[0]
+        layer = contract.kv_layer(pool)
+        bad = f"PagedAttention node {node.name!r} reads an FP8 pool in a form other than " \
+              "quantization/kv.py's"
+        k_side, v_side = (g.producer.get(x) for x in node.input[1:3])
+        if layer is None or pool != contract.kv_cache_input(layer) or any(
+                x is None or x.op_type != "Gather" or _attr(x, "axis", 0) != 0
+                for x in (k_side, v_side)):
+            raise UnsupportedGraph(bad)
+        rows_dq = g.producer.get(k_side.input[0])
+        sides = [g.const(x.input[1]) for x in (k_side, v_side)]
+        if v_side.input[0] != k_side.input[0] or rows_dq is None or \
+                rows_dq.op_type != "DequantizeLinear" or any(
+                    x is None or x.size != 1 for x in sides) or \
+                [int(x.reshape(-1)[0]) for x in sides] != [0, 1]:
+            raise UnsupportedGraph(bad)
+        quant = g.producer.get(rows_dq.input[0])
+        if quant is None or quant.op_type != "QuantizeLinear" or \
+                rows_dq.input[0] != contract.kv_rows_output(layer):
+            raise UnsupportedGraph(bad)
+        concat = g.producer.get(quant.input[0])
+        unsq = [g.producer.get(x) for x in concat.input] if concat is not None and \
+            concat.op_type == "Concat" and _attr(concat, "axis") == 0 else []
+        if len(unsq) != 2 or any(u is None or u.op_type != "Unsqueeze" or g.const(u.input[1])
+                                 is None or list(g.const(u.input[1]).reshape(-1)) != [0]
+                                 for u in unsq):
+            raise UnsupportedGraph(bad)
+        scales = self._kv_scales(node, (quant, rows_dq, pool_dq))
+        if self.arch not in lr.E4M3_ARCHS:
+            raise UnsupportedGraph(f"an FP8 KV cache needs a GPU of compute capability 8.9 or "
+                                   f"newer (its kernels convert to and from E4M3 with "
+                                   f"instructions of sm_89), not {self.arch}; build with "
+                                   "--kv-cache-dtype auto")
+        self.e4m3[id(node)] = dict(k=unsq[0].input[0], v=unsq[1].input[0], pool=pool,
+                                   scales=scales)
+        self.done.update(id(n) for n in (pool_dq, k_side, v_side, rows_dq, quant, concat, *unsq))
+
+    def _kv_scales(self, node, qdq) -> list[float]:
+        """The one [s_k, s_v] on axis 0, zero points 0, that an FP8 pool's Q/DQ nodes share."""
+        g, seen = self.g, set()
+        for n in qdq:
+            s = g.const(n.input[1])
+            zero = g.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            if s is None or s.shape != (2,) or _attr(n, "axis", 1) != 0 or \
+                    (zero is not None and np.asarray(zero, np.float32).any()):
+                raise UnsupportedGraph(f"{n.name!r}: an FP8 pool's Q/DQ take one K and one V "
+                                       "scale on axis 0 and zero points 0")
+            seen.add(tuple(float(x) for x in np.asarray(s, np.float32)))
+        if len(seen) != 1:
+            raise UnsupportedGraph(f"PagedAttention node {node.name!r}: the Q/DQ of its FP8 "
+                                   "pool disagree on the scales")
+        return list(seen.pop())
 
     def _rope_side(self, value: str):
         """q or k: Squeeze(RotaryEmbedding(Unsqueeze([RMSNorm](Reshape(Split[i]))))), or

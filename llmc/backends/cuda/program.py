@@ -116,16 +116,18 @@ def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
 
 def _rope_cache(op: Op, s: Step, b: int, width: int, dt: str, P) -> tuple:
     """RoPE (+ QKV bias, + the per-head q/k norm) and the K/V cache write: (Launch, args).
-    rot 0 (learned positions, GPT-2): no rotation and no inv_freq table."""
+    rot 0 (learned positions, GPT-2): no rotation and no inv_freq table. kv_scale: the pool
+    is E4M3, written as x / scale."""
     a, (qkv, bias, pos, freq, starts, tables, *norms) = op.attrs, op.inputs
-    qk_norm = "qk_norm_eps" in a
+    qk_norm, e4m3 = "qk_norm_eps" in a, "kv_scale" in a
     launch = lr.rope_launch(s.tokens, a["hq"], a["hkv"], a["d"], a["rot"], dt, False,
-                            bias is not None, True, qk_norm)
+                            bias is not None, True, qk_norm, e4m3)
     return launch, [
         P(qkv), *([P(bias)] if bias is not None else []), *map(P, norms if qk_norm else ()),
         P(pos), P(freq) if freq is not None else DevPtr(0), P(starts), P(tables),
         s.tokens, a["hq"], a["hkv"], a["d"], a["rot"], b, width, a["block_size"], s.num_blocks,
         *([lr.float_bits(a["qk_norm_eps"])] if qk_norm else []),
+        *(map(lr.float_bits, a["kv_scale"]) if e4m3 else ()),
         *map(P, op.outputs), P(contract.kv_cache_input(a["layer"]))]
 
 
@@ -170,7 +172,8 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
         elif kind == "attention":
             att = ap.attention_plan(t, b, a["hq"], a["hkv"], a["d"], width, a["block_size"],
                                     dt, s.sm_count, write_kv=False, max_smem=s.max_smem,
-                                    window=a["window"], softcap=a.get("softcap", 0.0))
+                                    window=a["window"], softcap=a.get("softcap", 0.0),
+                                    e4m3="kv_scale" in a)
             lse = ap.workspace_lse_offset(att, t, a["hq"], a["d"])
             dims = dict(tokens=t, batch=b, hq=a["hq"], hkv=a["hkv"], d=a["d"],
                         max_blocks=width, block_size=a["block_size"], num_blocks=s.num_blocks)
@@ -179,7 +182,8 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
                     contract.CONTEXT_LENS: P(ins[2]), contract.BLOCK_TABLES: P(ins[3]),
                     "cache": P(contract.kv_cache_input(a["layer"])), "out": P(outs[0]),
                     "ws_o": DevPtr(ws), "ws_lse": DevPtr(ws + lse)}
-            for launch, args in ap.attention_launches(att, dims, a["scale"], ptrs):
+            for launch, args in ap.attention_launches(att, dims, a["scale"], ptrs,
+                                                      a.get("kv_scale")):
                 yield "kernel", launch, args
         elif kind == "gather_rows":
             yield "kernel", lr.gather_rows_launch(b, a["hidden"], dt), [

@@ -178,7 +178,7 @@ class CudaSession:
                 ws = max(ws, attention_workspace_bound(
                     lim.max_num_tokens, lim.max_batch_size, a["hq"], a["hkv"], a["d"],
                     self.max_width, a["block_size"], self.sm_count, max_smem=self.max_smem,
-                    window=a["window"]))
+                    window=a["window"], e4m3="kv_scale" in a))
         self.attn_ws = self.mem.alloc(ws, "the attention workspace")
         gemm_ws = self.mem.alloc(GEMM_WORKSPACE, "the cuBLASLt workspace")
         self.blas = Blas(gemm_ws, GEMM_WORKSPACE)
@@ -211,6 +211,13 @@ class CudaSession:
         from cuda.bindings import driver
 
         io = self.io
+        # The kernels read the pool as the plan says (E4M3 where its ops carry kv_scale): the
+        # header's KV dtype, which sizes it, must agree.
+        e4m3 = {"kv_scale" in op.attrs for op in self.plan.ops if op.op == "attention"}
+        if e4m3 != {io.kv_dtype == FP8}:
+            raise LlmcError(f"this engine's plan and header disagree on the KV cache dtype "
+                            f"({io.kv_dtype}); rebuild it")
+        # An E4M3 pool is one byte an element: the same budget holds twice the blocks.
         self.block_bytes = 2 * io.kv_heads * io.block_size * io.head_dim * itemsize(io.kv_dtype)
         per_block = self.block_bytes * io.num_layers
         free, total = check(driver.cuMemGetInfo())
