@@ -31,19 +31,21 @@ def make_batch(lens_new, ctx, hq, hkv, d, bs, dtype, extra_blocks=7):
     return (q, k, v, starts.cuda(), ctx_t.cuda(), tables.cuda(), cache)
 
 
-def ref_attention(q, k, v, starts, ctx, tables, cache, scale, window=0, softcap=0.0):
+def ref_attention(q, k, v, starts, ctx, tables, cache, scale, window=0, softcap=0.0,
+                  write=True):
     """SDPA on the gathered cache, the new rows written first (so this also states where
     they must land). window > 0: position p sees keys p - window < j <= p (HF Mistral).
     softcap > 0 (Gemma 2): the scaled scores become softcap * tanh(s / softcap) before the
-    mask, in fp32 (HF's eager attention; SDPA has no soft-cap)."""
+    mask, in fp32 (HF's eager attention; SDPA has no soft-cap). write=False: the cache holds
+    the new rows already (k and v unused: an E4M3 pool, which the rope kernel writes)."""
     cache = cache.clone()
     bs = cache.shape[3]
     out = torch.empty_like(q)
-    hq, hkv = q.shape[1], k.shape[1]
+    hq, hkv = q.shape[1], cache.shape[2]
     for s in range(len(ctx)):
         a, e = int(starts[s]), int(starts[s + 1])
         n, c = e - a, int(ctx[s])
-        for i in range(n):
+        for i in range(n if write else 0):
             p = c - n + i
             blk = int(tables[s, p // bs])
             cache[0, blk, :, p % bs] = k[a + i]

@@ -234,3 +234,66 @@ def test_softcap_takes_its_own_entries_and_one_more_argument():
         with pytest.raises(ValueError, match="soft-cap"):
             ap.attention_plan(2, 2, 8, 2, 64, 4, 16, "float16", 132, max_smem=H100,
                               softcap=bad)
+
+
+def test_e4m3_pool_takes_its_own_entries_and_its_scales():
+    """--kv-cache-dtype fp8: the E4M3-pool kernels are their own entries and modules (soft-
+    capped ones too), the K and V scales' bits follow the window (before a cap's), the pool is
+    written by the rope kernel (no kv_write), and a plan and its scales come together."""
+    ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
+                          "cache", "out", "ws_o", "ws_lse")}
+    dims = ap.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 128), (2, 300))
+    kw = dict(write_kv=False, max_smem=H100, window=64)
+    dec = ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "float16", 132, e4m3=True, **kw)
+    plain = ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "float16", 132, **kw)
+    assert dec.e4m3 and dec.main.kernel == "attn_decode_f16_d128_e4m3"
+    assert dec.main.module == "paged_attention_e4m3" and dec.reduce == plain.reduce
+    assert (dec.n_split, dec.main.grid) == (plain.n_split, plain.main.grid)
+    assert dec.main.smem == ap.decode_smem(128, 3, e4m3=True) < plain.main.smem
+    scales = (0.25, 0.0625)
+    (_, ma), _ = ap.attention_launches(dec, dims, 0.5, ptr, scales)   # no kv_write
+    sc = [2, 2, 32, 8, 300, 16, 100, float_bits(0.5), 64, float_bits(0.25), float_bits(0.0625)]
+    assert ma == ["q", "seq_starts", "context_lens", "block_tables", "cache", *sc,
+                  dec.n_split, dec.chunk, "out", "ws_o", "ws_lse"]
+    cap = ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, e4m3=True,
+                            softcap=30.0, **kw)
+    assert cap.main.kernel == "attn_prefill_bf16_d128_w8s_e4m3_softcap"
+    assert cap.main.module == "paged_attention_softcap_e4m3" in ap.E4M3_MODULES
+    assert cap.main.smem == ap.prefill_smem(128, "w8s", e4m3=True)
+    [(_, args)] = ap.attention_launches(cap, {**dims, "tokens": 9}, 0.5, ptr, scales)
+    assert args[-6:] == [64, float_bits(0.25), float_bits(0.0625), float_bits(30.0), 4, "out"]
+    with pytest.raises(ValueError, match="scales"):
+        ap.attention_launches(dec, dims, 0.5, ptr)
+    with pytest.raises(ValueError, match="scales"):
+        ap.attention_launches(plain, dims, 0.5, ptr, scales)
+    with pytest.raises(ValueError, match="rope kernel"):
+        ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "float16", 132, max_smem=H100, e4m3=True)
+    assert {ap.attention_module(c, e) for c in (0.0, 1.0) for e in (False, True)} == {
+        "paged_attention", ap.SOFTCAP_MODULE, *ap.E4M3_MODULES}
+
+
+def test_e4m3_pool_shared_memory():
+    """Byte stages and one pair of 16-bit tiles: the decode kernel's 3 stages fit where the
+    16-bit pool's do not (99 KB, sm_89/120), the combine still fits in the reused tiles, and
+    the fallbacks follow the E4M3 sizes."""
+    for d in ap.HEAD_DIMS:
+        for st in ap.DECODE_STAGES:
+            e4m3 = ap.decode_smem(d, st, e4m3=True)
+            assert e4m3 - 16 * d * 2 == max(2 * 64 * d * 2 + st * 2 * 64 * d,
+                                            4 * 16 * d * 4 + 512)
+            assert e4m3 <= ap.decode_smem(d, st)
+        for variant in ap.PREFILL_WARPS:
+            assert ap.prefill_smem(d, variant, e4m3=True) == \
+                ap.prefill_smem(d, variant) + 2 * 64 * d <= 99 * 1024
+    assert ap.decode_smem(128, 3, e4m3=True) <= 99 * 1024 < ap.decode_smem(128, 3)
+    args = (4, 4, 32, 8, 128, 256, 16, "float16", 132)
+    kw = dict(write_kv=False, e4m3=True)
+    for smem, kernel in [(ap.decode_smem(128, 3, True), "attn_decode_f16_d128_e4m3"),
+                         (ap.decode_smem(128, 3, True) - 1, "attn_decode_f16_d128_s2_e4m3"),
+                         # w8s with byte tiles needs more than 2 decode stages: then w4
+                         (ap.decode_smem(128, 2, True) - 1, "attn_prefill_f16_d128_w4_e4m3")]:
+        plan = ap.attention_plan(*args, max_smem=smem, **kw)
+        assert plan.main.kernel == kernel and plan.main.smem <= smem
+    assert ap.attention_workspace_bound(4, 4, 32, 8, 128, 256, 16, 132, max_smem=H100,
+                                        e4m3=True) == ap.attention_workspace_bound(
+        4, 4, 32, 8, 128, 256, 16, 132, max_smem=H100)

@@ -45,7 +45,10 @@ def _entry_names():
             for bias in (False, True):
                 for cache in (False, True):
                     names.add(lr.rope_launch(1, 2, 1, 64, 32, dt, il, bias, cache))
-                names.add(lr.rope_launch(1, 2, 1, 64, 32, dt, il, bias, True, qk_norm=True))
+                for e4m3 in (False, True):   # the cache in the dtype, or E4M3
+                    names.add(lr.rope_launch(1, 2, 1, 64, 32, dt, il, bias, True, e4m3=e4m3))
+                    names.add(lr.rope_launch(1, 2, 1, 64, 32, dt, il, bias, True, qk_norm=True,
+                                             e4m3=e4m3))
         for d in ap.HEAD_DIMS:
             for smem in set(MAX_SMEM_OPTIN.values()):
                 for cap in (0.0, 50.0):
@@ -55,12 +58,16 @@ def _entry_names():
                                             softcap=cap)
                     names.update({dec.main, dec.reduce, dec.kv_write, pre.main})
             for cap in (0.0, 1.0):
-                names.update(ap.prefill_plan(9, 4, 8, 2, d, 16, dt, variant=v,
-                                             max_smem=ap.prefill_smem(d, v), softcap=cap).main
-                             for v in ap.PREFILL_WARPS)
-                names.update(ap.decode_plan(4, 8, 2, d, 64, 16, dt, 132,
-                                            max_smem=ap.decode_smem(d, st), softcap=cap).main
-                             for st in ap.DECODE_STAGES)
+                for e4m3 in (False, True):   # the pool in the dtype, or E4M3 (written by rope)
+                    kw = dict(softcap=cap, e4m3=e4m3, write_kv=not e4m3)
+                    names.update(ap.prefill_plan(9, 4, 8, 2, d, 16, dt, variant=v,
+                                                 max_smem=ap.prefill_smem(d, v, e4m3),
+                                                 **kw).main
+                                 for v in ap.PREFILL_WARPS)
+                    names.update(ap.decode_plan(4, 8, 2, d, 64, 16, dt, 132,
+                                                max_smem=ap.decode_smem(d, st, e4m3),
+                                                **kw).main
+                                 for st in ap.DECODE_STAGES)
     names.add(lr.sample_launch(1, 1000))
     names.add(lr.softcap_launch(1000, 132))
     return {(ln.module, ln.kernel) for ln in names}

@@ -63,6 +63,15 @@ def test_rope_shapes_and_names():
     assert none.kernel == "rope_bias_cache_half_f16" and none.grid == (3, 3, 1)
     with pytest.raises(ValueError):
         lr.rope_launch(3, 12, 12, 64, -2, "float16")
+    # an E4M3 pool (--kv-cache-dtype fp8): the cache-writing entries with _e4m3, same grid
+    e4m3 = lr.rope_launch(9, 32, 8, 128, 64, "bfloat16", interleaved=True, bias=True,
+                          write_cache=True, e4m3=True)
+    assert e4m3.kernel == "rope_bias_cache_e4m3_interleaved_bf16"
+    assert (e4m3.grid, e4m3.block) == (ln.grid, ln.block)
+    assert lr.rope_launch(1, 4, 2, 64, 64, "float16", write_cache=True, qk_norm=True,
+                          e4m3=True).kernel == "rope_qknorm_cache_e4m3_half_f16"
+    with pytest.raises(ValueError, match="write the cache"):
+        lr.rope_launch(9, 32, 8, 128, 64, "float16", e4m3=True)
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (14, 2, 64), (4, 2, 64), (64, 8, 256)])

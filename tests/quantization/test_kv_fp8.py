@@ -4,7 +4,9 @@
   rounding by ml_dtypes), and the bytes it hands back are the ones the reference stores;
 - the reference session's pool after a prefill and decode steps equals that reference's;
 - tiny models build, run, stay within their accuracy budgets, alone and with --quant fp8;
-- the cuda backend refuses it, bad values are one error line, `llmc inspect` shows it.
+- the cuda backend refuses it for targets below sm_89 (its kernels:
+  tests/core/backends/test_cuda_kv_fp8.py), bad values are one error line, `llmc inspect`
+  shows it.
 """
 
 from __future__ import annotations
@@ -236,8 +238,9 @@ def test_inspect_shows_the_kv_dtype(tiny_models, tmp_path, words, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--kv-cache-dtype", "int8"], "Invalid value for '--kv-cache-dtype'"),
-    (["--kv-cache-dtype", "fp8", "--backend", "cuda", "--gpu-arch", "sm_90a"],
-     "error: --kv-cache-dtype fp8: the cuda backend"),
+    (["--kv-cache-dtype", "fp8", "--backend", "cuda", "--gpu-arch", "sm_86"],
+     "error: --kv-cache-dtype fp8: the cuda backend's FP8 KV cache needs a GPU of compute "
+     "capability 8.9 or newer"),
 ])
 def test_bad_kv_options_are_one_error_line(tiny_models, tmp_path, capsys, args, message):
     folder, _ = tiny_models["llama-gqa"]
@@ -247,7 +250,7 @@ def test_bad_kv_options_are_one_error_line(tiny_models, tmp_path, capsys, args, 
     err = capsys.readouterr().err.strip()
     assert message in err and not (tmp_path / "x.engine").exists()
     if message.startswith("error:"):
-        assert len(err.splitlines()) == 1 and "--backend reference" in err
+        assert len(err.splitlines()) == 1 and "--gpu-arch sm_89" in err
 
 
 def test_tensorrt_rtx_builds_the_fp8_kv_graph(tiny_models, tmp_path, words):
