@@ -6,7 +6,8 @@ conversions need).
   bytes exactly the E4M3 of k / s_k and v / s_v (round to nearest even, saturating at 448:
   ml_dtypes, the rounding the reference backend's QuantizeLinear has, tested in
   tests/quantization/test_kv_fp8.py) at the rows the block tables name, every other byte
-  untouched; with and without RoPE, bias and the q/k norm;
+  untouched; with and without RoPE, bias and the q/k norm, a thread a pair or (where the
+  kernel has it) 8 elements;
 - paged attention over an E4M3 pool, every kernel (decode with 3 and 2 stages, prefill w8s
   and w4 with each head packing, soft-capped, windowed) on ragged batches against SDPA on
   the pool dequantized as the graph's DequantizeLinear does (the E4M3 value times the scale,
@@ -118,7 +119,9 @@ def scales_for(cache, dtype, share=1.0):
     (32, 8, 128, 128, True, False),     # 6 CTAs a token
     (12, 12, 64, 0, True, False),       # GPT-2: no rotation, K/V cached as they come
     (16, 8, 128, 64, False, True),      # partial rotary after the q/k norm (Qwen3, Gemma 3)
-    (14, 2, 64, 64, True, True)])       # heads over 2 CTAs, a CTA's threads past its pairs
+    (14, 2, 64, 64, True, True),        # heads over 2 CTAs, a CTA's threads past its pairs
+    (6, 6, 80, 24, True, False)])       # partial rotary in no whole 16-byte units: a pair a
+#                                         thread (rotate-half), as the q/k-norm entries
 def test_rope_writes_e4m3_rows(K, dtype, interleaved, hq, hkv, d, rot, bias, qk_norm):
     lens, ctx, bs = [5, 1, 70], [5, 40, 100], 16
     _, _, _, starts, cl, tables, cache16 = make_batch(lens, ctx, hq, hkv, d, bs, dtype)
