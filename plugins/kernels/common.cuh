@@ -60,17 +60,33 @@ __device__ __forceinline__ u32 e4m3x4(float a, float b, float c, float d) {
   return (u32)e4m3x2(a, b) | ((u32)e4m3x2(c, d) << 16);
 }
 
-// Two E4M3 bytes (lo in the low byte) -> two floats, exactly: every E4M3 value is an f16.
-__device__ __forceinline__ void e4m3x2_to_f32(unsigned short v, float& lo, float& hi) {
+// Two E4M3 bytes (lo in the low byte) -> an f16x2 (lo in the low half), exactly: every E4M3
+// value is an f16.
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(unsigned short v) {
 #if __CUDA_ARCH__ >= 890
   u32 h2;
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(v));
-  lo = F16::to_f((u16)(h2 & 0xffffu));
-  hi = F16::to_f((u16)(h2 >> 16));
+  return h2;
 #else
   __trap();
-  lo = hi = 0.f;
+  return 0;
 #endif
+}
+
+// Two E4M3 bytes (lo in the low byte) times a scale -> two values of T packed (lo in the low
+// half), each rounded once: what DequantizeLinear gives. The product of an E4M3 value and a
+// 16-bit scale is exact in fp32; fp16 (s2: the scale, a value of fp16, in both halves) takes
+// the one f16x2 multiply, whose single rounding of the exact product is the same.
+template <typename T>
+__device__ __forceinline__ u32 e4m3x2_scaled(unsigned short v, float scale, u32 s2) {
+  const u32 h2 = e4m3x2_to_f16x2(v);
+  if constexpr (T::is_bf16) {
+    return T::pack2(F16::to_f((u16)(h2 & 0xffffu)) * scale, F16::to_f((u16)(h2 >> 16)) * scale);
+  } else {
+    u32 r;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(h2), "r"(s2));
+    return r;
+  }
 }
 
 // The access type of VEC 16-bit values (for copies that need no conversion).

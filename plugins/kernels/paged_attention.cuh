@@ -102,25 +102,23 @@ __device__ __forceinline__ void load_kv_tile(C* dst, const C* cache, const int* 
 }
 
 // Rows [r0, r0 + rows) of a staged E4M3 tile ([BN][D] bytes) -> the swizzled tile of T the
-// MMA reads, x * scale rounded to T once: what the graph's DequantizeLinear gives (the E4M3
-// value and its product with a 16-bit scale are exact in fp32). Threads tid, tid + nt, ...
-// share the rows; zero bytes (the zero-filled rows past the context) stay zero.
+// MMA reads, x * scale rounded to T once: what the graph's DequantizeLinear gives (scale is
+// the graph's, a value of T). Threads tid, tid + nt, ... share the rows; zero bytes (the
+// zero-filled rows past the context) stay zero.
 template <typename T, int D>
 __device__ __forceinline__ void dequant_tile(u16* dst, const u8* src, float scale, int r0,
                                              int rows, int tid, int nt) {
   constexpr int CH = D / 8;  // 8 values a step: 8 bytes in, 16 bytes out
+  const u32 s2 = F16::pack2(scale, scale);  // fp16's multiplier (unused for bf16)
   for (int i = tid; i < rows * CH; i += nt) {
     const int r = r0 + i / CH, c = i % CH;
     const uint2 raw = *reinterpret_cast<const uint2*>(src + r * D + c * 8);
-    const u32 w[2] = {raw.x, raw.y};
-    u32 h[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float lo, hi;
-      e4m3x2_to_f32((unsigned short)(w[j >> 1] >> (16 * (j & 1))), lo, hi);
-      h[j] = T::pack2(lo * scale, hi * scale);
-    }
-    *reinterpret_cast<uint4*>(dst + swz<D>(r, c)) = make_uint4(h[0], h[1], h[2], h[3]);
+    uint4 h;
+    h.x = e4m3x2_scaled<T>((unsigned short)(raw.x & 0xffffu), scale, s2);
+    h.y = e4m3x2_scaled<T>((unsigned short)(raw.x >> 16), scale, s2);
+    h.z = e4m3x2_scaled<T>((unsigned short)(raw.y & 0xffffu), scale, s2);
+    h.w = e4m3x2_scaled<T>((unsigned short)(raw.y >> 16), scale, s2);
+    *reinterpret_cast<uint4*>(dst + swz<D>(r, c)) = h;
   }
 }
 
