@@ -65,8 +65,9 @@ class TensorRTBackend:
             raise LlmcError(
                 f"{engine.path} keeps an FP8 KV cache (--kv-cache-dtype fp8), whose new K/V "
                 f"rows the session must write into its pools; the {self.name} session does "
-                "not write them yet (a kernel that writes them is issue #10 item 4). Rebuild "
-                "with --kv-cache-dtype auto, or with --backend reference to run it on the CPU")
+                "not write them yet. Rebuild with --kv-cache-dtype auto, or with --backend "
+                "cuda (sm_89 and newer: its kernels keep an E4M3 pool) or --backend reference "
+                "(the CPU)")
         if shim.is_importable(self.name)[0]:
             # A plan loads only in the library version that built it: say so up front.
             built_with = engine.header.versions.get("library_version")
