@@ -197,8 +197,9 @@ def test_fp8_kv_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, 
     from llmc.backends.reference import ReferenceSession
 
     folder, model = tiny_models_d64[kind]
-    _build(folder, tmp_path / "c.engine", words, arch=None)
-    _build(folder, tmp_path / "r.engine", words, backend="reference")
+    built = _build(folder, tmp_path / "c.engine", words, arch=None)
+    ref_built = _build(folder, tmp_path / "r.engine", words, backend="reference")
+    assert built.quant.kv_scales == ref_built.quant.kv_scales   # one calibration
     rng = np.random.default_rng(1)
     lengths, bs = [21, 37, 13], LIMITS.kv_block_size
     per_seq = -(-(max(lengths) + 16) // bs)
