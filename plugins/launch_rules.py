@@ -120,6 +120,8 @@ FP8_ARCHS = ("sm_90a",)
 # An E4M3 KV pool (--kv-cache-dtype fp8; rope_launch's and attention_plan's e4m3): the E4M3
 # conversions (cvt ... e4m3x2) exist from sm_89.
 E4M3_ARCHS = ("sm_89", "sm_90a", "sm_100a", "sm_120")
+E4M3_NEEDS = ("a GPU of compute capability 8.9 or newer (its kernels convert to and from E4M3 "
+              "with instructions sm_89 introduced)")   # the reason, for error messages
 
 
 def int4_group_shift(group: int) -> int:

@@ -74,18 +74,16 @@ class CudaBackend:
 
     def can_store_kv(self, dtype: str) -> tuple[bool, str]:
         """fp8: an E4M3 pool, written and read by kernels that need sm_89+."""
-        from llmc.plugins.launch_rules import E4M3_ARCHS
+        from llmc.plugins.launch_rules import E4M3_ARCHS, E4M3_NEEDS
 
         try:
             arch = self.target_arch()
         except LlmcError as e:
             return False, str(e)
         if arch not in E4M3_ARCHS:
-            return False, (f"the cuda backend's FP8 KV cache needs a GPU of compute capability "
-                           f"8.9 or newer (its kernels convert to and from E4M3 with "
-                           f"instructions sm_89 introduced), and the target is {arch}; build "
-                           f"with --kv-cache-dtype auto, or for --gpu-arch "
-                           f"{', '.join(E4M3_ARCHS)}")
+            return False, (f"the cuda backend's FP8 KV cache needs {E4M3_NEEDS}, and the "
+                           f"target is {arch}; build with --kv-cache-dtype auto, or for "
+                           f"--gpu-arch {', '.join(E4M3_ARCHS)}")
         return True, ""
 
     def target_arch(self) -> str:

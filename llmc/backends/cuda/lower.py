@@ -679,10 +679,8 @@ class Lowering:
             raise UnsupportedGraph(bad)
         scales = self._kv_scales(node, (quant, rows_dq, pool_dq))
         if self.arch not in lr.E4M3_ARCHS:
-            raise UnsupportedGraph(f"an FP8 KV cache needs a GPU of compute capability 8.9 or "
-                                   f"newer (its kernels convert to and from E4M3 with "
-                                   f"instructions of sm_89), not {self.arch}; build with "
-                                   "--kv-cache-dtype auto")
+            raise UnsupportedGraph(f"an FP8 KV cache needs {lr.E4M3_NEEDS}, not {self.arch}; "
+                                   "build with --kv-cache-dtype auto")
         self.e4m3[id(node)] = dict(k=unsq[0].input[0], v=unsq[1].input[0], pool=pool,
                                    scales=scales)
         self.done.update(id(n) for n in (pool_dq, k_side, v_side, rows_dq, quant, concat, *unsq))
