@@ -14,7 +14,7 @@ from pathlib import Path
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
 MODULES = ("norm", "activation", "gemv", "qgemv", "rope", "paged_attention",
-           "paged_attention_softcap", "glue", "sampling")
+           "paged_attention_softcap", "glue", "sampling", "moe")
 DEFAULT_ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
 
 
