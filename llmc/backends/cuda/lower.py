@@ -17,6 +17,13 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
       (quantization/qdq.py's forms)                                    dequantized INT4
                                                                        weight / FP8 x
     llmc FusedSwiGLU / FusedGeGLU                 swiglu / geglu       activation.cu
+    llmc SwiGLU (gate, up apart)                  swiglu2              activation.cu
+    a mixture of experts (routed_experts: the     moe                  moe.cu (routing and
+      router logits' Cast, Softmax, TopK [, Div],                      grouping on the GPU,
+      ScatterElements, the stacked gate-up                             grouped GEMMs over
+      MatMul, FusedSwiGLU, the down MatMul, the                        the routed rows,
+      weighted ReduceSum, its Cast [, Qwen2-MoE's                      weighted combine)
+      Add of Sigmoid(gate) * shared expert])
     llmc PagedAttention with its q/k/v chain:     rope_cache           rope.cu (RoPE, QKV bias,
       MatMul [+ Add bias] -> Split -> Reshape                          q/k norms, K/V written
       [-> RMSNormalization per head (q, k)]                            into the layer's pool
@@ -37,7 +44,8 @@ A node with no mapping is a build error that names it. Memory: every activation 
 offset in one arena, reusing space once a value is dead (first fit over live intervals,
 sizes at the build limits); weights keep the offsets `save_onnx` gave them in weights.bin,
 which becomes the engine's weights section, GEMM weights rewritten in place from the graph's
-[in, out] to [out, in] (rewrite_weights), the layout a decode GEMV streams row by row.
+[in, out] to [out, in] (rewrite_weights; stacked experts each), the layout a decode GEMV
+streams row by row.
 """
 
 from __future__ import annotations
