@@ -355,7 +355,7 @@ MOE_MAX_EXPERTS = 256      # MOE_MAX_EXPERTS in kernels/moe.cu: 8 router logits 
 MOE_MAX_TOPK = 8           # MOE_MAX_TOPK: a token's picks sorted in registers
 MOE_ROUTE_THREADS = 1024   # MOE_ROUTE_THREADS: the routing kernel is one CTA
 # positions a GEMM tile (moe_gemm_*_m<BM>) -> (warps over N, warps over K)
-MOE_GEMM_SHAPES = {8: (1, 8), 64: (8, 1)}
+MOE_GEMM_SHAPES = {8: (1, 8), 64: (4, 2)}
 MAX_GRID_Y = 65535
 
 
@@ -397,7 +397,9 @@ def moe_route_launch(tokens: int, experts: int, top_k: int, dtype: str) -> Launc
     moe_check(experts, top_k, 8, 8)
     if not 0 < tokens * moe_meta_ints(experts, top_k) <= INT32_MAX:
         raise ValueError(f"MoE routing of {tokens} tokens")
-    return Launch("moe", f"moe_route_{dtype_tag(dtype)}", (1, 1, 1), (MOE_ROUTE_THREADS, 1, 1))
+    # a warp a token for the softmax and top-k; a decode step's CTA stays small
+    threads = min(MOE_ROUTE_THREADS, max(128, 32 * tokens))
+    return Launch("moe", f"moe_route_{dtype_tag(dtype)}", (1, 1, 1), (threads, 1, 1))
 
 
 def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype: str,

@@ -45,7 +45,7 @@ __device__ __forceinline__ bool moe_better(float v, int i, float bv, int bi) {
   return v > bv || (v == bv && i < bi);
 }
 
-// One CTA of MOE_ROUTE_THREADS threads. Step 1: a warp a token, softmax and top-k. Step 2:
+// One CTA of up to MOE_ROUTE_THREADS threads (launch_rules: 32 a token, at least 128). Step 1: a warp a token, softmax and top-k. Step 2:
 // counts, offsets and tiles. Step 3: positions, stable (token order within an expert):
 // the block walks the routed rows in chunks of its size; lanes of a warp that chose the
 // same expert find each other with __match_any_sync, and each warp's count per expert,
@@ -223,7 +223,9 @@ __device__ __forceinline__ void moe_gemm(const u16* __restrict__ x, const u16* _
   const int* tile = meta + 2 + experts + 3 * blockIdx.y;
   const int e = tile[0], r0 = tile[1], rows = min(tile[2] - tile[1], BM);
   const int o0 = (blockIdx.x * WN + wn) * OUTW;
-  if (SK == 1 && o0 >= n) return;               // (SK > 1: WN is 1, o0 < n for the grid)
+  // a warp past N: with SK == 1 it has nothing to do; with SK > 1 it still meets the
+  // barrier below (its loads clamped to the last row, its stores skipped)
+  if (SK == 1 && o0 >= n) return;
   const size_t wrows = ACT ? 2 * (size_t)n : (size_t)n;
   const u16* we = w + (size_t)e * wrows * k;
   // rows past the end re-read the last row (never stored), as in gemv.cu
@@ -361,8 +363,9 @@ __device__ __forceinline__ void moe_combine(const u16* __restrict__ y,
 // moe_combine[_shared]_<dt>_v<VEC>(y, pos_of, wts, gate-or-null, shared-or-null, T, H, k, out)
 // The two GEMM shapes (launch_rules.moe_gemm_launch picks by T): m8, a tile of up to 8
 // positions (decode: an expert has at most T rows) with 8 warps over K, as tc_gemv splits
-// K, so the few weight rows a CTA has still keep enough loads in flight; m64, 64 positions
-// and 8 warps over N (128 weight rows), each x chunk read by the CTA once from L2.
+// K, so the few weight rows a CTA has still keep enough loads in flight; m64, 64 positions,
+// 4 warps over N (64 weight rows) and 2 over K, each x chunk read by the CTA from L2 once
+// for 4 warps, and enough CTAs that a 4096-wide down GEMM still fills the GPU.
 #define MOE_GEMM(DT, TY, BM, NT, WN, SK, U)                                                    \
   extern "C" __global__ void __launch_bounds__(32 * WN * SK) moe_gemm_##DT##_m##BM(            \
       const u16* x, const u16* w, const int* perm, const int* meta, int experts, int n,       \
@@ -394,7 +397,7 @@ __device__ __forceinline__ void moe_combine(const u16* __restrict__ y,
     moe_route<TY>(logits, tokens, experts, top_k, renorm, bm, ids, wts, pos_of, perm, meta);  \
   }                                                                                            \
   MOE_GEMM(DT, TY, 8, 1, 1, 8, 2)                                                              \
-  MOE_GEMM(DT, TY, 64, 8, 8, 1, 2)                                                             \
+  MOE_GEMM(DT, TY, 64, 8, 4, 2, 2)                                                             \
   MOE_COMBINE(DT, TY, 8)                                                                       \
   MOE_COMBINE(DT, TY, 1)
 

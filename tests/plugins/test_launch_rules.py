@@ -254,19 +254,21 @@ def test_moe_tile_bound_holds_for_every_routing():
 
 
 def test_moe_launches():
-    route = lr.moe_route_launch(7, 8, 2, "bfloat16")
-    assert (route.kernel, route.grid, route.block) == ("moe_route_bf16", (1, 1, 1), (1024, 1, 1))
+    route = lr.moe_route_launch(7, 8, 2, "bfloat16")   # one CTA, a warp a token
+    assert (route.kernel, route.grid, route.block) == ("moe_route_bf16", (1, 1, 1), (224, 1, 1))
+    assert lr.moe_route_launch(1, 8, 2, "float16").block == (128, 1, 1)
+    assert lr.moe_route_launch(5000, 128, 8, "float16").block == (1024, 1, 1)
     # decode: 8-row tiles, 8 warps over K, 16 weight rows a CTA (8 outputs fused)
     gu = lr.moe_gemm_launch(1, 8, 2, 14336, 4096, "float16", act=True)
     assert gu.kernel == "moe_gemm_f16_m8_swiglu" and gu.grid == (14336 // 8, 2, 1)
     assert gu.block == (256, 1, 1)
     down = lr.moe_gemm_launch(1, 8, 2, 4096, 14336, "float16", act=False)
     assert down.kernel == "moe_gemm_f16_m8" and down.grid == (4096 // 16, 2, 1)
-    # prefill: 64-row tiles, 8 warps over N (128 weight rows, 64 fused outputs)
+    # prefill: 64-row tiles, 4 warps over N (64 weight rows, 32 fused outputs), 2 over K
     gu = lr.moe_gemm_launch(512, 8, 2, 14336, 4096, "bfloat16", act=True)
     assert gu.kernel == "moe_gemm_bf16_m64_swiglu" and gu.block == (256, 1, 1)
-    assert gu.grid == (14336 // 64, lr.moe_max_tiles(512, 8, 2), 1)
-    assert lr.moe_gemm_launch(512, 8, 2, 100, 64, "bfloat16", False).grid[0] == 1
+    assert gu.grid == (14336 // 32, lr.moe_max_tiles(512, 8, 2), 1)
+    assert lr.moe_gemm_launch(512, 8, 2, 100, 64, "bfloat16", False).grid[0] == 2
     comb = lr.moe_combine_launch(5, 4096, 2, "bfloat16", shared=True)
     assert comb.kernel == "moe_combine_shared_bf16_v8" and comb.grid == (5, 1, 1)
     assert lr.moe_combine_launch(5, 20, 2, "float16").kernel == "moe_combine_f16_v1"

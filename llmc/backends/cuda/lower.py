@@ -657,7 +657,7 @@ class Lowering:
         for w in (gu_mm.input[1], down_mm.input[1]):
             if len(g.consumers.get(w, [])) != 1:
                 fail(f"the expert weight {w!r} is read by more than its GEMM")
-        site = dict(topk=topk, logits=logits, x=x, gate_up=gu_mm.input[1],
+        site = dict(topk=topk, router_out=logits, x=x, gate_up=gu_mm.input[1],
                     down=down_mm.input[1], experts=experts, hidden=hidden, inter=inter,
                     top_k=k[0], renormalise=renormalise, gate=None, shared=None, anchor=end)
         # Qwen2-MoE: routed + sigmoid(shared gate) * shared expert, as the combine's epilogue
@@ -700,7 +700,7 @@ class Lowering:
         for name in (site["gate_up"], site["down"]):
             if _DTYPE_OF.get(self.g.weight(name).data_type) != self.dtype:
                 raise UnsupportedGraph(f"the expert weights {name!r} are not {self.dtype}")
-        x, logits = site["x"], site["logits"]
+        x, logits = site["x"], site["router_out"]
         for v in (x, logits, site["gate"], site["shared"]):
             if v is not None and (v not in self.values or self.values[v].shape[0] != "T"):
                 raise UnsupportedGraph(f"the MoE layer of {site['topk'].name!r} reads {v!r}, "
