@@ -16,6 +16,10 @@ logits (so random routing), it reports:
   cuBLAS loop: x rows gathered, gate-up, SwiGLU, down, weighted index_add; captured with
   the index lists precomputed, so none of its host work is timed), and the largest
   difference between the two outputs.
+
+--sweep also times the grouped GEMMs compiled with other shapes (warps over N and over K,
+chunks loaded ahead) from the same source, on the same routing: the figures that choose
+MOE_GEMM's parameters in moe.cu (launch_rules.MOE_GEMM_SHAPES).
 """
 from __future__ import annotations
 
@@ -31,6 +35,24 @@ from llmc.plugins.launch import DevPtr, Kernels
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
 TOKENS = (1, 8, 64, 512)
+# BM -> (warps over N, warps over K, chunks ahead) variants for --sweep; the shipped ones
+# are launch_rules.MOE_GEMM_SHAPES with U = 2
+SWEEP = {8: [(1, 4, 2), (1, 8, 1), (1, 8, 2), (1, 8, 4), (1, 16, 1), (1, 16, 2), (2, 4, 2)],
+         64: [(4, 2, 2), (4, 2, 1), (8, 1, 2), (8, 1, 1), (2, 4, 2), (4, 1, 2)]}
+
+
+def sweep_functions(K: Kernels):
+    """Every SWEEP shape as moe_sweep_m<BM>_wn<WN>_sk<SK>_u<U>[_swiglu], bf16."""
+    entries = "".join(
+        f"MOE_GEMM_ENTRY(moe_sweep_m{bm}_wn{wn}_sk{sk}_u{u}{suffix}, BF16, {bm // 8}, {wn}, "
+        f"{sk}, {u}, {act})\n"
+        for bm, shapes in SWEEP.items() for wn, sk, u in shapes
+        for suffix, act in (("", "false"), ("_swiglu", "true")))
+    src = "#define MOE_VARIANTS\n" + compiler.source("moe") + entries
+    cubin = compiler._compile_cached("moe_sweep", K.arch, False, src)
+    from llmc.plugins.launch import Functions
+
+    return Functions(K.arch, {"moe_sweep": cubin})
 
 
 def torch_layer(x, gate_up, down, ids, wts):
@@ -52,6 +74,7 @@ def torch_layer(x, gate_up, down, ids, wts):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--sweep", action="store_true", help="time other GEMM shapes too")
     args = ap.parse_args()
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -60,7 +83,8 @@ def main() -> None:
     gate_up = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda", dtype=bf) * HIDDEN ** -0.5
     down = torch.randn(EXPERTS, HIDDEN, INTER, device="cuda", dtype=bf) * INTER ** -0.5
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731  the capture's
-    rows = []
+    sweep = sweep_functions(K) if args.sweep else None
+    rows, sweep_rows = [], []
     for t in TOKENS:
         x = torch.randn(t, HIDDEN, device="cuda", dtype=bf)
         logits = torch.randn(t, EXPERTS, device="cuda", dtype=bf)
@@ -104,6 +128,21 @@ def main() -> None:
         diff = ((out_now.float() - ref_out.float()).abs().max()
                 / ref_out.float().abs().max()).item()
         rows.append((t, chosen, w_bytes, layer_s, parts_s, torch_s, flops, diff))
+        bm = lr.moe_block_m(t)
+        tiles = lr.moe_max_tiles(t, EXPERTS, TOP_K)
+        for wn, sk, u in SWEEP[bm] if sweep else ():
+            times = []
+            for fused, n, k, xin, w, p, out_buf in (
+                    (True, INTER, HIDDEN, x, gate_up, perm, act),
+                    (False, HIDDEN, INTER, act, down, None, y)):
+                ln = lr.Launch("moe_sweep", f"moe_sweep_m{bm}_wn{wn}_sk{sk}_u{u}"
+                               + ("_swiglu" if fused else ""),
+                               (-(-n // (wn * (8 if fused else 16))), tiles, 1),
+                               (32 * wn * sk, 1, 1))
+                a = [xin, w, p if p is not None else DevPtr(0), meta, EXPERTS, n, k, out_buf]
+                times.append(graph_time(
+                    [lambda ln=ln, a=a: sweep.launch(ln, a, stream())] * CALLS))
+            sweep_rows.append((t, bm, wn, sk, u, *times, chosen))
         print(f"T={t}: {layer_s * 1e6:.1f} us, {w_bytes / layer_s / DATASHEET_BW:.0%} of HBM",
               flush=True)
 
@@ -129,6 +168,16 @@ def main() -> None:
             f"{w_bytes / layer_s / DATASHEET_BW:.0%} | {flops / layer_s / 1e12:.1f} | "
             f"{p['route'] * 1e6:.1f} | {p['gate_up'] * 1e6:.1f} | {p['down'] * 1e6:.1f} | "
             f"{p['combine'] * 1e6:.1f} | {torch_s * 1e6:.1f} | {diff:.1e} |")
+    if sweep_rows:
+        lines += ["", "Grouped-GEMM shapes (--sweep; shipped: m8 = 1 x 8 warps, m64 = 4 x 2, "
+                  "U = 2): HBM = the chosen experts' gate-up or down bytes / time", "",
+                  "| T | BM | warps over N x K | U | gate-up us | HBM | down us | HBM |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t, bm, wn, sk, u, gu_s, down_s, chosen in sweep_rows:
+            gu_b, down_b = chosen * 2 * INTER * HIDDEN * 2, chosen * INTER * HIDDEN * 2
+            lines.append(f"| {t} | {bm} | {wn} x {sk} | {u} | {gu_s * 1e6:.1f} | "
+                         f"{gu_b / gu_s / DATASHEET_BW:.0%} | {down_s * 1e6:.1f} | "
+                         f"{down_b / down_s / DATASHEET_BW:.0%} |")
     lines += ["", f"({time.perf_counter() - t0:.0f} s)"]
     text = "\n".join(lines)
     print(text)
