@@ -5,8 +5,9 @@ launch, so anything a kernel leaves unwritten fails the check.
 What is held, and how closely:
 - routing: each token's experts equal a stable-sorted softmax's top k (ties to the lower
   index, as ONNX TopK) wherever the k-th and (k+1)-th probabilities differ by more than
-  1e-5 (softmax implementations differ in the last bits), exactly on rows built to tie;
-  their weights within 1e-6;
+  1e-5 (softmax implementations differ in the last bits; the logits are distinct values, so
+  that is every row but those built to tie, which must take the lower index); their
+  weights within 1e-6;
 - grouping, exactly: offsets are the counts' prefix sums, each expert's positions hold its
   tokens in ascending order, pos_of and perm agree, the tiles cover every position once and
   stay within launch_rules.moe_max_tiles;
@@ -50,7 +51,12 @@ def tied_top(experts, k):
 def make(t, experts, hidden, inter, dtype, load, seed=0, k=2):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(t, hidden, generator=g, device="cuda").to(dtype)
-    logits = torch.randn(t, experts, generator=g, device="cuda") * 2
+    # each token's logits a random permutation of distinct values, exact in fp16 and bf16
+    # (random 16-bit logits tie often among 128 experts: the k-th and (k+1)-th would be a
+    # coin toss for any implementation)
+    step = 0.5 if experts <= 32 else 0.0625
+    order = torch.rand(t, experts, generator=g, device="cuda").argsort(-1)
+    logits = (order - experts // 2).float() * step
     if load == "skewed":   # expert 0 takes most tokens; the upper half takes none
         logits[:, 0] += 6
         logits[:, experts // 2:] -= 40
