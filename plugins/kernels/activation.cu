@@ -1,6 +1,7 @@
 // Gated activations on the fused gate-up GEMM output gu [T, 2I] (gate = columns [0, I),
-// up = [I, 2I)) -> out [T, I] (or on gate and up apart: swiglu2), and plain GELU on a flat tensor. Pure streaming:
-// bytes = T * I * 2 * 3 (gated) or n * 2 * 2 (GELU). VEC=8 moves 16 bytes per access.
+// up = [I, 2I)) -> out [T, I] (or on gate and up held apart: swiglu2), and plain GELU on a
+// flat tensor. Pure streaming: bytes = T * I * 2 * 3 (gated) or n * 2 * 2 (GELU). VEC=8
+// moves 16 bytes per access.
 #include "common.cuh"
 
 // ACT: 0 = silu (SwiGLU), 1 = gelu tanh (GeGLU). HF rounds act(gate) to the dtype before *up.

@@ -45,11 +45,12 @@ __device__ __forceinline__ bool moe_better(float v, int i, float bv, int bi) {
   return v > bv || (v == bv && i < bi);
 }
 
-// One CTA of up to MOE_ROUTE_THREADS threads (launch_rules: 32 a token, at least 128). Step 1: a warp a token, softmax and top-k. Step 2:
-// counts, offsets and tiles. Step 3: positions, stable (token order within an expert):
-// the block walks the routed rows in chunks of its size; lanes of a warp that chose the
-// same expert find each other with __match_any_sync, and each warp's count per expert,
-// summed over the warps before it, places its rows after theirs.
+// One CTA of up to MOE_ROUTE_THREADS threads (launch_rules: 32 a token, at least 128).
+// Step 1: a warp a token, softmax and top-k. Step 2: counts, offsets and tiles. Step 3:
+// positions, stable (token order within an expert): the block walks the routed rows in
+// chunks of its size; lanes of a warp that chose the same expert find each other with
+// __match_any_sync, and each warp's count per expert, summed over the warps before it,
+// places its rows after theirs.
 template <typename T>
 __device__ __forceinline__ void moe_route(const u16* __restrict__ logits, int tokens,
                                           int experts, int top_k, int renorm, int bm,
