@@ -497,3 +497,80 @@ def test_moe_layers_the_kernels_cannot_take_are_refused_by_name(tiny_models_d64,
     with pytest.raises(UnsupportedGraph, match="top_k <= 8 of at most 256 experts, not top 9"):
         _build(folder, tmp_path / "b.engine", "sm_90a")
     assert not any(p.suffix == ".engine" for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared"])
+def test_the_moe_op_carries_the_graphs_layer(tiny_models_d64, tmp_path, kind):
+    """What the plan hands the moe op (router logits, x, the shared expert's gate and
+    output, renormalise, the expert weights as rewrite_weights leaves them, [E, out, in])
+    computes the graph's layer: the kernels' function (kernels/moe.cu, here in numpy:
+    softmax top-k, each expert's SwiGLU and down rounded to fp16, the fp32 weighted sum in
+    ascending experts, the gated shared expert) equals onnxruntime's value of the layer's
+    output on a ragged fp16 step, within fp16 rounding (1e-2 of the largest value)."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from llmc import contract
+    from llmc.backends.cuda.lower import rewrite_weights
+
+    folder, model = tiny_models_d64[kind]
+    c = model.config
+    path = _fused(folder, tmp_path / "fused")
+    plan = lower(path, LIMITS, "sm_90a")
+    op = next(o for o in plan.ops if o.op == "moe")
+    logits, x, gate_up, down, gate, shared = op.inputs
+    out = op.outputs[0]
+    probes = [n for n in (logits, x, gate, shared, out) if n is not None]
+    graph = onnx.load(str(path), load_external_data=False)
+    graph.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT16,
+                                                                 None) for n in probes)
+    onnx.save(graph, str(path.parent / "probe.onnx"))   # beside weights.bin, which it reads
+    rng = np.random.default_rng(0)
+    feeds = contract.pack_step([contract.Chunk(rng.integers(3, 128, n).tolist(), 0,
+                                               [2 * i, 2 * i + 1])
+                                for i, n in enumerate((5, 17, 1))], 16)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    for i in range(c.num_hidden_layers):
+        feeds[contract.kv_cache_input(i)] = np.zeros((2, 8, c.num_key_value_heads, 16,
+                                                      head_dim), np.float16)
+    sess = ort.InferenceSession(str(path.parent / "probe.onnx"),
+                                providers=["CPUExecutionProvider"])
+    got = dict(zip(probes, (v.astype(np.float32) for v in sess.run(probes, feeds))))
+
+    weights = tmp_path / "weights.bin"
+    shutil.copy(path.parent / "weights.bin", weights)
+    rewrite_weights(weights, plan)
+    raw = np.fromfile(weights, np.float16)
+
+    def stored(name):
+        v = plan.values[name]
+        return raw[v.offset // 2:v.offset // 2 + int(np.prod(v.shape))].reshape(
+            v.shape).astype(np.float32)
+
+    def f16(v):
+        return v.astype(np.float16).astype(np.float32)
+
+    a = op.attrs
+    k, inter = a["top_k"], a["inter"]
+    lg = got[logits]
+    p = np.exp(lg - lg.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ids = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+    w = np.take_along_axis(p, ids, -1)
+    if a["renormalise"]:
+        w /= w.sum(-1, keepdims=True)
+    wgu, wd = stored(gate_up), stored(down)
+    ref = np.zeros((lg.shape[0], a["hidden"]), np.float32)
+    for t in range(lg.shape[0]):
+        for j in np.argsort(ids[t]):
+            gu = f16(wgu[ids[t, j]] @ got[x][t])
+            act = f16(f16(gu[:inter] / (1 + np.exp(-gu[:inter]))) * gu[inter:])
+            ref[t] += np.float32(w[t, j]) * f16(wd[ids[t, j]] @ act)
+    ref = f16(ref)
+    if gate is not None:
+        ref = f16(ref + f16(f16(1 / (1 + np.exp(-got[gate]))) * got[shared]))
+    err = np.abs(ref - got[out]).max() / np.abs(got[out]).max()
+    assert err < 1e-2, err
