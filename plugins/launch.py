@@ -155,6 +155,14 @@ class Kernels:
         self.launch(ln, [gu, rows, two_i // 2, out])
         return out
 
+    def gated2(self, gate, up):
+        """silu(gate) * up of two [rows, I] tensors (the swiglu2 kernel)."""
+        rows, inter = gate.shape
+        out = self.torch.empty_like(gate)
+        self.launch(lr.swiglu2_launch(rows, inter, self._dtype(gate)),
+                    [gate, up, rows, inter, out])
+        return out
+
     def gelu(self, x, approximate="tanh"):
         out = self.torch.empty_like(x)
         ln = lr.gelu_launch(x.numel(), self._dtype(x), approximate, self.sm_count)
@@ -325,6 +333,54 @@ class Kernels:
             self.launch(lr.add_launch(a.numel(), self._dtype(a), self.sm_count),
                         [a, b, a.numel(), out])
         return out
+
+    # -- mixture of experts (kernels/moe.cu), as the cuda backend's moe op runs it --
+
+    def moe_route(self, logits, top_k, renormalise):
+        """Router logits [T, E] (16-bit) -> (ids [T, k] int32, wts [T, k] fp32, pos_of [T, k]
+        int32, perm [T k] int32, meta int32); kernels/moe.cu says what each holds."""
+        t, e = logits.shape
+        torch, dev = self.torch, logits.device
+        ids = torch.empty(t, top_k, dtype=torch.int32, device=dev)
+        wts = torch.empty(t, top_k, dtype=torch.float32, device=dev)
+        pos_of = torch.empty(t, top_k, dtype=torch.int32, device=dev)
+        perm = torch.empty(t * top_k, dtype=torch.int32, device=dev)
+        meta = torch.empty(t * lr.moe_meta_ints(e, top_k), dtype=torch.int32, device=dev)
+        self.launch(lr.moe_route_launch(t, e, top_k, self._dtype(logits)),
+                    [logits, t, e, top_k, int(renormalise), lr.moe_block_m(t), ids, wts,
+                     pos_of, perm, meta])
+        return ids, wts, pos_of, perm, meta
+
+    def moe_gemm(self, x, w, perm, meta, tokens, top_k, act):
+        """The grouped GEMM over a step of `tokens` tokens' routed rows: w [E, N, K] (each
+        expert's [out, in]). act: gate-up with SwiGLU, w [E, 2n, K], x the tokens [T, K]
+        (through perm) -> [T k, n]; else down, x [T k, K] by position -> [T k, N]."""
+        e, nw, k = w.shape
+        n = nw // 2 if act else nw
+        out = self.torch.empty(tokens * top_k, n, dtype=x.dtype, device=x.device)
+        self.launch(lr.moe_gemm_launch(tokens, e, top_k, n, k, self._dtype(x), act),
+                    [x, w, perm if act else DevPtr(0), meta, e, n, k, out])
+        return out
+
+    def moe_combine(self, y, pos_of, wts, gate=None, shared=None):
+        """out [T, H] = sum_j wts[t, j] y[pos_of[t, j]] (+ sigmoid(gate [T, 1]) shared)."""
+        t, k = pos_of.shape
+        h = y.shape[1]
+        out = self.torch.empty(t, h, dtype=y.dtype, device=y.device)
+        self.launch(lr.moe_combine_launch(t, h, k, self._dtype(y), shared is not None),
+                    [y, pos_of, wts, DevPtr(0) if gate is None else gate,
+                     DevPtr(0) if shared is None else shared, t, h, k, out])
+        return out
+
+    def moe(self, x, logits, gate_up, down, top_k, renormalise, gate=None, shared=None):
+        """The moe op: x [T, H], logits [T, E], gate_up [E, 2I, H], down [E, H, I] ->
+        (out [T, H], dict of the intermediate buffers)."""
+        t = x.shape[0]
+        ids, wts, pos_of, perm, meta = self.moe_route(logits, top_k, renormalise)
+        act = self.moe_gemm(x, gate_up, perm, meta, t, top_k, act=True)
+        y = self.moe_gemm(act, down, perm, meta, t, top_k, act=False)
+        out = self.moe_combine(y, pos_of, wts, gate, shared)
+        return out, dict(ids=ids, wts=wts, pos_of=pos_of, perm=perm, meta=meta, act=act, y=y)
 
     def _int32(self, idx):
         if idx.dtype != self.torch.int32 or not idx.is_contiguous():

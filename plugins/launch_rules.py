@@ -1,4 +1,5 @@
-"""Launch rules of the norm, activation, skinny-GEMM, RoPE, glue and sampling kernels: entry
+"""Launch rules of the norm, activation, skinny-GEMM, RoPE, glue, sampling and mixture-of-experts
+kernels: entry
 point, grid, block, output shapes, and how float attributes travel as kernel arguments.
 
 Plain shape arithmetic, so it runs (and is tested) without a GPU or TensorRT; the TensorRT
@@ -207,6 +208,13 @@ def gated_launch(rows: int, inter: int, dtype: str, act: str, sm_count: int) -> 
     return Launch("activation", f"{act}_{dtype_tag(dtype)}_v{vec}", grid, (threads, 1, 1))
 
 
+def swiglu2_launch(rows: int, inter: int, dtype: str) -> Launch:
+    """SwiGLU of a gate and an up GEMM output held apart ([rows, inter] each); args (gate, up,
+    rows, inter, out)."""
+    g = gated_launch(rows, inter, dtype, "swiglu", 1)
+    return Launch("activation", g.kernel.replace("swiglu_", "swiglu2_"), g.grid, g.block)
+
+
 def gelu_launch(n: int, dtype: str, approximate: str, sm_count: int) -> Launch:
     if approximate not in ("tanh", "none"):
         raise ValueError(f"gelu approximate {approximate!r}")
@@ -348,3 +356,88 @@ def sample_launch(batch: int, vocab: int) -> Launch:
     # Every pass re-reads the row; a full block keeps enough loads in flight per SM.
     threads = min(MAX_SAMPLE_THREADS, round_up(vocab, 32))
     return Launch("sampling", "sample_f32", (batch, 1, 1), (threads, 1, 1))
+
+
+# ---- mixture of experts: routing, grouped GEMMs, combine (kernels/moe.cu) -------------------
+
+MOE_MAX_EXPERTS = 256      # MOE_MAX_EXPERTS in kernels/moe.cu: 8 router logits a lane
+MOE_MAX_TOPK = 8           # MOE_MAX_TOPK: a token's picks sorted in registers
+MOE_ROUTE_THREADS = 1024   # MOE_ROUTE_THREADS: the routing kernel is one CTA
+# positions a GEMM tile (moe_gemm_*_m<BM>) -> (warps over N, warps over K)
+MOE_GEMM_SHAPES = {8: (1, 8), 64: (4, 2)}
+MAX_GRID_Y = 65535
+
+
+def moe_check(experts: int, top_k: int, hidden: int, inter: int) -> None:
+    """The shapes the MoE kernels take; a ValueError names the one they do not."""
+    if not 1 <= top_k <= min(experts, MOE_MAX_TOPK) or experts > MOE_MAX_EXPERTS:
+        raise ValueError(f"the MoE kernels route to top_k <= {MOE_MAX_TOPK} of at most "
+                         f"{MOE_MAX_EXPERTS} experts, not top {top_k} of {experts}")
+    if hidden % 8 or inter % 8 or hidden <= 0 or inter <= 0:
+        raise ValueError(f"the MoE GEMMs need hidden and intermediate sizes that are "
+                         f"multiples of 8 (16-byte rows), not {hidden} and {inter}")
+
+
+def moe_block_m(tokens: int) -> int:
+    """Positions a grouped-GEMM tile: an expert holds at most T of them, so a decode step of
+    up to 8 tokens takes the 8-row kernel."""
+    return 8 if tokens <= 8 else 64
+
+
+def moe_max_tiles(tokens: int, experts: int, top_k: int) -> int:
+    """The most tiles the routing can make for T tokens: with A <= min(E, T k) experts
+    chosen, sum over them of ceil(rows_e / BM) <= (T k + A (BM - 1)) / BM, and an expert has
+    at most T rows. The GEMMs' grid.y; CTAs past the step's real count leave at once."""
+    bm, rows = moe_block_m(tokens), tokens * top_k
+    active = min(experts, rows)
+    return max(1, min((rows + active * (bm - 1)) // bm, active * -(-tokens // bm)))
+
+
+def moe_meta_ints(experts: int, top_k: int) -> int:
+    """int32s a token of the routing's meta buffer (number of tiles, E + 1 offsets, 3 ints a
+    tile): 2 + E + 3 (T k + E) <= T (3 k + 4 E + 2) for any T >= 1."""
+    return 3 * top_k + 4 * experts + 2
+
+
+def moe_route_launch(tokens: int, experts: int, top_k: int, dtype: str) -> Launch:
+    """Softmax (fp32) and top-k of the router logits [T, E], the routed rows grouped by
+    expert. args (logits, T, E, k, renormalise 0/1, moe_block_m(T), ids [T, k] i32,
+    wts [T, k] f32, pos_of [T, k] i32, perm [T k] i32, meta [T, moe_meta_ints] i32)."""
+    moe_check(experts, top_k, 8, 8)
+    if not 0 < tokens * moe_meta_ints(experts, top_k) <= INT32_MAX:
+        raise ValueError(f"MoE routing of {tokens} tokens")
+    # a warp a token for the softmax and top-k; a decode step's CTA stays small
+    threads = min(MOE_ROUTE_THREADS, max(128, 32 * tokens))
+    return Launch("moe", f"moe_route_{dtype_tag(dtype)}", (1, 1, 1), (threads, 1, 1))
+
+
+def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype: str,
+                    act: bool) -> Launch:
+    """The grouped GEMM over the routed rows, weights [E, N, K] (each expert's [out, in]).
+    act: gate-up with SwiGLU fused, weights [E, 2n, K], x the tokens [T, K] read through
+    perm, out [T k, n]; else down, x the activations [T k, K] by position, perm null.
+    args (x, w, perm-or-null, meta, E, n, K, out)."""
+    if k % 8 or not 0 < k <= INT32_MAX or not 0 < n <= INT32_MAX:
+        raise ValueError(f"the MoE GEMMs need K a multiple of 8 (16-byte rows): N={n}, K={k}")
+    bm = moe_block_m(tokens)
+    wn, sk = MOE_GEMM_SHAPES[bm]
+    tiles = moe_max_tiles(tokens, experts, top_k)
+    if tiles > MAX_GRID_Y:
+        raise ValueError(f"{tokens} tokens make up to {tiles} MoE tiles, over the grid's "
+                         f"{MAX_GRID_Y}; lower --max-num-tokens")
+    name = f"moe_gemm_{dtype_tag(dtype)}_m{bm}" + ("_swiglu" if act else "")
+    outs = wn * (8 if act else 16)
+    return Launch("moe", name, (math.ceil(n / outs), tiles, 1), (32 * wn * sk, 1, 1))
+
+
+def moe_combine_launch(tokens: int, hidden: int, top_k: int, dtype: str,
+                       shared: bool = False) -> Launch:
+    """out [T, H] = the weighted sum of each token's k expert rows (fp32, then rounded);
+    shared (Qwen2-MoE): + sigmoid(gate [T, 1]) * shared [T, H]. args (y [T k, H], pos_of,
+    wts, gate-or-null, shared-or-null, T, H, k, out)."""
+    if not 0 < tokens <= INT32_MAX or not 0 < hidden or not 1 <= top_k <= MOE_MAX_TOPK:
+        raise ValueError(f"MoE combine of {tokens} tokens x {hidden}, top {top_k}")
+    vec = 8 if hidden % 8 == 0 else 1
+    threads = min(256, round_up(hidden // vec, 32))
+    name = "moe_combine" + ("_shared" if shared else "") + f"_{dtype_tag(dtype)}_v{vec}"
+    return Launch("moe", name, (tokens, 1, 1), (threads, 1, 1))

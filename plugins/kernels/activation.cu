@@ -1,6 +1,7 @@
 // Gated activations on the fused gate-up GEMM output gu [T, 2I] (gate = columns [0, I),
-// up = [I, 2I)) -> out [T, I], and plain GELU on a flat tensor. Pure streaming:
-// bytes = T * I * 2 * 3 (gated) or n * 2 * 2 (GELU). VEC=8 moves 16 bytes per access.
+// up = [I, 2I)) -> out [T, I] (or on gate and up held apart: swiglu2), and plain GELU on a
+// flat tensor. Pure streaming: bytes = T * I * 2 * 3 (gated) or n * 2 * 2 (GELU). VEC=8
+// moves 16 bytes per access.
 #include "common.cuh"
 
 // ACT: 0 = silu (SwiGLU), 1 = gelu tanh (GeGLU). HF rounds act(gate) to the dtype before *up.
@@ -21,6 +22,23 @@ __device__ __forceinline__ void gated(const u16* __restrict__ gu, int rows, int 
     o[i] = rnd<T>(a) * uf[i];
   }
   store_vec<T, VEC>(out + (size_t)r * inter + col, o);
+}
+
+// SwiGLU of a gate and an up GEMM output held apart [T, I] each (two GEMMs the gate_up_gemm
+// pass left unfused: Qwen2-MoE's shared expert, whose x feeds four GEMMs), rounded as above.
+template <typename T, int VEC>
+__device__ __forceinline__ void gated2(const u16* __restrict__ gate, const u16* __restrict__ up,
+                                       int rows, int inter, u16* __restrict__ out) {
+  const int r = blockIdx.x;
+  const int col = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+  if (r >= rows || col >= inter) return;
+  const size_t at = (size_t)r * inter + col;
+  float gf[VEC], uf[VEC], o[VEC];
+  load_vec<T, VEC>(gate + at, gf);
+  load_vec<T, VEC>(up + at, uf);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) o[i] = rnd<T>(silu_f(gf[i])) * uf[i];
+  store_vec<T, VEC>(out + at, o);
 }
 
 // ACT: 1 = gelu tanh, 2 = gelu erf.
@@ -44,6 +62,10 @@ __device__ __forceinline__ void plain(const u16* __restrict__ x, int n, u16* __r
   extern "C" __global__ void geglu_##DT##_v##VEC(const u16* gu, int rows, int inter,           \
                                                  u16* out) {                                   \
     gated<TY, VEC, 1>(gu, rows, inter, out);                                                   \
+  }                                                                                            \
+  extern "C" __global__ void swiglu2_##DT##_v##VEC(const u16* gate, const u16* up, int rows,  \
+                                                   int inter, u16* out) {                      \
+    gated2<TY, VEC>(gate, up, rows, inter, out);                                               \
   }                                                                                            \
   extern "C" __global__ void gelu_tanh_##DT##_v##VEC(const u16* x, int n, u16* out) {          \
     plain<TY, VEC, 1>(x, n, out);                                                              \

@@ -2,7 +2,7 @@
 `llama` file with each layer's experts stacked) read to the logits of the HF model they
 were written from (transformers' GGUF loader has no Mixtral: it reads a `llama` file as
 LlamaForCausalLM). Parity with HF, the pass counts, the TensorRT-RTX build, the cuda
-backend's and the quantizer's refusals are in the shared per-variant tests (kind
+backend's moe op and the quantizer's refusal are in the shared per-variant tests (kind
 "mixtral-top2")."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Qwen2-MoE: config parsing and its refusals (dense layers from mlp_only_layers and
 decoder_sparse_step), and GGUF files (llama.cpp's `qwen2moe`: experts stacked, the shared
 expert as _shexp) read to the logits of transformers' GGUF loader. Parity with HF, the pass
-counts, the TensorRT-RTX build, the cuda backend's and the quantizer's refusals are in the
-shared per-variant tests (kind "qwen2moe-shared")."""
+counts, the TensorRT-RTX build, the cuda backend's moe op and the quantizer's refusal are in
+the shared per-variant tests (kind "qwen2moe-shared")."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Qwen3-MoE: config parsing and its refusals (dense layers from mlp_only_layers and
 decoder_sparse_step, no sliding window), and GGUF files (llama.cpp's `qwen3moe`: the q/k
 norms, experts stacked, no shared expert) read to the logits of transformers' GGUF loader.
-Parity with HF, the pass counts, the TensorRT-RTX build, the cuda backend's and the
-quantizer's refusals are in the shared per-variant tests (kind "qwen3moe-qknorm")."""
+Parity with HF, the pass counts, the TensorRT-RTX build, the cuda backend's moe op and the
+quantizer's refusal are in the shared per-variant tests (kind "qwen3moe-qknorm")."""
 
 from __future__ import annotations
 

@@ -22,6 +22,9 @@ def _entry_names():
                     names.add(lr.norm_launch(1, n, dt, kind, res))
             names.add(lr.gated_launch(1, n, dt, "swiglu", 1))
             names.add(lr.gated_launch(1, n, dt, "geglu", 1))
+            names.add(lr.swiglu2_launch(1, n, dt))
+            for shared in (False, True):
+                names.add(lr.moe_combine_launch(3, n, 2, dt, shared))
             names.add(lr.gelu_launch(n, dt, "tanh", 1))
             names.add(lr.gelu_launch(n, dt, "none", 1))
             names.add(lr.embedding_launch(1, n, dt))
@@ -39,6 +42,9 @@ def _entry_names():
                     names.add(lr.qgemv_launch(m, 64, 128, dt, "int4", act=act, group=group))
                 names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", act=act))
             names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", "float32"))
+        names.add(lr.moe_route_launch(5, 8, 2, dt))
+        for t in (1, 300):     # the 8-row and 64-row grouped-GEMM tiles
+            names.update(lr.moe_gemm_launch(t, 8, 2, 64, 128, dt, act) for act in (False, True))
         names.add(lr.dequant_int4_launch(64, 128, dt))
         names.add(lr.quantize_fp8_launch(64, dt))
         for il in (False, True):

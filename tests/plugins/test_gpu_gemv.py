@@ -19,8 +19,10 @@ pytestmark = [
 DTYPES = [torch.float16, torch.bfloat16]
 MS = (1, 2, 3, 5, 8)   # the CUDA-core GEMV (1, 2 rows), the tensor-core one (3-8)
 # (N, K): SmolLM2's projections (K = 576 is not a multiple of the 256 a warp reads a step),
-# Llama-3.1-8B's QKV and down, a ragged N, and a K of one 16-byte chunk.
-SHAPES = ((576, 576), (1728, 576), (6144, 4096), (4096, 14336), (1001, 264), (37, 8))
+# Llama-3.1-8B's QKV and down, a ragged N, and a K of one 16-byte chunk; a Mixtral router
+# (8 experts) and Qwen2-MoE's shared-expert gate (one output).
+SHAPES = ((576, 576), (1728, 576), (6144, 4096), (4096, 14336), (1001, 264), (37, 8),
+          (8, 4096), (1, 256))
 TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-4}
 
 

@@ -225,3 +225,71 @@ def test_gemv_rows_agree_with_the_kernel_source():
         else:
             assert re.search(rf"GEMV_M\(DT, TY, {m}, GEMV_R{m}, GEMV_U{m}\)", src)
     assert re.search(rf"#define GEMV_TC_SK {lr.GEMV_TC_WARPS}\b", src)
+
+
+# ---- mixture of experts (kernels/moe.cu) ---------------------------------------------------
+
+def _tiles(counts, bm):
+    return sum(-(-c // bm) for c in counts)
+
+
+def test_moe_tile_bound_holds_for_every_routing():
+    """moe_max_tiles is the GEMMs' grid.y: no routing of T tokens to k distinct experts each
+    may make more tiles (the worst cases: many experts with a row past a tile boundary), and
+    a decode step's grid is no larger than its experts."""
+    import random
+
+    r = random.Random(0)
+    for experts, k in ((8, 2), (60, 4), (128, 8), (4, 4)):
+        for t in (1, 2, 3, 7, 8, 9, 17, 64, 65, 300, 1000):
+            bound = lr.moe_max_tiles(t, experts, k)
+            bm = lr.moe_block_m(t)
+            # 2 + E + 3 tiles fit the meta buffer's ints
+            assert 2 + experts + 3 * bound <= t * lr.moe_meta_ints(experts, k)
+            for _ in range(200):
+                counts = [0] * experts
+                for _tok in range(t):
+                    for e in r.sample(range(experts), k):
+                        counts[e] += 1
+                assert _tiles(counts, bm) <= bound
+            # adversarial: as many experts as possible one row past a multiple of bm
+            rows, counts = t * k, [0] * experts
+            for e in range(experts):
+                take = min(t, rows, (bm + 1) if rows - (bm + 1) >= 0 else rows)
+                counts[e], rows = take, rows - take
+            assert _tiles(counts, bm) <= bound
+    assert lr.moe_max_tiles(1, 8, 2) == 2 and lr.moe_max_tiles(4, 8, 2) == 8
+    assert lr.moe_max_tiles(1, 128, 8) == 8
+
+
+def test_moe_launches():
+    route = lr.moe_route_launch(7, 8, 2, "bfloat16")   # one CTA, a warp a token
+    assert (route.kernel, route.grid, route.block) == ("moe_route_bf16", (1, 1, 1), (224, 1, 1))
+    assert lr.moe_route_launch(1, 8, 2, "float16").block == (128, 1, 1)
+    assert lr.moe_route_launch(5000, 128, 8, "float16").block == (1024, 1, 1)
+    # decode: 8-row tiles, 8 warps over K, 16 weight rows a CTA (8 outputs fused)
+    gu = lr.moe_gemm_launch(1, 8, 2, 14336, 4096, "float16", act=True)
+    assert gu.kernel == "moe_gemm_f16_m8_swiglu" and gu.grid == (14336 // 8, 2, 1)
+    assert gu.block == (256, 1, 1)
+    down = lr.moe_gemm_launch(1, 8, 2, 4096, 14336, "float16", act=False)
+    assert down.kernel == "moe_gemm_f16_m8" and down.grid == (4096 // 16, 2, 1)
+    # prefill: 64-row tiles, 4 warps over N (64 weight rows, 32 fused outputs), 2 over K
+    gu = lr.moe_gemm_launch(512, 8, 2, 14336, 4096, "bfloat16", act=True)
+    assert gu.kernel == "moe_gemm_bf16_m64_swiglu" and gu.block == (256, 1, 1)
+    assert gu.grid == (14336 // 32, lr.moe_max_tiles(512, 8, 2), 1)
+    assert lr.moe_gemm_launch(512, 8, 2, 100, 64, "bfloat16", False).grid[0] == 2
+    comb = lr.moe_combine_launch(5, 4096, 2, "bfloat16", shared=True)
+    assert comb.kernel == "moe_combine_shared_bf16_v8" and comb.grid == (5, 1, 1)
+    assert lr.moe_combine_launch(5, 20, 2, "float16").kernel == "moe_combine_f16_v1"
+    assert lr.swiglu2_launch(3, 80, "float16").kernel == "swiglu2_f16_v8"
+
+
+@pytest.mark.parametrize("experts,k,hidden,inter,match", [
+    (8, 9, 64, 64, "top_k <= 8"), (300, 2, 64, 64, "at most 256 experts"),
+    (4, 5, 64, 64, "not top 5 of 4"), (8, 2, 60, 64, "multiples of 8"),
+    (8, 2, 64, 44, "multiples of 8")])
+def test_moe_refuses_what_the_kernels_cannot_take(experts, k, hidden, inter, match):
+    with pytest.raises(ValueError, match=match):
+        lr.moe_check(experts, k, hidden, inter)
+    with pytest.raises(ValueError):
+        lr.moe_gemm_launch(1, 8, 2, 64, 44, "float16", act=False)

@@ -17,6 +17,13 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
       (quantization/qdq.py's forms)                                    dequantized INT4
                                                                        weight / FP8 x
     llmc FusedSwiGLU / FusedGeGLU                 swiglu / geglu       activation.cu
+    llmc SwiGLU (gate, up apart)                  swiglu2              activation.cu
+    a mixture of experts (routed_experts: the     moe                  moe.cu (routing and
+      router logits' Cast, Softmax, TopK [, Div],                      grouping on the GPU,
+      ScatterElements, the stacked gate-up                             grouped GEMMs over
+      MatMul, FusedSwiGLU, the down MatMul, the                        the routed rows,
+      weighted ReduceSum, its Cast [, Qwen2-MoE's                      weighted combine)
+      Add of Sigmoid(gate) * shared expert])
     llmc PagedAttention with its q/k/v chain:     rope_cache           rope.cu (RoPE, QKV bias,
       MatMul [+ Add bias] -> Split -> Reshape                          q/k norms, K/V written
       [-> RMSNormalization per head (q, k)]                            into the layer's pool
@@ -44,7 +51,8 @@ A node with no mapping is a build error that names it. Memory: every activation 
 offset in one arena, reusing space once a value is dead (first fit over live intervals,
 sizes at the build limits); weights keep the offsets `save_onnx` gave them in weights.bin,
 which becomes the engine's weights section, GEMM weights rewritten in place from the graph's
-[in, out] to [out, in] (rewrite_weights), the layout a decode GEMV streams row by row.
+[in, out] to [out, in] (rewrite_weights; stacked experts each), the layout a decode GEMV
+streams row by row.
 """
 
 from __future__ import annotations
@@ -138,6 +146,7 @@ class Lowering:
         self.dtype = None
         self.quantized: dict[int, dict] = {}   # id(MatMul) -> its quantized form
         self.e4m3: dict[int, dict] = {}        # id(PagedAttention) -> its FP8 pool's k, v, scales
+        self.moe_sites: dict[int, dict] = {}   # id(last node of an MoE layer) -> its match
 
     # --- values --------------------------------------------------------------------------
 
@@ -179,12 +188,13 @@ class Lowering:
             raise UnsupportedGraph(f"Q/DQ node {qdq[0]!r} is not in a form the cuda backend "
                                    "lowers (quantization/qdq.py's INT4 weight-only or FP8 "
                                    "W8A8 GEMMs, quantization/kv.py's FP8 KV cache)")
-        routing = [n.name for n in g.nodes if n.op_type == "TopK"]
-        if routing:   # checked first: the MoE layer, not its ops, is what is missing
-            raise UnsupportedGraph(f"the graph routes tokens to experts (TopK node "
-                                   f"{routing[0]!r}: a mixture-of-experts layer); the cuda "
-                                   "backend has no token-routing or grouped-GEMM kernels yet; "
-                                   "build with --backend tensorrt-rtx or reference")
+        # Each mixture of experts (from the router's logits to the Cast of its weighted sum,
+        # with Qwen2-MoE's gated shared-expert sum) becomes one moe op, emitted where its
+        # last node stands; checked first, so a layer the kernels cannot take is named as one.
+        for node in g.nodes:
+            if node.op_type == "TopK":
+                site = self._claim_moe(node)
+                self.moe_sites[id(site["anchor"])] = site
         attn = [n for n in g.nodes if n.op_type == "PagedAttention"]
         if not attn:
             raise UnsupportedGraph("the graph has no fused PagedAttention node; the cuda "
@@ -196,7 +206,9 @@ class Lowering:
         for node in attn:
             self._claim_attention_chain(node)
         for node in g.nodes:
-            if id(node) not in self.done:
+            if id(node) in self.moe_sites:
+                self._moe(self.moe_sites[id(node)])
+            elif id(node) not in self.done:
                 self._lower(node)
         logits = self._logits()
         arena = self._assign_arena()
@@ -212,7 +224,9 @@ class Lowering:
         quant = any(op.attrs.get("quant") for op in self.ops if op.op == "gemm")
         attention = sorted({attention_module(op.attrs["softcap"], "kv_scale" in op.attrs)
                             for op in self.ops if op.op == "attention"} - set(MODULES))
-        modules = list(MODULES) + (["qgemv"] if quant else []) + attention
+        moe = any(op.op == "moe" for op in self.ops)
+        modules = list(MODULES) + (["qgemv"] if quant else []) + attention + \
+            (["moe"] if moe else [])
         return Plan(self.arch, self.dtype, modules, self.values, self.ops, arena,
                     weights_end, logits, len(attn))
 
@@ -355,8 +369,9 @@ class Lowering:
                 self.done.add(id(users[0]))
                 out_name = users[0].output[0]
                 users = self.g.consumers.get(out_name, [])
-        # The LM head: the graph casts the logits to float32; cuBLASLt writes them so.
-        if (len(users) == 1 and users[0].op_type == "Cast"
+        # The LM head: the graph casts the logits to float32; cuBLASLt writes them so. (Not
+        # an MoE router's: the moe op took that Cast, and reads the logits as rounded.)
+        if (len(users) == 1 and users[0].op_type == "Cast" and id(users[0]) not in self.done
                 and _attr(users[0], "to") == _ONNX_FLOAT):
             self.done.add(id(users[0]))
             out_name, out_dtype = users[0].output[0], "float32"
@@ -504,6 +519,17 @@ class Lowering:
     def _op_FusedSwiGLU(self, node) -> None:
         self._gated(node, "swiglu")
 
+    def _op_SwiGLU(self, node) -> None:
+        """silu(gate) * up of two GEMM outputs the gate_up_gemm pass left apart (Qwen2-MoE's
+        shared expert: its x feeds four GEMMs, so the sibling pass declines)."""
+        gate, up = node.input
+        vg, vu = self.values.get(gate), self.values.get(up)
+        if vg is None or vu is None or vg.shape != vu.shape or len(vg.shape) != 2:
+            raise UnsupportedGraph(f"SwiGLU node {node.name!r}: only gate and up of one "
+                                   "shape [rows, I] are lowered")
+        out = self._arena(node.output[0], list(vg.shape))
+        self._emit("swiglu2", node, [gate, up], [out], inter=vg.shape[1])
+
     def _op_FusedGeGLU(self, node) -> None:
         if _attr(node, "approximate", "tanh") != "tanh":
             raise UnsupportedGraph(f"FusedGeGLU node {node.name!r}: the kernel has the tanh "
@@ -547,6 +573,167 @@ class Lowering:
             return
         self._view(node.output[0], node.input[0], list(self.values[node.input[0]].shape))
         self.done.add(id(node))
+
+    # --- mixtures of experts (model_zoo/layers.py routed_experts) ----------------------------
+
+    def _claim_moe(self, topk) -> dict:
+        """Match the routed-experts subgraph around a TopK node and claim its nodes:
+
+            logits -> Cast(f32) -> Softmax -> TopK(k) [-> Div(top, ReduceSum(top))]
+                   -> ScatterElements(ConstantOfShape(Shape(probs)), chosen, top) [T, E]
+                   -> Transpose -> Unsqueeze ------------------------------------.
+            x -> MatMul(gate_up [E, H, 2I]) -> FusedSwiGLU -> MatMul(down [E, I, H])
+                   -> Cast(f32) -> Mul(., weights) -> ReduceSum(axis 0) -> Cast(dtype)
+              [-> Add(., Mul(Sigmoid(shared gate [T, 1]), shared expert [T, H]))]
+
+        The router's GEMM (logits = x @ W) and the shared expert's GEMMs stay ordinary ops;
+        the rest becomes the moe op, emitted at the last node (the Cast or the shared Add)."""
+        g = self.g
+
+        def fail(why: str):
+            raise UnsupportedGraph(
+                f"the graph routes tokens to experts (TopK node {topk.name!r}: a mixture-of-"
+                f"experts layer) in a form the cuda backend's MoE kernels do not take: {why} "
+                "(the form model_zoo/layers.py routed_experts builds, after the swiglu and "
+                "gated_split passes); build with --backend tensorrt-rtx or reference")
+
+        def one(value: str, op_type: str, users: bool = True):
+            """The only consumer (users) or the producer of value, of op_type."""
+            nodes = g.consumers.get(value, []) if users else [g.producer.get(value)]
+            if len(nodes) != 1 or nodes[0] is None or nodes[0].op_type != op_type:
+                found = [n.op_type for n in nodes if n is not None] or ["a graph input"]
+                fail(f"{value!r} should {'go to' if users else 'come from'} one {op_type}, "
+                     f"not {found}")
+            return nodes[0]
+
+        def axes(node, at: int = 1):
+            c = g.const(node.input[at]) if len(node.input) > at and node.input[at] else None
+            return None if c is None else [int(v) for v in np.asarray(c).reshape(-1)]
+
+        softmax = one(topk.input[0], "Softmax", users=False)
+        cast_in = one(softmax.input[0], "Cast", users=False)
+        logits = cast_in.input[0]
+        k = axes(topk)
+        if (k is None or len(k) != 1 or _attr(softmax, "axis", -1) not in (-1, 1)
+                or _attr(cast_in, "to") != _ONNX_FLOAT or _attr(topk, "axis", -1) not in (-1, 1)
+                or _attr(topk, "largest", 1) != 1 or _attr(topk, "sorted", 1) != 1):
+            fail("the top-k of a softmax over the last axis of the fp32 logits")
+        top, chosen = topk.output
+        scatter = one(chosen, "ScatterElements")
+        nodes = [cast_in, softmax, topk, scatter]
+        renormalise = scatter.input[2] != top
+        if renormalise:
+            div = one(scatter.input[2], "Div", users=False)
+            rsum = g.producer.get(div.input[1])
+            if (div.input[0] != top or rsum is None or rsum.op_type != "ReduceSum"
+                    or rsum.input[0] != top or axes(rsum) not in ([-1], [1])
+                    or _attr(rsum, "keepdims", 1) != 1):
+                fail("top-k weights other than top or top / ReduceSum(top)")
+            nodes += [div, rsum]
+        base = one(scatter.input[0], "ConstantOfShape", users=False)
+        shape = one(base.input[0], "Shape", users=False)
+        fill = next((a.t for a in base.attribute if a.name == "value"), None)
+        if (shape.input[0] != softmax.output[0] or _attr(scatter, "axis", 0) not in (1, -1)
+                or scatter.input[1] != chosen or (fill is not None and np.any(
+                    g._np.to_array(fill)))):
+            fail("the weights scattered into zeros of the probabilities' shape")
+        nodes += [base, shape]
+        transpose = one(scatter.output[0], "Transpose")
+        unsqueeze = one(transpose.output[0], "Unsqueeze")
+        mul = one(unsqueeze.output[0], "Mul")
+        if _attr(transpose, "perm") != [1, 0] or axes(unsqueeze) != [2]:
+            fail("the [T, E] weights as [E, T, 1]")
+        y32 = next(i for i in mul.input if i != unsqueeze.output[0])
+        cast_y = one(y32, "Cast", users=False)
+        down_mm = one(cast_y.input[0], "MatMul", users=False)
+        swiglu = one(down_mm.input[0], "FusedSwiGLU", users=False)
+        gu_mm = one(swiglu.input[0], "MatMul", users=False)
+        reduce = one(mul.output[0], "ReduceSum")
+        end = one(reduce.output[0], "Cast")
+        if (_attr(cast_y, "to") != _ONNX_FLOAT or axes(reduce) != [0]
+                or _attr(reduce, "keepdims", 1) != 0):
+            fail("the experts' fp32 outputs times their weights, summed over the experts")
+        x = gu_mm.input[0]
+        router = g.producer.get(logits)
+        if router is None or router.op_type != "MatMul" or router.input[0] != x:
+            fail("the router's logits are not a GEMM of the experts' input")
+        gu_t, down_t = g.weight(gu_mm.input[1]), g.weight(down_mm.input[1])
+        if gu_t is None or down_t is None or len(gu_t.dims) != 3 or len(down_t.dims) != 3:
+            fail("the experts' weights are not stacked [E, in, out] weights")
+        experts, hidden, two_i = (int(d) for d in gu_t.dims)
+        inter = two_i // 2
+        if list(down_t.dims) != [experts, inter, hidden]:
+            fail(f"down weights {list(down_t.dims)} do not match gate-up {list(gu_t.dims)}")
+        nodes += [transpose, unsqueeze, mul, cast_y, down_mm, swiglu, gu_mm, reduce, end]
+        for w in (gu_mm.input[1], down_mm.input[1]):
+            if len(g.consumers.get(w, [])) != 1:
+                fail(f"the expert weight {w!r} is read by more than its GEMM")
+        site = dict(topk=topk, router_out=logits, x=x, gate_up=gu_mm.input[1],
+                    down=down_mm.input[1], experts=experts, hidden=hidden, inter=inter,
+                    top_k=k[0], renormalise=renormalise, gate=None, shared=None, anchor=end)
+        # Qwen2-MoE: routed + sigmoid(shared gate) * shared expert, as the combine's epilogue
+        users = g.consumers.get(end.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Add":
+            add = users[0]
+            other = g.producer.get(next((i for i in add.input if i != end.output[0]), ""))
+            sig = None
+            if other is not None and other.op_type == "Mul":
+                sig = next((g.producer[i] for i in other.input if i in g.producer
+                            and g.producer[i].op_type == "Sigmoid"), None)
+            if sig is not None and len(g.consumers[sig.output[0]]) == 1 \
+                    and len(g.consumers[other.output[0]]) == 1:
+                shared = next(i for i in other.input if i != sig.output[0])
+                gate_mm = g.producer.get(sig.input[0])
+                gate_w = g.weight(gate_mm.input[1]) if gate_mm is not None \
+                    and gate_mm.op_type == "MatMul" else None
+                if gate_w is not None and list(gate_w.dims) == [hidden, 1]:
+                    site.update(gate=sig.input[0], shared=shared, anchor=add)
+                    nodes += [sig, other, add]
+        claimed = {id(n) for n in nodes}
+        for n in nodes:
+            for o in n.output:
+                stray = [c.name for c in g.consumers.get(o, []) if id(c) not in claimed]
+                if stray and n is not site["anchor"]:
+                    fail(f"{o!r} is also read by {stray}")
+        self.done.update(claimed)
+        return site
+
+    def _moe(self, site: dict) -> None:
+        """The moe op: routing, the grouped gate-up (SwiGLU fused) and down GEMMs over the
+        routed rows, the weighted combine [+ the gated shared expert] (kernels/moe.cu). The
+        experts' weights are stored [E, out, in] (rewrite_weights), each expert as a GEMV
+        reads a linear weight."""
+        e, h, i, k = (site[a] for a in ("experts", "hidden", "inter", "top_k"))
+        try:
+            lr.moe_check(e, k, h, i)
+        except ValueError as err:
+            raise UnsupportedGraph(f"TopK node {site['topk'].name!r}: {err}") from None
+        for name in (site["gate_up"], site["down"]):
+            if _DTYPE_OF.get(self.g.weight(name).data_type) != self.dtype:
+                raise UnsupportedGraph(f"the expert weights {name!r} are not {self.dtype}")
+        x, logits = site["x"], site["router_out"]
+        for v in (x, logits, site["gate"], site["shared"]):
+            if v is not None and (v not in self.values or self.values[v].shape[0] != "T"):
+                raise UnsupportedGraph(f"the MoE layer of {site['topk'].name!r} reads {v!r}, "
+                                       "which is not a per-token value lowered before it")
+        gate_up = self._weight(site["gate_up"], shape=[e, 2 * i, h])
+        down = self._weight(site["down"], shape=[e, h, i])
+        anchor = site["anchor"]
+        p = f"{site['topk'].name}/moe"
+        out = self._arena(anchor.output[0], ["T", h])
+        scratch = [self._arena(f"{p}/ids", ["T", k], "int32"),
+                   self._arena(f"{p}/weights", ["T", k], "float32"),
+                   self._arena(f"{p}/pos_of", ["T", k], "int32"),
+                   self._arena(f"{p}/perm", ["T", k], "int32"),
+                   self._arena(f"{p}/meta", ["T", lr.moe_meta_ints(e, k)], "int32"),
+                   self._arena(f"{p}/act", ["T", k * i]),
+                   self._arena(f"{p}/y", ["T", k * h])]
+        node = f"{site['topk'].name} .. {anchor.name} (top {k} of {e} experts" + \
+            (", shared expert)" if site["shared"] else ")")
+        self.ops.append(Op("moe", [logits, x, gate_up, down, site["gate"], site["shared"]],
+                           [out, *scratch],
+                           dict(experts=e, top_k=k, hidden=h, inter=i,
+                                renormalise=bool(site["renormalise"]), transposed=True), node))
 
     def _claim_attention_chain(self, node) -> None:
         """Mark the nodes between the QKV GEMM and PagedAttention, and the RoPE angle chain
@@ -827,6 +1014,9 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
     jobs: dict[str, str] = {}
     appended: dict[str, tuple[str, float]] = {}
     for op in plan.ops:
+        if op.op == "moe":     # stacked experts: each [in, out] -> [out, in]
+            jobs[op.inputs[2]] = jobs[op.inputs[3]] = "experts"
+            continue
         if op.op != "gemm" or not op.attrs.get("transposed"):
             continue
         quant = op.attrs.get("quant")
@@ -841,14 +1031,15 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
     done = 0
     for name in sorted(jobs):
         v = plan.values[name]
-        rows, cols = v.shape
-        size = rows * cols * itemsize(v.dtype)
+        *stack, rows, cols = v.shape
+        size = int(np.prod(stack, dtype=np.int64)) * rows * cols * itemsize(v.dtype)
         block = data[v.offset:v.offset + size]
         if jobs[name] == "int4":
             block[:] = pack_int4(block, rows, 2 * cols)
-        else:
-            word = block.view(f"u{itemsize(v.dtype)}")
-            word[:] = np.ascontiguousarray(word.reshape(cols, rows).T).reshape(-1)
+        else:   # one matrix at a time: an expert stack is never copied whole
+            words = block.view(f"u{itemsize(v.dtype)}").reshape(-1, rows * cols)
+            for word in words:
+                word[:] = np.ascontiguousarray(word.reshape(cols, rows).T).reshape(-1)
         done += size
     tail = {}
     for name, (src, x_scale) in appended.items():

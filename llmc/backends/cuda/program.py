@@ -114,6 +114,27 @@ def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
             P(outs[0]), m, a["inter"], P(outs[1])]
 
 
+def _moe(op: Op, t: int, dt: str, P) -> Iterator[tuple]:
+    """A mixture of experts over T tokens (kernels/moe.cu): route and group on the GPU, the
+    grouped gate-up (SwiGLU fused) and down GEMMs over grids that bound the step's tiles,
+    then the weighted combine [+ the gated shared expert]. No size comes back to the host."""
+    a = op.attrs
+    e, k, h, i = a["experts"], a["top_k"], a["hidden"], a["inter"]
+    logits, x, gate_up, down, gate, shared = op.inputs
+    out, ids, wts, pos_of, perm, meta, act, y = op.outputs
+    lr.moe_check(e, k, h, i)
+    yield "kernel", lr.moe_route_launch(t, e, k, dt), [
+        P(logits), t, e, k, int(a["renormalise"]), lr.moe_block_m(t), P(ids), P(wts),
+        P(pos_of), P(perm), P(meta)]
+    yield "kernel", lr.moe_gemm_launch(t, e, k, i, h, dt, act=True), [
+        P(x), P(gate_up), P(perm), P(meta), e, i, h, P(act)]
+    yield "kernel", lr.moe_gemm_launch(t, e, k, h, i, dt, act=False), [
+        P(act), P(down), DevPtr(0), P(meta), e, h, i, P(y)]
+    yield "kernel", lr.moe_combine_launch(t, h, k, dt, shared is not None), [
+        P(y), P(pos_of), P(wts), P(gate) if gate else DevPtr(0),
+        P(shared) if shared else DevPtr(0), t, h, k, P(out)]
+
+
 def _rope_cache(op: Op, s: Step, b: int, width: int, dt: str, P) -> tuple:
     """RoPE (+ QKV bias, + the per-head q/k norm) and the K/V cache write: (Launch, args).
     rot 0 (learned positions, GPT-2): no rotation and no inv_freq table. kv_scale: the pool
@@ -163,6 +184,12 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
             n = numel(plan.values[ins[0]].shape, t, b)
             yield "kernel", lr.gelu_launch(n, dt, a["approximate"], s.sm_count), [
                 P(ins[0]), n, P(outs[0])]
+        elif kind == "moe":
+            yield from _moe(op, rows(ins[1]), dt, P)
+        elif kind == "swiglu2":
+            n = rows(ins[0])
+            yield "kernel", lr.swiglu2_launch(n, a["inter"], dt), [
+                P(ins[0]), P(ins[1]), n, a["inter"], P(outs[0])]
         elif kind in ("swiglu", "geglu"):
             n = rows(ins[0])
             yield "kernel", lr.gated_launch(n, a["inter"], dt, kind, s.sm_count), [

@@ -122,6 +122,20 @@ def test_linear(plans, n, k, dtype, out, m):
     check_gemm(plans(n, k, dtype, out), m)
 
 
+# (N, K) of the narrow GEMMs around a mixture of experts, weights stored [N, K] as the cuda
+# backend keeps them: routers (Mixtral-8x7B: 8 experts; Qwen2-MoE-A2.7B: 60; Qwen3-30B-A3B:
+# 128; the tiny test models: 4) and Qwen2-MoE's shared-expert gate (one output). Outputs of
+# 2 to 16 bytes a row: leading dimensions below cuBLASLt's 16-byte vector width.
+NARROW = ((8, 4096), (60, 2048), (128, 2048), (4, 256), (1, 256), (1, 2048))
+
+
+@pytest.mark.parametrize("m", (9, 64, 257, 512))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", NARROW)
+def test_narrow_outputs(plans, n, k, dtype, m):
+    check_gemm(plans(n, k, dtype, "same", transpose_b=True), m)
+
+
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("out", OUTS)
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -372,12 +372,205 @@ def test_rope_on_one_side_only_is_refused(tiny_models_d64, tmp_path):
         lower(path, LIMITS, "sm_90a")
 
 
-@pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared", "qwen3moe-qknorm"])
-def test_mixture_of_experts_is_refused_by_name(tiny_models_d64, tmp_path, kind):
-    """The cuda backend has no token routing or grouped GEMM: the first error names the
-    mixture of experts (not its TopK or batched GEMMs one by one)."""
+MOE_KINDS = ("mixtral-top2", "qwen2moe-shared", "qwen3moe-qknorm")
+# what each MoE kind's sparse layers are: (layers with experts, renormalised, shared expert)
+MOE = {"mixtral-top2": ([0, 1], True, False), "qwen2moe-shared": ([0], False, True),
+       "qwen3moe-qknorm": ([0], True, False)}
+# graph ops a moe op replaces: none of them may be left in a plan
+MOE_GRAPH_OPS = {"TopK", "Softmax", "ScatterElements", "ReduceSum", "Transpose", "Sigmoid",
+                 "Unsqueeze", "ConstantOfShape", "Shape", "Div", "Mul"}
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_mixture_of_experts_lowers_to_one_moe_op(tiny_models_d64, tmp_path, kind):
+    """Each sparse layer's routed experts, from the router's logits to the Cast of their
+    weighted sum (with Qwen2-MoE's sigmoid-gated shared-expert sum), become one moe op: its
+    inputs are the router GEMM's output (the model dtype, as the graph rounds it), x, the
+    stacked expert weights stored [E, out, in], and the shared expert's gate and output;
+    the router and the shared expert stay ordinary GEMMs (and the shared expert's two-input
+    SwiGLU a swiglu2 op). The dense layers keep their fused gate-up GEMM."""
+    folder, model = tiny_models_d64[kind]
+    c = model.config
+    sparse, renorm, shared = MOE[kind]
+    engine = _build(folder, tmp_path / "m.engine", "sm_90a")
+    plan = _plan(engine)
+    check_plan(plan)
+    moes = [o for o in plan.ops if o.op == "moe"]
+    assert len(moes) == len(sparse) and plan.modules == list(MODULES) + ["moe"]
+    assert {o.op for o in plan.ops} <= {"embedding", "rmsnorm", "add_rmsnorm", "gemm",
+                                        "rope_cache", "attention", "moe", "swiglu2", "add",
+                                        "gather_rows"}
+    experts = getattr(c, "num_local_experts", None) or c.num_experts
+    inter = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+    h = c.hidden_size
+    for layer, op in zip(sparse, moes):
+        a = op.attrs
+        assert a == dict(experts=experts, top_k=c.num_experts_per_tok, hidden=h, inter=inter,
+                         renormalise=renorm, transposed=True)
+        logits, x, gate_up, down, gate, shared_out = op.inputs
+        router = next(o for o in plan.ops if o.outputs == [logits])
+        assert router.op == "gemm" and router.attrs["n"] == experts
+        assert router.attrs["out_dtype"] == "bfloat16" and router.inputs[0] == x
+        assert plan.values[gate_up].shape == [experts, 2 * inter, h]
+        assert plan.values[down].shape == [experts, h, inter]
+        assert all(plan.values[w].where == "weight" for w in (gate_up, down))
+        assert plan.values[op.outputs[0]].shape == ["T", h]
+        assert (gate is not None) == (shared_out is not None) == shared
+        if shared:
+            gate_op = next(o for o in plan.ops if o.outputs == [gate])
+            assert gate_op.op == "gemm" and gate_op.attrs["n"] == 1
+            assert next(o for o in plan.ops if o.outputs == [shared_out]).op == "gemm"
+        # the scratch buffers live in the arena while the op runs
+        assert [plan.values[v].dtype for v in op.outputs[1:6]] == [
+            "int32", "float32", "int32", "int32", "int32"]
+    assert sum(o.op == "swiglu2" for o in plan.ops) == (1 if shared else 0)
+    dense = c.num_hidden_layers - len(sparse)
+    assert sum(o.attrs.get("act") == "swiglu" for o in plan.ops if o.op == "gemm") == dense
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixture_of_experts_lowers_for_every_arch(tiny_models_d64, tmp_path, arch):
+    engine = _build(tiny_models_d64["mixtral-top2"][0], tmp_path / "m.engine", arch)
+    plan = _plan(engine)
+    assert sum(o.op == "moe" for o in plan.ops) == 2
+    for module in plan.modules:
+        assert bytes(engine.section(cubin_section(module))[:4]) == b"\x7fELF", module
+
+
+def test_expert_weights_are_rewritten_out_by_in(tiny_models_d64, tmp_path):
+    """rewrite_weights turns each expert of a stacked [E, in, out] weight into [out, in] in
+    place, one expert at a time, bit for bit."""
+    import shutil
+
+    import numpy as np
+
+    from llmc.backends.cuda.lower import rewrite_weights
+
+    path = _fused(tiny_models_d64["mixtral-top2"][0], tmp_path / "fused")
+    plan = lower(path, LIMITS, "sm_90a")
+    before = np.fromfile(path.parent / "weights.bin", dtype=np.uint16)
+    copy = tmp_path / "weights.bin"
+    shutil.copy(path.parent / "weights.bin", copy)
+    rewrite_weights(copy, plan)
+    after = np.fromfile(copy, dtype=np.uint16)
+    seen = 0
+    for op in (o for o in plan.ops if o.op == "moe"):
+        for name in op.inputs[2:4]:
+            v = plan.values[name]
+            e, n, k = v.shape
+            lo = v.offset // 2
+            got = after[lo:lo + e * n * k].reshape(e, n, k)
+            want = before[lo:lo + e * n * k].reshape(e, k, n).transpose(0, 2, 1)
+            np.testing.assert_array_equal(got, want)
+            seen += 1
+    assert seen == 4
+
+
+def _rewire(path, drop):
+    """Remove the node `drop` from a saved graph, its consumers reading its first input."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    node = next(n for n in model.graph.node if drop(n))
+    for n in model.graph.node:
+        n.input[:] = [node.input[0] if i == node.output[0] else i for i in n.input]
+    model.graph.node.remove(node)
+    onnx.save(model, str(path))
+
+
+def test_moe_layers_the_kernels_cannot_take_are_refused_by_name(tiny_models_d64, make_tiny,
+                                                                 tmp_path):
+    """A routed-experts layer in another form (here: the experts' SwiGLU left unfused), or
+    of a size the kernels do not take (top 9), is one clear error naming the MoE layer."""
     with pytest.raises(UnsupportedGraph, match="routes tokens to experts \\(TopK node "
-                       "'layers.0.mlp.TopK_[0-9]+': a mixture-of-experts layer\\); the "
-                       "cuda backend has no token-routing or grouped-GEMM kernels yet"):
-        _build(tiny_models_d64[kind][0], tmp_path / "m.engine", "sm_90a")
-    assert not (tmp_path / "m.engine").exists()
+                       "'layers.0.mlp/TopK_[0-9]+': a mixture-of-experts layer\\) in a form "
+                       "the cuda backend's MoE kernels do not take: .*FusedSwiGLU"):
+        _build(tiny_models_d64["mixtral-top2"][0], tmp_path / "a.engine", "sm_90a",
+               disable_passes=("swiglu", "gated_split"))
+    path = _fused(tiny_models_d64["qwen3moe-qknorm"][0], tmp_path / "fused")
+    _rewire(path, lambda n: n.op_type == "Div" and "mlp" in n.name)   # renormalise, half-cut
+    with pytest.raises(UnsupportedGraph, match="mixture-of-experts layer"):
+        lower(path, LIMITS, "sm_90a")
+    folder = tmp_path / "top9"
+    make_tiny("mixtral-top2", folder, head_dim_64=True, num_local_experts=10,
+              num_experts_per_tok=9)
+    with pytest.raises(UnsupportedGraph, match="top_k <= 8 of at most 256 experts, not top 9"):
+        _build(folder, tmp_path / "b.engine", "sm_90a")
+    assert not any(p.suffix == ".engine" for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared"])
+def test_the_moe_op_carries_the_graphs_layer(tiny_models_d64, tmp_path, kind):
+    """What the plan hands the moe op (router logits, x, the shared expert's gate and
+    output, renormalise, the expert weights as rewrite_weights leaves them, [E, out, in])
+    computes the graph's layer: the kernels' function (kernels/moe.cu, here in numpy:
+    softmax top-k, each expert's SwiGLU and down rounded to fp16, the fp32 weighted sum in
+    ascending experts, the gated shared expert) equals onnxruntime's value of the layer's
+    output on a ragged fp16 step, within fp16 rounding (1e-2 of the largest value)."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from llmc import contract
+    from llmc.backends.cuda.lower import rewrite_weights
+
+    folder, model = tiny_models_d64[kind]
+    c = model.config
+    path = _fused(folder, tmp_path / "fused")
+    plan = lower(path, LIMITS, "sm_90a")
+    op = next(o for o in plan.ops if o.op == "moe")
+    logits, x, gate_up, down, gate, shared = op.inputs
+    out = op.outputs[0]
+    probes = [n for n in (logits, x, gate, shared, out) if n is not None]
+    graph = onnx.load(str(path), load_external_data=False)
+    graph.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT16,
+                                                                 None) for n in probes)
+    onnx.save(graph, str(path.parent / "probe.onnx"))   # beside weights.bin, which it reads
+    rng = np.random.default_rng(0)
+    feeds = contract.pack_step([contract.Chunk(rng.integers(3, 128, n).tolist(), 0,
+                                               [2 * i, 2 * i + 1])
+                                for i, n in enumerate((5, 17, 1))], 16)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    for i in range(c.num_hidden_layers):
+        feeds[contract.kv_cache_input(i)] = np.zeros((2, 8, c.num_key_value_heads, 16,
+                                                      head_dim), np.float16)
+    sess = ort.InferenceSession(str(path.parent / "probe.onnx"),
+                                providers=["CPUExecutionProvider"])
+    got = dict(zip(probes, (v.astype(np.float32) for v in sess.run(probes, feeds))))
+
+    weights = tmp_path / "weights.bin"
+    shutil.copy(path.parent / "weights.bin", weights)
+    rewrite_weights(weights, plan)
+    raw = np.fromfile(weights, np.float16)
+
+    def stored(name):
+        v = plan.values[name]
+        return raw[v.offset // 2:v.offset // 2 + int(np.prod(v.shape))].reshape(
+            v.shape).astype(np.float32)
+
+    def f16(v):
+        return v.astype(np.float16).astype(np.float32)
+
+    a = op.attrs
+    k, inter = a["top_k"], a["inter"]
+    lg = got[logits]
+    p = np.exp(lg - lg.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ids = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+    w = np.take_along_axis(p, ids, -1)
+    if a["renormalise"]:
+        w /= w.sum(-1, keepdims=True)
+    wgu, wd = stored(gate_up), stored(down)
+    ref = np.zeros((lg.shape[0], a["hidden"]), np.float32)
+    for t in range(lg.shape[0]):
+        for j in np.argsort(ids[t]):
+            gu = f16(wgu[ids[t, j]] @ got[x][t])
+            act = f16(f16(gu[:inter] / (1 + np.exp(-gu[:inter]))) * gu[inter:])
+            ref[t] += np.float32(w[t, j]) * f16(wd[ids[t, j]] @ act)
+    ref = f16(ref)
+    if gate is not None:
+        ref = f16(ref + f16(f16(1 / (1 + np.exp(-got[gate]))) * got[shared]))
+    err = np.abs(ref - got[out]).max() / np.abs(got[out]).max()
+    assert err < 1e-2, err

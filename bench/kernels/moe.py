@@ -1,0 +1,190 @@
+"""Benchmark the cuda backend's mixture-of-experts layer (plugins/kernels/moe.cu) on
+Mixtral-8x7B's shapes (hidden 4096, 8 experts of width 14336, top-2), bf16, against the bytes
+of the routed experts' weights at the HBM datasheet bandwidth (3.35 TB/s, H100 SXM).
+
+    PYTHONPATH=<llmc checkout paths> python3 bench/kernels/moe.py [--out results.md]
+
+The layer is what the backend's moe op launches, from the router's logits to the combined
+output: routing + grouping (one CTA), the grouped gate-up GEMM with SwiGLU fused, the
+grouped down GEMM, the weighted combine. For T = 1, 8, 64 and 512 tokens with random
+logits (so random routing), it reports:
+- the layer's time (a CUDA graph of CALLS layers, median of REPS replays, as
+  bench/kernels/gemm.py times), and each kernel's on its own;
+- the routed experts' weight bytes (3 H I 2 bytes for each expert the step's tokens chose,
+  which is all a decode step reads) over that time, against 3.35 TB/s, and TFLOP/s;
+- the same layer in PyTorch with the routing known on the host (an ideal per-expert
+  cuBLAS loop: x rows gathered, gate-up, SwiGLU, down, weighted index_add; captured with
+  the index lists precomputed, so none of its host work is timed), and the largest
+  difference between the two outputs.
+
+--sweep also times the grouped GEMMs compiled with other shapes (warps over N and over K,
+chunks loaded ahead) from the same source, on the same routing: the figures that choose
+MOE_GEMM's parameters in moe.cu (launch_rules.MOE_GEMM_SHAPES).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from gemm import CALLS, DATASHEET_BW, REPS, graph_time
+
+from llmc.plugins import compiler
+from llmc.plugins import launch_rules as lr
+from llmc.plugins.launch import DevPtr, Kernels
+
+HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
+TOKENS = (1, 8, 64, 512)
+# BM -> (warps over N, warps over K, chunks ahead) variants for --sweep; the shipped ones
+# are launch_rules.MOE_GEMM_SHAPES with U = 2
+SWEEP = {8: [(1, 4, 2), (1, 8, 1), (1, 8, 2), (1, 8, 4), (1, 16, 1), (1, 16, 2), (2, 4, 2)],
+         64: [(4, 2, 2), (4, 2, 1), (8, 1, 2), (8, 1, 1), (2, 4, 2), (4, 1, 2)]}
+
+
+def sweep_functions(K: Kernels):
+    """Every SWEEP shape as moe_sweep_m<BM>_wn<WN>_sk<SK>_u<U>[_swiglu], bf16."""
+    entries = "".join(
+        f"MOE_GEMM_ENTRY(moe_sweep_m{bm}_wn{wn}_sk{sk}_u{u}{suffix}, BF16, {bm // 8}, {wn}, "
+        f"{sk}, {u}, {act})\n"
+        for bm, shapes in SWEEP.items() for wn, sk, u in shapes
+        for suffix, act in (("", "false"), ("_swiglu", "true")))
+    src = "#define MOE_VARIANTS\n" + compiler.source("moe") + entries
+    cubin = compiler._compile_cached("moe_sweep", K.arch, False, src)
+    from llmc.plugins.launch import Functions
+
+    return Functions(K.arch, {"moe_sweep": cubin})
+
+
+def torch_layer(x, gate_up, down, ids, wts):
+    """The routed layer with host-side grouping: one thunk, its index lists precomputed."""
+    rows = [(e, (ids == e).any(-1).nonzero().flatten()) for e in range(EXPERTS)]
+    rows = [(e, r, (wts * (ids == e)).sum(-1)[r].float()) for e, r in rows if len(r)]
+    out = torch.empty_like(x)
+
+    def fn():
+        acc = torch.zeros(x.shape, device="cuda", dtype=torch.float32)
+        for e, r, w in rows:
+            gu = x[r] @ gate_up[e].t()
+            act = torch.nn.functional.silu(gu[:, :INTER]) * gu[:, INTER:]
+            acc.index_add_(0, r, (act @ down[e].t()).float() * w[:, None])
+        out.copy_(acc)
+    return fn, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--sweep", action="store_true", help="time other GEMM shapes too")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    K = Kernels()
+    bf = torch.bfloat16
+    gate_up = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda", dtype=bf) * HIDDEN ** -0.5
+    down = torch.randn(EXPERTS, HIDDEN, INTER, device="cuda", dtype=bf) * INTER ** -0.5
+    stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731  the capture's
+    sweep = sweep_functions(K) if args.sweep else None
+    rows, sweep_rows = [], []
+    for t in TOKENS:
+        x = torch.randn(t, HIDDEN, device="cuda", dtype=bf)
+        logits = torch.randn(t, EXPERTS, device="cuda", dtype=bf)
+        out, parts = K.moe(x, logits, gate_up, down, TOP_K, True)
+        ids, wts, perm, meta = parts["ids"], parts["wts"], parts["perm"], parts["meta"]
+        act, y = parts["act"], parts["y"]
+        chosen = len(ids.unique())
+        w_bytes = chosen * 3 * HIDDEN * INTER * 2
+        flops = 2 * t * TOP_K * 3 * HIDDEN * INTER
+        dt = "bfloat16"
+        launches = {
+            "route": (lr.moe_route_launch(t, EXPERTS, TOP_K, dt),
+                      [logits, t, EXPERTS, TOP_K, 1, lr.moe_block_m(t), ids, wts,
+                       parts["pos_of"], perm, meta]),
+            "gate_up": (lr.moe_gemm_launch(t, EXPERTS, TOP_K, INTER, HIDDEN, dt, True),
+                        [x, gate_up, perm, meta, EXPERTS, INTER, HIDDEN, act]),
+            "down": (lr.moe_gemm_launch(t, EXPERTS, TOP_K, HIDDEN, INTER, dt, False),
+                     [act, down, DevPtr(0), meta, EXPERTS, HIDDEN, INTER, y]),
+            "combine": (lr.moe_combine_launch(t, HIDDEN, TOP_K, dt),
+                        [y, parts["pos_of"], wts, DevPtr(0), DevPtr(0), t, HIDDEN, TOP_K,
+                         out]),
+        }
+
+        def thunk(name, launches=launches):
+            ln, a = launches[name]
+            return lambda: K.functions.launch(ln, a, stream())
+
+        steps = [thunk(name) for name in launches]
+
+        def layer(steps=steps):
+            for f in steps:
+                f()
+
+        parts_s = {name: graph_time([thunk(name)] * CALLS) for name in launches}
+        layer_s = graph_time([layer] * CALLS)
+        ref_fn, ref_out = torch_layer(x, gate_up, down, ids, wts)
+        torch_s = graph_time([ref_fn] * CALLS)
+        out_now, _ = K.moe(x, logits, gate_up, down, TOP_K, True)
+        ref_fn()
+        torch.cuda.synchronize()
+        diff = ((out_now.float() - ref_out.float()).abs().max()
+                / ref_out.float().abs().max()).item()
+        rows.append((t, chosen, w_bytes, layer_s, parts_s, torch_s, flops, diff))
+        bm = lr.moe_block_m(t)
+        tiles = lr.moe_max_tiles(t, EXPERTS, TOP_K)
+        for wn, sk, u in SWEEP[bm] if sweep else ():
+            times = []
+            for fused, n, k, xin, w, p, out_buf in (
+                    (True, INTER, HIDDEN, x, gate_up, perm, act),
+                    (False, HIDDEN, INTER, act, down, None, y)):
+                ln = lr.Launch("moe_sweep", f"moe_sweep_m{bm}_wn{wn}_sk{sk}_u{u}"
+                               + ("_swiglu" if fused else ""),
+                               (-(-n // (wn * (8 if fused else 16))), tiles, 1),
+                               (32 * wn * sk, 1, 1))
+                a = [xin, w, p if p is not None else DevPtr(0), meta, EXPERTS, n, k, out_buf]
+                times.append(graph_time(
+                    [lambda ln=ln, a=a: sweep.launch(ln, a, stream())] * CALLS))
+            sweep_rows.append((t, bm, wn, sk, u, *times, chosen))
+        print(f"T={t}: {layer_s * 1e6:.1f} us, {w_bytes / layer_s / DATASHEET_BW:.0%} of HBM",
+              flush=True)
+
+    lines = [
+        "## The cuda backend's MoE layer (plugins/kernels/moe.cu): Mixtral-8x7B shapes, bf16",
+        "",
+        f"{torch.cuda.get_device_name()}; torch {torch.__version__} (CUDA {torch.version.cuda})"
+        f", NVRTC {'.'.join(map(str, compiler.nvrtc_version()))}",
+        "",
+        f"hidden {HIDDEN}, {EXPERTS} experts of width {INTER}, top-{TOP_K} renormalised; "
+        f"random logits; CUDA graph of {CALLS} layers, median of {REPS} replays. Weight "
+        "bytes: the chosen experts' gate, up and down (3 H I x 2 bytes each); HBM = those "
+        f"bytes / time against {DATASHEET_BW / 1e12:.2f} TB/s. torch: per-expert cuBLAS with "
+        "the routing grouped on the host beforehand (not timed).",
+        "",
+        "| T | experts read | weight MB | layer us | HBM | TFLOP/s | route us | gate-up us "
+        "| down us | combine us | torch us | max rel diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t, chosen, w_bytes, layer_s, p, torch_s, flops, diff in rows:
+        lines.append(
+            f"| {t} | {chosen} | {w_bytes / 1e6:.0f} | {layer_s * 1e6:.1f} | "
+            f"{w_bytes / layer_s / DATASHEET_BW:.0%} | {flops / layer_s / 1e12:.1f} | "
+            f"{p['route'] * 1e6:.1f} | {p['gate_up'] * 1e6:.1f} | {p['down'] * 1e6:.1f} | "
+            f"{p['combine'] * 1e6:.1f} | {torch_s * 1e6:.1f} | {diff:.1e} |")
+    if sweep_rows:
+        lines += ["", "Grouped-GEMM shapes (--sweep; shipped: m8 = 1 x 8 warps, m64 = 4 x 2, "
+                  "U = 2): HBM = the chosen experts' gate-up or down bytes / time", "",
+                  "| T | BM | warps over N x K | U | gate-up us | HBM | down us | HBM |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t, bm, wn, sk, u, gu_s, down_s, chosen in sweep_rows:
+            gu_b, down_b = chosen * 2 * INTER * HIDDEN * 2, chosen * INTER * HIDDEN * 2
+            lines.append(f"| {t} | {bm} | {wn} x {sk} | {u} | {gu_s * 1e6:.1f} | "
+                         f"{gu_b / gu_s / DATASHEET_BW:.0%} | {down_s * 1e6:.1f} | "
+                         f"{down_b / down_s / DATASHEET_BW:.0%} |")
+    lines += ["", f"({time.perf_counter() - t0:.0f} s)"]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+// A mixture-of-experts layer (model_zoo/layers.py routed_experts) over the routed rows only:
+//
+//   moe_route     router logits [T, E] -> each token's top_k experts of softmax(logits)
+//                 (fp32), optionally renormalised, and the routed rows grouped by expert
+//   moe_gemm      the grouped GEMMs on tensor cores: gate-up with SwiGLU fused, then down,
+//                 each expert's rows against that expert's weights only
+//   moe_combine   the weighted sum of each token's top_k rows back in token order
+//                 [+ Qwen2-MoE's sigmoid-gated shared expert]
+//
+// Nothing comes back to the host: the routing kernel writes every size the GEMMs need into
+// device memory (`meta`), and the GEMMs are launched over a grid that bounds them (the most
+// tiles T tokens can make), each CTA reading its tile and leaving when there is none. So a
+// decode step keeps its CUDA graph, and it reads the weights of the experts its tokens chose
+// and no others.
+//
+// Buffers (R = T * top_k routed rows; a "position" is a row of the grouped order, the rows
+// of expert 0 first, each expert's rows in token order):
+//   ids [T, k] int32, wts [T, k] fp32   each token's experts, ascending, and their weights
+//   pos_of [T, k] int32                 the position of each (token, pick)
+//   perm [R] int32                      the token of each position
+//   meta int32: [0] the number of tiles; [1 .. E + 1] offsets (expert e's positions are
+//               offsets[e] .. offsets[e + 1]); from [E + 2], tiles as (expert, first
+//               position, end position) triples, at most BM positions each
+//   act [R, I], y [R, H]                the experts' SwiGLU and down outputs, by position
+//
+// Rounding follows the graph: the gate-up and down products are rounded to the model dtype
+// (the graph's batched MatMuls), SwiGLU as kernels/activation.cu, the weighted sum in fp32
+// over the token's experts in ascending order (the graph's ReduceSum over E, whose
+// unrouted terms are exact zeros), then rounded once.
+#include "common.cuh"
+
+#define MOE_MAX_EXPERTS 256
+#define MOE_MAX_TOPK 8
+#define MOE_ROUTE_THREADS 1024
+#define MOE_NONE 0x7fffffff
+
+// ---- routing and grouping: one CTA ---------------------------------------------------------
+
+// (v, i) beats (bv, bi): the larger probability, the lower index on a tie (ONNX TopK's
+// order); any valid index beats none (MOE_NONE), so a NaN row still picks top_k distinct
+// experts and the grouping below stays within its bounds.
+__device__ __forceinline__ bool moe_better(float v, int i, float bv, int bi) {
+  if (i == MOE_NONE) return false;
+  if (bi == MOE_NONE) return true;
+  return v > bv || (v == bv && i < bi);
+}
+
+// One CTA of up to MOE_ROUTE_THREADS threads (launch_rules: 32 a token, at least 128).
+// Step 1: a warp a token, softmax and top-k. Step 2: counts, offsets and tiles. Step 3:
+// positions, stable (token order within an expert): the block walks the routed rows in
+// chunks of its size; lanes of a warp that chose the same expert find each other with
+// __match_any_sync, and each warp's count per expert, summed over the warps before it,
+// places its rows after theirs.
+template <typename T>
+__device__ __forceinline__ void moe_route(const u16* __restrict__ logits, int tokens,
+                                          int experts, int top_k, int renorm, int bm,
+                                          int* __restrict__ ids, float* __restrict__ wts,
+                                          int* __restrict__ pos_of, int* __restrict__ perm,
+                                          int* __restrict__ meta) {
+  constexpr int EPL = MOE_MAX_EXPERTS / 32;   // a lane's experts: lane, lane + 32, ...
+  __shared__ int cnt[MOE_MAX_EXPERTS], cursor[MOE_MAX_EXPERTS], first_tile[MOE_MAX_EXPERTS];
+  __shared__ int wc[MOE_ROUTE_THREADS / 32][MOE_MAX_EXPERTS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) cnt[e] = 0;
+
+  for (int tk = warp; tk < tokens; tk += nwarps) {
+    float p[EPL];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      const int e = lane + 32 * i;
+      p[i] = e < experts ? T::to_f(logits[(size_t)tk * experts + e]) : -INFINITY;
+      mx = fmaxf(mx, p[i]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      p[i] = lane + 32 * i < experts ? expf(p[i] - mx) : 0.f;
+      s += p[i];
+    }
+    s = warp_sum(s);
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      p[i] = p[i] / s;
+      if (!(p[i] >= 0.f)) p[i] = -1.f;   // NaN (a NaN or all -inf row): last, totally ordered
+    }
+    unsigned taken = 0;                         // bit i: expert lane + 32 i already chosen
+    int sel[MOE_MAX_TOPK];
+    float val[MOE_MAX_TOPK];
+#pragma unroll
+    for (int r = 0; r < MOE_MAX_TOPK; ++r) {
+      sel[r] = MOE_NONE;
+      val[r] = 0.f;
+      if (r >= top_k) continue;
+      float bv = -INFINITY;
+      int bi = MOE_NONE;
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) {
+        const int e = lane + 32 * i;
+        if (e < experts && !(taken >> i & 1) && moe_better(p[i], e, bv, bi)) {
+          bv = p[i];
+          bi = e;
+        }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (moe_better(ov, oi, bv, bi)) {
+          bv = ov;
+          bi = oi;
+        }
+      }
+      sel[r] = bi;
+      val[r] = bv;
+      if (bi != MOE_NONE && (bi & 31) == lane) taken |= 1u << (bi >> 5);
+    }
+    if (renorm) {   // the graph's Div(top, ReduceSum(top)), summed in rank order
+      float sum = 0.f;
+#pragma unroll
+      for (int r = 0; r < MOE_MAX_TOPK; ++r) sum += r < top_k ? val[r] : 0.f;
+#pragma unroll
+      for (int r = 0; r < MOE_MAX_TOPK; ++r) val[r] = val[r] / sum;
+    }
+    // ascending experts: the combine then sums in the graph's order, and grouping is stable
+#pragma unroll
+    for (int a = 0; a < MOE_MAX_TOPK; ++a)
+#pragma unroll
+      for (int b = 0; b + 1 < MOE_MAX_TOPK - a; ++b)
+        if (b + 1 < top_k && sel[b] > sel[b + 1]) {
+          const int si = sel[b];
+          sel[b] = sel[b + 1];
+          sel[b + 1] = si;
+          const float sv = val[b];
+          val[b] = val[b + 1];
+          val[b + 1] = sv;
+        }
+#pragma unroll
+    for (int r = 0; r < MOE_MAX_TOPK; ++r)
+      if (lane == r && r < top_k) {
+        ids[(size_t)tk * top_k + r] = sel[r];
+        wts[(size_t)tk * top_k + r] = val[r];
+      }
+  }
+  __syncthreads();   // ids are visible to the whole block from here
+
+  const int rows = tokens * top_k;
+  for (int i = threadIdx.x; i < rows; i += blockDim.x) atomicAdd(&cnt[ids[i]], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int off = 0, ntiles = 0;
+    for (int e = 0; e < experts; ++e) {
+      meta[1 + e] = off;
+      cursor[e] = off;
+      first_tile[e] = ntiles;
+      ntiles += (cnt[e] + bm - 1) / bm;
+      off += cnt[e];
+    }
+    meta[1 + experts] = off;
+    meta[0] = ntiles;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    int* tile = meta + 2 + experts + 3 * first_tile[e];
+    for (int r = 0; r < cnt[e]; r += bm, tile += 3) {
+      tile[0] = e;
+      tile[1] = cursor[e] + r;
+      tile[2] = cursor[e] + min(r + bm, cnt[e]);
+    }
+  }
+
+  for (int base = 0; base < rows; base += blockDim.x) {   // uniform: every thread loops
+    for (int q = threadIdx.x; q < nwarps * MOE_MAX_EXPERTS; q += blockDim.x)
+      wc[q / MOE_MAX_EXPERTS][q % MOE_MAX_EXPERTS] = 0;
+    __syncthreads();
+    const int i = base + threadIdx.x;
+    const int e = i < rows ? ids[i] : -1;
+    const unsigned same = __match_any_sync(0xffffffffu, e);
+    const int rank = __popc(same & ((1u << lane) - 1u));
+    if (e >= 0 && rank == 0) wc[warp][e] = __popc(same);
+    __syncthreads();
+    if (e >= 0) {
+      int pos = cursor[e] + rank;
+      for (int w = 0; w < warp; ++w) pos += wc[w][e];
+      perm[pos] = i / top_k;
+      pos_of[i] = pos;
+    }
+    __syncthreads();
+    for (int q = threadIdx.x; q < experts; q += blockDim.x) {
+      int add = 0;
+      for (int w = 0; w < nwarps; ++w) add += wc[w][q];
+      cursor[q] += add;
+    }
+    __syncthreads();
+  }
+}
+
+// ---- the grouped GEMM -----------------------------------------------------------------------
+// out[pos, o] = sum_k x[row(pos), k] * w[expert(pos), o, k], the weights stored [E, N, K]
+// (each expert's [out, in]). ACT: the gate-up GEMM with SwiGLU fused: w holds 2n rows an
+// expert (gate [0, n), up [n, 2n)), x rows are tokens (perm), out [R, n] = silu(gate) * up.
+// Otherwise the down GEMM: x rows are positions (the activations), out [R, n].
+//
+// A CTA is one tile (an expert and up to BM = 8 NT of its positions, from meta) times
+// WN * 16 weight rows, its warps WN over N and SK over K: warp (wn, sk) takes 16 weight rows
+// (ACT: 8 gate rows and their up rows, rows g and g + 8 of the MMA tile, so both inputs of
+// an output end in one lane) and the 32-k chunks sk, sk + SK, ... Fragments as in gemv.cu's
+// tc_gemv: each lane's 16-byte load of a weight row is its A fragment for two k16 steps and
+// the same 8 k of an x row its B fragment, straight from global memory (the weights are read
+// once, streamed; x is re-read by the CTA's warps from L1). U chunks are in flight ahead.
+// SK > 1 sums the partial tiles through shared memory in warp order (deterministic).
+template <typename T, int NT, int WN, int SK, int U, bool ACT>
+__device__ __forceinline__ void moe_gemm(const u16* __restrict__ x, const u16* __restrict__ w,
+                                         const int* __restrict__ perm,
+                                         const int* __restrict__ meta, int experts, int n,
+                                         int k, u16* __restrict__ out) {
+  constexpr int BM = NT * 8, OUTW = ACT ? 8 : 16;
+  __shared__ float part[SK > 1 ? SK : 1][SK > 1 ? WN : 1][SK > 1 ? NT : 1][4][32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int wn = warp % WN, sk = warp / WN;
+  if ((int)blockIdx.y >= meta[0]) return;       // uniform: a tile past the last
+  const int* tile = meta + 2 + experts + 3 * blockIdx.y;
+  const int e = tile[0], r0 = tile[1], rows = min(tile[2] - tile[1], BM);
+  const int o0 = (blockIdx.x * WN + wn) * OUTW;
+  // a warp past N: with SK == 1 it has nothing to do; with SK > 1 it still meets the
+  // barrier below (its loads clamped to the last row, its stores skipped)
+  if (SK == 1 && o0 >= n) return;
+  const size_t wrows = ACT ? 2 * (size_t)n : (size_t)n;
+  const u16* we = w + (size_t)e * wrows * k;
+  // rows past the end re-read the last row (never stored), as in gemv.cu
+  const int ra = min(o0 + g, n - 1);
+  const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
+  const u16* wa = we + (size_t)ra * k + 8 * t;
+  const u16* wb = we + (size_t)rb * k + 8 * t;
+  const u16* xr[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int i = j * 8 + g;
+    xr[j] = i < rows ? x + (size_t)(perm ? perm[r0 + i] : r0 + i) * k + 8 * t : nullptr;
+  }
+  const int nt = (rows + 7) >> 3;               // 8-row tiles holding positions
+  const int chunks = (k + 31) / 32;
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  uint4 va[U], vb[U], na[U], nb[U];
+  auto load_w = [&](uint4* a, uint4* b, int c) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kk = (c + u * SK) * 32;
+      const bool ok = kk + 8 * t < k;
+      a[u] = ok ? ld_stream(wa + kk) : make_uint4(0, 0, 0, 0);
+      b[u] = ok ? ld_stream(wb + kk) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  load_w(va, vb, sk);
+  load_w(na, nb, sk + SK * U);
+  for (int c = sk; c < chunks; c += SK * U) {
+    if (c != sk) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        va[u] = na[u];
+        vb[u] = nb[u];
+      }
+      load_w(na, nb, c + SK * U);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kc = (c + u * SK) * 32;
+      const bool ok = kc + 8 * t < k;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        if (j >= nt) break;                     // uniform across the warp
+        const uint4 xv = ok && xr[j] ? __ldg(reinterpret_cast<const uint4*>(xr[j] + kc))
+                                     : make_uint4(0, 0, 0, 0);
+        mma_16816<T>(acc[j], va[u].x, vb[u].x, va[u].y, vb[u].y, xv.x, xv.y);
+        mma_16816<T>(acc[j], va[u].z, vb[u].z, va[u].w, vb[u].w, xv.z, xv.w);
+      }
+    }
+  }
+  if constexpr (SK > 1) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) part[sk][wn][j][q][lane] = acc[j][q];
+    __syncthreads();
+    if (sk != 0 || o0 >= n) return;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float v = 0.f;
+#pragma unroll
+        for (int s = 0; s < SK; ++s) v += part[s][wn][j][q][lane];
+        acc[j][q] = v;
+      }
+  }
+  // C element q of lane (g, t): weight row g (+ 8 for q >= 2), tile row 2 t + (q & 1)
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    if (j >= nt) break;
+#pragma unroll
+    for (int q = 0; q < (ACT ? 2 : 4); ++q) {
+      const int i = j * 8 + 2 * t + (q & 1);
+      const int o = o0 + g + (ACT ? 0 : 8 * (q >> 1));
+      if (i >= rows || o >= n) continue;
+      float v = acc[j][q];
+      if constexpr (ACT) {   // rounded as the graph's MatMul output and activation.cu
+        const float gate = rnd<T>(v), up = rnd<T>(acc[j][q + 2]);
+        v = rnd<T>(silu_f(gate)) * up;
+      }
+      out[(size_t)(r0 + i) * n + o] = T::from_f(v);
+    }
+  }
+}
+
+// ---- combine ----------------------------------------------------------------------------------
+// out[t] = sum over j of wts[t, j] * y[pos_of[t, j]] in fp32, in j order (ascending experts),
+// each product and sum rounded as the graph's fp32 Mul and ReduceSum (no FMA), then rounded
+// to the dtype. SHARED (Qwen2-MoE): out = that + sigmoid(gate[t]) * shared[t], each op
+// rounded to the dtype as the graph's Sigmoid, Mul and Add are. A CTA a token.
+template <typename T, int VEC, bool SHARED>
+__device__ __forceinline__ void moe_combine(const u16* __restrict__ y,
+                                            const int* __restrict__ pos_of,
+                                            const float* __restrict__ wts,
+                                            const u16* __restrict__ gate,
+                                            const u16* __restrict__ shared, int tokens,
+                                            int hidden, int top_k, u16* __restrict__ out) {
+  __shared__ int pos[MOE_MAX_TOPK];
+  __shared__ float wt[MOE_MAX_TOPK];
+  const int tk = blockIdx.x;
+  if (tk >= tokens) return;
+  if (threadIdx.x < top_k) {
+    pos[threadIdx.x] = pos_of[(size_t)tk * top_k + threadIdx.x];
+    wt[threadIdx.x] = wts[(size_t)tk * top_k + threadIdx.x];
+  }
+  __syncthreads();
+  const float share = SHARED ? rnd<T>(1.f / (1.f + expf(-T::to_f(gate[tk])))) : 0.f;
+  for (int c = threadIdx.x * VEC; c < hidden; c += blockDim.x * VEC) {
+    float acc[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+    for (int j = 0; j < top_k; ++j) {
+      float yv[VEC];
+      load_vec<T, VEC>(y + (size_t)pos[j] * hidden + c, yv);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] = __fadd_rn(acc[v], __fmul_rn(wt[j], yv[v]));
+    }
+    if constexpr (SHARED) {
+      float sh[VEC];
+      load_vec<T, VEC>(shared + (size_t)tk * hidden + c, sh);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] = rnd<T>(acc[v]) + rnd<T>(share * sh[v]);
+    }
+    store_vec<T, VEC>(out + (size_t)tk * hidden + c, acc);
+  }
+}
+
+// ---- entry points ---------------------------------------------------------------------------
+// moe_route_<dt>(logits, T, E, k, renorm, bm, ids, wts, pos_of, perm, meta)
+// moe_gemm_<dt>_m<BM>[_swiglu](x, w, perm-or-null, meta, E, n, K, out)
+// moe_combine[_shared]_<dt>_v<VEC>(y, pos_of, wts, gate-or-null, shared-or-null, T, H, k, out)
+// The two GEMM shapes (launch_rules.moe_gemm_launch picks by T): m8, a tile of up to 8
+// positions (decode: an expert has at most T rows) with 8 warps over K, as tc_gemv splits
+// K, so the few weight rows a CTA has still keep enough loads in flight; m64, 64 positions,
+// 4 warps over N (64 weight rows) and 2 over K, each x chunk read by the CTA from L2 once
+// for 4 warps, and enough CTAs that a 4096-wide down GEMM still fills the GPU.
+#define MOE_GEMM_ENTRY(NAME, TY, NT, WN, SK, U, ACT)                                           \
+  extern "C" __global__ void __launch_bounds__(32 * WN * SK) NAME(                             \
+      const u16* x, const u16* w, const int* perm, const int* meta, int experts, int n,       \
+      int k, u16* out) {                                                                       \
+    moe_gemm<TY, NT, WN, SK, U, ACT>(x, w, perm, meta, experts, n, k, out);                   \
+  }
+#define MOE_GEMM(DT, TY, BM, NT, WN, SK, U)                                                    \
+  MOE_GEMM_ENTRY(moe_gemm_##DT##_m##BM, TY, NT, WN, SK, U, false)                              \
+  MOE_GEMM_ENTRY(moe_gemm_##DT##_m##BM##_swiglu, TY, NT, WN, SK, U, true)
+
+#define MOE_COMBINE(DT, TY, VEC)                                                               \
+  extern "C" __global__ void moe_combine_##DT##_v##VEC(                                        \
+      const u16* y, const int* pos_of, const float* wts, const u16* gate, const u16* shared,  \
+      int tokens, int hidden, int top_k, u16* out) {                                           \
+    moe_combine<TY, VEC, false>(y, pos_of, wts, gate, shared, tokens, hidden, top_k, out);    \
+  }                                                                                            \
+  extern "C" __global__ void moe_combine_shared_##DT##_v##VEC(                                 \
+      const u16* y, const int* pos_of, const float* wts, const u16* gate, const u16* shared,  \
+      int tokens, int hidden, int top_k, u16* out) {                                           \
+    moe_combine<TY, VEC, true>(y, pos_of, wts, gate, shared, tokens, hidden, top_k, out);     \
+  }
+
+#define MOE_DTYPE(DT, TY)                                                                      \
+  extern "C" __global__ void __launch_bounds__(MOE_ROUTE_THREADS) moe_route_##DT(              \
+      const u16* logits, int tokens, int experts, int top_k, int renorm, int bm, int* ids,    \
+      float* wts, int* pos_of, int* perm, int* meta) {                                         \
+    moe_route<TY>(logits, tokens, experts, top_k, renorm, bm, ids, wts, pos_of, perm, meta);  \
+  }                                                                                            \
+  MOE_GEMM(DT, TY, 8, 1, 1, 8, 2)                                                              \
+  MOE_GEMM(DT, TY, 64, 8, 4, 2, 2)                                                             \
+  MOE_COMBINE(DT, TY, 8)                                                                       \
+  MOE_COMBINE(DT, TY, 1)
+
+#ifndef MOE_VARIANTS  // bench/kernels/moe.py --sweep compiles its own grid of GEMM shapes
+MOE_DTYPE(f16, F16)
+MOE_DTYPE(bf16, BF16)
+#endif

@@ -1,0 +1,246 @@
+"""The mixture-of-experts kernels (plugins/kernels/moe.cu) against PyTorch on the GPU (marked
+`gpu`; skipped without CUDA). Outputs are poisoned (NaN, or -7 for integers) before each
+launch, so anything a kernel leaves unwritten fails the check.
+
+What is held, and how closely:
+- routing: each token's experts equal a stable-sorted softmax's top k (ties to the lower
+  index, as ONNX TopK) wherever the k-th and (k+1)-th probabilities differ by more than
+  1e-5 (softmax implementations differ in the last bits; the logits are distinct values, so
+  that is every row but those built to tie, which must take the lower index); their
+  weights within 1e-6;
+- grouping, exactly: offsets are the counts' prefix sums, each expert's positions hold its
+  tokens in ascending order, pos_of and perm agree, the tiles cover every position once and
+  stay within launch_rules.moe_max_tiles;
+- the grouped GEMMs, each against its own inputs (the kernels' routing and activations):
+  max |got - ref| / max |ref| < 1e-2 (the 16-bit rounding of the outputs, as
+  test_gpu_gemv.py holds the GEMV to), the reference in fp32 with the graph's roundings;
+- the combine: < 5e-3 against the fp32 sum of the kernel's own rows (the same products and
+  sums in the same order: a bf16 output may differ by one rounding);
+- the layer end to end against a reference built from scratch, < 2e-2;
+- a CUDA graph of the layer replays other routings (no size comes from the host).
+Shapes: T = 1 .. 300 (the 8-row and 64-row GEMM tiles), Mixtral-like (8 experts, top 2,
+renormalised), Qwen2-MoE-like (60, top 4, not renormalised, an intermediate size that is
+not a multiple of 32), Qwen3-MoE-like (128, top 8), each with even loads and with skewed
+ones where one expert takes most tokens and half the experts none (their weights NaN, so
+reading them into any output fails the test).
+"""
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and torch.cuda"),
+    pytest.mark.usefixtures("poison"),
+]
+
+from llmc.plugins import launch_rules as lr  # noqa: E402
+
+DTYPES = [torch.float16, torch.bfloat16]
+TOKENS = (1, 2, 5, 8, 9, 64, 300)
+# (experts, top_k, renormalise, hidden, inter)
+CONFIGS = [(8, 2, True, 256, 384), (60, 4, False, 128, 176), (128, 8, True, 128, 64)]
+TOL, COMBINE_TOL, LAYER_TOL, MARGIN = 1e-2, 5e-3, 2e-2, 1e-5
+
+
+def tied_top(experts, k):
+    """Row 2's experts: k - 1 clear winners below experts / 2, then expert 0 tied with
+    expert experts / 2 - k for the last place (ONNX TopK takes the lower index)."""
+    return sorted([0] + [experts // 2 - 1 - i for i in range(k - 1)])
+
+
+def make(t, experts, hidden, inter, dtype, load, seed=0, k=2):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(t, hidden, generator=g, device="cuda").to(dtype)
+    # each token's logits a random permutation of distinct values, exact in fp16 and bf16
+    # (random 16-bit logits tie often among 128 experts: the k-th and (k+1)-th would be a
+    # coin toss for any implementation)
+    step = 0.5 if experts <= 32 else 0.0625
+    order = torch.rand(t, experts, generator=g, device="cuda").argsort(-1)
+    logits = (order - experts // 2).float() * step
+    if load == "skewed":   # expert 0 takes most tokens; the upper half takes none
+        logits[:, 0] += 6
+        logits[:, experts // 2:] -= 40
+    if t >= 3:             # all equal (the top k are experts 0 .. k-1), and a two-way tie
+        logits[1] = 0.5
+        logits[2] = -5.0
+        for i in range(k - 1):
+            logits[2, experts // 2 - 1 - i] = 3.0 + 0.5 * i
+        logits[2, 0] = logits[2, experts // 2 - k] = 1.0
+    logits = logits.to(dtype)
+    gate_up = (torch.randn(experts, 2 * inter, hidden, generator=g, device="cuda")
+               * hidden ** -0.5).to(dtype)
+    down = (torch.randn(experts, hidden, inter, generator=g, device="cuda")
+            * inter ** -0.5).to(dtype)
+    if load == "skewed":   # experts no token chose: NaN weights must not reach any output
+        gate_up[experts // 2:] = float("nan")
+        down[experts // 2:] = float("nan")
+    return x, logits, gate_up, down
+
+
+def route_ref(logits, k, renormalise):
+    """(ids ascending, weights, margin) of each token: ONNX TopK's order on fp32 softmax."""
+    p = torch.softmax(logits.float(), dim=-1)
+    sp, order = torch.sort(p, dim=-1, descending=True, stable=True)   # ties: lower index
+    ids, w = order[:, :k], sp[:, :k]
+    if renormalise:
+        w = w / w.sum(-1, keepdim=True)
+    margin = (sp[:, k - 1] - sp[:, k]) if k < p.shape[1] else torch.ones_like(sp[:, 0])
+    ids, perm = torch.sort(ids, dim=-1)
+    return ids.int(), torch.gather(w, 1, perm), margin
+
+
+def rnd(v, dtype):
+    return v.to(dtype).float()
+
+
+def expert_rows(ids, e):
+    return (ids == e).any(-1).nonzero().flatten()
+
+
+def relerr(got, ref):
+    assert not got.isnan().any(), "unwritten (poisoned) or NaN output"
+    return ((got.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def check_grouping(ids, pos_of, perm, meta, t, experts, k):
+    ids, pos_of, perm, meta = (a.cpu().long() for a in (ids, pos_of, perm, meta))
+    counts = torch.bincount(ids.flatten(), minlength=experts)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    assert meta[1:experts + 2].tolist() == offsets.tolist()
+    for e in range(experts):
+        tokens = (ids == e).any(-1).nonzero().flatten()
+        assert perm[offsets[e]:offsets[e + 1]].tolist() == tokens.tolist(), e
+    rows = torch.arange(t)[:, None].expand(t, k)
+    assert (perm[pos_of] == rows).all()
+    assert sorted(pos_of.flatten().tolist()) == list(range(t * k))
+    bm = lr.moe_block_m(t)
+    tiles = [(e, int(r0), int(min(r0 + bm, offsets[e + 1])))
+             for e in range(experts) for r0 in range(int(offsets[e]), int(offsets[e + 1]), bm)]
+    n = int(meta[0])
+    assert n == len(tiles) <= lr.moe_max_tiles(t, experts, k)
+    got = meta[experts + 2:experts + 2 + 3 * n].view(-1, 3).tolist()
+    assert [tuple(x) for x in got] == tiles
+
+
+def gate_up_ref(x, gate_up, ids, pos_of, dtype):
+    """The graph's roundings: the gate-up product rounded, silu(gate) rounded, times up."""
+    t, k = ids.shape
+    inter = gate_up.shape[1] // 2
+    out = torch.zeros(t * k, inter, device="cuda")
+    for e in ids.unique().tolist():
+        tok, j = (ids == e).nonzero(as_tuple=True)
+        gu = rnd(x[tok].float() @ gate_up[e].float().T, dtype)
+        act = rnd(torch.nn.functional.silu(gu[:, :inter]), dtype) * gu[:, inter:]
+        out[pos_of[tok, j].long()] = act
+    return out
+
+
+def down_ref(act, down, ids, pos_of):
+    t, k = ids.shape
+    out = torch.zeros(t * k, down.shape[1], device="cuda")
+    for e in ids.unique().tolist():
+        pos = pos_of[ids == e].long()
+        out[pos] = act[pos].float() @ down[e].float().T
+    return out
+
+
+def combine_ref(y, pos_of, wts, dtype, gate=None, shared=None):
+    acc = torch.zeros(pos_of.shape[0], y.shape[1], device="cuda")
+    for j in range(pos_of.shape[1]):
+        acc = acc + wts[:, j:j + 1] * y[pos_of[:, j].long()].float()
+    if shared is None:
+        return acc
+    share = rnd(torch.sigmoid(gate.float()), dtype)
+    return rnd(acc, dtype) + rnd(share * shared.float(), dtype)
+
+
+@pytest.mark.parametrize("load", ["even", "skewed"])
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("experts,k,renorm,hidden,inter", CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_kernels(K, dtype, experts, k, renorm, hidden, inter, t, load):
+    x, logits, gate_up, down = make(t, experts, hidden, inter, dtype, load, k=k)
+    out, parts = K.moe(x, logits, gate_up, down, k, renorm)
+    ids, wts = parts["ids"], parts["wts"]
+
+    want_ids, want_w, margin = route_ref(logits, k, renorm)
+    clear = margin > MARGIN
+    if t >= 3:
+        clear[1:3] = True            # the tied rows: exactly ONNX's lower-index choice
+        assert ids[1].tolist() == list(range(k))
+        assert ids[2].tolist() == tied_top(experts, k)
+    assert (ids[clear] == want_ids[clear]).all(), "routing differs from softmax top-k"
+    assert clear.float().mean() > 0.9
+    torch.testing.assert_close(wts[clear], want_w[clear], rtol=0, atol=1e-6)
+    if load == "skewed":
+        assert not (ids >= experts // 2).any()   # half the experts: no tokens at all
+
+    check_grouping(ids, parts["pos_of"], parts["perm"], parts["meta"], t, experts, k)
+    pos_of = parts["pos_of"]
+    assert relerr(parts["act"], gate_up_ref(x, gate_up, ids, pos_of, dtype)) < TOL
+    assert relerr(parts["y"], down_ref(parts["act"], down, ids, pos_of)) < TOL
+    assert relerr(out, combine_ref(parts["y"], pos_of, wts, dtype)) < COMBINE_TOL
+
+    # the layer from scratch, on the tokens whose routing is not a near-tie
+    pos_of_ref = _positions(want_ids, experts)
+    ref_act = gate_up_ref(x, gate_up, want_ids, pos_of_ref, dtype)
+    ref_y = rnd(down_ref(rnd(ref_act, dtype), down, want_ids, pos_of_ref), dtype)
+    ref = combine_ref(ref_y, pos_of_ref, want_w, dtype)
+    assert relerr(out[clear], ref[clear]) < LAYER_TOL
+
+
+def _positions(ids, experts):
+    """The grouped positions of a routing (expert-major, tokens ascending), for the
+    reference."""
+    t, k = ids.shape
+    pos = torch.empty_like(ids)
+    at = 0
+    for e in range(experts):
+        tok, j = (ids == e).nonzero(as_tuple=True)
+        pos[tok, j] = torch.arange(at, at + len(tok), device=ids.device, dtype=ids.dtype)
+        at += len(tok)
+    return pos
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", (1, 7, 40))
+def test_combine_with_the_shared_expert(K, dtype, t):
+    """Qwen2-MoE: routed + sigmoid(gate) * shared, each op rounded as the graph does."""
+    x, logits, gate_up, down = make(t, 8, 256, 128, dtype, "even", seed=1)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    gate = (torch.randn(t, 1, generator=g, device="cuda") * 2).to(dtype)
+    shared = torch.randn(t, 256, generator=g, device="cuda").to(dtype)
+    out, parts = K.moe(x, logits, gate_up, down, 4, False, gate, shared)
+    ref = combine_ref(parts["y"], parts["pos_of"], parts["wts"], dtype, gate, shared)
+    assert relerr(out, ref) < COMBINE_TOL
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_of_two_inputs_equals_the_fused_form(K, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for rows, inter in ((1, 80), (37, 5632), (5, 13)):
+        gate, up = (torch.randn(rows, inter, generator=g, device="cuda").to(dtype)
+                    for _ in range(2))
+        torch.testing.assert_close(K.gated2(gate, up), K.gated(torch.cat([gate, up], 1)),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("t", (4, 64))
+def test_a_cuda_graph_of_the_layer_replays_other_routings(K, t):
+    """Captured once, the layer replays with new logits and inputs: its counts, offsets and
+    tiles are computed on the GPU each time, and the result equals an uncaptured run."""
+    dtype = torch.bfloat16
+    x, logits, gate_up, down = make(t, 8, 256, 384, dtype, "even")
+    K.moe(x, logits, gate_up, down, 2, True)            # load the module outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = K.moe(x, logits, gate_up, down, 2, True)
+    for seed, load in ((3, "skewed"), (4, "even"), (5, "skewed")):
+        x2, logits2, _, _ = make(t, 8, 256, 384, dtype, load, seed=seed)
+        x.copy_(x2)
+        logits.copy_(logits2)
+        graph.replay()
+        want, _ = K.moe(x2, logits2, gate_up, down, 2, True)
+        torch.cuda.synchronize()
+        assert torch.equal(out, want), load
