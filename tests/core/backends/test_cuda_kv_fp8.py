@@ -220,14 +220,20 @@ def test_fp8_kv_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, 
         runs = [Ragged(s, blocks, bs) for s in (cuda, ref)]
         for s in (cuda, ref):
             s.allocate_kv(3 * per_seq + 1)
+        errs, sames = [], []   # (step, value), (step, layer, value)
         for i, step in enumerate(steps):
             got, want = (r.step(step) for r in runs)
             err = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
-            assert err.max() < TOLERANCE, f"{kind} step {i}: rel err {err.max():.2e}"
+            errs.append((i, float(err.max())))
             for layer in range(io.num_layers):
                 a = _pool(cuda, layer)[:, used].astype(np.float32)
                 b = ref.kv[layer][:, used].astype(np.float32)
                 written = (a != 0) | (b != 0)
                 assert written.sum() >= 2 * io.kv_heads * io.head_dim * sum(lengths) // 2
-                same = float(np.mean(a[written] == b[written]))
-                assert same >= SAME_BYTES, f"{kind} step {i} layer {layer}: {same:.3f} equal"
+                sames.append((i, layer, float(np.mean(a[written] == b[written]))))
+    worst, fewest = max(errs, key=lambda e: e[1]), min(sames, key=lambda e: e[2])
+    print(f"{kind} graphs={graphs}: max rel err {worst[1]:.2e} (step {worst[0]}), "
+          f"least equal bytes {fewest[2]:.3f} (step {fewest[0]}, layer {fewest[1]})")
+    # the pools first: a misplaced row or a wrong scale shows there before in the logits
+    assert fewest[2] >= SAME_BYTES, f"{kind}: {fewest[2]:.3f} of the pool's bytes equal"
+    assert worst[1] < TOLERANCE, f"{kind} step {worst[0]}: rel err {worst[1]:.2e}"
