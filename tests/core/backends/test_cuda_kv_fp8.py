@@ -161,13 +161,14 @@ def _why_not() -> str:
 # QuantizeLinear's, attention dequantizes to DequantizeLinear's values), on 16-bit GEMMs as the
 # unquantized engines (2% against HF, test_cuda_session.py). What the FP8 cache adds: an fp16
 # rounding difference upstream moves a K or V value across an E4M3 rounding boundary now and
-# then (under 1% of them, a step of 1/16 to 1/8 of the value each).
-TOLERANCE = 4e-2
-# Least share of the pools' written values with equal bytes in both: each backend's K and V
-# differ by fp16 roundings (more in later layers and steps), and one in about 2^7 such
-# differences crosses an E4M3 rounding boundary. A misplaced row or a wrong scale leaves
-# next to none equal.
-SAME_BYTES = 0.9
+# then, a step of 1/16 to 1/8 of the value. Measured on an H100: 0.8% (Llama), 1.6% (Qwen3),
+# 4.6% (Gemma 2: soft-capped scores and logits), 0.08% (GPT-2).
+TOLERANCE = 8e-2
+# Least share of the pools' written values with equal bytes in both. Layer 0's K and V come
+# from the same embeddings through one GEMM, so they differ by its rounding alone (measured
+# 98.0-98.5% equal); later layers add the differences of every layer before (83-97%
+# measured in layer 1). A misplaced row or a wrong scale leaves next to none equal.
+SAME_BYTES_FIRST, SAME_BYTES = 0.96, 0.75
 
 
 def _pool(session, layer: int) -> np.ndarray:
@@ -232,8 +233,12 @@ def test_fp8_kv_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, 
                 assert written.sum() >= 2 * io.kv_heads * io.head_dim * sum(lengths) // 2
                 sames.append((i, layer, float(np.mean(a[written] == b[written]))))
     worst, fewest = max(errs, key=lambda e: e[1]), min(sames, key=lambda e: e[2])
+    by_layer = [min(v for _, ly, v in sames if ly == layer) for layer in range(io.num_layers)]
     print(f"{kind} graphs={graphs}: max rel err {worst[1]:.2e} (step {worst[0]}), "
-          f"least equal bytes {fewest[2]:.3f} (step {fewest[0]}, layer {fewest[1]})")
+          f"least equal bytes {fewest[2]:.3f} (step {fewest[0]}, layer {fewest[1]}), "
+          f"by layer {' '.join(f'{v:.3f}' for v in by_layer)}; errs "
+          f"{' '.join(f'{e:.1e}' for _, e in errs)}")
     # the pools first: a misplaced row or a wrong scale shows there before in the logits
+    assert by_layer[0] >= SAME_BYTES_FIRST, f"{kind}: {by_layer[0]:.3f} of layer 0's bytes equal"
     assert fewest[2] >= SAME_BYTES, f"{kind}: {fewest[2]:.3f} of the pool's bytes equal"
     assert worst[1] < TOLERANCE, f"{kind} step {worst[0]}: rel err {worst[1]:.2e}"
