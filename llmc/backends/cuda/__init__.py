@@ -61,30 +61,27 @@ class CudaBackend:
 
         if mode != "fp8":
             return True, ""     # INT4 weight-only: every architecture
-        try:
-            arch = self.target_arch()
-        except LlmcError as e:
-            return False, str(e)
-        if arch not in FP8_ARCHS:
-            return False, (f"FP8 engines are built for Hopper (sm_90a), and the target is "
-                           f"{arch}: the prefill GEMMs use cuBLASLt's per-channel FP8 scaling, "
-                           "which NVIDIA documents for Hopper only; build with --quant "
-                           "int4-awq")
-        return True, ""
+        return self._target_in(FP8_ARCHS, lambda arch: (
+            f"FP8 engines are built for Hopper (sm_90a), and the target is {arch}: the "
+            "prefill GEMMs use cuBLASLt's per-channel FP8 scaling, which NVIDIA documents for "
+            "Hopper only; build with --quant int4-awq"))
 
     def can_store_kv(self, dtype: str) -> tuple[bool, str]:
         """fp8: an E4M3 pool, written and read by kernels that need sm_89+."""
         from llmc.plugins.launch_rules import E4M3_ARCHS, E4M3_NEEDS
 
+        return self._target_in(E4M3_ARCHS, lambda arch: (
+            f"the cuda backend's FP8 KV cache needs {E4M3_NEEDS}, and the target is {arch}; "
+            f"build with --kv-cache-dtype auto, or for --gpu-arch {', '.join(E4M3_ARCHS)}"))
+
+    def _target_in(self, archs, why) -> tuple[bool, str]:
+        """(True, "") when the target architecture is one of archs, else (False, why(arch)),
+        or the reason there is no target."""
         try:
             arch = self.target_arch()
         except LlmcError as e:
             return False, str(e)
-        if arch not in E4M3_ARCHS:
-            return False, (f"the cuda backend's FP8 KV cache needs {E4M3_NEEDS}, and the "
-                           f"target is {arch}; build with --kv-cache-dtype auto, or for "
-                           f"--gpu-arch {', '.join(E4M3_ARCHS)}")
-        return True, ""
+        return (True, "") if arch in archs else (False, why(arch))
 
     def target_arch(self) -> str:
         """--gpu-arch, else the GPU present, else a clear error asking for --gpu-arch."""
