@@ -188,6 +188,24 @@ def main():
                 f"; {t16 / t8:.2f}x less time than the bf16 pool" if t16 else "")))
         cache = cache8 = None
 
+    # decode at the shapes serving hits (ours only): one long sequence (split over KV), many
+    # short ones, and a batch of mixed lengths; bytes = the K/V each sequence reads
+    serving = [("B=1 ctx=8192", [8192]), ("B=1 ctx=32768", [32768]),
+               ("B=256 ctx=256", [256] * 256),
+               ("B=64 mixed ctx 64-4096", [64 * 2 ** (i % 7) for i in range(64)])]
+    for label, ctxs in serving:
+        name = f"paged decode bf16 {label} bs=16"
+        if not wanted(name):
+            continue
+        B = len(ctxs)
+        q, k, v, starts, cl, tables, cache = make_batch([1] * B, ctxs, hq, hkv, d, 16, bf,
+                                                        extra_blocks=0)
+        plan = decode_plan(B, hq, hkv, d, tables.shape[1], 16, "bfloat16", K.sm_count, False,
+                           max_smem=K.max_smem)
+        add(name, lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False),
+            None, None, sum(ctxs) * 2 * hkv * d * 2, f"ours only; splits={plan.n_split}")
+        cache = None
+
     # prefill: one 2048-token sequence (causal), vs SDPA flash on contiguous q/k/v
     n_tok = 2048
     q, k, v, starts, cl, tables, cache = make_batch([n_tok], [n_tok], hq, hkv, d, 16, bf)
