@@ -397,11 +397,12 @@ def moe_gemm_smem(bm: int) -> int:
     return MOE_STAGES * (bm + MOE_TC_BN) * MOE_TC_BK * 2
 
 
-def moe_max_tiles(tokens: int, experts: int, top_k: int) -> int:
+def moe_max_tiles(tokens: int, experts: int, top_k: int, bm: int | None = None) -> int:
     """The most tiles the routing can make for T tokens: with A <= min(E, T k) experts
     chosen, sum over them of ceil(rows_e / BM) <= (T k + A (BM - 1)) / BM, and an expert has
-    at most T rows. The GEMMs' grid.y; CTAs past the step's real count leave at once."""
-    bm, rows = moe_block_m(tokens), tokens * top_k
+    at most T rows. The GEMMs' tile grid; CTAs past the step's real count leave at once.
+    bm: the tile height, moe_block_m(T) unless given (bench/kernels/moe.py --sweep)."""
+    bm, rows = bm or moe_block_m(tokens), tokens * top_k
     active = min(experts, rows)
     return max(1, min((rows + active * (bm - 1)) // bm, active * -(-tokens // bm)))
 
