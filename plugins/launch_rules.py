@@ -366,9 +366,12 @@ MOE_ROUTE_THREADS = 1024   # MOE_ROUTE_THREADS: the routing kernel is one CTA
 # positions a GEMM tile (moe_gemm_*_m<BM>) of the decode kernel -> (warps over N, over K)
 MOE_GEMM_SHAPES = {8: (1, 8)}
 # the tiled kernel (moe_gemm_tc) of larger steps: BM in MOE_TC_BLOCK_M positions x
-# MOE_TC_BN weight rows (gate-up: half gate, half up), k steps of MOE_TC_BK, MOE_STAGES deep
+# MOE_TC_BN weight rows (gate-up: half gate, half up), k steps of MOE_TC_BK; MOE_TC_SHAPE
+# (warps over M, warps over N, k steps in flight) as MOE_GEMM_TC instantiates it in moe.cu
 MOE_TC_BLOCK_M = (64, 128)
-MOE_TC_BN, MOE_TC_BK, MOE_STAGES, MOE_TC_THREADS = 128, 32, 4, 128
+MOE_TC_BN, MOE_TC_BK = 128, 32
+MOE_TC_SHAPE = (2, 2, 4)
+MOE_TC_THREADS = 32 * MOE_TC_SHAPE[0] * MOE_TC_SHAPE[1]
 MOE_M128_FROM = 129        # tokens from which tiles hold 128 positions
 MAX_GRID_Y = 65535
 
@@ -391,10 +394,10 @@ def moe_block_m(tokens: int) -> int:
     return 8 if tokens <= 8 else 64 if tokens < MOE_M128_FROM else 128
 
 
-def moe_gemm_smem(bm: int) -> int:
-    """Dynamic shared memory of the tiled GEMM: MOE_STAGES k steps of BM x rows and
+def moe_gemm_smem(bm: int, stages: int = MOE_TC_SHAPE[2]) -> int:
+    """Dynamic shared memory of the tiled GEMM: `stages` k steps of BM x rows and
     MOE_TC_BN weight rows, MOE_TC_BK halfs each (48 KiB at BM 64, 64 KiB at 128)."""
-    return MOE_STAGES * (bm + MOE_TC_BN) * MOE_TC_BK * 2
+    return stages * (bm + MOE_TC_BN) * MOE_TC_BK * 2
 
 
 def moe_max_tiles(tokens: int, experts: int, top_k: int, bm: int | None = None) -> int:

@@ -22,7 +22,9 @@ random routing), it reports:
 loaded ahead) from the same source, the figures that choose MOE_GEMM's parameters in moe.cu
 (launch_rules.MOE_GEMM_SHAPES); for larger steps the tiled kernel at each tile height
 (launch_rules.MOE_TC_BLOCK_M, the routing regrouped for it: the figures behind
-moe_block_m's switch) and, for comparison, the 64-row register kernel the tiled one replaced
+moe_block_m's switch) in its shipped shape and in other warp layouts and pipeline depths
+(TC_SWEEP, compiled from the same source: the figures behind MOE_TC_SHAPE) and, for
+comparison, the 64-row register kernel the tiled one replaced
 (moe_gemm's template, 4 warps over N x 2 over K).
 """
 from __future__ import annotations
@@ -44,15 +46,23 @@ TOKENS = (1, 8, 64, 256, 512, 1024, 4096)
 # kernel the tiled GEMM replaced for T > 8, timed beside it.
 SWEEP = {8: [(1, 4, 2), (1, 8, 1), (1, 8, 2), (1, 8, 4), (1, 16, 1), (1, 16, 2), (2, 4, 2)],
          64: [(4, 2, 2)]}
+# (warps over M, warps over N, k steps in flight) variants of the tiled kernel, at each of
+# launch_rules.MOE_TC_BLOCK_M; the shipped one is launch_rules.MOE_TC_SHAPE
+TC_SWEEP = [(2, 2, 3), (2, 2, 5), (2, 4, 4), (4, 2, 4), (4, 2, 3)]
 
 
 def sweep_functions(K: Kernels):
-    """Every SWEEP shape as moe_sweep_m<BM>_wn<WN>_sk<SK>_u<U>[_swiglu], bf16."""
+    """Every SWEEP shape as moe_sweep_m<BM>_wn<WN>_sk<SK>_u<U>[_swiglu] and every TC_SWEEP
+    one as moe_sweep_tc_m<BM>_w<WM>x<WN>_s<ST>[_swiglu], bf16."""
+    acts = (("", "false"), ("_swiglu", "true"))
     entries = "".join(
         f"MOE_GEMM_ENTRY(moe_sweep_m{bm}_wn{wn}_sk{sk}_u{u}{suffix}, BF16, {bm // 8}, {wn}, "
         f"{sk}, {u}, {act})\n"
-        for bm, shapes in SWEEP.items() for wn, sk, u in shapes
-        for suffix, act in (("", "false"), ("_swiglu", "true")))
+        for bm, shapes in SWEEP.items() for wn, sk, u in shapes for suffix, act in acts)
+    entries += "".join(
+        f"MOE_GEMM_TC_ENTRY(moe_sweep_tc_m{bm}_w{wm}x{wn}_s{st}{suffix}, BF16, {bm}, {wm}, "
+        f"{wn}, {st}, {act})\n"
+        for bm in lr.MOE_TC_BLOCK_M for wm, wn, st in TC_SWEEP for suffix, act in acts)
     src = "#define MOE_VARIANTS\n" + compiler.source("moe") + entries
     cubin = compiler._compile_cached("moe_sweep", K.arch, False, src)
     from llmc.plugins.launch import Functions
@@ -64,11 +74,15 @@ def sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream):
     """--sweep rows (T, label, gate-up s, down s, chosen) of step t: each GEMM shape on the
     routing regrouped into tiles of its height (a meta buffer of its own)."""
     dt, rows = "bfloat16", []
+    wm0, wn0, st0 = lr.MOE_TC_SHAPE
     shapes = ([(8, f"m8 register {wn} x {sk} U{u}", wn, sk, u) for wn, sk, u in SWEEP[8]]
               if t <= 8 else
-              [(bm, f"m{bm} tiled", None, None, None) for bm in lr.MOE_TC_BLOCK_M]
+              [(bm, f"m{bm} tiled {wm} x {wn} S{st}" + (" (shipped)" if sh else ""), wm, wn, st)
+               for bm in lr.MOE_TC_BLOCK_M
+               for (wm, wn, st), sh in [(lr.MOE_TC_SHAPE, True)]
+               + [(v, False) for v in TC_SWEEP if v != (wm0, wn0, st0)]]
               + [(64, f"m64 register {wn} x {sk} U{u}", wn, sk, u) for wn, sk, u in SWEEP[64]])
-    for bm, label, wn, sk, u in shapes:
+    for bm, label, wn, sk, u in shapes:   # tiled: (wn, sk, u) are (WM, WN, ST)
         i32 = dict(device="cuda", dtype=torch.int32)
         ids, pos_of = torch.empty(t, TOP_K, **i32), torch.empty(t, TOP_K, **i32)
         wts = torch.empty(t, TOP_K, device="cuda", dtype=torch.float32)
@@ -84,11 +98,15 @@ def sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream):
         for fused, n, k, xin, w, p, out_buf in ((True, INTER, HIDDEN, x, gate_up, perm, act),
                                                 (False, HIDDEN, INTER, act, down, None, y)):
             suffix = "_swiglu" if fused else ""
-            if wn is None:   # the shipped tiled kernel, launched as moe_gemm_launch does
-                fns = K.functions
+            if "tiled" in label:   # grid and shared memory as moe_gemm_launch's
+                wm, wn_, st = wn, sk, u
                 blocks = -(-n // (lr.MOE_TC_BN // 2 if fused else lr.MOE_TC_BN))
-                ln = lr.Launch("moe", f"moe_gemm_bf16_m{bm}{suffix}", (tiles, blocks, 1),
-                               (lr.MOE_TC_THREADS, 1, 1), smem=lr.moe_gemm_smem(bm))
+                shipped = (wm, wn_, st) == lr.MOE_TC_SHAPE
+                fns = K.functions if shipped else sweep
+                name = (f"moe_gemm_bf16_m{bm}{suffix}" if shipped else
+                        f"moe_sweep_tc_m{bm}_w{wm}x{wn_}_s{st}{suffix}")
+                ln = lr.Launch("moe" if shipped else "moe_sweep", name, (tiles, blocks, 1),
+                               (32 * wm * wn_, 1, 1), smem=lr.moe_gemm_smem(bm, st))
             else:
                 fns = sweep
                 ln = lr.Launch("moe_sweep", f"moe_sweep_m{bm}_wn{wn}_sk{sk}_u{u}{suffix}",

@@ -320,14 +320,14 @@ __device__ __forceinline__ void moe_gemm(const u16* __restrict__ x, const u16* _
 
 // ---- the grouped GEMM for steps of many tokens: shared-memory tiles -------------------------
 // The same product and outputs as moe_gemm (one tile of BM positions of an expert, from meta),
-// as a tiled tensor-core GEMM: a CTA computes BM positions x 128 weight rows, 4 warps of
-// (BM / 2) x 64 each. Every k step of 32, the CTA copies the tile's x rows (gathered through
-// perm for gate-up) and its 128 weight rows into shared memory with cp.async, MOE_STAGES
-// steps in flight, and the warps read their fragments with ldmatrix: each weight byte comes
-// from HBM once a tile and feeds BM rows, each x byte feeds 128 outputs.
+// as a tiled tensor-core GEMM: a CTA computes BM positions x 128 weight rows, WM x WN warps
+// of (BM / WM) x (128 / WN) each. Every k step of 32, the CTA copies the tile's x rows
+// (gathered through perm for gate-up) and its 128 weight rows into shared memory with
+// cp.async, ST steps in flight, and the warps read their fragments with ldmatrix: each
+// weight byte comes from HBM once a tile and feeds BM rows, each x byte feeds 128 outputs.
 // ACT: the 128 weight rows are 64 gate rows and their 64 up rows, interleaved so a warp's
-// n8 fragments 0-3 are gate rows o .. o + 31 and fragments 4-7 the up rows of the same o: an
-// output's gate and up sums end in one lane, and the epilogue is moe_gemm's.
+// first half of n8 fragments are gate rows o .. and its second half the up rows of the same
+// o: an output's gate and up sums end in one lane, and the epilogue is moe_gemm's.
 // The grid is (tiles, N blocks): consecutive CTAs are the row tiles of one N block, so an
 // expert's weight block is read from HBM once for all its tiles and the x rows (a few MB)
 // stay in L2 across N blocks. Rows past the tile's end and k past K are zero-filled (cp.async
@@ -335,8 +335,6 @@ __device__ __forceinline__ void moe_gemm(const u16* __restrict__ x, const u16* _
 // skip the MMAs of 16-row fragments past the tile's end.
 #define MOE_TC_BN 128
 #define MOE_TC_BK 32
-#define MOE_STAGES 4
-#define MOE_TC_THREADS 128
 
 __device__ __forceinline__ u32 moe_smem(const void* p) {
   return (u32)__cvta_generic_to_shared(p);
@@ -357,15 +355,17 @@ __device__ __forceinline__ void moe_ldsm_x4(u32* r, u32 addr) {
 // c ^ ((r / 2) % 4), so the 8 rows an ldmatrix reads (same c) hit 8 distinct bank groups.
 __device__ __forceinline__ int moe_swz(int r, int c) { return (r * 4 + (c ^ ((r >> 1) & 3))) * 8; }
 
-template <typename T, int BM, bool ACT>
+template <typename T, int BM, int WM, int WN, int ST, bool ACT>
 __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16* __restrict__ w,
                                             const int* __restrict__ perm,
                                             const int* __restrict__ meta, int experts, int n,
                                             int k, u16* __restrict__ out) {
-  constexpr int BN = MOE_TC_BN, BK = MOE_TC_BK, ST = MOE_STAGES;
-  constexpr int MI = BM / 32;                   // a warp's 16-row fragments
-  constexpr int AL = BM * 4 / MOE_TC_THREADS;   // 16-byte copies a thread makes of x a step
-  constexpr int BL = BN * 4 / MOE_TC_THREADS;   // ... and of the weights
+  constexpr int BN = MOE_TC_BN, BK = MOE_TC_BK, NTH = 32 * WM * WN;
+  constexpr int WR = BM / WM, WC = BN / WN;     // a warp's rows and weight rows
+  constexpr int MI = WR / 16, NJ = WC / 8;      // ... as 16-row and n8 fragments
+  constexpr int AL = BM * 4 / NTH, BL = BN * 4 / NTH, RS = NTH / 4;   // copies a thread makes
+  static_assert(WR % 16 == 0 && NJ % 2 == 0 && AL * NTH == BM * 4 && BL * NTH == BN * 4,
+                "moe_gemm_tc: a warp tile of whole 16 x 16 fragments, copies spread evenly");
   extern __shared__ __align__(16) u16 moe_sm[];
   u16* sa = moe_sm;                             // [ST][BM][BK]
   u16* sb = moe_sm + ST * BM * BK;              // [ST][BN][BK]
@@ -373,18 +373,18 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
   const int* tile = meta + 2 + experts + 3 * blockIdx.x;
   const int e = tile[0], r0 = tile[1], rows = min(tile[2] - tile[1], BM);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int wm = warp & 1, wn = warp >> 1;
+  const int wm = warp % WM, wn = warp / WM;
   const int o0 = blockIdx.y * (ACT ? BN / 2 : BN);
   const size_t wrows = ACT ? 2 * (size_t)n : (size_t)n;
   const u16* we = w + (size_t)e * wrows * k;
 
-  // this thread's copies: rows tid / 4 + 32 i of each tile, 16-byte chunk tid % 4
+  // this thread's copies: rows tid / 4 + RS i of each tile, 16-byte chunk tid % 4
   const int cc = tid & 3;
   const u16* asrc[AL];
   bool aok[AL];
 #pragma unroll
   for (int i = 0; i < AL; ++i) {
-    const int r = (tid >> 2) + 32 * i;
+    const int r = (tid >> 2) + RS * i;
     aok[i] = r < rows;
     const int rr = aok[i] ? r : 0;
     asrc[i] = x + (size_t)(perm ? perm[r0 + rr] : r0 + rr) * k + cc * 8;
@@ -392,11 +392,11 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
   const u16* bsrc[BL];
 #pragma unroll
   for (int i = 0; i < BL; ++i) {
-    const int r = (tid >> 2) + 32 * i;          // staged weight row
+    const int r = (tid >> 2) + RS * i;          // staged weight row
     size_t wr;
-    if constexpr (ACT) {                        // 64 a warp column: 32 gate rows, their up rows
-      const int q = r & 63, o = min(o0 + (r >> 6) * 32 + (q & 31), n - 1);
-      wr = (q < 32 ? 0 : (size_t)n) + o;
+    if constexpr (ACT) {                        // a warp column: WC / 2 gate rows, their up rows
+      const int q = r % WC, o = min(o0 + (r / WC) * (WC / 2) + q % (WC / 2), n - 1);
+      wr = (q < WC / 2 ? 0 : (size_t)n) + o;
     } else {
       wr = min(o0 + r, n - 1);
     }
@@ -410,20 +410,20 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
 #pragma unroll
     for (int i = 0; i < AL; ++i) {
       const bool ok = kok && aok[i];
-      moe_cp16(moe_smem(a + moe_swz((tid >> 2) + 32 * i, cc)), ok ? asrc[i] + kk : x,
+      moe_cp16(moe_smem(a + moe_swz((tid >> 2) + RS * i, cc)), ok ? asrc[i] + kk : x,
                ok ? 16 : 0);
     }
 #pragma unroll
     for (int i = 0; i < BL; ++i)
-      moe_cp16(moe_smem(b + moe_swz((tid >> 2) + 32 * i, cc)), kok ? bsrc[i] + kk : w,
+      moe_cp16(moe_smem(b + moe_swz((tid >> 2) + RS * i, cc)), kok ? bsrc[i] + kk : w,
                kok ? 16 : 0);
   };
 
-  float acc[MI][8][4];
+  float acc[MI][NJ][4];
 #pragma unroll
   for (int i = 0; i < MI; ++i)
 #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+    for (int j = 0; j < NJ; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
 
   const int ktiles = (k + BK - 1) / BK;
 #pragma unroll
@@ -431,7 +431,7 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
     if (s < ktiles) load(s, s);
     moe_cp_commit();                            // empty groups keep the count uniform
   }
-  const int m_base = wm * (BM / 2);
+  const int m_base = wm * WR;
   for (int kt = 0; kt < ktiles; ++kt) {
     moe_cp_wait<ST - 2>();                      // step kt has landed (this thread's copies)
     __syncthreads();                            // ... everyone's; and step kt - 1 is consumed
@@ -441,11 +441,11 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
     const u16* b = sb + (kt % ST) * BN * BK;
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
-      // B: x4 = fragments (2j, 2j+1) x (k 0-7, k 8-15) of this k16 step
-      u32 bf[8][2];
+      // B: an x4 is fragments (2j, 2j + 1) x (k 0-7, k 8-15) of this k16 step
+      u32 bf[NJ][2];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int r = wn * 64 + j * 16 + (lane & 7) + ((lane >> 4) << 3);
+      for (int j = 0; j < NJ / 2; ++j) {
+        const int r = wn * WC + j * 16 + (lane & 7) + ((lane >> 4) << 3);
         u32 v[4];
         moe_ldsm_x4(v, moe_smem(b + moe_swz(r, ks * 2 + ((lane >> 3) & 1))));
         bf[2 * j][0] = v[0];
@@ -460,7 +460,7 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
         moe_ldsm_x4(af, moe_smem(a + moe_swz(m_base + i * 16 + (lane & 15),
                                              ks * 2 + (lane >> 4))));
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < NJ; ++j)
           mma_16816<T>(acc[i][j], af[0], af[1], af[2], af[3], bf[j][0], bf[j][1]);
       }
     }
@@ -472,15 +472,15 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
 #pragma unroll
   for (int i = 0; i < MI; ++i) {
 #pragma unroll
-    for (int j = 0; j < (ACT ? 4 : 8); ++j) {
+    for (int j = 0; j < (ACT ? NJ / 2 : NJ); ++j) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int r = m_base + i * 16 + g + 8 * (q >> 1);
-        const int o = o0 + wn * (ACT ? 32 : 64) + j * 8 + 2 * t + (q & 1);
+        const int o = o0 + wn * (ACT ? WC / 2 : WC) + j * 8 + 2 * t + (q & 1);
         if (r >= rows || o >= n) continue;
         float v = acc[i][j][q];
         if constexpr (ACT) {   // rounded as the graph's MatMul output and activation.cu
-          const float gate = rnd<T>(v), up = rnd<T>(acc[i][j + 4][q]);
+          const float gate = rnd<T>(v), up = rnd<T>(acc[i][j + NJ / 2][q]);
           v = rnd<T>(silu_f(gate)) * up;
         }
         out[(size_t)(r0 + r) * n + o] = T::from_f(v);
@@ -538,8 +538,8 @@ __device__ __forceinline__ void moe_combine(const u16* __restrict__ y,
 // The GEMM shapes (launch_rules.moe_gemm_launch picks by T): m8, a tile of up to 8 positions
 // (decode: an expert has at most T rows) with 8 warps over K, as tc_gemv splits K, so the
 // few weight rows a CTA has still keep enough loads in flight; m64 and m128, the tiled
-// moe_gemm_tc over tiles of 64 or 128 positions, MOE_STAGES x (BM + 128) x 32 halfs of
-// dynamic shared memory (launch_rules.moe_gemm_launch's smem).
+// moe_gemm_tc over tiles of 64 or 128 positions, 2 x 2 warps, 4 k steps in flight: 4 x
+// (BM + 128) x 32 halfs of dynamic shared memory (launch_rules.moe_gemm_smem).
 #define MOE_GEMM_ENTRY(NAME, TY, NT, WN, SK, U, ACT)                                           \
   extern "C" __global__ void __launch_bounds__(32 * WN * SK) NAME(                             \
       const u16* x, const u16* w, const int* perm, const int* meta, int experts, int n,       \
@@ -550,17 +550,16 @@ __device__ __forceinline__ void moe_combine(const u16* __restrict__ y,
   MOE_GEMM_ENTRY(moe_gemm_##DT##_m##BM, TY, NT, WN, SK, U, false)                              \
   MOE_GEMM_ENTRY(moe_gemm_##DT##_m##BM##_swiglu, TY, NT, WN, SK, U, true)
 
-#define MOE_GEMM_TC(DT, TY, BM)                                                                \
-  extern "C" __global__ void __launch_bounds__(MOE_TC_THREADS) moe_gemm_##DT##_m##BM(          \
+#define MOE_GEMM_TC_ENTRY(NAME, TY, BM, WM, WN, ST, ACT)                                      \
+  extern "C" __global__ void __launch_bounds__(32 * WM * WN) NAME(                             \
       const u16* x, const u16* w, const int* perm, const int* meta, int experts, int n,       \
       int k, u16* out) {                                                                       \
-    moe_gemm_tc<TY, BM, false>(x, w, perm, meta, experts, n, k, out);                         \
-  }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(MOE_TC_THREADS) moe_gemm_##DT##_m##BM##_swiglu( \
-      const u16* x, const u16* w, const int* perm, const int* meta, int experts, int n,       \
-      int k, u16* out) {                                                                       \
-    moe_gemm_tc<TY, BM, true>(x, w, perm, meta, experts, n, k, out);                          \
+    moe_gemm_tc<TY, BM, WM, WN, ST, ACT>(x, w, perm, meta, experts, n, k, out);               \
   }
+// launch_rules.MOE_TC_SHAPE: 2 x 2 warps, 4 k steps in flight
+#define MOE_GEMM_TC(DT, TY, BM)                                                                \
+  MOE_GEMM_TC_ENTRY(moe_gemm_##DT##_m##BM, TY, BM, 2, 2, 4, false)                             \
+  MOE_GEMM_TC_ENTRY(moe_gemm_##DT##_m##BM##_swiglu, TY, BM, 2, 2, 4, true)
 
 #define MOE_COMBINE(DT, TY, VEC)                                                               \
   extern "C" __global__ void moe_combine_##DT##_v##VEC(                                        \

@@ -274,7 +274,7 @@ def test_moe_launches():
     down = lr.moe_gemm_launch(1, 8, 2, 4096, 14336, "float16", act=False)
     assert down.kernel == "moe_gemm_f16_m8" and down.grid == (4096 // 16, 2, 1)
     # larger steps: the tiled GEMM, grid (tiles, N blocks of 128 weight rows = 64 fused
-    # outputs or 128 down outputs), 4 warps, MOE_STAGES k steps of shared memory
+    # outputs or 128 down outputs), 4 warps, 4 k steps of shared memory
     gu = lr.moe_gemm_launch(512, 8, 2, 14336, 4096, "bfloat16", act=True)
     assert gu.kernel == "moe_gemm_bf16_m128_swiglu" and gu.block == (128, 1, 1)
     assert gu.grid == (lr.moe_max_tiles(512, 8, 2), 14336 // 64, 1)
@@ -310,6 +310,29 @@ def test_moe_tile_height_by_step_size():
     assert comb.kernel == "moe_combine_shared_bf16_v8" and comb.grid == (5, 1, 1)
     assert lr.moe_combine_launch(5, 20, 2, "float16").kernel == "moe_combine_f16_v1"
     assert lr.swiglu2_launch(3, 80, "float16").kernel == "swiglu2_f16_v8"
+
+
+def test_moe_tiled_shape_agrees_with_the_kernel_source():
+    """The warps, pipeline depth and tile sizes the launch rule assumes (block, shared
+    memory, N blocks) are the ones moe.cu instantiates (test_compile.py checks that every
+    entry point moe_gemm_launch names is in the cubins)."""
+    import re
+
+    from llmc.plugins import compiler
+
+    src = compiler.source("moe")
+    wm, wn, st = lr.MOE_TC_SHAPE
+    for suffix, act in (("", "false"), ("##_swiglu", "true")):
+        assert re.search(rf"MOE_GEMM_TC_ENTRY\(moe_gemm_##DT##_m##BM{suffix}, TY, BM, {wm}, "
+                         rf"{wn}, {st}, {act}\)", src)
+    for bm in lr.MOE_TC_BLOCK_M:
+        assert re.search(rf"MOE_GEMM_TC\(DT, TY, {bm}\)", src)
+    assert re.search(rf"#define MOE_TC_BN {lr.MOE_TC_BN}\b", src)
+    assert re.search(rf"#define MOE_TC_BK {lr.MOE_TC_BK}\b", src)
+    for wm, wn, _ in [lr.MOE_TC_SHAPE]:   # whole fragments a warp, copies spread evenly
+        for bm in lr.MOE_TC_BLOCK_M:
+            assert bm // wm % 16 == 0 and lr.MOE_TC_BN // wn % 16 == 0
+            assert bm * 4 % lr.MOE_TC_THREADS == 0 and lr.MOE_TC_BN * 4 % lr.MOE_TC_THREADS == 0
 
 
 @pytest.mark.parametrize("experts,k,hidden,inter,match", [
