@@ -221,7 +221,7 @@ class KVCacheManager:
         return new
 
     def allocate_running(self, requests: Sequence[KVRequest], rows: Sequence[int],
-                         num_tokens: Sequence[int],
+                         num_tokens: Sequence[int] | None,
                          recent: bytes | None = None) -> list[int] | None:
         """allocate_slots(requests[i], num_tokens[i] - requests[i].num_computed_tokens) for
         each request in order, in one call, for requests that hold blocks (`rows`, their
@@ -230,7 +230,10 @@ class KVCacheManager:
         each request's `until` after the call. All or nothing: None, changing nothing, when
         the pool cannot supply every block (the calls one by one would have stopped at the
         first request that does not fit, keeping what those before it got). `rows` and
-        `num_tokens` are lists or int arrays. `recent`, when the caller keeps them: each
+        `num_tokens` are lists or int arrays; num_tokens None means one token more than
+        each request's `until` (a decode step's requests that `until_of` says need the
+        manager, when each had at most `until` tokens the step before). `recent`, when the
+        caller keeps them: each
         request's last block_size tokens (num_tokens[i] - block_size ..), packed as
         `hash_block` packs them, 4 * block_size bytes a request in order; a block ending at
         num_tokens[i] is then hashed from there, not read from the request.
@@ -247,8 +250,12 @@ class KVCacheManager:
         # One Python pass over the rows works out every request's new counts; they are
         # written only once the pool is known to hold the blocks.
         rows_l = rows.tolist() if isinstance(rows, np.ndarray) else rows
-        totals = num_tokens.tolist() if isinstance(num_tokens, np.ndarray) else num_tokens
         held_l, cached_l = tables.held, tables.cached
+        if num_tokens is None:
+            until_l = tables.until
+            totals = [until_l[row] + 1 for row in rows_l]
+        else:
+            totals = num_tokens.tolist() if isinstance(num_tokens, np.ndarray) else num_tokens
         helds: list[int] = []
         cacheds: list[int] = []
         untils: list[int] = []

@@ -282,9 +282,13 @@ class Scheduler:
         need = np.flatnonzero(total > until)
         if need.size:
             which = need.tolist()
+            # After a committed step every request had at most `until` tokens (its last
+            # allocation covered them) and now has one more: those picked have until + 1,
+            # which the manager reads from its tables.
             untils = self.kv.allocate_running(
                 [running[i] for i in which], [rows_l[i] for i in which],
-                total[need].tolist(), None if known is None else self._recent(need))
+                total[need].tolist() if known is None else None,
+                None if known is None else self._recent(need))
             if untils is None:
                 return None
             until[need] = untils

@@ -134,6 +134,10 @@ def _drive(reqs, ops, num_blocks, caching, array_path=True, commit=True) -> list
     added, finished, trace = [], [], []
 
     def step():
+        if sched._next is not None:   # a decode step from the commit: at most until + 1 each
+            kv = sched.kv
+            assert all(r.num_tokens <= kv.tables.until[row] + 1 for r, row in
+                       zip(sched.running, kv.rows_of(sched.running).tolist()))
         if sched._next is not None and sched.running:   # the kept tokens, when complete
             recent = sched._recent(np.arange(len(sched.running)))
             if recent is not None:   # each running request's last block_size tokens
