@@ -12,20 +12,20 @@ tokens chained with the hash of the block before it, so equal hashes mean equal 
 from __future__ import annotations
 
 import functools
-import hashlib
 import struct
 from collections.abc import Iterable, Iterator, Sequence
+from hashlib import blake2b
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """A full block's prefix identity: a 128-bit BLAKE2b of the parent's hash and the token
-    ids. Python's `hash` is salted per process over bytes, and easy to collide on purpose
-    over ints and tuples; this is neither, so a hash means the same thing in every process
-    (and in a test's expected values).
+def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
+    """A full block's prefix identity: the 16-byte BLAKE2b digest of the parent's hash and
+    the token ids. Python's `hash` is salted per process over bytes, and easy to collide on
+    purpose over ints and tuples; this is neither, so a hash means the same thing in every
+    process (and in a test's expected values).
 
     Why this is collision-safe enough: equal hashes are taken as equal prefixes, so a
     collision would hand one request another's K/V. BLAKE2b is a cryptographic hash: at 128
@@ -33,18 +33,22 @@ def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     a prompt crafted to match an existing block's hash needs a second preimage (~2^128
     tries). That is the strength of vLLM's default (sha256); BLAKE2b is a little cheaper
     here (CPython's own code, no OpenSSL call in between), and the tokens go in as int32,
-    half the bytes of the int64 packing before."""
-    # The marker byte keeps a root block apart from a child whose parent hash happens to be
-    # 0; after it the parent is fixed-width, and token ids are below 2^31 (struct refuses
+    half the bytes of the int64 packing before. The digest stays bytes (it keys the cache
+    as well as an int would), so chaining a block to its parent converts nothing."""
+    # The marker byte keeps a root block apart from a child of any parent; after it the
+    # parent is fixed-width (16 bytes), and token ids are below 2^31 (struct refuses
     # anything else), so the bytes determine the block.
     return hash_packed(parent_hash, int32s(len(token_ids)).pack(*token_ids))
 
 
-def hash_packed(parent_hash: int | None, body: bytes) -> int:
+def hash_packed(parent_hash: bytes | None, body: bytes) -> bytes:
     """`hash_block` of tokens already packed by `int32s` (a caller hashing many blocks of one
     size keeps the packer)."""
-    head = b"\x00" if parent_hash is None else b"\x01" + parent_hash.to_bytes(16, "little")
-    return int.from_bytes(hashlib.blake2b(head + body, digest_size=16).digest(), "little")
+    head = ROOT if parent_hash is None else CHILD + parent_hash
+    return blake2b(head + body, digest_size=16).digest()
+
+
+ROOT, CHILD = b"\x00", b"\x01"   # what precedes a block's tokens: nothing, or its parent
 
 
 @functools.cache
@@ -61,12 +65,12 @@ class KVBlock:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_cnt = 0                       # requests holding it; 0 = in the free queue
-        self.block_hash: int | None = None     # set once full and cached, cleared on eviction
+        self.block_hash: bytes | None = None   # set once full and cached, cleared on eviction
         self.prev_free: KVBlock | None = None
         self.next_free: KVBlock | None = None
 
     def __repr__(self) -> str:
-        h = "" if self.block_hash is None else f", hash={self.block_hash:#x}"
+        h = "" if self.block_hash is None else f", hash={self.block_hash.hex()}"
         return f"KVBlock({self.block_id}, ref_cnt={self.ref_cnt}{h})"
 
 
@@ -155,7 +159,7 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
-        self._cached: dict[int, KVBlock] = {}
+        self._cached: dict[bytes, KVBlock] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -170,7 +174,7 @@ class BlockPool:
         """Fraction of blocks held by requests (cached free blocks count as free)."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def get_new_blocks(self, n: int, evicted: dict[int, int] | None = None) -> list[KVBlock]:
+    def get_new_blocks(self, n: int, evicted: dict[bytes, int] | None = None) -> list[KVBlock]:
         """n blocks with ref count 1, least recently freed first. Raises ValueError when
         fewer than n are free: callers check `num_free_blocks` first, as the manager does,
         so running short here is a bookkeeping bug, not back-pressure. `evicted`, if given,
@@ -205,7 +209,7 @@ class BlockPool:
                 self.free_queue.remove(block)
             block.ref_cnt += 1
 
-    def cache_full_blocks(self, blocks: Sequence[KVBlock], block_hashes: Sequence[int]) -> None:
+    def cache_full_blocks(self, blocks: Sequence[KVBlock], block_hashes: Sequence[bytes]) -> None:
         """Enter full blocks into the prefix cache under their hashes; a block already cached
         keeps its entry, a hash already held by another block leaves this one uncached."""
         if not self.enable_caching:
@@ -219,7 +223,7 @@ class BlockPool:
                 block.block_hash = h
                 self._cached[h] = block
 
-    def get_cached_block(self, block_hash: int) -> KVBlock | None:
+    def get_cached_block(self, block_hash: bytes) -> KVBlock | None:
         return self._cached.get(block_hash) if self.enable_caching else None
 
     def _evict(self, block: KVBlock) -> None:

@@ -16,11 +16,20 @@ a block in the same step reads the rows written in that step.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from hashlib import blake2b
 from typing import Protocol
 
 import numpy as np
 
-from llmc.runtime.kv_cache import BlockPool, KVBlock, blocks_needed, hash_packed, int32s
+from llmc.runtime.kv_cache import (
+    CHILD,
+    ROOT,
+    BlockPool,
+    KVBlock,
+    blocks_needed,
+    hash_packed,
+    int32s,
+)
 
 
 class KVRequest(Protocol):
@@ -36,42 +45,48 @@ class BlockTables:
     """Every request holding blocks has a row: its block ids in `array` (int32, then 0s),
     how many it holds (`held`), how many of those the prefix cache was offered (`cached`)
     and `until`, the most tokens the request can have before allocate_slots has anything to
-    do for it (kept by the manager). The arrays grow as needed and are written only when a
-    request gains or caches a block, so a step reads them with one fancy index, not a
-    Python loop over each request's list (~300 us at 256 rows). A released row is zeroed,
-    so unused entries stay valid block ids.
+    do for it (kept by the manager). The array grows as needed and is written only when a
+    request gains a block, so a step reads its tables with one fancy index, not a Python
+    loop over each request's list (~300 us at 256 rows). A released row is zeroed, so
+    unused entries stay valid block ids.
 
-    `held`, `cached` and `until` are the columns of one array, `meta`, so a step reads and
-    writes all three of a few dozen rows in one numpy call each way."""
+    `held`, `cached`, `until` and `last` (the id of the row's last block, 0 for none) are
+    Python lists, one item a row: a decode step reads and writes them for the few dozen
+    requests that open or fill a block, where a numpy call on so few numbers costs more
+    (2-5 us each with the caches as a model step leaves them) than the list items; a vector
+    test over all running requests takes `until` once per running set
+    (`KVCacheManager.until_of`), and the scheduler keeps it."""
 
     def __init__(self, rows: int = 16, cols: int = 16):
         self.array = np.zeros((rows, cols), np.int32)
-        self.meta = np.zeros((rows, 3), np.int64)
+        self.held = [0] * rows
+        self.cached = [0] * rows
+        self.until = [0] * rows
+        self.last = [0] * rows
         self._free = list(range(rows - 1, -1, -1))
-
-    held = property(lambda self: self.meta[:, 0])
-    cached = property(lambda self: self.meta[:, 1])
-    until = property(lambda self: self.meta[:, 2])
 
     def take(self) -> int:
         if not self._free:
             rows = len(self.array)
             self.array = np.concatenate([self.array, np.zeros_like(self.array)])
-            self.meta = np.concatenate([self.meta, np.zeros_like(self.meta)])
+            for column in (self.held, self.cached, self.until, self.last):
+                column += [0] * rows
             self._free = list(range(2 * rows - 1, rows - 1, -1))
         return self._free.pop()
 
     def put(self, row: int, block_ids: list[int]) -> None:
         """Append block ids to the row."""
-        start = int(self.held[row])
+        start = self.held[row]
         end = start + len(block_ids)
         self._widen(end)
         self.array[row, start:end] = block_ids
         self.held[row] = end
+        if block_ids:
+            self.last[row] = block_ids[-1]
 
     def release(self, row: int) -> None:
         self.array[row] = 0
-        self.meta[row] = 0
+        self.held[row] = self.cached[row] = self.until[row] = self.last[row] = 0
         self._free.append(row)
 
     def _widen(self, cols: int) -> None:
@@ -96,7 +111,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching and pool.enable_caching
         self.prefix_queries = 0
         self.prefix_hits = 0
-        self._hashes: dict[Hashable, list[int]] = {}   # hash chain of its full blocks so far
+        self._hashes: dict[Hashable, list[bytes]] = {}   # hash chain of its full blocks so far
         self._rows: dict[Hashable, int] = {}           # its row of `tables`
         # The tables are the one record of which blocks a request holds, in order: a step
         # that opens blocks writes them there alone, not into a list a request as well.
@@ -137,13 +152,15 @@ class KVCacheManager:
             return self.tables.array[rows]
         return self.tables.array[rows, :self.num_blocks_needed(num_tokens)]
 
-    def needs_slots(self, rows: np.ndarray, num_tokens: np.ndarray) -> np.ndarray:
-        """bool [len(rows)]: False where a request (its `rows_of` row: one that holds
-        blocks) already holds the blocks for its first num_tokens[i] tokens and none of them
-        fills a block not yet cached, i.e. where allocate_slots up to num_tokens[i] would
-        change nothing. One vector test over a decode step's running requests, instead of a
-        call each."""
-        return num_tokens > self.tables.until[rows]
+    def until_of(self, rows: np.ndarray) -> np.ndarray:
+        """int64 [len(rows)]: `tables.until` of these rows (`rows_of` rows: requests that
+        hold blocks). Where num_tokens[i] <= until_of(rows)[i], allocate_slots up to
+        num_tokens[i] tokens would change nothing: the request already holds the blocks for
+        them and none of them fills a block not yet cached. The scheduler keeps these for
+        its running requests, and tests a decode step with one vector comparison, updating
+        them from what `allocate_running` returns."""
+        return np.fromiter(map(self.tables.until.__getitem__, rows.tolist()), np.int64,
+                           len(rows))
 
     def get_computed_blocks(self, request: KVRequest) -> tuple[list[KVBlock], int]:
         """The longest cached run of the request's leading full blocks and the tokens they
@@ -200,98 +217,124 @@ class KVCacheManager:
         row = self._rows.get(rid)
         if row is not None:
             tables = self.tables
-            tables.until[row] = self._until(int(tables.held[row]), int(tables.cached[row]))
+            tables.until[row] = self._until(tables.held[row], tables.cached[row])
         return new
 
-    def allocate_running(self, requests: Sequence[KVRequest], rows: np.ndarray,
-                         num_tokens: np.ndarray) -> bool:
+    def allocate_running(self, requests: Sequence[KVRequest], rows: Sequence[int],
+                         num_tokens: Sequence[int] | None,
+                         recent: bytes | None = None) -> list[int] | None:
         """allocate_slots(requests[i], num_tokens[i] - requests[i].num_computed_tokens) for
         each request in order, in one call, for requests that hold blocks (`rows`, their
         `rows_of` rows), bring no cached prefix and have num_tokens[i] tokens (all of them
-        scheduled): the same blocks to the same requests, the same blocks cached. All or
-        nothing: False, changing nothing, when the pool cannot supply every block (the calls
-        one by one would have stopped at the first request that does not fit, keeping what
-        those before it got).
+        scheduled): the same blocks to the same requests, the same blocks cached. Returns
+        each request's `until` after the call. All or nothing: None, changing nothing, when
+        the pool cannot supply every block (the calls one by one would have stopped at the
+        first request that does not fit, keeping what those before it got). `rows` and
+        `num_tokens` are lists or int arrays; num_tokens None means one token more than
+        each request's `until` (a decode step's requests that `until_of` says need the
+        manager, when each had at most `until` tokens the step before). `recent`, when the
+        caller keeps them: each
+        request's last block_size tokens (num_tokens[i] - block_size ..), packed as
+        `hash_block` packs them, 4 * block_size bytes a request in order; a block ending at
+        num_tokens[i] is then hashed from there, not read from the request.
 
         Built for a decode step, where one request in block_size opens a block and as many
         fill one: the free queue is popped once for all of them, in the requests' order, and
-        the tables are read and written with one numpy call each. An eviction (a pop) and a
+        the rows' counts are Python list items (no numpy call). An eviction (a pop) and a
         hash offered to the cache decide each other's outcome, request by request in order:
         a request that fills a block whose hash a free cached block holds leaves its block
         uncached unless that free block was popped before it, by itself or an earlier
         request. The pops record which request evicted which hash, and the offers follow."""
         bs, tables, pool, caching = (self.block_size, self.tables, self.pool,
                                      self.enable_prefix_caching)
-        # One Python pass over the rows' [held, cached, until] as lists, not numpy: a decode
-        # step brings a few dozen requests, and each numpy call costs 2-5 us with the caches
-        # as a model step leaves them (~25 calls took ~85 us), a list item well under 1 us.
-        # `meta` flat: [held, cached, until] of request i at 3i..3i+2 (one list, which also
-        # goes back in one call).
-        meta = tables.meta[rows].ravel().tolist()
-        rows_l = rows.tolist()
+        # One Python pass over the rows works out every request's new counts; they are
+        # written only once the pool is known to hold the blocks.
+        rows_l = rows.tolist() if isinstance(rows, np.ndarray) else rows
+        held_l, cached_l = tables.held, tables.cached
+        if num_tokens is None:
+            until_l = tables.until
+            totals = [until_l[row] + 1 for row in rows_l]
+        else:
+            totals = num_tokens.tolist() if isinstance(num_tokens, np.ndarray) else num_tokens
+        helds: list[int] = []
+        cacheds: list[int] = []
+        untils: list[int] = []
         # The new blocks' owners and table cells, in the order the pops hand them out.
         owner: list[int] = []
         cell_rows: list[int] = []
         cell_cols: list[int] = []
         fills: list[tuple[int, int, int]] = []   # (request, first block, stop) to offer
-        for i, total in enumerate(num_tokens.tolist()):
-            j = 3 * i
-            held, cached = meta[j], meta[j + 1]
-            if not held:
+        decode = True   # every fill offers one block, the request's last one
+        given: list[bytes | None] = []   # with decode: each fill's bytes from `recent`
+        width = 4 * bs
+        for i, (row, total) in enumerate(zip(rows_l, totals)):
+            held, cached = held_l[row], cached_l[row]
+            if not held or row < 0:
                 raise ValueError("allocate_running is for requests that hold blocks")
             want = -(-total // bs)
             if want > held:
                 if want == held + 1:   # a decode step
                     owner.append(i)
-                    cell_rows.append(rows_l[i])
+                    cell_rows.append(row)
                     cell_cols.append(held)
                 else:
                     owner += [i] * (want - held)
-                    cell_rows += [rows_l[i]] * (want - held)
+                    cell_rows += [row] * (want - held)
                     cell_cols += range(held, want)
-                meta[j] = held = want
+                held = want
             if caching:
                 stop = total // bs
                 if stop > cached:
                     fills.append((i, cached, stop))
-                    meta[j + 1] = cached = stop
-                meta[j + 2] = min(held * bs, cached * bs + (bs - 1))   # _until
+                    if stop != cached + 1 or stop != held:
+                        decode = False
+                    given.append(recent[i * width:(i + 1) * width]
+                                 if recent is not None and stop * bs == total else None)
+                    cached = stop
+                untils.append(min(held * bs, cached * bs + (bs - 1)))   # _until
             else:
-                meta[j + 2] = held * bs
+                untils.append(held * bs)
+            helds.append(held)
+            cacheds.append(cached)
         num_new = len(owner)
         if num_new > pool.num_free_blocks:
-            return False   # nothing written yet: `meta` is a copy
-        evicted: dict[int, int] = {}   # hash -> the request whose pop took it out
+            return None   # nothing written yet
+        evicted: dict[bytes, int] = {}   # hash -> the request whose pop took it out
         if num_new:
             new = pool.get_new_blocks(num_new, evicted)
             tables._widen(max(cell_cols) + 1)
-            array = tables.array
+            array, last = tables.array, tables.last
             if num_new <= 32:   # cell by cell: cheaper than making three index arrays
                 for row, col, block in zip(cell_rows, cell_cols, new):
-                    array[row, col] = block.block_id
+                    array[row, col] = last[row] = block.block_id
             else:
                 array[cell_rows, cell_cols] = [b.block_id for b in new]
+                for row, block in zip(cell_rows, new):   # a row's cells come in order
+                    last[row] = block.block_id
             if evicted:
                 evicted = {h: owner[j] for h, j in evicted.items()}
         if fills:
-            self._offer(requests, rows_l, fills, evicted)
-        tables.meta[rows] = np.fromiter(meta, np.int64, len(meta)).reshape(-1, 3)
-        return True
+            self._offer(requests, rows_l, fills, evicted, given if decode else None)
+        until_l = tables.until
+        for row, held, cached, until in zip(rows_l, helds, cacheds, untils):
+            held_l[row], cached_l[row], until_l[row] = held, cached, until
+        return untils
 
     def _offer(self, requests: Sequence[KVRequest], rows: list[int],
-               fills: list[tuple[int, int, int]], evicted: dict[int, int]) -> None:
+               fills: list[tuple[int, int, int]], evicted: dict[bytes, int],
+               decode: list[bytes | None] | None) -> None:
         """allocate_running's cache offers: for each (i, start, stop) of `fills`, in order,
-        requests[i] (its table row rows[i]) offers its blocks start..stop-1. Hashes do not
-        depend on the cache, so the step's are computed together; the offers then go to the
-        pool in one call, in order."""
+        requests[i] (its table row rows[i]) offers its blocks start..stop-1. `decode`, when
+        each offers one block, its last: each one's bytes where known, else None. Hashes do
+        not depend on the cache, so the step's are computed together; the offers then go to
+        the pool in one call, in order."""
         array, pool_blocks = self.tables.array, self.pool.blocks
-        if all(stop - start == 1 for _, start, stop in fills):
-            # A decode step: one block each, its id from one gather, its hash the next link
-            # of the request's chain.
-            ids = array[[rows[i] for i, _, _ in fills], [start for _, start, _ in fills]]
-            hashes = [chain[start] for (_, start, _), chain in zip(fills, self._hash_chains(
-                [requests[i] for i, _, _ in fills], [stop for _, _, stop in fills]))]
-            blocks = [pool_blocks[b] for b in ids.tolist()]
+        if decode is not None:
+            # One block each, the row's last, its hash the next link of the request's chain.
+            last = self.tables.last
+            blocks = [pool_blocks[last[rows[i]]] for i, _, _ in fills]
+            hashes = self._block_hashes([requests[i] for i, _, _ in fills],
+                                        [start for _, start, _ in fills], decode)
             if evicted:   # a hash a later request evicts is held by a free block now
                 keep = [j for j, ((i, _, _), h) in enumerate(zip(fills, hashes))
                         if evicted.get(h, -1) <= i]
@@ -348,14 +391,14 @@ class KVCacheManager:
         row = self._rows.get(request.request_id)
         if row is None:   # holds no blocks
             return
-        start, stop = int(self.tables.cached[row]), num_tokens // self.block_size
+        start, stop = self.tables.cached[row], num_tokens // self.block_size
         if stop <= start:
             return
         hashes = self._hash_chain(request, stop)
         self.pool.cache_full_blocks(blocks[start:stop], hashes[start:stop])
         self.tables.cached[row] = stop
 
-    def _hash_chain(self, request: KVRequest, num_blocks: int) -> list[int]:
+    def _hash_chain(self, request: KVRequest, num_blocks: int) -> list[bytes]:
         """Hashes of the request's first num_blocks full blocks (`hash_block`), extended as
         tokens arrive: tokens are only ever appended, so a prefix's hashes never change.
         Returns the request's whole chain, which may run past num_blocks: slice it."""
@@ -384,6 +427,51 @@ class KVCacheManager:
                     parent = hash_packed(parent, pack(*block))
                     chain.append(parent)
             out.append(chain)
+        return out
+
+
+    def _block_hashes(self, requests: Sequence[KVRequest], blocks: list[int],
+                      given: Sequence[bytes | None] | None = None) -> list[bytes]:
+        """The hash of block blocks[k] (a full one) of each requests[k], as `_hash_chain`
+        gives it; given[k], if not None, is that block's tokens packed as `hash_block`
+        packs them. Built for a decode step, where each chain lacks just that block: the
+        tokens not given are read into one list and packed in one call, and each hash is one
+        BLAKE2b of its parent's and its bytes (what `hash_packed` computes). A chain that
+        lacks more, or has it already, goes the general way."""
+        size, chains = self.block_size, self._hashes
+        out: list = [None] * len(requests)
+        todo: list[tuple[int, list[bytes], bytes | None]] = []   # one link missing
+        tokens: list[int] = []   # of the blocks not given
+        for k, (request, i) in enumerate(zip(requests, blocks)):
+            chain = chains.get(request.request_id)
+            have = 0 if chain is None else len(chain)
+            if have > i:
+                out[k] = chain[i]
+                continue
+            if have < i:
+                out[k] = self._hash_chain(request, i + 1)[i]
+                continue
+            if chain is None:
+                chain = chains[request.request_id] = []
+            body = None if given is None else given[k]
+            if body is None:
+                read = getattr(request, "tokens", None)   # see _hash_chains
+                block = (read(i * size, size) if read is not None
+                         else request.all_token_ids[i * size:(i + 1) * size])
+                if len(block) != size:   # only full blocks have a hash
+                    raise ValueError(f"request {request.request_id!r} has no block {i} yet")
+                tokens += block
+            todo.append((k, chain, body))
+        if todo:
+            packed = int32s(len(tokens)).pack(*tokens)
+            width, at = 4 * size, 0
+            for k, chain, body in todo:
+                if body is None:
+                    body, at = packed[at:at + width], at + width
+                head = CHILD + chain[-1] if chain else ROOT
+                h = blake2b(head + body, digest_size=16).digest()
+                chain.append(h)
+                out[k] = h
         return out
 
 

@@ -16,6 +16,7 @@ A request that could never fit the cache is refused when it is added, alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -27,13 +28,15 @@ from llmc.runtime.request import Request, Status
 _PROMPT = attrgetter("prompt_token_ids")
 _OUTPUT = attrgetter("output_token_ids")
 _COMPUTED = attrgetter("num_computed_tokens")
+RING = np.dtype("<i4")   # the bytes `hash_block` packs a token into
 
 
 @dataclass
 class StepPlan:
     """The requests of one step, each with the number of new tokens it computes."""
 
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    # A list; at a decode step from the persistent batch, a tuple kept from step to step.
+    scheduled: Sequence[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     # For the array path: the scheduled requests' rows of the KV manager's tables, their
     # computed tokens and their new ones (int arrays), so the engine need not gather them
@@ -58,20 +61,31 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
-        # The running requests' KV table rows and prompt lengths, which change only when a
-        # request joins or leaves `running` (`_changed`).
-        self._fixed: tuple[np.ndarray, np.ndarray, bool] | None = None
+        # The running requests' KV table rows (an array and a list) and prompt lengths,
+        # which change only when a request joins or leaves `running` (`_changed`).
+        self._fixed: tuple[np.ndarray, list[int], np.ndarray, bool] | None = None
+        # The running requests' `until` in the KV manager's tables (`until_of`), in
+        # `running` order: what `allocate_running` returns keeps it up to date; None when
+        # something else may have changed it (the request-by-request loop, a change of
+        # `running`), and then read again.
+        self._until: np.ndarray | None = None
+        # The tokens the last commits recorded, one row a commit, in `running` order, each
+        # row twice (at c % block_size and block_size later), so the last block_size commits
+        # are always one slice; `_recorded` counts the commits in it, from the last one that
+        # did not follow a decode step (see `_recent`).
+        self._ring: np.ndarray | None = None
+        self._recorded = 0
         # The persistent batch (vLLM v1's InputBatch): the running requests' computed tokens
         # and last token, in `running` order, as `commit` left them after the last step, so
         # a decode step need not read hundreds of Request objects; None when unknown (then
         # they are read from the requests, and the next commit sets them again). Third, the
-        # longest context of that step when known (a decode step's is the last one's + 1),
-        # so a decode step takes no maximum; else None.
+        # longest context of the next step (computed + 1), so a decode step takes no
+        # maximum; None once a request has left (the step then takes one).
         self._next: tuple[np.ndarray, np.ndarray, int | None] | None = None
         # Counts plans made and changes of `running`: a plan whose serial is not the
         # current one cannot be committed.
         self._serial = 0
-        self._decode: tuple[list, np.ndarray] | None = None   # (req, 1) each, and 1s
+        self._decode: tuple[tuple, np.ndarray] | None = None   # (req, 1) each, and 1s
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -91,8 +105,13 @@ class Scheduler:
             # The others keep their counters: drop the request's entry from each array,
             # rather than read every request again at the next step.
             if self._fixed is not None:
-                rows, prompt_lens, usable = self._fixed
-                self._fixed = (np.delete(rows, i), np.delete(prompt_lens, i), usable)
+                rows, rows_l, prompt_lens, usable = self._fixed
+                self._fixed = (np.delete(rows, i), rows_l[:i] + rows_l[i + 1:],
+                               np.delete(prompt_lens, i), usable)
+            if self._until is not None:
+                self._until = np.delete(self._until, i)
+            if self._ring is not None:
+                self._ring = np.delete(self._ring, i, axis=1)
             if self._next is not None:   # the longest context may have left: recount it
                 computed, last, _ = self._next
                 self._next = (np.delete(computed, i), np.delete(last, i), None)
@@ -107,19 +126,58 @@ class Scheduler:
         computed count and append its sampled token, as it does after every step. For a plan
         of the array path that is every request's whole remainder, so each one's computed
         count becomes its old token count and its last token the sampled one: the next step
-        reads both from here. Not calling this is always safe: the next step then reads the
-        requests themselves."""
+        reads both from here, and the KV manager records the sampled tokens for the blocks
+        they fill (so `tokens` must be what the caller appends). Not calling this is always
+        safe: the next step then reads the requests themselves, and the manager reads a
+        block's tokens from its request."""
         if plan.arrays is None or plan.serial != self._serial:
             self._next = None   # not the last plan, or `running` changed: read the requests
+            self._recorded = 0
             return
-        _, computed, new = plan.arrays
-        # A decode step: every context grows by one, and so does the longest.
-        longest = None if plan.longest is None else plan.longest + 1
-        self._next = (computed + new, np.array(tokens, np.int32), longest)
+        rows, computed, new = plan.arrays
+        tokens = np.array(tokens, np.int32)
+        # `at`: where the sampled tokens go, the next step's computed counts (a decode
+        # step's are its context lengths). The next step's longest context: at a decode
+        # step every context grows by one, and so does the longest.
+        if plan.context_lens is not None:
+            at, longest = plan.context_lens, plan.longest + 1
+        else:
+            at = computed + new
+            longest = int(at.max()) + 1
+        self._record(tokens, plan.last_tokens is not None)
+        self._next = (at, tokens, longest)
+
+    def _record(self, tokens: np.ndarray, decode: bool) -> None:
+        """Keep the sampled tokens for the blocks they fill. After a committed decode step
+        (`decode`: its plan came from the last commit) every request's new token follows the
+        one the last commit recorded, so the last block_size commits hold each request's
+        last block_size tokens; any other commit starts the count again."""
+        bs, n = self.kv.block_size, len(tokens)
+        if not decode or self._ring is None or self._ring.shape[1] != n:
+            if self._ring is None or self._ring.shape[1] != n:
+                self._ring = np.empty((2 * bs, n), RING)
+            self._recorded = 0
+        slot = self._recorded % bs
+        self._ring[slot] = tokens   # two plain row copies: cheaper than one fancy write
+        self._ring[slot + bs] = tokens
+        self._recorded += 1
+
+    def _recent(self, need: np.ndarray) -> bytes | None:
+        """The last block_size tokens of the running requests `need` (indices), packed as
+        `hash_block` packs them, when the last block_size commits recorded them all; else
+        None. Only for a decode step from the last commit: each request's last token is the
+        last one recorded."""
+        bs = self.kv.block_size
+        if self._recorded < bs:
+            return None
+        start = self._recorded % bs   # the oldest of the last bs commits
+        # Gathered through the transpose, so the copy is already a request a row.
+        return self._ring.T[need, start:start + bs].tobytes()
 
     def _changed(self) -> None:
         """`running` gained or lost requests other than through `remove`."""
-        self._fixed = self._next = self._decode = None
+        self._fixed = self._next = self._decode = self._until = self._ring = None
+        self._recorded = 0
         self._serial += 1
 
     def schedule(self) -> StepPlan:
@@ -131,6 +189,8 @@ class Scheduler:
         if plan.preempted:   # no admissions in a step that had to preempt
             return plan
         self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
+        if self.waiting and isinstance(plan.scheduled, tuple):   # the kept decode list
+            plan.scheduled = list(plan.scheduled)
         while self.waiting and budget and len(self.running) < self.limits.max_batch_size:
             req = self.waiting[0]
             computed, num_cached = self.kv.get_computed_blocks(req)
@@ -153,6 +213,7 @@ class Scheduler:
         """Step 1, request by request, preempting where the pool runs out; returns the
         budget left."""
         budget = self.limits.max_num_tokens
+        self._until = None   # allocate_slots below may change it
         for req in list(self.running):
             if budget == 0:
                 break
@@ -185,9 +246,10 @@ class Scheduler:
             rows = self.kv.rows_of(running)
             # A running request always holds blocks; were one not to, the loop decides
             # (allocate_running is for requests that do).
-            self._fixed = (rows, np.fromiter(map(len, map(_PROMPT, running)), np.int32, n),
+            self._fixed = (rows, rows.tolist(),
+                           np.fromiter(map(len, map(_PROMPT, running)), np.int32, n),
                            n > 0 and rows.min() >= 0)
-        rows, prompt_lens, usable = self._fixed
+        rows, rows_l, prompt_lens, usable = self._fixed
         known, self._next = self._next, None   # only a commit of this step sets it again
         if not usable:
             return None
@@ -197,7 +259,7 @@ class Scheduler:
             if longest is None:
                 longest = int(total.max())
             if self._decode is None:   # the same from step to step, for the same requests
-                self._decode = (list(zip(running, [1] * n)), np.ones(n, np.int32))
+                self._decode = (tuple(zip(running, [1] * n)), np.ones(n, np.int32))
             scheduled, new = self._decode
             used = n
         else:
@@ -212,13 +274,26 @@ class Scheduler:
                 return None
         if used > self.limits.max_num_tokens:
             return None
-        need = np.flatnonzero(self.kv.needs_slots(rows, total))
-        if need.size and not self.kv.allocate_running([running[i] for i in need.tolist()],
-                                                      rows[need], total[need]):
-            return None
-        # A copy of the kept list: admissions append to the plan's.
-        plan.scheduled = (list(zip(running, new.tolist())) if scheduled is None
-                          else scheduled.copy())
+        until = self._until
+        if until is None:
+            until = self._until = self.kv.until_of(rows)
+        # Those that need a block or fill one: as many numpy calls whatever their number,
+        # then Python lists for the few dozen a decode step brings.
+        need = np.flatnonzero(total > until)
+        if need.size:
+            which = need.tolist()
+            # After a committed step every request had at most `until` tokens (its last
+            # allocation covered them) and now has one more: those picked have until + 1,
+            # which the manager reads from its tables.
+            untils = self.kv.allocate_running(
+                [running[i] for i in which], [rows_l[i] for i in which],
+                total[need].tolist() if known is None else None,
+                None if known is None else self._recent(need))
+            if untils is None:
+                return None
+            until[need] = untils
+        # The kept one is a tuple, which nothing can change: admissions make a list of it.
+        plan.scheduled = list(zip(running, new.tolist())) if scheduled is None else scheduled
         plan.arrays = (rows, computed, new)
         plan.last_tokens = last
         if last is not None:

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from llmc.runtime.kv_cache import BlockPool, FreeBlockQueue, KVBlock, hash_block
+from llmc.runtime.kv_cache import BlockPool, FreeBlockQueue, KVBlock, hash_block, int32s
 from llmc.runtime.kv_manager import BlockTables, KVCacheManager
 
 BS = 4
@@ -186,12 +186,15 @@ def test_partial_last_block_is_cached_once_full():
 def test_hash_chain():
     a, b = hash_block(None, [1, 2, 3, 4]), hash_block(None, [1, 2, 3, 5])
     assert hash_block(a, [9, 9, 9, 9]) != hash_block(b, [9, 9, 9, 9])
-    assert hash_block(None, [1, 2, 3, 4]) == a != hash_block(0, [1, 2, 3, 4])
+    # a root block is not the child of a parent whose hash is all zeros
+    assert hash_block(None, [1, 2, 3, 4]) == a != hash_block(bytes(16), [1, 2, 3, 4])
+    assert isinstance(a, bytes) and len(a) == 16
     # the same value in another process: no per-process hash salt
-    code = "from llmc.runtime.kv_cache import hash_block; print(hash_block(None, [1, 2, 3, 4]))"
+    code = ("from llmc.runtime.kv_cache import hash_block; "
+            "print(hash_block(None, [1, 2, 3, 4]).hex())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
-    assert int(out.stdout) == a
+    assert bytes.fromhex(out.stdout.strip()) == a
 
 
 def test_caching_off_and_ever_fits():
@@ -346,7 +349,7 @@ class KVMachine(RuleBasedStateMachine):
                 continue
             held, cached = len(ids), int(mgr.tables.cached[row])
             assert mgr.tables.array[row, :held].tolist() == ids
-            assert mgr.tables.held[row] == held
+            assert mgr.tables.held[row] == held and mgr.tables.last[row] == ids[-1]
             assert mgr.tables.until[row] == min(held * BS, (cached + 1) * BS - 1)
 
     @invariant()
@@ -383,7 +386,7 @@ def test_block_tables_grow_and_release_rows():
     tables.put(a, [9])                                        # wider: the columns double
     tables.put(c, [5])
     tables.cached[a] = 2
-    assert tables.array.shape == (4, 4) and tables.held[[a, b, c]].tolist() == [3, 0, 1]
+    assert tables.array.shape == (4, 4) and [tables.held[r] for r in (a, b, c)] == [3, 0, 1]
     assert tables.array[[a, c]].tolist() == [[7, 8, 9, 0], [5, 0, 0, 0]]
     tables.release(a)
     assert not tables.array[a].any() and tables.held[a] == tables.cached[a] == 0
@@ -394,7 +397,8 @@ def running_state(mgr: KVCacheManager, reqs: list[Req]):
     rows = mgr.rows_of(reqs)
     t = mgr.tables
     return (pool_state(mgr.pool), [mgr.block_ids(r) for r in reqs], t.array[rows].tolist(),
-            t.held[rows].tolist(), t.cached[rows].tolist(), t.until[rows].tolist())
+            [(t.held[r], t.cached[r], t.until[r], t.last[r]) for r in rows.tolist()],
+            mgr.until_of(rows).tolist())
 
 
 def allocate_both_ways(mgr: KVCacheManager, reqs: list[Req]):
@@ -403,8 +407,19 @@ def allocate_both_ways(mgr: KVCacheManager, reqs: list[Req]):
     each state after)."""
     before = copy.deepcopy((mgr, reqs))
     loop_mgr, loop_reqs = copy.deepcopy((mgr, reqs))
+    kept_mgr, kept_reqs = copy.deepcopy((mgr, reqs))
     totals = np.array([len(r.all_token_ids) for r in reqs])
-    done = mgr.allocate_running(reqs, mgr.rows_of(reqs), totals)
+    untils = mgr.allocate_running(reqs, mgr.rows_of(reqs), totals)
+    done = untils is not None
+    if done:   # what it returns is each request's `until` now
+        assert untils == mgr.until_of(mgr.rows_of(reqs)).tolist()
+    # The same, handed each request's last BS tokens (zeros before its first), as a
+    # scheduler that keeps them does: blocks ending there hash from those bytes.
+    last = [([0] * BS + list(r.all_token_ids))[-BS:] for r in kept_reqs]
+    recent = b"".join(int32s(BS).pack(*t) for t in last)
+    assert kept_mgr.allocate_running(kept_reqs, kept_mgr.rows_of(kept_reqs), totals,
+                                     recent) == untils
+    assert running_state(kept_mgr, kept_reqs) == running_state(mgr, reqs)
     loop_done = all(loop_mgr.allocate_slots(r, len(r.all_token_ids) - r.num_computed_tokens)
                     is not None for r in loop_reqs)
     return (done, loop_done, running_state(*before), running_state(mgr, reqs),

@@ -8,17 +8,19 @@ never both waiting and running. Drained, every request finishes; none is lost.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmc.limits import BuildLimits
-from llmc.runtime.kv_cache import BlockPool
+from llmc.runtime.kv_cache import BlockPool, hash_block, int32s
 from llmc.runtime.kv_manager import KVCacheManager
 from llmc.runtime.request import Request, Status
 from llmc.runtime.scheduler import Scheduler
 
 PREEMPTIONS: list[int] = []   # per example, for the check that the streams preempt
+RECENT: list[int] = []        # per example, decode steps that hashed from kept tokens
 
 
 class _Params:
@@ -33,14 +35,17 @@ def _request(i: int, prompt: list[int], max_tokens: int, priority: int) -> Reque
 
 def _run_step(sched: Scheduler, plan, finished: list[Request], commit: bool = True) -> None:
     """What the engine does after a step: tell the scheduler (commit), count computed
-    tokens, append a token to those whose prompt is done, finish the ones at max_tokens."""
+    tokens, append a token to those whose prompt is done, finish the ones at max_tokens.
+    The made-up token depends on the request and its length, so a token kept for the wrong
+    request or position shows."""
+    tokens = [1 + (r.num_tokens * 3 + int(r.request_id[1:])) % 7 for r, _ in plan.scheduled]
     if commit:
-        sched.commit(plan, [7] * len(plan.scheduled))
-    for req, n in plan.scheduled:
+        sched.commit(plan, tokens)
+    for (req, n), token in zip(plan.scheduled, tokens):
         req.num_computed_tokens += n
         if req.num_computed_tokens < req.num_tokens:
             continue
-        req.output_token_ids.append(7)
+        req.output_token_ids.append(token)
         if len(req.output_token_ids) >= req.params.max_tokens:
             req.status = Status.FINISHED
             sched.remove(req)
@@ -75,6 +80,15 @@ def _check(sched: Scheduler, plan, limits: BuildLimits, pool: BlockPool) -> None
             assert new.tolist() == [1] * len(reqs)
             contexts = [r.num_computed_tokens + 1 for r in reqs]
             assert plan.context_lens.tolist() == contexts and plan.longest == max(contexts)
+    kv = sched.kv
+    for req in sched.running:   # each hash chain is hash_block over the request's tokens
+        chain, parent = kv._hashes.get(req.request_id, []), None
+        for i, h in enumerate(chain):
+            parent = hash_block(parent, req.all_token_ids[i * kv.block_size:
+                                                          (i + 1) * kv.block_size])
+            assert h == parent
+    if sched._until is not None:   # the kept `until`, in running order
+        assert sched._until.tolist() == kv.until_of(kv.rows_of(sched.running)).tolist()
     free = {b.block_id for b in pool.free_queue}
     assert not free & set(held)
     assert len(free) + len(held) == pool.num_blocks
@@ -113,12 +127,24 @@ def _drive(reqs, ops, num_blocks, caching, array_path=True, commit=True) -> list
     limits = BuildLimits(max_batch_size=4, max_num_tokens=16, max_seq_len=64, kv_block_size=4)
     pool = BlockPool(num_blocks)
     sched = Scheduler(KVCacheManager(pool, 4, enable_prefix_caching=caching), limits)
+    RECENT.append(0)
     if not array_path:
         sched._running_at_once = lambda plan: None
     todo = [_request(i, *r) for i, r in enumerate(reqs)]
     added, finished, trace = [], [], []
 
     def step():
+        if sched._next is not None:   # a decode step from the commit: at most until + 1 each
+            kv = sched.kv
+            assert all(r.num_tokens <= kv.tables.until[row] + 1 for r, row in
+                       zip(sched.running, kv.rows_of(sched.running).tolist()))
+        if sched._next is not None and sched.running:   # the kept tokens, when complete
+            recent = sched._recent(np.arange(len(sched.running)))
+            if recent is not None:   # each running request's last block_size tokens
+                RECENT[-1] += 1
+                bs = sched.kv.block_size
+                want = [t for r in sched.running for t in r.all_token_ids[-bs:]]
+                assert recent == int32s(len(want)).pack(*want)
         plan = sched.schedule()
         _check(sched, plan, limits, pool)
         trace.append(([(r.request_id, n, sched.kv.block_ids(r)) for r, n in plan.scheduled],
@@ -173,7 +199,8 @@ def test_commit_keeps_the_counters_of_the_last_plan_only():
     assert plan.arrays is not None and plan.last_tokens is None
     _run_step(sched, plan, [])
     plan = sched.schedule()                           # from the commit
-    assert plan.last_tokens.tolist() == [7, 7, 7] and plan.arrays[1].tolist() == [4, 4, 4]
+    assert plan.last_tokens.tolist() == [r.output_token_ids[-1] for r in reqs]
+    assert plan.arrays[1].tolist() == [4, 4, 4]
     stale = plan
     _run_step(sched, sched.schedule(), [], commit=False)   # a plan made after `stale`
     sched.commit(stale, [7, 7, 7])
@@ -184,17 +211,21 @@ def test_commit_keeps_the_counters_of_the_last_plan_only():
     sched.remove(reqs[1])                             # the others keep their counters
     plan = sched.schedule()
     assert [r for r, _ in plan.scheduled] == [reqs[0], reqs[2]]
-    assert plan.last_tokens.tolist() == [7, 7]
+    assert plan.last_tokens.tolist() == [reqs[0].output_token_ids[-1],
+                                         reqs[2].output_token_ids[-1]]
     assert plan.arrays[1].tolist() == [r.num_computed_tokens for r in (reqs[0], reqs[2])]
 
 
 def test_the_streams_do_preempt():
-    """The property test is only as good as its streams: they must exercise preemption.
-    Counted over a fixed (derandomized) draw of the same strategies, so the count does not
-    vary from run to run; the property tests themselves keep drawing fresh streams."""
+    """The property test is only as good as its streams: they must exercise preemption, and
+    decode steps that hash blocks from the tokens the scheduler kept. Counted over a fixed
+    (derandomized) draw of the same strategies, so the count does not vary from run to run;
+    the property tests themselves keep drawing fresh streams."""
     PREEMPTIONS.clear()
+    RECENT.clear()
     _same_streams_every_run()
     assert sum(n > 0 for n in PREEMPTIONS) >= len(PREEMPTIONS) // 10, PREEMPTIONS
+    assert sum(n > 0 for n in RECENT) >= len(RECENT) // 10, RECENT
 
 
 def test_all_token_ids_reads_prompt_and_output_without_a_copy():
