@@ -363,8 +363,16 @@ def sample_launch(batch: int, vocab: int) -> Launch:
 MOE_MAX_EXPERTS = 256      # MOE_MAX_EXPERTS in kernels/moe.cu: 8 router logits a lane
 MOE_MAX_TOPK = 8           # MOE_MAX_TOPK: a token's picks sorted in registers
 MOE_ROUTE_THREADS = 1024   # MOE_ROUTE_THREADS: the routing kernel is one CTA
-# positions a GEMM tile (moe_gemm_*_m<BM>) -> (warps over N, warps over K)
-MOE_GEMM_SHAPES = {8: (1, 8), 64: (4, 2)}
+# positions a GEMM tile (moe_gemm_*_m<BM>) of the decode kernel -> (warps over N, over K)
+MOE_GEMM_SHAPES = {8: (1, 8)}
+# the tiled kernel (moe_gemm_tc) of larger steps: BM in MOE_TC_BLOCK_M positions x
+# MOE_TC_BN weight rows (gate-up: half gate, half up), k steps of MOE_TC_BK; MOE_TC_SHAPE
+# (warps over M, warps over N, k steps in flight) as MOE_GEMM_TC instantiates it in moe.cu
+MOE_TC_BLOCK_M = (64, 128)
+MOE_TC_BN, MOE_TC_BK = 128, 32
+MOE_TC_SHAPE = (2, 2, 4)
+MOE_TC_THREADS = 32 * MOE_TC_SHAPE[0] * MOE_TC_SHAPE[1]
+MOE_M128_FROM = 129        # tokens from which tiles hold 128 positions
 MAX_GRID_Y = 65535
 
 
@@ -380,15 +388,24 @@ def moe_check(experts: int, top_k: int, hidden: int, inter: int) -> None:
 
 def moe_block_m(tokens: int) -> int:
     """Positions a grouped-GEMM tile: an expert holds at most T of them, so a decode step of
-    up to 8 tokens takes the 8-row kernel."""
-    return 8 if tokens <= 8 else 64
+    up to 8 tokens takes the 8-row kernel; larger steps the tiled one, 64 positions a tile
+    while experts hold few rows (little MMA work wasted on a tile's empty rows), then 128
+    (each weight tile read once for twice the rows)."""
+    return 8 if tokens <= 8 else 64 if tokens < MOE_M128_FROM else 128
 
 
-def moe_max_tiles(tokens: int, experts: int, top_k: int) -> int:
+def moe_gemm_smem(bm: int, stages: int = MOE_TC_SHAPE[2]) -> int:
+    """Dynamic shared memory of the tiled GEMM: `stages` k steps of BM x rows and
+    MOE_TC_BN weight rows, MOE_TC_BK halfs each (48 KiB at BM 64, 64 KiB at 128)."""
+    return stages * (bm + MOE_TC_BN) * MOE_TC_BK * 2
+
+
+def moe_max_tiles(tokens: int, experts: int, top_k: int, bm: int | None = None) -> int:
     """The most tiles the routing can make for T tokens: with A <= min(E, T k) experts
     chosen, sum over them of ceil(rows_e / BM) <= (T k + A (BM - 1)) / BM, and an expert has
-    at most T rows. The GEMMs' grid.y; CTAs past the step's real count leave at once."""
-    bm, rows = moe_block_m(tokens), tokens * top_k
+    at most T rows. The GEMMs' tile grid; CTAs past the step's real count leave at once.
+    bm: the tile height, moe_block_m(T) unless given (bench/kernels/moe.py --sweep)."""
+    bm, rows = bm or moe_block_m(tokens), tokens * top_k
     active = min(experts, rows)
     return max(1, min((rows + active * (bm - 1)) // bm, active * -(-tokens // bm)))
 
@@ -420,14 +437,21 @@ def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype
     if k % 8 or not 0 < k <= INT32_MAX or not 0 < n <= INT32_MAX:
         raise ValueError(f"the MoE GEMMs need K a multiple of 8 (16-byte rows): N={n}, K={k}")
     bm = moe_block_m(tokens)
-    wn, sk = MOE_GEMM_SHAPES[bm]
     tiles = moe_max_tiles(tokens, experts, top_k)
-    if tiles > MAX_GRID_Y:
-        raise ValueError(f"{tokens} tokens make up to {tiles} MoE tiles, over the grid's "
-                         f"{MAX_GRID_Y}; lower --max-num-tokens")
     name = f"moe_gemm_{dtype_tag(dtype)}_m{bm}" + ("_swiglu" if act else "")
-    outs = wn * (8 if act else 16)
-    return Launch("moe", name, (math.ceil(n / outs), tiles, 1), (32 * wn * sk, 1, 1))
+    if bm in MOE_GEMM_SHAPES:   # decode: grid (N blocks, tiles)
+        if tiles > MAX_GRID_Y:
+            raise ValueError(f"{tokens} tokens make up to {tiles} MoE tiles, over the grid's "
+                             f"{MAX_GRID_Y}; lower --max-num-tokens")
+        wn, sk = MOE_GEMM_SHAPES[bm]
+        outs = wn * (8 if act else 16)
+        return Launch("moe", name, (math.ceil(n / outs), tiles, 1), (32 * wn * sk, 1, 1))
+    # tiled: grid (tiles, N blocks), so consecutive CTAs share an N block's weights in L2
+    blocks = math.ceil(n / (MOE_TC_BN // 2 if act else MOE_TC_BN))
+    if blocks > MAX_GRID_Y or tiles > INT32_MAX:
+        raise ValueError(f"MoE GEMM of N={n} over {tiles} tiles: over the grid's bounds")
+    return Launch("moe", name, (tiles, blocks, 1), (MOE_TC_THREADS, 1, 1),
+                  smem=moe_gemm_smem(bm))
 
 
 def moe_combine_launch(tokens: int, hidden: int, top_k: int, dtype: str,

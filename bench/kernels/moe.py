@@ -6,8 +6,8 @@ of the routed experts' weights at the HBM datasheet bandwidth (3.35 TB/s, H100 S
 
 The layer is what the backend's moe op launches, from the router's logits to the combined
 output: routing + grouping (one CTA), the grouped gate-up GEMM with SwiGLU fused, the
-grouped down GEMM, the weighted combine. For T = 1, 8, 64 and 512 tokens with random
-logits (so random routing), it reports:
+grouped down GEMM, the weighted combine. For T = 1 .. 4096 tokens with random logits (so
+random routing), it reports:
 - the layer's time (a CUDA graph of CALLS layers, median of REPS replays, as
   bench/kernels/gemm.py times), and each kernel's on its own;
 - the routed experts' weight bytes (3 H I 2 bytes for each expert the step's tokens chose,
@@ -17,9 +17,15 @@ logits (so random routing), it reports:
   the index lists precomputed, so none of its host work is timed), and the largest
   difference between the two outputs.
 
---sweep also times the grouped GEMMs compiled with other shapes (warps over N and over K,
-chunks loaded ahead) from the same source, on the same routing: the figures that choose
-MOE_GEMM's parameters in moe.cu (launch_rules.MOE_GEMM_SHAPES).
+--sweep also times the grouped GEMMs in other shapes on the same routing: for decode steps
+(T <= 8) the 8-row kernel compiled with other warp shapes (warps over N and over K, chunks
+loaded ahead) from the same source, the figures that choose MOE_GEMM's parameters in moe.cu
+(launch_rules.MOE_GEMM_SHAPES); for larger steps the tiled kernel at each tile height
+(launch_rules.MOE_TC_BLOCK_M, the routing regrouped for it: the figures behind
+moe_block_m's switch) in its shipped shape and in other warp layouts and pipeline depths
+(TC_SWEEP, compiled from the same source: the figures behind MOE_TC_SHAPE) and, for
+comparison, the 64-row register kernel the tiled one replaced
+(moe_gemm's template, 4 warps over N x 2 over K).
 """
 from __future__ import annotations
 
@@ -34,25 +40,83 @@ from llmc.plugins import launch_rules as lr
 from llmc.plugins.launch import DevPtr, Kernels
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
-TOKENS = (1, 8, 64, 512)
-# BM -> (warps over N, warps over K, chunks ahead) variants for --sweep; the shipped ones
-# are launch_rules.MOE_GEMM_SHAPES with U = 2
+TOKENS = (1, 8, 64, 256, 512, 1024, 4096)
+# BM -> (warps over N, warps over K, chunks ahead) variants of the register kernel for
+# --sweep; the shipped one is launch_rules.MOE_GEMM_SHAPES with U = 2. The 64-row one is the
+# kernel the tiled GEMM replaced for T > 8, timed beside it.
 SWEEP = {8: [(1, 4, 2), (1, 8, 1), (1, 8, 2), (1, 8, 4), (1, 16, 1), (1, 16, 2), (2, 4, 2)],
-         64: [(4, 2, 2), (4, 2, 1), (8, 1, 2), (8, 1, 1), (2, 4, 2), (4, 1, 2)]}
+         64: [(4, 2, 2)]}
+# (warps over M, warps over N, k steps in flight) variants of the tiled kernel, at each of
+# launch_rules.MOE_TC_BLOCK_M; the shipped one is launch_rules.MOE_TC_SHAPE
+TC_SWEEP = [(2, 2, 3), (2, 2, 5), (2, 4, 4), (4, 2, 4), (4, 2, 3)]
 
 
 def sweep_functions(K: Kernels):
-    """Every SWEEP shape as moe_sweep_m<BM>_wn<WN>_sk<SK>_u<U>[_swiglu], bf16."""
+    """Every SWEEP shape as moe_sweep_m<BM>_wn<WN>_sk<SK>_u<U>[_swiglu] and every TC_SWEEP
+    one as moe_sweep_tc_m<BM>_w<WM>x<WN>_s<ST>[_swiglu], bf16."""
+    acts = (("", "false"), ("_swiglu", "true"))
     entries = "".join(
         f"MOE_GEMM_ENTRY(moe_sweep_m{bm}_wn{wn}_sk{sk}_u{u}{suffix}, BF16, {bm // 8}, {wn}, "
         f"{sk}, {u}, {act})\n"
-        for bm, shapes in SWEEP.items() for wn, sk, u in shapes
-        for suffix, act in (("", "false"), ("_swiglu", "true")))
+        for bm, shapes in SWEEP.items() for wn, sk, u in shapes for suffix, act in acts)
+    entries += "".join(
+        f"MOE_GEMM_TC_ENTRY(moe_sweep_tc_m{bm}_w{wm}x{wn}_s{st}{suffix}, BF16, {bm}, {wm}, "
+        f"{wn}, {st}, {act})\n"
+        for bm in lr.MOE_TC_BLOCK_M for wm, wn, st in TC_SWEEP for suffix, act in acts)
     src = "#define MOE_VARIANTS\n" + compiler.source("moe") + entries
     cubin = compiler._compile_cached("moe_sweep", K.arch, False, src)
     from llmc.plugins.launch import Functions
 
     return Functions(K.arch, {"moe_sweep": cubin})
+
+
+def sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream):
+    """--sweep rows (T, label, gate-up s, down s, chosen) of step t: each GEMM shape on the
+    routing regrouped into tiles of its height (a meta buffer of its own)."""
+    dt, rows = "bfloat16", []
+    wm0, wn0, st0 = lr.MOE_TC_SHAPE
+    shapes = ([(8, f"m8 register {wn} x {sk} U{u}", wn, sk, u) for wn, sk, u in SWEEP[8]]
+              if t <= 8 else
+              [(bm, f"m{bm} tiled {wm} x {wn} S{st}" + (" (shipped)" if sh else ""), wm, wn, st)
+               for bm in lr.MOE_TC_BLOCK_M
+               for (wm, wn, st), sh in [(lr.MOE_TC_SHAPE, True)]
+               + [(v, False) for v in TC_SWEEP if v != (wm0, wn0, st0)]]
+              + [(64, f"m64 register {wn} x {sk} U{u}", wn, sk, u) for wn, sk, u in SWEEP[64]])
+    for bm, label, wn, sk, u in shapes:   # tiled: (wn, sk, u) are (WM, WN, ST)
+        i32 = dict(device="cuda", dtype=torch.int32)
+        ids, pos_of = torch.empty(t, TOP_K, **i32), torch.empty(t, TOP_K, **i32)
+        wts = torch.empty(t, TOP_K, device="cuda", dtype=torch.float32)
+        perm = torch.empty(t * TOP_K, **i32)
+        meta = torch.empty(t * lr.moe_meta_ints(EXPERTS, TOP_K), **i32)
+        K.functions.launch(lr.moe_route_launch(t, EXPERTS, TOP_K, dt),
+                           [logits, t, EXPERTS, TOP_K, 1, bm, ids, wts, pos_of, perm, meta],
+                           stream())
+        act = torch.empty(t * TOP_K, INTER, device="cuda", dtype=x.dtype)
+        y = torch.empty(t * TOP_K, HIDDEN, device="cuda", dtype=x.dtype)
+        tiles = lr.moe_max_tiles(t, EXPERTS, TOP_K, bm)
+        times = []
+        for fused, n, k, xin, w, p, out_buf in ((True, INTER, HIDDEN, x, gate_up, perm, act),
+                                                (False, HIDDEN, INTER, act, down, None, y)):
+            suffix = "_swiglu" if fused else ""
+            if "tiled" in label:   # grid and shared memory as moe_gemm_launch's
+                wm, wn_, st = wn, sk, u
+                blocks = -(-n // (lr.MOE_TC_BN // 2 if fused else lr.MOE_TC_BN))
+                shipped = (wm, wn_, st) == lr.MOE_TC_SHAPE
+                fns = K.functions if shipped else sweep
+                name = (f"moe_gemm_bf16_m{bm}{suffix}" if shipped else
+                        f"moe_sweep_tc_m{bm}_w{wm}x{wn_}_s{st}{suffix}")
+                ln = lr.Launch("moe" if shipped else "moe_sweep", name, (tiles, blocks, 1),
+                               (32 * wm * wn_, 1, 1), smem=lr.moe_gemm_smem(bm, st))
+            else:
+                fns = sweep
+                ln = lr.Launch("moe_sweep", f"moe_sweep_m{bm}_wn{wn}_sk{sk}_u{u}{suffix}",
+                               (-(-n // (wn * (8 if fused else 16))), tiles, 1),
+                               (32 * wn * sk, 1, 1))
+            a = [xin, w, p if p is not None else DevPtr(0), meta, EXPERTS, n, k, out_buf]
+            times.append(graph_time([lambda ln=ln, a=a, f=fns: f.launch(ln, a, stream())]
+                                    * CALLS))
+        rows.append((t, label, *times, chosen))
+    return rows
 
 
 def torch_layer(x, gate_up, down, ids, wts):
@@ -128,21 +192,8 @@ def main() -> None:
         diff = ((out_now.float() - ref_out.float()).abs().max()
                 / ref_out.float().abs().max()).item()
         rows.append((t, chosen, w_bytes, layer_s, parts_s, torch_s, flops, diff))
-        bm = lr.moe_block_m(t)
-        tiles = lr.moe_max_tiles(t, EXPERTS, TOP_K)
-        for wn, sk, u in SWEEP[bm] if sweep else ():
-            times = []
-            for fused, n, k, xin, w, p, out_buf in (
-                    (True, INTER, HIDDEN, x, gate_up, perm, act),
-                    (False, HIDDEN, INTER, act, down, None, y)):
-                ln = lr.Launch("moe_sweep", f"moe_sweep_m{bm}_wn{wn}_sk{sk}_u{u}"
-                               + ("_swiglu" if fused else ""),
-                               (-(-n // (wn * (8 if fused else 16))), tiles, 1),
-                               (32 * wn * sk, 1, 1))
-                a = [xin, w, p if p is not None else DevPtr(0), meta, EXPERTS, n, k, out_buf]
-                times.append(graph_time(
-                    [lambda ln=ln, a=a: sweep.launch(ln, a, stream())] * CALLS))
-            sweep_rows.append((t, bm, wn, sk, u, *times, chosen))
+        if sweep:
+            sweep_rows += sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream)
         print(f"T={t}: {layer_s * 1e6:.1f} us, {w_bytes / layer_s / DATASHEET_BW:.0%} of HBM",
               flush=True)
 
@@ -169,15 +220,18 @@ def main() -> None:
             f"{p['route'] * 1e6:.1f} | {p['gate_up'] * 1e6:.1f} | {p['down'] * 1e6:.1f} | "
             f"{p['combine'] * 1e6:.1f} | {torch_s * 1e6:.1f} | {diff:.1e} |")
     if sweep_rows:
-        lines += ["", "Grouped-GEMM shapes (--sweep; shipped: m8 = 1 x 8 warps, m64 = 4 x 2, "
-                  "U = 2): HBM = the chosen experts' gate-up or down bytes / time", "",
-                  "| T | BM | warps over N x K | U | gate-up us | HBM | down us | HBM |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for t, bm, wn, sk, u, gu_s, down_s, chosen in sweep_rows:
+        lines += ["", "Grouped-GEMM shapes (--sweep; shipped: m8 register 1 x 8 U2 for T <= 8, "
+                  f"tiled m64 for T < {lr.MOE_M128_FROM}, tiled m128 from there): HBM = the "
+                  "chosen experts' gate-up or down bytes / time, TFLOP/s of both GEMMs", "",
+                  "| T | kernel | gate-up us | HBM | down us | HBM | TFLOP/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for t, label, gu_s, down_s, chosen in sweep_rows:
             gu_b, down_b = chosen * 2 * INTER * HIDDEN * 2, chosen * INTER * HIDDEN * 2
-            lines.append(f"| {t} | {bm} | {wn} x {sk} | {u} | {gu_s * 1e6:.1f} | "
+            flops = 2 * t * TOP_K * 3 * HIDDEN * INTER
+            lines.append(f"| {t} | {label} | {gu_s * 1e6:.1f} | "
                          f"{gu_b / gu_s / DATASHEET_BW:.0%} | {down_s * 1e6:.1f} | "
-                         f"{down_b / down_s / DATASHEET_BW:.0%} |")
+                         f"{down_b / down_s / DATASHEET_BW:.0%} | "
+                         f"{flops / (gu_s + down_s) / 1e12:.0f} |")
     lines += ["", f"({time.perf_counter() - t0:.0f} s)"]
     text = "\n".join(lines)
     print(text)

@@ -3,7 +3,8 @@
 //   moe_route     router logits [T, E] -> each token's top_k experts of softmax(logits)
 //                 (fp32), optionally renormalised, and the routed rows grouped by expert
 //   moe_gemm      the grouped GEMMs on tensor cores: gate-up with SwiGLU fused, then down,
-//                 each expert's rows against that expert's weights only
+//                 each expert's rows against that expert's weights only (moe_gemm_tc, a
+//                 shared-memory tiled GEMM, for steps of more than 8 tokens)
 //   moe_combine   the weighted sum of each token's top_k rows back in token order
 //                 [+ Qwen2-MoE's sigmoid-gated shared expert]
 //
@@ -203,7 +204,8 @@ __device__ __forceinline__ void moe_route(const u16* __restrict__ logits, int to
 // expert (gate [0, n), up [n, 2n)), x rows are tokens (perm), out [R, n] = silu(gate) * up.
 // Otherwise the down GEMM: x rows are positions (the activations), out [R, n].
 //
-// A CTA is one tile (an expert and up to BM = 8 NT of its positions, from meta) times
+// The decode shape (m8; moe_gemm_tc below serves larger steps). A CTA is one tile (an
+// expert and up to BM = 8 NT of its positions, from meta) times
 // WN * 16 weight rows, its warps WN over N and SK over K: warp (wn, sk) takes 16 weight rows
 // (ACT: 8 gate rows and their up rows, rows g and g + 8 of the MMA tile, so both inputs of
 // an output end in one lane) and the 32-k chunks sk, sk + SK, ... Fragments as in gemv.cu's
@@ -316,6 +318,177 @@ __device__ __forceinline__ void moe_gemm(const u16* __restrict__ x, const u16* _
   }
 }
 
+// ---- the grouped GEMM for steps of many tokens: shared-memory tiles -------------------------
+// The same product and outputs as moe_gemm (one tile of BM positions of an expert, from meta),
+// as a tiled tensor-core GEMM: a CTA computes BM positions x 128 weight rows, WM x WN warps
+// of (BM / WM) x (128 / WN) each. Every k step of 32, the CTA copies the tile's x rows
+// (gathered through perm for gate-up) and its 128 weight rows into shared memory with
+// cp.async, ST steps in flight, and the warps read their fragments with ldmatrix: each
+// weight byte comes from HBM once a tile and feeds BM rows, each x byte feeds 128 outputs.
+// ACT: the 128 weight rows are 64 gate rows and their 64 up rows, interleaved so a warp's
+// first half of n8 fragments are gate rows o .. and its second half the up rows of the same
+// o: an output's gate and up sums end in one lane, and the epilogue is moe_gemm's.
+// The grid is (tiles, N blocks): consecutive CTAs are the row tiles of one N block, so an
+// expert's weight block is read from HBM once for all its tiles and the x rows (a few MB)
+// stay in L2 across N blocks. Rows past the tile's end and k past K are zero-filled (cp.async
+// with no source bytes), weight rows past N re-read the last row (never stored), and warps
+// skip the MMAs of 16-row fragments past the tile's end.
+#define MOE_TC_BN 128
+#define MOE_TC_BK 32
+
+__device__ __forceinline__ u32 moe_smem(const void* p) {
+  return (u32)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void moe_cp16(u32 dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(bytes));
+}
+__device__ __forceinline__ void moe_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void moe_cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void moe_ldsm_x4(u32* r, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// A row of a staged tile is 32 halfs, four 16-byte chunks; chunk c of row r sits at chunk
+// c ^ ((r / 2) % 4), so the 8 rows an ldmatrix reads (same c) hit 8 distinct bank groups.
+__device__ __forceinline__ int moe_swz(int r, int c) { return (r * 4 + (c ^ ((r >> 1) & 3))) * 8; }
+
+template <typename T, int BM, int WM, int WN, int ST, bool ACT>
+__device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16* __restrict__ w,
+                                            const int* __restrict__ perm,
+                                            const int* __restrict__ meta, int experts, int n,
+                                            int k, u16* __restrict__ out) {
+  constexpr int BN = MOE_TC_BN, BK = MOE_TC_BK, NTH = 32 * WM * WN;
+  constexpr int WR = BM / WM, WC = BN / WN;     // a warp's rows and weight rows
+  constexpr int MI = WR / 16, NJ = WC / 8;      // ... as 16-row and n8 fragments
+  constexpr int AL = BM * 4 / NTH, BL = BN * 4 / NTH, RS = NTH / 4;   // copies a thread makes
+  static_assert(WR % 16 == 0 && NJ % 2 == 0 && AL * NTH == BM * 4 && BL * NTH == BN * 4,
+                "moe_gemm_tc: a warp tile of whole 16 x 16 fragments, copies spread evenly");
+  extern __shared__ __align__(16) u16 moe_sm[];
+  u16* sa = moe_sm;                             // [ST][BM][BK]
+  u16* sb = moe_sm + ST * BM * BK;              // [ST][BN][BK]
+  if ((int)blockIdx.x >= meta[0]) return;       // uniform: a tile past the last
+  const int* tile = meta + 2 + experts + 3 * blockIdx.x;
+  const int e = tile[0], r0 = tile[1], rows = min(tile[2] - tile[1], BM);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wm = warp % WM, wn = warp / WM;
+  const int o0 = blockIdx.y * (ACT ? BN / 2 : BN);
+  const size_t wrows = ACT ? 2 * (size_t)n : (size_t)n;
+  const u16* we = w + (size_t)e * wrows * k;
+
+  // this thread's copies: rows tid / 4 + RS i of each tile, 16-byte chunk tid % 4
+  const int cc = tid & 3;
+  const u16* asrc[AL];
+  bool aok[AL];
+#pragma unroll
+  for (int i = 0; i < AL; ++i) {
+    const int r = (tid >> 2) + RS * i;
+    aok[i] = r < rows;
+    const int rr = aok[i] ? r : 0;
+    asrc[i] = x + (size_t)(perm ? perm[r0 + rr] : r0 + rr) * k + cc * 8;
+  }
+  const u16* bsrc[BL];
+#pragma unroll
+  for (int i = 0; i < BL; ++i) {
+    const int r = (tid >> 2) + RS * i;          // staged weight row
+    size_t wr;
+    if constexpr (ACT) {                        // a warp column: WC / 2 gate rows, their up rows
+      const int q = r % WC, o = min(o0 + (r / WC) * (WC / 2) + q % (WC / 2), n - 1);
+      wr = (q < WC / 2 ? 0 : (size_t)n) + o;
+    } else {
+      wr = min(o0 + r, n - 1);
+    }
+    bsrc[i] = we + wr * k + cc * 8;
+  }
+  auto load = [&](int stage, int kt) {
+    const int kk = kt * BK + cc * 8;
+    const bool kok = kk < k;                    // K is a multiple of 8: a chunk is all in or out
+    u16* a = sa + stage * BM * BK;
+    u16* b = sb + stage * BN * BK;
+#pragma unroll
+    for (int i = 0; i < AL; ++i) {
+      const bool ok = kok && aok[i];
+      moe_cp16(moe_smem(a + moe_swz((tid >> 2) + RS * i, cc)), ok ? asrc[i] + kk : x,
+               ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < BL; ++i)
+      moe_cp16(moe_smem(b + moe_swz((tid >> 2) + RS * i, cc)), kok ? bsrc[i] + kk : w,
+               kok ? 16 : 0);
+  };
+
+  float acc[MI][NJ][4];
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+
+  const int ktiles = (k + BK - 1) / BK;
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < ktiles) load(s, s);
+    moe_cp_commit();                            // empty groups keep the count uniform
+  }
+  const int m_base = wm * WR;
+  for (int kt = 0; kt < ktiles; ++kt) {
+    moe_cp_wait<ST - 2>();                      // step kt has landed (this thread's copies)
+    __syncthreads();                            // ... everyone's; and step kt - 1 is consumed
+    if (kt + ST - 1 < ktiles) load((kt + ST - 1) % ST, kt + ST - 1);
+    moe_cp_commit();
+    const u16* a = sa + (kt % ST) * BM * BK;
+    const u16* b = sb + (kt % ST) * BN * BK;
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      // B: an x4 is fragments (2j, 2j + 1) x (k 0-7, k 8-15) of this k16 step
+      u32 bf[NJ][2];
+#pragma unroll
+      for (int j = 0; j < NJ / 2; ++j) {
+        const int r = wn * WC + j * 16 + (lane & 7) + ((lane >> 4) << 3);
+        u32 v[4];
+        moe_ldsm_x4(v, moe_smem(b + moe_swz(r, ks * 2 + ((lane >> 3) & 1))));
+        bf[2 * j][0] = v[0];
+        bf[2 * j][1] = v[1];
+        bf[2 * j + 1][0] = v[2];
+        bf[2 * j + 1][1] = v[3];
+      }
+#pragma unroll
+      for (int i = 0; i < MI; ++i) {
+        if (m_base + i * 16 >= rows) break;     // uniform across the warp
+        u32 af[4];   // rows 0-7 / 8-15 x k 0-7, then the same rows x k 8-15
+        moe_ldsm_x4(af, moe_smem(a + moe_swz(m_base + i * 16 + (lane & 15),
+                                             ks * 2 + (lane >> 4))));
+#pragma unroll
+        for (int j = 0; j < NJ; ++j)
+          mma_16816<T>(acc[i][j], af[0], af[1], af[2], af[3], bf[j][0], bf[j][1]);
+      }
+    }
+  }
+  moe_cp_wait<0>();
+
+  // C element q of lane (g, t): row g (+ 8 for q >= 2) of the fragment, column 2 t + (q & 1)
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < MI; ++i) {
+#pragma unroll
+    for (int j = 0; j < (ACT ? NJ / 2 : NJ); ++j) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int r = m_base + i * 16 + g + 8 * (q >> 1);
+        const int o = o0 + wn * (ACT ? WC / 2 : WC) + j * 8 + 2 * t + (q & 1);
+        if (r >= rows || o >= n) continue;
+        float v = acc[i][j][q];
+        if constexpr (ACT) {   // rounded as the graph's MatMul output and activation.cu
+          const float gate = rnd<T>(v), up = rnd<T>(acc[i][j + NJ / 2][q]);
+          v = rnd<T>(silu_f(gate)) * up;
+        }
+        out[(size_t)(r0 + r) * n + o] = T::from_f(v);
+      }
+    }
+  }
+}
+
 // ---- combine ----------------------------------------------------------------------------------
 // out[t] = sum over j of wts[t, j] * y[pos_of[t, j]] in fp32, in j order (ascending experts),
 // each product and sum rounded as the graph's fp32 Mul and ReduceSum (no FMA), then rounded
@@ -360,13 +533,13 @@ __device__ __forceinline__ void moe_combine(const u16* __restrict__ y,
 
 // ---- entry points ---------------------------------------------------------------------------
 // moe_route_<dt>(logits, T, E, k, renorm, bm, ids, wts, pos_of, perm, meta)
-// moe_gemm_<dt>_m<BM>[_swiglu](x, w, perm-or-null, meta, E, n, K, out)
+// moe_gemm_<dt>_m<BM>[_swiglu](x, w, perm-or-null, meta, E, n, K, out), BM 8, 64 or 128
 // moe_combine[_shared]_<dt>_v<VEC>(y, pos_of, wts, gate-or-null, shared-or-null, T, H, k, out)
-// The two GEMM shapes (launch_rules.moe_gemm_launch picks by T): m8, a tile of up to 8
-// positions (decode: an expert has at most T rows) with 8 warps over K, as tc_gemv splits
-// K, so the few weight rows a CTA has still keep enough loads in flight; m64, 64 positions,
-// 4 warps over N (64 weight rows) and 2 over K, each x chunk read by the CTA from L2 once
-// for 4 warps, and enough CTAs that a 4096-wide down GEMM still fills the GPU.
+// The GEMM shapes (launch_rules.moe_gemm_launch picks by T): m8, a tile of up to 8 positions
+// (decode: an expert has at most T rows) with 8 warps over K, as tc_gemv splits K, so the
+// few weight rows a CTA has still keep enough loads in flight; m64 and m128, the tiled
+// moe_gemm_tc over tiles of 64 or 128 positions, 2 x 2 warps, 4 k steps in flight: 4 x
+// (BM + 128) x 32 halfs of dynamic shared memory (launch_rules.moe_gemm_smem).
 #define MOE_GEMM_ENTRY(NAME, TY, NT, WN, SK, U, ACT)                                           \
   extern "C" __global__ void __launch_bounds__(32 * WN * SK) NAME(                             \
       const u16* x, const u16* w, const int* perm, const int* meta, int experts, int n,       \
@@ -376,6 +549,17 @@ __device__ __forceinline__ void moe_combine(const u16* __restrict__ y,
 #define MOE_GEMM(DT, TY, BM, NT, WN, SK, U)                                                    \
   MOE_GEMM_ENTRY(moe_gemm_##DT##_m##BM, TY, NT, WN, SK, U, false)                              \
   MOE_GEMM_ENTRY(moe_gemm_##DT##_m##BM##_swiglu, TY, NT, WN, SK, U, true)
+
+#define MOE_GEMM_TC_ENTRY(NAME, TY, BM, WM, WN, ST, ACT)                                      \
+  extern "C" __global__ void __launch_bounds__(32 * WM * WN) NAME(                             \
+      const u16* x, const u16* w, const int* perm, const int* meta, int experts, int n,       \
+      int k, u16* out) {                                                                       \
+    moe_gemm_tc<TY, BM, WM, WN, ST, ACT>(x, w, perm, meta, experts, n, k, out);               \
+  }
+// launch_rules.MOE_TC_SHAPE: 2 x 2 warps, 4 k steps in flight
+#define MOE_GEMM_TC(DT, TY, BM)                                                                \
+  MOE_GEMM_TC_ENTRY(moe_gemm_##DT##_m##BM, TY, BM, 2, 2, 4, false)                             \
+  MOE_GEMM_TC_ENTRY(moe_gemm_##DT##_m##BM##_swiglu, TY, BM, 2, 2, 4, true)
 
 #define MOE_COMBINE(DT, TY, VEC)                                                               \
   extern "C" __global__ void moe_combine_##DT##_v##VEC(                                        \
@@ -396,7 +580,8 @@ __device__ __forceinline__ void moe_combine(const u16* __restrict__ y,
     moe_route<TY>(logits, tokens, experts, top_k, renorm, bm, ids, wts, pos_of, perm, meta);  \
   }                                                                                            \
   MOE_GEMM(DT, TY, 8, 1, 1, 8, 2)                                                              \
-  MOE_GEMM(DT, TY, 64, 8, 4, 2, 2)                                                             \
+  MOE_GEMM_TC(DT, TY, 64)                                                                      \
+  MOE_GEMM_TC(DT, TY, 128)                                                                     \
   MOE_COMBINE(DT, TY, 8)                                                                       \
   MOE_COMBINE(DT, TY, 1)
 

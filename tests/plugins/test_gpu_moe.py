@@ -18,11 +18,15 @@ What is held, and how closely:
   sums in the same order: a bf16 output may differ by one rounding);
 - the layer end to end against a reference built from scratch, < 2e-2;
 - a CUDA graph of the layer replays other routings (no size comes from the host).
-Shapes: T = 1 .. 300 (the 8-row and 64-row GEMM tiles), Mixtral-like (8 experts, top 2,
-renormalised), Qwen2-MoE-like (60, top 4, not renormalised, an intermediate size that is
-not a multiple of 32), Qwen3-MoE-like (128, top 8), each with even loads and with skewed
-ones where one expert takes most tokens and half the experts none (their weights NaN, so
-reading them into any output fails the test).
+Shapes: T = 1 .. 1000 (the 8-row decode tiles and the 64- and 128-row tiles of the
+shared-memory tiled GEMM, at the sizes where the launch rules switch), Mixtral-like (8
+experts, top 2, renormalised), Qwen2-MoE-like (60, top 4, not renormalised, an
+intermediate size that is not a multiple of 32), Qwen3-MoE-like (128, top 8), each with
+even loads and with skewed ones where one expert takes most tokens and half the experts
+none (their weights NaN, so reading them into any output fails the test). The tiled GEMM
+also over uneven loads (counts that are no multiple of a tile, a quarter of the experts
+empty, NaN weights) at hidden and intermediate sizes that leave partial k steps and N
+blocks (multiples of 8 only).
 """
 import pytest
 
@@ -36,7 +40,7 @@ pytestmark = [
 from llmc.plugins import launch_rules as lr  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16]
-TOKENS = (1, 2, 5, 8, 9, 64, 300)
+TOKENS = (1, 2, 5, 8, 9, 64, 128, 129, 300, 1000)
 # (experts, top_k, renormalise, hidden, inter)
 CONFIGS = [(8, 2, True, 256, 384), (60, 4, False, 128, 176), (128, 8, True, 128, 64)]
 TOL, COMBINE_TOL, LAYER_TOL, MARGIN = 1e-2, 5e-3, 2e-2, 1e-5
@@ -225,7 +229,34 @@ def test_swiglu_of_two_inputs_equals_the_fused_form(K, dtype):
                                    rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("t", (4, 64))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden,inter", [(200, 72), (136, 328), (264, 1000)])
+@pytest.mark.parametrize("t", (9, 33, 128, 129, 517, 1000))
+def test_tiled_gemms_over_uneven_loads(K, t, hidden, inter, dtype):
+    """The tiled GEMMs (T > 8): experts' row counts skewed (expert e's logits biased down by
+    0.7 e, so the counts fall off and are rarely a multiple of 64 or 128), the last quarter
+    of the experts with no tokens and NaN weights; hidden and intermediate sizes that leave a
+    partial 32-wide k step and a partial 128-row (gate-up: 64-output) N block."""
+    assert lr.moe_block_m(t) in lr.MOE_TC_BLOCK_M
+    experts, k = 16, 2
+    x, logits, gate_up, down = make(t, experts, hidden, inter, dtype, "even", seed=t, k=k)
+    bias = -0.7 * torch.arange(experts, device="cuda").float()
+    bias[3 * experts // 4:] = -60
+    logits = (logits.float() + bias).to(dtype)
+    gate_up[3 * experts // 4:] = float("nan")
+    down[3 * experts // 4:] = float("nan")
+    out, parts = K.moe(x, logits, gate_up, down, k, True)
+    ids, pos_of = parts["ids"], parts["pos_of"]
+    assert not (ids >= 3 * experts // 4).any()
+    counts = torch.bincount(ids.flatten(), minlength=experts)
+    assert counts.max() > counts[:3 * experts // 4].min()   # uneven loads
+    check_grouping(ids, pos_of, parts["perm"], parts["meta"], t, experts, k)
+    assert relerr(parts["act"], gate_up_ref(x, gate_up, ids, pos_of, dtype)) < TOL
+    assert relerr(parts["y"], down_ref(parts["act"], down, ids, pos_of)) < TOL
+    assert relerr(out, combine_ref(parts["y"], pos_of, parts["wts"], dtype)) < COMBINE_TOL
+
+
+@pytest.mark.parametrize("t", (4, 64, 300))
 def test_a_cuda_graph_of_the_layer_replays_other_routings(K, t):
     """Captured once, the layer replays with new logits and inputs: its counts, offsets and
     tiles are computed on the GPU each time, and the result equals an uncaptured run."""

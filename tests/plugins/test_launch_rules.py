@@ -234,14 +234,14 @@ def _tiles(counts, bm):
 
 
 def test_moe_tile_bound_holds_for_every_routing():
-    """moe_max_tiles is the GEMMs' grid.y: no routing of T tokens to k distinct experts each
+    """moe_max_tiles is the GEMMs' tile grid: no routing of T tokens to k distinct experts each
     may make more tiles (the worst cases: many experts with a row past a tile boundary), and
     a decode step's grid is no larger than its experts."""
     import random
 
     r = random.Random(0)
     for experts, k in ((8, 2), (60, 4), (128, 8), (4, 4)):
-        for t in (1, 2, 3, 7, 8, 9, 17, 64, 65, 300, 1000):
+        for t in (1, 2, 3, 7, 8, 9, 17, 64, 65, 128, 129, 300, 1000):
             bound = lr.moe_max_tiles(t, experts, k)
             bm = lr.moe_block_m(t)
             # 2 + E + 3 tiles fit the meta buffer's ints
@@ -273,15 +273,66 @@ def test_moe_launches():
     assert gu.block == (256, 1, 1)
     down = lr.moe_gemm_launch(1, 8, 2, 4096, 14336, "float16", act=False)
     assert down.kernel == "moe_gemm_f16_m8" and down.grid == (4096 // 16, 2, 1)
-    # prefill: 64-row tiles, 4 warps over N (64 weight rows, 32 fused outputs), 2 over K
+    # larger steps: the tiled GEMM, grid (tiles, N blocks of 128 weight rows = 64 fused
+    # outputs or 128 down outputs), 4 warps, 4 k steps of shared memory
     gu = lr.moe_gemm_launch(512, 8, 2, 14336, 4096, "bfloat16", act=True)
-    assert gu.kernel == "moe_gemm_bf16_m64_swiglu" and gu.block == (256, 1, 1)
-    assert gu.grid == (14336 // 32, lr.moe_max_tiles(512, 8, 2), 1)
-    assert lr.moe_gemm_launch(512, 8, 2, 100, 64, "bfloat16", False).grid[0] == 2
+    assert gu.kernel == "moe_gemm_bf16_m128_swiglu" and gu.block == (128, 1, 1)
+    assert gu.grid == (lr.moe_max_tiles(512, 8, 2), 14336 // 64, 1)
+    assert gu.smem == 4 * (128 + 128) * 32 * 2 == 64 * 1024
+    down = lr.moe_gemm_launch(64, 8, 2, 4096, 14336, "float16", act=False)
+    assert down.kernel == "moe_gemm_f16_m64" and down.grid == (lr.moe_max_tiles(64, 8, 2),
+                                                               4096 // 128, 1)
+    assert down.smem == 48 * 1024
+    # partial N blocks round up: 100 down outputs, 100 fused outputs (200 weight rows)
+    assert lr.moe_gemm_launch(512, 8, 2, 100, 64, "bfloat16", False).grid[1] == 1
+    assert lr.moe_gemm_launch(512, 8, 2, 100, 64, "bfloat16", True).grid[1] == 2
+    # a tile list of more than 65535 tiles rides grid.x (the decode kernel's grid.y)
+    big = lr.moe_gemm_launch(1_100_000, 8, 8, 64, 64, "float16", act=False)
+    assert big.grid[0] == lr.moe_max_tiles(1_100_000, 8, 8) > lr.MAX_GRID_Y
+    with pytest.raises(ValueError, match="grid"):
+        lr.moe_gemm_launch(512, 8, 2, 128 * 65536, 64, "float16", act=False)
+
+
+def test_moe_tile_height_by_step_size():
+    """Decode steps (<= 8 tokens) keep the 8-row kernel; then 64-row tiles up to 128 tokens
+    and 128-row tiles from MOE_M128_FROM; the routing's tiles and the GEMM's BM agree."""
+    assert [lr.moe_block_m(t) for t in (1, 8, 9, 64, 128, 129, 4096)] == [
+        8, 8, 64, 64, 64, 128, 128]
+    assert lr.moe_block_m(lr.MOE_M128_FROM) == 128 and lr.MOE_TC_BLOCK_M == (64, 128)
+    for t in (1, 9, 128, 129, 4096):
+        for act in (False, True):
+            ln = lr.moe_gemm_launch(t, 8, 2, 256, 128, "float16", act)
+            assert ln.kernel.split("_")[3] == f"m{lr.moe_block_m(t)}"
+            assert ln.smem == (0 if t <= 8 else lr.moe_gemm_smem(lr.moe_block_m(t)))
+
+
     comb = lr.moe_combine_launch(5, 4096, 2, "bfloat16", shared=True)
     assert comb.kernel == "moe_combine_shared_bf16_v8" and comb.grid == (5, 1, 1)
     assert lr.moe_combine_launch(5, 20, 2, "float16").kernel == "moe_combine_f16_v1"
     assert lr.swiglu2_launch(3, 80, "float16").kernel == "swiglu2_f16_v8"
+
+
+def test_moe_tiled_shape_agrees_with_the_kernel_source():
+    """The warps, pipeline depth and tile sizes the launch rule assumes (block, shared
+    memory, N blocks) are the ones moe.cu instantiates (test_compile.py checks that every
+    entry point moe_gemm_launch names is in the cubins)."""
+    import re
+
+    from llmc.plugins import compiler
+
+    src = compiler.source("moe")
+    wm, wn, st = lr.MOE_TC_SHAPE
+    for suffix, act in (("", "false"), ("##_swiglu", "true")):
+        assert re.search(rf"MOE_GEMM_TC_ENTRY\(moe_gemm_##DT##_m##BM{suffix}, TY, BM, {wm}, "
+                         rf"{wn}, {st}, {act}\)", src)
+    for bm in lr.MOE_TC_BLOCK_M:
+        assert re.search(rf"MOE_GEMM_TC\(DT, TY, {bm}\)", src)
+    assert re.search(rf"#define MOE_TC_BN {lr.MOE_TC_BN}\b", src)
+    assert re.search(rf"#define MOE_TC_BK {lr.MOE_TC_BK}\b", src)
+    for wm, wn, _ in [lr.MOE_TC_SHAPE]:   # whole fragments a warp, copies spread evenly
+        for bm in lr.MOE_TC_BLOCK_M:
+            assert bm // wm % 16 == 0 and lr.MOE_TC_BN // wn % 16 == 0
+            assert bm * 4 % lr.MOE_TC_THREADS == 0 and lr.MOE_TC_BN * 4 % lr.MOE_TC_THREADS == 0
 
 
 @pytest.mark.parametrize("experts,k,hidden,inter,match", [
