@@ -387,7 +387,7 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
     const int r = (tid >> 2) + RS * i;
     aok[i] = r < rows;
     const int rr = aok[i] ? r : 0;
-    asrc[i] = x + (size_t)(perm ? perm[r0 + rr] : r0 + rr) * k + cc * 8;
+    asrc[i] = x + (size_t)(perm ? perm[r0 + rr] : r0 + rr) * k;
   }
   const u16* bsrc[BL];
 #pragma unroll
@@ -400,7 +400,7 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
     } else {
       wr = min(o0 + r, n - 1);
     }
-    bsrc[i] = we + wr * k + cc * 8;
+    bsrc[i] = we + wr * k;
   }
   auto load = [&](int stage, int kt) {
     const int kk = kt * BK + cc * 8;
