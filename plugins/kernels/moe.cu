@@ -336,21 +336,6 @@ __device__ __forceinline__ void moe_gemm(const u16* __restrict__ x, const u16* _
 #define MOE_TC_BN 128
 #define MOE_TC_BK 32
 
-__device__ __forceinline__ u32 moe_smem(const void* p) {
-  return (u32)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void moe_cp16(u32 dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(bytes));
-}
-__device__ __forceinline__ void moe_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void moe_cp_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-__device__ __forceinline__ void moe_ldsm_x4(u32* r, u32 addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
 // A row of a staged tile is 32 halfs, four 16-byte chunks; chunk c of row r sits at chunk
 // c ^ ((r / 2) % 4), so the 8 rows an ldmatrix reads (same c) hit 8 distinct bank groups.
 __device__ __forceinline__ int moe_swz(int r, int c) { return (r * 4 + (c ^ ((r >> 1) & 3))) * 8; }
@@ -410,12 +395,12 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
 #pragma unroll
     for (int i = 0; i < AL; ++i) {
       const bool ok = kok && aok[i];
-      moe_cp16(moe_smem(a + moe_swz((tid >> 2) + RS * i, cc)), ok ? asrc[i] + kk : x,
+      cp_async16(smem_u32(a + moe_swz((tid >> 2) + RS * i, cc)), ok ? asrc[i] + kk : x,
                ok ? 16 : 0);
     }
 #pragma unroll
     for (int i = 0; i < BL; ++i)
-      moe_cp16(moe_smem(b + moe_swz((tid >> 2) + RS * i, cc)), kok ? bsrc[i] + kk : w,
+      cp_async16(smem_u32(b + moe_swz((tid >> 2) + RS * i, cc)), kok ? bsrc[i] + kk : w,
                kok ? 16 : 0);
   };
 
@@ -429,14 +414,14 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
 #pragma unroll
   for (int s = 0; s < ST - 1; ++s) {
     if (s < ktiles) load(s, s);
-    moe_cp_commit();                            // empty groups keep the count uniform
+    cp_commit();                            // empty groups keep the count uniform
   }
   const int m_base = wm * WR;
   for (int kt = 0; kt < ktiles; ++kt) {
-    moe_cp_wait<ST - 2>();                      // step kt has landed (this thread's copies)
+    cp_wait<ST - 2>();                      // step kt has landed (this thread's copies)
     __syncthreads();                            // ... everyone's; and step kt - 1 is consumed
     if (kt + ST - 1 < ktiles) load((kt + ST - 1) % ST, kt + ST - 1);
-    moe_cp_commit();
+    cp_commit();
     const u16* a = sa + (kt % ST) * BM * BK;
     const u16* b = sb + (kt % ST) * BN * BK;
 #pragma unroll
@@ -447,7 +432,7 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
       for (int j = 0; j < NJ / 2; ++j) {
         const int r = wn * WC + j * 16 + (lane & 7) + ((lane >> 4) << 3);
         u32 v[4];
-        moe_ldsm_x4(v, moe_smem(b + moe_swz(r, ks * 2 + ((lane >> 3) & 1))));
+        ldsm_x4(v, smem_u32(b + moe_swz(r, ks * 2 + ((lane >> 3) & 1))));
         bf[2 * j][0] = v[0];
         bf[2 * j][1] = v[1];
         bf[2 * j + 1][0] = v[2];
@@ -457,7 +442,7 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
       for (int i = 0; i < MI; ++i) {
         if (m_base + i * 16 >= rows) break;     // uniform across the warp
         u32 af[4];   // rows 0-7 / 8-15 x k 0-7, then the same rows x k 8-15
-        moe_ldsm_x4(af, moe_smem(a + moe_swz(m_base + i * 16 + (lane & 15),
+        ldsm_x4(af, smem_u32(a + moe_swz(m_base + i * 16 + (lane & 15),
                                              ks * 2 + (lane >> 4))));
 #pragma unroll
         for (int j = 0; j < NJ; ++j)
@@ -465,7 +450,7 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const u16
       }
     }
   }
-  moe_cp_wait<0>();
+  cp_wait<0>();
 
   // C element q of lane (g, t): row g (+ 8 for q >= 2) of the fragment, column 2 t + (q & 1)
   const int g = lane >> 2, t = lane & 3;
