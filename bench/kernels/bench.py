@@ -166,7 +166,8 @@ def main():
             return F.scaled_dot_product_attention(q.view(B, hq, 1, d), kv[0], kv[1],
                                                   enable_gqa=True)
         cdec = compiled(ref_decode)
-        add(f"paged decode bf16 B=64 ctx=2048 bs={bs}",
+        name16 = f"paged decode bf16 B=64 ctx=2048 bs={bs}"
+        add(name16,
             lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False),
             lambda: ref_decode(q, tables, cache), lambda: cdec(q, tables, cache), nbytes,
             "splits=%d" % decode_plan(B, hq, hkv, d, mb, bs, "bfloat16", K.sm_count,
@@ -179,11 +180,11 @@ def main():
                 None, None, B * 2 * W * hkv * d * 2, "ours only")
         # the same keys in an E4M3 pool (--kv-cache-dtype fp8): half the bytes to read
         cache8 = (cache.float() / 0.05).to(torch.float8_e4m3fn)
-        name8 = f"paged decode bf16 B=64 ctx=2048 bs={bs} E4M3 pool"
+        name8 = f"{name16} E4M3 pool"
         if wanted(name8):
             t8 = bench(lambda: K.paged_attention(q, k, v, starts, cl, tables, cache8,
                                                  write_kv=False, kv_scales=(0.05, 0.05)))
-            t16 = next((r[1] for r in rows if r[0] == name8[:-len(" E4M3 pool")]), None)
+            t16 = next((r[1] for r in rows if r[0] == name16), None)
             rows.append((name8, t8, None, None, nbytes / 2 / t8, "ours only" + (
                 f"; {t16 / t8:.2f}x less time than the bf16 pool" if t16 else "")))
         cache = cache8 = None

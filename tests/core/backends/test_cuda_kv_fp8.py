@@ -192,7 +192,7 @@ def _pool(session, layer: int) -> np.ndarray:
                                   "gpt2-learned-pos"])
 def test_fp8_kv_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words, kind,
                                                      graphs):
-    from hf_steps import Ragged
+    from hf_steps import Ragged, two_engine_steps
 
     from llmc.backends.cuda.session import CudaSession
     from llmc.backends.reference import ReferenceSession
@@ -201,17 +201,10 @@ def test_fp8_kv_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, 
     built = _build(folder, tmp_path / "c.engine", words, arch=None)
     ref_built = _build(folder, tmp_path / "r.engine", words, backend="reference")
     assert built.quant.kv_scales == ref_built.quant.kv_scales   # one calibration
-    rng = np.random.default_rng(1)
-    lengths, bs = [21, 37, 13], LIMITS.kv_block_size
-    per_seq = -(-(max(lengths) + 16) // bs)
-    physical = rng.permutation(3 * per_seq + 1).tolist()
-    blocks = [physical[i * per_seq:(i + 1) * per_seq] for i in range(3)]
+    bs = LIMITS.kv_block_size
+    blocks, num_blocks, steps = two_engine_steps(model.config.vocab_size, bs)
     used = sorted(b for seq in blocks for b in seq)
-    vocab = model.config.vocab_size
-    prompts = [rng.integers(0, vocab, n).tolist() for n in lengths]
-    steps = [{s: p for s, p in enumerate(prompts)}]
-    steps += [{s: [int(rng.integers(vocab))] for s in range(3)} for _ in range(3)]
-    steps += [{0: [3], 2: rng.integers(0, vocab, 11).tolist()}, {1: [7], 2: [9]}]
+    prompt_tokens = sum(map(len, steps[0].values()))
     with CudaSession(EngineFile(tmp_path / "c.engine"), max_kv_blocks=64,
                      cuda_graphs=graphs) as cuda:
         io = cuda.io
@@ -220,7 +213,7 @@ def test_fp8_kv_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, 
         ref = ReferenceSession(EngineFile(tmp_path / "r.engine"))
         runs = [Ragged(s, blocks, bs) for s in (cuda, ref)]
         for s in (cuda, ref):
-            s.allocate_kv(3 * per_seq + 1)
+            s.allocate_kv(num_blocks)
         errs, sames = [], []   # (step, value), (step, layer, value)
         for i, step in enumerate(steps):
             got, want = (r.step(step) for r in runs)
@@ -230,7 +223,7 @@ def test_fp8_kv_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, 
                 a = _pool(cuda, layer)[:, used].astype(np.float32)
                 b = ref.kv[layer][:, used].astype(np.float32)
                 written = (a != 0) | (b != 0)
-                assert written.sum() >= 2 * io.kv_heads * io.head_dim * sum(lengths) // 2
+                assert written.sum() >= 2 * io.kv_heads * io.head_dim * prompt_tokens // 2
                 sames.append((i, layer, float(np.mean(a[written] == b[written]))))
     worst, fewest = max(errs, key=lambda e: e[1]), min(sames, key=lambda e: e[2])
     by_layer = [min(v for _, ly, v in sames if ly == layer) for layer in range(io.num_layers)]

@@ -173,7 +173,7 @@ TOLERANCE = {"int4-rtn": 3e-2, "int4-awq": 3e-2, "fp8": 6e-2}
 @pytest.mark.parametrize("kind", ["llama-gqa", "qwen2-bias"])
 def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words,
                                                         kind, mode, graphs):
-    from hf_steps import Ragged
+    from hf_steps import Ragged, two_engine_steps
 
     from llmc.backends.cuda.session import CudaSession
     from llmc.backends.reference import ReferenceSession
@@ -184,22 +184,14 @@ def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_pat
     folder, model = tiny_models_d64[kind]
     _build(folder, tmp_path / "c.engine", mode, words, arch=None)
     _build(folder, tmp_path / "r.engine", mode, words, backend="reference")
-    rng = np.random.default_rng(1)
-    lengths, bs = [21, 37, 13], LIMITS.kv_block_size
-    per_seq = -(-(max(lengths) + 16) // bs)
-    physical = rng.permutation(3 * per_seq + 1).tolist()
-    blocks = [physical[i * per_seq:(i + 1) * per_seq] for i in range(3)]
-    vocab = model.config.vocab_size
-    prompts = [rng.integers(0, vocab, n).tolist() for n in lengths]
-    steps = [{s: p for s, p in enumerate(prompts)}]
-    steps += [{s: [int(rng.integers(vocab))] for s in range(3)} for _ in range(3)]
-    steps += [{0: [3], 2: rng.integers(0, vocab, 11).tolist()}, {1: [7], 2: [9]}]
+    bs = LIMITS.kv_block_size
+    blocks, num_blocks, steps = two_engine_steps(model.config.vocab_size, bs)
     with CudaSession(EngineFile(tmp_path / "c.engine"), max_kv_blocks=64,
                      cuda_graphs=graphs) as cuda:
         ref = ReferenceSession(EngineFile(tmp_path / "r.engine"))
         runs = [Ragged(s, blocks, bs) for s in (cuda, ref)]
         for s in (cuda, ref):
-            s.allocate_kv(3 * per_seq + 1)
+            s.allocate_kv(num_blocks)
         for i, step in enumerate(steps):
             got, want = (r.step(step) for r in runs)
             err = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
