@@ -22,12 +22,31 @@ ATTN_THREADS = 128          # decode kernel
 # Prefill kernel variants: entry suffix -> warps (16 query rows each). See paged_attention.cu.
 PREFILL_WARPS = {"w4": 4, "w8s": 8}
 PREFILL_VARIANT = "w8s"  # 1.19x SDPA flash at 2k tokens on H100, against 1.42x for w4
+# Hopper's prefill kernel (paged_attention_sm90.cu, sm_90a only): TMA + wgmma, a producer and
+# two consumer warpgroups, 128 query rows and 128-key tiles in 2 stages. 16-bit pools without a
+# soft-cap; the others keep the variants above.
+SM90_VARIANT = "sm90"
+SM90_MODULE = "paged_attention_sm90"
+SM90_ROWS, SM90_THREADS, SM90_BN, SM90_STAGES = 128, 384, 128, 2
 MAX_GRID_Y = 65535
 # Decode K/V pipeline depths with an entry each, deepest (fastest) first; the plan takes the
 # deepest that fits the device's shared memory per block. Entry suffix: 3 -> "", 2 -> "_s2".
 DECODE_STAGES = (3, 2)
 MIN_SPLIT_KEYS = ATTN_BN    # a split is at least one key tile
 MAX_DECODE_SPLITS = 512     # the reduce kernel's shared weights (REDUCE_SPLITS)
+
+
+@dataclass(frozen=True)
+class PoolMap:
+    """A kernel argument: the TMA tensor map of a KV pool, seen as a 2-D tensor of `cols`
+    16-bit columns by `rows` rows, copied in boxes of 64 columns by `box_rows` rows with the
+    128-byte swizzle. The launcher encodes it (cuTensorMapEncodeTiled) from the pool pointer
+    `pool` (its own pointer kind, as in attention_launches' `ptr`)."""
+    pool: object
+    rows: int
+    cols: int
+    box_rows: int
+    dtype: str
 
 
 @dataclass(frozen=True)
@@ -43,6 +62,7 @@ class AttentionPlan:
     window: int = 0        # sliding window (keys p - window < j <= p), 0 = none
     softcap: float = 0.0   # logit soft-cap cap * tanh(s / cap) (Gemma 2), 0 = none
     e4m3: bool = False     # the pool holds E4M3 bytes; the launches take its K and V scales
+    pool_map: str = ""     # the sm90 kernel: dtype of the pool's tensor map, which it takes last
 
     @property
     def decode(self) -> bool:
@@ -66,9 +86,20 @@ def decode_stages(head_dim: int, max_smem: int, e4m3: bool = False) -> int | Non
 
 def prefill_smem(head_dim: int, variant: str = PREFILL_VARIANT, e4m3: bool = False) -> int:
     """The Q tile and one K and one V tile of 16-bit values; with an E4M3 pool, a K and a V
-    tile of bytes besides, where the pool's tiles land before they are dequantized."""
+    tile of bytes besides, where the pool's tiles land before they are dequantized.
+    sm90: Q, the K/V stages, four barriers a stage (full and empty, K and V), and the slack that
+    aligns the tiles to 1024 bytes (Sm90Layout in paged_attention_sm90.cu)."""
+    if variant == SM90_VARIANT:
+        return (SM90_ROWS + 2 * SM90_STAGES * SM90_BN) * head_dim * 2 + 4 * SM90_STAGES * 8 + 1024
     return (16 * PREFILL_WARPS[variant] + 2 * ATTN_BN) * head_dim * 2 + \
         (2 * ATTN_BN * head_dim if e4m3 else 0)
+
+
+def prefill_rows_threads(variant: str) -> tuple[int, int]:
+    """Query rows a CTA of the variant takes, and its threads."""
+    if variant == SM90_VARIANT:
+        return SM90_ROWS, SM90_THREADS
+    return 16 * PREFILL_WARPS[variant], 32 * PREFILL_WARPS[variant]
 
 
 def check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window=0, softcap=0.0):
@@ -154,17 +185,24 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
 def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  block_size: int, dtype: str, write_kv: bool = True,
                  variant: str | None = None, pack: int | None = None, *, max_smem: int,
-                 window: int = 0, softcap: float = 0.0, e4m3: bool = False) -> AttentionPlan:
+                 window: int = 0, softcap: float = 0.0, e4m3: bool = False,
+                 sm90: bool = False) -> AttentionPlan:
     """One CTA per (tile of one sequence's tokens, group of `pack` q heads of one kv head).
 
-    A tile has 16 * warps rows: tokens x the pack heads (pack defaults to the whole GQA
-    group, so each K/V tile feeds every q head that reads it). Tiles are found on the device
-    from seq_starts; the grid's y extent bounds their count for any ragged split. variant
-    None: PREFILL_VARIANT, or the first of PREFILL_WARPS whose shared memory fits max_smem.
+    A tile has 16 * warps rows (128 for sm90): tokens x the pack heads (pack defaults to the
+    whole GQA group, so each K/V tile feeds every q head that reads it). Tiles are found on
+    the device from seq_starts; the grid's y extent bounds their count for any ragged split.
+    variant None: sm90 where `sm90` (an sm_90a device) allows it (a 16-bit pool, no soft-cap)
+    and it fits max_smem, else PREFILL_VARIANT, or the first of PREFILL_WARPS whose shared
+    memory fits max_smem.
     e4m3: the pool holds E4M3 bytes (the _e4m3 entries)."""
     check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window, softcap)
+    if variant == SM90_VARIANT and (e4m3 or softcap):
+        raise ValueError("the sm90 prefill kernel reads 16-bit pools without a soft-cap")
     if variant is None:
         order = [PREFILL_VARIANT] + [v for v in PREFILL_WARPS if v != PREFILL_VARIANT]
+        if sm90 and not e4m3 and not softcap:
+            order.insert(0, SM90_VARIANT)
         variant = next((v for v in order if prefill_smem(head_dim, v, e4m3) <= max_smem), None)
         if variant is None:
             raise ValueError(f"no attention kernel at head_dim {head_dim} fits max_smem "
@@ -176,24 +214,27 @@ def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, h
     pack = group if pack is None else pack
     if group % pack:
         raise ValueError(f"pack {pack} must divide the GQA group {group}")
-    rows = 16 * PREFILL_WARPS[variant]
+    rows, threads = prefill_rows_threads(variant)
     tpt = rows // pack  # tokens per tile
     tiles = math.ceil(tokens / tpt) + batch  # each sequence adds at most one partial tile
     if tiles > MAX_GRID_Y:
         raise ValueError(f"{tokens} tokens need {tiles} query tiles, over {MAX_GRID_Y}")
-    main = Launch(attention_module(softcap, e4m3),
+    tma = variant == SM90_VARIANT
+    main = Launch(SM90_MODULE if tma else attention_module(softcap, e4m3),
                   f"attn_prefill_{dtype_tag(dtype)}_d{head_dim}_{variant}"
                   f"{_suffix(softcap, e4m3)}",
-                  (num_q_heads // pack, tiles, 1), (32 * PREFILL_WARPS[variant], 1, 1),
+                  (num_q_heads // pack, tiles, 1), (threads, 1, 1),
                   prefill_smem(head_dim, variant, e4m3))
     return AttentionPlan(_kv_write(tokens, dtype, write_kv, e4m3), main, None, 1, 0, 0, pack,
-                         window=window, softcap=softcap, e4m3=e4m3)
+                         window=window, softcap=softcap, e4m3=e4m3,
+                         pool_map=dtype if tma else "")
 
 
 def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
                    head_dim: int, max_blocks: int, block_size: int, dtype: str,
                    sm_count: int, write_kv: bool = True, *, max_smem: int,
-                   window: int = 0, softcap: float = 0.0, e4m3: bool = False) -> AttentionPlan:
+                   window: int = 0, softcap: float = 0.0, e4m3: bool = False,
+                   sm90: bool = False) -> AttentionPlan:
     """Kernels of one PagedAttention step, from shapes alone (what TensorRT knows at enqueue).
 
     tokens == batch means every sequence brings one new token (a pure decode step): the
@@ -206,14 +247,16 @@ def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
     window: sliding window (HF Mistral `sliding_window`), 0 = none.
     softcap: logit soft-cap (Gemma 2 `attn_logit_softcapping`), 0 = none.
     e4m3: the pool holds E4M3 bytes with a K and a V scale (--kv-cache-dtype fp8), written by
-    the rope kernel (write_kv must be False), read by the _e4m3 entries."""
+    the rope kernel (write_kv must be False), read by the _e4m3 entries.
+    sm90: the device is sm_90a, so prefill steps may take the TMA + wgmma kernel (whose
+    launch takes a PoolMap of the pool)."""
     if tokens == batch and decode_stages(head_dim, max_smem, e4m3) is not None:
         return decode_plan(tokens, num_q_heads, num_kv_heads, head_dim, max_blocks,
                            block_size, dtype, sm_count, write_kv, max_smem=max_smem,
                            window=window, softcap=softcap, e4m3=e4m3)
     return prefill_plan(tokens, batch, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
                         write_kv, max_smem=max_smem, window=window, softcap=softcap,
-                        e4m3=e4m3)
+                        e4m3=e4m3, sm90=sm90)
 
 
 # ---- the PagedAttention plugin: attributes, sizes, launches -------------------------------
@@ -301,7 +344,9 @@ def attention_launches(plan: AttentionPlan, dims: dict, scale: float, ptr: dict,
     sc += [float_bits(plan.softcap)] if plan.softcap else []         # the _softcap entries
     head = [ptr["q"], *meta, ptr["cache"], *sc]
     if not plan.decode:
-        out.append((plan.main, head + [plan.pack, ptr["out"]]))
+        pool = [PoolMap(ptr["cache"], 2 * nb * hkv * bs, d, bs, plan.pool_map)] \
+            if plan.pool_map else []
+        out.append((plan.main, head + [plan.pack, ptr["out"], *pool]))
         return out
     out.append((plan.main, head + [plan.n_split, plan.chunk, ptr["out"], ptr["ws_o"],
                                    ptr["ws_lse"]]))

@@ -40,6 +40,7 @@ class Functions:
         self._modules = {}
         self._funcs = {}
         self._smem_set = {}   # (module, kernel) -> the dynamic shared memory it may take
+        self._maps = {}       # PoolMap (with its pointer resolved) -> encoded CUtensorMap
 
     def func(self, launch: Launch):
         from cuda.bindings import driver
@@ -61,7 +62,7 @@ class Functions:
         return f
 
     def launch(self, launch: Launch, args: list, stream: int):
-        """args: ints (int32), DevPtr, or objects with data_ptr() (torch tensors)."""
+        """args: ints (int32), DevPtr, PoolMap, or objects with data_ptr() (torch tensors)."""
         from cuda.bindings import driver
 
         vals, types = [], []
@@ -71,6 +72,9 @@ class Functions:
             if isinstance(a, DevPtr):
                 vals.append(int(a))
                 types.append(_P)
+            elif isinstance(a, ap.PoolMap):
+                vals.append(self._tensor_map(a))
+                types.append(None)   # a driver struct: passed by value from its address
             elif isinstance(a, int):
                 vals.append(a)
                 types.append(_I)
@@ -84,6 +88,26 @@ class Functions:
             return
         check(driver.cuLaunchKernel(self.func(launch), *launch.grid, *launch.block, launch.smem,
                                   driver.CUstream(stream), params, 0))
+
+    def _tensor_map(self, m: "ap.PoolMap"):
+        """The pool's CUtensorMap, encoded once per (pointer, shape): a host-side descriptor
+        that the kernel's TMA copies read from its parameters."""
+        from cuda.bindings import driver
+
+        ptr = int(m.pool) if isinstance(m.pool, int) else m.pool.data_ptr()
+        key = (ptr, m.rows, m.cols, m.box_rows, m.dtype)
+        if key not in self._maps:
+            dt, u64, u32 = driver.CUtensorMapDataType, driver.cuuint64_t, driver.cuuint32_t
+            self._maps[key] = check(driver.cuTensorMapEncodeTiled(
+                dt.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if m.dtype == "bfloat16"
+                else dt.CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                2, ptr, [u64(m.cols), u64(m.rows)], [u64(m.cols * 2)],
+                [u32(64), u32(m.box_rows)], [u32(1), u32(1)],
+                driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+                driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+                driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE))
+        return self._maps[key]
 
     def _pdl_config(self, launch: Launch, stream: int):
         from cuda.bindings import driver
@@ -252,7 +276,7 @@ class Kernels:
 
     def paged_attention(self, q, k, v, seq_starts, context_lens, block_tables, kv_cache,
                         scale=None, write_kv=True, force=None, window=0, max_smem=None,
-                        softcap=0.0, kv_scales=None, **prefill):
+                        softcap=0.0, kv_scales=None, sm90=None, **prefill):
         """force: None, 'decode' or 'prefill' picks the kernel regardless of the plan (tests
         run both kernels on the same mixed batch); `prefill` (variant=, pack=) goes to
         attention_plan.prefill_plan. window: sliding window, 0 = none. softcap: logit soft-cap
@@ -260,7 +284,8 @@ class Kernels:
         limit the plan must respect, default the device's (tests pass less to force the
         fallbacks that smaller GPUs take). kv_scales: (K, V) scales of an E4M3 pool (uint8
         or float8_e4m3fn), whose new rows the rope kernel wrote: then write_kv must be False
-        and k, v may be None."""
+        and k, v may be None. sm90: let prefill plans take the sm_90a kernel (TMA + wgmma);
+        default: where the device is sm_90a."""
         t, hq, d = q.shape
         _, nb, hkv, bs, _ = kv_cache.shape
         b, mb = block_tables.shape
@@ -270,11 +295,14 @@ class Kernels:
                    softcap=softcap, e4m3=kv_scales is not None)
         if force == "decode":
             plan = ap.decode_plan(t, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv, **lim)
-        elif force == "prefill":
-            plan = ap.prefill_plan(t, b, hq, hkv, d, bs, dt, write_kv, **prefill, **lim)
         else:
-            plan = ap.attention_plan(t, b, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv,
-                                        **lim)
+            sm90 = self.arch == "sm_90a" if sm90 is None else sm90
+            if force == "prefill":
+                plan = ap.prefill_plan(t, b, hq, hkv, d, bs, dt, write_kv, **prefill, **lim,
+                                       sm90=sm90)
+            else:
+                plan = ap.attention_plan(t, b, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv,
+                                         **lim, sm90=sm90)
         self.last_plan = plan  # for tests: which kernels a call took
         scale = d ** -0.5 if scale is None else scale
         out = self.torch.empty_like(q)

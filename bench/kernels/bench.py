@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmc.plugins.attention_plan import PREFILL_VARIANT, PREFILL_WARPS, decode_plan
+from llmc.plugins.attention_plan import PREFILL_VARIANT, PREFILL_WARPS, SM90_VARIANT, decode_plan
 from llmc.plugins.launch import Kernels
 from llmc.plugins.launch_rules import llama3_inv_freq
 
@@ -220,10 +220,13 @@ def main():
             return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
     flops = 4 * n_tok * n_tok * d * hq / 2
     tf = bench(flash)
-    for variant in sorted(PREFILL_WARPS):
+    # the default variant: the TMA + wgmma kernel on sm_90a, else PREFILL_VARIANT
+    sm90 = K.arch == "sm_90a"
+    default = SM90_VARIANT if sm90 else PREFILL_VARIANT
+    for variant in sorted(PREFILL_WARPS) + ([SM90_VARIANT] if sm90 else []):
         for pack in (1, None):
             name = f"prefill {n_tok} tok 32/8x128 bf16 {variant} pack={pack or hq // hkv}"
-            if variant != PREFILL_VARIANT or pack is not None:
+            if variant != default or pack is not None:
                 if not args.only:  # the non-default variants are for tuning runs
                     continue
                 name += " (tuning)"

@@ -105,14 +105,15 @@ __device__ __forceinline__ void dequant_tile(u16* dst, const u8* src, float scal
 
 // Online-softmax update of one 16-row tile's S fragments (NB n-blocks of 8 keys): keeps keys
 // with 0 <= lim - key < wv (lim: the row's position; wv: the window, INT_MAX for none: one
-// unsigned compare does both bounds, so the window adds no compare per element),
-// rescales O, and leaves exp2'd probabilities in s. CAP: the score is soft-capped,
-// cap * tanh(s * scale / cap), in log2 units: cap_out * tanh(s * cap_in).
-template <int NB, int D, bool CAP = false>
-__device__ __forceinline__ void softmax_step(float (*s)[4], float (*o)[4], float* m, float* l,
-                                             float scale_log2, int kbase, int lim0, int lim1,
-                                             int wv, bool mask = true, float cap_in = 0.f,
-                                             float cap_out = 0.f) {
+// unsigned compare does both bounds, so the window adds no compare per element), updates the
+// rows' max m and sum l, leaves exp2'd probabilities in s and the factor alpha by which the
+// rows' O must be rescaled. CAP: the score is soft-capped, cap * tanh(s * scale / cap), in log2
+// units: cap_out * tanh(s * cap_in).
+template <int NB, bool CAP = false>
+__device__ __forceinline__ void softmax_scores(float (*s)[4], float* m, float* l, float* alpha,
+                                               float scale_log2, int kbase, int lim0, int lim1,
+                                               int wv, bool mask = true, float cap_in = 0.f,
+                                               float cap_out = 0.f) {
   const int lane = threadIdx.x & 31;
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -133,12 +134,10 @@ __device__ __forceinline__ void softmax_step(float (*s)[4], float (*o)[4], float
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
     const float mn = fmaxf(m[r], mx[r]);
     const float base = mn == -INFINITY ? 0.f : mn;  // a fully masked row must not make NaN
-    const float alpha = exp2f(m[r] - base);
+    alpha[r] = exp2f(m[r] - base);
     m[r] = mn;
     mx[r] = base;
-    l[r] *= alpha;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) { o[j][2 * r] *= alpha; o[j][2 * r + 1] *= alpha; }
+    l[r] *= alpha[r];
   }
 #pragma unroll
   for (int nb = 0; nb < NB; ++nb)
@@ -148,6 +147,27 @@ __device__ __forceinline__ void softmax_step(float (*s)[4], float (*o)[4], float
       s[nb][e] = p;
       l[e >> 1] += p;
     }
+}
+
+// O rows (g and g + 8 of the warp's 16) times their softmax factors.
+template <int D>
+__device__ __forceinline__ void rescale_o(float (*o)[4], const float* alpha) {
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1];
+  }
+}
+
+// softmax_scores, then O rescaled at once (the kernels whose O is not in flight).
+template <int NB, int D, bool CAP = false>
+__device__ __forceinline__ void softmax_step(float (*s)[4], float (*o)[4], float* m, float* l,
+                                             float scale_log2, int kbase, int lim0, int lim1,
+                                             int wv, bool mask = true, float cap_in = 0.f,
+                                             float cap_out = 0.f) {
+  float alpha[2];
+  softmax_scores<NB, CAP>(s, m, l, alpha, scale_log2, kbase, lim0, lim1, wv, mask, cap_in,
+                          cap_out);
+  rescale_o<D>(o, alpha);
 }
 
 template <typename T>

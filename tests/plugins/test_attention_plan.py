@@ -200,6 +200,41 @@ def test_attention_launches_argument_order():
         ap.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 64), (2, 300))
 
 
+def test_sm90_prefill_plan_and_its_pool_map():
+    """On sm_90a a prefill step takes the TMA + wgmma kernel: its own module, 3 warpgroups,
+    128-row tiles, and the pool's tensor map as its last argument. Decode steps, soft-capped
+    and E4M3 pools, devices without sm_90a and too little shared memory keep the others."""
+    ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
+                          "cache", "out", "ws_o", "ws_lse")}
+    dims = ap.paged_attention_dims((9, 32, 128), (2, 100, 8, 16, 128), (2, 300))
+    pre = ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, write_kv=False,
+                            max_smem=H100, window=64, sm90=True)
+    assert (pre.main.module, pre.main.kernel) == (ap.SM90_MODULE, "attn_prefill_bf16_d128_sm90")
+    assert pre.main.block == (384, 1, 1) and pre.pack == 4
+    assert pre.main.grid == (8, math.ceil(9 / (128 // 4)) + 2, 1)
+    assert pre.main.smem == ap.prefill_smem(128, "sm90") <= H100
+    # Q for 128 rows, two stages of a 128-key K and V tile, 8 barriers, 1 KB alignment slack
+    assert ap.prefill_smem(128, "sm90") == (128 + 2 * 2 * 128) * 128 * 2 + 8 * 8 + 1024
+    [(ln, args)] = ap.attention_launches(pre, dims, 0.5, ptr)
+    assert args[:-1] == ["q", "seq_starts", "context_lens", "block_tables", "cache", 9, 2, 32,
+                         8, 300, 16, 100, float_bits(0.5), 64, 4, "out"]
+    assert args[-1] == ap.PoolMap("cache", 2 * 100 * 8 * 16, 128, 16, "bfloat16")
+    others = [ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "bfloat16", 132, max_smem=H100,
+                                sm90=True),                                   # decode
+              ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, max_smem=H100,
+                                sm90=True, softcap=30.0),
+              ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, write_kv=False,
+                                max_smem=H100, sm90=True, e4m3=True),
+              ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, max_smem=H100),
+              ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, sm90=True,
+                                max_smem=ap.prefill_smem(128, "sm90") - 1)]
+    for plan in others:
+        assert plan.main.module != ap.SM90_MODULE and not plan.pool_map, plan.main
+    with pytest.raises(ValueError, match="16-bit pools without a soft-cap"):
+        ap.prefill_plan(9, 2, 32, 8, 128, 16, "bfloat16", variant="sm90", max_smem=H100,
+                        softcap=30.0)
+
+
 def test_softcap_takes_its_own_entries_and_one_more_argument():
     """Gemma 2: the soft-capped kernels are their own entries (the uncapped ones are
     unchanged), the cap's bits follow the window in both kernels' arguments, and the split

@@ -63,6 +63,8 @@ def _entry_names():
                     pre = ap.attention_plan(9, 4, 8, 2, d, 64, 16, dt, 132, max_smem=smem,
                                             softcap=cap)
                     names.update({dec.main, dec.reduce, dec.kv_write, pre.main})
+            names.add(ap.prefill_plan(9, 4, 8, 2, d, 16, dt, variant=ap.SM90_VARIANT,
+                                      max_smem=ap.prefill_smem(d, ap.SM90_VARIANT)).main)
             for cap in (0.0, 1.0):
                 for e4m3 in (False, True):   # the pool in the dtype, or E4M3 (written by rope)
                     kw = dict(softcap=cap, e4m3=e4m3, write_kv=not e4m3)
@@ -106,6 +108,16 @@ def test_every_entry_point_is_in_the_cubin(cubins, arch):
 def test_ptx_for_tensorrt_aot():
     ptx = compiler.compile_module("activation", "sm_90a", ptx=True)
     assert b".target sm_90a" in ptx and b".entry swiglu_bf16_v8" in ptx
+
+
+def test_sm90_prefill_uses_tma_and_wgmma():
+    """Hopper's prefill kernel compiles for sm_90a to the copy engine and warpgroup MMAs
+    (elsewhere its entries are traps, never planned)."""
+    ptx = compiler.compile_module(ap.SM90_MODULE, "sm_90a", ptx=True).decode()
+    for instr in ("cp.async.bulk.tensor.2d", "wgmma.mma_async.sync.aligned.m64n128k16",
+                  "setmaxnreg.inc", "mbarrier.try_wait.parity"):
+        assert instr in ptx, instr
+    assert "wgmma" not in compiler.compile_module(ap.SM90_MODULE, "sm_80", ptx=True).decode()
 
 
 def test_compile_error_is_reported(tmp_path, monkeypatch):

@@ -225,11 +225,13 @@ def test_paged_attention(K, dtype, d, bs, hq, hkv, case, force, window):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("variant", sorted(ap.PREFILL_WARPS))
+@pytest.mark.parametrize("variant", sorted(ap.PREFILL_WARPS) + [ap.SM90_VARIANT])
 @pytest.mark.parametrize("hq,hkv,pack", [(32, 8, 1), (32, 8, 4), (8, 2, 2), (12, 4, 3)])
 @pytest.mark.parametrize("window", [0, 100])
 def test_prefill_variants(K, dtype, d, variant, hq, hkv, pack, window):
     """Every prefill kernel variant and head packing on every batch shape (block size 16)."""
+    if variant == ap.SM90_VARIANT and K.arch != "sm_90a":
+        pytest.skip(f"the sm90 prefill kernel needs an sm_90a device, not {K.arch}")
     for case, (lens, ctx) in enumerate(CASES + [([300, 7, 1], [300, 900, 2])]):
         q, k, v, starts, cl, tables, cache = make_batch(lens, ctx, hq, hkv, d, 16, dtype)
         ref, ref_cache = ref_attention(q, k, v, starts, cl, tables, cache, 0.1, window)
@@ -238,6 +240,31 @@ def test_prefill_variants(K, dtype, d, variant, hq, hkv, pack, window):
         torch.cuda.synchronize()
         assert torch.equal(cache, ref_cache), case
         close(out, ref, "attn")
+
+
+@pytest.mark.parametrize("variant", ["w8s", ap.SM90_VARIANT])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("bs", [16, 64])
+def test_prefill_ignores_nan_past_the_context(K, variant, d, bs):
+    """Pool rows that no sequence's context covers (the rest of its last block, and blocks
+    no table names) hold NaN: no prefill kernel may let them reach the output (0 * NaN in
+    P V), whichever key tile they fall in."""
+    if variant == ap.SM90_VARIANT and K.arch != "sm_90a":
+        pytest.skip(f"the sm90 prefill kernel needs an sm_90a device, not {K.arch}")
+    lens, ctx = [5, 1, 70, 1, 130, 3], [5, 40, 70, 1000, 200, 129]
+    q, k, v, starts, cl, tables, cache = make_batch(lens, ctx, 8, 2, d, bs, torch.bfloat16)
+    used, tab = torch.zeros(cache.shape[1], bs, dtype=torch.bool), tables.cpu()
+    for s, c in enumerate(ctx):
+        for p in range(c):
+            used[tab[s, p // bs], p % bs] = True
+    cache.permute(0, 1, 3, 2, 4)[:, ~used.to(cache.device)] = float("nan")
+    ref, ref_cache = ref_attention(q, k, v, starts, cl, tables, cache, 0.1)
+    out = K.paged_attention(q, k, v, starts, cl, tables, cache, 0.1, force="prefill",
+                            variant=variant)
+    torch.cuda.synchronize()
+    assert K.last_plan.main.kernel.endswith(variant)
+    assert not out.isnan().any()
+    close(out, ref, "attn")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

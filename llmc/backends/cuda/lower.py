@@ -76,7 +76,7 @@ from llmc.dtypes import ONNX_TYPES, np_dtype
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
 from llmc.plugins import launch_rules as lr
-from llmc.plugins.attention_plan import attention_module
+from llmc.plugins.attention_plan import SM90_MODULE, attention_module
 
 DTYPES = ("float16", "bfloat16")
 MODULES = ("norm", "activation", "gemv", "rope", "paged_attention", "glue", "sampling")
@@ -225,8 +225,12 @@ class Lowering:
         attention = sorted({attention_module(op.attrs["softcap"], "kv_scale" in op.attrs)
                             for op in self.ops if op.op == "attention"} - set(MODULES))
         moe = any(op.op == "moe" for op in self.ops)
+        # sm_90a's prefill kernel (TMA + wgmma) serves the 16-bit pools without a soft-cap
+        sm90 = self.arch == "sm_90a" and any(
+            not op.attrs["softcap"] and "kv_scale" not in op.attrs
+            for op in self.ops if op.op == "attention")
         modules = list(MODULES) + (["qgemv"] if quant else []) + attention + \
-            (["moe"] if moe else [])
+            (["moe"] if moe else []) + ([SM90_MODULE] if sm90 else [])
         return Plan(self.arch, self.dtype, modules, self.values, self.ops, arena,
                     weights_end, logits, len(attn))
 
