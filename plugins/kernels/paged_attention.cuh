@@ -47,6 +47,13 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
   }
 }
 
+// 2^x on the special-function unit (what exp2f becomes, without its denormal handling).
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Tiles of rows x D halfs, 16-byte chunks XOR-swizzled by row so ldmatrix is conflict-free.
 template <int D> __device__ __forceinline__ int swz(int r, int c) {
   return (r * (D / 8) + (c ^ (r & 7))) * 8;
@@ -115,6 +122,8 @@ __device__ __forceinline__ void softmax_scores(float (*s)[4], float* m, float* l
                                                int wv, bool mask = true, float cap_in = 0.f,
                                                float cap_out = 0.f) {
   const int lane = threadIdx.x & 31;
+  // Without a cap the max is taken on the raw scores and the scale goes into the exponent's
+  // FMA (one multiply an element fewer; the scale is positive, so the max is the same).
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int nb = 0; nb < NB; ++nb)
@@ -124,17 +133,18 @@ __device__ __forceinline__ void softmax_scores(float (*s)[4], float* m, float* l
       const bool ok = (unsigned)((e < 2 ? lim0 : lim1) - kc) < (unsigned)wv;
       float v;
       if constexpr (CAP) v = !mask || ok ? cap_out * tanhf(s[nb][e] * cap_in) : -INFINITY;
-      else v = !mask || ok ? s[nb][e] * scale_log2 : -INFINITY;
+      else v = !mask || ok ? s[nb][e] : -INFINITY;
       s[nb][e] = v;
       mx[e >> 1] = fmaxf(mx[e >> 1], v);
     }
+  const float k = CAP ? 1.f : scale_log2;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    const float mn = fmaxf(m[r], mx[r]);
+    const float mn = fmaxf(m[r], mx[r] * k);
     const float base = mn == -INFINITY ? 0.f : mn;  // a fully masked row must not make NaN
-    alpha[r] = exp2f(m[r] - base);
+    alpha[r] = ex2(m[r] - base);
     m[r] = mn;
     mx[r] = base;
     l[r] *= alpha[r];
@@ -143,15 +153,17 @@ __device__ __forceinline__ void softmax_scores(float (*s)[4], float* m, float* l
   for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float p = exp2f(s[nb][e] - mx[e >> 1]);
+      const float p = ex2(fmaf(s[nb][e], k, -mx[e >> 1]));
       s[nb][e] = p;
       l[e >> 1] += p;
     }
 }
 
-// O rows (g and g + 8 of the warp's 16) times their softmax factors.
+// O rows (g and g + 8 of the warp's 16) times their softmax factors; skipped while no row's
+// max moved (most key tiles after the first few).
 template <int D>
 __device__ __forceinline__ void rescale_o(float (*o)[4], const float* alpha) {
+  if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) {
     o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1];
