@@ -303,6 +303,12 @@ def main() -> None:
                      f"tokens in one step {prefill_rate(session, 2048):.0f} tok/s, time to "
                      f"first token (512-token prompt) "
                      f"{1e3 * time_to_first_token(session, engine.header):.1f} ms")
+        if session.sm90_attention:   # the same prefill on the mma.sync attention kernel
+            session.sm90_attention = False
+            extra.append(f"{quant}, prefill attention on the mma.sync kernel instead of the "
+                         f"sm_90a one: {prefill_rate(session, 2048):.0f} tok/s, time to first "
+                         f"token {1e3 * time_to_first_token(session, engine.header):.1f} ms")
+            session.sm90_attention = True
         for context in args.contexts:
             for batch in args.batches:
                 r = decode_rate(session, batch, context)

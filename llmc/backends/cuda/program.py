@@ -30,6 +30,7 @@ class Step:
     num_blocks: int      # the KV pools' blocks (scratch block included)
     sm_count: int
     max_smem: int
+    sm90: bool = False   # prefill attention may take the sm_90a kernel (the engine holds it)
 
 
 def gemm_key(op: Op) -> tuple:
@@ -200,7 +201,7 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
             att = ap.attention_plan(t, b, a["hq"], a["hkv"], a["d"], width, a["block_size"],
                                     dt, s.sm_count, write_kv=False, max_smem=s.max_smem,
                                     window=a["window"], softcap=a.get("softcap", 0.0),
-                                    e4m3="kv_scale" in a, sm90=plan.arch == "sm_90a")
+                                    e4m3="kv_scale" in a, sm90=s.sm90)
             lse = ap.workspace_lse_offset(att, t, a["hq"], a["d"])
             dims = dict(tokens=t, batch=b, hq=a["hq"], hkv=a["hkv"], d=a["d"],
                         max_blocks=width, block_size=a["block_size"], num_blocks=s.num_blocks)

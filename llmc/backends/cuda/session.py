@@ -37,6 +37,7 @@ from llmc.backends.cuda.program import (
 from llmc.devices import CudaError, check, device_max_smem, list_gpus
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
+from llmc.plugins.attention_plan import SM90_MODULE
 
 GEMM_WORKSPACE = 32 << 20
 FP8 = "float8e4m3fn"
@@ -145,6 +146,9 @@ class CudaSession:
                                                for m in plan.modules})
         self.sm_count = self.gpu.sm_count
         self.max_smem = device_max_smem(self.gpu.index)
+        # Prefill steps take Hopper's TMA + wgmma attention where the engine holds it
+        # (sm_90a engines built since it exists); False runs the mma.sync kernel instead.
+        self.sm90_attention = SM90_MODULE in plan.modules
         weights = engine.section(WEIGHTS)
         self.weights = self.mem.alloc(weights.size, "the weights")
         check(driver.cuMemcpyHtoD(self.weights, weights.ctypes.data, weights.size))
@@ -471,7 +475,8 @@ class CudaSession:
         stream = self.stream
         kernels = self.functions
         for item in launches(self.plan, Step(t, b, width, self.num_blocks, self.sm_count,
-                                             self.max_smem), self._pointers):
+                                             self.max_smem, self.sm90_attention),
+                             self._pointers):
             if item[0] == "gemm":
                 _, key, (x, w, y, m, bias, *scales) = item
                 if scales:      # FP8: x_scale * w_scale per channel, ones per token

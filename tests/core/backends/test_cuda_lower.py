@@ -22,6 +22,7 @@ from llmc.build import BuildOptions, build
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
+from llmc.plugins.attention_plan import SM90_MODULE
 
 pytest.importorskip("cuda.bindings.nvrtc", reason="the kernels extra (NVRTC) is not installed")
 
@@ -86,9 +87,11 @@ def test_every_variant_lowers(tiny_models_d64, tmp_path, arch):
         assert head.op == "gemm" and head.attrs["out_dtype"] == "float32"
         assert head.attrs.get("transposed", False) != model.config.tie_word_embeddings
         assert plan.arch == arch and engine.header.lowering["gpu_arch"] == arch
-        # the soft-capped attention kernels: a module of their own, for Gemma 2 only
-        assert plan.modules == list(MODULES) + (["paged_attention_softcap"]
-                                                if kind == "gemma2-softcap" else [])
+        # the soft-capped attention kernels: a module of their own, for Gemma 2 only; Hopper's
+        # prefill kernel (16-bit pools without a soft-cap) for sm_90a only
+        assert plan.modules == list(MODULES) + (
+            ["paged_attention_softcap"] if kind == "gemma2-softcap" else []) + (
+            [SM90_MODULE] if arch == "sm_90a" and kind != "gemma2-softcap" else [])
         for module in plan.modules:
             cubin = engine.section(cubin_section(module))
             assert bytes(cubin[:4]) == b"\x7fELF", f"{module} for {arch} is not a cubin"
@@ -396,7 +399,7 @@ def test_mixture_of_experts_lowers_to_one_moe_op(tiny_models_d64, tmp_path, kind
     plan = _plan(engine)
     check_plan(plan)
     moes = [o for o in plan.ops if o.op == "moe"]
-    assert len(moes) == len(sparse) and plan.modules == list(MODULES) + ["moe"]
+    assert len(moes) == len(sparse) and plan.modules == list(MODULES) + ["moe", SM90_MODULE]
     assert {o.op for o in plan.ops} <= {"embedding", "rmsnorm", "add_rmsnorm", "gemm",
                                         "rope_cache", "attention", "moe", "swiglu2", "add",
                                         "gather_rows"}
