@@ -18,6 +18,7 @@ No other module spells these names: they import them from here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, Sequence
 
@@ -245,6 +246,17 @@ def pack_step(chunks: Sequence[Chunk], block_size: int) -> dict[str, np.ndarray]
     return pack_arrays(ids, counts, first, tables, block_size)
 
 
+@functools.lru_cache(maxsize=16)
+def _one_token_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`seq_starts` and `last_token_rows` of a step of n one-token sequences: 0..n and
+    0..n-1. Every decode step of a batch of n has these, so they are made once (read-only,
+    since every such step shares them): cold after a model step, an `arange` costs several
+    microseconds of a decode step's ~200 of host time."""
+    starts = np.arange(n + 1, dtype=np.int32)
+    starts.flags.writeable = False
+    return starts, starts[:-1]
+
+
 def pack_arrays(ids: np.ndarray, counts: np.ndarray, first: np.ndarray, tables: np.ndarray,
                 block_size: int, *, ctx: np.ndarray | None = None,
                 longest: int | None = None) -> dict[str, np.ndarray]:
@@ -256,12 +268,14 @@ def pack_arrays(ids: np.ndarray, counts: np.ndarray, first: np.ndarray, tables: 
     Unused table entries must be valid block ids (0, say): the kernels and the graph never
     read past a sequence's context length. A caller that already has the context lengths
     (`ctx`, first + counts) and their maximum (`longest`) passes them: a decode step's host
-    time is mostly the fixed cost of such small numpy calls."""
+    time is mostly the fixed cost of such small numpy calls. The arrays returned are the
+    step's to read: a decode step's `seq_starts` and `last_token_rows` are shared by every
+    step of its batch size (read-only), and the tables may be the caller's own."""
     if ctx is None:
         ctx = first + counts
     if ids.size == counts.size:   # one token a sequence (a decode step): fewer numpy calls,
-        starts = np.arange(len(counts) + 1, dtype=np.int32)    # each costs microseconds
-        positions, last_rows = first, starts[:-1]
+        starts, last_rows = _one_token_rows(len(counts))       # each costs microseconds
+        positions = first
     else:
         starts = np.zeros(len(counts) + 1, np.int32)
         np.cumsum(counts, out=starts[1:])

@@ -185,11 +185,11 @@ class LLMEngine:
         if plan.arrays is not None:
             rows, first, counts = plan.arrays
             if plan.last_tokens is not None:   # a decode step the scheduler kept the tokens of
-                longest = plan.longest   # kept from step to step: no maximum to take
-                return contract.pack_arrays(plan.last_tokens, counts, first,
-                                            self.kv.block_tables(rows, longest),
+                # and the tables and longest context of (from step to step: no gather, no
+                # maximum to take)
+                return contract.pack_arrays(plan.last_tokens, counts, first, plan.tables,
                                             self.block_size, ctx=plan.context_lens,
-                                            longest=longest)
+                                            longest=plan.longest)
             if len(plan.scheduled) == int(counts.sum()):   # one token each: the last one
                 outputs = list(map(_OUTPUT, map(_REQUEST, plan.scheduled)))
                 if all(outputs):

@@ -80,6 +80,8 @@ def _check(sched: Scheduler, plan, limits: BuildLimits, pool: BlockPool) -> None
             assert new.tolist() == [1] * len(reqs)
             contexts = [r.num_computed_tokens + 1 for r in reqs]
             assert plan.context_lens.tolist() == contexts and plan.longest == max(contexts)
+            # the kept tables (written by allocate_running, not gathered): the manager's
+            assert plan.tables.tolist() == sched.kv.block_tables(rows, plan.longest).tolist()
     kv = sched.kv
     for req in sched.running:   # each hash chain is hash_block over the request's tokens
         chain, parent = kv._hashes.get(req.request_id, []), None
