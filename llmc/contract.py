@@ -257,6 +257,18 @@ def _one_token_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, starts[:-1]
 
 
+def pack_decode(ids: np.ndarray, positions: np.ndarray, ctx: np.ndarray,
+                tables: np.ndarray) -> dict[str, np.ndarray]:
+    """`pack_arrays` of a decode step (one token a sequence: `ids`, at `positions`, context
+    lengths `ctx` = positions + 1) from arrays already as the step takes them: int32 [B],
+    and `tables` int32 [B, ceil(max(ctx) / block_size)], C-contiguous. They go in as they
+    are, unchecked: a decode step's host time is mostly the cost of small calls, each a
+    cache miss or more after a model step."""
+    starts, last_rows = _one_token_rows(len(ids))
+    return {INPUT_IDS: ids, POSITION_IDS: positions, SEQ_STARTS: starts, CONTEXT_LENS: ctx,
+            BLOCK_TABLES: tables, LAST_TOKEN_ROWS: last_rows}
+
+
 def pack_arrays(ids: np.ndarray, counts: np.ndarray, first: np.ndarray, tables: np.ndarray,
                 block_size: int, *, ctx: np.ndarray | None = None,
                 longest: int | None = None) -> dict[str, np.ndarray]:

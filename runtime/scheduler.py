@@ -31,7 +31,7 @@ _COMPUTED = attrgetter("num_computed_tokens")
 RING = np.dtype("<i4")   # the bytes `hash_block` packs a token into
 
 
-@dataclass
+@dataclass(slots=True)   # (no instance dict: made every step)
 class StepPlan:
     """The requests of one step, each with the number of new tokens it computes."""
 
@@ -195,10 +195,10 @@ class Scheduler:
         budget = self._running_at_once(plan) if self.running else None
         if budget is None:
             budget = self._running_each(plan)
-        if plan.preempted:   # no admissions in a step that had to preempt
+        if plan.preempted or not self.waiting:   # no admissions in a step that had to preempt
             return plan
         self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
-        if self.waiting and isinstance(plan.scheduled, tuple):   # the kept decode list
+        if isinstance(plan.scheduled, tuple):   # the kept decode list
             plan.scheduled = list(plan.scheduled)
         while self.waiting and budget and len(self.running) < self.limits.max_batch_size:
             req = self.waiting[0]
