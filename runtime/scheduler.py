@@ -202,7 +202,8 @@ class Scheduler:
         budget = self._running_at_once(plan) if self.running else None
         if budget is None:
             budget = self._running_each(plan)
-        if plan.preempted or not self.waiting:   # no admissions in a step that had to preempt
+        # No admissions in a step that had to preempt (nor any with nothing waiting).
+        if plan.preempted or not self.waiting:
             return plan
         self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
         if isinstance(plan.scheduled, tuple):   # the kept decode list
@@ -268,8 +269,13 @@ class Scheduler:
                            n > 0 and rows.min() >= 0)
         rows, rows_l, prompt_lens, usable = self._fixed
         known, self._next = self._next, None   # only a commit of this step sets it again
-        table, self._table = self._table, None   # only a decode plan of this path keeps it
-        ahead, self._ahead = self._ahead, None   # (and this)
+        # Only a decode plan of this path keeps these, and only a step from its commit
+        # takes them: the step after one not committed reads the requests, and its new
+        # blocks may lie past the kept tables' width.
+        table, self._table = self._table, None
+        ahead, self._ahead = self._ahead, None
+        if known is None:
+            table = ahead = None
         if not usable:
             return None
         if known is not None:   # the last step computed every token and sampled one more
