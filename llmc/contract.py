@@ -18,6 +18,7 @@ No other module spells these names: they import them from here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, Sequence
 
@@ -245,6 +246,29 @@ def pack_step(chunks: Sequence[Chunk], block_size: int) -> dict[str, np.ndarray]
     return pack_arrays(ids, counts, first, tables, block_size)
 
 
+@functools.lru_cache(maxsize=16)
+def _one_token_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """`seq_starts` and `last_token_rows` of a step of n one-token sequences: 0..n and
+    0..n-1. Every decode step of a batch of n has these, so they are made once (read-only,
+    since every such step shares them): cold after a model step, an `arange` costs several
+    microseconds of a decode step's ~200 of host time."""
+    starts = np.arange(n + 1, dtype=np.int32)
+    starts.flags.writeable = False
+    return starts, starts[:-1]
+
+
+def pack_decode(ids: np.ndarray, positions: np.ndarray, ctx: np.ndarray,
+                tables: np.ndarray) -> dict[str, np.ndarray]:
+    """`pack_arrays` of a decode step (one token a sequence: `ids`, at `positions`, context
+    lengths `ctx` = positions + 1) from arrays already as the step takes them: int32 [B],
+    and `tables` int32 [B, ceil(max(ctx) / block_size)], C-contiguous. They go in as they
+    are, unchecked: a decode step's host time is mostly the cost of small calls, each a
+    cache miss or more after a model step."""
+    starts, last_rows = _one_token_rows(len(ids))
+    return {INPUT_IDS: ids, POSITION_IDS: positions, SEQ_STARTS: starts, CONTEXT_LENS: ctx,
+            BLOCK_TABLES: tables, LAST_TOKEN_ROWS: last_rows}
+
+
 def pack_arrays(ids: np.ndarray, counts: np.ndarray, first: np.ndarray, tables: np.ndarray,
                 block_size: int, *, ctx: np.ndarray | None = None,
                 longest: int | None = None) -> dict[str, np.ndarray]:
@@ -256,12 +280,14 @@ def pack_arrays(ids: np.ndarray, counts: np.ndarray, first: np.ndarray, tables: 
     Unused table entries must be valid block ids (0, say): the kernels and the graph never
     read past a sequence's context length. A caller that already has the context lengths
     (`ctx`, first + counts) and their maximum (`longest`) passes them: a decode step's host
-    time is mostly the fixed cost of such small numpy calls."""
+    time is mostly the fixed cost of such small numpy calls. The arrays returned are the
+    step's to read: a decode step's `seq_starts` and `last_token_rows` are shared by every
+    step of its batch size (read-only), and the tables may be the caller's own."""
     if ctx is None:
         ctx = first + counts
     if ids.size == counts.size:   # one token a sequence (a decode step): fewer numpy calls,
-        starts = np.arange(len(counts) + 1, dtype=np.int32)    # each costs microseconds
-        positions, last_rows = first, starts[:-1]
+        starts, last_rows = _one_token_rows(len(counts))       # each costs microseconds
+        positions = first
     else:
         starts = np.zeros(len(counts) + 1, np.int32)
         np.cumsum(counts, out=starts[1:])

@@ -184,12 +184,10 @@ class LLMEngine:
         read of each request's last token."""
         if plan.arrays is not None:
             rows, first, counts = plan.arrays
-            if plan.last_tokens is not None:   # a decode step the scheduler kept the tokens of
-                longest = plan.longest   # kept from step to step: no maximum to take
-                return contract.pack_arrays(plan.last_tokens, counts, first,
-                                            self.kv.block_tables(rows, longest),
-                                            self.block_size, ctx=plan.context_lens,
-                                            longest=longest)
+            if plan.last_tokens is not None:   # a decode step the scheduler kept the tokens,
+                # contexts and tables of, from step to step, as the session takes them
+                return contract.pack_decode(plan.last_tokens, first, plan.context_lens,
+                                            plan.tables)
             if len(plan.scheduled) == int(counts.sum()):   # one token each: the last one
                 outputs = list(map(_OUTPUT, map(_REQUEST, plan.scheduled)))
                 if all(outputs):

@@ -44,11 +44,20 @@ def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
 def hash_packed(parent_hash: bytes | None, body: bytes) -> bytes:
     """`hash_block` of tokens already packed by `int32s` (a caller hashing many blocks of one
     size keeps the packer)."""
-    head = ROOT if parent_hash is None else CHILD + parent_hash
-    return blake2b(head + body, digest_size=16).digest()
+    if parent_hash is None:
+        h = _ROOT_STATE.copy()
+    else:
+        h = CHILD_STATE.copy()
+        h.update(parent_hash)
+    h.update(body)
+    return h.digest()
 
 
 ROOT, CHILD = b"\x00", b"\x01"   # what precedes a block's tokens: nothing, or its parent
+# BLAKE2b states that have hashed the marker byte: a copy of one is cheaper than a new
+# state (no keyword arguments to parse, no parameter block to set up): a quarter to a
+# third of the cost of hashing a block of 16 tokens. Only ever copied, never updated.
+_ROOT_STATE, CHILD_STATE = blake2b(ROOT, digest_size=16), blake2b(CHILD, digest_size=16)
 
 
 @functools.cache

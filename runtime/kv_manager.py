@@ -16,14 +16,12 @@ a block in the same step reads the rows written in that step.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from hashlib import blake2b
 from typing import Protocol
 
 import numpy as np
 
 from llmc.runtime.kv_cache import (
-    CHILD,
-    ROOT,
+    CHILD_STATE,
     BlockPool,
     KVBlock,
     blocks_needed,
@@ -153,13 +151,14 @@ class KVCacheManager:
         return self.tables.array[rows, :self.num_blocks_needed(num_tokens)]
 
     def until_of(self, rows: np.ndarray) -> np.ndarray:
-        """int64 [len(rows)]: `tables.until` of these rows (`rows_of` rows: requests that
+        """int32 [len(rows)]: `tables.until` of these rows (`rows_of` rows: requests that
         hold blocks). Where num_tokens[i] <= until_of(rows)[i], allocate_slots up to
         num_tokens[i] tokens would change nothing: the request already holds the blocks for
         them and none of them fills a block not yet cached. The scheduler keeps these for
         its running requests, and tests a decode step with one vector comparison, updating
         them from what `allocate_running` returns."""
-        return np.fromiter(map(self.tables.until.__getitem__, rows.tolist()), np.int64,
+        # int32, as the scheduler's token counts are: a comparison of one type is cheaper
+        return np.fromiter(map(self.tables.until.__getitem__, rows.tolist()), np.int32,
                            len(rows))
 
     def get_computed_blocks(self, request: KVRequest) -> tuple[list[KVBlock], int]:
@@ -222,7 +221,9 @@ class KVCacheManager:
 
     def allocate_running(self, requests: Sequence[KVRequest], rows: Sequence[int],
                          num_tokens: Sequence[int] | None,
-                         recent: bytes | None = None) -> list[int] | None:
+                         recent: bytes | None = None,
+                         into: tuple[np.ndarray, Sequence[int]] | None = None
+                         ) -> list[int] | None:
         """allocate_slots(requests[i], num_tokens[i] - requests[i].num_computed_tokens) for
         each request in order, in one call, for requests that hold blocks (`rows`, their
         `rows_of` rows), bring no cached prefix and have num_tokens[i] tokens (all of them
@@ -233,10 +234,12 @@ class KVCacheManager:
         `num_tokens` are lists or int arrays; num_tokens None means one token more than
         each request's `until` (a decode step's requests that `until_of` says need the
         manager, when each had at most `until` tokens the step before). `recent`, when the
-        caller keeps them: each
-        request's last block_size tokens (num_tokens[i] - block_size ..), packed as
-        `hash_block` packs them, 4 * block_size bytes a request in order; a block ending at
-        num_tokens[i] is then hashed from there, not read from the request.
+        caller keeps them: each request's last block_size tokens (num_tokens[i] - block_size
+        ..), packed as `hash_block` packs them, 4 * block_size bytes a request in order; a
+        block ending at num_tokens[i] is then hashed from there, not read from the request.
+        `into`, (table, at): the caller's own copy of these requests' block tables (the
+        scheduler keeps one for decode steps, in batch order), wide enough for their new
+        blocks: each new block id also goes to table[at[i], its column] for requests[i].
 
         Built for a decode step, where one request in block_size opens a block and as many
         fill one: the free queue is popped once for all of them, in the requests' order, and
@@ -256,9 +259,7 @@ class KVCacheManager:
             totals = [until_l[row] + 1 for row in rows_l]
         else:
             totals = num_tokens.tolist() if isinstance(num_tokens, np.ndarray) else num_tokens
-        helds: list[int] = []
-        cacheds: list[int] = []
-        untils: list[int] = []
+        counts: list[tuple[int, int, int, int]] = []   # (row, held, cached, until) each
         # The new blocks' owners and table cells, in the order the pops hand them out.
         owner: list[int] = []
         cell_rows: list[int] = []
@@ -282,6 +283,7 @@ class KVCacheManager:
                     cell_rows += [row] * (want - held)
                     cell_cols += range(held, want)
                 held = want
+            until = held * bs   # _until, inlined (no `min` call: a few dozen a step)
             if caching:
                 stop = total // bs
                 if stop > cached:
@@ -291,11 +293,9 @@ class KVCacheManager:
                     given.append(recent[i * width:(i + 1) * width]
                                  if recent is not None and stop * bs == total else None)
                     cached = stop
-                untils.append(min(held * bs, cached * bs + (bs - 1)))   # _until
-            else:
-                untils.append(held * bs)
-            helds.append(held)
-            cacheds.append(cached)
+                if cached * bs + (bs - 1) < until:
+                    until = cached * bs + (bs - 1)
+            counts.append((row, held, cached, until))
         num_new = len(owner)
         if num_new > pool.num_free_blocks:
             return None   # nothing written yet
@@ -304,21 +304,29 @@ class KVCacheManager:
             new = pool.get_new_blocks(num_new, evicted)
             tables._widen(max(cell_cols) + 1)
             array, last = tables.array, tables.last
+            ids = [b.block_id for b in new]
             if num_new <= 32:   # cell by cell: cheaper than making three index arrays
-                for row, col, block in zip(cell_rows, cell_cols, new):
-                    array[row, col] = last[row] = block.block_id
+                for row, col, block in zip(cell_rows, cell_cols, ids):
+                    array[row, col] = last[row] = block
+                if into is not None:
+                    table, at = into
+                    for i, col, block in zip(owner, cell_cols, ids):
+                        table[at[i], col] = block
             else:
-                array[cell_rows, cell_cols] = [b.block_id for b in new]
-                for row, block in zip(cell_rows, new):   # a row's cells come in order
-                    last[row] = block.block_id
+                array[cell_rows, cell_cols] = ids
+                for row, block in zip(cell_rows, ids):   # a row's cells come in order
+                    last[row] = block
+                if into is not None:
+                    table, at = into
+                    table[[at[i] for i in owner], cell_cols] = ids
             if evicted:
                 evicted = {h: owner[j] for h, j in evicted.items()}
         if fills:
             self._offer(requests, rows_l, fills, evicted, given if decode else None)
         until_l = tables.until
-        for row, held, cached, until in zip(rows_l, helds, cacheds, untils):
+        for row, held, cached, until in counts:
             held_l[row], cached_l[row], until_l[row] = held, cached, until
-        return untils
+        return [c[3] for c in counts]
 
     def _offer(self, requests: Sequence[KVRequest], rows: list[int],
                fills: list[tuple[int, int, int]], evicted: dict[bytes, int],
@@ -326,25 +334,38 @@ class KVCacheManager:
         """allocate_running's cache offers: for each (i, start, stop) of `fills`, in order,
         requests[i] (its table row rows[i]) offers its blocks start..stop-1. `decode`, when
         each offers one block, its last: each one's bytes where known, else None. Hashes do
-        not depend on the cache, so the step's are computed together; the offers then go to
-        the pool in one call, in order."""
-        array, pool_blocks = self.tables.array, self.pool.blocks
-        if decode is not None:
-            # One block each, the row's last, its hash the next link of the request's chain.
-            last = self.tables.last
-            blocks = [pool_blocks[last[rows[i]]] for i, _, _ in fills]
-            hashes = self._block_hashes([requests[i] for i, _, _ in fills],
-                                        [start for _, start, _ in fills], decode)
-            if evicted:   # a hash a later request evicts is held by a free block now
-                keep = [j for j, ((i, _, _), h) in enumerate(zip(fills, hashes))
-                        if evicted.get(h, -1) <= i]
-                blocks, hashes = [blocks[j] for j in keep], [hashes[j] for j in keep]
-            self.pool.cache_full_blocks(blocks, hashes)
-            return
-        chains = self._hash_chains([requests[i] for i, _, _ in fills],
-                                   [stop for _, _, stop in fills])
+        not depend on the cache, so the step's are computed first; the offers then go to
+        the pool in one call, in order. A hash that a later request's pop evicted is held by
+        a free block now: that offer is dropped (see allocate_running)."""
+        pool_blocks = self.pool.blocks
         blocks = []
         hashes = []
+        if decode is not None:
+            # One block each, the row's last, its hash the next link of the request's chain:
+            # one pass, one BLAKE2b each (what `hash_packed` computes), no list a stage.
+            size, chains, last = self.block_size, self._hashes, self.tables.last
+            pack, child = int32s(size).pack, CHILD_STATE.copy
+            for (i, start, _), body in zip(fills, decode):
+                request = requests[i]
+                chain = chains.get(request.request_id)
+                if chain and len(chain) == start:   # the chain lacks just this block
+                    if body is None:
+                        body = pack(*_read(request, start * size, size))
+                    h = child()
+                    h.update(chain[-1])
+                    h.update(body)
+                    h = h.digest()
+                    chain.append(h)
+                else:   # its first block, or a chain that lacks more or has it already
+                    h = self._hash_chain(request, start + 1)[start]
+                if not evicted or evicted.get(h, -1) <= i:
+                    blocks.append(pool_blocks[last[rows[i]]])
+                    hashes.append(h)
+            self.pool.cache_full_blocks(blocks, hashes)
+            return
+        array = self.tables.array
+        chains = self._hash_chains([requests[i] for i, _, _ in fills],
+                                   [stop for _, _, stop in fills])
         for (i, start, stop), chain in zip(fills, chains):
             ids = array[rows[i], start:stop].tolist()
             offered = chain[start:stop]
@@ -414,66 +435,19 @@ class KVCacheManager:
             if chain is None:
                 chain = chains[request.request_id] = []
             if len(chain) < n:
-                # A Request reads a span without building the whole sequence's view.
-                read = getattr(request, "tokens", None)
-                if read is None:
-                    read = _span_reader(request.all_token_ids)
                 parent = chain[-1] if chain else None
                 for i in range(len(chain), n):
-                    block = read(i * size, size)
-                    if len(block) != size:   # only full blocks have a hash
-                        raise ValueError(f"request {request.request_id!r} has no block {i} "
-                                         "yet")
-                    parent = hash_packed(parent, pack(*block))
+                    parent = hash_packed(parent, pack(*_read(request, i * size, size)))
                     chain.append(parent)
             out.append(chain)
         return out
 
 
-    def _block_hashes(self, requests: Sequence[KVRequest], blocks: list[int],
-                      given: Sequence[bytes | None] | None = None) -> list[bytes]:
-        """The hash of block blocks[k] (a full one) of each requests[k], as `_hash_chain`
-        gives it; given[k], if not None, is that block's tokens packed as `hash_block`
-        packs them. Built for a decode step, where each chain lacks just that block: the
-        tokens not given are read into one list and packed in one call, and each hash is one
-        BLAKE2b of its parent's and its bytes (what `hash_packed` computes). A chain that
-        lacks more, or has it already, goes the general way."""
-        size, chains = self.block_size, self._hashes
-        out: list = [None] * len(requests)
-        todo: list[tuple[int, list[bytes], bytes | None]] = []   # one link missing
-        tokens: list[int] = []   # of the blocks not given
-        for k, (request, i) in enumerate(zip(requests, blocks)):
-            chain = chains.get(request.request_id)
-            have = 0 if chain is None else len(chain)
-            if have > i:
-                out[k] = chain[i]
-                continue
-            if have < i:
-                out[k] = self._hash_chain(request, i + 1)[i]
-                continue
-            if chain is None:
-                chain = chains[request.request_id] = []
-            body = None if given is None else given[k]
-            if body is None:
-                read = getattr(request, "tokens", None)   # see _hash_chains
-                block = (read(i * size, size) if read is not None
-                         else request.all_token_ids[i * size:(i + 1) * size])
-                if len(block) != size:   # only full blocks have a hash
-                    raise ValueError(f"request {request.request_id!r} has no block {i} yet")
-                tokens += block
-            todo.append((k, chain, body))
-        if todo:
-            packed = int32s(len(tokens)).pack(*tokens)
-            width, at = 4 * size, 0
-            for k, chain, body in todo:
-                if body is None:
-                    body, at = packed[at:at + width], at + width
-                head = CHILD + chain[-1] if chain else ROOT
-                h = blake2b(head + body, digest_size=16).digest()
-                chain.append(h)
-                out[k] = h
-        return out
-
-
-def _span_reader(tokens: Sequence[int]):
-    return lambda start, n: tokens[start:start + n]
+def _read(request: KVRequest, start: int, n: int) -> Sequence[int]:
+    """Tokens start..start+n of a request, which must have them all (a full block): a
+    `Request` reads a span without building the whole sequence's view."""
+    read = getattr(request, "tokens", None)
+    block = read(start, n) if read is not None else request.all_token_ids[start:start + n]
+    if len(block) != n:   # only full blocks have a hash
+        raise ValueError(f"request {request.request_id!r} has no block {start // n} yet")
+    return block

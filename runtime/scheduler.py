@@ -29,9 +29,11 @@ _PROMPT = attrgetter("prompt_token_ids")
 _OUTPUT = attrgetter("output_token_ids")
 _COMPUTED = attrgetter("num_computed_tokens")
 RING = np.dtype("<i4")   # the bytes `hash_block` packs a token into
+# Row k: k + 1, for the context lengths of the next decode steps (see `Scheduler._ahead`).
+_AHEAD = np.arange(1, 17, dtype=np.int32)[:, None]
 
 
-@dataclass
+@dataclass(slots=True)   # (no instance dict: made every step)
 class StepPlan:
     """The requests of one step, each with the number of new tokens it computes."""
 
@@ -47,6 +49,9 @@ class StepPlan:
     last_tokens: np.ndarray | None = None
     context_lens: np.ndarray | None = None   # with last_tokens: computed + 1 (int32)
     longest: int | None = None               # with context_lens: their maximum
+    # With context_lens: the step's block tables, int32 [B, ceil(longest / block_size)]: the
+    # scheduler's own copy, which it writes again at its next plan.
+    tables: np.ndarray | None = None
     serial: int = -1   # the scheduler's `_serial` when the plan was made (see `commit`)
 
     @property
@@ -86,6 +91,16 @@ class Scheduler:
         # current one cannot be committed.
         self._serial = 0
         self._decode: tuple[tuple, np.ndarray] | None = None   # (req, 1) each, and 1s
+        # The running requests' block tables in `running` order, as the last decode step
+        # handed them to the session (vLLM v1's persistent block table): the next decode
+        # step has `allocate_running` write its new blocks there too, instead of gathering
+        # 256 rows from the KV manager's tables. None unless the last plan was such a step.
+        self._table: np.ndarray | None = None
+        # The context lengths of the next decode steps, made in one call every len(_AHEAD)
+        # steps (row k: the computed counts then + 1 + k), and the row of the next step: a
+        # step takes its row, a view, where an add of its own would be its first and so
+        # coldest numpy call (~8 us). Kept on the same terms as `_table`.
+        self._ahead: tuple[np.ndarray, int] | None = None
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -115,7 +130,7 @@ class Scheduler:
             if self._next is not None:   # the longest context may have left: recount it
                 computed, last, _ = self._next
                 self._next = (np.delete(computed, i), np.delete(last, i), None)
-            self._decode = None
+            self._decode = self._table = self._ahead = None
         if request in self.waiting:
             self.waiting.remove(request)
         self.kv.free(request)
@@ -177,6 +192,7 @@ class Scheduler:
     def _changed(self) -> None:
         """`running` gained or lost requests other than through `remove`."""
         self._fixed = self._next = self._decode = self._until = self._ring = None
+        self._table = self._ahead = None
         self._recorded = 0
         self._serial += 1
 
@@ -186,10 +202,11 @@ class Scheduler:
         budget = self._running_at_once(plan) if self.running else None
         if budget is None:
             budget = self._running_each(plan)
-        if plan.preempted:   # no admissions in a step that had to preempt
+        # No admissions in a step that had to preempt (nor any with nothing waiting).
+        if plan.preempted or not self.waiting:
             return plan
         self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
-        if self.waiting and isinstance(plan.scheduled, tuple):   # the kept decode list
+        if isinstance(plan.scheduled, tuple):   # the kept decode list
             plan.scheduled = list(plan.scheduled)
         while self.waiting and budget and len(self.running) < self.limits.max_batch_size:
             req = self.waiting[0]
@@ -206,6 +223,7 @@ class Scheduler:
             self._changed()
             plan.scheduled.append((req, n))
             plan.arrays = plan.last_tokens = plan.context_lens = plan.longest = None
+            plan.tables = None
             budget -= n
         return plan
 
@@ -251,13 +269,26 @@ class Scheduler:
                            n > 0 and rows.min() >= 0)
         rows, rows_l, prompt_lens, usable = self._fixed
         known, self._next = self._next, None   # only a commit of this step sets it again
+        # Only a decode plan of this path keeps these, and only a step from its commit
+        # takes them: the step after one not committed reads the requests, and its new
+        # blocks may lie past the kept tables' width.
+        table, self._table = self._table, None
+        ahead, self._ahead = self._ahead, None
+        if known is None:
+            table = ahead = None
         if not usable:
             return None
         if known is not None:   # the last step computed every token and sampled one more
             computed, last, longest = known
-            total = computed + 1
+            # With `ahead` kept, the last plan was a decode step of this path: `computed`,
+            # its context lengths as committed, is the row before ahead[1].
+            if ahead is None or ahead[1] == len(_AHEAD):
+                ahead = (computed + _AHEAD, 0)
+            total = ahead[0][ahead[1]]   # computed + 1
             if longest is None:
                 longest = int(total.max())
+            if table is not None and table.shape[1] != -(-longest // self.kv.block_size):
+                table = None   # the longest context opens a block: gathered wider below
             if self._decode is None:   # the same from step to step, for the same requests
                 self._decode = (tuple(zip(running, [1] * n)), np.ones(n, np.int32))
             scheduled, new = self._decode
@@ -278,8 +309,9 @@ class Scheduler:
         if until is None:
             until = self._until = self.kv.until_of(rows)
         # Those that need a block or fill one: as many numpy calls whatever their number,
-        # then Python lists for the few dozen a decode step brings.
-        need = np.flatnonzero(total > until)
+        # then Python lists for the few dozen a decode step brings. (`nonzero` rather than
+        # `flatnonzero`, which adds a Python call and a `ravel`.)
+        need = (total > until).nonzero()[0]
         if need.size:
             which = need.tolist()
             # After a committed step every request had at most `until` tokens (its last
@@ -288,7 +320,8 @@ class Scheduler:
             untils = self.kv.allocate_running(
                 [running[i] for i in which], [rows_l[i] for i in which],
                 total[need].tolist() if known is None else None,
-                None if known is None else self._recent(need))
+                None if known is None else self._recent(need),
+                None if table is None else (table, which))
             if untils is None:
                 return None
             until[need] = untils
@@ -297,7 +330,10 @@ class Scheduler:
         plan.arrays = (rows, computed, new)
         plan.last_tokens = last
         if last is not None:
-            plan.context_lens, plan.longest = total, longest
+            if table is None:   # gathered after the allocation, so it holds the new blocks
+                table = self.kv.block_tables(rows, longest)
+            plan.context_lens, plan.longest, plan.tables = total, longest, table
+            self._table, self._ahead = table, (ahead[0], ahead[1] + 1)
         plan.serial = self._serial
         return self.limits.max_num_tokens - used
 

@@ -83,6 +83,32 @@ def test_preemption_keeps_every_request_and_its_greedy_output(engine_file):
         0, 0, 0, 12)
 
 
+def test_step_inputs_are_those_of_the_requests(engine_file):
+    """Whatever the engine keeps from step to step (a decode step's tokens, contexts and
+    block tables, packed unchecked), each step's inputs are what `pack_step` makes from the
+    scheduled requests themselves, through joins, finishes and preemptions."""
+    from llmc import contract
+
+    engine = _engine(engine_file, num_kv_blocks=12)
+    build_inputs, kept = engine._inputs, []
+
+    def checked(plan):
+        inputs = build_inputs(plan)
+        chunks = [contract.Chunk(r.tokens(r.num_computed_tokens, n), r.num_computed_tokens,
+                                 engine.kv.block_ids(r)) for r, n in plan.scheduled]
+        want = contract.pack_step(chunks, engine.block_size)
+        assert inputs.keys() == want.keys()
+        for name, array in want.items():
+            assert inputs[name].dtype == np.int32 and inputs[name].tolist() == array.tolist()
+        kept.append(plan.tables is not None)
+        return inputs
+
+    engine._inputs = checked
+    rng = np.random.default_rng(3)
+    _run(engine, _prompts(rng, 8), SamplingParams(max_tokens=30, ignore_eos=True))
+    assert engine.scheduler.num_preemptions > 0 and sum(kept) > 20   # decode steps kept
+
+
 def test_prefix_caching_skips_shared_blocks_and_changes_nothing(engine_file):
     rng = np.random.default_rng(2)
     shared = rng.integers(3, 128, 17).tolist()          # two full blocks of 8, and a bit

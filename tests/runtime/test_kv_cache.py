@@ -417,9 +417,15 @@ def allocate_both_ways(mgr: KVCacheManager, reqs: list[Req]):
     # scheduler that keeps them does: blocks ending there hash from those bytes.
     last = [([0] * BS + list(r.all_token_ids))[-BS:] for r in kept_reqs]
     recent = b"".join(int32s(BS).pack(*t) for t in last)
-    assert kept_mgr.allocate_running(kept_reqs, kept_mgr.rows_of(kept_reqs), totals,
-                                     recent) == untils
+    # And with a copy of the tables to keep up (`into`), its rows in reverse order: the
+    # new blocks land there too.
+    rows = kept_mgr.rows_of(kept_reqs)
+    width = max(kept_mgr.num_blocks_needed(len(r.all_token_ids)) for r in kept_reqs)
+    table = kept_mgr.block_tables(rows[::-1], width * BS)
+    at = list(range(len(reqs)))[::-1]
+    assert kept_mgr.allocate_running(kept_reqs, rows, totals, recent, (table, at)) == untils
     assert running_state(kept_mgr, kept_reqs) == running_state(mgr, reqs)
+    assert table.tolist() == kept_mgr.block_tables(rows[::-1], width * BS).tolist()
     loop_done = all(loop_mgr.allocate_slots(r, len(r.all_token_ids) - r.num_computed_tokens)
                     is not None for r in loop_reqs)
     return (done, loop_done, running_state(*before), running_state(mgr, reqs),
@@ -456,6 +462,28 @@ def test_allocate_running_opens_and_fills_in_request_order():
     done, loop_done, _, after, loop_after = allocate_both_ways(mgr, [b, a])
     assert done and loop_done and after == loop_after
     assert mgr.pool.get_cached_block(h0) is mgr.pool.blocks[1]
+
+
+def test_allocate_running_opens_many_blocks_at_once():
+    """More new blocks than the cell-by-cell writes take (a batch whose requests all open
+    a block in one step): one fancy write each, to the manager's tables and to `into`."""
+    reqs = [Req(f"r{i}", [i % 3 + 1] * (2 * BS)) for i in range(40)]
+    done, loop_done, _, after, loop_after = allocate_both_ways(
+        _admitted(manager(num_blocks=120), reqs), [_grown(r, 1) for r in reqs])
+    assert done and loop_done and after == loop_after
+    assert [len(ids) for ids in after[1]] == [3] * 40   # 40 new blocks, one each
+    assert len({ids[-1] for ids in after[1]}) == 40
+
+
+def _admitted(mgr: KVCacheManager, reqs: list[Req]) -> KVCacheManager:
+    for req in reqs:
+        admit(mgr, req)
+    return mgr
+
+
+def _grown(req: Req, n: int) -> Req:
+    req.all_token_ids += [9] * n
+    return req
 
 
 def test_allocate_running_is_all_or_nothing():

@@ -80,6 +80,8 @@ def _check(sched: Scheduler, plan, limits: BuildLimits, pool: BlockPool) -> None
             assert new.tolist() == [1] * len(reqs)
             contexts = [r.num_computed_tokens + 1 for r in reqs]
             assert plan.context_lens.tolist() == contexts and plan.longest == max(contexts)
+            # the kept tables (written by allocate_running, not gathered): the manager's
+            assert plan.tables.tolist() == sched.kv.block_tables(rows, plan.longest).tolist()
     kv = sched.kv
     for req in sched.running:   # each hash chain is hash_block over the request's tokens
         chain, parent = kv._hashes.get(req.request_id, []), None
@@ -100,7 +102,8 @@ def _check(sched: Scheduler, plan, limits: BuildLimits, pool: BlockPool) -> None
 requests = st.lists(st.tuples(st.lists(st.integers(1, 3), min_size=4, max_size=30),
                               st.integers(4, 24), st.integers(0, 2)),
                     min_size=4, max_size=12)
-ops = st.lists(st.sampled_from(["add", "add", "step", "step", "step", "abort"]),
+# "hold": a step run but not committed (always safe: the next one reads the requests).
+ops = st.lists(st.sampled_from(["add", "add", "step", "step", "step", "abort", "hold"]),
                min_size=8, max_size=60)
 
 
@@ -133,7 +136,7 @@ def _drive(reqs, ops, num_blocks, caching, array_path=True, commit=True) -> list
     todo = [_request(i, *r) for i, r in enumerate(reqs)]
     added, finished, trace = [], [], []
 
-    def step():
+    def step(held=False):
         if sched._next is not None:   # a decode step from the commit: at most until + 1 each
             kv = sched.kv
             assert all(r.num_tokens <= kv.tables.until[row] + 1 for r, row in
@@ -149,7 +152,7 @@ def _drive(reqs, ops, num_blocks, caching, array_path=True, commit=True) -> list
         _check(sched, plan, limits, pool)
         trace.append(([(r.request_id, n, sched.kv.block_ids(r)) for r, n in plan.scheduled],
                       [r.request_id for r in plan.preempted]))
-        _run_step(sched, plan, finished, commit)
+        _run_step(sched, plan, finished, commit and not held)
         return plan
 
     for op in ops:
@@ -165,7 +168,7 @@ def _drive(reqs, ops, num_blocks, caching, array_path=True, commit=True) -> list
                 sched.remove(victim)
                 finished.append(victim)
         else:
-            step()
+            step(held=op == "hold")
     for _ in range(2000):   # drain: everything finishes, nothing is lost
         if not sched.has_work():
             break
@@ -214,6 +217,27 @@ def test_commit_keeps_the_counters_of_the_last_plan_only():
     assert plan.last_tokens.tolist() == [reqs[0].output_token_ids[-1],
                                          reqs[2].output_token_ids[-1]]
     assert plan.arrays[1].tolist() == [r.num_computed_tokens for r in (reqs[0], reqs[2])]
+
+
+def test_a_step_not_committed_drops_the_kept_decode_arrays():
+    """A decode step's kept tables and context lengths serve only the step after its
+    commit: after a step not committed, the next one reads the requests, even when a
+    request then opens a block past the kept tables' width."""
+    limits = BuildLimits(max_batch_size=4, max_num_tokens=16, max_seq_len=64, kv_block_size=4)
+    pool = BlockPool(16)
+    sched = Scheduler(KVCacheManager(pool, 4), limits)
+    reqs = [_request(i, [1, 2, 3], 12, 0) for i in range(2)]
+    for req in reqs:
+        sched.add(req)
+    kept = []
+    for _ in range(10):
+        plan = sched.schedule()
+        _check(sched, plan, limits, pool)
+        kept.append((reqs[0].num_tokens, plan.tables is not None))
+        # not committed when the tables are 2 blocks wide and the next step opens a third
+        _run_step(sched, plan, [], commit=reqs[0].num_tokens != 8)
+    assert kept == [(3, False), (4, False), (5, True), (6, True), (7, True), (8, True),
+                    (9, False), (10, True), (11, True), (12, True)]
 
 
 def test_the_streams_do_preempt():
