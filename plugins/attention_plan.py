@@ -33,6 +33,7 @@ MAX_GRID_Y = 65535
 # deepest that fits the device's shared memory per block. Entry suffix: 3 -> "", 2 -> "_s2".
 DECODE_STAGES = (3, 2)
 MIN_SPLIT_KEYS = ATTN_BN    # a split is at least one key tile
+DECODE_WAVES = 2            # decode splits a context until its CTAs fill this many waves
 MAX_DECODE_SPLITS = 512     # the reduce kernel's shared weights (REDUCE_SPLITS)
 
 
@@ -165,7 +166,7 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                          f"max_smem {max_smem}")
     max_ctx = max_blocks * block_size
     span = min(max_ctx, window + ATTN_BN - 1) if window else max_ctx
-    want = math.ceil(2 * sm_count / (tokens * num_kv_heads))
+    want = math.ceil(DECODE_WAVES * sm_count / (tokens * num_kv_heads))
     n_split = max(1, min(want, math.ceil(span / MIN_SPLIT_KEYS), MAX_DECODE_SPLITS))
     chunk = MIN_SPLIT_KEYS
     suffix = "" if stages == DECODE_STAGES[0] else f"_s{stages}"
