@@ -23,8 +23,8 @@ ATTN_THREADS = 128          # decode kernel
 PREFILL_WARPS = {"w4": 4, "w8s": 8}
 PREFILL_VARIANT = "w8s"  # 1.19x SDPA flash at 2k tokens on H100, against 1.42x for w4
 # Hopper's prefill kernel (paged_attention_sm90.cu, sm_90a only): TMA + wgmma, a producer and
-# two consumer warpgroups, 128 query rows and 128-key tiles in 2 stages. 16-bit pools without a
-# soft-cap; the others keep the variants above.
+# two consumer warpgroups, 128 query rows and 128-key tiles in 2 stages. 16-bit pools (with or
+# without a soft-cap); E4M3 pools keep the variants above.
 SM90_VARIANT = "sm90"
 SM90_MODULE = "paged_attention_sm90"
 SM90_ROWS, SM90_THREADS, SM90_BN, SM90_STAGES = 128, 384, 128, 2
@@ -193,16 +193,16 @@ def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, h
     A tile has 16 * warps rows (128 for sm90): tokens x the pack heads (pack defaults to the
     whole GQA group, so each K/V tile feeds every q head that reads it). Tiles are found on
     the device from seq_starts; the grid's y extent bounds their count for any ragged split.
-    variant None: sm90 where `sm90` (an sm_90a device) allows it (a 16-bit pool, no soft-cap)
-    and it fits max_smem, else PREFILL_VARIANT, or the first of PREFILL_WARPS whose shared
-    memory fits max_smem.
+    variant None: sm90 where `sm90` (an sm_90a device) allows it (a 16-bit pool) and it fits
+    max_smem, else PREFILL_VARIANT, or the first of PREFILL_WARPS whose shared memory fits
+    max_smem.
     e4m3: the pool holds E4M3 bytes (the _e4m3 entries)."""
     check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window, softcap)
-    if variant == SM90_VARIANT and (e4m3 or softcap):
-        raise ValueError("the sm90 prefill kernel reads 16-bit pools without a soft-cap")
+    if variant == SM90_VARIANT and e4m3:
+        raise ValueError("the sm90 prefill kernel reads 16-bit pools, not E4M3 ones")
     if variant is None:
         order = [PREFILL_VARIANT] + [v for v in PREFILL_WARPS if v != PREFILL_VARIANT]
-        if sm90 and not e4m3 and not softcap:
+        if sm90 and not e4m3:
             order.insert(0, SM90_VARIANT)
         variant = next((v for v in order if prefill_smem(head_dim, v, e4m3) <= max_smem), None)
         if variant is None:

@@ -3,8 +3,8 @@
 //
 // Same contract as attn_prefill (paged_attention.cuh): a ragged batch of prefill chunks and
 // decode tokens, the paged pool [2, nb, Hkv, bs, D], GQA with the q heads of a kv group packed
-// as rows (P heads a token), causal, sliding window; D = 64 or 128; 16-bit pool. The E4M3 pool
-// and the soft-cap keep the sm_80 kernel.
+// as rows (P heads a token), causal, sliding window, Gemma 2's logit soft-cap (the _softcap
+// entries); D = 64 or 128; 16-bit pool. The E4M3 pool keeps the sm_80 kernel.
 //
 // One CTA per (tile of TM = 128 rows of one sequence, group of P q heads of one kv head):
 //  - warpgroup 0, the producer: two threads (one for K, one for V) walk the key tiles
@@ -50,12 +50,12 @@ struct Sm90Layout {
 };   // the launch asks BAR + the barriers + 1024 bytes of alignment slack (prefill_smem)
 
 #ifdef SM90A
-template <typename T, int D>
+template <typename T, int D, bool CAP>
 __device__ void attn_prefill_sm90(const u16* __restrict__ q, const int* __restrict__ ss,
                                   const int* __restrict__ cl, const int* __restrict__ bt,
                                   int hq, int hkv, int B, int mb, int bs, int nb,
                                   int scale_bits, int win, int P, u16* __restrict__ out,
-                                  const TmaDesc* map) {
+                                  const TmaDesc* map, int cap_bits) {
   using L = Sm90Layout<D>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const u32 base = (smem_u32(smem_raw) + 1023) & ~1023u;
@@ -155,6 +155,8 @@ __device__ void attn_prefill_sm90(const u16* __restrict__ q, const int* __restri
   bar_sync(1 + cw, 128);
 
   const float scale_log2 = __int_as_float(scale_bits) * 1.4426950408889634f;
+  const float cap_in = CAP ? __int_as_float(scale_bits) / __int_as_float(cap_bits) : 0.f;
+  const float cap_out = CAP ? __int_as_float(cap_bits) * 1.4426950408889634f : 0.f;
   const int ra = 64 * cw + warp * 16 + (lane >> 2);
   // Padding rows (r >= nrows) take the last token's limit so no row is fully masked.
   const int lim0 = p_first + min(ra / P, ntok - 1), lim1 = p_first + min((ra + 8) / P, ntok - 1);
@@ -201,9 +203,9 @@ __device__ void attn_prefill_sm90(const u16* __restrict__ q, const int* __restri
   // leaves m, l and O as they were.
   auto softmax = [&](int k0, float* alpha) {
     const bool live = k0 <= lim_hi && lim_lo - (k0 + TN - 1) < wv;
-    softmax_scores<TN / 8>(sc, m, l, alpha, scale_log2, k0, live ? lim0 : -1,
-                           live ? lim1 : -1, wv, !live || k0 + TN - 1 > lim_lo ||
-                           lim_hi - k0 >= wv);
+    softmax_scores<TN / 8, CAP>(sc, m, l, alpha, scale_log2, k0, live ? lim0 : -1,
+                                live ? lim1 : -1, wv, !live || k0 + TN - 1 > lim_lo ||
+                                lim_hi - k0 >= wv, cap_in, cap_out);
   };
   // The first tile: S, then its softmax.
   {
@@ -286,18 +288,24 @@ __device__ void attn_prefill_sm90(const u16* __restrict__ q, const int* __restri
     }
   }
 }
-#define SM90_BODY(TY, D) \
-  attn_prefill_sm90<TY, D>(q, ss, cl, bt, hq, hkv, B, mb, bs, nb, sc, win, pack, out, &map)
+#define SM90_BODY(TY, D, CAP, cap)                                                           \
+  attn_prefill_sm90<TY, D, CAP>(q, ss, cl, bt, hq, hkv, B, mb, bs, nb, sc, win, pack, out,    \
+                                &map, cap)
 #else
-#define SM90_BODY(TY, D) __trap()
+#define SM90_BODY(TY, D, CAP, cap) __trap()
 #endif
 
-// The arguments of attn_prefill's entries, then the pool's tensor map (2-D: D columns by
-// 2 * nb * Hkv * bs rows, boxes of 64 columns by bs rows, 128-byte swizzle).
+// The arguments of attn_prefill's entries (the soft-capped ones: the cap's bits after `win`),
+// then the pool's tensor map (2-D: D columns by 2 * nb * Hkv * bs rows, boxes of 64 columns
+// by bs rows, 128-byte swizzle).
 #define SM90_ENTRY(DT, TY, D)                                                                 \
   extern "C" __global__ void __launch_bounds__(384, 1) attn_prefill_##DT##_d##D##_sm90(      \
       ATTN_IN, ATTN_SC, int pack, u16* out, const __grid_constant__ TmaDesc map) {            \
-    SM90_BODY(TY, D);                                                                         \
+    SM90_BODY(TY, D, false, 0);                                                               \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(384, 1) attn_prefill_##DT##_d##D##_sm90_softcap( \
+      ATTN_IN, ATTN_SC, int cap, int pack, u16* out, const __grid_constant__ TmaDesc map) {   \
+    SM90_BODY(TY, D, true, cap);                                                              \
   }
 
 SM90_ENTRY(f16, F16, 64)

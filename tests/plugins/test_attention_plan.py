@@ -202,8 +202,9 @@ def test_attention_launches_argument_order():
 
 def test_sm90_prefill_plan_and_its_pool_map():
     """On sm_90a a prefill step takes the TMA + wgmma kernel: its own module, 3 warpgroups,
-    128-row tiles, and the pool's tensor map as its last argument. Decode steps, soft-capped
-    and E4M3 pools, devices without sm_90a and too little shared memory keep the others."""
+    128-row tiles, and the pool's tensor map as its last argument (the soft-capped entry:
+    the cap's bits after the window, as elsewhere). Decode steps, E4M3 pools, devices without
+    sm_90a and too little shared memory keep the others."""
     ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
                           "cache", "out", "ws_o", "ws_lse")}
     dims = ap.paged_attention_dims((9, 32, 128), (2, 100, 8, 16, 128), (2, 300))
@@ -218,11 +219,16 @@ def test_sm90_prefill_plan_and_its_pool_map():
     [(ln, args)] = ap.attention_launches(pre, dims, 0.5, ptr)
     assert args[:-1] == ["q", "seq_starts", "context_lens", "block_tables", "cache", 9, 2, 32,
                          8, 300, 16, 100, float_bits(0.5), 64, 4, "out"]
-    assert args[-1] == ap.PoolMap("cache", 2 * 100 * 8 * 16, 128, 16, "bfloat16")
+    def pre_map(plan):
+        return ap.PoolMap("cache", 2 * 100 * 8 * 16, 128, 16, plan.pool_map)
+    assert args[-1] == pre_map(pre) and pre.pool_map == "bfloat16"
+    capped = ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, write_kv=False,
+                               max_smem=H100, sm90=True, softcap=30.0)
+    assert capped.main.kernel == "attn_prefill_bf16_d128_sm90_softcap"
+    [(_, args)] = ap.attention_launches(capped, dims, 0.5, ptr)
+    assert args[-5:-1] == [0, float_bits(30.0), 4, "out"] and args[-1] == pre_map(pre)
     others = [ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "bfloat16", 132, max_smem=H100,
                                 sm90=True),                                   # decode
-              ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, max_smem=H100,
-                                sm90=True, softcap=30.0),
               ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, write_kv=False,
                                 max_smem=H100, sm90=True, e4m3=True),
               ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, max_smem=H100),
@@ -230,9 +236,9 @@ def test_sm90_prefill_plan_and_its_pool_map():
                                 max_smem=ap.prefill_smem(128, "sm90") - 1)]
     for plan in others:
         assert plan.main.module != ap.SM90_MODULE and not plan.pool_map, plan.main
-    with pytest.raises(ValueError, match="16-bit pools without a soft-cap"):
-        ap.prefill_plan(9, 2, 32, 8, 128, 16, "bfloat16", variant="sm90", max_smem=H100,
-                        softcap=30.0)
+    with pytest.raises(ValueError, match="16-bit pools, not E4M3"):
+        ap.prefill_plan(9, 2, 32, 8, 128, 16, "bfloat16", False, variant="sm90",
+                        max_smem=H100, e4m3=True)
 
 
 def test_softcap_takes_its_own_entries_and_one_more_argument():

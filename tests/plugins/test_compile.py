@@ -63,8 +63,10 @@ def _entry_names():
                     pre = ap.attention_plan(9, 4, 8, 2, d, 64, 16, dt, 132, max_smem=smem,
                                             softcap=cap)
                     names.update({dec.main, dec.reduce, dec.kv_write, pre.main})
-            names.add(ap.prefill_plan(9, 4, 8, 2, d, 16, dt, variant=ap.SM90_VARIANT,
-                                      max_smem=ap.prefill_smem(d, ap.SM90_VARIANT)).main)
+            for cap in (0.0, 1.0):
+                names.add(ap.prefill_plan(9, 4, 8, 2, d, 16, dt, variant=ap.SM90_VARIANT,
+                                          max_smem=ap.prefill_smem(d, ap.SM90_VARIANT),
+                                          softcap=cap).main)
             for cap in (0.0, 1.0):
                 for e4m3 in (False, True):   # the pool in the dtype, or E4M3 (written by rope)
                     kw = dict(softcap=cap, e4m3=e4m3, write_kv=not e4m3)

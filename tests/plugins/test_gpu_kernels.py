@@ -269,20 +269,22 @@ def test_prefill_ignores_nan_past_the_context(K, variant, d, bs):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("force", ["decode", "prefill"])
+@pytest.mark.parametrize("force", ["decode", "prefill", "prefill_mma"])
 @pytest.mark.parametrize("window", [0, 37])
 @pytest.mark.parametrize("cap", [50.0, 1.0])
 def test_paged_attention_softcap(K, dtype, d, force, window, cap):
-    """Gemma 2's logit soft-cap in both kernels (the _softcap entries), on every batch shape:
+    """Gemma 2's logit soft-cap in every kernel (the _softcap entries), on every batch shape:
     against the capped eager reference, and a cap that bites changes the result (so the
-    entries do apply it)."""
+    entries do apply it). prefill: the device's default (sm90 on sm_90a); prefill_mma: the
+    mma.sync kernel."""
     for lens, ctx in CASES:
         q, k, v, starts, cl, tables, cache = make_batch(lens, ctx, 8, 2, d, 16, dtype)
         q = q * 4   # scores of a few units: a cap of 1 bites, 50 barely
         scale = 1 / math.sqrt(d)
         ref, ref_cache = ref_attention(q, k, v, starts, cl, tables, cache, scale, window, cap)
-        out = K.paged_attention(q, k, v, starts, cl, tables, cache, scale, force=force,
-                                window=window, softcap=cap)
+        out = K.paged_attention(q, k, v, starts, cl, tables, cache, scale,
+                                force=force.removesuffix("_mma"), window=window, softcap=cap,
+                                **({"sm90": False} if force == "prefill_mma" else {}))
         torch.cuda.synchronize()
         assert K.last_plan.main.kernel.endswith("_softcap")
         assert torch.equal(cache, ref_cache)

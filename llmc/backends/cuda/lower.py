@@ -225,10 +225,9 @@ class Lowering:
         attention = sorted({attention_module(op.attrs["softcap"], "kv_scale" in op.attrs)
                             for op in self.ops if op.op == "attention"} - set(MODULES))
         moe = any(op.op == "moe" for op in self.ops)
-        # sm_90a's prefill kernel (TMA + wgmma) serves the 16-bit pools without a soft-cap
+        # sm_90a's prefill kernel (TMA + wgmma) serves the 16-bit pools
         sm90 = self.arch == "sm_90a" and any(
-            not op.attrs["softcap"] and "kv_scale" not in op.attrs
-            for op in self.ops if op.op == "attention")
+            "kv_scale" not in op.attrs for op in self.ops if op.op == "attention")
         modules = list(MODULES) + (["qgemv"] if quant else []) + attention + \
             (["moe"] if moe else []) + ([SM90_MODULE] if sm90 else [])
         return Plan(self.arch, self.dtype, modules, self.values, self.ops, arena,

@@ -88,10 +88,10 @@ def test_every_variant_lowers(tiny_models_d64, tmp_path, arch):
         assert head.attrs.get("transposed", False) != model.config.tie_word_embeddings
         assert plan.arch == arch and engine.header.lowering["gpu_arch"] == arch
         # the soft-capped attention kernels: a module of their own, for Gemma 2 only; Hopper's
-        # prefill kernel (16-bit pools without a soft-cap) for sm_90a only
+        # prefill kernel (16-bit pools, soft-capped or not) for sm_90a only
         assert plan.modules == list(MODULES) + (
             ["paged_attention_softcap"] if kind == "gemma2-softcap" else []) + (
-            [SM90_MODULE] if arch == "sm_90a" and kind != "gemma2-softcap" else [])
+            [SM90_MODULE] if arch == "sm_90a" else [])
         for module in plan.modules:
             cubin = engine.section(cubin_section(module))
             assert bytes(cubin[:4]) == b"\x7fELF", f"{module} for {arch} is not a cubin"
