@@ -204,6 +204,36 @@ __device__ __forceinline__ void pv_mma(float (*o)[4], const u32* pa, const u16* 
   }
 }
 
+// The query tile of this CTA (grid y): tiles of `tpt` tokens (tpt * P rows), sequence after
+// sequence, run in reverse: within a sequence later tiles see more keys (causal), and
+// starting the heaviest first keeps them out of the last wave. False past the last tile.
+struct PrefillTile {
+  int s;        // the sequence
+  int tok0;     // its first token's row in q
+  int ntok;     // tokens in the tile
+  int nrows;    // ntok * P
+  int p_first;  // the position of its first token
+  int kv_len;   // keys its last token sees
+};
+__device__ __forceinline__ bool prefill_tile(const int* ss, const int* cl, int B, int tpt, int P,
+                                             PrefillTile& pt) {
+  int tile = gridDim.y - 1 - blockIdx.y;
+  pt.s = -1;
+  for (int i = 0; i < B; ++i) {
+    const int nt = (ss[i + 1] - ss[i] + tpt - 1) / tpt;
+    if (tile < nt) { pt.s = i; break; }
+    tile -= nt;
+  }
+  if (pt.s < 0) return false;
+  const int n_new = ss[pt.s + 1] - ss[pt.s], t0 = tile * tpt;
+  pt.ntok = min(tpt, n_new - t0);
+  pt.tok0 = ss[pt.s] + t0;
+  pt.nrows = pt.ntok * P;
+  pt.p_first = cl[pt.s] - n_new + t0;
+  pt.kv_len = pt.p_first + pt.ntok;
+  return true;
+}
+
 // One CTA per (tile of BMR = 16*NW query rows of one sequence, group of P query heads sharing a
 // kv head). Row r of the tile is token r / P, query head r % P of the group: with P = G the G
 // heads of a kv group share each K/V tile read, and a decode token in a mixed batch fills G
@@ -231,20 +261,11 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
   u8* const raw = reinterpret_cast<u8*>(sV + BN * D);
   C* const ldK = E4M3 ? reinterpret_cast<C*>(raw) : reinterpret_cast<C*>(sK);
   C* const ldV = E4M3 ? reinterpret_cast<C*>(raw + BN * D) : reinterpret_cast<C*>(sV);
-  const int tpt = BMR / P;  // tokens per tile
   const int hbase = blockIdx.x * P, kvh = hbase / (hq / hkv);
-  // Tiles run in reverse: within a sequence later tiles see more keys (causal), and starting
-  // the heaviest first keeps them out of the last wave.
-  int tile = gridDim.y - 1 - blockIdx.y, s = -1;
-  for (int i = 0; i < B; ++i) {
-    const int nt = (ss[i + 1] - ss[i] + tpt - 1) / tpt;
-    if (tile < nt) { s = i; break; }
-    tile -= nt;
-  }
-  if (s < 0) return;
-  const int n_new = ss[s + 1] - ss[s], t0 = tile * tpt;
-  const int ntok = min(tpt, n_new - t0), tok0 = ss[s] + t0, nrows = ntok * P;
-  const int p_first = cl[s] - n_new + t0, kv_len = p_first + ntok;
+  PrefillTile pt;
+  if (!prefill_tile(ss, cl, B, BMR / P, P, pt)) return;
+  const int s = pt.s, ntok = pt.ntok, tok0 = pt.tok0, nrows = pt.nrows;
+  const int p_first = pt.p_first, kv_len = pt.kv_len;
   const int n_tiles = (kv_len + BN - 1) / BN;
   // Key tiles wholly below the first row's window are seen by no row: start past them.
   const int j0 = win > 0 ? max(0, p_first - win + 1) / BN : 0;

@@ -65,18 +65,11 @@ __device__ void attn_prefill_sm90(const u16* __restrict__ q, const int* __restri
   auto v_tile = [&](int st) { return base + L::S0 + st * L::STAGE + L::KV; };
 
   // The tile of this CTA, as attn_prefill finds it (heaviest causal tiles first).
-  const int tpt = TM / P;
   const int hbase = blockIdx.x * P, kvh = hbase / (hq / hkv);
-  int tile = gridDim.y - 1 - blockIdx.y, s = -1;
-  for (int i = 0; i < B; ++i) {
-    const int nt = (ss[i + 1] - ss[i] + tpt - 1) / tpt;
-    if (tile < nt) { s = i; break; }
-    tile -= nt;
-  }
-  if (s < 0) return;
-  const int n_new = ss[s + 1] - ss[s], t0 = tile * tpt;
-  const int ntok = min(tpt, n_new - t0), tok0 = ss[s] + t0, nrows = ntok * P;
-  const int p_first = cl[s] - n_new + t0, kv_len = p_first + ntok;
+  PrefillTile pt;
+  if (!prefill_tile(ss, cl, B, TM / P, P, pt)) return;
+  const int s = pt.s, ntok = pt.ntok, tok0 = pt.tok0, nrows = pt.nrows;
+  const int p_first = pt.p_first, kv_len = pt.kv_len;
   const int n_tiles = (kv_len + TN - 1) / TN;
   const int j0 = win > 0 ? max(0, p_first - win + 1) / TN : 0;
 
