@@ -109,10 +109,10 @@ def gemv_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None
 # ---- quantized skinny GEMM (decode) and the prefill helpers -----------------------------------
 
 QGEMV_MS = (8, 16)                # x rows a kernel is compiled for (NT = 1, 2 tiles of 8)
-QGEMV_WARPS = {("int4", 8): 8, ("int4", 16): 16, ("fp8", 8): 16, ("fp8", 16): 16}
-# ^ warps splitting K in a CTA, by kind and compiled M (QGEMV_M in kernels/qgemv.cu)
-QGEMV_TILES = {("int4", 8): 1, ("int4", 16): 1, ("fp8", 8): 1, ("fp8", 16): 1}
-# ^ 16-row weight tiles a warp (QGEMV4_RT<M>)
+QGEMV_WARPS = {("int4", 8): 8, ("int4", 16): 8, ("fp8", 8): 16, ("fp8", 16): 16}
+# ^ warps splitting K in a CTA, by kind and compiled M (QGEMV_DTYPE in kernels/qgemv.cu)
+QGEMV4_FEW_WARPS = 4              # INT4 up to 8 rows, the _sk4 kernels: 4 warps, 4 CTAs an SM,
+QGEMV4_FEW_TILES = 2.5            # taken from this many 16-row tiles an SM on
 QUANTS = ("int4", "fp8")
 INT4_K = 32                       # a lane's 16-byte load holds 32 k of an INT4 row
 # FP8 engines: the decode kernels need E4M3 MMA (sm_89+), the prefill GEMMs cuBLASLt's
@@ -125,22 +125,29 @@ E4M3_NEEDS = ("a GPU of compute capability 8.9 or newer (its kernels convert to 
               "with instructions sm_89 introduced)")   # the reason, for error messages
 
 
+INT4_MAX_GROUP = 128 * QGEMV4_FEW_WARPS   # a group divides the k between a warp's chunks
+
+
 def int4_group_shift(group: int) -> int:
-    """log2 of an INT4 scale group: the kernels take groups of 2^s >= 32 weights."""
-    if group < INT4_K or group & (group - 1):
-        raise ValueError(f"INT4 groups of {group}: the kernels take powers of two >= {INT4_K}")
+    """log2 of an INT4 scale group: the kernels take groups of 2^s weights, 32 <= 2^s <= 512."""
+    if group < INT4_K or group > INT4_MAX_GROUP or group & (group - 1):
+        raise ValueError(f"INT4 groups of {group}: the kernels take powers of two from {INT4_K} "
+                         f"to {INT4_MAX_GROUP}")
     return group.bit_length() - 1
 
 
 def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str | None = None,
-                 act: str | None = None, group: int = 0) -> Launch:
+                 act: str | None = None, group: int = 0, sm_count: int = 0) -> Launch:
     """y[m, n] = x[m, k] @ dequant(w)^T for m <= 16 on a packed weight (kernels/qgemv.cu);
     with act, w is the fused [2n, k] gate-up weight and y = act(gate) * up.
     int4 args: (x, w, scale, pre-or-null, bias-or-null, m, n, k, int4_group_shift(group), y),
     the kernel with chunk scales (_cs) when the group is a multiple of 128;
     fp8 args: (x, w, x_scale * w_scale f32 [N], float_bits(x_scale), bias-or-null, m, n, k,
     y).
-    16 weight rows (8 outputs with act) a CTA of QGEMV_WARPS[quant, M] warps."""
+    16 weight rows (8 outputs with act) a CTA of QGEMV_WARPS[quant, M] warps; for INT4 up to 8
+    rows, QGEMV4_FEW_WARPS when the GEMM has QGEMV4_FEW_TILES tiles an SM of the sm_count
+    (smaller CTAs, more of them an SM: the sweep's best for N >= 6144 at K = 4096; unknown
+    sm_count: never)."""
     tag = dtype_tag(dtype)
     if quant not in QUANTS:
         raise ValueError(f"quantized gemv takes {' or '.join(QUANTS)}, not {quant!r}")
@@ -156,15 +163,17 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
     if k % align or not 0 < k <= INT32_MAX or not 0 < n * (2 if act else 1) <= INT32_MAX:
         raise ValueError(f"{quant} gemv needs K a multiple of {align}: N={n}, K={k}")
     mb = next(b for b in QGEMV_MS if b >= m)
+    tiles = math.ceil(n / (8 if act else 16))
+    warps = QGEMV_WARPS[quant, mb]
     if quant == "int4":
         int4_group_shift(group)
-        name = f"w4_{tag}_m{mb}" + ("_cs" if group % 128 == 0 else "")
+        few = mb == 8 and sm_count and tiles >= QGEMV4_FEW_TILES * sm_count
+        warps = QGEMV4_FEW_WARPS if few else warps
+        name = f"w4_{tag}_m{mb}" + ("_sk4" if few else "") + ("_cs" if group % 128 == 0 else "")
     else:
         name = f"w8_{tag}_{out}_m{mb}"
     name += f"_{act}" if act else ""
-    rows = (8 if act else 16) * QGEMV_TILES[quant, mb]
-    return Launch("qgemv", name, (math.ceil(n / rows), 1, 1),
-                  (32 * QGEMV_WARPS[quant, mb], 1, 1), pdl=True)
+    return Launch("qgemv", name, (tiles, 1, 1), (32 * warps, 1, 1), pdl=True)
 
 
 def dequant_int4_launch(n: int, k: int, dtype: str) -> Launch:

@@ -5,15 +5,16 @@ datasheet bandwidth on the bytes each one reads.
     PYTHONPATH=<llmc checkout paths> python3 bench/kernels/qgemv.py [--out results.md] [--sweep]
 
 For M = 1..16 rows: bf16 = what the cuda backend runs unquantized (llmc's GEMV up to 8 rows,
-cuBLASLt through torch.matmul above); int4 = w4 (group 128, AWQ's 1 / s applied to x, as an
-int4-awq engine runs it); fp8 = w8 (x quantized as it is loaded). The gate-up GEMM has its
-SwiGLU fused in every column (bf16 beyond 8 rows: cuBLASLt, then llmc's SwiGLU kernel).
+cuBLASLt through torch.matmul above); int4 = w4 (group 128, AWQ's 1 / s applied to x as an
+int4-awq engine runs it, and without, as int4-rtn runs it); fp8 = w8 (x quantized as it is
+loaded). The gate-up GEMM has its SwiGLU fused in every column (bf16 beyond 8 rows: cuBLASLt,
+then llmc's SwiGLU kernel).
 
 Timing as bench/kernels/gemm.py: a CUDA graph of >= CALLS calls cycling through >= 256 MiB of
 weight copies, median of REPS replays. % peak = bytes read (packed weights + scales + x) and
-written, over the time, against 3.35 TB/s. --sweep times the (warps splitting K, chunks
-ahead) pairs of both kernels, compiled from the same source: the figures behind QGEMV_SK and
-QGEMV_U.
+written, over the time, against 3.35 TB/s. --sweep times variants of both kernels compiled
+from the same source: INT4 (warps splitting K, chunks in flight, CTAs an SM) and FP8 (warps
+splitting K, chunks ahead), the figures behind the configurations in kernels/qgemv.cu.
 """
 from __future__ import annotations
 
@@ -36,16 +37,16 @@ SHAPES = (  # name, K, N (weight rows), fused activation
 )
 MS = (1, 2, 4, 8, 16)
 GROUP = 128
-SWEEP = [(4, 2, 1), (8, 1, 1), (8, 2, 1), (16, 1, 1), (16, 2, 1), (32, 1, 1),
-         (4, 2, 2), (8, 1, 2), (8, 2, 2), (16, 1, 2), (8, 1, 4)]   # (SK, U, RT: INT4 only)
+SWEEP4 = [(4, 2, 4), (8, 1, 2), (8, 2, 2), (8, 3, 2), (16, 1, 1), (16, 2, 1)]  # SK, D, MB
+SWEEP8 = [(8, 1), (8, 2), (16, 1), (16, 2), (32, 1)]                          # SK, U
 
 
 def sweep_functions(arch: str) -> Functions:
     entries = "".join(
-        f"W4_ENTRY(w4_sweep_nt{nt}_sk{sk}_u{u}_rt{rt}, BF16, {nt}, {sk}, {u}, 0, true, {rt})\n"
-        + (f"W8_ENTRY(w8_sweep_nt{nt}_sk{sk}_u{u}, BF16, {nt}, {sk}, {u}, 0, false)\n"
-           if rt == 1 else "")
-        for nt in (1, 2) for sk, u, rt in SWEEP)
+        [f"W4_ENTRY(w4_sweep_nt{nt}_sk{sk}_d{d}_mb{mb}, BF16, {nt}, {sk}, {d}, 0, true, {mb})\n"
+         for nt in (1, 2) for sk, d, mb in SWEEP4]
+        + [f"W8_ENTRY(w8_sweep_nt{nt}_sk{sk}_u{u}, BF16, {nt}, {sk}, {u}, 0, false)\n"
+           for nt in (1, 2) for sk, u in SWEEP8])
     src = "#define QGEMV_VARIANTS\n" + compiler.source("qgemv") + entries
     return Functions(arch, {"qgemv_sweep": compiler._compile_cached("qgemv_sweep", arch,
                                                                      False, src)})
@@ -54,7 +55,7 @@ def sweep_functions(arch: str) -> Functions:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="also write the markdown table to this file")
-    ap.add_argument("--sweep", action="store_true", help="time every (SK, U) variant too")
+    ap.add_argument("--sweep", action="store_true", help="time the kernels' variants too")
     args = ap.parse_args()
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -101,11 +102,12 @@ def main() -> None:
                     return fn
                 return lambda: torch.matmul(x, w.t(), out=y)
 
-            def int4(w, x=x, y=y, m=m, ln=None, fn=f):
-                ln = ln or lr.qgemv_launch(m, n_out, k, "bfloat16", "int4", None, act, GROUP)
+            def int4(w, x=x, y=y, m=m, ln=None, fn=f, awq=True):
+                ln = ln or lr.qgemv_launch(m, n_out, k, "bfloat16", "int4", None, act, GROUP,
+                                           K.sm_count)
                 a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s4.data_ptr()),
-                     DevPtr(pre.data_ptr()), DevPtr(0), m, n_out, k, lr.int4_group_shift(GROUP),
-                     DevPtr(y.data_ptr())]
+                     DevPtr(pre.data_ptr() if awq else 0), DevPtr(0), m, n_out, k,
+                     lr.int4_group_shift(GROUP), DevPtr(y.data_ptr())]
                 return lambda: fn.launch(ln, a, stream())
 
             def e4m3(w, x=x, y=y, m=m, ln=None, fn=f):
@@ -116,27 +118,28 @@ def main() -> None:
 
             t16 = graph_time([bf16(w16[i % len(w16)]) for i in range(calls)])
             t4 = graph_time([int4(w4[i % len(w4)]) for i in range(calls)])
+            t4r = graph_time([int4(w4[i % len(w4)], awq=False) for i in range(calls)])
             b4 = n * k // 2 + s4.numel() * 2 + k * 2 + out_bytes
             t8 = graph_time([e4m3(w8[i % len(w8)]) for i in range(calls)]) if fp8 else None
             b8 = n * k + n * 4 + out_bytes
             rows.append((name, f"{k}->{n}", m, t16, (w16_bytes + out_bytes) / t16, t4, b4 / t4,
-                         t8, b8 / t8 if t8 else None))
+                         t4r, (b4 - k * 2) / t4r, t8, b8 / t8 if t8 else None))
             if sweep and not act and m in (1, 8, 16):
                 nt = 1 if m <= 8 else 2
-                for sk, u, rt in SWEEP:
-                    grid = (math.ceil(n / 16 / rt), 1, 1)
-                    l4 = lr.Launch("qgemv_sweep", f"w4_sweep_nt{nt}_sk{sk}_u{u}_rt{rt}",
+                grid = (math.ceil(n / 16), 1, 1)
+                for sk, d, mb in SWEEP4:
+                    l4 = lr.Launch("qgemv_sweep", f"w4_sweep_nt{nt}_sk{sk}_d{d}_mb{mb}",
                                    grid, (32 * sk, 1, 1), pdl=True)
                     s = graph_time([int4(w4[i % len(w4)], ln=l4, fn=sweep)
                                     for i in range(calls)])
-                    sweep_rows.append((name, m, f"int4 RT={rt}", sk, u,
+                    sweep_rows.append((name, m, "int4", sk, f"D={d}, {mb} CTAs an SM",
                                        b4 / s / DATASHEET_BW))
-                    if fp8 and rt == 1:
-                        l8 = lr.Launch("qgemv_sweep", f"w8_sweep_nt{nt}_sk{sk}_u{u}", grid,
-                                       (32 * sk, 1, 1), pdl=True)
-                        s = graph_time([e4m3(w8[i % len(w8)], ln=l8, fn=sweep)
-                                        for i in range(calls)])
-                        sweep_rows.append((name, m, "fp8", sk, u, b8 / s / DATASHEET_BW))
+                for sk, u in SWEEP8 if fp8 else ():
+                    l8 = lr.Launch("qgemv_sweep", f"w8_sweep_nt{nt}_sk{sk}_u{u}", grid,
+                                   (32 * sk, 1, 1), pdl=True)
+                    s = graph_time([e4m3(w8[i % len(w8)], ln=l8, fn=sweep)
+                                    for i in range(calls)])
+                    sweep_rows.append((name, m, "fp8", sk, f"U={u}", b8 / s / DATASHEET_BW))
         del w16, w4, w8
         torch.cuda.empty_cache()
 
@@ -149,21 +152,23 @@ def main() -> None:
         f"CUDA graph of >= {CALLS} calls, median of {REPS} replays, weights rotated over "
         f">= {ROTATE_BYTES >> 20} MiB; % peak = bytes moved / time against "
         f"{DATASHEET_BW / 1e12:.2f} TB/s. bf16: llmc's GEMV (M <= 8) or cuBLASLt; int4: group "
-        f"{GROUP}, AWQ pre-scale on; speedup = bf16 time / quantized time.",
+        f"{GROUP}: AWQ (x times 1 / s in the kernel) and RTN (no 1 / s); speedup = bf16 time / "
+        "quantized time.",
         "",
-        "| GEMM | K->N | M | bf16 us | bf16 % peak | int4 us | int4 % peak | int4 speedup "
-        "| fp8 us | fp8 % peak | fp8 speedup |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| GEMM | K->N | M | bf16 us | bf16 % peak | int4 AWQ us | % peak | speedup "
+        "| int4 RTN us | % peak | speedup | fp8 us | fp8 % peak | fp8 speedup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, kn, m, t16, bw16, t4, bw4, t8, bw8 in rows:
+    for name, kn, m, t16, bw16, t4, bw4, t4r, bw4r, t8, bw8 in rows:
         f8 = (f"{t8 * 1e6:.1f} | {bw8 / DATASHEET_BW:.0%} | {t16 / t8:.2f}x" if t8
               else "- | - | -")
         lines.append(f"| {name} | {kn} | {m} | {t16 * 1e6:.1f} | {bw16 / DATASHEET_BW:.0%} "
-                     f"| {t4 * 1e6:.1f} | {bw4 / DATASHEET_BW:.0%} | {t16 / t4:.2f}x | {f8} |")
+                     f"| {t4 * 1e6:.1f} | {bw4 / DATASHEET_BW:.0%} | {t16 / t4:.2f}x "
+                     f"| {t4r * 1e6:.1f} | {bw4r / DATASHEET_BW:.0%} | {t16 / t4r:.2f}x | {f8} |")
     if sweep_rows:
-        lines += ["", "Sweep, % of peak by (warps splitting K, chunks ahead U; INT4: 16-row "
-                  "tiles a warp RT):", "",
-                  "| GEMM | M | kernel | SK | U | % peak |", "|---|---:|---|---:|---:|---:|"]
+        lines += ["", "Sweep, % of peak by warps splitting K (SK) and the kernel's depth (INT4: "
+                  "D chunks in flight a warp, CTAs an SM; FP8: U chunks ahead):", "",
+                  "| GEMM | M | kernel | SK | depth | % peak |", "|---|---:|---|---:|---|---:|"]
         lines += [f"| {nm} | {m} | {q} | {sk} | {u} | {p:.0%} |"
                   for nm, m, q, sk, u, p in sweep_rows]
     lines += ["", f"Total benchmark time {time.perf_counter() - t0:.1f} s."]

@@ -50,10 +50,10 @@ __device__ __forceinline__ void dequant8(u32 w, u32 s2, u32* out) {
 }
 
 // One word -> 4 pairs of 128 + u (1024 + u): the codes as 16-bit floats, offset by 136 (1032).
-template <typename T>
-__device__ __forceinline__ void offset8(u32 w, u32* out) {
+// magic: Int4<T>::MAGIC, passed in a register (see w4_gemv).
+__device__ __forceinline__ void offset8(u32 w, u32 magic, u32* out) {
 #pragma unroll
-  for (int e = 0; e < 4; ++e) out[e] = ((w >> (4 * e)) & 0x000F000Fu) | Int4<T>::MAGIC;
+  for (int e = 0; e < 4; ++e) out[e] = ((w >> (4 * e)) & 0x000F000Fu) | magic;
 }
 
 // 16 bytes = 32 k of one row -> 16 pairs, in k order.
@@ -75,10 +75,140 @@ __device__ __forceinline__ void dequant32(const uint4& v, u16 s, u32* out) {
 // of a row has one scale, so the MMA takes the codes as they come out of the OR, 128 + u
 // (1024 + u), and the chunk's sums are corrected and scaled once, in fp32:
 //     sum_k q_k s x_k = s (sum_k (q_k + 136) x_k - 136 sum_k x_k)
-// with sum_k x_k from one more MMA against a tile of ones. Two ALU ops a weight pair fewer
-// than scaling each pair, which is what bounds this kernel (it is issue-bound, not HBM-bound,
-// at two weights a byte).
-template <typename T, int NT, int SK, int U, int ACT, bool CS, int RT>
+// with -136 sum_k x_k from an MMA against a tile of -136 (exact in fp32), which starts the
+// weight MMAs' chains. Two ALU ops a weight pair fewer than scaling each pair: at two weights
+// a byte the instructions, not the bytes, bound this kernel (bench/results/qgemv.md).
+// mma.m16n8k16 with D and C apart (no copy of C), and not volatile: a pure function the
+// compiler may schedule around the loads.
+template <typename T>
+__device__ __forceinline__ void mma_dc(float* d, const float* c, u32 a0, u32 a1, u32 a2, u32 a3,
+                                       u32 b0, u32 b1) {
+  if constexpr (T::is_bf16)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]),
+          "f"(c[2]), "f"(c[3]));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]),
+          "f"(c[2]), "f"(c[3]));
+}
+
+// Loads that keep the old value where p is false: a predicated instruction, no branch.
+__device__ __forceinline__ void ld_stream_if(bool p, const void* a, uint4& v) {
+  asm volatile(
+      "{ .reg .pred q; setp.ne.b32 q, %5, 0;\n"
+      "@q ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4]; }"
+      : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "l"(a), "r"((int)p));
+}
+__device__ __forceinline__ void ld_u16_if(bool p, const u16* a, u32& v) {
+  asm volatile("{ .reg .pred q; setp.ne.b32 q, %2, 0;\n @q ld.global.nc.u16 %0, [%1]; }"
+               : "+r"(v) : "l"(a), "r"((int)p));
+}
+
+// The OR's magic and the -136 tile in registers, as values ptxas cannot see are constant
+// (zero is 0 at run time, from an argument): as immediates it re-creates them before every
+// use, about a third of the loop's instructions.
+template <typename T>
+struct Int4Regs {
+  u32 magic, nb[4];
+  __device__ __forceinline__ Int4Regs(u32 zero) {
+    magic = Int4<T>::MAGIC | zero;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) nb[i] = Int4<T>::BIAS | (zero << i);
+  }
+};
+
+// One 128-k chunk of the 16 weight rows (v: the lane's 32 k of rows g and g + 8, s: their
+// scales) against x's same k (xp[j]: the lane's 32 k of x row j * 8 + g; pp: pre's, read
+// only with_pre), added into acc. live: the lane's k < K (false only in a tail chunk: x reads
+// as zero, so any codes in v add nothing). Each chunk's eight MMAs run as two chains, so a
+// warp waits on half the tensor-core latency; with CS the chains start from the x-side
+// correction, and the scale costs one FMA an output.
+template <typename T, int NT, bool CS>
+__device__ __forceinline__ void w4_chunk(const uint4 (&v)[2], const u32 (&s)[2],
+                                         const u16* const (&xp)[NT], const u16* pp, bool live,
+                                         bool with_pre, const Int4Regs<T>& c,
+                                         float (&acc)[NT][4]) {
+  u32 X[NT][16];
+  float xo[NT][4], xo1[NT][4];
+  const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const uint4* xv = reinterpret_cast<const uint4*>(xp[j]);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint4 a = live ? __ldg(xv + q) : make_uint4(0, 0, 0, 0);
+      X[j][4 * q] = a.x; X[j][4 * q + 1] = a.y; X[j][4 * q + 2] = a.z; X[j][4 * q + 3] = a.w;
+    }
+    if (with_pre) {
+      const uint4* pv = reinterpret_cast<const uint4*>(pp);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint4 b = live ? __ldg(pv + q) : make_uint4(0, 0, 0, 0);
+        X[j][4 * q] = fma2<T>(X[j][4 * q], b.x, Int4<T>::NEG0);
+        X[j][4 * q + 1] = fma2<T>(X[j][4 * q + 1], b.y, Int4<T>::NEG0);
+        X[j][4 * q + 2] = fma2<T>(X[j][4 * q + 2], b.z, Int4<T>::NEG0);
+        X[j][4 * q + 3] = fma2<T>(X[j][4 * q + 3], b.w, Int4<T>::NEG0);
+      }
+    }
+    if constexpr (CS) {
+      const u32* nb = c.nb;
+      mma_dc<T>(xo[j], zero, nb[0], nb[1], nb[2], nb[3], X[j][0], X[j][1]);
+      mma_dc<T>(xo1[j], zero, nb[0], nb[1], nb[2], nb[3], X[j][2], X[j][3]);
+#pragma unroll
+      for (int q = 2; q < 8; q += 2) {
+        mma_dc<T>(xo[j], xo[j], nb[0], nb[1], nb[2], nb[3], X[j][2 * q], X[j][2 * q + 1]);
+        mma_dc<T>(xo1[j], xo1[j], nb[0], nb[1], nb[2], nb[3], X[j][2 * q + 2],
+                  X[j][2 * q + 3]);
+      }
+    }
+  }
+  u32 A[16], B[16];
+  if constexpr (CS) {
+    offset8(v[0].x, c.magic, A); offset8(v[0].y, c.magic, A + 4);
+    offset8(v[0].z, c.magic, A + 8); offset8(v[0].w, c.magic, A + 12);
+    offset8(v[1].x, c.magic, B); offset8(v[1].y, c.magic, B + 4);
+    offset8(v[1].z, c.magic, B + 8); offset8(v[1].w, c.magic, B + 12);
+  } else {
+    dequant32<T>(v[0], (u16)s[0], A);
+    dequant32<T>(v[1], (u16)s[1], B);
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    float s0[4], s1[4];
+    mma_dc<T>(s0, CS ? xo[j] : acc[j], A[0], B[0], A[1], B[1], X[j][0], X[j][1]);
+    mma_dc<T>(s1, CS ? xo1[j] : zero, A[2], B[2], A[3], B[3], X[j][2], X[j][3]);
+#pragma unroll
+    for (int q = 2; q < 8; q += 2) {
+      mma_dc<T>(s0, s0, A[2 * q], B[2 * q], A[2 * q + 1], B[2 * q + 1], X[j][2 * q],
+                X[j][2 * q + 1]);
+      mma_dc<T>(s1, s1, A[2 * q + 2], B[2 * q + 2], A[2 * q + 3], B[2 * q + 3],
+                X[j][2 * q + 2], X[j][2 * q + 3]);
+    }
+    if constexpr (CS) {
+      const float fa = T::to_f((u16)s[0]), fb = T::to_f((u16)s[1]);
+      acc[j][0] = fmaf(fa, s0[0] + s1[0], acc[j][0]);
+      acc[j][1] = fmaf(fa, s0[1] + s1[1], acc[j][1]);
+      acc[j][2] = fmaf(fb, s0[2] + s1[2], acc[j][2]);
+      acc[j][3] = fmaf(fb, s0[3] + s1[3], acc[j][3]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][e] = s0[e] + s1[e];
+    }
+  }
+}
+
+// Any architecture: a CTA is SK warps over 16 weight rows, and a warp's chunks are w, w + SK,
+// ...; D of them are in flight in a register ring that the loop, unrolled by D, indexes
+// statically (no copies, no branches: the loads past the warp's last chunk are predicated
+// off). Each pointer advances once every D chunks and the stages load at constant offsets
+// from it; x rows past m re-read row m - 1 (their sums are never stored) rather than branch
+// or zero; the chunk that K % 128 leaves runs after the loop, with lane predicates.
+template <typename T, int NT, int SK, int D, int ACT, bool CS>
 __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
                                         const u16* __restrict__ scale,
                                         const u16* __restrict__ pre,
@@ -86,133 +216,82 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
                                         int gshift, void* __restrict__ y) {
   __shared__ float part[SK][NT][4][32];
   constexpr int TILE = ACT ? 8 : 16;  // outputs a 16-row tile gives
+  constexpr int STEP = SK * 128;      // k between a warp's chunks
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int o0 = blockIdx.x * TILE * RT;
+  const int o0 = blockIdx.x * TILE;
   const int groups = k >> gshift;
-  const u8* wp[RT][2];
-  const u16* sp[RT][2];
+  const int k0 = warp * 128 + 32 * t;  // this lane's first k
+  const int sstep = STEP >> gshift;    // scales between a warp's chunks (G divides STEP)
+  const int ra = min(o0 + g, n - 1);   // rows past the end re-read the last
+  const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
+  const u8* wp[2] = {w + (size_t)ra * (k / 2) + k0 / 2, w + (size_t)rb * (k / 2) + k0 / 2};
+  const u16* sp[2] = {scale + (size_t)ra * groups + (k0 >> gshift),
+                      scale + (size_t)rb * groups + (k0 >> gshift)};
+  const u16* xp[NT];
 #pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    const int ra = min(o0 + r * TILE + g, n - 1);  // rows past the end re-read the last
-    const int rb = ACT ? n + ra : min(o0 + r * TILE + g + 8, n - 1);
-    wp[r][0] = w + (size_t)ra * (k / 2) + 16 * t;
-    wp[r][1] = w + (size_t)rb * (k / 2) + 16 * t;
-    sp[r][0] = scale + (size_t)ra * groups;
-    sp[r][1] = scale + (size_t)rb * groups;
-  }
-  const int chunks = (k + 127) / 128;
-  float acc[RT][NT][4];
+  for (int j = 0; j < NT; ++j) xp[j] = x + (size_t)min(j * 8 + g, m - 1) * k + k0;
+  const u16* pp = pre + k0;  // read only with pre
+  const int whole = k >> 7;
+  const int mine = whole > warp ? (whole - warp + SK - 1) / SK : 0;  // whole chunks of this warp
+  const Int4Regs<T> c((u32)k >> 31);
+
+  float acc[NT][4];
 #pragma unroll
-  for (int r = 0; r < RT; ++r)
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  uint4 wv[D][2];
+  u32 sv[D][2];
+  // stage <- the chunk i chunks past the pointers, if live
+  auto load = [&](uint4 (&v)[2], u32 (&sc)[2], int i, bool live) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) acc[r][j][0] = acc[r][j][1] = acc[r][j][2] = acc[r][j][3] = 0.f;
-  uint4 cur[U][RT][2], nxt[U][RT][2];
-  u16 cs[U][RT][2], ns[U][RT][2];
-  auto load_w = [&](uint4 (*v)[RT][2], u16 (*sc)[RT][2], int c) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int kk = (c + u * SK) * 128 + 32 * t;
-      const bool ok = kk < k;
-#pragma unroll
-      for (int r = 0; r < RT; ++r)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          v[u][r][h] = ok ? ld_stream(wp[r][h] + (c + u * SK) * 64) : make_uint4(0, 0, 0, 0);
-          sc[u][r][h] = ok ? __ldg(sp[r][h] + (kk >> gshift)) : (u16)0;
-        }
+    for (int h = 0; h < 2; ++h) {
+      ld_stream_if(live, wp[h] + i * (STEP / 2), v[h]);
+      ld_u16_if(live, sp[h] + i * sstep, sc[h]);
     }
   };
-  load_w(cur, cs, warp);
-  load_w(nxt, ns, warp + SK * U);
+  auto consume = [&](const uint4 (&v)[2], const u32 (&sc)[2], int i, bool live, bool with_pre) {
+    const u16* xi[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) xi[j] = xp[j] + i * STEP;
+    w4_chunk<T, NT, CS>(v, sc, xi, pp + i * STEP, live, with_pre, c, acc);
+  };
+  auto advance = [&](int i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) { wp[h] += i * (STEP / 2); sp[h] += i * sstep; }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) xp[j] += i * STEP;
+    pp += i * STEP;
+  };
+
+#pragma unroll
+  for (int d = 0; d < D; ++d) load(wv[d], sv[d], d, d < mine);
   pdl_trigger();
   pdl_wait();
-  for (int c = warp; c < chunks; c += SK * U) {
-    if (c != warp) {
+  // The loop, with and without AWQ's 1 / s: two copies, so the loop holds no branch on it.
+  auto run = [&](bool with_pre) {
+    int left = mine;  // chunks from the pointers on
+    for (; left >= D; left -= D) {
 #pragma unroll
-      for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int r = 0; r < RT; ++r)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) { cur[u][r][h] = nxt[u][r][h]; cs[u][r][h] = ns[u][r][h]; }
-      load_w(nxt, ns, c + SK * U);
+      for (int d = 0; d < D; ++d) {
+        consume(wv[d], sv[d], d, true, with_pre);
+        load(wv[d], sv[d], d + D, d + D < left);
+      }
+      advance(D);
     }
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int kk = (c + u * SK) * 128 + 32 * t;
-      // x's 32 k for this lane, one set a tile of 8 x rows, shared by the RT row tiles
-      u32 X[NT][16];
-      float xs[NT][4];
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int xr = j * 8 + g;
-        const bool live = xr < m && kk < k;
-        const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)xr * k + kk);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint4 xv = live ? __ldg(xp + i) : make_uint4(0, 0, 0, 0);
-          X[j][4 * i] = xv.x; X[j][4 * i + 1] = xv.y; X[j][4 * i + 2] = xv.z;
-          X[j][4 * i + 3] = xv.w;
-        }
-        if (pre && kk < k) {
-          const uint4* pp = reinterpret_cast<const uint4*>(pre + kk);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const uint4 pv = __ldg(pp + i);
-            X[j][4 * i] = fma2<T>(X[j][4 * i], pv.x, Int4<T>::NEG0);
-            X[j][4 * i + 1] = fma2<T>(X[j][4 * i + 1], pv.y, Int4<T>::NEG0);
-            X[j][4 * i + 2] = fma2<T>(X[j][4 * i + 2], pv.z, Int4<T>::NEG0);
-            X[j][4 * i + 3] = fma2<T>(X[j][4 * i + 3], pv.w, Int4<T>::NEG0);
-          }
-        }
-        if constexpr (CS) {
-          constexpr u32 ONE = Int4<T>::ONE;
-          xs[j][0] = xs[j][1] = xs[j][2] = xs[j][3] = 0.f;
-#pragma unroll
-          for (int s = 0; s < 8; ++s)
-            mma_16816<T>(xs[j], ONE, ONE, ONE, ONE, X[j][2 * s], X[j][2 * s + 1]);
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        u32 A[16], B[16];
-        if constexpr (CS) {
-          offset8<T>(cur[u][r][0].x, A); offset8<T>(cur[u][r][0].y, A + 4);
-          offset8<T>(cur[u][r][0].z, A + 8); offset8<T>(cur[u][r][0].w, A + 12);
-          offset8<T>(cur[u][r][1].x, B); offset8<T>(cur[u][r][1].y, B + 4);
-          offset8<T>(cur[u][r][1].z, B + 8); offset8<T>(cur[u][r][1].w, B + 12);
-        } else {
-          dequant32<T>(cur[u][r][0], cs[u][r][0], A);
-          dequant32<T>(cur[u][r][1], cs[u][r][1], B);
-        }
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          if constexpr (CS) {
-            float sum[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-            for (int s = 0; s < 8; ++s)
-              mma_16816<T>(sum, A[2 * s], B[2 * s], A[2 * s + 1], B[2 * s + 1], X[j][2 * s],
-                           X[j][2 * s + 1]);
-            constexpr float OFF = T::is_bf16 ? 136.f : 1032.f;
-            const float fa = T::to_f(cs[u][r][0]), fb = T::to_f(cs[u][r][1]);
-            acc[r][j][0] += fa * (sum[0] - OFF * xs[j][0]);
-            acc[r][j][1] += fa * (sum[1] - OFF * xs[j][1]);
-            acc[r][j][2] += fb * (sum[2] - OFF * xs[j][2]);
-            acc[r][j][3] += fb * (sum[3] - OFF * xs[j][3]);
-          } else {
-#pragma unroll
-            for (int s = 0; s < 8; ++s)
-              mma_16816<T>(acc[r][j], A[2 * s], B[2 * s], A[2 * s + 1], B[2 * s + 1],
-                           X[j][2 * s], X[j][2 * s + 1]);
-          }
-        }
-      }
+    for (int d = 0; d < D - 1; ++d)
+      if (d < left) consume(wv[d], sv[d], d, true, with_pre);
+    if ((k & 127) && warp == whole % SK) {  // the tail chunk: its lanes past K load nothing
+      advance(left);
+      const bool in = k0 + mine * STEP < k;
+      wv[0][0] = wv[0][1] = make_uint4(0, 0, 0, 0);
+      sv[0][0] = sv[0][1] = 0u;
+      load(wv[0], sv[0], 0, in);
+      consume(wv[0], sv[0], 0, in, with_pre);
     }
-  }
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    if (r) __syncthreads();  // the previous tile's sums are read out of `part`
-    tc_store<T, NT, SK, ACT, false>(part, acc[r], o0 + r * TILE, m, n, bias, y, 1.f, nullptr);
-  }
+  };
+  if (pre) run(true);  // inlined twice: with_pre is a constant in each copy
+  else run(false);
+  tc_store<T, NT, SK, ACT, false>(part, acc, o0, m, n, bias, y, 1.f, nullptr);
 }
 
 // Prefill: the INT4 weight back to T [N, K] for cuBLASLt, with AWQ's pre folded into it
@@ -357,11 +436,11 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 // ---- entry points ------------------------------------------------------------------------------
 // w4_<dtype>_m<M>[_cs][_swiglu|_geglu] and w8_<dtype>_<out>_m<M>[_...]: M = 8 (NT = 1) or 16
 // (NT = 2); _cs: chunk scales (the group a multiple of 128).
-#define W4_ENTRY(NAME, TY, NT, SK, U, ACT, CS, RT)                                             \
-  extern "C" __global__ void __launch_bounds__(32 * SK)                                        \
+#define W4_ENTRY(NAME, TY, NT, SK, D, ACT, CS, MINB)                                          \
+  extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y) {                                                    \
-    w4_gemv<TY, NT, SK, U, ACT, CS, RT>(x, w, scale, pre, bias, m, n, k, gshift, y);           \
+    w4_gemv<TY, NT, SK, D, ACT, CS>(x, w, scale, pre, bias, m, n, k, gshift, y);               \
   }
 #define W8_ENTRY(NAME, TY, NT, SK, U, ACT, F32)                                                \
   extern "C" __global__ void __launch_bounds__(32 * SK)                                        \
@@ -369,18 +448,24 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
        int k, void* y) {                                                                       \
     w8_gemv<TY, NT, SK, U, ACT, F32>(x, w, sw, __int_as_float(sx), bias, m, n, k, y);          \
   }
-#define QGEMV_M(DT, TY, M, NT, SK4, U4, RT, SK8, U8)                                           \
-  W4_ENTRY(w4_##DT##_m##M, TY, NT, SK4, U4, 0, false, RT)                                      \
-  W4_ENTRY(w4_##DT##_m##M##_swiglu, TY, NT, SK4, U4, 1, false, RT)                             \
-  W4_ENTRY(w4_##DT##_m##M##_geglu, TY, NT, SK4, U4, 2, false, RT)                              \
-  W4_ENTRY(w4_##DT##_m##M##_cs, TY, NT, SK4, U4, 0, true, RT)                                  \
-  W4_ENTRY(w4_##DT##_m##M##_cs_swiglu, TY, NT, SK4, U4, 1, true, RT)                           \
-  W4_ENTRY(w4_##DT##_m##M##_cs_geglu, TY, NT, SK4, U4, 2, true, RT)                            \
-  W8_ENTRY(w8_##DT##_##DT##_m##M, TY, NT, SK8, U8, 0, false)                                    \
-  W8_ENTRY(w8_##DT##_f32_m##M, TY, NT, SK8, U8, 0, true)                                       \
-  W8_ENTRY(w8_##DT##_##DT##_m##M##_swiglu, TY, NT, SK8, U8, 1, false)                           \
-  W8_ENTRY(w8_##DT##_##DT##_m##M##_geglu, TY, NT, SK8, U8, 2, false)
+#define W4_SET(DT, TY, M, NT, SK, D, MB, SFX)                                                  \
+  W4_ENTRY(w4_##DT##_m##M##SFX, TY, NT, SK, D, 0, false, MB)                                   \
+  W4_ENTRY(w4_##DT##_m##M##SFX##_swiglu, TY, NT, SK, D, 1, false, MB)                          \
+  W4_ENTRY(w4_##DT##_m##M##SFX##_geglu, TY, NT, SK, D, 2, false, MB)                           \
+  W4_ENTRY(w4_##DT##_m##M##SFX##_cs, TY, NT, SK, D, 0, true, MB)                               \
+  W4_ENTRY(w4_##DT##_m##M##SFX##_cs_swiglu, TY, NT, SK, D, 1, true, MB)                        \
+  W4_ENTRY(w4_##DT##_m##M##SFX##_cs_geglu, TY, NT, SK, D, 2, true, MB)
+#define W8_SET(DT, TY, M, NT, SK, U)                                                           \
+  W8_ENTRY(w8_##DT##_##DT##_m##M, TY, NT, SK, U, 0, false)                                      \
+  W8_ENTRY(w8_##DT##_f32_m##M, TY, NT, SK, U, 0, true)                                         \
+  W8_ENTRY(w8_##DT##_##DT##_m##M##_swiglu, TY, NT, SK, U, 1, false)                             \
+  W8_ENTRY(w8_##DT##_##DT##_m##M##_geglu, TY, NT, SK, U, 2, false)
 
+// (warps splitting K SK, chunks in flight D, CTAs an SM MB) from the sweep of
+// bench/kernels/qgemv.py on the H100 (bench/results/qgemv.md). INT4, up to 8 x rows: 8 warps,
+// 2 chunks, 2 CTAs an SM; or (_sk4) 4 warps and 4 CTAs an SM, which fills the SMs better when
+// a GEMM has many tiles (launch_rules picks it). 16 x rows: 8 warps, 1 chunk. FP8: 16 warps,
+// 1 chunk ahead. launch_rules.QGEMV_WARPS must agree.
 #define QGEMV_DTYPE(DT, TY)                                                                    \
   extern "C" __global__ void dequant_int4_##DT(const u8* w, const u16* scale, const u16* pre,   \
                                                int n, int k, int gshift, u16* out) {           \
@@ -389,19 +474,13 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
   extern "C" __global__ void quantize_fp8_##DT(const u16* x, int sx, int count, u8* out) {      \
     quantize_fp8<TY>(x, __int_as_float(sx), count, out);                                       \
   }                                                                                            \
-  QGEMV_M(DT, TY, 8, 1, QGEMV4_SK8, QGEMV4_U8, QGEMV4_RT8, 16, 1)                              \
-  QGEMV_M(DT, TY, 16, 2, QGEMV4_SK16, QGEMV4_U16, QGEMV4_RT16, 16, 1)
+  W4_SET(DT, TY, 8, 1, 8, 2, 2, )                                                              \
+  W4_SET(DT, TY, 8, 1, 4, 2, 4, _sk4)                                                          \
+  W4_SET(DT, TY, 16, 2, 8, 1, 2, )                                                             \
+  W8_SET(DT, TY, 8, 1, 16, 1)                                                                  \
+  W8_SET(DT, TY, 16, 2, 16, 1)
 
-// (warps splitting K, chunks ahead) from the sweep of bench/kernels/qgemv.py on the H100
-// (bench/results/qgemv.md): INT4 takes 8 warps, 2 chunks ahead, for up to 8 x rows (16 and
-// 1 for 16 rows); FP8 16 and 1. launch_rules.QGEMV_WARPS must agree.
-#ifndef QGEMV_VARIANTS  // benchmarks compile their own (SK, U)
-#define QGEMV4_SK8 8
-#define QGEMV4_U8 2
-#define QGEMV4_RT8 1
-#define QGEMV4_SK16 16
-#define QGEMV4_U16 1
-#define QGEMV4_RT16 1
+#ifndef QGEMV_VARIANTS  // benchmarks compile their own variants
 QGEMV_DTYPE(f16, F16)
 QGEMV_DTYPE(bf16, BF16)
 #endif

@@ -81,6 +81,22 @@ def test_w4_gemv_awq_pre_scale_and_bias(K, dtype, m):
     check(y, (x * pre).double() @ deq.double().T + bias.double(), dtype)
 
 
+@pytest.mark.parametrize("few", (False, True))   # the 8-warp or the _sk4 kernels
+@pytest.mark.parametrize("m", (1, 8, 16))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,group,act", ((200, 576, 64, None), (96, 1152, 128, "swiglu"),
+                                           (520, 2048, 32, None)))
+def test_w4_gemv_both_kernels(K, n, k, group, act, dtype, m, few):
+    """Both INT4 kernels up to 8 rows, whatever the GPU's SM count picks for SHAPES, with
+    AWQ's 1 / s, a tail chunk (K % 128) and a fused gate."""
+    w, scale, deq = int4_weight(n * (2 if act else 1), k, group, dtype, seed=7)
+    x = x_rows(m, k, dtype, seed=8)
+    pre = (torch.rand(k, device="cuda") + 0.5).to(dtype)
+    y = K.w4_gemv(x, w, scale, group, pre=pre, act=act, sm_count=1 if few else 0)
+    ref = ((x * pre).double() @ deq.double().T)
+    check(y, K.gated(ref.to(dtype), act).double() if act else ref, dtype)
+
+
 @pytest.mark.parametrize("act", ("swiglu", "geglu"))
 @pytest.mark.parametrize("m", (1, 8, 13))
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -402,10 +402,12 @@ class Lowering:
         if kind == "int4":
             block, axis = int(_attr(dq, "block_size", 0)), int(_attr(dq, "axis", 1))
             k, n = t.dims
-            if axis != 0 or block < lr.INT4_K or block & (block - 1) or k % block:
+            if axis != 0 or not lr.INT4_K <= block <= lr.INT4_MAX_GROUP or \
+                    block & (block - 1) or k % block:
                 raise UnsupportedGraph(
                     f"{dq.name!r}: the INT4 kernels take scales in blocks of a power of two "
-                    f">= {lr.INT4_K} along K (block_size {block}, axis {axis}, K = {k})")
+                    f"from {lr.INT4_K} to {lr.INT4_MAX_GROUP} along K (block_size {block}, "
+                    f"axis {axis}, K = {k})")
             mul = g.producer.get(x)
             if mul is not None and mul.op_type == "Mul" and \
                     any(g.weight(i) is not None for i in mul.input):

@@ -62,7 +62,7 @@ def qgemm_workspace_bytes(plan: Plan, max_tokens: int) -> int:
     return need
 
 
-def _qgemm(op: Op, m: int, dt: str, P) -> Iterator[tuple]:
+def _qgemm(op: Op, m: int, dt: str, sm_count: int, P) -> Iterator[tuple]:
     """A quantized GEMM's launches up to its output (the caller adds the activation)."""
     a, ins, outs = op.attrs, op.inputs, op.outputs
     act, quant, k = a.get("act"), a["quant"], a["k"]
@@ -70,7 +70,8 @@ def _qgemm(op: Op, m: int, dt: str, P) -> Iterator[tuple]:
     pre = P(ins[4]) if ins[4] else DevPtr(0)     # INT4: AWQ's 1 / s
     if uses_gemv(op, m):
         n, y = (a["inter"], outs[1]) if act else (a["n"], outs[0])
-        launch = lr.qgemv_launch(m, n, k, dt, quant, a["out_dtype"], act, a.get("group", 0))
+        launch = lr.qgemv_launch(m, n, k, dt, quant, a["out_dtype"], act, a.get("group", 0),
+                                 sm_count)
         if quant == "int4":
             args = [P(ins[0]), P(ins[1]), P(ins[3]), pre, bias, m, n, k,
                     lr.int4_group_shift(a["group"]), P(y)]
@@ -98,7 +99,7 @@ def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
     act = a.get("act")
     bias = P(ins[2]) if ins[2] else DevPtr(0)
     if a.get("quant"):
-        yield from _qgemm(op, m, dt, P)
+        yield from _qgemm(op, m, dt, s.sm_count, P)
         if act and not uses_gemv(op, m):
             yield "kernel", lr.gated_launch(m, a["inter"], dt, act, s.sm_count), [
                 P(outs[0]), m, a["inter"], P(outs[1])]
