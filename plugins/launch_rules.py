@@ -109,10 +109,10 @@ def gemv_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None
 # ---- quantized skinny GEMM (decode) and the prefill helpers -----------------------------------
 
 QGEMV_MS = (8, 16)                # x rows a kernel is compiled for (NT = 1, 2 tiles of 8)
-QGEMV_WARPS = {("int4", 8): 8, ("int4", 16): 8, ("fp8", 8): 16, ("fp8", 16): 16}
+QGEMV_WARPS = {("int4", 8): 8, ("int4", 16): 8, ("fp8", 8): 8, ("fp8", 16): 8}
 # ^ warps splitting K in a CTA, by kind and compiled M (QGEMV_DTYPE in kernels/qgemv.cu)
-QGEMV4_FEW_WARPS = 4              # INT4 up to 8 rows, the _sk4 kernels: 4 warps, 4 CTAs an SM,
-QGEMV4_FEW_TILES = 2.5            # taken from this many 16-row tiles an SM on
+QGEMV4_WIDE_TILES = 2             # INT4 up to 8 rows: the _wide kernels (3 CTAs an SM) from
+#                                   more tiles an SM than this (the others run 2 an SM)
 QUANTS = ("int4", "fp8")
 INT4_K = 32                       # a lane's 16-byte load holds 32 k of an INT4 row
 # FP8 engines: the decode kernels need E4M3 MMA (sm_89+), the prefill GEMMs cuBLASLt's
@@ -125,11 +125,11 @@ E4M3_NEEDS = ("a GPU of compute capability 8.9 or newer (its kernels convert to 
               "with instructions sm_89 introduced)")   # the reason, for error messages
 
 
-INT4_MAX_GROUP = 128 * QGEMV4_FEW_WARPS   # a group divides the k between a warp's chunks
+INT4_MAX_GROUP = 128 * QGEMV_WARPS["int4", 8]   # a group divides the k between a warp's chunks
 
 
 def int4_group_shift(group: int) -> int:
-    """log2 of an INT4 scale group: the kernels take groups of 2^s weights, 32 <= 2^s <= 512."""
+    """log2 of an INT4 scale group: the kernels take groups of 2^s weights, 32 <= 2^s <= 1024."""
     if group < INT4_K or group > INT4_MAX_GROUP or group & (group - 1):
         raise ValueError(f"INT4 groups of {group}: the kernels take powers of two from {INT4_K} "
                          f"to {INT4_MAX_GROUP}")
@@ -145,9 +145,8 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
     fp8 args: (x, w, x_scale * w_scale f32 [N], float_bits(x_scale), bias-or-null, m, n, k,
     y).
     16 weight rows (8 outputs with act) a CTA of QGEMV_WARPS[quant, M] warps; for INT4 up to 8
-    rows, QGEMV4_FEW_WARPS when the GEMM has QGEMV4_FEW_TILES tiles an SM of the sm_count
-    (smaller CTAs, more of them an SM: the sweep's best for N >= 6144 at K = 4096; unknown
-    sm_count: never)."""
+    rows, the _wide kernel when the GEMM has more than QGEMV4_WIDE_TILES tiles an SM of the
+    sm_count (unknown sm_count: never)."""
     tag = dtype_tag(dtype)
     if quant not in QUANTS:
         raise ValueError(f"quantized gemv takes {' or '.join(QUANTS)}, not {quant!r}")
@@ -164,16 +163,14 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
         raise ValueError(f"{quant} gemv needs K a multiple of {align}: N={n}, K={k}")
     mb = next(b for b in QGEMV_MS if b >= m)
     tiles = math.ceil(n / (8 if act else 16))
-    warps = QGEMV_WARPS[quant, mb]
     if quant == "int4":
         int4_group_shift(group)
-        few = mb == 8 and sm_count and tiles >= QGEMV4_FEW_TILES * sm_count
-        warps = QGEMV4_FEW_WARPS if few else warps
-        name = f"w4_{tag}_m{mb}" + ("_sk4" if few else "") + ("_cs" if group % 128 == 0 else "")
+        wide = mb == 8 and sm_count and tiles > QGEMV4_WIDE_TILES * sm_count
+        name = f"w4_{tag}_m{mb}{'_wide' if wide else ''}{'_cs' if group % 128 == 0 else ''}"
     else:
         name = f"w8_{tag}_{out}_m{mb}"
     name += f"_{act}" if act else ""
-    return Launch("qgemv", name, (tiles, 1, 1), (32 * warps, 1, 1), pdl=True)
+    return Launch("qgemv", name, (tiles, 1, 1), (32 * QGEMV_WARPS[quant, mb], 1, 1), pdl=True)
 
 
 def dequant_int4_launch(n: int, k: int, dtype: str) -> Launch:

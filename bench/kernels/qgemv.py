@@ -13,8 +13,8 @@ then llmc's SwiGLU kernel).
 Timing as bench/kernels/gemm.py: a CUDA graph of >= CALLS calls cycling through >= 256 MiB of
 weight copies, median of REPS replays. % peak = bytes read (packed weights + scales + x) and
 written, over the time, against 3.35 TB/s. --sweep times variants of both kernels compiled
-from the same source: INT4 (warps splitting K, chunks in flight, CTAs an SM) and FP8 (warps
-splitting K, chunks ahead), the figures behind the configurations in kernels/qgemv.cu.
+from the same source (warps splitting K, chunks in flight a warp, CTAs an SM): the figures
+behind the configurations in kernels/qgemv.cu.
 """
 from __future__ import annotations
 
@@ -37,16 +37,17 @@ SHAPES = (  # name, K, N (weight rows), fused activation
 )
 MS = (1, 2, 4, 8, 16)
 GROUP = 128
-SWEEP4 = [(4, 2, 4), (8, 1, 2), (8, 2, 2), (8, 3, 2), (16, 1, 1), (16, 2, 1)]  # SK, D, MB
-SWEEP8 = [(8, 1), (8, 2), (16, 1), (16, 2), (32, 1)]                          # SK, U
+# (warps splitting K, chunks in flight a warp, CTAs an SM) of each kernel
+SWEEP4 = [(8, 2, 2), (8, 1, 2), (8, 3, 2), (8, 1, 3), (4, 2, 4), (4, 1, 6), (16, 1, 1)]
+SWEEP8 = [(16, 2, 1), (16, 1, 1), (16, 3, 1), (8, 2, 2), (8, 1, 2), (8, 3, 2), (32, 1, 1)]
 
 
 def sweep_functions(arch: str) -> Functions:
     entries = "".join(
         [f"W4_ENTRY(w4_sweep_nt{nt}_sk{sk}_d{d}_mb{mb}, BF16, {nt}, {sk}, {d}, 0, true, {mb})\n"
          for nt in (1, 2) for sk, d, mb in SWEEP4]
-        + [f"W8_ENTRY(w8_sweep_nt{nt}_sk{sk}_u{u}, BF16, {nt}, {sk}, {u}, 0, false)\n"
-           for nt in (1, 2) for sk, u in SWEEP8])
+        + [f"W8_ENTRY(w8_sweep_nt{nt}_sk{sk}_d{d}_mb{mb}, BF16, {nt}, {sk}, {d}, 0, false, "
+           f"{mb})\n" for nt in (1, 2) for sk, d, mb in SWEEP8])
     src = "#define QGEMV_VARIANTS\n" + compiler.source("qgemv") + entries
     return Functions(arch, {"qgemv_sweep": compiler._compile_cached("qgemv_sweep", arch,
                                                                      False, src)})
@@ -134,12 +135,13 @@ def main() -> None:
                                     for i in range(calls)])
                     sweep_rows.append((name, m, "int4", sk, f"D={d}, {mb} CTAs an SM",
                                        b4 / s / DATASHEET_BW))
-                for sk, u in SWEEP8 if fp8 else ():
-                    l8 = lr.Launch("qgemv_sweep", f"w8_sweep_nt{nt}_sk{sk}_u{u}", grid,
+                for sk, d, mb in SWEEP8 if fp8 else ():
+                    l8 = lr.Launch("qgemv_sweep", f"w8_sweep_nt{nt}_sk{sk}_d{d}_mb{mb}", grid,
                                    (32 * sk, 1, 1), pdl=True)
                     s = graph_time([e4m3(w8[i % len(w8)], ln=l8, fn=sweep)
                                     for i in range(calls)])
-                    sweep_rows.append((name, m, "fp8", sk, f"U={u}", b8 / s / DATASHEET_BW))
+                    sweep_rows.append((name, m, "fp8", sk, f"D={d}, {mb} CTAs an SM",
+                                       b8 / s / DATASHEET_BW))
         del w16, w4, w8
         torch.cuda.empty_cache()
 
@@ -166,8 +168,8 @@ def main() -> None:
                      f"| {t4 * 1e6:.1f} | {bw4 / DATASHEET_BW:.0%} | {t16 / t4:.2f}x "
                      f"| {t4r * 1e6:.1f} | {bw4r / DATASHEET_BW:.0%} | {t16 / t4r:.2f}x | {f8} |")
     if sweep_rows:
-        lines += ["", "Sweep, % of peak by warps splitting K (SK) and the kernel's depth (INT4: "
-                  "D chunks in flight a warp, CTAs an SM; FP8: U chunks ahead):", "",
+        lines += ["", "Sweep, % of peak by warps splitting K (SK), chunks in flight a warp (D) "
+                  "and CTAs an SM (the register cap):", "",
                   "| GEMM | M | kernel | SK | depth | % peak |", "|---|---:|---|---:|---|---:|"]
         lines += [f"| {nm} | {m} | {q} | {sk} | {u} | {p:.0%} |"
                   for nm, m, q, sk, u, p in sweep_rows]

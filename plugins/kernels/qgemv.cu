@@ -357,7 +357,10 @@ __device__ __forceinline__ void quantize16(const u16* p, bool live, float inv, u
     out[i] = e4m3x4(f[4 * i] * inv, f[4 * i + 1] * inv, f[4 * i + 2] * inv, f[4 * i + 3] * inv);
 }
 
-template <typename T, int NT, int SK, int U, int ACT, bool F32>
+// The loop is w4_gemv's: a static register ring of D chunks a warp, predicated loads, x rows
+// clamped to m - 1, pointers advanced once every D chunks, a tail chunk (K % 64) after the
+// loop; the two k32 MMAs of a chunk accumulate into two sets of sums, added once at the end.
+template <typename T, int NT, int SK, int D, int ACT, bool F32>
 __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
                                         const float* __restrict__ sw, float sx,
                                         const void* __restrict__ bias, int m, int n, int k,
@@ -365,51 +368,69 @@ __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __r
 #if __CUDA_ARCH__ >= 890
   __shared__ float part[SK][NT][4][32];
   constexpr int OUT = ACT ? 8 : 16;
+  constexpr int STEP = SK * 64;  // k between a warp's chunks
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int o0 = blockIdx.x * OUT;
   const int ra = min(o0 + g, n - 1);
   const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
-  const u8* wa = w + (size_t)ra * k + 16 * t;
-  const u8* wb = w + (size_t)rb * k + 16 * t;
+  const int k0 = warp * 64 + 16 * t;  // this lane's first k
+  const u8* wp[2] = {w + (size_t)ra * k + k0, w + (size_t)rb * k + k0};
+  const u16* xp[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) xp[j] = x + (size_t)min(j * 8 + g, m - 1) * k + k0;
   const float inv = 1.f / sx;
-  const int chunks = (k + 63) / 64;
-  float acc[NT][4];
+  const int whole = k >> 6;
+  const int mine = whole > warp ? (whole - warp + SK - 1) / SK : 0;  // whole chunks of this warp
+  float acc[2][NT][4];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  uint4 va[U], vb[U], na[U], nb[U];
-  auto load_w = [&](uint4* a, uint4* b, int c) {
+  for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int kk = (c + u * SK) * 64;
-      const bool ok = kk + 16 * t < k;
-      a[u] = ok ? ld_stream(wa + kk) : make_uint4(0, 0, 0, 0);
-      b[u] = ok ? ld_stream(wb + kk) : make_uint4(0, 0, 0, 0);
+    for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+  uint4 wv[D][2];
+  auto load = [&](uint4 (&v)[2], int i, bool live) {
+    ld_stream_if(live, wp[0] + i * STEP, v[0]);
+    ld_stream_if(live, wp[1] + i * STEP, v[1]);
+  };
+  auto consume = [&](const uint4 (&v)[2], int i, bool live) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      u32 X[4];
+      quantize16<T>(xp[j] + i * STEP, live, inv, X);
+      mma_e4m3(acc[0][j], v[0].x, v[1].x, v[0].y, v[1].y, X[0], X[1]);
+      mma_e4m3(acc[1][j], v[0].z, v[1].z, v[0].w, v[1].w, X[2], X[3]);
     }
   };
-  load_w(va, vb, warp);
-  load_w(na, nb, warp + SK * U);
+#pragma unroll
+  for (int d = 0; d < D; ++d) load(wv[d], d, d < mine);
   pdl_trigger();
   pdl_wait();
-  for (int c = warp; c < chunks; c += SK * U) {
-    if (c != warp) {
+  int left = mine;  // chunks from the pointers on
+  for (; left >= D; left -= D) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) { va[u] = na[u]; vb[u] = nb[u]; }
-      load_w(na, nb, c + SK * U);
+    for (int d = 0; d < D; ++d) {
+      consume(wv[d], d, true);
+      load(wv[d], d + D, d + D < left);
     }
+    wp[0] += D * STEP;
+    wp[1] += D * STEP;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int kk = (c + u * SK) * 64 + 16 * t;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int xr = j * 8 + g;
-        u32 X[4];
-        quantize16<T>(x + (size_t)xr * k + kk, xr < m && kk < k, inv, X);
-        mma_e4m3(acc[j], va[u].x, vb[u].x, va[u].y, vb[u].y, X[0], X[1]);
-        mma_e4m3(acc[j], va[u].z, vb[u].z, va[u].w, vb[u].w, X[2], X[3]);
-      }
-    }
+    for (int j = 0; j < NT; ++j) xp[j] += D * STEP;
   }
-  tc_store<T, NT, SK, ACT, F32>(part, acc, o0, m, n, bias, y, 1.f, sw);
+#pragma unroll
+  for (int d = 0; d < D - 1; ++d)
+    if (d < left) consume(wv[d], d, true);
+  if ((k & 63) && warp == whole % SK) {  // the tail chunk: its lanes past K load nothing
+    const bool in = k0 + mine * STEP < k;
+    const int i = left;  // the pointers are `mine - left` chunks on
+    wv[0][0] = wv[0][1] = make_uint4(0, 0, 0, 0);
+    load(wv[0], i, in);
+    consume(wv[0], i, in);
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[0][j][e] += acc[1][j][e];
+  tc_store<T, NT, SK, ACT, F32>(part, acc[0], o0, m, n, bias, y, 1.f, sw);
 #else
   __trap();  // lower.py builds FP8 engines for sm_89+ only
 #endif
@@ -442,11 +463,11 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
        int n, int k, int gshift, void* y) {                                                    \
     w4_gemv<TY, NT, SK, D, ACT, CS>(x, w, scale, pre, bias, m, n, k, gshift, y);               \
   }
-#define W8_ENTRY(NAME, TY, NT, SK, U, ACT, F32)                                                \
-  extern "C" __global__ void __launch_bounds__(32 * SK)                                        \
+#define W8_ENTRY(NAME, TY, NT, SK, D, ACT, F32, MINB)                                          \
+  extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
   NAME(const u16* x, const u8* w, const float* sw, int sx, const void* bias, int m, int n,     \
        int k, void* y) {                                                                       \
-    w8_gemv<TY, NT, SK, U, ACT, F32>(x, w, sw, __int_as_float(sx), bias, m, n, k, y);          \
+    w8_gemv<TY, NT, SK, D, ACT, F32>(x, w, sw, __int_as_float(sx), bias, m, n, k, y);          \
   }
 #define W4_SET(DT, TY, M, NT, SK, D, MB, SFX)                                                  \
   W4_ENTRY(w4_##DT##_m##M##SFX, TY, NT, SK, D, 0, false, MB)                                   \
@@ -455,17 +476,17 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
   W4_ENTRY(w4_##DT##_m##M##SFX##_cs, TY, NT, SK, D, 0, true, MB)                               \
   W4_ENTRY(w4_##DT##_m##M##SFX##_cs_swiglu, TY, NT, SK, D, 1, true, MB)                        \
   W4_ENTRY(w4_##DT##_m##M##SFX##_cs_geglu, TY, NT, SK, D, 2, true, MB)
-#define W8_SET(DT, TY, M, NT, SK, U)                                                           \
-  W8_ENTRY(w8_##DT##_##DT##_m##M, TY, NT, SK, U, 0, false)                                      \
-  W8_ENTRY(w8_##DT##_f32_m##M, TY, NT, SK, U, 0, true)                                         \
-  W8_ENTRY(w8_##DT##_##DT##_m##M##_swiglu, TY, NT, SK, U, 1, false)                             \
-  W8_ENTRY(w8_##DT##_##DT##_m##M##_geglu, TY, NT, SK, U, 2, false)
+#define W8_SET(DT, TY, M, NT, SK, D, MB)                                                       \
+  W8_ENTRY(w8_##DT##_##DT##_m##M, TY, NT, SK, D, 0, false, MB)                                  \
+  W8_ENTRY(w8_##DT##_f32_m##M, TY, NT, SK, D, 0, true, MB)                                     \
+  W8_ENTRY(w8_##DT##_##DT##_m##M##_swiglu, TY, NT, SK, D, 1, false, MB)                         \
+  W8_ENTRY(w8_##DT##_##DT##_m##M##_geglu, TY, NT, SK, D, 2, false, MB)
 
-// (warps splitting K SK, chunks in flight D, CTAs an SM MB) from the sweep of
-// bench/kernels/qgemv.py on the H100 (bench/results/qgemv.md). INT4, up to 8 x rows: 8 warps,
-// 2 chunks, 2 CTAs an SM; or (_sk4) 4 warps and 4 CTAs an SM, which fills the SMs better when
-// a GEMM has many tiles (launch_rules picks it). 16 x rows: 8 warps, 1 chunk. FP8: 16 warps,
-// 1 chunk ahead. launch_rules.QGEMV_WARPS must agree.
+// (warps splitting K SK, chunks in flight a warp D, CTAs an SM MB) from the sweep of
+// bench/kernels/qgemv.py on the H100 (bench/results/qgemv.md). INT4: 8 warps, 1 chunk, 2 CTAs
+// an SM (128 registers); up to 8 x rows also (_wide) 3 CTAs an SM (80 registers) for GEMMs of
+// more tiles than 2 CTAs an SM hold at once (launch_rules picks it): one wave of 3 rather than
+// 1.5 of 2. FP8: 8 warps, 2 chunks, 2 CTAs an SM. launch_rules.QGEMV_WARPS must agree.
 #define QGEMV_DTYPE(DT, TY)                                                                    \
   extern "C" __global__ void dequant_int4_##DT(const u8* w, const u16* scale, const u16* pre,   \
                                                int n, int k, int gshift, u16* out) {           \
@@ -474,11 +495,11 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
   extern "C" __global__ void quantize_fp8_##DT(const u16* x, int sx, int count, u8* out) {      \
     quantize_fp8<TY>(x, __int_as_float(sx), count, out);                                       \
   }                                                                                            \
-  W4_SET(DT, TY, 8, 1, 8, 2, 2, )                                                              \
-  W4_SET(DT, TY, 8, 1, 4, 2, 4, _sk4)                                                          \
+  W4_SET(DT, TY, 8, 1, 8, 1, 2, )                                                              \
+  W4_SET(DT, TY, 8, 1, 8, 1, 3, _wide)                                                         \
   W4_SET(DT, TY, 16, 2, 8, 1, 2, )                                                             \
-  W8_SET(DT, TY, 8, 1, 16, 1)                                                                  \
-  W8_SET(DT, TY, 16, 2, 16, 1)
+  W8_SET(DT, TY, 8, 1, 8, 2, 2)                                                                \
+  W8_SET(DT, TY, 16, 2, 8, 2, 2)
 
 #ifndef QGEMV_VARIANTS  // benchmarks compile their own variants
 QGEMV_DTYPE(f16, F16)

@@ -39,7 +39,7 @@ def _entry_names():
         for m in lr.QGEMV_MS:
             for act in (None, *lr.GEMV_ACTS):
                 for group in (64, 128):
-                    for sms in (0, 1):   # sm_count 1: 64 rows are tiles enough for _sk4
+                    for sms in (0, 1):   # sm_count 1: 64 rows are tiles enough for _wide
                         names.add(lr.qgemv_launch(m, 64, 128, dt, "int4", act=act, group=group,
                                                   sm_count=sms))
                 names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", act=act))

@@ -32,10 +32,17 @@ def fp8_capable() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
-def check(y, ref, dtype):
+# A fused gate rounds gate, up and their product to the dtype: where the kernel's fp32 gate or
+# up lands on the other side of a rounding boundary than the float64 reference's, the output
+# moves by up to three roundings, 3 * 2^-8 in bf16.
+GATE_TOL = {torch.float16: 1e-2, torch.bfloat16: 3 * 2 ** -8}
+
+
+def check(y, ref, dtype, tol=None):
+    tol = tol or TOL[dtype]
     assert not y.isnan().any(), "unwritten (poisoned) or NaN output"
     err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
-    assert err < TOL[dtype], f"relative max error {err:.2e} >= {TOL[dtype]:.0e}"
+    assert err < tol, f"relative max error {err:.2e} >= {tol:.1e}"
 
 
 def int4_weight(n, k, group, dtype, seed=0):
@@ -81,20 +88,21 @@ def test_w4_gemv_awq_pre_scale_and_bias(K, dtype, m):
     check(y, (x * pre).double() @ deq.double().T + bias.double(), dtype)
 
 
-@pytest.mark.parametrize("few", (False, True))   # the 8-warp or the _sk4 kernels
+@pytest.mark.parametrize("wide", (False, True))   # the 2- or the 3-CTAs-an-SM kernels
 @pytest.mark.parametrize("m", (1, 8, 16))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,group,act", ((200, 576, 64, None), (96, 1152, 128, "swiglu"),
                                            (520, 2048, 32, None)))
-def test_w4_gemv_both_kernels(K, n, k, group, act, dtype, m, few):
+def test_w4_gemv_both_kernels(K, n, k, group, act, dtype, m, wide):
     """Both INT4 kernels up to 8 rows, whatever the GPU's SM count picks for SHAPES, with
     AWQ's 1 / s, a tail chunk (K % 128) and a fused gate."""
     w, scale, deq = int4_weight(n * (2 if act else 1), k, group, dtype, seed=7)
     x = x_rows(m, k, dtype, seed=8)
     pre = (torch.rand(k, device="cuda") + 0.5).to(dtype)
-    y = K.w4_gemv(x, w, scale, group, pre=pre, act=act, sm_count=1 if few else 0)
+    y = K.w4_gemv(x, w, scale, group, pre=pre, act=act, sm_count=1 if wide else 0)
     ref = ((x * pre).double() @ deq.double().T)
-    check(y, K.gated(ref.to(dtype), act).double() if act else ref, dtype)
+    check(y, K.gated(ref.to(dtype), act).double() if act else ref, dtype,
+          GATE_TOL[dtype] if act else None)
 
 
 @pytest.mark.parametrize("act", ("swiglu", "geglu"))
@@ -106,7 +114,7 @@ def test_w4_gemv_fused_gate(K, inter, k, group, dtype, m, act):
     x = x_rows(m, k, dtype, seed=5)
     fused = K.w4_gemv(x, w, scale, group, act=act)
     gu = (x.double() @ deq.double().T).to(dtype)   # the GEMM's output, rounded
-    check(fused, K.gated(gu, act).double(), dtype)
+    check(fused, K.gated(gu, act).double(), dtype, GATE_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
