@@ -3,6 +3,8 @@ Q/DQ nodes that onnxruntime runs and TensorRT(-RTX) turns into a packed-weight G
 
     int4 (RTN, AWQ)   MatMul([Mul(x, 1/s)], DequantizeLinear(W_int4, scale, axis=0,
                                                             block_size=B))
+                      (AWQ's 1/s goes into the RMSNorm weight instead where x is a norm's
+                      output that only this GEMM reads: the fused QKV and gate-up GEMMs)
     fp8 (W8A8)        MatMul(DequantizeLinear(QuantizeLinear(x, s_x)),
                              DequantizeLinear(W_e4m3, scale[N], axis=1))
 
@@ -88,6 +90,23 @@ class _Parts:
         return load
 
 
+_NORM_WEIGHT_INPUT = {"RMSNormalization": 1, "AddRMSNorm": 2}
+
+
+def _sole_norm_weight(g: Graph, x: str) -> str | None:
+    """The weight of the RMSNorm whose output x is, when x feeds nothing but the GEMM being
+    quantized and the weight nothing but the norm: AWQ's 1/s then goes into that weight
+    (rounded once more, as AutoAWQ and ModelOpt fold it) instead of a Mul on every step.
+    Layers whose norm feeds several GEMMs (q, k, v unfused), or a weight shared, keep the
+    Mul."""
+    norm = g.producer(x)
+    at = _NORM_WEIGHT_INPUT.get(norm.op_type) if norm is not None else None
+    if at is None or norm.output[0] != x or len(g.consumers(x)) != 1:
+        return None
+    weight = norm.input[at]
+    return weight if g.is_weight(weight) and len(g.consumers(weight)) == 1 else None
+
+
 def _swap(g: Graph, site: Site, x: str, w: str) -> None:
     """Replace the site's MatMul by MatMul(x, w), same name and output."""
     g.remove([site.node])
@@ -145,7 +164,14 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None,
         scale = g.add_weight(Weight(f"{w.name}.int4_scale", w.dtype, (k // block, n),
                                     parts.loader(1)), w.name)
         x = site.x
-        if scaled:   # x / s: an elementwise Mul that TensorRT fuses before the GEMM
+        norm_weight = _sole_norm_weight(g, x) if scaled else None
+        if norm_weight is not None:   # x / s folded into the norm that makes x
+            gamma, inv = g.weights[norm_weight], parts.loader(2)
+            folded = Weight(f"{norm_weight}.awq", gamma.dtype, gamma.shape, lambda: (
+                gamma.read().astype(np.float32) * inv().astype(np.float32)
+            ).astype(np_dtype(gamma.dtype)))
+            g.rename_uses(norm_weight, g.add_weight(folded, norm_weight))
+        elif scaled:   # x / s: an elementwise Mul that TensorRT fuses before the GEMM
             inv = g.add_weight(Weight(f"{w.name}.awq_inv_scale", w.dtype, (k,),
                                       parts.loader(2)), w.name)
             x = g.add("Mul", [x, inv], 1, name="AwqScale").output[0]

@@ -95,6 +95,57 @@ def test_int4_awq_numerics(tmp_path, dtype):
     check(run(qmodel, qweights, tmp_path, x), ref, dtype)
 
 
+def norm_graph(dtype: str, k: int, n: int, readers: int):
+    """`readers` GEMMs y_i = RMSNorm(x) @ W_i, the norm's weight gamma a graph weight."""
+    ws = [RNG.standard_normal((k, n)).astype(np.float32) / np.sqrt(k) for _ in range(readers)]
+    gamma = (RNG.random(k) + 0.5).astype(np_dtype(dtype))
+    g = GraphBuilder("norm_gemm")
+    x = g.input("x", onnx_type(dtype), ["T", k])
+    h = g.RMSNormalization(x, g.weight("gamma", dtype, (k,), lambda: gamma), axis=-1,
+                           epsilon=1e-5)
+    for i, w in enumerate(ws):
+        y = g.MatMul(h, g.weight(f"w{i}", dtype, (k, n), lambda w=w: w.astype(np_dtype(dtype))))
+        g.output(y, f"y{i}", onnx_type(dtype), ["T", n])
+    return g.model(), g.weights, [w.astype(np_dtype(dtype)).astype(np.float32) for w in ws], \
+        gamma.astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_int4_awq_scale_goes_into_the_norm(tmp_path, dtype):
+    """A GEMM that alone reads an RMSNorm (the fused QKV or gate-up) gets AWQ's 1/s in the
+    norm's weight instead of a Mul; with two readers (q and k unfused) each keeps its Mul."""
+    import onnxruntime as ort
+
+    k, n = 128, 24
+    model, weights, (w,), gamma = norm_graph(dtype, k, n, 1)
+    x = activations(dtype, k, outliers=True)
+    xf = x.astype(np.float32)
+    normed = xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + 1e-5)
+    rows = normed * gamma
+    qmodel, qweights, report = qdq.quantize_graph(model, weights, qdq.int4_pass({"w0": rows}))
+    assert report["fired"] == {"int4-awq": 1}
+    assert "Mul" not in {n.op_type for n in qmodel.graph.node}
+    folded = next(n for n in qmodel.graph.node if n.op_type == "RMSNormalization").input[1]
+    assert folded == "gamma.awq" and "gamma" not in {w.name for w in qweights}
+    s, _ = nq.awq_scales(w, rows, 128, dtype)
+    clip = nq.awq_clip(w * s[:, None], rows / s, 128, dtype)
+    q, scale = nq.quantize_int4(w * s[:, None], 128, dtype, clip)
+    gamma2 = (gamma * (1 / s).astype(np_dtype(dtype)).astype(np.float32)).astype(np_dtype(dtype))
+    ref = (normed * gamma2.astype(np.float32)).astype(np_dtype(dtype)).astype(np.float32) \
+        @ nq.dequantize_int4(q, scale, 128)
+    path = save_onnx(qmodel, qweights, tmp_path / "one")   # reads each part of the AWQ once
+    sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    check(sess.run(None, {"x": x})[0].astype(np.float32), ref, dtype)
+    assert np.array_equal(next(w for w in qweights if w.name == folded).read(), gamma2)
+
+    model, weights, _, gamma = norm_graph(dtype, k, n, 2)
+    qmodel, qweights, report = qdq.quantize_graph(
+        model, weights, qdq.int4_pass({"w0": rows, "w1": rows}))
+    assert report["fired"] == {"int4-awq": 2}
+    assert sum(n.name.startswith("AwqScale") for n in qmodel.graph.node) == 2
+    assert "gamma" in {w.name for w in qweights}
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_fp8_numerics(tmp_path, dtype):
     k = 64

@@ -81,7 +81,9 @@ def test_every_mode_lowers_to_quantized_gemms(tiny_models_d64, tmp_path, words, 
     # q/k/v, o, gate-up (SwiGLU fused), down per layer quantized; the LM head stays 16-bit
     assert [op.attrs.get("quant") for op in gemms] == [kind] * 4 * layers + [None]
     assert [op.attrs.get("act") for op in gemms[:4]] == [None, None, "swiglu", None]
-    assert all((op.inputs[4] is not None) == (mode == "int4-awq") for op in gemms[:-1])
+    # AWQ's 1/s: in the norms before q/k/v and gate-up (their only reader), on x for o, down
+    awq = [False, True, False, True] if mode == "int4-awq" else [False] * 4
+    assert [op.inputs[4] is not None for op in gemms[:-1]] == awq * layers
 
     # the stored weights against the reference backend's graph of the same build
     ref_out = tmp_path / f"{mode}-ref.engine"
