@@ -66,18 +66,6 @@ __device__ __forceinline__ void dequant32(const uint4& v, u16 s, u32* out) {
   dequant8<T>(v.w, s2, out + 12);
 }
 
-// A chunk is 128 k: lane t of a quad takes k [32t, 32t + 32) (16 bytes) of rows g and g + 8,
-// and x's same 32 k; its eight k16 steps read pairs 2s, 2s + 1 (k 4s .. 4s + 3) of each. A
-// scale group (G = 32, 64 or 128) holds a lane's 32 k whole, so a load needs one scale a row.
-// pre: AWQ's 1 / s per k (x * pre rounded to T, as the graph's Mul rounds it), or null.
-//
-// CS (chunk scales: the group a multiple of 128, as Llama's K = 4096 / 14336 take): a chunk
-// of a row has one scale, so the MMA takes the codes as they come out of the OR, 128 + u
-// (1024 + u), and the chunk's sums are corrected and scaled once, in fp32:
-//     sum_k q_k s x_k = s (sum_k (q_k + 136) x_k - 136 sum_k x_k)
-// with -136 sum_k x_k from an MMA against a tile of -136 (exact in fp32), which starts the
-// weight MMAs' chains. Two ALU ops a weight pair fewer than scaling each pair: at two weights
-// a byte the instructions, not the bytes, bound this kernel (bench/results/qgemv.md).
 // mma.m16n8k16 with D and C apart (no copy of C), and not volatile: a pure function the
 // compiler may schedule around the loads.
 template <typename T>
@@ -122,6 +110,19 @@ struct Int4Regs {
   }
 };
 
+// A chunk is 128 k: lane t of a quad takes k [32t, 32t + 32) (16 bytes) of rows g and g + 8,
+// and x's same 32 k; its eight k16 steps read pairs 2s, 2s + 1 (k 4s .. 4s + 3) of each. A
+// scale group (G = 32 to 1024) holds a lane's 32 k whole, so a load needs one scale a row.
+// pre: AWQ's 1 / s per k (x * pre rounded to T, as the graph's Mul rounds it), or null.
+//
+// CS (chunk scales: the group a multiple of 128, as Llama's K = 4096 / 14336 take): a chunk
+// of a row has one scale, so the MMA takes the codes as they come out of the OR, 128 + u
+// (1024 + u), and the chunk's sums are corrected and scaled once, in fp32:
+//     sum_k q_k s x_k = s (sum_k (q_k + 136) x_k - 136 sum_k x_k)
+// with -136 sum_k x_k from an MMA against a tile of -136 (exact in fp32), which starts the
+// weight MMAs' chains. Two ALU ops a weight pair fewer than scaling each pair (at two weights
+// a byte, the instruction count bounded this kernel's first versions: bench/results/qgemv.md).
+//
 // One 128-k chunk of the 16 weight rows (v: the lane's 32 k of rows g and g + 8, s: their
 // scales) against x's same k (xp[j]: the lane's 32 k of x row j * 8 + g; pp: pre's, read
 // only with_pre), added into acc. live: the lane's k < K (false only in a tail chunk: x reads

@@ -34,7 +34,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-FORMAT = 1
+from llmc.errors import LlmcError
+
+# 2: the quantized decode GEMVs' CTA shapes changed (kernels/qgemv.cu: FP8 and 16-row INT4
+# CTAs of 8 warps, INT4 _wide kernels): the launch rules of this llmc would launch a format-1
+# engine's compiled kernels with the wrong block size.
+FORMAT = 2
 PLAN, WEIGHTS = "plan.json", "weights"     # engine sections; cubins are "cubin.<module>"
 ALIGN = 256          # every arena and weight offset: enough for 16-byte vector loads and TMA
 SYMBOLS = ("T", "B")
@@ -88,7 +93,9 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         if d.get("format") != FORMAT:
-            raise ValueError(f"cuda plan format {d.get('format')}, this llmc reads {FORMAT}")
+            raise LlmcError(f"the engine's cuda plan is format {d.get('format')} and this llmc "
+                            f"reads format {FORMAT}: rebuild the engine with this llmc's "
+                            "`llmc build --backend cuda`")
         return cls(arch=d["arch"], dtype=d["dtype"], modules=list(d["modules"]),
                    values={k: Value(**v) for k, v in d["values"].items()},
                    ops=[Op(**o) for o in d["ops"]], arena_bytes=d["arena_bytes"],

@@ -213,6 +213,15 @@ def test_inspect_shows_the_plan(tiny_models_d64, tmp_path):
     assert "attention 2" in r.stdout and "memory: arena" in r.stdout
 
 
+def test_a_plan_of_another_format_asks_for_a_rebuild(tiny_models_d64, tmp_path):
+    out = tmp_path / "m.engine"
+    _build(tiny_models_d64["llama-gqa"][0], out, "sm_90a")
+    d = json.loads(EngineFile(out).section(PLAN).tobytes())
+    assert Plan.from_dict(d).format == d["format"]
+    with pytest.raises(LlmcError, match="rebuild the engine with this llmc"):
+        Plan.from_dict(dict(d, format=d["format"] - 1))
+
+
 def test_running_a_cuda_engine_without_a_gpu_is_one_clear_error(tiny_models_d64, tmp_path):
     import subprocess
     import sys
