@@ -18,6 +18,18 @@ quant_method "modelopt"; also in hf_quant_config.json), as
     model.layers.L.self_attn.k_proj.k_scale  float32 []   layer L's K scale (|max| / 448,
     model.layers.L.self_attn.v_proj.v_scale  float32 []   or 1.0: ModelOpt clamps them so)
 
+and AutoAWQ's GEMM format (config.json `quantization_config` quant_method "awq", version
+"gemm", zero_point true: the format of most AWQ models on the HF hub), asymmetric:
+
+    X.qweight  int32 [in, out / 8]       eight unsigned 4-bit codes u a word, output columns
+                                         8c + (0, 2, 4, 6, 1, 3, 5, 7) from the low nibble up
+    X.qzeros   int32 [in / B, out / 8]   zero points z, packed the same way
+    X.scales   fp16 [in / B, out]        W^T = (u - z) * scale, blocks of B along in
+
+A zero point is not INT4 as ONNX and TensorRT take it (symmetric, zero points 0), so it is
+split exactly: (u - z) s = (u - 8) s + (8 - z) s, symmetric codes u - 8 with the scale, and
+an offset (8 - z) s per block and output that qdq.int4_pass adds as a GEMM of x's block sums.
+
 The model reads each weight dequantized (so every family and every --quant works on it; a
 pre_quant_scale is folded into its weight), and the quantized form is kept: `--quant auto`
 builds the checkpoint's own format from it instead of calibrating, which gives back the
@@ -46,6 +58,7 @@ class Int4Weight:
     scale: np.ndarray                   # float32 [out, in / block]
     pre_quant_scale: np.ndarray | None  # float32 [in]: the GEMM reads x * it
     in_features: int
+    offset: np.ndarray | None = None    # float32 [out, in / block]: W = q * scale + offset
 
     @property
     def block(self) -> int:
@@ -76,14 +89,16 @@ def read_prequantized(config: dict[str, Any], readers: Readers, source: Any
         return readers, None
     method, algo = qc.get("quant_method"), qc.get("quant_algo")
     readers, kv_scales = _read_kv_scales(readers, source)
+    if method == "awq":
+        return _read_autoawq(readers, qc, source)
     if method == "modelopt" and algo == "W4A16_AWQ":
         out, pq = _read_int4(readers, qc, source)
         return out, replace(pq, kv_scales=kv_scales)
     if method != "modelopt" or algo != "FP8":
         raise LlmcError(f"{source}: a {method} {algo} checkpoint (config.json "
                         "quantization_config) cannot be read yet; llmc reads ModelOpt FP8 "
-                        "and W4A16_AWQ exports, and unquantized checkpoints (then --quant "
-                        "fp8 / int4-awq / int4-rtn quantize them)")
+                        "and W4A16_AWQ exports, AutoAWQ's GEMM format, and unquantized "
+                        "checkpoints (then --quant fp8 / int4-awq / int4-rtn quantize them)")
     out = dict(readers)
     scales, amax = {}, {}
     for name in [n for n in readers if n.endswith(".weight_scale")]:
@@ -159,10 +174,59 @@ def _read_int4(readers: Readers, qc: dict[str, Any], source: Any
     return out, Prequantized("int4-awq", _producer(qc), {}, {}, weights)
 
 
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # AutoAWQ: nibble i of a word holds column 8c + this
+
+
+def unpack_awq(packed: np.ndarray) -> np.ndarray:
+    """int32 [rows, cols / 8] -> uint8 [rows, cols]: AutoAWQ's packing undone."""
+    words = packed.view(np.uint32)
+    out = np.empty((packed.shape[0], packed.shape[1], 8), np.uint8)
+    for i, col in enumerate(AWQ_ORDER):
+        out[:, :, col] = (words >> (4 * i)) & 0xF
+    return out.reshape(packed.shape[0], -1)
+
+
+def _read_autoawq(readers: Readers, qc: dict[str, Any], source: Any
+                  ) -> tuple[Readers, Prequantized]:
+    version = str(qc.get("version", "gemm")).lower()
+    if qc.get("bits", 4) != 4 or version != "gemm" or qc.get("zero_point", True) is not True:
+        raise LlmcError(f"{source}: an AWQ checkpoint of bits {qc.get('bits')}, version "
+                        f"{qc.get('version')!r}, zero_point {qc.get('zero_point')}: llmc reads "
+                        "AutoAWQ's 4-bit GEMM format with zero points (the default)")
+    out = dict(readers)
+    weights = {}
+    for name in [n for n in readers if n.endswith(".qweight")]:
+        base = name.removesuffix("qweight")
+        if base + "qzeros" not in readers or base + "scales" not in readers:
+            raise LlmcError(f"{source}: {name} has no {base}qzeros and {base}scales")
+        qweight, qzeros = readers[name](), out.pop(base + "qzeros")()
+        scales = np.asarray(out.pop(base + "scales")(), np.float32)
+        out.pop(name)
+        k, n = qweight.shape[0], 8 * qweight.shape[1] if qweight.ndim == 2 else 0
+        if qweight.dtype != np.int32 or qzeros.dtype != np.int32 or scales.ndim != 2 or \
+                scales.shape[1] != n or not scales.shape[0] or k % scales.shape[0] or \
+                qzeros.shape != (scales.shape[0], n // 8):
+            raise LlmcError(f"{source}: {name} ({qweight.dtype}{list(qweight.shape)}), its "
+                            f"qzeros {list(qzeros.shape)} and scales {list(scales.shape)} are "
+                            "not an AutoAWQ GEMM triple")
+        zeros = unpack_awq(qzeros).astype(np.float32)                       # [in / B, out]
+        w = Int4Weight(lambda r=readers[name]: (unpack_awq(r()).T.astype(np.int8) - 8),
+                       np.ascontiguousarray(scales.T), None, k,
+                       np.ascontiguousarray(((8 - zeros) * scales).T))
+        weights[base + "weight"] = w
+        out[base + "weight"] = _int4_dequantized(w)
+    if not weights:
+        raise LlmcError(f"{source}: config.json says AWQ, but no tensor is an X.qweight")
+    return out, Prequantized("int4-awq", f"autoawq {qc.get('version', 'gemm')}", {}, {},
+                             weights)
+
+
 def _int4_dequantized(w: Int4Weight):
     def read() -> np.ndarray:
         q = w.values().astype(np.float32)
         deq = q * np.repeat(w.scale, w.block, axis=1)
+        if w.offset is not None:
+            deq += np.repeat(w.offset, w.block, axis=1)
         return deq if w.pre_quant_scale is None else deq * w.pre_quant_scale[None, :]
     return read
 

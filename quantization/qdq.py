@@ -5,6 +5,8 @@ Q/DQ nodes that onnxruntime runs and TensorRT(-RTX) turns into a packed-weight G
                                                             block_size=B))
                       (AWQ's 1/s goes into the RMSNorm weight instead where x is a norm's
                       output that only this GEMM reads: the fused QKV and gate-up GEMMs)
+                      + MatMul(MatMul(x, E), offsets): a zero-point checkpoint's
+                      (8 - z) s per block, E the 0/1 [K, K / B] block-sum matrix
     fp8 (W8A8)        MatMul(DequantizeLinear(QuantizeLinear(x, s_x)),
                              DequantizeLinear(W_e4m3, scale[N], axis=1))
 
@@ -123,6 +125,7 @@ class GivenInt4:
     values: Callable[[], np.ndarray]    # int4 [K, N]
     scale: np.ndarray                   # float32 [K / block, N]
     pre_scale: np.ndarray | None        # [K]: the GEMM reads x * it (AWQ's 1 / s)
+    offset: np.ndarray | None = None    # float32 [K / block, N]: W = q * scale + offset
 
 
 def int4_pass(awq: dict[str, np.ndarray] | None = None,
@@ -177,7 +180,22 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None,
             x = g.add("Mul", [x, inv], 1, name="AwqScale").output[0]
         dq = g.add("DequantizeLinear", [q, scale], 1, name="DequantizeInt4", axis=0,
                    block_size=block).output[0]
-        _swap(g, site, x, dq)
+        if have is None or have.offset is None:
+            _swap(g, site, x, dq)
+            return
+        # A zero-point format's (8 - z) s: x's sums over each block of K, [T, K / B], times
+        # the offsets [K / B, N], added to the symmetric GEMM. The sums are a GEMM with a 0/1
+        # block matrix (exact), so every backend runs the offset as two small GEMMs.
+        sums = g.add_weight(Weight(f"{w.name}.int4_block_sums", w.dtype, (k, k // block),
+                                   lambda: np.kron(np.eye(k // block), np.ones((block, 1))
+                                                   ).astype(np_dtype(w.dtype))), w.name)
+        offset = g.add_weight(Weight(f"{w.name}.int4_offset", w.dtype, (k // block, n),
+                                     lambda: have.offset.astype(np_dtype(w.dtype))), w.name)
+        g.remove([site.node])
+        xs = g.add("MatMul", [x, sums], 1, name="Int4BlockSums").output[0]
+        y0 = g.add("MatMul", [x, dq], 1, name=site.node.name).output[0]
+        y1 = g.add("MatMul", [xs, offset], 1, name="Int4ZeroPoints").output[0]
+        g.add("Add", [y0, y1], list(site.node.output), name="Int4ZeroPointAdd")
 
     return Pass("int4-awq" if awq is not None else "int4-rtn", "MatMul", match, replace)
 

@@ -240,7 +240,10 @@ def _checkpoint_int4(sites, pre: Prequantized) -> dict:
             q = np.concatenate([p.values() for p in parts], axis=0)        # [N, K]
             return np.ascontiguousarray(q.T).astype(np_dtype("int4"))      # [K, N]
 
+        offset = None if all(p.offset is None for p in parts) else np.ascontiguousarray(
+            np.concatenate([np.zeros_like(p.scale) if p.offset is None else p.offset
+                            for p in parts]).T)
         given[site.weight] = GivenInt4(
             values, np.ascontiguousarray(np.concatenate([p.scale for p in parts]).T),
-            parts[0].pre_quant_scale)
+            parts[0].pre_quant_scale, offset)
     return given

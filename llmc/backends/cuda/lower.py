@@ -175,6 +175,13 @@ class Lowering:
 
     def run(self) -> Plan:
         g = self.g
+        zero_points = [n.name for n in g.nodes if n.name.startswith("Int4ZeroPoints")]
+        if zero_points:
+            raise UnsupportedGraph(
+                "the INT4 weights have zero points (an AutoAWQ checkpoint's own INT4), whose "
+                "offset GEMMs the cuda backend does not run yet; build it with --quant "
+                "int4-rtn (its dequantized weights quantized again, symmetric: one more "
+                "rounding) or with --backend reference")
         for name, dims in contract.CONTROL_INPUTS.items():
             self.values[name] = Value("input", "int32", list(dims))
         for node in g.nodes:
