@@ -185,10 +185,12 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None,
             return
         # A zero-point format's (8 - z) s: x's sums over each block of K, [T, K / B], times
         # the offsets [K / B, N], added to the symmetric GEMM. The sums are a GEMM with a 0/1
-        # block matrix (exact), so every backend runs the offset as two small GEMMs.
-        sums = g.add_weight(Weight(f"{w.name}.int4_block_sums", w.dtype, (k, k // block),
-                                   lambda: np.kron(np.eye(k // block), np.ones((block, 1))
-                                                   ).astype(np_dtype(w.dtype))), w.name)
+        # block matrix (exact; one a shape, which the layers share), so every backend runs
+        # the offset as two small GEMMs.
+        sums = f"int4_block_sums.{k}x{block}"
+        if sums not in g.weights:
+            g.add_weight(Weight(sums, w.dtype, (k, k // block), lambda: np.kron(
+                np.eye(k // block), np.ones((block, 1))).astype(np_dtype(w.dtype))), w.name)
         offset = g.add_weight(Weight(f"{w.name}.int4_offset", w.dtype, (k // block, n),
                                      lambda: have.offset.astype(np_dtype(w.dtype))), w.name)
         g.remove([site.node])

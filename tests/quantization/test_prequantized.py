@@ -264,6 +264,9 @@ def test_autoawq_zero_points_build_exactly(tiny_models_d64, tmp_path, words, dty
     assert stored == to_storage(np.ascontiguousarray(codes).astype(np_dtype("int4")))
     graph = onnx.load_from_string(engine.section("model.onnx").tobytes())
     assert sum(n.name.startswith("Int4ZeroPoints") for n in graph.graph.node) == 8
+    # one block-sum matrix a K (256: q/k/v, o, gate-up; 384: down), shared by the layers
+    assert sorted(i.name for i in graph.graph.initializer if "block_sums" in i.name) == [
+        f"int4_block_sums.256x{group}", f"int4_block_sums.384x{group}"]
 
 
 def test_autoawq_formats_it_cannot_take_are_one_error(tiny_models_d64, tmp_path):
