@@ -134,15 +134,21 @@ def test_modelopt_fp8_export_builds_unquantized_when_asked(fp8_export, tmp_path)
     assert header.quant is None
 
 
+def _refused(folder, tmp_path, match, **quant_config):
+    """The checkpoint with these quantization_config entries is one error matching `match`."""
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"].update(quant_config)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LlmcError, match=match):
+        build(BuildOptions(folder, tmp_path / "a.engine", backend="reference", limits=LIMITS),
+              log=lambda _: None)
+
+
 def test_other_quantized_checkpoints_are_refused_by_name(fp8_export, tmp_path):
     folder = tmp_path / "nvfp4"
     shutil.copytree(fp8_export, folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["quantization_config"]["quant_algo"] = "NVFP4"
-    (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LlmcError, match="a modelopt NVFP4 checkpoint .* cannot be read yet"):
-        build(BuildOptions(folder, tmp_path / "a.engine", backend="reference", limits=LIMITS),
-              log=lambda _: None)
+    _refused(folder, tmp_path, "a modelopt NVFP4 checkpoint .* cannot be read yet",
+             quant_algo="NVFP4")
 
 
 @pytest.mark.parametrize("names", [
@@ -271,12 +277,7 @@ def test_autoawq_zero_points_build_exactly(tiny_models_d64, tmp_path, words, dty
 
 def test_autoawq_formats_it_cannot_take_are_one_error(tiny_models_d64, tmp_path):
     src = _autoawq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "awq", 128)
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"]["version"] = "gemv"
-    (src / "config.json").write_text(json.dumps(config))
-    with pytest.raises(LlmcError, match="AutoAWQ's 4-bit GEMM format"):
-        build(BuildOptions(src, tmp_path / "a.engine", backend="reference", limits=LIMITS),
-              log=lambda _: None)
+    _refused(src, tmp_path, "AutoAWQ's 4-bit GEMM format", version="gemv")
 
 
 def test_autoawq_zero_points_on_the_cuda_backend_are_one_error(tiny_models_d64, tmp_path,
