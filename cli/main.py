@@ -65,7 +65,8 @@ def cli() -> None:
               type=click.Choice(["auto", "none", "fp8", "int4-awq", "int4-rtn"]),
               help="fp8: FP8 weights and activations (calibrated); int4-awq / int4-rtn: INT4 "
                    "weights in blocks, with AWQ's scale search or plain rounding; auto: a "
-                   "pre-quantized checkpoint's own format (ModelOpt FP8), else none. The LM "
+                   "pre-quantized checkpoint's own format (ModelOpt FP8 or INT4-AWQ, "
+                   "AutoAWQ), else none. The LM "
                    "head stays unquantized; the accuracy is measured and stored "
                    "(docs/quantization.md)")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
