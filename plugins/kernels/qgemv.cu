@@ -456,8 +456,8 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 }
 
 // ---- entry points ------------------------------------------------------------------------------
-// w4_<dtype>_m<M>[_cs][_swiglu|_geglu] and w8_<dtype>_<out>_m<M>[_...]: M = 8 (NT = 1) or 16
-// (NT = 2); _cs: chunk scales (the group a multiple of 128).
+// w4_<dtype>_m<M>[_wide][_cs][_swiglu|_geglu] and w8_<dtype>_<out>_m<M>[_...]: M = 8 (NT = 1)
+// or 16 (NT = 2); _wide: 3 CTAs an SM (below); _cs: chunk scales (the group a multiple of 128).
 #define W4_ENTRY(NAME, TY, NT, SK, D, ACT, CS, MINB)                                          \
   extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
