@@ -204,18 +204,21 @@ class Kernels:
         self.launch(ln, [x, w, DevPtr(0) if bias is None else bias, m, n, k, out])
         return out
 
-    def w4_gemv(self, x, w, scale, group, pre=None, bias=None, act=None, sm_count=None):
+    def w4_gemv(self, x, w, scale, group, pre=None, bias=None, act=None, sm_count=None,
+                zp=None):
         """x [m, K] @ dequant(w)^T for m <= 16: w the packed INT4 weight [N, K / 2] (uint8, as
-        lower.pack_int4 writes it), scale [N, K / group] in x's dtype, pre AWQ's 1 / s [K].
+        lower.pack_int4 writes it), scale [N, K / group] in x's dtype, pre AWQ's 1 / s [K], zp
+        the zero points [N, K / group] (uint8; the codes are u - zp rather than u - 8).
         sm_count: the GPU's unless given (it picks the kernel, launch_rules.qgemv_launch)."""
         m, k = x.shape
         n = w.shape[0] // (2 if act else 1)
         out = self.torch.empty(m, n, dtype=x.dtype, device=x.device)
         ln = lr.qgemv_launch(m, n, k, self._dtype(x), "int4", act=act, group=group,
-                             sm_count=self.sm_count if sm_count is None else sm_count)
+                             sm_count=self.sm_count if sm_count is None else sm_count,
+                             zero_points=zp is not None)
         self.launch(ln, [x, w, scale, DevPtr(0) if pre is None else pre,
                          DevPtr(0) if bias is None else bias, m, n, k,
-                         lr.int4_group_shift(group), out])
+                         lr.int4_group_shift(group), out, *([] if zp is None else [zp])])
         return out
 
     def w8_gemv(self, x, w, w_scale, x_scale, bias=None, out_dtype=None, act=None):
@@ -229,12 +232,12 @@ class Kernels:
                          DevPtr(0) if bias is None else bias, m, n, k, out])
         return out
 
-    def dequant_int4(self, w, scale, group, dtype, pre=None):
+    def dequant_int4(self, w, scale, group, dtype, pre=None, zp=None):
         n, k = w.shape[0], 2 * w.shape[1]
         out = self.torch.empty(n, k, dtype=dtype, device=w.device)
-        self.launch(lr.dequant_int4_launch(n, k, self._dtype(out)),
+        self.launch(lr.dequant_int4_launch(n, k, self._dtype(out), zero_points=zp is not None),
                     [w, scale, DevPtr(0) if pre is None else pre, n, k,
-                     lr.int4_group_shift(group), out])
+                     lr.int4_group_shift(group), out, *([] if zp is None else [zp])])
         return out
 
     def quantize_fp8(self, x, x_scale):

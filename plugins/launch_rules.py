@@ -137,11 +137,13 @@ def int4_group_shift(group: int) -> int:
 
 
 def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str | None = None,
-                 act: str | None = None, group: int = 0, sm_count: int = 0) -> Launch:
+                 act: str | None = None, group: int = 0, sm_count: int = 0,
+                 zero_points: bool = False) -> Launch:
     """y[m, n] = x[m, k] @ dequant(w)^T for m <= 16 on a packed weight (kernels/qgemv.cu);
     with act, w is the fused [2n, k] gate-up weight and y = act(gate) * up.
     int4 args: (x, w, scale, pre-or-null, bias-or-null, m, n, k, int4_group_shift(group), y),
-    the kernel with chunk scales (_cs) when the group is a multiple of 128;
+    the kernel with chunk scales (_cs) when the group is a multiple of 128; zero_points: the
+    w4zp kernel of kernels/qgemv_zp.cu, whose args end with the zero points [N, K / G] (u8);
     fp8 args: (x, w, x_scale * w_scale f32 [N], float_bits(x_scale), bias-or-null, m, n, k,
     y).
     16 weight rows (8 outputs with act) a CTA of QGEMV_WARPS[quant, M] warps; for INT4 up to 8
@@ -163,22 +165,32 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
         raise ValueError(f"{quant} gemv needs K a multiple of {align}: N={n}, K={k}")
     mb = next(b for b in QGEMV_MS if b >= m)
     tiles = math.ceil(n / (8 if act else 16))
+    if zero_points and quant != "int4":
+        raise ValueError("zero points are INT4's")
     if quant == "int4":
         int4_group_shift(group)
-        wide = mb == 8 and sm_count and tiles > QGEMV4_WIDE_TILES * sm_count
-        name = f"w4_{tag}_m{mb}{'_wide' if wide else ''}{'_cs' if group % 128 == 0 else ''}"
+        cs = group % 128 == 0
+        # (the zero-point kernel without chunk scales does not fit the wide kernel's 80
+        # registers: it would spill)
+        wide = mb == 8 and sm_count and tiles > QGEMV4_WIDE_TILES * sm_count and \
+            (cs or not zero_points)
+        name = f"w4{'zp' if zero_points else ''}_{tag}_m{mb}{'_wide' if wide else ''}" \
+               f"{'_cs' if cs else ''}"
     else:
         name = f"w8_{tag}_{out}_m{mb}"
     name += f"_{act}" if act else ""
-    return Launch("qgemv", name, (tiles, 1, 1), (32 * QGEMV_WARPS[quant, mb], 1, 1), pdl=True)
+    return Launch("qgemv_zp" if zero_points else "qgemv", name, (tiles, 1, 1),
+                  (32 * QGEMV_WARPS[quant, mb], 1, 1), pdl=True)
 
 
-def dequant_int4_launch(n: int, k: int, dtype: str) -> Launch:
+def dequant_int4_launch(n: int, k: int, dtype: str, zero_points: bool = False) -> Launch:
     """The packed INT4 weight [n, k] back to dtype, for a prefill GEMM. args (w, scale,
-    pre-or-null, n, k, int4_group_shift(group), out [n, k])."""
+    pre-or-null, n, k, int4_group_shift(group), out [n, k]), then with zero_points the zero
+    points [N, K / G] (kernels/qgemv_zp.cu)."""
     if k % INT4_K or n * k >= INT32_MAX:
         raise ValueError(f"dequant_int4 needs K a multiple of {INT4_K}: N={n}, K={k}")
-    return Launch("qgemv", f"dequant_int4_{dtype_tag(dtype)}",
+    zp = "_zp" if zero_points else ""
+    return Launch(f"qgemv{zp}", f"dequant_int4{zp}_{dtype_tag(dtype)}",
                   (math.ceil(n * k // INT4_K / 256), 1, 1), (256, 1, 1))
 
 

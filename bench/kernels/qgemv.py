@@ -6,9 +6,10 @@ datasheet bandwidth on the bytes each one reads.
 
 For M = 1..16 rows: bf16 = what the cuda backend runs unquantized (llmc's GEMV up to 8 rows,
 cuBLASLt through torch.matmul above); int4 = w4 (group 128, AWQ's 1 / s applied to x as an
-int4-awq engine runs it, and without, as int4-rtn runs it); fp8 = w8 (x quantized as it is
-loaded). The gate-up GEMM has its SwiGLU fused in every column (bf16 beyond 8 rows: cuBLASLt,
-then llmc's SwiGLU kernel).
+int4-awq engine runs it, and without, as int4-rtn runs it; and w4zp, the kernel of
+kernels/qgemv_zp.cu with a zero point per row and group, as an AutoAWQ or asymmetric GPTQ
+checkpoint's engine runs it); fp8 = w8 (x quantized as it is loaded). The gate-up GEMM has
+its SwiGLU fused in every column (bf16 beyond 8 rows: cuBLASLt, then llmc's SwiGLU kernel).
 
 Timing as bench/kernels/gemm.py: a CUDA graph of >= CALLS calls cycling through >= 256 MiB of
 weight copies, median of REPS replays. % peak = bytes read (packed weights + scales + x) and
@@ -78,6 +79,7 @@ def main() -> None:
         w4 = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
               for _ in range(copies)]
         s4 = torch.rand(n, k // GROUP, device="cuda").to(bf) * 0.01
+        z4 = torch.randint(0, 16, (n, k // GROUP), device="cuda", dtype=torch.uint8)
         pre = (torch.rand(k, device="cuda") + 0.5).to(bf)
         w8 = [torch.randint(0, 256, (n, k), device="cuda", dtype=torch.uint8) & 0x77
               for _ in range(copies // 2 + 1)]   # finite E4M3 codes
@@ -103,12 +105,13 @@ def main() -> None:
                     return fn
                 return lambda: torch.matmul(x, w.t(), out=y)
 
-            def int4(w, x=x, y=y, m=m, ln=None, fn=f, awq=True):
+            def int4(w, x=x, y=y, m=m, ln=None, fn=f, awq=True, zp=False):
                 ln = ln or lr.qgemv_launch(m, n_out, k, "bfloat16", "int4", None, act, GROUP,
-                                           K.sm_count)
+                                           K.sm_count, zero_points=zp)
                 a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s4.data_ptr()),
                      DevPtr(pre.data_ptr() if awq else 0), DevPtr(0), m, n_out, k,
-                     lr.int4_group_shift(GROUP), DevPtr(y.data_ptr())]
+                     lr.int4_group_shift(GROUP), DevPtr(y.data_ptr()),
+                     *([DevPtr(z4.data_ptr())] if zp else [])]
                 return lambda: fn.launch(ln, a, stream())
 
             def e4m3(w, x=x, y=y, m=m, ln=None, fn=f):
@@ -121,10 +124,13 @@ def main() -> None:
             t4 = graph_time([int4(w4[i % len(w4)]) for i in range(calls)])
             t4r = graph_time([int4(w4[i % len(w4)], awq=False) for i in range(calls)])
             b4 = n * k // 2 + s4.numel() * 2 + k * 2 + out_bytes
+            t4z = graph_time([int4(w4[i % len(w4)], awq=False, zp=True) for i in range(calls)])
+            b4z = b4 - k * 2 + z4.numel()
             t8 = graph_time([e4m3(w8[i % len(w8)]) for i in range(calls)]) if fp8 else None
             b8 = n * k + n * 4 + out_bytes
             rows.append((name, f"{k}->{n}", m, t16, (w16_bytes + out_bytes) / t16, t4, b4 / t4,
-                         t4r, (b4 - k * 2) / t4r, t8, b8 / t8 if t8 else None))
+                         t4r, (b4 - k * 2) / t4r, t4z, b4z / t4z, t8,
+                         b8 / t8 if t8 else None))
             if sweep and not act and m in (1, 8, 16):
                 nt = 1 if m <= 8 else 2
                 grid = (math.ceil(n / 16), 1, 1)
@@ -154,19 +160,21 @@ def main() -> None:
         f"CUDA graph of >= {CALLS} calls, median of {REPS} replays, weights rotated over "
         f">= {ROTATE_BYTES >> 20} MiB; % peak = bytes moved / time against "
         f"{DATASHEET_BW / 1e12:.2f} TB/s. bf16: llmc's GEMV (M <= 8) or cuBLASLt; int4: group "
-        f"{GROUP}: AWQ (x times 1 / s in the kernel) and RTN (no 1 / s); speedup = bf16 time / "
-        "quantized time.",
+        f"{GROUP}: AWQ (x times 1 / s in the kernel), RTN (no 1 / s) and ZP (zero points, no "
+        "1 / s); speedup = bf16 time / quantized time.",
         "",
         "| GEMM | K->N | M | bf16 us | bf16 % peak | int4 AWQ us | % peak | speedup "
-        "| int4 RTN us | % peak | speedup | fp8 us | fp8 % peak | fp8 speedup |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| int4 RTN us | % peak | speedup | int4 ZP us | % peak | fp8 us | fp8 % peak "
+        "| fp8 speedup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, kn, m, t16, bw16, t4, bw4, t4r, bw4r, t8, bw8 in rows:
+    for name, kn, m, t16, bw16, t4, bw4, t4r, bw4r, t4z, bw4z, t8, bw8 in rows:
         f8 = (f"{t8 * 1e6:.1f} | {bw8 / DATASHEET_BW:.0%} | {t16 / t8:.2f}x" if t8
               else "- | - | -")
         lines.append(f"| {name} | {kn} | {m} | {t16 * 1e6:.1f} | {bw16 / DATASHEET_BW:.0%} "
                      f"| {t4 * 1e6:.1f} | {bw4 / DATASHEET_BW:.0%} | {t16 / t4:.2f}x "
-                     f"| {t4r * 1e6:.1f} | {bw4r / DATASHEET_BW:.0%} | {t16 / t4r:.2f}x | {f8} |")
+                     f"| {t4r * 1e6:.1f} | {bw4r / DATASHEET_BW:.0%} | {t16 / t4r:.2f}x "
+                     f"| {t4z * 1e6:.1f} | {bw4z / DATASHEET_BW:.0%} | {f8} |")
     if sweep_rows:
         lines += ["", "Sweep, % of peak by warps splitting K (SK), chunks in flight a warp (D) "
                   "and CTAs an SM (the register cap):", "",

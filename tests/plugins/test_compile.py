@@ -40,14 +40,17 @@ def _entry_names():
             for act in (None, *lr.GEMV_ACTS):
                 for group in (64, 128):
                     for sms in (0, 1):   # sm_count 1: 64 rows are tiles enough for _wide
-                        names.add(lr.qgemv_launch(m, 64, 128, dt, "int4", act=act, group=group,
-                                                  sm_count=sms))
+                        for zp in (False, True):
+                            names.add(lr.qgemv_launch(m, 64, 128, dt, "int4", act=act,
+                                                      group=group, sm_count=sms,
+                                                      zero_points=zp))
                 names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", act=act))
             names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", "float32"))
         names.add(lr.moe_route_launch(5, 8, 2, dt))
         for t in (1, 300):     # the 8-row and 64-row grouped-GEMM tiles
             names.update(lr.moe_gemm_launch(t, 8, 2, 64, 128, dt, act) for act in (False, True))
         names.add(lr.dequant_int4_launch(64, 128, dt))
+        names.add(lr.dequant_int4_launch(64, 128, dt, zero_points=True))
         names.add(lr.quantize_fp8_launch(64, dt))
         for il in (False, True):
             for bias in (False, True):

@@ -1,6 +1,7 @@
-"""The quantized GEMMs of decode and their prefill helpers (plugins/kernels/qgemv.cu) against
-float64 references on the GPU (marked `gpu`; skipped without CUDA). Outputs are poisoned
-(NaN) before each launch, so an element a kernel skips fails the check.
+"""The quantized GEMMs of decode and their prefill helpers (plugins/kernels/qgemv.cu, and
+qgemv_zp.cu for INT4 with zero points) against float64 references on the GPU (marked `gpu`;
+skipped without CUDA). Outputs are poisoned (NaN) before each launch, so an element a kernel
+skips fails the check.
 
 INT4: the reference dequantizes the same codes and scales in torch (q * s rounded to the
 dtype, as DequantizeLinear does; x * pre rounded to the dtype, as the graph's Mul does) and
@@ -46,18 +47,25 @@ def check(y, ref, dtype, tol=None):
     assert err < tol, f"relative max error {err:.2e} >= {tol:.1e}"
 
 
-def int4_weight(n, k, group, dtype, seed=0):
-    """Random codes and scales; the packed engine layout and the dequantized reference."""
+def int4_weight(n, k, group, dtype, seed=0, zero_points=False):
+    """Random codes and scales; the packed engine layout and the dequantized reference.
+    zero_points: also zero points z [N, K / group] (uint8, 0..16), the codes then u - z; the
+    result is (packed, scale, deq, z)."""
     from llmc.backends.cuda.lower import pack_int4
 
     rng = np.random.default_rng(seed)
-    q = rng.integers(-8, 8, (n, k)).astype(np.int8)
-    # ONNX's INT4 [K, N]: element i = k * N + n in byte i / 2, low nibble first
-    flat = (q.T.reshape(-1) & 0xF).astype(np.uint8)
+    u = rng.integers(0, 16, (n, k)).astype(np.int8)
+    # ONNX's INT4 [K, N]: element i = k * N + n in byte i / 2, low nibble first; u - 8 signed
+    flat = ((u - 8).T.reshape(-1) & 0xF).astype(np.uint8)
     onnx_bytes = flat[0::2] | (flat[1::2] << 4)
     packed = torch.from_numpy(pack_int4(onnx_bytes, n, k).reshape(n, k // 2)).cuda()
     scale = (torch.rand(n, k // group, device="cuda") * 0.02 + 0.005).to(dtype)
+    z = rng.integers(0, 17, (n, k // group)).astype(np.uint8) if zero_points else \
+        np.full((n, k // group), 8, np.uint8)
+    q = u.astype(np.int16) - np.repeat(z, group, axis=1)
     deq = (torch.from_numpy(q).cuda().to(dtype) * scale.repeat_interleave(group, 1)).to(dtype)
+    if zero_points:
+        return packed, scale, deq, torch.from_numpy(z).cuda()
     return packed, scale, deq
 
 
@@ -116,6 +124,32 @@ def test_w4_gemv_fused_gate(K, inter, k, group, dtype, m, act):
     fused = K.w4_gemv(x, w, scale, group, act=act)
     gu = (x.double() @ deq.double().T).to(dtype)   # the GEMM's output, rounded
     check(fused, K.gated(gu, act).double(), dtype, GATE_TOL[dtype])
+
+
+@pytest.mark.parametrize("wide", (False, True))
+@pytest.mark.parametrize("m", (1, 8, 9, 16))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,group,act", ((576, 576, 64, None), (6144, 4096, 128, None),
+                                           (96, 1152, 128, "swiglu"), (520, 2048, 32, "geglu"),
+                                           (1000, 256, 32, None)))
+def test_w4_gemv_zero_points(K, n, k, group, act, dtype, m, wide):
+    """The zero-point kernels (kernels/qgemv_zp.cu: codes u - z, z per row and group, 0 to
+    16) with and without chunk scales, a tail chunk, AWQ's 1 / s and a fused gate."""
+    w, scale, deq, z = int4_weight(n * (2 if act else 1), k, group, dtype, seed=9,
+                                   zero_points=True)
+    x = x_rows(m, k, dtype, seed=10)
+    pre = (torch.rand(k, device="cuda") + 0.5).to(dtype) if group == 128 else None
+    y = K.w4_gemv(x, w, scale, group, pre=pre, act=act, zp=z, sm_count=1 if wide else 0)
+    ref = (x if pre is None else x * pre).double() @ deq.double().T
+    check(y, K.gated(ref.to(dtype), act).double() if act else ref, dtype,
+          GATE_TOL[dtype] if act else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,group", ((1728, 576, 64), (512, 4096, 128)))
+def test_dequant_int4_zero_points_is_exact(K, n, k, group, dtype):
+    w, scale, deq, z = int4_weight(n, k, group, dtype, seed=11, zero_points=True)
+    assert torch.equal(K.dequant_int4(w, scale, group, dtype, zp=z), deq)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

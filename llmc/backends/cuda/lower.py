@@ -15,7 +15,8 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
     MatMul(x', DequantizeLinear(W_q, scale))     gemm, attr quant     qgemv.cu (1-16 rows),
       x' = x, AWQ's Mul(x, 1/s), or FP8 Q/DQ(x)                        cuBLASLt (more) on a
       (quantization/qdq.py's forms)                                    dequantized INT4
-                                                                       weight / FP8 x
+      [+ MatMul(MatMul(x', E), offsets): INT4    (input 5: the zero    weight / FP8 x;
+      zero points]                               points)               qgemv_zp.cu
     llmc FusedSwiGLU / FusedGeGLU                 swiglu / geglu       activation.cu
     llmc SwiGLU (gate, up apart)                  swiglu2              activation.cu
     a mixture of experts (routed_experts: the     moe                  moe.cu (routing and
@@ -175,13 +176,6 @@ class Lowering:
 
     def run(self) -> Plan:
         g = self.g
-        zero_points = [n.name for n in g.nodes if n.name.startswith("Int4ZeroPoints")]
-        if zero_points:
-            raise UnsupportedGraph(
-                "the INT4 weights have zero points (an AutoAWQ checkpoint's own INT4), whose "
-                "offset GEMMs the cuda backend does not run yet; build it with --quant "
-                "int4-rtn (its dequantized weights quantized again, symmetric: one more "
-                "rounding) or with --backend reference")
         for name, dims in contract.CONTROL_INPUTS.items():
             self.values[name] = Value("input", "int32", list(dims))
         for node in g.nodes:
@@ -229,13 +223,16 @@ class Lowering:
         # the quantized GEMMs' kernels and the soft-capped or E4M3-pool attention's are
         # compiled only for the models that have them
         quant = any(op.attrs.get("quant") for op in self.ops if op.op == "gemm")
+        zero_points = any(op.inputs[5:6] != [None] for op in self.ops
+                          if op.op == "gemm" and op.attrs.get("quant") == "int4")
         attention = sorted({attention_module(op.attrs["softcap"], "kv_scale" in op.attrs)
                             for op in self.ops if op.op == "attention"} - set(MODULES))
         moe = any(op.op == "moe" for op in self.ops)
         # sm_90a's prefill kernel (TMA + wgmma) serves the 16-bit pools
         sm90 = self.arch == "sm_90a" and any(
             "kv_scale" not in op.attrs for op in self.ops if op.op == "attention")
-        modules = list(MODULES) + (["qgemv"] if quant else []) + attention + \
+        modules = list(MODULES) + (["qgemv"] if quant else []) + \
+            (["qgemv_zp"] if zero_points else []) + attention + \
             (["moe"] if moe else []) + ([SM90_MODULE] if sm90 else [])
         return Plan(self.arch, self.dtype, modules, self.values, self.ops, arena,
                     weights_end, logits, len(attn))
@@ -365,11 +362,13 @@ class Lowering:
         n, k = self.values[self._weight(w)].shape
         self._gemm(node, x, w, n, k, trans_b=True)
 
-    def _gemm(self, node, x, w, n, k, trans_b: bool, qinputs: tuple = (), **attrs) -> None:
-        """qinputs: the quantized weight's scale and its other input (INT4: AWQ's 1 / s or
-        None; FP8: x's scale), after x, w and the bias."""
+    def _gemm(self, node, x, w, n, k, trans_b: bool, qinputs: tuple = (), out: str = "",
+              **attrs) -> None:
+        """qinputs: the quantized weight's scale and its other inputs (INT4: AWQ's 1 / s or
+        None, its zero points or None; FP8: x's scale), after x, w and the bias. out: the
+        value the GEMM computes, if not the node's output (an INT4 zero-point sum's)."""
         rows = self.values[x].shape[0]
-        out_name, out_dtype, bias = node.output[0], self.dtype, None
+        out_name, out_dtype, bias = out or node.output[0], self.dtype, None
         users = self.g.consumers.get(out_name, [])
         if len(users) == 1 and users[0].op_type == "Add" and id(users[0]) not in self.done:
             other = next(i for i in users[0].input if i != out_name)
@@ -423,6 +422,10 @@ class Lowering:
                 claimed.append(mul)
                 site["pre"] = pre
             site.update(kind="int4", group=block)
+            zero_points = self._int4_zero_points(node, k, n, block)
+            if zero_points is not None:
+                site.update(offset=zero_points[0], out=zero_points[1])
+                claimed += zero_points[2]
         elif kind == FP8:
             xdq = g.producer.get(x)
             xq = g.producer.get(xdq.input[0]) if xdq is not None and \
@@ -450,6 +453,29 @@ class Lowering:
         self.quantized[id(node)] = site
         self.done.update(id(c) for c in claimed)
 
+    def _int4_zero_points(self, node, k: int, n: int, block: int):
+        """A zero-point checkpoint's INT4 GEMM (qdq.int4_pass): the MatMul's output added to
+        MatMul(MatMul(x', E), offsets), E the 0/1 block-sum weight [K, K / B] and the offsets
+        (8 - z) s [K / B, N]. (offsets, the sum's output, the three nodes) or None. The
+        kernels take z itself: rewrite_weights recovers it from the offsets and scales."""
+        g = self.g
+        users = g.consumers.get(node.output[0], [])
+        add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
+        other = next((i for i in add.input if i != node.output[0]), None) if add else None
+        zp = g.producer.get(other) if other else None
+        sums = g.producer.get(zp.input[0]) if zp is not None and zp.op_type == "MatMul" \
+            else None
+        if sums is None or sums.op_type != "MatMul" or sums.input[0] != node.input[0]:
+            return None
+        e, offsets = g.weight(sums.input[1]), g.weight(zp.input[1])
+        if e is None or offsets is None or list(e.dims) != [k, k // block] or \
+                list(offsets.dims) != [k // block, n] or \
+                not sums.input[1].startswith("int4_block_sums.") or \
+                len(g.consumers.get(other, [])) != 1 or len(g.consumers[sums.output[0]]) != 1:
+            raise UnsupportedGraph(f"{add.name!r}: an INT4 GEMM's zero points are not the "
+                                   "quantizer's form (x's block sums times the offsets)")
+        return zp.input[1], add.output[0], [sums, zp, add]
+
     def _quantized_gemm(self, node, site: dict) -> None:
         k, n = self.g.weight(site["q"]).dims
         if self.g.weight(site["scale"]).data_type != ONNX_TYPES[self.dtype]:
@@ -459,8 +485,11 @@ class Lowering:
             w = self._weight(site["q"], shape=[n, k // 2], dtype="uint8")
             scale = self._weight(site["scale"], shape=[n, k // site["group"]])
             pre = self._weight(site["pre"]) if "pre" in site else None
-            self._gemm(node, site["x"], w, n, k, trans_b=True, qinputs=(scale, pre),
-                       quant="int4", group=site["group"])
+            # the zero points, a byte each, where the offsets were (rewrite_weights)
+            zp = self._weight(site["offset"], shape=[n, k // site["group"]], dtype="uint8") \
+                if "offset" in site else None
+            self._gemm(node, site["x"], w, n, k, trans_b=True, qinputs=(scale, pre, zp),
+                       out=site.get("out", ""), quant="int4", group=site["group"])
         else:
             w = self._weight(site["q"], shape=[n, k], dtype=FP8)
             # The kernel and cuBLASLt scale each output channel by x_scale * w_scale[n] in
@@ -767,9 +796,18 @@ class Lowering:
         v_reshape = g.only(v, "Reshape")
         split = g.only(v_reshape.input[0], "Split")
         self.done.update({id(split), id(v_reshape)})
-        bias_add = g.producer.get(split.input[0])
-        if bias_add is not None and bias_add.op_type == "Add":
+        bias_add = self._bias_add(split.input[0])
+        if bias_add is not None:
             self.done.add(id(bias_add))
+
+    def _bias_add(self, value: str):
+        """The Add of a weight (a linear's bias) that makes value, or None (an INT4 zero-point
+        GEMM's sum adds two activations)."""
+        add = self.g.producer.get(value)
+        if add is None or add.op_type != "Add" or \
+                not any(self.g.weight(i) is not None for i in add.input):
+            return None
+        return add
 
     def _op_PagedAttention(self, node) -> None:
         """The attention block: from the q/k/v GEMM to the attention output."""
@@ -787,8 +825,8 @@ class Lowering:
             raise UnsupportedGraph(f"PagedAttention node {node.name!r}: q, k and v do not "
                                    "come from one fused QKV GEMM")
         qkv, bias = split.input[0], None
-        producer = g.producer.get(qkv)
-        if producer is not None and producer.op_type == "Add":
+        producer = self._bias_add(qkv)
+        if producer is not None:
             mm_out = next(i for i in producer.input if g.weight(i) is None)
             bias = self._weight(next(i for i in producer.input if i != mm_out))
             qkv = mm_out
@@ -1021,9 +1059,11 @@ def _from_positions(g: _Graph, value: str) -> bool:
 def rewrite_weights(weights: Path, plan: Plan) -> int:
     """Rewrite, in place in the build's weights file, every GEMM weight the plan reads as
     [N, K] from the [K, N] the graph holds it in (op attr `transposed`): 16-bit and FP8
-    weights and INT4 scales transposed, INT4 weights packed for the kernels (pack_int4); and
-    append the fp32 FP8 channel scales (x_scale * w_scale[n]). Returns the bytes written."""
+    weights and INT4 scales transposed, INT4 weights packed for the kernels (pack_int4), INT4
+    offsets turned into zero points (zero_points); and append the fp32 FP8 channel scales
+    (x_scale * w_scale[n]). Returns the bytes written."""
     jobs: dict[str, str] = {}
+    zeros: dict[str, str] = {}     # zero points -> their scales
     appended: dict[str, tuple[str, float]] = {}
     for op in plan.ops:
         if op.op == "moe":     # stacked experts: each [in, out] -> [out, in]
@@ -1035,12 +1075,19 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
         jobs[op.inputs[1]] = "int4" if quant == "int4" else "transpose"
         if quant == "int4":
             jobs[op.inputs[3]] = "transpose"
+            if len(op.inputs) > 5 and op.inputs[5]:
+                zeros[op.inputs[5]] = op.inputs[3]
         elif quant == "fp8":
             appended[op.inputs[3]] = (op.attrs["scale_from"], op.attrs["x_scale"])
     if not jobs:
         return 0
     data = np.memmap(weights, dtype=np.uint8, mode="r+")
     done = 0
+    for name, scale in sorted(zeros.items()):    # before the scales are transposed
+        offsets, scales = (_int4_graph_layout(data, plan, v) for v in (name, scale))
+        z = zero_points(offsets, scales, name)
+        data[plan.values[name].offset:][:z.size] = z.reshape(-1)
+        done += z.size
     for name in sorted(jobs):
         v = plan.values[name]
         *stack, rows, cols = v.shape
@@ -1068,6 +1115,33 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
                 done += values.nbytes
             f.truncate(max(f.seek(0, 2), plan.weights_bytes))
     return done
+
+
+def _int4_graph_layout(data: np.ndarray, plan: Plan, name: str) -> np.ndarray:
+    """An INT4 GEMM's scales or offsets as the graph stores them, [K / B, N] in the dtype."""
+    v = plan.values[name]
+    n, groups = v.shape
+    block = data[v.offset:v.offset + n * groups * itemsize(plan.dtype)]
+    return block.view(np_dtype(plan.dtype)).reshape(groups, n)
+
+
+def zero_points(offsets: np.ndarray, scales: np.ndarray, what: str = "") -> np.ndarray:
+    """The zero points z [N, K / B] (uint8) of INT4 offsets (8 - z) s [K / B, N] (qdq.py's
+    form of a zero-point checkpoint, quantization/prequantized.py) and their scales s: the
+    kernels compute (u - z) s, exactly the checkpoint's W. The offsets and scales are 16-bit,
+    so 8 - o / s lands within 2^-8 * 8 of an integer; anything farther (a format whose zero
+    points are not integers) is an error, as is z outside 0..16."""
+    o, s = offsets.astype(np.float32), scales.astype(np.float32)
+    ratio = np.divide(o, s, out=np.zeros_like(o), where=s != 0)
+    z = np.rint(8 - ratio)
+    bad = (np.abs(8 - ratio - z) > 1 / 16) | (z < 0) | (z > 16) | ((s == 0) & (o != 0))
+    if bad.any():
+        i = np.argwhere(bad)[0]
+        raise UnsupportedGraph(
+            f"{what}: INT4 offset {o[tuple(i)]:g} with scale {s[tuple(i)]:g} is not (8 - z) * "
+            "scale for an integer zero point z in 0..16; the cuda kernels take integer zero "
+            "points only (build with --quant int4-rtn to quantize the weights again)")
+    return np.ascontiguousarray(z.T).astype(np.uint8)
 
 
 def pack_int4(packed: np.ndarray, n: int, k: int) -> np.ndarray:

@@ -68,13 +68,15 @@ def _qgemm(op: Op, m: int, dt: str, sm_count: int, P) -> Iterator[tuple]:
     act, quant, k = a.get("act"), a["quant"], a["k"]
     bias = P(ins[2]) if ins[2] else DevPtr(0)
     pre = P(ins[4]) if ins[4] else DevPtr(0)     # INT4: AWQ's 1 / s
+    zp = ins[5] if len(ins) > 5 else None        # INT4: zero points
+    zargs = [P(zp)] if zp else []
     if uses_gemv(op, m):
         n, y = (a["inter"], outs[1]) if act else (a["n"], outs[0])
         launch = lr.qgemv_launch(m, n, k, dt, quant, a["out_dtype"], act, a.get("group", 0),
-                                 sm_count)
+                                 sm_count, zero_points=bool(zp))
         if quant == "int4":
             args = [P(ins[0]), P(ins[1]), P(ins[3]), pre, bias, m, n, k,
-                    lr.int4_group_shift(a["group"]), P(y)]
+                    lr.int4_group_shift(a["group"]), P(y), *zargs]
         else:
             args = [P(ins[0]), P(ins[1]), P(ins[3]), lr.float_bits(a["x_scale"]), bias, m, n,
                     k, P(y)]
@@ -82,8 +84,8 @@ def _qgemm(op: Op, m: int, dt: str, sm_count: int, P) -> Iterator[tuple]:
         return
     ws = P(QGEMM_WORKSPACE)
     if quant == "int4":
-        yield "kernel", lr.dequant_int4_launch(a["n"], k, dt), [
-            P(ins[1]), P(ins[3]), pre, a["n"], k, lr.int4_group_shift(a["group"]), ws]
+        yield "kernel", lr.dequant_int4_launch(a["n"], k, dt, zero_points=bool(zp)), [
+            P(ins[1]), P(ins[3]), pre, a["n"], k, lr.int4_group_shift(a["group"]), ws, *zargs]
         yield "gemm", gemm_key(op), (int(P(ins[0])), int(ws), int(P(outs[0])), m,
                                      int(bias) or None)
     else:

@@ -64,6 +64,33 @@ def test_pack_int4_is_what_the_kernel_reads():
     np.testing.assert_array_equal(unpack_int4(packed, n, k), q)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_zero_points_are_recovered_exactly_from_the_offsets(dtype):
+    """lower.zero_points: z from the graph's offsets (8 - z) s and scales s, both rounded to
+    the dtype (a checkpoint's fp16 scales taken to bf16 too), for every z of 0..16 and scales
+    over six decades."""
+    from llmc.backends.cuda.lower import zero_points
+    from llmc.dtypes import np_dtype
+
+    rng = np.random.default_rng(0)
+    z = rng.integers(0, 17, (6, 300))
+    s16 = (10.0 ** rng.uniform(-6, 0, z.shape)).astype(np.float16)
+    s16[0, :17], z[0, :17] = 0, 8            # an all-zero block: scale 0, offset 0
+    offsets = ((8 - z) * s16.astype(np.float32)).astype(np_dtype(dtype))
+    got = zero_points(offsets, s16.astype(np_dtype(dtype)))
+    assert got.dtype == np.uint8 and np.array_equal(got, z.T)
+
+
+def test_zero_points_that_are_not_integers_are_one_error():
+    from llmc.backends.cuda.lower import UnsupportedGraph, zero_points
+
+    s = np.full((2, 3), 0.01, np.float16)
+    with pytest.raises(UnsupportedGraph, match="integer zero point"):
+        zero_points((s.astype(np.float32) * 2.5).astype(np.float16), s, "w")
+    with pytest.raises(UnsupportedGraph, match="0..16"):
+        zero_points((s.astype(np.float32) * 9).astype(np.float16), s, "w")   # z = -1
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_lowers_to_quantized_gemms(tiny_models_d64, tmp_path, words, mode):
     import onnx
@@ -175,10 +202,6 @@ TOLERANCE = {"int4-rtn": 3e-2, "int4-awq": 3e-2, "fp8": 6e-2}
 @pytest.mark.parametrize("kind", ["llama-gqa", "qwen2-bias"])
 def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words,
                                                         kind, mode, graphs):
-    from hf_steps import Ragged, two_engine_steps
-
-    from llmc.backends.cuda.session import CudaSession
-    from llmc.backends.reference import ReferenceSession
     from llmc.plugins.launch_rules import FP8_ARCHS
 
     if mode == "fp8" and GPUS[0].arch not in FP8_ARCHS:
@@ -186,6 +209,35 @@ def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_pat
     folder, model = tiny_models_d64[kind]
     _build(folder, tmp_path / "c.engine", mode, words, arch=None)
     _build(folder, tmp_path / "r.engine", mode, words, backend="reference")
+    _compare_engines(tmp_path, model, f"{kind} {mode}", TOLERANCE[mode], graphs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+@pytest.mark.parametrize("graphs", [True, False])
+@pytest.mark.parametrize("kind,group", [("autoawq", 128), ("autoawq", 64), ("gptq", 128)])
+def test_zero_point_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words,
+                                                         kind, group, graphs):
+    """An AutoAWQ or asymmetric GPTQ checkpoint's own codes and zero points (the kernels with
+    chunk scales at 128, without at 64): the cuda kernels compute (u - z) s, the reference
+    backend (u - 8) s plus the offset GEMM; the same weights either way."""
+    from quant_checkpoints import autoawq_checkpoint, gptq_checkpoint
+
+    folder, model = tiny_models_d64["llama-gqa"]
+    src = autoawq_checkpoint(folder, tmp_path / "q", group) if kind == "autoawq" else \
+        gptq_checkpoint(folder, tmp_path / "q", group, sym=False)
+    _build(src, tmp_path / "c.engine", "auto", words, arch=None)
+    _build(src, tmp_path / "r.engine", "auto", words, backend="reference")
+    _compare_engines(tmp_path, model, f"{kind} group {group}", TOLERANCE["int4-awq"], graphs)
+
+
+def _compare_engines(tmp_path, model, what: str, tolerance: float, graphs: bool) -> None:
+    """c.engine (cuda) against r.engine (reference) over hf_steps' ragged steps."""
+    from hf_steps import Ragged, two_engine_steps
+
+    from llmc.backends.cuda.session import CudaSession
+    from llmc.backends.reference import ReferenceSession
+
     bs = LIMITS.kv_block_size
     blocks, num_blocks, steps = two_engine_steps(model.config.vocab_size, bs)
     with CudaSession(EngineFile(tmp_path / "c.engine"), max_kv_blocks=64,
@@ -197,5 +249,4 @@ def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_pat
         for i, step in enumerate(steps):
             got, want = (r.step(step) for r in runs)
             err = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
-            assert err.max() < TOLERANCE[mode], f"{kind} {mode} step {i}: rel err " \
-                                                f"{err.max():.2e}"
+            assert err.max() < tolerance, f"{what} step {i}: rel err {err.max():.2e}"

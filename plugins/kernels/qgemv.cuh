@@ -1,0 +1,544 @@
+// Quantized GEMMs of the cuda backend (quantization/qdq.py says what the graph computes):
+//
+//   int4 weight-only   y = (x [* pre]) @ dequant(w)^T,  dequant(w)[n, k] = q[n, k] * s[n, k / G]
+//                      q = u - 8 (symmetric) or u - z[n, k / G] (zero points: qgemv_zp.cu)
+//   fp8 W8A8           y = (e4m3(x / sx) @ w_e4m3^T) * sw'[n],  sw' = sx * sw (the build's)
+//
+// Decode steps (1-16 rows of x) run the skinny GEMMs below on tensor cores, straight from the
+// packed weights: the weight bytes are what a decode step streams, so fewer of them is the
+// whole point. Larger steps run cuBLASLt: INT4 on a dequantized copy of the weight
+// (dequant_int4), FP8 as an FP8 GEMM on x quantized by quantize_fp8.
+//
+// Both skinny kernels keep tc_gemv's shape (gemv.cu): a CTA is SK warps over the same 16
+// weight rows, warp i taking K chunks i, i + SK, ...; the SK partial tiles meet in shared
+// memory (tc_store). A lane's 16-byte load of a row is its A fragment as loaded, because the
+// order of a dot product's K terms is free: x is loaded in the same order.
+#pragma once
+#include "common.cuh"
+
+typedef unsigned char u8;
+
+// ---- INT4 ------------------------------------------------------------------------------------
+// Engine layout (lower.py: pack_int4): w [N, K / 2] bytes, each 32-bit word holding 8
+// consecutive k as unsigned nibbles u (q + 8, or a zero-point checkpoint's own codes) in the
+// order k0 k2 k4 k6 k1 k3 k5 k7 (low nibble first), so that (word >> 4e) & 0x000f000f is the pair k2e, k2e+1 in the two 16-bit halves.
+// OR'ed into the exponent of 128 (bf16) or 1024 (fp16), whose ulp is 1, a nibble becomes the
+// 16-bit float 128 + u; subtracting 136 (1032) gives q exactly, and one multiply by the
+// group's scale gives q * s rounded once, as DequantizeLinear rounds it.
+template <typename T>
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+  u32 d;
+  if constexpr (T::is_bf16) asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  else asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+template <typename T>
+struct Int4 {
+  static constexpr u32 MAGIC = T::is_bf16 ? 0x43004300u : 0x64006400u;  // 128 | 1024
+  static constexpr u32 BIAS = T::is_bf16 ? 0xC308C308u : 0xE408E408u;   // -136 | -1032
+  static constexpr u32 ZBASE = T::is_bf16 ? 0xC300C300u : 0xE400E400u;  // -128 | -1024: OR'ed
+                                                                        // with z, -(128 + z)
+  static constexpr u32 ONE = T::is_bf16 ? 0x3F803F80u : 0x3C003C00u;
+  static constexpr u32 NEG0 = 0x80008000u;                              // q * s + -0 = q * s
+};
+
+// One word (8 k) -> 4 pairs of 16-bit weights, scaled by s2 (the scale in both halves).
+// bias: -(128 + z) (-(1024 + z)) in both halves, z the zero point (8 for symmetric codes).
+template <typename T>
+__device__ __forceinline__ void dequant8(u32 w, u32 s2, u32 bias, u32* out) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const u32 v = ((w >> (4 * e)) & 0x000F000Fu) | Int4<T>::MAGIC;
+    out[e] = fma2<T>(fma2<T>(v, Int4<T>::ONE, bias), s2, Int4<T>::NEG0);
+  }
+}
+
+// A zero point z (0 to 16) -> the bias -(128 + z) (-(1024 + z)) in both halves: the 16-bit
+// float's ulp there is 1, so z goes into the mantissa as it is.
+template <typename T>
+__device__ __forceinline__ u32 zero_bias(u32 base, u32 z) { return base | (z * 0x10001u); }
+
+// One word -> 4 pairs of 128 + u (1024 + u): the codes as 16-bit floats, offset by 136 (1032).
+// magic: Int4<T>::MAGIC, passed in a register (see w4_gemv).
+__device__ __forceinline__ void offset8(u32 w, u32 magic, u32* out) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) out[e] = ((w >> (4 * e)) & 0x000F000Fu) | magic;
+}
+
+// 16 bytes = 32 k of one row -> 16 pairs, in k order.
+template <typename T>
+__device__ __forceinline__ void dequant32(const uint4& v, u16 s, u32 bias, u32* out) {
+  const u32 s2 = (u32)s | ((u32)s << 16);
+  dequant8<T>(v.x, s2, bias, out);
+  dequant8<T>(v.y, s2, bias, out + 4);
+  dequant8<T>(v.z, s2, bias, out + 8);
+  dequant8<T>(v.w, s2, bias, out + 12);
+}
+
+// mma.m16n8k16 with D and C apart (no copy of C), and not volatile: a pure function the
+// compiler may schedule around the loads.
+template <typename T>
+__device__ __forceinline__ void mma_dc(float* d, const float* c, u32 a0, u32 a1, u32 a2, u32 a3,
+                                       u32 b0, u32 b1) {
+  if constexpr (T::is_bf16)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]),
+          "f"(c[2]), "f"(c[3]));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]),
+          "f"(c[2]), "f"(c[3]));
+}
+
+// Loads that keep the old value where p is false: a predicated instruction, no branch.
+__device__ __forceinline__ void ld_stream_if(bool p, const void* a, uint4& v) {
+  asm volatile(
+      "{ .reg .pred q; setp.ne.b32 q, %5, 0;\n"
+      "@q ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4]; }"
+      : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "l"(a), "r"((int)p));
+}
+__device__ __forceinline__ void ld_u16_if(bool p, const u16* a, u32& v) {
+  asm volatile("{ .reg .pred q; setp.ne.b32 q, %2, 0;\n @q ld.global.nc.u16 %0, [%1]; }"
+               : "+r"(v) : "l"(a), "r"((int)p));
+}
+__device__ __forceinline__ void ld_u8_if(bool p, const u8* a, u32& v) {
+  asm volatile("{ .reg .pred q; setp.ne.b32 q, %2, 0;\n @q ld.global.nc.u8 %0, [%1]; }"
+               : "+r"(v) : "l"(a), "r"((int)p));
+}
+
+// The OR's magic and the -136 tile in registers, as values ptxas cannot see are constant
+// (zero is 0 at run time, from an argument): as immediates it re-creates them before every
+// use, about a third of the loop's instructions.
+template <typename T>
+struct Int4Regs {
+  u32 magic, nb[4], zbase;
+  __device__ __forceinline__ Int4Regs(u32 zero) {
+    magic = Int4<T>::MAGIC | zero;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) nb[i] = Int4<T>::BIAS | (zero << i);
+    zbase = Int4<T>::ZBASE | zero;
+  }
+};
+
+// A chunk is 128 k: lane t of a quad takes k [32t, 32t + 32) (16 bytes) of rows g and g + 8,
+// and x's same 32 k; its eight k16 steps read pairs 2s, 2s + 1 (k 4s .. 4s + 3) of each. A
+// scale group (G = 32 to 1024) holds a lane's 32 k whole, so a load needs one scale a row.
+// pre: AWQ's 1 / s per k (x * pre rounded to T, as the graph's Mul rounds it), or null.
+//
+// CS (chunk scales: the group a multiple of 128, as Llama's K = 4096 / 14336 take): a chunk
+// of a row has one scale, so the MMA takes the codes as they come out of the OR, 128 + u
+// (1024 + u), and the chunk's sums are corrected and scaled once, in fp32:
+//     sum_k q_k s x_k = s (sum_k (q_k + 136) x_k - 136 sum_k x_k)
+// with -136 sum_k x_k from an MMA against a tile of -136 (exact in fp32), which starts the
+// weight MMAs' chains. Two ALU ops a weight pair fewer than scaling each pair (at two weights
+// a byte, the instruction count bounded this kernel's first versions: bench/results/qgemv.md).
+//
+// ZP (zero points, qgemv_zp.cu): the codes are u - z with z a row's and group's own (z: the
+// lane's two rows', 0 to 16) rather than u - 8, so the -136 above becomes -(128 + z), a tile
+// whose rows differ (rows g and g + 8 are the A fragment's registers 0, 2 and 1, 3); without
+// chunk scales each pair is dequantized as (128 + u) - (128 + z), exact, then scaled.
+//
+// One 128-k chunk of the 16 weight rows (v: the lane's 32 k of rows g and g + 8, s: their
+// scales) against x's same k (xp[j]: the lane's 32 k of x row j * 8 + g; pp: pre's, read
+// only with_pre), added into acc. live: the lane's k < K (false only in a tail chunk: x reads
+// as zero, so any codes in v add nothing). Each chunk's eight MMAs run as two chains, so a
+// warp waits on half the tensor-core latency; with CS the chains start from the x-side
+// correction, and the scale costs one FMA an output.
+template <typename T, int NT, bool CS, bool ZP>
+__device__ __forceinline__ void w4_chunk(const uint4 (&v)[2], const u32 (&s)[2],
+                                         const u32 (&z)[2], const u16* const (&xp)[NT],
+                                         const u16* pp, bool live, bool with_pre,
+                                         const Int4Regs<T>& c, float (&acc)[NT][4]) {
+  u32 nb[4];
+  if constexpr (ZP) {
+    nb[0] = nb[2] = zero_bias<T>(c.zbase, z[0]);
+    nb[1] = nb[3] = zero_bias<T>(c.zbase, z[1]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) nb[i] = c.nb[i];
+  }
+  u32 X[NT][16];
+  float xo[NT][4], xo1[NT][4];
+  const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const uint4* xv = reinterpret_cast<const uint4*>(xp[j]);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint4 a = live ? __ldg(xv + q) : make_uint4(0, 0, 0, 0);
+      X[j][4 * q] = a.x; X[j][4 * q + 1] = a.y; X[j][4 * q + 2] = a.z; X[j][4 * q + 3] = a.w;
+    }
+    if (with_pre) {
+      const uint4* pv = reinterpret_cast<const uint4*>(pp);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint4 b = live ? __ldg(pv + q) : make_uint4(0, 0, 0, 0);
+        X[j][4 * q] = fma2<T>(X[j][4 * q], b.x, Int4<T>::NEG0);
+        X[j][4 * q + 1] = fma2<T>(X[j][4 * q + 1], b.y, Int4<T>::NEG0);
+        X[j][4 * q + 2] = fma2<T>(X[j][4 * q + 2], b.z, Int4<T>::NEG0);
+        X[j][4 * q + 3] = fma2<T>(X[j][4 * q + 3], b.w, Int4<T>::NEG0);
+      }
+    }
+    if constexpr (CS) {
+      mma_dc<T>(xo[j], zero, nb[0], nb[1], nb[2], nb[3], X[j][0], X[j][1]);
+      mma_dc<T>(xo1[j], zero, nb[0], nb[1], nb[2], nb[3], X[j][2], X[j][3]);
+#pragma unroll
+      for (int q = 2; q < 8; q += 2) {
+        mma_dc<T>(xo[j], xo[j], nb[0], nb[1], nb[2], nb[3], X[j][2 * q], X[j][2 * q + 1]);
+        mma_dc<T>(xo1[j], xo1[j], nb[0], nb[1], nb[2], nb[3], X[j][2 * q + 2],
+                  X[j][2 * q + 3]);
+      }
+    }
+  }
+  u32 A[16], B[16];
+  if constexpr (CS) {
+    offset8(v[0].x, c.magic, A); offset8(v[0].y, c.magic, A + 4);
+    offset8(v[0].z, c.magic, A + 8); offset8(v[0].w, c.magic, A + 12);
+    offset8(v[1].x, c.magic, B); offset8(v[1].y, c.magic, B + 4);
+    offset8(v[1].z, c.magic, B + 8); offset8(v[1].w, c.magic, B + 12);
+  } else {
+    dequant32<T>(v[0], (u16)s[0], nb[0], A);
+    dequant32<T>(v[1], (u16)s[1], nb[1], B);
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    float s0[4], s1[4];
+    mma_dc<T>(s0, CS ? xo[j] : acc[j], A[0], B[0], A[1], B[1], X[j][0], X[j][1]);
+    mma_dc<T>(s1, CS ? xo1[j] : zero, A[2], B[2], A[3], B[3], X[j][2], X[j][3]);
+#pragma unroll
+    for (int q = 2; q < 8; q += 2) {
+      mma_dc<T>(s0, s0, A[2 * q], B[2 * q], A[2 * q + 1], B[2 * q + 1], X[j][2 * q],
+                X[j][2 * q + 1]);
+      mma_dc<T>(s1, s1, A[2 * q + 2], B[2 * q + 2], A[2 * q + 3], B[2 * q + 3],
+                X[j][2 * q + 2], X[j][2 * q + 3]);
+    }
+    if constexpr (CS) {
+      const float fa = T::to_f((u16)s[0]), fb = T::to_f((u16)s[1]);
+      acc[j][0] = fmaf(fa, s0[0] + s1[0], acc[j][0]);
+      acc[j][1] = fmaf(fa, s0[1] + s1[1], acc[j][1]);
+      acc[j][2] = fmaf(fb, s0[2] + s1[2], acc[j][2]);
+      acc[j][3] = fmaf(fb, s0[3] + s1[3], acc[j][3]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][e] = s0[e] + s1[e];
+    }
+  }
+}
+
+// Any architecture: a CTA is SK warps over 16 weight rows, and a warp's chunks are w, w + SK,
+// ...; D of them are in flight in a register ring that the loop, unrolled by D, indexes
+// statically (no copies, no branches: the loads past the warp's last chunk are predicated
+// off). Each pointer advances once every D chunks and the stages load at constant offsets
+// from it; x rows past m re-read row m - 1 (their sums are never stored) rather than branch
+// or zero; the chunk that K % 128 leaves runs after the loop, with lane predicates. ZP: the
+// zero points zp [N, K / G] (a byte each) ride in the ring next to the scales.
+template <typename T, int NT, int SK, int D, int ACT, bool CS, bool ZP>
+__device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
+                                        const u16* __restrict__ scale,
+                                        const u16* __restrict__ pre,
+                                        const void* __restrict__ bias, int m, int n, int k,
+                                        int gshift, void* __restrict__ y,
+                                        const u8* __restrict__ zp) {
+  __shared__ float part[SK][NT][4][32];
+  constexpr int TILE = ACT ? 8 : 16;  // outputs a 16-row tile gives
+  constexpr int STEP = SK * 128;      // k between a warp's chunks
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int o0 = blockIdx.x * TILE;
+  const int groups = k >> gshift;
+  const int k0 = warp * 128 + 32 * t;  // this lane's first k
+  const int sstep = STEP >> gshift;    // scales between a warp's chunks (G divides STEP)
+  const int ra = min(o0 + g, n - 1);   // rows past the end re-read the last
+  const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
+  const u8* wp[2] = {w + (size_t)ra * (k / 2) + k0 / 2, w + (size_t)rb * (k / 2) + k0 / 2};
+  const u16* sp[2] = {scale + (size_t)ra * groups + (k0 >> gshift),
+                      scale + (size_t)rb * groups + (k0 >> gshift)};
+  const u8* zq[2] = {zp + (size_t)ra * groups + (k0 >> gshift),   // read only with ZP
+                     zp + (size_t)rb * groups + (k0 >> gshift)};
+  const u16* xp[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) xp[j] = x + (size_t)min(j * 8 + g, m - 1) * k + k0;
+  const u16* pp = pre + k0;  // read only with pre
+  const int whole = k >> 7;
+  const int mine = whole > warp ? (whole - warp + SK - 1) / SK : 0;  // whole chunks of this warp
+  const Int4Regs<T> c((u32)k >> 31);
+
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  uint4 wv[D][2];
+  u32 sv[D][2], zv[D][2];
+  // stage <- the chunk i chunks past the pointers, if live
+  auto load = [&](int d, int i, bool live) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      ld_stream_if(live, wp[h] + i * (STEP / 2), wv[d][h]);
+      ld_u16_if(live, sp[h] + i * sstep, sv[d][h]);
+      if constexpr (ZP) ld_u8_if(live, zq[h] + i * sstep, zv[d][h]);
+    }
+  };
+  auto consume = [&](int d, int i, bool live, bool with_pre) {
+    const u16* xi[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) xi[j] = xp[j] + i * STEP;
+    w4_chunk<T, NT, CS, ZP>(wv[d], sv[d], zv[d], xi, pp + i * STEP, live, with_pre, c, acc);
+  };
+  auto advance = [&](int i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      wp[h] += i * (STEP / 2);
+      sp[h] += i * sstep;
+      if constexpr (ZP) zq[h] += i * sstep;
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) xp[j] += i * STEP;
+    pp += i * STEP;
+  };
+
+#pragma unroll
+  for (int d = 0; d < D; ++d) load(d, d, d < mine);
+  pdl_trigger();
+  pdl_wait();
+  // The loop, with and without AWQ's 1 / s: two copies, so the loop holds no branch on it.
+  auto run = [&](bool with_pre) {
+    int left = mine;  // chunks from the pointers on
+    for (; left >= D; left -= D) {
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        consume(d, d, true, with_pre);
+        load(d, d + D, d + D < left);
+      }
+      advance(D);
+    }
+#pragma unroll
+    for (int d = 0; d < D - 1; ++d)
+      if (d < left) consume(d, d, true, with_pre);
+    if ((k & 127) && warp == whole % SK) {  // the tail chunk: its lanes past K load nothing
+      advance(left);
+      const bool in = k0 + mine * STEP < k;
+      wv[0][0] = wv[0][1] = make_uint4(0, 0, 0, 0);
+      sv[0][0] = sv[0][1] = zv[0][0] = zv[0][1] = 0u;
+      load(0, 0, in);
+      consume(0, 0, in, with_pre);
+    }
+  };
+  if (pre) run(true);  // inlined twice: with_pre is a constant in each copy
+  else run(false);
+  tc_store<T, NT, SK, ACT, false>(part, acc, o0, m, n, bias, y, 1.f, nullptr);
+}
+
+// Prefill: the INT4 weight back to T [N, K] for cuBLASLt, with AWQ's pre folded into it
+// (w[n, k] * pre[k], one more rounding than the graph's x * pre: within an ulp of T). One
+// thread a 16-byte load (32 k). zp: the zero points [N, K / G], or null (8).
+template <typename T>
+__device__ __forceinline__ void dequant_int4(const u8* __restrict__ w,
+                                             const u16* __restrict__ scale,
+                                             const u16* __restrict__ pre, int n, int k,
+                                             int gshift, u16* __restrict__ out,
+                                             const u8* __restrict__ zp = nullptr) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // 32-k piece
+  const int per_row = k / 32;
+  if (i >= (long long)n * per_row) return;
+  const int row = (int)(i / per_row), k0 = (int)(i % per_row) * 32;
+  const uint4 v = ld_stream(w + (size_t)row * (k / 2) + k0 / 2);
+  const size_t group = (size_t)row * (k >> gshift) + (k0 >> gshift);
+  u32 A[16];
+  dequant32<T>(v, scale[group],
+               zp ? zero_bias<T>(Int4<T>::ZBASE, zp[group]) : Int4<T>::BIAS, A);
+  if (pre) {
+    const uint4* pp = reinterpret_cast<const uint4*>(pre + k0);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint4 pv = pp[q];
+      A[4 * q] = fma2<T>(A[4 * q], pv.x, Int4<T>::NEG0);
+      A[4 * q + 1] = fma2<T>(A[4 * q + 1], pv.y, Int4<T>::NEG0);
+      A[4 * q + 2] = fma2<T>(A[4 * q + 2], pv.z, Int4<T>::NEG0);
+      A[4 * q + 3] = fma2<T>(A[4 * q + 3], pv.w, Int4<T>::NEG0);
+    }
+  }
+  uint4* dst = reinterpret_cast<uint4*>(out + (size_t)row * k + k0);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) dst[q] = make_uint4(A[4 * q], A[4 * q + 1], A[4 * q + 2], A[4 * q + 3]);
+}
+
+// ---- FP8 (E4M3) W8A8, sm_89+ -----------------------------------------------------------------
+// Engine layout: w [N, K] e4m3 bytes, sw [N] fp32 with x's scale sx multiplied in.
+// mma.m16n8k32 takes 4 bytes a register
+// (a0 = row g, k 4t..4t+3; a2 = k 4t+16..4t+19; b0, b1 the same k of x row g): a lane's
+// 16-byte load of 16 k of a row feeds two k32 steps. A chunk is 64 k. x is quantized as it
+// is loaded (x * (1 / sx), round to nearest, saturating at 448, as QuantizeLinear does): the
+// graph's Q/DQ pair, at no extra launch.
+__device__ __forceinline__ void mma_e4m3(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                         u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 16 values of x (two 16-byte loads) -> 4 words of e4m3.
+template <typename T>
+__device__ __forceinline__ void quantize16(const u16* p, bool live, float inv, u32* out) {
+  float f[16];
+  if (live) {
+    unpack8<T>(__ldg(reinterpret_cast<const uint4*>(p)), f);
+    unpack8<T>(__ldg(reinterpret_cast<const uint4*>(p) + 1), f + 8);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) f[i] = 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    out[i] = e4m3x4(f[4 * i] * inv, f[4 * i + 1] * inv, f[4 * i + 2] * inv, f[4 * i + 3] * inv);
+}
+
+// The loop is w4_gemv's: a static register ring of D chunks a warp, predicated loads, x rows
+// clamped to m - 1, pointers advanced once every D chunks, a tail chunk (K % 64) after the
+// loop; the two k32 MMAs of a chunk accumulate into two sets of sums, added once at the end.
+template <typename T, int NT, int SK, int D, int ACT, bool F32>
+__device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
+                                        const float* __restrict__ sw, float sx,
+                                        const void* __restrict__ bias, int m, int n, int k,
+                                        void* __restrict__ y) {
+#if __CUDA_ARCH__ >= 890
+  __shared__ float part[SK][NT][4][32];
+  constexpr int OUT = ACT ? 8 : 16;
+  constexpr int STEP = SK * 64;  // k between a warp's chunks
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int o0 = blockIdx.x * OUT;
+  const int ra = min(o0 + g, n - 1);
+  const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
+  const int k0 = warp * 64 + 16 * t;  // this lane's first k
+  const u8* wp[2] = {w + (size_t)ra * k + k0, w + (size_t)rb * k + k0};
+  const u16* xp[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) xp[j] = x + (size_t)min(j * 8 + g, m - 1) * k + k0;
+  const float inv = 1.f / sx;
+  const int whole = k >> 6;
+  const int mine = whole > warp ? (whole - warp + SK - 1) / SK : 0;  // whole chunks of this warp
+  float acc[2][NT][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+  uint4 wv[D][2];
+  auto load = [&](uint4 (&v)[2], int i, bool live) {
+    ld_stream_if(live, wp[0] + i * STEP, v[0]);
+    ld_stream_if(live, wp[1] + i * STEP, v[1]);
+  };
+  auto consume = [&](const uint4 (&v)[2], int i, bool live) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      u32 X[4];
+      quantize16<T>(xp[j] + i * STEP, live, inv, X);
+      mma_e4m3(acc[0][j], v[0].x, v[1].x, v[0].y, v[1].y, X[0], X[1]);
+      mma_e4m3(acc[1][j], v[0].z, v[1].z, v[0].w, v[1].w, X[2], X[3]);
+    }
+  };
+#pragma unroll
+  for (int d = 0; d < D; ++d) load(wv[d], d, d < mine);
+  pdl_trigger();
+  pdl_wait();
+  int left = mine;  // chunks from the pointers on
+  for (; left >= D; left -= D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      consume(wv[d], d, true);
+      load(wv[d], d + D, d + D < left);
+    }
+    wp[0] += D * STEP;
+    wp[1] += D * STEP;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) xp[j] += D * STEP;
+  }
+#pragma unroll
+  for (int d = 0; d < D - 1; ++d)
+    if (d < left) consume(wv[d], d, true);
+  if ((k & 63) && warp == whole % SK) {  // the tail chunk: its lanes past K load nothing
+    const bool in = k0 + mine * STEP < k;
+    const int i = left;  // the pointers are `mine - left` chunks on
+    wv[0][0] = wv[0][1] = make_uint4(0, 0, 0, 0);
+    load(wv[0], i, in);
+    consume(wv[0], i, in);
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[0][j][e] += acc[1][j][e];
+  tc_store<T, NT, SK, ACT, F32>(part, acc[0], o0, m, n, bias, y, 1.f, sw);
+#else
+  __trap();  // lower.py builds FP8 engines for sm_89+ only
+#endif
+}
+
+// Prefill: x [rows, K] -> e4m3 for cuBLASLt's FP8 GEMM; 8 values a thread.
+template <typename T>
+__device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx, int count,
+                                             u8* __restrict__ out) {
+#if __CUDA_ARCH__ >= 890
+  const int i = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (i >= count) return;
+  float f[8];
+  unpack8<T>(*reinterpret_cast<const uint4*>(x + i), f);
+  const float inv = 1.f / sx;
+  *reinterpret_cast<uint2*>(out + i) =
+      make_uint2(e4m3x4(f[0] * inv, f[1] * inv, f[2] * inv, f[3] * inv),
+                 e4m3x4(f[4] * inv, f[5] * inv, f[6] * inv, f[7] * inv));
+#else
+  __trap();
+#endif
+}
+
+// ---- entry points (qgemv.cu; the zero-point ones in qgemv_zp.cu) -------------------------------
+// w4[zp]_<dtype>_m<M>[_wide][_cs][_swiglu|_geglu] and w8_<dtype>_<out>_m<M>[_...]: M = 8
+// (NT = 1) or 16 (NT = 2); _wide: 3 CTAs an SM (W4_CONFIGS); _cs: chunk scales (the group a
+// multiple of 128); w4zp: zero points, one more argument after y (zp [N, K / G]).
+#define W4_ENTRY(NAME, TY, NT, SK, D, ACT, CS, MINB)                                          \
+  extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
+  NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
+       int n, int k, int gshift, void* y) {                                                    \
+    w4_gemv<TY, NT, SK, D, ACT, CS, false>(x, w, scale, pre, bias, m, n, k, gshift, y,         \
+                                           nullptr);                                           \
+  }
+#define W4ZP_ENTRY(NAME, TY, NT, SK, D, ACT, CS, MINB)                                        \
+  extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
+  NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
+       int n, int k, int gshift, void* y, const u8* zp) {                                      \
+    w4_gemv<TY, NT, SK, D, ACT, CS, true>(x, w, scale, pre, bias, m, n, k, gshift, y, zp);     \
+  }
+#define W8_ENTRY(NAME, TY, NT, SK, D, ACT, F32, MINB)                                          \
+  extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
+  NAME(const u16* x, const u8* w, const float* sw, int sx, const void* bias, int m, int n,     \
+       int k, void* y) {                                                                       \
+    w8_gemv<TY, NT, SK, D, ACT, F32>(x, w, sw, __int_as_float(sx), bias, m, n, k, y);          \
+  }
+#define W4_SET(ENTRY, BASE, TY, NT, SK, D, MB)                                                 \
+  ENTRY(BASE, TY, NT, SK, D, 0, false, MB)                                                     \
+  ENTRY(BASE##_swiglu, TY, NT, SK, D, 1, false, MB)                                            \
+  ENTRY(BASE##_geglu, TY, NT, SK, D, 2, false, MB)                                             \
+  ENTRY(BASE##_cs, TY, NT, SK, D, 0, true, MB)                                                 \
+  ENTRY(BASE##_cs_swiglu, TY, NT, SK, D, 1, true, MB)                                          \
+  ENTRY(BASE##_cs_geglu, TY, NT, SK, D, 2, true, MB)
+#define W8_SET(DT, TY, M, NT, SK, D, MB)                                                       \
+  W8_ENTRY(w8_##DT##_##DT##_m##M, TY, NT, SK, D, 0, false, MB)                                  \
+  W8_ENTRY(w8_##DT##_f32_m##M, TY, NT, SK, D, 0, true, MB)                                     \
+  W8_ENTRY(w8_##DT##_##DT##_m##M##_swiglu, TY, NT, SK, D, 1, false, MB)                         \
+  W8_ENTRY(w8_##DT##_##DT##_m##M##_geglu, TY, NT, SK, D, 2, false, MB)
+
+// (warps splitting K SK, chunks in flight a warp D, CTAs an SM MB) from the sweep of
+// bench/kernels/qgemv.py on the H100 (bench/results/qgemv.md). INT4: 8 warps, 1 chunk, 2 CTAs
+// an SM (128 registers); up to 8 x rows also (_wide) 3 CTAs an SM (80 registers) for GEMMs of
+// more tiles than 2 CTAs an SM hold at once (launch_rules picks it): one wave of 3 rather than
+// 1.5 of 2. FP8: 8 warps, 2 chunks, 2 CTAs an SM. launch_rules.QGEMV_WARPS must agree.
+#define W4_CONFIGS(ENTRY, PFX, DT, TY)                                                         \
+  W4_SET(ENTRY, PFX##_##DT##_m8, TY, 1, 8, 1, 2)                                               \
+  W4_SET(ENTRY, PFX##_##DT##_m8_wide, TY, 1, 8, 1, 3)                                          \
+  W4_SET(ENTRY, PFX##_##DT##_m16, TY, 2, 8, 1, 2)
+#define W8_CONFIGS(DT, TY)                                                                     \
+  W8_SET(DT, TY, 8, 1, 8, 2, 2)                                                                \
+  W8_SET(DT, TY, 16, 2, 8, 2, 2)

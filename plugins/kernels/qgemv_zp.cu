@@ -1,0 +1,17 @@
+// INT4 weights with zero points (an AutoAWQ or asymmetric GPTQ checkpoint's own codes, W =
+// (u - z) * s with z per output row and group): qgemv.cuh's kernels with ZP on, in a module
+// of their own, compiled only for the engines that have such weights. Entry points: the w4
+// ones of qgemv.cu as w4zp_..., and dequant_int4_zp_<dtype> for prefill, each taking the
+// zero points zp [N, K / G] (a byte each, 0 to 16) as their last argument.
+#include "qgemv.cuh"
+
+#define QGEMV_ZP_DTYPE(DT, TY)                                                                 \
+  extern "C" __global__ void dequant_int4_zp_##DT(const u8* w, const u16* scale,               \
+                                                  const u16* pre, int n, int k, int gshift,    \
+                                                  u16* out, const u8* zp) {                    \
+    dequant_int4<TY>(w, scale, pre, n, k, gshift, out, zp);                                    \
+  }                                                                                            \
+  W4_CONFIGS(W4ZP_ENTRY, w4zp, DT, TY)
+
+QGEMV_ZP_DTYPE(f16, F16)
+QGEMV_ZP_DTYPE(bf16, BF16)
