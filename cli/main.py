@@ -62,12 +62,12 @@ def cli() -> None:
 @click.option("--dump-graphs", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="write the graph after every pass stage as DIR/NN-name.onnx")
 @click.option("--quant", default="auto", show_default=True,
-              type=click.Choice(["auto", "none", "fp8", "int4-awq", "int4-rtn"]),
+              type=click.Choice(["auto", "none", "fp8", "int4-awq", "int4-rtn", "int4-gptq"]),
               help="fp8: FP8 weights and activations (calibrated); int4-awq / int4-rtn: INT4 "
-                   "weights in blocks, with AWQ's scale search or plain rounding; auto: a "
-                   "pre-quantized checkpoint's own format (ModelOpt FP8 or INT4-AWQ, "
-                   "AutoAWQ), else none. The LM "
-                   "head stays unquantized; the accuracy is measured and stored "
+                   "weights in blocks, with AWQ's scale search or plain rounding; int4-gptq: "
+                   "a GPTQ checkpoint's own INT4; auto: a pre-quantized checkpoint's own "
+                   "format (ModelOpt FP8 or INT4-AWQ, AutoAWQ, GPTQ), else none. The LM head "
+                   "stays unquantized; the accuracy is measured and stored "
                    "(docs/quantization.md)")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "fp8"]),

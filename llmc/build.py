@@ -35,7 +35,8 @@ from llmc.quantization.quantize import QuantOptions
 from llmc.version import __version__
 
 # what a warning about a quantized build's accuracy suggests, by mode
-BETTER_MODES = {"int4-rtn": "try --quant int4-awq or fp8, or ", "int4-awq": "try --quant fp8, or "}
+BETTER_MODES = {"int4-rtn": "try --quant int4-awq or fp8, or ", "int4-awq": "try --quant fp8, or ",
+                "int4-gptq": "try --quant fp8, or "}
 
 
 @dataclass(frozen=True)

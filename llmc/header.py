@@ -62,7 +62,8 @@ class Accuracy:
 class QuantInfo:
     """How an engine is quantized (quantization/, docs/quantization.md) and what it cost."""
 
-    mode: str                   # none (an FP8 KV cache alone), fp8, int4-awq, int4-rtn
+    mode: str                   # none (an FP8 KV cache alone), fp8, int4-awq, int4-rtn,
+                                # int4-gptq
     kv_cache_dtype: str         # auto (the compute dtype) or fp8
     gemms: int                  # weight GEMMs quantized (the LM head stays 16-bit)
     details: dict[str, Any]     # block sizes, calibration text and tokens

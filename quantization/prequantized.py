@@ -26,9 +26,23 @@ and AutoAWQ's GEMM format (config.json `quantization_config` quant_method "awq",
     X.qzeros   int32 [in / B, out / 8]   zero points z, packed the same way
     X.scales   fp16 [in / B, out]        W^T = (u - z) * scale, blocks of B along in
 
+and GPTQ's (config.json `quantization_config` quant_method "gptq", as AutoGPTQ, GPTQModel
+and HF transformers write it; checkpoint_format "gptq", the default, or "gptq_v2"):
+
+    X.qweight  int32 [in / 8, out]       eight unsigned 4-bit codes u a word, input rows
+                                         8r + (0 .. 7) from the low nibble up
+    X.qzeros   int32 [in / B, out / 8]   zero points, output columns 8c + (0 .. 7); format
+                                         "gptq" stores z - 1 (sym: 7 for z = 8)
+    X.scales   fp16 [in / B, out]        W^T = (u - z) * scale
+    X.g_idx    int32 [in]                each input row's block: row // B, except with act
+                                         order (desc_act), whose blocks are not contiguous
+
 A zero point is not INT4 as ONNX and TensorRT take it (symmetric, zero points 0), so it is
 split exactly: (u - z) s = (u - 8) s + (8 - z) s, symmetric codes u - 8 with the scale, and
-an offset (8 - z) s per block and output that qdq.int4_pass adds as a GEMM of x's block sums.
+an offset (8 - z) s per block and output that qdq.int4_pass adds as a GEMM of x's block sums
+(none where every z is 8: symmetric GPTQ). The cuda backend takes z itself (its zero-point
+kernels). Act-order blocks fit neither form: those weights are read dequantized only, and
+`--quant int4-gptq` refuses them.
 
 The model reads each weight dequantized (so every family and every --quant works on it; a
 pre_quant_scale is folded into its weight), and the quantized form is kept: `--quant auto`
@@ -67,17 +81,22 @@ class Int4Weight:
 
 @dataclass(frozen=True)
 class Prequantized:
-    mode: str                           # the --quant mode it corresponds to: fp8, int4-awq
+    mode: str                           # the --quant mode it corresponds to: fp8, int4-awq,
+                                        # int4-gptq
     producer: str                       # e.g. "modelopt 0.47.0"
     weight_scale: dict[str, np.ndarray]  # fp8: HF weight name -> its scale per output row
     input_amax: dict[str, float]        # fp8: HF weight name -> its input's |max|
-    int4: dict[str, Int4Weight] = field(default_factory=dict)   # int4-awq: by HF name
+    int4: dict[str, Int4Weight] = field(default_factory=dict)   # int4-*: by HF name
     kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)  # layer: K, V
+    unkept: int = 0                     # INT4 weights read dequantized only (act order)
 
     def describe(self) -> str:
         n = len(self.int4) or len(self.weight_scale)
         kv = f", FP8 KV-cache scales for {len(self.kv_scales)} layers" if self.kv_scales else ""
-        return f"{self.producer} {self.mode} checkpoint ({n} weights{kv})"
+        weights = f"{n} weights" if not self.unkept else \
+            f"{n} weights, {self.unkept} in act-order blocks" if n else \
+            f"{self.unkept} weights in act-order blocks"
+        return f"{self.producer} {self.mode} checkpoint ({weights}{kv})"
 
 
 def read_prequantized(config: dict[str, Any], readers: Readers, source: Any
@@ -91,14 +110,17 @@ def read_prequantized(config: dict[str, Any], readers: Readers, source: Any
     readers, kv_scales = _read_kv_scales(readers, source)
     if method == "awq":
         return _read_autoawq(readers, qc, source)
+    if method == "gptq":
+        return _read_gptq(readers, qc, source)
     if method == "modelopt" and algo == "W4A16_AWQ":
         out, pq = _read_int4(readers, qc, source)
         return out, replace(pq, kv_scales=kv_scales)
     if method != "modelopt" or algo != "FP8":
         raise LlmcError(f"{source}: a {method} {algo} checkpoint (config.json "
                         "quantization_config) cannot be read yet; llmc reads ModelOpt FP8 "
-                        "and W4A16_AWQ exports, AutoAWQ's GEMM format, and unquantized "
-                        "checkpoints (then --quant fp8 / int4-awq / int4-rtn quantize them)")
+                        "and W4A16_AWQ exports, AutoAWQ's GEMM format, 4-bit GPTQ, and "
+                        "unquantized checkpoints (then --quant fp8 / int4-awq / int4-rtn "
+                        "quantize them)")
     out = dict(readers)
     scales, amax = {}, {}
     for name in [n for n in readers if n.endswith(".weight_scale")]:
@@ -177,13 +199,23 @@ def _read_int4(readers: Readers, qc: dict[str, Any], source: Any
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # AutoAWQ: nibble i of a word holds column 8c + this
 
 
-def unpack_awq(packed: np.ndarray) -> np.ndarray:
-    """int32 [rows, cols / 8] -> uint8 [rows, cols]: AutoAWQ's packing undone."""
+def unpack_awq(packed: np.ndarray, order: tuple[int, ...] = AWQ_ORDER) -> np.ndarray:
+    """int32 [rows, cols / 8] -> uint8 [rows, cols]: AutoAWQ's packing undone (with order
+    0 .. 7, GPTQ's of its zero points)."""
     words = packed.view(np.uint32)
     out = np.empty((packed.shape[0], packed.shape[1], 8), np.uint8)
-    for i, col in enumerate(AWQ_ORDER):
+    for i, col in enumerate(order):
         out[:, :, col] = (words >> (4 * i)) & 0xF
     return out.reshape(packed.shape[0], -1)
+
+
+def unpack_gptq_rows(packed: np.ndarray) -> np.ndarray:
+    """int32 [rows / 8, cols] -> uint8 [rows, cols]: GPTQ's qweight packing undone."""
+    words = packed.view(np.uint32)
+    out = np.empty((packed.shape[0], 8, packed.shape[1]), np.uint8)
+    for i in range(8):
+        out[:, i] = (words >> (4 * i)) & 0xF
+    return out.reshape(-1, packed.shape[1])
 
 
 def _read_autoawq(readers: Readers, qc: dict[str, Any], source: Any
@@ -219,6 +251,54 @@ def _read_autoawq(readers: Readers, qc: dict[str, Any], source: Any
         raise LlmcError(f"{source}: config.json says AWQ, but no tensor is an X.qweight")
     return out, Prequantized("int4-awq", f"autoawq {qc.get('version', 'gemm')}", {}, {},
                              weights)
+
+
+def _read_gptq(readers: Readers, qc: dict[str, Any], source: Any
+               ) -> tuple[Readers, Prequantized]:
+    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+    if qc.get("bits", 4) != 4 or fmt not in ("gptq", "gptq_v2"):
+        raise LlmcError(f"{source}: a GPTQ checkpoint of bits {qc.get('bits')}, "
+                        f"checkpoint_format {fmt!r}: llmc reads 4-bit GPTQ checkpoints (formats "
+                        "gptq and gptq_v2)")
+    out = dict(readers)
+    weights, act_order = {}, 0
+    for name in [n for n in readers if n.endswith(".qweight")]:
+        base = name.removesuffix("qweight")
+        if base + "qzeros" not in readers or base + "scales" not in readers:
+            raise LlmcError(f"{source}: {name} has no {base}qzeros and {base}scales")
+        qweight, qzeros = readers[name](), out.pop(base + "qzeros")()
+        scales = np.asarray(out.pop(base + "scales")(), np.float32)
+        g_idx = np.asarray(out.pop(base + "g_idx")()) if base + "g_idx" in out else None
+        out.pop(name)
+        k, n = 8 * qweight.shape[0], qweight.shape[1] if qweight.ndim == 2 else 0
+        if qweight.dtype != np.int32 or qzeros.dtype != np.int32 or scales.ndim != 2 or \
+                scales.shape[1] != n or not scales.shape[0] or k % scales.shape[0] or \
+                qzeros.shape != (scales.shape[0], n // 8) or \
+                (g_idx is not None and g_idx.shape != (k,)):
+            raise LlmcError(f"{source}: {name} ({qweight.dtype}{list(qweight.shape)}), its "
+                            f"qzeros {list(qzeros.shape)} and scales {list(scales.shape)} are "
+                            "not a GPTQ triple")
+        zeros = unpack_awq(qzeros, tuple(range(8))).astype(np.float32) + (fmt == "gptq")
+        block = k // scales.shape[0]
+        def codes(r=readers[name]) -> np.ndarray:    # int8 [out, in]: u - 8
+            return unpack_gptq_rows(r()).T.astype(np.int8) - 8
+        if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // block):
+            act_order += 1     # blocks of scattered rows: the weight read dequantized only
+            out[base + "weight"] = lambda c=codes, z=zeros, s=scales, g=g_idx: (
+                (c() + 8 - z[g].T) * s[g].T)
+            continue
+        w = Int4Weight(codes, np.ascontiguousarray(scales.T), None, k,
+                       None if (zeros == 8).all() else
+                       np.ascontiguousarray(((8 - zeros) * scales).T))
+        weights[base + "weight"] = w
+        out[base + "weight"] = _int4_dequantized(w)
+    if not weights and not act_order:
+        raise LlmcError(f"{source}: config.json says GPTQ, but no tensor is an X.qweight")
+    meta = qc.get("meta") or {}
+    quantizer = meta.get("quantizer") or qc.get("quantizer") or "gptq"
+    producer = (quantizer[0] if isinstance(quantizer, list) and quantizer else str(quantizer)) + \
+        (" (gptq_v2)" if fmt == "gptq_v2" else "")
+    return out, Prequantized("int4-gptq", producer, {}, {}, weights, unkept=act_order)
 
 
 def _int4_dequantized(w: Int4Weight):

@@ -26,8 +26,9 @@ from llmc.quantization.kv import KV_DTYPES
 from llmc.quantization.numerics import FP8_MAX
 from llmc.quantization.prequantized import Prequantized
 
-MODES = ("auto", "none", "fp8", "int4-awq", "int4-rtn")   # auto: a pre-quantized checkpoint's
-                                                          # own format, else none
+# auto: a pre-quantized checkpoint's own format, else none; int4-gptq: a GPTQ checkpoint's own
+# INT4 (llmc does not run GPTQ's calibration)
+MODES = ("auto", "none", "fp8", "int4-awq", "int4-rtn", "int4-gptq")
 AWQ_ROWS = 128      # calibration rows a GEMM keeps for AWQ's search (its cost grows with them)
 
 
@@ -60,6 +61,19 @@ class QuantOptions:
     def resolve(self, prequantized: Prequantized | None,
                 log: Callable[[str], None]) -> "QuantOptions":
         """``auto`` made concrete for this checkpoint."""
+        if self.mode == "int4-gptq" and (prequantized is None or
+                                         prequantized.mode != "int4-gptq"):
+            what = prequantized.describe() if prequantized else "an unquantized checkpoint"
+            raise LlmcError(f"--quant int4-gptq builds a GPTQ checkpoint's own INT4 weights, "
+                            f"and the model is {what}; llmc does not run GPTQ's calibration: "
+                            "use --quant int4-awq or int4-rtn")
+        if self.mode in ("int4-gptq", "auto") and prequantized is not None and \
+                prequantized.unkept:
+            raise LlmcError(
+                f"the model is a {prequantized.describe()}: act order (desc_act) puts the rows "
+                "of a scale block anywhere in the weight, which neither the INT4 graph "
+                "(TensorRT's blocks) nor the kernels hold; build with --quant int4-awq, "
+                "int4-rtn or fp8 (its dequantized weights quantized again) or --quant none")
         if self.mode != "auto":
             return self
         if prequantized is not None:
@@ -124,7 +138,8 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     gemm_inputs = {}
     if opts.mode == "int4-rtn":
         p = qdq.int4_pass()
-    elif opts.mode == "int4-awq" and prequantized is not None and prequantized.mode == opts.mode:
+    elif opts.mode in ("int4-awq", "int4-gptq") and prequantized is not None and \
+            prequantized.mode == opts.mode:
         given = _checkpoint_int4(sites, prequantized)
         details["scales"] = f"from the {prequantized.describe()}"
         p = qdq.int4_pass(given=given)

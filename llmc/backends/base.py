@@ -62,7 +62,7 @@ class Backend(Protocol):
 
     def can_quantize(self, mode: str) -> tuple[bool, str]:
         """Whether this backend runs graphs quantized with `--quant mode` (fp8, int4-awq,
-        int4-rtn); if not, why. Asked before the model loads."""
+        int4-rtn, int4-gptq); if not, why. Asked before the model loads."""
 
     def can_store_kv(self, dtype: str) -> tuple[bool, str]:
         """Whether this backend's sessions keep the KV cache in `--kv-cache-dtype dtype`

@@ -234,6 +234,29 @@ __device__ __forceinline__ bool prefill_tile(const int* ss, const int* cl, int B
   return true;
 }
 
+// A prefill tile's output: a lane holds rows ra and ra + 8 of O (the MMA accumulator layout,
+// columns 8j + 2 (lane & 3) and + 1) and their partial l; l is summed over the quad and the
+// tile's real rows (row < nrows: token tok0 + row / P, query head hbase + row % P) get O / l.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(const float (&o)[D / 8][4], float (&l)[2], int ra,
+                                           int nrows, int tok0, int P, int hq, int hbase,
+                                           int lane, u16* __restrict__ out) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const int row = ra + 8 * r;
+    if (row < nrows) {
+      const float inv = 1.f / l[r];
+      const size_t head = (size_t)(tok0 + row / P) * hq + hbase + row % P;
+      u16* dst = out + head * D + (lane & 3) * 2;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+        *reinterpret_cast<u32*>(dst + j * 8) = T::pack2(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+    }
+  }
+}
+
 // One CTA per (tile of BMR = 16*NW query rows of one sequence, group of P query heads sharing a
 // kv head). Row r of the tile is token r / P, query head r % P of the group: with P = G the G
 // heads of a kv group share each K/V tile read, and a decode token in a mixed batch fills G
@@ -360,20 +383,7 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
     cp_commit();
   }
   cp_wait<0>();
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    const int row = ra + 8 * r;
-    if (row < nrows) {
-      const float inv = 1.f / l[r];
-      const size_t head = (size_t)(tok0 + row / P) * hq + hbase + row % P;
-      u16* dst = out + head * D + (lane & 3) * 2;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j)
-        *reinterpret_cast<u32*>(dst + j * 8) = T::pack2(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
-    }
-  }
+  store_rows<T, D>(o, l, ra, nrows, tok0, P, hq, hbase, lane, out);
 }
 
 // C: the pool's element (u16, or u8 for an E4M3 pool with scales k_scale and v_scale).

@@ -266,20 +266,7 @@ __device__ void attn_prefill_sm90(const u16* __restrict__ q, const int* __restri
     reg_fence<D / 2>(&o[0][0]);
   }
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    const int row = ra + 8 * r;
-    if (row < nrows) {
-      const float inv = 1.f / l[r];
-      const size_t head = (size_t)(tok0 + row / P) * hq + hbase + row % P;
-      u16* dst = out + head * D + (lane & 3) * 2;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j)
-        *reinterpret_cast<u32*>(dst + j * 8) = T::pack2(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
-    }
-  }
+  store_rows<T, D>(o, l, ra, nrows, tok0, P, hq, hbase, lane, out);
 }
 #define SM90_BODY(TY, D, CAP, cap)                                                           \
   attn_prefill_sm90<TY, D, CAP>(q, ss, cl, bt, hq, hkv, B, mb, bs, nb, sc, win, pack, out,    \

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from quant_checkpoints import autoawq_checkpoint, gptq_checkpoint
 
 from llmc.build import BuildOptions, build
 from llmc.engine_file import EngineFile
@@ -205,44 +206,6 @@ def test_modelopt_int4_awq_export_keeps_its_int4_weights(awq_export, tmp_path, w
     assert sum(n.name.startswith("AwqScale") for n in graph.graph.node) == 4
 
 
-def _autoawq_checkpoint(src, out, group):
-    """`src` in AutoAWQ's GEMM format, as its quantizer writes it (min/max per block of
-    `group` along in, 15 steps, zero points; qweight/qzeros packed eight to an int32 in
-    AWQ's column order): every decoder GEMM, the embeddings and LM head left 16-bit."""
-    from safetensors.numpy import load_file, save_file
-
-    from llmc.quantization.prequantized import AWQ_ORDER
-
-    def pack(u):                                       # [rows, cols] codes -> int32
-        u = u.astype(np.uint32).reshape(u.shape[0], -1, 8)
-        words = np.zeros(u.shape[:2], np.uint32)
-        for i, col in enumerate(AWQ_ORDER):
-            words |= u[:, :, col] << (4 * i)
-        return words.view(np.int32)
-
-    out.mkdir(parents=True)
-    tensors = load_file(src / "model.safetensors")
-    for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
-        w = tensors.pop(name).astype(np.float32).T                        # [in, out]
-        blocks = w.reshape(w.shape[0] // group, group, w.shape[1])
-        lo, hi = blocks.min(1), blocks.max(1)
-        scale = (np.maximum(hi - lo, 1e-5) / 15).astype(np.float16)
-        s = scale.astype(np.float32)[:, None, :]
-        zero = np.clip(np.round(-lo / scale.astype(np.float32)), 0, 15)
-        u = np.clip(np.round(blocks / s) + zero[:, None, :], 0, 15).reshape(w.shape)
-        base = name.removesuffix("weight")
-        tensors.update({base + "qweight": pack(u), base + "qzeros": pack(zero),
-                        base + "scales": scale})
-    save_file(tensors, out / "model.safetensors")
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group,
-                                     "zero_point": True, "version": "gemm"}
-    (out / "config.json").write_text(json.dumps(config))
-    for f in src.glob("*token*"):
-        shutil.copy(f, out)
-    return out
-
-
 @pytest.mark.parametrize("dtype,group", [("fp32", 128), ("fp16", 128), ("fp32", 64)])
 def test_autoawq_zero_points_build_exactly(tiny_models_d64, tmp_path, words, dtype, group):
     """An AutoAWQ checkpoint (zero points) built as it is: symmetric INT4 codes u - 8 with
@@ -254,7 +217,7 @@ def test_autoawq_zero_points_build_exactly(tiny_models_d64, tmp_path, words, dty
     from llmc.dtypes import np_dtype, to_storage
     from llmc.quantization.prequantized import unpack_awq
 
-    src = _autoawq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "awq", group)
+    src = autoawq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "awq", group)
     header = build(BuildOptions(src, tmp_path / "a.engine", backend="reference", dtype=dtype,
                                 limits=LIMITS, quant=QuantOptions("auto", eval_data=words)),
                    log=lambda _: None)
@@ -276,31 +239,122 @@ def test_autoawq_zero_points_build_exactly(tiny_models_d64, tmp_path, words, dty
 
 
 def test_autoawq_formats_it_cannot_take_are_one_error(tiny_models_d64, tmp_path):
-    src = _autoawq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "awq", 128)
+    src = autoawq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "awq", 128)
     _refused(src, tmp_path, "AutoAWQ's 4-bit GEMM format", version="gemv")
 
 
-def test_autoawq_zero_points_on_the_cuda_backend_are_one_error(tiny_models_d64, tmp_path,
-                                                                words):
-    """The cuda backend has no kernel for the zero points' offset GEMMs yet: one error that
-    names the way out (int4-rtn, which does build)."""
-    src = _autoawq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "awq", 128)
-    opts = dict(backend="cuda", gpu_arch="sm_90a", dtype="fp16", limits=LIMITS)
-    with pytest.raises(LlmcError, match="zero points .* --quant int4-rtn"):
+@pytest.mark.parametrize("kind,group", [("autoawq", 128), ("autoawq", 64), ("gptq", 128),
+                                        ("gptq-sym", 64)])
+def test_zero_point_checkpoints_lower_to_the_zero_point_kernels(tiny_models_d64, tmp_path,
+                                                                 words, kind, group):
+    """On the cuda backend every INT4 GEMM of an AutoAWQ or asymmetric GPTQ checkpoint takes
+    its zero points (kernels/qgemv_zp.cu): the engine stores the checkpoint's z [out, in / B],
+    a byte each, where the graph's offsets were (a fused GEMM's parts side by side along out).
+    A symmetric GPTQ checkpoint's GEMMs are the symmetric kernels'."""
+    from llmc.backends.cuda.plan import PLAN, WEIGHTS, Plan
+    from llmc.checkpoint import open_checkpoint
+    from llmc.quantization.prequantized import unpack_awq
+
+    folder = tiny_models_d64["llama-gqa"][0]
+    src = autoawq_checkpoint(folder, tmp_path / "q", group) if kind == "autoawq" else \
+        gptq_checkpoint(folder, tmp_path / "q", group, sym=kind == "gptq-sym")
+    header = build(BuildOptions(src, tmp_path / "a.engine", backend="cuda", gpu_arch="sm_90a",
+                                dtype="fp16", limits=LIMITS,
+                                quant=QuantOptions("auto", eval_data=words)),
+                   log=lambda _: None)
+    assert header.quant.mode == ("int4-awq" if kind == "autoawq" else "int4-gptq")
+    assert header.quant.accuracy.passed
+    engine = EngineFile(tmp_path / "a.engine")
+    plan = Plan.from_dict(json.loads(engine.section(PLAN).tobytes()))
+    gemms = [op for op in plan.ops if op.attrs.get("quant") == "int4"]
+    assert len(gemms) == 8
+    if kind == "gptq-sym":
+        assert "qgemv_zp" not in plan.modules and not any(op.inputs[5] for op in gemms)
+        return
+    assert "qgemv_zp" in plan.modules and all(op.inputs[5] for op in gemms)
+    ckpt, weights = open_checkpoint(src), engine.section(WEIGHTS)
+
+    def zeros(part):   # the checkpoint's z [in / B, out]
+        packed = ckpt.tensor(part.removesuffix("weight") + "qzeros")
+        return unpack_awq(packed) if kind == "autoawq" else \
+            unpack_awq(packed, tuple(range(8))) + 1          # GPTQ's format stores z - 1
+    for op in gemms:
+        v = plan.values[op.inputs[5]]
+        stored = np.asarray(weights[v.offset:v.offset + v.shape[0] * v.shape[1]]
+                            ).reshape(v.shape)
+        want = np.concatenate([zeros(p).T for p in fused_parts(op.inputs[1].removesuffix(
+            ".int4"))])
+        assert np.array_equal(stored, want), op.inputs[1]
+
+
+@pytest.mark.parametrize("sym,fmt,group", [(True, "gptq", 128), (False, "gptq", 64),
+                                           (False, "gptq_v2", 128)])
+def test_gptq_builds_exactly(tiny_models_d64, tmp_path, words, sym, fmt, group):
+    """A GPTQ checkpoint built as it is (--quant auto -> int4-gptq): its codes u - 8 with its
+    scales, plus offsets only where zero points are not 8 (asymmetric); it computes what its
+    dequantized weights compute, to fp32 rounding."""
+    import onnx
+
+    from llmc.checkpoint import open_checkpoint
+    from llmc.dtypes import np_dtype, to_storage
+    from llmc.quantization.prequantized import unpack_gptq_rows
+
+    src = gptq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "gptq", group, sym, fmt)
+    header = build(BuildOptions(src, tmp_path / "a.engine", backend="reference", dtype="fp32",
+                                limits=LIMITS, quant=QuantOptions("auto", eval_data=words)),
+                   log=lambda _: None)
+    q = header.quant
+    assert q.mode == "int4-gptq" and q.gemms == 8 and "gptqmodel:2.2.0" in q.details["scales"]
+    assert q.details["int4_block_sizes"] == [group]
+    assert q.accuracy.top1_agreement == 1.0 and abs(q.accuracy.delta_ppl_pct) < 1e-3
+    engine = EngineFile(tmp_path / "a.engine")
+    name = "model.layers.1.self_attn.o_proj.qweight"
+    codes = unpack_gptq_rows(open_checkpoint(src).tensor(name)).astype(np.int8) - 8
+    stored = engine_tensor(engine, "model.layers.1.self_attn.o_proj.weight.int4")
+    assert stored == to_storage(np.ascontiguousarray(codes).astype(np_dtype("int4")))
+    graph = onnx.load_from_string(engine.section("model.onnx").tobytes())
+    offsets = sum(n.name.startswith("Int4ZeroPoints") for n in graph.graph.node)
+    assert offsets == (0 if sym else 8)
+
+
+def test_gptq_act_order_is_refused_as_int4_and_builds_requantized(tiny_models_d64, tmp_path,
+                                                                   words):
+    """Act-order blocks (desc_act) are read dequantized only: --quant auto says why and how
+    to build it; --quant int4-rtn quantizes the dequantized weights again."""
+    src = gptq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "gptq", 64,
+                          act_order=True)
+    opts = dict(backend="reference", dtype="fp32", limits=LIMITS)
+    with pytest.raises(LlmcError, match="14 weights in act-order blocks.* --quant int4-awq, "
+                                        "int4-rtn"):
         build(BuildOptions(src, tmp_path / "a.engine", **opts,
                            quant=QuantOptions("auto", eval_data=words)), log=lambda _: None)
     assert not (tmp_path / "a.engine").exists()
     header = build(BuildOptions(src, tmp_path / "b.engine", **opts,
                                 quant=QuantOptions("int4-rtn", eval_data=words)),
                    log=lambda _: None)
-    assert header.quant.mode == "int4-rtn" and header.quant.gemms == 8
+    # against the dequantized checkpoint: RTN on it rounds once more
+    assert header.quant.mode == "int4-rtn" and header.quant.accuracy.passed
+
+
+def test_int4_gptq_needs_a_gptq_checkpoint(tiny_models_d64, tmp_path, words):
+    with pytest.raises(LlmcError, match="--quant int4-gptq builds a GPTQ checkpoint's own .* "
+                                        "an unquantized checkpoint"):
+        build(BuildOptions(tiny_models_d64["llama-gqa"][0], tmp_path / "a.engine",
+                           backend="reference", limits=LIMITS,
+                           quant=QuantOptions("int4-gptq", eval_data=words)),
+              log=lambda _: None)
+
+
+def test_gptq_formats_it_cannot_take_are_one_error(tiny_models_d64, tmp_path):
+    src = gptq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "gptq", 128)
+    _refused(src, tmp_path, "llmc reads 4-bit GPTQ", bits=8)
 
 
 def test_tensorrt_rtx_builds_autoawq_zero_points(tiny_models_d64, tmp_path, words):
     """The real TensorRT-RTX builder on the CPU takes the zero points' form: the INT4 weights
     behind DEQUANTIZE layers (zero points 0), the offsets as plain GEMMs."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
-    src = _autoawq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "awq", 128)
+    src = autoawq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "awq", 128)
     header = build(BuildOptions(src, tmp_path / "r.engine", backend="tensorrt-rtx",
                                 dtype="fp16", limits=LIMITS,
                                 quant=QuantOptions("auto", eval_data=words)),

@@ -1,0 +1,100 @@
+"""Pre-quantized checkpoints in the formats of other quantizers, written by the tests from a
+tiny model's folder exactly as those tools lay them out (the tools themselves are not test
+dependencies): every decoder GEMM quantized, the embeddings and LM head left 16-bit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from llmc.quantization.prequantized import AWQ_ORDER
+
+
+def autoawq_checkpoint(src, out, group):
+    """`src` in AutoAWQ's GEMM format, as its quantizer writes it (min/max per block of
+    `group` along in, 15 steps, zero points; qweight/qzeros packed eight to an int32 in
+    AWQ's column order)."""
+
+    def pack(u):                                       # [rows, cols] codes -> int32
+        u = u.astype(np.uint32).reshape(u.shape[0], -1, 8)
+        words = np.zeros(u.shape[:2], np.uint32)
+        for i, col in enumerate(AWQ_ORDER):
+            words |= u[:, :, col] << (4 * i)
+        return words.view(np.int32)
+
+    out.mkdir(parents=True)
+    tensors = load_file(src / "model.safetensors")
+    for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
+        w = tensors.pop(name).astype(np.float32).T                        # [in, out]
+        blocks = w.reshape(w.shape[0] // group, group, w.shape[1])
+        lo, hi = blocks.min(1), blocks.max(1)
+        scale = (np.maximum(hi - lo, 1e-5) / 15).astype(np.float16)
+        s = scale.astype(np.float32)[:, None, :]
+        zero = np.clip(np.round(-lo / scale.astype(np.float32)), 0, 15)
+        u = np.clip(np.round(blocks / s) + zero[:, None, :], 0, 15).reshape(w.shape)
+        base = name.removesuffix("weight")
+        tensors.update({base + "qweight": pack(u), base + "qzeros": pack(zero),
+                        base + "scales": scale})
+    save_file(tensors, out / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group,
+                                     "zero_point": True, "version": "gemm"}
+    (out / "config.json").write_text(json.dumps(config))
+    for f in src.glob("*token*"):
+        shutil.copy(f, out)
+    return out
+
+
+def gptq_checkpoint(src, out, group, sym=True, fmt="gptq", act_order=False, seed=0):
+    """`src` in GPTQ's format (AutoGPTQ / GPTQModel): qweight int32 [in / 8, out] packed along
+    in, qzeros int32 [in / B, out / 8] packed along out (format "gptq" stores z - 1), scales
+    fp16 [in / B, out], g_idx [in]. The codes are plain rounding (GPTQ's error feedback
+    changes which codes, not the format): sym, scale 2 |max| / 15 and z = 8; otherwise min/max
+    with z in 1..15. act_order: the rows of a block scattered by a random permutation, as
+    desc_act orders them."""
+    def pack_rows(u):                                  # [rows, cols] -> int32 [rows / 8, cols]
+        u = u.astype(np.uint32).reshape(-1, 8, u.shape[1])
+        return sum(u[:, i] << (4 * i) for i in range(8)).astype(np.uint32).view(np.int32)
+
+    def pack_cols(u):                                  # [rows, cols] -> int32 [rows, cols / 8]
+        u = u.astype(np.uint32).reshape(u.shape[0], -1, 8)
+        return sum(u[:, :, i] << (4 * i) for i in range(8)).astype(np.uint32).view(np.int32)
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    tensors = load_file(src / "model.safetensors")
+    for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
+        w = tensors.pop(name).astype(np.float32).T                        # [in, out]
+        k = w.shape[0]
+        g_idx = np.arange(k) // group
+        if act_order:
+            g_idx[rng.permutation(k)] = np.arange(k) // group
+        scale = np.empty((k // group, w.shape[1]), np.float16)
+        zero = np.empty(scale.shape, np.int64)
+        for g in range(k // group):
+            rows = w[g_idx == g]
+            lo, hi = rows.min(0), rows.max(0)
+            if sym:
+                scale[g], zero[g] = np.maximum(2 * np.maximum(-lo, hi), 1e-5) / 15, 8
+            else:
+                scale[g] = np.maximum(hi - lo, 1e-5) / 15
+                zero[g] = np.clip(np.round(-lo / scale[g].astype(np.float32)), 1, 15)
+        s, z = scale.astype(np.float32)[g_idx], zero[g_idx]
+        u = np.clip(np.round(w / s) + z, 0, 15)
+        base = name.removesuffix("weight")
+        tensors.update({base + "qweight": pack_rows(u),
+                        base + "qzeros": pack_cols(zero - (fmt == "gptq")),
+                        base + "scales": scale, base + "g_idx": g_idx.astype(np.int32)})
+    save_file(tensors, out / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group,
+                                     "desc_act": act_order, "sym": sym,
+                                     "checkpoint_format": fmt,
+                                     "meta": {"quantizer": ["gptqmodel:2.2.0"]}}
+    (out / "config.json").write_text(json.dumps(config))
+    for f in src.glob("*token*"):
+        shutil.copy(f, out)
+    return out
