@@ -103,19 +103,21 @@ def build_engine(model: Path, out: Path, limits, dtype: str = "bf16", quant: str
                  ) -> Path:
     """A cuda engine; quantized ones are calibrated (FP8) on random words of the random
     model's word-level tokenizer and not measured (perplexity means nothing on random
-    weights, and two onnxruntime passes over an 8B graph would dominate the build)."""
+    weights, and two onnxruntime passes over an 8B graph would dominate the build). A quant
+    ending in "+head" quantizes the LM head too (--quant-lm-head)."""
     from llmc.build import BuildOptions, build
     from llmc.quantization.quantize import QuantOptions
 
     if not out.is_file():
         t0 = time.perf_counter()
-        q = QuantOptions(quant)
-        if quant != "none":
+        mode, head = quant.removesuffix("+head"), quant.endswith("+head")
+        q = QuantOptions(mode)
+        if mode != "none":
             words = model / "words.txt"
             rng = np.random.default_rng(0)
             words.write_text(" ".join(f"t{i}" for i in rng.integers(0, 1000, 4096)))
-            q = QuantOptions(quant, calib_data=words, eval_data=words, calib_size=16,
-                             eval_size=16, measure=False)
+            q = QuantOptions(mode, calib_data=words, eval_data=words, calib_size=16,
+                             eval_size=16, measure=False, lm_head=head)
         build(BuildOptions(model, out, backend="cuda", dtype=dtype, limits=limits, quant=q),
               log=lambda m: print(f"  [build] {m}") if "wrote" in m or "plan" in m else None)
         print(f"  built {out.name} in {time.perf_counter() - t0:.0f} s")
@@ -255,8 +257,10 @@ def main() -> None:
                     help="fp16 for --quant fp8 / int4-awq (their calibration runs onnxruntime, "
                     "which has no bf16 MatMul on the CPU); the same speed on the GPU")
     ap.add_argument("--quant", nargs="+", default=["none"],
-                    choices=["none", "int4-rtn", "int4-awq", "fp8"],
-                    help="build and time an engine of each (speedups against the first)")
+                    choices=["none", "int4-rtn", "int4-awq", "fp8", "int4-rtn+head",
+                             "int4-awq+head", "fp8+head"],
+                    help="build and time an engine of each (speedups against the first); "
+                    "+head: the LM head quantized too (--quant-lm-head)")
     ap.add_argument("--layers", type=int, default=32, help="llama-3.1-8b: decoder layers")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch the GEMVs without programmatic dependent launch (A/B)")

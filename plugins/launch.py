@@ -205,16 +205,17 @@ class Kernels:
         return out
 
     def w4_gemv(self, x, w, scale, group, pre=None, bias=None, act=None, sm_count=None,
-                zp=None):
+                zp=None, out_dtype=None):
         """x [m, K] @ dequant(w)^T for m <= 16: w the packed INT4 weight [N, K / 2] (uint8, as
         lower.pack_int4 writes it), scale [N, K / group] in x's dtype, pre AWQ's 1 / s [K], zp
-        the zero points [N, K / group] (uint8; the codes are u - zp rather than u - 8).
-        sm_count: the GPU's unless given (it picks the kernel, launch_rules.qgemv_launch)."""
+        the zero points [N, K / group] (uint8; the codes are u - zp rather than u - 8);
+        out_dtype float32: fp32 y (and bias). sm_count: the GPU's unless given (it picks the
+        kernel, launch_rules.qgemv_launch)."""
         m, k = x.shape
         n = w.shape[0] // (2 if act else 1)
-        out = self.torch.empty(m, n, dtype=x.dtype, device=x.device)
-        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "int4", act=act, group=group,
-                             sm_count=self.sm_count if sm_count is None else sm_count,
+        out = self.torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "int4", self._dtype(out), act, group,
+                             self.sm_count if sm_count is None else sm_count,
                              zero_points=zp is not None)
         self.launch(ln, [x, w, scale, DevPtr(0) if pre is None else pre,
                          DevPtr(0) if bias is None else bias, m, n, k,

@@ -142,7 +142,8 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
     """y[m, n] = x[m, k] @ dequant(w)^T for m <= 16 on a packed weight (kernels/qgemv.cu);
     with act, w is the fused [2n, k] gate-up weight and y = act(gate) * up.
     int4 args: (x, w, scale, pre-or-null, bias-or-null, m, n, k, int4_group_shift(group), y),
-    the kernel with chunk scales (_cs) when the group is a multiple of 128; zero_points: the
+    the kernel with chunk scales (_cs) when the group is a multiple of 128, y (and the bias)
+    in fp32 with out_dtype float32 (_f32, without act); zero_points: the
     w4zp kernel of kernels/qgemv_zp.cu, whose args end with the zero points [N, K / G] (u8);
     fp8 args: (x, w, x_scale * w_scale f32 [N], float_bits(x_scale), bias-or-null, m, n, k,
     y).
@@ -153,9 +154,8 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
     if quant not in QUANTS:
         raise ValueError(f"quantized gemv takes {' or '.join(QUANTS)}, not {quant!r}")
     out = tag if out_dtype in (None, dtype) else "f32" if out_dtype == "float32" else None
-    if out is None or (quant == "int4" and out != tag):
-        raise ValueError(f"{quant} gemv writes {dtype}{'' if quant == 'int4' else ' or float32'}"
-                         f", not {out_dtype}")
+    if out is None:
+        raise ValueError(f"{quant} gemv writes {dtype} or float32, not {out_dtype}")
     if act is not None and (act not in GEMV_ACTS or out != tag):
         raise ValueError(f"gemv fuses {' or '.join(GEMV_ACTS)} with a {dtype} output only")
     if not 0 < m <= QGEMV_MS[-1]:
@@ -175,7 +175,7 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
         wide = mb == 8 and sm_count and tiles > QGEMV4_WIDE_TILES * sm_count and \
             (cs or not zero_points)
         name = f"w4{'zp' if zero_points else ''}_{tag}_m{mb}{'_wide' if wide else ''}" \
-               f"{'_cs' if cs else ''}"
+               f"{'_cs' if cs else ''}{'_f32' if out == 'f32' else ''}"
     else:
         name = f"w8_{tag}_{out}_m{mb}"
     name += f"_{act}" if act else ""

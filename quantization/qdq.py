@@ -11,9 +11,11 @@ Q/DQ nodes that onnxruntime runs and TensorRT(-RTX) turns into a packed-weight G
                              DequantizeLinear(W_e4m3, scale[N], axis=1))
 
 A rewrite is a Pass (passes/pattern.py): the pattern is a MatMul whose second input is a 2-D
-weight and which is not the LM head (it stays 16-bit: its error lands on every logit, and it
-is the one GEMM the embedding table may share); the check is that the format fits (an INT4
-block divides K; FP8 has a calibrated scale for x); the replacement swaps in the Q/DQ form.
+weight and which is not the LM head (by default it stays 16-bit: its error lands on every
+logit, and it is the one GEMM the embedding table may share; with_lm_head: quantized
+too, a tied table first given a transposed copy of its own by untie_lm_head); the check is
+that the format fits (an INT4 block divides K; FP8 has a calibrated scale for x); the
+replacement swaps in the Q/DQ form.
 The quantized weights stay lazy: one loader quantizes a weight once, at save time, and hands
 out its parts (values, scale, AWQ's 1/s), which sit next to each other in the streaming
 order, so memory still holds one weight at a time.
@@ -60,18 +62,42 @@ def lm_head(g: Graph) -> NodeProto | None:
     return g.memo["lm_head"]
 
 
-def match_site(g: Graph, node: NodeProto) -> Site | None:
+def match_site(g: Graph, node: NodeProto, with_lm_head: bool = False) -> Site | None:
     w = g.weights.get(node.input[1]) if len(node.input) == 2 else None
-    if w is None or len(w.shape) != 2 or node is lm_head(g):
+    if w is None or len(w.shape) != 2 or (node is lm_head(g) and not with_lm_head):
         return None
     return Site(node, node.input[0], node.input[1])
 
 
-def sites(model: onnx.ModelProto, weights: list[Weight]) -> list[Site]:
+def sites(model: onnx.ModelProto, weights: list[Weight], with_lm_head: bool = False
+          ) -> list[Site]:
     """Every GEMM a quantizer may rewrite, in graph order (what calibration observes)."""
     g = Graph(model, weights)
     return [s for n in g.nodes.values() if n.op_type == "MatMul"
-            if (s := match_site(g, n)) is not None]
+            if (s := match_site(g, n, with_lm_head)) is not None]
+
+
+def untie_lm_head() -> Pass:
+    """A tied LM head, Gemm(x, E, transB=1) on the embedding table, as MatMul(x, E^T) on a
+    transposed copy of the table (the same numbers), so the quantizers may take it while the
+    table stays 16-bit for the embedding lookup."""
+    def match(g: Graph, node: NodeProto) -> NodeProto | None:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        w = g.weights.get(node.input[1]) if len(node.input) == 2 else None
+        if node is not lm_head(g) or w is None or len(w.shape) != 2 or attrs.get(
+                "transB") != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+            return None
+        return node
+
+    def replace(g: Graph, node: NodeProto) -> None:
+        table = g.weights[node.input[1]]
+        head = g.add_weight(Weight(f"{table.name}.lm_head", table.dtype, table.shape[::-1],
+                                   lambda: np.ascontiguousarray(table.read().T)), table.name)
+        g.remove([node])
+        g.add("MatMul", [node.input[0], head], list(node.output), name=node.name)
+        g.memo.pop("lm_head", None)
+
+    return Pass("untie-lm-head", "Gemm", match, replace)
 
 
 class _Parts:
@@ -129,13 +155,13 @@ class GivenInt4:
 
 
 def int4_pass(awq: dict[str, np.ndarray] | None = None,
-              given: dict[str, GivenInt4] | None = None) -> Pass:
+              given: dict[str, GivenInt4] | None = None, with_lm_head: bool = False) -> Pass:
     """RTN, or AWQ when ``awq`` maps each weight to its calibration rows of x [M, K]; a
     weight in ``given`` takes those values and scales as they are."""
     given = given or {}
 
     def match(g: Graph, node: NodeProto) -> Site | None:
-        site = match_site(g, node)
+        site = match_site(g, node, with_lm_head)
         if site is None or (site.weight not in given and numerics.int4_block(
                 g.weights[site.weight].shape[0]) is None):
             return None
@@ -206,14 +232,15 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None,
 
 
 def fp8_pass(act_amax: dict[str, float],
-             weight_scale: dict[str, np.ndarray] | None = None) -> Pass:
+             weight_scale: dict[str, np.ndarray] | None = None,
+             with_lm_head: bool = False) -> Pass:
     """FP8 weights and activations; ``act_amax`` maps each weight to its input's calibrated
     |max| (a GEMM without one is left alone); ``weight_scale``, where given, each weight's
     scale per output column (a pre-quantized checkpoint's) instead of its |max| / 448."""
     weight_scale = weight_scale or {}
 
     def match(g: Graph, node: NodeProto) -> Site | None:
-        site = match_site(g, node)
+        site = match_site(g, node, with_lm_head)
         return site if site is not None and site.weight in act_amax else None
 
     def replace(g: Graph, site: Site) -> None:
@@ -239,5 +266,6 @@ def fp8_pass(act_amax: dict[str, float],
 def quantize_graph(model: onnx.ModelProto, weights: list[Weight], p: Pass,
                    log: Callable[[str], None] | None = None
                    ) -> tuple[onnx.ModelProto, list[Weight], dict]:
-    """Run one quantization pass through the pass manager (the same report and counters)."""
+    """Run one quantization pass (or untie_lm_head) through the pass manager (the same
+    report and counters)."""
     return run_passes(model, weights, passes=[p], log=log)

@@ -41,6 +41,7 @@ class QuantOptions:
     eval_size: int = 1024              # tokens scored for the accuracy report
     max_ppl_increase: float = 5.0      # percent; a build past it warns
     kv_cache_dtype: str = "auto"       # auto: the compute dtype; fp8: E4M3, scales per layer
+    lm_head: bool = False              # quantize the LM head too (a tied one: a copy of it)
     # Off only for speed benchmarks on random weights, where perplexity means nothing and
     # running an 8B graph twice on onnxruntime would dominate the build (no CLI flag).
     measure: bool = True
@@ -74,12 +75,22 @@ class QuantOptions:
                 "of a scale block anywhere in the weight, which neither the INT4 graph "
                 "(TensorRT's blocks) nor the kernels hold; build with --quant int4-awq, "
                 "int4-rtn or fp8 (its dequantized weights quantized again) or --quant none")
-        if self.mode != "auto":
-            return self
-        if prequantized is not None:
-            log(f"the checkpoint is a {prequantized.describe()}: building --quant "
-                f"{prequantized.mode} with its scales")
-        return replace(self, mode=prequantized.mode if prequantized else "none")
+        out = self
+        if self.mode == "auto":
+            if prequantized is not None:
+                log(f"the checkpoint is a {prequantized.describe()}: building --quant "
+                    f"{prequantized.mode} with its scales")
+            out = replace(self, mode=prequantized.mode if prequantized else "none")
+        if out.lm_head and out.mode == "none":
+            raise LlmcError("--quant-lm-head quantizes the LM head the way --quant does, and "
+                            "nothing is quantized here: name a --quant mode (fp8, int4-awq, "
+                            "int4-rtn)")
+        if out.lm_head and out.mode == "fp8" and prequantized is not None and \
+                prequantized.mode == "fp8":
+            raise LlmcError(f"--quant-lm-head: the model is a {prequantized.describe()}, "
+                            "whose scales do not cover the LM head's input; build it without "
+                            "--quant-lm-head, or requantize it with --quant int4-awq")
+        return out
 
     def validate(self) -> "QuantOptions":
         if self.mode not in MODES:
@@ -128,21 +139,24 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         raise LlmcError(f"--quant {opts.mode} with --dtype bf16: calibration and the accuracy "
                         "report run the graph on onnxruntime, which has no bf16 MatMul on the "
                         "CPU; build with --dtype fp16 (the same speed on the GPU)")
+    if opts.lm_head:   # before the reference is saved: calibration observes the head's x
+        model, weights, _ = qdq.quantize_graph(model, weights, qdq.untie_lm_head())
     calib_text, calib_name = measure.read_text(opts.calib_data, "calib")
     eval_text, eval_name = measure.read_text(opts.eval_data, "eval")
     eval_seqs = measure.token_sequences(tokenizer_json, eval_text, opts.eval_size, "evaluation")
     base = save_onnx(model, weights, tmp / "reference") if needs_ort else None
     details: dict = {}
     p = None
-    sites = qdq.sites(model, weights)
+    head = opts.lm_head
+    sites = qdq.sites(model, weights, head)
     gemm_inputs = {}
     if opts.mode == "int4-rtn":
-        p = qdq.int4_pass()
+        p = qdq.int4_pass(with_lm_head=head)
     elif opts.mode in ("int4-awq", "int4-gptq") and prequantized is not None and \
             prequantized.mode == opts.mode:
         given = _checkpoint_int4(sites, prequantized)
         details["scales"] = f"from the {prequantized.describe()}"
-        p = qdq.int4_pass(given=given)
+        p = qdq.int4_pass(given=given, with_lm_head=head)   # a head not given: RTN
     elif opts.mode == "fp8" and prequantized is not None and prequantized.mode == "fp8":
         amax, scales = _checkpoint_scales(sites, prequantized)
         details["scales"] = f"from the {prequantized.describe()}"
@@ -164,7 +178,8 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         log(f"calibrated {what} on {calib.tokens} tokens of {calib_name}")
         details["calibration"] = f"{calib.tokens} tokens of {calib_name}"
     if gemm_inputs:
-        p = qdq.int4_pass(calib.rows) if opts.mode == "int4-awq" else qdq.fp8_pass(calib.amax)
+        p = qdq.int4_pass(calib.rows, with_lm_head=head) if opts.mode == "int4-awq" else \
+            qdq.fp8_pass(calib.amax, with_lm_head=head)
     qmodel, qweights, gemms = model, weights, 0
     if p is not None:
         qmodel, qweights, report = qdq.quantize_graph(model, weights, p)
@@ -173,7 +188,10 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
                   for a in n.attribute if a.name == "block_size"}
         if blocks:
             details["int4_block_sizes"] = sorted(blocks)
-        log(f"quantized {gemms} GEMMs to {opts.mode} (the LM head stays unquantized)")
+        if head:
+            details["lm_head"] = opts.mode
+        log(f"quantized {gemms} GEMMs to {opts.mode} (the LM head "
+            f"{'among them' if head else 'stays unquantized'})")
     qio, kv_scales = io, []
     if kv_sites:
         amax = given_kv if given_kv is not None else \

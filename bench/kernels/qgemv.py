@@ -45,7 +45,8 @@ SWEEP8 = [(16, 2, 1), (16, 1, 1), (16, 3, 1), (8, 2, 2), (8, 1, 2), (8, 3, 2), (
 
 def sweep_functions(arch: str) -> Functions:
     entries = "".join(
-        [f"W4_ENTRY(w4_sweep_nt{nt}_sk{sk}_d{d}_mb{mb}, BF16, {nt}, {sk}, {d}, 0, true, {mb})\n"
+        [f"W4_ENTRY(w4_sweep_nt{nt}_sk{sk}_d{d}_mb{mb}, BF16, {nt}, {sk}, {d}, 0, true, false, "
+         f"{mb})\n"
          for nt in (1, 2) for sk, d, mb in SWEEP4]
         + [f"W8_ENTRY(w8_sweep_nt{nt}_sk{sk}_d{d}_mb{mb}, BF16, {nt}, {sk}, {d}, 0, false, "
            f"{mb})\n" for nt in (1, 2) for sk, d, mb in SWEEP8])

@@ -236,8 +236,9 @@ __device__ __forceinline__ void w4_chunk(const uint4 (&v)[2], const u32 (&s)[2],
 // off). Each pointer advances once every D chunks and the stages load at constant offsets
 // from it; x rows past m re-read row m - 1 (their sums are never stored) rather than branch
 // or zero; the chunk that K % 128 leaves runs after the loop, with lane predicates. ZP: the
-// zero points zp [N, K / G] (a byte each) ride in the ring next to the scales.
-template <typename T, int NT, int SK, int D, int ACT, bool CS, bool ZP>
+// zero points zp [N, K / G] (a byte each) ride in the ring next to the scales. F32: y in fp32
+// (a quantized LM head's logits; a bias is then fp32 too).
+template <typename T, int NT, int SK, int D, int ACT, bool CS, bool ZP, bool F32 = false>
 __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
                                         const u16* __restrict__ scale,
                                         const u16* __restrict__ pre,
@@ -328,7 +329,7 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
   };
   if (pre) run(true);  // inlined twice: with_pre is a constant in each copy
   else run(false);
-  tc_store<T, NT, SK, ACT, false>(part, acc, o0, m, n, bias, y, 1.f, nullptr);
+  tc_store<T, NT, SK, ACT, F32>(part, acc, o0, m, n, bias, y, 1.f, nullptr);
 }
 
 // Prefill: the INT4 weight back to T [N, K] for cuBLASLt, with AWQ's pre folded into it
@@ -495,21 +496,23 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 }
 
 // ---- entry points (qgemv.cu; the zero-point ones in qgemv_zp.cu) -------------------------------
-// w4[zp]_<dtype>_m<M>[_wide][_cs][_swiglu|_geglu] and w8_<dtype>_<out>_m<M>[_...]: M = 8
+// w4[zp]_<dtype>_m<M>[_wide][_cs][_swiglu|_geglu|_f32] and w8_<dtype>_<out>_m<M>[_...]: M = 8
 // (NT = 1) or 16 (NT = 2); _wide: 3 CTAs an SM (W4_CONFIGS); _cs: chunk scales (the group a
-// multiple of 128); w4zp: zero points, one more argument after y (zp [N, K / G]).
-#define W4_ENTRY(NAME, TY, NT, SK, D, ACT, CS, MINB)                                          \
+// multiple of 128); _f32: fp32 output; w4zp: zero points, one more argument after y
+// (zp [N, K / G]).
+#define W4_ENTRY(NAME, TY, NT, SK, D, ACT, CS, F32, MINB)                                     \
   extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y) {                                                    \
-    w4_gemv<TY, NT, SK, D, ACT, CS, false>(x, w, scale, pre, bias, m, n, k, gshift, y,         \
-                                           nullptr);                                           \
+    w4_gemv<TY, NT, SK, D, ACT, CS, false, F32>(x, w, scale, pre, bias, m, n, k, gshift, y,    \
+                                                nullptr);                                      \
   }
-#define W4ZP_ENTRY(NAME, TY, NT, SK, D, ACT, CS, MINB)                                        \
+#define W4ZP_ENTRY(NAME, TY, NT, SK, D, ACT, CS, F32, MINB)                                   \
   extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y, const u8* zp) {                                      \
-    w4_gemv<TY, NT, SK, D, ACT, CS, true>(x, w, scale, pre, bias, m, n, k, gshift, y, zp);     \
+    w4_gemv<TY, NT, SK, D, ACT, CS, true, F32>(x, w, scale, pre, bias, m, n, k, gshift, y,     \
+                                               zp);                                            \
   }
 #define W8_ENTRY(NAME, TY, NT, SK, D, ACT, F32, MINB)                                          \
   extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
@@ -518,12 +521,14 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
     w8_gemv<TY, NT, SK, D, ACT, F32>(x, w, sw, __int_as_float(sx), bias, m, n, k, y);          \
   }
 #define W4_SET(ENTRY, BASE, TY, NT, SK, D, MB)                                                 \
-  ENTRY(BASE, TY, NT, SK, D, 0, false, MB)                                                     \
-  ENTRY(BASE##_swiglu, TY, NT, SK, D, 1, false, MB)                                            \
-  ENTRY(BASE##_geglu, TY, NT, SK, D, 2, false, MB)                                             \
-  ENTRY(BASE##_cs, TY, NT, SK, D, 0, true, MB)                                                 \
-  ENTRY(BASE##_cs_swiglu, TY, NT, SK, D, 1, true, MB)                                          \
-  ENTRY(BASE##_cs_geglu, TY, NT, SK, D, 2, true, MB)
+  ENTRY(BASE, TY, NT, SK, D, 0, false, false, MB)                                              \
+  ENTRY(BASE##_swiglu, TY, NT, SK, D, 1, false, false, MB)                                     \
+  ENTRY(BASE##_geglu, TY, NT, SK, D, 2, false, false, MB)                                      \
+  ENTRY(BASE##_f32, TY, NT, SK, D, 0, false, true, MB)                                         \
+  ENTRY(BASE##_cs, TY, NT, SK, D, 0, true, false, MB)                                          \
+  ENTRY(BASE##_cs_swiglu, TY, NT, SK, D, 1, true, false, MB)                                   \
+  ENTRY(BASE##_cs_geglu, TY, NT, SK, D, 2, true, false, MB)                                    \
+  ENTRY(BASE##_cs_f32, TY, NT, SK, D, 0, true, true, MB)
 #define W8_SET(DT, TY, M, NT, SK, D, MB)                                                       \
   W8_ENTRY(w8_##DT##_##DT##_m##M, TY, NT, SK, D, 0, false, MB)                                  \
   W8_ENTRY(w8_##DT##_f32_m##M, TY, NT, SK, D, 0, true, MB)                                     \

@@ -44,6 +44,10 @@ def _entry_names():
                             names.add(lr.qgemv_launch(m, 64, 128, dt, "int4", act=act,
                                                       group=group, sm_count=sms,
                                                       zero_points=zp))
+                            if act is None:   # a quantized LM head's fp32 logits
+                                names.add(lr.qgemv_launch(m, 64, 128, dt, "int4", "float32",
+                                                          group=group, sm_count=sms,
+                                                          zero_points=zp))
                 names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", act=act))
             names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", "float32"))
         names.add(lr.moe_route_launch(5, 8, 2, dt))

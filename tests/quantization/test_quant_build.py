@@ -112,6 +112,40 @@ def test_bad_quant_options_are_one_error_line(tiny_models, tmp_path, capsys, arg
     assert not (tmp_path / "q.engine").exists()
 
 
+@pytest.mark.parametrize("mode", ["fp8", "int4-awq", "int4-rtn"])
+@pytest.mark.parametrize("kind", ["llama-gqa", "mistral-window", "gemma2-softcap"])
+def test_quant_lm_head_quantizes_the_head_too(tiny_models, tmp_path, words, kind, mode):
+    """--quant-lm-head: one GEMM more, the logits' producer; a tied head (llama-gqa, Gemma)
+    becomes a GEMM on a transposed copy of the table, which stays for the lookup; an untied
+    one (mistral-window) is quantized in place. The accuracy report measures it."""
+    import onnx
+
+    folder, model = tiny_models[kind]
+    header = build(BuildOptions(folder, tmp_path / "q.engine", backend="reference",
+                                dtype="fp16", limits=LIMITS,
+                                quant=quant(mode, words, lm_head=True)), log=lambda _: None)
+    q = header.quant
+    assert q.gemms == 4 * model.config.num_hidden_layers + 1 and q.details["lm_head"] == mode
+    max_delta, min_top1 = GEMMA_BUDGET if kind.startswith("gemma") else BUDGET[mode]
+    assert abs(q.accuracy.delta_ppl_pct) <= 2 * max_delta and q.accuracy.passed
+    graph = onnx.load_from_string(EngineFile(tmp_path / "q.engine").section(
+        "model.onnx").tobytes()).graph
+    names = {t.name for t in graph.initializer}
+    table = "model.embed_tokens.weight"
+    head = f"{table}.lm_head" if model.config.tie_word_embeddings else "lm_head.weight"
+    quantized = f"{head}.{'fp8' if mode == 'fp8' else 'int4'}"
+    assert quantized in names and head not in names and table in names
+    assert not any(n.op_type == "Gemm" for n in graph.node)
+
+
+def test_quant_lm_head_needs_a_quant_mode(tiny_models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--model", str(tiny_models["llama-gqa"][0]), "-o",
+              str(tmp_path / "q.engine"), "--backend", "reference", "--quant-lm-head"])
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert e.value.code == 2 and len(errors) == 1 and "name a --quant mode" in errors[0]
+
+
 # ------------------------------------------------------------------ the other backends
 
 

@@ -379,9 +379,10 @@ class Lowering:
                 out_name = users[0].output[0]
                 users = self.g.consumers.get(out_name, [])
         # The LM head: the graph casts the logits to float32; cuBLASLt writes them so. (Not
-        # an MoE router's: the moe op took that Cast, and reads the logits as rounded.)
+        # an MoE router's: the moe op took that Cast, and reads the logits as rounded. Nor a
+        # quantized head's with a bias: its fp32-output kernels take an fp32 bias.)
         if (len(users) == 1 and users[0].op_type == "Cast" and id(users[0]) not in self.done
-                and _attr(users[0], "to") == _ONNX_FLOAT):
+                and _attr(users[0], "to") == _ONNX_FLOAT and not (qinputs and bias)):
             self.done.add(id(users[0]))
             out_name, out_dtype = users[0].output[0], "float32"
         out = self._arena(out_name, [rows, n], out_dtype)

@@ -92,6 +92,21 @@ def test_zero_points_that_are_not_integers_are_one_error():
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_quantized_lm_head_writes_fp32_logits(tiny_models_d64, tmp_path, words, mode):
+    """--quant-lm-head: the logits' GEMM is quantized too and writes the fp32 logits itself
+    (the INT4 kernels' _f32 entries, FP8's f32 ones); a tied head's copy is what it reads."""
+    folder, model = tiny_models_d64["llama-tied-rope3"]
+    header = _build(folder, tmp_path / "h.engine", mode, words, lm_head=True)
+    assert header.quant.details["lm_head"] == mode
+    plan = _plan(EngineFile(tmp_path / "h.engine"))
+    head = [op for op in plan.ops if op.op == "gemm"][-1]
+    assert head.attrs["quant"] == ("fp8" if mode == "fp8" else "int4")
+    assert head.attrs["out_dtype"] == "float32" and head.attrs["n"] == model.config.vocab_size
+    assert head.inputs[1].startswith("model.embed_tokens.weight.lm_head.")
+    assert not any(op.op == "cast_f32" for op in plan.ops)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_every_mode_lowers_to_quantized_gemms(tiny_models_d64, tmp_path, words, mode):
     import onnx
 
@@ -210,6 +225,23 @@ def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_pat
     _build(folder, tmp_path / "c.engine", mode, words, arch=None)
     _build(folder, tmp_path / "r.engine", mode, words, backend="reference")
     _compare_engines(tmp_path, model, f"{kind} {mode}", TOLERANCE[mode], graphs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied-rope3"])   # untied, tied
+def test_quantized_lm_head_engine_matches_the_reference_backend(tiny_models_d64, tmp_path,
+                                                                words, kind, mode):
+    """--quant-lm-head on both backends: the fp32 logits from the quantized head's kernels."""
+    from llmc.plugins.launch_rules import FP8_ARCHS
+
+    if mode == "fp8" and GPUS[0].arch not in FP8_ARCHS:
+        pytest.skip("FP8 engines are built for Hopper (sm_90a)")
+    folder, model = tiny_models_d64[kind]
+    _build(folder, tmp_path / "c.engine", mode, words, arch=None, lm_head=True)
+    _build(folder, tmp_path / "r.engine", mode, words, backend="reference", lm_head=True)
+    _compare_engines(tmp_path, model, f"{mode} head", TOLERANCE[mode], True)
 
 
 @pytest.mark.gpu
