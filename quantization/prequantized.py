@@ -218,6 +218,35 @@ def unpack_gptq_rows(packed: np.ndarray) -> np.ndarray:
     return out.reshape(-1, packed.shape[1])
 
 
+def _packed_linears(readers: Readers, out: Readers, source: Any, extra: str = ""):
+    """Each X.qweight with its X.qzeros and X.scales (and X.<extra> or None), read, and
+    all of them taken out of `out`: (name, base "X.", qweight, qzeros, scales float32,
+    extra)."""
+    for name in [n for n in readers if n.endswith(".qweight")]:
+        base = name.removesuffix("qweight")
+        if base + "qzeros" not in readers or base + "scales" not in readers:
+            raise LlmcError(f"{source}: {name} has no {base}qzeros and {base}scales")
+        qweight, qzeros = readers[name](), out.pop(base + "qzeros")()
+        scales = np.asarray(out.pop(base + "scales")(), np.float32)
+        more = np.asarray(out.pop(base + extra)()) if extra and base + extra in out else None
+        out.pop(name)
+        yield name, base, qweight, qzeros, scales, more
+
+
+def _packed_shapes_fit(qweight, qzeros, scales, k: int, n: int) -> bool:
+    """int32 codes and zero points, scales [K / B, N], zero points [K / B, N / 8]."""
+    return qweight.dtype == np.int32 and qzeros.dtype == np.int32 and scales.ndim == 2 and \
+        scales.shape[1] == n and scales.shape[0] > 0 and k % scales.shape[0] == 0 and \
+        qzeros.shape == (scales.shape[0], n // 8)
+
+
+def _check_packed(ok: bool, source: Any, name: str, qweight, qzeros, scales, what: str):
+    if not ok:
+        raise LlmcError(f"{source}: {name} ({qweight.dtype}{list(qweight.shape)}), its qzeros "
+                        f"{list(qzeros.shape)} and scales {list(scales.shape)} are not "
+                        f"{what}")
+
+
 def _read_autoawq(readers: Readers, qc: dict[str, Any], source: Any
                   ) -> tuple[Readers, Prequantized]:
     version = str(qc.get("version", "gemm")).lower()
@@ -227,20 +256,10 @@ def _read_autoawq(readers: Readers, qc: dict[str, Any], source: Any
                         "AutoAWQ's 4-bit GEMM format with zero points (the default)")
     out = dict(readers)
     weights = {}
-    for name in [n for n in readers if n.endswith(".qweight")]:
-        base = name.removesuffix("qweight")
-        if base + "qzeros" not in readers or base + "scales" not in readers:
-            raise LlmcError(f"{source}: {name} has no {base}qzeros and {base}scales")
-        qweight, qzeros = readers[name](), out.pop(base + "qzeros")()
-        scales = np.asarray(out.pop(base + "scales")(), np.float32)
-        out.pop(name)
+    for name, base, qweight, qzeros, scales, _ in _packed_linears(readers, out, source):
         k, n = qweight.shape[0], 8 * qweight.shape[1] if qweight.ndim == 2 else 0
-        if qweight.dtype != np.int32 or qzeros.dtype != np.int32 or scales.ndim != 2 or \
-                scales.shape[1] != n or not scales.shape[0] or k % scales.shape[0] or \
-                qzeros.shape != (scales.shape[0], n // 8):
-            raise LlmcError(f"{source}: {name} ({qweight.dtype}{list(qweight.shape)}), its "
-                            f"qzeros {list(qzeros.shape)} and scales {list(scales.shape)} are "
-                            "not an AutoAWQ GEMM triple")
+        _check_packed(_packed_shapes_fit(qweight, qzeros, scales, k, n), source, name,
+                      qweight, qzeros, scales, "an AutoAWQ GEMM triple")
         zeros = unpack_awq(qzeros).astype(np.float32)                       # [in / B, out]
         w = Int4Weight(lambda r=readers[name]: (unpack_awq(r()).T.astype(np.int8) - 8),
                        np.ascontiguousarray(scales.T), None, k,
@@ -262,26 +281,18 @@ def _read_gptq(readers: Readers, qc: dict[str, Any], source: Any
                         "gptq and gptq_v2)")
     out = dict(readers)
     weights, act_order = {}, 0
-    for name in [n for n in readers if n.endswith(".qweight")]:
-        base = name.removesuffix("qweight")
-        if base + "qzeros" not in readers or base + "scales" not in readers:
-            raise LlmcError(f"{source}: {name} has no {base}qzeros and {base}scales")
-        qweight, qzeros = readers[name](), out.pop(base + "qzeros")()
-        scales = np.asarray(out.pop(base + "scales")(), np.float32)
-        g_idx = np.asarray(out.pop(base + "g_idx")()) if base + "g_idx" in out else None
-        out.pop(name)
+    for name, base, qweight, qzeros, scales, g_idx in _packed_linears(readers, out, source,
+                                                                      "g_idx"):
         k, n = 8 * qweight.shape[0], qweight.shape[1] if qweight.ndim == 2 else 0
-        if qweight.dtype != np.int32 or qzeros.dtype != np.int32 or scales.ndim != 2 or \
-                scales.shape[1] != n or not scales.shape[0] or k % scales.shape[0] or \
-                qzeros.shape != (scales.shape[0], n // 8) or \
-                (g_idx is not None and g_idx.shape != (k,)):
-            raise LlmcError(f"{source}: {name} ({qweight.dtype}{list(qweight.shape)}), its "
-                            f"qzeros {list(qzeros.shape)} and scales {list(scales.shape)} are "
-                            "not a GPTQ triple")
+        _check_packed(_packed_shapes_fit(qweight, qzeros, scales, k, n) and (
+            g_idx is None or g_idx.shape == (k,)), source, name, qweight, qzeros, scales,
+            "a GPTQ triple")
         zeros = unpack_awq(qzeros, tuple(range(8))).astype(np.float32) + (fmt == "gptq")
         block = k // scales.shape[0]
+
         def codes(r=readers[name]) -> np.ndarray:    # int8 [out, in]: u - 8
             return unpack_gptq_rows(r()).T.astype(np.int8) - 8
+
         if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // block):
             act_order += 1     # blocks of scattered rows: the weight read dequantized only
             out[base + "weight"] = lambda c=codes, z=zeros, s=scales, g=g_idx: (
