@@ -81,6 +81,10 @@ class QuantOptions:
                 log(f"the checkpoint is a {prequantized.describe()}: building --quant "
                     f"{prequantized.mode} with its scales")
             out = replace(self, mode=prequantized.mode if prequantized else "none")
+        if prequantized is not None and out.mode == prequantized.mode and not out.lm_head and \
+                "lm_head.weight" in prequantized.int4:
+            log("the checkpoint's LM head is INT4 too: building it so (--quant-lm-head)")
+            out = replace(out, lm_head=True)
         if out.lm_head and out.mode == "none":
             raise LlmcError("--quant-lm-head quantizes the LM head the way --quant does, and "
                             "nothing is quantized here: name a --quant mode (fp8, int4-awq, "

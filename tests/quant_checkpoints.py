@@ -48,13 +48,15 @@ def autoawq_checkpoint(src, out, group):
     return out
 
 
-def gptq_checkpoint(src, out, group, sym=True, fmt="gptq", act_order=False, seed=0):
+def gptq_checkpoint(src, out, group, sym=True, fmt="gptq", act_order=False, seed=0,
+                    lm_head=False):
     """`src` in GPTQ's format (AutoGPTQ / GPTQModel): qweight int32 [in / 8, out] packed along
     in, qzeros int32 [in / B, out / 8] packed along out (format "gptq" stores z - 1), scales
     fp16 [in / B, out], g_idx [in]. The codes are plain rounding (GPTQ's error feedback
     changes which codes, not the format): sym, scale 2 |max| / 15 and z = 8; otherwise min/max
     with z in 1..15. act_order: the rows of a block scattered by a random permutation, as
-    desc_act orders them."""
+    desc_act orders them. lm_head: the (untied) LM head quantized too, as GPTQModel's
+    lm_head=True does."""
     def pack_rows(u):                                  # [rows, cols] -> int32 [rows / 8, cols]
         u = u.astype(np.uint32).reshape(-1, 8, u.shape[1])
         return sum(u[:, i] << (4 * i) for i in range(8)).astype(np.uint32).view(np.int32)
@@ -66,7 +68,8 @@ def gptq_checkpoint(src, out, group, sym=True, fmt="gptq", act_order=False, seed
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True)
     tensors = load_file(src / "model.safetensors")
-    for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
+    for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")
+                 or lm_head and n == "lm_head.weight"]:
         w = tensors.pop(name).astype(np.float32).T                        # [in, out]
         k = w.shape[0]
         g_idx = np.arange(k) // group
@@ -92,7 +95,7 @@ def gptq_checkpoint(src, out, group, sym=True, fmt="gptq", act_order=False, seed
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group,
                                      "desc_act": act_order, "sym": sym,
-                                     "checkpoint_format": fmt,
+                                     "checkpoint_format": fmt, "lm_head": lm_head,
                                      "meta": {"quantizer": ["gptqmodel:2.2.0"]}}
     (out / "config.json").write_text(json.dumps(config))
     for f in src.glob("*token*"):

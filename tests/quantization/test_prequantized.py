@@ -317,6 +317,27 @@ def test_gptq_builds_exactly(tiny_models_d64, tmp_path, words, sym, fmt, group):
     assert offsets == (0 if sym else 8)
 
 
+def test_a_gptq_checkpoints_quantized_lm_head_is_built_as_it_is(tiny_models_d64, tmp_path,
+                                                                 words):
+    """GPTQModel's lm_head=True: the head's own codes and scales, as --quant-lm-head builds
+    it, without being asked."""
+    from llmc.checkpoint import open_checkpoint
+    from llmc.dtypes import np_dtype, to_storage
+    from llmc.quantization.prequantized import unpack_gptq_rows
+
+    src = gptq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "gptq", 128,
+                          lm_head=True)
+    header = build(BuildOptions(src, tmp_path / "a.engine", backend="reference", dtype="fp32",
+                                limits=LIMITS, quant=QuantOptions("auto", eval_data=words)),
+                   log=lambda _: None)
+    q = header.quant
+    assert q.mode == "int4-gptq" and q.gemms == 9 and q.details["lm_head"] == "int4-gptq"
+    assert q.accuracy.top1_agreement == 1.0 and abs(q.accuracy.delta_ppl_pct) < 1e-3
+    codes = unpack_gptq_rows(open_checkpoint(src).tensor("lm_head.qweight")).astype(np.int8) - 8
+    stored = engine_tensor(EngineFile(tmp_path / "a.engine"), "lm_head.weight.int4")
+    assert stored == to_storage(np.ascontiguousarray(codes).astype(np_dtype("int4")))
+
+
 def test_gptq_act_order_is_refused_as_int4_and_builds_requantized(tiny_models_d64, tmp_path,
                                                                    words):
     """Act-order blocks (desc_act) are read dequantized only: --quant auto says why and how
