@@ -77,6 +77,14 @@ def sites(model: onnx.ModelProto, weights: list[Weight], with_lm_head: bool = Fa
             if (s := match_site(g, n, with_lm_head)) is not None]
 
 
+def lm_head_quantized(model: onnx.ModelProto, weights: list[Weight]) -> bool:
+    """Whether the LM head reads a DequantizeLinear (a quantizer took it)."""
+    g = Graph(model, weights)
+    head = lm_head(g)
+    dq = g.producer(head.input[1]) if head is not None else None
+    return dq is not None and dq.op_type == "DequantizeLinear"
+
+
 def untie_lm_head() -> Pass:
     """A tied LM head, Gemm(x, E, transB=1) on the embedding table, as MatMul(x, E^T) on a
     transposed copy of the table (the same numbers), so the quantizers may take it while the

@@ -192,8 +192,12 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
                   for a in n.attribute if a.name == "block_size"}
         if blocks:
             details["int4_block_sizes"] = sorted(blocks)
+        head = head and qdq.lm_head_quantized(qmodel, qweights)
         if head:
             details["lm_head"] = opts.mode
+        elif opts.lm_head:   # e.g. an INT4 block that does not divide its K
+            log(f"warning: --quant-lm-head: {opts.mode} does not fit the LM head; it stays "
+                "16-bit")
         log(f"quantized {gemms} GEMMs to {opts.mode} (the LM head "
             f"{'among them' if head else 'stays unquantized'})")
     qio, kv_scales = io, []

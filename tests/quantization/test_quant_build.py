@@ -32,9 +32,9 @@ def quant(mode, words, **kw) -> QuantOptions:
     return QuantOptions(mode, calib_data=words, eval_data=words, **kw)
 
 
-def _build(folder, out, mode, words, backend="reference", dtype="fp32", log=None):
+def _build(folder, out, mode, words, backend="reference", dtype="fp32", log=None, **kw):
     return build(BuildOptions(folder, out, backend=backend, dtype=dtype, limits=LIMITS,
-                              quant=quant(mode, words)), log=log or (lambda _: None))
+                              quant=quant(mode, words, **kw)), log=log or (lambda _: None))
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int4-awq", "int4-rtn"])
@@ -149,17 +149,18 @@ def test_quant_lm_head_needs_a_quant_mode(tiny_models, tmp_path, capsys):
 # ------------------------------------------------------------------ the other backends
 
 
-@pytest.mark.parametrize("mode, layers, targets", [
-    ("int4-rtn", {"DEQUANTIZE": 8}, None),
-    ("fp8", {"QUANTIZE": 8, "DEQUANTIZE": 16}, ["8.9", "12.0"]),
+@pytest.mark.parametrize("mode, layers, targets, head", [
+    ("int4-rtn", {"DEQUANTIZE": 8}, None, False),
+    ("fp8", {"QUANTIZE": 8, "DEQUANTIZE": 16}, ["8.9", "12.0"], False),
+    ("int4-rtn", {"DEQUANTIZE": 9}, None, True),     # --quant-lm-head: the head's too
 ])
 def test_tensorrt_rtx_builds_quantized_graphs(tiny_models, tmp_path, words, mode, layers,
-                                              targets):
+                                              targets, head):
     """The real TensorRT-RTX builder on the CPU: the Q/DQ layers are in the network (weights
     packed behind DEQUANTIZE), FP8 for Ada and Blackwell targets only."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
     header = _build(tiny_models["llama-gqa"][0], tmp_path / "r.engine", mode, words,
-                    backend="tensorrt-rtx", dtype="fp16")
+                    backend="tensorrt-rtx", dtype="fp16", lm_head=head)
     net = header.lowering
     assert {k: net["layer_types"].get(k, 0) for k in layers} == layers
     assert net["rtx_targets"] == targets
