@@ -21,7 +21,8 @@ typedef unsigned char u8;
 // ---- INT4 ------------------------------------------------------------------------------------
 // Engine layout (lower.py: pack_int4): w [N, K / 2] bytes, each 32-bit word holding 8
 // consecutive k as unsigned nibbles u (q + 8, or a zero-point checkpoint's own codes) in the
-// order k0 k2 k4 k6 k1 k3 k5 k7 (low nibble first), so that (word >> 4e) & 0x000f000f is the pair k2e, k2e+1 in the two 16-bit halves.
+// order k0 k2 k4 k6 k1 k3 k5 k7 (low nibble first), so that (word >> 4e) & 0x000f000f is the
+// pair k2e, k2e+1 in the two 16-bit halves.
 // OR'ed into the exponent of 128 (bf16) or 1024 (fp16), whose ulp is 1, a nibble becomes the
 // 16-bit float 128 + u; subtracting 136 (1032) gives q exactly, and one multiply by the
 // group's scale gives q * s rounded once, as DequantizeLinear rounds it.
