@@ -65,7 +65,8 @@ class QuantInfo:
     mode: str                   # none (an FP8 KV cache alone), fp8, int4-awq, int4-rtn,
                                 # int4-gptq
     kv_cache_dtype: str         # auto (the compute dtype) or fp8
-    gemms: int                  # weight GEMMs quantized (the LM head stays 16-bit)
+    gemms: int                  # weight GEMMs quantized (the LM head too only with
+                                # details["lm_head"]: --quant-lm-head)
     details: dict[str, Any]     # block sizes, calibration text and tokens
     accuracy: Accuracy | None   # None: not measured (QuantOptions.measure off: benchmarks)
     kv_scales: list[list[float]] = field(default_factory=list)  # fp8 KV: per layer [K, V]

@@ -197,6 +197,7 @@ def _read_int4(readers: Readers, qc: dict[str, Any], source: Any
 
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # AutoAWQ: nibble i of a word holds column 8c + this
+GPTQ_ORDER = tuple(range(8))           # GPTQ's zero points: in order
 
 
 def unpack_awq(packed: np.ndarray, order: tuple[int, ...] = AWQ_ORDER) -> np.ndarray:
@@ -287,7 +288,7 @@ def _read_gptq(readers: Readers, qc: dict[str, Any], source: Any
         _check_packed(_packed_shapes_fit(qweight, qzeros, scales, k, n) and (
             g_idx is None or g_idx.shape == (k,)), source, name, qweight, qzeros, scales,
             "a GPTQ triple")
-        zeros = unpack_awq(qzeros, tuple(range(8))).astype(np.float32) + (fmt == "gptq")
+        zeros = unpack_awq(qzeros, GPTQ_ORDER).astype(np.float32) + (fmt == "gptq")
         block = k // scales.shape[0]
 
         def codes(r=readers[name]) -> np.ndarray:    # int8 [out, in]: u - 8

@@ -13,18 +13,20 @@ from safetensors.numpy import load_file, save_file
 from llmc.quantization.prequantized import AWQ_ORDER
 
 
+def pack_cols(u, order=tuple(range(8))):
+    """Codes [rows, cols] -> int32 [rows, cols / 8]: nibble i (from the low one) of word c
+    holds column 8c + order[i]."""
+    u = u.astype(np.uint32).reshape(u.shape[0], -1, 8)
+    words = np.zeros(u.shape[:2], np.uint32)
+    for i, col in enumerate(order):
+        words |= u[:, :, col] << (4 * i)
+    return words.view(np.int32)
+
+
 def autoawq_checkpoint(src, out, group):
     """`src` in AutoAWQ's GEMM format, as its quantizer writes it (min/max per block of
     `group` along in, 15 steps, zero points; qweight/qzeros packed eight to an int32 in
     AWQ's column order)."""
-
-    def pack(u):                                       # [rows, cols] codes -> int32
-        u = u.astype(np.uint32).reshape(u.shape[0], -1, 8)
-        words = np.zeros(u.shape[:2], np.uint32)
-        for i, col in enumerate(AWQ_ORDER):
-            words |= u[:, :, col] << (4 * i)
-        return words.view(np.int32)
-
     out.mkdir(parents=True)
     tensors = load_file(src / "model.safetensors")
     for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
@@ -36,7 +38,8 @@ def autoawq_checkpoint(src, out, group):
         zero = np.clip(np.round(-lo / scale.astype(np.float32)), 0, 15)
         u = np.clip(np.round(blocks / s) + zero[:, None, :], 0, 15).reshape(w.shape)
         base = name.removesuffix("weight")
-        tensors.update({base + "qweight": pack(u), base + "qzeros": pack(zero),
+        tensors.update({base + "qweight": pack_cols(u, AWQ_ORDER),
+                        base + "qzeros": pack_cols(zero, AWQ_ORDER),
                         base + "scales": scale})
     save_file(tensors, out / "model.safetensors")
     config = json.loads((src / "config.json").read_text())
@@ -57,14 +60,6 @@ def gptq_checkpoint(src, out, group, sym=True, fmt="gptq", act_order=False, seed
     with z in 1..15. act_order: the rows of a block scattered by a random permutation, as
     desc_act orders them. lm_head: the (untied) LM head quantized too, as GPTQModel's
     lm_head=True does."""
-    def pack_rows(u):                                  # [rows, cols] -> int32 [rows / 8, cols]
-        u = u.astype(np.uint32).reshape(-1, 8, u.shape[1])
-        return sum(u[:, i] << (4 * i) for i in range(8)).astype(np.uint32).view(np.int32)
-
-    def pack_cols(u):                                  # [rows, cols] -> int32 [rows, cols / 8]
-        u = u.astype(np.uint32).reshape(u.shape[0], -1, 8)
-        return sum(u[:, :, i] << (4 * i) for i in range(8)).astype(np.uint32).view(np.int32)
-
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True)
     tensors = load_file(src / "model.safetensors")
@@ -88,7 +83,7 @@ def gptq_checkpoint(src, out, group, sym=True, fmt="gptq", act_order=False, seed
         s, z = scale.astype(np.float32)[g_idx], zero[g_idx]
         u = np.clip(np.round(w / s) + z, 0, 15)
         base = name.removesuffix("weight")
-        tensors.update({base + "qweight": pack_rows(u),
+        tensors.update({base + "qweight": np.ascontiguousarray(pack_cols(u.T).T),   # along in
                         base + "qzeros": pack_cols(zero - (fmt == "gptq")),
                         base + "scales": scale, base + "g_idx": g_idx.astype(np.int32)})
     save_file(tensors, out / "model.safetensors")

@@ -152,12 +152,11 @@ def test_w4_gemv_zero_points(K, n, k, group, act, dtype, m, wide):
 def test_w4_gemv_fp32_out(K, n, k, group, dtype, m, zp):
     """The _f32 kernels (a quantized LM head's fp32 logits): the same sums, not rounded to
     the dtype; with an fp32 bias."""
-    w, scale, deq, z = int4_weight(n, k, group, dtype, seed=12, zero_points=True)
-    if not zp:
-        w, scale, deq = int4_weight(n, k, group, dtype, seed=12)
+    w, scale, deq, *z = int4_weight(n, k, group, dtype, seed=12, zero_points=zp)
     x = x_rows(m, k, dtype, seed=13)
     bias = torch.randn(n, device="cuda")
-    y = K.w4_gemv(x, w, scale, group, bias=bias, zp=z if zp else None, out_dtype=torch.float32)
+    y = K.w4_gemv(x, w, scale, group, bias=bias, zp=z[0] if zp else None,
+                  out_dtype=torch.float32)
     assert y.dtype == torch.float32
     check(y, x.double() @ deq.double().T + bias.double(), torch.float32)
 

@@ -253,7 +253,7 @@ def test_zero_point_checkpoints_lower_to_the_zero_point_kernels(tiny_models_d64,
     A symmetric GPTQ checkpoint's GEMMs are the symmetric kernels'."""
     from llmc.backends.cuda.plan import PLAN, WEIGHTS, Plan
     from llmc.checkpoint import open_checkpoint
-    from llmc.quantization.prequantized import unpack_awq
+    from llmc.quantization.prequantized import GPTQ_ORDER, unpack_awq
 
     folder = tiny_models_d64["llama-gqa"][0]
     src = autoawq_checkpoint(folder, tmp_path / "q", group) if kind == "autoawq" else \
@@ -277,7 +277,7 @@ def test_zero_point_checkpoints_lower_to_the_zero_point_kernels(tiny_models_d64,
     def zeros(part):   # the checkpoint's z [in / B, out]
         packed = ckpt.tensor(part.removesuffix("weight") + "qzeros")
         return unpack_awq(packed) if kind == "autoawq" else \
-            unpack_awq(packed, tuple(range(8))) + 1          # GPTQ's format stores z - 1
+            unpack_awq(packed, GPTQ_ORDER) + 1               # GPTQ's format stores z - 1
     for op in gemms:
         v = plan.values[op.inputs[5]]
         stored = np.asarray(weights[v.offset:v.offset + v.shape[0] * v.shape[1]]

@@ -69,6 +69,7 @@ from llmc.backends.cuda.plan import (
     Plan,
     Value,
     align,
+    int4_zero_points,
     itemsize,
     live_intervals,
     numel,
@@ -223,8 +224,7 @@ class Lowering:
         # the quantized GEMMs' kernels and the soft-capped or E4M3-pool attention's are
         # compiled only for the models that have them
         quant = any(op.attrs.get("quant") for op in self.ops if op.op == "gemm")
-        zero_points = any(op.inputs[5:6] != [None] for op in self.ops
-                          if op.op == "gemm" and op.attrs.get("quant") == "int4")
+        zero_points = any(int4_zero_points(op) for op in self.ops)
         attention = sorted({attention_module(op.attrs["softcap"], "kv_scale" in op.attrs)
                             for op in self.ops if op.op == "attention"} - set(MODULES))
         moe = any(op.op == "moe" for op in self.ops)
@@ -1076,8 +1076,8 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
         jobs[op.inputs[1]] = "int4" if quant == "int4" else "transpose"
         if quant == "int4":
             jobs[op.inputs[3]] = "transpose"
-            if len(op.inputs) > 5 and op.inputs[5]:
-                zeros[op.inputs[5]] = op.inputs[3]
+            if zp := int4_zero_points(op):
+                zeros[zp] = op.inputs[3]
         elif quant == "fp8":
             appended[op.inputs[3]] = (op.attrs["scale_from"], op.attrs["x_scale"])
     if not jobs:

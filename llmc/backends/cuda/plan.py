@@ -104,6 +104,12 @@ class Plan:
                    num_layers=d["num_layers"])
 
 
+def int4_zero_points(op: Op) -> str | None:
+    """An INT4 gemm's zero points (input 5), or None: symmetric codes, another op, or an
+    engine from before zero points."""
+    return op.inputs[5] if op.op == "gemm" and len(op.inputs) > 5 else None
+
+
 def storage(values: dict[str, Value], name: str) -> str:
     """The value whose memory `name` uses: itself, or the base its views lead to."""
     while values[name].where == "view":

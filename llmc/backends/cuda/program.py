@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from llmc import contract
-from llmc.backends.cuda.plan import Op, Plan, itemsize, numel
+from llmc.backends.cuda.plan import Op, Plan, int4_zero_points, itemsize, numel
 from llmc.plugins import attention_plan as ap
 from llmc.plugins import launch_rules as lr
 from llmc.plugins.launch import DevPtr
@@ -68,7 +68,7 @@ def _qgemm(op: Op, m: int, dt: str, sm_count: int, P) -> Iterator[tuple]:
     act, quant, k = a.get("act"), a["quant"], a["k"]
     bias = P(ins[2]) if ins[2] else DevPtr(0)
     pre = P(ins[4]) if ins[4] else DevPtr(0)     # INT4: AWQ's 1 / s
-    zp = ins[5] if len(ins) > 5 else None        # INT4: zero points
+    zp = int4_zero_points(op)
     zargs = [P(zp)] if zp else []
     if uses_gemv(op, m):
         n, y = (a["inter"], outs[1]) if act else (a["n"], outs[0])
