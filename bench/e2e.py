@@ -264,9 +264,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32, help="llama-3.1-8b: decoder layers")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch the GEMVs without programmatic dependent launch (A/B)")
+    ap.add_argument("--w4-gemm-max-m", type=int, default=None,
+                    help="INT4 steps of up to this many rows on the small-M GEMM, larger ones "
+                    "dequantized for cuBLASLt (A/B; 16: never the small-M GEMM)")
     args = ap.parse_args()
 
     import torch
+
+    from llmc.plugins import launch_rules
+    if args.w4_gemm_max_m is not None:
+        launch_rules.W4_GEMM_MAX_M = args.w4_gemm_max_m
 
     from llmc.backends.cuda.session import CudaSession
     from llmc.engine_file import EngineFile
@@ -293,7 +300,9 @@ def main() -> None:
              + (f" --quant {' '.join(args.quant)}" if args.quant != ["none"] else "")
              + (f" --layers {args.layers}" if args.layers != 32 else "")
              + (" --hf" if args.hf else "") + (" --hf-compile" if args.hf_compile else "")
-             + (" --no-pdl" if args.no_pdl else ""), ""]
+             + (" --no-pdl" if args.no_pdl else "")
+             + (f" --w4-gemm-max-m {args.w4_gemm_max_m}" if args.w4_gemm_max_m is not None
+                else ""), ""]
     results, table, extra = {}, [], []
     for quant in ([] if args.skip_llmc else args.quant):
         name = f"{args.model}-{args.layers}l-{args.dtype}-{quant}.engine"

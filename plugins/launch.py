@@ -55,9 +55,13 @@ class Functions:
                                                launch.kernel.encode()))
             self._funcs[key] = f
         f = self._funcs[key]
-        if launch.smem > self._smem_set.get(key, 48 * 1024):
-            attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            check(driver.cuFuncSetAttribute(f, attr, launch.smem))
+        if launch.smem > self._smem_set.get(key, 0):
+            # past 48 KB of shared memory, static and dynamic together, a kernel must opt in
+            fa = driver.CUfunction_attribute
+            static = check(driver.cuFuncGetAttribute(fa.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, f))
+            if launch.smem + static > 48 * 1024:
+                check(driver.cuFuncSetAttribute(
+                    f, fa.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, launch.smem))
             self._smem_set[key] = launch.smem
         return f
 
@@ -220,6 +224,27 @@ class Kernels:
         self.launch(ln, [x, w, scale, DevPtr(0) if pre is None else pre,
                          DevPtr(0) if bias is None else bias, m, n, k,
                          lr.int4_group_shift(group), out, *([] if zp is None else [zp])])
+        return out
+
+    def w4_gemm(self, x, w, scale, group, pre=None, bias=None, act=None, zp=None,
+                out_dtype=None, sm_count=None):
+        """w4_gemv's product for any number of rows, by the small-M GEMM (the backend's steps of
+        17 to launch_rules.W4_GEMM_MAX_M rows); sm_count: the GPU's unless given (it sets the
+        K splits; 0: none)."""
+        m, k = x.shape
+        n = w.shape[0] // (2 if act else 1)
+        out = self.torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+        ln = lr.w4_gemm_launch(m, n, k, self._dtype(x), self._dtype(out), act, group,
+                               zero_points=zp is not None,
+                               sm_count=self.sm_count if sm_count is None else sm_count)
+        nbytes, tiles_ = lr.w4_gemm_scratch(ln, m, n, act)
+        part = self.torch.empty(max(nbytes, 4), dtype=self.torch.uint8, device=x.device)
+        arrived = self.torch.zeros(max(tiles_, 1), dtype=self.torch.int32, device=x.device)
+        self.launch(ln, [x, w, scale, DevPtr(0) if pre is None else pre,
+                         DevPtr(0) if bias is None else bias, m, n, k,
+                         lr.int4_group_shift(group), out, part, arrived,
+                         *([] if zp is None else [zp])])
+        assert not arrived.any(), "a split-K tile counter was not reset"
         return out
 
     def w8_gemv(self, x, w, w_scale, x_scale, bias=None, out_dtype=None, act=None):

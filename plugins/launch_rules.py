@@ -183,6 +183,64 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
                   (32 * QGEMV_WARPS[quant, mb], 1, 1), pdl=True)
 
 
+# The INT4 small-M GEMM (kernels/qgemv.cuh: w4_gemm) runs steps of QGEMV_MS[-1] + 1 to
+# W4_GEMM_MAX_M rows; larger ones dequantize the weight for cuBLASLt (faster from about 256
+# rows: bench/results/qgemv.md). A CTA: W4G_WARPS warps of 16 weight rows, W4G_TILES tiles of 8
+# x rows, W4G_STAGES x stages (kernels/qgemv.cuh: W4G_CONFIG). A GEMM whose tiles give fewer
+# than W4G_AIM warps an SM splits K over more CTAs (at most W4G_MAX_SPLITS, each at least 2
+# chunks of 128).
+W4_GEMM_MAX_M = 128
+W4G_WARPS, W4G_TILES, W4G_STAGES = 8, 4, 3
+W4G_AIM = 32
+W4G_MAX_SPLITS = 8
+
+
+def w4_gemm_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None,
+                   act: str | None = None, group: int = 0, zero_points: bool = False,
+                   sm_count: int = 0) -> Launch:
+    """y[m, n] = x[m, k] @ dequant(w)^T on the packed INT4 weight for any m (the backend runs it
+    for QGEMV_MS[-1] < m <= W4_GEMM_MAX_M). args: qgemv_launch's int4 ones, then the split-K
+    partials and the tile counters (w4_gemm_scratch says how big; the counters zero before
+    the first launch, each launch leaves them zero), then with zero_points the zero points
+    (kernels/qgemv_zp.cu). Grid: (x tiles, weight tiles, K splits), the splits from sm_count
+    (unknown: none)."""
+    tag = dtype_tag(dtype)
+    out = tag if out_dtype in (None, dtype) else "f32" if out_dtype == "float32" else None
+    if out is None:
+        raise ValueError(f"int4 gemm writes {dtype} or float32, not {out_dtype}")
+    if act is not None and (act not in GEMV_ACTS or out != tag):
+        raise ValueError(f"int4 gemm fuses {' or '.join(GEMV_ACTS)} with a {dtype} output only")
+    if k % INT4_K or not 0 < k <= INT32_MAX or not 0 < n * (2 if act else 1) <= INT32_MAX \
+            or m <= 0 or m * n * (2 if act else 1) * W4G_MAX_SPLITS >= INT32_MAX:
+        raise ValueError(f"int4 gemm needs K a multiple of {INT4_K}: M={m}, N={n}, K={k}")
+    int4_group_shift(group)
+    name = f"w4g{'zp' if zero_points else ''}_{tag}{'_f32' if out == 'f32' else ''}" \
+           f"{f'_{act}' if act else ''}"
+    grid = (math.ceil(m / (8 * W4G_TILES)),
+            math.ceil(math.ceil(n / (8 if act else 16)) / W4G_WARPS))
+    return Launch("qgemv_zp" if zero_points else "qgemv", name,
+                  (*grid, w4g_splits(grid[0] * grid[1] * W4G_WARPS, k, sm_count)),
+                  (32 * W4G_WARPS, 1, 1), smem=w4g_smem(W4G_TILES, W4G_STAGES), pdl=True)
+
+
+def w4g_smem(tiles: int, stages: int) -> int:
+    """A w4_gemm CTA's shared memory: each stage holds x's rows and AWQ's pre for 128 k."""
+    return stages * (8 * tiles + 1) * 128 * 2
+
+
+def w4g_splits(warps: int, k: int, sm_count: int, aim: int = 0) -> int:
+    """K splits of a w4_gemm grid of `warps` warps: up to W4G_AIM (aim) an SM."""
+    return max(1, min(math.ceil((aim or W4G_AIM) * sm_count / warps), W4G_MAX_SPLITS,
+                      math.ceil(k / 128) // 2))
+
+
+def w4_gemm_scratch(launch: Launch, m: int, n: int, act: str | None) -> tuple[int, int]:
+    """(bytes of split-K partials, tile counters) a w4_gemm launch needs: none unsplit."""
+    if launch.grid[2] == 1:
+        return 0, 0
+    return launch.grid[2] * m * n * (2 if act else 1) * 4, launch.grid[0] * launch.grid[1]
+
+
 def dequant_int4_launch(n: int, k: int, dtype: str, zero_points: bool = False) -> Launch:
     """The packed INT4 weight [n, k] back to dtype, for a prefill GEMM. args (w, scale,
     pre-or-null, n, k, int4_group_shift(group), out [n, k]), then with zero_points the zero

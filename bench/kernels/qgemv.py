@@ -10,12 +10,16 @@ int4-awq engine runs it, and without, as int4-rtn runs it; and w4zp, the kernel 
 kernels/qgemv_zp.cu with a zero point per row and group, as an AutoAWQ or asymmetric GPTQ
 checkpoint's engine runs it); fp8 = w8 (x quantized as it is loaded). The gate-up GEMM has
 its SwiGLU fused in every column (bf16 beyond 8 rows: cuBLASLt, then llmc's SwiGLU kernel).
+For M = 24..256 (GEMM_MS), INT4 RTN three ways: bf16 cuBLASLt; the weight dequantized
+(dequant_int4) then cuBLASLt, what the backend runs past launch_rules.W4_GEMM_MAX_M rows; and
+the small-M GEMM (w4g, kernels/qgemv.cuh), with its K splits for this GPU's SM count.
 
 Timing as bench/kernels/gemm.py: a CUDA graph of >= CALLS calls cycling through >= 256 MiB of
 weight copies, median of REPS replays. % peak = bytes read (packed weights + scales + x) and
 written, over the time, against 3.35 TB/s. --sweep times variants of both kernels compiled
-from the same source (warps splitting K, chunks in flight a warp, CTAs an SM): the figures
-behind the configurations in kernels/qgemv.cu.
+from the same source (warps splitting K, chunks in flight a warp, CTAs an SM; for the
+small-M GEMM warps a CTA, x rows a CTA, x stages, chunks in flight a warp, CTAs an SM and the
+warps an SM its K splits aim for): the figures behind the configurations in kernels/qgemv.cuh.
 """
 from __future__ import annotations
 
@@ -37,10 +41,18 @@ SHAPES = (  # name, K, N (weight rows), fused activation
     ("down", 14336, 4096, None),
 )
 MS = (1, 2, 4, 8, 16)
+GEMM_MS = (24, 32, 64, 128, 256)   # the INT4 small-M GEMM's steps (launch_rules.W4_GEMM_MAX_M)
 GROUP = 128
 # (warps splitting K, chunks in flight a warp, CTAs an SM) of each kernel
 SWEEP4 = [(8, 2, 2), (8, 1, 2), (8, 3, 2), (8, 1, 3), (4, 2, 4), (4, 1, 6), (16, 1, 1)]
 SWEEP8 = [(16, 2, 1), (16, 1, 1), (16, 3, 1), (8, 2, 2), (8, 1, 2), (8, 3, 2), (32, 1, 1)]
+
+
+# (warps a CTA, x tiles of 8 rows a CTA, x stages, weight chunks in flight a warp, CTAs an SM)
+# of the INT4 small-M GEMM
+SWEEP4G = [(8, 4, 3, 2, 2), (4, 4, 3, 2, 4), (4, 8, 3, 2, 3), (16, 4, 3, 1, 1), (8, 2, 3, 2, 2),
+           (8, 4, 4, 2, 2), (8, 4, 3, 1, 2)]
+SWEEP4G_AIM = (16, 32, 64)   # warps an SM the K splits aim for (launch_rules.W4G_AIM)
 
 
 def sweep_functions(arch: str) -> Functions:
@@ -49,7 +61,9 @@ def sweep_functions(arch: str) -> Functions:
          f"{mb})\n"
          for nt in (1, 2) for sk, d, mb in SWEEP4]
         + [f"W8_ENTRY(w8_sweep_nt{nt}_sk{sk}_d{d}_mb{mb}, BF16, {nt}, {sk}, {d}, 0, false, "
-           f"{mb})\n" for nt in (1, 2) for sk, d, mb in SWEEP8])
+           f"{mb})\n" for nt in (1, 2) for sk, d, mb in SWEEP8]
+        + [f"W4G_ENTRY(w4g_sweep_{'_'.join(map(str, v))}, BF16, {', '.join(map(str, v))}, 0, "
+           "false)\n" for v in SWEEP4G])
     src = "#define QGEMV_VARIANTS\n" + compiler.source("qgemv") + entries
     return Functions(arch, {"qgemv_sweep": compiler._compile_cached("qgemv_sweep", arch,
                                                                      False, src)})
@@ -69,7 +83,7 @@ def main() -> None:
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731  the capture's
     bf = torch.bfloat16
 
-    rows, sweep_rows = [], []
+    rows, sweep_rows, gemm_rows = [], [], []
     for name, k, n, act in SHAPES:
         n_out = n // 2 if act else n
         w16_bytes = n * k * 2
@@ -149,7 +163,67 @@ def main() -> None:
                                     for i in range(calls)])
                     sweep_rows.append((name, m, "fp8", sk, f"D={d}, {mb} CTAs an SM",
                                        b8 / s / DATASHEET_BW))
-        del w16, w4, w8
+        ws = torch.empty(n, k, device="cuda", dtype=bf)   # the dequantized weight (prefill)
+        part = torch.empty(lr.W4G_MAX_SPLITS * GEMM_MS[-1] * n, device="cuda")  # split K
+        arrived = torch.zeros(1 << 16, device="cuda", dtype=torch.int32)
+        for m in GEMM_MS:
+            x = torch.randn(m, k, device="cuda", dtype=bf)
+            y = torch.empty(m, n_out, device="cuda", dtype=bf)
+            gu = torch.empty(m, n, device="cuda", dtype=bf)
+            io = m * n_out * 2 + m * k * 2
+
+            def bf16g(w, x=x, y=y, m=m):
+                if act:
+                    gl = lr.gated_launch(m, n_out, "bfloat16", act, K.sm_count)
+
+                    def fn():
+                        torch.matmul(x, w.t(), out=gu)
+                        K.launch(gl, [gu, m, n_out, y])
+                    return fn
+                return lambda: torch.matmul(x, w.t(), out=y)
+
+            def deq(w, x=x, y=y, m=m, ws=ws):   # what steps past W4_GEMM_MAX_M run
+                dl = lr.dequant_int4_launch(n, k, "bfloat16")
+                gemm = bf16g(ws, x, y, m)
+                a = [DevPtr(w.data_ptr()), DevPtr(s4.data_ptr()), DevPtr(0), n, k,
+                     lr.int4_group_shift(GROUP), DevPtr(ws.data_ptr())]
+
+                def fn():
+                    f.launch(dl, a, stream())
+                    gemm()
+                return fn
+
+            def w4g(w, x=x, y=y, m=m, ln=None, fn=f, part=part):
+                ln = ln or lr.w4_gemm_launch(m, n_out, k, "bfloat16", None, act, GROUP,
+                                             sm_count=K.sm_count)
+                a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s4.data_ptr()),
+                     DevPtr(0), DevPtr(0), m, n_out, k, lr.int4_group_shift(GROUP),
+                     DevPtr(y.data_ptr()), DevPtr(part.data_ptr()),
+                     DevPtr(arrived.data_ptr())]
+                return lambda: fn.launch(ln, a, stream())
+
+            t16 = graph_time([bf16g(w16[i % len(w16)]) for i in range(calls)])
+            td = graph_time([deq(w4[i % len(w4)]) for i in range(calls)])
+            tg = graph_time([w4g(w4[i % len(w4)]) for i in range(calls)])
+            b4 = n * k // 2 + s4.numel() * 2 + io
+            gemm_rows.append((name, f"{k}->{n}", m, t16, (w16_bytes + io) / t16, td, tg,
+                              b4 / tg, 2 * m * n * k / tg))
+            if sweep and not act:
+                for v in SWEEP4G:
+                    for aim in SWEEP4G_AIM:
+                        nw, nt, st, d, mb = v
+                        grid = (math.ceil(m / (8 * nt)), math.ceil(n / 16 / nw))
+                        sp = lr.w4g_splits(grid[0] * grid[1] * nw, k, K.sm_count, aim)
+                        lg = lr.Launch("qgemv_sweep", f"w4g_sweep_{'_'.join(map(str, v))}",
+                                       (*grid, sp), (32 * nw, 1, 1),
+                                       smem=lr.w4g_smem(nt, st), pdl=True)
+                        t = graph_time([w4g(w4[i % len(w4)], ln=lg, fn=sweep)
+                                        for i in range(calls)])
+                        sweep_rows.append((name, m, "int4 GEMM", nw,
+                                           f"{nt * 8} x rows a CTA, {st} stages, D={d}, "
+                                           f"{mb} CTAs an SM, {sp} splits (aim {aim})",
+                                           b4 / t / DATASHEET_BW))
+        del w16, w4, w8, ws, part
         torch.cuda.empty_cache()
 
     lines = [
@@ -176,9 +250,20 @@ def main() -> None:
                      f"| {t4 * 1e6:.1f} | {bw4 / DATASHEET_BW:.0%} | {t16 / t4:.2f}x "
                      f"| {t4r * 1e6:.1f} | {bw4r / DATASHEET_BW:.0%} | {t16 / t4r:.2f}x "
                      f"| {t4z * 1e6:.1f} | {bw4z / DATASHEET_BW:.0%} | {f8} |")
+    lines += [
+        "", f"INT4, {GEMM_MS[0]}-{GEMM_MS[-1]} rows (RTN, group {GROUP}): bf16 = cuBLASLt; "
+        "dequant = the weight dequantized (dequant_int4) then cuBLASLt, what the backend ran "
+        "past 16 rows before the small-M GEMM; GEMM = the small-M GEMM (w4_gemm); % peak on "
+        "its bytes (packed weights, scales, x, y).", "",
+        "| GEMM | K->N | M | bf16 us | bf16 % peak | dequant us | GEMM us | % peak | TFLOP/s "
+        "| vs bf16 | vs dequant |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, kn, m, t16, bw16, td, tg, bwg, fl in gemm_rows:
+        lines.append(f"| {name} | {kn} | {m} | {t16 * 1e6:.1f} | {bw16 / DATASHEET_BW:.0%} "
+                     f"| {td * 1e6:.1f} | {tg * 1e6:.1f} | {bwg / DATASHEET_BW:.0%} "
+                     f"| {fl / 1e12:.0f} | {t16 / tg:.2f}x | {td / tg:.2f}x |")
     if sweep_rows:
-        lines += ["", "Sweep, % of peak by warps splitting K (SK), chunks in flight a warp (D) "
-                  "and CTAs an SM (the register cap):", "",
+        lines += ["", "Sweep, % of peak by warps splitting K (SK; for the int4 GEMM, warps a "
+                  "CTA), chunks in flight a warp (D) and CTAs an SM (the register cap):", "",
                   "| GEMM | M | kernel | SK | depth | % peak |", "|---|---:|---|---:|---|---:|"]
         lines += [f"| {nm} | {m} | {q} | {sk} | {u} | {p:.0%} |"
                   for nm, m, q, sk, u, p in sweep_rows]

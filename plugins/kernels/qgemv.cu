@@ -12,6 +12,7 @@
     quantize_fp8<TY>(x, __int_as_float(sx), count, out);                                       \
   }                                                                                            \
   W4_CONFIGS(W4_ENTRY, w4, DT, TY)                                                             \
+  W4G_CONFIG(W4G_ENTRY, w4g, DT, TY)                                                           \
   W8_CONFIGS(DT, TY)
 
 #ifndef QGEMV_VARIANTS  // benchmarks compile their own variants

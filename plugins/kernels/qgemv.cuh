@@ -367,6 +367,202 @@ __device__ __forceinline__ void dequant_int4(const u8* __restrict__ w,
   for (int q = 0; q < 4; ++q) dst[q] = make_uint4(A[4 * q], A[4 * q + 1], A[4 * q + 2], A[4 * q + 3]);
 }
 
+// ---- INT4, steps of 17 to W4_GEMM_MAX_M rows: the small-M GEMM -------------------------------
+// Past 16 rows the GEMV above reads x once for each 16 weight rows (N / 16 times in all, more
+// bytes than the weight from 32 rows on), and cuBLASLt on a dequantized copy writes and reads
+// the weight 4x over. Here a CTA is NW warps over NW x 16 weight rows (warp w: 16 rows, or with
+// ACT 8 gate rows and their 8 up rows), against MT = 8 NT rows of x from m0 = blockIdx.x * MT,
+// all warps on the same 128-k chunk; gridDim.z CTAs split K when the tiles alone would not
+// fill the GPU. The CTA stages x's [MT, 128] chunk (and AWQ's pre) in shared memory (cp.async,
+// S stages), so x crosses L2 once for NW x 16 weight rows; each warp's weights come straight
+// into a register ring D chunks ahead, and a lane's 16-byte load of a row is its A fragment
+// as loaded, as in the GEMV: its x fragments are read from shared memory in the same k order.
+// A fragment serves NT MMAs, so each pair is dequantized exactly (q * s rounded to T, as
+// DequantizeLinear rounds it; AWQ's pre folded in with one more rounding, as dequant_int4 does
+// for cuBLASLt) rather than corrected per chunk.
+
+// x's chunk row r in shared memory: 16 pieces of 8 k; a lane reads pieces 4t .. 4t + 3 of row
+// 8j + g, so piece p goes to p ^ (bit 3 of p, moved to bit 1) ^ (r & 1) within its half: the
+// 8 lanes of each 16-byte access phase (rows of both parities, t = 0..3) hit 8 bank groups.
+__device__ __forceinline__ int w4g_swz(int p, int r) {
+  return (p & 8) | ((p & 7) ^ ((p >> 2) & 2) ^ (r & 1));
+}
+
+template <typename T, int NW, int NT, int S, int D, int ACT, bool ZP, bool F32>
+__device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __restrict__ w,
+                                        const u16* __restrict__ scale,
+                                        const u16* __restrict__ pre,
+                                        const void* __restrict__ bias, int m, int n, int k,
+                                        int gshift, void* __restrict__ y,
+                                        const u8* __restrict__ zp, float* __restrict__ part,
+                                        int* __restrict__ arrived) {
+  constexpr int MT = 8 * NT;
+  constexpr int TILE = ACT ? 8 : 16;  // outputs a warp gives
+  constexpr int STAGE = (MT + 1) * 128;  // x's [MT, 128] chunk, then pre's 128
+  extern __shared__ __align__(16) u16 w4g_x[];  // S stages
+  __shared__ bool last;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.x * MT;  // x tiles vary fastest: they share the CTA's weight in L2
+  const int ob = blockIdx.y * NW * TILE, o0 = ob + warp * TILE;
+  const int groups = k >> gshift, chunks = (k + 127) >> 7;
+  // K split over gridDim.z CTAs (when the tiles alone would not fill the GPU)
+  const int per = (chunks + gridDim.z - 1) / gridDim.z;
+  const int c0 = blockIdx.z * per, c1 = min(chunks, c0 + per);
+  const int ra = min(o0 + g, n - 1);  // rows past the end re-read the last
+  const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
+  const u8* wp[2] = {w + (size_t)ra * (k / 2) + 16 * t, w + (size_t)rb * (k / 2) + 16 * t};
+  const size_t srow[2] = {(size_t)ra * groups, (size_t)rb * groups};
+  const Int4Regs<T> c((u32)k >> 31);
+
+  // A register ring of D chunks: the lane's 32 k of its two rows, their scales (and zero
+  // points). Lanes past K load nothing: x reads as zero there.
+  uint4 wv[D][2];
+  u32 sv[D][2], zv[D][2];
+  auto wload = [&](int d, int ch) {
+    const int kk = ch * 128 + 32 * t;
+    const bool live = ch < c1 && kk < k;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      ld_stream_if(live, wp[h] + ch * 64, wv[d][h]);
+      ld_u16_if(live, scale + srow[h] + (kk >> gshift), sv[d][h]);
+      if constexpr (ZP) ld_u8_if(live, zp + srow[h] + (kk >> gshift), zv[d][h]);
+    }
+  };
+  auto xload = [&](int ch) {
+    u16* buf = w4g_x + (ch % S) * STAGE;
+    for (int i = threadIdx.x; i < (MT + 1) * 16; i += NW * 32) {
+      const int r = i >> 4, p = i & 15, kk = ch * 128 + 8 * p;
+      if (r == MT) {  // pre's row
+        if (pre) cp_async16(smem_u32(buf + r * 128 + 8 * p), pre + min(kk, k - 8), 16);
+        continue;
+      }
+      const bool ok = m0 + r < m && kk < k;
+      cp_async16(smem_u32(buf + r * 128 + 8 * w4g_swz(p, r)),
+                 ok ? x + (size_t)(m0 + r) * k + kk : x, ok ? 16 : 0);
+    }
+  };
+
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+  for (int d = 0; d < D; ++d) {
+    wv[d][0] = wv[d][1] = make_uint4(0, 0, 0, 0);
+    sv[d][0] = sv[d][1] = zv[d][0] = zv[d][1] = 0u;
+    wload(d, c0 + d);
+  }
+  pdl_trigger();
+  pdl_wait();
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st) {
+    if (c0 + st < c1) xload(c0 + st);
+    cp_commit();
+  }
+  // chunk ch from ring slot d, then the slot loads chunk ch + D
+  auto step = [&](int d, int ch) {
+    cp_wait<S - 2>();
+    __syncthreads();  // chunk ch's x is in; every warp is past chunk ch - 1's stage
+    if (ch + S - 1 < c1) xload(ch + S - 1);
+    cp_commit();
+    const u16* buf = w4g_x + (ch % S) * STAGE;
+    u32 A[16], B[16];
+    dequant32<T>(wv[d][0], (u16)sv[d][0], ZP ? zero_bias<T>(c.zbase, zv[d][0]) : c.nb[0], A);
+    dequant32<T>(wv[d][1], (u16)sv[d][1], ZP ? zero_bias<T>(c.zbase, zv[d][1]) : c.nb[1], B);
+    if (pre) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint4 v = *reinterpret_cast<const uint4*>(buf + MT * 128 + 32 * t + 8 * q);
+        const u32 pp[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          A[4 * q + e] = fma2<T>(A[4 * q + e], pp[e], Int4<T>::NEG0);
+          B[4 * q + e] = fma2<T>(B[4 * q + e], pp[e], Int4<T>::NEG0);
+        }
+      }
+    }
+    wload(d, ch + D);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int r = 8 * j + g;
+      u32 X[16];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint4 v =
+            *reinterpret_cast<const uint4*>(buf + r * 128 + 8 * w4g_swz(4 * t + q, r));
+        X[4 * q] = v.x; X[4 * q + 1] = v.y; X[4 * q + 2] = v.z; X[4 * q + 3] = v.w;
+      }
+#pragma unroll
+      for (int q = 0; q < 8; ++q)
+        mma_dc<T>(acc[j], acc[j], A[2 * q], B[2 * q], A[2 * q + 1], B[2 * q + 1], X[2 * q],
+                  X[2 * q + 1]);
+    }
+  };
+  int ch = c0;
+  for (; ch + D <= c1; ch += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) step(d, ch + d);
+  }
+#pragma unroll
+  for (int d = 0; d < D - 1; ++d)
+    if (ch + d < c1) step(d, ch + d);
+  cp_wait<0>();
+
+  // y[row, o] from the sums of weight rows o (and n + o, the up row, with ACT)
+  auto store = [&](int row, int o, float v, float up) {
+    if constexpr (ACT) {
+      const float gr = rnd<T>(v);
+      v = rnd<T>(ACT == 1 ? silu_f(gr) : gelu_tanh_f(gr)) * rnd<T>(up);
+    } else if (bias) {
+      v += F32 ? reinterpret_cast<const float*>(bias)[o]
+               : T::to_f(reinterpret_cast<const u16*>(bias)[o]);
+    }
+    if constexpr (F32) reinterpret_cast<float*>(y)[(size_t)row * n + o] = v;
+    else reinterpret_cast<u16*>(y)[(size_t)row * n + o] = T::from_f(v);
+  };
+  // C element e of the lane: weight row g (+8 for e >= 2), x row 8j + 2t + (e & 1).
+  if (gridDim.z == 1) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < (ACT ? 2 : 4); ++e) {
+        const int row = m0 + 8 * j + 2 * t + (e & 1), o = o0 + g + (ACT ? 0 : 8 * (e >> 1));
+        if (row < m && o < n) store(row, o, acc[j][e], ACT ? acc[j][e + 2] : 0.f);
+      }
+    return;
+  }
+  // Split K: each CTA leaves its partial sums in part [splits, m, rows] (rows: n, or 2n with
+  // ACT: gate then up), and the last of the tile's CTAs to arrive adds them up (its counter in
+  // `arrived` back to zero for the next launch).
+  const int rows = ACT ? 2 * n : n;
+  float* mine = part + (size_t)blockIdx.z * m * rows;
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = m0 + 8 * j + 2 * t + (e & 1), o = o0 + g + (ACT ? 0 : 8 * (e >> 1));
+      if (row < m && o < n) mine[(size_t)row * rows + (ACT && e >= 2 ? n + o : o)] = acc[j][e];
+    }
+  __threadfence();
+  __syncthreads();
+  int* counter = arrived + blockIdx.y * gridDim.x + blockIdx.x;
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.z - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < MT * NW * TILE; i += NW * 32) {
+    const int row = m0 + i / (NW * TILE), o = ob + i % (NW * TILE);
+    if (row >= m || o >= n) continue;
+    float v = 0.f, up = 0.f;
+    for (int z = 0; z < (int)gridDim.z; ++z) {
+      const float* pz = part + ((size_t)z * m + row) * rows;
+      v += __ldcg(pz + o);
+      if (ACT) up += __ldcg(pz + n + o);
+    }
+    store(row, o, v, up);
+  }
+  if (threadIdx.x == 0) *counter = 0;
+}
+
 // ---- FP8 (E4M3) W8A8, sm_89+ -----------------------------------------------------------------
 // Engine layout: w [N, K] e4m3 bytes, sw [N] fp32 with x's scale sx multiplied in.
 // mma.m16n8k32 takes 4 bytes a register
@@ -521,6 +717,28 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
        int k, void* y) {                                                                       \
     w8_gemv<TY, NT, SK, D, ACT, F32>(x, w, sw, __int_as_float(sx), bias, m, n, k, y);          \
   }
+// w4g[zp]_<dtype>[_swiglu|_geglu|_f32]: the small-M GEMM, with the GEMV's arguments, then the
+// split-K partials and tile counters (w4gzp: zp last); S x (8 NT + 1) x 256 bytes of dynamic
+// shared memory (launch_rules.w4_gemm_launch).
+#define W4G_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32)                                     \
+  extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                  \
+  NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
+       int n, int k, int gshift, void* y, float* part, int* arrived) {                         \
+    w4_gemm<TY, NW, NT, S, D, ACT, false, F32>(x, w, scale, pre, bias, m, n, k, gshift, y,    \
+                                               nullptr, part, arrived);                        \
+  }
+#define W4GZP_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32)                                   \
+  extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                  \
+  NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
+       int n, int k, int gshift, void* y, float* part, int* arrived, const u8* zp) {           \
+    w4_gemm<TY, NW, NT, S, D, ACT, true, F32>(x, w, scale, pre, bias, m, n, k, gshift, y, zp, \
+                                              part, arrived);                                  \
+  }
+#define W4G_SET(ENTRY, BASE, TY, NW, NT, S, D, MINB)                                           \
+  ENTRY(BASE, TY, NW, NT, S, D, MINB, 0, false)                                                \
+  ENTRY(BASE##_swiglu, TY, NW, NT, S, D, MINB, 1, false)                                       \
+  ENTRY(BASE##_geglu, TY, NW, NT, S, D, MINB, 2, false)                                        \
+  ENTRY(BASE##_f32, TY, NW, NT, S, D, MINB, 0, true)
 #define W4_SET(ENTRY, BASE, TY, NT, SK, D, MB)                                                 \
   ENTRY(BASE, TY, NT, SK, D, 0, false, false, MB)                                              \
   ENTRY(BASE##_swiglu, TY, NT, SK, D, 1, false, false, MB)                                     \
@@ -545,6 +763,10 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
   W4_SET(ENTRY, PFX##_##DT##_m8, TY, 1, 8, 1, 2)                                               \
   W4_SET(ENTRY, PFX##_##DT##_m8_wide, TY, 1, 8, 1, 3)                                          \
   W4_SET(ENTRY, PFX##_##DT##_m16, TY, 2, 8, 1, 2)
+// The small-M GEMM (launch_rules.W4G_WARPS, _TILES, _STAGES): 8 warps, 4 x tiles of 8 rows,
+// 3 x stages, 2 weight chunks in flight a warp, 2 CTAs an SM (the sweep of
+// bench/kernels/qgemv.py: bench/results/qgemv.md).
+#define W4G_CONFIG(ENTRY, PFX, DT, TY) W4G_SET(ENTRY, PFX##_##DT, TY, 8, 4, 3, 2, 2)
 #define W8_CONFIGS(DT, TY)                                                                     \
   W8_SET(DT, TY, 8, 1, 8, 2, 2)                                                                \
   W8_SET(DT, TY, 16, 2, 8, 2, 2)

@@ -1,8 +1,9 @@
 // INT4 weights with zero points (an AutoAWQ or asymmetric GPTQ checkpoint's own codes, W =
 // (u - z) * s with z per output row and group): qgemv.cuh's kernels with ZP on, in a module
 // of their own, compiled only for the engines that have such weights. Entry points: the w4
-// ones of qgemv.cu as w4zp_..., and dequant_int4_zp_<dtype> for prefill, each taking the
-// zero points zp [N, K / G] (a byte each, 0 to 16) as their last argument.
+// and w4g ones of qgemv.cu as w4zp_... and w4gzp_..., and dequant_int4_zp_<dtype> for
+// prefill, each taking the zero points zp [N, K / G] (a byte each, 0 to 16) as their last
+// argument.
 #include "qgemv.cuh"
 
 #define QGEMV_ZP_DTYPE(DT, TY)                                                                 \
@@ -11,7 +12,8 @@
                                                   u16* out, const u8* zp) {                    \
     dequant_int4<TY>(w, scale, pre, n, k, gshift, out, zp);                                    \
   }                                                                                            \
-  W4_CONFIGS(W4ZP_ENTRY, w4zp, DT, TY)
+  W4_CONFIGS(W4ZP_ENTRY, w4zp, DT, TY)                                                         \
+  W4G_CONFIG(W4GZP_ENTRY, w4gzp, DT, TY)
 
 QGEMV_ZP_DTYPE(f16, F16)
 QGEMV_ZP_DTYPE(bf16, BF16)

@@ -53,6 +53,13 @@ def _entry_names():
         names.add(lr.moe_route_launch(5, 8, 2, dt))
         for t in (1, 300):     # the 8-row and 64-row grouped-GEMM tiles
             names.update(lr.moe_gemm_launch(t, 8, 2, 64, 128, dt, act) for act in (False, True))
+        for act in (None, *lr.GEMV_ACTS):     # the INT4 small-M GEMM
+            for zp in (False, True):
+                names.add(lr.w4_gemm_launch(40, 64, 128, dt, act=act, group=128,
+                                            zero_points=zp))
+                if act is None:
+                    names.add(lr.w4_gemm_launch(40, 64, 128, dt, "float32", group=128,
+                                                zero_points=zp))
         names.add(lr.dequant_int4_launch(64, 128, dt))
         names.add(lr.dequant_int4_launch(64, 128, dt, zero_points=True))
         names.add(lr.quantize_fp8_launch(64, dt))

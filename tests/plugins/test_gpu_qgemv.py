@@ -161,6 +161,61 @@ def test_w4_gemv_fp32_out(K, n, k, group, dtype, m, zp):
     check(y, x.double() @ deq.double().T + bias.double(), torch.float32)
 
 
+# The small-M GEMM (w4_gemm, steps of 17 to W4_GEMM_MAX_M rows): one or more CTAs of x rows,
+# ragged last tiles of rows and weight rows.
+GEMM_MS = (1, 17, 32, 33, 64, 100, 256)
+
+
+@pytest.mark.parametrize("m", GEMM_MS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,group", SHAPES)
+def test_w4_gemm(K, n, k, group, dtype, m):
+    w, scale, deq = int4_weight(n, k, group, dtype)
+    x = x_rows(m, k, dtype)
+    y = K.w4_gemm(x, w, scale, group)
+    assert y.dtype == dtype and y.shape == (m, n)
+    check(y, x.double() @ deq.double().T, dtype)
+
+
+@pytest.mark.parametrize("split", (False, True))   # K split over CTAs (the GPU's SMs) or not
+@pytest.mark.parametrize("m", (5, 40, 77))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act,zp,pre,bias", ((None, False, True, True), (None, True, True, True),
+                                             ("swiglu", False, True, False),
+                                             ("geglu", True, False, False),
+                                             ("swiglu", True, True, False)))
+@pytest.mark.parametrize("n,k,group", ((96, 1152, 128), (520, 2048, 32), (1000, 576, 64)))
+def test_w4_gemm_options(K, n, k, group, act, zp, pre, bias, dtype, m, split):
+    """AWQ's 1 / s (folded into the dequantized weight, one more rounding, as dequant_int4 does
+    for cuBLASLt), a bias, a fused gate, zero points (kernels/qgemv_zp.cu), tail chunks, with
+    and without the split-K partials' last-CTA sum."""
+    w, scale, deq, *z = int4_weight(n * (2 if act else 1), k, group, dtype, seed=14,
+                                    zero_points=zp)
+    x = x_rows(m, k, dtype, seed=15)
+    p = (torch.rand(k, device="cuda") + 0.5).to(dtype) if pre else None
+    b = torch.randn(n, device="cuda").to(dtype) if bias else None
+    y = K.w4_gemm(x, w, scale, group, pre=p, bias=b, act=act, zp=z[0] if zp else None,
+                  sm_count=None if split else 0)
+    ref = x.double() @ (deq if p is None else (deq * p).to(dtype)).double().T
+    if act:
+        check(y, K.gated(ref.to(dtype), act).double(), dtype, GATE_TOL[dtype])
+    else:
+        check(y, ref + (b.double() if bias else 0), dtype)
+
+
+@pytest.mark.parametrize("zp", (False, True))
+@pytest.mark.parametrize("m", (24, 200))
+def test_w4_gemm_fp32_out(K, m, zp):
+    n, k, group, dtype = 4104, 4096, 128, torch.bfloat16
+    w, scale, deq, *z = int4_weight(n, k, group, dtype, seed=16, zero_points=zp)
+    x = x_rows(m, k, dtype, seed=17)
+    bias = torch.randn(n, device="cuda")
+    y = K.w4_gemm(x, w, scale, group, bias=bias, zp=z[0] if zp else None,
+                  out_dtype=torch.float32)
+    assert y.dtype == torch.float32
+    check(y, x.double() @ deq.double().T + bias.double(), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,group", ((1728, 576, 64), (512, 4096, 128)))
 def test_dequant_int4_zero_points_is_exact(K, n, k, group, dtype):

@@ -344,3 +344,42 @@ def test_moe_refuses_what_the_kernels_cannot_take(experts, k, hidden, inter, mat
         lr.moe_check(experts, k, hidden, inter)
     with pytest.raises(ValueError):
         lr.moe_gemm_launch(1, 8, 2, 64, 44, "float16", act=False)
+
+
+def test_w4_gemm_launch_tiles_and_splits():
+    """The INT4 small-M GEMM: x tiles of W4G_TILES x 8 rows on grid x, weight tiles of
+    W4G_WARPS x 16 rows (x 8 outputs with a gate) on y, and K split over z while the tiles
+    give fewer than W4G_AIM warps an SM, each split at least two 128-k chunks."""
+    ln = lr.w4_gemm_launch(100, 6144, 4096, "bfloat16", group=128, sm_count=132)
+    rows, outs = 8 * lr.W4G_TILES, 16 * lr.W4G_WARPS
+    assert ln.kernel == "w4g_bf16" and ln.module == "qgemv" and ln.pdl
+    assert ln.grid[:2] == (-(-100 // rows), 6144 // outs)
+    assert ln.grid[0] * ln.grid[1] * ln.grid[2] * lr.W4G_WARPS >= lr.W4G_AIM * 132 or \
+        ln.grid[2] == lr.W4G_MAX_SPLITS
+    assert ln.block == (32 * lr.W4G_WARPS, 1, 1)
+    assert ln.smem == lr.W4G_STAGES * (rows + 1) * 128 * 2
+    gate = lr.w4_gemm_launch(20, 14336, 4096, "float16", act="swiglu", group=64,
+                             zero_points=True, sm_count=132)
+    assert (gate.module, gate.kernel) == ("qgemv_zp", "w4gzp_f16_swiglu")
+    assert gate.grid[1] == 14336 // (8 * lr.W4G_WARPS)
+    assert lr.w4_gemm_launch(20, 4096, 256, "bfloat16", group=128, sm_count=132).grid[2] == 1
+    assert lr.w4_gemm_launch(20, 64, 4096, "bfloat16", group=128, sm_count=0).grid[2] == 1
+    head = lr.w4_gemm_launch(64, 128256, 4096, "bfloat16", "float32", group=128, sm_count=132)
+    assert head.kernel == "w4g_bf16_f32" and head.grid[2] == 1   # tiles fill the GPU
+    assert lr.w4_gemm_scratch(head, 64, 128256, None) == (0, 0)
+    small = lr.w4_gemm_launch(64, 4096, 14336, "bfloat16", group=128, sm_count=132)
+    assert lr.w4_gemm_scratch(small, 64, 4096, None) == (
+        small.grid[2] * 64 * 4096 * 4, small.grid[0] * small.grid[1])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(k=100), "multiple of 32"),
+    (dict(out_dtype="float16"), "writes bfloat16 or float32"),
+    (dict(act="relu"), "fuses"),
+    (dict(group=48), "INT4 groups of 48"),
+])
+def test_w4_gemm_launch_refuses(kw, match):
+    args = dict(m=40, n=64, k=128, dtype="bfloat16", group=128) | kw
+    with pytest.raises(ValueError, match=match):
+        lr.w4_gemm_launch(**args)
+

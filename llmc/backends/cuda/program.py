@@ -18,7 +18,9 @@ from llmc.plugins import launch_rules as lr
 from llmc.plugins.launch import DevPtr
 
 ATTN_WORKSPACE = "attention workspace"
-QGEMM_WORKSPACE = "quantized GEMM workspace"   # a prefill's dequantized INT4 weight or FP8 x
+QGEMM_WORKSPACE = "quantized GEMM workspace"   # a prefill's dequantized INT4 weight or FP8 x,
+#                                                 or the INT4 small-M GEMM's split-K partials
+W4G_COUNTERS = "INT4 GEMM tile counters"        # zeroed once; each launch leaves them zero
 FP8_UNIT_SCALES = "fp8 unit scales"   # fp32 1.0 per token: cuBLASLt's x-side channel scales
 
 
@@ -50,16 +52,48 @@ def uses_gemv(op: Op, m: int) -> bool:
     return (op.attrs["trans_b"] and m <= lr.GEMV_MS[-1] and op.attrs["k"] % 8 == 0)
 
 
-def qgemm_workspace_bytes(plan: Plan, max_tokens: int) -> int:
-    """The most a quantized GEMM's prefill needs: an INT4 weight dequantized, or x in FP8."""
-    need = 0
+def uses_w4_gemm(op: Op, m: int) -> bool:
+    """An INT4 GEMM of m rows past the GEMV's runs llmc's small-M GEMM (kernels/qgemv.cuh:
+    w4_gemm) up to W4_GEMM_MAX_M rows, and cuBLASLt on the dequantized weight beyond."""
+    return op.attrs.get("quant") == "int4" and lr.QGEMV_MS[-1] < m <= lr.W4_GEMM_MAX_M
+
+
+def fuses_act(op: Op, m: int) -> bool:
+    """The GEMM's kernel applies a gated activation itself (llmc's GEMV and INT4 GEMM do)."""
+    return uses_gemv(op, m) or uses_w4_gemm(op, m)
+
+
+def _w4_gemm_launch(op: Op, m: int, dt: str, sm_count: int):
+    a = op.attrs
+    n = a["inter"] if a.get("act") else a["n"]
+    return n, lr.w4_gemm_launch(m, n, a["k"], dt, a["out_dtype"], a.get("act"), a["group"],
+                                zero_points=bool(int4_zero_points(op)), sm_count=sm_count)
+
+
+def qgemm_scratch(plan: Plan, max_tokens: int, max_batch: int,
+                  sm_count: int) -> tuple[int, int]:
+    """(bytes, counters) the quantized GEMMs need: the workspace holds an INT4 weight
+    dequantized (steps past W4_GEMM_MAX_M rows), x in FP8, or the small-M GEMM's split-K
+    partials; the counters are its tiles'. A GEMM over the step's sequences (the LM head)
+    has at most max_batch rows, the others max_tokens."""
+    need = counters = 0
+    seen = set()   # (N, K, act, rows): the layers repeat a handful of GEMM shapes
     for op in plan.ops:
         q, a = op.attrs.get("quant"), op.attrs
+        rows = max_batch if plan.values[op.inputs[0]].shape[0] == "B" else max_tokens
         if q == "int4":
-            need = max(need, a["n"] * a["k"] * itemsize(plan.dtype))
+            if rows > lr.W4_GEMM_MAX_M:
+                need = max(need, a["n"] * a["k"] * itemsize(plan.dtype))
+            if (a["n"], a["k"], a.get("act"), rows) in seen:
+                continue
+            seen.add((a["n"], a["k"], a.get("act"), rows))
+            for m in range(lr.QGEMV_MS[-1] + 1, min(rows, lr.W4_GEMM_MAX_M) + 1):
+                n, launch = _w4_gemm_launch(op, m, plan.dtype, sm_count)
+                nbytes, tiles = lr.w4_gemm_scratch(launch, m, n, a.get("act"))
+                need, counters = max(need, nbytes), max(counters, tiles)
         elif q == "fp8":
-            need = max(need, max_tokens * a["k"])
-    return need
+            need = max(need, rows * a["k"])
+    return need, counters
 
 
 def _qgemm(op: Op, m: int, dt: str, sm_count: int, P) -> Iterator[tuple]:
@@ -70,13 +104,18 @@ def _qgemm(op: Op, m: int, dt: str, sm_count: int, P) -> Iterator[tuple]:
     pre = P(ins[4]) if ins[4] else DevPtr(0)     # INT4: AWQ's 1 / s
     zp = int4_zero_points(op)
     zargs = [P(zp)] if zp else []
-    if uses_gemv(op, m):
+    if fuses_act(op, m):
         n, y = (a["inter"], outs[1]) if act else (a["n"], outs[0])
-        launch = lr.qgemv_launch(m, n, k, dt, quant, a["out_dtype"], act, a.get("group", 0),
-                                 sm_count, zero_points=bool(zp))
+        scratch = []
+        if uses_w4_gemm(op, m):
+            _, launch = _w4_gemm_launch(op, m, dt, sm_count)
+            scratch = [P(QGEMM_WORKSPACE), P(W4G_COUNTERS)]
+        else:
+            launch = lr.qgemv_launch(m, n, k, dt, quant, a["out_dtype"], act,
+                                     a.get("group", 0), sm_count, zero_points=bool(zp))
         if quant == "int4":
             args = [P(ins[0]), P(ins[1]), P(ins[3]), pre, bias, m, n, k,
-                    lr.int4_group_shift(a["group"]), P(y), *zargs]
+                    lr.int4_group_shift(a["group"]), P(y), *scratch, *zargs]
         else:
             args = [P(ins[0]), P(ins[1]), P(ins[3]), lr.float_bits(a["x_scale"]), bias, m, n,
                     k, P(y)]
@@ -102,7 +141,7 @@ def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
     bias = P(ins[2]) if ins[2] else DevPtr(0)
     if a.get("quant"):
         yield from _qgemm(op, m, dt, s.sm_count, P)
-        if act and not uses_gemv(op, m):
+        if act and not fuses_act(op, m):
             yield "kernel", lr.gated_launch(m, a["inter"], dt, act, s.sm_count), [
                 P(outs[0]), m, a["inter"], P(outs[1])]
         return

@@ -29,10 +29,11 @@ from llmc.backends.cuda.program import (
     ATTN_WORKSPACE,
     FP8_UNIT_SCALES,
     QGEMM_WORKSPACE,
+    W4G_COUNTERS,
     Step,
     gemm_key,
     launches,
-    qgemm_workspace_bytes,
+    qgemm_scratch,
 )
 from llmc.devices import CudaError, check, device_max_smem, list_gpus
 from llmc.engine_file import EngineFile
@@ -197,8 +198,11 @@ class CudaSession:
                         a["n"], a["k"], dtype=FP8 if fp8 else plan.dtype,
                         out_dtype=a["out_dtype"], transpose_b=a["trans_b"],
                         bias=key[4], max_m=lim.max_num_tokens)
-        self.qgemm_ws = self.mem.alloc(qgemm_workspace_bytes(plan, lim.max_num_tokens),
-                                       "the quantized GEMMs' workspace")
+        ws_bytes, counters = qgemm_scratch(plan, lim.max_num_tokens, lim.max_batch_size,
+                                           self.sm_count)
+        self.qgemm_ws = self.mem.alloc(ws_bytes, "the quantized GEMMs' workspace")
+        self.w4g_counters = self.mem.alloc(4 * counters, "the INT4 GEMM's tile counters")
+        check(driver.cuMemsetD32(self.w4g_counters, 0, max(counters, 1)))
         self.fp8_ones = 0
         if any(op.attrs.get("quant") == "fp8" for op in plan.ops):
             self.fp8_ones = self.mem.alloc(4 * lim.max_num_tokens, "FP8 unit scales")
@@ -496,6 +500,8 @@ class CudaSession:
             return self.attn_ws
         if name == QGEMM_WORKSPACE:
             return self.qgemm_ws
+        if name == W4G_COUNTERS:
+            return self.w4g_counters
         if name == FP8_UNIT_SCALES:
             return self.fp8_ones
         return self.ptr(name)

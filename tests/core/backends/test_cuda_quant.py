@@ -104,6 +104,25 @@ def test_a_quantized_lm_head_writes_fp32_logits(tiny_models_d64, tmp_path, words
     assert head.attrs["out_dtype"] == "float32" and head.attrs["n"] == model.config.vocab_size
     assert head.inputs[1].startswith("model.embed_tokens.weight.lm_head.")
     assert not any(op.op == "cast_f32" for op in plan.ops)
+    if mode != "fp8":
+        _check_int4_scratch(plan, head)
+
+
+def _check_int4_scratch(plan, head):
+    """The quantized GEMMs' workspace: an INT4 weight dequantized only where a step can pass
+    the small-M GEMM's rows (the head's rows are the step's sequences, not its tokens).
+    (This model's K of 64 is one chunk: the small-M GEMM never splits it.)"""
+    from llmc.backends.cuda.program import qgemm_scratch
+    from llmc.plugins import launch_rules as lr
+
+    def deq(op):
+        return op.attrs["n"] * op.attrs["k"] * 2
+
+    layers = max(deq(op) for op in plan.ops if op.op == "gemm" and op is not head)
+    assert qgemm_scratch(plan, lr.W4_GEMM_MAX_M, lr.W4_GEMM_MAX_M, 132) == (0, 0)
+    assert qgemm_scratch(plan, 2048, lr.W4_GEMM_MAX_M, 132) == (layers, 0)   # long prompts
+    assert qgemm_scratch(plan, 2048, 256, 132) == (max(layers, deq(head)), 0)   # and batches
+    assert qgemm_scratch(plan, lr.W4_GEMM_MAX_M, 256, 132) == (deq(head), 0)    # the head alone
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -225,6 +244,22 @@ def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_pat
     _build(folder, tmp_path / "c.engine", mode, words, arch=None)
     _build(folder, tmp_path / "r.engine", mode, words, backend="reference")
     _compare_engines(tmp_path, model, f"{kind} {mode}", TOLERANCE[mode], graphs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+@pytest.mark.parametrize("mode", ["int4-awq", "int4-rtn"])
+def test_int4_steps_past_the_small_m_gemm_dequantize_for_cublaslt(tiny_models_d64, tmp_path,
+                                                                   words, mode, monkeypatch):
+    """With the small-M GEMM's limit lowered to the GEMV's, every prefill step of more than 16
+    tokens takes the other INT4 path: the weight dequantized into the workspace, cuBLASLt."""
+    from llmc.plugins import launch_rules
+
+    monkeypatch.setattr(launch_rules, "W4_GEMM_MAX_M", launch_rules.QGEMV_MS[-1])
+    folder, model = tiny_models_d64["llama-gqa"]
+    _build(folder, tmp_path / "c.engine", mode, words, arch=None)
+    _build(folder, tmp_path / "r.engine", mode, words, backend="reference")
+    _compare_engines(tmp_path, model, f"{mode} dequantized", TOLERANCE[mode], True)
 
 
 @pytest.mark.gpu
