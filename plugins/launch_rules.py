@@ -78,6 +78,19 @@ GEMV_TC_WARPS = 16                # warps splitting K in a CTA (GEMV_TC_SK)
 GEMV_ACTS = ("swiglu", "geglu")
 
 
+def _out_tags(what: str, dtype: str, out_dtype: str | None, act: str | None
+              ) -> tuple[str, str]:
+    """(the dtype's entry suffix, the output's) of a GEMV or GEMM that writes dtype or fp32
+    and fuses a gated activation only into a dtype output."""
+    tag = dtype_tag(dtype)
+    out = tag if out_dtype in (None, dtype) else "f32" if out_dtype == "float32" else None
+    if out is None:
+        raise ValueError(f"{what} writes {dtype} or float32, not {out_dtype}")
+    if act is not None and (act not in GEMV_ACTS or out != tag):
+        raise ValueError(f"{what} fuses {' or '.join(GEMV_ACTS)} with a {dtype} output only")
+    return tag, out
+
+
 def gemv_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None,
                 act: str | None = None) -> Launch:
     """y[m, n] = x[m, k] @ w[n, k]^T (+ bias[n]) for m <= 8, w stored [N, K]; with act, w is
@@ -85,12 +98,7 @@ def gemv_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None
     m, n, k, y); the bias has y's dtype. out_dtype: dtype (default) or float32.
     1-2 rows: CUDA-core dot products, R weight rows a warp; 3-8 rows: tensor cores, 16
     weight rows (8 outputs with act) a CTA of GEMV_TC_WARPS warps."""
-    tag = dtype_tag(dtype)
-    out = tag if out_dtype in (None, dtype) else "f32" if out_dtype == "float32" else None
-    if out is None:
-        raise ValueError(f"gemv writes {dtype} or float32, not {out_dtype}")
-    if act is not None and (act not in GEMV_ACTS or out != tag):
-        raise ValueError(f"gemv fuses {' or '.join(GEMV_ACTS)} with a {dtype} output only")
+    tag, out = _out_tags("gemv", dtype, out_dtype, act)
     if not 0 < m <= GEMV_MS[-1]:
         raise ValueError(f"gemv takes 1..{GEMV_MS[-1]} rows, not {m}")
     if k % 8 or not 0 < k <= INT32_MAX or not 0 < n * (2 if act else 1) <= INT32_MAX:
@@ -150,14 +158,9 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
     16 weight rows (8 outputs with act) a CTA of QGEMV_WARPS[quant, M] warps; for INT4 up to 8
     rows, the _wide kernel when the GEMM has more than QGEMV4_WIDE_TILES tiles an SM of the
     sm_count (unknown sm_count: never)."""
-    tag = dtype_tag(dtype)
     if quant not in QUANTS:
         raise ValueError(f"quantized gemv takes {' or '.join(QUANTS)}, not {quant!r}")
-    out = tag if out_dtype in (None, dtype) else "f32" if out_dtype == "float32" else None
-    if out is None:
-        raise ValueError(f"{quant} gemv writes {dtype} or float32, not {out_dtype}")
-    if act is not None and (act not in GEMV_ACTS or out != tag):
-        raise ValueError(f"gemv fuses {' or '.join(GEMV_ACTS)} with a {dtype} output only")
+    tag, out = _out_tags(f"{quant} gemv", dtype, out_dtype, act)
     if not 0 < m <= QGEMV_MS[-1]:
         raise ValueError(f"quantized gemv takes 1..{QGEMV_MS[-1]} rows, not {m}")
     align = INT4_K if quant == "int4" else 16
@@ -204,12 +207,7 @@ def w4_gemm_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = N
     the first launch, each launch leaves them zero), then with zero_points the zero points
     (kernels/qgemv_zp.cu). Grid: (x tiles, weight tiles, K splits), the splits from sm_count
     (unknown: none)."""
-    tag = dtype_tag(dtype)
-    out = tag if out_dtype in (None, dtype) else "f32" if out_dtype == "float32" else None
-    if out is None:
-        raise ValueError(f"int4 gemm writes {dtype} or float32, not {out_dtype}")
-    if act is not None and (act not in GEMV_ACTS or out != tag):
-        raise ValueError(f"int4 gemm fuses {' or '.join(GEMV_ACTS)} with a {dtype} output only")
+    tag, out = _out_tags("int4 gemm", dtype, out_dtype, act)
     if k % INT4_K or not 0 < k <= INT32_MAX or not 0 < n * (2 if act else 1) <= INT32_MAX \
             or m <= 0 or m * n * (2 if act else 1) * W4G_MAX_SPLITS >= INT32_MAX:
         raise ValueError(f"int4 gemm needs K a multiple of {INT4_K}: M={m}, N={n}, K={k}")

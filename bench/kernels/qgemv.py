@@ -99,26 +99,27 @@ def main() -> None:
         w8 = [torch.randint(0, 256, (n, k), device="cuda", dtype=torch.uint8) & 0x77
               for _ in range(copies // 2 + 1)]   # finite E4M3 codes
         s8 = torch.rand(n, device="cuda") * 1e-3
+
+        def bf16_call(w, x, y, gu, m):   # the unquantized step: GEMV, or cuBLASLt [+ gate]
+            if m <= lr.GEMV_MS[-1]:
+                ln = lr.gemv_launch(m, n_out, k, "bfloat16", None, act)
+                a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(0), m, n_out, k,
+                     DevPtr(y.data_ptr())]
+                return lambda: f.launch(ln, a, stream())
+            if act:
+                gl = lr.gated_launch(m, n_out, "bfloat16", act, K.sm_count)
+
+                def fn():
+                    torch.matmul(x, w.t(), out=gu)
+                    K.launch(gl, [gu, m, n_out, y])
+                return fn
+            return lambda: torch.matmul(x, w.t(), out=y)
+
         for m in MS:
             x = torch.randn(m, k, device="cuda", dtype=bf)
             y = torch.empty(m, n_out, device="cuda", dtype=bf)
             gu = torch.empty(m, n, device="cuda", dtype=bf)
             out_bytes = m * n_out * 2 + m * k * 2
-
-            def bf16(w, x=x, y=y, m=m):
-                if m <= lr.GEMV_MS[-1]:
-                    ln = lr.gemv_launch(m, n_out, k, "bfloat16", None, act)
-                    a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(0), m, n_out, k,
-                         DevPtr(y.data_ptr())]
-                    return lambda: f.launch(ln, a, stream())
-                if act:
-                    gl = lr.gated_launch(m, n_out, "bfloat16", act, K.sm_count)
-
-                    def fn():
-                        torch.matmul(x, w.t(), out=gu)
-                        K.launch(gl, [gu, m, n_out, y])
-                    return fn
-                return lambda: torch.matmul(x, w.t(), out=y)
 
             def int4(w, x=x, y=y, m=m, ln=None, fn=f, awq=True, zp=False):
                 ln = ln or lr.qgemv_launch(m, n_out, k, "bfloat16", "int4", None, act, GROUP,
@@ -135,7 +136,7 @@ def main() -> None:
                      lr.float_bits(0.05), DevPtr(0), m, n_out, k, DevPtr(y.data_ptr())]
                 return lambda: fn.launch(ln, a, stream())
 
-            t16 = graph_time([bf16(w16[i % len(w16)]) for i in range(calls)])
+            t16 = graph_time([bf16_call(w16[i % len(w16)], x, y, gu, m) for i in range(calls)])
             t4 = graph_time([int4(w4[i % len(w4)]) for i in range(calls)])
             t4r = graph_time([int4(w4[i % len(w4)], awq=False) for i in range(calls)])
             b4 = n * k // 2 + s4.numel() * 2 + k * 2 + out_bytes
@@ -172,19 +173,9 @@ def main() -> None:
             gu = torch.empty(m, n, device="cuda", dtype=bf)
             io = m * n_out * 2 + m * k * 2
 
-            def bf16g(w, x=x, y=y, m=m):
-                if act:
-                    gl = lr.gated_launch(m, n_out, "bfloat16", act, K.sm_count)
-
-                    def fn():
-                        torch.matmul(x, w.t(), out=gu)
-                        K.launch(gl, [gu, m, n_out, y])
-                    return fn
-                return lambda: torch.matmul(x, w.t(), out=y)
-
-            def deq(w, x=x, y=y, m=m, ws=ws):   # what steps past W4_GEMM_MAX_M run
+            def deq(w, x=x, y=y, gu=gu, m=m, ws=ws):   # what steps past W4_GEMM_MAX_M run
                 dl = lr.dequant_int4_launch(n, k, "bfloat16")
-                gemm = bf16g(ws, x, y, m)
+                gemm = bf16_call(ws, x, y, gu, m)
                 a = [DevPtr(w.data_ptr()), DevPtr(s4.data_ptr()), DevPtr(0), n, k,
                      lr.int4_group_shift(GROUP), DevPtr(ws.data_ptr())]
 
@@ -202,7 +193,7 @@ def main() -> None:
                      DevPtr(arrived.data_ptr())]
                 return lambda: fn.launch(ln, a, stream())
 
-            t16 = graph_time([bf16g(w16[i % len(w16)]) for i in range(calls)])
+            t16 = graph_time([bf16_call(w16[i % len(w16)], x, y, gu, m) for i in range(calls)])
             td = graph_time([deq(w4[i % len(w4)]) for i in range(calls)])
             tg = graph_time([w4g(w4[i % len(w4)]) for i in range(calls)])
             b4 = n * k // 2 + s4.numel() * 2 + io

@@ -245,6 +245,23 @@ __device__ __forceinline__ void ldsm_x4_t(u32* r, u32 addr) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
+// y[row, o] (y [., n]) from a GEMM's fp32 sum v: with ACT (1 SwiGLU, 2 GeGLU) v is the gate
+// row's sum and up the up row's, combined as the unfused path rounds them; else the bias (T,
+// or fp32 with F32) is added. Stored as T, or fp32 with F32.
+template <typename T, int ACT, bool F32>
+__device__ __forceinline__ void store_out(void* __restrict__ y, const void* __restrict__ bias,
+                                          int row, int n, int o, float v, float up) {
+  if constexpr (ACT) {
+    const float gr = rnd<T>(v);
+    v = rnd<T>(ACT == 1 ? silu_f(gr) : gelu_tanh_f(gr)) * rnd<T>(up);
+  } else if (bias) {
+    v += F32 ? reinterpret_cast<const float*>(bias)[o]
+             : T::to_f(reinterpret_cast<const u16*>(bias)[o]);
+  }
+  if constexpr (F32) reinterpret_cast<float*>(y)[(size_t)row * n + o] = v;
+  else reinterpret_cast<u16*>(y)[(size_t)row * n + o] = T::from_f(v);
+}
+
 // The end of a split-K tensor-core GEMV: SK warps each hold NT 16 x 8 tiles of partial sums
 // for the CTA's 16 weight rows (from o0) and x rows j * 8 .. j * 8 + 7; they are summed in
 // warp order (deterministic), scaled (row_scale: x_scale * row_scale[weight row], FP8; null
@@ -272,18 +289,12 @@ __device__ __forceinline__ void tc_store(float (*part)[NT][4][32], const float (
 #pragma unroll
     for (int s = 0; s < SK; ++s) v += part[s][j][e][ln];
     if (row_scale) v *= x_scale * row_scale[o];
+    float up = 0.f;
     if constexpr (ACT) {
-      float up = 0.f;
 #pragma unroll
       for (int s = 0; s < SK; ++s) up += part[s][j][e + 2][ln];
       if (row_scale) up *= x_scale * row_scale[n + o];
-      const float gr = rnd<T>(v);
-      v = rnd<T>(ACT == 1 ? silu_f(gr) : gelu_tanh_f(gr)) * rnd<T>(up);
-    } else if (bias) {
-      v += F32 ? reinterpret_cast<const float*>(bias)[o]
-               : T::to_f(reinterpret_cast<const u16*>(bias)[o]);
     }
-    if constexpr (F32) reinterpret_cast<float*>(y)[(size_t)row * n + o] = v;
-    else reinterpret_cast<u16*>(y)[(size_t)row * n + o] = T::from_f(v);
+    store_out<T, ACT, F32>(y, bias, row, n, o, v, up);
   }
 }

@@ -509,15 +509,7 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
 
   // y[row, o] from the sums of weight rows o (and n + o, the up row, with ACT)
   auto store = [&](int row, int o, float v, float up) {
-    if constexpr (ACT) {
-      const float gr = rnd<T>(v);
-      v = rnd<T>(ACT == 1 ? silu_f(gr) : gelu_tanh_f(gr)) * rnd<T>(up);
-    } else if (bias) {
-      v += F32 ? reinterpret_cast<const float*>(bias)[o]
-               : T::to_f(reinterpret_cast<const u16*>(bias)[o]);
-    }
-    if constexpr (F32) reinterpret_cast<float*>(y)[(size_t)row * n + o] = v;
-    else reinterpret_cast<u16*>(y)[(size_t)row * n + o] = T::from_f(v);
+    store_out<T, ACT, F32>(y, bias, row, n, o, v, up);
   };
   // C element e of the lane: weight row g (+8 for e >= 2), x row 8j + 2t + (e & 1).
   if (gridDim.z == 1) {

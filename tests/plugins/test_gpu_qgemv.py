@@ -74,13 +74,19 @@ def x_rows(m, k, dtype, seed=1):
     return torch.randn(m, k, generator=g, device="cuda").to(dtype)
 
 
-@pytest.mark.parametrize("m", MS)
+# The small-M GEMM (w4_gemm, steps of 17 to W4_GEMM_MAX_M rows) from 1 row: one or more CTAs
+# of x rows, ragged last tiles of rows and weight rows.
+GEMM_MS = (1, 17, 32, 33, 64, 100, 256)
+
+
+@pytest.mark.parametrize("kernel,m", [("w4_gemv", m) for m in MS] +
+                         [("w4_gemm", m) for m in GEMM_MS])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,group", SHAPES)
-def test_w4_gemv(K, n, k, group, dtype, m):
+def test_w4_gemv_and_gemm(K, n, k, group, dtype, kernel, m):
     w, scale, deq = int4_weight(n, k, group, dtype)
     x = x_rows(m, k, dtype)
-    y = K.w4_gemv(x, w, scale, group)
+    y = getattr(K, kernel)(x, w, scale, group)
     assert y.dtype == dtype and y.shape == (m, n)
     check(y, x.double() @ deq.double().T, dtype)
 
@@ -146,35 +152,20 @@ def test_w4_gemv_zero_points(K, n, k, group, act, dtype, m, wide):
 
 
 @pytest.mark.parametrize("zp", (False, True))
-@pytest.mark.parametrize("m", (1, 8, 16))
+@pytest.mark.parametrize("kernel,m", [("w4_gemv", 1), ("w4_gemv", 8), ("w4_gemv", 16),
+                                      ("w4_gemm", 24), ("w4_gemm", 200)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,group", ((1000, 576, 64), (4104, 4096, 128)))
-def test_w4_gemv_fp32_out(K, n, k, group, dtype, m, zp):
+def test_w4_fp32_out(K, n, k, group, dtype, kernel, m, zp):
     """The _f32 kernels (a quantized LM head's fp32 logits): the same sums, not rounded to
     the dtype; with an fp32 bias."""
     w, scale, deq, *z = int4_weight(n, k, group, dtype, seed=12, zero_points=zp)
     x = x_rows(m, k, dtype, seed=13)
     bias = torch.randn(n, device="cuda")
-    y = K.w4_gemv(x, w, scale, group, bias=bias, zp=z[0] if zp else None,
-                  out_dtype=torch.float32)
+    y = getattr(K, kernel)(x, w, scale, group, bias=bias, zp=z[0] if zp else None,
+                           out_dtype=torch.float32)
     assert y.dtype == torch.float32
     check(y, x.double() @ deq.double().T + bias.double(), torch.float32)
-
-
-# The small-M GEMM (w4_gemm, steps of 17 to W4_GEMM_MAX_M rows): one or more CTAs of x rows,
-# ragged last tiles of rows and weight rows.
-GEMM_MS = (1, 17, 32, 33, 64, 100, 256)
-
-
-@pytest.mark.parametrize("m", GEMM_MS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k,group", SHAPES)
-def test_w4_gemm(K, n, k, group, dtype, m):
-    w, scale, deq = int4_weight(n, k, group, dtype)
-    x = x_rows(m, k, dtype)
-    y = K.w4_gemm(x, w, scale, group)
-    assert y.dtype == dtype and y.shape == (m, n)
-    check(y, x.double() @ deq.double().T, dtype)
 
 
 @pytest.mark.parametrize("split", (False, True))   # K split over CTAs (the GPU's SMs) or not
@@ -201,19 +192,6 @@ def test_w4_gemm_options(K, n, k, group, act, zp, pre, bias, dtype, m, split):
         check(y, K.gated(ref.to(dtype), act).double(), dtype, GATE_TOL[dtype])
     else:
         check(y, ref + (b.double() if bias else 0), dtype)
-
-
-@pytest.mark.parametrize("zp", (False, True))
-@pytest.mark.parametrize("m", (24, 200))
-def test_w4_gemm_fp32_out(K, m, zp):
-    n, k, group, dtype = 4104, 4096, 128, torch.bfloat16
-    w, scale, deq, *z = int4_weight(n, k, group, dtype, seed=16, zero_points=zp)
-    x = x_rows(m, k, dtype, seed=17)
-    bias = torch.randn(n, device="cuda")
-    y = K.w4_gemm(x, w, scale, group, bias=bias, zp=z[0] if zp else None,
-                  out_dtype=torch.float32)
-    assert y.dtype == torch.float32
-    check(y, x.double() @ deq.double().T + bias.double(), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
