@@ -123,6 +123,7 @@ QGEMV4_WIDE_TILES = 2             # INT4 up to 8 rows: the _wide kernels (3 CTAs
 #                                   more tiles an SM than this (the others run 2 an SM)
 QUANTS = ("int4", "fp8")
 INT4_K = 32                       # a lane's 16-byte load holds 32 k of an INT4 row
+DQ_WORDS = 4                      # kernels/qgemv.cuh: 8-k words a dequant_int4 thread
 # FP8 engines: the decode kernels need E4M3 MMA (sm_89+), the prefill GEMMs cuBLASLt's
 # per-channel (outer-vector) FP8 scaling, which NVIDIA documents for Hopper only.
 FP8_ARCHS = ("sm_90a",)
@@ -187,11 +188,11 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
 
 
 # The INT4 small-M GEMM (kernels/qgemv.cuh: w4_gemm) runs steps of QGEMV_MS[-1] + 1 to
-# W4_GEMM_MAX_M rows; larger ones dequantize the weight for cuBLASLt (faster from about 256
-# rows: bench/results/qgemv.md). A CTA: W4G_WARPS warps of 16 weight rows, W4G_TILES tiles of 8
-# x rows, W4G_STAGES x stages (kernels/qgemv.cuh: W4G_CONFIG). A GEMM whose tiles give fewer
-# than W4G_AIM warps an SM splits K over more CTAs (at most W4G_MAX_SPLITS, each at least 2
-# chunks of 128).
+# W4_GEMM_MAX_M rows; larger ones dequantize the weight for cuBLASLt (a layer's four GEMMs
+# tie at 128 rows on the H100, qkv and o alone cross at about 64: bench/results/qgemv.md).
+# A CTA: W4G_WARPS warps of 16 weight rows, W4G_TILES tiles of 8 x rows, W4G_STAGES x stages
+# (kernels/qgemv.cuh: W4G_CONFIG). A GEMM whose tiles give fewer than W4G_AIM warps an SM
+# splits K over more CTAs (at most W4G_MAX_SPLITS, each at least 2 chunks of 128).
 W4_GEMM_MAX_M = 128
 W4G_WARPS, W4G_TILES, W4G_STAGES = 8, 4, 3
 W4G_AIM = 32
@@ -247,7 +248,7 @@ def dequant_int4_launch(n: int, k: int, dtype: str, zero_points: bool = False) -
         raise ValueError(f"dequant_int4 needs K a multiple of {INT4_K}: N={n}, K={k}")
     zp = "_zp" if zero_points else ""
     return Launch(f"qgemv{zp}", f"dequant_int4{zp}_{dtype_tag(dtype)}",
-                  (math.ceil(n * k // INT4_K / 256), 1, 1), (256, 1, 1))
+                  (math.ceil(n * k // 8 / (256 * DQ_WORDS)), 1, 1), (256, 1, 1))
 
 
 def quantize_fp8_launch(count: int, dtype: str) -> Launch:

@@ -2,7 +2,8 @@
 Llama-3.1-8B against the 16-bit GEMM the same step runs unquantized, and against the HBM
 datasheet bandwidth on the bytes each one reads.
 
-    PYTHONPATH=<llmc checkout paths> python3 bench/kernels/qgemv.py [--out results.md] [--sweep]
+    PYTHONPATH=<llmc checkout paths> python3 bench/kernels/qgemv.py [--out results.md]
+        [--sweep [dequant]] [--prefill-only]
 
 For M = 1..16 rows: bf16 = what the cuda backend runs unquantized (llmc's GEMV up to 8 rows,
 cuBLASLt through torch.matmul above); int4 = w4 (group 128, AWQ's 1 / s applied to x as an
@@ -12,14 +13,16 @@ checkpoint's engine runs it); fp8 = w8 (x quantized as it is loaded). The gate-u
 its SwiGLU fused in every column (bf16 beyond 8 rows: cuBLASLt, then llmc's SwiGLU kernel).
 For M = 24..256 (GEMM_MS), INT4 RTN three ways: bf16 cuBLASLt; the weight dequantized
 (dequant_int4) then cuBLASLt, what the backend runs past launch_rules.W4_GEMM_MAX_M rows; and
-the small-M GEMM (w4g, kernels/qgemv.cuh), with its K splits for this GPU's SM count.
+the small-M GEMM (w4g, kernels/qgemv.cuh), with its K splits for this GPU's SM count; and
+the dequantization alone (--prefill-only: these two tables only).
 
 Timing as bench/kernels/gemm.py: a CUDA graph of >= CALLS calls cycling through >= 256 MiB of
 weight copies, median of REPS replays. % peak = bytes read (packed weights + scales + x) and
 written, over the time, against 3.35 TB/s. --sweep times variants of both kernels compiled
 from the same source (warps splitting K, chunks in flight a warp, CTAs an SM; for the
 small-M GEMM warps a CTA, x rows a CTA, x stages, chunks in flight a warp, CTAs an SM and the
-warps an SM its K splits aim for): the figures behind the configurations in kernels/qgemv.cuh.
+warps an SM its K splits aim for; for the dequantization words a thread): the figures behind
+the configurations in kernels/qgemv.cuh.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ SWEEP8 = [(16, 2, 1), (16, 1, 1), (16, 3, 1), (8, 2, 2), (8, 1, 2), (8, 3, 2), (
 SWEEP4G = [(8, 4, 3, 2, 2), (4, 4, 3, 2, 4), (4, 8, 3, 2, 3), (16, 4, 3, 1, 1), (8, 2, 3, 2, 2),
            (8, 4, 4, 2, 2), (8, 4, 3, 1, 2)]
 SWEEP4G_AIM = (16, 32, 64)   # warps an SM the K splits aim for (launch_rules.W4G_AIM)
+SWEEP_DQ = (1, 2, 8)          # words a dequant_int4 thread (launch_rules.DQ_WORDS)
 
 
 def sweep_functions(arch: str) -> Functions:
@@ -63,7 +67,10 @@ def sweep_functions(arch: str) -> Functions:
         + [f"W8_ENTRY(w8_sweep_nt{nt}_sk{sk}_d{d}_mb{mb}, BF16, {nt}, {sk}, {d}, 0, false, "
            f"{mb})\n" for nt in (1, 2) for sk, d, mb in SWEEP8]
         + [f"W4G_ENTRY(w4g_sweep_{'_'.join(map(str, v))}, BF16, {', '.join(map(str, v))}, 0, "
-           "false)\n" for v in SWEEP4G])
+           "false)\n" for v in SWEEP4G]
+        + [f'extern "C" __global__ void dq_sweep_u{u}(const u8* w, const u16* s, const u16* p, '
+           f"int n, int k, int g, u16* out) {{ dequant_int4<BF16, {u}>(w, s, p, n, k, g, out); "
+           "}\n" for u in SWEEP_DQ])
     src = "#define QGEMV_VARIANTS\n" + compiler.source("qgemv") + entries
     return Functions(arch, {"qgemv_sweep": compiler._compile_cached("qgemv_sweep", arch,
                                                                      False, src)})
@@ -72,7 +79,10 @@ def sweep_functions(arch: str) -> Functions:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="also write the markdown table to this file")
-    ap.add_argument("--sweep", action="store_true", help="time the kernels' variants too")
+    ap.add_argument("--sweep", nargs="?", const="all", choices=("all", "dequant"),
+                    help="time the kernels' variants too (dequant: the dequantization's only)")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="only the 24-256-row GEMMs and the dequantized weight")
     args = ap.parse_args()
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -83,7 +93,7 @@ def main() -> None:
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731  the capture's
     bf = torch.bfloat16
 
-    rows, sweep_rows, gemm_rows = [], [], []
+    rows, sweep_rows, gemm_rows, dq_rows = [], [], [], []
     for name, k, n, act in SHAPES:
         n_out = n // 2 if act else n
         w16_bytes = n * k * 2
@@ -115,7 +125,7 @@ def main() -> None:
                 return fn
             return lambda: torch.matmul(x, w.t(), out=y)
 
-        for m in MS:
+        for m in () if args.prefill_only else MS:
             x = torch.randn(m, k, device="cuda", dtype=bf)
             y = torch.empty(m, n_out, device="cuda", dtype=bf)
             gu = torch.empty(m, n, device="cuda", dtype=bf)
@@ -147,7 +157,7 @@ def main() -> None:
             rows.append((name, f"{k}->{n}", m, t16, (w16_bytes + out_bytes) / t16, t4, b4 / t4,
                          t4r, (b4 - k * 2) / t4r, t4z, b4z / t4z, t8,
                          b8 / t8 if t8 else None))
-            if sweep and not act and m in (1, 8, 16):
+            if args.sweep == "all" and not act and m in (1, 8, 16):
                 nt = 1 if m <= 8 else 2
                 grid = (math.ceil(n / 16), 1, 1)
                 for sk, d, mb in SWEEP4:
@@ -165,6 +175,22 @@ def main() -> None:
                     sweep_rows.append((name, m, "fp8", sk, f"D={d}, {mb} CTAs an SM",
                                        b8 / s / DATASHEET_BW))
         ws = torch.empty(n, k, device="cuda", dtype=bf)   # the dequantized weight (prefill)
+        bdq = n * k // 2 + s4.numel() * 2 + n * k * 2
+
+        def dq(w, ln=None, fn=f, ws=ws):   # the weight alone, dequantized
+            ln = ln or lr.dequant_int4_launch(n, k, "bfloat16")
+            a = [DevPtr(w.data_ptr()), DevPtr(s4.data_ptr()), DevPtr(0), n, k,
+                 lr.int4_group_shift(GROUP), DevPtr(ws.data_ptr())]
+            return lambda: fn.launch(ln, a, stream())
+
+        dq_rows.append((name, f"{k}->{n}", lr.DQ_WORDS,
+                        graph_time([dq(w4[i % len(w4)]) for i in range(calls)]), bdq))
+        for u in SWEEP_DQ if sweep else ():
+            ln = lr.Launch("qgemv_sweep", f"dq_sweep_u{u}",
+                           (math.ceil(n * k // 8 / (256 * u)), 1, 1), (256, 1, 1))
+            dq_rows.append((name, f"{k}->{n}", u,
+                            graph_time([dq(w4[i % len(w4)], ln, sweep) for i in range(calls)]),
+                            bdq))
         part = torch.empty(lr.W4G_MAX_SPLITS * GEMM_MS[-1] * n, device="cuda")  # split K
         arrived = torch.zeros(1 << 16, device="cuda", dtype=torch.int32)
         for m in GEMM_MS:
@@ -199,7 +225,7 @@ def main() -> None:
             b4 = n * k // 2 + s4.numel() * 2 + io
             gemm_rows.append((name, f"{k}->{n}", m, t16, (w16_bytes + io) / t16, td, tg,
                               b4 / tg, 2 * m * n * k / tg))
-            if sweep and not act:
+            if args.sweep == "all" and not act:
                 for v in SWEEP4G:
                     for aim in SWEEP4G_AIM:
                         nw, nt, st, d, mb = v
@@ -252,6 +278,12 @@ def main() -> None:
         lines.append(f"| {name} | {kn} | {m} | {t16 * 1e6:.1f} | {bw16 / DATASHEET_BW:.0%} "
                      f"| {td * 1e6:.1f} | {tg * 1e6:.1f} | {bwg / DATASHEET_BW:.0%} "
                      f"| {fl / 1e12:.0f} | {t16 / tg:.2f}x | {td / tg:.2f}x |")
+    lines += ["", f"INT4 dequantized alone (dequant_int4, group {GROUP}, bf16 out): bytes = "
+              "packed weight + scales read, 16-bit weight written; words = 8-k words a thread "
+              f"(the kernel's default: {lr.DQ_WORDS}).", "",
+              "| GEMM | K->N | words | us | GB/s | % peak |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {nm} | {kn} | {u} | {t * 1e6:.1f} | {b / t / 1e9:.0f} | "
+              f"{b / t / DATASHEET_BW:.0%} |" for nm, kn, u, t, b in dq_rows]
     if sweep_rows:
         lines += ["", "Sweep, % of peak by warps splitting K (SK; for the int4 GEMM, warps a "
                   "CTA), chunks in flight a warp (D) and CTAs an SM (the register cap):", "",

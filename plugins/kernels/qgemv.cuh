@@ -334,37 +334,57 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
 }
 
 // Prefill: the INT4 weight back to T [N, K] for cuBLASLt, with AWQ's pre folded into it
-// (w[n, k] * pre[k], one more rounding than the graph's x * pre: within an ulp of T). One
-// thread a 16-byte load (32 k). zp: the zero points [N, K / G], or null (8).
-template <typename T>
+// (w[n, k] * pre[k], one more rounding than the graph's x * pre: within an ulp of T). A thread
+// takes U words (8 k each, a 16-byte store); a warp's 32 words of one round are consecutive,
+// so each of its loads is one 128-byte line and each store 512 whole bytes. (A thread per
+// 16-byte load wrote 64 bytes at a 64-byte stride a store, half-sector writes, and reached
+// under half of HBM: bench/results/qgemv.md.) Word i is at byte 4i of w and element 8i of out,
+// since a row is K / 8 words; n * k < 2^31 (launch_rules). zp: the zero points [N, K / G], or
+// null (8).
+constexpr int DQ_WORDS = 4;
+
+__device__ __forceinline__ u32 ld_stream_u32(const void* p) {
+  u32 v;
+  asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+template <typename T, int U = DQ_WORDS>
 __device__ __forceinline__ void dequant_int4(const u8* __restrict__ w,
                                              const u16* __restrict__ scale,
                                              const u16* __restrict__ pre, int n, int k,
                                              int gshift, u16* __restrict__ out,
                                              const u8* __restrict__ zp = nullptr) {
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // 32-k piece
-  const int per_row = k / 32;
-  if (i >= (long long)n * per_row) return;
-  const int row = (int)(i / per_row), k0 = (int)(i % per_row) * 32;
-  const uint4 v = ld_stream(w + (size_t)row * (k / 2) + k0 / 2);
-  const size_t group = (size_t)row * (k >> gshift) + (k0 >> gshift);
-  u32 A[16];
-  dequant32<T>(v, scale[group],
-               zp ? zero_bias<T>(Int4<T>::ZBASE, zp[group]) : Int4<T>::BIAS, A);
-  if (pre) {
-    const uint4* pp = reinterpret_cast<const uint4*>(pre + k0);
+  const int per_row = k / 8, words = n * per_row;
+  const int first = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * (32 * U) +
+                    (threadIdx.x & 31);
+  u32 v[U], s2[U], bias[U];
+  int k0[U];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint4 pv = pp[q];
-      A[4 * q] = fma2<T>(A[4 * q], pv.x, Int4<T>::NEG0);
-      A[4 * q + 1] = fma2<T>(A[4 * q + 1], pv.y, Int4<T>::NEG0);
-      A[4 * q + 2] = fma2<T>(A[4 * q + 2], pv.z, Int4<T>::NEG0);
-      A[4 * q + 3] = fma2<T>(A[4 * q + 3], pv.w, Int4<T>::NEG0);
-    }
+  for (int u = 0; u < U; ++u) {  // every load issued before the first is used
+    const int i = min(first + 32 * u, words - 1);   // past the end: a copy of the last word
+    const int row = i / per_row;
+    k0[u] = (i - row * per_row) * 8;
+    const int group = row * (k >> gshift) + (k0[u] >> gshift);
+    v[u] = ld_stream_u32(w + 4 * (size_t)i);
+    s2[u] = scale[group];
+    bias[u] = zp ? zero_bias<T>(Int4<T>::ZBASE, zp[group]) : Int4<T>::BIAS;
   }
-  uint4* dst = reinterpret_cast<uint4*>(out + (size_t)row * k + k0);
 #pragma unroll
-  for (int q = 0; q < 4; ++q) dst[q] = make_uint4(A[4 * q], A[4 * q + 1], A[4 * q + 2], A[4 * q + 3]);
+  for (int u = 0; u < U; ++u) {
+    const int i = first + 32 * u;
+    if (i >= words) return;
+    u32 A[4];
+    dequant8<T>(v[u], s2[u] | (s2[u] << 16), bias[u], A);
+    if (pre) {
+      const uint4 pv = *reinterpret_cast<const uint4*>(pre + k0[u]);
+      A[0] = fma2<T>(A[0], pv.x, Int4<T>::NEG0);
+      A[1] = fma2<T>(A[1], pv.y, Int4<T>::NEG0);
+      A[2] = fma2<T>(A[2], pv.z, Int4<T>::NEG0);
+      A[3] = fma2<T>(A[3], pv.w, Int4<T>::NEG0);
+    }
+    *reinterpret_cast<uint4*>(out + 8 * (size_t)i) = make_uint4(A[0], A[1], A[2], A[3]);
+  }
 }
 
 // ---- INT4, steps of 17 to W4_GEMM_MAX_M rows: the small-M GEMM -------------------------------

@@ -195,14 +195,16 @@ def test_w4_gemm_options(K, n, k, group, act, zp, pre, bias, dtype, m, split):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k,group", ((1728, 576, 64), (512, 4096, 128)))
+@pytest.mark.parametrize("n,k,group", ((1728, 576, 64), (512, 4096, 128),
+                                         (40, 96, 32)))
 def test_dequant_int4_zero_points_is_exact(K, n, k, group, dtype):
     w, scale, deq, z = int4_weight(n, k, group, dtype, seed=11, zero_points=True)
     assert torch.equal(K.dequant_int4(w, scale, group, dtype, zp=z), deq)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k,group", ((1728, 576, 64), (512, 4096, 128)))
+@pytest.mark.parametrize("n,k,group", ((1728, 576, 64), (512, 4096, 128),
+                                         (40, 96, 32)))
 def test_dequant_int4_is_exact(K, n, k, group, dtype):
     w, scale, deq = int4_weight(n, k, group, dtype, seed=6)
     assert torch.equal(K.dequant_int4(w, scale, group, dtype), deq)
