@@ -267,6 +267,9 @@ def main() -> None:
     ap.add_argument("--w4-gemm-max-m", type=int, default=None,
                     help="INT4 steps of up to this many rows on the small-M GEMM, larger ones "
                     "dequantized for cuBLASLt (A/B; 16: never the small-M GEMM)")
+    ap.add_argument("--attn-reduce", action="store_true",
+                    help="split decode attention combined by a reduce kernel after it, not in "
+                    "its last CTA (A/B)")
     args = ap.parse_args()
 
     import torch
@@ -302,7 +305,7 @@ def main() -> None:
              + (" --hf" if args.hf else "") + (" --hf-compile" if args.hf_compile else "")
              + (" --no-pdl" if args.no_pdl else "")
              + (f" --w4-gemm-max-m {args.w4_gemm_max_m}" if args.w4_gemm_max_m is not None
-                else ""), ""]
+                else "") + (" --attn-reduce" if args.attn_reduce else ""), ""]
     results, table, extra = {}, [], []
     for quant in ([] if args.skip_llmc else args.quant):
         name = f"{args.model}-{args.layers}l-{args.dtype}-{quant}.engine"
@@ -310,6 +313,7 @@ def main() -> None:
         weights_bytes = engine.section("weights").size
         session = CudaSession(engine, gpu_memory_utilization=0.9)
         session.functions.pdl &= not args.no_pdl
+        session.fuse_attention_reduce = not args.attn_reduce
         if not extra:
             lines.append(f"llmc {engine.header.llmc_version}, versions {engine.header.versions}")
         extra.append(f"{quant}: weights {weights_bytes / 2**30:.2f} GiB, prefill of 2048 "

@@ -64,6 +64,8 @@ class AttentionPlan:
     softcap: float = 0.0   # logit soft-cap cap * tanh(s / cap) (Gemma 2), 0 = none
     e4m3: bool = False     # the pool holds E4M3 bytes; the launches take its K and V scales
     pool_map: str = ""     # the sm90 kernel: dtype of the pool's tensor map, which it takes last
+    counters: int = 0      # split decode whose last CTA combines the splits: the zeroed int32
+                           # counters it takes (a token's kv heads), instead of `reduce`
 
     @property
     def decode(self) -> bool:
@@ -143,7 +145,8 @@ def _kv_write(tokens, dtype, write_kv, e4m3=False):
 def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                 max_blocks: int, block_size: int, dtype: str, sm_count: int,
                 write_kv: bool = True, *, max_smem: int, window: int = 0,
-                softcap: float = 0.0, e4m3: bool = False) -> AttentionPlan:
+                softcap: float = 0.0, e4m3: bool = False,
+                fuse_reduce: bool = False) -> AttentionPlan:
     """One CTA per (token, kv head, split); splits chosen so the grid fills two waves.
 
     The split count is fixed here (a decode graph is captured for the longest context), but
@@ -157,7 +160,10 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     With a window, a token's keys start at the key tile holding its window's first key, so
     they span at most window + ATTN_BN - 1 positions: the split count is sized from that.
     softcap > 0: the scores are soft-capped (the _softcap entries; Gemma 2).
-    e4m3: the pool holds E4M3 bytes (the _e4m3 entries; attention_launches takes its scales)."""
+    e4m3: the pool holds E4M3 bytes (the _e4m3 entries; attention_launches takes its scales).
+    fuse_reduce: with splits, the last CTA of a (token, kv head) to finish combines them,
+    counting arrivals in `counters` zeroed int32s that it leaves zeroed (a caller that can
+    keep such memory across launches: the cuda backend); else attn_reduce runs after it."""
     check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window, softcap)
     stages = decode_stages(head_dim, max_smem, e4m3)
     if stages is None:
@@ -174,13 +180,16 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                   f"attn_decode_{dtype_tag(dtype)}_d{head_dim}{suffix}{_suffix(softcap, e4m3)}",
                   (tokens, num_kv_heads, n_split), (ATTN_THREADS, 1, 1),
                   decode_smem(head_dim, stages, e4m3))
-    red, ws = None, 0
+    red, ws, counters = None, 0, 0
     if n_split > 1:
-        red = Launch("paged_attention", f"attn_reduce_{dtype_tag(dtype)}",
-                     (tokens * num_q_heads, 1, 1), (head_dim, 1, 1))
         ws = tokens * num_q_heads * n_split * (head_dim + 1) * 4
+        if fuse_reduce:
+            counters = tokens * num_kv_heads
+        else:
+            red = Launch("paged_attention", f"attn_reduce_{dtype_tag(dtype)}",
+                         (tokens * num_q_heads, 1, 1), (head_dim, 1, 1))
     return AttentionPlan(_kv_write(tokens, dtype, write_kv, e4m3), main, red, n_split, chunk,
-                         ws, window=window, softcap=softcap, e4m3=e4m3)
+                         ws, window=window, softcap=softcap, e4m3=e4m3, counters=counters)
 
 
 def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
@@ -235,7 +244,7 @@ def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
                    head_dim: int, max_blocks: int, block_size: int, dtype: str,
                    sm_count: int, write_kv: bool = True, *, max_smem: int,
                    window: int = 0, softcap: float = 0.0, e4m3: bool = False,
-                   sm90: bool = False) -> AttentionPlan:
+                   sm90: bool = False, fuse_reduce: bool = False) -> AttentionPlan:
     """Kernels of one PagedAttention step, from shapes alone (what TensorRT knows at enqueue).
 
     tokens == batch means every sequence brings one new token (a pure decode step): the
@@ -250,11 +259,12 @@ def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
     e4m3: the pool holds E4M3 bytes with a K and a V scale (--kv-cache-dtype fp8), written by
     the rope kernel (write_kv must be False), read by the _e4m3 entries.
     sm90: the device is sm_90a, so prefill steps may take the TMA + wgmma kernel (whose
-    launch takes a PoolMap of the pool)."""
+    launch takes a PoolMap of the pool).
+    fuse_reduce: decode_plan's (split decode combines in its last CTA)."""
     if tokens == batch and decode_stages(head_dim, max_smem, e4m3) is not None:
         return decode_plan(tokens, num_q_heads, num_kv_heads, head_dim, max_blocks,
                            block_size, dtype, sm_count, write_kv, max_smem=max_smem,
-                           window=window, softcap=softcap, e4m3=e4m3)
+                           window=window, softcap=softcap, e4m3=e4m3, fuse_reduce=fuse_reduce)
     return prefill_plan(tokens, batch, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
                         write_kv, max_smem=max_smem, window=window, softcap=softcap,
                         e4m3=e4m3, sm90=sm90)
@@ -327,7 +337,8 @@ def workspace_lse_offset(plan: AttentionPlan, tokens: int, num_q_heads: int,
 def attention_launches(plan: AttentionPlan, dims: dict, scale: float, ptr: dict,
                        kv_scales: tuple[float, float] | None = None) -> list:
     """(Launch, args) of one step, in order. `ptr` maps q, k, v, seq_starts, context_lens,
-    block_tables, cache (the KV pool), out, ws_o, ws_lse to device pointers of the caller's
+    block_tables, cache (the KV pool), out, ws_o, ws_lse and arrived (plan.counters zeroed
+    int32s, or a null pointer where plan.counters is 0) to device pointers of the caller's
     kind; ints in args are int32 scalars. The torch launcher (launch.py) and the TensorRT glue both
     build their launches here, so the GPU tests check the argument order TensorRT uses.
     kv_scales: (K, V) scales of an E4M3 pool, given exactly when the plan reads one."""
@@ -350,7 +361,7 @@ def attention_launches(plan: AttentionPlan, dims: dict, scale: float, ptr: dict,
         out.append((plan.main, head + [plan.pack, ptr["out"], *pool]))
         return out
     out.append((plan.main, head + [plan.n_split, plan.chunk, ptr["out"], ptr["ws_o"],
-                                   ptr["ws_lse"]]))
+                                   ptr["ws_lse"], ptr["arrived"]]))
     if plan.reduce:
         out.append((plan.reduce, [ptr["ws_o"], ptr["ws_lse"], t * hq, d, plan.n_split,
                                   ptr["out"]]))

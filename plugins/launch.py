@@ -147,6 +147,7 @@ class Kernels:
         self.max_smem = device_max_smem(torch.cuda.current_device() if dev.index is None
                                         else dev.index)
         self.functions = Functions(self.arch)
+        self._split_counters = None   # paged_attention's: zeroed once, each launch resets them
 
     def launch(self, launch: Launch, args: list):
         """args: torch tensors (passed as pointers) and python ints (int32)."""
@@ -307,7 +308,8 @@ class Kernels:
 
     def paged_attention(self, q, k, v, seq_starts, context_lens, block_tables, kv_cache,
                         scale=None, write_kv=True, force=None, window=0, max_smem=None,
-                        softcap=0.0, kv_scales=None, sm90=None, **prefill):
+                        softcap=0.0, kv_scales=None, sm90=None, fuse_reduce=True, out=None,
+                        **prefill):
         """force: None, 'decode' or 'prefill' picks the kernel regardless of the plan (tests
         run both kernels on the same mixed batch); `prefill` (variant=, pack=) goes to
         attention_plan.prefill_plan. window: sliding window, 0 = none. softcap: logit soft-cap
@@ -316,7 +318,10 @@ class Kernels:
         fallbacks that smaller GPUs take). kv_scales: (K, V) scales of an E4M3 pool (uint8
         or float8_e4m3fn), whose new rows the rope kernel wrote: then write_kv must be False
         and k, v may be None. sm90: let prefill plans take the sm_90a kernel (TMA + wgmma);
-        default: where the device is sm_90a."""
+        default: where the device is sm_90a. fuse_reduce: a split decode combines its splits
+        in its last CTA (as the cuda backend runs it) rather than in attn_reduce (as the
+        TensorRT plugin does). out: where to write (tests pass it poisoned), else a new
+        tensor."""
         t, hq, d = q.shape
         _, nb, hkv, bs, _ = kv_cache.shape
         b, mb = block_tables.shape
@@ -325,7 +330,8 @@ class Kernels:
         lim = dict(max_smem=self.max_smem if max_smem is None else max_smem, window=window,
                    softcap=softcap, e4m3=kv_scales is not None)
         if force == "decode":
-            plan = ap.decode_plan(t, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv, **lim)
+            plan = ap.decode_plan(t, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv, **lim,
+                                  fuse_reduce=fuse_reduce)
         else:
             sm90 = self.arch == "sm_90a" if sm90 is None else sm90
             if force == "prefill":
@@ -333,19 +339,27 @@ class Kernels:
                                        sm90=sm90)
             else:
                 plan = ap.attention_plan(t, b, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv,
-                                         **lim, sm90=sm90)
+                                         **lim, sm90=sm90, fuse_reduce=fuse_reduce)
         self.last_plan = plan  # for tests: which kernels a call took
         scale = d ** -0.5 if scale is None else scale
-        out = self.torch.empty_like(q)
+        out = self.torch.empty_like(q) if out is None else out
         ws = self.torch.empty(max(plan.workspace_bytes // 4, 1), dtype=self.torch.float32,
                               device=q.device)
         lse = ap.workspace_lse_offset(plan, t, hq, d) // 4
+        arrived = DevPtr(0)
+        if plan.counters:   # kept across calls, as a session keeps its own (graph-safe)
+            if self._split_counters is None or self._split_counters.numel() < plan.counters:
+                self._split_counters = self.torch.zeros(plan.counters, dtype=self.torch.int32,
+                                                        device=q.device)
+            arrived = self._split_counters
         ptr = dict(q=q, k=k, v=v, seq_starts=seq_starts, context_lens=context_lens,
                    block_tables=block_tables, cache=kv_cache, out=out, ws_o=ws,
-                   ws_lse=ws[lse:] if plan.n_split > 1 else ws)
+                   ws_lse=ws[lse:] if plan.n_split > 1 else ws, arrived=arrived)
         dims = ap.paged_attention_dims(q.shape, kv_cache.shape, block_tables.shape)
         for ln, args in ap.attention_launches(plan, dims, scale, ptr, kv_scales):
             self.launch(ln, args)
+        if plan.counters and not self.torch.cuda.is_current_stream_capturing():
+            assert not arrived.any(), "a decode split counter was not reset"
         return out
 
     # -- glue and sampling (cuda backend) --

@@ -117,6 +117,9 @@ def register_paged_attention(arch: str, sm_count: int, max_smem: int | None = No
             ptr["out"] = DevPtr(outputs[0])  # outputs[1] is inputs[3], the same memory
             lse = ap.workspace_lse_offset(plan, dims["tokens"], dims["hq"], dims["d"])
             ptr["ws_o"], ptr["ws_lse"] = DevPtr(workspace), DevPtr(workspace + lse)
+            # TensorRT's workspace is neither zeroed nor kept between enqueues, so no split
+            # counters: attn_reduce combines the splits (the plan's default)
+            ptr["arrived"] = DevPtr(0)
             for ln, args in ap.attention_launches(plan, dims, a["scale"], ptr):
                 self.functions.launch(ln, args, stream)
 

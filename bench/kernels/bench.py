@@ -191,7 +191,7 @@ def main():
 
     # decode at the shapes serving hits (ours only): one long sequence (split over KV), many
     # short ones, and a batch of mixed lengths; bytes = the K/V each sequence reads
-    serving = [("B=1 ctx=8192", [8192]), ("B=1 ctx=32768", [32768]),
+    serving = [("B=1 ctx=512", [512]), ("B=1 ctx=8192", [8192]), ("B=1 ctx=32768", [32768]),
                ("B=256 ctx=256", [256] * 256),
                ("B=64 mixed ctx 64-4096", [64 * 2 ** (i % 7) for i in range(64)])]
     for label, ctxs in serving:
@@ -205,6 +205,11 @@ def main():
                            max_smem=K.max_smem)
         add(name, lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False),
             None, None, sum(ctxs) * 2 * hkv * d * 2, f"ours only; splits={plan.n_split}")
+        if plan.n_split > 1:   # the splits combined by attn_reduce (the TensorRT plugin's way)
+            add(f"{name}, attn_reduce after it",
+                lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False,
+                                          fuse_reduce=False),
+                None, None, sum(ctxs) * 2 * hkv * d * 2, f"ours only; splits={plan.n_split}")
         cache = None
 
     # prefill: one 2048-token sequence (causal), vs SDPA flash on contiguous q/k/v

@@ -14,7 +14,9 @@
 //  bounds the work and the bytes read, not only the result.
 //  Logit soft-cap (CAP, Gemma 2): the scaled score s becomes cap * tanh(s / cap) before the
 //  mask and the softmax; `cap` is one more argument.
-//  attn_reduce:     flash-decoding combine of the per-split partial results.
+//  attn_reduce:     flash-decoding combine of the per-split partial results, for callers
+//                   without split counters (the TensorRT plugin); with them the decode
+//                   kernel's last split combines (combine_splits).
 //  E4M3 pool (C = u8, --kv-cache-dtype fp8; entries in the *_e4m3 modules): the pool holds
 //  E4M3 bytes of x / scale, one K and one V scale a layer. The K/V tiles travel the same
 //  cp.async pipeline at one byte an element and are dequantized in shared memory into the
@@ -386,6 +388,73 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
   store_rows<T, D>(o, l, ra, nrows, tok0, P, hq, hbase, lane, out);
 }
 
+// The flash-decoding combine inside the decode kernel: each split's CTA counts itself in on
+// its (token, kv head) counter once its partials are written, and the last to arrive sums the
+// live splits' partials into out and sets the counter back to zero, so a captured graph
+// replays it without a memset and no attn_reduce launch follows (issue order is free, so
+// "last" is whichever CTA's atomic sees n_split - 1). G q heads of one token; the live splits
+// are the first n_live (attn_decode divides the token's own context). Shared memory, free by
+// now: wgt, G x n_live floats (the K/V stages); sc, 17 words (the Q tile). No static
+// __shared__ here: with 80 bytes of it every 16-bit decode launch ran about 10% slower at
+// batch 64 on the H100, splits or not (bench/results/kernels.md). Not inlined: its two call
+// sites share one copy, and the decode loop compiles as it did without it.
+template <typename T>
+__device__ __noinline__ void combine_splits(const float* __restrict__ ws_o,
+                                            const float* __restrict__ ws_lse,
+                                            int* __restrict__ counter, int n_split, int n_live,
+                                            size_t head0, int G, int d, u16* __restrict__ out,
+                                            float* __restrict__ wgt, float* __restrict__ sc) {
+  float* const inv_den = sc;
+  int* const last = reinterpret_cast<int*>(sc + 16);
+  __threadfence();  // this CTA's partials are visible to the GPU before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    *last = atomicAdd(counter, 1) == n_split - 1;
+    if (*last) *counter = 0;
+  }
+  __syncthreads();
+  if (!*last) return;
+  __threadfence();
+  // One CTA now does what attn_reduce's T * Hq CTAs did, so its loads must overlap: a warp
+  // per q head for the weights, then 16-byte loads of the partials, 8 splits in flight.
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int r = warp; r < G; r += blockDim.x >> 5) {
+    const float* lse = ws_lse + (head0 + r) * n_split;
+    float mx = -INFINITY, den = 0.f;
+    for (int i = lane; i < n_live; i += 32) mx = fmaxf(mx, __ldcg(lse + i));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    for (int i = lane; i < n_live; i += 32) {
+      const float w = exp2f(__ldcg(lse + i) - mx);
+      wgt[r * n_live + i] = w;
+      den += w;
+    }
+    den = warp_sum(den);
+    if (lane == 0) inv_den[r] = 1.f / den;
+  }
+  __syncthreads();
+  const int q4 = d / 4;
+  for (int i = threadIdx.x; i < G * q4; i += blockDim.x) {
+    const int r = i / q4, c = (i % q4) * 4;
+    const float4* o = reinterpret_cast<const float4*>(ws_o + (head0 + r) * n_split * d + c);
+    const float* w = wgt + r * n_live;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma unroll 8
+    for (int j = 0; j < n_live; ++j) {
+      const float4 v = __ldcg(o + (size_t)j * q4);
+      a0 += w[j] * v.x;
+      a1 += w[j] * v.y;
+      a2 += w[j] * v.z;
+      a3 += w[j] * v.w;
+    }
+    const float inv = inv_den[r];
+    u16* dst = out + (head0 + r) * d + c;
+    *reinterpret_cast<uint2*>(dst) =
+        make_uint2((u32)T::from_f(a0 * inv) | ((u32)T::from_f(a1 * inv) << 16),
+                   (u32)T::from_f(a2 * inv) | ((u32)T::from_f(a3 * inv) << 16));
+  }
+}
+
 // C: the pool's element (u16, or u8 for an E4M3 pool with scales k_scale and v_scale).
 template <typename T, int D, int NST, bool CAP = false, typename C = u16>
 __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ ss,
@@ -394,8 +463,8 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
                             int mb, int bs, int nb, int scale_bits, int win, int n_split,
                             int chunk,
                             u16* __restrict__ out, float* __restrict__ ws_o,
-                            float* __restrict__ ws_lse, int cap_bits = 0, float k_scale = 1.f,
-                            float v_scale = 1.f) {
+                            float* __restrict__ ws_lse, int* __restrict__ arrived,
+                            int cap_bits = 0, float k_scale = 1.f, float v_scale = 1.f) {
   constexpr bool E4M3 = sizeof(C) == 1;
   extern __shared__ __align__(16) u16 smem[];
   u16* sQ = smem;
@@ -419,8 +488,16 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
   const int k_begin = first + split * per_split, k_end = min(pos + 1, k_begin + per_split);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const size_t head0 = (size_t)t * hq + kvh * G;
+  // arrived: the splits combine in the last CTA; null: attn_reduce combines them after
+  const int n_live = (pos + 1 - first + per_split - 1) / per_split;
+  auto combine = [&]() {
+    if (arrived == nullptr || n_split == 1) return;
+    combine_splits<T>(ws_o, ws_lse, arrived + (size_t)t * hkv + kvh, n_split, n_live, head0,
+                      G, D, out, reinterpret_cast<float*>(sKV), reinterpret_cast<float*>(sQ));
+  };
   if (k_begin >= k_end) {  // past this token's context: an empty partial
     if (threadIdx.x < G) ws_lse[(head0 + threadIdx.x) * n_split + split] = -INFINITY;
+    combine();
     return;
   }
   const int n_tiles = (k_end - k_begin + BN - 1) / BN;
@@ -537,6 +614,7 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
       if (c == 0) ws_lse[slot] = mx + log2f(den);
     }
   }
+  combine();
 }
 
 // One block per (token, q head), D threads: out = sum_s w_s o_s with w_s from the splits' lse.

@@ -180,7 +180,7 @@ def test_workspace_bound_covers_every_decode_step(window):
 
 def test_attention_launches_argument_order():
     ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
-                          "cache", "out", "ws_o", "ws_lse")}
+                          "cache", "out", "ws_o", "ws_lse", "arrived")}
     dims = ap.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 128), (2, 300))
     assert dims == dict(tokens=2, batch=2, hq=32, hkv=8, d=128, max_blocks=300,
                         block_size=16, num_blocks=100)
@@ -189,8 +189,19 @@ def test_attention_launches_argument_order():
     meta = ["seq_starts", "context_lens", "block_tables"]
     assert kwa == ["k", "v", *meta, 2, 2, 8, 128, 300, 16, 100, "cache"]
     sc = [2, 2, 32, 8, 300, 16, 100, float_bits(0.5), 0]  # last: sliding window
-    assert ma == ["q", *meta, "cache", *sc, dec.n_split, dec.chunk, "out", "ws_o", "ws_lse"]
+    assert ma == ["q", *meta, "cache", *sc, dec.n_split, dec.chunk, "out", "ws_o", "ws_lse",
+                  "arrived"]
     assert ra == ["ws_o", "ws_lse", 64, 128, dec.n_split, "out"]
+    # fused: the decode kernel's last CTA combines, counting on a (token, kv head) counter
+    fused = ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "bfloat16", 132, max_smem=H100,
+                              fuse_reduce=True)
+    assert fused.reduce is None and fused.counters == 2 * 8 and fused.n_split == dec.n_split
+    assert fused.workspace_bytes == dec.workspace_bytes
+    (_, _), (main2, ma2) = ap.attention_launches(fused, dims, 0.5, ptr)
+    assert main2 == dec.main and ma2 == ma
+    one = ap.attention_plan(64, 64, 32, 8, 128, 300, 16, "bfloat16", 132, max_smem=H100,
+                            fuse_reduce=True)   # 512 CTAs fill two waves: no split
+    assert one.n_split == 1 and one.counters == 0 and one.reduce is None
     assert ap.workspace_lse_offset(dec, 2, 32, 128) == 2 * 32 * dec.n_split * 128 * 4
     pre = ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, write_kv=False,
                                max_smem=H100, window=4096)
@@ -206,7 +217,7 @@ def test_sm90_prefill_plan_and_its_pool_map():
     the cap's bits after the window, as elsewhere). Decode steps, E4M3 pools, devices without
     sm_90a and too little shared memory keep the others."""
     ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
-                          "cache", "out", "ws_o", "ws_lse")}
+                          "cache", "out", "ws_o", "ws_lse", "arrived")}
     dims = ap.paged_attention_dims((9, 32, 128), (2, 100, 8, 16, 128), (2, 300))
     pre = ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, write_kv=False,
                             max_smem=H100, window=64, sm90=True)
@@ -246,7 +257,7 @@ def test_softcap_takes_its_own_entries_and_one_more_argument():
     unchanged), the cap's bits follow the window in both kernels' arguments, and the split
     plan does not depend on it."""
     ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
-                          "cache", "out", "ws_o", "ws_lse")}
+                          "cache", "out", "ws_o", "ws_lse", "arrived")}
     dims = ap.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 128), (2, 300))
     dec = ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "float16", 132, max_smem=H100,
                             window=64, softcap=50.0)
@@ -262,7 +273,8 @@ def test_softcap_takes_its_own_entries_and_one_more_argument():
     _, (_, ma), _ = ap.attention_launches(dec, dims, 0.5, ptr)
     sc = [2, 2, 32, 8, 300, 16, 100, float_bits(0.5), 64, float_bits(50.0)]
     assert ma == ["q", "seq_starts", "context_lens", "block_tables", "cache", *sc,
-                  dec.n_split, dec.chunk, "out", "ws_o", "ws_lse"]
+                  dec.n_split, dec.chunk, "out", "ws_o", "ws_lse",
+                  "arrived"]
     pre = ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, write_kv=False,
                             max_smem=H100, softcap=30.0)
     assert pre.main.kernel == "attn_prefill_bf16_d128_w8s_softcap"
@@ -282,7 +294,7 @@ def test_e4m3_pool_takes_its_own_entries_and_its_scales():
     capped ones too), the K and V scales' bits follow the window (before a cap's), the pool is
     written by the rope kernel (no kv_write), and a plan and its scales come together."""
     ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
-                          "cache", "out", "ws_o", "ws_lse")}
+                          "cache", "out", "ws_o", "ws_lse", "arrived")}
     dims = ap.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 128), (2, 300))
     kw = dict(write_kv=False, max_smem=H100, window=64)
     dec = ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "float16", 132, e4m3=True, **kw)
@@ -295,7 +307,8 @@ def test_e4m3_pool_takes_its_own_entries_and_its_scales():
     (_, ma), _ = ap.attention_launches(dec, dims, 0.5, ptr, scales)   # no kv_write
     sc = [2, 2, 32, 8, 300, 16, 100, float_bits(0.5), 64, float_bits(0.25), float_bits(0.0625)]
     assert ma == ["q", "seq_starts", "context_lens", "block_tables", "cache", *sc,
-                  dec.n_split, dec.chunk, "out", "ws_o", "ws_lse"]
+                  dec.n_split, dec.chunk, "out", "ws_o", "ws_lse",
+                  "arrived"]
     cap = ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, e4m3=True,
                             softcap=30.0, **kw)
     assert cap.main.kernel == "attn_prefill_bf16_d128_w8s_e4m3_softcap"

@@ -21,6 +21,7 @@ ATTN_WORKSPACE = "attention workspace"
 QGEMM_WORKSPACE = "quantized GEMM workspace"   # a prefill's dequantized INT4 weight or FP8 x,
 #                                                 or the INT4 small-M GEMM's split-K partials
 W4G_COUNTERS = "INT4 GEMM tile counters"        # zeroed once; each launch leaves them zero
+ATTN_COUNTERS = "attention split counters"      # the same, for split decode's combine
 FP8_UNIT_SCALES = "fp8 unit scales"   # fp32 1.0 per token: cuBLASLt's x-side channel scales
 
 
@@ -33,6 +34,7 @@ class Step:
     sm_count: int
     max_smem: int
     sm90: bool = False   # prefill attention may take the sm_90a kernel (the engine holds it)
+    fuse_reduce: bool = True   # split decode combines in its last CTA (False: attn_reduce)
 
 
 def gemm_key(op: Op) -> tuple:
@@ -199,7 +201,7 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
     """("kernel", Launch, args) and ("gemm", key, (x, w, y, m, bias[, w_scale, x_scale]))
     in execution order (the scales: an FP8 GEMM's).
     ptr(name) gives the device address of a value, of kv_cache_{l}, of ATTN_WORKSPACE, of
-    QGEMM_WORKSPACE and of FP8_UNIT_SCALES."""
+    ATTN_COUNTERS, of QGEMM_WORKSPACE, of W4G_COUNTERS and of FP8_UNIT_SCALES."""
     t, b, width, dt = s.tokens, s.batch, s.width, plan.dtype
     rows_of = {"T": t, "B": b}
 
@@ -243,7 +245,8 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
             att = ap.attention_plan(t, b, a["hq"], a["hkv"], a["d"], width, a["block_size"],
                                     dt, s.sm_count, write_kv=False, max_smem=s.max_smem,
                                     window=a["window"], softcap=a.get("softcap", 0.0),
-                                    e4m3="kv_scale" in a, sm90=s.sm90)
+                                    e4m3="kv_scale" in a, sm90=s.sm90,
+                                    fuse_reduce=s.fuse_reduce)
             lse = ap.workspace_lse_offset(att, t, a["hq"], a["d"])
             dims = dict(tokens=t, batch=b, hq=a["hq"], hkv=a["hkv"], d=a["d"],
                         max_blocks=width, block_size=a["block_size"], num_blocks=s.num_blocks)
@@ -251,7 +254,8 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
             ptrs = {"q": P(ins[0]), contract.SEQ_STARTS: P(ins[1]),
                     contract.CONTEXT_LENS: P(ins[2]), contract.BLOCK_TABLES: P(ins[3]),
                     "cache": P(contract.kv_cache_input(a["layer"])), "out": P(outs[0]),
-                    "ws_o": DevPtr(ws), "ws_lse": DevPtr(ws + lse)}
+                    "ws_o": DevPtr(ws), "ws_lse": DevPtr(ws + lse),
+                    "arrived": DevPtr(ptr(ATTN_COUNTERS))}
             for launch, args in ap.attention_launches(att, dims, a["scale"], ptrs,
                                                       a.get("kv_scale")):
                 yield "kernel", launch, args

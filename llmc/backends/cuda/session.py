@@ -26,6 +26,7 @@ import numpy as np
 from llmc import contract
 from llmc.backends.cuda.plan import PLAN, WEIGHTS, Plan, cubin_section, itemsize, numel
 from llmc.backends.cuda.program import (
+    ATTN_COUNTERS,
     ATTN_WORKSPACE,
     FP8_UNIT_SCALES,
     QGEMM_WORKSPACE,
@@ -150,6 +151,9 @@ class CudaSession:
         # Prefill steps take Hopper's TMA + wgmma attention where the engine holds it
         # (sm_90a engines built since it exists); False runs the mma.sync kernel instead.
         self.sm90_attention = SM90_MODULE in plan.modules
+        # Split decode combines its splits in the decode kernel; False runs attn_reduce after
+        # it, as the TensorRT plugin does (for A/B timing).
+        self.fuse_attention_reduce = True
         weights = engine.section(WEIGHTS)
         self.weights = self.mem.alloc(weights.size, "the weights")
         check(driver.cuMemcpyHtoD(self.weights, weights.ctypes.data, weights.size))
@@ -176,7 +180,7 @@ class CudaSession:
             (self._staging_bytes // 4,))
         from llmc.plugins.attention_plan import attention_workspace_bound
 
-        ws = 0
+        ws = counters = 0
         for op in plan.ops:
             if op.op == "attention":
                 a = op.attrs
@@ -184,7 +188,12 @@ class CudaSession:
                     lim.max_num_tokens, lim.max_batch_size, a["hq"], a["hkv"], a["d"],
                     self.max_width, a["block_size"], self.sm_count, max_smem=self.max_smem,
                     window=a["window"], e4m3="kv_scale" in a))
+                counters = max(counters, min(lim.max_num_tokens, lim.max_batch_size) * a["hkv"])
         self.attn_ws = self.mem.alloc(ws, "the attention workspace")
+        # a (token, kv head) counter for each split decode CTA group, zeroed once: the last
+        # CTA of a group sets it back (attention_plan.decode_plan's fuse_reduce)
+        self.attn_counters = self.mem.alloc(4 * counters, "the attention's split counters")
+        check(driver.cuMemsetD32(self.attn_counters, 0, max(counters, 1)))
         gemm_ws = self.mem.alloc(GEMM_WORKSPACE, "the cuBLASLt workspace")
         self.blas = Blas(gemm_ws, GEMM_WORKSPACE)
         self.gemms = {}
@@ -479,7 +488,8 @@ class CudaSession:
         stream = self.stream
         kernels = self.functions
         for item in launches(self.plan, Step(t, b, width, self.num_blocks, self.sm_count,
-                                             self.max_smem, self.sm90_attention),
+                                             self.max_smem, self.sm90_attention,
+                                             self.fuse_attention_reduce),
                              self._pointers):
             if item[0] == "gemm":
                 _, key, (x, w, y, m, bias, *scales) = item
@@ -498,6 +508,8 @@ class CudaSession:
             return self.kv[layer]
         if name == ATTN_WORKSPACE:
             return self.attn_ws
+        if name == ATTN_COUNTERS:
+            return self.attn_counters
         if name == QGEMM_WORKSPACE:
             return self.qgemm_ws
         if name == W4G_COUNTERS:
