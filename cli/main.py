@@ -75,6 +75,12 @@ def cli() -> None:
                    "128k-vocabulary head is 1 GB in 16 bits), and its error lands on every "
                    "logit, which the accuracy report measures. A tied head gets a quantized "
                    "copy; the embedding table stays 16-bit")
+@click.option("--int4-block-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="--quant int4-awq / int4-rtn: weights share a scale in blocks of this many "
+                   "along K, or of the largest of 128/64/32 below it that divides K. Smaller "
+                   "blocks cost more scale bytes and keep more accuracy; a GGUF file's "
+                   "weights were rounded in blocks of 32 already (docs/quantization.md) "
+                   "[default: 128]")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "fp8"]),
               help="auto: the KV cache in the compute dtype; fp8: E4M3 with a K and a V scale "
@@ -94,7 +100,7 @@ def cli() -> None:
 @_verbose_option
 def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_tokens,
           max_seq_len, kv_block_size, disable_passes, dump_graphs, quant, quant_lm_head,
-          kv_cache_dtype, calib_data, calib_size, eval_data, eval_size,
+          int4_block_size, kv_cache_dtype, calib_data, calib_size, eval_data, eval_size,
           max_ppl_increase) -> None:
     """Build an engine file from a checkpoint."""
     from llmc import backends
@@ -107,7 +113,8 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
     quant = QuantOptions(quant, calib_data=calib_data, calib_size=calib_size,
                          eval_data=eval_data, eval_size=eval_size,
                          max_ppl_increase=max_ppl_increase, kv_cache_dtype=kv_cache_dtype,
-                         lm_head=quant_lm_head)
+                         lm_head=quant_lm_head,
+                         int4_block_size=int(int4_block_size) if int4_block_size else None)
     options = BuildOptions(model=model or default_model(), output=output,
                            backend=backends.pick(backend, _log), dtype=dtype, limits=limits,
                            disable_passes=tuple(disable_passes), dump_graphs=dump_graphs,

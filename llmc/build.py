@@ -134,11 +134,14 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
             if not acc.passed:
                 flags = " ".join([f"--quant {quant.mode}"] * (quant.mode != "none") + [
                     f"--kv-cache-dtype {quant.kv_cache_dtype}"] * bool(kv))
+                blocks = quant.details.get("int4_block_sizes", [])
+                smaller = "--int4-block-size 32, or " if quant.mode in ("int4-awq", "int4-rtn") \
+                    and max(blocks, default=32) > 32 else ""
                 log(f"WARNING: perplexity rose {acc.delta_ppl_pct:.2f}% with "
                     f"{flags}, past the {acc.threshold_pct:g}% threshold: this engine's "
                     "output may be noticeably worse than the unquantized model's; "
-                    f"{BETTER_MODES.get(quant.mode, '')}raise --max-ppl-increase if this "
-                    "is acceptable")
+                    f"{BETTER_MODES.get(quant.mode, '')}{smaller}raise --max-ppl-increase "
+                    "if this is acceptable")
         header = EngineHeader(
             llmc_version=__version__,
             backend=backend.name,

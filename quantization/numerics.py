@@ -21,10 +21,10 @@ FP8_MAX = 448.0          # largest finite E4M3FN value
 INT4_BLOCKS = (128, 64, 32)
 
 
-def int4_block(k: int) -> int | None:
-    """The largest INT4 block that divides K: TensorRT builds whole blocks only (SmolLM2's
-    K = 576 takes 64). None: no block fits, the GEMM stays unquantized."""
-    return next((b for b in INT4_BLOCKS if k % b == 0), None)
+def int4_block(k: int, largest: int = INT4_BLOCKS[0]) -> int | None:
+    """The largest INT4 block, up to ``largest``, that divides K: TensorRT builds whole blocks
+    only (SmolLM2's K = 576 takes 64). None: no block fits, the GEMM stays unquantized."""
+    return next((b for b in INT4_BLOCKS if b <= largest and k % b == 0), None)
 
 
 def _scale(amax: np.ndarray, top: float, dtype: str) -> np.ndarray:

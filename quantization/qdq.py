@@ -163,15 +163,17 @@ class GivenInt4:
 
 
 def int4_pass(awq: dict[str, np.ndarray] | None = None,
-              given: dict[str, GivenInt4] | None = None, with_lm_head: bool = False) -> Pass:
+              given: dict[str, GivenInt4] | None = None, with_lm_head: bool = False,
+              largest_block: int = numerics.INT4_BLOCKS[0]) -> Pass:
     """RTN, or AWQ when ``awq`` maps each weight to its calibration rows of x [M, K]; a
-    weight in ``given`` takes those values and scales as they are."""
+    weight in ``given`` takes those values and scales as they are; the others take the
+    largest block up to ``largest_block`` that divides their K (numerics.int4_block)."""
     given = given or {}
 
     def match(g: Graph, node: NodeProto) -> Site | None:
         site = match_site(g, node, with_lm_head)
         if site is None or (site.weight not in given and numerics.int4_block(
-                g.weights[site.weight].shape[0]) is None):
+                g.weights[site.weight].shape[0], largest_block) is None):
             return None
         return site
 
@@ -180,7 +182,7 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None,
         rows = awq.get(site.weight) if awq is not None else None
         have = given.get(site.weight)
         (k, n) = w.shape
-        block = k // have.scale.shape[0] if have else numerics.int4_block(k)
+        block = k // have.scale.shape[0] if have else numerics.int4_block(k, largest_block)
 
         def compute():
             if have is not None:

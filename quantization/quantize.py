@@ -23,7 +23,7 @@ from llmc.errors import LlmcError
 from llmc.graph import Weight, save_onnx
 from llmc.header import QuantInfo
 from llmc.quantization.kv import KV_DTYPES
-from llmc.quantization.numerics import FP8_MAX
+from llmc.quantization.numerics import FP8_MAX, INT4_BLOCKS
 from llmc.quantization.prequantized import Prequantized
 
 # auto: a pre-quantized checkpoint's own format, else none; int4-gptq: a GPTQ checkpoint's own
@@ -42,6 +42,7 @@ class QuantOptions:
     max_ppl_increase: float = 5.0      # percent; a build past it warns
     kv_cache_dtype: str = "auto"       # auto: the compute dtype; fp8: E4M3, scales per layer
     lm_head: bool = False              # quantize the LM head too (a tied one: a copy of it)
+    int4_block_size: int | None = None  # INT4 blocks: the largest up to it that divides K
     # Off only for speed benchmarks on random weights, where perplexity means nothing and
     # running an 8B graph twice on onnxruntime would dominate the build (no CLI flag).
     measure: bool = True
@@ -53,6 +54,10 @@ class QuantOptions:
         own = prequantized is not None and prequantized.mode == self.mode
         return self.measure or self.kv_cache_dtype == "fp8" or (
             self.mode in ("fp8", "int4-awq") and not own)
+
+    @property
+    def largest_int4_block(self) -> int:
+        return self.int4_block_size or INT4_BLOCKS[0]
 
     @property
     def quantizes(self) -> bool:
@@ -94,6 +99,13 @@ class QuantOptions:
             raise LlmcError(f"--quant-lm-head: the model is a {prequantized.describe()}, "
                             "whose scales do not cover the LM head's input; build it without "
                             "--quant-lm-head, or requantize it with --quant int4-awq")
+        own = prequantized is not None and prequantized.mode == out.mode
+        if self.int4_block_size is not None and (out.mode not in ("int4-awq", "int4-rtn") or
+                                                 own):
+            what = f"the {prequantized.describe()}'s own weights" if own else \
+                f"--quant {out.mode}"
+            raise LlmcError(f"--int4-block-size sets the blocks of the INT4 weights llmc "
+                            f"quantizes (--quant int4-awq or int4-rtn), not of {what}: drop it")
         return out
 
     def validate(self) -> "QuantOptions":
@@ -102,6 +114,9 @@ class QuantOptions:
         if self.kv_cache_dtype not in KV_DTYPES:
             raise LlmcError(f"unknown --kv-cache-dtype {self.kv_cache_dtype!r}; choose one of "
                             f"{', '.join(KV_DTYPES)}")
+        if self.int4_block_size not in (None, *INT4_BLOCKS):
+            raise LlmcError(f"--int4-block-size {self.int4_block_size}: choose one of "
+                            f"{', '.join(map(str, sorted(INT4_BLOCKS)))}")
         if self.calib_size < 16 or self.eval_size < 16:
             raise LlmcError("--calib-size and --eval-size must be at least 16 tokens")
         if not self.max_ppl_increase >= 0:
@@ -155,12 +170,13 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     sites = qdq.sites(model, weights, head)
     gemm_inputs = {}
     if opts.mode == "int4-rtn":
-        p = qdq.int4_pass(with_lm_head=head)
+        p = qdq.int4_pass(with_lm_head=head, largest_block=opts.largest_int4_block)
     elif opts.mode in ("int4-awq", "int4-gptq") and prequantized is not None and \
             prequantized.mode == opts.mode:
         given = _checkpoint_int4(sites, prequantized)
         details["scales"] = f"from the {prequantized.describe()}"
-        p = qdq.int4_pass(given=given, with_lm_head=head)   # a head not given: RTN
+        p = qdq.int4_pass(given=given, with_lm_head=head,   # a head not given: RTN
+                          largest_block=opts.largest_int4_block)
     elif opts.mode == "fp8" and prequantized is not None and prequantized.mode == "fp8":
         amax, scales = _checkpoint_scales(sites, prequantized)
         details["scales"] = f"from the {prequantized.describe()}"
@@ -182,8 +198,9 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         log(f"calibrated {what} on {calib.tokens} tokens of {calib_name}")
         details["calibration"] = f"{calib.tokens} tokens of {calib_name}"
     if gemm_inputs:
-        p = qdq.int4_pass(calib.rows, with_lm_head=head) if opts.mode == "int4-awq" else \
-            qdq.fp8_pass(calib.amax, with_lm_head=head)
+        p = qdq.int4_pass(calib.rows, with_lm_head=head,
+                          largest_block=opts.largest_int4_block) if opts.mode == "int4-awq" \
+            else qdq.fp8_pass(calib.amax, with_lm_head=head)
     qmodel, qweights, gemms = model, weights, 0
     if p is not None:
         qmodel, qweights, report = qdq.quantize_graph(model, weights, p)

@@ -16,6 +16,12 @@ def test_int4_block_is_the_largest_that_divides_k(k, block):
     assert nq.int4_block(k) == block
 
 
+@pytest.mark.parametrize("k, largest, block", [(1536, 32, 32), (1536, 64, 64), (576, 128, 64),
+                                               (96, 64, 32), (100, 32, None)])
+def test_int4_block_up_to_a_largest(k, largest, block):
+    assert nq.int4_block(k, largest) == block
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_int4_round_to_nearest_is_within_half_a_step(dtype):
     w = np.random.default_rng(0).standard_normal((128, 24)).astype(np.float32)
