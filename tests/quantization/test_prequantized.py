@@ -357,6 +357,23 @@ def test_gptq_act_order_is_refused_as_int4_and_builds_requantized(tiny_models_d6
     assert header.quant.mode == "int4-rtn" and header.quant.accuracy.passed
 
 
+def test_int4_block_size_is_refused_for_a_checkpoints_own_int4(tiny_models_d64, tmp_path,
+                                                                words):
+    """A GPTQ checkpoint's own INT4 keeps its own groups: --int4-block-size is one error;
+    requantized (--quant int4-rtn) it applies."""
+    src = gptq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "gptq", 64)
+    opts = dict(backend="reference", dtype="fp32", limits=LIMITS)
+    with pytest.raises(LlmcError, match="not of the .*own weights: drop it"):
+        build(BuildOptions(src, tmp_path / "a.engine", **opts,
+                           quant=QuantOptions("auto", eval_data=words, int4_block_size=32)),
+              log=lambda _: None)
+    assert not (tmp_path / "a.engine").exists()
+    header = build(BuildOptions(src, tmp_path / "b.engine", **opts,
+                                quant=QuantOptions("int4-rtn", eval_data=words,
+                                                   int4_block_size=32)), log=lambda _: None)
+    assert header.quant.details["int4_block_sizes"] == [32]
+
+
 def test_int4_gptq_needs_a_gptq_checkpoint(tiny_models_d64, tmp_path, words):
     with pytest.raises(LlmcError, match="--quant int4-gptq builds a GPTQ checkpoint's own .* "
                                         "an unquantized checkpoint"):
