@@ -78,9 +78,9 @@ def cli() -> None:
 @click.option("--int4-block-size", type=click.Choice(["32", "64", "128"]), default=None,
               help="--quant int4-awq / int4-rtn: weights share a scale in blocks of this many "
                    "along K, or of the largest of 128/64/32 below it that divides K. Smaller "
-                   "blocks cost more scale bytes and keep more accuracy; a GGUF file's "
-                   "weights were rounded in blocks of 32 already (docs/quantization.md) "
-                   "[default: 128]")
+                   "blocks cost more scale bytes and keep more accuracy; a quantized GGUF "
+                   "file's weights were rounded in blocks of 32 already "
+                   "(docs/quantization.md) [default: 128]")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "fp8"]),
               help="auto: the KV cache in the compute dtype; fp8: E4M3 with a K and a V scale "
