@@ -255,7 +255,7 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
                     contract.CONTEXT_LENS: P(ins[2]), contract.BLOCK_TABLES: P(ins[3]),
                     "cache": P(contract.kv_cache_input(a["layer"])), "out": P(outs[0]),
                     "ws_o": DevPtr(ws), "ws_lse": DevPtr(ws + lse),
-                    "arrived": DevPtr(ptr(ATTN_COUNTERS))}
+                    "arrived": DevPtr(ptr(ATTN_COUNTERS) if att.counters else 0)}
             for launch, args in ap.attention_launches(att, dims, a["scale"], ptrs,
                                                       a.get("kv_scale")):
                 yield "kernel", launch, args

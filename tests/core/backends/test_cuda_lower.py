@@ -269,6 +269,29 @@ def test_qk_norm_folds_into_rope_cache(tiny_models_d64, tmp_path):
     assert len(norms) == 2 * layers + 1 and all(o.attrs["n"] == 256 for o in norms)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_split_decode_combines_in_the_decode_kernel(tiny_models_d64, tmp_path, fuse):
+    """A decode step that splits its contexts launches no attn_reduce: each decode launch
+    takes the session's split counters, and its last CTA combines. With Step.fuse_reduce off
+    (bench/e2e.py --attn-reduce) attn_reduce follows each decode launch, whose counters
+    argument is then null (a non-null one would make the kernel combine as well)."""
+    from llmc.backends.cuda.program import ATTN_COUNTERS, Step, launches
+
+    folder, model = tiny_models_d64["llama-gqa"]
+    plan = lower(_fused(folder, tmp_path / "fused"), LIMITS, "sm_90a")
+    layers = model.config.num_hidden_layers
+    counters = 0xC000
+    step = Step(1, 1, 8, 65, sm_count=132, max_smem=227 * 1024, fuse_reduce=fuse)
+    kernels = [(ln, args) for kind, ln, args in launches(
+        plan, step, lambda name: counters if name == ATTN_COUNTERS else 1 << 20)
+        if kind == "kernel"]
+    decode = [(ln, args) for ln, args in kernels if ln.kernel.startswith("attn_decode")]
+    reduce = [ln for ln, _ in kernels if ln.kernel.startswith("attn_reduce")]
+    assert len(decode) == layers and all(ln.grid[2] > 1 for ln, _ in decode)   # splits
+    assert [args[-1] for _, args in decode] == [counters if fuse else 0] * layers
+    assert len(reduce) == (0 if fuse else layers)
+
+
 def test_qk_norm_on_one_side_only_is_refused(tiny_models_d64, tmp_path):
     """The kernel norms q and k together: a graph with k's norm taken out is one clear error
     (not a kernel that norms k anyway)."""
