@@ -57,14 +57,6 @@ SWEEP4G = [(8, 4, 3, 2, 2), (4, 4, 3, 2, 4), (4, 8, 3, 2, 3), (16, 4, 3, 1, 1), 
            (8, 4, 4, 2, 2), (8, 4, 3, 1, 2)]
 SWEEP4G_AIM = (16, 32, 64)   # warps an SM the K splits aim for (launch_rules.W4G_AIM)
 SWEEP_DQ = (1, 2, 8)          # words a dequant_int4 thread (launch_rules.DQ_WORDS)
-# --sweep prefetch: (warps splitting K, chunks in flight a warp, CTAs an SM, the CTA's tile
-# prefetched into L2 first) of the skinny GEMMs, by x tiles (NT); the first of each: shipped
-SWEEP_PF4 = {1: [(8, 1, 3, 0), (8, 1, 3, 1), (8, 1, 2, 1), (8, 2, 2, 1), (4, 1, 6, 1),
-                 (4, 2, 4, 1), (16, 1, 1, 1)],
-             2: [(8, 1, 2, 0), (8, 1, 2, 1), (8, 2, 2, 1), (4, 1, 4, 1), (16, 1, 1, 1)]}
-SWEEP_PF8 = {1: [(8, 2, 2, 0), (8, 2, 2, 1), (8, 1, 2, 1), (8, 1, 3, 1), (4, 2, 4, 1),
-                 (16, 2, 1, 1)],
-             2: [(8, 2, 2, 0), (8, 2, 2, 1), (8, 1, 2, 1), (4, 2, 4, 1), (16, 2, 1, 1)]}
 
 
 def sweep_functions(arch: str) -> Functions:
@@ -76,18 +68,6 @@ def sweep_functions(arch: str) -> Functions:
            f"{mb})\n" for nt in (1, 2) for sk, d, mb in SWEEP8]
         + [f"W4G_ENTRY(w4g_sweep_{'_'.join(map(str, v))}, BF16, {', '.join(map(str, v))}, 0, "
            "false)\n" for v in SWEEP4G]
-        + [f'extern "C" __global__ void __launch_bounds__({32 * sk}, {mb}) '
-           f"w4pf_nt{nt}_a{a}_{sk}_{d}_{mb}_{pf}(const u16* x, const u8* w, const u16* s, "
-           "const u16* p, const void* b, int m, int n, int k, int g, void* y) { "
-           f"w4_gemv<BF16, {nt}, {sk}, {d}, {a}, true, false, false, {pf}>(x, w, s, p, b, m, "
-           "n, k, g, y, nullptr); }\n"
-           for nt, vs in SWEEP_PF4.items() for sk, d, mb, pf in vs for a in (0, 1)]
-        + [f'extern "C" __global__ void __launch_bounds__({32 * sk}, {mb}) '
-           f"w8pf_nt{nt}_a{a}_{sk}_{d}_{mb}_{pf}(const u16* x, const u8* w, const float* sw, "
-           "int sx, const void* b, int m, int n, int k, void* y) { "
-           f"w8_gemv<BF16, {nt}, {sk}, {d}, {a}, false, {pf}>(x, w, sw, __int_as_float(sx), "
-           "b, m, n, k, y); }\n"
-           for nt, vs in SWEEP_PF8.items() for sk, d, mb, pf in vs for a in (0, 1)]
         + [f'extern "C" __global__ void dq_sweep_u{u}(const u8* w, const u16* s, const u16* p, '
            f"int n, int k, int g, u16* out) {{ dequant_int4<BF16, {u}>(w, s, p, n, k, g, out); "
            "}\n" for u in SWEEP_DQ])
@@ -99,12 +79,10 @@ def sweep_functions(arch: str) -> Functions:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="also write the markdown table to this file")
-    ap.add_argument("--sweep", nargs="?", const="all", choices=("all", "dequant", "prefetch"),
-                    help="time the kernels' variants too (dequant: the dequantization's only; "
-                    "prefetch: the decode GEMVs with and without their tiles prefetched)")
+    ap.add_argument("--sweep", nargs="?", const="all", choices=("all", "dequant"),
+                    help="time the kernels' variants too (dequant: the dequantization's only)")
     ap.add_argument("--prefill-only", action="store_true",
                     help="only the 24-256-row GEMMs and the dequantized weight")
-    ap.add_argument("--decode-only", action="store_true", help="only the 1-16-row GEMMs")
     args = ap.parse_args()
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -179,26 +157,6 @@ def main() -> None:
             rows.append((name, f"{k}->{n}", m, t16, (w16_bytes + out_bytes) / t16, t4, b4 / t4,
                          t4r, (b4 - k * 2) / t4r, t4z, b4z / t4z, t8,
                          b8 / t8 if t8 else None))
-            if args.sweep == "prefetch" and m in (1, 8, 16):
-                nt = 1 if m <= 8 else 2
-                grid = (math.ceil(n_out / (8 if act else 16)), 1, 1)
-                a = 1 if act else 0
-                for sk, d, mb, pf in SWEEP_PF4[nt]:
-                    l4 = lr.Launch("qgemv_sweep", f"w4pf_nt{nt}_a{a}_{sk}_{d}_{mb}_{pf}", grid,
-                                   (32 * sk, 1, 1), pdl=True)
-                    s = graph_time([int4(w4[i % len(w4)], ln=l4, fn=sweep, awq=False)
-                                    for i in range(calls)])
-                    sweep_rows.append((name, m, "int4 RTN", sk,
-                                       f"D={d}, {mb} CTAs an SM, prefetch {pf}",
-                                       (b4 - k * 2) / s / DATASHEET_BW))
-                for sk, d, mb, pf in SWEEP_PF8[nt] if fp8 else ():
-                    l8 = lr.Launch("qgemv_sweep", f"w8pf_nt{nt}_a{a}_{sk}_{d}_{mb}_{pf}", grid,
-                                   (32 * sk, 1, 1), pdl=True)
-                    s = graph_time([e4m3(w8[i % len(w8)], ln=l8, fn=sweep)
-                                    for i in range(calls)])
-                    sweep_rows.append((name, m, "fp8", sk,
-                                       f"D={d}, {mb} CTAs an SM, prefetch {pf}",
-                                       b8 / s / DATASHEET_BW))
             if args.sweep == "all" and not act and m in (1, 8, 16):
                 nt = 1 if m <= 8 else 2
                 grid = (math.ceil(n / 16), 1, 1)
@@ -225,10 +183,6 @@ def main() -> None:
                  lr.int4_group_shift(GROUP), DevPtr(ws.data_ptr())]
             return lambda: fn.launch(ln, a, stream())
 
-        if args.decode_only:
-            del w16, w4, w8
-            torch.cuda.empty_cache()
-            continue
         dq_rows.append((name, f"{k}->{n}", lr.DQ_WORDS,
                         graph_time([dq(w4[i % len(w4)]) for i in range(calls)]), bdq))
         for u in SWEEP_DQ if sweep else ():

@@ -137,21 +137,6 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// Start streaming [p, p + bytes) from DRAM into L2 and go on (sm_90+: the bulk copy engine,
-// one instruction for the whole range; elsewhere nothing). A weight-streaming kernel issues it
-// for its CTA's tile before anything else, so the whole tile is in flight at once rather than
-// the few chunks its warps' registers hold, and those loads then hit L2. The copy engine takes
-// 16-byte units: the range shrinks to the whole units inside it (a hint may miss a few bytes,
-// never touch one outside).
-__device__ __forceinline__ void prefetch_l2(const void* p, size_t bytes) {
-#if __CUDA_ARCH__ >= 900
-  const size_t a = ((size_t)p + 15) & ~(size_t)15, e = ((size_t)p + bytes) & ~(size_t)15;
-  if (e > a)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(a), "r"((u32)(e - a))
-                 : "memory");
-#endif
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -231,16 +231,6 @@ __device__ __forceinline__ void w4_chunk(const uint4 (&v)[2], const u32 (&s)[2],
   }
 }
 
-// A skinny GEMM's CTA tile into L2 (prefetch_l2) by its first thread: rows o0 .. o0 + 15 of a
-// [rows, row_bytes] array (ACT: gate rows o0 .. o0 + 7 and their up rows n + o0 ..).
-template <int ACT>
-__device__ __forceinline__ void prefetch_tile(const void* a, size_t row_bytes, int o0, int n) {
-  if (threadIdx.x) return;
-  const size_t bytes = min(ACT ? 8 : 16, n - o0) * row_bytes;
-  prefetch_l2((const u8*)a + o0 * row_bytes, bytes);
-  if (ACT) prefetch_l2((const u8*)a + (size_t)(n + o0) * row_bytes, bytes);
-}
-
 // Any architecture: a CTA is SK warps over 16 weight rows, and a warp's chunks are w, w + SK,
 // ...; D of them are in flight in a register ring that the loop, unrolled by D, indexes
 // statically (no copies, no branches: the loads past the warp's last chunk are predicated
@@ -249,8 +239,7 @@ __device__ __forceinline__ void prefetch_tile(const void* a, size_t row_bytes, i
 // or zero; the chunk that K % 128 leaves runs after the loop, with lane predicates. ZP: the
 // zero points zp [N, K / G] (a byte each) ride in the ring next to the scales. F32: y in fp32
 // (a quantized LM head's logits; a bias is then fp32 too).
-template <typename T, int NT, int SK, int D, int ACT, bool CS, bool ZP, bool F32 = false,
-          bool PF = false>
+template <typename T, int NT, int SK, int D, int ACT, bool CS, bool ZP, bool F32 = false>
 __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
                                         const u16* __restrict__ scale,
                                         const u16* __restrict__ pre,
@@ -263,11 +252,6 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int o0 = blockIdx.x * TILE;
   const int groups = k >> gshift;
-  if constexpr (PF) {
-    prefetch_tile<ACT>(w, k / 2, o0, n);
-    prefetch_tile<ACT>(scale, groups * 2, o0, n);
-    if constexpr (ZP) prefetch_tile<ACT>(zp, groups, o0, n);
-  }
   const int k0 = warp * 128 + 32 * t;  // this lane's first k
   const int sstep = STEP >> gshift;    // scales between a warp's chunks (G divides STEP)
   const int ra = min(o0 + g, n - 1);   // rows past the end re-read the last
@@ -626,7 +610,7 @@ __device__ __forceinline__ void quantize16(const u16* p, bool live, float inv, u
 // The loop is w4_gemv's: a static register ring of D chunks a warp, predicated loads, x rows
 // clamped to m - 1, pointers advanced once every D chunks, a tail chunk (K % 64) after the
 // loop; the two k32 MMAs of a chunk accumulate into two sets of sums, added once at the end.
-template <typename T, int NT, int SK, int D, int ACT, bool F32, bool PF = false>
+template <typename T, int NT, int SK, int D, int ACT, bool F32>
 __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
                                         const float* __restrict__ sw, float sx,
                                         const void* __restrict__ bias, int m, int n, int k,
@@ -637,7 +621,6 @@ __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __r
   constexpr int STEP = SK * 64;  // k between a warp's chunks
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int o0 = blockIdx.x * OUT;
-  if constexpr (PF) prefetch_tile<ACT>(w, k, o0, n);
   const int ra = min(o0 + g, n - 1);
   const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
   const int k0 = warp * 64 + 16 * t;  // this lane's first k
