@@ -62,11 +62,14 @@ def cli() -> None:
 @click.option("--dump-graphs", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="write the graph after every pass stage as DIR/NN-name.onnx")
 @click.option("--quant", default="auto", show_default=True,
-              type=click.Choice(["auto", "none", "fp8", "int4-awq", "int4-rtn", "int4-gptq"]),
+              type=click.Choice(["auto", "none", "fp8", "int4-awq", "int4-rtn", "int4-gptq",
+                                 "int4-gguf"]),
               help="fp8: FP8 weights and activations (calibrated); int4-awq / int4-rtn: INT4 "
                    "weights in blocks, with AWQ's scale search or plain rounding; int4-gptq: "
-                   "a GPTQ checkpoint's own INT4; auto: a pre-quantized checkpoint's own "
-                   "format (ModelOpt FP8 or INT4-AWQ, AutoAWQ, GPTQ), else none. The LM head "
+                   "a GPTQ checkpoint's own INT4; int4-gguf: a GGUF file's own Q4_0 / Q4_1 "
+                   "blocks, its other matrices 16-bit; auto: a pre-quantized checkpoint's own "
+                   "format (ModelOpt FP8 or INT4-AWQ, AutoAWQ, GPTQ), else none (a GGUF file: "
+                   "dequantized). The LM head "
                    "stays unquantized unless --quant-lm-head; the accuracy is measured and "
                    "stored (docs/quantization.md)")
 @click.option("--quant-lm-head", "quant_lm_head", is_flag=True,

@@ -36,7 +36,7 @@ from llmc.version import __version__
 
 # what a warning about a quantized build's accuracy suggests, by mode
 BETTER_MODES = {"int4-rtn": "try --quant int4-awq or fp8, or ", "int4-awq": "try --quant fp8, or ",
-                "int4-gptq": "try --quant fp8, or "}
+                "int4-gptq": "try --quant fp8, or ", "int4-gguf": "try --quant fp8, or "}
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,18 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
     log(f"model: {cfg.architecture}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size} "
         f"({opts.model})")
-    quant_opts = quant_opts.resolve(model.prequantized, log)
+    # a GGUF file's 4-bit blocks are read (all their scales) only for the mode that keeps them
+    prequantized = model.stored_int4() if quant_opts.mode == "int4-gguf" and \
+        model.checkpoint.format == "gguf" else model.prequantized
+    quant_opts = quant_opts.resolve(prequantized, log)
     check_quant(backend, quant_opts)
+    if quant_opts.mode == "int4-gguf" and not backend.int4_minimums and any(
+            not w.integer_zero_points for w in prequantized.int4.values()):
+        raise LlmcError(f"--quant int4-gguf: the model is a {prequantized.describe()}, whose "
+                        f"Q4_1 blocks have a minimum each, which the {backend.name} backend's "
+                        "kernels do not take (integer zero points only); build it with "
+                        "--backend reference or tensorrt-rtx, or requantize it with --quant "
+                        "int4-awq or int4-rtn (--int4-block-size 32)")
     if limits.max_seq_len > cfg.max_position_embeddings:
         log(f"warning: max_seq_len {limits.max_seq_len} exceeds the model's "
             f"max_position_embeddings {cfg.max_position_embeddings}")
@@ -105,7 +115,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
     log(f"fused graph: {len(graph.graph.node)} nodes, {len(weights)} weights")
     # a quantized build also keeps the unquantized graph (calibration, the accuracy report)
     check_space(opts.output.parent, weights_file_size(weights) * (
-        2 if quant_opts.quantizes and quant_opts.keeps_reference(model.prequantized) else 1))
+        2 if quant_opts.quantizes and quant_opts.keeps_reference(prequantized) else 1))
     io = EngineIO(cfg.num_hidden_layers, cfg.vocab_size, compute, cfg.num_key_value_heads,
                   limits.kv_block_size, cfg.head_dim)
 
@@ -116,7 +126,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
             from llmc.quantization.quantize import quantize
 
             quantized = quantize(graph, weights, quant_opts, io, tokenizer.json, Path(tmp),
-                                 log, model.prequantized)
+                                 log, prequantized)
             graph, weights, io = quantized.model, quantized.weights, quantized.io
         every = max(1, len(weights) // 10)
         onnx_path = save_onnx(graph, weights, Path(tmp), progress=progress or (lambda k, n: (

@@ -8,7 +8,7 @@ the parsed config, tensors under HF names, the tokenizer.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +30,7 @@ from llmc.model_zoo import (
     qwen3_moe,
 )
 from llmc.model_zoo.family import Family, GGUFArch
-from llmc.quantization.prequantized import Prequantized, read_prequantized
+from llmc.quantization.prequantized import Prequantized, gguf_int4, read_prequantized
 
 # Every family llmc builds; adding one is a file in model_zoo/ and a line here.
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, phi3.FAMILY, qwen3.FAMILY,
@@ -78,6 +78,13 @@ class Model(NamedTensors):
     readers: dict[str, Callable[[], np.ndarray]]
     checkpoint: Checkpoint
     prequantized: Prequantized | None = None   # a pre-quantized checkpoint's scales
+    # a GGUF file's matrices in 4-bit blocks, by HF name (their codes, scales, minimums)
+    int4_blocks: dict[str, Callable[[], tuple]] = field(default_factory=dict)
+    fix: Callable[[str, np.ndarray], np.ndarray] = lambda name, a: a
+
+    def stored_int4(self) -> Prequantized:
+        """The file's own 4-bit blocks as INT4 weights (--quant int4-gguf), read now."""
+        return gguf_int4(self.int4_blocks, self.source, self.fix)
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.checkpoint.tokenizer_json(), self.checkpoint.chat_template,
@@ -135,7 +142,9 @@ def load_model(path: str | os.PathLike) -> Model:
         return lambda: arch.fix(name, ckpt.tensor(gguf_name), config)
 
     readers = {n: reader(n, g) for n, g in hf_names.items()}
-    return Model(ckpt.source, family, config, family.tensors(readers, config), ckpt)
+    blocks = {n: ckpt.int4_blocks[g] for n, g in hf_names.items() if g in ckpt.int4_blocks}
+    return Model(ckpt.source, family, config, family.tensors(readers, config), ckpt,
+                 int4_blocks=blocks, fix=lambda name, a: arch.fix(name, a, config))
 
 
 def hf_name(table: dict[str, str], gguf_name: str) -> str | None:

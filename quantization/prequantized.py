@@ -48,6 +48,11 @@ The model reads each weight dequantized (so every family and every --quant works
 pre_quant_scale is folded into its weight), and the quantized form is kept: `--quant auto`
 builds the checkpoint's own format from it instead of calibrating, which gives back the
 checkpoint's FP8 or INT4 values.
+
+A GGUF file's matrices in llama.cpp's 4-bit blocks of 32 (Q4_0: x = (u - 8) d; Q4_1: x =
+u d + m) are INT4 weights of the same kind: codes u - 8 with the scales d, and for Q4_1 the
+offset m + 8 d a block (gguf_int4). They are kept only when asked (`--quant int4-gguf`):
+`auto` builds a GGUF file from its dequantized weights, as before.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class Int4Weight:
     pre_quant_scale: np.ndarray | None  # float32 [in]: the GEMM reads x * it
     in_features: int
     offset: np.ndarray | None = None    # float32 [out, in / block]: W = q * scale + offset
+    integer_zero_points: bool = True    # offset = (8 - z) scale, z an integer (qdq.GivenInt4)
 
     @property
     def block(self) -> int:
@@ -325,3 +331,24 @@ def _int4_dequantized(w: Int4Weight):
 
 def _dequantized(read: Callable[[], np.ndarray], scale: np.ndarray):
     return lambda: read().astype(np.float32) * scale[:, None]
+
+
+def gguf_int4(blocks: dict[str, Callable[[], tuple]], source: Any,
+              fix: Callable[[str, np.ndarray], np.ndarray]) -> Prequantized:
+    """The INT4 weights of a GGUF file's Q4_0 / Q4_1 matrices (``blocks``: HF name -> the
+    reader of its codes, scales and minimums, llmc.checkpoint.gguf), each passed through
+    ``fix`` (the family's row permutation of the file's layout, the same for every part)."""
+    if not blocks:
+        raise LlmcError(f"--quant int4-gguf keeps a GGUF file's own 4-bit blocks (Q4_0, "
+                        f"Q4_1), and {source} has none: use --quant int4-awq or int4-rtn")
+    int4, kinds = {}, set()
+    for name, read in blocks.items():
+        u, d, m = read()
+        kinds.add("Q4_1" if m is not None else "Q4_0")
+
+        def codes(name=name, read=read) -> np.ndarray:
+            return fix(name, read()[0].astype(np.int8) - 8)
+
+        int4[name] = Int4Weight(codes, fix(name, d), None, u.shape[1],
+                                None if m is None else fix(name, m + 8 * d), m is None)
+    return Prequantized("int4-gguf", f"GGUF {'/'.join(sorted(kinds))}", {}, {}, int4)

@@ -160,20 +160,25 @@ class GivenInt4:
     scale: np.ndarray                   # float32 [K / block, N]
     pre_scale: np.ndarray | None        # [K]: the GEMM reads x * it (AWQ's 1 / s)
     offset: np.ndarray | None = None    # float32 [K / block, N]: W = q * scale + offset
+    # offset = (8 - z) scale for integer zero points z (AutoAWQ, GPTQ), or any value (a GGUF
+    # Q4_1 block's minimum): the graph names the two GEMMs apart for the backends
+    integer_zero_points: bool = True
 
 
 def int4_pass(awq: dict[str, np.ndarray] | None = None,
               given: dict[str, GivenInt4] | None = None, with_lm_head: bool = False,
-              largest_block: int = numerics.INT4_BLOCKS[0]) -> Pass:
+              largest_block: int = numerics.INT4_BLOCKS[0], only_given: bool = False) -> Pass:
     """RTN, or AWQ when ``awq`` maps each weight to its calibration rows of x [M, K]; a
-    weight in ``given`` takes those values and scales as they are; the others take the
-    largest block up to ``largest_block`` that divides their K (numerics.int4_block)."""
+    weight in ``given`` takes those values and scales as they are; the others (with
+    ``only_given``, the LM head alone) take the largest block up to ``largest_block`` that
+    divides their K (numerics.int4_block)."""
     given = given or {}
 
     def match(g: Graph, node: NodeProto) -> Site | None:
         site = match_site(g, node, with_lm_head)
-        if site is None or (site.weight not in given and numerics.int4_block(
-                g.weights[site.weight].shape[0], largest_block) is None):
+        if site is None or (site.weight not in given and (
+                (only_given and node is not lm_head(g)) or numerics.int4_block(
+                    g.weights[site.weight].shape[0], largest_block) is None)):
             return None
         return site
 
@@ -232,10 +237,12 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None,
         g.remove([site.node])
         xs = g.add("MatMul", [x, sums], 1, name="Int4BlockSums").output[0]
         y0 = g.add("MatMul", [x, dq], 1, name=site.node.name).output[0]
-        y1 = g.add("MatMul", [xs, offset], 1, name="Int4ZeroPoints").output[0]
+        y1 = g.add("MatMul", [xs, offset], 1, name="Int4ZeroPoints" if
+                   have.integer_zero_points else "Int4Minimums").output[0]
         g.add("Add", [y0, y1], list(site.node.output), name="Int4ZeroPointAdd")
 
-    return Pass("int4-awq" if awq is not None else "int4-rtn", "MatMul", match, replace)
+    return Pass("int4-awq" if awq is not None else "int4-gguf" if only_given else "int4-rtn",
+                "MatMul", match, replace)
 
 
 # --- FP8 W8A8 -------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ from llmc.quantization.numerics import FP8_MAX, INT4_BLOCKS
 from llmc.quantization.prequantized import Prequantized
 
 # auto: a pre-quantized checkpoint's own format, else none; int4-gptq: a GPTQ checkpoint's own
-# INT4 (llmc does not run GPTQ's calibration)
-MODES = ("auto", "none", "fp8", "int4-awq", "int4-rtn", "int4-gptq")
+# INT4 (llmc does not run GPTQ's calibration); int4-gguf: a GGUF file's own 4-bit blocks
+MODES = ("auto", "none", "fp8", "int4-awq", "int4-rtn", "int4-gptq", "int4-gguf")
+KEPT_INT4 = ("int4-awq", "int4-gptq", "int4-gguf")   # modes a checkpoint's own INT4 may be
 AWQ_ROWS = 128      # calibration rows a GEMM keeps for AWQ's search (its cost grows with them)
 
 
@@ -67,6 +68,10 @@ class QuantOptions:
     def resolve(self, prequantized: Prequantized | None,
                 log: Callable[[str], None]) -> "QuantOptions":
         """``auto`` made concrete for this checkpoint."""
+        if self.mode == "int4-gguf" and (prequantized is None or
+                                         prequantized.mode != "int4-gguf"):
+            raise LlmcError("--quant int4-gguf keeps a GGUF file's own 4-bit blocks, and the "
+                            "model is not a GGUF file: use --quant int4-awq or int4-rtn")
         if self.mode == "int4-gptq" and (prequantized is None or
                                          prequantized.mode != "int4-gptq"):
             what = prequantized.describe() if prequantized else "an unquantized checkpoint"
@@ -171,11 +176,13 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     gemm_inputs = {}
     if opts.mode == "int4-rtn":
         p = qdq.int4_pass(with_lm_head=head, largest_block=opts.largest_int4_block)
-    elif opts.mode in ("int4-awq", "int4-gptq") and prequantized is not None and \
+    elif opts.mode in KEPT_INT4 and prequantized is not None and \
             prequantized.mode == opts.mode:
-        given = _checkpoint_int4(sites, prequantized)
+        given = _checkpoint_int4(sites, prequantized, {w.name: w.shape for w in weights})
         details["scales"] = f"from the {prequantized.describe()}"
-        p = qdq.int4_pass(given=given, with_lm_head=head,   # a head not given: RTN
+        # a GEMM not given: RTN, except in a GGUF file, whose other matrices (Q6_K, Q8_0,
+        # fp16) were stored above 4 bits on purpose and stay 16-bit
+        p = qdq.int4_pass(given=given, with_lm_head=head, only_given=opts.mode == "int4-gguf",
                           largest_block=opts.largest_int4_block)
     elif opts.mode == "fp8" and prequantized is not None and prequantized.mode == "fp8":
         amax, scales = _checkpoint_scales(sites, prequantized)
@@ -276,11 +283,11 @@ def _checkpoint_kv_scales(sites, prequantized: Prequantized | None
     return [(have[s.layer][0] * FP8_MAX, have[s.layer][1] * FP8_MAX) for s in sites]
 
 
-def _checkpoint_int4(sites, pre: Prequantized) -> dict:
+def _checkpoint_int4(sites, pre: Prequantized, shapes: dict[str, tuple]) -> dict:
     """A pre-quantized checkpoint's INT4 weights under the fused graph's names, in its
-    [in, out] layout: a fused GEMM's parts side by side, when they share one block size and
+    [in, out] layout: a fused GEMM's parts side by side, when they share one block size,
     none has its own input scale (ModelOpt folds q/k/v's and gate/up's into the norm
-    before). Any other GEMM is left out, and is quantized from its dequantized weight."""
+    before) and they make the graph's [in, out] ``shapes``. Any other GEMM is left out."""
     import numpy as np
 
     from llmc.dtypes import np_dtype
@@ -291,7 +298,9 @@ def _checkpoint_int4(sites, pre: Prequantized) -> dict:
     for site in sites:
         parts = [pre.int4.get(p) for p in fused_parts(site.weight)]
         if any(p is None for p in parts) or len({p.block for p in parts}) != 1 or (
-                len(parts) > 1 and any(p.pre_quant_scale is not None for p in parts)):
+                len(parts) > 1 and any(p.pre_quant_scale is not None for p in parts)) or \
+                tuple(shapes[site.weight]) != (parts[0].in_features,
+                                               sum(p.scale.shape[0] for p in parts)):
             continue
 
         def values(parts=parts) -> np.ndarray:
@@ -303,5 +312,5 @@ def _checkpoint_int4(sites, pre: Prequantized) -> dict:
                             for p in parts]).T)
         given[site.weight] = GivenInt4(
             values, np.ascontiguousarray(np.concatenate([p.scale for p in parts]).T),
-            parts[0].pre_quant_scale, offset)
+            parts[0].pre_quant_scale, offset, all(p.integer_zero_points for p in parts))
     return given

@@ -37,6 +37,7 @@ GRAPH, WEIGHTS = "model.onnx", "weights.bin"
 
 class ReferenceBackend:
     name = "reference"
+    int4_minimums = True   # the offsets are plain GEMMs
 
     def available(self) -> tuple[bool, str]:
         return True, ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,6 +57,9 @@ class Checkpoint(NamedTensors):
     readers: dict[str, Callable[[], np.ndarray]]
     tokenizer_json: Callable[[], str]
     chat_template: str | None
+    # matrices stored in 4-bit blocks (GGUF Q4_0 / Q4_1), by file name: their codes, scales
+    # and minimums as stored (gguf.GGUFFile.int4_blocks)
+    int4_blocks: dict[str, Callable[[], tuple]] = field(default_factory=dict)
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Each tensor is dequantized to float32 (through the ``gguf`` package) only when asked for,
 under its llama.cpp name; model_zoo's family tables say which HF tensor it stands for.
-The tokenizer JSON comes from transformers' GGUF tokenizer converter.
+Tensors in 4-bit blocks of 32 (Q4_0, Q4_1) can also be read as they are stored, codes and
+per-block scales (and minimums), for an INT4 engine that keeps the file's own numbers
+(``--quant int4-gguf``). The tokenizer JSON comes from transformers' GGUF tokenizer converter.
 """
 
 from __future__ import annotations
@@ -23,9 +25,18 @@ def open_gguf(path: Path) -> Checkpoint:
     except (ValueError, KeyError, struct.error, UnicodeDecodeError) as e:
         raise LlmcError(f"{path} is not a readable GGUF file ({e})") from None
     readers = {name: (lambda n=name: reader.dequantize(n)) for name in reader.tensors}
+    blocks = {name: (lambda n=name: reader.int4_blocks(n)) for name, t in reader.tensors.items()
+              if t[1].name in INT4_TYPES and len(t[0]) == 2}
     return Checkpoint(path, "gguf", {}, reader.fields, readers,
                       lambda: _tokenizer_json(path, reader),
-                      reader.get("tokenizer.chat_template"))
+                      reader.get("tokenizer.chat_template"), int4_blocks=blocks)
+
+
+# llama.cpp's 4-bit blocks of 32 along a row (ggml-common.h): an fp16 scale d (Q4_1: then an
+# fp16 minimum m) and 16 bytes whose low nibbles are the block's values 0..15 and high nibbles
+# 16..31. Q4_0: x = (u - 8) d; Q4_1: x = u d + m.
+INT4_TYPES = ("Q4_0", "Q4_1")
+INT4_BLOCK = 32
 
 
 class GGUFFile:
@@ -127,6 +138,18 @@ class GGUFFile:
         except (NotImplementedError, ValueError) as e:   # a type gguf cannot dequantize
             raise LlmcError(f"{self.path}: tensor {name} of type {qtype.name} cannot be "
                             f"read ({e})") from None
+
+
+    def int4_blocks(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """A Q4_0 or Q4_1 matrix [rows, cols] as stored: the codes u (uint8 0..15, [rows,
+        cols]), the scales d and, for Q4_1, the minimums m (float32 [rows, cols / 32])."""
+        (rows, cols), qtype, start, row_bytes = self.tensors[name]
+        head = 2 * (1 + INT4_TYPES.index(qtype.name))           # d, or d and m
+        raw = self._map[start:start + rows * row_bytes].reshape(rows, cols // INT4_BLOCK, -1)
+        halves = np.ascontiguousarray(raw[..., :head]).view(np.float16).astype(np.float32)
+        qs = raw[..., head:]
+        codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, cols)
+        return codes, halves[..., 0], halves[..., 1] if head == 4 else None
 
 
 def _tokenizer_json(path: Path, reader: GGUFFile) -> str:

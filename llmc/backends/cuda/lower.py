@@ -468,6 +468,9 @@ class Lowering:
             else None
         if sums is None or sums.op_type != "MatMul" or sums.input[0] != node.input[0]:
             return None
+        if zp.name.startswith("Int4Minimums"):
+            raise UnsupportedGraph(f"{node.name!r}: the cuda kernels take integer INT4 zero "
+                                   "points, not a minimum a block (GGUF Q4_1)")
         e, offsets = g.weight(sums.input[1]), g.weight(zp.input[1])
         if e is None or offsets is None or list(e.dims) != [k, k // block] or \
                 list(offsets.dims) != [k // block, n] or \

@@ -249,6 +249,20 @@ def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_pat
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
 @pytest.mark.parametrize("mode", ["int4-awq", "int4-rtn"])
+def test_int4_blocks_of_32_engine_matches_the_reference_backend(tiny_models_d64, tmp_path,
+                                                               words, mode):
+    """--int4-block-size 32: every GEMM in blocks of 32 (the kernels without chunk scales,
+    each pair scaled as it is dequantized), against the reference backend's engine."""
+    folder, model = tiny_models_d64["llama-gqa"]
+    header = _build(folder, tmp_path / "c.engine", mode, words, arch=None, int4_block_size=32)
+    assert header.quant.details["int4_block_sizes"] == [32]
+    _build(folder, tmp_path / "r.engine", mode, words, backend="reference", int4_block_size=32)
+    _compare_engines(tmp_path, model, f"{mode} blocks of 32", TOLERANCE[mode], True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+@pytest.mark.parametrize("mode", ["int4-awq", "int4-rtn"])
 def test_int4_steps_past_the_small_m_gemm_dequantize_for_cublaslt(tiny_models_d64, tmp_path,
                                                                    words, mode, monkeypatch):
     """With the small-M GEMM's limit lowered to the GEMV's, every prefill step of more than 16

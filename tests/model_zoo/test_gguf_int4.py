@@ -1,0 +1,200 @@
+"""--quant int4-gguf: a GGUF file's own 4-bit blocks (Q4_0, Q4_1) kept as the engine's INT4
+weights, read as llama.cpp stores them and checked against the gguf package's own
+dequantization."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+from gguf_files import common_meta, permute_qk
+
+from llmc.build import BuildOptions, build
+from llmc.checkpoint import open_checkpoint
+from llmc.checkpoint.gguf import GGUFFile
+from llmc.errors import LlmcError
+from llmc.limits import BuildLimits
+from llmc.model_zoo import load_model
+from llmc.model_zoo.llama import GGUF_NAMES
+from llmc.quantization.quantize import QuantOptions
+
+Q4_0, Q4_1, F32 = (gguf.GGMLQuantizationType[t] for t in ("Q4_0", "Q4_1", "F32"))
+
+
+def _q4(t: np.ndarray, qtype) -> np.ndarray:
+    return gguf.quants.quantize(np.ascontiguousarray(t, np.float32), qtype)
+
+
+def test_q4_blocks_read_as_stored(tmp_path):
+    """Codes, scales and minimums as stored give back the gguf package's dequantization,
+    bit for bit; 1-D and other types are not offered as blocks."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "q.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    mats = {"a": (rng.standard_normal((48, 96)) * 0.1, Q4_0),
+            "b": (rng.standard_normal((40, 64)) + 0.3, Q4_1), "c": (rng.random((8, 32)), F32)}
+    for name, (t, qtype) in mats.items():
+        w.add_tensor(name, _q4(t, qtype) if qtype != F32 else t.astype(np.float32),
+                     raw_dtype=qtype if qtype != F32 else None)
+    w.add_tensor("norm", np.ones(32, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = GGUFFile(path)
+    assert sorted(open_checkpoint(path).int4_blocks) == ["a", "b"]
+    for name in ("a", "b"):
+        u, d, m = reader.int4_blocks(name)
+        rows, cols = u.shape
+        assert u.dtype == np.uint8 and u.max() <= 15 and d.shape == (rows, cols // 32)
+        blocks = u.reshape(rows, -1, 32).astype(np.float32)
+        x = (blocks - 8) * d[..., None] if m is None else blocks * d[..., None] + m[..., None]
+        assert (m is None) == (name == "a")
+        np.testing.assert_array_equal(x.reshape(rows, cols), reader.dequantize(name))
+
+
+def _write_tiny_gguf(path, model, types: dict[str, object]) -> None:
+    """The tiny llama as llama.cpp writes it (Q/K rows permuted), each GEMM weight stored as
+    `types` says by its HF name's ending (Q4_0 / Q4_1 / F32), everything else F32; its
+    tokenizer byte-level BPE without merges over 127 symbols, so text is ids < 128."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    cfg = model.config
+    hf_to_gguf = {hf: g for g, hf in GGUF_NAMES.items()}
+    w = gguf.GGUFWriter(path, "llama")
+    common_meta(w, cfg)
+    w.add_tokenizer_model("gpt2")
+    n = cfg.vocab_size - 1   # transformers' converter adds one special token
+    w.add_token_list(sorted(ByteLevel.alphabet())[:n])
+    w.add_token_types([1] * n)
+    w.add_token_scores([0.0] * n)
+    w.add_token_merges([])
+    for name, t in model.state_dict().items():
+        t = t.detach().float().numpy()
+        parts = name.split(".")
+        at = next((k for k, p in enumerate(parts) if p.isdigit()), None)
+        key = ".".join(parts[:at] + ["{i}"] + parts[at + 1:]) if at is not None else name
+        g = hf_to_gguf[key].replace("{i}", parts[at]) if at is not None else hf_to_gguf[key]
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            t = permute_qk(t, heads)
+        qtype = next((q for end, q in types.items() if name.endswith(end)), F32)
+        if qtype == F32:
+            w.add_tensor(g, t)
+        else:
+            w.add_tensor(g, _q4(t, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+TYPES = {"0.self_attn.q_proj.weight": Q4_0, "0.self_attn.k_proj.weight": Q4_0,
+         "0.self_attn.v_proj.weight": Q4_0, "o_proj.weight": Q4_1, "gate_proj.weight": Q4_1,
+         "up_proj.weight": Q4_1, "0.mlp.down_proj.weight": Q4_0,
+         "1.self_attn.q_proj.weight": Q4_1, "1.self_attn.k_proj.weight": Q4_1,
+         "1.self_attn.v_proj.weight": Q4_1}   # layer 1's down_proj stays F32
+
+
+def test_stored_int4_is_the_dequantized_model(tiny_models_d64, tmp_path):
+    """Each kept weight's codes, scales and offsets give exactly what the model reads
+    dequantized (Q and K rows un-permuted alike); F32 weights are not kept."""
+    _, model = tiny_models_d64["llama-gqa"]
+    path = tmp_path / "t.gguf"
+    _write_tiny_gguf(path, model, TYPES)
+    m = load_model(path)
+    pre = m.stored_int4()
+    assert pre.mode == "int4-gguf" and pre.producer == "GGUF Q4_0/Q4_1"
+    assert len(pre.int4) == 13 and "model.layers.1.mlp.down_proj.weight" not in pre.int4
+    for name, w in pre.int4.items():
+        q = w.values().astype(np.float32)                      # [out, in], u - 8
+        assert q.min() >= -8 and q.max() <= 7 and w.block == 32
+        deq = q * np.repeat(w.scale, 32, axis=1)
+        if w.offset is not None:
+            deq += np.repeat(w.offset, 32, axis=1)
+        qtype = next(q for end, q in TYPES.items() if name.endswith(end))
+        assert (w.offset is None) == w.integer_zero_points == (qtype == Q4_0), name
+        np.testing.assert_allclose(deq, m.tensor(name), rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_int4_gguf_needs_a_gguf_with_4bit_blocks(tiny_models_d64, tmp_path):
+    limits = BuildLimits(max_batch_size=2, max_num_tokens=32, max_seq_len=64)
+    folder, model = tiny_models_d64["llama-gqa"]
+    with pytest.raises(LlmcError, match="keeps a GGUF file's own 4-bit blocks, and the model "
+                                        "is not a GGUF file"):
+        build(BuildOptions(folder, tmp_path / "a.engine", limits=limits,
+                           quant=QuantOptions("int4-gguf")), log=lambda _: None)
+    path = tmp_path / "f32.gguf"
+    _write_tiny_gguf(path, model, {})
+    with pytest.raises(LlmcError, match=r"f32.gguf has none: use --quant int4-awq or int4-rtn"):
+        build(BuildOptions(path, tmp_path / "b.engine", limits=limits,
+                           quant=QuantOptions("int4-gguf")), log=lambda _: None)
+    path = tmp_path / "q.gguf"
+    _write_tiny_gguf(path, model, TYPES)
+    with pytest.raises(LlmcError, match="Q4_1 blocks have a minimum each, which the cuda "
+                                        "backend's kernels do not take"):
+        build(BuildOptions(path, tmp_path / "c.engine", backend="cuda", gpu_arch="sm_90a",
+                           dtype="float16", limits=limits, quant=QuantOptions("int4-gguf")),
+              log=lambda _: None)
+    assert not list(tmp_path.glob("*.engine"))
+
+
+@pytest.mark.slow
+def test_int4_gguf_builds_smollm2_as_the_file_has_it(smollm2_path, tmp_path):
+    """The bundled SmolLM2 (Q4_1): an INT4 engine whose weights are the file's codes, which
+    computes what the dequantized fp16 model computes (up to the fp16 rounding of m + 8 d)."""
+    import onnx
+
+    from llmc.dtypes import np_dtype, to_storage
+    from llmc.engine_file import EngineFile
+
+    header = build(BuildOptions(smollm2_path, tmp_path / "g.engine", backend="reference",
+                                dtype="float16", quant=QuantOptions("int4-gguf", eval_size=256)),
+                   log=lambda _: None)
+    q = header.quant
+    assert q.mode == "int4-gguf" and q.gemms == 120 and "GGUF Q4_1" in q.details["scales"]
+    assert q.details["int4_block_sizes"] == [32]
+    assert abs(q.accuracy.delta_ppl_pct) < 0.2 and q.accuracy.top1_agreement >= 0.99
+    engine = EngineFile(tmp_path / "g.engine")
+    graph = onnx.load_from_string(engine.section("model.onnx").tobytes())
+    assert sum(n.name.startswith("Int4Minimums") for n in graph.graph.node) == 120
+    u, _, _ = GGUFFile(smollm2_path).int4_blocks("blk.3.ffn_down.weight")     # [out, in]
+    t = next(t for t in graph.graph.initializer
+             if t.name == "model.layers.3.mlp.down_proj.weight.int4")
+    info = {e.key: int(e.value) for e in t.external_data if e.key != "location"}
+    stored = engine.section("weights.bin")[info["offset"]:info["offset"] + info["length"]]
+    want = np.ascontiguousarray((u.astype(np.int8) - 8).T).astype(np_dtype("int4"))
+    assert stored.tobytes() == to_storage(want)
+
+
+def test_int4_gguf_builds_the_files_blocks(tiny_models_d64, tmp_path, words):
+    """Reference backend, fp32: the Q4_0 and Q4_1 GEMMs keep the file's codes and compute
+    what the dequantized model computes; the F32 one stays unquantized. cuda backend: a
+    Q4_0 file lowers to the symmetric INT4 kernels (no zero points)."""
+    from llmc.backends.cuda.plan import PLAN, Plan
+    from llmc.engine_file import EngineFile
+
+    _, model = tiny_models_d64["llama-gqa"]
+    limits = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128)
+    path = tmp_path / "mixed.gguf"
+    _write_tiny_gguf(path, model, TYPES)
+    header = build(BuildOptions(path, tmp_path / "r.engine", dtype="float32", limits=limits,
+                                quant=QuantOptions("int4-gguf", eval_data=words)),
+                   log=lambda _: None)
+    q = header.quant
+    assert q.mode == "int4-gguf" and q.gemms == 7 and q.details["int4_block_sizes"] == [32]
+    assert q.accuracy.top1_agreement == 1.0 and abs(q.accuracy.delta_ppl_pct) < 1e-3
+    path = tmp_path / "q4_0.gguf"
+    _write_tiny_gguf(path, model, {"proj.weight": Q4_0})
+    header = build(BuildOptions(path, tmp_path / "c.engine", backend="cuda", gpu_arch="sm_90a",
+                                dtype="float16", limits=limits,
+                                quant=QuantOptions("int4-gguf", eval_data=words)),
+                   log=lambda _: None)
+    assert header.quant.gemms == 8 and header.quant.accuracy.passed
+    plan = Plan.from_dict(json.loads(EngineFile(tmp_path / "c.engine").section(PLAN)
+                                     .tobytes()))
+    gemms = [op for op in plan.ops if op.attrs.get("quant") == "int4"]
+    assert len(gemms) == 8 and "qgemv_zp" not in plan.modules and \
+        not any(len(op.inputs) > 5 and op.inputs[5] for op in gemms)
