@@ -89,13 +89,6 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
         model.checkpoint.format == "gguf" else model.prequantized
     quant_opts = quant_opts.resolve(prequantized, log)
     check_quant(backend, quant_opts)
-    if quant_opts.mode == "int4-gguf" and not backend.int4_minimums and any(
-            not w.integer_zero_points for w in prequantized.int4.values()):
-        raise LlmcError(f"--quant int4-gguf: the model is a {prequantized.describe()}, whose "
-                        f"Q4_1 blocks have a minimum each, which the {backend.name} backend's "
-                        "kernels do not take (integer zero points only); build it with "
-                        "--backend reference or tensorrt-rtx, or requantize it with --quant "
-                        "int4-awq or int4-rtn (--int4-block-size 32)")
     if limits.max_seq_len > cfg.max_position_embeddings:
         log(f"warning: max_seq_len {limits.max_seq_len} exceeds the model's "
             f"max_position_embeddings {cfg.max_position_embeddings}")

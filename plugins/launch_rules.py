@@ -147,13 +147,14 @@ def int4_group_shift(group: int) -> int:
 
 def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str | None = None,
                  act: str | None = None, group: int = 0, sm_count: int = 0,
-                 zero_points: bool = False) -> Launch:
+                 zero_points: bool = False, offsets: bool = False) -> Launch:
     """y[m, n] = x[m, k] @ dequant(w)^T for m <= 16 on a packed weight (kernels/qgemv.cu);
     with act, w is the fused [2n, k] gate-up weight and y = act(gate) * up.
     int4 args: (x, w, scale, pre-or-null, bias-or-null, m, n, k, int4_group_shift(group), y),
     the kernel with chunk scales (_cs) when the group is a multiple of 128, y (and the bias)
     in fp32 with out_dtype float32 (_f32, without act); zero_points: the
     w4zp kernel of kernels/qgemv_zp.cu, whose args end with the zero points [N, K / G] (u8);
+    offsets: its w4off kernel, whose args end with the offsets [N, K / G] (dtype; codes u - 8);
     fp8 args: (x, w, x_scale * w_scale f32 [N], float_bits(x_scale), bias-or-null, m, n, k,
     y).
     16 weight rows (8 outputs with act) a CTA of QGEMV_WARPS[quant, M] warps; for INT4 up to 8
@@ -169,22 +170,27 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
         raise ValueError(f"{quant} gemv needs K a multiple of {align}: N={n}, K={k}")
     mb = next(b for b in QGEMV_MS if b >= m)
     tiles = math.ceil(n / (8 if act else 16))
-    if zero_points and quant != "int4":
-        raise ValueError("zero points are INT4's")
+    if (zero_points or offsets) and quant != "int4" or zero_points and offsets:
+        raise ValueError("zero points or offsets are INT4's, and one of them")
     if quant == "int4":
         int4_group_shift(group)
-        cs = group % 128 == 0
-        # (the zero-point kernel without chunk scales does not fit the wide kernel's 80
-        # registers: it would spill)
+        cs = group % 128 == 0 and not offsets   # offsets join each pair's dequantization
+        # (the zero-point or offset kernel without chunk scales does not fit the wide
+        # kernel's 80 registers: it would spill)
         wide = mb == 8 and sm_count and tiles > QGEMV4_WIDE_TILES * sm_count and \
-            (cs or not zero_points)
-        name = f"w4{'zp' if zero_points else ''}_{tag}_m{mb}{'_wide' if wide else ''}" \
-               f"{'_cs' if cs else ''}{'_f32' if out == 'f32' else ''}"
+            (cs or not (zero_points or offsets))
+        name = f"w4{_int4_kind(zero_points, offsets)}_{tag}_m{mb}" \
+               f"{'_wide' if wide else ''}{'_cs' if cs else ''}{'_f32' if out == 'f32' else ''}"
     else:
         name = f"w8_{tag}_{out}_m{mb}"
     name += f"_{act}" if act else ""
-    return Launch("qgemv_zp" if zero_points else "qgemv", name, (tiles, 1, 1),
+    return Launch("qgemv_zp" if zero_points or offsets else "qgemv", name, (tiles, 1, 1),
                   (32 * QGEMV_WARPS[quant, mb], 1, 1), pdl=True)
+
+
+def _int4_kind(zero_points: bool, offsets: bool) -> str:
+    """The INT4 kernels' name infix: zp (zero points), off (offsets) or none (symmetric)."""
+    return "zp" if zero_points else "off" if offsets else ""
 
 
 # The INT4 small-M GEMM (kernels/qgemv.cuh: w4_gemm) runs steps of QGEMV_MS[-1] + 1 to
@@ -201,23 +207,23 @@ W4G_MAX_SPLITS = 8
 
 def w4_gemm_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None,
                    act: str | None = None, group: int = 0, zero_points: bool = False,
-                   sm_count: int = 0) -> Launch:
+                   sm_count: int = 0, offsets: bool = False) -> Launch:
     """y[m, n] = x[m, k] @ dequant(w)^T on the packed INT4 weight for any m (the backend runs it
     for QGEMV_MS[-1] < m <= W4_GEMM_MAX_M). args: qgemv_launch's int4 ones, then the split-K
     partials and the tile counters (w4_gemm_scratch says how big; the counters zero before
     the first launch, each launch leaves them zero), then with zero_points the zero points
-    (kernels/qgemv_zp.cu). Grid: (x tiles, weight tiles, K splits), the splits from sm_count
-    (unknown: none)."""
+    or with offsets the offsets (kernels/qgemv_zp.cu). Grid: (x tiles, weight tiles, K
+    splits), the splits from sm_count (unknown: none)."""
     tag, out = _out_tags("int4 gemm", dtype, out_dtype, act)
     if k % INT4_K or not 0 < k <= INT32_MAX or not 0 < n * (2 if act else 1) <= INT32_MAX \
             or m <= 0:
         raise ValueError(f"int4 gemm needs K a multiple of {INT4_K}: M={m}, N={n}, K={k}")
     int4_group_shift(group)
-    name = f"w4g{'zp' if zero_points else ''}_{tag}{'_f32' if out == 'f32' else ''}" \
+    name = f"w4g{_int4_kind(zero_points, offsets)}_{tag}{'_f32' if out == 'f32' else ''}" \
            f"{f'_{act}' if act else ''}"
     grid = (math.ceil(m / (8 * W4G_TILES)),
             math.ceil(math.ceil(n / (8 if act else 16)) / W4G_WARPS))
-    return Launch("qgemv_zp" if zero_points else "qgemv", name,
+    return Launch("qgemv_zp" if zero_points or offsets else "qgemv", name,
                   (*grid, w4g_splits(grid[0] * grid[1] * W4G_WARPS, k, sm_count)),
                   (32 * W4G_WARPS, 1, 1), smem=w4g_smem(W4G_TILES, W4G_STAGES), pdl=True)
 
@@ -240,14 +246,16 @@ def w4_gemm_scratch(launch: Launch, m: int, n: int, act: str | None) -> tuple[in
     return launch.grid[2] * m * n * (2 if act else 1) * 4, launch.grid[0] * launch.grid[1]
 
 
-def dequant_int4_launch(n: int, k: int, dtype: str, zero_points: bool = False) -> Launch:
+def dequant_int4_launch(n: int, k: int, dtype: str, zero_points: bool = False,
+                        offsets: bool = False) -> Launch:
     """The packed INT4 weight [n, k] back to dtype, for a prefill GEMM. args (w, scale,
     pre-or-null, n, k, int4_group_shift(group), out [n, k]), then with zero_points the zero
-    points [N, K / G] (kernels/qgemv_zp.cu)."""
+    points [N, K / G], with offsets the offsets (kernels/qgemv_zp.cu)."""
     if k % INT4_K or n * k >= INT32_MAX:
         raise ValueError(f"dequant_int4 needs K a multiple of {INT4_K}: N={n}, K={k}")
-    zp = "_zp" if zero_points else ""
-    return Launch(f"qgemv{zp}", f"dequant_int4{zp}_{dtype_tag(dtype)}",
+    kind = _int4_kind(zero_points, offsets)
+    return Launch("qgemv_zp" if kind else "qgemv",
+                  f"dequant_int4{'_' + kind if kind else ''}_{dtype_tag(dtype)}",
                   (math.ceil(n * k // 8 / (256 * DQ_WORDS)), 1, 1), (256, 1, 1))
 
 

@@ -338,17 +338,19 @@ def gguf_int4(blocks: dict[str, Callable[[], tuple]], source: Any,
     """The INT4 weights of a GGUF file's Q4_0 / Q4_1 matrices (``blocks``: HF name -> the
     reader of its codes, scales and minimums, llmc.checkpoint.gguf), each passed through
     ``fix`` (the family's row permutation of the file's layout, the same for every part)."""
+    from llmc.checkpoint.gguf import INT4_BLOCK
+
     if not blocks:
         raise LlmcError(f"--quant int4-gguf keeps a GGUF file's own 4-bit blocks (Q4_0, "
                         f"Q4_1), and {source} has none: use --quant int4-awq or int4-rtn")
     int4, kinds = {}, set()
     for name, read in blocks.items():
-        u, d, m = read()
+        _, d, m = read(False)       # the scales now, the codes when the weight is saved
         kinds.add("Q4_1" if m is not None else "Q4_0")
 
         def codes(name=name, read=read) -> np.ndarray:
             return fix(name, read()[0].astype(np.int8) - 8)
 
-        int4[name] = Int4Weight(codes, fix(name, d), None, u.shape[1],
+        int4[name] = Int4Weight(codes, fix(name, d), None, INT4_BLOCK * d.shape[1],
                                 None if m is None else fix(name, m + 8 * d), m is None)
     return Prequantized("int4-gguf", f"GGUF {'/'.join(sorted(kinds))}", {}, {}, int4)

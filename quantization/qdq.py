@@ -161,7 +161,8 @@ class GivenInt4:
     pre_scale: np.ndarray | None        # [K]: the GEMM reads x * it (AWQ's 1 / s)
     offset: np.ndarray | None = None    # float32 [K / block, N]: W = q * scale + offset
     # offset = (8 - z) scale for integer zero points z (AutoAWQ, GPTQ), or any value (a GGUF
-    # Q4_1 block's minimum): the graph names the two GEMMs apart for the backends
+    # Q4_1 block's m + 8 d): the graph names the GEMMs apart (Int4ZeroPoints, Int4Offsets),
+    # and the cuda kernels take z as a byte where it is one
     integer_zero_points: bool = True
 
 
@@ -238,7 +239,7 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None,
         xs = g.add("MatMul", [x, sums], 1, name="Int4BlockSums").output[0]
         y0 = g.add("MatMul", [x, dq], 1, name=site.node.name).output[0]
         y1 = g.add("MatMul", [xs, offset], 1, name="Int4ZeroPoints" if
-                   have.integer_zero_points else "Int4Minimums").output[0]
+                   have.integer_zero_points else "Int4Offsets").output[0]
         g.add("Add", [y0, y1], list(site.node.output), name="Int4ZeroPointAdd")
 
     return Pass("int4-awq" if awq is not None else "int4-gguf" if only_given else "int4-rtn",

@@ -135,3 +135,23 @@ class OrtStepSession:
         outs = ["logits"] + [f"kv_cache_out_{i}" for i in range(len(self.kv))]
         logits, *self.kv = self._sess.run(outs, feeds)
         return logits
+
+
+def compare_engines(cuda_engine, ref_engine, vocab: int, block_size: int, what: str,
+                    tolerance: float, graphs: bool) -> None:
+    """A cuda engine against the reference backend's engine of the same build over
+    two_engine_steps: each row of logits within `tolerance` of the reference row's max |.|."""
+    from llmc.backends.cuda.session import CudaSession
+    from llmc.backends.reference import ReferenceSession
+    from llmc.engine_file import EngineFile
+
+    blocks, num_blocks, steps = two_engine_steps(vocab, block_size)
+    with CudaSession(EngineFile(cuda_engine), max_kv_blocks=64, cuda_graphs=graphs) as cuda:
+        ref = ReferenceSession(EngineFile(ref_engine))
+        runs = [Ragged(s, blocks, block_size) for s in (cuda, ref)]
+        for s in (cuda, ref):
+            s.allocate_kv(num_blocks)
+        for i, step in enumerate(steps):
+            got, want = (r.step(step) for r in runs)
+            err = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
+            assert err.max() < tolerance, f"{what} step {i}: rel err {err.max():.2e}"

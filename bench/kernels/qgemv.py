@@ -3,7 +3,7 @@ Llama-3.1-8B against the 16-bit GEMM the same step runs unquantized, and against
 datasheet bandwidth on the bytes each one reads.
 
     PYTHONPATH=<llmc checkout paths> python3 bench/kernels/qgemv.py [--out results.md]
-        [--sweep [dequant]] [--prefill-only]
+        [--sweep [dequant]] [--prefill-only] [--gguf]
 
 For M = 1..16 rows: bf16 = what the cuda backend runs unquantized (llmc's GEMV up to 8 rows,
 cuBLASLt through torch.matmul above); int4 = w4 (group 128, AWQ's 1 / s applied to x as an
@@ -83,6 +83,9 @@ def main() -> None:
                     help="time the kernels' variants too (dequant: the dequantization's only)")
     ap.add_argument("--prefill-only", action="store_true",
                     help="only the 24-256-row GEMMs and the dequantized weight")
+    ap.add_argument("--gguf", action="store_true",
+                    help="also INT4 in blocks of 32 as --quant int4-gguf keeps a GGUF file's: "
+                    "Q4_0 (symmetric) and Q4_1 (an offset a block, the w4off kernels)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -93,7 +96,7 @@ def main() -> None:
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731  the capture's
     bf = torch.bfloat16
 
-    rows, sweep_rows, gemm_rows, dq_rows = [], [], [], []
+    rows, sweep_rows, gemm_rows, dq_rows, gguf_rows = [], [], [], [], []
     for name, k, n, act in SHAPES:
         n_out = n // 2 if act else n
         w16_bytes = n * k * 2
@@ -109,6 +112,8 @@ def main() -> None:
         w8 = [torch.randint(0, 256, (n, k), device="cuda", dtype=torch.uint8) & 0x77
               for _ in range(copies // 2 + 1)]   # finite E4M3 codes
         s8 = torch.rand(n, device="cuda") * 1e-3
+        s32 = torch.rand(n, k // 32, device="cuda").to(bf) * 0.01   # GGUF's blocks of 32
+        o32 = (torch.rand(n, k // 32, device="cuda") * 0.1 - 0.05).to(bf)
 
         def bf16_call(w, x, y, gu, m):   # the unquantized step: GEMV, or cuBLASLt [+ gate]
             if m <= lr.GEMV_MS[-1]:
@@ -146,7 +151,21 @@ def main() -> None:
                      lr.float_bits(0.05), DevPtr(0), m, n_out, k, DevPtr(y.data_ptr())]
                 return lambda: fn.launch(ln, a, stream())
 
+            def q4(w, offsets, x=x, y=y, m=m):   # a GGUF Q4_0 / Q4_1 matrix
+                ln = lr.qgemv_launch(m, n_out, k, "bfloat16", "int4", None, act, 32,
+                                     K.sm_count, offsets=offsets)
+                a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s32.data_ptr()),
+                     DevPtr(0), DevPtr(0), m, n_out, k, lr.int4_group_shift(32),
+                     DevPtr(y.data_ptr()), *([DevPtr(o32.data_ptr())] if offsets else [])]
+                return lambda: f.launch(ln, a, stream())
+
             t16 = graph_time([bf16_call(w16[i % len(w16)], x, y, gu, m) for i in range(calls)])
+            if args.gguf:
+                t40, t41 = (graph_time([q4(w4[i % len(w4)], o) for i in range(calls)])
+                            for o in (False, True))
+                b40 = n * k // 2 + s32.numel() * 2 + out_bytes
+                gguf_rows.append((name, f"{k}->{n}", m, t16, t40, b40 / t40, t41,
+                                  (b40 + o32.numel() * 2) / t41))
             t4 = graph_time([int4(w4[i % len(w4)]) for i in range(calls)])
             t4r = graph_time([int4(w4[i % len(w4)], awq=False) for i in range(calls)])
             b4 = n * k // 2 + s4.numel() * 2 + k * 2 + out_bytes
@@ -267,6 +286,16 @@ def main() -> None:
                      f"| {t4 * 1e6:.1f} | {bw4 / DATASHEET_BW:.0%} | {t16 / t4:.2f}x "
                      f"| {t4r * 1e6:.1f} | {bw4r / DATASHEET_BW:.0%} | {t16 / t4r:.2f}x "
                      f"| {t4z * 1e6:.1f} | {bw4z / DATASHEET_BW:.0%} | {f8} |")
+    if gguf_rows:
+        lines += ["", "INT4 in blocks of 32 as a GGUF file's (--quant int4-gguf): Q4_0 = the "
+                  "symmetric kernel (no chunk scales at 32), Q4_1 = the w4off kernel (an offset "
+                  "a row and block); % peak on each one's bytes (codes, scales, offsets, x, y).",
+                  "", "| GEMM | K->N | M | bf16 us | Q4_0 us | % peak | vs bf16 | Q4_1 us "
+                  "| % peak | vs bf16 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {nm} | {kn} | {m} | {t16 * 1e6:.1f} | {t0 * 1e6:.1f} | "
+                  f"{b0 / DATASHEET_BW:.0%} | {t16 / t0:.2f}x | {t1 * 1e6:.1f} | "
+                  f"{b1 / DATASHEET_BW:.0%} | {t16 / t1:.2f}x |"
+                  for nm, kn, m, t16, t0, b0, t1, b1 in gguf_rows]
     lines += [
         "", f"INT4, {GEMM_MS[0]}-{GEMM_MS[-1]} rows (RTN, group {GROUP}): bf16 = cuBLASLt; "
         "dequant = the weight dequantized (dequant_int4) then cuBLASLt, what the backend ran "

@@ -49,9 +49,6 @@ class Session(Protocol):
 
 class Backend(Protocol):
     name: str
-    # whether its engines run INT4 blocks with a minimum each (W = q s + m: a GGUF file's
-    # Q4_1, --quant int4-gguf), the graph's offset GEMMs
-    int4_minimums: bool
 
     def available(self) -> tuple[bool, str]:
         """Whether this machine can run this backend's engines; if not, why (a sentence)."""

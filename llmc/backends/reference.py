@@ -37,7 +37,6 @@ GRAPH, WEIGHTS = "model.onnx", "weights.bin"
 
 class ReferenceBackend:
     name = "reference"
-    int4_minimums = True   # the offsets are plain GEMMs
 
     def available(self) -> tuple[bool, str]:
         return True, ""

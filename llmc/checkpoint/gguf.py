@@ -25,8 +25,8 @@ def open_gguf(path: Path) -> Checkpoint:
     except (ValueError, KeyError, struct.error, UnicodeDecodeError) as e:
         raise LlmcError(f"{path} is not a readable GGUF file ({e})") from None
     readers = {name: (lambda n=name: reader.dequantize(n)) for name in reader.tensors}
-    blocks = {name: (lambda n=name: reader.int4_blocks(n)) for name, t in reader.tensors.items()
-              if t[1].name in INT4_TYPES and len(t[0]) == 2}
+    blocks = {name: (lambda codes=True, n=name: reader.int4_blocks(n, codes))
+              for name, t in reader.tensors.items() if t[1].name in INT4_TYPES and len(t[0]) == 2}
     return Checkpoint(path, "gguf", {}, reader.fields, readers,
                       lambda: _tokenizer_json(path, reader),
                       reader.get("tokenizer.chat_template"), int4_blocks=blocks)
@@ -140,16 +140,20 @@ class GGUFFile:
                             f"read ({e})") from None
 
 
-    def int4_blocks(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def int4_blocks(self, name: str, codes: bool = True
+                    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
         """A Q4_0 or Q4_1 matrix [rows, cols] as stored: the codes u (uint8 0..15, [rows,
-        cols]), the scales d and, for Q4_1, the minimums m (float32 [rows, cols / 32])."""
+        cols]; None unless asked), the scales d and, for Q4_1, the minimums m (float32
+        [rows, cols / 32])."""
         (rows, cols), qtype, start, row_bytes = self.tensors[name]
         head = 2 * (1 + INT4_TYPES.index(qtype.name))           # d, or d and m
         raw = self._map[start:start + rows * row_bytes].reshape(rows, cols // INT4_BLOCK, -1)
         halves = np.ascontiguousarray(raw[..., :head]).view(np.float16).astype(np.float32)
-        qs = raw[..., head:]
-        codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, cols)
-        return codes, halves[..., 0], halves[..., 1] if head == 4 else None
+        u = None
+        if codes:
+            qs = raw[..., head:]
+            u = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, cols)
+        return u, halves[..., 0], halves[..., 1] if head == 4 else None
 
 
 def _tokenizer_json(path: Path, reader: GGUFFile) -> str:

@@ -1,7 +1,8 @@
 // Quantized GEMMs of the cuda backend (quantization/qdq.py says what the graph computes):
 //
 //   int4 weight-only   y = (x [* pre]) @ dequant(w)^T,  dequant(w)[n, k] = q[n, k] * s[n, k / G]
-//                      q = u - 8 (symmetric) or u - z[n, k / G] (zero points: qgemv_zp.cu)
+//                      q = u - 8 (symmetric) or u - z[n, k / G] (zero points: qgemv_zp.cu),
+//                      or (u - 8) s + o[n, k / G] (an offset a block: qgemv_zp.cu too)
 //   fp8 W8A8           y = (e4m3(x / sx) @ w_e4m3^T) * sw'[n],  sw' = sx * sw (the build's)
 //
 // Decode steps (1-16 rows of x) run the skinny GEMMs below on tensor cores, straight from the
@@ -45,13 +46,15 @@ struct Int4 {
 };
 
 // One word (8 k) -> 4 pairs of 16-bit weights, scaled by s2 (the scale in both halves).
-// bias: -(128 + z) (-(1024 + z)) in both halves, z the zero point (8 for symmetric codes).
+// bias: -(128 + z) (-(1024 + z)) in both halves, z the zero point (8 for symmetric codes);
+// o2: the block's offset in both halves (-0 for none), added in the same rounding.
 template <typename T>
-__device__ __forceinline__ void dequant8(u32 w, u32 s2, u32 bias, u32* out) {
+__device__ __forceinline__ void dequant8(u32 w, u32 s2, u32 bias, u32* out,
+                                         u32 o2 = Int4<T>::NEG0) {
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const u32 v = ((w >> (4 * e)) & 0x000F000Fu) | Int4<T>::MAGIC;
-    out[e] = fma2<T>(fma2<T>(v, Int4<T>::ONE, bias), s2, Int4<T>::NEG0);
+    out[e] = fma2<T>(fma2<T>(v, Int4<T>::ONE, bias), s2, o2);
   }
 }
 
@@ -69,13 +72,19 @@ __device__ __forceinline__ void offset8(u32 w, u32 magic, u32* out) {
 
 // 16 bytes = 32 k of one row -> 16 pairs, in k order.
 template <typename T>
-__device__ __forceinline__ void dequant32(const uint4& v, u16 s, u32 bias, u32* out) {
+__device__ __forceinline__ void dequant32(const uint4& v, u16 s, u32 bias, u32* out,
+                                          u32 o2 = Int4<T>::NEG0) {
   const u32 s2 = (u32)s | ((u32)s << 16);
-  dequant8<T>(v.x, s2, bias, out);
-  dequant8<T>(v.y, s2, bias, out + 4);
-  dequant8<T>(v.z, s2, bias, out + 8);
-  dequant8<T>(v.w, s2, bias, out + 12);
+  dequant8<T>(v.x, s2, bias, out, o2);
+  dequant8<T>(v.y, s2, bias, out + 4, o2);
+  dequant8<T>(v.z, s2, bias, out + 8, o2);
+  dequant8<T>(v.w, s2, bias, out + 12, o2);
 }
+
+// What the INT4 kernels' zp argument holds: nothing (symmetric codes u - 8), zero points z
+// [N, K / G] a byte each (codes u - z), or offsets o [N, K / G] in the compute dtype (codes
+// u - 8, plus o a block: a GGUF file's Q4_1, whose o = m + 8 d is no integer multiple of d).
+enum Int4Offsets { SYM = 0, ZERO_POINTS = 1, OFFSETS = 2 };
 
 // mma.m16n8k16 with D and C apart (no copy of C), and not volatile: a pure function the
 // compiler may schedule around the loads.
@@ -139,10 +148,12 @@ struct Int4Regs {
 // weight MMAs' chains. Two ALU ops a weight pair fewer than scaling each pair (at two weights
 // a byte, the instruction count bounded this kernel's first versions: bench/results/qgemv.md).
 //
-// ZP (zero points, qgemv_zp.cu): the codes are u - z with z a row's and group's own (z: the
+// ZP == ZERO_POINTS (qgemv_zp.cu): the codes are u - z with z a row's and group's own (z: the
 // lane's two rows', 0 to 16) rather than u - 8, so the -136 above becomes -(128 + z), a tile
 // whose rows differ (rows g and g + 8 are the A fragment's registers 0, 2 and 1, 3); without
 // chunk scales each pair is dequantized as (128 + u) - (128 + z), exact, then scaled.
+// ZP == OFFSETS (no chunk scales): z holds the lane's two rows' offsets o (16-bit), and each
+// pair is (u - 8) s + o, rounded once.
 //
 // One 128-k chunk of the 16 weight rows (v: the lane's 32 k of rows g and g + 8, s: their
 // scales) against x's same k (xp[j]: the lane's 32 k of x row j * 8 + g; pp: pre's, read
@@ -150,13 +161,14 @@ struct Int4Regs {
 // as zero, so any codes in v add nothing). Each chunk's eight MMAs run as two chains, so a
 // warp waits on half the tensor-core latency; with CS the chains start from the x-side
 // correction, and the scale costs one FMA an output.
-template <typename T, int NT, bool CS, bool ZP>
+template <typename T, int NT, bool CS, int ZP>
 __device__ __forceinline__ void w4_chunk(const uint4 (&v)[2], const u32 (&s)[2],
                                          const u32 (&z)[2], const u16* const (&xp)[NT],
                                          const u16* pp, bool live, bool with_pre,
                                          const Int4Regs<T>& c, float (&acc)[NT][4]) {
+  static_assert(!(CS && ZP == OFFSETS), "offsets are added as each pair is dequantized");
   u32 nb[4];
-  if constexpr (ZP) {
+  if constexpr (ZP == ZERO_POINTS) {
     nb[0] = nb[2] = zero_bias<T>(c.zbase, z[0]);
     nb[1] = nb[3] = zero_bias<T>(c.zbase, z[1]);
   } else {
@@ -203,8 +215,9 @@ __device__ __forceinline__ void w4_chunk(const uint4 (&v)[2], const u32 (&s)[2],
     offset8(v[1].x, c.magic, B); offset8(v[1].y, c.magic, B + 4);
     offset8(v[1].z, c.magic, B + 8); offset8(v[1].w, c.magic, B + 12);
   } else {
-    dequant32<T>(v[0], (u16)s[0], nb[0], A);
-    dequant32<T>(v[1], (u16)s[1], nb[1], B);
+    constexpr u32 none = Int4<T>::NEG0;
+    dequant32<T>(v[0], (u16)s[0], nb[0], A, ZP == OFFSETS ? z[0] * 0x10001u : none);
+    dequant32<T>(v[1], (u16)s[1], nb[1], B, ZP == OFFSETS ? z[1] * 0x10001u : none);
   }
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
@@ -237,15 +250,15 @@ __device__ __forceinline__ void w4_chunk(const uint4 (&v)[2], const u32 (&s)[2],
 // off). Each pointer advances once every D chunks and the stages load at constant offsets
 // from it; x rows past m re-read row m - 1 (their sums are never stored) rather than branch
 // or zero; the chunk that K % 128 leaves runs after the loop, with lane predicates. ZP: the
-// zero points zp [N, K / G] (a byte each) ride in the ring next to the scales. F32: y in fp32
+// zero points or offsets zp [N, K / G] ride in the ring next to the scales. F32: y in fp32
 // (a quantized LM head's logits; a bias is then fp32 too).
-template <typename T, int NT, int SK, int D, int ACT, bool CS, bool ZP, bool F32 = false>
+template <typename T, int NT, int SK, int D, int ACT, bool CS, int ZP, bool F32 = false>
 __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
                                         const u16* __restrict__ scale,
                                         const u16* __restrict__ pre,
                                         const void* __restrict__ bias, int m, int n, int k,
                                         int gshift, void* __restrict__ y,
-                                        const u8* __restrict__ zp) {
+                                        const void* __restrict__ zp) {
   __shared__ float part[SK][NT][4][32];
   constexpr int TILE = ACT ? 8 : 16;  // outputs a 16-row tile gives
   constexpr int STEP = SK * 128;      // k between a warp's chunks
@@ -259,8 +272,9 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
   const u8* wp[2] = {w + (size_t)ra * (k / 2) + k0 / 2, w + (size_t)rb * (k / 2) + k0 / 2};
   const u16* sp[2] = {scale + (size_t)ra * groups + (k0 >> gshift),
                       scale + (size_t)rb * groups + (k0 >> gshift)};
-  const u8* zq[2] = {zp + (size_t)ra * groups + (k0 >> gshift),   // read only with ZP
-                     zp + (size_t)rb * groups + (k0 >> gshift)};
+  constexpr int ZB = ZP == OFFSETS ? 2 : 1;  // bytes a zero point or offset
+  const u8* zq[2] = {(const u8*)zp + ZB * ((size_t)ra * groups + (k0 >> gshift)),   // with ZP
+                     (const u8*)zp + ZB * ((size_t)rb * groups + (k0 >> gshift))};
   const u16* xp[NT];
 #pragma unroll
   for (int j = 0; j < NT; ++j) xp[j] = x + (size_t)min(j * 8 + g, m - 1) * k + k0;
@@ -280,7 +294,9 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
     for (int h = 0; h < 2; ++h) {
       ld_stream_if(live, wp[h] + i * (STEP / 2), wv[d][h]);
       ld_u16_if(live, sp[h] + i * sstep, sv[d][h]);
-      if constexpr (ZP) ld_u8_if(live, zq[h] + i * sstep, zv[d][h]);
+      if constexpr (ZP == ZERO_POINTS) ld_u8_if(live, zq[h] + i * sstep, zv[d][h]);
+      if constexpr (ZP == OFFSETS)
+        ld_u16_if(live, (const u16*)zq[h] + i * sstep, zv[d][h]);
     }
   };
   auto consume = [&](int d, int i, bool live, bool with_pre) {
@@ -294,7 +310,7 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
     for (int h = 0; h < 2; ++h) {
       wp[h] += i * (STEP / 2);
       sp[h] += i * sstep;
-      if constexpr (ZP) zq[h] += i * sstep;
+      if constexpr (ZP) zq[h] += ZB * i * sstep;
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) xp[j] += i * STEP;
@@ -340,7 +356,7 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
 // 16-byte load wrote 64 bytes at a 64-byte stride a store, half-sector writes, and reached
 // under half of HBM: bench/results/qgemv.md.) Word i is at byte 4i of w and element 8i of out,
 // since a row is K / 8 words; n * k < 2^31 (launch_rules). zp: the zero points [N, K / G], or
-// null (8).
+// null (8); off: the offsets [N, K / G] (codes u - 8), or null.
 constexpr int DQ_WORDS = 4;
 
 __device__ __forceinline__ u32 ld_stream_u32(const void* p) {
@@ -354,11 +370,12 @@ __device__ __forceinline__ void dequant_int4(const u8* __restrict__ w,
                                              const u16* __restrict__ scale,
                                              const u16* __restrict__ pre, int n, int k,
                                              int gshift, u16* __restrict__ out,
-                                             const u8* __restrict__ zp = nullptr) {
+                                             const u8* __restrict__ zp = nullptr,
+                                             const u16* __restrict__ off = nullptr) {
   const int per_row = k / 8, words = n * per_row;
   const int first = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * (32 * U) +
                     (threadIdx.x & 31);
-  u32 v[U], s2[U], bias[U];
+  u32 v[U], s2[U], bias[U], o2[U];
   int k0[U];
 #pragma unroll
   for (int u = 0; u < U; ++u) {  // every load issued before the first is used
@@ -369,13 +386,14 @@ __device__ __forceinline__ void dequant_int4(const u8* __restrict__ w,
     v[u] = ld_stream_u32(w + 4 * (size_t)i);
     s2[u] = scale[group];
     bias[u] = zp ? zero_bias<T>(Int4<T>::ZBASE, zp[group]) : Int4<T>::BIAS;
+    o2[u] = off ? off[group] * 0x10001u : Int4<T>::NEG0;
   }
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int i = first + 32 * u;
     if (i >= words) return;
     u32 A[4];
-    dequant8<T>(v[u], s2[u] | (s2[u] << 16), bias[u], A);
+    dequant8<T>(v[u], s2[u] | (s2[u] << 16), bias[u], A, o2[u]);
     if (pre) {
       const uint4 pv = *reinterpret_cast<const uint4*>(pre + k0[u]);
       A[0] = fma2<T>(A[0], pv.x, Int4<T>::NEG0);
@@ -408,13 +426,13 @@ __device__ __forceinline__ int w4g_swz(int p, int r) {
   return (p & 8) | ((p & 7) ^ ((p >> 2) & 2) ^ (r & 1));
 }
 
-template <typename T, int NW, int NT, int S, int D, int ACT, bool ZP, bool F32>
+template <typename T, int NW, int NT, int S, int D, int ACT, int ZP, bool F32>
 __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __restrict__ w,
                                         const u16* __restrict__ scale,
                                         const u16* __restrict__ pre,
                                         const void* __restrict__ bias, int m, int n, int k,
                                         int gshift, void* __restrict__ y,
-                                        const u8* __restrict__ zp, float* __restrict__ part,
+                                        const void* __restrict__ zp, float* __restrict__ part,
                                         int* __restrict__ arrived) {
   constexpr int MT = 8 * NT;
   constexpr int TILE = ACT ? 8 : 16;  // outputs a warp gives
@@ -445,7 +463,10 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
     for (int h = 0; h < 2; ++h) {
       ld_stream_if(live, wp[h] + ch * 64, wv[d][h]);
       ld_u16_if(live, scale + srow[h] + (kk >> gshift), sv[d][h]);
-      if constexpr (ZP) ld_u8_if(live, zp + srow[h] + (kk >> gshift), zv[d][h]);
+      if constexpr (ZP == ZERO_POINTS)
+        ld_u8_if(live, (const u8*)zp + srow[h] + (kk >> gshift), zv[d][h]);
+      if constexpr (ZP == OFFSETS)
+        ld_u16_if(live, (const u16*)zp + srow[h] + (kk >> gshift), zv[d][h]);
     }
   };
   auto xload = [&](int ch) {
@@ -486,8 +507,11 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
     cp_commit();
     const u16* buf = w4g_x + (ch % S) * STAGE;
     u32 A[16], B[16];
-    dequant32<T>(wv[d][0], (u16)sv[d][0], ZP ? zero_bias<T>(c.zbase, zv[d][0]) : c.nb[0], A);
-    dequant32<T>(wv[d][1], (u16)sv[d][1], ZP ? zero_bias<T>(c.zbase, zv[d][1]) : c.nb[1], B);
+    constexpr u32 none = Int4<T>::NEG0;
+    dequant32<T>(wv[d][0], (u16)sv[d][0], ZP == ZERO_POINTS ? zero_bias<T>(c.zbase, zv[d][0])
+                 : c.nb[0], A, ZP == OFFSETS ? zv[d][0] * 0x10001u : none);
+    dequant32<T>(wv[d][1], (u16)sv[d][1], ZP == ZERO_POINTS ? zero_bias<T>(c.zbase, zv[d][1])
+                 : c.nb[1], B, ZP == OFFSETS ? zv[d][1] * 0x10001u : none);
     if (pre) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
@@ -704,24 +728,32 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 #endif
 }
 
-// ---- entry points (qgemv.cu; the zero-point ones in qgemv_zp.cu) -------------------------------
-// w4[zp]_<dtype>_m<M>[_wide][_cs][_swiglu|_geglu|_f32] and w8_<dtype>_<out>_m<M>[_...]: M = 8
-// (NT = 1) or 16 (NT = 2); _wide: 3 CTAs an SM (W4_CONFIGS); _cs: chunk scales (the group a
-// multiple of 128); _f32: fp32 output; w4zp: zero points, one more argument after y
-// (zp [N, K / G]).
+// ---- entry points (qgemv.cu; the zero-point and offset ones in qgemv_zp.cu) -------------------
+// w4[zp|off]_<dtype>_m<M>[_wide][_cs][_swiglu|_geglu|_f32] and w8_<dtype>_<out>_m<M>[_...]:
+// M = 8 (NT = 1) or 16 (NT = 2); _wide: 3 CTAs an SM (W4_CONFIGS); _cs: chunk scales (the
+// group a multiple of 128); _f32: fp32 output; w4zp: zero points, one more argument after y
+// (zp [N, K / G], u8); w4off: offsets, the same argument in the compute dtype (no _cs, no
+// _wide).
 #define W4_ENTRY(NAME, TY, NT, SK, D, ACT, CS, F32, MINB)                                     \
   extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y) {                                                    \
-    w4_gemv<TY, NT, SK, D, ACT, CS, false, F32>(x, w, scale, pre, bias, m, n, k, gshift, y,    \
-                                                nullptr);                                      \
+    w4_gemv<TY, NT, SK, D, ACT, CS, SYM, F32>(x, w, scale, pre, bias, m, n, k, gshift, y,      \
+                                              nullptr);                                        \
   }
 #define W4ZP_ENTRY(NAME, TY, NT, SK, D, ACT, CS, F32, MINB)                                   \
   extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y, const u8* zp) {                                      \
-    w4_gemv<TY, NT, SK, D, ACT, CS, true, F32>(x, w, scale, pre, bias, m, n, k, gshift, y,     \
-                                               zp);                                            \
+    w4_gemv<TY, NT, SK, D, ACT, CS, ZERO_POINTS, F32>(x, w, scale, pre, bias, m, n, k, gshift, \
+                                                      y, zp);                                  \
+  }
+#define W4OFF_ENTRY(NAME, TY, NT, SK, D, ACT, CS, F32, MINB)                                  \
+  extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
+  NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
+       int n, int k, int gshift, void* y, const u16* off) {                                    \
+    w4_gemv<TY, NT, SK, D, ACT, CS, OFFSETS, F32>(x, w, scale, pre, bias, m, n, k, gshift, y,  \
+                                                  off);                                        \
   }
 #define W8_ENTRY(NAME, TY, NT, SK, D, ACT, F32, MINB)                                          \
   extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
@@ -729,33 +761,43 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
        int k, void* y) {                                                                       \
     w8_gemv<TY, NT, SK, D, ACT, F32>(x, w, sw, __int_as_float(sx), bias, m, n, k, y);          \
   }
-// w4g[zp]_<dtype>[_swiglu|_geglu|_f32]: the small-M GEMM, with the GEMV's arguments, then the
-// split-K partials and tile counters (w4gzp: zp last); S x (8 NT + 1) x 256 bytes of dynamic
+// w4g[zp|off]_<dtype>[_swiglu|_geglu|_f32]: the small-M GEMM, with the GEMV's arguments, then
+// the split-K partials and tile counters (w4gzp, w4goff: zp or off last); S x (8 NT + 1) x 256
+// bytes of dynamic
 // shared memory (launch_rules.w4_gemm_launch).
 #define W4G_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32)                                     \
   extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y, float* part, int* arrived) {                         \
-    w4_gemm<TY, NW, NT, S, D, ACT, false, F32>(x, w, scale, pre, bias, m, n, k, gshift, y,    \
-                                               nullptr, part, arrived);                        \
+    w4_gemm<TY, NW, NT, S, D, ACT, SYM, F32>(x, w, scale, pre, bias, m, n, k, gshift, y,      \
+                                             nullptr, part, arrived);                          \
   }
 #define W4GZP_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32)                                   \
   extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y, float* part, int* arrived, const u8* zp) {           \
-    w4_gemm<TY, NW, NT, S, D, ACT, true, F32>(x, w, scale, pre, bias, m, n, k, gshift, y, zp, \
-                                              part, arrived);                                  \
+    w4_gemm<TY, NW, NT, S, D, ACT, ZERO_POINTS, F32>(x, w, scale, pre, bias, m, n, k, gshift, \
+                                                     y, zp, part, arrived);                    \
+  }
+#define W4GOFF_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32)                                  \
+  extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                  \
+  NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
+       int n, int k, int gshift, void* y, float* part, int* arrived, const u16* off) {         \
+    w4_gemm<TY, NW, NT, S, D, ACT, OFFSETS, F32>(x, w, scale, pre, bias, m, n, k, gshift, y,  \
+                                                 off, part, arrived);                          \
   }
 #define W4G_SET(ENTRY, BASE, TY, NW, NT, S, D, MINB)                                           \
   ENTRY(BASE, TY, NW, NT, S, D, MINB, 0, false)                                                \
   ENTRY(BASE##_swiglu, TY, NW, NT, S, D, MINB, 1, false)                                       \
   ENTRY(BASE##_geglu, TY, NW, NT, S, D, MINB, 2, false)                                        \
   ENTRY(BASE##_f32, TY, NW, NT, S, D, MINB, 0, true)
-#define W4_SET(ENTRY, BASE, TY, NT, SK, D, MB)                                                 \
+#define W4_SET_PLAIN(ENTRY, BASE, TY, NT, SK, D, MB)                                           \
   ENTRY(BASE, TY, NT, SK, D, 0, false, false, MB)                                              \
   ENTRY(BASE##_swiglu, TY, NT, SK, D, 1, false, false, MB)                                     \
   ENTRY(BASE##_geglu, TY, NT, SK, D, 2, false, false, MB)                                      \
-  ENTRY(BASE##_f32, TY, NT, SK, D, 0, false, true, MB)                                         \
+  ENTRY(BASE##_f32, TY, NT, SK, D, 0, false, true, MB)
+#define W4_SET(ENTRY, BASE, TY, NT, SK, D, MB)                                                 \
+  W4_SET_PLAIN(ENTRY, BASE, TY, NT, SK, D, MB)                                                 \
   ENTRY(BASE##_cs, TY, NT, SK, D, 0, true, false, MB)                                          \
   ENTRY(BASE##_cs_swiglu, TY, NT, SK, D, 1, true, false, MB)                                   \
   ENTRY(BASE##_cs_geglu, TY, NT, SK, D, 2, true, false, MB)                                    \
@@ -775,6 +817,12 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
   W4_SET(ENTRY, PFX##_##DT##_m8, TY, 1, 8, 1, 2)                                               \
   W4_SET(ENTRY, PFX##_##DT##_m8_wide, TY, 1, 8, 1, 3)                                          \
   W4_SET(ENTRY, PFX##_##DT##_m16, TY, 2, 8, 1, 2)
+// With offsets: the same, without chunk scales (the offsets join each pair's dequantization)
+// and without _wide: at its 80 registers it spills (108 bytes), and ran 0.95x (qkv) to
+// 0.65x (o) the 2-CTA kernel's speed on the H100 (bench/results/qgemv.md).
+#define W4OFF_CONFIGS(ENTRY, PFX, DT, TY)                                                      \
+  W4_SET_PLAIN(ENTRY, PFX##_##DT##_m8, TY, 1, 8, 1, 2)                                         \
+  W4_SET_PLAIN(ENTRY, PFX##_##DT##_m16, TY, 2, 8, 1, 2)
 // The small-M GEMM (launch_rules.W4G_WARPS, _TILES, _STAGES): 8 warps, 4 x tiles of 8 rows,
 // 3 x stages, 2 weight chunks in flight a warp, 2 CTAs an SM (the sweep of
 // bench/kernels/qgemv.py: bench/results/qgemv.md).

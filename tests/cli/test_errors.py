@@ -186,6 +186,8 @@ BAD_BUILDS = {   # case -> (extra args, made from the test's folder; message)
     "model a file, not .gguf": (lambda t: ["--model", t / "model" / "config.json"],
                                 "is a file but not a .gguf file"),
     "model folder empty": (lambda t: ["--model", t / "model" / "empty"], "has no config.json"),
+    "model not a GGUF file for int4-gguf": (lambda t: ["--quant", "int4-gguf"],
+                                            "and the model is not a GGUF file"),
     "gguf random bytes": (_gguf(os.urandom(64)), "is not a readable GGUF file"),
     "gguf truncated": (_gguf(b"GGUF\x03\0"), "is not a readable GGUF file"),
     "gguf version 1": (_gguf(gguf_header(version=1)), "GGUF version 1"),

@@ -21,6 +21,7 @@ from llmc.model_zoo.llama import GGUF_NAMES
 from llmc.quantization.quantize import QuantOptions
 
 Q4_0, Q4_1, F32 = (gguf.GGMLQuantizationType[t] for t in ("Q4_0", "Q4_1", "F32"))
+LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=128, max_seq_len=128, kv_block_size=16)
 
 
 def _q4(t: np.ndarray, qtype) -> np.ndarray:
@@ -120,24 +121,16 @@ def test_stored_int4_is_the_dequantized_model(tiny_models_d64, tmp_path):
 
 
 def test_int4_gguf_needs_a_gguf_with_4bit_blocks(tiny_models_d64, tmp_path):
-    limits = BuildLimits(max_batch_size=2, max_num_tokens=32, max_seq_len=64)
     folder, model = tiny_models_d64["llama-gqa"]
     with pytest.raises(LlmcError, match="keeps a GGUF file's own 4-bit blocks, and the model "
                                         "is not a GGUF file"):
-        build(BuildOptions(folder, tmp_path / "a.engine", limits=limits,
+        build(BuildOptions(folder, tmp_path / "a.engine", limits=LIMITS,
                            quant=QuantOptions("int4-gguf")), log=lambda _: None)
     path = tmp_path / "f32.gguf"
     _write_tiny_gguf(path, model, {})
     with pytest.raises(LlmcError, match=r"f32.gguf has none: use --quant int4-awq or int4-rtn"):
-        build(BuildOptions(path, tmp_path / "b.engine", limits=limits,
+        build(BuildOptions(path, tmp_path / "b.engine", limits=LIMITS,
                            quant=QuantOptions("int4-gguf")), log=lambda _: None)
-    path = tmp_path / "q.gguf"
-    _write_tiny_gguf(path, model, TYPES)
-    with pytest.raises(LlmcError, match="Q4_1 blocks have a minimum each, which the cuda "
-                                        "backend's kernels do not take"):
-        build(BuildOptions(path, tmp_path / "c.engine", backend="cuda", gpu_arch="sm_90a",
-                           dtype="float16", limits=limits, quant=QuantOptions("int4-gguf")),
-              log=lambda _: None)
     assert not list(tmp_path.glob("*.engine"))
 
 
@@ -159,7 +152,7 @@ def test_int4_gguf_builds_smollm2_as_the_file_has_it(smollm2_path, tmp_path):
     assert abs(q.accuracy.delta_ppl_pct) < 0.2 and q.accuracy.top1_agreement >= 0.99
     engine = EngineFile(tmp_path / "g.engine")
     graph = onnx.load_from_string(engine.section("model.onnx").tobytes())
-    assert sum(n.name.startswith("Int4Minimums") for n in graph.graph.node) == 120
+    assert sum(n.name.startswith("Int4Offsets") for n in graph.graph.node) == 120
     u, _, _ = GGUFFile(smollm2_path).int4_blocks("blk.3.ffn_down.weight")     # [out, in]
     t = next(t for t in graph.graph.initializer
              if t.name == "model.layers.3.mlp.down_proj.weight.int4")
@@ -171,30 +164,79 @@ def test_int4_gguf_builds_smollm2_as_the_file_has_it(smollm2_path, tmp_path):
 
 def test_int4_gguf_builds_the_files_blocks(tiny_models_d64, tmp_path, words):
     """Reference backend, fp32: the Q4_0 and Q4_1 GEMMs keep the file's codes and compute
-    what the dequantized model computes; the F32 one stays unquantized. cuda backend: a
-    Q4_0 file lowers to the symmetric INT4 kernels (no zero points)."""
-    from llmc.backends.cuda.plan import PLAN, Plan
-    from llmc.engine_file import EngineFile
-
+    what the dequantized model computes; the F32 one stays unquantized."""
     _, model = tiny_models_d64["llama-gqa"]
-    limits = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128)
     path = tmp_path / "mixed.gguf"
     _write_tiny_gguf(path, model, TYPES)
-    header = build(BuildOptions(path, tmp_path / "r.engine", dtype="float32", limits=limits,
+    header = build(BuildOptions(path, tmp_path / "r.engine", dtype="float32", limits=LIMITS,
                                 quant=QuantOptions("int4-gguf", eval_data=words)),
                    log=lambda _: None)
     q = header.quant
     assert q.mode == "int4-gguf" and q.gemms == 7 and q.details["int4_block_sizes"] == [32]
     assert q.accuracy.top1_agreement == 1.0 and abs(q.accuracy.delta_ppl_pct) < 1e-3
-    path = tmp_path / "q4_0.gguf"
-    _write_tiny_gguf(path, model, {"proj.weight": Q4_0})
+
+
+def test_int4_gguf_lowers_to_the_offset_kernels(tiny_models_d64, tmp_path, words):
+    """cuda backend: the GEMMs with Q4_1 parts take the offsets m + 8 d themselves, [out,
+    in / 32] in the dtype where the graph's offsets were (kernels/qgemv_zp.cu: w4off); the
+    all-Q4_0 ones are the symmetric kernels'."""
+    from llmc.backends.cuda.plan import PLAN, WEIGHTS, Plan
+    from llmc.engine_file import EngineFile
+    from llmc.passes.gemm import fused_parts
+
+    _, model = tiny_models_d64["llama-gqa"]
+    path = tmp_path / "mixed.gguf"
+    _write_tiny_gguf(path, model, TYPES)
     header = build(BuildOptions(path, tmp_path / "c.engine", backend="cuda", gpu_arch="sm_90a",
-                                dtype="float16", limits=limits,
+                                dtype="float16", limits=LIMITS,
                                 quant=QuantOptions("int4-gguf", eval_data=words)),
                    log=lambda _: None)
-    assert header.quant.gemms == 8 and header.quant.accuracy.passed
-    plan = Plan.from_dict(json.loads(EngineFile(tmp_path / "c.engine").section(PLAN)
-                                     .tobytes()))
-    gemms = [op for op in plan.ops if op.attrs.get("quant") == "int4"]
-    assert len(gemms) == 8 and "qgemv_zp" not in plan.modules and \
-        not any(len(op.inputs) > 5 and op.inputs[5] for op in gemms)
+    assert header.quant.gemms == 7 and header.quant.accuracy.passed
+    engine = EngineFile(tmp_path / "c.engine")
+    plan = Plan.from_dict(json.loads(engine.section(PLAN).tobytes()))
+    gemms = {op.inputs[1].removesuffix(".int4"): op for op in plan.ops
+             if op.attrs.get("quant") == "int4"}
+    assert "qgemv_zp" in plan.modules and len(gemms) == 7
+    with_offsets = {name for name, op in gemms.items() if len(op.inputs) > 5 and op.inputs[5]}
+    assert with_offsets == {name for name in gemms if any(
+        q == Q4_1 for end, q in TYPES.items() for part in fused_parts(name)
+        if part.endswith(end))}
+    assert all(gemms[name].attrs.get("offsets") for name in with_offsets)
+    op = gemms["model.layers.0.self_attn.o_proj.weight"]
+    v = plan.values[op.inputs[5]]
+    stored = np.frombuffer(engine.section(WEIGHTS)[v.offset:v.offset + 2 * v.shape[0] *
+                                                   v.shape[1]], np.float16).reshape(v.shape)
+    _, d, m = GGUFFile(path).int4_blocks("blk.0.attn_output.weight")
+    np.testing.assert_array_equal(stored, (m + 8 * d).astype(np.float16))
+
+
+def _why_not_gpu() -> str:
+    from llmc.devices import list_gpus
+
+    gpus, why = list_gpus()
+    if not gpus:
+        return f"needs an NVIDIA GPU ({why})"
+    from llmc.backends.cuda.session import runtime_missing
+
+    return runtime_missing()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_why_not_gpu()), reason=_why_not_gpu() or "-")
+@pytest.mark.parametrize("graphs", [True, False])
+def test_int4_gguf_cuda_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words,
+                                                            graphs):
+    """Q4_0 and Q4_1 GEMMs (the symmetric and the offset kernels) on the GPU against the
+    reference backend's engine of the same file, over ragged prefill, decode and mixed steps
+    (prefill steps of up to 37 tokens: the small-M GEMM too)."""
+    from hf_steps import compare_engines
+
+    _, model = tiny_models_d64["llama-gqa"]
+    path = tmp_path / "mixed.gguf"
+    _write_tiny_gguf(path, model, TYPES)
+    for backend, out in (("cuda", "c.engine"), ("reference", "r.engine")):
+        build(BuildOptions(path, tmp_path / out, backend=backend, dtype="float16",
+                           limits=LIMITS, quant=QuantOptions("int4-gguf", eval_data=words)),
+              log=lambda _: None)
+    compare_engines(tmp_path / "c.engine", tmp_path / "r.engine", model.config.vocab_size,
+                    LIMITS.kv_block_size, "int4-gguf", 3e-2, graphs)

@@ -40,28 +40,24 @@ def _entry_names():
             for act in (None, *lr.GEMV_ACTS):
                 for group in (64, 128):
                     for sms in (0, 1):   # sm_count 1: 64 rows are tiles enough for _wide
-                        for zp in (False, True):
+                        for zp in ({}, {"zero_points": True}, {"offsets": True}):
                             names.add(lr.qgemv_launch(m, 64, 128, dt, "int4", act=act,
-                                                      group=group, sm_count=sms,
-                                                      zero_points=zp))
+                                                      group=group, sm_count=sms, **zp))
                             if act is None:   # a quantized LM head's fp32 logits
                                 names.add(lr.qgemv_launch(m, 64, 128, dt, "int4", "float32",
-                                                          group=group, sm_count=sms,
-                                                          zero_points=zp))
+                                                          group=group, sm_count=sms, **zp))
                 names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", act=act))
             names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", "float32"))
         names.add(lr.moe_route_launch(5, 8, 2, dt))
         for t in (1, 300):     # the 8-row and 64-row grouped-GEMM tiles
             names.update(lr.moe_gemm_launch(t, 8, 2, 64, 128, dt, act) for act in (False, True))
         for act in (None, *lr.GEMV_ACTS):     # the INT4 small-M GEMM
-            for zp in (False, True):
-                names.add(lr.w4_gemm_launch(40, 64, 128, dt, act=act, group=128,
-                                            zero_points=zp))
+            for zp in ({}, {"zero_points": True}, {"offsets": True}):
+                names.add(lr.w4_gemm_launch(40, 64, 128, dt, act=act, group=128, **zp))
                 if act is None:
-                    names.add(lr.w4_gemm_launch(40, 64, 128, dt, "float32", group=128,
-                                                zero_points=zp))
-        names.add(lr.dequant_int4_launch(64, 128, dt))
-        names.add(lr.dequant_int4_launch(64, 128, dt, zero_points=True))
+                    names.add(lr.w4_gemm_launch(40, 64, 128, dt, "float32", group=128, **zp))
+        for zp in ({}, {"zero_points": True}, {"offsets": True}):
+            names.add(lr.dequant_int4_launch(64, 128, dt, **zp))
         names.add(lr.quantize_fp8_launch(64, dt))
         for il in (False, True):
             for bias in (False, True):

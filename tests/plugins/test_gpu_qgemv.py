@@ -47,10 +47,11 @@ def check(y, ref, dtype, tol=None):
     assert err < tol, f"relative max error {err:.2e} >= {tol:.1e}"
 
 
-def int4_weight(n, k, group, dtype, seed=0, zero_points=False):
+def int4_weight(n, k, group, dtype, seed=0, zero_points=False, offsets=False):
     """Random codes and scales; the packed engine layout and the dequantized reference.
     zero_points: also zero points z [N, K / group] (uint8, 0..16), the codes then u - z; the
-    result is (packed, scale, deq, z)."""
+    result is (packed, scale, deq, z). offsets: also offsets o [N, K / group] in dtype, the
+    weight (u - 8) scale + o rounded once; the result is (packed, scale, deq, o)."""
     from llmc.backends.cuda.lower import pack_int4
 
     rng = np.random.default_rng(seed)
@@ -66,6 +67,11 @@ def int4_weight(n, k, group, dtype, seed=0, zero_points=False):
     deq = (torch.from_numpy(q).cuda().to(dtype) * scale.repeat_interleave(group, 1)).to(dtype)
     if zero_points:
         return packed, scale, deq, torch.from_numpy(z).cuda()
+    if offsets:   # of either sign, up to 8 scales (a GGUF Q4_1 block's m + 8 d)
+        o = ((torch.rand(n, k // group, device="cuda") * 16 - 8) * scale.float()).to(dtype)
+        deq = (torch.from_numpy(q).cuda().double() * scale.double().repeat_interleave(group, 1)
+               + o.double().repeat_interleave(group, 1)).to(dtype)
+        return packed, scale, deq, o
     return packed, scale, deq
 
 
@@ -132,17 +138,19 @@ def test_w4_gemv_fused_gate(K, inter, k, group, dtype, m, act):
     check(fused, K.gated(gu, act).double(), dtype, GATE_TOL[dtype])
 
 
+@pytest.mark.parametrize("kind", ("zero_points", "offsets"))
 @pytest.mark.parametrize("wide", (False, True))
 @pytest.mark.parametrize("m", (1, 8, 9, 16))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,group,act", ((576, 576, 64, None), (6144, 4096, 128, None),
                                            (96, 1152, 128, "swiglu"), (520, 2048, 32, "geglu"),
                                            (1000, 256, 32, None)))
-def test_w4_gemv_zero_points(K, n, k, group, act, dtype, m, wide):
+def test_w4_gemv_zero_points(K, n, k, group, act, dtype, m, wide, kind):
     """The zero-point kernels (kernels/qgemv_zp.cu: codes u - z, z per row and group, 0 to
-    16) with and without chunk scales, a tail chunk, AWQ's 1 / s and a fused gate."""
+    16) with and without chunk scales, and the offset kernels ((u - 8) s + o, o per row and
+    group: never chunk scales, never _wide), a tail chunk, AWQ's 1 / s and a fused gate."""
     w, scale, deq, z = int4_weight(n * (2 if act else 1), k, group, dtype, seed=9,
-                                   zero_points=True)
+                                   **{kind: True})
     x = x_rows(m, k, dtype, seed=10)
     pre = (torch.rand(k, device="cuda") + 0.5).to(dtype) if group == 128 else None
     y = K.w4_gemv(x, w, scale, group, pre=pre, act=act, zp=z, sm_count=1 if wide else 0)
@@ -151,7 +159,7 @@ def test_w4_gemv_zero_points(K, n, k, group, act, dtype, m, wide):
           GATE_TOL[dtype] if act else None)
 
 
-@pytest.mark.parametrize("zp", (False, True))
+@pytest.mark.parametrize("zp", (None, "zero_points", "offsets"))
 @pytest.mark.parametrize("kernel,m", [("w4_gemv", 1), ("w4_gemv", 8), ("w4_gemv", 16),
                                       ("w4_gemm", 24), ("w4_gemm", 200)])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -159,7 +167,7 @@ def test_w4_gemv_zero_points(K, n, k, group, act, dtype, m, wide):
 def test_w4_fp32_out(K, n, k, group, dtype, kernel, m, zp):
     """The _f32 kernels (a quantized LM head's fp32 logits): the same sums, not rounded to
     the dtype; with an fp32 bias."""
-    w, scale, deq, *z = int4_weight(n, k, group, dtype, seed=12, zero_points=zp)
+    w, scale, deq, *z = int4_weight(n, k, group, dtype, seed=12, **({zp: True} if zp else {}))
     x = x_rows(m, k, dtype, seed=13)
     bias = torch.randn(n, device="cuda")
     y = getattr(K, kernel)(x, w, scale, group, bias=bias, zp=z[0] if zp else None,
@@ -171,17 +179,20 @@ def test_w4_fp32_out(K, n, k, group, dtype, kernel, m, zp):
 @pytest.mark.parametrize("split", (False, True))   # K split over CTAs (the GPU's SMs) or not
 @pytest.mark.parametrize("m", (5, 40, 77))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("act,zp,pre,bias", ((None, False, True, True), (None, True, True, True),
-                                             ("swiglu", False, True, False),
-                                             ("geglu", True, False, False),
-                                             ("swiglu", True, True, False)))
+@pytest.mark.parametrize("act,zp,pre,bias", ((None, None, True, True),
+                                             (None, "zero_points", True, True),
+                                             (None, "offsets", True, True),
+                                             ("swiglu", None, True, False),
+                                             ("geglu", "zero_points", False, False),
+                                             ("swiglu", "zero_points", True, False),
+                                             ("swiglu", "offsets", False, False)))
 @pytest.mark.parametrize("n,k,group", ((96, 1152, 128), (520, 2048, 32), (1000, 576, 64)))
 def test_w4_gemm_options(K, n, k, group, act, zp, pre, bias, dtype, m, split):
     """AWQ's 1 / s (folded into the dequantized weight, one more rounding, as dequant_int4 does
-    for cuBLASLt), a bias, a fused gate, zero points (kernels/qgemv_zp.cu), tail chunks, with
-    and without the split-K partials' last-CTA sum."""
+    for cuBLASLt), a bias, a fused gate, zero points or offsets (kernels/qgemv_zp.cu), tail
+    chunks, with and without the split-K partials' last-CTA sum."""
     w, scale, deq, *z = int4_weight(n * (2 if act else 1), k, group, dtype, seed=14,
-                                    zero_points=zp)
+                                    **({zp: True} if zp else {}))
     x = x_rows(m, k, dtype, seed=15)
     p = (torch.rand(k, device="cuda") + 0.5).to(dtype) if pre else None
     b = torch.randn(n, device="cuda").to(dtype) if bias else None
@@ -197,8 +208,9 @@ def test_w4_gemm_options(K, n, k, group, act, zp, pre, bias, dtype, m, split):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,group", ((1728, 576, 64), (512, 4096, 128),
                                          (40, 96, 32)))
-def test_dequant_int4_zero_points_is_exact(K, n, k, group, dtype):
-    w, scale, deq, z = int4_weight(n, k, group, dtype, seed=11, zero_points=True)
+@pytest.mark.parametrize("kind", ("zero_points", "offsets"))
+def test_dequant_int4_zero_points_is_exact(K, n, k, group, dtype, kind):
+    w, scale, deq, z = int4_weight(n, k, group, dtype, seed=11, **{kind: True})
     assert torch.equal(K.dequant_int4(w, scale, group, dtype, zp=z), deq)
 
 

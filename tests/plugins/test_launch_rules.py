@@ -372,6 +372,28 @@ def test_w4_gemm_launch_tiles_and_splits():
         small.grid[2] * 64 * 4096 * 4, small.grid[0] * small.grid[1])
 
 
+def test_int4_offsets_take_their_own_kernels():
+    """Offsets (a GGUF file's Q4_1) in the zero-point module, as w4off / w4goff /
+    dequant_int4_off: never chunk scales or the _wide kernel, whatever the group and tiles;
+    one kind of offsets at a time, and INT4's only."""
+    kw = dict(group=128, sm_count=1)     # 6144 rows are tiles enough for _wide
+    assert lr.qgemv_launch(1, 6144, 4096, "bfloat16", "int4", **kw).kernel == \
+        "w4_bf16_m8_wide_cs"
+    off = lr.qgemv_launch(1, 6144, 4096, "bfloat16", "int4", offsets=True, **kw)
+    assert (off.module, off.kernel) == ("qgemv_zp", "w4off_bf16_m8")
+    assert lr.qgemv_launch(12, 64, 256, "float16", "int4", act="swiglu", group=32,
+                           offsets=True).kernel == "w4off_f16_m16_swiglu"
+    assert lr.w4_gemm_launch(40, 64, 256, "float16", "float32", group=64,
+                             offsets=True).kernel == "w4goff_f16_f32"
+    assert lr.dequant_int4_launch(64, 256, "bfloat16", offsets=True).kernel == \
+        "dequant_int4_off_bf16"
+    with pytest.raises(ValueError, match="one of them"):
+        lr.qgemv_launch(1, 64, 256, "float16", "int4", group=32, zero_points=True,
+                        offsets=True)
+    with pytest.raises(ValueError, match="INT4's"):
+        lr.qgemv_launch(1, 64, 256, "float16", "fp8", offsets=True)
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(k=100), "multiple of 32"),
     (dict(out_dtype="float16"), "writes bfloat16 or float32"),

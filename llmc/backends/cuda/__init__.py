@@ -24,7 +24,6 @@ TARGET_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120")
 
 class CudaBackend:
     name = "cuda"
-    int4_minimums = False   # its kernels take integer zero points only
 
     def __init__(self, gpu_arch: str | None = None):
         self.gpu_arch = gpu_arch

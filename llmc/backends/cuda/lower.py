@@ -425,7 +425,8 @@ class Lowering:
             site.update(kind="int4", group=block)
             zero_points = self._int4_zero_points(node, k, n, block)
             if zero_points is not None:
-                site.update(offset=zero_points[0], out=zero_points[1])
+                site.update(offset=zero_points[0], out=zero_points[1],
+                            offsets=zero_points[3])
                 claimed += zero_points[2]
         elif kind == FP8:
             xdq = g.producer.get(x)
@@ -457,8 +458,10 @@ class Lowering:
     def _int4_zero_points(self, node, k: int, n: int, block: int):
         """A zero-point checkpoint's INT4 GEMM (qdq.int4_pass): the MatMul's output added to
         MatMul(MatMul(x', E), offsets), E the 0/1 block-sum weight [K, K / B] and the offsets
-        (8 - z) s [K / B, N]. (offsets, the sum's output, the three nodes) or None. The
-        kernels take z itself: rewrite_weights recovers it from the offsets and scales."""
+        (8 - z) s [K / B, N], or any offsets (Int4Offsets: a GGUF file's Q4_1). (offsets, the
+        sum's output, the three nodes, whether they are any offsets) or None. The kernels
+        take z itself (rewrite_weights recovers it from the offsets and scales), or the
+        offsets as they are."""
         g = self.g
         users = g.consumers.get(node.output[0], [])
         add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
@@ -468,9 +471,6 @@ class Lowering:
             else None
         if sums is None or sums.op_type != "MatMul" or sums.input[0] != node.input[0]:
             return None
-        if zp.name.startswith("Int4Minimums"):
-            raise UnsupportedGraph(f"{node.name!r}: the cuda kernels take integer INT4 zero "
-                                   "points, not a minimum a block (GGUF Q4_1)")
         e, offsets = g.weight(sums.input[1]), g.weight(zp.input[1])
         if e is None or offsets is None or list(e.dims) != [k, k // block] or \
                 list(offsets.dims) != [k // block, n] or \
@@ -478,7 +478,7 @@ class Lowering:
                 len(g.consumers.get(other, [])) != 1 or len(g.consumers[sums.output[0]]) != 1:
             raise UnsupportedGraph(f"{add.name!r}: an INT4 GEMM's zero points are not the "
                                    "quantizer's form (x's block sums times the offsets)")
-        return zp.input[1], add.output[0], [sums, zp, add]
+        return zp.input[1], add.output[0], [sums, zp, add], zp.name.startswith("Int4Offsets")
 
     def _quantized_gemm(self, node, site: dict) -> None:
         k, n = self.g.weight(site["q"]).dims
@@ -489,11 +489,14 @@ class Lowering:
             w = self._weight(site["q"], shape=[n, k // 2], dtype="uint8")
             scale = self._weight(site["scale"], shape=[n, k // site["group"]])
             pre = self._weight(site["pre"]) if "pre" in site else None
-            # the zero points, a byte each, where the offsets were (rewrite_weights)
-            zp = self._weight(site["offset"], shape=[n, k // site["group"]], dtype="uint8") \
-                if "offset" in site else None
+            # the zero points, a byte each, where the offsets were, or the offsets transposed
+            # (rewrite_weights)
+            zp = None if "offset" not in site else self._weight(
+                site["offset"], shape=[n, k // site["group"]],
+                **({} if site["offsets"] else {"dtype": "uint8"}))
             self._gemm(node, site["x"], w, n, k, trans_b=True, qinputs=(scale, pre, zp),
-                       out=site.get("out", ""), quant="int4", group=site["group"])
+                       out=site.get("out", ""), quant="int4", group=site["group"],
+                       **({"offsets": True} if site.get("offsets") else {}))
         else:
             w = self._weight(site["q"], shape=[n, k], dtype=FP8)
             # The kernel and cuBLASLt scale each output channel by x_scale * w_scale[n] in
@@ -1080,7 +1083,10 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
         if quant == "int4":
             jobs[op.inputs[3]] = "transpose"
             if zp := int4_zero_points(op):
-                zeros[zp] = op.inputs[3]
+                if op.attrs.get("offsets"):
+                    jobs[zp] = "transpose"
+                else:
+                    zeros[zp] = op.inputs[3]
         elif quant == "fp8":
             appended[op.inputs[3]] = (op.attrs["scale_from"], op.attrs["x_scale"])
     if not jobs:

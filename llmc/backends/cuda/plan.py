@@ -105,8 +105,8 @@ class Plan:
 
 
 def int4_zero_points(op: Op) -> str | None:
-    """An INT4 gemm's zero points (input 5), or None: symmetric codes, another op, or an
-    engine from before zero points."""
+    """An INT4 gemm's zero points or, with attr offsets, its offsets (input 5), or None:
+    symmetric codes, another op, or an engine from before zero points."""
     return op.inputs[5] if op.op == "gemm" and len(op.inputs) > 5 else None
 
 

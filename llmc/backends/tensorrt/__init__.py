@@ -21,8 +21,6 @@ PLAN = "plan"
 
 
 class TensorRTBackend:
-    int4_minimums = True   # the offsets are plain GEMMs
-
     def __init__(self, name: str):
         self.name = name
 

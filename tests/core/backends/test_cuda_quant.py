@@ -314,20 +314,7 @@ def test_zero_point_engine_matches_the_reference_backend(tiny_models_d64, tmp_pa
 
 def _compare_engines(tmp_path, model, what: str, tolerance: float, graphs: bool) -> None:
     """c.engine (cuda) against r.engine (reference) over hf_steps' ragged steps."""
-    from hf_steps import Ragged, two_engine_steps
+    from hf_steps import compare_engines
 
-    from llmc.backends.cuda.session import CudaSession
-    from llmc.backends.reference import ReferenceSession
-
-    bs = LIMITS.kv_block_size
-    blocks, num_blocks, steps = two_engine_steps(model.config.vocab_size, bs)
-    with CudaSession(EngineFile(tmp_path / "c.engine"), max_kv_blocks=64,
-                     cuda_graphs=graphs) as cuda:
-        ref = ReferenceSession(EngineFile(tmp_path / "r.engine"))
-        runs = [Ragged(s, blocks, bs) for s in (cuda, ref)]
-        for s in (cuda, ref):
-            s.allocate_kv(num_blocks)
-        for i, step in enumerate(steps):
-            got, want = (r.step(step) for r in runs)
-            err = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
-            assert err.max() < tolerance, f"{what} step {i}: rel err {err.max():.2e}"
+    compare_engines(tmp_path / "c.engine", tmp_path / "r.engine", model.config.vocab_size,
+                    LIMITS.kv_block_size, what, tolerance, graphs)
