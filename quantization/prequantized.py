@@ -49,10 +49,10 @@ pre_quant_scale is folded into its weight), and the quantized form is kept: `--q
 builds the checkpoint's own format from it instead of calibrating, which gives back the
 checkpoint's FP8 or INT4 values.
 
-A GGUF file's matrices in llama.cpp's 4-bit blocks of 32 (Q4_0: x = (u - 8) d; Q4_1: x =
-u d + m) are INT4 weights of the same kind: codes u - 8 with the scales d, and for Q4_1 the
-offset m + 8 d a block (gguf_int4). They are kept only when asked (`--quant int4-gguf`):
-`auto` builds a GGUF file from its dequantized weights, as before.
+A GGUF file's matrices in llama.cpp's 4-bit blocks of 32 (Q4_0: x = (u - 8) d; Q4_1 and
+Q4_K: x = u d + m) are INT4 weights of the same kind: codes u - 8 with the scales d and,
+but for Q4_0, the offset m + 8 d a block (gguf_int4). They are kept only when asked
+(`--quant int4-gguf`): `auto` builds a GGUF file from its dequantized weights, as before.
 """
 
 from __future__ import annotations
@@ -335,18 +335,18 @@ def _dequantized(read: Callable[[], np.ndarray], scale: np.ndarray):
 
 def gguf_int4(blocks: dict[str, Callable[[], tuple]], source: Any,
               fix: Callable[[str, np.ndarray], np.ndarray]) -> Prequantized:
-    """The INT4 weights of a GGUF file's Q4_0 / Q4_1 matrices (``blocks``: HF name -> the
+    """The INT4 weights of a GGUF file's Q4_0 / Q4_1 / Q4_K matrices (``blocks``: HF name -> the
     reader of its codes, scales and minimums, llmc.checkpoint.gguf), each passed through
     ``fix`` (the family's row permutation of the file's layout, the same for every part)."""
     from llmc.checkpoint.gguf import INT4_BLOCK
 
     if not blocks:
         raise LlmcError(f"--quant int4-gguf keeps a GGUF file's own 4-bit blocks (Q4_0, "
-                        f"Q4_1), and {source} has none: use --quant int4-awq or int4-rtn")
+                        f"Q4_1, Q4_K), and {source} has none: use --quant int4-awq or int4-rtn")
     int4, kinds = {}, set()
     for name, read in blocks.items():
-        _, d, m = read(False)       # the scales now, the codes when the weight is saved
-        kinds.add("Q4_1" if m is not None else "Q4_0")
+        _, d, m, kind = read(False)   # the scales now, the codes when the weight is saved
+        kinds.add(kind)
 
         def codes(name=name, read=read) -> np.ndarray:
             return fix(name, read()[0].astype(np.int8) - 8)

@@ -57,7 +57,7 @@ class Checkpoint(NamedTensors):
     readers: dict[str, Callable[[], np.ndarray]]
     tokenizer_json: Callable[[], str]
     chat_template: str | None
-    # matrices stored in 4-bit blocks (GGUF Q4_0 / Q4_1), by file name: their codes (unless
+    # matrices stored in 4-bit blocks (GGUF Q4_0 / Q4_1 / Q4_K), by file name: their codes (unless
     # called with False), scales and minimums as stored (gguf.GGUFFile.int4_blocks)
     int4_blocks: dict[str, Callable[[], tuple]] = field(default_factory=dict)
 

@@ -2,8 +2,8 @@
 
 Each tensor is dequantized to float32 (through the ``gguf`` package) only when asked for,
 under its llama.cpp name; model_zoo's family tables say which HF tensor it stands for.
-Tensors in 4-bit blocks of 32 (Q4_0, Q4_1) can also be read as they are stored, codes and
-per-block scales (and minimums), for an INT4 engine that keeps the file's own numbers
+Tensors in 4-bit blocks of 32 (Q4_0, Q4_1, Q4_K) can also be read as they are stored, codes
+and per-block scales (and minimums), for an INT4 engine that keeps the file's own numbers
 (``--quant int4-gguf``). The tokenizer JSON comes from transformers' GGUF tokenizer converter.
 """
 
@@ -32,10 +32,13 @@ def open_gguf(path: Path) -> Checkpoint:
                       reader.get("tokenizer.chat_template"), int4_blocks=blocks)
 
 
-# llama.cpp's 4-bit blocks of 32 along a row (ggml-common.h): an fp16 scale d (Q4_1: then an
-# fp16 minimum m) and 16 bytes whose low nibbles are the block's values 0..15 and high nibbles
-# 16..31. Q4_0: x = (u - 8) d; Q4_1: x = u d + m.
-INT4_TYPES = ("Q4_0", "Q4_1")
+# llama.cpp's 4-bit blocks of 32 along a row (ggml-common.h). Q4_0 and Q4_1: an fp16 scale d
+# (Q4_1: then an fp16 minimum m) and 16 bytes whose low nibbles are the block's values 0..15
+# and high nibbles 16..31; x = (u - 8) d, x = u d + m. Q4_K: super-blocks of 256, an fp16 d
+# and dmin, 12 bytes of 6-bit scales sc and minimums mn for its eight blocks of 32, then 128
+# bytes in four runs of 32 whose low nibbles are block 2r and high nibbles block 2r + 1; x =
+# u (d sc) - dmin mn, a Q4_1 block of scale d sc and minimum -dmin mn.
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 INT4_BLOCK = 32
 
 
@@ -141,19 +144,28 @@ class GGUFFile:
 
 
     def int4_blocks(self, name: str, codes: bool = True
-                    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
-        """A Q4_0 or Q4_1 matrix [rows, cols] as stored: the codes u (uint8 0..15, [rows,
-        cols]; None unless asked), the scales d and, for Q4_1, the minimums m (float32
-        [rows, cols / 32])."""
+                    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None, str]:
+        """A Q4_0, Q4_1 or Q4_K matrix [rows, cols] as stored: the codes u (uint8 0..15,
+        [rows, cols]; None unless asked), the scales and, but for Q4_0, the minimums of its
+        blocks of 32 (float32 [rows, cols / 32]: x = u d + m), and the type's name."""
+        import gguf
+
         (rows, cols), qtype, start, row_bytes = self.tensors[name]
-        head = 2 * (1 + INT4_TYPES.index(qtype.name))           # d, or d and m
-        raw = self._map[start:start + rows * row_bytes].reshape(rows, cols // INT4_BLOCK, -1)
-        halves = np.ascontiguousarray(raw[..., :head]).view(np.float16).astype(np.float32)
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        raw = self._map[start:start + rows * row_bytes].reshape(rows, cols // block, -1)
+        head = {"Q4_0": 2, "Q4_1": 4, "Q4_K": 16}[qtype.name]   # the bytes before the codes
+        halves = np.ascontiguousarray(raw[..., :4]).view(np.float16).astype(np.float32)
+        d, m = halves[..., 0], halves[..., 1] if head > 2 else None
+        if qtype.name == "Q4_K":
+            sc, mn = gguf.quants.Q4_K.get_scale_min(raw[..., 4:16].reshape(-1, 12))
+            d = (d.reshape(-1, 1) * sc.astype(np.float32)).reshape(rows, -1)
+            m = -(m.reshape(-1, 1) * mn.astype(np.float32)).reshape(rows, -1)
         u = None
-        if codes:
-            qs = raw[..., head:]
-            u = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, cols)
-        return u, halves[..., 0], halves[..., 1] if head == 4 else None
+        if codes:   # Q4_0 / Q4_1: one run of 16 bytes a block; Q4_K: four of 32 a super-block
+            qs = raw[..., head:].reshape(rows, cols // block, -1, INT4_BLOCK // 2 *
+                                         (2 if qtype.name == "Q4_K" else 1))
+            u = np.stack([qs & 0xF, qs >> 4], axis=-2).reshape(rows, cols)
+        return u, d, m, qtype.name
 
 
 def _tokenizer_json(path: Path, reader: GGUFFile) -> str:

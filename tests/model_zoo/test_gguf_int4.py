@@ -1,4 +1,4 @@
-"""--quant int4-gguf: a GGUF file's own 4-bit blocks (Q4_0, Q4_1) kept as the engine's INT4
+"""--quant int4-gguf: a GGUF file's own 4-bit blocks (Q4_0, Q4_1, Q4_K) kept as the engine's INT4
 weights, read as llama.cpp stores them and checked against the gguf package's own
 dequantization."""
 
@@ -20,12 +20,36 @@ from llmc.model_zoo import load_model
 from llmc.model_zoo.llama import GGUF_NAMES
 from llmc.quantization.quantize import QuantOptions
 
-Q4_0, Q4_1, F32 = (gguf.GGMLQuantizationType[t] for t in ("Q4_0", "Q4_1", "F32"))
+Q4_0, Q4_1, Q4_K, F32 = (gguf.GGMLQuantizationType[t] for t in ("Q4_0", "Q4_1", "Q4_K", "F32"))
 LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=128, max_seq_len=128, kv_block_size=16)
 
 
 def _q4(t: np.ndarray, qtype) -> np.ndarray:
-    return gguf.quants.quantize(np.ascontiguousarray(t, np.float32), qtype)
+    t = np.ascontiguousarray(t, np.float32)
+    return _q4_k(t) if qtype == Q4_K else gguf.quants.quantize(t, qtype)
+
+
+def _q4_k(t: np.ndarray) -> np.ndarray:
+    """Q4_K bytes of t [rows, cols] (the gguf package only reads them): each block of 32 its
+    min/max range in 6-bit multiples of the super-block's d and dmin (llama.cpp searches
+    them; plain rounding is enough for a file to read back)."""
+    rows, cols = t.shape
+    x = t.reshape(rows, cols // 256, 8, 32)
+    lo, hi = np.minimum(x.min(-1), 0), np.maximum(x.max(-1), 0)
+    d = ((hi - lo).max(-1) / 15 / 63).astype(np.float16)
+    dmin = ((-lo).max(-1) / 63).astype(np.float16)
+    sc = np.clip(np.rint((hi - lo) / 15 / np.maximum(d, 1e-8)[..., None]), 1, 63).astype(np.uint8)
+    mn = np.clip(np.rint(-lo / np.maximum(dmin, 1e-8)[..., None]), 0, 63).astype(np.uint8)
+    step = d.astype(np.float32)[..., None] * sc
+    u = np.clip(np.rint((x + (dmin.astype(np.float32)[..., None] * mn)[..., None]) /
+                        step[..., None]), 0, 15).astype(np.uint8)
+    scales = np.concatenate([sc[..., :4] | (sc[..., 4:] >> 4) << 6,      # the 6-bit packing
+                             mn[..., :4] | (mn[..., 4:] >> 4) << 6,      # gguf's Q4_K
+                             (sc[..., 4:] & 15) | (mn[..., 4:] & 15) << 4], axis=-1)  # unpacks
+    pairs = u.reshape(rows, cols // 256, 4, 2, 32)
+    qs = (pairs[..., 0, :] | pairs[..., 1, :] << 4).reshape(rows, cols // 256, 128)
+    return np.concatenate([d[..., None].view(np.uint8), dmin[..., None].view(np.uint8), scales,
+                           qs], axis=-1).reshape(rows, -1)
 
 
 def test_q4_blocks_read_as_stored(tmp_path):
@@ -35,7 +59,9 @@ def test_q4_blocks_read_as_stored(tmp_path):
     path = tmp_path / "q.gguf"
     w = gguf.GGUFWriter(path, "llama")
     mats = {"a": (rng.standard_normal((48, 96)) * 0.1, Q4_0),
-            "b": (rng.standard_normal((40, 64)) + 0.3, Q4_1), "c": (rng.random((8, 32)), F32)}
+            "b": (rng.standard_normal((40, 64)) + 0.3, Q4_1),
+            "k": (rng.standard_normal((24, 512)) * 0.1 + 0.02, Q4_K),
+            "c": (rng.random((8, 32)), F32)}
     for name, (t, qtype) in mats.items():
         w.add_tensor(name, _q4(t, qtype) if qtype != F32 else t.astype(np.float32),
                      raw_dtype=qtype if qtype != F32 else None)
@@ -45,20 +71,22 @@ def test_q4_blocks_read_as_stored(tmp_path):
     w.write_tensors_to_file()
     w.close()
     reader = GGUFFile(path)
-    assert sorted(open_checkpoint(path).int4_blocks) == ["a", "b"]
-    for name in ("a", "b"):
-        u, d, m = reader.int4_blocks(name)
+    assert sorted(open_checkpoint(path).int4_blocks) == ["a", "b", "k"]
+    for name in ("a", "b", "k"):
+        u, d, m, kind = reader.int4_blocks(name)
         rows, cols = u.shape
         assert u.dtype == np.uint8 and u.max() <= 15 and d.shape == (rows, cols // 32)
+        assert kind == mats[name][1].name and (m is None) == (name == "a")
         blocks = u.reshape(rows, -1, 32).astype(np.float32)
         x = (blocks - 8) * d[..., None] if m is None else blocks * d[..., None] + m[..., None]
-        assert (m is None) == (name == "a")
         np.testing.assert_array_equal(x.reshape(rows, cols), reader.dequantize(name))
+        t = mats[name][0]   # (and the test's own Q4_K writer is a 4-bit rounding of t)
+        assert np.abs(x.reshape(rows, cols) - t).max() < 0.15 * np.abs(t).max(), name
 
 
 def _write_tiny_gguf(path, model, types: dict[str, object]) -> None:
     """The tiny llama as llama.cpp writes it (Q/K rows permuted), each GEMM weight stored as
-    `types` says by its HF name's ending (Q4_0 / Q4_1 / F32), everything else F32; its
+    `types` says by its HF name's ending (Q4_0 / Q4_1 / Q4_K / F32), everything else F32; its
     tokenizer byte-level BPE without merges over 127 symbols, so text is ids < 128."""
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -95,8 +123,8 @@ def _write_tiny_gguf(path, model, types: dict[str, object]) -> None:
 TYPES = {"0.self_attn.q_proj.weight": Q4_0, "0.self_attn.k_proj.weight": Q4_0,
          "0.self_attn.v_proj.weight": Q4_0, "o_proj.weight": Q4_1, "gate_proj.weight": Q4_1,
          "up_proj.weight": Q4_1, "0.mlp.down_proj.weight": Q4_0,
-         "1.self_attn.q_proj.weight": Q4_1, "1.self_attn.k_proj.weight": Q4_1,
-         "1.self_attn.v_proj.weight": Q4_1}   # layer 1's down_proj stays F32
+         "1.self_attn.q_proj.weight": Q4_K, "1.self_attn.k_proj.weight": Q4_K,
+         "1.self_attn.v_proj.weight": Q4_K}   # layer 1's down_proj stays F32
 
 
 def test_stored_int4_is_the_dequantized_model(tiny_models_d64, tmp_path):
@@ -107,7 +135,7 @@ def test_stored_int4_is_the_dequantized_model(tiny_models_d64, tmp_path):
     _write_tiny_gguf(path, model, TYPES)
     m = load_model(path)
     pre = m.stored_int4()
-    assert pre.mode == "int4-gguf" and pre.producer == "GGUF Q4_0/Q4_1"
+    assert pre.mode == "int4-gguf" and pre.producer == "GGUF Q4_0/Q4_1/Q4_K"
     assert len(pre.int4) == 13 and "model.layers.1.mlp.down_proj.weight" not in pre.int4
     for name, w in pre.int4.items():
         q = w.values().astype(np.float32)                      # [out, in], u - 8
@@ -153,7 +181,7 @@ def test_int4_gguf_builds_smollm2_as_the_file_has_it(smollm2_path, tmp_path):
     engine = EngineFile(tmp_path / "g.engine")
     graph = onnx.load_from_string(engine.section("model.onnx").tobytes())
     assert sum(n.name.startswith("Int4Offsets") for n in graph.graph.node) == 120
-    u, _, _ = GGUFFile(smollm2_path).int4_blocks("blk.3.ffn_down.weight")     # [out, in]
+    u, *_ = GGUFFile(smollm2_path).int4_blocks("blk.3.ffn_down.weight")     # [out, in]
     t = next(t for t in graph.graph.initializer
              if t.name == "model.layers.3.mlp.down_proj.weight.int4")
     info = {e.key: int(e.value) for e in t.external_data if e.key != "location"}
@@ -199,14 +227,14 @@ def test_int4_gguf_lowers_to_the_offset_kernels(tiny_models_d64, tmp_path, words
     assert "qgemv_zp" in plan.modules and len(gemms) == 7
     with_offsets = {name for name, op in gemms.items() if len(op.inputs) > 5 and op.inputs[5]}
     assert with_offsets == {name for name in gemms if any(
-        q == Q4_1 for end, q in TYPES.items() for part in fused_parts(name)
+        q != Q4_0 for end, q in TYPES.items() for part in fused_parts(name)
         if part.endswith(end))}
     assert all(gemms[name].attrs.get("offsets") for name in with_offsets)
     op = gemms["model.layers.0.self_attn.o_proj.weight"]
     v = plan.values[op.inputs[5]]
     stored = np.frombuffer(engine.section(WEIGHTS)[v.offset:v.offset + 2 * v.shape[0] *
                                                    v.shape[1]], np.float16).reshape(v.shape)
-    _, d, m = GGUFFile(path).int4_blocks("blk.0.attn_output.weight")
+    _, d, m, _ = GGUFFile(path).int4_blocks("blk.0.attn_output.weight")
     np.testing.assert_array_equal(stored, (m + 8 * d).astype(np.float16))
 
 
