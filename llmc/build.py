@@ -87,6 +87,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
     # a GGUF file's 4-bit blocks are read (all their scales) only for the mode that keeps them
     prequantized = model.stored_int4() if quant_opts.mode == "int4-gguf" and \
         model.checkpoint.format == "gguf" else model.prequantized
+    if quant_opts.mode == "auto" and model.int4_blocks:
+        log(f"the GGUF file stores {len(model.int4_blocks)} matrices in 4-bit blocks; --quant "
+            "auto builds them dequantized (16-bit), --quant int4-gguf keeps them as they are")
     quant_opts = quant_opts.resolve(prequantized, log)
     check_quant(backend, quant_opts)
     if limits.max_seq_len > cfg.max_position_embeddings:

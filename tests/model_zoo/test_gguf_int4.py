@@ -204,6 +204,18 @@ def test_int4_gguf_builds_the_files_blocks(tiny_models_d64, tmp_path, words):
     assert q.accuracy.top1_agreement == 1.0 and abs(q.accuracy.delta_ppl_pct) < 1e-3
 
 
+def test_auto_builds_a_gguf_dequantized_and_says_so(tiny_models_d64, tmp_path):
+    _, model = tiny_models_d64["llama-gqa"]
+    path = tmp_path / "mixed.gguf"
+    _write_tiny_gguf(path, model, TYPES)
+    logs = []
+    header = build(BuildOptions(path, tmp_path / "a.engine", dtype="float32", limits=LIMITS,
+                                quant=QuantOptions("auto")), log=logs.append)
+    assert header.quant is None
+    assert "the GGUF file stores 13 matrices in 4-bit blocks; --quant auto builds them " \
+        "dequantized (16-bit), --quant int4-gguf keeps them as they are" in logs
+
+
 def test_int4_gguf_lowers_to_the_offset_kernels(tiny_models_d64, tmp_path, words):
     """cuda backend: the GEMMs with Q4_1 parts take the offsets m + 8 d themselves, [out,
     in / 32] in the dtype where the graph's offsets were (kernels/qgemv_zp.cu: w4off); the
