@@ -351,6 +351,9 @@ def gguf_int4(blocks: dict[str, Callable[[], tuple]], source: Any,
         def codes(name=name, read=read) -> np.ndarray:
             return fix(name, read()[0].astype(np.int8) - 8)
 
-        int4[name] = Int4Weight(codes, fix(name, d), None, INT4_BLOCK * d.shape[1],
+        scale = fix(name, d)
+        if scale.shape != d.shape:   # the family transposes this matrix: its blocks run down
+            continue                 # the graph's columns, which no INT4 form here holds
+        int4[name] = Int4Weight(codes, scale, None, INT4_BLOCK * d.shape[1],
                                 None if m is None else fix(name, m + 8 * d), m is None)
     return Prequantized("int4-gguf", f"GGUF {'/'.join(sorted(kinds))}", {}, {}, int4)

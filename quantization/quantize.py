@@ -212,6 +212,11 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     if p is not None:
         qmodel, qweights, report = qdq.quantize_graph(model, weights, p)
         gemms = report["fired"][p.name]
+        if not gemms and opts.mode == "int4-gguf":
+            raise LlmcError(f"--quant int4-gguf: none of the {prequantized.describe()}'s 4-bit "
+                            "matrices is a GEMM weight llmc can keep as it is stored (GPT-2 "
+                            "files store theirs transposed); build it with --quant int4-awq "
+                            "or int4-rtn")
         blocks = {a.i for n in qmodel.graph.node if n.op_type == "DequantizeLinear"
                   for a in n.attribute if a.name == "block_size"}
         if blocks:

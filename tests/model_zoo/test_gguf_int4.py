@@ -148,7 +148,19 @@ def test_stored_int4_is_the_dequantized_model(tiny_models_d64, tmp_path):
         np.testing.assert_allclose(deq, m.tensor(name), rtol=0, atol=1e-6, err_msg=name)
 
 
-def test_int4_gguf_needs_a_gguf_with_4bit_blocks(tiny_models_d64, tmp_path):
+def test_a_matrix_the_family_transposes_is_not_kept():
+    """GPT-2's reader transposes its Conv1D matrices: their blocks would run down the graph's
+    columns, so such a matrix is left to the dequantized path."""
+    from llmc.quantization.prequantized import gguf_int4
+
+    def read(codes=True):
+        return np.zeros((64, 96), np.uint8) if codes else None, np.ones((64, 3), np.float32), \
+            None, "Q4_0"
+    assert gguf_int4({"w": read}, "t.gguf", lambda name, a: a).int4.keys() == {"w"}
+    assert gguf_int4({"w": read}, "t.gguf", lambda name, a: a.T).int4 == {}
+
+
+def test_int4_gguf_needs_a_gguf_with_4bit_blocks(tiny_models_d64, tmp_path, words):
     folder, model = tiny_models_d64["llama-gqa"]
     with pytest.raises(LlmcError, match="keeps a GGUF file's own 4-bit blocks, and the model "
                                         "is not a GGUF file"):
@@ -159,6 +171,12 @@ def test_int4_gguf_needs_a_gguf_with_4bit_blocks(tiny_models_d64, tmp_path):
     with pytest.raises(LlmcError, match=r"f32.gguf has none: use --quant int4-awq or int4-rtn"):
         build(BuildOptions(path, tmp_path / "b.engine", limits=LIMITS,
                            quant=QuantOptions("int4-gguf")), log=lambda _: None)
+    path = tmp_path / "embedding.gguf"   # 4-bit, but no GEMM's weight
+    _write_tiny_gguf(path, model, {"embed_tokens.weight": Q4_0})
+    with pytest.raises(LlmcError, match=r"none of the GGUF Q4_0 int4-gguf checkpoint \(1 "
+                                        r"weights\)'s 4-bit matrices is a GEMM weight"):
+        build(BuildOptions(path, tmp_path / "c.engine", limits=LIMITS,
+                           quant=QuantOptions("int4-gguf", eval_data=words)), log=lambda _: None)
     assert not list(tmp_path.glob("*.engine"))
 
 
