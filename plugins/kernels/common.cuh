@@ -137,6 +137,24 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// The step that ends a computation split over `total` CTAs: each calls it once its partial
+// results are written, and it returns true (in every thread) in the last CTA to arrive, whose
+// reads then see every CTA's writes. That CTA sets the counter back to zero, so the next
+// launch, or a captured graph's replay, needs no memset. Issue order is free: "last" is
+// whichever CTA's atomic sees total - 1. flag: a word of shared memory.
+__device__ __forceinline__ bool last_to_arrive(int* counter, int total, int* flag) {
+  __threadfence();  // this CTA's partials are visible to the GPU before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    *flag = atomicAdd(counter, 1) == total - 1;
+    if (*flag) *counter = 0;
+  }
+  __syncthreads();
+  if (!*flag) return false;
+  __threadfence();
+  return true;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

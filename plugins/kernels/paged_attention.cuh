@@ -389,10 +389,9 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
 }
 
 // The flash-decoding combine inside the decode kernel: each split's CTA counts itself in on
-// its (token, kv head) counter once its partials are written, and the last to arrive sums the
-// live splits' partials into out and sets the counter back to zero, so a captured graph
-// replays it without a memset and no attn_reduce launch follows (issue order is free, so
-// "last" is whichever CTA's atomic sees n_split - 1). G q heads of one token; the live splits
+// its (token, kv head) counter once its partials are written (last_to_arrive), and the last
+// to arrive sums the live splits' partials into out, so no attn_reduce launch follows. G q
+// heads of one token; the live splits
 // are the first n_live (attn_decode divides the token's own context). Shared memory, free by
 // now: wgt, G x n_live floats (the K/V stages); sc, 17 words (the Q tile). No static
 // __shared__ here: with 80 bytes of it every 16-bit decode launch ran about 10% slower at
@@ -405,16 +404,7 @@ __device__ __noinline__ void combine_splits(const float* __restrict__ ws_o,
                                             size_t head0, int G, int d, u16* __restrict__ out,
                                             float* __restrict__ wgt, float* __restrict__ sc) {
   float* const inv_den = sc;
-  int* const last = reinterpret_cast<int*>(sc + 16);
-  __threadfence();  // this CTA's partials are visible to the GPU before it is counted
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    *last = atomicAdd(counter, 1) == n_split - 1;
-    if (*last) *counter = 0;
-  }
-  __syncthreads();
-  if (!*last) return;
-  __threadfence();
+  if (!last_to_arrive(counter, n_split, reinterpret_cast<int*>(sc + 16))) return;
   // One CTA now does what attn_reduce's T * Hq CTAs did, so its loads must overlap: a warp
   // per q head for the weights, then 16-byte loads of the partials, 8 splits in flight.
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

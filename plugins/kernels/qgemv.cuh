@@ -438,7 +438,7 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
   constexpr int TILE = ACT ? 8 : 16;  // outputs a warp gives
   constexpr int STAGE = (MT + 1) * 128;  // x's [MT, 128] chunk, then pre's 128
   extern __shared__ __align__(16) u16 w4g_x[];  // S stages
-  __shared__ bool last;
+  __shared__ int last;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * MT;  // x tiles vary fastest: they share the CTA's weight in L2
   const int ob = blockIdx.y * NW * TILE, o0 = ob + warp * TILE;
@@ -568,7 +568,7 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
   }
   // Split K: each CTA leaves its partial sums in part [splits, m, rows] (rows: n, or 2n with
   // ACT: gate then up), and the last of the tile's CTAs to arrive adds them up (its counter in
-  // `arrived` back to zero for the next launch).
+  // `arrived` back to zero for the next launch: last_to_arrive).
   const int rows = ACT ? 2 * n : n;
   float* mine = part + (size_t)blockIdx.z * m * rows;
 #pragma unroll
@@ -578,13 +578,7 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
       const int row = m0 + 8 * j + 2 * t + (e & 1), o = o0 + g + (ACT ? 0 : 8 * (e >> 1));
       if (row < m && o < n) mine[(size_t)row * rows + (ACT && e >= 2 ? n + o : o)] = acc[j][e];
     }
-  __threadfence();
-  __syncthreads();
-  int* counter = arrived + blockIdx.y * gridDim.x + blockIdx.x;
-  if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.z - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (!last_to_arrive(arrived + blockIdx.y * gridDim.x + blockIdx.x, gridDim.z, &last)) return;
   for (int i = threadIdx.x; i < MT * NW * TILE; i += NW * 32) {
     const int row = m0 + i / (NW * TILE), o = ob + i % (NW * TILE);
     if (row >= m || o >= n) continue;
@@ -596,7 +590,6 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
     }
     store(row, o, v, up);
   }
-  if (threadIdx.x == 0) *counter = 0;
 }
 
 // ---- FP8 (E4M3) W8A8, sm_89+ -----------------------------------------------------------------

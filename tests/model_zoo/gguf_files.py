@@ -37,11 +37,14 @@ def permuted_qk(cfg) -> Callable[[str, np.ndarray], np.ndarray]:
 def write_gguf(path, arch: str, model, names: dict[str, str],
                meta: Callable[[gguf.GGUFWriter], None],
                convert: Callable[[str, np.ndarray], np.ndarray] = lambda name, t: t,
-               extra: dict[str, np.ndarray] | None = None, state: dict | None = None) -> None:
+               extra: dict[str, np.ndarray] | None = None, state: dict | None = None,
+               quantize: Callable[[str, np.ndarray], tuple | None] = lambda name, t: None
+               ) -> None:
     """Every tensor of `model` (or of `state`, tensors under the names the table uses)
     under its llama.cpp name (`names`: a family's GGUF table, llama.cpp name -> HF name
     with {i} for the layer), changed by `convert` the way llama.cpp's convert_hf_to_gguf.py
-    changes it, and `extra` tensors under llama.cpp names; `meta` writes the metadata."""
+    changes it, stored as `quantize` says (its bytes and GGML type, or None: as it is), and
+    `extra` tensors under llama.cpp names; `meta` writes the metadata."""
     hf_to_gguf = {hf: g for g, hf in names.items()}
     w = gguf.GGUFWriter(path, arch)
     meta(w)
@@ -53,8 +56,12 @@ def write_gguf(path, arch: str, model, names: dict[str, str],
         at = next((k for k, p in enumerate(parts) if p.isdigit()), None)
         key = ".".join(parts[:at] + ["{i}"] + parts[at + 1:]) if at is not None else name
         g = hf_to_gguf[key].replace("{i}", parts[at]) if at is not None else hf_to_gguf[key]
-        t = t.detach().float().numpy() if isinstance(t, torch.Tensor) else t
-        w.add_tensor(g, convert(name, t))
+        t = convert(name, t.detach().float().numpy() if isinstance(t, torch.Tensor) else t)
+        stored = quantize(name, t)
+        if stored is None:
+            w.add_tensor(g, t)
+        else:
+            w.add_tensor(g, stored[0], raw_dtype=stored[1])
     for g, t in (extra or {}).items():
         w.add_tensor(g, t)
     w.write_header_to_file()

@@ -9,7 +9,7 @@ import json
 import gguf
 import numpy as np
 import pytest
-from gguf_files import common_meta, permute_qk
+from gguf_files import common_meta, permuted_qk, write_gguf
 
 from llmc.build import BuildOptions, build
 from llmc.checkpoint import open_checkpoint
@@ -91,33 +91,21 @@ def _write_tiny_gguf(path, model, types: dict[str, object]) -> None:
     from tokenizers.pre_tokenizers import ByteLevel
 
     cfg = model.config
-    hf_to_gguf = {hf: g for g, hf in GGUF_NAMES.items()}
-    w = gguf.GGUFWriter(path, "llama")
-    common_meta(w, cfg)
-    w.add_tokenizer_model("gpt2")
-    n = cfg.vocab_size - 1   # transformers' converter adds one special token
-    w.add_token_list(sorted(ByteLevel.alphabet())[:n])
-    w.add_token_types([1] * n)
-    w.add_token_scores([0.0] * n)
-    w.add_token_merges([])
-    for name, t in model.state_dict().items():
-        t = t.detach().float().numpy()
-        parts = name.split(".")
-        at = next((k for k, p in enumerate(parts) if p.isdigit()), None)
-        key = ".".join(parts[:at] + ["{i}"] + parts[at + 1:]) if at is not None else name
-        g = hf_to_gguf[key].replace("{i}", parts[at]) if at is not None else hf_to_gguf[key]
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
-            t = permute_qk(t, heads)
+
+    def meta(w: gguf.GGUFWriter) -> None:
+        common_meta(w, cfg)
+        w.add_tokenizer_model("gpt2")
+        n = cfg.vocab_size - 1   # transformers' converter adds one special token
+        w.add_token_list(sorted(ByteLevel.alphabet())[:n])
+        w.add_token_types([1] * n)
+        w.add_token_scores([0.0] * n)
+        w.add_token_merges([])
+
+    def quantize(name: str, t: np.ndarray):
         qtype = next((q for end, q in types.items() if name.endswith(end)), F32)
-        if qtype == F32:
-            w.add_tensor(g, t)
-        else:
-            w.add_tensor(g, _q4(t, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        return None if qtype == F32 else (_q4(t, qtype), qtype)
+
+    write_gguf(path, "llama", model, GGUF_NAMES, meta, permuted_qk(cfg), quantize=quantize)
 
 
 TYPES = {"0.self_attn.q_proj.weight": Q4_0, "0.self_attn.k_proj.weight": Q4_0,

@@ -84,6 +84,14 @@ class _DeviceMemory:
         self.nbytes += nbytes
         return ptr
 
+    def words(self, count: int, value: int, what: str) -> int:
+        """`count` 32-bit words (at least one), each `value`'s bits."""
+        from cuda.bindings import driver
+
+        ptr = self.alloc(4 * count, what)
+        check(driver.cuMemsetD32(ptr, value, max(count, 1)))
+        return ptr
+
     def close(self) -> None:
         from cuda.bindings import driver
 
@@ -192,8 +200,7 @@ class CudaSession:
         self.attn_ws = self.mem.alloc(ws, "the attention workspace")
         # a (token, kv head) counter for each split decode CTA group, zeroed once: the last
         # CTA of a group sets it back (attention_plan.decode_plan's fuse_reduce)
-        self.attn_counters = self.mem.alloc(4 * counters, "the attention's split counters")
-        check(driver.cuMemsetD32(self.attn_counters, 0, max(counters, 1)))
+        self.attn_counters = self.mem.words(counters, 0, "the attention's split counters")
         gemm_ws = self.mem.alloc(GEMM_WORKSPACE, "the cuBLASLt workspace")
         self.blas = Blas(gemm_ws, GEMM_WORKSPACE)
         self.gemms = {}
@@ -210,12 +217,11 @@ class CudaSession:
         ws_bytes, counters = qgemm_scratch(plan, lim.max_num_tokens, lim.max_batch_size,
                                            self.sm_count)
         self.qgemm_ws = self.mem.alloc(ws_bytes, "the quantized GEMMs' workspace")
-        self.w4g_counters = self.mem.alloc(4 * counters, "the INT4 GEMM's tile counters")
-        check(driver.cuMemsetD32(self.w4g_counters, 0, max(counters, 1)))
+        self.w4g_counters = self.mem.words(counters, 0, "the INT4 GEMM's tile counters")
         self.fp8_ones = 0
         if any(op.attrs.get("quant") == "fp8" for op in plan.ops):
-            self.fp8_ones = self.mem.alloc(4 * lim.max_num_tokens, "FP8 unit scales")
-            check(driver.cuMemsetD32(self.fp8_ones, 0x3F800000, lim.max_num_tokens))  # 1.0f
+            self.fp8_ones = self.mem.words(lim.max_num_tokens, 0x3F800000,  # 1.0f
+                                           "FP8 unit scales")
         self.logits_bytes = numel(plan.values[plan.output].shape, 1, lim.max_batch_size) * 4
         self._logits_host = int(check(driver.cuMemHostAlloc(self.logits_bytes, 0)))
         self._sampling = None
