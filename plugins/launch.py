@@ -254,13 +254,16 @@ class Kernels:
         assert not arrived.any(), "a split-K tile counter was not reset"
         return out
 
-    def w8_gemv(self, x, w, w_scale, x_scale, bias=None, out_dtype=None, act=None):
+    def w8_gemv(self, x, w, w_scale, x_scale, bias=None, out_dtype=None, act=None,
+                sm_count=None):
         """e4m3(x / x_scale) @ w^T * x_scale * w_scale for m <= 16: w the E4M3 weight [N, K]
-        (uint8 or float8_e4m3fn), w_scale fp32 [N]."""
+        (uint8 or float8_e4m3fn), w_scale fp32 [N]. sm_count: the GPU's unless given (it
+        picks the kernel, launch_rules.qgemv_launch)."""
         m, k = x.shape
         n = w.shape[0] // (2 if act else 1)
         out = self.torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
-        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "fp8", self._dtype(out), act)
+        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "fp8", self._dtype(out), act,
+                             sm_count=self.sm_count if sm_count is None else sm_count)
         self.launch(ln, [x, w, (w_scale * x_scale).float(), lr.float_bits(x_scale),
                          DevPtr(0) if bias is None else bias, m, n, k, out])
         return out

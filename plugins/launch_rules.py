@@ -121,6 +121,10 @@ QGEMV_WARPS = {("int4", 8): 8, ("int4", 16): 8, ("fp8", 8): 8, ("fp8", 16): 8}
 # ^ warps splitting K in a CTA, by kind and compiled M (QGEMV_DTYPE in kernels/qgemv.cu)
 QGEMV4_WIDE_TILES = 2             # INT4 up to 8 rows: the _wide kernels (3 CTAs an SM) from
 #                                   more tiles an SM than this (the others run 2 an SM)
+# FP8: past 2 tiles an SM, _wide (3 CTAs an SM) up to 3 tiles an SM, where it puts the GEMM in
+# one wave; past 3, up to 8 rows _w16 (16 warps a CTA, 2 an SM), at 16 rows the plain kernel
+# (the sweep of bench/kernels/qgemv.py on the H100: bench/results/qgemv.md)
+QGEMV8_WIDE_TILES, QGEMV8_W16_WARPS = 2, 16
 QUANTS = ("int4", "fp8")
 INT4_K = 32                       # a lane's 16-byte load holds 32 k of an INT4 row
 DQ_WORDS = 4                      # kernels/qgemv.cuh: 8-k words a dequant_int4 thread
@@ -159,7 +163,8 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
     y).
     16 weight rows (8 outputs with act) a CTA of QGEMV_WARPS[quant, M] warps; for INT4 up to 8
     rows, the _wide kernel when the GEMM has more than QGEMV4_WIDE_TILES tiles an SM of the
-    sm_count (unknown sm_count: never)."""
+    sm_count; for FP8, _wide or _w16 by the tiles an SM (QGEMV8_WIDE_TILES). Unknown sm_count:
+    neither."""
     if quant not in QUANTS:
         raise ValueError(f"quantized gemv takes {' or '.join(QUANTS)}, not {quant!r}")
     tag, out = _out_tags(f"{quant} gemv", dtype, out_dtype, act)
@@ -181,11 +186,16 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
             (cs or not (zero_points or offsets))
         name = f"w4{_int4_kind(zero_points, offsets)}_{tag}_m{mb}" \
                f"{'_wide' if wide else ''}{'_cs' if cs else ''}{'_f32' if out == 'f32' else ''}"
+        warps = QGEMV_WARPS[quant, mb]
     else:
-        name = f"w8_{tag}_{out}_m{mb}"
+        many = sm_count and tiles > QGEMV8_WIDE_TILES * sm_count
+        variant = "" if not many else \
+            "_wide" if tiles <= (QGEMV8_WIDE_TILES + 1) * sm_count else "_w16" if mb == 8 else ""
+        warps = QGEMV8_W16_WARPS if variant == "_w16" else QGEMV_WARPS[quant, mb]
+        name = f"w8_{tag}_{out}_m{mb}{variant}"
     name += f"_{act}" if act else ""
     return Launch("qgemv_zp" if zero_points or offsets else "qgemv", name, (tiles, 1, 1),
-                  (32 * QGEMV_WARPS[quant, mb], 1, 1), pdl=True)
+                  (32 * warps, 1, 1), pdl=True)
 
 
 def _int4_kind(zero_points: bool, offsets: bool) -> str:

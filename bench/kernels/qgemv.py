@@ -3,7 +3,7 @@ Llama-3.1-8B against the 16-bit GEMM the same step runs unquantized, and against
 datasheet bandwidth on the bytes each one reads.
 
     PYTHONPATH=<llmc checkout paths> python3 bench/kernels/qgemv.py [--out results.md]
-        [--sweep [dequant]] [--prefill-only] [--gguf]
+        [--sweep [dequant|fp8]] [--prefill-only] [--gguf]
 
 For M = 1..16 rows: bf16 = what the cuda backend runs unquantized (llmc's GEMV up to 8 rows,
 cuBLASLt through torch.matmul above); int4 = w4 (group 128, AWQ's 1 / s applied to x as an
@@ -48,7 +48,8 @@ GEMM_MS = (24, 32, 64, 128, 256)   # the INT4 small-M GEMM's steps (launch_rules
 GROUP = 128
 # (warps splitting K, chunks in flight a warp, CTAs an SM) of each kernel
 SWEEP4 = [(8, 2, 2), (8, 1, 2), (8, 3, 2), (8, 1, 3), (4, 2, 4), (4, 1, 6), (16, 1, 1)]
-SWEEP8 = [(16, 2, 1), (16, 1, 1), (16, 3, 1), (8, 2, 2), (8, 1, 2), (8, 3, 2), (32, 1, 1)]
+SWEEP8 = [(8, 2, 2), (8, 1, 2), (8, 3, 2), (8, 1, 3), (8, 2, 3), (8, 3, 3), (8, 2, 4),
+          (16, 2, 2), (16, 2, 1), (4, 2, 6)]
 
 
 # (warps a CTA, x tiles of 8 rows a CTA, x stages, weight chunks in flight a warp, CTAs an SM)
@@ -79,8 +80,8 @@ def sweep_functions(arch: str) -> Functions:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="also write the markdown table to this file")
-    ap.add_argument("--sweep", nargs="?", const="all", choices=("all", "dequant"),
-                    help="time the kernels' variants too (dequant: the dequantization's only)")
+    ap.add_argument("--sweep", nargs="?", const="all", choices=("all", "dequant", "fp8"),
+                    help="time the kernels' variants too (dequant, fp8: that kernel's only)")
     ap.add_argument("--prefill-only", action="store_true",
                     help="only the 24-256-row GEMMs and the dequantized weight")
     ap.add_argument("--gguf", action="store_true",
@@ -136,19 +137,20 @@ def main() -> None:
             gu = torch.empty(m, n, device="cuda", dtype=bf)
             out_bytes = m * n_out * 2 + m * k * 2
 
-            def int4(w, x=x, y=y, m=m, ln=None, fn=f, awq=True, zp=False):
+            def int4(w, x=x, y=y, m=m, ln=None, fn=f, awq=True, zp=False, rows=n_out):
                 ln = ln or lr.qgemv_launch(m, n_out, k, "bfloat16", "int4", None, act, GROUP,
                                            K.sm_count, zero_points=zp)
                 a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s4.data_ptr()),
-                     DevPtr(pre.data_ptr() if awq else 0), DevPtr(0), m, n_out, k,
+                     DevPtr(pre.data_ptr() if awq else 0), DevPtr(0), m, rows, k,
                      lr.int4_group_shift(GROUP), DevPtr(y.data_ptr()),
                      *([DevPtr(z4.data_ptr())] if zp else [])]
                 return lambda: fn.launch(ln, a, stream())
 
-            def e4m3(w, x=x, y=y, m=m, ln=None, fn=f):
-                ln = ln or lr.qgemv_launch(m, n_out, k, "bfloat16", "fp8", None, act)
+            def e4m3(w, x=x, y=y, m=m, ln=None, fn=f, rows=n_out):
+                ln = ln or lr.qgemv_launch(m, n_out, k, "bfloat16", "fp8", None, act,
+                                           sm_count=K.sm_count)
                 a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s8.data_ptr()),
-                     lr.float_bits(0.05), DevPtr(0), m, n_out, k, DevPtr(y.data_ptr())]
+                     lr.float_bits(0.05), DevPtr(0), m, rows, k, DevPtr(y.data_ptr())]
                 return lambda: fn.launch(ln, a, stream())
 
             def q4(w, offsets, x=x, y=y, m=m):   # a GGUF Q4_0 / Q4_1 matrix
@@ -176,20 +178,23 @@ def main() -> None:
             rows.append((name, f"{k}->{n}", m, t16, (w16_bytes + out_bytes) / t16, t4, b4 / t4,
                          t4r, (b4 - k * 2) / t4r, t4z, b4z / t4z, t8,
                          b8 / t8 if t8 else None))
-            if args.sweep == "all" and not act and m in (1, 8, 16):
+            if args.sweep in ("all", "fp8") and m in (1, 8, 16):
+                # the variants have no fused gate: gate-up runs as a GEMM of its 2 x 14336
+                # rows, the same 16-row tiles as its gated kernel's 8-output ones
                 nt = 1 if m <= 8 else 2
                 grid = (math.ceil(n / 16), 1, 1)
-                for sk, d, mb in SWEEP4:
+                yn = torch.empty(m, n, device="cuda", dtype=bf)
+                for sk, d, mb in SWEEP4 if args.sweep == "all" else ():
                     l4 = lr.Launch("qgemv_sweep", f"w4_sweep_nt{nt}_sk{sk}_d{d}_mb{mb}",
                                    grid, (32 * sk, 1, 1), pdl=True)
-                    s = graph_time([int4(w4[i % len(w4)], ln=l4, fn=sweep)
+                    s = graph_time([int4(w4[i % len(w4)], y=yn, ln=l4, fn=sweep, rows=n)
                                     for i in range(calls)])
                     sweep_rows.append((name, m, "int4", sk, f"D={d}, {mb} CTAs an SM",
                                        b4 / s / DATASHEET_BW))
                 for sk, d, mb in SWEEP8 if fp8 else ():
                     l8 = lr.Launch("qgemv_sweep", f"w8_sweep_nt{nt}_sk{sk}_d{d}_mb{mb}", grid,
                                    (32 * sk, 1, 1), pdl=True)
-                    s = graph_time([e4m3(w8[i % len(w8)], ln=l8, fn=sweep)
+                    s = graph_time([e4m3(w8[i % len(w8)], y=yn, ln=l8, fn=sweep, rows=n)
                                     for i in range(calls)])
                     sweep_rows.append((name, m, "fp8", sk, f"D={d}, {mb} CTAs an SM",
                                        b8 / s / DATASHEET_BW))

@@ -805,7 +805,9 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 // bench/kernels/qgemv.py on the H100 (bench/results/qgemv.md). INT4: 8 warps, 1 chunk, 2 CTAs
 // an SM (128 registers); up to 8 x rows also (_wide) 3 CTAs an SM (80 registers) for GEMMs of
 // more tiles than 2 CTAs an SM hold at once (launch_rules picks it): one wave of 3 rather than
-// 1.5 of 2. FP8: 8 warps, 2 chunks, 2 CTAs an SM. launch_rules.QGEMV_WARPS must agree.
+// 1.5 of 2. FP8: 8 warps, 2 chunks, 2 CTAs an SM; for GEMMs of more tiles than that holds,
+// _wide (3 CTAs an SM; 1 chunk at 16 rows) where 3 an SM hold them all, and up to 8 rows
+// _w16 (16 warps a CTA, 2 an SM) past that. launch_rules.QGEMV_WARPS must agree.
 #define W4_CONFIGS(ENTRY, PFX, DT, TY)                                                         \
   W4_SET(ENTRY, PFX##_##DT##_m8, TY, 1, 8, 1, 2)                                               \
   W4_SET(ENTRY, PFX##_##DT##_m8_wide, TY, 1, 8, 1, 3)                                          \
@@ -822,4 +824,7 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 #define W4G_CONFIG(ENTRY, PFX, DT, TY) W4G_SET(ENTRY, PFX##_##DT, TY, 8, 4, 3, 2, 2)
 #define W8_CONFIGS(DT, TY)                                                                     \
   W8_SET(DT, TY, 8, 1, 8, 2, 2)                                                                \
-  W8_SET(DT, TY, 16, 2, 8, 2, 2)
+  W8_SET(DT, TY, 8_wide, 1, 8, 2, 3)                                                           \
+  W8_SET(DT, TY, 8_w16, 1, 16, 2, 2)                                                           \
+  W8_SET(DT, TY, 16, 2, 8, 2, 2)                                                               \
+  W8_SET(DT, TY, 16_wide, 2, 8, 1, 3)

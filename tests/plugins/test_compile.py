@@ -46,7 +46,11 @@ def _entry_names():
                             if act is None:   # a quantized LM head's fp32 logits
                                 names.add(lr.qgemv_launch(m, 64, 128, dt, "int4", "float32",
                                                           group=group, sm_count=sms, **zp))
-                names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", act=act))
+                for n in (64, 48, 24):   # on 1 SM: 4 tiles (_w16 up to 8 rows), 3 (_wide)
+                    names.add(lr.qgemv_launch(m, n, 128, dt, "fp8", act=act, sm_count=1))
+                    names.add(lr.qgemv_launch(m, n, 128, dt, "fp8", act=act))
+            for n in (64, 48):
+                names.add(lr.qgemv_launch(m, n, 128, dt, "fp8", "float32", sm_count=1))
             names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", "float32"))
         names.add(lr.moe_route_launch(5, 8, 2, dt))
         for t in (1, 300):     # the 8-row and 64-row grouped-GEMM tiles

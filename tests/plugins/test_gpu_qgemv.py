@@ -10,6 +10,8 @@ multiplies in float64; tolerance 1e-2 relative max error (the output's rounding)
 x / sx and multiplies the E4M3 values in float64, scaled by sx * sw; the kernel multiplies by
 1 / sx, which may round a value at a tie the other way, so the tolerance is the same 1e-2
 (2e-3 for fp32 output)."""
+import math
+
 import numpy as np
 import pytest
 
@@ -237,15 +239,24 @@ def fp8_reference(x, w, sw, sx):
     return (xq.double() @ w.double().T) * sx * sw.double()
 
 
+def fp8_sm_count(kernel, tiles):
+    """An SM count that makes launch_rules.qgemv_launch pick this FP8 kernel for `tiles`
+    (plain: more SMs than any GEMM here has tiles; _w16 only up to 8 rows, the plain kernel at
+    16)."""
+    return {"plain": 10 ** 6, "wide": math.ceil(tiles / 3), "w16": max(1, tiles // 4)}[kernel]
+
+
 @pytest.mark.skipif("not fp8_capable()", reason="E4M3 MMA needs sm_89 or newer")
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", ("plain", "wide", "w16"))
 @pytest.mark.parametrize("n,k", ((576, 576), (6144, 4096), (4096, 14336), (1000, 272)))
-def test_w8_gemv(K, n, k, dtype, m):
+def test_w8_gemv(K, n, k, dtype, m, kernel):
     w, sw = fp8_weight(n, k)
     x = x_rows(m, k, dtype)
     sx = float(x.abs().max()) / 448
-    y = K.w8_gemv(x, w.view(torch.uint8), sw, sx)
+    y = K.w8_gemv(x, w.view(torch.uint8), sw, sx,
+                  sm_count=fp8_sm_count(kernel, math.ceil(n / 16)))
     assert y.dtype == dtype and y.shape == (m, n)
     check(y, fp8_reference(x, w, sw, sx), dtype)
 
@@ -253,14 +264,16 @@ def test_w8_gemv(K, n, k, dtype, m):
 @pytest.mark.skipif("not fp8_capable()", reason="E4M3 MMA needs sm_89 or newer")
 @pytest.mark.parametrize("m", (1, 16))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_w8_gemv_bias_fp32_out_and_saturation(K, dtype, m):
+@pytest.mark.parametrize("kernel", ("plain", "wide", "w16"))
+def test_w8_gemv_bias_fp32_out_and_saturation(K, dtype, m, kernel):
     """x beyond sx * 448 saturates to +-448, as QuantizeLinear's saturate=1 does."""
     n, k = 1152, 896
     w, sw = fp8_weight(n, k, seed=1)
     x = x_rows(m, k, dtype, seed=2)
     sx = float(x.abs().max()) / 448 / 4          # the top quarter of |x| saturates
     bias = torch.randn(n, device="cuda")
-    y = K.w8_gemv(x, w.view(torch.uint8), sw, sx, bias=bias, out_dtype=torch.float32)
+    y = K.w8_gemv(x, w.view(torch.uint8), sw, sx, bias=bias, out_dtype=torch.float32,
+                  sm_count=fp8_sm_count(kernel, n // 16))
     check(y, fp8_reference(x, w, sw, sx) + bias.double(), torch.float32)
 
 
@@ -268,12 +281,14 @@ def test_w8_gemv_bias_fp32_out_and_saturation(K, dtype, m):
 @pytest.mark.parametrize("act", ("swiglu", "geglu"))
 @pytest.mark.parametrize("m", (1, 8, 13))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_w8_gemv_fused_gate(K, dtype, m, act):
+@pytest.mark.parametrize("kernel", ("plain", "wide", "w16"))
+def test_w8_gemv_fused_gate(K, dtype, m, act, kernel):
     inter, k = 1536, 576
     w, sw = fp8_weight(2 * inter, k, seed=3)
     x = x_rows(m, k, dtype, seed=4)
     sx = float(x.abs().max()) / 448
-    fused = K.w8_gemv(x, w.view(torch.uint8), sw, sx, act=act)
+    fused = K.w8_gemv(x, w.view(torch.uint8), sw, sx, act=act,
+                      sm_count=fp8_sm_count(kernel, inter // 8))
     gu = fp8_reference(x, w, sw, sx).to(dtype)
     check(fused, K.gated(gu, act).double(), dtype)
 

@@ -1,5 +1,6 @@
 """CPU tests of the norm, activation, RoPE, glue and sampling launch rules: entry names, grids,
 shapes."""
+import math
 import struct
 
 import pytest
@@ -392,6 +393,25 @@ def test_int4_offsets_take_their_own_kernels():
                         offsets=True)
     with pytest.raises(ValueError, match="INT4's"):
         lr.qgemv_launch(1, 64, 256, "float16", "fp8", offsets=True)
+
+
+@pytest.mark.parametrize("m,n,k,act,out,kernel,warps", [
+    (1, 6144, 4096, None, None, "w8_bf16_bf16_m8_wide", 8),           # qkv: 384 tiles
+    (16, 6144, 4096, None, None, "w8_bf16_bf16_m16_wide", 8),
+    (1, 4096, 4096, None, None, "w8_bf16_bf16_m8", 8),                # o: 256 tiles
+    (8, 14336, 4096, "swiglu", None, "w8_bf16_bf16_m8_w16_swiglu", 16),  # gate-up: 1792
+    (16, 14336, 4096, "swiglu", None, "w8_bf16_bf16_m16_swiglu", 8),
+    (1, 128256, 4096, None, "float32", "w8_bf16_f32_m8_w16", 16),     # an LM head
+])
+def test_fp8_gemv_kernel_by_tiles_an_sm(m, n, k, act, out, kernel, warps):
+    """FP8 decode GEMVs on 132 SMs (Llama-3.1-8B's shapes): up to 2 tiles an SM the plain
+    kernel, up to 3 _wide, past that _w16 (16 warps) up to 8 rows; no SM count, the plain."""
+    ln = lr.qgemv_launch(m, n, k, "bfloat16", "fp8", out, act, sm_count=132)
+    assert (ln.module, ln.kernel, ln.block) == ("qgemv", kernel, (32 * warps, 1, 1))
+    assert ln.grid == (math.ceil(n / (8 if act else 16)), 1, 1)
+    plain = lr.qgemv_launch(m, n, k, "bfloat16", "fp8", out, act)
+    assert plain.kernel == kernel.replace("_wide", "").replace("_w16", "")
+    assert plain.block == (256, 1, 1)
 
 
 @pytest.mark.parametrize("kw,match", [
