@@ -438,7 +438,6 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
   constexpr int TILE = ACT ? 8 : 16;  // outputs a warp gives
   constexpr int STAGE = (MT + 1) * 128;  // x's [MT, 128] chunk, then pre's 128
   extern __shared__ __align__(16) u16 w4g_x[];  // S stages
-  __shared__ int last;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * MT;  // x tiles vary fastest: they share the CTA's weight in L2
   const int ob = blockIdx.y * NW * TILE, o0 = ob + warp * TILE;
@@ -578,7 +577,11 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
       const int row = m0 + 8 * j + 2 * t + (e & 1), o = o0 + g + (ACT ? 0 : 8 * (e >> 1));
       if (row < m && o < n) mine[(size_t)row * rows + (ACT && e >= 2 ? n + o : o)] = acc[j][e];
     }
-  if (!last_to_arrive(arrived + blockIdx.y * gridDim.x + blockIdx.x, gridDim.z, &last)) return;
+  // The flag in the x stages' first word: dead by then (every thread's copies waited for
+  // above, and last_to_arrive's barrier comes before the flag is written).
+  if (!last_to_arrive(arrived + blockIdx.y * gridDim.x + blockIdx.x, gridDim.z,
+                      reinterpret_cast<int*>(w4g_x)))
+    return;
   for (int i = threadIdx.x; i < MT * NW * TILE; i += NW * 32) {
     const int row = m0 + i / (NW * TILE), o = ob + i % (NW * TILE);
     if (row >= m || o >= n) continue;
