@@ -201,6 +201,7 @@ def main() -> None:
               f"{(n * k + n * 4 + k * 2 + n * 2) / t / DATASHEET_BW:.0%} |", flush=True)
         del w8
         torch.cuda.empty_cache()
+    print("\n" + "\n".join(f"- {name}: {VARIANTS[name][1]}" for name in names))
 
 
 if __name__ == "__main__":
