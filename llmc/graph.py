@@ -22,7 +22,11 @@ from llmc.dtypes import np_dtype, onnx_type, storage_bytes, to_storage
 from llmc.errors import LlmcError
 
 OPSET = 21
-WEIGHT_ALIGN = 1 << 16  # page-aligned tensors let onnxruntime map them instead of copying
+# A tensor of at least WEIGHT_ALIGN bytes starts on such a boundary, which lets onnxruntime map
+# it instead of copying it; a smaller one (a scale, AWQ's 1/s, a norm) on a SMALL_ALIGN one:
+# onnxruntime copies it either way, and 64 KiB of padding each would be a tenth of a small
+# INT4 engine (bench/results/quantization.md).
+WEIGHT_ALIGN, SMALL_ALIGN = 1 << 16, 64
 
 
 @dataclass
@@ -124,12 +128,16 @@ def _set_external(t: TensorProto, location: str, offset: int, length: int) -> No
         entry.key, entry.value = k, v
 
 
+def _align(nbytes: int) -> int:
+    return WEIGHT_ALIGN if nbytes >= WEIGHT_ALIGN else SMALL_ALIGN
+
+
 def weights_file_size(weights: list[Weight]) -> int:
     """The size of the weights.bin `save_onnx` writes for `weights` (each tensor aligned)."""
     end = 0
     for w in weights:
-        end += -end % WEIGHT_ALIGN
-        end += storage_bytes(w.dtype, w.shape)
+        nbytes = storage_bytes(w.dtype, w.shape)
+        end += -end % _align(nbytes) + nbytes
     return end
 
 
@@ -141,8 +149,8 @@ def save_onnx(model: onnx.ModelProto, weights: list[Weight], folder: Path,
     with open(folder / "weights.bin", "wb") as f:
         for k, w in enumerate(weights):
             data = w.read()
-            f.seek(-f.tell() % WEIGHT_ALIGN, os.SEEK_CUR)
             raw = to_storage(data)
+            f.seek(-f.tell() % _align(len(raw)), os.SEEK_CUR)
             _set_external(by_name[w.name], "weights.bin", f.tell(), len(raw))
             f.write(raw)
             del data, raw
