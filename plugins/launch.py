@@ -209,11 +209,12 @@ class Kernels:
         self.launch(ln, [x, w, DevPtr(0) if bias is None else bias, m, n, k, out])
         return out
 
-    def _int4_offsets(self, zp) -> dict:
-        """An INT4 kernel's zp argument: zero points (uint8), offsets (16-bit) or none."""
+    def _int4_offsets(self, zp) -> str:
+        """What an INT4 kernel's zp argument holds (launch_rules.INT4_OFFSETS): zero points
+        (uint8), offsets (16-bit) or nothing."""
         if zp is None:
-            return {}
-        return {"zero_points": True} if zp.dtype == self.torch.uint8 else {"offsets": True}
+            return "none"
+        return "zero_points" if zp.dtype == self.torch.uint8 else "offsets"
 
     def w4_gemv(self, x, w, scale, group, pre=None, bias=None, act=None, sm_count=None,
                 zp=None, out_dtype=None):
@@ -227,7 +228,7 @@ class Kernels:
         out = self.torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
         ln = lr.qgemv_launch(m, n, k, self._dtype(x), "int4", self._dtype(out), act, group,
                              self.sm_count if sm_count is None else sm_count,
-                             **self._int4_offsets(zp))
+                             offsets=self._int4_offsets(zp))
         self.launch(ln, [x, w, scale, DevPtr(0) if pre is None else pre,
                          DevPtr(0) if bias is None else bias, m, n, k,
                          lr.int4_group_shift(group), out, *([] if zp is None else [zp])])
@@ -243,7 +244,7 @@ class Kernels:
         out = self.torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
         ln = lr.w4_gemm_launch(m, n, k, self._dtype(x), self._dtype(out), act, group,
                                sm_count=self.sm_count if sm_count is None else sm_count,
-                               **self._int4_offsets(zp))
+                               offsets=self._int4_offsets(zp))
         nbytes, tiles_ = lr.w4_gemm_scratch(ln, m, n, act)
         part = self.torch.empty(max(nbytes, 4), dtype=self.torch.uint8, device=x.device)
         arrived = self.torch.zeros(max(tiles_, 1), dtype=self.torch.int32, device=x.device)
@@ -271,7 +272,7 @@ class Kernels:
     def dequant_int4(self, w, scale, group, dtype, pre=None, zp=None):
         n, k = w.shape[0], 2 * w.shape[1]
         out = self.torch.empty(n, k, dtype=dtype, device=w.device)
-        self.launch(lr.dequant_int4_launch(n, k, self._dtype(out), **self._int4_offsets(zp)),
+        self.launch(lr.dequant_int4_launch(n, k, self._dtype(out), self._int4_offsets(zp)),
                     [w, scale, DevPtr(0) if pre is None else pre, n, k,
                      lr.int4_group_shift(group), out, *([] if zp is None else [zp])])
         return out

@@ -126,6 +126,11 @@ QGEMV4_WIDE_TILES = 2             # INT4 up to 8 rows: the _wide kernels (3 CTAs
 # (the sweep of bench/kernels/qgemv.py on the H100: bench/results/qgemv.md)
 QGEMV8_WIDE_TILES, QGEMV8_W16_WARPS = 2, 16
 QUANTS = ("int4", "fp8")
+# What an INT4 kernel's last argument holds (kernels/qgemv.cuh: Int4Offsets), and the kernel
+# name's infix for it: nothing (symmetric codes u - 8), zero points z [N, K / G] a byte each
+# (codes u - z: AutoAWQ, GPTQ), or offsets o [N, K / G] in the compute dtype (codes u - 8, plus
+# o a block: a GGUF file's Q4_1)
+INT4_OFFSETS = {"none": "", "zero_points": "zp", "offsets": "off"}
 INT4_K = 32                       # a lane's 16-byte load holds 32 k of an INT4 row
 DQ_WORDS = 4                      # kernels/qgemv.cuh: 8-k words a dequant_int4 thread
 # FP8 engines: the decode kernels need E4M3 MMA (sm_89+), the prefill GEMMs cuBLASLt's
@@ -151,14 +156,15 @@ def int4_group_shift(group: int) -> int:
 
 def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str | None = None,
                  act: str | None = None, group: int = 0, sm_count: int = 0,
-                 zero_points: bool = False, offsets: bool = False) -> Launch:
+                 offsets: str = "none") -> Launch:
     """y[m, n] = x[m, k] @ dequant(w)^T for m <= 16 on a packed weight (kernels/qgemv.cu);
     with act, w is the fused [2n, k] gate-up weight and y = act(gate) * up.
     int4 args: (x, w, scale, pre-or-null, bias-or-null, m, n, k, int4_group_shift(group), y),
     the kernel with chunk scales (_cs) when the group is a multiple of 128, y (and the bias)
-    in fp32 with out_dtype float32 (_f32, without act); zero_points: the
-    w4zp kernel of kernels/qgemv_zp.cu, whose args end with the zero points [N, K / G] (u8);
-    offsets: its w4off kernel, whose args end with the offsets [N, K / G] (dtype; codes u - 8);
+    in fp32 with out_dtype float32 (_f32, without act); offsets (INT4_OFFSETS) "zero_points":
+    the w4zp kernel of kernels/qgemv_zp.cu, whose args end with the zero points [N, K / G]
+    (u8); "offsets": its w4off kernel, whose args end with the offsets [N, K / G] (dtype;
+    codes u - 8);
     fp8 args: (x, w, x_scale * w_scale f32 [N], float_bits(x_scale), bias-or-null, m, n, k,
     y).
     16 weight rows (8 outputs with act) a CTA of QGEMV_WARPS[quant, M] warps; for INT4 up to 8
@@ -175,16 +181,17 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
         raise ValueError(f"{quant} gemv needs K a multiple of {align}: N={n}, K={k}")
     mb = next(b for b in QGEMV_MS if b >= m)
     tiles = math.ceil(n / (8 if act else 16))
-    if (zero_points or offsets) and quant != "int4" or zero_points and offsets:
-        raise ValueError("zero points or offsets are INT4's, and one of them")
+    kind = _int4_kind(offsets)
+    if kind and quant != "int4":
+        raise ValueError(f"zero points and offsets are INT4's, not {quant}'s")
     if quant == "int4":
         int4_group_shift(group)
-        cs = group % 128 == 0 and not offsets   # offsets join each pair's dequantization
+        cs = group % 128 == 0 and offsets != "offsets"   # offsets join each pair's dequantization
         # (the zero-point or offset kernel without chunk scales does not fit the wide
         # kernel's 80 registers: it would spill)
         wide = mb == 8 and sm_count and tiles > QGEMV4_WIDE_TILES * sm_count and \
-            (cs or not (zero_points or offsets))
-        name = f"w4{_int4_kind(zero_points, offsets)}_{tag}_m{mb}" \
+            (cs or not kind)
+        name = f"w4{kind}_{tag}_m{mb}" \
                f"{'_wide' if wide else ''}{'_cs' if cs else ''}{'_f32' if out == 'f32' else ''}"
         warps = QGEMV_WARPS[quant, mb]
     else:
@@ -194,13 +201,15 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
         warps = QGEMV8_W16_WARPS if variant == "_w16" else QGEMV_WARPS[quant, mb]
         name = f"w8_{tag}_{out}_m{mb}{variant}"
     name += f"_{act}" if act else ""
-    return Launch("qgemv_zp" if zero_points or offsets else "qgemv", name, (tiles, 1, 1),
-                  (32 * warps, 1, 1), pdl=True)
+    return Launch("qgemv_zp" if kind else "qgemv", name, (tiles, 1, 1), (32 * warps, 1, 1),
+                  pdl=True)
 
 
-def _int4_kind(zero_points: bool, offsets: bool) -> str:
-    """The INT4 kernels' name infix: zp (zero points), off (offsets) or none (symmetric)."""
-    return "zp" if zero_points else "off" if offsets else ""
+def _int4_kind(offsets: str) -> str:
+    """The INT4 kernels' name infix for what their last argument holds (INT4_OFFSETS)."""
+    if offsets not in INT4_OFFSETS:
+        raise ValueError(f"INT4 offsets are one of {', '.join(INT4_OFFSETS)}, not {offsets!r}")
+    return INT4_OFFSETS[offsets]
 
 
 # The INT4 small-M GEMM (kernels/qgemv.cuh: w4_gemm) runs steps of QGEMV_MS[-1] + 1 to
@@ -216,24 +225,25 @@ W4G_MAX_SPLITS = 8
 
 
 def w4_gemm_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None,
-                   act: str | None = None, group: int = 0, zero_points: bool = False,
-                   sm_count: int = 0, offsets: bool = False) -> Launch:
+                   act: str | None = None, group: int = 0, sm_count: int = 0,
+                   offsets: str = "none") -> Launch:
     """y[m, n] = x[m, k] @ dequant(w)^T on the packed INT4 weight for any m (the backend runs it
     for QGEMV_MS[-1] < m <= W4_GEMM_MAX_M). args: qgemv_launch's int4 ones, then the split-K
     partials and the tile counters (w4_gemm_scratch says how big; the counters zero before
-    the first launch, each launch leaves them zero), then with zero_points the zero points
-    or with offsets the offsets (kernels/qgemv_zp.cu). Grid: (x tiles, weight tiles, K
+    the first launch, each launch leaves them zero), then the zero points or offsets as
+    qgemv_launch's (kernels/qgemv_zp.cu). Grid: (x tiles, weight tiles, K
     splits), the splits from sm_count (unknown: none)."""
     tag, out = _out_tags("int4 gemm", dtype, out_dtype, act)
     if k % INT4_K or not 0 < k <= INT32_MAX or not 0 < n * (2 if act else 1) <= INT32_MAX \
             or m <= 0:
         raise ValueError(f"int4 gemm needs K a multiple of {INT4_K}: M={m}, N={n}, K={k}")
     int4_group_shift(group)
-    name = f"w4g{_int4_kind(zero_points, offsets)}_{tag}{'_f32' if out == 'f32' else ''}" \
+    kind = _int4_kind(offsets)
+    name = f"w4g{kind}_{tag}{'_f32' if out == 'f32' else ''}" \
            f"{f'_{act}' if act else ''}"
     grid = (math.ceil(m / (8 * W4G_TILES)),
             math.ceil(math.ceil(n / (8 if act else 16)) / W4G_WARPS))
-    return Launch("qgemv_zp" if zero_points or offsets else "qgemv", name,
+    return Launch("qgemv_zp" if kind else "qgemv", name,
                   (*grid, w4g_splits(grid[0] * grid[1] * W4G_WARPS, k, sm_count)),
                   (32 * W4G_WARPS, 1, 1), smem=w4g_smem(W4G_TILES, W4G_STAGES), pdl=True)
 
@@ -256,14 +266,13 @@ def w4_gemm_scratch(launch: Launch, m: int, n: int, act: str | None) -> tuple[in
     return launch.grid[2] * m * n * (2 if act else 1) * 4, launch.grid[0] * launch.grid[1]
 
 
-def dequant_int4_launch(n: int, k: int, dtype: str, zero_points: bool = False,
-                        offsets: bool = False) -> Launch:
+def dequant_int4_launch(n: int, k: int, dtype: str, offsets: str = "none") -> Launch:
     """The packed INT4 weight [n, k] back to dtype, for a prefill GEMM. args (w, scale,
-    pre-or-null, n, k, int4_group_shift(group), out [n, k]), then with zero_points the zero
-    points [N, K / G], with offsets the offsets (kernels/qgemv_zp.cu)."""
+    pre-or-null, n, k, int4_group_shift(group), out [n, k]), then the zero points or offsets
+    as qgemv_launch's (kernels/qgemv_zp.cu)."""
     if k % INT4_K or n * k >= INT32_MAX:
         raise ValueError(f"dequant_int4 needs K a multiple of {INT4_K}: N={n}, K={k}")
-    kind = _int4_kind(zero_points, offsets)
+    kind = _int4_kind(offsets)
     return Launch("qgemv_zp" if kind else "qgemv",
                   f"dequant_int4{'_' + kind if kind else ''}_{dtype_tag(dtype)}",
                   (math.ceil(n * k // 8 / (256 * DQ_WORDS)), 1, 1), (256, 1, 1))

@@ -139,7 +139,7 @@ def main() -> None:
 
             def int4(w, x=x, y=y, m=m, ln=None, fn=f, awq=True, zp=False, rows=n_out):
                 ln = ln or lr.qgemv_launch(m, n_out, k, "bfloat16", "int4", None, act, GROUP,
-                                           K.sm_count, zero_points=zp)
+                                           K.sm_count, offsets="zero_points" if zp else "none")
                 a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s4.data_ptr()),
                      DevPtr(pre.data_ptr() if awq else 0), DevPtr(0), m, rows, k,
                      lr.int4_group_shift(GROUP), DevPtr(y.data_ptr()),
@@ -155,7 +155,7 @@ def main() -> None:
 
             def q4(w, offsets, x=x, y=y, m=m):   # a GGUF Q4_0 / Q4_1 matrix
                 ln = lr.qgemv_launch(m, n_out, k, "bfloat16", "int4", None, act, 32,
-                                     K.sm_count, offsets=offsets)
+                                     K.sm_count, offsets="offsets" if offsets else "none")
                 a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s32.data_ptr()),
                      DevPtr(0), DevPtr(0), m, n_out, k, lr.int4_group_shift(32),
                      DevPtr(y.data_ptr()), *([DevPtr(o32.data_ptr())] if offsets else [])]

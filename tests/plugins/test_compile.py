@@ -40,12 +40,13 @@ def _entry_names():
             for act in (None, *lr.GEMV_ACTS):
                 for group in (64, 128):
                     for sms in (0, 1):   # sm_count 1: 64 rows are tiles enough for _wide
-                        for zp in ({}, {"zero_points": True}, {"offsets": True}):
+                        for kind in lr.INT4_OFFSETS:
                             names.add(lr.qgemv_launch(m, 64, 128, dt, "int4", act=act,
-                                                      group=group, sm_count=sms, **zp))
+                                                      group=group, sm_count=sms, offsets=kind))
                             if act is None:   # a quantized LM head's fp32 logits
                                 names.add(lr.qgemv_launch(m, 64, 128, dt, "int4", "float32",
-                                                          group=group, sm_count=sms, **zp))
+                                                          group=group, sm_count=sms,
+                                                          offsets=kind))
                 for n in (64, 48, 24):   # on 1 SM: 4 tiles (_w16 up to 8 rows), 3 (_wide)
                     names.add(lr.qgemv_launch(m, n, 128, dt, "fp8", act=act, sm_count=1))
                     names.add(lr.qgemv_launch(m, n, 128, dt, "fp8", act=act))
@@ -56,12 +57,13 @@ def _entry_names():
         for t in (1, 300):     # the 8-row and 64-row grouped-GEMM tiles
             names.update(lr.moe_gemm_launch(t, 8, 2, 64, 128, dt, act) for act in (False, True))
         for act in (None, *lr.GEMV_ACTS):     # the INT4 small-M GEMM
-            for zp in ({}, {"zero_points": True}, {"offsets": True}):
-                names.add(lr.w4_gemm_launch(40, 64, 128, dt, act=act, group=128, **zp))
+            for kind in lr.INT4_OFFSETS:
+                names.add(lr.w4_gemm_launch(40, 64, 128, dt, act=act, group=128, offsets=kind))
                 if act is None:
-                    names.add(lr.w4_gemm_launch(40, 64, 128, dt, "float32", group=128, **zp))
-        for zp in ({}, {"zero_points": True}, {"offsets": True}):
-            names.add(lr.dequant_int4_launch(64, 128, dt, **zp))
+                    names.add(lr.w4_gemm_launch(40, 64, 128, dt, "float32", group=128,
+                                                offsets=kind))
+        for kind in lr.INT4_OFFSETS:
+            names.add(lr.dequant_int4_launch(64, 128, dt, kind))
         names.add(lr.quantize_fp8_launch(64, dt))
         for il in (False, True):
             for bias in (False, True):

@@ -360,7 +360,7 @@ def test_w4_gemm_launch_tiles_and_splits():
     assert ln.block == (32 * lr.W4G_WARPS, 1, 1)
     assert ln.smem == lr.W4G_STAGES * (rows + 1) * 128 * 2
     gate = lr.w4_gemm_launch(20, 14336, 4096, "float16", act="swiglu", group=64,
-                             zero_points=True, sm_count=132)
+                             offsets="zero_points", sm_count=132)
     assert (gate.module, gate.kernel) == ("qgemv_zp", "w4gzp_f16_swiglu")
     assert gate.grid[1] == 14336 // (8 * lr.W4G_WARPS)
     assert lr.w4_gemm_launch(20, 4096, 256, "bfloat16", group=128, sm_count=132).grid[2] == 1
@@ -376,23 +376,25 @@ def test_w4_gemm_launch_tiles_and_splits():
 def test_int4_offsets_take_their_own_kernels():
     """Offsets (a GGUF file's Q4_1) in the zero-point module, as w4off / w4goff /
     dequant_int4_off: never chunk scales or the _wide kernel, whatever the group and tiles;
-    one kind of offsets at a time, and INT4's only."""
+    INT4's only, and one of the kinds launch_rules.INT4_OFFSETS names."""
     kw = dict(group=128, sm_count=1)     # 6144 rows are tiles enough for _wide
     assert lr.qgemv_launch(1, 6144, 4096, "bfloat16", "int4", **kw).kernel == \
         "w4_bf16_m8_wide_cs"
-    off = lr.qgemv_launch(1, 6144, 4096, "bfloat16", "int4", offsets=True, **kw)
+    off = lr.qgemv_launch(1, 6144, 4096, "bfloat16", "int4", offsets="offsets", **kw)
     assert (off.module, off.kernel) == ("qgemv_zp", "w4off_bf16_m8")
     assert lr.qgemv_launch(12, 64, 256, "float16", "int4", act="swiglu", group=32,
-                           offsets=True).kernel == "w4off_f16_m16_swiglu"
+                           offsets="offsets").kernel == "w4off_f16_m16_swiglu"
     assert lr.w4_gemm_launch(40, 64, 256, "float16", "float32", group=64,
-                             offsets=True).kernel == "w4goff_f16_f32"
-    assert lr.dequant_int4_launch(64, 256, "bfloat16", offsets=True).kernel == \
+                             offsets="offsets").kernel == "w4goff_f16_f32"
+    assert lr.dequant_int4_launch(64, 256, "bfloat16", offsets="offsets").kernel == \
         "dequant_int4_off_bf16"
-    with pytest.raises(ValueError, match="one of them"):
-        lr.qgemv_launch(1, 64, 256, "float16", "int4", group=32, zero_points=True,
-                        offsets=True)
-    with pytest.raises(ValueError, match="INT4's"):
-        lr.qgemv_launch(1, 64, 256, "float16", "fp8", offsets=True)
+    assert lr.dequant_int4_launch(64, 256, "bfloat16", offsets="zero_points").kernel == \
+        "dequant_int4_zp_bf16"
+    for bad in (True, "zp", "both"):
+        with pytest.raises(ValueError, match="INT4 offsets are one of none, zero_points"):
+            lr.qgemv_launch(1, 64, 256, "float16", "int4", group=32, offsets=bad)
+    with pytest.raises(ValueError, match="INT4's, not fp8's"):
+        lr.qgemv_launch(1, 64, 256, "float16", "fp8", offsets="offsets")
 
 
 @pytest.mark.parametrize("m,n,k,act,out,kernel,warps", [

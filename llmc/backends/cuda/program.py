@@ -69,14 +69,14 @@ def _w4_gemm_launch(op: Op, m: int, dt: str, sm_count: int):
     a = op.attrs
     n = a["inter"] if a.get("act") else a["n"]
     return n, lr.w4_gemm_launch(m, n, a["k"], dt, a["out_dtype"], a.get("act"), a["group"],
-                                sm_count=sm_count, **_int4_offsets(op))
+                                sm_count=sm_count, offsets=_int4_offsets(op))
 
 
-def _int4_offsets(op: Op) -> dict:
-    """The INT4 kernels' kind for the op's input 5: zero points, offsets or none."""
+def _int4_offsets(op: Op) -> str:
+    """What the op's input 5 holds for the INT4 kernels (launch_rules.INT4_OFFSETS)."""
     if not int4_zero_points(op):
-        return {}
-    return {"offsets": True} if op.attrs.get("offsets") else {"zero_points": True}
+        return "none"
+    return "offsets" if op.attrs.get("offsets") else "zero_points"
 
 
 def qgemm_scratch(plan: Plan, max_tokens: int, max_batch: int,
@@ -121,7 +121,7 @@ def _qgemm(op: Op, m: int, dt: str, sm_count: int, P) -> Iterator[tuple]:
             scratch = [P(QGEMM_WORKSPACE), P(W4G_COUNTERS)]
         else:
             launch = lr.qgemv_launch(m, n, k, dt, quant, a["out_dtype"], act,
-                                     a.get("group", 0), sm_count, **_int4_offsets(op))
+                                     a.get("group", 0), sm_count, offsets=_int4_offsets(op))
         if quant == "int4":
             args = [P(ins[0]), P(ins[1]), P(ins[3]), pre, bias, m, n, k,
                     lr.int4_group_shift(a["group"]), P(y), *scratch, *zargs]
@@ -132,7 +132,7 @@ def _qgemm(op: Op, m: int, dt: str, sm_count: int, P) -> Iterator[tuple]:
         return
     ws = P(QGEMM_WORKSPACE)
     if quant == "int4":
-        yield "kernel", lr.dequant_int4_launch(a["n"], k, dt, **_int4_offsets(op)), [
+        yield "kernel", lr.dequant_int4_launch(a["n"], k, dt, _int4_offsets(op)), [
             P(ins[1]), P(ins[3]), pre, a["n"], k, lr.int4_group_shift(a["group"]), ws, *zargs]
         yield "gemm", gemm_key(op), (int(P(ins[0])), int(ws), int(P(outs[0])), m,
                                      int(bias) or None)
