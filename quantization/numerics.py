@@ -103,25 +103,36 @@ AWQ_GRID = 20
 
 def awq_scales(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
                grid: int = AWQ_GRID) -> tuple[np.ndarray, float]:
-    """AWQ's search (Lin et al. 2023, section 3.2): per input channel s = mean|x|^alpha
-    (normalised), alpha on a grid in [0, 1), the one whose INT4 GEMM output is closest to the
-    full-precision one on calibration rows ``x`` [M, K]. W' = diag(s) W is quantized and x / s
-    feeds it. Returns (s [K] float32, the chosen alpha); alpha 0 is plain RTN (s = 1)."""
+    """AWQ's search (Lin et al. 2023, section 3.2) for per-input-channel scales s: W' =
+    diag(s) W is quantized and x / s feeds it. Two families of s, each on a grid of alpha in
+    [0, 1): the paper's mean|x|^alpha, and AutoAWQ's default ("duo scaling")
+    mean|x|^alpha / mean|w'|^(1 - alpha), w' each weight over its block's |max| (channels
+    whose weights sit low in their blocks are scaled up). The s whose INT4 GEMM output is
+    closest to the full-precision one on calibration rows ``x`` [M, K] wins; the first
+    family's alpha 0 is plain RTN (s = 1), so the search never does worse than RTN on them
+    (bench/results/quantization.md measures both families). Returns (s [K] float32, the
+    chosen alpha)."""
     w = w.astype(np.float32)
     x = x.astype(np.float32)
     ref = x @ w
-    mean = np.maximum(np.abs(x).mean(axis=0), 1e-8)
-    best = (np.inf, np.ones(w.shape[0], np.float32), 0.0)
+    k, n = w.shape
+    x_mean = np.maximum(np.abs(x).mean(axis=0), 1e-8)
+    wb = np.abs(w).reshape(k // block, block, n)
+    w_mean = (wb / (wb.max(axis=1, keepdims=True) + 1e-6)).reshape(k, n).mean(axis=1)
+    best = (np.inf, np.ones(k, np.float32), 0.0)
     top = np.finfo(np_dtype(scale_dtype)).max / 2   # x / s must fit the GEMM's dtype (fp16)
-    for alpha in np.arange(grid) / grid:
-        s = mean ** alpha
-        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)   # AWQ's normalisation
-        if alpha and (np.abs(x / s).max() > top or np.abs(w * s[:, None]).max() > top):
-            continue
-        err = float(np.mean((ref - (x / s) @ fake_quant_int4(w * s[:, None], block,
-                                                             scale_dtype)) ** 2))
-        if err < best[0]:
-            best = (err, s, float(alpha))
+    for duo in (False, True):
+        for alpha in np.arange(grid) / grid:
+            s = np.maximum(x_mean ** alpha / (w_mean ** (1 - alpha) + 1e-4), 1e-4) if duo \
+                else x_mean ** alpha
+            s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)   # AWQ's normalisation
+            if (alpha or duo) and (np.abs(x / s).max() > top or
+                                   np.abs(w * s[:, None]).max() > top):
+                continue
+            err = float(np.mean((ref - (x / s) @ fake_quant_int4(w * s[:, None], block,
+                                                                 scale_dtype)) ** 2))
+            if err < best[0]:
+                best = (err, s, float(alpha))
     return best[1], best[2]
 
 
