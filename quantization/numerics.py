@@ -126,11 +126,10 @@ def awq_scales(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
             s = np.maximum(x_mean ** alpha / (w_mean ** (1 - alpha) + 1e-4), 1e-4) if duo \
                 else x_mean ** alpha
             s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)   # AWQ's normalisation
-            if (alpha or duo) and (np.abs(x / s).max() > top or
-                                   np.abs(w * s[:, None]).max() > top):
+            xs, ws = x / s, w * s[:, None]
+            if (alpha or duo) and (np.abs(xs).max() > top or np.abs(ws).max() > top):
                 continue
-            err = float(np.mean((ref - (x / s) @ fake_quant_int4(w * s[:, None], block,
-                                                                 scale_dtype)) ** 2))
+            err = float(np.mean((ref - xs @ fake_quant_int4(ws, block, scale_dtype)) ** 2))
             if err < best[0]:
                 best = (err, s, float(alpha))
     return best[1], best[2]

@@ -389,14 +389,14 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
 }
 
 // The flash-decoding combine inside the decode kernel: each split's CTA counts itself in on
-// its (token, kv head) counter once its partials are written (last_to_arrive), and the last
-// to arrive sums the live splits' partials into out, so no attn_reduce launch follows. G q
-// heads of one token; the live splits
-// are the first n_live (attn_decode divides the token's own context). Shared memory, free by
-// now: wgt, G x n_live floats (the K/V stages); sc, 17 words (the Q tile). No static
-// __shared__ here: with 80 bytes of it every 16-bit decode launch ran about 10% slower at
-// batch 64 on the H100, splits or not (bench/results/kernels.md). Not inlined: its two call
-// sites share one copy, and the decode loop compiles as it did without it.
+// its (token, kv head) counter once its partials are written (last_to_arrive), and the last to
+// arrive sums the live splits' partials into out, so no attn_reduce launch follows. G q heads
+// of one token; the live splits are the first n_live (attn_decode divides the token's own
+// context). Shared memory, free by now: wgt, G x n_live floats (the K/V stages); sc, 17 words
+// (the Q tile). No static __shared__ here: with 80 bytes of it every 16-bit decode launch ran
+// about 10% slower at batch 64 on the H100, splits or not (bench/results/kernels.md). Not
+// inlined: its two call sites share one copy, and the decode loop compiles as it did without
+// it.
 template <typename T>
 __device__ __noinline__ void combine_splits(const float* __restrict__ ws_o,
                                             const float* __restrict__ ws_lse,
