@@ -104,20 +104,23 @@ def build_engine(model: Path, out: Path, limits, dtype: str = "bf16", quant: str
     """A cuda engine; quantized ones are calibrated (FP8) on random words of the random
     model's word-level tokenizer and not measured (perplexity means nothing on random
     weights, and two onnxruntime passes over an 8B graph would dominate the build). A quant
-    ending in "+head" quantizes the LM head too (--quant-lm-head)."""
+    ending in "+head" quantizes the LM head too (--quant-lm-head); one ending in "+kv8" keeps
+    the KV cache in E4M3 (--kv-cache-dtype fp8, its scales calibrated the same way)."""
     from llmc.build import BuildOptions, build
     from llmc.quantization.quantize import QuantOptions
 
     if not out.is_file():
         t0 = time.perf_counter()
-        mode, head = quant.removesuffix("+head"), quant.endswith("+head")
+        kv = "fp8" if quant.endswith("+kv8") else "auto"
+        mode = quant.removesuffix("+kv8")
+        mode, head = mode.removesuffix("+head"), mode.endswith("+head")
         q = QuantOptions(mode)
-        if mode != "none":
+        if mode != "none" or kv != "auto":
             words = model / "words.txt"
             rng = np.random.default_rng(0)
             words.write_text(" ".join(f"t{i}" for i in rng.integers(0, 1000, 4096)))
             q = QuantOptions(mode, calib_data=words, eval_data=words, calib_size=16,
-                             eval_size=16, measure=False, lm_head=head)
+                             eval_size=16, measure=False, lm_head=head, kv_cache_dtype=kv)
         build(BuildOptions(model, out, backend="cuda", dtype=dtype, limits=limits, quant=q),
               log=lambda m: print(f"  [build] {m}") if "wrote" in m or "plan" in m else None)
         print(f"  built {out.name} in {time.perf_counter() - t0:.0f} s")
@@ -197,7 +200,8 @@ def time_to_first_token(session, header, prompt_len: int = 512) -> float:
 def roofline(header, weights_bytes: int, batch: int, context: int) -> float:
     io, cfg = header.io, header.model.config
     embed = cfg["vocab_size"] * cfg["hidden_size"] * 2
-    kv = batch * (context + 1) * io.num_layers * 2 * io.kv_heads * io.head_dim * 2
+    kv_bytes = 1 if "float8" in io.kv_dtype else 2     # an E4M3 pool: a byte an element
+    kv = batch * (context + 1) * io.num_layers * 2 * io.kv_heads * io.head_dim * kv_bytes
     read = weights_bytes - embed + batch * cfg["hidden_size"] * 2 + kv
     return batch / (read / HBM_BYTES_PER_S)
 
@@ -257,10 +261,12 @@ def main() -> None:
                     help="fp16 for --quant fp8 / int4-awq (their calibration runs onnxruntime, "
                     "which has no bf16 MatMul on the CPU); the same speed on the GPU")
     ap.add_argument("--quant", nargs="+", default=["none"],
-                    choices=["none", "int4-rtn", "int4-awq", "fp8", "int4-rtn+head",
-                             "int4-awq+head", "fp8+head"],
+                    choices=[q + kv for q in ("none", "int4-rtn", "int4-awq", "fp8",
+                                              "int4-rtn+head", "int4-awq+head", "fp8+head")
+                             for kv in ("", "+kv8")],
                     help="build and time an engine of each (speedups against the first); "
-                    "+head: the LM head quantized too (--quant-lm-head)")
+                    "+head: the LM head quantized too (--quant-lm-head); +kv8: the KV cache "
+                    "in E4M3 (--kv-cache-dtype fp8)")
     ap.add_argument("--layers", type=int, default=32, help="llama-3.1-8b: decoder layers")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch the GEMVs without programmatic dependent launch (A/B)")

@@ -73,10 +73,9 @@ class AttentionPlan:
 
 
 def decode_smem(head_dim: int, stages: int = DECODE_STAGES[0], e4m3: bool = False) -> int:
-    """Q, then the K/V stages; an E4M3 pool stages bytes and dequantizes each stage into one
-    16-bit [K, V] pair of tiles."""
+    """Q, then the K/V stages (an E4M3 pool's in bytes, which the MMAs read as they are)."""
     tile = ATTN_BN * head_dim
-    kv = 2 * tile * 2 + stages * 2 * tile if e4m3 else stages * 2 * tile * 2
+    kv = stages * 2 * tile * (1 if e4m3 else 2)
     combine = 4 * 16 * head_dim * 4 + 2 * 4 * 16 * 4  # per-warp O, m, l reuse the K/V tiles
     return 16 * head_dim * 2 + max(kv, combine)
 

@@ -19,9 +19,11 @@
 //                   kernel's last split combines (combine_splits).
 //  E4M3 pool (C = u8, --kv-cache-dtype fp8; entries in the *_e4m3 modules): the pool holds
 //  E4M3 bytes of x / scale, one K and one V scale a layer. The K/V tiles travel the same
-//  cp.async pipeline at one byte an element and are dequantized in shared memory into the
-//  16-bit tiles the MMAs read (x * scale rounded to T: the graph's DequantizeLinear), so the
-//  attention math is the 16-bit pool's, on half the bytes.
+//  cp.async pipeline at one byte an element. Prefill dequantizes them in shared memory into
+//  the 16-bit tiles its MMAs read (x * scale rounded to T: the graph's DequantizeLinear).
+//  Decode, where the pass over each tile cost as much as the bytes saved, converts the bytes
+//  of its MMA fragments in registers (E4M3 -> fp16 is exact) and applies the scales in fp32:
+//  K's to the scores, V's to the output (decode_e4m3_qk, decode_e4m3_pv).
 // The kernels' bodies; paged_attention.cu instantiates the entry points without the
 // soft-cap, paged_attention_softcap.cu those with it (a module of its own, compiled only for
 // the models that have one).
@@ -61,6 +63,14 @@ template <int D> __device__ __forceinline__ int swz(int r, int c) {
   return (r * (D / 8) + (c ^ (r & 7))) * 8;
 }
 
+// Tiles of rows x D bytes (an E4M3 pool's): the 16-byte chunk c of row r sits at chunk
+// c ^ (r * CPR / 8) of the row's CPR, so the decode's fragment reads (8 bytes of 8 rows, 4
+// bytes of 4 rows) spread over the banks. Byte b of row r: r * D + e4m3_at<D>(r, b).
+template <int D> __device__ __forceinline__ int e4m3_at(int r, int b) {
+  constexpr int CPR = D / 16;  // chunks a row; rows a 128-byte bank line: 8 / CPR
+  return ((((b >> 4) ^ (r * CPR / 8)) & (CPR - 1)) << 4) + (b & 15);
+}
+
 // Row of key position p of (seq s, kv head) inside the pool [2, nb, Hkv, bs, D].
 __device__ __forceinline__ size_t kv_row(const int* bt, int s, int mb, int p, int bs, int which,
                                          int nb, int hkv, int kvh, int d) {
@@ -86,7 +96,7 @@ __device__ __forceinline__ void load_kv_tile(C* dst, const C* cache, const int* 
     const bool ok = p < kv_end;
     const C* src = ok ? cache + kv_row(bt, s, mb, p, bs, which, nb, hkv, kvh, D) + c * EPC
                       : cache;
-    const int at = sizeof(C) == 2 ? swz<D>(r, c) : r * D + c * EPC;
+    const int at = sizeof(C) == 2 ? swz<D>(r, c) : r * D + e4m3_at<D>(r, c * EPC);
     cp_async16(smem_u32(dst + at), src, ok ? 16 : 0);
   }
 }
@@ -102,7 +112,7 @@ __device__ __forceinline__ void dequant_tile(u16* dst, const u8* src, float scal
   const u32 s2 = F16::pack2(scale, scale);  // fp16's multiplier (unused for bf16)
   for (int i = tid; i < rows * CH; i += nt) {
     const int r = r0 + i / CH, c = i % CH;
-    const uint2 raw = *reinterpret_cast<const uint2*>(src + r * D + c * 8);
+    const uint2 raw = *reinterpret_cast<const uint2*>(src + r * D + e4m3_at<D>(r, c * 8));
     uint4 h;
     h.x = e4m3x2_scaled<T>((unsigned short)(raw.x & 0xffffu), scale, s2);
     h.y = e4m3x2_scaled<T>((unsigned short)(raw.x >> 16), scale, s2);
@@ -445,6 +455,99 @@ __device__ __noinline__ void combine_splits(const float* __restrict__ ws_o,
   }
 }
 
+// ---- Decode over an E4M3 pool: MMA fragments straight from the byte tiles ---------------------
+// The MMAs run in fp16 whatever T is: E4M3 -> fp16 is exact (cvt.rn.f16x2.e4m3x2, two values
+// an instruction), Q is converted once (bf16 -> fp16, saturated at 65504), P is rounded to
+// fp16. The pool's scales stay out of the tiles: S = (Q . k8) * k_scale goes into the softmax's
+// scale, O = (P . v8) * v_scale into the output. Against the graph's DequantizeLinear
+// (k8 * k_scale rounded to T) that skips one rounding of each K and V element.
+//
+// Q . K^T: a dot product's terms may be summed in any order, so the k slots of the MMA need not
+// be head dims in order. Lane (g, t) reads 8 bytes, dims 32i + 8t .. + 7, of key g of an
+// 8-key block: as loaded they are the B fragments of two k16 steps (dims 8t, 8t+1 in logical
+// slots 2t, 2t+1 and 8t+2, 8t+3 in 2t+8, 2t+9 of the first; the next four of the second), and
+// Q's A fragments are built once in that order (decode_e4m3_q).
+__device__ __forceinline__ u32 f16x2_sat(float a, float b) {
+  return F16::pack2(fminf(fmaxf(a, -65504.f), 65504.f), fminf(fmaxf(b, -65504.f), 65504.f));
+}
+
+// Q's fragments for the D / 16 k16 steps of S = Q K^T, rows g and g + 8 of the G real ones.
+template <typename T, int D>
+__device__ __forceinline__ void decode_e4m3_q(u32 (&qf)[D / 16][4], const u16* __restrict__ q,
+                                              size_t head0, int G, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = g + 8 * h;
+#pragma unroll
+    for (int i = 0; i < D / 32; ++i) {
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (row < G) v = *reinterpret_cast<const uint4*>(q + (head0 + row) * D + 32 * i + 8 * t);
+      u32 w[4] = {v.x, v.y, v.z, v.w};
+      if constexpr (T::is_bf16) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          w[e] = f16x2_sat(T::to_f((u16)(w[e] & 0xffffu)), T::to_f((u16)(w[e] >> 16)));
+      }
+      qf[2 * i][h] = w[0]; qf[2 * i][2 + h] = w[1];
+      qf[2 * i + 1][h] = w[2]; qf[2 * i + 1][2 + h] = w[3];
+    }
+  }
+}
+
+// S (two 8-key blocks: keys row0 .. row0 + 15 of the byte tile sK) = Q . K^T, unscaled.
+template <int D>
+__device__ __forceinline__ void decode_e4m3_qk(float (&sc)[2][4], const u32 (&qf)[D / 16][4],
+                                               const u8* sK, int row0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nb = 0; nb < 2; ++nb) {
+    const int r = row0 + nb * 8 + g;
+#pragma unroll
+    for (int i = 0; i < D / 32; ++i) {
+      const uint2 k8 =
+          *reinterpret_cast<const uint2*>(sK + r * D + e4m3_at<D>(r, 32 * i + 8 * t));
+      mma16816<F16>(sc[nb], qf[2 * i], e4m3x2_to_f16x2(k8.x & 0xffffu),
+                    e4m3x2_to_f16x2(k8.x >> 16));
+      mma16816<F16>(sc[nb], qf[2 * i + 1], e4m3x2_to_f16x2(k8.y & 0xffffu),
+                    e4m3x2_to_f16x2(k8.y >> 16));
+    }
+  }
+}
+
+// O += P . V over keys row0 .. row0 + 15 of the byte tile sV. V's B fragment pairs two keys
+// of one dim, bytes D apart in the tile: lane (g, t) reads 4 bytes, dims 32i + 4g .. + 3, of
+// each of its keys 2t, 2t + 1, 2t + 8, 2t + 9, and byte permutes pair them key by key. So the
+// n slot g of O's tile 4i + d is dim 32i + 4g + d (decode_e4m3_col).
+template <int D>
+__device__ __forceinline__ void decode_e4m3_pv(float (*o)[4], const u32 (&pa)[4], const u8* sV,
+                                               int row0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const int r0 = row0 + 2 * t, r1 = r0 + 1, r2 = r0 + 8, r3 = r0 + 9;
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) {
+    const int b = 32 * i + 4 * g;
+    const u32 w0 = *reinterpret_cast<const u32*>(sV + r0 * D + e4m3_at<D>(r0, b));
+    const u32 w1 = *reinterpret_cast<const u32*>(sV + r1 * D + e4m3_at<D>(r1, b));
+    const u32 w2 = *reinterpret_cast<const u32*>(sV + r2 * D + e4m3_at<D>(r2, b));
+    const u32 w3 = *reinterpret_cast<const u32*>(sV + r3 * D + e4m3_at<D>(r3, b));
+    // [dim d of key a, dim d of key a + 1] pairs: dims 0, 1 and dims 2, 3 of the four
+    const u32 lo01 = __byte_perm(w0, w1, 0x5140), hi01 = __byte_perm(w0, w1, 0x7362);
+    const u32 lo23 = __byte_perm(w2, w3, 0x5140), hi23 = __byte_perm(w2, w3, 0x7362);
+    const u32 pair01[4] = {lo01 & 0xffffu, lo01 >> 16, hi01 & 0xffffu, hi01 >> 16};
+    const u32 pair23[4] = {lo23 & 0xffffu, lo23 >> 16, hi23 & 0xffffu, hi23 >> 16};
+#pragma unroll
+    for (int d = 0; d < 4; ++d)
+      mma16816<F16>(o[4 * i + d], pa, e4m3x2_to_f16x2((unsigned short)pair01[d]),
+                    e4m3x2_to_f16x2((unsigned short)pair23[d]));
+  }
+}
+
+// The dim of O's accumulator column 2t + e (e = 0, 1) of tile j in decode_e4m3_pv's order.
+__device__ __forceinline__ int decode_e4m3_col(int j, int t, int e) {
+  return 32 * (j >> 2) + 4 * (2 * t + e) + (j & 3);
+}
+
 // C: the pool's element (u16, or u8 for an E4M3 pool with scales k_scale and v_scale).
 template <typename T, int D, int NST, bool CAP = false, typename C = u16>
 __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ ss,
@@ -458,14 +561,11 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
   constexpr bool E4M3 = sizeof(C) == 1;
   extern __shared__ __align__(16) u16 smem[];
   u16* sQ = smem;
-  // 16-bit pool: NST stages of [K tile, V tile], read by the MMAs where they land. E4M3 pool:
-  // one [K tile, V tile] of T, then the NST stages in bytes, each dequantized into it in turn.
+  // NST stages of [K tile, V tile], read by the MMAs where they land (16-bit: swizzled for
+  // ldmatrix; E4M3: bytes, by decode_e4m3_*). The E4M3 path keeps Q in registers only; sQ
+  // stays the combine's scratch.
   u16* sKV = sQ + 16 * D;
-  u8* const raw = reinterpret_cast<u8*>(sKV + 2 * BN * D);
-  auto stage = [&](int st) {
-    return E4M3 ? reinterpret_cast<C*>(raw + st * 2 * BN * D)
-                : reinterpret_cast<C*>(sKV + st * 2 * BN * D);
-  };
+  auto stage = [&](int st) { return reinterpret_cast<C*>(sKV) + st * 2 * BN * D; };
   const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, G = hq / hkv;
   const int s = find_seq(ss, B, t);
   const int pos = cl[s] - (ss[s + 1] - ss[s]) + (t - ss[s]);
@@ -492,10 +592,13 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
   }
   const int n_tiles = (k_end - k_begin + BN - 1) / BN;
   constexpr int CH = D / 8;
-  for (int i = threadIdx.x; i < 16 * CH; i += NWARPS * 32) {
-    const int r = i / CH, c = i % CH;
-    const bool ok = r < G;
-    cp_async16(smem_u32(sQ + swz<D>(r, c)), ok ? q + (head0 + r) * D + c * 8 : q, ok ? 16 : 0);
+  if constexpr (!E4M3) {
+    for (int i = threadIdx.x; i < 16 * CH; i += NWARPS * 32) {
+      const int r = i / CH, c = i % CH;
+      const bool ok = r < G;
+      cp_async16(smem_u32(sQ + swz<D>(r, c)), ok ? q + (head0 + r) * D + c * 8 : q,
+                 ok ? 16 : 0);
+    }
   }
 #pragma unroll
   for (int st = 0; st < NST; ++st) {
@@ -507,10 +610,13 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
     }
     cp_commit();
   }
-  const float scale_log2 = __int_as_float(scale_bits) * 1.4426950408889634f;
-  const float cap_in = CAP ? __int_as_float(scale_bits) / __int_as_float(cap_bits) : 0.f;
+  // An E4M3 pool's K scale multiplies the scores (decode_e4m3_qk leaves them unscaled).
+  const float ks = E4M3 ? k_scale : 1.f;
+  const float scale_log2 = __int_as_float(scale_bits) * ks * 1.4426950408889634f;
+  const float cap_in = CAP ? __int_as_float(scale_bits) * ks / __int_as_float(cap_bits) : 0.f;
   const float cap_out = CAP ? __int_as_float(cap_bits) * 1.4426950408889634f : 0.f;
   u32 qf[D / 16][4];
+  if constexpr (E4M3) decode_e4m3_q<T, D>(qf, q, head0, G, lane);
   float o[D / 8][4];
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
@@ -518,40 +624,38 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
   for (int j = 0; j < n_tiles; ++j) {
     cp_wait<NST - 1>();
     __syncthreads();
-    if (j == 0) {
+    if (!E4M3 && j == 0) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
         ldsm_x4(qf[kk], smem_u32(sQ + swz<D>(lane & 15, 2 * kk + (lane >> 4))));
     }
-    const u16* sK;
-    if constexpr (E4M3) {
-      // A warp reads only its own 16 keys of the tile (S and P·V): it dequantizes just those,
-      // so a warp barrier is enough.
-      const u8* st = raw + (j % NST) * 2 * BN * D;
-      dequant_tile<T, D>(sKV, st, k_scale, warp * 16, 16, lane, 32);
-      dequant_tile<T, D>(sKV + BN * D, st + BN * D, v_scale, warp * 16, 16, lane, 32);
-      __syncwarp();
-      sK = sKV;
-    } else {
-      sK = sKV + (j % NST) * 2 * BN * D;
-    }
-    const u16* sV = sK + BN * D;
+    const C* sK = stage(j % NST);
+    const C* sV = sK + BN * D;
     float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    if constexpr (E4M3) {
+      decode_e4m3_qk<D>(sc, qf, sK, warp * 16, lane);
+    } else {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      u32 b[4];
-      const int kr = warp * 16 + (lane & 7) + ((lane >> 4) << 3);
-      ldsm_x4(b, smem_u32(sK + swz<D>(kr, 2 * kk + ((lane >> 3) & 1))));
-      mma16816<T>(sc[0], qf[kk], b[0], b[1]);
-      mma16816<T>(sc[1], qf[kk], b[2], b[3]);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        u32 b[4];
+        const int kr = warp * 16 + (lane & 7) + ((lane >> 4) << 3);
+        ldsm_x4(b, smem_u32(sK + swz<D>(kr, 2 * kk + ((lane >> 3) & 1))));
+        mma16816<T>(sc[0], qf[kk], b[0], b[1]);
+        mma16816<T>(sc[1], qf[kk], b[2], b[3]);
+      }
     }
     const int kbase = k_begin + j * BN + warp * 16;
     // Tiles never cross a split's end (chunk is a multiple of BN), so pos bounds them above.
     softmax_step<2, D, CAP>(sc, o, m, l, scale_log2, kbase, pos, pos, win > 0 ? win : 0x7fffffff,
                             true, cap_in, cap_out);
     u32 pa[4];
-    p_frag<T>(pa, sc[0], sc[1]);
-    pv_mma<T, D>(o, pa, sV, warp * 16, lane);
+    if constexpr (E4M3) {
+      p_frag<F16>(pa, sc[0], sc[1]);
+      decode_e4m3_pv<D>(o, pa, sV, warp * 16, lane);
+    } else {
+      p_frag<T>(pa, sc[0], sc[1]);
+      pv_mma<T, D>(o, pa, sV, warp * 16, lane);
+    }
     __syncthreads();
     if (j + NST < n_tiles) {
       C* buf = stage(j % NST);
@@ -572,11 +676,20 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     const int row = (lane >> 2) + 8 * r;
-    float* dst = sO + (warp * 16 + row) * D + (lane & 3) * 2;
+    if constexpr (E4M3) {  // decode_e4m3_pv's columns, and V's scale
+      float* dst = sO + (warp * 16 + row) * D;
 #pragma unroll
-    for (int jj = 0; jj < D / 8; ++jj) {
-      dst[jj * 8] = o[jj][2 * r];
-      dst[jj * 8 + 1] = o[jj][2 * r + 1];
+      for (int jj = 0; jj < D / 8; ++jj) {
+        dst[decode_e4m3_col(jj, lane & 3, 0)] = o[jj][2 * r] * v_scale;
+        dst[decode_e4m3_col(jj, lane & 3, 1)] = o[jj][2 * r + 1] * v_scale;
+      }
+    } else {
+      float* dst = sO + (warp * 16 + row) * D + (lane & 3) * 2;
+#pragma unroll
+      for (int jj = 0; jj < D / 8; ++jj) {
+        dst[jj * 8] = o[jj][2 * r];
+        dst[jj * 8 + 1] = o[jj][2 * r + 1];
+      }
     }
     if ((lane & 3) == 0) { sM[warp * 16 + row] = m[r]; sL[warp * 16 + row] = l[r]; }
   }
@@ -669,6 +782,10 @@ __device__ void kv_write(const u16* __restrict__ k, const u16* __restrict__ v,
 // bits after `win`. Their bodies need sm_89+ (the E4M3 conversions); the lowering builds such
 // engines for those targets only, so elsewhere an entry is a trap (and compiles to nothing).
 #define ATTN_IN_E4M3 const u16 *q, const int *ss, const int *cl, const int *bt, const u8 *kv
+// The E4M3 decode entries' CTAs an SM (launch bounds: 128 registers, no spills): their byte
+// stages fit 4 where the 16-bit pool's fit 2, and 4 measured up to 1.3x faster than the 3 that
+// the registers of unbounded code allow (bench/results/kernels.md).
+#define DECODE_E4M3_MINB 4
 #if __CUDA_ARCH__ >= 890
 #define E4M3_ONLY(...) __VA_ARGS__
 #else

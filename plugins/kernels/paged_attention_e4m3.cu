@@ -15,7 +15,7 @@
                                                        __int_as_float(vs)));                  \
   }
 #define DECODE_E4M3_ENTRY(DT, TY, D, SUF, NST)                                                \
-  extern "C" __global__ void __launch_bounds__(128)                                           \
+  extern "C" __global__ void __launch_bounds__(128, DECODE_E4M3_MINB)                         \
       attn_decode_##DT##_d##D##SUF##_e4m3(ATTN_IN_E4M3, ATTN_SC, int ks, int vs, int ns,      \
                                           int chunk, u16* out, float* wo, float* wl,          \
                                           int* arr) {                                         \

@@ -327,27 +327,28 @@ def test_e4m3_pool_takes_its_own_entries_and_its_scales():
 
 
 def test_e4m3_pool_shared_memory():
-    """Byte stages and one pair of 16-bit tiles: the decode kernel's 3 stages fit where the
-    16-bit pool's do not (99 KB, sm_89/120), the combine still fits in the reused tiles, and
-    the fallbacks follow the E4M3 sizes."""
+    """Byte stages, which the decode MMAs read as they are: the decode kernel's 3 stages fit
+    where the 16-bit pool's do not (99 KB, sm_89/120), the combine still fits in the reused
+    stages, and any device that holds a prefill kernel holds the 2-stage decode (so a pure
+    decode step never falls back to prefill)."""
     for d in ap.HEAD_DIMS:
         for st in ap.DECODE_STAGES:
             e4m3 = ap.decode_smem(d, st, e4m3=True)
-            assert e4m3 - 16 * d * 2 == max(2 * 64 * d * 2 + st * 2 * 64 * d,
-                                            4 * 16 * d * 4 + 512)
+            assert e4m3 - 16 * d * 2 == max(st * 2 * 64 * d, 4 * 16 * d * 4 + 512)
             assert e4m3 <= ap.decode_smem(d, st)
         for variant in ap.PREFILL_WARPS:
-            assert ap.prefill_smem(d, variant, e4m3=True) == \
+            assert ap.decode_smem(d, 2, e4m3=True) < \
+                ap.prefill_smem(d, variant, e4m3=True) == \
                 ap.prefill_smem(d, variant) + 2 * 64 * d <= 99 * 1024
     assert ap.decode_smem(128, 3, e4m3=True) <= 99 * 1024 < ap.decode_smem(128, 3)
     args = (4, 4, 32, 8, 128, 256, 16, "float16", 132)
     kw = dict(write_kv=False, e4m3=True)
     for smem, kernel in [(ap.decode_smem(128, 3, True), "attn_decode_f16_d128_e4m3"),
-                         (ap.decode_smem(128, 3, True) - 1, "attn_decode_f16_d128_s2_e4m3"),
-                         # w8s with byte tiles needs more than 2 decode stages: then w4
-                         (ap.decode_smem(128, 2, True) - 1, "attn_prefill_f16_d128_w4_e4m3")]:
+                         (ap.decode_smem(128, 3, True) - 1, "attn_decode_f16_d128_s2_e4m3")]:
         plan = ap.attention_plan(*args, max_smem=smem, **kw)
         assert plan.main.kernel == kernel and plan.main.smem <= smem
+    with pytest.raises(ValueError, match="shared memory"):
+        ap.attention_plan(*args, max_smem=ap.decode_smem(128, 2, True) - 1, **kw)
     assert ap.attention_workspace_bound(4, 4, 32, 8, 128, 256, 16, 132, max_smem=H100,
                                         e4m3=True) == ap.attention_workspace_bound(
         4, 4, 32, 8, 128, 256, 16, 132, max_smem=H100)
