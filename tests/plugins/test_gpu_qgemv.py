@@ -37,9 +37,9 @@ def fp8_capable() -> bool:
 
 # A fused gate rounds gate, up, act(gate) and their product to the dtype: where the kernel's
 # fp32 gate or up lands on the other side of a rounding boundary than the float64
-# reference's, the output moves by a unit in the last place of each, up to 2^-7 of the value
-# in bf16: two of them, 2^-6.
-GATE_TOL = {torch.float16: 1e-2, torch.bfloat16: 2 ** -6}
+# reference's, each of the four roundings can move the output by a unit in the last place,
+# up to 2^-7 of the value in bf16: 2^-5 in all (1.9e-2 was seen with AWQ's 1 / s).
+GATE_TOL = {torch.float16: 1e-2, torch.bfloat16: 2 ** -5}
 
 
 def check(y, ref, dtype, tol=None):

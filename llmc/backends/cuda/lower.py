@@ -69,7 +69,7 @@ from llmc.backends.cuda.plan import (
     Plan,
     Value,
     align,
-    int4_zero_points,
+    int4_block_offsets,
     itemsize,
     live_intervals,
     numel,
@@ -224,7 +224,7 @@ class Lowering:
         # the quantized GEMMs' kernels and the soft-capped or E4M3-pool attention's are
         # compiled only for the models that have them
         quant = any(op.attrs.get("quant") for op in self.ops if op.op == "gemm")
-        zero_points = any(int4_zero_points(op) for op in self.ops)
+        zero_points = any(int4_block_offsets(op) for op in self.ops)
         attention = sorted({attention_module(op.attrs["softcap"], "kv_scale" in op.attrs)
                             for op in self.ops if op.op == "attention"} - set(MODULES))
         moe = any(op.op == "moe" for op in self.ops)
@@ -423,7 +423,7 @@ class Lowering:
                 claimed.append(mul)
                 site["pre"] = pre
             site.update(kind="int4", group=block)
-            zero_points = self._int4_zero_points(node, k, n, block)
+            zero_points = self._int4_block_offsets(node, k, n, block)
             if zero_points is not None:
                 site.update(offset=zero_points[0], out=zero_points[1],
                             offsets=zero_points[3])
@@ -455,7 +455,7 @@ class Lowering:
         self.quantized[id(node)] = site
         self.done.update(id(c) for c in claimed)
 
-    def _int4_zero_points(self, node, k: int, n: int, block: int):
+    def _int4_block_offsets(self, node, k: int, n: int, block: int):
         """A zero-point checkpoint's INT4 GEMM (qdq.int4_pass): the MatMul's output added to
         MatMul(MatMul(x', E), offsets), E the 0/1 block-sum weight [K, K / B] and the offsets
         (8 - z) s [K / B, N], or any offsets (Int4Offsets: a GGUF file's Q4_1). (offsets, the
@@ -1082,7 +1082,7 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
         jobs[op.inputs[1]] = "int4" if quant == "int4" else "transpose"
         if quant == "int4":
             jobs[op.inputs[3]] = "transpose"
-            if zp := int4_zero_points(op):
+            if zp := int4_block_offsets(op):
                 if op.attrs.get("offsets"):
                     jobs[zp] = "transpose"
                 else:

@@ -105,9 +105,9 @@ class Plan:
                    num_layers=d["num_layers"])
 
 
-def int4_zero_points(op: Op) -> str | None:
-    """An INT4 gemm's zero points or, with attr offsets, its offsets (input 5), or None:
-    symmetric codes, another op, or an engine from before zero points."""
+def int4_block_offsets(op: Op) -> str | None:
+    """The input (5) holding an INT4 gemm's per-block zero points or, with attr offsets, its
+    offsets; None for symmetric codes, another op, or an engine from before zero points."""
     return op.inputs[5] if op.op == "gemm" and len(op.inputs) > 5 else None
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from llmc import contract
-from llmc.backends.cuda.plan import Op, Plan, int4_zero_points, itemsize, numel
+from llmc.backends.cuda.plan import Op, Plan, int4_block_offsets, itemsize, numel
 from llmc.plugins import attention_plan as ap
 from llmc.plugins import launch_rules as lr
 from llmc.plugins.launch import DevPtr
@@ -74,7 +74,7 @@ def _w4_gemm_launch(op: Op, m: int, dt: str, sm_count: int):
 
 def _int4_offsets(op: Op) -> str:
     """What the op's input 5 holds for the INT4 kernels (launch_rules.INT4_OFFSETS)."""
-    if not int4_zero_points(op):
+    if not int4_block_offsets(op):
         return "none"
     return "offsets" if op.attrs.get("offsets") else "zero_points"
 
@@ -111,7 +111,7 @@ def _qgemm(op: Op, m: int, dt: str, sm_count: int, P) -> Iterator[tuple]:
     act, quant, k = a.get("act"), a["quant"], a["k"]
     bias = P(ins[2]) if ins[2] else DevPtr(0)
     pre = P(ins[4]) if ins[4] else DevPtr(0)     # INT4: AWQ's 1 / s
-    zp = int4_zero_points(op)
+    zp = int4_block_offsets(op)
     zargs = [P(zp)] if zp else []
     if fuses_act(op, m):
         n, y = (a["inter"], outs[1]) if act else (a["n"], outs[0])
