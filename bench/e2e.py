@@ -198,10 +198,12 @@ def time_to_first_token(session, header, prompt_len: int = 512) -> float:
 
 
 def roofline(header, weights_bytes: int, batch: int, context: int) -> float:
+    from llmc.dtypes import np_dtype
+
     io, cfg = header.io, header.model.config
     embed = cfg["vocab_size"] * cfg["hidden_size"] * 2
-    kv_bytes = 1 if "float8" in io.kv_dtype else 2     # an E4M3 pool: a byte an element
-    kv = batch * (context + 1) * io.num_layers * 2 * io.kv_heads * io.head_dim * kv_bytes
+    kv = batch * (context + 1) * io.num_layers * 2 * io.kv_heads * io.head_dim * \
+        np_dtype(io.kv_dtype).itemsize   # an E4M3 pool: a byte an element
     read = weights_bytes - embed + batch * cfg["hidden_size"] * 2 + kv
     return batch / (read / HBM_BYTES_PER_S)
 
