@@ -275,6 +275,9 @@ def main() -> None:
     ap.add_argument("--w4-gemm-max-m", type=int, default=None,
                     help="INT4 steps of up to this many rows on the small-M GEMM, larger ones "
                     "dequantized for cuBLASLt (A/B; 16: never the small-M GEMM)")
+    ap.add_argument("--no-w4-sm90", action="store_true",
+                    help="INT4 steps of 33-128 rows on the small-M GEMM's mma.sync kernel, not "
+                    "its sm_90a wgmma one (A/B)")
     ap.add_argument("--attn-reduce", action="store_true",
                     help="split decode attention combined by a reduce kernel after it, not in "
                     "its last CTA (A/B)")
@@ -285,6 +288,8 @@ def main() -> None:
     from llmc.plugins import launch_rules
     if args.w4_gemm_max_m is not None:
         launch_rules.W4_GEMM_MAX_M = args.w4_gemm_max_m
+    if args.no_w4_sm90:
+        launch_rules.W4GW_MIN_M = launch_rules.W4_GEMM_MAX_M + 1
 
     from llmc.backends.cuda.session import CudaSession
     from llmc.engine_file import EngineFile

@@ -47,11 +47,7 @@ class Functions:
 
         key = (launch.module, launch.kernel)
         if key not in self._funcs:
-            if launch.module not in self._modules:
-                cubin = (self._cubins.get(launch.module)
-                         or compiler.compile_module(launch.module, self.arch))
-                self._modules[launch.module] = check(driver.cuModuleLoadData(cubin))
-            f = check(driver.cuModuleGetFunction(self._modules[launch.module],
+            f = check(driver.cuModuleGetFunction(self._module(launch.module),
                                                launch.kernel.encode()))
             self._funcs[key] = f
         f = self._funcs[key]
@@ -64,6 +60,21 @@ class Functions:
                     f, fa.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, launch.smem))
             self._smem_set[key] = launch.smem
         return f
+
+    def has(self, module: str, kernel: str) -> bool:
+        """Whether the module (as func loads it) holds an entry point of that name."""
+        from cuda.bindings import driver
+
+        err, _ = driver.cuModuleGetFunction(self._module(module), kernel.encode())
+        return err == driver.CUresult.CUDA_SUCCESS
+
+    def _module(self, module: str):
+        from cuda.bindings import driver
+
+        if module not in self._modules:
+            cubin = self._cubins.get(module) or compiler.compile_module(module, self.arch)
+            self._modules[module] = check(driver.cuModuleLoadData(cubin))
+        return self._modules[module]
 
     def launch(self, launch: Launch, args: list, stream: int):
         """args: ints (int32), DevPtr, PoolMap, or objects with data_ptr() (torch tensors)."""
@@ -235,16 +246,17 @@ class Kernels:
         return out
 
     def w4_gemm(self, x, w, scale, group, pre=None, bias=None, act=None, zp=None,
-                out_dtype=None, sm_count=None):
+                out_dtype=None, sm_count=None, sm90=None):
         """w4_gemv's product for any number of rows, by the small-M GEMM (the backend's steps of
         17 to launch_rules.W4_GEMM_MAX_M rows); sm_count: the GPU's unless given (it sets the
-        K splits; 0: none)."""
+        K splits; 0: none); sm90: its wgmma kernel (default: on sm_90a)."""
         m, k = x.shape
         n = w.shape[0] // (2 if act else 1)
         out = self.torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
         ln = lr.w4_gemm_launch(m, n, k, self._dtype(x), self._dtype(out), act, group,
                                sm_count=self.sm_count if sm_count is None else sm_count,
-                               offsets=self._int4_offsets(zp))
+                               offsets=self._int4_offsets(zp),
+                               sm90=self.arch == "sm_90a" if sm90 is None else sm90)
         nbytes, tiles_ = lr.w4_gemm_scratch(ln, m, n, act)
         part = self.torch.empty(max(nbytes, 4), dtype=self.torch.uint8, device=x.device)
         arrived = self.torch.zeros(max(tiles_, 1), dtype=self.torch.int32, device=x.device)

@@ -222,35 +222,52 @@ W4_GEMM_MAX_M = 128
 W4G_WARPS, W4G_TILES, W4G_STAGES = 8, 4, 3
 W4G_AIM = 32
 W4G_MAX_SPLITS = 8
+# On sm_90a, steps of more than 32 rows run the same CTA with its MMAs as wgmma (the w4gw
+# entries, kernels/qgemv.cuh: W4GW_CONFIG): it takes the fewer of W4GW_ROWS x rows that hold
+# the step (the last past them), with W4GW_STAGES of them in shared memory. At 17-32 rows the
+# mma.sync kernel is as fast or faster (bench/results/qgemv.md).
+W4GW_MIN_M = 33
+W4GW_ROWS = (64, 128)
+W4GW_STAGES = {64: 4, 128: 3}
 
 
 def w4_gemm_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None,
                    act: str | None = None, group: int = 0, sm_count: int = 0,
-                   offsets: str = "none") -> Launch:
+                   offsets: str = "none", sm90: bool = False) -> Launch:
     """y[m, n] = x[m, k] @ dequant(w)^T on the packed INT4 weight for any m (the backend runs it
     for QGEMV_MS[-1] < m <= W4_GEMM_MAX_M). args: qgemv_launch's int4 ones, then the split-K
     partials and the tile counters (w4_gemm_scratch says how big; the counters zero before
     the first launch, each launch leaves them zero), then the zero points or offsets as
     qgemv_launch's (kernels/qgemv_zp.cu). Grid: (x tiles, weight tiles, K
-    splits), the splits from sm_count (unknown: none)."""
+    splits), the splits from sm_count (unknown: none). sm90: the wgmma kernel (sm_90a) for
+    m >= W4GW_MIN_M."""
     tag, out = _out_tags("int4 gemm", dtype, out_dtype, act)
     if k % INT4_K or not 0 < k <= INT32_MAX or not 0 < n * (2 if act else 1) <= INT32_MAX \
             or m <= 0:
         raise ValueError(f"int4 gemm needs K a multiple of {INT4_K}: M={m}, N={n}, K={k}")
     int4_group_shift(group)
     kind = _int4_kind(offsets)
-    name = f"w4g{kind}_{tag}{'_f32' if out == 'f32' else ''}" \
-           f"{f'_{act}' if act else ''}"
-    grid = (math.ceil(m / (8 * W4G_TILES)),
-            math.ceil(math.ceil(n / (8 if act else 16)) / W4G_WARPS))
+    suffix = f"{'_f32' if out == 'f32' else ''}{f'_{act}' if act else ''}"
+    if sm90 and m >= W4GW_MIN_M:
+        rows = next((r for r in W4GW_ROWS if r >= m), W4GW_ROWS[-1])
+        name, smem = f"w4gw{kind}_{tag}_x{rows}{suffix}", w4gw_smem(rows, W4GW_STAGES[rows])
+    else:
+        rows = 8 * W4G_TILES
+        name, smem = f"w4g{kind}_{tag}{suffix}", w4g_smem(W4G_TILES, W4G_STAGES)
+    grid = (math.ceil(m / rows), math.ceil(math.ceil(n / (8 if act else 16)) / W4G_WARPS))
     return Launch("qgemv_zp" if kind else "qgemv", name,
                   (*grid, w4g_splits(grid[0] * grid[1] * W4G_WARPS, k, sm_count)),
-                  (32 * W4G_WARPS, 1, 1), smem=w4g_smem(W4G_TILES, W4G_STAGES), pdl=True)
+                  (32 * W4G_WARPS, 1, 1), smem=smem, pdl=True)
 
 
 def w4g_smem(tiles: int, stages: int) -> int:
     """A w4_gemm CTA's shared memory: each stage holds x's rows and AWQ's pre for 128 k."""
     return stages * (8 * tiles + 1) * 128 * 2
+
+
+def w4gw_smem(rows: int, stages: int) -> int:
+    """The wgmma kernel's: each stage holds x's rows for 128 k, from a 1024-byte boundary."""
+    return stages * rows * 128 * 2 + 1024
 
 
 def w4g_splits(warps: int, k: int, sm_count: int, aim: int = 0) -> int:

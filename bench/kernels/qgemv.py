@@ -11,18 +11,20 @@ int4-awq engine runs it, and without, as int4-rtn runs it; and w4zp, the kernel 
 kernels/qgemv_zp.cu with a zero point per row and group, as an AutoAWQ or asymmetric GPTQ
 checkpoint's engine runs it); fp8 = w8 (x quantized as it is loaded). The gate-up GEMM has
 its SwiGLU fused in every column (bf16 beyond 8 rows: cuBLASLt, then llmc's SwiGLU kernel).
-For M = 24..256 (GEMM_MS), INT4 RTN three ways: bf16 cuBLASLt; the weight dequantized
-(dequant_int4) then cuBLASLt, what the backend runs past launch_rules.W4_GEMM_MAX_M rows; and
-the small-M GEMM (w4g, kernels/qgemv.cuh), with its K splits for this GPU's SM count; and
-the dequantization alone (--prefill-only: these two tables only).
+For M = 24..2048 (GEMM_MS), INT4 RTN four ways: bf16 cuBLASLt; the weight dequantized
+(dequant_int4) then cuBLASLt, what the backend runs past launch_rules.W4_GEMM_MAX_M rows; the
+small-M GEMM (w4g, kernels/qgemv.cuh), with its K splits for this GPU's SM count; on sm_90a
+also its wgmma kernel (w4gw); and the dequantization alone (--prefill-only: these two tables
+only).
 
 Timing as bench/kernels/gemm.py: a CUDA graph of >= CALLS calls cycling through >= 256 MiB of
 weight copies, median of REPS replays. % peak = bytes read (packed weights + scales + x) and
 written, over the time, against 3.35 TB/s. --sweep times variants of both kernels compiled
 from the same source (warps splitting K, chunks in flight a warp, CTAs an SM; for the
 small-M GEMM warps a CTA, x rows a CTA, x stages, chunks in flight a warp, CTAs an SM and the
-warps an SM its K splits aim for; for the dequantization words a thread): the figures behind
-the configurations in kernels/qgemv.cuh.
+warps an SM its K splits aim for, for its wgmma kernel the same; for the dequantization words
+a thread): the figures behind the configurations in kernels/qgemv.cuh. --sweep w4gw: the
+wgmma kernel's alone.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ SHAPES = (  # name, K, N (weight rows), fused activation
     ("down", 14336, 4096, None),
 )
 MS = (1, 2, 4, 8, 16)
-GEMM_MS = (24, 32, 64, 128, 256)   # the INT4 small-M GEMM's steps (launch_rules.W4_GEMM_MAX_M)
+# the INT4 small-M GEMM's steps (launch_rules.W4_GEMM_MAX_M) and prefill's
+GEMM_MS = (24, 32, 64, 128, 256, 512, 2048)
 GROUP = 128
 # (warps splitting K, chunks in flight a warp, CTAs an SM) of each kernel
 SWEEP4 = [(8, 2, 2), (8, 1, 2), (8, 3, 2), (8, 1, 3), (4, 2, 4), (4, 1, 6), (16, 1, 1)]
@@ -56,7 +59,10 @@ SWEEP8 = [(8, 2, 2), (8, 1, 2), (8, 3, 2), (8, 1, 3), (8, 2, 3), (8, 3, 3), (8, 
 # of the INT4 small-M GEMM
 SWEEP4G = [(8, 4, 3, 2, 2), (4, 4, 3, 2, 4), (4, 8, 3, 2, 3), (16, 4, 3, 1, 1), (8, 2, 3, 2, 2),
            (8, 4, 4, 2, 2), (8, 4, 3, 1, 2)]
-SWEEP4G_AIM = (16, 32, 64)   # warps an SM the K splits aim for (launch_rules.W4G_AIM)
+SWEEP4G_AIM = (8, 16, 32, 64)   # warps an SM the K splits aim for (launch_rules.W4G_AIM)
+# (x rows a CTA, x stages, weight chunks in flight a warp, CTAs an SM) of its wgmma kernel
+SWEEP4GW = [(64, 4, 2, 1), (64, 4, 2, 2), (64, 3, 1, 2), (128, 3, 2, 1), (128, 2, 2, 1),
+            (128, 4, 2, 1), (128, 3, 1, 1)]
 SWEEP_DQ = (1, 2, 8)          # words a dequant_int4 thread (launch_rules.DQ_WORDS)
 
 
@@ -68,7 +74,9 @@ def sweep_functions(arch: str) -> Functions:
         + [f"W8_ENTRY(w8_sweep_nt{nt}_sk{sk}_d{d}_mb{mb}, BF16, {nt}, {sk}, {d}, 0, false, "
            f"{mb})\n" for nt in (1, 2) for sk, d, mb in SWEEP8]
         + [f"W4G_ENTRY(w4g_sweep_{'_'.join(map(str, v))}, BF16, {', '.join(map(str, v))}, 0, "
-           "false)\n" for v in SWEEP4G]
+           "false, false)\n" for v in SWEEP4G]
+        + [f"W4G_ENTRY(w4gw_sweep_{mt}_{st}_{d}_{mb}, BF16, 8, {mt // 8}, {st}, {d}, {mb}, 0, "
+           "false, true)\n" for mt, st, d, mb in (SWEEP4GW if arch == "sm_90a" else ())]
         + [f'extern "C" __global__ void dq_sweep_u{u}(const u8* w, const u16* s, const u16* p, '
            f"int n, int k, int g, u16* out) {{ dequant_int4<BF16, {u}>(w, s, p, n, k, g, out); "
            "}\n" for u in SWEEP_DQ])
@@ -80,8 +88,9 @@ def sweep_functions(arch: str) -> Functions:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="also write the markdown table to this file")
-    ap.add_argument("--sweep", nargs="?", const="all", choices=("all", "dequant", "fp8"),
-                    help="time the kernels' variants too (dequant, fp8: that kernel's only)")
+    ap.add_argument("--sweep", nargs="?", const="all", choices=("all", "dequant", "fp8", "w4gw"),
+                    help="time the kernels' variants too (dequant, fp8, w4gw: that kernel's "
+                    "only)")
     ap.add_argument("--prefill-only", action="store_true",
                     help="only the 24-256-row GEMMs and the dequantized weight")
     ap.add_argument("--gguf", action="store_true",
@@ -215,9 +224,11 @@ def main() -> None:
             dq_rows.append((name, f"{k}->{n}", u,
                             graph_time([dq(w4[i % len(w4)], ln, sweep) for i in range(calls)]),
                             bdq))
-        part = torch.empty(lr.W4G_MAX_SPLITS * GEMM_MS[-1] * n, device="cuda")  # split K
+        sm90 = K.arch == "sm_90a"
         arrived = torch.zeros(1 << 16, device="cuda", dtype=torch.int32)
         for m in GEMM_MS:
+            # split-K partials: the most any launch of this m takes
+            part = torch.empty(lr.W4G_MAX_SPLITS * m * n, device="cuda")
             x = torch.randn(m, k, device="cuda", dtype=bf)
             y = torch.empty(m, n_out, device="cuda", dtype=bf)
             gu = torch.empty(m, n, device="cuda", dtype=bf)
@@ -234,9 +245,9 @@ def main() -> None:
                     gemm()
                 return fn
 
-            def w4g(w, x=x, y=y, m=m, ln=None, fn=f, part=part):
+            def w4g(w, x=x, y=y, m=m, ln=None, fn=f, part=part, sm90=False):
                 ln = ln or lr.w4_gemm_launch(m, n_out, k, "bfloat16", None, act, GROUP,
-                                             sm_count=K.sm_count)
+                                             sm_count=K.sm_count, sm90=sm90)
                 a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s4.data_ptr()),
                      DevPtr(0), DevPtr(0), m, n_out, k, lr.int4_group_shift(GROUP),
                      DevPtr(y.data_ptr()), DevPtr(part.data_ptr()),
@@ -246,9 +257,26 @@ def main() -> None:
             t16 = graph_time([bf16_call(w16[i % len(w16)], x, y, gu, m) for i in range(calls)])
             td = graph_time([deq(w4[i % len(w4)]) for i in range(calls)])
             tg = graph_time([w4g(w4[i % len(w4)]) for i in range(calls)])
+            tw = graph_time([w4g(w4[i % len(w4)], sm90=True) for i in range(calls)]) \
+                if sm90 and m >= lr.W4GW_MIN_M else None
             b4 = n * k // 2 + s4.numel() * 2 + io
             gemm_rows.append((name, f"{k}->{n}", m, t16, (w16_bytes + io) / t16, td, tg,
-                              b4 / tg, 2 * m * n * k / tg))
+                              b4 / tg, 2 * m * n * k / tg, tw))
+            if args.sweep in ("all", "w4gw") and sm90 and m >= lr.W4GW_MIN_M and not act:
+                mt = next((r for r in lr.W4GW_ROWS if r >= m), lr.W4GW_ROWS[-1])
+                for xr, st, d, mb in SWEEP4GW:
+                    for aim in SWEEP4G_AIM if xr == mt else ():
+                        grid = (math.ceil(m / xr), math.ceil(n / 16 / 8))
+                        sp = lr.w4g_splits(grid[0] * grid[1] * 8, k, K.sm_count, aim)
+                        lg = lr.Launch("qgemv_sweep", f"w4gw_sweep_{xr}_{st}_{d}_{mb}",
+                                       (*grid, sp), (256, 1, 1),
+                                       smem=lr.w4gw_smem(xr, st), pdl=True)
+                        t = graph_time([w4g(w4[i % len(w4)], ln=lg, fn=sweep)
+                                        for i in range(calls)])
+                        sweep_rows.append((name, m, "int4 GEMM, wgmma", 8,
+                                           f"{xr} x rows a CTA, {st} stages, D={d}, "
+                                           f"{mb} CTAs an SM, {sp} splits (aim {aim})",
+                                           b4 / t / DATASHEET_BW))
             if args.sweep == "all" and not act:
                 for v in SWEEP4G:
                     for aim in SWEEP4G_AIM:
@@ -304,14 +332,19 @@ def main() -> None:
     lines += [
         "", f"INT4, {GEMM_MS[0]}-{GEMM_MS[-1]} rows (RTN, group {GROUP}): bf16 = cuBLASLt; "
         "dequant = the weight dequantized (dequant_int4) then cuBLASLt, what the backend ran "
-        "past 16 rows before the small-M GEMM; GEMM = the small-M GEMM (w4_gemm); % peak on "
-        "its bytes (packed weights, scales, x, y).", "",
-        "| GEMM | K->N | M | bf16 us | bf16 % peak | dequant us | GEMM us | % peak | TFLOP/s "
-        "| vs bf16 | vs dequant |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, kn, m, t16, bw16, td, tg, bwg, fl in gemm_rows:
+        "past 16 rows before the small-M GEMM; GEMM = the small-M GEMM (w4_gemm, mma.sync); "
+        "wgmma = its sm_90a kernel (w4gw); % peak on its bytes (packed weights, scales, x, y).",
+        "", "| GEMM | K->N | M | bf16 us | bf16 % peak | dequant us | GEMM us | % peak "
+        "| TFLOP/s | vs bf16 | vs dequant | wgmma us | % peak | TFLOP/s | vs bf16 "
+        "| vs dequant | vs GEMM |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, kn, m, t16, bw16, td, tg, bwg, fl, tw in gemm_rows:
+        wg = (f"{tw * 1e6:.1f} | {bwg * tg / tw / DATASHEET_BW:.0%} | {fl * tg / tw / 1e12:.0f} "
+              f"| {t16 / tw:.2f}x | {td / tw:.2f}x | {tg / tw:.2f}x" if tw
+              else "- | - | - | - | - | -")
         lines.append(f"| {name} | {kn} | {m} | {t16 * 1e6:.1f} | {bw16 / DATASHEET_BW:.0%} "
                      f"| {td * 1e6:.1f} | {tg * 1e6:.1f} | {bwg / DATASHEET_BW:.0%} "
-                     f"| {fl / 1e12:.0f} | {t16 / tg:.2f}x | {td / tg:.2f}x |")
+                     f"| {fl / 1e12:.0f} | {t16 / tg:.2f}x | {td / tg:.2f}x | {wg} |")
     lines += ["", f"INT4 dequantized alone (dequant_int4, group {GROUP}, bf16 out): bytes = "
               "packed weight + scales read, 16-bit weight written; words = 8-k words a thread "
               f"(the kernel's default: {lr.DQ_WORDS}).", "",

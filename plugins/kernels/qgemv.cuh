@@ -16,6 +16,7 @@
 // order of a dot product's K terms is free: x is loaded in the same order.
 #pragma once
 #include "common.cuh"
+#include "hopper.cuh"
 
 typedef unsigned char u8;
 
@@ -426,7 +427,24 @@ __device__ __forceinline__ int w4g_swz(int p, int r) {
   return (p & 8) | ((p & 7) ^ ((p >> 2) & 2) ^ (r & 1));
 }
 
-template <typename T, int NW, int NT, int S, int D, int ACT, int ZP, bool F32>
+// sm_90a (WG, the w4gw entries): the same CTA, weight ring, K splits and tail, but each
+// warpgroup's MMAs are wgmma: A, its 4 warps' 16 dequantized weight rows, from registers as
+// above; B, all MT = 64 or 128 x rows of the CTA, from shared memory. One instruction
+// covers the MT rows where an mma.sync took 8, and the tensor cores read x themselves instead
+// of each lane loading its fragments: 0.95-1.31x the mma.sync kernel's speed at 64-128 rows
+// on the H100 (bench/results/qgemv.md). They read B in their own k order, so x's chunk is staged in the order the weights' packing gives
+// a lane (4-byte pairs by cp.async): pair 16t + 2s + h of the chunk (lane t's pair 2s + h at
+// k16 step s) goes to logical pair 8s + 4h + t, in the 128-byte-swizzled K-major layout of
+// hopper.cuh's smem_desc, two 64-k column atoms a chunk.
+template <int MT>
+__device__ __forceinline__ u32 w4gw_offset(int r, int lp) {
+  return (lp >> 5) * (MT * 128) + (r >> 3) * 1024 + (r & 7) * 128 +
+         ((((lp & 31) >> 2) ^ (r & 7)) << 4) + ((lp & 3) << 2);
+}
+
+#define W4G_MAX_SPLITS 8   // launch_rules.W4G_MAX_SPLITS
+
+template <typename T, int NW, int NT, int S, int D, int ACT, int ZP, bool F32, bool WG = false>
 __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __restrict__ w,
                                         const u16* __restrict__ scale,
                                         const u16* __restrict__ pre,
@@ -437,7 +455,11 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
   constexpr int MT = 8 * NT;
   constexpr int TILE = ACT ? 8 : 16;  // outputs a warp gives
   constexpr int STAGE = (MT + 1) * 128;  // x's [MT, 128] chunk, then pre's 128
-  extern __shared__ __align__(16) u16 w4g_x[];  // S stages
+  constexpr int WG_STAGE = MT * 256;     // bytes (WG): x's chunk, two column atoms
+  static_assert(!WG || (NW % 4 == 0 && (MT == 64 || MT == 128)),
+                "wgmma: whole warpgroups, 64 or 128 x rows");
+  extern __shared__ __align__(1024) u16 w4g_x[];  // S stages (WG: from a 1024-aligned base)
+  const u32 wg_base = (smem_u32(w4g_x) + 1023) & ~1023u;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * MT;  // x tiles vary fastest: they share the CTA's weight in L2
   const int ob = blockIdx.y * NW * TILE, o0 = ob + warp * TILE;
@@ -469,6 +491,21 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
     }
   };
   auto xload = [&](int ch) {
+    if constexpr (WG) {
+      // thread i copies pair p = i % 64 of rows i / 64 + RP j: 128 bytes of a row a warp
+      constexpr int RP = NW / 2;
+      const int p = threadIdx.x & 63, r0 = threadIdx.x >> 6, kk = ch * 128 + 2 * p;
+      const int lp = 8 * ((p >> 1) & 7) + 4 * (p & 1) + (p >> 4);
+      const u32 buf = wg_base + (ch % S) * WG_STAGE;
+#pragma unroll
+      for (int j = 0; j < MT / RP; ++j) {
+        const int r = r0 + RP * j;
+        const bool ok = m0 + r < m && kk < k;
+        cp_async4(buf + w4gw_offset<MT>(r, lp), ok ? x + (size_t)(m0 + r) * k + kk : x,
+                  ok ? 4 : 0);
+      }
+      return;
+    }
     u16* buf = w4g_x + (ch % S) * STAGE;
     for (int i = threadIdx.x; i < (MT + 1) * 16; i += NW * 32) {
       const int r = i >> 4, p = i & 15, kk = ch * 128 + 8 * p;
@@ -498,12 +535,25 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
     if (c0 + st < c1) xload(c0 + st);
     cp_commit();
   }
-  // chunk ch from ring slot d, then the slot loads chunk ch + D
-  auto step = [&](int d, int ch) {
+  // The x stage of chunk ch is in, and every warp is past chunk ch - 1's: refill that one.
+  auto next_stage = [&](int ch) {
     cp_wait<S - 2>();
-    __syncthreads();  // chunk ch's x is in; every warp is past chunk ch - 1's stage
+    if constexpr (WG) fence_async_smem();  // this thread's copies, for the tensor cores' reads
+    __syncthreads();
     if (ch + S - 1 < c1) xload(ch + S - 1);
     cp_commit();
+  };
+  // WG: the previous chunk's dequantized weights, which its MMAs may still be reading
+  u32 Ap[16], Bp[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) Ap[i] = Bp[i] = 0u;
+  auto keep = [&]() {  // Ap and Bp stay allocated until those MMAs are done
+#pragma unroll
+    for (int i = 0; i < 16; ++i) asm volatile("" :: "r"(Ap[i]), "r"(Bp[i]));
+  };
+  // chunk ch from ring slot d, then the slot loads chunk ch + D
+  auto step = [&](int d, int ch) {
+    if constexpr (!WG) next_stage(ch);
     const u16* buf = w4g_x + (ch % S) * STAGE;
     u32 A[16], B[16];
     constexpr u32 none = Int4<T>::NEG0;
@@ -514,7 +564,10 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
     if (pre) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const uint4 v = *reinterpret_cast<const uint4*>(buf + MT * 128 + 32 * t + 8 * q);
+        // (lanes past K read pre's last 32: x is zero there)
+        const uint4 v = WG ? __ldg(reinterpret_cast<const uint4*>(
+                                 pre + min(ch * 128 + 32 * t, k - 32)) + q)
+                           : *reinterpret_cast<const uint4*>(buf + MT * 128 + 32 * t + 8 * q);
         const u32 pp[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -524,6 +577,26 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
       }
     }
     wload(d, ch + D);
+    if constexpr (WG) {
+#ifdef SM90A
+      // this chunk's weights were dequantized while chunk ch - 1's MMAs ran
+      wgmma_wait<0>();
+      keep();
+      next_stage(ch);
+      const u32 xs = wg_base + (ch % S) * WG_STAGE;
+      wgmma_fence();
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const u32 a[4] = {A[2 * q], B[2 * q], A[2 * q + 1], B[2 * q + 1]};
+        wgmma_rs<T, MT, 0>(&acc[0][0], a,
+                           smem_desc(xs + (q >> 2) * (MT * 128) + (q & 3) * 32, 16, 1024), 1);
+      }
+      wgmma_commit();
+#pragma unroll
+      for (int i = 0; i < 16; ++i) { Ap[i] = A[i]; Bp[i] = B[i]; }
+#endif
+      return;
+    }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const int r = 8 * j + g;
@@ -549,6 +622,13 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
   for (int d = 0; d < D - 1; ++d)
     if (ch + d < c1) step(d, ch + d);
   cp_wait<0>();
+  if constexpr (WG) {
+#ifdef SM90A
+    wgmma_wait<0>();
+    keep();
+    reg_fence<4 * NT>(&acc[0][0]);
+#endif
+  }
 
   // y[row, o] from the sums of weight rows o (and n + o, the up row, with ACT)
   auto store = [&](int row, int o, float v, float up) {
@@ -582,8 +662,46 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
   if (!last_to_arrive(arrived + blockIdx.y * gridDim.x + blockIdx.x, gridDim.z,
                       reinterpret_cast<int*>(w4g_x)))
     return;
-  for (int i = threadIdx.x; i < MT * NW * TILE; i += NW * 32) {
-    const int row = m0 + i / (NW * TILE), o = ob + i % (NW * TILE);
+  // The last CTA's sums are a latency chain a thread: so with N a multiple of 4 a thread takes
+  // runs of 4 outputs along o (contiguous in part) a 16-byte load, TU runs and every split's
+  // loads of them at once (WG: 4, its registers are free by now).
+  constexpr int OUT = NW * TILE, RUNS = MT * OUT / 4, TU = WG ? 4 : 1;
+  if (n % 4 == 0) {
+    for (int i0 = threadIdx.x; i0 < RUNS; i0 += NW * 32 * TU) {
+      float4 v[TU], up[TU];
+#pragma unroll
+      for (int u = 0; u < TU; ++u) v[u] = up[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int z = 0; z < W4G_MAX_SPLITS; ++z) {
+#pragma unroll
+        for (int u = 0; u < TU; ++u) {
+          const int i = i0 + u * NW * 32;
+          const int row = m0 + i / (OUT / 4), o = ob + i % (OUT / 4) * 4;
+          if (z >= (int)gridDim.z || i >= RUNS || row >= m || o >= n) continue;
+          const float* pz = part + ((size_t)z * m + row) * rows + o;
+          const float4 a = __ldcg(reinterpret_cast<const float4*>(pz));
+          v[u].x += a.x; v[u].y += a.y; v[u].z += a.z; v[u].w += a.w;
+          if (ACT) {
+            const float4 b = __ldcg(reinterpret_cast<const float4*>(pz + n));
+            up[u].x += b.x; up[u].y += b.y; up[u].z += b.z; up[u].w += b.w;
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < TU; ++u) {
+        const int i = i0 + u * NW * 32;
+        const int row = m0 + i / (OUT / 4), o = ob + i % (OUT / 4) * 4;
+        if (i >= RUNS || row >= m || o >= n) continue;
+        store(row, o, v[u].x, up[u].x);
+        store(row, o + 1, v[u].y, up[u].y);
+        store(row, o + 2, v[u].z, up[u].z);
+        store(row, o + 3, v[u].w, up[u].w);
+      }
+    }
+    return;
+  }
+  for (int i = threadIdx.x; i < MT * OUT; i += NW * 32) {
+    const int row = m0 + i / OUT, o = ob + i % OUT;
     if (row >= m || o >= n) continue;
     float v = 0.f, up = 0.f;
     for (int z = 0; z < (int)gridDim.z; ++z) {
@@ -761,32 +879,32 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 // the split-K partials and tile counters (w4gzp, w4goff: zp or off last); S x (8 NT + 1) x 256
 // bytes of dynamic
 // shared memory (launch_rules.w4_gemm_launch).
-#define W4G_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32)                                     \
+#define W4G_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32, WG)                                     \
   extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y, float* part, int* arrived) {                         \
-    w4_gemm<TY, NW, NT, S, D, ACT, SYM, F32>(x, w, scale, pre, bias, m, n, k, gshift, y,      \
+    w4_gemm<TY, NW, NT, S, D, ACT, SYM, F32, WG>(x, w, scale, pre, bias, m, n, k, gshift, y,      \
                                              nullptr, part, arrived);                          \
   }
-#define W4GZP_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32)                                   \
+#define W4GZP_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32, WG)                                   \
   extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y, float* part, int* arrived, const u8* zp) {           \
-    w4_gemm<TY, NW, NT, S, D, ACT, ZERO_POINTS, F32>(x, w, scale, pre, bias, m, n, k, gshift, \
+    w4_gemm<TY, NW, NT, S, D, ACT, ZERO_POINTS, F32, WG>(x, w, scale, pre, bias, m, n, k, gshift, \
                                                      y, zp, part, arrived);                    \
   }
-#define W4GOFF_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32)                                  \
+#define W4GOFF_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32, WG)                                  \
   extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y, float* part, int* arrived, const u16* off) {         \
-    w4_gemm<TY, NW, NT, S, D, ACT, OFFSETS, F32>(x, w, scale, pre, bias, m, n, k, gshift, y,  \
+    w4_gemm<TY, NW, NT, S, D, ACT, OFFSETS, F32, WG>(x, w, scale, pre, bias, m, n, k, gshift, y,  \
                                                  off, part, arrived);                          \
   }
-#define W4G_SET(ENTRY, BASE, TY, NW, NT, S, D, MINB)                                           \
-  ENTRY(BASE, TY, NW, NT, S, D, MINB, 0, false)                                                \
-  ENTRY(BASE##_swiglu, TY, NW, NT, S, D, MINB, 1, false)                                       \
-  ENTRY(BASE##_geglu, TY, NW, NT, S, D, MINB, 2, false)                                        \
-  ENTRY(BASE##_f32, TY, NW, NT, S, D, MINB, 0, true)
+#define W4G_SET(ENTRY, BASE, TY, NW, NT, S, D, MINB, WG)                                       \
+  ENTRY(BASE, TY, NW, NT, S, D, MINB, 0, false, WG)                                            \
+  ENTRY(BASE##_swiglu, TY, NW, NT, S, D, MINB, 1, false, WG)                                   \
+  ENTRY(BASE##_geglu, TY, NW, NT, S, D, MINB, 2, false, WG)                                    \
+  ENTRY(BASE##_f32, TY, NW, NT, S, D, MINB, 0, true, WG)
 #define W4_SET_PLAIN(ENTRY, BASE, TY, NT, SK, D, MB)                                           \
   ENTRY(BASE, TY, NT, SK, D, 0, false, false, MB)                                              \
   ENTRY(BASE##_swiglu, TY, NT, SK, D, 1, false, false, MB)                                     \
@@ -824,7 +942,17 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 // The small-M GEMM (launch_rules.W4G_WARPS, _TILES, _STAGES): 8 warps, 4 x tiles of 8 rows,
 // 3 x stages, 2 weight chunks in flight a warp, 2 CTAs an SM (the sweep of
 // bench/kernels/qgemv.py: bench/results/qgemv.md).
-#define W4G_CONFIG(ENTRY, PFX, DT, TY) W4G_SET(ENTRY, PFX##_##DT, TY, 8, 4, 3, 2, 2)
+#define W4G_CONFIG(ENTRY, PFX, DT, TY) W4G_SET(ENTRY, PFX##_##DT, TY, 8, 4, 3, 2, 2, false)
+// sm_90a: the same on wgmma (w4gw*_<dtype>_x<MT>: launch_rules.w4_gemm_launch), 8 warps, MT =
+// 64 or 128 x rows; (x stages, chunks in flight a warp, CTAs an SM) from the sweep of
+// bench/kernels/qgemv.py (bench/results/qgemv.md).
+#ifdef SM90A
+#define W4GW_CONFIG(ENTRY, PFX, DT, TY)                                                        \
+  W4G_SET(ENTRY, PFX##_##DT##_x64, TY, 8, 8, 4, 2, 1, true)                                    \
+  W4G_SET(ENTRY, PFX##_##DT##_x128, TY, 8, 16, 3, 2, 1, true)
+#else
+#define W4GW_CONFIG(ENTRY, PFX, DT, TY)
+#endif
 #define W8_CONFIGS(DT, TY)                                                                     \
   W8_SET(DT, TY, 8, 1, 8, 2, 2)                                                                \
   W8_SET(DT, TY, 8_wide, 1, 8, 2, 3)                                                           \

@@ -21,8 +21,10 @@
   }                                                                                            \
   W4_CONFIGS(W4ZP_ENTRY, w4zp, DT, TY)                                                         \
   W4G_CONFIG(W4GZP_ENTRY, w4gzp, DT, TY)                                                       \
+  W4GW_CONFIG(W4GZP_ENTRY, w4gwzp, DT, TY)                                                     \
   W4OFF_CONFIGS(W4OFF_ENTRY, w4off, DT, TY)                                                    \
-  W4G_CONFIG(W4GOFF_ENTRY, w4goff, DT, TY)
+  W4G_CONFIG(W4GOFF_ENTRY, w4goff, DT, TY)                                                     \
+  W4GW_CONFIG(W4GOFF_ENTRY, w4gwoff, DT, TY)
 
 QGEMV_ZP_DTYPE(f16, F16)
 QGEMV_ZP_DTYPE(bf16, BF16)

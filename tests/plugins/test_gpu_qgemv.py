@@ -15,6 +15,8 @@ import math
 import numpy as np
 import pytest
 
+from llmc.plugins import launch_rules as lr
+
 torch = pytest.importorskip("torch")
 pytestmark = [
     pytest.mark.gpu,
@@ -83,18 +85,34 @@ def x_rows(m, k, dtype, seed=1):
 
 
 # The small-M GEMM (w4_gemm, steps of 17 to W4_GEMM_MAX_M rows) from 1 row: one or more CTAs
-# of x rows, ragged last tiles of rows and weight rows.
-GEMM_MS = (1, 17, 32, 33, 64, 100, 256)
+# of x rows, ragged last tiles of rows and weight rows; its mma.sync kernel (w4_gemm, every
+# architecture) and its wgmma one (w4_gemm_sm90: sm_90a, 64 or 128 x rows a CTA, from
+# launch_rules.W4GW_MIN_M rows).
+GEMM_MS = (1, 17, 32, 33, 64, 100, 128, 256)
+GEMMS = ("w4_gemm", "w4_gemm_sm90")
+
+
+def int4_kernel(K, kernel, *args, **kw):
+    """K's GEMV or one of the small-M GEMM's kernels (GEMMS)."""
+    if kernel == "w4_gemm_sm90":
+        if K.arch != "sm_90a":
+            pytest.skip(f"the wgmma kernel is sm_90a's, this GPU is {K.arch}")
+        if args[0].shape[0] < lr.W4GW_MIN_M:
+            pytest.skip(f"under {lr.W4GW_MIN_M} rows the mma.sync kernel runs")
+        return K.w4_gemm(*args, sm90=True, **kw)
+    if kernel == "w4_gemm":
+        return K.w4_gemm(*args, sm90=False, **kw)
+    return getattr(K, kernel)(*args, **kw)
 
 
 @pytest.mark.parametrize("kernel,m", [("w4_gemv", m) for m in MS] +
-                         [("w4_gemm", m) for m in GEMM_MS])
+                         [(g, m) for g in GEMMS for m in GEMM_MS])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,group", SHAPES)
 def test_w4_gemv_and_gemm(K, n, k, group, dtype, kernel, m):
     w, scale, deq = int4_weight(n, k, group, dtype)
     x = x_rows(m, k, dtype)
-    y = getattr(K, kernel)(x, w, scale, group)
+    y = int4_kernel(K, kernel, x, w, scale, group)
     assert y.dtype == dtype and y.shape == (m, n)
     check(y, x.double() @ deq.double().T, dtype)
 
@@ -162,8 +180,8 @@ def test_w4_gemv_zero_points(K, n, k, group, act, dtype, m, wide, kind):
 
 
 @pytest.mark.parametrize("zp", (None, "zero_points", "offsets"))
-@pytest.mark.parametrize("kernel,m", [("w4_gemv", 1), ("w4_gemv", 8), ("w4_gemv", 16),
-                                      ("w4_gemm", 24), ("w4_gemm", 200)])
+@pytest.mark.parametrize("kernel,m", [("w4_gemv", 1), ("w4_gemv", 8), ("w4_gemv", 16)] +
+                         [(g, m) for g in GEMMS for m in (24, 200)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,group", ((1000, 576, 64), (4104, 4096, 128)))
 def test_w4_fp32_out(K, n, k, group, dtype, kernel, m, zp):
@@ -172,12 +190,13 @@ def test_w4_fp32_out(K, n, k, group, dtype, kernel, m, zp):
     w, scale, deq, *z = int4_weight(n, k, group, dtype, seed=12, **({zp: True} if zp else {}))
     x = x_rows(m, k, dtype, seed=13)
     bias = torch.randn(n, device="cuda")
-    y = getattr(K, kernel)(x, w, scale, group, bias=bias, zp=z[0] if zp else None,
-                           out_dtype=torch.float32)
+    y = int4_kernel(K, kernel, x, w, scale, group, bias=bias, zp=z[0] if zp else None,
+                    out_dtype=torch.float32)
     assert y.dtype == torch.float32
     check(y, x.double() @ deq.double().T + bias.double(), torch.float32)
 
 
+@pytest.mark.parametrize("kernel", GEMMS)
 @pytest.mark.parametrize("split", (False, True))   # K split over CTAs (the GPU's SMs) or not
 @pytest.mark.parametrize("m", (5, 40, 77))
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -189,7 +208,7 @@ def test_w4_fp32_out(K, n, k, group, dtype, kernel, m, zp):
                                              ("swiglu", "zero_points", True, False),
                                              ("swiglu", "offsets", False, False)))
 @pytest.mark.parametrize("n,k,group", ((96, 1152, 128), (520, 2048, 32), (1000, 576, 64)))
-def test_w4_gemm_options(K, n, k, group, act, zp, pre, bias, dtype, m, split):
+def test_w4_gemm_options(K, n, k, group, act, zp, pre, bias, dtype, m, split, kernel):
     """AWQ's 1 / s (folded into the dequantized weight, one more rounding, as dequant_int4 does
     for cuBLASLt), a bias, a fused gate, zero points or offsets (kernels/qgemv_zp.cu), tail
     chunks, with and without the split-K partials' last-CTA sum."""
@@ -198,8 +217,8 @@ def test_w4_gemm_options(K, n, k, group, act, zp, pre, bias, dtype, m, split):
     x = x_rows(m, k, dtype, seed=15)
     p = (torch.rand(k, device="cuda") + 0.5).to(dtype) if pre else None
     b = torch.randn(n, device="cuda").to(dtype) if bias else None
-    y = K.w4_gemm(x, w, scale, group, pre=p, bias=b, act=act, zp=z[0] if zp else None,
-                  sm_count=None if split else 0)
+    y = int4_kernel(K, kernel, x, w, scale, group, pre=p, bias=b, act=act,
+                    zp=z[0] if zp else None, sm_count=None if split else 0)
     ref = x.double() @ (deq if p is None else (deq * p).to(dtype)).double().T
     if act:
         check(y, K.gated(ref.to(dtype), act).double(), dtype, GATE_TOL[dtype])

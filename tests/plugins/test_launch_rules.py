@@ -373,6 +373,27 @@ def test_w4_gemm_launch_tiles_and_splits():
         small.grid[2] * 64 * 4096 * 4, small.grid[0] * small.grid[1])
 
 
+@pytest.mark.parametrize("m,rows", [(33, 64), (64, 64), (65, 128), (128, 128), (300, 128)])
+def test_w4_gemm_launch_sm90(m, rows):
+    """sm_90a's wgmma kernel from W4GW_MIN_M rows: the fewer of 64 or 128 x rows a CTA that hold
+    the step, the same weight tiles and K splits, its x stages from a 1024-byte boundary."""
+    ln = lr.w4_gemm_launch(m, 6144, 4096, "bfloat16", group=128, sm_count=132, sm90=True)
+    assert ln.kernel == f"w4gw_bf16_x{rows}" and ln.module == "qgemv"
+    assert ln.grid[:2] == (-(-m // rows), 6144 // (16 * lr.W4G_WARPS))
+    assert ln.smem == lr.W4GW_STAGES[rows] * rows * 128 * 2 + 1024 <= 227 * 1024
+    assert ln.grid[2] == lr.w4g_splits(ln.grid[0] * ln.grid[1] * lr.W4G_WARPS, 4096, 132)
+    gate = lr.w4_gemm_launch(m, 14336, 4096, "float16", act="swiglu", group=128,
+                             offsets="offsets", sm_count=132, sm90=True)
+    assert (gate.module, gate.kernel) == ("qgemv_zp", f"w4gwoff_f16_x{rows}_swiglu")
+
+
+def test_w4_gemm_launch_sm90_keeps_mma_sync_below_its_rows():
+    ln = lr.w4_gemm_launch(lr.W4GW_MIN_M - 1, 6144, 4096, "bfloat16", group=128,
+                           sm_count=132, sm90=True)
+    assert ln == lr.w4_gemm_launch(lr.W4GW_MIN_M - 1, 6144, 4096, "bfloat16", group=128,
+                                   sm_count=132)
+
+
 def test_int4_offsets_take_their_own_kernels():
     """Offsets (a GGUF file's Q4_1) in the zero-point module, as w4off / w4goff /
     dequant_int4_off: never chunk scales or the _wide kernel, whatever the group and tiles;

@@ -35,6 +35,7 @@ class Step:
     max_smem: int
     sm90: bool = False   # prefill attention may take the sm_90a kernel (the engine holds it)
     fuse_reduce: bool = True   # split decode combines in its last CTA (False: attn_reduce)
+    w4_sm90: bool = False   # the INT4 small-M GEMM runs its wgmma kernel (the engine holds it)
 
 
 def gemm_key(op: Op) -> tuple:
@@ -65,11 +66,11 @@ def fuses_act(op: Op, m: int) -> bool:
     return uses_gemv(op, m) or uses_w4_gemm(op, m)
 
 
-def _w4_gemm_launch(op: Op, m: int, dt: str, sm_count: int):
+def _w4_gemm_launch(op: Op, m: int, dt: str, sm_count: int, sm90: bool):
     a = op.attrs
     n = a["inter"] if a.get("act") else a["n"]
     return n, lr.w4_gemm_launch(m, n, a["k"], dt, a["out_dtype"], a.get("act"), a["group"],
-                                sm_count=sm_count, offsets=_int4_offsets(op))
+                                sm_count=sm_count, offsets=_int4_offsets(op), sm90=sm90)
 
 
 def _int4_offsets(op: Op) -> str:
@@ -79,12 +80,12 @@ def _int4_offsets(op: Op) -> str:
     return "offsets" if op.attrs.get("offsets") else "zero_points"
 
 
-def qgemm_scratch(plan: Plan, max_tokens: int, max_batch: int,
-                  sm_count: int) -> tuple[int, int]:
+def qgemm_scratch(plan: Plan, max_tokens: int, max_batch: int, sm_count: int,
+                  w4_sm90: bool = False) -> tuple[int, int]:
     """(bytes, counters) the quantized GEMMs need: the workspace holds an INT4 weight
     dequantized (steps past W4_GEMM_MAX_M rows), x in FP8, or the small-M GEMM's split-K
     partials; the counters are its tiles'. A GEMM over the step's sequences (the LM head)
-    has at most max_batch rows, the others max_tokens."""
+    has at most max_batch rows, the others max_tokens. w4_sm90: Step.w4_sm90."""
     need = counters = 0
     seen = set()   # (N, K, act, rows): the layers repeat a handful of GEMM shapes
     for op in plan.ops:
@@ -97,7 +98,7 @@ def qgemm_scratch(plan: Plan, max_tokens: int, max_batch: int,
                 continue
             seen.add((a["n"], a["k"], a.get("act"), rows))
             for m in range(lr.QGEMV_MS[-1] + 1, min(rows, lr.W4_GEMM_MAX_M) + 1):
-                n, launch = _w4_gemm_launch(op, m, plan.dtype, sm_count)
+                n, launch = _w4_gemm_launch(op, m, plan.dtype, sm_count, w4_sm90)
                 nbytes, tiles = lr.w4_gemm_scratch(launch, m, n, a.get("act"))
                 need, counters = max(need, nbytes), max(counters, tiles)
         elif q == "fp8":
@@ -105,7 +106,7 @@ def qgemm_scratch(plan: Plan, max_tokens: int, max_batch: int,
     return need, counters
 
 
-def _qgemm(op: Op, m: int, dt: str, sm_count: int, P) -> Iterator[tuple]:
+def _qgemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
     """A quantized GEMM's launches up to its output (the caller adds the activation)."""
     a, ins, outs = op.attrs, op.inputs, op.outputs
     act, quant, k = a.get("act"), a["quant"], a["k"]
@@ -117,11 +118,11 @@ def _qgemm(op: Op, m: int, dt: str, sm_count: int, P) -> Iterator[tuple]:
         n, y = (a["inter"], outs[1]) if act else (a["n"], outs[0])
         scratch = []
         if uses_w4_gemm(op, m):
-            _, launch = _w4_gemm_launch(op, m, dt, sm_count)
+            _, launch = _w4_gemm_launch(op, m, dt, s.sm_count, s.w4_sm90)
             scratch = [P(QGEMM_WORKSPACE), P(W4G_COUNTERS)]
         else:
             launch = lr.qgemv_launch(m, n, k, dt, quant, a["out_dtype"], act,
-                                     a.get("group", 0), sm_count, offsets=_int4_offsets(op))
+                                     a.get("group", 0), s.sm_count, offsets=_int4_offsets(op))
         if quant == "int4":
             args = [P(ins[0]), P(ins[1]), P(ins[3]), pre, bias, m, n, k,
                     lr.int4_group_shift(a["group"]), P(y), *scratch, *zargs]
@@ -149,7 +150,7 @@ def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
     act = a.get("act")
     bias = P(ins[2]) if ins[2] else DevPtr(0)
     if a.get("quant"):
-        yield from _qgemm(op, m, dt, s.sm_count, P)
+        yield from _qgemm(op, m, dt, s, P)
         if act and not fuses_act(op, m):
             yield "kernel", lr.gated_launch(m, a["inter"], dt, act, s.sm_count), [
                 P(outs[0]), m, a["inter"], P(outs[1])]

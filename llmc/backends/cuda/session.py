@@ -40,6 +40,7 @@ from llmc.devices import CudaError, check, device_max_smem, list_gpus
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
 from llmc.plugins.attention_plan import SM90_MODULE
+from llmc.plugins.launch_rules import W4GW_MIN_M, w4_gemm_launch
 
 GEMM_WORKSPACE = 32 << 20
 FP8 = "float8e4m3fn"
@@ -159,6 +160,11 @@ class CudaSession:
         # Prefill steps take Hopper's TMA + wgmma attention where the engine holds it
         # (sm_90a engines built since it exists); False runs the mma.sync kernel instead.
         self.sm90_attention = SM90_MODULE in plan.modules
+        # INT4 steps of 33-128 rows take the small-M GEMM's wgmma kernel where the engine holds
+        # it (sm_90a engines with INT4 weights built since it exists).
+        probe = w4_gemm_launch(W4GW_MIN_M, 16, 128, plan.dtype, group=128, sm90=True)
+        self.w4_sm90 = plan.arch == "sm_90a" and "qgemv" in plan.modules and \
+            self.functions.has(probe.module, probe.kernel)
         # Split decode combines its splits in the decode kernel; False runs attn_reduce after
         # it, as the TensorRT plugin does (for A/B timing).
         self.fuse_attention_reduce = True
@@ -215,7 +221,7 @@ class CudaSession:
                         out_dtype=a["out_dtype"], transpose_b=a["trans_b"],
                         bias=key[4], max_m=lim.max_num_tokens)
         ws_bytes, counters = qgemm_scratch(plan, lim.max_num_tokens, lim.max_batch_size,
-                                           self.sm_count)
+                                           self.sm_count, self.w4_sm90)
         self.qgemm_ws = self.mem.alloc(ws_bytes, "the quantized GEMMs' workspace")
         self.w4g_counters = self.mem.words(counters, 0, "the INT4 GEMM's tile counters")
         self.fp8_ones = 0
@@ -495,7 +501,7 @@ class CudaSession:
         kernels = self.functions
         for item in launches(self.plan, Step(t, b, width, self.num_blocks, self.sm_count,
                                              self.max_smem, self.sm90_attention,
-                                             self.fuse_attention_reduce),
+                                             self.fuse_attention_reduce, self.w4_sm90),
                              self._pointers):
             if item[0] == "gemm":
                 _, key, (x, w, y, m, bias, *scales) = item

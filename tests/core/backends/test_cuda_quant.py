@@ -248,6 +248,21 @@ def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_pat
 
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+def test_int4_engine_for_hopper_takes_the_wgmma_gemm(tiny_models_d64, tmp_path, words):
+    """An sm_90a INT4 engine holds the small-M GEMM's wgmma kernel, and its session runs it
+    (the engine tests above then cover it: their prefill steps have 33-128 rows)."""
+    from llmc.backends.cuda.session import CudaSession
+
+    if GPUS[0].arch != "sm_90a":
+        pytest.skip("the wgmma kernel is sm_90a's")
+    folder, _ = tiny_models_d64["llama-gqa"]
+    _build(folder, tmp_path / "c.engine", "int4-rtn", words, arch=None)
+    with CudaSession(EngineFile(tmp_path / "c.engine"), max_kv_blocks=64) as session:
+        assert session.w4_sm90
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
 @pytest.mark.parametrize("mode", ["int4-awq", "int4-rtn"])
 def test_int4_blocks_of_32_engine_matches_the_reference_backend(tiny_models_d64, tmp_path,
                                                                words, mode):
