@@ -249,7 +249,7 @@ def w4_gemm_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = N
     kind = _int4_kind(offsets)
     suffix = f"{'_f32' if out == 'f32' else ''}{f'_{act}' if act else ''}"
     if sm90 and m >= W4GW_MIN_M:
-        rows = next((r for r in W4GW_ROWS if r >= m), W4GW_ROWS[-1])
+        rows = w4gw_rows(m)
         name, smem = f"w4gw{kind}_{tag}_x{rows}{suffix}", w4gw_smem(rows, W4GW_STAGES[rows])
     else:
         rows = 8 * W4G_TILES
@@ -263,6 +263,11 @@ def w4_gemm_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = N
 def w4g_smem(tiles: int, stages: int) -> int:
     """A w4_gemm CTA's shared memory: each stage holds x's rows and AWQ's pre for 128 k."""
     return stages * (8 * tiles + 1) * 128 * 2
+
+
+def w4gw_rows(m: int) -> int:
+    """The wgmma kernel's x rows a CTA for a step of m rows: the fewest that hold it."""
+    return next((r for r in W4GW_ROWS if r >= m), W4GW_ROWS[-1])
 
 
 def w4gw_smem(rows: int, stages: int) -> int:

@@ -103,6 +103,7 @@ def main() -> None:
     f = K.functions
     sweep = sweep_functions(K.arch) if args.sweep else None
     fp8 = torch.cuda.get_device_capability() >= (8, 9)
+    wgmma = K.arch == "sm_90a"   # the small-M GEMM's wgmma kernel too
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731  the capture's
     bf = torch.bfloat16
 
@@ -224,7 +225,6 @@ def main() -> None:
             dq_rows.append((name, f"{k}->{n}", u,
                             graph_time([dq(w4[i % len(w4)], ln, sweep) for i in range(calls)]),
                             bdq))
-        sm90 = K.arch == "sm_90a"
         arrived = torch.zeros(1 << 16, device="cuda", dtype=torch.int32)
         for m in GEMM_MS:
             # split-K partials: the most any launch of this m takes
@@ -258,12 +258,12 @@ def main() -> None:
             td = graph_time([deq(w4[i % len(w4)]) for i in range(calls)])
             tg = graph_time([w4g(w4[i % len(w4)]) for i in range(calls)])
             tw = graph_time([w4g(w4[i % len(w4)], sm90=True) for i in range(calls)]) \
-                if sm90 and m >= lr.W4GW_MIN_M else None
+                if wgmma and m >= lr.W4GW_MIN_M else None
             b4 = n * k // 2 + s4.numel() * 2 + io
             gemm_rows.append((name, f"{k}->{n}", m, t16, (w16_bytes + io) / t16, td, tg,
                               b4 / tg, 2 * m * n * k / tg, tw))
-            if args.sweep in ("all", "w4gw") and sm90 and m >= lr.W4GW_MIN_M and not act:
-                mt = next((r for r in lr.W4GW_ROWS if r >= m), lr.W4GW_ROWS[-1])
+            if args.sweep in ("all", "w4gw") and wgmma and m >= lr.W4GW_MIN_M and not act:
+                mt = lr.w4gw_rows(m)
                 for xr, st, d, mb in SWEEP4GW:
                     for aim in SWEEP4G_AIM if xr == mt else ():
                         grid = (math.ceil(m / xr), math.ceil(n / 16 / 8))

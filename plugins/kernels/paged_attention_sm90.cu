@@ -170,8 +170,7 @@ __device__ void attn_prefill_sm90(const u16* __restrict__ q, const int* __restri
 #pragma unroll
     for (int kk = 0; kk < TN / 16; ++kk) {
       const u64 vd = smem_desc(v_tile(st) + kk * 16 * 128, TN * 128, 1024);
-      if constexpr (D == 128) wgmma_rs128<T, 1>(&o[0][0], pa[kk], vd, 1);
-      else wgmma_rs64<T, 1>(&o[0][0], pa[kk], vd, 1);
+      wgmma_rs<T, D, 1>(&o[0][0], pa[kk], vd, 1);
     }
   };
   // Ping-pong (FlashAttention-3): the consumers take turns issuing their MMAs, so one's

@@ -432,10 +432,11 @@ __device__ __forceinline__ int w4g_swz(int p, int r) {
 // above; B, all MT = 64 or 128 x rows of the CTA, from shared memory. One instruction
 // covers the MT rows where an mma.sync took 8, and the tensor cores read x themselves instead
 // of each lane loading its fragments: 0.95-1.31x the mma.sync kernel's speed at 64-128 rows
-// on the H100 (bench/results/qgemv.md). They read B in their own k order, so x's chunk is staged in the order the weights' packing gives
-// a lane (4-byte pairs by cp.async): pair 16t + 2s + h of the chunk (lane t's pair 2s + h at
-// k16 step s) goes to logical pair 8s + 4h + t, in the 128-byte-swizzled K-major layout of
-// hopper.cuh's smem_desc, two 64-k column atoms a chunk.
+// on the H100 (bench/results/qgemv.md). They read B in their own k order, so x's chunk is
+// staged in the order the weights' packing gives a lane (4-byte pairs by cp.async): pair
+// 16t + 2s + h of the chunk (lane t's pair 2s + h at k16 step s) goes to logical pair
+// 8s + 4h + t, in the 128-byte-swizzled K-major layout of hopper.cuh's smem_desc, two 64-k
+// column atoms a chunk.
 template <int MT>
 __device__ __forceinline__ u32 w4gw_offset(int r, int lp) {
   return (lp >> 5) * (MT * 128) + (r >> 3) * 1024 + (r & 7) * 128 +
@@ -879,26 +880,26 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 // the split-K partials and tile counters (w4gzp, w4goff: zp or off last); S x (8 NT + 1) x 256
 // bytes of dynamic
 // shared memory (launch_rules.w4_gemm_launch).
-#define W4G_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32, WG)                                     \
+#define W4G_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32, WG)                                  \
   extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y, float* part, int* arrived) {                         \
-    w4_gemm<TY, NW, NT, S, D, ACT, SYM, F32, WG>(x, w, scale, pre, bias, m, n, k, gshift, y,      \
-                                             nullptr, part, arrived);                          \
+    w4_gemm<TY, NW, NT, S, D, ACT, SYM, F32, WG>(x, w, scale, pre, bias, m, n, k, gshift, y,   \
+                                                 nullptr, part, arrived);                      \
   }
-#define W4GZP_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32, WG)                                   \
+#define W4GZP_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32, WG)                                \
   extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y, float* part, int* arrived, const u8* zp) {           \
-    w4_gemm<TY, NW, NT, S, D, ACT, ZERO_POINTS, F32, WG>(x, w, scale, pre, bias, m, n, k, gshift, \
-                                                     y, zp, part, arrived);                    \
+    w4_gemm<TY, NW, NT, S, D, ACT, ZERO_POINTS, F32, WG>(x, w, scale, pre, bias, m, n, k,      \
+                                                         gshift, y, zp, part, arrived);        \
   }
-#define W4GOFF_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32, WG)                                  \
+#define W4GOFF_ENTRY(NAME, TY, NW, NT, S, D, MINB, ACT, F32, WG)                               \
   extern "C" __global__ void __launch_bounds__(32 * NW, MINB)                                  \
   NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
        int n, int k, int gshift, void* y, float* part, int* arrived, const u16* off) {         \
-    w4_gemm<TY, NW, NT, S, D, ACT, OFFSETS, F32, WG>(x, w, scale, pre, bias, m, n, k, gshift, y,  \
-                                                 off, part, arrived);                          \
+    w4_gemm<TY, NW, NT, S, D, ACT, OFFSETS, F32, WG>(x, w, scale, pre, bias, m, n, k, gshift,  \
+                                                     y, off, part, arrived);                   \
   }
 #define W4G_SET(ENTRY, BASE, TY, NW, NT, S, D, MINB, WG)                                       \
   ENTRY(BASE, TY, NW, NT, S, D, MINB, 0, false, WG)                                            \
