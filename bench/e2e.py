@@ -127,9 +127,11 @@ def build_engine(model: Path, out: Path, limits, dtype: str = "bf16", quant: str
     return out
 
 
-def decode_rate(session, batch: int, context: int, steps: int = 24) -> dict:
+def decode_rate(session, batch: int, context: int, steps: int = 24,
+                spread: bool = False) -> dict:
     """Decode steps of `batch` sequences at `context` tokens each (their KV blocks hold
-    whatever is there: timing does not depend on the values)."""
+    whatever is there: timing does not depend on the values). spread: sequence i at
+    ceil(context * (i + 1) / batch) tokens instead, a batch of mixed lengths up to context."""
     from cuda.bindings import driver
 
     from llmc import contract
@@ -139,11 +141,11 @@ def decode_rate(session, batch: int, context: int, steps: int = 24) -> dict:
     if batch * per_seq > session.kv_capacity:
         return {}
     blocks = np.arange(batch * per_seq, dtype=np.int32).reshape(batch, per_seq)
+    start = [-(-context * (b + 1) // batch) if spread else context for b in range(batch)]
     ev0, ev1 = check_events()
     times, gpu = [], []
     for k in range(steps + 3):
-        pos = context + k
-        chunks = [contract.Chunk([7], pos, blocks[b]) for b in range(batch)]
+        chunks = [contract.Chunk([7], start[b] + k, blocks[b]) for b in range(batch)]
         t0 = time.perf_counter()
         inputs = contract.pack_step(chunks, bs)
         driver.cuEventRecord(ev0, session.stream)
@@ -197,12 +199,15 @@ def time_to_first_token(session, header, prompt_len: int = 512) -> float:
     return statistics.median(runs[1:])   # the first run is the warm-up
 
 
-def roofline(header, weights_bytes: int, batch: int, context: int) -> float:
+def roofline(header, weights_bytes: int, batch: int, context: int,
+             spread: bool = False) -> float:
     from llmc.dtypes import np_dtype
 
     io, cfg = header.io, header.model.config
     embed = cfg["vocab_size"] * cfg["hidden_size"] * 2
-    kv = batch * (context + 1) * io.num_layers * 2 * io.kv_heads * io.head_dim * \
+    keys = sum(-(-context * (b + 1) // batch) + 1 for b in range(batch)) if spread else \
+        batch * (context + 1)   # decode_rate's contexts
+    kv = keys * io.num_layers * 2 * io.kv_heads * io.head_dim * \
         np_dtype(io.kv_dtype).itemsize   # an E4M3 pool: a byte an element
     read = weights_bytes - embed + batch * cfg["hidden_size"] * 2 + kv
     return batch / (read / HBM_BYTES_PER_S)
@@ -280,7 +285,13 @@ def main() -> None:
                     "its sm_90a wgmma one (A/B)")
     ap.add_argument("--attn-reduce", action="store_true",
                     help="split decode attention combined by a reduce kernel after it, not in "
-                    "its last CTA (A/B)")
+                    "its last CTA (A/B; implies --no-decode-schedule)")
+    ap.add_argument("--no-decode-schedule", action="store_true",
+                    help="decode attention splits each context over one split count, not by "
+                    "the host's schedule (A/B)")
+    ap.add_argument("--spread", action="store_true",
+                    help="decode batches of mixed lengths: sequence i of B at "
+                    "ceil(context * (i + 1) / B) tokens (the context column is the longest)")
     args = ap.parse_args()
 
     import torch
@@ -318,7 +329,9 @@ def main() -> None:
              + (" --hf" if args.hf else "") + (" --hf-compile" if args.hf_compile else "")
              + (" --no-pdl" if args.no_pdl else "")
              + (f" --w4-gemm-max-m {args.w4_gemm_max_m}" if args.w4_gemm_max_m is not None
-                else "") + (" --attn-reduce" if args.attn_reduce else ""), ""]
+                else "") + (" --attn-reduce" if args.attn_reduce else "")
+             + (" --no-decode-schedule" if args.no_decode_schedule else "")
+             + (" --spread" if args.spread else ""), ""]
     results, table, extra = {}, [], []
     for quant in ([] if args.skip_llmc else args.quant):
         name = f"{args.model}-{args.layers}l-{args.dtype}-{quant}.engine"
@@ -327,6 +340,7 @@ def main() -> None:
         session = CudaSession(engine, gpu_memory_utilization=0.9)
         session.functions.pdl &= not args.no_pdl
         session.fuse_attention_reduce = not args.attn_reduce
+        session.scheduled_decode = not args.no_decode_schedule
         if not extra:
             lines.append(f"llmc {engine.header.llmc_version}, versions {engine.header.versions}")
         extra.append(f"{quant}: weights {weights_bytes / 2**30:.2f} GiB, prefill of 2048 "
@@ -341,12 +355,12 @@ def main() -> None:
             session.sm90_attention = True
         for context in args.contexts:
             for batch in args.batches:
-                r = decode_rate(session, batch, context)
+                r = decode_rate(session, batch, context, spread=args.spread)
                 if not r:
                     table.append(f"| {quant} | {batch} | {context} | KV cache too small on "
                                  "this GPU | | | | | | |")
                     continue
-                roof = roofline(engine.header, weights_bytes, batch, context)
+                roof = roofline(engine.header, weights_bytes, batch, context, args.spread)
                 results[(quant, batch, context)] = r["tok_s"]
                 base = results.get((args.quant[0], batch, context))
                 table.append(f"| {quant} | {batch} | {context} | {r['tok_s']:.1f} | "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from llmc import contract
 
 from .launch_rules import Launch, dtype_tag, float_bits
@@ -66,6 +68,10 @@ class AttentionPlan:
     pool_map: str = ""     # the sm90 kernel: dtype of the pool's tensor map, which it takes last
     counters: int = 0      # split decode whose last CTA combines the splits: the zeroed int32
                            # counters it takes (a token's kv heads), instead of `reduce`
+    items: int = 0         # scheduled decode: its grid rows, the most items decode_schedule
+                           # may list (0: the grid's splits, n_split a token)
+    slots: int = 0         # scheduled decode: the CTAs decode_schedule balances the items'
+                           # keys over
 
     @property
     def decode(self) -> bool:
@@ -145,7 +151,7 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                 max_blocks: int, block_size: int, dtype: str, sm_count: int,
                 write_kv: bool = True, *, max_smem: int, window: int = 0,
                 softcap: float = 0.0, e4m3: bool = False,
-                fuse_reduce: bool = False) -> AttentionPlan:
+                fuse_reduce: bool = False, schedule: bool = False) -> AttentionPlan:
     """One CTA per (token, kv head, split); splits chosen so the grid fills two waves.
 
     The split count is fixed here (a decode graph is captured for the longest context), but
@@ -162,23 +168,48 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     e4m3: the pool holds E4M3 bytes (the _e4m3 entries; attention_launches takes its scales).
     fuse_reduce: with splits, the last CTA of a (token, kv head) to finish combines them,
     counting arrivals in `counters` zeroed int32s that it leaves zeroed (a caller that can
-    keep such memory across launches: the cuda backend); else attn_reduce runs after it."""
+    keep such memory across launches: the cuda backend); else attn_reduce runs after it.
+    schedule: the splits come from a schedule the caller writes before each launch
+    (decode_schedule, from the step's context lengths; the cuda backend's session does):
+    one CTA per (kv head, item), a long context split into more items than a short one and
+    the longest items first, so a batch of mixed lengths does not wait on its longest
+    sequence's CTAs at the end. It combines in the last CTA (needs fuse_reduce)."""
     check_attention(num_q_heads, num_kv_heads, head_dim, block_size, window, softcap)
     stages = decode_stages(head_dim, max_smem, e4m3)
     if stages is None:
         raise ValueError(f"decode at head_dim {head_dim} needs "
                          f"{decode_smem(head_dim, 2, e4m3)} bytes of shared memory, over "
                          f"max_smem {max_smem}")
+    suffix = "" if stages == DECODE_STAGES[0] else f"_s{stages}"
+    smem = decode_smem(head_dim, stages, e4m3)
+    name = f"attn_decode_{dtype_tag(dtype)}_d{head_dim}{suffix}{_suffix(softcap, e4m3)}"
+    chunk = MIN_SPLIT_KEYS
+    if schedule:
+        if not fuse_reduce:
+            raise ValueError("a scheduled decode combines its splits in its last CTA: plan it "
+                             "with fuse_reduce=True")
+        # The balanced share is sized for the grid plan's DECODE_WAVES x SMs CTAs (two 16-bit
+        # decode CTAs fit an SM): an E4M3 pool's smaller CTAs fit four, but four an SM, one
+        # short item each, measured slower at batch 1 (bench/results/kernels.md).
+        slots = DECODE_WAVES * sm_count
+        # decode_schedule's items number fewer than slots / Hkv + tokens (each token's last
+        # item is the only one shorter than the balanced share)
+        items = math.ceil(slots / num_kv_heads) + tokens
+        if items > MAX_GRID_Y:
+            raise ValueError(f"a scheduled decode of {tokens} tokens needs {items} grid rows, "
+                             f"over {MAX_GRID_Y}")
+        main = Launch(attention_module(softcap, e4m3), name, (num_kv_heads, items, 1),
+                      (ATTN_THREADS, 1, 1), smem)
+        return AttentionPlan(_kv_write(tokens, dtype, write_kv, e4m3), main, None, 0, chunk,
+                             items * num_q_heads * (head_dim + 1) * 4, window=window,
+                             softcap=softcap, e4m3=e4m3, counters=tokens * num_kv_heads,
+                             items=items, slots=slots)
     max_ctx = max_blocks * block_size
     span = min(max_ctx, window + ATTN_BN - 1) if window else max_ctx
     want = math.ceil(DECODE_WAVES * sm_count / (tokens * num_kv_heads))
     n_split = max(1, min(want, math.ceil(span / MIN_SPLIT_KEYS), MAX_DECODE_SPLITS))
-    chunk = MIN_SPLIT_KEYS
-    suffix = "" if stages == DECODE_STAGES[0] else f"_s{stages}"
-    main = Launch(attention_module(softcap, e4m3),
-                  f"attn_decode_{dtype_tag(dtype)}_d{head_dim}{suffix}{_suffix(softcap, e4m3)}",
-                  (tokens, num_kv_heads, n_split), (ATTN_THREADS, 1, 1),
-                  decode_smem(head_dim, stages, e4m3))
+    main = Launch(attention_module(softcap, e4m3), name, (tokens, num_kv_heads, n_split),
+                  (ATTN_THREADS, 1, 1), smem)
     red, ws, counters = None, 0, 0
     if n_split > 1:
         ws = tokens * num_q_heads * n_split * (head_dim + 1) * 4
@@ -189,6 +220,63 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                          (tokens * num_q_heads, 1, 1), (head_dim, 1, 1))
     return AttentionPlan(_kv_write(tokens, dtype, write_kv, e4m3), main, red, n_split, chunk,
                          ws, window=window, softcap=softcap, e4m3=e4m3, counters=counters)
+
+
+def token_context_lens(seq_starts, context_lens) -> np.ndarray:
+    """Each token's own context (its position + 1) in a ragged batch: the keys it attends
+    to without a window. A decode step's (a token a sequence) are its context_lens."""
+    ss, cl = np.asarray(seq_starts, np.int64), np.asarray(context_lens, np.int64)
+    lens = np.diff(ss)
+    if lens.size == ss[-1] and lens.min() == 1:
+        return cl
+    seq = np.repeat(np.arange(lens.size), lens)
+    return cl[seq] - lens[seq] + np.arange(ss[-1]) - ss[seq] + 1
+
+
+def decode_schedule(context_lens, plan: AttentionPlan) -> np.ndarray:
+    """The work list of a scheduled decode (decode_plan's schedule) for one step: int32
+    [tokens + plan.items, 4], what its `sched` argument points at. context_lens: each token's
+    own context (a decode step's context_lens; token_context_lens for a ragged batch).
+
+    Rows 0 .. tokens - 1, one a token: (its first slot, its items, 0, 0). Then one row a grid
+    row: (token, first key, end key, slot), rows past the step's items (-1, 0, 0, 0). A
+    token's keys (from the key tile holding its window's first key to its own position,
+    context_lens[t] - 1) are cut into whole key tiles no longer than the balanced share of a
+    CTA slot (all keys x Hkv / plan.slots), as evenly as the tiles allow; its items take
+    consecutive slots (the rows of its partial results in the workspace). The items are
+    listed longest first, so the GPU, which starts CTAs in grid order, starts the long ones
+    first and fills the end with short ones (longest-processing-time-first scheduling).
+    Host time, on the critical path of every decode step: about 10-25 us."""
+    end = np.asarray(context_lens, np.int64)
+    t, bn = end.size, ATTN_BN
+    first = np.maximum(end - plan.window, 0) // bn * bn if plan.window else np.zeros_like(end)
+    keys = np.maximum(end - first, 1)
+    share = -(-int(keys.sum()) * plan.main.grid[0] // plan.slots)
+    longest = max(bn, -(-share // bn) * bn)
+    out = np.zeros((t + plan.items, 4), np.int32)
+    if keys.max() <= longest:   # one item a token (a large batch): its slot is its index
+        order = np.argsort(-keys, kind="stable")
+        out[:t, 0], out[:t, 1] = np.arange(t), 1
+        rows = out[t:2 * t]
+        rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3] = order, first[order], end[order], order
+        out[2 * t:, 0] = -1
+        return out
+    per = (-(-keys // -(-keys // longest)) + bn - 1) // bn * bn
+    n = -(-keys // per)
+    base = np.cumsum(n) - n
+    tok = np.repeat(np.arange(t), n)
+    i = np.arange(tok.size) - base[tok]
+    k0 = first[tok] + i * per[tok]
+    k1 = np.minimum(k0 + per[tok], end[tok])
+    order = np.argsort(k0 - k1, kind="stable")
+    if tok.size > plan.items:   # cannot happen (decode_plan sizes items), but never overrun
+        raise ValueError(f"{tok.size} decode items, over the plan's {plan.items}")
+    out[:t, 0], out[:t, 1] = base, n
+    rows = out[t:t + tok.size]
+    rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3] = (tok[order], k0[order], k1[order],
+                                                      (base[tok] + i)[order])
+    out[t + tok.size:, 0] = -1
+    return out
 
 
 def prefill_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
@@ -243,7 +331,8 @@ def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
                    head_dim: int, max_blocks: int, block_size: int, dtype: str,
                    sm_count: int, write_kv: bool = True, *, max_smem: int,
                    window: int = 0, softcap: float = 0.0, e4m3: bool = False,
-                   sm90: bool = False, fuse_reduce: bool = False) -> AttentionPlan:
+                   sm90: bool = False, fuse_reduce: bool = False,
+                   schedule: bool = False) -> AttentionPlan:
     """Kernels of one PagedAttention step, from shapes alone (what TensorRT knows at enqueue).
 
     tokens == batch means every sequence brings one new token (a pure decode step): the
@@ -259,11 +348,13 @@ def attention_plan(tokens: int, batch: int, num_q_heads: int, num_kv_heads: int,
     the rope kernel (write_kv must be False), read by the _e4m3 entries.
     sm90: the device is sm_90a, so prefill steps may take the TMA + wgmma kernel (whose
     launch takes a PoolMap of the pool).
-    fuse_reduce: decode_plan's (split decode combines in its last CTA)."""
+    fuse_reduce, schedule: decode_plan's (split decode combines in its last CTA; the caller
+    writes the decode's schedule, decode_schedule, before each launch)."""
     if tokens == batch and decode_stages(head_dim, max_smem, e4m3) is not None:
         return decode_plan(tokens, num_q_heads, num_kv_heads, head_dim, max_blocks,
                            block_size, dtype, sm_count, write_kv, max_smem=max_smem,
-                           window=window, softcap=softcap, e4m3=e4m3, fuse_reduce=fuse_reduce)
+                           window=window, softcap=softcap, e4m3=e4m3, fuse_reduce=fuse_reduce,
+                           schedule=schedule)
     return prefill_plan(tokens, batch, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
                         write_kv, max_smem=max_smem, window=window, softcap=softcap,
                         e4m3=e4m3, sm90=sm90)
@@ -314,7 +405,8 @@ def paged_attention_dims(q_dims, cache_dims, table_dims) -> dict:
 def attention_workspace_bound(max_tokens: int, max_batch: int, num_q_heads: int,
                               num_kv_heads: int, head_dim: int, max_blocks: int,
                               block_size: int, sm_count: int, *, max_smem: int,
-                              window: int = 0, e4m3: bool = False) -> int:
+                              window: int = 0, e4m3: bool = False,
+                              schedule: bool = False) -> int:
     """Workspace bytes that cover every step up to these limits (TensorRT asks once, for the
     profile's max shapes). Only decode steps (tokens == batch) use a workspace, and its size
     is not monotonic in tokens (fewer tokens -> more splits), so take the max over them."""
@@ -322,7 +414,8 @@ def attention_workspace_bound(max_tokens: int, max_batch: int, num_q_heads: int,
     for t in range(1, min(max_tokens, max_batch) + 1):
         plan = attention_plan(t, t, num_q_heads, num_kv_heads, head_dim, max_blocks,
                               block_size, "float16", sm_count, write_kv=False,
-                              max_smem=max_smem, window=window, e4m3=e4m3)
+                              max_smem=max_smem, window=window, e4m3=e4m3,
+                              fuse_reduce=schedule, schedule=schedule)
         best = max(best, plan.workspace_bytes)
     return best
 
@@ -330,15 +423,17 @@ def attention_workspace_bound(max_tokens: int, max_batch: int, num_q_heads: int,
 def workspace_lse_offset(plan: AttentionPlan, tokens: int, num_q_heads: int,
                          head_dim: int) -> int:
     """Byte offset of the lse part of the workspace (partial O first, fp32)."""
-    return tokens * num_q_heads * plan.n_split * head_dim * 4
+    rows = plan.items if plan.items else tokens * plan.n_split
+    return rows * num_q_heads * head_dim * 4
 
 
 def attention_launches(plan: AttentionPlan, dims: dict, scale: float, ptr: dict,
                        kv_scales: tuple[float, float] | None = None) -> list:
     """(Launch, args) of one step, in order. `ptr` maps q, k, v, seq_starts, context_lens,
-    block_tables, cache (the KV pool), out, ws_o, ws_lse and arrived (plan.counters zeroed
-    int32s, or a null pointer where plan.counters is 0) to device pointers of the caller's
-    kind; ints in args are int32 scalars. The torch launcher (launch.py) and the TensorRT glue both
+    block_tables, cache (the KV pool), out, ws_o, ws_lse, arrived (plan.counters zeroed
+    int32s, or a null pointer where plan.counters is 0) and sched (a scheduled decode's
+    decode_schedule, else a null pointer) to device pointers of the caller's kind; ints in
+    args are int32 scalars. The torch launcher (launch.py) and the TensorRT glue both
     build their launches here, so the GPU tests check the argument order TensorRT uses.
     kv_scales: (K, V) scales of an E4M3 pool, given exactly when the plan reads one."""
     if plan.e4m3 != (kv_scales is not None):
@@ -360,7 +455,7 @@ def attention_launches(plan: AttentionPlan, dims: dict, scale: float, ptr: dict,
         out.append((plan.main, head + [plan.pack, ptr["out"], *pool]))
         return out
     out.append((plan.main, head + [plan.n_split, plan.chunk, ptr["out"], ptr["ws_o"],
-                                   ptr["ws_lse"], ptr["arrived"]]))
+                                   ptr["ws_lse"], ptr["arrived"], ptr["sched"]]))
     if plan.reduce:
         out.append((plan.reduce, [ptr["ws_o"], ptr["ws_lse"], t * hq, d, plan.n_split,
                                   ptr["out"]]))

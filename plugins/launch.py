@@ -159,6 +159,7 @@ class Kernels:
                                         else dev.index)
         self.functions = Functions(self.arch)
         self._split_counters = None   # paged_attention's: zeroed once, each launch resets them
+        self._schedules = {}          # paged_attention's decode schedules, for CUDA graph capture
 
     def launch(self, launch: Launch, args: list):
         """args: torch tensors (passed as pointers) and python ints (int32)."""
@@ -330,8 +331,8 @@ class Kernels:
 
     def paged_attention(self, q, k, v, seq_starts, context_lens, block_tables, kv_cache,
                         scale=None, write_kv=True, force=None, window=0, max_smem=None,
-                        softcap=0.0, kv_scales=None, sm90=None, fuse_reduce=True, out=None,
-                        **prefill):
+                        softcap=0.0, kv_scales=None, sm90=None, fuse_reduce=True,
+                        schedule=None, out=None, **prefill):
         """force: None, 'decode' or 'prefill' picks the kernel regardless of the plan (tests
         run both kernels on the same mixed batch); `prefill` (variant=, pack=) goes to
         attention_plan.prefill_plan. window: sliding window, 0 = none. softcap: logit soft-cap
@@ -342,7 +343,11 @@ class Kernels:
         and k, v may be None. sm90: let prefill plans take the sm_90a kernel (TMA + wgmma);
         default: where the device is sm_90a. fuse_reduce: a split decode combines its splits
         in its last CTA (as the cuda backend runs it) rather than in attn_reduce (as the
-        TensorRT plugin does). out: where to write (tests pass it poisoned), else a new
+        TensorRT plugin does). schedule: a decode takes its splits from a schedule built
+        here from context_lens (attention_plan.decode_schedule), as the cuda backend runs it;
+        default: where fuse_reduce. Under CUDA graph capture the schedule built by the last
+        uncaptured call with the same seq_starts and context_lens tensors and plan is reused
+        (the host cannot read them then). out: where to write (tests pass it poisoned), else a new
         tensor."""
         t, hq, d = q.shape
         _, nb, hkv, bs, _ = kv_cache.shape
@@ -351,9 +356,10 @@ class Kernels:
         self._check_pool(kv_cache, kv_scales)
         lim = dict(max_smem=self.max_smem if max_smem is None else max_smem, window=window,
                    softcap=softcap, e4m3=kv_scales is not None)
+        schedule = fuse_reduce if schedule is None else schedule
         if force == "decode":
             plan = ap.decode_plan(t, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv, **lim,
-                                  fuse_reduce=fuse_reduce)
+                                  fuse_reduce=fuse_reduce, schedule=schedule)
         else:
             sm90 = self.arch == "sm_90a" if sm90 is None else sm90
             if force == "prefill":
@@ -361,7 +367,8 @@ class Kernels:
                                        sm90=sm90)
             else:
                 plan = ap.attention_plan(t, b, hq, hkv, d, mb, bs, dt, self.sm_count, write_kv,
-                                         **lim, sm90=sm90, fuse_reduce=fuse_reduce)
+                                         **lim, sm90=sm90, fuse_reduce=fuse_reduce,
+                                         schedule=schedule)
         self.last_plan = plan  # for tests: which kernels a call took
         scale = d ** -0.5 if scale is None else scale
         out = self.torch.empty_like(q) if out is None else out
@@ -374,9 +381,18 @@ class Kernels:
                 self._split_counters = self.torch.zeros(plan.counters, dtype=self.torch.int32,
                                                         device=q.device)
             arrived = self._split_counters
+        sched = DevPtr(0)
+        if plan.items:
+            key = (seq_starts.data_ptr(), context_lens.data_ptr(), plan)
+            if not self.torch.cuda.is_current_stream_capturing():
+                ctx = ap.token_context_lens(seq_starts.cpu().numpy(), context_lens.cpu().numpy())
+                self._schedules[key] = self.torch.from_numpy(
+                    ap.decode_schedule(ctx, plan)).to(q.device)
+            sched = self._schedules[key]
         ptr = dict(q=q, k=k, v=v, seq_starts=seq_starts, context_lens=context_lens,
                    block_tables=block_tables, cache=kv_cache, out=out, ws_o=ws,
-                   ws_lse=ws[lse:] if plan.n_split > 1 else ws, arrived=arrived)
+                   ws_lse=ws[lse:] if plan.workspace_bytes else ws, arrived=arrived,
+                   sched=sched)
         dims = ap.paged_attention_dims(q.shape, kv_cache.shape, block_tables.shape)
         for ln, args in ap.attention_launches(plan, dims, scale, ptr, kv_scales):
             self.launch(ln, args)

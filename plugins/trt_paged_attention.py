@@ -118,8 +118,9 @@ def register_paged_attention(arch: str, sm_count: int, max_smem: int | None = No
             lse = ap.workspace_lse_offset(plan, dims["tokens"], dims["hq"], dims["d"])
             ptr["ws_o"], ptr["ws_lse"] = DevPtr(workspace), DevPtr(workspace + lse)
             # TensorRT's workspace is neither zeroed nor kept between enqueues, so no split
-            # counters: attn_reduce combines the splits (the plan's default)
-            ptr["arrived"] = DevPtr(0)
+            # counters: attn_reduce combines the splits (the plan's default); and no host
+            # view of the context lengths at enqueue, so no decode schedule either
+            ptr["arrived"], ptr["sched"] = DevPtr(0), DevPtr(0)
             for ln, args in ap.attention_launches(plan, dims, a["scale"], ptr):
                 self.functions.launch(ln, args, stream)
 

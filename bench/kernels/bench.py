@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmc.plugins.attention_plan import PREFILL_VARIANT, PREFILL_WARPS, SM90_VARIANT, decode_plan
+from llmc.plugins.attention_plan import (
+    PREFILL_VARIANT,
+    PREFILL_WARPS,
+    SM90_VARIANT,
+    decode_plan,
+    decode_schedule,
+)
 from llmc.plugins.launch import Kernels
 from llmc.plugins.launch_rules import llama3_inv_freq
 
@@ -75,6 +81,13 @@ def main():
 
     def wanted(name):
         return not args.only or any(o in name for o in args.only)
+
+    def schedule_note(ctxs, mb, bs, e4m3=False):
+        """How the host's schedule cuts these contexts: items (CTAs a kv head)."""
+        plan = decode_plan(len(ctxs), hq, hkv, d, mb, bs, "bfloat16", K.sm_count, False,
+                           max_smem=K.max_smem, e4m3=e4m3, fuse_reduce=True, schedule=True)
+        items = decode_schedule(ctxs, plan)[len(ctxs):]
+        return f"scheduled: {(items[:, 0] >= 0).sum()} items"
 
     def add(name, ours, eager, comp, nbytes, note=""):
         if not wanted(name):
@@ -170,8 +183,12 @@ def main():
         add(name16,
             lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False),
             lambda: ref_decode(q, tables, cache), lambda: cdec(q, tables, cache), nbytes,
-            "splits=%d" % decode_plan(B, hq, hkv, d, mb, bs, "bfloat16", K.sm_count,
-                                      max_smem=K.max_smem).n_split)
+            schedule_note([ctx] * B, mb, bs))
+        add(f"{name16}, grid splits",
+            lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False,
+                                      schedule=False),
+            None, None, nbytes, "ours only; splits=%d" % decode_plan(
+                B, hq, hkv, d, mb, bs, "bfloat16", K.sm_count, max_smem=K.max_smem).n_split)
         if bs == 16:  # Mistral-style window: only the last W keys are read
             W = 512
             add(f"paged decode bf16 B=64 ctx=2048 bs={bs} window={W}",
@@ -190,10 +207,15 @@ def main():
         cache = cache8 = None
 
     # decode at the shapes serving hits (ours only): one long sequence (split over KV), many
-    # short ones, and a batch of mixed lengths; bytes = the K/V each sequence reads
+    # short ones, and batches of mixed lengths; bytes = the K/V each sequence reads. Each
+    # shape as the cuda backend runs it (the host's schedule), then with the grid's splits
+    # (each token's context over one split count: before the schedule, and the TensorRT
+    # plugin's way, also with attn_reduce after it)
     serving = [("B=1 ctx=512", [512]), ("B=1 ctx=8192", [8192]), ("B=1 ctx=32768", [32768]),
                ("B=256 ctx=256", [256] * 256),
-               ("B=64 mixed ctx 64-4096", [64 * 2 ** (i % 7) for i in range(64)])]
+               ("B=64 mixed ctx 64-4096", [64 * 2 ** (i % 7) for i in range(64)]),
+               ("B=8 ctx 32768 + 7 x 512", [32768] + [512] * 7),
+               ("B=32 ctx 8192 + 31 x 1024", [8192] + [1024] * 31)]
     for label, ctxs in serving:
         name = f"paged decode bf16 {label} bs=16"
         if not wanted(name) and not wanted(f"{name} E4M3 pool"):
@@ -203,8 +225,13 @@ def main():
                                                         extra_blocks=0)
         plan = decode_plan(B, hq, hkv, d, tables.shape[1], 16, "bfloat16", K.sm_count, False,
                            max_smem=K.max_smem)
+        nbytes = sum(ctxs) * 2 * hkv * d * 2
         add(name, lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False),
-            None, None, sum(ctxs) * 2 * hkv * d * 2, f"ours only; splits={plan.n_split}")
+            None, None, nbytes, "ours only; " + schedule_note(ctxs, tables.shape[1], 16))
+        add(f"{name}, grid splits",
+            lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False,
+                                      schedule=False),
+            None, None, nbytes, f"ours only; splits={plan.n_split}")
         if plan.n_split > 1:   # the splits combined by attn_reduce (the TensorRT plugin's way)
             add(f"{name}, attn_reduce after it",
                 lambda: K.paged_attention(q, k, v, starts, cl, tables, cache, write_kv=False,
@@ -214,7 +241,8 @@ def main():
         add(f"{name} E4M3 pool",
             lambda: K.paged_attention(q, k, v, starts, cl, tables, cache8, write_kv=False,
                                       kv_scales=(0.05, 0.05)),
-            None, None, sum(ctxs) * hkv * d * 2, f"ours only; splits={plan.n_split}")
+            None, None, nbytes / 2,
+            "ours only; " + schedule_note(ctxs, tables.shape[1], 16, e4m3=True))
         cache = cache8 = None
 
     # prefill: one 2048-token sequence (causal), vs SDPA flash on contiguous q/k/v

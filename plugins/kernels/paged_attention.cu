@@ -13,10 +13,10 @@
 #define DECODE_ENTRY(DT, TY, D, SUF, NST)                                                     \
   extern "C" __global__ void __launch_bounds__(128)                                           \
       attn_decode_##DT##_d##D##SUF(ATTN_IN, ATTN_SC, int ns, int chunk, u16* out, float* wo,  \
-                                   float* wl, int* arr) {                                     \
+                                   float* wl, int* arr, const int4* sched) {                  \
     pdl_trigger(); /* the o-projection GEMV after it may start streaming its weights */     \
     attn_decode<TY, D, NST>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs, nb, sc, win, ns,       \
-                            chunk, out, wo, wl, arr);                                         \
+                            chunk, out, wo, wl, arr, sched);                                  \
   }
 #define ATTN_ENTRIES(DT, TY, D)                                                               \
   PREFILL_ENTRY(DT, TY, D, _w4, 4, 3, true)                                                   \

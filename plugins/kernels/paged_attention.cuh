@@ -8,6 +8,10 @@
 //                   of a kv group are the rows of one 16-row mma tile, so every K/V byte is
 //                   read from HBM once; 4 warps split each 64-key tile; NST-stage cp.async
 //                   pipeline (3, or 2 where 3 exceed the device's shared memory per block).
+//                   The splits come either from the grid (each token's own context over
+//                   n_split) or from a schedule the host writes each step (`sched`,
+//                   attention_plan.decode_schedule: long contexts split more, the longest
+//                   pieces first), one CTA per (kv head, item).
 //                   Roofline: bytes = sum over tokens of 2*ctx*Hkv*D*2.
 //  Sliding window (`win` > 0, HF Mistral): the token at position p sees keys p - win < j <= p.
 //  Both attention kernels start at the first key tile holding a visible key, so a window
@@ -398,34 +402,47 @@ __device__ void attn_prefill(const u16* __restrict__ q, const int* __restrict__ 
   store_rows<T, D>(o, l, ra, nrows, tok0, P, hq, hbase, lane, out);
 }
 
+// Where a decode CTA's partial results go in the workspace: q head r of split i is row
+// first + r * rs + i * ss of ws_o (D floats) and of ws_lse (one). Grid splits keep a q head's
+// splits together (rs = n_split, ss = 1, as attn_reduce reads them); scheduled ones are rows
+// of slot-major tiles of all Hq heads (rs = 1, ss = Hq), a token's slots consecutive.
+struct SplitRows {
+  size_t first;
+  int rs, ss;
+  __device__ __forceinline__ size_t at(int r, int i) const {
+    return first + (size_t)r * rs + (size_t)i * ss;
+  }
+};
+
 // The flash-decoding combine inside the decode kernel: each split's CTA counts itself in on
-// its (token, kv head) counter once its partials are written (last_to_arrive), and the last to
-// arrive sums the live splits' partials into out, so no attn_reduce launch follows. G q heads
-// of one token; the live splits are the first n_live (attn_decode divides the token's own
-// context). Shared memory, free by now: wgt, G x n_live floats (the K/V stages); sc, 17 words
-// (the Q tile). No static __shared__ here: with 80 bytes of it every 16-bit decode launch ran
-// about 10% slower at batch 64 on the H100, splits or not (bench/results/kernels.md). Not
-// inlined: its two call sites share one copy, and the decode loop compiles as it did without
-// it.
+// its (token, kv head) counter once its partials are written (last_to_arrive), and the last of
+// `arrivals` to arrive sums the live splits' partials into out, so no attn_reduce launch
+// follows. G q heads of one token; the live splits are the first n_live (attn_decode divides
+// the token's own context, or the schedule lists only live ones). Shared memory, free by now:
+// wgt, G x n_live floats (the K/V stages); sc, 17 words (the Q tile). No static __shared__
+// here: with 80 bytes of it every 16-bit decode launch ran about 10% slower at batch 64 on
+// the H100, splits or not (bench/results/kernels.md). Not inlined: its two call sites share
+// one copy, and the decode loop compiles as it did without it.
 template <typename T>
 __device__ __noinline__ void combine_splits(const float* __restrict__ ws_o,
                                             const float* __restrict__ ws_lse,
-                                            int* __restrict__ counter, int n_split, int n_live,
-                                            size_t head0, int G, int d, u16* __restrict__ out,
-                                            float* __restrict__ wgt, float* __restrict__ sc) {
+                                            int* __restrict__ counter, int arrivals, int n_live,
+                                            SplitRows rows, size_t head0, int G, int d,
+                                            u16* __restrict__ out, float* __restrict__ wgt,
+                                            float* __restrict__ sc) {
   float* const inv_den = sc;
-  if (!last_to_arrive(counter, n_split, reinterpret_cast<int*>(sc + 16))) return;
+  if (!last_to_arrive(counter, arrivals, reinterpret_cast<int*>(sc + 16))) return;
   // One CTA now does what attn_reduce's T * Hq CTAs did, so its loads must overlap: a warp
   // per q head for the weights, then 16-byte loads of the partials, 8 splits in flight.
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int r = warp; r < G; r += blockDim.x >> 5) {
-    const float* lse = ws_lse + (head0 + r) * n_split;
+    const float* lse = ws_lse + rows.at(r, 0);
     float mx = -INFINITY, den = 0.f;
-    for (int i = lane; i < n_live; i += 32) mx = fmaxf(mx, __ldcg(lse + i));
+    for (int i = lane; i < n_live; i += 32) mx = fmaxf(mx, __ldcg(lse + (size_t)i * rows.ss));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     for (int i = lane; i < n_live; i += 32) {
-      const float w = exp2f(__ldcg(lse + i) - mx);
+      const float w = exp2f(__ldcg(lse + (size_t)i * rows.ss) - mx);
       wgt[r * n_live + i] = w;
       den += w;
     }
@@ -436,12 +453,13 @@ __device__ __noinline__ void combine_splits(const float* __restrict__ ws_o,
   const int q4 = d / 4;
   for (int i = threadIdx.x; i < G * q4; i += blockDim.x) {
     const int r = i / q4, c = (i % q4) * 4;
-    const float4* o = reinterpret_cast<const float4*>(ws_o + (head0 + r) * n_split * d + c);
+    const float4* o = reinterpret_cast<const float4*>(ws_o + rows.at(r, 0) * d + c);
+    const size_t step = (size_t)rows.ss * q4;
     const float* w = wgt + r * n_live;
     float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
 #pragma unroll 8
     for (int j = 0; j < n_live; ++j) {
-      const float4 v = __ldcg(o + (size_t)j * q4);
+      const float4 v = __ldcg(o + j * step);
       a0 += w[j] * v.x;
       a1 += w[j] * v.y;
       a2 += w[j] * v.z;
@@ -557,6 +575,7 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
                             int chunk,
                             u16* __restrict__ out, float* __restrict__ ws_o,
                             float* __restrict__ ws_lse, int* __restrict__ arrived,
+                            const int4* __restrict__ sched,
                             int cap_bits = 0, float k_scale = 1.f, float v_scale = 1.f) {
   constexpr bool E4M3 = sizeof(C) == 1;
   extern __shared__ __align__(16) u16 smem[];
@@ -566,27 +585,54 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
   // stays the combine's scratch.
   u16* sKV = sQ + 16 * D;
   auto stage = [&](int st) { return reinterpret_cast<C*>(sKV) + st * 2 * BN * D; };
-  const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, G = hq / hkv;
+  const int G = hq / hkv;
+  // This CTA's keys [k_begin, k_end) of token t, how many CTAs share the token's kv head
+  // (arrivals) and how many of them hold keys (n_live), and where its partials go.
+  int t, kvh, k_begin, k_end, arrivals, n_live;
+  SplitRows rows;
+  size_t part;   // this CTA's row of q head 0 in the workspace
+  if (sched != nullptr) {
+    // The host's schedule (attention_plan.decode_schedule): T_ token records {first slot,
+    // items}, then an item a grid row {token, k_begin, k_end, slot}; rows past the step's
+    // items have token -1. Every item holds keys.
+    const int4 it = sched[T_ + blockIdx.y];
+    if (it.x < 0) return;
+    const int2 tok = *reinterpret_cast<const int2*>(sched + it.x);
+    t = it.x, kvh = blockIdx.x, k_begin = it.y, k_end = it.z;
+    arrivals = n_live = tok.y;
+    rows = SplitRows{(size_t)tok.x * hq + kvh * G, 1, hq};
+    part = (size_t)it.w * hq + kvh * G;
+  } else {
+    t = blockIdx.x, kvh = blockIdx.y;
+  }
   const int s = find_seq(ss, B, t);
   const int pos = cl[s] - (ss[s + 1] - ss[s]) + (t - ss[s]);
-  // Splits cover this token's keys from the tile holding its window's first key (0 without
-  // a window) to pos, in equal whole tiles of at least `chunk` keys: sized from the token's
-  // own context, so a graph captured for the longest context still spreads a short one over
-  // every split.
-  const int first = win > 0 ? max(0, pos - win + 1) / BN * BN : 0;
-  const int per_split = max(chunk, (pos + 1 - first + n_split * BN - 1) / (n_split * BN) * BN);
-  const int k_begin = first + split * per_split, k_end = min(pos + 1, k_begin + per_split);
+  if (sched == nullptr) {
+    const int split = blockIdx.z;
+    // Splits cover this token's keys from the tile holding its window's first key (0 without
+    // a window) to pos, in equal whole tiles of at least `chunk` keys: sized from the token's
+    // own context, so a graph captured for the longest context still spreads a short one
+    // over every split.
+    const int first = win > 0 ? max(0, pos - win + 1) / BN * BN : 0;
+    const int per_split = max(chunk, (pos + 1 - first + n_split * BN - 1) / (n_split * BN) * BN);
+    k_begin = first + split * per_split, k_end = min(pos + 1, k_begin + per_split);
+    arrivals = n_split;
+    n_live = (pos + 1 - first + per_split - 1) / per_split;
+    const size_t q0 = (size_t)t * hq + kvh * G;
+    rows = SplitRows{q0 * n_split, n_split, 1};
+    part = q0 * n_split + split;
+  }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const size_t head0 = (size_t)t * hq + kvh * G;
   // arrived: the splits combine in the last CTA; null: attn_reduce combines them after
-  const int n_live = (pos + 1 - first + per_split - 1) / per_split;
   auto combine = [&]() {
-    if (arrived == nullptr || n_split == 1) return;
-    combine_splits<T>(ws_o, ws_lse, arrived + (size_t)t * hkv + kvh, n_split, n_live, head0,
-                      G, D, out, reinterpret_cast<float*>(sKV), reinterpret_cast<float*>(sQ));
+    if (arrived == nullptr || arrivals == 1) return;
+    combine_splits<T>(ws_o, ws_lse, arrived + (size_t)t * hkv + kvh, arrivals, n_live, rows,
+                      head0, G, D, out, reinterpret_cast<float*>(sKV),
+                      reinterpret_cast<float*>(sQ));
   };
   if (k_begin >= k_end) {  // past this token's context: an empty partial
-    if (threadIdx.x < G) ws_lse[(head0 + threadIdx.x) * n_split + split] = -INFINITY;
+    if (threadIdx.x < G) ws_lse[part + (size_t)threadIdx.x * rows.rs] = -INFINITY;
     combine();
     return;
   }
@@ -709,10 +755,10 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
         den += f * sL[w * 16 + r];
       }
     }
-    if (n_split == 1) {
+    if (arrivals == 1) {
       out[(head0 + r) * D + c] = T::from_f(acc / den);
     } else {
-      const size_t slot = (head0 + r) * n_split + split;
+      const size_t slot = part + (size_t)r * rows.rs;
       ws_o[slot * D + c] = acc / den;
       if (c == 0) ws_lse[slot] = mx + log2f(den);
     }

@@ -18,11 +18,12 @@
   extern "C" __global__ void __launch_bounds__(128, DECODE_E4M3_MINB)                         \
       attn_decode_##DT##_d##D##SUF##_e4m3(ATTN_IN_E4M3, ATTN_SC, int ks, int vs, int ns,      \
                                           int chunk, u16* out, float* wo, float* wl,          \
-                                          int* arr) {                                         \
+                                          int* arr, const int4* sched) {                      \
     pdl_trigger(); /* the o-projection GEMV after it may start streaming its weights */     \
     E4M3_ONLY(attn_decode<TY, D, NST, false, u8>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs,   \
-                                                 nb, sc, win, ns, chunk, out, wo, wl, arr, 0, \
-                                                 __int_as_float(ks), __int_as_float(vs)));    \
+                                                 nb, sc, win, ns, chunk, out, wo, wl, arr,    \
+                                                 sched, 0, __int_as_float(ks),                \
+                                                 __int_as_float(vs)));                        \
   }
 #define E4M3_ENTRIES(DT, TY, D)                                                               \
   PREFILL_E4M3_ENTRY(DT, TY, D, _w4, 4, 3, true)                                              \

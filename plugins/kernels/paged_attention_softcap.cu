@@ -13,10 +13,11 @@
 #define DECODE_SOFTCAP_ENTRY(DT, TY, D, SUF, NST)                                             \
   extern "C" __global__ void __launch_bounds__(128)                                           \
       attn_decode_##DT##_d##D##SUF##_softcap(ATTN_IN, ATTN_SC, int cap, int ns, int chunk,    \
-                                             u16* out, float* wo, float* wl, int* arr) {      \
+                                             u16* out, float* wo, float* wl, int* arr,        \
+                                             const int4* sched) {                             \
     pdl_trigger(); /* the o-projection GEMV after it may start streaming its weights */     \
     attn_decode<TY, D, NST, true>(q, ss, cl, bt, kv, T_, B, hq, hkv, mb, bs, nb, sc, win, ns, \
-                                  chunk, out, wo, wl, arr, cap);                              \
+                                  chunk, out, wo, wl, arr, sched, cap);                       \
   }
 #define SOFTCAP_ENTRIES(DT, TY, D)                                                            \
   PREFILL_SOFTCAP_ENTRY(DT, TY, D, _w4, 4, 3, true)                                           \

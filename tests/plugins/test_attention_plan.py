@@ -3,6 +3,7 @@ compute capability, workspace, kernel arguments and the plugin's attributes."""
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 
 from llmc.devices import MAX_SMEM_OPTIN, max_smem_for_capability
@@ -180,7 +181,7 @@ def test_workspace_bound_covers_every_decode_step(window):
 
 def test_attention_launches_argument_order():
     ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
-                          "cache", "out", "ws_o", "ws_lse", "arrived")}
+                          "cache", "out", "ws_o", "ws_lse", "arrived", "sched")}
     dims = ap.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 128), (2, 300))
     assert dims == dict(tokens=2, batch=2, hq=32, hkv=8, d=128, max_blocks=300,
                         block_size=16, num_blocks=100)
@@ -190,7 +191,7 @@ def test_attention_launches_argument_order():
     assert kwa == ["k", "v", *meta, 2, 2, 8, 128, 300, 16, 100, "cache"]
     sc = [2, 2, 32, 8, 300, 16, 100, float_bits(0.5), 0]  # last: sliding window
     assert ma == ["q", *meta, "cache", *sc, dec.n_split, dec.chunk, "out", "ws_o", "ws_lse",
-                  "arrived"]
+                  "arrived", "sched"]
     assert ra == ["ws_o", "ws_lse", 64, 128, dec.n_split, "out"]
     # fused: the decode kernel's last CTA combines, counting on a (token, kv head) counter
     fused = ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "bfloat16", 132, max_smem=H100,
@@ -217,7 +218,7 @@ def test_sm90_prefill_plan_and_its_pool_map():
     the cap's bits after the window, as elsewhere). Decode steps, E4M3 pools, devices without
     sm_90a and too little shared memory keep the others."""
     ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
-                          "cache", "out", "ws_o", "ws_lse", "arrived")}
+                          "cache", "out", "ws_o", "ws_lse", "arrived", "sched")}
     dims = ap.paged_attention_dims((9, 32, 128), (2, 100, 8, 16, 128), (2, 300))
     pre = ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, write_kv=False,
                             max_smem=H100, window=64, sm90=True)
@@ -257,7 +258,7 @@ def test_softcap_takes_its_own_entries_and_one_more_argument():
     unchanged), the cap's bits follow the window in both kernels' arguments, and the split
     plan does not depend on it."""
     ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
-                          "cache", "out", "ws_o", "ws_lse", "arrived")}
+                          "cache", "out", "ws_o", "ws_lse", "arrived", "sched")}
     dims = ap.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 128), (2, 300))
     dec = ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "float16", 132, max_smem=H100,
                             window=64, softcap=50.0)
@@ -273,8 +274,7 @@ def test_softcap_takes_its_own_entries_and_one_more_argument():
     _, (_, ma), _ = ap.attention_launches(dec, dims, 0.5, ptr)
     sc = [2, 2, 32, 8, 300, 16, 100, float_bits(0.5), 64, float_bits(50.0)]
     assert ma == ["q", "seq_starts", "context_lens", "block_tables", "cache", *sc,
-                  dec.n_split, dec.chunk, "out", "ws_o", "ws_lse",
-                  "arrived"]
+                  dec.n_split, dec.chunk, "out", "ws_o", "ws_lse", "arrived", "sched"]
     pre = ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, write_kv=False,
                             max_smem=H100, softcap=30.0)
     assert pre.main.kernel == "attn_prefill_bf16_d128_w8s_softcap"
@@ -294,7 +294,7 @@ def test_e4m3_pool_takes_its_own_entries_and_its_scales():
     capped ones too), the K and V scales' bits follow the window (before a cap's), the pool is
     written by the rope kernel (no kv_write), and a plan and its scales come together."""
     ptr = {n: n for n in ("q", "k", "v", "seq_starts", "context_lens", "block_tables",
-                          "cache", "out", "ws_o", "ws_lse", "arrived")}
+                          "cache", "out", "ws_o", "ws_lse", "arrived", "sched")}
     dims = ap.paged_attention_dims((2, 32, 128), (2, 100, 8, 16, 128), (2, 300))
     kw = dict(write_kv=False, max_smem=H100, window=64)
     dec = ap.attention_plan(2, 2, 32, 8, 128, 300, 16, "float16", 132, e4m3=True, **kw)
@@ -307,8 +307,7 @@ def test_e4m3_pool_takes_its_own_entries_and_its_scales():
     (_, ma), _ = ap.attention_launches(dec, dims, 0.5, ptr, scales)   # no kv_write
     sc = [2, 2, 32, 8, 300, 16, 100, float_bits(0.5), 64, float_bits(0.25), float_bits(0.0625)]
     assert ma == ["q", "seq_starts", "context_lens", "block_tables", "cache", *sc,
-                  dec.n_split, dec.chunk, "out", "ws_o", "ws_lse",
-                  "arrived"]
+                  dec.n_split, dec.chunk, "out", "ws_o", "ws_lse", "arrived", "sched"]
     cap = ap.attention_plan(9, 2, 32, 8, 128, 300, 16, "bfloat16", 132, e4m3=True,
                             softcap=30.0, **kw)
     assert cap.main.kernel == "attn_prefill_bf16_d128_w8s_e4m3_softcap"
@@ -352,3 +351,91 @@ def test_e4m3_pool_shared_memory():
     assert ap.attention_workspace_bound(4, 4, 32, 8, 128, 256, 16, 132, max_smem=H100,
                                         e4m3=True) == ap.attention_workspace_bound(
         4, 4, 32, 8, 128, 256, 16, 132, max_smem=H100)
+
+
+def _scheduled(tokens, window=0, e4m3=False, sm_count=132, hkv=8):
+    return ap.decode_plan(tokens, 32, hkv, 128, 2048, 16, "bfloat16", sm_count, False,
+                          max_smem=H100, window=window, e4m3=e4m3, fuse_reduce=True,
+                          schedule=True)
+
+
+def _items(sched, t):
+    rows = sched[t:]
+    return rows[rows[:, 0] >= 0]
+
+
+@pytest.mark.parametrize("window", [0, 100, 4096])
+@pytest.mark.parametrize("ctx", [[1], [8192], [32768], [2048] * 64, [256] * 256,
+                                 [64 * 2 ** (i % 7) for i in range(64)],
+                                 [32768] + [512] * 7, [1, 2, 63, 64, 65, 129, 3000]])
+def test_decode_schedule_covers_each_tokens_keys_once_longest_first(ctx, window):
+    """Each token's keys (from its window's first key tile to its position) are cut into
+    items of whole key tiles, no longer than the balanced share of a CTA slot; a token's
+    items take consecutive slots from its record's first; items are listed longest first;
+    they fit the plan's grid rows, and the rows past them are marked empty."""
+    plan = _scheduled(len(ctx), window)
+    sched = ap.decode_schedule(ctx, plan)
+    t = len(ctx)
+    assert sched.dtype == np.int32 and sched.shape == (t + plan.items, 4)
+    items = _items(sched, t)
+    assert (sched[t + len(items):, 0] == -1).all() and len(items) <= plan.items
+    lengths = items[:, 2] - items[:, 1]
+    assert (lengths > 0).all() and (np.diff(lengths) <= 0).all()
+    first = [max(0, c - window) // 64 * 64 if window else 0 for c in ctx]
+    keys = [c - f for c, f in zip(ctx, first)]
+    share = -(-sum(keys) * 8 // plan.slots)
+    assert lengths.max() <= max(64, -(-share // 64) * 64)
+    for tok, c in enumerate(ctx):
+        base, n = sched[tok, :2]
+        mine = items[items[:, 0] == tok]
+        mine = mine[np.argsort(mine[:, 1])]
+        assert len(mine) == n and list(mine[:, 3]) == list(range(base, base + n))
+        assert mine[0, 1] == first[tok] and mine[-1, 2] == c
+        assert (mine[1:, 1] == mine[:-1, 2]).all() and (mine[:, 1] % 64 == 0).all()
+    assert sorted(sched[:t, 0]) == list(np.cumsum(sched[:t, 1]) - sched[:t, 1])
+
+
+def test_decode_schedule_splits_what_the_grid_splits_and_balances_what_it_cannot():
+    """A uniform batch that fills the GPU keeps one item a token (as the grid's plan does);
+    one long context takes about a slot's share of items a kv head; a long context among
+    short ones is split where the grid's plan, sized for the batch, would give each token the
+    same split count and leave the long one's CTAs to finish alone."""
+    uniform = ap.decode_schedule([2048] * 64, _scheduled(64))
+    assert len(_items(uniform, 64)) == 64
+    long = _scheduled(1)
+    items = _items(ap.decode_schedule([32768], long), 1)
+    assert len(items) == 32768 // (items[0, 2] - items[0, 1])
+    assert long.slots / 8 - 2 <= len(items) <= long.slots / 8
+    mixed = _items(ap.decode_schedule([32768] + [512] * 7, _scheduled(8)), 8)
+    grid = ap.decode_plan(8, 32, 8, 128, 2048, 16, "bfloat16", 132, False, max_smem=H100,
+                          fuse_reduce=True)
+    longest = (mixed[:, 2] - mixed[:, 1]).max()
+    assert longest * 4 < 32768 / grid.n_split     # the grid's longest split: 4x longer
+    assert mixed[0, 0] == 0 and (mixed[:, 0] == 0).sum() > 16
+
+
+def test_scheduled_decode_plan_grid_workspace_and_errors():
+    plan = _scheduled(4)
+    slots = ap.DECODE_WAVES * 132    # the grid plan's target, whatever the CTAs an SM
+    assert plan.slots == _scheduled(4, e4m3=True).slots == slots
+    assert plan.items == math.ceil(slots / 8) + 4
+    assert plan.main.grid == (8, plan.items, 1) and plan.reduce is None
+    assert plan.counters == 4 * 8 and plan.workspace_bytes == plan.items * 32 * 129 * 4
+    assert ap.workspace_lse_offset(plan, 4, 32, 128) == plan.items * 32 * 128 * 4
+    assert plan.main.kernel == _scheduled(4).main.kernel == "attn_decode_bf16_d128"
+    with pytest.raises(ValueError, match="fuse_reduce"):
+        ap.decode_plan(4, 32, 8, 128, 64, 16, "bfloat16", 132, max_smem=H100, schedule=True)
+    ptr = {n: n for n in ("q", "seq_starts", "context_lens", "block_tables", "cache", "out",
+                          "ws_o", "ws_lse", "arrived", "sched")}
+    dims = ap.paged_attention_dims((4, 32, 128), (2, 100, 8, 16, 128), (4, 2048))
+    [(ln, args)] = ap.attention_launches(plan, dims, 0.5, ptr)
+    assert ln == plan.main and args[-7:] == [0, 64, "out", "ws_o", "ws_lse", "arrived", "sched"]
+    bound = ap.attention_workspace_bound(512, 64, 32, 8, 128, 2048, 16, 132, max_smem=H100,
+                                         schedule=True)
+    assert bound == _scheduled(64).workspace_bytes   # items grow with the tokens
+
+
+def test_token_context_lens_of_a_ragged_batch():
+    """A token's own context: its sequence's context less the tokens after it in the step."""
+    assert list(ap.token_context_lens([0, 1, 4, 5], [10, 3, 7])) == [10, 1, 2, 3, 7]
+    assert list(ap.token_context_lens([0, 1, 2], [5, 9])) == [5, 9]

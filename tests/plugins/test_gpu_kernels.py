@@ -227,23 +227,32 @@ def test_paged_attention(K, dtype, d, bs, hq, hkv, case, force, window):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("hq,hkv", [(32, 8), (16, 1)])
 @pytest.mark.parametrize("window", [0, 1000])
-@pytest.mark.parametrize("fuse", [True, False])
-def test_decode_split_combine(K, dtype, d, hq, hkv, window, fuse):
-    """A split decode's partials combined by its last CTA (fuse: the cuda backend) or by
-    attn_reduce (the TensorRT plugin), into a poisoned output: against the reference on
-    batches whose tokens run out of keys at different splits, from 1 live split of 9 to 157
-    of 264 (G up to 16 q heads a kv head). Each launch must leave the counters zeroed
-    (launch.py checks), so the calls after the first also test the reset."""
-    for lens, ctx in (([1, 1], [3000, 4500]), ([1, 1, 1], [1, 513, 65]), ([1], [20000])):
+@pytest.mark.parametrize("mode", ["schedule", "grid", "reduce"])
+def test_decode_split_combine(K, dtype, d, hq, hkv, window, mode):
+    """A split decode's partials combined by its last CTA or by attn_reduce (reduce: the
+    TensorRT plugin), into a poisoned output, the splits from the host's schedule (schedule:
+    the cuda backend) or from the grid: against the reference on batches whose tokens run out
+    of keys at different splits, from 1 live split of 9 to 157 of 264 (G up to 16 q heads a
+    kv head), and (scheduled) a long context split into many items among short ones of one.
+    Each launch must leave the counters zeroed (launch.py checks), so the calls after the
+    first also test the reset."""
+    fuse = mode != "reduce"
+    for lens, ctx in (([1, 1], [3000, 4500]), ([1, 1, 1], [1, 513, 65]), ([1], [20000]),
+                      ([1] * 6, [9000, 1, 64, 65, 700, 3])):
         q, k, v, starts, cl, tables, cache = make_batch(lens, ctx, hq, hkv, d, 16, dtype)
         ref, _ = ref_attention(q, k, v, starts, cl, tables, cache, 0.1, window)
         for _ in range(2):
             out = K.paged_attention(q, k, v, starts, cl, tables, cache, 0.1, force="decode",
                                     window=window, fuse_reduce=fuse,
+                                    schedule=mode == "schedule",
                                     out=torch.full_like(q, float("nan")))
             torch.cuda.synchronize()
             plan = K.last_plan
-            assert plan.n_split > 1 and (plan.reduce is None) == fuse, plan
+            if mode == "schedule":
+                items = ap.decode_schedule(ctx, plan)[len(ctx):, 0]
+                assert plan.reduce is None and (items >= 0).sum() > len(ctx), plan
+            else:
+                assert plan.n_split > 1 and (plan.reduce is None) == fuse, plan
             close(out, ref, "attn")
 
 

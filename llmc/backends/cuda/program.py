@@ -22,6 +22,9 @@ QGEMM_WORKSPACE = "quantized GEMM workspace"   # a prefill's dequantized INT4 we
 #                                                 or the INT4 small-M GEMM's split-K partials
 W4G_COUNTERS = "INT4 GEMM tile counters"        # zeroed once; each launch leaves them zero
 ATTN_COUNTERS = "attention split counters"      # the same, for split decode's combine
+ATTN_SCHEDULE = "attention decode schedule"     # + " w{window} h{kv heads}": a decode step's
+#                                                 work list (attention_plan.decode_schedule),
+#                                                 which the session writes before each step
 FP8_UNIT_SCALES = "fp8 unit scales"   # fp32 1.0 per token: cuBLASLt's x-side channel scales
 
 
@@ -36,6 +39,35 @@ class Step:
     sm90: bool = False   # prefill attention may take the sm_90a kernel (the engine holds it)
     fuse_reduce: bool = True   # split decode combines in its last CTA (False: attn_reduce)
     w4_sm90: bool = False   # the INT4 small-M GEMM runs its wgmma kernel (the engine holds it)
+    schedule: bool = True   # decode attention takes its splits from a host-written schedule
+                            # (needs fuse_reduce; False: each token's context over the grid's)
+
+
+def _attention(op: Op, s: Step, t: int, b: int, width: int, dt: str) -> ap.AttentionPlan:
+    a = op.attrs
+    return ap.attention_plan(t, b, a["hq"], a["hkv"], a["d"], width, a["block_size"], dt,
+                             s.sm_count, write_kv=False, max_smem=s.max_smem,
+                             window=a["window"], softcap=a.get("softcap", 0.0),
+                             e4m3="kv_scale" in a, sm90=s.sm90, fuse_reduce=s.fuse_reduce,
+                             schedule=s.schedule and s.fuse_reduce)
+
+
+def schedule_name(op: Op) -> str:
+    """The buffer of an attention op's decode schedule: ops of one window and kv-head
+    count share it (their keys, and so their items, are the same)."""
+    return f"{ATTN_SCHEDULE} w{op.attrs['window']} h{op.attrs['hkv']}"
+
+
+def decode_schedules(plan: Plan, s: Step) -> dict[str, ap.AttentionPlan]:
+    """The schedules a step's attention reads, by buffer name: the plan each is written for
+    (attention_plan.decode_schedule). Empty unless the step is a scheduled decode."""
+    out = {}
+    for op in plan.ops:
+        if op.op == "attention":
+            att = _attention(op, s, s.tokens, s.batch, s.width, plan.dtype)
+            if att.items:
+                out[schedule_name(op)] = att
+    return out
 
 
 def gemm_key(op: Op) -> tuple:
@@ -209,7 +241,8 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
     """("kernel", Launch, args) and ("gemm", key, (x, w, y, m, bias[, w_scale, x_scale]))
     in execution order (the scales: an FP8 GEMM's).
     ptr(name) gives the device address of a value, of kv_cache_{l}, of ATTN_WORKSPACE, of
-    ATTN_COUNTERS, of QGEMM_WORKSPACE, of W4G_COUNTERS and of FP8_UNIT_SCALES."""
+    ATTN_COUNTERS, of a schedule_name, of QGEMM_WORKSPACE, of W4G_COUNTERS and of
+    FP8_UNIT_SCALES."""
     t, b, width, dt = s.tokens, s.batch, s.width, plan.dtype
     rows_of = {"T": t, "B": b}
 
@@ -250,11 +283,7 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
         elif kind == "rope_cache":
             yield "kernel", *_rope_cache(op, s, b, width, dt, P)
         elif kind == "attention":
-            att = ap.attention_plan(t, b, a["hq"], a["hkv"], a["d"], width, a["block_size"],
-                                    dt, s.sm_count, write_kv=False, max_smem=s.max_smem,
-                                    window=a["window"], softcap=a.get("softcap", 0.0),
-                                    e4m3="kv_scale" in a, sm90=s.sm90,
-                                    fuse_reduce=s.fuse_reduce)
+            att = _attention(op, s, t, b, width, dt)
             lse = ap.workspace_lse_offset(att, t, a["hq"], a["d"])
             dims = dict(tokens=t, batch=b, hq=a["hq"], hkv=a["hkv"], d=a["d"],
                         max_blocks=width, block_size=a["block_size"], num_blocks=s.num_blocks)
@@ -263,7 +292,8 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
                     contract.CONTEXT_LENS: P(ins[2]), contract.BLOCK_TABLES: P(ins[3]),
                     "cache": P(contract.kv_cache_input(a["layer"])), "out": P(outs[0]),
                     "ws_o": DevPtr(ws), "ws_lse": DevPtr(ws + lse),
-                    "arrived": DevPtr(ptr(ATTN_COUNTERS) if att.counters else 0)}
+                    "arrived": DevPtr(ptr(ATTN_COUNTERS) if att.counters else 0),
+                    "sched": DevPtr(ptr(schedule_name(op)) if att.items else 0)}
             for launch, args in ap.attention_launches(att, dims, a["scale"], ptrs,
                                                       a.get("kv_scale")):
                 yield "kernel", launch, args

@@ -32,6 +32,7 @@ from llmc.backends.cuda.program import (
     QGEMM_WORKSPACE,
     W4G_COUNTERS,
     Step,
+    decode_schedules,
     gemm_key,
     launches,
     qgemm_scratch,
@@ -39,7 +40,7 @@ from llmc.backends.cuda.program import (
 from llmc.devices import CudaError, check, device_max_smem, list_gpus
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
-from llmc.plugins.attention_plan import SM90_MODULE
+from llmc.plugins.attention_plan import SM90_MODULE, decode_schedule, token_context_lens
 from llmc.plugins.launch_rules import W4GW_MIN_M, w4_gemm_launch
 
 GEMM_WORKSPACE = 32 << 20
@@ -168,6 +169,11 @@ class CudaSession:
         # Split decode combines its splits in the decode kernel; False runs attn_reduce after
         # it, as the TensorRT plugin does (for A/B timing).
         self.fuse_attention_reduce = True
+        # Decode attention takes its splits from a schedule written before each step
+        # (attention_plan.decode_schedule); False: each token's context over a fixed split
+        # count, as the TensorRT plugin does (for A/B timing; set before the first step).
+        self.scheduled_decode = True
+        self._schedule_plans = {}   # (T, B, scheduled_decode) -> decode_schedules of a step
         weights = engine.section(WEIGHTS)
         self.weights = self.mem.alloc(weights.size, "the weights")
         check(driver.cuMemcpyHtoD(self.weights, weights.ctypes.data, weights.size))
@@ -187,7 +193,13 @@ class CudaSession:
                  contract.BLOCK_TABLES: lim.max_batch_size * self.max_width,
                  contract.LAST_TOKEN_ROWS: lim.max_batch_size}
         self.inputs = {n: self.mem.alloc(4 * k, n) for n, k in sizes.items()}
-        self._staging_bytes = 4 * sum(sizes.values())
+        # each decode schedule at its largest (a decode step of max_batch_size tokens), staged
+        # after the inputs
+        full = decode_schedules(plan, self._step(lim.max_batch_size, lim.max_batch_size,
+                                                 self.max_width, num_blocks=0))
+        rows = {name: att.items + lim.max_batch_size for name, att in full.items()}
+        self.schedules = {name: self.mem.alloc(16 * n, name) for name, n in rows.items()}
+        self._staging_bytes = 4 * sum(sizes.values()) + 16 * sum(rows.values())
         self._staging = int(check(driver.cuMemHostAlloc(self._staging_bytes, 0)))
         self._staging_view = np.ctypeslib.as_array(
             ctypes.cast(self._staging, ctypes.POINTER(ctypes.c_int32)),
@@ -198,10 +210,12 @@ class CudaSession:
         for op in plan.ops:
             if op.op == "attention":
                 a = op.attrs
-                ws = max(ws, attention_workspace_bound(
-                    lim.max_num_tokens, lim.max_batch_size, a["hq"], a["hkv"], a["d"],
-                    self.max_width, a["block_size"], self.sm_count, max_smem=self.max_smem,
-                    window=a["window"], e4m3="kv_scale" in a))
+                for scheduled in (False, True):   # decode_schedule may be switched off
+                    ws = max(ws, attention_workspace_bound(
+                        lim.max_num_tokens, lim.max_batch_size, a["hq"], a["hkv"], a["d"],
+                        self.max_width, a["block_size"], self.sm_count,
+                        max_smem=self.max_smem, window=a["window"], e4m3="kv_scale" in a,
+                        schedule=scheduled))
                 counters = max(counters, min(lim.max_num_tokens, lim.max_batch_size) * a["hkv"])
         self.attn_ws = self.mem.alloc(ws, "the attention workspace")
         # a (token, kv head) counter for each split decode CTA group, zeroed once: the last
@@ -397,7 +411,7 @@ class CudaSession:
         self._check_shape(t, b, inputs)
         bucket = next((x for x in decode_buckets(self.limits.max_batch_size) if x >= b), None)
         if self.cuda_graphs and t == b and bucket is not None:
-            self._copy_in(self._pad_decode(inputs, bucket))
+            self._copy_in(self._pad_decode(inputs, bucket), bucket, bucket)
             graph = self._graphs.get(bucket)
             if graph is None:
                 self._launch_ops(bucket, bucket, self.max_width)   # warm: modules, algos
@@ -405,7 +419,7 @@ class CudaSession:
             check(driver.cuGraphLaunch(graph, self.stream))
         else:
             width = int(inputs[contract.BLOCK_TABLES].shape[1])
-            self._copy_in(inputs)
+            self._copy_in(inputs, t, b)
             self._launch_ops(t, b, width)
         return b
 
@@ -440,15 +454,29 @@ class CudaSession:
             contract.LAST_TOKEN_ROWS: np.arange(bucket, dtype=np.int32),
         }
 
-    def _copy_in(self, inputs: dict[str, np.ndarray]) -> None:
-        """All control inputs through the pinned staging area, one async copy each."""
+    def _copy_in(self, inputs: dict[str, np.ndarray], t: int, b: int) -> None:
+        """All control inputs through the pinned staging area, one async copy each; then,
+        for a decode step of T = B tokens, the decode schedules made from its context
+        lengths."""
         from cuda.bindings import driver
 
         # the previous step's copies out of the staging area must be done before reuse
         check(driver.cuStreamSynchronize(self.stream))
+        arrays = [(inputs[name], dev) for name, dev in self.inputs.items()]
+        if t == b:
+            key = (t, b, self.scheduled_decode)
+            plans = self._schedule_plans.get(key)
+            if plans is None:   # the same ops' plans every step of this shape
+                plans = decode_schedules(self.plan, self._step(t, b, self.max_width))
+                self._schedule_plans[key] = plans
+            if plans:
+                ctx = token_context_lens(inputs[contract.SEQ_STARTS],
+                                         inputs[contract.CONTEXT_LENS])
+                arrays += [(decode_schedule(ctx, att), self.schedules[name])
+                           for name, att in plans.items()]
         offset = 0
-        for name, dev in self.inputs.items():
-            a = np.ascontiguousarray(inputs[name], np.int32).reshape(-1)
+        for array, dev in arrays:
+            a = np.ascontiguousarray(array, np.int32).reshape(-1)
             self._staging_view[offset:offset + a.size] = a
             if a.size:
                 check(driver.cuMemcpyHtoDAsync(dev, self._staging + 4 * offset, 4 * a.size,
@@ -496,13 +524,17 @@ class CudaSession:
             return self.inputs[name]
         return self.consts[name]
 
+    def _step(self, t: int, b: int, width: int, num_blocks: int | None = None) -> Step:
+        """num_blocks: the KV pools' (default: this session's, once allocated)."""
+        return Step(t, b, width, self.num_blocks if num_blocks is None else num_blocks,
+                    self.sm_count, self.max_smem,
+                    self.sm90_attention, self.fuse_attention_reduce, self.w4_sm90,
+                    self.scheduled_decode)
+
     def _launch_ops(self, t: int, b: int, width: int) -> None:
         stream = self.stream
         kernels = self.functions
-        for item in launches(self.plan, Step(t, b, width, self.num_blocks, self.sm_count,
-                                             self.max_smem, self.sm90_attention,
-                                             self.fuse_attention_reduce, self.w4_sm90),
-                             self._pointers):
+        for item in launches(self.plan, self._step(t, b, width), self._pointers):
             if item[0] == "gemm":
                 _, key, (x, w, y, m, bias, *scales) = item
                 if scales:      # FP8: x_scale * w_scale per channel, ones per token
@@ -522,6 +554,8 @@ class CudaSession:
             return self.attn_ws
         if name == ATTN_COUNTERS:
             return self.attn_counters
+        if name in self.schedules:
+            return self.schedules[name]
         if name == QGEMM_WORKSPACE:
             return self.qgemm_ws
         if name == W4G_COUNTERS:

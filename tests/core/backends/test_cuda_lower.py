@@ -269,27 +269,50 @@ def test_qk_norm_folds_into_rope_cache(tiny_models_d64, tmp_path):
     assert len(norms) == 2 * layers + 1 and all(o.attrs["n"] == 256 for o in norms)
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_split_decode_combines_in_the_decode_kernel(tiny_models_d64, tmp_path, fuse):
+@pytest.mark.parametrize("mode", ["schedule", "grid", "reduce"])
+def test_split_decode_combines_in_the_decode_kernel(tiny_models_d64, tmp_path, mode):
     """A decode step that splits its contexts launches no attn_reduce: each decode launch
-    takes the session's split counters, and its last CTA combines. With Step.fuse_reduce off
-    (bench/e2e.py --attn-reduce) attn_reduce follows each decode launch, whose counters
-    argument is then null (a non-null one would make the kernel combine as well)."""
-    from llmc.backends.cuda.program import ATTN_COUNTERS, Step, launches
+    takes the session's split counters, and its last CTA combines. By default its splits
+    come from the schedule the session writes (a grid row an item, the schedule buffer of
+    its window and kv heads as the last argument); with Step.schedule off (bench/e2e.py
+    --no-decode-schedule) each token's context over the grid's splits, the schedule pointer
+    null. With Step.fuse_reduce off (--attn-reduce) attn_reduce follows each decode launch,
+    whose counters argument is then null (a non-null one would make the kernel combine as
+    well)."""
+    from llmc.backends.cuda.program import (
+        ATTN_COUNTERS,
+        Step,
+        decode_schedules,
+        launches,
+        schedule_name,
+    )
 
     folder, model = tiny_models_d64["llama-gqa"]
     plan = lower(_fused(folder, tmp_path / "fused"), LIMITS, "sm_90a")
     layers = model.config.num_hidden_layers
-    counters = 0xC000
-    step = Step(1, 1, 8, 65, sm_count=132, max_smem=227 * 1024, fuse_reduce=fuse)
+    counters, sched = 0xC000, 0xD000
+    fuse = mode != "reduce"
+    step = Step(1, 1, 8, 65, sm_count=132, max_smem=227 * 1024, fuse_reduce=fuse,
+                schedule=mode == "schedule")
+    attention = [op for op in plan.ops if op.op == "attention"]
+    names = {schedule_name(op) for op in attention}
     kernels = [(ln, args) for kind, ln, args in launches(
-        plan, step, lambda name: counters if name == ATTN_COUNTERS else 1 << 20)
-        if kind == "kernel"]
+        plan, step, lambda name: counters if name == ATTN_COUNTERS else
+        sched if name in names else 1 << 20) if kind == "kernel"]
     decode = [(ln, args) for ln, args in kernels if ln.kernel.startswith("attn_decode")]
     reduce = [ln for ln, _ in kernels if ln.kernel.startswith("attn_reduce")]
-    assert len(decode) == layers and all(ln.grid[2] > 1 for ln, _ in decode)   # splits
-    assert [args[-1] for _, args in decode] == [counters if fuse else 0] * layers
+    assert len(decode) == layers
+    assert [args[-2:] for _, args in decode] == [
+        [counters if fuse else 0, sched if mode == "schedule" else 0]] * layers
     assert len(reduce) == (0 if fuse else layers)
+    schedules = decode_schedules(plan, step)
+    if mode == "schedule":
+        (name, att), = schedules.items()   # one window, one kv-head count: one schedule
+        assert names == {name} and all(ln == att.main for ln, _ in decode)
+        assert all(ln.grid == (model.config.num_key_value_heads, att.items, 1)
+                   for ln, _ in decode)
+    else:
+        assert schedules == {} and all(ln.grid[2] > 1 for ln, _ in decode)   # splits
 
 
 def test_qk_norm_on_one_side_only_is_refused(tiny_models_d64, tmp_path):

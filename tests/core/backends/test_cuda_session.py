@@ -69,20 +69,23 @@ def test_ragged_steps_match_hf(tiny_models_d64, tmp_path, kind, dtype, graphs):
                            f"cuda {kind}")
 
 
-@pytest.mark.parametrize("kind", ["llama-gqa", "mixtral-top2"])
+@pytest.mark.parametrize("kind", ["llama-gqa", "mixtral-top2", "gemma3-local-global"])
 def test_graphed_decode_equals_uncaptured(tiny_models_d64, tmp_path, kind):
     """Padding a decode step to its bucket and replaying the graph changes nothing (a
     mixture of experts: its routing, counts and tiles are recomputed on the GPU at every
-    replay, the padding row routed like any token)."""
+    replay, the padding row routed like any token); nor does the decode schedule, against
+    each context over the grid's splits (contexts past one 64-key tile: scheduled in two
+    items; Gemma 3: a schedule for its local layers' window and one for its global ones)."""
     from llmc import contract
 
     engine = _engine(tiny_models_d64[kind][0], tmp_path, "bf16")
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, 128, n).tolist() for n in (9, 30, 17)]
-    blocks = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    prompts = [rng.integers(0, 128, n).tolist() for n in (9, 80, 30)]   # one prefill step
+    blocks = [list(range(1 + 7 * i, 8 + 7 * i)) for i in range(3)]
     outs = []
-    for graphs in (True, False):
+    for graphs, scheduled in ((True, True), (False, True), (True, False)):
         with _session(engine, cuda_graphs=graphs) as s:
+            s.scheduled_decode = scheduled
             s.step(contract.pack_step([contract.Chunk(p, 0, b) for p, b in
                                        zip(prompts, blocks)], 16))
             steps = []
@@ -90,7 +93,9 @@ def test_graphed_decode_equals_uncaptured(tiny_models_d64, tmp_path, kind):
                 chunks = [contract.Chunk([5 + i], len(p) + i, b) for p, b in zip(prompts, blocks)]
                 steps.append(s.step(contract.pack_step(chunks, 16)))
             outs.append(np.stack(steps))
-    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=2e-2 * np.abs(outs[1]).max())
+            assert len(s.schedules) == (2 if kind.startswith("gemma3") else 1)
+    for out in outs[1:]:
+        np.testing.assert_allclose(outs[0], out, rtol=0, atol=2e-2 * np.abs(out).max())
 
 
 @pytest.fixture(scope="module")
