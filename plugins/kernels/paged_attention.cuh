@@ -110,22 +110,20 @@ __device__ __forceinline__ void load_kv_tile(C* dst, const C* cache, const int* 
 // tile, the only rows its MMAs read, so a warp waits on its own copies alone (cp_wait and
 // __syncwarp, not a CTA barrier) and the 4 warps run their tiles out of step. Same layout as
 // load_kv_tile.
-template <int D, typename C = u16>
-__device__ __forceinline__ void load_kv_rows(C* dst, const C* cache, const int* bt, int s,
+template <int D>
+__device__ __forceinline__ void load_kv_rows(u16* dst, const u16* cache, const int* bt, int s,
                                              int mb, int bs, int which, int nb, int hkv,
                                              int kvh, int k0, int kv_end, int warp, int lane) {
-  constexpr int EPC = 16 / sizeof(C);
-  constexpr int CH = D / EPC, RP = 32 / CH;   // 16-byte columns a row; rows a pass
+  constexpr int CH = D / 8, RP = 32 / CH;   // 16-byte columns a row; rows a pass
   static_assert(32 % CH == 0 && 16 % RP == 0, "a warp's 16 rows in whole passes");
   const int c = lane % CH;
 #pragma unroll
   for (int r = warp * 16 + lane / CH; r < warp * 16 + 16; r += RP) {
     const int p = k0 + r;
     const bool ok = p < kv_end;
-    const C* src = ok ? cache + kv_row(bt, s, mb, p, bs, which, nb, hkv, kvh, D) + c * EPC
-                      : cache;
-    const int at = sizeof(C) == 2 ? swz<D>(r, c) : r * D + e4m3_at<D>(r, c * EPC);
-    cp_async16(smem_u32(dst + at), src, ok ? 16 : 0);
+    const u16* src = ok ? cache + kv_row(bt, s, mb, p, bs, which, nb, hkv, kvh, D) + c * 8
+                        : cache;
+    cp_async16(smem_u32(dst + swz<D>(r, c)), src, ok ? 16 : 0);
   }
 }
 
@@ -671,9 +669,9 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
     }
   }
   // A 16-bit pool's tiles are loaded a warp's own rows at a time (load_kv_rows), so no tile
-  // needs a CTA barrier: 2-4% less time at batch 64 with blocks of 16 on the H100, 0-1% more
-  // with blocks of 64. An E4M3 pool's keep the CTA-wide loads and barriers, which measured
-  // 1.5-6% faster for them (bench/results/kernels.md).
+  // needs a CTA barrier: on the H100 0-2% less time at batch 64, 2-6% on batches of mixed
+  // lengths. An E4M3 pool's keep the CTA-wide loads and barriers, which measured 1.5-6%
+  // faster for them (bench/results/kernels.md).
   constexpr bool OWN = !E4M3;
   auto load = [&](int st, int k0) {   // stage st: keys from k0
     C* buf = stage(st);

@@ -173,7 +173,7 @@ class CudaSession:
         # (attention_plan.decode_schedule); False: each token's context over a fixed split
         # count, as the TensorRT plugin does (for A/B timing; set before the first step).
         self.scheduled_decode = True
-        self._schedule_plans = {}   # (T, B, scheduled_decode) -> decode_schedules of a step
+        self._schedule_plans = {}   # (T, B, the two switches) -> decode_schedules of a step
         weights = engine.section(WEIGHTS)
         self.weights = self.mem.alloc(weights.size, "the weights")
         check(driver.cuMemcpyHtoD(self.weights, weights.ctypes.data, weights.size))
@@ -464,7 +464,7 @@ class CudaSession:
         check(driver.cuStreamSynchronize(self.stream))
         arrays = [(inputs[name], dev) for name, dev in self.inputs.items()]
         if t == b:
-            key = (t, b, self.scheduled_decode)
+            key = (t, b, self.scheduled_decode, self.fuse_attention_reduce)
             plans = self._schedule_plans.get(key)
             if plans is None:   # the same ops' plans every step of this shape
                 plans = decode_schedules(self.plan, self._step(t, b, self.max_width))
