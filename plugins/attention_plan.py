@@ -233,6 +233,13 @@ def token_context_lens(seq_starts, context_lens) -> np.ndarray:
     return cl[seq] - lens[seq] + np.arange(ss[-1]) - ss[seq] + 1
 
 
+def _pieces(keys, longest: int):
+    """(length, count) of the items a token's keys make: the fewest pieces of at most
+    `longest` keys, as even as whole key tiles allow. ints or numpy arrays alike."""
+    per = (-(-keys // -(-keys // longest)) + ATTN_BN - 1) // ATTN_BN * ATTN_BN
+    return per, -(-keys // per)
+
+
 def decode_schedule(context_lens, plan: AttentionPlan) -> np.ndarray:
     """The work list of a scheduled decode (decode_plan's schedule) for one step: int32
     [tokens + plan.items, 4], what its `sched` argument points at. context_lens: each token's
@@ -256,10 +263,8 @@ def decode_schedule(context_lens, plan: AttentionPlan) -> np.ndarray:
     longest = max(bn, -(-share // bn) * bn)
     out = np.zeros((t + plan.items, 4), np.int32)
     if t == 1:   # batch 1, where host time counts most: its items are in order already
-        k, f = int(keys[0]), int(first[0])
-        per = (-(-k // -(-k // longest)) + bn - 1) // bn * bn
-        n = -(-k // per)
-        k0 = f + per * np.arange(n)
+        per, n = _pieces(int(keys[0]), longest)
+        k0 = int(first[0]) + per * np.arange(n)
         out[0, 1] = n
         rows = out[1:1 + n]
         rows[:, 1], rows[:, 2], rows[:, 3] = k0, np.minimum(k0 + per, int(end[0])), np.arange(n)
@@ -272,8 +277,7 @@ def decode_schedule(context_lens, plan: AttentionPlan) -> np.ndarray:
         rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3] = order, first[order], end[order], order
         out[2 * t:, 0] = -1
         return out
-    per = (-(-keys // -(-keys // longest)) + bn - 1) // bn * bn
-    n = -(-keys // per)
+    per, n = _pieces(keys, longest)
     base = np.cumsum(n) - n
     tok = np.repeat(np.arange(t), n)
     i = np.arange(tok.size) - base[tok]
