@@ -222,15 +222,16 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                          ws, window=window, softcap=softcap, e4m3=e4m3, counters=counters)
 
 
-def token_context_lens(seq_starts, context_lens) -> np.ndarray:
-    """Each token's own context (its position + 1) in a ragged batch: the keys it attends
-    to without a window. A decode step's (a token a sequence) are its context_lens."""
+def token_keys(seq_starts, context_lens) -> tuple[np.ndarray, np.ndarray]:
+    """Each token's own context (its position + 1: the keys it attends to without a window)
+    and its sequence, in a ragged batch. A decode step's (a token a sequence) are its
+    context_lens and 0 .. B - 1."""
     ss, cl = np.asarray(seq_starts, np.int64), np.asarray(context_lens, np.int64)
     lens = np.diff(ss)
     if lens.size == ss[-1] and lens.min() == 1:
-        return cl
+        return cl, np.arange(lens.size)
     seq = np.repeat(np.arange(lens.size), lens)
-    return cl[seq] - lens[seq] + np.arange(ss[-1]) - ss[seq] + 1
+    return cl[seq] - lens[seq] + np.arange(ss[-1]) - ss[seq] + 1, seq
 
 
 def _pieces(keys, longest: int):
@@ -240,42 +241,53 @@ def _pieces(keys, longest: int):
     return per, -(-keys // per)
 
 
-def decode_schedule(context_lens, plan: AttentionPlan) -> np.ndarray:
-    """The work list of a scheduled decode (decode_plan's schedule) for one step: int32
-    [tokens + plan.items, 4], what its `sched` argument points at. context_lens: each token's
-    own context (a decode step's context_lens; token_context_lens for a ragged batch).
+# A scheduled decode's row: the item (token, first key, end key, slot), then what its CTA
+# needs of the token (sequence, position, first slot, items), all read at once.
+SCHEDULE_ROW = 8
 
-    Rows 0 .. tokens - 1, one a token: (its first slot, its items, 0, 0). Then one row a grid
-    row: (token, first key, end key, slot), rows past the step's items (-1, 0, 0, 0). A
-    token's keys (from the key tile holding its window's first key to its own position,
-    context_lens[t] - 1) are cut into whole key tiles no longer than the balanced share of a
-    CTA slot (all keys x Hkv / plan.slots), as evenly as the tiles allow; its items take
-    consecutive slots (the rows of its partial results in the workspace). The items are
-    listed longest first, so the GPU, which starts CTAs in grid order, starts the long ones
-    first and fills the end with short ones (longest-processing-time-first scheduling).
-    Host time, on the critical path of every decode step: 7-18 us of numpy on a 2-core VM
-    (7 at batch 1, 10-11 where every token is one item)."""
-    end = np.asarray(context_lens, np.int64)
+
+def decode_schedule(context_lens, plan: AttentionPlan, seq_starts=None) -> np.ndarray:
+    """The work list of a scheduled decode (decode_plan's schedule) for one step: int32
+    [plan.items, SCHEDULE_ROW], what its `sched` argument points at. context_lens: the step's
+    (a sequence's keys after it); seq_starts: the step's, None for a token a sequence (a
+    decode step).
+
+    One row a grid row: (token, first key, end key, slot, the token's sequence, its position,
+    its first slot, its items); rows past the step's items have token -1. A token's keys (from
+    the key tile holding its window's first key to its position) are cut into whole key tiles
+    no longer than the balanced share of a CTA slot (all keys x Hkv / plan.slots), as evenly
+    as the tiles allow; its items take consecutive slots (the rows of its partial results in
+    the workspace). The items are listed longest first, so the GPU, which starts CTAs in grid
+    order, starts the long ones first and fills the end with short ones
+    (longest-processing-time-first scheduling). Everything a CTA needs is in its own row, so
+    it starts its loads after one read, not after a search of seq_starts. Host time, on the
+    critical path of every decode step: 8-20 us of numpy on a 2-core VM (8 at batch 1, 9-11
+    where every token is one item)."""
+    if seq_starts is None:
+        end = np.asarray(context_lens, np.int64)
+        seq = np.arange(end.size)
+    else:
+        end, seq = token_keys(seq_starts, context_lens)
     t, bn = end.size, ATTN_BN
     first = np.maximum(end - plan.window, 0) // bn * bn if plan.window else np.zeros_like(end)
     keys = np.maximum(end - first, 1)
     share = -(-int(keys.sum()) * plan.main.grid[0] // plan.slots)
     longest = max(bn, -(-share // bn) * bn)
-    out = np.zeros((t + plan.items, 4), np.int32)
+    out = np.zeros((plan.items, SCHEDULE_ROW), np.int32)
     if t == 1:   # batch 1, where host time counts most: its items are in order already
         per, n = _pieces(int(keys[0]), longest)
         k0 = int(first[0]) + per * np.arange(n)
-        out[0, 1] = n
-        rows = out[1:1 + n]
+        rows = out[:n]
         rows[:, 1], rows[:, 2], rows[:, 3] = k0, np.minimum(k0 + per, int(end[0])), np.arange(n)
-        out[1 + n:, 0] = -1
+        rows[:, 5], rows[:, 7] = int(end[0]) - 1, n
+        out[n:, 0] = -1
         return out
     if keys.max() <= longest:   # one item a token (a large batch): its slot is its index
         order = np.argsort(-keys, kind="stable")
-        out[:t, 0], out[:t, 1] = np.arange(t), 1
-        rows = out[t:2 * t]
-        rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3] = order, first[order], end[order], order
-        out[2 * t:, 0] = -1
+        rows = out[:t].T
+        rows[0], rows[1], rows[2], rows[3] = order, first[order], end[order], order
+        rows[4], rows[5], rows[6], rows[7] = seq[order], end[order] - 1, order, 1
+        out[t:, 0] = -1
         return out
     per, n = _pieces(keys, longest)
     base = np.cumsum(n) - n
@@ -286,11 +298,11 @@ def decode_schedule(context_lens, plan: AttentionPlan) -> np.ndarray:
     order = np.argsort(k0 - k1, kind="stable")
     if tok.size > plan.items:   # cannot happen (decode_plan sizes items), but never overrun
         raise ValueError(f"{tok.size} decode items, over the plan's {plan.items}")
-    out[:t, 0], out[:t, 1] = base, n
-    rows = out[t:t + tok.size]
-    rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3] = (tok[order], k0[order], k1[order],
-                                                      (base[tok] + i)[order])
-    out[t + tok.size:, 0] = -1
+    tt = tok[order]
+    rows = out[:tok.size].T
+    rows[0], rows[1], rows[2], rows[3] = tt, k0[order], k1[order], (base[tok] + i)[order]
+    rows[4], rows[5], rows[6], rows[7] = seq[tt], end[tt] - 1, base[tt], n[tt]
+    out[tok.size:, 0] = -1
     return out
 
 

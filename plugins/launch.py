@@ -385,9 +385,8 @@ class Kernels:
         if plan.items:
             key = (seq_starts.data_ptr(), context_lens.data_ptr(), plan)
             if not self.torch.cuda.is_current_stream_capturing():
-                ctx = ap.token_context_lens(seq_starts.cpu().numpy(), context_lens.cpu().numpy())
-                self._schedules[key] = self.torch.from_numpy(
-                    ap.decode_schedule(ctx, plan)).to(q.device)
+                self._schedules[key] = self.torch.from_numpy(ap.decode_schedule(
+                    context_lens.cpu().numpy(), plan, seq_starts.cpu().numpy())).to(q.device)
             sched = self._schedules[key]
         ptr = dict(q=q, k=k, v=v, seq_starts=seq_starts, context_lens=context_lens,
                    block_tables=block_tables, cache=kv_cache, out=out, ws_o=ws,

@@ -6,9 +6,9 @@
 //                   Handles any mix of prefill chunks and decode tokens in one launch.
 //  attn_decode:     one CTA per (token, kv head, context split): the G = Hq/Hkv query heads
 //                   of a kv group are the rows of one 16-row mma tile, so every K/V byte is
-//                   read from HBM once; 4 warps split each 64-key tile (a 16-bit pool's:
-//                   each warp loading its own rows); NST-stage cp.async pipeline (3, or 2
-//                   where 3 exceed the device's shared memory per block).
+//                   read from HBM once; 4 warps split each 64-key tile, each loading its
+//                   own rows; NST-stage cp.async pipeline (3, or 2 where 3 exceed the
+//                   device's shared memory per block).
 //                   The splits come either from the grid (each token's own context over
 //                   n_split) or from a schedule the host writes each step (`sched`,
 //                   attention_plan.decode_schedule: long contexts split more, the longest
@@ -106,24 +106,32 @@ __device__ __forceinline__ void load_kv_tile(C* dst, const C* cache, const int* 
   }
 }
 
-// The decode kernel's loads from a 16-bit pool: warp w brings rows [16 w, 16 w + 16) of a key
-// tile, the only rows its MMAs read, so a warp waits on its own copies alone (cp_wait and
-// __syncwarp, not a CTA barrier) and the 4 warps run their tiles out of step. Same layout as
-// load_kv_tile.
-template <int D>
-__device__ __forceinline__ void load_kv_rows(u16* dst, const u16* cache, const int* bt, int s,
-                                             int mb, int bs, int which, int nb, int hkv,
-                                             int kvh, int k0, int kv_end, int warp, int lane) {
-  constexpr int CH = D / 8, RP = 32 / CH;   // 16-byte columns a row; rows a pass
+// The decode kernel's loads: warp w brings rows [16 w, 16 w + 16) of a key tile, K's then
+// V's, the only rows its MMAs read, so a warp waits on its own copies alone (cp_wait and
+// __syncwarp, not a CTA barrier) and the 4 warps run their tiles out of step. The 16 rows lie
+// in one block (a block holds 16 or more keys; tiles start at multiples of 64), so one
+// block-table read a tile serves K and V. Same layouts as load_kv_tile.
+template <int D, typename C = u16>
+__device__ __forceinline__ void load_kv_rows(C* dst, const C* cache, const int* bt, int s,
+                                             int mb, int bs, int nb, int hkv, int kvh, int k0,
+                                             int kv_end, int warp, int lane) {
+  constexpr int EPC = 16 / sizeof(C);        // elements a 16-byte copy moves
+  constexpr int CH = D / EPC, RP = 32 / CH;  // 16-byte columns a row; rows a pass
   static_assert(32 % CH == 0 && 16 % RP == 0, "a warp's 16 rows in whole passes");
-  const int c = lane % CH;
+  const int p0 = k0 + warp * 16, c = lane % CH;
+  // past the keys: block 0, an address in the pool, and no byte read from it (zero-fill)
+  const int blk = p0 < kv_end ? bt[(size_t)s * mb + (p0 >> (__ffs(bs) - 1))] : 0;
+  const C* src = cache + (((size_t)blk * hkv + kvh) * bs + (p0 & (bs - 1))) * D + c * EPC;
+  const size_t v = (size_t)nb * hkv * bs * D;   // V's rows: the pool's second half
 #pragma unroll
-  for (int r = warp * 16 + lane / CH; r < warp * 16 + 16; r += RP) {
-    const int p = k0 + r;
-    const bool ok = p < kv_end;
-    const u16* src = ok ? cache + kv_row(bt, s, mb, p, bs, which, nb, hkv, kvh, D) + c * 8
-                        : cache;
-    cp_async16(smem_u32(dst + swz<D>(r, c)), src, ok ? 16 : 0);
+  for (int which = 0; which < 2; ++which) {
+#pragma unroll
+    for (int r = lane / CH; r < 16; r += RP) {
+      const int row = warp * 16 + r;
+      const int at = sizeof(C) == 2 ? swz<D>(row, c) : row * D + e4m3_at<D>(row, c * EPC);
+      cp_async16(smem_u32(dst + which * BN * D + at), src + which * v + r * D,
+                 p0 + r < kv_end ? 16 : 0);
+    }
   }
 }
 
@@ -610,26 +618,25 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
   const int G = hq / hkv;
   // This CTA's keys [k_begin, k_end) of token t, how many CTAs share the token's kv head
   // (arrivals) and how many of them hold keys (n_live), and where its partials go.
-  int t, kvh, k_begin, k_end, arrivals, n_live;
+  int t, kvh, s, pos, k_begin, k_end, arrivals, n_live;
   SplitRows rows;
   size_t part;   // this CTA's row of q head 0 in the workspace
   if (sched != nullptr) {
-    // The host's schedule (attention_plan.decode_schedule): T_ token records {first slot,
-    // items}, then an item a grid row {token, k_begin, k_end, slot}; rows past the step's
-    // items have token -1. Every item holds keys.
-    const int4 it = sched[T_ + blockIdx.y];
+    // The host's schedule (attention_plan.decode_schedule): a grid row's item {token,
+    // k_begin, k_end, slot} and its token's {sequence, position, first slot, items}; rows
+    // past the step's items have token -1. Every item holds keys. Both halves are read at
+    // once, so the K/V loads wait on one read, not on find_seq's chain of them.
+    const int4 it = sched[2 * blockIdx.y], tok = sched[2 * blockIdx.y + 1];
     if (it.x < 0) return;
-    const int2 tok = *reinterpret_cast<const int2*>(sched + it.x);
     t = it.x, kvh = blockIdx.x, k_begin = it.y, k_end = it.z;
-    arrivals = n_live = tok.y;
-    rows = SplitRows{(size_t)tok.x * hq + kvh * G, 1, hq};
+    s = tok.x, pos = tok.y;
+    arrivals = n_live = tok.w;
+    rows = SplitRows{(size_t)tok.z * hq + kvh * G, 1, hq};
     part = (size_t)it.w * hq + kvh * G;
   } else {
     t = blockIdx.x, kvh = blockIdx.y;
-  }
-  const int s = find_seq(ss, B, t);
-  const int pos = cl[s] - (ss[s + 1] - ss[s]) + (t - ss[s]);
-  if (sched == nullptr) {
+    s = find_seq(ss, B, t);
+    pos = cl[s] - (ss[s + 1] - ss[s]) + (t - ss[s]);
     const int split = blockIdx.z;
     // Splits cover this token's keys from the tile holding its window's first key (0 without
     // a window) to pos, in equal whole tiles of at least `chunk` keys: sized from the token's
@@ -668,21 +675,11 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
                  ok ? 16 : 0);
     }
   }
-  // A 16-bit pool's tiles are loaded a warp's own rows at a time (load_kv_rows), so no tile
-  // needs a CTA barrier: on the H100 0-2% less time at batch 64, 2-6% on batches of mixed
-  // lengths. An E4M3 pool's keep the CTA-wide loads and barriers, which measured 1.5-6%
-  // faster for them (bench/results/kernels.md).
-  constexpr bool OWN = !E4M3;
+  // The tiles are loaded a warp's own rows at a time (load_kv_rows), so no tile needs a CTA
+  // barrier: on the H100 0-2% less time than CTA-wide loads at batch 64 over a 16-bit pool,
+  // 2-6% on batches of mixed lengths, 5-23% over an E4M3 pool (bench/results/kernels.md).
   auto load = [&](int st, int k0) {   // stage st: keys from k0
-    C* buf = stage(st);
-    if constexpr (OWN) {
-      load_kv_rows<D>(buf, cache, bt, s, mb, bs, 0, nb, hkv, kvh, k0, k_end, warp, lane);
-      load_kv_rows<D>(buf + BN * D, cache, bt, s, mb, bs, 1, nb, hkv, kvh, k0, k_end, warp,
-                      lane);
-    } else {
-      load_kv_tile<D>(buf, cache, bt, s, mb, bs, 0, nb, hkv, kvh, k0, k_end);
-      load_kv_tile<D>(buf + BN * D, cache, bt, s, mb, bs, 1, nb, hkv, kvh, k0, k_end);
-    }
+    load_kv_rows<D, C>(stage(st), cache, bt, s, mb, bs, nb, hkv, kvh, k0, k_end, warp, lane);
   };
 #pragma unroll
   for (int st = 0; st < NST; ++st) {
@@ -702,8 +699,8 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   for (int j = 0; j < n_tiles; ++j) {
     cp_wait<NST - 1>();
-    // OWN: the tile's rows are the warp's own; only Q, staged by every thread, needs the CTA
-    if (!OWN || j == 0) __syncthreads();
+    // the tile's rows are the warp's own; only Q, staged by every thread, needs the CTA
+    if (!E4M3 && j == 0) __syncthreads();
     else __syncwarp();
     if (!E4M3 && j == 0) {
 #pragma unroll
@@ -737,9 +734,8 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
       p_frag<T>(pa, sc[0], sc[1]);
       pv_mma<T, D>(o, pa, sV, warp * 16, lane);
     }
-    // this stage's reads are done before its rows are refilled (OWN: the warp's own)
-    if constexpr (OWN) __syncwarp();
-    else __syncthreads();
+    // this stage's reads (the warp's own rows) are done before they are refilled
+    __syncwarp();
     if (j + NST < n_tiles) load(j % NST, k_begin + (j + NST) * BN);
     cp_commit();
   }
@@ -754,6 +750,7 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     const int row = (lane >> 2) + 8 * r;
+    if (row >= G) continue;   // padding rows of the 16-row tile: nothing reads them
     if constexpr (E4M3) {  // decode_e4m3_pv's columns, and V's scale
       float* dst = sO + (warp * 16 + row) * D;
 #pragma unroll

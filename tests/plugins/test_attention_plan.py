@@ -359,9 +359,8 @@ def _scheduled(tokens, window=0, e4m3=False, sm_count=132, hkv=8):
                           schedule=True)
 
 
-def _items(sched, t):
-    rows = sched[t:]
-    return rows[rows[:, 0] >= 0]
+def _items(sched):
+    return sched[sched[:, 0] >= 0]
 
 
 @pytest.mark.parametrize("window", [0, 100, 4096])
@@ -371,28 +370,47 @@ def _items(sched, t):
 def test_decode_schedule_covers_each_tokens_keys_once_longest_first(ctx, window):
     """Each token's keys (from its window's first key tile to its position) are cut into
     items of whole key tiles, no longer than the balanced share of a CTA slot; a token's
-    items take consecutive slots from its record's first; items are listed longest first;
-    they fit the plan's grid rows, and the rows past them are marked empty."""
+    items take consecutive slots from the first its rows name, and each row carries the
+    token's sequence, position and item count; items are listed longest first; they fit the
+    plan's grid rows, and the rows past them are marked empty."""
     plan = _scheduled(len(ctx), window)
     sched = ap.decode_schedule(ctx, plan)
-    t = len(ctx)
-    assert sched.dtype == np.int32 and sched.shape == (t + plan.items, 4)
-    items = _items(sched, t)
-    assert (sched[t + len(items):, 0] == -1).all() and len(items) <= plan.items
+    assert sched.dtype == np.int32 and sched.shape == (plan.items, ap.SCHEDULE_ROW)
+    items = _items(sched)
+    assert (sched[len(items):, 0] == -1).all() and len(items) <= plan.items
     lengths = items[:, 2] - items[:, 1]
     assert (lengths > 0).all() and (np.diff(lengths) <= 0).all()
     first = [max(0, c - window) // 64 * 64 if window else 0 for c in ctx]
     keys = [c - f for c, f in zip(ctx, first)]
     share = -(-sum(keys) * 8 // plan.slots)
     assert lengths.max() <= max(64, -(-share // 64) * 64)
+    bases = []   # (first slot, items) of each token: consecutive, from 0
     for tok, c in enumerate(ctx):
-        base, n = sched[tok, :2]
         mine = items[items[:, 0] == tok]
         mine = mine[np.argsort(mine[:, 1])]
+        seq, pos, base, n = mine[0, 4:]
+        assert (mine[:, 4:] == mine[0, 4:]).all() and seq == tok and pos == c - 1
         assert len(mine) == n and list(mine[:, 3]) == list(range(base, base + n))
         assert mine[0, 1] == first[tok] and mine[-1, 2] == c
         assert (mine[1:, 1] == mine[:-1, 2]).all() and (mine[:, 1] % 64 == 0).all()
-    assert sorted(sched[:t, 0]) == list(np.cumsum(sched[:t, 1]) - sched[:t, 1])
+        bases.append((base, n))
+    bases.sort()
+    assert [b for b, _ in bases] == list(np.cumsum([n for _, n in bases]) - [n for _, n in bases])
+
+
+def test_decode_schedule_of_a_ragged_batch_names_each_tokens_sequence_and_position():
+    """Tokens of one sequence (a ragged step through the decode kernel) attend to their own
+    positions; each row says which sequence's block table its keys are in."""
+    plan = _scheduled(5)
+    sched = ap.decode_schedule([10, 3, 7], plan, seq_starts=[0, 1, 4, 5])
+    items = _items(sched)
+    by_token = {int(r[0]): r for r in items}
+    assert sorted(by_token) == list(range(5))
+    assert [(by_token[t][4], by_token[t][5], by_token[t][2]) for t in range(5)] == [
+        (0, 9, 10), (1, 0, 1), (1, 1, 2), (1, 2, 3), (2, 6, 7)]
+    flat = ap.decode_schedule([10, 1, 2, 3, 7], plan)   # the same keys, a sequence a token
+    cols = [0, 1, 2, 3, 5, 6, 7]
+    assert (sched[:, cols] == flat[:, cols]).all()
 
 
 def test_decode_schedule_splits_what_the_grid_splits_and_balances_what_it_cannot():
@@ -401,12 +419,12 @@ def test_decode_schedule_splits_what_the_grid_splits_and_balances_what_it_cannot
     short ones is split where the grid's plan, sized for the batch, would give each token the
     same split count and leave the long one's CTAs to finish alone."""
     uniform = ap.decode_schedule([2048] * 64, _scheduled(64))
-    assert len(_items(uniform, 64)) == 64
+    assert len(_items(uniform)) == 64
     long = _scheduled(1)
-    items = _items(ap.decode_schedule([32768], long), 1)
+    items = _items(ap.decode_schedule([32768], long))
     assert len(items) == 32768 // (items[0, 2] - items[0, 1])
     assert long.slots / 8 - 2 <= len(items) <= long.slots / 8
-    mixed = _items(ap.decode_schedule([32768] + [512] * 7, _scheduled(8)), 8)
+    mixed = _items(ap.decode_schedule([32768] + [512] * 7, _scheduled(8)))
     grid = ap.decode_plan(8, 32, 8, 128, 2048, 16, "bfloat16", 132, False, max_smem=H100,
                           fuse_reduce=True)
     longest = (mixed[:, 2] - mixed[:, 1]).max()
@@ -435,7 +453,9 @@ def test_scheduled_decode_plan_grid_workspace_and_errors():
     assert bound == _scheduled(64).workspace_bytes   # items grow with the tokens
 
 
-def test_token_context_lens_of_a_ragged_batch():
+def test_token_keys_of_a_ragged_batch():
     """A token's own context: its sequence's context less the tokens after it in the step."""
-    assert list(ap.token_context_lens([0, 1, 4, 5], [10, 3, 7])) == [10, 1, 2, 3, 7]
-    assert list(ap.token_context_lens([0, 1, 2], [5, 9])) == [5, 9]
+    keys, seq = ap.token_keys([0, 1, 4, 5], [10, 3, 7])
+    assert list(keys) == [10, 1, 2, 3, 7] and list(seq) == [0, 1, 1, 1, 2]
+    keys, seq = ap.token_keys([0, 1, 2], [5, 9])
+    assert list(keys) == [5, 9] and list(seq) == [0, 1]

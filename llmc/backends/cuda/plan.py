@@ -41,8 +41,10 @@ from llmc.errors import LlmcError
 # CTAs of 8 warps, INT4 _wide kernels): the launch rules of this llmc would launch a format-1
 # engine's compiled kernels with the wrong block size. 3: FP8 _wide and _w16 kernels, which a
 # format-2 engine's cubins lack. 4: the decode attention entries take the host's schedule as
-# one more argument (attention_plan.decode_schedule), which a format-3 engine's lack.
-FORMAT = 4
+# one more argument (attention_plan.decode_schedule), which a format-3 engine's lack. 5: a
+# schedule row holds its token's sequence and position (8 ints, was 4 after a token table),
+# which a format-4 engine's decode kernels would misread.
+FORMAT = 5
 PLAN, WEIGHTS = "plan.json", "weights"     # engine sections; cubins are "cubin.<module>"
 ALIGN = 256          # every arena and weight offset: enough for 16-byte vector loads and TMA
 SYMBOLS = ("T", "B")

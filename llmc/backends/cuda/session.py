@@ -40,7 +40,7 @@ from llmc.backends.cuda.program import (
 from llmc.devices import CudaError, check, device_max_smem, list_gpus
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
-from llmc.plugins.attention_plan import SM90_MODULE, decode_schedule, token_context_lens
+from llmc.plugins.attention_plan import SCHEDULE_ROW, SM90_MODULE, decode_schedule
 from llmc.plugins.launch_rules import W4GW_MIN_M, w4_gemm_launch
 
 GEMM_WORKSPACE = 32 << 20
@@ -197,9 +197,9 @@ class CudaSession:
         # after the inputs
         full = decode_schedules(plan, self._step(lim.max_batch_size, lim.max_batch_size,
                                                  self.max_width, num_blocks=0))
-        rows = {name: att.items + lim.max_batch_size for name, att in full.items()}
-        self.schedules = {name: self.mem.alloc(16 * n, name) for name, n in rows.items()}
-        self._staging_bytes = 4 * sum(sizes.values()) + 16 * sum(rows.values())
+        ints = {name: att.items * SCHEDULE_ROW for name, att in full.items()}
+        self.schedules = {name: self.mem.alloc(4 * n, name) for name, n in ints.items()}
+        self._staging_bytes = 4 * sum(sizes.values()) + 4 * sum(ints.values())
         self._staging = int(check(driver.cuMemHostAlloc(self._staging_bytes, 0)))
         self._staging_view = np.ctypeslib.as_array(
             ctypes.cast(self._staging, ctypes.POINTER(ctypes.c_int32)),
@@ -470,9 +470,8 @@ class CudaSession:
                 plans = decode_schedules(self.plan, self._step(t, b, self.max_width))
                 self._schedule_plans[key] = plans
             if plans:
-                ctx = token_context_lens(inputs[contract.SEQ_STARTS],
-                                         inputs[contract.CONTEXT_LENS])
-                arrays += [(decode_schedule(ctx, att), self.schedules[name])
+                arrays += [(decode_schedule(inputs[contract.CONTEXT_LENS], att),
+                            self.schedules[name])
                            for name, att in plans.items()]
         offset = 0
         for array, dev in arrays:
