@@ -635,8 +635,12 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
     part = (size_t)it.w * hq + kvh * G;
   } else {
     t = blockIdx.x, kvh = blockIdx.y;
-    s = find_seq(ss, B, t);
-    pos = cl[s] - (ss[s + 1] - ss[s]) + (t - ss[s]);
+    if (T_ == B) {   // a token a sequence (each sequence has one or more): no search
+      s = t, pos = cl[t] - 1;
+    } else {
+      s = find_seq(ss, B, t);
+      pos = cl[s] - (ss[s + 1] - ss[s]) + (t - ss[s]);
+    }
     const int split = blockIdx.z;
     // Splits cover this token's keys from the tile holding its window's first key (0 without
     // a window) to pos, in equal whole tiles of at least `chunk` keys: sized from the token's
