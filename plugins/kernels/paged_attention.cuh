@@ -681,7 +681,7 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
   }
   // The tiles are loaded a warp's own rows at a time (load_kv_rows), so no tile needs a CTA
   // barrier: on the H100 0-2% less time than CTA-wide loads at batch 64 over a 16-bit pool,
-  // 2-6% on batches of mixed lengths, 5-23% over an E4M3 pool (bench/results/kernels.md).
+  // 2-6% on batches of mixed lengths, 5-25% over an E4M3 pool (bench/results/kernels.md).
   auto load = [&](int st, int k0) {   // stage st: keys from k0
     load_kv_rows<D, C>(stage(st), cache, bt, s, mb, bs, nb, hkv, kvh, k0, k_end, warp, lane);
   };
