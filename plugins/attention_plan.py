@@ -299,8 +299,8 @@ def decode_schedule(context_lens, plan: AttentionPlan, seq_starts=None) -> np.nd
     if tok.size > plan.items:   # cannot happen (decode_plan sizes items), but never overrun
         raise ValueError(f"{tok.size} decode items, over the plan's {plan.items}")
     tt = tok[order]
-    rows = out[:tok.size].T
-    rows[0], rows[1], rows[2], rows[3] = tt, k0[order], k1[order], (base[tok] + i)[order]
+    rows = out[:tok.size].T   # an item's slot: its index in token order, base[tok] + i
+    rows[0], rows[1], rows[2], rows[3] = tt, k0[order], k1[order], order
     rows[4], rows[5], rows[6], rows[7] = seq[tt], end[tt] - 1, base[tt], n[tt]
     out[tok.size:, 0] = -1
     return out

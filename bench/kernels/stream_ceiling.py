@@ -130,9 +130,9 @@ def function(src: str, name: str, **defines):
     return driver.cuModuleGetFunction(driver.cuModuleLoadData(buf)[1], name.encode())[1]
 
 
-def launch(f, grid, block, args, types):
-    driver.cuLaunchKernel(f, *grid, 1, block, 1, 1, 0, torch.cuda.current_stream().cuda_stream,
-                          (tuple(args), tuple(types)), 0)
+def launch(f, grid, block, args, types, smem=0):
+    driver.cuLaunchKernel(f, *grid, 1, block, 1, 1, smem,
+                          torch.cuda.current_stream().cuda_stream, (tuple(args), tuple(types)), 0)
 
 
 def rw_rows(sms: int) -> list[str]:
@@ -189,9 +189,8 @@ def kv_rows() -> list[str]:
             driver.cuFuncSetAttribute(
                 f, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem)
-            t = bench(lambda: driver.cuLaunchKernel(
-                f, 64 * 8, 1, 1, 128, 1, 1, smem, torch.cuda.current_stream().cuda_stream,
-                (tuple(args), (P, P, INT, INT, INT, INT, P)), 0))
+            t = bench(lambda: launch(f, (64 * 8, 1), 128, args, (P, P, INT, INT, INT, INT, P),
+                                     smem))
             rows.append(f"| the decode kernel's loads alone (3 cp.async stages, 2 CTAs an SM, "
                         f"a warp's own rows), bs=16 | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | "
                         f"{100 * nbytes / t / DATASHEET_BW:.1f}% | 4 warps |")
