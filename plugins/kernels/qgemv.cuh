@@ -106,23 +106,11 @@ __device__ __forceinline__ void mma_dc(float* d, const float* c, u32 a0, u32 a1,
           "f"(c[2]), "f"(c[3]));
 }
 
-#ifndef W4_WLD
-#define W4_WLD "ld.global.nc.L1::no_allocate"
-#endif
-#ifndef W4_XLD
-#define W4_XLD "ld.global.nc"
-#endif
-__device__ __forceinline__ uint4 ld_x(const uint4* a) {
-  uint4 v;
-  asm volatile(W4_XLD ".v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(a));
-  return v;
-}
 // Loads that keep the old value where p is false: a predicated instruction, no branch.
 __device__ __forceinline__ void ld_stream_if(bool p, const void* a, uint4& v) {
   asm volatile(
       "{ .reg .pred q; setp.ne.b32 q, %5, 0;\n"
-      "@q " W4_WLD ".v4.u32 {%0,%1,%2,%3}, [%4]; }"
+      "@q ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4]; }"
       : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "l"(a), "r"((int)p));
 }
 __device__ __forceinline__ void ld_u16_if(bool p, const u16* a, u32& v) {
@@ -196,11 +184,7 @@ __device__ __forceinline__ void w4_chunk(const uint4 (&v)[2], const u32 (&s)[2],
     const uint4* xv = reinterpret_cast<const uint4*>(xp[j]);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-#ifdef W4_XASM
-      const uint4 a = live ? ld_x(xv + q) : make_uint4(0, 0, 0, 0);
-#else
       const uint4 a = live ? __ldg(xv + q) : make_uint4(0, 0, 0, 0);
-#endif
       X[j][4 * q] = a.x; X[j][4 * q + 1] = a.y; X[j][4 * q + 2] = a.z; X[j][4 * q + 3] = a.w;
     }
     if (with_pre) {
@@ -239,13 +223,8 @@ __device__ __forceinline__ void w4_chunk(const uint4 (&v)[2], const u32 (&s)[2],
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     float s0[4], s1[4];
-#ifdef W4_IND
-    mma_dc<T>(s0, CS ? zero : acc[j], A[0], B[0], A[1], B[1], X[j][0], X[j][1]);
-    mma_dc<T>(s1, zero, A[2], B[2], A[3], B[3], X[j][2], X[j][3]);
-#else
     mma_dc<T>(s0, CS ? xo[j] : acc[j], A[0], B[0], A[1], B[1], X[j][0], X[j][1]);
     mma_dc<T>(s1, CS ? xo1[j] : zero, A[2], B[2], A[3], B[3], X[j][2], X[j][3]);
-#endif
 #pragma unroll
     for (int q = 2; q < 8; q += 2) {
       mma_dc<T>(s0, s0, A[2 * q], B[2 * q], A[2 * q + 1], B[2 * q + 1], X[j][2 * q],
@@ -255,10 +234,6 @@ __device__ __forceinline__ void w4_chunk(const uint4 (&v)[2], const u32 (&s)[2],
     }
     if constexpr (CS) {
       const float fa = T::to_f((u16)s[0]), fb = T::to_f((u16)s[1]);
-#ifdef W4_IND
-#pragma unroll
-      for (int e = 0; e < 4; ++e) { s0[e] += xo[j][e]; s1[e] += xo1[j][e]; }
-#endif
       acc[j][0] = fmaf(fa, s0[0] + s1[0], acc[j][0]);
       acc[j][1] = fmaf(fa, s0[1] + s1[1], acc[j][1]);
       acc[j][2] = fmaf(fb, s0[2] + s1[2], acc[j][2]);
@@ -278,8 +253,7 @@ __device__ __forceinline__ void w4_chunk(const uint4 (&v)[2], const u32 (&s)[2],
 // or zero; the chunk that K % 128 leaves runs after the loop, with lane predicates. ZP: the
 // zero points or offsets zp [N, K / G] ride in the ring next to the scales. F32: y in fp32
 // (a quantized LM head's logits; a bias is then fp32 too).
-template <typename T, int NT, int SK, int D, int ACT, bool CS, int ZP, bool F32 = false,
-          bool TL = false>
+template <typename T, int NT, int SK, int D, int ACT, bool CS, int ZP, bool F32 = false>
 __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
                                         const u16* __restrict__ scale,
                                         const u16* __restrict__ pre,
@@ -296,11 +270,7 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
   const int sstep = STEP >> gshift;    // scales between a warp's chunks (G divides STEP)
   const int ra = min(o0 + g, n - 1);   // rows past the end re-read the last
   const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
-  constexpr int WSTEP = TL ? SK * 1024 : STEP / 2;   // TL (experiment): 1 KB chunks
-  const u8* wp[2] = {TL ? w + (size_t)blockIdx.x * 8 * k + warp * 1024 + lane * 32
-                        : w + (size_t)ra * (k / 2) + k0 / 2,
-                     TL ? w + (size_t)blockIdx.x * 8 * k + warp * 1024 + lane * 32 + 16
-                        : w + (size_t)rb * (k / 2) + k0 / 2};
+  const u8* wp[2] = {w + (size_t)ra * (k / 2) + k0 / 2, w + (size_t)rb * (k / 2) + k0 / 2};
   const u16* sp[2] = {scale + (size_t)ra * groups + (k0 >> gshift),
                       scale + (size_t)rb * groups + (k0 >> gshift)};
   constexpr int ZB = ZP == OFFSETS ? 2 : 1;  // bytes a zero point or offset
@@ -323,7 +293,7 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
   auto load = [&](int d, int i, bool live) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      ld_stream_if(live, wp[h] + i * WSTEP, wv[d][h]);
+      ld_stream_if(live, wp[h] + i * (STEP / 2), wv[d][h]);
       ld_u16_if(live, sp[h] + i * sstep, sv[d][h]);
       if constexpr (ZP == ZERO_POINTS) ld_u8_if(live, zq[h] + i * sstep, zv[d][h]);
       if constexpr (ZP == OFFSETS)
@@ -339,7 +309,7 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
   auto advance = [&](int i) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      wp[h] += i * WSTEP;
+      wp[h] += i * (STEP / 2);
       sp[h] += i * sstep;
       if constexpr (ZP) zq[h] += ZB * i * sstep;
     }
@@ -379,201 +349,6 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
   else run(false);
   tc_store<T, NT, SK, ACT, F32>(part, acc, o0, m, n, bias, y, 1.f, nullptr);
 }
-
-// The same GEMV with its ring in shared memory (SR): each lane copies its own 32 bytes of a
-// chunk (and the aligned word holding each of its two scales) with cp.async, so the D chunks
-// in flight hold no registers, and the loop runs one chunk at a time (no unrolling by D).
-// Symmetric codes only (experiment).
-template <typename T, int NT, int SK, int D, int ACT, bool CS, bool F32 = false,
-          bool TL = false>
-__device__ __forceinline__ void w4_gemv_sr(const u16* __restrict__ x, const u8* __restrict__ w,
-                                           const u16* __restrict__ scale,
-                                           const u16* __restrict__ pre,
-                                           const void* __restrict__ bias, int m, int n, int k,
-                                           int gshift, void* __restrict__ y) {
-  __shared__ float part[SK][NT][4][32];
-  struct Slot {
-    uint4 w[2][32];
-    u32 s[2][32];
-  };
-  __shared__ Slot ring[SK][D];
-  constexpr int TILE = ACT ? 8 : 16;
-  constexpr int STEP = SK * 128;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int o0 = blockIdx.x * TILE;
-  const int groups = k >> gshift;
-  const int k0 = warp * 128 + 32 * t;
-  const int sstep = STEP >> gshift;
-  const int ra = min(o0 + g, n - 1);
-  const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
-  constexpr int WSTEP = TL ? SK * 1024 : STEP / 2;
-  const u8* wp[2] = {TL ? w + (size_t)blockIdx.x * 8 * k + warp * 1024 + lane * 32
-                        : w + (size_t)ra * (k / 2) + k0 / 2,
-                     TL ? w + (size_t)blockIdx.x * 8 * k + warp * 1024 + lane * 32 + 16
-                        : w + (size_t)rb * (k / 2) + k0 / 2};
-  const u16* sp[2] = {scale + (size_t)ra * groups + (k0 >> gshift),
-                      scale + (size_t)rb * groups + (k0 >> gshift)};
-  const u16* xp[NT];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) xp[j] = x + (size_t)min(j * 8 + g, m - 1) * k + k0;
-  const int whole = k >> 7;
-  const int mine = whole > warp ? (whole - warp + SK - 1) / SK : 0;
-  const Int4Regs<T> c((u32)k >> 31);
-  Slot* my = ring[warp];
-
-  float acc[NT][4];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  // chunk i of this warp -> slot i % D. A scale is copied as the aligned 4-byte word holding
-  // it: 2 bytes (the rest zero-filled) where it is the word's first half, so no byte past the
-  // tensor is read.
-  auto load = [&](int i, bool live) {
-    Slot& sl = my[i % D];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      cp_async16(smem_u32(&sl.w[h][lane]), wp[h] + i * WSTEP, live ? 16 : 0);
-      const unsigned long long a = (unsigned long long)(sp[h] + i * sstep);
-      cp_async4(smem_u32(&sl.s[h][lane]), (const void*)(a & ~(unsigned long long)3),
-                live ? (a & 2 ? 4 : 2) : 0);
-    }
-    cp_commit();
-  };
-  auto consume = [&](int i, bool live, bool with_pre, bool all) {
-    if (all) cp_wait<0>();
-    else cp_wait<D - 1>();
-    Slot& sl = my[i % D];
-    uint4 v[2];
-    u32 sv[2];
-    const u32 z[2] = {0u, 0u};
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      // volatile: kept ahead of the cp.async that refills the slot
-      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(v[h].x), "=r"(v[h].y), "=r"(v[h].z), "=r"(v[h].w)
-                   : "r"(smem_u32(&sl.w[h][lane])));
-      u32 word;
-      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(word) : "r"(smem_u32(&sl.s[h][lane])));
-      sv[h] = word >> (((unsigned long long)(sp[h] + i * sstep) & 2) * 8);
-    }
-    const u16* xi[NT];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) xi[j] = xp[j] + i * STEP;
-    w4_chunk<T, NT, CS, SYM>(v, sv, z, xi, pre + k0 + i * STEP, live, with_pre, c, acc);
-  };
-#pragma unroll
-  for (int d = 0; d < D; ++d) load(d, d < mine);
-  pdl_trigger();
-  pdl_wait();
-  auto run = [&](bool with_pre) {
-#pragma unroll 1
-    for (int i = 0; i < mine; ++i) {
-      consume(i, true, with_pre, false);
-      load(i + D, i + D < mine);
-    }
-    if ((k & 127) && warp == whole % SK) {  // the tail chunk: its lanes past K load nothing
-      cp_wait<0>();
-      const bool in = k0 + mine * STEP < k;
-      load(mine, in);
-      consume(mine, in, with_pre, true);
-    }
-  };
-  if (pre) run(true);
-  else run(false);
-  tc_store<T, NT, SK, ACT, F32>(part, acc, o0, m, n, bias, y, 1.f, nullptr);
-}
-
-#ifdef SM90A
-// Experiment: the tile's weights in 1 KB chunks laid out [tile][chunk][h][lane][16 bytes]
-// (16 rows x K / 2 bytes a tile, contiguous), a round of 8 chunks (8 KB) one bulk copy into
-// one of S shared-memory stages completing on an mbarrier; the tile's scales one bulk copy a
-// row with the first round. The warp that frees a stage last refills it. K % 1024 == 0.
-__device__ __forceinline__ void bulk_g2s(u32 dst, const void* src, u32 bytes, u32 bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-      :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
-template <typename T, int NT, int S, bool ROT, bool F32 = false>
-__device__ __forceinline__ void w4_gemv_bulk(const u16* __restrict__ x, const u8* __restrict__ w,
-                                             const u16* __restrict__ scale,
-                                             const u16* __restrict__ pre,
-                                             const void* __restrict__ bias, int m, int n, int k,
-                                             int gshift, void* __restrict__ y) {
-  constexpr int SK = 8, MAXG = 112;
-  __shared__ float part[SK][NT][4][32];
-  __shared__ alignas(128) uint4 wst[S][SK][64];
-  __shared__ alignas(16) u16 ssm[16][MAXG];
-  __shared__ alignas(8) unsigned long long full[S];
-  __shared__ int cnt[S];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int o0 = blockIdx.x * 16;
-  const int groups = k >> 7, rounds = k >> 10;
-  const u8* tile = w + (size_t)blockIdx.x * 8 * k;
-  // ROT: CTA b takes its rounds from b % rounds on (the same sums, another order)
-  const int rot = ROT ? blockIdx.x % rounds : 0;
-  auto rr = [&](int r) { return r + rot < rounds ? r + rot : r + rot - rounds; };
-  auto issue = [&](int r, u32 extra) {
-    const int st = r % S;
-    mbar_expect(smem_u32(&full[st]), 8192 + extra);
-    bulk_g2s(smem_u32(&wst[st][0][0]), tile + (size_t)rr(r) * 8192, 8192, smem_u32(&full[st]));
-  };
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int i = 0; i < S; ++i) {
-      mbar_init(smem_u32(&full[i]), 1);
-      cnt[i] = 0;
-    }
-    mbar_fence_init();
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const u32 sb = groups * 2;
-    issue(0, 16 * sb);
-    for (int r = 0; r < 16; ++r)
-      bulk_g2s(smem_u32(&ssm[r][0]), scale + (size_t)min(o0 + r, n - 1) * groups, sb,
-               smem_u32(&full[0]));
-    for (int r = 1; r < min(S, rounds); ++r) issue(r, 0);
-  }
-  const u16* xp[NT];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) xp[j] = x + (size_t)min(j * 8 + g, m - 1) * k + warp * 128 + 32 * t;
-  const Int4Regs<T> c((u32)k >> 31);
-  float acc[NT][4];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  const u32 z[2] = {0u, 0u};
-  pdl_trigger();
-  pdl_wait();
-  auto run = [&](bool with_pre) {
-#pragma unroll 1
-    for (int r = 0; r < rounds; ++r) {
-      const int st = r % S;
-      mbar_wait(smem_u32(&full[st]), (r / S) & 1);
-      const uint4 v[2] = {wst[st][warp][lane], wst[st][warp][32 + lane]};
-      const int ch = rr(r) * SK + warp;
-      const u32 sv[2] = {ssm[g][ch], ssm[g + 8][ch]};
-      const u16* xi[NT];
-#pragma unroll
-      for (int j = 0; j < NT; ++j) xi[j] = xp[j] + rr(r) * 1024;
-      w4_chunk<T, NT, true, SYM>(v, sv, z, xi, pre + warp * 128 + 32 * t + rr(r) * 1024, true,
-                                 with_pre, c, acc);
-      __syncwarp();
-      if (lane == 0 && atomicAdd(&cnt[st], 1) == SK - 1) {
-        cnt[st] = 0;
-        if (r + S < rounds) issue(r + S, 0);
-      }
-    }
-  };
-  if (pre) run(true);
-  else run(false);
-  tc_store<T, NT, SK, 0, F32>(part, acc, o0, m, n, bias, y, 1.f, nullptr);
-}
-#define W4B_ENTRY(NAME, TY, NT, S, MINB, ROT)                                                 \
-  extern "C" __global__ void __launch_bounds__(256, MINB)                                      \
-  NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
-       int n, int k, int gshift, void* y) {                                                    \
-    w4_gemv_bulk<TY, NT, S, ROT>(x, w, scale, pre, bias, m, n, k, gshift, y);                  \
-  }
-#endif
 
 // Prefill: the INT4 weight back to T [N, K] for cuBLASLt, with AWQ's pre folded into it
 // (w[n, k] * pre[k], one more rounding than the graph's x * pre: within an ulp of T). A thread
@@ -1080,23 +855,6 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
        int n, int k, int gshift, void* y) {                                                    \
     w4_gemv<TY, NT, SK, D, ACT, CS, SYM, F32>(x, w, scale, pre, bias, m, n, k, gshift, y,      \
                                               nullptr);                                        \
-  }
-#define W4S_ENTRY(NAME, TY, NT, SK, D, ACT, CS, F32, MINB)                                    \
-  extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
-  NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
-       int n, int k, int gshift, void* y) {                                                    \
-    w4_gemv_sr<TY, NT, SK, D, ACT, CS, F32>(x, w, scale, pre, bias, m, n, k, gshift, y);       \
-  }
-#define W4T_ENTRY(NAME, TY, NT, SK, D, SR, MINB)                                               \
-  extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
-  NAME(const u16* x, const u8* w, const u16* scale, const u16* pre, const void* bias, int m,   \
-       int n, int k, int gshift, void* y) {                                                    \
-    if constexpr (SR)                                                                          \
-      w4_gemv_sr<TY, NT, SK, D, 0, true, false, true>(x, w, scale, pre, bias, m, n, k, gshift, \
-                                                      y);                                      \
-    else                                                                                       \
-      w4_gemv<TY, NT, SK, D, 0, true, SYM, false, true>(x, w, scale, pre, bias, m, n, k,      \
-                                                        gshift, y, nullptr);                   \
   }
 #define W4ZP_ENTRY(NAME, TY, NT, SK, D, ACT, CS, F32, MINB)                                   \
   extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
