@@ -83,6 +83,12 @@ def cli() -> None:
                    "blocks cost more scale bytes and keep more accuracy; a quantized GGUF "
                    "file's weights were rounded in blocks of 32 already "
                    "(docs/quantization.md) [default: 128]")
+@click.option("--int4-zero-point", is_flag=True,
+              help="--quant int4-awq / int4-rtn: a zero point a block (asymmetric, AutoAWQ's "
+                   "default form): each block's [min, max] maps onto the 16 codes instead of "
+                   "+-|max| onto 15, a finer step for blocks whose weights lean to one side; "
+                   "the engine keeps a zero point a block next to each scale "
+                   "(docs/quantization.md)")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "fp8"]),
               help="auto: the KV cache in the compute dtype; fp8: E4M3 with a K and a V scale "
@@ -102,8 +108,8 @@ def cli() -> None:
 @_verbose_option
 def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_tokens,
           max_seq_len, kv_block_size, disable_passes, dump_graphs, quant, quant_lm_head,
-          int4_block_size, kv_cache_dtype, calib_data, calib_size, eval_data, eval_size,
-          max_ppl_increase) -> None:
+          int4_block_size, int4_zero_point, kv_cache_dtype, calib_data, calib_size, eval_data,
+          eval_size, max_ppl_increase) -> None:
     """Build an engine file from a checkpoint."""
     from llmc import backends
     from llmc.build import BuildOptions, default_model
@@ -116,7 +122,8 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
                          eval_data=eval_data, eval_size=eval_size,
                          max_ppl_increase=max_ppl_increase, kv_cache_dtype=kv_cache_dtype,
                          lm_head=quant_lm_head,
-                         int4_block_size=int(int4_block_size) if int4_block_size else None)
+                         int4_block_size=int(int4_block_size) if int4_block_size else None,
+                         int4_zero_point=int4_zero_point)
     options = BuildOptions(model=model or default_model(), output=output,
                            backend=backends.pick(backend, _log), dtype=dtype, limits=limits,
                            disable_passes=tuple(disable_passes), dump_graphs=dump_graphs,

@@ -5,7 +5,11 @@ projection is ``x @ W``. The formats are the ones ONNX DequantizeLinear (opset 2
 TensorRT read with zero points of zero (TensorRT refuses others):
 
 - INT4: symmetric, block-wise along K (``block`` rows share a scale per column),
-  ``W ~ q * scale``, q in [-8, 7], scale ``[K / block, N]`` in the compute dtype.
+  ``W ~ q * scale``, q in [-8, 7], scale ``[K / block, N]`` in the compute dtype. With a
+  zero point (``--int4-zero-point``, AutoAWQ's default form): each block's [min, max] onto
+  codes u in 0..15, ``W ~ (u - z) * scale`` with an integer z a block, held as the symmetric
+  q = u - 8 plus an offset ``(8 - z) * scale`` (qdq.py: the offset GEMM of zero-point
+  checkpoints).
 - FP8 weights: E4M3, one scale per output column, ``W ~ q * scale``, scale ``[N]``.
 - FP8 activations: E4M3, one calibrated scale per tensor, saturating at +-448.
 """
@@ -61,6 +65,43 @@ def fake_quant_int4(w: np.ndarray, block: int, scale_dtype: str,
     return (q * scale[:, None, :]).reshape(w.shape)
 
 
+def _int4_grid_zp(w: np.ndarray, block: int, scale_dtype: str, clip: np.ndarray | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(u - 8 as float32 [K / block, block, N], scale and zero point z as float32
+    [K / block, N]): AutoAWQ's asymmetric grid, scale = (max - min) / 15 rounded to its dtype,
+    z = round(-min / scale) in 0..15, u = round(w / scale) + z in 0..15, where the block's
+    range is widened to hold 0 (AutoAWQ clamps z to 0..15 instead, which breaks a block whose
+    weights all lie far to one side of 0). ``clip`` scales both ends of each block's range
+    (AWQ's clipping)."""
+    k, n = w.shape
+    g = w.astype(np.float32).reshape(k // block, block, n)
+    hi, lo = np.maximum(g.max(axis=1), 0), np.minimum(g.min(axis=1), 0)
+    if clip is not None:
+        hi, lo = hi * clip, lo * clip
+    scale = _scale(hi - lo, 15.0, scale_dtype)
+    z = np.clip(np.rint(-lo / scale), 0, 15)
+    u = np.clip(np.rint(g / scale[:, None, :]) + z[:, None, :], 0, 15)
+    return u - 8, scale, z
+
+
+def quantize_int4_zp(w: np.ndarray, block: int, scale_dtype: str,
+                     clip: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round-to-nearest INT4 with a zero point a block: (q = u - 8 int4 [K, N], scale
+    [K / block, N] in ``scale_dtype``, offset (8 - z) * scale float32 [K / block, N]), so
+    W ~ q * scale + offset = (u - z) * scale."""
+    q, scale, z = _int4_grid_zp(w, block, scale_dtype, clip)
+    return (q.reshape(w.shape).astype(np_dtype("int4")), scale.astype(np_dtype(scale_dtype)),
+            (8 - z) * scale)
+
+
+def fake_quant_int4_zp(w: np.ndarray, block: int, scale_dtype: str,
+                       clip: np.ndarray | None = None) -> np.ndarray:
+    """(u - z) * scale of quantize_int4_zp, in float32."""
+    q, scale, z = _int4_grid_zp(w, block, scale_dtype, clip)
+    return ((q + 8 - z[:, None, :]) * scale[:, None, :]).reshape(w.shape)
+
+
 def dequantize_int4(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
     """DequantizeLinear(q, scale, axis=0, block_size=block), in float32."""
     k, n = q.shape
@@ -102,7 +143,7 @@ AWQ_GRID = 20
 
 
 def awq_scales(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
-               grid: int = AWQ_GRID) -> tuple[np.ndarray, float]:
+               grid: int = AWQ_GRID, zero_point: bool = False) -> tuple[np.ndarray, float]:
     """AWQ's search (Lin et al. 2023, section 3.2) for per-input-channel scales s: W' =
     diag(s) W is quantized and x / s feeds it. Two families of s, each on a grid of alpha in
     [0, 1): the paper's mean|x|^alpha, and AutoAWQ's default ("duo scaling")
@@ -111,7 +152,8 @@ def awq_scales(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
     closest to the full-precision one on calibration rows ``x`` [M, K] wins; the first
     family's alpha 0 is plain RTN (s = 1), so the search never does worse than RTN on them
     (bench/results/quantization.md measures both families). Returns (s [K] float32, the
-    chosen alpha)."""
+    chosen alpha). ``zero_point``: the INT4 grid with a zero point a block."""
+    fake = fake_quant_int4_zp if zero_point else fake_quant_int4
     w = w.astype(np.float32)
     x = x.astype(np.float32)
     ref = x @ w
@@ -129,7 +171,7 @@ def awq_scales(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
             xs, ws = x / s, w * s[:, None]
             if (alpha or duo) and (np.abs(xs).max() > top or np.abs(ws).max() > top):
                 continue
-            err = float(np.mean((ref - xs @ fake_quant_int4(ws, block, scale_dtype)) ** 2))
+            err = float(np.mean((ref - xs @ fake(ws, block, scale_dtype)) ** 2))
             if err < best[0]:
                 best = (err, s, float(alpha))
     return best[1], best[2]
@@ -138,11 +180,14 @@ def awq_scales(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
 AWQ_CLIPS = np.arange(20, 9, -1) / 20     # 1.0, 0.95, ..., 0.5
 
 
-def awq_clip(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str) -> np.ndarray:
+def awq_clip(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
+             zero_point: bool = False) -> np.ndarray:
     """AWQ's second step (its `auto_clip`): for each block of each output column, the share
     of the block's |max| to keep, the one whose INT4 block gives the smallest output error on
     calibration rows ``x`` [M, K] (clipping a few large weights buys a finer step for the
-    rest). ``w`` is already scaled (diag(s) W), ``x`` divided by s. Returns [K / block, N]."""
+    rest). ``w`` is already scaled (diag(s) W), ``x`` divided by s. Returns [K / block, N].
+    ``zero_point``: the grid with a zero point a block, the share applied to both ends."""
+    fake = fake_quant_int4_zp if zero_point else fake_quant_int4
     k, n = w.shape
     xg = x.astype(np.float32).reshape(len(x), k // block, block).transpose(1, 0, 2)  # [G,M,B]
     wg = w.astype(np.float32).reshape(k // block, block, n)                          # [G,B,N]
@@ -151,7 +196,7 @@ def awq_clip(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str) -> np.n
     best = np.ones((k // block, n), np.float32)
     for r in AWQ_CLIPS:
         clip = np.full((k // block, n), r, np.float32)
-        deq = fake_quant_int4(w, block, scale_dtype, clip).reshape(k // block, block, n)
+        deq = fake(w, block, scale_dtype, clip).reshape(k // block, block, n)
         err = ((xg @ deq - ref) ** 2).mean(axis=1)
         better = err < best_err                                   # [G, N]
         best_err, best = np.where(better, err, best_err), np.where(better, r, best)

@@ -168,11 +168,13 @@ class GivenInt4:
 
 def int4_pass(awq: dict[str, np.ndarray] | None = None,
               given: dict[str, GivenInt4] | None = None, with_lm_head: bool = False,
-              largest_block: int = numerics.INT4_BLOCKS[0], only_given: bool = False) -> Pass:
+              largest_block: int = numerics.INT4_BLOCKS[0], only_given: bool = False,
+              zero_point: bool = False) -> Pass:
     """RTN, or AWQ when ``awq`` maps each weight to its calibration rows of x [M, K]; a
     weight in ``given`` takes those values and scales as they are; the others (with
     ``only_given``, the LM head alone) take the largest block up to ``largest_block`` that
-    divides their K (numerics.int4_block)."""
+    divides their K (numerics.int4_block), with a zero point a block where ``zero_point``
+    (their graph then that of a zero-point checkpoint: the offset GEMM below)."""
     given = given or {}
 
     def match(g: Graph, node: NodeProto) -> Site | None:
@@ -190,21 +192,25 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None,
         (k, n) = w.shape
         block = k // have.scale.shape[0] if have else numerics.int4_block(k, largest_block)
 
+        zp = zero_point and have is None   # a given weight keeps its own format
+        quantize = numerics.quantize_int4_zp if zp else numerics.quantize_int4
+
         def compute():
+            """(q, scale[, AWQ's 1 / s][, the zero points' offsets])"""
             if have is not None:
                 scale = have.scale.astype(np_dtype(w.dtype))
                 pre = () if have.pre_scale is None else (have.pre_scale.astype(scale.dtype),)
                 return (have.values(), scale, *pre)
             data = w.read().astype(np.float32)
             if rows is None:
-                return numerics.quantize_int4(data, block, w.dtype)
-            s, _ = numerics.awq_scales(data, rows, block, w.dtype)
-            clip = numerics.awq_clip(data * s[:, None], rows / s, block, w.dtype)
-            q, scale = numerics.quantize_int4(data * s[:, None], block, w.dtype, clip)
-            return q, scale, (1 / s).astype(np_dtype(w.dtype))
+                return quantize(data, block, w.dtype)
+            s, _ = numerics.awq_scales(data, rows, block, w.dtype, zero_point=zp)
+            clip = numerics.awq_clip(data * s[:, None], rows / s, block, w.dtype, zero_point=zp)
+            q, scale, *offset = quantize(data * s[:, None], block, w.dtype, clip)
+            return (q, scale, (1 / s).astype(np_dtype(w.dtype)), *offset)
 
         scaled = rows is not None or (have is not None and have.pre_scale is not None)
-        parts = _Parts(compute, 3 if scaled else 2)
+        parts = _Parts(compute, (3 if scaled else 2) + zp)
         q = g.add_weight(Weight(f"{w.name}.int4", "int4", (k, n), parts.loader(0)), w.name)
         scale = g.add_weight(Weight(f"{w.name}.int4_scale", w.dtype, (k // block, n),
                                     parts.loader(1)), w.name)
@@ -222,7 +228,11 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None,
             x = g.add("Mul", [x, inv], 1, name="AwqScale").output[0]
         dq = g.add("DequantizeLinear", [q, scale], 1, name="DequantizeInt4", axis=0,
                    block_size=block).output[0]
-        if have is None or have.offset is None:
+        if zp:
+            offsets, integer = parts.loader(3 if scaled else 2), True
+        elif have is not None and have.offset is not None:
+            offsets, integer = (lambda: have.offset), have.integer_zero_points
+        else:
             _swap(g, site, x, dq)
             return
         # A zero-point format's (8 - z) s: x's sums over each block of K, [T, K / B], times
@@ -234,12 +244,12 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None,
             g.add_weight(Weight(sums, w.dtype, (k, k // block), lambda: np.kron(
                 np.eye(k // block), np.ones((block, 1))).astype(np_dtype(w.dtype))), w.name)
         offset = g.add_weight(Weight(f"{w.name}.int4_offset", w.dtype, (k // block, n),
-                                     lambda: have.offset.astype(np_dtype(w.dtype))), w.name)
+                                     lambda: offsets().astype(np_dtype(w.dtype))), w.name)
         g.remove([site.node])
         xs = g.add("MatMul", [x, sums], 1, name="Int4BlockSums").output[0]
         y0 = g.add("MatMul", [x, dq], 1, name=site.node.name).output[0]
-        y1 = g.add("MatMul", [xs, offset], 1, name="Int4ZeroPoints" if
-                   have.integer_zero_points else "Int4Offsets").output[0]
+        y1 = g.add("MatMul", [xs, offset], 1, name="Int4ZeroPoints" if integer
+                   else "Int4Offsets").output[0]
         g.add("Add", [y0, y1], list(site.node.output), name="Int4ZeroPointAdd")
 
     return Pass("int4-awq" if awq is not None else "int4-gguf" if only_given else "int4-rtn",

@@ -44,6 +44,7 @@ class QuantOptions:
     kv_cache_dtype: str = "auto"       # auto: the compute dtype; fp8: E4M3, scales per layer
     lm_head: bool = False              # quantize the LM head too (a tied one: a copy of it)
     int4_block_size: int | None = None  # INT4 blocks: the largest up to it that divides K
+    int4_zero_point: bool = False      # INT4 with a zero point a block (asymmetric)
     # Off only for speed benchmarks on random weights, where perplexity means nothing and
     # running an 8B graph twice on onnxruntime would dominate the build (no CLI flag).
     measure: bool = True
@@ -111,6 +112,12 @@ class QuantOptions:
                 f"--quant {out.mode}"
             raise LlmcError(f"--int4-block-size sets the blocks of the INT4 weights llmc "
                             f"quantizes (--quant int4-awq or int4-rtn), not of {what}: drop it")
+        if self.int4_zero_point and (out.mode not in ("int4-awq", "int4-rtn") or own):
+            what = f"the {prequantized.describe()}'s own weights" if own else \
+                f"--quant {out.mode}"
+            raise LlmcError(f"--int4-zero-point quantizes the INT4 weights llmc quantizes "
+                            f"(--quant int4-awq or int4-rtn) with a zero point, not {what}: "
+                            "drop it")
         return out
 
     def validate(self) -> "QuantOptions":
@@ -174,8 +181,12 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     head = opts.lm_head
     sites = qdq.sites(model, weights, head)
     gemm_inputs = {}
+    zero_point = opts.int4_zero_point
+    if zero_point:
+        details["int4_zero_points"] = True
     if opts.mode == "int4-rtn":
-        p = qdq.int4_pass(with_lm_head=head, largest_block=opts.largest_int4_block)
+        p = qdq.int4_pass(with_lm_head=head, largest_block=opts.largest_int4_block,
+                          zero_point=zero_point)
     elif opts.mode in KEPT_INT4 and prequantized is not None and \
             prequantized.mode == opts.mode:
         given = _checkpoint_int4(sites, prequantized, {w.name: w.shape for w in weights})
@@ -205,8 +216,8 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         log(f"calibrated {what} on {calib.tokens} tokens of {calib_name}")
         details["calibration"] = f"{calib.tokens} tokens of {calib_name}"
     if gemm_inputs:
-        p = qdq.int4_pass(calib.rows, with_lm_head=head,
-                          largest_block=opts.largest_int4_block) if opts.mode == "int4-awq" \
+        p = qdq.int4_pass(calib.rows, with_lm_head=head, largest_block=opts.largest_int4_block,
+                          zero_point=zero_point) if opts.mode == "int4-awq" \
             else qdq.fp8_pass(calib.amax, with_lm_head=head)
     qmodel, qweights, gemms = model, weights, 0
     if p is not None:

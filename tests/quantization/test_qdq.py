@@ -95,6 +95,80 @@ def test_int4_awq_numerics(tmp_path, dtype):
     check(run(qmodel, qweights, tmp_path, x), ref, dtype)
 
 
+def zero_point_reference(w: np.ndarray, block: int, dtype: str):
+    """AutoAWQ's asymmetric round-to-nearest (its pseudo_quantize_tensor with zero_point),
+    written as plainly as it reads there, each block's range widened to hold 0: the codes u,
+    scales and integer zero points z."""
+    k, n = w.shape
+    u = np.zeros((k, n), np.float32)
+    scales = np.zeros((k // block, n), np.float32)
+    zeros = np.zeros((k // block, n), np.float32)
+    for b in range(k // block):
+        for j in range(n):
+            col = w[b * block:(b + 1) * block, j].astype(np.float32)
+            hi, lo = max(col.max(), 0), min(col.min(), 0)
+            s = np.float32(np.float32((hi - lo) / 15).astype(np_dtype(dtype)))
+            z = np.clip(np.rint(-lo / s), 0, 15)
+            u[b * block:(b + 1) * block, j] = np.clip(np.rint(col / s) + z, 0, 15)
+            scales[b, j], zeros[b, j] = s, z
+    return u, scales, zeros
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_int4_zero_point_grid(dtype):
+    """The grid with a zero point a block is AutoAWQ's: q = u - 8, offset = (8 - z) s, and
+    (u - z) s is within half a step of every weight in its block's range; on weights that
+    lean to one side its error is below the symmetric grid's."""
+    k, n, block = 128, 24, 32
+    w = (RNG.standard_normal((k, n)) * 0.05 + 0.03).astype(np_dtype(dtype)).astype(np.float32)
+    q, scale, offset = nq.quantize_int4_zp(w, block, dtype)
+    u, s_ref, z_ref = zero_point_reference(w, block, dtype)
+    assert q.dtype == np_dtype("int4")
+    assert np.array_equal(q.astype(np.float32), u - 8)
+    assert np.array_equal(scale.astype(np.float32), s_ref)
+    assert np.array_equal(offset, (8 - z_ref) * s_ref)
+    deq = nq.dequantize_int4(q, scale, block) + np.repeat(offset, block, axis=0)
+    assert np.allclose(deq, nq.fake_quant_int4_zp(w, block, dtype), rtol=0, atol=1e-7)
+    steps = np.repeat(s_ref, block, axis=0)
+    assert np.all(np.abs(deq - w) <= steps * 0.5001 + 1e-7)
+    err_zp = np.mean((deq - w) ** 2)
+    err_sym = np.mean((nq.fake_quant_int4(w, block, dtype) - w) ** 2)
+    assert err_zp < 0.8 * err_sym
+    # a block whose weights all sit on one side of 0 (and a constant one) stays exact-ish
+    one_sided = np.full((block, 2), 0.5, np.float32)
+    one_sided[:, 1] = np.linspace(0.5, 0.6, block)
+    deq = nq.fake_quant_int4_zp(one_sided, block, dtype)
+    assert np.abs(deq - one_sided).max() <= 0.6 / 15 / 2 * 1.01
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("awq", [False, True])
+def test_int4_zero_point_numerics(tmp_path, dtype, awq):
+    """--int4-zero-point: the symmetric DequantizeLinear of q = u - 8 plus the offset GEMM
+    (x's block sums times (8 - z) s), as a zero-point checkpoint is built; onnxruntime computes
+    x @ ((u - z) s) (with AWQ: x / s against the scaled, clipped weight)."""
+    k = 128
+    model, weights, w = gemm_graph(dtype, k, 40)
+    rows = activations("float32", k, outliers=True)
+    qmodel, qweights, report = qdq.quantize_graph(
+        model, weights, qdq.int4_pass({"w": rows} if awq else None, zero_point=True))
+    assert report["fired"] == {"int4-awq" if awq else "int4-rtn": 1}
+    assert [n for n in qmodel.graph.node if n.name.startswith("Int4ZeroPoints")]
+    x_in = activations(dtype, k, outliers=awq)
+    x = x_in.astype(np.float32)
+    if awq:
+        s, _ = nq.awq_scales(w, rows, 128, dtype, zero_point=True)
+        clip = nq.awq_clip(w * s[:, None], rows / s, 128, dtype, zero_point=True)
+        q, scale, offset = nq.quantize_int4_zp(w * s[:, None], 128, dtype, clip)
+        x = (x * (1 / s).astype(np_dtype(dtype)).astype(np.float32)).astype(
+            np_dtype(dtype)).astype(np.float32)
+    else:
+        q, scale, offset = nq.quantize_int4_zp(w, 128, dtype)
+    offset = offset.astype(np_dtype(dtype)).astype(np.float32)   # stored in the dtype
+    ref = x @ (nq.dequantize_int4(q, scale, 128) + np.repeat(offset, 128, axis=0))
+    check(run(qmodel, qweights, tmp_path, x_in), ref, dtype)
+
+
 def norm_graph(dtype: str, k: int, n: int, readers: int):
     """`readers` GEMMs y_i = RMSNorm(x) @ W_i, the norm's weight gamma a graph weight."""
     ws = [RNG.standard_normal((k, n)).astype(np.float32) / np.sqrt(k) for _ in range(readers)]

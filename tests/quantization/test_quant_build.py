@@ -103,6 +103,8 @@ def test_inspect_shows_the_accuracy_and_a_bad_build_warns(tiny_models, tmp_path,
     (["--quant", "int4-rtn", "--eval-size", "4"], "at least 16 tokens"),
     (["--quant", "int4-rtn", "--int4-block-size", "16"], "Invalid value for '--int4-block-size'"),
     (["--quant", "fp8", "--int4-block-size", "32"], "not of --quant fp8"),
+    (["--quant", "fp8", "--int4-zero-point"], "not --quant fp8"),
+    (["--int4-zero-point"], "not --quant none"),
 ])
 def test_bad_quant_options_are_one_error_line(tiny_models, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -130,6 +132,27 @@ def test_int4_block_size(tiny_models, tmp_path, words, mode):
     blocks = {a.i for n in model.graph.node if n.op_type == "DequantizeLinear"
               for a in n.attribute if a.name == "block_size"}
     assert blocks == {32}
+
+
+@pytest.mark.parametrize("mode", ["int4-awq", "int4-rtn"])
+def test_int4_zero_point(tiny_models, tmp_path, words, mode):
+    """--int4-zero-point: every INT4 GEMM gets the zero-point checkpoints' offset GEMM, the
+    header says so, and the accuracy stays in its budget (the GEMM numerics against numpy:
+    tests/quantization/test_qdq.py)."""
+    import onnx
+
+    folder = tiny_models["llama-gqa"][0]
+    header = _build(folder, tmp_path / "q.engine", mode, words, dtype="fp16",
+                    int4_zero_point=True)
+    assert header.quant.details["int4_zero_points"] is True
+    max_delta, min_top1 = BUDGET[mode]
+    acc = header.quant.accuracy
+    assert acc.passed and abs(acc.delta_ppl_pct) <= max_delta and acc.top1_agreement >= min_top1
+    model = onnx.load_from_string(EngineFile(tmp_path / "q.engine").section(
+        "model.onnx").tobytes())
+    names = [n.name for n in model.graph.node]
+    dq = sum(n.startswith("DequantizeInt4") for n in names)
+    assert dq and sum(n.startswith("Int4ZeroPoints") for n in names) == dq
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int4-awq", "int4-rtn"])
@@ -169,18 +192,20 @@ def test_quant_lm_head_needs_a_quant_mode(tiny_models, tmp_path, capsys):
 # ------------------------------------------------------------------ the other backends
 
 
-@pytest.mark.parametrize("mode, layers, targets, head", [
-    ("int4-rtn", {"DEQUANTIZE": 8}, None, False),
-    ("fp8", {"QUANTIZE": 8, "DEQUANTIZE": 16}, ["8.9", "12.0"], False),
-    ("int4-rtn", {"DEQUANTIZE": 9}, None, True),     # --quant-lm-head: the head's too
+@pytest.mark.parametrize("mode, layers, targets, head, zp", [
+    ("int4-rtn", {"DEQUANTIZE": 8}, None, False, False),
+    ("fp8", {"QUANTIZE": 8, "DEQUANTIZE": 16}, ["8.9", "12.0"], False, False),
+    ("int4-rtn", {"DEQUANTIZE": 9}, None, True, False),     # --quant-lm-head: the head's too
+    ("int4-awq", {"DEQUANTIZE": 8}, None, False, True),     # --int4-zero-point
 ])
 def test_tensorrt_rtx_builds_quantized_graphs(tiny_models, tmp_path, words, mode, layers,
-                                              targets, head):
+                                              targets, head, zp):
     """The real TensorRT-RTX builder on the CPU: the Q/DQ layers are in the network (weights
-    packed behind DEQUANTIZE), FP8 for Ada and Blackwell targets only."""
+    packed behind DEQUANTIZE; with zero points, the symmetric codes and the offset GEMMs), FP8
+    for Ada and Blackwell targets only."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
     header = _build(tiny_models["llama-gqa"][0], tmp_path / "r.engine", mode, words,
-                    backend="tensorrt-rtx", dtype="fp16", lm_head=head)
+                    backend="tensorrt-rtx", dtype="fp16", lm_head=head, int4_zero_point=zp)
     net = header.lowering
     assert {k: net["layer_types"].get(k, 0) for k in layers} == layers
     assert net["rtx_targets"] == targets

@@ -187,6 +187,31 @@ def test_every_mode_lowers_to_quantized_gemms(tiny_models_d64, tmp_path, words, 
                     op.attrs["x_scale"]))
 
 
+@pytest.mark.parametrize("mode", ["int4-rtn", "int4-awq"])
+def test_int4_zero_point_builds_take_the_zero_point_kernels(tiny_models_d64, tmp_path, words,
+                                                            mode):
+    """--int4-zero-point: the graph's offsets become a zero point a row and block (a byte,
+    0..15), and the plan compiles the zero-point kernels, as for an AutoAWQ checkpoint."""
+    from llmc.backends.cuda.plan import int4_block_offsets
+
+    folder, model = tiny_models_d64["llama-gqa"]
+    out = tmp_path / "zp.engine"
+    header = _build(folder, out, mode, words, int4_zero_point=True)
+    assert header.quant.details["int4_zero_points"] is True
+    engine = EngineFile(out)
+    plan = _plan(engine)
+    assert "qgemv_zp" in plan.modules
+    gemms = [op for op in plan.ops if op.op == "gemm" and op.attrs.get("quant") == "int4"]
+    assert len(gemms) == 4 * model.config.num_hidden_layers
+    weights = engine.section("weights")
+    for op in gemms:
+        zp = int4_block_offsets(op)
+        assert zp is not None and not op.attrs.get("offsets")
+        v = plan.values[zp]
+        z = np.asarray(weights[v.offset:v.offset + int(np.prod(v.shape))])
+        assert z.max() <= 15 and (z != 8).any()   # asymmetric blocks: not all z = 8
+
+
 def test_fp8_needs_a_hopper_target(tiny_models_d64, tmp_path, words):
     folder = tiny_models_d64["llama-gqa"][0]
     with pytest.raises(LlmcError, match="--quant fp8: FP8 engines are built for Hopper "
@@ -325,6 +350,19 @@ def test_zero_point_engine_matches_the_reference_backend(tiny_models_d64, tmp_pa
     _build(src, tmp_path / "c.engine", "auto", words, arch=None)
     _build(src, tmp_path / "r.engine", "auto", words, backend="reference")
     _compare_engines(tmp_path, model, f"{kind} group {group}", TOLERANCE["int4-awq"], graphs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+@pytest.mark.parametrize("mode", ["int4-rtn", "int4-awq"])
+def test_int4_zero_point_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words,
+                                                              mode):
+    """--int4-zero-point built by llmc: the cuda engine against the reference backend's."""
+    folder, model = tiny_models_d64["llama-gqa"]
+    _build(folder, tmp_path / "c.engine", mode, words, arch=None, int4_zero_point=True)
+    _build(folder, tmp_path / "r.engine", mode, words, backend="reference",
+           int4_zero_point=True)
+    _compare_engines(tmp_path, model, f"{mode} zero points", TOLERANCE[mode], True)
 
 
 def _compare_engines(tmp_path, model, what: str, tolerance: float, graphs: bool) -> None:
