@@ -71,13 +71,15 @@ def _int4_grid_zp(w: np.ndarray, block: int, scale_dtype: str, clip: np.ndarray 
     [K / block, N]): AutoAWQ's asymmetric grid, scale = (max - min) / 15 rounded to its dtype,
     z = round(-min / scale) in 0..15, u = round(w / scale) + z in 0..15, where the block's
     range is widened to hold 0 (AutoAWQ clamps z to 0..15 instead, which breaks a block whose
-    weights all lie far to one side of 0). ``clip`` scales both ends of each block's range
-    (AWQ's clipping)."""
+    weights all lie far to one side of 0). ``clip``: the range that of the block clamped to
+    +-clip |max|, as AutoAWQ's clipping with zero points takes it (the longer side is cut
+    first); the weights past it take the end codes."""
     k, n = w.shape
     g = w.astype(np.float32).reshape(k // block, block, n)
     hi, lo = np.maximum(g.max(axis=1), 0), np.minimum(g.min(axis=1), 0)
     if clip is not None:
-        hi, lo = hi * clip, lo * clip
+        amax = np.maximum(hi, -lo) * clip
+        hi, lo = np.minimum(hi, amax), np.maximum(lo, -amax)
     scale = _scale(hi - lo, 15.0, scale_dtype)
     z = np.clip(np.rint(-lo / scale), 0, 15)
     u = np.clip(np.rint(g / scale[:, None, :]) + z[:, None, :], 0, 15)
@@ -186,7 +188,7 @@ def awq_clip(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
     of the block's |max| to keep, the one whose INT4 block gives the smallest output error on
     calibration rows ``x`` [M, K] (clipping a few large weights buys a finer step for the
     rest). ``w`` is already scaled (diag(s) W), ``x`` divided by s. Returns [K / block, N].
-    ``zero_point``: the grid with a zero point a block, the share applied to both ends."""
+    ``zero_point``: the grid with a zero point a block, the block clamped to +-share |max|."""
     fake = fake_quant_int4_zp if zero_point else fake_quant_int4
     k, n = w.shape
     xg = x.astype(np.float32).reshape(len(x), k // block, block).transpose(1, 0, 2)  # [G,M,B]

@@ -134,6 +134,16 @@ def test_int4_zero_point_grid(dtype):
     err_zp = np.mean((deq - w) ** 2)
     err_sym = np.mean((nq.fake_quant_int4(w, block, dtype) - w) ** 2)
     assert err_zp < 0.8 * err_sym
+    # AWQ's clipping, as AutoAWQ clips with zero points: the scale and zero point of the
+    # block clamped to +-share |max|; the weights past it take the end codes
+    share = np.full((k // block, n), 0.8, np.float32)
+    amax = np.repeat(np.abs(w).reshape(k // block, block, n).max(axis=1) * share, block, axis=0)
+    _, s_ref, z_ref = zero_point_reference(np.clip(w, -amax, amax), block, dtype)
+    q, scale, offset = nq.quantize_int4_zp(w, block, dtype, share)
+    assert np.array_equal(scale.astype(np.float32), s_ref)
+    assert np.array_equal(offset, (8 - z_ref) * s_ref)
+    sr, zr = np.repeat(s_ref, block, axis=0), np.repeat(z_ref, block, axis=0)
+    assert np.array_equal(q.astype(np.float32), np.clip(np.rint(w / sr) + zr, 0, 15) - 8)
     # a block whose weights all sit on one side of 0 (and a constant one) stays exact-ish
     one_sided = np.full((block, 2), 0.5, np.float32)
     one_sided[:, 1] = np.linspace(0.5, 0.6, block)
