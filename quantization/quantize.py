@@ -106,18 +106,17 @@ class QuantOptions:
                             "whose scales do not cover the LM head's input; build it without "
                             "--quant-lm-head, or requantize it with --quant int4-awq")
         own = prequantized is not None and prequantized.mode == out.mode
-        if self.int4_block_size is not None and (out.mode not in ("int4-awq", "int4-rtn") or
-                                                 own):
+        if out.mode not in ("int4-awq", "int4-rtn") or own:   # no INT4 that llmc rounds
             what = f"the {prequantized.describe()}'s own weights" if own else \
                 f"--quant {out.mode}"
-            raise LlmcError(f"--int4-block-size sets the blocks of the INT4 weights llmc "
-                            f"quantizes (--quant int4-awq or int4-rtn), not of {what}: drop it")
-        if self.int4_zero_point and (out.mode not in ("int4-awq", "int4-rtn") or own):
-            what = f"the {prequantized.describe()}'s own weights" if own else \
-                f"--quant {out.mode}"
-            raise LlmcError(f"--int4-zero-point quantizes the INT4 weights llmc quantizes "
-                            f"(--quant int4-awq or int4-rtn) with a zero point, not {what}: "
-                            "drop it")
+            if self.int4_block_size is not None:
+                raise LlmcError(f"--int4-block-size sets the blocks of the INT4 weights llmc "
+                                f"quantizes (--quant int4-awq or int4-rtn), not of {what}: "
+                                "drop it")
+            if self.int4_zero_point:
+                raise LlmcError(f"--int4-zero-point quantizes the INT4 weights llmc quantizes "
+                                f"(--quant int4-awq or int4-rtn) with a zero point, not "
+                                f"{what}: drop it")
         return out
 
     def validate(self) -> "QuantOptions":
