@@ -52,14 +52,22 @@ class Site:
 
 def lm_head(g: Graph) -> NodeProto | None:
     """The GEMM that makes the logits: walking back from the graph output through ops with
-    one non-constant input (Cast, Identity, Gemma 2's cap * tanh(x / cap))."""
+    one non-constant input (Cast, Identity, Gemma 2's cap * tanh(x / cap)), and through a
+    zero-point format's Add to the INT4 GEMM beside its offsets' (int4_pass)."""
     if "lm_head" not in g.memo:
         node = g.producer(contract.LOGITS)
         while node is not None and node.op_type not in ("MatMul", "Gemm"):
             live = [v for v in node.input if v and g.const(v) is None and not g.is_weight(v)]
+            if node.op_type == "Add" and len(live) == 2:
+                live = [v for v in live if _reads_dequantized(g, g.producer(v))]
             node = g.producer(live[0]) if len(live) == 1 else None
         g.memo["lm_head"] = node
     return g.memo["lm_head"]
+
+
+def _reads_dequantized(g: Graph, node: NodeProto | None) -> bool:
+    dq = g.producer(node.input[1]) if node is not None and node.op_type == "MatMul" else None
+    return dq is not None and dq.op_type == "DequantizeLinear"
 
 
 def match_site(g: Graph, node: NodeProto, with_lm_head: bool = False) -> Site | None:
@@ -80,9 +88,7 @@ def sites(model: onnx.ModelProto, weights: list[Weight], with_lm_head: bool = Fa
 def lm_head_quantized(model: onnx.ModelProto, weights: list[Weight]) -> bool:
     """Whether the LM head reads a DequantizeLinear (a quantizer took it)."""
     g = Graph(model, weights)
-    head = lm_head(g)
-    dq = g.producer(head.input[1]) if head is not None else None
-    return dq is not None and dq.op_type == "DequantizeLinear"
+    return _reads_dequantized(g, lm_head(g))
 
 
 def untie_lm_head() -> Pass:

@@ -91,16 +91,23 @@ def test_zero_points_that_are_not_integers_are_one_error():
         zero_points((s.astype(np.float32) * 9).astype(np.float16), s, "w")   # z = -1
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_quantized_lm_head_writes_fp32_logits(tiny_models_d64, tmp_path, words, mode):
+@pytest.mark.parametrize("mode,zero_point", [(m, False) for m in MODES] +
+                         [("int4-rtn", True), ("int4-awq", True)])
+def test_a_quantized_lm_head_writes_fp32_logits(tiny_models_d64, tmp_path, words, mode,
+                                                zero_point):
     """--quant-lm-head: the logits' GEMM is quantized too and writes the fp32 logits itself
-    (the INT4 kernels' _f32 entries, FP8's f32 ones); a tied head's copy is what it reads."""
+    (the INT4 kernels' _f32 entries, FP8's f32 ones); a tied head's copy is what it reads.
+    With --int4-zero-point the head has its zero points too."""
+    from llmc.backends.cuda.plan import int4_block_offsets
+
     folder, model = tiny_models_d64["llama-tied-rope3"]
-    header = _build(folder, tmp_path / "h.engine", mode, words, lm_head=True)
+    header = _build(folder, tmp_path / "h.engine", mode, words, lm_head=True,
+                    int4_zero_point=zero_point)
     assert header.quant.details["lm_head"] == mode
     plan = _plan(EngineFile(tmp_path / "h.engine"))
     head = [op for op in plan.ops if op.op == "gemm"][-1]
     assert head.attrs["quant"] == ("fp8" if mode == "fp8" else "int4")
+    assert (int4_block_offsets(head) is not None) == zero_point
     assert head.attrs["out_dtype"] == "float32" and head.attrs["n"] == model.config.vocab_size
     assert head.inputs[1].startswith("model.embed_tokens.weight.lm_head.")
     assert not any(op.op == "cast_f32" for op in plan.ops)
@@ -354,14 +361,16 @@ def test_zero_point_engine_matches_the_reference_backend(tiny_models_d64, tmp_pa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+@pytest.mark.parametrize("kind,lm_head", [("llama-gqa", False), ("llama-tied-rope3", True)])
 @pytest.mark.parametrize("mode", ["int4-rtn", "int4-awq"])
 def test_int4_zero_point_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words,
-                                                              mode):
-    """--int4-zero-point built by llmc: the cuda engine against the reference backend's."""
-    folder, model = tiny_models_d64["llama-gqa"]
-    _build(folder, tmp_path / "c.engine", mode, words, arch=None, int4_zero_point=True)
-    _build(folder, tmp_path / "r.engine", mode, words, backend="reference",
-           int4_zero_point=True)
+                                                              mode, kind, lm_head):
+    """--int4-zero-point built by llmc: the cuda engine against the reference backend's;
+    with --quant-lm-head, the tied head's zero-point GEMM writes the fp32 logits."""
+    folder, model = tiny_models_d64[kind]
+    for backend, out in (("cuda", "c.engine"), ("reference", "r.engine")):
+        _build(folder, tmp_path / out, mode, words, backend=backend, arch=None,
+               int4_zero_point=True, lm_head=lm_head)
     _compare_engines(tmp_path, model, f"{mode} zero points", TOLERANCE[mode], True)
 
 
