@@ -76,12 +76,22 @@ template <int D> __device__ __forceinline__ int e4m3_at(int r, int b) {
   return ((((b >> 4) ^ (r * CPR / 8)) & (CPR - 1)) << 4) + (b & 15);
 }
 
-// Row of key position p of (seq s, kv head) inside the pool [2, nb, Hkv, bs, D].
+// The pool block that holds key position p of sequence s (its block-table entry).
+__device__ __forceinline__ int kv_block(const int* bt, int s, int mb, int p, int bs) {
+  return bt[(size_t)s * mb + (p >> (__ffs(bs) - 1))];  // block sizes are powers of two
+}
+
+// Offset (in elements) of key position p's row of pool block blk, kv head kvh, inside the
+// pool [2, nb, Hkv, bs, D] (which: 0 = K, 1 = V).
+__device__ __forceinline__ size_t pool_row(int blk, int p, int bs, int which, int nb, int hkv,
+                                           int kvh, int d) {
+  return ((((size_t)which * nb + blk) * hkv + kvh) * bs + (p & (bs - 1))) * d;
+}
+
+// Row of key position p of (seq s, kv head) inside the pool.
 __device__ __forceinline__ size_t kv_row(const int* bt, int s, int mb, int p, int bs, int which,
                                          int nb, int hkv, int kvh, int d) {
-  const int sh = __ffs(bs) - 1;  // block sizes are powers of two (16/32/64)
-  const int blk = bt[(size_t)s * mb + (p >> sh)];
-  return ((((size_t)which * nb + blk) * hkv + kvh) * bs + (p & (bs - 1))) * d;
+  return pool_row(kv_block(bt, s, mb, p, bs), p, bs, which, nb, hkv, kvh, d);
 }
 
 // Loads keys [k0, k0+BN) of one kv head (K or V) into a smem tile; rows at or past kv_end are
@@ -120,17 +130,15 @@ __device__ __forceinline__ void load_kv_rows(C* dst, const C* cache, const int* 
   static_assert(32 % CH == 0 && 16 % RP == 0, "a warp's 16 rows in whole passes");
   const int p0 = k0 + warp * 16, c = lane % CH;
   // past the keys: block 0, an address in the pool, and no byte read from it (zero-fill)
-  const int blk = p0 < kv_end ? bt[(size_t)s * mb + (p0 >> (__ffs(bs) - 1))] : 0;
-  const C* src = cache + (((size_t)blk * hkv + kvh) * bs + (p0 & (bs - 1))) * D + c * EPC;
-  const size_t v = (size_t)nb * hkv * bs * D;   // V's rows: the pool's second half
+  const int blk = p0 < kv_end ? kv_block(bt, s, mb, p0, bs) : 0;
 #pragma unroll
   for (int which = 0; which < 2; ++which) {
+    const C* src = cache + pool_row(blk, p0, bs, which, nb, hkv, kvh, D) + c * EPC;
 #pragma unroll
     for (int r = lane / CH; r < 16; r += RP) {
       const int row = warp * 16 + r;
       const int at = sizeof(C) == 2 ? swz<D>(row, c) : row * D + e4m3_at<D>(row, c * EPC);
-      cp_async16(smem_u32(dst + which * BN * D + at), src + which * v + r * D,
-                 p0 + r < kv_end ? 16 : 0);
+      cp_async16(smem_u32(dst + which * BN * D + at), src + r * D, p0 + r < kv_end ? 16 : 0);
     }
   }
 }

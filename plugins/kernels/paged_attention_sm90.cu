@@ -96,7 +96,7 @@ __device__ void attn_prefill_sm90(const u16* __restrict__ q, const int* __restri
 #pragma unroll
       for (int b = 0; b < MAXB; ++b) {
         const int p = j * TN + b * bs;
-        blk[b] = j < n_tiles && b * bs < TN && p < kv_len ? bt[(size_t)s * mb + (p >> sh)] : 0;
+        blk[b] = j < n_tiles && b * bs < TN && p < kv_len ? kv_block(bt, s, mb, p, bs) : 0;
       }
     };
     // Copies of tile j's K (which 0) or V (which 1) into stage st, once the stage is free.
