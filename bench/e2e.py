@@ -104,8 +104,9 @@ def build_engine(model: Path, out: Path, limits, dtype: str = "bf16", quant: str
     """A cuda engine; quantized ones are calibrated (FP8) on random words of the random
     model's word-level tokenizer and not measured (perplexity means nothing on random
     weights, and two onnxruntime passes over an 8B graph would dominate the build). A quant
-    ending in "+head" quantizes the LM head too (--quant-lm-head); one ending in "+kv8" keeps
-    the KV cache in E4M3 (--kv-cache-dtype fp8, its scales calibrated the same way)."""
+    spelled MODE[+zp][+head][+kv8]: +zp gives INT4 a zero point a block (--int4-zero-point),
+    +head quantizes the LM head too (--quant-lm-head), +kv8 keeps the KV cache in E4M3
+    (--kv-cache-dtype fp8, its scales calibrated the same way)."""
     from llmc.build import BuildOptions, build
     from llmc.quantization.quantize import QuantOptions
 
@@ -114,13 +115,15 @@ def build_engine(model: Path, out: Path, limits, dtype: str = "bf16", quant: str
         kv = "fp8" if quant.endswith("+kv8") else "auto"
         mode = quant.removesuffix("+kv8")
         mode, head = mode.removesuffix("+head"), mode.endswith("+head")
+        mode, zp = mode.removesuffix("+zp"), mode.endswith("+zp")
         q = QuantOptions(mode)
         if mode != "none" or kv != "auto":
             words = model / "words.txt"
             rng = np.random.default_rng(0)
             words.write_text(" ".join(f"t{i}" for i in rng.integers(0, 1000, 4096)))
             q = QuantOptions(mode, calib_data=words, eval_data=words, calib_size=16,
-                             eval_size=16, measure=False, lm_head=head, kv_cache_dtype=kv)
+                             eval_size=16, measure=False, lm_head=head, kv_cache_dtype=kv,
+                             int4_zero_point=zp)
         build(BuildOptions(model, out, backend="cuda", dtype=dtype, limits=limits, quant=q),
               log=lambda m: print(f"  [build] {m}") if "wrote" in m or "plan" in m else None)
         print(f"  built {out.name} in {time.perf_counter() - t0:.0f} s")
@@ -268,12 +271,14 @@ def main() -> None:
                     help="fp16 for --quant fp8 / int4-awq (their calibration runs onnxruntime, "
                     "which has no bf16 MatMul on the CPU); the same speed on the GPU")
     ap.add_argument("--quant", nargs="+", default=["none"],
-                    choices=[q + kv for q in ("none", "int4-rtn", "int4-awq", "fp8",
-                                              "int4-rtn+head", "int4-awq+head", "fp8+head")
+                    choices=[q + head + kv for q in ("none", "int4-rtn", "int4-awq", "fp8",
+                                                     "int4-rtn+zp", "int4-awq+zp")
+                             for head in ("", "+head") if q != "none" or not head
                              for kv in ("", "+kv8")],
                     help="build and time an engine of each (speedups against the first); "
-                    "+head: the LM head quantized too (--quant-lm-head); +kv8: the KV cache "
-                    "in E4M3 (--kv-cache-dtype fp8)")
+                    "+zp: INT4 with a zero point a block (--int4-zero-point); +head: the LM "
+                    "head quantized too (--quant-lm-head); +kv8: the KV cache in E4M3 "
+                    "(--kv-cache-dtype fp8)")
     ap.add_argument("--layers", type=int, default=32, help="llama-3.1-8b: decoder layers")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch the GEMVs without programmatic dependent launch (A/B)")
