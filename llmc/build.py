@@ -39,6 +39,17 @@ BETTER_MODES = {"int4-rtn": "try --quant int4-awq or fp8, or ", "int4-awq": "try
                 "int4-gptq": "try --quant fp8, or ", "int4-gguf": "try --quant fp8, or "}
 
 
+def _remedies(quant) -> str:
+    """What a quantized build past its threshold may try instead, each ending in ", or "."""
+    tries = BETTER_MODES.get(quant.mode, "")
+    if quant.mode in ("int4-awq", "int4-rtn"):   # INT4 that llmc rounds itself
+        if not quant.details.get("int4_zero_points"):
+            tries += "--int4-zero-point, or "
+        if max(quant.details.get("int4_block_sizes", []), default=32) > 32:
+            tries += "--int4-block-size 32, or "
+    return tries
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     model: Path
@@ -140,14 +151,10 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
             if not acc.passed:
                 flags = " ".join([f"--quant {quant.mode}"] * (quant.mode != "none") + [
                     f"--kv-cache-dtype {quant.kv_cache_dtype}"] * bool(kv))
-                blocks = quant.details.get("int4_block_sizes", [])
-                smaller = "--int4-block-size 32, or " if quant.mode in ("int4-awq", "int4-rtn") \
-                    and max(blocks, default=32) > 32 else ""
                 log(f"WARNING: perplexity rose {acc.delta_ppl_pct:.2f}% with "
                     f"{flags}, past the {acc.threshold_pct:g}% threshold: this engine's "
                     "output may be noticeably worse than the unquantized model's; "
-                    f"{BETTER_MODES.get(quant.mode, '')}{smaller}raise --max-ppl-increase "
-                    "if this is acceptable")
+                    f"{_remedies(quant)}raise --max-ppl-increase if this is acceptable")
         header = EngineHeader(
             llmc_version=__version__,
             backend=backend.name,

@@ -90,6 +90,9 @@ def test_inspect_shows_the_accuracy_and_a_bad_build_warns(tiny_models, tmp_path,
     acc = EngineFile(out).header.quant.accuracy
     assert "accuracy (int4-rtn): perplexity" in err
     assert ("WARNING: perplexity rose" in err) == (acc.delta_ppl_pct > 0)
+    if acc.delta_ppl_pct > 0:   # what an RTN build may try instead
+        assert "try --quant int4-awq or fp8, or --int4-zero-point, or --int4-block-size 32, " \
+            "or raise --max-ppl-increase" in err
     with pytest.raises(SystemExit):
         main(["inspect", str(out)])
     shown = capsys.readouterr().out
