@@ -324,6 +324,8 @@ def main() -> None:
     lines = [f"# {args.model}" + (f" ({args.layers} layers)" if args.layers != 32 else "")
              + f", {args.dtype}, cuda backend on {torch.cuda.get_device_name()}",
              f"python {platform.python_version()}, torch {torch.__version__} (HF baseline)"]
+    if "H100" not in torch.cuda.get_device_name():
+        lines.append("(the roofline columns are the H100's 3.35 TB/s, not this GPU's)")
     lines += [
              f"command: python3 bench/e2e.py --model {args.model} "
              f"--batches {' '.join(map(str, args.batches))} "
