@@ -89,6 +89,11 @@ def cli() -> None:
                    "+-|max| onto 15, a finer step for blocks whose weights lean to one side; "
                    "the engine keeps a zero point a block next to each scale "
                    "(docs/quantization.md)")
+@click.option("--quant-exclude", "quant_exclude", multiple=True, metavar="GLOB",
+              help="--quant fp8 / int4-awq / int4-rtn: leave the GEMMs whose weight names "
+                   "match this glob 16-bit (repeatable), e.g. '*.mlp.gate_proj.*'; a fused "
+                   "GEMM (q/k/v, gate/up) stays 16-bit when any part matches. Trades engine "
+                   "size for accuracy, which the report measures (docs/quantization.md)")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "fp8"]),
               help="auto: the KV cache in the compute dtype; fp8: E4M3 with a K and a V scale "
@@ -108,8 +113,8 @@ def cli() -> None:
 @_verbose_option
 def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_tokens,
           max_seq_len, kv_block_size, disable_passes, dump_graphs, quant, quant_lm_head,
-          int4_block_size, int4_zero_point, kv_cache_dtype, calib_data, calib_size, eval_data,
-          eval_size, max_ppl_increase) -> None:
+          int4_block_size, int4_zero_point, quant_exclude, kv_cache_dtype, calib_data,
+          calib_size, eval_data, eval_size, max_ppl_increase) -> None:
     """Build an engine file from a checkpoint."""
     from llmc import backends
     from llmc.build import BuildOptions, default_model
@@ -123,7 +128,7 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
                          max_ppl_increase=max_ppl_increase, kv_cache_dtype=kv_cache_dtype,
                          lm_head=quant_lm_head,
                          int4_block_size=int(int4_block_size) if int4_block_size else None,
-                         int4_zero_point=int4_zero_point)
+                         int4_zero_point=int4_zero_point, exclude=tuple(quant_exclude))
     options = BuildOptions(model=model or default_model(), output=output,
                            backend=backends.pick(backend, _log), dtype=dtype, limits=limits,
                            disable_passes=tuple(disable_passes), dump_graphs=dump_graphs,

@@ -24,7 +24,7 @@ order, so memory still holds one weight at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 import onnx
@@ -48,6 +48,7 @@ class Site:
     node: NodeProto
     x: str
     weight: str
+    is_lm_head: bool = False
 
 
 def lm_head(g: Graph) -> NodeProto | None:
@@ -74,7 +75,7 @@ def match_site(g: Graph, node: NodeProto, with_lm_head: bool = False) -> Site | 
     w = g.weights.get(node.input[1]) if len(node.input) == 2 else None
     if w is None or len(w.shape) != 2 or (node is lm_head(g) and not with_lm_head):
         return None
-    return Site(node, node.input[0], node.input[1])
+    return Site(node, node.input[0], node.input[1], node is lm_head(g))
 
 
 def sites(model: onnx.ModelProto, weights: list[Weight], with_lm_head: bool = False
@@ -175,17 +176,18 @@ class GivenInt4:
 def int4_pass(awq: dict[str, np.ndarray] | None = None,
               given: dict[str, GivenInt4] | None = None, with_lm_head: bool = False,
               largest_block: int = numerics.INT4_BLOCKS[0], only_given: bool = False,
-              zero_point: bool = False) -> Pass:
+              zero_point: bool = False, skip: Collection[str] = ()) -> Pass:
     """RTN, or AWQ when ``awq`` maps each weight to its calibration rows of x [M, K]; a
     weight in ``given`` takes those values and scales as they are; the others (with
     ``only_given``, the LM head alone) take the largest block up to ``largest_block`` that
     divides their K (numerics.int4_block), with a zero point a block where ``zero_point``
-    (their graph then that of a zero-point checkpoint: the offset GEMM below)."""
+    (their graph then that of a zero-point checkpoint: the offset GEMM below). Weights in
+    ``skip`` stay as they are (--quant-exclude)."""
     given = given or {}
 
     def match(g: Graph, node: NodeProto) -> Site | None:
         site = match_site(g, node, with_lm_head)
-        if site is None or (site.weight not in given and (
+        if site is None or site.weight in skip or (site.weight not in given and (
                 (only_given and node is not lm_head(g)) or numerics.int4_block(
                     g.weights[site.weight].shape[0], largest_block) is None)):
             return None

@@ -45,6 +45,7 @@ class QuantOptions:
     lm_head: bool = False              # quantize the LM head too (a tied one: a copy of it)
     int4_block_size: int | None = None  # INT4 blocks: the largest up to it that divides K
     int4_zero_point: bool = False      # INT4 with a zero point a block (asymmetric)
+    exclude: tuple[str, ...] = ()      # globs over weight names: those GEMMs stay 16-bit
     # Off only for speed benchmarks on random weights, where perplexity means nothing and
     # running an 8B graph twice on onnxruntime would dominate the build (no CLI flag).
     measure: bool = True
@@ -106,6 +107,11 @@ class QuantOptions:
                             "whose scales do not cover the LM head's input; build it without "
                             "--quant-lm-head, or requantize it with --quant int4-awq")
         own = prequantized is not None and prequantized.mode == out.mode
+        if self.exclude and (out.mode == "none" or own):
+            what = f"the {prequantized.describe()}'s own weights, which are kept as stored" \
+                if own else "nothing is quantized here"
+            raise LlmcError(f"--quant-exclude leaves GEMMs that llmc quantizes 16-bit, and "
+                            f"{what}: drop it, or name a --quant mode (fp8, int4-awq, int4-rtn)")
         if out.mode not in ("int4-awq", "int4-rtn") or own:   # no INT4 that llmc rounds
             what = f"the {prequantized.describe()}'s own weights" if own else \
                 f"--quant {out.mode}"
@@ -171,21 +177,23 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
                         "CPU; build with --dtype fp16 (the same speed on the GPU)")
     if opts.lm_head:   # before the reference is saved: calibration observes the head's x
         model, weights, _ = qdq.quantize_graph(model, weights, qdq.untie_lm_head())
+    head = opts.lm_head
+    sites = qdq.sites(model, weights, head)
+    skip = _excluded(sites, opts.exclude, log)
+    sites = [s for s in sites if s.weight not in skip]
     calib_text, calib_name = measure.read_text(opts.calib_data, "calib")
     eval_text, eval_name = measure.read_text(opts.eval_data, "eval")
     eval_seqs = measure.token_sequences(tokenizer_json, eval_text, opts.eval_size, "evaluation")
     base = save_onnx(model, weights, tmp / "reference") if needs_ort else None
-    details: dict = {}
+    details: dict = {"excluded": len(skip)} if skip else {}
     p = None
-    head = opts.lm_head
-    sites = qdq.sites(model, weights, head)
     gemm_inputs = {}
     zero_point = opts.int4_zero_point
     if zero_point:
         details["int4_zero_points"] = True
     if opts.mode == "int4-rtn":
         p = qdq.int4_pass(with_lm_head=head, largest_block=opts.largest_int4_block,
-                          zero_point=zero_point)
+                          zero_point=zero_point, skip=skip)
     elif opts.mode in KEPT_INT4 and prequantized is not None and \
             prequantized.mode == opts.mode:
         given = _checkpoint_int4(sites, prequantized, {w.name: w.shape for w in weights})
@@ -216,7 +224,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         details["calibration"] = f"{calib.tokens} tokens of {calib_name}"
     if gemm_inputs:
         p = qdq.int4_pass(calib.rows, with_lm_head=head, largest_block=opts.largest_int4_block,
-                          zero_point=zero_point) if opts.mode == "int4-awq" \
+                          zero_point=zero_point, skip=skip) if opts.mode == "int4-awq" \
             else qdq.fp8_pass(calib.amax, with_lm_head=head)
     qmodel, qweights, gemms = model, weights, 0
     if p is not None:
@@ -238,7 +246,8 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
             log(f"warning: --quant-lm-head: {opts.mode} does not fit the LM head; it stays "
                 "16-bit")
         log(f"quantized {gemms} GEMMs to {opts.mode} (the LM head "
-            f"{'among them' if head else 'stays unquantized'})")
+            f"{'among them' if head else 'stays unquantized'}"
+            + (f"; {len(skip)} left 16-bit by --quant-exclude" if skip else "") + ")")
     qio, kv_scales = io, []
     if kv_sites:
         amax = given_kv if given_kv is not None else \
@@ -263,6 +272,32 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         return QuantInfo(opts.mode, opts.kv_cache_dtype, gemms, details, acc, kv_scales)
 
     return Quantized(qmodel, qweights, finish, qio)
+
+
+def _excluded(sites, patterns: tuple[str, ...], log: Callable[[str], None]) -> set[str]:
+    """The GEMM weights that --quant-exclude's globs leave 16-bit: a fused GEMM (q/k/v,
+    gate/up) is one weight, left out when any of its parts' names matches. A glob that
+    matches no GEMM is an error (a typo would otherwise quantize everything, silently)."""
+    from fnmatch import fnmatchcase
+
+    from llmc.passes.gemm import fused_parts
+
+    skip = set()
+    for pattern in patterns:
+        hit = {s.weight for s in sites
+               if any(fnmatchcase(part, pattern) for part in fused_parts(s.weight))}
+        if not hit:
+            names = f", such as {fused_parts(sites[0].weight)[0]!r}" if sites else ""
+            raise LlmcError(f"--quant-exclude {pattern!r} matches none of the GEMMs this build "
+                            f"quantizes; it is a glob over their weight names{names} (e.g. "
+                            "'*.mlp.gate_proj.*')")
+        if any(s.is_lm_head for s in sites if s.weight in hit):
+            raise LlmcError(f"--quant-exclude {pattern!r} names the LM head, which "
+                            "--quant-lm-head quantizes: drop one of them")
+        skip |= hit
+    if skip:
+        log(f"--quant-exclude: {len(skip)} GEMMs stay 16-bit")
+    return skip
 
 
 def _checkpoint_scales(sites, pre: Prequantized) -> tuple[dict[str, float], dict]:

@@ -28,6 +28,9 @@ BUDGET = {"fp8": (0.5, 0.93), "int4-awq": (1.0, 0.85), "int4-rtn": (1.0, 0.85)}
 GEMMA_BUDGET = (3.0, 0.5)
 
 
+GATES = ("*.mlp.gate_proj.*",)   # --quant-exclude: the fused gate-ups stay 16-bit
+
+
 def quant(mode, words, **kw) -> QuantOptions:
     return QuantOptions(mode, calib_data=words, eval_data=words, **kw)
 
@@ -108,6 +111,9 @@ def test_inspect_shows_the_accuracy_and_a_bad_build_warns(tiny_models, tmp_path,
     (["--quant", "fp8", "--int4-block-size", "32"], "not of --quant fp8"),
     (["--quant", "fp8", "--int4-zero-point"], "not --quant fp8"),
     (["--int4-zero-point"], "not --quant none"),
+    (["--quant-exclude", "*.mlp.*"], "nothing is quantized here"),
+    (["--quant", "int4-rtn", "--quant-exclude", "gate_proj"], "matches none of the GEMMs"),
+    (["--quant", "fp8", "--quant-lm-head", "--quant-exclude", "*"], "names the LM head"),
 ])
 def test_bad_quant_options_are_one_error_line(tiny_models, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -184,6 +190,41 @@ def test_quant_lm_head_quantizes_the_head_too(tiny_models, tmp_path, words, kind
     assert not any(n.op_type == "Gemm" for n in graph.node)
 
 
+@pytest.mark.parametrize("mode", ["fp8", "int4-awq", "int4-rtn"])
+def test_quant_exclude_leaves_the_matching_gemms_16_bit(tiny_models, tmp_path, words, mode):
+    """--quant-exclude: the GEMMs whose weight names match stay unquantized (a fused gate-up
+    GEMM when its gate part matches), the rest are quantized, the header counts them."""
+    import onnx
+
+    folder, model = tiny_models["llama-gqa"]
+    layers = model.config.num_hidden_layers
+    header = _build(folder, tmp_path / "q.engine", mode, words, dtype="fp16", exclude=GATES)
+    assert header.quant.gemms == 3 * layers and header.quant.details["excluded"] == layers
+    assert header.quant.accuracy.passed
+    graph = onnx.load_from_string(EngineFile(tmp_path / "q.engine").section(
+        "model.onnx").tobytes()).graph
+    names = {t.name for t in graph.initializer}
+    suffix = "fp8" if mode == "fp8" else "int4"
+    for i in range(layers):
+        mlp = f"model.layers.{i}.mlp"
+        assert f"{mlp}.gate_proj+up_proj.weight" in names
+        assert f"{mlp}.gate_proj+up_proj.weight.{suffix}" not in names
+        assert f"{mlp}.down_proj.weight.{suffix}" in names
+
+
+def test_quant_exclude_is_refused_for_a_checkpoints_own_weights(tmp_path, capsys):
+    """A GGUF file's own 4-bit blocks are kept as stored: nothing for --quant-exclude to
+    leave 16-bit."""
+    from llmc.build import default_model
+
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--model", str(default_model()), "-o", str(tmp_path / "q.engine"),
+              "--backend", "reference", "--quant", "int4-gguf", "--quant-exclude", "*"])
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert e.value.code == 2 and len(errors) == 1 and "kept as stored" in errors[0]
+    assert not (tmp_path / "q.engine").exists()
+
+
 def test_quant_lm_head_needs_a_quant_mode(tiny_models, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["build", "--model", str(tiny_models["llama-gqa"][0]), "-o",
@@ -195,20 +236,22 @@ def test_quant_lm_head_needs_a_quant_mode(tiny_models, tmp_path, capsys):
 # ------------------------------------------------------------------ the other backends
 
 
-@pytest.mark.parametrize("mode, layers, targets, head, zp", [
-    ("int4-rtn", {"DEQUANTIZE": 8}, None, False, False),
-    ("fp8", {"QUANTIZE": 8, "DEQUANTIZE": 16}, ["8.9", "12.0"], False, False),
-    ("int4-rtn", {"DEQUANTIZE": 9}, None, True, False),     # --quant-lm-head: the head's too
-    ("int4-awq", {"DEQUANTIZE": 8}, None, False, True),     # --int4-zero-point
+@pytest.mark.parametrize("mode, layers, targets, head, zp, exclude", [
+    ("int4-rtn", {"DEQUANTIZE": 8}, None, False, False, ()),
+    ("fp8", {"QUANTIZE": 8, "DEQUANTIZE": 16}, ["8.9", "12.0"], False, False, ()),
+    ("int4-rtn", {"DEQUANTIZE": 9}, None, True, False, ()),   # --quant-lm-head: the head's too
+    ("int4-awq", {"DEQUANTIZE": 8}, None, False, True, ()),   # --int4-zero-point
+    ("int4-rtn", {"DEQUANTIZE": 6}, None, False, False, GATES),   # --quant-exclude
 ])
 def test_tensorrt_rtx_builds_quantized_graphs(tiny_models, tmp_path, words, mode, layers,
-                                              targets, head, zp):
+                                              targets, head, zp, exclude):
     """The real TensorRT-RTX builder on the CPU: the Q/DQ layers are in the network (weights
-    packed behind DEQUANTIZE; with zero points, the symmetric codes and the offset GEMMs), FP8
-    for Ada and Blackwell targets only."""
+    packed behind DEQUANTIZE; with zero points, the symmetric codes and the offset GEMMs; the
+    GEMMs --quant-exclude names without), FP8 for Ada and Blackwell targets only."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
     header = _build(tiny_models["llama-gqa"][0], tmp_path / "r.engine", mode, words,
-                    backend="tensorrt-rtx", dtype="fp16", lm_head=head, int4_zero_point=zp)
+                    backend="tensorrt-rtx", dtype="fp16", lm_head=head, int4_zero_point=zp,
+                    exclude=exclude)
     net = header.lowering
     assert {k: net["layer_types"].get(k, 0) for k in layers} == layers
     assert net["rtx_targets"] == targets

@@ -194,6 +194,19 @@ def test_every_mode_lowers_to_quantized_gemms(tiny_models_d64, tmp_path, words, 
                     op.attrs["x_scale"]))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_quant_exclude_lowers_the_excluded_gemms_16_bit(tiny_models_d64, tmp_path, words, mode):
+    """--quant-exclude: the matching GEMMs (here the fused gate-ups) lower to 16-bit GEMMs
+    (llmc's GEMV at decode, SwiGLU still fused) beside the quantized ones."""
+    folder, model = tiny_models_d64["llama-gqa"]
+    _build(folder, tmp_path / "x.engine", mode, words, exclude=("*.mlp.gate_proj.*",))
+    gemms = [op for op in _plan(EngineFile(tmp_path / "x.engine")).ops if op.op == "gemm"]
+    kind = "fp8" if mode == "fp8" else "int4"
+    assert [op.attrs.get("quant") for op in gemms] == \
+        [kind, kind, None, kind] * model.config.num_hidden_layers + [None]
+    assert [op.attrs.get("act") for op in gemms[:4]] == [None, None, "swiglu", None]
+
+
 @pytest.mark.parametrize("mode", ["int4-rtn", "int4-awq"])
 def test_int4_zero_point_builds_take_the_zero_point_kernels(tiny_models_d64, tmp_path, words,
                                                             mode):
@@ -372,6 +385,23 @@ def test_int4_zero_point_engine_matches_the_reference_backend(tiny_models_d64, t
         _build(folder, tmp_path / out, mode, words, backend=backend, arch=None,
                int4_zero_point=True, lm_head=lm_head)
     _compare_engines(tmp_path, model, f"{mode} zero points", TOLERANCE[mode], True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+@pytest.mark.parametrize("mode", MODES)
+def test_quant_exclude_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words,
+                                                            mode):
+    """--quant-exclude: 16-bit gate-ups between quantized GEMMs, on both backends."""
+    from llmc.plugins.launch_rules import FP8_ARCHS
+
+    if mode == "fp8" and GPUS[0].arch not in FP8_ARCHS:
+        pytest.skip("FP8 engines are built for Hopper (sm_90a)")
+    folder, model = tiny_models_d64["llama-gqa"]
+    for backend, out in (("cuda", "c.engine"), ("reference", "r.engine")):
+        _build(folder, tmp_path / out, mode, words, backend=backend, arch=None,
+               exclude=("*.mlp.gate_proj.*",))
+    _compare_engines(tmp_path, model, f"{mode}, gate-ups excluded", TOLERANCE[mode], True)
 
 
 def _compare_engines(tmp_path, model, what: str, tolerance: float, graphs: bool) -> None:
