@@ -179,7 +179,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         model, weights, _ = qdq.quantize_graph(model, weights, qdq.untie_lm_head())
     head = opts.lm_head
     sites = qdq.sites(model, weights, head)
-    skip = _excluded(sites, opts.exclude, log)
+    skip = _excluded(sites, opts.exclude)
     sites = [s for s in sites if s.weight not in skip]
     calib_text, calib_name = measure.read_text(opts.calib_data, "calib")
     eval_text, eval_name = measure.read_text(opts.eval_data, "eval")
@@ -274,7 +274,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     return Quantized(qmodel, qweights, finish, qio)
 
 
-def _excluded(sites, patterns: tuple[str, ...], log: Callable[[str], None]) -> set[str]:
+def _excluded(sites, patterns: tuple[str, ...]) -> set[str]:
     """The GEMM weights that --quant-exclude's globs leave 16-bit: a fused GEMM (q/k/v,
     gate/up) is one weight, left out when any of its parts' names matches. A glob that
     matches no GEMM is an error (a typo would otherwise quantize everything, silently)."""
@@ -295,8 +295,6 @@ def _excluded(sites, patterns: tuple[str, ...], log: Callable[[str], None]) -> s
             raise LlmcError(f"--quant-exclude {pattern!r} names the LM head, which "
                             "--quant-lm-head quantizes: drop one of them")
         skip |= hit
-    if skip:
-        log(f"--quant-exclude: {len(skip)} GEMMs stay 16-bit")
     return skip
 
 
