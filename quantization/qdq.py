@@ -73,9 +73,10 @@ def _reads_dequantized(g: Graph, node: NodeProto | None) -> bool:
 
 def match_site(g: Graph, node: NodeProto, with_lm_head: bool = False) -> Site | None:
     w = g.weights.get(node.input[1]) if len(node.input) == 2 else None
-    if w is None or len(w.shape) != 2 or (node is lm_head(g) and not with_lm_head):
+    is_head = node is lm_head(g)
+    if w is None or len(w.shape) != 2 or (is_head and not with_lm_head):
         return None
-    return Site(node, node.input[0], node.input[1], node is lm_head(g))
+    return Site(node, node.input[0], node.input[1], is_head)
 
 
 def sites(model: onnx.ModelProto, weights: list[Weight], with_lm_head: bool = False

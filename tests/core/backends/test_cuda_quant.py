@@ -286,8 +286,7 @@ def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_pat
     if mode == "fp8" and GPUS[0].arch not in FP8_ARCHS:
         pytest.skip("FP8 engines are built for Hopper (sm_90a)")
     folder, model = tiny_models_d64[kind]
-    _build(folder, tmp_path / "c.engine", mode, words, arch=None)
-    _build(folder, tmp_path / "r.engine", mode, words, backend="reference")
+    _build_both(folder, tmp_path, mode, words)
     _compare_engines(tmp_path, model, f"{kind} {mode}", TOLERANCE[mode], graphs)
 
 
@@ -314,9 +313,8 @@ def test_int4_blocks_of_32_engine_matches_the_reference_backend(tiny_models_d64,
     """--int4-block-size 32: every GEMM in blocks of 32 (the kernels without chunk scales,
     each pair scaled as it is dequantized), against the reference backend's engine."""
     folder, model = tiny_models_d64["llama-gqa"]
-    header = _build(folder, tmp_path / "c.engine", mode, words, arch=None, int4_block_size=32)
+    header = _build_both(folder, tmp_path, mode, words, int4_block_size=32)
     assert header.quant.details["int4_block_sizes"] == [32]
-    _build(folder, tmp_path / "r.engine", mode, words, backend="reference", int4_block_size=32)
     _compare_engines(tmp_path, model, f"{mode} blocks of 32", TOLERANCE[mode], True)
 
 
@@ -331,8 +329,7 @@ def test_int4_steps_past_the_small_m_gemm_dequantize_for_cublaslt(tiny_models_d6
 
     monkeypatch.setattr(launch_rules, "W4_GEMM_MAX_M", launch_rules.QGEMV_MS[-1])
     folder, model = tiny_models_d64["llama-gqa"]
-    _build(folder, tmp_path / "c.engine", mode, words, arch=None)
-    _build(folder, tmp_path / "r.engine", mode, words, backend="reference")
+    _build_both(folder, tmp_path, mode, words)
     _compare_engines(tmp_path, model, f"{mode} dequantized", TOLERANCE[mode], True)
 
 
@@ -348,8 +345,7 @@ def test_quantized_lm_head_engine_matches_the_reference_backend(tiny_models_d64,
     if mode == "fp8" and GPUS[0].arch not in FP8_ARCHS:
         pytest.skip("FP8 engines are built for Hopper (sm_90a)")
     folder, model = tiny_models_d64[kind]
-    _build(folder, tmp_path / "c.engine", mode, words, arch=None, lm_head=True)
-    _build(folder, tmp_path / "r.engine", mode, words, backend="reference", lm_head=True)
+    _build_both(folder, tmp_path, mode, words, lm_head=True)
     _compare_engines(tmp_path, model, f"{mode} head", TOLERANCE[mode], True)
 
 
@@ -367,8 +363,7 @@ def test_zero_point_engine_matches_the_reference_backend(tiny_models_d64, tmp_pa
     folder, model = tiny_models_d64["llama-gqa"]
     src = autoawq_checkpoint(folder, tmp_path / "q", group) if kind == "autoawq" else \
         gptq_checkpoint(folder, tmp_path / "q", group, sym=False)
-    _build(src, tmp_path / "c.engine", "auto", words, arch=None)
-    _build(src, tmp_path / "r.engine", "auto", words, backend="reference")
+    _build_both(src, tmp_path, "auto", words)
     _compare_engines(tmp_path, model, f"{kind} group {group}", TOLERANCE["int4-awq"], graphs)
 
 
@@ -381,9 +376,7 @@ def test_int4_zero_point_engine_matches_the_reference_backend(tiny_models_d64, t
     """--int4-zero-point built by llmc: the cuda engine against the reference backend's;
     with --quant-lm-head, the tied head's zero-point GEMM writes the fp32 logits."""
     folder, model = tiny_models_d64[kind]
-    for backend, out in (("cuda", "c.engine"), ("reference", "r.engine")):
-        _build(folder, tmp_path / out, mode, words, backend=backend, arch=None,
-               int4_zero_point=True, lm_head=lm_head)
+    _build_both(folder, tmp_path, mode, words, int4_zero_point=True, lm_head=lm_head)
     _compare_engines(tmp_path, model, f"{mode} zero points", TOLERANCE[mode], True)
 
 
@@ -398,10 +391,16 @@ def test_quant_exclude_engine_matches_the_reference_backend(tiny_models_d64, tmp
     if mode == "fp8" and GPUS[0].arch not in FP8_ARCHS:
         pytest.skip("FP8 engines are built for Hopper (sm_90a)")
     folder, model = tiny_models_d64["llama-gqa"]
-    for backend, out in (("cuda", "c.engine"), ("reference", "r.engine")):
-        _build(folder, tmp_path / out, mode, words, backend=backend, arch=None,
-               exclude=("*.mlp.gate_proj.*",))
+    _build_both(folder, tmp_path, mode, words, exclude=("*.mlp.gate_proj.*",))
     _compare_engines(tmp_path, model, f"{mode}, gate-ups excluded", TOLERANCE[mode], True)
+
+
+def _build_both(folder, tmp_path, mode, words, **kw):
+    """The same build twice, for _compare_engines: c.engine on the cuda backend for the GPU
+    present, r.engine on the reference backend. Returns the cuda build's header."""
+    header = _build(folder, tmp_path / "c.engine", mode, words, arch=None, **kw)
+    _build(folder, tmp_path / "r.engine", mode, words, backend="reference", **kw)
+    return header
 
 
 def _compare_engines(tmp_path, model, what: str, tolerance: float, graphs: bool) -> None:
