@@ -491,19 +491,32 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
         ld_u16_if(live, (const u16*)zp + srow[h] + (kk >> gshift), zv[d][h]);
     }
   };
+  // WG: thread i copies pair p = i % 64 of rows r0 + RP j (r0 = i / 64): 128 bytes of a row a
+  // warp. What does not change from chunk to chunk is worked out once, so a chunk's copies are
+  // an address and a cp.async each (they were ~20 instructions each, most of a chunk's).
+  // Rows past m are not copied: they only meet output rows that are not stored.
+  constexpr int RP = NW / 2;
+  static_assert(!WG || RP % 4 == 0, "a row's swizzle repeats every 2 RP rows");
+  const int xp = threadIdx.x & 63, xr0 = threadIdx.x >> 6;
+  const int xlp = 8 * ((xp >> 1) & 7) + 4 * (xp & 1) + (xp >> 4);
+  const u32 xoff[2] = {w4gw_offset<MT>(xr0, xlp), w4gw_offset<MT>(xr0 + RP, xlp)};
+  const u16* const xrow = x + (size_t)min(m0 + xr0, m - 1) * k + 2 * xp;
+  const int xrows = m - m0 - xr0;  // this thread's rows below m: RP j < xrows
   auto xload = [&](int ch) {
     if constexpr (WG) {
-      // thread i copies pair p = i % 64 of rows i / 64 + RP j: 128 bytes of a row a warp
-      constexpr int RP = NW / 2;
-      const int p = threadIdx.x & 63, r0 = threadIdx.x >> 6, kk = ch * 128 + 2 * p;
-      const int lp = 8 * ((p >> 1) & 7) + 4 * (p & 1) + (p >> 4);
       const u32 buf = wg_base + (ch % S) * WG_STAGE;
+      const bool kok = ch * 128 + 2 * xp < k;  // past K: zeros (the weights there are not loaded)
+      const u16* const src = kok ? xrow + ch * 128 : x;
+      const int step = kok ? RP * k : 0, bytes = kok ? 4 : 0;
+      if (xrows > MT - RP) {
 #pragma unroll
-      for (int j = 0; j < MT / RP; ++j) {
-        const int r = r0 + RP * j;
-        const bool ok = m0 + r < m && kk < k;
-        cp_async4(buf + w4gw_offset<MT>(r, lp), ok ? x + (size_t)(m0 + r) * k + kk : x,
-                  ok ? 4 : 0);
+        for (int j = 0; j < MT / RP; ++j)
+          cp_async4(buf + xoff[j & 1] + (j >> 1) * (2 * RP * 128), src + j * step, bytes);
+      } else {
+#pragma unroll
+        for (int j = 0; j < MT / RP; ++j)
+          if (RP * j < xrows)
+            cp_async4(buf + xoff[j & 1] + (j >> 1) * (2 * RP * 128), src + j * step, bytes);
       }
       return;
     }
