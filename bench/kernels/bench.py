@@ -5,7 +5,9 @@
 Each variant is captured in a CUDA graph (5 calls) and replayed; the median replay time over
 `REPS` replays is reported, so host launch overhead is excluded for every variant alike.
 Bandwidth figures count the fewest bytes each op must move (inputs read once, outputs written
-once). The copy row measures the achievable device-to-device bandwidth on this GPU.
+once). The copy row measures the achievable device-to-device bandwidth on this GPU. The
+memory-bound kernels are timed at decode's 1-256 rows too, where latency bounds them: those
+rows say how many times the launch floor (a graph of one-element fills) they take.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "plugins"
 from attention_ref import make_batch  # noqa: E402
 
 CALLS, REPS = 5, 30
+DECODE_ROWS = (1, 8, 64, 256)   # the memory-bound kernels at decode steps' token counts
 DATASHEET_BW = 3.35e12  # H100 SXM HBM3
 
 
@@ -89,12 +92,14 @@ def main():
         items = decode_schedule(ctxs, plan)
         return f"scheduled: {(items[:, 0] >= 0).sum()} items"
 
-    def add(name, ours, eager, comp, nbytes, note=""):
+    def add(name, ours, eager, comp, nbytes, note="", floor=None):
         if not wanted(name):
             return
         to = bench(ours)
         te = bench(eager) if eager else None
         tc = bench(comp) if comp else None
+        if floor:
+            note = f"{to / floor:.1f}x the launch floor"
         rows.append((name, to, te, tc, nbytes / to, note))
 
     # fused residual + RMSNorm, T=8192 tokens, hidden 4096
@@ -164,6 +169,32 @@ def main():
         lambda: ref_rope_cache(qkv, bias, seq_pos), lambda: crope_cache(qkv, bias, seq_pos),
         2 * T * (hq + 2 * hkv) * d * 2 + 2 * T * hkv * d * 2)
     qkv = cache = None
+
+    # The same kernels at decode's rows (a token a sequence): far from the bandwidth, bound by
+    # latency. The floor a kernel in a graph cannot go under: a graph of one-element fills
+    # (each a launch, nothing to move), timed as every row is.
+    tiny = torch.zeros(1, device="cuda")
+    floor = bench(lambda: tiny.fill_(1.0))
+    if wanted("launch floor") or wanted("(decode)"):
+        rows.append(("launch floor: a one-element fill", floor, None, None, 0.0, "PyTorch's"))
+    n, inter, hq, hkv, d, bs = 4096, 14336, 32, 8, 128, 16
+    for T in DECODE_ROWS:
+        x, r = (torch.randn(T, n, device="cuda", dtype=bf) for _ in range(2))
+        add(f"add+RMSNorm bf16 [{T},{n}] (decode)", lambda: K.rms_norm(x, w, 1e-5, residual=r),
+            lambda: ref_add_rms(x, r, w), None, 4 * T * n * 2 + n * 2, floor=floor)
+        gu = torch.randn(T, 2 * inter, device="cuda", dtype=bf)
+        add(f"SwiGLU bf16 [{T},{2 * inter}] (decode)", lambda: K.gated(gu, "swiglu"),
+            lambda: ref_swiglu(gu), None, 3 * T * inter * 2, floor=floor)
+        # T sequences of one token each, at position 7 of a block of its own
+        qkv = torch.randn(T, (hq + 2 * hkv) * d, device="cuda", dtype=bf)
+        cache = torch.empty(2, T, hkv, bs, d, device="cuda", dtype=bf)
+        starts = torch.arange(T + 1, device="cuda", dtype=torch.int32)
+        tables = torch.arange(T, device="cuda", dtype=torch.int32).view(T, 1)
+        pos = torch.full((T,), 7, device="cuda", dtype=torch.int32)
+        add(f"RoPE+bias+cache write bf16 T={T} 32/8x128 bs={bs} (decode)",
+            lambda: K.rope(qkv, pos, inv, hq, hkv, d, d, False, bias, cache, starts, tables),
+            None, None, 2 * T * (hq + 2 * hkv) * d * 2 + 2 * T * hkv * d * 2, floor=floor)
+    x = r = gu = qkv = cache = None
 
     # decode paged attention: batch 64, context 2048, 32 q / 8 kv heads, D=128, bf16
     for bs in (16, 64):
@@ -295,6 +326,9 @@ def main():
             flash = f"{f(te)} (flash)" if te else "-"
             lines.append(f"| {name} | {f(to)} | {flash} | - | {ratio(te)} | - | "
                          f"{rate / 1e12:.0f} TFLOP/s | - | - | {note} |")
+            continue
+        if not rate:   # the launch floor moves no bytes
+            lines.append(f"| {name} | {f(to)} | - | - | - | - | - | - | - | {note} |")
             continue
         lines.append(f"| {name} | {f(to)} | {f(te)} | {f(tc)} | {ratio(te)} | {ratio(tc)} | "
                      f"{rate / 1e9:.0f} | {100 * rate / DATASHEET_BW:.0f}% | "
