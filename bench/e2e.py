@@ -17,6 +17,8 @@ through its session directly, the way a serving loop drives it:
   prompt through Runner-style generation of one token;
 - HF transformers on the same GPU in the same run (--hf): eager `generate`, and with a
   static cache and its built-in compile, at batch 1 and 64 with a 512-token context;
+- engines are kept in --work and reused by later runs of the same sources (their names carry
+  a digest of the kernels, lowering, passes and quantization: `source_digest`);
 - the HBM roofline of a decode step: every weight the step reads (all but the embedding
   table, of which it reads B rows) plus the K/V bytes of every context, over 3.35 TB/s (the
   H100 SXM datasheet figure; a 2.9-3.0 TB/s copy is what the card reaches in practice).
@@ -97,6 +99,23 @@ def _random_llama_8b(folder: Path, layers: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(folder / "tokenizer.json"))
     (folder / "config.json").write_text(json.dumps(c))   # last: marks the folder complete
+
+
+def source_digest() -> str:
+    """A digest of the sources a cuda engine is built from: the kernels it carries compiled,
+    their launch rules, the lowering, passes, quantization and model files. An engine in
+    --work is reused only by a tree with the same sources, so a kernel change (or
+    `llmc.plugins` pointed at another tree) is measured on an engine built with it."""
+    import hashlib
+    import importlib
+
+    h = hashlib.sha256()
+    for module in ("llmc", "llmc.plugins", "llmc.passes", "llmc.quantization",
+                   "llmc.model_zoo"):
+        root = Path(importlib.import_module(module).__file__).parent
+        for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cu", ".cuh")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:10]
 
 
 def build_engine(model: Path, out: Path, limits, dtype: str = "bf16", quant: str = "none"
@@ -340,8 +359,9 @@ def main() -> None:
              + (" --no-decode-schedule" if args.no_decode_schedule else "")
              + (" --spread" if args.spread else ""), ""]
     results, table, extra = {}, [], []
+    digest = source_digest()
     for quant in ([] if args.skip_llmc else args.quant):
-        name = f"{args.model}-{args.layers}l-{args.dtype}-{quant}.engine"
+        name = f"{args.model}-{args.layers}l-{args.dtype}-{quant}-{digest}.engine"
         engine = EngineFile(build_engine(src, args.work / name, limits, args.dtype, quant))
         weights_bytes = engine.section("weights").size
         session = CudaSession(engine, gpu_memory_utilization=0.9)
