@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e import HBM_BYTES_PER_S, build_engine, check_events, make_llama_8b  # noqa: E402
+from e2e import HBM_BYTES_PER_S, build_engine, check_events, make_llama_8b, source_digest  # noqa: E402
 
 METRICS = "gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum"
 
@@ -137,7 +137,8 @@ def main() -> None:
     src = make_llama_8b(args.work / f"llama-3.1-8b-{args.layers}l", args.layers)
     limits = BuildLimits(max_batch_size=max(args.batches), max_num_tokens=2048,
                          max_seq_len=args.context + 64, kv_block_size=16)
-    engine = build_engine(src, args.work / f"llama-3.1-8b-{args.layers}l.engine", limits)
+    name = f"llama-3.1-8b-{args.layers}l-{source_digest()}.engine"   # e2e.source_digest: why
+    engine = build_engine(src, args.work / name, limits)
     session = CudaSession(EngineFile(engine), gpu_memory_utilization=0.5)
     steps = {b: time_steps(session, b, args.context) for b in args.batches}
     session.close()
