@@ -158,7 +158,10 @@ def awq_scales(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
     fake = fake_quant_int4_zp if zero_point else fake_quant_int4
     w = w.astype(np.float32)
     x = x.astype(np.float32)
-    ref = x @ w
+    # Errors in float64: ranked in float32, the BLAS's summation order (its threads, the
+    # CPU's kernels) picked other winners, so the same build gave other engines on other
+    # machines (bench/results/quantization.md, "AWQ's search in float64").
+    ref = x.astype(np.float64) @ w
     k, n = w.shape
     x_mean = np.maximum(np.abs(x).mean(axis=0), 1e-8)
     wb = np.abs(w).reshape(k // block, block, n)
@@ -173,7 +176,8 @@ def awq_scales(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
             xs, ws = x / s, w * s[:, None]
             if (alpha or duo) and (np.abs(xs).max() > top or np.abs(ws).max() > top):
                 continue
-            err = float(np.mean((ref - xs @ fake(ws, block, scale_dtype)) ** 2))
+            out = xs.astype(np.float64) @ fake(ws, block, scale_dtype)
+            err = float(np.mean((ref - out) ** 2))
             if err < best[0]:
                 best = (err, s, float(alpha))
     return best[1], best[2]
@@ -191,10 +195,11 @@ def awq_clip(w: np.ndarray, x: np.ndarray, block: int, scale_dtype: str,
     ``zero_point``: the grid with a zero point a block, the block clamped to +-share |max|."""
     fake = fake_quant_int4_zp if zero_point else fake_quant_int4
     k, n = w.shape
-    xg = x.astype(np.float32).reshape(len(x), k // block, block).transpose(1, 0, 2)  # [G,M,B]
+    # float64, as in awq_scales: the same winners whatever the BLAS's summation order
+    xg = x.astype(np.float64).reshape(len(x), k // block, block).transpose(1, 0, 2)  # [G,M,B]
     wg = w.astype(np.float32).reshape(k // block, block, n)                          # [G,B,N]
     ref = xg @ wg                                                 # each block's share [G,M,N]
-    best_err = np.full((k // block, n), np.inf, np.float32)
+    best_err = np.full((k // block, n), np.inf)
     best = np.ones((k // block, n), np.float32)
     for r in AWQ_CLIPS:
         clip = np.full((k // block, n), r, np.float32)
