@@ -47,14 +47,16 @@ struct Int4 {
 };
 
 // One word (8 k) -> 4 pairs of 16-bit weights, scaled by s2 (the scale in both halves).
+// magic: Int4<T>::MAGIC, in a loop passed in a register (Int4Regs: with the mask, it would be
+// the OR's second constant, which ptxas re-creates before every use).
 // bias: -(128 + z) (-(1024 + z)) in both halves, z the zero point (8 for symmetric codes);
 // o2: the block's offset in both halves (-0 for none), added in the same rounding.
 template <typename T>
-__device__ __forceinline__ void dequant8(u32 w, u32 s2, u32 bias, u32* out,
+__device__ __forceinline__ void dequant8(u32 w, u32 magic, u32 s2, u32 bias, u32* out,
                                          u32 o2 = Int4<T>::NEG0) {
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    const u32 v = ((w >> (4 * e)) & 0x000F000Fu) | Int4<T>::MAGIC;
+    const u32 v = ((w >> (4 * e)) & 0x000F000Fu) | magic;
     out[e] = fma2<T>(fma2<T>(v, Int4<T>::ONE, bias), s2, o2);
   }
 }
@@ -73,13 +75,13 @@ __device__ __forceinline__ void offset8(u32 w, u32 magic, u32* out) {
 
 // 16 bytes = 32 k of one row -> 16 pairs, in k order.
 template <typename T>
-__device__ __forceinline__ void dequant32(const uint4& v, u16 s, u32 bias, u32* out,
+__device__ __forceinline__ void dequant32(const uint4& v, u32 magic, u16 s, u32 bias, u32* out,
                                           u32 o2 = Int4<T>::NEG0) {
   const u32 s2 = (u32)s | ((u32)s << 16);
-  dequant8<T>(v.x, s2, bias, out, o2);
-  dequant8<T>(v.y, s2, bias, out + 4, o2);
-  dequant8<T>(v.z, s2, bias, out + 8, o2);
-  dequant8<T>(v.w, s2, bias, out + 12, o2);
+  dequant8<T>(v.x, magic, s2, bias, out, o2);
+  dequant8<T>(v.y, magic, s2, bias, out + 4, o2);
+  dequant8<T>(v.z, magic, s2, bias, out + 8, o2);
+  dequant8<T>(v.w, magic, s2, bias, out + 12, o2);
 }
 
 // What the INT4 kernels' zp argument holds: nothing (symmetric codes u - 8), zero points z
@@ -217,8 +219,8 @@ __device__ __forceinline__ void w4_chunk(const uint4 (&v)[2], const u32 (&s)[2],
     offset8(v[1].z, c.magic, B + 8); offset8(v[1].w, c.magic, B + 12);
   } else {
     constexpr u32 none = Int4<T>::NEG0;
-    dequant32<T>(v[0], (u16)s[0], nb[0], A, ZP == OFFSETS ? z[0] * 0x10001u : none);
-    dequant32<T>(v[1], (u16)s[1], nb[1], B, ZP == OFFSETS ? z[1] * 0x10001u : none);
+    dequant32<T>(v[0], c.magic, (u16)s[0], nb[0], A, ZP == OFFSETS ? z[0] * 0x10001u : none);
+    dequant32<T>(v[1], c.magic, (u16)s[1], nb[1], B, ZP == OFFSETS ? z[1] * 0x10001u : none);
   }
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
@@ -394,7 +396,7 @@ __device__ __forceinline__ void dequant_int4(const u8* __restrict__ w,
     const int i = first + 32 * u;
     if (i >= words) return;
     u32 A[4];
-    dequant8<T>(v[u], s2[u] | (s2[u] << 16), bias[u], A, o2[u]);
+    dequant8<T>(v[u], Int4<T>::MAGIC, s2[u] | (s2[u] << 16), bias[u], A, o2[u]);
     if (pre) {
       const uint4 pv = *reinterpret_cast<const uint4*>(pre + k0[u]);
       A[0] = fma2<T>(A[0], pv.x, Int4<T>::NEG0);
@@ -571,10 +573,12 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
     const u16* buf = w4g_x + (ch % S) * STAGE;
     u32 A[16], B[16];
     constexpr u32 none = Int4<T>::NEG0;
-    dequant32<T>(wv[d][0], (u16)sv[d][0], ZP == ZERO_POINTS ? zero_bias<T>(c.zbase, zv[d][0])
-                 : c.nb[0], A, ZP == OFFSETS ? zv[d][0] * 0x10001u : none);
-    dequant32<T>(wv[d][1], (u16)sv[d][1], ZP == ZERO_POINTS ? zero_bias<T>(c.zbase, zv[d][1])
-                 : c.nb[1], B, ZP == OFFSETS ? zv[d][1] * 0x10001u : none);
+    dequant32<T>(wv[d][0], c.magic, (u16)sv[d][0],
+                 ZP == ZERO_POINTS ? zero_bias<T>(c.zbase, zv[d][0]) : c.nb[0], A,
+                 ZP == OFFSETS ? zv[d][0] * 0x10001u : none);
+    dequant32<T>(wv[d][1], c.magic, (u16)sv[d][1],
+                 ZP == ZERO_POINTS ? zero_bias<T>(c.zbase, zv[d][1]) : c.nb[1], B,
+                 ZP == OFFSETS ? zv[d][1] * 0x10001u : none);
     if (pre) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
