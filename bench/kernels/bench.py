@@ -299,6 +299,8 @@ def main():
                 if not args.only:  # the non-default variants are for tuning runs
                     continue
                 name += " (tuning)"
+            if not wanted(name):
+                continue
             ours = bench(lambda: K.paged_attention(q, k, v, starts, cl, tables, cache,
                                                    write_kv=False, force="prefill",
                                                    variant=variant, pack=pack))
