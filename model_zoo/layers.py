@@ -23,6 +23,7 @@ import numpy as np
 from onnx import TensorProto
 
 from llmc import contract
+from llmc.arrays import transposed
 from llmc.dtypes import np_dtype, onnx_type
 from llmc.graph import GraphBuilder
 
@@ -131,7 +132,9 @@ class DecoderGraph:
             w = read()
             if convert is not None:
                 w = convert(w.astype(np.float32))
-            return (w.T if transpose else w).astype(dt)
+            if transpose:   # converted in the source's layout (one contiguous pass), then
+                return transposed(w.astype(dt, copy=False))   # transposed a tile at a time
+            return w.astype(dt)
 
         out_shape = tuple(reversed(shape)) if transpose else shape
         return self.g.weight(name, self.dtype, out_shape, load)

@@ -3,7 +3,7 @@
 Layers, lowest first; a module may import its own layer and the ones below, never above:
 
     core        llmc.{errors, dtypes, config, limits, contract, header, engine_file, devices,
-                checkpoint, graph, version}
+                checkpoint, graph, arrays, version}
     compiler    llmc.model_zoo, llmc.passes, llmc.quantization, llmc.plugins
     backends    llmc.backends
     pipeline    llmc.build, llmc.runtime
@@ -31,7 +31,7 @@ LAYERS = {
 }
 CORE = {"llmc.errors", "llmc.dtypes", "llmc.config", "llmc.limits", "llmc.contract",
         "llmc.header", "llmc.engine_file", "llmc.devices", "llmc.checkpoint", "llmc.graph",
-        "llmc.version"}
+        "llmc.arrays", "llmc.version"}
 
 
 def _modules() -> dict[str, Path]:

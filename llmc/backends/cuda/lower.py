@@ -63,6 +63,7 @@ from pathlib import Path
 import numpy as np
 
 from llmc import contract
+from llmc.arrays import transposed
 from llmc.backends.cuda.plan import (
     ALIGN,
     Op,
@@ -1108,7 +1109,7 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
         else:   # one matrix at a time: an expert stack is never copied whole
             words = block.view(f"u{itemsize(v.dtype)}").reshape(-1, rows * cols)
             for word in words:
-                word[:] = np.ascontiguousarray(word.reshape(cols, rows).T).reshape(-1)
+                word[:] = transposed(word.reshape(cols, rows)).reshape(-1)
         done += size
     tail = {}
     for name, (src, x_scale) in appended.items():
