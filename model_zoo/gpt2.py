@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from llmc.arrays import transposed
 from llmc.config import architecture, eos_ids, field
 from llmc.errors import LlmcError
 from llmc.model_zoo.family import Family, GGUFArch, Readers
@@ -167,7 +168,7 @@ def _gguf_gpt2(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
 def gguf_fix(name: str, w: np.ndarray, c: GPT2Config) -> np.ndarray:
     """llama.cpp transposes the Conv1D weights to [out, in] (its linear layout); back."""
     conv = name.endswith(".weight") and any(f".{m}." in name for m in CONV1D)
-    return np.ascontiguousarray(w.T) if conv else w
+    return transposed(w) if conv else w
 
 
 # ---- the graph ------------------------------------------------------------------------------

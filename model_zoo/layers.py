@@ -235,9 +235,12 @@ class DecoderGraph:
         parts = [[self._reader(n) for n in names] for names in experts]
         dt = np_dtype(self.dtype)
 
-        def load():
-            return np.stack([np.concatenate([r() for r in rs], axis=0).T for rs in parts]
-                            ).astype(dt)
+        def load():   # each expert converted, then transposed a tile at a time into place
+            out = np.empty((len(parts), *shape[1:]), dt)
+            for e, rs in enumerate(parts):
+                transposed(np.concatenate([r() for r in rs], axis=0).astype(dt, copy=False),
+                           out[e])
+            return out
 
         return self.g.weight(name, self.dtype, shape, load)
 

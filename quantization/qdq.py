@@ -31,6 +31,7 @@ import onnx
 from onnx import NodeProto
 
 from llmc import contract
+from llmc.arrays import transposed
 from llmc.dtypes import np_dtype
 from llmc.graph import Weight
 from llmc.passes.ir import Graph
@@ -108,7 +109,7 @@ def untie_lm_head() -> Pass:
     def replace(g: Graph, node: NodeProto) -> None:
         table = g.weights[node.input[1]]
         head = g.add_weight(Weight(f"{table.name}.lm_head", table.dtype, table.shape[::-1],
-                                   lambda: np.ascontiguousarray(table.read().T)), table.name)
+                                   lambda: transposed(table.read())), table.name)
         g.remove([node])
         g.add("MatMul", [node.input[0], head], list(node.output), name=node.name)
         g.memo.pop("lm_head", None)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import onnx
 
+from llmc.arrays import transposed
 from llmc.contract import EngineIO
 from llmc.errors import LlmcError
 from llmc.graph import Weight, save_onnx
@@ -353,7 +354,7 @@ def _checkpoint_int4(sites, pre: Prequantized, shapes: dict[str, tuple]) -> dict
 
         def values(parts=parts) -> np.ndarray:
             q = np.concatenate([p.values() for p in parts], axis=0)        # [N, K]
-            return np.ascontiguousarray(q.T).astype(np_dtype("int4"))      # [K, N]
+            return transposed(q).astype(np_dtype("int4"))                  # [K, N]
 
         offset = None if all(p.offset is None for p in parts) else np.ascontiguousarray(
             np.concatenate([np.zeros_like(p.scale) if p.offset is None else p.offset
