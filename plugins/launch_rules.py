@@ -225,10 +225,13 @@ W4G_MAX_SPLITS = 8
 # On sm_90a, steps of more than 32 rows run the same CTA with its MMAs as wgmma (the w4gw
 # entries, kernels/qgemv.cuh: W4GW_CONFIG): it takes the fewer of W4GW_ROWS x rows that hold
 # the step (the last past them), with W4GW_STAGES of them in shared memory. At 17-32 rows the
-# mma.sync kernel is as fast or faster (bench/results/qgemv.md).
+# mma.sync kernel is as fast or faster (bench/results/qgemv.md). Its K splits aim for
+# W4GW_AIM warps an SM, half the mma.sync kernel's: fewer splits of its larger tiles (Llama's
+# qkv 6, not 8; the gate-up 1, not 2) ran 1.15-1.24x faster at 128 rows on the H100.
 W4GW_MIN_M = 33
 W4GW_ROWS = (64, 128)
 W4GW_STAGES = {64: 4, 128: 3}
+W4GW_AIM = 16
 
 
 def w4_gemm_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None,
@@ -248,15 +251,16 @@ def w4_gemm_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = N
     int4_group_shift(group)
     kind = _int4_kind(offsets)
     suffix = f"{'_f32' if out == 'f32' else ''}{f'_{act}' if act else ''}"
-    if sm90 and m >= W4GW_MIN_M:
+    wgmma = sm90 and m >= W4GW_MIN_M
+    if wgmma:
         rows = w4gw_rows(m)
         name, smem = f"w4gw{kind}_{tag}_x{rows}{suffix}", w4gw_smem(rows, W4GW_STAGES[rows])
     else:
         rows = 8 * W4G_TILES
         name, smem = f"w4g{kind}_{tag}{suffix}", w4g_smem(W4G_TILES, W4G_STAGES)
     grid = (math.ceil(m / rows), math.ceil(math.ceil(n / (8 if act else 16)) / W4G_WARPS))
-    return Launch("qgemv_zp" if kind else "qgemv", name,
-                  (*grid, w4g_splits(grid[0] * grid[1] * W4G_WARPS, k, sm_count)),
+    splits = w4g_splits(grid[0] * grid[1] * W4G_WARPS, k, sm_count, W4GW_AIM if wgmma else 0)
+    return Launch("qgemv_zp" if kind else "qgemv", name, (*grid, splits),
                   (32 * W4G_WARPS, 1, 1), smem=smem, pdl=True)
 
 

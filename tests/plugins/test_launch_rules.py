@@ -376,12 +376,15 @@ def test_w4_gemm_launch_tiles_and_splits():
 @pytest.mark.parametrize("m,rows", [(33, 64), (64, 64), (65, 128), (128, 128), (300, 128)])
 def test_w4_gemm_launch_sm90(m, rows):
     """sm_90a's wgmma kernel from W4GW_MIN_M rows: the fewer of 64 or 128 x rows a CTA that hold
-    the step, the same weight tiles and K splits, its x stages from a 1024-byte boundary."""
+    the step, the same weight tiles, K splits aimed at W4GW_AIM warps an SM (qkv: 6 at 64
+    rows, not the mma.sync kernel's 8), its x stages from a 1024-byte boundary."""
     ln = lr.w4_gemm_launch(m, 6144, 4096, "bfloat16", group=128, sm_count=132, sm90=True)
     assert ln.kernel == f"w4gw_bf16_x{rows}" and ln.module == "qgemv"
     assert ln.grid[:2] == (-(-m // rows), 6144 // (16 * lr.W4G_WARPS))
     assert ln.smem == lr.W4GW_STAGES[rows] * rows * 128 * 2 + 1024 <= 227 * 1024
-    assert ln.grid[2] == lr.w4g_splits(ln.grid[0] * ln.grid[1] * lr.W4G_WARPS, 4096, 132)
+    assert ln.grid[2] == lr.w4g_splits(ln.grid[0] * ln.grid[1] * lr.W4G_WARPS, 4096, 132,
+                                       lr.W4GW_AIM)
+    assert ln.grid[2] == (2 if m > 128 else 6)   # 3 CTA rows at 300: 2 splits fill the SMs
     gate = lr.w4_gemm_launch(m, 14336, 4096, "float16", act="swiglu", group=128,
                              offsets="offsets", sm_count=132, sm90=True)
     assert (gate.module, gate.kernel) == ("qgemv_zp", f"w4gwoff_f16_x{rows}_swiglu")
