@@ -48,10 +48,21 @@ def source(module: str) -> str:
     return (KERNEL_DIR / f"{module}.cu").read_text()
 
 
-def compile_module(module: str, arch: str, ptx: bool = False) -> bytes:
+DTYPE_MACROS = {"float16": "LLMC_DTYPE_F16", "bfloat16": "LLMC_DTYPE_BF16"}
+
+
+def compile_module(module: str, arch: str, ptx: bool = False, dtype: str | None = None
+                   ) -> bytes:
     """Compile one kernels/<module>.cu for `arch` (e.g. 'sm_90a'); cubin bytes, or PTX text
-    bytes when ptx=True (TensorRT's ahead-of-time plugin API accepts either)."""
-    return _compile_cached(module, arch, ptx, source(module), _headers())
+    bytes when ptx=True (TensorRT's ahead-of-time plugin API accepts either). ``dtype``
+    ("float16" or "bfloat16"): only that compute dtype's entry points (common.cuh: LLMC_F16,
+    LLMC_BF16), as an engine of that dtype runs; None: both."""
+    src = source(module)
+    if dtype is not None:
+        if dtype not in DTYPE_MACROS:
+            raise ValueError(f"kernels compile for float16 or bfloat16, not {dtype!r}")
+        src = f"#define {DTYPE_MACROS[dtype]}\n{src}"
+    return _compile_cached(module, arch, ptx, src, _headers())
 
 
 def _headers() -> tuple[tuple[bytes, bytes], ...]:
@@ -87,15 +98,17 @@ def _compile_cached(module: str, arch: str, ptx: bool, src: str,
     return bytes(buf)
 
 
-def compile_all(archs=DEFAULT_ARCHS, modules=MODULES) -> dict[tuple[str, str], bytes]:
-    """Cubins for every kernel module and arch, keyed by (module, arch).
+def compile_all(archs=DEFAULT_ARCHS, modules=MODULES, dtype: str | None = None
+                ) -> dict[tuple[str, str], bytes]:
+    """Cubins for every kernel module and arch, keyed by (module, arch); ``dtype``: that
+    compute dtype's entry points alone (compile_module).
 
     NVRTC releases the GIL and may compile distinct programs from several threads at once,
     so the (module, arch) pairs compile in parallel: the build's wait shrinks with its cores.
     The largest sources start first, so no long compile is left to run alone at the end."""
     jobs = sorted(((m, a) for a in archs for m in modules), key=lambda j: -len(source(j[0])))
     with ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-        return dict(zip(jobs, pool.map(lambda job: compile_module(*job), jobs)))
+        return dict(zip(jobs, pool.map(lambda job: compile_module(*job, dtype=dtype), jobs)))
 
 
 def nvrtc_version() -> tuple[int, int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 import functools
 
-from llmc.devices import arch_for_capability, check, device_max_smem
+from llmc.devices import CudaError, arch_for_capability, check, device_max_smem
 
 from . import attention_plan as ap
 from . import compiler
@@ -47,9 +47,14 @@ class Functions:
 
         key = (launch.module, launch.kernel)
         if key not in self._funcs:
-            f = check(driver.cuModuleGetFunction(self._module(launch.module),
-                                               launch.kernel.encode()))
-            self._funcs[key] = f
+            err, f = driver.cuModuleGetFunction(self._module(launch.module),
+                                                launch.kernel.encode())
+            if err == driver.CUresult.CUDA_ERROR_NOT_FOUND:
+                # an engine's cubins hold the entry points of its compute dtype alone
+                raise CudaError(f"no kernel {launch.kernel} in module {launch.module}"
+                                   + (" (the engine's, compiled for one dtype)"
+                                      if launch.module in self._cubins else ""))
+            self._funcs[key] = check((err, f))
         f = self._funcs[key]
         if launch.smem > self._smem_set.get(key, 0):
             # past 48 KB of shared memory, static and dynamic together, a kernel must opt in

@@ -74,7 +74,7 @@ __device__ __forceinline__ void plain(const u16* __restrict__ x, int n, u16* __r
     plain<TY, VEC, 2>(x, n, out);                                                              \
   }
 
-ACT_ENTRIES(f16, F16, 8)
-ACT_ENTRIES(f16, F16, 1)
-ACT_ENTRIES(bf16, BF16, 8)
-ACT_ENTRIES(bf16, BF16, 1)
+LLMC_F16(ACT_ENTRIES(f16, F16, 8))
+LLMC_F16(ACT_ENTRIES(f16, F16, 1))
+LLMC_BF16(ACT_ENTRIES(bf16, BF16, 8))
+LLMC_BF16(ACT_ENTRIES(bf16, BF16, 1))

@@ -1,6 +1,19 @@
 // Shared helpers for llmc kernels. NVRTC from the pip wheel ships no cuda_fp16.h/cuda_bf16.h,
 // so 16-bit values travel as raw `unsigned short` and convert through PTX `cvt` instructions.
 #pragma once
+// A module's entry points come in both 16-bit dtypes; an engine runs one, so a build compiles
+// that one's alone (compiler.compile_module's dtype: -DLLMC_DTYPE_F16 or -DLLMC_DTYPE_BF16),
+// half the NVRTC time. Without either (the kernel tests, the TensorRT plugins) both.
+#ifdef LLMC_DTYPE_BF16
+#define LLMC_F16(...)
+#else
+#define LLMC_F16(...) __VA_ARGS__
+#endif
+#ifdef LLMC_DTYPE_F16
+#define LLMC_BF16(...)
+#else
+#define LLMC_BF16(...) __VA_ARGS__
+#endif
 typedef unsigned short u16;
 typedef unsigned int u32;
 #ifndef INFINITY

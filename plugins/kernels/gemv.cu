@@ -223,6 +223,6 @@ __device__ __forceinline__ void tc_gemv(const u16* __restrict__ x, const u16* __
 #define GEMV_U1 8
 #define GEMV_R2 2
 #define GEMV_U2 4
-GEMV_DTYPE(f16, F16)
-GEMV_DTYPE(bf16, BF16)
+LLMC_F16(GEMV_DTYPE(f16, F16))
+LLMC_BF16(GEMV_DTYPE(bf16, BF16))
 #endif

@@ -120,7 +120,7 @@ extern "C" __global__ void softcap_f32(const float* __restrict__ x, int n, int c
     out[i] = cap * tanhf(x[i] / cap);
 }
 
-GLUE_ENTRIES(f16, F16, 8)
-GLUE_ENTRIES(f16, F16, 1)
-GLUE_ENTRIES(bf16, BF16, 8)
-GLUE_ENTRIES(bf16, BF16, 1)
+LLMC_F16(GLUE_ENTRIES(f16, F16, 8))
+LLMC_F16(GLUE_ENTRIES(f16, F16, 1))
+LLMC_BF16(GLUE_ENTRIES(bf16, BF16, 8))
+LLMC_BF16(GLUE_ENTRIES(bf16, BF16, 1))

@@ -571,6 +571,6 @@ __device__ __forceinline__ void moe_combine(const u16* __restrict__ y,
   MOE_COMBINE(DT, TY, 1)
 
 #ifndef MOE_VARIANTS  // bench/kernels/moe.py --sweep compiles its own grid of GEMM shapes
-MOE_DTYPE(f16, F16)
-MOE_DTYPE(bf16, BF16)
+LLMC_F16(MOE_DTYPE(f16, F16))
+LLMC_BF16(MOE_DTYPE(bf16, BF16))
 #endif

@@ -102,7 +102,7 @@ __device__ __forceinline__ void norm_row(const u16* __restrict__ x, const u16* _
     norm_row<TY, VEC, true, true>(x, r, w, b, rows, n, eps, out, res_out);                       \
   }
 
-NORM_ENTRIES(f16, F16, 8)
-NORM_ENTRIES(f16, F16, 1)
-NORM_ENTRIES(bf16, BF16, 8)
-NORM_ENTRIES(bf16, BF16, 1)
+LLMC_F16(NORM_ENTRIES(f16, F16, 8))
+LLMC_F16(NORM_ENTRIES(f16, F16, 1))
+LLMC_BF16(NORM_ENTRIES(bf16, BF16, 8))
+LLMC_BF16(NORM_ENTRIES(bf16, BF16, 1))

@@ -39,5 +39,5 @@
     kv_write<TY>(k, v, ss, cl, bt, T_, B, hkv, d, mb, bs, nb, cache);                         \
   }
 
-DT_ENTRIES(f16, F16)
-DT_ENTRIES(bf16, BF16)
+LLMC_F16(DT_ENTRIES(f16, F16))
+LLMC_BF16(DT_ENTRIES(bf16, BF16))

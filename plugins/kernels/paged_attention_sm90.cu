@@ -287,7 +287,7 @@ __device__ void attn_prefill_sm90(const u16* __restrict__ q, const int* __restri
     SM90_BODY(TY, D, true, cap);                                                              \
   }
 
-SM90_ENTRY(f16, F16, 64)
-SM90_ENTRY(f16, F16, 128)
-SM90_ENTRY(bf16, BF16, 64)
-SM90_ENTRY(bf16, BF16, 128)
+LLMC_F16(SM90_ENTRY(f16, F16, 64))
+LLMC_F16(SM90_ENTRY(f16, F16, 128))
+LLMC_BF16(SM90_ENTRY(bf16, BF16, 64))
+LLMC_BF16(SM90_ENTRY(bf16, BF16, 128))

@@ -17,6 +17,6 @@
   W8_CONFIGS(DT, TY)
 
 #ifndef QGEMV_VARIANTS  // benchmarks compile their own variants
-QGEMV_DTYPE(f16, F16)
-QGEMV_DTYPE(bf16, BF16)
+LLMC_F16(QGEMV_DTYPE(f16, F16))
+LLMC_BF16(QGEMV_DTYPE(bf16, BF16))
 #endif

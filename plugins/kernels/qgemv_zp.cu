@@ -26,5 +26,5 @@
   W4G_CONFIG(W4GOFF_ENTRY, w4goff, DT, TY)                                                     \
   W4GW_CONFIG(W4GOFF_ENTRY, w4gwoff, DT, TY)
 
-QGEMV_ZP_DTYPE(f16, F16)
-QGEMV_ZP_DTYPE(bf16, BF16)
+LLMC_F16(QGEMV_ZP_DTYPE(f16, F16))
+LLMC_BF16(QGEMV_ZP_DTYPE(bf16, BF16))

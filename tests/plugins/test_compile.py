@@ -13,9 +13,9 @@ from llmc.plugins import compiler  # noqa: E402
 from llmc.plugins import launch_rules as lr  # noqa: E402
 
 
-def _entry_names():
+def _entry_names(dtypes=tuple(lr.DTYPES)):
     names = set()
-    for dt in lr.DTYPES:
+    for dt in dtypes:
         for n in (64, 63):
             for kind in ("rmsnorm", "layernorm"):
                 for res in (False, True):
@@ -123,6 +123,29 @@ def test_every_entry_point_is_in_the_cubin(cubins, arch):
         blob = cubins[module, arch]
         assert blob[:4] == b"\x7fELF", module
         assert kernel.encode() + b"\x00" in blob, (module, kernel, arch)
+
+
+@pytest.mark.slow
+def test_an_engines_dtype_compiles_its_entry_points_alone():
+    """A build compiles its compute dtype's entry points alone (compile_all's dtype): every
+    one the launch rules can name for fp16, none that only bf16 names."""
+    f16 = compiler.compile_all(archs=("sm_90a",), dtype="float16")
+    ours, theirs = _entry_names(("float16",)), _entry_names(("bfloat16",))
+    assert theirs - ours
+    for module, kernel in ours:
+        assert kernel.encode() + b"\x00" in f16[module, "sm_90a"], (module, kernel)
+    for module, kernel in theirs - ours:
+        assert kernel.encode() + b"\x00" not in f16[module, "sm_90a"], (module, kernel)
+
+
+@pytest.mark.parametrize("dtype,tag,other", (("float16", "f16", "bf16"),
+                                             ("bfloat16", "bf16", "f16")))
+def test_one_dtypes_entry_points(dtype, tag, other):
+    ptx = compiler.compile_module("activation", "sm_90a", ptx=True, dtype=dtype)
+    assert f".entry swiglu_{tag}_v8".encode() in ptx
+    assert f".entry swiglu_{other}_v8".encode() not in ptx
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        compiler.compile_module("activation", "sm_90a", dtype="float32")
 
 
 def test_ptx_for_tensorrt_aot():

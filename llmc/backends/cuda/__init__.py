@@ -111,7 +111,7 @@ class CudaBackend:
         # weights.bin is the build's own temporary copy: rewritten in place, once
         moved = rewrite_weights(onnx_path.parent / "weights.bin", plan)
         log(f"GEMM weights stored [out, in]: {moved / 2**20:.1f} MiB rewritten")
-        cubins = compile_all(archs=(arch,), modules=plan.modules)
+        cubins = compile_all(archs=(arch,), modules=plan.modules, dtype=plan.dtype)
         sections: dict[str, Path | bytes] = {
             PLAN: json.dumps(plan.to_dict()).encode(),
             WEIGHTS: onnx_path.parent / "weights.bin",
