@@ -52,8 +52,8 @@ class Functions:
             if err == driver.CUresult.CUDA_ERROR_NOT_FOUND:
                 # an engine's cubins hold the entry points of its compute dtype alone
                 raise CudaError(f"no kernel {launch.kernel} in module {launch.module}"
-                                   + (" (the engine's, compiled for one dtype)"
-                                      if launch.module in self._cubins else ""))
+                                + (" (the engine's, compiled for one dtype)"
+                                   if launch.module in self._cubins else ""))
             self._funcs[key] = check((err, f))
         f = self._funcs[key]
         if launch.smem > self._smem_set.get(key, 0):
