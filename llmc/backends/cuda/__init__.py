@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from llmc.backends.base import Log, Lowered
@@ -111,13 +112,17 @@ class CudaBackend:
         # weights.bin is the build's own temporary copy: rewritten in place, once
         moved = rewrite_weights(onnx_path.parent / "weights.bin", plan)
         log(f"GEMM weights stored [out, in]: {moved / 2**20:.1f} MiB rewritten")
+        major, minor = nvrtc_version()
+        log(f"compiling {len(plan.modules)} kernel modules for {arch}, {plan.dtype} entry points "
+            f"(NVRTC {major}.{minor})")
+        start = time.perf_counter()
         cubins = compile_all(archs=(arch,), modules=plan.modules, dtype=plan.dtype)
+        log(f"kernels compiled in {time.perf_counter() - start:.1f} s")
         sections: dict[str, Path | bytes] = {
             PLAN: json.dumps(plan.to_dict()).encode(),
             WEIGHTS: onnx_path.parent / "weights.bin",
         }
         sections.update({cubin_section(m): cubins[(m, arch)] for m in plan.modules})
-        major, minor = nvrtc_version()
         return Lowered(sections, summary=plan_summary(plan),
                        versions={"nvrtc": f"{major}.{minor}", "gpu_arch": arch})
 

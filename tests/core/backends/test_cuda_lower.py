@@ -43,9 +43,9 @@ WINDOWS = {"mistral-window": [12, 12], "phi3-window": [12, 12], "gemma2-softcap"
 QK_NORM = ("qwen3-qknorm", "gemma3-local-global")
 
 
-def _build(folder, out, arch, dtype="bf16", limits=LIMITS, **kw):
+def _build(folder, out, arch, dtype="bf16", limits=LIMITS, log=lambda _: None, **kw):
     build(BuildOptions(folder, out, backend="cuda", dtype=dtype, limits=limits, gpu_arch=arch,
-                       **kw), log=lambda _: None)
+                       **kw), log=log)
     return EngineFile(out)
 
 
@@ -57,9 +57,13 @@ def _plan(engine: EngineFile) -> Plan:
 def test_every_variant_lowers(tiny_models_d64, tmp_path, arch):
     for kind in KINDS + MORE_KINDS.get(arch, ()):
         folder, model = tiny_models_d64[kind]
-        engine = _build(folder, tmp_path / f"{kind}.engine", arch)
+        said = []
+        engine = _build(folder, tmp_path / f"{kind}.engine", arch, log=said.append)
         plan = _plan(engine)
         check_plan(plan)
+        # the build says what it compiles: the plan's modules, for its dtype alone
+        assert any(line.startswith(f"compiling {len(plan.modules)} kernel modules for {arch}, "
+                                   "bfloat16 entry points") for line in said), said
         layers = model.config.num_hidden_layers
         counts = {op: sum(o.op == op for o in plan.ops) for op in ("rope_cache", "attention",
                                                                    "gemm", "swiglu", "gelu")}
