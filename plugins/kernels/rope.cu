@@ -364,15 +364,10 @@ __device__ __forceinline__ void rope_token(
                                                   E4M3_ARGS);                                 \
   }
 
-LLMC_F16(ROPE_ENTRIES(f16, F16, half, 0))
-LLMC_F16(ROPE_ENTRIES(f16, F16, interleaved, 1))
-LLMC_BF16(ROPE_ENTRIES(bf16, BF16, half, 0))
-LLMC_BF16(ROPE_ENTRIES(bf16, BF16, interleaved, 1))
-LLMC_F16(QKNORM_ENTRIES(f16, F16, half, 0))
-LLMC_F16(QKNORM_ENTRIES(f16, F16, interleaved, 1))
-LLMC_BF16(QKNORM_ENTRIES(bf16, BF16, half, 0))
-LLMC_BF16(QKNORM_ENTRIES(bf16, BF16, interleaved, 1))
-LLMC_F16(E4M3_ENTRIES(f16, F16, half, 0))
-LLMC_F16(E4M3_ENTRIES(f16, F16, interleaved, 1))
-LLMC_BF16(E4M3_ENTRIES(bf16, BF16, half, 0))
-LLMC_BF16(E4M3_ENTRIES(bf16, BF16, interleaved, 1))
+// a dtype's entries in both FORMs (the top of this file): rotate-half, interleaved pairs
+#define ROPE_FORM(DT, TY, FN, FORM)                                                           \
+  ROPE_ENTRIES(DT, TY, FN, FORM) QKNORM_ENTRIES(DT, TY, FN, FORM) E4M3_ENTRIES(DT, TY, FN, FORM)
+#define ROPE_DTYPE(DT, TY) ROPE_FORM(DT, TY, half, 0) ROPE_FORM(DT, TY, interleaved, 1)
+
+LLMC_F16(ROPE_DTYPE(f16, F16))
+LLMC_BF16(ROPE_DTYPE(bf16, BF16))
