@@ -24,7 +24,8 @@ from the same source (warps splitting K, chunks in flight a warp, CTAs an SM; fo
 small-M GEMM warps a CTA, x rows a CTA, x stages, chunks in flight a warp, CTAs an SM and the
 warps an SM its K splits aim for, for its wgmma kernel the same; for the dequantization words
 a thread): the figures behind the configurations in kernels/qgemv.cuh. --sweep w4gw: the
-wgmma kernel's alone.
+wgmma kernel's alone. Each small-M GEMM variant's output is checked against the shipped
+kernel's before it is timed; one that disagrees is listed as wrong, not with its speed.
 """
 from __future__ import annotations
 
@@ -262,6 +263,19 @@ def main() -> None:
             b4 = n * k // 2 + s4.numel() * 2 + io
             gemm_rows.append((name, f"{k}->{n}", m, t16, (w16_bytes + io) / t16, td, tg,
                               b4 / tg, 2 * m * n * k / tg, tw))
+
+            def agrees(call, ref, y=y) -> bool:
+                """A variant's y against the shipped kernel's: a launch that is fast and wrong
+                (a race, a hazard) is marked, not ranked."""
+                y.fill_(float("nan"))
+                call()
+                torch.cuda.synchronize()
+                return torch.allclose(y.float(), ref, rtol=2e-2,
+                                      atol=2e-2 * ref.abs().max().item())
+
+            if args.sweep in ("all", "w4gw") and not act:
+                w4g(w4[0])()
+                ref = y.float()
             if args.sweep in ("all", "w4gw") and wgmma and m >= lr.W4GW_MIN_M and not act:
                 mt = lr.w4gw_rows(m)
                 for xr, st, d, mb in SWEEP4GW:
@@ -271,12 +285,13 @@ def main() -> None:
                         lg = lr.Launch("qgemv_sweep", f"w4gw_sweep_{xr}_{st}_{d}_{mb}",
                                        (*grid, sp), (256, 1, 1),
                                        smem=lr.w4gw_smem(xr, st), pdl=True)
+                        ok = agrees(w4g(w4[0], ln=lg, fn=sweep), ref)
                         t = graph_time([w4g(w4[i % len(w4)], ln=lg, fn=sweep)
                                         for i in range(calls)])
                         sweep_rows.append((name, m, "int4 GEMM, wgmma", 8,
                                            f"{xr} x rows a CTA, {st} stages, D={d}, "
                                            f"{mb} CTAs an SM, {sp} splits (aim {aim})",
-                                           b4 / t / DATASHEET_BW))
+                                           b4 / t / DATASHEET_BW if ok else None))
             if args.sweep == "all" and not act:
                 for v in SWEEP4G:
                     for aim in SWEEP4G_AIM:
@@ -286,12 +301,13 @@ def main() -> None:
                         lg = lr.Launch("qgemv_sweep", f"w4g_sweep_{'_'.join(map(str, v))}",
                                        (*grid, sp), (32 * nw, 1, 1),
                                        smem=lr.w4g_smem(nt, st), pdl=True)
+                        ok = agrees(w4g(w4[0], ln=lg, fn=sweep), ref)
                         t = graph_time([w4g(w4[i % len(w4)], ln=lg, fn=sweep)
                                         for i in range(calls)])
                         sweep_rows.append((name, m, "int4 GEMM", nw,
                                            f"{nt * 8} x rows a CTA, {st} stages, D={d}, "
                                            f"{mb} CTAs an SM, {sp} splits (aim {aim})",
-                                           b4 / t / DATASHEET_BW))
+                                           b4 / t / DATASHEET_BW if ok else None))
         del w16, w4, w8, ws, part
         torch.cuda.empty_cache()
 
@@ -355,7 +371,7 @@ def main() -> None:
         lines += ["", "Sweep, % of peak by warps splitting K (SK; for the int4 GEMM, warps a "
                   "CTA), chunks in flight a warp (D) and CTAs an SM (the register cap):", "",
                   "| GEMM | M | kernel | SK | depth | % peak |", "|---|---:|---|---:|---|---:|"]
-        lines += [f"| {nm} | {m} | {q} | {sk} | {u} | {p:.0%} |"
+        lines += [f"| {nm} | {m} | {q} | {sk} | {u} | {'wrong' if p is None else f'{p:.0%}'} |"
                   for nm, m, q, sk, u, p in sweep_rows]
     lines += ["", f"Total benchmark time {time.perf_counter() - t0:.1f} s."]
     text = "\n".join(lines)

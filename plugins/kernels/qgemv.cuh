@@ -631,14 +631,19 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
                   X[2 * q + 1]);
     }
   };
+  // WG: a wgmma reads its A registers until the wait in the next step, so two steps in a row
+  // must be distinct copies of the code: one copy in a loop would write its own A registers
+  // (the same PTX registers) while the last chunk's MMAs still read them, which ptxas allows
+  // and the results show (bench/results/qgemv.md). So with D odd a loop body is 2D steps.
+  constexpr int U = WG && D % 2 ? 2 * D : D;
   int ch = c0;
-  for (; ch + D <= c1; ch += D) {
+  for (; ch + U <= c1; ch += U) {
 #pragma unroll
-    for (int d = 0; d < D; ++d) step(d, ch + d);
+    for (int d = 0; d < U; ++d) step(d % D, ch + d);
   }
 #pragma unroll
-  for (int d = 0; d < D - 1; ++d)
-    if (ch + d < c1) step(d, ch + d);
+  for (int d = 0; d < U - 1; ++d)
+    if (ch + d < c1) step(d % D, ch + d);
   cp_wait<0>();
   if constexpr (WG) {
 #ifdef SM90A
