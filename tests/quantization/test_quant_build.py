@@ -58,6 +58,39 @@ def test_every_mode_builds_runs_and_meets_its_budget(tiny_models, tmp_path, word
     assert len(Runner(tmp_path / "q.engine").generate(["w3 w4 w5"], max_new_tokens=4)[0]) > 0
 
 
+@pytest.mark.parametrize("mode,measure", [("none", True), ("fp8", True), ("int4-awq", True),
+                                          ("int4-rtn", True), ("int4-rtn", False)])
+def test_the_free_space_check_covers_what_the_build_writes(tiny_models, tmp_path, words, mode,
+                                                           measure, monkeypatch):
+    """The up-front check (llmc.build.check_space) counts the unquantized graph's weights
+    exactly when the build writes them, and the disk the build takes at its peak (the engine
+    written, its temporary folder not yet removed) is within the figure it asked for."""
+    from llmc import build as b
+
+    asked, seen = {}, {}
+    real_check, real_write = b.check_space, b.write_engine
+
+    def check(folder, weights_bytes, reference=False):
+        asked.update(weights=weights_bytes, reference=reference)
+        return real_check(folder, weights_bytes, reference)
+
+    def write(path, *args, **kw):
+        real_write(path, *args, **kw)
+        files = [f for f in path.parent.rglob("*") if f.is_file()]
+        seen.update(bytes=sum(f.stat().st_size for f in files),
+                    reference=any(f.parent.name == "reference" for f in files))
+
+    monkeypatch.setattr(b, "check_space", check)
+    monkeypatch.setattr(b, "write_engine", write)
+    out = tmp_path / "out"
+    out.mkdir()
+    _build(tiny_models["llama-gqa"][0], out / "q.engine", mode, words, dtype="fp16",
+           measure=measure)
+    assert asked["reference"] == seen["reference"] == (mode != "none" and measure)
+    copies = 3 if asked["reference"] else 2
+    assert seen["bytes"] <= copies * asked["weights"] + b.ENGINE_OVERHEAD
+
+
 def weight_bytes(engine: EngineFile) -> int:
     """The stored bytes of every weight (without weights.bin's 64 KiB alignment)."""
     import onnx
