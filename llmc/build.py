@@ -219,8 +219,8 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-# what an engine holds besides its weights, at most: compiled kernels (a cuda engine's cubins
-# are 11-23 MB), the header, the graph or plan
+# what an engine holds besides its weights, at most: compiled kernels (a cuda engine's cubins:
+# 7-12 MB for one compute dtype and arch), the header, the graph or plan
 ENGINE_OVERHEAD = 64 << 20
 
 
