@@ -120,9 +120,9 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
     except ValueError as e:   # an unknown --disable-pass name
         raise LlmcError(str(e)) from None
     log(f"fused graph: {len(graph.graph.node)} nodes, {len(weights)} weights")
-    # a quantized build also keeps the unquantized graph (calibration, the accuracy report)
-    check_space(opts.output.parent, weights_file_size(weights),
-                quant_opts.quantizes and quant_opts.keeps_reference(prequantized))
+    folder = opts.output.parent
+    if not quant_opts.quantizes:   # a quantized build asks once it knows its sites (reserve)
+        check_space(folder, 0, weights_file_size(weights))
     io = EngineIO(cfg.num_hidden_layers, cfg.vocab_size, compute, cfg.num_key_value_heads,
                   limits.kv_block_size, cfg.head_dim)
 
@@ -133,7 +133,8 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
             from llmc.quantization.quantize import quantize
 
             quantized = quantize(graph, weights, quant_opts, io, tokenizer.json, Path(tmp),
-                                 log, prequantized)
+                                 log, prequantized,
+                                 reserve=lambda ref, q: check_space(folder, ref, q))
             graph, weights, io = quantized.model, quantized.weights, quantized.io
         every = max(1, len(weights) // 10)
         onnx_path = save_onnx(graph, weights, Path(tmp), progress=progress or (lambda k, n: (
@@ -224,18 +225,19 @@ def free_bytes(folder: Path) -> int:
 ENGINE_OVERHEAD = 64 << 20
 
 
-def check_space(folder: Path, weights_bytes: int, reference: bool = False) -> None:
-    """Before writing anything: the build writes the 16-bit weights' size twice beside the
-    engine (the temporary weights file the backend lowers from, then the engine, which holds
-    them or a plan of about their size), and a quantized build that calibrates or measures
-    its accuracy writes the unquantized graph's weights first. Quantized weights are smaller
-    than the 16-bit ones, so those bound them: an 8B FP8 build needs about three times its
-    16 GB, not four (bench/results/build.md: SmolLM2's peak 2.3x for fp8, 1.9x for int4-awq)."""
-    copies = 3 if reference else 2
-    needed, free = copies * weights_bytes + ENGINE_OVERHEAD, free_bytes(folder)
+def check_space(folder: Path, reference_bytes: int, weights_bytes: int) -> None:
+    """Before writing: the build writes its weights twice beside the engine (the temporary
+    weights file the backend lowers from, then the engine, which holds them or a plan of
+    about their size), and a quantized build that calibrates or measures its accuracy writes
+    the unquantized graph's weights first (``reference_bytes``). ``weights_bytes``: the
+    16-bit weights, or a quantized build's (estimated before quantizing, exact after:
+    quantize's ``reserve``). Measured peaks: bench/results/build.md."""
+    needed = reference_bytes + 2 * weights_bytes + ENGINE_OVERHEAD
+    free = free_bytes(folder)
     if needed > free:
-        what = ("the weights three times: the unquantized graph, a temporary copy and the "
-                "engine" if reference else "the weights twice, a temporary copy and the engine")
+        what = "the weights twice, a temporary copy and the engine"
+        if reference_bytes:
+            what = f"the unquantized graph ({reference_bytes / 2**20:,.1f} MiB), then {what}"
         raise LlmcError(f"not enough free space in {folder}: the build needs about "
                         f"{needed:,} bytes ({needed / 2**20:,.1f} MiB: {what}) and {free:,} "
                         f"bytes ({free / 2**20:,.1f} MiB) are free; free some space or write "

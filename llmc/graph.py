@@ -12,7 +12,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -134,9 +134,13 @@ def _align(nbytes: int) -> int:
 
 def weights_file_size(weights: list[Weight]) -> int:
     """The size of the weights.bin `save_onnx` writes for `weights` (each tensor aligned)."""
+    return file_size(storage_bytes(w.dtype, w.shape) for w in weights)
+
+
+def file_size(tensor_bytes: Iterable[int]) -> int:
+    """The size of a weights.bin of tensors of these sizes, in this order, each aligned."""
     end = 0
-    for w in weights:
-        nbytes = storage_bytes(w.dtype, w.shape)
+    for nbytes in tensor_bytes:
         end += -end % _align(nbytes) + nbytes
     return end
 

@@ -12,6 +12,7 @@ and/or an FP8 KV cache, measured against the unquantized graph on every build.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -20,8 +21,9 @@ import onnx
 
 from llmc.arrays import transposed
 from llmc.contract import EngineIO
+from llmc.dtypes import storage_bytes
 from llmc.errors import LlmcError
-from llmc.graph import Weight, save_onnx
+from llmc.graph import Weight, file_size, save_onnx, weights_file_size
 from llmc.header import QuantInfo
 from llmc.quantization.kv import KV_DTYPES
 from llmc.quantization.numerics import FP8_MAX, INT4_BLOCKS
@@ -157,13 +159,40 @@ class Quantized:
     io: EngineIO     # the quantized graph's (an FP8 KV cache changes the pools and outputs)
 
 
+def packed_size(weights: list[Weight], sites, mode: str) -> int:
+    """About the quantized graph's weights file before quantizing: each site's weight packed
+    with what the pass adds beside it (FP8: a 32-bit scale a channel and x's scale; INT4: in
+    blocks of 32 at the smallest, a 16-bit scale and a 16-bit offset or 8-bit zero point,
+    and AWQ's 1/s), every other weight as it is, each tensor aligned as save_onnx aligns it.
+    A site the pass then leaves 16-bit makes it low; the exact figure is checked again once
+    the graph is rewritten (quantize's ``reserve``)."""
+    packed = {s.weight for s in sites}
+
+    def sizes(w: Weight) -> list[int]:
+        n = math.prod(w.shape)
+        if w.name not in packed:
+            return [storage_bytes(w.dtype, w.shape)]
+        if mode == "fp8":
+            return [n, 4 * max(w.shape), 4]
+        return [n // 2, n // 32 * 2, n // 32 * 2, 2 * w.shape[0]]
+
+    return file_size(b for w in weights for b in sizes(w))
+
+
 def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, io: EngineIO,
              tokenizer_json: str, tmp: Path, log: Callable[[str], None],
-             prequantized: Prequantized | None = None) -> Quantized:
+             prequantized: Prequantized | None = None,
+             reserve: Callable[[int, int], None] = lambda reference, quantized: None
+             ) -> Quantized:
     """Calibrate (where the mode needs it) and rewrite the fused graph; the unquantized graph
     is saved to ``tmp / "reference"`` for calibration and for the accuracy report. A
     pre-quantized FP8 checkpoint built as fp8 takes its own scales instead of calibration
-    (its "unquantized" reference is its weights dequantized)."""
+    (its "unquantized" reference is its weights dequantized).
+
+    ``reserve(reference bytes, quantized weights bytes)`` is asked before anything is
+    written, with the quantized weights estimated (packed_size), and again with their exact
+    size once the graph is rewritten (reference 0: already written); it raises if the disk
+    cannot hold them and what the build writes after (build.check_space)."""
     from llmc.quantization import kv, measure, qdq
 
     experts = [w.name for w in weights if len(w.shape) == 3]
@@ -185,6 +214,10 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     calib_text, calib_name = measure.read_text(opts.calib_data, "calib")
     eval_text, eval_name = measure.read_text(opts.eval_data, "eval")
     eval_seqs = measure.token_sequences(tokenizer_json, eval_text, opts.eval_size, "evaluation")
+    # a GGUF file's other matrices stay 16-bit (int4-gguf): no site is counted packed
+    reserve(weights_file_size(weights) if needs_ort else 0,
+            packed_size(weights, sites if opts.mode != "int4-gguf" else [],
+                        opts.mode) if opts.mode != "none" else weights_file_size(weights))
     base = save_onnx(model, weights, tmp / "reference") if needs_ort else None
     details: dict = {"excluded": len(skip)} if skip else {}
     p = None
@@ -266,6 +299,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     if prequantized is not None and prequantized.kv_scales and not kv_sites:
         log("the checkpoint carries FP8 KV-cache scales; --kv-cache-dtype fp8 builds an FP8 "
             "KV cache with them")
+    reserve(0, weights_file_size(qweights))
 
     def finish(quantized_onnx: Path) -> QuantInfo:
         acc = measure.measure(base, quantized_onnx, io, eval_seqs, eval_name,
