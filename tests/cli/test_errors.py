@@ -247,21 +247,27 @@ def test_an_unwritable_output_folder(capsys, tiny_models, tmp_path):
 
 # ------------------------------------------------------------------ a full disk
 
+@pytest.mark.parametrize("quant", [(), ("--quant", "int4-rtn")])
 def test_too_little_free_space_is_refused_before_writing(capsys, tiny_models, tmp_path,
-                                                          monkeypatch):
+                                                          monkeypatch, words, quant):
     """The check reads the file system's real free space (statvfs); here that figure is
-    shrunk to below what the build needs, as a nearly full disk would report it."""
+    shrunk to below what the build needs, as a nearly full disk would report it. A quantized
+    build asks once it knows which GEMMs it packs, before it writes the unquantized graph."""
     from llmc import build
 
     real = build.free_bytes(tmp_path)
     st = os.statvfs(tmp_path)
     assert abs(real - st.f_bavail * st.f_frsize) < 64 << 20   # the real figure (others write)
     monkeypatch.setattr(build, "free_bytes", lambda folder: 100_000)
+    text = ("--calib-data", str(words), "--eval-data", str(words)) if quant else ()
+    out = tmp_path / "out"
+    out.mkdir()
     code, _, err = llmc(capsys, "build", "--model", tiny_models["llama-gqa"][0], "-o",
-                        tmp_path / "x.engine", "--backend", "reference", *LIMITS)
+                        out / "x.engine", "--backend", "reference", *quant, *text, *LIMITS)
     assert_one_error(code, err, "not enough free space in")
     assert "and 100,000 bytes (0.1 MiB) are free" in err and "weights: " not in err
-    assert files_under(tmp_path) == set()
+    assert ("the unquantized graph (" in err) == bool(quant)
+    assert files_under(out) == set()
 
 
 class _FillsUp(io.FileIO):
