@@ -214,10 +214,11 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     calib_text, calib_name = measure.read_text(opts.calib_data, "calib")
     eval_text, eval_name = measure.read_text(opts.eval_data, "eval")
     eval_seqs = measure.token_sequences(tokenizer_json, eval_text, opts.eval_size, "evaluation")
-    # a GGUF file's other matrices stay 16-bit (int4-gguf): no site is counted packed
+    # no site counted packed without a weight mode, nor for a GGUF file's own blocks
+    # (int4-gguf: its other matrices stay 16-bit); packed_size is then weights_file_size
+    packed = [] if opts.mode in ("none", "int4-gguf") else sites
     reserve(weights_file_size(weights) if needs_ort else 0,
-            packed_size(weights, sites if opts.mode != "int4-gguf" else [],
-                        opts.mode) if opts.mode != "none" else weights_file_size(weights))
+            packed_size(weights, packed, opts.mode))
     base = save_onnx(model, weights, tmp / "reference") if needs_ort else None
     details: dict = {"excluded": len(skip)} if skip else {}
     p = None
