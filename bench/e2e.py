@@ -300,11 +300,7 @@ def main() -> None:
                     "(--kv-cache-dtype fp8)")
     ap.add_argument("--layers", type=int, default=32, help="llama-3.1-8b: decoder layers")
     ap.add_argument("--no-pdl", action="store_true",
-                    help="launch no kernel with programmatic dependent launch (A/B)")
-    ap.add_argument("--pdl-modules", default=None,
-                    help="programmatic dependent launch only for the kernels of these modules, "
-                    "comma-separated (A/B; e.g. gemv,qgemv,qgemv_zp: not the norms, RoPE and "
-                    "decode attention)")
+                    help="launch the GEMVs without programmatic dependent launch (A/B)")
     ap.add_argument("--w4-gemm-max-m", type=int, default=None,
                     help="INT4 steps of up to this many rows on the small-M GEMM, larger ones "
                     "dequantized for cuBLASLt (A/B; 16: never the small-M GEMM)")
@@ -358,7 +354,6 @@ def main() -> None:
              + (f" --layers {args.layers}" if args.layers != 32 else "")
              + (" --hf" if args.hf else "") + (" --hf-compile" if args.hf_compile else "")
              + (" --no-pdl" if args.no_pdl else "")
-             + (f" --pdl-modules {args.pdl_modules}" if args.pdl_modules else "")
              + (f" --w4-gemm-max-m {args.w4_gemm_max_m}" if args.w4_gemm_max_m is not None
                 else "") + (" --attn-reduce" if args.attn_reduce else "")
              + (" --no-decode-schedule" if args.no_decode_schedule else "")
@@ -371,8 +366,6 @@ def main() -> None:
         weights_bytes = engine.section("weights").size
         session = CudaSession(engine, gpu_memory_utilization=0.9)
         session.functions.pdl &= not args.no_pdl
-        if args.pdl_modules:
-            session.functions.pdl_modules = set(args.pdl_modules.split(","))
         session.fuse_attention_reduce = not args.attn_reduce
         session.scheduled_decode = not args.no_decode_schedule
         if not extra:

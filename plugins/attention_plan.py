@@ -199,7 +199,7 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
             raise ValueError(f"a scheduled decode of {tokens} tokens needs {items} grid rows, "
                              f"over {MAX_GRID_Y}")
         main = Launch(attention_module(softcap, e4m3), name, (num_kv_heads, items, 1),
-                      (ATTN_THREADS, 1, 1), smem, pdl=True)
+                      (ATTN_THREADS, 1, 1), smem)
         return AttentionPlan(_kv_write(tokens, dtype, write_kv, e4m3), main, None, 0, chunk,
                              items * num_q_heads * (head_dim + 1) * 4, window=window,
                              softcap=softcap, e4m3=e4m3, counters=tokens * num_kv_heads,
@@ -209,7 +209,7 @@ def decode_plan(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     want = math.ceil(DECODE_WAVES * sm_count / (tokens * num_kv_heads))
     n_split = max(1, min(want, math.ceil(span / MIN_SPLIT_KEYS), MAX_DECODE_SPLITS))
     main = Launch(attention_module(softcap, e4m3), name, (tokens, num_kv_heads, n_split),
-                  (ATTN_THREADS, 1, 1), smem, pdl=True)
+                  (ATTN_THREADS, 1, 1), smem)
     red, ws, counters = None, 0, 0
     if n_split > 1:
         ws = tokens * num_q_heads * n_split * (head_dim + 1) * 4

@@ -35,8 +35,6 @@ class Functions:
         self.arch = arch
         # Launches marked pdl may overlap the previous kernel (kernels/common.cuh): sm_90+.
         self.pdl = int(arch[3:].rstrip("a")) >= 90
-        # None: every launch marked pdl gets it; else only those of these modules (A/B runs)
-        self.pdl_modules: set[str] | None = None
         self._pdl_attr = None
         self._cubins = dict(cubins or {})
         self._modules = {}
@@ -104,8 +102,7 @@ class Functions:
                 vals.append(a.data_ptr())
                 types.append(_P)
         params = (tuple(vals), tuple(types))
-        if launch.pdl and self.pdl and (self.pdl_modules is None
-                                        or launch.module in self.pdl_modules):
+        if launch.pdl and self.pdl:
             check(driver.cuLaunchKernelEx(self._pdl_config(launch, stream), self.func(launch),
                                           params, 0))
             return

@@ -65,7 +65,7 @@ def norm_launch(rows: int, n: int, dtype: str, kind: str = "rmsnorm",
     threads = min(1024, max(32, round_up(math.ceil(chunks / 2), 32)))
     threads = max(threads, round_up(math.ceil(chunks / per_thread), 32))
     name = ("add_" if residual else "") + f"{kind}_{dtype_tag(dtype)}_v{vec}"
-    return Launch("norm", name, (rows, 1, 1), (threads, 1, 1), pdl=True)
+    return Launch("norm", name, (rows, 1, 1), (threads, 1, 1))
 
 
 # ---- skinny GEMM (decode) ------------------------------------------------------------------
@@ -407,7 +407,7 @@ def rope_launch(tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
     name = ("rope" + ("_bias" if bias else "") + ("_qknorm" if qk_norm else "")
             + ("_cache" if write_cache else "") + ("_e4m3" if e4m3 else "")
             + ("_interleaved_" if interleaved else "_half_") + dtype_tag(dtype))
-    return Launch("rope", name, (tokens, groups, 1), (threads, 1, 1), pdl=True)
+    return Launch("rope", name, (tokens, groups, 1), (threads, 1, 1))
 
 
 def llama3_inv_freq(head_dim: int, rope_theta: float, rotary_dim: int | None = None,

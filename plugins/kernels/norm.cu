@@ -13,9 +13,6 @@ __device__ __forceinline__ void norm_row(const u16* __restrict__ x, const u16* _
                                          u16* __restrict__ res_out) {
   constexpr int ITEMS = MAX_ELEMS / VEC;
   __shared__ float red[32];
-  // Launched with PDL on sm_90 (launch_rules.norm_launch): x (and the residual) are the
-  // previous kernels' outputs.
-  pdl_wait();
   const int row = blockIdx.x;
   if (row >= rows) return;
   const float eps = __int_as_float(eps_bits);

@@ -672,20 +672,6 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
                       head0, G, D, out, reinterpret_cast<float*>(sKV),
                       reinterpret_cast<float*>(sQ));
   };
-  // The tiles are loaded a warp's own rows at a time (load_kv_rows), so no tile needs a CTA
-  // barrier: on the H100 0-2% less time than CTA-wide loads at batch 64 over a 16-bit pool,
-  // 2-6% on batches of mixed lengths, 5-25% over an E4M3 pool (bench/results/kernels.md).
-  auto load = [&](int st, int k0) {   // stage st: keys from k0
-    load_kv_rows<D, C>(stage(st), cache, bt, s, mb, bs, nb, hkv, kvh, k0, k_end, warp, lane);
-  };
-  // Launched with PDL on sm_90 (attention_plan.decode_plan), it may start while the kernel
-  // that writes q and this step's keys still runs. In a step of one token a sequence (T = B)
-  // every key before pos was written by an earlier step, so the first tile's copy starts
-  // before the wait when it holds none of this step's keys; q, the new key and the
-  // workspace are touched only after it.
-  const bool early = T_ == B && k_begin < k_end && min(k_begin + BN, k_end) <= pos;
-  if (early) load(0, k_begin);
-  pdl_wait();
   if (k_begin >= k_end) {  // past this token's context: an empty partial
     if (threadIdx.x < G) ws_lse[part + (size_t)threadIdx.x * rows.rs] = -INFINITY;
     combine();
@@ -693,7 +679,7 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
   }
   const int n_tiles = (k_end - k_begin + BN - 1) / BN;
   constexpr int CH = D / 8;
-  if constexpr (!E4M3) {   // Q, with the first tile (commit group 0)
+  if constexpr (!E4M3) {
     for (int i = threadIdx.x; i < 16 * CH; i += NWARPS * 32) {
       const int r = i / CH, c = i % CH;
       const bool ok = r < G;
@@ -701,9 +687,15 @@ __device__ void attn_decode(const u16* __restrict__ q, const int* __restrict__ s
                  ok ? 16 : 0);
     }
   }
+  // The tiles are loaded a warp's own rows at a time (load_kv_rows), so no tile needs a CTA
+  // barrier: on the H100 0-2% less time than CTA-wide loads at batch 64 over a 16-bit pool,
+  // 2-6% on batches of mixed lengths, 5-25% over an E4M3 pool (bench/results/kernels.md).
+  auto load = [&](int st, int k0) {   // stage st: keys from k0
+    load_kv_rows<D, C>(stage(st), cache, bt, s, mb, bs, nb, hkv, kvh, k0, k_end, warp, lane);
+  };
 #pragma unroll
   for (int st = 0; st < NST; ++st) {
-    if (st < n_tiles && !(st == 0 && early)) load(st, k_begin + st * BN);
+    if (st < n_tiles) load(st, k_begin + st * BN);
     cp_commit();
   }
   // An E4M3 pool's K scale multiplies the scores (decode_e4m3_qk leaves them unscaled).

@@ -159,9 +159,6 @@ __device__ __forceinline__ void rope_token(
     int eps_bits = 0, u8* __restrict__ cache8 = nullptr, float k_scale = 1.f,
     float v_scale = 1.f) {
   __shared__ float cs[MAX_HALF_ROT][2];
-  // The decode attention after it is launched with PDL: it may become resident and start
-  // its first copies of earlier steps' keys while this kernel runs.
-  pdl_trigger();
   const int t = blockIdx.x;
   if (t >= T_) return;
   const int half = rot >> 1;
@@ -180,9 +177,6 @@ __device__ __forceinline__ void rope_token(
     phys = block_tables[(size_t)s * max_blocks + p / bs];
     row = p % bs;
   }
-  // Launched with PDL on sm_90 (launch_rules.rope_launch): the angles and the cache row come
-  // from the step's inputs, copied in before the step; qkv is the previous kernel's output.
-  pdl_wait();
   // gridDim.y CTAs share a token's heads: at decode a token is a few thousand pairs, too
   // little latency-bound work for one CTA to do alone.
   const int htot = hq + 2 * hkv, hd = d >> 1;
