@@ -259,9 +259,14 @@ __device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
   return (u32)__cvta_generic_to_shared(p);
 }
+// CP_ASYNC_L2: an L2 prefetch size for the copies (".L2::128B"), for a benchmark to compare;
+// none by default (the decode attention read no faster with one: bench/results/kernels.md).
+#ifndef CP_ASYNC_L2
+#define CP_ASYNC_L2 ""
+#endif
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(bytes));
+  asm volatile("cp.async.cg.shared.global" CP_ASYNC_L2 " [%0], [%1], 16, %2;\n" ::"r"(dst),
+               "l"(src), "r"(bytes));
 }
 // 4 bytes (bytes 0: zero-fill), through L1: a gather of pairs (qgemv.cuh's w4gw x stages).
 __device__ __forceinline__ void cp_async4(u32 dst, const void* src, int bytes) {

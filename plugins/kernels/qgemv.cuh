@@ -108,12 +108,30 @@ __device__ __forceinline__ void mma_dc(float* d, const float* c, u32 a0, u32 a1,
           "f"(c[2]), "f"(c[3]));
 }
 
+// The weight loads ask L2 to fetch each missed 128-byte line whole (.L2::128B), not only the
+// 32-byte sectors a lane asks for: a warp's load takes 64 bytes of each of 8 rows, and the
+// line's other half is the next warp's, asked for at about the same time. On the H100 it reads
+// 1-4 points more of HBM (FP8 qkv 78 -> 82%, gate-up 86.5 -> 89%; INT4 qkv 64 -> 67%; .L2::256B
+// no better; bench/kernels/l2_prefetch.py, bench/results/qgemv.md). The SASS differs only by
+// the loads' LTC128B qualifier. A benchmark may define QGEMV_L2 itself to compare.
+#ifndef QGEMV_L2
+#define QGEMV_L2 ".L2::128B"
+#endif
 // Loads that keep the old value where p is false: a predicated instruction, no branch.
+// L2: with the prefetch size above (the decode GEMVs); the small-M GEMM's loads were not timed
+// with it and go without.
+template <bool L2 = true>
 __device__ __forceinline__ void ld_stream_if(bool p, const void* a, uint4& v) {
-  asm volatile(
-      "{ .reg .pred q; setp.ne.b32 q, %5, 0;\n"
-      "@q ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4]; }"
-      : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "l"(a), "r"((int)p));
+  if constexpr (L2)
+    asm volatile(
+        "{ .reg .pred q; setp.ne.b32 q, %5, 0;\n"
+        "@q ld.global.nc.L1::no_allocate" QGEMV_L2 ".v4.u32 {%0,%1,%2,%3}, [%4]; }"
+        : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "l"(a), "r"((int)p));
+  else
+    asm volatile(
+        "{ .reg .pred q; setp.ne.b32 q, %5, 0;\n"
+        "@q ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4]; }"
+        : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "l"(a), "r"((int)p));
 }
 __device__ __forceinline__ void ld_u16_if(bool p, const u16* a, u32& v) {
   asm volatile("{ .reg .pred q; setp.ne.b32 q, %2, 0;\n @q ld.global.nc.u16 %0, [%1]; }"
@@ -485,7 +503,7 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
     const bool live = ch < c1 && kk < k;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      ld_stream_if(live, wp[h] + ch * 64, wv[d][h]);
+      ld_stream_if<false>(live, wp[h] + ch * 64, wv[d][h]);
       ld_u16_if(live, scale + srow[h] + (kk >> gshift), sv[d][h]);
       if constexpr (ZP == ZERO_POINTS)
         ld_u8_if(live, (const u8*)zp + srow[h] + (kk >> gshift), zv[d][h]);
