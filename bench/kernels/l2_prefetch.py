@@ -1,11 +1,16 @@
 """L2 prefetch sizes on the loads that stream HBM: the quantized decode GEMVs' weight loads
-(kernels/qgemv.cuh, QGEMV_L2) and the decode attention's cp.async copies (kernels/common.cuh,
-CP_ASYNC_L2), each compiled with no hint, `.L2::128B` and `.L2::256B`, the kernels otherwise as
-shipped, timed in one process in the order none, 128B, 256B, none, 256B, 128B.
+(kernels/qgemv.cuh, QGEMV_L2), the small-M INT4 GEMM's (W4G_L2, same file), the 16-bit
+GEMVs' (kernels/gemv.cu, GEMV_L2) and the decode attention's cp.async copies
+(kernels/common.cuh, CP_ASYNC_L2), each compiled with no hint, `.L2::128B` and `.L2::256B`,
+the kernels otherwise as shipped, timed in one process in the order none, 128B, 256B, none,
+256B, 128B.
 
-    PYTHONPATH=<llmc checkout paths> python3 bench/kernels/l2_prefetch.py [--out results.md]
+    PYTHONPATH=<llmc checkout paths> python3 bench/kernels/l2_prefetch.py [--only gemv] \
+        [--out results.md]
 
-Rows: the Llama-3.1-8B decode GEMVs at 1 and 8 rows (INT4 RTN, group 128; FP8 W8A8), timed as
+Rows: the Llama-3.1-8B decode GEMVs (INT4 RTN, group 128, and FP8 W8A8 at 1 and 8 rows; the
+16-bit GEMV at 1, 2 and 8 rows, and the LM head), the small-M INT4 GEMM at 32, 64 and 128
+rows (its shipped kernel: mma.sync `w4g`, or `w4gw`, wgmma, on sm_90a from 33 rows), timed as
 bench/kernels/qgemv.py times them (a CUDA graph over >= 256 MiB of weight copies), and the
 decode attention at bench/kernels/bench.py's shapes (32 q / 8 kv heads x 128, bf16 pool).
 Each cell: % of 3.35 TB/s on the bytes read, both runs of that hint.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,26 +42,35 @@ DECODE = (("B=64 ctx=2048 bs=16", [2048] * 64, 16), ("B=64 ctx=2048 bs=64", [204
           ("B=1 ctx=8192", [8192], 16), ("B=256 ctx=256", [256] * 256, 16),
           ("B=64 mixed ctx 64-4096", [64 * 2 ** (i % 7) for i in range(64)], 16))
 GROUP = 128
+# what each part times: its module and the macro that sets the hint
+PARTS = {"qgemv": ("qgemv", "QGEMV_L2"), "w4gemm": ("qgemv", "W4G_L2"),
+         "gemv": ("gemv", "GEMV_L2"), "attention": ("paged_attention", "CP_ASYNC_L2")}
+GEMM_MS = (32, 64, 128)   # the small-M GEMM's rows (w4g; from 33 on sm_90a its wgmma kernel)
 
 
-def variants(arch: str) -> dict[str, Functions]:
-    """Each hint's qgemv and paged_attention modules."""
-    out = {}
-    for hint, text in HINTS.items():
-        cubins = {mod: compiler._compile_cached(
-            mod, arch, False, f'#define {macro} "{text}"\n' + compiler.source(mod))
-            for mod, macro in (("qgemv", "QGEMV_L2"), ("paged_attention", "CP_ASYNC_L2"))}
-        out[hint] = Functions(arch, cubins)
-    return out
+def variants(arch: str, parts) -> dict[str, dict[str, Functions]]:
+    """{part: {hint: its module compiled with that hint}} (NVRTC in parallel threads)."""
+    def compile_(job):
+        (mod, macro), text = PARTS[job[0]], HINTS[job[1]]
+        return compiler._compile_cached(mod, arch, False,
+                                        f'#define {macro} "{text}"\n' + compiler.source(mod))
+
+    jobs = [(part, hint) for part in parts for hint in HINTS]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        cubins = dict(zip(jobs, pool.map(compile_, jobs)))
+    return {part: {hint: Functions(arch, {PARTS[part][0]: cubins[part, hint]})
+                   for hint in HINTS} for part in parts}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--only", nargs="+", choices=list(PARTS), default=list(PARTS),
+                    help="which kernels to time")
     args = ap.parse_args()
     torch.manual_seed(0)
     K = Kernels()
-    fns = variants(K.arch)
+    fns = variants(K.arch, args.only)
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
     bf = torch.bfloat16
     fp8 = torch.cuda.get_device_capability() >= (8, 9)
@@ -64,13 +79,26 @@ def main() -> None:
     def record(key, hint, nbytes, seconds):
         res.setdefault(key, {}).setdefault(hint, []).append(nbytes / seconds / DATASHEET_BW)
 
-    for name, k, n, act in SHAPES:
-        n_out = n // 2 if act else n
+    def int4_weights(n, k):
+        """Packed INT4 copies over >= ROTATE_BYTES, their scales, and the calls a graph makes."""
         copies = max(2, math.ceil(ROTATE_BYTES / (n * k // 2)))
-        calls = copies * math.ceil(24 / copies)
         w4 = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8)
               for _ in range(copies)]
-        s4 = torch.rand(n, k // GROUP, device="cuda").to(bf) * 0.01
+        return w4, torch.rand(n, k // GROUP, device="cuda").to(bf) * 0.01, \
+            copies * math.ceil(24 / copies)
+
+    def time_hints(part, key, ln, argv, calls, nbytes):
+        """`ln` over the argument lists in turn, each hint of `part` in ORDER."""
+        for hint in ORDER:
+            f = fns[part][hint]
+            t = graph_time([lambda a=argv[i % len(argv)], f=f: f.launch(ln, a, stream())
+                            for i in range(calls)])
+            record(key, hint, nbytes, t)
+
+    for name, k, n, act in SHAPES if "qgemv" in args.only else ():
+        n_out = n // 2 if act else n
+        w4, s4, calls = int4_weights(n, k)
+        copies = len(w4)
         w8 = [torch.randint(0, 256, (n, k), device="cuda", dtype=torch.uint8) & 0x77
               for _ in range(copies // 2 + 1)]   # finite E4M3 codes
         s8 = torch.rand(n, device="cuda") * 1e-3
@@ -88,7 +116,7 @@ def main() -> None:
                       lr.float_bits(0.05), DevPtr(0), m, n_out, k, DevPtr(y.data_ptr())]
                      for w in w8]
             for hint in ORDER:
-                f = fns[hint]
+                f = fns["qgemv"][hint]
 
                 def call(ln, a, f=f):
                     return lambda: f.launch(ln, a, stream())
@@ -99,13 +127,46 @@ def main() -> None:
                     record((name, m, "fp8"), hint, n * k + n * 4 + io, t)
         w4 = w8 = None
 
+    for name, k, n, act in (*SHAPES, ("lm_head", 4096, 128256, None)) \
+            if "gemv" in args.only else ():
+        n_out = n // 2 if act else n
+        copies = max(2, math.ceil(ROTATE_BYTES / (n * k * 2)))
+        w16 = [torch.randn(n, k, device="cuda", dtype=bf) * 0.02 for _ in range(copies)]
+        for m in (1, 2, 8):
+            x = torch.randn(m, k, device="cuda", dtype=bf)
+            y = torch.empty(m, n_out, device="cuda", dtype=bf)
+            ln = lr.gemv_launch(m, n_out, k, "bfloat16", None, act)
+            argv = [[DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(0), m, n_out, k,
+                     DevPtr(y.data_ptr())] for w in w16]
+            time_hints("gemv", (name, m, "16-bit"), ln, argv, copies * math.ceil(24 / copies),
+                       n * k * 2 + m * (n_out + k) * 2)
+        w16 = None
+
+    arrived = torch.zeros(1 << 16, device="cuda", dtype=torch.int32)
+    for name, k, n, act in SHAPES if "w4gemm" in args.only else ():
+        n_out = n // 2 if act else n
+        w4, s4, calls = int4_weights(n, k)
+        for m in GEMM_MS:
+            x = torch.randn(m, k, device="cuda", dtype=bf)
+            y = torch.empty(m, n_out, device="cuda", dtype=bf)
+            part = torch.empty(lr.W4G_MAX_SPLITS * m * n, device="cuda")
+            ln = lr.w4_gemm_launch(m, n_out, k, "bfloat16", None, act, GROUP,
+                                   sm_count=K.sm_count, sm90=K.arch == "sm_90a")
+            argv = [[DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s4.data_ptr()),
+                     DevPtr(0), DevPtr(0), m, n_out, k, lr.int4_group_shift(GROUP),
+                     DevPtr(y.data_ptr()), DevPtr(part.data_ptr()),
+                     DevPtr(arrived.data_ptr())] for w in w4]
+            time_hints("w4gemm", (name, m, f"int4 RTN {ln.kernel.split('_')[0]}"), ln, argv,
+                       calls, n * k // 2 + s4.numel() * 2 + m * (n_out + k) * 2)
+        w4 = None
+
     hq, hkv, d = 32, 8, 128
-    for label, ctxs, bs in DECODE:
+    for label, ctxs, bs in DECODE if "attention" in args.only else ():
         q, k, v, starts, cl, tables, cache = make_batch([1] * len(ctxs), ctxs, hq, hkv, d, bs,
                                                         bf, extra_blocks=0)
         nbytes = sum(ctxs) * 2 * hkv * d * 2
         for hint in ORDER:
-            K.functions = fns[hint]
+            K.functions = fns["attention"][hint]
             t = graph_time([lambda: K.paged_attention(q, k, v, starts, cl, tables, cache,
                                                       write_kv=False)] * 5)
             record((f"paged decode {label}", len(ctxs), "attention"), hint, nbytes, t)

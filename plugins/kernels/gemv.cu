@@ -27,6 +27,22 @@
 // 16-byte-aligned x and w (launch_rules.gemv_launch checks what it can).
 #include "common.cuh"
 
+// The weight loads ask L2 for whole 128-byte lines (.L2::128B), as kernels/qgemv.cuh's do:
+// tc_gemv's warp loads 64 bytes of each of 16 rows and the next warp the lines' other halves.
+// On the H100 that reads 2-3 points more of HBM at 8 rows; at 1-2 rows a warp's load is 512
+// contiguous bytes, whole lines already, and nothing changes (bench/kernels/l2_prefetch.py,
+// bench/results/gemv.md). The SASS differs only by the loads' LTC128B qualifier. A benchmark
+// may define GEMV_L2 itself to compare.
+#ifndef GEMV_L2
+#define GEMV_L2 ".L2::128B"
+#endif
+__device__ __forceinline__ uint4 ld_weights(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate" GEMV_L2 ".v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
 template <typename T, int M, int R, int U, int ACT, bool F32>
 __device__ __forceinline__ void gemv(const u16* __restrict__ x, const u16* __restrict__ w,
                                      const void* __restrict__ bias, int m, int n, int k,
@@ -61,7 +77,7 @@ __device__ __forceinline__ void gemv(const u16* __restrict__ x, const u16* __res
     for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int r = 0; r < R; ++r)
-        wv[u][r] = k0 + u * 256 < k ? ld_stream(row[r] + k0 + u * 256) : make_uint4(0, 0, 0, 0);
+        wv[u][r] = k0 + u * 256 < k ? ld_weights(row[r] + k0 + u * 256) : make_uint4(0, 0, 0, 0);
   };
   load_w(lane * 8);
   pdl_trigger();
@@ -151,8 +167,8 @@ __device__ __forceinline__ void tc_gemv(const u16* __restrict__ x, const u16* __
     for (int u = 0; u < U; ++u) {
       const int kk = (c + u * SK) * 32;
       const bool ok = kk + 8 * t < k;
-      a[u] = ok ? ld_stream(wa + kk) : make_uint4(0, 0, 0, 0);
-      b[u] = ok ? ld_stream(wb + kk) : make_uint4(0, 0, 0, 0);
+      a[u] = ok ? ld_weights(wa + kk) : make_uint4(0, 0, 0, 0);
+      b[u] = ok ? ld_weights(wb + kk) : make_uint4(0, 0, 0, 0);
     }
   };
   load_w(va, vb, warp);

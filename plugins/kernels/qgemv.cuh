@@ -117,12 +117,17 @@ __device__ __forceinline__ void mma_dc(float* d, const float* c, u32 a0, u32 a1,
 #ifndef QGEMV_L2
 #define QGEMV_L2 ".L2::128B"
 #endif
+// The small-M GEMM's (w4g*, w4gw*) weight loads take the same 64 bytes of 8 rows, and the
+// same warp asks for the lines' other halves a chunk later. They go without a prefetch size:
+// at 32-128 rows 128B or 256B gained nothing and cost qkv at 32 rows 1.5-2 points
+// (bench/results/qgemv.md). W4G_L2 lets a benchmark set one.
+#ifndef W4G_L2
+#define W4G_L2 ""
+#endif
 // Loads that keep the old value where p is false: a predicated instruction, no branch.
-// L2: with the prefetch size above (the decode GEMVs); the small-M GEMM's loads were not timed
-// with it and go without.
-template <bool L2 = true>
+template <bool SMALL_M = false>
 __device__ __forceinline__ void ld_stream_if(bool p, const void* a, uint4& v) {
-  if constexpr (L2)
+  if constexpr (!SMALL_M)
     asm volatile(
         "{ .reg .pred q; setp.ne.b32 q, %5, 0;\n"
         "@q ld.global.nc.L1::no_allocate" QGEMV_L2 ".v4.u32 {%0,%1,%2,%3}, [%4]; }"
@@ -130,7 +135,7 @@ __device__ __forceinline__ void ld_stream_if(bool p, const void* a, uint4& v) {
   else
     asm volatile(
         "{ .reg .pred q; setp.ne.b32 q, %5, 0;\n"
-        "@q ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4]; }"
+        "@q ld.global.nc.L1::no_allocate" W4G_L2 ".v4.u32 {%0,%1,%2,%3}, [%4]; }"
         : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "l"(a), "r"((int)p));
 }
 __device__ __forceinline__ void ld_u16_if(bool p, const u16* a, u32& v) {
@@ -503,7 +508,7 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
     const bool live = ch < c1 && kk < k;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      ld_stream_if<false>(live, wp[h] + ch * 64, wv[d][h]);
+      ld_stream_if<true>(live, wp[h] + ch * 64, wv[d][h]);
       ld_u16_if(live, scale + srow[h] + (kk >> gshift), sv[d][h]);
       if constexpr (ZP == ZERO_POINTS)
         ld_u8_if(live, (const u8*)zp + srow[h] + (kk >> gshift), zv[d][h]);

@@ -1,8 +1,8 @@
 """The decode GEMVs' weight loads ask L2 for whole 128-byte lines (`.L2::128B` in
-kernels/qgemv.cuh: 1-4 points more of the HBM bandwidth on the H100, bench/results/qgemv.md,
-"A 128-byte L2 prefetch on the weight loads"), and the small-M GEMM's loads, never timed with
-it, go without. Checked in the sm_90a SASS: NVRTC compiles (pip wheel, no GPU), nvdisasm (the
-nvidia-cuda-nvdisasm wheel) disassembles."""
+kernels/qgemv.cuh and kernels/gemv.cu: 1-4 points more of the HBM bandwidth on the H100,
+bench/results/qgemv.md and gemv.md, "A 128-byte L2 prefetch on the weight loads"), and the
+small-M GEMM's loads, which gained nothing from it, go without. Checked in the sm_90a SASS:
+NVRTC compiles (pip wheel, no GPU), nvdisasm (the nvidia-cuda-nvdisasm wheel) disassembles."""
 import re
 import subprocess
 
@@ -44,3 +44,9 @@ def test_decode_gemv_weight_loads_fetch_whole_lines(module, tmp_path):
     assert decode and small_m
     assert {k: v for k, v in decode.items() if not v[0] or v[1]} == {}
     assert {k: v for k, v in small_m.items() if v[0] or not v[1]} == {}
+
+
+def test_16_bit_gemv_weight_loads_fetch_whole_lines(tmp_path):
+    loads = weight_loads("gemv", tmp_path)
+    assert len(loads) >= 8   # m1, m2 and m8 (tc_gemv) entries, plain and fused, per dtype
+    assert {k: v for k, v in loads.items() if not v[0] or v[1]} == {}
