@@ -37,6 +37,20 @@ and HF transformers write it; checkpoint_format "gptq", the default, or "gptq_v2
     X.g_idx    int32 [in]                each input row's block: row // B, except with act
                                          order (desc_act), whose blocks are not contiguous
 
+and compressed-tensors' "pack-quantized" format (config.json `quantization_config` quant_method
+"compressed-tensors", as llm-compressor saves a W4A16 model; its weights 4-bit ints in groups
+along in, no activation quantization), read as GPTQ's (llm-compressor's W4A16 recipes run
+GPTQ; the format does not say which algorithm chose the codes):
+
+    X.weight_packed      int32 [out, in / 8]     eight codes u = q + 8 a word, input columns
+                                                 8c + (0 .. 7) from the low nibble up
+    X.weight_scale       [out, in / B]           W = (q - zp) * scale
+    X.weight_zero_point  int32 [out / 8, in / B] (asymmetric only) zp + 8, packed the same
+                                                 way down the output rows
+    X.weight_shape       [2]                     out, in
+    X.weight_g_idx       int32 [in]              (actorder "group" only) each input row's
+                                                 group
+
 A zero point is not INT4 as ONNX and TensorRT take it (symmetric, zero points 0), so it is
 split exactly: (u - z) s = (u - 8) s + (8 - z) s, symmetric codes u - 8 with the scale, and
 an offset (8 - z) s per block and output that qdq.int4_pass adds as a GEMM of x's block sums
@@ -118,15 +132,17 @@ def read_prequantized(config: dict[str, Any], readers: Readers, source: Any
         return _read_autoawq(readers, qc, source)
     if method == "gptq":
         return _read_gptq(readers, qc, source)
+    if method == "compressed-tensors":
+        return _read_compressed_tensors(readers, qc, source)
     if method == "modelopt" and algo == "W4A16_AWQ":
         out, pq = _read_int4(readers, qc, source)
         return out, replace(pq, kv_scales=kv_scales)
     if method != "modelopt" or algo != "FP8":
         raise LlmcError(f"{source}: a {method} {algo} checkpoint (config.json "
                         "quantization_config) cannot be read yet; llmc reads ModelOpt FP8 "
-                        "and W4A16_AWQ exports, AutoAWQ's GEMM format, 4-bit GPTQ, and "
-                        "unquantized checkpoints (then --quant fp8 / int4-awq / int4-rtn "
-                        "quantize them)")
+                        "and W4A16_AWQ exports, AutoAWQ's GEMM format, 4-bit GPTQ, "
+                        "compressed-tensors W4A16 and unquantized checkpoints (then --quant "
+                        "fp8 / int4-awq / int4-rtn quantize them)")
     out = dict(readers)
     scales, amax = {}, {}
     for name in [n for n in readers if n.endswith(".weight_scale")]:
@@ -316,6 +332,86 @@ def _read_gptq(readers: Readers, qc: dict[str, Any], source: Any
     quantizer = meta.get("quantizer") or qc.get("quantizer") or "gptq"
     producer = (quantizer[0] if isinstance(quantizer, list) and quantizer else str(quantizer)) + \
         (" (gptq_v2)" if fmt == "gptq_v2" else "")
+    return out, Prequantized("int4-gptq", producer, {}, {}, weights, unkept=act_order)
+
+
+CT_GROUPS = (32, 64, 128)   # compressed-tensors group sizes kept as INT4 (the graph's blocks)
+
+
+def _ct_scheme_fits(group: dict[str, Any], fmt: Any) -> bool:
+    """A compressed-tensors config group of 4-bit int weights in groups, nothing else
+    quantized, packed."""
+    w = group.get("weights") or {}
+    return (group.get("format") or fmt) == "pack-quantized" and w.get("num_bits") == 4 and \
+        w.get("type", "int") == "int" and w.get("strategy") == "group" and \
+        w.get("group_size") in CT_GROUPS and not w.get("dynamic") and \
+        not group.get("input_activations") and not group.get("output_activations")
+
+
+def _read_compressed_tensors(readers: Readers, qc: dict[str, Any], source: Any
+                             ) -> tuple[Readers, Prequantized]:
+    groups = qc.get("config_groups") or {}
+    fmt = qc.get("format")
+    if not groups or not all(_ct_scheme_fits(g, fmt) for g in groups.values()) or \
+            qc.get("quantization_status", "compressed") != "compressed" or \
+            qc.get("kv_cache_scheme") or (qc.get("sparsity_config") or {}).get("format",
+                                                                              "dense") != "dense":
+        schemes = ", ".join(f"{(g.get('weights') or {}).get('num_bits')}-bit "
+                            f"{(g.get('weights') or {}).get('type')} "
+                            f"{(g.get('weights') or {}).get('strategy')}"
+                            f"{' + activations' if g.get('input_activations') else ''}"
+                            for g in groups.values()) or "no config groups"
+        raise LlmcError(f"{source}: a compressed-tensors checkpoint of format {fmt!r} "
+                        f"({schemes}; status {qc.get('quantization_status')!r}"
+                        f"{', a KV-cache scheme' if qc.get('kv_cache_scheme') else ''}): llmc "
+                        "reads compressed-tensors' W4A16 checkpoints (format pack-quantized, "
+                        "4-bit int weights in groups of 32, 64 or 128, nothing else quantized, "
+                        "no sparsity); requantize the unquantized model with --quant fp8, "
+                        "int4-awq or int4-rtn")
+    out = dict(readers)
+    weights, act_order = {}, 0
+    for name in [n for n in readers if n.endswith(".weight_packed")]:
+        base = name.removesuffix("weight_packed")
+        if base + "weight_scale" not in readers or base + "weight_shape" not in readers:
+            raise LlmcError(f"{source}: {name} has no {base}weight_scale and "
+                            f"{base}weight_shape")
+        packed = readers[name]()
+        scale = np.asarray(out.pop(base + "weight_scale")(), np.float32)
+        shape = tuple(int(d) for d in np.asarray(out.pop(base + "weight_shape")()).reshape(-1))
+        zp = np.asarray(out.pop(base + "weight_zero_point")()) \
+            if base + "weight_zero_point" in out else None
+        g_idx = np.asarray(out.pop(base + "weight_g_idx")()) \
+            if base + "weight_g_idx" in out else None
+        out.pop(name)
+        n, k = shape if len(shape) == 2 else (0, 0)
+        if packed.dtype != np.int32 or packed.shape != (n, k // 8) or k % 8 or \
+                scale.ndim != 2 or scale.shape[0] != n or not scale.shape[1] or \
+                k % scale.shape[1] or (zp is not None and (
+                    zp.dtype != np.int32 or n % 8 or zp.shape != (n // 8, scale.shape[1]))) or \
+                (g_idx is not None and g_idx.shape != (k,)):
+            raise LlmcError(f"{source}: {name} ({packed.dtype}{list(packed.shape)}), its "
+                            f"weight_scale {list(scale.shape)} and weight_shape {list(shape)} "
+                            "are not a compressed-tensors pack-quantized weight")
+        block = k // scale.shape[1]
+        zeros = None if zp is None else \
+            unpack_awq(np.ascontiguousarray(zp.T), GPTQ_ORDER).T.astype(np.float32)  # zp + 8
+
+        def codes(r=readers[name]) -> np.ndarray:    # int8 [out, in]: q = u - 8
+            return unpack_awq(r(), GPTQ_ORDER).astype(np.int8) - 8
+
+        if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // block):
+            act_order += 1     # groups of scattered rows: the weight read dequantized only
+            out[base + "weight"] = lambda c=codes, z=zeros, s=scale, g=g_idx: (
+                (c() + (0 if z is None else 8 - z[:, g])) * s[:, g])
+            continue
+        w = Int4Weight(codes, scale, None, k, None if zeros is None or (zeros == 8).all()
+                       else (8 - zeros) * scale)
+        weights[base + "weight"] = w
+        out[base + "weight"] = _int4_dequantized(w)
+    if not weights and not act_order:
+        raise LlmcError(f"{source}: config.json says compressed-tensors, but no tensor is an "
+                        "X.weight_packed")
+    producer = f"compressed-tensors {qc.get('version') or ''}".strip()
     return out, Prequantized("int4-gptq", producer, {}, {}, weights, unkept=act_order)
 
 

@@ -96,3 +96,66 @@ def gptq_checkpoint(src, out, group, sym=True, fmt="gptq", act_order=False, seed
     for f in src.glob("*token*"):
         shutil.copy(f, out)
     return out
+
+
+def compressed_tensors_checkpoint(src, out, group, sym=True, act_order=False, seed=0):
+    """`src` as llm-compressor saves a W4A16 model: compressed-tensors' pack-quantized format,
+    the codes and zero points packed by compressed-tensors' own `pack_to_int32`, the config
+    from its `QuantizationConfig` (so HF transformers, which decompresses through the same
+    library, reads it back). Codes by plain rounding: sym, q = round(w / s) with s = |max| /
+    7.5, as compressed-tensors' symmetric observer; otherwise min/max over 15 steps and a zero
+    point zp in [-8, 7], W = (q - zp) s. act_order: actorder "group" as compressed-tensors
+    before 0.20 saved it, the rows of a group scattered by a random permutation and named by
+    weight_g_idx."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    tensors = load_file(src / "model.safetensors")
+    for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
+        w = tensors.pop(name).astype(np.float32)                          # [out, in]
+        n, k = w.shape
+        g_idx = np.arange(k) // group
+        if act_order:
+            g_idx[rng.permutation(k)] = np.arange(k) // group
+        scale = np.empty((n, k // group), np.float16)
+        zp = np.zeros(scale.shape, np.int64)
+        for g in range(k // group):
+            cols = w[:, g_idx == g]
+            lo, hi = np.minimum(cols.min(1), 0), np.maximum(cols.max(1), 0)
+            if sym:
+                scale[:, g] = np.maximum(np.maximum(-lo, hi), 1e-5) / 7.5
+            else:
+                scale[:, g] = np.maximum(hi - lo, 1e-5) / 15
+                zp[:, g] = np.clip(-8 - np.round(lo / scale[:, g].astype(np.float32)), -8, 7)
+        s, z = scale.astype(np.float32)[:, g_idx], zp[:, g_idx]
+        q = np.clip(np.round(w / s) + z, -8, 7).astype(np.int8)
+        base = name.removesuffix("weight")
+        tensors[base + "weight_packed"] = pack_to_int32(torch.from_numpy(q), 4).numpy()
+        tensors[base + "weight_scale"] = scale
+        tensors[base + "weight_shape"] = np.array([n, k], np.int64)
+        if not sym:
+            tensors[base + "weight_zero_point"] = pack_to_int32(
+                torch.from_numpy(zp.astype(np.int8)), 4, packed_dim=0).numpy()
+        if act_order:
+            tensors[base + "weight_g_idx"] = g_idx.astype(np.int32)
+    save_file(tensors, out / "model.safetensors")
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=sym, strategy="group",
+                            group_size=group)
+    qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
+        targets=["Linear"], weights=args)}, format="pack-quantized",
+        quantization_status="compressed", ignore=["lm_head"]).model_dump(mode="json")
+    if act_order:   # what earlier compressed-tensors versions wrote (0.20 no longer takes it)
+        qc["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {**qc, "quant_method": "compressed-tensors"}
+    (out / "config.json").write_text(json.dumps(config))
+    for f in src.glob("*token*"):
+        shutil.copy(f, out)
+    return out

@@ -18,8 +18,10 @@ from llmc.dtypes import np_dtype
 from llmc.errors import LlmcError
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
-              # pre-quantized checkpoints (quantization/prequantized.py dequantizes them)
-              "F8_E4M3": np_dtype("float8e4m3fn"), "U8": np.uint8, "I32": np.int32}
+              # pre-quantized checkpoints (quantization/prequantized.py dequantizes them;
+              # I64: compressed-tensors' weight_shape)
+              "F8_E4M3": np_dtype("float8e4m3fn"), "U8": np.uint8, "I32": np.int32,
+              "I64": np.int64}
 
 
 def open_hf_folder(folder: Path) -> Checkpoint:

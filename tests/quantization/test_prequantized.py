@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from quant_checkpoints import autoawq_checkpoint, gptq_checkpoint
+from quant_checkpoints import autoawq_checkpoint, compressed_tensors_checkpoint, gptq_checkpoint
 
 from llmc.build import BuildOptions, build
 from llmc.engine_file import EngineFile
@@ -293,28 +293,37 @@ def test_gptq_builds_exactly(tiny_models_d64, tmp_path, words, sym, fmt, group):
     """A GPTQ checkpoint built as it is (--quant auto -> int4-gptq): its codes u - 8 with its
     scales, plus offsets only where zero points are not 8 (asymmetric); it computes what its
     dequantized weights compute, to fp32 rounding."""
-    import onnx
-
     from llmc.checkpoint import open_checkpoint
-    from llmc.dtypes import np_dtype, to_storage
     from llmc.quantization.prequantized import unpack_gptq_rows
 
     src = gptq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "gptq", group, sym, fmt)
+    codes = unpack_gptq_rows(open_checkpoint(src).tensor(
+        "model.layers.1.self_attn.o_proj.qweight")).astype(np.int8) - 8
+    _built_as_its_own_int4(src, tmp_path, words, group, "gptqmodel:2.2.0", codes, sym)
+
+
+def _built_as_its_own_int4(src, tmp_path, words, group, producer, o_proj_codes, sym):
+    """`src` built by --quant auto as int4-gptq, exact against its dequantized weights in fp32:
+    the engine holds layer 1's o_proj codes ([in, out]) as given, offset GEMMs only where the
+    checkpoint has zero points. Returns the engine."""
+    import onnx
+
+    from llmc.dtypes import np_dtype, to_storage
+
     header = build(BuildOptions(src, tmp_path / "a.engine", backend="reference", dtype="fp32",
                                 limits=LIMITS, quant=QuantOptions("auto", eval_data=words)),
                    log=lambda _: None)
     q = header.quant
-    assert q.mode == "int4-gptq" and q.gemms == 8 and "gptqmodel:2.2.0" in q.details["scales"]
+    assert q.mode == "int4-gptq" and q.gemms == 8 and producer in q.details["scales"]
     assert q.details["int4_block_sizes"] == [group]
     assert q.accuracy.top1_agreement == 1.0 and abs(q.accuracy.delta_ppl_pct) < 1e-3
     engine = EngineFile(tmp_path / "a.engine")
-    name = "model.layers.1.self_attn.o_proj.qweight"
-    codes = unpack_gptq_rows(open_checkpoint(src).tensor(name)).astype(np.int8) - 8
     stored = engine_tensor(engine, "model.layers.1.self_attn.o_proj.weight.int4")
-    assert stored == to_storage(np.ascontiguousarray(codes).astype(np_dtype("int4")))
+    assert stored == to_storage(np.ascontiguousarray(o_proj_codes).astype(np_dtype("int4")))
     graph = onnx.load_from_string(engine.section("model.onnx").tobytes())
     offsets = sum(n.name.startswith("Int4ZeroPoints") for n in graph.graph.node)
     assert offsets == (0 if sym else 8)
+    return engine
 
 
 def test_a_gptq_checkpoints_quantized_lm_head_is_built_as_it_is(tiny_models_d64, tmp_path,
@@ -344,6 +353,12 @@ def test_gptq_act_order_is_refused_as_int4_and_builds_requantized(tiny_models_d6
     to build it; --quant int4-rtn quantizes the dequantized weights again."""
     src = gptq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "gptq", 64,
                           act_order=True)
+    _act_order_refused_and_requantized(src, tmp_path, words)
+
+
+def _act_order_refused_and_requantized(src, tmp_path, words):
+    """--quant auto on an act-order checkpoint: one error naming the modes that build it,
+    and no engine; --quant int4-rtn builds it."""
     opts = dict(backend="reference", dtype="fp32", limits=LIMITS)
     with pytest.raises(LlmcError, match="14 weights in act-order blocks.* --quant int4-awq, "
                                         "int4-rtn"):
@@ -400,3 +415,88 @@ def test_tensorrt_rtx_builds_autoawq_zero_points(tiny_models_d64, tmp_path, word
     net = header.lowering
     assert net["layer_types"].get("DEQUANTIZE", 0) == 8 and net["plan_bytes"] > 0
     assert header.quant.mode == "int4-awq" and header.quant.accuracy.passed
+
+
+def _hf_compressed(folder):
+    """HF transformers' model of a compressed-tensors checkpoint, decompressed on load by
+    compressed-tensors itself."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32,
+        quantization_config=transformers.CompressedTensorsConfig(dequantize=True)).eval()
+
+
+@pytest.mark.parametrize("sym,group", [(True, 128), (False, 64)])
+def test_compressed_tensors_w4a16_builds_its_own_int4(tiny_models_d64, tmp_path, words, sym,
+                                                     group):
+    """A compressed-tensors W4A16 checkpoint (llm-compressor's format) builds as it is (--quant
+    auto -> int4-gptq): the engine stores its codes, offsets only where it has zero points,
+    and computes what HF transformers computes on the weights compressed-tensors decompresses
+    (fp32, ragged steps)."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from hf_steps import check_ragged_steps
+
+    from llmc.backends.reference import ReferenceSession
+    from llmc.checkpoint import open_checkpoint
+
+    src = compressed_tensors_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "ct", group,
+                                        sym)
+    packed = open_checkpoint(src).tensor("model.layers.1.self_attn.o_proj.weight_packed")
+    codes = unpack_from_int32(torch.from_numpy(np.array(packed)), 4,
+                              torch.Size([256, 256])).numpy()      # compressed-tensors' own
+    engine = _built_as_its_own_int4(src, tmp_path, words, group, "compressed-tensors",
+                                    codes.T, sym)
+    # HF decompresses in fp16 (the scales' dtype): 4.5-4.8e-4 of the logits' range measured
+    check_ragged_steps(ReferenceSession(engine), _hf_compressed(src), 16, "fp32", 1e-3,
+                       "compressed-tensors")
+
+
+def test_compressed_tensors_act_order_reads_dequantized(tiny_models_d64, tmp_path, words):
+    """actorder "group" (weight_g_idx scattering a group's rows, as compressed-tensors wrote
+    it before 0.20): read dequantized, each input row with its own group's scale and zero
+    point; refused as INT4 with the way to build it, and built by --quant int4-rtn."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from llmc.checkpoint import open_checkpoint
+    from llmc.quantization.prequantized import read_prequantized
+
+    src = compressed_tensors_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "ct", 64,
+                                        sym=False, act_order=True)
+    ckpt = open_checkpoint(src)
+    readers, pq = read_prequantized(ckpt.config, ckpt.readers, src)
+    assert pq.unkept == 14 and not pq.int4
+    for base in ("model.layers.0.mlp.down_proj.", "model.layers.1.self_attn.q_proj."):
+        t = {k: torch.from_numpy(np.array(ckpt.tensor(base + k))) for k in (
+            "weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")}
+        n, k = (int(d) for d in ckpt.tensor(base + "weight_shape"))
+        q = unpack_from_int32(t["weight_packed"], 4, torch.Size([n, k])).numpy()
+        zp = unpack_from_int32(t["weight_zero_point"], 4, torch.Size([n, k // 64]),
+                               packed_dim=0).numpy()
+        g = t["weight_g_idx"].numpy()
+        want = (q.astype(np.float32) - zp[:, g]) * t["weight_scale"].numpy()[:, g]
+        assert np.array_equal(readers[base + "weight"](), want), base
+    _act_order_refused_and_requantized(src, tmp_path, words)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"format": "int-quantized"}, "format 'int-quantized'"),
+    ({"kv_cache_scheme": {"num_bits": 8, "type": "float"}}, "a KV-cache scheme"),
+    ({"config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": 8, "type": "float", "strategy": "channel"}, "input_activations": {
+        "num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}},
+     r"8-bit float channel \+ activations"),
+    ({"config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": 4, "type": "int", "strategy": "group", "group_size": 256}}}},
+     "groups of 32, 64 or 128"),
+])
+def test_compressed_tensors_schemes_it_cannot_take_are_one_error(tiny_models_d64, tmp_path,
+                                                                 change, match):
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    src = compressed_tensors_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "ct", 128)
+    _refused(src, tmp_path, "a compressed-tensors checkpoint .*" + match, **change)
