@@ -403,18 +403,25 @@ def test_gptq_formats_it_cannot_take_are_one_error(tiny_models_d64, tmp_path):
     _refused(src, tmp_path, "llmc reads 4-bit GPTQ", bits=8)
 
 
-def test_tensorrt_rtx_builds_autoawq_zero_points(tiny_models_d64, tmp_path, words):
+@pytest.mark.parametrize("fmt", ["autoawq", "compressed-tensors"])
+def test_tensorrt_rtx_builds_zero_point_checkpoints(tiny_models_d64, tmp_path, words, fmt):
     """The real TensorRT-RTX builder on the CPU takes the zero points' form: the INT4 weights
     behind DEQUANTIZE layers (zero points 0), the offsets as plain GEMMs."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
-    src = autoawq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "awq", 128)
+    model = tiny_models_d64["llama-gqa"][0]
+    if fmt == "autoawq":
+        src, mode = autoawq_checkpoint(model, tmp_path / "awq", 128), "int4-awq"
+    else:
+        pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+        src, mode = compressed_tensors_checkpoint(model, tmp_path / "ct", 64, sym=False), \
+            "int4-gptq"
     header = build(BuildOptions(src, tmp_path / "r.engine", backend="tensorrt-rtx",
                                 dtype="fp16", limits=LIMITS,
                                 quant=QuantOptions("auto", eval_data=words)),
                    log=lambda _: None)
     net = header.lowering
     assert net["layer_types"].get("DEQUANTIZE", 0) == 8 and net["plan_bytes"] > 0
-    assert header.quant.mode == "int4-awq" and header.quant.accuracy.passed
+    assert header.quant.mode == mode and header.quant.accuracy.passed
 
 
 def _hf_compressed(folder):
