@@ -244,20 +244,25 @@ def test_autoawq_formats_it_cannot_take_are_one_error(tiny_models_d64, tmp_path)
 
 
 @pytest.mark.parametrize("kind,group", [("autoawq", 128), ("autoawq", 64), ("gptq", 128),
-                                        ("gptq-sym", 64)])
+                                        ("gptq-sym", 64), ("compressed-tensors", 64)])
 def test_zero_point_checkpoints_lower_to_the_zero_point_kernels(tiny_models_d64, tmp_path,
                                                                  words, kind, group):
-    """On the cuda backend every INT4 GEMM of an AutoAWQ or asymmetric GPTQ checkpoint takes
-    its zero points (kernels/qgemv_zp.cu): the engine stores the checkpoint's z [out, in / B],
-    a byte each, where the graph's offsets were (a fused GEMM's parts side by side along out).
-    A symmetric GPTQ checkpoint's GEMMs are the symmetric kernels'."""
+    """On the cuda backend every INT4 GEMM of an AutoAWQ, asymmetric GPTQ or compressed-tensors
+    checkpoint takes its zero points (kernels/qgemv_zp.cu): the engine stores the checkpoint's
+    z [out, in / B], a byte each, where the graph's offsets were (a fused GEMM's parts side by
+    side along out). A symmetric GPTQ checkpoint's GEMMs are the symmetric kernels'."""
     from llmc.backends.cuda.plan import PLAN, WEIGHTS, Plan
     from llmc.checkpoint import open_checkpoint
     from llmc.quantization.prequantized import GPTQ_ORDER, unpack_awq
 
     folder = tiny_models_d64["llama-gqa"][0]
-    src = autoawq_checkpoint(folder, tmp_path / "q", group) if kind == "autoawq" else \
-        gptq_checkpoint(folder, tmp_path / "q", group, sym=kind == "gptq-sym")
+    if kind == "compressed-tensors":
+        pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+        src = compressed_tensors_checkpoint(folder, tmp_path / "q", group, sym=False)
+    elif kind == "autoawq":
+        src = autoawq_checkpoint(folder, tmp_path / "q", group)
+    else:
+        src = gptq_checkpoint(folder, tmp_path / "q", group, sym=kind == "gptq-sym")
     header = build(BuildOptions(src, tmp_path / "a.engine", backend="cuda", gpu_arch="sm_90a",
                                 dtype="fp16", limits=LIMITS,
                                 quant=QuantOptions("auto", eval_data=words)),
@@ -275,6 +280,15 @@ def test_zero_point_checkpoints_lower_to_the_zero_point_kernels(tiny_models_d64,
     ckpt, weights = open_checkpoint(src), engine.section(WEIGHTS)
 
     def zeros(part):   # the checkpoint's z [in / B, out]
+        if kind == "compressed-tensors":   # zp in -8..7, unpacked by compressed-tensors
+            import torch
+            from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+            base = part.removesuffix("weight")
+            n, k = (int(d) for d in ckpt.tensor(base + "weight_shape"))
+            zp = unpack_from_int32(torch.from_numpy(np.array(ckpt.tensor(
+                base + "weight_zero_point"))), 4, torch.Size([n, k // group]), packed_dim=0)
+            return zp.numpy().T + 8
         packed = ckpt.tensor(part.removesuffix("weight") + "qzeros")
         return unpack_awq(packed) if kind == "autoawq" else \
             unpack_awq(packed, GPTQ_ORDER) + 1               # GPTQ's format stores z - 1

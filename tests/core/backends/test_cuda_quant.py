@@ -352,17 +352,22 @@ def test_quantized_lm_head_engine_matches_the_reference_backend(tiny_models_d64,
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
 @pytest.mark.parametrize("graphs", [True, False])
-@pytest.mark.parametrize("kind,group", [("autoawq", 128), ("autoawq", 64), ("gptq", 128)])
+@pytest.mark.parametrize("kind,group", [("autoawq", 128), ("autoawq", 64), ("gptq", 128),
+                                        ("compressed-tensors", 64)])
 def test_zero_point_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words,
                                                          kind, group, graphs):
-    """An AutoAWQ or asymmetric GPTQ checkpoint's own codes and zero points (the kernels with
-    chunk scales at 128, without at 64): the cuda kernels compute (u - z) s, the reference
-    backend (u - 8) s plus the offset GEMM; the same weights either way."""
-    from quant_checkpoints import autoawq_checkpoint, gptq_checkpoint
+    """An AutoAWQ, asymmetric GPTQ or compressed-tensors checkpoint's own codes and zero points
+    (the kernels with chunk scales at 128, without at 64): the cuda kernels compute (u - z) s,
+    the reference backend (u - 8) s plus the offset GEMM; the same weights either way."""
+    from quant_checkpoints import autoawq_checkpoint, compressed_tensors_checkpoint, gptq_checkpoint
 
     folder, model = tiny_models_d64["llama-gqa"]
-    src = autoawq_checkpoint(folder, tmp_path / "q", group) if kind == "autoawq" else \
-        gptq_checkpoint(folder, tmp_path / "q", group, sym=False)
+    if kind == "compressed-tensors":
+        pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    src = {"autoawq": lambda: autoawq_checkpoint(folder, tmp_path / "q", group),
+           "gptq": lambda: gptq_checkpoint(folder, tmp_path / "q", group, sym=False),
+           "compressed-tensors": lambda: compressed_tensors_checkpoint(
+               folder, tmp_path / "q", group, sym=False)}[kind]()
     _build_both(src, tmp_path, "auto", words)
     _compare_engines(tmp_path, model, f"{kind} group {group}", TOLERANCE["int4-awq"], graphs)
 
