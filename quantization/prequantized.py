@@ -348,6 +348,13 @@ def _ct_scheme_fits(group: dict[str, Any], fmt: Any) -> bool:
         not group.get("input_activations") and not group.get("output_activations")
 
 
+def _ct_scheme(group: dict[str, Any]) -> str:
+    """A config group as an error names it: "8-bit float channel + activations"."""
+    w = group.get("weights") or {}
+    return f"{w.get('num_bits')}-bit {w.get('type')} {w.get('strategy')}" + \
+        (" + activations" if group.get("input_activations") else "")
+
+
 def _read_compressed_tensors(readers: Readers, qc: dict[str, Any], source: Any
                              ) -> tuple[Readers, Prequantized]:
     groups = qc.get("config_groups") or {}
@@ -356,11 +363,7 @@ def _read_compressed_tensors(readers: Readers, qc: dict[str, Any], source: Any
             qc.get("quantization_status", "compressed") != "compressed" or \
             qc.get("kv_cache_scheme") or (qc.get("sparsity_config") or {}).get("format",
                                                                               "dense") != "dense":
-        schemes = ", ".join(f"{(g.get('weights') or {}).get('num_bits')}-bit "
-                            f"{(g.get('weights') or {}).get('type')} "
-                            f"{(g.get('weights') or {}).get('strategy')}"
-                            f"{' + activations' if g.get('input_activations') else ''}"
-                            for g in groups.values()) or "no config groups"
+        schemes = ", ".join(map(_ct_scheme, groups.values())) or "no config groups"
         raise LlmcError(f"{source}: a compressed-tensors checkpoint of format {fmt!r} "
                         f"({schemes}; status {qc.get('quantization_status')!r}"
                         f"{', a KV-cache scheme' if qc.get('kv_cache_scheme') else ''}): llmc "
