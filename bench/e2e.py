@@ -307,6 +307,9 @@ def main() -> None:
     ap.add_argument("--no-w4-sm90", action="store_true",
                     help="INT4 steps of 33-128 rows on the small-M GEMM's mma.sync kernel, not "
                     "its sm_90a wgmma one (A/B)")
+    ap.add_argument("--gemv-plain", action="store_true",
+                    help="16-bit decode steps of 3-8 rows on the tensor-core GEMV's plain "
+                    "kernel for every GEMM, not the _wide or _w32 one its tiles pick (A/B)")
     ap.add_argument("--attn-reduce", action="store_true",
                     help="split decode attention combined by a reduce kernel after it, not in "
                     "its last CTA (A/B; implies --no-decode-schedule)")
@@ -325,6 +328,8 @@ def main() -> None:
         launch_rules.W4_GEMM_MAX_M = args.w4_gemm_max_m
     if args.no_w4_sm90:
         launch_rules.W4GW_MIN_M = launch_rules.W4_GEMM_MAX_M + 1
+    if args.gemv_plain:
+        launch_rules.GEMV_TC_WIDE_TILES = 2 ** 31
 
     from llmc.backends.cuda.session import CudaSession
     from llmc.engine_file import EngineFile
@@ -355,7 +360,9 @@ def main() -> None:
              + (" --hf" if args.hf else "") + (" --hf-compile" if args.hf_compile else "")
              + (" --no-pdl" if args.no_pdl else "")
              + (f" --w4-gemm-max-m {args.w4_gemm_max_m}" if args.w4_gemm_max_m is not None
-                else "") + (" --attn-reduce" if args.attn_reduce else "")
+                else "") + (" --no-w4-sm90" if args.no_w4_sm90 else "")
+             + (" --gemv-plain" if args.gemv_plain else "")
+             + (" --attn-reduce" if args.attn_reduce else "")
              + (" --no-decode-schedule" if args.no_decode_schedule else "")
              + (" --spread" if args.spread else ""), ""]
     results, table, extra = {}, [], []

@@ -215,14 +215,16 @@ class Kernels:
         self.launch(ln, [x, x.numel(), out])
         return out
 
-    def gemv(self, x, w, bias=None, out_dtype=None, act=None):
-        """x [m, K] @ w [N, K]^T (+ bias) for m <= 2; with act ("swiglu"/"geglu") w is the
-        fused gate-up weight [2I, K] and the result act(gate) * up [m, I]."""
+    def gemv(self, x, w, bias=None, out_dtype=None, act=None, sm_count=None):
+        """x [m, K] @ w [N, K]^T (+ bias) for m <= 8; with act ("swiglu"/"geglu") w is the
+        fused gate-up weight [2I, K] and the result act(gate) * up [m, I]. sm_count: the
+        GPU's unless given (it picks the kernel, launch_rules.gemv_launch)."""
         m, k = x.shape
         n = w.shape[0] // (2 if act else 1)
         od = out_dtype or x.dtype
         out = self.torch.empty(m, n, dtype=od, device=x.device)
-        ln = lr.gemv_launch(m, n, k, self._dtype(x), self._dtype(out), act)
+        ln = lr.gemv_launch(m, n, k, self._dtype(x), self._dtype(out), act,
+                            self.sm_count if sm_count is None else sm_count)
         self.launch(ln, [x, w, DevPtr(0) if bias is None else bias, m, n, k, out])
         return out
 

@@ -75,6 +75,11 @@ GEMV_ROWS = {1: 1, 2: 2}          # weight rows a warp (GEMV_R<M> in kernels/gem
 GEMV_WARPS = 4                    # warps a block (__launch_bounds__(128))
 GEMV_TC_MS = (8,)                 # tensor-core kernels (tc_gemv): 16 weight rows a CTA
 GEMV_TC_WARPS = 16                # warps splitting K in a CTA (GEMV_TC_SK)
+# Past GEMV_TC_WIDE_TILES tiles an SM, _wide (3 CTAs an SM) up to one more, where it puts the
+# GEMM in one wave; past that _w32. Warps a CTA by variant, as kernels/gemv.cu compiles them
+# (the sweep of bench/kernels/gemv.py on the H100: bench/results/gemv.md).
+GEMV_TC_WIDE_TILES = 2
+GEMV_TC_VARIANT_WARPS = {"": GEMV_TC_WARPS, "_wide": 8, "_w32": 32}
 GEMV_ACTS = ("swiglu", "geglu")
 
 
@@ -92,22 +97,26 @@ def _out_tags(what: str, dtype: str, out_dtype: str | None, act: str | None
 
 
 def gemv_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None,
-                act: str | None = None) -> Launch:
+                act: str | None = None, sm_count: int = 0) -> Launch:
     """y[m, n] = x[m, k] @ w[n, k]^T (+ bias[n]) for m <= 8, w stored [N, K]; with act, w is
     the fused [2n, k] gate-up weight and y = act(gate) * up [m, n]. args (x, w, bias-or-null,
     m, n, k, y); the bias has y's dtype. out_dtype: dtype (default) or float32.
     1-2 rows: CUDA-core dot products, R weight rows a warp; 3-8 rows: tensor cores, 16
-    weight rows (8 outputs with act) a CTA of GEMV_TC_WARPS warps."""
+    weight rows (8 outputs with act) a CTA, the kernel by the tiles an SM of the sm_count
+    (GEMV_TC_WIDE_TILES; unknown sm_count: the plain one)."""
     tag, out = _out_tags("gemv", dtype, out_dtype, act)
     if not 0 < m <= GEMV_MS[-1]:
         raise ValueError(f"gemv takes 1..{GEMV_MS[-1]} rows, not {m}")
     if k % 8 or not 0 < k <= INT32_MAX or not 0 < n * (2 if act else 1) <= INT32_MAX:
         raise ValueError(f"gemv needs K a multiple of 8 (16-byte rows): N={n}, K={k}")
     mb = next(b for b in GEMV_MS if b >= m)
-    name = f"gemv_{tag}_{out}_m{mb}" + (f"_{act}" if act else "")
+    tiles, variant = math.ceil(n / (8 if act else 16)), ""
+    if mb in GEMV_TC_MS and sm_count and tiles > GEMV_TC_WIDE_TILES * sm_count:
+        variant = "_wide" if tiles <= (GEMV_TC_WIDE_TILES + 1) * sm_count else "_w32"
+    name = f"gemv_{tag}_{out}_m{mb}{variant}" + (f"_{act}" if act else "")
     if mb in GEMV_TC_MS:
-        return Launch("gemv", name, (math.ceil(n / (8 if act else 16)), 1, 1),
-                      (32 * GEMV_TC_WARPS, 1, 1), pdl=True)
+        return Launch("gemv", name, (tiles, 1, 1), (32 * GEMV_TC_VARIANT_WARPS[variant], 1, 1),
+                      pdl=True)
     per_warp = max(2, GEMV_ROWS[mb]) // 2 if act else GEMV_ROWS[mb]  # gate + up rows
     warps = math.ceil(n / per_warp)
     return Launch("gemv", name, (math.ceil(warps / GEMV_WARPS), 1, 1), (32 * GEMV_WARPS, 1, 1),

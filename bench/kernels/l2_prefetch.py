@@ -135,7 +135,7 @@ def main() -> None:
         for m in (1, 2, 8):
             x = torch.randn(m, k, device="cuda", dtype=bf)
             y = torch.empty(m, n_out, device="cuda", dtype=bf)
-            ln = lr.gemv_launch(m, n_out, k, "bfloat16", None, act)
+            ln = lr.gemv_launch(m, n_out, k, "bfloat16", None, act, K.sm_count)
             argv = [[DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(0), m, n_out, k,
                      DevPtr(y.data_ptr())] for w in w16]
             time_hints("gemv", (name, m, "16-bit"), ln, argv, copies * math.ceil(24 / copies),

@@ -129,7 +129,7 @@ def main() -> None:
 
         def bf16_call(w, x, y, gu, m):   # the unquantized step: GEMV, or cuBLASLt [+ gate]
             if m <= lr.GEMV_MS[-1]:
-                ln = lr.gemv_launch(m, n_out, k, "bfloat16", None, act)
+                ln = lr.gemv_launch(m, n_out, k, "bfloat16", None, act, K.sm_count)
                 a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(0), m, n_out, k,
                      DevPtr(y.data_ptr())]
                 return lambda: f.launch(ln, a, stream())

@@ -214,25 +214,32 @@ __device__ __forceinline__ void tc_gemv(const u16* __restrict__ x, const u16* __
   GEMV_ENTRY(gemv_##DT##_##DT##_m##M##_swiglu, TY, M, (R < 2 ? 2 : R), U, 1, false)             \
   GEMV_ENTRY(gemv_##DT##_##DT##_m##M##_geglu, TY, M, (R < 2 ? 2 : R), U, 2, false)
 
-#define TC_ENTRY(NAME, TY, NT, SK, U, ACT, F32)                                                \
-  extern "C" __global__ void __launch_bounds__(32 * SK)                                        \
+// B: CTAs an SM the registers must leave room for (__launch_bounds__'s minimum; 0: no floor).
+#define TC_ENTRY(NAME, TY, NT, SK, U, B, ACT, F32)                                             \
+  extern "C" __global__ void __launch_bounds__(32 * SK, B)                                     \
   NAME(const u16* x, const u16* w, const void* bias, int m, int n, int k, void* y) {           \
     tc_gemv<TY, NT, SK, U, ACT, F32>(x, w, bias, m, n, k, y);                                  \
   }
-#define TC_M(DT, TY, M, NT, SK, U)                                                             \
-  TC_ENTRY(gemv_##DT##_##DT##_m##M, TY, NT, SK, U, 0, false)                                    \
-  TC_ENTRY(gemv_##DT##_f32_m##M, TY, NT, SK, U, 0, true)                                       \
-  TC_ENTRY(gemv_##DT##_##DT##_m##M##_swiglu, TY, NT, SK, U, 1, false)                           \
-  TC_ENTRY(gemv_##DT##_##DT##_m##M##_geglu, TY, NT, SK, U, 2, false)
+#define TC_M(DT, TY, M, NT, SK, U, B)                                                          \
+  TC_ENTRY(gemv_##DT##_##DT##_m##M, TY, NT, SK, U, B, 0, false)                                 \
+  TC_ENTRY(gemv_##DT##_f32_m##M, TY, NT, SK, U, B, 0, true)                                    \
+  TC_ENTRY(gemv_##DT##_##DT##_m##M##_swiglu, TY, NT, SK, U, B, 1, false)                        \
+  TC_ENTRY(gemv_##DT##_##DT##_m##M##_geglu, TY, NT, SK, U, B, 2, false)
 
 #ifndef GEMV_VARIANTS  // benchmarks compile their own grid of (M, R, U)
-// 1-2 rows: the CUDA-core GEMV; 3-8 rows: the tensor-core kernel, 16 warps over K, one chunk
-// ahead (the sweep's best: the warps, not the depth, keep the loads in flight); from 9 rows
-// cuBLASLt reads the decode shapes as fast or faster (bench/results/gemv.md).
+// 1-2 rows: the CUDA-core GEMV; 3-8 rows: the tensor-core kernel; from 9 rows cuBLASLt reads
+// the decode shapes as fast or faster (bench/results/gemv.md). Which tensor-core kernel
+// follows the GEMM's tiles against the SMs (launch_rules.gemv_launch), as the FP8 GEMV's
+// does: 16 warps over K, one chunk ahead, as many CTAs an SM as its registers allow (2) for
+// up to 2 tiles an SM (o, down); _wide, 8 warps, two chunks ahead and 3 CTAs an SM, for up to
+// 3 (qkv: 384 tiles run in one wave, not 1.45: 73 -> 82% of HBM on the H100); _w32, 32 warps
+// a CTA, past that (gate-up: 86 -> 90%).
 #define GEMV_DTYPE(DT, TY)                                                                     \
   GEMV_M(DT, TY, 1, GEMV_R1, GEMV_U1)                                                          \
   GEMV_M(DT, TY, 2, GEMV_R2, GEMV_U2)                                                          \
-  TC_M(DT, TY, 8, 1, GEMV_TC_SK, GEMV_TC_U)
+  TC_M(DT, TY, 8, 1, GEMV_TC_SK, GEMV_TC_U, 0)                                                 \
+  TC_M(DT, TY, 8_wide, 1, 8, 2, 3)                                                             \
+  TC_M(DT, TY, 8_w32, 1, 32, 1, 0)
 #define GEMV_TC_SK 16
 #define GEMV_TC_U 1
 #define GEMV_R1 1

@@ -33,9 +33,11 @@ def _entry_names(dtypes=tuple(lr.DTYPES)):
             names.add(lr.cast_launch(n, dt, 1))
             names.add(lr.add_launch(n, dt, 1))
         for m in lr.GEMV_MS:
-            names.add(lr.gemv_launch(m, 64, 64, dt))
-            names.add(lr.gemv_launch(m, 64, 64, dt, "float32"))
-            names.update(lr.gemv_launch(m, 64, 64, dt, act=a) for a in lr.GEMV_ACTS)
+            for n in (64, 48, 32):   # on 1 SM: 4 tiles (_w32 from 3 rows on), 3 (_wide), 2
+                names.add(lr.gemv_launch(m, n, 64, dt, sm_count=1))
+                names.add(lr.gemv_launch(m, n, 64, dt, "float32", sm_count=1))
+                names.update(lr.gemv_launch(m, n // 2, 64, dt, act=a, sm_count=1)
+                             for a in lr.GEMV_ACTS)
         for m in lr.QGEMV_MS:
             for act in (None, *lr.GEMV_ACTS):
                 for group in (64, 128):

@@ -7,6 +7,8 @@ same 16-bit inputs, < 1e-2 for a 16-bit output (its rounding) and < 1e-4 for fp3
 accumulation alone), as tests/core/backends/test_cuda_gemm.py holds cuBLASLt to. The fused
 SwiGLU/GeGLU must equal the unfused path bit for bit: cuBLASLt's product rounded to the dtype,
 then kernels/activation.cu."""
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -86,4 +88,65 @@ def test_gemv_fused_gate(K, inter, k, dtype, m, act):
     assert torch.equal(fused, unfused)
     gu = (x.double() @ w.double().T).to(dtype)   # the reference path, rounded like the GEMM
     ref = K.gated(gu.contiguous(), act)
+    torch.testing.assert_close(fused, ref, rtol=2e-2, atol=2e-2)
+
+
+# The tensor-core kernel's variants (kernels/gemv.cu: _wide, _w32), which launch_rules.gemv_launch
+# picks by the GEMM's tiles an SM: each run on its own through an SM count that picks it.
+TC_VARIANTS = ("wide", "w32")
+
+
+def tc_sm_count(kernel, tiles):
+    """An SM count that makes launch_rules.gemv_launch pick this kernel for `tiles` (3 tiles
+    an SM for _wide, 4 or more for _w32)."""
+    return {"wide": math.ceil(tiles / 3), "w32": tiles // 4}[kernel]
+
+
+def picked(m, n, k, dtype, kernel, sm_count, out_dtype=None, act=None):
+    from llmc.plugins import launch_rules as lr
+
+    dt = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    od = {None: None, torch.float32: "float32"}.get(out_dtype, dt)
+    return f"_{kernel}" in lr.gemv_launch(m, n, k, dt, od, act, sm_count).kernel
+
+
+@pytest.mark.parametrize("kernel", TC_VARIANTS)
+@pytest.mark.parametrize("m", (3, 8))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", ((576, 576), (6144, 4096), (4096, 14336), (1001, 264)))
+def test_gemv_tensor_core_variants(K, n, k, dtype, m, kernel):
+    sms = tc_sm_count(kernel, math.ceil(n / 16))
+    assert picked(m, n, k, dtype, kernel, sms)
+    x, w = make(m, n, k, dtype, seed=4)
+    check(K.gemv(x, w, sm_count=sms), x.double() @ w.double().T, dtype)
+
+
+@pytest.mark.parametrize("kernel", TC_VARIANTS)
+@pytest.mark.parametrize("m", (3, 8))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_tensor_core_variants_bias_and_fp32_out(K, dtype, m, kernel):
+    n, k = 1152, 896
+    sms = tc_sm_count(kernel, n // 16)
+    assert picked(m, n, k, dtype, kernel, sms, torch.float32)
+    x, w = make(m, n, k, dtype, seed=5)
+    bias = torch.randn(n, device="cuda")
+    y = K.gemv(x, w, bias=bias, out_dtype=torch.float32, sm_count=sms)
+    check(y, x.double() @ w.double().T + bias.double(), torch.float32)
+
+
+@pytest.mark.parametrize("act", ("swiglu", "geglu"))
+@pytest.mark.parametrize("kernel", TC_VARIANTS)
+@pytest.mark.parametrize("m", (3, 8))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter,k", ((1536, 576), (99, 64)))
+def test_gemv_tensor_core_variants_fused_gate(K, inter, k, dtype, m, kernel, act):
+    """Bit-equal to the unfused path, which has as many tiles and so takes the same kernel."""
+    sms = tc_sm_count(kernel, math.ceil(inter / 8))
+    assert picked(m, inter, k, dtype, kernel, sms, act=act)
+    assert picked(m, 2 * inter, k, dtype, kernel, sms)
+    x, w = make(m, 2 * inter, k, dtype, seed=6)
+    fused = K.gemv(x, w, act=act, sm_count=sms)
+    assert not fused.isnan().any()
+    assert torch.equal(fused, K.gated(K.gemv(x, w, sm_count=sms), act))
+    ref = K.gated((x.double() @ w.double().T).to(dtype).contiguous(), act)
     torch.testing.assert_close(fused, ref, rtol=2e-2, atol=2e-2)

@@ -190,6 +190,24 @@ def test_gemv_launch_rounds_m_up_to_a_compiled_kernel(m, mb):
     assert ln.grid[0] == -(-4096 // per_block) and ln.block == (32 * lr.GEMV_WARPS, 1, 1)
 
 
+@pytest.mark.parametrize("n,act,m,kernel", [
+    (6144, None, 8, "gemv_bf16_bf16_m8_wide"),          # qkv: 384 tiles, 2.9 an SM
+    (4096, None, 4, "gemv_bf16_bf16_m8"),               # o, down: 256 tiles, 1.9 an SM
+    (14336, "swiglu", 8, "gemv_bf16_bf16_m8_w32_swiglu"),  # gate-up: 1792 tiles
+    (128256, None, 3, "gemv_bf16_bf16_m8_w32"),         # a LM head
+    (6144, None, 2, "gemv_bf16_bf16_m2"),               # the CUDA-core GEMV has no variants
+])
+def test_gemv_launch_picks_the_tensor_core_kernel_by_tiles_an_sm(n, act, m, kernel):
+    """On an H100's 132 SMs; without an SM count, the plain kernel."""
+    ln = lr.gemv_launch(m, n, 4096, "bfloat16", act=act, sm_count=132)
+    assert ln.kernel == kernel
+    variant = next((v for v in lr.GEMV_TC_VARIANT_WARPS if v and v in kernel), "")
+    if next(b for b in lr.GEMV_MS if b >= m) in lr.GEMV_TC_MS:
+        assert ln.block == (32 * lr.GEMV_TC_VARIANT_WARPS[variant], 1, 1)
+        assert ln.grid[0] == -(-n // (8 if act else 16))
+    assert lr.gemv_launch(m, n, 4096, "bfloat16", act=act).kernel == kernel.replace(variant, "")
+
+
 def test_gemv_launch_names_fp32_out_and_fused_gate():
     assert lr.gemv_launch(1, 128256, 4096, "float16", "float32").kernel == "gemv_f16_f32_m1"
     ln = lr.gemv_launch(2, 14336, 4096, "bfloat16", act="swiglu")
@@ -222,7 +240,10 @@ def test_gemv_rows_agree_with_the_kernel_source():
         assert re.search(rf"#define GEMV_R{m} {r}\b", src)
     for m in lr.GEMV_MS:
         if m in lr.GEMV_TC_MS:
-            assert re.search(rf"TC_M\(DT, TY, {m}, {m // 8}, GEMV_TC_SK, GEMV_TC_U\)", src)
+            assert re.search(rf"TC_M\(DT, TY, {m}, {m // 8}, GEMV_TC_SK, GEMV_TC_U, 0\)", src)
+            for variant, warps in lr.GEMV_TC_VARIANT_WARPS.items():
+                if variant:
+                    assert re.search(rf"TC_M\(DT, TY, {m}{variant}, {m // 8}, {warps}, ", src)
         else:
             assert re.search(rf"GEMV_M\(DT, TY, {m}, GEMV_R{m}, GEMV_U{m}\)", src)
     assert re.search(rf"#define GEMV_TC_SK {lr.GEMV_TC_WARPS}\b", src)

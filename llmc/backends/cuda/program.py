@@ -189,7 +189,7 @@ def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
         return
     if uses_gemv(op, m):
         n, y = (a["inter"], outs[1]) if act else (a["n"], outs[0])
-        yield "kernel", lr.gemv_launch(m, n, a["k"], dt, a["out_dtype"], act), [
+        yield "kernel", lr.gemv_launch(m, n, a["k"], dt, a["out_dtype"], act, s.sm_count), [
             P(ins[0]), P(ins[1]), bias, m, n, a["k"], P(y)]
         return
     yield "gemm", gemm_key(op), (int(P(ins[0])), int(P(ins[1])), int(P(outs[0])), m,

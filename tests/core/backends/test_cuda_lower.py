@@ -636,3 +636,32 @@ def test_the_moe_op_carries_the_graphs_layer(tiny_models_d64, tmp_path, kind):
         ref = f16(ref + f16(f16(1 / (1 + np.exp(-got[gate]))) * got[shared]))
     err = np.abs(ref - got[out]).max() / np.abs(got[out]).max()
     assert err < 1e-2, err
+
+
+def test_decode_gemvs_take_the_kernel_their_tiles_an_sm_pick(tiny_models_d64, tmp_path):
+    """A decode step of 8 sequences runs the 16-bit GEMMs on the tensor-core GEMV, each on
+    the variant its tiles against the session's SM count pick (launch_rules.gemv_launch):
+    the tiny model's few tiles take the plain kernel on a large GPU and _wide or _w32 on one
+    SM."""
+    from llmc.backends.cuda.program import Step, launches
+    from llmc.plugins import launch_rules as lr
+
+    plan = lower(_fused(tiny_models_d64["llama-gqa"][0], tmp_path / "fused"), LIMITS, "sm_90a")
+
+    def gemvs(sm_count):
+        step = Step(8, 8, 8, 65, sm_count=sm_count, max_smem=227 * 1024)
+        return [ln for kind, ln, _ in launches(plan, step, lambda name: 1 << 20)
+                if kind == "kernel" and ln.kernel.startswith("gemv_")]
+
+    large, one = gemvs(132), gemvs(1)
+    assert large and all("_m8" in ln.kernel for ln in large)
+    assert all(ln.block == (32 * lr.GEMV_TC_WARPS, 1, 1) for ln in large)
+    seen = set()
+    for plain, ln in zip(large, one, strict=True):
+        tiles = plain.grid[0]
+        variant = "" if tiles <= 2 else "_wide" if tiles <= 3 else "_w32"
+        seen.add(variant)
+        assert ln.kernel == plain.kernel.replace("_m8", f"_m8{variant}")
+        assert ln.grid == plain.grid
+        assert ln.block == (32 * lr.GEMV_TC_VARIANT_WARPS[variant], 1, 1)
+    assert "_w32" in seen
