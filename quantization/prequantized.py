@@ -51,6 +51,16 @@ GPTQ; the format does not say which algorithm chose the codes):
     X.weight_g_idx       int32 [in]              (actorder "group" only) each input row's
                                                  group
 
+and compressed-tensors' "float-quantized" format (llm-compressor's FP8 and FP8_DYNAMIC
+schemes), ModelOpt's FP8 layout under other config keys:
+
+    X.weight             float8_e4m3fn [out, in]
+    X.weight_scale       [out, 1] ("channel") or [1] ("tensor")   W = weight * weight_scale
+    X.input_scale        [1]                      (static inputs only) |max| / 448
+
+Dynamic inputs (a scale a token, computed at run time) have no input_scale: llmc's FP8 GEMMs
+take a static scale a tensor, so the build calibrates those inputs, keeping the weights.
+
 A zero point is not INT4 as ONNX and TensorRT take it (symmetric, zero points 0), so it is
 split exactly: (u - z) s = (u - 8) s + (8 - z) s, symmetric codes u - 8 with the scale, and
 an offset (8 - z) s per block and output that qdq.int4_pass adds as a GEMM of x's block sums
@@ -110,9 +120,18 @@ class Prequantized:
     kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)  # layer: K, V
     unkept: int = 0                     # INT4 weights read dequantized only (act order)
 
+    @property
+    def calibrates_inputs(self) -> bool:
+        """Whether FP8 weights come without their inputs' scales (compressed-tensors'
+        dynamic, per-token scheme, or FP8 weights alone): the build calibrates those, since
+        llmc's FP8 GEMMs take a static scale a tensor."""
+        return any(w not in self.input_amax for w in self.weight_scale)
+
     def describe(self) -> str:
         n = len(self.int4) or len(self.weight_scale)
         kv = f", FP8 KV-cache scales for {len(self.kv_scales)} layers" if self.kv_scales else ""
+        if self.calibrates_inputs:
+            kv = f", {'no' if not self.input_amax else 'some'} input scales{kv}"
         weights = f"{n} weights" if not self.unkept else \
             f"{n} weights, {self.unkept} in act-order blocks" if n else \
             f"{self.unkept} weights in act-order blocks"
@@ -141,8 +160,15 @@ def read_prequantized(config: dict[str, Any], readers: Readers, source: Any
         raise LlmcError(f"{source}: a {method} {algo} checkpoint (config.json "
                         "quantization_config) cannot be read yet; llmc reads ModelOpt FP8 "
                         "and W4A16_AWQ exports, AutoAWQ's GEMM format, 4-bit GPTQ, "
-                        "compressed-tensors W4A16 and unquantized checkpoints (then --quant "
-                        "fp8 / int4-awq / int4-rtn quantize them)")
+                        "compressed-tensors W4A16 and FP8 and unquantized checkpoints (then "
+                        "--quant fp8 / int4-awq / int4-rtn quantize them)")
+    out, pq = _read_fp8(readers, source, _producer(qc))
+    return out, replace(pq, kv_scales=kv_scales)
+
+
+def _read_fp8(readers: Readers, source: Any, producer: str) -> tuple[Readers, Prequantized]:
+    """X.weight (E4M3) with X.weight_scale (one or a row) and, where the inputs have a static
+    scale, X.input_scale: ModelOpt's FP8 and compressed-tensors' float-quantized layout."""
     out = dict(readers)
     scales, amax = {}, {}
     for name in [n for n in readers if n.endswith(".weight_scale")]:
@@ -157,7 +183,9 @@ def read_prequantized(config: dict[str, Any], readers: Readers, source: Any
         inp = weight.removesuffix("weight") + "input_scale"
         if inp in out:
             amax[weight] = float(np.asarray(out.pop(inp)()).reshape(-1).max()) * FP8_MAX
-    return out, Prequantized("fp8", _producer(qc), scales, amax, kv_scales=kv_scales)
+    if not scales:
+        raise LlmcError(f"{source}: config.json says FP8, but no tensor is an X.weight_scale")
+    return out, Prequantized("fp8", producer, scales, amax)
 
 
 _KV_SCALE = re.compile(r"model\.layers\.(\d+)\.self_attn\.([kv])_proj\.\2_scale$")
@@ -355,22 +383,38 @@ def _ct_scheme(group: dict[str, Any]) -> str:
         (" + activations" if group.get("input_activations") else "")
 
 
+def _ct_fp8_fits(group: dict[str, Any], fmt: Any) -> bool:
+    """A compressed-tensors config group of E4M3 weights with a scale a row or a tensor, the
+    inputs FP8 with a static scale a tensor, dynamic a token, or not quantized; nothing else."""
+    w, x = group.get("weights") or {}, group.get("input_activations")
+    return (group.get("format") or fmt) == "float-quantized" and w.get("num_bits") == 8 and \
+        w.get("type") == "float" and w.get("strategy") in ("channel", "tensor") and \
+        not w.get("dynamic") and not group.get("output_activations") and (
+            not x or x.get("num_bits") == 8 and x.get("type") == "float" and
+            (x.get("strategy"), bool(x.get("dynamic"))) in (("tensor", False), ("token", True)))
+
+
 def _read_compressed_tensors(readers: Readers, qc: dict[str, Any], source: Any
                              ) -> tuple[Readers, Prequantized]:
     groups = qc.get("config_groups") or {}
     fmt = qc.get("format")
-    if not groups or not all(_ct_scheme_fits(g, fmt) for g in groups.values()) or \
-            qc.get("quantization_status", "compressed") != "compressed" or \
-            qc.get("kv_cache_scheme") or (qc.get("sparsity_config") or {}).get("format",
-                                                                              "dense") != "dense":
+    producer = f"compressed-tensors {qc.get('version') or ''}".strip()
+    plain = qc.get("quantization_status", "compressed") == "compressed" and \
+        not qc.get("kv_cache_scheme") and \
+        (qc.get("sparsity_config") or {}).get("format", "dense") == "dense"
+    if groups and plain and all(_ct_fp8_fits(g, fmt) for g in groups.values()):
+        return _read_fp8(readers, source, producer)
+    if not groups or not plain or not all(_ct_scheme_fits(g, fmt) for g in groups.values()):
         schemes = ", ".join(map(_ct_scheme, groups.values())) or "no config groups"
         raise LlmcError(f"{source}: a compressed-tensors checkpoint of format {fmt!r} "
                         f"({schemes}; status {qc.get('quantization_status')!r}"
                         f"{', a KV-cache scheme' if qc.get('kv_cache_scheme') else ''}): llmc "
                         "reads compressed-tensors' W4A16 checkpoints (format pack-quantized, "
-                        "4-bit int weights in groups of 32, 64 or 128, nothing else quantized, "
-                        "no sparsity); requantize the unquantized model with --quant fp8, "
-                        "int4-awq or int4-rtn")
+                        "4-bit int weights in groups of 32, 64 or 128, nothing else quantized) "
+                        "and FP8 ones (format float-quantized, 8-bit float weights a channel "
+                        "or a tensor, inputs a tensor or a token), without sparsity; "
+                        "requantize the unquantized model with --quant fp8, int4-awq or "
+                        "int4-rtn")
     out = dict(readers)
     weights, act_order = {}, 0
     for name in [n for n in readers if n.endswith(".weight_packed")]:
@@ -414,7 +458,6 @@ def _read_compressed_tensors(readers: Readers, qc: dict[str, Any], source: Any
     if not weights and not act_order:
         raise LlmcError(f"{source}: config.json says compressed-tensors, but no tensor is an "
                         "X.weight_packed")
-    producer = f"compressed-tensors {qc.get('version') or ''}".strip()
     return out, Prequantized("int4-gptq", producer, {}, {}, weights, unkept=act_order)
 
 

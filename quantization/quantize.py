@@ -57,7 +57,8 @@ class QuantOptions:
         """Whether the build saves the unquantized graph and runs it on onnxruntime: for the
         accuracy report, or to calibrate (FP8 and AWQ without a checkpoint's own scales, an
         FP8 KV cache)."""
-        own = prequantized is not None and prequantized.mode == self.mode
+        own = prequantized is not None and prequantized.mode == self.mode and \
+            not prequantized.calibrates_inputs
         return self.measure or self.kv_cache_dtype == "fp8" or (
             self.mode in ("fp8", "int4-awq") and not own)
 
@@ -94,7 +95,9 @@ class QuantOptions:
         if self.mode == "auto":
             if prequantized is not None:
                 log(f"the checkpoint is a {prequantized.describe()}: building --quant "
-                    f"{prequantized.mode} with its scales")
+                    f"{prequantized.mode} with its scales"
+                    + (" (calibrating the input scales it does not give)"
+                       if prequantized.calibrates_inputs else ""))
             out = replace(self, mode=prequantized.mode if prequantized else "none")
         if prequantized is not None and out.mode == prequantized.mode and not out.lm_head and \
                 "lm_head.weight" in prequantized.int4:
@@ -222,7 +225,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     base = save_onnx(model, weights, tmp / "reference") if needs_ort else None
     details: dict = {"excluded": len(skip)} if skip else {}
     p = None
-    gemm_inputs = {}
+    gemm_inputs, given_fp8 = {}, None
     zero_point = opts.int4_zero_point
     if zero_point:
         details["int4_zero_points"] = True
@@ -238,9 +241,13 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         p = qdq.int4_pass(given=given, with_lm_head=head, only_given=opts.mode == "int4-gguf",
                           largest_block=opts.largest_int4_block)
     elif opts.mode == "fp8" and prequantized is not None and prequantized.mode == "fp8":
-        amax, scales = _checkpoint_scales(sites, prequantized)
+        given_fp8 = _checkpoint_scales(sites, prequantized)
         details["scales"] = f"from the {prequantized.describe()}"
-        p = qdq.fp8_pass(amax, scales)
+        # weights given without their input's scale (dynamic or weight-only FP8): calibrated
+        gemm_inputs = {s.weight: s.x for s in sites
+                       if s.weight in given_fp8[1] and s.weight not in given_fp8[0]}
+        if not gemm_inputs:
+            p = qdq.fp8_pass(*given_fp8)
     elif opts.mode != "none":
         gemm_inputs = {s.weight: s.x for s in sites}
     kv_sites = kv.kv_sites(model, weights) if opts.kv_cache_dtype == "fp8" else []
@@ -257,10 +264,12 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
                                            (f"{len(observed)} layers' K/V", observed)) if on)
         log(f"calibrated {what} on {calib.tokens} tokens of {calib_name}")
         details["calibration"] = f"{calib.tokens} tokens of {calib_name}"
-    if gemm_inputs:
+    if gemm_inputs and opts.mode == "int4-awq":
         p = qdq.int4_pass(calib.rows, with_lm_head=head, largest_block=opts.largest_int4_block,
-                          zero_point=zero_point, skip=skip) if opts.mode == "int4-awq" \
-            else qdq.fp8_pass(calib.amax, with_lm_head=head)
+                          zero_point=zero_point, skip=skip)
+    elif gemm_inputs:
+        p = qdq.fp8_pass(calib.amax, with_lm_head=head) if given_fp8 is None else \
+            qdq.fp8_pass({**given_fp8[0], **calib.amax}, given_fp8[1])
     qmodel, qweights, gemms = model, weights, 0
     if p is not None:
         qmodel, qweights, report = qdq.quantize_graph(model, weights, p)
@@ -338,7 +347,8 @@ def _checkpoint_scales(sites, pre: Prequantized) -> tuple[dict[str, float], dict
     """A pre-quantized checkpoint's scales under the fused graph's weight names: a fused
     GEMM's input |max| is its parts' largest, its per-column weight scale the parts' scales
     side by side (per-tensor scales of q, k and v become one per-column vector). A GEMM whose
-    parts were not all quantized in the checkpoint is left out (and stays unquantized)."""
+    parts were not all quantized in the checkpoint is left out (and stays unquantized); one
+    whose inputs the checkpoint gives no static scale has a weight scale and no |max|."""
     import numpy as np
 
     from llmc.passes.gemm import fused_parts
@@ -346,9 +356,10 @@ def _checkpoint_scales(sites, pre: Prequantized) -> tuple[dict[str, float], dict
     amax, scales = {}, {}
     for site in sites:
         parts = fused_parts(site.weight)
-        if all(p in pre.weight_scale and p in pre.input_amax for p in parts):
-            amax[site.weight] = max(pre.input_amax[p] for p in parts)
+        if all(p in pre.weight_scale for p in parts):
             scales[site.weight] = np.concatenate([pre.weight_scale[p] for p in parts])
+            if all(p in pre.input_amax for p in parts):
+                amax[site.weight] = max(pre.input_amax[p] for p in parts)
     return amax, scales
 
 

@@ -159,3 +159,59 @@ def compressed_tensors_checkpoint(src, out, group, sym=True, act_order=False, se
     for f in src.glob("*token*"):
         shutil.copy(f, out)
     return out
+
+
+def compressed_tensors_fp8_checkpoint(src, out, strategy="channel", dynamic=False):
+    """`src` as llm-compressor saves an FP8 model (its FP8 and FP8_DYNAMIC schemes):
+    compressed-tensors' float-quantized format, the config from its `QuantizationConfig`.
+    Weights E4M3 with a scale a row ("channel") or one a weight ("tensor"), |max| / 448, as
+    its min-max observer; inputs per tensor with the static scale (input_scale) of their
+    |max| / 448 over a forward pass of random tokens, or dynamic per token (no input_scale)."""
+    import torch
+    import transformers
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    out.mkdir(parents=True)
+    tensors = load_torch(src / "model.safetensors")
+    names = [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]
+    x_amax = {}
+    if not dynamic:
+        model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        hooks = [m.register_forward_pre_hook(
+            lambda m, a, name=name: x_amax.__setitem__(name, a[0].abs().max().item()))
+            for name, m in model.named_modules() if name + ".weight" in names]
+        with torch.no_grad():
+            model(torch.tensor(np.random.default_rng(0).integers(3, 128, (2, 48))))
+        for h in hooks:
+            h.remove()
+    for name in names:
+        w = tensors[name].float()
+        amax = w.abs().amax(1, keepdim=True) if strategy == "channel" else w.abs().amax()
+        scale = (amax / 448).clamp(min=1e-12).reshape(-1, 1 if strategy == "channel" else 1)
+        scale = scale if strategy == "channel" else scale.reshape(1)
+        tensors[name] = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        base = name.removesuffix("weight")
+        tensors[base + "weight_scale"] = scale.to(torch.float32)
+        if not dynamic:
+            tensors[base + "input_scale"] = torch.tensor([x_amax[name.removesuffix(".weight")]
+                                                          / 448], dtype=torch.float32)
+    save_torch(tensors, out / "model.safetensors")
+    weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy)
+    inputs = QuantizationArgs(num_bits=8, type="float", symmetric=True,
+                              strategy="token" if dynamic else "tensor", dynamic=dynamic)
+    qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
+        targets=["Linear"], weights=weights, input_activations=inputs)},
+        format="float-quantized", quantization_status="compressed",
+        ignore=["lm_head"]).model_dump(mode="json")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {**qc, "quant_method": "compressed-tensors"}
+    (out / "config.json").write_text(json.dumps(config))
+    for f in src.glob("*token*"):
+        shutil.copy(f, out)
+    return out

@@ -8,7 +8,12 @@ import shutil
 
 import numpy as np
 import pytest
-from quant_checkpoints import autoawq_checkpoint, compressed_tensors_checkpoint, gptq_checkpoint
+from quant_checkpoints import (
+    autoawq_checkpoint,
+    compressed_tensors_checkpoint,
+    compressed_tensors_fp8_checkpoint,
+    gptq_checkpoint,
+)
 
 from llmc.build import BuildOptions, build
 from llmc.engine_file import EngineFile
@@ -505,13 +510,102 @@ def test_compressed_tensors_act_order_reads_dequantized(tiny_models_d64, tmp_pat
     _act_order_refused_and_requantized(src, tmp_path, words)
 
 
+def _fp8_engine_holds(src, engine: EngineFile):
+    """The engine stores the checkpoint's E4M3 bytes, fused GEMMs' parts side by side."""
+    from llmc.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(src)   # the file as it is: FP8 values
+    for names in (["model.layers.0.self_attn.o_proj.weight"],
+                  [f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up")]):
+        fp8 = np.concatenate([ckpt.tensor(n) for n in names], axis=0)   # [out, in]
+        stored = engine_tensor(engine, (fused_name(names) if len(names) > 1 else names[0])
+                               + ".fp8")
+        assert stored == np.ascontiguousarray(fp8.T).tobytes()   # the graph's [in, out]
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_compressed_tensors_fp8_builds_its_own_fp8(tiny_models_d64, tmp_path, words, strategy):
+    """A compressed-tensors FP8 checkpoint with static input scales (llm-compressor's FP8
+    scheme, weight scales a row or a tensor) builds as it is (--quant auto -> fp8, nothing
+    calibrated): the engine stores its E4M3 weights and computes what HF transformers
+    computes on it through compressed-tensors, which quantizes the inputs with the same
+    scales (fp32, ragged steps)."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    import onnx
+    import torch
+    import transformers
+    from hf_steps import check_ragged_steps
+
+    from llmc.backends.reference import ReferenceSession
+    from llmc.checkpoint import open_checkpoint
+
+    src = compressed_tensors_fp8_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "ct",
+                                            strategy)
+    lines: list[str] = []
+    header = build(BuildOptions(src, tmp_path / "a.engine", backend="reference", dtype="fp32",
+                                limits=LIMITS, quant=QuantOptions("auto", eval_data=words)),
+                   log=lines.append)
+    assert any("a compressed-tensors fp8 checkpoint (14 weights)" in x for x in lines)
+    q = header.quant
+    assert q.mode == "fp8" and q.gemms == 8 and "compressed-tensors" in q.details["scales"]
+    assert "calibration" not in q.details and q.accuracy.top1_agreement > 0.9
+    engine = EngineFile(tmp_path / "a.engine")
+    _fp8_engine_holds(src, engine)
+    ckpt = open_checkpoint(src)
+    given = {float(ckpt.tensor(n)[0]) for n in ckpt.names() if n.endswith("input_scale")}
+    graph = onnx.load_from_string(engine.section("model.onnx").tobytes())
+    consts = {t.name: t for t in graph.graph.initializer}
+    x_scales = [float(onnx.numpy_helper.to_array(consts[n.input[1]]))
+                for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(x_scales) == 8 and all(min(abs(x / g - 1) for g in given) < 1e-6
+                                      for x in x_scales)
+
+    def worst(tolerance, **kw):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
+        return check_ragged_steps(ReferenceSession(engine), hf.eval(), 16, "fp32", tolerance,
+                                  "compressed-tensors fp8")
+
+    # W8A8 as compressed-tensors runs it, the inputs quantized with the checkpoint's scales:
+    # measured 6e-7 of the logits' range with weight scales a row, 1.9e-2 with one a tensor
+    # (weights and scales being the checkpoint's, checked above, what is left is fp32
+    # arithmetic before an E4M3 rounding, which can move an input a whole FP8 step); the
+    # weights alone (W8A16) are further off (5.3e-2, 6.3e-2)
+    w8a16 = transformers.CompressedTensorsConfig(dequantize=True)
+    assert worst(3e-2) < 0.5 * worst(1.0, quantization_config=w8a16)
+
+
+def test_compressed_tensors_fp8_dynamic_calibrates_its_inputs(tiny_models_d64, tmp_path,
+                                                              words):
+    """FP8_DYNAMIC (inputs quantized a token at run time, no input_scale): the build keeps
+    the checkpoint's FP8 weights and calibrates a static scale a tensor for every GEMM input,
+    as llmc's FP8 GEMMs take them; with --no-measure too (calibration runs the graph)."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    src = compressed_tensors_fp8_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "ct",
+                                            dynamic=True)
+    lines: list[str] = []
+    header = build(BuildOptions(src, tmp_path / "a.engine", backend="reference", dtype="fp32",
+                                limits=LIMITS, quant=QuantOptions(
+                                    "auto", calib_data=words, calib_size=16, eval_data=words,
+                                    measure=False)),
+                   log=lines.append)
+    assert any("fp8 checkpoint (14 weights, no input scales)" in x for x in lines)
+    assert any("calibrated 8 GEMM inputs" in x for x in lines)
+    q = header.quant
+    assert q.mode == "fp8" and q.gemms == 8 and "compressed-tensors" in q.details["scales"]
+    assert "tokens of" in q.details["calibration"]
+    _fp8_engine_holds(src, EngineFile(tmp_path / "a.engine"))
+
+
 @pytest.mark.parametrize("change,match", [
     ({"format": "int-quantized"}, "format 'int-quantized'"),
     ({"kv_cache_scheme": {"num_bits": 8, "type": "float"}}, "a KV-cache scheme"),
     ({"config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-        "num_bits": 8, "type": "float", "strategy": "channel"}, "input_activations": {
-        "num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}},
-     r"8-bit float channel \+ activations"),
+        "num_bits": 8, "type": "int", "strategy": "channel"}, "input_activations": {
+        "num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}}}},
+     r"8-bit int channel \+ activations"),
+    ({"format": "float-quantized", "config_groups": {"group_0": {"targets": ["Linear"],
+      "weights": {"num_bits": 8, "type": "float", "strategy": "block",
+                  "block_structure": [128, 128]}}}}, r"8-bit float block"),
     ({"config_groups": {"group_0": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "int", "strategy": "group", "group_size": 256}}}},
      "groups of 32, 64 or 128"),

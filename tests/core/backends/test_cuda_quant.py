@@ -374,6 +374,27 @@ def test_zero_point_engine_matches_the_reference_backend(tiny_models_d64, tmp_pa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+@pytest.mark.parametrize("strategy,dynamic", [("tensor", False), ("channel", True)])
+def test_compressed_tensors_fp8_engine_matches_the_reference_backend(tiny_models_d64, tmp_path,
+                                                                      words, strategy, dynamic):
+    """A compressed-tensors FP8 checkpoint (static input scales, or dynamic ones the build
+    calibrates) on the FP8 kernels, against the reference backend's engine of it."""
+    from quant_checkpoints import compressed_tensors_fp8_checkpoint
+
+    from llmc.plugins.launch_rules import FP8_ARCHS
+
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    if GPUS[0].arch not in FP8_ARCHS:
+        pytest.skip("FP8 engines are built for Hopper (sm_90a)")
+    folder, model = tiny_models_d64["llama-gqa"]
+    src = compressed_tensors_fp8_checkpoint(folder, tmp_path / "q", strategy, dynamic)
+    _build_both(src, tmp_path, "auto", words)
+    _compare_engines(tmp_path, model, f"compressed-tensors fp8 {strategy}", TOLERANCE["fp8"],
+                     True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
 @pytest.mark.parametrize("kind,lm_head", [("llama-gqa", False), ("llama-tied-rope3", True)])
 @pytest.mark.parametrize("mode", ["int4-rtn", "int4-awq"])
 def test_int4_zero_point_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words,
