@@ -152,7 +152,11 @@ def read_prequantized(config: dict[str, Any], readers: Readers, source: Any
     if method == "gptq":
         return _read_gptq(readers, qc, source)
     if method == "compressed-tensors":
-        return _read_compressed_tensors(readers, qc, source)
+        out, pq = _read_compressed_tensors(readers, qc, source)
+        if qc.get("kv_cache_scheme") and not kv_scales:
+            raise LlmcError(f"{source}: config.json's kv_cache_scheme says FP8, but no tensor "
+                            "is a model.layers.L.self_attn.k_scale or v_scale")
+        return out, replace(pq, kv_scales=kv_scales)
     if method == "modelopt" and algo == "W4A16_AWQ":
         out, pq = _read_int4(readers, qc, source)
         return out, replace(pq, kv_scales=kv_scales)
@@ -188,7 +192,8 @@ def _read_fp8(readers: Readers, source: Any, producer: str) -> tuple[Readers, Pr
     return out, Prequantized("fp8", producer, scales, amax)
 
 
-_KV_SCALE = re.compile(r"model\.layers\.(\d+)\.self_attn\.([kv])_proj\.\2_scale$")
+# ModelOpt's self_attn.k_proj.k_scale, compressed-tensors' self_attn.k_scale (and v)
+_KV_SCALE = re.compile(r"model\.layers\.(\d+)\.self_attn\.(?:(?P<p>[kv])_proj\.(?P=p)|[kv])_scale$")
 
 
 def _read_kv_scales(readers: Readers, source: Any
@@ -199,7 +204,7 @@ def _read_kv_scales(readers: Readers, source: Any
     for name in list(readers):
         m = _KV_SCALE.match(name)
         if m:
-            found.setdefault(int(m[1]), {})[m[2]] = float(
+            found.setdefault(int(m[1]), {})[name.rsplit(".", 1)[1][0]] = float(
                 np.asarray(out.pop(name)(), np.float32).reshape(-1).max())
     pairs = {}
     for layer, kv in sorted(found.items()):
@@ -394,25 +399,34 @@ def _ct_fp8_fits(group: dict[str, Any], fmt: Any) -> bool:
             (x.get("strategy"), bool(x.get("dynamic"))) in (("tensor", False), ("token", True)))
 
 
+def _ct_kv_fits(kv: dict[str, Any] | None) -> bool:
+    """No KV-cache scheme, or E4M3 with a static scale a tensor (self_attn.k_scale, v_scale)."""
+    return not kv or (kv.get("num_bits") == 8 and kv.get("type") == "float" and
+                      kv.get("strategy") == "tensor" and not kv.get("dynamic"))
+
+
 def _read_compressed_tensors(readers: Readers, qc: dict[str, Any], source: Any
                              ) -> tuple[Readers, Prequantized]:
     groups = qc.get("config_groups") or {}
     fmt = qc.get("format")
     producer = f"compressed-tensors {qc.get('version') or ''}".strip()
     plain = qc.get("quantization_status", "compressed") == "compressed" and \
-        not qc.get("kv_cache_scheme") and \
+        _ct_kv_fits(qc.get("kv_cache_scheme")) and \
         (qc.get("sparsity_config") or {}).get("format", "dense") == "dense"
     if groups and plain and all(_ct_fp8_fits(g, fmt) for g in groups.values()):
         return _read_fp8(readers, source, producer)
     if not groups or not plain or not all(_ct_scheme_fits(g, fmt) for g in groups.values()):
         schemes = ", ".join(map(_ct_scheme, groups.values())) or "no config groups"
+        kv = "" if _ct_kv_fits(qc.get("kv_cache_scheme")) else \
+            ", a KV-cache scheme other than FP8 a tensor"
         raise LlmcError(f"{source}: a compressed-tensors checkpoint of format {fmt!r} "
                         f"({schemes}; status {qc.get('quantization_status')!r}"
-                        f"{', a KV-cache scheme' if qc.get('kv_cache_scheme') else ''}): llmc "
+                        f"{kv}): llmc "
                         "reads compressed-tensors' W4A16 checkpoints (format pack-quantized, "
                         "4-bit int weights in groups of 32, 64 or 128, nothing else quantized) "
                         "and FP8 ones (format float-quantized, 8-bit float weights a channel "
-                        "or a tensor, inputs a tensor or a token), without sparsity; "
+                        "or a tensor, inputs a tensor or a token), without sparsity, the KV "
+                        "cache FP8 a tensor or not quantized; "
                         "requantize the unquantized model with --quant fp8, int4-awq or "
                         "int4-rtn")
     out = dict(readers)

@@ -161,12 +161,14 @@ def compressed_tensors_checkpoint(src, out, group, sym=True, act_order=False, se
     return out
 
 
-def compressed_tensors_fp8_checkpoint(src, out, strategy="channel", dynamic=False):
+def compressed_tensors_fp8_checkpoint(src, out, strategy="channel", dynamic=False, kv=False):
     """`src` as llm-compressor saves an FP8 model (its FP8 and FP8_DYNAMIC schemes):
     compressed-tensors' float-quantized format, the config from its `QuantizationConfig`.
     Weights E4M3 with a scale a row ("channel") or one a weight ("tensor"), |max| / 448, as
     its min-max observer; inputs per tensor with the static scale (input_scale) of their
-    |max| / 448 over a forward pass of random tokens, or dynamic per token (no input_scale)."""
+    |max| / 448 over a forward pass of random tokens, or dynamic per token (no input_scale).
+    kv: an FP8 KV-cache scheme too, each layer's self_attn.k_scale and v_scale the |max| / 448
+    of its k_proj and v_proj outputs over the same pass (RoPE not applied: the test's choice)."""
     import torch
     import transformers
     from compressed_tensors.quantization import (
@@ -180,16 +182,22 @@ def compressed_tensors_fp8_checkpoint(src, out, strategy="channel", dynamic=Fals
     out.mkdir(parents=True)
     tensors = load_torch(src / "model.safetensors")
     names = [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]
-    x_amax = {}
-    if not dynamic:
+    x_amax, y_amax = {}, {}
+    if not dynamic or kv:
         model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-        hooks = [m.register_forward_pre_hook(
-            lambda m, a, name=name: x_amax.__setitem__(name, a[0].abs().max().item()))
-            for name, m in model.named_modules() if name + ".weight" in names]
+        def observe(name, x, y):
+            x_amax[name], y_amax[name] = x.abs().max().item(), y.abs().max().item()
+
+        hooks = [m.register_forward_hook(lambda m, a, y, name=name: observe(name, a[0], y))
+                 for name, m in model.named_modules() if name + ".weight" in names]
         with torch.no_grad():
             model(torch.tensor(np.random.default_rng(0).integers(3, 128, (2, 48))))
         for h in hooks:
             h.remove()
+    for layer in sorted({n.split(".")[2] for n in names}) if kv else ():
+        for x in "kv":
+            tensors[f"model.layers.{layer}.self_attn.{x}_scale"] = torch.tensor(
+                [y_amax[f"model.layers.{layer}.self_attn.{x}_proj"] / 448], dtype=torch.float32)
     for name in names:
         w = tensors[name].float()
         amax = w.abs().amax(1, keepdim=True) if strategy == "channel" else w.abs().amax()
@@ -205,9 +213,11 @@ def compressed_tensors_fp8_checkpoint(src, out, strategy="channel", dynamic=Fals
     weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy)
     inputs = QuantizationArgs(num_bits=8, type="float", symmetric=True,
                               strategy="token" if dynamic else "tensor", dynamic=dynamic)
+    kv_scheme = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor",
+                                 dynamic=False) if kv else None
     qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
         targets=["Linear"], weights=weights, input_activations=inputs)},
-        format="float-quantized", quantization_status="compressed",
+        format="float-quantized", quantization_status="compressed", kv_cache_scheme=kv_scheme,
         ignore=["lm_head"]).model_dump(mode="json")
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {**qc, "quant_method": "compressed-tensors"}

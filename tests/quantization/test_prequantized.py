@@ -596,9 +596,52 @@ def test_compressed_tensors_fp8_dynamic_calibrates_its_inputs(tiny_models_d64, t
     _fp8_engine_holds(src, EngineFile(tmp_path / "a.engine"))
 
 
+def test_compressed_tensors_fp8_kv_scheme_gives_its_kv_scales(tiny_models_d64, tmp_path,
+                                                              words):
+    """An FP8 KV-cache scheme (kv_cache_scheme, each layer's self_attn.k_scale and v_scale):
+    --kv-cache-dtype fp8 takes the scales instead of calibrating; a config that names the
+    scheme without the scales is one error."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    from llmc.checkpoint import open_checkpoint
+
+    src = compressed_tensors_fp8_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "ct",
+                                            kv=True)
+    ckpt = open_checkpoint(src)
+    want = [[float(ckpt.tensor(f"model.layers.{i}.self_attn.{x}_scale")[0]) for x in "kv"]
+            for i in range(2)]
+    lines: list[str] = []
+    header = build(BuildOptions(src, tmp_path / "kv.engine", backend="reference", dtype="fp32",
+                                limits=LIMITS, quant=QuantOptions(
+                                    "auto", kv_cache_dtype="fp8", eval_data=words)),
+                   log=lines.append)
+    q = header.quant
+    assert q.mode == "fp8" and q.kv_cache_dtype == "fp8"
+    assert "from the compressed-tensors" in q.details["kv_scales"]
+    np.testing.assert_allclose(q.kv_scales, want, rtol=1e-6)
+    assert "calibration" not in q.details and q.accuracy.top1_agreement > 0.9
+    assert any("FP8 KV-cache scales for 2 layers" in x for x in lines)
+    tensors = src / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v for k, v in load_file(tensors).items()
+               if k != "model.layers.1.self_attn.v_scale"}, tensors)
+    with pytest.raises(LlmcError, match="layer 1's KV-cache scales are not one positive K and "
+                                        "one V scale"):
+        build(BuildOptions(src, tmp_path / "b.engine", backend="reference", limits=LIMITS),
+              log=lambda _: None)
+    save_file({k: v for k, v in load_file(tensors).items()
+               if k.rsplit(".", 1)[1] not in ("k_scale", "v_scale")}, tensors)
+    with pytest.raises(LlmcError, match="kv_cache_scheme says FP8, but no tensor"):
+        build(BuildOptions(src, tmp_path / "c.engine", backend="reference", limits=LIMITS),
+              log=lambda _: None)
+    assert not any(p.name.endswith(".engine") and p.name != "kv.engine"
+                   for p in tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("change,match", [
     ({"format": "int-quantized"}, "format 'int-quantized'"),
-    ({"kv_cache_scheme": {"num_bits": 8, "type": "float"}}, "a KV-cache scheme"),
+    ({"kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "attn_head"}},
+     "a KV-cache scheme other than FP8 a tensor"),
     ({"config_groups": {"group_0": {"targets": ["Linear"], "weights": {
         "num_bits": 8, "type": "int", "strategy": "channel"}, "input_activations": {
         "num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}}}},

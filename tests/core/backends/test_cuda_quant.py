@@ -374,11 +374,15 @@ def test_zero_point_engine_matches_the_reference_backend(tiny_models_d64, tmp_pa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
-@pytest.mark.parametrize("strategy,dynamic", [("tensor", False), ("channel", True)])
+@pytest.mark.parametrize("strategy,dynamic,kv", [("tensor", False, False),
+                                                 ("channel", True, False),
+                                                 ("channel", False, True)])
 def test_compressed_tensors_fp8_engine_matches_the_reference_backend(tiny_models_d64, tmp_path,
-                                                                      words, strategy, dynamic):
+                                                                      words, strategy, dynamic,
+                                                                      kv):
     """A compressed-tensors FP8 checkpoint (static input scales, or dynamic ones the build
-    calibrates) on the FP8 kernels, against the reference backend's engine of it."""
+    calibrates; kv: its FP8 KV-cache scales, an E4M3 pool) on the FP8 kernels, against the
+    reference backend's engine of it."""
     from quant_checkpoints import compressed_tensors_fp8_checkpoint
 
     from llmc.plugins.launch_rules import FP8_ARCHS
@@ -387,8 +391,8 @@ def test_compressed_tensors_fp8_engine_matches_the_reference_backend(tiny_models
     if GPUS[0].arch not in FP8_ARCHS:
         pytest.skip("FP8 engines are built for Hopper (sm_90a)")
     folder, model = tiny_models_d64["llama-gqa"]
-    src = compressed_tensors_fp8_checkpoint(folder, tmp_path / "q", strategy, dynamic)
-    _build_both(src, tmp_path, "auto", words)
+    src = compressed_tensors_fp8_checkpoint(folder, tmp_path / "q", strategy, dynamic, kv)
+    _build_both(src, tmp_path, "auto", words, kv_cache_dtype="fp8" if kv else "auto")
     _compare_engines(tmp_path, model, f"compressed-tensors fp8 {strategy}", TOLERANCE["fp8"],
                      True)
 
