@@ -38,9 +38,10 @@ and HF transformers write it; checkpoint_format "gptq", the default, or "gptq_v2
                                          order (desc_act), whose blocks are not contiguous
 
 and compressed-tensors' "pack-quantized" format (config.json `quantization_config` quant_method
-"compressed-tensors", as llm-compressor saves a W4A16 model; its weights 4-bit ints in groups
-along in, no activation quantization), read as GPTQ's (llm-compressor's W4A16 recipes run
-GPTQ; the format does not say which algorithm chose the codes):
+"compressed-tensors", as llm-compressor saves a W4A16 model; its weights 4-bit ints in
+groups along in or a scale a row, no activation quantization), read as GPTQ's
+(llm-compressor's W4A16 recipes run GPTQ; the format does not say which algorithm chose the
+codes):
 
     X.weight_packed      int32 [out, in / 8]     eight codes u = q + 8 a word, input columns
                                                  8c + (0 .. 7) from the low nibble up
@@ -88,7 +89,7 @@ from typing import Any, Callable
 import numpy as np
 
 from llmc.errors import LlmcError
-from llmc.quantization.numerics import FP8_MAX
+from llmc.quantization.numerics import FP8_MAX, INT4_BLOCKS
 
 Readers = dict[str, Callable[[], np.ndarray]]
 
@@ -148,26 +149,39 @@ def read_prequantized(config: dict[str, Any], readers: Readers, source: Any
     method, algo = qc.get("quant_method"), qc.get("quant_algo")
     readers, kv_scales = _read_kv_scales(readers, source)
     if method == "awq":
-        return _read_autoawq(readers, qc, source)
-    if method == "gptq":
-        return _read_gptq(readers, qc, source)
-    if method == "compressed-tensors":
+        out, pq = _read_autoawq(readers, qc, source)
+    elif method == "gptq":
+        out, pq = _read_gptq(readers, qc, source)
+    elif method == "compressed-tensors":
         out, pq = _read_compressed_tensors(readers, qc, source)
         if qc.get("kv_cache_scheme") and not kv_scales:
             raise LlmcError(f"{source}: config.json's kv_cache_scheme says FP8, but no tensor "
                             "is a model.layers.L.self_attn.k_scale or v_scale")
-        return out, replace(pq, kv_scales=kv_scales)
-    if method == "modelopt" and algo == "W4A16_AWQ":
+    elif method == "modelopt" and algo == "W4A16_AWQ":
         out, pq = _read_int4(readers, qc, source)
-        return out, replace(pq, kv_scales=kv_scales)
-    if method != "modelopt" or algo != "FP8":
+    elif method == "modelopt" and algo == "FP8":
+        out, pq = _read_fp8(readers, source, _producer(qc))
+    else:
         raise LlmcError(f"{source}: a {method} {algo} checkpoint (config.json "
                         "quantization_config) cannot be read yet; llmc reads ModelOpt FP8 "
                         "and W4A16_AWQ exports, AutoAWQ's GEMM format, 4-bit GPTQ, "
                         "compressed-tensors W4A16 and FP8 and unquantized checkpoints (then "
                         "--quant fp8 / int4-awq / int4-rtn quantize them)")
-    out, pq = _read_fp8(readers, source, _producer(qc))
-    return out, replace(pq, kv_scales=kv_scales)
+    int4 = {name: _in_graph_blocks(w) for name, w in pq.int4.items()}
+    return out, replace(pq, int4=int4, kv_scales=kv_scales)
+
+
+def _in_graph_blocks(w: Int4Weight) -> Int4Weight:
+    """A checkpoint's INT4 groups larger than the graph's blocks (GPTQ's group_size -1, one
+    group a row, or 256 and more) as blocks of 128 (or of 64 or 32, the largest that divides
+    the group), its scale and offset repeated along them: the same weight, exactly, in blocks
+    that every backend's INT4 takes. A group no block divides is left as it is."""
+    b = next((b for b in INT4_BLOCKS if w.block % b == 0), None)
+    if b is None or w.block <= INT4_BLOCKS[0]:
+        return w
+    r = w.block // b
+    return replace(w, scale=np.repeat(w.scale, r, axis=1),
+                   offset=None if w.offset is None else np.repeat(w.offset, r, axis=1))
 
 
 def _read_fp8(readers: Readers, source: Any, producer: str) -> tuple[Readers, Prequantized]:
@@ -368,16 +382,16 @@ def _read_gptq(readers: Readers, qc: dict[str, Any], source: Any
     return out, Prequantized("int4-gptq", producer, {}, {}, weights, unkept=act_order)
 
 
-CT_GROUPS = (32, 64, 128)   # compressed-tensors group sizes kept as INT4 (the graph's blocks)
-
-
 def _ct_scheme_fits(group: dict[str, Any], fmt: Any) -> bool:
-    """A compressed-tensors config group of 4-bit int weights in groups, nothing else
+    """A compressed-tensors config group of 4-bit int weights a channel or in groups of a
+    multiple of 32 (_in_graph_blocks makes larger ones blocks of 128, 64 or 32), nothing else
     quantized, packed."""
     w = group.get("weights") or {}
+    size = w.get("group_size")
     return (group.get("format") or fmt) == "pack-quantized" and w.get("num_bits") == 4 and \
-        w.get("type", "int") == "int" and w.get("strategy") == "group" and \
-        w.get("group_size") in CT_GROUPS and not w.get("dynamic") and \
+        w.get("type", "int") == "int" and not w.get("dynamic") and (
+            w.get("strategy") == "channel" or w.get("strategy") == "group" and
+            isinstance(size, int) and size > 0 and size % 32 == 0) and \
         not group.get("input_activations") and not group.get("output_activations")
 
 
@@ -423,7 +437,8 @@ def _read_compressed_tensors(readers: Readers, qc: dict[str, Any], source: Any
                         f"({schemes}; status {qc.get('quantization_status')!r}"
                         f"{kv}): llmc "
                         "reads compressed-tensors' W4A16 checkpoints (format pack-quantized, "
-                        "4-bit int weights in groups of 32, 64 or 128, nothing else quantized) "
+                        "4-bit int weights a channel or in groups of a multiple of 32, nothing "
+                        "else quantized) "
                         "and FP8 ones (format float-quantized, 8-bit float weights a channel "
                         "or a tensor, inputs a tensor or a token), without sparsity, the KV "
                         "cache FP8 a tensor or not quantized; "

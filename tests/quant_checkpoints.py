@@ -55,11 +55,11 @@ def gptq_checkpoint(src, out, group, sym=True, fmt="gptq", act_order=False, seed
                     lm_head=False):
     """`src` in GPTQ's format (AutoGPTQ / GPTQModel): qweight int32 [in / 8, out] packed along
     in, qzeros int32 [in / B, out / 8] packed along out (format "gptq" stores z - 1), scales
-    fp16 [in / B, out], g_idx [in]. The codes are plain rounding (GPTQ's error feedback
-    changes which codes, not the format): sym, scale 2 |max| / 15 and z = 8; otherwise min/max
-    with z in 1..15. act_order: the rows of a block scattered by a random permutation, as
-    desc_act orders them. lm_head: the (untied) LM head quantized too, as GPTQModel's
-    lm_head=True does."""
+    fp16 [in / B, out], g_idx [in]; group -1: one group a row. The codes are plain rounding
+    (GPTQ's error feedback changes which codes, not the format): sym, scale 2 |max| / 15 and
+    z = 8; otherwise min/max with z in 1..15. act_order: the rows of a block scattered by a
+    random permutation, as desc_act orders them. lm_head: the (untied) LM head quantized too,
+    as GPTQModel's lm_head=True does."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True)
     tensors = load_file(src / "model.safetensors")
@@ -67,12 +67,13 @@ def gptq_checkpoint(src, out, group, sym=True, fmt="gptq", act_order=False, seed
                  or lm_head and n == "lm_head.weight"]:
         w = tensors.pop(name).astype(np.float32).T                        # [in, out]
         k = w.shape[0]
-        g_idx = np.arange(k) // group
+        size = k if group == -1 else group   # -1: one group a row, as GPTQ writes it
+        g_idx = np.arange(k) // size
         if act_order:
-            g_idx[rng.permutation(k)] = np.arange(k) // group
-        scale = np.empty((k // group, w.shape[1]), np.float16)
+            g_idx[rng.permutation(k)] = np.arange(k) // size
+        scale = np.empty((k // size, w.shape[1]), np.float16)
         zero = np.empty(scale.shape, np.int64)
-        for g in range(k // group):
+        for g in range(k // size):
             rows = w[g_idx == g]
             lo, hi = rows.min(0), rows.max(0)
             if sym:
@@ -106,7 +107,7 @@ def compressed_tensors_checkpoint(src, out, group, sym=True, act_order=False, se
     7.5, as compressed-tensors' symmetric observer; otherwise min/max over 15 steps and a zero
     point zp in [-8, 7], W = (q - zp) s. act_order: actorder "group" as compressed-tensors
     before 0.20 saved it, the rows of a group scattered by a random permutation and named by
-    weight_g_idx."""
+    weight_g_idx. group -1: one scale a row (strategy "channel")."""
     import torch
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization import (
@@ -121,12 +122,13 @@ def compressed_tensors_checkpoint(src, out, group, sym=True, act_order=False, se
     for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
         w = tensors.pop(name).astype(np.float32)                          # [out, in]
         n, k = w.shape
-        g_idx = np.arange(k) // group
+        size = k if group == -1 else group
+        g_idx = np.arange(k) // size
         if act_order:
-            g_idx[rng.permutation(k)] = np.arange(k) // group
-        scale = np.empty((n, k // group), np.float16)
+            g_idx[rng.permutation(k)] = np.arange(k) // size
+        scale = np.empty((n, k // size), np.float16)
         zp = np.zeros(scale.shape, np.int64)
-        for g in range(k // group):
+        for g in range(k // size):
             cols = w[:, g_idx == g]
             lo, hi = np.minimum(cols.min(1), 0), np.maximum(cols.max(1), 0)
             if sym:
@@ -146,8 +148,9 @@ def compressed_tensors_checkpoint(src, out, group, sym=True, act_order=False, se
         if act_order:
             tensors[base + "weight_g_idx"] = g_idx.astype(np.int32)
     save_file(tensors, out / "model.safetensors")
-    args = QuantizationArgs(num_bits=4, type="int", symmetric=sym, strategy="group",
-                            group_size=group)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=sym, strategy="channel") \
+        if group == -1 else QuantizationArgs(num_bits=4, type="int", symmetric=sym,
+                                             strategy="group", group_size=group)
     qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
         targets=["Linear"], weights=args)}, format="pack-quantized",
         quantization_status="compressed", ignore=["lm_head"]).model_dump(mode="json")

@@ -306,19 +306,30 @@ def test_zero_point_checkpoints_lower_to_the_zero_point_kernels(tiny_models_d64,
         assert np.array_equal(stored, want), op.inputs[1]
 
 
-@pytest.mark.parametrize("sym,fmt,group", [(True, "gptq", 128), (False, "gptq", 64),
-                                           (False, "gptq_v2", 128)])
-def test_gptq_builds_exactly(tiny_models_d64, tmp_path, words, sym, fmt, group):
+@pytest.mark.parametrize("sym,fmt,group,act_order", [
+    (True, "gptq", 128, False), (False, "gptq", 64, False), (False, "gptq_v2", 128, False),
+    (True, "gptq", -1, True), (False, "gptq", -1, False)])
+def test_gptq_builds_exactly(tiny_models_d64, tmp_path, words, sym, fmt, group, act_order):
     """A GPTQ checkpoint built as it is (--quant auto -> int4-gptq): its codes u - 8 with its
     scales, plus offsets only where zero points are not 8 (asymmetric); it computes what its
-    dequantized weights compute, to fp32 rounding."""
+    dequantized weights compute, to fp32 rounding. group_size -1 (a group a row): blocks of
+    128, the row's scale and offset repeated, which the cuda backend's kernels take too; act
+    order with a single group a row puts every row in it (g_idx all 0), so it is INT4 too."""
     from llmc.checkpoint import open_checkpoint
     from llmc.quantization.prequantized import unpack_gptq_rows
 
-    src = gptq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "gptq", group, sym, fmt)
+    src = gptq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "gptq", group, sym, fmt,
+                          act_order)
     codes = unpack_gptq_rows(open_checkpoint(src).tensor(
         "model.layers.1.self_attn.o_proj.qweight")).astype(np.int8) - 8
-    _built_as_its_own_int4(src, tmp_path, words, group, "gptqmodel:2.2.0", codes, sym)
+    _built_as_its_own_int4(src, tmp_path, words, 128 if group == -1 else group,
+                           "gptqmodel:2.2.0", codes, sym)
+    if group == -1:   # one block a row would be K = 256 and 384: past the kernels' blocks
+        header = build(BuildOptions(src, tmp_path / "c.engine", backend="cuda", dtype="fp16",
+                                    gpu_arch="sm_90a", limits=LIMITS,
+                                    quant=QuantOptions("auto", eval_data=words)),
+                       log=lambda _: None)
+        assert header.quant.details["int4_block_sizes"] == [128]
 
 
 def _built_as_its_own_int4(src, tmp_path, words, group, producer, o_proj_codes, sym):
@@ -454,13 +465,13 @@ def _hf_compressed(folder):
         quantization_config=transformers.CompressedTensorsConfig(dequantize=True)).eval()
 
 
-@pytest.mark.parametrize("sym,group", [(True, 128), (False, 64)])
+@pytest.mark.parametrize("sym,group", [(True, 128), (False, 64), (False, -1)])
 def test_compressed_tensors_w4a16_builds_its_own_int4(tiny_models_d64, tmp_path, words, sym,
                                                      group):
     """A compressed-tensors W4A16 checkpoint (llm-compressor's format) builds as it is (--quant
     auto -> int4-gptq): the engine stores its codes, offsets only where it has zero points,
     and computes what HF transformers computes on the weights compressed-tensors decompresses
-    (fp32, ragged steps)."""
+    (fp32, ragged steps). -1: a scale a channel, built as blocks of 128 of it."""
     pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
     import torch
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -474,8 +485,8 @@ def test_compressed_tensors_w4a16_builds_its_own_int4(tiny_models_d64, tmp_path,
     packed = open_checkpoint(src).tensor("model.layers.1.self_attn.o_proj.weight_packed")
     codes = unpack_from_int32(torch.from_numpy(np.array(packed)), 4,
                               torch.Size([256, 256])).numpy()      # compressed-tensors' own
-    engine = _built_as_its_own_int4(src, tmp_path, words, group, "compressed-tensors",
-                                    codes.T, sym)
+    engine = _built_as_its_own_int4(src, tmp_path, words, 128 if group == -1 else group,
+                                    "compressed-tensors", codes.T, sym)
     # HF decompresses in fp16 (the scales' dtype): 4.5-4.8e-4 of the logits' range measured
     check_ragged_steps(ReferenceSession(engine), _hf_compressed(src), 16, "fp32", 1e-3,
                        "compressed-tensors")
@@ -650,8 +661,8 @@ def test_compressed_tensors_fp8_kv_scheme_gives_its_kv_scales(tiny_models_d64, t
       "weights": {"num_bits": 8, "type": "float", "strategy": "block",
                   "block_structure": [128, 128]}}}}, r"8-bit float block"),
     ({"config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-        "num_bits": 4, "type": "int", "strategy": "group", "group_size": 256}}}},
-     "groups of 32, 64 or 128"),
+        "num_bits": 4, "type": "int", "strategy": "group", "group_size": 48}}}},
+     "groups of a multiple of 32"),
 ])
 def test_compressed_tensors_schemes_it_cannot_take_are_one_error(tiny_models_d64, tmp_path,
                                                                  change, match):

@@ -353,12 +353,13 @@ def test_quantized_lm_head_engine_matches_the_reference_backend(tiny_models_d64,
 @pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
 @pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("kind,group", [("autoawq", 128), ("autoawq", 64), ("gptq", 128),
-                                        ("compressed-tensors", 64)])
+                                        ("gptq", -1), ("compressed-tensors", 64)])
 def test_zero_point_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words,
                                                          kind, group, graphs):
     """An AutoAWQ, asymmetric GPTQ or compressed-tensors checkpoint's own codes and zero points
-    (the kernels with chunk scales at 128, without at 64): the cuda kernels compute (u - z) s,
-    the reference backend (u - 8) s plus the offset GEMM; the same weights either way."""
+    (the kernels with chunk scales at 128, without at 64; GPTQ's group -1, a group a row, as
+    blocks of 128): the cuda kernels compute (u - z) s, the reference backend (u - 8) s plus
+    the offset GEMM; the same weights either way."""
     from quant_checkpoints import autoawq_checkpoint, compressed_tensors_checkpoint, gptq_checkpoint
 
     folder, model = tiny_models_d64["llama-gqa"]
