@@ -1,9 +1,9 @@
 """L2 prefetch sizes on the loads that stream HBM: the quantized decode GEMVs' weight loads
 (kernels/qgemv.cuh, QGEMV_L2), the small-M INT4 GEMM's (W4G_L2, same file), the 16-bit
-GEMVs' (kernels/gemv.cu, GEMV_L2) and the decode attention's cp.async copies
-(kernels/common.cuh, CP_ASYNC_L2), each compiled with no hint, `.L2::128B` and `.L2::256B`,
-the kernels otherwise as shipped, timed in one process in the order none, 128B, 256B, none,
-256B, 128B.
+GEMVs' (kernels/gemv.cu, GEMV_L2), the MoE decode GEMMs' (kernels/moe.cu, MOE_L2) and the
+decode attention's cp.async copies (kernels/common.cuh, CP_ASYNC_L2), each compiled with no
+hint, `.L2::128B` and `.L2::256B`, the kernels otherwise as shipped, timed in one process in
+the order none, 128B, 256B, none, 256B, 128B.
 
     PYTHONPATH=<llmc checkout paths> python3 bench/kernels/l2_prefetch.py [--only gemv] \
         [--out results.md]
@@ -11,9 +11,11 @@ the kernels otherwise as shipped, timed in one process in the order none, 128B, 
 Rows: the Llama-3.1-8B decode GEMVs (INT4 RTN, group 128, and FP8 W8A8 at 1 and 8 rows; the
 16-bit GEMV at 1, 2 and 8 rows, and the LM head), the small-M INT4 GEMM at 32, 64 and 128
 rows (its shipped kernel: mma.sync `w4g`, or `w4gw`, wgmma, on sm_90a from 33 rows), timed as
-bench/kernels/qgemv.py times them (a CUDA graph over >= 256 MiB of weight copies), and the
-decode attention at bench/kernels/bench.py's shapes (32 q / 8 kv heads x 128, bf16 pool).
-Each cell: % of 3.35 TB/s on the bytes read, both runs of that hint.
+bench/kernels/qgemv.py times them (a CUDA graph over >= 256 MiB of weight copies), the
+Mixtral-8x7B expert GEMMs of a decode step of 1 and 8 tokens (bench/kernels/moe.py's shapes;
+the chosen experts' bytes, 0.5-2.8 GB, are past L2 without copies), and the decode attention
+at bench/kernels/bench.py's shapes (32 q / 8 kv heads x 128, bf16 pool). Each cell: % of
+3.35 TB/s on the bytes read, both runs of that hint.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ DECODE = (("B=64 ctx=2048 bs=16", [2048] * 64, 16), ("B=64 ctx=2048 bs=64", [204
 GROUP = 128
 # what each part times: its module and the macro that sets the hint
 PARTS = {"qgemv": ("qgemv", "QGEMV_L2"), "w4gemm": ("qgemv", "W4G_L2"),
-         "gemv": ("gemv", "GEMV_L2"), "attention": ("paged_attention", "CP_ASYNC_L2")}
+         "gemv": ("gemv", "GEMV_L2"), "moe": ("moe", "MOE_L2"),
+         "attention": ("paged_attention", "CP_ASYNC_L2")}
 GEMM_MS = (32, 64, 128)   # the small-M GEMM's rows (w4g; from 33 on sm_90a its wgmma kernel)
 
 
@@ -159,6 +162,26 @@ def main() -> None:
             time_hints("w4gemm", (name, m, f"int4 RTN {ln.kernel.split('_')[0]}"), ln, argv,
                        calls, n * k // 2 + s4.numel() * 2 + m * (n_out + k) * 2)
         w4 = None
+
+    if "moe" in args.only:
+        from moe import EXPERTS, HIDDEN, INTER, TOP_K
+
+        gate_up = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda", dtype=bf) * 0.02
+        down = torch.randn(EXPERTS, HIDDEN, INTER, device="cuda", dtype=bf) * 0.01
+        for t in (1, 8):
+            x = torch.randn(t, HIDDEN, device="cuda", dtype=bf)
+            logits = torch.randn(t, EXPERTS, device="cuda", dtype=bf)
+            _, p = K.moe(x, logits, gate_up, down, TOP_K, True)
+            chosen = len(p["ids"].unique())
+            for name, w, xin, perm, n, k, act in (
+                    ("gate_up+swiglu", gate_up, x, p["perm"], INTER, HIDDEN, True),
+                    ("down", down, p["act"], DevPtr(0), HIDDEN, INTER, False)):
+                ln = lr.moe_gemm_launch(t, EXPERTS, TOP_K, n, k, "bfloat16", act)
+                out = torch.empty(t * TOP_K, n, device="cuda", dtype=bf)
+                argv = [[xin, w, perm, p["meta"], EXPERTS, n, k, out]]
+                time_hints("moe", (f"Mixtral expert {name}", t, f"MoE {ln.kernel}"), ln, argv,
+                           24, chosen * w[0].numel() * 2)
+        gate_up = down = None
 
     hq, hkv, d = 32, 8, 128
     for label, ctxs, bs in DECODE if "attention" in args.only else ():

@@ -230,6 +230,15 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
+// ld_stream as NAME with an L2 prefetch size: HINT is a PTX qualifier string (".L2::128B",
+// or "" for none), which a template argument cannot carry, so a module defines its own.
+#define LLMC_LD_STREAM_L2(NAME, HINT)                                                         \
+  __device__ __forceinline__ uint4 NAME(const void* p) {                                      \
+    uint4 v;                                                                                   \
+    asm("ld.global.nc.L1::no_allocate" HINT ".v4.u32 {%0,%1,%2,%3}, [%4];"                    \
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));                               \
+    return v;                                                                                  \
+  }
 
 // c[16 x 8] += a[16 x 16] b[16 x 8], fp32 accumulation. Fragments (g = lane / 4, t = lane % 4):
 // a0 = row g, k 2t..2t+1; a1 = row g + 8, same k; a2, a3 = the same rows at k 2t+8..2t+9;

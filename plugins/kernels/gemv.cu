@@ -36,12 +36,7 @@
 #ifndef GEMV_L2
 #define GEMV_L2 ".L2::128B"
 #endif
-__device__ __forceinline__ uint4 ld_weights(const void* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate" GEMV_L2 ".v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
+LLMC_LD_STREAM_L2(ld_weights, GEMV_L2)
 
 template <typename T, int M, int R, int U, int ACT, bool F32>
 __device__ __forceinline__ void gemv(const u16* __restrict__ x, const u16* __restrict__ w,

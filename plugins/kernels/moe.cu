@@ -199,6 +199,15 @@ __device__ __forceinline__ void moe_route(const u16* __restrict__ logits, int to
 }
 
 // ---- the grouped GEMM -----------------------------------------------------------------------
+// The decode kernel's weight loads (moe_gemm, below) have tc_gemv's pattern: a warp's load
+// takes 64 bytes of each of 16 rows and the next warp's chunk the lines' other halves.
+// MOE_L2 sets their L2 prefetch size (kernels/gemv.cu: GEMV_L2); a benchmark may define it
+// to compare (bench/kernels/l2_prefetch.py --only moe).
+#ifndef MOE_L2
+#define MOE_L2 ".L2::128B"
+#endif
+LLMC_LD_STREAM_L2(ld_expert, MOE_L2)
+
 // out[pos, o] = sum_k x[row(pos), k] * w[expert(pos), o, k], the weights stored [E, N, K]
 // (each expert's [out, in]). ACT: the gate-up GEMM with SwiGLU fused: w holds 2n rows an
 // expert (gate [0, n), up [n, 2n)), x rows are tokens (perm), out [R, n] = silu(gate) * up.
@@ -253,8 +262,8 @@ __device__ __forceinline__ void moe_gemm(const u16* __restrict__ x, const u16* _
     for (int u = 0; u < U; ++u) {
       const int kk = (c + u * SK) * 32;
       const bool ok = kk + 8 * t < k;
-      a[u] = ok ? ld_stream(wa + kk) : make_uint4(0, 0, 0, 0);
-      b[u] = ok ? ld_stream(wb + kk) : make_uint4(0, 0, 0, 0);
+      a[u] = ok ? ld_expert(wa + kk) : make_uint4(0, 0, 0, 0);
+      b[u] = ok ? ld_expert(wb + kk) : make_uint4(0, 0, 0, 0);
     }
   };
   load_w(va, vb, sk);

@@ -50,3 +50,10 @@ def test_16_bit_gemv_weight_loads_fetch_whole_lines(tmp_path):
     loads = weight_loads("gemv", tmp_path)
     assert len(loads) >= 8   # m1, m2 and m8 (tc_gemv) entries, plain and fused, per dtype
     assert {k: v for k, v in loads.items() if not v[0] or v[1]} == {}
+
+
+def test_moe_decode_gemm_weight_loads_fetch_whole_lines(tmp_path):
+    """The MoE decode GEMMs (moe_gemm_*_m8*, tc_gemv's loads; kernels/moe.cu: MOE_L2)."""
+    loads = {k: v for k, v in weight_loads("moe", tmp_path).items() if "_m8" in k}
+    assert len(loads) >= 4   # plain and SwiGLU, per dtype
+    assert {k: v for k, v in loads.items() if not v[0] or v[1]} == {}
