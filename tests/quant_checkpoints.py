@@ -23,6 +23,17 @@ def pack_cols(u, order=tuple(range(8))):
     return words.view(np.int32)
 
 
+def with_config(src, out, quantization_config):
+    """Finish the checkpoint in `out`: src's config.json with this quantization_config, and
+    src's tokenizer files."""
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (out / "config.json").write_text(json.dumps(config))
+    for f in src.glob("*token*"):
+        shutil.copy(f, out)
+    return out
+
+
 def autoawq_checkpoint(src, out, group):
     """`src` in AutoAWQ's GEMM format, as its quantizer writes it (min/max per block of
     `group` along in, 15 steps, zero points; qweight/qzeros packed eight to an int32 in
@@ -42,13 +53,8 @@ def autoawq_checkpoint(src, out, group):
                         base + "qzeros": pack_cols(zero, AWQ_ORDER),
                         base + "scales": scale})
     save_file(tensors, out / "model.safetensors")
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group,
-                                     "zero_point": True, "version": "gemm"}
-    (out / "config.json").write_text(json.dumps(config))
-    for f in src.glob("*token*"):
-        shutil.copy(f, out)
-    return out
+    return with_config(src, out, {"quant_method": "awq", "bits": 4, "group_size": group,
+                                  "zero_point": True, "version": "gemm"})
 
 
 def gptq_checkpoint(src, out, group, sym=True, fmt="gptq", act_order=False, seed=0,
@@ -88,15 +94,10 @@ def gptq_checkpoint(src, out, group, sym=True, fmt="gptq", act_order=False, seed
                         base + "qzeros": pack_cols(zero - (fmt == "gptq")),
                         base + "scales": scale, base + "g_idx": g_idx.astype(np.int32)})
     save_file(tensors, out / "model.safetensors")
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group,
-                                     "desc_act": act_order, "sym": sym,
-                                     "checkpoint_format": fmt, "lm_head": lm_head,
-                                     "meta": {"quantizer": ["gptqmodel:2.2.0"]}}
-    (out / "config.json").write_text(json.dumps(config))
-    for f in src.glob("*token*"):
-        shutil.copy(f, out)
-    return out
+    return with_config(src, out, {"quant_method": "gptq", "bits": 4, "group_size": group,
+                                  "desc_act": act_order, "sym": sym, "checkpoint_format": fmt,
+                                  "lm_head": lm_head,
+                                  "meta": {"quantizer": ["gptqmodel:2.2.0"]}})
 
 
 def compressed_tensors_checkpoint(src, out, group, sym=True, act_order=False, seed=0):
@@ -156,12 +157,7 @@ def compressed_tensors_checkpoint(src, out, group, sym=True, act_order=False, se
         quantization_status="compressed", ignore=["lm_head"]).model_dump(mode="json")
     if act_order:   # what earlier compressed-tensors versions wrote (0.20 no longer takes it)
         qc["config_groups"]["group_0"]["weights"]["actorder"] = "group"
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {**qc, "quant_method": "compressed-tensors"}
-    (out / "config.json").write_text(json.dumps(config))
-    for f in src.glob("*token*"):
-        shutil.copy(f, out)
-    return out
+    return with_config(src, out, {**qc, "quant_method": "compressed-tensors"})
 
 
 def compressed_tensors_fp8_checkpoint(src, out, strategy="channel", dynamic=False, kv=False):
@@ -222,9 +218,4 @@ def compressed_tensors_fp8_checkpoint(src, out, strategy="channel", dynamic=Fals
         targets=["Linear"], weights=weights, input_activations=inputs)},
         format="float-quantized", quantization_status="compressed", kv_cache_scheme=kv_scheme,
         ignore=["lm_head"]).model_dump(mode="json")
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {**qc, "quant_method": "compressed-tensors"}
-    (out / "config.json").write_text(json.dumps(config))
-    for f in src.glob("*token*"):
-        shutil.copy(f, out)
-    return out
+    return with_config(src, out, {**qc, "quant_method": "compressed-tensors"})
