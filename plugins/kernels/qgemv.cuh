@@ -124,20 +124,17 @@ __device__ __forceinline__ void mma_dc(float* d, const float* c, u32 a0, u32 a1,
 #ifndef W4G_L2
 #define W4G_L2 ""
 #endif
-// Loads that keep the old value where p is false: a predicated instruction, no branch.
-template <bool SMALL_M = false>
-__device__ __forceinline__ void ld_stream_if(bool p, const void* a, uint4& v) {
-  if constexpr (!SMALL_M)
-    asm volatile(
-        "{ .reg .pred q; setp.ne.b32 q, %5, 0;\n"
-        "@q ld.global.nc.L1::no_allocate" QGEMV_L2 ".v4.u32 {%0,%1,%2,%3}, [%4]; }"
-        : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "l"(a), "r"((int)p));
-  else
-    asm volatile(
-        "{ .reg .pred q; setp.ne.b32 q, %5, 0;\n"
-        "@q ld.global.nc.L1::no_allocate" W4G_L2 ".v4.u32 {%0,%1,%2,%3}, [%4]; }"
-        : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "l"(a), "r"((int)p));
-}
+// Loads that keep the old value where p is false: a predicated instruction, no branch. NAME
+// with the L2 prefetch size HINT (a PTX qualifier string, as common.cuh's LLMC_LD_STREAM_L2).
+#define QGEMV_LD_STREAM_IF(NAME, HINT)                                                        \
+  __device__ __forceinline__ void NAME(bool p, const void* a, uint4& v) {                     \
+    asm volatile(                                                                              \
+        "{ .reg .pred q; setp.ne.b32 q, %5, 0;\n"                                             \
+        "@q ld.global.nc.L1::no_allocate" HINT ".v4.u32 {%0,%1,%2,%3}, [%4]; }"              \
+        : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "l"(a), "r"((int)p));                 \
+  }
+QGEMV_LD_STREAM_IF(ld_stream_if, QGEMV_L2)      // the decode GEMVs
+QGEMV_LD_STREAM_IF(ld_small_m_if, W4G_L2)       // the small-M GEMM
 __device__ __forceinline__ void ld_u16_if(bool p, const u16* a, u32& v) {
   asm volatile("{ .reg .pred q; setp.ne.b32 q, %2, 0;\n @q ld.global.nc.u16 %0, [%1]; }"
                : "+r"(v) : "l"(a), "r"((int)p));
@@ -508,7 +505,7 @@ __device__ __forceinline__ void w4_gemm(const u16* __restrict__ x, const u8* __r
     const bool live = ch < c1 && kk < k;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      ld_stream_if<true>(live, wp[h] + ch * 64, wv[d][h]);
+      ld_small_m_if(live, wp[h] + ch * 64, wv[d][h]);
       ld_u16_if(live, scale + srow[h] + (kk >> gshift), sv[d][h]);
       if constexpr (ZP == ZERO_POINTS)
         ld_u8_if(live, (const u8*)zp + srow[h] + (kk >> gshift), zv[d][h]);
