@@ -184,6 +184,7 @@ def compressed_tensors_fp8_checkpoint(src, out, strategy="channel", dynamic=Fals
     x_amax, y_amax = {}, {}
     if not dynamic or kv:
         model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+
         def observe(name, x, y):
             x_amax[name], y_amax[name] = x.abs().max().item(), y.abs().max().item()
 
@@ -199,9 +200,9 @@ def compressed_tensors_fp8_checkpoint(src, out, strategy="channel", dynamic=Fals
                 [y_amax[f"model.layers.{layer}.self_attn.{x}_proj"] / 448], dtype=torch.float32)
     for name in names:
         w = tensors[name].float()
-        amax = w.abs().amax(1, keepdim=True) if strategy == "channel" else w.abs().amax()
-        scale = (amax / 448).clamp(min=1e-12).reshape(-1, 1 if strategy == "channel" else 1)
-        scale = scale if strategy == "channel" else scale.reshape(1)
+        amax = w.abs().amax(1, keepdim=True) if strategy == "channel" else \
+            w.abs().amax().reshape(1)                                      # [out, 1] or [1]
+        scale = (amax / 448).clamp(min=1e-12)
         tensors[name] = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
         base = name.removesuffix("weight")
         tensors[base + "weight_scale"] = scale.to(torch.float32)
