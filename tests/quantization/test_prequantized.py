@@ -86,8 +86,6 @@ def engine_tensor(engine: EngineFile, name: str) -> bytes:
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_modelopt_fp8_export_keeps_its_fp8_weights(fp8_export, tmp_path, words, dtype):
-    from llmc.checkpoint import open_checkpoint
-
     lines: list[str] = []
     header = build(BuildOptions(fp8_export, tmp_path / "f.engine", backend="reference",
                                 dtype=dtype, limits=LIMITS,
@@ -97,14 +95,7 @@ def test_modelopt_fp8_export_keeps_its_fp8_weights(fp8_export, tmp_path, words, 
     q = header.quant
     assert q.mode == "fp8" and q.gemms == 8 and "modelopt" in q.details["scales"]
     assert "calibration" not in q.details and q.accuracy.top1_agreement > 0.9
-    ckpt = open_checkpoint(fp8_export)   # the file as it is: FP8 values
-    engine = EngineFile(tmp_path / "f.engine")
-    for names in (["model.layers.0.self_attn.o_proj.weight"],
-                  [f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"]):
-        fp8 = np.concatenate([ckpt.tensor(n) for n in names], axis=0)   # [out, in]
-        stored = engine_tensor(engine, (fused_name(names) if len(names) > 1 else names[0])
-                               + ".fp8")
-        assert stored == np.ascontiguousarray(fp8.T).tobytes()   # the graph's [in, out]
+    _fp8_engine_holds(fp8_export, EngineFile(tmp_path / "f.engine"))
 
 
 def test_modelopt_fp8_kv_export_gives_its_kv_scales(fp8_kv_export, tmp_path, words):
@@ -527,6 +518,7 @@ def _fp8_engine_holds(src, engine: EngineFile):
 
     ckpt = open_checkpoint(src)   # the file as it is: FP8 values
     for names in (["model.layers.0.self_attn.o_proj.weight"],
+                  [f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"],
                   [f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up")]):
         fp8 = np.concatenate([ckpt.tensor(n) for n in names], axis=0)   # [out, in]
         stored = engine_tensor(engine, (fused_name(names) if len(names) > 1 else names[0])
