@@ -33,8 +33,12 @@ def int4_block(k: int, largest: int = INT4_BLOCKS[0]) -> int | None:
 
 def _scale(amax: np.ndarray, top: float, dtype: str) -> np.ndarray:
     """amax / top, rounded to the dtype it is stored in (so q is computed with the scale the
-    graph will multiply by), never zero."""
-    s = (amax / top).astype(np_dtype(dtype)).astype(np.float32)
+    graph will multiply by), never zero. The quotient is taken in float64 and rounded to
+    float32 once, which is float32 division for float32 |max| and gives a checkpoint's own
+    scale back from its scale x 448 (float32 division of that float32 product is an ulp off
+    one scale in 17)."""
+    s = (np.asarray(amax, np.float64) / top).astype(np.float32).astype(np_dtype(dtype)).astype(
+        np.float32)
     tiny = np.finfo(np.float16).tiny   # an all-zero block: any positive scale gives q = 0
     return np.where(s > 0, s, np.float32(tiny).astype(np_dtype(dtype)).astype(np.float32))
 
@@ -129,7 +133,7 @@ def dequantize_fp8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def fp8_activation_scale(amax: float, dtype: str) -> np.ndarray:
     """The per-tensor scale of an activation whose calibrated |max| is ``amax``."""
-    return _scale(np.float32(amax), FP8_MAX, dtype).astype(np_dtype(dtype))
+    return _scale(np.float64(amax), FP8_MAX, dtype).astype(np_dtype(dtype))
 
 
 def fake_quant_fp8(x: np.ndarray, scale: np.ndarray) -> np.ndarray:

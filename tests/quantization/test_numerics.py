@@ -58,6 +58,21 @@ def test_fp8_weight_per_column_and_saturating_activations():
     assert y[3] == pytest.approx(10, rel=1e-6)   # saturates at the calibrated |max|
 
 
+def test_fp8_activation_scale_gives_a_checkpoints_scale_back():
+    """A pre-quantized checkpoint's input and KV scales s come in as |max| = s x 448; the
+    scale made from that |max| is s bit for bit (float32 division was an ulp off for about
+    one s in 17), and a calibrated float32 |max| gets what float32 division gives."""
+    rng = np.random.default_rng(3)
+    s = (rng.random(4000) * 0.05).astype(np.float32)
+    back = np.array([nq.fp8_activation_scale(float(v) * nq.FP8_MAX, "float32") for v in s])
+    np.testing.assert_array_equal(back, s)
+    amax = (rng.random(4000) * 30).astype(np.float32)
+    for dtype in ("float32", "float16", "bfloat16"):
+        made = np.array([nq.fp8_activation_scale(float(a), dtype) for a in amax])
+        np.testing.assert_array_equal(made, (amax / np.float32(nq.FP8_MAX)).astype(
+            np_dtype(dtype)))
+
+
 def test_awq_search_beats_round_to_nearest_on_outlier_channels():
     """Inputs with a few large channels (what AWQ is for): the searched scales cut the GEMM
     output error well below RTN's; s = 1 (RTN itself) is a candidate, so it never loses."""
