@@ -215,8 +215,11 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     skip = _excluded(sites, opts.exclude)
     sites = [s for s in sites if s.weight not in skip]
     calib_text, calib_name = measure.read_text(opts.calib_data, "calib")
-    eval_text, eval_name = measure.read_text(opts.eval_data, "eval")
-    eval_seqs = measure.token_sequences(tokenizer_json, eval_text, opts.eval_size, "evaluation")
+    eval_seqs, eval_name = [], ""
+    if opts.measure:   # tokenized before the long work, so a text it cannot score fails first
+        eval_text, eval_name = measure.read_text(opts.eval_data, "eval")
+        eval_seqs = measure.token_sequences(tokenizer_json, eval_text, opts.eval_size,
+                                            "evaluation")
     # no site counted packed without a weight mode, nor for a GGUF file's own blocks
     # (int4-gguf: its other matrices stay 16-bit); packed_size is then weights_file_size
     packed = [] if opts.mode in ("none", "int4-gguf") else sites

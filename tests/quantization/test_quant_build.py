@@ -305,3 +305,19 @@ def test_a_mixture_of_experts_is_refused(tiny_models, tmp_path, words, kind):
                        "yet .*experts.gate_up.weight.*--quant none"):
         _build(tiny_models[kind][0], tmp_path / "q.engine", "fp8", words)
     assert not (tmp_path / "q.engine").exists()
+
+
+def test_a_build_without_its_accuracy_report_reads_no_evaluation_text(tiny_models, tmp_path):
+    """QuantOptions(measure=False) (the benchmarks' builds) does not tokenize the evaluation
+    text: the bundled English one, all unknown words to the tiny tokenizer, is one error
+    before any work when the report is asked for, and no error when it is not."""
+    def options(measure):
+        return BuildOptions(tiny_models["llama-gqa"][0], tmp_path / f"{measure}.engine",
+                            backend="reference", dtype="fp32", limits=LIMITS,
+                            quant=QuantOptions("int4-rtn", measure=measure))
+
+    header = build(options(False), log=lambda _: None)
+    assert header.quant.mode == "int4-rtn" and header.quant.accuracy is None
+    with pytest.raises(LlmcError, match="the evaluation text is .* distinct tokens"):
+        build(options(True), log=lambda _: None)
+    assert not (tmp_path / "True.engine").exists()
