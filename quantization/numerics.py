@@ -120,7 +120,7 @@ def quantize_fp8_weight(w: np.ndarray, scale_dtype: str, scale: np.ndarray | Non
     """E4M3 with one scale per output column: (q [K, N], scale [N]). ``scale``: use this one
     (a pre-quantized checkpoint's) instead of |max| / 448."""
     w = w.astype(np.float32)
-    amax = np.abs(w).max(axis=0) if scale is None else np.asarray(scale, np.float32) * FP8_MAX
+    amax = np.abs(w).max(axis=0) if scale is None else np.asarray(scale, np.float64) * FP8_MAX
     scale = _scale(amax, FP8_MAX, scale_dtype)
     q = np.clip(w / scale, -FP8_MAX, FP8_MAX).astype(np_dtype("float8e4m3fn"))
     return q, scale.astype(np_dtype(scale_dtype))

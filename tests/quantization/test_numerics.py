@@ -59,13 +59,15 @@ def test_fp8_weight_per_column_and_saturating_activations():
 
 
 def test_fp8_activation_scale_gives_a_checkpoints_scale_back():
-    """A pre-quantized checkpoint's input and KV scales s come in as |max| = s x 448; the
-    scale made from that |max| is s bit for bit (float32 division was an ulp off for about
+    """A pre-quantized checkpoint's input and KV scales s come in as |max| = s x 448, and its
+    weight scales are used through the same |max|; the scale made from it is s bit for bit (float32 division was an ulp off for about
     one s in 17), and a calibrated float32 |max| gets what float32 division gives."""
     rng = np.random.default_rng(3)
     s = (rng.random(4000) * 0.05).astype(np.float32)
     back = np.array([nq.fp8_activation_scale(float(v) * nq.FP8_MAX, "float32") for v in s])
     np.testing.assert_array_equal(back, s)
+    w = rng.standard_normal((8, s.size)).astype(np.float32) * s   # and a weight's given scales
+    np.testing.assert_array_equal(nq.quantize_fp8_weight(w, "float32", s)[1], s)
     amax = (rng.random(4000) * 30).astype(np.float32)
     for dtype in ("float32", "float16", "bfloat16"):
         made = np.array([nq.fp8_activation_scale(float(a), dtype) for a in amax])
