@@ -291,7 +291,7 @@ def main() -> None:
                     "which has no bf16 MatMul on the CPU); the same speed on the GPU")
     ap.add_argument("--quant", nargs="+", default=["none"],
                     choices=[q + head + kv for q in ("none", "int4-rtn", "int4-awq", "fp8",
-                                                     "int4-rtn+zp", "int4-awq+zp")
+                                                     "fp8-block", "int4-rtn+zp", "int4-awq+zp")
                              for head in ("", "+head") if q != "none" or not head
                              for kv in ("", "+kv8")],
                     help="build and time an engine of each (speedups against the first); "

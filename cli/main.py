@@ -62,16 +62,19 @@ def cli() -> None:
 @click.option("--dump-graphs", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="write the graph after every pass stage as DIR/NN-name.onnx")
 @click.option("--quant", default="auto", show_default=True,
-              type=click.Choice(["auto", "none", "fp8", "int4-awq", "int4-rtn", "int4-gptq",
-                                 "int4-gguf"]),
-              help="fp8: FP8 weights and activations (calibrated); int4-awq / int4-rtn: INT4 "
-                   "weights in blocks, with AWQ's scale search or plain rounding; int4-gptq: a "
+              type=click.Choice(["auto", "none", "fp8", "fp8-block", "int4-awq", "int4-rtn",
+                                 "int4-gptq", "int4-gguf"]),
+              help="fp8: FP8 weights and activations (calibrated); fp8-block: FP8 weights "
+                   "with a scale a block of K (128, 64 or 32), activations 16-bit, no "
+                   "calibration (a block-wise FP8 checkpoint's own: DeepSeek-V3, Qwen3-FP8, "
+                   "llm-compressor FP8_BLOCK); int4-awq / int4-rtn: INT4 weights in blocks, "
+                   "with AWQ's scale search or plain rounding; int4-gptq: a "
                    "GPTQ or compressed-tensors W4A16 checkpoint's own INT4; int4-gguf: a GGUF "
                    "file's own Q4_0 / Q4_1 / Q4_K blocks, its other matrices 16-bit; auto: a "
                    "pre-quantized checkpoint's own format (ModelOpt FP8 or INT4-AWQ, AutoAWQ, "
-                   "GPTQ, compressed-tensors W4A16), else none (a GGUF file: dequantized). The LM "
-                   "head stays unquantized unless --quant-lm-head; the accuracy is measured and "
-                   "stored (docs/quantization.md)")
+                   "GPTQ, compressed-tensors W4A16 or FP8, block-wise FP8), else none (a GGUF "
+                   "file: dequantized). The LM head stays unquantized unless --quant-lm-head; "
+                   "the accuracy is measured and stored (docs/quantization.md)")
 @click.option("--quant-lm-head", "quant_lm_head", is_flag=True,
               help="quantize the LM head too, as --quant says (a checkpoint's own INT4: "
                    "round-to-nearest for the head): a decode step reads fewer bytes (a "
@@ -91,8 +94,8 @@ def cli() -> None:
                    "the engine keeps a zero point a block next to each scale "
                    "(docs/quantization.md)")
 @click.option("--quant-exclude", "quant_exclude", multiple=True, metavar="GLOB",
-              help="--quant fp8 / int4-awq / int4-rtn: leave the GEMMs whose weight names "
-                   "match this glob 16-bit (repeatable), e.g. '*.mlp.gate_proj.*'; a fused "
+              help="--quant fp8 / fp8-block / int4-awq / int4-rtn: leave the GEMMs whose weight "
+                   "names match this glob 16-bit (repeatable), e.g. '*.mlp.gate_proj.*'; a fused "
                    "GEMM (q/k/v, gate/up) stays 16-bit when any part matches. Trades engine "
                    "size for accuracy, which the report measures (docs/quantization.md)")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,

@@ -289,6 +289,26 @@ class Kernels:
                          DevPtr(0) if bias is None else bias, m, n, k, out])
         return out
 
+    def w8b_gemv(self, x, w, scale, group, bias=None, out_dtype=None, act=None, sm_count=None):
+        """x [m, K] @ dequant(w)^T for m <= 16: w the E4M3 weight [N, K] (uint8 or
+        float8_e4m3fn), scale [N, K / group] in x's dtype (kernels/qgemv_fp8b.cu). sm_count:
+        the GPU's unless given (it picks the kernel, launch_rules.qgemv_launch)."""
+        m, k = x.shape
+        n = w.shape[0] // (2 if act else 1)
+        out = self.torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+        ln = lr.qgemv_launch(m, n, k, self._dtype(x), "fp8-block", self._dtype(out), act, group,
+                             self.sm_count if sm_count is None else sm_count)
+        self.launch(ln, [x, w, scale, DevPtr(0) if bias is None else bias, m, n, k,
+                         lr.fp8b_group_shift(group), out])
+        return out
+
+    def dequant_fp8b(self, w, scale, group, dtype):
+        n, k = w.shape
+        out = self.torch.empty(n, k, dtype=dtype, device=w.device)
+        self.launch(lr.dequant_fp8b_launch(n, k, self._dtype(out)),
+                    [w, scale, n, k, lr.fp8b_group_shift(group), out])
+        return out
+
     def dequant_int4(self, w, scale, group, dtype, pre=None, zp=None):
         n, k = w.shape[0], 2 * w.shape[1]
         out = self.torch.empty(n, k, dtype=dtype, device=w.device)

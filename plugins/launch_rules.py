@@ -126,7 +126,8 @@ def gemv_launch(m: int, n: int, k: int, dtype: str, out_dtype: str | None = None
 # ---- quantized skinny GEMM (decode) and the prefill helpers -----------------------------------
 
 QGEMV_MS = (8, 16)                # x rows a kernel is compiled for (NT = 1, 2 tiles of 8)
-QGEMV_WARPS = {("int4", 8): 8, ("int4", 16): 8, ("fp8", 8): 8, ("fp8", 16): 8}
+QGEMV_WARPS = {("int4", 8): 8, ("int4", 16): 8, ("fp8", 8): 8, ("fp8", 16): 8,
+               ("fp8-block", 8): 8, ("fp8-block", 16): 8}
 # ^ warps splitting K in a CTA, by kind and compiled M (QGEMV_DTYPE in kernels/qgemv.cu)
 QGEMV4_WIDE_TILES = 2             # INT4 up to 8 rows: the _wide kernels (3 CTAs an SM) from
 #                                   more tiles an SM than this (the others run 2 an SM)
@@ -134,7 +135,9 @@ QGEMV4_WIDE_TILES = 2             # INT4 up to 8 rows: the _wide kernels (3 CTAs
 # one wave; past 3, up to 8 rows _w16 (16 warps a CTA, 2 an SM), at 16 rows the plain kernel
 # (the sweep of bench/kernels/qgemv.py on the H100: bench/results/qgemv.md)
 QGEMV8_WIDE_TILES, QGEMV8_W16_WARPS = 2, 16
-QUANTS = ("int4", "fp8")
+QUANTS = ("int4", "fp8", "fp8-block")
+FP8B_MIN_GROUP = 32               # FP8 weight-only: a lane's 16 k lie in one block
+FP8B_MAX_SCALE = 128.0            # its scales times 2^120 stay finite in bf16 (qgemv_fp8b.cu)
 # What an INT4 kernel's last argument holds (kernels/qgemv.cuh: Int4Offsets), and the kernel
 # name's infix for it: nothing (symmetric codes u - 8), zero points z [N, K / G] a byte each
 # (codes u - z: AutoAWQ, GPTQ), or offsets o [N, K / G] in the compute dtype (codes u - 8, plus
@@ -153,6 +156,14 @@ E4M3_NEEDS = ("a GPU of compute capability 8.9 or newer (its kernels convert to 
 
 
 INT4_MAX_GROUP = 128 * QGEMV_WARPS["int4", 8]   # a group divides the k between a warp's chunks
+
+
+def fp8b_group_shift(group: int) -> int:
+    """log2 of a block-wise FP8 scale block: a power of two from FP8B_MIN_GROUP."""
+    if group < FP8B_MIN_GROUP or group & (group - 1):
+        raise ValueError(f"block-wise FP8 takes blocks of a power of two from "
+                         f"{FP8B_MIN_GROUP}, not {group}")
+    return group.bit_length() - 1
 
 
 def int4_group_shift(group: int) -> int:
@@ -175,7 +186,8 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
     (u8); "offsets": its w4off kernel, whose args end with the offsets [N, K / G] (dtype;
     codes u - 8);
     fp8 args: (x, w, x_scale * w_scale f32 [N], float_bits(x_scale), bias-or-null, m, n, k,
-    y).
+    y); fp8-block args (kernels/qgemv_fp8b.cu): (x, w, scale [N, K / G], bias-or-null, m, n,
+    k, fp8b_group_shift(group), y), CTAs as FP8's.
     16 weight rows (8 outputs with act) a CTA of QGEMV_WARPS[quant, M] warps; for INT4 up to 8
     rows, the _wide kernel when the GEMM has more than QGEMV4_WIDE_TILES tiles an SM of the
     sm_count; for FP8, _wide or _w16 by the tiles an SM (QGEMV8_WIDE_TILES). Unknown sm_count:
@@ -185,7 +197,7 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
     tag, out = _out_tags(f"{quant} gemv", dtype, out_dtype, act)
     if not 0 < m <= QGEMV_MS[-1]:
         raise ValueError(f"quantized gemv takes 1..{QGEMV_MS[-1]} rows, not {m}")
-    align = INT4_K if quant == "int4" else 16
+    align = {"int4": INT4_K, "fp8-block": FP8B_MIN_GROUP}.get(quant, 16)
     if k % align or not 0 < k <= INT32_MAX or not 0 < n * (2 if act else 1) <= INT32_MAX:
         raise ValueError(f"{quant} gemv needs K a multiple of {align}: N={n}, K={k}")
     mb = next(b for b in QGEMV_MS if b >= m)
@@ -208,10 +220,12 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
         variant = "" if not many else \
             "_wide" if tiles <= (QGEMV8_WIDE_TILES + 1) * sm_count else "_w16" if mb == 8 else ""
         warps = QGEMV8_W16_WARPS if variant == "_w16" else QGEMV_WARPS[quant, mb]
-        name = f"w8_{tag}_{out}_m{mb}{variant}"
+        if quant == "fp8-block":
+            fp8b_group_shift(group)
+        name = f"{'w8b' if quant == 'fp8-block' else 'w8'}_{tag}_{out}_m{mb}{variant}"
     name += f"_{act}" if act else ""
-    return Launch("qgemv_zp" if kind else "qgemv", name, (tiles, 1, 1), (32 * warps, 1, 1),
-                  pdl=True)
+    module = "qgemv_zp" if kind else "qgemv_fp8b" if quant == "fp8-block" else "qgemv"
+    return Launch(module, name, (tiles, 1, 1), (32 * warps, 1, 1), pdl=True)
 
 
 def _int4_kind(offsets: str) -> str:
@@ -311,6 +325,16 @@ def dequant_int4_launch(n: int, k: int, dtype: str, offsets: str = "none") -> La
     return Launch("qgemv_zp" if kind else "qgemv",
                   f"dequant_int4{'_' + kind if kind else ''}_{dtype_tag(dtype)}",
                   (math.ceil(n * k // 8 / (256 * DQ_WORDS)), 1, 1), (256, 1, 1))
+
+
+def dequant_fp8b_launch(n: int, k: int, dtype: str) -> Launch:
+    """A block-wise FP8 weight [n, k] back to dtype, for a prefill GEMM
+    (kernels/qgemv_fp8b.cu). args (w, scale [n, k / G], n, k, fp8b_group_shift(group), out
+    [n, k]); 16 weights a thread."""
+    if k % FP8B_MIN_GROUP or not 0 < n * k < INT32_MAX:   # a thread's 16 k in one row
+        raise ValueError(f"dequant_fp8b needs K a multiple of {FP8B_MIN_GROUP}: N={n}, K={k}")
+    return Launch("qgemv_fp8b", f"dequant_fp8b_{dtype_tag(dtype)}",
+                  (math.ceil(n * k // 16 / 256), 1, 1), (256, 1, 1))
 
 
 def quantize_fp8_launch(count: int, dtype: str) -> Launch:

@@ -23,12 +23,18 @@ from llmc.dtypes import np_dtype
 INT4_MAX = 7.0           # symmetric: amax maps to 7, so -8 is never needed (nor produced)
 FP8_MAX = 448.0          # largest finite E4M3FN value
 INT4_BLOCKS = (128, 64, 32)
+FP8_BLOCKS = (128, 64, 32)   # FP8 weight-only, as INT4's
 
 
 def int4_block(k: int, largest: int = INT4_BLOCKS[0]) -> int | None:
     """The largest INT4 block, up to ``largest``, that divides K: TensorRT builds whole blocks
     only (SmolLM2's K = 576 takes 64). None: no block fits, the GEMM stays unquantized."""
     return next((b for b in INT4_BLOCKS if b <= largest and k % b == 0), None)
+
+
+def fp8_block(k: int) -> int | None:
+    """The largest FP8 weight-only block that divides K (None: the GEMM stays 16-bit)."""
+    return next((b for b in FP8_BLOCKS if k % b == 0), None)
 
 
 def _scale(amax: np.ndarray, top: float, dtype: str) -> np.ndarray:
@@ -124,6 +130,23 @@ def quantize_fp8_weight(w: np.ndarray, scale_dtype: str, scale: np.ndarray | Non
     scale = _scale(amax, FP8_MAX, scale_dtype)
     q = np.clip(w / scale, -FP8_MAX, FP8_MAX).astype(np_dtype("float8e4m3fn"))
     return q, scale.astype(np_dtype(scale_dtype))
+
+
+def quantize_fp8_blocks(w: np.ndarray, block: int, scale_dtype: str
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """E4M3 weight-only, a scale per block of ``block`` k and output column, |max| / 448:
+    (q [K, N], scale [K / block, N] in ``scale_dtype``)."""
+    k, n = w.shape
+    g = w.astype(np.float32).reshape(k // block, block, n)
+    scale = _scale(np.abs(g).max(axis=1), FP8_MAX, scale_dtype)
+    q = np.clip(g / scale[:, None, :], -FP8_MAX, FP8_MAX).astype(np_dtype("float8e4m3fn"))
+    return q.reshape(k, n), scale.astype(np_dtype(scale_dtype))
+
+
+def dequantize_fp8_blocks(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """DequantizeLinear(q [K, N], scale [K / B, N], axis=0, block_size=B), in float32."""
+    block = q.shape[0] // scale.shape[0]
+    return q.astype(np.float32) * np.repeat(scale.astype(np.float32), block, axis=0)
 
 
 def dequantize_fp8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:

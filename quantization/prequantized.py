@@ -62,6 +62,18 @@ schemes), ModelOpt's FP8 layout under other config keys:
 Dynamic inputs (a scale a token, computed at run time) have no input_scale: llmc's FP8 GEMMs
 take a static scale a tensor, so the build calibrates those inputs, keeping the weights.
 
+and block-wise FP8, HF transformers' fine-grained format (config.json `quantization_config`
+quant_method "fp8", weight_block_size [bn, bk]: DeepSeek-V3, Qwen3's FP8 releases) and
+compressed-tensors' float-quantized `strategy: block` (llm-compressor's FP8_BLOCK):
+
+    X.weight             float8_e4m3fn [out, in]
+    X.weight_scale_inv   [out / bn, in / bk]     (HF; compressed-tensors: X.weight_scale)
+                                                 W = weight * the scale of its bn x bk block
+
+Their inputs are quantized a token (a group of 128 of it) at run time by the engines they
+were made for; llmc keeps the inputs 16-bit and the weights as stored (`fp8-block`, W8A16:
+a scale a row and block of K, the bn rows of a block repeating theirs).
+
 A zero point is not INT4 as ONNX and TensorRT take it (symmetric, zero points 0), so it is
 split exactly: (u - z) s = (u - 8) s + (8 - z) s, symmetric codes u - 8 with the scale, and
 an offset (8 - z) s per block and output that qdq.int4_pass adds as a GEMM of x's block sums
@@ -88,6 +100,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from llmc.dtypes import np_dtype
 from llmc.errors import LlmcError
 from llmc.quantization.numerics import FP8_MAX, INT4_BLOCKS
 
@@ -111,6 +124,19 @@ class Int4Weight:
 
 
 @dataclass(frozen=True)
+class Fp8BlockWeight:
+    """One block-wise FP8 weight of a checkpoint, as the HF layout has it ([out, in])."""
+
+    values: Callable[[], np.ndarray]    # float8_e4m3fn [out, in]
+    scale: np.ndarray                   # float32 [out, in / block]: each row its block's
+    in_features: int
+
+    @property
+    def block(self) -> int:
+        return self.in_features // self.scale.shape[1]
+
+
+@dataclass(frozen=True)
 class Prequantized:
     mode: str                           # the --quant mode it corresponds to: fp8, int4-awq,
                                         # int4-gptq
@@ -120,6 +146,7 @@ class Prequantized:
     int4: dict[str, Int4Weight] = field(default_factory=dict)   # int4-*: by HF name
     kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)  # layer: K, V
     unkept: int = 0                     # INT4 weights read dequantized only (act order)
+    fp8_blocks: dict[str, Fp8BlockWeight] = field(default_factory=dict)  # fp8-block: by HF name
 
     @property
     def calibrates_inputs(self) -> bool:
@@ -129,7 +156,7 @@ class Prequantized:
         return any(w not in self.input_amax for w in self.weight_scale)
 
     def describe(self) -> str:
-        n = len(self.int4) or len(self.weight_scale)
+        n = len(self.int4) or len(self.fp8_blocks) or len(self.weight_scale)
         kv = f", FP8 KV-cache scales for {len(self.kv_scales)} layers" if self.kv_scales else ""
         if self.calibrates_inputs:
             kv = f", {'no' if not self.input_amax else 'some'} input scales{kv}"
@@ -161,11 +188,14 @@ def read_prequantized(config: dict[str, Any], readers: Readers, source: Any
         out, pq = _read_int4(readers, qc, source)
     elif method == "modelopt" and algo == "FP8":
         out, pq = _read_fp8(readers, source, _producer(qc))
+    elif method == "fp8":
+        out, pq = _read_hf_fp8(readers, qc, source)
     else:
         raise LlmcError(f"{source}: a {method} {algo} checkpoint (config.json "
                         "quantization_config) cannot be read yet; llmc reads ModelOpt FP8 "
                         "and W4A16_AWQ exports, AutoAWQ's GEMM format, 4-bit GPTQ, "
-                        "compressed-tensors W4A16 and FP8 and unquantized checkpoints (then "
+                        "compressed-tensors W4A16 and FP8, block-wise FP8 (quant_method fp8) "
+                        "and unquantized checkpoints (then "
                         "--quant fp8 / int4-awq / int4-rtn quantize them)")
     int4 = {name: _in_graph_blocks(w) for name, w in pq.int4.items()}
     return out, replace(pq, int4=int4, kv_scales=kv_scales)
@@ -204,6 +234,54 @@ def _read_fp8(readers: Readers, source: Any, producer: str) -> tuple[Readers, Pr
     if not scales:
         raise LlmcError(f"{source}: config.json says FP8, but no tensor is an X.weight_scale")
     return out, Prequantized("fp8", producer, scales, amax)
+
+
+def _read_hf_fp8(readers: Readers, qc: dict[str, Any], source: Any
+                 ) -> tuple[Readers, Prequantized]:
+    """HF transformers' fine-grained FP8 (quant_method "fp8")."""
+    size = qc.get("weight_block_size")
+    if qc.get("fmt", "e4m3") != "e4m3" or not (
+            isinstance(size, list) and len(size) == 2 and
+            all(isinstance(b, int) and b > 0 for b in size)):
+        raise LlmcError(f"{source}: an fp8 checkpoint of fmt {qc.get('fmt')!r} and "
+                        f"weight_block_size {size!r} cannot be read yet; llmc reads E4M3 "
+                        "weights in blocks (weight_block_size [rows, columns], e.g. [128, "
+                        "128])")
+    return _read_fp8_blocks(readers, "weight_scale_inv", size, source, "HF transformers fp8")
+
+
+def _read_fp8_blocks(readers: Readers, suffix: str, size: list[int], source: Any,
+                     producer: str) -> tuple[Readers, Prequantized]:
+    """X.weight (E4M3 [out, in]) with X.<suffix>, a scale a [bn, bk] block of it."""
+    bn, bk = size
+    out = dict(readers)
+    weights = {}
+    for name in [n for n in readers if n.endswith("." + suffix)]:
+        weight = name.removesuffix(suffix) + "weight"
+        if weight not in readers:
+            raise LlmcError(f"{source}: {name} has no {weight}")
+        q = readers[weight]()
+        blocks = np.asarray(out.pop(name)(), np.float32)
+        rows, cols = q.shape if q.ndim == 2 else (0, 0)
+        if q.dtype != np_dtype("float8e4m3fn") or blocks.shape != (-(-rows // bn),
+                                                                   -(-cols // bk)):
+            raise LlmcError(f"{source}: {weight} ({q.dtype}{list(q.shape)}) and {name} "
+                            f"{list(blocks.shape)} are not E4M3 weights with a scale a "
+                            f"{bn} x {bk} block")
+        if cols % bk:
+            raise LlmcError(f"{source}: {weight} has {cols} inputs, not whole blocks of {bk}; "
+                            "llmc keeps block-wise FP8 weights whose blocks divide their "
+                            "inputs (build with --quant none for its dequantized weights)")
+        w = Fp8BlockWeight(readers[weight], np.repeat(blocks, bn, axis=0)[:rows], cols)
+        weights[weight] = w
+        out[weight] = lambda w=w: w.values().astype(np.float32) * np.repeat(
+            w.scale, w.block, axis=1)
+    for name in [n for n in out if n.endswith(".input_scale")]:   # W8A16: not used
+        out.pop(name)
+    if not weights:
+        raise LlmcError(f"{source}: config.json says block-wise FP8, but no tensor is an "
+                        f"X.{suffix}")
+    return out, Prequantized("fp8-block", producer, {}, {}, fp8_blocks=weights)
 
 
 # ModelOpt's self_attn.k_proj.k_scale, compressed-tensors' self_attn.k_scale (and v)
@@ -413,6 +491,20 @@ def _ct_fp8_fits(group: dict[str, Any], fmt: Any) -> bool:
             (x.get("strategy"), bool(x.get("dynamic"))) in (("tensor", False), ("token", True)))
 
 
+def _ct_fp8_block(group: dict[str, Any], fmt: Any) -> list[int] | None:
+    """A compressed-tensors config group of E4M3 weights in [bn, bk] blocks (strategy block,
+    llm-compressor's FP8_BLOCK), the inputs FP8 at run time or not quantized: its block."""
+    w, x = group.get("weights") or {}, group.get("input_activations")
+    size = w.get("block_structure")
+    fits = (group.get("format") or fmt) == "float-quantized" and w.get("num_bits") == 8 and \
+        w.get("type") == "float" and w.get("strategy") == "block" and \
+        not w.get("dynamic") and not group.get("output_activations") and \
+        isinstance(size, list) and len(size) == 2 and \
+        all(isinstance(b, int) and b > 0 for b in size) and (
+            not x or x.get("num_bits") == 8 and x.get("type") == "float" and x.get("dynamic"))
+    return size if fits else None
+
+
 def _ct_kv_fits(kv: dict[str, Any] | None) -> bool:
     """No KV-cache scheme, or E4M3 with a static scale a tensor (self_attn.k_scale, v_scale)."""
     return not kv or (kv.get("num_bits") == 8 and kv.get("type") == "float" and
@@ -429,6 +521,9 @@ def _read_compressed_tensors(readers: Readers, qc: dict[str, Any], source: Any
         (qc.get("sparsity_config") or {}).get("format", "dense") == "dense"
     if groups and plain and all(_ct_fp8_fits(g, fmt) for g in groups.values()):
         return _read_fp8(readers, source, producer)
+    sizes = [_ct_fp8_block(g, fmt) for g in groups.values()]
+    if groups and plain and None not in sizes and all(b == sizes[0] for b in sizes):
+        return _read_fp8_blocks(readers, "weight_scale", sizes[0], source, producer)
     if not groups or not plain or not all(_ct_scheme_fits(g, fmt) for g in groups.values()):
         schemes = ", ".join(map(_ct_scheme, groups.values())) or "no config groups"
         kv = "" if _ct_kv_fits(qc.get("kv_cache_scheme")) else \
@@ -439,9 +534,9 @@ def _read_compressed_tensors(readers: Readers, qc: dict[str, Any], source: Any
                         "reads compressed-tensors' W4A16 checkpoints (format pack-quantized, "
                         "4-bit int weights a channel or in groups of a multiple of 32, nothing "
                         "else quantized) "
-                        "and FP8 ones (format float-quantized, 8-bit float weights a channel "
-                        "or a tensor, inputs a tensor or a token), without sparsity, the KV "
-                        "cache FP8 a tensor or not quantized; "
+                        "and FP8 ones (format float-quantized, 8-bit float weights a channel, "
+                        "a tensor or in blocks, inputs a tensor or a token), without sparsity, "
+                        "the KV cache FP8 a tensor or not quantized; "
                         "requantize the unquantized model with --quant fp8, int4-awq or "
                         "int4-rtn")
     out = dict(readers)

@@ -9,6 +9,8 @@ Q/DQ nodes that onnxruntime runs and TensorRT(-RTX) turns into a packed-weight G
                       (8 - z) s per block, E the 0/1 [K, K / B] block-sum matrix
     fp8 (W8A8)        MatMul(DequantizeLinear(QuantizeLinear(x, s_x)),
                              DequantizeLinear(W_e4m3, scale[N], axis=1))
+    fp8-block (W8A16) MatMul(x, DequantizeLinear(W_e4m3, scale, axis=0, block_size=B))
+                      (a scale per block of B k and output column, as INT4's)
 
 A rewrite is a Pass (passes/pattern.py): the pattern is a MatMul whose second input is a 2-D
 weight and which is not the LM head (by default it stays 16-bit: its error lands on every
@@ -299,6 +301,55 @@ def fp8_pass(act_amax: dict[str, float],
         _swap(g, site, x, dq)
 
     return Pass("fp8", "MatMul", match, replace)
+
+
+# --- FP8 weight-only, in blocks ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GivenFp8Blocks:
+    """A weight already in block-wise FP8 (a checkpoint's), in the graph's [in, out]."""
+
+    values: Callable[[], np.ndarray]    # float8e4m3fn [K, N]
+    scale: np.ndarray                   # float32 [K / block, N]
+
+
+def fp8_block_pass(given: dict[str, GivenFp8Blocks] | None = None, with_lm_head: bool = False,
+                   skip: Collection[str] = ()) -> Pass:
+    """E4M3 weights with a scale per block of K and output column, x left 16-bit: a weight in
+    ``given`` keeps its values and scales; the others are rounded to nearest in the largest
+    block of numerics.FP8_BLOCKS that divides their K (none: left 16-bit), a scale each
+    block's |max| / 448. Weights in ``skip`` stay as they are (--quant-exclude)."""
+    given = given or {}
+
+    def match(g: Graph, node: NodeProto) -> Site | None:
+        site = match_site(g, node, with_lm_head)
+        if site is None or site.weight in skip or (
+                site.weight not in given and
+                numerics.fp8_block(g.weights[site.weight].shape[0]) is None):
+            return None
+        return site
+
+    def replace(g: Graph, site: Site) -> None:
+        w = g.weights[site.weight]
+        have = given.get(site.weight)
+        (k, n) = w.shape
+        block = k // have.scale.shape[0] if have else numerics.fp8_block(k)
+
+        def compute():
+            if have is not None:
+                return have.values(), have.scale.astype(np_dtype(w.dtype))
+            return numerics.quantize_fp8_blocks(w.read(), block, w.dtype)
+
+        parts = _Parts(compute, 2)
+        q = g.add_weight(Weight(f"{w.name}.fp8", FP8, (k, n), parts.loader(0)), w.name)
+        scale = g.add_weight(Weight(f"{w.name}.fp8_block_scale", w.dtype, (k // block, n),
+                                    parts.loader(1)), w.name)
+        dq = g.add("DequantizeLinear", [q, scale], 1, name="DequantizeFp8Block", axis=0,
+                   block_size=block).output[0]
+        _swap(g, site, site.x, dq)
+
+    return Pass("fp8-block", "MatMul", match, replace)
 
 
 def quantize_graph(model: onnx.ModelProto, weights: list[Weight], p: Pass,

@@ -30,8 +30,10 @@ from llmc.quantization.numerics import FP8_MAX, INT4_BLOCKS
 from llmc.quantization.prequantized import Prequantized
 
 # auto: a pre-quantized checkpoint's own format, else none; int4-gptq: a GPTQ checkpoint's own
-# INT4 (llmc does not run GPTQ's calibration); int4-gguf: a GGUF file's own 4-bit blocks
-MODES = ("auto", "none", "fp8", "int4-awq", "int4-rtn", "int4-gptq", "int4-gguf")
+# INT4 (llmc does not run GPTQ's calibration); int4-gguf: a GGUF file's own 4-bit blocks;
+# fp8-block: E4M3 weights in blocks, 16-bit inputs (a block-wise FP8 checkpoint's own, or
+# rounded to nearest from a 16-bit one)
+MODES = ("auto", "none", "fp8", "fp8-block", "int4-awq", "int4-rtn", "int4-gptq", "int4-gguf")
 KEPT_INT4 = ("int4-awq", "int4-gptq", "int4-gguf")   # modes a checkpoint's own INT4 may be
 AWQ_ROWS = 128      # calibration rows a GEMM keeps for AWQ's search (its cost grows with them)
 
@@ -100,8 +102,10 @@ class QuantOptions:
                        if prequantized.calibrates_inputs else ""))
             out = replace(self, mode=prequantized.mode if prequantized else "none")
         if prequantized is not None and out.mode == prequantized.mode and not out.lm_head and \
-                "lm_head.weight" in prequantized.int4:
-            log("the checkpoint's LM head is INT4 too: building it so (--quant-lm-head)")
+                ("lm_head.weight" in prequantized.int4 or
+                 "lm_head.weight" in prequantized.fp8_blocks):
+            log(f"the checkpoint's LM head is {out.mode} too: building it so "
+                "(--quant-lm-head)")
             out = replace(out, lm_head=True)
         if out.lm_head and out.mode == "none":
             raise LlmcError("--quant-lm-head quantizes the LM head the way --quant does, and "
@@ -177,6 +181,8 @@ def packed_size(weights: list[Weight], sites, mode: str) -> int:
             return [storage_bytes(w.dtype, w.shape)]
         if mode == "fp8":
             return [n, 4 * max(w.shape), 4]
+        if mode == "fp8-block":
+            return [n, n // 64 * 2]
         return [n // 2, n // 32 * 2, n // 32 * 2, 2 * w.shape[0]]
 
     return file_size(b for w in weights for b in sizes(w))
@@ -243,6 +249,12 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         # fp16) were stored above 4 bits on purpose and stay 16-bit
         p = qdq.int4_pass(given=given, with_lm_head=head, only_given=opts.mode == "int4-gguf",
                           largest_block=opts.largest_int4_block)
+    elif opts.mode == "fp8-block":   # weight-only: nothing to calibrate
+        given = {}
+        if prequantized is not None and prequantized.mode == "fp8-block":
+            given = _checkpoint_fp8_blocks(sites, prequantized, {w.name: w.shape for w in weights})
+            details["scales"] = f"from the {prequantized.describe()}"
+        p = qdq.fp8_block_pass(given, with_lm_head=head, skip=skip)
     elif opts.mode == "fp8" and prequantized is not None and prequantized.mode == "fp8":
         given_fp8 = _checkpoint_scales(sites, prequantized)
         details["scales"] = f"from the {prequantized.describe()}"
@@ -285,7 +297,8 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         blocks = {a.i for n in qmodel.graph.node if n.op_type == "DequantizeLinear"
                   for a in n.attribute if a.name == "block_size"}
         if blocks:
-            details["int4_block_sizes"] = sorted(blocks)
+            details[f"{'fp8' if opts.mode == 'fp8-block' else 'int4'}_block_sizes"] = \
+                sorted(blocks)
         head = head and qdq.lm_head_quantized(qmodel, qweights)
         if head:
             details["lm_head"] = opts.mode
@@ -379,6 +392,31 @@ def _checkpoint_kv_scales(sites, prequantized: Prequantized | None
         raise LlmcError(f"the checkpoint's FP8 KV-cache scales miss layers {missing}; "
                         "build with --kv-cache-dtype auto")
     return [(have[s.layer][0] * FP8_MAX, have[s.layer][1] * FP8_MAX) for s in sites]
+
+
+def _checkpoint_fp8_blocks(sites, pre: Prequantized, shapes: dict[str, tuple]) -> dict:
+    """A block-wise FP8 checkpoint's weights under the fused graph's names, in its [in, out]
+    layout: a fused GEMM's parts side by side, when they share one block and make the
+    graph's [in, out] ``shapes``. Any other GEMM is left to round-to-nearest."""
+    import numpy as np
+
+    from llmc.passes.gemm import fused_parts
+    from llmc.quantization.qdq import GivenFp8Blocks
+
+    given = {}
+    for site in sites:
+        parts = [pre.fp8_blocks.get(p) for p in fused_parts(site.weight)]
+        if any(p is None for p in parts) or len({p.block for p in parts}) != 1 or \
+                tuple(shapes[site.weight]) != (parts[0].in_features,
+                                               sum(p.scale.shape[0] for p in parts)):
+            continue
+
+        def values(parts=parts) -> np.ndarray:
+            return transposed(np.concatenate([p.values() for p in parts], axis=0))
+
+        given[site.weight] = GivenFp8Blocks(
+            values, np.ascontiguousarray(np.concatenate([p.scale for p in parts]).T))
+    return given
 
 
 def _checkpoint_int4(sites, pre: Prequantized, shapes: dict[str, tuple]) -> dict:

@@ -220,3 +220,49 @@ def compressed_tensors_fp8_checkpoint(src, out, strategy="channel", dynamic=Fals
         format="float-quantized", quantization_status="compressed", kv_cache_scheme=kv_scheme,
         ignore=["lm_head"]).model_dump(mode="json")
     return with_config(src, out, {**qc, "quant_method": "compressed-tensors"})
+
+
+def fp8_block_checkpoint(src, out, block=(128, 128), fmt="fp8"):
+    """`src` as a block-wise FP8 checkpoint: each weight in [bn, bk] blocks, E4M3 of w over
+    the block's |max| / 448. fmt "fp8": HF transformers' fine-grained FP8, as DeepSeek-V3 and
+    Qwen3's FP8 releases store it (quant_method fp8, weight_block_size; the scales as
+    X.weight_scale_inv [ceil(out / bn), ceil(in / bk)], W = weight * scale_inv);
+    "compressed-tensors": llm-compressor's FP8_BLOCK (strategy block, block_structure; the
+    same scales as X.weight_scale), its config from compressed-tensors' QuantizationConfig."""
+    import torch
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    out.mkdir(parents=True)
+    tensors = load_torch(src / "model.safetensors")
+    bn, bk = block
+    for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
+        w = tensors[name].float()
+        rows, cols = w.shape
+        pad = torch.zeros(-(-rows // bn) * bn, -(-cols // bk) * bk)
+        pad[:rows, :cols] = w
+        blocks = pad.reshape(pad.shape[0] // bn, bn, pad.shape[1] // bk, bk)
+        scale = (blocks.abs().amax((1, 3)) / 448).clamp(min=1e-12)     # [rows / bn, cols / bk]
+        full = scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:rows, :cols]
+        tensors[name] = (w / full).clamp(-448, 448).to(torch.float8_e4m3fn)
+        tensors[name.removesuffix("weight") + (
+            "weight_scale_inv" if fmt == "fp8" else "weight_scale")] = scale
+    save_torch(tensors, out / "model.safetensors")
+    if fmt == "fp8":
+        return with_config(src, out, {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                      "fmt": "e4m3", "weight_block_size": list(block)})
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
+
+    weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="block",
+                               block_structure=list(block))
+    inputs = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="group",
+                              group_size=bk, dynamic=True)
+    qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
+        targets=["Linear"], weights=weights, input_activations=inputs)},
+        format="float-quantized", quantization_status="compressed",
+        ignore=["lm_head"]).model_dump(mode="json")
+    return with_config(src, out, {**qc, "quant_method": "compressed-tensors"})

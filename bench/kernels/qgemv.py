@@ -3,13 +3,15 @@ Llama-3.1-8B against the 16-bit GEMM the same step runs unquantized, and against
 datasheet bandwidth on the bytes each one reads.
 
     PYTHONPATH=<llmc checkout paths> python3 bench/kernels/qgemv.py [--out results.md]
-        [--sweep [dequant|fp8]] [--prefill-only] [--gguf]
+        [--sweep [dequant|fp8]] [--prefill-only | --decode-only] [--gguf] [--fp8-block]
 
 For M = 1..16 rows: bf16 = what the cuda backend runs unquantized (llmc's GEMV up to 8 rows,
 cuBLASLt through torch.matmul above); int4 = w4 (group 128, AWQ's 1 / s applied to x as an
 int4-awq engine runs it, and without, as int4-rtn runs it; and w4zp, the kernel of
 kernels/qgemv_zp.cu with a zero point per row and group, as an AutoAWQ or asymmetric GPTQ
-checkpoint's engine runs it); fp8 = w8 (x quantized as it is loaded). The gate-up GEMM has
+checkpoint's engine runs it); fp8 = w8 (x quantized as it is loaded); --fp8-block: also
+w8b (kernels/qgemv_fp8b.cu, E4M3 weights with a scale a row and block of 128 k, x 16-bit)
+and its prefill dequantization. The gate-up GEMM has
 its SwiGLU fused in every column (bf16 beyond 8 rows: cuBLASLt, then llmc's SwiGLU kernel).
 For M = 24..2048 (GEMM_MS), INT4 RTN four ways: bf16 cuBLASLt; the weight dequantized
 (dequant_int4) then cuBLASLt, what the backend runs past launch_rules.W4_GEMM_MAX_M rows; the
@@ -92,8 +94,12 @@ def main() -> None:
     ap.add_argument("--sweep", nargs="?", const="all", choices=("all", "dequant", "fp8", "w4gw"),
                     help="time the kernels' variants too (dequant, fp8, w4gw: that kernel's "
                     "only)")
+    ap.add_argument("--fp8-block", action="store_true",
+                    help="also time the block-wise FP8 kernels (w8b, dequant_fp8b)")
     ap.add_argument("--prefill-only", action="store_true",
                     help="only the 24-256-row GEMMs and the dequantized weight")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="skip the 24-2048-row GEMMs")
     ap.add_argument("--gguf", action="store_true",
                     help="also INT4 in blocks of 32 as --quant int4-gguf keeps a GGUF file's: "
                     "Q4_0 (symmetric) and Q4_1 (an offset a block, the w4off kernels)")
@@ -108,7 +114,7 @@ def main() -> None:
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731  the capture's
     bf = torch.bfloat16
 
-    rows, sweep_rows, gemm_rows, dq_rows, gguf_rows = [], [], [], [], []
+    rows, sweep_rows, gemm_rows, dq_rows, gguf_rows, fp8b_rows = [], [], [], [], [], []
     for name, k, n, act in SHAPES:
         n_out = n // 2 if act else n
         w16_bytes = n * k * 2
@@ -124,6 +130,7 @@ def main() -> None:
         w8 = [torch.randint(0, 256, (n, k), device="cuda", dtype=torch.uint8) & 0x77
               for _ in range(copies // 2 + 1)]   # finite E4M3 codes
         s8 = torch.rand(n, device="cuda") * 1e-3
+        s8b = (torch.rand(n, k // GROUP, device="cuda") * 1e-3).to(bf)   # block-wise FP8's
         s32 = torch.rand(n, k // 32, device="cuda").to(bf) * 0.01   # GGUF's blocks of 32
         o32 = (torch.rand(n, k // 32, device="cuda") * 0.1 - 0.05).to(bf)
 
@@ -172,7 +179,18 @@ def main() -> None:
                      DevPtr(y.data_ptr()), *([DevPtr(o32.data_ptr())] if offsets else [])]
                 return lambda: f.launch(ln, a, stream())
 
+            def e4m3b(w, x=x, y=y, m=m):   # block-wise FP8, x 16-bit
+                ln = lr.qgemv_launch(m, n_out, k, "bfloat16", "fp8-block", None, act, GROUP,
+                                     K.sm_count)
+                a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s8b.data_ptr()),
+                     DevPtr(0), m, n_out, k, lr.fp8b_group_shift(GROUP), DevPtr(y.data_ptr())]
+                return lambda: f.launch(ln, a, stream())
+
             t16 = graph_time([bf16_call(w16[i % len(w16)], x, y, gu, m) for i in range(calls)])
+            if args.fp8_block:
+                t8b = graph_time([e4m3b(w8[i % len(w8)]) for i in range(calls)])
+                fp8b_rows.append((name, f"{k}->{n}", m, t16, t8b,
+                                  (n * k + s8b.numel() * 2 + out_bytes) / t8b))
             if args.gguf:
                 t40, t41 = (graph_time([q4(w4[i % len(w4)], o) for i in range(calls)])
                             for o in (False, True))
@@ -220,6 +238,13 @@ def main() -> None:
 
         dq_rows.append((name, f"{k}->{n}", lr.DQ_WORDS,
                         graph_time([dq(w4[i % len(w4)]) for i in range(calls)]), bdq))
+        if args.fp8_block:   # block-wise FP8's prefill dequantization (E4M3 bytes in)
+            lb = lr.dequant_fp8b_launch(n, k, "bfloat16")
+            dq_rows.append((name, f"{k}->{n}", "fp8-block", graph_time([
+                (lambda a: lambda: f.launch(lb, a, stream()))(
+                    [DevPtr(w8[i % len(w8)].data_ptr()), DevPtr(s8b.data_ptr()), n, k,
+                     lr.fp8b_group_shift(GROUP), DevPtr(ws.data_ptr())])
+                for i in range(calls)]), n * k + s8b.numel() * 2 + n * k * 2))
         for u in SWEEP_DQ if sweep else ():
             ln = lr.Launch("qgemv_sweep", f"dq_sweep_u{u}",
                            (math.ceil(n * k // 8 / (256 * u)), 1, 1), (256, 1, 1))
@@ -227,7 +252,7 @@ def main() -> None:
                             graph_time([dq(w4[i % len(w4)], ln, sweep) for i in range(calls)]),
                             bdq))
         arrived = torch.zeros(1 << 16, device="cuda", dtype=torch.int32)
-        for m in GEMM_MS:
+        for m in () if args.decode_only else GEMM_MS:
             # split-K partials: the most any launch of this m takes
             part = torch.empty(lr.W4G_MAX_SPLITS * m * n, device="cuda")
             x = torch.randn(m, k, device="cuda", dtype=bf)
@@ -308,7 +333,7 @@ def main() -> None:
                                            f"{nt * 8} x rows a CTA, {st} stages, D={d}, "
                                            f"{mb} CTAs an SM, {sp} splits (aim {aim})",
                                            b4 / t / DATASHEET_BW if ok else None))
-        del w16, w4, w8, ws, part
+        del w16, w4, w8, ws
         torch.cuda.empty_cache()
 
     lines = [
@@ -335,6 +360,14 @@ def main() -> None:
                      f"| {t4 * 1e6:.1f} | {bw4 / DATASHEET_BW:.0%} | {t16 / t4:.2f}x "
                      f"| {t4r * 1e6:.1f} | {bw4r / DATASHEET_BW:.0%} | {t16 / t4r:.2f}x "
                      f"| {t4z * 1e6:.1f} | {bw4z / DATASHEET_BW:.0%} | {f8} |")
+    if fp8b_rows:
+        lines += ["", f"Block-wise FP8 (--quant fp8-block: w8b, a scale a row and block of "
+                  f"{GROUP} k, x 16-bit); % peak on its bytes (E4M3 weights, scales, x, y).",
+                  "", "| GEMM | K->N | M | bf16 us | fp8-block us | % peak | vs bf16 |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {nm} | {kn} | {m} | {t16 * 1e6:.1f} | {t * 1e6:.1f} | "
+                  f"{b / DATASHEET_BW:.0%} | {t16 / t:.2f}x |"
+                  for nm, kn, m, t16, t, b in fp8b_rows]
     if gguf_rows:
         lines += ["", "INT4 in blocks of 32 as a GGUF file's (--quant int4-gguf): Q4_0 = the "
                   "symmetric kernel (no chunk scales at 32), Q4_1 = the w4off kernel (an offset "
@@ -363,7 +396,8 @@ def main() -> None:
                      f"| {fl / 1e12:.0f} | {t16 / tg:.2f}x | {td / tg:.2f}x | {wg} |")
     lines += ["", f"INT4 dequantized alone (dequant_int4, group {GROUP}, bf16 out): bytes = "
               "packed weight + scales read, 16-bit weight written; words = 8-k words a thread "
-              f"(the kernel's default: {lr.DQ_WORDS}).", "",
+              f"(the kernel's default: {lr.DQ_WORDS}; fp8-block: dequant_fp8b, E4M3 bytes "
+              "read).", "",
               "| GEMM | K->N | words | us | GB/s | % peak |", "|---|---|---:|---:|---:|---:|"]
     lines += [f"| {nm} | {kn} | {u} | {t * 1e6:.1f} | {b / t / 1e9:.0f} | "
               f"{b / t / DATASHEET_BW:.0%} |" for nm, kn, u, t, b in dq_rows]

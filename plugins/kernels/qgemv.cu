@@ -14,7 +14,7 @@
   W4_CONFIGS(W4_ENTRY, w4, DT, TY)                                                             \
   W4G_CONFIG(W4G_ENTRY, w4g, DT, TY)                                                           \
   W4GW_CONFIG(W4G_ENTRY, w4gw, DT, TY)                                                         \
-  W8_CONFIGS(DT, TY)
+  W8_CONFIGS(W8_ENTRY, w8, DT, TY)
 
 #ifndef QGEMV_VARIANTS  // benchmarks compile their own variants
 LLMC_F16(QGEMV_DTYPE(f16, F16))

@@ -788,15 +788,63 @@ __device__ __forceinline__ void quantize16(const u16* p, bool live, float inv, u
     out[i] = e4m3x4(f[4 * i] * inv, f[4 * i + 1] * inv, f[4 * i + 2] * inv, f[4 * i + 3] * inv);
 }
 
+// FP8 weight-only in blocks (BLOCKS: qgemv_fp8b.cu's w8b entries, --quant fp8-block): w
+// [N, K] e4m3 bytes again, bs [N, K / G] each row's block scales in the compute dtype, G a
+// power of two from 32; x stays 16-bit. An E4M3 byte seeeemmm is a 16-bit float of the same
+// sign and value times 2^-8 (fp16: exponent bias 15 against 7, 10 mantissa bits) or 2^-120
+// (bf16: bias 127, 7 bits) once its low 7 bits sit right under the sign: subnormal bytes
+// stay subnormal, and exact. The block's scale times 2^8 or 2^120 (exact in the dtype: the
+// lowering takes scales under launch_rules.FP8B_MAX_SCALE) puts the power back in the one
+// multiply that rounds q * s, as DequantizeLinear does. No E4M3 instruction: any target.
+template <typename T>
+struct E4m3Bits {
+  static constexpr int SHIFT = T::is_bf16 ? 4 : 1;  // from the byte's place as bits 8-15
+  static constexpr float UNDO = T::is_bf16 ? 1.329227995784916e36f : 256.f;  // 2^120, 2^8
+};
+
+// Bytes 0, 1 (SEL 0x1404) or 2, 3 (SEL 0x3424) of a word -> a pair of 16-bit floats, k order.
+template <typename T, u32 SEL>
+__device__ __forceinline__ u32 e4m3_pair(u32 w) {
+  const u32 t = __byte_perm(w, 0u, SEL);  // each byte as bits 8-15 of its half
+  return ((t & 0x7F007F00u) >> E4m3Bits<T>::SHIFT) | (t & 0x80008000u);
+}
+
+// A block's 16-bit scale -> the factor both halves of a pair are multiplied by.
+template <typename T>
+__device__ __forceinline__ u32 e4m3_scale2(u16 s) {
+  const u32 h = T::from_f(T::to_f(s) * E4m3Bits<T>::UNDO);
+  return h | (h << 16);
+}
+
+// 16 bytes = 16 k of one row -> 8 pairs, in k order, each q * s rounded once (+ -0 keeps it).
+template <typename T>
+__device__ __forceinline__ void dequant16_e4m3(const uint4& v, u32 s2, u32* out) {
+  const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = fma2<T>(e4m3_pair<T, 0x1404u>(w[i]), s2, Int4<T>::NEG0);
+    out[2 * i + 1] = fma2<T>(e4m3_pair<T, 0x3424u>(w[i]), s2, Int4<T>::NEG0);
+  }
+}
+
 // The loop is w4_gemv's: a static register ring of D chunks a warp, predicated loads, x rows
 // clamped to m - 1, pointers advanced once every D chunks, a tail chunk (K % 64) after the
 // loop; the two k32 MMAs of a chunk accumulate into two sets of sums, added once at the end.
-template <typename T, int NT, int SK, int D, int ACT, bool F32>
+// BLOCKS: the ring also holds the two rows' block scales of each lane's 16 k (one block), and
+// a chunk is four m16n8k16 MMAs, the lane's 16 k of row g (g + 8) and of x row g being, pair
+// by pair, the k slots 2t, 2t + 1 and 2t + 8, 2t + 9, alternating between the sets of sums.
+template <typename T, int NT, int SK, int D, int ACT, bool F32, bool BLOCKS = false>
 __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
                                         const float* __restrict__ sw, float sx,
                                         const void* __restrict__ bias, int m, int n, int k,
-                                        void* __restrict__ y) {
-#if __CUDA_ARCH__ >= 890
+                                        void* __restrict__ y,
+                                        const u16* __restrict__ bs = nullptr, int gshift = 0) {
+#if __CUDA_ARCH__ < 890
+  if constexpr (!BLOCKS) {
+    __trap();  // lower.py builds FP8 W8A8 engines for sm_89+ only
+    return;
+  }
+#endif
   __shared__ float part[SK][NT][4][32];
   constexpr int OUT = ACT ? 8 : 16;
   constexpr int STEP = SK * 64;  // k between a warp's chunks
@@ -806,6 +854,8 @@ __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __r
   const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
   const int k0 = warp * 64 + 16 * t;  // this lane's first k
   const u8* wp[2] = {w + (size_t)ra * k + k0, w + (size_t)rb * k + k0};
+  const u16* sp[2] = {bs + (size_t)ra * (k >> gshift), bs + (size_t)rb * (k >> gshift)};
+  int kc = k0;  // BLOCKS: this lane's first k of the chunk the pointers are at
   const u16* xp[NT];
 #pragma unroll
   for (int j = 0; j < NT; ++j) xp[j] = x + (size_t)min(j * 8 + g, m - 1) * k + k0;
@@ -818,53 +868,76 @@ __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __r
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
   uint4 wv[D][2];
-  auto load = [&](uint4 (&v)[2], int i, bool live) {
+  u16 sv[D][2];  // BLOCKS only
+  auto load = [&](uint4 (&v)[2], u16 (&s)[2], int i, bool live) {
     ld_stream_if(live, wp[0] + i * STEP, v[0]);
     ld_stream_if(live, wp[1] + i * STEP, v[1]);
+    if constexpr (BLOCKS) {
+      const int b = (kc + i * STEP) >> gshift;
+      s[0] = live ? __ldg(sp[0] + b) : (u16)0;
+      s[1] = live ? __ldg(sp[1] + b) : (u16)0;
+    }
   };
-  auto consume = [&](const uint4 (&v)[2], int i, bool live) {
+  auto consume = [&](const uint4 (&v)[2], const u16 (&s)[2], int i, bool live) {
+    if constexpr (BLOCKS) {
+      u32 a[8], b[8];
+      dequant16_e4m3<T>(v[0], e4m3_scale2<T>(s[0]), a);
+      dequant16_e4m3<T>(v[1], e4m3_scale2<T>(s[1]), b);
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      u32 X[4];
-      quantize16<T>(xp[j] + i * STEP, live, inv, X);
-      mma_e4m3(acc[0][j], v[0].x, v[1].x, v[0].y, v[1].y, X[0], X[1]);
-      mma_e4m3(acc[1][j], v[0].z, v[1].z, v[0].w, v[1].w, X[2], X[3]);
+      for (int j = 0; j < NT; ++j) {
+        const uint4 zero = make_uint4(0, 0, 0, 0);
+        const uint4* p = reinterpret_cast<const uint4*>(xp[j] + i * STEP);
+        const uint4 xa = live ? __ldg(p) : zero, xb = live ? __ldg(p + 1) : zero;
+        const u32 xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          mma_dc<T>(acc[q & 1][j], acc[q & 1][j], a[2 * q], b[2 * q], a[2 * q + 1],
+                    b[2 * q + 1], xs[2 * q], xs[2 * q + 1]);
+      }
+    } else {
+#if __CUDA_ARCH__ >= 890
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        u32 X[4];
+        quantize16<T>(xp[j] + i * STEP, live, inv, X);
+        mma_e4m3(acc[0][j], v[0].x, v[1].x, v[0].y, v[1].y, X[0], X[1]);
+        mma_e4m3(acc[1][j], v[0].z, v[1].z, v[0].w, v[1].w, X[2], X[3]);
+      }
+#endif
     }
   };
 #pragma unroll
-  for (int d = 0; d < D; ++d) load(wv[d], d, d < mine);
+  for (int d = 0; d < D; ++d) load(wv[d], sv[d], d, d < mine);
   pdl_trigger();
   pdl_wait();
   int left = mine;  // chunks from the pointers on
   for (; left >= D; left -= D) {
 #pragma unroll
     for (int d = 0; d < D; ++d) {
-      consume(wv[d], d, true);
-      load(wv[d], d + D, d + D < left);
+      consume(wv[d], sv[d], d, true);
+      load(wv[d], sv[d], d + D, d + D < left);
     }
     wp[0] += D * STEP;
     wp[1] += D * STEP;
+    kc += D * STEP;
 #pragma unroll
     for (int j = 0; j < NT; ++j) xp[j] += D * STEP;
   }
 #pragma unroll
   for (int d = 0; d < D - 1; ++d)
-    if (d < left) consume(wv[d], d, true);
+    if (d < left) consume(wv[d], sv[d], d, true);
   if ((k & 63) && warp == whole % SK) {  // the tail chunk: its lanes past K load nothing
     const bool in = k0 + mine * STEP < k;
     const int i = left;  // the pointers are `mine - left` chunks on
     wv[0][0] = wv[0][1] = make_uint4(0, 0, 0, 0);
-    load(wv[0], i, in);
-    consume(wv[0], i, in);
+    load(wv[0], sv[0], i, in);
+    consume(wv[0], sv[0], i, in);
   }
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[0][j][e] += acc[1][j][e];
-  tc_store<T, NT, SK, ACT, F32>(part, acc[0], o0, m, n, bias, y, 1.f, sw);
-#else
-  __trap();  // lower.py builds FP8 engines for sm_89+ only
-#endif
+  tc_store<T, NT, SK, ACT, F32>(part, acc[0], o0, m, n, bias, y, 1.f, BLOCKS ? nullptr : sw);
 }
 
 // Prefill: x [rows, K] -> e4m3 for cuBLASLt's FP8 GEMM; 8 values a thread.
@@ -886,7 +959,7 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 }
 
 // ---- entry points (qgemv.cu; the zero-point and offset ones in qgemv_zp.cu) -------------------
-// w4[zp|off]_<dtype>_m<M>[_wide][_cs][_swiglu|_geglu|_f32] and w8_<dtype>_<out>_m<M>[_...]:
+// w4[zp|off]_<dtype>_m<M>[_wide][_cs][_swiglu|_geglu|_f32] and w8[b]_<dtype>_<out>_m<M>[_...]:
 // M = 8 (NT = 1) or 16 (NT = 2); _wide: 3 CTAs an SM (W4_CONFIGS); _cs: chunk scales (the
 // group a multiple of 128); _f32: fp32 output; w4zp: zero points, one more argument after y
 // (zp [N, K / G], u8); w4off: offsets, the same argument in the compute dtype (no _cs, no
@@ -917,6 +990,14 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
   NAME(const u16* x, const u8* w, const float* sw, int sx, const void* bias, int m, int n,     \
        int k, void* y) {                                                                       \
     w8_gemv<TY, NT, SK, D, ACT, F32>(x, w, sw, __int_as_float(sx), bias, m, n, k, y);          \
+  }
+// w8b_...: the same names and CTAs for FP8 in blocks (module qgemv_fp8b), args (x, w, bs,
+// bias, m, n, k, gshift, y)
+#define W8B_ENTRY(NAME, TY, NT, SK, D, ACT, F32, MINB)                                         \
+  extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
+  NAME(const u16* x, const u8* w, const u16* bs, const void* bias, int m, int n, int k,        \
+       int gshift, void* y) {                                                                  \
+    w8_gemv<TY, NT, SK, D, ACT, F32, true>(x, w, nullptr, 1.f, bias, m, n, k, y, bs, gshift);  \
   }
 // w4g[zp|off]_<dtype>[_swiglu|_geglu|_f32]: the small-M GEMM, with the GEMV's arguments, then
 // the split-K partials and tile counters (w4gzp, w4goff: zp or off last); S x (8 NT + 1) x 256
@@ -959,11 +1040,11 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
   ENTRY(BASE##_cs_swiglu, TY, NT, SK, D, 1, true, false, MB)                                   \
   ENTRY(BASE##_cs_geglu, TY, NT, SK, D, 2, true, false, MB)                                    \
   ENTRY(BASE##_cs_f32, TY, NT, SK, D, 0, true, true, MB)
-#define W8_SET(DT, TY, M, NT, SK, D, MB)                                                       \
-  W8_ENTRY(w8_##DT##_##DT##_m##M, TY, NT, SK, D, 0, false, MB)                                  \
-  W8_ENTRY(w8_##DT##_f32_m##M, TY, NT, SK, D, 0, true, MB)                                     \
-  W8_ENTRY(w8_##DT##_##DT##_m##M##_swiglu, TY, NT, SK, D, 1, false, MB)                         \
-  W8_ENTRY(w8_##DT##_##DT##_m##M##_geglu, TY, NT, SK, D, 2, false, MB)
+#define W8_SET(ENTRY, PFX, DT, TY, M, NT, SK, D, MB)                                          \
+  ENTRY(PFX##_##DT##_##DT##_m##M, TY, NT, SK, D, 0, false, MB)                                  \
+  ENTRY(PFX##_##DT##_f32_m##M, TY, NT, SK, D, 0, true, MB)                                     \
+  ENTRY(PFX##_##DT##_##DT##_m##M##_swiglu, TY, NT, SK, D, 1, false, MB)                         \
+  ENTRY(PFX##_##DT##_##DT##_m##M##_geglu, TY, NT, SK, D, 2, false, MB)
 
 // (warps splitting K SK, chunks in flight a warp D, CTAs an SM MB) from the sweep of
 // bench/kernels/qgemv.py on the H100 (bench/results/qgemv.md). INT4: 8 warps, 1 chunk, 2 CTAs
@@ -996,9 +1077,9 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 #else
 #define W4GW_CONFIG(ENTRY, PFX, DT, TY)
 #endif
-#define W8_CONFIGS(DT, TY)                                                                     \
-  W8_SET(DT, TY, 8, 1, 8, 2, 2)                                                                \
-  W8_SET(DT, TY, 8_wide, 1, 8, 2, 3)                                                           \
-  W8_SET(DT, TY, 8_w16, 1, 16, 2, 2)                                                           \
-  W8_SET(DT, TY, 16, 2, 8, 2, 2)                                                               \
-  W8_SET(DT, TY, 16_wide, 2, 8, 1, 3)
+#define W8_CONFIGS(ENTRY, PFX, DT, TY)                                                         \
+  W8_SET(ENTRY, PFX, DT, TY, 8, 1, 8, 2, 2)                                                    \
+  W8_SET(ENTRY, PFX, DT, TY, 8_wide, 1, 8, 2, 3)                                               \
+  W8_SET(ENTRY, PFX, DT, TY, 8_w16, 1, 16, 2, 2)                                               \
+  W8_SET(ENTRY, PFX, DT, TY, 16, 2, 8, 2, 2)                                                   \
+  W8_SET(ENTRY, PFX, DT, TY, 16_wide, 2, 8, 1, 3)

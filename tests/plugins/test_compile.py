@@ -50,11 +50,15 @@ def _entry_names(dtypes=tuple(lr.DTYPES)):
                                                           group=group, sm_count=sms,
                                                           offsets=kind))
                 for n in (64, 48, 24):   # on 1 SM: 4 tiles (_w16 up to 8 rows), 3 (_wide)
-                    names.add(lr.qgemv_launch(m, n, 128, dt, "fp8", act=act, sm_count=1))
-                    names.add(lr.qgemv_launch(m, n, 128, dt, "fp8", act=act))
-            for n in (64, 48):
-                names.add(lr.qgemv_launch(m, n, 128, dt, "fp8", "float32", sm_count=1))
-            names.add(lr.qgemv_launch(m, 64, 128, dt, "fp8", "float32"))
+                    for q, group in (("fp8", 0), ("fp8-block", 64)):
+                        names.add(lr.qgemv_launch(m, n, 128, dt, q, act=act, group=group,
+                                                  sm_count=1))
+                        names.add(lr.qgemv_launch(m, n, 128, dt, q, act=act, group=group))
+            for q, group in (("fp8", 0), ("fp8-block", 64)):
+                for n in (64, 48):
+                    names.add(lr.qgemv_launch(m, n, 128, dt, q, "float32", group=group,
+                                              sm_count=1))
+                names.add(lr.qgemv_launch(m, 64, 128, dt, q, "float32", group=group))
         names.add(lr.moe_route_launch(5, 8, 2, dt))
         for t in (1, 300):     # the 8-row and 64-row grouped-GEMM tiles
             names.update(lr.moe_gemm_launch(t, 8, 2, 64, 128, dt, act) for act in (False, True))
@@ -67,6 +71,7 @@ def _entry_names(dtypes=tuple(lr.DTYPES)):
         for kind in lr.INT4_OFFSETS:
             names.add(lr.dequant_int4_launch(64, 128, dt, kind))
         names.add(lr.quantize_fp8_launch(64, dt))
+        names.add(lr.dequant_fp8b_launch(64, 128, dt))
         for il in (False, True):
             for bias in (False, True):
                 for cache in (False, True):

@@ -1,7 +1,7 @@
-"""The quantized GEMMs of decode and their prefill helpers (plugins/kernels/qgemv.cu, and
-qgemv_zp.cu for INT4 with zero points) against float64 references on the GPU (marked `gpu`;
-skipped without CUDA). Outputs are poisoned (NaN) before each launch, so an element a kernel
-skips fails the check.
+"""The quantized GEMMs of decode and their prefill helpers (plugins/kernels/qgemv.cu,
+qgemv_zp.cu for INT4 with zero points, qgemv_fp8b.cu for block-wise FP8) against float64
+references on the GPU (marked `gpu`; skipped without CUDA). Outputs are poisoned (NaN)
+before each launch, so an element a kernel skips fails the check.
 
 INT4: the reference dequantizes the same codes and scales in torch (q * s rounded to the
 dtype, as DequantizeLinear does; x * pre rounded to the dtype, as the graph's Mul does) and
@@ -9,7 +9,8 @@ multiplies in float64; tolerance 1e-2 relative max error (the output's rounding)
 16-bit GEMV tests hold. FP8: the reference quantizes x with torch's own E4M3 conversion of
 x / sx and multiplies the E4M3 values in float64, scaled by sx * sw; the kernel multiplies by
 1 / sx, which may round a value at a tie the other way, so the tolerance is the same 1e-2
-(2e-3 for fp32 output)."""
+(2e-3 for fp32 output). Block-wise FP8: as INT4, the reference dequantizes the same codes
+and scales (q * s rounded to the dtype)."""
 import math
 
 import numpy as np
@@ -310,6 +311,71 @@ def test_w8_gemv_fused_gate(K, dtype, m, act, kernel):
                       sm_count=fp8_sm_count(kernel, inter // 8))
     gu = fp8_reference(x, w, sw, sx).to(dtype)
     check(fused, K.gated(gu, act).double(), dtype)
+
+
+def fp8b_weight(n, k, group, dtype, seed=0):
+    """Random E4M3 codes, zeros and every subnormal code among them, and block scales; the
+    reference weight q * s rounded to the dtype once, as DequantizeLinear does."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = (torch.randn(n, k, generator=g, device="cuda") * 64).clamp(-448, 448).to(
+        torch.float8_e4m3fn)
+    codes = torch.tensor(list(range(8)) + list(range(0x80, 0x88)), dtype=torch.uint8)
+    w.view(torch.uint8)[0, :16] = codes.cuda()
+    scale = (torch.rand(n, k // group, generator=g, device="cuda") * 2e-3 + 1e-4).to(dtype)
+    deq = (w.float() * scale.float().repeat_interleave(group, dim=1)).to(dtype)
+    return w, scale, deq
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,group", ((1728, 576, 64), (512, 4096, 128), (40, 512, 256),
+                                       (40, 96, 32)))
+def test_dequant_fp8b_is_exact(K, n, k, group, dtype):
+    """Bit for bit, the zeros and subnormal codes too (bf16's fall below its normals)."""
+    w, scale, deq = fp8b_weight(n, k, group, dtype, seed=12)
+    assert torch.equal(K.dequant_fp8b(w.view(torch.uint8), scale, group, dtype), deq)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", ("plain", "wide", "w16"))
+# (the last two: K % 64 = 32, a tail chunk of half a chunk)
+@pytest.mark.parametrize("n,k,group", ((576, 576, 64), (6144, 4096, 128), (4096, 14336, 128),
+                                       (1000, 256, 128), (200, 1024, 256), (1000, 352, 32),
+                                       (200, 96, 32)))
+def test_w8b_gemv(K, n, k, group, dtype, m, kernel):
+    w, scale, deq = fp8b_weight(n, k, group, dtype)
+    x = x_rows(m, k, dtype)
+    y = K.w8b_gemv(x, w.view(torch.uint8), scale, group,
+                   sm_count=fp8_sm_count(kernel, math.ceil(n / 16)))
+    assert y.dtype == dtype and y.shape == (m, n)
+    check(y, x.double() @ deq.double().T, dtype)
+
+
+@pytest.mark.parametrize("m", (1, 16))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", ("plain", "wide", "w16"))
+def test_w8b_gemv_bias_and_fp32_out(K, dtype, m, kernel):
+    n, k, group = 1152, 896, 128
+    w, scale, deq = fp8b_weight(n, k, group, dtype, seed=1)
+    x = x_rows(m, k, dtype, seed=2)
+    bias = torch.randn(n, device="cuda")
+    y = K.w8b_gemv(x, w, scale, group, bias=bias, out_dtype=torch.float32,
+                   sm_count=fp8_sm_count(kernel, n // 16))
+    check(y, x.double() @ deq.double().T + bias.double(), torch.float32)
+
+
+@pytest.mark.parametrize("act", ("swiglu", "geglu"))
+@pytest.mark.parametrize("m", (1, 8, 13))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", ("plain", "wide", "w16"))
+def test_w8b_gemv_fused_gate(K, dtype, m, act, kernel):
+    inter, k, group = 1536, 576, 64
+    w, scale, deq = fp8b_weight(2 * inter, k, group, dtype, seed=3)
+    x = x_rows(m, k, dtype, seed=4)
+    sm = fp8_sm_count(kernel, inter // 8)
+    fused = K.w8b_gemv(x, w, scale, group, act=act, sm_count=sm)
+    gu = (x.double() @ deq.double().T).to(dtype)
+    check(fused, K.gated(gu, act).double(), dtype, GATE_TOL[dtype])
 
 
 @pytest.mark.skipif("not fp8_capable()", reason="E4M3 conversion needs sm_89 or newer")

@@ -461,6 +461,27 @@ def test_fp8_gemv_kernel_by_tiles_an_sm(m, n, k, act, out, kernel, warps):
     assert plain.block == (256, 1, 1)
 
 
+def test_fp8_block_gemv_and_dequant_launches():
+    """Block-wise FP8 (qgemv_fp8b.cu): FP8's CTA shapes by tiles an SM, its own names and
+    module; blocks of a power of two from 32."""
+    for m, n, act, out in ((1, 6144, None, None), (8, 14336, "swiglu", None),
+                           (16, 4096, None, None), (1, 128256, None, "float32")):
+        fp8 = lr.qgemv_launch(m, n, 4096, "bfloat16", "fp8", out, act, sm_count=132)
+        ln = lr.qgemv_launch(m, n, 4096, "bfloat16", "fp8-block", out, act, group=128,
+                             sm_count=132)
+        assert ln.module == "qgemv_fp8b" and ln.kernel == "w8b" + fp8.kernel[2:]
+        assert (ln.grid, ln.block, ln.pdl) == (fp8.grid, fp8.block, True)
+    assert [lr.fp8b_group_shift(g) for g in (32, 128, 1024)] == [5, 7, 10]
+    for bad in (16, 96, 0):
+        with pytest.raises(ValueError, match="blocks of a power of two from 32"):
+            lr.qgemv_launch(1, 64, 256, "float16", "fp8-block", group=bad)
+    ln = lr.dequant_fp8b_launch(4096, 14336, "float16")
+    assert (ln.module, ln.kernel) == ("qgemv_fp8b", "dequant_fp8b_f16")
+    assert ln.grid[0] * ln.block[0] * 16 >= 4096 * 14336
+    with pytest.raises(ValueError, match="multiple of 32"):
+        lr.dequant_fp8b_launch(64, 80, "float16")
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(k=100), "multiple of 32"),
     (dict(out_dtype="float16"), "writes bfloat16 or float32"),

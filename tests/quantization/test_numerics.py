@@ -60,8 +60,9 @@ def test_fp8_weight_per_column_and_saturating_activations():
 
 def test_fp8_activation_scale_gives_a_checkpoints_scale_back():
     """A pre-quantized checkpoint's input and KV scales s come in as |max| = s x 448, and its
-    weight scales are used through the same |max|; the scale made from it is s bit for bit (float32 division was an ulp off for about
-    one s in 17), and a calibrated float32 |max| gets what float32 division gives."""
+    weight scales are used through the same |max|; the scale made from it is s bit for bit
+    (float32 division was an ulp off for about one s in 17), and a calibrated float32 |max|
+    gets what float32 division gives."""
     rng = np.random.default_rng(3)
     s = (rng.random(4000) * 0.05).astype(np.float32)
     back = np.array([nq.fp8_activation_scale(float(v) * nq.FP8_MAX, "float32") for v in s])

@@ -12,6 +12,7 @@ from quant_checkpoints import (
     autoawq_checkpoint,
     compressed_tensors_checkpoint,
     compressed_tensors_fp8_checkpoint,
+    fp8_block_checkpoint,
     gptq_checkpoint,
 )
 
@@ -71,6 +72,14 @@ def _export(src, out, cfg):
     for f in src.glob("*token*"):
         shutil.copy(f, out)
     return out
+
+
+def build_auto(src, tmp_path, words, log=lambda _: None):
+    """`src` built as its own format (--quant auto), fp32, on the reference backend, into
+    tmp_path / "a.engine"; its QuantInfo."""
+    return build(BuildOptions(src, tmp_path / "a.engine", backend="reference", dtype="fp32",
+                              limits=LIMITS, quant=QuantOptions("auto", eval_data=words)),
+                 log=log).quant
 
 
 def engine_tensor(engine: EngineFile, name: str) -> bytes:
@@ -331,10 +340,7 @@ def _built_as_its_own_int4(src, tmp_path, words, group, producer, o_proj_codes, 
 
     from llmc.dtypes import np_dtype, to_storage
 
-    header = build(BuildOptions(src, tmp_path / "a.engine", backend="reference", dtype="fp32",
-                                limits=LIMITS, quant=QuantOptions("auto", eval_data=words)),
-                   log=lambda _: None)
-    q = header.quant
+    q = build_auto(src, tmp_path, words)
     assert q.mode == "int4-gptq" and q.gemms == 8 and producer in q.details["scales"]
     assert q.details["int4_block_sizes"] == [group]
     assert q.accuracy.top1_agreement == 1.0 and abs(q.accuracy.delta_ppl_pct) < 1e-3
@@ -357,10 +363,7 @@ def test_a_gptq_checkpoints_quantized_lm_head_is_built_as_it_is(tiny_models_d64,
 
     src = gptq_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "gptq", 128,
                           lm_head=True)
-    header = build(BuildOptions(src, tmp_path / "a.engine", backend="reference", dtype="fp32",
-                                limits=LIMITS, quant=QuantOptions("auto", eval_data=words)),
-                   log=lambda _: None)
-    q = header.quant
+    q = build_auto(src, tmp_path, words)
     assert q.mode == "int4-gptq" and q.gemms == 9 and q.details["lm_head"] == "int4-gptq"
     assert q.accuracy.top1_agreement == 1.0 and abs(q.accuracy.delta_ppl_pct) < 1e-3
     codes = unpack_gptq_rows(open_checkpoint(src).tensor("lm_head.qweight")).astype(np.int8) - 8
@@ -545,11 +548,8 @@ def test_compressed_tensors_fp8_builds_its_own_fp8(tiny_models_d64, tmp_path, wo
     src = compressed_tensors_fp8_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "ct",
                                             strategy)
     lines: list[str] = []
-    header = build(BuildOptions(src, tmp_path / "a.engine", backend="reference", dtype="fp32",
-                                limits=LIMITS, quant=QuantOptions("auto", eval_data=words)),
-                   log=lines.append)
+    q = build_auto(src, tmp_path, words, lines.append)
     assert any("a compressed-tensors fp8 checkpoint (14 weights)" in x for x in lines)
-    q = header.quant
     assert q.mode == "fp8" and q.gemms == 8 and "compressed-tensors" in q.details["scales"]
     assert "calibration" not in q.details and q.accuracy.top1_agreement > 0.9
     engine = EngineFile(tmp_path / "a.engine")
@@ -652,7 +652,8 @@ def test_compressed_tensors_fp8_kv_scheme_gives_its_kv_scales(tiny_models_d64, t
      r"8-bit int channel \+ activations"),
     ({"format": "float-quantized", "config_groups": {"group_0": {"targets": ["Linear"],
       "weights": {"num_bits": 8, "type": "float", "strategy": "block",
-                  "block_structure": [128, 128]}}}}, r"8-bit float block"),
+                  "block_structure": [128, 128]}, "output_activations": {
+          "num_bits": 8, "type": "float", "strategy": "tensor"}}}}, r"8-bit float block"),
     ({"config_groups": {"group_0": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "int", "strategy": "group", "group_size": 48}}}},
      "groups of a multiple of 32"),
@@ -662,3 +663,59 @@ def test_compressed_tensors_schemes_it_cannot_take_are_one_error(tiny_models_d64
     pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
     src = compressed_tensors_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "ct", 128)
     _refused(src, tmp_path, "a compressed-tensors checkpoint .*" + match, **change)
+
+
+@pytest.mark.parametrize("fmt,block", [("fp8", (128, 128)), ("fp8", (64, 128)),
+                                       ("fp8", (96, 128)), ("compressed-tensors", (128, 128))])
+def test_block_fp8_checkpoint_builds_its_own_blocks(tiny_models_d64, tmp_path, words, fmt,
+                                                    block):
+    """A block-wise FP8 checkpoint (HF's fine-grained FP8, DeepSeek-V3's and Qwen3-FP8's
+    format; llm-compressor's FP8_BLOCK) builds as fp8-block with its own E4M3 bytes and
+    scales, nothing calibrated, and computes what HF transformers computes on the
+    checkpoint's dequantized weights (fp32, ragged steps; to 1e-5: the same weights). Rows
+    in blocks of 96 leave a ragged last block, which HF refuses to dequantize and llmc
+    takes: there the stored scales alone are checked."""
+    import torch
+    import transformers
+    from hf_steps import check_ragged_steps
+
+    from llmc.backends.reference import ReferenceSession
+    from llmc.checkpoint import open_checkpoint
+
+    if fmt == "compressed-tensors":
+        pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    src = fp8_block_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "q", block, fmt)
+    lines: list[str] = []
+    q = build_auto(src, tmp_path, words, lines.append)
+    assert any("fp8-block checkpoint (14 weights)" in x for x in lines)
+    assert q.mode == "fp8-block" and q.gemms == 8 and q.details["fp8_block_sizes"] == [128]
+    assert "calibration" not in q.details and q.accuracy.top1_agreement > 0.9
+    engine = EngineFile(tmp_path / "a.engine")
+    _fp8_engine_holds(src, engine)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    given = open_checkpoint(src).tensor(name.removesuffix("weight") + (
+        "weight_scale_inv" if fmt == "fp8" else "weight_scale"))         # [out / bn, in / bk]
+    n = 256
+    stored = np.frombuffer(engine_tensor(engine, name + ".fp8_block_scale"), np.float32)
+    np.testing.assert_array_equal(stored.reshape(-1, n), np.repeat(given, block[0], 0)[:n].T)
+    if block[0] == 96:
+        return
+    config = {} if fmt == "fp8" else {
+        "quantization_config": transformers.CompressedTensorsConfig(dequantize=True)}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **config)
+    check_ragged_steps(ReferenceSession(engine), hf.eval(), 16, "fp32", 1e-5, "block fp8")
+
+
+def test_block_fp8_checkpoints_that_do_not_fit_are_one_error(tiny_models_d64, tmp_path):
+    """Blocks that do not divide a weight's inputs, or no block size at all."""
+    src = fp8_block_checkpoint(tiny_models_d64["llama-gqa"][0], tmp_path / "q", (128, 96))
+    with pytest.raises(LlmcError, match="has 256 inputs, not whole blocks of 96"):
+        build(BuildOptions(src, tmp_path / "a.engine", backend="reference", limits=LIMITS),
+              log=lambda _: None)
+    config = json.loads((src / "config.json").read_text())
+    del config["quantization_config"]["weight_block_size"]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LlmcError, match="weight_block_size None cannot be read yet"):
+        build(BuildOptions(src, tmp_path / "a.engine", backend="reference", limits=LIMITS),
+              log=lambda _: None)
+    assert not (tmp_path / "a.engine").exists()

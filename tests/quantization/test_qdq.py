@@ -254,9 +254,33 @@ def test_fp8_numerics(tmp_path, dtype):
     check(y, xq_ort @ nq.dequantize_fp8(q, scale), dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("k", [256, 192, 96])   # blocks of 128, 64 and 32
+def test_fp8_block_numerics(tmp_path, dtype, k):
+    """Weight-only: x as it is, each weight E4M3 of itself over its block's |max| / 448,
+    within half an E4M3 step (1/16 of the value, or of 2^-9 of the scale below the
+    normals), and the graph's product is x times those weights."""
+    model, weights, w = gemm_graph(dtype, k, 40)
+    qmodel, qweights, report = qdq.quantize_graph(model, weights, qdq.fp8_block_pass())
+    assert report["fired"] == {"fp8-block": 1}
+    dq = [n for n in qmodel.graph.node if n.op_type == "DequantizeLinear"]
+    block = nq.fp8_block(k)
+    assert len(dq) == 1 and next(a.i for a in dq[0].attribute if a.name == "block_size") == \
+        block == {256: 128, 192: 64, 96: 32}[k]
+    assert {w.dtype for w in qweights} == {"float8e4m3fn", dtype}
+    q, scale = nq.quantize_fp8_blocks(w, block, dtype)
+    deq = nq.dequantize_fp8_blocks(q, scale)
+    step = np.repeat(scale.astype(np.float32), block, axis=0)
+    assert (np.abs(deq - w) <= np.maximum(np.abs(w) / 16, step * 2 ** -10) * 1.001).all()
+    x = activations(dtype, k)
+    check(run(qmodel, qweights, tmp_path, x), x.astype(np.float32) @ deq, dtype)
+
+
 def test_declines_where_the_format_does_not_fit():
     model, weights, _ = gemm_graph("float32", 100, 8)            # no INT4 block divides 100
     assert qdq.quantize_graph(model, weights, qdq.int4_pass())[2]["fired"] == {"int4-rtn": 0}
+    assert qdq.quantize_graph(model, weights, qdq.fp8_block_pass())[2]["fired"] == \
+        {"fp8-block": 0}
     model, weights, _ = gemm_graph("float32", 64, 8)              # no calibrated scale for x
     assert qdq.quantize_graph(model, weights, qdq.fp8_pass({}))[2]["fired"] == {"fp8": 0}
 
@@ -268,3 +292,5 @@ def test_the_lm_head_stays_unquantized(softcap):
     assert qdq.quantize_graph(model, weights, qdq.int4_pass())[2]["fired"] == {"int4-rtn": 0}
     assert qdq.quantize_graph(model, weights, qdq.fp8_pass({"w": 1.0}))[2]["fired"] == \
         {"fp8": 0}
+    assert qdq.quantize_graph(model, weights, qdq.fp8_block_pass())[2]["fired"] == \
+        {"fp8-block": 0}

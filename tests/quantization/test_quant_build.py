@@ -21,7 +21,8 @@ KINDS = ["llama-gqa", "llama-tied-rope3", "mistral-window", "qwen2-bias", "phi3-
 LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=128, kv_block_size=16)
 # Random tiny models: perplexity ~ the vocabulary, and quantization noise moves it little;
 # top-1 agreement is what tells a broken quantizer (~1/128 by chance) from a working one.
-BUDGET = {"fp8": (0.5, 0.93), "int4-awq": (1.0, 0.85), "int4-rtn": (1.0, 0.85)}
+BUDGET = {"fp8": (0.5, 0.93), "fp8-block": (0.5, 0.93), "int4-awq": (1.0, 0.85),
+          "int4-rtn": (1.0, 0.85)}
 # The random Gemma models' logits are flatter (top-1 among near ties flips under any noise:
 # Gemma 3 keeps 59-85% with perplexity unchanged) or soft-capped (Gemma 2 int4-awq: +2.1%
 # perplexity at 99.5% agreement); they get a looser budget, still far from broken.
@@ -40,7 +41,7 @@ def _build(folder, out, mode, words, backend="reference", dtype="fp32", log=None
                               quant=quant(mode, words, **kw)), log=log or (lambda _: None))
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int4-awq", "int4-rtn"])
+@pytest.mark.parametrize("mode", ["fp8", "fp8-block", "int4-awq", "int4-rtn"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_mode_builds_runs_and_meets_its_budget(tiny_models, tmp_path, words, kind, mode):
     from llmc.runtime.runner import Runner
@@ -202,7 +203,7 @@ def test_int4_zero_point(tiny_models, tmp_path, words, mode):
     assert dq and sum(n.startswith("Int4ZeroPoints") for n in names) == dq
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int4-awq", "int4-rtn"])
+@pytest.mark.parametrize("mode", ["fp8", "fp8-block", "int4-awq", "int4-rtn"])
 @pytest.mark.parametrize("kind", ["llama-gqa", "mistral-window", "gemma2-softcap"])
 def test_quant_lm_head_quantizes_the_head_too(tiny_models, tmp_path, words, kind, mode):
     """--quant-lm-head: one GEMM more, the logits' producer; a tied head (llama-gqa, Gemma)
@@ -223,12 +224,12 @@ def test_quant_lm_head_quantizes_the_head_too(tiny_models, tmp_path, words, kind
     names = {t.name for t in graph.initializer}
     table = "model.embed_tokens.weight"
     head = f"{table}.lm_head" if model.config.tie_word_embeddings else "lm_head.weight"
-    quantized = f"{head}.{'fp8' if mode == 'fp8' else 'int4'}"
+    quantized = f"{head}.{'fp8' if mode.startswith('fp8') else 'int4'}"
     assert quantized in names and head not in names and table in names
     assert not any(n.op_type == "Gemm" for n in graph.node)
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int4-awq", "int4-rtn"])
+@pytest.mark.parametrize("mode", ["fp8", "fp8-block", "int4-awq", "int4-rtn"])
 def test_quant_exclude_leaves_the_matching_gemms_16_bit(tiny_models, tmp_path, words, mode):
     """--quant-exclude: the GEMMs whose weight names match stay unquantized (a fused gate-up
     GEMM when its gate part matches), the rest are quantized, the header counts them."""
@@ -242,7 +243,7 @@ def test_quant_exclude_leaves_the_matching_gemms_16_bit(tiny_models, tmp_path, w
     graph = onnx.load_from_string(EngineFile(tmp_path / "q.engine").section(
         "model.onnx").tobytes()).graph
     names = {t.name for t in graph.initializer}
-    suffix = "fp8" if mode == "fp8" else "int4"
+    suffix = "fp8" if mode.startswith("fp8") else "int4"
     for i in range(layers):
         mlp = f"model.layers.{i}.mlp"
         assert f"{mlp}.gate_proj+up_proj.weight" in names
@@ -277,6 +278,7 @@ def test_quant_lm_head_needs_a_quant_mode(tiny_models, tmp_path, capsys):
 @pytest.mark.parametrize("mode, layers, targets, head, zp, exclude", [
     ("int4-rtn", {"DEQUANTIZE": 8}, None, False, False, ()),
     ("fp8", {"QUANTIZE": 8, "DEQUANTIZE": 16}, ["8.9", "12.0"], False, False, ()),
+    ("fp8-block", {"QUANTIZE": 0, "DEQUANTIZE": 8}, ["8.9", "12.0"], False, False, ()),
     ("int4-rtn", {"DEQUANTIZE": 9}, None, True, False, ()),   # --quant-lm-head: the head's too
     ("int4-awq", {"DEQUANTIZE": 8}, None, False, True, ()),   # --int4-zero-point
     ("int4-rtn", {"DEQUANTIZE": 6}, None, False, False, GATES),   # --quant-exclude
@@ -285,7 +287,8 @@ def test_tensorrt_rtx_builds_quantized_graphs(tiny_models, tmp_path, words, mode
                                               targets, head, zp, exclude):
     """The real TensorRT-RTX builder on the CPU: the Q/DQ layers are in the network (weights
     packed behind DEQUANTIZE; with zero points, the symmetric codes and the offset GEMMs; the
-    GEMMs --quant-exclude names without), FP8 for Ada and Blackwell targets only."""
+    GEMMs --quant-exclude names without; block-wise FP8 weights alone, x unquantized), FP8
+    for Ada and Blackwell targets only."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
     header = _build(tiny_models["llama-gqa"][0], tmp_path / "r.engine", mode, words,
                     backend="tensorrt-rtx", dtype="fp16", lm_head=head, int4_zero_point=zp,

@@ -17,6 +17,9 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
       (quantization/qdq.py's forms)                                    dequantized INT4
       [+ MatMul(MatMul(x', E), offsets): INT4    (input 5: the zero    weight / FP8 x;
       zero points]                               points)               qgemv_zp.cu
+      FP8 in blocks (W8A16: x' = x, the DQ's     quant fp8-block       qgemv_fp8b.cu (1-16
+      block_size along K)                                              rows), cuBLASLt on
+                                                                       the dequantized weight
     llmc FusedSwiGLU / FusedGeGLU                 swiglu / geglu       activation.cu
     llmc SwiGLU (gate, up apart)                  swiglu2              activation.cu
     a mixture of experts (routed_experts: the     moe                  moe.cu (routing and
@@ -224,7 +227,10 @@ class Lowering:
                 weights_end += align(numel(v.shape, 1, 1) * itemsize(v.dtype))
         # the quantized GEMMs' kernels and the soft-capped or E4M3-pool attention's are
         # compiled only for the models that have them
-        quant = any(op.attrs.get("quant") for op in self.ops if op.op == "gemm")
+        quant = any(op.attrs.get("quant") in ("int4", "fp8") for op in self.ops
+                    if op.op == "gemm")
+        fp8_blocks = any(op.attrs.get("quant") == "fp8-block" for op in self.ops
+                         if op.op == "gemm")
         zero_points = any(int4_block_offsets(op) for op in self.ops)
         attention = sorted({attention_module(op.attrs["softcap"], "kv_scale" in op.attrs)
                             for op in self.ops if op.op == "attention"} - set(MODULES))
@@ -233,7 +239,8 @@ class Lowering:
         sm90 = self.arch == "sm_90a" and any(
             "kv_scale" not in op.attrs for op in self.ops if op.op == "attention")
         modules = list(MODULES) + (["qgemv"] if quant else []) + \
-            (["qgemv_zp"] if zero_points else []) + attention + \
+            (["qgemv_zp"] if zero_points else []) + (["qgemv_fp8b"] if fp8_blocks else []) + \
+            attention + \
             (["moe"] if moe else []) + ([SM90_MODULE] if sm90 else [])
         return Plan(self.arch, self.dtype, modules, self.values, self.ops, arena,
                     weights_end, logits, len(attn))
@@ -429,6 +436,15 @@ class Lowering:
                 site.update(offset=zero_points[0], out=zero_points[1],
                             offsets=zero_points[3])
                 claimed += zero_points[2]
+        elif kind == FP8 and _attr(dq, "block_size", 0):   # weight-only, a scale a block
+            block, axis = int(_attr(dq, "block_size", 0)), int(_attr(dq, "axis", 1))
+            k, n = t.dims
+            if axis != 0 or block % lr.FP8B_MIN_GROUP or block & (block - 1) or k % block:
+                raise UnsupportedGraph(
+                    f"{dq.name!r}: the block-wise FP8 kernels take scales in blocks of a power "
+                    f"of two from {lr.FP8B_MIN_GROUP} along K (block_size {block}, axis "
+                    f"{axis}, K = {k})")
+            site.update(kind="fp8-block", group=block)
         elif kind == FP8:
             xdq = g.producer.get(x)
             xq = g.producer.get(xdq.input[0]) if xdq is not None and \
@@ -498,6 +514,12 @@ class Lowering:
             self._gemm(node, site["x"], w, n, k, trans_b=True, qinputs=(scale, pre, zp),
                        out=site.get("out", ""), quant="int4", group=site["group"],
                        **({"offsets": True} if site.get("offsets") else {}))
+        elif site["kind"] == "fp8-block":
+            # [out, in] E4M3 bytes and the scales [out, in / block], both transposed
+            w = self._weight(site["q"], shape=[n, k], dtype=FP8)
+            scale = self._weight(site["scale"], shape=[n, k // site["group"]])
+            self._gemm(node, site["x"], w, n, k, trans_b=True, qinputs=(scale, None),
+                       quant="fp8-block", group=site["group"])
         else:
             w = self._weight(site["q"], shape=[n, k], dtype=FP8)
             # The kernel and cuBLASLt scale each output channel by x_scale * w_scale[n] in
@@ -1073,6 +1095,7 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
     jobs: dict[str, str] = {}
     zeros: dict[str, str] = {}     # zero points -> their scales
     appended: dict[str, tuple[str, float]] = {}
+    fp8_scales: list[str] = []
     for op in plan.ops:
         if op.op == "moe":     # stacked experts: each [in, out] -> [out, in]
             jobs[op.inputs[2]] = jobs[op.inputs[3]] = "experts"
@@ -1081,6 +1104,9 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
             continue
         quant = op.attrs.get("quant")
         jobs[op.inputs[1]] = "int4" if quant == "int4" else "transpose"
+        if quant == "fp8-block":
+            jobs[op.inputs[3]] = "transpose"
+            fp8_scales.append(op.inputs[3])
         if quant == "int4":
             jobs[op.inputs[3]] = "transpose"
             if zp := int4_block_offsets(op):
@@ -1093,9 +1119,15 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
     if not jobs:
         return 0
     data = np.memmap(weights, dtype=np.uint8, mode="r+")
+    for name in fp8_scales:   # the kernels multiply by scale * 2^120 in bf16 (qgemv_fp8b.cu)
+        top = float(np.abs(_block_graph_layout(data, plan, name).astype(np.float32)).max())
+        if not top < lr.FP8B_MAX_SCALE:
+            raise UnsupportedGraph(f"{name}: a block-wise FP8 scale of {top:g}; the cuda "
+                                   f"kernels take scales below {lr.FP8B_MAX_SCALE:g} (weights "
+                                   f"below {lr.FP8B_MAX_SCALE * 448:g})")
     done = 0
     for name, scale in sorted(zeros.items()):    # before the scales are transposed
-        offsets, scales = (_int4_graph_layout(data, plan, v) for v in (name, scale))
+        offsets, scales = (_block_graph_layout(data, plan, v) for v in (name, scale))
         z = zero_points(offsets, scales, name)
         data[plan.values[name].offset:][:z.size] = z.reshape(-1)
         done += z.size
@@ -1128,8 +1160,9 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
     return done
 
 
-def _int4_graph_layout(data: np.ndarray, plan: Plan, name: str) -> np.ndarray:
-    """An INT4 GEMM's scales or offsets as the graph stores them, [K / B, N] in the dtype."""
+def _block_graph_layout(data: np.ndarray, plan: Plan, name: str) -> np.ndarray:
+    """An INT4 or block-wise FP8 GEMM's scales (or INT4 offsets) as the graph stores them,
+    [K / B, N] in the dtype."""
     v = plan.values[name]
     n, groups = v.shape
     block = data[v.offset:v.offset + n * groups * itemsize(plan.dtype)]

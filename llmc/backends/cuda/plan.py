@@ -16,18 +16,18 @@ The ops (lower.py says which graph nodes each comes from): embedding (attr scale
 constant, Gemma; of position_ids: GPT-2's learned positions), rmsnorm, add_rmsnorm,
 layernorm, add_layernorm (inputs x, [residual], weight, bias), gelu (attr approximate),
 gemm (optional bias; the GEMV kernel or cuBLASLt by row count; with attr act, the gated
-activation of its output fused in: outputs [gate-up, activated]; with attr quant int4 or
-fp8, inputs 3-4 are the weight's scales and AWQ's 1/s, and input 5 an INT4 weight's zero
-points [N, K / G] or null, kernels/qgemv.cu and qgemv_zp.cu), rope_cache (RoPE on q and k,
-QKV bias, optional per-head q/k RMSNorm (inputs 6-7, attr qk_norm_eps), K/V written into the
-layer's pool; rot 0 and no inv_freq input: no rotation, GPT-2), attention (paged; attr
-softcap, Gemma 2; rope_cache and attention with attr kv_scale [K, V]: the pool is E4M3,
-written as x / scale and read back times it), swiglu, geglu, swiglu2 (gate and up apart),
-gather_rows, add, cast_f32, softcap (cap * tanh(x / cap) of the fp32 logits, Gemma 2), moe (a
-mixture of experts: inputs router logits, x, gate-up [E, 2I, H], down [E, H, I], the shared
-expert's gate and output or null; outputs the result and its scratch buffers: expert ids,
-weights, positions, the token of each position, the tiles, the SwiGLU and down outputs by
-position).
+activation of its output fused in: outputs [gate-up, activated]; with attr quant int4, fp8
+or fp8-block, inputs 3-4 are the weight's scales and AWQ's 1/s, and input 5 an INT4
+weight's zero points [N, K / G] or null, kernels/qgemv.cu, qgemv_zp.cu and qgemv_fp8b.cu),
+rope_cache (RoPE on q and k, QKV bias, optional per-head q/k RMSNorm (inputs 6-7, attr
+qk_norm_eps), K/V written into the layer's pool; rot 0 and no inv_freq input: no rotation,
+GPT-2), attention (paged; attr softcap, Gemma 2; rope_cache and attention with attr
+kv_scale [K, V]: the pool is E4M3, written as x / scale and read back times it), swiglu,
+geglu, swiglu2 (gate and up apart), gather_rows, add, cast_f32, softcap (cap * tanh(x /
+cap) of the fp32 logits, Gemma 2), moe (a mixture of experts: inputs router logits, x,
+gate-up [E, 2I, H], down [E, H, I], the shared expert's gate and output or null; outputs
+the result and its scratch buffers: expert ids, weights, positions, the token of each
+position, the tiles, the SwiGLU and down outputs by position).
 """
 
 from __future__ import annotations

@@ -115,9 +115,10 @@ def _int4_offsets(op: Op) -> str:
 def qgemm_scratch(plan: Plan, max_tokens: int, max_batch: int, sm_count: int,
                   w4_sm90: bool = False) -> tuple[int, int]:
     """(bytes, counters) the quantized GEMMs need: the workspace holds an INT4 weight
-    dequantized (steps past W4_GEMM_MAX_M rows), x in FP8, or the small-M GEMM's split-K
-    partials; the counters are its tiles'. A GEMM over the step's sequences (the LM head)
-    has at most max_batch rows, the others max_tokens. w4_sm90: Step.w4_sm90."""
+    dequantized (steps past W4_GEMM_MAX_M rows), a block-wise FP8 one (past the GEMV's), x in
+    FP8, or the small-M GEMM's split-K partials; the counters are its tiles'. A GEMM over the
+    step's sequences (the LM head) has at most max_batch rows, the others max_tokens.
+    w4_sm90: Step.w4_sm90."""
     need = counters = 0
     seen = set()   # (N, K, act, rows): the layers repeat a handful of GEMM shapes
     for op in plan.ops:
@@ -135,6 +136,8 @@ def qgemm_scratch(plan: Plan, max_tokens: int, max_batch: int, sm_count: int,
                 need, counters = max(need, nbytes), max(counters, tiles)
         elif q == "fp8":
             need = max(need, rows * a["k"])
+        elif q == "fp8-block" and rows > lr.QGEMV_MS[-1]:
+            need = max(need, a["n"] * a["k"] * itemsize(plan.dtype))
     return need, counters
 
 
@@ -158,15 +161,23 @@ def _qgemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
         if quant == "int4":
             args = [P(ins[0]), P(ins[1]), P(ins[3]), pre, bias, m, n, k,
                     lr.int4_group_shift(a["group"]), P(y), *scratch, *zargs]
+        elif quant == "fp8-block":
+            args = [P(ins[0]), P(ins[1]), P(ins[3]), bias, m, n, k,
+                    lr.fp8b_group_shift(a["group"]), P(y)]
         else:
             args = [P(ins[0]), P(ins[1]), P(ins[3]), lr.float_bits(a["x_scale"]), bias, m, n,
                     k, P(y)]
         yield "kernel", launch, args
         return
     ws = P(QGEMM_WORKSPACE)
-    if quant == "int4":
-        yield "kernel", lr.dequant_int4_launch(a["n"], k, dt, _int4_offsets(op)), [
-            P(ins[1]), P(ins[3]), pre, a["n"], k, lr.int4_group_shift(a["group"]), ws, *zargs]
+    if quant in ("int4", "fp8-block"):   # cuBLASLt on the weight dequantized
+        if quant == "int4":
+            yield "kernel", lr.dequant_int4_launch(a["n"], k, dt, _int4_offsets(op)), [
+                P(ins[1]), P(ins[3]), pre, a["n"], k, lr.int4_group_shift(a["group"]), ws,
+                *zargs]
+        else:
+            yield "kernel", lr.dequant_fp8b_launch(a["n"], k, dt), [
+                P(ins[1]), P(ins[3]), a["n"], k, lr.fp8b_group_shift(a["group"]), ws]
         yield "gemm", gemm_key(op), (int(P(ins[0])), int(ws), int(P(outs[0])), m,
                                      int(bias) or None)
     else:

@@ -1,9 +1,10 @@
-"""Quantized engines on the cuda backend (`--quant int4-rtn | int4-awq | fp8`).
+"""Quantized engines on the cuda backend (`--quant int4-rtn | int4-awq | fp8 | fp8-block`).
 
 CPU (the build half): every mode lowers to quantized GEMM ops; the weights file holds the
 INT4 codes packed as kernels/qgemv.cu reads them, the FP8 weights [out, in] and their fp32
-channel scales; FP8 is refused for targets other than Hopper and bf16 quantized builds
-say why they cannot be measured.
+channel scales, the block-wise FP8 weights [out, in] and their scales [out, in / block];
+FP8 is refused for targets other than Hopper and bf16 quantized builds say why they cannot
+be measured.
 GPU (marked `gpu`): each quantized cuda engine against the reference backend's engine of
 the same model, mode and calibration (the same quantized weights) over ragged prefill,
 decode and mixed steps on shuffled blocks, CUDA-graphed decode included.
@@ -28,7 +29,8 @@ from llmc.quantization.quantize import QuantOptions
 pytest.importorskip("cuda.bindings.nvrtc", reason="the kernels extra (NVRTC) is not installed")
 
 LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=128, max_seq_len=128, kv_block_size=16)
-MODES = ("int4-rtn", "int4-awq", "fp8")
+MODES = ("int4-rtn", "int4-awq", "fp8", "fp8-block")
+KIND = {"int4-rtn": "int4", "int4-awq": "int4", "fp8": "fp8", "fp8-block": "fp8-block"}
 
 
 def _build(folder, out, mode, words, backend="cuda", dtype="fp16", arch="sm_90a", **kw):
@@ -106,12 +108,12 @@ def test_a_quantized_lm_head_writes_fp32_logits(tiny_models_d64, tmp_path, words
     assert header.quant.details["lm_head"] == mode
     plan = _plan(EngineFile(tmp_path / "h.engine"))
     head = [op for op in plan.ops if op.op == "gemm"][-1]
-    assert head.attrs["quant"] == ("fp8" if mode == "fp8" else "int4")
+    assert head.attrs["quant"] == KIND[mode]
     assert (int4_block_offsets(head) is not None) == zero_point
     assert head.attrs["out_dtype"] == "float32" and head.attrs["n"] == model.config.vocab_size
     assert head.inputs[1].startswith("model.embed_tokens.weight.lm_head.")
     assert not any(op.op == "cast_f32" for op in plan.ops)
-    if mode != "fp8":
+    if KIND[mode] == "int4":
         _check_int4_scratch(plan, head)
 
 
@@ -144,8 +146,10 @@ def test_every_mode_lowers_to_quantized_gemms(tiny_models_d64, tmp_path, words, 
     plan = _plan(engine)
     gemms = [op for op in plan.ops if op.op == "gemm"]
     layers = model.config.num_hidden_layers
-    kind = "fp8" if mode == "fp8" else "int4"
-    assert "qgemv" in plan.modules        # compiled only for quantized plans
+    kind = KIND[mode]
+    # compiled only for quantized plans, the block-wise FP8 kernels apart
+    assert ("qgemv" in plan.modules) == (kind != "fp8-block")
+    assert ("qgemv_fp8b" in plan.modules) == (kind == "fp8-block")
     # q/k/v, o, gate-up (SwiGLU fused), down per layer quantized; the LM head stays 16-bit
     assert [op.attrs.get("quant") for op in gemms] == [kind] * 4 * layers + [None]
     assert [op.attrs.get("act") for op in gemms[:4]] == [None, None, "swiglu", None]
@@ -176,9 +180,13 @@ def test_every_mode_lowers_to_quantized_gemms(tiny_models_d64, tmp_path, words, 
         raw, dims, _ = graph_tensor(op.inputs[1])
         k, n = dims
         got, shape = stored(op.inputs[1])
-        if kind == "int4":
-            assert shape == [n, k // 2]
-            np.testing.assert_array_equal(got, pack_int4(raw, n, k))
+        if kind != "fp8":
+            if kind == "int4":
+                assert shape == [n, k // 2]
+                np.testing.assert_array_equal(got, pack_int4(raw, n, k))
+            else:
+                assert shape == [n, k]
+                np.testing.assert_array_equal(got.reshape(n, k), raw.reshape(k, n).T)
             sraw, sdims, _ = graph_tensor(op.inputs[3])
             sgot, _ = stored(op.inputs[3])
             np.testing.assert_array_equal(sgot.view("<u2").reshape(n, -1),
@@ -201,7 +209,7 @@ def test_quant_exclude_lowers_the_excluded_gemms_16_bit(tiny_models_d64, tmp_pat
     folder, model = tiny_models_d64["llama-gqa"]
     _build(folder, tmp_path / "x.engine", mode, words, exclude=("*.mlp.gate_proj.*",))
     gemms = [op for op in _plan(EngineFile(tmp_path / "x.engine")).ops if op.op == "gemm"]
-    kind = "fp8" if mode == "fp8" else "int4"
+    kind = KIND[mode]
     assert [op.attrs.get("quant") for op in gemms] == \
         [kind, kind, None, kind] * model.config.num_hidden_layers + [None]
     assert [op.attrs.get("act") for op in gemms[:4]] == [None, None, "swiglu", None]
@@ -271,7 +279,7 @@ def _why_not() -> str:
 # also quantizes every GEMM's input: an fp16 rounding difference upstream moves a value across
 # an E4M3 rounding boundary now and then, a step of 1/16 of it, so the two backends drift
 # apart faster than with 16-bit activations (measured: 3-4% at the first decode step).
-TOLERANCE = {"int4-rtn": 3e-2, "int4-awq": 3e-2, "fp8": 6e-2}
+TOLERANCE = {"int4-rtn": 3e-2, "int4-awq": 3e-2, "fp8": 6e-2, "fp8-block": 3e-2}
 
 
 @pytest.mark.gpu
@@ -396,6 +404,26 @@ def test_compressed_tensors_fp8_engine_matches_the_reference_backend(tiny_models
     _build_both(src, tmp_path, "auto", words, kv_cache_dtype="fp8" if kv else "auto")
     _compare_engines(tmp_path, model, f"compressed-tensors fp8 {strategy}", TOLERANCE["fp8"],
                      True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+@pytest.mark.parametrize("fmt,block", [("fp8", (128, 128)), ("compressed-tensors", (64, 64))])
+def test_block_fp8_checkpoint_engine_matches_the_reference_backend(tiny_models_d64, tmp_path,
+                                                                   words, fmt, block):
+    """A block-wise FP8 checkpoint (HF's fine-grained FP8; llm-compressor's FP8_BLOCK) on
+    the block-wise FP8 kernels, its own E4M3 weights and scales, against the reference
+    backend's engine of it."""
+    from quant_checkpoints import fp8_block_checkpoint
+
+    if fmt == "compressed-tensors":
+        pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+    folder, model = tiny_models_d64["llama-gqa"]
+    src = fp8_block_checkpoint(folder, tmp_path / "q", block, fmt)
+    header = _build_both(src, tmp_path, "auto", words)
+    assert header.quant.mode == "fp8-block" and header.quant.details["fp8_block_sizes"] == \
+        [block[1]]
+    _compare_engines(tmp_path, model, f"{fmt} blocks {block}", TOLERANCE["fp8-block"], True)
 
 
 @pytest.mark.gpu
