@@ -247,7 +247,7 @@ def _read_hf_fp8(readers: Readers, qc: dict[str, Any], source: Any
                         f"weight_block_size {size!r} cannot be read yet; llmc reads E4M3 "
                         "weights in blocks (weight_block_size [rows, columns], e.g. [128, "
                         "128])")
-    return _read_fp8_blocks(readers, "weight_scale_inv", size, source, "HF transformers fp8")
+    return _read_fp8_blocks(readers, "weight_scale_inv", size, source, "transformers")
 
 
 def _read_fp8_blocks(readers: Readers, suffix: str, size: list[int], source: Any,
