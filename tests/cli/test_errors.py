@@ -431,9 +431,16 @@ def test_ctrl_c_stops_a_tensorrt_rtx_build_and_leaves_nothing(tiny_models, tmp_p
     model = deep_model(tiny_models["llama-gqa"][0], tmp_path / "deep", layers=24)
     out = tmp_path / "out"
     out.mkdir()
-    p = subprocess.Popen([sys.executable, "-m", "llmc", "build", "--model", model, "-o",
-                          out / "x.engine", "--backend", "tensorrt-rtx", *LIMITS],
-                         stderr=subprocess.PIPE, text=True)
+    # A shell starts a background job with SIGINT ignored, and a child inherits that (a
+    # Python started so never raises KeyboardInterrupt): the build starts with Ctrl-C as a
+    # terminal's foreground job has it, whatever this process has.
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "llmc", "build", "--model", model, "-o",
+                              out / "x.engine", "--backend", "tensorrt-rtx", *LIMITS],
+                             stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, saved)
     seen = []
     for line in p.stderr:   # wait until TensorRT's builder is at work
         seen.append(line)
