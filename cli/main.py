@@ -96,7 +96,8 @@ def cli() -> None:
 @click.option("--quant-exclude", "quant_exclude", multiple=True, metavar="GLOB",
               help="--quant fp8 / fp8-block / int4-awq / int4-rtn: leave the GEMMs whose weight "
                    "names match this glob 16-bit (repeatable), e.g. '*.mlp.gate_proj.*'; a fused "
-                   "GEMM (q/k/v, gate/up) stays 16-bit when any part matches. Trades engine "
+                   "GEMM (q/k/v, gate/up) stays 16-bit when any part matches, a stack of "
+                   "experts when any expert's does ('*.experts.*': all of them). Trades engine "
                    "size for accuracy, which the report measures (docs/quantization.md)")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "fp8"]),

@@ -25,8 +25,10 @@ OPSET = 21
 # A tensor of at least WEIGHT_ALIGN bytes starts on such a boundary, which lets onnxruntime map
 # it instead of copying it; a smaller one (a scale, AWQ's 1/s, a norm) on a SMALL_ALIGN one:
 # onnxruntime copies it either way, and 64 KiB of padding each would be a tenth of a small
-# INT4 engine (bench/results/quantization.md).
-WEIGHT_ALIGN, SMALL_ALIGN = 1 << 16, 64
+# INT4 engine (bench/results/quantization.md). 256 bytes: the cuda backend reads its weights
+# where this file holds them, and cuBLASLt takes matrices (a small one too, such as
+# Qwen2-MoE's [H, 1] shared-expert gate) on 256-byte boundaries (backends/cuda/plan.py ALIGN).
+WEIGHT_ALIGN, SMALL_ALIGN = 1 << 16, 256
 
 
 @dataclass
@@ -37,6 +39,9 @@ class Weight:
     dtype: str
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
+    # a stack of experts [E, in, out]: each expert's checkpoint tensors, joined along out (so
+    # a quantizer can take a pre-quantized checkpoint's own parts)
+    stacked: tuple[tuple[str, ...], ...] = ()
 
     def read(self) -> np.ndarray:
         """The loaded array, checked against the config's shape and dtype (before anything,
@@ -88,8 +93,9 @@ class GraphBuilder:
         return name
 
     def weight(self, name: str, dtype: str, shape: tuple[int, ...],
-               load: Callable[[], np.ndarray]) -> str:
-        self.weights.append(Weight(name, dtype, tuple(shape), load))
+               load: Callable[[], np.ndarray], stacked: tuple[tuple[str, ...], ...] = ()
+               ) -> str:
+        self.weights.append(Weight(name, dtype, tuple(shape), load, stacked))
         return name
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, out: str | None = None,

@@ -242,7 +242,8 @@ class DecoderGraph:
                            out[e])
             return out
 
-        return self.g.weight(name, self.dtype, shape, load)
+        return self.g.weight(name, self.dtype, shape, load,
+                             stacked=tuple(tuple(names) for names in experts))
 
     def split(self, x: str, sizes: list[int]) -> list[str]:
         """x's last axis cut into parts of `sizes` (a checkpoint's fused projection)."""

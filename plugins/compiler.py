@@ -15,7 +15,8 @@ from pathlib import Path
 KERNEL_DIR = Path(__file__).parent / "kernels"
 MODULES = ("norm", "activation", "gemv", "qgemv", "rope", "paged_attention",
            "paged_attention_softcap", "paged_attention_e4m3", "paged_attention_softcap_e4m3",
-           "glue", "sampling", "moe", "paged_attention_sm90", "qgemv_zp", "qgemv_fp8b")
+           "glue", "sampling", "moe", "paged_attention_sm90", "qgemv_zp", "qgemv_fp8b",
+           "moe_fp8b")
 DEFAULT_ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120")
 
 

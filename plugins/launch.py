@@ -488,15 +488,19 @@ class Kernels:
                      pos_of, perm, meta])
         return ids, wts, pos_of, perm, meta
 
-    def moe_gemm(self, x, w, perm, meta, tokens, top_k, act):
+    def moe_gemm(self, x, w, perm, meta, tokens, top_k, act, scale=None):
         """The grouped GEMM over a step of `tokens` tokens' routed rows: w [E, N, K] (each
         expert's [out, in]). act: gate-up with SwiGLU, w [E, 2n, K], x the tokens [T, K]
-        (through perm) -> [T k, n]; else down, x [T k, K] by position -> [T k, N]."""
+        (through perm) -> [T k, n]; else down, x [T k, K] by position -> [T k, N]. scale:
+        w is E4M3 (uint8 or float8_e4m3fn) with these block scales [E, K / B, N] in x's
+        dtype (kernels/moe_fp8b.cu)."""
         e, nw, k = w.shape
         n = nw // 2 if act else nw
+        group = k // scale.shape[1] if scale is not None else 0
         out = self.torch.empty(tokens * top_k, n, dtype=x.dtype, device=x.device)
-        self.launch(lr.moe_gemm_launch(tokens, e, top_k, n, k, self._dtype(x), act),
-                    [x, w, perm if act else DevPtr(0), meta, e, n, k, out])
+        self.launch(lr.moe_gemm_launch(tokens, e, top_k, n, k, self._dtype(x), act, group),
+                    [x, w, perm if act else DevPtr(0), meta, e, n, k, out] +
+                    ([scale, lr.fp8b_group_shift(group)] if group else []))
         return out
 
     def moe_combine(self, y, pos_of, wts, gate=None, shared=None):
@@ -509,13 +513,15 @@ class Kernels:
                      DevPtr(0) if shared is None else shared, t, h, k, out])
         return out
 
-    def moe(self, x, logits, gate_up, down, top_k, renormalise, gate=None, shared=None):
+    def moe(self, x, logits, gate_up, down, top_k, renormalise, gate=None, shared=None,
+            scales=(None, None)):
         """The moe op: x [T, H], logits [T, E], gate_up [E, 2I, H], down [E, H, I] ->
-        (out [T, H], dict of the intermediate buffers)."""
+        (out [T, H], dict of the intermediate buffers). scales: block-wise FP8 experts'
+        (gate-up's [E, H / B, 2I], down's [E, I / B, H]), None where 16-bit."""
         t = x.shape[0]
         ids, wts, pos_of, perm, meta = self.moe_route(logits, top_k, renormalise)
-        act = self.moe_gemm(x, gate_up, perm, meta, t, top_k, act=True)
-        y = self.moe_gemm(act, down, perm, meta, t, top_k, act=False)
+        act = self.moe_gemm(x, gate_up, perm, meta, t, top_k, act=True, scale=scales[0])
+        y = self.moe_gemm(act, down, perm, meta, t, top_k, act=False, scale=scales[1])
         out = self.moe_combine(y, pos_of, wts, gate, shared)
         return out, dict(ids=ids, wts=wts, pos_of=pos_of, perm=perm, meta=meta, act=act, y=y)
 

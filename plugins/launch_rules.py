@@ -555,9 +555,13 @@ def moe_block_m(tokens: int) -> int:
     return 8 if tokens <= 8 else 64 if tokens < MOE_M128_FROM else 128
 
 
-def moe_gemm_smem(bm: int, stages: int = MOE_TC_SHAPE[2]) -> int:
+def moe_gemm_smem(bm: int, stages: int = MOE_TC_SHAPE[2], fp8b: bool = False) -> int:
     """Dynamic shared memory of the tiled GEMM: `stages` k steps of BM x rows and
-    MOE_TC_BN weight rows, MOE_TC_BK halfs each (48 KiB at BM 64, 64 KiB at 128)."""
+    MOE_TC_BN weight rows, MOE_TC_BK halfs each (48 KiB at BM 64, 64 KiB at 128); fp8b:
+    the x rows' stages, `stages` of the weights' bytes and two staged 16-bit weight tiles
+    (as much at 4 stages)."""
+    if fp8b:
+        return (stages * bm * 2 + stages * MOE_TC_BN + 2 * MOE_TC_BN * 2) * MOE_TC_BK
     return stages * (bm + MOE_TC_BN) * MOE_TC_BK * 2
 
 
@@ -590,29 +594,37 @@ def moe_route_launch(tokens: int, experts: int, top_k: int, dtype: str) -> Launc
 
 
 def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype: str,
-                    act: bool) -> Launch:
+                    act: bool, fp8b_group: int = 0) -> Launch:
     """The grouped GEMM over the routed rows, weights [E, N, K] (each expert's [out, in]).
     act: gate-up with SwiGLU fused, weights [E, 2n, K], x the tokens [T, K] read through
     perm, out [T k, n]; else down, x the activations [T k, K] by position, perm null.
-    args (x, w, perm-or-null, meta, E, n, K, out)."""
+    args (x, w, perm-or-null, meta, E, n, K, out). fp8b_group: the weights are E4M3 bytes
+    with a scale a block of that many k (kernels/moe_fp8b.cu), args then + (scale
+    [E, K / group, N], fp8b_group_shift(group))."""
     if k % 8 or not 0 < k <= INT32_MAX or not 0 < n <= INT32_MAX:
         raise ValueError(f"the MoE GEMMs need K a multiple of 8 (16-byte rows): N={n}, K={k}")
+    if fp8b_group and k % fp8b_group:
+        raise ValueError(f"block-wise FP8 experts of K={k} in blocks of {fp8b_group}")
+    if fp8b_group:
+        fp8b_group_shift(fp8b_group)   # a power of two from FP8B_MIN_GROUP, or ValueError
     bm = moe_block_m(tokens)
     tiles = moe_max_tiles(tokens, experts, top_k)
-    name = f"moe_gemm_{dtype_tag(dtype)}_m{bm}" + ("_swiglu" if act else "")
+    name = f"moe_gemm_{'fp8b_' if fp8b_group else ''}{dtype_tag(dtype)}_m{bm}" + \
+        ("_swiglu" if act else "")
+    module = "moe_fp8b" if fp8b_group else "moe"
     if bm in MOE_GEMM_SHAPES:   # decode: grid (N blocks, tiles)
         if tiles > MAX_GRID_Y:
             raise ValueError(f"{tokens} tokens make up to {tiles} MoE tiles, over the grid's "
                              f"{MAX_GRID_Y}; lower --max-num-tokens")
         wn, sk = MOE_GEMM_SHAPES[bm]
         outs = wn * (8 if act else 16)
-        return Launch("moe", name, (math.ceil(n / outs), tiles, 1), (32 * wn * sk, 1, 1))
+        return Launch(module, name, (math.ceil(n / outs), tiles, 1), (32 * wn * sk, 1, 1))
     # tiled: grid (tiles, N blocks), so consecutive CTAs share an N block's weights in L2
     blocks = math.ceil(n / (MOE_TC_BN // 2 if act else MOE_TC_BN))
     if blocks > MAX_GRID_Y or tiles > INT32_MAX:
         raise ValueError(f"MoE GEMM of N={n} over {tiles} tiles: over the grid's bounds")
-    return Launch("moe", name, (tiles, blocks, 1), (MOE_TC_THREADS, 1, 1),
-                  smem=moe_gemm_smem(bm))
+    return Launch(module, name, (tiles, blocks, 1), (MOE_TC_THREADS, 1, 1),
+                  smem=moe_gemm_smem(bm, fp8b=bool(fp8b_group)))
 
 
 def moe_combine_launch(tokens: int, hidden: int, top_k: int, dtype: str,

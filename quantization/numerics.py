@@ -135,18 +135,20 @@ def quantize_fp8_weight(w: np.ndarray, scale_dtype: str, scale: np.ndarray | Non
 def quantize_fp8_blocks(w: np.ndarray, block: int, scale_dtype: str
                         ) -> tuple[np.ndarray, np.ndarray]:
     """E4M3 weight-only, a scale per block of ``block`` k and output column, |max| / 448:
-    (q [K, N], scale [K / block, N] in ``scale_dtype``)."""
-    k, n = w.shape
-    g = w.astype(np.float32).reshape(k // block, block, n)
-    scale = _scale(np.abs(g).max(axis=1), FP8_MAX, scale_dtype)
-    q = np.clip(g / scale[:, None, :], -FP8_MAX, FP8_MAX).astype(np_dtype("float8e4m3fn"))
-    return q.reshape(k, n), scale.astype(np_dtype(scale_dtype))
+    (q [..., K, N], scale [..., K / block, N] in ``scale_dtype``; a stack of experts
+    [E, K, N] each on its own)."""
+    *stack, k, n = w.shape
+    g = w.astype(np.float32).reshape(*stack, k // block, block, n)
+    scale = _scale(np.abs(g).max(axis=-2), FP8_MAX, scale_dtype)
+    q = np.clip(g / scale[..., None, :], -FP8_MAX, FP8_MAX).astype(np_dtype("float8e4m3fn"))
+    return q.reshape(w.shape), scale.astype(np_dtype(scale_dtype))
 
 
 def dequantize_fp8_blocks(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """DequantizeLinear(q [K, N], scale [K / B, N], axis=0, block_size=B), in float32."""
-    block = q.shape[0] // scale.shape[0]
-    return q.astype(np.float32) * np.repeat(scale.astype(np.float32), block, axis=0)
+    """DequantizeLinear(q [..., K, N], scale [..., K / B, N], axis=-2, block_size=B), in
+    float32."""
+    block = q.shape[-2] // scale.shape[-2]
+    return q.astype(np.float32) * np.repeat(scale.astype(np.float32), block, axis=-2)
 
 
 def dequantize_fp8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -10,12 +10,16 @@ Q/DQ nodes that onnxruntime runs and TensorRT(-RTX) turns into a packed-weight G
     fp8 (W8A8)        MatMul(DequantizeLinear(QuantizeLinear(x, s_x)),
                              DequantizeLinear(W_e4m3, scale[N], axis=1))
     fp8-block (W8A16) MatMul(x, DequantizeLinear(W_e4m3, scale, axis=0, block_size=B))
-                      (a scale per block of B k and output column, as INT4's)
+                      (a scale per block of B k and output column, as INT4's); a mixture of
+                      experts' stacked [E, K, N] weights too (axis=1, a scale [E, K / B, N])
 
 A rewrite is a Pass (passes/pattern.py): the pattern is a MatMul whose second input is a 2-D
-weight and which is not the LM head (by default it stays 16-bit: its error lands on every
-logit, and it is the one GEMM the embedding table may share; with_lm_head: quantized
-too, a tied table first given a transposed copy of its own by untie_lm_head); the check is
+weight (fp8-block: or a stack of experts), which does not route tokens to experts (the router
+and Qwen2-MoE's shared-expert gate stay 16-bit, as vLLM and the FP8 releases keep them: a
+rounded logit can send a token to another expert) and which is not the LM head (by default
+it stays 16-bit: its error lands on every logit, and it is the one GEMM the embedding table
+may share; with_lm_head: quantized too, a tied table first given a transposed copy of its
+own by untie_lm_head); the check is
 that the format fits (an INT4 block divides K; FP8 has a calibrated scale for x); the
 replacement swaps in the Q/DQ form.
 The quantized weights stay lazy: one loader quantizes a weight once, at save time, and hands
@@ -74,20 +78,41 @@ def _reads_dequantized(g: Graph, node: NodeProto | None) -> bool:
     return dq is not None and dq.op_type == "DequantizeLinear"
 
 
-def match_site(g: Graph, node: NodeProto, with_lm_head: bool = False) -> Site | None:
+def match_site(g: Graph, node: NodeProto, with_lm_head: bool = False,
+               experts: bool = False) -> Site | None:
+    """The site of a weight GEMM: a 2-D weight, or with ``experts`` also a stack of experts'
+    [E, K, N]."""
     w = g.weights.get(node.input[1]) if len(node.input) == 2 else None
+    if w is None or len(w.shape) not in ((2, 3) if experts else (2,)) or _routes(g, node):
+        return None
     is_head = node is lm_head(g)
-    if w is None or len(w.shape) != 2 or (is_head and not with_lm_head):
+    if is_head and not with_lm_head:
         return None
     return Site(node, node.input[0], node.input[1], is_head)
 
 
-def sites(model: onnx.ModelProto, weights: list[Weight], with_lm_head: bool = False
-          ) -> list[Site]:
-    """Every GEMM a quantizer may rewrite, in graph order (what calibration observes)."""
+def _routes(g: Graph, node: NodeProto) -> bool:
+    """Whether the GEMM decides a mixture of experts' routing: the router (its logits'
+    softmax feeds a TopK, model_zoo/layers.py routed_experts) or Qwen2-MoE's shared-expert
+    gate (one column, through a Sigmoid)."""
+    for user in g.consumers(node.output[0]):
+        if user.op_type == "Sigmoid" and g.weights[node.input[1]].shape[-1] == 1:
+            return True
+        if user.op_type == "Cast" and any(
+                s.op_type == "Softmax" and any(t.op_type == "TopK"
+                                               for t in g.consumers(s.output[0]))
+                for s in g.consumers(user.output[0])):
+            return True
+    return False
+
+
+def sites(model: onnx.ModelProto, weights: list[Weight], with_lm_head: bool = False,
+          experts: bool = False) -> list[Site]:
+    """Every GEMM a quantizer may rewrite, in graph order (what calibration observes);
+    ``experts``: the stacked experts' GEMMs too (fp8-block)."""
     g = Graph(model, weights)
     return [s for n in g.nodes.values() if n.op_type == "MatMul"
-            if (s := match_site(g, n, with_lm_head)) is not None]
+            if (s := match_site(g, n, with_lm_head, experts)) is not None]
 
 
 def lm_head_quantized(model: onnx.ModelProto, weights: list[Weight]) -> bool:
@@ -308,10 +333,11 @@ def fp8_pass(act_amax: dict[str, float],
 
 @dataclass(frozen=True)
 class GivenFp8Blocks:
-    """A weight already in block-wise FP8 (a checkpoint's), in the graph's [in, out]."""
+    """A weight already in block-wise FP8 (a checkpoint's), in the graph's [in, out] (a stack
+    of experts: [E, in, out])."""
 
-    values: Callable[[], np.ndarray]    # float8e4m3fn [K, N]
-    scale: np.ndarray                   # float32 [K / block, N]
+    values: Callable[[], np.ndarray]    # float8e4m3fn [[E,] K, N]
+    scale: np.ndarray                   # float32 [[E,] K / block, N]
 
 
 def fp8_block_pass(given: dict[str, GivenFp8Blocks] | None = None, with_lm_head: bool = False,
@@ -319,22 +345,23 @@ def fp8_block_pass(given: dict[str, GivenFp8Blocks] | None = None, with_lm_head:
     """E4M3 weights with a scale per block of K and output column, x left 16-bit: a weight in
     ``given`` keeps its values and scales; the others are rounded to nearest in the largest
     block of numerics.FP8_BLOCKS that divides their K (none: left 16-bit), a scale each
-    block's |max| / 448. Weights in ``skip`` stay as they are (--quant-exclude)."""
+    block's |max| / 448; a mixture's stacked experts [E, K, N] likewise, each expert on its
+    own. Weights in ``skip`` stay as they are (--quant-exclude)."""
     given = given or {}
 
     def match(g: Graph, node: NodeProto) -> Site | None:
-        site = match_site(g, node, with_lm_head)
+        site = match_site(g, node, with_lm_head, experts=True)
         if site is None or site.weight in skip or (
                 site.weight not in given and
-                numerics.fp8_block(g.weights[site.weight].shape[0]) is None):
+                numerics.fp8_block(g.weights[site.weight].shape[-2]) is None):
             return None
         return site
 
     def replace(g: Graph, site: Site) -> None:
         w = g.weights[site.weight]
         have = given.get(site.weight)
-        (k, n) = w.shape
-        block = k // have.scale.shape[0] if have else numerics.fp8_block(k)
+        *stack, k, n = w.shape
+        block = k // have.scale.shape[-2] if have else numerics.fp8_block(k)
 
         def compute():
             if have is not None:
@@ -342,11 +369,11 @@ def fp8_block_pass(given: dict[str, GivenFp8Blocks] | None = None, with_lm_head:
             return numerics.quantize_fp8_blocks(w.read(), block, w.dtype)
 
         parts = _Parts(compute, 2)
-        q = g.add_weight(Weight(f"{w.name}.fp8", FP8, (k, n), parts.loader(0)), w.name)
-        scale = g.add_weight(Weight(f"{w.name}.fp8_block_scale", w.dtype, (k // block, n),
-                                    parts.loader(1)), w.name)
-        dq = g.add("DequantizeLinear", [q, scale], 1, name="DequantizeFp8Block", axis=0,
-                   block_size=block).output[0]
+        q = g.add_weight(Weight(f"{w.name}.fp8", FP8, w.shape, parts.loader(0)), w.name)
+        scale = g.add_weight(Weight(f"{w.name}.fp8_block_scale", w.dtype,
+                                    (*stack, k // block, n), parts.loader(1)), w.name)
+        dq = g.add("DequantizeLinear", [q, scale], 1, name="DequantizeFp8Block",
+                   axis=len(stack), block_size=block).output[0]
         _swap(g, site, site.x, dq)
 
     return Pass("fp8-block", "MatMul", match, replace)

@@ -26,7 +26,7 @@ from llmc.errors import LlmcError
 from llmc.graph import Weight, file_size, save_onnx, weights_file_size
 from llmc.header import QuantInfo
 from llmc.quantization.kv import KV_DTYPES
-from llmc.quantization.numerics import FP8_MAX, INT4_BLOCKS
+from llmc.quantization.numerics import FP8_MAX, INT4_BLOCKS, fp8_block
 from llmc.quantization.prequantized import Prequantized
 
 # auto: a pre-quantized checkpoint's own format, else none; int4-gptq: a GPTQ checkpoint's own
@@ -168,9 +168,11 @@ class Quantized:
 
 def packed_size(weights: list[Weight], sites, mode: str) -> int:
     """About the quantized graph's weights file before quantizing: each site's weight packed
-    with what the pass adds beside it (FP8: a 32-bit scale a channel and x's scale; INT4: in
-    blocks of 32 at the smallest, a 16-bit scale and a 16-bit offset or 8-bit zero point,
-    and AWQ's 1/s), every other weight as it is, each tensor aligned as save_onnx aligns it.
+    with what the pass adds beside it (FP8: a 32-bit scale a channel and x's scale; FP8 in
+    blocks: of 32 at the smallest, a scale a block up to 32-bit (a checkpoint's, or an fp32
+    build's), none where no block divides K; INT4: in blocks of 32 at the smallest, a 16-bit
+    scale and a 16-bit offset or 8-bit zero point, and AWQ's 1/s), every other weight as it
+    is, each tensor aligned as save_onnx aligns it.
     A site the pass then leaves 16-bit makes it low; the exact figure is checked again once
     the graph is rewritten (quantize's ``reserve``)."""
     packed = {s.weight for s in sites}
@@ -181,8 +183,9 @@ def packed_size(weights: list[Weight], sites, mode: str) -> int:
             return [storage_bytes(w.dtype, w.shape)]
         if mode == "fp8":
             return [n, 4 * max(w.shape), 4]
-        if mode == "fp8-block":
-            return [n, n // 64 * 2]
+        if mode == "fp8-block":   # a K no block divides stays 16-bit (fp8_block_pass)
+            return [n, n // 32 * 4] if fp8_block(w.shape[-2]) else \
+                [storage_bytes(w.dtype, w.shape)]
         return [n // 2, n // 32 * 2, n // 32 * 2, 2 * w.shape[0]]
 
     return file_size(b for w in weights for b in sizes(w))
@@ -205,10 +208,18 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     from llmc.quantization import kv, measure, qdq
 
     experts = [w.name for w in weights if len(w.shape) == 3]
-    if experts:   # the 2-D GEMMs alone would leave the bulk of the weights 16-bit
+    kv_fp8 = opts.kv_cache_dtype != "auto"
+    if experts and opts.mode not in ("fp8-block", "none"):
+        # the 2-D GEMMs alone would leave the bulk of the weights 16-bit
         raise LlmcError(f"--quant {opts.mode} does not quantize a mixture of experts yet (the "
-                        f"experts' stacked weights, e.g. {experts[0]!r}); build with "
-                        "--quant none")
+                        f"experts' stacked weights, e.g. {experts[0]!r}); build with --quant "
+                        "fp8-block (FP8 weights in blocks, the experts' too) or --quant none"
+                        + (", and --kv-cache-dtype auto (the FP8 KV cache is not built for a "
+                           "mixture yet)" if kv_fp8 else ""))
+    if experts and kv_fp8:
+        raise LlmcError(f"--kv-cache-dtype {opts.kv_cache_dtype} is not built for a mixture of "
+                        "experts yet; build with --kv-cache-dtype auto (--quant fp8-block "
+                        "quantizes the experts' weights to FP8)")
     needs_ort = opts.keeps_reference(prequantized)
     if needs_ort and io.kv_dtype == "bfloat16":
         raise LlmcError(f"--quant {opts.mode} with --dtype bf16: calibration and the accuracy "
@@ -217,8 +228,8 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     if opts.lm_head:   # before the reference is saved: calibration observes the head's x
         model, weights, _ = qdq.quantize_graph(model, weights, qdq.untie_lm_head())
     head = opts.lm_head
-    sites = qdq.sites(model, weights, head)
-    skip = _excluded(sites, opts.exclude)
+    sites = qdq.sites(model, weights, head, experts=opts.mode == "fp8-block")
+    skip = _excluded(sites, opts.exclude, {w.name: w.stacked for w in weights if w.stacked})
     sites = [s for s in sites if s.weight not in skip]
     calib_text, calib_name = measure.read_text(opts.calib_data, "calib")
     eval_seqs, eval_name = [], ""
@@ -252,7 +263,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     elif opts.mode == "fp8-block":   # weight-only: nothing to calibrate
         given = {}
         if prequantized is not None and prequantized.mode == "fp8-block":
-            given = _checkpoint_fp8_blocks(sites, prequantized, {w.name: w.shape for w in weights})
+            given = _checkpoint_fp8_blocks(sites, prequantized, {w.name: w for w in weights})
             details["scales"] = f"from the {prequantized.describe()}"
         p = qdq.fp8_block_pass(given, with_lm_head=head, skip=skip)
     elif opts.mode == "fp8" and prequantized is not None and prequantized.mode == "fp8":
@@ -335,18 +346,28 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     return Quantized(qmodel, qweights, finish, qio)
 
 
-def _excluded(sites, patterns: tuple[str, ...]) -> set[str]:
+def _excluded(sites, patterns: tuple[str, ...],
+              stacked: dict[str, tuple[tuple[str, ...], ...]] | None = None) -> set[str]:
     """The GEMM weights that --quant-exclude's globs leave 16-bit: a fused GEMM (q/k/v,
-    gate/up) is one weight, left out when any of its parts' names matches. A glob that
-    matches no GEMM is an error (a typo would otherwise quantize everything, silently)."""
+    gate/up) is one weight, left out when any of its parts' names matches; a stack of
+    experts (``stacked``: its experts' checkpoint names) likewise, when its own name
+    (model.layers.0.mlp.experts.down.weight) or any expert's tensor's
+    (model.layers.0.mlp.experts.3.down_proj.weight) matches, so that '*.down_proj.*' takes
+    the experts' downs too. A glob that matches no GEMM is an error (a typo would otherwise
+    quantize everything, silently)."""
     from fnmatch import fnmatchcase
 
     from llmc.passes.gemm import fused_parts
 
+    stacked = stacked or {}
+
+    def parts(weight: str) -> list[str]:
+        return fused_parts(weight) + [n for e in stacked.get(weight, ()) for n in e]
+
     skip = set()
     for pattern in patterns:
         hit = {s.weight for s in sites
-               if any(fnmatchcase(part, pattern) for part in fused_parts(s.weight))}
+               if any(fnmatchcase(part, pattern) for part in parts(s.weight))}
         if not hit:
             names = f", such as {fused_parts(sites[0].weight)[0]!r}" if sites else ""
             raise LlmcError(f"--quant-exclude {pattern!r} matches none of the GEMMs this build "
@@ -394,28 +415,44 @@ def _checkpoint_kv_scales(sites, prequantized: Prequantized | None
     return [(have[s.layer][0] * FP8_MAX, have[s.layer][1] * FP8_MAX) for s in sites]
 
 
-def _checkpoint_fp8_blocks(sites, pre: Prequantized, shapes: dict[str, tuple]) -> dict:
+def _checkpoint_fp8_blocks(sites, pre: Prequantized, weights: dict[str, Weight]) -> dict:
     """A block-wise FP8 checkpoint's weights under the fused graph's names, in its [in, out]
-    layout: a fused GEMM's parts side by side, when they share one block and make the
-    graph's [in, out] ``shapes``. Any other GEMM is left to round-to-nearest."""
+    layout: a fused GEMM's parts side by side (a stack of experts: each expert's so, stacked),
+    when they share one block and make the graph's [in, out] shape. Any other GEMM is left
+    to round-to-nearest."""
     import numpy as np
 
     from llmc.passes.gemm import fused_parts
     from llmc.quantization.qdq import GivenFp8Blocks
 
+    def joined(names, shape) -> list | None:
+        """The parts of one [in, out] matrix, if the checkpoint gives them alike."""
+        parts = [pre.fp8_blocks.get(p) for p in names]
+        if any(p is None for p in parts) or len({p.block for p in parts}) != 1 or \
+                tuple(shape) != (parts[0].in_features, sum(p.scale.shape[0] for p in parts)):
+            return None
+        return parts
+
+    def matrix(parts) -> np.ndarray:
+        return transposed(np.concatenate([p.values() for p in parts], axis=0))
+
+    def scale(parts) -> np.ndarray:
+        return np.ascontiguousarray(np.concatenate([p.scale for p in parts]).T)
+
     given = {}
     for site in sites:
-        parts = [pre.fp8_blocks.get(p) for p in fused_parts(site.weight)]
-        if any(p is None for p in parts) or len({p.block for p in parts}) != 1 or \
-                tuple(shapes[site.weight]) != (parts[0].in_features,
-                                               sum(p.scale.shape[0] for p in parts)):
-            continue
+        w = weights[site.weight]
+        if w.stacked:   # [E, in, out]: every expert given, in one block size
+            experts = [joined(names, w.shape[1:]) for names in w.stacked]
+            if any(e is None for e in experts) or len({e[0].block for e in experts}) != 1:
+                continue
 
-        def values(parts=parts) -> np.ndarray:
-            return transposed(np.concatenate([p.values() for p in parts], axis=0))
+            def values(experts=experts) -> np.ndarray:
+                return np.stack([matrix(parts) for parts in experts])
 
-        given[site.weight] = GivenFp8Blocks(
-            values, np.ascontiguousarray(np.concatenate([p.scale for p in parts]).T))
+            given[site.weight] = GivenFp8Blocks(values, np.stack([scale(e) for e in experts]))
+        elif (parts := joined(fused_parts(site.weight), w.shape)) is not None:
+            given[site.weight] = GivenFp8Blocks(lambda parts=parts: matrix(parts), scale(parts))
     return given
 
 

@@ -228,7 +228,13 @@ def fp8_block_checkpoint(src, out, block=(128, 128), fmt="fp8"):
     Qwen3's FP8 releases store it (quant_method fp8, weight_block_size; the scales as
     X.weight_scale_inv [ceil(out / bn), ceil(in / bk)], W = weight * scale_inv);
     "compressed-tensors": llm-compressor's FP8_BLOCK (strategy block, block_structure; the
-    same scales as X.weight_scale), its config from compressed-tensors' QuantizationConfig."""
+    same scales as X.weight_scale), its config from compressed-tensors' QuantizationConfig.
+    A mixture of experts as Qwen3-30B-A3B-FP8 stores it: every expert's projections so
+    (Qwen2/3-MoE's experts.J.{gate,up,down}_proj, Mixtral's experts.J.w1/w2/w3), the routers
+    (mlp.gate, block_sparse_moe.gate) and Qwen2-MoE's shared_expert_gate left as they are and
+    named in modules_to_not_convert (compressed-tensors: ignore)."""
+    import re
+
     import torch
     from safetensors.torch import load_file as load_torch
     from safetensors.torch import save_file as save_torch
@@ -236,7 +242,11 @@ def fp8_block_checkpoint(src, out, block=(128, 128), fmt="fp8"):
     out.mkdir(parents=True)
     tensors = load_torch(src / "model.safetensors")
     bn, bk = block
-    for name in [n for n in tensors if ".layers." in n and n.endswith("_proj.weight")]:
+    routers = [n.removesuffix(".weight") for n in tensors
+               if re.search(r"\.layers\.\d+\.(mlp\.gate|block_sparse_moe\.gate|"
+                            r"mlp\.shared_expert_gate)\.weight$", n)]
+    for name in [n for n in tensors if ".layers." in n and (
+            n.endswith("_proj.weight") or re.search(r"\.experts\.\d+\.w[123]\.weight$", n))]:
         w = tensors[name].float()
         rows, cols = w.shape
         pad = torch.zeros(-(-rows // bn) * bn, -(-cols // bk) * bk)
@@ -250,7 +260,8 @@ def fp8_block_checkpoint(src, out, block=(128, 128), fmt="fp8"):
     save_torch(tensors, out / "model.safetensors")
     if fmt == "fp8":
         return with_config(src, out, {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                      "fmt": "e4m3", "weight_block_size": list(block)})
+                                      "fmt": "e4m3", "weight_block_size": list(block)} | (
+            {"modules_to_not_convert": ["lm_head", *routers]} if routers else {}))
     from compressed_tensors.quantization import (
         QuantizationArgs,
         QuantizationConfig,
@@ -264,5 +275,5 @@ def fp8_block_checkpoint(src, out, block=(128, 128), fmt="fp8"):
     qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
         targets=["Linear"], weights=weights, input_activations=inputs)},
         format="float-quantized", quantization_status="compressed",
-        ignore=["lm_head"]).model_dump(mode="json")
+        ignore=["lm_head", *routers]).model_dump(mode="json")
     return with_config(src, out, {**qc, "quant_method": "compressed-tensors"})

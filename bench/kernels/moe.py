@@ -26,6 +26,13 @@ moe_block_m's switch) in its shipped shape and in other warp layouts and pipelin
 (TC_SWEEP, compiled from the same source: the figures behind MOE_TC_SHAPE) and, for
 comparison, the 64-row register kernel the tiled one replaced
 (moe_gemm's template, 4 warps over N x 2 over K).
+
+--fp8-block times the layer over E4M3 experts (kernels/moe_fp8b.cu, a scale a block of 128
+k and row, rounded to nearest from the same bf16 weights) beside the bf16 layer, the same
+tokens and routing in the same run: each one's time, the FP8 layer's HBM on its own bytes
+(the chosen experts' E4M3 weights and scales), and its largest difference from the bf16
+layer run on the dequantized weights. --model qwen3-30b-a3b takes that model's shapes
+(hidden 2048, 128 experts of width 768, top-8) instead of Mixtral's.
 """
 from __future__ import annotations
 
@@ -39,7 +46,9 @@ from llmc.plugins import compiler
 from llmc.plugins import launch_rules as lr
 from llmc.plugins.launch import DevPtr, Kernels
 
-HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
+MODELS = {"mixtral-8x7b": (4096, 14336, 8, 2), "qwen3-30b-a3b": (2048, 768, 128, 8)}
+HIDDEN, INTER, EXPERTS, TOP_K = MODELS["mixtral-8x7b"]
+FP8B_BLOCK = 128
 TOKENS = (1, 8, 64, 256, 512, 1024, 4096)
 # BM -> (warps over N, warps over K, chunks ahead) variants of the register kernel for
 # --sweep; the shipped one is launch_rules.MOE_GEMM_SHAPES with U = 2. The 64-row one is the
@@ -119,6 +128,52 @@ def sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream):
     return rows
 
 
+def fp8_blocks(w):
+    """w [E, N, K] bf16 -> (E4M3 bytes [E, N, K], scales [E, K / B, N] bf16, the weight
+    dequantized as the graph's DequantizeLinear gives it), |max| / 448 a block."""
+    e, n, k = w.shape
+    g = w.float().reshape(e, n, k // FP8B_BLOCK, FP8B_BLOCK)
+    scale = (g.abs().amax(-1) / 448).clamp_min(2.0 ** -14).to(w.dtype)
+    s = scale.float()[..., None]
+    q = (g / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+    dq = (q.float() * s).reshape(e, n, k).to(w.dtype)
+    return q.reshape(e, n, k).view(torch.uint8), scale.transpose(1, 2).contiguous(), dq
+
+
+def fp8_block_rows(K: Kernels, gate_up, down) -> list[str]:
+    """--fp8-block: the layer over E4M3 experts against the bf16 one, per T."""
+    (gq, gs, gdq), (dq8, ds, ddq) = fp8_blocks(gate_up), fp8_blocks(down)
+    del gate_up, down
+    lines = ["", f"E4M3 experts, a scale a block of {FP8B_BLOCK} k and row (kernels/moe_fp8b.cu)"
+             ", against the bf16 layer on the same tokens and routing in the same run; FP8 "
+             "bytes: the chosen experts' E4M3 weights and their scales", "",
+             "| T | experts read | bf16 us | fp8-block us | bf16 / fp8 | FP8 MB | HBM (FP8) "
+             "| max rel diff vs bf16 on the dequantized weights |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in TOKENS:
+        x = torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        logits = torch.randn(t, EXPERTS, device="cuda", dtype=torch.bfloat16)
+
+        def bf16(x=x, logits=logits):
+            return K.moe(x, logits, gdq, ddq, TOP_K, True)[0]
+
+        def fp8(x=x, logits=logits):
+            return K.moe(x, logits, gq, dq8, TOP_K, True, scales=(gs, ds))[0]
+
+        out8, parts = K.moe(x, logits, gq, dq8, TOP_K, True, scales=(gs, ds))
+        ref = bf16()
+        torch.cuda.synchronize()
+        diff = ((out8.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        chosen = len(parts["ids"].unique())
+        w_bytes = chosen * 3 * HIDDEN * INTER * (1 + 2 / FP8B_BLOCK)
+        bf_s, fp_s = graph_time([bf16] * CALLS), graph_time([fp8] * CALLS)
+        lines.append(f"| {t} | {chosen} | {bf_s * 1e6:.1f} | {fp_s * 1e6:.1f} | "
+                     f"{bf_s / fp_s:.2f}x | {w_bytes / 1e6:.0f} | "
+                     f"{w_bytes / fp_s / DATASHEET_BW:.0%} | {diff:.1e} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def torch_layer(x, gate_up, down, ids, wts):
     """The routed layer with host-side grouping: one thunk, its index lists precomputed."""
     rows = [(e, (ids == e).any(-1).nonzero().flatten()) for e in range(EXPERTS)]
@@ -139,7 +194,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="also write the markdown table to this file")
     ap.add_argument("--sweep", action="store_true", help="time other GEMM shapes too")
+    ap.add_argument("--fp8-block", action="store_true",
+                    help="also time the layer over E4M3 experts in blocks of 128")
+    ap.add_argument("--model", choices=MODELS, default="mixtral-8x7b",
+                    help="the shapes (default: Mixtral-8x7B's)")
     args = ap.parse_args()
+    global HIDDEN, INTER, EXPERTS, TOP_K
+    HIDDEN, INTER, EXPERTS, TOP_K = MODELS[args.model]
     t0 = time.perf_counter()
     torch.manual_seed(0)
     K = Kernels()
@@ -198,7 +259,7 @@ def main() -> None:
               flush=True)
 
     lines = [
-        "## The cuda backend's MoE layer (plugins/kernels/moe.cu): Mixtral-8x7B shapes, bf16",
+        f"## The cuda backend's MoE layer (plugins/kernels/moe.cu): {args.model} shapes, bf16",
         "",
         f"{torch.cuda.get_device_name()}; torch {torch.__version__} (CUDA {torch.version.cuda})"
         f", NVRTC {'.'.join(map(str, compiler.nvrtc_version()))}",
@@ -232,6 +293,8 @@ def main() -> None:
                          f"{gu_b / gu_s / DATASHEET_BW:.0%} | {down_s * 1e6:.1f} | "
                          f"{down_b / down_s / DATASHEET_BW:.0%} | "
                          f"{flops / (gu_s + down_s) / 1e12:.0f} |")
+    if args.fp8_block:
+        lines += fp8_block_rows(K, gate_up, down)
     lines += ["", f"({time.perf_counter() - t0:.0f} s)"]
     text = "\n".join(lines)
     print(text)

@@ -62,6 +62,9 @@ def _entry_names(dtypes=tuple(lr.DTYPES)):
         names.add(lr.moe_route_launch(5, 8, 2, dt))
         for t in (1, 300):     # the 8-row and 64-row grouped-GEMM tiles
             names.update(lr.moe_gemm_launch(t, 8, 2, 64, 128, dt, act) for act in (False, True))
+        for t in (1, 64, 300):     # block-wise FP8 experts: the 8-, 64- and 128-row tiles
+            names.update(lr.moe_gemm_launch(t, 8, 2, 64, 128, dt, act, 32)
+                         for act in (False, True))
         for act in (None, *lr.GEMV_ACTS):     # the INT4 small-M GEMM
             for kind in lr.INT4_OFFSETS:
                 names.add(lr.w4_gemm_launch(40, 64, 128, dt, act=act, group=128, offsets=kind))

@@ -1,6 +1,6 @@
-"""The mixture-of-experts kernels (plugins/kernels/moe.cu) against PyTorch on the GPU (marked
-`gpu`; skipped without CUDA). Outputs are poisoned (NaN, or -7 for integers) before each
-launch, so anything a kernel leaves unwritten fails the check.
+"""The mixture-of-experts kernels (plugins/kernels/moe.cu, moe_fp8b.cu) against PyTorch on
+the GPU (marked `gpu`; skipped without CUDA). Outputs are poisoned (NaN, or -7 for
+integers) before each launch, so anything a kernel leaves unwritten fails the check.
 
 What is held, and how closely:
 - routing: each token's experts equal a stable-sorted softmax's top k (ties to the lower
@@ -27,6 +27,10 @@ none (their weights NaN, so reading them into any output fails the test). The ti
 also over uneven loads (counts that are no multiple of a tile, a quarter of the experts
 empty, NaN weights) at hidden and intermediate sizes that leave partial k steps and N
 blocks (multiples of 8 only).
+Block-wise FP8 experts (moe_fp8b.cu): the same GEMM bounds against the same references run
+on the weights dequantized as the graph's DequantizeLinear does (q * s rounded once to the
+dtype), blocks of 128, 64 and 32, a K that is an odd number of 32s (a half chunk of the
+decode kernel), partial N blocks, NaN experts no token chose.
 """
 import pytest
 
@@ -275,3 +279,45 @@ def test_a_cuda_graph_of_the_layer_replays_other_routings(K, t):
         want, _ = K.moe(x2, logits2, gate_up, down, 2, True)
         torch.cuda.synchronize()
         assert torch.equal(out, want), load
+
+
+def fp8_blocks(w, block, dtype):
+    """w [E, N, K] -> (E4M3 bytes [E, N, K], scales [E, K / block, N] in dtype, the weight
+    as DequantizeLinear gives it back in dtype): |max| / 448 a block of k and row."""
+    e, n, k = w.shape
+    g = w.float().reshape(e, n, k // block, block)
+    scale = (g.abs().amax(-1) / 448).clamp_min(2.0 ** -14).to(dtype)        # [E, N, K / B]
+    s = scale.float()[..., None]
+    q = (g / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+    dq = (q.float() * s).reshape(e, n, k).to(dtype)
+    return q.reshape(e, n, k).view(torch.uint8), scale.transpose(1, 2).contiguous(), dq
+
+
+# (experts, top_k, renormalise, hidden, inter, block)
+FP8B_CONFIGS = [(8, 2, True, 256, 384, 128), (8, 2, True, 256, 384, 32),
+                (16, 2, True, 160, 96, 32), (128, 8, True, 128, 64, 64)]
+
+
+@pytest.mark.parametrize("load", ["even", "skewed"])
+@pytest.mark.parametrize("t", (1, 5, 8, 9, 64, 129, 300))
+@pytest.mark.parametrize("experts,k,renorm,hidden,inter,block", FP8B_CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_block_experts(K, dtype, experts, k, renorm, hidden, inter, block, t, load):
+    """The grouped GEMMs over E4M3 experts (decode at up to 8 tokens, tiled past that) equal
+    the 16-bit ones' references on the dequantized weights; a step of FP8 gate-up and
+    16-bit down, and the reverse, take each GEMM's own kernel."""
+    x, logits, gate_up, down = make(t, experts, hidden, inter, dtype, load, k=k)
+    (gq, gs, gdq), (dq8, ds, ddq) = (fp8_blocks(w, block, dtype) for w in (gate_up, down))
+    out, parts = K.moe(x, logits, gq, dq8, k, renorm, scales=(gs, ds))
+    ids, pos_of = parts["ids"], parts["pos_of"]
+    if load == "skewed":
+        assert not (ids >= experts // 2).any()
+    assert relerr(parts["act"], gate_up_ref(x, gdq, ids, pos_of, dtype)) < TOL
+    assert relerr(parts["y"], down_ref(parts["act"], ddq, ids, pos_of)) < TOL
+    assert relerr(out, combine_ref(parts["y"], pos_of, parts["wts"], dtype)) < COMBINE_TOL
+    if t in (5, 129):   # one GEMM FP8, the other 16-bit (--quant-exclude, a K no block divides)
+        _, mixed = K.moe(x, logits, gq, ddq, k, renorm, scales=(gs, None))
+        assert torch.equal(mixed["act"], parts["act"])
+        assert relerr(mixed["y"], down_ref(mixed["act"], ddq, ids, pos_of)) < TOL
+        _, mixed = K.moe(x, logits, gdq, dq8, k, renorm, scales=(None, ds))
+        assert relerr(mixed["act"], gate_up_ref(x, gdq, ids, pos_of, dtype)) < TOL

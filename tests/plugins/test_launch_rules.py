@@ -315,6 +315,26 @@ def test_moe_launches():
         lr.moe_gemm_launch(512, 8, 2, 128 * 65536, 64, "float16", act=False)
 
 
+def test_moe_launches_over_block_wise_fp8_experts():
+    """E4M3 experts (kernels/moe_fp8b.cu): the 16-bit GEMMs' grids and blocks under their own
+    names and module; the tiled kernel's shared memory (x's stages, the bytes' stages, two
+    16-bit weight tiles) is the 16-bit kernel's at 4 stages; blocks of a power of two from 32
+    that divide K."""
+    for t, bm in ((1, 8), (64, 64), (512, 128)):
+        for act in (False, True):
+            want = lr.moe_gemm_launch(t, 8, 2, 4096, 14336, "bfloat16", act)
+            got = lr.moe_gemm_launch(t, 8, 2, 4096, 14336, "bfloat16", act, fp8b_group=128)
+            assert got.module == "moe_fp8b" and want.module == "moe"
+            assert got.kernel == want.kernel.replace("moe_gemm_", "moe_gemm_fp8b_")
+            assert (got.grid, got.block, got.smem) == (want.grid, want.block, want.smem)
+    assert lr.moe_gemm_smem(64, fp8b=True) == 48 * 1024
+    assert lr.moe_gemm_smem(128, fp8b=True) == 64 * 1024
+    assert lr.moe_gemm_smem(128, 2, fp8b=True) == (2 * 128 * 2 + 2 * 128 + 2 * 128 * 2) * 32
+    for group, k in ((48, 4096), (16, 4096), (128, 4160)):
+        with pytest.raises(ValueError, match="block"):
+            lr.moe_gemm_launch(1, 8, 2, 4096, k, "float16", False, fp8b_group=group)
+
+
 def test_moe_tile_height_by_step_size():
     """Decode steps (<= 8 tokens) keep the 8-row kernel; then 64-row tiles up to 128 tokens
     and 128-row tiles from MOE_M128_FROM; the routing's tiles and the GEMM's BM agree."""
@@ -336,19 +356,23 @@ def test_moe_tile_height_by_step_size():
 
 def test_moe_tiled_shape_agrees_with_the_kernel_source():
     """The warps, pipeline depth and tile sizes the launch rule assumes (block, shared
-    memory, N blocks) are the ones moe.cu instantiates (test_compile.py checks that every
-    entry point moe_gemm_launch names is in the cubins)."""
+    memory, N blocks) are the ones moe.cu and moe_fp8b.cu instantiate (test_compile.py
+    checks that every entry point moe_gemm_launch names is in the cubins)."""
     import re
 
     from llmc.plugins import compiler
 
-    src = compiler.source("moe")
+    src = compiler.source("moe") + (compiler.KERNEL_DIR / "moe.cuh").read_text()
+    fp8b = compiler.source("moe_fp8b")
     wm, wn, st = lr.MOE_TC_SHAPE
     for suffix, act in (("", "false"), ("##_swiglu", "true")):
         assert re.search(rf"MOE_GEMM_TC_ENTRY\(moe_gemm_##DT##_m##BM{suffix}, TY, BM, {wm}, "
                          rf"{wn}, {st}, {act}\)", src)
+        assert re.search(rf"moe_gemm_fp8b_##DT##_m##BM{suffix}, TY, {lr.MOE_TC_THREADS},[\s\\]*"
+                         rf"\(moe_gemm_tc<TY, BM, {wm}, {wn}, {st}, {act}, true>\)", fp8b)
     for bm in lr.MOE_TC_BLOCK_M:
         assert re.search(rf"MOE_GEMM_TC\(DT, TY, {bm}\)", src)
+        assert re.search(rf"MOE_FP8B_GEMM_TC\(DT, TY, {bm}\)", fp8b)
     assert re.search(rf"#define MOE_TC_BN {lr.MOE_TC_BN}\b", src)
     assert re.search(rf"#define MOE_TC_BK {lr.MOE_TC_BK}\b", src)
     for wm, wn, _ in [lr.MOE_TC_SHAPE]:   # whole fragments a warp, copies spread evenly

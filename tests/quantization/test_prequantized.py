@@ -719,3 +719,74 @@ def test_block_fp8_checkpoints_that_do_not_fit_are_one_error(tiny_models_d64, tm
         build(BuildOptions(src, tmp_path / "a.engine", backend="reference", limits=LIMITS),
               log=lambda _: None)
     assert not (tmp_path / "a.engine").exists()
+
+
+# The tiny mixtures with 64-wide heads (hidden 256) and experts whose widths are whole blocks
+# of 128 (Qwen2-MoE's shared expert too): (the experts' module, the sparse layers, each stack's
+# checkpoint projections, config changes, GEMMs quantized, E4M3 tensors in the checkpoint).
+# GEMMs: q/k/v and o a layer, a sparse layer's two stacks (Qwen2-MoE: and its shared expert's
+# gate, up and down, the gate and up apart), a dense layer's gate-up and down; the routers and
+# the shared-expert gate stay 16-bit. Tensors: q, k, v, o a layer, 3 a routed expert (4 of
+# them), 3 the shared expert, 3 a dense MLP.
+MOE_CHECKPOINTS = {
+    "mixtral-top2": ("block_sparse_moe", [0, 1], {"gate_up": ("w1", "w3"), "down": ("w2",)},
+                     {}, 8, 2 * (4 + 12)),
+    "qwen3moe-qknorm": ("mlp", [0], {"gate_up": ("gate_proj", "up_proj"),
+                                     "down": ("down_proj",)},
+                        {"moe_intermediate_size": 128}, 8, (4 + 12) + (4 + 3)),
+    "qwen2moe-shared": ("mlp", [0], {"gate_up": ("gate_proj", "up_proj"),
+                                     "down": ("down_proj",)},
+                        {"moe_intermediate_size": 128, "shared_expert_intermediate_size": 128},
+                        11, (4 + 12 + 3) + (4 + 3)),
+}
+
+
+@pytest.mark.parametrize("kind", list(MOE_CHECKPOINTS))
+def test_block_fp8_mixture_of_experts_builds_its_own_experts(make_tiny, tmp_path, words, kind):
+    """A block-wise FP8 mixture of experts in HF's fine-grained format, as Qwen3-30B-A3B-FP8
+    stores it (every expert's projections E4M3 in [128, 128] blocks, each with its
+    weight_scale_inv; the routers and Qwen2-MoE's shared-expert gate unquantized, in
+    modules_to_not_convert): --quant auto builds fp8-block with the checkpoint's scales,
+    stacks each layer's experts' own E4M3 bytes and scales bit for bit (the graph's
+    [E, in, out] and [E, in / 128, out]), and computes what HF transformers computes on the
+    checkpoint's dequantized weights (fp32, ragged steps, 1e-5: the same weights)."""
+    import torch
+    import transformers
+    from hf_steps import check_ragged_steps
+
+    from llmc.backends.reference import ReferenceSession
+    from llmc.checkpoint import open_checkpoint
+
+    moe, sparse, stacks, config, gemms, tensors = MOE_CHECKPOINTS[kind]
+    src = tmp_path / "m"
+    make_tiny(kind, src, head_dim_64=True, **config)
+    q_src = fp8_block_checkpoint(src, tmp_path / "q")
+    qc = json.loads((q_src / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"][1:] == [f"model.layers.{i}.{moe}.gate" for i in sparse] \
+        + (["model.layers.0.mlp.shared_expert_gate"] if kind == "qwen2moe-shared" else [])
+    lines: list[str] = []
+    q = build_auto(q_src, tmp_path, words, lines.append)
+    said = f"the checkpoint is a transformers fp8-block checkpoint ({tensors} weights): " \
+        "building --quant fp8-block with its scales"
+    assert said in lines
+    assert q.mode == "fp8-block" and q.gemms == gemms and q.details["fp8_block_sizes"] == [128]
+    assert q.details["scales"] == f"from the transformers fp8-block checkpoint ({tensors} " \
+        "weights)" and "calibration" not in q.details and q.accuracy.top1_agreement > 0.9
+    engine = EngineFile(tmp_path / "a.engine")
+    ckpt = open_checkpoint(q_src)   # the file as it is: E4M3 values, float32 scales
+    for layer in sparse:
+        experts = [f"model.layers.{layer}.{moe}.experts.{j}" for j in range(4)]
+        for stack, parts in stacks.items():
+            name = f"model.layers.{layer}.{moe}.experts.{stack}.weight"
+            fp8 = [np.concatenate([ckpt.tensor(f"{e}.{p}.weight") for p in parts])
+                   for e in experts]                                      # each [out, in]
+            want = np.stack([np.ascontiguousarray(w.T) for w in fp8])    # [E, in, out]
+            assert engine_tensor(engine, name + ".fp8") == want.tobytes()
+            scales = np.stack([np.repeat(np.concatenate(
+                [ckpt.tensor(f"{e}.{p}.weight_scale_inv") for p in parts]), 128, 0)[
+                :w.shape[0]].T for e, w in zip(experts, fp8)])          # [E, in / 128, out]
+            stored = np.frombuffer(engine_tensor(engine, name + ".fp8_block_scale"), np.float32)
+            assert stored.size == scales.size
+            np.testing.assert_array_equal(stored.reshape(scales.shape), scales)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(q_src, dtype=torch.float32)
+    check_ragged_steps(ReferenceSession(engine), hf.eval(), 16, "fp32", 1e-5, "block fp8 MoE")

@@ -276,6 +276,99 @@ def test_fp8_block_numerics(tmp_path, dtype, k):
     check(run(qmodel, qweights, tmp_path, x), x.astype(np.float32) @ deq, dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("k", [256, 192, 96])   # blocks of 128, 64 and 32
+def test_fp8_block_numerics_of_stacked_experts(tmp_path, dtype, k):
+    """A stack of experts' weights [E, K, N] (MatMul(x [T, K], W) -> [E, T, N], as
+    layers.routed_experts runs every expert): each expert rounded in its own blocks, the DQ
+    on axis 1 with a scale [E, K / B, N], onnxruntime's product each expert's x @ W_e; the
+    other modes' sites leave a stack alone."""
+    e, n = 3, 24
+    w = (RNG.standard_normal((e, k, n)) / np.sqrt(k) * [[[1]], [[4]], [[0.25]]]).astype(
+        np.float32)
+    g = GraphBuilder("experts")
+    x = g.input("x", onnx_type(dtype), ["T", k])
+    y = g.MatMul(x, g.weight("experts.gate_up.weight", dtype, (e, k, n),
+                             lambda: w.astype(np_dtype(dtype))))
+    g.output(y, "y", onnx_type(dtype), [e, "T", n])
+    model, weights = g.model(), g.weights
+    assert qdq.sites(model, weights) == [] and len(qdq.sites(model, weights, experts=True)) == 1
+    qmodel, qweights, report = qdq.quantize_graph(model, weights, qdq.fp8_block_pass())
+    assert report["fired"] == {"fp8-block": 1}
+    (dq,) = [n for n in qmodel.graph.node if n.op_type == "DequantizeLinear"]
+    block = nq.fp8_block(k)
+    assert {a.name: a.i for a in dq.attribute} == {"axis": 1, "block_size": block}
+    w16 = w.astype(np_dtype(dtype)).astype(np.float32)
+    q, scale = nq.quantize_fp8_blocks(w16, block, dtype)
+    assert q.shape == (e, k, n) and scale.shape == (e, k // block, n)
+    for i in range(e):   # a stack is its experts, each quantized alone
+        qi, si = nq.quantize_fp8_blocks(w16[i], block, dtype)
+        np.testing.assert_array_equal(q[i].view(np.uint8), qi.view(np.uint8))
+        np.testing.assert_array_equal(scale[i], si)
+    deq = nq.dequantize_fp8_blocks(q, scale)
+    xv = activations(dtype, k)
+    check(run(qmodel, qweights, tmp_path, xv), np.einsum("tk,ekn->etn", xv.astype(np.float32),
+                                                          deq), dtype)
+
+
+MOE = {"mixtral-top2": "block_sparse_moe", "qwen2moe-shared": "mlp", "qwen3moe-qknorm": "mlp"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("kind", list(MOE))
+def test_the_routing_gemms_stay_16_bit(tiny_models, dtype, kind):
+    """In the fused graph of a tiny mixture (as the build quantizes it): the routers (logits
+    -> Cast -> Softmax -> TopK) and Qwen2-MoE's shared-expert gate (one column into a
+    Sigmoid) are no site in any mode, though their K takes a block; every other weight GEMM
+    but the LM head is, the expert stacks with ``experts`` only."""
+    from llmc.model_zoo import load_model
+    from llmc.passes import run_passes
+    from llmc.passes.ir import Graph
+
+    model, weights = load_model(tiny_models[kind][0]).build_graph(dtype, 16)
+    model, weights, _ = run_passes(model, weights)
+    gemms = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"
+             if len(n.input) == 2 and n.input[1] in {w.name for w in weights}}
+    moe = MOE[kind]
+    sparse = range(2) if kind == "mixtral-top2" else range(1)
+    routing = {f"model.layers.{i}.{moe}.gate.weight" for i in sparse} | (
+        {"model.layers.0.mlp.shared_expert_gate.weight"} if kind == "qwen2moe-shared" else set())
+    stacks = {f"model.layers.{i}.{moe}.experts.{w}.weight" for i in sparse
+              for w in ("gate_up", "down")}
+    head = {qdq.lm_head(Graph(model, weights)).input[1]}   # (a tied one reads a copy)
+    assert routing | stacks <= gemms   # the test sees them
+    for experts in (False, True):
+        sites = {s.weight for s in qdq.sites(model, weights, experts=experts)}
+        assert sites == gemms - routing - head - (set() if experts else stacks)
+    # and no pass rewrites them: fp8-block, INT4 (blocks of 32 divide their K of 64) and fp8
+    amax = {w: 1.0 for w in gemms}   # every weight GEMM has a scale for x
+    for p in (qdq.fp8_block_pass(), qdq.int4_pass(), qdq.fp8_pass(amax)):
+        qmodel, qweights, _ = qdq.quantize_graph(model, weights, p)
+        readers = {n.input[1]: n.op_type for n in qmodel.graph.node if len(n.input) > 1}
+        assert all(readers[r] == "MatMul" for r in routing), p.name
+        assert routing <= {w.name for w in qweights} and not any(
+            w.name.startswith(tuple(routing)) for w in qweights if w.name not in routing)
+
+
+def test_routes_is_the_routing_pattern_only():
+    """qdq._routes takes a softmax into a TopK, or one column into a Sigmoid: a softmax that
+    picks nothing, or a Sigmoid over several columns (a gate of a GLU), stays a site."""
+    g = GraphBuilder("routes")
+    x = g.input("x", onnx_type("float16"), ["T", 64])
+    f32, y = TensorProto.FLOAT, {}
+    for name, n in (("router", 4), ("softmax", 4), ("gate", 1), ("glu", 8)):
+        y[name] = g.MatMul(x, g.weight(name, "float16", (64, n),
+                                       lambda n=n: np.ones((64, n), np.float16)))
+    probs = g.Softmax(g.Cast(y["router"], to=f32), axis=-1)
+    top, _ = g.TopK(probs, g.const(np.array([2])), axis=-1, outputs=2)
+    outs = [top, g.Softmax(g.Cast(y["softmax"], to=f32), axis=-1),
+            g.Cast(g.Sigmoid(y["gate"]), to=f32), g.Cast(g.Sigmoid(y["glu"]), to=f32)]
+    for i, o in enumerate(outs):
+        g.output(o, f"y{i}", f32, ["T", None])
+    sites = {s.weight for s in qdq.sites(g.model(), g.weights)}
+    assert sites == {"softmax", "glu"}
+
+
 def test_declines_where_the_format_does_not_fit():
     model, weights, _ = gemm_graph("float32", 100, 8)            # no INT4 block divides 100
     assert qdq.quantize_graph(model, weights, qdq.int4_pass())[2]["fired"] == {"int4-rtn": 0}

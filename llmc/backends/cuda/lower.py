@@ -164,8 +164,12 @@ class Lowering:
             raise UnsupportedGraph(f"{name!r} is not a weight of the graph")
         if name not in self.values:
             info = {e.key: e.value for e in t.external_data}
+            offset = int(info["offset"])
+            if offset % ALIGN:   # llmc.graph.SMALL_ALIGN keeps every tensor so
+                raise UnsupportedGraph(f"{name!r} is stored at byte {offset} of the weights, "
+                                       f"not on a {ALIGN}-byte boundary")
             self.values[name] = Value("weight", dtype or _DTYPE_OF[t.data_type],
-                                      shape or list(t.dims), int(info["offset"]))
+                                      shape or list(t.dims), offset)
         return name
 
     def _arena(self, name: str, shape: list, dtype: str | None = None) -> str:
@@ -183,8 +187,16 @@ class Lowering:
         g = self.g
         for name, dims in contract.CONTROL_INPUTS.items():
             self.values[name] = Value("input", "int32", list(dims))
+        # Each mixture of experts (from the router's logits to the Cast of its weighted sum,
+        # with Qwen2-MoE's gated shared-expert sum; block-wise FP8 experts' DequantizeLinear)
+        # becomes one moe op, emitted where its last node stands; checked first, so a layer
+        # the kernels cannot take is named as one.
         for node in g.nodes:
-            if node.op_type == "MatMul":
+            if node.op_type == "TopK":
+                site = self._claim_moe(node)
+                self.moe_sites[id(site["anchor"])] = site
+        for node in g.nodes:
+            if node.op_type == "MatMul" and id(node) not in self.done:
                 self._claim_quantized(node)
             elif node.op_type == "PagedAttention":
                 self._claim_e4m3_pool(node)
@@ -192,15 +204,9 @@ class Lowering:
                and id(n) not in self.done]
         if qdq:
             raise UnsupportedGraph(f"Q/DQ node {qdq[0]!r} is not in a form the cuda backend "
-                                   "lowers (quantization/qdq.py's INT4 weight-only or FP8 "
-                                   "W8A8 GEMMs, quantization/kv.py's FP8 KV cache)")
-        # Each mixture of experts (from the router's logits to the Cast of its weighted sum,
-        # with Qwen2-MoE's gated shared-expert sum) becomes one moe op, emitted where its
-        # last node stands; checked first, so a layer the kernels cannot take is named as one.
-        for node in g.nodes:
-            if node.op_type == "TopK":
-                site = self._claim_moe(node)
-                self.moe_sites[id(site["anchor"])] = site
+                                   "lowers (quantization/qdq.py's INT4 weight-only, FP8 W8A8 "
+                                   "and block-wise FP8 GEMMs, quantization/kv.py's FP8 KV "
+                                   "cache)")
         attn = [n for n in g.nodes if n.op_type == "PagedAttention"]
         if not attn:
             raise UnsupportedGraph("the graph has no fused PagedAttention node; the cuda "
@@ -235,13 +241,16 @@ class Lowering:
         attention = sorted({attention_module(op.attrs["softcap"], "kv_scale" in op.attrs)
                             for op in self.ops if op.op == "attention"} - set(MODULES))
         moe = any(op.op == "moe" for op in self.ops)
+        moe_fp8b = any(op.op == "moe" and any(a.endswith("_group") for a in op.attrs)
+                       for op in self.ops)
         # sm_90a's prefill kernel (TMA + wgmma) serves the 16-bit pools
         sm90 = self.arch == "sm_90a" and any(
             "kv_scale" not in op.attrs for op in self.ops if op.op == "attention")
         modules = list(MODULES) + (["qgemv"] if quant else []) + \
             (["qgemv_zp"] if zero_points else []) + (["qgemv_fp8b"] if fp8_blocks else []) + \
             attention + \
-            (["moe"] if moe else []) + ([SM90_MODULE] if sm90 else [])
+            (["moe"] if moe else []) + (["moe_fp8b"] if moe_fp8b else []) + \
+            ([SM90_MODULE] if sm90 else [])
         return Plan(self.arch, self.dtype, modules, self.values, self.ops, arena,
                     weights_end, logits, len(attn))
 
@@ -654,6 +663,8 @@ class Lowering:
                    -> ScatterElements(ConstantOfShape(Shape(probs)), chosen, top) [T, E]
                    -> Transpose -> Unsqueeze ------------------------------------.
             x -> MatMul(gate_up [E, H, 2I]) -> FusedSwiGLU -> MatMul(down [E, I, H])
+                   (each stack as it is, or DequantizeLinear(E4M3 [E, K, N], scale
+                    [E, K / B, N], axis 1, block_size B): --quant fp8-block)
                    -> Cast(f32) -> Mul(., weights) -> ReduceSum(axis 0) -> Cast(dtype)
               [-> Add(., Mul(Sigmoid(shared gate [T, 1]), shared expert [T, H]))]
 
@@ -728,7 +739,28 @@ class Lowering:
         router = g.producer.get(logits)
         if router is None or router.op_type != "MatMul" or router.input[0] != x:
             fail("the router's logits are not a GEMM of the experts' input")
-        gu_t, down_t = g.weight(gu_mm.input[1]), g.weight(down_mm.input[1])
+
+        def stack(mm) -> tuple[str, str | None, int]:
+            """(the stacked weight, its block scales or None, the block) a GEMM reads."""
+            dq = g.producer.get(mm.input[1])
+            if dq is None or dq.op_type != "DequantizeLinear":
+                return mm.input[1], None, 0
+            q, scale = dq.input[0], dq.input[1] if len(dq.input) > 1 else ""
+            t, st = g.weight(q), g.weight(scale)
+            block = int(_attr(dq, "block_size", 0))
+            if (t is None or st is None or _DTYPE_OF.get(t.data_type) != FP8
+                    or len(t.dims) != 3 or _attr(dq, "axis", 1) != 1
+                    or (len(dq.input) > 2 and dq.input[2]) or block < lr.FP8B_MIN_GROUP
+                    or block & (block - 1) or t.dims[1] % block
+                    or list(st.dims) != [t.dims[0], t.dims[1] // block, t.dims[2]]):
+                fail(f"the experts' weights {mm.input[1]!r} are dequantized other than from "
+                     "E4M3 with a scale a block of a power of two from "
+                     f"{lr.FP8B_MIN_GROUP} k (--quant fp8-block)")
+            nodes.append(dq)
+            return q, scale, block
+
+        (gu_w, gu_s, gu_b), (down_w, down_s, down_b) = stack(gu_mm), stack(down_mm)
+        gu_t, down_t = g.weight(gu_w), g.weight(down_w)
         if gu_t is None or down_t is None or len(gu_t.dims) != 3 or len(down_t.dims) != 3:
             fail("the experts' weights are not stacked [E, in, out] weights")
         experts, hidden, two_i = (int(d) for d in gu_t.dims)
@@ -736,11 +768,12 @@ class Lowering:
         if list(down_t.dims) != [experts, inter, hidden]:
             fail(f"down weights {list(down_t.dims)} do not match gate-up {list(gu_t.dims)}")
         nodes += [transpose, unsqueeze, mul, cast_y, down_mm, swiglu, gu_mm, reduce, end]
-        for w in (gu_mm.input[1], down_mm.input[1]):
+        for w in (gu_mm.input[1], down_mm.input[1], gu_w, down_w):
             if len(g.consumers.get(w, [])) != 1:
                 fail(f"the expert weight {w!r} is read by more than its GEMM")
-        site = dict(topk=topk, router_out=logits, x=x, gate_up=gu_mm.input[1],
-                    down=down_mm.input[1], experts=experts, hidden=hidden, inter=inter,
+        site = dict(topk=topk, router_out=logits, x=x, gate_up=gu_w, down=down_w,
+                    gate_up_scale=gu_s, down_scale=down_s, gate_up_group=gu_b,
+                    down_group=down_b, experts=experts, hidden=hidden, inter=inter,
                     top_k=k[0], renormalise=renormalise, gate=None, shared=None, anchor=end)
         # Qwen2-MoE: routed + sigmoid(shared gate) * shared expert, as the combine's epilogue
         users = g.consumers.get(end.output[0], [])
@@ -779,9 +812,14 @@ class Lowering:
             lr.moe_check(e, k, h, i)
         except ValueError as err:
             raise UnsupportedGraph(f"TopK node {site['topk'].name!r}: {err}") from None
-        for name in (site["gate_up"], site["down"]):
-            if _DTYPE_OF.get(self.g.weight(name).data_type) != self.dtype:
-                raise UnsupportedGraph(f"the expert weights {name!r} are not {self.dtype}")
+        for name, scale in ((site["gate_up"], site["gate_up_scale"]),
+                            (site["down"], site["down_scale"])):
+            want = self.dtype if scale is None else FP8
+            if _DTYPE_OF.get(self.g.weight(name).data_type) != want or (
+                    scale is not None and
+                    _DTYPE_OF.get(self.g.weight(scale).data_type) != self.dtype):
+                raise UnsupportedGraph(f"the expert weights {name!r} are not {want}" + (
+                    f" with {self.dtype} scales" if scale is not None else ""))
         x, logits = site["x"], site["router_out"]
         for v in (x, logits, site["gate"], site["shared"]):
             if v is not None and (v not in self.values or self.values[v].shape[0] != "T"):
@@ -789,6 +827,11 @@ class Lowering:
                                        "which is not a per-token value lowered before it")
         gate_up = self._weight(site["gate_up"], shape=[e, 2 * i, h])
         down = self._weight(site["down"], shape=[e, h, i])
+        # block-wise FP8 experts: + their scales, [E, K / B, N] as the graph holds them (inputs
+        # 6 and 7, None for a 16-bit stack; a 16-bit layer's op has none)
+        scales = [None if site[f"{w}_scale"] is None else self._weight(site[f"{w}_scale"])
+                  for w in ("gate_up", "down")]
+        scales = scales if any(s is not None for s in scales) else []
         anchor = site["anchor"]
         p = f"{site['topk'].name}/moe"
         out = self._arena(anchor.output[0], ["T", h])
@@ -801,10 +844,14 @@ class Lowering:
                    self._arena(f"{p}/y", ["T", k * h])]
         node = f"{site['topk'].name} .. {anchor.name} (top {k} of {e} experts" + \
             (", shared expert)" if site["shared"] else ")")
-        self.ops.append(Op("moe", [logits, x, gate_up, down, site["gate"], site["shared"]],
+        fp8b = {f"{w}_group": site[f"{w}_group"] for w in ("gate_up", "down")
+                if site[f"{w}_scale"] is not None}
+        self.ops.append(Op("moe", [logits, x, gate_up, down, site["gate"], site["shared"],
+                                   *scales],
                            [out, *scratch],
                            dict(experts=e, top_k=k, hidden=h, inter=i,
-                                renormalise=bool(site["renormalise"]), transposed=True), node))
+                                renormalise=bool(site["renormalise"]), transposed=True,
+                                **fp8b), node))
 
     def _claim_attention_chain(self, node) -> None:
         """Mark the nodes between the QKV GEMM and PagedAttention, and the RoPE angle chain
@@ -1099,6 +1146,7 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
     for op in plan.ops:
         if op.op == "moe":     # stacked experts: each [in, out] -> [out, in]
             jobs[op.inputs[2]] = jobs[op.inputs[3]] = "experts"
+            fp8_scales += [s for s in op.inputs[6:] if s is not None]   # kept [E, K / B, N]
             continue
         if op.op != "gemm" or not op.attrs.get("transposed"):
             continue
@@ -1120,7 +1168,10 @@ def rewrite_weights(weights: Path, plan: Plan) -> int:
         return 0
     data = np.memmap(weights, dtype=np.uint8, mode="r+")
     for name in fp8_scales:   # the kernels multiply by scale * 2^120 in bf16 (qgemv_fp8b.cu)
-        top = float(np.abs(_block_graph_layout(data, plan, name).astype(np.float32)).max())
+        v = plan.values[name]
+        size = numel(v.shape, 1, 1) * itemsize(v.dtype)
+        top = float(np.abs(data[v.offset:v.offset + size].view(np_dtype(v.dtype)).astype(
+            np.float32)).max())
         if not top < lr.FP8B_MAX_SCALE:
             raise UnsupportedGraph(f"{name}: a block-wise FP8 scale of {top:g}; the cuda "
                                    f"kernels take scales below {lr.FP8B_MAX_SCALE:g} (weights "

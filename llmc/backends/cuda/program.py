@@ -216,16 +216,20 @@ def _moe(op: Op, t: int, dt: str, P) -> Iterator[tuple]:
     then the weighted combine [+ the gated shared expert]. No size comes back to the host."""
     a = op.attrs
     e, k, h, i = a["experts"], a["top_k"], a["hidden"], a["inter"]
-    logits, x, gate_up, down, gate, shared = op.inputs
+    logits, x, gate_up, down, gate, shared, *scales = op.inputs
     out, ids, wts, pos_of, perm, meta, act, y = op.outputs
     lr.moe_check(e, k, h, i)
+    # block-wise FP8 experts (lower.py: attrs gate_up_group / down_group): + (scale, log2 B)
+    groups = [a.get(f"{w}_group", 0) for w in ("gate_up", "down")]
+    fp8b = [[P(s), lr.fp8b_group_shift(b)] if b else []
+            for s, b in zip(scales or [None, None], groups)]
     yield "kernel", lr.moe_route_launch(t, e, k, dt), [
         P(logits), t, e, k, int(a["renormalise"]), lr.moe_block_m(t), P(ids), P(wts),
         P(pos_of), P(perm), P(meta)]
-    yield "kernel", lr.moe_gemm_launch(t, e, k, i, h, dt, act=True), [
-        P(x), P(gate_up), P(perm), P(meta), e, i, h, P(act)]
-    yield "kernel", lr.moe_gemm_launch(t, e, k, h, i, dt, act=False), [
-        P(act), P(down), DevPtr(0), P(meta), e, h, i, P(y)]
+    yield "kernel", lr.moe_gemm_launch(t, e, k, i, h, dt, act=True, fp8b_group=groups[0]), [
+        P(x), P(gate_up), P(perm), P(meta), e, i, h, P(act), *fp8b[0]]
+    yield "kernel", lr.moe_gemm_launch(t, e, k, h, i, dt, act=False, fp8b_group=groups[1]), [
+        P(act), P(down), DevPtr(0), P(meta), e, h, i, P(y), *fp8b[1]]
     yield "kernel", lr.moe_combine_launch(t, h, k, dt, shared is not None), [
         P(y), P(pos_of), P(wts), P(gate) if gate else DevPtr(0),
         P(shared) if shared else DevPtr(0), t, h, k, P(out)]

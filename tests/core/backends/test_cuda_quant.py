@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from llmc.backends.cuda.lower import pack_int4
-from llmc.backends.cuda.plan import PLAN, Plan, itemsize
+from llmc.backends.cuda.plan import ALIGN, PLAN, Plan, itemsize
 from llmc.build import BuildOptions, build
 from llmc.devices import list_gpus
 from llmc.engine_file import EngineFile
@@ -240,6 +240,72 @@ def test_int4_zero_point_builds_take_the_zero_point_kernels(tiny_models_d64, tmp
         assert z.max() <= 15 and (z != 8).any()   # asymmetric blocks: not all z = 8
 
 
+MOE_KINDS = ["mixtral-top2", "qwen2moe-shared", "qwen3moe-qknorm"]
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_fp8_block_experts_lower_to_the_moe_ops_fp8_kernels(tiny_models_d64, tmp_path, words,
+                                                           kind):
+    """A mixture of experts with --quant fp8-block: each moe op reads the experts' E4M3
+    bytes as [E, out, in] (each expert's matrix of the reference graph transposed, byte for
+    byte) and their block scales as the graph holds them, [E, in / B, out]; the plan compiles
+    kernels/moe_fp8b.cu; the router and the shared-expert gate stay 16-bit GEMMs. The Qwen
+    models' experts are 48 wide, which no block of 32 divides: their down stacks stay 16-bit
+    beside FP8 gate-ups (the op takes each GEMM's kind on its own)."""
+    import onnx
+
+    folder, model = tiny_models_d64[kind]
+    out = tmp_path / "m.engine"
+    _build(folder, out, "fp8-block", words)
+    engine = EngineFile(out)
+    plan = _plan(engine)
+    assert "moe" in plan.modules and "moe_fp8b" in plan.modules
+    # every weight where cuBLASLt takes it (the small ones too: scales, Qwen2-MoE's [H, 1] gate)
+    assert all(v.offset % ALIGN == 0 for v in plan.values.values() if v.where == "weight")
+    moes = [op for op in plan.ops if op.op == "moe"]
+    assert moes
+    _build(folder, tmp_path / "r.engine", "fp8-block", words, backend="reference")
+    ref = EngineFile(tmp_path / "r.engine")
+    graph = onnx.load_from_string(ref.section("model.onnx").tobytes())
+    inits = {t.name: t for t in graph.graph.initializer}
+    ref_weights, weights = ref.section("weights.bin"), engine.section("weights")
+
+    def graph_tensor(name):
+        info = {e.key: e.value for e in inits[name].external_data}
+        lo = int(info["offset"])
+        return np.asarray(ref_weights[lo:lo + int(info["length"])]), list(inits[name].dims)
+
+    def stored(name):
+        v = plan.values[name]
+        size = int(np.prod(v.shape)) * itemsize(v.dtype)
+        return np.asarray(weights[v.offset:v.offset + size]), v.shape, v.dtype
+
+    fp8_down = kind == "mixtral-top2"
+    for op in moes:
+        assert (op.inputs[7] is not None) == fp8_down
+        assert ("down_group" in op.attrs) == fp8_down
+        for w, scale, group in ((op.inputs[2], op.inputs[6], "gate_up_group"),
+                                (op.inputs[3], op.inputs[7], "down_group")):
+            if scale is None:
+                assert not w.endswith(".fp8") and stored(w)[2] == "float16"
+                continue
+            raw, (e, k, n) = graph_tensor(w)
+            got, shape, dtype = stored(w)
+            assert w.endswith(".fp8") and dtype == "float8e4m3fn" and shape == [e, n, k]
+            np.testing.assert_array_equal(got.reshape(e, n, k),
+                                          raw.reshape(e, k, n).transpose(0, 2, 1))
+            sraw, sdims = graph_tensor(scale)
+            sgot, sshape, _ = stored(scale)
+            assert sshape == sdims == [e, k // op.attrs[group], n]
+            np.testing.assert_array_equal(sgot, sraw)
+    # the router's logits (and Qwen2-MoE's shared-expert gate) from 16-bit GEMMs
+    gemms = {o: op for op in plan.ops if op.op == "gemm" for o in op.outputs}
+    for op in moes:
+        for v in (op.inputs[0], op.inputs[4]):
+            if v is not None:
+                assert gemms[v].attrs.get("quant") is None
+
+
 def test_fp8_needs_a_hopper_target(tiny_models_d64, tmp_path, words):
     folder = tiny_models_d64["llama-gqa"][0]
     with pytest.raises(LlmcError, match="--quant fp8: FP8 engines are built for Hopper "
@@ -296,6 +362,20 @@ def test_quantized_engine_matches_the_reference_backend(tiny_models_d64, tmp_pat
     folder, model = tiny_models_d64[kind]
     _build_both(folder, tmp_path, mode, words)
     _compare_engines(tmp_path, model, f"{kind} {mode}", TOLERANCE[mode], graphs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+@pytest.mark.parametrize("graphs", [True, False])
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_fp8_block_moe_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words,
+                                                            kind, graphs):
+    """Block-wise FP8 experts (kernels/moe_fp8b.cu: the decode GEMM at up to 8 tokens, the
+    tiled one past that; hf_steps' ragged steps take both) against onnxruntime's
+    DequantizeLinear and batched MatMul over the same E4M3 bytes and scales."""
+    folder, model = tiny_models_d64[kind]
+    _build_both(folder, tmp_path, "fp8-block", words)
+    _compare_engines(tmp_path, model, f"{kind} fp8-block", TOLERANCE["fp8-block"], graphs)
 
 
 @pytest.mark.gpu

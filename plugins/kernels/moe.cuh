@@ -1,0 +1,629 @@
+// A mixture-of-experts layer (model_zoo/layers.py routed_experts) over the routed rows only:
+//
+//   moe_route     router logits [T, E] -> each token's top_k experts of softmax(logits)
+//                 (fp32), optionally renormalised, and the routed rows grouped by expert
+//   moe_gemm      the grouped GEMMs on tensor cores: gate-up with SwiGLU fused, then down,
+//                 each expert's rows against that expert's weights only (moe_gemm_tc, a
+//                 shared-memory tiled GEMM, for steps of more than 8 tokens)
+//   moe_combine   the weighted sum of each token's top_k rows back in token order
+//                 [+ Qwen2-MoE's sigmoid-gated shared expert]
+//
+// Nothing comes back to the host: the routing kernel writes every size the GEMMs need into
+// device memory (`meta`), and the GEMMs are launched over a grid that bounds them (the most
+// tiles T tokens can make), each CTA reading its tile and leaving when there is none. So a
+// decode step keeps its CUDA graph, and it reads the weights of the experts its tokens chose
+// and no others.
+//
+// Buffers (R = T * top_k routed rows; a "position" is a row of the grouped order, the rows
+// of expert 0 first, each expert's rows in token order):
+//   ids [T, k] int32, wts [T, k] fp32   each token's experts, ascending, and their weights
+//   pos_of [T, k] int32                 the position of each (token, pick)
+//   perm [R] int32                      the token of each position
+//   meta int32: [0] the number of tiles; [1 .. E + 1] offsets (expert e's positions are
+//               offsets[e] .. offsets[e + 1]); from [E + 2], tiles as (expert, first
+//               position, end position) triples, at most BM positions each
+//   act [R, I], y [R, H]                the experts' SwiGLU and down outputs, by position
+//
+// Rounding follows the graph: the gate-up and down products are rounded to the model dtype
+// (the graph's batched MatMuls), SwiGLU as kernels/activation.cu, the weighted sum in fp32
+// over the token's experts in ascending order (the graph's ReduceSum over E, whose
+// unrouted terms are exact zeros), then rounded once.
+//
+// FP8B (moe_fp8b.cu's entries, --quant fp8-block): the experts' weights are E4M3 bytes
+// [E, N, K] with a scale per block of G k and weight row, bs [E, K / G, N] in the compute
+// dtype (the graph's DequantizeLinear scale as it is), G a power of two from 32. Each byte
+// becomes q * s rounded once to the dtype, as the graph's DequantizeLinear, before the same
+// 16-bit MMAs with x as it is stored (qgemv.cuh: dequant16_e4m3).
+#pragma once
+#include "common.cuh"
+#include "qgemv.cuh"
+
+#define MOE_MAX_EXPERTS 256
+#define MOE_MAX_TOPK 8
+#define MOE_ROUTE_THREADS 1024
+#define MOE_NONE 0x7fffffff
+
+// ---- routing and grouping: one CTA ---------------------------------------------------------
+
+// (v, i) beats (bv, bi): the larger probability, the lower index on a tie (ONNX TopK's
+// order); any valid index beats none (MOE_NONE), so a NaN row still picks top_k distinct
+// experts and the grouping below stays within its bounds.
+__device__ __forceinline__ bool moe_better(float v, int i, float bv, int bi) {
+  if (i == MOE_NONE) return false;
+  if (bi == MOE_NONE) return true;
+  return v > bv || (v == bv && i < bi);
+}
+
+// One CTA of up to MOE_ROUTE_THREADS threads (launch_rules: 32 a token, at least 128).
+// Step 1: a warp a token, softmax and top-k. Step 2: counts, offsets and tiles. Step 3:
+// positions, stable (token order within an expert): the block walks the routed rows in
+// chunks of its size; lanes of a warp that chose the same expert find each other with
+// __match_any_sync, and each warp's count per expert, summed over the warps before it,
+// places its rows after theirs.
+template <typename T>
+__device__ __forceinline__ void moe_route(const u16* __restrict__ logits, int tokens,
+                                          int experts, int top_k, int renorm, int bm,
+                                          int* __restrict__ ids, float* __restrict__ wts,
+                                          int* __restrict__ pos_of, int* __restrict__ perm,
+                                          int* __restrict__ meta) {
+  constexpr int EPL = MOE_MAX_EXPERTS / 32;   // a lane's experts: lane, lane + 32, ...
+  __shared__ int cnt[MOE_MAX_EXPERTS], cursor[MOE_MAX_EXPERTS], first_tile[MOE_MAX_EXPERTS];
+  __shared__ int wc[MOE_ROUTE_THREADS / 32][MOE_MAX_EXPERTS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) cnt[e] = 0;
+
+  for (int tk = warp; tk < tokens; tk += nwarps) {
+    float p[EPL];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      const int e = lane + 32 * i;
+      p[i] = e < experts ? T::to_f(logits[(size_t)tk * experts + e]) : -INFINITY;
+      mx = fmaxf(mx, p[i]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      p[i] = lane + 32 * i < experts ? expf(p[i] - mx) : 0.f;
+      s += p[i];
+    }
+    s = warp_sum(s);
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      p[i] = p[i] / s;
+      if (!(p[i] >= 0.f)) p[i] = -1.f;   // NaN (a NaN or all -inf row): last, totally ordered
+    }
+    unsigned taken = 0;                         // bit i: expert lane + 32 i already chosen
+    int sel[MOE_MAX_TOPK];
+    float val[MOE_MAX_TOPK];
+#pragma unroll
+    for (int r = 0; r < MOE_MAX_TOPK; ++r) {
+      sel[r] = MOE_NONE;
+      val[r] = 0.f;
+      if (r >= top_k) continue;
+      float bv = -INFINITY;
+      int bi = MOE_NONE;
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) {
+        const int e = lane + 32 * i;
+        if (e < experts && !(taken >> i & 1) && moe_better(p[i], e, bv, bi)) {
+          bv = p[i];
+          bi = e;
+        }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (moe_better(ov, oi, bv, bi)) {
+          bv = ov;
+          bi = oi;
+        }
+      }
+      sel[r] = bi;
+      val[r] = bv;
+      if (bi != MOE_NONE && (bi & 31) == lane) taken |= 1u << (bi >> 5);
+    }
+    if (renorm) {   // the graph's Div(top, ReduceSum(top)), summed in rank order
+      float sum = 0.f;
+#pragma unroll
+      for (int r = 0; r < MOE_MAX_TOPK; ++r) sum += r < top_k ? val[r] : 0.f;
+#pragma unroll
+      for (int r = 0; r < MOE_MAX_TOPK; ++r) val[r] = val[r] / sum;
+    }
+    // ascending experts: the combine then sums in the graph's order, and grouping is stable
+#pragma unroll
+    for (int a = 0; a < MOE_MAX_TOPK; ++a)
+#pragma unroll
+      for (int b = 0; b + 1 < MOE_MAX_TOPK - a; ++b)
+        if (b + 1 < top_k && sel[b] > sel[b + 1]) {
+          const int si = sel[b];
+          sel[b] = sel[b + 1];
+          sel[b + 1] = si;
+          const float sv = val[b];
+          val[b] = val[b + 1];
+          val[b + 1] = sv;
+        }
+#pragma unroll
+    for (int r = 0; r < MOE_MAX_TOPK; ++r)
+      if (lane == r && r < top_k) {
+        ids[(size_t)tk * top_k + r] = sel[r];
+        wts[(size_t)tk * top_k + r] = val[r];
+      }
+  }
+  __syncthreads();   // ids are visible to the whole block from here
+
+  const int rows = tokens * top_k;
+  for (int i = threadIdx.x; i < rows; i += blockDim.x) atomicAdd(&cnt[ids[i]], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int off = 0, ntiles = 0;
+    for (int e = 0; e < experts; ++e) {
+      meta[1 + e] = off;
+      cursor[e] = off;
+      first_tile[e] = ntiles;
+      ntiles += (cnt[e] + bm - 1) / bm;
+      off += cnt[e];
+    }
+    meta[1 + experts] = off;
+    meta[0] = ntiles;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    int* tile = meta + 2 + experts + 3 * first_tile[e];
+    for (int r = 0; r < cnt[e]; r += bm, tile += 3) {
+      tile[0] = e;
+      tile[1] = cursor[e] + r;
+      tile[2] = cursor[e] + min(r + bm, cnt[e]);
+    }
+  }
+
+  for (int base = 0; base < rows; base += blockDim.x) {   // uniform: every thread loops
+    for (int q = threadIdx.x; q < nwarps * MOE_MAX_EXPERTS; q += blockDim.x)
+      wc[q / MOE_MAX_EXPERTS][q % MOE_MAX_EXPERTS] = 0;
+    __syncthreads();
+    const int i = base + threadIdx.x;
+    const int e = i < rows ? ids[i] : -1;
+    const unsigned same = __match_any_sync(0xffffffffu, e);
+    const int rank = __popc(same & ((1u << lane) - 1u));
+    if (e >= 0 && rank == 0) wc[warp][e] = __popc(same);
+    __syncthreads();
+    if (e >= 0) {
+      int pos = cursor[e] + rank;
+      for (int w = 0; w < warp; ++w) pos += wc[w][e];
+      perm[pos] = i / top_k;
+      pos_of[i] = pos;
+    }
+    __syncthreads();
+    for (int q = threadIdx.x; q < experts; q += blockDim.x) {
+      int add = 0;
+      for (int w = 0; w < nwarps; ++w) add += wc[w][q];
+      cursor[q] += add;
+    }
+    __syncthreads();
+  }
+}
+
+// ---- the grouped GEMM -----------------------------------------------------------------------
+// The decode kernel's weight loads (moe_gemm, below) have tc_gemv's pattern: a warp's load
+// takes 64 bytes of each of 16 rows and the next warp's chunk the lines' other halves.
+// MOE_L2 sets their L2 prefetch size (kernels/gemv.cu: GEMV_L2); a benchmark may define it
+// to compare (bench/kernels/l2_prefetch.py --only moe).
+#ifndef MOE_L2
+#define MOE_L2 ".L2::128B"
+#endif
+LLMC_LD_STREAM_L2(ld_expert, MOE_L2)
+
+// out[pos, o] = sum_k x[row(pos), k] * w[expert(pos), o, k], the weights stored [E, N, K]
+// (each expert's [out, in]). ACT: the gate-up GEMM with SwiGLU fused: w holds 2n rows an
+// expert (gate [0, n), up [n, 2n)), x rows are tokens (perm), out [R, n] = silu(gate) * up.
+// Otherwise the down GEMM: x rows are positions (the activations), out [R, n].
+//
+// The decode shape (m8; moe_gemm_tc below serves larger steps). A CTA is one tile (an
+// expert and up to BM = 8 NT of its positions, from meta) times
+// WN * 16 weight rows, its warps WN over N and SK over K: warp (wn, sk) takes 16 weight rows
+// (ACT: 8 gate rows and their up rows, rows g and g + 8 of the MMA tile, so both inputs of
+// an output end in one lane) and the 32-k chunks sk, sk + SK, ... Fragments as in gemv.cu's
+// tc_gemv: each lane's 16-byte load of a weight row is its A fragment for two k16 steps and
+// the same 8 k of an x row its B fragment, straight from global memory (the weights are read
+// once, streamed; x is re-read by the CTA's warps from L1). U chunks are in flight ahead.
+// SK > 1 sums the partial tiles through shared memory in warp order (deterministic).
+// FP8B: a lane's 16 bytes are 16 k of E4M3 (a chunk is 64 k), each row's pairs made 16-bit
+// with its block's scale, four m16n8k16 MMAs a chunk as qgemv.cuh's w8_gemv with BLOCKS does.
+template <typename T, int NT, int WN, int SK, int U, bool ACT, bool FP8B = false>
+__device__ __forceinline__ void moe_gemm(const u16* __restrict__ x, const void* __restrict__ w,
+                                         const int* __restrict__ perm,
+                                         const int* __restrict__ meta, int experts, int n,
+                                         int k, u16* __restrict__ out,
+                                         const u16* __restrict__ bs = nullptr, int gshift = 0) {
+  constexpr int BM = NT * 8, OUTW = ACT ? 8 : 16;
+  constexpr int WB = FP8B ? 1 : 2, CK = FP8B ? 64 : 32, LK = CK / 4;  // bytes a weight, k a
+                                                                      // chunk, k a lane's load
+  __shared__ float part[SK > 1 ? SK : 1][SK > 1 ? WN : 1][SK > 1 ? NT : 1][4][32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int wn = warp % WN, sk = warp / WN;
+  if ((int)blockIdx.y >= meta[0]) return;       // uniform: a tile past the last
+  const int* tile = meta + 2 + experts + 3 * blockIdx.y;
+  const int e = tile[0], r0 = tile[1], rows = min(tile[2] - tile[1], BM);
+  const int o0 = (blockIdx.x * WN + wn) * OUTW;
+  // a warp past N: with SK == 1 it has nothing to do; with SK > 1 it still meets the
+  // barrier below (its loads clamped to the last row, its stores skipped)
+  if (SK == 1 && o0 >= n) return;
+  const size_t wrows = ACT ? 2 * (size_t)n : (size_t)n;
+  const u8* we = static_cast<const u8*>(w) + (size_t)e * wrows * k * WB;
+  // rows past the end re-read the last row (never stored), as in gemv.cu
+  const int ra = min(o0 + g, n - 1);
+  const int rb = ACT ? n + ra : min(o0 + g + 8, n - 1);
+  const u8* wa = we + ((size_t)ra * k + LK * t) * WB;
+  const u8* wb = we + ((size_t)rb * k + LK * t) * WB;
+  // FP8B: the two rows' scales of block b at sa[b * wrows], sb[b * wrows]
+  const size_t se = FP8B ? (size_t)e * (k >> gshift) * wrows : 0;
+  const u16* sa = FP8B ? bs + se + ra : nullptr;
+  const u16* sb = FP8B ? bs + se + rb : nullptr;
+  const u16* xr[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int i = j * 8 + g;
+    xr[j] = i < rows ? x + (size_t)(perm ? perm[r0 + i] : r0 + i) * k + LK * t : nullptr;
+  }
+  const int nt = (rows + 7) >> 3;               // 8-row tiles holding positions
+  const int chunks = (k + CK - 1) / CK;
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  uint4 va[U], vb[U], na[U], nb[U];
+  u16 ca[U], cb[U], nca[U], ncb[U];             // FP8B: the rows' block scales
+  auto load_w = [&](uint4* a, uint4* b, u16* sca, u16* scb, int c) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kk = (c + u * SK) * CK;
+      const bool ok = kk + LK * t < k;
+      a[u] = ok ? ld_expert(wa + kk * WB) : make_uint4(0, 0, 0, 0);
+      b[u] = ok ? ld_expert(wb + kk * WB) : make_uint4(0, 0, 0, 0);
+      if constexpr (FP8B) {
+        const size_t at = (size_t)((kk + LK * t) >> gshift) * wrows;
+        sca[u] = ok ? __ldg(sa + at) : (u16)0;
+        scb[u] = ok ? __ldg(sb + at) : (u16)0;
+      }
+    }
+  };
+  load_w(va, vb, ca, cb, sk);
+  load_w(na, nb, nca, ncb, sk + SK * U);
+  for (int c = sk; c < chunks; c += SK * U) {
+    if (c != sk) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        va[u] = na[u];
+        vb[u] = nb[u];
+        ca[u] = nca[u];
+        cb[u] = ncb[u];
+      }
+      load_w(na, nb, nca, ncb, c + SK * U);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kc = (c + u * SK) * CK;
+      const bool ok = kc + LK * t < k;
+      if constexpr (FP8B) {   // pair p of a row's 16 k and of x's: k slots 2t / 2t + 8
+        u32 a[8], b[8];
+        dequant16_e4m3<T>(va[u], e4m3_scale2<T>(ca[u]), a);
+        dequant16_e4m3<T>(vb[u], e4m3_scale2<T>(cb[u]), b);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          if (j >= nt) break;                   // uniform across the warp
+          const uint4 zero = make_uint4(0, 0, 0, 0);
+          const uint4* p = reinterpret_cast<const uint4*>(xr[j] + kc);
+          const uint4 x0 = ok && xr[j] ? __ldg(p) : zero, x1 = ok && xr[j] ? __ldg(p + 1) : zero;
+          const u32 xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+            mma_16816<T>(acc[j], a[2 * q], b[2 * q], a[2 * q + 1], b[2 * q + 1], xs[2 * q],
+                         xs[2 * q + 1]);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          if (j >= nt) break;                   // uniform across the warp
+          const uint4 xv = ok && xr[j] ? __ldg(reinterpret_cast<const uint4*>(xr[j] + kc))
+                                       : make_uint4(0, 0, 0, 0);
+          mma_16816<T>(acc[j], va[u].x, vb[u].x, va[u].y, vb[u].y, xv.x, xv.y);
+          mma_16816<T>(acc[j], va[u].z, vb[u].z, va[u].w, vb[u].w, xv.z, xv.w);
+        }
+      }
+    }
+  }
+  if constexpr (SK > 1) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) part[sk][wn][j][q][lane] = acc[j][q];
+    __syncthreads();
+    if (sk != 0 || o0 >= n) return;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float v = 0.f;
+#pragma unroll
+        for (int s = 0; s < SK; ++s) v += part[s][wn][j][q][lane];
+        acc[j][q] = v;
+      }
+  }
+  // C element q of lane (g, t): weight row g (+ 8 for q >= 2), tile row 2 t + (q & 1)
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    if (j >= nt) break;
+#pragma unroll
+    for (int q = 0; q < (ACT ? 2 : 4); ++q) {
+      const int i = j * 8 + 2 * t + (q & 1);
+      const int o = o0 + g + (ACT ? 0 : 8 * (q >> 1));
+      if (i >= rows || o >= n) continue;
+      float v = acc[j][q];
+      if constexpr (ACT) {   // rounded as the graph's MatMul output and activation.cu
+        const float gate = rnd<T>(v), up = rnd<T>(acc[j][q + 2]);
+        v = rnd<T>(silu_f(gate)) * up;
+      }
+      out[(size_t)(r0 + i) * n + o] = T::from_f(v);
+    }
+  }
+}
+
+// ---- the grouped GEMM for steps of many tokens: shared-memory tiles -------------------------
+// The same product and outputs as moe_gemm (one tile of BM positions of an expert, from meta),
+// as a tiled tensor-core GEMM: a CTA computes BM positions x 128 weight rows, WM x WN warps
+// of (BM / WM) x (128 / WN) each. Every k step of 32, the CTA copies the tile's x rows
+// (gathered through perm for gate-up) and its 128 weight rows into shared memory with
+// cp.async, ST steps in flight, and the warps read their fragments with ldmatrix: each
+// weight byte comes from HBM once a tile and feeds BM rows, each x byte feeds 128 outputs.
+// ACT: the 128 weight rows are 64 gate rows and their 64 up rows, interleaved so a warp's
+// first half of n8 fragments are gate rows o .. and its second half the up rows of the same
+// o: an output's gate and up sums end in one lane, and the epilogue is moe_gemm's.
+// The grid is (tiles, N blocks): consecutive CTAs are the row tiles of one N block, so an
+// expert's weight block is read from HBM once for all its tiles and the x rows (a few MB)
+// stay in L2 across N blocks. Rows past the tile's end and k past K are zero-filled (cp.async
+// with no source bytes), weight rows past N re-read the last row (never stored), and warps
+// skip the MMAs of 16-row fragments past the tile's end.
+// FP8B: the weights' E4M3 bytes are copied (cp.async, ST steps in flight as x's) into a ring
+// of their own, and each k step, before the barrier, every thread turns the 16 bytes it
+// copied into 16-bit q * s in the staged layout above (two buffers, alternating); a thread's
+// block scales come with its copies, into registers (the k loop unrolled by ST so each
+// step's are named at compile time). Shared memory: x's ring, 2 staged weight tiles and the
+// bytes' ring: as much as the 16-bit kernel's ST weight stages at ST = 4.
+#define MOE_TC_BN 128
+#define MOE_TC_BK 32
+
+// A row of a staged tile is 32 halfs, four 16-byte chunks; chunk c of row r sits at chunk
+// c ^ ((r / 2) % 4), so the 8 rows an ldmatrix reads (same c) hit 8 distinct bank groups.
+__device__ __forceinline__ int moe_swz(int r, int c) { return (r * 4 + (c ^ ((r >> 1) & 3))) * 8; }
+
+template <typename T, int BM, int WM, int WN, int ST, bool ACT, bool FP8B = false>
+__device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const void* __restrict__ w,
+                                            const int* __restrict__ perm,
+                                            const int* __restrict__ meta, int experts, int n,
+                                            int k, u16* __restrict__ out,
+                                            const u16* __restrict__ bs = nullptr,
+                                            int gshift = 0) {
+  constexpr int BN = MOE_TC_BN, BK = MOE_TC_BK, NTH = 32 * WM * WN;
+  constexpr int WR = BM / WM, WC = BN / WN;     // a warp's rows and weight rows
+  constexpr int MI = WR / 16, NJ = WC / 8;      // ... as 16-row and n8 fragments
+  // copies a thread makes a step: x rows, weight rows (FP8B: 16 bytes, half a row), and the
+  // rows between a thread's copies
+  constexpr int AL = BM * 4 / NTH, BL = FP8B ? BN * 2 / NTH : BN * 4 / NTH;
+  constexpr int RS = NTH / 4, RSB = FP8B ? NTH / 2 : RS;
+  constexpr int WB = FP8B ? 1 : 2;              // bytes a weight
+  static_assert(WR % 16 == 0 && NJ % 2 == 0 && AL * NTH == BM * 4 &&
+                    BL * NTH == BN * (FP8B ? 2 : 4) && (!FP8B || ST % 2 == 0),
+                "moe_gemm_tc: a warp tile of whole 16 x 16 fragments, copies spread evenly");
+  extern __shared__ __align__(16) u16 moe_sm[];
+  u16* sa = moe_sm;                             // [ST][BM][BK]
+  u16* sb = moe_sm + ST * BM * BK;              // [ST][BN][BK]; FP8B: [2][BN][BK]
+  u8* s8 = reinterpret_cast<u8*>(sb + (FP8B ? 2 : ST) * BN * BK);   // FP8B: [ST][BN][BK] bytes
+  if ((int)blockIdx.x >= meta[0]) return;       // uniform: a tile past the last
+  const int* tile = meta + 2 + experts + 3 * blockIdx.x;
+  const int e = tile[0], r0 = tile[1], rows = min(tile[2] - tile[1], BM);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wm = warp % WM, wn = warp / WM;
+  const int o0 = blockIdx.y * (ACT ? BN / 2 : BN);
+  const size_t wrows = ACT ? 2 * (size_t)n : (size_t)n;
+  const u8* we = static_cast<const u8*>(w) + (size_t)e * wrows * k * WB;
+  const u16* se = FP8B ? bs + (size_t)e * (k >> gshift) * wrows : nullptr;
+
+  // this thread's copies: x rows tid / 4 + RS i of each tile, 16-byte chunk tid % 4; weight
+  // rows tid / 4 + RS i likewise (FP8B: rows tid / 2 + RSB i, 16 bytes at k 16 (tid % 2))
+  const int cc = tid & 3, cb = FP8B ? tid & 1 : cc;
+  const u16* asrc[AL];
+  bool aok[AL];
+#pragma unroll
+  for (int i = 0; i < AL; ++i) {
+    const int r = (tid >> 2) + RS * i;
+    aok[i] = r < rows;
+    const int rr = aok[i] ? r : 0;
+    asrc[i] = x + (size_t)(perm ? perm[r0 + rr] : r0 + rr) * k;
+  }
+  const u8* bsrc[BL];
+  const u16* ssrc[BL];                          // FP8B: the row's block scales, a block apart
+#pragma unroll
+  for (int i = 0; i < BL; ++i) {
+    const int r = (tid >> (FP8B ? 1 : 2)) + RSB * i;   // staged weight row
+    size_t wr;
+    if constexpr (ACT) {                        // a warp column: WC / 2 gate rows, their up rows
+      const int q = r % WC, o = min(o0 + (r / WC) * (WC / 2) + q % (WC / 2), n - 1);
+      wr = (q < WC / 2 ? 0 : (size_t)n) + o;
+    } else {
+      wr = min(o0 + r, n - 1);
+    }
+    bsrc[i] = we + wr * k * WB;
+    ssrc[i] = FP8B ? se + wr : nullptr;
+  }
+  u16 scale[FP8B ? ST : 1][BL];                 // FP8B: each stage's block scales, by stage
+  auto load = [&](int stage, int kt) {
+    const int kk = kt * BK + cc * 8;
+    const bool kok = kk < k;                    // K is a multiple of 8: a chunk is all in or out
+    u16* a = sa + stage * BM * BK;
+#pragma unroll
+    for (int i = 0; i < AL; ++i) {
+      const bool ok = kok && aok[i];
+      cp_async16(smem_u32(a + moe_swz((tid >> 2) + RS * i, cc)), ok ? asrc[i] + kk : x,
+               ok ? 16 : 0);
+    }
+    if constexpr (FP8B) {   // K is a multiple of G >= 32 = BK: a step is whole and one block
+      const int kb = kt * BK + cb * 16;
+      u8* b = s8 + stage * BN * BK;
+#pragma unroll
+      for (int i = 0; i < BL; ++i) {
+        cp_async16(smem_u32(b + (((tid >> 1) + RSB * i) * 2 + cb) * 16), bsrc[i] + kb, 16);
+        scale[stage][i] = __ldg(ssrc[i] + (size_t)(kb >> gshift) * wrows);
+      }
+    } else {
+      u16* b = sb + stage * BN * BK;
+#pragma unroll
+      for (int i = 0; i < BL; ++i)
+        cp_async16(smem_u32(b + moe_swz((tid >> 2) + RS * i, cc)), kok ? bsrc[i] + 2 * kk : w,
+                   kok ? 16 : 0);
+    }
+  };
+  // FP8B: this thread's bytes of a landed stage -> q * s in staged tile `buf`
+  auto convert = [&](int stage, int buf) {
+#pragma unroll
+    for (int i = 0; i < BL; ++i) {
+      const int r = (tid >> 1) + RSB * i;
+      u32 p[8];
+      dequant16_e4m3<T>(*reinterpret_cast<const uint4*>(s8 + stage * BN * BK + (r * 2 + cb) * 16),
+                        e4m3_scale2<T>(scale[stage][i]), p);
+      u16* b = sb + buf * BN * BK;
+      *reinterpret_cast<uint4*>(b + moe_swz(r, 2 * cb)) = make_uint4(p[0], p[1], p[2], p[3]);
+      *reinterpret_cast<uint4*>(b + moe_swz(r, 2 * cb + 1)) = make_uint4(p[4], p[5], p[6], p[7]);
+    }
+  };
+
+  float acc[MI][NJ][4];
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+
+  const int ktiles = (k + BK - 1) / BK;
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < ktiles) load(s, s);
+    cp_commit();                            // empty groups keep the count uniform
+  }
+  const int m_base = wm * WR;
+  auto mma_step = [&](const u16* a, const u16* b) {
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      // B: an x4 is fragments (2j, 2j + 1) x (k 0-7, k 8-15) of this k16 step
+      u32 bf[NJ][2];
+#pragma unroll
+      for (int j = 0; j < NJ / 2; ++j) {
+        const int r = wn * WC + j * 16 + (lane & 7) + ((lane >> 4) << 3);
+        u32 v[4];
+        ldsm_x4(v, smem_u32(b + moe_swz(r, ks * 2 + ((lane >> 3) & 1))));
+        bf[2 * j][0] = v[0];
+        bf[2 * j][1] = v[1];
+        bf[2 * j + 1][0] = v[2];
+        bf[2 * j + 1][1] = v[3];
+      }
+#pragma unroll
+      for (int i = 0; i < MI; ++i) {
+        if (m_base + i * 16 >= rows) break;     // uniform across the warp
+        u32 af[4];   // rows 0-7 / 8-15 x k 0-7, then the same rows x k 8-15
+        ldsm_x4(af, smem_u32(a + moe_swz(m_base + i * 16 + (lane & 15),
+                                             ks * 2 + (lane >> 4))));
+#pragma unroll
+        for (int j = 0; j < NJ; ++j)
+          mma_16816<T>(acc[i][j], af[0], af[1], af[2], af[3], bf[j][0], bf[j][1]);
+      }
+    }
+  };
+  if constexpr (FP8B) {   // step kt in stage kt % ST, staged tile kt % 2: named when unrolled
+    for (int k0 = 0; k0 < ktiles; k0 += ST) {
+#pragma unroll
+      for (int s = 0; s < ST; ++s) {
+        const int kt = k0 + s;
+        if (kt >= ktiles) break;
+        cp_wait<ST - 2>();                  // step kt has landed (this thread's copies)
+        convert(s, s & 1);                  // tile s & 1 was last read at step kt - 2
+        __syncthreads();                        // everyone's converted; step kt - 1 consumed
+        if (kt + ST - 1 < ktiles) load((s + ST - 1) % ST, kt + ST - 1);
+        cp_commit();
+        mma_step(sa + s * BM * BK, sb + (s & 1) * BN * BK);
+      }
+    }
+  } else {
+    for (int kt = 0; kt < ktiles; ++kt) {
+      cp_wait<ST - 2>();                    // step kt has landed (this thread's copies)
+      __syncthreads();                          // ... everyone's; and step kt - 1 is consumed
+      if (kt + ST - 1 < ktiles) load((kt + ST - 1) % ST, kt + ST - 1);
+      cp_commit();
+      mma_step(sa + (kt % ST) * BM * BK, sb + (kt % ST) * BN * BK);
+    }
+  }
+  cp_wait<0>();
+
+  // C element q of lane (g, t): row g (+ 8 for q >= 2) of the fragment, column 2 t + (q & 1)
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < MI; ++i) {
+#pragma unroll
+    for (int j = 0; j < (ACT ? NJ / 2 : NJ); ++j) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int r = m_base + i * 16 + g + 8 * (q >> 1);
+        const int o = o0 + wn * (ACT ? WC / 2 : WC) + j * 8 + 2 * t + (q & 1);
+        if (r >= rows || o >= n) continue;
+        float v = acc[i][j][q];
+        if constexpr (ACT) {   // rounded as the graph's MatMul output and activation.cu
+          const float gate = rnd<T>(v), up = rnd<T>(acc[i][j + NJ / 2][q]);
+          v = rnd<T>(silu_f(gate)) * up;
+        }
+        out[(size_t)(r0 + r) * n + o] = T::from_f(v);
+      }
+    }
+  }
+}
+
+// ---- combine ----------------------------------------------------------------------------------
+// out[t] = sum over j of wts[t, j] * y[pos_of[t, j]] in fp32, in j order (ascending experts),
+// each product and sum rounded as the graph's fp32 Mul and ReduceSum (no FMA), then rounded
+// to the dtype. SHARED (Qwen2-MoE): out = that + sigmoid(gate[t]) * shared[t], each op
+// rounded to the dtype as the graph's Sigmoid, Mul and Add are. A CTA a token.
+template <typename T, int VEC, bool SHARED>
+__device__ __forceinline__ void moe_combine(const u16* __restrict__ y,
+                                            const int* __restrict__ pos_of,
+                                            const float* __restrict__ wts,
+                                            const u16* __restrict__ gate,
+                                            const u16* __restrict__ shared, int tokens,
+                                            int hidden, int top_k, u16* __restrict__ out) {
+  __shared__ int pos[MOE_MAX_TOPK];
+  __shared__ float wt[MOE_MAX_TOPK];
+  const int tk = blockIdx.x;
+  if (tk >= tokens) return;
+  if (threadIdx.x < top_k) {
+    pos[threadIdx.x] = pos_of[(size_t)tk * top_k + threadIdx.x];
+    wt[threadIdx.x] = wts[(size_t)tk * top_k + threadIdx.x];
+  }
+  __syncthreads();
+  const float share = SHARED ? rnd<T>(1.f / (1.f + expf(-T::to_f(gate[tk])))) : 0.f;
+  for (int c = threadIdx.x * VEC; c < hidden; c += blockDim.x * VEC) {
+    float acc[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[v] = 0.f;
+    for (int j = 0; j < top_k; ++j) {
+      float yv[VEC];
+      load_vec<T, VEC>(y + (size_t)pos[j] * hidden + c, yv);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] = __fadd_rn(acc[v], __fmul_rn(wt[j], yv[v]));
+    }
+    if constexpr (SHARED) {
+      float sh[VEC];
+      load_vec<T, VEC>(shared + (size_t)tk * hidden + c, sh);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] = rnd<T>(acc[v]) + rnd<T>(share * sh[v]);
+    }
+    store_vec<T, VEC>(out + (size_t)tk * hidden + c, acc);
+  }
+}
+
