@@ -415,6 +415,24 @@ def _checkpoint_kv_scales(sites, prequantized: Prequantized | None
     return [(have[s.layer][0] * FP8_MAX, have[s.layer][1] * FP8_MAX) for s in sites]
 
 
+def _given_parts(table: dict, names: list[str], shape) -> list | None:
+    """A checkpoint's parts (Int4Weight or Fp8BlockWeight, [out_j, in] each) of one graph
+    matrix [in, out], a fused GEMM's side by side along out: when the checkpoint gives every
+    one, in one block size, and together they make that shape."""
+    parts = [table.get(p) for p in names]
+    if any(p is None for p in parts) or len({p.block for p in parts}) != 1 or \
+            tuple(shape) != (parts[0].in_features, sum(p.scale.shape[0] for p in parts)):
+        return None
+    return parts
+
+
+def _side_by_side(arrays: list):
+    """The parts' [out_j, g] scales (or offsets) as the graph's [g, out]."""
+    import numpy as np
+
+    return np.ascontiguousarray(np.concatenate(arrays).T)
+
+
 def _checkpoint_fp8_blocks(sites, pre: Prequantized, weights: dict[str, Weight]) -> dict:
     """A block-wise FP8 checkpoint's weights under the fused graph's names, in its [in, out]
     layout: a fused GEMM's parts side by side (a stack of experts: each expert's so, stacked),
@@ -425,25 +443,17 @@ def _checkpoint_fp8_blocks(sites, pre: Prequantized, weights: dict[str, Weight])
     from llmc.passes.gemm import fused_parts
     from llmc.quantization.qdq import GivenFp8Blocks
 
-    def joined(names, shape) -> list | None:
-        """The parts of one [in, out] matrix, if the checkpoint gives them alike."""
-        parts = [pre.fp8_blocks.get(p) for p in names]
-        if any(p is None for p in parts) or len({p.block for p in parts}) != 1 or \
-                tuple(shape) != (parts[0].in_features, sum(p.scale.shape[0] for p in parts)):
-            return None
-        return parts
-
     def matrix(parts) -> np.ndarray:
         return transposed(np.concatenate([p.values() for p in parts], axis=0))
 
     def scale(parts) -> np.ndarray:
-        return np.ascontiguousarray(np.concatenate([p.scale for p in parts]).T)
+        return _side_by_side([p.scale for p in parts])
 
     given = {}
     for site in sites:
         w = weights[site.weight]
         if w.stacked:   # [E, in, out]: every expert given, in one block size
-            experts = [joined(names, w.shape[1:]) for names in w.stacked]
+            experts = [_given_parts(pre.fp8_blocks, names, w.shape[1:]) for names in w.stacked]
             if any(e is None for e in experts) or len({e[0].block for e in experts}) != 1:
                 continue
 
@@ -451,7 +461,8 @@ def _checkpoint_fp8_blocks(sites, pre: Prequantized, weights: dict[str, Weight])
                 return np.stack([matrix(parts) for parts in experts])
 
             given[site.weight] = GivenFp8Blocks(values, np.stack([scale(e) for e in experts]))
-        elif (parts := joined(fused_parts(site.weight), w.shape)) is not None:
+        elif (parts := _given_parts(pre.fp8_blocks, fused_parts(site.weight),
+                                    w.shape)) is not None:
             given[site.weight] = GivenFp8Blocks(lambda parts=parts: matrix(parts), scale(parts))
     return given
 
@@ -469,21 +480,18 @@ def _checkpoint_int4(sites, pre: Prequantized, shapes: dict[str, tuple]) -> dict
 
     given = {}
     for site in sites:
-        parts = [pre.int4.get(p) for p in fused_parts(site.weight)]
-        if any(p is None for p in parts) or len({p.block for p in parts}) != 1 or (
-                len(parts) > 1 and any(p.pre_quant_scale is not None for p in parts)) or \
-                tuple(shapes[site.weight]) != (parts[0].in_features,
-                                               sum(p.scale.shape[0] for p in parts)):
+        parts = _given_parts(pre.int4, fused_parts(site.weight), shapes[site.weight])
+        if parts is None or (len(parts) > 1 and
+                             any(p.pre_quant_scale is not None for p in parts)):
             continue
 
         def values(parts=parts) -> np.ndarray:
             q = np.concatenate([p.values() for p in parts], axis=0)        # [N, K]
             return transposed(q).astype(np_dtype("int4"))                  # [K, N]
 
-        offset = None if all(p.offset is None for p in parts) else np.ascontiguousarray(
-            np.concatenate([np.zeros_like(p.scale) if p.offset is None else p.offset
-                            for p in parts]).T)
+        offset = None if all(p.offset is None for p in parts) else _side_by_side(
+            [np.zeros_like(p.scale) if p.offset is None else p.offset for p in parts])
         given[site.weight] = GivenInt4(
-            values, np.ascontiguousarray(np.concatenate([p.scale for p in parts]).T),
-            parts[0].pre_quant_scale, offset, all(p.integer_zero_points for p in parts))
+            values, _side_by_side([p.scale for p in parts]), parts[0].pre_quant_scale, offset,
+            all(p.integer_zero_points for p in parts))
     return given
