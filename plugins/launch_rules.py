@@ -603,10 +603,10 @@ def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype
     [E, K / group, N], fp8b_group_shift(group))."""
     if k % 8 or not 0 < k <= INT32_MAX or not 0 < n <= INT32_MAX:
         raise ValueError(f"the MoE GEMMs need K a multiple of 8 (16-byte rows): N={n}, K={k}")
-    if fp8b_group and k % fp8b_group:
-        raise ValueError(f"block-wise FP8 experts of K={k} in blocks of {fp8b_group}")
     if fp8b_group:
         fp8b_group_shift(fp8b_group)   # a power of two from FP8B_MIN_GROUP, or ValueError
+        if k % fp8b_group:
+            raise ValueError(f"block-wise FP8 experts of K={k} in blocks of {fp8b_group}")
     bm = moe_block_m(tokens)
     tiles = moe_max_tiles(tokens, experts, top_k)
     name = f"moe_gemm_{'fp8b_' if fp8b_group else ''}{dtype_tag(dtype)}_m{bm}" + \

@@ -448,7 +448,7 @@ class Lowering:
         elif kind == FP8 and _attr(dq, "block_size", 0):   # weight-only, a scale a block
             block, axis = int(_attr(dq, "block_size", 0)), int(_attr(dq, "axis", 1))
             k, n = t.dims
-            if axis != 0 or block % lr.FP8B_MIN_GROUP or block & (block - 1) or k % block:
+            if axis != 0 or not _fp8b_block_fits(block, k):
                 raise UnsupportedGraph(
                     f"{dq.name!r}: the block-wise FP8 kernels take scales in blocks of a power "
                     f"of two from {lr.FP8B_MIN_GROUP} along K (block_size {block}, axis "
@@ -750,8 +750,8 @@ class Lowering:
             block = int(_attr(dq, "block_size", 0))
             if (t is None or st is None or _DTYPE_OF.get(t.data_type) != FP8
                     or len(t.dims) != 3 or _attr(dq, "axis", 1) != 1
-                    or (len(dq.input) > 2 and dq.input[2]) or block < lr.FP8B_MIN_GROUP
-                    or block & (block - 1) or t.dims[1] % block
+                    or (len(dq.input) > 2 and dq.input[2])
+                    or not _fp8b_block_fits(block, t.dims[1])
                     or list(st.dims) != [t.dims[0], t.dims[1] // block, t.dims[2]]):
                 fail(f"the experts' weights {mm.input[1]!r} are dequantized other than from "
                      "E4M3 with a scale a block of a power of two from "
@@ -1104,6 +1104,12 @@ class Lowering:
             live.append((offset, size, last))
             top = max(top, offset + size)
         return align(top)
+
+
+def _fp8b_block_fits(block: int, k: int) -> bool:
+    """Whether the block-wise FP8 kernels take scales in blocks of `block` along a K of `k`:
+    a power of two from launch_rules.FP8B_MIN_GROUP that divides K."""
+    return block >= lr.FP8B_MIN_GROUP and not block & (block - 1) and k % block == 0
 
 
 def _angle_chain(g: _Graph, value: str) -> list:
