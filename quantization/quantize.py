@@ -213,13 +213,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         # the 2-D GEMMs alone would leave the bulk of the weights 16-bit
         raise LlmcError(f"--quant {opts.mode} does not quantize a mixture of experts yet (the "
                         f"experts' stacked weights, e.g. {experts[0]!r}); build with --quant "
-                        "fp8-block (FP8 weights in blocks, the experts' too) or --quant none"
-                        + (", and --kv-cache-dtype auto (the FP8 KV cache is not built for a "
-                           "mixture yet)" if kv_fp8 else ""))
-    if experts and kv_fp8:
-        raise LlmcError(f"--kv-cache-dtype {opts.kv_cache_dtype} is not built for a mixture of "
-                        "experts yet; build with --kv-cache-dtype auto (--quant fp8-block "
-                        "quantizes the experts' weights to FP8)")
+                        "fp8-block (FP8 weights in blocks, the experts' too) or --quant none")
     needs_ort = opts.keeps_reference(prequantized)
     if needs_ort and io.kv_dtype == "bfloat16":
         raise LlmcError(f"--quant {opts.mode} with --dtype bf16: calibration and the accuracy "

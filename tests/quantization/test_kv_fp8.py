@@ -209,6 +209,31 @@ def test_tiny_models_meet_their_budget(tiny_models, tmp_path, words, kind, mode)
     assert len(out) > 0
 
 
+@pytest.mark.parametrize("mode", ["none", "fp8-block"])
+@pytest.mark.parametrize("kind", ["mixtral-top2", "qwen2moe-shared", "qwen3moe-qknorm"])
+def test_mixtures_of_experts_take_the_fp8_pool(tiny_models, tmp_path, words, kind, mode):
+    """The pool does not care what the MLP is: a mixture of experts takes E4M3 K/V (its
+    every layer's scales calibrated), alone and with its experts in block-wise FP8."""
+    from llmc.runtime.runner import Runner
+
+    folder, model = tiny_models[kind]
+    header = _kv_build(folder, tmp_path / "q.engine", words, mode=mode)
+    q = header.quant
+    assert q.mode == mode and q.kv_cache_dtype == "fp8"
+    assert len(q.kv_scales) == model.config.num_hidden_layers
+    assert np.all(np.asarray(q.kv_scales) > 0)
+    acc = q.accuracy
+    max_delta, min_top1 = KV_BUDGET["none" if mode == "none" else "fp8"]
+    assert abs(acc.delta_ppl_pct) <= max_delta and acc.top1_agreement >= min_top1, acc
+    model_onnx = onnx.load_from_string(EngineFile(tmp_path / "q.engine").section(
+        "model.onnx").tobytes())
+    pools = [i for i in model_onnx.graph.input if i.name.startswith("kv_cache")]
+    assert pools and all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT8E4M3FN
+                         for i in pools)
+    out = Runner(tmp_path / "q.engine").generate(["w3 w4 w5"], max_new_tokens=4)[0]
+    assert len(out) > 0
+
+
 def test_unfused_attention_takes_the_fp8_pool_too(tiny_models, tmp_path, words):
     """With the paged_attention pass off, the model's own ScatterND writes the dequantized
     pool: the same scales, the same accuracy as the fused graph's (one computation)."""
@@ -253,23 +278,26 @@ def test_bad_kv_options_are_one_error_line(tiny_models, tmp_path, capsys, args, 
         assert len(err.splitlines()) == 1 and "--gpu-arch sm_89" in err
 
 
-def test_tensorrt_rtx_builds_the_fp8_kv_graph(tiny_models, tmp_path, words):
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen3moe-qknorm"])
+def test_tensorrt_rtx_builds_the_fp8_kv_graph(tiny_models, tmp_path, words, kind):
     """The real TensorRT-RTX builder on the CPU takes the FP8 pools and rows (for compute
-    capability 8.9 and 12.0): a QUANTIZE layer per layer's rows, a DEQUANTIZE for its pool
-    and one for its rows; its session refuses the engine, naming what is missing."""
+    capability 8.9 and 12.0), a mixture of experts' too: a QUANTIZE layer per layer's rows,
+    a DEQUANTIZE for its pool and one for its rows; its session refuses the engine, naming
+    what is missing."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
     from llmc.backends import get
     from llmc.errors import LlmcError
 
-    header = _kv_build(tiny_models["llama-gqa"][0], tmp_path / "r.engine", words,
-                       backend="tensorrt-rtx")
+    folder, model = tiny_models[kind]
+    layers = model.config.num_hidden_layers
+    header = _kv_build(folder, tmp_path / "r.engine", words, backend="tensorrt-rtx")
     net = header.lowering
     assert net["rtx_targets"] == ["8.9", "12.0"]
     assert {k: net["layer_types"].get(k, 0) for k in ("QUANTIZE", "DEQUANTIZE")} == {
-        "QUANTIZE": 2, "DEQUANTIZE": 4}
+        "QUANTIZE": layers, "DEQUANTIZE": 2 * layers}
     pools = {t["name"]: t["dtype"] for t in net["inputs"] + net["outputs"]
              if contract.kv_layer(t["name"]) is not None or t["name"].startswith("kv_rows")}
-    assert pools == {contract.kv_cache_input(0): "FP8", contract.kv_cache_input(1): "FP8",
-                     contract.kv_rows_output(0): "FP8", contract.kv_rows_output(1): "FP8"}
+    assert pools == {name: "FP8" for i in range(layers)
+                     for name in (contract.kv_cache_input(i), contract.kv_rows_output(i))}
     with pytest.raises(LlmcError, match="FP8 KV cache .* does not write them yet"):
         get("tensorrt-rtx").open(EngineFile(tmp_path / "r.engine"))

@@ -387,19 +387,6 @@ def test_other_modes_refuse_a_mixture_of_experts(tiny_models, tmp_path, words, k
     assert not (tmp_path / "q.engine").exists()
 
 
-@pytest.mark.parametrize("mode", ["none", "fp8-block", "fp8"])
-def test_the_fp8_kv_cache_refuses_a_mixture_of_experts(tiny_models, tmp_path, words, mode):
-    """--kv-cache-dtype fp8 is not built for a mixture yet: one error (with --quant fp8, the
-    one that names both)."""
-    match = (r"^--kv-cache-dtype fp8 is not built for a mixture of experts yet; build with "
-             r"--kv-cache-dtype auto \(--quant fp8-block" if mode != "fp8" else
-             r"^--quant fp8 does not quantize .*--quant fp8-block .*, and --kv-cache-dtype auto")
-    with pytest.raises(LlmcError, match=match):
-        _build(tiny_models["qwen2moe-shared"][0], tmp_path / "q.engine", mode, words,
-               kv_cache_dtype="fp8")
-    assert not (tmp_path / "q.engine").exists()
-
-
 @pytest.mark.parametrize("kind", MOE_KINDS)
 def test_tensorrt_rtx_builds_fp8_block_experts(tiny_models, tmp_path, words, kind):
     """The real TensorRT-RTX builder on the CPU takes the experts' 3-D block-wise DQ (axis 1)

@@ -56,6 +56,8 @@ def _plan(path) -> Plan:
     ("gemma2-softcap", "sm_120", "none"),      # soft-capped, windowed layers
     ("gpt2-learned-pos", "sm_100a", "none"),   # no RoPE, a QKV bias
     ("qwen2-bias", "sm_90a", "fp8"),           # with FP8 weights
+    ("mixtral-top2", "sm_90a", "fp8-block"),   # a mixture, windowed, FP8 experts
+    ("qwen3moe-qknorm", "sm_90a", "none"),     # a mixture with q/k norms
 ])
 def test_fp8_kv_lowers_to_the_kernels_with_the_layer_scales(tiny_models_d64, tmp_path, words,
                                                             kind, arch, mode):
@@ -96,10 +98,10 @@ def test_fp8_kv_lowers_to_the_kernels_with_the_layer_scales(tiny_models_d64, tmp
             assert "_cache_e4m3_" in rope.kernel
             # ..., num_blocks, [the q/k norm's eps], ks, vs, q, k, v, pool
             qk_norm = "qk_norm_eps" in rope_ops[layer].attrs
-            assert qk_norm == (kind == "qwen3-qknorm")
+            assert qk_norm == kind.startswith("qwen3")
             assert rargs[-6:-4] == bits and rargs[-7 - qk_norm] == 65
             assert attn.module.endswith("_e4m3") and "_e4m3" in attn.kernel
-            window = 12 if capped and layer == 0 else 0
+            window = 12 if (capped and layer == 0) or kind == "mixtral-top2" else 0
             assert aargs[13:16] == [window, *bits]   # after q, 3 tables, pool, 8 scalars
 
 
@@ -188,18 +190,21 @@ def _pool(session, layer: int) -> np.ndarray:
 @pytest.mark.gpu
 @pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
 @pytest.mark.parametrize("graphs", [True, False])
-@pytest.mark.parametrize("kind", ["llama-gqa", "qwen3-qknorm", "gemma2-softcap",
-                                  "gpt2-learned-pos"])
+@pytest.mark.parametrize("kind, mode", [
+    ("llama-gqa", "none"), ("qwen3-qknorm", "none"), ("gemma2-softcap", "none"),
+    ("gpt2-learned-pos", "none"), ("qwen2moe-shared", "none"),
+    # mixtures with their experts in block-wise FP8 (the moe op's E4M3 kernels)
+    ("mixtral-top2", "fp8-block"), ("qwen3moe-qknorm", "fp8-block")])
 def test_fp8_kv_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, words, kind,
-                                                     graphs):
+                                                     mode, graphs):
     from hf_steps import Ragged, two_engine_steps
 
     from llmc.backends.cuda.session import CudaSession
     from llmc.backends.reference import ReferenceSession
 
     folder, model = tiny_models_d64[kind]
-    built = _build(folder, tmp_path / "c.engine", words, arch=None)
-    ref_built = _build(folder, tmp_path / "r.engine", words, backend="reference")
+    built = _build(folder, tmp_path / "c.engine", words, arch=None, mode=mode)
+    ref_built = _build(folder, tmp_path / "r.engine", words, backend="reference", mode=mode)
     assert built.quant.kv_scales == ref_built.quant.kv_scales   # one calibration
     bs = LIMITS.kv_block_size
     blocks, num_blocks, steps = two_engine_steps(model.config.vocab_size, bs)
@@ -227,7 +232,7 @@ def test_fp8_kv_engine_matches_the_reference_backend(tiny_models_d64, tmp_path, 
                 sames.append((i, layer, float(np.mean(a[written] == b[written]))))
     worst, fewest = max(errs, key=lambda e: e[1]), min(sames, key=lambda e: e[2])
     by_layer = [min(v for _, ly, v in sames if ly == layer) for layer in range(io.num_layers)]
-    print(f"{kind} graphs={graphs}: max rel err {worst[1]:.2e} (step {worst[0]}), "
+    print(f"{kind} {mode} graphs={graphs}: max rel err {worst[1]:.2e} (step {worst[0]}), "
           f"least equal bytes {fewest[2]:.3f} (step {fewest[0]}, layer {fewest[1]}), "
           f"by layer {' '.join(f'{v:.3f}' for v in by_layer)}; errs "
           f"{' '.join(f'{e:.1e}' for _, e in errs)}")
