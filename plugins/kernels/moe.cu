@@ -3,7 +3,8 @@
 #include "moe.cuh"
 
 // ---- entry points ---------------------------------------------------------------------------
-// moe_route_<dt>(logits, T, E, k, renorm, bm, ids, wts, pos_of, perm, meta)
+// moe_route_<dt>(logits, T, E, k, renorm, bm, ids, wts, pos_of, perm, meta, picked)
+// moe_topk_<dt>(logits, T, E, k, renorm, ids, wts)
 // moe_gemm_<dt>_m<BM>[_swiglu](x, w, perm-or-null, meta, E, n, K, out), BM 8, 64 or 128
 // moe_combine[_shared]_<dt>_v<VEC>(y, pos_of, wts, gate-or-null, shared-or-null, T, H, k, out)
 // The GEMM shapes (launch_rules.moe_gemm_launch picks by T): m8, a tile of up to 8 positions
@@ -47,8 +48,14 @@
 #define MOE_DTYPE(DT, TY)                                                                      \
   extern "C" __global__ void __launch_bounds__(MOE_ROUTE_THREADS) moe_route_##DT(              \
       const u16* logits, int tokens, int experts, int top_k, int renorm, int bm, int* ids,    \
-      float* wts, int* pos_of, int* perm, int* meta) {                                         \
-    moe_route<TY>(logits, tokens, experts, top_k, renorm, bm, ids, wts, pos_of, perm, meta);  \
+      float* wts, int* pos_of, int* perm, int* meta, int picked) {                             \
+    moe_route<TY>(logits, tokens, experts, top_k, renorm, bm, ids, wts, pos_of, perm, meta,   \
+                  picked);                                                                     \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(MOE_TOPK_THREADS) moe_topk_##DT(                \
+      const u16* logits, int tokens, int experts, int top_k, int renorm, int* ids,            \
+      float* wts) {                                                                            \
+    moe_topk<TY>(logits, tokens, experts, top_k, renorm, ids, wts);                           \
   }                                                                                            \
   MOE_GEMM(DT, TY, 8, 1, 1, 8, 2)                                                              \
   MOE_GEMM_TC(DT, TY, 64)                                                                      \

@@ -41,6 +41,7 @@
 #define MOE_MAX_EXPERTS 256
 #define MOE_MAX_TOPK 8
 #define MOE_ROUTE_THREADS 1024
+#define MOE_TOPK_THREADS 128
 #define MOE_NONE 0x7fffffff
 
 // ---- routing and grouping: one CTA ---------------------------------------------------------
@@ -54,9 +55,108 @@ __device__ __forceinline__ bool moe_better(float v, int i, float bv, int bi) {
   return v > bv || (v == bv && i < bi);
 }
 
+// A token's softmax (fp32) and top-k by one warp: ids[tk] its experts ascending, wts[tk]
+// their probabilities (renormalised over the k if renorm).
+template <typename T>
+__device__ __forceinline__ void moe_pick(const u16* __restrict__ logits, int tk, int experts,
+                                         int top_k, int renorm, int* __restrict__ ids,
+                                         float* __restrict__ wts) {
+  constexpr int EPL = MOE_MAX_EXPERTS / 32;   // a lane's experts: lane, lane + 32, ...
+  const int lane = threadIdx.x & 31;
+  float p[EPL];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) {
+    const int e = lane + 32 * i;
+    p[i] = e < experts ? T::to_f(logits[(size_t)tk * experts + e]) : -INFINITY;
+    mx = fmaxf(mx, p[i]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) {
+    p[i] = lane + 32 * i < experts ? expf(p[i] - mx) : 0.f;
+    s += p[i];
+  }
+  s = warp_sum(s);
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) {
+    p[i] = p[i] / s;
+    if (!(p[i] >= 0.f)) p[i] = -1.f;   // NaN (a NaN or all -inf row): last, totally ordered
+  }
+  unsigned taken = 0;                         // bit i: expert lane + 32 i already chosen
+  int sel[MOE_MAX_TOPK];
+  float val[MOE_MAX_TOPK];
+#pragma unroll
+  for (int r = 0; r < MOE_MAX_TOPK; ++r) {
+    sel[r] = MOE_NONE;
+    val[r] = 0.f;
+    if (r >= top_k) continue;
+    float bv = -INFINITY;
+    int bi = MOE_NONE;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) {
+      const int e = lane + 32 * i;
+      if (e < experts && !(taken >> i & 1) && moe_better(p[i], e, bv, bi)) {
+        bv = p[i];
+        bi = e;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (moe_better(ov, oi, bv, bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    sel[r] = bi;
+    val[r] = bv;
+    if (bi != MOE_NONE && (bi & 31) == lane) taken |= 1u << (bi >> 5);
+  }
+  if (renorm) {   // the graph's Div(top, ReduceSum(top)), summed in rank order
+    float sum = 0.f;
+#pragma unroll
+    for (int r = 0; r < MOE_MAX_TOPK; ++r) sum += r < top_k ? val[r] : 0.f;
+#pragma unroll
+    for (int r = 0; r < MOE_MAX_TOPK; ++r) val[r] = val[r] / sum;
+  }
+  // ascending experts: the combine then sums in the graph's order, and grouping is stable
+#pragma unroll
+  for (int a = 0; a < MOE_MAX_TOPK; ++a)
+#pragma unroll
+    for (int b = 0; b + 1 < MOE_MAX_TOPK - a; ++b)
+      if (b + 1 < top_k && sel[b] > sel[b + 1]) {
+        const int si = sel[b];
+        sel[b] = sel[b + 1];
+        sel[b + 1] = si;
+        const float sv = val[b];
+        val[b] = val[b + 1];
+        val[b + 1] = sv;
+      }
+#pragma unroll
+  for (int r = 0; r < MOE_MAX_TOPK; ++r)
+    if (lane == r && r < top_k) {
+      ids[(size_t)tk * top_k + r] = sel[r];
+      wts[(size_t)tk * top_k + r] = val[r];
+    }
+}
+
+// The top-k alone over a grid, a warp a token (moe_route then groups: steps of more than
+// MOE_ROUTE_THREADS / 32 tokens, which one CTA's warps would walk several times over).
+template <typename T>
+__device__ __forceinline__ void moe_topk(const u16* __restrict__ logits, int tokens,
+                                         int experts, int top_k, int renorm,
+                                         int* __restrict__ ids, float* __restrict__ wts) {
+  const int tk = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (tk < tokens) moe_pick<T>(logits, tk, experts, top_k, renorm, ids, wts);
+}
+
 // One CTA of up to MOE_ROUTE_THREADS threads (launch_rules: 32 a token, at least 128).
-// Step 1: a warp a token, softmax and top-k. Step 2: counts, offsets and tiles. Step 3:
-// positions, stable (token order within an expert): the block walks the routed rows in
+// Step 1 (unless `picked`: moe_topk wrote ids and wts): a warp a token, moe_pick. Step 2:
+// counts, then offsets and tiles (a block-wide scan). Step 3: positions, stable (token order within an expert): the block walks the routed rows in
 // chunks of its size; lanes of a warp that chose the same expert find each other with
 // __match_any_sync, and each warp's count per expert, summed over the warps before it,
 // places its rows after theirs.
@@ -65,112 +165,77 @@ __device__ __forceinline__ void moe_route(const u16* __restrict__ logits, int to
                                           int experts, int top_k, int renorm, int bm,
                                           int* __restrict__ ids, float* __restrict__ wts,
                                           int* __restrict__ pos_of, int* __restrict__ perm,
-                                          int* __restrict__ meta) {
-  constexpr int EPL = MOE_MAX_EXPERTS / 32;   // a lane's experts: lane, lane + 32, ...
+                                          int* __restrict__ meta, int picked) {
   __shared__ int cnt[MOE_MAX_EXPERTS], cursor[MOE_MAX_EXPERTS], first_tile[MOE_MAX_EXPERTS];
   __shared__ int wc[MOE_ROUTE_THREADS / 32][MOE_MAX_EXPERTS];
+  __shared__ int wsum[2][MOE_ROUTE_THREADS / 32], carry[2];   // the scan of the counts
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   for (int e = threadIdx.x; e < experts; e += blockDim.x) cnt[e] = 0;
+  if (threadIdx.x < 2) carry[threadIdx.x] = 0;
 
-  for (int tk = warp; tk < tokens; tk += nwarps) {
-    float p[EPL];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      const int e = lane + 32 * i;
-      p[i] = e < experts ? T::to_f(logits[(size_t)tk * experts + e]) : -INFINITY;
-      mx = fmaxf(mx, p[i]);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    float s = 0.f;
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      p[i] = lane + 32 * i < experts ? expf(p[i] - mx) : 0.f;
-      s += p[i];
-    }
-    s = warp_sum(s);
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) {
-      p[i] = p[i] / s;
-      if (!(p[i] >= 0.f)) p[i] = -1.f;   // NaN (a NaN or all -inf row): last, totally ordered
-    }
-    unsigned taken = 0;                         // bit i: expert lane + 32 i already chosen
-    int sel[MOE_MAX_TOPK];
-    float val[MOE_MAX_TOPK];
-#pragma unroll
-    for (int r = 0; r < MOE_MAX_TOPK; ++r) {
-      sel[r] = MOE_NONE;
-      val[r] = 0.f;
-      if (r >= top_k) continue;
-      float bv = -INFINITY;
-      int bi = MOE_NONE;
-#pragma unroll
-      for (int i = 0; i < EPL; ++i) {
-        const int e = lane + 32 * i;
-        if (e < experts && !(taken >> i & 1) && moe_better(p[i], e, bv, bi)) {
-          bv = p[i];
-          bi = e;
-        }
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (moe_better(ov, oi, bv, bi)) {
-          bv = ov;
-          bi = oi;
-        }
-      }
-      sel[r] = bi;
-      val[r] = bv;
-      if (bi != MOE_NONE && (bi & 31) == lane) taken |= 1u << (bi >> 5);
-    }
-    if (renorm) {   // the graph's Div(top, ReduceSum(top)), summed in rank order
-      float sum = 0.f;
-#pragma unroll
-      for (int r = 0; r < MOE_MAX_TOPK; ++r) sum += r < top_k ? val[r] : 0.f;
-#pragma unroll
-      for (int r = 0; r < MOE_MAX_TOPK; ++r) val[r] = val[r] / sum;
-    }
-    // ascending experts: the combine then sums in the graph's order, and grouping is stable
-#pragma unroll
-    for (int a = 0; a < MOE_MAX_TOPK; ++a)
-#pragma unroll
-      for (int b = 0; b + 1 < MOE_MAX_TOPK - a; ++b)
-        if (b + 1 < top_k && sel[b] > sel[b + 1]) {
-          const int si = sel[b];
-          sel[b] = sel[b + 1];
-          sel[b + 1] = si;
-          const float sv = val[b];
-          val[b] = val[b + 1];
-          val[b + 1] = sv;
-        }
-#pragma unroll
-    for (int r = 0; r < MOE_MAX_TOPK; ++r)
-      if (lane == r && r < top_k) {
-        ids[(size_t)tk * top_k + r] = sel[r];
-        wts[(size_t)tk * top_k + r] = val[r];
-      }
-  }
+  if (!picked)
+    for (int tk = warp; tk < tokens; tk += nwarps)
+      moe_pick<T>(logits, tk, experts, top_k, renorm, ids, wts);
   __syncthreads();   // ids are visible to the whole block from here
 
   const int rows = tokens * top_k;
   for (int i = threadIdx.x; i < rows; i += blockDim.x) atomicAdd(&cnt[ids[i]], 1);
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int off = 0, ntiles = 0;
-    for (int e = 0; e < experts; ++e) {
+  // Offsets and first tiles: an exclusive scan of (rows, tiles) over the experts, blockDim of
+  // them at a time (each warp's by shuffles, then the warps' totals by warp 0); one thread
+  // walking the experts made the routing of Qwen3-30B-A3B's 128 a decode step's longest
+  // kernel of a layer (bench/results/moe.md).
+  for (int base = 0; base < experts; base += blockDim.x) {
+    const int e = base + threadIdx.x;
+    const int c = e < experts ? cnt[e] : 0, t = (c + bm - 1) / bm;
+    int ci = c, ti = t;   // inclusive within the warp
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int a = __shfl_up_sync(0xffffffffu, ci, o), b = __shfl_up_sync(0xffffffffu, ti, o);
+      if (lane >= o) {
+        ci += a;
+        ti += b;
+      }
+    }
+    if (lane == 31) {
+      wsum[0][warp] = ci;
+      wsum[1][warp] = ti;
+    }
+    __syncthreads();
+    if (warp == 0) {   // the warps' totals -> each warp's exclusive prefix
+      const int a = lane < nwarps ? wsum[0][lane] : 0, b = lane < nwarps ? wsum[1][lane] : 0;
+      int ai = a, bi = b;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int x = __shfl_up_sync(0xffffffffu, ai, o), y = __shfl_up_sync(0xffffffffu, bi, o);
+        if (lane >= o) {
+          ai += x;
+          bi += y;
+        }
+      }
+      if (lane < nwarps) {
+        wsum[0][lane] = ai - a;
+        wsum[1][lane] = bi - b;
+      }
+    }
+    __syncthreads();
+    const int off = carry[0] + wsum[0][warp] + ci - c, tile = carry[1] + wsum[1][warp] + ti - t;
+    if (e < experts) {
       meta[1 + e] = off;
       cursor[e] = off;
-      first_tile[e] = ntiles;
-      ntiles += (cnt[e] + bm - 1) / bm;
-      off += cnt[e];
+      first_tile[e] = tile;
     }
-    meta[1 + experts] = off;
-    meta[0] = ntiles;
+    __syncthreads();   // carry read by all before the last thread moves it on
+    if (threadIdx.x == blockDim.x - 1) {   // its expert is the chunk's last (or none: c = t = 0)
+      carry[0] = off + c;
+      carry[1] = tile + t;
+    }
+    __syncthreads();
   }
-  __syncthreads();
+  if (threadIdx.x == 0) {
+    meta[1 + experts] = carry[0];
+    meta[0] = carry[1];
+  }
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
     int* tile = meta + 2 + experts + 3 * first_tile[e];
     for (int r = 0; r < cnt[e]; r += bm, tile += 3) {

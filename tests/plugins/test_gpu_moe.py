@@ -17,7 +17,9 @@ What is held, and how closely:
 - the combine: < 5e-3 against the fp32 sum of the kernel's own rows (the same products and
   sums in the same order: a bf16 output may differ by one rounding);
 - the layer end to end against a reference built from scratch, < 2e-2;
-- a CUDA graph of the layer replays other routings (no size comes from the host).
+- a CUDA graph of the layer replays other routings (no size comes from the host);
+- the grouping over 33, 200 and 256 experts (the scan of the counts a CTA's width at a
+  time).
 Shapes: T = 1 .. 1000 (the 8-row decode tiles and the 64- and 128-row tiles of the
 shared-memory tiled GEMM, at the sizes where the launch rules switch), Mixtral-like (8
 experts, top 2, renormalised), Qwen2-MoE-like (60, top 4, not renormalised, an
@@ -208,6 +210,23 @@ def _positions(ids, experts):
         pos[tok, j] = torch.arange(at, at + len(tok), device=ids.device, dtype=ids.dtype)
         at += len(tok)
     return pos
+
+
+@pytest.mark.parametrize("load", ["even", "skewed"])
+@pytest.mark.parametrize("t", (1, 4, 5, 40, 300))
+@pytest.mark.parametrize("experts,k", [(256, 8), (200, 6), (33, 2)])
+def test_routing_scans_more_experts_than_threads(K, experts, k, t, load):
+    """The routing's scan of the counts runs over the experts a CTA's width at a time: 256
+    and 200 experts are two chunks of a decode step's 128 threads (the carry between them),
+    33 one warp and a lane of the next; 40 and 300 tokens take wider CTAs."""
+    x, logits, gate_up, down = make(t, experts, 64, 32, torch.bfloat16, load, k=k)
+    out, parts = K.moe(x, logits, gate_up, down, k, True)
+    ids = parts["ids"]
+    want_ids, _, margin = route_ref(logits, k, True)
+    clear = margin > MARGIN
+    assert (ids[clear] == want_ids[clear]).all(), "routing differs from softmax top-k"
+    check_grouping(ids, parts["pos_of"], parts["perm"], parts["meta"], t, experts, k)
+    assert not out.isnan().any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

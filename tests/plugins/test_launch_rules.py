@@ -289,6 +289,18 @@ def test_moe_launches():
     assert (route.kernel, route.grid, route.block) == ("moe_route_bf16", (1, 1, 1), (224, 1, 1))
     assert lr.moe_route_launch(1, 8, 2, "float16").block == (128, 1, 1)
     assert lr.moe_route_launch(5000, 128, 8, "float16").block == (1024, 1, 1)
+    # up to 32 tokens one launch picks and groups; past that the top-k over a grid first,
+    # a warp a token, and the one CTA told so (its last argument)
+    for t, want in ((1, ["moe_route_bf16"]), (32, ["moe_route_bf16"]),
+                    (33, ["moe_topk_bf16", "moe_route_bf16"])):
+        steps = lr.moe_route_launches(t, 128, 8, "bfloat16", True, lr.moe_block_m(t),
+                                      "logits", "ids", "wts", "pos_of", "perm", "meta")
+        assert [ln.kernel for ln, _ in steps] == want
+        assert steps[-1][1] == ["logits", t, 128, 8, 1, lr.moe_block_m(t), "ids", "wts",
+                                "pos_of", "perm", "meta", int(t > 32)]
+    topk = lr.moe_topk_launch(4096, 128, 8, "float16")
+    assert topk.grid == (1024, 1, 1) and topk.block == (128, 1, 1)
+    assert lr.moe_topk_launch(33, 8, 2, "float16").grid == (9, 1, 1)
     # decode: 8-row tiles, 8 warps over K, 16 weight rows a CTA (8 outputs fused)
     gu = lr.moe_gemm_launch(1, 8, 2, 14336, 4096, "float16", act=True)
     assert gu.kernel == "moe_gemm_f16_m8_swiglu" and gu.grid == (14336 // 8, 2, 1)

@@ -43,8 +43,10 @@ from llmc.errors import LlmcError
 # format-2 engine's cubins lack. 4: the decode attention entries take the host's schedule as
 # one more argument (attention_plan.decode_schedule), which a format-3 engine's lack. 5: a
 # schedule row holds its token's sequence and position (8 ints, was 4 after a token table),
-# which a format-4 engine's decode kernels would misread.
-FORMAT = 5
+# which a format-4 engine's decode kernels would misread. 6: a MoE step of more than 32
+# tokens runs the top-k over a grid (moe_topk_*, which a format-5 engine's cubins lack) and
+# the routing kernel takes one more argument.
+FORMAT = 6
 PLAN, WEIGHTS = "plan.json", "weights"     # engine sections; cubins are "cubin.<module>"
 ALIGN = 256          # every arena and weight offset: enough for 16-byte vector loads and TMA
 SYMBOLS = ("T", "B")
