@@ -484,8 +484,7 @@ class Kernels:
         perm = torch.empty(t * top_k, dtype=torch.int32, device=dev)
         meta = torch.empty(t * lr.moe_meta_ints(e, top_k), dtype=torch.int32, device=dev)
         for launch, args in lr.moe_route_launches(t, e, top_k, self._dtype(logits), renormalise,
-                                                  lr.moe_block_m(t), logits, ids, wts, pos_of,
-                                                  perm, meta):
+                                                  logits, ids, wts, pos_of, perm, meta):
             self.launch(launch, args)
         return ids, wts, pos_of, perm, meta
 

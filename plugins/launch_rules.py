@@ -535,6 +535,7 @@ MOE_TC_BN, MOE_TC_BK = 128, 32
 MOE_TC_SHAPE = (2, 2, 4)
 MOE_TC_THREADS = 32 * MOE_TC_SHAPE[0] * MOE_TC_SHAPE[1]
 MOE_M128_FROM = 129        # tokens from which tiles hold 128 positions
+MOE_M8_ROWS = 4            # routed rows an expert (on average) up to which tiles hold 8
 MAX_GRID_Y = 65535
 
 
@@ -548,12 +549,17 @@ def moe_check(experts: int, top_k: int, hidden: int, inter: int) -> None:
                          f"multiples of 8 (16-byte rows), not {hidden} and {inter}")
 
 
-def moe_block_m(tokens: int) -> int:
-    """Positions a grouped-GEMM tile: an expert holds at most T of them, so a decode step of
-    up to 8 tokens takes the 8-row kernel; larger steps the tiled one, 64 positions a tile
-    while experts hold few rows (little MMA work wasted on a tile's empty rows), then 128
-    (each weight tile read once for twice the rows)."""
-    return 8 if tokens <= 8 else 64 if tokens < MOE_M128_FROM else 128
+def moe_block_m(tokens: int, experts: int, top_k: int) -> int:
+    """Positions a grouped-GEMM tile. The 8-row kernel while the experts hold few rows: an
+    expert holds at most T, so every step of up to 8 tokens, and any step whose T k routed
+    rows average at most MOE_M8_ROWS an expert (Qwen3-30B-A3B's 128 experts, top 8: up to 64
+    tokens), where it streams each chosen expert's weights about once at the decode
+    kernel's speed and a 64-row tile would multiply mostly empty rows. Larger steps take the
+    tiled one, 64 positions a tile while experts hold few rows (little MMA work wasted on a
+    tile's empty rows), then 128 (each weight tile read once for twice the rows)."""
+    if tokens <= 8 or tokens * top_k <= MOE_M8_ROWS * experts:
+        return 8
+    return 64 if tokens < MOE_M128_FROM else 128
 
 
 def moe_gemm_smem(bm: int, stages: int = MOE_TC_SHAPE[2], fp8b: bool = False) -> int:
@@ -570,8 +576,8 @@ def moe_max_tiles(tokens: int, experts: int, top_k: int, bm: int | None = None) 
     """The most tiles the routing can make for T tokens: with A <= min(E, T k) experts
     chosen, sum over them of ceil(rows_e / BM) <= (T k + A (BM - 1)) / BM, and an expert has
     at most T rows. The GEMMs' tile grid; CTAs past the step's real count leave at once.
-    bm: the tile height, moe_block_m(T) unless given (bench/kernels/moe.py --sweep)."""
-    bm, rows = bm or moe_block_m(tokens), tokens * top_k
+    bm: the tile height, moe_block_m unless given (bench/kernels/moe.py --sweep)."""
+    bm, rows = bm or moe_block_m(tokens, experts, top_k), tokens * top_k
     active = min(experts, rows)
     return max(1, min((rows + active * (bm - 1)) // bm, active * -(-tokens // bm)))
 
@@ -584,7 +590,7 @@ def moe_meta_ints(experts: int, top_k: int) -> int:
 
 def moe_route_launch(tokens: int, experts: int, top_k: int, dtype: str) -> Launch:
     """Softmax (fp32) and top-k of the router logits [T, E], the routed rows grouped by
-    expert. args (logits, T, E, k, renormalise 0/1, moe_block_m(T), ids [T, k] i32,
+    expert. args (logits, T, E, k, renormalise 0/1, moe_block_m, ids [T, k] i32,
     wts [T, k] f32, pos_of [T, k] i32, perm [T k] i32, meta [T, moe_meta_ints] i32,
     picked 0/1: ids and wts already written by moe_topk_launch's kernel)."""
     moe_check(experts, top_k, 8, 8)
@@ -605,12 +611,15 @@ def moe_topk_launch(tokens: int, experts: int, top_k: int, dtype: str) -> Launch
 
 
 def moe_route_launches(tokens: int, experts: int, top_k: int, dtype: str, renormalise: bool,
-                       bm: int, logits, ids, wts, pos_of, perm, meta) -> list[tuple]:
-    """The routing of a step as (Launch, args) pairs. Up to MOE_ROUTE_THREADS / 32 tokens
+                       logits, ids, wts, pos_of, perm, meta, bm: int | None = None
+                       ) -> list[tuple]:
+    """The routing of a step as (Launch, args) pairs, its tiles of bm positions (moe_block_m
+    unless given: bench/kernels/moe.py --sweep). Up to MOE_ROUTE_THREADS / 32 tokens
     one CTA picks and groups (a decode step: one launch); past that the top-k runs over a
     grid first, since one CTA's warps would walk the tokens several times over (it was half
     of a 4096-token Qwen3-30B-A3B layer, bench/results/moe.md), and the CTA only groups."""
     split = tokens > MOE_ROUTE_THREADS // 32
+    bm = bm or moe_block_m(tokens, experts, top_k)
     route = (moe_route_launch(tokens, experts, top_k, dtype),
              [logits, tokens, experts, top_k, int(renormalise), bm, ids, wts, pos_of, perm,
               meta, int(split)])
@@ -634,8 +643,8 @@ def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype
         fp8b_group_shift(fp8b_group)   # a power of two from FP8B_MIN_GROUP, or ValueError
         if k % fp8b_group:
             raise ValueError(f"block-wise FP8 experts of K={k} in blocks of {fp8b_group}")
-    bm = moe_block_m(tokens)
-    tiles = moe_max_tiles(tokens, experts, top_k)
+    bm = moe_block_m(tokens, experts, top_k)
+    tiles = moe_max_tiles(tokens, experts, top_k, bm)
     name = f"moe_gemm_{'fp8b_' if fp8b_group else ''}{dtype_tag(dtype)}_m{bm}" + \
         ("_swiglu" if act else "")
     module = "moe_fp8b" if fp8b_group else "moe"

@@ -208,7 +208,6 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     from llmc.quantization import kv, measure, qdq
 
     experts = [w.name for w in weights if len(w.shape) == 3]
-    kv_fp8 = opts.kv_cache_dtype != "auto"
     if experts and opts.mode not in ("fp8-block", "none"):
         # the 2-D GEMMs alone would leave the bulk of the weights 16-bit
         raise LlmcError(f"--quant {opts.mode} does not quantize a mixture of experts yet (the "

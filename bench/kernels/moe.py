@@ -17,10 +17,11 @@ random routing), it reports:
   the index lists precomputed, so none of its host work is timed), and the largest
   difference between the two outputs.
 
---sweep also times the grouped GEMMs in other shapes on the same routing: for decode steps
-(T <= 8) the 8-row kernel compiled with other warp shapes (warps over N and over K, chunks
+--sweep also times the grouped GEMMs in other shapes on the same routing: where the 8-row
+kernel serves (decode steps, and steps whose experts hold few rows: moe_block_m) that kernel
+compiled with other warp shapes (warps over N and over K, chunks
 loaded ahead) from the same source, the figures that choose MOE_GEMM's parameters in moe.cu
-(launch_rules.MOE_GEMM_SHAPES); for larger steps the tiled kernel at each tile height
+(launch_rules.MOE_GEMM_SHAPES); for steps past 8 tokens the tiled kernel at each tile height
 (launch_rules.MOE_TC_BLOCK_M, the routing regrouped for it: the figures behind
 moe_block_m's switch) in its shipped shape and in other warp layouts and pipeline depths
 (TC_SWEEP, compiled from the same source: the figures behind MOE_TC_SHAPE) and, for
@@ -84,8 +85,10 @@ def sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream):
     routing regrouped into tiles of its height (a meta buffer of its own)."""
     dt, rows = "bfloat16", []
     wm0, wn0, st0 = lr.MOE_TC_SHAPE
+    # the 8-row kernel where it serves (moe_block_m), the tiled ones past decode steps
     shapes = ([(8, f"m8 register {wn} x {sk} U{u}", wn, sk, u) for wn, sk, u in SWEEP[8]]
-              if t <= 8 else
+              if lr.moe_block_m(t, EXPERTS, TOP_K) == 8 else []) + (
+              [] if t <= 8 else
               [(bm, f"m{bm} tiled {wm} x {wn} S{st}" + (" (shipped)" if sh else ""), wm, wn, st)
                for bm in lr.MOE_TC_BLOCK_M
                for (wm, wn, st), sh in [(lr.MOE_TC_SHAPE, True)]
@@ -97,8 +100,8 @@ def sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream):
         wts = torch.empty(t, TOP_K, device="cuda", dtype=torch.float32)
         perm = torch.empty(t * TOP_K, **i32)
         meta = torch.empty(t * lr.moe_meta_ints(EXPERTS, TOP_K), **i32)
-        for launch, args in lr.moe_route_launches(t, EXPERTS, TOP_K, dt, True, bm, logits, ids,
-                                                  wts, pos_of, perm, meta):
+        for launch, args in lr.moe_route_launches(t, EXPERTS, TOP_K, dt, True, logits, ids, wts,
+                                                  pos_of, perm, meta, bm):
             K.functions.launch(launch, args, stream())
         act = torch.empty(t * TOP_K, INTER, device="cuda", dtype=x.dtype)
         y = torch.empty(t * TOP_K, HIDDEN, device="cuda", dtype=x.dtype)
@@ -221,8 +224,8 @@ def main() -> None:
         flops = 2 * t * TOP_K * 3 * HIDDEN * INTER
         dt = "bfloat16"
         launches = {   # each part's (Launch, args) pairs
-            "route": lr.moe_route_launches(t, EXPERTS, TOP_K, dt, True, lr.moe_block_m(t),
-                                           logits, ids, wts, parts["pos_of"], perm, meta),
+            "route": lr.moe_route_launches(t, EXPERTS, TOP_K, dt, True, logits, ids, wts,
+                                           parts["pos_of"], perm, meta),
             "gate_up": [(lr.moe_gemm_launch(t, EXPERTS, TOP_K, INTER, HIDDEN, dt, True),
                          [x, gate_up, perm, meta, EXPERTS, INTER, HIDDEN, act])],
             "down": [(lr.moe_gemm_launch(t, EXPERTS, TOP_K, HIDDEN, INTER, dt, False),
@@ -282,8 +285,9 @@ def main() -> None:
             f"{p['route'] * 1e6:.1f} | {p['gate_up'] * 1e6:.1f} | {p['down'] * 1e6:.1f} | "
             f"{p['combine'] * 1e6:.1f} | {torch_s * 1e6:.1f} | {diff:.1e} |")
     if sweep_rows:
-        lines += ["", "Grouped-GEMM shapes (--sweep; shipped: m8 register 1 x 8 U2 for T <= 8, "
-                  f"tiled m64 for T < {lr.MOE_M128_FROM}, tiled m128 from there): HBM = the "
+        lines += ["", "Grouped-GEMM shapes (--sweep; shipped: m8 register 1 x 8 U2 for T <= 8 "
+                  f"or T k <= {lr.MOE_M8_ROWS} E, else tiled m64 for T < {lr.MOE_M128_FROM}, "
+                  "tiled m128 from there): HBM = the "
                   "chosen experts' gate-up or down bytes / time, TFLOP/s of both GEMMs", "",
                   "| T | kernel | gate-up us | HBM | down us | HBM | TFLOP/s |",
                   "|---|---|---|---|---|---|---|"]

@@ -7,9 +7,10 @@
 // moe_topk_<dt>(logits, T, E, k, renorm, ids, wts)
 // moe_gemm_<dt>_m<BM>[_swiglu](x, w, perm-or-null, meta, E, n, K, out), BM 8, 64 or 128
 // moe_combine[_shared]_<dt>_v<VEC>(y, pos_of, wts, gate-or-null, shared-or-null, T, H, k, out)
-// The GEMM shapes (launch_rules.moe_gemm_launch picks by T): m8, a tile of up to 8 positions
-// (decode: an expert has at most T rows) with 8 warps over K, as tc_gemv splits K, so the
-// few weight rows a CTA has still keep enough loads in flight; m64 and m128, the tiled
+// The GEMM shapes (launch_rules.moe_block_m picks by T, E and k): m8, a tile of up to 8
+// positions (decode, where an expert has at most T rows, and steps whose experts hold at
+// most 4 rows on average) with 8 warps over K, as tc_gemv splits K, so the few weight rows
+// a CTA has still keep enough loads in flight; m64 and m128, the tiled
 // moe_gemm_tc over tiles of 64 or 128 positions, 2 x 2 warps, 4 k steps in flight: 4 x
 // (BM + 128) x 32 halfs of dynamic shared memory (launch_rules.moe_gemm_smem).
 #define MOE_GEMM_ENTRY(NAME, TY, NT, WN, SK, U, ACT)                                           \

@@ -4,7 +4,8 @@
 //                 (fp32), optionally renormalised, and the routed rows grouped by expert
 //   moe_gemm      the grouped GEMMs on tensor cores: gate-up with SwiGLU fused, then down,
 //                 each expert's rows against that expert's weights only (moe_gemm_tc, a
-//                 shared-memory tiled GEMM, for steps of more than 8 tokens)
+//                 shared-memory tiled GEMM, for steps past 8 tokens whose experts hold
+//                 more than a few rows each: launch_rules.moe_block_m)
 //   moe_combine   the weighted sum of each token's top_k rows back in token order
 //                 [+ Qwen2-MoE's sigmoid-gated shared expert]
 //
@@ -286,14 +287,14 @@ LLMC_LD_STREAM_L2(ld_expert, MOE_L2)
 // expert (gate [0, n), up [n, 2n)), x rows are tokens (perm), out [R, n] = silu(gate) * up.
 // Otherwise the down GEMM: x rows are positions (the activations), out [R, n].
 //
-// The decode shape (m8; moe_gemm_tc below serves larger steps). A CTA is one tile (an
-// expert and up to BM = 8 NT of its positions, from meta) times
-// WN * 16 weight rows, its warps WN over N and SK over K: warp (wn, sk) takes 16 weight rows
-// (ACT: 8 gate rows and their up rows, rows g and g + 8 of the MMA tile, so both inputs of
-// an output end in one lane) and the 32-k chunks sk, sk + SK, ... Fragments as in gemv.cu's
-// tc_gemv: each lane's 16-byte load of a weight row is its A fragment for two k16 steps and
-// the same 8 k of an x row its B fragment, straight from global memory (the weights are read
-// once, streamed; x is re-read by the CTA's warps from L1). U chunks are in flight ahead.
+// The 8-row shape (m8: decode steps, and steps whose experts hold few rows each; moe_gemm_tc below
+// serves the rest). A CTA is one tile (an expert and up to BM = 8 NT of its positions, from meta)
+// times WN * 16 weight rows, its warps WN over N and SK over K: warp (wn, sk) takes 16 weight rows
+// (ACT: 8 gate rows and their up rows, rows g and g + 8 of the MMA tile, so both inputs of an
+// output end in one lane) and the 32-k chunks sk, sk + SK, ... Fragments as in gemv.cu's tc_gemv:
+// each lane's 16-byte load of a weight row is its A fragment for two k16 steps and the same 8 k of
+// an x row its B fragment, straight from global memory (the weights are read once, streamed; x is
+// re-read by the CTA's warps from L1). U chunks are in flight ahead.
 // SK > 1 sums the partial tiles through shared memory in warp order (deterministic).
 // FP8B: a lane's 16 bytes are 16 k of E4M3 (a chunk is 64 k), each row's pairs made 16-bit
 // with its block's scale, four m16n8k16 MMAs a chunk as qgemv.cuh's w8_gemv with BLOCKS does.

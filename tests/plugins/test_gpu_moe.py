@@ -20,7 +20,8 @@ What is held, and how closely:
 - a CUDA graph of the layer replays other routings (no size comes from the host);
 - the grouping over 33, 200 and 256 experts (the scan of the counts a CTA's width at a
   time).
-Shapes: T = 1 .. 1000 (the 8-row decode tiles and the 64- and 128-row tiles of the
+Shapes: T = 1 .. 1000 (the 8-row tiles of decode steps and of steps whose experts hold
+few rows, Qwen3-MoE-like up to 64 tokens, and the 64- and 128-row tiles of the
 shared-memory tiled GEMM, at the sizes where the launch rules switch), Mixtral-like (8
 experts, top 2, renormalised), Qwen2-MoE-like (60, top 4, not renormalised, an
 intermediate size that is not a multiple of 32), Qwen3-MoE-like (128, top 8), each with
@@ -123,7 +124,7 @@ def check_grouping(ids, pos_of, perm, meta, t, experts, k):
     rows = torch.arange(t)[:, None].expand(t, k)
     assert (perm[pos_of] == rows).all()
     assert sorted(pos_of.flatten().tolist()) == list(range(t * k))
-    bm = lr.moe_block_m(t)
+    bm = lr.moe_block_m(t, experts, k)
     tiles = [(e, int(r0), int(min(r0 + bm, offsets[e + 1])))
              for e in range(experts) for r0 in range(int(offsets[e]), int(offsets[e + 1]), bm)]
     n = int(meta[0])
@@ -255,13 +256,16 @@ def test_swiglu_of_two_inputs_equals_the_fused_form(K, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden,inter", [(200, 72), (136, 328), (264, 1000)])
 @pytest.mark.parametrize("t", (9, 33, 128, 129, 517, 1000))
-def test_tiled_gemms_over_uneven_loads(K, t, hidden, inter, dtype):
-    """The tiled GEMMs (T > 8): experts' row counts skewed (expert e's logits biased down by
-    0.7 e, so the counts fall off and are rarely a multiple of 64 or 128), the last quarter
-    of the experts with no tokens and NaN weights; hidden and intermediate sizes that leave a
-    partial 32-wide k step and a partial 128-row (gate-up: 64-output) N block."""
-    assert lr.moe_block_m(t) in lr.MOE_TC_BLOCK_M
+def test_gemms_past_decode_over_uneven_loads(K, t, hidden, inter, dtype):
+    """The GEMMs of steps past 8 tokens (the tiled ones; at 9 tokens the 8-row kernel, its
+    experts holding 18 / 16 rows on average, the first ones more than a tile): experts' row
+    counts skewed (expert e's logits biased down by 0.7 e, so the counts fall off and are
+    rarely a multiple of 8, 64 or 128), the last quarter of the experts with no tokens and
+    NaN weights; hidden and intermediate sizes that leave a partial 32-wide k step and a
+    partial 128-row (gate-up: 64-output) N block."""
     experts, k = 16, 2
+    bm = lr.moe_block_m(t, experts, k)
+    assert (bm == 8) if t == 9 else (bm in lr.MOE_TC_BLOCK_M)
     x, logits, gate_up, down = make(t, experts, hidden, inter, dtype, "even", seed=t, k=k)
     bias = -0.7 * torch.arange(experts, device="cuda").float()
     bias[3 * experts // 4:] = -60
@@ -322,8 +326,8 @@ FP8B_CONFIGS = [(8, 2, True, 256, 384, 128), (8, 2, True, 256, 384, 32),
 @pytest.mark.parametrize("experts,k,renorm,hidden,inter,block", FP8B_CONFIGS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_block_experts(K, dtype, experts, k, renorm, hidden, inter, block, t, load):
-    """The grouped GEMMs over E4M3 experts (decode at up to 8 tokens, tiled past that) equal
-    the 16-bit ones' references on the dequantized weights; a step of FP8 gate-up and
+    """The grouped GEMMs over E4M3 experts (8-row tiles while moe_block_m says, tiled past
+    that) equal the 16-bit ones' references on the dequantized weights; a step of FP8 gate-up and
     16-bit down, and the reverse, take each GEMM's own kernel."""
     x, logits, gate_up, down = make(t, experts, hidden, inter, dtype, load, k=k)
     (gq, gs, gdq), (dq8, ds, ddq) = (fp8_blocks(w, block, dtype) for w in (gate_up, down))

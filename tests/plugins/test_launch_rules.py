@@ -265,7 +265,7 @@ def test_moe_tile_bound_holds_for_every_routing():
     for experts, k in ((8, 2), (60, 4), (128, 8), (4, 4)):
         for t in (1, 2, 3, 7, 8, 9, 17, 64, 65, 128, 129, 300, 1000):
             bound = lr.moe_max_tiles(t, experts, k)
-            bm = lr.moe_block_m(t)
+            bm = lr.moe_block_m(t, experts, k)
             # 2 + E + 3 tiles fit the meta buffer's ints
             assert 2 + experts + 3 * bound <= t * lr.moe_meta_ints(experts, k)
             for _ in range(200):
@@ -293,10 +293,10 @@ def test_moe_launches():
     # a warp a token, and the one CTA told so (its last argument)
     for t, want in ((1, ["moe_route_bf16"]), (32, ["moe_route_bf16"]),
                     (33, ["moe_topk_bf16", "moe_route_bf16"])):
-        steps = lr.moe_route_launches(t, 128, 8, "bfloat16", True, lr.moe_block_m(t),
-                                      "logits", "ids", "wts", "pos_of", "perm", "meta")
+        steps = lr.moe_route_launches(t, 128, 8, "bfloat16", True, "logits", "ids", "wts",
+                                      "pos_of", "perm", "meta")
         assert [ln.kernel for ln, _ in steps] == want
-        assert steps[-1][1] == ["logits", t, 128, 8, 1, lr.moe_block_m(t), "ids", "wts",
+        assert steps[-1][1] == ["logits", t, 128, 8, 1, lr.moe_block_m(t, 128, 8), "ids", "wts",
                                 "pos_of", "perm", "meta", int(t > 32)]
     topk = lr.moe_topk_launch(4096, 128, 8, "float16")
     assert topk.grid == (1024, 1, 1) and topk.block == (128, 1, 1)
@@ -348,16 +348,27 @@ def test_moe_launches_over_block_wise_fp8_experts():
 
 
 def test_moe_tile_height_by_step_size():
-    """Decode steps (<= 8 tokens) keep the 8-row kernel; then 64-row tiles up to 128 tokens
-    and 128-row tiles from MOE_M128_FROM; the routing's tiles and the GEMM's BM agree."""
-    assert [lr.moe_block_m(t) for t in (1, 8, 9, 64, 128, 129, 4096)] == [
-        8, 8, 64, 64, 64, 128, 128]
-    assert lr.moe_block_m(lr.MOE_M128_FROM) == 128 and lr.MOE_TC_BLOCK_M == (64, 128)
-    for t in (1, 9, 128, 129, 4096):
-        for act in (False, True):
-            ln = lr.moe_gemm_launch(t, 8, 2, 256, 128, "float16", act)
-            assert ln.kernel.split("_")[3] == f"m{lr.moe_block_m(t)}"
-            assert ln.smem == (0 if t <= 8 else lr.moe_gemm_smem(lr.moe_block_m(t)))
+    """Decode steps (<= 8 tokens) and steps whose experts hold at most 4 routed rows on
+    average keep the 8-row kernel; then 64-row tiles up to 128 tokens and 128-row tiles from
+    MOE_M128_FROM; the routing's tiles and the GEMM's BM agree."""
+    tokens = (1, 8, 9, 16, 17, 64, 65, 128, 129, 4096)
+    # Mixtral (8 experts, top 2): 4 rows an expert at 16 tokens
+    assert [lr.moe_block_m(t, 8, 2) for t in tokens] == [
+        8, 8, 8, 8, 64, 64, 64, 64, 128, 128]
+    # Qwen3-30B-A3B (128, top 8): up to 64 tokens
+    assert [lr.moe_block_m(t, 128, 8) for t in tokens] == [
+        8, 8, 8, 8, 8, 8, 64, 64, 128, 128]
+    assert lr.moe_block_m(lr.MOE_M128_FROM, 8, 2) == 128 and lr.MOE_TC_BLOCK_M == (64, 128)
+    for experts, k in ((8, 2), (128, 8)):
+        for t in (1, 9, 64, 128, 129, 4096):
+            bm = lr.moe_block_m(t, experts, k)
+            for act in (False, True):
+                ln = lr.moe_gemm_launch(t, experts, k, 256, 128, "float16", act)
+                assert ln.kernel.split("_")[3] == f"m{bm}"
+                assert ln.smem == (0 if bm == 8 else lr.moe_gemm_smem(bm))
+                # the 8-row kernel's grid (N blocks, tiles): its tile bound
+                tiles = lr.moe_max_tiles(t, experts, k, bm)
+                assert (ln.grid[1] if bm == 8 else ln.grid[0]) == tiles
 
 
     comb = lr.moe_combine_launch(5, 4096, 2, "bfloat16", shared=True)

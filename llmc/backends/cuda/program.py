@@ -223,9 +223,8 @@ def _moe(op: Op, t: int, dt: str, P) -> Iterator[tuple]:
     groups = [a.get(f"{w}_group", 0) for w in ("gate_up", "down")]
     fp8b = [[P(s), lr.fp8b_group_shift(b)] if b else []
             for s, b in zip(scales or [None, None], groups)]
-    for launch, args in lr.moe_route_launches(t, e, k, dt, a["renormalise"], lr.moe_block_m(t),
-                                              P(logits), P(ids), P(wts), P(pos_of), P(perm),
-                                              P(meta)):
+    for launch, args in lr.moe_route_launches(t, e, k, dt, a["renormalise"], P(logits), P(ids),
+                                              P(wts), P(pos_of), P(perm), P(meta)):
         yield "kernel", launch, args
     yield "kernel", lr.moe_gemm_launch(t, e, k, i, h, dt, act=True, fp8b_group=groups[0]), [
         P(x), P(gate_up), P(perm), P(meta), e, i, h, P(act), *fp8b[0]]
