@@ -94,10 +94,6 @@ def make_model(name: str, folder: Path, layers: int) -> Path:
     return folder
 
 
-def make_llama_8b(folder: Path, layers: int = 32) -> Path:
-    return make_model("llama-3.1-8b", folder, layers)
-
-
 def _random_checkpoint(folder: Path, c: dict) -> None:
     import torch
     from safetensors.torch import save_file
@@ -446,7 +442,8 @@ def main() -> None:
     results, table, extra = {}, [], []
     digest = source_digest()
     for quant in ([] if args.skip_llmc else args.quant):
-        name = f"{args.model}-{args.layers}l-{args.dtype}-{quant}-{digest}.engine"
+        layers = f"-{args.layers}l" if args.layers else ""
+        name = f"{args.model}{layers}-{args.dtype}-{quant}-{digest}.engine"
         engine = EngineFile(build_engine(src, args.work / name, limits, args.dtype, quant))
         weights_bytes = engine.section("weights").size
         session = CudaSession(engine, gpu_memory_utilization=0.9)
