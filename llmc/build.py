@@ -99,8 +99,12 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
     prequantized = model.stored_int4() if quant_opts.mode == "int4-gguf" and \
         model.checkpoint.format == "gguf" else model.prequantized
     if quant_opts.mode == "auto" and model.int4_blocks:
-        log(f"the GGUF file stores {len(model.int4_blocks)} matrices in 4-bit blocks; --quant "
-            "auto builds them dequantized (16-bit), --quant int4-gguf keeps them as they are")
+        other = "--quant int4-gguf keeps them as they are"
+        if getattr(cfg, "num_experts_per_tok", 0):   # int4-gguf keeps no stacked experts
+            other = ("--quant fp8-block rounds every weight, the experts' too, to FP8 blocks "
+                     "(int4-gguf takes no mixture of experts yet)")
+        log(f"the GGUF file stores {len(model.int4_blocks)} 2-D matrices in 4-bit blocks; "
+            f"--quant auto builds them dequantized (16-bit), {other}")
     quant_opts = quant_opts.resolve(prequantized, log)
     check_quant(backend, quant_opts)
     if limits.max_seq_len > cfg.max_position_embeddings:

@@ -84,22 +84,27 @@ def test_q4_blocks_read_as_stored(tmp_path):
         assert np.abs(x.reshape(rows, cols) - t).max() < 0.15 * np.abs(t).max(), name
 
 
+def _tokenizer_meta(w: gguf.GGUFWriter, cfg) -> None:
+    """A byte-level BPE without merges over 127 symbols, so text is ids < 128."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    w.add_tokenizer_model("gpt2")
+    n = cfg.vocab_size - 1   # transformers' converter adds one special token
+    w.add_token_list(sorted(ByteLevel.alphabet())[:n])
+    w.add_token_types([1] * n)
+    w.add_token_scores([0.0] * n)
+    w.add_token_merges([])
+
+
 def _write_tiny_gguf(path, model, types: dict[str, object]) -> None:
     """The tiny llama as llama.cpp writes it (Q/K rows permuted), each GEMM weight stored as
     `types` says by its HF name's ending (Q4_0 / Q4_1 / Q4_K / F32), everything else F32; its
-    tokenizer byte-level BPE without merges over 127 symbols, so text is ids < 128."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
+    tokenizer `_tokenizer_meta`'s."""
     cfg = model.config
 
     def meta(w: gguf.GGUFWriter) -> None:
         common_meta(w, cfg)
-        w.add_tokenizer_model("gpt2")
-        n = cfg.vocab_size - 1   # transformers' converter adds one special token
-        w.add_token_list(sorted(ByteLevel.alphabet())[:n])
-        w.add_token_types([1] * n)
-        w.add_token_scores([0.0] * n)
-        w.add_token_merges([])
+        _tokenizer_meta(w, cfg)
 
     def quantize(name: str, t: np.ndarray):
         qtype = next((q for end, q in types.items() if name.endswith(end)), F32)
@@ -218,8 +223,69 @@ def test_auto_builds_a_gguf_dequantized_and_says_so(tiny_models_d64, tmp_path):
     header = build(BuildOptions(path, tmp_path / "a.engine", dtype="float32", limits=LIMITS,
                                 quant=QuantOptions("auto")), log=logs.append)
     assert header.quant is None
-    assert "the GGUF file stores 13 matrices in 4-bit blocks; --quant auto builds them " \
+    assert "the GGUF file stores 13 2-D matrices in 4-bit blocks; --quant auto builds them " \
         "dequantized (16-bit), --quant int4-gguf keeps them as they are" in logs
+
+
+def test_a_mixture_of_experts_gguf_in_4_bit_blocks(make_tiny, tmp_path, words):
+    """A qwen3moe file with its attention and its stacked experts in Q4_0 (Qwen3-30B-A3B's
+    usual form): read dequantized (each expert as the gguf package dequantizes its stack),
+    --quant auto says what each mode does with it and builds it 16-bit, --quant fp8-block
+    rounds every weight, the experts' too, and int4-gguf refuses the mixture by name."""
+    from gguf_files import stacked_experts_state
+
+    from llmc.model_zoo.qwen3_moe import GGUF_NAMES as MOE_NAMES
+
+    model = make_tiny("qwen3moe-qknorm", tmp_path / "hf", moe_intermediate_size=64,
+                      mlp_only_layers=[])
+    cfg = model.config
+    state = stacked_experts_state(model, cfg.moe_intermediate_size)
+    stored = {}
+
+    def meta(w: gguf.GGUFWriter) -> None:
+        common_meta(w, cfg)
+        _tokenizer_meta(w, cfg)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+
+    def quantize(name: str, t: np.ndarray):
+        if not name.endswith(("_proj.weight", "_proj.stacked")):
+            return None   # the router, norms and embeddings as they are
+        stored[name] = _q4(t, Q4_0)
+        return stored[name], Q4_0
+
+    path = tmp_path / "moe-q4.gguf"
+    write_gguf(path, "qwen3moe", model, MOE_NAMES, meta, state=state, quantize=quantize)
+    stack = "model.layers.1.mlp.experts.up_proj.stacked"
+    assert stack in stored   # [E, N, K] in Q4_0 blocks along K
+    want = gguf.quants.dequantize(stored[stack], Q4_0)
+    m = load_model(path)
+    np.testing.assert_array_equal(m.tensor("model.layers.1.mlp.experts.2.up_proj.weight"),
+                                  want[2])
+    assert len(m.int4_blocks) == 4 * cfg.num_hidden_layers   # the 2-D ones only
+
+    logs = []
+    header = build(BuildOptions(path, tmp_path / "a.engine", dtype="float16", limits=LIMITS,
+                                quant=QuantOptions("auto")), log=logs.append)
+    assert header.quant is None
+    assert "the GGUF file stores 8 2-D matrices in 4-bit blocks; --quant auto builds them " \
+        "dequantized (16-bit), --quant fp8-block rounds every weight, the experts' too, to " \
+        "FP8 blocks (int4-gguf takes no mixture of experts yet)" in logs
+    header = build(BuildOptions(path, tmp_path / "f.engine", dtype="float16", limits=LIMITS,
+                                quant=QuantOptions("fp8-block", eval_data=words)),
+                   log=lambda _: None)
+    q = header.quant
+    # a layer's fused QKV, o and its two expert stacks; the routers stay 16-bit
+    assert q.mode == "fp8-block" and q.gemms == 4 * cfg.num_hidden_layers
+    assert abs(q.accuracy.delta_ppl_pct) < 0.5 and q.accuracy.top1_agreement > 0.95
+    with pytest.raises(LlmcError, match="^--quant int4-gguf does not quantize a mixture"):
+        build(BuildOptions(path, tmp_path / "i.engine", dtype="float16", limits=LIMITS,
+                           quant=QuantOptions("int4-gguf", eval_data=words)),
+              log=lambda _: None)
+    assert not (tmp_path / "i.engine").exists()
 
 
 def test_int4_gguf_lowers_to_the_offset_kernels(tiny_models_d64, tmp_path, words):
