@@ -23,9 +23,11 @@ class ModelInfo:
 
     def describe(self) -> str:
         c = self.config
+        experts = c.get("num_experts") or c.get("num_local_experts")   # Qwen-MoE / Mixtral
         return (f"{c['num_hidden_layers']} layers, hidden {c['hidden_size']}, heads "
                 f"{c['num_attention_heads']}/{c['num_key_value_heads']}, head_dim "
-                f"{c['head_dim']}, vocab {c['vocab_size']}")
+                f"{c['head_dim']}, vocab {c['vocab_size']}"
+                + (f", top {c['num_experts_per_tok']} of {experts} experts" if experts else ""))
 
 
 @dataclass(frozen=True)

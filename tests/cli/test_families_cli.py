@@ -22,3 +22,9 @@ def test_build_and_run_give_hf_greedy_tokens(tiny_models, tmp_path, kind):
     r = llmc("run", out, "-p", GREEDY_PROMPT, "--max-new-tokens", "12", "--json")
     got = json.loads(r.stdout.splitlines()[-1])["token_ids"]
     assert got == hf_greedy(model, folder)[1]
+    # `llmc inspect` names a mixture's experts (Mixtral: num_local_experts)
+    shape = next(ln for ln in llmc("inspect", out).stdout.splitlines() if "shape:" in ln)
+    if kind.startswith(("mixtral", "qwen2moe", "qwen3moe")):   # each tiny mixture: 2 of 4
+        assert shape.endswith(", top 2 of 4 experts"), shape
+    else:
+        assert "experts" not in shape, shape
