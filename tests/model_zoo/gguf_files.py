@@ -107,6 +107,16 @@ def common_meta(w: gguf.GGUFWriter, cfg) -> None:
     w.add_pad_token_id(0)
 
 
+def qwen3moe_meta(w: gguf.GGUFWriter, cfg) -> None:
+    """common_meta and the keys llama.cpp's qwen3moe adds: head_dim, the experts."""
+    common_meta(w, cfg)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_expert_count(cfg.num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+
+
 def check_against_transformers(path, tmp_path, label: str, ref=None) -> None:
     """transformers' GGUF loader and llmc (through the passes, on onnxruntime) read `path`
     to the same logits over the ragged prefill / decode / mixed steps, in fp32. ref: the

@@ -232,7 +232,7 @@ def test_a_mixture_of_experts_gguf_in_4_bit_blocks(make_tiny, tmp_path, words):
     usual form): read dequantized (each expert as the gguf package dequantizes its stack),
     --quant auto says what each mode does with it and builds it 16-bit, --quant fp8-block
     rounds every weight, the experts' too, and int4-gguf refuses the mixture by name."""
-    from gguf_files import stacked_experts_state
+    from gguf_files import qwen3moe_meta, stacked_experts_state
 
     from llmc.model_zoo.qwen3_moe import GGUF_NAMES as MOE_NAMES
 
@@ -243,13 +243,8 @@ def test_a_mixture_of_experts_gguf_in_4_bit_blocks(make_tiny, tmp_path, words):
     stored = {}
 
     def meta(w: gguf.GGUFWriter) -> None:
-        common_meta(w, cfg)
+        qwen3moe_meta(w, cfg)
         _tokenizer_meta(w, cfg)
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-        w.add_expert_count(cfg.num_experts)
-        w.add_expert_used_count(cfg.num_experts_per_tok)
-        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
 
     def quantize(name: str, t: np.ndarray):
         if not name.endswith(("_proj.weight", "_proj.stacked")):

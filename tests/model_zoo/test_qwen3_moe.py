@@ -11,6 +11,7 @@ import pytest
 from gguf_files import (
     check_against_transformers,
     common_meta,
+    qwen3moe_meta,
     stacked_experts_state,
     write_gguf,
 )
@@ -92,15 +93,9 @@ def test_gguf_matches_transformers_gguf_loader(tmp_path, make_tiny):
     cfg = model.config
     state = stacked_experts_state(model, cfg.moe_intermediate_size)
 
-    def meta(w):
-        common_meta(w, cfg)
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-        w.add_expert_count(cfg.num_experts)
-        w.add_expert_used_count(cfg.num_experts_per_tok)
-        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     path = tmp_path / "qwen3moe.gguf"
-    write_gguf(path, "qwen3moe", model, GGUF_NAMES, meta, state=state)
+    write_gguf(path, "qwen3moe", model, GGUF_NAMES, lambda w: qwen3moe_meta(w, cfg),
+               state=state)
     check_against_transformers(path, tmp_path, "qwen3moe gguf")
     m = load_model(path)
     c = m.config
