@@ -45,7 +45,7 @@
 #define MOE_TOPK_THREADS 128
 #define MOE_NONE 0x7fffffff
 
-// ---- routing and grouping: one CTA ---------------------------------------------------------
+// ---- routing (a grid past 32 tokens) and grouping (one CTA) -------------------------------------
 
 // (v, i) beats (bv, bi): the larger probability, the lower index on a tie (ONNX TopK's
 // order); any valid index beats none (MOE_NONE), so a NaN row still picks top_k distinct
@@ -155,12 +155,12 @@ __device__ __forceinline__ void moe_topk(const u16* __restrict__ logits, int tok
   if (tk < tokens) moe_pick<T>(logits, tk, experts, top_k, renorm, ids, wts);
 }
 
-// One CTA of up to MOE_ROUTE_THREADS threads (launch_rules: 32 a token, at least 128).
-// Step 1 (unless `picked`: moe_topk wrote ids and wts): a warp a token, moe_pick. Step 2:
-// counts, then offsets and tiles (a block-wide scan). Step 3: positions, stable (token order within an expert): the block walks the routed rows in
-// chunks of its size; lanes of a warp that chose the same expert find each other with
-// __match_any_sync, and each warp's count per expert, summed over the warps before it,
-// places its rows after theirs.
+// One CTA of up to MOE_ROUTE_THREADS threads (launch_rules: 32 a token, at least 128). Step 1
+// (unless `picked`: moe_topk wrote ids and wts): a warp a token, moe_pick. Step 2: counts, then
+// offsets and tiles (a block-wide scan). Step 3: positions, stable (token order within an
+// expert): the block walks the routed rows in chunks of its size; lanes of a warp that chose the
+// same expert find each other with __match_any_sync, and each warp's count per expert, summed
+// over the warps before it, places its rows after theirs.
 template <typename T>
 __device__ __forceinline__ void moe_route(const u16* __restrict__ logits, int tokens,
                                           int experts, int top_k, int renorm, int bm,
