@@ -15,7 +15,9 @@ random routing), it reports:
 - the same layer in PyTorch with the routing known on the host (an ideal per-expert
   cuBLAS loop: x rows gathered, gate-up, SwiGLU, down, weighted index_add; captured with
   the index lists precomputed, so none of its host work is timed), and the largest
-  difference between the two outputs.
+  difference between the two outputs;
+- on sm_90a, where the tiled GEMM runs (past the 8-row kernel), its two GEMMs on mma.sync
+  as well as on wgmma (the shipped kernel there), and the ratio of the times.
 
 --sweep also times the grouped GEMMs in other shapes on the same routing: where the 8-row
 kernel serves (decode steps, and steps whose experts hold few rows: moe_block_m) that kernel
@@ -24,7 +26,8 @@ loaded ahead) from the same source, the figures that choose MOE_GEMM's parameter
 (launch_rules.MOE_GEMM_SHAPES); for steps past 8 tokens the tiled kernel at each tile height
 (launch_rules.MOE_TC_BLOCK_M, the routing regrouped for it: the figures behind
 moe_block_m's switch) in its shipped shape and in other warp layouts and pipeline depths
-(TC_SWEEP, compiled from the same source: the figures behind MOE_TC_SHAPE) and, for
+(TC_SWEEP, compiled from the same source: the figures behind MOE_TC_SHAPE), on sm_90a its
+wgmma form at each depth (WG_SWEEP: the figures behind MOE_WG_STAGES) and, for
 comparison, the 64-row register kernel the tiled one replaced
 (moe_gemm's template, 4 warps over N x 2 over K).
 
@@ -59,11 +62,15 @@ SWEEP = {8: [(1, 4, 2), (1, 8, 1), (1, 8, 2), (1, 8, 4), (1, 16, 1), (1, 16, 2),
 # (warps over M, warps over N, k steps in flight) variants of the tiled kernel, at each of
 # launch_rules.MOE_TC_BLOCK_M; the shipped one is launch_rules.MOE_TC_SHAPE
 TC_SWEEP = [(2, 2, 3), (2, 2, 5), (2, 4, 4), (4, 2, 4), (4, 2, 3)]
+# (weight rows a tile, k steps in flight) of the wgmma kernel (sm_90a) at each tile height;
+# the shipped ones are launch_rules.MOE_WG_SHAPES
+WG_SWEEP = [(128, 3), (128, 4), (128, 5), (256, 3), (256, 4)]
 
 
 def sweep_functions(K: Kernels):
-    """Every SWEEP shape as moe_sweep_m<BM>_wn<WN>_sk<SK>_u<U>[_swiglu] and every TC_SWEEP
-    one as moe_sweep_tc_m<BM>_w<WM>x<WN>_s<ST>[_swiglu], bf16."""
+    """Every SWEEP shape as moe_sweep_m<BM>_wn<WN>_sk<SK>_u<U>[_swiglu], every TC_SWEEP
+    one as moe_sweep_tc_m<BM>_w<WM>x<WN>_s<ST>[_swiglu] and every WG_SWEEP one as
+    moe_sweep_wg_m<BM>_n<BN>_s<ST>[_swiglu] (sm_90a), bf16."""
     acts = (("", "false"), ("_swiglu", "true"))
     entries = "".join(
         f"MOE_GEMM_ENTRY(moe_sweep_m{bm}_wn{wn}_sk{sk}_u{u}{suffix}, BF16, {bm // 8}, {wn}, "
@@ -73,6 +80,11 @@ def sweep_functions(K: Kernels):
         f"MOE_GEMM_TC_ENTRY(moe_sweep_tc_m{bm}_w{wm}x{wn}_s{st}{suffix}, BF16, {bm}, {wm}, "
         f"{wn}, {st}, {act})\n"
         for bm in lr.MOE_TC_BLOCK_M for wm, wn, st in TC_SWEEP for suffix, act in acts)
+    if K.arch == "sm_90a":
+        entries += "".join(
+            f"MOE_GEMM_WG_ENTRY(moe_sweep_wg_m{bm}_n{bn}_s{st}{suffix}, BF16, {bm}, {bn}, {st}, "
+            f"{act})\n"
+            for bm in lr.MOE_TC_BLOCK_M for bn, st in WG_SWEEP for suffix, act in acts)
     src = "#define MOE_VARIANTS\n" + compiler.source("moe") + entries
     cubin = compiler._compile_cached("moe_sweep", K.arch, False, src)
     from llmc.plugins.launch import Functions
@@ -93,7 +105,11 @@ def sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream):
                for bm in lr.MOE_TC_BLOCK_M
                for (wm, wn, st), sh in [(lr.MOE_TC_SHAPE, True)]
                + [(v, False) for v in TC_SWEEP if v != (wm0, wn0, st0)]]
-              + [(64, f"m64 register {wn} x {sk} U{u}", wn, sk, u) for wn, sk, u in SWEEP[64]])
+              + [(64, f"m64 register {wn} x {sk} U{u}", wn, sk, u) for wn, sk, u in SWEEP[64]]
+              + ([(bm, f"m{bm} wgmma n{bn} S{st}"
+                   + (" (shipped)" if (bn, st) == lr.MOE_WG_SHAPES[bm] else ""), 0, bn, st)
+                  for bm in lr.MOE_TC_BLOCK_M for bn, st in WG_SWEEP]
+                 if K.arch == "sm_90a" else []))
     for bm, label, wn, sk, u in shapes:   # tiled: (wn, sk, u) are (WM, WN, ST)
         i32 = dict(device="cuda", dtype=torch.int32)
         ids, pos_of = torch.empty(t, TOP_K, **i32), torch.empty(t, TOP_K, **i32)
@@ -110,7 +126,14 @@ def sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream):
         for fused, n, k, xin, w, p, out_buf in ((True, INTER, HIDDEN, x, gate_up, perm, act),
                                                 (False, HIDDEN, INTER, act, down, None, y)):
             suffix = "_swiglu" if fused else ""
-            if "tiled" in label:   # grid and shared memory as moe_gemm_launch's
+            if "wgmma" in label:   # grid and shared memory as moe_gemm_launch's
+                bn, st = sk, u
+                blocks = -(-n // (bn // 2 if fused else bn))
+                fns = sweep
+                ln = lr.Launch("moe_sweep", f"moe_sweep_wg_m{bm}_n{bn}_s{st}{suffix}",
+                               (tiles, blocks, 1), (2 * bm, 1, 1),
+                               smem=lr.moe_wg_smem(bm, bn, st))
+            elif "tiled" in label:
                 wm, wn_, st = wn, sk, u
                 blocks = -(-n // (lr.MOE_TC_BN // 2 if fused else lr.MOE_TC_BN))
                 shipped = (wm, wn_, st) == lr.MOE_TC_SHAPE
@@ -143,7 +166,7 @@ def fp8_blocks(w):
     return q.reshape(e, n, k).view(torch.uint8), scale.transpose(1, 2).contiguous(), dq
 
 
-def fp8_block_rows(K: Kernels, gate_up, down) -> list[str]:
+def fp8_block_rows(K: Kernels, gate_up, down, tokens) -> list[str]:
     """--fp8-block: the layer over E4M3 experts against the bf16 one, per T."""
     (gq, gs, gdq), (dq8, ds, ddq) = fp8_blocks(gate_up), fp8_blocks(down)
     del gate_up, down
@@ -153,7 +176,7 @@ def fp8_block_rows(K: Kernels, gate_up, down) -> list[str]:
              "| T | experts read | bf16 us | fp8-block us | bf16 / fp8 | FP8 MB | HBM (FP8) "
              "| max rel diff vs bf16 on the dequantized weights |",
              "|---|---|---|---|---|---|---|---|"]
-    for t in TOKENS:
+    for t in tokens:
         x = torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16)
         logits = torch.randn(t, EXPERTS, device="cuda", dtype=torch.bfloat16)
 
@@ -201,6 +224,8 @@ def main() -> None:
                     help="also time the layer over E4M3 experts in blocks of 128")
     ap.add_argument("--model", choices=MODELS, default="mixtral-8x7b",
                     help="the shapes (default: Mixtral-8x7B's)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS,
+                    help=f"the step sizes T (default: {' '.join(map(str, TOKENS))})")
     args = ap.parse_args()
     global HIDDEN, INTER, EXPERTS, TOP_K
     HIDDEN, INTER, EXPERTS, TOP_K = MODELS[args.model]
@@ -213,7 +238,7 @@ def main() -> None:
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731  the capture's
     sweep = sweep_functions(K) if args.sweep else None
     rows, sweep_rows = [], []
-    for t in TOKENS:
+    for t in args.tokens:
         x = torch.randn(t, HIDDEN, device="cuda", dtype=bf)
         logits = torch.randn(t, EXPERTS, device="cuda", dtype=bf)
         out, parts = K.moe(x, logits, gate_up, down, TOP_K, True)
@@ -222,14 +247,24 @@ def main() -> None:
         chosen = len(ids.unique())
         w_bytes = chosen * 3 * HIDDEN * INTER * 2
         flops = 2 * t * TOP_K * 3 * HIDDEN * INTER
-        dt = "bfloat16"
+        dt, wg = "bfloat16", K.arch == "sm_90a"
+        # the two GEMMs' (Launch, args) pairs on wgmma or not, each over its own tiles (the
+        # mma.sync kernel's grouped by a routing run of its own, outside the timing)
+        metas = {wg: meta}
+        if wg:
+            metas[False] = K.moe_route(logits, TOP_K, True, sm90=False)[4]
+        gemms = {sm90: {
+            "gate_up": [(lr.moe_gemm_launch(t, EXPERTS, TOP_K, INTER, HIDDEN, dt, True,
+                                            sm90=sm90),
+                         [x, gate_up, perm, metas[sm90], EXPERTS, INTER, HIDDEN, act])],
+            "down": [(lr.moe_gemm_launch(t, EXPERTS, TOP_K, HIDDEN, INTER, dt, False,
+                                         sm90=sm90),
+                      [act, down, DevPtr(0), metas[sm90], EXPERTS, HIDDEN, INTER, y])]}
+            for sm90 in metas}
         launches = {   # each part's (Launch, args) pairs
             "route": lr.moe_route_launches(t, EXPERTS, TOP_K, dt, True, logits, ids, wts,
-                                           parts["pos_of"], perm, meta),
-            "gate_up": [(lr.moe_gemm_launch(t, EXPERTS, TOP_K, INTER, HIDDEN, dt, True),
-                         [x, gate_up, perm, meta, EXPERTS, INTER, HIDDEN, act])],
-            "down": [(lr.moe_gemm_launch(t, EXPERTS, TOP_K, HIDDEN, INTER, dt, False),
-                      [act, down, DevPtr(0), meta, EXPERTS, HIDDEN, INTER, y])],
+                                           parts["pos_of"], perm, meta, sm90=wg),
+            **gemms[wg],
             "combine": [(lr.moe_combine_launch(t, HIDDEN, TOP_K, dt),
                          [y, parts["pos_of"], wts, DevPtr(0), DevPtr(0), t, HIDDEN, TOP_K,
                           out])],
@@ -248,6 +283,13 @@ def main() -> None:
                 f()
 
         parts_s = {name: graph_time([thunk(name)] * CALLS) for name in launches}
+        # sm_90a, past the 8-row kernel: both GEMMs on mma.sync too (the tiled kernel)
+        mma_s = None
+        if wg and gemms[True]["down"][0][0].kernel != gemms[False]["down"][0][0].kernel:
+            def mma(g=gemms[False]):
+                for ln, a in g["gate_up"] + g["down"]:
+                    K.functions.launch(ln, a, stream())
+            mma_s = graph_time([mma] * CALLS)
         layer_s = graph_time([layer] * CALLS)
         ref_fn, ref_out = torch_layer(x, gate_up, down, ids, wts)
         torch_s = graph_time([ref_fn] * CALLS)
@@ -256,7 +298,7 @@ def main() -> None:
         torch.cuda.synchronize()
         diff = ((out_now.float() - ref_out.float()).abs().max()
                 / ref_out.float().abs().max()).item()
-        rows.append((t, chosen, w_bytes, layer_s, parts_s, torch_s, flops, diff))
+        rows.append((t, chosen, w_bytes, layer_s, parts_s, torch_s, flops, diff, mma_s))
         if sweep:
             sweep_rows += sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream)
         print(f"T={t}: {layer_s * 1e6:.1f} us, {w_bytes / layer_s / DATASHEET_BW:.0%} of HBM",
@@ -275,19 +317,21 @@ def main() -> None:
         "the routing grouped on the host beforehand (not timed).",
         "",
         "| T | experts read | weight MB | layer us | HBM | TFLOP/s | route us | gate-up us "
-        "| down us | combine us | torch us | max rel diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| down us | combine us | torch us | max rel diff | GEMMs on mma.sync us (x) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for t, chosen, w_bytes, layer_s, p, torch_s, flops, diff in rows:
+    for t, chosen, w_bytes, layer_s, p, torch_s, flops, diff, mma_s in rows:
+        both = p["gate_up"] + p["down"]
         lines.append(
             f"| {t} | {chosen} | {w_bytes / 1e6:.0f} | {layer_s * 1e6:.1f} | "
             f"{w_bytes / layer_s / DATASHEET_BW:.0%} | {flops / layer_s / 1e12:.1f} | "
             f"{p['route'] * 1e6:.1f} | {p['gate_up'] * 1e6:.1f} | {p['down'] * 1e6:.1f} | "
-            f"{p['combine'] * 1e6:.1f} | {torch_s * 1e6:.1f} | {diff:.1e} |")
+            f"{p['combine'] * 1e6:.1f} | {torch_s * 1e6:.1f} | {diff:.1e} | "
+            + (f"{mma_s * 1e6:.1f} ({mma_s / both:.2f}x) |" if mma_s else "- |"))
     if sweep_rows:
         lines += ["", "Grouped-GEMM shapes (--sweep; shipped: m8 register 1 x 8 U2 for T <= 8 "
                   f"or T k <= {lr.MOE_M8_ROWS} E, else tiled m64 for T < {lr.MOE_M128_FROM}, "
-                  "tiled m128 from there): HBM = the "
+                  "tiled m128 from there, on wgmma on sm_90a): HBM = the "
                   "chosen experts' gate-up or down bytes / time, TFLOP/s of both GEMMs", "",
                   "| T | kernel | gate-up us | HBM | down us | HBM | TFLOP/s |",
                   "|---|---|---|---|---|---|---|"]
@@ -299,7 +343,7 @@ def main() -> None:
                          f"{down_b / down_s / DATASHEET_BW:.0%} | "
                          f"{flops / (gu_s + down_s) / 1e12:.0f} |")
     if args.fp8_block:
-        lines += fp8_block_rows(K, gate_up, down)
+        lines += fp8_block_rows(K, gate_up, down, args.tokens)
     lines += ["", f"({time.perf_counter() - t0:.0f} s)"]
     text = "\n".join(lines)
     print(text)

@@ -5,7 +5,8 @@
 // ---- entry points ---------------------------------------------------------------------------
 // moe_route_<dt>(logits, T, E, k, renorm, bm, ids, wts, pos_of, perm, meta, picked)
 // moe_topk_<dt>(logits, T, E, k, renorm, ids, wts)
-// moe_gemm_<dt>_m<BM>[_swiglu](x, w, perm-or-null, meta, E, n, K, out), BM 8, 64 or 128
+// moe_gemm_<dt>_m<BM>[w][_swiglu](x, w, perm-or-null, meta, E, n, K, out), BM 8, 64 or 128
+//   (w: the wgmma kernel of sm_90a, BM 64 or 128)
 // moe_combine[_shared]_<dt>_v<VEC>(y, pos_of, wts, gate-or-null, shared-or-null, T, H, k, out)
 // The GEMM shapes (launch_rules.moe_block_m picks by T, E and k): m8, a tile of up to 8
 // positions (decode, where an expert has at most T rows, and steps whose experts hold at
@@ -34,6 +35,21 @@
   MOE_GEMM_TC_ENTRY(moe_gemm_##DT##_m##BM, TY, BM, 2, 2, 4, false)                             \
   MOE_GEMM_TC_ENTRY(moe_gemm_##DT##_m##BM##_swiglu, TY, BM, 2, 2, 4, true)
 
+#define MOE_GEMM_WG_ENTRY(NAME, TY, BM, BN, ST, ACT)                                          \
+  extern "C" __global__ void __launch_bounds__(2 * BM) NAME(                                   \
+      const u16* x, const u16* w, const int* perm, const int* meta, int experts, int n,       \
+      int k, u16* out) {                                                                       \
+    moe_gemm_wg<TY, BM, BN, ST, ACT>(x, w, perm, meta, experts, n, k, out);                   \
+  }
+// sm_90a: the tiled GEMM on wgmma, moe_gemm_<dt>_m<BM>w (launch_rules.MOE_WG_SHAPES)
+#ifdef SM90A
+#define MOE_GEMM_WG(DT, TY, BM, BN, ST)                                                        \
+  MOE_GEMM_WG_ENTRY(moe_gemm_##DT##_m##BM##w, TY, BM, BN, ST, false)                           \
+  MOE_GEMM_WG_ENTRY(moe_gemm_##DT##_m##BM##w_swiglu, TY, BM, BN, ST, true)
+#else
+#define MOE_GEMM_WG(DT, TY, BM, BN, ST)
+#endif
+
 #define MOE_COMBINE(DT, TY, VEC)                                                               \
   extern "C" __global__ void moe_combine_##DT##_v##VEC(                                        \
       const u16* y, const int* pos_of, const float* wts, const u16* gate, const u16* shared,  \
@@ -61,6 +77,8 @@
   MOE_GEMM(DT, TY, 8, 1, 1, 8, 2)                                                              \
   MOE_GEMM_TC(DT, TY, 64)                                                                      \
   MOE_GEMM_TC(DT, TY, 128)                                                                     \
+  MOE_GEMM_WG(DT, TY, 64, 128, 4)                                                              \
+  MOE_GEMM_WG(DT, TY, 128, 256, 4)                                                             \
   MOE_COMBINE(DT, TY, 8)                                                                       \
   MOE_COMBINE(DT, TY, 1)
 

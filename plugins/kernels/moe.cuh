@@ -5,7 +5,8 @@
 //   moe_gemm      the grouped GEMMs on tensor cores: gate-up with SwiGLU fused, then down,
 //                 each expert's rows against that expert's weights only (moe_gemm_tc, a
 //                 shared-memory tiled GEMM, for steps past 8 tokens whose experts hold
-//                 more than a few rows each: launch_rules.moe_block_m)
+//                 more than a few rows each: launch_rules.moe_block_m; on sm_90a its
+//                 wgmma form, moe_gemm_wg)
 //   moe_combine   the weighted sum of each token's top_k rows back in token order
 //                 [+ Qwen2-MoE's sigmoid-gated shared expert]
 //
@@ -649,6 +650,133 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const voi
       }
     }
   }
+}
+
+// ---- the grouped GEMM for steps of many tokens on sm_90a: warpgroup MMAs ---------------------
+// moe_gemm_tc's product, tiles, grid and epilogue, with Hopper's wgmma doing the MMAs: a
+// CTA is BM / 64 warpgroups, each 64 of the tile's positions x BN (128 or 256) weight rows,
+// one m64nBNk16 instruction a k16 step with both operands read from shared memory by the
+// tensor cores (no ldmatrix, no fragments in registers), the next k steps' copies in flight
+// while they run. Stages of MOE_WG_BK = 64 k: a row is one 128-byte line, stored in the 128-byte
+// swizzle of hopper.cuh's smem_desc (chunk c of row r at chunk c ^ (r % 8)), K-major for
+// both x (A) and the weights (B, each expert's [out, in] rows as they are stored).
+// A stage is refilled two steps after its MMAs were issued: each warpgroup waits for all but
+// its newest MMA group, so once every thread has passed a step's barrier the group before
+// the previous one is done in both warpgroups. Copies run ST - 2 steps ahead.
+// ACT: the BN weight rows are BN / 2 gate rows, then their up rows, so n8 block j of the
+// accumulator (gate) and block j + BN / 16 (up) hold one output's two sums in the same lane.
+#define MOE_WG_BK 64
+
+template <typename T, int BM, int BN, int ST, bool ACT>
+__device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16* __restrict__ w,
+                                            const int* __restrict__ perm,
+                                            const int* __restrict__ meta, int experts, int n,
+                                            int k, u16* __restrict__ out) {
+#ifdef SM90A
+  constexpr int BK = MOE_WG_BK, NTH = 2 * BM;   // BM / 64 warpgroups
+  constexpr int NB = BN / 8;                    // n8 blocks of the accumulator
+  constexpr int A_BYTES = BM * BK * 2, STAGE = A_BYTES + BN * BK * 2;
+  constexpr int RS = NTH / 8;                   // rows between a thread's copies
+  constexpr int AL = BM / RS, BL = BN / RS;     // a thread's copies a step
+  static_assert((BM == 64 || BM == 128) && (BN == 128 || BN == 256) && ST >= 3 && RS % 8 == 0,
+                "moe_gemm_wg: whole warpgroups, a thread's rows one swizzle phase apart");
+  extern __shared__ __align__(1024) u8 moe_wg[];
+  const u32 base = (smem_u32(moe_wg) + 1023) & ~1023u;   // the swizzle needs 1024-aligned atoms
+  if ((int)blockIdx.x >= meta[0]) return;       // uniform: a tile past the last
+  const int* tile = meta + 2 + experts + 3 * blockIdx.x;
+  const int e = tile[0], r0 = tile[1], rows = min(tile[2] - tile[1], BM);
+  const int tid = threadIdx.x, wg = tid >> 7;
+  const int o0 = blockIdx.y * (ACT ? BN / 2 : BN);
+  const size_t wrows = ACT ? 2 * (size_t)n : (size_t)n;
+  const u16* we = w + (size_t)e * wrows * k;
+
+  // this thread's copies: chunk tid % 8 of rows tid / 8 + RS i, one swizzle phase for all
+  const int cc = tid & 7, r8 = (tid >> 3) & 7;
+  const u32 soff = (u32)(tid >> 3) * 128 + ((cc ^ r8) << 4);
+  const u16* asrc[AL];
+  bool aok[AL];
+#pragma unroll
+  for (int i = 0; i < AL; ++i) {
+    const int r = (tid >> 3) + RS * i;
+    aok[i] = r < rows;
+    const int rr = aok[i] ? r : 0;
+    asrc[i] = x + (size_t)(perm ? perm[r0 + rr] : r0 + rr) * k + cc * 8;
+  }
+  const u16* bsrc[BL];
+#pragma unroll
+  for (int i = 0; i < BL; ++i) {
+    const int r = (tid >> 3) + RS * i;          // weight rows past N re-read the last (never stored)
+    const size_t wr = ACT ? (r < BN / 2 ? 0 : (size_t)n) + min(o0 + r % (BN / 2), n - 1)
+                          : (size_t)min(o0 + r, n - 1);
+    bsrc[i] = we + wr * k + cc * 8;
+  }
+  auto load = [&](int stage, int kt) {
+    const int kk = kt * BK;
+    const bool kok = kk + cc * 8 < k;           // K is a multiple of 8: a chunk is all in or out
+    const u32 a = base + stage * STAGE + soff, b = a + A_BYTES;
+#pragma unroll
+    for (int i = 0; i < AL; ++i) {
+      const bool ok = kok && aok[i];
+      cp_async16(a + RS * 128 * i, ok ? asrc[i] + kk : x, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < BL; ++i) cp_async16(b + RS * 128 * i, kok ? bsrc[i] + kk : w, kok ? 16 : 0);
+  };
+
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+  const int ktiles = (k + BK - 1) / BK;
+#pragma unroll
+  for (int s = 0; s < ST - 2; ++s) {
+    if (s < ktiles) load(s, s);
+    cp_commit();                                // empty groups keep the count uniform
+  }
+  for (int kt = 0; kt < ktiles; ++kt) {
+    cp_wait<ST - 3>();                          // step kt has landed (this thread's copies)
+    fence_async_smem();                         // ... for the tensor cores' reads
+    __syncthreads();                            // everyone's; step kt - 2's MMAs are done
+    if (kt + ST - 2 < ktiles) load((kt + ST - 2) % ST, kt + ST - 2);
+    cp_commit();
+    const u32 a = base + (kt % ST) * STAGE + wg * 64 * 128, b = base + (kt % ST) * STAGE + A_BYTES;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {      // k16 steps 32 bytes apart inside the line
+      const u64 da = smem_desc(a + ks * 32, 16, 1024), db = smem_desc(b + ks * 32, 16, 1024);
+      if constexpr (BN == 256) wgmma_ss256<T>(acc, da, db, 1);
+      else wgmma_ss128<T>(acc, da, db, 1);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+  }
+  wgmma_wait<0>();
+  reg_fence<BN / 2>(acc);
+  cp_wait<0>();
+
+  // accumulator q of n8 block j, lane (g, t) of warp wp: row 16 wp + g (+ 8 for q >= 2) of
+  // the warpgroup's 64, column 8 j + 2 t + (q & 1)
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3, wp = (tid >> 5) & 3;
+#pragma unroll
+  for (int j = 0; j < (ACT ? NB / 2 : NB); ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = wg * 64 + wp * 16 + g + 8 * h, o = o0 + j * 8 + 2 * t;
+      if (r >= rows || o >= n) continue;
+      float v[2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        v[c] = acc[j * 4 + 2 * h + c];
+        if constexpr (ACT) {   // rounded as the graph's MatMul output and activation.cu
+          const float gate = rnd<T>(v[c]), up = rnd<T>(acc[(j + NB / 2) * 4 + 2 * h + c]);
+          v[c] = rnd<T>(silu_f(gate)) * up;
+        }
+      }
+      // o is even and N a multiple of 8 (launch_rules.moe_check): both outputs are in
+      *reinterpret_cast<u32*>(out + (size_t)(r0 + r) * n + o) =
+          (u32)T::from_f(v[0]) | ((u32)T::from_f(v[1]) << 16);
+    }
+  }
+#endif
 }
 
 // ---- combine ----------------------------------------------------------------------------------

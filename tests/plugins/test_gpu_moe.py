@@ -22,7 +22,8 @@ What is held, and how closely:
   time).
 Shapes: T = 1 .. 1000 (the 8-row tiles of decode steps and of steps whose experts hold
 few rows, Qwen3-MoE-like up to 64 tokens, and the 64- and 128-row tiles of the
-shared-memory tiled GEMM, at the sizes where the launch rules switch), Mixtral-like (8
+shared-memory tiled GEMM, at the sizes where the launch rules switch; on sm_90a its wgmma
+form, which the layer takes there, and the mma.sync form too over uneven loads), Mixtral-like (8
 experts, top 2, renormalised), Qwen2-MoE-like (60, top 4, not renormalised, an
 intermediate size that is not a multiple of 32), Qwen3-MoE-like (128, top 8), each with
 even loads and with skewed ones where one expert takes most tokens and half the experts
@@ -113,7 +114,7 @@ def relerr(got, ref):
     return ((got.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def check_grouping(ids, pos_of, perm, meta, t, experts, k):
+def check_grouping(ids, pos_of, perm, meta, t, experts, k, bm):
     ids, pos_of, perm, meta = (a.cpu().long() for a in (ids, pos_of, perm, meta))
     counts = torch.bincount(ids.flatten(), minlength=experts)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
@@ -124,11 +125,10 @@ def check_grouping(ids, pos_of, perm, meta, t, experts, k):
     rows = torch.arange(t)[:, None].expand(t, k)
     assert (perm[pos_of] == rows).all()
     assert sorted(pos_of.flatten().tolist()) == list(range(t * k))
-    bm = lr.moe_block_m(t, experts, k)
     tiles = [(e, int(r0), int(min(r0 + bm, offsets[e + 1])))
              for e in range(experts) for r0 in range(int(offsets[e]), int(offsets[e + 1]), bm)]
     n = int(meta[0])
-    assert n == len(tiles) <= lr.moe_max_tiles(t, experts, k)
+    assert n == len(tiles) <= lr.moe_max_tiles(t, experts, k, bm)
     got = meta[experts + 2:experts + 2 + 3 * n].view(-1, 3).tolist()
     assert [tuple(x) for x in got] == tiles
 
@@ -186,7 +186,8 @@ def test_moe_kernels(K, dtype, experts, k, renorm, hidden, inter, t, load):
     if load == "skewed":
         assert not (ids >= experts // 2).any()   # half the experts: no tokens at all
 
-    check_grouping(ids, parts["pos_of"], parts["perm"], parts["meta"], t, experts, k)
+    check_grouping(ids, parts["pos_of"], parts["perm"], parts["meta"], t, experts, k,
+                   parts["bm"])
     pos_of = parts["pos_of"]
     assert relerr(parts["act"], gate_up_ref(x, gate_up, ids, pos_of, dtype)) < TOL
     assert relerr(parts["y"], down_ref(parts["act"], down, ids, pos_of)) < TOL
@@ -226,7 +227,8 @@ def test_routing_scans_more_experts_than_threads(K, experts, k, t, load):
     want_ids, _, margin = route_ref(logits, k, True)
     clear = margin > MARGIN
     assert (ids[clear] == want_ids[clear]).all(), "routing differs from softmax top-k"
-    check_grouping(ids, parts["pos_of"], parts["perm"], parts["meta"], t, experts, k)
+    check_grouping(ids, parts["pos_of"], parts["perm"], parts["meta"], t, experts, k,
+                   parts["bm"])
     assert not out.isnan().any()
 
 
@@ -253,18 +255,21 @@ def test_swiglu_of_two_inputs_equals_the_fused_form(K, dtype):
                                    rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("sm90", [False, True], ids=["mma", "wgmma"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden,inter", [(200, 72), (136, 328), (264, 1000)])
 @pytest.mark.parametrize("t", (9, 33, 128, 129, 517, 1000))
-def test_gemms_past_decode_over_uneven_loads(K, t, hidden, inter, dtype):
-    """The GEMMs of steps past 8 tokens (the tiled ones; at 9 tokens the 8-row kernel, its
-    experts holding 18 / 16 rows on average, the first ones more than a tile): experts' row
-    counts skewed (expert e's logits biased down by 0.7 e, so the counts fall off and are
-    rarely a multiple of 8, 64 or 128), the last quarter of the experts with no tokens and
-    NaN weights; hidden and intermediate sizes that leave a partial 32-wide k step and a
-    partial 128-row (gate-up: 64-output) N block."""
+def test_gemms_past_decode_over_uneven_loads(K, t, hidden, inter, dtype, sm90):
+    """The GEMMs of steps past 8 tokens (the tiled ones, mma.sync and, on sm_90a, wgmma; at 9
+    tokens the 8-row kernel, its experts holding 18 / 16 rows on average, the first ones more
+    than a tile): experts' row counts skewed (expert e's logits biased down by 0.7 e, so the
+    counts fall off and are rarely a multiple of 8, 64 or 128), the last quarter of the
+    experts with no tokens and NaN weights; hidden and intermediate sizes that leave a
+    partial k step (32 or 64 wide) and a partial 128-row (gate-up: 64-output) N block."""
+    if sm90 and K.arch != "sm_90a":
+        pytest.skip("the wgmma kernel needs sm_90a (an H100 or H200)")
     experts, k = 16, 2
-    bm = lr.moe_block_m(t, experts, k)
+    bm = lr.moe_block_m(t, experts, k, sm90)
     assert (bm == 8) if t == 9 else (bm in lr.MOE_TC_BLOCK_M)
     x, logits, gate_up, down = make(t, experts, hidden, inter, dtype, "even", seed=t, k=k)
     bias = -0.7 * torch.arange(experts, device="cuda").float()
@@ -272,12 +277,13 @@ def test_gemms_past_decode_over_uneven_loads(K, t, hidden, inter, dtype):
     logits = (logits.float() + bias).to(dtype)
     gate_up[3 * experts // 4:] = float("nan")
     down[3 * experts // 4:] = float("nan")
-    out, parts = K.moe(x, logits, gate_up, down, k, True)
+    out, parts = K.moe(x, logits, gate_up, down, k, True, sm90=sm90)
     ids, pos_of = parts["ids"], parts["pos_of"]
     assert not (ids >= 3 * experts // 4).any()
     counts = torch.bincount(ids.flatten(), minlength=experts)
     assert counts.max() > counts[:3 * experts // 4].min()   # uneven loads
-    check_grouping(ids, pos_of, parts["perm"], parts["meta"], t, experts, k)
+    assert parts["bm"] == bm
+    check_grouping(ids, pos_of, parts["perm"], parts["meta"], t, experts, k, bm)
     assert relerr(parts["act"], gate_up_ref(x, gate_up, ids, pos_of, dtype)) < TOL
     assert relerr(parts["y"], down_ref(parts["act"], down, ids, pos_of)) < TOL
     assert relerr(out, combine_ref(parts["y"], pos_of, parts["wts"], dtype)) < COMBINE_TOL

@@ -317,6 +317,20 @@ def test_moe_launches():
     assert down.kernel == "moe_gemm_f16_m64" and down.grid == (lr.moe_max_tiles(64, 8, 2),
                                                                4096 // 128, 1)
     assert down.smem == 48 * 1024
+    # sm_90a: wgmma, a warpgroup per 64 positions, 4 k steps of 64 in 128-byte-swizzled
+    # shared memory (1 KiB more to align it), 256 weight rows a 128-row tile (128 fused
+    # outputs); decode keeps the 8-row kernel and block-wise FP8 experts the mma.sync one
+    gw = lr.moe_gemm_launch(512, 8, 2, 14336, 4096, "bfloat16", act=True, sm90=True)
+    assert gw.kernel == "moe_gemm_bf16_m128w_swiglu" and gw.block == (256, 1, 1)
+    assert gw.grid == (lr.moe_max_tiles(512, 8, 2, 128), 14336 // 128, 1)
+    assert gw.smem == 4 * (128 + 256) * 64 * 2 + 1024
+    dw = lr.moe_gemm_launch(64, 8, 2, 4096, 14336, "float16", act=False, sm90=True)
+    assert dw.kernel == "moe_gemm_f16_m64w" and dw.block == (128, 1, 1)
+    assert dw.grid == down.grid and dw.smem == 4 * (64 + 128) * 64 * 2 + 1024
+    assert lr.moe_gemm_launch(1, 8, 2, 4096, 14336, "float16", False, sm90=True).kernel == \
+        "moe_gemm_f16_m8"
+    assert lr.moe_gemm_launch(512, 8, 2, 4096, 14336, "float16", False, fp8b_group=128,
+                              sm90=True).kernel == "moe_gemm_fp8b_f16_m128"
     # partial N blocks round up: 100 down outputs, 100 fused outputs (200 weight rows)
     assert lr.moe_gemm_launch(512, 8, 2, 100, 64, "bfloat16", False).grid[1] == 1
     assert lr.moe_gemm_launch(512, 8, 2, 100, 64, "bfloat16", True).grid[1] == 2
@@ -359,6 +373,12 @@ def test_moe_tile_height_by_step_size():
     assert [lr.moe_block_m(t, 128, 8) for t in tokens] == [
         8, 8, 8, 8, 8, 8, 64, 64, 128, 128]
     assert lr.moe_block_m(lr.MOE_M128_FROM, 8, 2) == 128 and lr.MOE_TC_BLOCK_M == (64, 128)
+    # the wgmma kernel (sm_90a): 128-row tiles once the experts average more than 64 rows
+    assert [lr.moe_block_m(t, 8, 2, sm90=True) for t in tokens] == [
+        8, 8, 8, 8, 64, 64, 64, 64, 64, 128]
+    assert [lr.moe_block_m(t, 8, 2, sm90=True) for t in (256, 257)] == [64, 128]
+    assert [lr.moe_block_m(t, 128, 8, sm90=True) for t in (64, 65, 1024, 1025, 4096)] == [
+        8, 64, 64, 128, 128]
     for experts, k in ((8, 2), (128, 8)):
         for t in (1, 9, 64, 128, 129, 4096):
             bm = lr.moe_block_m(t, experts, k)
@@ -369,6 +389,14 @@ def test_moe_tile_height_by_step_size():
                 # the 8-row kernel's grid (N blocks, tiles): its tile bound
                 tiles = lr.moe_max_tiles(t, experts, k, bm)
                 assert (ln.grid[1] if bm == 8 else ln.grid[0]) == tiles
+                bw = lr.moe_block_m(t, experts, k, sm90=True)
+                wg = lr.moe_gemm_launch(t, experts, k, 256, 128, "float16", act, sm90=True)
+                assert wg.kernel.split("_")[3] == (f"m{bw}" if bw == 8 else f"m{bw}w")
+                assert (wg.grid[1] if bw == 8 else wg.grid[0]) == lr.moe_max_tiles(
+                    t, experts, k, bw)
+                routing = lr.moe_route_launches(t, experts, k, "float16", True, *"lipqrm",
+                                                sm90=True)
+                assert routing[-1][1][5] == bw
 
 
     comb = lr.moe_combine_launch(5, 4096, 2, "bfloat16", shared=True)
@@ -398,6 +426,12 @@ def test_moe_tiled_shape_agrees_with_the_kernel_source():
         assert re.search(rf"MOE_FP8B_GEMM_TC\(DT, TY, {bm}\)", fp8b)
     assert re.search(rf"#define MOE_TC_BN {lr.MOE_TC_BN}\b", src)
     assert re.search(rf"#define MOE_TC_BK {lr.MOE_TC_BK}\b", src)
+    # the wgmma kernel: a warpgroup per 64 rows, the (BN, stages) of each tile height
+    for bm, (bn, stages) in lr.MOE_WG_SHAPES.items():
+        assert re.search(rf"MOE_GEMM_WG\(DT, TY, {bm}, {bn}, {stages}\)", src)
+    assert sorted(lr.MOE_WG_SHAPES) == list(lr.MOE_TC_BLOCK_M)
+    assert re.search(rf"#define MOE_WG_BK {lr.MOE_WG_BK}\b", src)
+    assert re.search(r"__launch_bounds__\(2 \* BM\) NAME", src)
     for wm, wn, _ in [lr.MOE_TC_SHAPE]:   # whole fragments a warp, copies spread evenly
         for bm in lr.MOE_TC_BLOCK_M:
             assert bm // wm % 16 == 0 and lr.MOE_TC_BN // wn % 16 == 0

@@ -1,7 +1,8 @@
 """A wgmma reads its A operand's registers and reads and writes its accumulators until a
 wgmma.wait_group covers it. PTX leaves touching them earlier undefined, and ptxas can accept
 it without a warning: the results are then wrong on the GPU, sometimes. So the sm_90a SASS of
-every wgmma kernel (the INT4 small-M GEMM's w4gw entries, the Hopper prefill attention) is
+every wgmma kernel (the INT4 small-M GEMM's w4gw entries, the Hopper prefill attention, the
+MoE GEMM's wgmma tiles) is
 checked on the CPU: between an HGMMA and the next WARPGROUP.DEPBAR, along any path (the
 loop's back edge included), no instruction but another HGMMA may write its A registers or
 use its accumulators.
@@ -148,12 +149,15 @@ def variants_cubin(entries: str) -> bytes:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ("qgemv", "qgemv_zp", "paged_attention_sm90"))
-def test_shipped_wgmma_kernels_leave_their_registers_alone(module, tmp_path):
+@pytest.mark.parametrize("module,register_a", (("qgemv", True), ("qgemv_zp", True),
+                                               ("paged_attention_sm90", True), ("moe", False)))
+def test_shipped_wgmma_kernels_leave_their_registers_alone(module, register_a, tmp_path):
     # both dtypes, as compile_all compiles them (tests/plugins/test_compile.py: the same cubin)
     counts, hazards = hgmma_hazards(sass(compiler.compile_module(module, "sm_90a"), tmp_path))
     assert counts, f"{module} has no HGMMA: is it still a wgmma kernel?"
-    assert all(rs for _, rs in counts.values())   # each has register-A wgmma (INT4: all of them)
+    # each has register-A wgmma (INT4: all of them), or none (the MoE GEMM: A and B in shared
+    # memory)
+    assert all(bool(rs) == register_a for _, rs in counts.values()), counts
     assert not hazards, hazards[:3]
 
 

@@ -41,6 +41,7 @@ class Step:
     w4_sm90: bool = False   # the INT4 small-M GEMM runs its wgmma kernel (the engine holds it)
     schedule: bool = True   # decode attention takes its splits from a host-written schedule
                             # (needs fuse_reduce; False: each token's context over the grid's)
+    moe_sm90: bool = False   # the MoE GEMMs past decode run on wgmma (the engine holds it)
 
 
 def _attention(op: Op, s: Step, t: int, b: int, width: int, dt: str) -> ap.AttentionPlan:
@@ -210,7 +211,7 @@ def _gemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
             P(outs[0]), m, a["inter"], P(outs[1])]
 
 
-def _moe(op: Op, t: int, dt: str, P) -> Iterator[tuple]:
+def _moe(op: Op, s: Step, t: int, dt: str, P) -> Iterator[tuple]:
     """A mixture of experts over T tokens (kernels/moe.cu): route and group on the GPU, the
     grouped gate-up (SwiGLU fused) and down GEMMs over grids that bound the step's tiles,
     then the weighted combine [+ the gated shared expert]. No size comes back to the host."""
@@ -221,14 +222,18 @@ def _moe(op: Op, t: int, dt: str, P) -> Iterator[tuple]:
     lr.moe_check(e, k, h, i)
     # block-wise FP8 experts (lower.py: attrs gate_up_group / down_group): + (scale, log2 B)
     groups = [a.get(f"{w}_group", 0) for w in ("gate_up", "down")]
-    fp8b = [[P(s), lr.fp8b_group_shift(b)] if b else []
-            for s, b in zip(scales or [None, None], groups)]
+    fp8b = [[P(sc), lr.fp8b_group_shift(b)] if b else []
+            for sc, b in zip(scales or [None, None], groups)]
+    # both GEMMs on wgmma or neither: their tiles are the routing's (moe_block_m)
+    wg = s.moe_sm90 and not any(groups)
     for launch, args in lr.moe_route_launches(t, e, k, dt, a["renormalise"], P(logits), P(ids),
-                                              P(wts), P(pos_of), P(perm), P(meta)):
+                                              P(wts), P(pos_of), P(perm), P(meta), sm90=wg):
         yield "kernel", launch, args
-    yield "kernel", lr.moe_gemm_launch(t, e, k, i, h, dt, act=True, fp8b_group=groups[0]), [
+    yield "kernel", lr.moe_gemm_launch(t, e, k, i, h, dt, act=True, fp8b_group=groups[0],
+                                       sm90=wg), [
         P(x), P(gate_up), P(perm), P(meta), e, i, h, P(act), *fp8b[0]]
-    yield "kernel", lr.moe_gemm_launch(t, e, k, h, i, dt, act=False, fp8b_group=groups[1]), [
+    yield "kernel", lr.moe_gemm_launch(t, e, k, h, i, dt, act=False, fp8b_group=groups[1],
+                                       sm90=wg), [
         P(act), P(down), DevPtr(0), P(meta), e, h, i, P(y), *fp8b[1]]
     yield "kernel", lr.moe_combine_launch(t, h, k, dt, shared is not None), [
         P(y), P(pos_of), P(wts), P(gate) if gate else DevPtr(0),
@@ -286,7 +291,7 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
             yield "kernel", lr.gelu_launch(n, dt, a["approximate"], s.sm_count), [
                 P(ins[0]), n, P(outs[0])]
         elif kind == "moe":
-            yield from _moe(op, rows(ins[1]), dt, P)
+            yield from _moe(op, s, rows(ins[1]), dt, P)
         elif kind == "swiglu2":
             n = rows(ins[0])
             yield "kernel", lr.swiglu2_launch(n, a["inter"], dt), [
