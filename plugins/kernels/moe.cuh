@@ -657,9 +657,9 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const voi
 // CTA is BM / 64 warpgroups, each 64 of the tile's positions x BN (128 or 256) weight rows,
 // one m64nBNk16 instruction a k16 step with both operands read from shared memory by the
 // tensor cores (no ldmatrix, no fragments in registers), the next k steps' copies in flight
-// while they run. Stages of MOE_WG_BK = 64 k: a row is one 128-byte line, stored in the 128-byte
-// swizzle of hopper.cuh's smem_desc (chunk c of row r at chunk c ^ (r % 8)), K-major for
-// both x (A) and the weights (B, each expert's [out, in] rows as they are stored).
+// while they run. Stages of MOE_WG_BK = 64 k: a row is one 128-byte line, stored in the
+// 128-byte swizzle of hopper.cuh's smem_desc (chunk c of row r at chunk c ^ (r % 8)),
+// K-major for both x (A) and the weights (B, each expert's [out, in] rows as stored).
 // A stage is refilled two steps after its MMAs were issued: each warpgroup waits for all but
 // its newest MMA group, so once every thread has passed a step's barrier the group before
 // the previous one is done in both warpgroups. Copies run ST - 2 steps ahead.
@@ -705,7 +705,7 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16
   const u16* bsrc[BL];
 #pragma unroll
   for (int i = 0; i < BL; ++i) {
-    const int r = (tid >> 3) + RS * i;          // weight rows past N re-read the last (never stored)
+    const int r = (tid >> 3) + RS * i;          // rows past N re-read the last (never stored)
     const size_t wr = ACT ? (r < BN / 2 ? 0 : (size_t)n) + min(o0 + r % (BN / 2), n - 1)
                           : (size_t)min(o0 + r, n - 1);
     bsrc[i] = we + wr * k + cc * 8;

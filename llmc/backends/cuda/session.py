@@ -41,7 +41,7 @@ from llmc.devices import CudaError, check, device_max_smem, list_gpus
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
 from llmc.plugins.attention_plan import SCHEDULE_ROW, SM90_MODULE, decode_schedule
-from llmc.plugins.launch_rules import MOE_M128_FROM, W4GW_MIN_M, moe_gemm_launch, w4_gemm_launch
+from llmc.plugins.launch_rules import W4GW_MIN_M, moe_gemm_launch, w4_gemm_launch
 
 GEMM_WORKSPACE = 32 << 20
 FP8 = "float8e4m3fn"
@@ -168,7 +168,7 @@ class CudaSession:
             self.functions.has(probe.module, probe.kernel)
         # MoE steps past the 8-row kernel's take the grouped GEMM's wgmma kernel where the
         # engine holds it (sm_90a engines of a mixture built since it exists).
-        probe = moe_gemm_launch(MOE_M128_FROM, 8, 2, 8, 8, plan.dtype, act=True, sm90=True)
+        probe = moe_gemm_launch(4096, 8, 2, 8, 8, plan.dtype, act=True, sm90=True)
         self.moe_sm90 = plan.arch == "sm_90a" and "moe" in plan.modules and \
             self.functions.has(probe.module, probe.kernel)
         # Split decode combines its splits in the decode kernel; False runs attn_reduce after
