@@ -57,6 +57,19 @@ __device__ __forceinline__ bool moe_better(float v, int i, float bv, int bi) {
   return v > bv || (v == bv && i < bi);
 }
 
+// Two inclusive sums over a warp's lanes at once, by shuffles (the routing's scan of the
+// experts' rows and tiles).
+__device__ __forceinline__ void moe_warp_scan2(int lane, int& a, int& b) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int x = __shfl_up_sync(0xffffffffu, a, o), y = __shfl_up_sync(0xffffffffu, b, o);
+    if (lane >= o) {
+      a += x;
+      b += y;
+    }
+  }
+}
+
 // A token's softmax (fp32) and top-k by one warp: ids[tk] its experts ascending, wts[tk]
 // their probabilities (renormalised over the k if renorm).
 template <typename T>
@@ -191,14 +204,7 @@ __device__ __forceinline__ void moe_route(const u16* __restrict__ logits, int to
     const int e = base + threadIdx.x;
     const int c = e < experts ? cnt[e] : 0, t = (c + bm - 1) / bm;
     int ci = c, ti = t;   // inclusive within the warp
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int a = __shfl_up_sync(0xffffffffu, ci, o), b = __shfl_up_sync(0xffffffffu, ti, o);
-      if (lane >= o) {
-        ci += a;
-        ti += b;
-      }
-    }
+    moe_warp_scan2(lane, ci, ti);
     if (lane == 31) {
       wsum[0][warp] = ci;
       wsum[1][warp] = ti;
@@ -207,14 +213,7 @@ __device__ __forceinline__ void moe_route(const u16* __restrict__ logits, int to
     if (warp == 0) {   // the warps' totals -> each warp's exclusive prefix
       const int a = lane < nwarps ? wsum[0][lane] : 0, b = lane < nwarps ? wsum[1][lane] : 0;
       int ai = a, bi = b;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int x = __shfl_up_sync(0xffffffffu, ai, o), y = __shfl_up_sync(0xffffffffu, bi, o);
-        if (lane >= o) {
-          ai += x;
-          bi += y;
-        }
-      }
+      moe_warp_scan2(lane, ai, bi);
       if (lane < nwarps) {
         wsum[0][lane] = ai - a;
         wsum[1][lane] = bi - b;
@@ -458,6 +457,14 @@ __device__ __forceinline__ void moe_gemm(const u16* __restrict__ x, const void* 
 // block scales come with its copies, into registers (the k loop unrolled by ST so each
 // step's are named at compile time). Shared memory: x's ring, 2 staged weight tiles and the
 // bytes' ring: as much as the 16-bit kernel's ST weight stages at ST = 4.
+// The x row that row r of a tile (from position r0) copies: the token through perm (gate-up)
+// or the position itself (down); row 0's past the tile's rows, whose copies are zero-filled.
+__device__ __forceinline__ const u16* moe_x_row(const u16* x, const int* perm, int r0, int r,
+                                                int rows, int k) {
+  const int rr = r < rows ? r : 0;
+  return x + (size_t)(perm ? perm[r0 + rr] : r0 + rr) * k;
+}
+
 #define MOE_TC_BN 128
 #define MOE_TC_BK 32
 
@@ -506,8 +513,7 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const voi
   for (int i = 0; i < AL; ++i) {
     const int r = (tid >> 2) + RS * i;
     aok[i] = r < rows;
-    const int rr = aok[i] ? r : 0;
-    asrc[i] = x + (size_t)(perm ? perm[r0 + rr] : r0 + rr) * k;
+    asrc[i] = moe_x_row(x, perm, r0, r, rows, k);
   }
   const u8* bsrc[BL];
   const u16* ssrc[BL];                          // FP8B: the row's block scales, a block apart
@@ -699,8 +705,7 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16
   for (int i = 0; i < AL; ++i) {
     const int r = (tid >> 3) + RS * i;
     aok[i] = r < rows;
-    const int rr = aok[i] ? r : 0;
-    asrc[i] = x + (size_t)(perm ? perm[r0 + rr] : r0 + rr) * k + cc * 8;
+    asrc[i] = moe_x_row(x, perm, r0, r, rows, k) + cc * 8;
   }
   const u16* bsrc[BL];
 #pragma unroll
