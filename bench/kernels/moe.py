@@ -27,7 +27,8 @@ loaded ahead) from the same source, the figures that choose MOE_GEMM's parameter
 (launch_rules.MOE_TC_BLOCK_M, the routing regrouped for it: the figures behind
 moe_block_m's switch) in its shipped shape and in other warp layouts and pipeline depths
 (TC_SWEEP, compiled from the same source: the figures behind MOE_TC_SHAPE), on sm_90a its
-wgmma form at each depth (WG_SWEEP: the figures behind MOE_WG_STAGES) and, for
+wgmma form in other tile widths and depths (WG_SWEEP: the figures behind MOE_WG_SHAPES and
+moe_block_m's sm90 switch) and, for
 comparison, the 64-row register kernel the tiled one replaced
 (moe_gemm's template, 4 warps over N x 2 over K).
 
@@ -329,9 +330,11 @@ def main() -> None:
             f"{p['combine'] * 1e6:.1f} | {torch_s * 1e6:.1f} | {diff:.1e} | "
             + (f"{mma_s * 1e6:.1f} ({mma_s / both:.2f}x) |" if mma_s else "- |"))
     if sweep_rows:
+        tiled = (f"wgmma m64 for T k <= {lr.MOE_WG_M64_ROWS} E, wgmma m128 past that"
+                 if K.arch == "sm_90a" else
+                 f"tiled m64 for T < {lr.MOE_M128_FROM}, tiled m128 from there")
         lines += ["", "Grouped-GEMM shapes (--sweep; shipped: m8 register 1 x 8 U2 for T <= 8 "
-                  f"or T k <= {lr.MOE_M8_ROWS} E, else tiled m64 for T < {lr.MOE_M128_FROM}, "
-                  "tiled m128 from there, on wgmma on sm_90a): HBM = the "
+                  f"or T k <= {lr.MOE_M8_ROWS} E, else {tiled}): HBM = the "
                   "chosen experts' gate-up or down bytes / time, TFLOP/s of both GEMMs", "",
                   "| T | kernel | gate-up us | HBM | down us | HBM | TFLOP/s |",
                   "|---|---|---|---|---|---|---|"]

@@ -23,9 +23,10 @@ What is held, and how closely:
 Shapes: T = 1 .. 1000 (the 8-row tiles of decode steps and of steps whose experts hold
 few rows, Qwen3-MoE-like up to 64 tokens, and the 64- and 128-row tiles of the
 shared-memory tiled GEMM, at the sizes where the launch rules switch; on sm_90a its wgmma
-form, which the layer takes there, and the mma.sync form too over uneven loads), Mixtral-like (8
-experts, top 2, renormalised), Qwen2-MoE-like (60, top 4, not renormalised, an
-intermediate size that is not a multiple of 32), Qwen3-MoE-like (128, top 8), each with
+form, which the layer takes there, and the mma.sync form too over uneven loads),
+Mixtral-like (8 experts, top 2, renormalised), Qwen2-MoE-like (60, top 4, not
+renormalised, an intermediate size that is not a multiple of 32), Qwen3-MoE-like (128, top
+8), each with
 even loads and with skewed ones where one expert takes most tokens and half the experts
 none (their weights NaN, so reading them into any output fails the test). The tiled GEMM
 also over uneven loads (counts that are no multiple of a tile, a quarter of the experts

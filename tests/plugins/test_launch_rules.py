@@ -364,7 +364,8 @@ def test_moe_launches_over_block_wise_fp8_experts():
 def test_moe_tile_height_by_step_size():
     """Decode steps (<= 8 tokens) and steps whose experts hold at most 4 routed rows on
     average keep the 8-row kernel; then 64-row tiles up to 128 tokens and 128-row tiles from
-    MOE_M128_FROM; the routing's tiles and the GEMM's BM agree."""
+    MOE_M128_FROM (the wgmma kernel: 128 once the experts average more than 64 rows); the
+    routing's tiles and the GEMM's BM agree."""
     tokens = (1, 8, 9, 16, 17, 64, 65, 128, 129, 4096)
     # Mixtral (8 experts, top 2): 4 rows an expert at 16 tokens
     assert [lr.moe_block_m(t, 8, 2) for t in tokens] == [
