@@ -88,8 +88,9 @@ def stacked_experts_state(model, moe_intermediate_size: int) -> dict[str, np.nda
     return state
 
 
-def common_meta(w: gguf.GGUFWriter, cfg) -> None:
-    """The keys llama.cpp writes for every llama-shaped architecture."""
+def common_meta(w: gguf.GGUFWriter, cfg, head_dim: bool = False) -> None:
+    """The keys llama.cpp writes for every llama-shaped architecture; head_dim: the key and
+    value lengths too (the architectures whose head_dim is not hidden / heads)."""
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -105,13 +106,14 @@ def common_meta(w: gguf.GGUFWriter, cfg) -> None:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(0)
+    if head_dim:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
 
 
 def qwen3moe_meta(w: gguf.GGUFWriter, cfg) -> None:
     """common_meta and the keys llama.cpp's qwen3moe adds: head_dim, the experts."""
-    common_meta(w, cfg)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
+    common_meta(w, cfg, head_dim=True)
     w.add_expert_count(cfg.num_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     w.add_expert_feed_forward_length(cfg.moe_intermediate_size)

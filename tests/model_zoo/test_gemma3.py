@@ -103,9 +103,7 @@ def test_gguf_matches_transformers_gguf_loader(tmp_path, make_tiny):
     cfg = model.config
 
     def meta(w):
-        common_meta(w, cfg)
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
+        common_meta(w, cfg, head_dim=True)
         w.add_sliding_window(cfg.sliding_window)
 
     def convert(name, t):

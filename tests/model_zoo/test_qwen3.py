@@ -75,9 +75,7 @@ def test_gguf_matches_transformers_gguf_loader(tmp_path, make_tiny):
     cfg = model.config
 
     def meta(w):
-        common_meta(w, cfg)
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
+        common_meta(w, cfg, head_dim=True)
     path = tmp_path / "qwen3.gguf"
     write_gguf(path, "qwen3", model, GGUF_NAMES, meta)
     check_against_transformers(path, tmp_path, "qwen3 gguf")
