@@ -523,11 +523,11 @@ class Kernels:
             scales=(None, None), sm90=None):
         """The moe op: x [T, H], logits [T, E], gate_up [E, 2I, H], down [E, H, I] ->
         (out [T, H], dict of the intermediate buffers). scales: block-wise FP8 experts'
-        (gate-up's [E, H / B, 2I], down's [E, I / B, H]), None where 16-bit. sm90: moe_gemm's,
-        for 16-bit experts (as the cuda backend: both GEMMs on wgmma or neither). The dict's
-        bm: the tile height the routing grouped for."""
+        (gate-up's [E, H / B, 2I], down's [E, I / B, H]), None where 16-bit. sm90: moe_gemm's
+        (as the cuda backend: both GEMMs on wgmma or neither). The dict's bm: the tile height
+        the routing grouped for."""
         t, e = logits.shape
-        sm90 = (self.arch == "sm_90a" if sm90 is None else sm90) and scales == (None, None)
+        sm90 = self.arch == "sm_90a" if sm90 is None else sm90
         ids, wts, pos_of, perm, meta = self.moe_route(logits, top_k, renormalise, sm90)
         act = self.moe_gemm(x, gate_up, perm, meta, t, top_k, act=True, scale=scales[0],
                             sm90=sm90)

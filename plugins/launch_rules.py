@@ -582,9 +582,16 @@ def moe_gemm_smem(bm: int, stages: int = MOE_TC_SHAPE[2], fp8b: bool = False) ->
     return stages * (bm + MOE_TC_BN) * MOE_TC_BK * 2
 
 
-def moe_wg_smem(bm: int, bn: int, stages: int) -> int:
+MOE_WG_FP8B_TILES = 3      # MOE_WG_FP8B_TILES: staged 16-bit weight tiles of the FP8 form
+
+
+def moe_wg_smem(bm: int, bn: int, stages: int, fp8b: bool = False) -> int:
     """Dynamic shared memory of the wgmma GEMM: `stages` k steps of BM x rows and BN weight
-    rows, MOE_WG_BK halfs each, and 1 KiB to align them to the swizzle's atoms."""
+    rows, MOE_WG_BK halfs each, and 1 KiB to align them to the swizzle's atoms; fp8b: the x
+    rows' steps, MOE_WG_FP8B_TILES staged 16-bit weight tiles and `stages` of the bytes
+    (225 KiB at 128 x 256, four stages: under sm_90's 227)."""
+    if fp8b:
+        return (stages * bm * 2 + MOE_WG_FP8B_TILES * bn * 2 + stages * bn) * MOE_WG_BK + 1024
     return stages * (bm + bn) * MOE_WG_BK * 2 + 1024
 
 
@@ -654,8 +661,8 @@ def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype
     args (x, w, perm-or-null, meta, E, n, K, out). fp8b_group: the weights are E4M3 bytes
     with a scale a block of that many k (kernels/moe_fp8b.cu), args then + (scale
     [E, K / group, N], fp8b_group_shift(group)). sm90: steps past the 8-row kernel's take
-    the tiled GEMM on wgmma (sm_90a; 16-bit experts), its tile heights (moe_block_m: the
-    routing must be given the same flag)."""
+    the tiled GEMM on wgmma (sm_90a), its tile heights (moe_block_m: the routing must be
+    given the same flag)."""
     if k % 8 or not 0 < k <= INT32_MAX or not 0 < n <= INT32_MAX:
         raise ValueError(f"the MoE GEMMs need K a multiple of 8 (16-byte rows): N={n}, K={k}")
     if fp8b_group:
@@ -675,14 +682,14 @@ def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype
         outs = wn * (8 if act else 16)
         return Launch(module, name, (math.ceil(n / outs), tiles, 1), (32 * wn * sk, 1, 1))
     # tiled: grid (tiles, N blocks), so consecutive CTAs share an N block's weights in L2
-    wgmma = sm90 and not fp8b_group
+    wgmma = sm90
     bn, stages = MOE_WG_SHAPES[bm] if wgmma else (MOE_TC_BN, 0)
     blocks = math.ceil(n / (bn // 2 if act else bn))
     if blocks > MAX_GRID_Y or tiles > INT32_MAX:
         raise ValueError(f"MoE GEMM of N={n} over {tiles} tiles: over the grid's bounds")
     if wgmma:
         return Launch(module, name.replace(f"_m{bm}", f"_m{bm}w"), (tiles, blocks, 1),
-                      (2 * bm, 1, 1), smem=moe_wg_smem(bm, bn, stages))
+                      (2 * bm, 1, 1), smem=moe_wg_smem(bm, bn, stages, bool(fp8b_group)))
     return Launch(module, name, (tiles, blocks, 1), (MOE_TC_THREADS, 1, 1),
                   smem=moe_gemm_smem(bm, fp8b=bool(fp8b_group)))
 

@@ -36,12 +36,14 @@ comparison, the 64-row register kernel the tiled one replaced
 k and row, rounded to nearest from the same bf16 weights) beside the bf16 layer, the same
 tokens and routing in the same run: each one's time, the FP8 layer's HBM on its own bytes
 (the chosen experts' E4M3 weights and scales), and its largest difference from the bf16
-layer run on the dequantized weights. --model qwen3-30b-a3b takes that model's shapes
+layer run on the dequantized weights; on sm_90a also the FP8 layer with its GEMMs on
+mma.sync where the wgmma kernel would run them. --model qwen3-30b-a3b takes that model's shapes
 (hidden 2048, 128 experts of width 768, top-8) instead of Mixtral's.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -175,8 +177,9 @@ def fp8_block_rows(K: Kernels, gate_up, down, tokens) -> list[str]:
              ", against the bf16 layer on the same tokens and routing in the same run; FP8 "
              "bytes: the chosen experts' E4M3 weights and their scales", "",
              "| T | experts read | bf16 us | fp8-block us | bf16 / fp8 | FP8 MB | HBM (FP8) "
-             "| max rel diff vs bf16 on the dequantized weights |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| max rel diff vs bf16 on the dequantized weights | fp8-block on mma.sync us "
+             "(x) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for t in tokens:
         x = torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16)
         logits = torch.randn(t, EXPERTS, device="cuda", dtype=torch.bfloat16)
@@ -184,8 +187,8 @@ def fp8_block_rows(K: Kernels, gate_up, down, tokens) -> list[str]:
         def bf16(x=x, logits=logits):
             return K.moe(x, logits, gdq, ddq, TOP_K, True)[0]
 
-        def fp8(x=x, logits=logits):
-            return K.moe(x, logits, gq, dq8, TOP_K, True, scales=(gs, ds))[0]
+        def fp8(x=x, logits=logits, sm90=None):
+            return K.moe(x, logits, gq, dq8, TOP_K, True, scales=(gs, ds), sm90=sm90)[0]
 
         out8, parts = K.moe(x, logits, gq, dq8, TOP_K, True, scales=(gs, ds))
         ref = bf16()
@@ -194,9 +197,18 @@ def fp8_block_rows(K: Kernels, gate_up, down, tokens) -> list[str]:
         chosen = len(parts["ids"].unique())
         w_bytes = chosen * 3 * HIDDEN * INTER * (1 + 2 / FP8B_BLOCK)
         bf_s, fp_s = graph_time([bf16] * CALLS), graph_time([fp8] * CALLS)
+        # sm_90a past the 8-row kernel: the same FP8 layer with its GEMMs on mma.sync
+        wg = K.arch == "sm_90a" and lr.moe_gemm_launch(
+            t, EXPERTS, TOP_K, HIDDEN, INTER, "bfloat16", False, FP8B_BLOCK, sm90=True
+        ).kernel != lr.moe_gemm_launch(
+            t, EXPERTS, TOP_K, HIDDEN, INTER, "bfloat16", False, FP8B_BLOCK).kernel
+        mma = ""
+        if wg:
+            mma_s = graph_time([functools.partial(fp8, sm90=False)] * CALLS)
+            mma = f" {mma_s * 1e6:.1f} ({mma_s / fp_s:.2f}x)"
         lines.append(f"| {t} | {chosen} | {bf_s * 1e6:.1f} | {fp_s * 1e6:.1f} | "
                      f"{bf_s / fp_s:.2f}x | {w_bytes / 1e6:.0f} | "
-                     f"{w_bytes / fp_s / DATASHEET_BW:.0%} | {diff:.1e} |")
+                     f"{w_bytes / fp_s / DATASHEET_BW:.0%} | {diff:.1e} |{mma or ' -'} |")
         print(lines[-1], flush=True)
     return lines
 

@@ -671,19 +671,30 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const voi
 // the previous one is done in both warpgroups. Copies run ST - 2 steps ahead.
 // ACT: the BN weight rows are BN / 2 gate rows, then their up rows, so n8 block j of the
 // accumulator (gate) and block j + BN / 16 (up) hold one output's two sums in the same lane.
+// FP8B: the weights' E4M3 bytes are copied (cp.async, a ring of ST steps as x's) and each
+// thread, once its own copies of step kt have landed, turns them into q * s in the dtype
+// (dequant16_e4m3, as moe_gemm_tc's FP8B) in the swizzled layout above, into one of three
+// staged tiles: the one step kt - 3's MMAs read, done in every warpgroup by then, so a step
+// still takes one barrier. A thread's block scales for step kt + 1 are loaded while step kt's
+// MMAs run. Shared memory: x's ring, the three staged tiles and the bytes' ring.
 #define MOE_WG_BK 64
+#define MOE_WG_FP8B_TILES 3
 
-template <typename T, int BM, int BN, int ST, bool ACT>
-__device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16* __restrict__ w,
+template <typename T, int BM, int BN, int ST, bool ACT, bool FP8B = false>
+__device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const void* __restrict__ w,
                                             const int* __restrict__ perm,
                                             const int* __restrict__ meta, int experts, int n,
-                                            int k, u16* __restrict__ out) {
+                                            int k, u16* __restrict__ out,
+                                            const u16* __restrict__ bs = nullptr,
+                                            int gshift = 0) {
 #ifdef SM90A
   constexpr int BK = MOE_WG_BK, NTH = 2 * BM;   // BM / 64 warpgroups
   constexpr int NB = BN / 8;                    // n8 blocks of the accumulator
-  constexpr int A_BYTES = BM * BK * 2, STAGE = A_BYTES + BN * BK * 2;
+  constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+  constexpr int STAGE = FP8B ? A_BYTES : A_BYTES + B_BYTES;   // a step of the ring
   constexpr int RS = NTH / 8;                   // rows between a thread's copies
   constexpr int AL = BM / RS, BL = BN / RS;     // a thread's copies a step
+  constexpr int RS8 = NTH / 4, BL8 = BN / RS8;  // FP8B: its byte chunks (16 k) a step
   static_assert((BM == 64 || BM == 128) && (BN == 128 || BN == 256) && ST >= 3 && RS % 8 == 0,
                 "moe_gemm_wg: whole warpgroups, a thread's rows one swizzle phase apart");
   extern __shared__ __align__(1024) u8 moe_wg[];
@@ -694,7 +705,7 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16
   const int tid = threadIdx.x, wg = tid >> 7;
   const int o0 = blockIdx.y * (ACT ? BN / 2 : BN);
   const size_t wrows = ACT ? 2 * (size_t)n : (size_t)n;
-  const u16* we = w + (size_t)e * wrows * k;
+  const u16* we = static_cast<const u16*>(w) + (size_t)e * wrows * k;
 
   // this thread's copies: chunk tid % 8 of rows tid / 8 + RS i, one swizzle phase for all
   const int cc = tid & 7, r8 = (tid >> 3) & 7;
@@ -707,13 +718,32 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16
     aok[i] = r < rows;
     asrc[i] = moe_x_row(x, perm, r0, r, rows, k) + cc * 8;
   }
-  const u16* bsrc[BL];
+  // staged weight row r's row of the expert: rows past N re-read the last (never stored)
+  auto wrow = [&](int r) -> size_t {
+    return ACT ? (r < BN / 2 ? 0 : (size_t)n) + min(o0 + r % (BN / 2), n - 1)
+               : (size_t)min(o0 + r, n - 1);
+  };
+  const u16* bsrc[FP8B ? 1 : BL];
+  if constexpr (!FP8B) {
 #pragma unroll
-  for (int i = 0; i < BL; ++i) {
-    const int r = (tid >> 3) + RS * i;          // rows past N re-read the last (never stored)
-    const size_t wr = ACT ? (r < BN / 2 ? 0 : (size_t)n) + min(o0 + r % (BN / 2), n - 1)
-                          : (size_t)min(o0 + r, n - 1);
-    bsrc[i] = we + wr * k + cc * 8;
+    for (int i = 0; i < BL; ++i) bsrc[i] = we + wrow((tid >> 3) + RS * i) * k + cc * 8;
+  }
+  // FP8B: chunk cb = tid % 4 (16 k) of rows tid / 4 + RS8 i, their block scales
+  const int cb = tid & 3;
+  const u8* b8src[FP8B ? BL8 : 1];
+  const u16* ssrc[FP8B ? BL8 : 1];
+  u32 sc[FP8B ? BL8 : 1];
+  const u32 b16 = base + ST * A_BYTES;                      // FP8B: the staged tiles
+  const u32 b8 = b16 + MOE_WG_FP8B_TILES * B_BYTES;         // FP8B: the bytes' ring
+  u8* const sm = moe_wg + (base - smem_u32(moe_wg));        // base as a generic pointer
+  if constexpr (FP8B) {
+    const size_t blocks = (size_t)(k >> gshift);
+#pragma unroll
+    for (int i = 0; i < BL8; ++i) {
+      const size_t wr = wrow((tid >> 2) + RS8 * i);
+      b8src[i] = static_cast<const u8*>(w) + ((size_t)e * wrows + wr) * k + cb * 16;
+      ssrc[i] = bs + (size_t)e * blocks * wrows + wr;
+    }
   }
   auto load = [&](int stage, int kt) {
     const int kk = kt * BK;
@@ -724,8 +754,40 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16
       const bool ok = kok && aok[i];
       cp_async16(a + RS * 128 * i, ok ? asrc[i] + kk : x, ok ? 16 : 0);
     }
+    if constexpr (FP8B) {   // K is a multiple of G >= 32: 16 k are all in or out
+      const bool ok = kk + cb * 16 < k;
+      const u32 d = b8 + stage * (BN * BK) + (tid >> 2) * BK + cb * 16;
 #pragma unroll
-    for (int i = 0; i < BL; ++i) cp_async16(b + RS * 128 * i, kok ? bsrc[i] + kk : w, kok ? 16 : 0);
+      for (int i = 0; i < BL8; ++i) cp_async16(d + RS8 * BK * i, ok ? b8src[i] + kk : w, ok ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int i = 0; i < BL; ++i)
+        cp_async16(b + RS * 128 * i, kok ? bsrc[i] + kk : w, kok ? 16 : 0);
+    }
+  };
+  // FP8B: this thread's block scales of step kt, into sc (0 past K: those bytes are zeros)
+  auto load_scales = [&](int kt) {
+    const int kk = kt * BK + cb * 16;
+#pragma unroll
+    for (int i = 0; i < BL8; ++i)
+      sc[i] = kk < k ? __ldg(ssrc[i] + (size_t)(kk >> gshift) * wrows) : 0u;
+  };
+  // FP8B: this thread's bytes of step kt -> q * s in the dtype, staged tile kt % 3, swizzled
+  // as the copies of the 16-bit weights are (16 k are two 16-byte chunks of a row's line)
+  auto convert = [&](int kt) {
+#pragma unroll
+    for (int i = 0; i < BL8; ++i) {
+      const int r = (tid >> 2) + RS8 * i;
+      const uint4 v = *reinterpret_cast<const uint4*>(
+          sm + (b8 - base) + (kt % ST) * (BN * BK) + r * BK + cb * 16);
+      u32 q[8];
+      dequant16_e4m3<T>(v, e4m3_scale2<T>((u16)sc[i]), q);
+      u8* row = sm + (b16 - base) + (kt % MOE_WG_FP8B_TILES) * B_BYTES + r * 128;
+      *reinterpret_cast<uint4*>(row + (((2 * cb) ^ (r & 7)) << 4)) =
+          make_uint4(q[0], q[1], q[2], q[3]);
+      *reinterpret_cast<uint4*>(row + (((2 * cb + 1) ^ (r & 7)) << 4)) =
+          make_uint4(q[4], q[5], q[6], q[7]);
+    }
   };
 
   float acc[BN / 2];
@@ -737,13 +799,20 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16
     if (s < ktiles) load(s, s);
     cp_commit();                                // empty groups keep the count uniform
   }
+  if constexpr (FP8B) load_scales(0);
   for (int kt = 0; kt < ktiles; ++kt) {
     cp_wait<ST - 3>();                          // step kt has landed (this thread's copies)
+    if constexpr (FP8B) convert(kt);            // into the tile step kt - 3's MMAs read
     fence_async_smem();                         // ... for the tensor cores' reads
     __syncthreads();                            // everyone's; step kt - 2's MMAs are done
     if (kt + ST - 2 < ktiles) load((kt + ST - 2) % ST, kt + ST - 2);
     cp_commit();
-    const u32 a = base + (kt % ST) * STAGE + wg * 64 * 128, b = base + (kt % ST) * STAGE + A_BYTES;
+    if constexpr (FP8B) {
+      if (kt + 1 < ktiles) load_scales(kt + 1);
+    }
+    const u32 a = base + (kt % ST) * STAGE + wg * 64 * 128;
+    const u32 b = FP8B ? b16 + (kt % MOE_WG_FP8B_TILES) * B_BYTES
+                       : base + (kt % ST) * STAGE + A_BYTES;
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {      // k16 steps 32 bytes apart inside the line

@@ -2,11 +2,12 @@
 // FP8B), in a module of their own, compiled only for the engines that have them. Routing
 // and the combine are moe.cu's.
 //
-//   moe_gemm_fp8b_<dt>_m<BM>[_swiglu](x, w, perm-or-null, meta, E, n, K, out, scale, gshift)
+//   moe_gemm_fp8b_<dt>_m<BM>[w][_swiglu](x, w, perm-or-null, meta, E, n, K, out, scale, gshift)
 //
 // w [E, N, K] E4M3 bytes (each expert's [out, in]), scale [E, K / G, N] in the compute dtype,
 // G = 1 << gshift a power of two from 32 dividing K. The shapes are moe.cu's (launch_rules:
-// moe_gemm_launch): m8 the decode kernel, m64 and m128 the tiled one.
+// moe_gemm_launch): m8 the decode kernel, m64 and m128 the tiled one, and on sm_90a its wgmma
+// form (w, launch_rules.MOE_WG_SHAPES).
 #include "moe.cuh"
 
 #define MOE_FP8B_ENTRY(NAME, TY, THREADS, CALL)                                                \
@@ -25,10 +26,22 @@
   MOE_FP8B_ENTRY(moe_gemm_fp8b_##DT##_m##BM##_swiglu, TY, 128,                                 \
                  (moe_gemm_tc<TY, BM, 2, 2, 4, true, true>))
 
+#ifdef SM90A
+#define MOE_FP8B_GEMM_WG(DT, TY, BM, BN, ST)                                                   \
+  MOE_FP8B_ENTRY(moe_gemm_fp8b_##DT##_m##BM##w, TY, 2 * BM,                                    \
+                 (moe_gemm_wg<TY, BM, BN, ST, false, true>))                                   \
+  MOE_FP8B_ENTRY(moe_gemm_fp8b_##DT##_m##BM##w_swiglu, TY, 2 * BM,                             \
+                 (moe_gemm_wg<TY, BM, BN, ST, true, true>))
+#else
+#define MOE_FP8B_GEMM_WG(DT, TY, BM, BN, ST)
+#endif
+
 #define MOE_FP8B_DTYPE(DT, TY)                                                                 \
   MOE_FP8B_GEMM(DT, TY, 8, 1, 1, 8, 2)                                                         \
   MOE_FP8B_GEMM_TC(DT, TY, 64)                                                                 \
-  MOE_FP8B_GEMM_TC(DT, TY, 128)
+  MOE_FP8B_GEMM_TC(DT, TY, 128)                                                                \
+  MOE_FP8B_GEMM_WG(DT, TY, 64, 128, 4)                                                         \
+  MOE_FP8B_GEMM_WG(DT, TY, 128, 256, 4)
 
 LLMC_F16(MOE_FP8B_DTYPE(f16, F16))
 LLMC_BF16(MOE_FP8B_DTYPE(bf16, BF16))

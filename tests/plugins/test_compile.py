@@ -175,19 +175,22 @@ def test_sm90_prefill_uses_tma_and_wgmma():
 
 
 def test_sm90_moe_gemm_is_wgmma():
-    """The MoE GEMM's wgmma entries (every one moe_gemm_launch names with sm90) are in the
-    sm_90a module, built on warpgroup MMAs over 128-byte-swizzled shared memory; the other
-    architectures' modules have none (a session probes for them)."""
-    names = {lr.moe_gemm_launch(t, e, k, 64, 128, dt, act, sm90=True).kernel
-             for dt in lr.DTYPES for act in (False, True) for t, e, k in ((200, 8, 2),
-                                                                          (4096, 8, 2))}
-    assert {n.split("_")[3] for n in names} == {"m64w", "m128w"}
-    ptx = compiler.compile_module("moe", "sm_90a", ptx=True).decode()
-    for name in names:
-        assert f".entry {name}(" in ptx, name
-    assert "wgmma.mma_async.sync.aligned.m64n" in ptx
-    sm80 = compiler.compile_module("moe", "sm_80", ptx=True).decode()
-    assert "wgmma" not in sm80 and not any(f".entry {n}(" in sm80 for n in names)
+    """The MoE GEMMs' wgmma entries (every one moe_gemm_launch names with sm90, 16-bit and
+    block-wise FP8 experts) are in the sm_90a modules, built on warpgroup MMAs over
+    128-byte-swizzled shared memory; the other architectures' modules have none (a session
+    probes for them)."""
+    for group, module in ((0, "moe"), (32, "moe_fp8b")):
+        names = {lr.moe_gemm_launch(t, e, k, 64, 128, dt, act, group, sm90=True).kernel
+                 for dt in lr.DTYPES for act in (False, True)
+                 for t, e, k in ((200, 8, 2), (4096, 8, 2))}
+        assert {n.split("_")[-2 if n.endswith("swiglu") else -1] for n in names} == {
+            "m64w", "m128w"}
+        ptx = compiler.compile_module(module, "sm_90a", ptx=True).decode()
+        for name in names:
+            assert f".entry {name}(" in ptx, name
+        assert "wgmma.mma_async.sync.aligned.m64n" in ptx
+        sm80 = compiler.compile_module(module, "sm_80", ptx=True).decode()
+        assert "wgmma" not in sm80 and not any(f".entry {n}(" in sm80 for n in names)
 
 
 def test_compile_error_is_reported(tmp_path, monkeypatch):

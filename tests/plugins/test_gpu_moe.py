@@ -328,17 +328,21 @@ FP8B_CONFIGS = [(8, 2, True, 256, 384, 128), (8, 2, True, 256, 384, 32),
                 (16, 2, True, 160, 96, 32), (128, 8, True, 128, 64, 64)]
 
 
+@pytest.mark.parametrize("sm90", [False, True], ids=["mma", "wgmma"])
 @pytest.mark.parametrize("load", ["even", "skewed"])
 @pytest.mark.parametrize("t", (1, 5, 8, 9, 64, 129, 300))
 @pytest.mark.parametrize("experts,k,renorm,hidden,inter,block", FP8B_CONFIGS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fp8_block_experts(K, dtype, experts, k, renorm, hidden, inter, block, t, load):
+def test_fp8_block_experts(K, dtype, experts, k, renorm, hidden, inter, block, t, load, sm90):
     """The grouped GEMMs over E4M3 experts (8-row tiles while moe_block_m says, tiled past
-    that) equal the 16-bit ones' references on the dequantized weights; a step of FP8 gate-up and
-    16-bit down, and the reverse, take each GEMM's own kernel."""
+    that: mma.sync, and on sm_90a wgmma) equal the 16-bit ones' references on the dequantized
+    weights; a step of FP8 gate-up and 16-bit down, and the reverse, take each GEMM's own
+    kernel."""
+    if sm90 and K.arch != "sm_90a":
+        pytest.skip("the wgmma kernel needs sm_90a (an H100 or H200)")
     x, logits, gate_up, down = make(t, experts, hidden, inter, dtype, load, k=k)
     (gq, gs, gdq), (dq8, ds, ddq) = (fp8_blocks(w, block, dtype) for w in (gate_up, down))
-    out, parts = K.moe(x, logits, gq, dq8, k, renorm, scales=(gs, ds))
+    out, parts = K.moe(x, logits, gq, dq8, k, renorm, scales=(gs, ds), sm90=sm90)
     ids, pos_of = parts["ids"], parts["pos_of"]
     if load == "skewed":
         assert not (ids >= experts // 2).any()
@@ -346,8 +350,8 @@ def test_fp8_block_experts(K, dtype, experts, k, renorm, hidden, inter, block, t
     assert relerr(parts["y"], down_ref(parts["act"], ddq, ids, pos_of)) < TOL
     assert relerr(out, combine_ref(parts["y"], pos_of, parts["wts"], dtype)) < COMBINE_TOL
     if t in (5, 129):   # one GEMM FP8, the other 16-bit (--quant-exclude, a K no block divides)
-        _, mixed = K.moe(x, logits, gq, ddq, k, renorm, scales=(gs, None))
+        _, mixed = K.moe(x, logits, gq, ddq, k, renorm, scales=(gs, None), sm90=sm90)
         assert torch.equal(mixed["act"], parts["act"])
         assert relerr(mixed["y"], down_ref(mixed["act"], ddq, ids, pos_of)) < TOL
-        _, mixed = K.moe(x, logits, gdq, dq8, k, renorm, scales=(None, ds))
+        _, mixed = K.moe(x, logits, gdq, dq8, k, renorm, scales=(None, ds), sm90=sm90)
         assert relerr(mixed["act"], gate_up_ref(x, gdq, ids, pos_of, dtype)) < TOL

@@ -319,7 +319,7 @@ def test_moe_launches():
     assert down.smem == 48 * 1024
     # sm_90a: wgmma, a warpgroup per 64 positions, 4 k steps of 64 in 128-byte-swizzled
     # shared memory (1 KiB more to align it), 256 weight rows a 128-row tile (128 fused
-    # outputs); decode keeps the 8-row kernel and block-wise FP8 experts the mma.sync one
+    # outputs); decode keeps the 8-row kernel
     gw = lr.moe_gemm_launch(512, 8, 2, 14336, 4096, "bfloat16", act=True, sm90=True)
     assert gw.kernel == "moe_gemm_bf16_m128w_swiglu" and gw.block == (256, 1, 1)
     assert gw.grid == (lr.moe_max_tiles(512, 8, 2, 128), 14336 // 128, 1)
@@ -329,8 +329,11 @@ def test_moe_launches():
     assert dw.grid == down.grid and dw.smem == 4 * (64 + 128) * 64 * 2 + 1024
     assert lr.moe_gemm_launch(1, 8, 2, 4096, 14336, "float16", False, sm90=True).kernel == \
         "moe_gemm_f16_m8"
-    assert lr.moe_gemm_launch(512, 8, 2, 4096, 14336, "float16", False, fp8b_group=128,
-                              sm90=True).kernel == "moe_gemm_fp8b_f16_m128"
+    # block-wise FP8 experts: the same tiles, the bytes' ring and three staged 16-bit tiles
+    fw = lr.moe_gemm_launch(512, 8, 2, 4096, 14336, "float16", False, fp8b_group=128,
+                            sm90=True)
+    assert (fw.module, fw.kernel) == ("moe_fp8b", "moe_gemm_fp8b_f16_m128w")
+    assert fw.smem == (4 * 128 * 2 + 3 * 256 * 2 + 4 * 256) * 64 + 1024 <= 227 * 1024
     # partial N blocks round up: 100 down outputs, 100 fused outputs (200 weight rows)
     assert lr.moe_gemm_launch(512, 8, 2, 100, 64, "bfloat16", False).grid[1] == 1
     assert lr.moe_gemm_launch(512, 8, 2, 100, 64, "bfloat16", True).grid[1] == 2
@@ -430,6 +433,8 @@ def test_moe_tiled_shape_agrees_with_the_kernel_source():
     # the wgmma kernel: a warpgroup per 64 rows, the (BN, stages) of each tile height
     for bm, (bn, stages) in lr.MOE_WG_SHAPES.items():
         assert re.search(rf"MOE_GEMM_WG\(DT, TY, {bm}, {bn}, {stages}\)", src)
+        assert re.search(rf"MOE_FP8B_GEMM_WG\(DT, TY, {bm}, {bn}, {stages}\)", fp8b)
+    assert re.search(rf"#define MOE_WG_FP8B_TILES {lr.MOE_WG_FP8B_TILES}\b", src)
     assert sorted(lr.MOE_WG_SHAPES) == list(lr.MOE_TC_BLOCK_M)
     assert re.search(rf"#define MOE_WG_BK {lr.MOE_WG_BK}\b", src)
     assert re.search(r"__launch_bounds__\(2 \* BM\) NAME", src)

@@ -150,7 +150,8 @@ def variants_cubin(entries: str) -> bytes:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module,register_a", (("qgemv", True), ("qgemv_zp", True),
-                                               ("paged_attention_sm90", True), ("moe", False)))
+                                               ("paged_attention_sm90", True), ("moe", False),
+                                               ("moe_fp8b", False)))
 def test_shipped_wgmma_kernels_leave_their_registers_alone(module, register_a, tmp_path):
     # both dtypes, as compile_all compiles them (tests/plugins/test_compile.py: the same cubin)
     counts, hazards = hgmma_hazards(sass(compiler.compile_module(module, "sm_90a"), tmp_path))

@@ -225,7 +225,7 @@ def _moe(op: Op, s: Step, t: int, dt: str, P) -> Iterator[tuple]:
     fp8b = [[P(sc), lr.fp8b_group_shift(b)] if b else []
             for sc, b in zip(scales or [None, None], groups)]
     # both GEMMs on wgmma or neither: their tiles are the routing's (moe_block_m)
-    wg = s.moe_sm90 and not any(groups)
+    wg = s.moe_sm90
     for launch, args in lr.moe_route_launches(t, e, k, dt, a["renormalise"], P(logits), P(ids),
                                               P(wts), P(pos_of), P(perm), P(meta), sm90=wg):
         yield "kernel", launch, args

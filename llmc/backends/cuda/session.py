@@ -166,11 +166,13 @@ class CudaSession:
         probe = w4_gemm_launch(W4GW_MIN_M, 16, 128, plan.dtype, group=128, sm90=True)
         self.w4_sm90 = plan.arch == "sm_90a" and "qgemv" in plan.modules and \
             self.functions.has(probe.module, probe.kernel)
-        # MoE steps past the 8-row kernel's take the grouped GEMM's wgmma kernel where the
-        # engine holds it (sm_90a engines of a mixture built since it exists).
-        probe = moe_gemm_launch(4096, 8, 2, 8, 8, plan.dtype, act=True, sm90=True)
-        self.moe_sm90 = plan.arch == "sm_90a" and "moe" in plan.modules and \
-            self.functions.has(probe.module, probe.kernel)
+        # MoE steps past the 8-row kernel's take the grouped GEMMs' wgmma kernels where the
+        # engine holds them, the FP8 experts' too (sm_90a engines of a mixture built since).
+        probes = [moe_gemm_launch(4096, 8, 2, 32, 32, plan.dtype, act=True, sm90=True,
+                                  fp8b_group=g) for g in (0, 32)]
+        self.moe_sm90 = plan.arch == "sm_90a" and "moe" in plan.modules and all(
+            self.functions.has(p.module, p.kernel) for p in probes
+            if p.module in plan.modules)
         # Split decode combines its splits in the decode kernel; False runs attn_reduce after
         # it, as the TensorRT plugin does (for A/B timing).
         self.fuse_attention_reduce = True
