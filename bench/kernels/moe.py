@@ -30,7 +30,9 @@ moe_block_m's switch) in its shipped shape and in other warp layouts and pipelin
 wgmma form in other tile widths and depths (WG_SWEEP: the figures behind MOE_WG_SHAPES and
 moe_block_m's sm90 switch) and, for
 comparison, the 64-row register kernel the tiled one replaced
-(moe_gemm's template, 4 warps over N x 2 over K).
+(moe_gemm's template, 4 warps over N x 2 over K). Each wgmma shape's down output is
+compared with the first one's at its tile height, a max rel diff added to its label where
+they differ. --sweep-wgmma times the wgmma shapes alone.
 
 --fp8-block times the layer over E4M3 experts (kernels/moe_fp8b.cu, a scale a block of 128
 k and row, rounded to nearest from the same bf16 weights) beside the bf16 layer, the same
@@ -95,9 +97,10 @@ def sweep_functions(K: Kernels):
     return Functions(K.arch, {"moe_sweep": cubin})
 
 
-def sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream):
+def sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream, wgmma_only=False):
     """--sweep rows (T, label, gate-up s, down s, chosen) of step t: each GEMM shape on the
-    routing regrouped into tiles of its height (a meta buffer of its own)."""
+    routing regrouped into tiles of its height (a meta buffer of its own); wgmma_only
+    (--sweep-wgmma): only the wgmma shapes."""
     dt, rows = "bfloat16", []
     wm0, wn0, st0 = lr.MOE_TC_SHAPE
     # the 8-row kernel where it serves (moe_block_m), the tiled ones past decode steps
@@ -113,6 +116,9 @@ def sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream):
                    + (" (shipped)" if (bn, st) == lr.MOE_WG_SHAPES[bm] else ""), 0, bn, st)
                   for bm in lr.MOE_TC_BLOCK_M for bn, st in WG_SWEEP]
                  if K.arch == "sm_90a" else []))
+    if wgmma_only:
+        shapes = [sh for sh in shapes if "wgmma" in sh[1]]
+    refs = {}
     for bm, label, wn, sk, u in shapes:   # tiled: (wn, sk, u) are (WM, WN, ST)
         i32 = dict(device="cuda", dtype=torch.int32)
         ids, pos_of = torch.empty(t, TOP_K, **i32), torch.empty(t, TOP_K, **i32)
@@ -153,6 +159,10 @@ def sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream):
             a = [xin, w, p if p is not None else DevPtr(0), meta, EXPERTS, n, k, out_buf]
             times.append(graph_time([lambda ln=ln, a=a, f=fns: f.launch(ln, a, stream())]
                                     * CALLS))
+        if "wgmma" in label:   # each wgmma shape's down output against the first one's
+            ref = refs.setdefault(bm, y.clone())
+            diff = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            label += f" (max rel diff {diff:.0e})" if diff else ""
         rows.append((t, label, *times, chosen))
     return rows
 
@@ -233,6 +243,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="also write the markdown table to this file")
     ap.add_argument("--sweep", action="store_true", help="time other GEMM shapes too")
+    ap.add_argument("--sweep-wgmma", action="store_true",
+                    help="time other shapes of the wgmma GEMM only (sm_90a)")
     ap.add_argument("--fp8-block", action="store_true",
                     help="also time the layer over E4M3 experts in blocks of 128")
     ap.add_argument("--model", choices=MODELS, default="mixtral-8x7b",
@@ -249,7 +261,7 @@ def main() -> None:
     gate_up = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda", dtype=bf) * HIDDEN ** -0.5
     down = torch.randn(EXPERTS, HIDDEN, INTER, device="cuda", dtype=bf) * INTER ** -0.5
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731  the capture's
-    sweep = sweep_functions(K) if args.sweep else None
+    sweep = sweep_functions(K) if args.sweep or args.sweep_wgmma else None
     rows, sweep_rows = [], []
     for t in args.tokens:
         x = torch.randn(t, HIDDEN, device="cuda", dtype=bf)
@@ -313,7 +325,8 @@ def main() -> None:
                 / ref_out.float().abs().max()).item()
         rows.append((t, chosen, w_bytes, layer_s, parts_s, torch_s, flops, diff, mma_s))
         if sweep:
-            sweep_rows += sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream)
+            sweep_rows += sweep_step(K, sweep, t, x, logits, gate_up, down, chosen, stream,
+                                     args.sweep_wgmma)
         print(f"T={t}: {layer_s * 1e6:.1f} us, {w_bytes / layer_s / DATASHEET_BW:.0%} of HBM",
               flush=True)
 
