@@ -542,6 +542,7 @@ MOE_WG_SHAPES = {64: (128, 4), 128: (256, 4)}
 MOE_M128_FROM = 129        # tokens from which tiles hold 128 positions (mma.sync)
 MOE_WG_M64_ROWS = 64       # routed rows an expert (on average) up to which wgmma tiles hold 64
 MOE_M8_ROWS = 4            # routed rows an expert (on average) up to which tiles hold 8
+MOE_GRID_ROUTE_ROWS = 2048  # routed rows from which the grouping runs over a grid of chunks
 MAX_GRID_Y = 65535
 
 
@@ -607,7 +608,9 @@ def moe_max_tiles(tokens: int, experts: int, top_k: int, bm: int | None = None) 
 
 def moe_meta_ints(experts: int, top_k: int) -> int:
     """int32s a token of the routing's meta buffer (number of tiles, E + 1 offsets, 3 ints a
-    tile): 2 + E + 3 (T k + E) <= T (3 k + 4 E + 2) for any T >= 1."""
+    tile): 2 + E + 3 (T k + E) <= T (3 k + 4 E + 2) for any T >= 1; the grid grouping's
+    counts, E a chunk of MOE_ROUTE_THREADS rows, follow (kernels/moe.cuh: moe_chunk_counts),
+    2 + 4 E + 3 T k + E (T k / MOE_ROUTE_THREADS + 1) <= T (3 k + 4 E + 2) for T >= 2."""
     return 3 * top_k + 4 * experts + 2
 
 
@@ -635,22 +638,35 @@ def moe_topk_launch(tokens: int, experts: int, top_k: int, dtype: str) -> Launch
 
 def moe_route_launches(tokens: int, experts: int, top_k: int, dtype: str, renormalise: bool,
                        logits, ids, wts, pos_of, perm, meta, bm: int | None = None,
-                       sm90: bool = False) -> list[tuple]:
+                       sm90: bool = False, grid: bool = True) -> list[tuple]:
     """The routing of a step as (Launch, args) pairs, its tiles of bm positions (moe_block_m
     with sm90, the GEMMs' flag, unless given: bench/kernels/moe.py --sweep). Up to
     MOE_ROUTE_THREADS / 32 tokens one CTA picks and groups (a decode step: one launch); past
     that the top-k runs over a grid first, since one CTA's warps would walk the tokens
     several times over (it was half of a 4096-token Qwen3-30B-A3B layer,
-    bench/results/moe.md), and the CTA only groups."""
+    bench/results/moe.md), and the CTA only groups. From MOE_GRID_ROUTE_ROWS routed rows
+    (and with grid: the module holds moe_count and moe_place) the CTA only counts, scans and
+    writes the tiles, the rows counted and placed over a grid of chunks around it."""
     split = tokens > MOE_ROUTE_THREADS // 32
+    chunks = -(-tokens * top_k // MOE_ROUTE_THREADS)
+    grid = grid and tokens * top_k >= MOE_GRID_ROUTE_ROWS
     bm = bm or moe_block_m(tokens, experts, top_k, sm90)
     route = (moe_route_launch(tokens, experts, top_k, dtype),
              [logits, tokens, experts, top_k, int(renormalise), bm, ids, wts, pos_of, perm,
-              meta, int(split)])
+              meta, 2 if grid else int(split)])
     if not split:
         return [route]
-    return [(moe_topk_launch(tokens, experts, top_k, dtype),
-             [logits, tokens, experts, top_k, int(renormalise), ids, wts]), route]
+    topk = (moe_topk_launch(tokens, experts, top_k, dtype),
+            [logits, tokens, experts, top_k, int(renormalise), ids, wts])
+    if not grid:
+        return [topk, route]
+    block = (MOE_ROUTE_THREADS, 1, 1)
+    return [topk,
+            (Launch("moe", "moe_count", (chunks, 1, 1), block),
+             [ids, tokens, experts, top_k, meta]),
+            route,
+            (Launch("moe", "moe_place", (chunks, 1, 1), block),
+             [ids, tokens, experts, top_k, pos_of, perm, meta])]
 
 
 def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype: str,

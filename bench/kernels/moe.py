@@ -5,11 +5,13 @@ of the routed experts' weights at the HBM datasheet bandwidth (3.35 TB/s, H100 S
     PYTHONPATH=<llmc checkout paths> python3 bench/kernels/moe.py [--out results.md]
 
 The layer is what the backend's moe op launches, from the router's logits to the combined
-output: routing + grouping (one CTA), the grouped gate-up GEMM with SwiGLU fused, the
-grouped down GEMM, the weighted combine. For T = 1 .. 4096 tokens with random logits (so
-random routing), it reports:
+output: routing + grouping (one CTA, or over a grid from launch_rules.MOE_GRID_ROUTE_ROWS
+routed rows), the grouped gate-up GEMM with SwiGLU fused, the grouped down GEMM, the
+weighted combine. For T = 1 .. 4096 tokens with random logits (so random routing), it
+reports:
 - the layer's time (a CUDA graph of CALLS layers, median of REPS replays, as
-  bench/kernels/gemm.py times), and each kernel's on its own;
+  bench/kernels/gemm.py times), and each part's on its own (where the grouping runs over a
+  grid, the routing with its one-CTA walk too);
 - the routed experts' weight bytes (3 H I 2 bytes for each expert the step's tokens chose,
   which is all a decode step reads) over that time, against 3.35 TB/s, and TFLOP/s;
 - the same layer in PyTorch with the routing known on the host (an ideal per-expert
@@ -308,6 +310,11 @@ def main() -> None:
                 f()
 
         parts_s = {name: graph_time([thunk(name)] * CALLS) for name in launches}
+        # many routed rows: the grouping over a grid; its one-CTA walk timed beside
+        one_cta = lr.moe_route_launches(t, EXPERTS, TOP_K, dt, True, logits, ids, wts,
+                                        parts["pos_of"], perm, meta, sm90=wg, grid=False)
+        if len(one_cta) != len(launches["route"]):
+            parts_s["route_one_cta"] = graph_time([thunk("route", {"route": one_cta})] * CALLS)
         # sm_90a, past the 8-row kernel: both GEMMs on mma.sync too (the tiled kernel)
         mma_s = None
         if wg and gemms[True]["down"][0][0].kernel != gemms[False]["down"][0][0].kernel:
@@ -351,7 +358,9 @@ def main() -> None:
         lines.append(
             f"| {t} | {chosen} | {w_bytes / 1e6:.0f} | {layer_s * 1e6:.1f} | "
             f"{w_bytes / layer_s / DATASHEET_BW:.0%} | {flops / layer_s / 1e12:.1f} | "
-            f"{p['route'] * 1e6:.1f} | {p['gate_up'] * 1e6:.1f} | {p['down'] * 1e6:.1f} | "
+            f"{p['route'] * 1e6:.1f}"
+            + (f" ({p['route_one_cta'] * 1e6:.1f} on one CTA)" if "route_one_cta" in p else "")
+            + f" | {p['gate_up'] * 1e6:.1f} | {p['down'] * 1e6:.1f} | "
             f"{p['combine'] * 1e6:.1f} | {torch_s * 1e6:.1f} | {diff:.1e} | "
             + (f"{mma_s * 1e6:.1f} ({mma_s / both:.2f}x) |" if mma_s else "- |"))
     if sweep_rows:

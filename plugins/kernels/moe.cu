@@ -8,6 +8,8 @@
 // moe_gemm_<dt>_m<BM>[w][_swiglu](x, w, perm-or-null, meta, E, n, K, out), BM 8, 64 or 128
 //   (w: the wgmma kernel of sm_90a, BM 64 or 128)
 // moe_combine[_shared]_<dt>_v<VEC>(y, pos_of, wts, gate-or-null, shared-or-null, T, H, k, out)
+// moe_count(ids, T, E, k, meta), moe_place(ids, T, E, k, pos_of, perm, meta): the grouping of
+//   steps of many rows over a grid (moe.cuh), around moe_route with picked = 2
 // The GEMM shapes (launch_rules.moe_block_m picks by T, E and k): m8, a tile of up to 8
 // positions (decode, where an expert has at most T rows, and steps whose experts hold at
 // most 4 rows on average) with 8 warps over K, as tc_gemv splits K, so the few weight rows
@@ -85,4 +87,14 @@
 #ifndef MOE_VARIANTS  // bench/kernels/moe.py --sweep compiles its own grid of GEMM shapes
 LLMC_F16(MOE_DTYPE(f16, F16))
 LLMC_BF16(MOE_DTYPE(bf16, BF16))
+
+// the grouping over a grid (either dtype: ids only), a CTA a chunk of MOE_ROUTE_THREADS rows
+extern "C" __global__ void __launch_bounds__(MOE_ROUTE_THREADS) moe_count(
+    const int* ids, int tokens, int experts, int top_k, int* meta) {
+  moe_count_chunk(ids, tokens, experts, top_k, meta);
+}
+extern "C" __global__ void __launch_bounds__(MOE_ROUTE_THREADS) moe_place(
+    const int* ids, int tokens, int experts, int top_k, int* pos_of, int* perm, int* meta) {
+  moe_place_chunk(ids, tokens, experts, top_k, pos_of, perm, meta);
+}
 #endif

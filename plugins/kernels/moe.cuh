@@ -169,12 +169,52 @@ __device__ __forceinline__ void moe_topk(const u16* __restrict__ logits, int tok
   if (tk < tokens) moe_pick<T>(logits, tk, experts, top_k, renorm, ids, wts);
 }
 
+// The grouping's chunk counts (moe_count_chunk, moe_route with picked = 2): meta past the most
+// tiles a step can make (T k + E), which launch_rules.moe_meta_ints leaves room for.
+__device__ __forceinline__ int* moe_chunk_counts(int* meta, int tokens, int experts,
+                                                 int top_k) {
+  return meta + 2 + experts + 3 * ((size_t)tokens * top_k + experts);
+}
+
+// Positions of routed rows [base, base + blockDim.x) (stable: token order within an expert),
+// each expert's after cursor[e], which then moves past them: lanes of a warp that chose the
+// same expert find each other with __match_any_sync, and each warp's count per expert,
+// summed over the warps before it, places its rows after theirs. wc: a count a warp and
+// expert. Every thread of the block calls it.
+__device__ __forceinline__ void moe_place_rows(const int* __restrict__ ids, int base, int rows,
+                                               int top_k, int experts, int* cursor,
+                                               int (*wc)[MOE_MAX_EXPERTS],
+                                               int* __restrict__ perm,
+                                               int* __restrict__ pos_of) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int q = threadIdx.x; q < nwarps * experts; q += blockDim.x) wc[q / experts][q % experts] = 0;
+  __syncthreads();
+  const int i = base + threadIdx.x;
+  const int e = i < rows ? ids[i] : -1;
+  const unsigned same = __match_any_sync(0xffffffffu, e);
+  const int rank = __popc(same & ((1u << lane) - 1u));
+  if (e >= 0 && rank == 0) wc[warp][e] = __popc(same);
+  __syncthreads();
+  if (e >= 0) {
+    int pos = cursor[e] + rank;
+    for (int w = 0; w < warp; ++w) pos += wc[w][e];
+    perm[pos] = i / top_k;
+    pos_of[i] = pos;
+  }
+  __syncthreads();
+  for (int q = threadIdx.x; q < experts; q += blockDim.x) {
+    int add = 0;
+    for (int w = 0; w < nwarps; ++w) add += wc[w][q];
+    cursor[q] += add;
+  }
+  __syncthreads();
+}
+
 // One CTA of up to MOE_ROUTE_THREADS threads (launch_rules: 32 a token, at least 128). Step 1
-// (unless `picked`: moe_topk wrote ids and wts): a warp a token, moe_pick. Step 2: counts, then
-// offsets and tiles (a block-wide scan). Step 3: positions, stable (token order within an
-// expert): the block walks the routed rows in chunks of its size; lanes of a warp that chose the
-// same expert find each other with __match_any_sync, and each warp's count per expert, summed
-// over the warps before it, places its rows after theirs.
+// (unless `picked`: moe_topk wrote ids and wts): a warp a token, moe_pick. Step 2: counts (or,
+// picked = 2, the sum of moe_count_chunk's), then offsets and tiles (a block-wide scan). Step 3:
+// positions, stable (token order within an expert): the block walks the routed rows in
+// chunks of its size (moe_place_rows), or, picked = 2, leaves them to moe_place_chunk.
 template <typename T>
 __device__ __forceinline__ void moe_route(const u16* __restrict__ logits, int tokens,
                                           int experts, int top_k, int renorm, int bm,
@@ -194,7 +234,17 @@ __device__ __forceinline__ void moe_route(const u16* __restrict__ logits, int to
   __syncthreads();   // ids are visible to the whole block from here
 
   const int rows = tokens * top_k;
-  for (int i = threadIdx.x; i < rows; i += blockDim.x) atomicAdd(&cnt[ids[i]], 1);
+  if (picked == 2) {
+    const int chunks = (rows + MOE_ROUTE_THREADS - 1) / MOE_ROUTE_THREADS;
+    const int* cc = moe_chunk_counts(meta, tokens, experts, top_k);
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+      int c = 0;
+      for (int ch = 0; ch < chunks; ++ch) c += cc[(size_t)ch * experts + e];
+      cnt[e] = c;
+    }
+  } else {
+    for (int i = threadIdx.x; i < rows; i += blockDim.x) atomicAdd(&cnt[ids[i]], 1);
+  }
   __syncthreads();
   // Offsets and first tiles: an exclusive scan of (rows, tiles) over the experts, blockDim of
   // them at a time (each warp's by shuffles, then the warps' totals by warp 0); one thread
@@ -246,30 +296,54 @@ __device__ __forceinline__ void moe_route(const u16* __restrict__ logits, int to
     }
   }
 
-  for (int base = 0; base < rows; base += blockDim.x) {   // uniform: every thread loops
-    for (int q = threadIdx.x; q < nwarps * MOE_MAX_EXPERTS; q += blockDim.x)
-      wc[q / MOE_MAX_EXPERTS][q % MOE_MAX_EXPERTS] = 0;
-    __syncthreads();
-    const int i = base + threadIdx.x;
-    const int e = i < rows ? ids[i] : -1;
-    const unsigned same = __match_any_sync(0xffffffffu, e);
-    const int rank = __popc(same & ((1u << lane) - 1u));
-    if (e >= 0 && rank == 0) wc[warp][e] = __popc(same);
-    __syncthreads();
-    if (e >= 0) {
-      int pos = cursor[e] + rank;
-      for (int w = 0; w < warp; ++w) pos += wc[w][e];
-      perm[pos] = i / top_k;
-      pos_of[i] = pos;
+  if (picked == 2) {   // the chunks' counts -> their first positions; moe_place_chunk places
+    const int chunks = (rows + MOE_ROUTE_THREADS - 1) / MOE_ROUTE_THREADS;
+    int* cc = moe_chunk_counts(meta, tokens, experts, top_k);
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+      int pos = cursor[e];
+      for (int c = 0; c < chunks; ++c) {
+        const int n = cc[(size_t)c * experts + e];
+        cc[(size_t)c * experts + e] = pos;
+        pos += n;
+      }
     }
-    __syncthreads();
-    for (int q = threadIdx.x; q < experts; q += blockDim.x) {
-      int add = 0;
-      for (int w = 0; w < nwarps; ++w) add += wc[w][q];
-      cursor[q] += add;
-    }
-    __syncthreads();
+    return;
   }
+  for (int base = 0; base < rows; base += blockDim.x)   // uniform: every thread loops
+    moe_place_rows(ids, base, rows, top_k, experts, cursor, wc, perm, pos_of);
+}
+
+// Steps of many routed rows (launch_rules.MOE_GRID_ROUTE_ROWS) group over a grid, a CTA a
+// chunk of MOE_ROUTE_THREADS rows: moe_count_chunk writes each chunk's counts per expert,
+// moe_route (picked = 2) sums them, scans and writes the tiles as above, then turns each
+// chunk's counts into its rows' first positions per expert (the expert's offset plus the rows
+// of earlier chunks), and moe_place_chunk places each chunk's rows from there, as moe_route's
+// own walk would (one CTA walking 32,768 rows was 130 us of a 4096-token Qwen3-30B-A3B layer).
+__device__ __forceinline__ void moe_count_chunk(const int* __restrict__ ids, int tokens,
+                                                int experts, int top_k,
+                                                int* __restrict__ meta) {
+  __shared__ int cnt[MOE_MAX_EXPERTS];
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) cnt[e] = 0;
+  __syncthreads();
+  const int i = blockIdx.x * MOE_ROUTE_THREADS + threadIdx.x;
+  if (i < tokens * top_k) atomicAdd(&cnt[ids[i]], 1);
+  __syncthreads();
+  int* out = moe_chunk_counts(meta, tokens, experts, top_k) + (size_t)blockIdx.x * experts;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) out[e] = cnt[e];
+}
+
+__device__ __forceinline__ void moe_place_chunk(const int* __restrict__ ids, int tokens,
+                                                int experts, int top_k,
+                                                int* __restrict__ pos_of,
+                                                int* __restrict__ perm, int* __restrict__ meta) {
+  __shared__ int cursor[MOE_MAX_EXPERTS];
+  __shared__ int wc[MOE_ROUTE_THREADS / 32][MOE_MAX_EXPERTS];
+  const int* first =
+      moe_chunk_counts(meta, tokens, experts, top_k) + (size_t)blockIdx.x * experts;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) cursor[e] = first[e];
+  // (moe_place_rows' first barrier orders these before any read)
+  moe_place_rows(ids, blockIdx.x * MOE_ROUTE_THREADS, tokens * top_k, top_k, experts, cursor,
+                 wc, perm, pos_of);
 }
 
 // ---- the grouped GEMM -----------------------------------------------------------------------

@@ -216,12 +216,14 @@ def _positions(ids, experts):
 
 
 @pytest.mark.parametrize("load", ["even", "skewed"])
-@pytest.mark.parametrize("t", (1, 4, 5, 40, 300))
+@pytest.mark.parametrize("t", (1, 4, 5, 40, 300, 1100))
 @pytest.mark.parametrize("experts,k", [(256, 8), (200, 6), (33, 2)])
 def test_routing_scans_more_experts_than_threads(K, experts, k, t, load):
     """The routing's scan of the counts runs over the experts a CTA's width at a time: 256
     and 200 experts are two chunks of a decode step's 128 threads (the carry between them),
-    33 one warp and a lane of the next; 40 and 300 tokens take wider CTAs."""
+    33 one warp and a lane of the next; 40 and 300 tokens take wider CTAs. From
+    launch_rules.MOE_GRID_ROUTE_ROWS routed rows (300 and 1100 tokens of top 8 and 6, 1100
+    of top 2) the rows are counted and placed over a grid of chunks, the last one partial."""
     x, logits, gate_up, down = make(t, experts, 64, 32, torch.bfloat16, load, k=k)
     out, parts = K.moe(x, logits, gate_up, down, k, True)
     ids = parts["ids"]
@@ -290,10 +292,11 @@ def test_gemms_past_decode_over_uneven_loads(K, t, hidden, inter, dtype, sm90):
     assert relerr(out, combine_ref(parts["y"], pos_of, parts["wts"], dtype)) < COMBINE_TOL
 
 
-@pytest.mark.parametrize("t", (4, 64, 300))
+@pytest.mark.parametrize("t", (4, 64, 300, 1100))
 def test_a_cuda_graph_of_the_layer_replays_other_routings(K, t):
     """Captured once, the layer replays with new logits and inputs: its counts, offsets and
-    tiles are computed on the GPU each time, and the result equals an uncaptured run."""
+    tiles are computed on the GPU each time, and the result equals an uncaptured run (1100
+    tokens of top 2: the grouping over a grid)."""
     dtype = torch.bfloat16
     x, logits, gate_up, down = make(t, 8, 256, 384, dtype, "even")
     K.moe(x, logits, gate_up, down, 2, True)            # load the module outside capture

@@ -344,6 +344,35 @@ def test_moe_launches():
         lr.moe_gemm_launch(512, 8, 2, 128 * 65536, 64, "float16", act=False)
 
 
+def test_moe_grouping_over_a_grid_from_many_rows():
+    """From MOE_GRID_ROUTE_ROWS routed rows the grouping counts and places over a grid of
+    chunks of MOE_ROUTE_THREADS rows around the one CTA (told so by its last argument, 2);
+    an engine whose module lacks those kernels (grid=False) keeps the CTA's own walk. The
+    chunks' counts fit the meta buffer past the most tiles any routing makes."""
+    t = -(-lr.MOE_GRID_ROUTE_ROWS // 8)   # 256 tokens, top 8: 2048 rows, two chunks
+    args = ("logits", "ids", "wts", "pos_of", "perm", "meta")
+    steps = lr.moe_route_launches(t, 128, 8, "bfloat16", True, *args)
+    assert [ln.kernel for ln, _ in steps] == ["moe_topk_bf16", "moe_count", "moe_route_bf16",
+                                              "moe_place"]
+    chunks = -(-t * 8 // lr.MOE_ROUTE_THREADS)
+    for ln, a in (steps[1], steps[3]):
+        assert ln.grid == (chunks, 1, 1) == (2, 1, 1)
+        assert ln.block == (lr.MOE_ROUTE_THREADS, 1, 1) and ln.module == "moe"
+    assert steps[1][1] == ["ids", t, 128, 8, "meta"]
+    assert steps[3][1] == ["ids", t, 128, 8, "pos_of", "perm", "meta"]
+    assert steps[2][1][-1] == 2
+    less = lr.moe_route_launches(t - 1, 128, 8, "bfloat16", True, *args)
+    assert [ln.kernel for ln, _ in less] == ["moe_topk_bf16", "moe_route_bf16"]
+    old = lr.moe_route_launches(t, 128, 8, "bfloat16", True, *args, grid=False)
+    assert [ln.kernel for ln, _ in old] == ["moe_topk_bf16", "moe_route_bf16"]
+    assert old[-1][1][-1] == 1
+    for experts, k in ((8, 2), (60, 4), (128, 8), (256, 8), (4, 4)):
+        for t in (2, 3, 33, 255, 256, 1000, 1024, 4096, 65536):
+            chunks = -(-t * k // lr.MOE_ROUTE_THREADS)
+            assert 2 + experts + 3 * (t * k + experts) + chunks * experts <= \
+                t * lr.moe_meta_ints(experts, k), (experts, k, t)
+
+
 def test_moe_launches_over_block_wise_fp8_experts():
     """E4M3 experts (kernels/moe_fp8b.cu): the 16-bit GEMMs' grids and blocks under their own
     names and module; the tiled kernel's shared memory (x's stages, the bytes' stages, two
@@ -400,7 +429,8 @@ def test_moe_tile_height_by_step_size():
                     t, experts, k, bw)
                 routing = lr.moe_route_launches(t, experts, k, "float16", True, *"lipqrm",
                                                 sm90=True)
-                assert routing[-1][1][5] == bw
+                route = [a for ln, a in routing if ln.kernel.startswith("moe_route")]
+                assert route[0][5] == bw
 
 
     comb = lr.moe_combine_launch(5, 4096, 2, "bfloat16", shared=True)

@@ -1280,7 +1280,8 @@ def check_launches(plan: Plan, limits: BuildLimits) -> None:
     b_max, t_max, w_max = limits.max_batch_size, limits.max_num_tokens, limits.max_blocks_per_seq
     for t, b, w in {(1, 1, 1), (b_max, b_max, w_max), (t_max, b_max, w_max), (t_max, 1, 1)}:
         step = Step(t, b, w, limits.max_num_blocks + 1, sm_count=132, max_smem=smem,
-                    w4_sm90=plan.arch == "sm_90a", moe_sm90=plan.arch == "sm_90a")
+                    w4_sm90=plan.arch == "sm_90a", moe_sm90=plan.arch == "sm_90a",
+                    moe_grid_route=True)
         try:
             for _ in launches(plan, step, lambda name: 1 << 20):
                 pass

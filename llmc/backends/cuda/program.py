@@ -42,6 +42,7 @@ class Step:
     schedule: bool = True   # decode attention takes its splits from a host-written schedule
                             # (needs fuse_reduce; False: each token's context over the grid's)
     moe_sm90: bool = False   # the MoE GEMMs past decode run on wgmma (the engine holds it)
+    moe_grid_route: bool = False   # steps of many routed rows group over a grid (the same)
 
 
 def _attention(op: Op, s: Step, t: int, b: int, width: int, dt: str) -> ap.AttentionPlan:
@@ -227,7 +228,8 @@ def _moe(op: Op, s: Step, t: int, dt: str, P) -> Iterator[tuple]:
     # both GEMMs on wgmma or neither: their tiles are the routing's (moe_block_m)
     wg = s.moe_sm90
     for launch, args in lr.moe_route_launches(t, e, k, dt, a["renormalise"], P(logits), P(ids),
-                                              P(wts), P(pos_of), P(perm), P(meta), sm90=wg):
+                                              P(wts), P(pos_of), P(perm), P(meta), sm90=wg,
+                                              grid=s.moe_grid_route):
         yield "kernel", launch, args
     yield "kernel", lr.moe_gemm_launch(t, e, k, i, h, dt, act=True, fp8b_group=groups[0],
                                        sm90=wg), [

@@ -173,6 +173,9 @@ class CudaSession:
         self.moe_sm90 = plan.arch == "sm_90a" and "moe" in plan.modules and all(
             self.functions.has(p.module, p.kernel) for p in probes
             if p.module in plan.modules)
+        # Steps of many routed rows count and place them over a grid where the engine's moe
+        # module holds those kernels (engines of a mixture built since).
+        self.moe_grid_route = "moe" in plan.modules and self.functions.has("moe", "moe_place")
         # Split decode combines its splits in the decode kernel; False runs attn_reduce after
         # it, as the TensorRT plugin does (for A/B timing).
         self.fuse_attention_reduce = True
@@ -535,7 +538,7 @@ class CudaSession:
         return Step(t, b, width, self.num_blocks if num_blocks is None else num_blocks,
                     self.sm_count, self.max_smem,
                     self.sm90_attention, self.fuse_attention_reduce, self.w4_sm90,
-                    self.scheduled_decode, self.moe_sm90)
+                    self.scheduled_decode, self.moe_sm90, self.moe_grid_route)
 
     def _launch_ops(self, t: int, b: int, width: int) -> None:
         stream = self.stream
