@@ -583,7 +583,7 @@ def moe_gemm_smem(bm: int, stages: int = MOE_TC_SHAPE[2], fp8b: bool = False) ->
     return stages * (bm + MOE_TC_BN) * MOE_TC_BK * 2
 
 
-MOE_WG_FP8B_TILES = 3      # MOE_WG_FP8B_TILES: staged 16-bit weight tiles of the FP8 form
+MOE_WG_FP8B_TILES = 3      # staged 16-bit weight tiles of the wgmma GEMM's FP8 form (moe.cuh)
 
 
 def moe_wg_smem(bm: int, bn: int, stages: int, fp8b: bool = False) -> int:
@@ -645,8 +645,9 @@ def moe_route_launches(tokens: int, experts: int, top_k: int, dtype: str, renorm
     that the top-k runs over a grid first, since one CTA's warps would walk the tokens
     several times over (it was half of a 4096-token Qwen3-30B-A3B layer,
     bench/results/moe.md), and the CTA only groups. From MOE_GRID_ROUTE_ROWS routed rows
-    (and with grid: the module holds moe_count and moe_place) the CTA only counts, scans and
-    writes the tiles, the rows counted and placed over a grid of chunks around it."""
+    (and with grid: the module holds moe_count and moe_place) grids of chunks count the rows
+    before the CTA and place them after it; the CTA sums the counts, scans and writes the
+    tiles."""
     split = tokens > MOE_ROUTE_THREADS // 32
     chunks = -(-tokens * top_k // MOE_ROUTE_THREADS)
     grid = grid and tokens * top_k >= MOE_GRID_ROUTE_ROWS
@@ -698,12 +699,11 @@ def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype
         outs = wn * (8 if act else 16)
         return Launch(module, name, (math.ceil(n / outs), tiles, 1), (32 * wn * sk, 1, 1))
     # tiled: grid (tiles, N blocks), so consecutive CTAs share an N block's weights in L2
-    wgmma = sm90
-    bn, stages = MOE_WG_SHAPES[bm] if wgmma else (MOE_TC_BN, 0)
+    bn, stages = MOE_WG_SHAPES[bm] if sm90 else (MOE_TC_BN, 0)
     blocks = math.ceil(n / (bn // 2 if act else bn))
     if blocks > MAX_GRID_Y or tiles > INT32_MAX:
         raise ValueError(f"MoE GEMM of N={n} over {tiles} tiles: over the grid's bounds")
-    if wgmma:
+    if sm90:
         return Launch(module, name.replace(f"_m{bm}", f"_m{bm}w"), (tiles, blocks, 1),
                       (2 * bm, 1, 1), smem=moe_wg_smem(bm, bn, stages, bool(fp8b_group)))
     return Launch(module, name, (tiles, blocks, 1), (MOE_TC_THREADS, 1, 1),

@@ -832,7 +832,8 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const voi
       const bool ok = kk + cb * 16 < k;
       const u32 d = b8 + stage * (BN * BK) + (tid >> 2) * BK + cb * 16;
 #pragma unroll
-      for (int i = 0; i < BL8; ++i) cp_async16(d + RS8 * BK * i, ok ? b8src[i] + kk : w, ok ? 16 : 0);
+      for (int i = 0; i < BL8; ++i)
+        cp_async16(d + RS8 * BK * i, ok ? b8src[i] + kk : w, ok ? 16 : 0);
     } else {
 #pragma unroll
       for (int i = 0; i < BL; ++i)

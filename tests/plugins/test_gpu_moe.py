@@ -19,7 +19,8 @@ What is held, and how closely:
 - the layer end to end against a reference built from scratch, < 2e-2;
 - a CUDA graph of the layer replays other routings (no size comes from the host);
 - the grouping over 33, 200 and 256 experts (the scan of the counts a CTA's width at a
-  time).
+  time), and from launch_rules.MOE_GRID_ROUTE_ROWS routed rows over a grid of chunks (the
+  same positions, checked exactly).
 Shapes: T = 1 .. 1000 (the 8-row tiles of decode steps and of steps whose experts hold
 few rows, Qwen3-MoE-like up to 64 tokens, and the 64- and 128-row tiles of the
 shared-memory tiled GEMM, at the sizes where the launch rules switch; on sm_90a its wgmma
@@ -222,8 +223,8 @@ def test_routing_scans_more_experts_than_threads(K, experts, k, t, load):
     """The routing's scan of the counts runs over the experts a CTA's width at a time: 256
     and 200 experts are two chunks of a decode step's 128 threads (the carry between them),
     33 one warp and a lane of the next; 40 and 300 tokens take wider CTAs. From
-    launch_rules.MOE_GRID_ROUTE_ROWS routed rows (300 and 1100 tokens of top 8 and 6, 1100
-    of top 2) the rows are counted and placed over a grid of chunks, the last one partial."""
+    launch_rules.MOE_GRID_ROUTE_ROWS routed rows (300 tokens of top 8; 1100 of top 8, 6 and
+    2) the rows are counted and placed over a grid of chunks, the last one partial."""
     x, logits, gate_up, down = make(t, experts, 64, 32, torch.bfloat16, load, k=k)
     out, parts = K.moe(x, logits, gate_up, down, k, True)
     ids = parts["ids"]
