@@ -61,6 +61,8 @@ def _entry_names(dtypes=tuple(lr.DTYPES)):
                 names.add(lr.qgemv_launch(m, 64, 128, dt, q, "float32", group=group))
         names.add(lr.moe_route_launch(5, 8, 2, dt))
         names.add(lr.moe_topk_launch(300, 8, 2, dt))
+        # the grouping over a grid (moe_count, moe_place: either dtype's module holds them)
+        names.update(ln for ln, _ in lr.moe_route_launches(1100, 8, 2, dt, True, *"lipqrm"))
         for t in (1, 300):     # the 8-row and 64-row grouped-GEMM tiles
             names.update(lr.moe_gemm_launch(t, 8, 2, 64, 128, dt, act) for act in (False, True))
         for t in (1, 64, 300):     # block-wise FP8 experts: the 8-, 64- and 128-row tiles
