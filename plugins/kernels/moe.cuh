@@ -23,7 +23,8 @@
 //   perm [R] int32                      the token of each position
 //   meta int32: [0] the number of tiles; [1 .. E + 1] offsets (expert e's positions are
 //               offsets[e] .. offsets[e + 1]); from [E + 2], tiles as (expert, first
-//               position, end position) triples, at most BM positions each
+//               position, end position) triples, at most BM positions each (moe_tile); past
+//               the most a step can make, the grid grouping's chunk counts (moe_chunk_counts)
 //   act [R, I], y [R, H]                the experts' SwiGLU and down outputs, by position
 //
 // Rounding follows the graph: the gate-up and down products are rounded to the model dtype
@@ -169,11 +170,17 @@ __device__ __forceinline__ void moe_topk(const u16* __restrict__ logits, int tok
   if (tk < tokens) moe_pick<T>(logits, tk, experts, top_k, renorm, ids, wts);
 }
 
+// Tile i of meta's list (its expert, first and end position).
+template <typename I, typename N>
+__device__ __forceinline__ I* moe_tile(I* meta, int experts, N i) {
+  return meta + 2 + experts + 3 * i;
+}
+
 // The grouping's chunk counts (moe_count_chunk, moe_route with picked = 2): meta past the most
 // tiles a step can make (T k + E), which launch_rules.moe_meta_ints leaves room for.
 __device__ __forceinline__ int* moe_chunk_counts(int* meta, int tokens, int experts,
                                                  int top_k) {
-  return meta + 2 + experts + 3 * ((size_t)tokens * top_k + experts);
+  return moe_tile(meta, experts, (size_t)tokens * top_k + experts);
 }
 
 // Positions of routed rows [base, base + blockDim.x) (stable: token order within an expert),
@@ -288,7 +295,7 @@ __device__ __forceinline__ void moe_route(const u16* __restrict__ logits, int to
     meta[0] = carry[1];
   }
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-    int* tile = meta + 2 + experts + 3 * first_tile[e];
+    int* tile = moe_tile(meta, experts, first_tile[e]);
     for (int r = 0; r < cnt[e]; r += bm, tile += 3) {
       tile[0] = e;
       tile[1] = cursor[e] + r;
@@ -385,7 +392,7 @@ __device__ __forceinline__ void moe_gemm(const u16* __restrict__ x, const void* 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int wn = warp % WN, sk = warp / WN;
   if ((int)blockIdx.y >= meta[0]) return;       // uniform: a tile past the last
-  const int* tile = meta + 2 + experts + 3 * blockIdx.y;
+  const int* tile = moe_tile(meta, experts, blockIdx.y);
   const int e = tile[0], r0 = tile[1], rows = min(tile[2] - tile[1], BM);
   const int o0 = (blockIdx.x * WN + wn) * OUTW;
   // a warp past N: with SK == 1 it has nothing to do; with SK > 1 it still meets the
@@ -569,7 +576,7 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const voi
   u16* sb = moe_sm + ST * BM * BK;              // [ST][BN][BK]; FP8B: [2][BN][BK]
   u8* s8 = reinterpret_cast<u8*>(sb + (FP8B ? 2 : ST) * BN * BK);   // FP8B: [ST][BN][BK] bytes
   if ((int)blockIdx.x >= meta[0]) return;       // uniform: a tile past the last
-  const int* tile = meta + 2 + experts + 3 * blockIdx.x;
+  const int* tile = moe_tile(meta, experts, blockIdx.x);
   const int e = tile[0], r0 = tile[1], rows = min(tile[2] - tile[1], BM);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wm = warp % WM, wn = warp / WM;
@@ -774,7 +781,7 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const voi
   extern __shared__ __align__(1024) u8 moe_wg[];
   const u32 base = (smem_u32(moe_wg) + 1023) & ~1023u;   // the swizzle needs 1024-aligned atoms
   if ((int)blockIdx.x >= meta[0]) return;       // uniform: a tile past the last
-  const int* tile = meta + 2 + experts + 3 * blockIdx.x;
+  const int* tile = moe_tile(meta, experts, blockIdx.x);
   const int e = tile[0], r0 = tile[1], rows = min(tile[2] - tile[1], BM);
   const int tid = threadIdx.x, wg = tid >> 7;
   const int o0 = blockIdx.y * (ACT ? BN / 2 : BN);

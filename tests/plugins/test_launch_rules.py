@@ -467,6 +467,8 @@ def test_moe_tiled_shape_agrees_with_the_kernel_source():
     assert re.search(rf"#define MOE_WG_FP8B_TILES {lr.MOE_WG_FP8B_TILES}\b", src)
     assert sorted(lr.MOE_WG_SHAPES) == list(lr.MOE_TC_BLOCK_M)
     assert re.search(rf"#define MOE_WG_BK {lr.MOE_WG_BK}\b", src)
+    # the routing CTA's bound, and the grid grouping's chunk: its launches' blocks
+    assert re.search(rf"#define MOE_ROUTE_THREADS {lr.MOE_ROUTE_THREADS}\b", src)
     assert re.search(r"__launch_bounds__\(2 \* BM\) NAME", src)
     for wm, wn, _ in [lr.MOE_TC_SHAPE]:   # whole fragments a warp, copies spread evenly
         for bm in lr.MOE_TC_BLOCK_M:
