@@ -534,9 +534,10 @@ MOE_TC_BLOCK_M = (64, 128)
 MOE_TC_BN, MOE_TC_BK = 128, 32
 MOE_TC_SHAPE = (2, 2, 4)
 MOE_TC_THREADS = 32 * MOE_TC_SHAPE[0] * MOE_TC_SHAPE[1]
-# the same tiles on sm_90a's warpgroup MMAs (moe_gemm_wg): BM / 64 warpgroups, k steps of
-# MOE_WG_BK (a 128-byte line a row); MOE_WG_SHAPES: BM -> (weight rows a tile, k steps in
-# shared memory) as MOE_GEMM_WG instantiates it in moe.cu
+# the same tiles on sm_90a's warpgroup MMAs (moe_gemm_wg; over FP8 experts moe_gemm_wg8):
+# BM / 64 warpgroups, k steps of MOE_WG_BK (a 128-byte line a row); MOE_WG_SHAPES: BM ->
+# (weight rows a tile, k steps in shared memory) as MOE_GEMM_WG and MOE_FP8B_GEMM_WG
+# instantiate them
 MOE_WG_BK = 64
 MOE_WG_SHAPES = {64: (128, 4), 128: (256, 4)}
 MOE_M128_FROM = 129        # tokens from which tiles hold 128 positions (mma.sync)
@@ -583,17 +584,12 @@ def moe_gemm_smem(bm: int, stages: int = MOE_TC_SHAPE[2], fp8b: bool = False) ->
     return stages * (bm + MOE_TC_BN) * MOE_TC_BK * 2
 
 
-MOE_WG_FP8B_TILES = 3      # staged 16-bit weight tiles of the wgmma GEMM's FP8 form (moe.cuh)
-
-
 def moe_wg_smem(bm: int, bn: int, stages: int, fp8b: bool = False) -> int:
     """Dynamic shared memory of the wgmma GEMM: `stages` k steps of BM x rows and BN weight
-    rows, MOE_WG_BK halfs each, and 1 KiB to align them to the swizzle's atoms; fp8b: the x
-    rows' steps, MOE_WG_FP8B_TILES staged 16-bit weight tiles and `stages` of the bytes
-    (225 KiB at 128 x 256, four stages: under sm_90's 227)."""
-    if fp8b:
-        return (stages * bm * 2 + MOE_WG_FP8B_TILES * bn * 2 + stages * bn) * MOE_WG_BK + 1024
-    return stages * (bm + bn) * MOE_WG_BK * 2 + 1024
+    rows, MOE_WG_BK halfs each, and 1 KiB to align them to the swizzle's atoms; fp8b
+    (moe.cuh's moe_gemm_wg8): the weights' E4M3 bytes in place of the halfs (128 KiB at
+    128 x 256, four stages)."""
+    return stages * (bm * 2 + bn * (1 if fp8b else 2)) * MOE_WG_BK + 1024
 
 
 def moe_max_tiles(tokens: int, experts: int, top_k: int, bm: int | None = None) -> int:

@@ -1,6 +1,6 @@
 // Hopper (sm_90a) primitives: the bulk tensor copy engine (TMA) completing on mbarriers, and
 // warpgroup MMAs (wgmma) reading shared memory through matrix descriptors. Used by
-// paged_attention_sm90.cu, qgemv.cuh's INT4 GEMM and moe.cuh's grouped GEMM; every function
+// paged_attention_sm90.cu, qgemv.cuh's INT4 GEMM and moe.cuh's grouped GEMMs; every function
 // here needs sm_90a, so callers compile them only under SM90A (defined below when NVRTC
 // targets sm_90a).
 #pragma once
@@ -67,6 +67,14 @@ __device__ __forceinline__ void bar_sync(int id, int n) {
 // Arrive at named barrier `id` (expecting `n` threads in all) without waiting.
 __device__ __forceinline__ void bar_arrive(int id, int n) {
   asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory");
+}
+
+// Four 8 x 8 matrices of 16-bit values, each held as an MMA fragment (a lane's register: row
+// lane / 4, columns 2 (lane % 4) and + 1), stored transposed: row c of matrix i (its address
+// from lane 8 i + c, 16 bytes) gets column c of the fragment, its 8 rows in order.
+__device__ __forceinline__ void stsm_x4_trans(u32 addr, const u32* r) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n"
+               :: "r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
 }
 
 // Register budget per thread of a warpgroup; all its threads run it (sync.aligned).

@@ -36,7 +36,7 @@
 // [E, N, K] with a scale per block of G k and weight row, bs [E, K / G, N] in the compute
 // dtype (the graph's DequantizeLinear scale as it is), G a power of two from 32. Each byte
 // becomes q * s rounded once to the dtype, as the graph's DequantizeLinear, before the same
-// 16-bit MMAs with x as it is stored (qgemv.cuh: dequant16_e4m3).
+// 16-bit MMAs with x as it is stored (qgemv.cuh: dequant16_e4m3; on sm_90a, moe_gemm_wg8).
 #pragma once
 #include "common.cuh"
 #include "qgemv.cuh"
@@ -752,30 +752,19 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const voi
 // the previous one is done in both warpgroups. Copies run ST - 2 steps ahead.
 // ACT: the BN weight rows are BN / 2 gate rows, then their up rows, so n8 block j of the
 // accumulator (gate) and block j + BN / 16 (up) hold one output's two sums in the same lane.
-// FP8B: the weights' E4M3 bytes are copied (cp.async, a ring of ST steps as x's) and each
-// thread, once its own copies of step kt have landed, turns them into q * s in the dtype
-// (dequant16_e4m3, as moe_gemm_tc's FP8B) in the swizzled layout above, into one of three
-// staged tiles: the one step kt - 3's MMAs read, done in every warpgroup by then, so a step
-// still takes one barrier. A thread's block scales for step kt + 1 are loaded while step kt's
-// MMAs run. Shared memory: x's ring, the three staged tiles and the bytes' ring.
 #define MOE_WG_BK 64
-#define MOE_WG_FP8B_TILES 3
 
-template <typename T, int BM, int BN, int ST, bool ACT, bool FP8B = false>
-__device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const void* __restrict__ w,
+template <typename T, int BM, int BN, int ST, bool ACT>
+__device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16* __restrict__ w,
                                             const int* __restrict__ perm,
                                             const int* __restrict__ meta, int experts, int n,
-                                            int k, u16* __restrict__ out,
-                                            const u16* __restrict__ bs = nullptr,
-                                            int gshift = 0) {
+                                            int k, u16* __restrict__ out) {
 #ifdef SM90A
   constexpr int BK = MOE_WG_BK, NTH = 2 * BM;   // BM / 64 warpgroups
   constexpr int NB = BN / 8;                    // n8 blocks of the accumulator
-  constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
-  constexpr int STAGE = FP8B ? A_BYTES : A_BYTES + B_BYTES;   // a step of the ring
+  constexpr int A_BYTES = BM * BK * 2, STAGE = A_BYTES + BN * BK * 2;
   constexpr int RS = NTH / 8;                   // rows between a thread's copies
   constexpr int AL = BM / RS, BL = BN / RS;     // a thread's copies a step
-  constexpr int RS8 = NTH / 4, BL8 = BN / RS8;  // FP8B: its byte chunks (16 k) a step
   static_assert((BM == 64 || BM == 128) && (BN == 128 || BN == 256) && ST >= 3 && RS % 8 == 0,
                 "moe_gemm_wg: whole warpgroups, a thread's rows one swizzle phase apart");
   extern __shared__ __align__(1024) u8 moe_wg[];
@@ -786,7 +775,7 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const voi
   const int tid = threadIdx.x, wg = tid >> 7;
   const int o0 = blockIdx.y * (ACT ? BN / 2 : BN);
   const size_t wrows = ACT ? 2 * (size_t)n : (size_t)n;
-  const u16* we = static_cast<const u16*>(w) + (size_t)e * wrows * k;
+  const u16* we = w + (size_t)e * wrows * k;
 
   // this thread's copies: chunk tid % 8 of rows tid / 8 + RS i, one swizzle phase for all
   const int cc = tid & 7, r8 = (tid >> 3) & 7;
@@ -799,32 +788,13 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const voi
     aok[i] = r < rows;
     asrc[i] = moe_x_row(x, perm, r0, r, rows, k) + cc * 8;
   }
-  // staged weight row r's row of the expert: rows past N re-read the last (never stored)
-  auto wrow = [&](int r) -> size_t {
-    return ACT ? (r < BN / 2 ? 0 : (size_t)n) + min(o0 + r % (BN / 2), n - 1)
-               : (size_t)min(o0 + r, n - 1);
-  };
-  const u16* bsrc[FP8B ? 1 : BL];
-  if constexpr (!FP8B) {
+  const u16* bsrc[BL];
 #pragma unroll
-    for (int i = 0; i < BL; ++i) bsrc[i] = we + wrow((tid >> 3) + RS * i) * k + cc * 8;
-  }
-  // FP8B: chunk cb = tid % 4 (16 k) of rows tid / 4 + RS8 i, their block scales
-  const int cb = tid & 3;
-  const u8* b8src[FP8B ? BL8 : 1];
-  const u16* ssrc[FP8B ? BL8 : 1];
-  u32 sc[FP8B ? BL8 : 1];
-  const u32 b16 = base + ST * A_BYTES;                      // FP8B: the staged tiles
-  const u32 b8 = b16 + MOE_WG_FP8B_TILES * B_BYTES;         // FP8B: the bytes' ring
-  u8* const sm = moe_wg + (base - smem_u32(moe_wg));        // base as a generic pointer
-  if constexpr (FP8B) {
-    const size_t blocks = (size_t)(k >> gshift);
-#pragma unroll
-    for (int i = 0; i < BL8; ++i) {
-      const size_t wr = wrow((tid >> 2) + RS8 * i);
-      b8src[i] = static_cast<const u8*>(w) + ((size_t)e * wrows + wr) * k + cb * 16;
-      ssrc[i] = bs + (size_t)e * blocks * wrows + wr;
-    }
+  for (int i = 0; i < BL; ++i) {
+    const int r = (tid >> 3) + RS * i;          // rows past N re-read the last (never stored)
+    const size_t wr = ACT ? (r < BN / 2 ? 0 : (size_t)n) + min(o0 + r % (BN / 2), n - 1)
+                          : (size_t)min(o0 + r, n - 1);
+    bsrc[i] = we + wr * k + cc * 8;
   }
   auto load = [&](int stage, int kt) {
     const int kk = kt * BK;
@@ -835,41 +805,8 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const voi
       const bool ok = kok && aok[i];
       cp_async16(a + RS * 128 * i, ok ? asrc[i] + kk : x, ok ? 16 : 0);
     }
-    if constexpr (FP8B) {   // K is a multiple of G >= 32: 16 k are all in or out
-      const bool ok = kk + cb * 16 < k;
-      const u32 d = b8 + stage * (BN * BK) + (tid >> 2) * BK + cb * 16;
 #pragma unroll
-      for (int i = 0; i < BL8; ++i)
-        cp_async16(d + RS8 * BK * i, ok ? b8src[i] + kk : w, ok ? 16 : 0);
-    } else {
-#pragma unroll
-      for (int i = 0; i < BL; ++i)
-        cp_async16(b + RS * 128 * i, kok ? bsrc[i] + kk : w, kok ? 16 : 0);
-    }
-  };
-  // FP8B: this thread's block scales of step kt, into sc (0 past K: those bytes are zeros)
-  auto load_scales = [&](int kt) {
-    const int kk = kt * BK + cb * 16;
-#pragma unroll
-    for (int i = 0; i < BL8; ++i)
-      sc[i] = kk < k ? __ldg(ssrc[i] + (size_t)(kk >> gshift) * wrows) : 0u;
-  };
-  // FP8B: this thread's bytes of step kt -> q * s in the dtype, staged tile kt % 3, swizzled
-  // as the copies of the 16-bit weights are (16 k are two 16-byte chunks of a row's line)
-  auto convert = [&](int kt) {
-#pragma unroll
-    for (int i = 0; i < BL8; ++i) {
-      const int r = (tid >> 2) + RS8 * i;
-      const uint4 v = *reinterpret_cast<const uint4*>(
-          sm + (b8 - base) + (kt % ST) * (BN * BK) + r * BK + cb * 16);
-      u32 q[8];
-      dequant16_e4m3<T>(v, e4m3_scale2<T>((u16)sc[i]), q);
-      u8* row = sm + (b16 - base) + (kt % MOE_WG_FP8B_TILES) * B_BYTES + r * 128;
-      *reinterpret_cast<uint4*>(row + (((2 * cb) ^ (r & 7)) << 4)) =
-          make_uint4(q[0], q[1], q[2], q[3]);
-      *reinterpret_cast<uint4*>(row + (((2 * cb + 1) ^ (r & 7)) << 4)) =
-          make_uint4(q[4], q[5], q[6], q[7]);
-    }
+    for (int i = 0; i < BL; ++i) cp_async16(b + RS * 128 * i, kok ? bsrc[i] + kk : w, kok ? 16 : 0);
   };
 
   float acc[BN / 2];
@@ -881,20 +818,13 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const voi
     if (s < ktiles) load(s, s);
     cp_commit();                                // empty groups keep the count uniform
   }
-  if constexpr (FP8B) load_scales(0);
   for (int kt = 0; kt < ktiles; ++kt) {
     cp_wait<ST - 3>();                          // step kt has landed (this thread's copies)
-    if constexpr (FP8B) convert(kt);            // into the tile step kt - 3's MMAs read
     fence_async_smem();                         // ... for the tensor cores' reads
     __syncthreads();                            // everyone's; step kt - 2's MMAs are done
     if (kt + ST - 2 < ktiles) load((kt + ST - 2) % ST, kt + ST - 2);
     cp_commit();
-    if constexpr (FP8B) {
-      if (kt + 1 < ktiles) load_scales(kt + 1);
-    }
-    const u32 a = base + (kt % ST) * STAGE + wg * 64 * 128;
-    const u32 b = FP8B ? b16 + (kt % MOE_WG_FP8B_TILES) * B_BYTES
-                       : base + (kt % ST) * STAGE + A_BYTES;
+    const u32 a = base + (kt % ST) * STAGE + wg * 64 * 128, b = base + (kt % ST) * STAGE + A_BYTES;
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {      // k16 steps 32 bytes apart inside the line
@@ -931,6 +861,242 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const voi
       *reinterpret_cast<u32*>(out + (size_t)(r0 + r) * n + o) =
           (u32)T::from_f(v[0]) | ((u32)T::from_f(v[1]) << 16);
     }
+  }
+#endif
+}
+
+// ---- the same over block-wise FP8 experts: the weights dequantized into registers ------------
+// moe_gemm_wg's tiles, grid, threads and x stages (BM positions x BN weight rows, BM / 64
+// warpgroups), with the operands' roles swapped so that the E4M3 bytes never go back to shared
+// memory as 16-bit values: A is the weights, each warpgroup's 2 x 64 rows turned by its lanes
+// into q * s in the dtype (dequant16_e4m3's arithmetic) right in the m16n8k16 A fragment
+// registers of wgmma's register form; B is the BM x rows (N = BM), read by the tensor cores.
+// The k order is the natural one, so the products and their sums are the 16-bit kernel's on
+// the dequantized weights (bench/kernels/moe.py checks that the two agree); a lane reads its 2
+// bytes of each A slot pair from the step's bytes (2 x 4 reads a row a k16 step).
+// A commit group a k16 step: before a lane rewrites a set of A registers it waits for the
+// group that read them (all but the newest group), so the tensor cores have the previous k16
+// step's MMAs while the lanes convert the next; by a k step's barrier every MMA of the step
+// two before is done, and copies run ST - 2 steps ahead, as in moe_gemm_wg.
+// ACT: a warp's 16 rows are 8 gate rows then their 8 up rows, so a lane's rows g and g + 8 are
+// one output's two sums. The epilogue turns the tile around through shared memory (stmatrix
+// .trans: a lane's pair is two positions of one output) and stores 16-byte pieces of out rows.
+// Against the SS form it replaced (the bytes converted into staged 16-bit tiles), 1.02-1.08x
+// on Qwen3-30B-A3B's shapes, 0.96-1.01x on Mixtral's (bench/results/moe.md).
+#define MOE_WG8_MB 2   // 64-row blocks of weights a warpgroup
+
+template <typename T, int BM, int BN, int ST, bool ACT>
+__device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8* __restrict__ w,
+                                             const int* __restrict__ perm,
+                                             const int* __restrict__ meta, int experts, int n,
+                                             int k, u16* __restrict__ out,
+                                             const u16* __restrict__ bs, int gshift) {
+#ifdef SM90A
+  constexpr int BK = MOE_WG_BK, NTH = 2 * BM, MB = MOE_WG8_MB;
+  constexpr int X_BYTES = BM * 128, STAGE = X_BYTES + BN * BK;
+  constexpr int RX = NTH / 8, XC = BM / RX;    // x: rows between a thread's copies, copies
+  constexpr int RW = NTH / 4, WC = BN / RW;    // weights: the same
+  constexpr int OUT = ACT ? BN / 2 : BN;       // outputs a tile
+  constexpr int CS = OUT * 2 + 16;             // epilogue row stride: 8 rows in 8 bank groups
+  static_assert((BM == 64 || BM == 128) && BN == 2 * BM && ST >= 3 && RX % 8 == 0,
+                "moe_gemm_wg8: BM / 64 warpgroups of 2 x 64 weight rows");
+  static_assert(BM * CS <= ST * STAGE, "moe_gemm_wg8: the epilogue's tile fits the ring");
+  extern __shared__ __align__(1024) u8 moe_wg8[];
+  const u32 base = (smem_u32(moe_wg8) + 1023) & ~1023u;   // 1024-aligned swizzle atoms
+  if ((int)blockIdx.x >= meta[0]) return;      // uniform: a tile past the last
+  const int* tile = moe_tile(meta, experts, blockIdx.x);
+  const int e = tile[0], r0 = tile[1], rows = min(tile[2] - tile[1], BM);
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int wp = (tid >> 5) & 3;
+  const int o0 = blockIdx.y * OUT;
+  const size_t wrows = ACT ? 2 * (size_t)n : (size_t)n;
+  // staged weight row R's row of the expert; ACT: R's 16-row group R / 16 is outputs
+  // 8 (R / 16) + 0..7, gate rows then up rows. Rows past N re-read the last (never stored).
+  auto wrow = [&](int R) -> u32 {
+    return ACT ? ((R >> 3) & 1 ? n : 0) + min(o0 + (R >> 4) * 8 + (R & 7), n - 1)
+               : min(o0 + R, n - 1);
+  };
+
+  // x: as moe_gemm_wg's, chunk tid % 8 of rows tid / 8 + RX i, one swizzle phase for all
+  const int cc = tid & 7;
+  const u32 soff = (u32)(tid >> 3) * 128 + ((cc ^ ((tid >> 3) & 7)) << 4);
+  const u16* xsrc[XC];
+  bool xok[XC];
+#pragma unroll
+  for (int i = 0; i < XC; ++i) {
+    const int r = (tid >> 3) + RX * i;
+    xok[i] = r < rows;
+    xsrc[i] = moe_x_row(x, perm, r0, r, rows, k) + cc * 8;
+  }
+  // weights: 16 bytes wc of rows tid / 4 + RW j, 64 bytes a row after x's; 16-byte chunk c of
+  // row R at c ^ (R / 2 % 4), so that the 8 rows of a lane group's 2-byte reads (below) hit
+  // distinct banks
+  const int wc = tid & 3;
+  const u8* wsrc[WC];
+#pragma unroll
+  for (int j = 0; j < WC; ++j)
+    wsrc[j] = w + ((size_t)e * wrows + wrow((tid >> 2) + RW * j)) * k + wc * 16;
+  const u32 woff = X_BYTES + (tid >> 2) * BK + ((wc ^ ((tid >> 3) & 3)) << 4);
+  auto load = [&](int stage, int kt) {
+    const int kk = kt * BK;
+    const u32 sb = base + stage * STAGE;
+    // past K (a multiple of G >= 32): zeros, both operands (8 and 16 k: all in or out)
+    const bool xk = kk + cc * 8 < k, wk = kk + wc * 16 < k;
+#pragma unroll
+    for (int i = 0; i < XC; ++i) {
+      const bool ok = xk && xok[i];
+      cp_async16(sb + soff + RX * 128 * i, ok ? xsrc[i] + kk : x, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int j = 0; j < WC; ++j)
+      cp_async16(sb + woff + RW * BK * j, wk ? wsrc[j] + kk : w, wk ? 16 : 0);
+  };
+
+  // this lane's A rows: weight block mb, row g + 8 h of warp wp's 16; their block scales for
+  // each 32 k of a step (G >= 32: k16 steps 0, 1 and 2, 3 each lie in one block), a step
+  // ahead (0 past K, where the bytes are zeros)
+  auto arow = [&](int mb, int h) { return wg * 128 + mb * 64 + wp * 16 + g + 8 * h; };
+  const u16* const bse = bs + (size_t)e * (size_t)(k >> gshift) * wrows;
+  u32 sidx[MB][2], sn[MB][2][2];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) sidx[mb][h] = wrow(arow(mb, h));
+  auto load_scales = [&](int kt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int kk = kt * BK + 32 * half;
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          sn[mb][h][half] =
+              kk < k ? __ldg(bse + (size_t)(kk >> gshift) * wrows + sidx[mb][h]) : 0u;
+    }
+  };
+
+  float acc[MB][BM / 2];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int i = 0; i < BM / 2; ++i) acc[mb][i] = 0.f;
+  // the A registers the MMAs in flight read: kept allocated until their group is waited for
+  u32 held[2][MB][4];
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) held[s][mb][i] = 0u;
+  const int ktiles = (k + BK - 1) / BK;
+#pragma unroll
+  for (int s = 0; s < ST - 2; ++s) {
+    if (s < ktiles) load(s, s);
+    cp_commit();                               // empty groups keep the count uniform
+  }
+  load_scales(0);
+  for (int kt = 0; kt < ktiles; ++kt) {
+    cp_wait<ST - 3>();                         // step kt has landed (this thread's copies)
+    fence_async_smem();                        // ... for the tensor cores' reads
+    __syncthreads();                           // everyone's; step kt - 2's MMAs are done
+    if (kt + ST - 2 < ktiles) load((kt + ST - 2) % ST, kt + ST - 2);
+    cp_commit();
+    const u32 sb = base + (kt % ST) * STAGE;
+    u32 s2[MB][2][2];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          s2[mb][h][half] = e4m3_scale2<T>((u16)sn[mb][h][half]);
+    if (kt + 1 < ktiles) load_scales(kt + 1);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      wgmma_wait<1>();                         // the group before the last is done with its A
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" :: "r"(held[s & 1][mb][i]));
+      // A's k slots 2t, 2t + 1 (a[0], a[1]) and 2t + 8, 2t + 9 (a[2], a[3]) of rows g, g + 8
+      u32 a[MB][4];
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int h = i & 1;
+          u32 q;
+          asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(q)
+                       : "r"(sb + X_BYTES + arow(mb, h) * BK + ((s ^ ((g >> 1) & 3)) << 4) +
+                             2 * t + 8 * (i >> 1)));
+          a[mb][i] = fma2<T>(e4m3_pair<T, 0x1404u>(q), s2[mb][h][s >> 1], Int4<T>::NEG0);
+        }
+      wgmma_fence();
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+        wgmma_rs<T, BM, 0>(acc[mb], a[mb], smem_desc(sb + s * 32, 16, 1024), 1);
+      wgmma_commit();
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) held[s & 1][mb][i] = a[mb][i];
+    }
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) asm volatile("" :: "r"(held[s][mb][i]));
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) reg_fence<BM / 2>(acc[mb]);
+  cp_wait<0>();
+  __syncthreads();                             // every warpgroup is done with the ring
+
+  // accumulator q of n8 block j of weight block mb: weight row arow(mb, q >= 2), position
+  // 8 j + 2 t + (q & 1). Four 8 x 8 matrices (8 weight rows x 8 positions) a stmatrix; the
+  // row of matrix i, position c, has its address from lane 8 i + c.
+  const u32 cbase = base;
+  const int mi = lane >> 3, mc = lane & 7;
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+    for (int j = 0; j < BM / 8; j += ACT ? 4 : 2) {
+      u32 r[4];
+      u32 addr;
+      if constexpr (ACT) {   // rounded as the graph's MatMul output and activation.cu
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float v2[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const float gate = rnd<T>(acc[mb][(j + i) * 4 + c]);
+            const float up = rnd<T>(acc[mb][(j + i) * 4 + 2 + c]);
+            v2[c] = rnd<T>(silu_f(gate)) * up;
+          }
+          r[i] = (u32)T::from_f(v2[0]) | ((u32)T::from_f(v2[1]) << 16);
+        }
+        addr = cbase + (8 * (j + mi) + mc) * CS + ((wg * 2 + mb) * 4 + wp) * 16;
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float* q = &acc[mb][(j + i / 2) * 4 + 2 * (i & 1)];
+          r[i] = (u32)T::from_f(q[0]) | ((u32)T::from_f(q[1]) << 16);
+        }
+        addr = cbase + (8 * (j + mi / 2) + mc) * CS + (arow(mb, mi & 1) - g) * 2;
+      }
+      stsm_x4_trans(addr, r);
+    }
+  }
+  __syncthreads();
+  const u8* cs = moe_wg8 + (base - smem_u32(moe_wg8));
+  for (int i = tid; i < BM * (OUT / 8); i += NTH) {
+    const int row = i / (OUT / 8), q = i % (OUT / 8), o = o0 + 8 * q;
+    // N is a multiple of 8 (launch_rules.moe_check): a piece is all in or out
+    if (row < rows && o < n)
+      *reinterpret_cast<uint4*>(out + (size_t)(r0 + row) * n + o) =
+          *reinterpret_cast<const uint4*>(cs + row * CS + q * 16);
   }
 #endif
 }

@@ -29,9 +29,9 @@
 #ifdef SM90A
 #define MOE_FP8B_GEMM_WG(DT, TY, BM, BN, ST)                                                   \
   MOE_FP8B_ENTRY(moe_gemm_fp8b_##DT##_m##BM##w, TY, 2 * BM,                                    \
-                 (moe_gemm_wg<TY, BM, BN, ST, false, true>))                                   \
+                 (moe_gemm_wg8<TY, BM, BN, ST, false>))                                   \
   MOE_FP8B_ENTRY(moe_gemm_fp8b_##DT##_m##BM##w_swiglu, TY, 2 * BM,                             \
-                 (moe_gemm_wg<TY, BM, BN, ST, true, true>))
+                 (moe_gemm_wg8<TY, BM, BN, ST, true>))
 #else
 #define MOE_FP8B_GEMM_WG(DT, TY, BM, BN, ST)
 #endif

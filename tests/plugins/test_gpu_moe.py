@@ -339,9 +339,9 @@ FP8B_CONFIGS = [(8, 2, True, 256, 384, 128), (8, 2, True, 256, 384, 32),
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_block_experts(K, dtype, experts, k, renorm, hidden, inter, block, t, load, sm90):
     """The grouped GEMMs over E4M3 experts (8-row tiles while moe_block_m says, tiled past
-    that: mma.sync, and on sm_90a wgmma) equal the 16-bit ones' references on the dequantized
-    weights; a step of FP8 gate-up and 16-bit down, and the reverse, take each GEMM's own
-    kernel."""
+    that: mma.sync, and on sm_90a wgmma, there bit for bit the 16-bit kernel's outputs)
+    equal the 16-bit ones' references on the dequantized weights; a step of FP8 gate-up and
+    16-bit down, and the reverse, take each GEMM's own kernel."""
     if sm90 and K.arch != "sm_90a":
         pytest.skip("the wgmma kernel needs sm_90a (an H100 or H200)")
     x, logits, gate_up, down = make(t, experts, hidden, inter, dtype, load, k=k)
@@ -353,6 +353,10 @@ def test_fp8_block_experts(K, dtype, experts, k, renorm, hidden, inter, block, t
     assert relerr(parts["act"], gate_up_ref(x, gdq, ids, pos_of, dtype)) < TOL
     assert relerr(parts["y"], down_ref(parts["act"], ddq, ids, pos_of)) < TOL
     assert relerr(out, combine_ref(parts["y"], pos_of, parts["wts"], dtype)) < COMBINE_TOL
+    if sm90 and lr.moe_block_m(t, experts, k, sm90) > 8:
+        # wgmma: the FP8 kernel's sums are the 16-bit kernel's on the dequantized weights
+        _, wide = K.moe(x, logits, gdq, ddq, k, renorm, sm90=True)
+        assert torch.equal(parts["act"], wide["act"]) and torch.equal(parts["y"], wide["y"])
     if t in (5, 129):   # one GEMM FP8, the other 16-bit (--quant-exclude, a K no block divides)
         _, mixed = K.moe(x, logits, gq, ddq, k, renorm, scales=(gs, None), sm90=sm90)
         assert torch.equal(mixed["act"], parts["act"])
