@@ -587,7 +587,7 @@ def moe_gemm_smem(bm: int, stages: int = MOE_TC_SHAPE[2], fp8b: bool = False) ->
 def moe_wg_smem(bm: int, bn: int, stages: int, fp8b: bool = False) -> int:
     """Dynamic shared memory of the wgmma GEMM: `stages` k steps of BM x rows and BN weight
     rows, MOE_WG_BK halfs each, and 1 KiB to align them to the swizzle's atoms; fp8b
-    (moe.cuh's moe_gemm_wg8): the weights' E4M3 bytes in place of the halfs (128 KiB at
+    (moe.cuh's moe_gemm_wg8): the weights' E4M3 bytes in place of the halfs (129 KiB at
     128 x 256, four stages)."""
     return stages * (bm * 2 + bn * (1 if fp8b else 2)) * MOE_WG_BK + 1024
 

@@ -872,8 +872,8 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16
 // into q * s in the dtype (dequant16_e4m3's arithmetic) right in the m16n8k16 A fragment
 // registers of wgmma's register form; B is the BM x rows (N = BM), read by the tensor cores.
 // The k order is the natural one, so the products and their sums are the 16-bit kernel's on
-// the dequantized weights (bench/kernels/moe.py checks that the two agree); a lane reads its 2
-// bytes of each A slot pair from the step's bytes (2 x 4 reads a row a k16 step).
+// the dequantized weights (bench/kernels/moe.py measures the two equal, test_gpu_moe.py
+// asserts it); a lane reads the 2 bytes of each of its A slot pairs from the step's bytes.
 // A commit group a k16 step: before a lane rewrites a set of A registers it waits for the
 // group that read them (all but the newest group), so the tensor cores have the previous k16
 // step's MMAs while the lanes convert the next; by a k step's barrier every MMA of the step
@@ -1057,7 +1057,6 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
   // accumulator q of n8 block j of weight block mb: weight row arow(mb, q >= 2), position
   // 8 j + 2 t + (q & 1). Four 8 x 8 matrices (8 weight rows x 8 positions) a stmatrix; the
   // row of matrix i, position c, has its address from lane 8 i + c.
-  const u32 cbase = base;
   const int mi = lane >> 3, mc = lane & 7;
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) {
@@ -1077,26 +1076,26 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
           }
           r[i] = (u32)T::from_f(v2[0]) | ((u32)T::from_f(v2[1]) << 16);
         }
-        addr = cbase + (8 * (j + mi) + mc) * CS + ((wg * 2 + mb) * 4 + wp) * 16;
+        addr = base + (8 * (j + mi) + mc) * CS + ((wg * 2 + mb) * 4 + wp) * 16;
       } else {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const float* q = &acc[mb][(j + i / 2) * 4 + 2 * (i & 1)];
           r[i] = (u32)T::from_f(q[0]) | ((u32)T::from_f(q[1]) << 16);
         }
-        addr = cbase + (8 * (j + mi / 2) + mc) * CS + (arow(mb, mi & 1) - g) * 2;
+        addr = base + (8 * (j + mi / 2) + mc) * CS + (arow(mb, mi & 1) - g) * 2;
       }
       stsm_x4_trans(addr, r);
     }
   }
   __syncthreads();
-  const u8* cs = moe_wg8 + (base - smem_u32(moe_wg8));
+  const u8* staged = moe_wg8 + (base - smem_u32(moe_wg8));   // the tile, by position
   for (int i = tid; i < BM * (OUT / 8); i += NTH) {
     const int row = i / (OUT / 8), q = i % (OUT / 8), o = o0 + 8 * q;
     // N is a multiple of 8 (launch_rules.moe_check): a piece is all in or out
     if (row < rows && o < n)
       *reinterpret_cast<uint4*>(out + (size_t)(r0 + row) * n + o) =
-          *reinterpret_cast<const uint4*>(cs + row * CS + q * 16);
+          *reinterpret_cast<const uint4*>(staged + row * CS + q * 16);
   }
 #endif
 }

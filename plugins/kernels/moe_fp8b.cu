@@ -7,7 +7,7 @@
 // w [E, N, K] E4M3 bytes (each expert's [out, in]), scale [E, K / G, N] in the compute dtype,
 // G = 1 << gshift a power of two from 32 dividing K. The shapes are moe.cu's (launch_rules:
 // moe_gemm_launch): m8 the decode kernel, m64 and m128 the tiled one, and on sm_90a its wgmma
-// form (w, launch_rules.MOE_WG_SHAPES).
+// form (w, launch_rules.MOE_WG_SHAPES: moe.cuh's moe_gemm_wg8, the weights as wgmma's A).
 #include "moe.cuh"
 
 #define MOE_FP8B_ENTRY(NAME, TY, THREADS, CALL)                                                \
@@ -29,7 +29,7 @@
 #ifdef SM90A
 #define MOE_FP8B_GEMM_WG(DT, TY, BM, BN, ST)                                                   \
   MOE_FP8B_ENTRY(moe_gemm_fp8b_##DT##_m##BM##w, TY, 2 * BM,                                    \
-                 (moe_gemm_wg8<TY, BM, BN, ST, false>))                                   \
+                 (moe_gemm_wg8<TY, BM, BN, ST, false>))                                        \
   MOE_FP8B_ENTRY(moe_gemm_fp8b_##DT##_m##BM##w_swiglu, TY, 2 * BM,                             \
                  (moe_gemm_wg8<TY, BM, BN, ST, true>))
 #else
