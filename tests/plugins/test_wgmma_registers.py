@@ -2,7 +2,7 @@
 wgmma.wait_group covers it. PTX leaves touching them earlier undefined, and ptxas can accept
 it without a warning: the results are then wrong on the GPU, sometimes. So the sm_90a SASS of
 every wgmma kernel (the INT4 small-M GEMM's w4gw entries, the Hopper prefill attention, the
-MoE GEMM's wgmma tiles) is
+MoE GEMMs' wgmma tiles, the FP8 experts' with A in registers) is
 checked on the CPU: between an HGMMA and the next WARPGROUP.DEPBAR, along any path (the
 loop's back edge included), no instruction but another HGMMA may write its A registers or
 use its accumulators.
@@ -151,13 +151,13 @@ def variants_cubin(entries: str) -> bytes:
 @pytest.mark.slow
 @pytest.mark.parametrize("module,register_a", (("qgemv", True), ("qgemv_zp", True),
                                                ("paged_attention_sm90", True), ("moe", False),
-                                               ("moe_fp8b", False)))
+                                               ("moe_fp8b", True)))
 def test_shipped_wgmma_kernels_leave_their_registers_alone(module, register_a, tmp_path):
     # both dtypes, as compile_all compiles them (tests/plugins/test_compile.py: the same cubin)
     counts, hazards = hgmma_hazards(sass(compiler.compile_module(module, "sm_90a"), tmp_path))
     assert counts, f"{module} has no HGMMA: is it still a wgmma kernel?"
-    # each has register-A wgmma (INT4: all of them), or none (the MoE GEMM: A and B in shared
-    # memory)
+    # each has register-A wgmma (INT4, the FP8 experts' MoE GEMM: all of them), or none (the
+    # 16-bit MoE GEMM: A and B in shared memory)
     assert all(bool(rs) == register_a for _, rs in counts.values()), counts
     assert not hazards, hazards[:3]
 
