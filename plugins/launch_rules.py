@@ -645,7 +645,6 @@ def moe_route_launches(tokens: int, experts: int, top_k: int, dtype: str, renorm
     before the CTA and place them after it; the CTA sums the counts, scans and writes the
     tiles."""
     split = tokens > MOE_ROUTE_THREADS // 32
-    chunks = -(-tokens * top_k // MOE_ROUTE_THREADS)
     grid = grid and tokens * top_k >= MOE_GRID_ROUTE_ROWS
     bm = bm or moe_block_m(tokens, experts, top_k, sm90)
     route = (moe_route_launch(tokens, experts, top_k, dtype),
@@ -657,7 +656,7 @@ def moe_route_launches(tokens: int, experts: int, top_k: int, dtype: str, renorm
             [logits, tokens, experts, top_k, int(renormalise), ids, wts])
     if not grid:
         return [topk, route]
-    block = (MOE_ROUTE_THREADS, 1, 1)
+    chunks, block = -(-tokens * top_k // MOE_ROUTE_THREADS), (MOE_ROUTE_THREADS, 1, 1)
     return [topk,
             (Launch("moe", "moe_count", (chunks, 1, 1), block),
              [ids, tokens, experts, top_k, meta]),

@@ -754,6 +754,41 @@ __device__ __forceinline__ void moe_gemm_tc(const u16* __restrict__ x, const voi
 // accumulator (gate) and block j + BN / 16 (up) hold one output's two sums in the same lane.
 #define MOE_WG_BK 64
 
+// A wgmma tile's x copies (moe_gemm_wg, moe_gemm_wg8): the thread's chunk cc (8 k) of rows
+// tid / 8 + RS i, their sources and whether each row is in the tile (the others zero-filled).
+template <int N, int RS>
+__device__ __forceinline__ void moe_x_sources(const u16* x, const int* perm, int r0, int rows,
+                                              int k, int tid, int cc, const u16* (&src)[N],
+                                              bool (&ok)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const int r = (tid >> 3) + RS * i;
+    ok[i] = r < rows;
+    src[i] = moe_x_row(x, perm, r0, r, rows, k) + cc * 8;
+  }
+}
+
+// The ring of ST k steps both wgmma GEMMs run, copies ST - 2 steps ahead: moe_ring_fill
+// issues the first steps' copies; moe_ring_next, at the top of step kt, waits for its copies,
+// meets the block (by then every warpgroup has waited for step kt - 2's MMAs: the stage they
+// read is free) and refills that stage. load(stage, kt) issues a step's copies.
+template <int ST, typename L>
+__device__ __forceinline__ void moe_ring_fill(int ktiles, L& load) {
+#pragma unroll
+  for (int s = 0; s < ST - 2; ++s) {
+    if (s < ktiles) load(s, s);
+    cp_commit();                                // empty groups keep the count uniform
+  }
+}
+template <int ST, typename L>
+__device__ __forceinline__ void moe_ring_next(int kt, int ktiles, L& load) {
+  cp_wait<ST - 3>();                            // step kt has landed (this thread's copies)
+  fence_async_smem();                           // ... for the tensor cores' reads
+  __syncthreads();                              // everyone's; step kt - 2's MMAs are done
+  if (kt + ST - 2 < ktiles) load((kt + ST - 2) % ST, kt + ST - 2);
+  cp_commit();
+}
+
 template <typename T, int BM, int BN, int ST, bool ACT>
 __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16* __restrict__ w,
                                             const int* __restrict__ perm,
@@ -782,12 +817,7 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16
   const u32 soff = (u32)(tid >> 3) * 128 + ((cc ^ r8) << 4);
   const u16* asrc[AL];
   bool aok[AL];
-#pragma unroll
-  for (int i = 0; i < AL; ++i) {
-    const int r = (tid >> 3) + RS * i;
-    aok[i] = r < rows;
-    asrc[i] = moe_x_row(x, perm, r0, r, rows, k) + cc * 8;
-  }
+  moe_x_sources<AL, RS>(x, perm, r0, rows, k, tid, cc, asrc, aok);
   const u16* bsrc[BL];
 #pragma unroll
   for (int i = 0; i < BL; ++i) {
@@ -813,17 +843,9 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
   const int ktiles = (k + BK - 1) / BK;
-#pragma unroll
-  for (int s = 0; s < ST - 2; ++s) {
-    if (s < ktiles) load(s, s);
-    cp_commit();                                // empty groups keep the count uniform
-  }
+  moe_ring_fill<ST>(ktiles, load);
   for (int kt = 0; kt < ktiles; ++kt) {
-    cp_wait<ST - 3>();                          // step kt has landed (this thread's copies)
-    fence_async_smem();                         // ... for the tensor cores' reads
-    __syncthreads();                            // everyone's; step kt - 2's MMAs are done
-    if (kt + ST - 2 < ktiles) load((kt + ST - 2) % ST, kt + ST - 2);
-    cp_commit();
+    moe_ring_next<ST>(kt, ktiles, load);
     const u32 a = base + (kt % ST) * STAGE + wg * 64 * 128, b = base + (kt % ST) * STAGE + A_BYTES;
     wgmma_fence();
 #pragma unroll
@@ -922,12 +944,7 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
   const u32 soff = (u32)(tid >> 3) * 128 + ((cc ^ ((tid >> 3) & 7)) << 4);
   const u16* xsrc[XC];
   bool xok[XC];
-#pragma unroll
-  for (int i = 0; i < XC; ++i) {
-    const int r = (tid >> 3) + RX * i;
-    xok[i] = r < rows;
-    xsrc[i] = moe_x_row(x, perm, r0, r, rows, k) + cc * 8;
-  }
+  moe_x_sources<XC, RX>(x, perm, r0, rows, k, tid, cc, xsrc, xok);
   // weights: 16 bytes wc of rows tid / 4 + RW j, 64 bytes a row after x's; 16-byte chunk c of
   // row R at c ^ (R / 2 % 4), so that the 8 rows of a lane group's 2-byte reads (below) hit
   // distinct banks
@@ -989,18 +1006,10 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
 #pragma unroll
       for (int i = 0; i < 4; ++i) held[s][mb][i] = 0u;
   const int ktiles = (k + BK - 1) / BK;
-#pragma unroll
-  for (int s = 0; s < ST - 2; ++s) {
-    if (s < ktiles) load(s, s);
-    cp_commit();                               // empty groups keep the count uniform
-  }
+  moe_ring_fill<ST>(ktiles, load);
   load_scales(0);
   for (int kt = 0; kt < ktiles; ++kt) {
-    cp_wait<ST - 3>();                         // step kt has landed (this thread's copies)
-    fence_async_smem();                        // ... for the tensor cores' reads
-    __syncthreads();                           // everyone's; step kt - 2's MMAs are done
-    if (kt + ST - 2 < ktiles) load((kt + ST - 2) % ST, kt + ST - 2);
-    cp_commit();
+    moe_ring_next<ST>(kt, ktiles, load);
     const u32 sb = base + (kt % ST) * STAGE;
     u32 s2[MB][2][2];
 #pragma unroll
