@@ -268,6 +268,12 @@ __device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
   return (u32)__cvta_generic_to_shared(p);
 }
+// Keep a value worked out before a loop in a register: ptxas may not recompute it inside the
+// loop from what it came from (it does so to save registers, at a cost per iteration).
+__device__ __forceinline__ void keep_reg(u32& v) { asm volatile("" : "+r"(v)); }
+template <typename P> __device__ __forceinline__ void keep_reg(P*& p) {
+  asm volatile("" : "+l"(p));
+}
 // CP_ASYNC_L2: an L2 prefetch size for the copies (".L2::128B"), for a benchmark to compare;
 // none by default (the decode attention read no faster with one: bench/results/kernels.md).
 #ifndef CP_ASYNC_L2

@@ -939,29 +939,45 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
                : min(o0 + R, n - 1);
   };
 
+  // Every address a k step uses is worked out here once and kept (keep_reg): left to itself
+  // ptxas recomputed them from the thread index each k step, 607 instructions a warp a step
+  // (the 16-bit kernel's: 179), and the MMAs waited behind them.
   // x: as moe_gemm_wg's, chunk tid % 8 of rows tid / 8 + RX i, one swizzle phase for all
   const int cc = tid & 7;
-  const u32 soff = (u32)(tid >> 3) * 128 + ((cc ^ ((tid >> 3) & 7)) << 4);
+  u32 soff = (u32)(tid >> 3) * 128 + ((cc ^ ((tid >> 3) & 7)) << 4), xin = 0;
   const u16* xsrc[XC];
   bool xok[XC];
   moe_x_sources<XC, RX>(x, perm, r0, rows, k, tid, cc, xsrc, xok);
+#pragma unroll
+  for (int i = 0; i < XC; ++i) {
+    xin |= (u32)xok[i] << i;
+    keep_reg(xsrc[i]);
+  }
+  keep_reg(soff);
+  keep_reg(xin);
   // weights: 16 bytes wc of rows tid / 4 + RW j, 64 bytes a row after x's; 16-byte chunk c of
   // row R at c ^ (R / 2 % 4), so that the 8 rows of a lane group's 2-byte reads (below) hit
   // distinct banks
   const int wc = tid & 3;
   const u8* wsrc[WC];
 #pragma unroll
-  for (int j = 0; j < WC; ++j)
+  for (int j = 0; j < WC; ++j) {
     wsrc[j] = w + ((size_t)e * wrows + wrow((tid >> 2) + RW * j)) * k + wc * 16;
-  const u32 woff = X_BYTES + (tid >> 2) * BK + ((wc ^ ((tid >> 3) & 3)) << 4);
+    keep_reg(wsrc[j]);
+  }
+  u32 woff = X_BYTES + (tid >> 2) * BK + ((wc ^ ((tid >> 3) & 3)) << 4);
+  u32 xk0 = cc * 8, wk0 = wc * 16;             // the first k of this thread's chunks
+  keep_reg(woff);
+  keep_reg(xk0);
+  keep_reg(wk0);
   auto load = [&](int stage, int kt) {
     const int kk = kt * BK;
     const u32 sb = base + stage * STAGE;
     // past K (a multiple of G >= 32): zeros, both operands (8 and 16 k: all in or out)
-    const bool xk = kk + cc * 8 < k, wk = kk + wc * 16 < k;
+    const bool xk = kk + (int)xk0 < k, wk = kk + (int)wk0 < k;
 #pragma unroll
     for (int i = 0; i < XC; ++i) {
-      const bool ok = xk && xok[i];
+      const bool ok = xk && (xin >> i & 1);
       cp_async16(sb + soff + RX * 128 * i, ok ? xsrc[i] + kk : x, ok ? 16 : 0);
     }
 #pragma unroll
@@ -973,24 +989,31 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
   // each 32 k of a step (G >= 32: k16 steps 0, 1 and 2, 3 each lie in one block), a step
   // ahead (0 past K, where the bytes are zeros)
   auto arow = [&](int mb, int h) { return wg * 128 + mb * 64 + wp * 16 + g + 8 * h; };
-  const u16* const bse = bs + (size_t)e * (size_t)(k >> gshift) * wrows;
-  u32 sidx[MB][2], sn[MB][2][2];
+  const u16* ssrc[MB][2];                      // the rows' scales of the first block
+  u32 sn[MB][2][2];
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) sidx[mb][h] = wrow(arow(mb, h));
+    for (int h = 0; h < 2; ++h) {
+      ssrc[mb][h] = bs + (size_t)e * (size_t)(k >> gshift) * wrows + wrow(arow(mb, h));
+      keep_reg(ssrc[mb][h]);
+    }
   auto load_scales = [&](int kt) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int kk = kt * BK + 32 * half;
+      const u32 blk = (u32)(kk >> gshift) * (u32)wrows;   // uniform
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          sn[mb][h][half] =
-              kk < k ? __ldg(bse + (size_t)(kk >> gshift) * wrows + sidx[mb][h]) : 0u;
+        for (int h = 0; h < 2; ++h) sn[mb][h][half] = kk < k ? __ldg(ssrc[mb][h] + blk) : 0u;
     }
   };
+  // this lane's first A byte (row arow(0, 0), k slot 2t) in a stage; k16 step s's 16-byte
+  // chunk sits at s ^ ((g / 2) % 4), and the offset's bits 4-5 are that chunk's, so step s's
+  // address is this one ^ (s << 4) (a stage is 1024-aligned)
+  u32 aoff = X_BYTES + arow(0, 0) * BK + (((g >> 1) & 3) << 4) + 2 * t;
+  keep_reg(aoff);
 
   float acc[MB][BM / 2];
 #pragma unroll
@@ -1010,7 +1033,7 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
   load_scales(0);
   for (int kt = 0; kt < ktiles; ++kt) {
     moe_ring_next<ST>(kt, ktiles, load);
-    const u32 sb = base + (kt % ST) * STAGE;
+    const u32 sb = base + (kt % ST) * STAGE, ab = sb + aoff;
     u32 s2[MB][2][2];
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
@@ -1036,8 +1059,7 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
           const int h = i & 1;
           u32 q;
           asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(q)
-                       : "r"(sb + X_BYTES + arow(mb, h) * BK + ((s ^ ((g >> 1) & 3)) << 4) +
-                             2 * t + 8 * (i >> 1)));
+                       : "r"((ab ^ (s << 4)) + mb * 64 * BK + h * 8 * BK + 8 * (i >> 1)));
           a[mb][i] = fma2<T>(e4m3_pair<T, 0x1404u>(q), s2[mb][h][s >> 1], Int4<T>::NEG0);
         }
       wgmma_fence();
