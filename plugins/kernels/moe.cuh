@@ -1045,12 +1045,8 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
     if (kt + 1 < ktiles) load_scales(kt + 1);
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
-      wgmma_wait<1>();                         // the group before the last is done with its A
-#pragma unroll
-      for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) asm volatile("" :: "r"(held[s & 1][mb][i]));
-      // A's k slots 2t, 2t + 1 (a[0], a[1]) and 2t + 8, 2t + 9 (a[2], a[3]) of rows g, g + 8
+      // A's k slots 2t, 2t + 1 (a[0], a[1]) and 2t + 8, 2t + 9 (a[2], a[3]) of rows g, g + 8,
+      // made in registers of their own while the two groups before are in flight
       u32 a[MB][4];
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb)
@@ -1062,6 +1058,15 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
                        : "r"((ab ^ (s << 4)) + mb * 64 * BK + h * 8 * BK + 8 * (i >> 1)));
           a[mb][i] = fma2<T>(e4m3_pair<T, 0x1404u>(q), s2[mb][h][s >> 1], Int4<T>::NEG0);
         }
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[mb][i]));
+      wgmma_wait<1>();                         // the group before the last is done with its A
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" :: "r"(held[s & 1][mb][i]));
       wgmma_fence();
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb)
