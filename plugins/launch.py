@@ -473,10 +473,11 @@ class Kernels:
 
     # -- mixture of experts (kernels/moe.cu), as the cuda backend's moe op runs it --
 
-    def moe_route(self, logits, top_k, renormalise, sm90=None):
+    def moe_route(self, logits, top_k, renormalise, sm90=None, fp8b=False):
         """Router logits [T, E] (16-bit) -> (ids [T, k] int32, wts [T, k] fp32, pos_of [T, k]
         int32, perm [T k] int32, meta int32); kernels/moe.cu says what each holds. sm90: tiles
-        for the wgmma GEMMs (moe_gemm's; default: on sm_90a)."""
+        for the wgmma GEMMs (moe_gemm's; default: on sm_90a); fp8b: for both GEMMs over FP8
+        experts (moe_gemm's fp8b_layer)."""
         sm90 = self.arch == "sm_90a" if sm90 is None else sm90
         t, e = logits.shape
         torch, dev = self.torch, logits.device
@@ -487,24 +488,25 @@ class Kernels:
         meta = torch.empty(t * lr.moe_meta_ints(e, top_k), dtype=torch.int32, device=dev)
         for launch, args in lr.moe_route_launches(t, e, top_k, self._dtype(logits), renormalise,
                                                   logits, ids, wts, pos_of, perm, meta,
-                                                  sm90=sm90):
+                                                  sm90=sm90, fp8b=fp8b):
             self.launch(launch, args)
         return ids, wts, pos_of, perm, meta
 
-    def moe_gemm(self, x, w, perm, meta, tokens, top_k, act, scale=None, sm90=None):
+    def moe_gemm(self, x, w, perm, meta, tokens, top_k, act, scale=None, sm90=None,
+                 fp8b_layer=False):
         """The grouped GEMM over a step of `tokens` tokens' routed rows: w [E, N, K] (each
         expert's [out, in]). act: gate-up with SwiGLU, w [E, 2n, K], x the tokens [T, K]
         (through perm) -> [T k, n]; else down, x [T k, K] by position -> [T k, N]. scale:
         w is E4M3 (uint8 or float8_e4m3fn) with these block scales [E, K / B, N] in x's
         dtype (kernels/moe_fp8b.cu). sm90: past the 8-row kernel, the wgmma one and its tiles
-        (give moe_route the same; default: on sm_90a)."""
+        (give moe_route the same; default: on sm_90a). fp8b_layer: the routing's fp8b."""
         e, nw, k = w.shape
         sm90 = self.arch == "sm_90a" if sm90 is None else sm90
         n = nw // 2 if act else nw
         group = k // scale.shape[1] if scale is not None else 0
         out = self.torch.empty(tokens * top_k, n, dtype=x.dtype, device=x.device)
         self.launch(lr.moe_gemm_launch(tokens, e, top_k, n, k, self._dtype(x), act, group,
-                                       sm90),
+                                       sm90, fp8b_layer),
                     [x, w, perm if act else DevPtr(0), meta, e, n, k, out] +
                     ([scale, lr.fp8b_group_shift(group)] if group else []))
         return out
@@ -524,18 +526,19 @@ class Kernels:
         """The moe op: x [T, H], logits [T, E], gate_up [E, 2I, H], down [E, H, I] ->
         (out [T, H], dict of the intermediate buffers). scales: block-wise FP8 experts'
         (gate-up's [E, H / B, 2I], down's [E, I / B, H]), None where 16-bit. sm90: moe_gemm's
-        (as the cuda backend: both GEMMs on wgmma or neither). The dict's bm: the tile height
-        the routing grouped for."""
+        (as the cuda backend: both GEMMs on wgmma or neither; both over FP8 experts, the wider
+        tiles too). The dict's bm: the tile height the routing grouped for."""
         t, e = logits.shape
         sm90 = self.arch == "sm_90a" if sm90 is None else sm90
-        ids, wts, pos_of, perm, meta = self.moe_route(logits, top_k, renormalise, sm90)
+        fp8b = sm90 and all(s is not None for s in scales)
+        ids, wts, pos_of, perm, meta = self.moe_route(logits, top_k, renormalise, sm90, fp8b)
         act = self.moe_gemm(x, gate_up, perm, meta, t, top_k, act=True, scale=scales[0],
-                            sm90=sm90)
+                            sm90=sm90, fp8b_layer=fp8b)
         y = self.moe_gemm(act, down, perm, meta, t, top_k, act=False, scale=scales[1],
-                          sm90=sm90)
+                          sm90=sm90, fp8b_layer=fp8b)
         out = self.moe_combine(y, pos_of, wts, gate, shared)
         return out, dict(ids=ids, wts=wts, pos_of=pos_of, perm=perm, meta=meta, act=act, y=y,
-                         bm=lr.moe_block_m(t, e, top_k, sm90))
+                         bm=lr.moe_block_m(t, e, top_k, sm90, fp8b))
 
     def _int32(self, idx):
         if idx.dtype != self.torch.int32 or not idx.is_contiguous():

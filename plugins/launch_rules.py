@@ -537,11 +537,14 @@ MOE_TC_THREADS = 32 * MOE_TC_SHAPE[0] * MOE_TC_SHAPE[1]
 # the same tiles on sm_90a's warpgroup MMAs (moe_gemm_wg; over FP8 experts moe_gemm_wg8):
 # BM / 64 warpgroups, k steps of MOE_WG_BK (a 128-byte line a row); MOE_WG_SHAPES: BM ->
 # (weight rows a tile, k steps in shared memory) as MOE_GEMM_WG and MOE_FP8B_GEMM_WG
-# instantiate them
+# instantiate them; MOE_WG8_SHAPES the FP8 kernel's, which also has tiles of 256 positions
+# (two warpgroups of 64 weight rows: moe_wg8_threads)
 MOE_WG_BK = 64
 MOE_WG_SHAPES = {64: (128, 4), 128: (256, 4)}
+MOE_WG8_SHAPES = {**MOE_WG_SHAPES, 256: (128, 4)}
 MOE_M128_FROM = 129        # tokens from which tiles hold 128 positions (mma.sync)
 MOE_WG_M64_ROWS = 64       # routed rows an expert (on average) up to which wgmma tiles hold 64
+MOE_WG8_M256_ROWS = 384    # past it, and both GEMMs FP8 on wgmma: tiles of 256 positions
 MOE_M8_ROWS = 4            # routed rows an expert (on average) up to which tiles hold 8
 MOE_GRID_ROUTE_ROWS = 2048  # routed rows from which the grouping runs over a grid of chunks
 MAX_GRID_Y = 65535
@@ -557,7 +560,8 @@ def moe_check(experts: int, top_k: int, hidden: int, inter: int) -> None:
                          f"multiples of 8 (16-byte rows), not {hidden} and {inter}")
 
 
-def moe_block_m(tokens: int, experts: int, top_k: int, sm90: bool = False) -> int:
+def moe_block_m(tokens: int, experts: int, top_k: int, sm90: bool = False,
+                fp8b: bool = False) -> int:
     """Positions a grouped-GEMM tile. The 8-row kernel while the experts hold few rows: an
     expert holds at most T, so every step of up to 8 tokens, and any step whose T k routed
     rows average at most MOE_M8_ROWS an expert (Qwen3-30B-A3B's 128 experts, top 8: up to 64
@@ -566,10 +570,14 @@ def moe_block_m(tokens: int, experts: int, top_k: int, sm90: bool = False) -> in
     tiled one, 64 positions a tile while experts hold few rows (little MMA work wasted on a
     tile's empty rows), then 128 (each weight tile read once for twice the rows). sm90 (the
     wgmma kernel): 64 while the routed rows average at most MOE_WG_M64_ROWS an expert, a
-    tile's worth, where 128-row tiles would be half empty (bench/results/moe.md)."""
+    tile's worth, where 128-row tiles would be half empty (bench/results/moe.md). fp8b
+    (both of the layer's GEMMs over FP8 experts, on wgmma): 256 past MOE_WG8_M256_ROWS an
+    expert, where each weight the FP8 kernel converts feeds twice the positions."""
     if tokens <= 8 or tokens * top_k <= MOE_M8_ROWS * experts:
         return 8
     if sm90:
+        if fp8b and tokens * top_k > MOE_WG8_M256_ROWS * experts:
+            return 256
         return 64 if tokens * top_k <= MOE_WG_M64_ROWS * experts else 128
     return 64 if tokens < MOE_M128_FROM else 128
 
@@ -584,11 +592,17 @@ def moe_gemm_smem(bm: int, stages: int = MOE_TC_SHAPE[2], fp8b: bool = False) ->
     return stages * (bm + MOE_TC_BN) * MOE_TC_BK * 2
 
 
+def moe_wg8_threads(bm: int) -> int:
+    """Threads of the FP8 wgmma GEMM's tiles of bm positions (moe.cuh: moe_wg8_threads): one
+    warpgroup at 64, two from 128."""
+    return 128 if bm == 64 else 256
+
+
 def moe_wg_smem(bm: int, bn: int, stages: int, fp8b: bool = False) -> int:
     """Dynamic shared memory of the wgmma GEMM: `stages` k steps of BM x rows and BN weight
     rows, MOE_WG_BK halfs each, and 1 KiB to align them to the swizzle's atoms; fp8b
     (moe.cuh's moe_gemm_wg8): the weights' E4M3 bytes in place of the halfs (129 KiB at
-    128 x 256, four stages)."""
+    128 x 256, 161 KiB at 256 x 128, four stages)."""
     return stages * (bm * 2 + bn * (1 if fp8b else 2)) * MOE_WG_BK + 1024
 
 
@@ -634,9 +648,10 @@ def moe_topk_launch(tokens: int, experts: int, top_k: int, dtype: str) -> Launch
 
 def moe_route_launches(tokens: int, experts: int, top_k: int, dtype: str, renormalise: bool,
                        logits, ids, wts, pos_of, perm, meta, bm: int | None = None,
-                       sm90: bool = False, grid: bool = True) -> list[tuple]:
+                       sm90: bool = False, grid: bool = True,
+                       fp8b: bool = False) -> list[tuple]:
     """The routing of a step as (Launch, args) pairs, its tiles of bm positions (moe_block_m
-    with sm90, the GEMMs' flag, unless given: bench/kernels/moe.py --sweep). Up to
+    with sm90 and fp8b, the GEMMs' flags, unless given: bench/kernels/moe.py --sweep). Up to
     MOE_ROUTE_THREADS / 32 tokens one CTA picks and groups (a decode step: one launch); past
     that the top-k runs over a grid first, since one CTA's warps would walk the tokens
     several times over (it was half of a 4096-token Qwen3-30B-A3B layer,
@@ -646,7 +661,7 @@ def moe_route_launches(tokens: int, experts: int, top_k: int, dtype: str, renorm
     tiles."""
     split = tokens > MOE_ROUTE_THREADS // 32
     grid = grid and tokens * top_k >= MOE_GRID_ROUTE_ROWS
-    bm = bm or moe_block_m(tokens, experts, top_k, sm90)
+    bm = bm or moe_block_m(tokens, experts, top_k, sm90, fp8b)
     route = (moe_route_launch(tokens, experts, top_k, dtype),
              [logits, tokens, experts, top_k, int(renormalise), bm, ids, wts, pos_of, perm,
               meta, 2 if grid else int(split)])
@@ -666,7 +681,8 @@ def moe_route_launches(tokens: int, experts: int, top_k: int, dtype: str, renorm
 
 
 def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype: str,
-                    act: bool, fp8b_group: int = 0, sm90: bool = False) -> Launch:
+                    act: bool, fp8b_group: int = 0, sm90: bool = False,
+                    fp8b_layer: bool = False) -> Launch:
     """The grouped GEMM over the routed rows, weights [E, N, K] (each expert's [out, in]).
     act: gate-up with SwiGLU fused, weights [E, 2n, K], x the tokens [T, K] read through
     perm, out [T k, n]; else down, x the activations [T k, K] by position, perm null.
@@ -674,14 +690,17 @@ def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype
     with a scale a block of that many k (kernels/moe_fp8b.cu), args then + (scale
     [E, K / group, N], fp8b_group_shift(group)). sm90: steps past the 8-row kernel's take
     the tiled GEMM on wgmma (sm_90a), its tile heights (moe_block_m: the routing must be
-    given the same flag)."""
+    given the same flag). fp8b_layer: both of the layer's GEMMs are over FP8 experts (the
+    routing's fp8b: with sm90, tiles of 256 positions past MOE_WG8_M256_ROWS an expert)."""
     if k % 8 or not 0 < k <= INT32_MAX or not 0 < n <= INT32_MAX:
         raise ValueError(f"the MoE GEMMs need K a multiple of 8 (16-byte rows): N={n}, K={k}")
     if fp8b_group:
         fp8b_group_shift(fp8b_group)   # a power of two from FP8B_MIN_GROUP, or ValueError
         if k % fp8b_group:
             raise ValueError(f"block-wise FP8 experts of K={k} in blocks of {fp8b_group}")
-    bm = moe_block_m(tokens, experts, top_k, sm90)
+    if fp8b_layer and not fp8b_group:
+        raise ValueError("fp8b_layer: this GEMM's weights are 16-bit")
+    bm = moe_block_m(tokens, experts, top_k, sm90, fp8b_layer)
     tiles = moe_max_tiles(tokens, experts, top_k, bm)
     name = f"moe_gemm_{'fp8b_' if fp8b_group else ''}{dtype_tag(dtype)}_m{bm}" + \
         ("_swiglu" if act else "")
@@ -694,13 +713,15 @@ def moe_gemm_launch(tokens: int, experts: int, top_k: int, n: int, k: int, dtype
         outs = wn * (8 if act else 16)
         return Launch(module, name, (math.ceil(n / outs), tiles, 1), (32 * wn * sk, 1, 1))
     # tiled: grid (tiles, N blocks), so consecutive CTAs share an N block's weights in L2
-    bn, stages = MOE_WG_SHAPES[bm] if sm90 else (MOE_TC_BN, 0)
+    bn, stages = ((MOE_WG8_SHAPES if fp8b_group else MOE_WG_SHAPES)[bm] if sm90
+                  else (MOE_TC_BN, 0))
     blocks = math.ceil(n / (bn // 2 if act else bn))
     if blocks > MAX_GRID_Y or tiles > INT32_MAX:
         raise ValueError(f"MoE GEMM of N={n} over {tiles} tiles: over the grid's bounds")
     if sm90:
+        threads = moe_wg8_threads(bm) if fp8b_group else 2 * bm
         return Launch(module, name.replace(f"_m{bm}", f"_m{bm}w"), (tiles, blocks, 1),
-                      (2 * bm, 1, 1), smem=moe_wg_smem(bm, bn, stages, bool(fp8b_group)))
+                      (threads, 1, 1), smem=moe_wg_smem(bm, bn, stages, bool(fp8b_group)))
     return Launch(module, name, (tiles, blocks, 1), (MOE_TC_THREADS, 1, 1),
                   smem=moe_gemm_smem(bm, fp8b=bool(fp8b_group)))
 

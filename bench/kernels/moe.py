@@ -41,7 +41,8 @@ k and row, rounded to nearest from the same bf16 weights) beside the bf16 layer,
 tokens and routing in the same run: each one's time, the FP8 layer's HBM on its own bytes
 (the chosen experts' E4M3 weights and scales), and its largest difference from the bf16
 layer run on the dequantized weights; on sm_90a also the FP8 layer with its GEMMs on
-mma.sync where the wgmma kernel would run them. --model qwen3-30b-a3b takes that model's shapes
+mma.sync where the wgmma kernel would run them, and on tiles of 128 positions where it takes
+those of 256 (launch_rules.MOE_WG8_M256_ROWS). --model qwen3-30b-a3b takes that model's shapes
 (hidden 2048, 128 experts of width 768, top-8) instead of Mixtral's.
 """
 from __future__ import annotations
@@ -190,8 +191,8 @@ def fp8_block_rows(K: Kernels, gate_up, down, tokens) -> list[str]:
              "bytes: the chosen experts' E4M3 weights and their scales", "",
              "| T | experts read | bf16 us | fp8-block us | bf16 / fp8 | FP8 MB | HBM (FP8) "
              "| max rel diff vs bf16 on the dequantized weights | fp8-block on mma.sync us "
-             "(x) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(x) | fp8-block on 128-position tiles us (x) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for t in tokens:
         x = torch.randn(t, HIDDEN, device="cuda", dtype=torch.bfloat16)
         logits = torch.randn(t, EXPERTS, device="cuda", dtype=torch.bfloat16)
@@ -214,13 +215,22 @@ def fp8_block_rows(K: Kernels, gate_up, down, tokens) -> list[str]:
             t, EXPERTS, TOP_K, HIDDEN, INTER, "bfloat16", False, FP8B_BLOCK, sm90=True
         ).kernel != lr.moe_gemm_launch(
             t, EXPERTS, TOP_K, HIDDEN, INTER, "bfloat16", False, FP8B_BLOCK).kernel
-        mma = ""
+        mma = narrow = ""
         if wg:
             mma_s = graph_time([functools.partial(fp8, sm90=False)] * CALLS)
             mma = f" {mma_s * 1e6:.1f} ({mma_s / fp_s:.2f}x)"
+        # where the layer takes the FP8 kernel's 256-position tiles: the same on 128
+        if K.arch == "sm_90a" and lr.moe_block_m(t, EXPERTS, TOP_K, True, True) == 256:
+            rows, lr.MOE_WG8_M256_ROWS = lr.MOE_WG8_M256_ROWS, 1 << 62
+            try:
+                n_s = graph_time([fp8] * CALLS)
+            finally:
+                lr.MOE_WG8_M256_ROWS = rows
+            narrow = f" {n_s * 1e6:.1f} ({n_s / fp_s:.2f}x)"
         lines.append(f"| {t} | {chosen} | {bf_s * 1e6:.1f} | {fp_s * 1e6:.1f} | "
                      f"{bf_s / fp_s:.2f}x | {w_bytes / 1e6:.0f} | "
-                     f"{w_bytes / fp_s / DATASHEET_BW:.0%} | {diff:.1e} |{mma or ' -'} |")
+                     f"{w_bytes / fp_s / DATASHEET_BW:.0%} | {diff:.1e} |{mma or ' -'} |"
+                     f"{narrow or ' -'} |")
         print(lines[-1], flush=True)
     return lines
 

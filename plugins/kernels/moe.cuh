@@ -888,24 +888,28 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16
 }
 
 // ---- the same over block-wise FP8 experts: the weights dequantized into registers ------------
-// moe_gemm_wg's tiles, grid, threads and x stages (BM positions x BN weight rows, BM / 64
-// warpgroups), with the operands' roles swapped so that the E4M3 bytes never go back to shared
-// memory as 16-bit values: A is the weights, each warpgroup's 2 x 64 rows turned by its lanes
-// into q * s in the dtype (dequant16_e4m3's arithmetic) right in the m16n8k16 A fragment
-// registers of wgmma's register form; B is the BM x rows (N = BM), read by the tensor cores.
+// moe_gemm_wg's tiles, grid and x stages (BM positions x BN weight rows), with the operands'
+// roles swapped so that the E4M3 bytes never go back to shared memory as 16-bit values: A is
+// the weights, each warpgroup's MB x 64 rows turned by its lanes into q * s in the dtype
+// (dequant16_e4m3's arithmetic) right in the m16n8k16 A fragment registers of wgmma's register
+// form; B is the BM x rows (N = BM), read by the tensor cores. Shapes (moe_wg8_threads): 64 x
+// 128 on one warpgroup and 128 x 256 on two, MB = 2, as moe_gemm_wg's; and 256 x 128 on two,
+// MB = 1, for experts of many rows: a converted weight feeds twice the positions, so half the
+// lanes' conversion work for the same MMAs (launch_rules.moe_block_m).
 // The k order is the natural one, so the products and their sums are the 16-bit kernel's on
 // the dequantized weights (bench/kernels/moe.py measures the two equal, test_gpu_moe.py
 // asserts it); a lane reads the 2 bytes of each of its A slot pairs from the step's bytes.
-// A commit group a k16 step: before a lane rewrites a set of A registers it waits for the
-// group that read them (all but the newest group), so the tensor cores have the previous k16
-// step's MMAs while the lanes convert the next; by a k step's barrier every MMA of the step
-// two before is done, and copies run ST - 2 steps ahead, as in moe_gemm_wg.
+// A commit group a k16 step: a lane makes the next step's A in registers of its own, then
+// waits for all but the newest group and so frees the set the group before that read; the
+// conversion overlaps both groups in flight. By a k step's barrier every MMA of the step two
+// before is done, and copies run ST - 2 steps ahead, as in moe_gemm_wg. (Three groups left in
+// flight were no faster, and wrong at long K on the 64- and 256-position tiles.)
 // ACT: a warp's 16 rows are 8 gate rows then their 8 up rows, so a lane's rows g and g + 8 are
 // one output's two sums. The epilogue turns the tile around through shared memory (stmatrix
 // .trans: a lane's pair is two positions of one output) and stores 16-byte pieces of out rows.
-// Against the SS form it replaced (the bytes converted into staged 16-bit tiles), 1.02-1.08x
-// on Qwen3-30B-A3B's shapes, 0.96-1.01x on Mixtral's (bench/results/moe.md).
-#define MOE_WG8_MB 2   // 64-row blocks of weights a warpgroup
+// On an H200 the FP8 layer runs at 0.85-1.04x the bf16 layer's speed at Qwen3-30B-A3B's
+// shapes and 0.74-0.97x at Mixtral's from 256 tokens (bench/results/moe.md).
+__host__ __device__ constexpr int moe_wg8_threads(int bm) { return bm == 64 ? 128 : 256; }
 
 template <typename T, int BM, int BN, int ST, bool ACT>
 __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8* __restrict__ w,
@@ -914,14 +918,15 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
                                              int k, u16* __restrict__ out,
                                              const u16* __restrict__ bs, int gshift) {
 #ifdef SM90A
-  constexpr int BK = MOE_WG_BK, NTH = 2 * BM, MB = MOE_WG8_MB;
+  constexpr int BK = MOE_WG_BK, NTH = moe_wg8_threads(BM), MB = BN * 2 / NTH;  // NTH / 128 WGs
   constexpr int X_BYTES = BM * 128, STAGE = X_BYTES + BN * BK;
   constexpr int RX = NTH / 8, XC = BM / RX;    // x: rows between a thread's copies, copies
   constexpr int RW = NTH / 4, WC = BN / RW;    // weights: the same
   constexpr int OUT = ACT ? BN / 2 : BN;       // outputs a tile
   constexpr int CS = OUT * 2 + 16;             // epilogue row stride: 8 rows in 8 bank groups
-  static_assert((BM == 64 || BM == 128) && BN == 2 * BM && ST >= 3 && RX % 8 == 0,
-                "moe_gemm_wg8: BM / 64 warpgroups of 2 x 64 weight rows");
+  static_assert(((BM == 64 || BM == 128) && BN == 2 * BM || BM == 256 && BN == 128) &&
+                    ST >= 3 && RX % 8 == 0,
+                "moe_gemm_wg8: 64 x 128, 128 x 256 or 256 x 128 tiles");
   static_assert(BM * CS <= ST * STAGE, "moe_gemm_wg8: the epilogue's tile fits the ring");
   extern __shared__ __align__(1024) u8 moe_wg8[];
   const u32 base = (smem_u32(moe_wg8) + 1023) & ~1023u;   // 1024-aligned swizzle atoms
@@ -988,7 +993,7 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
   // this lane's A rows: weight block mb, row g + 8 h of warp wp's 16; their block scales for
   // each 32 k of a step (G >= 32: k16 steps 0, 1 and 2, 3 each lie in one block), a step
   // ahead (0 past K, where the bytes are zeros)
-  auto arow = [&](int mb, int h) { return wg * 128 + mb * 64 + wp * 16 + g + 8 * h; };
+  auto arow = [&](int mb, int h) { return (wg * MB + mb) * 64 + wp * 16 + g + 8 * h; };
   const u16* ssrc[MB][2];                      // the rows' scales of the first block
   u32 sn[MB][2][2];
 #pragma unroll
@@ -1112,7 +1117,7 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
           }
           r[i] = (u32)T::from_f(v2[0]) | ((u32)T::from_f(v2[1]) << 16);
         }
-        addr = base + (8 * (j + mi) + mc) * CS + ((wg * 2 + mb) * 4 + wp) * 16;
+        addr = base + (8 * (j + mi) + mc) * CS + ((wg * MB + mb) * 4 + wp) * 16;
       } else {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {

@@ -28,9 +28,9 @@
 
 #ifdef SM90A
 #define MOE_FP8B_GEMM_WG(DT, TY, BM, BN, ST)                                                   \
-  MOE_FP8B_ENTRY(moe_gemm_fp8b_##DT##_m##BM##w, TY, 2 * BM,                                    \
+  MOE_FP8B_ENTRY(moe_gemm_fp8b_##DT##_m##BM##w, TY, moe_wg8_threads(BM),                       \
                  (moe_gemm_wg8<TY, BM, BN, ST, false>))                                        \
-  MOE_FP8B_ENTRY(moe_gemm_fp8b_##DT##_m##BM##w_swiglu, TY, 2 * BM,                             \
+  MOE_FP8B_ENTRY(moe_gemm_fp8b_##DT##_m##BM##w_swiglu, TY, moe_wg8_threads(BM),                \
                  (moe_gemm_wg8<TY, BM, BN, ST, true>))
 #else
 #define MOE_FP8B_GEMM_WG(DT, TY, BM, BN, ST)
@@ -41,7 +41,8 @@
   MOE_FP8B_GEMM_TC(DT, TY, 64)                                                                 \
   MOE_FP8B_GEMM_TC(DT, TY, 128)                                                                \
   MOE_FP8B_GEMM_WG(DT, TY, 64, 128, 4)                                                         \
-  MOE_FP8B_GEMM_WG(DT, TY, 128, 256, 4)
+  MOE_FP8B_GEMM_WG(DT, TY, 128, 256, 4)                                                        \
+  MOE_FP8B_GEMM_WG(DT, TY, 256, 128, 4)
 
 LLMC_F16(MOE_FP8B_DTYPE(f16, F16))
 LLMC_BF16(MOE_FP8B_DTYPE(bf16, BF16))

@@ -182,11 +182,12 @@ def test_sm90_moe_gemm_is_wgmma():
     128-byte-swizzled shared memory; the other architectures' modules have none (a session
     probes for them)."""
     for group, module in ((0, "moe"), (32, "moe_fp8b")):
-        names = {lr.moe_gemm_launch(t, e, k, 64, 128, dt, act, group, sm90=True).kernel
+        names = {lr.moe_gemm_launch(t, e, k, 64, 128, dt, act, group, sm90=True,
+                                    fp8b_layer=wide).kernel
                  for dt in lr.DTYPES for act in (False, True)
-                 for t, e, k in ((200, 8, 2), (4096, 8, 2))}
+                 for t, e, k in ((200, 8, 2), (4096, 8, 2)) for wide in {False, bool(group)}}
         assert {n.split("_")[-2 if n.endswith("swiglu") else -1] for n in names} == {
-            "m64w", "m128w"}
+            "m64w", "m128w", *(["m256w"] if group else [])}
         ptx = compiler.compile_module(module, "sm_90a", ptx=True).decode()
         for name in names:
             assert f".entry {name}(" in ptx, name

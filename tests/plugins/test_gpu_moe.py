@@ -329,17 +329,19 @@ def fp8_blocks(w, block, dtype):
 
 # (experts, top_k, renormalise, hidden, inter, block)
 FP8B_CONFIGS = [(8, 2, True, 256, 384, 128), (8, 2, True, 256, 384, 32),
-                (16, 2, True, 160, 96, 32), (128, 8, True, 128, 64, 64)]
+                (16, 2, True, 160, 96, 32), (128, 8, True, 128, 64, 64),
+                (8, 2, True, 1024, 512, 128)]   # 8-16 k steps a tile
 
 
 @pytest.mark.parametrize("sm90", [False, True], ids=["mma", "wgmma"])
 @pytest.mark.parametrize("load", ["even", "skewed"])
-@pytest.mark.parametrize("t", (1, 5, 8, 9, 64, 129, 300))
+@pytest.mark.parametrize("t", (1, 5, 8, 9, 64, 129, 300, 600))
 @pytest.mark.parametrize("experts,k,renorm,hidden,inter,block", FP8B_CONFIGS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_block_experts(K, dtype, experts, k, renorm, hidden, inter, block, t, load, sm90):
     """The grouped GEMMs over E4M3 experts (8-row tiles while moe_block_m says, tiled past
-    that: mma.sync, and on sm_90a wgmma, there bit for bit the 16-bit kernel's outputs)
+    that: mma.sync, and on sm_90a wgmma, there bit for bit the 16-bit kernel's outputs, from
+    150 rows an expert (t = 600 of the 8 experts' configs) on tiles of 256 positions)
     equal the 16-bit ones' references on the dequantized weights; a step of FP8 gate-up and
     16-bit down, and the reverse, take each GEMM's own kernel."""
     if sm90 and K.arch != "sm_90a":

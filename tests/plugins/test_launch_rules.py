@@ -431,6 +431,24 @@ def test_moe_tile_height_by_step_size():
                                                 sm90=True)
                 route = [a for ln, a in routing if ln.kernel.startswith("moe_route")]
                 assert route[0][5] == bw
+    # both GEMMs over FP8 experts on wgmma: 256-position tiles past MOE_WG8_M256_ROWS an
+    # expert (Mixtral's shapes from 1537 tokens), two warpgroups of 64 weight rows
+    assert [lr.moe_block_m(t, 8, 2, True, True) for t in (1, 64, 257, 1536, 1537, 4096)] == [
+        8, 64, 128, 128, 256, 256]
+    assert lr.moe_block_m(4096, 8, 2, False, True) == 128   # the mma.sync kernel: 128 at most
+    for act in (False, True):
+        ln = lr.moe_gemm_launch(4096, 8, 2, 4096, 14336, "bfloat16", act, 128, sm90=True,
+                                fp8b_layer=True)
+        assert ln.kernel == "moe_gemm_fp8b_bf16_m256w" + ("_swiglu" if act else "")
+        assert ln.block == (256, 1, 1) and ln.smem == lr.moe_wg_smem(256, 128, 4, True)
+        assert ln.grid == (lr.moe_max_tiles(4096, 8, 2, 256), 4096 // (64 if act else 128), 1)
+        assert lr.moe_gemm_launch(4096, 8, 2, 4096, 14336, "bfloat16", act, 128,
+                                  sm90=True).kernel.split("_")[4] == "m128w"
+    routing = lr.moe_route_launches(4096, 8, 2, "bfloat16", True, *"lipqrm", sm90=True,
+                                    fp8b=True)
+    assert [a for ln, a in routing if ln.kernel.startswith("moe_route")][0][5] == 256
+    with pytest.raises(ValueError, match="16-bit"):
+        lr.moe_gemm_launch(4096, 8, 2, 64, 128, "bfloat16", True, sm90=True, fp8b_layer=True)
 
 
     comb = lr.moe_combine_launch(5, 4096, 2, "bfloat16", shared=True)
@@ -465,6 +483,10 @@ def test_moe_tiled_shape_agrees_with_the_kernel_source():
         assert re.search(rf"MOE_GEMM_WG\(DT, TY, {bm}, {bn}, {stages}\)", src)
         assert re.search(rf"MOE_FP8B_GEMM_WG\(DT, TY, {bm}, {bn}, {stages}\)", fp8b)
     assert re.search(r"moe_gemm_wg8<TY, BM, BN, ST, (false|true)>", fp8b)   # its FP8 form
+    for bm, (bn, stages) in lr.MOE_WG8_SHAPES.items():   # ... and its wider tiles
+        assert re.search(rf"MOE_FP8B_GEMM_WG\(DT, TY, {bm}, {bn}, {stages}\)", fp8b)
+    assert re.search(r"moe_wg8_threads\(int bm\) \{ return bm == 64 \? 128 : 256; \}", src)
+    assert [lr.moe_wg8_threads(bm) for bm in (64, 128, 256)] == [128, 256, 256]
     assert sorted(lr.MOE_WG_SHAPES) == list(lr.MOE_TC_BLOCK_M)
     assert re.search(rf"#define MOE_WG_BK {lr.MOE_WG_BK}\b", src)
     # the routing CTA's bound, and the grid grouping's chunk: its launches' blocks

@@ -1281,7 +1281,7 @@ def check_launches(plan: Plan, limits: BuildLimits) -> None:
     for t, b, w in {(1, 1, 1), (b_max, b_max, w_max), (t_max, b_max, w_max), (t_max, 1, 1)}:
         step = Step(t, b, w, limits.max_num_blocks + 1, sm_count=132, max_smem=smem,
                     w4_sm90=plan.arch == "sm_90a", moe_sm90=plan.arch == "sm_90a",
-                    moe_grid_route=True)
+                    moe_grid_route=True, moe_fp8b_wide=plan.arch == "sm_90a")
         try:
             for _ in launches(plan, step, lambda name: 1 << 20):
                 pass

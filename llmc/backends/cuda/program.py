@@ -43,6 +43,7 @@ class Step:
                             # (needs fuse_reduce; False: each token's context over the grid's)
     moe_sm90: bool = False   # the MoE GEMMs past decode run on wgmma (the engine holds it)
     moe_grid_route: bool = False   # steps of many routed rows group over a grid (the same)
+    moe_fp8b_wide: bool = False   # ... both GEMMs over FP8 experts: 256-position tiles (the same)
 
 
 def _attention(op: Op, s: Step, t: int, b: int, width: int, dt: str) -> ap.AttentionPlan:
@@ -225,17 +226,19 @@ def _moe(op: Op, s: Step, t: int, dt: str, P) -> Iterator[tuple]:
     groups = [a.get(f"{w}_group", 0) for w in ("gate_up", "down")]
     fp8b = [[P(sc), lr.fp8b_group_shift(b)] if b else []
             for sc, b in zip(scales or [None, None], groups)]
-    # both GEMMs on wgmma or neither: their tiles are the routing's (moe_block_m)
+    # both GEMMs on wgmma or neither: their tiles are the routing's (moe_block_m), wider
+    # where both are over FP8 experts and the engine has those tiles
     wg = s.moe_sm90
+    wide = wg and s.moe_fp8b_wide and all(groups)
     for launch, args in lr.moe_route_launches(t, e, k, dt, a["renormalise"], P(logits), P(ids),
                                               P(wts), P(pos_of), P(perm), P(meta), sm90=wg,
-                                              grid=s.moe_grid_route):
+                                              grid=s.moe_grid_route, fp8b=wide):
         yield "kernel", launch, args
     yield "kernel", lr.moe_gemm_launch(t, e, k, i, h, dt, act=True, fp8b_group=groups[0],
-                                       sm90=wg), [
+                                       sm90=wg, fp8b_layer=wide), [
         P(x), P(gate_up), P(perm), P(meta), e, i, h, P(act), *fp8b[0]]
     yield "kernel", lr.moe_gemm_launch(t, e, k, h, i, dt, act=False, fp8b_group=groups[1],
-                                       sm90=wg), [
+                                       sm90=wg, fp8b_layer=wide), [
         P(act), P(down), DevPtr(0), P(meta), e, h, i, P(y), *fp8b[1]]
     yield "kernel", lr.moe_combine_launch(t, h, k, dt, shared is not None), [
         P(y), P(pos_of), P(wts), P(gate) if gate else DevPtr(0),

@@ -173,6 +173,12 @@ class CudaSession:
         self.moe_sm90 = plan.arch == "sm_90a" and "moe" in plan.modules and all(
             self.functions.has(p.module, p.kernel) for p in probes
             if p.module in plan.modules)
+        # ... and a mixture whose GEMMs are both over FP8 experts takes tiles of 256 positions
+        # for steps of many rows where the engine holds them (sm_90a engines built since).
+        wide = moe_gemm_launch(4096, 8, 2, 32, 32, plan.dtype, act=True, sm90=True,
+                               fp8b_group=32, fp8b_layer=True)
+        self.moe_fp8b_wide = self.moe_sm90 and wide.module in plan.modules and \
+            self.functions.has(wide.module, wide.kernel)
         # Steps of many routed rows count and place them over a grid where the engine's moe
         # module holds those kernels (engines of a mixture built since).
         self.moe_grid_route = "moe" in plan.modules and self.functions.has("moe", "moe_place")
@@ -538,7 +544,8 @@ class CudaSession:
         return Step(t, b, width, self.num_blocks if num_blocks is None else num_blocks,
                     self.sm_count, self.max_smem,
                     self.sm90_attention, self.fuse_attention_reduce, self.w4_sm90,
-                    self.scheduled_decode, self.moe_sm90, self.moe_grid_route)
+                    self.scheduled_decode, self.moe_sm90, self.moe_grid_route,
+                    self.moe_fp8b_wide)
 
     def _launch_ops(self, t: int, b: int, width: int) -> None:
         stream = self.stream
