@@ -903,7 +903,8 @@ __device__ __forceinline__ void moe_gemm_wg(const u16* __restrict__ x, const u16
 // waits for all but the newest group and so frees the set the group before that read; the
 // conversion overlaps both groups in flight. By a k step's barrier every MMA of the step two
 // before is done, and copies run ST - 2 steps ahead, as in moe_gemm_wg. (Three groups left in
-// flight were no faster, and wrong at long K on the 64- and 256-position tiles.)
+// flight were no faster, and wrong: ptxas reused a step's last A registers, still in flight,
+// at the top of the next step; test_wgmma_registers.py finds those writes.)
 // ACT: a warp's 16 rows are 8 gate rows then their 8 up rows, so a lane's rows g and g + 8 are
 // one output's two sums. The epilogue turns the tile around through shared memory (stmatrix
 // .trans: a lane's pair is two positions of one output) and stores 16-byte pieces of out rows.
