@@ -340,8 +340,7 @@ FP8B_CONFIGS = [(8, 2, True, 256, 384, 128), (8, 2, True, 256, 384, 32),
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_block_experts(K, dtype, experts, k, renorm, hidden, inter, block, t, load, sm90):
     """The grouped GEMMs over E4M3 experts (8-row tiles while moe_block_m says, tiled past
-    that: mma.sync, and on sm_90a wgmma, there bit for bit the 16-bit kernel's outputs, from
-    150 rows an expert (t = 600 of the 8 experts' configs) on tiles of 256 positions)
+    that: mma.sync, and on sm_90a wgmma, there bit for bit the 16-bit kernel's outputs)
     equal the 16-bit ones' references on the dequantized weights; a step of FP8 gate-up and
     16-bit down, and the reverse, take each GEMM's own kernel."""
     if sm90 and K.arch != "sm_90a":
@@ -365,3 +364,20 @@ def test_fp8_block_experts(K, dtype, experts, k, renorm, hidden, inter, block, t
         assert relerr(mixed["y"], down_ref(mixed["act"], ddq, ids, pos_of)) < TOL
         _, mixed = K.moe(x, logits, gdq, dq8, k, renorm, scales=(None, ds), sm90=sm90)
         assert relerr(mixed["act"], gate_up_ref(x, gdq, ids, pos_of, dtype)) < TOL
+
+
+@pytest.mark.parametrize("load", ["even", "skewed"])
+@pytest.mark.parametrize("experts,k,renorm,hidden,inter,block",
+                         [c for c in FP8B_CONFIGS if c[:2] == (8, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_block_experts_on_256_position_tiles(K, monkeypatch, dtype, experts, k, renorm,
+                                                 hidden, inter, block, load):
+    """The FP8 wgmma kernel's 256-position tiles, which a layer takes past
+    MOE_WG8_M256_ROWS routed rows an expert (8 experts, top 2: from 1537 tokens), at 600
+    tokens with the switch lowered to 128 rows: test_fp8_block_experts' checks, the 16-bit
+    kernel's outputs bit for bit among them."""
+    if K.arch != "sm_90a":
+        pytest.skip("the wgmma kernel needs sm_90a (an H100 or H200)")
+    monkeypatch.setattr(lr, "MOE_WG8_M256_ROWS", 128)
+    assert lr.moe_block_m(600, experts, k, True, True) == 256
+    test_fp8_block_experts(K, dtype, experts, k, renorm, hidden, inter, block, 600, load, True)
