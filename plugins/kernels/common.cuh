@@ -268,8 +268,9 @@ __device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
   return (u32)__cvta_generic_to_shared(p);
 }
-// Keep a value worked out before a loop in a register: ptxas may not recompute it inside the
-// loop from what it came from (it does so to save registers, at a cost per iteration).
+// Make a value opaque to the compiler here: it may not recompute it later from what it came
+// from (ptxas does so inside loops to save registers, at a cost per iteration), nor move the
+// work that made it past this point.
 __device__ __forceinline__ void keep_reg(u32& v) { asm volatile("" : "+r"(v)); }
 template <typename P> __device__ __forceinline__ void keep_reg(P*& p) {
   asm volatile("" : "+l"(p));

@@ -1026,7 +1026,9 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
   for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
     for (int i = 0; i < BM / 2; ++i) acc[mb][i] = 0.f;
-  // the A registers the MMAs in flight read: kept allocated until their group is waited for
+  // the A registers the MMAs in flight read, used (an empty asm) once their group is waited
+  // for, so the compiler keeps them apart from the next step's A. ptxas does not see those
+  // uses; test_wgmma_registers.py checks its SASS for writes to in-flight A registers.
   u32 held[2][MB][4];
 #pragma unroll
   for (int s = 0; s < 2; ++s)
@@ -1067,7 +1069,7 @@ __device__ __forceinline__ void moe_gemm_wg8(const u16* __restrict__ x, const u8
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[mb][i]));
+        for (int i = 0; i < 4; ++i) keep_reg(a[mb][i]);   // made before the wait
       wgmma_wait<1>();                         // the group before the last is done with its A
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb)

@@ -7,7 +7,8 @@
 // w [E, N, K] E4M3 bytes (each expert's [out, in]), scale [E, K / G, N] in the compute dtype,
 // G = 1 << gshift a power of two from 32 dividing K. The shapes are moe.cu's (launch_rules:
 // moe_gemm_launch): m8 the decode kernel, m64 and m128 the tiled one, and on sm_90a its wgmma
-// form (w, launch_rules.MOE_WG_SHAPES: moe.cuh's moe_gemm_wg8, the weights as wgmma's A).
+// form (w, launch_rules.MOE_WG8_SHAPES: moe.cuh's moe_gemm_wg8, the weights as wgmma's A), which
+// also has m256 for layers whose two GEMMs are both FP8.
 #include "moe.cuh"
 
 #define MOE_FP8B_ENTRY(NAME, TY, THREADS, CALL)                                                \

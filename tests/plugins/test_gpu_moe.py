@@ -356,8 +356,8 @@ def test_fp8_block_experts(K, dtype, experts, k, renorm, hidden, inter, block, t
     assert relerr(out, combine_ref(parts["y"], pos_of, parts["wts"], dtype)) < COMBINE_TOL
     if sm90 and lr.moe_block_m(t, experts, k, sm90) > 8:
         # wgmma: the FP8 kernel's sums are the 16-bit kernel's on the dequantized weights
-        _, wide = K.moe(x, logits, gdq, ddq, k, renorm, sm90=True)
-        assert torch.equal(parts["act"], wide["act"]) and torch.equal(parts["y"], wide["y"])
+        _, r16 = K.moe(x, logits, gdq, ddq, k, renorm, sm90=True)
+        assert torch.equal(parts["act"], r16["act"]) and torch.equal(parts["y"], r16["y"])
     if t in (5, 129):   # one GEMM FP8, the other 16-bit (--quant-exclude, a K no block divides)
         _, mixed = K.moe(x, logits, gq, ddq, k, renorm, scales=(gs, None), sm90=sm90)
         assert torch.equal(mixed["act"], parts["act"])
