@@ -372,6 +372,142 @@ __device__ __forceinline__ void w4_gemv(const u16* __restrict__ x, const u8* __r
   tc_store<T, NT, SK, ACT, F32>(part, acc, o0, m, n, bias, y, 1.f, nullptr);
 }
 
+// 1-2 rows of x on CUDA cores (w4v): at one row the tensor-core kernel above computes 8
+// columns of x for one live one and waits on each chunk's MMA chains; here, as gemv.cu's
+// 1-2-row GEMV, a CTA of SK warps owns R weight rows, and a lane takes 16 bytes (32 k) of each
+// a step, the warp 512 contiguous bytes of a row; warp i takes steps (1024 k) i, i + SK, ...,
+// U of them loaded before any math needs them, and the SK partial sums meet in shared memory
+// in warp order (deterministic).
+// A lane's 32 k lie in one scale group (G >= 32), so a row's step dequantizes with one scale,
+// each pair q * s rounded once as DequantizeLinear rounds it (dequant8), and x's same 32 k
+// (read once a step for the R rows, AWQ's 1 / s applied as the graph's Mul rounds it) meet
+// the pairs in 16-bit fma2s: two chains of 8 a row and x row, widened to fp32 after each
+// step, so a 16-bit partial holds 8 products of a pair half (the fp32 sums hold the rest).
+// Rows past N re-read the last; lanes past K load nothing and read x as zero, and the loads'
+// registers start at zero, so their stale codes and scales add nothing.
+template <typename T, int M, int R, int U, int SK, int ACT, bool F32>
+__device__ __forceinline__ void w4v_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
+                                         const u16* __restrict__ scale,
+                                         const u16* __restrict__ pre,
+                                         const void* __restrict__ bias, int m, int n, int k,
+                                         int gshift, void* __restrict__ y) {
+  constexpr int OUT = ACT ? R / 2 : R;  // outputs a CTA
+  static_assert(OUT * M <= 32 * SK, "one thread stores each of a CTA's outputs");
+  __shared__ float part[SK][R][M];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int out0 = blockIdx.x * OUT;
+  const int groups = k >> gshift, kl = lane * 32 + warp * 1024;
+  const u8* wr[R];
+  const u16* sr[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int o = min(out0 + r % OUT, n - 1);
+    const size_t row = ACT && r >= OUT ? n + o : o;
+    wr[r] = w + row * (k / 2) + kl / 2;
+    sr[r] = scale + row * groups;
+  }
+  const Int4Regs<T> c((u32)k >> 31);
+  float acc[R][M];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int i = 0; i < M; ++i) acc[r][i] = 0.f;
+  uint4 wv[U][R];
+  u32 sv[U][R];
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int r = 0; r < R; ++r) wv[u][r] = make_uint4(0, 0, 0, 0), sv[u][r] = 0u;
+  auto load = [&](int s0) {  // this warp's steps s0, s0 + SK, ... (U of them)
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kk = kl + (s0 + u * SK) * 1024;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        ld_stream_if(kk < k, wr[r] + (s0 + u * SK) * 512, wv[u][r]);
+        ld_u16_if(kk < k, sr[r] + (kk >> gshift), sv[u][r]);
+      }
+    }
+  };
+  load(0);
+  pdl_trigger();
+  pdl_wait();
+  auto run = [&](bool with_pre) {
+    for (int s0 = 0; warp * 1024 + s0 * 1024 < k; s0 += U * SK) {
+      if (s0) load(s0);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int kk = kl + (s0 + u * SK) * 1024;
+        const bool live = kk < k;
+        u32 X[M][16];
+#pragma unroll
+        for (int i = 0; i < M; ++i) {
+          const uint4* xv = reinterpret_cast<const uint4*>(x + (size_t)min(i, m - 1) * k + kk);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const uint4 a = live ? __ldg(xv + q) : make_uint4(0, 0, 0, 0);
+            X[i][4 * q] = a.x; X[i][4 * q + 1] = a.y; X[i][4 * q + 2] = a.z; X[i][4 * q + 3] = a.w;
+          }
+        }
+        if (with_pre) {
+          const uint4* pv = reinterpret_cast<const uint4*>(pre + kk);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const uint4 b = live ? __ldg(pv + q) : make_uint4(0, 0, 0, 0);
+            const u32 bb[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < M; ++i)
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                X[i][4 * q + e] = fma2<T>(X[i][4 * q + e], bb[e], Int4<T>::NEG0);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          u32 W[16];
+          const u32 s2 = sv[u][r] | (sv[u][r] << 16);
+          dequant8<T>(wv[u][r].x, c.magic, s2, c.nb[0], W);
+          dequant8<T>(wv[u][r].y, c.magic, s2, c.nb[0], W + 4);
+          dequant8<T>(wv[u][r].z, c.magic, s2, c.nb[0], W + 8);
+          dequant8<T>(wv[u][r].w, c.magic, s2, c.nb[0], W + 12);
+#pragma unroll
+          for (int i = 0; i < M; ++i) {
+            u32 p0 = 0u, p1 = 0u;
+#pragma unroll
+            for (int e = 0; e < 16; e += 2) {
+              p0 = fma2<T>(W[e], X[i][e], p0);
+              p1 = fma2<T>(W[e + 1], X[i][e + 1], p1);
+            }
+            acc[r][i] += (T::to_f((u16)p0) + T::to_f((u16)(p0 >> 16))) +
+                         (T::to_f((u16)p1) + T::to_f((u16)(p1 >> 16)));
+          }
+        }
+      }
+    }
+  };
+  if (pre) run(true);  // inlined twice: with_pre is a constant in each copy
+  else run(false);
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int i = 0; i < M; ++i) {
+      const float v = warp_sum(acc[r][i]);
+      if (lane == 0) part[warp][r][i] = v;
+    }
+  __syncthreads();
+  for (int t = threadIdx.x; t < OUT * M; t += 32 * SK) {
+    const int r = t / M, i = t % M;
+    if (i >= m || out0 + r >= n) continue;
+    float v = 0.f, up = 0.f;
+#pragma unroll
+    for (int s = 0; s < SK; ++s) {
+      v += part[s][r][i];
+      if constexpr (ACT) up += part[s][r + OUT][i];
+    }
+    store_out<T, ACT, F32>(y, bias, i, n, out0 + r, v, up);
+  }
+}
+
 // Prefill: the INT4 weight back to T [N, K] for cuBLASLt, with AWQ's pre folded into it
 // (w[n, k] * pre[k], one more rounding than the graph's x * pre: within an ulp of T). A thread
 // takes U words (8 k each, a 16-byte store); a warp's 32 words of one round are consecutive,
