@@ -58,6 +58,45 @@ def test_fp8_weight_per_column_and_saturating_activations():
     assert y[3] == pytest.approx(10, rel=1e-6)   # saturates at the calibrated |max|
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_fp8_weight_scale_is_the_step_with_the_least_error(dtype):
+    """Each column's scale is one of FP8_SCALE_STEPS over |max| / 448 (never below it: no
+    weight saturates), the one whose E4M3 rounding of the column has the least squared error;
+    so no column rounds worse than with |max| / 448 alone, and over many the error falls."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((256, 96)) * rng.lognormal(0, 1, 96)).astype(np.float32)
+    q, scale = nq.quantize_fp8_weight(w, dtype)
+    s = scale.astype(np.float32)
+    steps = [nq._scale(np.abs(w).max(axis=0) * c, nq.FP8_MAX, dtype) for c in nq.FP8_SCALE_STEPS]
+    errs = np.stack([((np.clip(w / t, -448, 448).astype(np_dtype("float8e4m3fn"))
+                       .astype(np.float32) * t - w).astype(np.float64) ** 2).sum(axis=0)
+                     for t in steps])
+    assert all(s[j] in [t[j] for t in steps] for j in range(w.shape[1]))
+    np.testing.assert_array_equal(((nq.dequantize_fp8(q, scale) - w).astype(np.float64) ** 2)
+                                  .sum(axis=0), errs.min(axis=0))
+    assert np.abs(q.astype(np.float32)).max() <= nq.FP8_MAX
+    assert errs.min(axis=0).sum() < 0.95 * errs[0].sum()
+    assert len(set(errs.argmin(axis=0))) > 4   # the steps are all used, not one
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fp8_activation_amax_is_the_step_with_the_least_error(dtype):
+    """An activation's |max| for its scale is the calibrated |max| times the step of
+    FP8_SCALE_STEPS whose scale rounds the calibration values with the least squared error:
+    never below the |max| (no calibration value saturates), never worse than it."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((300, 64)) * rng.lognormal(0, 1.5, 64)).astype(np.float32)
+    x[7, 3] = 40 * np.abs(x).max()   # an outlier token
+    amax = float(np.abs(x).max())
+
+    def err(a):
+        return float(((nq.fake_quant_fp8(x, nq.fp8_activation_scale(a, dtype)) - x)
+                      .astype(np.float64) ** 2).sum())
+    chosen = nq.fp8_activation_amax(x, dtype)
+    assert any(chosen == pytest.approx(amax * s, rel=1e-12) for s in nq.FP8_SCALE_STEPS)
+    assert err(chosen) == min(err(amax * s) for s in nq.FP8_SCALE_STEPS) <= err(amax)
+
+
 def test_fp8_activation_scale_gives_a_checkpoints_scale_back():
     """A pre-quantized checkpoint's input and KV scales s come in as |max| = s x 448, and its
     weight scales are used through the same |max|; the scale made from it is s bit for bit
