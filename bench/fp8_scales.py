@@ -5,10 +5,11 @@ over llmc's bundled calibration and evaluation texts cut as the build cuts them
 
     python3 bench/fp8_scales.py [--dtype fp16|fp32]
 
-Rows: the weights alone (a scale per output channel, as `--quant fp8` has them); the GEMM
-inputs alone with one calibrated scale a tensor (`--quant fp8`'s) or a scale per token (each
-row's |max| / 448 at run time); both; and the per-tensor scheme with the GEMMs whose
-calibration inputs have the most extreme outlier tokens left unquantized. Then those GEMMs.
+Rows: the weights alone (a scale per output channel, |max| / 448, or each column's chosen by
+its rounding error as `--quant fp8` chooses it: numerics.quantize_fp8_weight); the GEMM
+inputs alone with one calibrated scale a tensor (|max| / 448) or a scale per token (each row's
+|max| / 448 at run time); both; and the per-tensor scheme with the GEMMs whose calibration
+inputs have the most extreme outlier tokens left unquantized. Then those GEMMs.
 """
 from __future__ import annotations
 
@@ -85,11 +86,19 @@ def main() -> None:
     for n, m in gemms.items():
         m.register_forward_pre_hook(quantize_input(n))
 
-    def set_weights(fp8: bool) -> None:
+    def set_weights(fp8) -> None:
+        from llmc.quantization import numerics
+
         for n, m in gemms.items():
             w = weights[n]
-            m.weight.data = fake_e4m3(w, w.abs().amax(1, keepdim=True) / 448) \
-                if fp8 and n not in setting["skip"] else w
+            if not fp8 or n in setting["skip"]:
+                m.weight.data = w
+            elif fp8 == "steps":   # numerics takes [in, out]: a scale per column there
+                q, scale = numerics.quantize_fp8_weight(w.float().T.numpy(), "float32")
+                m.weight.data = torch.from_numpy(numerics.dequantize_fp8(q, scale).T.copy()
+                                                 ).to(w.dtype)
+            else:
+                m.weight.data = fake_e4m3(w, w.abs().amax(1, keepdim=True) / 448)
 
     def perplexity() -> float:
         nll, count = 0.0, 0
@@ -107,15 +116,18 @@ def main() -> None:
           f"scored, torch {torch.__version__}\n")
     print("| weights | GEMM inputs | GEMMs left 16-bit | ppl | Δppl |\n|---|---|---|---|---|")
     print(f"| 16-bit | 16-bit | all | {base:.3f} | |")
-    rows = [(True, None, 0), (False, "tensor", 0), (True, "tensor", 0), (False, "token", 0),
-            (True, "token", 0)] + [(True, "tensor", k) for k in args.skip]
+    rows = [(True, None, 0), ("steps", None, 0), (False, "tensor", 0), (True, "tensor", 0),
+            ("steps", "tensor", 0), (False, "token", 0), (True, "token", 0)] + \
+        [(True, "tensor", k) for k in args.skip]
     for fp8, acts, skip in rows:
         setting["acts"], setting["skip"] = acts, set(outliers[:skip])
         set_weights(fp8)
         p = perplexity()
         inputs = {None: "16-bit", "tensor": "E4M3, a scale a tensor",
                   "token": "E4M3, a scale a token"}[acts]
-        print(f"| {'E4M3, a scale a channel' if fp8 else '16-bit'} | {inputs} | "
+        wq = {False: "16-bit", True: "E4M3, a scale a channel",
+              "steps": "E4M3, a scale a channel by its error"}[fp8]
+        print(f"| {wq} | {inputs} | "
               f"{skip or 'none'} | {p:.3f} | {100 * (p / base - 1):+.2f}% |", flush=True)
     print("\n| GEMM | input |max| | median of the tokens' |max| | ratio |\n|---|---|---|---|")
     for n in outliers[:max(args.skip)]:
