@@ -446,3 +446,45 @@ def test_a_build_without_its_accuracy_report_reads_no_evaluation_text(tiny_model
     with pytest.raises(LlmcError, match="the evaluation text is .* distinct tokens"):
         build(options(True), log=lambda _: None)
     assert not (tmp_path / "True.engine").exists()
+
+
+def test_fp8_calibration_takes_the_step_of_each_inputs_amax(tiny_models, tmp_path, words,
+                                                            monkeypatch):
+    """--quant fp8 calibrates its GEMM inputs' scales with numerics.fp8_activation_amax (a
+    step of FP8_SCALE_STEPS above each |max|, chosen on the observed values); the other modes
+    take the plain |max| (int4-awq keeps rows only)."""
+    import numpy as np
+
+    from llmc.contract import EngineIO
+    from llmc.graph import save_onnx
+    from llmc.model_zoo import load_model
+    from llmc.passes import run_passes
+    from llmc.quantization import measure, numerics, qdq
+
+    folder = tiny_models["llama-gqa"][0]
+    model = load_model(folder)
+    graph, weights = model.build_graph("float32", 16)
+    graph, weights, _ = run_passes(graph, weights)
+    path = save_onnx(graph, weights, tmp_path / "g")
+    c = model.config
+    io = EngineIO(c.num_hidden_layers, c.vocab_size, "float32", c.num_key_value_heads, 16,
+                  c.head_dim)
+    seqs = [list(np.random.default_rng(k).integers(3, 128, n)) for k, n in enumerate((40, 23))]
+    inputs = {s.weight: s.x for s in qdq.sites(graph, weights)}
+    plain = measure.calibrate(path, io, inputs, seqs).amax
+    stepped = measure.calibrate(path, io, inputs, seqs, fp8_steps="float32").amax
+    _, seen = measure.GraphRunner(path, io, sorted(set(inputs.values()))).run(seqs)
+    for weight, x in inputs.items():
+        v = seen[x].reshape(-1, seen[x].shape[-1])
+        assert stepped[weight] == numerics.fp8_activation_amax(v, "float32")
+        assert any(stepped[weight] == pytest.approx(plain[weight] * s, rel=1e-12)
+                   for s in numerics.FP8_SCALE_STEPS)
+    assert any(stepped[w] > plain[w] for w in plain)   # the steps are taken, not just 1
+
+    asked = []
+    real = measure.calibrate
+    monkeypatch.setattr(measure, "calibrate",
+                        lambda *a, **kw: asked.append(kw.get("fp8_steps")) or real(*a, **kw))
+    for mode in ("fp8", "int4-awq"):
+        _build(folder, tmp_path / f"{mode}.engine", mode, words, dtype="fp16")
+    assert asked == ["float16", None]
