@@ -106,10 +106,10 @@ class Calibration:
 
 def calibrate(onnx_path: Path, io: EngineIO, inputs: dict[str, str],
               seqs: list[list[int]], keep_rows: int = 0,
-              values: Sequence[str] = (), fp8_steps: str | None = None) -> Calibration:
+              values: Sequence[str] = (), fp8_scale_dtype: str | None = None) -> Calibration:
     """Run the unquantized graph over ``seqs``; ``inputs`` maps weight -> its GEMM's input.
-    ``fp8_steps``: the compute dtype of FP8 scales; each |max| is then the one
-    numerics.fp8_activation_amax picks (the step of it that rounds the inputs best)."""
+    ``fp8_scale_dtype``: given (the dtype FP8 scales are stored in), each |max| is the one
+    numerics.fp8_activation_amax picks: the step above it whose scale rounds the inputs best."""
     from llmc.quantization.numerics import fp8_activation_amax
 
     names = sorted(set(inputs.values()) | set(values))
@@ -118,7 +118,7 @@ def calibrate(onnx_path: Path, io: EngineIO, inputs: dict[str, str],
     amax, rows = {}, {}
     for weight, x in inputs.items():
         v = seen[x].reshape(-1, seen[x].shape[-1]).astype(np.float32)
-        amax[weight] = fp8_activation_amax(v, fp8_steps) if fp8_steps else \
+        amax[weight] = fp8_activation_amax(v, fp8_scale_dtype) if fp8_scale_dtype else \
             float(np.abs(v).max())
         if keep_rows:
             pick = rng.choice(len(v), min(keep_rows, len(v)), replace=False)

@@ -144,14 +144,9 @@ def quantize_fp8_weight(w: np.ndarray, scale_dtype: str, scale: np.ndarray | Non
     if scale is None:
         amax = np.abs(w).max(axis=0).astype(np.float64)
         sample = w if w.size <= FP8_SCALE_ALL else w[::-(-len(w) // FP8_SCALE_ROWS)]
-        best_err = None
-        for step in FP8_SCALE_STEPS:
-            s = _scale(amax * step, FP8_MAX, scale_dtype)
-            q = np.clip(sample / s, -FP8_MAX, FP8_MAX).astype(np_dtype("float8e4m3fn"))
-            err = ((q.astype(np.float32) * s - sample).astype(np.float64) ** 2).sum(axis=0)
-            better = err < best_err if best_err is not None else np.ones_like(err, bool)
-            scale = np.where(better, s, scale) if best_err is not None else s
-            best_err = err if best_err is None else np.minimum(err, best_err)
+        steps = np.stack([_scale(amax * step, FP8_MAX, scale_dtype) for step in FP8_SCALE_STEPS])
+        errs = np.stack([_fp8_squared_error(sample, s, axis=0) for s in steps])
+        scale = np.take_along_axis(steps, errs.argmin(axis=0)[None], axis=0)[0]
     else:
         scale = _scale(np.asarray(scale, np.float64) * FP8_MAX, FP8_MAX, scale_dtype)
     q = np.clip(w / scale, -FP8_MAX, FP8_MAX).astype(np_dtype("float8e4m3fn"))
@@ -193,9 +188,15 @@ def fp8_activation_amax(x: np.ndarray, dtype: str) -> float:
     values ``x`` with the least squared error, as quantize_fp8_weight picks a column's."""
     x = x.astype(np.float32)
     amax = float(np.abs(x).max())
-    errs = [float(((fake_quant_fp8(x, fp8_activation_scale(amax * step, dtype)) - x)
-                   .astype(np.float64) ** 2).sum()) for step in FP8_SCALE_STEPS]
+    errs = [_fp8_squared_error(x, fp8_activation_scale(amax * step, dtype))
+            for step in FP8_SCALE_STEPS]
     return amax * float(FP8_SCALE_STEPS[int(np.argmin(errs))])
+
+
+def _fp8_squared_error(x: np.ndarray, scale, axis: int | None = None):
+    """The squared error of x (float32) rounded to E4M3 with ``scale`` (a scalar, or one per
+    last-axis column), summed in float64 over ``axis``."""
+    return ((fake_quant_fp8(x, scale) - x).astype(np.float64) ** 2).sum(axis=axis)
 
 
 def fake_quant_fp8(x: np.ndarray, scale: np.ndarray) -> np.ndarray:

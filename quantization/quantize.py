@@ -279,7 +279,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         calib = measure.calibrate(base, io, gemm_inputs, seqs,
                                   keep_rows=AWQ_ROWS if opts.mode == "int4-awq" else 0,
                                   values=[v for site in observed for v in site.observed],
-                                  fp8_steps=io.kv_dtype if opts.mode == "fp8" else None)
+                                  fp8_scale_dtype=io.kv_dtype if opts.mode == "fp8" else None)
         what = " and ".join(x for x, on in ((f"{len(gemm_inputs)} GEMM inputs", gemm_inputs),
                                            (f"{len(observed)} layers' K/V", observed)) if on)
         log(f"calibrated {what} on {calib.tokens} tokens of {calib_name}")

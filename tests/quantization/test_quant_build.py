@@ -472,7 +472,7 @@ def test_fp8_calibration_takes_the_step_of_each_inputs_amax(tiny_models, tmp_pat
     seqs = [list(np.random.default_rng(k).integers(3, 128, n)) for k, n in enumerate((40, 23))]
     inputs = {s.weight: s.x for s in qdq.sites(graph, weights)}
     plain = measure.calibrate(path, io, inputs, seqs).amax
-    stepped = measure.calibrate(path, io, inputs, seqs, fp8_steps="float32").amax
+    stepped = measure.calibrate(path, io, inputs, seqs, fp8_scale_dtype="float32").amax
     _, seen = measure.GraphRunner(path, io, sorted(set(inputs.values()))).run(seqs)
     for weight, x in inputs.items():
         v = seen[x].reshape(-1, seen[x].shape[-1])
@@ -484,7 +484,7 @@ def test_fp8_calibration_takes_the_step_of_each_inputs_amax(tiny_models, tmp_pat
     asked = []
     real = measure.calibrate
     monkeypatch.setattr(measure, "calibrate",
-                        lambda *a, **kw: asked.append(kw.get("fp8_steps")) or real(*a, **kw))
+                        lambda *a, **kw: asked.append(kw.get("fp8_scale_dtype")) or real(*a, **kw))
     for mode in ("fp8", "int4-awq"):
         _build(folder, tmp_path / f"{mode}.engine", mode, words, dtype="fp16")
     assert asked == ["float16", None]
