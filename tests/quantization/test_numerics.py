@@ -79,6 +79,30 @@ def test_fp8_weight_scale_is_the_step_with_the_least_error(dtype):
     assert len(set(errs.argmin(axis=0))) > 4   # the steps are all used, not one
 
 
+def test_fp8_weight_scale_of_a_large_weight_is_chosen_on_its_largest_values():
+    """Past FP8_SCALE_ALL weights the step is chosen on each column's FP8_SCALE_ROWS largest
+    magnitudes (the cost of an 8B model's build), which carry most of the squared error, and
+    the whole weight quantized with it: on heavy-tailed columns nearly the gain of all rows."""
+    rng = np.random.default_rng(6)
+    k, n = 4100, 1100
+    assert k * n > nq.FP8_SCALE_ALL
+    w = (rng.standard_t(3, (k, n)) * rng.lognormal(0, 1, n)).astype(np.float32)
+    q, scale = nq.quantize_fp8_weight(w, "float32")
+    top = np.sort(np.abs(w), axis=0)[-nq.FP8_SCALE_ROWS:]
+    steps = np.stack([nq._scale(np.abs(w).max(axis=0) * c, nq.FP8_MAX, "float32")
+                      for c in nq.FP8_SCALE_STEPS])
+
+    def errors(x):
+        return np.stack([nq._fp8_squared_error(x, t, axis=0) for t in steps])
+    np.testing.assert_array_equal(scale, steps[errors(top).argmin(axis=0), np.arange(n)])
+    np.testing.assert_array_equal(q.view(np.uint8), np.clip(w / scale, -448, 448).astype(
+        np_dtype("float8e4m3fn")).view(np.uint8))
+    full = errors(w)
+    gain = 1 - nq._fp8_squared_error(w, scale, axis=0).sum() / full[0].sum()
+    best = 1 - full.min(axis=0).sum() / full[0].sum()   # every row's choice
+    assert 0.8 * best < gain <= best
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_fp8_activation_amax_is_the_step_with_the_least_error(dtype):
     """An activation's |max| for its scale is the calibrated |max| times the step of
