@@ -147,7 +147,7 @@ def quantize_fp8_weight(w: np.ndarray, scale_dtype: str, scale: np.ndarray | Non
     if scale is None:
         amax = np.abs(w).max(axis=0).astype(np.float64)
         top = len(w) - FP8_SCALE_ROWS   # E4M3 rounds +-x alike: magnitudes will do
-        sample = w if w.size <= FP8_SCALE_ALL else \
+        sample = w if w.size <= FP8_SCALE_ALL or top <= 0 else \
             np.partition(np.abs(w).T, top, axis=1)[:, top:].T
         steps = np.stack([_scale(amax * step, FP8_MAX, scale_dtype) for step in FP8_SCALE_STEPS])
         errs = np.stack([_fp8_squared_error(sample, s, axis=0) for s in steps])

@@ -101,6 +101,13 @@ def test_fp8_weight_scale_of_a_large_weight_is_chosen_on_its_largest_values():
     gain = 1 - nq._fp8_squared_error(w, scale, axis=0).sum() / full[0].sum()
     best = 1 - full.min(axis=0).sum() / full[0].sum()   # every row's choice
     assert 0.8 * best < gain <= best
+    # past FP8_SCALE_ALL with fewer rows than the sample: every value decides, as for a small
+    # weight (the columns repeat, so their steps must too)
+    short = np.tile(w[:100, :10], (1, 4200))
+    assert short.size > nq.FP8_SCALE_ALL
+    picked = nq.quantize_fp8_weight(short, "float32")[1].reshape(4200, 10)
+    np.testing.assert_array_equal(picked, np.tile(nq.quantize_fp8_weight(w[:100, :10],
+                                                                          "float32")[1], (4200, 1)))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
