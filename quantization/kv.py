@@ -1,5 +1,6 @@
 """FP8 KV cache (``--kv-cache-dtype fp8``, docs/quantization.md): each layer's pool is stored in
-E4M3 with one scale for K and one for V (calibrated |max| / 448), and the graph is rewritten
+E4M3 with one scale for K and one for V (the calibrated |max| / 448 times the step of
+numerics.FP8_SCALE_STEPS that rounds the calibration's K or V best), and the graph is rewritten
 to read that pool and to hand back the step's new rows already quantized.
 
 Per layer, around the attention (the fused PagedAttention node, or the unfused ScatterND
@@ -30,7 +31,7 @@ from llmc import contract
 from llmc.dtypes import np_dtype
 from llmc.graph import Weight
 from llmc.passes.ir import LLMC_DOMAIN, Graph, remove_dead_nodes
-from llmc.quantization.numerics import fp8_activation_scale
+from llmc.quantization.numerics import fp8_activation_amax, fp8_activation_scale
 
 FP8 = "float8e4m3fn"
 KV_DTYPES = ("auto", "fp8")   # auto: the pool in the compute dtype
@@ -73,13 +74,19 @@ def kv_sites(model: onnx.ModelProto, weights: list[Weight]) -> list[KvSite]:
     return sorted(out, key=lambda s: s.layer)
 
 
-def kv_amax(site: KvSite, seen: dict[str, np.ndarray]) -> tuple[float, float]:
-    """The layer's (K |max|, V |max|) over the calibration run's values."""
+def kv_amax(site: KvSite, seen: dict[str, np.ndarray], dtype: str | None = None
+            ) -> tuple[float, float]:
+    """The layer's (K |max|, V |max|) over the calibration run's values; with ``dtype`` (the
+    scales'), each the step above it whose scale rounds those values best, as FP8 GEMM
+    inputs take theirs (numerics.fp8_activation_amax)."""
     if site.rows:
-        rows = np.abs(seen[site.rows].astype(np.float32))
-        return float(rows[0].max()), float(rows[1].max())
-    return (float(np.abs(seen[site.k].astype(np.float32)).max()),
-            float(np.abs(seen[site.v].astype(np.float32)).max()))
+        k, v = seen[site.rows][0], seen[site.rows][1]
+    else:
+        k, v = seen[site.k], seen[site.v]
+    if dtype is not None:
+        return fp8_activation_amax(k, dtype), fp8_activation_amax(v, dtype)
+    return (float(np.abs(k.astype(np.float32)).max()),
+            float(np.abs(v.astype(np.float32)).max()))
 
 
 def kv_scales(amax: list[tuple[float, float]], dtype: str) -> np.ndarray:

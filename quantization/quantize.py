@@ -316,7 +316,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     qio, kv_scales = io, []
     if kv_sites:
         amax = given_kv if given_kv is not None else \
-            [kv.kv_amax(site, calib.values) for site in kv_sites]
+            [kv.kv_amax(site, calib.values, io.kv_dtype) for site in kv_sites]
         if given_kv is not None:
             details["kv_scales"] = f"from the {prequantized.describe()}"
         scales = kv.kv_scales(amax, io.kv_dtype)

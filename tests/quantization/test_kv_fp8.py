@@ -301,3 +301,24 @@ def test_tensorrt_rtx_builds_the_fp8_kv_graph(tiny_models, tmp_path, words, kind
                      for name in (contract.kv_cache_input(i), contract.kv_rows_output(i))}
     with pytest.raises(LlmcError, match="FP8 KV cache .* does not write them yet"):
         get("tensorrt-rtx").open(EngineFile(tmp_path / "r.engine"))
+
+
+def test_kv_scales_take_the_step_of_each_layers_amax():
+    """The build's K and V |max| (kv_amax with the scales' dtype) are each the calibrated
+    |max| times the step of FP8_SCALE_STEPS that rounds those values best; without a dtype,
+    the plain |max| (what ModelOpt's calibration is compared with)."""
+    import numpy as np
+
+    from llmc.quantization import kv, numerics
+
+    rng = np.random.default_rng(0)
+    rows = (rng.standard_normal((2, 50, 3, 64)) * [[[[3.0]]], [[[0.2]]]]).astype(np.float16)
+    site = kv.KvSite(0, None, rows="rows")
+    plain = kv.kv_amax(site, {"rows": rows})
+    stepped = kv.kv_amax(site, {"rows": rows}, "float16")
+    assert plain == (float(np.abs(rows[0]).max()), float(np.abs(rows[1]).max()))
+    for p, s, x in zip(plain, stepped, rows):
+        assert s == numerics.fp8_activation_amax(x, "float16")
+        assert any(s == pytest.approx(p * c, rel=1e-12) for c in numerics.FP8_SCALE_STEPS)
+    split = kv.KvSite(0, None, k="k", v="v")
+    assert kv.kv_amax(split, {"k": rows[0], "v": rows[1]}, "float16") == stepped
