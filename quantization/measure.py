@@ -20,6 +20,7 @@ from llmc.contract import Chunk, EngineIO
 from llmc.dtypes import np_dtype
 from llmc.errors import LlmcError
 from llmc.header import Accuracy
+from llmc.quantization.numerics import fp8_activation_amax
 from llmc.quantization.ort import feed, session_options
 
 SEQ_LEN = 256            # tokens a sequence when a text is cut up (short: a CPU build runs it)
@@ -110,8 +111,6 @@ def calibrate(onnx_path: Path, io: EngineIO, inputs: dict[str, str],
     """Run the unquantized graph over ``seqs``; ``inputs`` maps weight -> its GEMM's input.
     ``fp8_scale_dtype``: given (the dtype FP8 scales are stored in), each |max| is the one
     numerics.fp8_activation_amax picks: the step above it whose scale rounds the inputs best."""
-    from llmc.quantization.numerics import fp8_activation_amax
-
     names = sorted(set(inputs.values()) | set(values))
     _, seen = GraphRunner(onnx_path, io, names).run(seqs)
     rng = np.random.default_rng(0)
