@@ -311,6 +311,100 @@ def _read_prompts(file) -> list[str]:
     return out
 
 
+@cli.command("eval")
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
+              help="a UTF-8 text to score [default: the bundled eval.txt, the text a "
+                   "quantized build's accuracy report scores]")
+@click.option("--tokens", default=1024, show_default=True, type=click.IntRange(min=16),
+              help="the text's first N tokens are scored (as --eval-size in a build)")
+@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=2),
+              help="the text is cut into windows of this many tokens, each scored from its "
+                   "own start (256: as the build's report)")
+@click.option("--batch", default=None, type=click.IntRange(min=1),
+              help="windows a step [default: the engine's max_batch_size]")
+@click.option("--reference", type=click.Path(path_type=Path), default=None, metavar="ENGINE",
+              help="also run this engine (e.g. the unquantized build) over the same windows, "
+                   "and report the perplexity change and how often the greedy tokens agree")
+@click.option("--json", "as_json", is_flag=True, help="print the results as one JSON object")
+@session_options
+def evaluate(engine, text_file, tokens, seq_len, batch, reference, as_json, backend,
+             gpu_memory_utilization) -> None:
+    """Measure ENGINE's perplexity on a text by running the engine itself on its backend
+    (teacher-forced decode steps, the steps `llmc run` and `llmc serve` take).
+
+    A quantized build reports its accuracy from its graph on onnxruntime; this checks what
+    the engine's own kernels give, on your text and your GPU. Example:
+
+        llmc eval s-int4.engine --reference s-fp16.engine --text my.txt"""
+    from llmc.engine_file import EngineFile
+    from llmc.quantization import measure
+    from llmc.runtime import evaluate as ev
+
+    files = [EngineFile(engine)] + ([EngineFile(reference)] if reference else [])
+    header = files[0].header
+    if reference and files[1].header.tokenizer.json != header.tokenizer.json:
+        raise LlmcError(f"{engine} and {reference} tokenize differently (their tokenizers "
+                        "differ); compare engines built from the same model")
+    text, name = measure.read_text(text_file, "eval")
+    windows = measure.token_sequences(header.tokenizer.json, text, tokens, "evaluation",
+                                      "--text", seq_len)
+    results = []
+    for file in files:
+        scores, steps = _score_engine(file, windows, batch, backend, gpu_memory_utilization,
+                                      as_json)
+        results.append(scores)
+        _log(f"{file.path}: {scores.tokens} tokens scored in {steps}")
+    ppl = results[0].perplexity()
+    out = {"engine": str(engine), "backend": header.backend, "text": name,
+           "tokens": results[0].tokens, "windows": len(windows), "seq_len": seq_len,
+           "perplexity": round(ppl, 4)}
+    acc = header.quant.accuracy if header.quant else None
+    same_text = acc is not None and acc.text == name and acc.tokens == results[0].tokens \
+        and seq_len == measure.SEQ_LEN
+    if same_text:
+        out["build_report_perplexity"] = acc.ppl
+    if reference:
+        ref_ppl = results[1].perplexity()
+        out.update(reference=str(reference), reference_perplexity=round(ref_ppl, 4),
+                   delta_ppl_pct=round(100 * (ppl / ref_ppl - 1), 3),
+                   top1_agreement=round(ev.agreement(results[0], results[1]), 4))
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"perplexity {ppl:.3f} over {out['tokens']} tokens of {name} ({len(windows)} "
+               f"windows of up to {seq_len} tokens), {header.backend} backend")
+    if same_text:
+        off = round(100 * (ppl / acc.ppl - 1), 2) + 0.0   # + 0.0: no "-0.00"
+        click.echo(f"the build's report: {acc.ppl:.3f} on the same tokens (its graph on "
+                   f"onnxruntime; {off:+.2f}% here)")
+    if reference:
+        click.echo(f"reference {reference}: perplexity {out['reference_perplexity']:.3f}; "
+                   f"{out['delta_ppl_pct']:+.2f}%, top-1 agreement "
+                   f"{100 * out['top1_agreement']:.1f}%")
+
+
+def _score_engine(file, windows, batch, backend, gpu_memory_utilization, quiet):
+    """One engine's Scores over the windows, and the time it took, in words."""
+    import time
+
+    from llmc.runtime import evaluate as ev
+    from llmc.runtime.runner import open_session
+
+    options = {"gpu_memory_utilization": gpu_memory_utilization} \
+        if file.header.backend == "cuda" else {}
+    session = open_session(file, backend, _log, **options)
+    try:
+        capacity = getattr(session, "kv_capacity", file.header.build.limits.max_num_blocks)
+        n = ev.batch_size(file.header, windows, capacity, batch)
+        t0 = time.perf_counter()
+        with _progress("steps", quiet) as update:
+            scores = ev.score(session, file.header, windows, n, update)
+        return scores, f"{time.perf_counter() - t0:.1f} s ({n} windows a step)"
+    finally:
+        session.close()
+
+
 @cli.command()
 @click.argument("engine", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,

@@ -42,9 +42,10 @@ def read_text(path: Path | None, default: str) -> tuple[str, str]:
             from None
 
 
-def token_sequences(tokenizer_json: str, text: str, n_tokens: int, what: str
-                    ) -> list[list[int]]:
-    """The text's first ``n_tokens`` tokens cut into sequences of up to SEQ_LEN."""
+def token_sequences(tokenizer_json: str, text: str, n_tokens: int, what: str, option: str,
+                    seq_len: int = SEQ_LEN) -> list[list[int]]:
+    """The text's first ``n_tokens`` tokens cut into sequences of up to ``seq_len``;
+    ``what`` names the text and ``option`` the option that gives it, for the errors."""
     from tokenizers import Tokenizer
 
     ids = Tokenizer.from_str(tokenizer_json).encode(text, add_special_tokens=False).ids
@@ -53,8 +54,8 @@ def token_sequences(tokenizer_json: str, text: str, n_tokens: int, what: str
         raise LlmcError(f"the {what} text has {len(ids)} tokens; it needs at least 16")
     if len(set(ids)) < 8:   # e.g. all unknown: the text is not in the model's vocabulary
         raise LlmcError(f"the {what} text is {len(set(ids))} distinct tokens to this model's "
-                        "tokenizer; give a text in its language (--calib-data, --eval-data)")
-    return [ids[i:i + SEQ_LEN] for i in range(0, len(ids), SEQ_LEN) if len(ids[i:]) > 1]
+                        f"tokenizer; give a text in its language ({option})")
+    return [ids[i:i + seq_len] for i in range(0, len(ids), seq_len) if len(ids[i:]) > 1]
 
 
 class GraphRunner:

@@ -229,7 +229,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     if opts.measure:   # tokenized before the long work, so a text it cannot score fails first
         eval_text, eval_name = measure.read_text(opts.eval_data, "eval")
         eval_seqs = measure.token_sequences(tokenizer_json, eval_text, opts.eval_size,
-                                            "evaluation")
+                                            "evaluation", "--eval-data")
     # no site counted packed without a weight mode, nor for a GGUF file's own blocks
     # (int4-gguf: its other matrices stay 16-bit); packed_size is then weights_file_size
     packed = [] if opts.mode in ("none", "int4-gguf") else sites
@@ -275,7 +275,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     calib = None
     if gemm_inputs or observed:
         seqs = measure.token_sequences(tokenizer_json, calib_text, opts.calib_size,
-                                       "calibration")
+                                       "calibration", "--calib-data")
         calib = measure.calibrate(base, io, gemm_inputs, seqs,
                                   keep_rows=AWQ_ROWS if opts.mode == "int4-awq" else 0,
                                   values=[v for site in observed for v in site.observed],

@@ -358,6 +358,18 @@ BAD_RUNS = {   # case -> (args, given the engine and the test's folder; message)
     "another backend": (lambda e, t: ["run", e, "-p", "w3", "--backend", "tensorrt"],
                         "tensorrt"),
     "inspect missing": (lambda e, t: ["inspect", t / "no.engine"], "does not exist"),
+    "eval text missing": (lambda e, t: ["eval", e, "--text", t / "no.txt"],
+                          "cannot read the text file"),
+    "eval text too short": (lambda e, t: ["eval", e, "--text", _text(t / "s.txt", "w3 w4 w5")],
+                            "the evaluation text has 3 tokens; it needs at least 16"),
+    "eval text of another language": (lambda e, t: ["eval", e, "--text", _text(
+        t / "x.txt", "hello world " * 20)], "give a text in its language (--text)"),
+    "eval windows past max_seq_len": (lambda e, t: ["eval", e, "--text", _text(
+        t / "l.txt", " ".join(f"w{i % 120 + 3}" for i in range(100))), "--seq-len", "64"],
+        "a window of 64 tokens is longer than this engine's max_seq_len (32); lower --seq-len"),
+    "eval windows of 1": (lambda e, t: ["eval", e, "--seq-len", "1"], "--seq-len"),
+    "eval reference missing": (lambda e, t: ["eval", e, "--reference", t / "no.engine"],
+                               "does not exist"),
 }
 
 
