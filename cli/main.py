@@ -349,6 +349,8 @@ def evaluate(engine, text_file, tokens, seq_len, batch, reference, as_json, back
     text, name = measure.read_text(text_file, "eval")
     windows = measure.token_sequences(header.tokenizer.json, text, tokens, "evaluation",
                                       "--text", seq_len)
+    for file in files:
+        ev.check_windows(file.header, windows)
     results = []
     for file in files:
         scores, steps = _score_engine(file, windows, batch, backend, gpu_memory_utilization,
@@ -400,7 +402,7 @@ def _score_engine(file, windows, batch, backend, gpu_memory_utilization, quiet):
         t0 = time.perf_counter()
         with _progress("steps", quiet) as update:
             scores = ev.score(session, file.header, windows, n, update)
-        return scores, f"{time.perf_counter() - t0:.1f} s ({n} windows a step)"
+        return scores, f"{time.perf_counter() - t0:.1f} s ({n} window{'s' * (n > 1)} a step)"
     finally:
         session.close()
 

@@ -46,14 +46,20 @@ def agreement(a: Scores, b: Scores) -> float:
     return float(np.mean(a.greedy == b.greedy))
 
 
+def check_windows(header, windows: Sequence[Sequence[int]]) -> None:
+    """The engine takes windows this long (asked before its session loads the weights)."""
+    longest, limit = max(map(len, windows)), header.build.limits.max_seq_len
+    if longest > limit:
+        raise LlmcError(f"a window of {longest} tokens is longer than this engine's max_seq_len "
+                        f"({limit}); lower --seq-len")
+
+
 def batch_size(header, windows: Sequence[Sequence[int]], capacity: int,
                batch: int | None = None) -> int:
     """Windows a step: at most the engine's max_batch_size (or ``batch``), and as many as
     ``capacity`` KV blocks hold at the longest window."""
+    check_windows(header, windows)
     limits, longest = header.build.limits, max(map(len, windows))
-    if longest > limits.max_seq_len:
-        raise LlmcError(f"a window of {longest} tokens is longer than this engine's max_seq_len "
-                        f"({limits.max_seq_len}); lower --seq-len")
     per_window = -(-longest // header.io.block_size)
     n = min(batch or limits.max_batch_size, limits.max_batch_size, len(windows),
             capacity // per_window)
