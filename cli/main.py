@@ -374,8 +374,9 @@ def evaluate(engine, text_file, tokens, seq_len, batch, reference, as_json, back
     if as_json:
         click.echo(json.dumps(out))
         return
-    click.echo(f"perplexity {ppl:.3f} over {out['tokens']} tokens of {name} ({len(windows)} "
-               f"windows of up to {seq_len} tokens), {header.backend} backend")
+    n = len(windows)
+    click.echo(f"perplexity {ppl:.3f} over {out['tokens']} tokens of {name} ({n} "
+               f"window{'s' * (n > 1)} of up to {seq_len} tokens), {header.backend} backend")
     if same_text:
         off = round(100 * (ppl / acc.ppl - 1), 2) + 0.0   # + 0.0: no "-0.00"
         click.echo(f"the build's report: {acc.ppl:.3f} on the same tokens (its graph on "
@@ -400,8 +401,15 @@ def _score_engine(file, windows, batch, backend, gpu_memory_utilization, quiet):
         capacity = getattr(session, "kv_capacity", file.header.build.limits.max_num_blocks)
         n = ev.batch_size(file.header, windows, capacity, batch)
         t0 = time.perf_counter()
+        tenths = [0]
+
+        def logged(done, total):   # off a terminal, a line every 10% of the steps
+            if done * 10 // total > tenths[0]:
+                tenths[0] = done * 10 // total
+                _log(f"{file.path}: step {done} of {total}")
         with _progress("steps", quiet) as update:
-            scores = ev.score(session, file.header, windows, n, update)
+            scores = ev.score(session, file.header, windows, n,
+                              update if sys.stderr.isatty() else logged)
         return scores, f"{time.perf_counter() - t0:.1f} s ({n} window{'s' * (n > 1)} a step)"
     finally:
         session.close()
