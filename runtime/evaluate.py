@@ -1,6 +1,7 @@
 """`llmc eval`: an engine's perplexity on a text, measured by running the engine itself.
 
-    scores = score(session, header, windows)        # windows: token id lists
+    n = batch_size(header, windows, session.kv_capacity)   # windows: token id lists
+    scores = score(session, header, windows, n)
     scores.perplexity(); agreement(scores, other_scores)
 
 A quantized build measures its accuracy on onnxruntime, over the graph it lowers
