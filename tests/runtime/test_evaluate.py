@@ -3,7 +3,7 @@
 CPU: the reference backend's scores against HF transformers' logits over the same windows
 (every family variant that changes decode: a sliding window, soft-caps, learned positions),
 in groups of windows of unequal length; the command's report and its comparison of two
-engines. GPU (marked `gpu`): a cuda engine's scores against the reference backend's engine of
+engines; quantized engines (FP8, INT4-AWQ, an FP8 KV cache) against their builds' reports. GPU (marked `gpu`): a cuda engine's scores against the reference backend's engine of
 the same model and quantization.
 """
 
@@ -143,6 +143,28 @@ def _windows_of(text, file, tokens, seq_len):
 
     return measure.token_sequences(file.header.tokenizer.json, text.read_text(), tokens,
                                    "evaluation", "--text", seq_len)
+
+
+@pytest.mark.parametrize("quant, kv", [("fp8", "auto"), ("int4-awq", "auto"), ("none", "fp8")])
+def test_a_quantized_engine_reproduces_its_builds_report(tiny_models, tmp_path, capsys, quant,
+                                                          kv):
+    """The build scores its graph in one prefill; `llmc eval` the engine a decode step a
+    token (an FP8 pool: the session writes the E4M3 rows the graph hands it): the same tokens
+    of the same text, the same perplexity to fp16 rounding."""
+    words = tmp_path / "words.txt"
+    words.write_text(" ".join(f"w{i}" for i in np.random.default_rng(1).integers(3, 128, 600)))
+    out = tmp_path / "q.engine"
+    header = build(BuildOptions(tiny_models["llama-gqa"][0], out, backend="reference",
+                                dtype="fp16", limits=BuildLimits(3, 256, 256, 16),
+                                quant=QuantOptions(quant, calib_data=words, eval_data=words,
+                                                   kv_cache_dtype=kv)), log=lambda _: None)
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", str(out), "--text", str(words), "--json"])
+    assert exit_.value.code == 0
+    got = json.loads(capsys.readouterr().out)
+    acc = header.quant.accuracy
+    assert got["tokens"] == acc.tokens == 597 and got["build_report_perplexity"] == acc.ppl
+    assert got["perplexity"] == pytest.approx(acc.ppl, rel=1e-4)   # measured: equal to 4 decimals
 
 
 @pytest.mark.slow
