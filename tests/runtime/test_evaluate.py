@@ -3,8 +3,9 @@
 CPU: the reference backend's scores against HF transformers' logits over the same windows
 (every family variant that changes decode: a sliding window, soft-caps, learned positions),
 in groups of windows of unequal length; the command's report and its comparison of two
-engines; quantized engines (FP8, INT4-AWQ, an FP8 KV cache) against their builds' reports. GPU (marked `gpu`): a cuda engine's scores against the reference backend's engine of
-the same model and quantization.
+engines; quantized engines (FP8, INT4-AWQ, an FP8 KV cache) against their builds' reports.
+GPU (marked `gpu`): a cuda engine's scores against the reference backend's engine of the same
+model and quantization.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ def _windows(lengths=LENGTHS, seed=0) -> list[list[int]]:
     return [rng.integers(3, 128, n).tolist() for n in lengths]
 
 
-def _engine(folder, out, backend="reference", dtype="fp32", quant="none", **kw):
+def _engine(folder, out, backend="reference", dtype="fp32", quant="none", kv="auto",
+            limits=LIMITS) -> EngineFile:
+    """A tiny engine; quantized ones calibrate and are scored on words.txt beside it (600
+    words of the tiny models' vocabulary)."""
     words = out.parent / "words.txt"
     words.write_text(" ".join(f"w{i}" for i in np.random.default_rng(1).integers(3, 128, 600)))
-    q = QuantOptions(quant, calib_data=words, eval_data=words) if quant != "none" else \
-        QuantOptions()
-    build(BuildOptions(folder, out, backend=backend, dtype=dtype, limits=LIMITS, quant=q, **kw),
-          log=lambda _: None)
+    build(BuildOptions(folder, out, backend=backend, dtype=dtype, limits=limits,
+                       quant=QuantOptions(quant, calib_data=words, eval_data=words,
+                                          kv_cache_dtype=kv)), log=lambda _: None)
     return EngineFile(out)
 
 
@@ -151,18 +154,13 @@ def test_a_quantized_engine_reproduces_its_builds_report(tiny_models, tmp_path, 
     """The build scores its graph in one prefill; `llmc eval` the engine a decode step a
     token (an FP8 pool: the session writes the E4M3 rows the graph hands it): the same tokens
     of the same text, the same perplexity to fp16 rounding."""
-    words = tmp_path / "words.txt"
-    words.write_text(" ".join(f"w{i}" for i in np.random.default_rng(1).integers(3, 128, 600)))
-    out = tmp_path / "q.engine"
-    header = build(BuildOptions(tiny_models["llama-gqa"][0], out, backend="reference",
-                                dtype="fp16", limits=BuildLimits(3, 256, 256, 16),
-                                quant=QuantOptions(quant, calib_data=words, eval_data=words,
-                                                   kv_cache_dtype=kv)), log=lambda _: None)
+    file = _engine(tiny_models["llama-gqa"][0], tmp_path / "q.engine", dtype="fp16",
+                   quant=quant, kv=kv, limits=BuildLimits(3, 256, 256, 16))
     with pytest.raises(SystemExit) as exit_:
-        main(["eval", str(out), "--text", str(words), "--json"])
+        main(["eval", str(file.path), "--text", str(tmp_path / "words.txt"), "--json"])
     assert exit_.value.code == 0
     got = json.loads(capsys.readouterr().out)
-    acc = header.quant.accuracy
+    acc = file.header.quant.accuracy
     assert got["tokens"] == acc.tokens == 597 and got["build_report_perplexity"] == acc.ppl
     assert got["perplexity"] == pytest.approx(acc.ppl, rel=1e-4)   # measured: equal to 4 decimals
 
