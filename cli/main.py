@@ -392,27 +392,20 @@ def _score_engine(file, windows, batch, backend, gpu_memory_utilization, quiet):
     import time
 
     from llmc.runtime import evaluate as ev
-    from llmc.runtime.runner import open_session
 
     options = {"gpu_memory_utilization": gpu_memory_utilization} \
         if file.header.backend == "cuda" else {}
-    session = open_session(file, backend, _log, **options)
-    try:
-        capacity = getattr(session, "kv_capacity", file.header.build.limits.max_num_blocks)
-        n = ev.batch_size(file.header, windows, capacity, batch)
-        t0 = time.perf_counter()
-        tenths = [0]
+    tenths = [0]
 
-        def logged(done, total):   # off a terminal, a line every 10% of the steps
-            if done * 10 // total > tenths[0]:
-                tenths[0] = done * 10 // total
-                _log(f"{file.path}: step {done} of {total}")
-        with _progress("steps", quiet) as update:
-            scores = ev.score(session, file.header, windows, n,
-                              update if sys.stderr.isatty() else logged)
-        return scores, f"{time.perf_counter() - t0:.1f} s ({n} window{'s' * (n > 1)} a step)"
-    finally:
-        session.close()
+    def logged(done, total):   # off a terminal, a line every 10% of the steps
+        if done * 10 // total > tenths[0]:
+            tenths[0] = done * 10 // total
+            _log(f"{file.path}: step {done} of {total}")
+    t0 = time.perf_counter()
+    with _progress("steps", quiet) as update:
+        scores, n = ev.score_engine(file, windows, batch, backend, _log,
+                                    update if sys.stderr.isatty() else logged, **options)
+    return scores, f"{time.perf_counter() - t0:.1f} s ({n} window{'s' * (n > 1)} a step)"
 
 
 @cli.command()

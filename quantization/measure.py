@@ -136,11 +136,15 @@ def _targets(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(rows), np.asarray(targets)
 
 
+def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Each row's log-probability of its target token (log-softmax in float64)."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    return x[np.arange(len(x)), targets] - np.log(np.exp(x).sum(axis=1))
+
+
 def perplexity(logits: np.ndarray, rows: np.ndarray, targets: np.ndarray) -> float:
-    x = logits[rows].astype(np.float64)
-    x = x - x.max(axis=1, keepdims=True)
-    logp = x[np.arange(len(rows)), targets] - np.log(np.exp(x).sum(axis=1))
-    return float(math.exp(-logp.mean()))
+    return float(math.exp(-token_logprobs(logits[rows], targets).mean()))
 
 
 def compare(reference: np.ndarray, quantized: np.ndarray, seqs: list[list[int]], text: str,

@@ -1,7 +1,6 @@
 """`llmc eval`: an engine's perplexity on a text, measured by running the engine itself.
 
-    n = batch_size(header, windows, session.kv_capacity)   # windows: token id lists
-    scores = score(session, header, windows, n)
+    scores, n = score_engine(engine_file, windows)   # windows: token id lists; n a step
     scores.perplexity(); agreement(scores, other_scores)
 
 A quantized build measures its accuracy on onnxruntime, over the graph it lowers
@@ -24,6 +23,7 @@ import numpy as np
 
 from llmc import contract
 from llmc.errors import LlmcError
+from llmc.quantization.measure import token_logprobs
 
 
 @dataclass
@@ -93,11 +93,8 @@ def score(session, header, windows: Sequence[Sequence[int]], batch: int,
             live = np.flatnonzero(lens > pos + 1)   # windows with a token after this one
             inputs = contract.pack_arrays(ids[live, pos], np.ones(len(live), np.int32),
                                           np.full(len(live), pos, np.int32), tables[live], bs)
-            logits = np.asarray(session.step(inputs), np.float64)
-            logits -= logits.max(axis=1, keepdims=True)
-            nexts = ids[live, pos + 1]
-            lp = logits[np.arange(len(live)), nexts] - np.log(np.exp(logits).sum(axis=1))
-            top = logits.argmax(axis=1)
+            logits = session.step(inputs)
+            lp, top = token_logprobs(logits, ids[live, pos + 1]), logits.argmax(axis=1)
             for j, row in enumerate(live):
                 logp[g * batch + row][pos] = lp[j]
                 greedy[g * batch + row][pos] = top[j]
@@ -105,3 +102,20 @@ def score(session, header, windows: Sequence[Sequence[int]], batch: int,
             if progress:
                 progress(done, total)
     return Scores(np.concatenate(logp), np.concatenate(greedy))
+
+
+def score_engine(file, windows: Sequence[Sequence[int]], batch: int | None = None,
+                 backend: str = "auto", log: Callable[[str], None] | None = None,
+                 progress: Callable[[int, int], None] | None = None,
+                 **options) -> tuple[Scores, int]:
+    """An engine file's Scores over ``windows`` in a session of its own (``options``: the
+    backend's, e.g. gpu_memory_utilization), and the windows it ran a step."""
+    from llmc.runtime.runner import open_session
+
+    session = open_session(file, backend, log, **options)
+    try:
+        capacity = getattr(session, "kv_capacity", file.header.build.limits.max_num_blocks)
+        n = batch_size(file.header, windows, capacity, batch)
+        return score(session, file.header, windows, n, progress), n
+    finally:
+        session.close()

@@ -21,8 +21,7 @@ from llmc.devices import list_gpus
 from llmc.engine_file import EngineFile
 from llmc.limits import BuildLimits
 from llmc.quantization.quantize import QuantOptions
-from llmc.runtime.evaluate import agreement, batch_size, score
-from llmc.runtime.runner import open_session
+from llmc.runtime.evaluate import agreement, batch_size, score_engine
 
 LIMITS = BuildLimits(max_batch_size=3, max_num_tokens=64, max_seq_len=64, kv_block_size=16)
 # five windows at three a step: two groups, the last window of each shorter than the others
@@ -47,13 +46,7 @@ def _engine(folder, out, backend="reference", dtype="fp32", quant="none", kv="au
 
 
 def _score(file: EngineFile, windows, batch=None, **options):
-    session = open_session(file, **options)
-    try:
-        capacity = getattr(session, "kv_capacity", file.header.build.limits.max_num_blocks)
-        return score(session, file.header, windows, batch_size(file.header, windows, capacity,
-                                                                batch))
-    finally:
-        session.close()
+    return score_engine(file, windows, batch, **options)[0]
 
 
 def _hf_scores(model, windows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
