@@ -26,7 +26,7 @@ from llmc.errors import LlmcError
 from llmc.runtime.kv_cache import BlockPool
 from llmc.runtime.kv_manager import KVCacheManager
 from llmc.runtime.request import Request, RequestOutput, Status
-from llmc.runtime.sampler import SamplingParams, sample_batch
+from llmc.runtime.sampler import SamplingParams, sample_batch, token_logprobs
 from llmc.runtime.scheduler import Scheduler, StepPlan
 
 _REQUEST, _OUTPUT, _LAST = itemgetter(0), attrgetter("output_token_ids"), itemgetter(-1)
@@ -90,6 +90,11 @@ class LLMEngine:
         req.seed = int(seed.generate_state(1, np.uint64)[0])
         req.rng = np.random.default_rng(seed)
         req.detokenizer = self._detokenizer(req)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = []
+            if self._scored_only(req):   # one prompt token, nothing to generate: done
+                self._finish(req, "length")
+                return request_id
         self.scheduler.add(req)
         return request_id
 
@@ -162,14 +167,21 @@ class LLMEngine:
         # the host it must not even draw, or a seeded request's stream would depend on how
         # its prompt was chunked, i.e. on what else ran).
         if plan.arrays is not None:   # every request brings all its remaining tokens
-            done = [True] * len(rows)
+            done, scoring = [True] * len(rows), {}
         else:
             done = [r.num_computed_tokens + n >= r.num_tokens for r, n in plan.scheduled]
-        tokens, logprobs = self._sample(inputs, rows, done)
+            scoring = self._scoring(plan)
+        tokens, logprobs = self._sample(inputs, rows, done, scoring)
         self.scheduler.commit(plan, tokens)   # before the loop below may finish requests
         now = time.monotonic()
         for row, (req, n) in enumerate(plan.scheduled):
             req.num_computed_tokens += n
+            if row in scoring:
+                req.prompt_logprobs.append(logprobs[row])
+                if self._scored_only(req):
+                    self._finish(req, "length")
+                    outputs.append(self._pending.pop())
+                continue
             if not done[row]:
                 continue
             self._append(req, int(tokens[row]), logprobs[row] if logprobs else None, now)
@@ -205,8 +217,27 @@ class LLMEngine:
         return contract.pack_arrays(ids, counts, first, self.kv.block_tables(rows),
                                     self.block_size)
 
-    def _sample(self, inputs, rows: list[Request], done: list[bool]):
-        """Token ids for every row (meaningful where done), and logprobs if any row asked."""
+    def _scoring(self, plan: StepPlan) -> dict[int, tuple[int, int]]:
+        """The rows whose logits score a prompt token this step: row -> (that token, the
+        top-n asked). Their chunk ends right before the next token to score
+        (Request.chunk_limit)."""
+        out = {}
+        for row, (req, n) in enumerate(plan.scheduled):
+            if req.prompt_logprobs is not None:
+                at = req.num_computed_tokens + n   # the token after the chunk's last
+                if at == len(req.prompt_logprobs) + 1 and at < len(req.prompt_token_ids):
+                    out[row] = (req.prompt_token_ids[at], req.params.prompt_logprobs)
+        return out
+
+    def _scored_only(self, req: Request) -> bool:
+        """Whether a request that generates nothing (max_tokens 0) has scored its prompt."""
+        return (req.params.max_tokens == 0
+                and len(req.prompt_logprobs) >= len(req.prompt_token_ids) - 1)
+
+    def _sample(self, inputs, rows: list[Request], done: list[bool],
+                scoring: dict[int, tuple[int, int]]):
+        """Token ids for every row (meaningful where done), and logprobs if any row asked:
+        of the sampled token where done, of the prompt token a scoring row scores."""
         params = [r.params for r in rows]
         if hasattr(self.session, "step_sample") and not any(p.needs_host for p in params):
             # Philox keyed by (seed, tokens sampled so far): a row that does not sample
@@ -219,16 +250,25 @@ class LLMEngine:
         logits = self.session.step(inputs)
         which = [i for i, d in enumerate(done) if d]
         tokens = np.zeros(len(rows), np.int32)
+        scored = None
+        if scoring:
+            at = list(scoring)
+            targets = np.zeros(len(rows), np.int32)
+            targets[at] = [t for t, _ in scoring.values()]
+            lp, top = token_logprobs(logits, targets, at, [n for _, n in scoring.values()])
+            scored = [None] * len(rows)
+            for i in at:
+                scored[i] = (float(lp[i]), top[i])
         if not which:
-            return tokens, None
+            return tokens, scored
         sub = [rows[i] for i in which]
         result = sample_batch(logits[which], [r.params for r in sub], [r.rng for r in sub],
                               [r.output_token_ids for r in sub],
                               [r.prompt_token_ids for r in sub], self.eos_ids)
         tokens[which] = result.tokens
         if result.logprobs is None:
-            return tokens, None
-        logprobs = [None] * len(rows)
+            return tokens, scored
+        logprobs = scored or [None] * len(rows)   # the rows differ: done or scoring
         tops = result.top_logprobs or [None] * len(sub)
         for i, lp, top in zip(which, result.logprobs, tops):
             logprobs[i] = (float(lp), top)
@@ -269,7 +309,16 @@ class LLMEngine:
             len(req.prompt_token_ids), len(req.output_token_ids), req.num_cached_prompt_tokens,
             logprobs or None,
             req.first_token_time - req.arrival_time if req.first_token_time else None,
-            list(req.token_times) if req.finished else [])
+            list(req.token_times) if req.finished else [], self._prompt_logprobs(req))
+
+    def _prompt_logprobs(self, req: Request) -> list | None:
+        """The prompt's scores for the request's first output: None for its first token
+        (nothing came before it), then each one's (logprob, top-n)."""
+        if (req.prompt_logprobs is None or req.prompt_logprobs_sent
+                or len(req.prompt_logprobs) < len(req.prompt_token_ids) - 1):
+            return None   # not asked, sent, or cut short (an abort while it scored)
+        req.prompt_logprobs_sent = True
+        return [None] + req.prompt_logprobs
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         req.finish_reason, req.error, req.status = reason, error, Status.FINISHED
@@ -278,7 +327,8 @@ class LLMEngine:
         req.pending_text, req.pending_ids = "", []
         self._pending.append(RequestOutput(
             req.request_id, text, ids, True, reason, error, len(req.prompt_token_ids),
-            len(req.output_token_ids), req.num_cached_prompt_tokens))
+            len(req.output_token_ids), req.num_cached_prompt_tokens,
+            prompt_logprobs=self._prompt_logprobs(req)))
 
     def _fail(self, req: Request, error: str) -> None:
         self._finish(req, "error", error)

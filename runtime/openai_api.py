@@ -8,7 +8,11 @@ Requests are checked as OpenAI checks them: an unknown field, a wrong type or a 
 of range is a 400 naming the field (OpenAI refuses unknown fields too; vLLM's extensions
 top_k, min_p, repetition_penalty, min_tokens, ignore_eos and stop_token_ids are known).
 Fields that change nothing here (user, metadata, ...) are accepted; fields asking for what
-llmc does not do (n > 1, tools, echo, suffix, logit_bias) are a 400 that says so.
+llmc does not do (n > 1, tools, suffix, logit_bias) are a 400 that says so.
+
+`echo` (completions) returns the prompt before the completion; with `logprobs`, the prompt
+tokens' too (the first one's null), which is how lm-evaluation-harness scores a text through
+an OpenAI-compatible server. `max_tokens: 0` is allowed with echo: the prompt alone.
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None             # top-n alternatives per token, when asked
+    echo: bool = False                      # the prompt (and its logprobs) before the text
 
     def sampling(self, prompt_tokens: int, max_seq_len: int) -> SamplingParams:
         """The settings for a prompt of this many tokens; a request that cannot fit the
@@ -126,8 +131,6 @@ class GenerationRequest:
 
 def parse_completion(body: Any) -> GenerationRequest:
     f = _fields(body, COMPLETION_FIELDS, required=("model", "prompt"))
-    if f.get("echo"):
-        raise bad("echo is not supported", "echo")
     if f.get("suffix"):
         raise bad("suffix is not supported", "suffix")
     if f.get("best_of") not in (None, 1):
@@ -137,7 +140,7 @@ def parse_completion(body: Any) -> GenerationRequest:
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad(f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {logprobs}",
                   "logprobs")
-    return _request(f, _prompt(f["prompt"]), False, logprobs)
+    return _request(f, _prompt(f["prompt"]), False, logprobs, bool(f.get("echo")))
 
 
 def parse_chat(body: Any) -> GenerationRequest:
@@ -174,15 +177,17 @@ def _fields(body: Any, known: dict, required: tuple[str, ...]) -> dict:
     return {k: v for k, v in body.items() if v is not None}
 
 
-def _request(f: dict, prompt, chat: bool, logprobs: int | None) -> GenerationRequest:
+def _request(f: dict, prompt, chat: bool, logprobs: int | None, echo: bool = False
+             ) -> GenerationRequest:
     if f.get("n", 1) != 1:
         raise bad(f"n must be 1: llmc returns one choice a request (got {f['n']}); send n "
                   "requests instead", "n")
     if f.get("logit_bias"):
         raise bad("logit_bias is not supported", "logit_bias")
     max_tokens = f.get("max_tokens")
-    if max_tokens is not None and max_tokens < 1:
-        raise bad(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    if max_tokens is not None and max_tokens < (0 if echo else 1):
+        raise bad(f"max_tokens must be at least {0 if echo else 1}, got {max_tokens}"
+                  + ("" if echo else " (0 only with echo: the prompt alone)"), "max_tokens")
     temperature = f.get("temperature")
     if temperature is not None and not 0 <= temperature <= 2:
         raise bad(f"temperature must be in [0, 2], got {temperature}", "temperature")
@@ -199,16 +204,21 @@ def _request(f: dict, prompt, chat: bool, logprobs: int | None) -> GenerationReq
     f.setdefault("temperature", 1.0)   # the API's default (llmc run's is greedy)
     names = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k",
              "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids")
+    # echo with logprobs scores the prompt; so does echo with max_tokens 0 (top-0), the one
+    # kind of request SamplingParams lets generate nothing
+    prompt_logprobs = (logprobs if logprobs is not None else 0) if echo and (
+        logprobs is not None or max_tokens == 0) else None
     try:   # max_tokens is settled once the prompt's length is known (see sampling)
         params = SamplingParams.from_dict(
             {**{k: f[k] for k in names if k in f}, "stop": stop, "logprobs": logprobs,
+             "prompt_logprobs": prompt_logprobs,
              "max_tokens": max_tokens if max_tokens is not None
              else max(f.get("min_tokens", 0), 1)})
     except LlmcError as e:   # its message starts with the field's name
         raise bad(str(e), str(e).split()[0]) from None
     return GenerationRequest(f["model"], prompt, chat, params, max_tokens,
                              bool(f.get("stream")), bool(options.get("include_usage")),
-                             logprobs)
+                             logprobs, echo)
 
 
 def _prompt(prompt):
@@ -302,15 +312,18 @@ def usage_chunk(rid, model, created, chat: bool, use: dict) -> dict:
 
 def completion_logprobs(entries: list, token_text: Callable[[int], str], ids: list[int],
                         offset: int = 0) -> dict:
-    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset. An
+    entry is (logprob, top-n) or None (an echoed prompt's first token: null in both)."""
     entries = entries[:len(ids)]   # a stop token has a logprob but is not in the output
     tokens = [token_text(t) for t in ids]
     offsets = []
     for tok in tokens:
         offsets.append(offset)
         offset += len(tok)
-    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
-            "top_logprobs": [{token_text(t): lp for t, lp in top or ()} for _, top in entries],
+    return {"tokens": tokens,
+            "token_logprobs": [None if e is None else e[0] for e in entries],
+            "top_logprobs": [None if e is None else {token_text(t): lp for t, lp in e[1] or ()}
+                             for e in entries],
             "text_offset": offsets}
 
 

@@ -39,6 +39,10 @@ class Request:
     pending_text: str = ""                     # text and ids not handed out yet
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list = field(default_factory=list)
+    # With params.prompt_logprobs: (logprob, top-n) of prompt tokens 1, 2, ... as far as
+    # they are scored, and whether they went out (once, with the request's first output).
+    prompt_logprobs: list | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def all_token_ids(self) -> "TokenIds":
@@ -52,6 +56,16 @@ class Request:
             return self.output_token_ids[start - p:start - p + n]
         return (self.prompt_token_ids[start:start + n]
                 + self.output_token_ids[:max(0, start + n - p)])
+
+    def chunk_limit(self) -> int | None:
+        """The most new tokens the next step may bring this request, or None for no limit.
+        A step returns the logits of a request's last new token alone, so while its prompt is
+        scored a chunk must end where those logits score the next prompt token: one token a
+        step, or after a preemption, the recomputed part in one chunk."""
+        scored = self.prompt_logprobs
+        if scored is None or len(scored) >= len(self.prompt_token_ids) - 1:
+            return None
+        return max(1, len(scored) + 1 - self.num_computed_tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -104,6 +118,9 @@ class RequestOutput:
     logprobs: list | None = None         # per new token: (logprob, {token: logprob} top-n)
     time_to_first_token: float | None = None
     token_times: list[float] = field(default_factory=list)
+    # Once, with the first output, when asked: None for the first prompt token, then
+    # (logprob, top-n) for each of the others.
+    prompt_logprobs: list | None = None
 
     @property
     def usage(self) -> dict[str, int]:

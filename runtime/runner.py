@@ -173,6 +173,7 @@ class Completion:
     cached_tokens: int = 0
     time_to_first_token: float | None = None
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None   # with SamplingParams.prompt_logprobs
 
     def add(self, out: RequestOutput) -> None:
         if self.error:
@@ -180,6 +181,8 @@ class Completion:
         self.text += out.text
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
         if out.time_to_first_token is not None:
             self.time_to_first_token = out.time_to_first_token

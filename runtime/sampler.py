@@ -35,7 +35,7 @@ from llmc.errors import LlmcError
 from llmc.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 
 __all__ = ["MAX_LOGPROBS", "SampleResult", "SamplingParams", "batch_probabilities",
-           "probabilities", "request_generator", "sample", "sample_batch"]
+           "probabilities", "request_generator", "sample", "sample_batch", "token_logprobs"]
 
 # Top-p candidate search: relative-probability thresholds tried first, then a partial sort
 # keeping CANDIDATES tokens, then the whole row. Rows are processed CHUNK at a time.
@@ -161,7 +161,7 @@ def sample_batch(logits: np.ndarray, params: Sequence[SamplingParams],
     logprobs = top = None
     asked = [r for r in range(b) if params[r].logprobs is not None]
     if asked:
-        logprobs, top = _logprobs(logits, tokens, asked, [params[r].logprobs for r in asked])
+        logprobs, top = token_logprobs(logits, tokens, asked, [params[r].logprobs for r in asked])
     return SampleResult(tokens, logprobs, top)
 
 
@@ -365,7 +365,10 @@ def _top_p(e: np.ndarray, top_p: np.ndarray):
     return row[keep], col[keep], w[keep]
 
 
-def _logprobs(logits: np.ndarray, tokens: np.ndarray, rows: list[int], ns: list[int]):
+def token_logprobs(logits: np.ndarray, tokens: np.ndarray, rows: list[int], ns: list[int]):
+    """Of rows `rows` of the raw logits [B, vocab]: each row's token's logprob (float32 [B],
+    NaN elsewhere) and its ns[i] most likely (token, logprob), most likely first, ties to
+    the lower id (a list a row, None elsewhere): a sampled token's, or a prompt token's."""
     b, v = logits.shape
     out = np.full(b, np.nan, np.float32)
     top: list = [None] * b

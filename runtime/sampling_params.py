@@ -36,11 +36,16 @@ class SamplingParams:
     stop                strings that end the output (matched across token boundaries, left
                         out of the returned text); a single string is taken as one stop
     stop_token_ids      token ids that end the output (the id is not part of the text)
-    max_tokens          at most this many new tokens
+    max_tokens          at most this many new tokens; 0 (with prompt_logprobs) scores the
+                        prompt and generates nothing
     min_tokens          EOS and stop_token_ids cannot be sampled before this many tokens
     ignore_eos          keep going past EOS (then min_tokens does not mask EOS)
     logprobs            None, or n in 0..20: the sampled token's logprob and the n most likely
                         tokens' (log_softmax of the model's raw logits, vLLM's default)
+    prompt_logprobs     None, or n in 0..20: the same for every prompt token after the first
+                        (vLLM's prompt_logprobs; what lm-evaluation-harness scores with). The
+                        prompt then runs a token a step, each step's logits scoring the next
+                        prompt token, and skips the prefix cache
 
     Only temperature, top_k and top_p may be given positionally.
     """
@@ -60,6 +65,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         # Lists become tuples (hashable, immutable); anything else is left for validate().
@@ -82,7 +88,7 @@ class SamplingParams:
             raise LlmcError(f"unknown sampling parameter(s) {', '.join(map(repr, unknown))}; "
                             f"known: {', '.join(sorted(known))}")
         given = {k: v for k, v in values.items()
-                 if v is not None or k in ("seed", "logprobs")}
+                 if v is not None or k in ("seed", "logprobs", "prompt_logprobs")}
         params = cls(**given)
         params.validate()
         return params
@@ -96,7 +102,7 @@ class SamplingParams:
         """Whether sampling needs more than the GPU sampler's temperature / top_k / top_p."""
         return (self.min_p > 0 or self.repetition_penalty != 1 or self.presence_penalty != 0
                 or self.frequency_penalty != 0 or self.min_tokens > 0
-                or self.logprobs is not None)
+                or self.logprobs is not None or self.prompt_logprobs is not None)
 
     def validate(self) -> None:
         """Raise LlmcError naming the first bad value (NaN and infinities included)."""
@@ -120,14 +126,19 @@ class SamplingParams:
                 _is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise LlmcError(f"stop_token_ids must be a list of token ids (integers >= 0), "
                             f"got {self.stop_token_ids!r}")
-        _integer(self.max_tokens, "max_tokens", lambda v: v >= 1, ">= 1")
+        if self.prompt_logprobs is None:
+            _integer(self.max_tokens, "max_tokens", lambda v: v >= 1, ">= 1")
+        else:   # the prompt's scores alone are an answer
+            _integer(self.max_tokens, "max_tokens", lambda v: v >= 0,
+                     ">= 0 (0: score the prompt only)")
         _integer(self.min_tokens, "min_tokens", lambda v: 0 <= v <= self.max_tokens,
                  f">= 0 and <= max_tokens ({self.max_tokens})")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise LlmcError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
-        if self.logprobs is not None:
-            _integer(self.logprobs, "logprobs", lambda v: 0 <= v <= MAX_LOGPROBS,
-                     f"None or an integer in 0..{MAX_LOGPROBS}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _integer(getattr(self, name), name, lambda v: 0 <= v <= MAX_LOGPROBS,
+                         f"None or an integer in 0..{MAX_LOGPROBS}")
 
 
 def _is_int(v) -> bool:

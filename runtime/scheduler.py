@@ -11,6 +11,10 @@ what the budget leaves, a running request one token a step. Order:
 2. waiting requests by (priority, arrival), while there are blocks, budget and batch rows:
    a prompt whose leading full blocks are in the prefix cache skips their prefill.
 
+A request that scores its prompt (prompt_logprobs) brings at most `Request.chunk_limit()`
+tokens a step and skips the prefix cache while it scores: every prompt position's logits
+are needed, and a step returns those of a request's last token alone.
+
 A request that could never fit the cache is refused when it is added, alone.
 """
 
@@ -101,6 +105,9 @@ class Scheduler:
         # step takes its row, a view, where an add of its own would be its first and so
         # coldest numpy call (~8 us). Kept on the same terms as `_table`.
         self._ahead: tuple[np.ndarray, int] | None = None
+        # Running requests that may still score their prompt (a chunk limit): while one does,
+        # steps are planned request by request (the array path brings every remainder).
+        self._scoring: set[Request] = set()
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -133,6 +140,7 @@ class Scheduler:
             self._decode = self._table = self._ahead = None
         if request in self.waiting:
             self.waiting.remove(request)
+        self._scoring.discard(request)
         self.kv.free(request)
 
     def commit(self, plan: StepPlan, tokens: np.ndarray) -> None:
@@ -210,8 +218,10 @@ class Scheduler:
             plan.scheduled = list(plan.scheduled)
         while self.waiting and budget and len(self.running) < self.limits.max_batch_size:
             req = self.waiting[0]
-            computed, num_cached = self.kv.get_computed_blocks(req)
-            n = min(req.num_tokens - num_cached, budget)
+            limit = req.chunk_limit()
+            computed, num_cached = (self.kv.get_computed_blocks(req) if limit is None
+                                    else ([], 0))
+            n = min(req.num_tokens - num_cached, budget, limit or budget)
             if self.kv.allocate_slots(req, n, computed) is None:
                 break
             self.waiting.pop(0)
@@ -220,6 +230,8 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             req.status = Status.RUNNING
             self.running.append(req)
+            if limit is not None:
+                self._scoring.add(req)
             self._changed()
             plan.scheduled.append((req, n))
             plan.arrays = plan.last_tokens = plan.context_lens = plan.longest = None
@@ -237,7 +249,8 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:   # preempted below to make room for an older
                 continue                           # one (a status test: `in` is O(batch))
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens - req.num_computed_tokens, budget,
+                    req.chunk_limit() or budget)
             while self.kv.allocate_slots(req, n) is None:
                 victim = self._victim()
                 self._preempt(victim, plan)
@@ -278,6 +291,10 @@ class Scheduler:
             table = ahead = None
         if not usable:
             return None
+        if self._scoring:   # requests that still score their prompt: planned by the loop
+            self._scoring = {r for r in self._scoring if r.chunk_limit() is not None}
+            if self._scoring:
+                return None
         if known is not None:   # the last step computed every token and sampled one more
             computed, last, longest = known
             # With `ahead` kept, the last plan was a decode step of this path: `computed`,
@@ -342,6 +359,7 @@ class Scheduler:
 
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         self.running.remove(req)
+        self._scoring.discard(req)
         self._changed()
         self.kv.free(req)
         req.num_computed_tokens = 0

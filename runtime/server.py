@@ -149,6 +149,10 @@ class OpenAIServer:
         entries = [e for o in outputs for e in o.logprobs or ()]
         last = outputs[-1]
         use = api.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+        if req.echo:
+            text = self._prompt_text(req, tokens) + text
+            entries = self._prompt_entries(outputs, tokens) + entries
+            ids = tokens + ids
         lp = self._logprobs(req, entries, ids) if req.logprobs is not None else None
         shape = api.chat_response if req.chat else api.completion_response
         rec.close(200)
@@ -248,7 +252,15 @@ class OpenAIServer:
             if req.chat:
                 yield _sse({**api.chat_chunk(rec.id, model, created,
                                              {"role": "assistant", "content": ""}), **extra})
+            echo = req.echo
             async for out in self._outputs(tokens, params, rec):
+                if echo:   # the prompt first, once its scores (if asked) have come
+                    echo, text = False, self._prompt_text(req, tokens)
+                    lp = (self._logprobs(req, self._prompt_entries([out], tokens), tokens)
+                          if req.logprobs is not None else None)
+                    offset = len(text)
+                    yield _sse({**api.completion_chunk(rec.id, model, created, text, None, lp),
+                                **extra})
                 lp = None
                 if req.logprobs is not None and out.token_ids:
                     lp = self._logprobs(req, out.logprobs or [], out.token_ids, offset)
@@ -272,6 +284,19 @@ class OpenAIServer:
             yield _sse(e.body())
         finally:   # also when the client left (the stream was cancelled, the request aborted)
             rec.close(code if rec.finish_reason else 499)
+
+    def _prompt_text(self, req, tokens: list[int]) -> str:
+        """What echo returns: the prompt as given, or its token ids' text."""
+        if isinstance(req.prompt, str):
+            return req.prompt
+        return self.runner.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    @staticmethod
+    def _prompt_entries(outputs, tokens: list[int]) -> list:
+        """The prompt tokens' logprob entries, from the output that carried them (None
+        each when not asked)."""
+        scores = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs), None)
+        return list(scores) if scores else [None] * len(tokens)
 
     def _logprobs(self, req, entries, ids, offset: int = 0) -> dict:
         if req.chat:

@@ -100,6 +100,53 @@ def test_stop_seed_penalties_and_logprobs(served):
     assert content and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
 
 
+def test_echo_returns_the_prompt_and_its_logprobs(served):
+    """What lm-evaluation-harness sends to score a continuation: the prompt as token ids,
+    echo, logprobs 1, max_tokens 1, greedy; it reads token_logprobs and top_logprobs over
+    the prompt's tokens."""
+    client, runner = served.client, served.runner
+    ids = runner.encode("w3 w4 w5 w6 w7")
+    want = runner.complete([ids], SamplingParams(max_tokens=1, logprobs=1,
+                                                 prompt_logprobs=1))[0]
+    assert len(want.prompt_logprobs) == len(ids) and want.prompt_logprobs[0] is None
+    r = client.completions.create(model="tiny", prompt=[ids], max_tokens=1, temperature=0,
+                                  logprobs=1, echo=True)
+    c = r.choices[0]
+    assert c.text == runner.tokenizer.decode(ids, skip_special_tokens=False) + want.text
+    lp = c.logprobs
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == [e[0] for e in want.prompt_logprobs[1:]] + \
+        [want.logprobs[0][0]]
+    for entry, top in zip(want.prompt_logprobs[1:], lp.top_logprobs[1:]):
+        (token, value), = entry[1]
+        assert top == {served.server._token_text(token): value}
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 1)
+
+    # max_tokens 0: the prompt alone; a text prompt comes back as given
+    r = client.completions.create(model="tiny", prompt="w3 w4 w5", max_tokens=0, echo=True,
+                                  logprobs=0)
+    c = r.choices[0]
+    assert c.text == "w3 w4 w5" and c.finish_reason == "length"
+    assert r.usage.completion_tokens == 0 and len(c.logprobs.tokens) == 3
+    assert c.logprobs.token_logprobs[1:] == [e[0] for e in runner.complete(
+        ["w3 w4 w5"], SamplingParams(max_tokens=0, prompt_logprobs=0))[0].prompt_logprobs[1:]]
+    r = client.completions.create(model="tiny", prompt="w3 w4", max_tokens=0, echo=True)
+    assert r.choices[0].text == "w3 w4" and r.choices[0].logprobs is None
+
+    # streamed: the prompt's chunk first, then the completion's
+    want = solo(runner, "w3 w4 w5", max_tokens=4)
+    chunks = list(client.completions.create(model="tiny", prompt="w3 w4 w5", max_tokens=4,
+                                            temperature=0, echo=True, logprobs=0,
+                                            stream=True))
+    assert chunks[0].choices[0].text == "w3 w4 w5"
+    assert chunks[0].choices[0].logprobs.token_logprobs[0] is None
+    assert "".join(c.choices[0].text for c in chunks) == "w3 w4 w5" + want.text
+    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks
+               if c.choices[0].logprobs) == 3 + len(want.token_ids)
+
+
 def test_async_client_concurrent_requests(served):
     prompts = [f"w{i} w{i + 1}" for i in range(3, 11)]
     want = served.runner.complete(prompts, SamplingParams(max_tokens=6))
@@ -193,6 +240,8 @@ BAD = [   # (name, path, body or raw bytes, headers, status, words in the messag
      AUTH, 400, "stream"),
     ("tools", "chat", {**CHAT, "tools": [{"type": "function"}]}, AUTH, 400, "tools"),
     ("min_tokens > max_tokens", "c", {**OK_BODY, "min_tokens": 5}, AUTH, 400, "min_tokens"),
+    ("max_tokens 0 without echo", "c", {**OK_BODY, "max_tokens": 0}, AUTH, 400,
+     "0 only with echo"),
 ]
 
 
