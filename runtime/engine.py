@@ -288,6 +288,8 @@ class LLMEngine:
         if not stop_id:   # a stop token's own text is not part of the completion
             req.pending_text += req.detokenizer.push(token)
             req.pending_ids.append(token)
+        else:
+            req.stop_token_id = token
         if stop_id or req.detokenizer.stopped:
             req.finish_reason = "stop"
         elif n_out >= p.max_tokens or req.num_tokens >= self.limits.max_seq_len:
@@ -309,7 +311,8 @@ class LLMEngine:
             len(req.prompt_token_ids), len(req.output_token_ids), req.num_cached_prompt_tokens,
             logprobs or None,
             req.first_token_time - req.arrival_time if req.first_token_time else None,
-            list(req.token_times) if req.finished else [], self._prompt_logprobs(req))
+            list(req.token_times) if req.finished else [], self._prompt_logprobs(req),
+            req.stop_token_id)
 
     def _prompt_logprobs(self, req: Request) -> list | None:
         """The prompt's scores for the request's first output: None for its first token

@@ -312,9 +312,9 @@ def usage_chunk(rid, model, created, chat: bool, use: dict) -> dict:
 
 def completion_logprobs(entries: list, token_text: Callable[[int], str], ids: list[int],
                         offset: int = 0) -> dict:
-    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset. An
-    entry is (logprob, top-n) or None (an echoed prompt's first token: null in both)."""
-    entries = entries[:len(ids)]   # a stop token has a logprob but is not in the output
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset; an
+    entry and a token each of `ids` (a stop token that ended the text included). An entry is
+    (logprob, top-n) or None (an echoed prompt's first token: null in both)."""
     tokens = [token_text(t) for t in ids]
     offsets = []
     for tok in tokens:

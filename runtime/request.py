@@ -43,6 +43,7 @@ class Request:
     # they are scored, and whether they went out (once, with the request's first output).
     prompt_logprobs: list | None = None
     prompt_logprobs_sent: bool = False
+    stop_token_id: int | None = None     # the stop token that ended it (not in the output)
 
     @property
     def all_token_ids(self) -> "TokenIds":
@@ -121,6 +122,9 @@ class RequestOutput:
     # Once, with the first output, when asked: None for the first prompt token, then
     # (logprob, top-n) for each of the others.
     prompt_logprobs: list | None = None
+    # With the last output: the stop token (EOS or a stop_token_ids one) that ended the
+    # request. Not in token_ids or text, but sampled: its logprob is logprobs' last entry.
+    stop_token_id: int | None = None
 
     @property
     def usage(self) -> dict[str, int]:

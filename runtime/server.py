@@ -153,7 +153,8 @@ class OpenAIServer:
             text = self._prompt_text(req, tokens) + text
             entries = self._prompt_entries(outputs, tokens) + entries
             ids = tokens + ids
-        lp = self._logprobs(req, entries, ids) if req.logprobs is not None else None
+        lp = self._logprobs(req, entries, ids + self._stop(req, last)) \
+            if req.logprobs is not None else None
         shape = api.chat_response if req.chat else api.completion_response
         rec.close(200)
         return JSONResponse(shape(rec.id, self.model_name, text, last.finish_reason, use, lp))
@@ -262,8 +263,9 @@ class OpenAIServer:
                     yield _sse({**api.completion_chunk(rec.id, model, created, text, None, lp),
                                 **extra})
                 lp = None
-                if req.logprobs is not None and out.token_ids:
-                    lp = self._logprobs(req, out.logprobs or [], out.token_ids, offset)
+                ids = out.token_ids + self._stop(req, out)
+                if req.logprobs is not None and ids:
+                    lp = self._logprobs(req, out.logprobs or [], ids, offset)
                 offset += len(out.text)
                 reason = out.finish_reason if out.finished else None
                 if req.chat:
@@ -284,6 +286,13 @@ class OpenAIServer:
             yield _sse(e.body())
         finally:   # also when the client left (the stream was cancelled, the request aborted)
             rec.close(code if rec.finish_reason else 499)
+
+    @staticmethod
+    def _stop(req, out) -> list[int]:
+        """The stop token that ended a completion, for its logprobs: one entry a sampled
+        token, as vLLM gives them and lm-evaluation-harness counts on (its text is not in the
+        completion's). Chat's logprobs keep to the message's tokens."""
+        return [out.stop_token_id] if out.stop_token_id is not None and not req.chat else []
 
     def _prompt_text(self, req, tokens: list[int]) -> str:
         """What echo returns: the prompt as given, or its token ids' text."""

@@ -46,10 +46,12 @@ def test_completion_defaults_and_context():
 def test_logprob_shapes():
     text = {5: "a", 6: "bc", 7: "d"}.get
     entries = [(-0.5, [(5, -0.5), (7, -1.0)]), (-0.1, [(6, -0.1), (5, -3.0)]), (-0.2, None)]
-    lp = api.completion_logprobs(entries, text, [5, 6], offset=4)   # the stop token: dropped
-    assert lp == {"tokens": ["a", "bc"], "token_logprobs": [-0.5, -0.1],
-                  "top_logprobs": [{"a": -0.5, "d": -1.0}, {"bc": -0.1, "a": -3.0}],
-                  "text_offset": [4, 5]}
+    lp = api.completion_logprobs(entries, text, [5, 6, 7], offset=4)   # 7: a stop token
+    assert lp == {"tokens": ["a", "bc", "d"], "token_logprobs": [-0.5, -0.1, -0.2],
+                  "top_logprobs": [{"a": -0.5, "d": -1.0}, {"bc": -0.1, "a": -3.0}, {}],
+                  "text_offset": [4, 5, 7]}
+    lp = api.completion_logprobs([None] + entries[:1], text, [6, 5])   # echo: the prompt's
+    assert lp["token_logprobs"] == [None, -0.5] and lp["top_logprobs"][0] is None
     lp = api.chat_logprobs(entries[:1], text, [5])
     assert lp == {"content": [{"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": [
         {"token": "a", "logprob": -0.5, "bytes": [97]},

@@ -135,6 +135,16 @@ def test_echo_returns_the_prompt_and_its_logprobs(served):
     r = client.completions.create(model="tiny", prompt="w3 w4", max_tokens=0, echo=True)
     assert r.choices[0].text == "w3 w4" and r.choices[0].logprobs is None
 
+    # a stop token that ends the completion has its entry (one a sampled token): the
+    # greedy first token made a stop token
+    first = solo(runner, "w3 w4 w5", max_tokens=1).token_ids[0]
+    r = client.completions.create(model="tiny", prompt="w3 w4 w5", max_tokens=2, temperature=0,
+                                  logprobs=1, echo=True, extra_body={"stop_token_ids": [first]})
+    c = r.choices[0]
+    assert c.text == "w3 w4 w5" and c.finish_reason == "stop"
+    assert len(c.logprobs.tokens) == 4 == len(c.logprobs.token_logprobs)
+    assert c.logprobs.tokens[-1] == served.server._token_text(first)
+
     # streamed: the prompt's chunk first, then the completion's
     want = solo(runner, "w3 w4 w5", max_tokens=4)
     chunks = list(client.completions.create(model="tiny", prompt="w3 w4 w5", max_tokens=4,
