@@ -3,6 +3,7 @@
     pip install lm_eval            # not an llmc dependency
     llmc build --backend reference --dtype fp32 -o smollm2-fp32.engine
     python bench/lm_eval_serve.py smollm2-fp32.engine [--gguf FILE] [--concurrent 8]
+                                  [--batch-size 1]
 
 Serves ENGINE on a loopback port (the server `llmc serve` runs, in this process) and runs two
 tasks written here with lm-evaluation-harness's `local-completions` model, which scores a
@@ -148,6 +149,8 @@ def main() -> int:
                     help="the GGUF file the engine was built from (default: bundled SmolLM2)")
     ap.add_argument("--concurrent", type=int, default=8,
                     help="requests lm-evaluation-harness keeps in flight (default 8)")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="prompts a request (a batch of prompts in one; default 1)")
     ap.add_argument("--prose-docs", type=int, default=8, help="paragraphs scored (default 8)")
     args = ap.parse_args()
     from lm_eval.models.huggingface import HFLM
@@ -166,13 +169,15 @@ def main() -> int:
 
         api = LocalCompletionsAPI(model="llmc", base_url=f"{url}/v1/completions",
                                   tokenizer=str(work / "tokenizer"),
-                                  num_concurrent=args.concurrent, max_length=max_len)
+                                  num_concurrent=args.concurrent, max_length=max_len,
+                                  batch_size=args.batch_size)
         served = evaluate(api, work)
     runner.close()
     hf = evaluate(HFLM(pretrained=model, tokenizer=tok, batch_size=8, max_length=max_len),
                   work)
 
-    print(f"engine: {args.engine}; lm_eval {__import__('lm_eval').__version__}")
+    print(f"engine: {args.engine}; lm_eval {__import__('lm_eval').__version__}; "
+          f"{args.concurrent} requests in flight, {args.batch_size} prompts a request")
     print("| task | metric | llmc serve (local-completions) | transformers (hf) |")
     print("|---|---|---|---|")
     for task, metrics in (("llmc_qa", ("acc,none",)),

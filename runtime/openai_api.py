@@ -8,7 +8,9 @@ Requests are checked as OpenAI checks them: an unknown field, a wrong type or a 
 of range is a 400 naming the field (OpenAI refuses unknown fields too; vLLM's extensions
 top_k, min_p, repetition_penalty, min_tokens, ignore_eos and stop_token_ids are known).
 Fields that change nothing here (user, metadata, ...) are accepted; fields asking for what
-llmc does not do (n > 1, tools, suffix, logit_bias) are a 400 that says so.
+llmc does not do (tools, suffix, logit_bias) are a 400 that says so. `n` samples and a
+batch of prompts (completions) give a choice each, `n` a prompt, indexed prompt-major as
+OpenAI indexes them.
 
 `echo` (completions) returns the prompt before the completion; with `logprobs`, the prompt
 tokens' too (the first one's null), which is how lm-evaluation-harness scores a text through
@@ -28,6 +30,7 @@ MAX_STOP = 16            # stop strings a request may give (OpenAI: 4; vLLM: any
 MAX_STOP_CHARS = 1024    # one stop string's length
 COMPLETION_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the rest
 ROLES = {"system", "developer", "user", "assistant"}
+MAX_CHOICES = 128        # n x prompts in one request (OpenAI's n goes to 128)
 
 
 class ApiError(Exception):
@@ -74,7 +77,7 @@ OBJ = ("an object", lambda v: isinstance(v, dict))
 ANY = ("anything", lambda v: True)
 STOP = ("a string or a list of strings", lambda v: isinstance(v, str) or _str_list(v))
 INTS = ("a list of integers", _int_list)
-PROMPT = ("a string, a list of token ids, or a list of one of those",
+PROMPT = ("a string, a list of token ids, or a list of strings or of token id lists",
           lambda v: isinstance(v, str) or _int_list(v) or isinstance(v, list))
 MESSAGES = ("a list of messages", lambda v: isinstance(v, list))
 
@@ -100,7 +103,7 @@ class GenerationRequest:
     """One checked request: what to generate from, and how."""
 
     model: str
-    prompt: str | list[int] | list[dict]   # text, token ids, or chat messages
+    prompts: tuple                          # each: text, token ids, or chat messages
     chat: bool
     params: SamplingParams                  # max_tokens still to settle (see sampling)
     max_tokens: int | None                  # as given; None: the endpoint's default
@@ -108,6 +111,18 @@ class GenerationRequest:
     include_usage: bool = False
     logprobs: int | None = None             # top-n alternatives per token, when asked
     echo: bool = False                      # the prompt (and its logprobs) before the text
+    n: int = 1                              # choices a prompt
+
+    @property
+    def prompt(self):
+        """The first (for most requests, the only) prompt."""
+        return self.prompts[0]
+
+    def seed(self, j: int) -> int | None:
+        """The seed of a prompt's j-th sample: the request's plus j, so n seeded samples
+        differ from each other and repeat together."""
+        seed = self.params.seed
+        return None if seed is None else (seed + j) % 2**64
 
     def sampling(self, prompt_tokens: int, max_seq_len: int) -> SamplingParams:
         """The settings for a prompt of this many tokens; a request that cannot fit the
@@ -133,14 +148,11 @@ def parse_completion(body: Any) -> GenerationRequest:
     f = _fields(body, COMPLETION_FIELDS, required=("model", "prompt"))
     if f.get("suffix"):
         raise bad("suffix is not supported", "suffix")
-    if f.get("best_of") not in (None, 1):
-        raise bad(f"best_of must be 1 (llmc returns one choice), got {f['best_of']}",
-                  "best_of")
     logprobs = f.get("logprobs")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad(f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {logprobs}",
                   "logprobs")
-    return _request(f, _prompt(f["prompt"]), False, logprobs, bool(f.get("echo")))
+    return _request(f, _prompts(f["prompt"]), False, logprobs, bool(f.get("echo")))
 
 
 def parse_chat(body: Any) -> GenerationRequest:
@@ -157,7 +169,8 @@ def parse_chat(body: Any) -> GenerationRequest:
         raise bad("top_logprobs needs logprobs: true", "top_logprobs")
     if f.get("max_completion_tokens") is not None:   # the newer name wins, as in OpenAI
         f["max_tokens"] = f["max_completion_tokens"]
-    return _request(f, _messages(f["messages"]), True, (top or 0) if f.get("logprobs") else None)
+    return _request(f, [_messages(f["messages"])], True,
+                    (top or 0) if f.get("logprobs") else None)
 
 
 def _fields(body: Any, known: dict, required: tuple[str, ...]) -> dict:
@@ -177,11 +190,17 @@ def _fields(body: Any, known: dict, required: tuple[str, ...]) -> dict:
     return {k: v for k, v in body.items() if v is not None}
 
 
-def _request(f: dict, prompt, chat: bool, logprobs: int | None, echo: bool = False
+def _request(f: dict, prompts: list, chat: bool, logprobs: int | None, echo: bool = False
              ) -> GenerationRequest:
-    if f.get("n", 1) != 1:
-        raise bad(f"n must be 1: llmc returns one choice a request (got {f['n']}); send n "
-                  "requests instead", "n")
+    n = f.get("n", 1)
+    if n < 1:
+        raise bad(f"n must be at least 1, got {n}", "n")
+    if n * len(prompts) > MAX_CHOICES:
+        raise bad(f"at most {MAX_CHOICES} choices a request: n ({n}) x prompts "
+                  f"({len(prompts)}) is {n * len(prompts)}", "n")
+    if f.get("best_of") not in (None, n):
+        raise bad(f"best_of must equal n ({n}): llmc returns every sample it draws, got "
+                  f"{f['best_of']}", "best_of")
     if f.get("logit_bias"):
         raise bad("logit_bias is not supported", "logit_bias")
     max_tokens = f.get("max_tokens")
@@ -216,23 +235,23 @@ def _request(f: dict, prompt, chat: bool, logprobs: int | None, echo: bool = Fal
              else max(f.get("min_tokens", 0), 1)})
     except LlmcError as e:   # its message starts with the field's name
         raise bad(str(e), str(e).split()[0]) from None
-    return GenerationRequest(f["model"], prompt, chat, params, max_tokens,
+    return GenerationRequest(f["model"], tuple(prompts), chat, params, max_tokens,
                              bool(f.get("stream")), bool(options.get("include_usage")),
-                             logprobs, echo)
+                             logprobs, echo, n)
 
 
-def _prompt(prompt):
-    """One prompt: text or token ids. A batch of several is refused (one choice a request)."""
+def _prompts(prompt) -> list:
+    """The prompts: one (text or token ids) or a batch of them."""
+    batch = [prompt]
     if isinstance(prompt, list) and prompt and not _int_list(prompt):
         if not all(isinstance(p, str) or _int_list(p) for p in prompt):
             raise bad(f"'prompt' must be {PROMPT[0]}", "prompt", "invalid_type")
-        if len(prompt) != 1:
-            raise bad(f"one prompt a request: got a batch of {len(prompt)}; send each as its "
-                      "own request", "prompt")
-        prompt = prompt[0]
-    if not prompt:
-        raise bad("the prompt is empty", "prompt")
-    return prompt
+        batch = prompt
+    for i, p in enumerate(batch):
+        if not p:
+            raise bad("the prompt is empty" if len(batch) == 1 else f"prompt {i} is empty",
+                      "prompt")
+    return batch
 
 
 def _messages(messages: list) -> list[dict]:
@@ -279,28 +298,33 @@ def _envelope(rid: str, obj: str, model: str, created: int | None = None) -> dic
     return {"id": rid, "object": obj, "created": created or int(time.time()), "model": model}
 
 
-def completion_response(rid, model, text, finish_reason, use, logprobs=None) -> dict:
-    return {**_envelope(rid, "text_completion", model),
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                         "finish_reason": finish_reason}], "usage": use}
+def completion_choice(index: int, text, finish_reason, logprobs=None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def completion_chunk(rid, model, created, text, finish_reason=None, logprobs=None) -> dict:
+def chat_choice(index: int, text, finish_reason, logprobs=None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_response(rid, model, choices: list[dict], use) -> dict:
+    return {**_envelope(rid, "text_completion", model), "choices": choices, "usage": use}
+
+
+def chat_response(rid, model, choices: list[dict], use) -> dict:
+    return {**_envelope(rid, "chat.completion", model), "choices": choices, "usage": use}
+
+
+def completion_chunk(rid, model, created, text, finish_reason=None, logprobs=None,
+                     index: int = 0) -> dict:
     return {**_envelope(rid, "text_completion", model, created),
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                         "finish_reason": finish_reason}]}
+            "choices": [completion_choice(index, text, finish_reason, logprobs)]}
 
 
-def chat_response(rid, model, text, finish_reason, use, logprobs=None) -> dict:
-    return {**_envelope(rid, "chat.completion", model),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": logprobs, "finish_reason": finish_reason}],
-            "usage": use}
-
-
-def chat_chunk(rid, model, created, delta: dict, finish_reason=None, logprobs=None) -> dict:
+def chat_chunk(rid, model, created, delta: dict, finish_reason=None, logprobs=None,
+               index: int = 0) -> dict:
     return {**_envelope(rid, "chat.completion.chunk", model, created),
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                          "finish_reason": finish_reason}]}
 
 

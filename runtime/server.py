@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator
 
 import uvicorn
@@ -125,39 +126,48 @@ class OpenAIServer:
                       else "cmpl")
         request.scope["llmc.record"] = rec
         try:
-            req, tokens, params = await self._admit(request, parse)
+            req, choices = await self._admit(request, parse)
         except ApiError as e:
             rec.close(e.status, error=e.message)
             return _error(e)
-        rec.prompt_tokens = len(tokens)
+        rec.prompt_tokens = sum(len(c.tokens) for c in choices if c.j == 0)
+        rec.choices = len(choices)
         if req.stream:
-            return StreamingResponse(self._stream(req, tokens, params, rec),
+            return StreamingResponse(self._stream(req, choices, rec),
                                      media_type="text/event-stream",
                                      # nginx would buffer the events otherwise
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
         try:
-            outputs = await _unless_disconnected(request, self._collect(tokens, params, rec))
+            results = await _unless_disconnected(request, _all(
+                self._collect(c, rec) for c in choices))
         except ApiError as e:
             rec.close(e.status, error=e.message)
             return _error(e)
-        if outputs is None:   # the client left; its request was aborted, its blocks freed
+        if results is None:   # the client left; its requests were aborted, their blocks freed
             rec.close(499)
             return Response(status_code=499)
+        shape = api.chat_response if req.chat else api.completion_response
+        body = shape(rec.id, self.model_name, [self._choice(req, c, outputs)
+                                               for c, outputs in zip(choices, results)],
+                     api.usage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens))
+        rec.close(200)
+        return JSONResponse(body)
+
+    def _choice(self, req, c: _Choice, outputs: list) -> dict:
+        """One choice of a whole response, from its request's outputs."""
         text = "".join(o.text for o in outputs)
         ids = [t for o in outputs for t in o.token_ids]
         entries = [e for o in outputs for e in o.logprobs or ()]
         last = outputs[-1]
-        use = api.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
         if req.echo:
-            text = self._prompt_text(req, tokens) + text
-            entries = self._prompt_entries(outputs, tokens) + entries
-            ids = tokens + ids
+            text = self._prompt_text(c, req) + text
+            entries = self._prompt_entries(outputs, c.tokens) + entries
+            ids = c.tokens + ids
         lp = self._logprobs(req, entries, ids + self._stop(req, last)) \
             if req.logprobs is not None else None
-        shape = api.chat_response if req.chat else api.completion_response
-        rec.close(200)
-        return JSONResponse(shape(rec.id, self.model_name, text, last.finish_reason, use, lp))
+        shape = api.chat_choice if req.chat else api.completion_choice
+        return shape(c.index, text, last.finish_reason, lp)
 
     async def _admit(self, request: Request, parse):
         """Everything checked before the engine sees the request: key, drain, body, fields,
@@ -173,8 +183,14 @@ class OpenAIServer:
         if self.active > self.capacity:
             raise ApiError(429, f"the server's queue is full ({self.capacity} requests); "
                            "retry later", "rate_limit_exceeded", code="queue_full")
-        tokens = await run_in_threadpool(self._tokens, req)
-        return req, tokens, req.sampling(len(tokens), self.max_seq_len)
+        choices = []
+        for prompt in req.prompts:
+            tokens = await run_in_threadpool(self._tokens, req, prompt)
+            params = req.sampling(len(tokens), self.max_seq_len)
+            for j in range(req.n):
+                choices.append(_Choice(len(choices), j, prompt, tokens,
+                                       replace(params, seed=req.seed(j)) if j else params))
+        return req, choices
 
     def _denied(self, request: Request) -> ApiError | None:
         if self.api_key is None:
@@ -206,17 +222,17 @@ class OpenAIServer:
         except RecursionError:
             raise api.bad("the request body nests too deeply") from None
 
-    def _tokens(self, req: api.GenerationRequest) -> list[int]:
-        """The prompt's token ids (chat: through the model's chat template, as `llmc run
+    def _tokens(self, req: api.GenerationRequest, prompt) -> list[int]:
+        """A prompt's token ids (chat: through the model's chat template, as `llmc run
         --chat` does). Runs in a worker thread: a long prompt does not stall the others."""
-        if isinstance(req.prompt, list) and not req.chat:
-            bad = next((t for t in req.prompt if not 0 <= t < self.vocab_size), None)
+        if isinstance(prompt, list) and not req.chat:
+            bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
             if bad is not None:
                 raise api.bad(f"token id {bad} is outside the vocabulary "
                               f"(0..{self.vocab_size - 1})", "prompt")
-            return req.prompt
+            return prompt
         try:
-            tokens = self.runner.encode(req.prompt, chat=req.chat)
+            tokens = self.runner.encode(prompt, chat=req.chat)
         except LlmcError as e:
             raise api.bad(str(e), "messages" if req.chat else "prompt") from None
         except Exception as e:   # the tokenizer refused the text
@@ -225,12 +241,12 @@ class OpenAIServer:
             raise api.bad("the prompt is empty (0 tokens)", "prompt")
         return tokens
 
-    async def _outputs(self, tokens, params, rec: _Record):
-        """The engine's outputs for this request; an error before any token is the request's
+    async def _outputs(self, c: _Choice, rec: _Record):
+        """The engine's outputs for one choice; an error before any token is the request's
         own fault (a 400), and an engine that stopped is a 503."""
         try:
-            async for out in self.engine.generate(tokens, params):
-                rec.add(out)
+            async for out in self.engine.generate(c.tokens, c.params):
+                rec.add(c, out)
                 if out.finish_reason == "error":
                     raise self._engine_error(out.error)
                 yield out
@@ -242,38 +258,58 @@ class OpenAIServer:
             return ApiError(500, f"the engine failed: {error}", "internal_error")
         return api.bad(error or "the request failed")
 
-    async def _collect(self, tokens, params, rec: _Record) -> list:
-        return [out async for out in self._outputs(tokens, params, rec)]
+    async def _collect(self, c: _Choice, rec: _Record) -> list:
+        return [out async for out in self._outputs(c, rec)]
 
-    async def _stream(self, req, tokens, params, rec: _Record) -> AsyncIterator[str]:
-        created, model, offset = int(time.time()), self.model_name, 0
+    async def _stream(self, req, choices: list[_Choice], rec: _Record
+                      ) -> AsyncIterator[str]:
+        """Each choice's chunks as its request advances, the choices interleaved."""
+        created, model = int(time.time()), self.model_name
         extra = {"usage": None} if req.include_usage else {}
         code = 200
+        offsets, echoed = [0] * len(choices), set()
+        events: asyncio.Queue = asyncio.Queue()
+
+        async def pump(c: _Choice) -> None:
+            try:
+                async for out in self._outputs(c, rec):
+                    events.put_nowait((c, out))
+            except ApiError as e:
+                events.put_nowait((c, e))
+        pumps = [asyncio.ensure_future(pump(c)) for c in choices]
         try:
             if req.chat:
-                yield _sse({**api.chat_chunk(rec.id, model, created,
-                                             {"role": "assistant", "content": ""}), **extra})
-            echo = req.echo
-            async for out in self._outputs(tokens, params, rec):
-                if echo:   # the prompt first, once its scores (if asked) have come
-                    echo, text = False, self._prompt_text(req, tokens)
-                    lp = (self._logprobs(req, self._prompt_entries([out], tokens), tokens)
+                for c in choices:
+                    yield _sse({**api.chat_chunk(rec.id, model, created,
+                                                 {"role": "assistant", "content": ""},
+                                                 index=c.index), **extra})
+            left = len(choices)
+            while left:
+                c, out = await events.get()
+                if isinstance(out, ApiError):
+                    raise out
+                left -= out.finished
+                if req.echo and c.index not in echoed:   # the prompt first, with its scores
+                    echoed.add(c.index)
+                    text = self._prompt_text(c, req)
+                    lp = (self._logprobs(req, self._prompt_entries([out], c.tokens), c.tokens)
                           if req.logprobs is not None else None)
-                    offset = len(text)
-                    yield _sse({**api.completion_chunk(rec.id, model, created, text, None, lp),
-                                **extra})
+                    offsets[c.index] = len(text)
+                    yield _sse({**api.completion_chunk(rec.id, model, created, text, None, lp,
+                                                       c.index), **extra})
                 lp = None
                 ids = out.token_ids + self._stop(req, out)
                 if req.logprobs is not None and ids:
-                    lp = self._logprobs(req, out.logprobs or [], ids, offset)
-                offset += len(out.text)
+                    lp = self._logprobs(req, out.logprobs or [], ids, offsets[c.index])
+                offsets[c.index] += len(out.text)
                 reason = out.finish_reason if out.finished else None
                 if req.chat:
                     chunk = api.chat_chunk(rec.id, model, created,
                                            {"content": out.text} if out.text else {}, reason,
-                                           lp)
+                                           lp, c.index)
                 else:
-                    chunk = api.completion_chunk(rec.id, model, created, out.text, reason, lp)
+                    chunk = api.completion_chunk(rec.id, model, created, out.text, reason, lp,
+                                                 c.index)
                 yield _sse({**chunk, **extra})
             if req.include_usage:
                 yield _sse(api.usage_chunk(rec.id, model, created, req.chat,
@@ -284,8 +320,10 @@ class OpenAIServer:
             code = e.status
             rec.error = e.message
             yield _sse(e.body())
-        finally:   # also when the client left (the stream was cancelled, the request aborted)
-            rec.close(code if rec.finish_reason else 499)
+        finally:   # also when the client left (the stream was cancelled, the requests aborted)
+            for t in pumps:
+                t.cancel()
+            rec.close(code if rec.finished else 499)
 
     @staticmethod
     def _stop(req, out) -> list[int]:
@@ -294,11 +332,11 @@ class OpenAIServer:
         completion's). Chat's logprobs keep to the message's tokens."""
         return [out.stop_token_id] if out.stop_token_id is not None and not req.chat else []
 
-    def _prompt_text(self, req, tokens: list[int]) -> str:
+    def _prompt_text(self, c: _Choice, req) -> str:
         """What echo returns: the prompt as given, or its token ids' text."""
-        if isinstance(req.prompt, str):
-            return req.prompt
-        return self.runner.tokenizer.decode(tokens, skip_special_tokens=False)
+        if isinstance(c.prompt, str):
+            return c.prompt
+        return self.runner.tokenizer.decode(c.tokens, skip_special_tokens=False)
 
     @staticmethod
     def _prompt_entries(outputs, tokens: list[int]) -> list:
@@ -378,20 +416,40 @@ class _Record:
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.t0 = time.monotonic()
         self.first = self.last = None
-        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
+        self.prompt_tokens = 0   # each prompt once, however many samples it has
+        self.choices = 1
+        self._done = 0
+        # each choice's completion tokens, and its prompt's tokens the prefix cache served
+        # (a prompt's first sample's: its later ones would count the same prompt again)
+        self._completion: dict[int, int] = {}
+        self._cached: dict[int, int] = {}
         self.finish_reason: str | None = None
         self.submitted = False
         self.error: str | None = None
         self.closed = False
 
-    def add(self, out) -> None:
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self._completion.values())
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self._cached.values())
+
+    @property
+    def finished(self) -> bool:
+        return self._done == self.choices
+
+    def add(self, c: _Choice, out) -> None:
         now = time.monotonic()
         self.submitted = True
         if out.token_ids and self.first is None:
             self.first = now
-        self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
-        self.completion_tokens = out.completion_tokens
+        self._completion[c.index] = out.completion_tokens
+        if c.j == 0:
+            self._cached[c.index] = out.cached_tokens
         if out.finished:
+            self._done += 1
             self.finish_reason, self.last = out.finish_reason, now
             self.error = out.error
 
@@ -415,6 +473,29 @@ class _Record:
                  self.prompt_tokens, n, self.cached_tokens,
                  f"{ttft:.3f}s" if ttft is not None else "-", e2e,
                  f" error={error!r}" if error else "")
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """One choice of a request: its prompt's j-th sample, an engine request of its own."""
+
+    index: int          # in the response: prompt-major, as OpenAI numbers them
+    j: int              # which of its prompt's n samples
+    prompt: Any         # as the client gave it (text, token ids, chat messages)
+    tokens: list[int]
+    params: Any         # SamplingParams
+
+
+async def _all(works):
+    """Await several coroutines; when one fails, cancel the rest (aborting their engine
+    requests) and raise its error."""
+    tasks = [asyncio.ensure_future(w) for w in works]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
 
 
 async def _unless_disconnected(request: Request, work):

@@ -157,6 +157,46 @@ def test_echo_returns_the_prompt_and_its_logprobs(served):
                if c.choices[0].logprobs) == 3 + len(want.token_ids)
 
 
+def test_n_samples_and_a_batch_of_prompts(served):
+    """A choice a prompt and sample, indexed prompt-major; each equals the Runner's request
+    with that prompt and seed (the request's seed + j for sample j); usage counts each prompt
+    once and every choice's tokens."""
+    client, runner = served.client, served.runner
+    prompts = ["w3 w4 w5", "w9 w8"]
+    r = client.completions.create(model="tiny", prompt=prompts, n=3, max_tokens=5, seed=7,
+                                  temperature=1.0, logprobs=0)
+    assert [c.index for c in r.choices] == list(range(6))
+    for c in r.choices:
+        want = solo(runner, prompts[c.index // 3], max_tokens=5, seed=7 + c.index % 3,
+                    temperature=1.0)
+        assert c.text == want.text and len(c.logprobs.tokens) == len(want.token_ids)
+    assert len({c.text for c in r.choices[:3]}) > 1   # the samples differ
+    assert r.usage.prompt_tokens == 5
+    assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices)
+
+    chunks = list(client.completions.create(model="tiny", prompt=prompts, n=2, max_tokens=4,
+                                            seed=3, temperature=1.0, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts = {}
+    for ch in chunks[:-1]:
+        texts[ch.choices[0].index] = texts.get(ch.choices[0].index, "") + ch.choices[0].text
+    assert texts == {i: solo(runner, prompts[i // 2], max_tokens=4, seed=3 + i % 2,
+                             temperature=1.0).text for i in range(4)}
+    assert chunks[-1].usage.prompt_tokens == 5
+
+    messages = [{"role": "user", "content": "w9 w10"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, n=2, max_tokens=4,
+                                       temperature=0)
+    want = solo(runner, messages, chat=True, max_tokens=4)
+    assert [c.message.content for c in r.choices] == [want.text] * 2
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, n=2,
+                                                 max_tokens=4, temperature=0, stream=True))
+    for i in range(2):
+        mine = [ch.choices[0].delta for ch in chunks if ch.choices[0].index == i]
+        assert mine[0].role == "assistant"
+        assert "".join(d.content or "" for d in mine) == want.text
+
+
 def test_async_client_concurrent_requests(served):
     prompts = [f"w{i} w{i + 1}" for i in range(3, 11)]
     want = served.runner.complete(prompts, SamplingParams(max_tokens=6))
@@ -224,14 +264,19 @@ BAD = [   # (name, path, body or raw bytes, headers, status, words in the messag
     ("top_p out of range", "c", {**OK_BODY, "top_p": 0}, AUTH, 400, "top_p"),
     ("penalty out of range", "c", {**OK_BODY, "presence_penalty": 5}, AUTH, 400,
      "presence_penalty"),
-    ("n > 1", "c", {**OK_BODY, "n": 2}, AUTH, 400, "n must be 1"),
+    ("n of 0", "c", {**OK_BODY, "n": 0}, AUTH, 400, "n must be at least 1"),
+    ("n x prompts > 128", "c", {**OK_BODY, "prompt": ["w3", "w4"], "n": 65}, AUTH, 400,
+     "at most 128 choices"),
+    ("best_of other than n", "c", {**OK_BODY, "n": 2, "best_of": 3}, AUTH, 400,
+     "best_of must equal n"),
     ("no role", "chat", {**CHAT, "messages": [{"content": "w3"}]}, AUTH, 400, "role"),
     ("content not text", "chat", {**CHAT, "messages": [{"role": "user", "content": 5}]}, AUTH,
      400, "content"),
     ("empty messages", "chat", {**CHAT, "messages": []}, AUTH, 400, "messages is empty"),
     ("missing prompt", "c", {"model": "tiny"}, AUTH, 400, "'prompt' is required"),
     ("empty prompt", "c", {**OK_BODY, "prompt": ""}, AUTH, 400, "empty"),
-    ("batch of prompts", "c", {**OK_BODY, "prompt": ["w3", "w4"]}, AUTH, 400, "one prompt"),
+    ("an empty prompt in a batch", "c", {**OK_BODY, "prompt": ["w3", ""]}, AUTH, 400,
+     "prompt 1 is empty"),
     ("token outside vocab", "c", {**OK_BODY, "prompt": [5, 999]}, AUTH, 400, "vocabulary"),
     ("unknown model", "c", {**OK_BODY, "model": "gpt-9"}, AUTH, 404, "does not exist"),
     ("no API key", "c", OK_BODY, {}, 401, "API key"),
