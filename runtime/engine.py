@@ -81,6 +81,7 @@ class LLMEngine:
         self.requests[request_id] = req
         try:
             params.validate()
+            self._check_bias(params)
             req.prompt_token_ids = self._tokens(prompt)
             self._check_fits(req)
         except LlmcError as e:
@@ -131,6 +132,13 @@ class LLMEngine:
         if bad is not None:
             raise LlmcError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
         return ids
+
+    def _check_bias(self, params: SamplingParams) -> None:
+        vocab = self.header.io.vocab_size
+        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise LlmcError(f"logit_bias names token id {bad}, outside the vocabulary "
+                            f"(0..{vocab - 1})")
 
     def _check_fits(self, req: Request) -> None:
         n, lim = len(req.prompt_token_ids), self.limits

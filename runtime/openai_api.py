@@ -8,7 +8,7 @@ Requests are checked as OpenAI checks them: an unknown field, a wrong type or a 
 of range is a 400 naming the field (OpenAI refuses unknown fields too; vLLM's extensions
 top_k, min_p, repetition_penalty, min_tokens, ignore_eos and stop_token_ids are known).
 Fields that change nothing here (user, metadata, ...) are accepted; fields asking for what
-llmc does not do (tools, suffix, logit_bias) are a 400 that says so. `n` samples and a
+llmc does not do (tools, suffix) are a 400 that says so. `n` samples and a
 batch of prompts (completions) give a choice each, `n` a prompt, indexed prompt-major as
 OpenAI indexes them.
 
@@ -201,8 +201,6 @@ def _request(f: dict, prompts: list, chat: bool, logprobs: int | None, echo: boo
     if f.get("best_of") not in (None, n):
         raise bad(f"best_of must equal n ({n}): llmc returns every sample it draws, got "
                   f"{f['best_of']}", "best_of")
-    if f.get("logit_bias"):
-        raise bad("logit_bias is not supported", "logit_bias")
     max_tokens = f.get("max_tokens")
     if max_tokens is not None and max_tokens < (0 if echo else 1):
         raise bad(f"max_tokens must be at least {0 if echo else 1}, got {max_tokens}"
@@ -222,7 +220,8 @@ def _request(f: dict, prompts: list, chat: bool, logprobs: int | None, echo: boo
         raise bad("stream_options needs stream: true", "stream_options")
     f.setdefault("temperature", 1.0)   # the API's default (llmc run's is greedy)
     names = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k",
-             "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids")
+             "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+             "logit_bias")
     # echo with logprobs scores the prompt; so does echo with max_tokens 0 (top-0), the one
     # kind of request SamplingParams lets generate nothing
     prompt_logprobs = (logprobs if logprobs is not None else 0) if echo and (

@@ -2,8 +2,8 @@
 (`sample_batch`), each row with its own `SamplingParams` and random stream.
 
 Order of operations (vLLM's), per row:
-  1. min_tokens: while the output is shorter than min_tokens, the stop_token_ids (and EOS,
-     unless ignore_eos) are masked (-inf).
+  1. logit_bias is added; min_tokens: while the output is shorter than min_tokens, the
+     stop_token_ids (and EOS, unless ignore_eos) are masked (-inf).
   2. penalties, on the logits: repetition_penalty over the tokens of prompt + output (a
      positive logit is divided by it, a non-positive one multiplied), then
      logit -= frequency_penalty * count + presence_penalty * (count > 0) over the output.
@@ -184,21 +184,26 @@ def batch_probabilities(logits: np.ndarray, params: Sequence[SamplingParams],
 
 
 def _penalise(logits: np.ndarray, params, outputs, prompts, eos_ids) -> np.ndarray:
-    """min_tokens masks and penalties over the whole batch at once (flat indices); the
-    logits themselves when no row has any."""
+    """logit_bias, min_tokens masks and penalties over the whole batch at once (flat
+    indices); the logits themselves when no row has any."""
     b, v = logits.shape
-    masked, rep, freq = [], [], []
+    masked, rep, freq, bias = [], [], [], []
     for r, p in enumerate(params):
+        if p.logit_bias:
+            bias += [(t + r * v, value) for t, value in p.logit_bias]
         masked += [ids + r * v for ids in _suppressed(p, len(outputs[r]), eos_ids)]
         if p.repetition_penalty != 1:
             rep += [np.asarray(prompts[r], np.int64) + r * v,
                     np.asarray(outputs[r], np.int64) + r * v]
         if p.frequency_penalty or p.presence_penalty:
             freq.append(np.asarray(outputs[r], np.int64) + r * v)
-    if not (masked or rep or freq):
+    if not (masked or rep or freq or bias):
         return logits
     x = logits.copy()
     flat = x.reshape(-1)
+    if bias:
+        at, values = zip(*bias)
+        flat[np.array(at, np.int64)] += np.array(values, np.float32)
     if masked:
         flat[np.concatenate(masked)] = -np.inf
     if rep:

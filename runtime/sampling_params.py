@@ -40,6 +40,8 @@ class SamplingParams:
                         prompt and generates nothing
     min_tokens          EOS and stop_token_ids cannot be sampled before this many tokens
     ignore_eos          keep going past EOS (then min_tokens does not mask EOS)
+    logit_bias          {token id: bias}: added to those tokens' logits before anything else
+                        (OpenAI's; a bias in [-100, 100], -100 bans a token in practice)
     logprobs            None, or n in 0..20: the sampled token's logprob and the n most likely
                         tokens' (log_softmax of the model's raw logits, vLLM's default)
     prompt_logprobs     None, or n in 0..20: the same for every prompt token after the first
@@ -64,6 +66,7 @@ class SamplingParams:
     max_tokens: int = 64
     min_tokens: int = 0
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias) pairs, by token id
     logprobs: int | None = None
     prompt_logprobs: int | None = None
 
@@ -75,6 +78,12 @@ class SamplingParams:
         elif isinstance(stop, (list, tuple)):
             stop = tuple(stop)
         object.__setattr__(self, "stop", stop)
+        if isinstance(self.logit_bias, Mapping):   # JSON's keys are strings: "50256"
+            try:
+                pairs = tuple(sorted((int(k), v) for k, v in self.logit_bias.items()))
+            except (TypeError, ValueError):
+                pairs = self.logit_bias   # validate() names what is wrong with it
+            object.__setattr__(self, "logit_bias", pairs)
         if isinstance(self.stop_token_ids, (list, tuple, np.ndarray)):
             object.__setattr__(self, "stop_token_ids", tuple(
                 int(t) if isinstance(t, np.integer) else t for t in self.stop_token_ids))
@@ -102,7 +111,8 @@ class SamplingParams:
         """Whether sampling needs more than the GPU sampler's temperature / top_k / top_p."""
         return (self.min_p > 0 or self.repetition_penalty != 1 or self.presence_penalty != 0
                 or self.frequency_penalty != 0 or self.min_tokens > 0
-                or self.logprobs is not None or self.prompt_logprobs is not None)
+                or self.logprobs is not None or self.prompt_logprobs is not None
+                or bool(self.logit_bias))
 
     def validate(self) -> None:
         """Raise LlmcError naming the first bad value (NaN and infinities included)."""
@@ -133,6 +143,12 @@ class SamplingParams:
                      ">= 0 (0: score the prompt only)")
         _integer(self.min_tokens, "min_tokens", lambda v: 0 <= v <= self.max_tokens,
                  f">= 0 and <= max_tokens ({self.max_tokens})")
+        if not isinstance(self.logit_bias, tuple) or not all(
+                isinstance(e, tuple) and len(e) == 2 and _is_int(e[0]) and e[0] >= 0
+                and isinstance(e[1], Real) and not isinstance(e[1], (bool, np.bool_))
+                and math.isfinite(e[1]) and -100 <= e[1] <= 100 for e in self.logit_bias):
+            raise LlmcError(f"logit_bias must map token ids (integers >= 0) to biases in "
+                            f"[-100, 100], got {self.logit_bias!r}")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise LlmcError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         for name in ("logprobs", "prompt_logprobs"):

@@ -5,6 +5,7 @@ path, and 20k seeded draws per case; seeds, logprobs and validation."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -170,6 +171,29 @@ def test_logprobs_are_raw_log_softmax():
                         [[]] * 2).logprobs is None
 
 
+def test_logit_bias_is_added_before_everything_else():
+    """The distribution drawn from is that of logits + bias (then the penalties); logprobs
+    stay those of the raw logits; JSON's string keys are token ids."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 50)).astype(np.float32)
+    bias = {"7": 3.5, "3": -100.0}
+    p = SamplingParams(0.8, top_p=0.9, logit_bias=bias, repetition_penalty=1.3)
+    assert p.logit_bias == ((3, -100.0), (7, 3.5)) and p.needs_host
+    assert SamplingParams.from_dict({"logit_bias": bias}) == SamplingParams(logit_bias=bias)
+    biased = x.copy()
+    biased[:, 7] += 3.5
+    biased[:, 3] -= 100
+    got = batch_probabilities(x, [p] * 3, [[1, 7]] * 3, [[2]] * 3)
+    want = batch_probabilities(biased, [replace(p, logit_bias=())] * 3, [[1, 7]] * 3, [[2]] * 3)
+    np.testing.assert_allclose(got, want)
+    assert got[:, 3].max() == 0
+    greedy = sample_batch(x, [SamplingParams(logit_bias={11: 100}, logprobs=0)] * 3, [None] * 3,
+                          [[]] * 3, [[]] * 3)
+    assert greedy.tokens.tolist() == [11] * 3
+    raw = x - np.log(np.exp(x.astype(np.float64)).sum(1, keepdims=True))
+    np.testing.assert_allclose(greedy.logprobs, raw[:, 11], rtol=1e-6)
+
+
 def test_a_row_with_no_finite_logit_is_an_error():
     x = np.array([[0, 1], [-np.inf, -np.inf]], np.float32)
     with pytest.raises(LlmcError, match="row 1 of the logits has no finite maximum"):
@@ -210,6 +234,10 @@ def test_a_row_with_no_finite_logit_is_an_error():
     (dict(ignore_eos="yes"), "ignore_eos must be true or false"),
     (dict(logprobs=21), "logprobs must be an integer None or an integer in 0..20"),
     (dict(logprobs=-1), "logprobs must be"),
+    (dict(logit_bias={"a": 1}), "logit_bias must map token ids"),
+    (dict(logit_bias={5: 101}), "logit_bias must map .* to biases in"),
+    (dict(logit_bias={-1: 1}), "logit_bias must map token ids"),
+    (dict(logit_bias={5: float("nan")}), "logit_bias must"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(LlmcError, match=message):

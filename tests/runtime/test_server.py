@@ -197,6 +197,24 @@ def test_n_samples_and_a_batch_of_prompts(served):
         assert "".join(d.content or "" for d in mine) == want.text
 
 
+def test_logit_bias(served):
+    """OpenAI's {token id: bias}: +100 makes a greedy completion that token throughout, and
+    -100 on the greedy first token makes it another; as the Runner's requests with it."""
+    client, runner = served.client, served.runner
+    forced = solo(runner, "w3 w4 w5", max_tokens=4, logit_bias={9: 100})
+    assert forced.token_ids == [9] * 4
+    r = client.completions.create(model="tiny", prompt="w3 w4 w5", max_tokens=4,
+                                  temperature=0, logit_bias={"9": 100})
+    assert r.choices[0].text == forced.text
+    messages = [{"role": "user", "content": "w3 w4 w5"}]
+    first = solo(runner, messages, chat=True, max_tokens=1).token_ids[0]
+    banned = solo(runner, messages, chat=True, max_tokens=3, logit_bias={first: -100})
+    assert banned.token_ids[0] != first
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3,
+                                       temperature=0, logit_bias={str(first): -100})
+    assert r.choices[0].message.content == banned.text
+
+
 def test_async_client_concurrent_requests(served):
     prompts = [f"w{i} w{i + 1}" for i in range(3, 11)]
     want = served.runner.complete(prompts, SamplingParams(max_tokens=6))
@@ -297,6 +315,12 @@ BAD = [   # (name, path, body or raw bytes, headers, status, words in the messag
     ("min_tokens > max_tokens", "c", {**OK_BODY, "min_tokens": 5}, AUTH, 400, "min_tokens"),
     ("max_tokens 0 without echo", "c", {**OK_BODY, "max_tokens": 0}, AUTH, 400,
      "0 only with echo"),
+    ("logit_bias key not a token id", "c", {**OK_BODY, "logit_bias": {"w3": 1}}, AUTH, 400,
+     "logit_bias must map token ids"),
+    ("logit_bias out of range", "c", {**OK_BODY, "logit_bias": {"5": 300}}, AUTH, 400,
+     "biases in [-100, 100]"),
+    ("logit_bias outside the vocab", "c", {**OK_BODY, "logit_bias": {"99999": 1}}, AUTH, 400,
+     "outside the vocabulary"),
 ]
 
 
