@@ -161,7 +161,7 @@ class OpenAIServer:
         entries = [e for o in outputs for e in o.logprobs or ()]
         last = outputs[-1]
         if req.echo:
-            text = self._prompt_text(c, req) + text
+            text = self._prompt_text(c) + text
             entries = self._prompt_entries(outputs, c.tokens) + entries
             ids = c.tokens + ids
         lp = self._logprobs(req, entries, ids + self._stop(req, last)) \
@@ -291,7 +291,7 @@ class OpenAIServer:
                 left -= out.finished
                 if req.echo and c.index not in echoed:   # the prompt first, with its scores
                     echoed.add(c.index)
-                    text = self._prompt_text(c, req)
+                    text = self._prompt_text(c)
                     lp = (self._logprobs(req, self._prompt_entries([out], c.tokens), c.tokens)
                           if req.logprobs is not None else None)
                     offsets[c.index] = len(text)
@@ -323,7 +323,7 @@ class OpenAIServer:
         finally:   # also when the client left (the stream was cancelled, the requests aborted)
             for t in pumps:
                 t.cancel()
-            rec.close(code if rec.finished else 499)
+            rec.close(code if rec.finished or code != 200 else 499)
 
     @staticmethod
     def _stop(req, out) -> list[int]:
@@ -332,7 +332,7 @@ class OpenAIServer:
         completion's). Chat's logprobs keep to the message's tokens."""
         return [out.stop_token_id] if out.stop_token_id is not None and not req.chat else []
 
-    def _prompt_text(self, c: _Choice, req) -> str:
+    def _prompt_text(self, c: _Choice) -> str:
         """What echo returns: the prompt as given, or its token ids' text."""
         if isinstance(c.prompt, str):
             return c.prompt
