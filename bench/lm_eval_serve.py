@@ -3,7 +3,7 @@
     pip install lm_eval            # not an llmc dependency
     llmc build --backend reference --dtype fp32 -o smollm2-fp32.engine
     python bench/lm_eval_serve.py smollm2-fp32.engine [--gguf FILE] [--concurrent 8]
-                                  [--batch-size 1]
+                                  [--batch-size 1] [--tokenizer remote|hf]
 
 Serves ENGINE on a loopback port (the server `llmc serve` runs, in this process) and runs two
 tasks written here with lm-evaluation-harness's `local-completions` model, which scores a
@@ -15,7 +15,9 @@ document by document:
   answers: the sum of each answer's token logprobs, and whether each token was the greedy one);
 - `llmc_prose`: the bundled evaluation text (chapter 1 of Pride and Prejudice) in paragraphs,
   `loglikelihood_rolling` (word perplexity).
-Nothing is downloaded: the tasks are local JSON, the tokenizer is the GGUF's.
+Nothing is downloaded: the tasks are local JSON. The API model tokenizes with the server's
+tokenizer (`tokenizer_backend=remote`: /tokenize, /detokenize, /tokenizer_info), or with
+`--tokenizer hf` with transformers' tokenizer of the GGUF, saved to a folder.
 """
 from __future__ import annotations
 
@@ -151,6 +153,8 @@ def main() -> int:
                     help="requests lm-evaluation-harness keeps in flight (default 8)")
     ap.add_argument("--batch-size", type=int, default=1,
                     help="prompts a request (a batch of prompts in one; default 1)")
+    ap.add_argument("--tokenizer", choices=("remote", "hf"), default="remote",
+                    help="the API model's tokenizer: the server's (default) or transformers'")
     ap.add_argument("--prose-docs", type=int, default=8, help="paragraphs scored (default 8)")
     args = ap.parse_args()
     from lm_eval.models.huggingface import HFLM
@@ -167,8 +171,9 @@ def main() -> int:
     with server.running("127.0.0.1", 0) as url:
         from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-        api = LocalCompletionsAPI(model="llmc", base_url=f"{url}/v1/completions",
-                                  tokenizer=str(work / "tokenizer"),
+        tok_args = (dict(tokenizer_backend="remote") if args.tokenizer == "remote"
+                    else dict(tokenizer=str(work / "tokenizer")))
+        api = LocalCompletionsAPI(model="llmc", base_url=f"{url}/v1/completions", **tok_args,
                                   num_concurrent=args.concurrent, max_length=max_len,
                                   batch_size=args.batch_size)
         served = evaluate(api, work)
@@ -177,7 +182,8 @@ def main() -> int:
                   work)
 
     print(f"engine: {args.engine}; lm_eval {__import__('lm_eval').__version__}; "
-          f"{args.concurrent} requests in flight, {args.batch_size} prompts a request")
+          f"{args.concurrent} requests in flight, {args.batch_size} prompts a request, "
+          f"{args.tokenizer} tokenizer")
     print("| task | metric | llmc serve (local-completions) | transformers (hf) |")
     print("|---|---|---|---|")
     for task, metrics in (("llmc_qa", ("acc,none",)),

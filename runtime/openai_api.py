@@ -169,7 +169,7 @@ def parse_chat(body: Any) -> GenerationRequest:
         raise bad("top_logprobs needs logprobs: true", "top_logprobs")
     if f.get("max_completion_tokens") is not None:   # the newer name wins, as in OpenAI
         f["max_tokens"] = f["max_completion_tokens"]
-    return _request(f, [_messages(f["messages"])], True,
+    return _request(f, [chat_messages(f["messages"])], True,
                     (top or 0) if f.get("logprobs") else None)
 
 
@@ -253,7 +253,7 @@ def _prompts(prompt) -> list:
     return batch
 
 
-def _messages(messages: list) -> list[dict]:
+def chat_messages(messages) -> list[dict]:
     """{"role", "content"} dicts for the chat template; text content parts are joined."""
     if not messages:
         raise bad("messages is empty: give at least one message", "messages")

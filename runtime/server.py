@@ -5,10 +5,12 @@
     with server.running("127.0.0.1", 0) as url: ...   # a background thread (tests, embedding)
 
 Endpoints: POST /v1/completions and /v1/chat/completions (JSON or SSE streams), GET
-/v1/models, /health and /metrics (Prometheus). Every request shares the engine's steps with
-every other (one EngineLoop thread steps the engine; this event loop only parses, tokenizes
-and writes). Request checking and the JSON shapes are runtime/openai_api.py's; the metrics
-are runtime/server_metrics.py's.
+/v1/models, /health and /metrics (Prometheus); vLLM's tokenizer endpoints POST /tokenize and
+/detokenize and GET /tokenizer_info, which lm-evaluation-harness's `tokenizer_backend=remote`
+reads (like vLLM's, outside /v1 and so without the API key: they run no model). Every
+request shares the engine's steps with every other (one EngineLoop thread steps the engine;
+this event loop only parses, tokenizes and writes). Request checking and the JSON shapes are
+runtime/openai_api.py's; the metrics are runtime/server_metrics.py's.
 
 Starlette + uvicorn: a small, well-kept ASGI toolkit and server (FastAPI is Starlette plus
 pydantic models; the request checks here must answer with OpenAI's error shape and llmc's
@@ -70,6 +72,9 @@ class OpenAIServer:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.scrape, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
+            Route("/tokenizer_info", self.tokenizer_info, methods=["GET"]),
         ], exception_handlers={HTTPException: self._http_error})
 
     async def __call__(self, scope, receive, send) -> None:
@@ -112,6 +117,55 @@ class OpenAIServer:
 
     async def scrape(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def tokenize(self, request: Request) -> Response:
+        """{"prompt": text, "add_special_tokens": true} or {"messages": [...]} (the chat
+        template's tokens, as a chat request's prompt) -> {"tokens", "count",
+        "max_model_len"}."""
+        try:
+            body = await self._json(request)
+            if not isinstance(body, dict):
+                raise api.bad("the request body must be a JSON object")
+            if "messages" in body:
+                tokens = await run_in_threadpool(
+                    self.runner.encode, api.chat_messages(body["messages"]), True)
+            else:
+                text, special = body.get("prompt"), body.get("add_special_tokens", True)
+                if not isinstance(text, str) or not isinstance(special, bool):
+                    raise api.bad("give 'prompt' (a string) and, if any, "
+                                  "'add_special_tokens' (a boolean), or 'messages'", "prompt")
+                tokens = (await run_in_threadpool(
+                    self.runner.tokenizer.encode, text, add_special_tokens=special)).ids
+        except ApiError as e:
+            return _error(e)
+        except LlmcError as e:   # no chat template
+            return _error(api.bad(str(e), "messages"))
+        return JSONResponse({"tokens": tokens, "count": len(tokens),
+                             "max_model_len": self.max_seq_len})
+
+    async def detokenize(self, request: Request) -> Response:
+        """{"tokens": [ids]} -> {"prompt": their text, special tokens included}."""
+        try:
+            body = await self._json(request)
+            tokens = body.get("tokens") if isinstance(body, dict) else None
+            if not isinstance(tokens, list) or not all(
+                    isinstance(t, int) and not isinstance(t, bool)
+                    and 0 <= t < self.vocab_size for t in tokens):
+                raise api.bad(f"'tokens' must be a list of token ids (0..{self.vocab_size - 1})",
+                              "tokens")
+        except ApiError as e:
+            return _error(e)
+        return JSONResponse({"prompt": self.runner.tokenizer.decode(
+            tokens, skip_special_tokens=False)})
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        """The special tokens' text and the chat template (vLLM's /tokenizer_info)."""
+        eos, bos = self.runner.eos_ids, self.runner.engine.header.tokenizer.bos_token_id
+        return JSONResponse({
+            "eos_token": self._token_text(eos[0]) if eos else None,
+            "bos_token": self._token_text(bos) if bos is not None else None,
+            "pad_token": None, "chat_template": self.runner.chat_template,
+            "model_max_length": self.max_seq_len})
 
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         """Unknown paths and methods answer in OpenAI's JSON too."""

@@ -68,6 +68,16 @@ def test_chat_template_greedy_and_sigterm_drain(smollm2_engine, hf_smollm2):
         runner.close()
         assert r.choices[0].message.content == want.text
 
+        # the tokenizer endpoints against transformers': EOS's text, and its id from it (how
+        # lm-evaluation-harness's remote tokenizer finds it)
+        info = _json(server.url, "GET", "/tokenizer_info")
+        assert info["eos_token"] == tok.eos_token
+        got = _json(server.url, "POST", "/tokenize",
+                    {"prompt": tok.eos_token, "add_special_tokens": False})
+        assert got["tokens"] == [tok.eos_token_id]
+        got = _json(server.url, "POST", "/tokenize", {"prompt": "Hello there"})
+        assert got["tokens"] == tok("Hello there")["input_ids"]
+
         # SIGTERM while a stream is in flight: it finishes, a new request gets 503, exit 0
         stream = client.completions.create(model="smol", prompt="Once upon a time",
                                            max_tokens=24, temperature=0, stream=True,
@@ -102,6 +112,18 @@ def test_startup_errors_are_one_line(tiny_chat_engine):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:"
                                                         f"{port}")
+
+
+def _json(url: str, method: str, path: str, body=None) -> dict:
+    """One request's JSON answer, asserting a 200."""
+    import http.client
+
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request(method, path, None if body is None else json.dumps(body))
+    r = conn.getresponse()
+    assert r.status == 200
+    return json.loads(r.read())
 
 
 def test_serve_tiny_engine_answers(tiny_chat_engine):

@@ -215,6 +215,30 @@ def test_logit_bias(served):
     assert r.choices[0].message.content == banned.text
 
 
+def test_tokenizer_endpoints(served):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info (lm-evaluation-harness's remote
+    tokenizer reads them): the Runner's tokens and texts, no API key needed, bad bodies a
+    400."""
+    runner, url = served.runner, served.url
+    status, got = request(url, "POST", "/tokenize", {"prompt": "w3 w4 w5"})
+    assert status == 200 and got["tokens"] == runner.encode("w3 w4 w5")
+    assert got["count"] == 3 and got["max_model_len"] == 64
+    messages = [{"role": "user", "content": "w9 w10"}]
+    status, got = request(url, "POST", "/tokenize", {"messages": messages})
+    assert status == 200 and got["tokens"] == runner.encode(messages, chat=True)
+    status, got = request(url, "POST", "/detokenize", {"tokens": runner.encode("w3 w4")})
+    assert status == 200 and got["prompt"] == runner.tokenizer.decode(runner.encode("w3 w4"))
+    status, info = request(url, "GET", "/tokenizer_info")
+    assert status == 200 and info["chat_template"] == runner.chat_template
+    assert info["eos_token"] is None and not runner.eos_ids   # SmolLM2's: tests/cli
+    for path, body, words in (("/tokenize", {"prompt": 5}, "'prompt' (a string)"),
+                              ("/tokenize", {"messages": []}, "messages is empty"),
+                              ("/detokenize", {"tokens": [99999]}, "list of token ids"),
+                              ("/detokenize", [1], "list of token ids")):
+        status, got = request(url, "POST", path, body)
+        assert status == 400 and words in got["error"]["message"], (path, got)
+
+
 def test_async_client_concurrent_requests(served):
     prompts = [f"w{i} w{i + 1}" for i in range(3, 11)]
     want = served.runner.complete(prompts, SamplingParams(max_tokens=6))
