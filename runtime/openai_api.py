@@ -8,9 +8,8 @@ Requests are checked as OpenAI checks them: an unknown field, a wrong type or a 
 of range is a 400 naming the field (OpenAI refuses unknown fields too; vLLM's extensions
 top_k, min_p, repetition_penalty, min_tokens, ignore_eos and stop_token_ids are known).
 Fields that change nothing here (user, metadata, ...) are accepted; fields asking for what
-llmc does not do (tools, suffix) are a 400 that says so. `n` samples and a
-batch of prompts (completions) give a choice each, `n` a prompt, indexed prompt-major as
-OpenAI indexes them.
+llmc does not do (tools, suffix) are a 400 that says so. `n` samples a prompt and a batch
+of prompts (completions) give a choice each, indexed prompt-major as OpenAI indexes them.
 
 `echo` (completions) returns the prompt before the completion; with `logprobs`, the prompt
 tokens' too (the first one's null), which is how lm-evaluation-harness scores a text through
