@@ -1,6 +1,6 @@
 """lm-evaluation-harness through `llmc serve`, against lm-evaluation-harness on transformers.
 
-    pip install lm_eval            # not an llmc dependency
+    pip install "lm_eval[api]"     # not an llmc dependency
     llmc build --backend reference --dtype fp32 -o smollm2-fp32.engine
     python bench/lm_eval_serve.py smollm2-fp32.engine [--gguf FILE] [--concurrent 8]
                                   [--batch-size 1] [--tokenizer remote|hf]
@@ -157,7 +157,13 @@ def main() -> int:
                     help="the API model's tokenizer: the server's (default) or transformers'")
     ap.add_argument("--prose-docs", type=int, default=8, help="paragraphs scored (default 8)")
     args = ap.parse_args()
-    from lm_eval.models.huggingface import HFLM
+    try:
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.models.openai_completions import LocalCompletionsAPI
+    except ImportError as e:
+        print(f"error: lm-evaluation-harness is needed ({e}); pip install \"lm_eval[api]\"",
+              file=sys.stderr)
+        return 2
 
     from llmc.runtime.runner import Runner
     from llmc.runtime.server import OpenAIServer
@@ -169,8 +175,6 @@ def main() -> int:
     max_len = runner.limits.max_seq_len
     server = OpenAIServer(runner, "llmc")
     with server.running("127.0.0.1", 0) as url:
-        from lm_eval.models.openai_completions import LocalCompletionsAPI
-
         tok_args = (dict(tokenizer_backend="remote") if args.tokenizer == "remote"
                     else dict(tokenizer=str(work / "tokenizer")))
         api = LocalCompletionsAPI(model="llmc", base_url=f"{url}/v1/completions", **tok_args,
