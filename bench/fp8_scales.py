@@ -8,8 +8,9 @@ over llmc's bundled calibration and evaluation texts cut as the build cuts them
 Rows: the weights alone (a scale per output channel, |max| / 448, or each column's chosen by
 its rounding error as `--quant fp8` chooses it: numerics.quantize_fp8_weight); the GEMM
 inputs alone with one calibrated scale a tensor (|max| / 448) or a scale per token (each row's
-|max| / 448 at run time); both; and the per-tensor scheme with the GEMMs whose calibration
-inputs have the most extreme outlier tokens left unquantized. Then those GEMMs.
+|max| / 448 at run time); both; the per-tensor scheme with each window's first row left
+16-bit; and the per-tensor scheme with the GEMMs whose calibration inputs have the most
+extreme outlier tokens left unquantized. Then those GEMMs.
 
 `--texts paragraphs` scores short texts instead: the first 8 paragraphs of at least 20 words
 of the evaluation text, each from its start, without and with the EOS token before it (as
@@ -135,13 +136,14 @@ def main() -> None:
     print("| weights | GEMM inputs | GEMMs left 16-bit | ppl | Δppl |\n|---|---|---|---|---|")
     print(f"| 16-bit | 16-bit | all | {base:.3f} | |")
     rows = [(True, None, 0), ("steps", None, 0), (False, "tensor", 0), (True, "tensor", 0),
-            ("steps", "tensor", 0), (False, "token", 0), (True, "token", 0)] + \
-        [(True, "tensor", k) for k in args.skip]
+            ("steps", "tensor", 0), ("steps", "tensor, first 16-bit", 0), (False, "token", 0),
+            (True, "token", 0)] + [(True, "tensor", k) for k in args.skip]
     for fp8, acts, skip in rows:
         setting["acts"], setting["skip"] = acts, set(outliers[:skip])
         set_weights(fp8)
         p = perplexity()
         inputs = {None: "16-bit", "tensor": "E4M3, a scale a tensor",
+                  "tensor, first 16-bit": "E4M3, a scale a tensor, a window's first row 16-bit",
                   "token": "E4M3, a scale a token"}[acts]
         wq = {False: "16-bit", True: "E4M3, a scale a channel",
               "steps": "E4M3, a scale a channel by its error"}[fp8]
