@@ -127,19 +127,16 @@ class OpenAIServer:
             if not isinstance(body, dict):
                 raise api.bad("the request body must be a JSON object")
             if "messages" in body:
-                tokens = await run_in_threadpool(
-                    self.runner.encode, api.chat_messages(body["messages"]), True)
+                prompt, chat, special = api.chat_messages(body["messages"]), True, True
             else:
-                text, special = body.get("prompt"), body.get("add_special_tokens", True)
-                if not isinstance(text, str) or not isinstance(special, bool):
+                prompt, chat = body.get("prompt"), False
+                special = body.get("add_special_tokens", True)
+                if not isinstance(prompt, str) or not isinstance(special, bool):
                     raise api.bad("give 'prompt' (a string) and, if any, "
                                   "'add_special_tokens' (a boolean), or 'messages'", "prompt")
-                tokens = (await run_in_threadpool(
-                    self.runner.tokenizer.encode, text, add_special_tokens=special)).ids
+            tokens = await run_in_threadpool(self._encode, prompt, chat, special)
         except ApiError as e:
             return _error(e)
-        except LlmcError as e:   # no chat template
-            return _error(api.bad(str(e), "messages"))
         return JSONResponse({"tokens": tokens, "count": len(tokens),
                              "max_model_len": self.max_seq_len})
 
@@ -277,23 +274,31 @@ class OpenAIServer:
             raise api.bad("the request body nests too deeply") from None
 
     def _tokens(self, req: api.GenerationRequest, prompt) -> list[int]:
-        """A prompt's token ids (chat: through the model's chat template, as `llmc run
-        --chat` does). Runs in a worker thread: a long prompt does not stall the others."""
+        """A prompt's token ids. Runs in a worker thread: a long prompt does not stall the
+        others."""
         if isinstance(prompt, list) and not req.chat:
             bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
             if bad is not None:
                 raise api.bad(f"token id {bad} is outside the vocabulary "
                               f"(0..{self.vocab_size - 1})", "prompt")
             return prompt
-        try:
-            tokens = self.runner.encode(prompt, chat=req.chat)
-        except LlmcError as e:
-            raise api.bad(str(e), "messages" if req.chat else "prompt") from None
-        except Exception as e:   # the tokenizer refused the text
-            raise api.bad(f"the prompt cannot be tokenized ({e})", "prompt") from None
+        tokens = self._encode(prompt, req.chat)
         if not tokens:
             raise api.bad("the prompt is empty (0 tokens)", "prompt")
         return tokens
+
+    def _encode(self, prompt, chat: bool, special: bool = True) -> list[int]:
+        """Text (with the tokenizer's special tokens, unless `special` is false) or chat
+        messages (through the model's chat template, as `llmc run --chat` applies it) to
+        token ids; a text the tokenizer refuses, or chat without a template, is a 400."""
+        try:
+            if chat:
+                return self.runner.encode(prompt, chat=True)
+            return self.runner.tokenizer.encode(prompt, add_special_tokens=special).ids
+        except LlmcError as e:
+            raise api.bad(str(e), "messages" if chat else "prompt") from None
+        except Exception as e:   # the tokenizer refused the text
+            raise api.bad(f"the prompt cannot be tokenized ({e})", "prompt") from None
 
     async def _outputs(self, c: _Choice, rec: _Record):
         """The engine's outputs for one choice; an error before any token is the request's

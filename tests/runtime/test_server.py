@@ -233,6 +233,7 @@ def test_tokenizer_endpoints(served):
     assert info["eos_token"] is None and not runner.eos_ids   # SmolLM2's: tests/cli
     for path, body, words in (("/tokenize", {"prompt": 5}, "'prompt' (a string)"),
                               ("/tokenize", {"messages": []}, "messages is empty"),
+                              ("/tokenize", {"prompt": "w3 \ud800"}, "cannot be tokenized"),
                               ("/detokenize", {"tokens": [99999]}, "list of token ids"),
                               ("/detokenize", [1], "list of token ids")):
         status, got = request(url, "POST", path, body)
