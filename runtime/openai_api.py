@@ -223,8 +223,9 @@ def _request(f: dict, prompts: list, chat: bool, logprobs: int | None, echo: boo
              "logit_bias")
     # echo with logprobs scores the prompt; so does echo with max_tokens 0 (top-0), the one
     # kind of request SamplingParams lets generate nothing
-    prompt_logprobs = (logprobs if logprobs is not None else 0) if echo and (
-        logprobs is not None or max_tokens == 0) else None
+    prompt_logprobs = None
+    if echo and (logprobs is not None or max_tokens == 0):
+        prompt_logprobs = logprobs or 0
     try:   # max_tokens is settled once the prompt's length is known (see sampling)
         params = SamplingParams.from_dict(
             {**{k: f[k] for k in names if k in f}, "stop": stop, "logprobs": logprobs,
