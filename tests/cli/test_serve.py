@@ -130,13 +130,8 @@ def test_serve_tiny_engine_answers(tiny_chat_engine):
     """The command's defaults: the model is named after the engine file, no key needed."""
     server = ServeProcess(tiny_chat_engine, "--log-level", "warning")
     try:
-        u = urllib.parse.urlsplit(server.url)
-        import http.client
-
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-        conn.request("POST", "/v1/completions", json.dumps(
-            {"model": "tiny", "prompt": "w3", "max_tokens": 3, "temperature": 0}))
-        body = json.loads(conn.getresponse().read())
+        body = _json(server.url, "POST", "/v1/completions",
+                     {"model": "tiny", "prompt": "w3", "max_tokens": 3, "temperature": 0})
         assert body["usage"]["completion_tokens"] <= 3 and body["model"] == "tiny"
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(timeout=60) == 0
