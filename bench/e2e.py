@@ -161,9 +161,10 @@ def build_engine(model: Path, out: Path, limits, dtype: str = "bf16", quant: str
     """A cuda engine; quantized ones are calibrated (FP8) on random words of the random
     model's word-level tokenizer and not measured (perplexity means nothing on random
     weights, and two onnxruntime passes over an 8B graph would dominate the build). A quant
-    spelled MODE[+zp][+head][+kv8]: +zp gives INT4 a zero point a block (--int4-zero-point),
-    +head quantizes the LM head too (--quant-lm-head), +kv8 keeps the KV cache in E4M3
-    (--kv-cache-dtype fp8, its scales calibrated the same way)."""
+    spelled MODE[+static][+zp][+head][+kv8]: +static scales FP8's first tokens with the
+    calibrated scale too (--fp8-first-token static), +zp gives INT4 a zero point a block
+    (--int4-zero-point), +head quantizes the LM head too (--quant-lm-head), +kv8 keeps the
+    KV cache in E4M3 (--kv-cache-dtype fp8, its scales calibrated the same way)."""
     from llmc.build import BuildOptions, build
     from llmc.quantization.quantize import QuantOptions
 
@@ -173,6 +174,8 @@ def build_engine(model: Path, out: Path, limits, dtype: str = "bf16", quant: str
         mode = quant.removesuffix("+kv8")
         mode, head = mode.removesuffix("+head"), mode.endswith("+head")
         mode, zp = mode.removesuffix("+zp"), mode.endswith("+zp")
+        mode, static = mode.removesuffix("+static"), mode.endswith("+static")
+        first = "static" if static else "auto"
         q = QuantOptions(mode)
         if mode != "none" or kv != "auto":
             words = model / "words.txt"
@@ -180,7 +183,7 @@ def build_engine(model: Path, out: Path, limits, dtype: str = "bf16", quant: str
             words.write_text(" ".join(f"t{i}" for i in rng.integers(0, 1000, 4096)))
             q = QuantOptions(mode, calib_data=words, eval_data=words, calib_size=16,
                              eval_size=16, measure=False, lm_head=head, kv_cache_dtype=kv,
-                             int4_zero_point=zp)
+                             int4_zero_point=zp, fp8_first_token=first)
         build(BuildOptions(model, out, backend="cuda", dtype=dtype, limits=limits, quant=q),
               log=lambda m: print(f"  [build] {m}") if "wrote" in m or "plan" in m else None)
         print(f"  built {out.name} in {time.perf_counter() - t0:.0f} s")
@@ -359,13 +362,15 @@ def main() -> None:
                     "which has no bf16 MatMul on the CPU); the same speed on the GPU")
     ap.add_argument("--quant", nargs="+", default=["none"],
                     choices=[q + head + kv for q in ("none", "int4-rtn", "int4-awq", "fp8",
-                                                     "fp8-block", "int4-rtn+zp", "int4-awq+zp")
+                                                     "fp8+static", "fp8-block", "int4-rtn+zp",
+                                                     "int4-awq+zp")
                              for head in ("", "+head") if q != "none" or not head
                              for kv in ("", "+kv8")],
                     help="build and time an engine of each (speedups against the first); "
-                    "+zp: INT4 with a zero point a block (--int4-zero-point); +head: the LM "
-                    "head quantized too (--quant-lm-head); +kv8: the KV cache in E4M3 "
-                    "(--kv-cache-dtype fp8)")
+                    "fp8+static: first tokens with the calibrated scale too "
+                    "(--fp8-first-token static); +zp: INT4 with a zero point a block "
+                    "(--int4-zero-point); +head: the LM head quantized too (--quant-lm-head); "
+                    "+kv8: the KV cache in E4M3 (--kv-cache-dtype fp8)")
     ap.add_argument("--layers", type=int, default=None,
                     help="llama-3.1-8b, qwen3-30b-a3b: decoder layers (default: the model's 32 "
                     "or 48)")

@@ -99,6 +99,15 @@ def cli() -> None:
                    "GEMM (q/k/v, gate/up) stays 16-bit when any part matches, a stack of "
                    "experts when any expert's does ('*.experts.*': all of them). Trades engine "
                    "size for accuracy, which the report measures (docs/quantization.md)")
+@click.option("--fp8-first-token", default="auto", show_default=True,
+              type=click.Choice(["auto", "dynamic", "static"]),
+              help="--quant fp8: dynamic: the GEMM inputs of a sequence's first token, whose "
+                   "activations reach far past the other tokens', take a scale of their own "
+                   "at run time (half the perplexity lost on prompts that start with a "
+                   "special token); static: one calibrated scale a GEMM input for every "
+                   "token, as TensorRT's Q/DQ graphs have it; auto: dynamic on the cuda and "
+                   "reference backends, static on tensorrt and for a checkpoint's own input "
+                   "scales (docs/quantization.md)")
 @click.option("--kv-cache-dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "fp8"]),
               help="auto: the KV cache in the compute dtype; fp8: E4M3 with a K and a V scale "
@@ -118,8 +127,8 @@ def cli() -> None:
 @_verbose_option
 def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_tokens,
           max_seq_len, kv_block_size, disable_passes, dump_graphs, quant, quant_lm_head,
-          int4_block_size, int4_zero_point, quant_exclude, kv_cache_dtype, calib_data,
-          calib_size, eval_data, eval_size, max_ppl_increase) -> None:
+          int4_block_size, int4_zero_point, quant_exclude, fp8_first_token, kv_cache_dtype,
+          calib_data, calib_size, eval_data, eval_size, max_ppl_increase) -> None:
     """Build an engine file from a checkpoint."""
     from llmc import backends
     from llmc.build import BuildOptions, default_model
@@ -133,7 +142,8 @@ def build(model, output, backend, dtype, gpu_arch, max_batch_size, max_num_token
                          max_ppl_increase=max_ppl_increase, kv_cache_dtype=kv_cache_dtype,
                          lm_head=quant_lm_head,
                          int4_block_size=int(int4_block_size) if int4_block_size else None,
-                         int4_zero_point=int4_zero_point, exclude=tuple(quant_exclude))
+                         int4_zero_point=int4_zero_point, exclude=tuple(quant_exclude),
+                         fp8_first_token=fp8_first_token)
     options = BuildOptions(model=model or default_model(), output=output,
                            backend=backends.pick(backend, _log), dtype=dtype, limits=limits,
                            disable_passes=tuple(disable_passes), dump_graphs=dump_graphs,

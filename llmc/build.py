@@ -19,7 +19,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -107,6 +107,12 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
             f"--quant auto builds them dequantized (16-bit), {other}")
     quant_opts = quant_opts.resolve(prequantized, log)
     check_quant(backend, quant_opts)
+    if quant_opts.mode == "fp8" and quant_opts.fp8_first_token == "auto":
+        # a checkpoint's own input scales are run as its producer ran them, every token alike
+        given = prequantized is not None and prequantized.mode == "fp8" and \
+            not prequantized.calibrates_inputs
+        dynamic = backend.scales_fp8_first_token()[0] and not given
+        quant_opts = replace(quant_opts, fp8_first_token="dynamic" if dynamic else "static")
     if limits.max_seq_len > cfg.max_position_embeddings:
         log(f"warning: max_seq_len {limits.max_seq_len} exceeds the model's "
             f"max_position_embeddings {cfg.max_position_embeddings}")
@@ -187,6 +193,10 @@ def check_quant(backend, quant) -> None:
         ok, why = backend.can_quantize(quant.mode)
         if not ok:
             raise LlmcError(f"--quant {quant.mode}: {why}")
+    if quant.fp8_first_token == "dynamic":
+        ok, why = backend.scales_fp8_first_token()
+        if not ok:
+            raise LlmcError(f"--fp8-first-token dynamic: {why}")
     if quant.kv_cache_dtype != "auto":
         ok, why = backend.can_store_kv(quant.kv_cache_dtype)
         if not ok:

@@ -276,17 +276,19 @@ class Kernels:
         return out
 
     def w8_gemv(self, x, w, w_scale, x_scale, bias=None, out_dtype=None, act=None,
-                sm_count=None):
+                sm_count=None, first=None):
         """e4m3(x / x_scale) @ w^T * x_scale * w_scale for m <= 16: w the E4M3 weight [N, K]
         (uint8 or float8_e4m3fn), w_scale fp32 [N]. sm_count: the GPU's unless given (it
-        picks the kernel, launch_rules.qgemv_launch)."""
+        picks the kernel, launch_rules.qgemv_launch). first: int32 [m], nonzero for the rows
+        of sequences' first tokens, each rounded with a scale of its own."""
         m, k = x.shape
         n = w.shape[0] // (2 if act else 1)
         out = self.torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
         ln = lr.qgemv_launch(m, n, k, self._dtype(x), "fp8", self._dtype(out), act,
                              sm_count=self.sm_count if sm_count is None else sm_count)
         self.launch(ln, [x, w, (w_scale * x_scale).float(), lr.float_bits(x_scale),
-                         DevPtr(0) if bias is None else bias, m, n, k, out])
+                         DevPtr(0) if bias is None else bias, m, n, k, out,
+                         DevPtr(0) if first is None else first])
         return out
 
     def w8b_gemv(self, x, w, scale, group, bias=None, out_dtype=None, act=None, sm_count=None):
@@ -322,6 +324,16 @@ class Kernels:
         self.launch(lr.quantize_fp8_launch(x.numel(), self._dtype(x)),
                     [x, lr.float_bits(x_scale), x.numel(), out])
         return out
+
+    def quantize_fp8_rows(self, x, x_scale, first):
+        """(E4M3 codes of x [rows, K], each row's scale over x_scale fp32 [rows]): first
+        (int32 [rows]) nonzero marks a row rounded with a scale of its own."""
+        rows, k = x.shape
+        out = self.torch.empty(x.shape, dtype=self.torch.uint8, device=x.device)
+        row_scale = self.torch.full((rows,), float("nan"), device=x.device)
+        self.launch(lr.quantize_fp8_rows_launch(rows, k, self._dtype(x)),
+                    [x, lr.float_bits(x_scale), k, first, out, row_scale])
+        return out, row_scale
 
     def rope(self, qkv, positions, inv_freq, hq, hkv, d, rot, interleaved=False, bias=None,
              cache=None, seq_starts=None, block_tables=None, qk_norm=None, eps=1e-6,

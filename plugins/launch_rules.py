@@ -186,8 +186,9 @@ def qgemv_launch(m: int, n: int, k: int, dtype: str, quant: str, out_dtype: str 
     (u8); "offsets": its w4off kernel, whose args end with the offsets [N, K / G] (dtype;
     codes u - 8);
     fp8 args: (x, w, x_scale * w_scale f32 [N], float_bits(x_scale), bias-or-null, m, n, k,
-    y); fp8-block args (kernels/qgemv_fp8b.cu): (x, w, scale [N, K / G], bias-or-null, m, n,
-    k, fp8b_group_shift(group), y), CTAs as FP8's.
+    y, first-or-null: int32 [m], a sequence's first token's rows nonzero, rounded with scales
+    of their own: --fp8-first-token dynamic); fp8-block args (kernels/qgemv_fp8b.cu): (x, w,
+    scale [N, K / G], bias-or-null, m, n, k, fp8b_group_shift(group), y), CTAs as FP8's.
     16 weight rows (8 outputs with act) a CTA of QGEMV_WARPS[quant, M] warps; for INT4 up to 8
     rows, the _wide kernel when the GEMM has more than QGEMV4_WIDE_TILES tiles an SM of the
     sm_count; for FP8, _wide or _w16 by the tiles an SM (QGEMV8_WIDE_TILES). Unknown sm_count:
@@ -344,6 +345,17 @@ def quantize_fp8_launch(count: int, dtype: str) -> Launch:
         raise ValueError(f"quantize_fp8 takes a multiple of 8 values, not {count}")
     return Launch("qgemv", f"quantize_fp8_{dtype_tag(dtype)}",
                   (math.ceil(count // 8 / 256), 1, 1), (256, 1, 1))
+
+
+def quantize_fp8_rows_launch(rows: int, k: int, dtype: str) -> Launch:
+    """x [rows, k] -> e4m3 a CTA a row, the rows flagged in `first` (int32 [rows]: a
+    sequence's first tokens) with scales of their own, and row_scale (fp32 [rows]) their scale
+    over x_scale (1 for the others): cuBLASLt's per-row x scales. args (x,
+    float_bits(x_scale), k, first, out, row_scale)."""
+    if k % 8 or not 0 < k <= INT32_MAX or not 0 < rows <= INT32_MAX:
+        raise ValueError(f"quantize_fp8_rows takes rows of a multiple of 8 values, not {k}")
+    return Launch("qgemv", f"quantize_fp8_rows_{dtype_tag(dtype)}", (rows, 1, 1),
+                  (min(256, round_up(k // 8, 32)), 1, 1))
 
 
 # ---- gated activations and GELU ----------------------------------------------------------

@@ -9,6 +9,10 @@ Q/DQ nodes that onnxruntime runs and TensorRT(-RTX) turns into a packed-weight G
                       (8 - z) s per block, E the 0/1 [K, K / B] block-sum matrix
     fp8 (W8A8)        MatMul(DequantizeLinear(QuantizeLinear(x, s_x)),
                              DequantizeLinear(W_e4m3, scale[N], axis=1))
+                      (first_token: x' = Where(position_ids == 0, x rounded to E4M3 with a
+                      scale of its own row's |max| / 448, the Q/DQ above): a sequence's first
+                      token, whose activations reach far past every other token's, takes a
+                      scale of its own)
     fp8-block (W8A16) MatMul(x, DequantizeLinear(W_e4m3, scale, axis=0, block_size=B))
                       (a scale per block of B k and output column, as INT4's); a mixture of
                       experts' stacked [E, K, N] weights too (axis=1, a scale [E, K / B, N])
@@ -38,7 +42,7 @@ from onnx import NodeProto
 
 from llmc import contract
 from llmc.arrays import transposed
-from llmc.dtypes import np_dtype
+from llmc.dtypes import np_dtype, onnx_type
 from llmc.graph import Weight
 from llmc.passes.ir import Graph
 from llmc.passes.manager import run_passes
@@ -298,10 +302,12 @@ def int4_pass(awq: dict[str, np.ndarray] | None = None,
 
 def fp8_pass(act_amax: dict[str, float],
              weight_scale: dict[str, np.ndarray] | None = None,
-             with_lm_head: bool = False) -> Pass:
+             with_lm_head: bool = False, first_token: bool = False) -> Pass:
     """FP8 weights and activations; ``act_amax`` maps each weight to its input's calibrated
     |max| (a GEMM without one is left alone); ``weight_scale``, where given, each weight's
-    scale per output column (a pre-quantized checkpoint's) instead of its |max| / 448."""
+    scale per output column (a pre-quantized checkpoint's) instead of its |max| / 448.
+    ``first_token``: the rows of a sequence's first position take a scale of their own
+    (first_token_input; not the LM head's, whose rows are the sequences' last tokens)."""
     weight_scale = weight_scale or {}
 
     def match(g: Graph, node: NodeProto) -> Site | None:
@@ -321,11 +327,47 @@ def fp8_pass(act_amax: dict[str, float],
                          "fp8_x_scale")
         xq = g.add("QuantizeLinear", [site.x, xs, zero], 1, name="QuantizeFp8").output[0]
         x = g.add("DequantizeLinear", [xq, xs, zero], 1, name="DequantizeFp8").output[0]
+        if first_token and not site.is_lm_head and contract.POSITION_IDS in g.inputs:
+            x = first_token_input(g, site.x, x, w.dtype)
         dq = g.add("DequantizeLinear", [q, scale], 1, name="DequantizeFp8Weight",
                    axis=1).output[0]
         _swap(g, site, x, dq)
 
     return Pass("fp8", "MatMul", match, replace)
+
+
+FIRST_TOKEN = "Fp8FirstToken"   # the names of first_token_input's nodes begin so
+# Where x's |max| is 0 the scale is this instead (x / it is 0 all the same): the smallest
+# normal float32, as the kernels take it (kernels/qgemv.cuh: fp8_row_scale)
+FIRST_TOKEN_MIN_SCALE = np.float32(2.0 ** -126)
+
+
+def first_token_input(g: Graph, x: str, x_qdq: str, dtype: str) -> str:
+    """Where(position_ids == 0, x rounded to E4M3 with s = max(|max| of its row / 448,
+    FIRST_TOKEN_MIN_SCALE), x_qdq): the row of a sequence's first token takes a scale of its
+    own, computed in float32 as the kernels compute it. A first token's activations (an
+    attention sink's) go far past what the other tokens reach (SmolLM2: 300x in a layer),
+    and a calibrated per-tensor scale either clips them or, spanning them, rounds every other
+    token coarsely (bench/results/quantization.md, "A sequence's first token"). The mask
+    [T, 1] is made once a graph."""
+    if "fp8_first_token" not in g.memo:
+        zero = g.add_const(np.zeros((), np.int32), "position_zero")
+        last = g.add_const(np.array([-1], np.int64), "last_axis")
+        eq = g.add("Equal", [contract.POSITION_IDS, zero], 1, name=f"{FIRST_TOKEN}Mask")
+        g.memo["fp8_first_token"] = (g.add("Unsqueeze", [eq.output[0], last], 1,
+                                           name=f"{FIRST_TOKEN}Mask").output[0], last)
+    mask, last = g.memo["fp8_first_token"]
+
+    def op(op_type: str, *inputs: str, **attrs) -> str:
+        return g.add(op_type, list(inputs), 1, name=FIRST_TOKEN, **attrs).output[0]
+    x32 = op("Cast", x, to=onnx.TensorProto.FLOAT)
+    amax = op("ReduceMax", op("Abs", x32), last, keepdims=1)
+    s = op("Max", op("Div", amax, g.add_const(np.float32(numerics.FP8_MAX), "fp8_max")),
+           g.add_const(FIRST_TOKEN_MIN_SCALE, "fp8_min_scale"))
+    q = op("Cast", op("Div", x32, s), to=onnx.TensorProto.FLOAT8E4M3FN, saturate=1)
+    own = op("Cast", op("Mul", op("Cast", q, to=onnx.TensorProto.FLOAT), s),
+             to=onnx_type(dtype))
+    return op("Where", mask, own, x_qdq)
 
 
 # --- FP8 weight-only, in blocks ---------------------------------------------------------------

@@ -35,6 +35,7 @@ from llmc.quantization.prequantized import Prequantized
 # rounded to nearest from a 16-bit one)
 MODES = ("auto", "none", "fp8", "fp8-block", "int4-awq", "int4-rtn", "int4-gptq", "int4-gguf")
 KEPT_INT4 = ("int4-awq", "int4-gptq", "int4-gguf")   # modes a checkpoint's own INT4 may be
+FP8_FIRST_TOKEN = ("auto", "dynamic", "static")
 AWQ_ROWS = 128      # calibration rows a GEMM keeps for AWQ's search (its cost grows with them)
 
 
@@ -51,6 +52,9 @@ class QuantOptions:
     int4_block_size: int | None = None  # INT4 blocks: the largest up to it that divides K
     int4_zero_point: bool = False      # INT4 with a zero point a block (asymmetric)
     exclude: tuple[str, ...] = ()      # globs over weight names: those GEMMs stay 16-bit
+    # fp8: a sequence's first token's GEMM inputs take a scale of their own (dynamic), or the
+    # calibrated one (static: TensorRT's Q/DQ); auto: dynamic where the backend runs it
+    fp8_first_token: str = "auto"
     # Off only for speed benchmarks on random weights, where perplexity means nothing and
     # running an 8B graph twice on onnxruntime would dominate the build (no CLI flag).
     measure: bool = True
@@ -122,6 +126,7 @@ class QuantOptions:
                 if own else "nothing is quantized here"
             raise LlmcError(f"--quant-exclude leaves GEMMs that llmc quantizes 16-bit, and "
                             f"{what}: drop it, or name a --quant mode (fp8, int4-awq, int4-rtn)")
+        out._check_first_token(out.mode)
         if out.mode not in ("int4-awq", "int4-rtn") or own:   # no INT4 that llmc rounds
             what = f"the {prequantized.describe()}'s own weights" if own else \
                 f"--quant {out.mode}"
@@ -135,12 +140,23 @@ class QuantOptions:
                                 f"{what}: drop it")
         return out
 
+    def _check_first_token(self, mode: str) -> None:
+        if self.fp8_first_token != "auto" and mode != "fp8":
+            raise LlmcError(f"--fp8-first-token sets how FP8 W8A8 (--quant fp8) scales a "
+                            f"sequence's first token, and the build is --quant {mode}: "
+                            "drop it")
+
     def validate(self) -> "QuantOptions":
         if self.mode not in MODES:
             raise LlmcError(f"unknown --quant {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.kv_cache_dtype not in KV_DTYPES:
             raise LlmcError(f"unknown --kv-cache-dtype {self.kv_cache_dtype!r}; choose one of "
                             f"{', '.join(KV_DTYPES)}")
+        if self.fp8_first_token not in FP8_FIRST_TOKEN:
+            raise LlmcError(f"unknown --fp8-first-token {self.fp8_first_token!r}; choose one "
+                            f"of {', '.join(FP8_FIRST_TOKEN)}")
+        if self.mode != "auto":   # auto: once the checkpoint's own mode is known (resolve)
+            self._check_first_token(self.mode)
         if self.int4_block_size not in (None, *INT4_BLOCKS):
             raise LlmcError(f"--int4-block-size {self.int4_block_size}: choose one of "
                             f"{', '.join(map(str, sorted(INT4_BLOCKS)))}")
@@ -242,6 +258,9 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
     zero_point = opts.int4_zero_point
     if zero_point:
         details["int4_zero_points"] = True
+    first = opts.mode == "fp8" and opts.fp8_first_token == "dynamic"
+    if first:
+        details["fp8_first_token"] = "dynamic"
     if opts.mode == "int4-rtn":
         p = qdq.int4_pass(with_lm_head=head, largest_block=opts.largest_int4_block,
                           zero_point=zero_point, skip=skip)
@@ -266,7 +285,7 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         gemm_inputs = {s.weight: s.x for s in sites
                        if s.weight in given_fp8[1] and s.weight not in given_fp8[0]}
         if not gemm_inputs:
-            p = qdq.fp8_pass(*given_fp8)
+            p = qdq.fp8_pass(*given_fp8, first_token=first)
     elif opts.mode != "none":
         gemm_inputs = {s.weight: s.x for s in sites}
     kv_sites = kv.kv_sites(model, weights) if opts.kv_cache_dtype == "fp8" else []
@@ -288,8 +307,9 @@ def quantize(model: onnx.ModelProto, weights: list[Weight], opts: QuantOptions, 
         p = qdq.int4_pass(calib.rows, with_lm_head=head, largest_block=opts.largest_int4_block,
                           zero_point=zero_point, skip=skip)
     elif gemm_inputs:
-        p = qdq.fp8_pass(calib.amax, with_lm_head=head) if given_fp8 is None else \
-            qdq.fp8_pass({**given_fp8[0], **calib.amax}, given_fp8[1])
+        p = qdq.fp8_pass(calib.amax, with_lm_head=head, first_token=first) \
+            if given_fp8 is None else \
+            qdq.fp8_pass({**given_fp8[0], **calib.amax}, given_fp8[1], first_token=first)
     qmodel, qweights, gemms = model, weights, 0
     if p is not None:
         qmodel, qweights, report = qdq.quantize_graph(model, weights, p)

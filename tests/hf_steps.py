@@ -68,18 +68,22 @@ def two_engine_steps(vocab: int, block_size: int):
     """The ragged scenario two engines of one build are driven through side by side
     (tests/core/backends/test_cuda_quant.py, test_cuda_kv_fp8.py): three prompts whose
     lengths do not divide the block size, over shuffled blocks; three decode steps; a step
-    mixing a decode token with a prefill chunk; one with a sequence sitting out. Returns
+    mixing a decode token with a prefill chunk; one with a sequence sitting out; then a short
+    prompt starting beside a decode token (a step of 7 rows), and a one-token prompt beside
+    one (a decode-shaped step, a sequence's first token in it), decoded once more. Returns
     (each sequence's blocks, the blocks to allocate, the steps as Ragged.step takes them)."""
     rng = np.random.default_rng(1)
     lengths = [21, 37, 13]
     per_seq = -(-(max(lengths) + 16) // block_size)
-    physical = rng.permutation(3 * per_seq + 1).tolist()
-    blocks = [physical[i * per_seq:(i + 1) * per_seq] for i in range(3)]
+    physical = rng.permutation(5 * per_seq + 1).tolist()
+    blocks = [physical[i * per_seq:(i + 1) * per_seq] for i in range(5)]
     prompts = [rng.integers(0, vocab, n).tolist() for n in lengths]
     steps = [{s: p for s, p in enumerate(prompts)}]
     steps += [{s: [int(rng.integers(vocab))] for s in range(3)} for _ in range(3)]
     steps += [{0: [3], 2: rng.integers(0, vocab, 11).tolist()}, {1: [7], 2: [9]}]
-    return blocks, 3 * per_seq + 1, steps
+    steps += [{1: [5], 3: rng.integers(0, vocab, 6).tolist()}, {3: [11], 4: [13]},
+              {4: [2], 0: [8], 3: [4]}]
+    return blocks, 5 * per_seq + 1, steps
 
 
 def check_ragged_steps(session, model, block_size: int, dtype: str, tolerance: float,

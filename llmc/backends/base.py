@@ -68,6 +68,10 @@ class Backend(Protocol):
         """Whether this backend's sessions keep the KV cache in `--kv-cache-dtype dtype`
         (fp8); if not, why and what to do. Asked before the model loads."""
 
+    def scales_fp8_first_token(self) -> tuple[bool, str]:
+        """Whether this backend runs FP8 graphs whose first tokens take scales of their own
+        (`--fp8-first-token dynamic`: quantization/qdq.py first_token_input); if not, why."""
+
     def lower(self, onnx_path: Path, limits: BuildLimits, log: Log) -> Lowered:
         """The fused graph on disk -> engine sections."""
 

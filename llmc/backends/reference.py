@@ -47,6 +47,9 @@ class ReferenceBackend:
     def can_quantize(self, mode: str) -> tuple[bool, str]:
         return True, ""   # onnxruntime runs FP8 Q/DQ and block-wise INT4 DequantizeLinear
 
+    def scales_fp8_first_token(self) -> tuple[bool, str]:
+        return True, ""   # onnxruntime runs the graph as it is written
+
     def can_store_kv(self, dtype: str) -> tuple[bool, str]:
         return True, ""   # an FP8 pool: the graph returns the quantized rows, the session
                           # writes them (quantization/kv.py)

@@ -322,13 +322,15 @@ __device__ __forceinline__ void store_out(void* __restrict__ y, const void* __re
 // The end of a split-K tensor-core GEMV: SK warps each hold NT 16 x 8 tiles of partial sums
 // for the CTA's 16 weight rows (from o0) and x rows j * 8 .. j * 8 + 7; they are summed in
 // warp order (deterministic), scaled (row_scale: x_scale * row_scale[weight row], FP8; null
-// for none), and stored, the gated activation (ACT: rows g and g + 8 of the tile are the gate
-// and up rows of output o0 + g) and the bias applied as the unfused path rounds them.
+// for none; x_factor: times x_factor[x row] too, null for none), and stored, the gated
+// activation (ACT: rows g and g + 8 of the tile are the gate and up rows of output o0 + g) and
+// the bias applied as the unfused path rounds them.
 template <typename T, int NT, int SK, int ACT, bool F32>
 __device__ __forceinline__ void tc_store(float (*part)[NT][4][32], const float (*acc)[4],
                                          int o0, int m, int n, const void* __restrict__ bias,
                                          void* __restrict__ y, float x_scale,
-                                         const float* __restrict__ row_scale) {
+                                         const float* __restrict__ row_scale,
+                                         const float* x_factor = nullptr) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
   for (int j = 0; j < NT; ++j)
@@ -351,6 +353,10 @@ __device__ __forceinline__ void tc_store(float (*part)[NT][4][32], const float (
 #pragma unroll
       for (int s = 0; s < SK; ++s) up += part[s][j][e + 2][ln];
       if (row_scale) up *= x_scale * row_scale[n + o];
+    }
+    if (x_factor) {
+      v *= x_factor[row];
+      up *= x_factor[row];
     }
     store_out<T, ACT, F32>(y, bias, row, n, o, v, up);
   }

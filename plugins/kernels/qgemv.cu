@@ -11,6 +11,11 @@
   extern "C" __global__ void quantize_fp8_##DT(const u16* x, int sx, int count, u8* out) {      \
     quantize_fp8<TY>(x, __int_as_float(sx), count, out);                                       \
   }                                                                                            \
+  extern "C" __global__ void quantize_fp8_rows_##DT(const u16* x, int sx, int k,               \
+                                                    const int* first, u8* out,                 \
+                                                    float* row_scale) {                        \
+    quantize_fp8_rows<TY>(x, __int_as_float(sx), k, first, out, row_scale);                    \
+  }                                                                                            \
   W4_CONFIGS(W4_ENTRY, w4, DT, TY)                                                             \
   W4G_CONFIG(W4G_ENTRY, w4g, DT, TY)                                                           \
   W4GW_CONFIG(W4G_ENTRY, w4gw, DT, TY)                                                         \

@@ -788,6 +788,58 @@ __device__ __forceinline__ void quantize16(const u16* p, bool live, float inv, u
     out[i] = e4m3x4(f[4 * i] * inv, f[4 * i + 1] * inv, f[4 * i + 2] * inv, f[4 * i + 3] * inv);
 }
 
+// ---- a sequence's first token (--fp8-first-token dynamic: quantization/qdq.py
+// first_token_input) --------------------------------------------------------------------------
+// Its row of x is rounded to E4M3 with a scale of its own, s = max(|max| / 448, 2^-126) in
+// fp32 as the graph computes it, instead of the calibrated sx; every kernel and cuBLASLt
+// scales a GEMM's output by sx, so that row's output is then multiplied by s / sx.
+__device__ __forceinline__ float fp8_row_scale(float amax) {
+  return fmaxf(amax / 448.f, 1.17549435e-38f);
+}
+
+// |max| of x[0, k) (k a multiple of 8, 16-byte aligned) over the CTA: every thread gets it.
+// red: 32 floats of shared memory.
+template <typename T>
+__device__ __forceinline__ float row_amax(const u16* __restrict__ x, int k, float* red) {
+  float a = 0.f;
+  for (int i = threadIdx.x * 8; i < k; i += blockDim.x * 8) {
+    float f[8];
+    unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + i)), f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(f[e]));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = a;
+  __syncthreads();
+  const int nw = (blockDim.x + 31) >> 5;
+  a = (threadIdx.x & 31) < nw ? red[threadIdx.x & 31] : 0.f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+  return a;
+}
+
+// For the GEMV's m (<= 16) rows: factor[r] = s / sx and inv[r] = 1 / s for a first token's
+// row, 1 and 1 / sx for the others (shared memory, visible to the CTA on return). The GEMV
+// multiplies by inv as it does for every row: where x / s is an E4M3 tie, a code may be one
+// step off the graph's (quantize_fp8_rows divides), a rounding the tolerances hold.
+template <typename T>
+__device__ __forceinline__ void fp8_first_rows(const u16* __restrict__ x, float sx, int m,
+                                               int k, const int* __restrict__ first,
+                                               float* factor, float* inv) {
+  __shared__ float red[32];
+  for (int r = 0; r < m; ++r) {
+    float s = sx;
+    if (first[r]) s = fp8_row_scale(row_amax<T>(x + (size_t)r * k, k, red));
+    if (threadIdx.x == 0) {
+      factor[r] = s / sx;
+      inv[r] = 1.f / s;
+    }
+  }
+  __syncthreads();
+}
+
 // FP8 weight-only in blocks (BLOCKS: qgemv_fp8b.cu's w8b entries, --quant fp8-block): w
 // [N, K] e4m3 bytes again, bs [N, K / G] each row's block scales in the compute dtype, G a
 // power of two from 32; x stays 16-bit. An E4M3 byte seeeemmm is a 16-bit float of the same
@@ -833,12 +885,15 @@ __device__ __forceinline__ void dequant16_e4m3(const uint4& v, u32 s2, u32* out)
 // BLOCKS: the ring also holds the two rows' block scales of each lane's 16 k (one block), and
 // a chunk is four m16n8k16 MMAs, the lane's 16 k of row g (g + 8) and of x row g being, pair
 // by pair, the k slots 2t, 2t + 1 and 2t + 8, 2t + 9, alternating between the sets of sums.
+// FIRST (W8A8): first[r] != 0 marks x row r as a sequence's first token, rounded with a scale
+// of its own (fp8_first_rows); a CTA whose rows hold none runs as without it.
 template <typename T, int NT, int SK, int D, int ACT, bool F32, bool BLOCKS = false>
 __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __restrict__ w,
                                         const float* __restrict__ sw, float sx,
                                         const void* __restrict__ bias, int m, int n, int k,
                                         void* __restrict__ y,
-                                        const u16* __restrict__ bs = nullptr, int gshift = 0) {
+                                        const u16* __restrict__ bs = nullptr, int gshift = 0,
+                                        const int* __restrict__ first = nullptr) {
 #if __CUDA_ARCH__ < 890
   if constexpr (!BLOCKS) {
     __trap();  // lower.py builds FP8 W8A8 engines for sm_89+ only
@@ -860,6 +915,9 @@ __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __r
 #pragma unroll
   for (int j = 0; j < NT; ++j) xp[j] = x + (size_t)min(j * 8 + g, m - 1) * k + k0;
   const float inv = 1.f / sx;
+  float inv_j[NT];  // x row j * 8 + g's: inv, or a first token's own
+#pragma unroll
+  for (int j = 0; j < NT; ++j) inv_j[j] = inv;
   const int whole = k >> 6;
   const int mine = whole > warp ? (whole - warp + SK - 1) / SK : 0;  // whole chunks of this warp
   float acc[2][NT][4];
@@ -899,7 +957,7 @@ __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __r
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         u32 X[4];
-        quantize16<T>(xp[j] + i * STEP, live, inv, X);
+        quantize16<T>(xp[j] + i * STEP, live, inv_j[j], X);
         mma_e4m3(acc[0][j], v[0].x, v[1].x, v[0].y, v[1].y, X[0], X[1]);
         mma_e4m3(acc[1][j], v[0].z, v[1].z, v[0].w, v[1].w, X[2], X[3]);
       }
@@ -908,8 +966,18 @@ __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __r
   };
 #pragma unroll
   for (int d = 0; d < D; ++d) load(wv[d], sv[d], d, d < mine);
+  // The first-token flags are a step input, copied in before the step's first kernel: read
+  // before pdl_wait, while the weights stream in.
+  __shared__ float x_factor[16], x_inv[16];
+  const bool own = !BLOCKS && first != nullptr &&
+                   __syncthreads_or(threadIdx.x < m && first[threadIdx.x] != 0);
   pdl_trigger();
   pdl_wait();
+  if (own) {
+    fp8_first_rows<T>(x, sx, m, k, first, x_factor, x_inv);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) inv_j[j] = x_inv[min(j * 8 + g, m - 1)];
+  }
   int left = mine;  // chunks from the pointers on
   for (; left >= D; left -= D) {
 #pragma unroll
@@ -937,7 +1005,41 @@ __device__ __forceinline__ void w8_gemv(const u16* __restrict__ x, const u8* __r
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[0][j][e] += acc[1][j][e];
-  tc_store<T, NT, SK, ACT, F32>(part, acc[0], o0, m, n, bias, y, 1.f, BLOCKS ? nullptr : sw);
+  tc_store<T, NT, SK, ACT, F32>(part, acc[0], o0, m, n, bias, y, 1.f, BLOCKS ? nullptr : sw,
+                                own ? x_factor : nullptr);
+}
+
+// Prefill with first tokens: a CTA a row of x [rows, K] -> e4m3, each first token's row with
+// its own scale; row_scale[r] gets s / sx (1 for the other rows), which cuBLASLt multiplies
+// into row r of the output as its per-row x scale. A first token's row is divided by s, as
+// the graph divides (x / s of a bf16 row and its own |max| / 448 lands on an E4M3 tie often
+// enough that x * (1 / s) would round a few in a thousand the other way); the other rows are
+// multiplied by 1 / sx as quantize_fp8 does.
+template <typename T>
+__device__ __forceinline__ void quantize_fp8_rows(const u16* __restrict__ x, float sx, int k,
+                                                  const int* __restrict__ first,
+                                                  u8* __restrict__ out,
+                                                  float* __restrict__ row_scale) {
+#if __CUDA_ARCH__ >= 890
+  __shared__ float red[32];
+  const size_t r = blockIdx.x;
+  x += r * k;
+  out += r * k;
+  const bool own = first[r] != 0;
+  const float s = own ? fp8_row_scale(row_amax<T>(x, k, red)) : sx;
+  if (threadIdx.x == 0) row_scale[r] = s / sx;
+  const float inv = 1.f / s;
+  for (int i = threadIdx.x * 8; i < k; i += blockDim.x * 8) {
+    float f[8];
+    unpack8<T>(*reinterpret_cast<const uint4*>(x + i), f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = own ? f[e] / s : f[e] * inv;
+    *reinterpret_cast<uint2*>(out + i) = make_uint2(e4m3x4(f[0], f[1], f[2], f[3]),
+                                                    e4m3x4(f[4], f[5], f[6], f[7]));
+  }
+#else
+  __trap();
+#endif
 }
 
 // Prefill: x [rows, K] -> e4m3 for cuBLASLt's FP8 GEMM; 8 values a thread.
@@ -988,8 +1090,9 @@ __device__ __forceinline__ void quantize_fp8(const u16* __restrict__ x, float sx
 #define W8_ENTRY(NAME, TY, NT, SK, D, ACT, F32, MINB)                                          \
   extern "C" __global__ void __launch_bounds__(32 * SK, MINB)                                  \
   NAME(const u16* x, const u8* w, const float* sw, int sx, const void* bias, int m, int n,     \
-       int k, void* y) {                                                                       \
-    w8_gemv<TY, NT, SK, D, ACT, F32>(x, w, sw, __int_as_float(sx), bias, m, n, k, y);          \
+       int k, void* y, const int* first) {                                                     \
+    w8_gemv<TY, NT, SK, D, ACT, F32>(x, w, sw, __int_as_float(sx), bias, m, n, k, y, nullptr,  \
+                                     0, first);                                                \
   }
 // w8b_...: the same names and CTAs for FP8 in blocks (module qgemv_fp8b), args (x, w, bs,
 // bias, m, n, k, gshift, y)

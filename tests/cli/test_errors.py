@@ -204,6 +204,11 @@ BAD_BUILDS = {   # case -> (extra args, made from the test's folder; message)
     "unknown backend": (lambda t: ["--backend", "vulkan"], "'vulkan' is not one of"),
     "unknown pass": (lambda t: ["--disable-pass", "bogus"], "unknown pass ['bogus']"),
     "gpu arch off cuda": (lambda t: ["--gpu-arch", "sm_90a"], "applies to --backend cuda"),
+    "fp8 first token off fp8": (lambda t: ["--quant", "int4-rtn", "--fp8-first-token",
+                                           "static"], "and the build is --quant int4-rtn"),
+    "fp8 first token dynamic on tensorrt": (
+        lambda t: ["--quant", "fp8", "--fp8-first-token", "dynamic", "--backend",
+                   "tensorrt-rtx"], "--fp8-first-token dynamic: tensorrt-rtx fuses an FP8 GEMM"),
     "output folder missing": (lambda t: ["-o", t / "no" / "x.engine"], "does not exist"),
     "output a folder": (lambda t: ["-o", t], "is a folder; give the engine a file name"),
     "output the weights": (lambda t: ["-o", t / "model" / "model.safetensors"],

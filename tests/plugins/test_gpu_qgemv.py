@@ -378,6 +378,101 @@ def test_w8b_gemv_fused_gate(K, dtype, m, act, kernel):
     check(fused, K.gated(gu, act).double(), dtype, GATE_TOL[dtype])
 
 
+def first_token_rows(m, k, dtype, seed):
+    """x [m, k] whose first-token rows (flags int32 [m]: row 0, and the last of three or
+    more; a row of zeros among them from five rows) reach 40x past the others, and a
+    calibrated scale of the others."""
+    x = x_rows(m, k, dtype, seed=seed)
+    first = torch.zeros(m, dtype=torch.int32, device="cuda")
+    first[0] = 1
+    if m >= 3:
+        first[m - 1] = 1
+    if m >= 5:
+        first[2] = 1
+        x[2] = 0
+    x[first.bool()] *= 40
+    rest = x[~first.bool()]
+    # a step above |max| / 448 as the build picks them (numerics.FP8_SCALE_STEPS): x / sx of a
+    # bf16 x and exactly |max| / 448 lands on E4M3 ties, which x * (1 / sx) may break the
+    # other way (test_quantize_fp8)
+    sx = (float(rest.abs().max()) if len(rest) else 1.0) / 448 * 2 ** (1 / 8)
+    return x, first, sx
+
+
+def first_token_reference(x, first, sx):
+    """x rounded to E4M3 and back (fp64): the first tokens' rows with s = max(|max| / 448,
+    2^-126) of their own (quantization/qdq.py first_token_input), the others with sx."""
+    s = first_token_scales(x, first, sx)[:, None]
+    return (x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).double() * s.double()
+
+
+def first_token_scales(x, first, sx):
+    """Each row's scale (fp32 [rows]): max(|max| / 448, 2^-126) for a first token's, sx for
+    the others. Divided by a tensor: torch multiplies by the reciprocal of a Python number,
+    and the graph and the kernels divide."""
+    amax = x.float().abs().amax(1)
+    own = torch.clamp_min(amax / torch.full_like(amax, 448.0), 2.0 ** -126)
+    return torch.where(first.bool(), own, torch.full_like(own, sx))
+
+
+def check_rows(y, ref, tol):
+    """Each row within tol of its own max |ref| (a first token's row is 40x the others)."""
+    assert not y.isnan().any()
+    err = (y.double() - ref).abs().amax(1) / ref.abs().amax(1).clamp_min(1e-30)
+    assert err.max().item() < tol, f"row errors {err.tolist()}"
+    return err
+
+
+@pytest.mark.skipif("not fp8_capable()", reason="E4M3 MMA needs sm_89 or newer")
+@pytest.mark.parametrize("m", (1, 5, 8, 16))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", ("plain", "wide", "w16"))
+# the gated ones small: a first token's gate times up over K = 14336 overflows fp16
+@pytest.mark.parametrize("n,k,act", ((576, 576, None), (4096, 14336, None),
+                                     (576, 576, "swiglu"), (1536, 576, "swiglu")))
+def test_w8_gemv_first_tokens(K, n, k, dtype, m, kernel, act):
+    """--fp8-first-token dynamic: the flagged rows take their own scale; the rows beside
+    them are as without flags. With the calibrated scale alone, a first token's row would
+    saturate (checked, so the flags are seen to matter)."""
+    n_out = 2 * n if act else n
+    w, sw = fp8_weight(n_out, k, seed=5)
+    x, first, sx = first_token_rows(m, k, dtype, seed=6)
+    tiles = n // 8 if act else math.ceil(n / 16)
+    y = K.w8_gemv(x, w.view(torch.uint8), sw, sx, act=act, first=first,
+                  sm_count=fp8_sm_count(kernel, tiles))
+    ref = (first_token_reference(x, first, sx) @ w.double().T) * sw.double()
+    if act:
+        ref = K.gated(ref.to(dtype), act).double()
+    tol = GATE_TOL[dtype] if act else TOL[dtype]
+    check_rows(y, ref, tol)
+    plain = K.w8_gemv(x, w.view(torch.uint8), sw, sx, act=act,
+                      sm_count=fp8_sm_count(kernel, tiles))
+    rest = ~first.bool()
+    assert torch.equal(plain[rest], y[rest])
+    lost = (plain.double() - ref).abs().amax(1) / ref.abs().amax(1).clamp_min(1e-30)
+    assert (lost[first.bool() & (x.abs().amax(1) > 0)] > 10 * tol).all()
+
+
+@pytest.mark.skipif("not fp8_capable()", reason="E4M3 conversion needs sm_89 or newer")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", (576, 4096))
+def test_quantize_fp8_rows(K, dtype, k):
+    """A CTA a row: the first tokens' rows with their own scales, each row's scale over sx
+    (1 for the others) as cuBLASLt's per-row x scale; codes as test_quantize_fp8 allows."""
+    x, first, sx = first_token_rows(300, k, dtype, seed=8)
+    first[::7] = 1
+    codes, row_scale = K.quantize_fp8_rows(x, sx, first)
+    s = first_token_scales(x, first, sx)
+    assert torch.equal(row_scale, s / torch.full_like(s, sx))
+    got = codes.view(torch.float8_e4m3fn).float()
+    ref = (x.float() / s[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    own = first.bool()
+    assert torch.equal(got[own], ref[own])   # divided by s, as the graph divides
+    differ = got != ref
+    assert differ.float().mean().item() < 1e-3
+    assert ((got - ref).abs()[differ] <= ref.abs()[differ] / 8 + 2 ** -9).all()
+
+
 @pytest.mark.skipif("not fp8_capable()", reason="E4M3 conversion needs sm_89 or newer")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_fp8(K, dtype):

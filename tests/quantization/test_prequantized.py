@@ -552,6 +552,8 @@ def test_compressed_tensors_fp8_builds_its_own_fp8(tiny_models_d64, tmp_path, wo
     assert any("a compressed-tensors fp8 checkpoint (14 weights)" in x for x in lines)
     assert q.mode == "fp8" and q.gemms == 8 and "compressed-tensors" in q.details["scales"]
     assert "calibration" not in q.details and q.accuracy.top1_agreement > 0.9
+    # its own input scales, for every token alike (--fp8-first-token auto: static)
+    assert "fp8_first_token" not in q.details
     engine = EngineFile(tmp_path / "a.engine")
     _fp8_engine_holds(src, engine)
     ckpt = open_checkpoint(src)
@@ -597,6 +599,7 @@ def test_compressed_tensors_fp8_dynamic_calibrates_its_inputs(tiny_models_d64, t
     q = header.quant
     assert q.mode == "fp8" and q.gemms == 8 and "compressed-tensors" in q.details["scales"]
     assert "tokens of" in q.details["calibration"]
+    assert q.details["fp8_first_token"] == "dynamic"   # its inputs' scales are llmc's
     _fp8_engine_holds(src, EngineFile(tmp_path / "a.engine"))
 
 

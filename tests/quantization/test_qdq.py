@@ -20,12 +20,16 @@ TOL = {"float32": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
 RNG = np.random.default_rng(0)
 
 
-def gemm_graph(dtype: str, k: int, n: int, head: bool = False, softcap: bool = False):
+def gemm_graph(dtype: str, k: int, n: int, head: bool = False, softcap: bool = False,
+               positions: bool = False):
     """y = x @ W (W [k, n] a weight); head: the GEMM makes the logits, like an LM head
-    (softcap: through Gemma 2's cap * tanh(y / cap))."""
+    (softcap: through Gemma 2's cap * tanh(y / cap)); positions: the graph has the contract's
+    position_ids input too."""
     w = RNG.standard_normal((k, n)).astype(np.float32) / np.sqrt(k)
     g = GraphBuilder("gemm")
     x = g.input("x", onnx_type(dtype), ["T", k])
+    if positions:
+        g.input(contract.POSITION_IDS, TensorProto.INT32, ["T"])
     y = g.MatMul(x, g.weight("w", dtype, (k, n), lambda: w.astype(np_dtype(dtype))))
     if softcap:
         cap = g.const(30.0, np_dtype(dtype))
@@ -37,7 +41,7 @@ def gemm_graph(dtype: str, k: int, n: int, head: bool = False, softcap: bool = F
     return g.model(), g.weights, w.astype(np_dtype(dtype)).astype(np.float32)
 
 
-def run(model, weights, folder, x, observe: str | None = None):
+def run(model, weights, folder, x, observe: str | None = None, **feeds):
     """y (and the value ``observe``) as onnxruntime computes them, in float32."""
     import onnx
     import onnxruntime as ort
@@ -46,7 +50,7 @@ def run(model, weights, folder, x, observe: str | None = None):
         model.graph.output.append(onnx.ValueInfoProto(name=observe))
     path = save_onnx(model, weights, folder)
     sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-    out = [v.astype(np.float32) for v in sess.run(None, {"x": x})]
+    out = [v.astype(np.float32) for v in sess.run(None, {"x": x, **feeds})]
     return out if observe else out[0]
 
 
@@ -252,6 +256,54 @@ def test_fp8_numerics(tmp_path, dtype):
     assert off.mean() <= (0 if dtype == "float32" else 0.03)
     assert (np.abs(xq_ort - xq)[off] <= np.abs(xq)[off] / 8 + 1e-6).all()
     check(y, xq_ort @ nq.dequantize_fp8(q, scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fp8_first_token_takes_a_scale_of_its_own(tmp_path, dtype):
+    """--fp8-first-token dynamic: the rows at position 0 are rounded to E4M3 with their own
+    |max| / 448, the others with the calibrated scale, which they are well past."""
+    k = 64
+    model, weights, w = gemm_graph(dtype, k, 24, positions=True)
+    x = activations(dtype, k)
+    x[[0, 5]] *= 40   # two sequences' first tokens, far past the calibrated range
+    x[7] = 0          # a first token of zeros: the scale's floor, no NaN
+    positions = np.array([0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4], np.int32)
+    first = positions == 0
+    amax = float(np.abs(x[~first].astype(np.float32)).max())
+    qmodel, qweights, report = qdq.quantize_graph(
+        model, weights, qdq.fp8_pass({"w": amax}, first_token=True))
+    assert report["fired"] == {"fp8": 1}
+    assert sum(n.op_type == "Where" for n in qmodel.graph.node) == 1
+    x32 = x.astype(np.float32)
+    own = np.maximum(np.abs(x32).max(1, keepdims=True) / np.float32(nq.FP8_MAX),
+                     qdq.FIRST_TOKEN_MIN_SCALE)
+    xs = nq.fp8_activation_scale(amax, dtype)
+    want = np.where(first[:, None], nq.fake_quant_fp8(x32, own),
+                    nq.fake_quant_fp8(x32, xs)).astype(np_dtype(dtype)).astype(np.float32)
+    y, xq = run(qmodel, qweights, tmp_path, x, observe=next(
+        n for n in qmodel.graph.node if n.op_type == "MatMul").input[0],
+        position_ids=positions)
+    # the first rows exactly (float32 arithmetic), the others as test_fp8_numerics allows
+    assert np.array_equal(xq[first], want[first])
+    off = np.abs(xq - want) > 1e-6 * np.abs(want).max()
+    assert off.mean() <= (0 if dtype == "float32" else 0.03)
+    assert (np.abs(xq - want)[off] <= np.abs(want)[off] / 8 + 1e-6).all()
+    q, scale = nq.quantize_fp8_weight(w, dtype)
+    check(y, xq @ nq.dequantize_fp8(q, scale), dtype)
+    # a first token quantized with the calibrated scale would have lost most of itself
+    clipped = nq.fake_quant_fp8(x32[0], xs)
+    assert np.abs(clipped - x32[0]).max() > 10 * np.abs(xq[0] - x32[0]).max()
+
+
+def test_fp8_first_token_leaves_the_lm_head_and_graphs_without_positions():
+    """The LM head's rows are the sequences' last tokens, not position-ordered rows; a graph
+    without position_ids has nothing to tell first tokens by: both keep the plain Q/DQ."""
+    for head, positions in ((True, True), (False, False)):
+        model, weights, _ = gemm_graph("float32", 64, 24, head=head, positions=positions)
+        qmodel, _, report = qdq.quantize_graph(
+            model, weights, qdq.fp8_pass({"w": 1.0}, with_lm_head=True, first_token=True))
+        assert report["fired"] == {"fp8": 1}
+        assert not any(n.op_type == "Where" for n in qmodel.graph.node)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -67,6 +67,9 @@ class CudaBackend:
             "prefill GEMMs use cuBLASLt's per-channel FP8 scaling, which NVIDIA documents for "
             "Hopper only; build with --quant int4-awq"))
 
+    def scales_fp8_first_token(self) -> tuple[bool, str]:
+        return True, ""   # the FP8 GEMMs' kernels scale those rows on their own (lower.py)
+
     def can_store_kv(self, dtype: str) -> tuple[bool, str]:
         """fp8: an E4M3 pool, written and read by kernels that need sm_89+."""
         from llmc.plugins.launch_rules import E4M3_ARCHS, E4M3_NEEDS

@@ -20,6 +20,10 @@ Every node of the fused graph maps to a kernel, a view, or nothing at all:
       FP8 in blocks (W8A16: x' = x, the DQ's     quant fp8-block       qgemv_fp8b.cu (1-16
       block_size along K)                                              rows), cuBLASLt on
                                                                        the dequantized weight
+      FP8 with first tokens' own scales: x' =     attr first_token     the same kernels read
+      Where(position_ids == 0, x rounded with                          the step's first-token
+      its row's |max| / 448, the Q/DQ)                                 flags and scale those
+                                                                       rows themselves
     llmc FusedSwiGLU / FusedGeGLU                 swiglu / geglu       activation.cu
     llmc SwiGLU (gate, up apart)                  swiglu2              activation.cu
     a mixture of experts (routed_experts: the     moe                  moe.cu (routing and
@@ -83,6 +87,8 @@ from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
 from llmc.plugins import launch_rules as lr
 from llmc.plugins.attention_plan import SM90_MODULE, attention_module
+from llmc.quantization.numerics import FP8_MAX
+from llmc.quantization.qdq import FIRST_TOKEN, FIRST_TOKEN_MIN_SCALE
 
 DTYPES = ("float16", "bfloat16")
 MODULES = ("norm", "activation", "gemv", "rope", "paged_attention", "glue", "sampling")
@@ -455,6 +461,13 @@ class Lowering:
                     f"{axis}, K = {k})")
             site.update(kind="fp8-block", group=block)
         elif kind == FP8:
+            where = g.producer.get(x)
+            first = where is not None and where.op_type == "Where" and \
+                where.name.startswith(FIRST_TOKEN)
+            if first:   # --fp8-first-token dynamic: the Q/DQ is the Where's third input
+                own_x, branch = self._first_token_branch(where)
+                x = where.input[2]
+                claimed += branch
             xdq = g.producer.get(x)
             xq = g.producer.get(xdq.input[0]) if xdq is not None and \
                 xdq.op_type == "DequantizeLinear" else None
@@ -474,12 +487,68 @@ class Lowering:
             x = xq.input[0]
             claimed += [xdq, xq]
             site.update(kind="fp8", x_scale=float(np.asarray(sx, np.float32)))
+            if first:
+                if own_x != x:
+                    raise UnsupportedGraph(f"{where.name!r}: a first token's own scale and the "
+                                           "Q/DQ read different GEMM inputs")
+                site["first_token"] = True
         else:
             raise UnsupportedGraph(f"{dq.name!r} dequantizes {kind} weights; the cuda backend "
                                    "takes INT4 and FP8")
         site.update(x=x, q=q, scale=scale)
         self.quantized[id(node)] = site
         self.done.update(id(c) for c in claimed)
+
+    def _first_token_branch(self, where) -> tuple[str, list]:
+        """quantization/qdq.py first_token_input's Where(mask, own, Q/DQ): (the GEMM input
+        the first tokens' own rounding reads, the nodes the GEMM op takes over: the Where,
+        that rounding and the mask). The kernels compute the rounding itself
+        (kernels/qgemv.cuh: fp8_row_scale) and take the mask from the positions."""
+        g = self.g
+        bad = UnsupportedGraph(f"{where.name!r}: a first token's FP8 scale in a form other "
+                               "than quantization/qdq.py's first_token_input")
+
+        def node(value: str, op_type: str, **attrs):
+            n = g.producer.get(value)
+            if n is None or n.op_type != op_type or not n.name.startswith(FIRST_TOKEN) or \
+                    any(_attr(n, a) != v for a, v in attrs.items()):
+                raise bad
+            taken.append(n)
+            return n
+
+        def const(value: str, want) -> None:
+            c = g.const(value)
+            if c is None or c.size != 1 or float(c) != float(want):
+                raise bad
+
+        taken = [where]
+        out = node(where.input[1], "Cast")
+        if _DTYPE_OF.get(_attr(out, "to")) not in DTYPES:
+            raise bad
+        mul = node(out.input[0], "Mul")
+        q = node(node(mul.input[0], "Cast", to=_ONNX_FLOAT).input[0], "Cast",
+                 to=ONNX_TYPES[FP8], saturate=1)
+        div = node(q.input[0], "Div")
+        s = div.input[1]
+        if mul.input[1] != s:
+            raise bad
+        floor = node(s, "Max")
+        const(floor.input[1], FIRST_TOKEN_MIN_SCALE)
+        over = node(floor.input[0], "Div")
+        const(over.input[1], FP8_MAX)
+        amax = node(over.input[0], "ReduceMax", keepdims=1)
+        if g.const(amax.input[1]) is None or [int(a) for a in g.const(amax.input[1])] != [-1]:
+            raise bad
+        x32 = node(amax.input[0], "Abs").input[0]
+        if div.input[0] != x32:
+            raise bad
+        x = node(x32, "Cast", to=_ONNX_FLOAT).input[0]
+        mask = node(where.input[0], "Unsqueeze")
+        eq = node(mask.input[0], "Equal")
+        if eq.input[0] != contract.POSITION_IDS or g.const(eq.input[1]) is None or \
+                int(g.const(eq.input[1])) != 0:
+            raise bad
+        return x, taken
 
     def _int4_block_offsets(self, node, k: int, n: int, block: int):
         """A zero-point checkpoint's INT4 GEMM (qdq.int4_pass): the MatMul's output added to
@@ -537,7 +606,8 @@ class Lowering:
             scale = f"{src}.f32"
             self.values[scale] = Value("weight", "float32", [n], -1)
             self._gemm(node, site["x"], w, n, k, trans_b=True, qinputs=(scale, None),
-                       quant="fp8", x_scale=site["x_scale"], scale_from=src)
+                       quant="fp8", x_scale=site["x_scale"], scale_from=src,
+                       **({"first_token": True} if site.get("first_token") else {}))
         self.ops[-1].attrs["transposed"] = True
 
     def _op_Add(self, node) -> None:

@@ -26,6 +26,10 @@ ATTN_SCHEDULE = "attention decode schedule"     # + " w{window} h{kv heads}": a 
 #                                                 work list (attention_plan.decode_schedule),
 #                                                 which the session writes before each step
 FP8_UNIT_SCALES = "fp8 unit scales"   # fp32 1.0 per token: cuBLASLt's x-side channel scales
+FIRST_TOKENS = "first tokens"         # int32 per token: nonzero at a sequence's first position
+#                                       (a step input the session writes: FP8 GEMMs whose
+#                                       first tokens take scales of their own)
+FP8_ROW_SCALES = "fp8 row scales"     # fp32 per token: such a GEMM's x-side channel scales
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,12 @@ def gemm_key(op: Op) -> tuple:
     a = op.attrs
     fp8 = ("fp8",) if a.get("quant") == "fp8" else ()
     return (a["n"], a["k"], a["trans_b"], a["out_dtype"], op.inputs[2] is not None, *fp8)
+
+
+def first_tokens(plan: Plan) -> bool:
+    """Whether the plan's FP8 GEMMs scale first tokens on their own (and so read the
+    FIRST_TOKENS input and write FP8_ROW_SCALES)."""
+    return any(op.attrs.get("first_token") for op in plan.ops)
 
 
 def uses_gemv(op: Op, m: int) -> bool:
@@ -169,7 +179,7 @@ def _qgemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
                     lr.fp8b_group_shift(a["group"]), P(y)]
         else:
             args = [P(ins[0]), P(ins[1]), P(ins[3]), lr.float_bits(a["x_scale"]), bias, m, n,
-                    k, P(y)]
+                    k, P(y), P(FIRST_TOKENS) if a.get("first_token") else DevPtr(0)]
         yield "kernel", launch, args
         return
     ws = P(QGEMM_WORKSPACE)
@@ -183,6 +193,12 @@ def _qgemm(op: Op, m: int, dt: str, s: Step, P) -> Iterator[tuple]:
                 P(ins[1]), P(ins[3]), a["n"], k, lr.fp8b_group_shift(a["group"]), ws]
         yield "gemm", gemm_key(op), (int(P(ins[0])), int(ws), int(P(outs[0])), m,
                                      int(bias) or None)
+    elif a.get("first_token"):   # first tokens' rows scaled on their own (qgemv.cuh)
+        yield "kernel", lr.quantize_fp8_rows_launch(m, k, dt), [
+            P(ins[0]), lr.float_bits(a["x_scale"]), k, P(FIRST_TOKENS), ws, P(FP8_ROW_SCALES)]
+        yield "gemm", gemm_key(op), (int(ws), int(P(ins[1])), int(P(outs[0])), m,
+                                     int(bias) or None, int(P(ins[3])),
+                                     int(P(FP8_ROW_SCALES)))
     else:
         yield "kernel", lr.quantize_fp8_launch(m * k, dt), [
             P(ins[0]), lr.float_bits(a["x_scale"]), m * k, ws]
@@ -266,8 +282,8 @@ def launches(plan: Plan, s: Step, ptr: Callable[[str], int]) -> Iterator[tuple]:
     """("kernel", Launch, args) and ("gemm", key, (x, w, y, m, bias[, w_scale, x_scale]))
     in execution order (the scales: an FP8 GEMM's).
     ptr(name) gives the device address of a value, of kv_cache_{l}, of ATTN_WORKSPACE, of
-    ATTN_COUNTERS, of a schedule_name, of QGEMM_WORKSPACE, of W4G_COUNTERS and of
-    FP8_UNIT_SCALES."""
+    ATTN_COUNTERS, of a schedule_name, of QGEMM_WORKSPACE, of W4G_COUNTERS, of
+    FP8_UNIT_SCALES, of FIRST_TOKENS and of FP8_ROW_SCALES."""
     t, b, width, dt = s.tokens, s.batch, s.width, plan.dtype
     rows_of = {"T": t, "B": b}
 

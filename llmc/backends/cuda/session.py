@@ -28,11 +28,14 @@ from llmc.backends.cuda.plan import PLAN, WEIGHTS, Plan, cubin_section, itemsize
 from llmc.backends.cuda.program import (
     ATTN_COUNTERS,
     ATTN_WORKSPACE,
+    FIRST_TOKENS,
+    FP8_ROW_SCALES,
     FP8_UNIT_SCALES,
     QGEMM_WORKSPACE,
     W4G_COUNTERS,
     Step,
     decode_schedules,
+    first_tokens,
     gemm_key,
     launches,
     qgemm_scratch,
@@ -208,6 +211,10 @@ class CudaSession:
                  contract.CONTEXT_LENS: lim.max_batch_size,
                  contract.BLOCK_TABLES: lim.max_batch_size * self.max_width,
                  contract.LAST_TOKEN_ROWS: lim.max_batch_size}
+        # FP8 GEMMs that scale first tokens on their own read which rows those are (_run)
+        self.first_tokens = first_tokens(plan)
+        if self.first_tokens:
+            sizes[FIRST_TOKENS] = lim.max_num_tokens
         self.inputs = {n: self.mem.alloc(4 * k, n) for n, k in sizes.items()}
         # each decode schedule at its largest (a decode step of max_batch_size tokens), staged
         # after the inputs
@@ -254,10 +261,12 @@ class CudaSession:
                                            self.sm_count, self.w4_sm90)
         self.qgemm_ws = self.mem.alloc(ws_bytes, "the quantized GEMMs' workspace")
         self.w4g_counters = self.mem.words(counters, 0, "the INT4 GEMM's tile counters")
-        self.fp8_ones = 0
+        self.fp8_ones = self.fp8_row_scales = 0
         if any(op.attrs.get("quant") == "fp8" for op in plan.ops):
             self.fp8_ones = self.mem.words(lim.max_num_tokens, 0x3F800000,  # 1.0f
                                            "FP8 unit scales")
+        if self.first_tokens:
+            self.fp8_row_scales = self.mem.alloc(4 * lim.max_num_tokens, "FP8 row scales")
         self.logits_bytes = numel(plan.values[plan.output].shape, 1, lim.max_batch_size) * 4
         self._logits_host = int(check(driver.cuMemHostAlloc(self.logits_bytes, 0)))
         self._sampling = None
@@ -425,6 +434,9 @@ class CudaSession:
         ids = inputs[contract.INPUT_IDS]
         t, b = int(ids.shape[0]), int(inputs[contract.CONTEXT_LENS].shape[0])
         self._check_shape(t, b, inputs)
+        if self.first_tokens:
+            first = np.asarray(inputs[contract.POSITION_IDS]) == 0
+            inputs = {**inputs, FIRST_TOKENS: first.astype(np.int32)}
         bucket = next((x for x in decode_buckets(self.limits.max_batch_size) if x >= b), None)
         if self.cuda_graphs and t == b and bucket is not None:
             self._copy_in(self._pad_decode(inputs, bucket), bucket, bucket)
@@ -468,6 +480,10 @@ class CudaSession:
                                                        [1] * pad])),
             contract.BLOCK_TABLES: tables,
             contract.LAST_TOKEN_ROWS: np.arange(bucket, dtype=np.int32),
+            # the padding rows are at position 0 too, but no sequence's first token: the FP8
+            # GEMMs would measure their rows in every padded decode step
+            **({FIRST_TOKENS: i32(np.concatenate([inputs[FIRST_TOKENS], [0] * pad]))}
+               if self.first_tokens else {}),
         }
 
     def _copy_in(self, inputs: dict[str, np.ndarray], t: int, b: int) -> None:
@@ -578,4 +594,8 @@ class CudaSession:
             return self.w4g_counters
         if name == FP8_UNIT_SCALES:
             return self.fp8_ones
+        if name == FIRST_TOKENS:
+            return self.inputs[FIRST_TOKENS]
+        if name == FP8_ROW_SCALES:
+            return self.fp8_row_scales
         return self.ptr(name)

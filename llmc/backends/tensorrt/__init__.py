@@ -40,6 +40,12 @@ class TensorRTBackend:
     def can_quantize(self, mode: str) -> tuple[bool, str]:
         return True, ""   # TensorRT builds Q/DQ graphs into FP8 and INT4-weight GEMMs
 
+    def scales_fp8_first_token(self) -> tuple[bool, str]:
+        # TensorRT's FP8 GEMMs come from Q -> DQ -> MatMul chains with constant scales; a
+        # first token's own scale puts a Where between the DQ and the MatMul.
+        return False, (f"{self.name} fuses an FP8 GEMM from Q/DQ nodes with one constant "
+                       "scale for every token; build with --fp8-first-token static (or auto)")
+
     def can_store_kv(self, dtype: str) -> tuple[bool, str]:
         # The FP8-KV graph builds (FP8 pools in, quantized rows out, compute capability 8.9
         # and newer); its session does not write the rows yet and refuses such an engine.

@@ -156,6 +156,10 @@ def test_every_mode_lowers_to_quantized_gemms(tiny_models_d64, tmp_path, words, 
     # AWQ's 1/s: in the norms before q/k/v and gate-up (their only reader), on x for o, down
     awq = [False, True, False, True] if mode == "int4-awq" else [False] * 4
     assert [op.inputs[4] is not None for op in gemms[:-1]] == awq * layers
+    # FP8: a sequence's first token scaled on its own (--fp8-first-token auto: dynamic here)
+    assert [bool(op.attrs.get("first_token")) for op in gemms] == \
+        [kind == "fp8"] * 4 * layers + [False]
+    assert ("fp8_first_token" in header.quant.details) == (kind == "fp8")
 
     # the stored weights against the reference backend's graph of the same build
     ref_out = tmp_path / f"{mode}-ref.engine"
@@ -200,6 +204,19 @@ def test_every_mode_lowers_to_quantized_gemms(tiny_models_d64, tmp_path, words, 
             np.testing.assert_array_equal(
                 sgot.view("<f4"), sraw.view("<f2").astype(np.float32) * np.float32(
                     op.attrs["x_scale"]))
+
+
+def test_fp8_static_first_token_lowers_the_plain_gemms(tiny_models_d64, tmp_path, words):
+    """--fp8-first-token static: the Q/DQ alone, as TensorRT takes it; no GEMM reads the
+    first-token flags, and the session allocates none."""
+    from llmc.backends.cuda.program import first_tokens
+
+    folder, _ = tiny_models_d64["llama-gqa"]
+    header = _build(folder, tmp_path / "s.engine", "fp8", words, fp8_first_token="static")
+    assert "fp8_first_token" not in header.quant.details
+    plan = _plan(EngineFile(tmp_path / "s.engine"))
+    assert not first_tokens(plan)
+    assert sum(op.attrs.get("quant") == "fp8" for op in plan.ops) > 0
 
 
 @pytest.mark.parametrize("mode", MODES)
