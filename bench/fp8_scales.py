@@ -9,16 +9,18 @@ Rows: the weights alone (a scale per output channel, |max| / 448, or each column
 its rounding error as `--quant fp8` chooses it: numerics.quantize_fp8_weight); the GEMM
 inputs alone with one calibrated scale a tensor (|max| / 448) or a scale per token (each row's
 |max| / 448 at run time); both; the per-tensor scheme with each window's first row left
-16-bit; and the per-tensor scheme with the GEMMs whose calibration inputs have the most
-extreme outlier tokens left unquantized. Then those GEMMs.
+16-bit, or with a scale of its own (its |max| / 448), or that with the per-tensor scales
+calibrated without the windows' first rows; and the per-tensor scheme with the GEMMs whose
+calibration inputs have the most extreme outlier tokens left unquantized. Then those GEMMs.
 
 `--texts paragraphs` scores short texts instead: the first 8 paragraphs of at least 20 words
 of the evaluation text, each from its start, without and with the EOS token before it (as
 lm-evaluation-harness's rolling loglikelihood starts one; a chat prompt starts with a
 special token too), over the same positions (each paragraph's first token unscored); rows:
 `--quant fp8`'s scheme, its inputs a scale a token instead, and its per-tensor inputs with a
-sequence's first position left 16-bit. Then how far each GEMM input's first position goes
-past its calibrated |max|.
+sequence's first position left 16-bit, or taking a scale of its own (`--fp8-first-token
+dynamic`), or that with the per-tensor scales calibrated without the first positions. Then
+how far each GEMM input's first position goes past its calibrated |max|.
 """
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ def fake_e4m3(x: torch.Tensor, scale) -> torch.Tensor:
     """x / scale rounded to E4M3 (saturating at 448), times scale: in fp32, rounded to x's
     dtype once (QuantizeLinear, then DequantizeLinear)."""
     return ((x.float() / scale).clamp(-448, 448).to(E4M3).float() * scale).to(x.dtype)
+
+
+def per_token(x: torch.Tensor) -> torch.Tensor:
+    """Each row's scale: its |max| / 448 (float32; 1e-12 for a row of zeros)."""
+    return x.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / 448
 
 
 def main() -> None:
@@ -66,14 +73,18 @@ def main() -> None:
              if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     weights = {n: m.weight.data.clone() for n, m in gemms.items()}
 
-    # calibration: each GEMM input's |max| over the text, and each token's
+    # calibration: each GEMM input's |max| over the text (and without each window's first
+    # row), and each token's
     amax: dict[str, float] = {}
+    amax_rest: dict[str, float] = {}
     token_max: dict[str, list[torch.Tensor]] = {}
 
     def observe(name):
         def hook(_, inputs):
             a = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1])
             amax[name] = max(amax.get(name, 0.0), a.max().item())
+            amax_rest[name] = max(amax_rest.get(name, 0.0),
+                                  inputs[0][:, 1:].detach().abs().max().item())
             token_max.setdefault(name, []).append(a.amax(-1))
         return hook
     hooks = [m.register_forward_pre_hook(observe(n)) for n, m in gemms.items()]
@@ -97,7 +108,12 @@ def main() -> None:
                 q = fake_e4m3(x, amax[name] / 448)
                 q[:, 0] = x[:, 0]
                 return (q,)
-            return (fake_e4m3(x, x.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / 448),)
+            if setting["acts"] in ("tensor, first own", "rest, first own"):
+                table = amax if setting["acts"] == "tensor, first own" else amax_rest
+                q = fake_e4m3(x, table[name] / 448)
+                q[:, :1] = fake_e4m3(x[:, :1], per_token(x[:, :1]))
+                return (q,)
+            return (fake_e4m3(x, per_token(x)),)
         return hook
     for n, m in gemms.items():
         m.register_forward_pre_hook(quantize_input(n))
@@ -136,14 +152,18 @@ def main() -> None:
     print("| weights | GEMM inputs | GEMMs left 16-bit | ppl | Δppl |\n|---|---|---|---|---|")
     print(f"| 16-bit | 16-bit | all | {base:.3f} | |")
     rows = [(True, None, 0), ("steps", None, 0), (False, "tensor", 0), (True, "tensor", 0),
-            ("steps", "tensor", 0), ("steps", "tensor, first 16-bit", 0), (False, "token", 0),
-            (True, "token", 0)] + [(True, "tensor", k) for k in args.skip]
+            ("steps", "tensor", 0), ("steps", "tensor, first 16-bit", 0),
+            ("steps", "tensor, first own", 0), ("steps", "rest, first own", 0),
+            (False, "token", 0), (True, "token", 0)] + [(True, "tensor", k) for k in args.skip]
     for fp8, acts, skip in rows:
         setting["acts"], setting["skip"] = acts, set(outliers[:skip])
         set_weights(fp8)
         p = perplexity()
         inputs = {None: "16-bit", "tensor": "E4M3, a scale a tensor",
                   "tensor, first 16-bit": "E4M3, a scale a tensor, a window's first row 16-bit",
+                  "tensor, first own": "E4M3, a scale a tensor, a window's first row its own",
+                  "rest, first own": "E4M3, a scale a tensor without the first rows, a "
+                                     "window's first row its own",
                   "token": "E4M3, a scale a token"}[acts]
         wq = {False: "16-bit", True: "E4M3, a scale a channel",
               "steps": "E4M3, a scale a channel by its error"}[fp8]
@@ -180,12 +200,16 @@ def paragraphs(model, tok, gemms, amax, setting, set_weights, measure) -> None:
     n = base["no prefix"][1]
     print(f"{len(ids)} paragraphs, {n} positions scored, torch {torch.__version__}\n")
     print("| weights | GEMM inputs | no prefix | EOS first |\n|---|---|---|---|")
-    for acts in ("tensor", "token", "tensor, first 16-bit"):
+    for acts, label in (("tensor", "a scale a tensor"), ("token", "a scale a token"),
+                        ("tensor, first 16-bit", "a scale a tensor, first 16-bit"),
+                        ("tensor, first own", "a scale a tensor, first its own"),
+                        ("rest, first own", "a scale a tensor calibrated without the first "
+                                            "rows, first its own")):
         setting["acts"] = acts
         set_weights("steps")
         got = [math.exp((nll(p)[0] - base[k][0]) / n) - 1
                for k, p in (("no prefix", []), ("EOS first", [eos]))]
-        print(f"| E4M3, a scale a channel by its error | E4M3, a scale a {acts} | "
+        print(f"| E4M3, a scale a channel by its error | E4M3, {label} | "
               f"{100 * got[0]:+.2f}% | {100 * got[1]:+.2f}% |", flush=True)
     # how far the first position's inputs go past the calibrated |max|, 16-bit model
     setting["acts"] = None
