@@ -9,8 +9,10 @@ multiplies in float64; tolerance 1e-2 relative max error (the output's rounding)
 16-bit GEMV tests hold. FP8: the reference quantizes x with torch's own E4M3 conversion of
 x / sx and multiplies the E4M3 values in float64, scaled by sx * sw; the kernel multiplies by
 1 / sx, which may round a value at a tie the other way, so the tolerance is the same 1e-2
-(2e-3 for fp32 output). Block-wise FP8: as INT4, the reference dequantizes the same codes
-and scales (q * s rounded to the dtype)."""
+(2e-3 for fp32 output). FP8 with first tokens (--fp8-first-token dynamic): the flagged
+rows' reference takes each row's own scale, and every row is checked against its own |max|.
+Block-wise FP8: as INT4, the reference dequantizes the same codes and scales (q * s rounded
+to the dtype)."""
 import math
 
 import numpy as np

@@ -3,6 +3,7 @@
 CPU (the build half): every mode lowers to quantized GEMM ops; the weights file holds the
 INT4 codes packed as kernels/qgemv.cu reads them, the FP8 weights [out, in] and their fp32
 channel scales, the block-wise FP8 weights [out, in] and their scales [out, in / block];
+FP8's GEMMs scale first tokens on their own (--fp8-first-token auto), or not with static;
 FP8 is refused for targets other than Hopper and bf16 quantized builds say why they cannot
 be measured.
 GPU (marked `gpu`): each quantized cuda engine against the reference backend's engine of
