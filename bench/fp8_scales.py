@@ -177,8 +177,7 @@ def main() -> None:
 
 def paragraphs(model, tok, gemms, amax, setting, set_weights, measure) -> None:
     """--texts paragraphs: short texts from their start, without and with EOS first."""
-    texts = [" ".join(p.split()) for p in measure.bundled_text("eval").split("\n\n")
-             if len(p.split()) >= 20][:8]
+    texts = measure.bundled_paragraphs("eval")[:8]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     eos = tok.eos_token_id
 

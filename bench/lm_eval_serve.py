@@ -103,10 +103,9 @@ def write_tasks(folder: Path, prose_docs: int) -> None:
         qa.append({"question": q, "choices": [" " + c for c in choices],
                    "answer": choices.index(right)})
     (folder / "qa.jsonl").write_text("".join(json.dumps(d) + "\n" for d in qa))
-    from llmc.quantization.measure import bundled_text
+    from llmc.quantization.measure import bundled_paragraphs
 
-    paragraphs = [p.strip() for p in bundled_text("eval").split("\n\n") if p.strip()]
-    docs = [{"text": " ".join(p.split())} for p in paragraphs if len(p.split()) >= 20]
+    docs = [{"text": p} for p in bundled_paragraphs("eval")]
     (folder / "prose.jsonl").write_text(
         "".join(json.dumps(d) + "\n" for d in docs[:prose_docs]))
     (folder / "llmc_qa.yaml").write_text(QA_YAML.format(data=folder / "qa.jsonl"))

@@ -29,8 +29,7 @@ def main() -> None:
     from llmc.runtime.runner import Runner
     from llmc.runtime.sampling_params import SamplingParams
 
-    texts = [" ".join(p.split()) for p in measure.bundled_text("eval").split("\n\n")
-             if len(p.split()) >= 20][:args.paragraphs]
+    texts = measure.bundled_paragraphs("eval")[:args.paragraphs]
     rows, base = [], None
     for path in args.engines:
         runner = Runner(path)

@@ -31,6 +31,14 @@ def bundled_text(name: str) -> str:
     return resources.files("llmc.quantization").joinpath(f"data/{name}.txt").read_text()
 
 
+def bundled_paragraphs(name: str, min_words: int = 20) -> list[str]:
+    """The bundled text's paragraphs of at least `min_words` words, each on one line: the
+    short texts the benches score from their start (bench/short_texts.py, fp8_scales.py,
+    lm_eval_serve.py)."""
+    return [" ".join(p.split()) for p in bundled_text(name).split("\n\n")
+            if len(p.split()) >= min_words]
+
+
 def read_text(path: Path | None, default: str) -> tuple[str, str]:
     """(text, its name for the report): the file given, or the bundled text."""
     if path is None:

@@ -350,20 +350,21 @@ def first_token_input(g: Graph, x: str, x_qdq: str, dtype: str) -> str:
     and a calibrated per-tensor scale either clips them or, spanning them, rounds every other
     token coarsely (bench/results/quantization.md, "A sequence's first token"). The mask
     [T, 1] is made once a graph."""
-    if "fp8_first_token" not in g.memo:
+    if "fp8_first_token" not in g.memo:   # the mask and the constants, shared by the sites
         zero = g.add_const(np.zeros((), np.int32), "position_zero")
         last = g.add_const(np.array([-1], np.int64), "last_axis")
         eq = g.add("Equal", [contract.POSITION_IDS, zero], 1, name=f"{FIRST_TOKEN}Mask")
-        g.memo["fp8_first_token"] = (g.add("Unsqueeze", [eq.output[0], last], 1,
-                                           name=f"{FIRST_TOKEN}Mask").output[0], last)
-    mask, last = g.memo["fp8_first_token"]
+        mask = g.add("Unsqueeze", [eq.output[0], last], 1, name=f"{FIRST_TOKEN}Mask").output[0]
+        g.memo["fp8_first_token"] = (mask, last,
+                                     g.add_const(np.float32(numerics.FP8_MAX), "fp8_max"),
+                                     g.add_const(FIRST_TOKEN_MIN_SCALE, "fp8_min_scale"))
+    mask, last, fp8_max, min_scale = g.memo["fp8_first_token"]
 
     def op(op_type: str, *inputs: str, **attrs) -> str:
         return g.add(op_type, list(inputs), 1, name=FIRST_TOKEN, **attrs).output[0]
     x32 = op("Cast", x, to=onnx.TensorProto.FLOAT)
     amax = op("ReduceMax", op("Abs", x32), last, keepdims=1)
-    s = op("Max", op("Div", amax, g.add_const(np.float32(numerics.FP8_MAX), "fp8_max")),
-           g.add_const(FIRST_TOKEN_MIN_SCALE, "fp8_min_scale"))
+    s = op("Max", op("Div", amax, fp8_max), min_scale)
     q = op("Cast", op("Div", x32, s), to=onnx.TensorProto.FLOAT8E4M3FN, saturate=1)
     own = op("Cast", op("Mul", op("Cast", q, to=onnx.TensorProto.FLOAT), s),
              to=onnx_type(dtype))
