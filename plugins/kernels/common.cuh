@@ -174,16 +174,31 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Block-wide sum; `red` holds 32 floats. Every thread gets the result.
-__device__ __forceinline__ float block_sum(float v, float* red) {
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide reduction by WARP (warp_sum, warp_max); `red` holds 32 floats, `none` is the
+// reduction's identity. Every thread gets the result.
+template <float (*WARP)(float)>
+__device__ __forceinline__ float block_reduce(float v, float* red, float none) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
+  v = WARP(v);
   __syncthreads();
   if (lane == 0) red[warp] = v;
   __syncthreads();
   const int nw = (blockDim.x + 31) >> 5;
-  float t = lane < nw ? red[lane] : 0.f;
-  return warp_sum(t);
+  return WARP(lane < nw ? red[lane] : none);
+}
+
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  return block_reduce<warp_sum>(v, red, 0.f);
+}
+
+__device__ __forceinline__ float block_max(float v, float* red) {
+  return block_reduce<warp_max>(v, red, -INFINITY);
 }
 
 // Sequence of packed token t: largest s with seq_starts[s] <= t (seq_starts has B+1 entries).

@@ -87,8 +87,7 @@ __device__ __forceinline__ void moe_pick(const u16* __restrict__ logits, int tk,
     p[i] = e < experts ? T::to_f(logits[(size_t)tk * experts + e]) : -INFINITY;
     mx = fmaxf(mx, p[i]);
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  mx = warp_max(mx);
   float s = 0.f;
 #pragma unroll
   for (int i = 0; i < EPL; ++i) {

@@ -477,8 +477,7 @@ __device__ __noinline__ void combine_splits(const float* __restrict__ ws_o,
     const float* lse = ws_lse + rows.at(r, 0);
     float mx = -INFINITY, den = 0.f;
     for (int i = lane; i < n_live; i += 32) mx = fmaxf(mx, __ldcg(lse + (size_t)i * rows.ss));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    mx = warp_max(mx);
     for (int i = lane; i < n_live; i += 32) {
       const float w = exp2f(__ldcg(lse + (size_t)i * rows.ss) - mx);
       wgt[r * n_live + i] = w;

@@ -808,16 +808,7 @@ __device__ __forceinline__ float row_amax(const u16* __restrict__ x, int k, floa
 #pragma unroll
     for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(f[e]));
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = a;
-  __syncthreads();
-  const int nw = (blockDim.x + 31) >> 5;
-  a = (threadIdx.x & 31) < nw ? red[threadIdx.x & 31] : 0.f;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-  return a;
+  return block_max(a, red);
 }
 
 // For the GEMV's m (<= 16) rows: factor[r] = s / sx and inv[r] = 1 / s for a first token's
