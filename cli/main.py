@@ -380,6 +380,8 @@ def evaluate(engine, text_file, tokens, seq_len, batch, reference, as_json, back
         ref_ppl = results[1].perplexity()
         out.update(reference=str(reference), reference_perplexity=round(ref_ppl, 4),
                    delta_ppl_pct=round(100 * (ppl / ref_ppl - 1), 3),
+                   delta_ppl_se_pct=round(measure.delta_ppl_se_pct(results[1].logp,
+                                                                   results[0].logp), 3),
                    top1_agreement=round(ev.agreement(results[0], results[1]), 4))
     if as_json:
         click.echo(json.dumps(out))
@@ -393,8 +395,8 @@ def evaluate(engine, text_file, tokens, seq_len, batch, reference, as_json, back
                    f"onnxruntime; {off:+.2f}% here)")
     if reference:
         click.echo(f"reference {reference}: perplexity {out['reference_perplexity']:.3f}; "
-                   f"{out['delta_ppl_pct']:+.2f}%, top-1 agreement "
-                   f"{100 * out['top1_agreement']:.1f}%")
+                   f"{out['delta_ppl_pct']:+.2f}% ± {out['delta_ppl_se_pct']:.2f}, top-1 "
+                   f"agreement {100 * out['top1_agreement']:.1f}%")
 
 
 def _score_engine(file, windows, batch, backend, gpu_memory_utilization, quiet):

@@ -48,16 +48,21 @@ class Accuracy:
     delta_ppl_pct: float        # 100 * (ppl / ppl_reference - 1)
     top1_agreement: float       # share of positions whose greedy token is the reference's
     threshold_pct: float        # delta_ppl_pct above this warns
+    # Engines built before these were measured have None.
+    delta_ppl_se_pct: float | None = None   # standard error of delta_ppl_pct over the tokens
+    kl_divergence: float | None = None      # mean KL(unquantized || this), nats a token
 
     @property
     def passed(self) -> bool:
         return self.delta_ppl_pct <= self.threshold_pct
 
     def describe(self) -> str:
+        se = "" if self.delta_ppl_se_pct is None else f" ± {self.delta_ppl_se_pct:.2f}"
+        kl = "" if self.kl_divergence is None else f", KL divergence {self.kl_divergence:.4f}"
         return (f"perplexity {self.ppl:.3f} vs {self.ppl_reference:.3f} unquantized "
-                f"({self.delta_ppl_pct:+.2f}%, threshold {self.threshold_pct:g}%), top-1 "
-                f"agreement {100 * self.top1_agreement:.1f}% over {self.tokens} tokens of "
-                f"{self.text}")
+                f"({self.delta_ppl_pct:+.2f}%{se}, threshold {self.threshold_pct:g}%), top-1 "
+                f"agreement {100 * self.top1_agreement:.1f}%{kl} over {self.tokens} tokens "
+                f"of {self.text}")
 
 
 @dataclass(frozen=True)

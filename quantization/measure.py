@@ -7,7 +7,6 @@ A text is fed as a few prefill sequences in one engine step (the contract's own 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -144,28 +143,55 @@ def _targets(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(rows), np.asarray(targets)
 
 
-def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Each row's log-probability of its target token (log-softmax in float64)."""
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Each row's log-probabilities (float64)."""
     x = logits.astype(np.float64)
     x -= x.max(axis=1, keepdims=True)
-    return x[np.arange(len(x)), targets] - np.log(np.exp(x).sum(axis=1))
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
-def perplexity(logits: np.ndarray, rows: np.ndarray, targets: np.ndarray) -> float:
-    return float(math.exp(-token_logprobs(logits[rows], targets).mean()))
+def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Each row's log-probability of its target token (log-softmax in float64)."""
+    return log_softmax(logits)[np.arange(len(logits)), targets]
+
+
+def delta_ppl_se_pct(logp_reference: np.ndarray, logp: np.ndarray) -> float:
+    """The standard error of 100 * (ppl / ppl_reference - 1) over the scored tokens: both
+    perplexities come from the same tokens, so it is the spread of the tokens' log-prob
+    differences over sqrt(tokens), carried through exp. It treats the tokens as independent
+    draws from text of this kind (what another text of the same length would give); how the
+    quantization's own choices fall (calibration, rounding ties) is not in it."""
+    d = np.asarray(logp_reference, np.float64) - np.asarray(logp, np.float64)
+    if len(d) < 2:
+        return 0.0
+    return float(100 * np.exp(d.mean()) * d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def compare(reference: np.ndarray, quantized: np.ndarray, seqs: list[list[int]], text: str,
             threshold_pct: float) -> Accuracy:
-    """Perplexity of both on the text, and how often their top-1 (greedy) tokens agree with
-    the same prefix (teacher-forced over every position)."""
+    """Perplexity of both on the text (the change with its standard error), how often their
+    top-1 (greedy) tokens agree with the same prefix (teacher-forced over every position),
+    and the mean KL divergence of the quantized distribution from the reference's over the
+    scored positions (llama.cpp's measure of a quantization: unlike perplexity it compares
+    every token's probability, not the text's next token's alone)."""
     rows, targets = _targets(seqs)
-    ppl_ref = perplexity(reference, rows, targets)
-    ppl = perplexity(quantized, rows, targets)
+    lp_ref, lp, kl = [], [], []
+    for i in range(0, len(rows), 256):   # float64 [rows, vocab] a few at a time
+        r, t = rows[i:i + 256], targets[i:i + 256]
+        ref, quant = log_softmax(reference[r]), log_softmax(quantized[r])
+        at = np.arange(len(r))
+        lp_ref.append(ref[at, t])
+        lp.append(quant[at, t])
+        kl.append((np.exp(ref) * (ref - quant)).sum(axis=1))
+    lp_ref, lp = np.concatenate(lp_ref), np.concatenate(lp)
+    ppl_ref, ppl = float(np.exp(-lp_ref.mean())), float(np.exp(-lp.mean()))
+    kl = float(np.concatenate(kl).mean())
     agree = float(np.mean(reference.argmax(axis=1) == quantized.argmax(axis=1)))
     return Accuracy(text=text, tokens=len(targets), ppl_reference=round(ppl_ref, 4),
                     ppl=round(ppl, 4), delta_ppl_pct=round(100 * (ppl / ppl_ref - 1), 3),
-                    top1_agreement=round(agree, 4), threshold_pct=threshold_pct)
+                    top1_agreement=round(agree, 4), threshold_pct=threshold_pct,
+                    delta_ppl_se_pct=round(delta_ppl_se_pct(lp_ref, lp), 3),
+                    kl_divergence=round(kl, 5))
 
 
 def measure(reference_onnx: Path, quantized_onnx: Path, io: EngineIO, seqs: list[list[int]],

@@ -121,10 +121,18 @@ def test_eval_command_reports_and_compares(tiny_models, make_tiny, tmp_path, cap
     assert out["top1_agreement"] == pytest.approx(agreement(ours, theirs), abs=1e-4)
     assert out["delta_ppl_pct"] == pytest.approx(
         100 * (ours.perplexity() / theirs.perplexity() - 1), abs=1e-2)
+    d = theirs.logp - ours.logp   # the tokens' log-prob differences, paired
+    assert out["delta_ppl_se_pct"] == pytest.approx(
+        100 * np.exp(d.mean()) * d.std(ddof=1) / np.sqrt(len(d)), abs=1e-3)
     assert "build_report_perplexity" not in out   # an unquantized build has no report
     plain = llmc()
     assert plain.startswith(f"perplexity {out['perplexity']:.3f} over 96 tokens of {text} "
                             "(4 windows of up to 30 tokens), reference backend")
+    compared = llmc("--reference", other.path).splitlines()[-1]
+    assert compared == (f"reference {other.path}: perplexity "
+                        f"{out['reference_perplexity']:.3f}; {out['delta_ppl_pct']:+.2f}% ± "
+                        f"{out['delta_ppl_se_pct']:.2f}, top-1 agreement "
+                        f"{100 * out['top1_agreement']:.1f}%")
     # an engine of another vocabulary cannot be compared
     make_tiny("llama-gqa", tmp_path / "v100", vocab_size=100)
     odd = _engine(tmp_path / "v100", tmp_path / "c.engine")
