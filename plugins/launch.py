@@ -22,6 +22,24 @@ class DevPtr(int):
     """A raw device address (TensorRT's enqueue pointers): passed as a pointer, not int32."""
 
 
+def arg_type(a):
+    """How a kernel argument is passed: ctypes' void pointer (DevPtr, or an object with
+    data_ptr(): a torch tensor), int32 (a Python int), or None for a PoolMap (its CUtensorMap,
+    128 bytes, by value)."""
+    if isinstance(a, bool) or a is None:
+        raise TypeError("kernel arguments are pointers or ints")
+    if isinstance(a, DevPtr):
+        return _P
+    if isinstance(a, ap.PoolMap):
+        return None
+    return _I if isinstance(a, int) else _P
+
+
+def arg_sizes(types) -> list[int]:
+    """The bytes each argument of these types (arg_type's) gives the kernel."""
+    return [128 if t is None else ctypes.sizeof(t) for t in types]
+
+
 class Functions:
     """Cubins loaded into the current CUDA context; functions looked up and configured once.
     Needs no torch: the TensorRT glue uses it with its own pointers and stream."""
@@ -40,6 +58,8 @@ class Functions:
         self._modules = {}
         self._funcs = {}
         self._smem_set = {}   # (module, kernel) -> the dynamic shared memory it may take
+        self._params = {}     # (module, kernel) -> its parameters' sizes in bytes
+        self._checked = set()   # (module, kernel, argument types) that match them
         self._maps = {}       # PoolMap (with its pointer resolved) -> encoded CUtensorMap
 
     def func(self, launch: Launch):
@@ -85,29 +105,56 @@ class Functions:
         """args: ints (int32), DevPtr, PoolMap, or objects with data_ptr() (torch tensors)."""
         from cuda.bindings import driver
 
-        vals, types = [], []
-        for a in args:
-            if isinstance(a, bool) or a is None:
-                raise TypeError("kernel arguments are pointers or ints")
-            if isinstance(a, DevPtr):
-                vals.append(int(a))
-                types.append(_P)
-            elif isinstance(a, ap.PoolMap):
-                vals.append(self._tensor_map(a))
-                types.append(None)   # a driver struct: passed by value from its address
-            elif isinstance(a, int):
-                vals.append(a)
-                types.append(_I)
-            else:
-                vals.append(a.data_ptr())
-                types.append(_P)
-        params = (tuple(vals), tuple(types))
+        types = tuple(map(arg_type, args))
+        vals = tuple(self._tensor_map(a) if t is None   # a driver struct, by value
+                     else int(a) if isinstance(a, int) else a.data_ptr()
+                     for a, t in zip(args, types))
+        params = (vals, types)
+        if (launch.module, launch.kernel, params[1]) not in self._checked:
+            self._check_params(launch, types)
+            self._checked.add((launch.module, launch.kernel, params[1]))
         if launch.pdl and self.pdl:
             check(driver.cuLaunchKernelEx(self._pdl_config(launch, stream), self.func(launch),
                                           params, 0))
             return
         check(driver.cuLaunchKernel(self.func(launch), *launch.grid, *launch.block, launch.smem,
                                   driver.CUstream(stream), params, 0))
+
+    def _check_params(self, launch: Launch, types: list) -> None:
+        """The driver copies as many arguments as the kernel declares, from the list it is
+        given: too short a list is read past its end (a crash, or garbage pointers in the
+        kernel), and an int in a pointer's place is half a pointer. So the arguments are
+        checked against the kernel's parameters: at least as many, each of its size. More is
+        allowed and unread: an engine built before a kernel gained a trailing parameter
+        carries the old kernel, which the session still passes the new argument."""
+        sizes = self._param_sizes(launch)
+        if sizes is None:
+            return
+        given = arg_sizes(types)
+        if len(given) < len(sizes) or given[:len(sizes)] != sizes:
+            raise CudaError(f"kernel {launch.kernel} ({launch.module}) takes {len(sizes)} "
+                            f"parameters of {sizes} bytes; the launch passes {len(given)} of "
+                            f"{given}")
+
+    def _param_sizes(self, launch: Launch) -> list[int] | None:
+        """Each parameter's size, from the driver (cuFuncGetParamInfo, CUDA 12.4); None where
+        the driver cannot say."""
+        from cuda.bindings import driver
+
+        key = (launch.module, launch.kernel)
+        if key not in self._params:
+            f, sizes = self.func(launch), []
+            get = getattr(driver, "cuFuncGetParamInfo", None)
+            while get is not None:
+                err, _, size = get(f, len(sizes))
+                if err == driver.CUresult.CUDA_ERROR_INVALID_VALUE:
+                    break   # past the last parameter
+                if err != driver.CUresult.CUDA_SUCCESS:
+                    sizes = None   # an older driver
+                    break
+                sizes.append(size)
+            self._params[key] = sizes if get is not None else None
+        return self._params[key]
 
     def _tensor_map(self, m: "ap.PoolMap"):
         """The pool's CUtensorMap, encoded once per (pointer, shape): a host-side descriptor

@@ -116,8 +116,8 @@ def main() -> None:
             l8 = lr.qgemv_launch(m, n_out, k, "bfloat16", "fp8", None, act,
                                  sm_count=K.sm_count) if fp8 else None
             args8 = [[DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s8.data_ptr()),
-                      lr.float_bits(0.05), DevPtr(0), m, n_out, k, DevPtr(y.data_ptr())]
-                     for w in w8]
+                      lr.float_bits(0.05), DevPtr(0), m, n_out, k, DevPtr(y.data_ptr()),
+                      DevPtr(0)] for w in w8]   # no first-token rows
             for hint in ORDER:
                 f = fns["qgemv"][hint]
 

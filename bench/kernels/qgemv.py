@@ -168,7 +168,8 @@ def main() -> None:
                 ln = ln or lr.qgemv_launch(m, n_out, k, "bfloat16", "fp8", None, act,
                                            sm_count=K.sm_count)
                 a = [DevPtr(x.data_ptr()), DevPtr(w.data_ptr()), DevPtr(s8.data_ptr()),
-                     lr.float_bits(0.05), DevPtr(0), m, rows, k, DevPtr(y.data_ptr())]
+                     lr.float_bits(0.05), DevPtr(0), m, rows, k, DevPtr(y.data_ptr()),
+                     DevPtr(0)]   # no first-token rows
                 return lambda: fn.launch(ln, a, stream())
 
             def q4(w, offsets, x=x, y=y, m=m):   # a GGUF Q4_0 / Q4_1 matrix

@@ -17,6 +17,31 @@ from llmc.runtime.sampler import SamplingParams, probabilities  # noqa: E402
 DTYPES = [torch.float16, torch.bfloat16]
 
 
+# ---- the launcher -------------------------------------------------------------------------
+
+def test_a_launch_passes_what_the_kernel_declares(K):
+    """Functions.launch checks the arguments against the kernel's parameters
+    (cuFuncGetParamInfo): too few would be read past the list's end by the driver (a crash
+    or garbage pointers), an int where a pointer goes is half a pointer; both are an error
+    that names the kernel. One argument more than declared is passed and not read (an engine
+    built before a kernel gained a trailing parameter)."""
+    from llmc.devices import CudaError
+    from llmc.plugins import launch_rules as lr
+    from llmc.plugins.launch import DevPtr
+
+    gu = torch.randn(4, 256, device="cuda", dtype=torch.float16)
+    ln = lr.gated_launch(4, 128, "float16", "swiglu", K.sm_count)
+    out = torch.empty(4, 128, device="cuda", dtype=torch.float16)
+    with pytest.raises(CudaError, match=f"kernel {ln.kernel} .* takes 4 parameters of "
+                                        r"\[8, 4, 4, 8\] bytes; the launch passes 3"):
+        K.launch(ln, [gu, 4, 128])
+    with pytest.raises(CudaError, match=r"passes 4 of \[8, 4, 4, 4\]"):
+        K.launch(ln, [gu, 4, 128, 5])   # an int for the output pointer
+    K.launch(ln, [gu, 4, 128, out, DevPtr(0)])
+    torch.cuda.synchronize()
+    assert torch.equal(out, K.gated(gu))
+
+
 # ---- glue ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
