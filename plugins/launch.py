@@ -110,9 +110,9 @@ class Functions:
                      else int(a) if isinstance(a, int) else a.data_ptr()
                      for a, t in zip(args, types))
         params = (vals, types)
-        if (launch.module, launch.kernel, params[1]) not in self._checked:
+        if (launch.module, launch.kernel, types) not in self._checked:
             self._check_params(launch, types)
-            self._checked.add((launch.module, launch.kernel, params[1]))
+            self._checked.add((launch.module, launch.kernel, types))
         if launch.pdl and self.pdl:
             check(driver.cuLaunchKernelEx(self._pdl_config(launch, stream), self.func(launch),
                                           params, 0))
@@ -143,9 +143,9 @@ class Functions:
 
         key = (launch.module, launch.kernel)
         if key not in self._params:
-            f, sizes = self.func(launch), []
-            get = getattr(driver, "cuFuncGetParamInfo", None)
-            while get is not None:
+            f, get = self.func(launch), getattr(driver, "cuFuncGetParamInfo", None)
+            sizes = [] if get else None
+            while sizes is not None:
                 err, _, size = get(f, len(sizes))
                 if err == driver.CUresult.CUDA_ERROR_INVALID_VALUE:
                     break   # past the last parameter
@@ -153,7 +153,7 @@ class Functions:
                     sizes = None   # an older driver
                     break
                 sizes.append(size)
-            self._params[key] = sizes if get is not None else None
+            self._params[key] = sizes
         return self._params[key]
 
     def _tensor_map(self, m: "ap.PoolMap"):
