@@ -190,7 +190,8 @@ def open_runner(engine: Path, backend: str, gpu_memory_utilization: float):
 @click.option("--frequency-penalty", default=0.0, show_default=True)
 @click.option("--stop", multiple=True, help="a stop string (repeatable); not in the output")
 @click.option("--logprobs", type=int, default=None, metavar="N",
-              help="with --json: each token's logprob and the N most likely (0..20)")
+              help="with --json: each token's logprob and the N most likely (0..20), in each "
+                   "request's line or, with --stream, in each event")
 @click.option("--system", default=None, help="with --chat: a system message first")
 @click.option("--seed", default=None, type=int, help="seed for sampling, per request")
 @click.option("--chat", is_flag=True, help="wrap each prompt in the model's chat template")
@@ -217,6 +218,8 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
                         "--chat alone for an interactive chat)")
     if system and not chat:
         raise LlmcError("--system applies to --chat; add --chat")
+    if logprobs is not None and not as_json:
+        raise LlmcError("--logprobs prints each token's logprob in the JSON output; add --json")
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty,
                             presence_penalty=presence_penalty,
@@ -229,7 +232,7 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
         return _chat(runner, params, system_turn)
     inputs = [system_turn + [{"role": "user", "content": p}] for p in prompts] if system \
         else prompts
-    on_output = _streamer(len(prompts), as_json) if stream else None
+    on_output = _streamer(len(prompts), as_json, logprobs is not None) if stream else None
     t0 = time.perf_counter()
     results = runner.complete(inputs, params, chat, on_output)
     seconds = time.perf_counter() - t0
@@ -270,14 +273,15 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
                         f"(first: {next(r.error for r in results if r.error)})")
 
 
-def _streamer(n: int, as_json: bool):
+def _streamer(n: int, as_json: bool, logprobs: bool = False):
     """Print deltas as they come: bare text for one prompt, [i]-prefixed lines for several,
-    or one JSON event a delta."""
+    or one JSON event a delta (with its tokens' logprobs where asked)."""
     def on_output(index, out):
         if as_json:
             click.echo(json.dumps({"index": index, "text": out.text, "token_ids": out.token_ids,
                                    "finished": out.finished,
-                                   "finish_reason": out.finish_reason}))
+                                   "finish_reason": out.finish_reason,
+                                   **({"logprobs": out.logprobs} if logprobs else {})}))
         elif n == 1:
             click.echo(out.text, nl=False)
         elif out.text or out.finished:

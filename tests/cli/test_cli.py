@@ -88,6 +88,11 @@ def test_stream_many_logprobs_and_an_interactive_chat(engine, tiny_models, tmp_p
     events = [json.loads(line) for line in r.stdout.splitlines()]
     assert {e["index"] for e in events} == {0, 1}
     assert sum(e["finished"] for e in events) == 2
+    for i in (0, 1):   # a logprob a token (and one for a stop token that ended it)
+        mine = [e for e in events if e["index"] == i]
+        lps = [x for e in mine for x in e["logprobs"]]
+        tokens = sum(len(e["token_ids"]) for e in mine)
+        assert tokens <= len(lps) <= tokens + 1 and all(len(top) == 2 for _, top in lps)
     r = llmc("run", engine, "-p", "w3", "--json", "--max-new-tokens", "2", "--logprobs", "2",
              "--temperature", "0.5", "--seed", "1")
     (row,) = [json.loads(line) for line in r.stdout.splitlines()]

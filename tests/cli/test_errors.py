@@ -351,7 +351,11 @@ BAD_RUNS = {   # case -> (args, given the engine and the test's folder; message)
     "temperature inf": (lambda e, t: ["run", e, "-p", "w3", "--temperature", "inf"],
                         "temperature"),
     "top-p 2": (lambda e, t: ["run", e, "-p", "w3", "--top-p", "2"], "top_p"),
-    "logprobs 100": (lambda e, t: ["run", e, "-p", "w3", "--logprobs", "100"], "logprobs"),
+    "logprobs 100": (lambda e, t: ["run", e, "-p", "w3", "--json", "--logprobs", "100"],
+                     "logprobs"),
+    "logprobs without json": (lambda e, t: ["run", e, "-p", "w3", "--logprobs", "2"],
+                              "--logprobs prints each token's logprob in the JSON output; add "
+                              "--json"),
     "max-new-tokens -1": (lambda e, t: ["run", e, "-p", "w3", "--max-new-tokens", "-1"],
                           "max_tokens"),
     "prompt too long": (lambda e, t: ["run", e, "-p", " ".join(["w5"] * 40)],
