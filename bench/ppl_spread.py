@@ -49,12 +49,11 @@ def main() -> None:
     for p in range(len(windows) // k):
         lo, hi = (ends[p * k - 1] if p else 0), ends[(p + 1) * k - 1]
         lq, lr = quant.logp[lo:hi], ref.logp[lo:hi]
-        delta = 100 * (np.exp(lr.mean() - lq.mean()) - 1)
-        se = measure.delta_ppl_se_pct(lr, lq)
+        delta, se = measure.delta_ppl_pct(lr, lq), measure.delta_ppl_se_pct(lr, lq)
         deltas.append(delta)
         errors.append(se)
         print(f"| {p} | {hi - lo} | {delta:+.2f}% | {se:.2f} |")
-    whole = 100 * (np.exp(ref.logp.mean() - quant.logp.mean()) - 1)
+    whole = measure.delta_ppl_pct(ref.logp, quant.logp)
     print(f"\nwhole text: {whole:+.2f}% ± {measure.delta_ppl_se_pct(ref.logp, quant.logp):.2f} "
           f"over {quant.tokens} tokens")
     print(f"pieces: mean {np.mean(deltas):+.2f}%, spread (sd) {np.std(deltas, ddof=1):.2f}, "

@@ -383,7 +383,8 @@ def evaluate(engine, text_file, tokens, seq_len, batch, reference, as_json, back
     if reference:
         ref_ppl = results[1].perplexity()
         out.update(reference=str(reference), reference_perplexity=round(ref_ppl, 4),
-                   delta_ppl_pct=round(100 * (ppl / ref_ppl - 1), 3),
+                   delta_ppl_pct=round(measure.delta_ppl_pct(results[1].logp,
+                                                             results[0].logp), 3),
                    delta_ppl_se_pct=round(measure.delta_ppl_se_pct(results[1].logp,
                                                                    results[0].logp), 3),
                    top1_agreement=round(ev.agreement(results[0], results[1]), 4))

@@ -155,6 +155,11 @@ def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return log_softmax(logits)[np.arange(len(logits)), targets]
 
 
+def delta_ppl_pct(logp_reference: np.ndarray, logp: np.ndarray) -> float:
+    """100 * (ppl / ppl_reference - 1) from the same tokens' log-probabilities under both."""
+    return float(100 * (np.exp(np.mean(logp_reference) - np.mean(logp)) - 1))
+
+
 def delta_ppl_se_pct(logp_reference: np.ndarray, logp: np.ndarray) -> float:
     """The standard error of 100 * (ppl / ppl_reference - 1) over the scored tokens: both
     perplexities come from the same tokens, so it is the spread of the tokens' log-prob
@@ -188,7 +193,7 @@ def compare(reference: np.ndarray, quantized: np.ndarray, seqs: list[list[int]],
     kl = float(np.concatenate(kl).mean())
     agree = float(np.mean(reference.argmax(axis=1) == quantized.argmax(axis=1)))
     return Accuracy(text=text, tokens=len(targets), ppl_reference=round(ppl_ref, 4),
-                    ppl=round(ppl, 4), delta_ppl_pct=round(100 * (ppl / ppl_ref - 1), 3),
+                    ppl=round(ppl, 4), delta_ppl_pct=round(delta_ppl_pct(lp_ref, lp), 3),
                     top1_agreement=round(agree, 4), threshold_pct=threshold_pct,
                     delta_ppl_se_pct=round(delta_ppl_se_pct(lp_ref, lp), 3),
                     kl_divergence=round(kl, 5))
