@@ -200,14 +200,25 @@ def open_runner(engine: Path, backend: str, gpu_memory_utilization: float):
                    "--json: one JSON event a delta)")
 @click.option("--json", "as_json", is_flag=True,
               help="one JSON line a request: text, token ids, finish reason, usage, timing")
+@click.option("--json-schema", default=None, metavar="SCHEMA",
+              help="hold the output to a JSON schema: a file, or the schema's JSON text "
+                   "('{\"type\": \"object\"}': any JSON object)")
+@click.option("--regex", default=None, metavar="PATTERN",
+              help="hold the output to a regular expression (the whole output matches it)")
+@click.option("--choice", "choices", multiple=True, metavar="TEXT",
+              help="the output is one of these strings (repeat the option)")
+@click.option("--grammar", "grammar_file", type=click.Path(path_type=Path), default=None,
+              metavar="FILE", help="hold the output to a grammar, in Lark or GBNF")
 @session_options
 def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, stop, logprobs, system, seed,
-        chat, stream, as_json, backend, gpu_memory_utilization) -> None:
+        chat, stream, as_json, json_schema, regex, choices, grammar_file, backend,
+        gpu_memory_utilization) -> None:
     """Generate text for one or more prompts; a speed summary goes to stderr.
 
     With --chat and no prompt: an interactive multi-turn chat on stdin (an empty line or
-    end of input ends it)."""
+    end of input ends it). --json-schema, --regex, --choice or --grammar (one of them) hold
+    every output to that constraint; it ends once the constraint is complete."""
     import time
 
     from llmc.runtime.sampler import SamplingParams
@@ -224,7 +235,9 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
                             repetition_penalty=repetition_penalty,
                             presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, stop=stop, seed=seed,
-                            max_tokens=max_new_tokens, logprobs=logprobs)
+                            max_tokens=max_new_tokens, logprobs=logprobs,
+                            structured_outputs=_structured(json_schema, regex, choices,
+                                                           grammar_file))
     params.validate()
     runner = open_runner(engine, backend, gpu_memory_utilization)
     system_turn = [{"role": "system", "content": system}] if system else []
@@ -271,6 +284,48 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
     if len(ok) < len(results):
         raise LlmcError(f"{len(results) - len(ok)} of {len(results)} requests failed "
                         f"(first: {next(r.error for r in results if r.error)})")
+
+
+def _structured(json_schema: str | None, regex: str | None, choices: tuple[str, ...],
+                grammar_file: Path | None):
+    """The output's constraint from run's options, or None."""
+    from llmc.runtime.structured import StructuredOutputsParams
+
+    given = [name for name, v in (("--json-schema", json_schema), ("--regex", regex),
+                                  ("--choice", choices), ("--grammar", grammar_file)) if v]
+    if len(given) > 1:
+        raise LlmcError(f"give one of --json-schema, --regex, --choice and --grammar, not "
+                        f"{' and '.join(given)}")
+    if json_schema is not None:
+        path = Path(json_schema)
+        text = _read_text(path, "--json-schema") if _is_file(path) else json_schema
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LlmcError(f"--json-schema takes a file or JSON text; {json_schema!r} is "
+                            f"neither ({e})") from None
+        return StructuredOutputsParams(json=schema)
+    if regex is not None:
+        return StructuredOutputsParams(regex=regex)
+    if choices:
+        return StructuredOutputsParams(choice=choices)
+    if grammar_file is not None:
+        return StructuredOutputsParams(grammar=_read_text(grammar_file, "--grammar"))
+    return None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:   # JSON text too long to be a file name
+        return False
+
+
+def _read_text(path: Path, option: str) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmcError(f"{option}: cannot read {path} ({e})") from None
 
 
 def _streamer(n: int, as_json: bool, logprobs: bool = False):

@@ -630,6 +630,20 @@ class Kernels:
         return (tokens, lp) if logprobs else tokens
 
 
+    def ban_tokens(self, logits, allowed):
+        """In place: -inf at every token of fp32 logits [B, V] whose bit is clear in allowed,
+        int32 [B, ceil(V / 32)] (llguidance's bitmask layout)."""
+        t = self.torch
+        b, v = logits.shape
+        if logits.dtype != t.float32 or not logits.is_contiguous():
+            raise TypeError(f"logits must be contiguous float32, got {logits.dtype}")
+        if allowed.dtype != t.int32 or tuple(allowed.shape) != (b, (v + 31) // 32):
+            raise TypeError(f"allowed must be int32 [{b}, {(v + 31) // 32}], got "
+                            f"{allowed.dtype} {tuple(allowed.shape)}")
+        self.launch(lr.ban_launch(b, v), [logits, allowed.contiguous(), b, v])
+        return logits
+
+
 @functools.lru_cache(maxsize=None)
 def kernels() -> Kernels:
     return Kernels()

@@ -531,6 +531,17 @@ def sample_launch(batch: int, vocab: int) -> Launch:
     return Launch("sampling", "sample_f32", (batch, 1, 1), (threads, 1, 1))
 
 
+def ban_launch(batch: int, vocab: int) -> Launch:
+    """A thread a 32-token word of each row's allowed-token bitmask; args (logits, allowed,
+    B, V), see kernels/sampling.cu."""
+    if not 0 < batch <= 65535 or not 0 < vocab <= INT32_MAX - 31:
+        raise ValueError(f"banning tokens of {batch} rows of {vocab} logits")
+    words = (vocab + 31) // 32
+    threads = min(256, round_up(words, 32))
+    return Launch("sampling", "ban_tokens_f32", (math.ceil(words / threads), batch, 1),
+                  (threads, 1, 1))
+
+
 # ---- mixture of experts: routing, grouped GEMMs, combine (kernels/moe.cu) -------------------
 
 MOE_MAX_EXPERTS = 256      # MOE_MAX_EXPERTS in kernels/moe.cu: 8 router logits a lane

@@ -66,6 +66,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._pending: list[RequestOutput] = []
+        self._grammars = None   # structured outputs' side, made on the first such request
+        # False: a step's masks are computed before it runs, not alongside (bench/structured.py)
+        self.overlap_masks = True
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -84,6 +87,8 @@ class LLMEngine:
             self._check_bias(params)
             req.prompt_token_ids = self._tokens(prompt)
             self._check_fits(req)
+            if params.structured_outputs is not None:
+                req.matcher = self.grammars.matcher(params.structured_outputs)
         except LlmcError as e:
             self._fail(req, str(e))
             return request_id
@@ -112,6 +117,15 @@ class LLMEngine:
         return EngineStats(len(sched.waiting), len(sched.running),
                            pool.num_blocks - pool.num_free_blocks, pool.num_blocks,
                            self.kv.prefix_queries, self.kv.prefix_hits, sched.num_preemptions)
+
+    @property
+    def grammars(self):
+        if self._grammars is None:
+            from llmc.runtime.structured import Grammars
+
+            self._grammars = Grammars(self.header.tokenizer.json, self.header.io.vocab_size,
+                                      self.eos_ids)
+        return self._grammars
 
     def _tokens(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -192,6 +206,11 @@ class LLMEngine:
                 continue
             if not done[row]:
                 continue
+            if req.matcher is not None and not req.matcher.consume_token(int(tokens[row])):
+                self._fail(req, "structured output: " + (req.matcher.get_error().strip()
+                                                         or "no token can continue it"))
+                outputs.append(self._pending.pop())
+                continue
             self._append(req, int(tokens[row]), logprobs[row] if logprobs else None, now)
             out = self._output(req)
             if out is not None:
@@ -247,16 +266,31 @@ class LLMEngine:
         """Token ids for every row (meaningful where done), and logprobs if any row asked:
         of the sampled token where done, of the prompt token a scoring row scores."""
         params = [r.params for r in rows]
-        if hasattr(self.session, "step_sample") and not any(p.needs_host for p in params):
+        which = [i for i, d in enumerate(done) if d]
+        # A constrained row's mask depends only on the tokens it has: computed on a worker
+        # thread while the session runs the step (vLLM overlaps it with the forward too).
+        constrained = [j for j, i in enumerate(which) if rows[i].matcher is not None]
+        masks = None
+        if constrained:
+            masks = self.grammars.masks([rows[which[j]].matcher for j in constrained])
+            if not self.overlap_masks:
+                masks.result()
+        if hasattr(self.session, "step_sample") and not any(p.needs_host for p in params) \
+                and (not constrained or getattr(self.session, "bans_tokens", False)):
             # Philox keyed by (seed, tokens sampled so far): a row that does not sample
             # this step consumes nothing.
+            allowed = None
+            if constrained:   # the session bans what the masks do not allow, on the device
+                def allowed():
+                    return self.grammars.rows_bitmask(
+                        len(rows), [which[j] for j in constrained], masks.result())
             tokens = self.session.step_sample(
                 inputs, [p.temperature for p in params], [p.top_k for p in params],
                 [p.top_p for p in params], [r.seed for r in rows],
-                [len(r.output_token_ids) for r in rows])
+                [len(r.output_token_ids) for r in rows],
+                **({"allowed": allowed} if allowed else {}))
             return tokens, None
         logits = self.session.step(inputs)
-        which = [i for i, d in enumerate(done) if d]
         tokens = np.zeros(len(rows), np.int32)
         scored = None
         if scoring:
@@ -270,7 +304,10 @@ class LLMEngine:
         if not which:
             return tokens, scored
         sub = [rows[i] for i in which]
-        result = sample_batch(logits[which], [r.params for r in sub], [r.rng for r in sub],
+        x = logits[which]   # a copy: the constraints mask it
+        if constrained:
+            self.grammars.apply(x, constrained, masks.result())
+        result = sample_batch(x, [r.params for r in sub], [r.rng for r in sub],
                               [r.output_token_ids for r in sub],
                               [r.prompt_token_ids for r in sub], self.eos_ids)
         tokens[which] = result.tokens
@@ -298,7 +335,8 @@ class LLMEngine:
             req.pending_ids.append(token)
         else:
             req.stop_token_id = token
-        if stop_id or req.detokenizer.stopped:
+        if stop_id or req.detokenizer.stopped or (req.matcher is not None
+                                                  and req.matcher.is_stopped()):
             req.finish_reason = "stop"
         elif n_out >= p.max_tokens or req.num_tokens >= self.limits.max_seq_len:
             req.finish_reason = "length"

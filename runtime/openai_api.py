@@ -11,6 +11,10 @@ Fields that change nothing here (user, metadata, ...) are accepted; fields askin
 llmc does not do (tools, suffix) are a 400 that says so. `n` samples a prompt and a batch
 of prompts (completions) give a choice each, indexed prompt-major as OpenAI indexes them.
 
+response_format json_object and json_schema (both endpoints, as vLLM takes them) and vLLM's
+structured_outputs (json, json_object, regex, choice, grammar) hold the output to that
+constraint (runtime/structured.py); one that does not compile is a 400 naming the field.
+
 `echo` (completions) returns the prompt before the completion; with `logprobs`, the prompt
 tokens' too (the first one's null), which is how lm-evaluation-harness scores a text through
 an OpenAI-compatible server. `max_tokens: 0` is allowed with echo: the prompt alone.
@@ -87,12 +91,14 @@ COMMON = {
     "seed": INT, "stop": STOP, "n": INT, "logit_bias": OBJ, "user": STR,
     # vLLM's extensions
     "top_k": INT, "min_p": NUM, "repetition_penalty": NUM, "min_tokens": INT,
-    "ignore_eos": BOOL, "stop_token_ids": INTS,
+    "ignore_eos": BOOL, "stop_token_ids": INTS, "structured_outputs": OBJ,
+    # OpenAI's on chat; vLLM takes it on completions too
+    "response_format": OBJ,
 }
 COMPLETION_FIELDS = {**COMMON, "prompt": PROMPT, "logprobs": INT, "echo": BOOL,
                      "suffix": STR, "best_of": INT}
 CHAT_FIELDS = {**COMMON, "messages": MESSAGES, "logprobs": BOOL, "top_logprobs": INT,
-               "max_completion_tokens": INT, "response_format": OBJ, "tools": ANY,
+               "max_completion_tokens": INT, "tools": ANY,
                "tool_choice": ANY, "parallel_tool_calls": BOOL, "metadata": OBJ,
                "store": BOOL, "service_tier": STR}
 
@@ -158,8 +164,6 @@ def parse_chat(body: Any) -> GenerationRequest:
     f = _fields(body, CHAT_FIELDS, required=("model", "messages"))
     if f.get("tools") or f.get("tool_choice") not in (None, "none", "auto"):
         raise bad("tools and tool calls are not supported", "tools")
-    if f.get("response_format") not in (None, {"type": "text"}):
-        raise bad("only response_format {\"type\": \"text\"} is supported", "response_format")
     top = f.get("top_logprobs")
     if top is not None and not 0 <= top <= MAX_LOGPROBS:
         raise bad(f"top_logprobs must be an integer in 0..{MAX_LOGPROBS}, got {top}",
@@ -226,17 +230,45 @@ def _request(f: dict, prompts: list, chat: bool, logprobs: int | None, echo: boo
     prompt_logprobs = None
     if echo and (logprobs is not None or max_tokens == 0):
         prompt_logprobs = logprobs or 0
+    structured, field = _structured(f)
     try:   # max_tokens is settled once the prompt's length is known (see sampling)
         params = SamplingParams.from_dict(
             {**{k: f[k] for k in names if k in f}, "stop": stop, "logprobs": logprobs,
-             "prompt_logprobs": prompt_logprobs,
+             "prompt_logprobs": prompt_logprobs, "structured_outputs": structured,
              "max_tokens": max_tokens if max_tokens is not None
              else max(f.get("min_tokens", 0), 1)})
     except LlmcError as e:   # its message starts with the field's name
-        raise bad(str(e), str(e).split()[0]) from None
+        message, name = str(e), str(e).split()[0].rstrip(":")
+        if name == "structured_outputs" and field == "response_format":
+            message = message.replace("structured_outputs json_object", "response_format", 1)
+            message = message.replace("structured_outputs json", "response_format's schema", 1)
+        raise bad(message, field if name == "structured_outputs" else name) from None
     return GenerationRequest(f["model"], tuple(prompts), chat, params, max_tokens,
                              bool(f.get("stream")), bool(options.get("include_usage")),
                              logprobs, echo, n)
+
+
+def _structured(f: dict) -> tuple[dict | None, str]:
+    """The output's constraint, from OpenAI's response_format or vLLM's
+    structured_outputs (one of them), and the field it came from."""
+    fmt, structured = f.get("response_format"), f.get("structured_outputs")
+    if fmt is None or fmt == {"type": "text"}:
+        return structured, "structured_outputs"
+    if structured is not None:
+        raise bad("give response_format or structured_outputs, not both", "response_format")
+    kind = fmt.get("type")
+    if kind == "json_object" and set(fmt) == {"type"}:
+        return {"json_object": True}, "response_format"
+    if kind == "json_schema" and set(fmt) == {"type", "json_schema"}:
+        spec = fmt["json_schema"]
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise bad("response_format json_schema needs json_schema.schema, a JSON schema "
+                      "object: {\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., "
+                      "\"schema\": {...}}}", "response_format")
+        return {"json": spec["schema"]}, "response_format"
+    raise bad(f"response_format must be {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
+              f"{{\"type\": \"json_schema\", \"json_schema\": {{...}}}}, got {_short(fmt)}",
+              "response_format")
 
 
 def _prompts(prompt) -> list:

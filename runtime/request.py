@@ -44,6 +44,7 @@ class Request:
     prompt_logprobs: list | None = None
     prompt_logprobs_sent: bool = False
     stop_token_id: int | None = None     # the stop token that ended it (not in the output)
+    matcher: Any = None                  # with params.structured_outputs: its llguidance matcher
 
     @property
     def all_token_ids(self) -> "TokenIds":

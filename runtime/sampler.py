@@ -16,7 +16,9 @@ Order of operations (vLLM's), per row:
   6. one draw: inverse CDF, in token-index order, of one uniform from the row's generator
      (the rule of plugins/kernels/sampling.cu and of `rng.choice(p=...)`).
 logprobs, when asked for, are those of the model's raw output: log_softmax of the logits
-before any of the above (vLLM's default, "raw_logprobs").
+before any of the above (vLLM's default, "raw_logprobs"); a structured output's mask comes
+before them, as in vLLM (runtime/structured.py), and the tokens it bans are never among the
+top-n.
 
 `sample_batch` does the vocabulary-wide work as numpy array operations in float32 (sums in
 float64). Top-p never sorts a whole row when it can help it: the candidates are the tokens
@@ -388,6 +390,7 @@ def token_logprobs(logits: np.ndarray, tokens: np.ndarray, rows: list[int], ns: 
         row = raw[i]
         kth = np.partition(row, v - k)[v - k] if k < v else row.min()
         cand = np.flatnonzero(row >= kth)
+        cand = cand[np.isfinite(row[cand])]   # a token a constraint bans is no alternative
         cand = cand[np.lexsort((cand, -row[cand]))][:k]
         top[r] = [(int(c), float(row[c] - lse[i])) for c in cand]
     return out, top

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from llmc.errors import LlmcError
+from llmc.runtime.structured import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 
@@ -43,11 +44,15 @@ class SamplingParams:
     logit_bias          {token id: bias}: added to those tokens' logits before anything else
                         (OpenAI's; a bias in [-100, 100], -100 bans a token in practice)
     logprobs            None, or n in 0..20: the sampled token's logprob and the n most likely
-                        tokens' (log_softmax of the model's raw logits, vLLM's default)
+                        tokens' (log_softmax of the model's raw logits, vLLM's default;
+                        with structured_outputs, of the logits its mask leaves)
     prompt_logprobs     None, or n in 0..20: the same for every prompt token after the first
                         (vLLM's prompt_logprobs; what lm-evaluation-harness scores with). The
                         prompt then runs a token a step, each step's logits scoring the next
                         prompt token, and skips the prefix cache
+    structured_outputs  None, or a StructuredOutputsParams (a dict of its fields is taken
+                        too): the output is held to a JSON schema, a regex, a list of choices
+                        or a grammar (runtime/structured.py); it ends when that is complete
 
     Only temperature, top_k and top_p may be given positionally.
     """
@@ -69,6 +74,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias) pairs, by token id
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         # Lists become tuples (hashable, immutable); anything else is left for validate().
@@ -87,6 +93,9 @@ class SamplingParams:
         if isinstance(self.stop_token_ids, (list, tuple, np.ndarray)):
             object.__setattr__(self, "stop_token_ids", tuple(
                 int(t) if isinstance(t, np.integer) else t for t in self.stop_token_ids))
+        if isinstance(self.structured_outputs, Mapping):   # a request body's object
+            object.__setattr__(self, "structured_outputs",
+                               StructuredOutputsParams.from_dict(self.structured_outputs))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SamplingParams:
@@ -108,7 +117,9 @@ class SamplingParams:
 
     @property
     def needs_host(self) -> bool:
-        """Whether sampling needs more than the GPU sampler's temperature / top_k / top_p."""
+        """Whether sampling needs more than the GPU sampler's temperature / top_k / top_p
+        (a structured output's mask too is applied on the device where the session can:
+        runtime/engine.py decides)."""
         return (self.min_p > 0 or self.repetition_penalty != 1 or self.presence_penalty != 0
                 or self.frequency_penalty != 0 or self.min_tokens > 0
                 or self.logprobs is not None or self.prompt_logprobs is not None
@@ -155,6 +166,14 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 _integer(getattr(self, name), name, lambda v: 0 <= v <= MAX_LOGPROBS,
                          f"None or an integer in 0..{MAX_LOGPROBS}")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise LlmcError(f"structured_outputs must be a StructuredOutputsParams or a "
+                                f"dict of its fields, got {self.structured_outputs!r}")
+            if self.min_tokens:   # it would mask EOS where the constraint allows only EOS
+                raise LlmcError("min_tokens cannot be combined with structured_outputs: the "
+                                "constraint decides where the output ends")
+            self.structured_outputs.validate()
 
 
 def _is_int(v) -> bool:

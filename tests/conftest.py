@@ -142,6 +142,45 @@ def _tiny_tokenizer(vocab_size: int):
                                    eos_token="</s>")
 
 
+def make_byte_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2's scheme, 320 tokens: <s>, </s>, the 256 bytes and
+    62 merges learnt from a little JSON and English), for tests where text must be spelt
+    character by character, as structured outputs' JSON and regexes are."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ['{"name": "Ada", "age": 36, "tags": ["math", "code"], "ok": true}',
+              "The capital of France is Paris. Yes or no? 1234567890 [] {} null false"] * 4
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """make_byte_tokenizer's tokenizer (transformers' fast tokenizer)."""
+    return make_byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def byte_model(tmp_path_factory):
+    """(folder, torch model): a tiny random Llama (64-wide heads, as the GPU kernels take
+    them) speaking make_byte_tokenizer's tokens, EOS </s>, with a chat template."""
+    folder = tmp_path_factory.mktemp("bytes") / "model"
+    tokenizer = make_byte_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                               "{% endfor %}assistant: ")
+    model = make_tiny_model("llama-gqa", folder, head_dim_64=True,
+                            vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1)
+    tokenizer.save_pretrained(folder)
+    return folder, model
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """kind -> (folder, torch model), built once per test session."""

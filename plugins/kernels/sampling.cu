@@ -1,7 +1,7 @@
 // Token sampling on the GPU with the host sampler's rules (runtime/sampler.py `sample`), so a
 // decode step needs no copy of the logits to the host and fits in a CUDA graph.
 //
-// Entry point and argument order (inputs, int32 scalars, outputs):
+// Entry points and argument order (inputs, int32 scalars, outputs):
 //   sample_f32(const float* logits,        [B, V] fp32
 //              const float* temperature,   [B]  0 = greedy
 //              const int* top_k,           [B]  0 (or >= V) = off
@@ -13,6 +13,13 @@
 //              float* logprob)             [B] or null: log_softmax(logits / T)[token] over
 //                                          the whole row (T = 1 for greedy rows)
 // Grid (B), one CTA a row, blockDim a multiple of 32 (<= 1024).
+//   ban_tokens_f32(float* logits,          [B, V] fp32, in place
+//                  const unsigned* allowed, [B, ceil(V / 32)]: bit t % 32 of word t / 32 set
+//                                           = token t allowed (llguidance's bitmask layout)
+//                  int B, int V)
+// Grid (ceil(ceil(V / 32) / blockDim), B): a thread a word; every banned token's logit
+// becomes -inf. A structured output's mask (runtime/structured.py), applied before sample_f32
+// so that its rows sample on the GPU like any other.
 //
 // Rules, as the host: T = 0 -> argmax, ties to the lowest index (numpy argmax). Otherwise
 // z = logits / T; top-k keeps every z >= the k-th largest (ties at the cut all stay); softmax;
@@ -303,4 +310,18 @@ sample_f32(const float* __restrict__ logits, const float* __restrict__ temperatu
     if (threadIdx.x == 0) logprob[row] = (x[tok] - m) / t - logf(sum);
   }
   if (threadIdx.x == 0) token[row] = tok;
+}
+
+extern "C" __global__ void ban_tokens_f32(float* __restrict__ logits,
+                                          const unsigned* __restrict__ allowed, int B, int V) {
+  const int words = (V + 31) >> 5;
+  const int w = blockIdx.x * blockDim.x + threadIdx.x;
+  const int row = blockIdx.y;
+  if (row >= B || w >= words) return;
+  const unsigned bits = allowed[(size_t)row * words + w];
+  if (bits == 0xffffffffu) return;   // all allowed: nothing to write (most of a free row)
+  float* x = logits + (size_t)row * V + (size_t)w * 32;
+  const int n = min(32, V - w * 32);
+  for (int j = 0; j < n; ++j)
+    if (!((bits >> j) & 1u)) x[j] = -INFINITY;
 }

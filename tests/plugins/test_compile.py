@@ -110,6 +110,7 @@ def _entry_names(dtypes=tuple(lr.DTYPES)):
                                                 **kw).main
                                  for st in ap.DECODE_STAGES)
     names.add(lr.sample_launch(1, 1000))
+    names.add(lr.ban_launch(1, 1000))
     names.add(lr.softcap_launch(1000, 132))
     return {(ln.module, ln.kernel) for ln in names}
 

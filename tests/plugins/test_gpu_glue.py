@@ -124,6 +124,22 @@ def test_add(K, dtype, shape):
 
 # ---- sampling -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("b", [1, 5])
+@pytest.mark.parametrize("v", [49152, 50257, 37])
+def test_ban_tokens_is_the_bitmask(K, b, v):
+    """ban_tokens_f32 against numpy: -inf exactly where the bitmask's bit is clear, every
+    other logit as it was; rows of sparse, dense, empty and full masks."""
+    rng = np.random.default_rng(b * v)
+    logits = rng.standard_normal((b, v)).astype(np.float32)
+    allowed = rng.random((b, v)) < np.array([0.01, 0.99, 0.0, 1.0, 0.5])[:b, None]
+    bits = np.packbits(allowed, axis=1, bitorder="little")
+    words = np.zeros((b, (v + 31) // 32 * 4), np.uint8)
+    words[:, :bits.shape[1]] = bits
+    got = torch.from_numpy(logits).cuda()
+    K.ban_tokens(got, torch.from_numpy(words.view(np.int32)).cuda())
+    want = np.where(allowed, logits, np.float32(-np.inf))
+    np.testing.assert_array_equal(got.cpu().numpy(), want)
+
 def philox4x32_10(ctr, key):
     """Reference Philox4x32-10 on numpy uint64 arrays (each word a 32-bit value)."""
     m = np.uint64(0xFFFFFFFF)

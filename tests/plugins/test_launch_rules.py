@@ -175,6 +175,16 @@ def test_sample_launch():
             lr.sample_launch(*bad)
 
 
+def test_ban_launch():
+    ln = lr.ban_launch(32, 128256)   # 4008 words a row: 16 CTAs of 256 threads
+    assert (ln.module, ln.kernel) == ("sampling", "ban_tokens_f32")
+    assert ln.grid == (16, 32, 1) and ln.block == (256, 1, 1)
+    assert lr.ban_launch(1, 37).grid == (1, 1, 1) and lr.ban_launch(1, 37).block == (32, 1, 1)
+    for bad in ((0, 50), (1, 0), (65536, 50)):
+        with pytest.raises(ValueError):
+            lr.ban_launch(*bad)
+
+
 # ---- skinny GEMM ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("m,mb", [(1, 1), (2, 2), (3, 8), (8, 8)])

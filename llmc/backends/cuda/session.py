@@ -271,6 +271,7 @@ class CudaSession:
         self._logits_host = int(check(driver.cuMemHostAlloc(self.logits_bytes, 0)))
         self._sampling = None
         self._sample_staging = 0
+        self._ban_buffers, self._ban_staging, self._bans = None, 0, None
         self._allocate_kv_pool(utilization, max_kv_blocks)
 
     def _allocate_kv_pool(self, utilization: float, max_kv_blocks: int | None) -> None:
@@ -327,21 +328,35 @@ class CudaSession:
         return self._guarded(lambda: self._fetch_logits(self._run(inputs)))
 
     def step_sample(self, inputs: dict[str, np.ndarray], temperature, top_k, top_p, seed,
-                    counter) -> np.ndarray:
+                    counter, allowed=None) -> np.ndarray:
         """One ragged step, sampled on the GPU (runtime/sampler.py's rules, one seeded
         stream per row: the draw depends on (seed, counter) alone): token ids int32 [B].
         Only the ids cross to the host. Per-row arrays (or scalars) of the parameters;
-        counter = how many tokens that row's sequence has sampled before."""
+        counter = how many tokens that row's sequence has sampled before. allowed: None, or
+        a function called once the step's forward is launched (so the host computes it while
+        the GPU runs) that returns the rows' allowed-token bitmasks, int32 [B, ceil(V / 32)]
+        (structured outputs; needs bans_tokens)."""
         return self._guarded(lambda: self._step_sample(inputs, temperature, top_k, top_p, seed,
-                                                       counter))
+                                                       counter, allowed))
 
-    def _step_sample(self, inputs, temperature, top_k, top_p, seed, counter) -> np.ndarray:
+    @property
+    def bans_tokens(self) -> bool:
+        """Whether step_sample takes `allowed`: the engine's sampling module has the kernel
+        (engines built before it do not)."""
+        if self._bans is None:
+            self._bans = self.functions.has("sampling", "ban_tokens_f32")
+        return self._bans
+
+    def _step_sample(self, inputs, temperature, top_k, top_p, seed, counter,
+                     allowed=None) -> np.ndarray:
         from cuda.bindings import driver
 
         from llmc.plugins import launch_rules as lr
         from llmc.plugins.launch import DevPtr
 
         b = self._run(inputs)
+        if allowed is not None:
+            self._ban(allowed(), b)
         params = self._sampling_buffers()
         host = self._sample_host
         per_row = [np.broadcast_to(np.asarray(x, dt), (b,)) for x, dt in (
@@ -364,6 +379,32 @@ class CudaSession:
         check(driver.cuStreamSynchronize(self.stream))
         tokens[:] = host[offset:offset + 4 * b].view(np.int32)
         return tokens
+
+    def _ban(self, bitmask: np.ndarray, b: int) -> None:
+        """-inf, in the step's logits on the device, at every token bitmask does not allow."""
+        from cuda.bindings import driver
+
+        from llmc.plugins import launch_rules as lr
+        from llmc.plugins.launch import DevPtr
+
+        vocab = self.io.vocab_size
+        nbytes = b * ((vocab + 31) // 32) * 4
+        if bitmask.dtype != np.int32 or bitmask.nbytes != nbytes:
+            raise LlmcError(f"an allowed-token bitmask of {b} rows of {vocab} tokens is int32 "
+                            f"[{b}, {(vocab + 31) // 32}], got {bitmask.dtype} "
+                            f"{bitmask.shape}")
+        if self._ban_buffers is None:   # pinned staging and its device copy, made on first use
+            most = self.limits.max_batch_size * ((vocab + 31) // 32) * 4
+            self._ban_staging = int(check(driver.cuMemHostAlloc(most, 0)))
+            self._ban_buffers = (np.ctypeslib.as_array(ctypes.cast(
+                self._ban_staging, ctypes.POINTER(ctypes.c_uint8)), (most,)),
+                self.mem.alloc(most, "allowed-token bitmasks"))
+        staging, (host, dev) = self._ban_staging, self._ban_buffers
+        host[:nbytes] = np.ascontiguousarray(bitmask).view(np.uint8).reshape(-1)
+        check(driver.cuMemcpyHtoDAsync(dev, staging, nbytes, self.stream))
+        self.functions.launch(lr.ban_launch(b, vocab),
+                              [DevPtr(self.ptr(self.plan.output)), DevPtr(dev), b, vocab],
+                              self.stream)
 
     def _sampling_buffers(self):
         """Per-row parameters and the token ids, on the device, made on first use."""
@@ -393,7 +434,7 @@ class CudaSession:
             check(driver.cuCtxSetCurrent(self._ctx))
             driver.cuStreamSynchronize(self.stream)
             self.mem.close()
-        for attr in ("_staging", "_logits_host", "_sample_staging"):
+        for attr in ("_staging", "_logits_host", "_sample_staging", "_ban_staging"):
             if getattr(self, attr, 0):
                 driver.cuMemFreeHost(getattr(self, attr))
                 setattr(self, attr, 0)

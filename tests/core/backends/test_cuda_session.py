@@ -148,6 +148,57 @@ def test_smollm2_fp16_greedy_equals_hf(smollm2_engines, hf_greedy):
     runner.close()
 
 
+def test_smollm2_structured_output_on_the_gpu(smollm2_engines, smollm2_engine):
+    """A JSON-schema request samples on the GPU: its masks, computed on the host while the
+    forward runs, ban tokens in the logits on the device (no logits cross to the host).
+    Greedy, it writes what the reference backend's fp32 engine writes and what the host path
+    (the logits copied and masked on the host) writes; the free requests of its steps write
+    what they write alone."""
+    import json
+
+    from llmc.runtime.engine import LLMEngine
+    from llmc.runtime.runner import Runner, open_session
+    from llmc.runtime.sampler import SamplingParams
+    from llmc.runtime.structured import StructuredOutputsParams
+
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    constrained = SamplingParams(max_tokens=64,
+                                 structured_outputs=StructuredOutputsParams(json=person))
+    free = SamplingParams(max_tokens=24, ignore_eos=True)
+    reference = Runner(smollm2_engine)
+    prompt = reference.encode("Describe a fictional person in JSON.", chat=True)
+    prompts = [reference.encode(p) for p in PROMPTS]
+    want = reference.complete([prompt], constrained)[0]
+    reference.close()
+    assert want.finish_reason == "stop" and set(json.loads(want.text)) == {"name", "age"}
+
+    def run(requests, on_device=True):
+        engine = EngineFile(smollm2_engines["fp16"])
+        session = open_session(engine, gpu_memory_utilization=0.3)
+        assert session.bans_tokens
+        session._bans = on_device
+        steps = session.step
+        session.step = lambda inputs: steps(inputs) if not on_device else pytest.fail(
+            "the logits went to the host")
+        llm = LLMEngine(session, engine.header)
+        ids = [llm.add_request(p, params) for p, params in requests]
+        tokens = {rid: [] for rid in ids}
+        while llm.has_unfinished():
+            for out in llm.step():
+                tokens[out.request_id] += out.token_ids
+        session.close()
+        return [tokens[rid] for rid in ids]
+
+    assert run([(prompt, constrained)]) == [want.token_ids]
+    assert run([(prompt, constrained)], on_device=False) == [want.token_ids]
+    alone = [run([(p, free)])[0] for p in prompts]
+    mixed = run([(prompts[0], free), (prompt, constrained), (prompts[1], free),
+                 (prompts[2], free)])
+    assert mixed == [alone[0], want.token_ids, alone[1], alone[2]]
+
+
 @pytest.mark.slow
 def test_smollm2_bf16_greedy_follows_hf_up_to_its_error(smollm2_engines, hf_greedy, hf_smollm2):
     """bf16 keeps 8 bits of mantissa between ops, and so does HF's own bf16: run freely, HF
