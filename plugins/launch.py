@@ -629,7 +629,6 @@ class Kernels:
         self.launch(lr.sample_launch(b, v), args + [tokens, lp if logprobs else DevPtr(0)])
         return (tokens, lp) if logprobs else tokens
 
-
     def ban_tokens(self, logits, allowed):
         """In place: -inf at every token of fp32 logits [B, V] whose bit is clear in allowed,
         int32 [B, ceil(V / 32)] (llguidance's bitmask layout)."""

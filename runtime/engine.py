@@ -7,7 +7,8 @@
 
 A step asks the scheduler which requests run, packs their new tokens into the contract's
 inputs, runs the session, samples (on the device when the session samples and every row's
-settings are ones it supports, else on the host over the logits), then appends tokens,
+settings are ones it supports, else on the host over the logits; a structured output's
+masks, computed meanwhile, banned in either place: runtime/structured.py), then appends tokens,
 checks stops and frees what finished. A request that fails (bad settings, a prompt that can
 never fit, a failing detokenizer) errors alone; the others go on.
 """
