@@ -29,6 +29,7 @@ from llmc.runtime.kv_manager import KVCacheManager
 from llmc.runtime.request import Request, RequestOutput, Status
 from llmc.runtime.sampler import SamplingParams, sample_batch, token_logprobs
 from llmc.runtime.scheduler import Scheduler, StepPlan
+from llmc.runtime.structured import Grammars
 
 _REQUEST, _OUTPUT, _LAST = itemgetter(0), attrgetter("output_token_ids"), itemgetter(-1)
 
@@ -67,7 +68,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._pending: list[RequestOutput] = []
-        self._grammars = None   # structured outputs' side, made on the first such request
+        # structured outputs' side (llguidance's tokenizer made on first use, or by warm())
+        self.grammars = Grammars(header.tokenizer.json, header.io.vocab_size, self.eos_ids)
         # False: a step's masks are computed before it runs, not alongside (bench/structured.py)
         self.overlap_masks = True
 
@@ -118,15 +120,6 @@ class LLMEngine:
         return EngineStats(len(sched.waiting), len(sched.running),
                            pool.num_blocks - pool.num_free_blocks, pool.num_blocks,
                            self.kv.prefix_queries, self.kv.prefix_hits, sched.num_preemptions)
-
-    @property
-    def grammars(self):
-        if self._grammars is None:
-            from llmc.runtime.structured import Grammars
-
-            self._grammars = Grammars(self.header.tokenizer.json, self.header.io.vocab_size,
-                                      self.eos_ids)
-        return self._grammars
 
     def _tokens(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -66,6 +66,10 @@ class OpenAIServer:
         self.active = 0          # generation requests inside the server, counted by __call__
         self.draining = False    # set by SIGTERM: new requests get 503
         self.metrics = ServerMetrics(runner.loop, lambda: self.active)
+        # structured outputs: llguidance's view of the tokenizer takes ~0.2 s (49k vocab),
+        # which the first constrained request would otherwise spend on the engine's thread
+        threading.Thread(target=runner.engine.grammars.warm, name="llmc-grammar-warm",
+                         daemon=True).start()
         self.app = Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),

@@ -165,6 +165,19 @@ class Grammars:
                 self._executor = llguidance.LLExecutor()
         return self._tokenizer
 
+    @property
+    def warmed(self) -> bool:
+        return self._tokenizer is not None
+
+    def warm(self) -> None:
+        """Read the tokenizer into llguidance now (from any thread; a server does it at
+        start, so its first constrained request does not hold up every running one). A
+        tokenizer llguidance cannot read is left for the requests to report."""
+        try:
+            self._ready()
+        except LlmcError:
+            pass
+
     def matcher(self, spec: StructuredOutputsParams):
         """A fresh matcher for one request; LlmcError if the constraint does not compile."""
         import llguidance

@@ -295,6 +295,22 @@ def served(runner):
                               openai=openai)
 
 
+def test_a_server_reads_the_tokenizer_into_llguidance_at_start(engine):
+    """Not on the engine's thread at the first constrained request, holding up the rest."""
+    import time
+
+    from llmc.runtime.server import OpenAIServer
+
+    runner = Runner(engine)
+    assert not runner.engine.grammars.warmed   # a Runner alone does not pay for it
+    OpenAIServer(runner, "bytes")
+    deadline = time.monotonic() + 30
+    while not runner.engine.grammars.warmed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runner.engine.grammars.warmed
+    runner.close()
+
+
 def test_the_server_holds_outputs_to_the_constraint(served):
     client = served.client
     fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA}}
