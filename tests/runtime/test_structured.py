@@ -290,6 +290,7 @@ def test_response_format_and_structured_outputs_fields():
 @pytest.fixture(scope="module")
 def served(runner):
     openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn", reason="llmc serve needs the serve extra")
     from llmc.runtime.server import OpenAIServer
 
     server = OpenAIServer(runner, "bytes")
@@ -302,6 +303,7 @@ def test_a_server_reads_the_tokenizer_into_llguidance_at_start(engine):
     """Not on the engine's thread at the first constrained request, holding up the rest."""
     import time
 
+    pytest.importorskip("uvicorn", reason="llmc serve needs the serve extra")
     from llmc.runtime.server import OpenAIServer
 
     runner = Runner(engine)
