@@ -281,8 +281,7 @@ class LLMEngine:
             tokens = self.session.step_sample(
                 inputs, [p.temperature for p in params], [p.top_k for p in params],
                 [p.top_p for p in params], [r.seed for r in rows],
-                [len(r.output_token_ids) for r in rows],
-                **({"allowed": allowed} if allowed else {}))
+                [len(r.output_token_ids) for r in rows], allowed=allowed)
             return tokens, None
         logits = self.session.step(inputs)
         tokens = np.zeros(len(rows), np.int32)

@@ -240,7 +240,6 @@ def _request(f: dict, prompts: list, chat: bool, logprobs: int | None, echo: boo
     except LlmcError as e:   # its message starts with the field's name
         message, name = str(e), str(e).split()[0].rstrip(":")
         if name == "structured_outputs" and field == "response_format":
-            message = message.replace("structured_outputs json_object", "response_format", 1)
             message = message.replace("structured_outputs json", "response_format's schema", 1)
         raise bad(message, field if name == "structured_outputs" else name) from None
     return GenerationRequest(f["model"], tuple(prompts), chat, params, max_tokens,

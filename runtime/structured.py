@@ -223,8 +223,3 @@ class Grammars:
         live = bitmask.any(axis=1)
         out[np.asarray(rows)[live]] = bitmask[live]
         return out
-
-    def mask(self, logits: np.ndarray, rows: Sequence[int], matchers: Sequence) -> None:
-        """masks + apply, at once."""
-        if rows:
-            self.apply(logits, rows, self.masks(matchers).result())

@@ -103,8 +103,8 @@ def test_settings_from_a_request_body():
 
 
 def test_masks_equal_llguidance_s_reference(byte_tokenizer):
-    """Grammars.mask against llguidance.numpy's own bitmask and apply functions, row by row,
-    for three constraints in one batch at different points of their outputs."""
+    """Grammars.masks and apply against llguidance.numpy's own bitmask and apply functions,
+    row by row, for three constraints in one batch at different points of their outputs."""
     import llguidance.numpy as lnp
 
     tok = byte_tokenizer
@@ -122,7 +122,7 @@ def test_masks_equal_llguidance_s_reference(byte_tokenizer):
     logits = np.random.default_rng(0).standard_normal((5, vocab)).astype(np.float32)
     want = logits.copy()
     rows = [0, 2, 4]
-    grammars.mask(logits, rows, matchers)
+    grammars.apply(logits, rows, grammars.masks(matchers).result())
     for row, ref in zip(rows, references):
         bitmask = lnp.allocate_token_bitmask(1, vocab)
         lnp.fill_next_token_bitmask(ref, bitmask)
