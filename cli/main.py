@@ -498,12 +498,19 @@ def _score_engine(file, windows, batch, backend, gpu_memory_utilization, quiet):
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]),
               help="info: one line per request")
+@click.option("--tool-call-parser", default="auto", show_default=True,
+              type=click.Choice(["auto", "hermes", "llama3_json", "none"]),
+              help="the syntax of the model's own tool calls, which tool_choice \"auto\" "
+                   "parses out of its replies: hermes (<tool_call>{...}</tool_call>: Qwen2.5, "
+                   "Qwen3, Hermes), llama3_json (Llama 3.1-3.3); auto: the one the chat "
+                   "template shows; none: \"auto\" is refused (\"required\" and named tools "
+                   "work with any model)")
 @session_options
-def serve(engine, host, port, api_key, max_queue, served_model_name, log_level, backend,
-          gpu_memory_utilization) -> None:
+def serve(engine, host, port, api_key, max_queue, served_model_name, log_level,
+          tool_call_parser, backend, gpu_memory_utilization) -> None:
     """Serve an engine over the OpenAI API (/v1/completions, /v1/chat/completions,
-    /v1/models, /health, /metrics). SIGTERM drains: requests in flight finish, new ones
-    get 503, then it exits 0."""
+    /v1/models, /health, /metrics), tool calls and structured outputs included. SIGTERM
+    drains: requests in flight finish, new ones get 503, then it exits 0."""
     import logging
 
     _serve_extra("llmc serve", "llmc.runtime.server")
@@ -513,11 +520,14 @@ def serve(engine, host, port, api_key, max_queue, served_model_name, log_level, 
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runner = open_runner(engine, backend, gpu_memory_utilization)
     name = served_model_name or Path(engine).stem
-    server = OpenAIServer(runner, name, api_key=api_key, max_queue=max_queue)
+    server = OpenAIServer(runner, name, api_key=api_key, max_queue=max_queue,
+                          tool_call_parser=tool_call_parser)
+    tool_calls = f"tool calls: {server.tool_format}" if server.tool_format else \
+        "tool calls: \"required\" or named (no call syntax for \"auto\")"
     try:
         server.run(host, port, log_level, on_ready=lambda url: _log(
             f"serving {name!r} on {url} (max_batch_size {runner.limits.max_batch_size}, "
-            f"max_seq_len {runner.limits.max_seq_len})"))
+            f"max_seq_len {runner.limits.max_seq_len}; {tool_calls})"))
     finally:
         runner.close()
     _log("stopped")

@@ -7,9 +7,13 @@
 Requests are checked as OpenAI checks them: an unknown field, a wrong type or a value out
 of range is a 400 naming the field (OpenAI refuses unknown fields too; vLLM's extensions
 top_k, min_p, repetition_penalty, min_tokens, ignore_eos and stop_token_ids are known).
-Fields that change nothing here (user, metadata, ...) are accepted; fields asking for what
-llmc does not do (tools, suffix) are a 400 that says so. `n` samples a prompt and a batch
-of prompts (completions) give a choice each, indexed prompt-major as OpenAI indexes them.
+Fields that change nothing here (user, metadata, ...) are accepted; a field asking for what
+llmc does not do (suffix) is a 400 that says so. `n` samples a prompt and a batch of prompts
+(completions) give a choice each, indexed prompt-major as OpenAI indexes them.
+
+`tools` and `tool_choice` (chat) become a ToolChoice (runtime/tools.py): a named function or
+"required" writes the reply under a schema; "auto" parses the model's own call syntax, which
+the server names (`tool_format`, from the chat template).
 
 response_format json_object and json_schema (both endpoints, as vLLM takes them) and vLLM's
 structured_outputs (json, json_object, regex, choice, grammar) hold the output to that
@@ -22,17 +26,21 @@ an OpenAI-compatible server. `max_tokens: 0` is allowed with echo: the prompt al
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from llmc.errors import LlmcError
 from llmc.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
+from llmc.runtime.structured import StructuredOutputsParams
+from llmc.runtime.tools import FORMATS, ToolChoice, template_messages
 
 MAX_STOP = 16            # stop strings a request may give (OpenAI: 4; vLLM: any)
 MAX_STOP_CHARS = 1024    # one stop string's length
 COMPLETION_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the rest
-ROLES = {"system", "developer", "user", "assistant"}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")   # OpenAI's rule for a function's name
 MAX_CHOICES = 128        # n x prompts in one request (OpenAI's n goes to 128)
 
 
@@ -117,6 +125,7 @@ class GenerationRequest:
     logprobs: int | None = None             # top-n alternatives per token, when asked
     echo: bool = False                      # the prompt (and its logprobs) before the text
     n: int = 1                              # choices a prompt
+    tools: ToolChoice | None = None         # chat with tools: what the reply may call
 
     @property
     def prompt(self):
@@ -160,10 +169,11 @@ def parse_completion(body: Any) -> GenerationRequest:
     return _request(f, _prompts(f["prompt"]), False, logprobs, bool(f.get("echo")))
 
 
-def parse_chat(body: Any) -> GenerationRequest:
+def parse_chat(body: Any, tool_format: str | None = None) -> GenerationRequest:
+    """tool_format: the syntax of the model's own tool calls (runtime/tools.py FORMATS), which
+    tool_choice "auto" needs; None where the server knows none."""
     f = _fields(body, CHAT_FIELDS, required=("model", "messages"))
-    if f.get("tools") or f.get("tool_choice") not in (None, "none", "auto"):
-        raise bad("tools and tool calls are not supported", "tools")
+    tools = _tools(f, tool_format)
     top = f.get("top_logprobs")
     if top is not None and not 0 <= top <= MAX_LOGPROBS:
         raise bad(f"top_logprobs must be an integer in 0..{MAX_LOGPROBS}, got {top}",
@@ -173,7 +183,82 @@ def parse_chat(body: Any) -> GenerationRequest:
     if f.get("max_completion_tokens") is not None:   # the newer name wins, as in OpenAI
         f["max_tokens"] = f["max_completion_tokens"]
     return _request(f, [chat_messages(f["messages"])], True,
-                    (top or 0) if f.get("logprobs") else None)
+                    (top or 0) if f.get("logprobs") else None, tools=tools)
+
+
+def _tools(f: dict, tool_format: str | None) -> ToolChoice | None:
+    """The request's tools and tool_choice, checked; None without tools."""
+    tools, choice = f.get("tools") or [], f.get("tool_choice")
+    if not tools:
+        if choice not in (None, "none"):
+            raise bad(f"tool_choice {_short(choice)} needs tools", "tool_choice")
+        return None
+    return _tool_choice(tools, check_tools(tools), choice, f, tool_format)
+
+
+def check_tools(tools) -> list[str]:
+    """A request's tools, checked as OpenAI checks them; their names."""
+    if not isinstance(tools, list):
+        raise bad(f"'tools' must be a list of tools, got {type(tools).__name__}", "tools")
+    names = []
+    for i, t in enumerate(tools):
+        where = f"tools[{i}]"
+        function = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(function,
+                                                                                    dict):
+            raise bad(f'{where} must be {{"type": "function", "function": {{"name": ..., '
+                      f'"parameters": {{...}}}}}}, got {_short(t)}', where)
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise bad(f"{where}.function.name must be 1-64 letters, digits, _ or -, got "
+                      f"{_short(name)}", f"{where}.function.name")
+        if name in names:
+            raise bad(f"{where}: two tools are named {name!r}", f"{where}.function.name")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise bad(f"{where}.function.parameters must be a JSON schema object",
+                      f"{where}.function.parameters")
+        names.append(name)
+    return names
+
+
+def _tool_choice(tools: list, names: list[str], choice, f: dict,
+                 tool_format: str | None) -> ToolChoice:
+    """What tool_choice asks of the tools; a constraint's schemas checked one by one, so a
+    bad one's error names it."""
+    if choice is None or choice in ("none", "auto", "required"):
+        mode, name = choice or "auto", None
+    elif (isinstance(choice, dict) and choice.get("type") == "function"
+          and isinstance(choice.get("function"), dict)
+          and isinstance(choice["function"].get("name"), str)):
+        mode, name = "named", choice["function"]["name"]
+        if name not in names:
+            raise bad(f"tool_choice names {name!r}, which is not among the tools "
+                      f"({', '.join(names)})", "tool_choice")
+    else:
+        raise bad(f'tool_choice must be "none", "auto", "required" or {{"type": "function", '
+                  f'"function": {{"name": ...}}}}, got {_short(choice)}', "tool_choice")
+    if mode == "auto" and tool_format not in FORMATS:
+        raise bad('tool_choice "auto" parses the model\'s own tool calls, and this model\'s '
+                  f"chat template shows none of the syntaxes llmc parses ({', '.join(FORMATS)}); "
+                  'ask for "required" or a named function (generated under the tools\' '
+                  "schemas), or start the server with --tool-call-parser", "tool_choice")
+    result = ToolChoice(tuple(tools), mode, name, f.get("parallel_tool_calls", True),
+                        tool_format)
+    if result.constraint() is not None:
+        if f.get("response_format") not in (None, {"type": "text"}) or \
+                f.get("structured_outputs") is not None:
+            raise bad(f"tool_choice {_short(choice)} writes the reply under the tools' schemas; "
+                      "give no response_format or structured_outputs with it", "tool_choice")
+        for i, t in enumerate(tools):
+            if mode == "required" or t["function"]["name"] == name:
+                try:
+                    StructuredOutputsParams(json=result.parameters(
+                        t["function"]["name"])).validate()
+                except LlmcError as e:
+                    raise bad(f"tools[{i}].function.parameters: "
+                              + str(e).removeprefix("structured_outputs json: "),
+                              f"tools[{i}].function.parameters") from None
+    return result
 
 
 def _fields(body: Any, known: dict, required: tuple[str, ...]) -> dict:
@@ -193,8 +278,8 @@ def _fields(body: Any, known: dict, required: tuple[str, ...]) -> dict:
     return {k: v for k, v in body.items() if v is not None}
 
 
-def _request(f: dict, prompts: list, chat: bool, logprobs: int | None, echo: bool = False
-             ) -> GenerationRequest:
+def _request(f: dict, prompts: list, chat: bool, logprobs: int | None, echo: bool = False,
+             tools: ToolChoice | None = None) -> GenerationRequest:
     n = f.get("n", 1)
     if n < 1:
         raise bad(f"n must be at least 1, got {n}", "n")
@@ -231,6 +316,8 @@ def _request(f: dict, prompts: list, chat: bool, logprobs: int | None, echo: boo
     if echo and (logprobs is not None or max_tokens == 0):
         prompt_logprobs = logprobs or 0
     structured, field = _structured(f)
+    if tools is not None and tools.constraint() is not None:
+        structured, field = tools.constraint(), "tool_choice"
     try:   # max_tokens is settled once the prompt's length is known (see sampling)
         params = SamplingParams.from_dict(
             {**{k: f[k] for k in names if k in f}, "stop": stop, "logprobs": logprobs,
@@ -244,7 +331,7 @@ def _request(f: dict, prompts: list, chat: bool, logprobs: int | None, echo: boo
         raise bad(message, field if name == "structured_outputs" else name) from None
     return GenerationRequest(f["model"], tuple(prompts), chat, params, max_tokens,
                              bool(f.get("stream")), bool(options.get("include_usage")),
-                             logprobs, echo, n)
+                             logprobs, echo, n, tools)
 
 
 def _structured(f: dict) -> tuple[dict | None, str]:
@@ -285,7 +372,9 @@ def _prompts(prompt) -> list:
 
 
 def chat_messages(messages) -> list[dict]:
-    """{"role", "content"} dicts for the chat template; text content parts are joined."""
+    """Messages for the chat template: {"role", "content"}, text content parts joined; an
+    assistant's tool_calls (its content may then be null) and a tool message's
+    tool_call_id pass through (runtime/tools.py template_messages)."""
     if not messages:
         raise bad("messages is empty: give at least one message", "messages")
     out = []
@@ -297,18 +386,47 @@ def chat_messages(messages) -> list[dict]:
         if role not in ROLES:
             raise bad(f"{where}.role must be one of {', '.join(sorted(ROLES))}, got "
                       f"{_short(role)}", f"{where}.role")
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if calls is not None:
+            _check_calls(calls, f"{where}.tool_calls")
         if isinstance(content, list):   # content parts: only text ones
             if not all(isinstance(p, dict) and p.get("type") == "text"
                        and isinstance(p.get("text"), str) for p in content):
                 raise bad(f"{where}.content: only text parts are supported",
                           f"{where}.content")
             content = "".join(p["text"] for p in content)
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise bad(f"{where}.content must be a string or a list of text parts, got "
                       f"{type(content).__name__}", f"{where}.content")
         # "developer" is OpenAI's newer name for "system", which chat templates know
-        out.append({"role": "system" if role == "developer" else role, "content": content})
-    return out
+        message = {"role": "system" if role == "developer" else role, "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise bad(f"{where}: a tool message needs tool_call_id, the id of the call it "
+                          "answers", f"{where}.tool_call_id")
+            message["tool_call_id"] = m["tool_call_id"]
+        if isinstance(m.get("name"), str):
+            message["name"] = m["name"]
+        out.append(message)
+    return template_messages(out)
+
+
+def _check_calls(calls, where: str) -> None:
+    """An assistant message's tool_calls: [{"id", "type": "function", "function": {"name",
+    "arguments": JSON text}}]."""
+    if not isinstance(calls, list):
+        raise bad(f"{where} must be a list of tool calls", where)
+    for j, c in enumerate(calls):
+        function = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), str)):
+            raise bad(f'{where}[{j}] must be {{"id": ..., "type": "function", "function": '
+                      f'{{"name": ..., "arguments": "JSON text"}}}}, got {_short(c)}',
+                      f"{where}[{j}]")
 
 
 def _short(value, limit: int = 40) -> str:
@@ -332,9 +450,12 @@ def completion_choice(index: int, text, finish_reason, logprobs=None) -> dict:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, text, finish_reason, logprobs=None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_choice(index: int, text, finish_reason, logprobs=None, tool_calls=None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs,
+            "finish_reason": finish_reason}
 
 
 def completion_response(rid, model, choices: list[dict], use) -> dict:

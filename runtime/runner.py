@@ -10,6 +10,7 @@ requests from all of them share steps.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -56,16 +57,20 @@ class Runner:
         self.engine = LLMEngine(self.session, header, tokenizer=self.tokenizer)
         self.loop = EngineLoop(self.engine)   # one thread steps the engine for all callers
 
-    def encode(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
+    def encode(self, prompt: str | list[dict], chat: bool = False,
+               tools: list[dict] | None = None) -> list[int]:
         """Token ids of a prompt; with chat, of the chat template applied to one user
-        message (a string) or to a list of {"role", "content"} messages."""
+        message (a string) or to a list of {"role", "content"} messages, and to the tools
+        the model may call (OpenAI's function objects), if any."""
         if not chat:
             return self.tokenizer.encode(prompt).ids
         if not self.chat_template:
             raise LlmcError("this model has no chat template; run without --chat")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        bos = self.engine.header.tokenizer.bos_token_id
         text = render_chat(self.chat_template, messages,
-                           self._token_text(self.eos_ids[0]) if self.eos_ids else "")
+                           self._token_text(self.eos_ids[0]) if self.eos_ids else "",
+                           self._token_text(bos) if bos is not None else "", tools)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def _token_text(self, token_id: int) -> str:
@@ -193,14 +198,29 @@ class Completion:
         self.finish_reason, self.error = "error", error
 
 
-def render_chat(template: str, messages: list[dict], eos_token: str = "") -> str:
-    """Render an HF chat template as transformers does (sandboxed jinja2)."""
+def render_chat(template: str, messages: list[dict], eos_token: str = "", bos_token: str = "",
+                tools: list[dict] | None = None) -> str:
+    """Render an HF chat template as transformers' apply_chat_template does: sandboxed
+    jinja2 with its globals and its tojson (JSON as json.dumps writes it, not jinja2's
+    HTML-escaped form), the special tokens' text, and `tools` when given (templates test
+    `tools is not none`)."""
+    import datetime
+
+    from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise LlmcError(f"chat template error: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            eos_token=eos_token, bos_token="")
+    env.globals["strftime_now"] = lambda f: datetime.datetime.now().strftime(f)
+    return env.from_string(template).render(messages=messages, tools=tools or None,
+                                            add_generation_prompt=True,
+                                            eos_token=eos_token, bos_token=bos_token)

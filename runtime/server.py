@@ -41,6 +41,7 @@ from starlette.routing import Route
 
 from llmc.errors import LlmcError
 from llmc.runtime import openai_api as api
+from llmc.runtime import tools
 from llmc.runtime.engine_loop import AsyncEngine
 from llmc.runtime.openai_api import ApiError
 from llmc.runtime.server_metrics import CONTENT_TYPE, ServerMetrics
@@ -51,10 +52,13 @@ GENERATE = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 
 class OpenAIServer:
     def __init__(self, runner, model_name: str, api_key: str | None = None,
-                 max_queue: int = 256, max_body_bytes: int = 16 << 20):
+                 max_queue: int = 256, max_body_bytes: int = 16 << 20,
+                 tool_call_parser: str = "auto"):
         """runner: a Runner (its engine loop, tokenizer and chat template). max_queue:
         requests that may wait beyond the engine's max_batch_size running ones; more get
-        429. max_body_bytes: larger request bodies get 413."""
+        429. max_body_bytes: larger request bodies get 413. tool_call_parser: the syntax
+        of the model's own tool calls, which tool_choice "auto" parses (runtime/tools.py
+        FORMATS; "auto": the one its chat template shows, if any; "none": no "auto")."""
         self.runner = runner
         self.engine = AsyncEngine(runner.loop)
         self.model_name = model_name
@@ -66,6 +70,9 @@ class OpenAIServer:
         self.active = 0          # generation requests inside the server, counted by __call__
         self.draining = False    # set by SIGTERM: new requests get 503
         self.metrics = ServerMetrics(runner.loop, lambda: self.active)
+        self.tool_format = (tools.detect_format(runner.chat_template)
+                            if tool_call_parser == "auto" else
+                            None if tool_call_parser == "none" else tool_call_parser)
         # structured outputs: llguidance's view of the tokenizer takes ~0.2 s (49k vocab),
         # which the first constrained request would otherwise spend on the engine's thread
         threading.Thread(target=runner.engine.grammars.warm, name="llmc-grammar-warm",
@@ -102,7 +109,8 @@ class OpenAIServer:
         return await self._generate(request, api.parse_completion)
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self._generate(request, api.parse_chat)
+        return await self._generate(
+            request, lambda body: api.parse_chat(body, tool_format=self.tool_format))
 
     async def models(self, request: Request) -> Response:
         if (denied := self._denied(request)) is not None:
@@ -123,13 +131,16 @@ class OpenAIServer:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def tokenize(self, request: Request) -> Response:
-        """{"prompt": text, "add_special_tokens": true} or {"messages": [...]} (the chat
-        template's tokens, as a chat request's prompt) -> {"tokens", "count",
-        "max_model_len"}."""
+        """{"prompt": text, "add_special_tokens": true} or {"messages": [...], "tools":
+        [...]} (the chat template's tokens, as a chat request's prompt) -> {"tokens",
+        "count", "max_model_len"}."""
         try:
             body = await self._json(request)
             if not isinstance(body, dict):
                 raise api.bad("the request body must be a JSON object")
+            tools = body.get("tools") or None
+            if tools is not None:
+                api.check_tools(tools)
             if "messages" in body:
                 prompt, chat, special = api.chat_messages(body["messages"]), True, True
             else:
@@ -138,7 +149,7 @@ class OpenAIServer:
                 if not isinstance(prompt, str) or not isinstance(special, bool):
                     raise api.bad("give 'prompt' (a string) and, if any, "
                                   "'add_special_tokens' (a boolean), or 'messages'", "prompt")
-            tokens = await run_in_threadpool(self._encode, prompt, chat, special)
+            tokens = await run_in_threadpool(self._encode, prompt, chat, special, tools)
         except ApiError as e:
             return _error(e)
         return JSONResponse({"tokens": tokens, "count": len(tokens),
@@ -177,8 +188,8 @@ class OpenAIServer:
     # --- one generation request ---------------------------------------------------------------
 
     async def _generate(self, request: Request, parse) -> Response:
-        rec = _Record(self, GENERATE[request.url.path], "chatcmpl" if parse is api.parse_chat
-                      else "cmpl")
+        endpoint = GENERATE[request.url.path]
+        rec = _Record(self, endpoint, "chatcmpl" if endpoint == "chat" else "cmpl")
         request.scope["llmc.record"] = rec
         try:
             req, choices = await self._admit(request, parse)
@@ -221,6 +232,10 @@ class OpenAIServer:
             ids = c.tokens + ids
         lp = self._logprobs(req, entries, ids + self._stop(req, last)) \
             if req.logprobs is not None else None
+        if req.tools is not None:
+            content, calls = req.tools.reply(text)
+            return api.chat_choice(c.index, content, req.tools.finish_reason(
+                last.finish_reason, bool(calls)), lp, calls)
         shape = api.chat_choice if req.chat else api.completion_choice
         return shape(c.index, text, last.finish_reason, lp)
 
@@ -286,18 +301,20 @@ class OpenAIServer:
                 raise api.bad(f"token id {bad} is outside the vocabulary "
                               f"(0..{self.vocab_size - 1})", "prompt")
             return prompt
-        tokens = self._encode(prompt, req.chat)
+        tokens = self._encode(prompt, req.chat, tools=req.tools and list(req.tools.tools))
         if not tokens:
             raise api.bad("the prompt is empty (0 tokens)", "prompt")
         return tokens
 
-    def _encode(self, prompt, chat: bool, special: bool = True) -> list[int]:
+    def _encode(self, prompt, chat: bool, special: bool = True,
+                tools: list[dict] | None = None) -> list[int]:
         """Text (with the tokenizer's special tokens, unless `special` is false) or chat
-        messages (through the model's chat template, as `llmc run --chat` applies it) to
-        token ids; a text the tokenizer refuses, or chat without a template, is a 400."""
+        messages and tools (through the model's chat template, as `llmc run --chat` applies
+        it) to token ids; a text the tokenizer refuses, or chat without a template, is a
+        400."""
         try:
             if chat:
-                return self.runner.encode(prompt, chat=True)
+                return self.runner.encode(prompt, chat=True, tools=tools)
             return self.runner.tokenizer.encode(prompt, add_special_tokens=special).ids
         except LlmcError as e:
             raise api.bad(str(e), "messages" if chat else "prompt") from None
@@ -331,6 +348,7 @@ class OpenAIServer:
         extra = {"usage": None} if req.include_usage else {}
         code = 200
         offsets, echoed = [0] * len(choices), set()
+        replies = {c.index: req.tools.stream() for c in choices} if req.tools else {}
         events: asyncio.Queue = asyncio.Queue()
 
         async def pump(c: _Choice) -> None:
@@ -366,7 +384,13 @@ class OpenAIServer:
                     lp = self._logprobs(req, out.logprobs or [], ids, offsets[c.index])
                 offsets[c.index] += len(out.text)
                 reason = out.finish_reason if out.finished else None
-                if req.chat:
+                if c.index in replies:   # tool calls: content, or calls, held or sent
+                    delta = replies[c.index].step(out.text)
+                    if out.finished:
+                        last, reason = replies[c.index].finish(reason)
+                        delta = _merge(delta, last)
+                    chunk = api.chat_chunk(rec.id, model, created, delta, reason, lp, c.index)
+                elif req.chat:
                     chunk = api.chat_chunk(rec.id, model, created,
                                            {"content": out.text} if out.text else {}, reason,
                                            lp, c.index)
@@ -579,6 +603,16 @@ async def _unless_disconnected(request: Request, work):
             await task
         return None
     return task.result()
+
+
+def _merge(delta: dict, last: dict) -> dict:
+    """A stream's last delta: what its last piece sent, and what finishing the reply did."""
+    out = dict(delta)
+    if "content" in last:
+        out["content"] = out.get("content", "") + last["content"]
+    if "tool_calls" in last:
+        out["tool_calls"] = out.get("tool_calls", []) + last["tool_calls"]
+    return out
 
 
 def _sse(obj: dict) -> str:
