@@ -505,9 +505,14 @@ def _score_engine(file, windows, batch, backend, gpu_memory_utilization, quiet):
                    "Qwen3, Hermes), llama3_json (Llama 3.1-3.3); auto: the one the chat "
                    "template shows; none: \"auto\" is refused (\"required\" and named tools "
                    "work with any model)")
+@click.option("--reasoning-parser", default="auto", show_default=True,
+              type=click.Choice(["auto", "deepseek_r1", "qwen3", "none"]),
+              help="chat replies' <think>...</think> reasoning goes to message.reasoning, "
+                   "apart from the content (deepseek_r1 and qwen3, vLLM's names, are the same "
+                   "parser here); auto: on when the chat template shows </think>; none: off")
 @session_options
 def serve(engine, host, port, api_key, max_queue, served_model_name, log_level,
-          tool_call_parser, backend, gpu_memory_utilization) -> None:
+          tool_call_parser, reasoning_parser, backend, gpu_memory_utilization) -> None:
     """Serve an engine over the OpenAI API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics), tool calls and structured outputs included. SIGTERM
     drains: requests in flight finish, new ones get 503, then it exits 0."""
@@ -521,9 +526,11 @@ def serve(engine, host, port, api_key, max_queue, served_model_name, log_level,
     runner = open_runner(engine, backend, gpu_memory_utilization)
     name = served_model_name or Path(engine).stem
     server = OpenAIServer(runner, name, api_key=api_key, max_queue=max_queue,
-                          tool_call_parser=tool_call_parser)
+                          tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
     tool_calls = f"tool calls: {server.tool_format}" if server.tool_format else \
         "tool calls: \"required\" or named (no call syntax for \"auto\")"
+    if server.thinks:
+        tool_calls += "; reasoning: <think>"
     try:
         server.run(host, port, log_level, on_ready=lambda url: _log(
             f"serving {name!r} on {url} (max_batch_size {runner.limits.max_batch_size}, "

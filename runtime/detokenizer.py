@@ -19,6 +19,13 @@ from typing import Sequence
 REPLACEMENT = "\ufffd"
 
 
+def partial_suffix(text: str, tag: str) -> int:
+    """How many characters at the end of text may be the start of tag (text to hold back
+    until the next piece says whether tag follows)."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1)
+                 if tag.startswith(text[-k:])), 0)
+
+
 class StopChecker:
     """Stop strings over a stream of text pieces."""
 
@@ -40,9 +47,8 @@ class StopChecker:
             i, self.stopped = min(found, key=lambda f: f[0])
             self.text = self.text[:i]
             return self._release(i)
-        hold = max((k for s in self.stop for k in range(min(len(s) - 1,
-                                                           len(self.text) - self.sent), 0, -1)
-                    if self.text.endswith(s[:k])), default=0)
+        rest = self.text[self.sent:]
+        hold = max((partial_suffix(rest, s) for s in self.stop), default=0)
         return self._release(len(self.text) - hold)
 
     def flush(self) -> str:

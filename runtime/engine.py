@@ -92,6 +92,7 @@ class LLMEngine:
             self._check_fits(req)
             if params.structured_outputs is not None:
                 req.matcher = self.grammars.matcher(params.structured_outputs)
+                req.matching = params.structured_after is None
         except LlmcError as e:
             self._fail(req, str(e))
             return request_id
@@ -200,7 +201,9 @@ class LLMEngine:
                 continue
             if not done[row]:
                 continue
-            if req.matcher is not None and not req.matcher.consume_token(int(tokens[row])):
+            if req.matcher is not None and not req.matching:   # reasoning, unconstrained
+                req.matching = int(tokens[row]) == req.params.structured_after
+            elif req.matcher is not None and not req.matcher.consume_token(int(tokens[row])):
                 self._fail(req, "structured output: " + (req.matcher.get_error().strip()
                                                          or "no token can continue it"))
                 outputs.append(self._pending.pop())
@@ -263,7 +266,7 @@ class LLMEngine:
         which = [i for i, d in enumerate(done) if d]
         # A constrained row's mask depends only on the tokens it has: computed on a worker
         # thread while the session runs the step (vLLM overlaps it with the forward too).
-        constrained = [j for j, i in enumerate(which) if rows[i].matcher is not None]
+        constrained = [j for j, i in enumerate(which) if rows[i].matching]
         masks = None
         if constrained:
             masks = self.grammars.masks([rows[which[j]].matcher for j in constrained])
@@ -328,8 +331,7 @@ class LLMEngine:
             req.pending_ids.append(token)
         else:
             req.stop_token_id = token
-        if stop_id or req.detokenizer.stopped or (req.matcher is not None
-                                                  and req.matcher.is_stopped()):
+        if stop_id or req.detokenizer.stopped or (req.matching and req.matcher.is_stopped()):
             req.finish_reason = "stop"
         elif n_out >= p.max_tokens or req.num_tokens >= self.limits.max_seq_len:
             req.finish_reason = "length"

@@ -32,6 +32,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from llmc.errors import LlmcError
+from llmc.runtime.reasoning import ReasoningStream
+from llmc.runtime.reasoning import split as reasoning_split
 from llmc.runtime.sampling_params import MAX_LOGPROBS, SamplingParams
 from llmc.runtime.structured import StructuredOutputsParams
 from llmc.runtime.tools import FORMATS, ToolChoice, template_messages
@@ -108,7 +110,9 @@ COMPLETION_FIELDS = {**COMMON, "prompt": PROMPT, "logprobs": INT, "echo": BOOL,
 CHAT_FIELDS = {**COMMON, "messages": MESSAGES, "logprobs": BOOL, "top_logprobs": INT,
                "max_completion_tokens": INT, "tools": ANY,
                "tool_choice": ANY, "parallel_tool_calls": BOOL, "metadata": OBJ,
-               "store": BOOL, "service_tier": STR}
+               "store": BOOL, "service_tier": STR, "chat_template_kwargs": OBJ}
+# what the chat template gets from llmc itself, not from chat_template_kwargs
+TEMPLATE_OWN = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,7 @@ class GenerationRequest:
     echo: bool = False                      # the prompt (and its logprobs) before the text
     n: int = 1                              # choices a prompt
     tools: ToolChoice | None = None         # chat with tools: what the reply may call
+    template_kwargs: dict | None = None     # chat: more variables for the chat template
 
     @property
     def prompt(self):
@@ -182,8 +187,23 @@ def parse_chat(body: Any, tool_format: str | None = None) -> GenerationRequest:
         raise bad("top_logprobs needs logprobs: true", "top_logprobs")
     if f.get("max_completion_tokens") is not None:   # the newer name wins, as in OpenAI
         f["max_tokens"] = f["max_completion_tokens"]
-    return _request(f, [chat_messages(f["messages"])], True,
-                    (top or 0) if f.get("logprobs") else None, tools=tools)
+    req = _request(f, [chat_messages(f["messages"])], True,
+                   (top or 0) if f.get("logprobs") else None, tools=tools)
+    return replace(req, template_kwargs=template_kwargs(f.get("chat_template_kwargs")))
+
+
+def template_kwargs(kwargs) -> dict | None:
+    """chat_template_kwargs, checked: variables the chat template reads (Qwen3's
+    enable_thinking, ...), none of those llmc sets itself."""
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict):
+        raise bad("chat_template_kwargs must be an object", "chat_template_kwargs")
+    if TEMPLATE_OWN & set(kwargs):
+        own = ", ".join(sorted(TEMPLATE_OWN & set(kwargs)))
+        raise bad(f"chat_template_kwargs may not set {own} (llmc sets them)",
+                  "chat_template_kwargs")
+    return kwargs or None
 
 
 def _tools(f: dict, tool_format: str | None) -> ToolChoice | None:
@@ -450,12 +470,56 @@ def completion_choice(index: int, text, finish_reason, logprobs=None) -> dict:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, text, finish_reason, logprobs=None, tool_calls=None) -> dict:
-    message = {"role": "assistant", "content": text}
-    if tool_calls:
-        message["tool_calls"] = tool_calls
+def chat_choice(index: int, message: dict, finish_reason, logprobs=None) -> dict:
     return {"index": index, "message": message, "logprobs": logprobs,
             "finish_reason": finish_reason}
+
+
+class ChatReply:
+    """One chat choice's text as OpenAI's assistant message: its reasoning apart, where the
+    server parses it (runtime/reasoning.py), then its tool calls, where the request has tools
+    (runtime/tools.py); whole (message) or piece by piece (chunk)."""
+
+    def __init__(self, tools: ToolChoice | None = None, thinking: bool | None = None):
+        """thinking: None where reasoning is not parsed, else whether the prompt left the
+        reply inside a <think> block (reasoning.opened)."""
+        self.tools, self.thinking = tools, thinking
+        self._reasoning = ReasoningStream(thinking) if thinking is not None else None
+        self._calls = tools.stream() if tools is not None else None
+
+    def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        """A whole reply's message, and its finish_reason ("tool_calls" where it called)."""
+        reasoning, content = (None, text) if self.thinking is None else \
+            reasoning_split(text, self.thinking)
+        message = {"role": "assistant", "content": content}
+        if self.tools is not None and content is not None:
+            message["content"], calls = self.tools.reply(content)
+            if calls:
+                message["tool_calls"] = calls
+            finish_reason = self.tools.finish_reason(finish_reason, bool(calls))
+        if reasoning is not None:   # vLLM's field, and its older name, which clients read
+            message["reasoning"] = message["reasoning_content"] = reasoning
+        return message, finish_reason
+
+    def chunk(self, piece: str, finished: bool, finish_reason: str | None
+              ) -> tuple[dict, str | None]:
+        """The delta for a streamed reply's next piece (all that is held, once finished),
+        and its finish_reason."""
+        reasoning, content = self._reasoning.step(piece) if self._reasoning else ("", piece)
+        if finished and self._reasoning:
+            more = self._reasoning.finish()
+            reasoning, content = reasoning + more[0], content + more[1]
+        delta = {"reasoning": reasoning, "reasoning_content": reasoning} if reasoning else {}
+        if self._calls is None:
+            return {**delta, **({"content": content} if content else {})}, finish_reason
+        delta.update(self._calls.step(content))
+        if finished:
+            last, finish_reason = self._calls.finish(finish_reason)
+            if "content" in last:
+                delta["content"] = delta.get("content", "") + last["content"]
+            if "tool_calls" in last:
+                delta["tool_calls"] = delta.get("tool_calls", []) + last["tool_calls"]
+        return delta, finish_reason
 
 
 def completion_response(rid, model, choices: list[dict], use) -> dict:

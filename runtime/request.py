@@ -45,6 +45,7 @@ class Request:
     prompt_logprobs_sent: bool = False
     stop_token_id: int | None = None     # the stop token that ended it (not in the output)
     matcher: Any = None                  # with params.structured_outputs: its llguidance matcher
+    matching: bool = False               # the matcher holds the output (not while reasoning)
 
     @property
     def all_token_ids(self) -> "TokenIds":

@@ -58,20 +58,27 @@ class Runner:
         self.loop = EngineLoop(self.engine)   # one thread steps the engine for all callers
 
     def encode(self, prompt: str | list[dict], chat: bool = False,
-               tools: list[dict] | None = None) -> list[int]:
+               tools: list[dict] | None = None, **template_kwargs) -> list[int]:
         """Token ids of a prompt; with chat, of the chat template applied to one user
-        message (a string) or to a list of {"role", "content"} messages, and to the tools
-        the model may call (OpenAI's function objects), if any."""
+        message (a string) or to a list of {"role", "content"} messages (render)."""
         if not chat:
             return self.tokenizer.encode(prompt).ids
+        text = self.render(prompt, tools, **template_kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def render(self, prompt: str | list[dict], tools: list[dict] | None = None,
+               **template_kwargs) -> str:
+        """The chat template applied to one user message (a string) or to messages, the
+        tools the model may call (OpenAI's function objects), if any, and template
+        variables (chat_template_kwargs: Qwen3's enable_thinking, ...)."""
         if not self.chat_template:
             raise LlmcError("this model has no chat template; run without --chat")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         bos = self.engine.header.tokenizer.bos_token_id
-        text = render_chat(self.chat_template, messages,
+        return render_chat(self.chat_template, messages,
                            self._token_text(self.eos_ids[0]) if self.eos_ids else "",
-                           self._token_text(bos) if bos is not None else "", tools)
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+                           self._token_text(bos) if bos is not None else "", tools,
+                           **template_kwargs)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.id_to_token(token_id) or ""
@@ -199,11 +206,11 @@ class Completion:
 
 
 def render_chat(template: str, messages: list[dict], eos_token: str = "", bos_token: str = "",
-                tools: list[dict] | None = None) -> str:
+                tools: list[dict] | None = None, **template_kwargs) -> str:
     """Render an HF chat template as transformers' apply_chat_template does: sandboxed
     jinja2 with its globals and its tojson (JSON as json.dumps writes it, not jinja2's
-    HTML-escaped form), the special tokens' text, and `tools` when given (templates test
-    `tools is not none`)."""
+    HTML-escaped form), the special tokens' text, `tools` when given (templates test
+    `tools is not none`) and any other variables the template reads."""
     import datetime
 
     from jinja2.ext import loopcontrols
@@ -221,6 +228,6 @@ def render_chat(template: str, messages: list[dict], eos_token: str = "", bos_to
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda f: datetime.datetime.now().strftime(f)
-    return env.from_string(template).render(messages=messages, tools=tools or None,
-                                            add_generation_prompt=True,
+    return env.from_string(template).render(**template_kwargs, messages=messages,
+                                            tools=tools or None, add_generation_prompt=True,
                                             eos_token=eos_token, bos_token=bos_token)

@@ -53,6 +53,8 @@ class SamplingParams:
     structured_outputs  None, or a StructuredOutputsParams (a dict of its fields is taken
                         too): the output is held to a JSON schema, a regex, a list of choices
                         or a grammar (runtime/structured.py); it ends when that is complete
+    structured_after    None, or a token id: the constraint holds only after this token is
+                        sampled (a thinking model's </think>: it reasons freely first)
 
     Only temperature, top_k and top_p may be given positionally.
     """
@@ -75,6 +77,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    structured_after: int | None = None
 
     def __post_init__(self):
         # Lists become tuples (hashable, immutable); anything else is left for validate().
@@ -174,6 +177,9 @@ class SamplingParams:
                 raise LlmcError("min_tokens cannot be combined with structured_outputs: the "
                                 "constraint decides where the output ends")
             self.structured_outputs.validate()
+        if self.structured_after is not None:
+            _integer(self.structured_after, "structured_after", lambda v: v >= 0,
+                     ">= 0 (a token id)")
 
 
 def _is_int(v) -> bool:

@@ -41,7 +41,7 @@ from starlette.routing import Route
 
 from llmc.errors import LlmcError
 from llmc.runtime import openai_api as api
-from llmc.runtime import tools
+from llmc.runtime import reasoning, tools
 from llmc.runtime.engine_loop import AsyncEngine
 from llmc.runtime.openai_api import ApiError
 from llmc.runtime.server_metrics import CONTENT_TYPE, ServerMetrics
@@ -53,12 +53,15 @@ GENERATE = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 class OpenAIServer:
     def __init__(self, runner, model_name: str, api_key: str | None = None,
                  max_queue: int = 256, max_body_bytes: int = 16 << 20,
-                 tool_call_parser: str = "auto"):
+                 tool_call_parser: str = "auto", reasoning_parser: str = "auto"):
         """runner: a Runner (its engine loop, tokenizer and chat template). max_queue:
         requests that may wait beyond the engine's max_batch_size running ones; more get
         429. max_body_bytes: larger request bodies get 413. tool_call_parser: the syntax
         of the model's own tool calls, which tool_choice "auto" parses (runtime/tools.py
-        FORMATS; "auto": the one its chat template shows, if any; "none": no "auto")."""
+        FORMATS; "auto": the one its chat template shows, if any; "none": no "auto").
+        reasoning_parser: "auto" (when the chat template shows <think> blocks), "none", or
+        vLLM's names for the same <think> parser, "deepseek_r1" and "qwen3"
+        (runtime/reasoning.py)."""
         self.runner = runner
         self.engine = AsyncEngine(runner.loop)
         self.model_name = model_name
@@ -73,6 +76,10 @@ class OpenAIServer:
         self.tool_format = (tools.detect_format(runner.chat_template)
                             if tool_call_parser == "auto" else
                             None if tool_call_parser == "none" else tool_call_parser)
+        self.thinks = (reasoning.detect(runner.chat_template) if reasoning_parser == "auto"
+                       else reasoning_parser != "none")
+        # a constraint starts after the reasoning where </think> is a token of its own
+        self.think_end = runner.tokenizer.token_to_id(reasoning.CLOSE) if self.thinks else None
         # structured outputs: llguidance's view of the tokenizer takes ~0.2 s (49k vocab),
         # which the first constrained request would otherwise spend on the engine's thread
         threading.Thread(target=runner.engine.grammars.warm, name="llmc-grammar-warm",
@@ -141,6 +148,7 @@ class OpenAIServer:
             tools = body.get("tools") or None
             if tools is not None:
                 api.check_tools(tools)
+            kwargs = api.template_kwargs(body.get("chat_template_kwargs"))
             if "messages" in body:
                 prompt, chat, special = api.chat_messages(body["messages"]), True, True
             else:
@@ -149,7 +157,8 @@ class OpenAIServer:
                 if not isinstance(prompt, str) or not isinstance(special, bool):
                     raise api.bad("give 'prompt' (a string) and, if any, "
                                   "'add_special_tokens' (a boolean), or 'messages'", "prompt")
-            tokens = await run_in_threadpool(self._encode, prompt, chat, special, tools)
+            tokens, _ = await run_in_threadpool(self._encode, prompt, chat, special, tools,
+                                                kwargs)
         except ApiError as e:
             return _error(e)
         return JSONResponse({"tokens": tokens, "count": len(tokens),
@@ -232,12 +241,10 @@ class OpenAIServer:
             ids = c.tokens + ids
         lp = self._logprobs(req, entries, ids + self._stop(req, last)) \
             if req.logprobs is not None else None
-        if req.tools is not None:
-            content, calls = req.tools.reply(text)
-            return api.chat_choice(c.index, content, req.tools.finish_reason(
-                last.finish_reason, bool(calls)), lp, calls)
-        shape = api.chat_choice if req.chat else api.completion_choice
-        return shape(c.index, text, last.finish_reason, lp)
+        if req.chat:
+            message, reason = c.reply.message(text, last.finish_reason)
+            return api.chat_choice(c.index, message, reason, lp)
+        return api.completion_choice(c.index, text, last.finish_reason, lp)
 
     async def _admit(self, request: Request, parse):
         """Everything checked before the engine sees the request: key, drain, body, fields,
@@ -255,12 +262,29 @@ class OpenAIServer:
                            "retry later", "rate_limit_exceeded", code="queue_full")
         choices = []
         for prompt in req.prompts:
-            tokens = await run_in_threadpool(self._tokens, req, prompt)
+            tokens, text = await run_in_threadpool(self._tokens, req, prompt)
             params = req.sampling(len(tokens), self.max_seq_len)
+            thinking = self._thinking(text, params)
+            if thinking is not None and params.structured_outputs is not None:
+                params = replace(params, structured_after=self.think_end)
             for j in range(req.n):
                 choices.append(_Choice(len(choices), j, prompt, tokens,
-                                       replace(params, seed=req.seed(j)) if j else params))
+                                       replace(params, seed=req.seed(j)) if j else params,
+                                       api.ChatReply(req.tools, thinking) if req.chat
+                                       else None))
         return req, choices
+
+    def _thinking(self, text: str | None, params) -> bool | None:
+        """Whether a chat prompt leaves its reply inside a <think> block, None where the
+        reply is not parsed for reasoning: the parser is off, or the reply is constrained
+        and the constraint cannot wait for the reasoning's end (no </think> token, or a
+        prompt that closed the block already)."""
+        if not self.thinks or text is None:
+            return None
+        if params.structured_outputs is not None and (self.think_end is None
+                                                      or reasoning.closed(text)):
+            return None
+        return reasoning.opened(text)
 
     def _denied(self, request: Request) -> ApiError | None:
         if self.api_key is None:
@@ -292,30 +316,33 @@ class OpenAIServer:
         except RecursionError:
             raise api.bad("the request body nests too deeply") from None
 
-    def _tokens(self, req: api.GenerationRequest, prompt) -> list[int]:
-        """A prompt's token ids. Runs in a worker thread: a long prompt does not stall the
-        others."""
+    def _tokens(self, req: api.GenerationRequest, prompt) -> tuple[list[int], str | None]:
+        """A prompt's token ids, and its chat template's text (None for a completion). Runs
+        in a worker thread: a long prompt does not stall the others."""
         if isinstance(prompt, list) and not req.chat:
             bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
             if bad is not None:
                 raise api.bad(f"token id {bad} is outside the vocabulary "
                               f"(0..{self.vocab_size - 1})", "prompt")
-            return prompt
-        tokens = self._encode(prompt, req.chat, tools=req.tools and list(req.tools.tools))
+            return prompt, None
+        tokens, text = self._encode(prompt, req.chat, tools=req.tools and list(req.tools.tools),
+                                    template_kwargs=req.template_kwargs)
         if not tokens:
             raise api.bad("the prompt is empty (0 tokens)", "prompt")
-        return tokens
+        return tokens, text
 
     def _encode(self, prompt, chat: bool, special: bool = True,
-                tools: list[dict] | None = None) -> list[int]:
+                tools: list[dict] | None = None, template_kwargs: dict | None = None
+                ) -> tuple[list[int], str | None]:
         """Text (with the tokenizer's special tokens, unless `special` is false) or chat
-        messages and tools (through the model's chat template, as `llmc run --chat` applies
-        it) to token ids; a text the tokenizer refuses, or chat without a template, is a
-        400."""
+        messages, tools and template variables (through the model's chat template, as
+        `llmc run --chat` applies it) to token ids, and the chat template's text; a text
+        the tokenizer refuses, or chat without a template, is a 400."""
         try:
             if chat:
-                return self.runner.encode(prompt, chat=True, tools=tools)
-            return self.runner.tokenizer.encode(prompt, add_special_tokens=special).ids
+                text = self.runner.render(prompt, tools, **(template_kwargs or {}))
+                return self.runner.tokenizer.encode(text, add_special_tokens=False).ids, text
+            return self.runner.tokenizer.encode(prompt, add_special_tokens=special).ids, None
         except LlmcError as e:
             raise api.bad(str(e), "messages" if chat else "prompt") from None
         except Exception as e:   # the tokenizer refused the text
@@ -348,7 +375,6 @@ class OpenAIServer:
         extra = {"usage": None} if req.include_usage else {}
         code = 200
         offsets, echoed = [0] * len(choices), set()
-        replies = {c.index: req.tools.stream() for c in choices} if req.tools else {}
         events: asyncio.Queue = asyncio.Queue()
 
         async def pump(c: _Choice) -> None:
@@ -384,16 +410,9 @@ class OpenAIServer:
                     lp = self._logprobs(req, out.logprobs or [], ids, offsets[c.index])
                 offsets[c.index] += len(out.text)
                 reason = out.finish_reason if out.finished else None
-                if c.index in replies:   # tool calls: content, or calls, held or sent
-                    delta = replies[c.index].step(out.text)
-                    if out.finished:
-                        last, reason = replies[c.index].finish(reason)
-                        delta = _merge(delta, last)
+                if req.chat:
+                    delta, reason = c.reply.chunk(out.text, out.finished, reason)
                     chunk = api.chat_chunk(rec.id, model, created, delta, reason, lp, c.index)
-                elif req.chat:
-                    chunk = api.chat_chunk(rec.id, model, created,
-                                           {"content": out.text} if out.text else {}, reason,
-                                           lp, c.index)
                 else:
                     chunk = api.completion_chunk(rec.id, model, created, out.text, reason, lp,
                                                  c.index)
@@ -571,6 +590,7 @@ class _Choice:
     prompt: Any         # as the client gave it (text, token ids, chat messages)
     tokens: list[int]
     params: Any         # SamplingParams
+    reply: Any = None   # chat: its api.ChatReply (reasoning and tool calls, as they come)
 
 
 async def _all(works):
@@ -603,16 +623,6 @@ async def _unless_disconnected(request: Request, work):
             await task
         return None
     return task.result()
-
-
-def _merge(delta: dict, last: dict) -> dict:
-    """A stream's last delta: what its last piece sent, and what finishing the reply did."""
-    out = dict(delta)
-    if "content" in last:
-        out["content"] = out.get("content", "") + last["content"]
-    if "tool_calls" in last:
-        out["tool_calls"] = out.get("tool_calls", []) + last["tool_calls"]
-    return out
 
 
 def _sse(obj: dict) -> str:

@@ -31,6 +31,8 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from llmc.runtime.detokenizer import partial_suffix
+
 FORMATS = ("hermes", "llama3_json")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 # llguidance's JSON-schema options: no free blanks, the separators json.dumps writes
@@ -142,7 +144,7 @@ class ToolStream:
         self.text += piece
         c = self.choice
         if c.mode == "named":
-            if not piece and self.started:
+            if not piece:                  # (the arguments have not begun: reasoning first)
                 return {}
             self.sent = len(self.text)
             if not self.started:
@@ -164,10 +166,7 @@ class ToolStream:
             if at >= 0:
                 self.holding = True
                 return self.sent + at
-            # hold back an end that may be the marker's first characters
-            keep = next((k for k in range(min(len(HERMES_OPEN) - 1, len(rest)), 0, -1)
-                         if HERMES_OPEN.startswith(rest[-k:])), 0)
-            return len(self.text) - keep
+            return len(self.text) - partial_suffix(rest, HERMES_OPEN)
         if self.choice.fmt == "llama3_json":
             stripped = self.text.lstrip()
             if not stripped:            # blanks so far: the reply's kind is not known yet

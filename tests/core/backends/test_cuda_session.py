@@ -156,8 +156,7 @@ def test_smollm2_structured_output_on_the_gpu(smollm2_engines, smollm2_engine):
     what they write alone."""
     import json
 
-    from llmc.runtime.engine import LLMEngine
-    from llmc.runtime.runner import Runner, open_session
+    from llmc.runtime.runner import Runner
     from llmc.runtime.sampler import SamplingParams
     from llmc.runtime.structured import StructuredOutputsParams
 
@@ -175,21 +174,7 @@ def test_smollm2_structured_output_on_the_gpu(smollm2_engines, smollm2_engine):
     assert want.finish_reason == "stop" and set(json.loads(want.text)) == {"name", "age"}
 
     def run(requests, on_device=True):
-        engine = EngineFile(smollm2_engines["fp16"])
-        session = open_session(engine, gpu_memory_utilization=0.3)
-        assert session.bans_tokens
-        session._bans = on_device
-        steps = session.step
-        session.step = lambda inputs: steps(inputs) if not on_device else pytest.fail(
-            "the logits went to the host")
-        llm = LLMEngine(session, engine.header)
-        ids = [llm.add_request(p, params) for p, params in requests]
-        tokens = {rid: [] for rid in ids}
-        while llm.has_unfinished():
-            for out in llm.step():
-                tokens[out.request_id] += out.token_ids
-        session.close()
-        return [tokens[rid] for rid in ids]
+        return _generate_on_gpu(smollm2_engines["fp16"], requests, on_device)
 
     assert run([(prompt, constrained)]) == [want.token_ids]
     assert run([(prompt, constrained)], on_device=False) == [want.token_ids]
@@ -197,6 +182,53 @@ def test_smollm2_structured_output_on_the_gpu(smollm2_engines, smollm2_engine):
     mixed = run([(prompts[0], free), (prompt, constrained), (prompts[1], free),
                  (prompts[2], free)])
     assert mixed == [alone[0], want.token_ids, alone[1], alone[2]]
+
+
+def _generate_on_gpu(path, requests, on_device=True) -> list[list[int]]:
+    """Each (prompt, params) request's tokens from a cuda engine, run together; on_device:
+    constrained rows banned on the GPU, the test failing if logits go to the host."""
+    from llmc.runtime.engine import LLMEngine
+    from llmc.runtime.runner import open_session
+
+    engine = EngineFile(path)
+    session = open_session(engine, gpu_memory_utilization=0.3)
+    assert session.bans_tokens
+    session._bans = on_device
+    steps = session.step
+    session.step = lambda inputs: steps(inputs) if not on_device else pytest.fail(
+        "the logits went to the host")
+    llm = LLMEngine(session, engine.header)
+    ids = [llm.add_request(p, params) for p, params in requests]
+    tokens = {rid: [] for rid in ids}
+    while llm.has_unfinished():
+        for out in llm.step():
+            tokens[out.request_id] += out.token_ids
+    session.close()
+    return [tokens[rid] for rid in ids]
+
+
+def test_smollm2_constraint_after_its_token_on_the_gpu(smollm2_engines, smollm2_engine):
+    """structured_after (a thinking model's </think>): the row samples freely on the device
+    until that token, then under its masks, banned on the device. Greedy: the tokens up to
+    it are the free run's, the rest one of the choices; a free request sharing the steps
+    writes what it writes alone."""
+    from llmc.runtime.runner import Runner
+    from llmc.runtime.sampler import SamplingParams
+    from llmc.runtime.structured import StructuredOutputsParams
+
+    reference = Runner(smollm2_engine)
+    prompt = reference.encode("What is the capital of France?", chat=True)
+    other = reference.encode(PROMPTS[0])
+    path = smollm2_engines["fp16"]
+    free = SamplingParams(max_tokens=16, ignore_eos=True)
+    ids, alone = _generate_on_gpu(path, [(prompt, free), (other, free)])
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+    after = SamplingParams(max_tokens=40, structured_after=ids[k],
+                           structured_outputs=StructuredOutputsParams(choice=["Lyon", "Nice"]))
+    got, shared = _generate_on_gpu(path, [(prompt, after), (other, free)])
+    assert got[:k + 1] == ids[:k + 1] and shared == alone
+    assert reference.tokenizer.decode(got[k + 1:]) in ("Lyon", "Nice")
+    reference.close()
 
 
 @pytest.mark.slow
