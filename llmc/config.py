@@ -54,6 +54,23 @@ def eos_ids(hf: dict[str, Any]) -> tuple[int, ...]:
     return tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
 
 
+def gguf_stop_ids(meta: dict[str, Any]) -> list[int] | None:
+    """A GGUF file's stop tokens: its EOS, and the end-of-turn and end-of-message tokens
+    llama.cpp stops at too (Llama 3's <|eot_id|> and <|eom_id|>)."""
+    return stop_ids(*(meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")))
+
+
+def stop_ids(*values) -> list[int] | None:
+    """Token ids (each an id, a list of ids or None) as one eos_token_id list, in order and
+    without repeats: the stop tokens a checkpoint names in more than one place."""
+    ids: list[int] = []
+    for v in values:
+        for t in v if isinstance(v, list) else [] if v is None else [v]:
+            if int(t) not in ids:
+                ids.append(int(t))
+    return ids or None
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """llama3-style frequency scaling (the only rope_type besides "default" we lower)."""

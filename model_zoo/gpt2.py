@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from llmc.arrays import transposed
-from llmc.config import architecture, eos_ids, field
+from llmc.config import architecture, eos_ids, field, gguf_stop_ids
 from llmc.errors import LlmcError
 from llmc.model_zoo.family import Family, GGUFArch, Readers
 from llmc.model_zoo.layers import DecoderGraph, Step, graph_builder
@@ -159,7 +159,7 @@ def _gguf_gpt2(meta: dict[str, Any], names: set[str]) -> dict[str, Any]:
             # llama.cpp stores the tied head again as output.weight
             "tie_word_embeddings": "lm_head.weight" not in names,
             "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+            "eos_token_id": gguf_stop_ids(meta),
         }
     except (TypeError, ValueError) as e:   # a key llama.cpp always writes is missing
         raise LlmcError(f"GGUF metadata of architecture 'gpt2' is incomplete ({e})") from None

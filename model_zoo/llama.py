@@ -14,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from llmc.config import RopeScaling, architecture, eos_ids, field, rope_inv_freq, rope_settings
+from llmc.config import (
+    RopeScaling,
+    architecture,
+    eos_ids,
+    field,
+    gguf_stop_ids,
+    rope_inv_freq,
+    rope_settings,
+)
 from llmc.errors import LlmcError
 from llmc.model_zoo.family import Family, GGUFArch
 from llmc.model_zoo.layers import DecoderGraph, Step, graph_builder
@@ -207,7 +215,7 @@ def gguf_config(hf_architecture: str):
                 "max_position_embeddings": int(key("context_length", 2048)),
                 "tie_word_embeddings": "lm_head.weight" not in names,
                 "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-                "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+                "eos_token_id": gguf_stop_ids(meta),
             }
         except (TypeError, ValueError) as e:   # a key llama.cpp always writes is missing
             raise LlmcError(f"GGUF metadata of architecture {arch!r} is incomplete ({e})") from None

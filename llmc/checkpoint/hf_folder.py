@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from llmc.checkpoint.base import Checkpoint, read_json
+from llmc.config import stop_ids
 from llmc.dtypes import np_dtype
 from llmc.errors import LlmcError
 
@@ -29,6 +30,10 @@ def open_hf_folder(folder: Path) -> Checkpoint:
     if not config_path.is_file():
         raise LlmcError(f"{folder} has no config.json; is it a HuggingFace model folder?")
     config = read_json(config_path, "the model's config")
+    generation = folder / "generation_config.json"
+    if generation.is_file():   # its stop tokens end generation too (transformers', vLLM's)
+        extra = read_json(generation, "the generation config").get("eos_token_id")
+        config = {**config, "eos_token_id": stop_ids(config.get("eos_token_id"), extra)}
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index, "the shard index").get("weight_map")

@@ -120,6 +120,28 @@ def test_gguf_unpermutes_qk_and_reads_config(tiny_models, tmp_path):
         np.testing.assert_array_equal(ckpt.tensor(name), ref)
 
 
+def test_the_stop_tokens_of_every_place_a_checkpoint_names_them(tiny_models, tmp_path):
+    """EOS from config.json and generation_config.json (Qwen's <|endoftext|>, Llama 3's
+    <|eot_id|>); from a GGUF file, its EOS and llama.cpp's end-of-turn and end-of-message."""
+    import shutil
+
+    src, model = tiny_models["llama-gqa"]
+    folder = tmp_path / "hf"
+    shutil.copytree(src, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": 2}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2, 9]}))
+    assert load_model(folder).config.eos_token_ids == (2, 7, 9)
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True}))
+    assert load_model(folder).config.eos_token_ids == (2,)
+
+    path = tmp_path / "tiny.gguf"
+    cfg = model.config
+    write_gguf(path, "llama", model, GGUF_NAMES, lambda w: (
+        common_meta(w, cfg), w.add_eot_token_id(5), w.add_eom_token_id(6)), permuted_qk(cfg))
+    assert load_model(path).config.eos_token_ids == (2, 5, 6)
+
+
 def test_gguf_matches_transformers_gguf_loader(tiny_models, tmp_path):
     _, model = tiny_models["llama-gqa"]
     path = tmp_path / "llama.gguf"
