@@ -505,6 +505,12 @@ def _score_engine(file, windows, batch, backend, gpu_memory_utilization, quiet):
                    "Qwen3, Hermes), llama3_json (Llama 3.1-3.3); auto: the one the chat "
                    "template shows; none: \"auto\" is refused (\"required\" and named tools "
                    "work with any model)")
+@click.option("--generation-config", default="auto", show_default=True,
+              type=click.Choice(["auto", "none"]),
+              help="auto: where a request gives no temperature, top_p, top_k, min_p or "
+                   "repetition_penalty, use the model's recommended one (its "
+                   "generation_config.json or GGUF sampling keys, kept in the engine), as "
+                   "vLLM does; none: OpenAI's defaults (temperature 1, no top_p/top_k)")
 @click.option("--reasoning-parser", default="auto", show_default=True,
               type=click.Choice(["auto", "deepseek_r1", "qwen3", "none"]),
               help="chat replies' <think>...</think> reasoning goes to message.reasoning, "
@@ -512,7 +518,8 @@ def _score_engine(file, windows, batch, backend, gpu_memory_utilization, quiet):
                    "parser here); auto: on when the chat template shows </think>; none: off")
 @session_options
 def serve(engine, host, port, api_key, max_queue, served_model_name, log_level,
-          tool_call_parser, reasoning_parser, backend, gpu_memory_utilization) -> None:
+          generation_config, tool_call_parser, reasoning_parser, backend,
+          gpu_memory_utilization) -> None:
     """Serve an engine over the OpenAI API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics), tool calls and structured outputs included. SIGTERM
     drains: requests in flight finish, new ones get 503, then it exits 0."""
@@ -526,7 +533,11 @@ def serve(engine, host, port, api_key, max_queue, served_model_name, log_level,
     runner = open_runner(engine, backend, gpu_memory_utilization)
     name = served_model_name or Path(engine).stem
     server = OpenAIServer(runner, name, api_key=api_key, max_queue=max_queue,
-                          tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
+                          tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
+                          generation_config=generation_config)
+    if server.sampling_defaults:
+        _log(f"sampling defaults from the model: {_sampling_text(server.sampling_defaults)} "
+             "(--generation-config none: OpenAI's)")
     tool_calls = f"tool calls: {server.tool_format}" if server.tool_format else \
         "tool calls: \"required\" or named (no call syntax for \"auto\")"
     if server.thinks:
@@ -666,11 +677,17 @@ def inspect(engine, as_json) -> None:
                                for k, (_, n) in file.raw["sections"].items())),
         *_plan_rows(header),
         *_quant_rows(header),
+        *([("sampling", _sampling_text(header.sampling) + " (the model's defaults, which "
+                        "llmc serve uses)")] if header.sampling else []),
         ("versions", ", ".join(f"{k} {v}" for k, v in header.versions.items())),
         ("created", header.created),
     ]
     for k, v in rows:
         click.echo(f"{k:>9}: {v}")
+
+
+def _sampling_text(sampling: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sampling.items())
 
 
 def _plan_rows(header) -> list[tuple[str, str]]:

@@ -179,6 +179,7 @@ def build(opts: BuildOptions, log: Callable[[str], None] = print,
             passes=pass_report,
             lowering=lowered.summary,
             quant=quant,
+            sampling=model.checkpoint.sampling,
         )
         write_engine(opts.output, header, lowered.sections)
     log(f"wrote {opts.output} ({opts.output.stat().st_size / 2**20:.1f} MiB) in "

@@ -54,6 +54,31 @@ def eos_ids(hf: dict[str, Any]) -> tuple[int, ...]:
     return tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
 
 
+# The sampling settings a checkpoint may recommend, as vLLM reads them from
+# generation_config.json (its --generation-config auto), and the GGUF keys that say the same.
+SAMPLING_DEFAULTS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
+                     "repetition_penalty": float}
+GGUF_SAMPLING = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                 "repetition_penalty": "penalty_repeat"}
+
+
+def sampling_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """The recommended sampling settings among generation_config.json's values (others, such
+    as max_length or do_sample, are dropped; a value of the wrong type is too)."""
+    out = {}
+    for key, kind in SAMPLING_DEFAULTS.items():
+        v = values.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = kind(v)
+    return out
+
+
+def gguf_sampling_defaults(meta: dict[str, Any]) -> dict[str, Any]:
+    """A GGUF file's general.sampling.* values, under generation_config.json's names."""
+    return sampling_defaults({k: meta.get(f"general.sampling.{g}")
+                              for k, g in GGUF_SAMPLING.items()})
+
+
 def gguf_stop_ids(meta: dict[str, Any]) -> list[int] | None:
     """A GGUF file's stop tokens: its EOS, and the end-of-turn and end-of-message tokens
     llama.cpp stops at too (Llama 3's <|eot_id|> and <|eom_id|>)."""

@@ -109,6 +109,9 @@ class EngineHeader:
     passes: dict[str, Any] = field(default_factory=dict)     # the pass report
     lowering: dict[str, Any] = field(default_factory=dict)   # what the backend reported
     quant: QuantInfo | None = None                            # None: not quantized
+    # the checkpoint's recommended sampling settings (llmc.config.SAMPLING_DEFAULTS), which
+    # `llmc serve` uses where a request gives none; engines built before they were kept: {}
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -130,6 +133,7 @@ class EngineHeader:
                 versions=dict(d["versions"]), created=d["created"],
                 passes=d.get("passes", {}), lowering=d.get("lowering", {}),
                 quant=QuantInfo.from_dict(d["quant"]) if d.get("quant") else None,
+                sampling=dict(d.get("sampling", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise LlmcError(f"the engine header is not one this llmc wrote ({e!r}); rebuild "

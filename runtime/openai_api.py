@@ -163,8 +163,10 @@ class GenerationRequest:
         return replace(self.params, max_tokens=self.max_tokens)
 
 
-def parse_completion(body: Any) -> GenerationRequest:
-    f = _fields(body, COMPLETION_FIELDS, required=("model", "prompt"))
+def parse_completion(body: Any, defaults: dict | None = None) -> GenerationRequest:
+    """defaults: sampling settings for the fields the request leaves out (the model's
+    recommended ones), before OpenAI's own."""
+    f = {**(defaults or {}), **_fields(body, COMPLETION_FIELDS, required=("model", "prompt"))}
     if f.get("suffix"):
         raise bad("suffix is not supported", "suffix")
     logprobs = f.get("logprobs")
@@ -174,10 +176,12 @@ def parse_completion(body: Any) -> GenerationRequest:
     return _request(f, _prompts(f["prompt"]), False, logprobs, bool(f.get("echo")))
 
 
-def parse_chat(body: Any, tool_format: str | None = None) -> GenerationRequest:
+def parse_chat(body: Any, tool_format: str | None = None, defaults: dict | None = None
+               ) -> GenerationRequest:
     """tool_format: the syntax of the model's own tool calls (runtime/tools.py FORMATS), which
-    tool_choice "auto" needs; None where the server knows none."""
-    f = _fields(body, CHAT_FIELDS, required=("model", "messages"))
+    tool_choice "auto" needs; None where the server knows none. defaults: as for
+    parse_completion."""
+    f = {**(defaults or {}), **_fields(body, CHAT_FIELDS, required=("model", "messages"))}
     tools = _tools(f, tool_format)
     top = f.get("top_logprobs")
     if top is not None and not 0 <= top <= MAX_LOGPROBS:

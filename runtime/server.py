@@ -53,7 +53,8 @@ GENERATE = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 class OpenAIServer:
     def __init__(self, runner, model_name: str, api_key: str | None = None,
                  max_queue: int = 256, max_body_bytes: int = 16 << 20,
-                 tool_call_parser: str = "auto", reasoning_parser: str = "auto"):
+                 tool_call_parser: str = "auto", reasoning_parser: str = "auto",
+                 generation_config: str = "auto"):
         """runner: a Runner (its engine loop, tokenizer and chat template). max_queue:
         requests that may wait beyond the engine's max_batch_size running ones; more get
         429. max_body_bytes: larger request bodies get 413. tool_call_parser: the syntax
@@ -61,7 +62,9 @@ class OpenAIServer:
         FORMATS; "auto": the one its chat template shows, if any; "none": no "auto").
         reasoning_parser: "auto" (when the chat template shows <think> blocks), "none", or
         vLLM's names for the same <think> parser, "deepseek_r1" and "qwen3"
-        (runtime/reasoning.py)."""
+        (runtime/reasoning.py). generation_config: "auto", the model's recommended sampling
+        settings where a request gives none (the engine header's `sampling`); "none":
+        OpenAI's defaults."""
         self.runner = runner
         self.engine = AsyncEngine(runner.loop)
         self.model_name = model_name
@@ -73,6 +76,8 @@ class OpenAIServer:
         self.active = 0          # generation requests inside the server, counted by __call__
         self.draining = False    # set by SIGTERM: new requests get 503
         self.metrics = ServerMetrics(runner.loop, lambda: self.active)
+        self.sampling_defaults = runner.engine.header.sampling \
+            if generation_config == "auto" else {}
         self.tool_format = (tools.detect_format(runner.chat_template)
                             if tool_call_parser == "auto" else
                             None if tool_call_parser == "none" else tool_call_parser)
@@ -113,11 +118,12 @@ class OpenAIServer:
     # --- endpoints ----------------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
-        return await self._generate(request, api.parse_completion)
+        return await self._generate(request, lambda body: api.parse_completion(
+            body, defaults=self.sampling_defaults))
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self._generate(
-            request, lambda body: api.parse_chat(body, tool_format=self.tool_format))
+        return await self._generate(request, lambda body: api.parse_chat(
+            body, tool_format=self.tool_format, defaults=self.sampling_defaults))
 
     async def models(self, request: Request) -> Response:
         if (denied := self._denied(request)) is not None:

@@ -60,6 +60,8 @@ class Checkpoint(NamedTensors):
     # matrices stored in 4-bit blocks (GGUF Q4_0 / Q4_1 / Q4_K), by file name: their codes (unless
     # called with False), scales and minimums as stored (gguf.GGUFFile.int4_blocks)
     int4_blocks: dict[str, Callable[[], tuple]] = field(default_factory=dict)
+    # the sampling settings the checkpoint recommends (llmc.config.sampling_defaults)
+    sampling: dict[str, Any] = field(default_factory=dict)
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

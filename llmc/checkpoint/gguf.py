@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from llmc.checkpoint.base import Checkpoint
+from llmc.config import gguf_sampling_defaults
 from llmc.errors import LlmcError
 
 
@@ -29,7 +30,8 @@ def open_gguf(path: Path) -> Checkpoint:
               for name, t in reader.tensors.items() if t[1].name in INT4_TYPES and len(t[0]) == 2}
     return Checkpoint(path, "gguf", {}, reader.fields, readers,
                       lambda: _tokenizer_json(path, reader),
-                      reader.get("tokenizer.chat_template"), int4_blocks=blocks)
+                      reader.get("tokenizer.chat_template"), int4_blocks=blocks,
+                      sampling=gguf_sampling_defaults(reader.fields))
 
 
 # llama.cpp's 4-bit blocks of 32 along a row (ggml-common.h). Q4_0 and Q4_1: an fp16 scale d

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from llmc.checkpoint.base import Checkpoint, read_json
-from llmc.config import stop_ids
+from llmc.config import sampling_defaults, stop_ids
 from llmc.dtypes import np_dtype
 from llmc.errors import LlmcError
 
@@ -31,9 +31,10 @@ def open_hf_folder(folder: Path) -> Checkpoint:
         raise LlmcError(f"{folder} has no config.json; is it a HuggingFace model folder?")
     config = read_json(config_path, "the model's config")
     generation = folder / "generation_config.json"
-    if generation.is_file():   # its stop tokens end generation too (transformers', vLLM's)
-        extra = read_json(generation, "the generation config").get("eos_token_id")
-        config = {**config, "eos_token_id": stop_ids(config.get("eos_token_id"), extra)}
+    generation = read_json(generation, "the generation config") if generation.is_file() else {}
+    if "eos_token_id" in generation:   # its stop tokens end generation too (as in vLLM)
+        config = {**config, "eos_token_id": stop_ids(config.get("eos_token_id"),
+                                                     generation["eos_token_id"])}
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index, "the shard index").get("weight_map")
@@ -52,7 +53,7 @@ def open_hf_folder(folder: Path) -> Checkpoint:
             raise LlmcError(f"{folder}: shard {name} named in the index is missing")
         readers.update(_safetensors_readers(folder / name))
     return Checkpoint(folder, "hf", config, {}, readers, lambda: _tokenizer_json(folder),
-                      _chat_template(folder))
+                      _chat_template(folder), sampling=sampling_defaults(generation))
 
 
 def _safetensors_readers(file: Path) -> dict[str, Callable[[], np.ndarray]]:

@@ -142,6 +142,30 @@ def test_the_stop_tokens_of_every_place_a_checkpoint_names_them(tiny_models, tmp
     assert load_model(path).config.eos_token_ids == (2, 5, 6)
 
 
+def test_the_sampling_settings_a_checkpoint_recommends(tiny_models, tmp_path):
+    """generation_config.json's temperature, top_p, top_k, min_p and repetition_penalty (as
+    vLLM reads them), or a GGUF file's general.sampling.* keys; nothing else."""
+    import shutil
+
+    src, model = tiny_models["llama-gqa"]
+    folder = tmp_path / "hf"
+    shutil.copytree(src, folder)
+    assert load_model(folder).checkpoint.sampling == {}
+    (folder / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_length": 99,
+        "repetition_penalty": "high", "min_p": None}))
+    assert load_model(folder).checkpoint.sampling == {"temperature": 0.6, "top_p": 0.95,
+                                                      "top_k": 20}
+    path = tmp_path / "tiny.gguf"
+    cfg = model.config
+    write_gguf(path, "llama", model, GGUF_NAMES, lambda w: (
+        common_meta(w, cfg), w.add_float32("general.sampling.temp", 0.75),
+        w.add_int32("general.sampling.top_k", 40),
+        w.add_float32("general.sampling.penalty_repeat", 1.125)), permuted_qk(cfg))
+    assert load_model(path).checkpoint.sampling == {"temperature": 0.75, "top_k": 40,
+                                                    "repetition_penalty": 1.125}
+
+
 def test_gguf_matches_transformers_gguf_loader(tiny_models, tmp_path):
     _, model = tiny_models["llama-gqa"]
     path = tmp_path / "llama.gguf"

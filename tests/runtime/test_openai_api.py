@@ -43,6 +43,17 @@ def test_completion_defaults_and_context():
     assert e.value.param == "top_k"
 
 
+def test_the_model_s_sampling_defaults_fill_what_a_request_leaves_out():
+    defaults = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    p = api.parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                       defaults=defaults).params
+    assert (p.temperature, p.top_p, p.top_k) == (0.6, 0.95, 20)
+    p = api.parse_completion({"model": "m", "prompt": "x", "temperature": 0, "top_k": None},
+                             defaults=defaults).params
+    assert (p.temperature, p.top_p, p.top_k) == (0, 0.95, 20)   # null: not given
+    assert chat().params.temperature == 1.0 and chat().params.top_k == 0   # OpenAI's
+
+
 def test_logprob_shapes():
     text = {5: "a", 6: "bc", 7: "d"}.get
     entries = [(-0.5, [(5, -0.5), (7, -1.0)]), (-0.1, [(6, -0.1), (5, -3.0)]), (-0.2, None)]

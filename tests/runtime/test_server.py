@@ -461,3 +461,39 @@ def test_load_200_streams_some_leaving(served):
     m = wait_idle(served.url)
     assert m["llmc_kv_blocks_used"] == 0 and m["llmc_num_requests_in_server"] == 0
     assert request(served.url, "GET", "/health")[0] == 200
+
+
+def test_the_model_s_sampling_defaults_where_a_request_gives_none(tiny_models, tmp_path,
+                                                                   capsys):
+    """A checkpoint's generation_config.json top_k 1 makes a request that gives no sampling
+    settings greedy (as vLLM's --generation-config auto does); --generation-config none
+    samples at OpenAI's defaults. The engine keeps the settings; `llmc inspect` shows them."""
+    import shutil
+
+    from llmc.build import BuildOptions, build
+    from llmc.cli.main import main
+    from llmc.limits import BuildLimits
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["llama-gqa"][0], folder)
+    (folder / "generation_config.json").write_text(json.dumps({"top_k": 1, "do_sample": True}))
+    out = tmp_path / "tiny.engine"
+    build(BuildOptions(folder, out, backend="reference", dtype="fp32",
+                       limits=BuildLimits(2, 32, 32, 8)), log=lambda _: None)
+    with pytest.raises(SystemExit):
+        main(["inspect", str(out)])
+    assert "sampling: top_k 1 (the model's defaults" in capsys.readouterr().out
+
+    runner = Runner(out)
+    greedy = solo(runner, [5, 6, 7], max_tokens=8, ignore_eos=True).text
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 8, "ignore_eos": True,
+            "seed": 1}
+    texts = {}
+    for config in ("auto", "none"):
+        server = OpenAIServer(runner, "tiny", generation_config=config)
+        with server.running() as url:
+            status, got = request(url, "POST", "/v1/completions", body)
+            assert status == 200
+            texts[config] = got["choices"][0]["text"]
+    runner.close()
+    assert texts["auto"] == greedy and texts["none"] != greedy
