@@ -213,6 +213,7 @@ def render_chat(template: str, messages: list[dict], eos_token: str = "", bos_to
     `tools is not none`) and any other variables the template reads."""
     import datetime
 
+    from jinja2 import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -228,6 +229,9 @@ def render_chat(template: str, messages: list[dict], eos_token: str = "", bos_to
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda f: datetime.datetime.now().strftime(f)
-    return env.from_string(template).render(**template_kwargs, messages=messages,
-                                            tools=tools or None, add_generation_prompt=True,
-                                            eos_token=eos_token, bos_token=bos_token)
+    try:
+        return env.from_string(template).render(**template_kwargs, messages=messages,
+                                                tools=tools or None, add_generation_prompt=True,
+                                                eos_token=eos_token, bos_token=bos_token)
+    except TemplateError as e:   # a message the template cannot render (a role it lacks)
+        raise LlmcError(f"chat template error: {e}") from None

@@ -91,3 +91,5 @@ def test_chat_template_rendering():
         "<|user|>hi</s><|assistant|>"
     with pytest.raises(LlmcError, match="chat template error: no"):
         render_chat("{{ raise_exception('no') }}", [])
+    with pytest.raises(LlmcError, match="chat template error: .*has no attribute 'nope'"):
+        render_chat("{{ messages[0].nope.x }}", [{"role": "user", "content": "hi"}])
