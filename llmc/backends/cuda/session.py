@@ -50,6 +50,17 @@ GEMM_WORKSPACE = 32 << 20
 FP8 = "float8e4m3fn"
 
 
+def pinned(nbytes: int, ctype=ctypes.c_uint8) -> tuple[int, np.ndarray]:
+    """A page-locked host buffer (copies from it run asynchronously, on the stream) and a
+    numpy view of it as ctype; freed with cuMemFreeHost (CudaSession.close)."""
+    from cuda.bindings import driver
+
+    ptr = int(check(driver.cuMemHostAlloc(nbytes, 0)))
+    view = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctype)),
+                                 (nbytes // ctypes.sizeof(ctype),))
+    return ptr, view
+
+
 def runtime_missing() -> str:
     """Why this machine cannot run cuda engines for want of a library ('' if it can)."""
     for module, pip in (("cuda.bindings", "cuda-bindings"), ("nvmath.bindings", "nvmath-python")):
@@ -223,10 +234,7 @@ class CudaSession:
         ints = {name: att.items * SCHEDULE_ROW for name, att in full.items()}
         self.schedules = {name: self.mem.alloc(4 * n, name) for name, n in ints.items()}
         self._staging_bytes = 4 * sum(sizes.values()) + 4 * sum(ints.values())
-        self._staging = int(check(driver.cuMemHostAlloc(self._staging_bytes, 0)))
-        self._staging_view = np.ctypeslib.as_array(
-            ctypes.cast(self._staging, ctypes.POINTER(ctypes.c_int32)),
-            (self._staging_bytes // 4,))
+        self._staging, self._staging_view = pinned(self._staging_bytes, ctypes.c_int32)
         from llmc.plugins.attention_plan import attention_workspace_bound
 
         ws = counters = 0
@@ -268,7 +276,7 @@ class CudaSession:
         if self.first_tokens:
             self.fp8_row_scales = self.mem.alloc(4 * lim.max_num_tokens, "FP8 row scales")
         self.logits_bytes = numel(plan.values[plan.output].shape, 1, lim.max_batch_size) * 4
-        self._logits_host = int(check(driver.cuMemHostAlloc(self.logits_bytes, 0)))
+        self._logits_host, self._logits_view = pinned(self.logits_bytes, ctypes.c_float)
         self._sampling = None
         self._sample_staging = 0
         self._ban_buffers, self._ban_staging, self._bans = None, 0, None
@@ -395,10 +403,8 @@ class CudaSession:
                             f"{bitmask.shape}")
         if self._ban_buffers is None:   # pinned staging and its device copy, made on first use
             most = self.limits.max_batch_size * ((vocab + 31) // 32) * 4
-            self._ban_staging = int(check(driver.cuMemHostAlloc(most, 0)))
-            self._ban_buffers = (np.ctypeslib.as_array(ctypes.cast(
-                self._ban_staging, ctypes.POINTER(ctypes.c_uint8)), (most,)),
-                self.mem.alloc(most, "allowed-token bitmasks"))
+            self._ban_staging, host = pinned(most)
+            self._ban_buffers = (host, self.mem.alloc(most, "allowed-token bitmasks"))
         staging, (host, dev) = self._ban_staging, self._ban_buffers
         host[:nbytes] = np.ascontiguousarray(bitmask).view(np.uint8).reshape(-1)
         check(driver.cuMemcpyHtoDAsync(dev, staging, nbytes, self.stream))
@@ -408,7 +414,6 @@ class CudaSession:
 
     def _sampling_buffers(self):
         """Per-row parameters and the token ids, on the device, made on first use."""
-        from cuda.bindings import driver
 
         if self._sampling is None:
             b = self.limits.max_batch_size
@@ -416,9 +421,7 @@ class CudaSession:
                 (4, "temperatures"), (4, "top-k"), (4, "top-p"), (8, "seeds"),
                 (4, "counters"), (4, "sampled tokens"))]
             nbytes = 28 * b
-            self._sample_staging = int(check(driver.cuMemHostAlloc(nbytes, 0)))
-            self._sample_host = np.ctypeslib.as_array(
-                ctypes.cast(self._sample_staging, ctypes.POINTER(ctypes.c_uint8)), (nbytes,))
+            self._sample_staging, self._sample_host = pinned(nbytes)
         return self._sampling
 
     def close(self) -> None:
@@ -563,9 +566,7 @@ class CudaSession:
         check(driver.cuMemcpyDtoHAsync(self._logits_host, self.ptr(self.plan.output), nbytes,
                                        self.stream))
         check(driver.cuStreamSynchronize(self.stream))
-        host = np.ctypeslib.as_array(ctypes.cast(self._logits_host,
-                                                 ctypes.POINTER(ctypes.c_float)), (b, vocab))
-        return host.copy()
+        return self._logits_view[:b * vocab].reshape(b, vocab).copy()
 
     def _capture(self, bucket: int):
         from cuda.bindings import driver
