@@ -120,18 +120,19 @@ def test_chat_template_kwargs_are_checked():
 # ---- the server ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def engine(byte_tokenizer, make_tiny, tmp_path_factory):
     """A tiny random Llama speaking the byte-level tokenizer plus <think> and </think> as
     tokens of their own (not special: their text is part of the reply, as in Qwen3's and
     DeepSeek-R1's tokenizers), with the THINKING template."""
-    from conftest import make_byte_tokenizer, make_tiny_model
+    from transformers import AutoTokenizer
 
     folder = tmp_path_factory.mktemp("thinking") / "model"
-    tokenizer = make_byte_tokenizer()
+    byte_tokenizer.save_pretrained(folder)   # a copy of the shared one, to add tokens to
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.add_tokens([reasoning.OPEN, reasoning.CLOSE])
     tokenizer.chat_template = THINKING
-    make_tiny_model("llama-gqa", folder, head_dim_64=True, vocab_size=len(tokenizer),
-                    bos_token_id=0, eos_token_id=1)
+    make_tiny("llama-gqa", folder, head_dim_64=True, vocab_size=len(tokenizer),
+              bos_token_id=0, eos_token_id=1)
     tokenizer.save_pretrained(folder)
     out = folder.parent / "thinking.engine"
     build(BuildOptions(folder, out, backend="reference", dtype="fp32",
