@@ -1,12 +1,16 @@
 """Raw HTTP against a running server (the standard library's client, no wrapper of ours),
-for the server and bench tests."""
+for the server and bench tests; `serving`, an engine behind the real server."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import time
 import urllib.parse
+from types import SimpleNamespace
+
+import pytest
 
 
 def request(url: str, method: str, path: str, body=None, headers=None, raw: bytes | None = None,
@@ -49,3 +53,22 @@ def wait_idle(url: str, timeout: float = 30) -> dict[str, float]:
         if idle or time.monotonic() > deadline:
             return m
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def serving(engine, name: str = "bytes", **options):
+    """A Runner of `engine` behind the real server on a loopback port, with the openai client
+    (the test skips without the serve extra); options go to OpenAIServer."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn", reason="llmc serve needs the serve extra")
+    from llmc.runtime.runner import Runner
+    from llmc.runtime.server import OpenAIServer
+
+    runner = Runner(engine)
+    try:
+        server = OpenAIServer(runner, name, **options)
+        with server.running() as url:
+            yield SimpleNamespace(client=openai.OpenAI(base_url=url + "/v1", api_key="x"),
+                                  runner=runner, server=server, url=url, openai=openai)
+    finally:
+        runner.close()

@@ -4,9 +4,9 @@ calls after it; chat_template_kwargs (Qwen3's enable_thinking) through the real 
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
+from server_client import request, serving
 
 from llmc.build import BuildOptions, build
 from llmc.limits import BuildLimits
@@ -150,16 +150,8 @@ def tokenizer(engine):
 
 @pytest.fixture(scope="module")
 def served(engine):
-    openai = pytest.importorskip("openai")
-    pytest.importorskip("uvicorn", reason="llmc serve needs the serve extra")
-    from llmc.runtime.server import OpenAIServer
-
-    runner = Runner(engine)
-    server = OpenAIServer(runner, "bytes")
-    with server.running() as url:
-        yield SimpleNamespace(client=openai.OpenAI(base_url=url + "/v1", api_key="x"),
-                              runner=runner, server=server, url=url)
-    runner.close()
+    with serving(engine) as s:
+        yield s
 
 
 ASK = [{"role": "user", "content": "Capital of France?"}]
@@ -199,8 +191,6 @@ def test_enable_thinking_false_reaches_the_template(served, tokenizer):
                                          add_generation_prompt=True, return_dict=True,
                                          enable_thinking=False)["input_ids"]
     assert served.runner.encode(ASK, chat=True, enable_thinking=False) == want
-    from server_client import request
-
     status, got = request(served.url, "POST", "/tokenize",
                           {"messages": ASK, "chat_template_kwargs": {"enable_thinking": False}})
     assert status == 200 and got["tokens"] == want
@@ -266,14 +256,7 @@ def test_the_engine_holds_the_constraint_after_its_token(engine):
 
 
 def test_reasoning_parser_none_leaves_the_text_whole(engine):
-    openai = pytest.importorskip("openai")
-    pytest.importorskip("uvicorn", reason="llmc serve needs the serve extra")
-    from llmc.runtime.server import OpenAIServer
-
-    runner = Runner(engine)
-    with OpenAIServer(runner, "bytes", reasoning_parser="none").running() as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x")
-        r = client.chat.completions.create(model="bytes", messages=ASK, max_tokens=24,
-                                           temperature=0)
-        assert r.choices[0].message.content == raw(runner)
-    runner.close()
+    with serving(engine, reasoning_parser="none") as s:
+        r = s.client.chat.completions.create(model="bytes", messages=ASK, max_tokens=24,
+                                             temperature=0)
+        assert r.choices[0].message.content == raw(s.runner)

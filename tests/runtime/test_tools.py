@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from types import SimpleNamespace
 
 import pytest
+from server_client import request, serving
 
 from llmc.build import BuildOptions, build
 from llmc.limits import BuildLimits
@@ -336,16 +336,8 @@ def test_the_prompt_is_transformers_tokens(which, request, byte_tokenizer):
 
 @pytest.fixture(scope="module")
 def served(engine):
-    openai = pytest.importorskip("openai")
-    pytest.importorskip("uvicorn", reason="llmc serve needs the serve extra")
-    from llmc.runtime.server import OpenAIServer
-
-    runner = Runner(engine)
-    server = OpenAIServer(runner, "bytes")
-    with server.running() as url:
-        yield SimpleNamespace(client=openai.OpenAI(base_url=url + "/v1", api_key="x"),
-                              runner=runner, server=server, openai=openai)
-    runner.close()
+    with serving(engine) as s:
+        yield s
 
 
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
@@ -436,9 +428,7 @@ def test_the_server_s_prompt_shows_the_tools_and_the_conversation(served):
 
 
 def test_tokenize_takes_the_tools(served):
-    from server_client import request
-
-    url = str(served.client.base_url).removesuffix("/v1/")
+    url = served.url
     status, got = request(url, "POST", "/tokenize", {"messages": CONVERSATION, "tools": TOOLS})
     assert status == 200 and got["tokens"] == served.runner.encode(
         api.chat_messages(CONVERSATION), chat=True, tools=TOOLS)
@@ -448,15 +438,9 @@ def test_tokenize_takes_the_tools(served):
 
 
 def test_a_server_without_a_call_syntax_refuses_auto_alone(engine):
-    openai = pytest.importorskip("openai")
-    pytest.importorskip("uvicorn", reason="llmc serve needs the serve extra")
-    from llmc.runtime.server import OpenAIServer
-
-    runner = Runner(engine)
-    server = OpenAIServer(runner, "bytes", tool_call_parser="none")
-    with server.running() as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x")
-        with pytest.raises(openai.BadRequestError) as e:
+    with serving(engine, tool_call_parser="none") as s:
+        client = s.client
+        with pytest.raises(s.openai.BadRequestError) as e:
             client.chat.completions.create(model="bytes", messages=ASK, tools=TOOLS,
                                            max_tokens=4)
         assert e.value.body["param"] == "tool_choice"
@@ -464,7 +448,6 @@ def test_a_server_without_a_call_syntax_refuses_auto_alone(engine):
             model="bytes", messages=ASK, tools=TOOLS, max_tokens=64,
             tool_choice={"type": "function", "function": {"name": "get_weather"}})
         assert valid_weather(r.choices[0].message.tool_calls[0].function.arguments)
-    runner.close()
 
 
 @pytest.mark.slow
