@@ -356,6 +356,15 @@ def test_a_named_function_is_called_with_arguments_that_fit_its_schema(served):
     assert call.function.name == "get_weather" and valid_weather(call.function.arguments)
     # written without free blanks, as json.dumps writes it
     assert call.function.arguments == json.dumps(json.loads(call.function.arguments))
+    # the conversation goes on with the reply as the client got it, and the call's result
+    again = client.chat.completions.create(
+        model="bytes", tools=TOOLS, max_tokens=4, messages=ASK + [message, {
+            "role": "tool", "tool_call_id": call.id, "content": "21 C, sunny"}])
+    assert again.choices[0].message.content is not None
+    assert again.usage.prompt_tokens == len(served.runner.encode(
+        api.chat_messages(ASK + [message.model_dump(), {
+            "role": "tool", "tool_call_id": call.id, "content": "21 C, sunny"}]),
+        chat=True, tools=TOOLS))
 
     chunks = list(client.chat.completions.create(
         model="bytes", messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=64,
