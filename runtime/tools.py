@@ -14,7 +14,7 @@
 - "auto" (OpenAI's default when tools are given): the model writes freely, and calls in its
   own syntax, which its chat template teaches it, are parsed out of the text:
     hermes       <tool_call>{"name": ..., "arguments": {...}}</tool_call>, text before them
-                 the content (Qwen2.5, Qwen3, Hermes, SmolLM3)
+                 the content (Qwen2.5, Qwen3, Hermes)
     llama3_json  the whole reply one {"name": ..., "parameters": {...}} or several joined by
                  ";" (Llama 3.1-3.3)
   A reply that does not parse as calls is content, as it was written.
