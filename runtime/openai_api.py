@@ -43,6 +43,10 @@ MAX_STOP_CHARS = 1024    # one stop string's length
 COMPLETION_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the rest
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")   # OpenAI's rule for a function's name
+# An assistant message's reasoning, under the names clients send it (vLLM's, its older one,
+# gpt-oss's); templates get it as reasoning_content (Qwen3's) and thinking, as transformers
+# passes it
+REASONING_FIELDS = ("reasoning", "reasoning_content", "thinking")
 MAX_CHOICES = 128        # n x prompts in one request (OpenAI's n goes to 128)
 
 
@@ -397,8 +401,8 @@ def _prompts(prompt) -> list:
 
 def chat_messages(messages) -> list[dict]:
     """Messages for the chat template: {"role", "content"}, text content parts joined; an
-    assistant's tool_calls (its content may then be null) and a tool message's
-    tool_call_id pass through (runtime/tools.py template_messages)."""
+    assistant's tool_calls (its content may then be null) and reasoning, and a tool
+    message's tool_call_id pass through (runtime/tools.py template_messages)."""
     if not messages:
         raise bad("messages is empty: give at least one message", "messages")
     out = []
@@ -435,6 +439,9 @@ def chat_messages(messages) -> list[dict]:
             message["tool_call_id"] = m["tool_call_id"]
         if isinstance(m.get("name"), str):
             message["name"] = m["name"]
+        thought = next((m[k] for k in REASONING_FIELDS if isinstance(m.get(k), str)), None)
+        if role == "assistant" and thought is not None:   # its reasoning, sent back
+            message.update(reasoning_content=thought, thinking=thought)
         out.append(message)
     return template_messages(out)
 

@@ -101,6 +101,24 @@ def test_tool_calls_after_the_reasoning():
         assert got["calls"] == [("get_time", '{"zone": "UTC"}')]
 
 
+def test_the_reasoning_a_client_sends_back_reaches_the_template(byte_tokenizer):
+    """As transformers passes it: under reasoning_content (Qwen3's templates keep the last
+    turn's while it calls tools) and thinking, whichever name the client used."""
+    from llmc.runtime.runner import render_chat
+
+    template = ("{% for m in messages %}{{ m.role }}: {% if m.reasoning_content %}<think>"
+                "{{ m.reasoning_content }}|{{ m.thinking }}</think>{% endif %}{{ m.content }}\n"
+                "{% endfor %}")
+    for name in api.REASONING_FIELDS:
+        messages = [{"role": "user", "content": "Capital of France?"},
+                    {"role": "assistant", "content": "Paris.", name: "It is in France."},
+                    {"role": "user", "content": "And Italy?"}]
+        want = byte_tokenizer.apply_chat_template(messages, chat_template=template,
+                                                  tokenize=False)
+        assert render_chat(template, api.chat_messages(messages)) == want
+        assert "<think>It is in France.|It is in France.</think>Paris." in want
+
+
 def test_which_prompts_open_the_block():
     assert reasoning.detect(THINKING) and not reasoning.detect("{{ messages }}")
     assert reasoning.opened("<|assistant|>\n<think>\n")
