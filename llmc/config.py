@@ -87,12 +87,13 @@ def gguf_stop_ids(meta: dict[str, Any]) -> list[int] | None:
 
 def stop_ids(*values) -> list[int] | None:
     """Token ids (each an id, a list of ids or None) as one eos_token_id list, in order and
-    without repeats: the stop tokens a checkpoint names in more than one place."""
+    without repeats: the stop tokens a checkpoint names in more than one place. What is not
+    an id is left out."""
     ids: list[int] = []
     for v in values:
-        for t in v if isinstance(v, list) else [] if v is None else [v]:
-            if int(t) not in ids:
-                ids.append(int(t))
+        for t in v if isinstance(v, list) else [v]:
+            if isinstance(t, int) and not isinstance(t, bool) and t not in ids:
+                ids.append(t)
     return ids or None
 
 

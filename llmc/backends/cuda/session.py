@@ -414,7 +414,6 @@ class CudaSession:
 
     def _sampling_buffers(self):
         """Per-row parameters and the token ids, on the device, made on first use."""
-
         if self._sampling is None:
             b = self.limits.max_batch_size
             self._sampling = [self.mem.alloc(n * b, what) for n, what in (
