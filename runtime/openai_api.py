@@ -344,8 +344,9 @@ def _request(f: dict, prompts: list, chat: bool, logprobs: int | None, echo: boo
     if echo and (logprobs is not None or max_tokens == 0):
         prompt_logprobs = logprobs or 0
     structured, field = _structured(f)
-    if tools is not None and tools.constraint() is not None:
-        structured, field = tools.constraint(), "tool_choice"
+    constraint = tools.constraint() if tools is not None else None
+    if constraint is not None:
+        structured, field = constraint, "tool_choice"
     try:   # max_tokens is settled once the prompt's length is known (see sampling)
         params = SamplingParams.from_dict(
             {**{k: f[k] for k in names if k in f}, "stop": stop, "logprobs": logprobs,

@@ -135,7 +135,7 @@ class ToolStream:
     def __init__(self, choice: ToolChoice):
         self.choice = choice
         self.text = ""
-        self.sent = 0              # characters of text sent as content (or as arguments)
+        self.sent = 0              # characters of text sent as content
         self.holding = False       # a call may have begun at self.sent
         self.started = False       # the named call's first delta went out
 
@@ -146,7 +146,6 @@ class ToolStream:
         if c.mode == "named":
             if not piece:                  # (the arguments have not begun: reasoning first)
                 return {}
-            self.sent = len(self.text)
             if not self.started:
                 self.started = True
                 return {"tool_calls": [tool_call(c.name, piece, index=0)]}
