@@ -164,14 +164,38 @@ def session_options(command):
                         help="the engine's own backend; another is a clear error")(command)
 
 
-def open_runner(engine: Path, backend: str, gpu_memory_utilization: float):
+def speculative_option(command):
+    """--speculative-config, for the commands that generate (run, serve, bench)."""
+    def parse(_ctx, _param, value):
+        from llmc.runtime.speculative import SpeculativeConfig
+
+        return None if value is None else SpeculativeConfig.parse(value)
+
+    return click.option(
+        "--speculative-config", "speculative", default=None, metavar="JSON",
+        callback=parse,
+        help="speculative decoding by prompt lookup, as vLLM's option: "
+             "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+             "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (or just ngram). Each "
+             "decode step guesses up to num_speculative_tokens tokens a request from the "
+             "text so far and keeps those the model agrees with: the same output "
+             "distribution, faster where the output repeats its input (edits, extraction, "
+             "code)")(command)
+
+
+def open_runner(engine: Path, backend: str, gpu_memory_utilization: float, speculative=None):
     """A Runner for the engine with the session options that apply to its backend."""
     from llmc.engine_file import EngineFile
     from llmc.runtime.runner import Runner
 
     options = ({"gpu_memory_utilization": gpu_memory_utilization}
                if EngineFile(engine, verify=False).header.backend == "cuda" else {})
-    return Runner(engine, backend=backend, log=_log, **options)
+    runner = Runner(engine, backend=backend, log=_log, speculative=speculative, **options)
+    if speculative is not None:
+        _log(f"speculative decoding: {speculative.method}, up to "
+             f"{speculative.num_speculative_tokens} tokens a step (lookup of "
+             f"{speculative.prompt_lookup_min}-{speculative.prompt_lookup_max} tokens)")
+    return runner
 
 
 @cli.command()
@@ -209,10 +233,11 @@ def open_runner(engine: Path, backend: str, gpu_memory_utilization: float):
               help="the output is one of these strings (repeat the option)")
 @click.option("--grammar", "grammar_file", type=click.Path(path_type=Path), default=None,
               metavar="FILE", help="hold the output to a grammar, in Lark or GBNF")
+@speculative_option
 @session_options
 def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, stop, logprobs, system, seed,
-        chat, stream, as_json, json_schema, regex, choices, grammar_file, backend,
+        chat, stream, as_json, json_schema, regex, choices, grammar_file, speculative, backend,
         gpu_memory_utilization) -> None:
     """Generate text for one or more prompts; a speed summary goes to stderr.
 
@@ -239,7 +264,7 @@ def run(engine, prompts, prompts_file, max_new_tokens, temperature, top_k, top_p
                             structured_outputs=_structured(json_schema, regex, choices,
                                                            grammar_file))
     params.validate()
-    runner = open_runner(engine, backend, gpu_memory_utilization)
+    runner = open_runner(engine, backend, gpu_memory_utilization, speculative)
     system_turn = [{"role": "system", "content": system}] if system else []
     if not prompts:
         return _chat(runner, params, system_turn)
@@ -516,9 +541,10 @@ def _score_engine(file, windows, batch, backend, gpu_memory_utilization, quiet):
               help="chat replies' <think>...</think> reasoning goes to message.reasoning, "
                    "apart from the content (deepseek_r1 and qwen3, vLLM's names, are the same "
                    "parser here); auto: on when the chat template shows </think>; none: off")
+@speculative_option
 @session_options
 def serve(engine, host, port, api_key, max_queue, served_model_name, log_level,
-          generation_config, tool_call_parser, reasoning_parser, backend,
+          generation_config, tool_call_parser, reasoning_parser, speculative, backend,
           gpu_memory_utilization) -> None:
     """Serve an engine over the OpenAI API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics), tool calls and structured outputs included. SIGTERM
@@ -530,7 +556,7 @@ def serve(engine, host, port, api_key, max_queue, served_model_name, log_level,
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runner = open_runner(engine, backend, gpu_memory_utilization)
+    runner = open_runner(engine, backend, gpu_memory_utilization, speculative)
     name = served_model_name or Path(engine).stem
     server = OpenAIServer(runner, name, api_key=api_key, max_queue=max_queue,
                           tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
@@ -573,9 +599,10 @@ def serve(engine, host, port, api_key, max_queue, served_model_name, log_level,
               help="with --url: at most this many requests at once [default: no limit]")
 @click.option("--seed", default=0, show_default=True, help="for the dataset and arrivals")
 @click.option("--json", "as_json", is_flag=True, help="print the results as one JSON object")
+@speculative_option
 @session_options
 def bench(engine, url, model, api_key, num_requests, input_len, output_len, range_ratio,
-          dataset, request_rate, concurrency, seed, as_json, backend,
+          dataset, request_rate, concurrency, seed, as_json, speculative, backend,
           gpu_memory_utilization) -> None:
     """Measure throughput and latency: of ENGINE in this process, or of a server (--url).
     Reports requests/s, output and total tok/s, TTFT and TPOT (mean, p50, p90, p99)."""
@@ -585,10 +612,13 @@ def bench(engine, url, model, api_key, num_requests, input_len, output_len, rang
 
     if (engine is None) == (url is None):
         raise LlmcError("give an engine file or --url URL (not both)")
+    if url is not None and speculative is not None:
+        raise LlmcError("--speculative-config applies to an engine run here; with --url, "
+                        "give it to `llmc serve`")
     requests = b.from_jsonl(dataset, output_len, num_requests) if dataset else None
     runner = None
     if engine is not None:
-        runner = open_runner(engine, backend, gpu_memory_utilization)
+        runner = open_runner(engine, backend, gpu_memory_utilization, speculative)
         vocab = runner.engine.header.io.vocab_size
     else:
         _serve_extra("llmc bench --url", "openai")

@@ -181,6 +181,9 @@ def run_offline(runner, requests: list[BenchRequest], request_rate: float = math
             raise LlmcError(f"request {i}: {len(prompt)} prompt and {r.output_len} output "
                             f"tokens exceed the engine's max_seq_len ({limit}); shorten them")
     offsets = arrival_offsets(len(requests), request_rate, seed)
+    # The engine counts them before it hands out the step's outputs, so they are whole
+    # when the last request's callback runs.
+    spec_before = list(runner.engine.spec_counts)
     t0 = time.monotonic()
     for i, (prompt, r, offset) in enumerate(zip(prompts, requests, offsets)):
         if (wait := t0 + offset - time.monotonic()) > 0:
@@ -189,7 +192,14 @@ def run_offline(runner, requests: list[BenchRequest], request_rate: float = math
         params = SamplingParams(max_tokens=r.output_len, ignore_eos=True)
         runner.loop.submit(prompt, params, callback(i))
     done.wait()
-    return BenchResult(timings, time.monotonic() - t0, {"mode": "offline"})
+    duration = time.monotonic() - t0
+    meta = {"mode": "offline"}
+    drafts, guessed, kept = (a - b for a, b in zip(runner.engine.spec_counts, spec_before))
+    if drafts:
+        meta["spec_decode"] = {"drafts": drafts, "draft_tokens": guessed,
+                               "accepted_tokens": kept, "acceptance_rate": kept / guessed,
+                               "tokens_per_draft": 1 + kept / drafts}
+    return BenchResult(timings, duration, meta)
 
 
 # --- online: a server, through the OpenAI API -------------------------------------------------
@@ -273,6 +283,11 @@ def format_table(s: dict) -> str:
         d = s[key]
         lines.append(f"{name:>12}: " + " ".join(f"{ms(d, q):>9}"
                                                for q in ("mean", "p50", "p90", "p99")))
+    if s.get("spec_decode"):
+        d = s["spec_decode"]
+        lines.append(f"{'speculation':>12}: {d['accepted_tokens']} of {d['draft_tokens']} "
+                     f"guesses kept ({d['acceptance_rate']:.1%}), "
+                     f"{d['tokens_per_draft']:.2f} tokens a step that guessed")
     if s["first_error"]:
         lines.append(f"{'first error':>12}: {s['first_error']}")
     return "\n".join(lines)

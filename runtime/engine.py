@@ -11,6 +11,10 @@ settings are ones it supports, else on the host over the logits; a structured ou
 masks, computed meanwhile, banned in either place: runtime/structured.py), then appends tokens,
 checks stops and frees what finished. A request that fails (bad settings, a prompt that can
 never fit, a failing detokenizer) errors alone; the others go on.
+
+With `speculative`, a decoding request may bring guesses of its next tokens, each in a row
+of its own, and keep as many of the rows' sampled tokens as agree with them
+(runtime/speculative.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from llmc.runtime.kv_manager import KVCacheManager
 from llmc.runtime.request import Request, RequestOutput, Status
 from llmc.runtime.sampler import SamplingParams, sample_batch, token_logprobs
 from llmc.runtime.scheduler import Scheduler, StepPlan
+from llmc.runtime.speculative import NgramDrafter, SpeculativeConfig
 from llmc.runtime.structured import Grammars
 
 _REQUEST, _OUTPUT, _LAST = itemgetter(0), attrgetter("output_token_ids"), itemgetter(-1)
@@ -45,13 +50,20 @@ class EngineStats:
     prefix_cache_queries: int     # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int        # ... and found there
     preemptions: int
+    # speculative decoding (vLLM's spec_decode counters): request-steps that brought guesses,
+    # the guesses, and those the model's own tokens agreed with
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 class LLMEngine:
     def __init__(self, session, header, num_kv_blocks: int | None = None,
-                 enable_prefix_caching: bool = True, tokenizer=None):
+                 enable_prefix_caching: bool = True, tokenizer=None,
+                 speculative: SpeculativeConfig | None = None):
         """num_kv_blocks: the pool's size; default what the session holds (a GPU session
-        sizes it from memory) or, on the CPU, what the build limits can address."""
+        sizes it from memory) or, on the CPU, what the build limits can address.
+        speculative: guess tokens by prompt lookup and check them in the step."""
         from tokenizers import Tokenizer
 
         self.session = session
@@ -72,6 +84,9 @@ class LLMEngine:
         self.grammars = Grammars(header.tokenizer.json, header.io.vocab_size, self.eos_ids)
         # False: a step's masks are computed before it runs, not alongside (bench/structured.py)
         self.overlap_masks = True
+        self.speculative = speculative
+        self.spec_counts = [0, 0, 0]   # EngineStats' spec_drafts, _draft_tokens, _accepted
+        self._drafted: list[Request] = []   # the requests the last `_draft` gave guesses
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -120,7 +135,8 @@ class LLMEngine:
         pool, sched = self.kv.pool, self.scheduler
         return EngineStats(len(sched.waiting), len(sched.running),
                            pool.num_blocks - pool.num_free_blocks, pool.num_blocks,
-                           self.kv.prefix_queries, self.kv.prefix_hits, sched.num_preemptions)
+                           self.kv.prefix_queries, self.kv.prefix_hits, sched.num_preemptions,
+                           *self.spec_counts)
 
     def _tokens(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -173,12 +189,13 @@ class LLMEngine:
         """Run one engine step; returns the outputs of the requests that advanced, finished
         or failed since the last call."""
         outputs, self._pending = self._pending, []
+        if self.speculative is not None:
+            self._draft()
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             if not plan.preempted and (self.scheduler.waiting or self.scheduler.running):
                 self._unschedulable()
             return outputs
-        inputs = self._inputs(plan)
         rows = [r for r, _ in plan.scheduled]
         # Rows whose prompt is done sample; a prompt chunk with more to come does not (on
         # the host it must not even draw, or a seeded request's stream would depend on how
@@ -188,10 +205,23 @@ class LLMEngine:
         else:
             done = [r.num_computed_tokens + n >= r.num_tokens for r, n in plan.scheduled]
             scoring = self._scoring(plan)
-        tokens, logprobs = self._sample(inputs, rows, done, scoring)
+        spans = guessed = None
+        if self.scheduler.drafting:   # guesses: a row each (runtime/speculative.py)
+            inputs, spans = self._draft_inputs(plan)
+            rows, done, scoring, guessed = _expand(rows, done, scoring, spans)
+        else:
+            inputs = self._inputs(plan)
+        tokens, logprobs = self._sample(inputs, rows, done, scoring, guessed)
         self.scheduler.commit(plan, tokens)   # before the loop below may finish requests
         now = time.monotonic()
-        for row, (req, n) in enumerate(plan.scheduled):
+        for i, (req, n) in enumerate(plan.scheduled):
+            row = i if spans is None else spans[i]
+            if req.draft:
+                self._accept(req, tokens, logprobs, row, now)
+                out = self._output(req)
+                if out is not None:
+                    outputs.append(out)
+                continue
             req.num_computed_tokens += n
             if row in scoring:
                 req.prompt_logprobs.append(logprobs[row])
@@ -241,6 +271,82 @@ class LLMEngine:
         return contract.pack_arrays(ids, counts, first, self.kv.block_tables(rows),
                                     self.block_size)
 
+    def _draft(self) -> None:
+        """Guess the next tokens of the running requests that decode, as far as the step's
+        rows and tokens leave room, while no request waits to start (and no more than
+        disable_by_batch_size run)."""
+        sched, cfg, lim = self.scheduler, self.speculative, self.limits
+        for req in self._drafted:   # guesses a step did not take (its budget ran out)
+            req.draft = []
+        self._drafted = []
+        sched.drafting = False
+        if sched.waiting or not sched.running or (
+                cfg.disable_by_batch_size is not None
+                and len(sched.running) > cfg.disable_by_batch_size):
+            return
+        room = min(lim.max_batch_size, lim.max_num_tokens) - len(sched.running)
+        for req in sched.running:
+            if room <= 0:
+                break
+            if (req.matcher is not None or req.num_tokens - req.num_computed_tokens != 1
+                    or req.chunk_limit() is not None):
+                continue
+            # Past max_tokens or max_seq_len a guess could not be kept.
+            k = min(cfg.num_speculative_tokens, room,
+                    req.params.max_tokens - len(req.output_token_ids) - 1,
+                    lim.max_seq_len - req.num_tokens - 1)
+            if k < 1:
+                continue
+            if req.drafter is None:
+                req.drafter = NgramDrafter(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+            req.draft = req.drafter.propose(req.all_token_ids, k)
+            if req.draft:
+                room -= len(req.draft)
+                sched.drafting = True
+                self._drafted.append(req)
+
+    def _draft_inputs(self, plan: StepPlan) -> tuple[dict[str, np.ndarray], list[int]]:
+        """The step's inputs when requests bring guesses: such a request's last token and
+        each guess go in a row of one token of their own, at consecutive positions, with
+        the request's block table; every other request in a row as usual. Also each
+        request's first row."""
+        ids, counts, first, table_rows, spans = [], [], [], [], []
+        kv_rows = self.kv.rows_of([r for r, _ in plan.scheduled]).tolist()
+        for (req, n), kv_row in zip(plan.scheduled, kv_rows):
+            spans.append(len(counts))
+            start = req.num_computed_tokens
+            if req.draft:   # n = 1 + len(draft)
+                ids += [*req.tokens(start, 1), *req.draft]
+                counts += [1] * n
+                first += range(start, start + n)
+                table_rows += [kv_row] * n
+            else:
+                ids += req.tokens(start, n)
+                counts.append(n)
+                first.append(start)
+                table_rows.append(kv_row)
+        i32 = lambda x: np.asarray(x, np.int32)  # noqa: E731
+        return contract.pack_arrays(
+            i32(ids), i32(counts), i32(first),
+            self.kv.block_tables(np.asarray(table_rows, np.intp)), self.block_size), spans
+
+    def _accept(self, req: Request, tokens, logprobs, row: int, now: float) -> None:
+        """Keep the sampled tokens of a request's rows from `row` on while each agrees with
+        the guess fed to the next row, and the first that does not."""
+        draft, req.draft = req.draft, []
+        kept = 1
+        while kept <= len(draft) and int(tokens[row + kept - 1]) == draft[kept - 1]:
+            kept += 1
+        counts = self.spec_counts
+        counts[0] += 1
+        counts[1] += len(draft)
+        counts[2] += kept - 1
+        req.num_computed_tokens += kept   # the last token and the guesses kept: K/V that hold
+        for j in range(row, row + kept):
+            self._append(req, int(tokens[j]), logprobs[j] if logprobs else None, now)
+            if req.finished:   # a stop, or max_tokens, among the kept tokens
+                break
+
     def _scoring(self, plan: StepPlan) -> dict[int, tuple[int, int]]:
         """The rows whose logits score a prompt token this step: row -> (that token, the
         top-n asked). Their chunk ends right before the next token to score
@@ -259,9 +365,11 @@ class LLMEngine:
                 and len(req.prompt_logprobs) >= len(req.prompt_token_ids) - 1)
 
     def _sample(self, inputs, rows: list[Request], done: list[bool],
-                scoring: dict[int, tuple[int, int]]):
+                scoring: dict[int, tuple[int, int]], guessed: list[int] | None = None):
         """Token ids for every row (meaningful where done), and logprobs if any row asked:
-        of the sampled token where done, of the prompt token a scoring row scores."""
+        of the sampled token where done, of the prompt token a scoring row scores.
+        guessed: for each row, how many of its request's guesses come before its token
+        (that row samples the request's output token after them)."""
         params = [r.params for r in rows]
         which = [i for i, d in enumerate(done) if d]
         # A constrained row's mask depends only on the tokens it has: computed on a worker
@@ -284,7 +392,8 @@ class LLMEngine:
             tokens = self.session.step_sample(
                 inputs, [p.temperature for p in params], [p.top_k for p in params],
                 [p.top_p for p in params], [r.seed for r in rows],
-                [len(r.output_token_ids) for r in rows], allowed=allowed)
+                [len(r.output_token_ids) for r in rows] if guessed is None else
+                [len(r.output_token_ids) + g for r, g in zip(rows, guessed)], allowed=allowed)
             return tokens, None
         logits = self.session.step(inputs)
         tokens = np.zeros(len(rows), np.int32)
@@ -303,8 +412,11 @@ class LLMEngine:
         x = logits[which]   # a copy: the constraints mask it
         if constrained:
             self.grammars.apply(x, constrained, masks.result())
-        result = sample_batch(x, [r.params for r in sub], [r.rng for r in sub],
-                              [r.output_token_ids for r in sub],
+        outputs = [r.output_token_ids for r in sub]
+        if guessed is not None:   # penalties and min_tokens count the guesses before a row
+            outputs = [out + rows[i].draft[:guessed[i]] if guessed[i] else out
+                       for i, out in zip(which, outputs)]
+        result = sample_batch(x, [r.params for r in sub], [r.rng for r in sub], outputs,
                               [r.prompt_token_ids for r in sub], self.eos_ids)
         tokens[which] = result.tokens
         if result.logprobs is None:
@@ -387,3 +499,16 @@ class LLMEngine:
         req = self.requests.get(request_id)
         if req is not None and req.finished:
             del self.requests[request_id]
+
+
+def _expand(rows: list[Request], done: list[bool], scoring: dict, spans: list[int]):
+    """The per-request lists of a step as per-row ones, where a request with guesses has
+    a row for its last token and one for each guess (`spans`: each request's first row);
+    also each row's count of guesses before it."""
+    x_rows, x_done, guessed = [], [], []
+    for req, d in zip(rows, done):
+        n = 1 + len(req.draft)
+        x_rows += [req] * n
+        x_done += [d] * n
+        guessed += range(n)
+    return x_rows, x_done, {spans[i]: v for i, v in scoring.items()}, guessed

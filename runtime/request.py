@@ -46,6 +46,10 @@ class Request:
     stop_token_id: int | None = None     # the stop token that ended it (not in the output)
     matcher: Any = None                  # with params.structured_outputs: its llguidance matcher
     matching: bool = False               # the matcher holds the output (not while reasoning)
+    # Speculative decoding: this step's guesses of the next tokens, and what makes them
+    # (runtime/speculative.py's NgramDrafter)
+    draft: list[int] = field(default_factory=list)
+    drafter: Any = None
 
     @property
     def all_token_ids(self) -> "TokenIds":

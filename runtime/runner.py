@@ -25,6 +25,7 @@ from llmc.runtime.engine import LLMEngine
 from llmc.runtime.engine_loop import EngineLoop
 from llmc.runtime.request import RequestOutput
 from llmc.runtime.sampler import SamplingParams
+from llmc.runtime.speculative import SpeculativeConfig
 
 
 def open_session(engine: EngineFile, backend: str = "auto",
@@ -43,8 +44,13 @@ def open_session(engine: EngineFile, backend: str = "auto",
 
 class Runner:
     def __init__(self, engine_path: str | os.PathLike, backend: str = "auto",
-                 log: Callable[[str], None] | None = None, **session_options):
-        """session_options: for GPU backends, e.g. gpu_memory_utilization=0.9 (cuda)."""
+                 log: Callable[[str], None] | None = None,
+                 speculative: SpeculativeConfig | str | None = None, **session_options):
+        """speculative: speculative decoding by prompt lookup, a SpeculativeConfig or vLLM's
+        --speculative-config text ('{"method": "ngram", "num_speculative_tokens": 4}').
+        session_options: for GPU backends, e.g. gpu_memory_utilization=0.9 (cuda)."""
+        if isinstance(speculative, str):
+            speculative = SpeculativeConfig.parse(speculative)
         self.engine = EngineFile(engine_path)
         header = self.engine.header
         self.session = open_session(self.engine, backend, log, **session_options)
@@ -54,7 +60,8 @@ class Runner:
         self.tokenizer = Tokenizer.from_str(header.tokenizer.json)
         self.chat_template = header.tokenizer.chat_template
         self.eos_ids = header.tokenizer.eos_token_ids
-        self.engine = LLMEngine(self.session, header, tokenizer=self.tokenizer)
+        self.engine = LLMEngine(self.session, header, tokenizer=self.tokenizer,
+                                speculative=speculative)
         self.loop = EngineLoop(self.engine)   # one thread steps the engine for all callers
 
     def encode(self, prompt: str | list[dict], chat: bool = False,

@@ -16,6 +16,10 @@ tokens a step and skips the prefix cache while it scores: every prompt position'
 are needed, and a step returns those of a request's last token alone.
 
 A request that could never fit the cache is refused when it is added, alone.
+
+A request with guesses of its next tokens (`Request.draft`, speculative decoding) brings them
+too, as far as the budget and the pool allow; without room they are dropped, never a reason
+to preempt. Such steps are planned request by request.
 """
 
 from __future__ import annotations
@@ -108,6 +112,8 @@ class Scheduler:
         # Running requests that may still score their prompt (a chunk limit): while one does,
         # steps are planned request by request (the array path brings every remainder).
         self._scoring: set[Request] = set()
+        # Set by the engine before `schedule`: some running request has guesses.
+        self.drafting = False
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -251,6 +257,13 @@ class Scheduler:
                 continue                           # one (a status test: `in` is O(batch))
             n = min(req.num_tokens - req.num_computed_tokens, budget,
                     req.chunk_limit() or budget)
+            if req.draft:
+                del req.draft[budget - n:]   # the budget's room for guesses
+                if req.draft and self.kv.allocate_slots(req, n + len(req.draft)) is not None:
+                    plan.scheduled.append((req, n + len(req.draft)))
+                    budget -= n + len(req.draft)
+                    continue
+                req.draft = []
             while self.kv.allocate_slots(req, n) is None:
                 victim = self._victim()
                 self._preempt(victim, plan)
@@ -289,7 +302,7 @@ class Scheduler:
         ahead, self._ahead = self._ahead, None
         if known is None:
             table = ahead = None
-        if not usable:
+        if not usable or self.drafting:
             return None
         if self._scoring:   # requests that still score their prompt: planned by the loop
             self._scoring = {r for r in self._scoring if r.chunk_limit() is not None}

@@ -93,6 +93,12 @@ class _EngineCollector:
                      else 0.0)
         yield _counter("llmc_num_preemptions", "requests preempted (recomputed later) for "
                        "want of KV blocks", s.preemptions)
+        yield _counter("llmc_spec_decode_num_drafts", "speculative decoding: request-steps "
+                       "that brought guessed tokens", s.spec_drafts)
+        yield _counter("llmc_spec_decode_num_draft_tokens", "speculative decoding: tokens "
+                       "guessed", s.spec_draft_tokens)
+        yield _counter("llmc_spec_decode_num_accepted_tokens", "speculative decoding: guessed "
+                       "tokens the model's own agreed with (kept)", s.spec_accepted_tokens)
 
 
 def _gauge(name, doc, value):

@@ -56,15 +56,16 @@ def wait_idle(url: str, timeout: float = 30) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def serving(engine, name: str = "bytes", **options):
-    """A Runner of `engine` behind the real server on a loopback port, with the openai client
-    (the test skips without the serve extra); options go to OpenAIServer."""
+def serving(engine, name: str = "bytes", runner_options: dict | None = None, **options):
+    """A Runner of `engine` (with runner_options) behind the real server on a loopback port,
+    with the openai client (the test skips without the serve extra); options go to
+    OpenAIServer."""
     openai = pytest.importorskip("openai")
     pytest.importorskip("uvicorn", reason="llmc serve needs the serve extra")
     from llmc.runtime.runner import Runner
     from llmc.runtime.server import OpenAIServer
 
-    runner = Runner(engine)
+    runner = Runner(engine, **(runner_options or {}))
     try:
         server = OpenAIServer(runner, name, **options)
         with server.running() as url:

@@ -184,9 +184,12 @@ def test_smollm2_structured_output_on_the_gpu(smollm2_engines, smollm2_engine):
     assert mixed == [alone[0], want.token_ids, alone[1], alone[2]]
 
 
-def _generate_on_gpu(path, requests, on_device=True) -> list[list[int]]:
+def _generate_on_gpu(path, requests, on_device=True, speculative=None,
+                     stats: dict | None = None) -> list[list[int]]:
     """Each (prompt, params) request's tokens from a cuda engine, run together; on_device:
-    constrained rows banned on the GPU, the test failing if logits go to the host."""
+    constrained rows banned on the GPU, the test failing if logits go to the host.
+    speculative: the engine's SpeculativeConfig; stats: a dict to receive the steps taken
+    and the engine's EngineStats."""
     from llmc.runtime.engine import LLMEngine
     from llmc.runtime.runner import open_session
 
@@ -197,13 +200,17 @@ def _generate_on_gpu(path, requests, on_device=True) -> list[list[int]]:
     steps = session.step
     session.step = lambda inputs: steps(inputs) if not on_device else pytest.fail(
         "the logits went to the host")
-    llm = LLMEngine(session, engine.header)
+    llm = LLMEngine(session, engine.header, speculative=speculative)
     ids = [llm.add_request(p, params) for p, params in requests]
     tokens = {rid: [] for rid in ids}
+    taken = 0
     while llm.has_unfinished():
+        taken += 1
         for out in llm.step():
             tokens[out.request_id] += out.token_ids
     session.close()
+    if stats is not None:
+        stats.update(steps=taken, engine=llm.stats())
     return [tokens[rid] for rid in ids]
 
 
@@ -229,6 +236,38 @@ def test_smollm2_constraint_after_its_token_on_the_gpu(smollm2_engines, smollm2_
     assert got[:k + 1] == ids[:k + 1] and shared == alone
     assert reference.tokenizer.decode(got[k + 1:]) in ("Lyon", "Nice")
     reference.close()
+
+
+def test_smollm2_speculative_decoding_on_the_gpu(smollm2_engines, smollm2_engine):
+    """Prompt lookup on the cuda engine: a request's guesses go in one-token rows that share
+    its block table (a graphed decode step), sampled on the device. Greedy and seeded
+    sampling write the tokens of plain decoding in fewer steps, and a request sharing the
+    steps writes what it writes without speculation. (The seeded request keeps to a top-k of
+    5: over a whole vocabulary at temperature 1, the last bits of logits computed in a batch
+    of another shape move the draw's landing place in the tail, to a neighbouring token id.)"""
+    from llmc.runtime.runner import Runner
+    from llmc.runtime.sampler import SamplingParams
+    from llmc.runtime.speculative import SpeculativeConfig
+
+    reference = Runner(smollm2_engine)
+    prompt = reference.encode(
+        "Repeat this sentence exactly: The old lighthouse keeper climbed the spiral stairs "
+        "every evening, lit the great lamp, and watched the ships pass safely through the "
+        "narrow channel.", chat=True)
+    other = reference.encode(PROMPTS[1])
+    reference.close()
+    path = smollm2_engines["fp16"]
+    greedy = SamplingParams(max_tokens=40, ignore_eos=True)
+    short = SamplingParams(max_tokens=8, ignore_eos=True)   # the copy sets the steps
+    seeded = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.7, top_k=5, seed=5)
+    for params in (greedy, seeded):
+        plain, spec = {}, {}
+        want = _generate_on_gpu(path, [(prompt, params), (other, short)], stats=plain)
+        got = _generate_on_gpu(path, [(prompt, params), (other, short)],
+                               speculative=SpeculativeConfig(), stats=spec)
+        assert got == want
+        assert spec["engine"].spec_accepted_tokens > 10 and spec["steps"] < plain["steps"], (
+            spec, plain["steps"])
 
 
 @pytest.mark.slow
