@@ -17,13 +17,13 @@ are found) and two that write freely (where few are).
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
+
+from engine_session import open_engine, parser
 
 from llmc.engine_file import EngineFile
 from llmc.runtime.engine import LLMEngine
-from llmc.runtime.runner import open_session, render_chat
+from llmc.runtime.runner import render_chat
 from llmc.runtime.sampler import SamplingParams
 from llmc.runtime.speculative import SpeculativeConfig
 
@@ -50,17 +50,11 @@ TASKS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("engine", type=Path)
+    ap = parser(__doc__)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--k", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     args = ap.parse_args()
-
-    file = EngineFile(args.engine)
-    options = ({"gpu_memory_utilization": args.gpu_memory_utilization}
-               if file.header.backend == "cuda" else {})
-    session = open_session(file, **options)
+    file, session = open_engine(args)
     prompts = {name: _chat(file, text) for name, text in TASKS.items()}
     params = SamplingParams(max_tokens=args.tokens)
     configs = [None] + [SpeculativeConfig(num_speculative_tokens=k) for k in args.k]

@@ -197,6 +197,11 @@ class LLMEngine:
                 self._unschedulable()
             return outputs
         rows = [r for r, _ in plan.scheduled]
+        spans = guessed = None   # without rows of their own: request i is row i
+        if self.scheduler.drafting or plan.split:   # guesses, a prompt scored: a row a token
+            inputs, spans = self._row_inputs(plan)
+        else:
+            inputs = self._inputs(plan)
         # Rows whose prompt is done sample; a prompt chunk with more to come does not (on
         # the host it must not even draw, or a seeded request's stream would depend on how
         # its prompt was chunked, i.e. on what else ran).
@@ -204,13 +209,9 @@ class LLMEngine:
             done, scoring = [True] * len(rows), {}
         else:
             done = [r.num_computed_tokens + n >= r.num_tokens for r, n in plan.scheduled]
-            scoring = self._scoring(plan)
-        spans = guessed = None
-        if self.scheduler.drafting:   # guesses: a row each (runtime/speculative.py)
-            inputs, spans = self._draft_inputs(plan)
-            rows, done, scoring, guessed = _expand(rows, done, scoring, spans)
-        else:
-            inputs = self._inputs(plan)
+            scoring = self._scoring(plan, spans)
+        if spans is not None:
+            rows, done, guessed = _expand(plan, done)
         tokens, logprobs = self._sample(inputs, rows, done, scoring, guessed)
         self.scheduler.commit(plan, tokens)   # before the loop below may finish requests
         now = time.monotonic()
@@ -223,12 +224,15 @@ class LLMEngine:
                     outputs.append(out)
                 continue
             req.num_computed_tokens += n
-            if row in scoring:
-                req.prompt_logprobs.append(logprobs[row])
+            last = row if spans is None or req not in plan.split else row + n - 1
+            if scoring and (scores := [logprobs[r] for r in range(row, last + 1)
+                                       if r in scoring]):
+                req.prompt_logprobs += scores
                 if self._scored_only(req):
                     self._finish(req, "length")
                     outputs.append(self._pending.pop())
-                continue
+                    continue
+            row = last   # a split prompt's last row may sample: its last prompt token
             if not done[row]:
                 continue
             if req.matcher is not None and not req.matching:   # reasoning, unconstrained
@@ -305,18 +309,18 @@ class LLMEngine:
                 sched.drafting = True
                 self._drafted.append(req)
 
-    def _draft_inputs(self, plan: StepPlan) -> tuple[dict[str, np.ndarray], list[int]]:
-        """The step's inputs when requests bring guesses: such a request's last token and
-        each guess go in a row of one token of their own, at consecutive positions, with
-        the request's block table; every other request in a row as usual. Also each
-        request's first row."""
+    def _row_inputs(self, plan: StepPlan) -> tuple[dict[str, np.ndarray], list[int]]:
+        """The step's inputs when requests bring guesses or a prompt to score: such a
+        request's tokens (its last token and each guess; its prompt tokens) go in rows of
+        one token of their own, at consecutive positions, with the request's block table;
+        every other request in a row as usual. Also each request's first row."""
         ids, counts, first, table_rows, spans = [], [], [], [], []
         kv_rows = self.kv.rows_of([r for r, _ in plan.scheduled]).tolist()
         for (req, n), kv_row in zip(plan.scheduled, kv_rows):
             spans.append(len(counts))
             start = req.num_computed_tokens
-            if req.draft:   # n = 1 + len(draft)
-                ids += [*req.tokens(start, 1), *req.draft]
+            if req.draft or req in plan.split:   # with guesses, n = 1 + len(draft)
+                ids += [*req.tokens(start, 1), *req.draft] if req.draft else req.tokens(start, n)
                 counts += [1] * n
                 first += range(start, start + n)
                 table_rows += [kv_row] * n
@@ -347,16 +351,23 @@ class LLMEngine:
             if req.finished:   # a stop, or max_tokens, among the kept tokens
                 break
 
-    def _scoring(self, plan: StepPlan) -> dict[int, tuple[int, int]]:
+    def _scoring(self, plan: StepPlan, spans: list[int] | None
+                 ) -> dict[int, tuple[int, int]]:
         """The rows whose logits score a prompt token this step: row -> (that token, the
-        top-n asked). Their chunk ends right before the next token to score
-        (Request.chunk_limit)."""
+        top-n asked). A chunk ends right before the next token to score
+        (Request.chunk_limit), or its tokens have rows of their own (`plan.split`), each
+        scoring the next. spans: each request's first row, when not its index."""
         out = {}
-        for row, (req, n) in enumerate(plan.scheduled):
-            if req.prompt_logprobs is not None:
-                at = req.num_computed_tokens + n   # the token after the chunk's last
-                if at == len(req.prompt_logprobs) + 1 and at < len(req.prompt_token_ids):
-                    out[row] = (req.prompt_token_ids[at], req.params.prompt_logprobs)
+        for i, (req, n) in enumerate(plan.scheduled):
+            scored = req.prompt_logprobs
+            if scored is None:
+                continue
+            row = i if spans is None else spans[i]
+            start = req.num_computed_tokens
+            ends = range(start + 1, start + n + 1) if req in plan.split else (start + n,)
+            for j, at in enumerate(ends):   # the token after a row's last
+                if at == len(scored) + 1 + j and at < len(req.prompt_token_ids):
+                    out[row + j] = (req.prompt_token_ids[at], req.params.prompt_logprobs)
         return out
 
     def _scored_only(self, req: Request) -> bool:
@@ -501,14 +512,22 @@ class LLMEngine:
             del self.requests[request_id]
 
 
-def _expand(rows: list[Request], done: list[bool], scoring: dict, spans: list[int]):
-    """The per-request lists of a step as per-row ones, where a request with guesses has
-    a row for its last token and one for each guess (`spans`: each request's first row);
-    also each row's count of guesses before it."""
+def _expand(plan: StepPlan, done: list[bool]):
+    """A step's requests and their `done` as rows (`_row_inputs`'): a request with guesses
+    has a row for its last token and one for each guess, all sampling; a split prompt a row
+    a token, the last prompt token's sampling. Also each row's count of guesses before it."""
     x_rows, x_done, guessed = [], [], []
-    for req, d in zip(rows, done):
-        n = 1 + len(req.draft)
+    for (req, n), d in zip(plan.scheduled, done):
+        if req.draft:
+            x_done += [d] * n
+            guessed += range(n)
+        elif req in plan.split:
+            start = req.num_computed_tokens
+            x_done += [start + j + 1 >= req.num_tokens for j in range(n)]
+            guessed += [0] * n
+        else:
+            n = 1
+            x_done.append(d)
+            guessed.append(0)
         x_rows += [req] * n
-        x_done += [d] * n
-        guessed += range(n)
-    return x_rows, x_done, {spans[i]: v for i, v in scoring.items()}, guessed
+    return x_rows, x_done, guessed

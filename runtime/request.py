@@ -65,10 +65,11 @@ class Request:
                 + self.output_token_ids[:max(0, start + n - p)])
 
     def chunk_limit(self) -> int | None:
-        """The most new tokens the next step may bring this request, or None for no limit.
-        A step returns the logits of a request's last new token alone, so while its prompt is
-        scored a chunk must end where those logits score the next prompt token: one token a
-        step, or after a preemption, the recomputed part in one chunk."""
+        """The most new tokens the next step may bring this request in one sequence, or None
+        for no limit. A step returns the logits of a sequence's last new token alone, so
+        while its prompt is scored a chunk must end where those logits score the next prompt
+        token: one token (the scheduler then gives it more, a row each: StepPlan.split), or
+        after a preemption, the recomputed part in one chunk."""
         scored = self.prompt_logprobs
         if scored is None or len(scored) >= len(self.prompt_token_ids) - 1:
             return None

@@ -48,8 +48,8 @@ class SamplingParams:
                         with structured_outputs, of the logits its mask leaves)
     prompt_logprobs     None, or n in 0..20: the same for every prompt token after the first
                         (vLLM's prompt_logprobs; what lm-evaluation-harness scores with). The
-                        prompt then runs a token a step, each step's logits scoring the next
-                        prompt token, and skips the prefix cache
+                        prompt's tokens then go in rows of their own, each row's logits
+                        scoring the next prompt token, and it skips the prefix cache
     structured_outputs  None, or a StructuredOutputsParams (a dict of its fields is taken
                         too): the output is held to a JSON schema, a regex, a list of choices
                         or a grammar (runtime/structured.py); it ends when that is complete

@@ -11,9 +11,12 @@ what the budget leaves, a running request one token a step. Order:
 2. waiting requests by (priority, arrival), while there are blocks, budget and batch rows:
    a prompt whose leading full blocks are in the prefix cache skips their prefill.
 
-A request that scores its prompt (prompt_logprobs) brings at most `Request.chunk_limit()`
-tokens a step and skips the prefix cache while it scores: every prompt position's logits
-are needed, and a step returns those of a request's last token alone.
+A request that scores its prompt (prompt_logprobs) skips the prefix cache while it scores:
+every prompt position's logits are needed, and a step returns those of a sequence's last
+token alone. So it brings its prompt tokens in one-token rows of their own that share its
+block table (`StepPlan.split`), each row's logits scoring the next prompt token: as many as
+the step's rows leave after one for every running and waiting request, at least one. After
+a preemption, the part already scored comes back in one chunk (`Request.chunk_limit`).
 
 A request that could never fit the cache is refused when it is added, alone.
 
@@ -61,6 +64,10 @@ class StepPlan:
     # scheduler's own copy, which it writes again at its next plan.
     tables: np.ndarray | None = None
     serial: int = -1   # the scheduler's `_serial` when the plan was made (see `commit`)
+    # Requests whose n new tokens go in n one-token rows (a prompt being scored) -> n, and
+    # the rows the step has beyond one a request (these and requests' guesses).
+    split: dict = field(default_factory=dict)
+    extra_rows: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -222,12 +229,15 @@ class Scheduler:
         self.waiting.sort(key=lambda r: (r.priority, r.arrival_time))
         if isinstance(plan.scheduled, tuple):   # the kept decode list
             plan.scheduled = list(plan.scheduled)
-        while self.waiting and budget and len(self.running) < self.limits.max_batch_size:
+        while (self.waiting and budget
+               and len(self.running) + plan.extra_rows < self.limits.max_batch_size):
             req = self.waiting[0]
             limit = req.chunk_limit()
             computed, num_cached = (self.kv.get_computed_blocks(req) if limit is None
                                     else ([], 0))
             n = min(req.num_tokens - num_cached, budget, limit or budget)
+            if limit == 1:   # (its own row is counted among the waiting)
+                n = self._score_rows(req, budget, plan.extra_rows)
             if self.kv.allocate_slots(req, n, computed) is None:
                 break
             self.waiting.pop(0)
@@ -240,6 +250,9 @@ class Scheduler:
                 self._scoring.add(req)
             self._changed()
             plan.scheduled.append((req, n))
+            if limit == 1 and n > 1:
+                plan.split[req] = n
+                plan.extra_rows += n - 1
             plan.arrays = plan.last_tokens = plan.context_lens = plan.longest = None
             plan.tables = None
             budget -= n
@@ -255,15 +268,25 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:   # preempted below to make room for an older
                 continue                           # one (a status test: `in` is O(batch))
-            n = min(req.num_tokens - req.num_computed_tokens, budget,
-                    req.chunk_limit() or budget)
-            if req.draft:
-                del req.draft[budget - n:]   # the budget's room for guesses
+            limit = req.chunk_limit()
+            n = min(req.num_tokens - req.num_computed_tokens, budget, limit or budget)
+            if req.draft:   # as many guesses as the budget and the rows leave
+                rows = self.limits.max_batch_size - len(self.running) - plan.extra_rows
+                del req.draft[max(0, min(budget - n, rows)):]
                 if req.draft and self.kv.allocate_slots(req, n + len(req.draft)) is not None:
                     plan.scheduled.append((req, n + len(req.draft)))
+                    plan.extra_rows += len(req.draft)
                     budget -= n + len(req.draft)
                     continue
                 req.draft = []
+            elif limit == 1:   # scoring its prompt: a row a token, if there is room
+                m = self._score_rows(req, budget, plan.extra_rows)
+                if m > 1 and self.kv.allocate_slots(req, m) is not None:
+                    plan.scheduled.append((req, m))
+                    plan.split[req] = m
+                    plan.extra_rows += m - 1
+                    budget -= m
+                    continue
             while self.kv.allocate_slots(req, n) is None:
                 victim = self._victim()
                 self._preempt(victim, plan)
@@ -367,6 +390,12 @@ class Scheduler:
         plan.serial = self._serial
         return self.limits.max_num_tokens - used
 
+    def _score_rows(self, req: Request, budget: int, extra: int) -> int:
+        """The tokens a request that scores its prompt may bring as one-token rows: one row
+        for every running and waiting request first (a waiting one: itself too)."""
+        rows = self.limits.max_batch_size - len(self.running) - len(self.waiting) - extra
+        return min(req.num_tokens - req.num_computed_tokens, budget, 1 + max(0, rows))
+
     def _victim(self) -> Request:
         return max(self.running, key=lambda r: (r.priority, r.arrival_time))
 
@@ -382,3 +411,4 @@ class Scheduler:
         self.waiting.insert(0, req)
         plan.preempted.append(req)
         plan.scheduled = [(r, n) for r, n in plan.scheduled if r is not req]
+        plan.split.pop(req, None)

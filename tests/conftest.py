@@ -189,6 +189,24 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_engine(tiny_models, tmp_path_factory):
+    """engine(limits) -> the tiny GQA Llama's fp32 reference engine with those BuildLimits,
+    built once a session for each: the runtime tests' engine."""
+    from llmc.build import BuildOptions, build
+
+    built = {}
+
+    def engine(limits):
+        if limits not in built:
+            out = tmp_path_factory.mktemp("llama-gqa-engine") / "tiny.engine"
+            build(BuildOptions(tiny_models["llama-gqa"][0], out, backend="reference",
+                               dtype="fp32", limits=limits), log=lambda _: None)
+            built[limits] = out
+        return built[limits]
+    return engine
+
+
+@pytest.fixture(scope="session")
 def make_tiny():
     """make_tiny_model, for a test that needs its own variant (a config field changed)."""
     return make_tiny_model

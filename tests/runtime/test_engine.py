@@ -9,7 +9,6 @@ import threading
 import numpy as np
 import pytest
 
-from llmc.build import BuildOptions, build
 from llmc.engine_file import EngineFile
 from llmc.limits import BuildLimits
 from llmc.runtime.engine import LLMEngine
@@ -20,11 +19,8 @@ LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=24, max_seq_len=64, kv_blo
 
 
 @pytest.fixture(scope="module")
-def engine_file(tiny_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engine") / "tiny.engine"
-    build(BuildOptions(tiny_models["llama-gqa"][0], out, backend="reference", dtype="fp32",
-                       limits=LIMITS), log=lambda _: None)
-    return out
+def engine_file(tiny_llama_engine):
+    return tiny_llama_engine(LIMITS)
 
 
 def _engine(path, **kw) -> LLMEngine:

@@ -27,12 +27,8 @@ LENGTHS = (1, 2, 8, 13, 30)
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models, tmp_path_factory):
-    folder, model = tiny_models["llama-gqa"]
-    out = tmp_path_factory.mktemp("engine") / "tiny.engine"
-    build(BuildOptions(folder, out, backend="reference", dtype="fp32", limits=LIMITS),
-          log=lambda _: None)
-    return out, model
+def llama(tiny_models, tiny_llama_engine):
+    return tiny_llama_engine(LIMITS), tiny_models["llama-gqa"][1]
 
 
 def _engine(path, **kw) -> LLMEngine:
@@ -122,22 +118,28 @@ def test_prompt_scoring_through_preemption_and_the_prefix_cache(llama):
     assert engine.kv.pool.num_free_blocks == 12
 
 
-def test_a_scoring_request_runs_a_prompt_token_a_step(llama):
-    """A step returns one row of logits a request, so the prompt goes one token a step; the
-    request that generates only takes its prompt in one chunk beside it."""
+def test_a_scoring_request_brings_its_prompt_a_row_a_token(llama):
+    """A step returns one row of logits a sequence, so a scored prompt's tokens go in rows
+    of their own, as many as the batch's rows leave (max_batch_size 4): beside a request
+    that waits, 3 (one row kept for it), then 4, then the last 3."""
     path, _ = llama
     engine = _engine(path)
     a = engine.add_request(list(range(3, 13)), SamplingParams(max_tokens=0, prompt_logprobs=0))
     b = engine.add_request(list(range(3, 13)), SamplingParams(max_tokens=1))
     plan = engine.scheduler.schedule()
-    assert [(r.request_id, n) for r, n in plan.scheduled] == [(a, 1), (b, 10)]
+    assert [(r.request_id, n) for r, n in plan.scheduled] == [(a, 3), (b, 10)]
+    assert list(plan.split.values()) == [3] and plan.extra_rows == 2
+    engine = _engine(path)
+    a = engine.add_request(list(range(3, 13)), SamplingParams(max_tokens=0, prompt_logprobs=0))
+    b = engine.add_request(list(range(3, 13)), SamplingParams(max_tokens=1))
     steps = 0
     while engine.has_unfinished():
         steps += 1
         for o in engine.step():
             if o.request_id == a and o.finished:
                 assert o.prompt_logprobs[1][1] == []   # top-0: the token's own logprob only
-    assert steps == 9   # tokens 0..8 fed, each scoring the next; token 9 is never fed
+                assert len(o.prompt_logprobs) == 10
+    assert steps == 3   # tokens 0-2, 3-6, 7-9 (9 fed to no use: max_tokens 0)
 
 
 def test_prompt_logprobs_settings_are_checked():

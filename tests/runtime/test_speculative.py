@@ -9,7 +9,6 @@ import re
 import numpy as np
 import pytest
 
-from llmc.build import BuildOptions, build
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
@@ -87,11 +86,8 @@ def test_config_errors_name_the_field(text, message):
 # --- the engine -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def engine_file(tiny_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("spec") / "tiny.engine"
-    build(BuildOptions(tiny_models["llama-gqa"][0], out, backend="reference", dtype="fp32",
-                       limits=LIMITS), log=lambda _: None)
-    return out
+def engine_file(tiny_llama_engine):
+    return tiny_llama_engine(LIMITS)
 
 
 def _engine(path, **kw) -> LLMEngine:
@@ -224,6 +220,33 @@ def test_preemption_and_prefix_hits_keep_the_outputs(engine_file):
     solo = [_run(_engine(engine_file, enable_prefix_caching=False), [p], params)[0][0]
             for p in prompts]
     assert spec == solo
+
+
+def test_prompts_scored_beside_requests_that_guess(engine_file):
+    """Prompt logprobs (a prompt's tokens in rows of their own) and guesses in the same
+    steps: the same scores and tokens as without speculation."""
+    prompts = _prompts(21, 6)
+    params = [SamplingParams(max_tokens=16, ignore_eos=True,
+                             prompt_logprobs=2 if i % 2 else None) for i in range(6)]
+
+    def run(spec):
+        engine = _engine(engine_file, speculative=spec)
+        ids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
+        got = {rid: [[], None] for rid in ids}
+        while engine.has_unfinished():
+            for out in engine.step():
+                got[out.request_id][0] += out.token_ids
+                if out.prompt_logprobs is not None:
+                    got[out.request_id][1] = out.prompt_logprobs
+        return [got[r] for r in ids], engine.stats()
+    (plain, _), (spec, stats) = run(None), run(SPEC)
+    assert stats.spec_accepted_tokens > 0
+    for (t1, s1), (t2, s2) in zip(plain, spec):
+        assert t1 == t2 and (s1 is None) == (s2 is None)
+        if s1 is not None:
+            assert len(s1) == len(s2)
+            np.testing.assert_allclose([e[0] for e in s1[1:]], [e[0] for e in s2[1:]],
+                                       atol=1e-4)
 
 
 def test_structured_requests_do_not_guess(engine_file):
