@@ -86,9 +86,12 @@ class OpenAIServer:
         # a constraint starts after the reasoning where </think> is a token of its own
         self.think_end = runner.tokenizer.token_to_id(reasoning.CLOSE) if self.thinks else None
         # structured outputs: llguidance's view of the tokenizer takes ~0.2 s (49k vocab),
-        # which the first constrained request would otherwise spend on the engine's thread
-        threading.Thread(target=runner.engine.grammars.warm, name="llmc-grammar-warm",
-                         daemon=True).start()
+        # which the first constrained request would otherwise spend on the engine's thread.
+        # Started once the socket listens, and waited for before returning: a process that
+        # exits while it runs in llguidance's native code may crash at exit (seen as a
+        # SIGSEGV after a failed bind, about one start in 30 on a loaded machine).
+        self._warm = threading.Thread(target=runner.engine.grammars.warm,
+                                      name="llmc-grammar-warm", daemon=True)
         self.app = Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -474,9 +477,17 @@ class OpenAIServer:
         sock = bind(host, port)
         server = _Uvicorn(self, uvicorn.Config(self, log_level=log_level, access_log=False,
                                                lifespan="off"))
-        if on_ready:
-            on_ready(url_of(sock))
-        server.run(sockets=[sock])
+        self._start_warm()
+        try:
+            if on_ready:
+                on_ready(url_of(sock))
+            server.run(sockets=[sock])
+        finally:
+            self._warm.join()
+
+    def _start_warm(self) -> None:
+        if self._warm.ident is None:   # a thread starts once: a server run again skips it
+            self._warm.start()
 
     @contextlib.contextmanager
     def running(self, host: str = "127.0.0.1", port: int = 0):
@@ -487,6 +498,7 @@ class OpenAIServer:
                                                lifespan="off"))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
                                   name="llmc-serve", daemon=True)
+        self._start_warm()
         thread.start()
         while not server.started and thread.is_alive():
             time.sleep(0.01)
@@ -495,6 +507,7 @@ class OpenAIServer:
         finally:
             server.should_exit = True
             thread.join()
+            self._warm.join()
 
 
 class _Uvicorn(uvicorn.Server):
