@@ -524,10 +524,11 @@ def _score_engine(file, windows, batch, backend, gpu_memory_utilization, quiet):
               type=click.Choice(["debug", "info", "warning", "error"]),
               help="info: one line per request")
 @click.option("--tool-call-parser", default="auto", show_default=True,
-              type=click.Choice(["auto", "hermes", "llama3_json", "none"]),
+              type=click.Choice(["auto", "hermes", "llama3_json", "mistral", "none"]),
               help="the syntax of the model's own tool calls, which tool_choice \"auto\" "
                    "parses out of its replies: hermes (<tool_call>{...}</tool_call>: Qwen2.5, "
-                   "Qwen3, Hermes), llama3_json (Llama 3.1-3.3); auto: the one the chat "
+                   "Qwen3, Hermes), llama3_json (Llama 3.1-3.3), mistral ([TOOL_CALLS]...: "
+                   "Mistral, Mixtral, Nemo, Small, Devstral); auto: the one the chat "
                    "template shows; none: \"auto\" is refused (\"required\" and named tools "
                    "work with any model)")
 @click.option("--generation-config", default="auto", show_default=True,

@@ -181,7 +181,8 @@ class LLMEngine:
     def _detokenizer(self, req: Request):
         from llmc.runtime.detokenizer import IncrementalDetokenizer
 
-        return IncrementalDetokenizer(self.tokenizer, req.params.stop)
+        return IncrementalDetokenizer(self.tokenizer, req.params.stop,
+                                      req.params.skip_special_tokens)
 
     # --- one step ------------------------------------------------------------------------------
 

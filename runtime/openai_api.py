@@ -6,7 +6,8 @@
 
 Requests are checked as OpenAI checks them: an unknown field, a wrong type or a value out
 of range is a 400 naming the field (OpenAI refuses unknown fields too; vLLM's extensions
-top_k, min_p, repetition_penalty, min_tokens, ignore_eos and stop_token_ids are known).
+top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids and
+skip_special_tokens are known).
 Fields that change nothing here (user, metadata, ...) are accepted; a field asking for what
 llmc does not do (suffix) is a 400 that says so. `n` samples a prompt and a batch of prompts
 (completions) give a choice each, indexed prompt-major as OpenAI indexes them.
@@ -106,6 +107,7 @@ COMMON = {
     # vLLM's extensions
     "top_k": INT, "min_p": NUM, "repetition_penalty": NUM, "min_tokens": INT,
     "ignore_eos": BOOL, "stop_token_ids": INTS, "structured_outputs": OBJ,
+    "skip_special_tokens": BOOL,
     # OpenAI's on chat; vLLM takes it on completions too
     "response_format": OBJ,
 }
@@ -337,13 +339,15 @@ def _request(f: dict, prompts: list, chat: bool, logprobs: int | None, echo: boo
     f.setdefault("temperature", 1.0)   # the API's default (llmc run's is greedy)
     names = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k",
              "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-             "logit_bias")
+             "logit_bias", "skip_special_tokens")
     # echo with logprobs scores the prompt; so does echo with max_tokens 0 (top-0), the one
     # kind of request SamplingParams lets generate nothing
     prompt_logprobs = None
     if echo and (logprobs is not None or max_tokens == 0):
         prompt_logprobs = logprobs or 0
     structured, field = _structured(f)
+    if tools is not None and tools.keeps_special_tokens:   # the calls' marker is one
+        f["skip_special_tokens"] = False
     constraint = tools.constraint() if tools is not None else None
     if constraint is not None:
         structured, field = constraint, "tool_choice"

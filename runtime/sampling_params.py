@@ -55,6 +55,8 @@ class SamplingParams:
                         or a grammar (runtime/structured.py); it ends when that is complete
     structured_after    None, or a token id: the constraint holds only after this token is
                         sampled (a thinking model's </think>: it reasons freely first)
+    skip_special_tokens False: the text keeps the special tokens the model writes (vLLM's;
+                        stop tokens are left out either way)
 
     Only temperature, top_k and top_p may be given positionally.
     """
@@ -78,6 +80,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     structured_outputs: StructuredOutputsParams | None = None
     structured_after: int | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         # Lists become tuples (hashable, immutable); anything else is left for validate().
@@ -163,8 +166,9 @@ class SamplingParams:
                 and math.isfinite(e[1]) and -100 <= e[1] <= 100 for e in self.logit_bias):
             raise LlmcError(f"logit_bias must map token ids (integers >= 0) to biases in "
                             f"[-100, 100], got {self.logit_bias!r}")
-        if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            raise LlmcError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise LlmcError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _integer(getattr(self, name), name, lambda v: 0 <= v <= MAX_LOGPROBS,

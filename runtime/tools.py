@@ -17,6 +17,12 @@
                  the content (Qwen2.5, Qwen3, Hermes)
     llama3_json  the whole reply one {"name": ..., "parameters": {...}} or several joined by
                  ";" (Llama 3.1-3.3)
+    mistral      [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...] (Mistral 7B v0.3,
+                 Mixtral 8x22B, Mistral Nemo) or [TOOL_CALLS]name[ARGS]{...}, once a call
+                 (the newer tokenizers: Mistral Small 3.2, Devstral, Magistral); text before
+                 it the content. [TOOL_CALLS] is a special token, so such a request's text
+                 keeps special tokens (skip_special_tokens false, as vLLM does), and its call
+                 ids are 9 letters and digits, the only ids Mistral's templates accept.
   A reply that does not parse as calls is content, as it was written.
 - "none": nothing is parsed.
 
@@ -33,8 +39,9 @@ from dataclasses import dataclass
 
 from llmc.runtime.detokenizer import partial_suffix
 
-FORMATS = ("hermes", "llama3_json")
+FORMATS = ("hermes", "llama3_json", "mistral")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+MISTRAL_CALLS, MISTRAL_ARGS, MISTRAL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 # llguidance's JSON-schema options: no free blanks, the separators json.dumps writes
 COMPACT = {"x-guidance": {"whitespace_flexible": False, "item_separator": ", ",
                           "key_separator": ": "}}
@@ -46,6 +53,8 @@ def detect_format(template: str | None) -> str | None:
         return None
     if HERMES_OPEN in template:
         return "hermes"
+    if MISTRAL_CALLS in template:
+        return "mistral"
     # Llama 3.1-3.3's templates: "Respond in the format {"name": function name,
     # "parameters": dictionary of argument name and its value}", <|python_tag|> for code
     if '"parameters": dictionary of argument name' in template or "<|python_tag|>" in template:
@@ -53,13 +62,16 @@ def detect_format(template: str | None) -> str | None:
     return None
 
 
-def call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+def call_id(fmt: str | None = None) -> str:
+    """A new call's id: OpenAI's shape, or for Mistral's templates (which refuse any other
+    id when the conversation comes back) 9 letters and digits."""
+    return uuid.uuid4().hex[:9] if fmt == "mistral" else f"call_{uuid.uuid4().hex[:24]}"
 
 
-def tool_call(name: str, arguments: str, index: int | None = None) -> dict:
+def tool_call(name: str, arguments: str, index: int | None = None,
+              fmt: str | None = None) -> dict:
     """One call in OpenAI's shape (a stream's carries its index among the message's)."""
-    call = {"id": call_id(), "type": "function",
+    call = {"id": call_id(fmt), "type": "function",
             "function": {"name": name, "arguments": arguments}}
     return call if index is None else {"index": index, **call}
 
@@ -110,12 +122,21 @@ class ToolChoice:
                 return head.strip() or None, calls
         elif self.mode == "auto" and self.fmt == "llama3_json":
             calls = _llama3_calls(text)
+        elif self.mode == "auto" and self.fmt == "mistral":
+            head, calls = _mistral_calls(text)
+            if calls:
+                return head.strip() or None, calls
         return (None, calls) if calls else (text, None)
+
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """Whether the reply's text must keep special tokens for its calls to be seen."""
+        return self.mode == "auto" and self.fmt == "mistral"
 
     def reply(self, text: str) -> tuple[str | None, list[dict] | None]:
         """A whole reply's message content and tool_calls (OpenAI's objects)."""
         content, calls = self.parse(text)
-        return content, [tool_call(n, a) for n, a in calls] if calls else None
+        return content, [tool_call(n, a, fmt=self.fmt) for n, a in calls] if calls else None
 
     def finish_reason(self, reason: str | None, called: bool) -> str | None:
         """A reply that made calls it was free not to make ends "tool_calls" (OpenAI's
@@ -148,7 +169,7 @@ class ToolStream:
                 return {}
             if not self.started:
                 self.started = True
-                return {"tool_calls": [tool_call(c.name, piece, index=0)]}
+                return {"tool_calls": [tool_call(c.name, piece, index=0, fmt=c.fmt)]}
             return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
         if c.mode == "required" or self.holding:
             return {}          # a JSON array of calls, or what may be calls: held
@@ -160,12 +181,13 @@ class ToolStream:
     def _safe_end(self) -> int:
         """How far the text may go out as content: up to where a call may begin."""
         rest = self.text[self.sent:]
-        if self.choice.fmt == "hermes":
-            at = rest.find(HERMES_OPEN)
+        if self.choice.fmt in ("hermes", "mistral"):
+            marker = HERMES_OPEN if self.choice.fmt == "hermes" else MISTRAL_CALLS
+            at = rest.find(marker)
             if at >= 0:
                 self.holding = True
                 return self.sent + at
-            return len(self.text) - partial_suffix(rest, HERMES_OPEN)
+            return len(self.text) - partial_suffix(rest, marker)
         if self.choice.fmt == "llama3_json":
             stripped = self.text.lstrip()
             if not stripped:            # blanks so far: the reply's kind is not known yet
@@ -185,7 +207,8 @@ class ToolStream:
         if c.mode == "required" or self.holding:
             _, calls = c.parse(self.text)
         if calls:
-            return ({"tool_calls": [tool_call(n, a, index=i) for i, (n, a) in enumerate(calls)]},
+            return ({"tool_calls": [tool_call(n, a, index=i, fmt=c.fmt)
+                                    for i, (n, a) in enumerate(calls)]},
                     c.finish_reason(reason, True))
         return ({"content": held} if held else {}), reason
 
@@ -255,6 +278,35 @@ def _llama3_calls(text: str) -> list[tuple[str, str]] | None:
         elif rest:
             return None
     return calls or None
+
+
+def _mistral_calls(text: str) -> tuple[str, list[tuple[str, str]] | None]:
+    """The text before the first [TOOL_CALLS], and the calls after it: a JSON array of
+    {"name", "arguments"} objects (or one object), or name[ARGS]{...} after each
+    [TOOL_CALLS] (a [CALL_ID]id between name and [ARGS] is passed over)."""
+    at = text.find(MISTRAL_CALLS)
+    if at < 0:
+        return text, None
+    decoder, calls = json.JSONDecoder(), []
+    for part in text[at + len(MISTRAL_CALLS):].split(MISTRAL_CALLS):
+        part = part.strip()
+        if part.startswith(("[", "{")):
+            try:
+                items, end = decoder.raw_decode(part)
+            except json.JSONDecodeError:
+                return text, None
+            if part[end:].strip():
+                return text, None
+            items = items if isinstance(items, list) else [items]
+            calls += [_call(item, "arguments") for item in items] or [None]
+        elif MISTRAL_ARGS in part:
+            name, _, arguments = part.partition(MISTRAL_ARGS)
+            name = name.partition(MISTRAL_ID)[0].strip()
+            arguments = _arguments(arguments.strip())
+            calls.append((name, arguments) if name and arguments is not None else None)
+        else:
+            return text, None
+    return (text[:at], calls) if calls and all(calls) else (text, None)
 
 
 def template_messages(messages: list[dict]) -> list[dict]:

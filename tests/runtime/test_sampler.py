@@ -232,6 +232,7 @@ def test_a_row_with_no_finite_logit_is_an_error():
     (dict(min_tokens=-1), "min_tokens must be an integer >= 0"),
     (dict(min_tokens=10, max_tokens=5), r"min_tokens must be .*<= max_tokens \(5\)"),
     (dict(ignore_eos="yes"), "ignore_eos must be true or false"),
+    (dict(skip_special_tokens=0), "skip_special_tokens must be true or false"),
     (dict(logprobs=21), "logprobs must be an integer None or an integer in 0..20"),
     (dict(logprobs=-1), "logprobs must be"),
     (dict(logit_bias={"a": 1}), "logit_bias must map token ids"),

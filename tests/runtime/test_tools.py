@@ -81,6 +81,26 @@ Respond in the format {"name": function name,
 {%- if add_generation_prompt %}<|assistant|>
 {% endif %}"""
 
+# Mistral-style (v3 tokenizers): the tools before the last user turn, calls after the special
+# token [TOOL_CALLS] as a JSON array, results with the call's id, which must be 9 characters.
+MISTRAL = """{{- bos_token }}
+{%- for m in messages %}
+{%- if m['role'] == 'user' %}
+{%- if tools and loop.last %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}
+{{- '[INST]' + m['content'] + '[/INST]' }}
+{%- elif m['role'] == 'assistant' and m.get('tool_calls') %}[TOOL_CALLS][
+{%- for c in m['tool_calls'] %}{"name": "{{ c.function.name }}", "arguments": \
+{{ c.function.arguments | tojson }}, "id": "{{ c.id }}"}{% if not loop.last %}, {% endif %}
+{%- endfor %}]{{ eos_token }}
+{%- elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}
+{%- elif m['role'] == 'tool' %}
+{%- if m['tool_call_id'] | length != 9 %}
+{{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}
+{%- endif %}[TOOL_RESULTS]{"content": {{ m['content'] | tojson }}, "call_id": \
+"{{ m['tool_call_id'] }}"}[/TOOL_RESULTS]
+{%- endif %}
+{%- endfor %}"""
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city, <now> & later",
     "parameters": {"type": "object",
@@ -98,9 +118,9 @@ CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Weather in Paris?"},
     {"role": "assistant", "content": None, "tool_calls": [{
-        "id": "call_1", "type": "function",
+        "id": "Call12345", "type": "function",
         "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}]},
-    {"role": "tool", "tool_call_id": "call_1", "content": "21 C, sunny"},
+    {"role": "tool", "tool_call_id": "Call12345", "content": "21 C, sunny"},
     {"role": "user", "content": "And in Rome?"}]
 
 
@@ -108,7 +128,7 @@ def hf_messages() -> list[dict]:
     """CONVERSATION as transformers takes it: the call's arguments as an object."""
     messages = [dict(m) for m in CONVERSATION]
     messages[2] = {**messages[2], "content": "", "tool_calls": [{
-        "id": "call_1", "type": "function",
+        "id": "Call12345", "type": "function",
         "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}}]}
     return messages
 
@@ -121,7 +141,8 @@ def valid_weather(arguments: str) -> bool:
 
 # ---- templates ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("template", [HERMES, LLAMA3], ids=["hermes", "llama3"])
+@pytest.mark.parametrize("template", [HERMES, LLAMA3, MISTRAL],
+                         ids=["hermes", "llama3", "mistral"])
 @pytest.mark.parametrize("tools", [TOOLS, None], ids=["tools", "no-tools"])
 def test_templates_render_as_transformers_renders_them(byte_tokenizer, template, tools):
     """The same text as apply_chat_template, given the messages as transformers takes them
@@ -136,6 +157,7 @@ def test_templates_render_as_transformers_renders_them(byte_tokenizer, template,
 
 def test_the_template_names_the_call_syntax():
     assert detect_format(HERMES) == "hermes" and detect_format(LLAMA3) == "llama3_json"
+    assert detect_format(MISTRAL) == "mistral"
     assert detect_format("{{ messages }}") is None and detect_format(None) is None
 
 
@@ -173,15 +195,39 @@ LLAMA3_REPLIES = [
 ]
 
 
+MISTRAL_REPLIES = [
+    ('Let me look.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+     "Let me look.", [("get_weather", '{"city": "Paris"}')]),
+    ('[TOOL_CALLS] [{"name": "get_time", "arguments": {"zone": "UTC"}}, {"name": "get_time", '
+     '"arguments": "{\\"zone\\": \\"CET\\"}"}]', None,
+     [("get_time", '{"zone": "UTC"}'), ("get_time", '{"zone": "CET"}')]),
+    # the newer tokenizers' syntax: a name, [ARGS] and the arguments, a [TOOL_CALLS] a call
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}[TOOL_CALLS]get_time[CALL_ID]a1b2c3d4e'
+     '[ARGS]{}', None, [("get_weather", '{"city": "Rome"}'), ("get_time", "{}")]),
+    ("It is sunny [TOOL", "It is sunny [TOOL", None),
+    ("[TOOL_CALLS]get_weather", "[TOOL_CALLS]get_weather", None),
+    ('[TOOL_CALLS][{"name": "get_time"}] and more', '[TOOL_CALLS][{"name": "get_time"}] and '
+     'more', None),
+]
+
+
 @pytest.mark.parametrize("fmt,reply,content,calls",
                          [("hermes", *r) for r in HERMES_REPLIES]
-                         + [("llama3_json", *r) for r in LLAMA3_REPLIES])
+                         + [("llama3_json", *r) for r in LLAMA3_REPLIES]
+                         + [("mistral", *r) for r in MISTRAL_REPLIES])
 def test_a_reply_s_calls_are_parsed(fmt, reply, content, calls):
     assert auto(fmt).parse(reply) == (content, calls)
 
 
+def test_mistral_calls_have_ids_its_templates_take():
+    _, calls = auto("mistral").reply(MISTRAL_REPLIES[1][0])
+    assert [len(c["id"]) for c in calls] == [9, 9] and all(c["id"].isalnum() for c in calls)
+    assert auto("mistral").keeps_special_tokens and not auto("hermes").keeps_special_tokens
+
+
 @pytest.mark.parametrize("fmt,reply", [("hermes", r[0]) for r in HERMES_REPLIES]
                          + [("llama3_json", r[0]) for r in LLAMA3_REPLIES]
+                         + [("mistral", r[0]) for r in MISTRAL_REPLIES]
                          + [("hermes", "text that ends in <tool_c"), ("llama3_json", "  \n")])
 def test_a_streamed_reply_says_what_the_whole_one_says(fmt, reply):
     """Cut anywhere (a marker split across pieces too): the content sent joins to the whole
@@ -424,6 +470,65 @@ def test_auto_parses_the_model_s_own_calls(served):
     chunks = list(client.chat.completions.create(**free, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
         r.choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def mistral_engine(byte_tokenizer, make_tiny, tmp_path_factory):
+    """A tiny random Llama whose byte-level tokenizer has Mistral's [TOOL_CALLS] as a special
+    token (id 320), with MISTRAL's template."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("mistral")
+    byte_tokenizer.save_pretrained(root / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    tokenizer.chat_template = MISTRAL
+    make_tiny("llama-gqa", root / "model", head_dim_64=True, vocab_size=len(tokenizer),
+              bos_token_id=0, eos_token_id=1)
+    tokenizer.save_pretrained(root / "model")
+    build(BuildOptions(root / "model", root / "m.engine", backend="reference", dtype="fp32",
+                       limits=BuildLimits(4, 256, 1024, 16)), log=lambda _: None)
+    return root / "m.engine"
+
+
+# The special token, then the calls: what a Mistral model writes; a grammar makes the random
+# model write it.
+MISTRAL_CALL = ('start: "Sure. " <[320]> "[{\\"name\\": \\"get_weather\\", '
+                '\\"arguments\\": {\\"city\\": \\"Rome\\", \\"unit\\": \\"F\\"}}]"')
+
+
+def test_mistral_calls_are_parsed_after_their_special_token(mistral_engine):
+    with serving(mistral_engine) as served:
+        client = served.client
+        assert served.server.tool_format == "mistral"
+        body = dict(model="bytes", messages=ASK, tools=TOOLS, max_tokens=96, temperature=0,
+                    extra_body={"structured_outputs": {"grammar": MISTRAL_CALL}})
+        r = client.chat.completions.create(**body)
+        message = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls" and message.content == "Sure."
+        (call,) = message.tool_calls
+        assert call.function.name == "get_weather" and len(call.id) == 9
+        assert json.loads(call.function.arguments) == {"city": "Rome", "unit": "F"}
+        chunks = list(client.chat.completions.create(**body, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Sure. "
+        (streamed,) = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+        assert streamed.function.arguments == call.function.arguments
+        # the conversation goes on with the call's id, which the template checks
+        turn = ASK + [message.model_dump(exclude_none=True),
+                      {"role": "tool", "tool_call_id": call.id, "content": "30 F"}]
+        r = client.chat.completions.create(model="bytes", messages=turn, tools=TOOLS,
+                                           max_tokens=4, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        status, body = request(served.url, "POST", "/v1/chat/completions", {
+            "model": "bytes", "max_tokens": 2, "messages": turn[:-1] + [
+                {"role": "tool", "tool_call_id": "call_1", "content": "30 F"}]})
+        assert status == 400 and "length 9" in body["error"]["message"]
+        # skip_special_tokens (vLLM's): the token's own text only when asked for
+        for skip, text in ((True, ""), (False, "[TOOL_CALLS]" * 3)):
+            r = client.completions.create(model="bytes", prompt="Hi", max_tokens=3,
+                                          temperature=0, logit_bias={"320": 100},
+                                          extra_body={"skip_special_tokens": skip})
+            assert r.choices[0].text == text
 
 
 def test_the_server_s_prompt_shows_the_tools_and_the_conversation(served):
