@@ -37,7 +37,7 @@ speculated: their prompts get the step; nor while more than `disable_by_batch_si
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from llmc.errors import LlmcError
 
@@ -99,9 +99,6 @@ class SpeculativeConfig:
         if "prompt_lookup_max" in given and "prompt_lookup_min" not in given:
             given["prompt_lookup_min"] = min(cls.prompt_lookup_min, given["prompt_lookup_max"])
         return cls(**given)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class NgramDrafter:
