@@ -42,12 +42,15 @@ from starlette.routing import Route
 from llmc.errors import LlmcError
 from llmc.runtime import openai_api as api
 from llmc.runtime import reasoning, tools
+from llmc.runtime import responses_api as rapi
 from llmc.runtime.engine_loop import AsyncEngine
 from llmc.runtime.openai_api import ApiError
 from llmc.runtime.server_metrics import CONTENT_TYPE, ServerMetrics
 
 log = logging.getLogger("llmc.serve")
-GENERATE = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+GENERATE = {"/v1/completions": "completions", "/v1/chat/completions": "chat",
+            "/v1/responses": "responses"}
+ID_PREFIX = {"completions": "cmpl", "chat": "chatcmpl", "responses": "resp"}
 
 
 class OpenAIServer:
@@ -95,6 +98,7 @@ class OpenAIServer:
         self.app = Starlette(routes=[
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/responses", self.responses, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.scrape, methods=["GET"]),
@@ -127,6 +131,20 @@ class OpenAIServer:
     async def chat_completions(self, request: Request) -> Response:
         return await self._generate(request, lambda body: api.parse_chat(
             body, tool_format=self.tool_format, defaults=self.sampling_defaults))
+
+    async def responses(self, request: Request) -> Response:
+        """OpenAI's Responses API, as the chat request it means (runtime/responses_api.py)."""
+        spec = []
+
+        def parse(body):
+            req, s = rapi.parse_response(body, self.tool_format, self.sampling_defaults)
+            spec.append(s)
+            return req
+        return await self._generate(
+            request, parse,
+            lambda req, choices, results, rec: self._response(spec[0], choices[0], results[0],
+                                                              rec),
+            lambda req, choices, rec: self._response_events(spec[0], choices[0], rec))
 
     async def models(self, request: Request) -> Response:
         if (denied := self._denied(request)) is not None:
@@ -205,9 +223,12 @@ class OpenAIServer:
 
     # --- one generation request ---------------------------------------------------------------
 
-    async def _generate(self, request: Request, parse) -> Response:
+    async def _generate(self, request: Request, parse, whole=None, stream=None) -> Response:
+        """Admit, generate and answer one request. whole(req, choices, outputs, rec): the
+        JSON of a whole response (default: completions' or chat's); stream(req, choices,
+        rec): its server-sent events (the same)."""
         endpoint = GENERATE[request.url.path]
-        rec = _Record(self, endpoint, "chatcmpl" if endpoint == "chat" else "cmpl")
+        rec = _Record(self, endpoint, ID_PREFIX[endpoint])
         request.scope["llmc.record"] = rec
         try:
             req, choices = await self._admit(request, parse)
@@ -217,7 +238,7 @@ class OpenAIServer:
         rec.prompt_tokens = sum(len(c.tokens) for c in choices if c.j == 0)
         rec.choices = len(choices)
         if req.stream:
-            return StreamingResponse(self._stream(req, choices, rec),
+            return StreamingResponse((stream or self._stream)(req, choices, rec),
                                      media_type="text/event-stream",
                                      # nginx would buffer the events otherwise
                                      headers={"Cache-Control": "no-cache",
@@ -231,12 +252,49 @@ class OpenAIServer:
         if results is None:   # the client left; its requests were aborted, their blocks freed
             rec.close(499)
             return Response(status_code=499)
-        shape = api.chat_response if req.chat else api.completion_response
-        body = shape(rec.id, self.model_name, [self._choice(req, c, outputs)
-                                               for c, outputs in zip(choices, results)],
-                     api.usage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens))
+        body = (whole or self._whole)(req, choices, results, rec)
         rec.close(200)
         return JSONResponse(body)
+
+    def _whole(self, req, choices: list[_Choice], results: list, rec: _Record) -> dict:
+        shape = api.chat_response if req.chat else api.completion_response
+        return shape(rec.id, self.model_name, [self._choice(req, c, outputs)
+                                               for c, outputs in zip(choices, results)],
+                     api.usage(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens))
+
+    def _response(self, spec, c: _Choice, outputs: list, rec: _Record) -> dict:
+        """A whole Responses API reply."""
+        message, reason = c.reply.message("".join(o.text for o in outputs),
+                                          outputs[-1].finish_reason)
+        return rapi.response(spec, rec.id, self.model_name, message, reason,
+                             rapi.usage(rec.prompt_tokens, rec.completion_tokens,
+                                        rec.cached_tokens))
+
+    async def _response_events(self, spec, c: _Choice, rec: _Record) -> AsyncIterator[str]:
+        """A Responses API reply's events as the request advances (OpenAI's SSE: each
+        event's type on its `event:` line too)."""
+        stream = rapi.ResponseStream(spec, rec.id, self.model_name)
+        code = 200
+        try:
+            for e in stream.start():
+                yield _sse(e, e["type"])
+            async for out in self._outputs(c, rec):
+                reason = out.finish_reason if out.finished else None
+                delta, reason = c.reply.chunk(out.text, out.finished, reason)
+                events = stream.step(delta)
+                if out.finished:
+                    events += stream.finish(reason, rapi.usage(
+                        rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens))
+                for e in events:
+                    yield _sse(e, e["type"])
+        except ApiError as e:   # mid-stream: the status is sent already, so an error event
+            code = e.status
+            rec.error = e.message
+            event = {"type": "error", "sequence_number": stream.seq, "code": e.code,
+                     "message": e.message, "param": e.param}
+            yield _sse(event, "error")
+        finally:   # also when the client left (the request is aborted with the generator)
+            rec.close(code if rec.finished or code != 200 else 499)
 
     def _choice(self, req, c: _Choice, outputs: list) -> dict:
         """One choice of a whole response, from its request's outputs."""
@@ -644,8 +702,9 @@ async def _unless_disconnected(request: Request, work):
     return task.result()
 
 
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def _sse(obj: dict, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def _error(e: ApiError) -> JSONResponse:
