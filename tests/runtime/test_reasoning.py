@@ -202,6 +202,22 @@ def test_the_server_sends_reasoning_apart(served):
     assert "".join(d.content or "" for d in deltas) == (want_content or "")
 
 
+def test_the_responses_api_gives_the_reasoning_an_item(served):
+    """/v1/responses: the reasoning is a reasoning item before the message, whole and as
+    reasoning_text events."""
+    message = served.client.chat.completions.create(
+        model="bytes", messages=ASK, max_tokens=24, temperature=0).choices[0].message
+    body = dict(model="bytes", input=ASK, max_output_tokens=24, temperature=0)
+    r = served.client.responses.create(**body)
+    assert r.output[0].type == "reasoning"
+    assert r.output[0].content[0].text == message.model_extra["reasoning"]
+    assert r.output_text == (message.content or "")
+    events = list(served.client.responses.create(**body, stream=True))
+    sent = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert sent.strip() == message.model_extra["reasoning"].strip()
+    assert events[-1].response.output[0].type == "reasoning"
+
+
 def test_enable_thinking_false_reaches_the_template(served, tokenizer):
     """chat_template_kwargs as transformers' apply_chat_template takes them: the prompt
     closes an empty block, so the reply is all content."""
