@@ -300,18 +300,17 @@ def served(runner):
 
 
 def test_a_server_reads_the_tokenizer_into_llguidance_at_start(engine):
-    """Not on the engine's thread at the first constrained request, holding up the rest."""
-    import time
-
+    """Once it listens, not on the engine's thread at the first constrained request, holding
+    up the rest; and before it returns (a process exiting meanwhile may crash)."""
     pytest.importorskip("uvicorn", reason="llmc serve needs the serve extra")
     from llmc.runtime.server import OpenAIServer
 
     runner = Runner(engine)
     assert not runner.engine.grammars.warmed   # a Runner alone does not pay for it
-    OpenAIServer(runner, "bytes")
-    deadline = time.monotonic() + 30
-    while not runner.engine.grammars.warmed and time.monotonic() < deadline:
-        time.sleep(0.01)
+    server = OpenAIServer(runner, "bytes")
+    assert not runner.engine.grammars.warmed   # nor a server that has not started
+    with server.running():
+        pass
     assert runner.engine.grammars.warmed
     runner.close()
 
