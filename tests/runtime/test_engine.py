@@ -8,11 +8,11 @@ import threading
 
 import numpy as np
 import pytest
+from engines import open_engine as _engine
 
-from llmc.engine_file import EngineFile
 from llmc.limits import BuildLimits
 from llmc.runtime.engine import LLMEngine
-from llmc.runtime.runner import Runner, open_session
+from llmc.runtime.runner import Runner
 from llmc.runtime.sampler import SamplingParams
 
 LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=24, max_seq_len=64, kv_block_size=8)
@@ -21,11 +21,6 @@ LIMITS = BuildLimits(max_batch_size=4, max_num_tokens=24, max_seq_len=64, kv_blo
 @pytest.fixture(scope="module")
 def engine_file(tiny_llama_engine):
     return tiny_llama_engine(LIMITS)
-
-
-def _engine(path, **kw) -> LLMEngine:
-    e = EngineFile(path)
-    return LLMEngine(open_session(e), e.header, **kw)
 
 
 def _run(engine: LLMEngine, prompts, params) -> dict[str, list[int]]:

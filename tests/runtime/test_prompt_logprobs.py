@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from engines import open_engine as _engine
 
 from llmc.build import BuildOptions, build
 from llmc.engine_file import EngineFile
@@ -29,11 +30,6 @@ LENGTHS = (1, 2, 8, 13, 30)
 @pytest.fixture(scope="module")
 def llama(tiny_models, tiny_llama_engine):
     return tiny_llama_engine(LIMITS), tiny_models["llama-gqa"][1]
-
-
-def _engine(path, **kw) -> LLMEngine:
-    e = EngineFile(path)
-    return LLMEngine(open_session(e), e.header, **kw)
 
 
 def _run(engine: LLMEngine, requests):

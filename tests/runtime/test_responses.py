@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from chat_engines import HERMES, engine_with
+from engines import HERMES, engine_with
 from server_client import request, serving
 
 from llmc.runtime import openai_api as api

@@ -8,12 +8,12 @@ import re
 
 import numpy as np
 import pytest
+from engines import open_engine as _engine
 
 from llmc.engine_file import EngineFile
 from llmc.errors import LlmcError
 from llmc.limits import BuildLimits
 from llmc.runtime.engine import LLMEngine
-from llmc.runtime.runner import open_session
 from llmc.runtime.sampler import SamplingParams
 from llmc.runtime.speculative import NgramDrafter, SpeculativeConfig
 
@@ -88,11 +88,6 @@ def test_config_errors_name_the_field(text, message):
 @pytest.fixture(scope="module")
 def engine_file(tiny_llama_engine):
     return tiny_llama_engine(LIMITS)
-
-
-def _engine(path, **kw) -> LLMEngine:
-    e = EngineFile(path)
-    return LLMEngine(open_session(e), e.header, **kw)
 
 
 def _run(engine: LLMEngine, prompts, params):

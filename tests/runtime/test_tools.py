@@ -12,7 +12,7 @@ import json
 import random
 
 import pytest
-from chat_engines import HERMES, engine_with
+from engines import HERMES, engine_with
 from server_client import request, serving
 
 from llmc.build import BuildOptions, build

@@ -1,5 +1,6 @@
-"""Chat templates and the engines that carry them, for the tool-calling and Responses API
-tests: the byte-level tiny Llama (conftest's byte_model) with a template written here."""
+"""Engines for the runtime tests: an engine file's LLMEngine on its own session, and the
+byte-level tiny Llama (conftest's byte_model) with a chat template written here (the
+tool-calling and Responses API tests)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import json
 import shutil
 
 from llmc.build import BuildOptions, build
+from llmc.engine_file import EngineFile
 from llmc.limits import BuildLimits
+from llmc.runtime.engine import LLMEngine
+from llmc.runtime.runner import open_session
+
+
+def open_engine(path, **kw) -> LLMEngine:
+    """The engine of an engine file, on a session of its own (kw: LLMEngine's options)."""
+    e = EngineFile(path)
+    return LLMEngine(open_session(e), e.header, **kw)
+
 
 # Hermes-style (Qwen2.5's syntax): tools listed in the system turn, calls in <tool_call>
 # tags, tool results in <tool_response> tags. `continue` needs jinja2's loopcontrols, which
