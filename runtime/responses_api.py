@@ -239,24 +239,22 @@ def output_items(message: dict) -> list[dict]:
     return items
 
 
-def reasoning_item(text: str, item_id: str | None = None) -> dict:
-    return {"type": "reasoning", "id": item_id or _id("rs"), "summary": [],
+def reasoning_item(text: str) -> dict:
+    return {"type": "reasoning", "id": _id("rs"), "summary": [],
             "content": [{"type": "reasoning_text", "text": text}], "status": "completed"}
 
 
-def message_item(text: str, item_id: str | None = None, status: str = "completed") -> dict:
-    return {"type": "message", "id": item_id or _id("msg"), "status": status,
-            "role": "assistant", "content": [output_text(text)] if status == "completed"
-            else []}
+def message_item(text: str) -> dict:
+    return {"type": "message", "id": _id("msg"), "status": "completed", "role": "assistant",
+            "content": [output_text(text)]}
 
 
 def output_text(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def call_item(call_id: str, name: str, arguments: str, item_id: str | None = None,
-              status: str = "completed") -> dict:
-    return {"type": "function_call", "id": item_id or _id("fc"), "call_id": call_id,
+def call_item(call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
+    return {"type": "function_call", "id": _id("fc"), "call_id": call_id,
             "name": name, "arguments": arguments, "status": status}
 
 
